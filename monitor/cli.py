@@ -1,0 +1,82 @@
+"""The `liqmon` command line. Thin: it parses arguments and hands over to the modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from monitor.config import ConfigError, RiskConfig, load_config
+
+
+class CliError(Exception):
+    """A usage, configuration or I/O problem: reported in one line, exit status 1."""
+
+
+def _load(path: str) -> RiskConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from monitor.engine import Engine
+    from monitor.replay import replay
+
+    config = _load(args.config)
+    engine = Engine(config)
+    name = args.input
+
+    def report(index: int, rejection: Exception) -> None:
+        print(f"{name}:{index + 1}: rejected: {rejection}", file=sys.stderr)
+
+    try:
+        source = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror}") from exc
+    try:
+        out = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
+    with source, out:
+        summary = replay(source, engine, out, report)
+    for line in summary.lines(engine):
+        print(f"replay: {line}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="liqmon", description="Streaming cross-margin liquidation monitor."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    replay = commands.add_parser(
+        "replay", help="deterministic offline run over a JSON-lines file of input records",
+        description="Process every line of INPUT in order and write the events as JSON lines. "
+                    "Bad lines are reported on stderr and skipped; the exit status stays 0.",
+    )
+    replay.add_argument("input", metavar="INPUT.jsonl", help='input lines, "-" for stdin')
+    replay.add_argument("--config", required=True, type=Path, help="risk config (TOML)")
+    replay.add_argument("-o", "--output", metavar="EVENTS.jsonl",
+                        help="where to write events (default: stdout)")
+    replay.set_defaults(handler=cmd_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except CliError as exc:
+        print(f"liqmon: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Risk configuration (SPEC §3): load a TOML file into validated, immutable objects.
+
+Every rule violation raises :class:`ConfigError` with one message that names the offending key
+(as a TOML path) and the rule it breaks, so an operator can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The risk configuration is unreadable or breaks a rule of SPEC §3."""
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    margin_call: float
+    liquidation: float
+    hysteresis: float
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    name: str
+    collateral_weight: float
+    fixed_price: float | None
+    price_symbol: str | None  # None exactly when the price is fixed
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    max_notional: float  # math.inf for an open-ended last tier
+    mmr: float
+    imr: float
+    maintenance_amount: float  # Binance's "cum": keeps MM continuous across tier boundaries
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    name: str
+    settle: str
+    contract_size: float
+    mark_symbol: str
+    tiers: tuple[Tier, ...]
+
+    def tier_for(self, notional: float) -> Tier:
+        """The first tier whose max_notional is ≥ notional; beyond all of them, the last."""
+        for tier in self.tiers:
+            if notional <= tier.max_notional:
+                return tier
+        return self.tiers[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class RiskConfig:
+    thresholds: Thresholds
+    assets: Mapping[str, Asset]
+    instruments: Mapping[str, Instrument]
+
+    def price_symbols(self) -> frozenset[str]:
+        """Every symbol whose ticks can move some valuation."""
+        symbols = {a.price_symbol for a in self.assets.values() if a.price_symbol is not None}
+        symbols.update(i.mark_symbol for i in self.instruments.values())
+        return frozenset(symbols)
+
+
+_TOP_LEVEL_KEYS = {"thresholds", "assets", "instruments"}
+
+
+def load_config(path: str | Path) -> RiskConfig:
+    """Read and validate a risk config file."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read risk config {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"risk config {path} is not valid TOML: {exc}") from exc
+    return parse_config(raw)
+
+
+def parse_config(raw: Mapping[str, Any]) -> RiskConfig:
+    """Validate an already-parsed TOML document."""
+    _no_unknown_keys(raw, _TOP_LEVEL_KEYS, "")
+    thresholds = _thresholds(_table(raw, "thresholds", "thresholds"))
+    assets_raw = _table(raw, "assets", "assets")
+    if not assets_raw:
+        raise ConfigError("assets: at least one asset must be configured")
+    assets = {name: _asset(name, _table(assets_raw, name, f"assets.{_q(name)}"))
+              for name in assets_raw}
+    instruments_raw = _table(raw, "instruments", "instruments", required=False)
+    instruments = {
+        name: _instrument(name, _table(instruments_raw, name, f"instruments.{_q(name)}"), assets)
+        for name in instruments_raw
+    }
+    return RiskConfig(thresholds=thresholds, assets=assets, instruments=instruments)
+
+
+def _q(name: str) -> str:
+    """Quote a TOML key the way a user would write it in a dotted path."""
+    bare = name.replace("_", "").replace("-", "").isalnum()
+    return name if bare else f'"{name}"'
+
+
+def _table(raw: Mapping[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:
+    if key not in raw:
+        if required:
+            raise ConfigError(f"{where}: missing (a table is required)")
+        return {}
+    value = raw[key]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a table, got {type(value).__name__}")
+    return value
+
+
+def _no_unknown_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"{prefix}{_q(unknown[0])}: unknown key (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _number(raw: Mapping[str, Any], key: str, where: str, default: float | None = None) -> float:
+    if key not in raw:
+        if default is None:
+            raise ConfigError(f"{where}: missing (a number is required)")
+        return default
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: must be finite, got {value!r}")
+    return value
+
+
+def _thresholds(raw: dict[str, Any]) -> Thresholds:
+    _no_unknown_keys(raw, {"margin_call", "liquidation", "hysteresis"}, "thresholds")
+    mc = _number(raw, "margin_call", "thresholds.margin_call")
+    liq = _number(raw, "liquidation", "thresholds.liquidation")
+    h = _number(raw, "hysteresis", "thresholds.hysteresis", default=0.0)
+    if h < 0:
+        raise ConfigError(f"thresholds.hysteresis: must be ≥ 0, got {h}")
+    if not h < mc:
+        raise ConfigError(f"thresholds.hysteresis: must be < margin_call ({mc}), got {h}")
+    if not mc < liq:
+        raise ConfigError(f"thresholds.liquidation: must be > margin_call ({mc}), got {liq}")
+    return Thresholds(margin_call=mc, liquidation=liq, hysteresis=h)
+
+
+def _asset(name: str, raw: dict[str, Any]) -> Asset:
+    where = f"assets.{_q(name)}"
+    _no_unknown_keys(raw, {"collateral_weight", "price", "price_symbol"}, where)
+    weight = _number(raw, "collateral_weight", f"{where}.collateral_weight")
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"{where}.collateral_weight: must be in [0, 1], got {weight}")
+    if "price" in raw:
+        if "price_symbol" in raw:
+            raise ConfigError(
+                f"{where}.price_symbol: give either a fixed price or a price_symbol, not both"
+            )
+        price = _number(raw, "price", f"{where}.price")
+        if price <= 0:
+            raise ConfigError(f"{where}.price: must be > 0, got {price}")
+        return Asset(name=name, collateral_weight=weight, fixed_price=price, price_symbol=None)
+    symbol = raw.get("price_symbol", name)
+    if not isinstance(symbol, str) or not symbol:
+        raise ConfigError(f"{where}.price_symbol: must be a non-empty string, got {symbol!r}")
+    return Asset(name=name, collateral_weight=weight, fixed_price=None, price_symbol=symbol)
+
+
+def _instrument(name: str, raw: dict[str, Any], assets: Mapping[str, Asset]) -> Instrument:
+    where = f"instruments.{_q(name)}"
+    _no_unknown_keys(raw, {"settle", "contract_size", "mark_symbol", "tiers"}, where)
+    settle = raw.get("settle")
+    if not isinstance(settle, str):
+        raise ConfigError(f"{where}.settle: missing (the asset in which PnL and fees settle)")
+    if settle not in assets:
+        raise ConfigError(f"{where}.settle: asset {settle!r} is not configured under [assets]")
+    contract_size = _number(raw, "contract_size", f"{where}.contract_size", default=1.0)
+    if contract_size <= 0:
+        raise ConfigError(f"{where}.contract_size: must be > 0, got {contract_size}")
+    mark_symbol = raw.get("mark_symbol", name)
+    if not isinstance(mark_symbol, str) or not mark_symbol:
+        raise ConfigError(f"{where}.mark_symbol: must be a non-empty string, got {mark_symbol!r}")
+    return Instrument(
+        name=name,
+        settle=settle,
+        contract_size=contract_size,
+        mark_symbol=mark_symbol,
+        tiers=_tiers(raw.get("tiers"), f"{where}.tiers"),
+    )
+
+
+def _tiers(raw: Any, where: str) -> tuple[Tier, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: must be a non-empty array of tier tables")
+    tiers: list[Tier] = []
+    for index, tier_raw in enumerate(raw):
+        at = f"{where}[{index}]"
+        if not isinstance(tier_raw, dict):
+            raise ConfigError(f"{at}: must be a table {{max_notional, mmr, imr}}")
+        _no_unknown_keys(tier_raw, {"max_notional", "mmr", "imr"}, at)
+        max_notional = _max_notional(tier_raw, at, is_last=index == len(raw) - 1)
+        mmr = _number(tier_raw, "mmr", f"{at}.mmr")
+        imr = _number(tier_raw, "imr", f"{at}.imr")
+        if not 0 < mmr <= imr <= 1:
+            raise ConfigError(f"{at}: must satisfy 0 < mmr ≤ imr ≤ 1, got mmr={mmr}, imr={imr}")
+        if tiers:
+            previous = tiers[-1]
+            if not max_notional > previous.max_notional:
+                raise ConfigError(
+                    f"{at}.max_notional: must be > the previous tier's "
+                    f"({previous.max_notional}), got {max_notional}"
+                )
+            if mmr < previous.mmr:
+                raise ConfigError(
+                    f"{at}.mmr: must be ≥ the previous tier's ({previous.mmr}), got {mmr}"
+                )
+            cum = previous.maintenance_amount + previous.max_notional * (mmr - previous.mmr)
+        else:
+            cum = 0.0
+        tiers.append(Tier(max_notional=max_notional, mmr=mmr, imr=imr, maintenance_amount=cum))
+    return tuple(tiers)
+
+
+def _max_notional(raw: dict[str, Any], where: str, is_last: bool) -> float:
+    value = raw.get("max_notional")
+    if value == "inf":
+        if not is_last:
+            raise ConfigError(f'{where}.max_notional: only the last tier may be "inf"')
+        return math.inf
+    max_notional = _number(raw, "max_notional", f"{where}.max_notional")
+    if max_notional <= 0:
+        raise ConfigError(f"{where}.max_notional: must be > 0, got {max_notional}")
+    return max_notional

@@ -1,0 +1,124 @@
+"""Margin-call, liquidation and recovery events (SPEC §5): identity, payload and encoding."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from monitor.config import RiskConfig
+from monitor.margin import Position, Valuation, liquidation_price, position_figures
+from monitor.state import EVENT_TYPE, AccountState
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an input record came from: a Kafka partition/offset, or a replay line index."""
+
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+    index: int | None = None
+
+    def location(self) -> dict[str, Any]:
+        if self.index is not None:
+            return {"topic": self.topic, "index": self.index}
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+
+@dataclass(slots=True)
+class Event:
+    event_id: str
+    type: str
+    account: str
+    payload: dict[str, Any]  # everything but emitted_at, which is stamped at publication
+
+    def encode(self, emitted_at_ms: int | None = None) -> bytes:
+        stamp = int(time.time() * 1000) if emitted_at_ms is None else emitted_at_ms
+        return orjson.dumps({**self.payload, "emitted_at": stamp})
+
+
+def event_id(account: str, transition: int, event_type: str) -> str:
+    """Deterministic: the account's transition counter survives restarts, so a re-emitted
+    event keeps its id; the type in the id keeps distinct events from colliding."""
+    return f"{account}:{transition}:{event_type}"
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+def build_event(
+    *,
+    account: str,
+    transition: int,
+    previous: AccountState,
+    state: AccountState,
+    valuation: Valuation,
+    balances: Mapping[str, float],
+    positions: Mapping[str, Position],
+    config: RiskConfig,
+    prices: Mapping[str, float],
+    ts: int,
+    trigger_kind: str,
+    trigger_ref: str,
+    source: Source,
+) -> Event:
+    event_type = EVENT_TYPE[state]
+    eid = event_id(account, transition, event_type)
+    payload = {
+        "event_id": eid,
+        "type": event_type,
+        "account": account,
+        "state": state.name,
+        "previous_state": previous.name,
+        "ts": ts,
+        "trigger": {"kind": trigger_kind, "ref": trigger_ref, **source.location()},
+        "margin_ratio": _finite_or_none(valuation.ratio),
+        "insolvent": valuation.insolvent,
+        "unpriced": valuation.unpriced,
+        "equity": valuation.equity,
+        "maintenance_margin": valuation.maintenance_margin,
+        "initial_margin": valuation.initial_margin,
+        "collateral_value": valuation.collateral_value,
+        "unrealized_pnl": valuation.unrealized_pnl,
+        "balances": {asset: balances[asset] for asset in sorted(balances)},
+        "positions": _position_details(positions, valuation, config, prices),
+    }
+    return Event(event_id=eid, type=event_type, account=account, payload=payload)
+
+
+def _position_details(
+    positions: Mapping[str, Position],
+    valuation: Valuation,
+    config: RiskConfig,
+    prices: Mapping[str, float],
+) -> list[dict[str, Any]]:
+    details = []
+    for symbol in sorted(positions):
+        position = positions[symbol]
+        figures = position_figures(symbol, position, config, prices)
+        assert figures is not None, "an evaluated account has every settle asset priced"
+        details.append({
+            "symbol": symbol,
+            "qty": position.qty,
+            "entry_price": position.entry_price,
+            "mark_price": figures.mark_price,
+            "notional": figures.notional,
+            "unrealized_pnl": figures.unrealized_pnl,
+            "maintenance_margin": figures.maintenance_margin,
+            "initial_margin": figures.initial_margin,
+            "liquidation_price": liquidation_price(
+                position,
+                config.instruments[symbol],
+                figures,
+                valuation.equity,
+                valuation.maintenance_margin,
+                config.thresholds.liquidation,
+            ),
+        })
+    return details

@@ -1,0 +1,239 @@
+"""Input records (SPEC §2): decode raw JSON into typed records, or reject with a reason.
+
+Decoding is pure: it reads nothing but the message and the risk config, and a rejection never
+touches state. Each rejection carries a stable ``reason`` code (used as a metric label and a
+dead-letter header) and a human ``detail`` naming the field and the rule it breaks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+import orjson
+
+from monitor.config import RiskConfig
+
+T = TypeVar("T")
+
+PRICES: Final = "prices"
+FILLS: Final = "fills"
+LEDGER: Final = "ledger"
+INPUT_KINDS: Final = (PRICES, FILLS, LEDGER)
+
+SIDES: Final = frozenset({"buy", "sell"})
+LEDGER_KINDS: Final = frozenset({"deposit", "withdrawal", "funding", "transfer", "adjustment"})
+
+# Kafka timestamps are int64 milliseconds; anything larger cannot be re-encoded.
+MAX_TS: Final = 2**63 - 1
+
+
+class Reason:
+    """Stable rejection codes. They are metric label values and dead-letter headers."""
+
+    INVALID_JSON: Final = "invalid_json"
+    NOT_OBJECT: Final = "not_object"
+    MISSING_FIELD: Final = "missing_field"
+    WRONG_TYPE: Final = "wrong_type"
+    NON_FINITE: Final = "non_finite"
+    OUT_OF_RANGE: Final = "out_of_range"
+    UNKNOWN_INSTRUMENT: Final = "unknown_instrument"
+    UNKNOWN_ASSET: Final = "unknown_asset"
+    UNKNOWN_KIND: Final = "unknown_kind"
+    UNKNOWN_SIDE: Final = "unknown_side"
+    UNKNOWN_TOPIC: Final = "unknown_topic"  # replay envelopes only
+
+    ALL: Final = (
+        INVALID_JSON, NOT_OBJECT, MISSING_FIELD, WRONG_TYPE, NON_FINITE, OUT_OF_RANGE,
+        UNKNOWN_INSTRUMENT, UNKNOWN_ASSET, UNKNOWN_KIND, UNKNOWN_SIDE, UNKNOWN_TOPIC,
+    )
+
+
+class Rejected(Exception):
+    """An input record that breaks SPEC §2. It is dead-lettered, counted, and never applied."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class PriceTick:
+    symbol: str
+    price: float
+    ts: int
+
+
+@dataclass(slots=True)
+class Fill:
+    fill_id: str
+    account: str
+    symbol: str
+    side: str
+    qty: float
+    price: float
+    fee: float
+    ts: int
+
+    @property
+    def signed_qty(self) -> float:
+        return self.qty if self.side == "buy" else -self.qty
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    entry_id: str
+    account: str
+    asset: str
+    amount: float
+    kind: str
+    ts: int
+
+
+InputRecord = PriceTick | Fill | LedgerEntry
+
+
+def decode(topic_kind: str, raw: bytes | str, config: RiskConfig) -> InputRecord:
+    """Decode one message value of input topic kind ``prices``/``fills``/``ledger``."""
+    return decode_json(raw, lambda document: from_document(topic_kind, document, config))
+
+
+def decode_json(raw: bytes | str, interpret: Callable[[Any], T]) -> T:
+    """Parse JSON with orjson and hand the document to ``interpret`` (which validates it).
+
+    orjson refuses numbers that overflow a double (``1e400``) as a syntax error. The standard
+    library reads them as infinity, so on failure we ask it for a second opinion: when its
+    document breaks a field rule, that rejection names the field, which helps whoever has to
+    fix the producer. Only the error path pays for this.
+    """
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            lenient = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise Rejected(Reason.INVALID_JSON, str(exc)) from None
+        interpret(lenient)  # raises the precise rejection when there is one
+        raise Rejected(Reason.INVALID_JSON, str(exc)) from None
+    return interpret(document)
+
+
+def from_document(topic_kind: str, document: Any, config: RiskConfig) -> InputRecord:
+    """Validate an already-parsed JSON value as a record of the given input kind."""
+    if not isinstance(document, dict):
+        raise Rejected(Reason.NOT_OBJECT, f"{topic_kind} value must be a JSON object, "
+                                          f"got {_json_type(document)}")
+    if topic_kind == PRICES:
+        return _tick(document, config)
+    if topic_kind == FILLS:
+        return _fill(document, config)
+    if topic_kind == LEDGER:
+        return _ledger(document, config)
+    raise Rejected(Reason.UNKNOWN_TOPIC,
+                   f"topic must be one of {', '.join(INPUT_KINDS)}, got {topic_kind!r}")
+
+
+def _tick(doc: dict[str, Any], config: RiskConfig) -> PriceTick:
+    return PriceTick(
+        symbol=_string(doc, "symbol"),
+        price=_positive(doc, "price"),
+        ts=_ts(doc),
+    )
+
+
+def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
+    fill_id = _string(doc, "fill_id")
+    account = _string(doc, "account")
+    symbol = _string(doc, "symbol")
+    side = _string(doc, "side")
+    qty = _positive(doc, "qty")
+    price = _positive(doc, "price")
+    fee = _finite(doc, "fee") if "fee" in doc else 0.0
+    ts = _ts(doc)
+    if symbol not in config.instruments:
+        raise Rejected(Reason.UNKNOWN_INSTRUMENT, f"symbol: {symbol!r} is not a configured "
+                                                  f"instrument")
+    if side not in SIDES:
+        raise Rejected(Reason.UNKNOWN_SIDE, f"side: must be \"buy\" or \"sell\", got {side!r}")
+    return Fill(fill_id=fill_id, account=account, symbol=symbol, side=side, qty=qty,
+                price=price, fee=fee, ts=ts)
+
+
+def _ledger(doc: dict[str, Any], config: RiskConfig) -> LedgerEntry:
+    entry_id = _string(doc, "entry_id")
+    account = _string(doc, "account")
+    asset = _string(doc, "asset")
+    amount = _finite(doc, "amount")
+    kind = _string(doc, "kind")
+    ts = _ts(doc)
+    if asset not in config.assets:
+        raise Rejected(Reason.UNKNOWN_ASSET, f"asset: {asset!r} is not a configured asset")
+    if kind not in LEDGER_KINDS:
+        raise Rejected(Reason.UNKNOWN_KIND,
+                       f"kind: must be one of {', '.join(sorted(LEDGER_KINDS))}, got {kind!r}")
+    return LedgerEntry(entry_id=entry_id, account=account, asset=asset, amount=amount,
+                       kind=kind, ts=ts)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _field(doc: dict[str, Any], name: str) -> Any:
+    try:
+        return doc[name]
+    except KeyError:
+        raise Rejected(Reason.MISSING_FIELD, f"{name}: required field is missing") from None
+
+
+def _string(doc: dict[str, Any], name: str) -> str:
+    value = _field(doc, name)
+    if not isinstance(value, str):
+        raise Rejected(Reason.WRONG_TYPE, f"{name}: must be a string, got {_json_type(value)}")
+    return value
+
+
+def _finite(doc: dict[str, Any], name: str) -> float:
+    value = _field(doc, name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Rejected(Reason.WRONG_TYPE, f"{name}: must be a number, got {_json_type(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise Rejected(Reason.NON_FINITE, f"{name}: must be finite, got {value!r}")
+    return number
+
+
+def _positive(doc: dict[str, Any], name: str) -> float:
+    number = _finite(doc, name)
+    if number <= 0:
+        raise Rejected(Reason.OUT_OF_RANGE, f"{name}: must be > 0, got {number!r}")
+    return number
+
+
+def _ts(doc: dict[str, Any]) -> int:
+    value = _field(doc, "ts")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Rejected(Reason.WRONG_TYPE, f"ts: must be an integer, got {_json_type(value)}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Rejected(Reason.NON_FINITE, f"ts: must be finite, got {value!r}")
+        if not value.is_integer():
+            raise Rejected(Reason.WRONG_TYPE, f"ts: must be an integer, got {value!r}")
+        value = int(value)
+    if not 0 <= value <= MAX_TS:
+        raise Rejected(Reason.OUT_OF_RANGE, f"ts: must be in [0, 2^63-1] ms, got {value}")
+    return value
