@@ -103,7 +103,7 @@ class Engine:
         self.price_ts[symbol] = tick.ts
         self.stats.applied_ticks += 1
         events = []
-        for account_id in self._watchers.get(symbol, ()):
+        for account_id in self.accounts_moved_by(symbol):
             event = self._evaluate(account_id, tick.ts, "price", symbol, source)
             if event is not None:
                 events.append(event)
@@ -143,6 +143,11 @@ class Engine:
         self.stats.applied_ledger += 1
         return self._after_account_change(entry.account, account, entry.ts, "ledger",
                                           entry.entry_id, source)
+
+    def accounts_moved_by(self, symbol: str) -> frozenset[str] | set[str]:
+        """Accounts a tick on this symbol can move (SPEC §6): a position marked by it or
+        settling in an asset priced by it, or a non-zero balance in an asset priced by it."""
+        return self._watchers.get(symbol, frozenset())
 
     # -- bookkeeping -------------------------------------------------------------------------
 

@@ -1,0 +1,266 @@
+"""A synthetic market for demos, examples and tests: deposits, leveraged portfolios, prices on a
+correlated random walk, then a crash and a rebound.
+
+It also plays the exchange's liquidation engine: `close_out(account)` returns the fills that
+flatten a liquidated account, which is what brings liquidated accounts back to HEALTHY.
+Everything is seeded, so a run can be reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from monitor.config import RiskConfig
+from monitor.records import FILLS, LEDGER, PRICES
+
+# Start price and market beta per symbol; symbols not listed start at 100 with beta 1.
+_SYMBOL_DEFAULTS: dict[str, tuple[float, float]] = {
+    "BTC": (65_000.0, 1.0),
+    "BTC-PERP": (65_010.0, 1.0),
+    "ETH": (3_500.0, 1.2),
+    "ETH-PERP": (3_501.0, 1.2),
+    "SOL": (150.0, 1.6),
+    "SOL-PERP": (150.05, 1.6),
+    "ETHBTC-PERP": (0.0538, 0.2),
+    "USDC": (1.0, 0.0),
+}
+START_TS = 1_764_000_000_000
+STEP_MS = 100
+
+
+@dataclass(slots=True)
+class MarketRecord:
+    topic: str  # prices / fills / ledger
+    key: str
+    value: dict[str, Any] | bytes  # bytes: a deliberately malformed message
+
+    def value_bytes(self) -> bytes:
+        return self.value if isinstance(self.value, bytes) else orjson.dumps(self.value)
+
+    def replay_line(self) -> bytes:
+        if isinstance(self.value, bytes):
+            return self.value
+        return orjson.dumps({"topic": self.topic, "value": self.value})
+
+
+@dataclass
+class Phase:
+    name: str
+    steps: int
+    drift: float  # log-return of the market factor per step
+
+
+@dataclass
+class SyntheticMarket:
+    config: RiskConfig
+    accounts: int = 1_000
+    seed: int = 0
+    bad_record_rate: float = 0.0  # share of malformed records mixed into the flow
+    fills_per_step: int = 3
+    _rng: random.Random = field(init=False)
+    _prices: dict[str, float] = field(init=False)
+    _betas: dict[str, float] = field(init=False)
+    _book: dict[str, dict[str, float]] = field(init=False)  # account -> symbol -> qty
+    _ts: int = field(init=False, default=START_TS)
+    _ids: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        symbols = sorted(self.config.price_symbols())
+        self._prices = {s: _SYMBOL_DEFAULTS.get(s, (100.0, 1.0))[0] for s in symbols}
+        self._betas = {s: _SYMBOL_DEFAULTS.get(s, (100.0, 1.0))[1] for s in symbols}
+        self._book = {}
+
+    # -- scenario ------------------------------------------------------------------------------
+
+    @staticmethod
+    def crash_scenario(steps: int) -> list[Phase]:
+        """Calm random walk, a crash of about 30 %, then a rebound of most of it."""
+        calm, crash = int(steps * 0.35), int(steps * 0.2)
+        rebound = steps - calm - crash
+        return [
+            Phase("random walk", calm, 0.0),
+            Phase("crash", crash, math.log(0.70) / max(crash, 1)),
+            Phase("rebound", rebound, math.log(1 / 0.70 * 0.95) / max(rebound, 1)),
+        ]
+
+    def account_id(self, index: int) -> str:
+        return f"acct-{index:06d}"
+
+    def opening(self) -> Iterator[MarketRecord]:
+        """First prices, then every account's deposits and opening fills."""
+        yield from self.ticks(0.0, noise=False)
+        for index in range(self.accounts):
+            yield from self._open_account(self.account_id(index))
+
+    def step(self, drift: float) -> list[MarketRecord]:
+        """One time step: a tick per symbol, some trading, occasional funding, maybe junk."""
+        self._ts += STEP_MS
+        records = list(self.ticks(drift))
+        for _ in range(self.fills_per_step):
+            records.extend(self._random_trade())
+        if self._rng.random() < 0.2:
+            records.append(self._ledger(self._random_account(), "USDT",
+                                        round(self._rng.uniform(-5, 5), 2), "funding"))
+        if self.bad_record_rate and self._rng.random() < self.bad_record_rate * len(records):
+            records.append(self._malformed())
+        return records
+
+    def ticks(self, drift: float, noise: bool = True) -> Iterator[MarketRecord]:
+        market = drift + (self._rng.gauss(0.0, 0.002) if noise else 0.0)
+        for symbol, price in self._prices.items():
+            beta = self._betas[symbol]
+            if beta == 0.0:
+                move = self._rng.gauss(0.0, 0.0001) if noise else 0.0
+            else:
+                move = beta * market + (self._rng.gauss(0.0, 0.0005) if noise else 0.0)
+            self._prices[symbol] = price * math.exp(move)
+            yield MarketRecord(PRICES, symbol, {
+                "symbol": symbol, "price": _round_price(self._prices[symbol]), "ts": self._ts,
+            })
+
+    def close_out(self, account: str) -> list[MarketRecord]:
+        """Fills that flatten every position of the account (the liquidation engine's job)."""
+        book = self._book.get(account, {})
+        records = []
+        for symbol, qty in sorted(book.items()):
+            if qty != 0:
+                records.append(self._fill(account, symbol, -qty, fee_rate=0.0005))
+        return records
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _open_account(self, account: str) -> Iterator[MarketRecord]:
+        rng = self._rng
+        equity = rng.choice([1_000.0, 5_000.0, 20_000.0, 100_000.0]) * rng.uniform(0.5, 1.5)
+        yield self._ledger(account, "USDT", round(equity, 2), "deposit")
+        if "BTC" in self.config.assets and rng.random() < 0.3:
+            yield self._ledger(account, "BTC", round(equity * 0.2 / self._prices["BTC"], 6),
+                               "deposit")
+        leverage = math.exp(rng.uniform(math.log(1.5), math.log(18.0)))
+        instruments = sorted(self.config.instruments)
+        held = rng.sample(instruments, k=min(len(instruments), rng.choice([1, 2, 3, 3, 4])))
+        hedged = rng.random() < 0.15
+        for n, symbol in enumerate(held):
+            direction = 1.0 if rng.random() < 0.7 else -1.0
+            if hedged and n == 1:
+                direction = -direction  # offsetting legs: cross margin nets them
+            notional_quote = equity * leverage / len(held)
+            yield self._fill(account, symbol, direction * self._qty_for(symbol, notional_quote))
+
+    def _random_trade(self) -> list[MarketRecord]:
+        account = self._random_account()
+        book = self._book.get(account)
+        if not book:
+            return []
+        symbol = self._rng.choice(sorted(book))
+        qty = book[symbol]
+        if qty == 0:
+            return []
+        fraction = self._rng.choice([-0.5, -0.25, 0.1, 0.25])  # reduce or add
+        return [self._fill(account, symbol, qty * fraction)]
+
+    def _random_account(self) -> str:
+        return self.account_id(self._rng.randrange(self.accounts))
+
+    def _qty_for(self, symbol: str, notional_quote: float) -> float:
+        instrument = self.config.instruments[symbol]
+        settle_px = self._settle_price(symbol)
+        mark = self._prices[instrument.mark_symbol]
+        return max(round(notional_quote / (mark * instrument.contract_size * settle_px), 4),
+                   0.0001)
+
+    def _settle_price(self, symbol: str) -> float:
+        asset = self.config.assets[self.config.instruments[symbol].settle]
+        if asset.fixed_price is not None:
+            return asset.fixed_price
+        return self._prices[asset.price_symbol]  # type: ignore[index]
+
+    def _next_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-{self.seed}-{self._ids}"
+
+    def _fill(self, account: str, symbol: str, signed_qty: float,
+              fee_rate: float = 0.0004) -> MarketRecord:
+        qty = abs(round(signed_qty, 4)) or 0.0001
+        side = "buy" if signed_qty > 0 else "sell"
+        mark = self._prices[self.config.instruments[symbol].mark_symbol]
+        price = _round_price(mark * (1 + self._rng.uniform(-0.0005, 0.0005)))
+        book = self._book.setdefault(account, {})
+        book[symbol] = round(book.get(symbol, 0.0) + (qty if side == "buy" else -qty), 8)
+        fee = round(qty * price * self.config.instruments[symbol].contract_size * fee_rate, 8)
+        return MarketRecord(FILLS, account, {
+            "fill_id": self._next_id("f"), "account": account, "symbol": symbol, "side": side,
+            "qty": qty, "price": price, "fee": fee, "ts": self._ts,
+        })
+
+    def _ledger(self, account: str, asset: str, amount: float, kind: str) -> MarketRecord:
+        return MarketRecord(LEDGER, account, {
+            "entry_id": self._next_id("l"), "account": account, "asset": asset,
+            "amount": amount, "kind": kind, "ts": self._ts,
+        })
+
+    def _malformed(self) -> MarketRecord:
+        account = self._random_account()
+        choice = self._rng.randrange(4)
+        if choice == 0:
+            return MarketRecord(FILLS, account, b'{"fill_id": "broken", "account": ')
+        if choice == 1:
+            return MarketRecord(FILLS, account, {
+                "fill_id": self._next_id("bad"), "account": account, "symbol": "DOGE-PERP",
+                "side": "buy", "qty": 1, "price": 0.1, "ts": self._ts,
+            })
+        if choice == 2:
+            return MarketRecord(PRICES, "BTC", {"symbol": "BTC", "price": -1, "ts": self._ts})
+        return MarketRecord(LEDGER, account, {
+            "entry_id": self._next_id("bad"), "account": account, "asset": "USDT",
+            "amount": 10, "kind": "gift", "ts": self._ts,
+        })
+
+
+def _round_price(price: float) -> float:
+    """Round to 6 significant digits, like an exchange's tick size would."""
+    if price <= 0:
+        return price
+    digits = 5 - math.floor(math.log10(price))
+    return round(price, max(digits, 0))
+
+
+def simulate(config: RiskConfig, accounts: int, steps: int, seed: int = 0,
+             bad_record_rate: float = 0.0) -> Iterator[MarketRecord]:
+    """The whole crash scenario as a finite stream, with the liquidation engine in the loop:
+    an engine watches the stream and liquidated accounts are closed out at the next step."""
+    from monitor.engine import Engine
+    from monitor.events import Source
+    from monitor.records import Rejected, decode
+
+    market = SyntheticMarket(config, accounts=accounts, seed=seed,
+                             bad_record_rate=bad_record_rate)
+    engine = Engine(config)
+    to_close: list[str] = []
+
+    def observe(record: MarketRecord) -> MarketRecord:
+        try:
+            decoded = decode(record.topic, record.value_bytes(), config)
+        except Rejected:
+            return record
+        for event in engine.apply(decoded, Source(topic=record.topic, index=0)):
+            if event.type == "liquidation":
+                to_close.append(event.account)
+        return record
+
+    for record in market.opening():
+        yield observe(record)
+    for phase in market.crash_scenario(steps):
+        for _ in range(phase.steps):
+            batch = market.step(phase.drift)
+            while to_close:
+                batch.extend(market.close_out(to_close.pop()))
+            for record in batch:
+                yield observe(record)

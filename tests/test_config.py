@@ -1,0 +1,103 @@
+"""Risk config loading (SPEC §3): valid files load, every broken rule names its key."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.config import ConfigError, load_config, parse_config
+from tests.conftest import RISK
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def broken(path: str, value: Any) -> dict[str, Any]:
+    """RISK with one value replaced (or removed when value is ...), path as dotted keys."""
+    raw = copy.deepcopy(RISK)
+    *parents, last = path.split("/")
+    node: Any = raw
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is ...:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return raw
+
+
+def test_example_config_loads() -> None:
+    config = load_config(REPO / "examples" / "risk.toml")
+    assert config.thresholds.margin_call == 0.8
+    assert config.instruments["ETHBTC-PERP"].settle == "BTC"
+    assert config.assets["USDT"].fixed_price == 1.0
+    assert all(len(i.tiers) >= 3 for i in config.instruments.values())
+
+
+def test_maintenance_amounts_follow_the_tiers(risk) -> None:
+    tiers = risk.instruments["BTC-PERP"].tiers
+    # cum_t = cum_{t-1} + max_{t-1} * (mmr_t - mmr_{t-1})
+    assert tiers[0].maintenance_amount == 0
+    assert tiers[1].maintenance_amount == pytest.approx(50_000 * (0.005 - 0.004))  # 50
+    assert tiers[2].maintenance_amount == pytest.approx(50 + 250_000 * (0.01 - 0.005))  # 1300
+    assert tiers[3].maintenance_amount == pytest.approx(1300 + 1_000_000 * (0.025 - 0.01))
+    assert tiers[3].max_notional == math.inf
+
+
+def test_defaults_price_symbol_to_asset_name_and_mark_symbol_to_instrument(risk) -> None:
+    assert risk.assets["ETH"].price_symbol == "ETH"
+    assert risk.instruments["BTC-PERP"].mark_symbol == "BTC-PERP"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("thresholds/hysteresis", -0.1, "thresholds.hysteresis: must be ≥ 0"),
+        ("thresholds/hysteresis", 0.8, "thresholds.hysteresis: must be < margin_call"),
+        ("thresholds/liquidation", 0.8, "thresholds.liquidation: must be > margin_call"),
+        ("thresholds/margin_call", ..., "thresholds.margin_call: missing"),
+        ("thresholds/margin_call", "high", "thresholds.margin_call: must be a number"),
+        ("assets/BTC/collateral_weight", 1.2, "assets.BTC.collateral_weight: must be in [0, 1]"),
+        ("assets/BTC/collateral_weight", -0.1, "assets.BTC.collateral_weight: must be in [0, 1]"),
+        ("assets/USDT/price", 0, "assets.USDT.price: must be > 0"),
+        ("assets/USDT/haircut", 0.1, "assets.USDT.haircut: unknown key"),
+        ("instruments/BTC-PERP/settle", "EUR", 'instruments.BTC-PERP.settle: asset \'EUR\''),
+        ("instruments/BTC-PERP/contract_size", 0,
+         "instruments.BTC-PERP.contract_size: must be > 0"),
+        ("instruments/BTC-PERP/tiers", [], "instruments.BTC-PERP.tiers: must be a non-empty"),
+        ("instruments/BTC-PERP/tiers/1/max_notional", 40_000,
+         "instruments.BTC-PERP.tiers[1].max_notional: must be > the previous tier's"),
+        ("instruments/BTC-PERP/tiers/1/mmr", 0.003,
+         "instruments.BTC-PERP.tiers[1].mmr: must be ≥ the previous tier's"),
+        ("instruments/BTC-PERP/tiers/0/mmr", 0.0,
+         "instruments.BTC-PERP.tiers[0]: must satisfy 0 < mmr"),
+        ("instruments/BTC-PERP/tiers/0/imr", 0.002, "instruments.BTC-PERP.tiers[0]: must satisfy"),
+        ("instruments/BTC-PERP/tiers/3/imr", 1.5, "instruments.BTC-PERP.tiers[3]: must satisfy"),
+        ("instruments/BTC-PERP/tiers/0/max_notional", "inf",
+         'instruments.BTC-PERP.tiers[0].max_notional: only the last tier may be "inf"'),
+    ],
+)
+def test_each_broken_rule_is_reported_with_its_key(path: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(broken(path, value))
+    assert str(excinfo.value).startswith(message), str(excinfo.value)
+
+
+def test_fixed_price_and_price_symbol_together_are_refused() -> None:
+    raw = broken("assets/USDT/price_symbol", "USDT")
+    with pytest.raises(ConfigError, match=r"assets\.USDT\.price_symbol: give either"):
+        parse_config(raw)
+
+
+def test_unreadable_and_malformed_files_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read risk config"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[thresholds\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(bad)

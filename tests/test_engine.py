@@ -1,0 +1,200 @@
+"""Per-record processing (SPEC §5–§6): which accounts are evaluated, and the events.
+
+The main account, "a", holds 300 USDT and is long 1 BTC-PERP from 50,000, so at mark p:
+equity = 300 + (p − 50,000) and MM = 0.004 · p (tier 1). Its ratio reaches 0.8 at
+p ≤ 49,949.75 and 1.0 at p ≤ 49,899.60.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from monitor.engine import Engine
+from monitor.events import Source
+from monitor.records import Fill, LedgerEntry, PriceTick
+
+
+def tick(engine: Engine, symbol: str, price: float, ts: int = 1):
+    return engine.apply(PriceTick(symbol, price, ts), Source("prices", index=7))
+
+
+def fill(engine: Engine, account: str, symbol: str, qty: float, price: float,
+         fill_id: str = "", fee: float = 0.0):
+    side = "buy" if qty > 0 else "sell"
+    fid = fill_id or f"{account}/{symbol}/{qty}@{price}"
+    return engine.apply(Fill(fid, account, symbol, side, abs(qty), price, fee, 1),
+                        Source("fills", index=3))
+
+
+def ledger(engine: Engine, account: str, asset: str, amount: float, entry_id: str = ""):
+    eid = entry_id or f"{account}/{asset}/{amount}"
+    return engine.apply(LedgerEntry(eid, account, asset, amount, "deposit", 1),
+                        Source("ledger", index=5))
+
+
+def types(events) -> list[str]:
+    return [e.type for e in events]
+
+
+@pytest.fixture
+def engine(risk) -> Engine:
+    engine = Engine(risk)
+    tick(engine, "BTC-PERP", 50_000.0)
+    ledger(engine, "a", "USDT", 300.0)
+    fill(engine, "a", "BTC-PERP", 1.0, 50_000.0)  # 200 / 300 = 0.667: healthy
+    return engine
+
+
+def test_every_transition_up_and_down_with_hysteresis(engine) -> None:
+    assert types(tick(engine, "BTC-PERP", 49_940.0)) == ["margin_call"]  # 199.76 / 240 = 0.832
+    assert types(tick(engine, "BTC-PERP", 49_890.0)) == ["liquidation"]  # 199.56 / 190 = 1.050
+    assert tick(engine, "BTC-PERP", 49_905.0) == []  # 199.62 / 205 = 0.974 ≥ 0.95: stays
+    assert types(tick(engine, "BTC-PERP", 49_915.0)) == ["margin_call"]  # 199.66 / 215 = 0.929
+    assert tick(engine, "BTC-PERP", 49_960.0) == []  # 199.84 / 260 = 0.769 ≥ 0.75: stays
+    assert types(tick(engine, "BTC-PERP", 49_980.0)) == ["recovered"]  # 199.92 / 280 = 0.714
+
+
+def test_event_ids_count_the_accounts_transitions(engine) -> None:
+    ids = [e.event_id for p in (49_940.0, 49_890.0, 49_915.0, 49_980.0)
+           for e in tick(engine, "BTC-PERP", p)]
+    assert ids == ["a:1:margin_call", "a:2:liquidation", "a:3:margin_call", "a:4:recovered"]
+
+
+def test_healthy_straight_to_liquidation(engine) -> None:
+    (event,) = tick(engine, "BTC-PERP", 49_890.0)
+    assert (event.payload["previous_state"], event.payload["state"]) == (
+        "HEALTHY", "LIQUIDATING")
+
+
+def test_event_payload_is_complete(engine) -> None:
+    (event,) = tick(engine, "BTC-PERP", 49_890.0, ts=1_732_400_000_123)
+    p = event.payload
+    assert p["ts"] == 1_732_400_000_123
+    assert p["trigger"] == {"kind": "price", "ref": "BTC-PERP", "topic": "prices", "index": 7}
+    assert p["margin_ratio"] == pytest.approx(199.56 / 190)
+    assert (p["insolvent"], p["unpriced"]) == (False, False)
+    assert p["equity"] == pytest.approx(190.0)
+    assert p["collateral_value"] == pytest.approx(300.0)
+    assert p["unrealized_pnl"] == pytest.approx(-110.0)
+    assert p["maintenance_margin"] == pytest.approx(199.56)
+    assert p["initial_margin"] == pytest.approx(399.12)
+    assert p["balances"] == {"USDT": 300.0}
+    (pos,) = p["positions"]
+    assert pos["symbol"] == "BTC-PERP" and pos["qty"] == 1.0
+    assert pos["entry_price"] == 50_000.0 and pos["mark_price"] == 49_890.0
+    assert pos["notional"] == pytest.approx(49_890.0)
+    # Binance, one long in tier 1: (300 − 1·50,000) / (0.004 − 1) = 49,899.598…
+    assert pos["liquidation_price"] == pytest.approx((300 - 50_000) / (0.004 - 1))
+    assert event.encode(emitted_at_ms=5).endswith(b',"emitted_at":5}')
+
+
+def test_insolvent_account_reports_null_ratio(engine) -> None:
+    (event,) = tick(engine, "BTC-PERP", 49_600.0)  # equity 300 − 400 = −100
+    assert event.type == "liquidation"
+    assert event.payload["margin_ratio"] is None
+    assert event.payload["insolvent"] is True
+
+
+def test_positions_closed_while_liquidating_recover_the_account(engine) -> None:
+    tick(engine, "BTC-PERP", 49_890.0)
+    (event,) = fill(engine, "a", "BTC-PERP", -1.0, 49_890.0)  # realized −110
+    assert event.type == "recovered"
+    assert event.payload["margin_ratio"] == 0.0
+    assert event.payload["positions"] == []
+    assert event.payload["balances"] == {"USDT": pytest.approx(190.0)}
+
+
+def test_hedged_account_survives_where_one_leg_alone_is_liquidated(risk) -> None:
+    engine = Engine(risk)
+    tick(engine, "BTC-PERP", 50_000.0)
+    tick(engine, "ETH-PERP", 2_500.0)
+    for account in ("hedged", "naked"):
+        ledger(engine, account, "USDT", 3_000.0)
+        fill(engine, account, "BTC-PERP", 1.0, 50_000.0)
+    # 200 contracts · 0.1 ETH short: N = 50,000, tier 2: MM = 1000 − 100 = 900.
+    assert fill(engine, "hedged", "ETH-PERP", -200.0, 2_500.0) == []  # 1100 / 3000
+    assert tick(engine, "ETH-PERP", 2_350.0) == []  # the short gains 200 · 0.1 · 150 = 3000
+    events = tick(engine, "BTC-PERP", 47_000.0)  # the long loses 3000
+    assert [(e.account, e.type) for e in events] == [("naked", "liquidation")]  # equity 0
+    # hedged: (47,000 · 0.004 + 47,000 · 0.02 − 100) / (3000 − 3000 + 3000) = 0.343
+    assert engine.accounts["hedged"].state.name == "HEALTHY"
+
+
+def test_events_of_one_tick_come_in_ascending_account_order(risk) -> None:
+    engine = Engine(risk)
+    tick(engine, "BTC-PERP", 50_000.0)
+    for account in ("c", "a", "b"):
+        ledger(engine, account, "USDT", 300.0)
+        fill(engine, account, "BTC-PERP", 1.0, 50_000.0)
+    assert [e.account for e in tick(engine, "BTC-PERP", 49_890.0)] == ["a", "b", "c"]
+
+
+def test_a_tick_moves_only_the_accounts_exposed_to_its_symbol(risk) -> None:
+    engine = Engine(risk)
+    ledger(engine, "usdt-only", "USDT", 100.0)
+    ledger(engine, "btc-holder", "BTC", 1.0)
+    ledger(engine, "btc-settled", "USDT", 100.0)
+    fill(engine, "btc-settled", "ETHBTC-PERP", 1.0, 0.05)
+    ledger(engine, "emptied", "ETH", 2.0)
+    ledger(engine, "emptied", "ETH", -2.0, entry_id="w")
+    assert engine.accounts_moved_by("BTC") == {"btc-holder", "btc-settled"}
+    assert engine.accounts_moved_by("ETHBTC-PERP") == {"btc-settled"}
+    assert engine.accounts_moved_by("ETH") == frozenset()
+
+
+def test_account_with_unpriced_settle_asset_waits_for_its_price(risk) -> None:
+    engine = Engine(risk)
+    ledger(engine, "a", "BTC", 0.01)
+    assert fill(engine, "a", "ETHBTC-PERP", 100.0, 0.05) == []  # no BTC price: not evaluated
+    assert engine.stats.unevaluated == 1
+    # BTC arrives: N = 5 BTC · 0.01 = 0.05 BTC MM → 3000; equity 0.01 · 60,000 · 0.95 = 570.
+    (event,) = tick(engine, "BTC", 60_000.0)
+    assert event.type == "liquidation"
+    assert event.payload["trigger"]["ref"] == "BTC"
+
+
+def test_unpriced_collateral_is_flagged_in_events(engine) -> None:
+    ledger(engine, "a", "ETH", 1.0)  # ETH has no price yet: contributes 0, flagged
+    (event,) = tick(engine, "BTC-PERP", 49_890.0)
+    assert event.payload["unpriced"] is True
+
+
+def test_stale_tick_is_ignored_and_equal_ts_applies(engine) -> None:
+    tick(engine, "BTC-PERP", 50_000.0, ts=10)
+    assert tick(engine, "BTC-PERP", 49_890.0, ts=9) == []
+    assert engine.stats.stale_ticks == 1
+    assert engine.prices["BTC-PERP"] == 50_000.0
+    assert types(tick(engine, "BTC-PERP", 49_890.0, ts=10)) == ["liquidation"]
+
+
+def test_duplicate_fill_is_ignored_but_same_id_on_another_account_applies(engine) -> None:
+    fill(engine, "a", "BTC-PERP", 1.0, 50_000.0, fill_id="t-1")
+    fill(engine, "a", "BTC-PERP", 1.0, 50_000.0, fill_id="t-1")
+    assert engine.accounts["a"].positions["BTC-PERP"].qty == 2.0
+    assert engine.stats.duplicates == 1
+    ledger(engine, "b", "USDT", 1000.0)
+    fill(engine, "b", "BTC-PERP", -1.0, 50_000.0, fill_id="t-1")  # the other side of the trade
+    assert engine.accounts["b"].positions["BTC-PERP"].qty == -1.0
+
+
+def test_duplicate_ledger_entry_is_ignored(engine) -> None:
+    ledger(engine, "a", "USDT", 50.0, entry_id="dep-9")
+    ledger(engine, "a", "USDT", 50.0, entry_id="dep-9")
+    assert engine.accounts["a"].balances["USDT"] == 350.0
+
+
+def test_dedupe_window_is_bounded(risk) -> None:
+    engine = Engine(risk, dedupe_window=2)
+    for entry_id in ("d1", "d2", "d3", "d1"):  # d1 left the window when d3 arrived
+        ledger(engine, "a", "USDT", 1.0, entry_id=entry_id)
+    assert engine.accounts["a"].balances["USDT"] == 4.0
+
+
+def test_blank_account_is_forgotten_but_one_with_history_is_kept(engine) -> None:
+    ledger(engine, "x", "USDT", 10.0)
+    ledger(engine, "x", "USDT", -10.0, entry_id="out")
+    assert "x" not in engine.accounts
+    tick(engine, "BTC-PERP", 49_890.0)  # "a" liquidated: its counter must survive
+    fill(engine, "a", "BTC-PERP", -1.0, 49_890.0)
+    ledger(engine, "a", "USDT", -190.0, entry_id="withdraw-all")
+    assert engine.accounts["a"].transitions == 2
