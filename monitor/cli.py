@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO
 
 from monitor.config import ConfigError, RiskConfig, load_config
 
@@ -21,27 +23,39 @@ def _load(path: str) -> RiskConfig:
         raise CliError(str(exc)) from exc
 
 
+def _open_input(name: str, stack: ExitStack) -> BinaryIO:
+    if name == "-":
+        return sys.stdin.buffer
+    try:
+        return stack.enter_context(open(name, "rb"))
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror}") from exc
+
+
+def _open_output(name: str | None, stack: ExitStack) -> BinaryIO:
+    if name in (None, "-"):
+        return sys.stdout.buffer
+    try:
+        return stack.enter_context(open(name, "wb"))
+    except OSError as exc:
+        raise CliError(f"cannot write {name}: {exc.strerror}") from exc
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.engine import Engine
     from monitor.replay import replay
 
-    config = _load(args.config)
-    engine = Engine(config)
+    engine = Engine(_load(args.config))
     name = args.input
 
     def report(index: int, rejection: Exception) -> None:
         print(f"{name}:{index + 1}: rejected: {rejection}", file=sys.stderr)
 
-    try:
-        source = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
-    except OSError as exc:
-        raise CliError(f"cannot read {name}: {exc.strerror}") from exc
-    try:
-        out = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115
-    except OSError as exc:
-        raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
-    with source, out:
+    with ExitStack() as stack:
+        source = _open_input(name, stack)
+        out = _open_output(args.output, stack)
         summary = replay(source, engine, out, report)
+        out.flush()
     for line in summary.lines(engine):
         print(f"replay: {line}", file=sys.stderr)
     return 0
@@ -51,14 +65,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from monitor.market import simulate
 
     config = _load(args.config)
-    try:
-        out = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115
-    except OSError as exc:
-        raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
-    with out:
+    with ExitStack() as stack:
+        out = _open_output(args.output, stack)
         for record in simulate(config, args.accounts, args.steps, args.seed, args.bad_rate):
             out.write(record.replay_line())
             out.write(b"\n")
+        out.flush()
     return 0
 
 

@@ -110,6 +110,7 @@ class SyntheticMarket:
                                         round(self._rng.uniform(-5, 5), 2), "funding"))
         if self.bad_record_rate and self._rng.random() < self.bad_record_rate * len(records):
             records.append(self._malformed())
+            records.extend(self._upstream_noise(records))
         return records
 
     def ticks(self, drift: float, noise: bool = True) -> Iterator[MarketRecord]:
@@ -205,6 +206,17 @@ class SyntheticMarket:
             "entry_id": self._next_id("l"), "account": account, "asset": asset,
             "amount": amount, "kind": kind, "ts": self._ts,
         })
+
+    def _upstream_noise(self, records: list[MarketRecord]) -> list[MarketRecord]:
+        """What real feeds do: a producer retry re-sends a fill, a late tick arrives stale."""
+        noise = []
+        fills = [r for r in records if r.topic == FILLS and isinstance(r.value, dict)]
+        if fills:
+            noise.append(fills[-1])
+        late = records[0]
+        if late.topic == PRICES and isinstance(late.value, dict):
+            noise.append(MarketRecord(PRICES, late.key, {**late.value, "ts": self._ts - 250}))
+        return noise
 
     def _malformed(self) -> MarketRecord:
         account = self._random_account()

@@ -211,10 +211,18 @@ def _finite(doc: dict[str, Any], name: str) -> float:
     value = _field(doc, name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Rejected(Reason.WRONG_TYPE, f"{name}: must be a number, got {_json_type(value)}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal beyond the range of a double
+        number = math.inf
     if not math.isfinite(number):
-        raise Rejected(Reason.NON_FINITE, f"{name}: must be finite, got {value!r}")
+        raise Rejected(Reason.NON_FINITE, f"{name}: must be finite, got {_abbreviated(value)}")
     return number
+
+
+def _abbreviated(value: int | float) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} digits)"
 
 
 def _positive(doc: dict[str, Any], name: str) -> float:

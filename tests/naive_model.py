@@ -1,0 +1,180 @@
+"""A deliberately naive model of SPEC §4–§6, written from the SPEC and sharing no code with
+`monitor`: plain dicts, and after every record every account is recomputed from scratch.
+
+It is slow on purpose. The engine must agree with it event for event.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+STATES = ["HEALTHY", "MARGIN_CALL", "LIQUIDATING"]
+TYPES = ["recovered", "margin_call", "liquidation"]
+
+
+class NaiveMonitor:
+    def __init__(self, risk: dict[str, Any], window: int = 10_000) -> None:
+        th = risk["thresholds"]
+        self.mc, self.liq, self.h = th["margin_call"], th["liquidation"], th["hysteresis"]
+        self.assets = risk["assets"]
+        self.instruments = risk["instruments"]
+        self.prices: dict[str, float] = {}
+        self.price_ts: dict[str, int] = {}
+        self.accounts: dict[str, dict[str, Any]] = {}
+        self.window = window
+        self.seen: dict[str, deque[tuple[str, str]]] = {}
+
+    # -- prices -------------------------------------------------------------------------------
+
+    def px(self, asset: str) -> float | None:
+        spec = self.assets[asset]
+        if "price" in spec:
+            return float(spec["price"])
+        return self.prices.get(spec.get("price_symbol", asset))
+
+    def tiers(self, symbol: str) -> list[tuple[float, float, float, float]]:
+        """(max_notional, mmr, imr, cum) per tier."""
+        out = []
+        cum = 0.0
+        prev_max = prev_mmr = None
+        for t in self.instruments[symbol]["tiers"]:
+            mx = math.inf if t["max_notional"] == "inf" else float(t["max_notional"])
+            if prev_max is not None:
+                cum = cum + prev_max * (t["mmr"] - prev_mmr)
+            out.append((mx, t["mmr"], t["imr"], cum))
+            prev_max, prev_mmr = mx, t["mmr"]
+        return out
+
+    # -- input --------------------------------------------------------------------------------
+
+    def feed(self, topic: str, v: dict[str, Any], index: int) -> list[dict[str, Any]]:
+        if topic == "prices":
+            last = self.price_ts.get(v["symbol"])
+            if last is not None and v["ts"] < last:
+                return []
+            self.prices[v["symbol"]] = float(v["price"])
+            self.price_ts[v["symbol"]] = int(v["ts"])
+            kind, ref = "price", v["symbol"]
+        else:
+            rid = v["fill_id"] if topic == "fills" else v["entry_id"]
+            seen = self.seen.setdefault(topic, deque(maxlen=self.window))
+            if (v["account"], rid) in seen:
+                return []
+            seen.append((v["account"], rid))
+            acct = self.accounts.setdefault(v["account"], {"b": {}, "pos": {}, "state": 0, "n": 0})
+            if topic == "fills":
+                self.fill(acct, v)
+                kind = "fill"
+            else:
+                acct["b"][v["asset"]] = acct["b"].get(v["asset"], 0.0) + float(v["amount"])
+                kind = "ledger"
+            ref = rid
+        events = []
+        for name in sorted(self.accounts):
+            event = self.evaluate(name, int(v["ts"]), kind, ref, topic, index)
+            if event:
+                events.append(event)
+        return events
+
+    def fill(self, acct: dict[str, Any], v: dict[str, Any]) -> None:
+        sym, qty, price = v["symbol"], float(v["qty"]), float(v["price"])
+        cs = self.instruments[sym].get("contract_size", 1.0)
+        settle = self.instruments[sym]["settle"]
+        s = qty if v["side"] == "buy" else -qty
+        q, e = acct["pos"].get(sym, (0.0, 0.0))
+        if q == 0 or (q > 0) == (s > 0):
+            e = (abs(q) * e + qty * price) / (abs(q) + qty) if q != 0 else price
+            q += s
+        else:
+            closed = min(abs(q), qty)
+            realized = closed * cs * (price - e) * (1 if q > 0 else -1)
+            acct["b"][settle] = acct["b"].get(settle, 0.0) + realized
+            old_q = q
+            q += s
+            if q != 0 and (q > 0) != (old_q > 0):
+                e = price
+        if q == 0:
+            acct["pos"].pop(sym, None)
+        else:
+            acct["pos"][sym] = (q, e)
+        acct["b"][settle] = acct["b"].get(settle, 0.0) - float(v.get("fee", 0.0))
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def figures(self, sym: str, q: float, e: float) -> dict[str, Any] | None:
+        inst = self.instruments[sym]
+        spx = self.px(inst["settle"])
+        if spx is None:
+            return None
+        cs = inst.get("contract_size", 1.0)
+        mark = self.prices.get(inst.get("mark_symbol", sym), e)
+        n = abs(q) * cs * mark
+        tier = next((t for t in self.tiers(sym) if n <= t[0]), self.tiers(sym)[-1])
+        return {"mark": mark, "spx": spx, "n": n, "tier": tier,
+                "mm": (n * tier[1] - tier[3]) * spx, "im": n * tier[2] * spx,
+                "upnl": q * cs * (mark - e) * spx}
+
+    def evaluate(self, name: str, ts: int, kind: str, ref: str, topic: str,
+                 index: int) -> dict[str, Any] | None:
+        acct = self.accounts[name]
+        cv, unpriced = 0.0, False
+        for asset, bal in acct["b"].items():
+            p = self.px(asset)
+            if p is None:
+                unpriced = unpriced or bal != 0
+                continue
+            cv += bal * p * (self.assets[asset]["collateral_weight"] if bal > 0 else 1.0)
+        figs = {}
+        for sym, (q, e) in acct["pos"].items():
+            f = self.figures(sym, q, e)
+            if f is None:
+                return None
+            figs[sym] = f
+        upnl = sum(f["upnl"] for f in figs.values())
+        mm = sum(f["mm"] for f in figs.values())
+        im = sum(f["im"] for f in figs.values())
+        equity = cv + upnl
+        r = mm / equity if equity > 0 else (0.0 if mm == 0 else math.inf)
+        state = acct["state"]
+        up = 2 if r >= self.liq else 1 if r >= self.mc else 0
+        if up > state:
+            new = up
+        else:
+            down = 2 if r >= self.liq - self.h else 1 if r >= self.mc - self.h else 0
+            new = down if down < state else state
+        if new == state:
+            return None
+        acct["n"] += 1
+        acct["state"] = new
+        positions = []
+        for sym in sorted(figs):
+            q, e = acct["pos"][sym]
+            f = figs[sym]
+            cs = self.instruments[sym].get("contract_size", 1.0)
+            k = cs * f["spx"]
+            _, mmr, _, cum = f["tier"]
+            # E0 + q·k·(p − m) = (MMo + |q|·k·mmr·p − cum·spx) / L, solved for p by hand.
+            denom = q * k - abs(q) * k * mmr / self.liq
+            lp = None
+            if denom != 0:
+                lp = ((mm - f["mm"]) / self.liq - cum * f["spx"] / self.liq - equity
+                      + q * k * f["mark"]) / denom
+                if not lp > 0:
+                    lp = None
+            positions.append({"symbol": sym, "qty": q, "entry_price": e, "mark_price": f["mark"],
+                              "notional": f["n"] * f["spx"], "unrealized_pnl": f["upnl"],
+                              "maintenance_margin": f["mm"], "initial_margin": f["im"],
+                              "liquidation_price": lp})
+        etype = TYPES[new]
+        return {
+            "event_id": f"{name}:{acct['n']}:{etype}", "type": etype, "account": name,
+            "state": STATES[new], "previous_state": STATES[state], "ts": ts,
+            "trigger": {"kind": kind, "ref": ref, "topic": topic, "index": index},
+            "margin_ratio": None if math.isinf(r) else r, "insolvent": math.isinf(r),
+            "unpriced": unpriced, "equity": equity, "maintenance_margin": mm,
+            "initial_margin": im, "collateral_value": cv, "unrealized_pnl": upnl,
+            "balances": {a: b for a, b in sorted(acct["b"].items()) if b != 0},
+            "positions": positions,
+        }

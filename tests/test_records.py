@@ -1,0 +1,115 @@
+"""Bad input (SPEC §2) is rejected with a clear reason and never changes state."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import orjson
+import pytest
+
+from monitor.engine import Engine
+from monitor.events import Source
+from monitor.records import Reason, Rejected, decode
+from monitor.replay import replay
+
+TICK = {"symbol": "BTC-PERP", "price": 50_000.0, "ts": 10}
+FILL = {"fill_id": "f1", "account": "a", "symbol": "BTC-PERP", "side": "buy", "qty": 1.0,
+        "price": 50_000.0, "fee": 1.0, "ts": 10}
+ENTRY = {"entry_id": "e1", "account": "a", "asset": "USDT", "amount": 500.0,
+         "kind": "deposit", "ts": 10}
+GOOD = {"prices": TICK, "fills": FILL, "ledger": ENTRY}
+
+
+def changed(topic: str, **fields) -> bytes:
+    value = {**GOOD[topic], **fields}
+    return orjson.dumps({k: v for k, v in value.items() if v is not ...})
+
+
+BAD = [
+    ("fills", b"{not json", Reason.INVALID_JSON, "invalid_json"),
+    ("fills", b"", Reason.INVALID_JSON, ""),
+    ("fills", b'["a", "list"]', Reason.NOT_OBJECT, "must be a JSON object, got array"),
+    ("prices", b"42", Reason.NOT_OBJECT, "got number"),
+    ("fills", changed("fills", qty=...), Reason.MISSING_FIELD, "qty: required field"),
+    ("ledger", changed("ledger", entry_id=...), Reason.MISSING_FIELD, "entry_id: required"),
+    ("prices", changed("prices", ts=...), Reason.MISSING_FIELD, "ts: required"),
+    ("fills", changed("fills", qty="1"), Reason.WRONG_TYPE, "qty: must be a number, got string"),
+    ("fills", changed("fills", qty=True), Reason.WRONG_TYPE, "qty: must be a number, got boolean"),
+    ("fills", changed("fills", account=17), Reason.WRONG_TYPE, "account: must be a string"),
+    ("prices", changed("prices", ts=10.5), Reason.WRONG_TYPE, "ts: must be an integer, got 10.5"),
+    ("prices", changed("prices", ts=None), Reason.WRONG_TYPE, "ts: must be an integer, got null"),
+    ("prices", b'{"symbol": "BTC", "price": 1e400, "ts": 1}', Reason.NON_FINITE,
+     "price: must be finite"),
+    ("ledger", b'{"entry_id": "e", "account": "a", "asset": "USDT", "amount": -1e999,'
+               b' "kind": "deposit", "ts": 1}', Reason.NON_FINITE, "amount: must be finite"),
+    ("prices", changed("prices", price=0), Reason.OUT_OF_RANGE, "price: must be > 0, got 0.0"),
+    ("fills", changed("fills", qty=-2), Reason.OUT_OF_RANGE, "qty: must be > 0"),
+    ("prices", changed("prices", ts=-1), Reason.OUT_OF_RANGE, "ts: must be in [0, 2^63-1]"),
+    ("prices", changed("prices", ts=2**63), Reason.OUT_OF_RANGE, "ts: must be in"),
+    ("fills", changed("fills", symbol="DOGE-PERP"), Reason.UNKNOWN_INSTRUMENT,
+     "symbol: 'DOGE-PERP' is not a configured instrument"),
+    ("ledger", changed("ledger", asset="DOGE"), Reason.UNKNOWN_ASSET,
+     "asset: 'DOGE' is not a configured asset"),
+    ("ledger", changed("ledger", kind="gift"), Reason.UNKNOWN_KIND, "kind: must be one of"),
+    ("fills", changed("fills", side="long"), Reason.UNKNOWN_SIDE, "side: must be \"buy\""),
+]
+
+
+@pytest.mark.parametrize(("topic", "raw", "reason", "detail"), BAD,
+                         ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_is_rejected_with_its_reason(risk, topic, raw, reason, detail) -> None:
+    with pytest.raises(Rejected) as excinfo:
+        decode(topic, raw, risk)
+    assert excinfo.value.reason == reason
+    assert detail in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("topic", "raw", "reason", "detail"), BAD,
+                         ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_leaves_state_as_it_was(risk, topic, raw, reason, detail) -> None:
+    engine = Engine(risk)
+    for kind, value in GOOD.items():
+        engine.apply(decode(kind, orjson.dumps(value), risk), Source(kind, index=0))
+    before = copy.deepcopy((engine.accounts, engine.prices, engine.price_ts, engine.stats))
+    line = b'{"topic": "%s", "value": %s}' % (topic.encode(), raw or b'""')
+    rejected: list[int] = []
+    replay([line], engine, io.BytesIO(), lambda index, r: rejected.append(index))
+    assert rejected == [0]
+    assert (engine.accounts, engine.prices, engine.price_ts, engine.stats) == before
+
+
+def test_whole_numbers_written_as_floats_are_accepted(risk) -> None:
+    tick = decode("prices", b'{"symbol": "BTC", "price": 5, "ts": 123.0}', risk)
+    assert tick.ts == 123 and isinstance(tick.ts, int)
+    assert tick.price == 5.0
+
+
+def test_fee_defaults_to_zero_and_unknown_fields_are_ignored(risk) -> None:
+    fill = decode("fills", changed("fills", fee=..., venue="spot"), risk)
+    assert fill.fee == 0.0
+
+
+def test_tick_for_a_symbol_nothing_is_priced_by_is_ignored_and_counted(risk) -> None:
+    engine = Engine(risk)
+    engine.apply(decode("prices", b'{"symbol": "XRP", "price": 0.5, "ts": 1}', risk),
+                 Source("prices", index=0))
+    assert engine.prices == {}
+    assert engine.stats.unused_ticks == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b'{"value": {}}', Reason.MISSING_FIELD),
+        (b'{"topic": "trades", "value": {}}', Reason.UNKNOWN_TOPIC),
+        (b'{"topic": "fills"}', Reason.MISSING_FIELD),
+        (b'"fills"', Reason.NOT_OBJECT),
+    ],
+)
+def test_malformed_replay_envelopes_are_rejected(risk, line: bytes, reason: str) -> None:
+    from monitor.replay import decode_line
+
+    with pytest.raises(Rejected) as excinfo:
+        decode_line(line, risk)
+    assert excinfo.value.reason == reason
