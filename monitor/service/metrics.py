@@ -1,0 +1,162 @@
+"""Prometheus metrics, /healthz and /readyz on one HTTP port (SPEC §8).
+
+Labels are bounded: topics, partitions, reasons, event types, states and configured symbols —
+never accounts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# *_created series double the exposition for no operational value.
+disable_created_metrics()
+
+# Milliseconds matter: the SPEC's target is p99 ≤ 10 ms.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+CHECKPOINT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.records_consumed = Counter(
+            "liqmon_records_consumed", "Input records read, by topic.", ["topic"], registry=r)
+        self.records_rejected = Counter(
+            "liqmon_records_rejected", "Input records dead-lettered, by topic and reason.",
+            ["topic", "reason"], registry=r)
+        self.stale_ticks = Counter(
+            "liqmon_stale_ticks", "Price ticks ignored because an equal-or-newer ts was applied.",
+            registry=r)
+        self.unused_ticks = Counter(
+            "liqmon_unused_ticks", "Price ticks for symbols no asset or instrument is priced by.",
+            registry=r)
+        self.duplicates = Counter(
+            "liqmon_duplicates", "Fills and ledger entries ignored as duplicates.", registry=r)
+        self.events_emitted = Counter(
+            "liqmon_events_emitted", "Events published (acknowledged by the broker), by type.",
+            ["type"], registry=r)
+        self.event_latency = Histogram(
+            "liqmon_event_latency_seconds",
+            "From the triggering input's Kafka timestamp to the event's acknowledgement, by "
+            "trigger kind (price = tick-to-event latency).",
+            ["trigger"], buckets=LATENCY_BUCKETS, registry=r)
+        self.consumer_lag = Gauge(
+            "liqmon_consumer_lag_records", "Records behind the partition's high watermark.",
+            ["topic", "partition"], registry=r)
+        self.delivery_retries = Counter(
+            "liqmon_delivery_retries", "Produce attempts that failed and were retried.",
+            registry=r)
+        self.checkpoint_duration = Histogram(
+            "liqmon_checkpoint_duration_seconds", "Time to write one checkpoint.",
+            buckets=CHECKPOINT_BUCKETS, registry=r)
+        self.last_checkpoint = Gauge(
+            "liqmon_last_checkpoint_timestamp_seconds",
+            "Unix time of the last completed checkpoint (0 before the first).", registry=r)
+        self.ready = Gauge("liqmon_ready", "1 when restored and consuming.", registry=r)
+        self._live = _LiveCollector()
+        r.register(self._live)
+
+    def watch(self, sample: Callable[[], LiveFigures]) -> None:
+        """Figures read at scrape time from the running monitor (no per-record cost)."""
+        self._live.sample = sample
+
+
+class LiveFigures:
+    """What the monitor reports at scrape time."""
+
+    def __init__(self, accounts: int, positions: int, by_state: dict[str, int],
+                 last_tick_wall: dict[str, float], last_checkpoint_wall: float | None) -> None:
+        self.accounts = accounts
+        self.positions = positions
+        self.by_state = by_state
+        self.last_tick_wall = last_tick_wall
+        self.last_checkpoint_wall = last_checkpoint_wall
+
+
+class _LiveCollector(Collector):
+    def __init__(self) -> None:
+        self.sample: Callable[[], LiveFigures] | None = None
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.sample is None:
+            return
+        figures = self.sample()
+        now = time.time()
+        yield GaugeMetricFamily("liqmon_accounts", "Accounts held in memory.",
+                                value=figures.accounts)
+        yield GaugeMetricFamily("liqmon_positions", "Open positions held in memory.",
+                                value=figures.positions)
+        by_state = GaugeMetricFamily("liqmon_accounts_by_state", "Accounts per state.",
+                                     labels=["state"])
+        for state, count in sorted(figures.by_state.items()):
+            by_state.add_metric([state], count)
+        yield by_state
+        age = GaugeMetricFamily("liqmon_tick_age_seconds",
+                                "Seconds since the last applied tick, per symbol.",
+                                labels=["symbol"])
+        for symbol, wall in sorted(figures.last_tick_wall.items()):
+            age.add_metric([symbol], max(0.0, now - wall))
+        yield age
+        if figures.last_checkpoint_wall is not None:
+            yield GaugeMetricFamily("liqmon_checkpoint_age_seconds",
+                                    "Seconds since the last completed checkpoint.",
+                                    value=max(0.0, now - figures.last_checkpoint_wall))
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds are not news."""
+
+
+class HealthServer:
+    """/metrics, /healthz and /readyz, served from a daemon thread so that a busy event loop
+    never makes Prometheus or the kubelet think the process is dead."""
+
+    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+        self._metrics_app = make_wsgi_app(metrics.registry)
+        self.ready = False
+        self._server: WSGIServer = make_server(host, port, self._app,
+                                               handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="liqmon-http",
+                                        daemon=True)
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            if self.ready:
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ready\n"]
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"not ready\n"]
+        return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,43 @@
+"""Settings of `liqmon run`: flags, each also read from a `LIQMON_…` environment variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Kafka topic names (SPEC §2); every one can be renamed with --topic-<name>."""
+
+    prices: str = "prices"
+    fills: str = "fills"
+    ledger: str = "ledger"
+    margin_calls: str = "margin-calls"
+    liquidations: str = "liquidations"
+    dead_letter: str = "liqmon.dead-letter"
+    state: str = "liqmon.state"
+
+    def input_kind(self, topic: str) -> str:
+        """prices / fills / ledger for an input topic name."""
+        return {self.prices: "prices", self.fills: "fills", self.ledger: "ledger"}[topic]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    config_path: Path
+    bootstrap: str = "127.0.0.1:9092"
+    group: str = "liqmon"
+    client_id: str = "liqmon"
+    topics: Topics = field(default_factory=Topics)
+    partitions: int = 1  # for topics liqmon creates because they are missing
+    start: Literal["earliest", "latest"] = "earliest"
+    checkpoint_interval: float = 5.0  # seconds
+    metrics_port: int = 9464  # 0 disables the HTTP endpoint
+    compression: str = "gzip"
+    max_batch_records: int = 5_000
+    shutdown_timeout: float = 30.0  # seconds to deliver pending events on SIGTERM
+    session_timeout_ms: int = 6_000
+    heartbeat_interval_ms: int = 1_000
+    request_timeout_ms: int = 5_000
