@@ -174,6 +174,30 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rich.console import Console
+
+    from monitor.demo import Demo
+    from monitor.service.broker import BrokerUnavailable
+    from monitor.service.logs import configure_logging
+
+    config = _load(args.config)
+    configure_logging("error")  # the live view tells the story; logs would tear it
+    console = Console()
+    demo = Demo(config, Path(args.config), accounts=args.accounts, duration=args.duration,
+                seed=args.seed, port=args.port, console=console)
+    try:
+        view = asyncio.run(demo.run())
+    except BrokerUnavailable as exc:
+        raise CliError(str(exc)) from exc
+    events = ", ".join(f"{t} {view.events[t]:,}" for t in sorted(view.events)) or "none"
+    console.print(f"demo finished: {view.produced:,} input records, events: {events}; "
+                  "broker and monitor stopped.")
+    return 0
+
+
 TOPIC_OPTIONS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
                  "state")
 
@@ -244,6 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, default=int(_env("broker-port", 9092)),
                         help="port on 127.0.0.1, default 9092 (env LIQMON_BROKER_PORT)")
     broker.set_defaults(handler=cmd_broker)
+
+    demo = commands.add_parser(
+        "demo", help="embedded broker + monitor + a synthetic market crash, with a live view",
+        description="Start the embedded broker, the monitor and a synthetic market (a random "
+                    "walk, a crash, a rebound) and show what the monitor sees. Everything "
+                    "stops when it ends.",
+    )
+    demo.add_argument("--config", default="examples/risk.toml", type=Path,
+                      help="risk config, default examples/risk.toml")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds, default 60")
+    demo.add_argument("--accounts", type=int, default=3_000, help="default 3000")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--port", type=int, default=None,
+                      help="broker port on 127.0.0.1 (default: a free one)")
+    demo.set_defaults(handler=cmd_demo)
 
     replay = commands.add_parser(
         "replay", help="deterministic offline run over a JSON-lines file of input records",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,8 @@ class SyntheticMarket:
     _book: dict[str, dict[str, float]] = field(init=False)  # account -> symbol -> qty
     _ts: int = field(init=False, default=START_TS)
     _ids: int = field(init=False, default=0)
+    _plans: list[tuple[list[MarketRecord], Callable[[], list[MarketRecord]]]] = field(
+        init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -94,10 +96,21 @@ class SyntheticMarket:
         return f"acct-{index:06d}"
 
     def opening(self) -> Iterator[MarketRecord]:
-        """First prices, then every account's deposits and opening fills."""
+        """First prices and every account's deposits, then every account's opening fills.
+        (Deposits come first so that, read from two topics, no fill lands on an empty pool.)"""
+        yield from self.opening_deposits()
+        yield from self.opening_positions()
+
+    def opening_deposits(self) -> Iterator[MarketRecord]:
         yield from self.ticks(0.0, noise=False)
-        for index in range(self.accounts):
-            yield from self._open_account(self.account_id(index))
+        self._plans = [self._plan_account(self.account_id(i)) for i in range(self.accounts)]
+        for deposits, _ in self._plans:
+            yield from deposits
+
+    def opening_positions(self) -> Iterator[MarketRecord]:
+        for _, fills in self._plans:
+            yield from fills()
+        self._plans = []
 
     def step(self, drift: float) -> list[MarketRecord]:
         """One time step: a tick per symbol, some trading, occasional funding, maybe junk."""
@@ -137,23 +150,33 @@ class SyntheticMarket:
 
     # -- building blocks -------------------------------------------------------------------------
 
-    def _open_account(self, account: str) -> Iterator[MarketRecord]:
+    def _plan_account(self, account: str) -> tuple[list[MarketRecord],
+                                                   Callable[[], list[MarketRecord]]]:
+        """An account's deposits now, and a way to make its opening fills later."""
         rng = self._rng
         equity = rng.choice([1_000.0, 5_000.0, 20_000.0, 100_000.0]) * rng.uniform(0.5, 1.5)
-        yield self._ledger(account, "USDT", round(equity, 2), "deposit")
+        deposits = [self._ledger(account, "USDT", round(equity, 2), "deposit")]
         if "BTC" in self.config.assets and rng.random() < 0.3:
-            yield self._ledger(account, "BTC", round(equity * 0.2 / self._prices["BTC"], 6),
-                               "deposit")
+            deposits.append(self._ledger(account, "BTC",
+                                         round(equity * 0.2 / self._prices["BTC"], 6),
+                                         "deposit"))
         leverage = math.exp(rng.uniform(math.log(1.5), math.log(18.0)))
         instruments = sorted(self.config.instruments)
         held = rng.sample(instruments, k=min(len(instruments), rng.choice([1, 2, 3, 3, 4])))
         hedged = rng.random() < 0.15
-        for n, symbol in enumerate(held):
+        directions = []
+        for n in range(len(held)):
             direction = 1.0 if rng.random() < 0.7 else -1.0
             if hedged and n == 1:
-                direction = -direction  # offsetting legs: cross margin nets them
+                direction = -directions[0]  # offsetting legs: cross margin nets them
+            directions.append(direction)
+
+        def fills() -> list[MarketRecord]:
             notional_quote = equity * leverage / len(held)
-            yield self._fill(account, symbol, direction * self._qty_for(symbol, notional_quote))
+            return [self._fill(account, symbol, direction * self._qty_for(symbol, notional_quote))
+                    for symbol, direction in zip(held, directions, strict=True)]
+
+        return deposits, fills
 
     def _random_trade(self) -> list[MarketRecord]:
         account = self._random_account()

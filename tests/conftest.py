@@ -51,3 +51,21 @@ RISK: dict[str, Any] = {
 @pytest.fixture
 def risk() -> RiskConfig:
     return parse_config(RISK)
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One embedded Tansu broker for the session; tests isolate themselves by topic names."""
+    from monitor.service.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def example_config() -> RiskConfig:
+    from pathlib import Path
+
+    from monitor.config import load_config
+
+    return load_config(Path(__file__).resolve().parent.parent / "examples" / "risk.toml")

@@ -22,9 +22,12 @@ START = {"BTC-PERP": 50_000.0, "ETH-PERP": 2_500.0, "ETHBTC-PERP": 0.05, "BTC": 
          "ETH": 2_500.0}
 
 
-def random_stream(seed: int, length: int) -> list[bytes]:
+def random_stream(seed: int, length: int, mean_run: float = 1.0) -> list[bytes]:
     """Replay lines: leveraged trading on a jumpy random walk, with exact closes, flips,
-    stale ticks, duplicates, unpriced assets, unused symbols and malformed lines mixed in."""
+    stale ticks, duplicates, unpriced assets, unused symbols and malformed lines mixed in.
+
+    With mean_run > 1 the kind of record changes only every mean_run records on average
+    (runs of ticks, of fills, …), which lets a Kafka test feed it topic run by topic run."""
     rng = random.Random(seed)
     prices = dict(START)
     ts = 1_000
@@ -35,9 +38,11 @@ def random_stream(seed: int, length: int) -> list[bytes]:
     def emit(topic: str, value: Any) -> None:
         lines.append(orjson.dumps({"topic": topic, "value": value}))
 
+    roll = rng.random()
     for n in range(length):
         ts += rng.choice([0, 1, 5])
-        roll = rng.random()
+        if rng.random() < 1 / mean_run:
+            roll = rng.random()
         if roll < 0.35:
             symbol = rng.choice([*START, "XRP"])
             if symbol == "XRP" or (symbol == "BTC" and n < length // 10):

@@ -69,6 +69,9 @@ class Metrics:
             "liqmon_last_checkpoint_timestamp_seconds",
             "Unix time of the last completed checkpoint (0 before the first).", registry=r)
         self.ready = Gauge("liqmon_ready", "1 when restored and consuming.", registry=r)
+        self.kafka_reachable = Gauge(
+            "liqmon_kafka_reachable", "1 while the brokers answer metadata requests.",
+            registry=r)
         self._live = _LiveCollector()
         r.register(self._live)
 

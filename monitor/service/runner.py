@@ -31,6 +31,8 @@ from monitor.service.topics import ensure_topics
 from monitor.state import EVENT_TYPES, AccountState
 
 MAX_BACKOFF = 5.0
+PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
+OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
 
 
 class DeliveryAbandoned(RuntimeError):
@@ -81,7 +83,12 @@ class Monitor:
             self.metrics.ready.set(1)
             self.log.info("consuming", bootstrap=self.settings.bootstrap,
                           group=self.settings.group, partitions=self.partition_counts)
-            await self._consume()
+            watchdog = asyncio.create_task(self._watch_broker())
+            try:
+                await self._consume()
+            finally:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)
         finally:
             self.ready.clear()
             self.metrics.ready.set(0)
@@ -141,6 +148,36 @@ class Monitor:
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def _watch_broker(self) -> None:
+        """Say plainly when Kafka is out of reach and when it is back.
+
+        The clients retry on their own and an idle consumer looks the same whether the broker
+        is there or not, so a cheap metadata request each second tells the two apart.
+        """
+        assert self._producer is not None
+        client = self._producer.client
+        lost_at: float | None = None
+        last_said = 0.0
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                await asyncio.wait_for(client.fetch_all_metadata(), timeout=PROBE_INTERVAL * 2)
+                reachable, error = True, None
+            except (KafkaError, TimeoutError, OSError) as exc:
+                reachable, error = False, exc
+            now = time.monotonic()
+            self.metrics.kafka_reachable.set(1 if reachable else 0)
+            if reachable and lost_at is not None:
+                self.log.info("kafka reachable again", bootstrap=self.settings.bootstrap,
+                              outage_seconds=round(now - lost_at, 1))
+                lost_at = None
+            elif not reachable and (lost_at is None or now - last_said >= OUTAGE_REMINDER):
+                lost_at = lost_at or now
+                last_said = now
+                self.log.warning("kafka unreachable, clients keep retrying",
+                                 bootstrap=self.settings.bootstrap, error=repr(error),
+                                 outage_seconds=round(now - lost_at, 1))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -305,6 +342,10 @@ class Monitor:
             self.log.warning("offset commit failed, will retry", error=repr(exc))
             return
         self._committed.update(offsets)
+
+    def processed_offsets(self) -> dict[TopicPartition, int]:
+        """Next offset to process per input partition (for tests, the demo and lag)."""
+        return dict(self._processed)
 
     # -- observability --------------------------------------------------------------------------
 

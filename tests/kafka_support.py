@@ -1,0 +1,113 @@
+"""Helpers for tests against the real (embedded) broker."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from monitor.config import RiskConfig
+from monitor.service.runner import Monitor
+from monitor.service.settings import ServiceSettings, Topics
+
+REPO = Path(__file__).resolve().parent.parent
+_names = itertools.count()
+
+
+def fresh_settings(bootstrap: str, **overrides: Any) -> ServiceSettings:
+    """Settings with topic names and a group of their own, so tests never see each other."""
+    n = next(_names)
+    topics = Topics(**{field: f"t{n}.{getattr(Topics(), field)}"
+                       for field in Topics.__dataclass_fields__})
+    base = ServiceSettings(config_path=REPO / "examples" / "risk.toml", bootstrap=bootstrap,
+                           group=f"g{n}", topics=topics, metrics_port=0,
+                           session_timeout_ms=2_000, heartbeat_interval_ms=300,
+                           request_timeout_ms=3_000)
+    return replace(base, **overrides)
+
+
+class RunningMonitor:
+    """A Monitor running as a task in the test's event loop."""
+
+    def __init__(self, settings: ServiceSettings, config: RiskConfig) -> None:
+        self.monitor = Monitor(settings, config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Monitor:
+        self.task = asyncio.create_task(self.monitor.run())
+        await asyncio.wait_for(self.monitor.ready.wait(), timeout=30)
+        return self.monitor
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.monitor.request_stop()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, timeout=30)
+
+
+async def produce(bootstrap: str, messages: Iterable[tuple[str, bytes | None, bytes | None]]
+                  ) -> dict[TopicPartition, int]:
+    """Produce (topic, key, value) in order; returns the end offset per partition."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    ends: dict[TopicPartition, int] = {}
+    try:
+        futures = [await producer.send(topic, value, key=key) for topic, key, value in messages]
+        for future in futures:
+            meta = await future
+            tp = TopicPartition(meta.topic, meta.partition)
+            ends[tp] = max(ends.get(tp, 0), meta.offset + 1)
+    finally:
+        await producer.stop()
+    return ends
+
+
+async def wait_processed(monitor: Monitor, ends: dict[TopicPartition, int],
+                         timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = monitor.processed_offsets()
+        if all(done.get(tp, 0) >= end for tp, end in ends.items()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"monitor did not process {ends} in {timeout}s: {done}")
+        await asyncio.sleep(0.01)
+
+
+async def read_topic(bootstrap: str, topic: str, partitions: int = 1,
+                     idle: float = 0.5) -> list[Any]:
+    """Every record of a topic from the beginning, until it stays quiet for `idle` seconds."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle:
+            batch = await consumer.getmany(timeout_ms=100)
+            for part in batch.values():
+                records.extend(part)
+                quiet_since = time.monotonic()
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def read_events(bootstrap: str, topics: Topics, idle: float = 0.5) -> list[dict]:
+    """Events of both output topics, in the order of their trigger offsets then id."""
+    events = []
+    for topic in (topics.margin_calls, topics.liquidations):
+        events.extend(orjson.loads(r.value) for r in await read_topic(bootstrap, topic,
+                                                                      idle=idle))
+    return events
+
+
+def without_wall_clock(event: dict) -> dict:
+    return {k: v for k, v in event.items() if k != "emitted_at"}

@@ -1,0 +1,105 @@
+"""The service and the demo as operators run them: separate OS processes and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from monitor.market import simulate
+from tests.kafka_support import REPO, fresh_settings, produce, read_events
+
+TOPIC_FLAGS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
+               "state")
+
+
+def run_command(settings) -> list[str]:
+    args = [sys.executable, "-m", "monitor.cli", "run",
+            "--config", str(REPO / "examples" / "risk.toml"),
+            "--bootstrap", settings.bootstrap, "--metrics-port", "0"]
+    for name in TOPIC_FLAGS:
+        args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
+    return args
+
+
+async def committed_offsets(settings) -> dict[str, int]:
+    """The group's committed offsets, read without joining the group."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=settings.group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        found = {}
+        for topic in (settings.topics.fills, settings.topics.ledger):
+            offset = await consumer.committed(TopicPartition(topic, 0))
+            if offset is not None:
+                found[f"{topic}/0"] = offset
+        return found
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_sigterm_mid_stream_exits_0_promptly_with_offsets_committed(broker, example_config):
+    settings = fresh_settings(broker.bootstrap)
+    env = {**os.environ, "LIQMON_GROUP": settings.group, "LIQMON_LOG_LEVEL": "info"}
+    proc = await asyncio.create_subprocess_exec(*run_command(settings), env=env,
+                                                stderr=subprocess.PIPE)
+    names = {"prices": settings.topics.prices, "fills": settings.topics.fills,
+             "ledger": settings.topics.ledger}
+    records = [(names[r.topic], r.key.encode(), r.value_bytes())
+               for r in simulate(example_config, accounts=300, steps=600, seed=2)]
+    feeding = asyncio.create_task(produce(broker.bootstrap, records))
+    deadline = time.monotonic() + 60
+    while not (await committed_offsets(settings)):
+        assert time.monotonic() < deadline, "the monitor never committed anything"
+        await asyncio.sleep(0.2)
+
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+    exited_ms = time.time() * 1000
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert time.monotonic() - signalled < 5
+    await feeding
+
+    logs = [orjson.loads(line) for line in stderr.splitlines() if line.startswith(b"{")]
+    (stopped,) = [entry for entry in logs if entry["event"] == "stopped"]
+    assert stopped["committed"] == await committed_offsets(settings)
+    fills_tp = f"{settings.topics.fills}/0"
+    assert stopped["committed"][fills_tp] > 0
+
+    events = await read_events(broker.bootstrap, settings.topics)
+    assert all(event["emitted_at"] <= exited_ms for event in events)  # nothing after exit
+    await asyncio.sleep(1.0)
+    assert len(await read_events(broker.bootstrap, settings.topics)) == len(events)
+
+
+def broker_pids() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", "tansu.* broker "], capture_output=True, check=False)
+    return {int(pid) for pid in found.stdout.split()}
+
+
+def test_demo_runs_a_crash_shows_every_event_type_and_leaves_nothing_running() -> None:
+    before = broker_pids()
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "demo", "--duration", "20", "--accounts", "1000",
+         "--seed", "3", "--config", str(REPO / "examples" / "risk.toml")],
+        capture_output=True, timeout=180, check=False, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    tail = " ".join(result.stdout.decode().split())  # rich wraps lines to the terminal width
+    summary = re.search(r"demo finished: .*? events: (.*?); broker", tail)
+    assert summary, tail[-2000:]
+    counts = dict((kind, int(n.replace(",", ""))) for kind, n in
+                  re.findall(r"(\w+) ([\d,]+)", summary.group(1)))
+    assert counts.keys() == {"margin_call", "liquidation", "recovered"}
+    assert all(n > 0 for n in counts.values())
+    assert broker_pids() <= before

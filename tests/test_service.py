@@ -1,0 +1,258 @@
+"""`liqmon run` against a real broker (the embedded Tansu): events, dead letters, replay ≡ run,
+and broker loss."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from itertools import groupby
+
+import orjson
+import pytest
+import structlog
+from aiokafka import TopicPartition
+
+from monitor.config import parse_config
+from monitor.engine import Engine
+from monitor.replay import replay
+from monitor.service.broker import EmbeddedBroker
+from tests.conftest import RISK
+from tests.kafka_support import (
+    RunningMonitor,
+    fresh_settings,
+    produce,
+    read_events,
+    read_topic,
+    wait_processed,
+    without_wall_clock,
+)
+from tests.test_property import random_stream
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def tick(topics, symbol: str, price: float, ts: int = 1):
+    return (topics.prices, symbol.encode(),
+            orjson.dumps({"symbol": symbol, "price": price, "ts": ts}))
+
+
+def deposit(topics, account: str, amount: float):
+    return (topics.ledger, account.encode(), orjson.dumps({
+        "entry_id": f"dep-{account}", "account": account, "asset": "USDT", "amount": amount,
+        "kind": "deposit", "ts": 1}))
+
+
+def fill(topics, fill_id: str, account: str, symbol: str, qty: float, price: float):
+    return (topics.fills, account.encode(), orjson.dumps({
+        "fill_id": fill_id, "account": account, "symbol": symbol,
+        "side": "buy" if qty > 0 else "sell", "qty": abs(qty), "price": price, "ts": 1}))
+
+
+async def test_scenario_margin_call_liquidation_recovery_and_a_hedged_account(broker, risk):
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    # Phases are fed one at a time: across topics, Kafka only promises fetch order.
+    phases = [
+        [tick(t, "BTC-PERP", 50_000.0), tick(t, "ETH-PERP", 2_500.0)],
+        [deposit(t, "a", 300.0), deposit(t, "hedged", 3_000.0), deposit(t, "naked", 3_000.0)],
+        [fill(t, "f1", "a", "BTC-PERP", 1.0, 50_000.0),
+         fill(t, "f2", "hedged", "BTC-PERP", 1.0, 50_000.0),
+         fill(t, "f3", "hedged", "ETH-PERP", -200.0, 2_500.0),  # 200 · 0.1 ETH short
+         fill(t, "f4", "naked", "BTC-PERP", 1.0, 50_000.0)],
+        [tick(t, "BTC-PERP", 49_940.0)],  # a: 199.76 / 240 → margin call
+        [tick(t, "BTC-PERP", 49_890.0)],  # a: 199.56 / 190 → liquidation
+        [tick(t, "ETH-PERP", 2_350.0)],  # hedged short gains 3000
+        [tick(t, "BTC-PERP", 47_000.0)],  # naked: equity 0 → insolvent; hedged stays healthy
+        [fill(t, "f5", "a", "BTC-PERP", -1.0, 47_000.0)],  # a closed out → recovered
+    ]
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        for phase in phases:
+            await wait_processed(monitor, await produce(broker.bootstrap, phase))
+    events = sorted(await read_events(broker.bootstrap, t),
+                    key=lambda e: (e["trigger"]["topic"], e["trigger"]["offset"], e["account"]))
+    summary = [(e["event_id"], e["margin_ratio"], e["trigger"]["topic"], e["trigger"]["offset"])
+               for e in events]
+    # "hedged" never appears: its short leg offsets the long one in the same pool.
+    assert summary == [
+        ("a:3:recovered", 0.0, t.fills, 4),
+        ("a:1:margin_call", pytest.approx(199.76 / 240), t.prices, 2),
+        ("a:2:liquidation", pytest.approx(199.56 / 190), t.prices, 3),
+        ("naked:1:liquidation", None, t.prices, 5),  # equity 3000 − 3000 = 0: insolvent
+    ]
+    assert all(e["trigger"]["partition"] == 0 for e in events)
+    assert events[3]["insolvent"] is True
+
+
+async def test_events_are_keyed_by_account_and_split_by_type(broker, risk):
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        for phase in ([tick(t, "BTC-PERP", 50_000.0)], [deposit(t, "a", 300.0)],
+                      [fill(t, "f1", "a", "BTC-PERP", 1.0, 50_000.0)],
+                      [tick(t, "BTC-PERP", 49_940.0)], [tick(t, "BTC-PERP", 49_890.0)]):
+            await wait_processed(monitor, await produce(broker.bootstrap, phase))
+    calls = await read_topic(broker.bootstrap, t.margin_calls)
+    liquidations = await read_topic(broker.bootstrap, t.liquidations)
+    assert [(r.key, orjson.loads(r.value)["type"]) for r in calls] == [(b"a", "margin_call")]
+    assert [(r.key, orjson.loads(r.value)["type"]) for r in liquidations] == [
+        (b"a", "liquidation")]
+    assert dict(liquidations[0].headers)["event_id"] == b"a:2:liquidation"
+
+
+BAD_INPUTS = [  # (topic kind, value, reason) — one per class of SPEC §2
+    ("fills", b"{not json", "invalid_json"),
+    ("fills", b"\xff\xfe not utf-8", "invalid_json"),
+    ("ledger", None, "invalid_json"),  # a null (tombstone) value
+    ("prices", b"[1, 2]", "not_object"),
+    ("fills", b'{"fill_id": "x", "account": "a"}', "missing_field"),
+    ("prices", b'{"symbol": "BTC", "price": "1", "ts": 1}', "wrong_type"),
+    ("prices", b'{"symbol": "BTC", "price": 1e999, "ts": 1}', "non_finite"),
+    ("prices", b'{"symbol": "BTC", "price": -3, "ts": 1}', "out_of_range"),
+    ("fills", b'{"fill_id": "x", "account": "a", "symbol": "DOGE-PERP", "side": "buy",'
+              b' "qty": 1, "price": 1, "ts": 1}', "unknown_instrument"),
+    ("ledger", b'{"entry_id": "x", "account": "a", "asset": "DOGE", "amount": 1,'
+               b' "kind": "deposit", "ts": 1}', "unknown_asset"),
+    ("ledger", b'{"entry_id": "x", "account": "a", "asset": "USDT", "amount": 1,'
+               b' "kind": "gift", "ts": 1}', "unknown_kind"),
+    ("fills", b'{"fill_id": "x", "account": "a", "symbol": "BTC-PERP", "side": "long",'
+              b' "qty": 1, "price": 1, "ts": 1}', "unknown_side"),
+]
+
+
+async def test_every_class_of_bad_input_is_dead_lettered_and_processing_continues(broker, risk):
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    names = {"prices": t.prices, "fills": t.fills, "ledger": t.ledger}
+    messages = [(names[kind], f"key-{i}".encode(), value)
+                for i, (kind, value, _) in enumerate(BAD_INPUTS)]
+    messages.append(deposit(t, "survivor", 100.0))  # a good record after the bad ones
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        await wait_processed(monitor, await produce(broker.bootstrap, messages))
+        assert monitor.engine.accounts["survivor"].balances == {"USDT": 100.0}
+        assert set(monitor.engine.accounts) == {"survivor"}  # nothing else changed state
+    dead = await read_topic(broker.bootstrap, t.dead_letter)
+    assert len(dead) == len(BAD_INPUTS)
+    offsets: dict[str, int] = {}
+    by_key = {r.key: r for r in dead}
+    for i, (kind, value, reason) in enumerate(BAD_INPUTS):
+        record = by_key[f"key-{i}".encode()]
+        body = orjson.loads(record.value)
+        expected_offset = offsets.get(kind, 0)
+        offsets[kind] = expected_offset + 1
+        assert body["error"].startswith(f"{reason}: "), body
+        assert (body["source_topic"], body["source_partition"], body["source_offset"]) == (
+            names[kind], 0, expected_offset)
+        assert body["key"] == f"key-{i}"
+        assert body["value"] == ("" if value is None
+                                 else value.decode("utf-8", errors="replace"))
+        headers = dict(record.headers)
+        assert headers["__liqmon.errors.reason"] == reason.encode()
+        assert headers["__liqmon.errors.topic"] == names[kind].encode()
+        assert headers["__liqmon.errors.partition"] == b"0"
+        assert headers["__liqmon.errors.offset"] == str(expected_offset).encode()
+
+
+def routable(lines: list[bytes]) -> list[tuple[str, bytes, bytes]]:
+    """(topic kind, key, value) of each replay line Kafka can carry (a line that is not
+    even an envelope has no topic to go to)."""
+    out = []
+    for line in lines:
+        try:
+            envelope = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        value = envelope["value"]
+        key = value.get("symbol" if envelope["topic"] == "prices" else "account", "")
+        out.append((envelope["topic"], str(key).encode(), orjson.dumps(value)))
+    return out
+
+
+async def feed_run_by_run(bootstrap: str, monitor, topics, records) -> list[tuple[str, int]]:
+    """Produce same-topic runs one after another, each consumed before the next, so that
+    the monitor applies them in exactly this order. Returns each record's (topic, offset)."""
+    names = {"prices": topics.prices, "fills": topics.fills, "ledger": topics.ledger}
+    next_offset: dict[str, int] = {}
+    positions = []
+    for kind, run in groupby(records, key=lambda r: r[0]):
+        batch = [(names[kind], key, value) for _, key, value in run]
+        for _ in batch:
+            positions.append((names[kind], next_offset.get(kind, 0)))
+            next_offset[kind] = next_offset.get(kind, 0) + 1
+        await wait_processed(monitor, await produce(bootstrap, batch), timeout=60)
+    return positions
+
+
+def replayed(records, config) -> list[dict]:
+    lines = [b'{"topic": "%s", "value": %s}' % (kind.encode(), value)
+             for kind, _, value in records]
+    out = io.BytesIO()
+    replay(lines, Engine(config), out, lambda index, rejection: None)
+    return [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+
+def same_events(run_events: list[dict], replay_events: list[dict],
+                positions: list[tuple[str, int]]) -> None:
+    """Equal but for where the trigger is located (offset in Kafka, line index in replay)."""
+    def comparable(event: dict, location: tuple[str, int]) -> dict:
+        trigger = {k: v for k, v in event["trigger"].items()
+                   if k not in ("topic", "partition", "offset", "index")}
+        return {**without_wall_clock(event), "trigger": {**trigger, "at": location}}
+
+    expected = [comparable(e, positions[e["trigger"]["index"]]) for e in replay_events]
+    got = [comparable(e, (e["trigger"]["topic"], e["trigger"]["offset"])) for e in run_events]
+    key = lambda e: e["event_id"]  # noqa: E731
+    assert sorted(got, key=key) == sorted(expected, key=key)
+
+
+async def test_run_emits_exactly_what_replay_emits_for_the_same_records(broker, risk):
+    config = parse_config(RISK)
+    records = routable(random_stream(seed=11, length=2_500, mean_run=30))
+    settings = fresh_settings(broker.bootstrap)
+    async with RunningMonitor(settings, config) as monitor:
+        positions = await feed_run_by_run(broker.bootstrap, monitor, settings.topics, records)
+    run_events = await read_events(broker.bootstrap, settings.topics)
+    expected = replayed(records, config)
+    assert len(expected) > 20
+    assert len(run_events) == len(expected)
+    same_events(run_events, expected, positions)
+
+
+async def test_broker_paused_mid_stream_loses_no_event(risk):
+    config = parse_config(RISK)
+    records = routable(random_stream(seed=5, length=1_500, mean_run=30))
+    with EmbeddedBroker() as own_broker:  # paused: it must not stall the other tests
+        settings = fresh_settings(own_broker.bootstrap)
+
+        async def outage() -> None:
+            await asyncio.sleep(1.0)
+            own_broker.pause()
+            await asyncio.sleep(6.0)  # longer than the request and session timeouts
+            own_broker.resume()
+
+        with structlog.testing.capture_logs() as logs:
+            async with RunningMonitor(settings, config) as monitor:
+                pause = asyncio.create_task(outage())
+                positions = await feed_run_by_run(own_broker.bootstrap, monitor,
+                                                  settings.topics, records)
+                await pause
+        said = [entry["event"] for entry in logs]
+        assert "kafka unreachable, clients keep retrying" in said
+        assert "kafka reachable again" in said
+        run_events = await read_events(own_broker.bootstrap, settings.topics)
+    unique = {e["event_id"]: e for e in run_events}
+    expected = replayed(records, config)
+    assert len(unique) == len(expected)
+    same_events(list(unique.values()), expected, positions)
+    for event in run_events:  # a repeat, if any, is the same event
+        assert without_wall_clock(event) == without_wall_clock(unique[event["event_id"]])
+
+
+async def test_partition_lag_is_zero_after_catching_up(broker, risk):
+    settings = fresh_settings(broker.bootstrap)
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        ends = await produce(broker.bootstrap, [deposit(settings.topics, f"u{i}", 10.0)
+                                                for i in range(50)])
+        await wait_processed(monitor, ends)
+        lag = monitor.metrics.consumer_lag.labels(settings.topics.ledger, "0")._value.get()
+        assert lag == 0
+        assert monitor.processed_offsets()[TopicPartition(settings.topics.ledger, 0)] == 50
