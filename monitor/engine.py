@@ -26,6 +26,7 @@ class Account:
     positions: dict[str, Position] = field(default_factory=dict)
     state: AccountState = AccountState.HEALTHY
     transitions: int = 0  # events emitted so far; never reset (event ids depend on it)
+    partition: int | None = None  # input partition that owns it (None in replay)
     watched: frozenset[str] = frozenset()  # price symbols whose ticks can move this account
 
     def is_blank(self) -> bool:
@@ -57,6 +58,10 @@ class DedupeWindow:
     def __len__(self) -> int:
         return len(self._order)
 
+    def ids(self) -> list[Hashable]:
+        """Oldest first, so that reloading them rebuilds the same window."""
+        return list(self._order)
+
     def add(self, key: Hashable) -> bool:
         """Record key; False if it is already in the window (a duplicate)."""
         if key in self._seen:
@@ -81,6 +86,10 @@ class Engine:
         self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
         self._price_symbols = config.price_symbols()
         self._watchers: dict[str, set[str]] = {}  # price symbol -> accounts it can move
+        self._dirty: set[str] = set()  # accounts changed since the last take_dirty()
+        # After a restore, accounts whose snapshot is newer than the inputs being re-read:
+        # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
+        self._caught_up_from: dict[str, dict[tuple[str, int | None], int]] = {}
 
     # -- input -------------------------------------------------------------------------------
 
@@ -105,7 +114,10 @@ class Engine:
         self.price_ts[symbol] = tick.ts
         self.stats.applied_ticks += 1
         events = []
+        guarded = self._caught_up_from
         for account_id in self.accounts_moved_by(symbol):
+            if guarded and self._already_reflected(account_id, source):
+                continue
             event = self._evaluate(account_id, tick.ts, "price", symbol, source)
             if event is not None:
                 events.append(event)
@@ -116,7 +128,9 @@ class Engine:
         if not self._first_time(source, fill.account, fill.fill_id):
             self.stats.duplicates += 1
             return []
-        account = self._account(fill.account)
+        if self._caught_up_from and self._already_reflected(fill.account, source):
+            return []
+        account = self._account(fill.account, source.partition)
         instrument = self.config.instruments[fill.symbol]
         held = account.positions.get(fill.symbol)
         position, realized = apply_fill_to_position(
@@ -141,7 +155,9 @@ class Engine:
         if not self._first_time(source, entry.account, entry.entry_id):
             self.stats.duplicates += 1
             return []
-        account = self._account(entry.account)
+        if self._caught_up_from and self._already_reflected(entry.account, source):
+            return []
+        account = self._account(entry.account, source.partition)
         self._set_balance(account, entry.asset,
                           account.balances.get(entry.asset, 0.0) + entry.amount)
         self.stats.applied_ledger += 1
@@ -162,10 +178,10 @@ class Engine:
             window = self._dedupe[key] = DedupeWindow(self._dedupe_window)
         return window.add((account, record_id))
 
-    def _account(self, account_id: str) -> Account:
+    def _account(self, account_id: str, partition: int | None) -> Account:
         account = self.accounts.get(account_id)
         if account is None:
-            account = self.accounts[account_id] = Account()
+            account = self.accounts[account_id] = Account(partition=partition)
             self.accounts_in_state[AccountState.HEALTHY] += 1
         return account
 
@@ -178,6 +194,7 @@ class Engine:
 
     def _after_account_change(self, account_id: str, account: Account, ts: int, kind: str,
                               ref: str, source: Source) -> list[Event]:
+        self._dirty.add(account_id)
         self._rewatch(account_id, account)
         event = self._evaluate(account_id, ts, kind, ref, source)
         if account.is_blank():
@@ -227,6 +244,7 @@ class Engine:
         if new_state == account.state:
             return None
         account.transitions += 1
+        self._dirty.add(account_id)
         event = build_event(
             account=account_id,
             transition=account.transitions,
@@ -246,3 +264,79 @@ class Engine:
         self.accounts_in_state[new_state] += 1
         account.state = new_state
         return event
+
+    # -- durability: what a checkpoint saves and a restore loads --------------------------------
+
+    def take_dirty(self) -> set[str]:
+        """Accounts changed since the last call (a missing one was forgotten: tombstone it)."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def mark_dirty(self, account_ids: set[str]) -> None:
+        """Put back accounts whose checkpoint could not be written."""
+        self._dirty |= account_ids
+
+    def dedupe_ids(self, topic: str, partition: int | None) -> list[Hashable]:
+        window = self._dedupe.get((topic, partition))
+        return window.ids() if window is not None else []
+
+    def load_dedupe_ids(self, topic: str, partition: int | None, ids: list[Hashable]) -> None:
+        window = self._dedupe[(topic, partition)] = DedupeWindow(self._dedupe_window)
+        for key in ids:
+            window.add(key)
+
+    def price_table(self) -> dict[str, tuple[float, int]]:
+        return {symbol: (price, self.price_ts[symbol]) for symbol, price in self.prices.items()}
+
+    def load_prices(self, table: dict[str, tuple[float, int]]) -> None:
+        self.prices = {symbol: price for symbol, (price, _) in table.items()}
+        self.price_ts = {symbol: ts for symbol, (_, ts) in table.items()}
+
+    def load_account(self, account_id: str, account: Account,
+                     caught_up_from: dict[tuple[str, int | None], int] | None = None) -> None:
+        """Install a restored account. ``caught_up_from`` marks a snapshot that already
+        reflects inputs about to be re-read: records before those offsets skip it."""
+        previous = self.accounts.get(account_id)
+        if previous is not None:
+            self._forget(account_id, previous)
+        account.watched = frozenset()
+        self.accounts[account_id] = account
+        self.accounts_in_state[account.state] += 1
+        self.positions_held += len(account.positions)
+        self._rewatch(account_id, account)
+        if caught_up_from:
+            self._caught_up_from[account_id] = caught_up_from
+        else:
+            self._caught_up_from.pop(account_id, None)
+
+    def drop_partition(self, partition: int | None) -> int:
+        """Forget every account of an input partition (it was handed to another instance)."""
+        gone = [a for a, account in self.accounts.items() if account.partition == partition]
+        for account_id in gone:
+            self._forget(account_id, self.accounts[account_id])
+            self._dirty.discard(account_id)
+        return len(gone)
+
+    def _forget(self, account_id: str, account: Account) -> None:
+        for symbol in account.watched:
+            holders = self._watchers[symbol]
+            holders.discard(account_id)
+            if not holders:
+                del self._watchers[symbol]
+        self.accounts_in_state[account.state] -= 1
+        self.positions_held -= len(account.positions)
+        self._caught_up_from.pop(account_id, None)
+        del self.accounts[account_id]
+
+    def _already_reflected(self, account_id: str, source: Source) -> bool:
+        marks = self._caught_up_from.get(account_id)
+        if marks is None:
+            return False
+        first_new = marks.get((source.topic, source.partition))
+        return first_new is not None and source.offset is not None and source.offset < first_new
+
+    def release_caught_up(self, positions: dict[tuple[str, int | None], int]) -> None:
+        """Drop marks the inputs have passed (positions: next offset to read)."""
+        for account_id, marks in list(self._caught_up_from.items()):
+            if all(positions.get(key, 0) >= offset for key, offset in marks.items()):
+                del self._caught_up_from[account_id]
