@@ -79,9 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from monitor.service.changelog import StateCorrupt
+    from monitor.service.delivery import DeliveryAbandoned
     from monitor.service.logs import configure_logging
     from monitor.service.metrics import HealthServer, Metrics
-    from monitor.service.runner import DeliveryAbandoned, Monitor
+    from monitor.service.runner import Monitor
     from monitor.service.settings import ServiceSettings, Topics
     from monitor.service.topics import TopicLayoutError
 
@@ -101,6 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         partitions=args.partitions,
         start=args.start,
         checkpoint_interval=args.checkpoint_interval,
+        checkpoint_records=args.checkpoint_records,
+        reset_state=args.reset_state,
         metrics_port=args.metrics_port,
         compression=args.compression,
         shutdown_timeout=args.shutdown_timeout,
@@ -129,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve())
-    except (TopicLayoutError, DeliveryAbandoned) as exc:
+    except (TopicLayoutError, DeliveryAbandoned, StateCorrupt) as exc:
         raise CliError(str(exc)) from exc
     finally:
         if server is not None:
@@ -230,6 +234,13 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     option("checkpoint-interval", f"seconds between checkpoints, default "
            f"{defaults.checkpoint_interval}", type=float, default=defaults.checkpoint_interval,
            metavar="SECONDS")
+    option("checkpoint-records", f"input records between checkpoints, default "
+           f"{defaults.checkpoint_records}", type=int, default=defaults.checkpoint_records,
+           metavar="N")
+    run.add_argument("--reset-state", action="store_true",
+                     default=_env("reset-state", "") in ("1", "true", "yes"),
+                     help="discard the checkpoints in the state topic and rebuild state from "
+                          "the input topics (env LIQMON_RESET_STATE=1)")
     option("partitions", f"partition count of topics liqmon creates, default "
            f"{defaults.partitions}", type=int, default=defaults.partitions)
     option("compression", "producer compression: gzip (default) or none",

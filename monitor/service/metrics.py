@@ -84,12 +84,12 @@ class LiveFigures:
     """What the monitor reports at scrape time."""
 
     def __init__(self, accounts: int, positions: int, by_state: dict[str, int],
-                 last_tick_wall: dict[str, float], last_checkpoint_wall: float | None) -> None:
+                 last_tick_wall: dict[str, float], checkpoint_age: float) -> None:
         self.accounts = accounts
         self.positions = positions
         self.by_state = by_state
         self.last_tick_wall = last_tick_wall
-        self.last_checkpoint_wall = last_checkpoint_wall
+        self.checkpoint_age = checkpoint_age
 
 
 class _LiveCollector(Collector):
@@ -119,10 +119,11 @@ class _LiveCollector(Collector):
         for symbol, wall in sorted(figures.last_tick_wall.items()):
             age.add_metric([symbol], max(0.0, now - wall))
         yield age
-        if figures.last_checkpoint_wall is not None:
-            yield GaugeMetricFamily("liqmon_checkpoint_age_seconds",
-                                    "Seconds since the last completed checkpoint.",
-                                    value=max(0.0, now - figures.last_checkpoint_wall))
+        yield GaugeMetricFamily(
+            "liqmon_checkpoint_age_seconds",
+            "Seconds since the last checkpoint while applied records await one (0 when all "
+            "state is saved): what a crash now would have to re-process.",
+            value=figures.checkpoint_age)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -15,11 +15,12 @@ from monitor.service.settings import Topics
 class Outgoing:
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone
     headers: list[tuple[str, bytes]]
     event_type: str | None = None  # set for events, for metrics
     trigger_kind: str | None = None
     trigger_timestamp_ms: int | None = None  # Kafka timestamp of the input that caused it
+    partition: int | None = None  # None: the producer's partitioner (by key) decides
 
 
 def event_message(event: Event, topics: Topics, trigger_timestamp_ms: int | None) -> Outgoing:

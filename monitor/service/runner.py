@@ -1,10 +1,12 @@
 """`liqmon run`: the engine on Kafka (SPEC §6).
 
-Two consumers feed one processing loop: a group consumer on fills and ledger (accounts are
-partitioned by the group) and a group-less consumer on every partition of prices (each instance
-needs every price). Each fetched batch is decoded and applied record by record exactly as
-`liqmon replay` does; its events and dead letters are produced with acks=all and only then are
-the batch's input offsets committed, so delivery is at-least-once and never lossy.
+A group consumer reads fills and ledger (the group spreads account partitions over instances);
+a group-less consumer reads every partition of prices (each instance needs every price). Both
+feed a time-ordered merge, whose output is applied record by record exactly as `liqmon replay`
+does. A batch's events and dead letters are produced with acks=all; then, every few seconds, a
+checkpoint of the changed accounts and of the input offsets goes to the compacted changelog.
+On start, and whenever the group hands this instance partitions, their accounts are restored
+from the changelog and their inputs resume right after the checkpointed offsets.
 """
 
 from __future__ import annotations
@@ -12,32 +14,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.events import Source
-from monitor.records import Rejected, decode
+from monitor.records import FILLS, LEDGER, Rejected, decode
+from monitor.service.changelog import (
+    RestoredPartition,
+    checkpoint_messages,
+    read_changelog,
+    write_reset_markers,
+)
+from monitor.service.delivery import MAX_BACKOFF, Delivery
+from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import ensure_topics
+from monitor.snapshot import Offsets
 from monitor.state import EVENT_TYPES, AccountState
 
-MAX_BACKOFF = 5.0
 PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
 OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
-
-
-class DeliveryAbandoned(RuntimeError):
-    """Shutdown could not deliver every pending message in time. Their inputs stay
-    uncommitted, so a restart re-processes them: nothing is lost, some may repeat."""
+TICK = 0.2  # the loop wakes at least this often (merge idle limit, checkpoint timer)
 
 
 class Monitor:
@@ -56,12 +68,23 @@ class Monitor:
         self.log = structlog.get_logger("liqmon")
         self.ready = asyncio.Event()
         self.partition_counts: dict[str, int] = {}
+        rank = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}
+        self._merge = TimestampMerge(rank=rank.__getitem__, max_idle=settings.max_idle)
+        self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
-        self._processed: dict[TopicPartition, int] = {}  # next offset to read, per partition
-        self._committed: dict[TopicPartition, int] = {}
+        self._fatal: BaseException | None = None
+        self._restored = asyncio.Event()  # the first assignment has been restored
+        self._closing = False
+        self._owned: set[int] = set()  # account partitions restored and being processed
+        self._processed: dict[TopicPartition, int] = {}  # next offset to apply, per partition
+        self._touched: dict[str, int] = {}  # account -> partition, since the last checkpoint
+        self._seq = 0
+        self._since_checkpoint = 0  # records applied since the last checkpoint
+        self._last_checkpoint = time.monotonic()
         self._last_tick_wall: dict[str, float] = {}
         self._producer: AIOKafkaProducer | None = None
+        self._delivery: Delivery | None = None
         self._prices: AIOKafkaConsumer | None = None
         self._accounts: AIOKafkaConsumer | None = None
 
@@ -69,30 +92,46 @@ class Monitor:
 
     def request_stop(self) -> None:
         if not self._stopping.is_set():
-            self.log.info("stopping", reason="signal")
+            self.log.info("stopping")
             self._stop_requested_at = time.monotonic()
             self._stopping.set()
 
+    def _fail(self, exc: BaseException) -> None:
+        """A fatal error inside a callback: stop, and let run() raise it."""
+        if self._fatal is None:
+            self._fatal = exc
+        self.request_stop()
+
     async def run(self) -> None:
-        """Connect, consume until asked to stop, then deliver, commit and close."""
+        """Connect, restore, consume until asked to stop, then deliver, checkpoint and close."""
         try:
             await self._connect()
-            if self._stopping.is_set():
-                return
-            self.ready.set()
-            self.metrics.ready.set(1)
-            self.log.info("consuming", bootstrap=self.settings.bootstrap,
-                          group=self.settings.group, partitions=self.partition_counts)
-            watchdog = asyncio.create_task(self._watch_broker())
-            try:
-                await self._consume()
-            finally:
-                watchdog.cancel()
-                await asyncio.gather(watchdog, return_exceptions=True)
+            if not self._stopping.is_set():
+                await self._until_restored()
+            if not self._stopping.is_set():
+                self.ready.set()
+                self.metrics.ready.set(1)
+                self.log.info("consuming", bootstrap=self.settings.bootstrap,
+                              group=self.settings.group, partitions=sorted(self._owned))
+                watchdog = asyncio.create_task(self._watch_broker())
+                try:
+                    await self._consume()
+                finally:
+                    watchdog.cancel()
+                    await asyncio.gather(watchdog, return_exceptions=True)
         finally:
             self.ready.clear()
             self.metrics.ready.set(0)
             await self._close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _until_restored(self) -> None:
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        restored = asyncio.ensure_future(self._restored.wait())
+        await asyncio.wait([stopping, restored], return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (stopping, restored):
+            waiter.cancel()
 
     async def _connect(self) -> None:
         """Wait for the broker (with backoff), create missing topics, start the clients."""
@@ -117,9 +156,17 @@ class Monitor:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.bootstrap, client_id=s.client_id, acks="all",
             compression_type=None if s.compression == "none" else s.compression,
-            linger_ms=2, max_batch_size=256 * 1024, request_timeout_ms=s.request_timeout_ms,
+            linger_ms=2, max_batch_size=256 * 1024, max_request_size=8 * 1024 * 1024,
+            request_timeout_ms=s.request_timeout_ms,
         )
         await self._producer.start()
+        self._delivery = Delivery(self._producer, self.metrics, self.log, s.shutdown_timeout,
+                                  lambda: self._stop_requested_at)
+        if s.reset_state:
+            partitions = range(self.partition_counts[s.topics.state])
+            await write_reset_markers(self._producer, s.topics.state, partitions)
+            self.log.warning("checkpoints discarded (--reset-state): state is rebuilt from the "
+                             "input topics", topic=s.topics.state, start=s.start)
         common: dict[str, Any] = {
             "bootstrap_servers": s.bootstrap, "client_id": s.client_id,
             "enable_auto_commit": False, "auto_offset_reset": s.start,
@@ -128,26 +175,318 @@ class Monitor:
         }
         self._prices = AIOKafkaConsumer(group_id=None, **common)
         await self._prices.start()
-        self._prices.assign([TopicPartition(s.topics.prices, p)
-                             for p in range(self.partition_counts[s.topics.prices])])
         self._accounts = AIOKafkaConsumer(
             group_id=s.group, session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             rebalance_timeout_ms=s.session_timeout_ms, **common,
         )
         await self._accounts.start()
-        self._accounts.subscribe([s.topics.fills, s.topics.ledger])
+        self._accounts.subscribe([s.topics.fills, s.topics.ledger],
+                                 listener=_Rebalance(self))
 
     async def _close(self) -> None:
+        self._closing = True
         for consumer in (self._prices, self._accounts):
             if consumer is not None:
-                await consumer.stop()
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
         if self._producer is not None:
-            await self._producer.stop()
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    # -- rebalance: restore what is gained, checkpoint what is lost ------------------------------
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        gained = sorted({tp.partition for tp in assigned} - self._owned)
+        if not gained and self._restored.is_set():
+            return
+        async with self._lock:
+            started = time.monotonic()
+            s = self.settings
+            restored = await read_changelog(s.bootstrap, s.topics.state, gained,
+                                            client_id=f"{s.client_id}-restore",
+                                            request_timeout_ms=s.request_timeout_ms)
+            first = not self._restored.is_set()
+            if first:
+                await self._restore_prices(list(restored.values()))
+            accounts = 0
+            for partition in gained:
+                accounts += await self._install(restored[partition])
+            self._owned.update(gained)
+            self._restored.set()
+            self.log.info("restored", partitions=gained, accounts=accounts,
+                          changelog_records=sum(r.records_read for r in restored.values()),
+                          seconds=round(time.monotonic() - started, 3))
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        lost = {tp.partition for tp in revoked} & self._owned
+        if not lost or self._closing:
+            return
+        async with self._lock:
+            try:
+                await self._checkpoint(lost)
+            except KafkaError as exc:
+                # The new owner restores the previous checkpoint and re-reads from there.
+                self.log.error("checkpoint before handing partitions over failed",
+                               partitions=sorted(lost), error=repr(exc))
+            t = self.settings.topics
+            for partition in lost:
+                dropped = self.engine.drop_partition(partition)
+                tps = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
+                self._merge.drop(tps)
+                for tp in tps:
+                    self._processed.pop(tp, None)
+                self.log.info("partition handed over", partition=partition, accounts=dropped)
+            self._owned -= lost
+
+    async def _restore_prices(self, restored: list[RestoredPartition]) -> None:
+        """Price table and price offsets from the oldest control record, so that every
+        restored partition re-reads the ticks it has not seen (newer ones skip them)."""
+        assert self._prices is not None
+        topic = self.settings.topics.prices
+        controls = [r.control for r in restored if r.control is not None]
+        oldest = min(controls, key=lambda c: c.seq) if controls else None
+        if oldest is not None:
+            self.engine.load_prices(oldest.prices)
+            self._seq = max(c.seq for c in controls)
+        tps = [TopicPartition(topic, p) for p in range(self.partition_counts[topic])]
+        self._prices.assign(tps)
+        for tp in tps:
+            offset = None if oldest is None else oldest.offsets.get((topic, tp.partition))
+            await self._position(self._prices, tp, offset)
+
+    async def _install(self, restored: RestoredPartition) -> int:
+        """Load one partition's accounts and duplicate windows; seek its inputs."""
+        assert self._accounts is not None
+        t = self.settings.topics
+        partition, control = restored.partition, restored.control
+        if control is not None:
+            for (topic, p), ids in control.dedupe.items():
+                self.engine.load_dedupe_ids(topic, p, ids)
+        for topic in (t.fills, t.ledger):
+            tp = TopicPartition(topic, partition)
+            offset = None if control is None else control.offsets.get((topic, partition))
+            await self._position(self._accounts, tp, offset)
+        positions = {(tp.topic, tp.partition): offset for tp, offset in self._processed.items()}
+        control_seq = -1 if control is None else control.seq
+        for account_id, (account, seq, as_of) in restored.accounts.items():
+            marks: Offsets = dict(as_of) if seq > control_seq else {}
+            if control is not None:  # ticks the partition's checkpoint already reflects
+                for key, offset in control.offsets.items():
+                    if key[0] == t.prices and offset > marks.get(key, 0):
+                        marks[key] = offset
+            pending = {key: offset for key, offset in marks.items()
+                       if offset > positions.get(key, 0)}
+            self.engine.load_account(account_id, account, pending or None)
+        return len(restored.accounts)
+
+    async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
+                        offset: int | None) -> None:
+        """Seek to a checkpointed offset, or apply --start on a first start."""
+        if offset is not None:
+            consumer.seek(tp, offset)
+        elif self.settings.start == "earliest":
+            await consumer.seek_to_beginning(tp)
+        else:
+            await consumer.seek_to_end(tp)
+        position = await consumer.position(tp)
+        self._processed[tp] = position
+        self._merge.seek(tp, position)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        assert self._prices is not None and self._accounts is not None
+        limit = self.settings.max_batch_records
+        consumers = (self._prices, self._accounts)
+        fetches = {c: asyncio.ensure_future(c.getmany(timeout_ms=500, max_records=limit))
+                   for c in consumers}
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                await asyncio.wait([*fetches.values(), stopping], timeout=TICK,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for consumer in consumers:
+                    fetch = fetches[consumer]
+                    if not fetch.done() or self._stopping.is_set():
+                        continue
+                    fetches[consumer] = asyncio.ensure_future(
+                        consumer.getmany(timeout_ms=500, max_records=limit))
+                    try:
+                        batch = fetch.result()
+                    except KafkaError as exc:
+                        self.log.warning("fetch failed, retrying", error=repr(exc))
+                        continue
+                    for tp, records in batch.items():
+                        if tp in self._processed:  # still ours (a rebalance may intervene)
+                            self._merge.add(tp, records)
+                async with self._lock:
+                    await self._process_ready(limit)
+                    if self._checkpoint_due():
+                        await self._checkpoint(self._owned)
+        finally:
+            for fetch in (*fetches.values(), stopping):
+                fetch.cancel()
+            await asyncio.gather(*fetches.values(), stopping, return_exceptions=True)
+        async with self._lock:  # finish: what was applied is delivered; checkpoint it
+            await self._checkpoint(self._owned)
+        self.log.info("stopped", checkpoint=self._seq,
+                      offsets={f"{tp.topic}/{tp.partition}": o
+                               for tp, o in sorted(self._processed.items())})
+
+    async def _process_ready(self, limit: int) -> None:
+        """Apply what the merge releases, then deliver it (acks=all)."""
+        assert self._delivery is not None
+        batch = self._merge.take(limit, list(self._processed), self._caught_up)
+        if not batch:
+            return
+        outgoing = self.apply_batch(batch)
+        await self._delivery.deliver(outgoing)
+        for tp, record in batch:
+            self._processed[tp] = record.offset + 1
+        self._since_checkpoint += len(batch)
+        self._update_lag({tp for tp, _ in batch})
+        self.engine.release_caught_up({(tp.topic, tp.partition): offset
+                                       for tp, offset in self._processed.items()})
+
+    def _caught_up(self, tp: TopicPartition, next_offset: int) -> bool:
+        consumer = self._prices if tp.topic == self.settings.topics.prices else self._accounts
+        assert consumer is not None
+        highwater = consumer.highwater(tp)
+        return highwater is not None and next_offset >= highwater
+
+    def _update_lag(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            consumer = self._prices if tp.topic == self.settings.topics.prices \
+                else self._accounts
+            assert consumer is not None
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - self._processed[tp]))
+
+    def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]]
+                    ) -> list[Outgoing]:
+        """Decode and apply records in order; return their events and dead letters."""
+        engine, config, topics, metrics = self.engine, self.config, self.settings.topics, \
+            self.metrics
+        stats = engine.stats
+        before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
+        out: list[Outgoing] = []
+        consumed: dict[str, int] = {}
+        for tp, message in batch:
+            kind = topics.input_kind(tp.topic)
+            consumed[tp.topic] = consumed.get(tp.topic, 0) + 1
+            try:
+                record = decode(kind, message.value, config)
+            except Rejected as rejection:
+                out.append(dead_letter_message(rejection, tp.topic, tp.partition,
+                                               message.offset, message.key, message.value,
+                                               topics))
+                metrics.records_rejected.labels(tp.topic, rejection.reason).inc()
+                self.log.warning("rejected", topic=tp.topic, partition=tp.partition,
+                                 offset=message.offset, reason=rejection.reason,
+                                 detail=rejection.detail)
+                continue
+            if kind in (FILLS, LEDGER):
+                self._touched[record.account] = tp.partition  # type: ignore[union-attr]
+            applied_ticks = stats.applied_ticks
+            events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))
+            if stats.applied_ticks != applied_ticks:
+                self._last_tick_wall[record.symbol] = time.time()  # type: ignore[union-attr]
+            for event in events:
+                out.append(event_message(event, topics, message.timestamp))
+                self.log.info("event", event_id=event.event_id, type=event.type,
+                              account=event.account, topic=tp.topic, partition=tp.partition,
+                              offset=message.offset, margin_ratio=event.payload["margin_ratio"])
+        for topic, count in consumed.items():
+            metrics.records_consumed.labels(topic).inc(count)
+        stale, unused, duplicates = before
+        metrics.stale_ticks.inc(stats.stale_ticks - stale)
+        metrics.unused_ticks.inc(stats.unused_ticks - unused)
+        metrics.duplicates.inc(stats.duplicates - duplicates)
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _checkpoint_due(self) -> bool:
+        if self._since_checkpoint >= self.settings.checkpoint_records:
+            return True
+        elapsed = time.monotonic() - self._last_checkpoint
+        return self._since_checkpoint > 0 and elapsed >= self.settings.checkpoint_interval
+
+    async def _checkpoint(self, partitions: set[int]) -> None:
+        """Write the changed accounts of these partitions, then their control records.
+
+        Runs after the batch's events were acknowledged, so the offsets it records never run
+        ahead of what was published: at-least-once, never lossy.
+        """
+        if not partitions or self._delivery is None:
+            return
+        started = time.monotonic()
+        t = self.settings.topics
+        dirty = self.engine.take_dirty()
+        mine: dict[str, int] = {}
+        others: set[str] = set()
+        for account_id in dirty:
+            account = self.engine.accounts.get(account_id)
+            partition = account.partition if account is not None else \
+                self._touched.get(account_id)
+            if partition in partitions:
+                mine[account_id] = partition  # type: ignore[assignment]
+            else:
+                others.add(account_id)
+        self.engine.mark_dirty(others)
+        prices = {(tp.topic, tp.partition): offset for tp, offset in self._processed.items()
+                  if tp.topic == t.prices}
+        as_of: dict[int, Offsets] = {}
+        for partition in partitions:
+            offsets = dict(prices)
+            for topic in (t.fills, t.ledger):
+                tp = TopicPartition(topic, partition)
+                if tp in self._processed:
+                    offsets[(topic, partition)] = self._processed[tp]
+            as_of[partition] = offsets
+        seq = self._seq + 1
+        snapshots, controls = checkpoint_messages(self.engine, mine, seq, as_of, t,
+                                                  int(time.time() * 1000))
+        try:
+            await self._delivery.deliver(snapshots)
+            await self._delivery.deliver(controls)
+        except BaseException:
+            self.engine.mark_dirty(set(mine))
+            raise
+        self._seq = seq
+        for account_id in mine:
+            self._touched.pop(account_id, None)
+        if partitions >= self._owned:
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+        self.metrics.checkpoint_duration.observe(time.monotonic() - started)
+        self.metrics.last_checkpoint.set(time.time())
+        await self._commit({TopicPartition(topic, p): offset
+                            for p, offsets in as_of.items()
+                            for (topic, _), offset in offsets.items() if topic != t.prices})
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Mirror checkpointed offsets into the consumer group, for lag tooling. The
+        changelog, not the group, is where a restart resumes from."""
+        if self._accounts is None:
+            return
+        assigned = self._accounts.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await self._accounts.commit(offsets)
+        except KafkaError as exc:  # broker away or a rebalance under way: the next one retries
+            self.log.warning("offset commit failed, will retry", error=repr(exc))
+
+    # -- broker reachability --------------------------------------------------------------------
 
     async def _watch_broker(self) -> None:
         """Say plainly when Kafka is out of reach and when it is back.
@@ -179,182 +518,38 @@ class Monitor:
                                  bootstrap=self.settings.bootstrap, error=repr(error),
                                  outage_seconds=round(now - lost_at, 1))
 
-    # -- the loop -------------------------------------------------------------------------------
-
-    async def _consume(self) -> None:
-        assert self._prices is not None and self._accounts is not None
-        limit = self.settings.max_batch_records
-        consumers = (self._prices, self._accounts)
-        fetches = {c: asyncio.ensure_future(c.getmany(timeout_ms=1000, max_records=limit))
-                   for c in consumers}
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            while not self._stopping.is_set():
-                await asyncio.wait([*fetches.values(), stopping],
-                                   return_when=asyncio.FIRST_COMPLETED)
-                for consumer in consumers:
-                    fetch = fetches[consumer]
-                    if not fetch.done() or self._stopping.is_set():
-                        continue
-                    fetches[consumer] = asyncio.ensure_future(
-                        consumer.getmany(timeout_ms=1000, max_records=limit))
-                    try:
-                        batch = fetch.result()
-                    except KafkaError as exc:
-                        self.log.warning("fetch failed, retrying", error=repr(exc))
-                        continue
-                    if batch:
-                        await self._process(consumer, batch)
-        finally:
-            for fetch in (*fetches.values(), stopping):
-                fetch.cancel()
-            await asyncio.gather(*fetches.values(), stopping, return_exceptions=True)
-        await self._commit()
-        self.log.info("stopped", committed={f"{tp.topic}/{tp.partition}": o
-                                            for tp, o in sorted(self._committed.items())})
-
-    async def _process(self, consumer: AIOKafkaConsumer,
-                       batch: Mapping[TopicPartition, Sequence[ConsumerRecord]]) -> None:
-        """Apply a fetched batch record by record, deliver what it produced, then commit."""
-        outgoing = self.apply_batch(batch)
-        await self._deliver(outgoing)
-        for tp, records in batch.items():
-            self._processed[tp] = records[-1].offset + 1
-            highwater = consumer.highwater(tp)
-            if highwater is not None:
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, highwater - self._processed[tp]))
-        if consumer is self._accounts:
-            await self._commit()
-
-    def apply_batch(self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord]]
-                    ) -> list[Outgoing]:
-        engine, config, topics, metrics = self.engine, self.config, self.settings.topics, \
-            self.metrics
-        stats = engine.stats
-        before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
-        out: list[Outgoing] = []
-        for tp, records in batch.items():
-            kind = topics.input_kind(tp.topic)
-            metrics.records_consumed.labels(tp.topic).inc(len(records))
-            for message in records:
-                try:
-                    record = decode(kind, message.value, config)
-                except Rejected as rejection:
-                    out.append(dead_letter_message(rejection, tp.topic, tp.partition,
-                                                   message.offset, message.key, message.value,
-                                                   topics))
-                    metrics.records_rejected.labels(tp.topic, rejection.reason).inc()
-                    self.log.warning("rejected", topic=tp.topic, partition=tp.partition,
-                                     offset=message.offset, reason=rejection.reason,
-                                     detail=rejection.detail)
-                    continue
-                applied_ticks = stats.applied_ticks
-                events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))
-                if stats.applied_ticks != applied_ticks:
-                    self._last_tick_wall[record.symbol] = time.time()  # type: ignore[union-attr]
-                for event in events:
-                    out.append(event_message(event, topics, message.timestamp))
-                    self.log.info("event", event_id=event.event_id, type=event.type,
-                                  account=event.account, topic=tp.topic,
-                                  partition=tp.partition, offset=message.offset,
-                                  margin_ratio=event.payload["margin_ratio"])
-        stale, unused, duplicates = before
-        metrics.stale_ticks.inc(stats.stale_ticks - stale)
-        metrics.unused_ticks.inc(stats.unused_ticks - unused)
-        metrics.duplicates.inc(stats.duplicates - duplicates)
-        return out
-
-    # -- delivery -------------------------------------------------------------------------------
-
-    async def _deliver(self, outgoing: list[Outgoing]) -> None:
-        """Produce everything with acks=all, retrying with backoff while the broker is away.
-
-        Retries re-send only what failed; a repeat carries the same event_id, and the
-        transition counter inside the id orders one account's events.
-        """
-        pending, backoff, failures = outgoing, 0.1, 0
-        while pending:
-            failed, error = await self._send(pending)
-            if not failed:
-                if failures:
-                    self.log.info("kafka reachable again, delivery resumed", retries=failures)
-                return
-            failures += 1
-            self.metrics.delivery_retries.inc(len(failed))
-            if self._stop_requested_at is not None and (
-                time.monotonic() - self._stop_requested_at > self.settings.shutdown_timeout
-            ):
-                raise DeliveryAbandoned(
-                    f"{len(failed)} messages could not be delivered within "
-                    f"{self.settings.shutdown_timeout}s of the stop request ({error!r}); their "
-                    "inputs are not committed and will be re-processed on restart"
-                )
-            self.log.warning("kafka unreachable, retrying delivery", pending=len(failed),
-                             error=repr(error), retry_in=round(backoff, 2))
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
-            pending = failed
-
-    async def _send(self, messages: list[Outgoing]) -> tuple[list[Outgoing], Exception | None]:
-        """One attempt at producing every message; returns those that failed."""
-        assert self._producer is not None
-        futures: list[asyncio.Future[Any]] = []
-        for index, message in enumerate(messages):
-            try:
-                futures.append(await self._producer.send(
-                    message.topic, message.value, key=message.key, headers=message.headers))
-            except KafkaError as exc:  # no metadata, buffer full for too long: broker away
-                results = await asyncio.gather(*futures, return_exceptions=True)
-                self._account_delivered(messages[:index], results)
-                failed = [m for m, r in zip(messages[:index], results, strict=True)
-                          if isinstance(r, BaseException)]
-                return failed + messages[index:], exc
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        self._account_delivered(messages, results)
-        errors = [r for r in results if isinstance(r, Exception)]
-        failed = [m for m, r in zip(messages, results, strict=True)
-                  if isinstance(r, BaseException)]
-        return failed, errors[0] if errors else None
-
-    def _account_delivered(self, messages: Sequence[Outgoing], results: Sequence[Any]) -> None:
-        now_ms = time.time() * 1000
-        for message, result in zip(messages, results, strict=True):
-            if isinstance(result, BaseException) or message.event_type is None:
-                continue
-            self.metrics.events_emitted.labels(message.event_type).inc()
-            if message.trigger_timestamp_ms is not None and message.trigger_timestamp_ms > 0:
-                self.metrics.event_latency.labels(message.trigger_kind).observe(
-                    max(0.0, (now_ms - message.trigger_timestamp_ms) / 1000))
-
-    async def _commit(self) -> None:
-        """Commit the account partitions' processed offsets to the consumer group."""
-        if self._accounts is None:
-            return
-        assigned = self._accounts.assignment()
-        offsets = {tp: offset for tp, offset in self._processed.items()
-                   if tp in assigned and self._committed.get(tp) != offset}
-        if not offsets:
-            return
-        try:
-            await self._accounts.commit(offsets)
-        except KafkaError as exc:  # broker away or a rebalance under way: next batch retries
-            self.log.warning("offset commit failed, will retry", error=repr(exc))
-            return
-        self._committed.update(offsets)
+    # -- observability --------------------------------------------------------------------------
 
     def processed_offsets(self) -> dict[TopicPartition, int]:
-        """Next offset to process per input partition (for tests, the demo and lag)."""
+        """Next offset to apply per input partition (for tests, the demo and lag)."""
         return dict(self._processed)
-
-    # -- observability --------------------------------------------------------------------------
 
     def _live_figures(self) -> LiveFigures:
         engine = self.engine
+        pending = self._since_checkpoint > 0
         return LiveFigures(
             accounts=len(engine.accounts),
             positions=engine.positions_held,
             by_state={state.name: engine.accounts_in_state[state] for state in AccountState},
             last_tick_wall=dict(self._last_tick_wall),
-            last_checkpoint_wall=None,
+            checkpoint_age=time.monotonic() - self._last_checkpoint if pending else 0.0,
         )
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Called by the group consumer around rebalances; failures stop the monitor loudly."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        try:
+            await self.monitor.on_revoked(set(revoked))
+        except Exception as exc:
+            self.monitor._fail(exc)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self.monitor.on_assigned(set(assigned))
+        except Exception as exc:
+            self.monitor._fail(exc)

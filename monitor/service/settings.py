@@ -34,6 +34,9 @@ class ServiceSettings:
     partitions: int = 1  # for topics liqmon creates because they are missing
     start: Literal["earliest", "latest"] = "earliest"
     checkpoint_interval: float = 5.0  # seconds
+    checkpoint_records: int = 100_000  # or after this many input records, whichever first
+    reset_state: bool = False  # discard liqmon.state and rebuild from the inputs
+    max_idle: float = 0.5  # seconds the time-ordered merge waits for a lagging partition
     metrics_port: int = 9464  # 0 disables the HTTP endpoint
     compression: str = "gzip"
     max_batch_records: int = 5_000

@@ -1,0 +1,160 @@
+"""Checkpoints in the compacted `liqmon.state` topic, and restore from it (SPEC §6).
+
+Changelog partition p holds the accounts of input partition p of fills/ledger (keyed by account,
+a tombstone once an account may be forgotten) and, written last in every checkpoint, a control
+record with the input offsets, price table and duplicate windows the accounts correspond to. A
+`reset` marker (written by --reset-state) makes a restore ignore everything before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from monitor.engine import Account, Engine
+from monitor.service.outbox import Outgoing
+from monitor.service.settings import Topics
+from monitor.snapshot import (
+    CONTROL_KEY,
+    KIND_HEADER,
+    Control,
+    Offsets,
+    SnapshotError,
+    decode_account,
+    decode_control,
+    encode_account,
+    encode_control,
+)
+
+ACCOUNT, CONTROL, RESET = b"account", b"control", b"reset"
+RESET_KEY = b"\x00liqmon.reset"
+
+
+class StateCorrupt(RuntimeError):
+    """A checkpoint record that cannot be decoded: the start stops rather than forget state."""
+
+    def __init__(self, topic: str, partition: int, offset: int, detail: str) -> None:
+        super().__init__(
+            f"checkpoint record {topic}/{partition}@{offset} cannot be decoded ({detail}). "
+            "Refusing to start with part of the state missing. To discard the checkpoints and "
+            "rebuild state from the input topics, start once with --reset-state."
+        )
+        self.topic, self.partition, self.offset = topic, partition, offset
+
+
+@dataclass
+class RestoredPartition:
+    partition: int
+    control: Control | None
+    accounts: dict[str, tuple[Account, int, Offsets]] = field(default_factory=dict)
+    records_read: int = 0
+
+
+@dataclass
+class _Latest:
+    """What survives of one changelog partition: the newest record per key, undecoded."""
+
+    values: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
+    control: tuple[int, bytes] | None = None
+    read: int = 0
+
+
+async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
+                         client_id: str = "liqmon-restore",
+                         request_timeout_ms: int = 30_000) -> dict[int, RestoredPartition]:
+    """Read changelog partitions to their end and decode what survives of them."""
+    wanted = [TopicPartition(topic, p) for p in partitions]
+    if not wanted:
+        return {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False, client_id=client_id,
+                                auto_offset_reset="earliest",
+                                request_timeout_ms=request_timeout_ms,
+                                max_partition_fetch_bytes=16 * 1024 * 1024)
+    await consumer.start()
+    latest = {tp.partition: _Latest() for tp in wanted}
+    try:
+        consumer.assign(wanted)
+        await consumer.seek_to_beginning(*wanted)
+        remaining = set(wanted)
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=200, max_records=50_000)
+            for tp, records in batch.items():
+                state = latest[tp.partition]
+                for record in records:
+                    state.read += 1
+                    kind = dict(record.headers).get(KIND_HEADER, ACCOUNT)
+                    if kind == RESET:
+                        latest[tp.partition] = state = _Latest(read=state.read)
+                    elif kind == CONTROL:
+                        state.control = (record.offset, record.value)
+                    elif record.key is not None:
+                        state.values[record.key] = (record.offset, record.value)
+            for tp in list(remaining):
+                highwater = consumer.highwater(tp)
+                if highwater is not None and await consumer.position(tp) >= highwater:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return {p: _decode(topic, p, state) for p, state in latest.items()}
+
+
+def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
+    control = None
+    if latest.control is not None:
+        offset, raw = latest.control
+        try:
+            control = decode_control(raw)
+        except SnapshotError as exc:
+            raise StateCorrupt(topic, partition, offset, str(exc)) from None
+    restored = RestoredPartition(partition=partition, control=control, records_read=latest.read)
+    for key, (offset, raw) in latest.values.items():
+        if raw is None:
+            continue  # tombstone: the account was forgotten
+        try:
+            restored.accounts[key.decode()] = decode_account(raw)
+        except (SnapshotError, UnicodeDecodeError) as exc:
+            raise StateCorrupt(topic, partition, offset, str(exc)) from None
+    return restored
+
+
+async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
+                              partitions: Iterable[int]) -> None:
+    """Make every later restore ignore what the partitions hold so far (--reset-state)."""
+    stamp = str(int(time.time() * 1000)).encode()
+    futures = [await producer.send(topic, stamp, key=RESET_KEY, partition=p,
+                                   headers=[(KIND_HEADER, RESET)]) for p in partitions]
+    await asyncio.gather(*futures)
+
+
+def checkpoint_messages(engine: Engine, dirty: dict[str, int], seq: int,
+                        as_of: dict[int, Offsets], topics: Topics, written_at_ms: int
+                        ) -> tuple[list[Outgoing], list[Outgoing]]:
+    """(account snapshots and tombstones, control records) of one checkpoint.
+
+    ``dirty`` maps changed accounts to their partition; ``as_of`` gives, per checkpointed
+    partition, the input offsets the state reflects. Controls must be written after the
+    snapshots have been acknowledged: a control record vouches for what precedes it.
+    """
+    header = [(KIND_HEADER, ACCOUNT)]
+    snapshots = []
+    for account_id, partition in dirty.items():
+        account = engine.accounts.get(account_id)
+        value = None if account is None else encode_account(account, seq, as_of[partition])
+        snapshots.append(Outgoing(topic=topics.state, key=account_id.encode(), value=value,
+                                  headers=header, partition=partition))
+    prices = engine.price_table()
+    controls = []
+    for partition, offsets in as_of.items():
+        dedupe = {(topic, partition): engine.dedupe_ids(topic, partition)
+                  for topic in (topics.fills, topics.ledger)}
+        control = Control(seq=seq, written_at=written_at_ms, offsets=offsets, prices=prices,
+                          dedupe=dedupe)
+        controls.append(Outgoing(topic=topics.state, key=CONTROL_KEY,
+                                 value=encode_control(control),
+                                 headers=[(KIND_HEADER, CONTROL)], partition=partition))
+    return snapshots, controls

@@ -1,0 +1,138 @@
+"""The checkpoint format (SPEC §6): account snapshots and control records, versioned JSON.
+
+Pure encoding and decoding, no Kafka. A record that does not decode raises SnapshotError; the
+caller adds where it was read from.
+
+Account snapshot (key: the account id):
+    {"v": 1, "seq": 7, "as_of": [[topic, partition, next_offset], ...],
+     "balances": {...}, "positions": {"BTC-PERP": [qty, entry_price]}, "state": 1,
+     "transitions": 4, "partition": 0}
+Control record (key: CONTROL_KEY, one per changelog partition):
+    {"v": 1, "seq": 7, "written_at": ms, "offsets": [[topic, partition, next_offset], ...],
+     "prices": {"BTC": [price, ts]}, "dedupe": [[topic, partition, [[account, id], ...]], ...]}
+``as_of`` and ``offsets`` are the next input offsets the state reflects (Kafka's commit
+convention), so a restore resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from monitor.engine import Account
+from monitor.margin import Position
+from monitor.state import AccountState
+
+FORMAT_VERSION = 1
+CONTROL_KEY = b"\x00liqmon.control"  # no account id starts with NUL in practice
+KIND_HEADER = "liqmon.kind"
+
+Offsets = dict[tuple[str, int | None], int]
+
+
+class SnapshotError(ValueError):
+    """A checkpoint record that cannot be decoded."""
+
+
+@dataclass(slots=True)
+class Control:
+    seq: int
+    written_at: int
+    offsets: Offsets  # input positions of this partition's topics and of prices
+    prices: dict[str, tuple[float, int]]
+    dedupe: dict[tuple[str, int | None], list[Hashable]] = field(default_factory=dict)
+
+
+def _pairs(offsets: Offsets) -> list[list[Any]]:
+    return [[topic, partition, offset] for (topic, partition), offset in sorted(
+        offsets.items(), key=lambda item: (item[0][0], -1 if item[0][1] is None else item[0][1]))]
+
+
+def _offsets(raw: Any) -> Offsets:
+    return {(str(topic), None if partition is None else int(partition)): int(offset)
+            for topic, partition, offset in raw}
+
+
+def encode_account(account: Account, seq: int, as_of: Offsets) -> bytes:
+    return orjson.dumps({
+        "v": FORMAT_VERSION,
+        "seq": seq,
+        "as_of": _pairs(as_of),
+        "balances": account.balances,
+        "positions": {symbol: [p.qty, p.entry_price] for symbol, p in account.positions.items()},
+        "state": int(account.state),
+        "transitions": account.transitions,
+        "partition": account.partition,
+    })
+
+
+def decode_account(raw: bytes) -> tuple[Account, int, Offsets]:
+    doc = _load(raw)
+    try:
+        balances = {str(asset): _finite(amount) for asset, amount in doc["balances"].items()}
+        positions = {str(symbol): Position(qty=_finite(q), entry_price=_finite(e))
+                     for symbol, (q, e) in doc["positions"].items()}
+        account = Account(
+            balances=balances,
+            positions=positions,
+            state=AccountState(int(doc["state"])),
+            transitions=int(doc["transitions"]),
+            partition=None if doc["partition"] is None else int(doc["partition"]),
+        )
+        return account, int(doc["seq"]), _offsets(doc["as_of"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotError(f"account snapshot is malformed: {exc!r}") from None
+
+
+def encode_control(control: Control) -> bytes:
+    return orjson.dumps({
+        "v": FORMAT_VERSION,
+        "seq": control.seq,
+        "written_at": control.written_at,
+        "offsets": _pairs(control.offsets),
+        "prices": {symbol: [price, ts] for symbol, (price, ts) in control.prices.items()},
+        "dedupe": [[topic, partition, [list(key) for key in ids]]  # type: ignore[arg-type]
+                   for (topic, partition), ids in sorted(control.dedupe.items(),
+                                                         key=lambda item: str(item[0]))],
+    })
+
+
+def decode_control(raw: bytes) -> Control:
+    doc = _load(raw)
+    try:
+        return Control(
+            seq=int(doc["seq"]),
+            written_at=int(doc["written_at"]),
+            offsets=_offsets(doc["offsets"]),
+            prices={str(s): (_finite(price), int(ts)) for s, (price, ts) in doc["prices"].items()},
+            dedupe={(str(topic), None if partition is None else int(partition)):
+                    [(str(account), str(record_id)) for account, record_id in ids]
+                    for topic, partition, ids in doc["dedupe"]},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotError(f"control record is malformed: {exc!r}") from None
+
+
+def _load(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise SnapshotError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise SnapshotError("not a JSON object")
+    version = doc.get("v")
+    if version != FORMAT_VERSION:
+        raise SnapshotError(f"unsupported snapshot format version {version!r} "
+                            f"(this liqmon reads version {FORMAT_VERSION})")
+    return doc
+
+
+def _finite(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"non-finite number {value!r}")
+    return number
