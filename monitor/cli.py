@@ -105,6 +105,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         checkpoint_interval=args.checkpoint_interval,
         checkpoint_records=args.checkpoint_records,
         reset_state=args.reset_state,
+        max_idle=args.merge_wait,
+        session_timeout_ms=int(args.session_timeout * 1000),
+        heartbeat_interval_ms=max(100, int(args.session_timeout * 1000) // 6),
         metrics_port=args.metrics_port,
         compression=args.compression,
         shutdown_timeout=args.shutdown_timeout,
@@ -241,6 +244,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      default=_env("reset-state", "") in ("1", "true", "yes"),
                      help="discard the checkpoints in the state topic and rebuild state from "
                           "the input topics (env LIQMON_RESET_STATE=1)")
+    option("merge-wait", f"seconds to hold records back for a lagging input partition so "
+           f"that inputs apply in timestamp order, default {defaults.max_idle}", type=float,
+           default=defaults.max_idle, metavar="SECONDS")
+    option("session-timeout", f"seconds without heartbeat before the group reassigns a "
+           f"dead instance's partitions, default {defaults.session_timeout_ms / 1000:g}",
+           type=float, default=defaults.session_timeout_ms / 1000, metavar="SECONDS")
     option("partitions", f"partition count of topics liqmon creates, default "
            f"{defaults.partitions}", type=int, default=defaults.partitions)
     option("compression", "producer compression: gzip (default) or none",

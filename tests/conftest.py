@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
-from monitor.config import RiskConfig, parse_config
+pytest.register_assert_rewrite("tests.kafka_support")  # before its import below
+
+from monitor.config import RiskConfig, parse_config  # noqa: E402
 
 # BTC-PERP tiers: maintenance amounts are 0, 50, 1300, 16300 (computed in test_config).
 RISK: dict[str, Any] = {

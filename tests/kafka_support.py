@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import time
 from collections.abc import Iterable
@@ -12,10 +13,14 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from monitor.config import RiskConfig
+from monitor.engine import Engine
+from monitor.replay import replay
 from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings, Topics
+from monitor.service.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
 _names = itertools.count()
@@ -51,14 +56,19 @@ class RunningMonitor:
         await asyncio.wait_for(self.task, timeout=30)
 
 
-async def produce(bootstrap: str, messages: Iterable[tuple[str, bytes | None, bytes | None]]
-                  ) -> dict[TopicPartition, int]:
-    """Produce (topic, key, value) in order; returns the end offset per partition."""
+async def produce(bootstrap: str, messages: Iterable[tuple[str, bytes | None, bytes | None]],
+                  first_timestamp_ms: int | None = None) -> dict[TopicPartition, int]:
+    """Produce (topic, key, value) in order; returns the end offset per partition.
+
+    With first_timestamp_ms, message i carries Kafka timestamp first_timestamp_ms + i, which
+    fixes the order in which the monitor's time-ordered merge applies them."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
     await producer.start()
     ends: dict[TopicPartition, int] = {}
     try:
-        futures = [await producer.send(topic, value, key=key) for topic, key, value in messages]
+        futures = [await producer.send(topic, value, key=key, timestamp_ms=None
+                                       if first_timestamp_ms is None else first_timestamp_ms + i)
+                   for i, (topic, key, value) in enumerate(messages)]
         for future in futures:
             meta = await future
             tp = TopicPartition(meta.topic, meta.partition)
@@ -111,3 +121,75 @@ async def read_events(bootstrap: str, topics: Topics, idle: float = 0.5) -> list
 
 def without_wall_clock(event: dict) -> dict:
     return {k: v for k, v in event.items() if k != "emitted_at"}
+
+
+def routable(lines: list[bytes]) -> list[tuple[str, bytes, bytes]]:
+    """(topic kind, key, value) of each replay line Kafka can carry (a line that is not
+    even an envelope has no topic to go to)."""
+    out = []
+    for line in lines:
+        try:
+            envelope = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        value = envelope["value"]
+        key = value.get("symbol" if envelope["topic"] == "prices" else "account", "")
+        out.append((envelope["topic"], str(key).encode(), orjson.dumps(value)))
+    return out
+
+
+def replayed(records, config) -> list[dict]:
+    lines = [b'{"topic": "%s", "value": %s}' % (kind.encode(), value)
+             for kind, _, value in records]
+    out = io.BytesIO()
+    replay(lines, Engine(config), out, lambda index, rejection: None)
+    return [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+
+def same_events(run_events: list[dict], replay_events: list[dict],
+                positions: list[tuple[str, int]]) -> None:
+    """Equal but for where the trigger is located (offset in Kafka, line index in replay)."""
+    def comparable(event: dict, location: tuple[str, int]) -> dict:
+        trigger = {k: v for k, v in event["trigger"].items()
+                   if k not in ("topic", "partition", "offset", "index")}
+        return {**without_wall_clock(event), "trigger": {**trigger, "at": location}}
+
+    expected = [comparable(e, positions[e["trigger"]["index"]]) for e in replay_events]
+    got = [comparable(e, (e["trigger"]["topic"], e["trigger"]["offset"])) for e in run_events]
+    key = lambda e: e["event_id"]  # noqa: E731
+    got, expected = sorted(got, key=key), sorted(expected, key=key)
+    assert [e["event_id"] for e in got] == [e["event_id"] for e in expected]
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine == theirs
+
+
+def positions_of(records, topics: Topics) -> list[tuple[str, int]]:
+    """(topic, offset) each record gets when produced in order to one-partition topics."""
+    names = {"prices": topics.prices, "fills": topics.fills, "ledger": topics.ledger}
+    next_offset: dict[str, int] = {}
+    out = []
+    for kind, _, _ in records:
+        out.append((names[kind], next_offset.get(kind, 0)))
+        next_offset[kind] = next_offset.get(kind, 0) + 1
+    return out
+
+
+async def produce_timestamped(bootstrap: str, topics: Topics, records,
+                              first_timestamp_ms: int = 1_000_000
+                              ) -> dict[TopicPartition, int]:
+    """Produce (kind, key, value) records with increasing Kafka timestamps: the monitor's
+    time-ordered merge then applies them in this order however it happens to fetch them."""
+    names = {"prices": topics.prices, "fills": topics.fills, "ledger": topics.ledger}
+    return await produce(bootstrap, [(names[kind], key, value) for kind, key, value in records],
+                         first_timestamp_ms=first_timestamp_ms)
+
+
+async def create_topics(settings: ServiceSettings) -> None:
+    """As the monitor would. Produce only after this: the embedded broker auto-creates an
+    unknown topic on first use, with four partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        await ensure_topics(admin, settings)
+    finally:
+        await admin.close()

@@ -4,7 +4,6 @@ and broker loss."""
 from __future__ import annotations
 
 import asyncio
-import io
 from itertools import groupby
 
 import orjson
@@ -13,8 +12,6 @@ import structlog
 from aiokafka import TopicPartition
 
 from monitor.config import parse_config
-from monitor.engine import Engine
-from monitor.replay import replay
 from monitor.service.broker import EmbeddedBroker
 from tests.conftest import RISK
 from tests.kafka_support import (
@@ -23,6 +20,9 @@ from tests.kafka_support import (
     produce,
     read_events,
     read_topic,
+    replayed,
+    routable,
+    same_events,
     wait_processed,
     without_wall_clock,
 )
@@ -152,21 +152,6 @@ async def test_every_class_of_bad_input_is_dead_lettered_and_processing_continue
         assert headers["__liqmon.errors.offset"] == str(expected_offset).encode()
 
 
-def routable(lines: list[bytes]) -> list[tuple[str, bytes, bytes]]:
-    """(topic kind, key, value) of each replay line Kafka can carry (a line that is not
-    even an envelope has no topic to go to)."""
-    out = []
-    for line in lines:
-        try:
-            envelope = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        value = envelope["value"]
-        key = value.get("symbol" if envelope["topic"] == "prices" else "account", "")
-        out.append((envelope["topic"], str(key).encode(), orjson.dumps(value)))
-    return out
-
-
 async def feed_run_by_run(bootstrap: str, monitor, topics, records) -> list[tuple[str, int]]:
     """Produce same-topic runs one after another, each consumed before the next, so that
     the monitor applies them in exactly this order. Returns each record's (topic, offset)."""
@@ -180,28 +165,6 @@ async def feed_run_by_run(bootstrap: str, monitor, topics, records) -> list[tupl
             next_offset[kind] = next_offset.get(kind, 0) + 1
         await wait_processed(monitor, await produce(bootstrap, batch), timeout=60)
     return positions
-
-
-def replayed(records, config) -> list[dict]:
-    lines = [b'{"topic": "%s", "value": %s}' % (kind.encode(), value)
-             for kind, _, value in records]
-    out = io.BytesIO()
-    replay(lines, Engine(config), out, lambda index, rejection: None)
-    return [orjson.loads(line) for line in out.getvalue().splitlines()]
-
-
-def same_events(run_events: list[dict], replay_events: list[dict],
-                positions: list[tuple[str, int]]) -> None:
-    """Equal but for where the trigger is located (offset in Kafka, line index in replay)."""
-    def comparable(event: dict, location: tuple[str, int]) -> dict:
-        trigger = {k: v for k, v in event["trigger"].items()
-                   if k not in ("topic", "partition", "offset", "index")}
-        return {**without_wall_clock(event), "trigger": {**trigger, "at": location}}
-
-    expected = [comparable(e, positions[e["trigger"]["index"]]) for e in replay_events]
-    got = [comparable(e, (e["trigger"]["topic"], e["trigger"]["offset"])) for e in run_events]
-    key = lambda e: e["event_id"]  # noqa: E731
-    assert sorted(got, key=key) == sorted(expected, key=key)
 
 
 async def test_run_emits_exactly_what_replay_emits_for_the_same_records(broker, risk):

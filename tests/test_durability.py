@@ -1,0 +1,222 @@
+"""Durability (SPEC §6): checkpoints in the compacted changelog, restore, crash safety."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from monitor.config import load_config
+from monitor.engine import Engine
+from monitor.replay import replay
+from monitor.service.changelog import StateCorrupt, read_changelog
+from monitor.service.runner import Monitor
+from monitor.snapshot import KIND_HEADER
+from tests.kafka_support import (
+    REPO,
+    RunningMonitor,
+    create_topics,
+    fresh_settings,
+    positions_of,
+    produce_timestamped,
+    read_events,
+    replayed,
+    routable,
+    same_events,
+    wait_processed,
+    without_wall_clock,
+)
+from tests.test_property import random_stream
+
+CONFIG = REPO / "examples" / "risk.toml"
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+TOPIC_FLAGS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
+               "state")
+
+
+def state_of(engine: Engine) -> dict:
+    return {
+        "accounts": {a: (dict(x.balances), {s: (p.qty, p.entry_price)
+                                            for s, p in x.positions.items()},
+                         x.state, x.transitions) for a, x in engine.accounts.items()},
+        "prices": engine.price_table(),
+    }
+
+
+def final_engine(records, config) -> Engine:
+    engine = Engine(config)
+    lines = [b'{"topic": "%s", "value": %s}' % (kind.encode(), value)
+             for kind, _, value in records]
+    import io
+
+    replay(lines, engine, io.BytesIO(), lambda index, rejection: None)
+    return engine
+
+
+async def test_graceful_restart_restores_exactly_and_emits_nothing_twice(broker):
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=21, length=3_000))
+    first, second = records[:1_800], records[1_800:]
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
+    await create_topics(settings)
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, first)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, ends)
+        before = state_of(monitor.engine)
+        offsets_before = monitor.processed_offsets()
+    emitted = len(await read_events(broker.bootstrap, settings.topics))
+
+    async with RunningMonitor(settings, config) as restarted:
+        assert state_of(restarted.engine) == before  # balances, positions, states, counters
+        assert restarted.processed_offsets() == offsets_before
+        await asyncio.sleep(1.0)
+    assert len(await read_events(broker.bootstrap, settings.topics)) == emitted
+
+    # The rest arrives while no monitor runs: a backlog, applied in timestamp order.
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, second,
+                                     first_timestamp_ms=2_000_000)
+    async with RunningMonitor(settings, config) as again:
+        await wait_processed(again, ends)
+
+    events = await read_events(broker.bootstrap, settings.topics)
+    assert len({e["event_id"] for e in events}) == len(events)  # nothing twice
+    same_events(events, replayed(records, config), positions_of(records, settings.topics))
+
+
+def monitor_command(settings, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "monitor.cli", "run", "--config", str(CONFIG),
+            "--bootstrap", settings.bootstrap, "--group", settings.group,
+            "--metrics-port", "0", "--merge-wait", "5", "--session-timeout", "2", *extra]
+    for name in TOPIC_FLAGS:
+        args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
+    return args
+
+
+class MonitorProcess:
+    """`liqmon run` in its own process, with its log lines collected as they come."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.logs: list[dict] = []
+        self.consuming = asyncio.Event()
+
+    async def start(self) -> MonitorProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            if line.startswith(b"{"):
+                entry = orjson.loads(line)
+                self.logs.append(entry)
+                if entry["event"] == "consuming":
+                    self.consuming.set()
+
+    async def stop(self, kill: bool = False) -> int:
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        code = await asyncio.wait_for(self.proc.wait(), timeout=30)
+        await self.reader
+        return code
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_kill_9_at_random_points_loses_nothing_and_repeats_only_identical_events(
+    broker, seed: int,
+):
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=seed, length=12_000))
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, records)
+    args = monitor_command(settings, "--checkpoint-interval", "0.1", "--checkpoint-records",
+                           "400", "--log-level", "info")
+    rng = random.Random(seed)
+    checkpointed_at_kill = []
+    for _ in range(3):
+        process = await MonitorProcess(args).start()
+        await asyncio.wait_for(process.consuming.wait(), timeout=60)
+        await asyncio.sleep(rng.uniform(0.05, 0.6))
+        assert await process.stop(kill=True) == -9
+        control = (await read_changelog(broker.bootstrap, settings.topics.state, [0]))[0].control
+        checkpointed_at_kill.append(
+            0 if control is None else control.offsets[(settings.topics.fills, 0)])
+    fills_end = ends[TopicPartition(settings.topics.fills, 0)]
+    assert checkpointed_at_kill[0] < fills_end, "the first kill should land mid-stream"
+
+    process = await MonitorProcess(args).start()
+    await asyncio.wait_for(process.consuming.wait(), timeout=60)
+    final = settings.topics
+    expected = replayed(records, config)
+    for _ in range(600):  # until every expected event is out
+        events = await read_events(broker.bootstrap, final, idle=0.2)
+        if len({e["event_id"] for e in events}) >= len(expected):
+            break
+    assert await process.stop() == 0
+
+    events = await read_events(broker.bootstrap, final)
+    unique = {e["event_id"]: e for e in events}
+    for event in events:  # a repeat is the same event
+        assert without_wall_clock(event) == without_wall_clock(unique[event["event_id"]])
+    same_events(list(unique.values()), expected, positions_of(records, final))
+
+    restored = await read_changelog(broker.bootstrap, final.state, [0])
+    engine = Engine(config)
+    for account_id, (account, _, _) in restored[0].accounts.items():
+        engine.load_account(account_id, account)
+    engine.load_prices(restored[0].control.prices)
+    assert state_of(engine) == state_of(final_engine(records, config))
+    assert restored[0].control.offsets[(final.fills, 0)] == ends[TopicPartition(final.fills, 0)]
+
+
+async def corrupt_checkpoint(bootstrap: str, topic: str) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(topic, b"\x00not a snapshot", key=b"acct-x",
+                                            partition=0, headers=[(KIND_HEADER, b"account")])
+    finally:
+        await producer.stop()
+    return meta.offset
+
+
+async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broker, tmp_path):
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=8, length=600))
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
+    await create_topics(settings)
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, records)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, ends)
+        healthy = state_of(monitor.engine)
+    offset = await corrupt_checkpoint(broker.bootstrap, settings.topics.state)
+
+    with pytest.raises(StateCorrupt) as excinfo:
+        await asyncio.wait_for(Monitor(settings, config).run(), timeout=60)
+    assert f"{settings.topics.state}/0@{offset}" in str(excinfo.value)
+    assert "--reset-state" in str(excinfo.value)
+
+    result = await asyncio.create_subprocess_exec(
+        *monitor_command(settings), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    _, stderr = await asyncio.wait_for(result.communicate(), timeout=60)
+    assert result.returncode == 1
+    assert f"{settings.topics.state}/0@{offset} cannot be decoded".encode() in stderr
+
+    async with RunningMonitor(replace(settings, reset_state=True), config) as rebuilt:
+        await wait_processed(rebuilt, ends)  # state rebuilt from the inputs
+        assert state_of(rebuilt.engine) == healthy
+    async with RunningMonitor(settings, config) as later:  # the reset outlives the restart
+        assert state_of(later.engine) == healthy
+
+

@@ -1,0 +1,61 @@
+"""Checkpoint format (SPEC §6): versioned, lossless, and loud about what it cannot read."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from monitor.engine import Account
+from monitor.margin import Position
+from monitor.snapshot import (
+    Control,
+    SnapshotError,
+    decode_account,
+    decode_control,
+    encode_account,
+    encode_control,
+)
+from monitor.state import AccountState
+
+
+def test_account_round_trip_is_exact() -> None:
+    account = Account(balances={"USDT": 1234.5678901234567, "BTC": -0.1},
+                      positions={"BTC-PERP": Position(-0.30000000000000004, 61_234.5)},
+                      state=AccountState.LIQUIDATING, transitions=7, partition=3)
+    as_of = {("fills", 3): 120, ("ledger", 3): 40, ("prices", 0): 999}
+    restored, seq, restored_as_of = decode_account(encode_account(account, 12, as_of))
+    assert (restored.balances, restored.positions, restored.state, restored.transitions,
+            restored.partition) == (account.balances, account.positions, account.state, 7, 3)
+    assert (seq, restored_as_of) == (12, as_of)
+
+
+def test_control_round_trip_keeps_window_order() -> None:
+    control = Control(seq=4, written_at=1, offsets={("fills", 0): 10, ("prices", 1): 5},
+                      prices={"BTC": (65_000.5, 17)},
+                      dedupe={("fills", 0): [("a", "f2"), ("b", "f1")], ("ledger", 0): []})
+    assert decode_control(encode_control(control)) == control
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x00garbage", "not JSON"),
+        (b"[1]", "not a JSON object"),
+        (orjson.dumps({"v": 99}), "unsupported snapshot format version 99"),
+        (orjson.dumps({"v": 1, "seq": 1}), "account snapshot is malformed"),
+        (orjson.dumps({"v": 1, "seq": 1, "as_of": [], "balances": {"USDT": "x"},
+                       "positions": {}, "state": 0, "transitions": 0, "partition": 0}),
+         "account snapshot is malformed"),
+        (orjson.dumps({"v": 1, "seq": 1, "as_of": [], "balances": {}, "positions": {},
+                       "state": 7, "transitions": 0, "partition": 0}),
+         "account snapshot is malformed"),
+    ],
+)
+def test_undecodable_account_snapshots_raise(raw: bytes, message: str) -> None:
+    with pytest.raises(SnapshotError, match=message):
+        decode_account(raw)
+
+
+def test_undecodable_control_raises() -> None:
+    with pytest.raises(SnapshotError, match="control record is malformed"):
+        decode_control(orjson.dumps({"v": 1, "seq": "x"}))
