@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -90,15 +91,21 @@ async def wait_processed(monitor: Monitor, ends: dict[TopicPartition, int],
         await asyncio.sleep(0.01)
 
 
-async def read_topic(bootstrap: str, topic: str, partitions: int = 1,
-                     idle: float = 0.5) -> list[Any]:
-    """Every record of a topic from the beginning, until it stays quiet for `idle` seconds."""
+async def read_topic(bootstrap: str, topic: str, idle: float = 0.5) -> list[Any]:
+    """Every record of every partition of a topic, until it stays quiet for `idle` seconds."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     records: list[Any] = []
     try:
-        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        consumer.assign([TopicPartition(topic, p["partition"])
+                         for p in described["partitions"]])
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < idle:
             batch = await consumer.getmany(timeout_ms=100)
@@ -147,7 +154,7 @@ def replayed(records, config) -> list[dict]:
 
 
 def same_events(run_events: list[dict], replay_events: list[dict],
-                positions: list[tuple[str, int]]) -> None:
+                positions: list[tuple[str, int, int]]) -> None:
     """Equal but for where the trigger is located (offset in Kafka, line index in replay)."""
     def comparable(event: dict, location: tuple[str, int]) -> dict:
         trigger = {k: v for k, v in event["trigger"].items()
@@ -155,7 +162,8 @@ def same_events(run_events: list[dict], replay_events: list[dict],
         return {**without_wall_clock(event), "trigger": {**trigger, "at": location}}
 
     expected = [comparable(e, positions[e["trigger"]["index"]]) for e in replay_events]
-    got = [comparable(e, (e["trigger"]["topic"], e["trigger"]["offset"])) for e in run_events]
+    got = [comparable(e, (e["trigger"]["topic"], e["trigger"]["partition"],
+                          e["trigger"]["offset"])) for e in run_events]
     key = lambda e: e["event_id"]  # noqa: E731
     got, expected = sorted(got, key=key), sorted(expected, key=key)
     assert [e["event_id"] for e in got] == [e["event_id"] for e in expected]
@@ -163,13 +171,13 @@ def same_events(run_events: list[dict], replay_events: list[dict],
         assert mine == theirs
 
 
-def positions_of(records, topics: Topics) -> list[tuple[str, int]]:
-    """(topic, offset) each record gets when produced in order to one-partition topics."""
+def positions_of(records, topics: Topics) -> list[tuple[str, int, int]]:
+    """(topic, partition, offset) of each record produced in order to one-partition topics."""
     names = {"prices": topics.prices, "fills": topics.fills, "ledger": topics.ledger}
     next_offset: dict[str, int] = {}
     out = []
     for kind, _, _ in records:
-        out.append((names[kind], next_offset.get(kind, 0)))
+        out.append((names[kind], 0, next_offset.get(kind, 0)))
         next_offset[kind] = next_offset.get(kind, 0) + 1
     return out
 
@@ -193,3 +201,54 @@ async def create_topics(settings: ServiceSettings) -> None:
         await ensure_topics(admin, settings)
     finally:
         await admin.close()
+
+
+class MonitorProcess:
+    """`liqmon run` in its own process, with its log lines collected as they come."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.logs: list[dict] = []
+        self.consuming = asyncio.Event()
+
+    async def start(self) -> MonitorProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            if line.startswith(b"{"):
+                entry = orjson.loads(line)
+                self.logs.append(entry)
+                if entry["event"] == "consuming":
+                    self.consuming.set()
+
+    async def stop(self, kill: bool = False) -> int:
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        code = await asyncio.wait_for(self.proc.wait(), timeout=30)
+        await self.reader
+        return code
+
+
+async def produce_located(bootstrap: str, messages: list[tuple[str, bytes | None, bytes]],
+                          first_timestamp_ms: int) -> list[tuple[str, int, int]]:
+    """Produce in order with increasing timestamps; (topic, partition, offset) of each."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key,
+                                       timestamp_ms=first_timestamp_ms + i)
+                   for i, (topic, key, value) in enumerate(messages)]
+        located = []
+        for future in futures:
+            meta = await future
+            located.append((meta.topic, meta.partition, meta.offset))
+        return located
+    finally:
+        await producer.stop()

@@ -53,6 +53,7 @@ EXPECTED_METRICS = {
     "liqmon_accounts_by_state",
     "liqmon_tick_age_seconds",
     "liqmon_kafka_reachable",
+    "liqmon_input_offset",
 }
 
 REQUIRED_ALERTS = {

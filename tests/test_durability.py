@@ -8,7 +8,6 @@ import subprocess
 import sys
 from dataclasses import replace
 
-import orjson
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
@@ -20,6 +19,7 @@ from monitor.service.runner import Monitor
 from monitor.snapshot import KIND_HEADER
 from tests.kafka_support import (
     REPO,
+    MonitorProcess,
     RunningMonitor,
     create_topics,
     fresh_settings,
@@ -96,39 +96,6 @@ def monitor_command(settings, *extra: str) -> list[str]:
     for name in TOPIC_FLAGS:
         args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
     return args
-
-
-class MonitorProcess:
-    """`liqmon run` in its own process, with its log lines collected as they come."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.args = args
-        self.logs: list[dict] = []
-        self.consuming = asyncio.Event()
-
-    async def start(self) -> MonitorProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        self.reader = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            if line.startswith(b"{"):
-                entry = orjson.loads(line)
-                self.logs.append(entry)
-                if entry["event"] == "consuming":
-                    self.consuming.set()
-
-    async def stop(self, kill: bool = False) -> int:
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        code = await asyncio.wait_for(self.proc.wait(), timeout=30)
-        await self.reader
-        return code
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -152,7 +152,8 @@ async def test_every_class_of_bad_input_is_dead_lettered_and_processing_continue
         assert headers["__liqmon.errors.offset"] == str(expected_offset).encode()
 
 
-async def feed_run_by_run(bootstrap: str, monitor, topics, records) -> list[tuple[str, int]]:
+async def feed_run_by_run(bootstrap: str, monitor, topics, records
+                          ) -> list[tuple[str, int, int]]:
     """Produce same-topic runs one after another, each consumed before the next, so that
     the monitor applies them in exactly this order. Returns each record's (topic, offset)."""
     names = {"prices": topics.prices, "fills": topics.fills, "ledger": topics.ledger}
@@ -161,7 +162,7 @@ async def feed_run_by_run(bootstrap: str, monitor, topics, records) -> list[tupl
     for kind, run in groupby(records, key=lambda r: r[0]):
         batch = [(names[kind], key, value) for _, key, value in run]
         for _ in batch:
-            positions.append((names[kind], next_offset.get(kind, 0)))
+            positions.append((names[kind], 0, next_offset.get(kind, 0)))
             next_offset[kind] = next_offset.get(kind, 0) + 1
         await wait_processed(monitor, await produce(bootstrap, batch), timeout=60)
     return positions

@@ -59,6 +59,10 @@ class Metrics:
         self.consumer_lag = Gauge(
             "liqmon_consumer_lag_records", "Records behind the partition's high watermark.",
             ["topic", "partition"], registry=r)
+        self.input_offset = Gauge(
+            "liqmon_input_offset", "Next offset to apply, per input partition this instance "
+            "reads (what it has applied, unlike the group's committed offsets).",
+            ["topic", "partition"], registry=r)
         self.delivery_retries = Counter(
             "liqmon_delivery_retries", "Produce attempts that failed and were retried.",
             registry=r)

@@ -26,6 +26,7 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
 from monitor.config import RiskConfig
@@ -68,8 +69,9 @@ class Monitor:
         self.log = structlog.get_logger("liqmon")
         self.ready = asyncio.Event()
         self.partition_counts: dict[str, int] = {}
-        rank = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}
-        self._merge = TimestampMerge(rank=rank.__getitem__, max_idle=settings.max_idle)
+        self._rank = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}.__getitem__
+        self._merge = TimestampMerge(rank=self._rank, max_idle=settings.max_idle)
+        self._frontier: tuple[int, int, int, int] | None = None  # merge key last applied
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
@@ -177,6 +179,9 @@ class Monitor:
         await self._prices.start()
         self._accounts = AIOKafkaConsumer(
             group_id=s.group, session_timeout_ms=s.session_timeout_ms,
+            # Range gives fills p and ledger p to the same instance (co-partitioning); the
+            # default round-robin would split an account's fills from its ledger.
+            partition_assignment_strategy=(RangePartitionAssignor,),
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             rebalance_timeout_ms=s.session_timeout_ms, **common,
         )
@@ -201,11 +206,23 @@ class Monitor:
     # -- rebalance: restore what is gained, checkpoint what is lost ------------------------------
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        gained = sorted({tp.partition for tp in assigned} - self._owned)
+        t = self.settings.topics
+        fills = {tp.partition for tp in assigned if tp.topic == t.fills}
+        ledger = {tp.partition for tp in assigned if tp.topic == t.ledger}
+        if fills != ledger:
+            raise RuntimeError(
+                f"the group assigned fills partitions {sorted(fills)} but ledger partitions "
+                f"{sorted(ledger)}: every instance of group {self.settings.group!r} must use "
+                "the range assignor so that an account's fills and ledger stay together"
+            )
+        gained = sorted(fills - self._owned)
         if not gained and self._restored.is_set():
             return
         async with self._lock:
             started = time.monotonic()
+            was_ready = self.ready.is_set()
+            self.ready.clear()  # /readyz: not ready while restoring
+            self.metrics.ready.set(0)
             s = self.settings
             restored = await read_changelog(s.bootstrap, s.topics.state, gained,
                                             client_id=f"{s.client_id}-restore",
@@ -213,13 +230,21 @@ class Monitor:
             first = not self._restored.is_set()
             if first:
                 await self._restore_prices(list(restored.values()))
-            accounts = 0
+            accounts = replayed = 0
             for partition in gained:
-                accounts += await self._install(restored[partition])
+                if not first and self._behind_on_prices(restored[partition]):
+                    replayed += await self._catch_up(restored[partition])
+                else:
+                    await self._install(restored[partition])
+                accounts += len(restored[partition].accounts)
             self._owned.update(gained)
             self._restored.set()
+            if was_ready:
+                self.ready.set()
+                self.metrics.ready.set(1)
             self.log.info("restored", partitions=gained, accounts=accounts,
                           changelog_records=sum(r.records_read for r in restored.values()),
+                          records_replayed=replayed,
                           seconds=round(time.monotonic() - started, 3))
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -240,6 +265,8 @@ class Monitor:
                 self._merge.drop(tps)
                 for tp in tps:
                     self._processed.pop(tp, None)
+                    with contextlib.suppress(KeyError):
+                        self.metrics.input_offset.remove(tp.topic, str(tp.partition))
                 self.log.info("partition handed over", partition=partition, accounts=dropped)
             self._owned -= lost
 
@@ -259,30 +286,144 @@ class Monitor:
             offset = None if oldest is None else oldest.offsets.get((topic, tp.partition))
             await self._position(self._prices, tp, offset)
 
-    async def _install(self, restored: RestoredPartition) -> int:
+    async def _install(self, restored: RestoredPartition) -> None:
         """Load one partition's accounts and duplicate windows; seek its inputs."""
         assert self._accounts is not None
         t = self.settings.topics
         partition, control = restored.partition, restored.control
-        if control is not None:
-            for (topic, p), ids in control.dedupe.items():
-                self.engine.load_dedupe_ids(topic, p, ids)
         for topic in (t.fills, t.ledger):
             tp = TopicPartition(topic, partition)
             offset = None if control is None else control.offsets.get((topic, partition))
             await self._position(self._accounts, tp, offset)
-        positions = {(tp.topic, tp.partition): offset for tp, offset in self._processed.items()}
-        control_seq = -1 if control is None else control.seq
-        for account_id, (account, seq, as_of) in restored.accounts.items():
-            marks: Offsets = dict(as_of) if seq > control_seq else {}
-            if control is not None:  # ticks the partition's checkpoint already reflects
-                for key, offset in control.offsets.items():
-                    if key[0] == t.prices and offset > marks.get(key, 0):
-                        marks[key] = offset
-            pending = {key: offset for key, offset in marks.items()
-                       if offset > positions.get(key, 0)}
-            self.engine.load_account(account_id, account, pending or None)
-        return len(restored.accounts)
+        self._load_partition(self.engine, restored, self._positions())
+
+    def _positions(self) -> Offsets:
+        return {(tp.topic, tp.partition): offset for tp, offset in self._processed.items()}
+
+    def _load_partition(self, engine: Engine, restored: RestoredPartition,
+                        positions: Offsets) -> None:
+        control = restored.control
+        if control is not None:
+            for (topic, p), ids in control.dedupe.items():
+                engine.load_dedupe_ids(topic, p, ids)
+        for account_id, (account, _, _) in restored.accounts.items():
+            engine.load_account(account_id, account,
+                                self._marks(restored, account_id, positions) or None)
+
+    def _marks(self, restored: RestoredPartition, account_id: str, positions: Offsets
+               ) -> Offsets:
+        """Inputs a restored snapshot already reflects beyond the given read positions: a
+        snapshot newer than its control record (a crash mid-checkpoint) reflects its own
+        offsets; every snapshot reflects the ticks its partition's control had seen."""
+        control = restored.control
+        _, seq, as_of = restored.accounts[account_id]
+        marks: Offsets = dict(as_of) if control is None or seq > control.seq else {}
+        if control is not None:
+            for key, offset in control.offsets.items():
+                if key[0] == self.settings.topics.prices and offset > marks.get(key, 0):
+                    marks[key] = offset
+        return {key: offset for key, offset in marks.items() if offset > positions.get(key, 0)}
+
+    def _behind_on_prices(self, restored: RestoredPartition) -> bool:
+        """Did this partition's last owner checkpoint at an earlier point of the price stream
+        than this instance has reached? Then its records must be replayed with the ticks
+        in between, as they were the first time."""
+        if restored.control is None:
+            return True
+        prices = self.settings.topics.prices
+        return any(restored.control.offsets.get((prices, tp.partition), 0) < offset
+                   for tp, offset in self._processed.items() if tp.topic == prices)
+
+    async def _catch_up(self, restored: RestoredPartition) -> int:
+        """Bring a gained partition up to where this instance is, in the order a single
+        instance would have applied its records.
+
+        A private engine holds the partition's accounts and the price table of its last
+        checkpoint; the ticks between that checkpoint and this instance's position are
+        merged by timestamp with the partition's own records, up to the last record this
+        instance applied. Events come out with the ids the first pass gave them. Then the
+        accounts join the main engine and the partition joins the main merge.
+        """
+        assert self._accounts is not None and self._delivery is not None
+        s, t = self.settings, self.settings.topics
+        partition, control = restored.partition, restored.control
+        price_ends = {tp: offset for tp, offset in self._processed.items()
+                      if tp.topic == t.prices}
+        own = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
+        reader = AIOKafkaConsumer(bootstrap_servers=s.bootstrap, group_id=None,
+                                  client_id=f"{s.client_id}-catch-up", enable_auto_commit=False,
+                                  auto_offset_reset=s.start,
+                                  request_timeout_ms=max(s.request_timeout_ms, 10_000))
+        await reader.start()
+        private = Engine(self.config)
+        merge = TimestampMerge(rank=self._rank, max_idle=s.max_idle)
+        positions: dict[TopicPartition, int] = {}
+        applied = 0
+        try:
+            reader.assign([*price_ends, *own])
+            for tp in [*price_ends, *own]:
+                offset = None if control is None else control.offsets.get(
+                    (tp.topic, tp.partition))
+                if offset is not None:
+                    reader.seek(tp, offset)
+                elif s.start == "earliest" or tp in price_ends:
+                    await reader.seek_to_beginning(tp)
+                else:
+                    await reader.seek_to_end(tp)
+                positions[tp] = await reader.position(tp)
+                merge.seek(tp, positions[tp])
+            if control is not None:
+                private.load_prices(control.prices)
+            self._load_partition(private, restored,
+                                 {(tp.topic, tp.partition): o for tp, o in positions.items()})
+            stopped: set[TopicPartition] = set()
+
+            def done_with(tp: TopicPartition, next_offset: int) -> bool:
+                if tp in price_ends:
+                    return next_offset >= price_ends[tp]
+                highwater = reader.highwater(tp)
+                return tp in stopped or (highwater is not None and next_offset >= highwater)
+
+            while not all(done_with(tp, positions[tp]) for tp in positions):
+                batch = await reader.getmany(timeout_ms=200, max_records=s.max_batch_records)
+                for tp, records in batch.items():
+                    if tp in price_ends:
+                        merge.add(tp, [r for r in records if r.offset < price_ends[tp]])
+                    elif tp not in stopped:
+                        merge.add(tp, records)
+                active = [tp for tp in positions if not done_with(tp, positions[tp])]
+                ready = []
+                for tp, record in merge.take(s.max_batch_records, active, done_with):
+                    if tp in stopped:
+                        continue
+                    if tp in own and (self._frontier is None or
+                                      self._key(tp, record) > self._frontier):
+                        stopped.add(tp)  # from here on the main loop takes over
+                        positions[tp] = record.offset
+                        merge.drop([tp])
+                        continue
+                    ready.append((tp, record))
+                await self._delivery.deliver(self.apply_batch(ready, private))
+                for tp, record in ready:
+                    positions[tp] = record.offset + 1
+                applied += len(ready)
+        finally:
+            await reader.stop()
+        for tp in own:
+            self._accounts.seek(tp, positions[tp])
+            self._set_position(tp, positions[tp])
+        main_positions = self._positions()
+        for account_id, account in list(private.accounts.items()):
+            marks = self._marks(restored, account_id, main_positions) \
+                if account_id in restored.accounts else {}
+            self.engine.load_account(account_id, account, marks or None)
+        for topic in (t.fills, t.ledger):
+            self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
+        changed = private.take_dirty()
+        for account_id in changed:
+            self._touched[account_id] = partition
+        self.engine.mark_dirty(set(changed))
+        return applied
 
     async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
                         offset: int | None) -> None:
@@ -294,8 +435,12 @@ class Monitor:
         else:
             await consumer.seek_to_end(tp)
         position = await consumer.position(tp)
-        self._processed[tp] = position
-        self._merge.seek(tp, position)
+        self._set_position(tp, position)
+
+    def _set_position(self, tp: TopicPartition, offset: int) -> None:
+        self._processed[tp] = offset
+        self._merge.seek(tp, offset)
+        self.metrics.input_offset.labels(tp.topic, str(tp.partition)).set(offset)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -344,14 +489,19 @@ class Monitor:
         batch = self._merge.take(limit, list(self._processed), self._caught_up)
         if not batch:
             return
-        outgoing = self.apply_batch(batch)
+        outgoing = self.apply_batch(batch, self.engine)
         await self._delivery.deliver(outgoing)
+        self._frontier = self._key(*batch[-1])
         for tp, record in batch:
             self._processed[tp] = record.offset + 1
         self._since_checkpoint += len(batch)
         self._update_lag({tp for tp, _ in batch})
         self.engine.release_caught_up({(tp.topic, tp.partition): offset
                                        for tp, offset in self._processed.items()})
+
+    def _key(self, tp: TopicPartition, record: ConsumerRecord) -> tuple[int, int, int, int]:
+        """The time-ordered merge's sort key of a record."""
+        return (record.timestamp, self._rank(tp.topic), tp.partition, record.offset)
 
     def _caught_up(self, tp: TopicPartition, next_offset: int) -> bool:
         consumer = self._prices if tp.topic == self.settings.topics.prices else self._accounts
@@ -364,16 +514,17 @@ class Monitor:
             consumer = self._prices if tp.topic == self.settings.topics.prices \
                 else self._accounts
             assert consumer is not None
+            self.metrics.input_offset.labels(tp.topic, str(tp.partition)).set(
+                self._processed[tp])
             highwater = consumer.highwater(tp)
             if highwater is not None:
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
                     max(0, highwater - self._processed[tp]))
 
-    def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]]
-                    ) -> list[Outgoing]:
+    def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
+                    engine: Engine) -> list[Outgoing]:
         """Decode and apply records in order; return their events and dead letters."""
-        engine, config, topics, metrics = self.engine, self.config, self.settings.topics, \
-            self.metrics
+        config, topics, metrics = self.config, self.settings.topics, self.metrics
         stats = engine.stats
         before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
         out: list[Outgoing] = []

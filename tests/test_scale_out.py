@@ -1,0 +1,210 @@
+"""Scale-out (SPEC §6): instances in one consumer group, prices read by all, lossless
+rebalances. Each instance is its own OS process; they are compared with one instance (whose
+events `liqmon replay` reproduces, see test_service)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from itertools import groupby
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor.config import load_config
+from monitor.engine import Engine
+from monitor.service.broker import free_port
+from monitor.service.changelog import read_changelog
+from monitor.service.settings import ServiceSettings
+from tests.kafka_support import (
+    REPO,
+    MonitorProcess,
+    create_topics,
+    fresh_settings,
+    produce_located,
+    read_events,
+    replayed,
+    routable,
+    same_events,
+    without_wall_clock,
+)
+from tests.test_durability import final_engine, state_of
+from tests.test_property import random_stream
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+CONFIG = REPO / "examples" / "risk.toml"
+PARTITIONS = 4
+TOPIC_FLAGS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
+               "state")
+
+
+class Instance(MonitorProcess):
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.port = free_port()
+        args = [sys.executable, "-m", "monitor.cli", "run", "--config", str(CONFIG),
+                "--bootstrap", settings.bootstrap, "--group", settings.group,
+                "--metrics-port", str(self.port), "--session-timeout", "2",
+                "--checkpoint-interval", "0.2", "--merge-wait", "5", "--log-level", "info"]
+        for name in TOPIC_FLAGS:
+            args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
+        super().__init__(args)
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """liqmon_input_offset of this instance: what it has applied, per partition."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
+                                        timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        return {(s.labels["topic"], int(s.labels["partition"])): int(s.value)
+                for family in text_string_to_metric_families(text)
+                if family.name == "liqmon_input_offset" for s in family.samples}
+
+    def owned(self, settings: ServiceSettings) -> set[int]:
+        return {p for (topic, p) in self.positions() if topic == settings.topics.fills}
+
+
+async def settled(instances: list[Instance], settings: ServiceSettings,
+                  timeout: float = 60) -> None:
+    """Until the live instances own every account partition exactly once between them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        owned = [await asyncio.to_thread(i.owned, settings) for i in instances]
+        if sorted(p for parts in owned for p in parts) == list(range(PARTITIONS)) and all(owned):
+            return
+        assert time.monotonic() < deadline, f"group did not settle: {owned}"
+        await asyncio.sleep(0.2)
+
+
+async def consumed(instances: list[Instance], settings: ServiceSettings,
+                   ends: dict[tuple[str, int], int], timeout: float = 60) -> None:
+    """Until every instance applied all prices up to the ends, and some instance applied
+    each account partition up to its end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [await asyncio.to_thread(i.positions) for i in instances]
+        if all(
+            all(p.get(key, -1) >= end for p in seen) if key[0] == settings.topics.prices
+            else max(p.get(key, -1) for p in seen) >= end
+            for key, end in ends.items()
+        ):
+            return
+        assert time.monotonic() < deadline, f"not consumed: {ends} vs {seen}"
+        await asyncio.sleep(0.02)
+
+
+class Feed:
+    """The stream, fed one same-topic run at a time, each applied before the next."""
+
+    def __init__(self, settings: ServiceSettings, seed: int, length: int) -> None:
+        self.settings = settings
+        self.records = routable(random_stream(seed=seed, length=length, mean_run=40))
+        kinds = [kind for kind, _ in groupby(r[0] for r in self.records)]
+        self.runs = [list(run) for _, run in groupby(self.records, key=lambda r: r[0])]
+        assert len(self.runs) == len(kinds)
+        self.locations: list[tuple[str, int, int]] = []
+        self.ends: dict[tuple[str, int], int] = {}
+        self.timestamp = 1_000_000
+
+    async def run(self, instances: list[Instance], runs: slice) -> None:
+        t = self.settings.topics
+        names = {"prices": t.prices, "fills": t.fills, "ledger": t.ledger}
+        for run in self.runs[runs]:
+            located = await produce_located(
+                self.settings.bootstrap, [(names[kind], key, value) for kind, key, value in run],
+                first_timestamp_ms=self.timestamp)
+            self.timestamp += len(run)
+            self.locations.extend(located)
+            for topic, partition, offset in located:
+                self.ends[(topic, partition)] = offset + 1
+            await consumed(instances, self.settings, self.ends)
+
+
+async def finish(instances: list[Instance], feed: Feed, config) -> list[dict]:
+    for instance in instances:
+        assert await instance.stop() == 0
+    events = await read_events(feed.settings.bootstrap, feed.settings.topics, idle=0.5)
+    unique = {e["event_id"]: e for e in events}
+    for event in events:  # a repeat is the same event
+        assert without_wall_clock(event) == without_wall_clock(unique[event["event_id"]])
+    same_events(list(unique.values()), replayed(feed.records, config), feed.locations)
+    return list(unique.values())
+
+
+async def final_state(settings: ServiceSettings, config) -> dict:
+    restored = await read_changelog(settings.bootstrap, settings.topics.state,
+                                    range(PARTITIONS))
+    engine = Engine(config)
+    for part in restored.values():
+        for account_id, (account, _, _) in part.accounts.items():
+            engine.load_account(account_id, account)
+    return state_of(engine)["accounts"]
+
+
+async def start(settings: ServiceSettings) -> Instance:
+    instance = Instance(settings)
+    await instance.start()
+    await asyncio.wait_for(instance.consuming.wait(), timeout=60)
+    return instance
+
+
+def multi_partition(broker) -> ServiceSettings:
+    return replace(fresh_settings(broker.bootstrap), partitions=PARTITIONS)
+
+
+async def test_two_instances_split_the_partitions_and_emit_what_one_would(broker):
+    config = load_config(CONFIG)
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    a = await start(settings)
+    b = await start(settings)
+    await settled([a, b], settings)
+    assert len(a.owned(settings)) == len(b.owned(settings)) == 2
+    feed = Feed(settings, seed=31, length=2_000)
+    await feed.run([a, b], slice(None))
+    await finish([a, b], feed, config)
+    assert await final_state(settings, config) == state_of(
+        final_engine(feed.records, config))["accounts"]
+
+
+async def test_an_instance_killed_mid_stream_is_replaced_without_loss(broker):
+    config = load_config(CONFIG)
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    instances = [await start(settings) for _ in range(3)]
+    await settled(instances, settings)
+    feed = Feed(settings, seed=32, length=2_000)
+    third = len(feed.runs) // 3
+    await feed.run(instances, slice(0, third))
+    victim = next(i for i in instances if i.owned(settings))
+    assert await victim.stop(kill=True) == -9
+    survivors = [i for i in instances if i is not victim]
+    await feed.run(survivors, slice(third, None))  # waits out the takeover
+    await settled(survivors, settings)
+    await finish(survivors, feed, config)
+    assert await final_state(settings, config) == state_of(
+        final_engine(feed.records, config))["accounts"]
+    restored = [entry for i in survivors for entry in i.logs if entry["event"] == "restored"]
+    assert any(entry["records_replayed"] > 0 or entry["accounts"] > 0 for entry in restored)
+
+
+async def test_an_instance_joining_mid_stream_takes_partitions_without_loss(broker):
+    config = load_config(CONFIG)
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    a = await start(settings)
+    await settled([a], settings)
+    feed = Feed(settings, seed=33, length=2_000)
+    half = len(feed.runs) // 2
+    await feed.run([a], slice(0, half))
+    b = await start(settings)
+    await settled([a, b], settings)
+    assert b.owned(settings)  # it took some
+    await feed.run([a, b], slice(half, None))
+    await finish([a, b], feed, config)
+    assert await final_state(settings, config) == state_of(
+        final_engine(feed.records, config))["accounts"]
