@@ -1,0 +1,48 @@
+"""Log format (SPEC §8): JSON lines in production, readable on a terminal, level from config."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import pytest
+import structlog
+
+from monitor.service.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+def test_json_lines_carry_the_bound_context_and_library_logs_too(capsys) -> None:
+    configure_logging("info", json=True)
+    structlog.get_logger("liqmon").warning("rejected", topic="fills", partition=2, offset=41,
+                                           reason="unknown_side")
+    logging.getLogger("aiokafka.consumer").warning("Heartbeat failed")
+    lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert lines[0]["event"] == "rejected" and lines[0]["level"] == "warning"
+    assert (lines[0]["topic"], lines[0]["partition"], lines[0]["offset"]) == ("fills", 2, 41)
+    assert "timestamp" in lines[0]
+    assert lines[1]["event"] == "Heartbeat failed"
+
+
+def test_level_filters_and_console_mode_is_not_json(capsys) -> None:
+    configure_logging("warning", json=False)
+    log = structlog.get_logger("liqmon")
+    log.info("event", event_id="a:1:liquidation")
+    log.warning("kafka unreachable, clients keep retrying")
+    err = capsys.readouterr().err
+    assert "a:1:liquidation" not in err
+    assert "kafka unreachable" in err and not err.lstrip().startswith("{")
+
+
+def test_unknown_level_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown log level 'loud'"):
+        configure_logging("loud")
