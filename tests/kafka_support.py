@@ -6,6 +6,7 @@ import asyncio
 import io
 import itertools
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -252,3 +253,13 @@ async def produce_located(bootstrap: str, messages: list[tuple[str, bytes | None
         return located
     finally:
         await producer.stop()
+
+
+def run_args(settings: ServiceSettings, *extra: str) -> list[str]:
+    """`liqmon run` as a separate process with these settings' broker and topic names (the
+    group is left to the caller: an --env or flag, as each test needs)."""
+    args = [sys.executable, "-m", "monitor.cli", "run",
+            "--config", str(REPO / "examples" / "risk.toml"), "--bootstrap", settings.bootstrap]
+    for name in Topics.__dataclass_fields__:
+        args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
+    return [*args, *extra]

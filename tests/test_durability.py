@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -28,6 +27,7 @@ from tests.kafka_support import (
     read_events,
     replayed,
     routable,
+    run_args,
     same_events,
     wait_processed,
     without_wall_clock,
@@ -36,8 +36,6 @@ from tests.test_property import random_stream
 
 CONFIG = REPO / "examples" / "risk.toml"
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-TOPIC_FLAGS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
-               "state")
 
 
 def state_of(engine: Engine) -> dict:
@@ -90,12 +88,8 @@ async def test_graceful_restart_restores_exactly_and_emits_nothing_twice(broker)
 
 
 def monitor_command(settings, *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "monitor.cli", "run", "--config", str(CONFIG),
-            "--bootstrap", settings.bootstrap, "--group", settings.group,
-            "--metrics-port", "0", "--merge-wait", "5", "--session-timeout", "2", *extra]
-    for name in TOPIC_FLAGS:
-        args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
-    return args
+    return run_args(settings, "--group", settings.group, "--metrics-port", "0",
+                    "--merge-wait", "5", "--session-timeout", "2", *extra)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -103,7 +97,7 @@ async def test_kill_9_at_random_points_loses_nothing_and_repeats_only_identical_
     broker, seed: int,
 ):
     config = load_config(CONFIG)
-    records = routable(random_stream(seed=seed, length=12_000))
+    records = routable(random_stream(seed=seed, length=30_000))
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
     ends = await produce_timestamped(broker.bootstrap, settings.topics, records)
@@ -114,7 +108,7 @@ async def test_kill_9_at_random_points_loses_nothing_and_repeats_only_identical_
     for _ in range(3):
         process = await MonitorProcess(args).start()
         await asyncio.wait_for(process.consuming.wait(), timeout=60)
-        await asyncio.sleep(rng.uniform(0.05, 0.6))
+        await asyncio.sleep(rng.uniform(0.0, 0.3))
         assert await process.stop(kill=True) == -9
         control = (await read_changelog(broker.bootstrap, settings.topics.state, [0]))[0].control
         checkpointed_at_kill.append(

@@ -15,19 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from monitor.market import simulate
-from tests.kafka_support import REPO, fresh_settings, produce, read_events
-
-TOPIC_FLAGS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
-               "state")
-
-
-def run_command(settings) -> list[str]:
-    args = [sys.executable, "-m", "monitor.cli", "run",
-            "--config", str(REPO / "examples" / "risk.toml"),
-            "--bootstrap", settings.bootstrap, "--metrics-port", "0"]
-    for name in TOPIC_FLAGS:
-        args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
-    return args
+from tests.kafka_support import REPO, fresh_settings, produce, read_events, run_args
 
 
 async def committed_offsets(settings) -> dict[str, int]:
@@ -50,7 +38,7 @@ async def committed_offsets(settings) -> dict[str, int]:
 async def test_sigterm_mid_stream_exits_0_promptly_with_offsets_committed(broker, example_config):
     settings = fresh_settings(broker.bootstrap)
     env = {**os.environ, "LIQMON_GROUP": settings.group, "LIQMON_LOG_LEVEL": "info"}
-    proc = await asyncio.create_subprocess_exec(*run_command(settings), env=env,
+    proc = await asyncio.create_subprocess_exec(*run_args(settings, "--metrics-port", "0"), env=env,
                                                 stderr=subprocess.PIPE)
     names = {"prices": settings.topics.prices, "fills": settings.topics.fills,
              "ledger": settings.topics.ledger}
@@ -83,24 +71,36 @@ async def test_sigterm_mid_stream_exits_0_promptly_with_offsets_committed(broker
     assert len(await read_events(broker.bootstrap, settings.topics)) == len(events)
 
 
-def broker_pids() -> set[int]:
-    found = subprocess.run(["pgrep", "-f", "tansu.* broker "], capture_output=True, check=False)
-    return {int(pid) for pid in found.stdout.split()}
+def children(pid: int) -> set[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, check=False)
+    return {int(child) for child in found.stdout.split()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_demo_runs_a_crash_shows_every_event_type_and_leaves_nothing_running() -> None:
-    before = broker_pids()
-    result = subprocess.run(
+    demo = subprocess.Popen(
         [sys.executable, "-m", "monitor.cli", "demo", "--duration", "20", "--accounts", "1000",
          "--seed", "3", "--config", str(REPO / "examples" / "risk.toml")],
-        capture_output=True, timeout=180, check=False, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
     )
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    tail = " ".join(result.stdout.decode().split())  # rich wraps lines to the terminal width
+    spawned: set[int] = set()
+    while demo.poll() is None and not spawned:  # the embedded broker it starts
+        spawned = children(demo.pid)
+        time.sleep(0.05)
+    stdout, stderr = demo.communicate(timeout=180)
+    assert demo.returncode == 0, stderr.decode()[-3000:]
+    tail = " ".join(stdout.decode().split())  # rich wraps lines to the terminal width
     summary = re.search(r"demo finished: .*? events: (.*?); broker", tail)
     assert summary, tail[-2000:]
     counts = dict((kind, int(n.replace(",", ""))) for kind, n in
                   re.findall(r"(\w+) ([\d,]+)", summary.group(1)))
     assert counts.keys() == {"margin_call", "liquidation", "recovered"}
     assert all(n > 0 for n in counts.values())
-    assert broker_pids() <= before
+    assert spawned and not any(alive(pid) for pid in spawned)

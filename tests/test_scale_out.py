@@ -5,7 +5,6 @@ events `liqmon replay` reproduces, see test_service)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import urllib.request
 from dataclasses import replace
@@ -28,6 +27,7 @@ from tests.kafka_support import (
     read_events,
     replayed,
     routable,
+    run_args,
     same_events,
     without_wall_clock,
 )
@@ -37,20 +37,15 @@ from tests.test_property import random_stream
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 CONFIG = REPO / "examples" / "risk.toml"
 PARTITIONS = 4
-TOPIC_FLAGS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
-               "state")
 
 
 class Instance(MonitorProcess):
     def __init__(self, settings: ServiceSettings) -> None:
         self.port = free_port()
-        args = [sys.executable, "-m", "monitor.cli", "run", "--config", str(CONFIG),
-                "--bootstrap", settings.bootstrap, "--group", settings.group,
-                "--metrics-port", str(self.port), "--session-timeout", "2",
-                "--checkpoint-interval", "0.2", "--merge-wait", "5", "--log-level", "info"]
-        for name in TOPIC_FLAGS:
-            args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
-        super().__init__(args)
+        super().__init__(run_args(
+            settings, "--group", settings.group, "--metrics-port", str(self.port),
+            "--session-timeout", "2", "--checkpoint-interval", "0.2", "--merge-wait", "5",
+            "--log-level", "info"))
 
     def positions(self) -> dict[tuple[str, int], int]:
         """liqmon_input_offset of this instance: what it has applied, per partition."""

@@ -451,9 +451,10 @@ class Monitor:
         fetches = {c: asyncio.ensure_future(c.getmany(timeout_ms=500, max_records=limit))
                    for c in consumers}
         stopping = asyncio.ensure_future(self._stopping.wait())
+        backlog = False  # the merge released a full batch: more may be ready without a fetch
         try:
             while not self._stopping.is_set():
-                await asyncio.wait([*fetches.values(), stopping], timeout=TICK,
+                await asyncio.wait([*fetches.values(), stopping], timeout=0 if backlog else TICK,
                                    return_when=asyncio.FIRST_COMPLETED)
                 for consumer in consumers:
                     fetch = fetches[consumer]
@@ -470,7 +471,7 @@ class Monitor:
                         if tp in self._processed:  # still ours (a rebalance may intervene)
                             self._merge.add(tp, records)
                 async with self._lock:
-                    await self._process_ready(limit)
+                    backlog = await self._process_ready(limit) >= limit
                     if self._checkpoint_due():
                         await self._checkpoint(self._owned)
         finally:
@@ -483,12 +484,12 @@ class Monitor:
                       offsets={f"{tp.topic}/{tp.partition}": o
                                for tp, o in sorted(self._processed.items())})
 
-    async def _process_ready(self, limit: int) -> None:
-        """Apply what the merge releases, then deliver it (acks=all)."""
+    async def _process_ready(self, limit: int) -> int:
+        """Apply what the merge releases, then deliver it (acks=all); how many records."""
         assert self._delivery is not None
         batch = self._merge.take(limit, list(self._processed), self._caught_up)
         if not batch:
-            return
+            return 0
         outgoing = self.apply_batch(batch, self.engine)
         await self._delivery.deliver(outgoing)
         self._frontier = self._key(*batch[-1])
@@ -496,8 +497,8 @@ class Monitor:
             self._processed[tp] = record.offset + 1
         self._since_checkpoint += len(batch)
         self._update_lag({tp for tp, _ in batch})
-        self.engine.release_caught_up({(tp.topic, tp.partition): offset
-                                       for tp, offset in self._processed.items()})
+        self.engine.release_caught_up(self._positions())
+        return len(batch)
 
     def _key(self, tp: TopicPartition, record: ConsumerRecord) -> tuple[int, int, int, int]:
         """The time-ordered merge's sort key of a record."""
