@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from monitor.market import simulate
+from monitor.service.broker import free_port
 from tests.kafka_support import REPO, fresh_settings, produce, read_events, run_args
 
 
@@ -104,3 +106,20 @@ def test_demo_runs_a_crash_shows_every_event_type_and_leaves_nothing_running() -
     assert counts.keys() == {"margin_call", "liquidation", "recovered"}
     assert all(n > 0 for n in counts.values())
     assert spawned and not any(alive(pid) for pid in spawned)
+
+
+def test_broker_command_prints_its_address_and_stops_on_ctrl_c() -> None:
+    port = free_port()
+    broker = subprocess.Popen([sys.executable, "-m", "monitor.cli", "broker", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert broker.stdout is not None
+    first = broker.stdout.readline().decode()
+    assert f"127.0.0.1:{port}" in first
+    spawned = children(broker.pid)
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # it listens
+    broker.send_signal(signal.SIGINT)
+    assert broker.wait(timeout=15) == 0
+    assert spawned and not any(alive(pid) for pid in spawned)
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass
