@@ -55,6 +55,15 @@ def risk() -> RiskConfig:
     return parse_config(RISK)
 
 
+@pytest.fixture(autouse=True)
+def reap_processes():
+    """No monitor a test started outlives it, even when the test fails."""
+    yield
+    from tests.kafka_support import reap
+
+    reap()
+
+
 @pytest.fixture(scope="session")
 def broker():
     """One embedded Tansu broker for the session; tests isolate themselves by topic names."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import subprocess
@@ -204,6 +205,20 @@ async def create_topics(settings: ServiceSettings) -> None:
         await admin.close()
 
 
+started_processes: list[Any] = []  # every process a test started: reaped when it ends
+
+
+def reap() -> None:
+    """Kill what a finished (or failed) test left running (asyncio or subprocess.Popen)."""
+    while started_processes:
+        proc = started_processes.pop()
+        if hasattr(proc, "poll"):
+            proc.poll()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+
 class MonitorProcess:
     """`liqmon run` in its own process, with its log lines collected as they come."""
 
@@ -215,6 +230,7 @@ class MonitorProcess:
     async def start(self) -> MonitorProcess:
         self.proc = await asyncio.create_subprocess_exec(
             *self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        started_processes.append(self.proc)
         self.reader = asyncio.create_task(self._read())
         return self
 

@@ -29,6 +29,7 @@ from tests.kafka_support import (
     routable,
     run_args,
     same_events,
+    started_processes,
     wait_processed,
     without_wall_clock,
 )
@@ -170,6 +171,7 @@ async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broke
 
     result = await asyncio.create_subprocess_exec(
         *monitor_command(settings), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    started_processes.append(result)
     _, stderr = await asyncio.wait_for(result.communicate(), timeout=60)
     assert result.returncode == 1
     assert f"{settings.topics.state}/0@{offset} cannot be decoded".encode() in stderr

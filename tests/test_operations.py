@@ -17,7 +17,14 @@ from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.metrics import HealthServer
 from tests.conftest import RISK
-from tests.kafka_support import REPO, RunningMonitor, fresh_settings, produce, wait_processed
+from tests.kafka_support import (
+    REPO,
+    RunningMonitor,
+    fresh_settings,
+    produce,
+    started_processes,
+    wait_processed,
+)
 
 SPEC_METRICS = {  # SPEC §8, by family name as the parser reports it
     "liqmon_records_consumed", "liqmon_records_rejected", "liqmon_stale_ticks",
@@ -112,6 +119,7 @@ def test_health_before_and_after_kafka_is_reachable() -> None:
          str(REPO / "examples" / "risk.toml"), "--bootstrap", f"127.0.0.1:{kafka_port}",
          "--metrics-port", str(http_port), "--session-timeout", "2"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    started_processes.append(proc)
     try:
         deadline = time.monotonic() + 30
         while get(http_port, "/healthz")[0] != 200:

@@ -17,7 +17,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from monitor.market import simulate
 from monitor.service.broker import free_port
-from tests.kafka_support import REPO, fresh_settings, produce, read_events, run_args
+from tests.kafka_support import (
+    REPO,
+    fresh_settings,
+    produce,
+    read_events,
+    run_args,
+    started_processes,
+)
 
 
 async def committed_offsets(settings) -> dict[str, int]:
@@ -42,6 +49,7 @@ async def test_sigterm_mid_stream_exits_0_promptly_with_offsets_committed(broker
     env = {**os.environ, "LIQMON_GROUP": settings.group, "LIQMON_LOG_LEVEL": "info"}
     proc = await asyncio.create_subprocess_exec(*run_args(settings, "--metrics-port", "0"), env=env,
                                                 stderr=subprocess.PIPE)
+    started_processes.append(proc)
     names = {"prices": settings.topics.prices, "fills": settings.topics.fills,
              "ledger": settings.topics.ledger}
     records = [(names[r.topic], r.key.encode(), r.value_bytes())
@@ -92,6 +100,7 @@ def test_demo_runs_a_crash_shows_every_event_type_and_leaves_nothing_running() -
          "--seed", "3", "--config", str(REPO / "examples" / "risk.toml")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
     )
+    started_processes.append(demo)
     spawned: set[int] = set()
     while demo.poll() is None and not spawned:  # the embedded broker it starts
         spawned = children(demo.pid)
@@ -112,6 +121,7 @@ def test_broker_command_prints_its_address_and_stops_on_ctrl_c() -> None:
     port = free_port()
     broker = subprocess.Popen([sys.executable, "-m", "monitor.cli", "broker", "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started_processes.append(broker)
     assert broker.stdout is not None
     first = broker.stdout.readline().decode()
     assert f"127.0.0.1:{port}" in first
