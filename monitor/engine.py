@@ -3,17 +3,28 @@ accounts it can move, and return the state-change events it causes.
 
 The engine is synchronous and knows nothing of Kafka: `liqmon replay` and `liqmon run` feed it
 the same records in the same order and therefore get the same events.
+
+State lives in a columnar book (`monitor.book`). A fill or ledger entry re-values its one
+account from scratch. A tick re-values, among the accounts it can move, those whose *safe band*
+for the ticked symbol it leaves: the band is the price range inside which the account's state
+provably cannot change (see `monitor.book`), so skipping the others changes no event. Events
+are built from `margin.value_account`, exactly as before; `monitor.reference.ReferenceEngine`
+is the straightforward engine this one must agree with, event for event.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
+
+from monitor.book import Book
 from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event
-from monitor.margin import Position, apply_fill_to_position, value_account
+from monitor.margin import Position, Valuation, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
 from monitor.state import AccountState, next_state
 
@@ -73,103 +84,64 @@ class DedupeWindow:
         return True
 
 
-class Engine:
-    def __init__(self, config: RiskConfig, dedupe_window: int = DEFAULT_DEDUPE_WINDOW) -> None:
-        self.config = config
-        self.prices: dict[str, float] = {}
-        self.price_ts: dict[str, int] = {}
-        self.accounts: dict[str, Account] = {}
-        self.stats = EngineStats()
+# Above this many accounts to re-value, a tick screens them in numpy first and re-values in
+# Python only those that are not provably stable.
+VECTOR_MIN = 48
+INDEX_CHUNK = 262_144  # rows indexed per numpy pass after a restore (bounds peak memory)
+_STATES = tuple(AccountState)
+_HEALTHY = AccountState.HEALTHY
+
+
+class AccountsView(Mapping[str, Account]):
+    """`engine.accounts`: account id → an `Account` built from the book.
+
+    A read view: changing the returned object changes nothing in the engine (install state
+    with `Engine.load_account`). Lookups are cached until the engine applies its next record
+    (a checkpoint reads each changed account more than once). A deep copy is a plain dict.
+    """
+
+    __slots__ = ("_book", "_cache")
+
+    def __init__(self, book: Book) -> None:
+        self._book = book
+        self._cache: dict[str, Account] = {}
+
+    def changed(self) -> None:
+        if self._cache:
+            self._cache = {}
+
+    def __getitem__(self, account_id: str) -> Account:
+        account = self._cache.get(account_id)
+        if account is None:
+            book = self._book
+            account = self._cache[account_id] = book.account(book.index[account_id])
+        return account
+
+    def __contains__(self, account_id: object) -> bool:
+        return account_id in self._book.index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._book.index))
+
+    def __len__(self) -> int:
+        return len(self._book.index)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Account]:
+        return {account_id: self._book.account(row)
+                for account_id, row in self._book.index.items()}
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} accounts>"
+
+
+class InputLedger:
+    """What every engine keeps besides its accounts: the per-partition duplicate windows and
+    the set of accounts changed since the last checkpoint (SPEC §2, §6)."""
+
+    def __init__(self, dedupe_window: int) -> None:
         self._dedupe_window = dedupe_window
         self._dedupe: dict[tuple[str, int | None], DedupeWindow] = {}
-        self.positions_held = 0
-        self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
-        self._price_symbols = config.price_symbols()
-        self._watchers: dict[str, set[str]] = {}  # price symbol -> accounts it can move
         self._dirty: set[str] = set()  # accounts changed since the last take_dirty()
-        # After a restore, accounts whose snapshot is newer than the inputs being re-read:
-        # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
-        self._caught_up_from: dict[str, dict[tuple[str, int | None], int]] = {}
-
-    # -- input -------------------------------------------------------------------------------
-
-    def apply(self, record: InputRecord, source: Source) -> list[Event]:
-        """Apply one valid record; events come back in ascending account-id order."""
-        if isinstance(record, PriceTick):
-            return self._apply_tick(record, source)
-        if isinstance(record, Fill):
-            return self._apply_fill(record, source)
-        return self._apply_ledger(record, source)
-
-    def _apply_tick(self, tick: PriceTick, source: Source) -> list[Event]:
-        symbol = tick.symbol
-        if symbol not in self._price_symbols:
-            self.stats.unused_ticks += 1
-            return []
-        last_ts = self.price_ts.get(symbol)
-        if last_ts is not None and tick.ts < last_ts:
-            self.stats.stale_ticks += 1
-            return []
-        self.prices[symbol] = tick.price
-        self.price_ts[symbol] = tick.ts
-        self.stats.applied_ticks += 1
-        events = []
-        guarded = self._caught_up_from
-        for account_id in self.accounts_moved_by(symbol):
-            if guarded and self._already_reflected(account_id, source):
-                continue
-            event = self._evaluate(account_id, tick.ts, "price", symbol, source)
-            if event is not None:
-                events.append(event)
-        events.sort(key=lambda event: event.account)
-        return events
-
-    def _apply_fill(self, fill: Fill, source: Source) -> list[Event]:
-        if not self._first_time(source, fill.account, fill.fill_id):
-            self.stats.duplicates += 1
-            return []
-        if self._caught_up_from and self._already_reflected(fill.account, source):
-            return []
-        account = self._account(fill.account, source.partition)
-        instrument = self.config.instruments[fill.symbol]
-        held = account.positions.get(fill.symbol)
-        position, realized = apply_fill_to_position(
-            held, fill.signed_qty, fill.price, instrument.contract_size
-        )
-        if position is None:
-            del account.positions[fill.symbol]
-            self.positions_held -= 1
-        else:
-            account.positions[fill.symbol] = position
-            self.positions_held += held is None
-        settle = instrument.settle
-        balance = account.balances.get(settle, 0.0)
-        balance += realized
-        balance -= fill.fee
-        self._set_balance(account, settle, balance)
-        self.stats.applied_fills += 1
-        return self._after_account_change(fill.account, account, fill.ts, "fill", fill.fill_id,
-                                          source)
-
-    def _apply_ledger(self, entry: LedgerEntry, source: Source) -> list[Event]:
-        if not self._first_time(source, entry.account, entry.entry_id):
-            self.stats.duplicates += 1
-            return []
-        if self._caught_up_from and self._already_reflected(entry.account, source):
-            return []
-        account = self._account(entry.account, source.partition)
-        self._set_balance(account, entry.asset,
-                          account.balances.get(entry.asset, 0.0) + entry.amount)
-        self.stats.applied_ledger += 1
-        return self._after_account_change(entry.account, account, entry.ts, "ledger",
-                                          entry.entry_id, source)
-
-    def accounts_moved_by(self, symbol: str) -> frozenset[str] | set[str]:
-        """Accounts a tick on this symbol can move (SPEC §6): a position marked by it or
-        settling in an asset priced by it, or a non-zero balance in an asset priced by it."""
-        return self._watchers.get(symbol, frozenset())
-
-    # -- bookkeeping -------------------------------------------------------------------------
 
     def _first_time(self, source: Source, account: str, record_id: str) -> bool:
         key = (source.topic, source.partition)
@@ -177,95 +149,6 @@ class Engine:
         if window is None:
             window = self._dedupe[key] = DedupeWindow(self._dedupe_window)
         return window.add((account, record_id))
-
-    def _account(self, account_id: str, partition: int | None) -> Account:
-        account = self.accounts.get(account_id)
-        if account is None:
-            account = self.accounts[account_id] = Account(partition=partition)
-            self.accounts_in_state[AccountState.HEALTHY] += 1
-        return account
-
-    @staticmethod
-    def _set_balance(account: Account, asset: str, balance: float) -> None:
-        if balance == 0:
-            account.balances.pop(asset, None)
-        else:
-            account.balances[asset] = balance
-
-    def _after_account_change(self, account_id: str, account: Account, ts: int, kind: str,
-                              ref: str, source: Source) -> list[Event]:
-        self._dirty.add(account_id)
-        self._rewatch(account_id, account)
-        event = self._evaluate(account_id, ts, kind, ref, source)
-        if account.is_blank():
-            del self.accounts[account_id]
-            self.accounts_in_state[AccountState.HEALTHY] -= 1  # blank implies never left it
-        return [event] if event is not None else []
-
-    def _rewatch(self, account_id: str, account: Account) -> None:
-        """Keep the symbol → accounts index in step with what the account now holds."""
-        watched = self._watched_symbols(account)
-        if watched == account.watched:
-            return
-        for symbol in account.watched - watched:
-            holders = self._watchers[symbol]
-            holders.discard(account_id)
-            if not holders:
-                del self._watchers[symbol]
-        for symbol in watched - account.watched:
-            self._watchers.setdefault(symbol, set()).add(account_id)
-        account.watched = watched
-
-    def _watched_symbols(self, account: Account) -> frozenset[str]:
-        assets, instruments = self.config.assets, self.config.instruments
-        symbols: set[str] = set()
-        for symbol in account.positions:
-            instrument = instruments[symbol]
-            symbols.add(instrument.mark_symbol)
-            settle_symbol = assets[instrument.settle].price_symbol
-            if settle_symbol is not None:
-                symbols.add(settle_symbol)
-        for asset in account.balances:
-            price_symbol = assets[asset].price_symbol
-            if price_symbol is not None:
-                symbols.add(price_symbol)
-        return frozenset(symbols)
-
-    # -- evaluation --------------------------------------------------------------------------
-
-    def _evaluate(self, account_id: str, ts: int, kind: str, ref: str,
-                  source: Source) -> Event | None:
-        account = self.accounts[account_id]
-        valuation = value_account(account.balances, account.positions, self.config, self.prices)
-        if valuation is None:
-            self.stats.unevaluated += 1
-            return None
-        new_state = next_state(account.state, valuation.ratio, self.config.thresholds)
-        if new_state == account.state:
-            return None
-        account.transitions += 1
-        self._dirty.add(account_id)
-        event = build_event(
-            account=account_id,
-            transition=account.transitions,
-            previous=account.state,
-            state=new_state,
-            valuation=valuation,
-            balances=account.balances,
-            positions=account.positions,
-            config=self.config,
-            prices=self.prices,
-            ts=ts,
-            trigger_kind=kind,
-            trigger_ref=ref,
-            source=source,
-        )
-        self.accounts_in_state[account.state] -= 1
-        self.accounts_in_state[new_state] += 1
-        account.state = new_state
-        return event
-
-    # -- durability: what a checkpoint saves and a restore loads --------------------------------
 
     def take_dirty(self) -> set[str]:
         """Accounts changed since the last call (a missing one was forgotten: tombstone it)."""
@@ -285,25 +168,310 @@ class Engine:
         for key in ids:
             window.add(key)
 
+
+class Engine(InputLedger):
+    def __init__(self, config: RiskConfig, dedupe_window: int = DEFAULT_DEDUPE_WINDOW) -> None:
+        super().__init__(dedupe_window)
+        self.config = config
+        self.book = Book(config)
+        self._t = self.book.t
+        self._prices: dict[str, float] = {}
+        self.price_ts: dict[str, int] = {}
+        self.accounts = AccountsView(self.book)
+        self.stats = EngineStats()
+        self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
+        self._price_symbols = config.price_symbols()
+        # After a restore, accounts whose snapshot is newer than the inputs being re-read:
+        # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
+        self._caught_up_from: dict[str, dict[tuple[str, int | None], int]] = {}
+        self._unindexed: list[int] = []  # rows installed by load_account, not yet banded
+        self._reindex_all = False  # prices were replaced under the bands
+
+    @property
+    def prices(self) -> dict[str, float]:
+        return self._prices
+
+    @prices.setter
+    def prices(self, table: dict[str, float]) -> None:
+        self._prices = table
+        self.book.load_prices(table)
+        self._reindex_all = True
+
+    @property
+    def positions_held(self) -> int:
+        return self.book.positions
+
+    # -- input -------------------------------------------------------------------------------
+
+    def apply(self, record: InputRecord, source: Source) -> list[Event]:
+        """Apply one valid record; events come back in ascending account-id order."""
+        if self._unindexed or self._reindex_all:
+            self.index_restored()
+        self.accounts.changed()
+        if isinstance(record, PriceTick):
+            return self._apply_tick(record, source)
+        if isinstance(record, Fill):
+            return self._apply_fill(record, source)
+        return self._apply_ledger(record, source)
+
+    def apply_many(self, records: Iterable[tuple[InputRecord, Source]]) -> list[Event]:
+        """Apply records in order, each exactly as `apply` would; their events, in order."""
+        events: list[Event] = []
+        extend = events.extend
+        apply = self.apply
+        for record, source in records:
+            extend(apply(record, source))
+        return events
+
+    def _apply_tick(self, tick: PriceTick, source: Source) -> list[Event]:
+        symbol = tick.symbol
+        if symbol not in self._price_symbols:
+            self.stats.unused_ticks += 1
+            return []
+        last_ts = self.price_ts.get(symbol)
+        if last_ts is not None and tick.ts < last_ts:
+            self.stats.stale_ticks += 1
+            return []
+        self._prices[symbol] = tick.price
+        self.price_ts[symbol] = tick.ts
+        self.stats.applied_ticks += 1
+        sym = self._t.sym_index[symbol]
+        book = self.book
+        book.sym_px_m[sym] = tick.price
+        rows = book.candidates(sym, tick.price)
+        if rows is None:
+            return []
+        return self._reevaluate(rows, tick.ts, symbol, source)
+
+    def _reevaluate(self, rows: np.ndarray, ts: int, symbol: str,
+                    source: Source) -> list[Event]:
+        """Re-value the accounts whose band a tick left; events in account-id order."""
+        book = self.book
+        if len(rows) >= VECTOR_MIN:
+            v = book.assess_many(rows)
+            eps = book.safe_eps_many(book.state[rows], v)
+            stable = eps > 0
+            if stable.any():
+                keep = np.flatnonzero(stable)
+                remap = np.full(len(rows), -1, np.int64)
+                remap[keep] = np.arange(len(keep))
+                pairs = stable[v["pair_rows"]]
+                book.anchor_many(rows[keep], eps[keep], remap[v["pair_rows"][pairs]],
+                                 v["pair_syms"][pairs])
+                rows = rows[~stable]
+        events = []
+        guarded = self._caught_up_from
+        ids = book.ids
+        for row in rows.tolist():
+            if guarded and self._already_reflected(ids[row], source):  # type: ignore[arg-type]
+                book.anchor(row, 0.0, list(book.watched_of(row)))
+                continue
+            event = self._evaluate(row, ts, "price", symbol, source)
+            if event is not None:
+                events.append(event)
+        if len(events) > 1:
+            events.sort(key=lambda event: event.account)
+        return events
+
+    def _apply_fill(self, fill: Fill, source: Source) -> list[Event]:
+        if not self._first_time(source, fill.account, fill.fill_id):
+            self.stats.duplicates += 1
+            return []
+        if self._caught_up_from and self._already_reflected(fill.account, source):
+            return []
+        book = self.book
+        row = book.index.get(fill.account)
+        if row is None:
+            row = book.new_row(fill.account, source.partition)
+            self.accounts_in_state[_HEALTHY] += 1
+        signed = fill.qty if fill.side == "buy" else -fill.qty
+        book.apply_fill(row, self._t.instr_index[fill.symbol], signed, fill.price, fill.fee)
+        self.stats.applied_fills += 1
+        return self._after_account_change(row, fill.account, fill.ts, "fill", fill.fill_id,
+                                          source)
+
+    def _apply_ledger(self, entry: LedgerEntry, source: Source) -> list[Event]:
+        if not self._first_time(source, entry.account, entry.entry_id):
+            self.stats.duplicates += 1
+            return []
+        if self._caught_up_from and self._already_reflected(entry.account, source):
+            return []
+        book = self.book
+        row = book.index.get(entry.account)
+        if row is None:
+            row = book.new_row(entry.account, source.partition)
+            self.accounts_in_state[_HEALTHY] += 1
+        book.add_balance(row, self._t.asset_index[entry.asset], entry.amount)
+        self.stats.applied_ledger += 1
+        return self._after_account_change(row, entry.account, entry.ts, "ledger",
+                                          entry.entry_id, source)
+
+    def accounts_moved_by(self, symbol: str) -> frozenset[str]:
+        """Accounts a tick on this symbol can move (SPEC §6): a position marked by it or
+        settling in an asset priced by it, or a non-zero balance in an asset priced by it."""
+        sym = self._t.sym_index.get(symbol)
+        if sym is None:
+            return frozenset()
+        if self._unindexed or self._reindex_all:
+            self.index_restored()
+        ids = self.book.ids
+        return frozenset(ids[row] for row in self.book.holders(sym).tolist())  # type: ignore[misc]
+
+    def valuation(self, account_id: str) -> Valuation | None:
+        """The account's figures at the current prices, from scratch (SPEC §4)."""
+        account = self.accounts[account_id]
+        return value_account(account.balances, account.positions, self.config, self._prices)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _after_account_change(self, row: int, account_id: str, ts: int, kind: str, ref: str,
+                              source: Source) -> list[Event]:
+        self._dirty.add(account_id)
+        event = self._evaluate(row, ts, kind, ref, source)
+        if self.book.is_blank(row):  # nothing to remember (SPEC §5 tombstone rule)
+            self.book.free_row(row)
+            self.accounts_in_state[_HEALTHY] -= 1  # blank implies never left it
+        return [event] if event is not None else []
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def _evaluate(self, row: int, ts: int, kind: str, ref: str,
+                  source: Source) -> Event | None:
+        """Re-value one account from scratch, move its state, and file its new band."""
+        book = self.book
+        a = book.assess(row, self._prices)
+        if not a[0]:  # a settle asset has no price yet
+            self.stats.unevaluated += 1
+            book.anchor(row, 0.0, a[10])
+            return None
+        t = self._t
+        state = book.state_m[row]
+        ratio = a[1]
+        if ratio >= t.liq:
+            new = 2
+        elif ratio >= t.mc:
+            new = 1
+        else:
+            new = 0
+        if new <= state:
+            if ratio >= t.liq_h:
+                new = 2
+            elif ratio >= t.mc_h:
+                new = 1
+            else:
+                new = 0
+            if new > state:
+                new = state
+        event = None
+        if new != state:
+            event, new = self._transition(row, state, ts, kind, ref, source)
+        book.anchor(row, book.safe_eps(new, a), a[10])
+        return event
+
+    def _transition(self, row: int, state: int, ts: int, kind: str, ref: str,
+                    source: Source) -> tuple[Event | None, int]:
+        """Build the event from a from-scratch valuation and move the account's state."""
+        book = self.book
+        balances, positions = book.balances_of(row), book.positions_of(row)
+        valuation = value_account(balances, positions, self.config, self._prices)
+        previous = _STATES[state]
+        if valuation is None:  # pragma: no cover - assess() said every settle price is there
+            return None, state
+        new_state = next_state(previous, valuation.ratio, self.config.thresholds)
+        if new_state == previous:  # pragma: no cover - both valuations sum identically
+            return None, state
+        account_id: str = book.ids[row]  # type: ignore[assignment]
+        transitions = book.trans_m[row] + 1
+        book.trans_m[row] = transitions
+        self._dirty.add(account_id)
+        event = build_event(
+            account=account_id,
+            transition=transitions,
+            previous=previous,
+            state=new_state,
+            valuation=valuation,
+            balances=balances,
+            positions=positions,
+            config=self.config,
+            prices=self._prices,
+            ts=ts,
+            trigger_kind=kind,
+            trigger_ref=ref,
+            source=source,
+        )
+        self.accounts_in_state[previous] -= 1
+        self.accounts_in_state[new_state] += 1
+        book.state_m[row] = int(new_state)
+        return event, int(new_state)
+
+    def index_restored(self) -> int:
+        """File accounts installed by `load_account` (or all, after `load_prices`) in the
+        band index. `apply` does it before the next record; call it to pay the cost at
+        restore time instead. Nothing is evaluated: no event, no counter moves."""
+        book = self.book
+        if self._reindex_all:
+            rows = book.rows_in_use()
+        else:
+            ids = book.ids
+            rows = np.unique(np.array([r for r in self._unindexed if ids[r] is not None],
+                                      dtype=np.int64))
+        self._unindexed = []
+        self._reindex_all = False
+        for start in range(0, len(rows), INDEX_CHUNK):
+            chunk = rows[start:start + INDEX_CHUNK]
+            v = book.assess_many(chunk)
+            eps = book.safe_eps_many(book.state[chunk], v)
+            book.anchor_many(chunk, eps, v["pair_rows"], v["pair_syms"])
+        book.fold()
+        return len(rows)
+
+    def expire_bands(self, symbol: str | None = None) -> int:
+        """Forget the safe bands of every account a tick on ``symbol`` can move (or of every
+        account), so that the next tick on any of their symbols re-values them all. For
+        benchmarks and tests: it changes which accounts are re-valued, never an event."""
+        if self._unindexed or self._reindex_all:
+            self.index_restored()
+        book = self.book
+        if symbol is None:
+            rows = book.rows_in_use()
+        else:
+            sym = self._t.sym_index.get(symbol)
+            if sym is None:
+                return 0
+            rows = book.holders(sym).astype(np.int64)
+        for start in range(0, len(rows), INDEX_CHUNK):
+            chunk = rows[start:start + INDEX_CHUNK]
+            v = book.assess_many(chunk)
+            book.anchor_many(chunk, np.zeros(len(chunk)), v["pair_rows"], v["pair_syms"])
+        book.fold()
+        return len(rows)
+
+    # -- durability: what a checkpoint saves and a restore loads --------------------------------
+
     def price_table(self) -> dict[str, tuple[float, int]]:
-        return {symbol: (price, self.price_ts[symbol]) for symbol, price in self.prices.items()}
+        return {symbol: (price, self.price_ts[symbol]) for symbol, price in self._prices.items()}
 
     def load_prices(self, table: dict[str, tuple[float, int]]) -> None:
-        self.prices = {symbol: price for symbol, (price, _) in table.items()}
+        self._prices = {symbol: price for symbol, (price, _) in table.items()}
         self.price_ts = {symbol: ts for symbol, (_, ts) in table.items()}
+        self.book.load_prices(self._prices)
+        if self.book.index:
+            self._reindex_all = True  # every band was drawn around the old prices
 
     def load_account(self, account_id: str, account: Account,
                      caught_up_from: dict[tuple[str, int | None], int] | None = None) -> None:
         """Install a restored account. ``caught_up_from`` marks a snapshot that already
         reflects inputs about to be re-read: records before those offsets skip it."""
-        previous = self.accounts.get(account_id)
+        self.accounts.changed()
+        book = self.book
+        previous = book.index.get(account_id)
         if previous is not None:
-            self._forget(account_id, previous)
-        account.watched = frozenset()
-        self.accounts[account_id] = account
+            self._forget(previous)
+        row = book.load(account_id, {a: b for a, b in account.balances.items() if b != 0},
+                        account.positions, int(account.state), account.transitions,
+                        account.partition)
         self.accounts_in_state[account.state] += 1
-        self.positions_held += len(account.positions)
-        self._rewatch(account_id, account)
+        self._unindexed.append(row)
         if caught_up_from:
             self._caught_up_from[account_id] = caught_up_from
         else:
@@ -311,22 +479,23 @@ class Engine:
 
     def drop_partition(self, partition: int | None) -> int:
         """Forget every account of an input partition (it was handed to another instance)."""
-        gone = [a for a, account in self.accounts.items() if account.partition == partition]
-        for account_id in gone:
-            self._forget(account_id, self.accounts[account_id])
-            self._dirty.discard(account_id)
-        return len(gone)
+        self.accounts.changed()
+        book = self.book
+        code = -1 if partition is None else partition
+        ids = book.ids
+        rows = [row for row in np.flatnonzero(book.part[:len(ids)] == code).tolist()
+                if ids[row] is not None]
+        for row in rows:
+            account_id = ids[row]
+            self._forget(row)
+            self._dirty.discard(account_id)  # type: ignore[arg-type]
+        return len(rows)
 
-    def _forget(self, account_id: str, account: Account) -> None:
-        for symbol in account.watched:
-            holders = self._watchers[symbol]
-            holders.discard(account_id)
-            if not holders:
-                del self._watchers[symbol]
-        self.accounts_in_state[account.state] -= 1
-        self.positions_held -= len(account.positions)
-        self._caught_up_from.pop(account_id, None)
-        del self.accounts[account_id]
+    def _forget(self, row: int) -> None:
+        book = self.book
+        self.accounts_in_state[_STATES[book.state_m[row]]] -= 1
+        self._caught_up_from.pop(book.ids[row], None)  # type: ignore[arg-type]
+        book.free_row(row)
 
     def _already_reflected(self, account_id: str, source: Source) -> bool:
         marks = self._caught_up_from.get(account_id)

@@ -23,7 +23,6 @@ from monitor.engine import Engine
 from monitor.replay import replay
 from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings, Topics
-from monitor.service.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
 _names = itertools.count()
@@ -193,16 +192,6 @@ async def produce_timestamped(bootstrap: str, topics: Topics, records,
     return await produce(bootstrap, [(names[kind], key, value) for kind, key, value in records],
                          first_timestamp_ms=first_timestamp_ms)
 
-
-async def create_topics(settings: ServiceSettings) -> None:
-    """As the monitor would. Produce only after this: the embedded broker auto-creates an
-    unknown topic on first use, with four partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    await admin.start()
-    try:
-        await ensure_topics(admin, settings)
-    finally:
-        await admin.close()
 
 
 started_processes: list[Any] = []  # every process a test started: reaped when it ends

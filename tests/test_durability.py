@@ -15,12 +15,12 @@ from monitor.engine import Engine
 from monitor.replay import replay
 from monitor.service.changelog import StateCorrupt, read_changelog
 from monitor.service.runner import Monitor
+from monitor.service.topics import create_topics
 from monitor.snapshot import KIND_HEADER
 from tests.kafka_support import (
     REPO,
     MonitorProcess,
     RunningMonitor,
-    create_topics,
     fresh_settings,
     positions_of,
     produce_timestamped,

@@ -18,10 +18,10 @@ from monitor.engine import Engine
 from monitor.service.broker import free_port
 from monitor.service.changelog import read_changelog
 from monitor.service.settings import ServiceSettings
+from monitor.service.topics import create_topics
 from tests.kafka_support import (
     REPO,
     MonitorProcess,
-    create_topics,
     fresh_settings,
     produce_located,
     read_events,

@@ -52,6 +52,17 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
     return counts
 
 
+async def create_topics(settings: ServiceSettings) -> dict[str, int]:
+    """ensure_topics with an admin client of its own (tools, benchmarks, tests)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap,
+                                client_id=f"{settings.client_id}-admin")
+    await admin.start()
+    try:
+        return await ensure_topics(admin, settings)
+    finally:
+        await admin.close()
+
+
 async def _create(admin: AIOKafkaAdminClient, new: list[NewTopic]) -> None:
     response = await admin.create_topics(new)
     for name, code, message in response.topic_errors:

@@ -1,0 +1,1019 @@
+"""The engine's account book: columnar account state and the safe-band index (SPEC §4–§6 at
+exchange scale).
+
+Storage is a struct of arrays. Accounts are rows (state, transition counter, partition, one
+balance per configured asset, the head of a linked list of positions); positions are rows of
+their own (account, instrument, qty, entry price, next). Scalar code reads and writes them
+through memoryviews (~25 ns an access), vector code through the numpy arrays behind them.
+
+**Safe bands.** A tick must re-evaluate every account it can move (SPEC §6), but the result of
+evaluating an account only matters when its state changes. After every exact evaluation the
+book proves how far prices may move before the state *could* change and files the account in a
+per-symbol index under a price band: a later tick re-evaluates an account only when it leaves
+one of its bands. The proof (see `safe_eps`) bounds the change of
+
+    F = U·equity − MM   (> 0 ⟺ the ratio stays below the next threshold up, U)
+    G = MM − D·equity   (≥ 0 ⟺ the ratio stays at or above the threshold down, D)
+
+when every price the account depends on moves by a relative amount of at most ε. Equity is
+linear in each price; MM is piecewise linear in the mark with slope at most the largest mmr
+reachable, and linear in the settle price. So |ΔF| ≤ A·ε + B·ε², and any ε with
+A·ε + B·ε² < F keeps the state. The band uses 90 % of that room after subtracting a
+floating-point margin (1e-11 of the magnitudes involved, far above the rounding of a valuation),
+so the decision an exact evaluation would make anywhere inside the band is the same.
+
+An account whose ratio sits on a boundary gets ε = 0 and is re-evaluated on every tick of any of
+its symbols; so does one that cannot be evaluated yet (a settle asset without a price), and a
+symbol without a price yet gives an empty band (its first tick always re-evaluates). Events are
+always built from a from-scratch valuation (`margin.value_account`), so bands decide only *which*
+accounts are re-valued, never what an event says.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from monitor.config import RiskConfig
+from monitor.margin import Position
+from monitor.state import AccountState
+
+CAP = 0.2  # largest relative move a band may allow (the tier-slope bound is computed for it)
+CAP1 = 1.0 + CAP
+SAFETY = 0.9  # a band allows 90 % of the provable room (TOL covers rounding)
+TOL = 1e-11  # floating-point margin, relative to the magnitudes that make up F and G
+INF = math.inf
+NAN = math.nan
+_AID_MASK = 0xFFFFFFFF
+
+
+class Tables:
+    """The risk config as flat lists indexed by small integers, for the hot paths."""
+
+    def __init__(self, config: RiskConfig) -> None:
+        th = config.thresholds
+        self.mc, self.liq, self.h = th.margin_call, th.liquidation, th.hysteresis
+        self.liq_h = th.liquidation - th.hysteresis  # as next_state computes them
+        self.mc_h = th.margin_call - th.hysteresis
+        self.symbols: list[str] = sorted(config.price_symbols())
+        self.sym_index = {s: n for n, s in enumerate(self.symbols)}
+        self.assets: list[str] = list(config.assets)
+        self.asset_index = {a: n for n, a in enumerate(self.assets)}
+        self.n_assets = len(self.assets)
+        self.a_fixed: list[float | None] = []
+        self.a_symbol: list[str | None] = []
+        self.a_sym_id: list[int] = []
+        self.a_weight: list[float] = []
+        for name in self.assets:
+            asset = config.assets[name]
+            self.a_fixed.append(asset.fixed_price)
+            self.a_symbol.append(asset.price_symbol)
+            self.a_sym_id.append(-1 if asset.price_symbol is None
+                                 else self.sym_index[asset.price_symbol])
+            self.a_weight.append(asset.collateral_weight)
+        self.instruments: list[str] = list(config.instruments)
+        self.instr_index = {i: n for n, i in enumerate(self.instruments)}
+        self.i_cs: list[float] = []
+        self.i_settle: list[int] = []
+        self.i_settle_fixed: list[float | None] = []
+        self.i_settle_symbol: list[str | None] = []
+        self.i_settle_id: list[int] = []
+        self.i_mark: list[str] = []
+        self.i_mark_id: list[int] = []
+        self.i_tiers: list[tuple[tuple[float, float, float, float], ...]] = []
+        for name in self.instruments:
+            instrument = config.instruments[name]
+            settle = self.asset_index[instrument.settle]
+            self.i_cs.append(instrument.contract_size)
+            self.i_settle.append(settle)
+            self.i_settle_fixed.append(self.a_fixed[settle])
+            self.i_settle_symbol.append(self.a_symbol[settle])
+            self.i_settle_id.append(self.a_sym_id[settle])
+            self.i_mark.append(instrument.mark_symbol)
+            self.i_mark_id.append(self.sym_index[instrument.mark_symbol])
+            self.i_tiers.append(tuple((t.max_notional, t.mmr, t.imr, t.maintenance_amount)
+                                      for t in instrument.tiers))
+        # Padded tier tables for vector code: t = #(notional > max) over all but the last tier.
+        n_i = len(self.instruments)
+        width = max((len(t) for t in self.i_tiers), default=1)
+        self.t_max = np.full((n_i, width), INF)
+        self.t_mmr = np.zeros((n_i, width))
+        self.t_cum = np.zeros((n_i, width))
+        for i, tiers in enumerate(self.i_tiers):
+            for k, (max_n, mmr, _, cum) in enumerate(tiers):
+                if k < len(tiers) - 1:
+                    self.t_max[i, k] = max_n
+                self.t_mmr[i, k], self.t_cum[i, k] = mmr, cum
+            self.t_mmr[i, len(tiers):] = tiers[-1][1]
+            self.t_cum[i, len(tiers):] = tiers[-1][3]
+        self.tier_width = width
+        self.asset_rows = [(a, self.a_fixed[a], self.a_weight[a], self.a_sym_id[a],
+                            self.a_symbol[a]) for a in range(self.n_assets)]
+        self.instr_rows = [(self.i_cs[i], self.i_settle_fixed[i], self.i_settle_symbol[i],
+                            self.i_settle_id[i], self.i_mark[i], self.i_mark_id[i],
+                            self.i_tiers[i]) for i in range(n_i)]
+        self.v_settle_fixed = np.array([NAN if f is None else f for f in self.i_settle_fixed])
+        self.v_cs = np.array(self.i_cs, dtype=np.float64)
+        self.v_mark_id = np.array(self.i_mark_id, dtype=np.int64)
+        self.v_settle_id = np.array(self.i_settle_id, dtype=np.int64)
+        self.v_settle_moves = self.v_settle_id >= 0
+
+    def symbol_prices(self, prices: Mapping[str, float]) -> np.ndarray:
+        """Current price per symbol id, NaN where there is none yet."""
+        get = prices.get
+        return np.array([get(s, NAN) for s in self.symbols], dtype=np.float64)
+
+    def thresholds_of(self, state: int) -> tuple[float | None, float | None]:
+        """(up, down) ratio thresholds that bound a stay in this state."""
+        if state == 0:
+            return self.mc, None
+        if state == 1:
+            return self.liq, self.mc_h
+        return None, self.liq_h
+
+
+_ACCOUNT: list[Any] = []
+
+
+def _account_type() -> Any:
+    """engine.Account (imported late: the engine imports this module)."""
+    if not _ACCOUNT:
+        from monitor.engine import Account
+
+        _ACCOUNT.append(Account)
+    return _ACCOUNT[0]
+
+
+_STATE_ENUM = tuple(AccountState)
+
+
+def _grown(array: np.ndarray, size: int) -> np.ndarray:
+    bigger = np.zeros(size, dtype=array.dtype)
+    bigger[: len(array)] = array
+    return bigger
+
+
+class SymbolBands:
+    """The bands of every account that watches one price symbol.
+
+    Two sorted runs (by upper bound ascending, by lower bound descending) from which a tick
+    consumes the prefix it crosses, plus an unsorted pending buffer for bands filed since the
+    last merge. Entries carry the account's anchor id at filing time; an entry whose id no
+    longer matches the account's is stale (the account was re-anchored) and is skipped.
+    ``floor``/``ceil`` are the lowest upper and highest lower bound anywhere, so a tick that
+    stays strictly between them costs two comparisons.
+    """
+
+    __slots__ = (
+        "haid",
+        "hi",
+        "hlo",
+        "hrow",
+        "hs",
+        "laid",
+        "limit",
+        "lneg",
+        "lrow",
+        "ls",
+        "maid",
+        "mhi",
+        "mlo",
+        "mrow",
+        "np",
+        "paid",
+        "pcap",
+        "pceil",
+        "pfloor",
+        "phi",
+        "plo",
+        "prow",
+        "sceil",
+        "sfloor",
+        "stale",
+    )
+
+    def __init__(self) -> None:
+        empty_f, empty_i, empty_u = (np.empty(0, np.float64), np.empty(0, np.int32),
+                                     np.empty(0, np.uint32))
+        self.hi, self.hlo, self.hrow, self.haid = empty_f, empty_f, empty_i, empty_u
+        self.lneg, self.lrow, self.laid = empty_f, empty_i, empty_u
+        self.hs = self.ls = 0
+        self.np = 0
+        self.limit = 256
+        self.plo, self.phi = np.zeros(64), np.zeros(64)
+        self.prow, self.paid = np.zeros(64, np.int32), np.zeros(64, np.uint32)
+        self._views()
+        self.pfloor, self.pceil = INF, -INF  # over the pending buffer
+        self.sfloor, self.sceil = INF, -INF  # over the sorted runs
+        self.stale = 0  # bands filed since the runs were last cleared of stale entries
+
+    def _views(self) -> None:
+        self.mlo, self.mhi = memoryview(self.plo), memoryview(self.phi)
+        self.mrow, self.maid = memoryview(self.prow), memoryview(self.paid)
+        self.pcap = len(self.plo)
+
+    def _grow_pending(self, need: int) -> None:
+        size = max(need, 2 * len(self.plo))
+        self.plo, self.phi = _grown(self.plo, size), _grown(self.phi, size)
+        self.prow, self.paid = _grown(self.prow, size), _grown(self.paid, size)
+        self._views()
+
+    def _sorted_edges(self) -> None:
+        self.sfloor = float(self.hi[self.hs]) if self.hs < len(self.hi) else INF
+        self.sceil = -float(self.lneg[self.ls]) if self.ls < len(self.lneg) else -INF
+
+    def push(self, row: int, aid: int, lo: float, hi: float) -> bool:
+        """File one band; True when the pending buffer is due for a merge."""
+        n = self.np
+        if n == self.pcap:
+            self._grow_pending(n + 1)
+        self.mlo[n] = lo
+        self.mhi[n] = hi
+        self.mrow[n] = row
+        self.maid[n] = aid
+        if hi < self.pfloor:
+            self.pfloor = hi
+        if lo > self.pceil:
+            self.pceil = lo
+        self.np = n + 1
+        return n + 1 >= self.limit
+
+    def push_many(self, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
+                  hi: np.ndarray) -> bool:
+        n, k = self.np, len(rows)
+        if n + k > self.pcap:
+            self._grow_pending(n + k)
+        self.plo[n:n + k] = lo
+        self.phi[n:n + k] = hi
+        self.prow[n:n + k] = rows
+        self.paid[n:n + k] = aids
+        self.pfloor = min(self.pfloor, float(hi.min()))
+        self.pceil = max(self.pceil, float(lo.max()))
+        self.np = n + k
+        return n + k >= self.limit
+
+    def take(self, price: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Remove and return (rows, anchor ids) of every band the price touches or leaves."""
+        if (price < self.sfloor and price < self.pfloor and price > self.sceil
+                and price > self.pceil):
+            return None
+        parts_r, parts_a = [], []
+        if price >= self.sfloor:
+            i = int(self.hi.searchsorted(price, "right"))
+            parts_r.append(self.hrow[self.hs:i])
+            parts_a.append(self.haid[self.hs:i])
+            self.hs = i
+        if price <= self.sceil:
+            j = int(self.lneg.searchsorted(-price, "right"))
+            parts_r.append(self.lrow[self.ls:j])
+            parts_a.append(self.laid[self.ls:j])
+            self.ls = j
+        self._sorted_edges()
+        n = self.np
+        if n and (price >= self.pfloor or price <= self.pceil):
+            plo, phi = self.plo[:n], self.phi[:n]
+            out = (phi <= price) | (plo >= price)
+            parts_r.append(self.prow[:n][out])
+            parts_a.append(self.paid[:n][out])
+            keep = ~out
+            k = int(keep.sum())
+            for column in (self.plo, self.phi, self.prow, self.paid):
+                column[:k] = column[:n][keep]
+            self.np = k
+            if k:
+                self.pfloor = float(self.phi[:k].min())
+                self.pceil = float(self.plo[:k].max())
+            else:
+                self.pfloor, self.pceil = INF, -INF
+        if len(parts_r) == 1:
+            return parts_r[0].copy(), parts_a[0].copy()
+        return np.concatenate(parts_r), np.concatenate(parts_a)
+
+    def merge(self, aid: np.ndarray) -> None:
+        """Fold the pending buffer into the sorted runs (a linear insert). Stale entries are
+        dropped from the pending buffer always, from the runs once they may make up half."""
+        n = self.np
+        prow, paid = self.prow[:n], self.paid[:n]
+        ok = aid[prow] == paid
+        prow, paid = prow[ok], paid[ok]
+        plo, phi = self.plo[:n][ok], self.phi[:n][ok]
+        hs, ls = self.hs, self.ls
+        hi, hlo, hrow, haid = self.hi[hs:], self.hlo[hs:], self.hrow[hs:], self.haid[hs:]
+        lneg, lrow, laid = self.lneg[ls:], self.lrow[ls:], self.laid[ls:]
+        self.stale += len(prow)  # each filed band may have made an older one stale
+        if self.stale * 2 > len(hi):
+            live = aid[hrow] == haid
+            hi, hlo, hrow, haid = hi[live], hlo[live], hrow[live], haid[live]
+            live = aid[lrow] == laid
+            lneg, lrow, laid = lneg[live], lrow[live], laid[live]
+            self.stale = 0
+        order = np.argsort(phi)
+        at = hi.searchsorted(phi[order], "right")
+        self.hi = np.insert(hi, at, phi[order])
+        self.hlo = np.insert(hlo, at, plo[order])
+        self.hrow = np.insert(hrow, at, prow[order])
+        self.haid = np.insert(haid, at, paid[order])
+        pneg = -plo
+        order = np.argsort(pneg)
+        at = lneg.searchsorted(pneg[order], "right")
+        self.lneg = np.insert(lneg, at, pneg[order])
+        self.lrow = np.insert(lrow, at, prow[order])
+        self.laid = np.insert(laid, at, paid[order])
+        self.hs = self.ls = 0
+        self.np = 0
+        self.pfloor, self.pceil = INF, -INF
+        self._sorted_edges()
+        self.limit = int(min(8192, max(256, 16 * math.isqrt(len(self.hi)))))
+        if self.pcap > 4 * self.limit:  # give back a buffer a bulk load blew up
+            self.plo, self.phi = np.zeros(self.limit), np.zeros(self.limit)
+            self.prow = np.zeros(self.limit, np.int32)
+            self.paid = np.zeros(self.limit, np.uint32)
+            self._views()
+
+    def live_rows(self, aid: np.ndarray) -> np.ndarray:
+        """Rows with a current band here (the accounts this symbol can move)."""
+        hrow, haid = self.hrow[self.hs:], self.haid[self.hs:]
+        n = self.np
+        prow, paid = self.prow[:n], self.paid[:n]
+        rows = np.concatenate((hrow[aid[hrow] == haid], prow[aid[prow] == paid]))
+        return np.unique(rows)
+
+    def entries(self) -> int:
+        return len(self.hi) - self.hs + self.np
+
+
+# An assessment (see Book.assess) is a plain tuple, indexed by these names.
+EVALUABLE, RATIO, EQUITY, MM, SCALE, AE, BE, AM, BM, HAS_POS, SYMS = range(11)
+Assessment = tuple
+
+
+class Book:
+    """Every account's balances, positions, state and transition counter, in columns."""
+
+    def __init__(self, config: RiskConfig) -> None:
+        self.config = config
+        self.t = Tables(config)
+        self.ids: list[str | None] = []
+        self.index: dict[str, int] = {}
+        self.free_rows: list[int] = []
+        self.free_pos: list[int] = []
+        self.n_pos = 0  # position rows in use, free ones included
+        self.positions = 0  # open positions
+        self._alloc_rows(0, 1024)
+        self._alloc_pos(0, 4096)
+        self.bands = [SymbolBands() for _ in self.t.symbols]
+        self.sym_px = np.full(len(self.t.symbols), NAN)  # current price per symbol id
+        self.sym_px_m = memoryview(self.sym_px)
+
+    # -- storage -------------------------------------------------------------------------------
+
+    def _alloc_rows(self, old: int, size: int) -> None:
+        na = self.t.n_assets
+        if old == 0:
+            self.state = np.zeros(size, np.int8)
+            self.trans = np.zeros(size, np.int64)
+            self.part = np.full(size, -1, np.int32)
+            self.first = np.full(size, -1, np.int32)
+            self.aid = np.zeros(size, np.uint32)
+            self.bal = np.zeros(size * na, np.float64)
+        else:
+            self.state = _grown(self.state, size)
+            self.trans = _grown(self.trans, size)
+            part = np.full(size, -1, np.int32)
+            part[:old] = self.part
+            self.part = part
+            first = np.full(size, -1, np.int32)
+            first[:old] = self.first
+            self.first = first
+            self.aid = _grown(self.aid, size)
+            self.bal = _grown(self.bal, size * na)
+        self.cap = size
+        self.state_m, self.trans_m = memoryview(self.state), memoryview(self.trans)
+        self.part_m, self.first_m = memoryview(self.part), memoryview(self.first)
+        self.aid_m, self.bal_m = memoryview(self.aid), memoryview(self.bal)
+
+    def _alloc_pos(self, old: int, size: int) -> None:
+        if old == 0:
+            self.p_acct = np.zeros(size, np.int32)
+            self.p_instr = np.zeros(size, np.int32)
+            self.p_qty = np.zeros(size, np.float64)
+            self.p_entry = np.zeros(size, np.float64)
+            self.p_next = np.full(size, -1, np.int32)
+        else:
+            self.p_acct = _grown(self.p_acct, size)
+            self.p_instr = _grown(self.p_instr, size)
+            self.p_qty = _grown(self.p_qty, size)
+            self.p_entry = _grown(self.p_entry, size)
+            nxt = np.full(size, -1, np.int32)
+            nxt[:old] = self.p_next
+            self.p_next = nxt
+        self.pcap = size
+        self.acct_m, self.instr_m = memoryview(self.p_acct), memoryview(self.p_instr)
+        self.qty_m, self.entry_m = memoryview(self.p_qty), memoryview(self.p_entry)
+        self.next_m = memoryview(self.p_next)
+
+    def reserve(self, accounts: int, positions: int) -> None:
+        """Grow the columns once for a bulk load."""
+        if accounts > self.cap:
+            self._alloc_rows(self.cap, accounts)
+        if positions > self.pcap:
+            self._alloc_pos(self.pcap, positions)
+
+    def new_row(self, account_id: str, partition: int | None) -> int:
+        if self.free_rows:
+            row = self.free_rows.pop()
+            self.ids[row] = account_id
+        else:
+            row = len(self.ids)
+            if row == self.cap:
+                self._alloc_rows(self.cap, self.cap + (self.cap >> 1))
+            self.ids.append(account_id)
+        self.index[account_id] = row
+        self.part_m[row] = -1 if partition is None else partition
+        return row
+
+    def free_row(self, row: int) -> None:
+        """Forget an account: its bands go stale with its anchor id."""
+        p = self.first_m[row]
+        while p >= 0:
+            nxt = self.next_m[p]
+            self.free_pos.append(p)
+            self.next_m[p] = -1
+            self.positions -= 1
+            p = nxt
+        self.first_m[row] = -1
+        na = self.t.n_assets
+        self.bal[row * na:(row + 1) * na] = 0.0
+        self.state_m[row] = 0
+        self.trans_m[row] = 0
+        self.part_m[row] = -1
+        self.aid_m[row] = (self.aid_m[row] + 1) & _AID_MASK
+        account_id = self.ids[row]
+        self.ids[row] = None
+        del self.index[account_id]  # type: ignore[arg-type]
+        self.free_rows.append(row)
+
+    def _new_pos(self, row: int, instr: int, qty: float, entry: float) -> int:
+        if self.free_pos:
+            p = self.free_pos.pop()
+        else:
+            p = self.n_pos
+            if p == self.pcap:
+                self._alloc_pos(self.pcap, self.pcap + (self.pcap >> 1))
+            self.n_pos = p + 1
+        self.acct_m[p] = row
+        self.instr_m[p] = instr
+        self.qty_m[p] = qty
+        self.entry_m[p] = entry
+        self.next_m[p] = -1
+        tail = self.first_m[row]
+        if tail < 0:
+            self.first_m[row] = p
+        else:  # append: positions keep the order in which they were opened
+            nxt = self.next_m
+            while nxt[tail] >= 0:
+                tail = nxt[tail]
+            nxt[tail] = p
+        self.positions += 1
+        return p
+
+    def _unlink(self, row: int, p: int) -> None:
+        nxt = self.next_m
+        q = self.first_m[row]
+        if q == p:
+            self.first_m[row] = nxt[p]
+        else:
+            while nxt[q] != p:
+                q = nxt[q]
+            nxt[q] = nxt[p]
+        nxt[p] = -1
+        self.free_pos.append(p)
+        self.positions -= 1
+
+    def is_blank(self, row: int) -> bool:
+        if self.first_m[row] >= 0 or self.trans_m[row]:
+            return False
+        na = self.t.n_assets
+        bal = self.bal_m
+        return all(bal[k] == 0.0 for k in range(row * na, row * na + na))
+
+    def position_count(self, row: int) -> int:
+        n, p, nxt = 0, self.first_m[row], self.next_m
+        while p >= 0:
+            n += 1
+            p = nxt[p]
+        return n
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def apply_fill(self, row: int, instr: int, signed_qty: float, price: float,
+                   fee: float) -> None:
+        """SPEC §4 Fill, with the arithmetic of `margin.apply_fill_to_position`."""
+        t = self.t
+        p = self.first_m[row]
+        nxt, instr_m = self.next_m, self.instr_m
+        while p >= 0 and instr_m[p] != instr:
+            p = nxt[p]
+        realized = 0.0
+        if p < 0:
+            self._new_pos(row, instr, signed_qty, price)
+        else:
+            qty_m = self.qty_m
+            q = qty_m[p]
+            if q == 0:
+                qty_m[p] = signed_qty
+                self.entry_m[p] = price
+            else:
+                e = self.entry_m[p]
+                qty = abs(signed_qty)
+                if (q > 0) == (signed_qty > 0):
+                    self.entry_m[p] = (abs(q) * e + qty * price) / (abs(q) + qty)
+                    qty_m[p] = q + signed_qty
+                else:
+                    closed = min(abs(q), qty)
+                    realized = closed * t.i_cs[instr] * (price - e) * math.copysign(1.0, q)
+                    new_q = q + signed_qty
+                    if new_q == 0:
+                        self._unlink(row, p)
+                    else:
+                        if (new_q > 0) != (q > 0):
+                            self.entry_m[p] = price
+                        qty_m[p] = new_q
+        k = row * t.n_assets + t.i_settle[instr]
+        balance = self.bal_m[k]
+        balance += realized
+        balance -= fee
+        self.bal_m[k] = balance
+
+    def add_balance(self, row: int, asset: int, amount: float) -> None:
+        k = row * self.t.n_assets + asset
+        self.bal_m[k] = self.bal_m[k] + amount
+
+    def load(self, account_id: str, balances: Mapping[str, float],
+             positions: Mapping[str, Position], state: int, transitions: int,
+             partition: int | None) -> int:
+        """Install an account as given (restore)."""
+        t = self.t
+        row = self.new_row(account_id, partition)
+        base = row * t.n_assets
+        bal_m = self.bal_m
+        for asset, amount in balances.items():
+            bal_m[base + t.asset_index[asset]] = amount
+        instr_index = t.instr_index
+        for symbol, position in positions.items():
+            self._new_pos(row, instr_index[symbol], position.qty, position.entry_price)
+        self.state_m[row] = state
+        self.trans_m[row] = transitions
+        return row
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def balances_of(self, row: int) -> dict[str, float]:
+        """Non-zero balances, in config order (the order valuations sum them in)."""
+        t = self.t
+        base = row * t.n_assets
+        bal = self.bal_m
+        return {t.assets[a]: bal[base + a] for a in range(t.n_assets) if bal[base + a] != 0.0}
+
+    def positions_of(self, row: int) -> dict[str, Position]:
+        """Open positions, in the order they were opened."""
+        names = self.t.instruments
+        out = {}
+        p, nxt = self.first_m[row], self.next_m
+        while p >= 0:
+            out[names[self.instr_m[p]]] = Position(qty=self.qty_m[p], entry_price=self.entry_m[p])
+            p = nxt[p]
+        return out
+
+    def account(self, row: int) -> Any:
+        """The account as an `engine.Account` (balances, positions in order, state, …)."""
+        t = self.t
+        base = row * t.n_assets
+        bal = self.bal_m
+        balances = {}
+        watched = set()
+        for a, _, _, sym, _ in t.asset_rows:
+            value = bal[base + a]
+            if value != 0.0:
+                balances[t.assets[a]] = value
+                if sym >= 0:
+                    watched.add(sym)
+        names, instr_rows = t.instruments, t.instr_rows
+        positions = {}
+        p, nxt, instr_m, qty_m, entry_m = (self.first_m[row], self.next_m, self.instr_m,
+                                           self.qty_m, self.entry_m)
+        while p >= 0:
+            i = instr_m[p]
+            positions[names[i]] = Position(qty_m[p], entry_m[p])
+            row_i = instr_rows[i]
+            watched.add(row_i[5])
+            if row_i[3] >= 0:
+                watched.add(row_i[3])
+            p = nxt[p]
+        partition = self.part_m[row]
+        symbols = t.symbols
+        return _account_type()(balances, positions, _STATE_ENUM[self.state_m[row]],
+                               self.trans_m[row], None if partition < 0 else partition,
+                               frozenset([symbols[s] for s in watched]))
+
+    def watched_of(self, row: int) -> set[int]:
+        """Symbol ids whose ticks can move the account (SPEC §6)."""
+        t = self.t
+        out: set[int] = set()
+        base = row * t.n_assets
+        bal = self.bal_m
+        for a in range(t.n_assets):
+            if bal[base + a] != 0.0 and t.a_sym_id[a] >= 0:
+                out.add(t.a_sym_id[a])
+        p, nxt = self.first_m[row], self.next_m
+        while p >= 0:
+            i = self.instr_m[p]
+            out.add(t.i_mark_id[i])
+            if t.i_settle_id[i] >= 0:
+                out.add(t.i_settle_id[i])
+            p = nxt[p]
+        return out
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def assess(self, row: int, prices: Mapping[str, float]) -> Assessment:
+        """Value the account from scratch — the same arithmetic, in the same order, as
+        `margin.value_account` over `balances_of` and `positions_of` — and gather the
+        sensitivities its band needs. Returns the tuple
+        (evaluable, ratio, equity, mm, scale, ae, be, am, bm, has_pos, syms):
+        ae/be are the first/second-order sensitivities of equity to a relative move ε of every
+        moving price, am/bm those of MM, scale the magnitude of equity's terms, syms the
+        symbols the account watches."""
+        get = prices.get
+        base = row * self.t.n_assets
+        bal = self.bal_m
+        collateral = scale = ae = be = am = bm = 0.0
+        syms: list[int] = []
+        for a, fixed, weight, sym, symbol in self.t.asset_rows:
+            balance = bal[base + a]
+            if balance == 0.0:
+                continue
+            if fixed is None:
+                syms.append(sym)
+                px = get(symbol)
+                if px is None:
+                    continue
+                term = balance * px * (weight if balance > 0 else 1.0)
+                collateral += term
+                term = abs(term)
+                scale += term
+                ae += term
+            else:
+                term = balance * fixed * (weight if balance > 0 else 1.0)
+                collateral += term
+                scale += abs(term)
+        upnl = mm = 0.0
+        evaluable = True
+        p = self.first_m[row]
+        has_pos = p >= 0
+        if has_pos:
+            nxt, instr_m, qty_m, entry_m = self.next_m, self.instr_m, self.qty_m, self.entry_m
+            instr_rows = self.t.instr_rows
+            while p >= 0:
+                cs, spx, settle_symbol, settle_sym, mark_symbol, mark_sym, tiers = \
+                    instr_rows[instr_m[p]]
+                syms.append(mark_sym)
+                if spx is None:
+                    syms.append(settle_sym)
+                    spx = get(settle_symbol)
+                    if spx is None:
+                        evaluable = False
+                        p = nxt[p]
+                        continue
+                    moving = True
+                else:
+                    moving = False
+                q = qty_m[p]
+                e = entry_m[p]
+                mark = get(mark_symbol, e)
+                notional = abs(q) * cs * mark
+                for tier in tiers:
+                    if notional <= tier[0]:
+                        break
+                u = q * cs * (mark - e) * spx
+                m = (notional * tier[1] - tier[3]) * spx
+                upnl += u
+                mm += m
+                grown = notional * CAP1
+                if grown <= tier[0]:
+                    slope = tier[1]
+                else:
+                    for reach in tiers:
+                        if grown <= reach[0]:
+                            break
+                    slope = reach[1]
+                nq = notional * spx
+                slope *= nq
+                u = abs(u)
+                scale += u
+                ae += nq
+                am += slope
+                if moving:
+                    ae += u
+                    be += nq
+                    am += m + slope
+                    bm += slope
+                p = nxt[p]
+        if not evaluable:
+            return (False, NAN, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0, True, syms)
+        equity = collateral + upnl
+        if equity > 0:
+            ratio = mm / equity
+        elif mm == 0:
+            ratio = 0.0
+        else:
+            ratio = INF
+        return (True, ratio, equity, mm, scale, ae, be, am, bm, has_pos, syms)
+
+    def safe_eps(self, state: int, a: Assessment) -> float:
+        """Largest relative move of every watched price (times SAFETY) that provably keeps
+        the state; 0 when the account sits on a boundary or cannot be valued."""
+        evaluable, _, equity, mm, scale, ae, be, am, bm, has_pos, _ = a
+        if not evaluable:
+            return 0.0
+        if not has_pos:  # no requirement: the ratio is 0 at any price
+            return INF if state == 0 else 0.0
+        t = self.t
+        eps = CAP
+        if state < 2:
+            up = t.mc if state == 0 else t.liq
+            room = up * equity - mm - TOL * (up * scale + mm)
+            if not room > 0:
+                return 0.0
+            lin, quad = up * ae + am, up * be + bm
+            if lin > 0 or quad > 0:
+                bound = 2 * room / (lin + math.sqrt(lin * lin + 4 * quad * room))
+                if bound < eps:
+                    eps = bound
+        if state > 0:
+            down = t.mc_h if state == 1 else t.liq_h
+            room = mm - down * equity - TOL * (down * scale + mm)
+            if not room > 0:
+                return 0.0
+            lin, quad = down * ae + am, down * be + bm
+            if lin > 0 or quad > 0:
+                bound = 2 * room / (lin + math.sqrt(lin * lin + 4 * quad * room))
+                if bound < eps:
+                    eps = bound
+        return eps * SAFETY
+
+    def anchor(self, row: int, eps: float, syms: list[int]) -> None:
+        """File the account under a band of ±eps around the current price of every symbol it
+        watches (an empty band for a symbol without a price: its first tick re-evaluates)."""
+        aid = (self.aid_m[row] + 1) & _AID_MASK
+        self.aid_m[row] = aid
+        if not syms:
+            return
+        sym_px = self.sym_px_m
+        bands = self.bands
+        down, up = 1.0 - eps, 1.0 + eps
+        for s in (set(syms) if len(syms) > 1 else syms):
+            price = sym_px[s]
+            if price == price:
+                lo, hi = price * down, price * up
+            else:  # NaN: no price yet
+                lo, hi = INF, -INF
+            b = bands[s]
+            n = b.np
+            if n == b.pcap:
+                b._grow_pending(n + 1)
+            b.mlo[n] = lo
+            b.mhi[n] = hi
+            b.mrow[n] = row
+            b.maid[n] = aid
+            if hi < b.pfloor:
+                b.pfloor = hi
+            if lo > b.pceil:
+                b.pceil = lo
+            n += 1
+            b.np = n
+            if n >= b.limit:
+                b.merge(self.aid)
+
+    def set_price(self, sym: int, price: float) -> None:
+        self.sym_px_m[sym] = price
+
+    def load_prices(self, prices: Mapping[str, float]) -> None:
+        self.sym_px[:] = self.t.symbol_prices(prices)
+
+    def fold(self) -> None:
+        """Fold every symbol's waiting bulk re-filing into its sorted runs now."""
+        for bands in self.bands:
+            if bands.np > bands.limit:
+                bands.merge(self.aid)
+
+    def candidates(self, sym: int, price: float) -> np.ndarray | None:
+        """Rows whose band for this symbol the price touches or leaves (unique, current)."""
+        bands = self.bands[sym]
+        if bands.np > bands.limit:  # a bulk re-filing is waiting to be folded in
+            bands.merge(self.aid)
+        taken = bands.take(price)
+        if taken is None:
+            return None
+        rows, aids = taken
+        rows = rows[self.aid[rows] == aids]
+        if len(rows) == 0:
+            return None
+        if len(rows) > 1:
+            rows = np.unique(rows)
+        return rows
+
+    def holders(self, sym: int) -> np.ndarray:
+        return self.bands[sym].live_rows(self.aid)
+
+    # -- vector paths ---------------------------------------------------------------------------
+
+    def assess_many(self, rows: np.ndarray) -> dict[str, Any]:
+        """`assess` for many accounts at once, in numpy. Per-account sums run in the same
+        order as `assess` (np.bincount adds sequentially), so equity and MM are identical."""
+        t = self.t
+        n = len(rows)
+        na = t.n_assets
+        sym_px = self.sym_px
+        zeros = np.zeros
+        collateral, scale, ae = zeros(n), zeros(n), zeros(n)
+        pair_rows: list[np.ndarray] = []
+        pair_syms: list[np.ndarray] = []
+        bal = self.bal.reshape(-1, na)[rows]
+        with np.errstate(invalid="ignore"):
+            for a, fixed, weight, sym, _ in t.asset_rows:
+                b = bal[:, a]
+                nonzero = b != 0.0
+                if not nonzero.any():
+                    continue
+                if fixed is None:
+                    local = np.flatnonzero(nonzero)
+                    pair_rows.append(local)
+                    pair_syms.append(np.full(len(local), sym))
+                    px = sym_px[sym]
+                    if px != px:
+                        continue
+                    term = b * px * np.where(b > 0, weight, 1.0)
+                    collateral += term
+                    term = np.abs(term)
+                    scale += term
+                    ae += term
+                else:
+                    term = b * fixed * np.where(b > 0, weight, 1.0)
+                    collateral += term
+                    scale += np.abs(term)
+            # every position of these accounts, list by list: R[k] owns P[k], in list order
+            cur = self.first[rows]
+            owner = np.flatnonzero(cur >= 0)
+            cur = cur[owner]
+            chunks_p, chunks_r = [], []
+            while len(cur):
+                chunks_p.append(cur)
+                chunks_r.append(owner)
+                cur = self.p_next[cur]
+                more = cur >= 0
+                owner, cur = owner[more], cur[more]
+            if chunks_p:
+                pos = np.concatenate(chunks_p)
+                own = np.concatenate(chunks_r)
+                instr = self.p_instr[pos]
+                q = self.p_qty[pos]
+                e = self.p_entry[pos]
+                mark_sym = t.v_mark_id[instr]
+                pair_rows.append(own)
+                pair_syms.append(mark_sym)
+                moving = t.v_settle_moves[instr]
+                any_moving = bool(moving.any())
+                if any_moving:
+                    settle_px = np.where(t.v_settle_moves, sym_px[t.v_settle_id],
+                                         t.v_settle_fixed)
+                    spx = settle_px[instr]
+                    pair_rows.append(own[moving])
+                    pair_syms.append(t.v_settle_id[instr[moving]])
+                else:
+                    spx = t.v_settle_fixed[instr]
+                cs = t.v_cs[instr]
+                mark = sym_px[mark_sym]
+                mark = np.where(mark == mark, mark, e)
+                notional = np.abs(q) * cs * mark
+                tier = self._tiers(instr, notional)
+                reach = self._tiers(instr, notional * CAP1)
+                u = q * cs * (mark - e) * spx
+                m = (notional * t.t_mmr[instr, tier] - t.t_cum[instr, tier]) * spx
+                upnl = np.bincount(own, u, n)
+                mm = np.bincount(own, m, n)
+                nq = notional * spx
+                slope = t.t_mmr[instr, reach] * nq
+                u = np.abs(u)
+                scale += np.bincount(own, u, n)
+                if any_moving:
+                    ae += np.bincount(own, nq + np.where(moving, u, 0.0), n)
+                    be = np.bincount(own, np.where(moving, nq, 0.0), n)
+                    am = np.bincount(own, slope + np.where(moving, m + slope, 0.0), n)
+                    bm = np.bincount(own, np.where(moving, slope, 0.0), n)
+                    evaluable = np.bincount(own, spx != spx, n) == 0
+                else:
+                    ae += np.bincount(own, nq, n)
+                    am = np.bincount(own, slope, n)
+                    be, bm = zeros(n), zeros(n)
+                    evaluable = np.ones(n, bool)
+            else:
+                upnl, mm, am, be, bm = zeros(n), zeros(n), zeros(n), zeros(n), zeros(n)
+                evaluable = np.ones(n, bool)
+        has_pos = self.first[rows] >= 0
+        equity = collateral + upnl
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(equity > 0, mm / equity, np.where(mm == 0, 0.0, INF))
+        return {"evaluable": evaluable, "ratio": ratio, "equity": equity, "mm": mm,
+                "scale": scale, "ae": ae, "be": be, "am": am, "bm": bm, "has_pos": has_pos,
+                "collateral": collateral, "upnl": upnl,
+                "pair_rows": (np.concatenate(pair_rows) if pair_rows
+                              else np.empty(0, np.int64)),
+                "pair_syms": (np.concatenate(pair_syms) if pair_syms
+                              else np.empty(0, np.int64))}
+
+    def _tiers(self, instr: np.ndarray, notional: np.ndarray) -> np.ndarray:
+        """Tier index per position (as Instrument.tier_for), first tier decided cheaply."""
+        t_max = self.t.t_max
+        tier = (notional > t_max[instr, 0]).astype(np.int64)
+        beyond = np.flatnonzero(tier)
+        if len(beyond) and self.t.tier_width > 2:
+            tier[beyond] = (notional[beyond, None] > t_max[instr[beyond], :-1]).sum(1)
+        return tier
+
+    def safe_eps_many(self, states: np.ndarray, v: dict[str, Any]) -> np.ndarray:
+        """`safe_eps` in numpy (0 where an account is not provably stable)."""
+        t = self.t
+        n = len(states)
+        equity, mm, scale = v["equity"], v["mm"], v["scale"]
+        eps = np.full(n, CAP)
+        ok = v["evaluable"].copy()
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            up = np.where(states == 0, t.mc, np.where(states == 1, t.liq, NAN))
+            down = np.where(states == 1, t.mc_h, np.where(states == 2, t.liq_h, NAN))
+            for limit, sign in ((up, 1.0), (down, -1.0)):
+                applies = limit == limit
+                if not applies.any():
+                    continue
+                room = sign * (limit * equity - mm) - TOL * (limit * scale + mm)
+                ok &= ~applies | (room > 0)
+                lin = limit * v["ae"] + v["am"]
+                quad = limit * v["be"] + v["bm"]
+                bound = 2 * room / (lin + np.sqrt(lin * lin + 4 * quad * room))
+                bound = np.where((lin > 0) | (quad > 0), bound, INF)
+                eps = np.where(applies, np.minimum(eps, bound), eps)
+        eps = np.where(ok, eps * SAFETY, 0.0)
+        no_pos = ~v["has_pos"] & v["evaluable"]
+        if no_pos.any():
+            eps[no_pos] = np.where(states[no_pos] == 0, INF, 0.0)
+        return eps
+
+    def anchor_many(self, rows: np.ndarray, eps: np.ndarray, pair_rows: np.ndarray,
+                    pair_syms: np.ndarray) -> None:
+        """`anchor` for many accounts; pair_rows index into rows (duplicates are harmless)."""
+        self.aid[rows] += np.uint32(1)
+        if len(pair_rows) == 0:
+            return
+        price = self.sym_px[pair_syms]
+        e = eps[pair_rows]
+        with np.errstate(invalid="ignore"):
+            lo = price * (1.0 - e)
+            hi = price * (1.0 + e)
+        unpriced = price != price
+        if unpriced.any():
+            lo[unpriced], hi[unpriced] = INF, -INF
+        account_rows = rows[pair_rows].astype(np.int32)
+        aids = self.aid[account_rows]
+        order = np.argsort(pair_syms, kind="stable")
+        syms = pair_syms[order]
+        cuts = np.flatnonzero(syms[1:] != syms[:-1]) + 1
+        starts = [0, *cuts.tolist()]
+        ends = [*cuts.tolist(), len(syms)]
+        account_rows, aids, lo, hi = account_rows[order], aids[order], lo[order], hi[order]
+        for s, a, b in zip(syms[starts].tolist(), starts, ends, strict=True):
+            # no merge here: a bulk re-filing is folded in by the symbol's next tick
+            self.bands[s].push_many(account_rows[a:b], aids[a:b], lo[a:b], hi[a:b])
+
+    def rows_in_use(self) -> np.ndarray:
+        """Every row that holds an account."""
+        used = np.ones(len(self.ids), bool)
+        if self.free_rows:
+            used[np.array(self.free_rows, dtype=np.int64)] = False
+        return np.flatnonzero(used)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the numpy columns and band index (not the id strings and dict)."""
+        total = sum(a.nbytes for a in (self.state, self.trans, self.part, self.first, self.aid,
+                                       self.bal, self.p_acct, self.p_instr, self.p_qty,
+                                       self.p_entry, self.p_next))
+        for b in self.bands:
+            total += sum(a.nbytes for a in (b.hi, b.hlo, b.hrow, b.haid, b.lneg, b.lrow, b.laid,
+                                            b.plo, b.phi, b.prow, b.paid))
+        return total
+
+
+def iter_rows(rows: Iterable[int]) -> list[int]:
+    return [int(r) for r in rows]

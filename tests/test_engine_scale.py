@@ -1,0 +1,391 @@
+"""Properties of the columnar engine (`monitor.engine` on `monitor.book`): on long random
+streams with many accounts, price shocks, restores and catch-up guards it emits exactly what the
+straightforward reference engine emits, no account is ever left in a state its from-scratch
+ratio would move it out of, and its vectorized valuations equal the from-scratch ones.
+
+None of these tests is timed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from monitor.config import RiskConfig, parse_config
+from monitor.engine import Account, Engine
+from monitor.events import Event, Source
+from monitor.margin import Position, value_account
+from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
+from monitor.reference import ReferenceEngine
+from monitor.state import AccountState, next_state
+from tests.conftest import RISK
+from tests.test_property import close
+
+START = {"BTC-PERP": 50_000.0, "ETH-PERP": 2_500.0, "ETHBTC-PERP": 0.05, "BTC": 50_000.0,
+         "ETH": 2_500.0}
+SCALE = {"BTC-PERP": 0.02, "ETH-PERP": 4.0, "ETHBTC-PERP": 8.0}
+
+
+def stream(seed: int, length: int, accounts: int, shock_rate: float = 0.01,
+           late_btc: bool = True) -> list[tuple[InputRecord, Source]]:
+    """Decoded records for many accounts: leveraged trading on a jumpy random walk with
+    occasional shocks that cross many bands at once, exact closes and flips, duplicates,
+    stale ticks, several collateral assets and a settle asset (BTC) that is priced late."""
+    rng = random.Random(seed)
+    names = [f"a{n:04d}" for n in range(accounts)]
+    prices = dict(START)
+    held: dict[tuple[str, str], float] = {}
+    out: list[tuple[InputRecord, Source]] = []
+    ts = 1
+    sent: list[tuple[InputRecord, Source]] = []
+    offsets = {"prices": 0, "fills": 0, "ledger": 0}
+
+    def source(topic: str) -> Source:
+        offsets[topic] += 1
+        return Source(topic, 0, offsets[topic] - 1)
+
+    for name in names:  # everyone starts with collateral, some with several assets
+        out.append((LedgerEntry(f"d-{name}", name, "USDT", rng.uniform(200, 3_000), "deposit",
+                                ts), source("ledger")))
+        if rng.random() < 0.3:
+            out.append((LedgerEntry(f"db-{name}", name, "BTC", rng.uniform(0.001, 0.05),
+                                    "deposit", ts), source("ledger")))
+    for n in range(length):
+        ts += rng.choice([0, 1, 3])
+        roll = rng.random()
+        if roll < 0.4:
+            symbol = rng.choice(list(START))
+            if late_btc and symbol == "BTC" and n < length // 8:
+                symbol = "ETH"
+            move = rng.gauss(0, 0.003)
+            if rng.random() < shock_rate:
+                move += rng.choice([-1, 1]) * rng.uniform(0.02, 0.12)
+            prices[symbol] *= math.exp(move)
+            stale = rng.random() < 0.03
+            out.append((PriceTick(symbol, prices[symbol], ts - 20 if stale else ts),
+                        source("prices")))
+        elif roll < 0.85:
+            name = rng.choice(names)
+            symbol = rng.choice(list(SCALE))
+            have = held.get((name, symbol), 0.0)
+            if have and rng.random() < 0.2:
+                qty, side = abs(have), "sell" if have > 0 else "buy"
+            elif have and rng.random() < 0.1:
+                qty, side = abs(have) * 2, "sell" if have > 0 else "buy"  # flip
+            else:
+                qty = round(rng.uniform(0.1, 3.0) * SCALE[symbol], 4)
+                side = rng.choice(["buy", "sell"])
+            if sent and rng.random() < 0.03:
+                out.append(rng.choice(sent))  # a producer retry
+                continue
+            signed = qty if side == "buy" else -qty
+            held[(name, symbol)] = have + signed
+            record = (Fill(f"f{n}", name, symbol, side, qty,
+                           prices[symbol] * rng.uniform(0.995, 1.005),
+                           rng.choice([0.0, 0.3, -0.05]), ts), source("fills"))
+            sent.append(record)
+            out.append(record)
+        else:
+            name = rng.choice(names)
+            asset = rng.choice(["USDT", "USDT", "BTC", "ETH"])
+            amount = {"USDT": 150.0, "BTC": 0.005, "ETH": 0.1}[asset] * rng.uniform(-1.5, 2)
+            out.append((LedgerEntry(f"l{n}", name, asset, amount, "funding", ts),
+                        source("ledger")))
+    return out
+
+
+def payload(event: Event) -> dict[str, Any]:
+    return event.payload
+
+
+def assert_same_events(mine: list[Event], theirs: list[Event], where: str) -> None:
+    assert [e.event_id for e in mine] == [e.event_id for e in theirs], where
+    for a, b in zip(mine, theirs, strict=True):
+        close(payload(a), payload(b), f"{where}:{a.event_id}")
+
+
+def assert_same_state(engine: Engine, reference: ReferenceEngine) -> None:
+    assert set(engine.accounts) == set(reference.accounts)
+    for name, theirs in reference.accounts.items():
+        mine = engine.accounts[name]
+        assert (mine.state, mine.transitions, mine.partition) == (
+            theirs.state, theirs.transitions, theirs.partition), name
+        close(dict(mine.balances), dict(theirs.balances), name)
+        close({s: [p.qty, p.entry_price] for s, p in mine.positions.items()},
+              {s: [p.qty, p.entry_price] for s, p in theirs.positions.items()}, name)
+        assert mine.watched == theirs.watched, name
+    assert engine.accounts_in_state == reference.accounts_in_state
+    assert engine.positions_held == reference.positions_held
+    assert engine.stats == reference.stats
+    for symbol in engine.config.price_symbols():
+        assert engine.accounts_moved_by(symbol) == reference.accounts_moved_by(symbol), symbol
+
+
+def assert_settled(engine: Engine) -> None:
+    """No account sits in a state that its from-scratch ratio at the current prices would
+    move it out of: every transition a record could cause was made by that record."""
+    thresholds = engine.config.thresholds
+    for name in engine.accounts:
+        if name in engine._caught_up_from:
+            continue
+        valuation = engine.valuation(name)
+        if valuation is None:
+            continue
+        state = engine.accounts[name].state
+        assert next_state(state, valuation.ratio, thresholds) == state, (name, valuation)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_columnar_engine_equals_reference_with_many_accounts_and_shocks(seed: int) -> None:
+    config = parse_config(RISK)
+    engine, reference = Engine(config), ReferenceEngine(config)
+    records = stream(seed, 12_000, accounts=250, shock_rate=0.02)
+    vector_ticks = 0
+    for n, (record, source) in enumerate(records):
+        if isinstance(record, PriceTick):
+            sym = engine.book.t.sym_index.get(record.symbol)
+            if sym is not None and engine.book.bands[sym].entries() >= 48:
+                vector_ticks += 1
+        assert_same_events(engine.apply(record, source), reference.apply(record, source),
+                           f"record {n}")
+        if n % 1_500 == 0:
+            assert_settled(engine)
+    assert_same_state(engine, reference)
+    assert_settled(engine)
+    assert vector_ticks > 100, "the stream should exercise the vectorized re-valuation"
+
+
+def test_long_stream_vector_and_scalar_valuations_equal_from_scratch() -> None:
+    """After 60,000 records every account's valuation from the book — scalar and vectorized —
+    equals `margin.value_account` from scratch within 1e-9 relative (they sum in the same
+    order, so they are in fact identical), and every account is settled."""
+    config = parse_config(RISK)
+    engine = Engine(config)
+    records = stream(11, 60_000, accounts=400, shock_rate=0.01)
+    events = engine.apply_many(records)
+    assert {e.type for e in events} == {"margin_call", "liquidation", "recovered"}
+    book = engine.book
+    rows = np.array([book.index[name] for name in engine.accounts], dtype=np.int64)
+    many = book.assess_many(rows)
+    checked = 0
+    for k, name in enumerate(engine.accounts):
+        account = engine.accounts[name]
+        exact = value_account(account.balances, account.positions, config, engine.prices)
+        evaluable, ratio, equity, mm = book.assess(int(rows[k]), engine.prices)[:4]
+        if exact is None:
+            assert not evaluable and not many["evaluable"][k]
+            continue
+        checked += 1
+        for figure, got_scalar, got_vector in (
+            ("equity", equity, many["equity"][k]),
+            ("maintenance", mm, many["mm"][k]),
+            ("collateral", exact.collateral_value, many["collateral"][k]),
+            ("upnl", exact.unrealized_pnl, many["upnl"][k]),
+        ):
+            want = {"equity": exact.equity, "maintenance": exact.maintenance_margin,
+                    "collateral": exact.collateral_value, "upnl": exact.unrealized_pnl}[figure]
+            assert math.isclose(got_scalar, want, rel_tol=1e-9, abs_tol=1e-9), (name, figure)
+            assert math.isclose(float(got_vector), want, rel_tol=1e-9, abs_tol=1e-9), (
+                name, figure)
+        assert ratio == exact.ratio and many["ratio"][k] == exact.ratio
+        assert many["equity"][k] == equity and many["mm"][k] == mm  # the very same sums
+    assert checked > 300
+    assert_settled(engine)
+
+
+def snapshot(engine: Engine) -> tuple[dict[str, Account], dict[str, tuple[float, int]]]:
+    return ({name: engine.accounts[name] for name in engine.accounts}, engine.price_table())
+
+
+@pytest.mark.parametrize("prices_first", [True, False])
+def test_restored_engine_continues_exactly_like_one_that_never_stopped(
+    prices_first: bool,
+) -> None:
+    config = parse_config(RISK)
+    records = stream(5, 8_000, accounts=200, shock_rate=0.02)
+    cut = 4_000
+    engine, reference = Engine(config), ReferenceEngine(config)
+    engine.apply_many(records[:cut])
+    reference.apply_many = None  # type: ignore[attr-defined]
+    for record, source in records[:cut]:
+        reference.apply(record, source)
+    accounts, prices = snapshot(engine)
+    restored = Engine(config)
+    if prices_first:
+        restored.load_prices(prices)
+    for name, account in accounts.items():
+        restored.load_account(name, account)
+    if not prices_first:
+        restored.load_prices(prices)  # bands drawn around no prices must be redrawn
+    for topic in ("fills", "ledger"):
+        restored.load_dedupe_ids(topic, 0, engine.dedupe_ids(topic, 0))
+    assert restored.index_restored() == len(accounts)
+    for n, (record, source) in enumerate(records[cut:]):
+        assert_same_events(restored.apply(record, source), reference.apply(record, source),
+                           f"record {cut + n}")
+    assert_settled(restored)
+
+
+def test_catch_up_guard_skips_exactly_what_the_reference_skips() -> None:
+    """Accounts restored from snapshots newer than the inputs being re-read skip those inputs
+    — ticks included — until the marks are released, in both engines alike."""
+    config = parse_config(RISK)
+    records = stream(9, 6_000, accounts=150, shock_rate=0.03)
+    cut = 3_000
+    warm = Engine(config)
+    warm.apply_many(records[:cut])
+    accounts, prices = snapshot(warm)
+    rng = random.Random(3)
+    engines = (Engine(config), ReferenceEngine(config))
+    marks = {name: {("prices", 0): rng.randrange(1_000, 2_500),
+                    ("fills", 0): rng.randrange(1_000, 2_000)}
+             for name in accounts if rng.random() < 0.4}
+    for engine in engines:
+        engine.load_prices(prices)
+        for name, account in accounts.items():
+            copy = Account(balances=dict(account.balances),
+                           positions={s: Position(p.qty, p.entry_price)
+                                      for s, p in account.positions.items()},
+                           state=account.state, transitions=account.transitions,
+                           partition=account.partition)
+            engine.load_account(name, copy, dict(marks[name]) if name in marks else None)
+    mine, theirs = engines
+    for n, (record, source) in enumerate(records[cut:]):
+        assert_same_events(mine.apply(record, source), theirs.apply(record, source),
+                           f"record {cut + n}")
+        if n % 500 == 0:
+            position = {("prices", 0): source.offset or 0, ("fills", 0): source.offset or 0}
+            mine.release_caught_up(position)
+            theirs.release_caught_up(position)
+    assert_same_state(mine, theirs)
+
+
+def test_drop_partition_and_forgotten_accounts_leave_no_band_behind() -> None:
+    config = parse_config(RISK)
+    engine, reference = Engine(config), ReferenceEngine(config)
+    records = stream(4, 3_000, accounts=120)
+    half = [(r, Source(s.topic, 1 if getattr(r, "account", "a0")[-1] in "13579" else 0,
+                       s.offset)) for r, s in records]
+    for record, source in half:
+        assert_same_events(engine.apply(record, source), reference.apply(record, source), "")
+    assert engine.drop_partition(1) == reference.drop_partition(1) > 0
+    assert_same_state(engine, reference)
+    for n, (record, source) in enumerate(stream(8, 2_000, accounts=120)):
+        if source.partition == 0:
+            assert_same_events(engine.apply(record, source), reference.apply(record, source),
+                               f"after drop {n}")
+    assert_same_state(engine, reference)
+
+
+def band_of(engine: Engine, name: str, symbol: str) -> tuple[float, float] | None:
+    """The account's current band on a symbol (lo, hi), read from the index."""
+    book = engine.book
+    row, sym = book.index[name], book.t.sym_index[symbol]
+    bands = book.bands[sym]
+    aid = book.aid[row]
+    for los, his, rows, aids, start, stop in (
+        (bands.hlo, bands.hi, bands.hrow, bands.haid, bands.hs, len(bands.hi)),
+        (bands.plo, bands.phi, bands.prow, bands.paid, 0, bands.np),
+    ):
+        for k in range(start, stop):
+            if rows[k] == row and aids[k] == aid:
+                return float(los[k]), float(his[k])
+    return None
+
+
+def risk_config() -> RiskConfig:
+    return parse_config(RISK)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), edges=st.lists(st.sampled_from(
+    ["lo", "hi", "lo-in", "hi-in", "lo-out", "hi-out", "same", "jump"]), min_size=20,
+    max_size=60))
+def test_ticks_at_the_very_edges_of_bands_change_nothing_the_reference_would_see(
+    seed: int, edges: list[str],
+) -> None:
+    """Adversarial ticks placed exactly on, one ulp inside and one ulp outside some account's
+    band: the engine still agrees with the reference, event for event."""
+    config = risk_config()
+    rng = random.Random(seed)
+    engine, reference = Engine(config), ReferenceEngine(config)
+    setup = stream(seed, 300, accounts=8, shock_rate=0.05, late_btc=False)
+    for record, source in setup:
+        assert_same_events(engine.apply(record, source), reference.apply(record, source), "")
+    ts = 10**9
+    for n, edge in enumerate(edges):
+        names = list(engine.accounts)
+        symbol = rng.choice(sorted(START))
+        base = engine.prices.get(symbol, START[symbol])
+        price = base
+        candidates = [band_of(engine, name, symbol) for name in names]
+        bands = [b for b in candidates if b is not None and all(map(math.isfinite, b))]
+        if edge == "jump" or not bands:
+            price = base * math.exp(rng.gauss(0, 0.05))
+        elif edge != "same":
+            lo, hi = rng.choice(bands)
+            price = {"lo": lo, "hi": hi, "lo-in": math.nextafter(lo, math.inf),
+                     "hi-in": math.nextafter(hi, -math.inf),
+                     "lo-out": math.nextafter(lo, -math.inf),
+                     "hi-out": math.nextafter(hi, math.inf)}[edge]
+        if not price > 0:
+            continue
+        tick = PriceTick(symbol, price, ts + n)
+        source = Source("prices", 0, n)
+        assert_same_events(engine.apply(tick, source), reference.apply(tick, source),
+                           f"{edge} tick {n}")
+    assert_settled(engine)
+    assert {a: x.state for a, x in engine.accounts.items()} == {
+        a: x.state for a, x in reference.accounts.items()}
+
+
+def test_an_account_exactly_on_a_threshold_is_reevaluated_on_every_tick(risk) -> None:
+    """MARGIN_CALL at a ratio of exactly 0.75 = 150/200 = margin_call − hysteresis: it stays
+    (≥ 0.75), its band is empty, so even the smallest move down recovers it at once — a band
+    never delays a transition."""
+    engine = Engine(risk)
+    engine.load_prices({"BTC-PERP": (50_000.0, 1)})
+    engine.load_account("a", Account(balances={"USDT": 200.0},
+                                      positions={"BTC-PERP": Position(0.75, 50_000.0)},
+                                      state=AccountState.MARGIN_CALL, transitions=1))
+    engine.index_restored()
+    assert engine.valuation("a").ratio == 0.75  # type: ignore[union-attr]
+    assert band_of(engine, "a", "BTC-PERP") == (50_000.0, 50_000.0)
+    assert engine.apply(PriceTick("BTC-PERP", 50_000.0, 2), Source("prices", index=3)) == []
+    assert band_of(engine, "a", "BTC-PERP") == (50_000.0, 50_000.0)  # re-valued, still on it
+    (event,) = engine.apply(PriceTick("BTC-PERP", 50_000.01, 3), Source("prices", index=4))
+    assert event.type == "recovered" and event.payload["margin_ratio"] < 0.75
+    lo, hi = band_of(engine, "a", "BTC-PERP")  # type: ignore[misc]
+    assert lo < 50_000.01 < hi  # healthy now, with room to move
+
+
+def test_accounts_view_reads_like_the_old_dicts(risk) -> None:
+    import copy
+
+    engine = Engine(risk)
+    engine.apply(PriceTick("BTC", 50_000.0, 1), Source("prices", index=0))
+    engine.apply(LedgerEntry("d", "a", "USDT", 1000.0, "deposit", 1), Source("ledger", 0, 5))
+    engine.apply(LedgerEntry("e", "a", "BTC", 0.1, "deposit", 1), Source("ledger", 0, 6))
+    engine.apply(Fill("f", "a", "ETH-PERP", "sell", 10.0, 2_500.0, 1.0, 1),
+                 Source("fills", 0, 7))
+    engine.apply(Fill("g", "a", "BTC-PERP", "buy", 0.01, 50_000.0, 0.0, 1),
+                 Source("fills", 0, 8))
+    account = engine.accounts["a"]
+    assert account.balances == {"USDT": 999.0, "BTC": 0.1}
+    assert list(account.positions) == ["ETH-PERP", "BTC-PERP"]  # the order they were opened
+    assert account.positions["ETH-PERP"] == Position(-10.0, 2_500.0)
+    assert (account.state, account.transitions, account.partition) == (
+        AccountState.HEALTHY, 0, 0)
+    assert account.watched == {"BTC", "BTC-PERP", "ETH-PERP"}
+    assert "a" in engine.accounts and "b" not in engine.accounts
+    assert engine.accounts.get("b") is None and len(engine.accounts) == 1
+    before = copy.deepcopy(engine.accounts)
+    assert before == engine.accounts and isinstance(before, dict)
+    engine.apply(LedgerEntry("w", "a", "USDT", -1.0, "withdrawal", 2), Source("ledger", 0, 9))
+    assert before != engine.accounts
