@@ -54,6 +54,7 @@ EXPECTED_METRICS = {
     "liqmon_tick_age_seconds",
     "liqmon_kafka_reachable",
     "liqmon_input_offset",
+    "liqmon_conflated_ticks_total",
 }
 
 REQUIRED_ALERTS = {

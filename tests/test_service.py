@@ -199,6 +199,10 @@ async def test_broker_paused_mid_stream_loses_no_event(risk):
                 positions = await feed_run_by_run(own_broker.bootstrap, monitor,
                                                   settings.topics, records)
                 await pause
+                for _ in range(100):  # the next reachability probe notices the recovery
+                    if any(entry["event"] == "kafka reachable again" for entry in logs):
+                        break
+                    await asyncio.sleep(0.1)
         said = [entry["event"] for entry in logs]
         assert "kafka unreachable, clients keep retrying" in said
         assert "kafka reachable again" in said
@@ -217,6 +221,32 @@ async def test_partition_lag_is_zero_after_catching_up(broker, risk):
         ends = await produce(broker.bootstrap, [deposit(settings.topics, f"u{i}", 10.0)
                                                 for i in range(50)])
         await wait_processed(monitor, ends)
-        lag = monitor.metrics.consumer_lag.labels(settings.topics.ledger, "0")._value.get()
+        lag = monitor.metrics.registry.get_sample_value(
+            "liqmon_consumer_lag_records", {"topic": settings.topics.ledger, "partition": "0"})
         assert lag == 0
         assert monitor.processed_offsets()[TopicPartition(settings.topics.ledger, 0)] == 50
+
+
+async def test_conflate_ticks_applies_only_the_latest_tick_per_symbol_in_a_batch(broker, risk):
+    """"a" (300 USDT, long 1 BTC-PERP from 50,000) would be liquidated at 49,890 and recover at
+    50,000. Both ticks waiting in one batch: with conflation only 50,000 is applied."""
+    config = parse_config(RISK)
+    results = {}
+    for conflate in (False, True):
+        settings = fresh_settings(broker.bootstrap, conflate_ticks=conflate)
+        t = settings.topics
+        async with RunningMonitor(settings, config) as monitor:
+            for phase in ([tick(t, "BTC-PERP", 50_000.0)], [deposit(t, "a", 300.0)],
+                          [fill(t, "f1", "a", "BTC-PERP", 1.0, 50_000.0)]):
+                await wait_processed(monitor, await produce(broker.bootstrap, phase))
+        # Produced while no monitor runs, so the next one fetches both ticks in one batch.
+        ends = await produce(broker.bootstrap, [tick(t, "BTC-PERP", 49_890.0, ts=2),
+                                                tick(t, "BTC-PERP", 50_000.0, ts=3)])
+        async with RunningMonitor(settings, config) as monitor:
+            await wait_processed(monitor, ends)
+            conflated = monitor.metrics.registry.get_sample_value(
+                "liqmon_conflated_ticks_total")
+        events = sorted(await read_events(broker.bootstrap, t), key=lambda e: e["event_id"])
+        results[conflate] = ([e["type"] for e in events], conflated)
+    assert results[False] == (["liquidation", "recovered"], 0)  # a:1:…, a:2:…
+    assert results[True] == ([], 1)

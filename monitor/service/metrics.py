@@ -46,6 +46,9 @@ class Metrics:
         self.unused_ticks = Counter(
             "liqmon_unused_ticks", "Price ticks for symbols no asset or instrument is priced by.",
             registry=r)
+        self.conflated_ticks = Counter(
+            "liqmon_conflated_ticks", "Ticks skipped by --conflate-ticks: a later tick of the "
+            "same symbol was in the same batch.", registry=r)
         self.duplicates = Counter(
             "liqmon_duplicates", "Fills and ledger entries ignored as duplicates.", registry=r)
         self.events_emitted = Counter(

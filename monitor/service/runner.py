@@ -32,7 +32,7 @@ from aiokafka.errors import KafkaError
 from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.events import Source
-from monitor.records import FILLS, LEDGER, Rejected, decode
+from monitor.records import InputRecord, PriceTick, Rejected, decode
 from monitor.service.changelog import (
     RestoredPartition,
     checkpoint_messages,
@@ -51,6 +51,9 @@ from monitor.state import EVENT_TYPES, AccountState
 PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
 OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
 TICK = 0.2  # the loop wakes at least this often (merge idle limit, checkpoint timer)
+# Kafka answers a fetch as soon as data arrives, so this only paces idle polling; some brokers
+# (the embedded one) hold a long-poll to its end, and 500 ms there is 500 ms of tick latency.
+FETCH_MAX_WAIT_MS = 20
 
 
 class Monitor:
@@ -174,6 +177,7 @@ class Monitor:
             "enable_auto_commit": False, "auto_offset_reset": s.start,
             "request_timeout_ms": max(s.request_timeout_ms, s.session_timeout_ms + 1000),
             "max_partition_fetch_bytes": 4 * 1024 * 1024,
+            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
         }
         self._prices = AIOKafkaConsumer(group_id=None, **common)
         await self._prices.start()
@@ -490,7 +494,7 @@ class Monitor:
         batch = self._merge.take(limit, list(self._processed), self._caught_up)
         if not batch:
             return 0
-        outgoing = self.apply_batch(batch, self.engine)
+        outgoing = self.apply_batch(batch, self.engine, self.settings.conflate_ticks)
         await self._delivery.deliver(outgoing)
         self._frontier = self._key(*batch[-1])
         for tp, record in batch:
@@ -523,29 +527,42 @@ class Monitor:
                     max(0, highwater - self._processed[tp]))
 
     def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
-                    engine: Engine) -> list[Outgoing]:
-        """Decode and apply records in order; return their events and dead letters."""
+                    engine: Engine, conflate: bool = False) -> list[Outgoing]:
+        """Decode and apply records in order; return their events and dead letters.
+
+        With ``conflate`` (--conflate-ticks), a tick is skipped when a later tick of the same
+        symbol is in the same batch: only the latest price per symbol is applied, at its own
+        place in the batch.
+        """
         config, topics, metrics = self.config, self.settings.topics, self.metrics
         stats = engine.stats
         before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
         out: list[Outgoing] = []
         consumed: dict[str, int] = {}
+        decoded: list[InputRecord | Rejected] = []
         for tp, message in batch:
-            kind = topics.input_kind(tp.topic)
             consumed[tp.topic] = consumed.get(tp.topic, 0) + 1
             try:
-                record = decode(kind, message.value, config)
+                decoded.append(decode(topics.input_kind(tp.topic), message.value, config))
             except Rejected as rejection:
-                out.append(dead_letter_message(rejection, tp.topic, tp.partition,
+                decoded.append(rejection)
+        superseded = _superseded_ticks(decoded) if conflate else set()
+        if superseded:
+            metrics.conflated_ticks.inc(len(superseded))
+        for index, ((tp, message), record) in enumerate(zip(batch, decoded, strict=True)):
+            if isinstance(record, Rejected):
+                out.append(dead_letter_message(record, tp.topic, tp.partition,
                                                message.offset, message.key, message.value,
                                                topics))
-                metrics.records_rejected.labels(tp.topic, rejection.reason).inc()
+                metrics.records_rejected.labels(tp.topic, record.reason).inc()
                 self.log.warning("rejected", topic=tp.topic, partition=tp.partition,
-                                 offset=message.offset, reason=rejection.reason,
-                                 detail=rejection.detail)
+                                 offset=message.offset, reason=record.reason,
+                                 detail=record.detail)
                 continue
-            if kind in (FILLS, LEDGER):
-                self._touched[record.account] = tp.partition  # type: ignore[union-attr]
+            if index in superseded:
+                continue
+            if not isinstance(record, PriceTick):
+                self._touched[record.account] = tp.partition
             applied_ticks = stats.applied_ticks
             events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))
             if stats.applied_ticks != applied_ticks:
@@ -686,6 +703,16 @@ class Monitor:
             last_tick_wall=dict(self._last_tick_wall),
             checkpoint_age=time.monotonic() - self._last_checkpoint if pending else 0.0,
         )
+
+
+def _superseded_ticks(records: Sequence[InputRecord | Rejected]) -> set[int]:
+    """Indexes of ticks followed, later in the same batch, by a tick of the same symbol."""
+    latest: dict[str, int] = {}
+    for index, record in enumerate(records):
+        if isinstance(record, PriceTick):
+            latest[record.symbol] = index
+    return {index for index, record in enumerate(records)
+            if isinstance(record, PriceTick) and latest[record.symbol] != index}
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
