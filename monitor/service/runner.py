@@ -275,12 +275,15 @@ class Monitor:
             self._owned -= lost
 
     async def _restore_prices(self, restored: list[RestoredPartition]) -> None:
-        """Price table and price offsets from the oldest control record, so that every
-        restored partition re-reads the ticks it has not seen (newer ones skip them)."""
+        """Price table and price offsets from the control record furthest behind in the
+        price stream, so that every restored partition re-reads the ticks it has not seen
+        (accounts that have seen them skip them)."""
         assert self._prices is not None
         topic = self.settings.topics.prices
         controls = [r.control for r in restored if r.control is not None]
-        oldest = min(controls, key=lambda c: c.seq) if controls else None
+        oldest = min(controls, key=lambda c: sum(
+            offset for (name, _), offset in c.offsets.items() if name == topic),
+            default=None)
         if oldest is not None:
             self.engine.load_prices(oldest.prices)
             self._seq = max(c.seq for c in controls)
@@ -316,12 +319,13 @@ class Monitor:
 
     def _marks(self, restored: RestoredPartition, account_id: str, positions: Offsets
                ) -> Offsets:
-        """Inputs a restored snapshot already reflects beyond the given read positions: a
-        snapshot newer than its control record (a crash mid-checkpoint) reflects its own
-        offsets; every snapshot reflects the ticks its partition's control had seen."""
+        """Inputs a restored snapshot already reflects beyond the given read positions: the
+        offsets it was taken at (beyond the control record's after a crash mid-checkpoint),
+        and the ticks its partition's control record had seen. Re-read records before them
+        skip the account."""
         control = restored.control
-        _, seq, as_of = restored.accounts[account_id]
-        marks: Offsets = dict(as_of) if control is None or seq > control.seq else {}
+        _, _, as_of = restored.accounts[account_id]
+        marks: Offsets = dict(as_of)
         if control is not None:
             for key, offset in control.offsets.items():
                 if key[0] == self.settings.topics.prices and offset > marks.get(key, 0):
