@@ -372,13 +372,9 @@ class Monitor:
             for tp in [*price_ends, *own]:
                 offset = None if control is None else control.offsets.get(
                     (tp.topic, tp.partition))
-                if offset is not None:
-                    reader.seek(tp, offset)
-                elif s.start == "earliest" or tp in price_ends:
-                    await reader.seek_to_beginning(tp)
-                else:
-                    await reader.seek_to_end(tp)
-                positions[tp] = await reader.position(tp)
+                # never checkpointed: every tick since the start of the price stream matters
+                start = "earliest" if tp in price_ends else s.start
+                positions[tp] = await _seek(reader, tp, offset, start)
                 merge.seek(tp, positions[tp])
             if control is not None:
                 private.load_prices(control.prices)
@@ -436,14 +432,7 @@ class Monitor:
     async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
                         offset: int | None) -> None:
         """Seek to a checkpointed offset, or apply --start on a first start."""
-        if offset is not None:
-            consumer.seek(tp, offset)
-        elif self.settings.start == "earliest":
-            await consumer.seek_to_beginning(tp)
-        else:
-            await consumer.seek_to_end(tp)
-        position = await consumer.position(tp)
-        self._set_position(tp, position)
+        self._set_position(tp, await _seek(consumer, tp, offset, self.settings.start))
 
     def _set_position(self, tp: TopicPartition, offset: int) -> None:
         self._processed[tp] = offset
@@ -707,6 +696,18 @@ class Monitor:
             last_tick_wall=dict(self._last_tick_wall),
             checkpoint_age=time.monotonic() - self._last_checkpoint if pending else 0.0,
         )
+
+
+async def _seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int | None,
+                start: str) -> int:
+    """Position a partition at a checkpointed offset, or where ``start`` says; the position."""
+    if offset is not None:
+        consumer.seek(tp, offset)
+    elif start == "earliest":
+        await consumer.seek_to_beginning(tp)
+    else:
+        await consumer.seek_to_end(tp)
+    return await consumer.position(tp)
 
 
 def _superseded_ticks(records: Sequence[InputRecord | Rejected]) -> set[int]:
