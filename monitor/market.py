@@ -146,6 +146,8 @@ class SyntheticMarket:
         for symbol, qty in sorted(book.items()):
             if qty != 0:
                 records.append(self._fill(account, symbol, -qty, fee_rate=0.0005))
+        # A liquidated account trades no more: no dust positions re-opened on a bankrupt pool.
+        self._book[account] = {}
         return records
 
     # -- building blocks -------------------------------------------------------------------------
