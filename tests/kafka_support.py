@@ -261,10 +261,6 @@ async def produce_located(bootstrap: str, messages: list[tuple[str, bytes | None
 
 
 def run_args(settings: ServiceSettings, *extra: str) -> list[str]:
-    """`liqmon run` as a separate process with these settings' broker and topic names (the
-    group is left to the caller: an --env or flag, as each test needs)."""
-    args = [sys.executable, "-m", "monitor.cli", "run",
-            "--config", str(REPO / "examples" / "risk.toml"), "--bootstrap", settings.bootstrap]
-    for name in Topics.__dataclass_fields__:
-        args += [f"--topic-{name.replace('_', '-')}", getattr(settings.topics, name)]
-    return [*args, *extra]
+    """`liqmon run` as a separate process with these settings' config, broker and topic
+    names (the group is left to the caller: a flag or the environment, as each test needs)."""
+    return [sys.executable, "-m", "monitor.cli", "run", *settings.run_args(), *extra]

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from dataclasses import replace
 from itertools import groupby
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import load_config
 from monitor.engine import Engine
 from monitor.service.broker import free_port
 from monitor.service.changelog import read_changelog
+from monitor.service.metrics import scrape_input_offsets
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
 from tests.kafka_support import (
@@ -49,15 +48,7 @@ class Instance(MonitorProcess):
 
     def positions(self) -> dict[tuple[str, int], int]:
         """liqmon_input_offset of this instance: what it has applied, per partition."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
-                                        timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return {}
-        return {(s.labels["topic"], int(s.labels["partition"])): int(s.value)
-                for family in text_string_to_metric_families(text)
-                if family.name == "liqmon_input_offset" for s in family.samples}
+        return scrape_input_offsets(self.port)
 
     def owned(self, settings: ServiceSettings) -> set[int]:
         return {p for (topic, p) in self.positions() if topic == settings.topics.fills}

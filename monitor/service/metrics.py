@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -21,6 +22,7 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 # *_created series double the exposition for no operational value.
@@ -131,6 +133,19 @@ class _LiveCollector(Collector):
             "Seconds since the last checkpoint while applied records await one (0 when all "
             "state is saved): what a crash now would have to re-process.",
             value=figures.checkpoint_age)
+
+
+def scrape_input_offsets(port: int, host: str = "127.0.0.1") -> dict[tuple[str, int], int]:
+    """liqmon_input_offset of a running instance, per (topic, partition): what it has
+    applied. Empty when the instance does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    return {(sample.labels["topic"], int(sample.labels["partition"])): int(sample.value)
+            for family in text_string_to_metric_families(text)
+            if family.name == "liqmon_input_offset" for sample in family.samples}
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -45,3 +45,11 @@ class ServiceSettings:
     session_timeout_ms: int = 6_000
     heartbeat_interval_ms: int = 1_000
     request_timeout_ms: int = 5_000
+
+    def run_args(self) -> list[str]:
+        """`liqmon run` flags for the config, the brokers and every topic name (tools and
+        tests start separate instances with them; the group is theirs to choose)."""
+        args = ["--config", str(self.config_path), "--bootstrap", self.bootstrap]
+        for name in Topics.__dataclass_fields__:
+            args += [f"--topic-{name.replace('_', '-')}", getattr(self.topics, name)]
+        return args
