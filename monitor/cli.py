@@ -248,6 +248,13 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
         run.add_argument(f"--{name}", default=_env(name, kwargs.pop("default", None)),
                          help=f"{help_text} (env {env})", **kwargs)
 
+    def switch(name: str, help_text: str) -> None:
+        """An on/off flag; its environment variable is on when 1, true or yes."""
+        env = "LIQMON_" + name.upper().replace("-", "_")
+        run.add_argument(f"--{name}", action="store_true",
+                         default=_env(name, "").lower() in ("1", "true", "yes"),
+                         help=f"{help_text} (env {env}=1)")
+
     option("config", "risk config (TOML)", metavar="PATH")
     option("bootstrap", f"Kafka bootstrap servers, default {defaults.bootstrap}",
            metavar="HOST:PORT[,…]", default=defaults.bootstrap)
@@ -264,20 +271,16 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     option("checkpoint-records", f"input records between checkpoints, default "
            f"{defaults.checkpoint_records}", type=int, default=defaults.checkpoint_records,
            metavar="N")
-    run.add_argument("--reset-state", action="store_true",
-                     default=_env("reset-state", "") in ("1", "true", "yes"),
-                     help="discard the checkpoints in the state topic and rebuild state from "
-                          "the input topics (env LIQMON_RESET_STATE=1)")
+    switch("reset-state", "discard the checkpoints in the state topic and rebuild state "
+           "from the input topics")
     option("merge-wait", f"seconds to hold records back for a lagging input partition so "
            f"that inputs apply in timestamp order, default {defaults.max_idle}", type=float,
            default=defaults.max_idle, metavar="SECONDS")
     option("session-timeout", f"seconds without heartbeat before the group reassigns a "
            f"dead instance's partitions, default {defaults.session_timeout_ms / 1000:g}",
            type=float, default=defaults.session_timeout_ms / 1000, metavar="SECONDS")
-    run.add_argument("--conflate-ticks", action="store_true",
-                     default=_env("conflate-ticks", "") in ("1", "true", "yes"),
-                     help="overload mode: within one batch apply only the latest tick per "
-                          "symbol (see README; env LIQMON_CONFLATE_TICKS=1)")
+    switch("conflate-ticks", "overload mode: within one batch apply only the latest tick "
+           "per symbol (see README)")
     option("partitions", f"partition count of topics liqmon creates, default "
            f"{defaults.partitions}", type=int, default=defaults.partitions)
     option("compression", "producer compression: gzip (default) or none",

@@ -135,13 +135,31 @@ class AccountsView(Mapping[str, Account]):
 
 
 class InputLedger:
-    """What every engine keeps besides its accounts: the per-partition duplicate windows and
-    the set of accounts changed since the last checkpoint (SPEC §2, §6)."""
+    """What every engine keeps besides its accounts and prices: the per-partition duplicate
+    windows, the last applied tick time per symbol, the input counters, and the set of accounts
+    changed since the last checkpoint (SPEC §2, §6)."""
 
-    def __init__(self, dedupe_window: int) -> None:
+    def __init__(self, config: RiskConfig, dedupe_window: int) -> None:
+        self.stats = EngineStats()
+        self.price_ts: dict[str, int] = {}
+        self._price_symbols = config.price_symbols()
         self._dedupe_window = dedupe_window
         self._dedupe: dict[tuple[str, int | None], DedupeWindow] = {}
         self._dirty: set[str] = set()  # accounts changed since the last take_dirty()
+
+    def _fresh_tick(self, tick: PriceTick) -> bool:
+        """Count and drop ticks for symbols nothing is priced by and stale ticks (an older
+        ts than the last applied one); otherwise record the tick's time."""
+        if tick.symbol not in self._price_symbols:
+            self.stats.unused_ticks += 1
+            return False
+        last_ts = self.price_ts.get(tick.symbol)
+        if last_ts is not None and tick.ts < last_ts:
+            self.stats.stale_ticks += 1
+            return False
+        self.price_ts[tick.symbol] = tick.ts
+        self.stats.applied_ticks += 1
+        return True
 
     def _first_time(self, source: Source, account: str, record_id: str) -> bool:
         key = (source.topic, source.partition)
@@ -171,16 +189,13 @@ class InputLedger:
 
 class Engine(InputLedger):
     def __init__(self, config: RiskConfig, dedupe_window: int = DEFAULT_DEDUPE_WINDOW) -> None:
-        super().__init__(dedupe_window)
+        super().__init__(config, dedupe_window)
         self.config = config
         self.book = Book(config)
         self._t = self.book.t
         self._prices: dict[str, float] = {}
-        self.price_ts: dict[str, int] = {}
         self.accounts = AccountsView(self.book)
-        self.stats = EngineStats()
         self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
-        self._price_symbols = config.price_symbols()
         # After a restore, accounts whose snapshot is newer than the inputs being re-read:
         # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
         self._caught_up_from: dict[str, dict[tuple[str, int | None], int]] = {}
@@ -224,17 +239,10 @@ class Engine(InputLedger):
         return events
 
     def _apply_tick(self, tick: PriceTick, source: Source) -> list[Event]:
+        if not self._fresh_tick(tick):
+            return []
         symbol = tick.symbol
-        if symbol not in self._price_symbols:
-            self.stats.unused_ticks += 1
-            return []
-        last_ts = self.price_ts.get(symbol)
-        if last_ts is not None and tick.ts < last_ts:
-            self.stats.stale_ticks += 1
-            return []
         self._prices[symbol] = tick.price
-        self.price_ts[symbol] = tick.ts
-        self.stats.applied_ticks += 1
         sym = self._t.sym_index[symbol]
         book = self.book
         book.sym_px_m[sym] = tick.price

@@ -11,7 +11,7 @@ API as `monitor.engine.Engine`, so the service can run on either.
 from __future__ import annotations
 
 from monitor.config import RiskConfig
-from monitor.engine import DEFAULT_DEDUPE_WINDOW, Account, EngineStats, InputLedger
+from monitor.engine import DEFAULT_DEDUPE_WINDOW, Account, InputLedger
 from monitor.events import Event, Source, build_event
 from monitor.margin import apply_fill_to_position, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
@@ -20,15 +20,12 @@ from monitor.state import AccountState, next_state
 
 class ReferenceEngine(InputLedger):
     def __init__(self, config: RiskConfig, dedupe_window: int = DEFAULT_DEDUPE_WINDOW) -> None:
-        super().__init__(dedupe_window)
+        super().__init__(config, dedupe_window)
         self.config = config
         self.prices: dict[str, float] = {}
-        self.price_ts: dict[str, int] = {}
         self.accounts: dict[str, Account] = {}
-        self.stats = EngineStats()
         self.positions_held = 0
         self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
-        self._price_symbols = config.price_symbols()
         self._watchers: dict[str, set[str]] = {}  # price symbol -> accounts it can move
         # After a restore, accounts whose snapshot is newer than the inputs being re-read:
         # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
@@ -45,17 +42,10 @@ class ReferenceEngine(InputLedger):
         return self._apply_ledger(record, source)
 
     def _apply_tick(self, tick: PriceTick, source: Source) -> list[Event]:
+        if not self._fresh_tick(tick):
+            return []
         symbol = tick.symbol
-        if symbol not in self._price_symbols:
-            self.stats.unused_ticks += 1
-            return []
-        last_ts = self.price_ts.get(symbol)
-        if last_ts is not None and tick.ts < last_ts:
-            self.stats.stale_ticks += 1
-            return []
         self.prices[symbol] = tick.price
-        self.price_ts[symbol] = tick.ts
-        self.stats.applied_ticks += 1
         events = []
         guarded = self._caught_up_from
         for account_id in self.accounts_moved_by(symbol):
