@@ -146,6 +146,22 @@ class InputLedger:
         self._dedupe_window = dedupe_window
         self._dedupe: dict[tuple[str, int | None], DedupeWindow] = {}
         self._dirty: set[str] = set()  # accounts changed since the last take_dirty()
+        # After a restore, accounts whose snapshot is newer than the inputs being re-read:
+        # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
+        self._caught_up_from: dict[str, dict[tuple[str, int | None], int]] = {}
+
+    def _already_reflected(self, account_id: str, source: Source) -> bool:
+        marks = self._caught_up_from.get(account_id)
+        if marks is None:
+            return False
+        first_new = marks.get((source.topic, source.partition))
+        return first_new is not None and source.offset is not None and source.offset < first_new
+
+    def release_caught_up(self, positions: dict[tuple[str, int | None], int]) -> None:
+        """Drop marks the inputs have passed (positions: next offset to read)."""
+        for account_id, marks in list(self._caught_up_from.items()):
+            if all(positions.get(key, 0) >= offset for key, offset in marks.items()):
+                del self._caught_up_from[account_id]
 
     def _fresh_tick(self, tick: PriceTick) -> bool:
         """Count and drop ticks for symbols nothing is priced by and stale ticks (an older
@@ -196,9 +212,6 @@ class Engine(InputLedger):
         self._prices: dict[str, float] = {}
         self.accounts = AccountsView(self.book)
         self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
-        # After a restore, accounts whose snapshot is newer than the inputs being re-read:
-        # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
-        self._caught_up_from: dict[str, dict[tuple[str, int | None], int]] = {}
         self._unindexed: list[int] = []  # rows installed by load_account, not yet banded
         self._reindex_all = False  # prices were replaced under the bands
 
@@ -505,15 +518,3 @@ class Engine(InputLedger):
         self._caught_up_from.pop(book.ids[row], None)  # type: ignore[arg-type]
         book.free_row(row)
 
-    def _already_reflected(self, account_id: str, source: Source) -> bool:
-        marks = self._caught_up_from.get(account_id)
-        if marks is None:
-            return False
-        first_new = marks.get((source.topic, source.partition))
-        return first_new is not None and source.offset is not None and source.offset < first_new
-
-    def release_caught_up(self, positions: dict[tuple[str, int | None], int]) -> None:
-        """Drop marks the inputs have passed (positions: next offset to read)."""
-        for account_id, marks in list(self._caught_up_from.items()):
-            if all(positions.get(key, 0) >= offset for key, offset in marks.items()):
-                del self._caught_up_from[account_id]

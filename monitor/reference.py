@@ -27,9 +27,6 @@ class ReferenceEngine(InputLedger):
         self.positions_held = 0
         self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
         self._watchers: dict[str, set[str]] = {}  # price symbol -> accounts it can move
-        # After a restore, accounts whose snapshot is newer than the inputs being re-read:
-        # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
-        self._caught_up_from: dict[str, dict[tuple[str, int | None], int]] = {}
 
     # -- input -------------------------------------------------------------------------------
 
@@ -236,15 +233,3 @@ class ReferenceEngine(InputLedger):
         self._caught_up_from.pop(account_id, None)
         del self.accounts[account_id]
 
-    def _already_reflected(self, account_id: str, source: Source) -> bool:
-        marks = self._caught_up_from.get(account_id)
-        if marks is None:
-            return False
-        first_new = marks.get((source.topic, source.partition))
-        return first_new is not None and source.offset is not None and source.offset < first_new
-
-    def release_caught_up(self, positions: dict[tuple[str, int | None], int]) -> None:
-        """Drop marks the inputs have passed (positions: next offset to read)."""
-        for account_id, marks in list(self._caught_up_from.items()):
-            if all(positions.get(key, 0) >= offset for key, offset in marks.items()):
-                del self._caught_up_from[account_id]
