@@ -106,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         checkpoint_records=args.checkpoint_records,
         reset_state=args.reset_state,
         max_idle=args.merge_wait,
+        max_skew_ms=args.max_skew,
         conflate_ticks=args.conflate_ticks,
         session_timeout_ms=int(args.session_timeout * 1000),
         heartbeat_interval_ms=max(100, int(args.session_timeout * 1000) // 6),
@@ -273,9 +274,13 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
            metavar="N")
     switch("reset-state", "discard the checkpoints in the state topic and rebuild state "
            "from the input topics")
-    option("merge-wait", f"seconds to hold records back for a lagging input partition so "
-           f"that inputs apply in timestamp order, default {defaults.max_idle}", type=float,
+    option("merge-wait", f"longest time, in seconds, that an input partition the broker "
+           f"does not answer for may hold the others back; past it records are released "
+           f"out of proven order (and counted), default {defaults.max_idle}", type=float,
            default=defaults.max_idle, metavar="SECONDS")
+    option("max-skew", f"clock skew between producers (and their in-flight time) that "
+           f"timestamp order allows for, in ms, default {defaults.max_skew_ms}", type=int,
+           default=defaults.max_skew_ms, metavar="MS")
     option("session-timeout", f"seconds without heartbeat before the group reassigns a "
            f"dead instance's partitions, default {defaults.session_timeout_ms / 1000:g}",
            type=float, default=defaults.session_timeout_ms / 1000, metavar="SECONDS")

@@ -1,4 +1,5 @@
-"""The time-ordered merge of input partitions."""
+"""The time-ordered merge of input partitions (SPEC §6): a record goes out only once every
+other partition is known to hold nothing earlier."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from monitor.service.merge import TimestampMerge
 
 PRICES, FILLS = TopicPartition("prices", 0), TopicPartition("fills", 0)
 RANK = {"prices": 1, "fills": 0}.__getitem__
+NOW = 1_700_000_000_000.0  # wall clock (ms) at which the test's records reach the merge
 
 
 @dataclass
@@ -18,51 +20,105 @@ class Rec:
     timestamp: int
 
 
-def always(tp, offset) -> bool:
-    return True
+def merge(max_wait: float = 10, skew: int = 5) -> TimestampMerge:
+    m = TimestampMerge(RANK, max_skew_ms=skew, max_wait=max_wait)
+    for tp in (PRICES, FILLS):
+        m.seek(tp, 0)  # the service positions every partition before it reads
+    return m
 
 
-def never(tp, offset) -> bool:
-    return False
+def offsets(out) -> list[tuple[str, int]]:
+    return [(tp.topic, r.offset) for tp, r in out]
 
 
 def test_records_come_out_in_timestamp_order_across_partitions() -> None:
-    merge = TimestampMerge(RANK, max_idle=10)
-    merge.add(PRICES, [Rec(0, 1), Rec(1, 4), Rec(2, 6)])
-    merge.add(FILLS, [Rec(0, 2), Rec(1, 3), Rec(2, 6)])
-    out = merge.take(100, [PRICES, FILLS], always)
-    assert [(tp.topic, r.offset) for tp, r in out] == [
-        ("prices", 0), ("fills", 0), ("fills", 1), ("prices", 1),
-        ("fills", 2), ("prices", 2),  # equal timestamps: fills ranks first
-    ]
+    m = merge()
+    m.add(PRICES, [Rec(0, 1), Rec(1, 4), Rec(2, 6)], NOW)
+    m.add(FILLS, [Rec(0, 2), Rec(1, 3), Rec(2, 6)], NOW)
+    assert offsets(m.take(4, [PRICES, FILLS])) == [
+        ("prices", 0), ("fills", 0), ("fills", 1), ("prices", 1)]
+    # both partitions answer a probe sent after the records arrived: the rest may go out
+    m.probed(NOW + 1, {PRICES: 3, FILLS: 3})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [
+        ("fills", 2), ("prices", 2)]  # equal timestamps: fills ranks first
 
 
-def test_a_partition_that_may_hold_earlier_records_holds_the_others_back() -> None:
-    merge = TimestampMerge(RANK, max_idle=10)
-    merge.add(PRICES, [Rec(0, 5)])
-    assert merge.take(100, [PRICES, FILLS], never) == []  # fills not read to its end yet
-    merge.add(FILLS, [Rec(0, 3)])
-    out = merge.take(100, [PRICES, FILLS], lambda tp, offset: tp == PRICES)
-    assert [(tp.topic, r.offset) for tp, r in out] == [("fills", 0)]  # then fills is empty
+def test_a_silent_partition_never_probed_holds_the_others_back() -> None:
+    m = merge()
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS]) == []
+    assert m.blocked_on == [FILLS]
+    assert m.head_needs == NOW  # a probe sent from the record's arrival on proves it
 
 
-def test_a_caught_up_partition_does_not_hold_anyone_back() -> None:
-    merge = TimestampMerge(RANK, max_idle=10)
-    merge.add(PRICES, [Rec(0, 5), Rec(1, 6)])
-    out = merge.take(100, [PRICES, FILLS], always)
+def test_a_probe_sent_before_the_record_arrived_proves_nothing_about_it() -> None:
+    m = merge()
+    m.probed(NOW - 1, {FILLS: 0})
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS]) == []
+    assert m.to_probe() == [FILLS]
+
+
+def test_a_probe_sent_after_arrival_with_nothing_new_releases_the_record() -> None:
+    m = merge()
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.take(100, [PRICES, FILLS])
+    m.probed(NOW + 2, {FILLS: 0})  # fills ends where it was read to
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+
+
+def test_a_probe_that_finds_unread_records_releases_only_once_they_are_buffered() -> None:
+    m = merge()
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.take(100, [PRICES, FILLS])
+    m.probed(NOW + 2, {FILLS: 1})  # fills holds one record not fetched yet
+    assert m.take(100, [PRICES, FILLS]) == []
+    assert m.to_probe() == []  # the answered probe will do once the fetch arrives
+    m.add(FILLS, [Rec(0, 3)], NOW + 3)  # earlier timestamp: it goes first
+    m.probed(NOW + 4, {FILLS: 1})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("prices", 0)]
+
+
+def test_a_record_waits_for_a_probe_sent_after_its_timestamp_plus_the_skew() -> None:
+    m = merge(skew=5)
+    ts = int(NOW) + 10  # a producer clock slightly ahead of ours
+    m.add(PRICES, [Rec(0, ts)], NOW)
+    m.take(100, [PRICES, FILLS])
+    assert m.head_needs == ts + 5
+    m.probed(ts + 4, {FILLS: 0})
+    assert m.take(100, [PRICES, FILLS]) == []
+    m.probed(ts + 5, {FILLS: 0})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+
+
+def test_historical_timestamps_are_ordered_by_arrival_proofs_not_by_the_clock() -> None:
+    """A backfill with 1970 timestamps: a probe from now proves nothing about records
+    appended after it, whatever their timestamps."""
+    m = merge()
+    m.probed(NOW, {FILLS: 0})
+    m.add(PRICES, [Rec(0, 1_000)], NOW + 10)
+    assert m.take(100, [PRICES, FILLS]) == []
+    assert m.blocked_on == [FILLS]
+
+
+def test_an_exhausted_partition_does_not_hold_anyone_back() -> None:
+    m = merge()
+    m.add(PRICES, [Rec(0, 5), Rec(1, 6)], NOW)
+    out = m.take(100, [PRICES, FILLS], lambda tp, offset: True)
     assert [r.offset for _, r in out] == [0, 1]
 
 
-def test_waiting_is_bounded_by_max_idle() -> None:
-    merge = TimestampMerge(RANK, max_idle=0)
-    merge.add(PRICES, [Rec(0, 5)])
-    assert [r.offset for _, r in merge.take(100, [PRICES, FILLS], never)] == [0]
+def test_holding_back_is_bounded_by_max_wait_and_counted() -> None:
+    m = merge(max_wait=0)
+    m.add(PRICES, [Rec(0, 5), Rec(1, 6)], NOW)
+    assert [r.offset for _, r in m.take(100, [PRICES, FILLS])] == [0, 1]
+    assert m.forced == 2
 
 
 def test_limit_and_seek() -> None:
-    merge = TimestampMerge(RANK, max_idle=10)
-    merge.add(PRICES, [Rec(0, 1), Rec(1, 2), Rec(2, 3)])
-    assert len(merge.take(2, [PRICES], always)) == 2
-    merge.seek(PRICES, 0)  # re-positioned: what was buffered is stale
-    assert merge.take(10, [PRICES], always) == []
-    assert merge.fetched_to[PRICES] == 0
+    m = merge()
+    m.add(PRICES, [Rec(0, 1), Rec(1, 2), Rec(2, 3)], NOW)
+    assert len(m.take(2, [PRICES])) == 2
+    m.seek(PRICES, 0)  # re-positioned: what was buffered is stale
+    assert m.take(10, [PRICES]) == []
+    assert m.fetched_to[PRICES] == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,13 +71,13 @@ class Delivery:
                     partition=message.partition))
             except KafkaError as exc:  # no metadata, buffer full for too long: broker away
                 results = await asyncio.gather(*futures, return_exceptions=True)
-                failed = self._settle(messages[:index], results)
+                failed = self.settle(messages[:index], results)
                 return failed + messages[index:], exc
         results = await asyncio.gather(*futures, return_exceptions=True)
         errors = [r for r in results if isinstance(r, Exception)]
-        return self._settle(messages, results), errors[0] if errors else None
+        return self.settle(messages, results), errors[0] if errors else None
 
-    def _settle(self, messages: Sequence[Outgoing], results: Sequence[Any]) -> list[Outgoing]:
+    def settle(self, messages: Sequence[Outgoing], results: Sequence[Any]) -> list[Outgoing]:
         """Count what was delivered; return what was not."""
         now_ms = time.time() * 1000
         failed = []
@@ -90,3 +92,91 @@ class Delivery:
                 self.metrics.event_latency.labels(message.trigger_kind).observe(
                     max(0.0, (now_ms - message.trigger_timestamp_ms) / 1000))
         return failed
+
+
+class Pipeline:
+    """Batches in flight: produced as soon as the engine made them, acknowledged behind it.
+
+    The processing loop hands each batch over and goes on to the next; a settler awaits the
+    acknowledgements in batch order, re-delivers what failed (with `Delivery`'s backoff), and
+    only then reports the batch's input offsets as delivered. `flush()` waits for everything
+    handed over so far, which a checkpoint does before it records offsets: an event is
+    acknowledged before the offsets of its input are checkpointed (SPEC §6).
+    """
+
+    def __init__(self, delivery: Delivery, on_delivered: Callable[[Any], None],
+                 max_in_flight: int = 100_000) -> None:
+        self.delivery = delivery
+        self._on_delivered = on_delivered
+        self._max_in_flight = max_in_flight
+        self._queue: deque[tuple[list[Outgoing], list[asyncio.Future[Any]], int, Any]] = deque()
+        self._in_flight = 0  # messages handed over and not settled
+        self._changed = asyncio.Condition()
+        self._settler: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._settler = asyncio.create_task(self._settle_in_order())
+
+    async def submit(self, outgoing: list[Outgoing], delivered: Any) -> None:
+        """Produce a batch without waiting for its acknowledgement; ``delivered`` is passed
+        to ``on_delivered`` once every message of it is acknowledged."""
+        self._raise_if_failed()
+        if self._in_flight >= self._max_in_flight:  # back-pressure: the broker is behind
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: self._in_flight < self._max_in_flight or self._error is not None)
+            self._raise_if_failed()
+        futures: list[asyncio.Future[Any]] = []
+        producer = self.delivery.producer
+        sent = len(outgoing)
+        for index, message in enumerate(outgoing):
+            try:
+                futures.append(await producer.send(
+                    message.topic, message.value, key=message.key, headers=message.headers,
+                    partition=message.partition))
+            except KafkaError:  # broker away: the settler delivers the rest with retries
+                sent = index
+                break
+        self._queue.append((outgoing, futures, sent, delivered))
+        self._in_flight += len(outgoing)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def flush(self) -> None:
+        """Return once everything submitted so far is acknowledged (or raise why not)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._queue or self._error is not None)
+        self._raise_if_failed()
+
+    async def close(self) -> None:
+        if self._settler is not None:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    async def _settle_in_order(self) -> None:
+        try:
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(lambda: bool(self._queue))
+                outgoing, futures, sent, delivered = self._queue[0]
+                results = await asyncio.gather(*futures, return_exceptions=True)
+                failed = self.delivery.settle(outgoing[:sent], results) + outgoing[sent:]
+                if failed:
+                    await self.delivery.deliver(failed)
+                self._queue.popleft()
+                self._in_flight -= len(outgoing)
+                self._on_delivered(delivered)
+                async with self._changed:
+                    self._changed.notify_all()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # surfaced to the loop by submit() / flush()
+            self._error = exc
+            async with self._changed:
+                self._changed.notify_all()

@@ -1,12 +1,25 @@
-"""Event-time ordering across input partitions.
+"""Event-time ordering across input partitions (SPEC §6).
 
 Kafka orders records only within a partition. Left to fetch order, the interleaving of prices,
-fills and ledger differs from run to run, and after a restart the re-read backlog would be
-applied in a different order than the first time, giving different events. Like Kafka
-Streams' timestamp synchronisation, the merge releases buffered records in order of their
-Kafka timestamp, and holds back while a partition that may still hold earlier records has
-nothing buffered — unless it is caught up (read to its high watermark) or has kept everyone
-waiting for longer than ``max_idle`` seconds.
+fills and ledger differs from run to run and from `liqmon replay`'s. The merge releases buffered
+records in (Kafka timestamp, topic rank, partition, offset) order, and releases a record r only
+when every other partition is known to hold nothing that sorts before it:
+
+- it has a buffered record that sorts after r, or
+- it answered a *probe* — its end offset, asked for at wall-clock time S — and everything before
+  that end offset has been buffered, with S after both r's arrival here and r's timestamp plus
+  ``max_skew_ms``. Then every record of that partition still unseen was appended after r was
+  (so a producer that waited for one record's acknowledgement before sending the next is
+  always seen in order, whatever its timestamps), and after r's timestamp plus the skew (so
+  producers whose clocks and in-flight time are within ``max_skew_ms`` are too).
+
+This is Kafka Streams' `max.task.idle.ms` rule (KIP-695: wait until the partition's lag is known
+to be zero) with Flink's bounded out-of-orderness. A high watermark from the last fetch says
+nothing about what was appended since; that is why a probe must be sent after the fact.
+
+``max_wait`` bounds how long the merge holds everything back for a partition that cannot be
+probed (a broker that does not answer): past it, records are released in the best order known
+and counted as forced.
 """
 
 from __future__ import annotations
@@ -20,62 +33,130 @@ from typing import Any
 from aiokafka import TopicPartition
 
 Record = Any  # aiokafka ConsumerRecord: .timestamp, .offset, .key, .value
+NEVER = float("-inf")
 
 
 class TimestampMerge:
-    def __init__(self, rank: Callable[[str], int], max_idle: float = 0.5) -> None:
+    def __init__(self, rank: Callable[[str], int], max_skew_ms: int = 5,
+                 max_wait: float = 0.5) -> None:
         self._rank = rank  # tie-break between topics at equal timestamps
-        self._buffers: dict[TopicPartition, deque[Record]] = {}
+        self.max_skew_ms = max_skew_ms
+        self.max_wait = max_wait
+        # per partition: (record, wall-clock ms at which it reached the merge)
+        self._buffers: dict[TopicPartition, deque[tuple[Record, float]]] = {}
         self.fetched_to: dict[TopicPartition, int] = {}  # next offset not yet buffered
-        self.max_idle = max_idle
+        # a partition holds no unseen record appended before proven[tp] (wall-clock ms)
+        self.proven: dict[TopicPartition, float] = {}
+        # probes answered: (end offset, send time it proves once buffered up to that end)
+        self._probed: dict[TopicPartition, list[tuple[int, float]]] = {}
         self._blocked_since: float | None = None
+        self.forced = 0  # records released by max_wait, not by proof of order
+        self.blocked_on: list[TopicPartition] = []  # after take(): who held the head back
+        self.head_needs: float | None = None  # after take(): probe time the head waits for
 
-    def add(self, tp: TopicPartition, records: Sequence[Record]) -> None:
+    def add(self, tp: TopicPartition, records: Sequence[Record],
+            arrived_ms: float | None = None) -> None:
         if not records:
             return
-        self._buffers.setdefault(tp, deque()).extend(records)
+        arrived = time.time() * 1000 if arrived_ms is None else arrived_ms
+        self._buffers.setdefault(tp, deque()).extend((r, arrived) for r in records)
         self.fetched_to[tp] = records[-1].offset + 1
+        self._settle_probe(tp)
+
+    def probed(self, sent_at_ms: float, ends: dict[TopicPartition, int]) -> None:
+        """End offsets asked for at wall-clock ``sent_at_ms`` (taken before the request)."""
+        for tp, end in ends.items():
+            if tp in self.fetched_to:  # not dropped meanwhile
+                self._probed.setdefault(tp, []).append((end, sent_at_ms))
+                self._settle_probe(tp)
+
+    def _settle_probe(self, tp: TopicPartition) -> None:
+        probes = self._probed.get(tp)
+        if not probes:
+            return
+        fetched_to = self.fetched_to.get(tp, 0)
+        proved = [sent for end, sent in probes if fetched_to >= end]
+        if proved:
+            self.proven[tp] = max(self.proven.get(tp, NEVER), *proved)
+            self._probed[tp] = [(end, sent) for end, sent in probes if fetched_to < end]
+
+    def to_probe(self) -> list[TopicPartition]:
+        """Partitions holding the head back that no answered probe will release once their
+        fetched records arrive: a new probe (sent at or after ``head_needs``) is needed."""
+        needs = self.head_needs
+        if needs is None:
+            return []
+        return [tp for tp in self.blocked_on
+                if not any(sent >= needs for _, sent in self._probed.get(tp, ()))]
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        """The consumer was moved: forget what was buffered for this partition."""
+        """The consumer was moved: forget what was buffered or proved for this partition."""
         self._buffers.pop(tp, None)
+        self._probed.pop(tp, None)
+        self.proven.pop(tp, None)
         self.fetched_to[tp] = offset
 
     def drop(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self._buffers.pop(tp, None)
+            self._probed.pop(tp, None)
+            self.proven.pop(tp, None)
             self.fetched_to.pop(tp, None)
 
-    def buffered(self) -> int:
+    def buffered(self, tp: TopicPartition | None = None) -> int:
+        if tp is not None:
+            return len(self._buffers.get(tp, ()))
         return sum(len(buffer) for buffer in self._buffers.values())
 
     def take(self, limit: int, partitions: Iterable[TopicPartition],
-             caught_up: Callable[[TopicPartition, int], bool]) -> list[tuple[TopicPartition,
-                                                                              Record]]:
+             exhausted: Callable[[TopicPartition, int], bool] | None = None,
+             ) -> list[tuple[TopicPartition, Record]]:
         """Up to ``limit`` records in (timestamp, topic rank, partition, offset) order.
 
-        ``partitions`` are those that may deliver records; ``caught_up(tp, next_offset)`` says
-        whether a partition with nothing buffered has been read to its end.
+        ``partitions`` are those that may deliver records. ``exhausted(tp, next_offset)``, if
+        given, says a partition will deliver nothing more (a bounded read that reached its
+        end): it never holds anyone back. After the call, ``blocked_on`` lists the partitions
+        without buffered records that hold the head back, and ``head_needs`` the wall-clock
+        time after which a probe of them must be sent.
         """
-        waiting = [tp for tp in partitions
-                   if not self._buffers.get(tp) and not caught_up(tp, self.fetched_to.get(tp, 0))]
-        if waiting and not self._waited_enough():
-            return []
-        heap = [(buffer[0].timestamp, self._rank(tp.topic), tp.partition, buffer[0].offset, tp)
-                for tp, buffer in self._buffers.items() if buffer]
+        skew = self.max_skew_ms
+        silent = [tp for tp in partitions if not self._buffers.get(tp)
+                  and not (exhausted and exhausted(tp, self.fetched_to.get(tp, 0)))]
+        heap = []
+        for tp, buffer in self._buffers.items():
+            if buffer:
+                head = buffer[0][0]
+                heap.append((head.timestamp, self._rank(tp.topic), tp.partition, head.offset, tp))
         heapq.heapify(heap)
+        proven = self.proven
+        # the least proof among partitions with nothing buffered bounds what may go out
+        floor = min((proven.get(tp, NEVER) for tp in silent), default=float("inf"))
         out: list[tuple[TopicPartition, Record]] = []
         while heap and len(out) < limit:
-            *_, tp = heapq.heappop(heap)
+            timestamp, *_, tp = heap[0]
             buffer = self._buffers[tp]
-            out.append((tp, buffer.popleft()))
+            if max(buffer[0][1], timestamp + skew) > floor:
+                if not self._waited_enough():
+                    break
+                self.forced += 1
+            heapq.heappop(heap)
+            out.append((tp, buffer.popleft()[0]))
             if buffer:
-                head = buffer[0]
+                head = buffer[0][0]
                 heapq.heappush(heap, (head.timestamp, self._rank(tp.topic), tp.partition,
                                       head.offset, tp))
-            elif not caught_up(tp, self.fetched_to[tp]) and not self._waited_enough():
-                break  # this partition may hold earlier records than the other heads
-        if out:
+            elif not (exhausted and exhausted(tp, self.fetched_to[tp])):
+                silent.append(tp)  # it may hold records earlier than the other heads
+                floor = min(floor, proven.get(tp, NEVER))
+        if heap:
+            timestamp, *_, tp = heap[0]
+            needs = max(self._buffers[tp][0][1], timestamp + skew)
+            self.head_needs = needs
+            self.blocked_on = [tp for tp in silent if proven.get(tp, NEVER) < needs]
+        else:
+            self.head_needs = None
+            self.blocked_on = []
+        if out or not heap:
             self._blocked_since = None
         return out
 
@@ -83,5 +164,5 @@ class TimestampMerge:
         now = time.monotonic()
         if self._blocked_since is None:
             self._blocked_since = now
-            return self.max_idle <= 0
-        return now - self._blocked_since >= self.max_idle
+            return self.max_wait <= 0
+        return now - self._blocked_since >= self.max_wait

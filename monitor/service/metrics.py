@@ -71,6 +71,9 @@ class Metrics:
         self.delivery_retries = Counter(
             "liqmon_delivery_retries", "Produce attempts that failed and were retried.",
             registry=r)
+        self.merge_forced = Counter(
+            "liqmon_merge_forced_releases", "Input records applied before every other "
+            "partition was known to hold nothing earlier (--merge-wait ran out).", registry=r)
         self.checkpoint_duration = Histogram(
             "liqmon_checkpoint_duration_seconds", "Time to write one checkpoint.",
             buckets=CHECKPOINT_BUCKETS, registry=r)

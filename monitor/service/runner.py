@@ -39,7 +39,7 @@ from monitor.service.changelog import (
     read_changelog,
     write_reset_markers,
 )
-from monitor.service.delivery import MAX_BACKOFF, Delivery
+from monitor.service.delivery import MAX_BACKOFF, Delivery, Pipeline
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
@@ -50,10 +50,14 @@ from monitor.state import EVENT_TYPES, AccountState
 
 PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
 OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
-TICK = 0.2  # the loop wakes at least this often (merge idle limit, checkpoint timer)
+TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint timer)
 # Kafka answers a fetch as soon as data arrives, so this only paces idle polling; some brokers
-# (the embedded one) hold a long-poll to its end, and 500 ms there is 500 ms of tick latency.
-FETCH_MAX_WAIT_MS = 20
+# (the embedded one) hold a long-poll to its end, and every ms of it is a ms of latency.
+FETCH_MAX_WAIT_MS = 5
+# Records buffered per partition beyond which it is paused until the merge drains it: a backlog
+# on one partition waiting for another's records must not grow without bound.
+MAX_BUFFERED = 20_000
+PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
 
 
 class Monitor:
@@ -73,7 +77,9 @@ class Monitor:
         self.ready = asyncio.Event()
         self.partition_counts: dict[str, int] = {}
         self._rank = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}.__getitem__
-        self._merge = TimestampMerge(rank=self._rank, max_idle=settings.max_idle)
+        self._merge = TimestampMerge(rank=self._rank, max_skew_ms=settings.max_skew_ms,
+                                     max_wait=settings.max_idle)
+        self._forced_reported = 0
         self._frontier: tuple[int, int, int, int] | None = None  # merge key last applied
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
@@ -83,6 +89,8 @@ class Monitor:
         self._closing = False
         self._owned: set[int] = set()  # account partitions restored and being processed
         self._processed: dict[TopicPartition, int] = {}  # next offset to apply, per partition
+        self._delivered: dict[TopicPartition, int] = {}  # next offset whose events are acked
+        self._paused: set[TopicPartition] = set()
         self._touched: dict[str, int] = {}  # account -> partition, since the last checkpoint
         self._seq = 0
         self._since_checkpoint = 0  # records applied since the last checkpoint
@@ -90,8 +98,12 @@ class Monitor:
         self._last_tick_wall: dict[str, float] = {}
         self._producer: AIOKafkaProducer | None = None
         self._delivery: Delivery | None = None
+        self._pipeline: Pipeline | None = None
         self._prices: AIOKafkaConsumer | None = None
         self._accounts: AIOKafkaConsumer | None = None
+        self._probe: AIOKafkaConsumer | None = None  # end offsets for watermarks, own socket
+        self._probe_wanted = asyncio.Event()
+        self._wake = asyncio.Event()  # a probe answered: the merge may release more
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -167,6 +179,8 @@ class Monitor:
         await self._producer.start()
         self._delivery = Delivery(self._producer, self.metrics, self.log, s.shutdown_timeout,
                                   lambda: self._stop_requested_at)
+        self._pipeline = Pipeline(self._delivery, self._mark_delivered)
+        self._pipeline.start()
         if s.reset_state:
             partitions = range(self.partition_counts[s.topics.state])
             await write_reset_markers(self._producer, s.topics.state, partitions)
@@ -181,6 +195,11 @@ class Monitor:
         }
         self._prices = AIOKafkaConsumer(group_id=None, **common)
         await self._prices.start()
+        # Its own connection: a broker answers one request per connection at a time, so a
+        # probe queued behind a fetch's long-poll would wait for it.
+        self._probe = AIOKafkaConsumer(**{**common, "client_id": f"{s.client_id}-watermarks"},
+                                       group_id=None)
+        await self._probe.start()
         self._accounts = AIOKafkaConsumer(
             group_id=s.group, session_timeout_ms=s.session_timeout_ms,
             # Range gives fills p and ledger p to the same instance (co-partitioning); the
@@ -195,7 +214,9 @@ class Monitor:
 
     async def _close(self) -> None:
         self._closing = True
-        for consumer in (self._prices, self._accounts):
+        if self._pipeline is not None:
+            await self._pipeline.close()
+        for consumer in (self._prices, self._accounts, self._probe):
             if consumer is not None:
                 with contextlib.suppress(Exception):
                     await consumer.stop()
@@ -269,8 +290,11 @@ class Monitor:
                 self._merge.drop(tps)
                 for tp in tps:
                     self._processed.pop(tp, None)
-                    with contextlib.suppress(KeyError):
-                        self.metrics.input_offset.remove(tp.topic, str(tp.partition))
+                    self._delivered.pop(tp, None)
+                    self._paused.discard(tp)
+                    for gauge in (self.metrics.input_offset, self.metrics.consumer_lag):
+                        with contextlib.suppress(KeyError):
+                            gauge.remove(tp.topic, str(tp.partition))
                 self.log.info("partition handed over", partition=partition, accounts=dropped)
             self._owned -= lost
 
@@ -364,7 +388,7 @@ class Monitor:
                                   request_timeout_ms=max(s.request_timeout_ms, 10_000))
         await reader.start()
         private = Engine(self.config)
-        merge = TimestampMerge(rank=self._rank, max_idle=s.max_idle)
+        merge = TimestampMerge(rank=self._rank, max_skew_ms=s.max_skew_ms, max_wait=s.max_idle)
         positions: dict[TopicPartition, int] = {}
         applied = 0
         try:
@@ -434,8 +458,14 @@ class Monitor:
         """Seek to a checkpointed offset, or apply --start on a first start."""
         self._set_position(tp, await _seek(consumer, tp, offset, self.settings.start))
 
+    def _mark_delivered(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            if tp in self._delivered:  # not handed over meanwhile
+                self._delivered[tp] = offset
+
     def _set_position(self, tp: TopicPartition, offset: int) -> None:
         self._processed[tp] = offset
+        self._delivered[tp] = offset
         self._merge.seek(tp, offset)
         self.metrics.input_offset.labels(tp.topic, str(tp.partition)).set(offset)
 
@@ -448,11 +478,19 @@ class Monitor:
         fetches = {c: asyncio.ensure_future(c.getmany(timeout_ms=500, max_records=limit))
                    for c in consumers}
         stopping = asyncio.ensure_future(self._stopping.wait())
+        prober = asyncio.create_task(self._probe_watermarks())
+        woken = asyncio.ensure_future(self._wake.wait())
         backlog = False  # the merge released a full batch: more may be ready without a fetch
         try:
             while not self._stopping.is_set():
-                await asyncio.wait([*fetches.values(), stopping], timeout=0 if backlog else TICK,
+                await asyncio.wait([*fetches.values(), stopping, woken, prober],
+                                   timeout=0 if backlog else TICK,
                                    return_when=asyncio.FIRST_COMPLETED)
+                if prober.done():
+                    prober.result()  # the prober never returns: raise what killed it
+                if woken.done():
+                    self._wake.clear()
+                    woken = asyncio.ensure_future(self._wake.wait())
                 for consumer in consumers:
                     fetch = fetches[consumer]
                     if not fetch.done() or self._stopping.is_set():
@@ -471,41 +509,92 @@ class Monitor:
                     backlog = await self._process_ready(limit) >= limit
                     if self._checkpoint_due():
                         await self._checkpoint(self._owned)
+                self._pace_fetching()
+                if self._merge.to_probe():
+                    self._probe_wanted.set()
         finally:
-            for fetch in (*fetches.values(), stopping):
-                fetch.cancel()
-            await asyncio.gather(*fetches.values(), stopping, return_exceptions=True)
+            for task in (*fetches.values(), stopping, woken, prober):
+                task.cancel()
+            await asyncio.gather(*fetches.values(), stopping, woken, prober,
+                                 return_exceptions=True)
         async with self._lock:  # finish: what was applied is delivered; checkpoint it
             await self._checkpoint(self._owned)
         self.log.info("stopped", checkpoint=self._seq,
                       offsets={f"{tp.topic}/{tp.partition}": o
                                for tp, o in sorted(self._processed.items())})
 
+    async def _probe_watermarks(self) -> None:
+        """Ask for the end offsets of the partitions that hold the merge back, each time
+        after the held record arrived and after its timestamp + max_skew_ms, so that a silent
+        partition stops holding the others back one round trip later (see merge.py)."""
+        assert self._probe is not None
+        while True:
+            await self._probe_wanted.wait()
+            self._probe_wanted.clear()
+            needs = self._merge.head_needs
+            if needs is None or not self._merge.to_probe():
+                continue
+            early = (needs - time.time() * 1000) / 1000
+            if early > 0:  # a probe sent sooner proves nothing about this record
+                await asyncio.sleep(min(early, self.settings.max_idle))
+            tps = self._merge.to_probe()
+            if not tps:
+                continue
+            sent_at_ms = time.time() * 1000
+            try:
+                ends = await self._probe.end_offsets(tps)
+            except KafkaError as exc:
+                self.log.debug("watermark probe failed", error=repr(exc))
+                await asyncio.sleep(PROBE_RETRY)
+                self._probe_wanted.set()
+                continue
+            self._merge.probed(sent_at_ms, ends)
+            self._wake.set()
+
+    def _pace_fetching(self) -> None:
+        """Pause partitions whose buffer is full (the merge waits on another one), resume
+        them once drained: memory stays bounded however far one input runs ahead."""
+        topics = self.settings.topics
+        for tp in list(self._processed):
+            buffered = self._merge.buffered(tp)
+            consumer = self._prices if tp.topic == topics.prices else self._accounts
+            assert consumer is not None
+            if tp not in self._paused and buffered >= MAX_BUFFERED:
+                consumer.pause(tp)
+                self._paused.add(tp)
+            elif tp in self._paused and buffered < MAX_BUFFERED // 2:
+                consumer.resume(tp)
+                self._paused.discard(tp)
+
     async def _process_ready(self, limit: int) -> int:
-        """Apply what the merge releases, then deliver it (acks=all); how many records."""
-        assert self._delivery is not None
-        batch = self._merge.take(limit, list(self._processed), self._caught_up)
+        """Apply what the merge releases and hand its output to the pipeline (which gets
+        it acknowledged behind the loop); how many records."""
+        assert self._pipeline is not None
+        batch = self._merge.take(limit, list(self._processed))
+        if self._merge.forced > self._forced_reported:
+            self.metrics.merge_forced.inc(self._merge.forced - self._forced_reported)
+            self.log.warning("released records out of proven order", records=self._merge.forced
+                             - self._forced_reported, waited_seconds=self._merge.max_wait,
+                             blocked_on=[f"{tp.topic}/{tp.partition}"
+                                         for tp in self._merge.blocked_on])
+            self._forced_reported = self._merge.forced
         if not batch:
             return 0
         outgoing = self.apply_batch(batch, self.engine, self.settings.conflate_ticks)
-        await self._delivery.deliver(outgoing)
-        self._frontier = self._key(*batch[-1])
+        advanced: dict[TopicPartition, int] = {}
         for tp, record in batch:
-            self._processed[tp] = record.offset + 1
+            advanced[tp] = record.offset + 1
+        await self._pipeline.submit(outgoing, advanced)
+        self._frontier = self._key(*batch[-1])
+        self._processed.update(advanced)
         self._since_checkpoint += len(batch)
-        self._update_lag({tp for tp, _ in batch})
+        self._update_lag(set(advanced))
         self.engine.release_caught_up(self._positions())
         return len(batch)
 
     def _key(self, tp: TopicPartition, record: ConsumerRecord) -> tuple[int, int, int, int]:
         """The time-ordered merge's sort key of a record."""
         return (record.timestamp, self._rank(tp.topic), tp.partition, record.offset)
-
-    def _caught_up(self, tp: TopicPartition, next_offset: int) -> bool:
-        consumer = self._prices if tp.topic == self.settings.topics.prices else self._accounts
-        assert consumer is not None
-        highwater = consumer.highwater(tp)
-        return highwater is not None and next_offset >= highwater
 
     def _update_lag(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
@@ -589,6 +678,8 @@ class Monitor:
         """
         if not partitions or self._delivery is None:
             return
+        assert self._pipeline is not None
+        await self._pipeline.flush()  # events before the offsets that caused them
         started = time.monotonic()
         t = self.settings.topics
         dirty = self.engine.take_dirty()
@@ -683,8 +774,9 @@ class Monitor:
     # -- observability --------------------------------------------------------------------------
 
     def processed_offsets(self) -> dict[TopicPartition, int]:
-        """Next offset to apply per input partition (for tests, the demo and lag)."""
-        return dict(self._processed)
+        """Next offset per input partition whose events are all acknowledged (for tests,
+        the demo and bench)."""
+        return dict(self._delivered)
 
     def _live_figures(self) -> LiveFigures:
         engine = self.engine

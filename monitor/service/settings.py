@@ -36,7 +36,8 @@ class ServiceSettings:
     checkpoint_interval: float = 5.0  # seconds
     checkpoint_records: int = 100_000  # or after this many input records, whichever first
     reset_state: bool = False  # discard liqmon.state and rebuild from the inputs
-    max_idle: float = 0.5  # seconds the time-ordered merge waits for a lagging partition
+    max_idle: float = 0.5  # seconds the merge may hold everything back for a silent partition
+    max_skew_ms: int = 5  # producers' clock skew (and in-flight time) the merge allows for
     conflate_ticks: bool = False  # overload mode: only the latest tick per symbol per batch
     metrics_port: int = 9464  # 0 disables the HTTP endpoint
     compression: str = "gzip"
