@@ -30,6 +30,11 @@ LEDGER_KINDS: Final = frozenset({"deposit", "withdrawal", "funding", "transfer",
 # Kafka timestamps are int64 milliseconds; anything larger cannot be re-encoded.
 MAX_TS: Final = 2**63 - 1
 
+# Identifiers (account, fill_id, entry_id, symbol, asset) become event ids, Kafka keys,
+# checkpoint keys and log fields: an empty account makes the event id ":1:liquidation", a
+# 10,000-character one 20 KB log lines. 256 characters is far above any real id (a UUID has 36).
+MAX_ID_LENGTH: Final = 256
+
 
 class Reason:
     """Stable rejection codes. They are metric label values and dead-letter headers."""
@@ -45,10 +50,13 @@ class Reason:
     UNKNOWN_KIND: Final = "unknown_kind"
     UNKNOWN_SIDE: Final = "unknown_side"
     UNKNOWN_TOPIC: Final = "unknown_topic"  # replay envelopes only
+    BAD_IDENTIFIER: Final = "bad_identifier"  # empty, or longer than MAX_ID_LENGTH
+    WRONG_SIGN: Final = "wrong_sign"  # a deposit not > 0, a withdrawal not < 0
 
     ALL: Final = (
         INVALID_JSON, NOT_OBJECT, MISSING_FIELD, WRONG_TYPE, NON_FINITE, OUT_OF_RANGE,
         UNKNOWN_INSTRUMENT, UNKNOWN_ASSET, UNKNOWN_KIND, UNKNOWN_SIDE, UNKNOWN_TOPIC,
+        BAD_IDENTIFIER, WRONG_SIGN,
     )
 
 
@@ -141,16 +149,16 @@ def from_document(topic_kind: str, document: Any, config: RiskConfig) -> InputRe
 
 def _tick(doc: dict[str, Any], config: RiskConfig) -> PriceTick:
     return PriceTick(
-        symbol=_string(doc, "symbol"),
+        symbol=_identifier(doc, "symbol"),
         price=_positive(doc, "price"),
         ts=_ts(doc),
     )
 
 
 def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
-    fill_id = _string(doc, "fill_id")
-    account = _string(doc, "account")
-    symbol = _string(doc, "symbol")
+    fill_id = _identifier(doc, "fill_id")
+    account = _identifier(doc, "account")
+    symbol = _identifier(doc, "symbol")
     side = _string(doc, "side")
     qty = _positive(doc, "qty")
     price = _positive(doc, "price")
@@ -160,23 +168,29 @@ def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
         raise Rejected(Reason.UNKNOWN_INSTRUMENT, f"symbol: {symbol!r} is not a configured "
                                                   f"instrument")
     if side not in SIDES:
-        raise Rejected(Reason.UNKNOWN_SIDE, f"side: must be \"buy\" or \"sell\", got {side!r}")
+        raise Rejected(Reason.UNKNOWN_SIDE,
+                       f"side: must be \"buy\" or \"sell\", got {_shown(side)}")
     return Fill(fill_id=fill_id, account=account, symbol=symbol, side=side, qty=qty,
                 price=price, fee=fee, ts=ts)
 
 
 def _ledger(doc: dict[str, Any], config: RiskConfig) -> LedgerEntry:
-    entry_id = _string(doc, "entry_id")
-    account = _string(doc, "account")
-    asset = _string(doc, "asset")
+    entry_id = _identifier(doc, "entry_id")
+    account = _identifier(doc, "account")
+    asset = _identifier(doc, "asset")
     amount = _finite(doc, "amount")
     kind = _string(doc, "kind")
     ts = _ts(doc)
     if asset not in config.assets:
         raise Rejected(Reason.UNKNOWN_ASSET, f"asset: {asset!r} is not a configured asset")
     if kind not in LEDGER_KINDS:
-        raise Rejected(Reason.UNKNOWN_KIND,
-                       f"kind: must be one of {', '.join(sorted(LEDGER_KINDS))}, got {kind!r}")
+        kinds = ", ".join(sorted(LEDGER_KINDS))
+        raise Rejected(Reason.UNKNOWN_KIND, f"kind: must be one of {kinds}, got {_shown(kind)}")
+    # SPEC §2: money comes in by deposit and goes out by withdrawal; the other kinds are signed.
+    if kind == "deposit" and not amount > 0:
+        raise Rejected(Reason.WRONG_SIGN, f"amount: a deposit must be > 0, got {amount!r}")
+    if kind == "withdrawal" and not amount < 0:
+        raise Rejected(Reason.WRONG_SIGN, f"amount: a withdrawal must be < 0, got {amount!r}")
     return LedgerEntry(entry_id=entry_id, account=account, asset=asset, amount=amount,
                        kind=kind, ts=ts)
 
@@ -207,6 +221,21 @@ def _string(doc: dict[str, Any], name: str) -> str:
     if not isinstance(value, str):
         raise Rejected(Reason.WRONG_TYPE, f"{name}: must be a string, got {_json_type(value)}")
     return value
+
+
+def _identifier(doc: dict[str, Any], name: str) -> str:
+    value = _string(doc, name)
+    if not value:
+        raise Rejected(Reason.BAD_IDENTIFIER, f"{name}: must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise Rejected(Reason.BAD_IDENTIFIER, f"{name}: must be at most {MAX_ID_LENGTH} "
+                                              f"characters, got {len(value)}")
+    return value
+
+
+def _shown(value: str) -> str:
+    """A string as a rejection detail shows it: long ones cut, so log lines stay short."""
+    return repr(value) if len(value) <= 40 else f"{value[:20]!r}…({len(value)} characters)"
 
 
 def _finite(doc: dict[str, Any], name: str) -> float:

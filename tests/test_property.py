@@ -81,7 +81,9 @@ def random_stream(seed: int, length: int, mean_run: float = 1.0) -> list[bytes]:
             amount = {"USDT": 300.0, "BTC": 0.01, "ETH": 0.2}[asset] * rng.uniform(-1, 3)
             entry_id = f"e{n}" if rng.random() > 0.05 else "e-repeat"
             emit("ledger", {"entry_id": entry_id, "account": account, "asset": asset,
-                            "amount": amount, "kind": rng.choice(["deposit", "funding"]),
+                            "amount": amount,
+                            "kind": rng.choice(["deposit" if amount > 0 else "withdrawal",
+                                                "funding"]),
                             "ts": ts})
         else:
             lines.append(rng.choice([

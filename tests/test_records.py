@@ -53,6 +53,19 @@ BAD = [
      "asset: 'DOGE' is not a configured asset"),
     ("ledger", changed("ledger", kind="gift"), Reason.UNKNOWN_KIND, "kind: must be one of"),
     ("fills", changed("fills", side="long"), Reason.UNKNOWN_SIDE, "side: must be \"buy\""),
+    ("fills", changed("fills", account=""), Reason.BAD_IDENTIFIER, "account: must not be empty"),
+    ("ledger", changed("ledger", entry_id=""), Reason.BAD_IDENTIFIER, "entry_id: must not be"),
+    ("prices", changed("prices", symbol=""), Reason.BAD_IDENTIFIER, "symbol: must not be empty"),
+    ("fills", changed("fills", fill_id="f" * 10_000), Reason.BAD_IDENTIFIER,
+     "fill_id: must be at most 256 characters, got 10000"),
+    ("ledger", changed("ledger", asset="A" * 257), Reason.BAD_IDENTIFIER,
+     "asset: must be at most 256 characters, got 257"),
+    ("ledger", changed("ledger", kind="withdrawal", amount=500.0), Reason.WRONG_SIGN,
+     "amount: a withdrawal must be < 0, got 500.0"),
+    ("ledger", changed("ledger", kind="deposit", amount=-500.0), Reason.WRONG_SIGN,
+     "amount: a deposit must be > 0, got -500.0"),
+    ("ledger", changed("ledger", kind="deposit", amount=0), Reason.WRONG_SIGN,
+     "amount: a deposit must be > 0, got 0.0"),
 ]
 
 
@@ -77,6 +90,35 @@ def test_bad_input_leaves_state_as_it_was(risk, topic, raw, reason, detail) -> N
     replay([line], engine, io.BytesIO(), lambda index, r: rejected.append(index))
     assert rejected == [0]
     assert (engine.accounts, engine.prices, engine.price_ts, engine.stats) == before
+
+
+def test_identifier_of_256_characters_is_accepted(risk) -> None:
+    fill = decode("fills", changed("fills", account="a" * 256), risk)
+    assert fill.account == "a" * 256
+
+
+@pytest.mark.parametrize(("kind", "amount"), [
+    ("withdrawal", -500.0), ("funding", 7.5), ("funding", -7.5), ("transfer", -1.0),
+    ("adjustment", 0.0),
+])
+def test_ledger_kinds_other_than_deposit_take_their_own_sign(risk, kind: str,
+                                                            amount: float) -> None:
+    entry = decode("ledger", changed("ledger", kind=kind, amount=amount), risk)
+    assert (entry.kind, entry.amount) == (kind, amount)
+
+
+def test_a_long_unknown_kind_is_cut_short_in_the_rejection(risk) -> None:
+    with pytest.raises(Rejected) as excinfo:
+        decode("ledger", changed("ledger", kind="g" * 10_000), risk)
+    assert excinfo.value.reason == Reason.UNKNOWN_KIND
+    assert excinfo.value.detail.endswith("got 'gggggggggggggggggggg'…(10000 characters)")
+
+
+def test_a_long_unknown_side_is_cut_short_in_the_rejection(risk) -> None:
+    with pytest.raises(Rejected) as excinfo:
+        decode("fills", changed("fills", side="s" * 10_000), risk)
+    assert excinfo.value.reason == Reason.UNKNOWN_SIDE
+    assert len(excinfo.value.detail) < 100
 
 
 def test_whole_numbers_written_as_floats_are_accepted(risk) -> None:

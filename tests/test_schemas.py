@@ -28,6 +28,7 @@ from monitor.records import (
     INPUT_KINDS,
     LEDGER,
     LEDGER_KINDS,
+    MAX_ID_LENGTH,
     MAX_TS,
     PRICES,
     SIDES,
@@ -269,6 +270,8 @@ REQUIRED = {
     LEDGER: ("entry_id", "account", "asset", "amount", "kind", "ts"),
 }
 OPTIONAL = {PRICES: (), FILLS: ("fee",), LEDGER: ()}
+IDENTIFIERS = [(PRICES, "symbol"), (FILLS, "fill_id"), (FILLS, "account"), (FILLS, "symbol"),
+               (LEDGER, "entry_id"), (LEDGER, "account"), (LEDGER, "asset")]
 
 
 def with_field(topic_kind: str, /, **fields: Any) -> dict[str, Any]:
@@ -340,6 +343,15 @@ BAD_DOCUMENTS: list[tuple[str, Any, str]] = [
     (PRICES, with_field(PRICES, price=10**400), Reason.NON_FINITE),
     (FILLS, with_field(FILLS, fee=-(10**400)), Reason.NON_FINITE),
     (LEDGER, with_field(LEDGER, amount=10**400), Reason.NON_FINITE),
+    # identifiers: empty or too long
+    *[(kind, with_field(kind, **{name: text}), Reason.BAD_IDENTIFIER)
+      for kind, name in IDENTIFIERS for text in ("", "x" * (MAX_ID_LENGTH + 1))],
+    # ledger signs: a deposit brings money in, a withdrawal takes it out
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=-250.0), Reason.WRONG_SIGN),
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=0), Reason.WRONG_SIGN),
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=-0.0), Reason.WRONG_SIGN),
+    (LEDGER, with_field(LEDGER, kind="withdrawal", amount=250.0), Reason.WRONG_SIGN),
+    (LEDGER, with_field(LEDGER, kind="withdrawal", amount=0.0), Reason.WRONG_SIGN),
     # unknown enumerations
     (FILLS, with_field(FILLS, side="hold"), Reason.UNKNOWN_SIDE),
     (FILLS, with_field(FILLS, side="BUY"), Reason.UNKNOWN_SIDE),
@@ -369,8 +381,13 @@ GOOD_DOCUMENTS: list[tuple[str, dict[str, Any]]] = [
     (FILLS, without(FILLS, "fee")),  # fee defaults to 0
     (FILLS, with_field(FILLS, fee=-0.25, side="sell", ts=1732400000123.0)),  # rebate
     (FILLS, with_field(FILLS, qty=3, price=2, fee=0)),  # integers are numbers
-    *[(LEDGER, with_field(LEDGER, kind=kind)) for kind in sorted(LEDGER_KINDS)],
-    (LEDGER, with_field(LEDGER, amount=0, asset="BTC")),
+    *[(LEDGER, with_field(LEDGER, kind=kind)) for kind in sorted(LEDGER_KINDS - {"deposit"})],
+    *[(LEDGER, with_field(LEDGER, kind=kind, amount=250.0))
+      for kind in sorted(LEDGER_KINDS - {"withdrawal"})],
+    (LEDGER, with_field(LEDGER, amount=0, asset="BTC", kind="adjustment")),
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=5e-324)),
+    (FILLS, with_field(FILLS, account="a", fill_id="1")),  # one character is enough
+    (FILLS, with_field(FILLS, account="é" * MAX_ID_LENGTH)),  # characters, not bytes
 ]
 
 
@@ -443,13 +460,15 @@ def plausible_values(kind: str, name: str, config: RiskConfig) -> st.SearchStrat
         return FINITE
     if name == "ts":
         return TIMESTAMPS
-    return st.text(max_size=8)  # ids and account
+    return st.text(min_size=1, max_size=8)  # ids and account
 
 
 def near_misses(kind: str, name: str) -> st.SearchStrategy[Any]:
     """Values of the right JSON type that break the field's rule, or only just pass it."""
     if name in ("side", "kind", "asset") or (name == "symbol" and kind == FILLS):
-        return st.text(max_size=8) | st.sampled_from(("BUY", "Sell", "gift", "DOGE-PERP"))
+        return st.text(max_size=8) | st.sampled_from(("BUY", "Sell", "gift", "DOGE-PERP", ""))
+    if name in ("fill_id", "entry_id", "account", "symbol"):
+        return st.sampled_from(("", "x" * MAX_ID_LENGTH, "x" * (MAX_ID_LENGTH + 1)))
     if name in ("price", "qty", "fee", "amount"):
         return NUMBERS | st.sampled_from((0, -1, float("inf"), float("-inf")))
     if name == "ts":

@@ -116,6 +116,10 @@ BAD_INPUTS = [  # (topic kind, value, reason) — one per class of SPEC §2
                b' "kind": "gift", "ts": 1}', "unknown_kind"),
     ("fills", b'{"fill_id": "x", "account": "a", "symbol": "BTC-PERP", "side": "long",'
               b' "qty": 1, "price": 1, "ts": 1}', "unknown_side"),
+    ("fills", b'{"fill_id": "x", "account": "", "symbol": "BTC-PERP", "side": "buy",'
+              b' "qty": 1, "price": 1, "ts": 1}', "bad_identifier"),
+    ("ledger", b'{"entry_id": "x", "account": "a", "asset": "USDT", "amount": 100,'
+               b' "kind": "withdrawal", "ts": 1}', "wrong_sign"),
 ]
 
 
