@@ -35,6 +35,13 @@ MAX_TS: Final = 2**63 - 1
 # 10,000-character one 20 KB log lines. 256 characters is far above any real id (a UUID has 36).
 MAX_ID_LENGTH: Final = 256
 
+# Bound on |price|, |qty|, |fee| and |amount|. The largest product the margin mathematics forms
+# is qty·contract_size·price·settle_price (≤ 1e45·contract_size), and balances are long sums of
+# such terms, so state and events stay hundreds of orders of magnitude below float64's overflow
+# (1.8e308) however long the stream: two deposits of 1e308 no longer make a balance infinite.
+# 1e15 is above any real figure: a billion contracts at a million each.
+MAX_MAGNITUDE: Final = 1e15
+
 
 class Reason:
     """Stable rejection codes. They are metric label values and dead-letter headers."""
@@ -52,11 +59,12 @@ class Reason:
     UNKNOWN_TOPIC: Final = "unknown_topic"  # replay envelopes only
     BAD_IDENTIFIER: Final = "bad_identifier"  # empty, or longer than MAX_ID_LENGTH
     WRONG_SIGN: Final = "wrong_sign"  # a deposit not > 0, a withdrawal not < 0
+    TOO_LARGE: Final = "too_large"  # finite, but beyond MAX_MAGNITUDE
 
     ALL: Final = (
         INVALID_JSON, NOT_OBJECT, MISSING_FIELD, WRONG_TYPE, NON_FINITE, OUT_OF_RANGE,
         UNKNOWN_INSTRUMENT, UNKNOWN_ASSET, UNKNOWN_KIND, UNKNOWN_SIDE, UNKNOWN_TOPIC,
-        BAD_IDENTIFIER, WRONG_SIGN,
+        BAD_IDENTIFIER, WRONG_SIGN, TOO_LARGE,
     )
 
 
@@ -162,7 +170,7 @@ def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
     side = _string(doc, "side")
     qty = _positive(doc, "qty")
     price = _positive(doc, "price")
-    fee = _finite(doc, "fee") if "fee" in doc else 0.0
+    fee = _bounded(doc, "fee") if "fee" in doc else 0.0
     ts = _ts(doc)
     if symbol not in config.instruments:
         raise Rejected(Reason.UNKNOWN_INSTRUMENT, f"symbol: {symbol!r} is not a configured "
@@ -178,7 +186,7 @@ def _ledger(doc: dict[str, Any], config: RiskConfig) -> LedgerEntry:
     entry_id = _identifier(doc, "entry_id")
     account = _identifier(doc, "account")
     asset = _identifier(doc, "asset")
-    amount = _finite(doc, "amount")
+    amount = _bounded(doc, "amount")
     kind = _string(doc, "kind")
     ts = _ts(doc)
     if asset not in config.assets:
@@ -256,10 +264,21 @@ def _abbreviated(value: int | float) -> str:
     return text if len(text) <= 40 else f"{text[:20]}…({len(text)} digits)"
 
 
+def _bounded(doc: dict[str, Any], name: str) -> float:
+    number = _finite(doc, name)
+    if abs(number) > MAX_MAGNITUDE:
+        raise Rejected(Reason.TOO_LARGE, f"{name}: must be within ±{MAX_MAGNITUDE:g}, "
+                                         f"got {number!r}")
+    return number
+
+
 def _positive(doc: dict[str, Any], name: str) -> float:
     number = _finite(doc, name)
     if number <= 0:
         raise Rejected(Reason.OUT_OF_RANGE, f"{name}: must be > 0, got {number!r}")
+    if number > MAX_MAGNITUDE:
+        raise Rejected(Reason.TOO_LARGE, f"{name}: must be at most {MAX_MAGNITUDE:g}, "
+                                         f"got {number!r}")
     return number
 
 

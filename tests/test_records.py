@@ -43,6 +43,13 @@ BAD = [
      "price: must be finite"),
     ("ledger", b'{"entry_id": "e", "account": "a", "asset": "USDT", "amount": -1e999,'
                b' "kind": "deposit", "ts": 1}', Reason.NON_FINITE, "amount: must be finite"),
+    ("ledger", changed("ledger", amount=1e308), Reason.TOO_LARGE,
+     "amount: must be within ±1e+15, got 1e+308"),
+    ("fills", changed("fills", price=1e308), Reason.TOO_LARGE,
+     "price: must be at most 1e+15, got 1e+308"),
+    ("fills", changed("fills", qty=2e15), Reason.TOO_LARGE, "qty: must be at most 1e+15"),
+    ("fills", changed("fills", fee=-2e15), Reason.TOO_LARGE, "fee: must be within ±1e+15"),
+    ("prices", changed("prices", price=1e16), Reason.TOO_LARGE, "price: must be at most"),
     ("prices", changed("prices", price=0), Reason.OUT_OF_RANGE, "price: must be > 0, got 0.0"),
     ("fills", changed("fills", qty=-2), Reason.OUT_OF_RANGE, "qty: must be > 0"),
     ("prices", changed("prices", ts=-1), Reason.OUT_OF_RANGE, "ts: must be in [0, 2^63-1]"),

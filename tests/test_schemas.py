@@ -29,6 +29,7 @@ from monitor.records import (
     LEDGER,
     LEDGER_KINDS,
     MAX_ID_LENGTH,
+    MAX_MAGNITUDE,
     MAX_TS,
     PRICES,
     SIDES,
@@ -352,6 +353,17 @@ BAD_DOCUMENTS: list[tuple[str, Any, str]] = [
     (LEDGER, with_field(LEDGER, kind="deposit", amount=-0.0), Reason.WRONG_SIGN),
     (LEDGER, with_field(LEDGER, kind="withdrawal", amount=250.0), Reason.WRONG_SIGN),
     (LEDGER, with_field(LEDGER, kind="withdrawal", amount=0.0), Reason.WRONG_SIGN),
+    # finite, but beyond the bound that keeps the arithmetic far from overflow
+    (PRICES, with_field(PRICES, price=1.7976931348623157e308), Reason.TOO_LARGE),
+    (PRICES, with_field(PRICES, price=1.0000000000000002e15), Reason.TOO_LARGE),
+    (PRICES, with_field(PRICES, price=10**15 + 1), Reason.TOO_LARGE),
+    (FILLS, with_field(FILLS, qty=1e308), Reason.TOO_LARGE),
+    (FILLS, with_field(FILLS, price=2e15), Reason.TOO_LARGE),
+    (FILLS, with_field(FILLS, fee=-1e16), Reason.TOO_LARGE),
+    (FILLS, with_field(FILLS, fee=1e16), Reason.TOO_LARGE),
+    (LEDGER, with_field(LEDGER, amount=-1e308), Reason.TOO_LARGE),
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=1e308), Reason.TOO_LARGE),
+    (LEDGER, with_field(LEDGER, kind="funding", amount=10**20), Reason.TOO_LARGE),
     # unknown enumerations
     (FILLS, with_field(FILLS, side="hold"), Reason.UNKNOWN_SIDE),
     (FILLS, with_field(FILLS, side="BUY"), Reason.UNKNOWN_SIDE),
@@ -376,7 +388,10 @@ GOOD_DOCUMENTS: list[tuple[str, dict[str, Any]]] = [
     (PRICES, with_field(PRICES, ts=0)),
     (PRICES, with_field(PRICES, ts=MAX_TS)),
     (PRICES, with_field(PRICES, price=5e-324, symbol="NOT-CONFIGURED")),  # ticks: any symbol
-    (PRICES, with_field(PRICES, price=1.7976931348623157e308)),
+    (PRICES, with_field(PRICES, price=MAX_MAGNITUDE)),
+    (PRICES, with_field(PRICES, price=10**15)),  # the bound, as an integer
+    (FILLS, with_field(FILLS, qty=MAX_MAGNITUDE, price=MAX_MAGNITUDE, fee=-MAX_MAGNITUDE)),
+    (LEDGER, with_field(LEDGER, amount=-MAX_MAGNITUDE)),
     (PRICES, with_field(PRICES, source="binance", seq=[1, 2])),  # extra fields are ignored
     (FILLS, without(FILLS, "fee")),  # fee defaults to 0
     (FILLS, with_field(FILLS, fee=-0.25, side="sell", ts=1732400000123.0)),  # rebate
@@ -425,11 +440,11 @@ def test_integer_literal_too_large_for_a_double_is_dead_lettered_as_non_finite(
 # -- property: arbitrary JSON-ish documents ------------------------------------------------------
 
 EDGE_INTS = (0, 1, -1, MAX_TS, MAX_TS + 1, -(2**63), 2**64, 10**400, -(10**400))
-EDGE_FLOATS = (0.0, -0.0, 1.5, 123.0, 5e-324, 1.7976931348623157e308, 9.223372036854776e18)
-# Arbitrary integers stay well inside a double's range. Python ints just above the largest double
-# (below 2**1024 - 2**970) round down to it in float(), so the decoder accepts them where the
-# schema's maximum does not; orjson rounds such literals before either sees them, so decoded
-# messages agree. 10**400 checks the integers beyond a double's range.
+EDGE_FLOATS = (0.0, -0.0, 1.5, 123.0, 5e-324, 1.7976931348623157e308, 9.223372036854776e18,
+               MAX_MAGNITUDE, -MAX_MAGNITUDE, 1.0000000000000002e15)
+# Arbitrary integers stay well inside a double's range; 10**400 checks the integers beyond it.
+# Integers up to 2**53 are exact doubles, so at the ±1e15 bound the decoder's float() and the
+# schema's exact comparison agree.
 NUMBERS = (
     st.integers(min_value=-(2**80), max_value=2**80) | st.sampled_from(EDGE_INTS)
     | st.floats(allow_nan=False) | st.sampled_from(EDGE_FLOATS)
@@ -437,8 +452,8 @@ NUMBERS = (
 SCALARS = st.none() | st.booleans() | NUMBERS | st.text(max_size=8)
 JUNK = SCALARS | st.lists(SCALARS, max_size=3) | st.dictionaries(st.text(max_size=3), SCALARS,
                                                                   max_size=2)
-POSITIVE = st.floats(min_value=0.0, exclude_min=True, allow_infinity=False)
-FINITE = st.floats(allow_nan=False, allow_infinity=False)
+POSITIVE = st.floats(min_value=0.0, max_value=MAX_MAGNITUDE, exclude_min=True)
+FINITE = st.floats(min_value=-MAX_MAGNITUDE, max_value=MAX_MAGNITUDE)
 TIMESTAMPS = st.integers(min_value=0, max_value=MAX_TS) | st.integers(0, 2**53).map(float)
 
 
