@@ -106,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         checkpoint_records=args.checkpoint_records,
         reset_state=args.reset_state,
         max_idle=args.merge_wait,
+        max_future=args.max_future,
         conflate_ticks=args.conflate_ticks,
         session_timeout_ms=int(args.session_timeout * 1000),
         heartbeat_interval_ms=max(100, int(args.session_timeout * 1000) // 6),
@@ -276,6 +277,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     option("merge-wait", f"seconds to hold records back for a lagging input partition so "
            f"that inputs apply in timestamp order, default {defaults.max_idle}", type=float,
            default=defaults.max_idle, metavar="SECONDS")
+    option("max-future", f"seconds a record's ts may be ahead of the wall clock; later ones "
+           f"are dead-lettered as ts_in_future, default {defaults.max_future:g}", type=float,
+           default=defaults.max_future, metavar="SECONDS")
     option("session-timeout", f"seconds without heartbeat before the group reassigns a "
            f"dead instance's partitions, default {defaults.session_timeout_ms / 1000:g}",
            type=float, default=defaults.session_timeout_ms / 1000, metavar="SECONDS")

@@ -60,11 +60,12 @@ class Reason:
     BAD_IDENTIFIER: Final = "bad_identifier"  # empty, or longer than MAX_ID_LENGTH
     WRONG_SIGN: Final = "wrong_sign"  # a deposit not > 0, a withdrawal not < 0
     TOO_LARGE: Final = "too_large"  # finite, but beyond MAX_MAGNITUDE
+    TS_IN_FUTURE: Final = "ts_in_future"  # the service only: ts ahead of the wall clock
 
     ALL: Final = (
         INVALID_JSON, NOT_OBJECT, MISSING_FIELD, WRONG_TYPE, NON_FINITE, OUT_OF_RANGE,
         UNKNOWN_INSTRUMENT, UNKNOWN_ASSET, UNKNOWN_KIND, UNKNOWN_SIDE, UNKNOWN_TOPIC,
-        BAD_IDENTIFIER, WRONG_SIGN, TOO_LARGE,
+        BAD_IDENTIFIER, WRONG_SIGN, TOO_LARGE, TS_IN_FUTURE,
     )
 
 
@@ -113,11 +114,18 @@ class LedgerEntry:
 InputRecord = PriceTick | Fill | LedgerEntry
 
 
-def decode(topic_kind: str, raw: bytes | str | None, config: RiskConfig) -> InputRecord:
-    """Decode one message value of input topic kind ``prices``/``fills``/``ledger``."""
+def decode(topic_kind: str, raw: bytes | str | None, config: RiskConfig, *,
+           not_after_ms: int | None = None) -> InputRecord:
+    """Decode one message value of input topic kind ``prices``/``fills``/``ledger``.
+
+    With ``not_after_ms`` (the service: wall clock plus --max-future), a record whose ``ts`` is
+    later is rejected: one tick from the future would make every later tick of its symbol
+    stale. None checks nothing (replay takes its clock from the records).
+    """
     if raw is None:
         raise Rejected(Reason.INVALID_JSON, "the message has no value (a null/tombstone record)")
-    return decode_json(raw, lambda document: from_document(topic_kind, document, config))
+    return decode_json(raw, lambda document: from_document(topic_kind, document, config,
+                                                            not_after_ms=not_after_ms))
 
 
 def decode_json(raw: bytes | str, interpret: Callable[[Any], T]) -> T:
@@ -140,19 +148,26 @@ def decode_json(raw: bytes | str, interpret: Callable[[Any], T]) -> T:
     return interpret(document)
 
 
-def from_document(topic_kind: str, document: Any, config: RiskConfig) -> InputRecord:
+def from_document(topic_kind: str, document: Any, config: RiskConfig, *,
+                  not_after_ms: int | None = None) -> InputRecord:
     """Validate an already-parsed JSON value as a record of the given input kind."""
     if not isinstance(document, dict):
         raise Rejected(Reason.NOT_OBJECT, f"{topic_kind} value must be a JSON object, "
                                           f"got {_json_type(document)}")
+    record: InputRecord
     if topic_kind == PRICES:
-        return _tick(document, config)
-    if topic_kind == FILLS:
-        return _fill(document, config)
-    if topic_kind == LEDGER:
-        return _ledger(document, config)
-    raise Rejected(Reason.UNKNOWN_TOPIC,
-                   f"topic must be one of {', '.join(INPUT_KINDS)}, got {topic_kind!r}")
+        record = _tick(document, config)
+    elif topic_kind == FILLS:
+        record = _fill(document, config)
+    elif topic_kind == LEDGER:
+        record = _ledger(document, config)
+    else:
+        raise Rejected(Reason.UNKNOWN_TOPIC,
+                       f"topic must be one of {', '.join(INPUT_KINDS)}, got {topic_kind!r}")
+    if not_after_ms is not None and record.ts > not_after_ms:
+        raise Rejected(Reason.TS_IN_FUTURE, f"ts: {record.ts} is further ahead of the wall "
+                                            f"clock than allowed (latest accepted {not_after_ms})")
+    return record
 
 
 def _tick(doc: dict[str, Any], config: RiskConfig) -> PriceTick:

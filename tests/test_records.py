@@ -128,6 +128,33 @@ def test_a_long_unknown_side_is_cut_short_in_the_rejection(risk) -> None:
     assert len(excinfo.value.detail) < 100
 
 
+YEAR_2100_MS = 4_102_444_800_000
+
+
+@pytest.mark.parametrize("topic", ["prices", "fills", "ledger"])
+def test_ts_later_than_not_after_is_rejected_as_ts_in_future(risk, topic: str) -> None:
+    with pytest.raises(Rejected) as excinfo:
+        decode(topic, changed(topic, ts=1_001), risk, not_after_ms=1_000)
+    assert excinfo.value.reason == Reason.TS_IN_FUTURE
+    assert excinfo.value.detail == ("ts: 1001 is further ahead of the wall clock than allowed "
+                                    "(latest accepted 1000)")
+
+
+def test_ts_equal_to_not_after_is_accepted(risk) -> None:
+    assert decode("prices", changed("prices", ts=1_000), risk, not_after_ms=1_000).ts == 1_000
+
+
+def test_without_not_after_a_ts_in_2100_is_accepted(risk) -> None:
+    assert decode("prices", changed("prices", ts=YEAR_2100_MS), risk).ts == YEAR_2100_MS
+
+
+def test_replay_applies_a_tick_from_2100(risk) -> None:
+    engine = Engine(risk)
+    line = b'{"topic": "prices", "value": %s}' % changed("prices", ts=YEAR_2100_MS)
+    replay([line], engine, io.BytesIO(), lambda index, rejection: None)
+    assert engine.price_ts == {"BTC-PERP": YEAR_2100_MS}
+
+
 def test_whole_numbers_written_as_floats_are_accepted(risk) -> None:
     tick = decode("prices", b'{"symbol": "BTC", "price": 5, "ts": 123.0}', risk)
     assert tick.ts == 123 and isinstance(tick.ts, int)

@@ -37,6 +37,7 @@ class ServiceSettings:
     checkpoint_records: int = 100_000  # or after this many input records, whichever first
     reset_state: bool = False  # discard liqmon.state and rebuild from the inputs
     max_idle: float = 0.5  # seconds the time-ordered merge waits for a lagging partition
+    max_future: float = 300.0  # seconds a record's ts may be ahead of the wall clock
     conflate_ticks: bool = False  # overload mode: only the latest tick per symbol per batch
     metrics_port: int = 9464  # 0 disables the HTTP endpoint
     compression: str = "gzip"
