@@ -40,6 +40,7 @@ class ServiceSettings:
     max_future: float = 300.0  # seconds a record's ts may be ahead of the wall clock
     conflate_ticks: bool = False  # overload mode: only the latest tick per symbol per batch
     metrics_port: int = 9464  # 0 disables the HTTP endpoint
+    metrics_host: str = "0.0.0.0"  # bind address of the HTTP endpoint (all interfaces: probes)
     compression: str = "gzip"
     max_batch_records: int = 5_000
     shutdown_timeout: float = 30.0  # seconds to deliver pending events on SIGTERM
