@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from monitor.config import RiskConfig
-from monitor.margin import Position
+from monitor.margin import Position, is_dust
 from monitor.state import AccountState
 
 CAP = 0.2  # largest relative move a band may allow (the tier-slope bound is computed for it)
@@ -511,7 +511,8 @@ class Book:
 
     def apply_fill(self, row: int, instr: int, signed_qty: float, price: float,
                    fee: float) -> None:
-        """SPEC §4 Fill, with the arithmetic of `margin.apply_fill_to_position`."""
+        """SPEC §4 Fill, with the arithmetic of `margin.apply_fill_to_position` (including
+        its rule that a close leaving only float rounding is flat)."""
         t = self.t
         p = self.first_m[row]
         nxt, instr_m = self.next_m, self.instr_m
@@ -536,7 +537,7 @@ class Book:
                     closed = min(abs(q), qty)
                     realized = closed * t.i_cs[instr] * (price - e) * math.copysign(1.0, q)
                     new_q = q + signed_qty
-                    if new_q == 0:
+                    if is_dust(new_q, q, qty):
                         self._unlink(row, p)
                     else:
                         if (new_q > 0) != (q > 0):

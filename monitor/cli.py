@@ -107,10 +107,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         reset_state=args.reset_state,
         max_idle=args.merge_wait,
         max_skew_ms=args.max_skew,
+        max_future=args.max_future,
         conflate_ticks=args.conflate_ticks,
         session_timeout_ms=int(args.session_timeout * 1000),
         heartbeat_interval_ms=max(100, int(args.session_timeout * 1000) // 6),
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         compression=args.compression,
         shutdown_timeout=args.shutdown_timeout,
     )
@@ -118,10 +120,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = None
     if settings.metrics_port:
         try:
-            server = HealthServer(metrics, settings.metrics_port).start()
+            server = HealthServer(metrics, settings.metrics_port,
+                                  host=settings.metrics_host).start()
         except OSError as exc:
-            raise CliError(f"cannot serve metrics on port {settings.metrics_port}: "
-                           f"{exc.strerror}") from exc
+            raise CliError(f"cannot serve metrics on {settings.metrics_host} port "
+                           f"{settings.metrics_port}: {exc.strerror}") from exc
 
     async def serve() -> None:
         monitor = Monitor(settings, config, metrics)
@@ -264,6 +267,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
            default=defaults.client_id)
     option("metrics-port", f"port of /metrics, /healthz, /readyz (0 disables), default "
            f"{defaults.metrics_port}", type=int, default=defaults.metrics_port)
+    option("metrics-host", f"address /metrics, /healthz, /readyz listen on, default "
+           f"{defaults.metrics_host} (all interfaces)", default=defaults.metrics_host,
+           metavar="ADDR")
     option("start", "where inputs start on a first start (no checkpoint), default earliest",
            choices=["earliest", "latest"], default=defaults.start)
     option("checkpoint-interval", f"seconds between checkpoints, default "
@@ -281,6 +287,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     option("max-skew", f"clock skew between producers (and their in-flight time) that "
            f"timestamp order allows for, in ms, default {defaults.max_skew_ms}", type=int,
            default=defaults.max_skew_ms, metavar="MS")
+    option("max-future", f"seconds a record's ts may be ahead of the wall clock; later ones "
+           f"are dead-lettered as ts_in_future, default {defaults.max_future:g}", type=float,
+           default=defaults.max_future, metavar="SECONDS")
     option("session-timeout", f"seconds without heartbeat before the group reassigns a "
            f"dead instance's partitions, default {defaults.session_timeout_ms / 1000:g}",
            type=float, default=defaults.session_timeout_ms / 1000, metavar="SECONDS")

@@ -19,12 +19,29 @@ class Position:
     entry_price: float
 
 
+# Quantities are decimal lots, summed in binary floating point: fills of 0.1 and 0.2 make a
+# position of 0.30000000000000004, and the fill that closes it carries 0.3. What a reducing
+# fill leaves within this fraction of the larger of |q| and the fill's qty is that rounding,
+# not a position (a real remainder that small is below any exchange's lot size: a billionth of
+# a 1,000-contract trade is 1e-6 contracts). Left in place, such dust keeps a maintenance
+# requirement of ~1e-14 alive, so a bankrupt, closed-out account counts as insolvent
+# (SPEC §4: r = +inf) instead of flat (r = 0) and is liquidated again at every move.
+DUST = 1e-9
+
+
+def is_dust(remaining: float, position_qty: float, fill_qty: float) -> bool:
+    """True when a reducing fill leaves only float rounding of the position (see DUST)."""
+    return abs(remaining) <= DUST * max(abs(position_qty), fill_qty)
+
+
 def apply_fill_to_position(
     position: Position | None, signed_qty: float, price: float, contract_size: float
 ) -> tuple[Position | None, float]:
     """Apply one fill to a position. Returns (new position or None when flat, realized PnL).
 
     Realized PnL is in settle units; the fee is the caller's business (it always settles).
+    A fill against the position that leaves at most DUST of the larger of |q| and its qty, on
+    either side of zero, closes the position: SPEC §4's ``q == 0``, read up to float rounding.
     """
     if position is None or position.qty == 0:
         return Position(qty=signed_qty, entry_price=price), 0.0
@@ -36,7 +53,7 @@ def apply_fill_to_position(
     closed = min(abs(q), qty)
     realized = closed * contract_size * (price - e) * math.copysign(1.0, q)
     new_q = q + signed_qty
-    if new_q == 0:
+    if is_dust(new_q, q, qty):
         return None, realized
     if (new_q > 0) != (q > 0):  # flipped through zero: the remainder opens at the fill price
         e = price

@@ -30,6 +30,18 @@ LEDGER_KINDS: Final = frozenset({"deposit", "withdrawal", "funding", "transfer",
 # Kafka timestamps are int64 milliseconds; anything larger cannot be re-encoded.
 MAX_TS: Final = 2**63 - 1
 
+# Identifiers (account, fill_id, entry_id, symbol, asset) become event ids, Kafka keys,
+# checkpoint keys and log fields: an empty account makes the event id ":1:liquidation", a
+# 10,000-character one 20 KB log lines. 256 characters is far above any real id (a UUID has 36).
+MAX_ID_LENGTH: Final = 256
+
+# Bound on |price|, |qty|, |fee| and |amount|. The largest product the margin mathematics forms
+# is qty·contract_size·price·settle_price (≤ 1e45·contract_size), and balances are long sums of
+# such terms, so state and events stay hundreds of orders of magnitude below float64's overflow
+# (1.8e308) however long the stream: two deposits of 1e308 no longer make a balance infinite.
+# 1e15 is above any real figure: a billion contracts at a million each.
+MAX_MAGNITUDE: Final = 1e15
+
 
 class Reason:
     """Stable rejection codes. They are metric label values and dead-letter headers."""
@@ -45,10 +57,15 @@ class Reason:
     UNKNOWN_KIND: Final = "unknown_kind"
     UNKNOWN_SIDE: Final = "unknown_side"
     UNKNOWN_TOPIC: Final = "unknown_topic"  # replay envelopes only
+    BAD_IDENTIFIER: Final = "bad_identifier"  # empty, or longer than MAX_ID_LENGTH
+    WRONG_SIGN: Final = "wrong_sign"  # a deposit not > 0, a withdrawal not < 0
+    TOO_LARGE: Final = "too_large"  # finite, but beyond MAX_MAGNITUDE
+    TS_IN_FUTURE: Final = "ts_in_future"  # the service only: ts ahead of the wall clock
 
     ALL: Final = (
         INVALID_JSON, NOT_OBJECT, MISSING_FIELD, WRONG_TYPE, NON_FINITE, OUT_OF_RANGE,
         UNKNOWN_INSTRUMENT, UNKNOWN_ASSET, UNKNOWN_KIND, UNKNOWN_SIDE, UNKNOWN_TOPIC,
+        BAD_IDENTIFIER, WRONG_SIGN, TOO_LARGE, TS_IN_FUTURE,
     )
 
 
@@ -97,11 +114,18 @@ class LedgerEntry:
 InputRecord = PriceTick | Fill | LedgerEntry
 
 
-def decode(topic_kind: str, raw: bytes | str | None, config: RiskConfig) -> InputRecord:
-    """Decode one message value of input topic kind ``prices``/``fills``/``ledger``."""
+def decode(topic_kind: str, raw: bytes | str | None, config: RiskConfig, *,
+           not_after_ms: int | None = None) -> InputRecord:
+    """Decode one message value of input topic kind ``prices``/``fills``/``ledger``.
+
+    With ``not_after_ms`` (the service: wall clock plus --max-future), a record whose ``ts`` is
+    later is rejected: one tick from the future would make every later tick of its symbol
+    stale. None checks nothing (replay takes its clock from the records).
+    """
     if raw is None:
         raise Rejected(Reason.INVALID_JSON, "the message has no value (a null/tombstone record)")
-    return decode_json(raw, lambda document: from_document(topic_kind, document, config))
+    return decode_json(raw, lambda document: from_document(topic_kind, document, config,
+                                                            not_after_ms=not_after_ms))
 
 
 def decode_json(raw: bytes | str, interpret: Callable[[Any], T]) -> T:
@@ -124,59 +148,72 @@ def decode_json(raw: bytes | str, interpret: Callable[[Any], T]) -> T:
     return interpret(document)
 
 
-def from_document(topic_kind: str, document: Any, config: RiskConfig) -> InputRecord:
+def from_document(topic_kind: str, document: Any, config: RiskConfig, *,
+                  not_after_ms: int | None = None) -> InputRecord:
     """Validate an already-parsed JSON value as a record of the given input kind."""
     if not isinstance(document, dict):
         raise Rejected(Reason.NOT_OBJECT, f"{topic_kind} value must be a JSON object, "
                                           f"got {_json_type(document)}")
+    record: InputRecord
     if topic_kind == PRICES:
-        return _tick(document, config)
-    if topic_kind == FILLS:
-        return _fill(document, config)
-    if topic_kind == LEDGER:
-        return _ledger(document, config)
-    raise Rejected(Reason.UNKNOWN_TOPIC,
-                   f"topic must be one of {', '.join(INPUT_KINDS)}, got {topic_kind!r}")
+        record = _tick(document, config)
+    elif topic_kind == FILLS:
+        record = _fill(document, config)
+    elif topic_kind == LEDGER:
+        record = _ledger(document, config)
+    else:
+        raise Rejected(Reason.UNKNOWN_TOPIC,
+                       f"topic must be one of {', '.join(INPUT_KINDS)}, got {topic_kind!r}")
+    if not_after_ms is not None and record.ts > not_after_ms:
+        raise Rejected(Reason.TS_IN_FUTURE, f"ts: {record.ts} is further ahead of the wall "
+                                            f"clock than allowed (latest accepted {not_after_ms})")
+    return record
 
 
 def _tick(doc: dict[str, Any], config: RiskConfig) -> PriceTick:
     return PriceTick(
-        symbol=_string(doc, "symbol"),
+        symbol=_identifier(doc, "symbol"),
         price=_positive(doc, "price"),
         ts=_ts(doc),
     )
 
 
 def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
-    fill_id = _string(doc, "fill_id")
-    account = _string(doc, "account")
-    symbol = _string(doc, "symbol")
+    fill_id = _identifier(doc, "fill_id")
+    account = _identifier(doc, "account")
+    symbol = _identifier(doc, "symbol")
     side = _string(doc, "side")
     qty = _positive(doc, "qty")
     price = _positive(doc, "price")
-    fee = _finite(doc, "fee") if "fee" in doc else 0.0
+    fee = _bounded(doc, "fee") if "fee" in doc else 0.0
     ts = _ts(doc)
     if symbol not in config.instruments:
         raise Rejected(Reason.UNKNOWN_INSTRUMENT, f"symbol: {symbol!r} is not a configured "
                                                   f"instrument")
     if side not in SIDES:
-        raise Rejected(Reason.UNKNOWN_SIDE, f"side: must be \"buy\" or \"sell\", got {side!r}")
+        raise Rejected(Reason.UNKNOWN_SIDE,
+                       f"side: must be \"buy\" or \"sell\", got {_shown(side)}")
     return Fill(fill_id=fill_id, account=account, symbol=symbol, side=side, qty=qty,
                 price=price, fee=fee, ts=ts)
 
 
 def _ledger(doc: dict[str, Any], config: RiskConfig) -> LedgerEntry:
-    entry_id = _string(doc, "entry_id")
-    account = _string(doc, "account")
-    asset = _string(doc, "asset")
-    amount = _finite(doc, "amount")
+    entry_id = _identifier(doc, "entry_id")
+    account = _identifier(doc, "account")
+    asset = _identifier(doc, "asset")
+    amount = _bounded(doc, "amount")
     kind = _string(doc, "kind")
     ts = _ts(doc)
     if asset not in config.assets:
         raise Rejected(Reason.UNKNOWN_ASSET, f"asset: {asset!r} is not a configured asset")
     if kind not in LEDGER_KINDS:
-        raise Rejected(Reason.UNKNOWN_KIND,
-                       f"kind: must be one of {', '.join(sorted(LEDGER_KINDS))}, got {kind!r}")
+        kinds = ", ".join(sorted(LEDGER_KINDS))
+        raise Rejected(Reason.UNKNOWN_KIND, f"kind: must be one of {kinds}, got {_shown(kind)}")
+    # SPEC §2: money comes in by deposit and goes out by withdrawal; the other kinds are signed.
+    if kind == "deposit" and not amount > 0:
+        raise Rejected(Reason.WRONG_SIGN, f"amount: a deposit must be > 0, got {amount!r}")
+    if kind == "withdrawal" and not amount < 0:
+        raise Rejected(Reason.WRONG_SIGN, f"amount: a withdrawal must be < 0, got {amount!r}")
     return LedgerEntry(entry_id=entry_id, account=account, asset=asset, amount=amount,
                        kind=kind, ts=ts)
 
@@ -209,6 +246,21 @@ def _string(doc: dict[str, Any], name: str) -> str:
     return value
 
 
+def _identifier(doc: dict[str, Any], name: str) -> str:
+    value = _string(doc, name)
+    if not value:
+        raise Rejected(Reason.BAD_IDENTIFIER, f"{name}: must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise Rejected(Reason.BAD_IDENTIFIER, f"{name}: must be at most {MAX_ID_LENGTH} "
+                                              f"characters, got {len(value)}")
+    return value
+
+
+def _shown(value: str) -> str:
+    """A string as a rejection detail shows it: long ones cut, so log lines stay short."""
+    return repr(value) if len(value) <= 40 else f"{value[:20]!r}…({len(value)} characters)"
+
+
 def _finite(doc: dict[str, Any], name: str) -> float:
     value = _field(doc, name)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -227,10 +279,21 @@ def _abbreviated(value: int | float) -> str:
     return text if len(text) <= 40 else f"{text[:20]}…({len(text)} digits)"
 
 
+def _bounded(doc: dict[str, Any], name: str) -> float:
+    number = _finite(doc, name)
+    if abs(number) > MAX_MAGNITUDE:
+        raise Rejected(Reason.TOO_LARGE, f"{name}: must be within ±{MAX_MAGNITUDE:g}, "
+                                         f"got {number!r}")
+    return number
+
+
 def _positive(doc: dict[str, Any], name: str) -> float:
     number = _finite(doc, name)
     if number <= 0:
         raise Rejected(Reason.OUT_OF_RANGE, f"{name}: must be > 0, got {number!r}")
+    if number > MAX_MAGNITUDE:
+        raise Rejected(Reason.TOO_LARGE, f"{name}: must be at most {MAX_MAGNITUDE:g}, "
+                                         f"got {number!r}")
     return number
 
 

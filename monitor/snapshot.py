@@ -12,6 +12,11 @@ Control record (key: CONTROL_KEY, one per changelog partition):
      "prices": {"BTC": [price, ts]}, "dedupe": [[topic, partition, [[account, id], ...]], ...]}
 ``as_of`` and ``offsets`` are the next input offsets the state reflects (Kafka's commit
 convention), so a restore resumes exactly there.
+
+Numbers of state are written as JSON numbers, or as the strings "inf", "-inf" and "nan" when not
+finite (JSON has no spelling for them, and orjson would write null, which no restore can read).
+Input bounds (records.MAX_MAGNITUDE) keep state finite; this keeps a checkpoint restorable even
+if it were not, so that no input can turn every restart into a failure.
 """
 
 from __future__ import annotations
@@ -58,12 +63,20 @@ def _offsets(raw: Any) -> Offsets:
 
 
 def encode_account(account: Account, seq: int, as_of: Offsets) -> bytes:
+    balances: dict[str, Any] = account.balances
+    positions: dict[str, list[Any]] = {
+        symbol: [p.qty, p.entry_price] for symbol, p in account.positions.items()}
+    # One sum on the checkpoint path: finite when every term is (a sum that overflows only
+    # sends the account down the careful path).
+    if not math.isfinite(sum(balances.values()) + sum(q + e for q, e in positions.values())):
+        balances = {asset: _number(amount) for asset, amount in balances.items()}
+        positions = {symbol: [_number(x) for x in pair] for symbol, pair in positions.items()}
     return orjson.dumps({
         "v": FORMAT_VERSION,
         "seq": seq,
         "as_of": _pairs(as_of),
-        "balances": account.balances,
-        "positions": {symbol: [p.qty, p.entry_price] for symbol, p in account.positions.items()},
+        "balances": balances,
+        "positions": positions,
         "state": int(account.state),
         "transitions": account.transitions,
         "partition": account.partition,
@@ -73,8 +86,8 @@ def encode_account(account: Account, seq: int, as_of: Offsets) -> bytes:
 def decode_account(raw: bytes) -> tuple[Account, int, Offsets]:
     doc = _load(raw)
     try:
-        balances = {str(asset): _finite(amount) for asset, amount in doc["balances"].items()}
-        positions = {str(symbol): Position(qty=_finite(q), entry_price=_finite(e))
+        balances = {str(asset): _float(amount) for asset, amount in doc["balances"].items()}
+        positions = {str(symbol): Position(qty=_float(q), entry_price=_float(e))
                      for symbol, (q, e) in doc["positions"].items()}
         account = Account(
             balances=balances,
@@ -94,7 +107,7 @@ def encode_control(control: Control) -> bytes:
         "seq": control.seq,
         "written_at": control.written_at,
         "offsets": _pairs(control.offsets),
-        "prices": {symbol: [price, ts] for symbol, (price, ts) in control.prices.items()},
+        "prices": {symbol: [_number(price), ts] for symbol, (price, ts) in control.prices.items()},
         "dedupe": [[topic, partition, [list(key) for key in ids]]  # type: ignore[arg-type]
                    for (topic, partition), ids in sorted(control.dedupe.items(),
                                                          key=lambda item: str(item[0]))],
@@ -108,7 +121,7 @@ def decode_control(raw: bytes) -> Control:
             seq=int(doc["seq"]),
             written_at=int(doc["written_at"]),
             offsets=_offsets(doc["offsets"]),
-            prices={str(s): (_finite(price), int(ts)) for s, (price, ts) in doc["prices"].items()},
+            prices={str(s): (_float(price), int(ts)) for s, (price, ts) in doc["prices"].items()},
             dedupe={(str(topic), None if partition is None else int(partition)):
                     [(str(account), str(record_id)) for account, record_id in ids]
                     for topic, partition, ids in doc["dedupe"]},
@@ -131,8 +144,17 @@ def _load(raw: bytes) -> dict[str, Any]:
     return doc
 
 
-def _finite(value: Any) -> float:
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"non-finite number {value!r}")
-    return number
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _number(value: float) -> float | str:
+    return value if math.isfinite(value) else repr(value)  # 'inf', '-inf', 'nan'
+
+
+def _float(value: Any) -> float:
+    """A number of state as `_number` wrote it."""
+    if isinstance(value, str):
+        return _NON_FINITE[value]  # KeyError: malformed
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)

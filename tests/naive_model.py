@@ -79,6 +79,9 @@ class NaiveMonitor:
         return events
 
     def fill(self, acct: dict[str, Any], v: dict[str, Any]) -> None:
+        """SPEC §4 Fill. A reducing fill that leaves at most 1e-9 of the larger of |q| and its
+        qty closes the position: quantities are decimal lots summed in binary floating point,
+        and such a remainder is their rounding (0.1 + 0.2 − 0.3), not a position."""
         sym, qty, price = v["symbol"], float(v["qty"]), float(v["price"])
         cs = self.instruments[sym].get("contract_size", 1.0)
         settle = self.instruments[sym]["settle"]
@@ -93,7 +96,9 @@ class NaiveMonitor:
             acct["b"][settle] = acct["b"].get(settle, 0.0) + realized
             old_q = q
             q += s
-            if q != 0 and (q > 0) != (old_q > 0):
+            if abs(q) <= 1e-9 * max(abs(old_q), qty):
+                q = 0.0  # what is left is float rounding of decimal lots, not a position
+            elif (q > 0) != (old_q > 0):
                 e = price
         if q == 0:
             acct["pos"].pop(sym, None)

@@ -104,6 +104,36 @@ def test_positions_closed_while_liquidating_recover_the_account(engine) -> None:
     assert event.payload["balances"] == {"USDT": pytest.approx(190.0)}
 
 
+@pytest.fixture
+def bankrupt(risk) -> Engine:
+    """"d": 100 USDT, long 0.1 + 0.2 BTC-PERP from 50,000 (q = 0.30000000000000004); at
+    49,600 equity is 100 − 0.3 · 400 = −20: insolvent, liquidated."""
+    engine = Engine(risk)
+    tick(engine, "BTC-PERP", 50_000.0)
+    ledger(engine, "d", "USDT", 100.0)
+    fill(engine, "d", "BTC-PERP", 0.1, 50_000.0)
+    fill(engine, "d", "BTC-PERP", 0.2, 50_000.0)
+    assert types(tick(engine, "BTC-PERP", 49_600.0)) == ["liquidation"]
+    return engine
+
+
+def test_close_out_in_decimal_lots_leaves_a_bankrupt_account_flat_and_healthy(bankrupt) -> None:
+    # The close-out sells 0.3: the −120 loss leaves −20 USDT of bad debt and no position, so
+    # MM = 0 and the ratio is 0 (SPEC §4), not +inf from a 5.6e-17 BTC dust position.
+    (event,) = fill(bankrupt, "d", "BTC-PERP", -0.3, 49_600.0)
+    assert (event.type, event.payload["margin_ratio"]) == ("recovered", 0.0)
+    assert event.payload["equity"] == pytest.approx(-20.0)
+    assert event.payload["positions"] == []
+    assert bankrupt.accounts["d"].positions == {}
+
+
+def test_closed_out_account_is_not_liquidated_again_as_its_balance_moves(bankrupt) -> None:
+    fill(bankrupt, "d", "BTC-PERP", -0.3, 49_600.0)  # flat, −20 USDT
+    assert ledger(bankrupt, "d", "USDT", 30.0) == []  # +10 USDT
+    assert ledger(bankrupt, "d", "USDT", -15.0) == []  # −5 USDT: still no requirement
+    assert tick(bankrupt, "BTC-PERP", 49_000.0) == []
+
+
 def test_hedged_account_survives_where_one_leg_alone_is_liquidated(risk) -> None:
     engine = Engine(risk)
     tick(engine, "BTC-PERP", 50_000.0)

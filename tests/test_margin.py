@@ -83,6 +83,29 @@ def test_short_open_add_and_partial_close_with_contract_size() -> None:
     assert (pos.qty, pos.entry_price) == (-6.0, 2050.0)
 
 
+def test_close_of_a_position_built_from_decimal_lots_leaves_no_dust() -> None:
+    pos, _ = apply_fill_to_position(None, +0.1, 50_000.0, 1.0)
+    pos, _ = apply_fill_to_position(pos, +0.2, 50_000.0, 1.0)
+    assert pos.qty == 0.30000000000000004  # 0.1 + 0.2 in binary floating point
+    pos, realized = apply_fill_to_position(pos, -0.3, 49_600.0, 1.0)  # leaves 5.6e-17
+    assert pos is None
+    assert realized == pytest.approx(0.3 * (49_600.0 - 50_000.0))  # −120
+
+
+def test_close_slightly_larger_than_the_position_opens_no_dust_short() -> None:
+    pos, realized = apply_fill_to_position(Position(0.3, 50_000.0), -0.30000000000000004,
+                                           49_600.0, 1.0)  # leaves −5.6e-17
+    assert pos is None
+    assert realized == pytest.approx(-120.0)
+
+
+def test_remainder_above_a_billionth_of_the_trade_stays_a_position() -> None:
+    # 1,000 contracts less 2e-6: 2e-9 of the trade, twice the dust bound.
+    pos, _ = apply_fill_to_position(Position(1_000.0, 100.0), -999.999998, 101.0, 1.0)
+    assert pos.qty == pytest.approx(2e-6)
+    assert pos.entry_price == 100.0
+
+
 def test_fees_and_realized_pnl_settle_into_the_balance(risk) -> None:
     from monitor.engine import Engine
     from monitor.events import Source

@@ -58,7 +58,9 @@ def random_stream(seed: int, length: int, mean_run: float = 1.0) -> list[bytes]:
             symbol = rng.choice(["BTC-PERP", "ETH-PERP", "ETHBTC-PERP"])
             held = qty_held.get((account, symbol), 0.0)
             if held and rng.random() < 0.25:
-                qty, side = abs(held), "sell" if held > 0 else "buy"  # exact close
+                # An exact close, in the decimal quantity an exchange would send: the float
+                # sum the engine holds may differ from it by rounding (dust).
+                qty, side = round(abs(held), 4), "sell" if held > 0 else "buy"
             else:
                 scale = {"BTC-PERP": 0.05, "ETH-PERP": 10.0, "ETHBTC-PERP": 20.0}[symbol]
                 qty = round(rng.uniform(0.1, 3.0) * scale, 4)
@@ -71,7 +73,7 @@ def random_stream(seed: int, length: int, mean_run: float = 1.0) -> list[bytes]:
             else:
                 sent.append(value)
                 signed = qty if side == "buy" else -qty
-                qty_held[(account, symbol)] = held + signed
+                qty_held[(account, symbol)] = round(held + signed, 4)
             emit("fills", value)
         elif roll < 0.93:
             account = rng.choice(ACCOUNTS)
@@ -79,7 +81,9 @@ def random_stream(seed: int, length: int, mean_run: float = 1.0) -> list[bytes]:
             amount = {"USDT": 300.0, "BTC": 0.01, "ETH": 0.2}[asset] * rng.uniform(-1, 3)
             entry_id = f"e{n}" if rng.random() > 0.05 else "e-repeat"
             emit("ledger", {"entry_id": entry_id, "account": account, "asset": asset,
-                            "amount": amount, "kind": rng.choice(["deposit", "funding"]),
+                            "amount": amount,
+                            "kind": rng.choice(["deposit" if amount > 0 else "withdrawal",
+                                                "funding"]),
                             "ts": ts})
         else:
             lines.append(rng.choice([

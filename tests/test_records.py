@@ -43,6 +43,13 @@ BAD = [
      "price: must be finite"),
     ("ledger", b'{"entry_id": "e", "account": "a", "asset": "USDT", "amount": -1e999,'
                b' "kind": "deposit", "ts": 1}', Reason.NON_FINITE, "amount: must be finite"),
+    ("ledger", changed("ledger", amount=1e308), Reason.TOO_LARGE,
+     "amount: must be within ±1e+15, got 1e+308"),
+    ("fills", changed("fills", price=1e308), Reason.TOO_LARGE,
+     "price: must be at most 1e+15, got 1e+308"),
+    ("fills", changed("fills", qty=2e15), Reason.TOO_LARGE, "qty: must be at most 1e+15"),
+    ("fills", changed("fills", fee=-2e15), Reason.TOO_LARGE, "fee: must be within ±1e+15"),
+    ("prices", changed("prices", price=1e16), Reason.TOO_LARGE, "price: must be at most"),
     ("prices", changed("prices", price=0), Reason.OUT_OF_RANGE, "price: must be > 0, got 0.0"),
     ("fills", changed("fills", qty=-2), Reason.OUT_OF_RANGE, "qty: must be > 0"),
     ("prices", changed("prices", ts=-1), Reason.OUT_OF_RANGE, "ts: must be in [0, 2^63-1]"),
@@ -53,6 +60,19 @@ BAD = [
      "asset: 'DOGE' is not a configured asset"),
     ("ledger", changed("ledger", kind="gift"), Reason.UNKNOWN_KIND, "kind: must be one of"),
     ("fills", changed("fills", side="long"), Reason.UNKNOWN_SIDE, "side: must be \"buy\""),
+    ("fills", changed("fills", account=""), Reason.BAD_IDENTIFIER, "account: must not be empty"),
+    ("ledger", changed("ledger", entry_id=""), Reason.BAD_IDENTIFIER, "entry_id: must not be"),
+    ("prices", changed("prices", symbol=""), Reason.BAD_IDENTIFIER, "symbol: must not be empty"),
+    ("fills", changed("fills", fill_id="f" * 10_000), Reason.BAD_IDENTIFIER,
+     "fill_id: must be at most 256 characters, got 10000"),
+    ("ledger", changed("ledger", asset="A" * 257), Reason.BAD_IDENTIFIER,
+     "asset: must be at most 256 characters, got 257"),
+    ("ledger", changed("ledger", kind="withdrawal", amount=500.0), Reason.WRONG_SIGN,
+     "amount: a withdrawal must be < 0, got 500.0"),
+    ("ledger", changed("ledger", kind="deposit", amount=-500.0), Reason.WRONG_SIGN,
+     "amount: a deposit must be > 0, got -500.0"),
+    ("ledger", changed("ledger", kind="deposit", amount=0), Reason.WRONG_SIGN,
+     "amount: a deposit must be > 0, got 0.0"),
 ]
 
 
@@ -77,6 +97,62 @@ def test_bad_input_leaves_state_as_it_was(risk, topic, raw, reason, detail) -> N
     replay([line], engine, io.BytesIO(), lambda index, r: rejected.append(index))
     assert rejected == [0]
     assert (engine.accounts, engine.prices, engine.price_ts, engine.stats) == before
+
+
+def test_identifier_of_256_characters_is_accepted(risk) -> None:
+    fill = decode("fills", changed("fills", account="a" * 256), risk)
+    assert fill.account == "a" * 256
+
+
+@pytest.mark.parametrize(("kind", "amount"), [
+    ("withdrawal", -500.0), ("funding", 7.5), ("funding", -7.5), ("transfer", -1.0),
+    ("adjustment", 0.0),
+])
+def test_ledger_kinds_other_than_deposit_take_their_own_sign(risk, kind: str,
+                                                            amount: float) -> None:
+    entry = decode("ledger", changed("ledger", kind=kind, amount=amount), risk)
+    assert (entry.kind, entry.amount) == (kind, amount)
+
+
+def test_a_long_unknown_kind_is_cut_short_in_the_rejection(risk) -> None:
+    with pytest.raises(Rejected) as excinfo:
+        decode("ledger", changed("ledger", kind="g" * 10_000), risk)
+    assert excinfo.value.reason == Reason.UNKNOWN_KIND
+    assert excinfo.value.detail.endswith("got 'gggggggggggggggggggg'…(10000 characters)")
+
+
+def test_a_long_unknown_side_is_cut_short_in_the_rejection(risk) -> None:
+    with pytest.raises(Rejected) as excinfo:
+        decode("fills", changed("fills", side="s" * 10_000), risk)
+    assert excinfo.value.reason == Reason.UNKNOWN_SIDE
+    assert len(excinfo.value.detail) < 100
+
+
+YEAR_2100_MS = 4_102_444_800_000
+
+
+@pytest.mark.parametrize("topic", ["prices", "fills", "ledger"])
+def test_ts_later_than_not_after_is_rejected_as_ts_in_future(risk, topic: str) -> None:
+    with pytest.raises(Rejected) as excinfo:
+        decode(topic, changed(topic, ts=1_001), risk, not_after_ms=1_000)
+    assert excinfo.value.reason == Reason.TS_IN_FUTURE
+    assert excinfo.value.detail == ("ts: 1001 is further ahead of the wall clock than allowed "
+                                    "(latest accepted 1000)")
+
+
+def test_ts_equal_to_not_after_is_accepted(risk) -> None:
+    assert decode("prices", changed("prices", ts=1_000), risk, not_after_ms=1_000).ts == 1_000
+
+
+def test_without_not_after_a_ts_in_2100_is_accepted(risk) -> None:
+    assert decode("prices", changed("prices", ts=YEAR_2100_MS), risk).ts == YEAR_2100_MS
+
+
+def test_replay_applies_a_tick_from_2100(risk) -> None:
+    engine = Engine(risk)
+    line = b'{"topic": "prices", "value": %s}' % changed("prices", ts=YEAR_2100_MS)
+    replay([line], engine, io.BytesIO(), lambda index, rejection: None)
+    assert engine.price_ts == {"BTC-PERP": YEAR_2100_MS}
 
 
 def test_whole_numbers_written_as_floats_are_accepted(risk) -> None:

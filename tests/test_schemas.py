@@ -28,6 +28,8 @@ from monitor.records import (
     INPUT_KINDS,
     LEDGER,
     LEDGER_KINDS,
+    MAX_ID_LENGTH,
+    MAX_MAGNITUDE,
     MAX_TS,
     PRICES,
     SIDES,
@@ -269,6 +271,8 @@ REQUIRED = {
     LEDGER: ("entry_id", "account", "asset", "amount", "kind", "ts"),
 }
 OPTIONAL = {PRICES: (), FILLS: ("fee",), LEDGER: ()}
+IDENTIFIERS = [(PRICES, "symbol"), (FILLS, "fill_id"), (FILLS, "account"), (FILLS, "symbol"),
+               (LEDGER, "entry_id"), (LEDGER, "account"), (LEDGER, "asset")]
 
 
 def with_field(topic_kind: str, /, **fields: Any) -> dict[str, Any]:
@@ -340,6 +344,26 @@ BAD_DOCUMENTS: list[tuple[str, Any, str]] = [
     (PRICES, with_field(PRICES, price=10**400), Reason.NON_FINITE),
     (FILLS, with_field(FILLS, fee=-(10**400)), Reason.NON_FINITE),
     (LEDGER, with_field(LEDGER, amount=10**400), Reason.NON_FINITE),
+    # identifiers: empty or too long
+    *[(kind, with_field(kind, **{name: text}), Reason.BAD_IDENTIFIER)
+      for kind, name in IDENTIFIERS for text in ("", "x" * (MAX_ID_LENGTH + 1))],
+    # ledger signs: a deposit brings money in, a withdrawal takes it out
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=-250.0), Reason.WRONG_SIGN),
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=0), Reason.WRONG_SIGN),
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=-0.0), Reason.WRONG_SIGN),
+    (LEDGER, with_field(LEDGER, kind="withdrawal", amount=250.0), Reason.WRONG_SIGN),
+    (LEDGER, with_field(LEDGER, kind="withdrawal", amount=0.0), Reason.WRONG_SIGN),
+    # finite, but beyond the bound that keeps the arithmetic far from overflow
+    (PRICES, with_field(PRICES, price=1.7976931348623157e308), Reason.TOO_LARGE),
+    (PRICES, with_field(PRICES, price=1.0000000000000002e15), Reason.TOO_LARGE),
+    (PRICES, with_field(PRICES, price=10**15 + 1), Reason.TOO_LARGE),
+    (FILLS, with_field(FILLS, qty=1e308), Reason.TOO_LARGE),
+    (FILLS, with_field(FILLS, price=2e15), Reason.TOO_LARGE),
+    (FILLS, with_field(FILLS, fee=-1e16), Reason.TOO_LARGE),
+    (FILLS, with_field(FILLS, fee=1e16), Reason.TOO_LARGE),
+    (LEDGER, with_field(LEDGER, amount=-1e308), Reason.TOO_LARGE),
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=1e308), Reason.TOO_LARGE),
+    (LEDGER, with_field(LEDGER, kind="funding", amount=10**20), Reason.TOO_LARGE),
     # unknown enumerations
     (FILLS, with_field(FILLS, side="hold"), Reason.UNKNOWN_SIDE),
     (FILLS, with_field(FILLS, side="BUY"), Reason.UNKNOWN_SIDE),
@@ -364,13 +388,21 @@ GOOD_DOCUMENTS: list[tuple[str, dict[str, Any]]] = [
     (PRICES, with_field(PRICES, ts=0)),
     (PRICES, with_field(PRICES, ts=MAX_TS)),
     (PRICES, with_field(PRICES, price=5e-324, symbol="NOT-CONFIGURED")),  # ticks: any symbol
-    (PRICES, with_field(PRICES, price=1.7976931348623157e308)),
+    (PRICES, with_field(PRICES, price=MAX_MAGNITUDE)),
+    (PRICES, with_field(PRICES, price=10**15)),  # the bound, as an integer
+    (FILLS, with_field(FILLS, qty=MAX_MAGNITUDE, price=MAX_MAGNITUDE, fee=-MAX_MAGNITUDE)),
+    (LEDGER, with_field(LEDGER, amount=-MAX_MAGNITUDE)),
     (PRICES, with_field(PRICES, source="binance", seq=[1, 2])),  # extra fields are ignored
     (FILLS, without(FILLS, "fee")),  # fee defaults to 0
     (FILLS, with_field(FILLS, fee=-0.25, side="sell", ts=1732400000123.0)),  # rebate
     (FILLS, with_field(FILLS, qty=3, price=2, fee=0)),  # integers are numbers
-    *[(LEDGER, with_field(LEDGER, kind=kind)) for kind in sorted(LEDGER_KINDS)],
-    (LEDGER, with_field(LEDGER, amount=0, asset="BTC")),
+    *[(LEDGER, with_field(LEDGER, kind=kind)) for kind in sorted(LEDGER_KINDS - {"deposit"})],
+    *[(LEDGER, with_field(LEDGER, kind=kind, amount=250.0))
+      for kind in sorted(LEDGER_KINDS - {"withdrawal"})],
+    (LEDGER, with_field(LEDGER, amount=0, asset="BTC", kind="adjustment")),
+    (LEDGER, with_field(LEDGER, kind="deposit", amount=5e-324)),
+    (FILLS, with_field(FILLS, account="a", fill_id="1")),  # one character is enough
+    (FILLS, with_field(FILLS, account="é" * MAX_ID_LENGTH)),  # characters, not bytes
 ]
 
 
@@ -408,11 +440,11 @@ def test_integer_literal_too_large_for_a_double_is_dead_lettered_as_non_finite(
 # -- property: arbitrary JSON-ish documents ------------------------------------------------------
 
 EDGE_INTS = (0, 1, -1, MAX_TS, MAX_TS + 1, -(2**63), 2**64, 10**400, -(10**400))
-EDGE_FLOATS = (0.0, -0.0, 1.5, 123.0, 5e-324, 1.7976931348623157e308, 9.223372036854776e18)
-# Arbitrary integers stay well inside a double's range. Python ints just above the largest double
-# (below 2**1024 - 2**970) round down to it in float(), so the decoder accepts them where the
-# schema's maximum does not; orjson rounds such literals before either sees them, so decoded
-# messages agree. 10**400 checks the integers beyond a double's range.
+EDGE_FLOATS = (0.0, -0.0, 1.5, 123.0, 5e-324, 1.7976931348623157e308, 9.223372036854776e18,
+               MAX_MAGNITUDE, -MAX_MAGNITUDE, 1.0000000000000002e15)
+# Arbitrary integers stay well inside a double's range; 10**400 checks the integers beyond it.
+# Integers up to 2**53 are exact doubles, so at the ±1e15 bound the decoder's float() and the
+# schema's exact comparison agree.
 NUMBERS = (
     st.integers(min_value=-(2**80), max_value=2**80) | st.sampled_from(EDGE_INTS)
     | st.floats(allow_nan=False) | st.sampled_from(EDGE_FLOATS)
@@ -420,8 +452,8 @@ NUMBERS = (
 SCALARS = st.none() | st.booleans() | NUMBERS | st.text(max_size=8)
 JUNK = SCALARS | st.lists(SCALARS, max_size=3) | st.dictionaries(st.text(max_size=3), SCALARS,
                                                                   max_size=2)
-POSITIVE = st.floats(min_value=0.0, exclude_min=True, allow_infinity=False)
-FINITE = st.floats(allow_nan=False, allow_infinity=False)
+POSITIVE = st.floats(min_value=0.0, max_value=MAX_MAGNITUDE, exclude_min=True)
+FINITE = st.floats(min_value=-MAX_MAGNITUDE, max_value=MAX_MAGNITUDE)
 TIMESTAMPS = st.integers(min_value=0, max_value=MAX_TS) | st.integers(0, 2**53).map(float)
 
 
@@ -443,13 +475,15 @@ def plausible_values(kind: str, name: str, config: RiskConfig) -> st.SearchStrat
         return FINITE
     if name == "ts":
         return TIMESTAMPS
-    return st.text(max_size=8)  # ids and account
+    return st.text(min_size=1, max_size=8)  # ids and account
 
 
 def near_misses(kind: str, name: str) -> st.SearchStrategy[Any]:
     """Values of the right JSON type that break the field's rule, or only just pass it."""
     if name in ("side", "kind", "asset") or (name == "symbol" and kind == FILLS):
-        return st.text(max_size=8) | st.sampled_from(("BUY", "Sell", "gift", "DOGE-PERP"))
+        return st.text(max_size=8) | st.sampled_from(("BUY", "Sell", "gift", "DOGE-PERP", ""))
+    if name in ("fill_id", "entry_id", "account", "symbol"):
+        return st.sampled_from(("", "x" * MAX_ID_LENGTH, "x" * (MAX_ID_LENGTH + 1)))
     if name in ("price", "qty", "fee", "amount"):
         return NUMBERS | st.sampled_from((0, -1, float("inf"), float("-inf")))
     if name == "ts":

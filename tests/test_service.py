@@ -4,6 +4,7 @@ and broker loss."""
 from __future__ import annotations
 
 import asyncio
+import time
 from itertools import groupby
 
 import orjson
@@ -116,6 +117,10 @@ BAD_INPUTS = [  # (topic kind, value, reason) — one per class of SPEC §2
                b' "kind": "gift", "ts": 1}', "unknown_kind"),
     ("fills", b'{"fill_id": "x", "account": "a", "symbol": "BTC-PERP", "side": "long",'
               b' "qty": 1, "price": 1, "ts": 1}', "unknown_side"),
+    ("fills", b'{"fill_id": "x", "account": "", "symbol": "BTC-PERP", "side": "buy",'
+              b' "qty": 1, "price": 1, "ts": 1}', "bad_identifier"),
+    ("ledger", b'{"entry_id": "x", "account": "a", "asset": "USDT", "amount": 100,'
+               b' "kind": "withdrawal", "ts": 1}', "wrong_sign"),
 ]
 
 
@@ -150,6 +155,23 @@ async def test_every_class_of_bad_input_is_dead_lettered_and_processing_continue
         assert headers["__liqmon.errors.topic"] == names[kind].encode()
         assert headers["__liqmon.errors.partition"] == b"0"
         assert headers["__liqmon.errors.offset"] == str(expected_offset).encode()
+
+
+async def test_tick_from_2100_is_dead_lettered_and_later_ticks_still_move_the_price(broker,
+                                                                                   risk):
+    settings = fresh_settings(broker.bootstrap)  # --max-future 300 s
+    t = settings.topics
+    now_ms = int(time.time() * 1000)
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        for phase in ([tick(t, "BTC-PERP", 50_000.0, ts=now_ms - 1_000)],
+                      [tick(t, "BTC-PERP", 90_000.0, ts=4_102_444_800_000)],  # 2100-01-01
+                      [tick(t, "BTC-PERP", 51_000.0, ts=now_ms)]):
+            await wait_processed(monitor, await produce(broker.bootstrap, phase))
+        assert monitor.engine.prices["BTC-PERP"] == 51_000.0
+        assert monitor.engine.stats.stale_ticks == 0
+    (dead,) = await read_topic(broker.bootstrap, t.dead_letter)
+    assert dict(dead.headers)["__liqmon.errors.reason"] == b"ts_in_future"
+    assert dict(dead.headers)["__liqmon.errors.offset"] == b"1"
 
 
 async def feed_run_by_run(bootstrap: str, monitor, topics, records

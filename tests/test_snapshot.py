@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import orjson
 import pytest
 
@@ -29,6 +31,32 @@ def test_account_round_trip_is_exact() -> None:
     assert (seq, restored_as_of) == (12, as_of)
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf])
+def test_account_with_an_infinite_number_round_trips(bad: float) -> None:
+    # Before the input bounds, two deposits of 1e308 made a balance inf; orjson wrote null and
+    # every restart failed on "account snapshot is malformed".
+    account = Account(balances={"USDT": bad, "BTC": 0.5},
+                      positions={"BTC-PERP": Position(bad, 1e308)}, transitions=1, partition=0)
+    raw = encode_account(account, 3, {("ledger", 0): 4})
+    assert b"null" not in raw
+    restored, _, _ = decode_account(raw)
+    assert restored.balances == {"USDT": bad, "BTC": 0.5}
+    assert restored.positions == {"BTC-PERP": Position(bad, 1e308)}
+
+
+def test_account_with_a_nan_number_round_trips() -> None:
+    account = Account(balances={"USDT": math.nan}, positions={"BTC-PERP": Position(1.0, math.nan)})
+    restored, _, _ = decode_account(encode_account(account, 1, {}))
+    assert math.isnan(restored.balances["USDT"])
+    assert restored.positions["BTC-PERP"].qty == 1.0
+    assert math.isnan(restored.positions["BTC-PERP"].entry_price)
+
+
+def test_control_with_an_infinite_price_round_trips() -> None:
+    control = Control(seq=1, written_at=1, offsets={}, prices={"BTC": (math.inf, 17)})
+    assert decode_control(encode_control(control)) == control
+
+
 def test_control_round_trip_keeps_window_order() -> None:
     control = Control(seq=4, written_at=1, offsets={("fills", 0): 10, ("prices", 1): 5},
                       prices={"BTC": (65_000.5, 17)},
@@ -48,6 +76,12 @@ def test_control_round_trip_keeps_window_order() -> None:
          "account snapshot is malformed"),
         (orjson.dumps({"v": 1, "seq": 1, "as_of": [], "balances": {}, "positions": {},
                        "state": 7, "transitions": 0, "partition": 0}),
+         "account snapshot is malformed"),
+        (orjson.dumps({"v": 1, "seq": 1, "as_of": [], "balances": {"USDT": None},
+                       "positions": {}, "state": 0, "transitions": 0, "partition": 0}),
+         "account snapshot is malformed"),
+        (orjson.dumps({"v": 1, "seq": 1, "as_of": [], "balances": {"USDT": True},
+                       "positions": {}, "state": 0, "transitions": 0, "partition": 0}),
          "account snapshot is malformed"),
     ],
 )

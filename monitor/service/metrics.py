@@ -6,10 +6,12 @@ never accounts.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -151,26 +153,54 @@ def scrape_input_offsets(port: int, host: str = "127.0.0.1") -> dict[tuple[str, 
             if family.name == "liqmon_input_offset" for sample in family.samples}
 
 
+# Seconds a client may take to send its request or read the response. Probes and scrapers
+# send at once; a port scan or a stuck scraper holding a connection open is dropped.
+IDLE_TIMEOUT = 5.0
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per connection, so that one slow or idle client cannot hold /healthz back
+    (the kubelet would kill the pod). Daemon threads: stopping never waits for a client."""
+
+    daemon_threads = True
+    idle_timeout = IDLE_TIMEOUT
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went quiet or away is not news; anything else is."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
 class _QuietHandler(WSGIRequestHandler):
+    server: _ThreadingServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # applied to the socket by setup()
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds are not news."""
 
 
 class HealthServer:
-    """/metrics, /healthz and /readyz, served from a daemon thread so that a busy event loop
-    never makes Prometheus or the kubelet think the process is dead."""
+    """/metrics, /healthz and /readyz, served from daemon threads so that a busy event loop
+    never makes Prometheus or the kubelet think the process is dead. Any other path is 404."""
 
-    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0",
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self.ready = False
-        self._server: WSGIServer = make_server(host, port, self._app,
-                                               handler_class=_QuietHandler)
+        self._server: _ThreadingServer = make_server(  # type: ignore[assignment]
+            host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+        self._server.idle_timeout = idle_timeout
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="liqmon-http",
                                         daemon=True)
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
@@ -180,7 +210,8 @@ class HealthServer:
                 return [b"ready\n"]
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
             return [b"not ready\n"]
-        return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: this port serves /metrics, /healthz and /readyz\n"]
 
     def start(self) -> HealthServer:
         self._thread.start()

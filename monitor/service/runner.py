@@ -622,10 +622,12 @@ class Monitor:
         out: list[Outgoing] = []
         consumed: dict[str, int] = {}
         decoded: list[InputRecord | Rejected] = []
+        not_after_ms = int(time.time() * 1000 + self.settings.max_future * 1000)
         for tp, message in batch:
             consumed[tp.topic] = consumed.get(tp.topic, 0) + 1
             try:
-                decoded.append(decode(topics.input_kind(tp.topic), message.value, config))
+                decoded.append(decode(topics.input_kind(tp.topic), message.value, config,
+                                      not_after_ms=not_after_ms))
             except Rejected as rejection:
                 decoded.append(rejection)
         superseded = _superseded_ticks(decoded) if conflate else set()

@@ -38,8 +38,10 @@ class ServiceSettings:
     reset_state: bool = False  # discard liqmon.state and rebuild from the inputs
     max_idle: float = 0.5  # seconds the merge may hold everything back for a silent partition
     max_skew_ms: int = 5  # producers' clock skew (and in-flight time) the merge allows for
+    max_future: float = 300.0  # seconds a record's ts may be ahead of the wall clock
     conflate_ticks: bool = False  # overload mode: only the latest tick per symbol per batch
     metrics_port: int = 9464  # 0 disables the HTTP endpoint
+    metrics_host: str = "0.0.0.0"  # bind address of the HTTP endpoint (all interfaces: probes)
     compression: str = "gzip"
     max_batch_records: int = 5_000
     shutdown_timeout: float = 30.0  # seconds to deliver pending events on SIGTERM

@@ -1,0 +1,117 @@
+"""The HTTP endpoint (SPEC §8): /metrics, /healthz and /readyz only, served concurrently, idle
+clients dropped, on the address it is told. No broker needed: the server is the subject."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from monitor.service.broker import free_port
+from monitor.service.metrics import HealthServer, Metrics
+from tests.kafka_support import REPO, started_processes
+
+HANG_GUARD = 30.0  # seconds: only ever reached when something hangs
+
+
+def get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(host, port, timeout=HANG_GUARD)
+    try:
+        connection.request("GET", path)  # the path exactly as given: no normalisation
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def server() -> Iterator[HealthServer]:
+    running = HealthServer(Metrics(), port=0, host="127.0.0.1").start()
+    yield running
+    running.stop()
+
+
+def test_healthz_answers_while_another_connection_sits_idle() -> None:
+    # The idle client is never timed out here, so only concurrency lets /healthz through.
+    server = HealthServer(Metrics(), port=0, host="127.0.0.1", idle_timeout=600).start()
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=HANG_GUARD)
+    try:
+        assert get(server.port, "/healthz") == (200, b"ok\n")
+        assert get(server.port, "/readyz")[0] == 503
+    finally:
+        idle.close()  # before stop(): a single-threaded server would still be waiting on it
+        server.stop()
+
+
+def test_a_connection_that_sends_nothing_is_closed_by_the_server() -> None:
+    server = HealthServer(Metrics(), port=0, host="127.0.0.1", idle_timeout=0.2).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HANG_GUARD) as idle:
+            assert idle.recv(1) == b""  # end of stream: the server hung up
+    finally:
+        server.stop()
+
+
+def test_dropping_an_idle_connection_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    server = HealthServer(Metrics(), port=0, host="127.0.0.1", idle_timeout=0.2).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HANG_GUARD) as idle:
+            idle.recv(1)  # the error, if any, is reported before the server hangs up
+    finally:
+        server.stop()
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("path", ["/", "/foo", "/metrics/../etc/passwd", "/metrics/",
+                                  "/healthz/x", "/favicon.ico"])
+def test_unknown_path_is_404(server: HealthServer, path: str) -> None:
+    assert get(server.port, path)[0] == 404
+
+
+def test_metrics_are_served_on_metrics(server: HealthServer) -> None:
+    status, body = get(server.port, "/metrics")
+    assert status == 200
+    assert b"liqmon_ready 0.0" in body
+
+
+def test_readyz_follows_the_ready_flag(server: HealthServer) -> None:
+    assert get(server.port, "/readyz") == (503, b"not ready\n")
+    server.ready = True
+    assert get(server.port, "/readyz") == (200, b"ready\n")
+
+
+def test_server_listens_only_on_the_address_it_is_given() -> None:
+    server = HealthServer(Metrics(), port=0, host="127.0.0.2").start()  # loopback, not .1
+    try:
+        assert get(server.port, "/healthz", host="127.0.0.2") == (200, b"ok\n")
+        with pytest.raises(ConnectionRefusedError):
+            get(server.port, "/healthz", host="127.0.0.1")
+    finally:
+        server.stop()
+
+
+def test_liqmon_run_binds_the_metrics_host_option() -> None:
+    http_port, nothing_there = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "run", "--config",
+         str(REPO / "examples" / "risk.toml"), "--bootstrap", f"127.0.0.1:{nothing_there}",
+         "--metrics-port", str(http_port), "--metrics-host", "127.0.0.2"],
+        stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    started_processes.append(proc)  # killed at the end of the test (no broker to stop for)
+    deadline = time.monotonic() + HANG_GUARD
+    while True:
+        assert proc.poll() is None, "liqmon run exited"
+        try:
+            status = get(http_port, "/healthz", host="127.0.0.2")[0]
+            break
+        except ConnectionRefusedError:  # not listening yet
+            assert time.monotonic() < deadline, "liqmon run never served /healthz on 127.0.0.2"
+            time.sleep(0.05)
+    assert status == 200
+    with pytest.raises(ConnectionRefusedError):
+        get(http_port, "/healthz", host="127.0.0.1")
