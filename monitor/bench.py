@@ -862,6 +862,7 @@ def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
             figures += asyncio.run(e2e_phase(plan, pop, stream, phases))
             figures += asyncio.run(restore_phase(plan, pop, phases))
             figures += asyncio.run(scale_out_phase(plan, stream, phases))
+            figures += live_latency_phase(plan, phases)
         else:
             figures += [Figure(key, name, "", None, None, target, None, False, "skipped")
                         for key, name, target in (
@@ -871,7 +872,13 @@ def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
                             ("restore_s", "restore from liqmon.state",
                              "≤ 10 s (1M accounts)"),
                             ("scale_out_records_per_s", "end to end, 2 instances "
-                             "(baseline: 1)", "—"))]
+                             "(baseline: 1)", "—"),
+                            ("live_latency_p99_calm_ms", "input-to-event latency p99, calm "
+                             "(baseline: bare relay)", "≤ 1.5× relay"),
+                            ("live_latency_p99_volatile_ms", "input-to-event latency p99, "
+                             "volatile (baseline: bare relay)", "≤ 1.5× relay"),
+                            ("live_order_differences", "live events ≠ replay in timestamp "
+                             "order", "0"))]
     return {
         "accounts": plan.accounts,
         "positions": pop.positions,
@@ -885,6 +892,17 @@ def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
                     "platform": platform.platform()},
         "figures": {f.key: f.as_json() for f in figures},
     }
+
+
+def live_latency_phase(plan: Plan, phases: Phases) -> list[Figure]:
+    """The service beside a bare relay, calm then volatile, and the live order check."""
+    from monitor.bench_latency import LatencyPlan, figures, latency_phase
+
+    latency = LatencyPlan(accounts=min(plan.accounts, 10_000), instruments=plan.instruments,
+                          seconds=max(3.0, plan.latency_seconds * 2), seed=plan.seed)
+    step = phases.task("live latency beside a relay, calm and volatile", 6)
+    report = asyncio.run(latency_phase(latency, lambda text: step(1)))
+    return figures(report, latency.rate)
 
 
 def _value(figure: dict[str, Any]) -> str:
