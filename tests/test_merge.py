@@ -56,7 +56,18 @@ def test_a_probe_sent_before_the_record_arrived_proves_nothing_about_it() -> Non
     m.probed(NOW - 1, {FILLS: 0})
     m.add(PRICES, [Rec(0, 5)], NOW)
     assert m.take(100, [PRICES, FILLS]) == []
-    assert m.to_probe() == [FILLS]
+    assert FILLS in m.to_probe()
+
+
+def test_a_partition_with_records_buffered_is_probed_too_so_it_is_proven_once_drained() -> None:
+    m = merge()
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.add(FILLS, [Rec(0, 4)], NOW)
+    assert m.take(1, [PRICES, FILLS]) != []  # fills@4 goes first; fills is now silent
+    assert m.to_probe() == [PRICES, FILLS]
+    m.probed(NOW + 1, {PRICES: 1, FILLS: 1})  # nothing beyond what was read, anywhere
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    assert m.to_probe() == []
 
 
 def test_a_probe_sent_after_arrival_with_nothing_new_releases_the_record() -> None:
@@ -71,11 +82,10 @@ def test_a_probe_that_finds_unread_records_releases_only_once_they_are_buffered(
     m = merge()
     m.add(PRICES, [Rec(0, 5)], NOW)
     m.take(100, [PRICES, FILLS])
-    m.probed(NOW + 2, {FILLS: 1})  # fills holds one record not fetched yet
+    m.probed(NOW + 2, {PRICES: 1, FILLS: 1})  # fills holds one record not fetched yet
     assert m.take(100, [PRICES, FILLS]) == []
     assert m.to_probe() == []  # the answered probe will do once the fetch arrives
     m.add(FILLS, [Rec(0, 3)], NOW + 3)  # earlier timestamp: it goes first
-    m.probed(NOW + 4, {FILLS: 1})
     assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("prices", 0)]
 
 

@@ -53,6 +53,7 @@ class TimestampMerge:
         self.forced = 0  # records released by max_wait, not by proof of order
         self.blocked_on: list[TopicPartition] = []  # after take(): who held the head back
         self.head_needs: float | None = None  # after take(): probe time the head waits for
+        self._active: list[TopicPartition] = []  # after take(): the partitions it was given
 
     def add(self, tp: TopicPartition, records: Sequence[Record],
             arrived_ms: float | None = None) -> None:
@@ -81,13 +82,14 @@ class TimestampMerge:
             self._probed[tp] = [(end, sent) for end, sent in probes if fetched_to < end]
 
     def to_probe(self) -> list[TopicPartition]:
-        """Partitions holding the head back that no answered probe will release once their
-        fetched records arrive: a new probe (sent at or after ``head_needs``) is needed."""
+        """Partitions not yet proven up to ``head_needs`` by a probe, answered or pending: a
+        new probe (sent at or after ``head_needs``) is needed. Those with records buffered
+        are included, so that once their records go out they need not be probed again."""
         needs = self.head_needs
         if needs is None:
             return []
-        return [tp for tp in self.blocked_on
-                if not any(sent >= needs for _, sent in self._probed.get(tp, ()))]
+        return [tp for tp in self._active if self.proven.get(tp, NEVER) < needs
+                and not any(sent >= needs for _, sent in self._probed.get(tp, ()))]
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         """The consumer was moved: forget what was buffered or proved for this partition."""
@@ -120,6 +122,7 @@ class TimestampMerge:
         time after which a probe of them must be sent.
         """
         skew = self.max_skew_ms
+        partitions = self._active = list(partitions)
         silent = [tp for tp in partitions if not self._buffers.get(tp)
                   and not (exhausted and exhausted(tp, self.fetched_to.get(tp, 0)))]
         heap = []

@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError
 
 from monitor.config import RiskConfig
 from monitor.engine import Engine
-from monitor.events import Source
+from monitor.events import Event, Source
 from monitor.records import InputRecord, PriceTick, Rejected, decode
 from monitor.service.changelog import (
     RestoredPartition,
@@ -80,6 +80,7 @@ class Monitor:
         self._merge = TimestampMerge(rank=self._rank, max_skew_ms=settings.max_skew_ms,
                                      max_wait=settings.max_idle)
         self._forced_reported = 0
+        self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
         self._frontier: tuple[int, int, int, int] | None = None  # merge key last applied
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
@@ -432,6 +433,7 @@ class Monitor:
                         continue
                     ready.append((tp, record))
                 await self._delivery.deliver(self.apply_batch(ready, private))
+                self._log_events()
                 for tp, record in ready:
                     positions[tp] = record.offset + 1
                 applied += len(ready)
@@ -529,10 +531,10 @@ class Monitor:
         partition stops holding the others back one round trip later (see merge.py)."""
         assert self._probe is not None
         while True:
-            await self._probe_wanted.wait()
-            self._probe_wanted.clear()
             needs = self._merge.head_needs
             if needs is None or not self._merge.to_probe():
+                await self._probe_wanted.wait()
+                self._probe_wanted.clear()
                 continue
             early = (needs - time.time() * 1000) / 1000
             if early > 0:  # a probe sent sooner proves nothing about this record
@@ -546,10 +548,11 @@ class Monitor:
             except KafkaError as exc:
                 self.log.debug("watermark probe failed", error=repr(exc))
                 await asyncio.sleep(PROBE_RETRY)
-                self._probe_wanted.set()
                 continue
             self._merge.probed(sent_at_ms, ends)
             self._wake.set()
+            if len(ends) < len(tps):  # the broker left some out: do not hammer it
+                await asyncio.sleep(PROBE_RETRY)
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume
@@ -585,6 +588,7 @@ class Monitor:
         for tp, record in batch:
             advanced[tp] = record.offset + 1
         await self._pipeline.submit(outgoing, advanced)
+        self._log_events()  # after the produce: a cascade's log lines never delay its events
         self._frontier = self._key(*batch[-1])
         self._processed.update(advanced)
         self._since_checkpoint += len(batch)
@@ -607,6 +611,14 @@ class Monitor:
             if highwater is not None:
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
                     max(0, highwater - self._processed[tp]))
+
+    def _log_events(self) -> None:
+        """One info line per event (SPEC §8), for the events of the batch just produced."""
+        for event, tp, offset in self._unlogged:
+            self.log.info("event", event_id=event.event_id, type=event.type,
+                          account=event.account, topic=tp.topic, partition=tp.partition,
+                          offset=offset, margin_ratio=event.payload["margin_ratio"])
+        self._unlogged.clear()
 
     def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
                     engine: Engine, conflate: bool = False) -> list[Outgoing]:
@@ -653,9 +665,7 @@ class Monitor:
                 self._last_tick_wall[record.symbol] = time.time()  # type: ignore[union-attr]
             for event in events:
                 out.append(event_message(event, topics, message.timestamp))
-                self.log.info("event", event_id=event.event_id, type=event.type,
-                              account=event.account, topic=tp.topic, partition=tp.partition,
-                              offset=message.offset, margin_ratio=event.payload["margin_ratio"])
+                self._unlogged.append((event, tp, message.offset))
         for topic, count in consumed.items():
             metrics.records_consumed.labels(topic).inc(count)
         stale, unused, duplicates = before
