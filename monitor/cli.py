@@ -297,8 +297,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
            "per symbol (see README)")
     option("partitions", f"partition count of topics liqmon creates, default "
            f"{defaults.partitions}", type=int, default=defaults.partitions)
-    option("compression", "producer compression: gzip (default) or none",
-           choices=["gzip", "none"], default=defaults.compression)
+    option("compression", f"producer compression of events and checkpoints, default "
+           f"{defaults.compression}", choices=["lz4", "zstd", "gzip", "none"],
+           default=defaults.compression)
     option("shutdown-timeout", f"seconds to deliver pending events on SIGTERM, default "
            f"{defaults.shutdown_timeout}", type=float, default=defaults.shutdown_timeout,
            metavar="SECONDS")

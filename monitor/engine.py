@@ -215,6 +215,15 @@ class Engine(InputLedger):
         self._unindexed: list[int] = []  # rows installed by load_account, not yet banded
         self._reindex_all = False  # prices were replaced under the bands
 
+    def partition_of(self, account_id: str) -> int | None:
+        """The input partition owning an account held here (None: not held, or replay)."""
+        book = self.book
+        row = book.index.get(account_id)
+        if row is None:
+            return None
+        partition = int(book.part_m[row])
+        return None if partition < 0 else partition
+
     @property
     def prices(self) -> dict[str, float]:
         return self._prices

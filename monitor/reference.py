@@ -30,6 +30,11 @@ class ReferenceEngine(InputLedger):
 
     # -- input -------------------------------------------------------------------------------
 
+    def partition_of(self, account_id: str) -> int | None:
+        """The input partition owning an account held here (None: not held, or replay)."""
+        account = self.accounts.get(account_id)
+        return None if account is None else account.partition
+
     def apply(self, record: InputRecord, source: Source) -> list[Event]:
         """Apply one valid record; events come back in ascending account-id order."""
         if isinstance(record, PriceTick):

@@ -131,15 +131,10 @@ async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
     await asyncio.gather(*futures)
 
 
-def checkpoint_messages(engine: Engine, dirty: dict[str, int], seq: int,
-                        as_of: dict[int, Offsets], topics: Topics, written_at_ms: int
-                        ) -> tuple[list[Outgoing], list[Outgoing]]:
-    """(account snapshots and tombstones, control records) of one checkpoint.
-
-    ``dirty`` maps changed accounts to their partition; ``as_of`` gives, per checkpointed
-    partition, the input offsets the state reflects. Controls must be written after the
-    snapshots have been acknowledged: a control record vouches for what precedes it.
-    """
+def snapshot_messages(engine: Engine, dirty: dict[str, int], seq: int,
+                      as_of: dict[int, Offsets], topics: Topics) -> list[Outgoing]:
+    """Account snapshots (or tombstones of deleted accounts) of ``dirty`` (account →
+    partition), each stamped with the input offsets ``as_of`` its partition's state reflects."""
     header = [(KIND_HEADER, ACCOUNT)]
     snapshots = []
     for account_id, partition in dirty.items():
@@ -147,14 +142,24 @@ def checkpoint_messages(engine: Engine, dirty: dict[str, int], seq: int,
         value = None if account is None else encode_account(account, seq, as_of[partition])
         snapshots.append(Outgoing(topic=topics.state, key=account_id.encode(), value=value,
                                   headers=header, partition=partition))
+    return snapshots
+
+
+def controls_now(engine: Engine, seq: int, as_of: dict[int, Offsets], topics: Topics,
+                 written_at_ms: int) -> dict[int, Control]:
+    """The control record of each checkpointed partition — offsets, price table, duplicate
+    windows — as they are now (copies: cheap to take, encoded later)."""
     prices = engine.price_table()
-    controls = []
-    for partition, offsets in as_of.items():
-        dedupe = {(topic, partition): engine.dedupe_ids(topic, partition)
-                  for topic in (topics.fills, topics.ledger)}
-        control = Control(seq=seq, written_at=written_at_ms, offsets=offsets, prices=prices,
-                          dedupe=dedupe)
-        controls.append(Outgoing(topic=topics.state, key=CONTROL_KEY,
-                                 value=encode_control(control),
-                                 headers=[(KIND_HEADER, CONTROL)], partition=partition))
-    return snapshots, controls
+    return {partition: Control(
+        seq=seq, written_at=written_at_ms, offsets=offsets, prices=prices,
+        dedupe={(topic, partition): engine.dedupe_ids(topic, partition)
+                for topic in (topics.fills, topics.ledger)})
+        for partition, offsets in as_of.items()}
+
+
+def control_messages(controls: dict[int, Control], topics: Topics) -> list[Outgoing]:
+    """Control records to write after the snapshots have been acknowledged: a control
+    record vouches for what precedes it."""
+    return [Outgoing(topic=topics.state, key=CONTROL_KEY, value=encode_control(control),
+                     headers=[(KIND_HEADER, CONTROL)], partition=partition)
+            for partition, control in controls.items()]

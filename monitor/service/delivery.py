@@ -111,6 +111,8 @@ class Pipeline:
         self._max_in_flight = max_in_flight
         self._queue: deque[tuple[list[Outgoing], list[asyncio.Future[Any]], int, Any]] = deque()
         self._in_flight = 0  # messages handed over and not settled
+        self._submitted = 0  # batches handed over, ever
+        self._settled = 0  # batches acknowledged, ever (in order)
         self._changed = asyncio.Condition()
         self._settler: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
@@ -140,13 +142,23 @@ class Pipeline:
                 break
         self._queue.append((outgoing, futures, sent, delivered))
         self._in_flight += len(outgoing)
+        self._submitted += 1
         async with self._changed:
             self._changed.notify_all()
 
     async def flush(self) -> None:
         """Return once everything submitted so far is acknowledged (or raise why not)."""
+        await self.settled(self.mark())
+
+    def mark(self) -> int:
+        """A point in the stream of batches: everything submitted so far."""
+        return self._submitted
+
+    async def settled(self, mark: int) -> None:
+        """Return once every batch submitted before ``mark`` is acknowledged."""
         async with self._changed:
-            await self._changed.wait_for(lambda: not self._queue or self._error is not None)
+            await self._changed.wait_for(
+                lambda: self._settled >= mark or self._error is not None)
         self._raise_if_failed()
 
     async def close(self) -> None:
@@ -171,6 +183,7 @@ class Pipeline:
                     await self.delivery.deliver(failed)
                 self._queue.popleft()
                 self._in_flight -= len(outgoing)
+                self._settled += 1
                 self._on_delivered(delivered)
                 async with self._changed:
                     self._changed.notify_all()

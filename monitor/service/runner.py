@@ -35,8 +35,10 @@ from monitor.events import Event, Source
 from monitor.records import InputRecord, PriceTick, Rejected, decode
 from monitor.service.changelog import (
     RestoredPartition,
-    checkpoint_messages,
+    control_messages,
+    controls_now,
     read_changelog,
+    snapshot_messages,
     write_reset_markers,
 )
 from monitor.service.delivery import MAX_BACKOFF, Delivery, Pipeline
@@ -58,6 +60,7 @@ FETCH_MAX_WAIT_MS = 5
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
+CHECKPOINT_CHUNK = 256  # snapshots encoded between two turns of the loop
 
 
 class Monitor:
@@ -81,6 +84,7 @@ class Monitor:
                                      max_wait=settings.max_idle)
         self._forced_reported = 0
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
+        self._checkpointing: asyncio.Task[None] | None = None  # a checkpoint being written
         self._frontier: tuple[int, int, int, int] | None = None  # merge key last applied
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
@@ -245,6 +249,7 @@ class Monitor:
         if not gained and self._restored.is_set():
             return
         async with self._lock:
+            await self._finish_checkpoint()
             started = time.monotonic()
             was_ready = self.ready.is_set()
             self.ready.clear()  # /readyz: not ready while restoring
@@ -278,6 +283,7 @@ class Monitor:
         if not lost or self._closing:
             return
         async with self._lock:
+            await self._finish_checkpoint()
             try:
                 await self._checkpoint(lost)
             except KafkaError as exc:
@@ -509,8 +515,12 @@ class Monitor:
                             self._merge.add(tp, records)
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
-                    if self._checkpoint_due():
-                        await self._checkpoint(self._owned)
+                if self._checkpointing is not None and self._checkpointing.done():
+                    checkpointed, self._checkpointing = self._checkpointing, None
+                    checkpointed.result()  # raise what made it fail
+                if self._checkpointing is None and self._checkpoint_due():
+                    self._checkpointing = asyncio.create_task(
+                        self._checkpoint(set(self._owned)))
                 self._pace_fetching()
                 if self._merge.to_probe():
                     self._probe_wanted.set()
@@ -520,6 +530,7 @@ class Monitor:
             await asyncio.gather(*fetches.values(), stopping, woken, prober,
                                  return_exceptions=True)
         async with self._lock:  # finish: what was applied is delivered; checkpoint it
+            await self._finish_checkpoint()
             await self._checkpoint(self._owned)
         self.log.info("stopped", checkpoint=self._seq,
                       offsets={f"{tp.topic}/{tp.partition}": o
@@ -685,27 +696,73 @@ class Monitor:
     async def _checkpoint(self, partitions: set[int]) -> None:
         """Write the changed accounts of these partitions, then their control records.
 
-        Runs after the batch's events were acknowledged, so the offsets it records never run
-        ahead of what was published: at-least-once, never lossy.
+        What the control records vouch for — offsets, price table, duplicate windows — is
+        captured at once; the snapshots are then encoded and produced a chunk at a time, so
+        that the loop goes on applying records in between (run as a task it never blocks).
+        A chunk is stamped with the offsets its state reflects when it is encoded, and is
+        produced only once the events of those inputs are acknowledged; the control records
+        go last. So nothing in the changelog runs ahead of what was published: at-least-once,
+        never lossy (an account snapshot newer than its control record skips the re-read
+        inputs it already reflects).
         """
         if not partitions or self._delivery is None:
             return
         assert self._pipeline is not None
-        await self._pipeline.flush()  # events before the offsets that caused them
         started = time.monotonic()
         t = self.settings.topics
-        dirty = self.engine.take_dirty()
         mine: dict[str, int] = {}
         others: set[str] = set()
-        for account_id in dirty:
-            account = self.engine.accounts.get(account_id)
-            partition = account.partition if account is not None else \
-                self._touched.get(account_id)
+        for account_id in self.engine.take_dirty():
+            partition = self.engine.partition_of(account_id)
+            if partition is None:  # deleted since: its tombstone goes where it lived
+                partition = self._touched.get(account_id)
             if partition in partitions:
                 mine[account_id] = partition  # type: ignore[assignment]
             else:
                 others.add(account_id)
         self.engine.mark_dirty(others)
+        as_of = self._as_of(partitions)
+        seq = self._seq + 1
+        controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000))
+        vouched = self._pipeline.mark()
+        if partitions >= self._owned:
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+        ids = list(mine)
+        try:
+            for start in range(0, len(ids), CHECKPOINT_CHUNK):
+                # handed over meanwhile: the checkpoint before the hand-over wrote it
+                chunk = {a: mine[a] for a in ids[start:start + CHECKPOINT_CHUNK]
+                         if mine[a] in self._owned}
+                snapshots = snapshot_messages(self.engine, chunk, seq,
+                                              self._as_of(set(chunk.values())), t)
+                await self._pipeline.settled(self._pipeline.mark())
+                await self._delivery.deliver(snapshots)
+            await self._pipeline.settled(vouched)
+            await self._delivery.deliver(control_messages(controls, t))
+        except BaseException:
+            self.engine.mark_dirty(set(mine))
+            raise
+        self._seq = seq
+        for account_id in mine:
+            self._touched.pop(account_id, None)
+        self.metrics.checkpoint_duration.observe(time.monotonic() - started)
+        self.metrics.last_checkpoint.set(time.time())
+        await self._commit({TopicPartition(topic, p): offset
+                            for p, offsets in as_of.items()
+                            for (topic, _), offset in offsets.items() if topic != t.prices})
+
+    async def _finish_checkpoint(self) -> None:
+        """Wait for the checkpoint being written (a rebalance or a stop needs the state
+        it took out of the dirty set written, or back in it)."""
+        if self._checkpointing is not None:
+            checkpointing, self._checkpointing = self._checkpointing, None
+            await checkpointing
+
+    def _as_of(self, partitions: set[int]) -> dict[int, Offsets]:
+        """Per account partition: the input offsets its state reflects now (its own fills and
+        ledger, and every price partition)."""
+        t = self.settings.topics
         prices = {(tp.topic, tp.partition): offset for tp, offset in self._processed.items()
                   if tp.topic == t.prices}
         as_of: dict[int, Offsets] = {}
@@ -716,26 +773,7 @@ class Monitor:
                 if tp in self._processed:
                     offsets[(topic, partition)] = self._processed[tp]
             as_of[partition] = offsets
-        seq = self._seq + 1
-        snapshots, controls = checkpoint_messages(self.engine, mine, seq, as_of, t,
-                                                  int(time.time() * 1000))
-        try:
-            await self._delivery.deliver(snapshots)
-            await self._delivery.deliver(controls)
-        except BaseException:
-            self.engine.mark_dirty(set(mine))
-            raise
-        self._seq = seq
-        for account_id in mine:
-            self._touched.pop(account_id, None)
-        if partitions >= self._owned:
-            self._since_checkpoint = 0
-            self._last_checkpoint = time.monotonic()
-        self.metrics.checkpoint_duration.observe(time.monotonic() - started)
-        self.metrics.last_checkpoint.set(time.time())
-        await self._commit({TopicPartition(topic, p): offset
-                            for p, offsets in as_of.items()
-                            for (topic, _), offset in offsets.items() if topic != t.prices})
+        return as_of
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Mirror checkpointed offsets into the consumer group, for lag tooling. The
