@@ -243,7 +243,7 @@ def _env(name: str, default: Any) -> Any:
 
 
 def _add_run_options(run: argparse.ArgumentParser) -> None:
-    from monitor.service.settings import ServiceSettings, Topics
+    from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings, Topics
 
     defaults = ServiceSettings(config_path=Path("risk.toml"))
 
@@ -299,7 +299,8 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
            f"{defaults.partitions}", type=int, default=defaults.partitions)
     option("compression", "producer compression: gzip (default) or none",
            choices=["gzip", "none"], default=defaults.compression)
-    option("shutdown-timeout", f"seconds to deliver pending events on SIGTERM, default "
+    option("shutdown-timeout", f"seconds to deliver pending events and checkpoint on SIGTERM "
+           f"(closing the Kafka clients may take {CLOSE_TIMEOUT:g} more), default "
            f"{defaults.shutdown_timeout}", type=float, default=defaults.shutdown_timeout,
            metavar="SECONDS")
     option("log-level", "debug, info (default), warning or error", default="info")

@@ -149,6 +149,11 @@ class Pipeline:
             await self._changed.wait_for(lambda: not self._queue or self._error is not None)
         self._raise_if_failed()
 
+    @property
+    def in_flight(self) -> int:
+        """Messages handed over and not yet acknowledged."""
+        return self._in_flight
+
     async def close(self) -> None:
         if self._settler is not None:
             self._settler.cancel()

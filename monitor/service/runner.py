@@ -39,11 +39,11 @@ from monitor.service.changelog import (
     read_changelog,
     write_reset_markers,
 )
-from monitor.service.delivery import MAX_BACKOFF, Delivery, Pipeline
+from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
-from monitor.service.settings import ServiceSettings
+from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.topics import ensure_topics
 from monitor.snapshot import Offsets
 from monitor.state import EVENT_TYPES, AccountState
@@ -120,7 +120,20 @@ class Monitor:
         self.request_stop()
 
     async def run(self) -> None:
-        """Connect, restore, consume until asked to stop, then deliver, checkpoint and close."""
+        """Connect, restore, consume until asked to stop, then deliver, checkpoint and close;
+        raise what stopped it, if anything did (after logging it)."""
+        try:
+            await self._run()
+        except Exception as exc:
+            if self._fatal is None:
+                self._fatal = exc
+        if self._fatal is not None:
+            abandoned = isinstance(self._fatal, DeliveryAbandoned)
+            self.log.error("shutdown abandoned" if abandoned else "stopped by an error",
+                           error=str(self._fatal), kind=type(self._fatal).__name__)
+            raise self._fatal
+
+    async def _run(self) -> None:
         try:
             await self._connect()
             if not self._stopping.is_set():
@@ -132,7 +145,7 @@ class Monitor:
                               group=self.settings.group, partitions=sorted(self._owned))
                 watchdog = asyncio.create_task(self._watch_broker())
                 try:
-                    await self._consume()
+                    await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
                 finally:
                     watchdog.cancel()
                     await asyncio.gather(watchdog, return_exceptions=True)
@@ -140,8 +153,30 @@ class Monitor:
             self.ready.clear()
             self.metrics.ready.set(0)
             await self._close()
-        if self._fatal is not None:
-            raise self._fatal
+
+    async def _within_shutdown_timeout(self, work: asyncio.Future[None]) -> None:
+        """Await ``work``; once a stop is requested, give it --shutdown-timeout from the
+        request, then cancel it: the grace period of a deployment must not run out first."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([work, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                assert self._stop_requested_at is not None
+                left = self._stop_requested_at + self.settings.shutdown_timeout - time.monotonic()
+                await asyncio.wait([work], timeout=max(0.0, left))
+        finally:
+            stopping.cancel()
+            if not work.done():  # out of time (or this task itself was cancelled)
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
+            pending = 0 if self._pipeline is None else self._pipeline.in_flight
+            raise DeliveryAbandoned(
+                f"the stop did not finish within {self.settings.shutdown_timeout}s "
+                f"(--shutdown-timeout): {pending} messages not acknowledged, partitions "
+                f"{sorted(self._owned)} not checkpointed; their inputs are re-processed on "
+                "restart")
+        work.result()
 
     async def _until_restored(self) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())
@@ -213,16 +248,20 @@ class Monitor:
                                  listener=_Rebalance(self))
 
     async def _close(self) -> None:
+        """Close every client, together, for at most CLOSE_TIMEOUT seconds: against an
+        unreachable broker a consumer leaving its group or a producer flushing would wait
+        for as long as the broker stays away."""
         self._closing = True
         if self._pipeline is not None:
             await self._pipeline.close()
-        for consumer in (self._prices, self._accounts, self._probe):
-            if consumer is not None:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await self._producer.stop()
+        clients = [c for c in (self._prices, self._accounts, self._probe, self._producer)
+                   if c is not None]
+        closing = asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        try:
+            await asyncio.wait_for(closing, timeout=CLOSE_TIMEOUT)
+        except TimeoutError:
+            self.log.warning("kafka clients abandoned: not closed in time",
+                             seconds=CLOSE_TIMEOUT)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+# Seconds that closing the Kafka clients may take on stop, on top of --shutdown-timeout (which
+# bounds delivering and checkpointing): a client talking to an unreachable broker is abandoned.
+CLOSE_TIMEOUT = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -48,6 +52,12 @@ class ServiceSettings:
     session_timeout_ms: int = 6_000
     heartbeat_interval_ms: int = 1_000
     request_timeout_ms: int = 5_000
+
+    @property
+    def shutdown_budget(self) -> float:
+        """Longest time from SIGTERM to exit: delivering and checkpointing, then closing the
+        clients. A deployment's grace period must exceed it."""
+        return self.shutdown_timeout + CLOSE_TIMEOUT
 
     def run_args(self) -> list[str]:
         """`liqmon run` flags for the config, the brokers and every topic name (tools and
