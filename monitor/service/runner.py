@@ -74,7 +74,10 @@ class Monitor:
         for event_type in EVENT_TYPES:
             self.metrics.events_emitted.labels(event_type)
         self.log = structlog.get_logger("liqmon")
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # see _update_ready
+        self._consuming = False
+        self._restoring = False
+        self._reachable = True  # as the broker watch last found it
         self.partition_counts: dict[str, int] = {}
         self._rank = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}.__getitem__
         self._merge = TimestampMerge(rank=self._rank, max_skew_ms=settings.max_skew_ms,
@@ -112,6 +115,7 @@ class Monitor:
             self.log.info("stopping")
             self._stop_requested_at = time.monotonic()
             self._stopping.set()
+            self._update_ready()
 
     def _fail(self, exc: BaseException) -> None:
         """A fatal error inside a callback: stop, and let run() raise it."""
@@ -139,8 +143,8 @@ class Monitor:
             if not self._stopping.is_set():
                 await self._until_restored()
             if not self._stopping.is_set():
-                self.ready.set()
-                self.metrics.ready.set(1)
+                self._consuming = True
+                self._update_ready()
                 self.log.info("consuming", bootstrap=self.settings.bootstrap,
                               group=self.settings.group, partitions=sorted(self._owned))
                 watchdog = asyncio.create_task(self._watch_broker())
@@ -150,8 +154,8 @@ class Monitor:
                     watchdog.cancel()
                     await asyncio.gather(watchdog, return_exceptions=True)
         finally:
-            self.ready.clear()
-            self.metrics.ready.set(0)
+            self._consuming = False
+            self._update_ready()
             await self._close()
 
     async def _within_shutdown_timeout(self, work: asyncio.Future[None]) -> None:
@@ -177,6 +181,16 @@ class Monitor:
                 f"{sorted(self._owned)} not checkpointed; their inputs are re-processed on "
                 "restart")
         work.result()
+
+    def _update_ready(self) -> None:
+        """/readyz: restored, consuming, and the broker answers (SPEC §8); not once stopping."""
+        ready = (self._consuming and self._reachable and not self._restoring
+                 and not self._stopping.is_set())
+        if ready:
+            self.ready.set()
+        else:
+            self.ready.clear()
+        self.metrics.ready.set(1 if ready else 0)
 
     async def _until_restored(self) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())
@@ -284,28 +298,28 @@ class Monitor:
             return
         async with self._lock:
             started = time.monotonic()
-            was_ready = self.ready.is_set()
-            self.ready.clear()  # /readyz: not ready while restoring
-            self.metrics.ready.set(0)
-            s = self.settings
-            restored = await read_changelog(s.bootstrap, s.topics.state, gained,
-                                            client_id=f"{s.client_id}-restore",
-                                            request_timeout_ms=s.request_timeout_ms)
-            first = not self._restored.is_set()
-            if first:
-                await self._restore_prices(list(restored.values()))
-            accounts = replayed = 0
-            for partition in gained:
-                if not first and self._behind_on_prices(restored[partition]):
-                    replayed += await self._catch_up(restored[partition])
-                else:
-                    await self._install(restored[partition])
-                accounts += len(restored[partition].accounts)
-            self._owned.update(gained)
+            self._restoring = True
+            self._update_ready()
+            try:
+                s = self.settings
+                restored = await read_changelog(s.bootstrap, s.topics.state, gained,
+                                                client_id=f"{s.client_id}-restore",
+                                                request_timeout_ms=s.request_timeout_ms)
+                first = not self._restored.is_set()
+                if first:
+                    await self._restore_prices(list(restored.values()))
+                accounts = replayed = 0
+                for partition in gained:
+                    if not first and self._behind_on_prices(restored[partition]):
+                        replayed += await self._catch_up(restored[partition])
+                    else:
+                        await self._install(restored[partition])
+                    accounts += len(restored[partition].accounts)
+                self._owned.update(gained)
+            finally:
+                self._restoring = False
+                self._update_ready()
             self._restored.set()
-            if was_ready:
-                self.ready.set()
-                self.metrics.ready.set(1)
             self.log.info("restored", partitions=gained, accounts=accounts,
                           changelog_records=sum(r.records_read for r in restored.values()),
                           records_replayed=replayed,
@@ -783,7 +797,8 @@ class Monitor:
     # -- broker reachability --------------------------------------------------------------------
 
     async def _watch_broker(self) -> None:
-        """Say plainly when Kafka is out of reach and when it is back.
+        """Say plainly when Kafka is out of reach and when it is back (and make /readyz
+        say so too).
 
         The clients retry on their own and an idle consumer looks the same whether the broker
         is there or not, so a cheap metadata request each second tells the two apart.
@@ -801,6 +816,8 @@ class Monitor:
                 reachable, error = False, exc
             now = time.monotonic()
             self.metrics.kafka_reachable.set(1 if reachable else 0)
+            self._reachable = reachable
+            self._update_ready()
             if reachable and lost_at is not None:
                 self.log.info("kafka reachable again", bootstrap=self.settings.bootstrap,
                               outage_seconds=round(now - lost_at, 1))
