@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -58,6 +59,10 @@ FETCH_MAX_WAIT_MS = 5
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
+
+
+class _StopRequested(Exception):
+    """A stop was requested while partitions were being restored: they are not taken."""
 
 
 class Monitor:
@@ -151,6 +156,7 @@ class Monitor:
                 try:
                     await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
                 finally:
+                    self._closing = True  # the final checkpoint is written (or abandoned)
                     watchdog.cancel()
                     await asyncio.gather(watchdog, return_exceptions=True)
         finally:
@@ -284,6 +290,8 @@ class Monitor:
     # -- rebalance: restore what is gained, checkpoint what is lost ------------------------------
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._stopping.is_set():
+            return  # stopping: take nothing new (no restore, no catch-up, no event)
         t = self.settings.topics
         fills = {tp.partition for tp in assigned if tp.topic == t.fills}
         ledger = {tp.partition for tp in assigned if tp.topic == t.ledger}
@@ -297,6 +305,8 @@ class Monitor:
         if not gained and self._restored.is_set():
             return
         async with self._lock:
+            if self._stopping.is_set():  # requested while waiting for the lock
+                return
             started = time.monotonic()
             self._restoring = True
             self._update_ready()
@@ -310,12 +320,18 @@ class Monitor:
                     await self._restore_prices(list(restored.values()))
                 accounts = replayed = 0
                 for partition in gained:
+                    if self._stopping.is_set():
+                        raise _StopRequested
                     if not first and self._behind_on_prices(restored[partition]):
                         replayed += await self._catch_up(restored[partition])
                     else:
                         await self._install(restored[partition])
+                    self._owned.add(partition)
                     accounts += len(restored[partition].accounts)
-                self._owned.update(gained)
+            except _StopRequested:
+                self.log.info("restore abandoned: stopping",
+                              partitions=sorted(set(gained) - self._owned))
+                return
             finally:
                 self._restoring = False
                 self._update_ready()
@@ -330,6 +346,8 @@ class Monitor:
         if not lost or self._closing:
             return
         async with self._lock:
+            if self._closing:  # the final checkpoint, written meanwhile, covers them
+                return
             try:
                 await self._checkpoint(lost)
             except KafkaError as exc:
@@ -441,7 +459,10 @@ class Monitor:
                                   request_timeout_ms=max(s.request_timeout_ms, 10_000))
         await reader.start()
         private = Engine(self.config)
-        merge = TimestampMerge(rank=self._rank, max_skew_ms=s.max_skew_ms, max_wait=s.max_idle)
+        # No forced release: every partition still read here holds records up to a known end,
+        # so waiting for them is always right; releasing early would apply records in another
+        # order than the first pass and publish events with its ids but other contents.
+        merge = TimestampMerge(rank=self._rank, max_skew_ms=s.max_skew_ms, max_wait=math.inf)
         positions: dict[TopicPartition, int] = {}
         applied = 0
         try:
@@ -466,6 +487,8 @@ class Monitor:
                 return tp in stopped or (highwater is not None and next_offset >= highwater)
 
             while not all(done_with(tp, positions[tp]) for tp in positions):
+                if self._stopping.is_set():
+                    raise _StopRequested  # nothing of this partition is taken over
                 batch = await reader.getmany(timeout_ms=200, max_records=s.max_batch_records)
                 for tp, records in batch.items():
                     if tp in price_ends:
