@@ -15,7 +15,7 @@ from monitor.config import load_config
 from monitor.engine import Engine
 from monitor.service.broker import free_port
 from monitor.service.changelog import read_changelog
-from monitor.service.metrics import scrape_input_offsets
+from monitor.service.metrics import scrape_input_offsets, scrape_partition_gauge
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
 from tests.kafka_support import (
@@ -228,3 +228,26 @@ async def test_sigterm_while_another_instance_joins_takes_no_new_partitions(brok
     said = [entry["event"] for entry in a.logs]
     after = said[said.index("stopped") + 1:]
     assert after == [], after  # no assignment taken, nothing restored, no event after it
+
+
+async def test_partitions_handed_over_leave_no_lag_or_offset_series_behind(broker):
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    a = await start(settings)
+    await settled([a], settings)
+    feed = Feed(settings, seed=35, length=600)
+    await feed.run([a], slice(None))
+    t = settings.topics
+    lag = await asyncio.to_thread(scrape_partition_gauge, a.port, "liqmon_consumer_lag_records")
+    assert {p for (topic, p) in lag if topic == t.fills} == set(range(PARTITIONS))
+    b = await start(settings)
+    await settled([a, b], settings)
+    kept, lost = a.owned(settings), b.owned(settings)
+    assert len(kept) == len(lost) == 2
+    lag = await asyncio.to_thread(scrape_partition_gauge, a.port, "liqmon_consumer_lag_records")
+    offsets = await asyncio.to_thread(a.positions)
+    for series in (lag, offsets):
+        accounts = {(topic, p) for (topic, p) in series if topic in (t.fills, t.ledger)}
+        assert accounts == {(topic, p) for topic in (t.fills, t.ledger) for p in kept}
+    for instance in (a, b):
+        assert await instance.stop() == 0

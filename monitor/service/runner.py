@@ -336,6 +336,8 @@ class Monitor:
                 self._restoring = False
                 self._update_ready()
             self._restored.set()
+            await self._report_lag([tp for tp in self._processed
+                                    if tp.partition in gained or tp.topic == t.prices])
             self.log.info("restored", partitions=gained, accounts=accounts,
                           changelog_records=sum(r.records_read for r in restored.values()),
                           records_replayed=replayed,
@@ -368,6 +370,20 @@ class Monitor:
                             gauge.remove(tp.topic, str(tp.partition))
                 self.log.info("partition handed over", partition=partition, accounts=dropped)
             self._owned -= lost
+
+    async def _report_lag(self, tps: list[TopicPartition]) -> None:
+        """Lag of partitions just (re)positioned. Until records of theirs are applied nothing
+        else sets it, and a rebalance removes the series of every partition it revokes, even
+        of those it gives straight back."""
+        assert self._probe is not None
+        try:
+            ends = await self._probe.end_offsets(tps)
+        except KafkaError:
+            return  # the first records applied set it
+        for tp, end in ends.items():
+            if tp in self._processed:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, end - self._processed[tp]))
 
     async def _restore_prices(self, restored: list[RestoredPartition]) -> None:
         """Price table and price offsets from the control record furthest behind in the
