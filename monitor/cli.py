@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from monitor.service.changelog import StateCorrupt
+    from monitor.service.changelog import ConfigChanged, StateCorrupt
     from monitor.service.delivery import DeliveryAbandoned
     from monitor.service.logs import configure_logging
     from monitor.service.metrics import HealthServer, Metrics
@@ -115,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         compression=args.compression,
         shutdown_timeout=args.shutdown_timeout,
+        accept_config_change=args.accept_config_change,
     )
     metrics = Metrics()
     server = None
@@ -141,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve())
-    except (TopicLayoutError, DeliveryAbandoned, StateCorrupt) as exc:
+    except (TopicLayoutError, DeliveryAbandoned, StateCorrupt, ConfigChanged) as exc:
         raise CliError(str(exc)) from exc
     finally:
         if server is not None:
@@ -303,6 +304,8 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
            f"(closing the Kafka clients may take {CLOSE_TIMEOUT:g} more), default "
            f"{defaults.shutdown_timeout}", type=float, default=defaults.shutdown_timeout,
            metavar="SECONDS")
+    switch("accept-config-change", "restore state checkpointed under a different risk config "
+           "(a deliberate config roll-out, see README); without it such a restore is refused")
     option("log-level", "debug, info (default), warning or error", default="info")
     topic_defaults = Topics()
     for name in TOPIC_OPTIONS:

@@ -55,6 +55,7 @@ EXPECTED_METRICS = {
     "liqmon_kafka_reachable",
     "liqmon_input_offset",
     "liqmon_conflated_ticks_total",
+    "liqmon_config_info",
 }
 
 REQUIRED_ALERTS = {

@@ -86,6 +86,10 @@ class Metrics:
         self.kafka_reachable = Gauge(
             "liqmon_kafka_reachable", "1 while the brokers answer metadata requests.",
             registry=r)
+        self.config_info = Gauge(
+            "liqmon_config_info", "1, labelled with the fingerprint of the risk config in use: "
+            "instances of one group showing different fingerprints disagree on margins.",
+            ["fingerprint"], registry=r)
         self._live = _LiveCollector()
         r.register(self._live)
 

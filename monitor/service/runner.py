@@ -30,11 +30,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
-from monitor.config import RiskConfig
+from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import InputRecord, PriceTick, Rejected, decode
 from monitor.service.changelog import (
+    ConfigChanged,
     RestoredPartition,
     checkpoint_messages,
     read_changelog,
@@ -73,6 +74,8 @@ class Monitor:
         self.engine = Engine(config)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self._live_figures)
+        self.fingerprint = fingerprint(config)
+        self.metrics.config_info.labels(self.fingerprint).set(1)
         topics = settings.topics
         for topic in (topics.prices, topics.fills, topics.ledger):  # export zeros from the start
             self.metrics.records_consumed.labels(topic)
@@ -315,6 +318,7 @@ class Monitor:
                 restored = await read_changelog(s.bootstrap, s.topics.state, gained,
                                                 client_id=f"{s.client_id}-restore",
                                                 request_timeout_ms=s.request_timeout_ms)
+                self._check_config(restored)
                 first = not self._restored.is_set()
                 if first:
                     await self._restore_prices(list(restored.values()))
@@ -384,6 +388,21 @@ class Monitor:
             if tp in self._processed:
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
                     max(0, end - self._processed[tp]))
+
+    def _check_config(self, restored: dict[int, RestoredPartition]) -> None:
+        """Refuse state checkpointed under another risk config (another instance of the
+        fleet runs it, or the config changed), unless the operator said the change is meant:
+        its events would differ from the ones already published for the same records."""
+        for partition, part in sorted(restored.items()):
+            theirs = None if part.control is None else part.control.config
+            if theirs is None or theirs == self.fingerprint:
+                continue  # no checkpoint yet, or one written before fingerprints existed
+            if not self.settings.accept_config_change:
+                raise ConfigChanged(self.settings.topics.state, partition, theirs,
+                                    self.fingerprint)
+            self.log.warning("restoring state checkpointed under another risk config "
+                             "(--accept-config-change)", partition=partition,
+                             checkpointed=theirs, configured=self.fingerprint)
 
     async def _restore_prices(self, restored: list[RestoredPartition]) -> None:
         """Price table and price offsets from the control record furthest behind in the

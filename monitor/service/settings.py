@@ -49,6 +49,7 @@ class ServiceSettings:
     compression: str = "gzip"
     max_batch_records: int = 5_000
     shutdown_timeout: float = 30.0  # seconds to deliver pending events on SIGTERM
+    accept_config_change: bool = False  # restore state checkpointed under another risk config
     session_timeout_ms: int = 6_000
     heartbeat_interval_ms: int = 1_000
     request_timeout_ms: int = 5_000
