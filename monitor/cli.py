@@ -80,15 +80,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from monitor.service.changelog import ConfigChanged, StateCorrupt
-    from monitor.service.delivery import DeliveryAbandoned
+    from monitor.service.delivery import DeliveryAbandoned, DeliveryFailed
     from monitor.service.logs import configure_logging
     from monitor.service.metrics import HealthServer, Metrics
     from monitor.service.runner import Monitor
     from monitor.service.settings import ServiceSettings, Topics
-    from monitor.service.topics import TopicLayoutError
+    from monitor.service.topics import TopicLayoutError, TopicMissing
 
     if args.config is None:
         raise CliError("--config (or LIQMON_CONFIG) is required")
+    topics = Topics(**{name: getattr(args, f"topic_{name}") for name in TOPIC_OPTIONS})
+    if topics.invalid():  # before connecting: the broker would refuse them on every request
+        raise CliError("; ".join(topics.invalid()))
     config = _load(args.config)
     try:
         configure_logging(args.log_level)
@@ -99,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         group=args.group,
         client_id=args.client_id,
-        topics=Topics(**{name: getattr(args, f"topic_{name}") for name in TOPIC_OPTIONS}),
+        topics=topics,
         partitions=args.partitions,
         start=args.start,
         checkpoint_interval=args.checkpoint_interval,
@@ -142,7 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve())
-    except (TopicLayoutError, DeliveryAbandoned, StateCorrupt, ConfigChanged) as exc:
+    except (TopicLayoutError, TopicMissing, DeliveryAbandoned, DeliveryFailed, StateCorrupt,
+            ConfigChanged) as exc:
         raise CliError(str(exc)) from exc
     finally:
         if server is not None:

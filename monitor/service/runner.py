@@ -46,7 +46,7 @@ from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
-from monitor.service.topics import ensure_topics
+from monitor.service.topics import TopicMissing, ensure_topics, output_topics
 from monitor.snapshot import Offsets
 from monitor.state import EVENT_TYPES, AccountState
 
@@ -126,9 +126,12 @@ class Monitor:
             self._update_ready()
 
     def _fail(self, exc: BaseException) -> None:
-        """A fatal error inside a callback: stop, and let run() raise it."""
+        """A fatal error inside a callback: stop, and let run() raise it. Nothing is
+        checkpointed from here on: what was processed is re-processed after a restart."""
         if self._fatal is None:
             self._fatal = exc
+        if self._pipeline is not None:
+            self._pipeline.abort(exc)
         self.request_stop()
 
     async def run(self) -> None:
@@ -856,26 +859,35 @@ class Monitor:
 
     async def _watch_broker(self) -> None:
         """Say plainly when Kafka is out of reach and when it is back (and make /readyz
-        say so too).
+        say so too), and stop when an output topic has disappeared.
 
         The clients retry on their own and an idle consumer looks the same whether the broker
         is there or not, so a cheap metadata request each second tells the two apart.
         """
         assert self._producer is not None
         client = self._producer.client
+        outputs = output_topics(self.settings)
         lost_at: float | None = None
         last_said = 0.0
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
+            present: set[str] | None = None
             try:
-                await asyncio.wait_for(client.fetch_all_metadata(), timeout=PROBE_INTERVAL * 2)
-                reachable, error = True, None
+                cluster = await asyncio.wait_for(client.fetch_all_metadata(),
+                                                 timeout=PROBE_INTERVAL * 2)
+                present, error = cluster.topics(), None
             except (KafkaError, TimeoutError, OSError) as exc:
-                reachable, error = False, exc
+                error = exc
+            reachable = present is not None
             now = time.monotonic()
             self.metrics.kafka_reachable.set(1 if reachable else 0)
             self._reachable = reachable
             self._update_ready()
+            # Some brokers acknowledge produce requests to a deleted topic and keep nothing.
+            missing = [name for name in outputs if present is not None and name not in present]
+            if missing:
+                self._fail(TopicMissing(missing[0]))
+                return
             if reachable and lost_at is not None:
                 self.log.info("kafka reachable again", bootstrap=self.settings.bootstrap,
                               outage_seconds=round(now - lost_at, 1))

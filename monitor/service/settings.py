@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic): a name breaking it is
+# refused by the broker on every request, which a running monitor only notices on its outputs.
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 # Seconds that closing the Kafka clients may take on stop, on top of --shutdown-timeout (which
 # bounds delivering and checkpointing): a client talking to an unreachable broker is abandoned.
@@ -26,6 +31,17 @@ class Topics:
     def input_kind(self, topic: str) -> str:
         """prices / fills / ledger for an input topic name."""
         return {self.prices: "prices", self.fills: "fills", self.ledger: "ledger"}[topic]
+
+    def invalid(self) -> list[str]:
+        """One message per name Kafka would refuse; empty when every name is valid."""
+        problems = []
+        for option, name in ((f, getattr(self, f)) for f in Topics.__dataclass_fields__):
+            if name in (".", "..") or not _TOPIC_NAME.fullmatch(name):
+                problems.append(
+                    f"--topic-{option.replace('_', '-')} {name!r} is not a valid Kafka topic "
+                    "name: 1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-', and "
+                    "not '.' or '..'")
+        return problems
 
 
 @dataclass(frozen=True, slots=True)
