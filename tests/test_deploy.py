@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -267,10 +268,10 @@ def shutdown_budget(env: dict[str, Any]) -> float:
     """What `liqmon run` with this environment may spend between SIGTERM and exit."""
     from monitor.service.settings import ServiceSettings
 
-    defaults = ServiceSettings(config_path=Path("risk.toml"))
-    timeout = float(env.get("LIQMON_SHUTDOWN_TIMEOUT", defaults.shutdown_timeout))
-    return ServiceSettings(config_path=Path("risk.toml"), shutdown_timeout=timeout
-                           ).shutdown_budget
+    settings = ServiceSettings(config_path=Path("risk.toml"))
+    if "LIQMON_SHUTDOWN_TIMEOUT" in env:
+        settings = replace(settings, shutdown_timeout=float(env["LIQMON_SHUTDOWN_TIMEOUT"]))
+    return settings.shutdown_budget
 
 
 def test_compose_stop_grace_period_exceeds_the_shutdown_budget() -> None:
