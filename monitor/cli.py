@@ -79,16 +79,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from monitor.service.changelog import StateCorrupt
-    from monitor.service.delivery import DeliveryAbandoned
+    from monitor.service.changelog import ConfigChanged, StateCorrupt
+    from monitor.service.delivery import DeliveryAbandoned, DeliveryFailed
     from monitor.service.logs import configure_logging
     from monitor.service.metrics import HealthServer, Metrics
     from monitor.service.runner import Monitor
     from monitor.service.settings import ServiceSettings, Topics
-    from monitor.service.topics import TopicLayoutError
+    from monitor.service.topics import TopicLayoutError, TopicMissing
 
     if args.config is None:
         raise CliError("--config (or LIQMON_CONFIG) is required")
+    topics = Topics(**{name: getattr(args, f"topic_{name}") for name in TOPIC_OPTIONS})
+    if topics.invalid():  # before connecting: the broker would refuse them on every request
+        raise CliError("; ".join(topics.invalid()))
     config = _load(args.config)
     try:
         configure_logging(args.log_level)
@@ -99,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         group=args.group,
         client_id=args.client_id,
-        topics=Topics(**{name: getattr(args, f"topic_{name}") for name in TOPIC_OPTIONS}),
+        topics=topics,
         partitions=args.partitions,
         start=args.start,
         checkpoint_interval=args.checkpoint_interval,
@@ -115,6 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         compression=args.compression,
         shutdown_timeout=args.shutdown_timeout,
+        accept_config_change=args.accept_config_change,
     )
     metrics = Metrics()
     server = None
@@ -141,7 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve())
-    except (TopicLayoutError, DeliveryAbandoned, StateCorrupt) as exc:
+    except (TopicLayoutError, TopicMissing, DeliveryAbandoned, DeliveryFailed, StateCorrupt,
+            ConfigChanged) as exc:
         raise CliError(str(exc)) from exc
     finally:
         if server is not None:
@@ -243,7 +248,7 @@ def _env(name: str, default: Any) -> Any:
 
 
 def _add_run_options(run: argparse.ArgumentParser) -> None:
-    from monitor.service.settings import ServiceSettings, Topics
+    from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings, Topics
 
     defaults = ServiceSettings(config_path=Path("risk.toml"))
 
@@ -300,9 +305,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     option("compression", f"producer compression of events and checkpoints, default "
            f"{defaults.compression}", choices=["lz4", "zstd", "gzip", "none"],
            default=defaults.compression)
-    option("shutdown-timeout", f"seconds to deliver pending events on SIGTERM, default "
+    option("shutdown-timeout", f"seconds to deliver pending events and checkpoint on SIGTERM "
+           f"(closing the Kafka clients may take {CLOSE_TIMEOUT:g} more), default "
            f"{defaults.shutdown_timeout}", type=float, default=defaults.shutdown_timeout,
            metavar="SECONDS")
+    switch("accept-config-change", "restore state checkpointed under a different risk config "
+           "(a deliberate config roll-out, see README); without it such a restore is refused")
     option("log-level", "debug, info (default), warning or error", default="info")
     topic_defaults = Topics()
     for name in TOPIC_OPTIONS:

@@ -6,10 +6,12 @@ Every rule violation raises :class:`ConfigError` with one message that names the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,24 @@ class RiskConfig:
 
 
 _TOP_LEVEL_KEYS = {"thresholds", "assets", "instruments"}
+
+
+def fingerprint(config: RiskConfig) -> str:
+    """A stable hash of the parsed config: equal for configs that evaluate alike, however the
+    TOML was written (order, comments, defaults spelt out), and different for any change."""
+    canonical = json.dumps(_plain(asdict(config)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: mappings as dicts, tuples as lists, non-finite floats spelt out."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
 
 
 def load_config(path: str | Path) -> RiskConfig:

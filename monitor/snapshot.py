@@ -9,7 +9,10 @@ Account snapshot (key: the account id):
      "transitions": 4, "partition": 0}
 Control record (key: CONTROL_KEY, one per changelog partition):
     {"v": 1, "seq": 7, "written_at": ms, "offsets": [[topic, partition, next_offset], ...],
-     "prices": {"BTC": [price, ts]}, "dedupe": [[topic, partition, [[account, id], ...]], ...]}
+     "prices": {"BTC": [price, ts]}, "dedupe": [[topic, partition, [[account, id], ...]], ...],
+     "config": "1099e72073f623b0"}
+``config`` is the fingerprint of the risk config the state was computed with (absent in
+records written before it existed).
 ``as_of`` and ``offsets`` are the next input offsets the state reflects (Kafka's commit
 convention), so a restore resumes exactly there.
 
@@ -50,6 +53,7 @@ class Control:
     offsets: Offsets  # input positions of this partition's topics and of prices
     prices: dict[str, tuple[float, int]]
     dedupe: dict[tuple[str, int | None], list[Hashable]] = field(default_factory=dict)
+    config: str | None = None  # risk config fingerprint; None in records older than it
 
 
 def _pairs(offsets: Offsets) -> list[list[Any]]:
@@ -111,6 +115,7 @@ def encode_control(control: Control) -> bytes:
         "dedupe": [[topic, partition, [list(key) for key in ids]]  # type: ignore[arg-type]
                    for (topic, partition), ids in sorted(control.dedupe.items(),
                                                          key=lambda item: str(item[0]))],
+        "config": control.config,
     })
 
 
@@ -125,6 +130,7 @@ def decode_control(raw: bytes) -> Control:
             dedupe={(str(topic), None if partition is None else int(partition)):
                     [(str(account), str(record_id)) for account, record_id in ids]
                     for topic, partition, ids in doc["dedupe"]},
+            config=None if doc.get("config") is None else str(doc["config"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SnapshotError(f"control record is malformed: {exc!r}") from None

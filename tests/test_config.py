@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from monitor.config import ConfigError, load_config, parse_config
+from monitor.config import ConfigError, fingerprint, load_config, parse_config
 from tests.conftest import RISK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,3 +101,15 @@ def test_unreadable_and_malformed_files_fail_clearly(tmp_path: Path) -> None:
     bad.write_text("[thresholds\n")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         load_config(bad)
+
+
+def test_fingerprint_ignores_how_the_toml_is_written() -> None:
+    reordered = dict(reversed(list(copy.deepcopy(RISK).items())))
+    reordered["assets"] = dict(reversed(list(reordered["assets"].items())))
+    assert fingerprint(parse_config(reordered)) == fingerprint(parse_config(RISK))
+
+
+def test_fingerprint_changes_with_one_mmr() -> None:
+    # BTC-PERP's first tier: mmr 0.004 -> 0.0045 (imr 0.008 still ≥ mmr)
+    changed = parse_config(broken("instruments/BTC-PERP/tiers/0/mmr", 0.0045))
+    assert fingerprint(changed) != fingerprint(parse_config(RISK))

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from monitor.config import load_config
+from monitor.config import fingerprint, load_config
 from monitor.engine import Engine
 from monitor.replay import replay
 from monitor.service.changelog import StateCorrupt, read_changelog
@@ -183,3 +183,65 @@ async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broke
         assert state_of(later.engine) == healthy
 
 
+
+
+async def checkpointed_under(settings, config) -> list:
+    """Records of a first run, checkpointed under ``config``."""
+    records = routable(random_stream(seed=9, length=300))
+    ends = await produce_timestamped(settings.bootstrap, settings.topics, records)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, ends)
+    return records
+
+
+def with_first_btc_tier_mmr(tmp_path, mmr: str):
+    """examples/risk.toml with BTC-PERP's first-tier mmr (0.004) changed."""
+    text = CONFIG.read_text(encoding="utf-8")
+    assert text.count("mmr = 0.004,") == 1
+    path = tmp_path / "risk.toml"
+    path.write_text(text.replace("mmr = 0.004,", f"mmr = {mmr},"), encoding="utf-8")
+    return path
+
+
+async def test_restart_under_another_risk_config_is_refused_naming_both_fingerprints(
+    broker, tmp_path,
+):
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2)
+    await create_topics(settings)
+    await checkpointed_under(settings, config)
+    changed = with_first_btc_tier_mmr(tmp_path, "0.0045")
+
+    process = await MonitorProcess(monitor_command(replace(settings, config_path=changed),
+                                                   "--log-level", "info")).start()
+    code = await asyncio.wait_for(process.proc.wait(), timeout=60)
+    await process.reader
+    assert code == 1
+    (error,) = [e for e in process.logs if e["level"] == "error"]
+    assert error["kind"] == "ConfigChanged"
+    assert fingerprint(config) in error["error"]
+    assert fingerprint(load_config(changed)) in error["error"]
+    assert "--accept-config-change" in error["error"]
+    assert not any(e["event"] in ("restored", "consuming") for e in process.logs)
+
+
+async def test_accept_config_change_restores_and_checkpoints_under_the_new_config(
+    broker, tmp_path,
+):
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2)
+    await create_topics(settings)
+    await checkpointed_under(settings, config)
+    changed = with_first_btc_tier_mmr(tmp_path, "0.0045")
+
+    args = monitor_command(replace(settings, config_path=changed), "--log-level", "info")
+    process = await MonitorProcess([*args, "--accept-config-change"]).start()
+    await asyncio.wait_for(process.consuming.wait(), timeout=60)
+    assert await process.stop() == 0
+    (warning,) = [e for e in process.logs if e["event"].startswith("restoring state "
+                                                                     "checkpointed under")]
+    assert warning["level"] == "warning"
+    assert (warning["checkpointed"], warning["configured"]) == (
+        fingerprint(config), fingerprint(load_config(changed)))
+    control = (await read_changelog(broker.bootstrap, settings.topics.state, [0]))[0].control
+    assert control.config == fingerprint(load_config(changed))

@@ -12,8 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from monitor.config import fingerprint
 from monitor.service.broker import free_port
 from monitor.service.metrics import HealthServer, Metrics
+from monitor.service.runner import Monitor
+from monitor.service.settings import ServiceSettings
 from tests.kafka_support import REPO, started_processes
 
 HANG_GUARD = 30.0  # seconds: only ever reached when something hangs
@@ -115,3 +118,15 @@ def test_liqmon_run_binds_the_metrics_host_option() -> None:
     assert status == 200
     with pytest.raises(ConnectionRefusedError):
         get(http_port, "/healthz", host="127.0.0.1")
+
+
+def test_metrics_label_the_risk_config_fingerprint(risk) -> None:
+    metrics = Metrics()
+    Monitor(ServiceSettings(config_path=REPO / "risk.toml"), risk, metrics)
+    server = HealthServer(metrics, port=0, host="127.0.0.1").start()
+    try:
+        status, body = get(server.port, "/metrics")
+    finally:
+        server.stop()
+    assert status == 200
+    assert f'liqmon_config_info{{fingerprint="{fingerprint(risk)}"}} 1.0'.encode() in body

@@ -22,6 +22,7 @@ from tests.kafka_support import (
     RunningMonitor,
     fresh_settings,
     produce,
+    run_args,
     started_processes,
     wait_processed,
 )
@@ -140,3 +141,32 @@ def test_health_before_and_after_kafka_is_reachable() -> None:
     said = [entry["event"] for entry in logs]
     assert "kafka unreachable, retrying" in said  # JSON lines, with the reason
     assert "consuming" in said and "stopped" in said
+
+
+def wait_for_status(port: int, path: str, status: int, timeout: float = 60) -> None:
+    """Until the endpoint answers with this status (the deadline only guards a hang)."""
+    deadline = time.monotonic() + timeout
+    while get(port, path)[0] != status:
+        assert time.monotonic() < deadline, f"{path} never answered {status}"
+        time.sleep(0.1)
+
+
+def test_readyz_is_503_while_kafka_does_not_answer_and_200_once_it_does_again() -> None:
+    http_port = free_port()
+    with EmbeddedBroker() as kafka:
+        settings = fresh_settings(kafka.bootstrap)
+        proc = subprocess.Popen(
+            [*run_args(settings, "--group", settings.group, "--metrics-port", str(http_port),
+                       "--session-timeout", "2")],
+            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        started_processes.append(proc)
+        wait_for_status(http_port, "/readyz", 200)
+        kafka.pause()  # holds its connections, answers nothing: unreachable
+        try:
+            wait_for_status(http_port, "/readyz", 503)
+            assert get(http_port, "/healthz") == (200, b"ok\n")  # alive all the same
+        finally:
+            kafka.resume()
+        wait_for_status(http_port, "/readyz", 200)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

@@ -16,9 +16,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from monitor.market import simulate
-from monitor.service.broker import free_port
+from monitor.service.broker import EmbeddedBroker, free_port
 from tests.kafka_support import (
     REPO,
+    MonitorProcess,
     fresh_settings,
     produce,
     read_events,
@@ -133,3 +134,23 @@ def test_broker_command_prints_its_address_and_stops_on_ctrl_c() -> None:
     assert spawned and not any(alive(pid) for pid in spawned)
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_sigterm_while_kafka_is_down_gives_up_at_the_shutdown_timeout_and_says_what():
+    with EmbeddedBroker() as kafka:
+        settings = fresh_settings(kafka.bootstrap)
+        monitor = await MonitorProcess(run_args(
+            settings, "--group", settings.group, "--metrics-port", "0",
+            "--shutdown-timeout", "2", "--log-level", "info")).start()
+        await asyncio.wait_for(monitor.consuming.wait(), timeout=60)
+        kafka.stop()
+    deadline = time.monotonic() + 60
+    while not any(e["event"] == "kafka unreachable, clients keep retrying" for e in monitor.logs):
+        assert time.monotonic() < deadline, "the outage was never noticed"
+        await asyncio.sleep(0.1)
+    assert await monitor.stop() == 1  # exits (stop() waits 30 s at most: a hang guard)
+    (abandoned,) = [e for e in monitor.logs if e["event"] == "shutdown abandoned"]
+    assert abandoned["level"] == "error"
+    assert "not checkpointed" in abandoned["error"]
+    assert "re-processed on restart" in abandoned["error"]

@@ -15,7 +15,7 @@ from monitor.config import load_config
 from monitor.engine import Engine
 from monitor.service.broker import free_port
 from monitor.service.changelog import read_changelog
-from monitor.service.metrics import scrape_input_offsets
+from monitor.service.metrics import scrape_input_offsets, scrape_partition_gauge
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
 from tests.kafka_support import (
@@ -194,3 +194,60 @@ async def test_an_instance_joining_mid_stream_takes_partitions_without_loss(brok
     await finish([a, b], feed, config)
     assert await final_state(settings, config) == state_of(
         final_engine(feed.records, config))["accounts"]
+
+
+async def logged(instance: Instance, event: str, timeout: float = 60) -> dict:
+    """The first log line of this event (waiting for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [entry for entry in instance.logs if entry["event"] == event]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"never logged {event!r}"
+        await asyncio.sleep(0.01)
+
+
+async def test_sigterm_while_another_instance_joins_takes_no_new_partitions(broker):
+    config = load_config(CONFIG)
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    a = await start(settings)
+    await settled([a], settings)
+    feed = Feed(settings, seed=34, length=2_000)
+    half = len(feed.runs) // 2
+    await feed.run([a], slice(0, half))
+    b = Instance(settings)
+    await b.start()
+    await logged(a, "partition handed over")  # B joined: the group is rebalancing
+    assert await a.stop() == 0
+    await asyncio.wait_for(b.consuming.wait(), timeout=60)
+    await settled([b], settings)
+    await feed.run([b], slice(half, None))
+    await finish([b], feed, config)  # every event, each id with one content, as replay's
+
+    said = [entry["event"] for entry in a.logs]
+    after = said[said.index("stopped") + 1:]
+    assert after == [], after  # no assignment taken, nothing restored, no event after it
+
+
+async def test_partitions_handed_over_leave_no_lag_or_offset_series_behind(broker):
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    a = await start(settings)
+    await settled([a], settings)
+    feed = Feed(settings, seed=35, length=600)
+    await feed.run([a], slice(None))
+    t = settings.topics
+    lag = await asyncio.to_thread(scrape_partition_gauge, a.port, "liqmon_consumer_lag_records")
+    assert {p for (topic, p) in lag if topic == t.fills} == set(range(PARTITIONS))
+    b = await start(settings)
+    await settled([a, b], settings)
+    kept, lost = a.owned(settings), b.owned(settings)
+    assert len(kept) == len(lost) == 2
+    lag = await asyncio.to_thread(scrape_partition_gauge, a.port, "liqmon_consumer_lag_records")
+    offsets = await asyncio.to_thread(a.positions)
+    for series in (lag, offsets):
+        accounts = {(topic, p) for (topic, p) in series if topic in (t.fills, t.ledger)}
+        assert accounts == {(topic, p) for topic in (t.fills, t.ledger) for p in kept}
+    for instance in (a, b):
+        assert await instance.stop() == 0

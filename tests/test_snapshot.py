@@ -93,3 +93,15 @@ def test_undecodable_account_snapshots_raise(raw: bytes, message: str) -> None:
 def test_undecodable_control_raises() -> None:
     with pytest.raises(SnapshotError, match="control record is malformed"):
         decode_control(orjson.dumps({"v": 1, "seq": "x"}))
+
+
+def test_control_keeps_the_config_fingerprint() -> None:
+    control = Control(seq=2, written_at=1, offsets={}, prices={}, config="1099e72073f623b0")
+    assert decode_control(encode_control(control)).config == "1099e72073f623b0"
+
+
+def test_control_written_before_fingerprints_decodes_without_one() -> None:
+    old = orjson.dumps({"v": 1, "seq": 3, "written_at": 1, "offsets": [["fills", 0, 7]],
+                        "prices": {}, "dedupe": []})
+    assert decode_control(old) == Control(seq=3, written_at=1, offsets={("fills", 0): 7},
+                                          prices={}, config=None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Account, Engine
 from monitor.service.outbox import Outgoing
 from monitor.service.settings import Topics
@@ -44,6 +45,19 @@ class StateCorrupt(RuntimeError):
             "rebuild state from the input topics, start once with --reset-state."
         )
         self.topic, self.partition, self.offset = topic, partition, offset
+
+
+class ConfigChanged(RuntimeError):
+    """A partition's checkpoint was written under another risk config than this instance's."""
+
+    def __init__(self, topic: str, partition: int, checkpointed: str, configured: str) -> None:
+        super().__init__(
+            f"checkpoint {topic}/{partition} was written under risk config {checkpointed}, but "
+            f"this instance runs risk config {configured}. Refusing to restore: one fleet would "
+            "evaluate margins two ways. Give every instance the same config, or, to roll out "
+            "a deliberate change, start with --accept-config-change (see README)."
+        )
+        self.checkpointed, self.configured = checkpointed, configured
 
 
 @dataclass
@@ -131,6 +145,17 @@ async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
     await asyncio.gather(*futures)
 
 
+_last_fingerprint: tuple[RiskConfig, str] | None = None
+
+
+def _fingerprint(config: RiskConfig) -> str:
+    """fingerprint(), computed once per config rather than on every checkpoint."""
+    global _last_fingerprint
+    if _last_fingerprint is None or _last_fingerprint[0] is not config:
+        _last_fingerprint = (config, fingerprint(config))
+    return _last_fingerprint[1]
+
+
 def snapshot_messages(engine: Engine, dirty: dict[str, int], seq: int,
                       as_of: dict[int, Offsets], topics: Topics) -> list[Outgoing]:
     """Account snapshots (or tombstones of deleted accounts) of ``dirty`` (account →
@@ -150,8 +175,9 @@ def controls_now(engine: Engine, seq: int, as_of: dict[int, Offsets], topics: To
     """The control record of each checkpointed partition — offsets, price table, duplicate
     windows — as they are now (copies: cheap to take, encoded later)."""
     prices = engine.price_table()
+    config = _fingerprint(engine.config)
     return {partition: Control(
-        seq=seq, written_at=written_at_ms, offsets=offsets, prices=prices,
+        seq=seq, written_at=written_at_ms, offsets=offsets, prices=prices, config=config,
         dedupe={(topic, partition): engine.dedupe_ids(topic, partition)
                 for topic in (topics.fills, topics.ledger)})
         for partition, offsets in as_of.items()}

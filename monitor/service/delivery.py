@@ -24,6 +24,23 @@ class DeliveryAbandoned(RuntimeError):
     uncommitted, so a restart re-processes them: nothing is lost, some may repeat."""
 
 
+class DeliveryFailed(RuntimeError):
+    """The broker refused a message for good (too large, invalid topic, not authorised, …):
+    retrying cannot help and skipping it would lose it, so the instance stops. Its input is
+    not checkpointed: after the cause is fixed, a restart re-processes it."""
+
+    def __init__(self, topic: str, error: BaseException) -> None:
+        super().__init__(f"cannot publish to topic {topic!r}: {error!r} is not retriable; "
+                         "stopping without checkpointing its input")
+        self.topic, self.error = topic, error
+
+
+def _refused(message: Outgoing, error: BaseException) -> None:
+    """Raise DeliveryFailed when ``error`` is one a retry cannot fix."""
+    if isinstance(error, KafkaError) and not error.retriable:
+        raise DeliveryFailed(message.topic, error)
+
+
 class Delivery:
     def __init__(self, producer: AIOKafkaProducer, metrics: Metrics, log: BoundLogger,
                  shutdown_timeout: float, stop_requested_at: Callable[[], float | None]) -> None:
@@ -37,7 +54,8 @@ class Delivery:
         """Produce everything; return once every message is acknowledged by all replicas.
 
         A retry re-sends only what failed. A repeat carries the same event_id, and the
-        transition counter inside the id orders one account's events.
+        transition counter inside the id orders one account's events. An error no retry can
+        fix raises DeliveryFailed.
         """
         pending, backoff, failures = list(outgoing), 0.1, 0
         while pending:
@@ -70,6 +88,7 @@ class Delivery:
                     message.topic, message.value, key=message.key, headers=message.headers,
                     partition=message.partition))
             except KafkaError as exc:  # no metadata, buffer full for too long: broker away
+                _refused(message, exc)
                 results = await asyncio.gather(*futures, return_exceptions=True)
                 failed = self.settle(messages[:index], results)
                 return failed + messages[index:], exc
@@ -78,11 +97,13 @@ class Delivery:
         return self.settle(messages, results), errors[0] if errors else None
 
     def settle(self, messages: Sequence[Outgoing], results: Sequence[Any]) -> list[Outgoing]:
-        """Count what was delivered; return what was not."""
+        """Count what was delivered; return what was not (to retry), or raise DeliveryFailed
+        when the broker refused a message for good."""
         now_ms = time.time() * 1000
         failed = []
         for message, result in zip(messages, results, strict=True):
             if isinstance(result, BaseException):
+                _refused(message, result)
                 failed.append(message)
                 continue
             if message.event_type is None:
@@ -160,6 +181,17 @@ class Pipeline:
             await self._changed.wait_for(
                 lambda: self._settled >= mark or self._error is not None)
         self._raise_if_failed()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages handed over and not yet acknowledged."""
+        return self._in_flight
+
+    def abort(self, exc: BaseException) -> None:
+        """A fatal error elsewhere: from now on submit() and flush() raise it, so that no
+        checkpoint vouches for what was processed before the instance stopped."""
+        if self._error is None:
+            self._error = exc
 
     async def close(self) -> None:
         if self._settler is not None:

@@ -86,6 +86,10 @@ class Metrics:
         self.kafka_reachable = Gauge(
             "liqmon_kafka_reachable", "1 while the brokers answer metadata requests.",
             registry=r)
+        self.config_info = Gauge(
+            "liqmon_config_info", "1, labelled with the fingerprint of the risk config in use: "
+            "instances of one group showing different fingerprints disagree on margins.",
+            ["fingerprint"], registry=r)
         self._live = _LiveCollector()
         r.register(self._live)
 
@@ -140,9 +144,10 @@ class _LiveCollector(Collector):
             value=figures.checkpoint_age)
 
 
-def scrape_input_offsets(port: int, host: str = "127.0.0.1") -> dict[tuple[str, int], int]:
-    """liqmon_input_offset of a running instance, per (topic, partition): what it has
-    applied. Empty when the instance does not answer."""
+def scrape_partition_gauge(port: int, name: str, host: str = "127.0.0.1"
+                           ) -> dict[tuple[str, int], int]:
+    """A per-partition gauge of a running instance, per (topic, partition). Empty when the
+    instance does not answer."""
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
@@ -150,7 +155,12 @@ def scrape_input_offsets(port: int, host: str = "127.0.0.1") -> dict[tuple[str, 
         return {}
     return {(sample.labels["topic"], int(sample.labels["partition"])): int(sample.value)
             for family in text_string_to_metric_families(text)
-            if family.name == "liqmon_input_offset" for sample in family.samples}
+            if family.name == name for sample in family.samples}
+
+
+def scrape_input_offsets(port: int, host: str = "127.0.0.1") -> dict[tuple[str, int], int]:
+    """liqmon_input_offset of a running instance: what it has applied."""
+    return scrape_partition_gauge(port, "liqmon_input_offset", host)
 
 
 # Seconds a client may take to send its request or read the response. Probes and scrapers

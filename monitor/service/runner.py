@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,11 +30,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
-from monitor.config import RiskConfig
+from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
 from monitor.events import Event, Source
 from monitor.records import InputRecord, PriceTick, Rejected, decode
 from monitor.service.changelog import (
+    ConfigChanged,
     RestoredPartition,
     control_messages,
     controls_now,
@@ -41,12 +43,12 @@ from monitor.service.changelog import (
     snapshot_messages,
     write_reset_markers,
 )
-from monitor.service.delivery import MAX_BACKOFF, Delivery, Pipeline
+from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
-from monitor.service.settings import ServiceSettings
-from monitor.service.topics import ensure_topics
+from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
+from monitor.service.topics import TopicMissing, ensure_topics, output_topics
 from monitor.snapshot import Offsets
 from monitor.state import EVENT_TYPES, AccountState
 
@@ -63,6 +65,10 @@ PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
 CHECKPOINT_CHUNK = 256  # snapshots encoded between two turns of the loop
 
 
+class _StopRequested(Exception):
+    """A stop was requested while partitions were being restored: they are not taken."""
+
+
 class Monitor:
     def __init__(self, settings: ServiceSettings, config: RiskConfig,
                  metrics: Metrics | None = None) -> None:
@@ -71,13 +77,18 @@ class Monitor:
         self.engine = Engine(config)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self._live_figures)
+        self.fingerprint = fingerprint(config)
+        self.metrics.config_info.labels(self.fingerprint).set(1)
         topics = settings.topics
         for topic in (topics.prices, topics.fills, topics.ledger):  # export zeros from the start
             self.metrics.records_consumed.labels(topic)
         for event_type in EVENT_TYPES:
             self.metrics.events_emitted.labels(event_type)
         self.log = structlog.get_logger("liqmon")
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # see _update_ready
+        self._consuming = False
+        self._restoring = False
+        self._reachable = True  # as the broker watch last found it
         self.partition_counts: dict[str, int] = {}
         self._rank = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}.__getitem__
         self._merge = TimestampMerge(rank=self._rank, max_skew_ms=settings.max_skew_ms,
@@ -117,36 +128,86 @@ class Monitor:
             self.log.info("stopping")
             self._stop_requested_at = time.monotonic()
             self._stopping.set()
+            self._update_ready()
 
     def _fail(self, exc: BaseException) -> None:
-        """A fatal error inside a callback: stop, and let run() raise it."""
+        """A fatal error inside a callback: stop, and let run() raise it. Nothing is
+        checkpointed from here on: what was processed is re-processed after a restart."""
         if self._fatal is None:
             self._fatal = exc
+        if self._pipeline is not None:
+            self._pipeline.abort(exc)
         self.request_stop()
 
     async def run(self) -> None:
-        """Connect, restore, consume until asked to stop, then deliver, checkpoint and close."""
+        """Connect, restore, consume until asked to stop, then deliver, checkpoint and close;
+        raise what stopped it, if anything did (after logging it)."""
+        try:
+            await self._run()
+        except Exception as exc:
+            if self._fatal is None:
+                self._fatal = exc
+        if self._fatal is not None:
+            abandoned = isinstance(self._fatal, DeliveryAbandoned)
+            self.log.error("shutdown abandoned" if abandoned else "stopped by an error",
+                           error=str(self._fatal), kind=type(self._fatal).__name__)
+            raise self._fatal
+
+    async def _run(self) -> None:
         try:
             await self._connect()
             if not self._stopping.is_set():
                 await self._until_restored()
             if not self._stopping.is_set():
-                self.ready.set()
-                self.metrics.ready.set(1)
+                self._consuming = True
+                self._update_ready()
                 self.log.info("consuming", bootstrap=self.settings.bootstrap,
                               group=self.settings.group, partitions=sorted(self._owned))
                 watchdog = asyncio.create_task(self._watch_broker())
                 try:
-                    await self._consume()
+                    await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
                 finally:
+                    self._closing = True  # the final checkpoint is written (or abandoned)
                     watchdog.cancel()
                     await asyncio.gather(watchdog, return_exceptions=True)
         finally:
-            self.ready.clear()
-            self.metrics.ready.set(0)
+            self._consuming = False
+            self._update_ready()
             await self._close()
-        if self._fatal is not None:
-            raise self._fatal
+
+    async def _within_shutdown_timeout(self, work: asyncio.Future[None]) -> None:
+        """Await ``work``; once a stop is requested, give it --shutdown-timeout from the
+        request, then cancel it: the grace period of a deployment must not run out first."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([work, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                assert self._stop_requested_at is not None
+                left = self._stop_requested_at + self.settings.shutdown_timeout - time.monotonic()
+                await asyncio.wait([work], timeout=max(0.0, left))
+        finally:
+            stopping.cancel()
+            if not work.done():  # out of time (or this task itself was cancelled)
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
+            pending = 0 if self._pipeline is None else self._pipeline.in_flight
+            raise DeliveryAbandoned(
+                f"the stop did not finish within {self.settings.shutdown_timeout}s "
+                f"(--shutdown-timeout): {pending} messages not acknowledged, partitions "
+                f"{sorted(self._owned)} not checkpointed; their inputs are re-processed on "
+                "restart")
+        work.result()
+
+    def _update_ready(self) -> None:
+        """/readyz: restored, consuming, and the broker answers (SPEC §8); not once stopping."""
+        ready = (self._consuming and self._reachable and not self._restoring
+                 and not self._stopping.is_set())
+        if ready:
+            self.ready.set()
+        else:
+            self.ready.clear()
+        self.metrics.ready.set(1 if ready else 0)
 
     async def _until_restored(self) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())
@@ -218,16 +279,23 @@ class Monitor:
                                  listener=_Rebalance(self))
 
     async def _close(self) -> None:
+        """Close every client, together, for at most CLOSE_TIMEOUT seconds: against an
+        unreachable broker a consumer leaving its group or a producer flushing would wait
+        for as long as the broker stays away."""
         self._closing = True
+        if self._checkpointing is not None:  # cut short by a failure or the shutdown timeout
+            self._checkpointing.cancel()
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
         if self._pipeline is not None:
             await self._pipeline.close()
-        for consumer in (self._prices, self._accounts, self._probe):
-            if consumer is not None:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await self._producer.stop()
+        clients = [c for c in (self._prices, self._accounts, self._probe, self._producer)
+                   if c is not None]
+        closing = asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        try:
+            await asyncio.wait_for(closing, timeout=CLOSE_TIMEOUT)
+        except TimeoutError:
+            self.log.warning("kafka clients abandoned: not closed in time",
+                             seconds=CLOSE_TIMEOUT)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -236,6 +304,8 @@ class Monitor:
     # -- rebalance: restore what is gained, checkpoint what is lost ------------------------------
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._stopping.is_set():
+            return  # stopping: take nothing new (no restore, no catch-up, no event)
         t = self.settings.topics
         fills = {tp.partition for tp in assigned if tp.topic == t.fills}
         ledger = {tp.partition for tp in assigned if tp.topic == t.ledger}
@@ -249,30 +319,41 @@ class Monitor:
         if not gained and self._restored.is_set():
             return
         async with self._lock:
+            if self._stopping.is_set():  # requested while waiting for the lock
+                return
             await self._finish_checkpoint()
             started = time.monotonic()
-            was_ready = self.ready.is_set()
-            self.ready.clear()  # /readyz: not ready while restoring
-            self.metrics.ready.set(0)
-            s = self.settings
-            restored = await read_changelog(s.bootstrap, s.topics.state, gained,
-                                            client_id=f"{s.client_id}-restore",
-                                            request_timeout_ms=s.request_timeout_ms)
-            first = not self._restored.is_set()
-            if first:
-                await self._restore_prices(list(restored.values()))
-            accounts = replayed = 0
-            for partition in gained:
-                if not first and self._behind_on_prices(restored[partition]):
-                    replayed += await self._catch_up(restored[partition])
-                else:
-                    await self._install(restored[partition])
-                accounts += len(restored[partition].accounts)
-            self._owned.update(gained)
+            self._restoring = True
+            self._update_ready()
+            try:
+                s = self.settings
+                restored = await read_changelog(s.bootstrap, s.topics.state, gained,
+                                                client_id=f"{s.client_id}-restore",
+                                                request_timeout_ms=s.request_timeout_ms)
+                self._check_config(restored)
+                first = not self._restored.is_set()
+                if first:
+                    await self._restore_prices(list(restored.values()))
+                accounts = replayed = 0
+                for partition in gained:
+                    if self._stopping.is_set():
+                        raise _StopRequested
+                    if not first and self._behind_on_prices(restored[partition]):
+                        replayed += await self._catch_up(restored[partition])
+                    else:
+                        await self._install(restored[partition])
+                    self._owned.add(partition)
+                    accounts += len(restored[partition].accounts)
+            except _StopRequested:
+                self.log.info("restore abandoned: stopping",
+                              partitions=sorted(set(gained) - self._owned))
+                return
+            finally:
+                self._restoring = False
+                self._update_ready()
             self._restored.set()
-            if was_ready:
-                self.ready.set()
-                self.metrics.ready.set(1)
+            await self._report_lag([tp for tp in self._processed
+                                    if tp.partition in gained or tp.topic == t.prices])
             self.log.info("restored", partitions=gained, accounts=accounts,
                           changelog_records=sum(r.records_read for r in restored.values()),
                           records_replayed=replayed,
@@ -283,6 +364,8 @@ class Monitor:
         if not lost or self._closing:
             return
         async with self._lock:
+            if self._closing:  # the final checkpoint, written meanwhile, covers them
+                return
             await self._finish_checkpoint()
             try:
                 await self._checkpoint(lost)
@@ -304,6 +387,35 @@ class Monitor:
                             gauge.remove(tp.topic, str(tp.partition))
                 self.log.info("partition handed over", partition=partition, accounts=dropped)
             self._owned -= lost
+
+    async def _report_lag(self, tps: list[TopicPartition]) -> None:
+        """Lag of partitions just (re)positioned. Until records of theirs are applied nothing
+        else sets it, and a rebalance removes the series of every partition it revokes, even
+        of those it gives straight back."""
+        assert self._probe is not None
+        try:
+            ends = await self._probe.end_offsets(tps)
+        except KafkaError:
+            return  # the first records applied set it
+        for tp, end in ends.items():
+            if tp in self._processed:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, end - self._processed[tp]))
+
+    def _check_config(self, restored: dict[int, RestoredPartition]) -> None:
+        """Refuse state checkpointed under another risk config (another instance of the
+        fleet runs it, or the config changed), unless the operator said the change is meant:
+        its events would differ from the ones already published for the same records."""
+        for partition, part in sorted(restored.items()):
+            theirs = None if part.control is None else part.control.config
+            if theirs is None or theirs == self.fingerprint:
+                continue  # no checkpoint yet, or one written before fingerprints existed
+            if not self.settings.accept_config_change:
+                raise ConfigChanged(self.settings.topics.state, partition, theirs,
+                                    self.fingerprint)
+            self.log.warning("restoring state checkpointed under another risk config "
+                             "(--accept-config-change)", partition=partition,
+                             checkpointed=theirs, configured=self.fingerprint)
 
     async def _restore_prices(self, restored: list[RestoredPartition]) -> None:
         """Price table and price offsets from the control record furthest behind in the
@@ -395,7 +507,10 @@ class Monitor:
                                   request_timeout_ms=max(s.request_timeout_ms, 10_000))
         await reader.start()
         private = Engine(self.config)
-        merge = TimestampMerge(rank=self._rank, max_skew_ms=s.max_skew_ms, max_wait=s.max_idle)
+        # No forced release: every partition still read here holds records up to a known end,
+        # so waiting for them is always right; releasing early would apply records in another
+        # order than the first pass and publish events with its ids but other contents.
+        merge = TimestampMerge(rank=self._rank, max_skew_ms=s.max_skew_ms, max_wait=math.inf)
         positions: dict[TopicPartition, int] = {}
         applied = 0
         try:
@@ -420,6 +535,8 @@ class Monitor:
                 return tp in stopped or (highwater is not None and next_offset >= highwater)
 
             while not all(done_with(tp, positions[tp]) for tp in positions):
+                if self._stopping.is_set():
+                    raise _StopRequested  # nothing of this partition is taken over
                 batch = await reader.getmany(timeout_ms=200, max_records=s.max_batch_records)
                 for tp, records in batch.items():
                     if tp in price_ends:
@@ -792,24 +909,36 @@ class Monitor:
     # -- broker reachability --------------------------------------------------------------------
 
     async def _watch_broker(self) -> None:
-        """Say plainly when Kafka is out of reach and when it is back.
+        """Say plainly when Kafka is out of reach and when it is back (and make /readyz
+        say so too), and stop when an output topic has disappeared.
 
         The clients retry on their own and an idle consumer looks the same whether the broker
         is there or not, so a cheap metadata request each second tells the two apart.
         """
         assert self._producer is not None
         client = self._producer.client
+        outputs = output_topics(self.settings)
         lost_at: float | None = None
         last_said = 0.0
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
+            present: set[str] | None = None
             try:
-                await asyncio.wait_for(client.fetch_all_metadata(), timeout=PROBE_INTERVAL * 2)
-                reachable, error = True, None
+                cluster = await asyncio.wait_for(client.fetch_all_metadata(),
+                                                 timeout=PROBE_INTERVAL * 2)
+                present, error = cluster.topics(), None
             except (KafkaError, TimeoutError, OSError) as exc:
-                reachable, error = False, exc
+                error = exc
+            reachable = present is not None
             now = time.monotonic()
             self.metrics.kafka_reachable.set(1 if reachable else 0)
+            self._reachable = reachable
+            self._update_ready()
+            # Some brokers acknowledge produce requests to a deleted topic and keep nothing.
+            missing = [name for name in outputs if present is not None and name not in present]
+            if missing:
+                self._fail(TopicMissing(missing[0]))
+                return
             if reachable and lost_at is not None:
                 self.log.info("kafka reachable again", bootstrap=self.settings.bootstrap,
                               outage_seconds=round(now - lost_at, 1))

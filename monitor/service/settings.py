@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic): a name breaking it is
+# refused by the broker on every request, which a running monitor only notices on its outputs.
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+# Seconds that closing the Kafka clients may take on stop, on top of --shutdown-timeout (which
+# bounds delivering and checkpointing): a client talking to an unreachable broker is abandoned.
+CLOSE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +31,17 @@ class Topics:
     def input_kind(self, topic: str) -> str:
         """prices / fills / ledger for an input topic name."""
         return {self.prices: "prices", self.fills: "fills", self.ledger: "ledger"}[topic]
+
+    def invalid(self) -> list[str]:
+        """One message per name Kafka would refuse; empty when every name is valid."""
+        problems = []
+        for option, name in ((f, getattr(self, f)) for f in Topics.__dataclass_fields__):
+            if name in (".", "..") or not _TOPIC_NAME.fullmatch(name):
+                problems.append(
+                    f"--topic-{option.replace('_', '-')} {name!r} is not a valid Kafka topic "
+                    "name: 1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-', and "
+                    "not '.' or '..'")
+        return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +67,16 @@ class ServiceSettings:
     compression: str = "lz4"
     max_batch_records: int = 5_000
     shutdown_timeout: float = 30.0  # seconds to deliver pending events on SIGTERM
+    accept_config_change: bool = False  # restore state checkpointed under another risk config
     session_timeout_ms: int = 6_000
     heartbeat_interval_ms: int = 1_000
     request_timeout_ms: int = 5_000
+
+    @property
+    def shutdown_budget(self) -> float:
+        """Longest time from SIGTERM to exit: delivering and checkpointing, then closing the
+        clients. A deployment's grace period must exceed it."""
+        return self.shutdown_timeout + CLOSE_TIMEOUT
 
     def run_args(self) -> list[str]:
         """`liqmon run` flags for the config, the brokers and every topic name (tools and

@@ -14,6 +14,22 @@ class TopicLayoutError(RuntimeError):
     """The topics exist but cannot be used as they are (e.g. fills and ledger differ)."""
 
 
+class TopicMissing(RuntimeError):
+    """An output topic disappeared while running: what is published to it is lost."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"output topic {topic!r} no longer exists (deleted while running?): "
+                         "stopping without checkpointing, so that nothing published since "
+                         "is lost; recreate it and restart")
+        self.topic = topic
+
+
+def output_topics(settings: ServiceSettings) -> list[str]:
+    """Topics liqmon writes to."""
+    t = settings.topics
+    return [t.margin_calls, t.liquidations, t.dead_letter, t.state]
+
+
 async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -> dict[str, int]:
     """Create missing topics and return every topic's partition count.
 

@@ -1,0 +1,145 @@
+"""Outputs that cannot be written: bad topic names fail the start, a message the broker
+refuses for good or a deleted output topic stops the instance loudly, and no produce error
+counts as delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from monitor.config import parse_config
+from monitor.service.broker import EmbeddedBroker, free_port
+from monitor.service.changelog import read_changelog
+from monitor.service.settings import Topics
+from monitor.service.topics import create_topics
+from tests.conftest import RISK
+from tests.kafka_support import (
+    REPO,
+    MonitorProcess,
+    RunningMonitor,
+    fresh_settings,
+    produce,
+    produce_timestamped,
+    read_events,
+    routable,
+    run_args,
+    wait_processed,
+)
+from tests.test_property import random_stream
+
+
+@pytest.mark.parametrize("name", ["liq uidations", "", ".", "..", "x" * 250, "liq/uid", "é"])
+def test_names_kafka_refuses_are_reported(name: str) -> None:
+    (problem,) = Topics(liquidations=name).invalid()
+    assert problem.startswith(f"--topic-liquidations {name!r} is not a valid Kafka topic name")
+
+
+@pytest.mark.parametrize("name", ["liquidations", "liqmon.dead-letter", "a_b-c.9", "x" * 249])
+def test_names_kafka_accepts_pass(name: str) -> None:
+    assert Topics(liquidations=name).invalid() == []
+
+
+def test_run_with_an_invalid_topic_name_fails_before_connecting() -> None:
+    nobody = f"127.0.0.1:{free_port()}"  # were it to connect, it would wait and retry
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "run", "--config",
+         str(REPO / "examples" / "risk.toml"), "--bootstrap", nobody, "--metrics-port", "0",
+         "--topic-liquidations", "liq uidations"],
+        capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert "--topic-liquidations 'liq uidations' is not a valid Kafka topic name" in stderr
+    assert "kafka unreachable" not in stderr
+
+
+def monitor_args(settings) -> list[str]:
+    return run_args(settings, "--group", settings.group, "--metrics-port", "0",
+                    "--checkpoint-interval", "0.1", "--log-level", "info")
+
+
+async def exit_of(process: MonitorProcess) -> int:
+    code = await asyncio.wait_for(process.proc.wait(), timeout=60)  # a hang guard only
+    await process.reader
+    return code
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_message_too_large_for_the_broker_stops_the_instance_before_its_checkpoint(
+    broker,
+):
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    t = settings.topics
+    deposit = orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT", "amount": 300,
+                            "kind": "deposit", "ts": 1})
+    await produce(broker.bootstrap, [(t.ledger, b"a", deposit)])
+    process = await MonitorProcess(monitor_args(settings)).start()
+    await asyncio.wait_for(process.consuming.wait(), timeout=60)
+    while (await read_changelog(broker.bootstrap, t.state, [0]))[0].control is None:
+        await asyncio.sleep(0.1)  # the deposit (ledger offset 0) is checkpointed
+
+    # 2 MB of \x01 is not JSON; its dead letter spells each byte "\u0001": 12 MB, more
+    # than the producer's 8 MB max_request_size.
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap,
+                                max_request_size=4 * 1024 * 1024)
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(t.ledger, b"\x01" * 2_000_000, key=b"a")
+    finally:
+        await producer.stop()
+    assert meta.offset == 1
+
+    assert await exit_of(process) == 1
+    (error,) = [e for e in process.logs if e["level"] == "error"
+                and e["event"] == "stopped by an error"]
+    assert error["kind"] == "DeliveryFailed"
+    assert repr(t.dead_letter) in error["error"]
+    assert "MessageSizeTooLargeError" in error["error"]
+    control = (await read_changelog(broker.bootstrap, t.state, [0]))[0].control
+    assert control.offsets[(t.ledger, 0)] == 1  # not past the record it could not publish
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_output_topic_deleted_while_running_stops_the_instance(broker):
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    process = await MonitorProcess(monitor_args(settings)).start()
+    await asyncio.wait_for(process.consuming.wait(), timeout=60)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([settings.topics.liquidations])
+    finally:
+        await admin.close()
+
+    assert await exit_of(process) == 1
+    (error,) = [e for e in process.logs if e["level"] == "error"
+                and e["event"] == "stopped by an error"]
+    assert error["kind"] == "TopicMissing"
+    assert repr(settings.topics.liquidations) in error["error"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_events_are_counted_once_when_acknowledged_not_when_a_produce_fails():
+    records = routable(random_stream(seed=6, length=20_000))
+    with EmbeddedBroker() as own_broker:  # paused: it must not stall the other tests
+        settings = fresh_settings(own_broker.bootstrap)
+        ends = await produce_timestamped(own_broker.bootstrap, settings.topics, records)
+        async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+            sample = monitor.metrics.registry.get_sample_value
+            while not sample("liqmon_delivery_retries_total"):  # until a produce has failed
+                assert monitor.processed_offsets() != ends, "no outage while producing"
+                own_broker.pause()  # with the backlog's events in flight
+                await asyncio.sleep(5.0)  # longer than the request timeout
+                own_broker.resume()
+            await wait_processed(monitor, ends, timeout=120)
+            counted = sum(sample("liqmon_events_emitted_total", {"type": kind})
+                          for kind in ("margin_call", "liquidation", "recovered"))
+        events = await read_events(own_broker.bootstrap, settings.topics)
+    assert counted == len({e["event_id"] for e in events})
