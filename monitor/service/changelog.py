@@ -88,13 +88,18 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                                 enable_auto_commit=False, client_id=client_id,
                                 auto_offset_reset="earliest",
                                 request_timeout_ms=request_timeout_ms,
-                                max_partition_fetch_bytes=16 * 1024 * 1024)
+                                max_partition_fetch_bytes=16 * 1024 * 1024,
+                                # a long-poll on a drained partition only delays the end
+                                fetch_max_wait_ms=20)
     await consumer.start()
     latest = {tp.partition: _Latest() for tp in wanted}
     try:
         consumer.assign(wanted)
         await consumer.seek_to_beginning(*wanted)
-        remaining = set(wanted)
+        # Read up to the end as of now (what this instance's predecessors wrote); an empty
+        # partition is done without a fetch.
+        ends = await consumer.end_offsets(wanted)
+        remaining = {tp for tp in wanted if await consumer.position(tp) < ends[tp]}
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=200, max_records=50_000)
             for tp, records in batch.items():
@@ -109,8 +114,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                     elif record.key is not None:
                         state.values[record.key] = (record.offset, record.value)
             for tp in list(remaining):
-                highwater = consumer.highwater(tp)
-                if highwater is not None and await consumer.position(tp) >= highwater:
+                if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
     finally:
         await consumer.stop()
