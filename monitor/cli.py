@@ -160,6 +160,7 @@ async def _mirror_readiness(monitor: Any, server: Any) -> None:
 
     while True:
         server.ready = monitor.ready.is_set()
+        server.not_ready_because = "" if server.ready else monitor.not_ready_because()
         await asyncio.sleep(0.1)
 
 

@@ -11,12 +11,18 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from monitor.config import fingerprint, load_config
-from monitor.engine import Engine
+from monitor.engine import Account, Engine
 from monitor.replay import replay
-from monitor.service.changelog import StateCorrupt, read_changelog
+from monitor.service.changelog import (
+    ACCOUNT,
+    CONTROL,
+    RestoreProgress,
+    StateCorrupt,
+    read_changelog,
+)
 from monitor.service.runner import Monitor
 from monitor.service.topics import create_topics
-from monitor.snapshot import KIND_HEADER
+from monitor.snapshot import CONTROL_KEY, KIND_HEADER, Control, encode_account, encode_control
 from tests.kafka_support import (
     REPO,
     MonitorProcess,
@@ -245,3 +251,33 @@ async def test_accept_config_change_restores_and_checkpoints_under_the_new_confi
         fingerprint(config), fingerprint(load_config(changed)))
     control = (await read_changelog(broker.bootstrap, settings.topics.state, [0]))[0].control
     assert control.config == fingerprint(load_config(changed))
+
+
+async def test_a_restore_reports_records_and_accounts_read_against_the_expected_total(broker):
+    """500 snapshots of 250 accounts (each written twice) and one control record: the
+    restore's last progress report has read all 501 records of 501 expected, 250 accounts."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    state = settings.topics.state
+    as_of = {(settings.topics.fills, 0): 0}
+    snapshot = encode_account(Account(balances={"USDT": 10.0}, partition=0), 1, as_of)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        # one record per batch: the embedded broker reports a partition's end as its last
+        # batch's first offset + 1, so only then is the expected total exact there
+        for n in range(500):
+            await (await producer.send(state, snapshot, key=f"a{n % 250}".encode(),
+                                       partition=0, headers=[(KIND_HEADER, ACCOUNT)]))
+        await (await producer.send(
+            state, encode_control(Control(seq=1, written_at=0, offsets=as_of, prices={})),
+            key=CONTROL_KEY, partition=0, headers=[(KIND_HEADER, CONTROL)]))
+    finally:
+        await producer.stop()
+    reports: list[RestoreProgress] = []
+    restored = await read_changelog(broker.bootstrap, state, [0],
+                                    progress=lambda status: reports.append(replace(status)))
+    assert len(restored[0].accounts) == 250
+    assert reports, "no progress was reported"
+    assert (reports[-1].records, reports[-1].expected, reports[-1].accounts) == (501, 501, 250)
+    assert [r.records for r in reports] == sorted(r.records for r in reports)

@@ -14,6 +14,7 @@ import pytest
 
 from monitor.config import fingerprint
 from monitor.service.broker import free_port
+from monitor.service.changelog import RestoreProgress
 from monitor.service.metrics import HealthServer, Metrics
 from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings
@@ -130,3 +131,21 @@ def test_metrics_label_the_risk_config_fingerprint(risk) -> None:
         server.stop()
     assert status == 200
     assert f'liqmon_config_info{{fingerprint="{fingerprint(risk)}"}} 1.0'.encode() in body
+
+
+def test_readyz_says_why_it_is_not_ready(server: HealthServer) -> None:
+    server.not_ready_because = "restoring state: 40,000 of at most 100,000 changelog records"
+    assert get(server.port, "/readyz") == (
+        503, b"not ready: restoring state: 40,000 of at most 100,000 changelog records\n")
+
+
+def test_a_restore_under_way_is_reported_with_its_progress(risk) -> None:
+    monitor = Monitor(ServiceSettings(config_path=REPO / "risk.toml"), risk, Metrics())
+    assert monitor.not_ready_because() == "connecting to kafka"
+    monitor._restoring = True  # what on_assigned sets while it reads the changelog
+    assert monitor.not_ready_because() == "restoring state"
+    monitor._restore_progress(RestoreProgress(records=412_000, expected=1_000_000,
+                                              accounts=380_112))
+    assert monitor.not_ready_because() == (
+        "restoring state: 412,000 of at most 1,000,000 changelog records read, "
+        "380,112 accounts")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -77,10 +77,23 @@ class _Latest:
     read: int = 0
 
 
+@dataclass(slots=True)
+class RestoreProgress:
+    """How far a restore has got, for /readyz and the log."""
+
+    records: int = 0  # changelog records read
+    expected: int = 0  # records between the partitions' first and end offsets (compaction
+    #                    leaves gaps, so at most this many)
+    accounts: int = 0  # distinct account keys read so far
+
+
 async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                          client_id: str = "liqmon-restore",
-                         request_timeout_ms: int = 30_000) -> dict[int, RestoredPartition]:
-    """Read changelog partitions to their end and decode what survives of them."""
+                         request_timeout_ms: int = 30_000,
+                         progress: Callable[[RestoreProgress], None] | None = None,
+                         ) -> dict[int, RestoredPartition]:
+    """Read changelog partitions to their end and decode what survives of them; call
+    ``progress`` after each fetched batch."""
     wanted = [TopicPartition(topic, p) for p in partitions]
     if not wanted:
         return {}
@@ -99,7 +112,9 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
         # Read up to the end as of now (what this instance's predecessors wrote); an empty
         # partition is done without a fetch.
         ends = await consumer.end_offsets(wanted)
-        remaining = {tp for tp in wanted if await consumer.position(tp) < ends[tp]}
+        firsts = {tp: await consumer.position(tp) for tp in wanted}
+        remaining = {tp for tp in wanted if firsts[tp] < ends[tp]}
+        status = RestoreProgress(expected=sum(ends[tp] - firsts[tp] for tp in wanted))
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=200, max_records=50_000)
             for tp, records in batch.items():
@@ -116,6 +131,10 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
+            if progress is not None and batch:
+                status.records = sum(state.read for state in latest.values())
+                status.accounts = sum(len(state.values) for state in latest.values())
+                progress(status)
     finally:
         await consumer.stop()
     return {p: _decode(topic, p, state) for p, state in latest.items()}

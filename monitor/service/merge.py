@@ -13,6 +13,9 @@ when every other partition is known to hold nothing that sorts before it:
   always seen in order, whatever its timestamps), and after r's timestamp plus the skew (so
   producers whose clocks and in-flight time are within ``max_skew_ms`` are too).
 
+A fetch returns whole record batches, so "buffered up to the end offset" holds even where a
+broker reports the end as the last batch's first offset + 1 (the embedded broker does).
+
 This is Kafka Streams' `max.task.idle.ms` rule (KIP-695: wait until the partition's lag is known
 to be zero) with Flink's bounded out-of-orderness. A high watermark from the last fetch says
 nothing about what was appended since; that is why a probe must be sent after the fact.

@@ -200,6 +200,7 @@ class HealthServer:
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self.ready = False
+        self.not_ready_because = ""  # said in the 503 body
         self._server: _ThreadingServer = make_server(  # type: ignore[assignment]
             host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         self._server.idle_timeout = idle_timeout
@@ -219,7 +220,8 @@ class HealthServer:
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"ready\n"]
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"not ready\n"]
+            reason = self.not_ready_because
+            return [f"not ready: {reason}\n".encode() if reason else b"not ready\n"]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: this port serves /metrics, /healthz and /readyz\n"]
 

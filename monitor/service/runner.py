@@ -37,6 +37,7 @@ from monitor.records import InputRecord, PriceTick, Rejected, decode
 from monitor.service.changelog import (
     ConfigChanged,
     RestoredPartition,
+    RestoreProgress,
     control_messages,
     controls_now,
     read_changelog,
@@ -62,6 +63,7 @@ FETCH_MAX_WAIT_MS = 5
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
+RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
 CHECKPOINT_CHUNK = 256  # snapshots encoded between two turns of the loop
 
 
@@ -88,6 +90,9 @@ class Monitor:
         self.ready = asyncio.Event()  # see _update_ready
         self._consuming = False
         self._restoring = False
+        self.restore_status: RestoreProgress | None = None  # of the restore under way
+        self._restore_started = 0.0
+        self._restore_said = 0.0  # when the last "restoring" line was logged
         self._reachable = True  # as the broker watch last found it
         self.partition_counts: dict[str, int] = {}
         self._rank = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}.__getitem__
@@ -198,6 +203,33 @@ class Monitor:
                 f"{sorted(self._owned)} not checkpointed; their inputs are re-processed on "
                 "restart")
         work.result()
+
+    def _restore_progress(self, status: RestoreProgress) -> None:
+        """A large restore says how far it has got: in /readyz, and a log line every few
+        seconds (so an operator is not left guessing for minutes)."""
+        self.restore_status = status
+        now = time.monotonic()
+        if now - self._restore_said >= RESTORE_REPORT_INTERVAL:
+            self._restore_said = now
+            self.log.info("restoring", records=status.records, expected_records=status.expected,
+                          accounts=status.accounts,
+                          seconds=round(now - self._restore_started, 1))
+
+    def not_ready_because(self) -> str:
+        """Why /readyz says 503, in words an operator can act on."""
+        if self._stopping.is_set():
+            return "stopping"
+        if self._restoring:
+            status = self.restore_status
+            if status is None:
+                return "restoring state"
+            return (f"restoring state: {status.records:,} of at most {status.expected:,} "
+                    f"changelog records read, {status.accounts:,} accounts")
+        if not self._consuming:
+            return "connecting to kafka"
+        if not self._reachable:
+            return "kafka does not answer"
+        return ""
 
     def _update_ready(self) -> None:
         """/readyz: restored, consuming, and the broker answers (SPEC §8); not once stopping."""
@@ -324,12 +356,15 @@ class Monitor:
             await self._finish_checkpoint()
             started = time.monotonic()
             self._restoring = True
+            self.restore_status = None
             self._update_ready()
             try:
                 s = self.settings
+                self._restore_started = started
                 restored = await read_changelog(s.bootstrap, s.topics.state, gained,
                                                 client_id=f"{s.client_id}-restore",
-                                                request_timeout_ms=s.request_timeout_ms)
+                                                request_timeout_ms=s.request_timeout_ms,
+                                                progress=self._restore_progress)
                 self._check_config(restored)
                 first = not self._restored.is_set()
                 if first:
