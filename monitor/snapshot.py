@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -62,8 +63,19 @@ def _pairs(offsets: Offsets) -> list[list[Any]]:
 
 
 def _offsets(raw: Any) -> Offsets:
-    return {(str(topic), None if partition is None else int(partition)): int(offset)
-            for topic, partition, offset in raw}
+    # the snapshots of one checkpoint share their offsets: parse each distinct list once
+    key = tuple(map(tuple, raw))
+    parsed = _OFFSETS_SEEN.get(key)
+    if parsed is None:
+        parsed = {(str(topic), None if partition is None else int(partition)): int(offset)
+                  for topic, partition, offset in raw}
+        if len(_OFFSETS_SEEN) >= 1_024:
+            _OFFSETS_SEEN.clear()
+        _OFFSETS_SEEN[key] = parsed
+    return parsed  # shared by the snapshots that carry the same offsets: read, never change
+
+
+_OFFSETS_SEEN: dict[tuple[Any, ...], Offsets] = {}
 
 
 def encode_account(account: Account, seq: int, as_of: Offsets) -> bytes:
@@ -90,13 +102,20 @@ def encode_account(account: Account, seq: int, as_of: Offsets) -> bytes:
 def decode_account(raw: bytes) -> tuple[Account, int, Offsets]:
     doc = _load(raw)
     try:
-        balances = {str(asset): _float(amount) for asset, amount in doc["balances"].items()}
-        positions = {str(symbol): Position(qty=_float(q), entry_price=_float(e))
-                     for symbol, (q, e) in doc["positions"].items()}
+        balances = doc["balances"]
+        pairs = doc["positions"]
+        # A restore decodes every account: the common case (plain numbers, [qty, entry]
+        # pairs) is checked in bulk, and only the rest goes through the careful path.
+        if not (_PLAIN.issuperset(map(type, balances.values()))
+                and _PAIRS.issuperset(map(type, pairs.values()))
+                and _TWO.issuperset(map(len, pairs.values()))
+                and _PLAIN.issuperset(map(type, chain.from_iterable(pairs.values())))):
+            balances = {str(asset): _float(amount) for asset, amount in balances.items()}
+            pairs = {str(symbol): (_float(q), _float(e)) for symbol, (q, e) in pairs.items()}
         account = Account(
             balances=balances,
-            positions=positions,
-            state=AccountState(int(doc["state"])),
+            positions={symbol: Position(q, e) for symbol, (q, e) in pairs.items()},
+            state=_STATES[doc["state"]],
             transitions=int(doc["transitions"]),
             partition=None if doc["partition"] is None else int(doc["partition"]),
         )
@@ -151,6 +170,10 @@ def _load(raw: bytes) -> dict[str, Any]:
 
 
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+_PLAIN = frozenset({float, int})  # JSON numbers as orjson returns them (a bool is neither)
+_PAIRS = frozenset({list})
+_TWO = frozenset({2})
+_STATES = {int(state): state for state in AccountState}
 
 
 def _number(value: float) -> float | str:
