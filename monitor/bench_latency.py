@@ -132,33 +132,27 @@ async def paced(bootstrap: str, names: dict[str, str], stream: MixedStream, rate
 
 
 async def read_arrivals(bootstrap: str, partitions: dict[str, int],
-                        ts_of: dict[str, Callable[[dict[str, Any]], int]],
                         arrivals: dict[str, Arrivals], stop: asyncio.Event,
                         positioned: asyncio.Event, since_ms: list[float]) -> None:
-    """Stamp every new record of these topics on arrival: arrival − ts_of[topic](value), for
-    inputs sent from ``since_ms[0]`` on (set when the paced input starts)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    """Stamp every new record of these topics on arrival: arrival − the input's `ts` (an
+    event's `ts`, a relayed input's own), for inputs sent from ``since_ms[0]`` on (set when
+    the paced input starts)."""
+    from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                 enable_auto_commit=False, fetch_max_wait_ms=5)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for topic, count in partitions.items()
-               for p in range(count)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        await _read_from_the_end(consumer, partitions)
         positioned.set()
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=20)
             now_ms = time.time() * 1000
             for tp, messages in batch.items():
-                value_ts = ts_of[tp.topic]
                 sink = arrivals[tp.topic].latencies_ms
                 for message in messages:
                     value = orjson.loads(message.value)
-                    ts = value_ts(value)
+                    ts = value["ts"]
                     if ts >= since_ms[0]:
                         sink.append(now_ms - ts)
                         if "emitted_at" in value:  # an event: how much was inside liqmon
@@ -167,10 +161,22 @@ async def read_arrivals(bootstrap: str, partitions: dict[str, int],
         await consumer.stop()
 
 
+async def _read_from_the_end(consumer: Any, partitions: dict[str, int]) -> None:
+    """Assign every partition of these topics, positioned at their current ends."""
+    from aiokafka import TopicPartition
+
+    tps = [TopicPartition(topic, p) for topic, count in partitions.items()
+           for p in range(count)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+
+
 async def relay(bootstrap: str, partitions: dict[str, int], output: str) -> None:
     """The bare pass-through baseline: every input value to one topic, acks=all, with the
     fetch settings the service uses. Prints "ready" once positioned at the inputs' ends."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from monitor.service.runner import FETCH_MAX_WAIT_MS
 
@@ -180,12 +186,7 @@ async def relay(bootstrap: str, partitions: dict[str, int], output: str) -> None
     await consumer.start()
     await producer.start()
     try:
-        tps = [TopicPartition(topic, p) for topic, count in partitions.items()
-               for p in range(count)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        await _read_from_the_end(consumer, partitions)
         print("ready", flush=True)
         while True:
             batch = await consumer.getmany(timeout_ms=500, max_records=5_000)
@@ -343,13 +344,10 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
         stop, positioned = asyncio.Event(), asyncio.Event()
         since_ms = [float("inf")]
 
-        def event_ts(value: dict[str, Any]) -> int:
-            return int(value["ts"])
-
         reader = asyncio.create_task(read_arrivals(
             bootstrap, {topics.margin_calls: plan.partitions,
                         topics.liquidations: plan.partitions, relayed: 1},
-            dict.fromkeys(arrivals, event_ts), arrivals, stop, positioned, since_ms))
+            arrivals, stop, positioned, since_ms))
         await positioned.wait()
         since_ms[0] = time.time() * 1000
         say(f"{name}: {plan.rate:,.0f} records/s for {plan.seconds:g} s")
