@@ -12,8 +12,9 @@ from tests.kafka_support import REPO
 
 FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_100k_cold_ms",
            "latency_p50_ms", "latency_p99_ms", "rss_per_account_bytes", "restore_s",
-           "scale_out_records_per_s", "live_latency_p50_calm_ms", "live_latency_p99_calm_ms",
-           "live_latency_p50_volatile_ms", "live_latency_p99_volatile_ms")
+           "restore_vs_bare_read_s", "scale_out_records_per_s", "live_latency_p50_calm_ms",
+           "live_latency_p99_calm_ms", "live_latency_p50_volatile_ms",
+           "live_latency_p99_volatile_ms")
 
 
 def test_bench_at_ten_thousand_accounts_reports_every_figure_beside_its_baseline() -> None:
