@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import structlog
 
 from monitor import cli
 from monitor.service.broker import free_port
+from monitor.service.runner import Monitor
 from monitor.service.security import KafkaSecurity, Secret
 from monitor.service.settings import ServiceSettings
-from tests.kafka_support import REPO, started_processes
+from tests.kafka_support import REPO, fresh_settings, started_processes
 
 CONFIG = str(REPO / "examples" / "risk.toml")
 PASSWORD = "pw-7f3a9c-never-shown"
@@ -154,6 +157,29 @@ async def test_password_is_not_in_logs_or_metrics_of_a_running_service() -> None
     rest, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert b"liqmon_ready 0.0" in metrics
     assert PASSWORD.encode() not in logged + (rest or b"") + metrics
+
+
+# -- refused at run time ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_broker_without_sasl_is_named_as_refusing_the_mechanism(broker, risk) -> None:
+    """The embedded broker takes no SASL: the mechanism reaches its handshake and is refused."""
+    settings = fresh_settings(broker.bootstrap, security=sasl())
+    monitor = Monitor(settings, risk)
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(monitor.run())
+        deadline = time.monotonic() + 60  # a hang guard only
+        while not any(e["event"] == "kafka refused the connection, retrying" for e in logs) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not monitor.ready.is_set()
+        monitor.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+    (refused,) = [e for e in logs if e["event"] == "kafka refused the connection, retrying"]
+    assert refused["cause"] == (f"SASL: {broker.bootstrap} does not accept SCRAM-SHA-512: it "
+                                "offers no SASL mechanism on this listener")
+    assert PASSWORD not in repr(logs)
 
 
 # -- checked at start: usage errors, exit status 2 ------------------------------------------------

@@ -146,7 +146,12 @@ async def refusal(bootstrap: str, security: KafkaSecurity, request_timeout_ms: i
             return (f"SASL {security.sasl_mechanism} authentication of user "
                     f"{security.sasl_username!r} rejected by {host}:{port}: {exc}")
         except UnsupportedSaslMechanismError as exc:
-            return f"SASL: {exc}"
+            # raised with the mechanisms the broker offers, or with only an error code when
+            # its listener takes no SASL at all
+            offered = exc.args[0] if exc.args and isinstance(exc.args[0], str) else \
+                "it offers no SASL mechanism on this listener"
+            return (f"SASL: {host}:{port} does not accept {security.sasl_mechanism}: "
+                    f"{offered}")
         except (OSError, KafkaError, TimeoutError):
             continue  # this one does not answer: unreachable, not refusing
         conn.close()
