@@ -231,12 +231,12 @@ class Monitor:
                 self.partition_counts = await ensure_topics(admin, s)
                 break
             except KafkaError as exc:
+                # A refusal (TLS, SASL) is said once, then as often as an outage is, not on
+                # every retry; still retried: the broker's certificate or user may get fixed.
                 cause = await refusal(s.bootstrap, s.security, s.request_timeout_ms)
                 if cause is None:
                     self.log.warning("kafka unreachable, retrying", bootstrap=s.bootstrap,
                                      error=repr(exc), retry_in=round(backoff, 2))
-                # Refused: said once, then as often as an outage is, not on every retry. Still
-                # retried: the broker's certificate or the user may be fixed on its side.
                 elif said is None or said[0] != cause or \
                         time.monotonic() - said[1] >= OUTAGE_REMINDER:
                     self.log.error("kafka refused the connection, retrying",
