@@ -19,6 +19,7 @@ from monitor.service.runner import Monitor
 from monitor.service.security import KafkaSecurity, Secret
 from monitor.service.settings import ServiceSettings
 from tests.kafka_support import REPO, fresh_settings, started_processes
+from tests.test_tls import self_signed
 
 CONFIG = str(REPO / "examples" / "risk.toml")
 PASSWORD = "pw-7f3a9c-never-shown"
@@ -27,13 +28,7 @@ PASSWORD = "pw-7f3a9c-never-shown"
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
-                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"), "127.0.0.1")
 
 
 def sasl(**overrides: object) -> KafkaSecurity:
