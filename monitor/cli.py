@@ -8,13 +8,21 @@ import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from monitor.config import ConfigError, RiskConfig, load_config
+
+if TYPE_CHECKING:
+    from monitor.service.security import KafkaSecurity
 
 
 class CliError(Exception):
     """A usage, configuration or I/O problem: reported in one line, exit status 1."""
+
+
+class UsageError(CliError):
+    """Options that contradict each other or name missing files: exit status 2, as argparse
+    gives for its own usage errors."""
 
 
 def _load(path: str) -> RiskConfig:
@@ -92,6 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     topics = Topics(**{name: getattr(args, f"topic_{name}") for name in TOPIC_OPTIONS})
     if topics.invalid():  # before connecting: the broker would refuse them on every request
         raise CliError("; ".join(topics.invalid()))
+    security = _kafka_security(args)
+    if security.problems():  # before connecting: they would look like a broker that never answers
+        raise UsageError("; ".join(security.problems()))
     config = _load(args.config)
     try:
         configure_logging(args.log_level)
@@ -102,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         group=args.group,
         client_id=args.client_id,
+        security=security,
         topics=topics,
         partitions=args.partitions,
         start=args.start,
@@ -152,6 +164,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
     return 0
+
+
+def _kafka_security(args: argparse.Namespace) -> KafkaSecurity:
+    """The TLS and SASL settings of `liqmon run`; the password from LIQMON_SASL_PASSWORD or
+    --sasl-password-file, never from a command-line value."""
+    from monitor.service.security import KafkaSecurity, Secret
+
+    password = os.environ.get("LIQMON_SASL_PASSWORD") or None
+    if args.sasl_password_file:
+        if password is not None:
+            raise UsageError("the SASL password is given twice: set LIQMON_SASL_PASSWORD or "
+                             "--sasl-password-file, not both")
+        path = Path(args.sasl_password_file)
+        try:
+            # the newline that `echo` or an editor leaves is not part of the password
+            password = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read --sasl-password-file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:  # its message would quote bytes of the password
+            raise UsageError(f"--sasl-password-file {path} is not UTF-8 text") from None
+        if not password:
+            raise UsageError(f"--sasl-password-file {path} is empty")
+
+    def optional_path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    return KafkaSecurity(
+        protocol=args.security_protocol,
+        ssl_cafile=optional_path(args.ssl_cafile),
+        ssl_certfile=optional_path(args.ssl_certfile),
+        ssl_keyfile=optional_path(args.ssl_keyfile),
+        ssl_check_hostname=args.ssl_check_hostname,
+        sasl_mechanism=args.sasl_mechanism or None,
+        sasl_username=args.sasl_username or None,
+        sasl_password=None if password is None else Secret(password),
+    )
 
 
 async def _mirror_readiness(monitor: Any, server: Any) -> None:
@@ -248,7 +296,19 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get("LIQMON_" + name.upper().replace("-", "_"), default)
 
 
+class _RefusedPassword(argparse.Action):
+    """--sasl-password VALUE is refused, without repeating VALUE: a command line is readable
+    by every user of the machine (ps, /proc) and stays in shell histories."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error("--sasl-password is not accepted on the command line (every user of the "
+                     "machine can read it there): set LIQMON_SASL_PASSWORD or give "
+                     "--sasl-password-file")
+
+
 def _add_run_options(run: argparse.ArgumentParser) -> None:
+    from monitor.service.security import MECHANISMS, PROTOCOLS
     from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings, Topics
 
     defaults = ServiceSettings(config_path=Path("risk.toml"))
@@ -313,6 +373,23 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     switch("accept-config-change", "restore state checkpointed under a different risk config "
            "(a deliberate config roll-out, see README); without it such a restore is refused")
     option("log-level", "debug, info (default), warning or error", default="info")
+    option("security-protocol", f"how to reach Kafka: {', '.join(PROTOCOLS)}, default "
+           f"{defaults.security.protocol}", choices=PROTOCOLS, default=defaults.security.protocol)
+    option("ssl-cafile", "CA certificates (PEM) the brokers' certificates must chain to, "
+           "default: the system's", metavar="PATH")
+    option("ssl-certfile", "client certificate (PEM) for mutual TLS, with --ssl-keyfile",
+           metavar="PATH")
+    option("ssl-keyfile", "private key (PEM, unencrypted) of --ssl-certfile", metavar="PATH")
+    run.add_argument("--ssl-check-hostname", action=argparse.BooleanOptionalAction,
+                     default=_env("ssl-check-hostname", "1").lower() not in ("0", "false", "no"),
+                     help="check that a broker's certificate names the host connected to, "
+                          "default on (env LIQMON_SSL_CHECK_HOSTNAME=0 turns it off)")
+    option("sasl-mechanism", f"SASL mechanism: {', '.join(MECHANISMS)}", choices=MECHANISMS)
+    option("sasl-username", "SASL user name")
+    option("sasl-password-file", "file holding the SASL password (or set env "
+           "LIQMON_SASL_PASSWORD; never a command-line value)", metavar="PATH")
+    run.add_argument("--sasl-password", nargs="?", action=_RefusedPassword,
+                     help=argparse.SUPPRESS)
     topic_defaults = Topics()
     for name in TOPIC_OPTIONS:
         flag = "topic-" + name.replace("_", "-")
@@ -415,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except CliError as exc:
         print(f"liqmon: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         return 130
 

@@ -22,6 +22,7 @@ from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.replay import replay
 from monitor.service.runner import Monitor
+from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import ServiceSettings, Topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,12 +60,14 @@ class RunningMonitor:
 
 
 async def produce(bootstrap: str, messages: Iterable[tuple[str, bytes | None, bytes | None]],
-                  first_timestamp_ms: int | None = None) -> dict[TopicPartition, int]:
+                  first_timestamp_ms: int | None = None,
+                  security: KafkaSecurity = PLAINTEXT) -> dict[TopicPartition, int]:
     """Produce (topic, key, value) in order; returns the end offset per partition.
 
     With first_timestamp_ms, message i carries Kafka timestamp first_timestamp_ms + i, which
     fixes the order in which the monitor's time-ordered merge applies them."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2,
+                                **security.client_kwargs())
     await producer.start()
     ends: dict[TopicPartition, int] = {}
     try:
@@ -92,16 +95,18 @@ async def wait_processed(monitor: Monitor, ends: dict[TopicPartition, int],
         await asyncio.sleep(0.01)
 
 
-async def read_topic(bootstrap: str, topic: str, idle: float = 0.5) -> list[Any]:
+async def read_topic(bootstrap: str, topic: str, idle: float = 0.5,
+                     security: KafkaSecurity = PLAINTEXT) -> list[Any]:
     """Every record of every partition of a topic, until it stays quiet for `idle` seconds."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security.client_kwargs())
     await admin.start()
     try:
         (described,) = await admin.describe_topics([topic])
     finally:
         await admin.close()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                **security.client_kwargs())
     await consumer.start()
     records: list[Any] = []
     try:
@@ -118,12 +123,13 @@ async def read_topic(bootstrap: str, topic: str, idle: float = 0.5) -> list[Any]
     return records
 
 
-async def read_events(bootstrap: str, topics: Topics, idle: float = 0.5) -> list[dict]:
+async def read_events(bootstrap: str, topics: Topics, idle: float = 0.5,
+                      security: KafkaSecurity = PLAINTEXT) -> list[dict]:
     """Events of both output topics, in the order of their trigger offsets then id."""
     events = []
     for topic in (topics.margin_calls, topics.liquidations):
-        events.extend(orjson.loads(r.value) for r in await read_topic(bootstrap, topic,
-                                                                      idle=idle))
+        events.extend(orjson.loads(r.value) for r in await read_topic(
+            bootstrap, topic, idle=idle, security=security))
     return events
 
 

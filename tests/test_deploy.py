@@ -414,6 +414,80 @@ def test_deployment_has_resources_and_hardening() -> None:
     assert env_of(container)["LIQMON_BOOTSTRAP"]
 
 
+def kafka_security_env_is_valid(env: dict[str, Any]) -> None:
+    """The security settings of a deployment are ones liqmon accepts (the files aside)."""
+    from monitor.service.security import MECHANISMS, PROTOCOLS
+
+    assert env["LIQMON_SECURITY_PROTOCOL"] in PROTOCOLS
+    if env["LIQMON_SECURITY_PROTOCOL"].startswith("SASL_"):
+        assert env["LIQMON_SASL_MECHANISM"] in MECHANISMS
+        assert env["LIQMON_SASL_USERNAME"]
+        assert "LIQMON_SASL_PASSWORD_FILE" in env
+
+
+def no_literal_password(env: dict[str, Any]) -> None:
+    """A password in a manifest is a password in git: it may only come from a Secret."""
+    for name, value in env.items():
+        if "PASSWORD" in name and not name.endswith("_FILE"):
+            assert isinstance(value, dict) and "secretKeyRef" in value, (
+                f"{name} must come from a Secret (valueFrom.secretKeyRef), not a literal")
+
+
+def k8s_secret_mount(path: str) -> tuple[dict[str, Any], str]:
+    """The Secret volume of the liqmon container mounted over a file's directory, and the
+    file's name in it."""
+    file = PurePosixPath(path)
+    mount = next(m for m in liqmon_container()["volumeMounts"]
+                 if PurePosixPath(m["mountPath"]) == file.parent)
+    volume = next(v for v in k8s_docs()["Deployment"]["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    assert "secret" in volume, f"{file.parent} must be a Secret volume"
+    return volume["secret"], file.name
+
+
+def test_k8s_kafka_security_settings_are_valid() -> None:
+    kafka_security_env_is_valid(env_of(liqmon_container()))
+
+
+def test_k8s_sasl_password_is_a_file_from_a_secret_never_a_literal() -> None:
+    env = env_of(liqmon_container())
+    no_literal_password(env)
+    secret, name = k8s_secret_mount(env["LIQMON_SASL_PASSWORD_FILE"])
+    assert name in [item["path"] for item in secret.get("items", [])] or not secret.get("items")
+    # Readable by liqmon through its group, not by every user of the container.
+    assert secret["defaultMode"] & 0o007 == 0
+    assert k8s_docs()["Deployment"]["spec"]["template"]["spec"]["securityContext"][
+        "fsGroup"] == 10001
+
+
+def test_k8s_kafka_ca_is_mounted_from_a_secret() -> None:
+    secret, name = k8s_secret_mount(env_of(liqmon_container())["LIQMON_SSL_CAFILE"])
+    assert name in [item["path"] for item in secret.get("items", [])] or not secret.get("items")
+
+
+SECURE_COMPOSE = DEPLOY / "docker-compose.secure.yml"
+
+
+def test_secure_compose_settings_are_valid() -> None:
+    kafka_security_env_is_valid(load_yaml(SECURE_COMPOSE)["services"]["liqmon"]["environment"])
+
+
+def test_secure_compose_password_and_ca_are_git_ignored_compose_secrets() -> None:
+    override = load_yaml(SECURE_COMPOSE)
+    liqmon = override["services"]["liqmon"]
+    env = liqmon["environment"]
+    no_literal_password(env)
+    assert "LIQMON_SASL_PASSWORD" not in env  # docker inspect would show it
+    for variable in ("LIQMON_SASL_PASSWORD_FILE", "LIQMON_SSL_CAFILE"):
+        path = PurePosixPath(env[variable])
+        assert path.parent == PurePosixPath("/run/secrets"), variable
+        assert path.name in liqmon["secrets"], variable
+        source = PurePosixPath(override["secrets"][path.name]["file"])
+        assert source.parent == PurePosixPath("secrets"), variable
+    ignored = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert "deploy/secrets/" in ignored
+
+
 def test_prometheusrule_matches_alerts_yml() -> None:
     rule = load_yaml(K8S / "prometheusrule.yaml")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"

@@ -44,9 +44,13 @@ def _port_open(port: int) -> bool:
 class EmbeddedBroker:
     """Start/stop a Tansu broker on 127.0.0.1:port. Use as a context manager."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: Path | None = None,
+                 advertised_port: int | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        # Where metadata sends clients: another port when a proxy (TLS, in tests) stands in
+        # front of the broker, which clients must then reach only through it.
+        self.advertised_port = advertised_port or self.port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,11 +61,13 @@ class EmbeddedBroker:
         if _port_open(self.port):
             raise BrokerUnavailable(f"port {self.port} is already in use")
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
                 [broker_binary(), "broker", "--listener-url", url,
-                 "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                 "--advertised-listener-url", advertised, "--storage-engine",
+                 "memory://tansu/"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it ourselves
                 env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Account, Engine
 from monitor.service.outbox import Outgoing
+from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import Topics
 from monitor.snapshot import (
     CONTROL_KEY,
@@ -91,6 +92,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                          client_id: str = "liqmon-restore",
                          request_timeout_ms: int = 30_000,
                          progress: Callable[[RestoreProgress], None] | None = None,
+                         security: KafkaSecurity = PLAINTEXT,
                          ) -> dict[int, RestoredPartition]:
     """Read changelog partitions to their end and decode what survives of them; call
     ``progress`` after each fetched batch."""
@@ -103,7 +105,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                                 request_timeout_ms=request_timeout_ms,
                                 max_partition_fetch_bytes=16 * 1024 * 1024,
                                 # a long-poll on a drained partition only delays the end
-                                fetch_max_wait_ms=20)
+                                fetch_max_wait_ms=20, **security.client_kwargs())
     await consumer.start()
     latest = {tp.partition: _Latest() for tp in wanted}
     try:

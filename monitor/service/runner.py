@@ -48,6 +48,7 @@ from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, P
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
+from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.topics import TopicMissing, ensure_topics, output_topics
 from monitor.snapshot import Offsets
@@ -251,17 +252,28 @@ class Monitor:
     async def _connect(self) -> None:
         """Wait for the broker (with backoff), create missing topics, start the clients."""
         s = self.settings
+        kafka = s.security.client_kwargs()  # TLS and SASL, the same for every client
         backoff = 0.2
+        said: tuple[str, float] | None = None  # the refusal last logged, and when
         while not self._stopping.is_set():
             admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap, client_id=s.client_id,
-                                        request_timeout_ms=s.request_timeout_ms)
+                                        request_timeout_ms=s.request_timeout_ms, **kafka)
             try:
                 await admin.start()
                 self.partition_counts = await ensure_topics(admin, s)
                 break
             except KafkaError as exc:
-                self.log.warning("kafka unreachable, retrying", bootstrap=s.bootstrap,
-                                 error=repr(exc), retry_in=round(backoff, 2))
+                # A refusal (TLS, SASL) is said once, then as often as an outage is, not on
+                # every retry; still retried: the broker's certificate or user may get fixed.
+                cause = await refusal(s.bootstrap, s.security, s.request_timeout_ms)
+                if cause is None:
+                    self.log.warning("kafka unreachable, retrying", bootstrap=s.bootstrap,
+                                     error=repr(exc), retry_in=round(backoff, 2))
+                elif said is None or said[0] != cause or \
+                        time.monotonic() - said[1] >= OUTAGE_REMINDER:
+                    self.log.error("kafka refused the connection, retrying",
+                                   bootstrap=s.bootstrap, cause=cause)
+                    said = (cause, time.monotonic())
             finally:
                 await admin.close()
             await self._sleep_unless_stopping(backoff)
@@ -272,7 +284,7 @@ class Monitor:
             bootstrap_servers=s.bootstrap, client_id=s.client_id, acks="all",
             compression_type=None if s.compression == "none" else s.compression,
             linger_ms=2, max_batch_size=256 * 1024, max_request_size=8 * 1024 * 1024,
-            request_timeout_ms=s.request_timeout_ms,
+            request_timeout_ms=s.request_timeout_ms, **kafka,
         )
         await self._producer.start()
         self._delivery = Delivery(self._producer, self.metrics, self.log, s.shutdown_timeout,
@@ -289,7 +301,7 @@ class Monitor:
             "enable_auto_commit": False, "auto_offset_reset": s.start,
             "request_timeout_ms": max(s.request_timeout_ms, s.session_timeout_ms + 1000),
             "max_partition_fetch_bytes": 4 * 1024 * 1024,
-            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **kafka,
         }
         self._prices = AIOKafkaConsumer(group_id=None, **common)
         await self._prices.start()
@@ -364,7 +376,8 @@ class Monitor:
                 restored = await read_changelog(s.bootstrap, s.topics.state, gained,
                                                 client_id=f"{s.client_id}-restore",
                                                 request_timeout_ms=s.request_timeout_ms,
-                                                progress=self._restore_progress)
+                                                progress=self._restore_progress,
+                                                security=s.security)
                 self._check_config(restored)
                 first = not self._restored.is_set()
                 if first:
@@ -539,7 +552,8 @@ class Monitor:
         reader = AIOKafkaConsumer(bootstrap_servers=s.bootstrap, group_id=None,
                                   client_id=f"{s.client_id}-catch-up", enable_auto_commit=False,
                                   auto_offset_reset=s.start,
-                                  request_timeout_ms=max(s.request_timeout_ms, 10_000))
+                                  request_timeout_ms=max(s.request_timeout_ms, 10_000),
+                                  **s.security.client_kwargs())
         await reader.start()
         private = Engine(self.config)
         # No forced release: every partition still read here holds records up to a known end,

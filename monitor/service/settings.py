@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from monitor.service.security import KafkaSecurity
+
 # Kafka's own rule for topic names (kafka.common.internals.Topic): a name breaking it is
 # refused by the broker on every request, which a running monitor only notices on its outputs.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -50,6 +52,7 @@ class ServiceSettings:
     bootstrap: str = "127.0.0.1:9092"
     group: str = "liqmon"
     client_id: str = "liqmon"
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS and SASL
     topics: Topics = field(default_factory=Topics)
     partitions: int = 1  # for topics liqmon creates because they are missing
     start: Literal["earliest", "latest"] = "earliest"

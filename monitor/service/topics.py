@@ -71,7 +71,8 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
 async def create_topics(settings: ServiceSettings) -> dict[str, int]:
     """ensure_topics with an admin client of its own (tools, benchmarks, tests)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap,
-                                client_id=f"{settings.client_id}-admin")
+                                client_id=f"{settings.client_id}-admin",
+                                **settings.security.client_kwargs())
     await admin.start()
     try:
         return await ensure_topics(admin, settings)

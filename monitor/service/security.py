@@ -1,0 +1,159 @@
+"""Kafka TLS and SASL: the settings behind `liqmon run`'s security options, checked at start,
+and the keyword arguments every aiokafka client the service creates gets from them."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class Secret:
+    """A password. Its repr and str never show it, so neither can a settings repr, a log line
+    or a traceback that happens to include it; only the Kafka clients get reveal()."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """How the service's Kafka clients authenticate and encrypt; PLAINTEXT by default."""
+
+    protocol: str = "PLAINTEXT"
+    ssl_cafile: Path | None = None  # None: the system's trusted CAs
+    ssl_certfile: Path | None = None  # a client certificate, for mutual TLS
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    def problems(self) -> list[str]:
+        """One message per inconsistent or missing setting; empty when the clients can be
+        built. Checked at start: a mistake here would otherwise surface as a broker that
+        never answers."""
+        if self.protocol not in PROTOCOLS:
+            return [f"--security-protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}"]
+        problems = []
+        files = {"--ssl-cafile": self.ssl_cafile, "--ssl-certfile": self.ssl_certfile,
+                 "--ssl-keyfile": self.ssl_keyfile}
+        given = [option for option, path in files.items() if path is not None]
+        if given and not self.tls:
+            problems.append(f"{', '.join(given)} given but --security-protocol is "
+                            f"{self.protocol}: TLS options need SSL or SASL_SSL")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            problems.append("--ssl-certfile and --ssl-keyfile go together (mutual TLS needs "
+                            "the client certificate and its key)")
+        problems += [f"{option} {path}: no such file" for option, path in files.items()
+                     if path is not None and not path.is_file()]
+        sasl = {"--sasl-mechanism": self.sasl_mechanism, "--sasl-username": self.sasl_username,
+                "the SASL password (LIQMON_SASL_PASSWORD or --sasl-password-file)":
+                    self.sasl_password}
+        if self.sasl:
+            problems += [f"--security-protocol {self.protocol} needs {what}"
+                         for what, value in sasl.items() if not value]
+        elif any(sasl.values()):
+            problems.append(f"SASL settings given but --security-protocol is {self.protocol}: "
+                            "they need SASL_PLAINTEXT or SASL_SSL")
+        if self.sasl_mechanism is not None and self.sasl_mechanism not in MECHANISMS:
+            problems.append(f"--sasl-mechanism {self.sasl_mechanism!r} is not one of "
+                            f"{', '.join(MECHANISMS)}")
+        if not problems and self.tls:
+            try:
+                self.ssl_context()
+            except (ssl.SSLError, OSError) as exc:  # not PEM, or a key that is not the cert's
+                problems.append(f"cannot load the TLS files: {exc}")
+        return problems
+
+    def ssl_context(self) -> ssl.SSLContext:
+        # aiokafka is imported here, not at the top: settings are built for every command
+        # and importing aiokafka costs each of them 65 ms
+        from aiokafka.helpers import create_ssl_context
+
+        context = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile,
+                                     keyfile=self.ssl_keyfile)
+        context.check_hostname = self.ssl_check_hostname
+        return context
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """What every aiokafka client (admin, producer, consumer) takes for these settings."""
+        kwargs: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.tls:
+            kwargs["ssl_context"] = self.ssl_context()
+        if self.sasl:
+            assert self.sasl_password is not None  # problems() says so before any client
+            kwargs.update(sasl_mechanism=self.sasl_mechanism,
+                          sasl_plain_username=self.sasl_username,
+                          sasl_plain_password=self.sasl_password.reveal())
+        return kwargs
+
+
+PLAINTEXT = KafkaSecurity()  # no TLS, no SASL: the embedded broker's
+
+
+async def refusal(bootstrap: str, security: KafkaSecurity, request_timeout_ms: int) -> str | None:
+    """Why the brokers refuse this client — a certificate it does not trust, a failed TLS
+    handshake, rejected credentials — or None when none answers at all or one accepts it.
+
+    aiokafka turns any failed bootstrap into "Unable to bootstrap" and keeps the cause for its
+    own log; one connection of our own, with the same settings, gets the cause back.
+    """
+    from aiokafka.conn import collect_hosts, create_conn
+    from aiokafka.errors import (
+        AuthenticationFailedError,
+        KafkaError,
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+    )
+
+    if security.protocol == "PLAINTEXT":
+        return None  # nothing to refuse: no certificate, no credentials
+    kwargs = security.client_kwargs()
+    for host, port, _ in collect_hosts(bootstrap, randomize=False):
+        try:
+            conn = await create_conn(host, port, client_id="liqmon-diagnosis",
+                                     request_timeout_ms=request_timeout_ms, **kwargs)
+        except ssl.SSLCertVerificationError as exc:
+            return (f"TLS: the certificate of {host}:{port} is not trusted "
+                    f"({exc.verify_message}); check --ssl-cafile and the broker's name")
+        except ssl.SSLError as exc:
+            return (f"TLS handshake with {host}:{port} failed ({exc.reason or exc}); is it a "
+                    "TLS listener, and does it accept this client's certificate?")
+        except (SaslAuthenticationFailed, AuthenticationFailedError) as exc:
+            return (f"SASL {security.sasl_mechanism} authentication of user "
+                    f"{security.sasl_username!r} rejected by {host}:{port}: {exc}")
+        except UnsupportedSaslMechanismError as exc:
+            # raised with the mechanisms the broker offers, or with only an error code when
+            # its listener takes no SASL at all
+            offered = exc.args[0] if exc.args and isinstance(exc.args[0], str) else \
+                "it offers no SASL mechanism on this listener"
+            return (f"SASL: {host}:{port} does not accept {security.sasl_mechanism}: "
+                    f"{offered}")
+        except (OSError, KafkaError, TimeoutError):
+            continue  # this one does not answer: unreachable, not refusing
+        conn.close()
+        return None
+    return None
