@@ -182,16 +182,15 @@ def test_long_stream_vector_and_scalar_valuations_equal_from_scratch() -> None:
             assert not evaluable and not many["evaluable"][k]
             continue
         checked += 1
-        for figure, got_scalar, got_vector in (
-            ("equity", equity, many["equity"][k]),
-            ("maintenance", mm, many["mm"][k]),
-            ("collateral", exact.collateral_value, many["collateral"][k]),
-            ("upnl", exact.unrealized_pnl, many["upnl"][k]),
-        ):
-            want = {"equity": exact.equity, "maintenance": exact.maintenance_margin,
-                    "collateral": exact.collateral_value, "upnl": exact.unrealized_pnl}[figure]
-            assert math.isclose(got_scalar, want, rel_tol=1e-9, abs_tol=1e-9), (name, figure)
-            assert math.isclose(float(got_vector), want, rel_tol=1e-9, abs_tol=1e-9), (
+        want = {"equity": exact.equity, "maintenance": exact.maintenance_margin,
+                "collateral": exact.collateral_value, "upnl": exact.unrealized_pnl}
+        scalar = {"equity": equity, "maintenance": mm}  # assess() has no collateral/upnl
+        vector = {"equity": many["equity"][k], "maintenance": many["mm"][k],
+                  "collateral": many["collateral"][k], "upnl": many["upnl"][k]}
+        for figure, got in scalar.items():
+            assert math.isclose(got, want[figure], rel_tol=1e-9, abs_tol=1e-9), (name, figure)
+        for figure, got in vector.items():
+            assert math.isclose(float(got), want[figure], rel_tol=1e-9, abs_tol=1e-9), (
                 name, figure)
         assert ratio == exact.ratio and many["ratio"][k] == exact.ratio
         assert many["equity"][k] == equity and many["mm"][k] == mm  # the very same sums
