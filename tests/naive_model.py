@@ -6,12 +6,74 @@ It is slow on purpose. The engine must agree with it event for event.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from typing import Any
 
 STATES = ["HEALTHY", "MARGIN_CALL", "LIQUIDATING"]
 TYPES = ["recovered", "margin_call", "liquidation"]
+# Input limits the SPEC leaves to the product and the README states: identifiers of at most
+# 256 characters, price/qty/fee/amount within ±1e15.
+MAX_ID = 256
+MAX_MAGNITUDE = 1e15
+IDS = {"prices": ["symbol"], "fills": ["fill_id", "account", "symbol"],
+       "ledger": ["entry_id", "account", "asset"]}
+LEDGER_KINDS = {"deposit", "withdrawal", "funding", "transfer", "adjustment"}
+
+
+def _number(v: dict[str, Any], name: str) -> float | None:
+    """A JSON number (never a boolean) that is finite and within ±MAX_MAGNITUDE, else None."""
+    x = v.get(name)
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    try:
+        x = float(x)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) and abs(x) <= MAX_MAGNITUDE else None
+
+
+def parse_line(line: bytes, risk: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """A replay line as (topic, value) when SPEC §2 calls it good input, else None (bad input:
+    it never changes state). Written from the SPEC, not from monitor.records."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("value"), dict):
+        return None
+    topic, v = doc.get("topic"), doc["value"]
+    if topic not in IDS:
+        return None
+    for name in IDS[topic]:
+        if not isinstance(v.get(name), str) or not 0 < len(v[name]) <= MAX_ID:
+            return None
+    ts = v.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return None
+    if isinstance(ts, float) and not (math.isfinite(ts) and ts.is_integer()):
+        return None
+    if not 0 <= ts < 2**63:
+        return None
+    if topic == "prices":
+        price = _number(v, "price")
+        return (topic, v) if price is not None and price > 0 else None
+    if topic == "fills":
+        qty, price = _number(v, "qty"), _number(v, "price")
+        if qty is None or price is None or qty <= 0 or price <= 0:
+            return None
+        if "fee" in v and _number(v, "fee") is None:
+            return None
+        ok = v["symbol"] in risk["instruments"] and v.get("side") in ("buy", "sell")
+        return (topic, v) if ok else None
+    amount = _number(v, "amount")
+    kind = v.get("kind")
+    if amount is None or v["asset"] not in risk["assets"] or kind not in LEDGER_KINDS:
+        return None
+    if (kind == "deposit" and amount <= 0) or (kind == "withdrawal" and amount >= 0):
+        return None
+    return topic, v
 
 
 class NaiveMonitor:

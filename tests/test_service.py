@@ -28,6 +28,7 @@ from tests.kafka_support import (
     without_wall_clock,
 )
 from tests.test_property import random_stream
+from tests.test_schemas import schema_errors
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -142,6 +143,7 @@ async def test_every_class_of_bad_input_is_dead_lettered_and_processing_continue
     for i, (kind, value, reason) in enumerate(BAD_INPUTS):
         record = by_key[f"key-{i}".encode()]
         body = orjson.loads(record.value)
+        assert schema_errors("dead_letter", body) == [], body  # the real record, not a sample
         expected_offset = offsets.get(kind, 0)
         offsets[kind] = expected_offset + 1
         assert body["error"].startswith(f"{reason}: "), body
@@ -170,6 +172,7 @@ async def test_tick_from_2100_is_dead_lettered_and_later_ticks_still_move_the_pr
         assert monitor.engine.prices["BTC-PERP"] == 51_000.0
         assert monitor.engine.stats.stale_ticks == 0
     (dead,) = await read_topic(broker.bootstrap, t.dead_letter)
+    assert schema_errors("dead_letter", orjson.loads(dead.value)) == []
     assert dict(dead.headers)["__liqmon.errors.reason"] == b"ts_in_future"
     assert dict(dead.headers)["__liqmon.errors.offset"] == b"1"
 
