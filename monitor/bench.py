@@ -691,8 +691,9 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
                     futures.append(await producer.send_batch(batch, topics.state, partition=0))
                     batch = producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None, headers=header)
-                if n % 50_000 == 49_999:
-                    step(50_000)
+                if n % 10_000 == 9_999:
+                    step(10_000)
+            phases.done(step, pop.count % 10_000)
             control = Control(seq=1, written_at=int(time.time() * 1000), offsets=as_of,
                               prices=pop.price_table(), dedupe={})
             batch.append(key=CONTROL_KEY, value=encode_control(control), timestamp=None,

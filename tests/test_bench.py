@@ -58,3 +58,11 @@ def test_plan_scales_the_workload_down_for_quick_runs() -> None:
     small, large = Plan(accounts=10_000), Plan(accounts=1_000_000)
     assert small.records < large.records and small.e2e_records < large.e2e_records
     assert small.naive_budget < large.naive_budget
+
+
+def test_the_table_is_printed_full_width_when_output_is_not_a_terminal() -> None:
+    """Under pytest stdout is captured, as when `liqmon bench > report.txt`: rich would cut
+    the table to 80 columns."""
+    from monitor.cli import report_console
+
+    assert report_console().width == 160
