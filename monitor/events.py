@@ -11,7 +11,13 @@ from typing import Any
 import orjson
 
 from monitor.config import RiskConfig
-from monitor.margin import Position, Valuation, liquidation_price, position_figures
+from monitor.margin import (
+    Position,
+    Valuation,
+    bankruptcy_price,
+    liquidation_price,
+    position_figures,
+)
 from monitor.state import EVENT_TYPE, AccountState
 
 
@@ -103,6 +109,7 @@ def _position_details(
         position = positions[symbol]
         figures = position_figures(symbol, position, config, prices)
         assert figures is not None, "an evaluated account has every settle asset priced"
+        instrument = config.instruments[symbol]
         details.append({
             "symbol": symbol,
             "qty": position.qty,
@@ -114,11 +121,13 @@ def _position_details(
             "initial_margin": figures.initial_margin,
             "liquidation_price": liquidation_price(
                 position,
-                config.instruments[symbol],
+                instrument,
                 figures,
                 valuation.equity,
                 valuation.maintenance_margin,
                 config.thresholds.liquidation,
             ),
+            "bankruptcy_price": bankruptcy_price(position, instrument, figures,
+                                                 valuation.equity),
         })
     return details

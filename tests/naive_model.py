@@ -168,10 +168,13 @@ class NaiveMonitor:
                       + q * k * f["mark"]) / denom
                 if not lp > 0:
                     lp = None
+            # Equity is 0 where q·k·(p − m) = −E0.
+            bp = f["mark"] - equity / (q * k)
+            bp = bp if bp > 0 and math.isfinite(bp) else None
             positions.append({"symbol": sym, "qty": q, "entry_price": e, "mark_price": f["mark"],
                               "notional": f["n"] * f["spx"], "unrealized_pnl": f["upnl"],
                               "maintenance_margin": f["mm"], "initial_margin": f["im"],
-                              "liquidation_price": lp})
+                              "liquidation_price": lp, "bankruptcy_price": bp})
         etype = TYPES[new]
         return {
             "event_id": f"{name}:{acct['n']}:{etype}", "type": etype, "account": name,

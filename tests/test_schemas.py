@@ -253,6 +253,16 @@ def test_event_schema_accepts_a_null_liquidation_price(event: dict[str, Any]) ->
     assert schema_errors("event", event) == []
 
 
+def test_event_schema_accepts_a_null_bankruptcy_price(event: dict[str, Any]) -> None:
+    event["positions"][0]["bankruptcy_price"] = None
+    assert schema_errors("event", event) == []
+
+
+def test_event_schema_rejects_a_bankruptcy_price_of_zero(event: dict[str, Any]) -> None:
+    event["positions"][0]["bankruptcy_price"] = 0
+    assert schema_errors("event", event) != []
+
+
 # -- the decoder and the input schemas agree ---------------------------------------------------
 
 VALID_TICK: dict[str, Any] = {"symbol": "BTC-PERP", "price": 65000.5, "ts": 1732400000123}
