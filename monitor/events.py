@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from monitor.config import RiskConfig
+from monitor.liquidation import liquidation_plan
 from monitor.margin import (
     Position,
     Valuation,
@@ -95,6 +96,10 @@ def build_event(
         "balances": {asset: balances[asset] for asset in sorted(balances)},
         "positions": _position_details(positions, valuation, config, prices),
     }
+    if state == AccountState.LIQUIDATING:
+        # From the account as this builder sees it, so every engine emits the same plan.
+        payload["liquidation_plan"] = liquidation_plan(balances, positions, config,
+                                                       prices).to_json()
     return Event(event_id=eid, type=event_type, account=account, payload=payload)
 
 

@@ -263,6 +263,50 @@ def test_event_schema_rejects_a_bankruptcy_price_of_zero(event: dict[str, Any]) 
     assert schema_errors("event", event) != []
 
 
+@pytest.fixture
+def liquidation(replay_events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A deep copy of a real liquidation event whose plan has a step, safe to mutate."""
+    first = next(event for event in replay_events
+                 if event["type"] == "liquidation" and event["liquidation_plan"]["steps"])
+    return json.loads(json.dumps(first))
+
+
+def test_event_schema_requires_a_plan_on_a_liquidation(liquidation: dict[str, Any]) -> None:
+    del liquidation["liquidation_plan"]
+    assert schema_errors("event", liquidation) != []
+
+
+def test_event_schema_rejects_a_plan_on_other_events(
+    replay_events: list[dict[str, Any]], liquidation: dict[str, Any],
+) -> None:
+    other = next(event for event in replay_events if event["type"] != "liquidation")
+    assert schema_errors("event", {**other, "liquidation_plan": liquidation["liquidation_plan"]})
+
+
+def test_event_schema_requires_every_plan_and_step_field(liquidation: dict[str, Any]) -> None:
+    plan = liquidation["liquidation_plan"]
+    for name in plan:
+        incomplete = {key: value for key, value in plan.items() if key != name}
+        assert schema_errors("event", {**liquidation, "liquidation_plan": incomplete}), name
+    step = plan["steps"][0]
+    for name in step:
+        incomplete = {key: value for key, value in step.items() if key != name}
+        broken = {**plan, "steps": [incomplete]}
+        assert schema_errors("event", {**liquidation, "liquidation_plan": broken}), name
+
+
+def test_event_schema_accepts_null_ratios_in_a_plan(liquidation: dict[str, Any]) -> None:
+    plan = liquidation["liquidation_plan"]
+    plan["margin_ratio_after"] = None
+    plan["steps"][0]["margin_ratio_after"] = None
+    assert schema_errors("event", liquidation) == []
+
+
+def test_event_schema_rejects_unknown_plan_step_properties(liquidation: dict[str, Any]) -> None:
+    liquidation["liquidation_plan"]["steps"][0]["venue"] = "adl"
+    assert schema_errors("event", liquidation) != []
+
+
 # -- the decoder and the input schemas agree ---------------------------------------------------
 
 VALID_TICK: dict[str, Any] = {"symbol": "BTC-PERP", "price": 65000.5, "ts": 1732400000123}
