@@ -70,6 +70,7 @@ def build_event(
     positions: Mapping[str, Position],
     config: RiskConfig,
     prices: Mapping[str, float],
+    price_ts: Mapping[str, int],
     ts: int,
     trigger_kind: str,
     trigger_ref: str,
@@ -96,11 +97,39 @@ def build_event(
         "balances": {asset: balances[asset] for asset in sorted(balances)},
         "positions": _position_details(positions, valuation, config, prices),
     }
+    max_age = config.prices.max_age_ms
+    if max_age is not None:
+        payload["stale_prices"] = stale_prices(balances, positions, config, price_ts,
+                                               ts - max_age)
     if state == AccountState.LIQUIDATING:
         # From the account as this builder sees it, so every engine emits the same plan.
         payload["liquidation_plan"] = liquidation_plan(balances, positions, config,
                                                        prices).to_json()
     return Event(event_id=eid, type=event_type, account=account, payload=payload)
+
+
+def stale_prices(
+    balances: Mapping[str, float],
+    positions: Mapping[str, Position],
+    config: RiskConfig,
+    price_ts: Mapping[str, int],
+    oldest_fresh_ts: int,
+) -> list[str]:
+    """The sorted price symbols the account depends on whose last applied tick is older than
+    oldest_fresh_ts (event time, so replay and the service agree) or that never ticked
+    (SPEC §5.2): marks of its positions, their settle assets and assets it holds, unless fixed."""
+    assets, instruments = config.assets, config.instruments
+    candidates: list[str | None] = [instruments[symbol].mark_symbol for symbol in positions]
+    candidates += [assets[instruments[symbol].settle].price_symbol for symbol in positions]
+    candidates += [assets[asset].price_symbol for asset, amount in balances.items() if amount]
+    stale = set()
+    for symbol in candidates:
+        if symbol is None:  # a fixed price never ages
+            continue
+        last = price_ts.get(symbol)
+        if last is None or last < oldest_fresh_ts:
+            stale.add(symbol)
+    return sorted(stale)
 
 
 def _position_details(

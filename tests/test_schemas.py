@@ -194,10 +194,22 @@ def event(replay_events: list[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(json.dumps(first))
 
 
+# Present exactly when the risk config asks for it ([prices] max_age_ms): no schema can require it.
+CONFIG_DEPENDENT_EVENT_FIELDS = frozenset({"stale_prices"})
+
+
 def test_event_schema_requires_every_field(event: dict[str, Any]) -> None:
-    for name in event:
+    for name in set(event) - CONFIG_DEPENDENT_EVENT_FIELDS:
         incomplete = {key: value for key, value in event.items() if key != name}
         assert schema_errors("event", incomplete) != [], name
+
+
+def test_event_schema_accepts_an_event_without_config_dependent_fields(
+    event: dict[str, Any],
+) -> None:
+    plain = {key: value for key, value in event.items()
+             if key not in CONFIG_DEPENDENT_EVENT_FIELDS}
+    assert schema_errors("event", plain) == []
 
 
 def test_event_schema_requires_every_position_field(event: dict[str, Any]) -> None:
@@ -305,6 +317,17 @@ def test_event_schema_accepts_null_ratios_in_a_plan(liquidation: dict[str, Any])
 def test_event_schema_rejects_unknown_plan_step_properties(liquidation: dict[str, Any]) -> None:
     liquidation["liquidation_plan"]["steps"][0]["venue"] = "adl"
     assert schema_errors("event", liquidation) != []
+
+
+def test_replay_events_list_stale_prices_under_the_example_config(
+    replay_events: list[dict[str, Any]],
+) -> None:
+    assert all(isinstance(event["stale_prices"], list) for event in replay_events)
+
+
+@pytest.mark.parametrize("stale", [["BTC", "BTC"], [1], "BTC"])
+def test_event_schema_rejects_malformed_stale_prices(event: dict[str, Any], stale: Any) -> None:
+    assert schema_errors("event", {**event, "stale_prices": stale}) != []
 
 
 # -- the decoder and the input schemas agree ---------------------------------------------------
