@@ -20,11 +20,24 @@ class ConfigError(ValueError):
     """The risk configuration is unreadable or breaks a rule of SPEC §3."""
 
 
+def default_liquidation_target(liquidation: float, hysteresis: float) -> float:
+    """SPEC §3: liquidation − 2·hysteresis, or 0.95·liquidation without hysteresis."""
+    return liquidation - 2 * hysteresis if hysteresis > 0 else 0.95 * liquidation
+
+
 @dataclass(frozen=True, slots=True)
 class Thresholds:
     margin_call: float
     liquidation: float
     hysteresis: float
+    # The ratio a liquidation plan restores (SPEC §5.1); NaN stands for "the default" and is
+    # resolved on construction, so every reader sees a number.
+    liquidation_target: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.liquidation_target):
+            object.__setattr__(self, "liquidation_target",
+                               default_liquidation_target(self.liquidation, self.hysteresis))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +63,7 @@ class Instrument:
     contract_size: float
     mark_symbol: str
     tiers: tuple[Tier, ...]
+    liquidation_fee: float = 0.0  # rate on the notional a liquidation closes (SPEC §5.1)
 
     def tier_for(self, notional: float) -> Tier:
         """The first tier whose max_notional is ≥ notional; beyond all of them, the last."""
@@ -60,10 +74,16 @@ class Instrument:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceRules:
+    max_age_ms: int | None = None  # older prices are stale in events (SPEC §5.2); None: no check
+
+
+@dataclass(frozen=True, slots=True)
 class RiskConfig:
     thresholds: Thresholds
     assets: Mapping[str, Asset]
     instruments: Mapping[str, Instrument]
+    prices: PriceRules = PriceRules()
 
     def price_symbols(self) -> frozenset[str]:
         """Every symbol whose ticks can move some valuation."""
@@ -72,14 +92,30 @@ class RiskConfig:
         return frozenset(symbols)
 
 
-_TOP_LEVEL_KEYS = {"thresholds", "assets", "instruments"}
+_TOP_LEVEL_KEYS = {"thresholds", "assets", "instruments", "prices"}
 
 
 def fingerprint(config: RiskConfig) -> str:
     """A stable hash of the parsed config: equal for configs that evaluate alike, however the
     TOML was written (order, comments, defaults spelt out), and different for any change."""
-    canonical = json.dumps(_plain(asdict(config)), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(_without_optional_defaults(_plain(asdict(config)), config),
+                           sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _without_optional_defaults(plain: dict[str, Any], config: RiskConfig) -> dict[str, Any]:
+    """Drop the optional keys of SPEC §3 (liquidation plan, stale prices) where they hold their
+    defaults: a config that does not use them keeps the fingerprint its checkpoints were
+    written under before these keys existed, so upgrading liqmon needs no config roll-out."""
+    th = config.thresholds
+    if th.liquidation_target == default_liquidation_target(th.liquidation, th.hysteresis):
+        del plain["thresholds"]["liquidation_target"]
+    for name, instrument in config.instruments.items():
+        if instrument.liquidation_fee == 0.0:
+            del plain["instruments"][name]["liquidation_fee"]
+    if config.prices == PriceRules():
+        del plain["prices"]
+    return plain
 
 
 def _plain(value: Any) -> Any:
@@ -119,7 +155,9 @@ def parse_config(raw: Mapping[str, Any]) -> RiskConfig:
         name: _instrument(name, _table(instruments_raw, name, f"instruments.{_q(name)}"), assets)
         for name in instruments_raw
     }
-    return RiskConfig(thresholds=thresholds, assets=assets, instruments=instruments)
+    prices = _price_rules(_table(raw, "prices", "prices", required=False))
+    return RiskConfig(thresholds=thresholds, assets=assets, instruments=instruments,
+                      prices=prices)
 
 
 def _q(name: str) -> str:
@@ -163,7 +201,8 @@ def _number(raw: Mapping[str, Any], key: str, where: str, default: float | None 
 
 
 def _thresholds(raw: dict[str, Any]) -> Thresholds:
-    _no_unknown_keys(raw, {"margin_call", "liquidation", "hysteresis"}, "thresholds")
+    _no_unknown_keys(raw, {"margin_call", "liquidation", "hysteresis", "liquidation_target"},
+                     "thresholds")
     mc = _number(raw, "margin_call", "thresholds.margin_call")
     liq = _number(raw, "liquidation", "thresholds.liquidation")
     h = _number(raw, "hysteresis", "thresholds.hysteresis", default=0.0)
@@ -173,7 +212,23 @@ def _thresholds(raw: dict[str, Any]) -> Thresholds:
         raise ConfigError(f"thresholds.hysteresis: must be < margin_call ({mc}), got {h}")
     if not mc < liq:
         raise ConfigError(f"thresholds.liquidation: must be > margin_call ({mc}), got {liq}")
-    return Thresholds(margin_call=mc, liquidation=liq, hysteresis=h)
+    # A plan must take the account out of LIQUIDATING, so it aims below where it may leave.
+    exit_level = liq - h
+    if "liquidation_target" in raw:
+        target = _number(raw, "liquidation_target", "thresholds.liquidation_target")
+        if not 0 < target < exit_level:
+            raise ConfigError(
+                f"thresholds.liquidation_target: must be > 0 and < liquidation − hysteresis "
+                f"({exit_level}), got {target}"
+            )
+    else:
+        target = default_liquidation_target(liq, h)
+        if not target > 0:
+            raise ConfigError(
+                f"thresholds.liquidation_target: missing, and its default liquidation − "
+                f"2·hysteresis ({target}) is not > 0: give a target in (0, {exit_level})"
+            )
+    return Thresholds(margin_call=mc, liquidation=liq, hysteresis=h, liquidation_target=target)
 
 
 def _asset(name: str, raw: dict[str, Any]) -> Asset:
@@ -199,7 +254,8 @@ def _asset(name: str, raw: dict[str, Any]) -> Asset:
 
 def _instrument(name: str, raw: dict[str, Any], assets: Mapping[str, Asset]) -> Instrument:
     where = f"instruments.{_q(name)}"
-    _no_unknown_keys(raw, {"settle", "contract_size", "mark_symbol", "tiers"}, where)
+    _no_unknown_keys(raw, {"settle", "contract_size", "mark_symbol", "tiers", "liquidation_fee"},
+                     where)
     settle = raw.get("settle")
     if not isinstance(settle, str):
         raise ConfigError(f"{where}.settle: missing (the asset in which PnL and fees settle)")
@@ -211,13 +267,29 @@ def _instrument(name: str, raw: dict[str, Any], assets: Mapping[str, Asset]) -> 
     mark_symbol = raw.get("mark_symbol", name)
     if not isinstance(mark_symbol, str) or not mark_symbol:
         raise ConfigError(f"{where}.mark_symbol: must be a non-empty string, got {mark_symbol!r}")
+    fee = _number(raw, "liquidation_fee", f"{where}.liquidation_fee", default=0.0)
+    if not 0 <= fee < 1:
+        raise ConfigError(f"{where}.liquidation_fee: must be in [0, 1), got {fee}")
     return Instrument(
         name=name,
         settle=settle,
         contract_size=contract_size,
         mark_symbol=mark_symbol,
         tiers=_tiers(raw.get("tiers"), f"{where}.tiers"),
+        liquidation_fee=fee,
     )
+
+
+def _price_rules(raw: dict[str, Any]) -> PriceRules:
+    _no_unknown_keys(raw, {"max_age_ms"}, "prices")
+    if "max_age_ms" not in raw:
+        return PriceRules()
+    max_age = raw["max_age_ms"]
+    if isinstance(max_age, bool) or not isinstance(max_age, int):
+        raise ConfigError(f"prices.max_age_ms: must be an integer (milliseconds), got {max_age!r}")
+    if max_age <= 0:
+        raise ConfigError(f"prices.max_age_ms: must be > 0, got {max_age}")
+    return PriceRules(max_age_ms=max_age)
 
 
 def _tiers(raw: Any, where: str) -> tuple[Tier, ...]:

@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -52,6 +53,15 @@ def phase_name(progress: float) -> str:
     if progress <= CALM:
         return "random walk"
     return "crash" if progress <= CALM + CRASH else "rebound"
+
+
+def plan_summary(plan: dict[str, Any]) -> str:
+    """A liquidation plan's steps in a few words: "close ETH-PERP, sell 0.025 BTC-PERP"."""
+    return ", ".join(
+        f"close {step['symbol']}" if step["close"]
+        else f"{step['side']} {step['qty']:,.4g} {step['symbol']}"
+        for step in plan["steps"]
+    )
 
 
 @dataclass
@@ -105,16 +115,18 @@ def _render(view: DemoView, monitor: Monitor) -> Panel:
     events.add_row(*(f"{view.events[t]:,}" for t in EVENT_TYPES))
 
     latest = Table(title="latest liquidations", expand=True)
-    for column in ("account", "margin ratio", "equity", "maintenance", "positions"):
-        latest.add_column(column, justify="right" if column != "account" else "left")
+    for column in ("account", "margin ratio", "equity", "maintenance", "plan", "bad debt"):
+        latest.add_column(column, justify="left" if column in ("account", "plan") else "right")
     for event in reversed(view.liquidations):
         ratio = event["margin_ratio"]
+        plan = event["liquidation_plan"]
         latest.add_row(
             event["account"],
             "insolvent" if ratio is None else f"{ratio:.3f}",
             f"{event['equity']:,.2f}",
             f"{event['maintenance_margin']:,.2f}",
-            " ".join(p["symbol"] for p in event["positions"]),
+            plan_summary(plan),
+            f"{plan['bad_debt']:,.2f}",
         )
     title = f"liqmon demo — {view.accounts:,} accounts, seed {view.seed}"
     return Panel(Group(header, prices, states, events, latest), title=title)

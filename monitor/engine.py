@@ -424,6 +424,7 @@ class Engine(InputLedger):
             positions=positions,
             config=self.config,
             prices=self._prices,
+            price_ts=self.price_ts,
             ts=ts,
             trigger_kind=kind,
             trigger_ref=ref,

@@ -11,7 +11,14 @@ from typing import Any
 import orjson
 
 from monitor.config import RiskConfig
-from monitor.margin import Position, Valuation, liquidation_price, position_figures
+from monitor.liquidation import liquidation_plan
+from monitor.margin import (
+    Position,
+    Valuation,
+    bankruptcy_price,
+    liquidation_price,
+    position_figures,
+)
 from monitor.state import EVENT_TYPE, AccountState
 
 
@@ -63,6 +70,7 @@ def build_event(
     positions: Mapping[str, Position],
     config: RiskConfig,
     prices: Mapping[str, float],
+    price_ts: Mapping[str, int],
     ts: int,
     trigger_kind: str,
     trigger_ref: str,
@@ -89,7 +97,39 @@ def build_event(
         "balances": {asset: balances[asset] for asset in sorted(balances)},
         "positions": _position_details(positions, valuation, config, prices),
     }
+    max_age = config.prices.max_age_ms
+    if max_age is not None:
+        payload["stale_prices"] = stale_prices(balances, positions, config, price_ts,
+                                               ts - max_age)
+    if state == AccountState.LIQUIDATING:
+        # From the account as this builder sees it, so every engine emits the same plan.
+        payload["liquidation_plan"] = liquidation_plan(balances, positions, config,
+                                                       prices).to_json()
     return Event(event_id=eid, type=event_type, account=account, payload=payload)
+
+
+def stale_prices(
+    balances: Mapping[str, float],
+    positions: Mapping[str, Position],
+    config: RiskConfig,
+    price_ts: Mapping[str, int],
+    oldest_fresh_ts: int,
+) -> list[str]:
+    """The sorted price symbols the account depends on whose last applied tick is older than
+    oldest_fresh_ts (event time, so replay and the service agree) or that never ticked
+    (SPEC §5.2): marks of its positions, their settle assets and assets it holds, unless fixed."""
+    assets, instruments = config.assets, config.instruments
+    candidates: list[str | None] = [instruments[symbol].mark_symbol for symbol in positions]
+    candidates += [assets[instruments[symbol].settle].price_symbol for symbol in positions]
+    candidates += [assets[asset].price_symbol for asset, amount in balances.items() if amount]
+    stale = set()
+    for symbol in candidates:
+        if symbol is None:  # a fixed price never ages
+            continue
+        last = price_ts.get(symbol)
+        if last is None or last < oldest_fresh_ts:
+            stale.add(symbol)
+    return sorted(stale)
 
 
 def _position_details(
@@ -103,6 +143,7 @@ def _position_details(
         position = positions[symbol]
         figures = position_figures(symbol, position, config, prices)
         assert figures is not None, "an evaluated account has every settle asset priced"
+        instrument = config.instruments[symbol]
         details.append({
             "symbol": symbol,
             "qty": position.qty,
@@ -114,11 +155,13 @@ def _position_details(
             "initial_margin": figures.initial_margin,
             "liquidation_price": liquidation_price(
                 position,
-                config.instruments[symbol],
+                instrument,
                 figures,
                 valuation.equity,
                 valuation.maintenance_margin,
                 config.thresholds.liquidation,
             ),
+            "bankruptcy_price": bankruptcy_price(position, instrument, figures,
+                                                 valuation.equity),
         })
     return details

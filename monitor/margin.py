@@ -197,3 +197,18 @@ def liquidation_price(
     if not price > 0 or not math.isfinite(price):
         return None
     return price
+
+
+def bankruptcy_price(
+    position: Position, instrument: Instrument, figures: PositionFigures, account_equity: float
+) -> float | None:
+    """The mark of this position at which the account's equity is 0, every other price fixed
+    (SPEC §5): equity moves by q·cs·spx per unit of mark, so p = mark − equity / (q·cs·spx).
+    None when that is not a positive finite price (e.g. a long with more equity than notional).
+    """
+    price = figures.mark_price - account_equity / (
+        position.qty * instrument.contract_size * figures.settle_price
+    )
+    if not price > 0 or not math.isfinite(price):
+        return None
+    return price

@@ -183,6 +183,7 @@ class ReferenceEngine(InputLedger):
             positions=account.positions,
             config=self.config,
             prices=self.prices,
+            price_ts=self.price_ts,
             ts=ts,
             trigger_kind=kind,
             trigger_ref=ref,

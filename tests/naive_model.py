@@ -80,6 +80,8 @@ class NaiveMonitor:
     def __init__(self, risk: dict[str, Any], window: int = 10_000) -> None:
         th = risk["thresholds"]
         self.mc, self.liq, self.h = th["margin_call"], th["liquidation"], th["hysteresis"]
+        default_target = self.liq - 2 * self.h if self.h > 0 else 0.95 * self.liq
+        self.target = th.get("liquidation_target", default_target)
         self.assets = risk["assets"]
         self.instruments = risk["instruments"]
         self.prices: dict[str, float] = {}
@@ -136,6 +138,8 @@ class NaiveMonitor:
         events = []
         for name in sorted(self.accounts):
             event = self.evaluate(name, int(v["ts"]), kind, ref, topic, index)
+            if event and event["type"] == "liquidation":
+                event["liquidation_plan"] = self.plan(self.accounts[name])
             if event:
                 events.append(event)
         return events
@@ -230,10 +234,13 @@ class NaiveMonitor:
                       + q * k * f["mark"]) / denom
                 if not lp > 0:
                     lp = None
+            # Equity is 0 where q·k·(p − m) = −E0.
+            bp = f["mark"] - equity / (q * k)
+            bp = bp if bp > 0 and math.isfinite(bp) else None
             positions.append({"symbol": sym, "qty": q, "entry_price": e, "mark_price": f["mark"],
                               "notional": f["n"] * f["spx"], "unrealized_pnl": f["upnl"],
                               "maintenance_margin": f["mm"], "initial_margin": f["im"],
-                              "liquidation_price": lp})
+                              "liquidation_price": lp, "bankruptcy_price": bp})
         etype = TYPES[new]
         return {
             "event_id": f"{name}:{acct['n']}:{etype}", "type": etype, "account": name,
@@ -245,3 +252,86 @@ class NaiveMonitor:
             "balances": {a: b for a, b in sorted(acct["b"].items()) if b != 0},
             "positions": positions,
         }
+
+    # -- liquidation plan (SPEC §5.1) ------------------------------------------------------------
+
+    def value(self, acct: dict[str, Any]) -> tuple[float, float]:
+        """(equity, MM) of an account whose settle assets are all priced."""
+        cv = 0.0
+        for asset, bal in acct["b"].items():
+            p = self.px(asset)
+            if p is not None:
+                cv += bal * p * (self.assets[asset]["collateral_weight"] if bal > 0 else 1.0)
+        equity, mm = cv, 0.0
+        for sym, (q, e) in acct["pos"].items():
+            f = self.figures(sym, q, e)
+            assert f is not None
+            equity += f["upnl"]
+            mm += f["mm"]
+        return equity, mm
+
+    def ratio(self, acct: dict[str, Any]) -> float:
+        equity, mm = self.value(acct)
+        return mm / equity if equity > 0 else (0.0 if mm == 0 else math.inf)
+
+    def closed_by(self, acct: dict[str, Any], sym: str, delta: float) -> dict[str, Any]:
+        """A copy of the account after a fill closing delta contracts at the mark, with fee."""
+        after = {"b": dict(acct["b"]), "pos": dict(acct["pos"])}
+        q, e = acct["pos"][sym]
+        inst = self.instruments[sym]
+        mark = self.prices.get(inst.get("mark_symbol", sym), e)
+        fee = inst.get("liquidation_fee", 0.0) * delta * inst.get("contract_size", 1.0) * mark
+        self.fill(after, {"symbol": sym, "qty": delta, "price": mark, "fee": fee,
+                          "side": "sell" if q > 0 else "buy"})
+        return after
+
+    def plan(self, acct: dict[str, Any]) -> dict[str, Any]:
+        rt = self.target
+        equity, mm = self.value(acct)
+        deposit = max(0.0, mm / rt - equity)
+        mms = {sym: self.figures(sym, q, e)["mm"] for sym, (q, e) in acct["pos"].items()}
+        cur = {"b": dict(acct["b"]), "pos": dict(acct["pos"])}
+        steps = []
+        for sym in sorted(mms, key=lambda s: (-mms[s], s)):
+            if self.ratio(cur) <= rt:
+                break
+            q, e = cur["pos"][sym]
+            inst = self.instruments[sym]
+            cs = inst.get("contract_size", 1.0)
+            mark = self.prices.get(inst.get("mark_symbol", sym), e)
+            fee_rate = inst.get("liquidation_fee", 0.0)
+            # MM − rt·equity is linear in delta between tier boundaries and the settle
+            # balance's zero: evaluate it at each and interpolate on the first piece that
+            # reaches the target.
+            cuts = {abs(q)} | {abs(q) - t[0] / (cs * mark) for t in self.tiers(sym)[:-1]}
+            per = cs * (mark - e) * (1 if q > 0 else -1) - fee_rate * cs * mark
+            if per:
+                cuts.add(-cur["b"].get(inst["settle"], 0.0) / per)
+            lo, lo_acct, delta, nxt = 0.0, cur, abs(q), None
+            for cut in sorted(c for c in cuts if 0 < c <= abs(q)):
+                hi_acct = self.closed_by(cur, sym, cut)
+                if self.ratio(hi_acct) <= rt:
+                    e_lo, m_lo = self.value(lo_acct)
+                    e_hi, m_hi = self.value(hi_acct)
+                    f_lo, f_hi = m_lo - rt * e_lo, m_hi - rt * e_hi
+                    delta = lo + (cut - lo) * f_lo / (f_lo - f_hi) if f_hi <= 0 else cut
+                    nxt = self.closed_by(cur, sym, delta)
+                    if sym not in nxt["pos"]:
+                        delta, nxt = abs(q), self.closed_by(cur, sym, abs(q))
+                    break
+                lo, lo_acct = cut, hi_acct
+            reached = nxt is not None
+            if nxt is None:
+                nxt = lo_acct
+            r = self.ratio(nxt)
+            steps.append({"symbol": sym, "side": "sell" if q > 0 else "buy", "qty": delta,
+                          "price": mark, "fee": fee_rate * delta * cs * mark,
+                          "close": delta == abs(q),
+                          "margin_ratio_after": None if math.isinf(r) else r})
+            cur = nxt
+            if reached:
+                break
+        r = self.ratio(cur)
+        return {"target_ratio": rt, "deposit_to_target": deposit, "steps": steps,
+                "margin_ratio_after": None if math.isinf(r) else r,
+                "bad_debt": max(0.0, -self.value(cur)[0])}

@@ -80,6 +80,20 @@ def test_defaults_price_symbol_to_asset_name_and_mark_symbol_to_instrument(risk)
         ("instruments/BTC-PERP/tiers/3/imr", 1.5, "instruments.BTC-PERP.tiers[3]: must satisfy"),
         ("instruments/BTC-PERP/tiers/0/max_notional", "inf",
          'instruments.BTC-PERP.tiers[0].max_notional: only the last tier may be "inf"'),
+        # liquidation − hysteresis = 0.95: a plan must aim strictly below where LIQUIDATING ends
+        ("thresholds/liquidation_target", 0.95,
+         "thresholds.liquidation_target: must be > 0 and < liquidation − hysteresis (0.95)"),
+        ("thresholds/liquidation_target", 1.2,
+         "thresholds.liquidation_target: must be > 0 and < liquidation − hysteresis"),
+        ("thresholds/liquidation_target", 0.0,
+         "thresholds.liquidation_target: must be > 0 and < liquidation − hysteresis"),
+        ("thresholds/liquidation_target", "0.9", "thresholds.liquidation_target: must be a number"),
+        ("instruments/BTC-PERP/liquidation_fee", 1.0,
+         "instruments.BTC-PERP.liquidation_fee: must be in [0, 1)"),
+        ("instruments/BTC-PERP/liquidation_fee", -0.001,
+         "instruments.BTC-PERP.liquidation_fee: must be in [0, 1)"),
+        ("instruments/BTC-PERP/liquidation_fee", True,
+         "instruments.BTC-PERP.liquidation_fee: must be a number"),
     ],
 )
 def test_each_broken_rule_is_reported_with_its_key(path: str, value: Any, message: str) -> None:
@@ -113,3 +127,83 @@ def test_fingerprint_changes_with_one_mmr() -> None:
     # BTC-PERP's first tier: mmr 0.004 -> 0.0045 (imr 0.008 still ≥ mmr)
     changed = parse_config(broken("instruments/BTC-PERP/tiers/0/mmr", 0.0045))
     assert fingerprint(changed) != fingerprint(parse_config(RISK))
+
+
+# -- optional keys of the liquidation plan and stale prices (SPEC §3) ------------------------------
+
+
+def test_liquidation_target_defaults_to_liquidation_minus_twice_the_hysteresis(risk) -> None:
+    assert risk.thresholds.liquidation_target == pytest.approx(1.0 - 2 * 0.05)  # 0.9
+
+
+def test_liquidation_target_defaults_to_95_percent_of_liquidation_without_hysteresis() -> None:
+    config = parse_config(broken("thresholds/hysteresis", 0.0))
+    assert config.thresholds.liquidation_target == pytest.approx(0.95)
+
+
+def test_liquidation_target_given_is_kept() -> None:
+    config = parse_config(broken("thresholds/liquidation_target", 0.7))
+    assert config.thresholds.liquidation_target == 0.7
+
+
+def test_a_default_liquidation_target_that_is_not_positive_asks_for_one() -> None:
+    # hysteresis 0.6 (< margin_call 0.8): the default 1.0 − 2·0.6 = −0.2 cannot be a target.
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(broken("thresholds/hysteresis", 0.6))
+    assert str(excinfo.value).startswith(
+        "thresholds.liquidation_target: missing, and its default liquidation − 2·hysteresis"
+    ), str(excinfo.value)
+
+
+def test_liquidation_fee_defaults_to_zero_and_is_read_per_instrument() -> None:
+    config = parse_config(broken("instruments/ETH-PERP/liquidation_fee", 0.005))
+    assert config.instruments["ETH-PERP"].liquidation_fee == 0.005
+    assert config.instruments["BTC-PERP"].liquidation_fee == 0.0
+
+
+def with_prices(table: Any) -> dict[str, Any]:
+    return {**copy.deepcopy(RISK), "prices": table}
+
+
+def test_max_age_defaults_to_no_check(risk) -> None:
+    assert risk.prices.max_age_ms is None
+
+
+def test_max_age_is_read_in_milliseconds() -> None:
+    assert parse_config(with_prices({"max_age_ms": 5000})).prices.max_age_ms == 5000
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"max_age_ms": 0}, "prices.max_age_ms: must be > 0, got 0"),
+        ({"max_age_ms": -5}, "prices.max_age_ms: must be > 0, got -5"),
+        ({"max_age_ms": 1.5}, "prices.max_age_ms: must be an integer (milliseconds), got 1.5"),
+        ({"max_age_ms": True}, "prices.max_age_ms: must be an integer (milliseconds), got True"),
+        ({"max_age": 5000}, "prices.max_age: unknown key"),
+        ("5000", "prices: must be a table"),
+    ],
+)
+def test_each_broken_price_rule_is_reported_with_its_key(table: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(with_prices(table))
+    assert str(excinfo.value).startswith(message), str(excinfo.value)
+
+
+def test_fingerprint_ignores_optional_keys_spelt_out_at_their_defaults() -> None:
+    raw = with_prices({})
+    raw["thresholds"]["liquidation_target"] = 0.9
+    raw["instruments"]["BTC-PERP"]["liquidation_fee"] = 0.0
+    assert fingerprint(parse_config(raw)) == fingerprint(parse_config(RISK))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        broken("thresholds/liquidation_target", 0.8),
+        broken("instruments/BTC-PERP/liquidation_fee", 0.005),
+        with_prices({"max_age_ms": 5000}),
+    ],
+)
+def test_fingerprint_changes_with_an_optional_key_set(raw: dict[str, Any]) -> None:
+    assert fingerprint(parse_config(raw)) != fingerprint(parse_config(RISK))

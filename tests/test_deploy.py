@@ -52,7 +52,7 @@ EXPECTED_METRICS = {
     "liqmon_accounts",
     "liqmon_positions",
     "liqmon_accounts_by_state",
-    "liqmon_tick_age_seconds",
+    "liqmon_price_age_seconds",
     "liqmon_kafka_reachable",
     "liqmon_input_offset",
     "liqmon_conflated_ticks_total",
@@ -554,7 +554,7 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     for metric in ("liqmon_records_consumed_total", "liqmon_consumer_lag_records",
                    "liqmon_event_latency_seconds", "liqmon_accounts_by_state",
                    "liqmon_events_emitted_total", "liqmon_records_rejected_total",
-                   "liqmon_tick_age_seconds", "liqmon_checkpoint_age_seconds"):
+                   "liqmon_price_age_seconds", "liqmon_checkpoint_age_seconds"):
         assert metric in used, metric
     exprs = [target["expr"] for _, target in dashboard_targets()]
     assert any("histogram_quantile(0.99" in e and "liqmon_event_latency_seconds_bucket" in e

@@ -9,6 +9,7 @@ import pytest
 from monitor.margin import (
     Position,
     apply_fill_to_position,
+    bankruptcy_price,
     liquidation_price,
     margin_ratio,
     position_figures,
@@ -227,3 +228,45 @@ def test_liquidation_price_at_that_price_the_ratio_is_the_threshold(risk) -> Non
 def test_liquidation_price_is_none_when_not_positive(risk) -> None:
     # A long so over-collateralised that only a negative price would liquidate it.
     assert _lp(risk, Position(0.01, 60_000.0), 1_000_000.0, 60_000.0) is None
+
+
+# -- bankruptcy price (SPEC §5) -----------------------------------------------------------------
+
+
+def _bp(risk, balances: dict[str, float], positions: dict[str, Position],
+        prices: dict[str, float], symbol: str) -> float | None:
+    val = value_account(balances, positions, risk, prices)
+    fig = position_figures(symbol, positions[symbol], risk, prices)
+    return bankruptcy_price(positions[symbol], risk.instruments[symbol], fig, val.equity)
+
+
+def test_bankruptcy_price_of_a_long_is_where_equity_reaches_zero(risk) -> None:
+    # 1 BTC long from 50,000 on 300 USDT, mark 49,890: equity 300 − 110 = 190,
+    # so equity is 0 at 49,890 − 190 / 1 = 49,700 (300 + (49,700 − 50,000) = 0).
+    bp = _bp(risk, {"USDT": 300.0}, {"BTC-PERP": Position(1.0, 50_000.0)},
+             {"BTC-PERP": 49_890.0}, "BTC-PERP")
+    assert bp == pytest.approx(49_700.0, rel=1e-12)
+
+
+def test_bankruptcy_price_of_a_short_lies_above_the_mark(risk) -> None:
+    # 2 BTC short at 60,000 on 20,000 USDT: 60,000 − 20,000 / (−2) = 70,000.
+    bp = _bp(risk, {"USDT": 20_000.0}, {"BTC-PERP": Position(-2.0, 60_000.0)},
+             {"BTC-PERP": 60_000.0}, "BTC-PERP")
+    assert bp == pytest.approx(70_000.0, rel=1e-12)
+
+
+def test_bankruptcy_price_counts_the_whole_account_and_the_settle_price(risk) -> None:
+    # 10 ETHBTC long at 0.05 (settles in BTC at 50,000: k = 1 · 50,000) beside a 1 BTC-PERP
+    # long 1,000 in profit, on 1,000 USDT: equity 2,000 quote, so ETHBTC's mark can fall by
+    # 2,000 / (10 · 50,000) = 0.004 to 0.046.
+    positions = {"ETHBTC-PERP": Position(10.0, 0.05), "BTC-PERP": Position(1.0, 50_000.0)}
+    prices = {"ETHBTC-PERP": 0.05, "BTC": 50_000.0, "BTC-PERP": 51_000.0}
+    bp = _bp(risk, {"USDT": 1_000.0}, positions, prices, "ETHBTC-PERP")
+    assert bp == pytest.approx(0.046, rel=1e-12)
+
+
+def test_bankruptcy_price_is_none_when_not_positive(risk) -> None:
+    # 0.01 BTC on 1,000,000 USDT: 60,000 − 1,000,000 / 0.01 < 0.
+    bp = _bp(risk, {"USDT": 1_000_000.0}, {"BTC-PERP": Position(0.01, 60_000.0)},
+             {"BTC-PERP": 60_000.0}, "BTC-PERP")
+    assert bp is None

@@ -31,7 +31,7 @@ SPEC_METRICS = {  # SPEC §8, by family name as the parser reports it
     "liqmon_records_consumed", "liqmon_records_rejected", "liqmon_stale_ticks",
     "liqmon_duplicates", "liqmon_events_emitted", "liqmon_event_latency_seconds",
     "liqmon_consumer_lag_records", "liqmon_accounts", "liqmon_positions",
-    "liqmon_accounts_by_state", "liqmon_tick_age_seconds", "liqmon_checkpoint_duration_seconds",
+    "liqmon_accounts_by_state", "liqmon_price_age_seconds", "liqmon_checkpoint_duration_seconds",
     "liqmon_checkpoint_age_seconds",
 }
 
@@ -116,7 +116,7 @@ async def test_metrics_cover_the_spec_and_move_with_the_records(broker):
     assert value(scraped, "liqmon_positions") == 1
     assert value(scraped, "liqmon_accounts_by_state", state="LIQUIDATING") == 1
     assert value(scraped, "liqmon_accounts_by_state", state="HEALTHY") == 0
-    assert 0 <= value(scraped, "liqmon_tick_age_seconds", symbol="BTC-PERP") < 60
+    assert 0 <= value(scraped, "liqmon_price_age_seconds", symbol="BTC-PERP") < 60
     assert value(scraped, "liqmon_ready") == 1
 
 

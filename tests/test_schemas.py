@@ -194,10 +194,22 @@ def event(replay_events: list[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(json.dumps(first))
 
 
+# Present exactly when the risk config asks for it ([prices] max_age_ms): no schema can require it.
+CONFIG_DEPENDENT_EVENT_FIELDS = frozenset({"stale_prices"})
+
+
 def test_event_schema_requires_every_field(event: dict[str, Any]) -> None:
-    for name in event:
+    for name in set(event) - CONFIG_DEPENDENT_EVENT_FIELDS:
         incomplete = {key: value for key, value in event.items() if key != name}
         assert schema_errors("event", incomplete) != [], name
+
+
+def test_event_schema_accepts_an_event_without_config_dependent_fields(
+    event: dict[str, Any],
+) -> None:
+    plain = {key: value for key, value in event.items()
+             if key not in CONFIG_DEPENDENT_EVENT_FIELDS}
+    assert schema_errors("event", plain) == []
 
 
 def test_event_schema_requires_every_position_field(event: dict[str, Any]) -> None:
@@ -251,6 +263,71 @@ def test_event_schema_rejects_a_type_that_does_not_match_the_state(
 def test_event_schema_accepts_a_null_liquidation_price(event: dict[str, Any]) -> None:
     event["positions"][0]["liquidation_price"] = None
     assert schema_errors("event", event) == []
+
+
+def test_event_schema_accepts_a_null_bankruptcy_price(event: dict[str, Any]) -> None:
+    event["positions"][0]["bankruptcy_price"] = None
+    assert schema_errors("event", event) == []
+
+
+def test_event_schema_rejects_a_bankruptcy_price_of_zero(event: dict[str, Any]) -> None:
+    event["positions"][0]["bankruptcy_price"] = 0
+    assert schema_errors("event", event) != []
+
+
+@pytest.fixture
+def liquidation(replay_events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A deep copy of a real liquidation event whose plan has a step, safe to mutate."""
+    first = next(event for event in replay_events
+                 if event["type"] == "liquidation" and event["liquidation_plan"]["steps"])
+    return json.loads(json.dumps(first))
+
+
+def test_event_schema_requires_a_plan_on_a_liquidation(liquidation: dict[str, Any]) -> None:
+    del liquidation["liquidation_plan"]
+    assert schema_errors("event", liquidation) != []
+
+
+def test_event_schema_rejects_a_plan_on_other_events(
+    replay_events: list[dict[str, Any]], liquidation: dict[str, Any],
+) -> None:
+    other = next(event for event in replay_events if event["type"] != "liquidation")
+    assert schema_errors("event", {**other, "liquidation_plan": liquidation["liquidation_plan"]})
+
+
+def test_event_schema_requires_every_plan_and_step_field(liquidation: dict[str, Any]) -> None:
+    plan = liquidation["liquidation_plan"]
+    for name in plan:
+        incomplete = {key: value for key, value in plan.items() if key != name}
+        assert schema_errors("event", {**liquidation, "liquidation_plan": incomplete}), name
+    step = plan["steps"][0]
+    for name in step:
+        incomplete = {key: value for key, value in step.items() if key != name}
+        broken = {**plan, "steps": [incomplete]}
+        assert schema_errors("event", {**liquidation, "liquidation_plan": broken}), name
+
+
+def test_event_schema_accepts_null_ratios_in_a_plan(liquidation: dict[str, Any]) -> None:
+    plan = liquidation["liquidation_plan"]
+    plan["margin_ratio_after"] = None
+    plan["steps"][0]["margin_ratio_after"] = None
+    assert schema_errors("event", liquidation) == []
+
+
+def test_event_schema_rejects_unknown_plan_step_properties(liquidation: dict[str, Any]) -> None:
+    liquidation["liquidation_plan"]["steps"][0]["venue"] = "adl"
+    assert schema_errors("event", liquidation) != []
+
+
+def test_replay_events_list_stale_prices_under_the_example_config(
+    replay_events: list[dict[str, Any]],
+) -> None:
+    assert all(isinstance(event["stale_prices"], list) for event in replay_events)
+
+
+@pytest.mark.parametrize("stale", [["BTC", "BTC"], [1], "BTC"])
+def test_event_schema_rejects_malformed_stale_prices(event: dict[str, Any], stale: Any) -> None:
+    assert schema_errors("event", {**event, "stale_prices": stale}) != []
 
 
 # -- the decoder and the input schemas agree ---------------------------------------------------

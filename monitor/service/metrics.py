@@ -131,8 +131,9 @@ class _LiveCollector(Collector):
         for state, count in sorted(figures.by_state.items()):
             by_state.add_metric([state], count)
         yield by_state
-        age = GaugeMetricFamily("liqmon_tick_age_seconds",
-                                "Seconds since the last applied tick, per symbol.",
+        age = GaugeMetricFamily("liqmon_price_age_seconds",
+                                "Seconds (wall clock) since the last applied tick, per "
+                                "symbol: the age of the price margins are computed from.",
                                 labels=["symbol"])
         for symbol, wall in sorted(figures.last_tick_wall.items()):
             age.add_metric([symbol], max(0.0, now - wall))
