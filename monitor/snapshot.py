@@ -131,7 +131,8 @@ def encode_control(control: Control) -> bytes:
         "written_at": control.written_at,
         "offsets": _pairs(control.offsets),
         "prices": {symbol: [_number(price), ts] for symbol, (price, ts) in control.prices.items()},
-        "dedupe": [[topic, partition, [list(key) for key in ids]]  # type: ignore[arg-type]
+        # ids are (account, record id) tuples, which orjson writes as arrays itself
+        "dedupe": [[topic, partition, ids]
                    for (topic, partition), ids in sorted(control.dedupe.items(),
                                                          key=lambda item: str(item[0]))],
         "config": control.config,

@@ -905,7 +905,11 @@ class Monitor:
                 await self._pipeline.settled(self._pipeline.mark())
                 await self._delivery.deliver(snapshots)
             await self._pipeline.settled(vouched)
-            await self._delivery.deliver(control_messages(controls, t))
+            messages = []
+            for partition, control in controls.items():  # ~20,000 window ids each
+                messages += control_messages({partition: control}, t)
+                await asyncio.sleep(0)  # the loop goes on between two partitions
+            await self._delivery.deliver(messages)
         except BaseException:
             self.engine.mark_dirty(set(mine))
             raise
