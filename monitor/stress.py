@@ -163,12 +163,24 @@ class StressBook:
         return px
 
 
-def run_scenarios(engine: Engine, shocks: Sequence[Mapping[str, float]],
-                  losers: int = LOSERS) -> list[ScenarioResult]:
+@dataclass(slots=True)
+class StressReport:
+    accounts: int  # accounts holding a position: the ones every scenario values
+    scenarios: list[ScenarioResult]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accounts": self.accounts,
+                "scenarios": [scenario.to_json() for scenario in self.scenarios]}
+
+
+def stress(engine: Engine, shocks: Sequence[Mapping[str, float]],
+           losers: int = LOSERS) -> StressReport:
     """Evaluate each shock (symbol → fraction) over the engine's book."""
     book = StressBook(engine)
     base = book.figures(book.prices)
-    return [_scenario(book, base, shock, losers) for shock in shocks]
+    return StressReport(accounts=book.n,
+                        scenarios=[_scenario(book, base, shock, losers) for shock in shocks])
+
 
 
 def _scenario(book: StressBook, base: Figures, shock: Mapping[str, float],
@@ -196,3 +208,68 @@ def _scenario(book: StressBook, base: Figures, shock: Mapping[str, float],
         largest_losers=[{"account": ids[r], "equity_loss": float(loss[r]),
                          "equity": float(f.equity[r])} for r in ranked],
     )
+
+
+def shock_label(shock: Mapping[str, float]) -> str:
+    """"BTC-PERP −17 %", or "all +10 %" style when every symbol moves alike (a grid step)."""
+    fractions = set(shock.values())
+    if len(shock) > 2 and len(fractions) == 1:
+        return f"{len(shock)} symbols {fractions.pop():+.1%}"
+    return ", ".join(f"{symbol} {fraction:+.1%}" for symbol, fraction in shock.items())
+
+
+def render(report: StressReport, console: Any) -> None:
+    """The report as a rich table, one row per scenario."""
+    from rich.table import Table
+
+    table = Table(title=f"liqmon stress: {report.accounts:,} accounts holding a position")
+    for name in ("shock", "healthy", "margin call", "liquidating", "newly liquidating",
+                 "unpriced", "equity", "maint. margin", "bad debt", "largest loser"):
+        table.add_column(name, justify="left" if name in ("shock", "largest loser")
+                         else "right")
+    for s in report.scenarios:
+        by_state = s.accounts_by_state
+        loser = s.largest_losers[0] if s.largest_losers else None
+        table.add_row(
+            shock_label(s.shock), f"{by_state['HEALTHY']:,}", f"{by_state['MARGIN_CALL']:,}",
+            f"{by_state['LIQUIDATING']:,}", f"{len(s.newly_liquidating):,}", f"{s.unpriced:,}",
+            f"{s.equity:,.2f}", f"{s.maintenance_margin:,.2f}", f"{s.bad_debt:,.2f}",
+            "" if loser is None else f"{loser['account']} −{loser['equity_loss']:,.2f}")
+    console.print(table)
+
+
+class PlotUnavailable(RuntimeError):
+    """--plot without the optional plotting library installed."""
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (works on servers and in CI)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotUnavailable("--plot needs matplotlib, the optional 'plot' extra: "
+                              "pip install 'liqmon[plot]'") from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def plot(plt: Any, report: StressReport, fractions: Sequence[float], path: str) -> None:
+    """A PNG of newly liquidating accounts and bad debt against the grid's shock."""
+    x = [100 * f for f in fractions]
+    figure, left = plt.subplots(figsize=(9, 5))
+    try:
+        left.plot(x, [len(s.newly_liquidating) for s in report.scenarios], "o-",
+                  color="tab:red")
+        left.set_xlabel("price shock (%)")
+        left.set_ylabel("accounts newly liquidating", color="tab:red")
+        right = left.twinx()
+        right.plot(x, [s.bad_debt for s in report.scenarios], "s--", color="tab:blue")
+        right.set_ylabel("bad debt (quote currency)", color="tab:blue")
+        left.set_title(f"liqmon stress: {report.accounts:,} accounts holding a position")
+        left.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    finally:
+        plt.close(figure)

@@ -13,7 +13,7 @@ from monitor.events import Source
 from monitor.margin import value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
 from monitor.state import next_state
-from monitor.stress import StressBook, run_scenarios
+from monitor.stress import ScenarioResult, StressBook, stress
 
 TOPIC = {PriceTick: "prices", Fill: "fills", LedgerEntry: "ledger"}
 
@@ -35,6 +35,10 @@ def fill(account: str, symbol: str, side: str, qty: float, price: float) -> Fill
 
 def tick(symbol: str, price: float, ts: int = 3) -> PriceTick:
     return PriceTick(symbol, price, ts)
+
+
+def run_scenarios(engine: Engine, shocks: list[dict[str, float]]) -> list[ScenarioResult]:
+    return stress(engine, shocks).scenarios
 
 
 def long_and_short(risk: RiskConfig) -> Engine:
