@@ -97,8 +97,11 @@ class StressBook:
         order = np.lexsort((absk, instr))
         self.owner = own[order]
         self.q_cs = (q * t.v_cs[instr])[order]
+        self.cost = self.q_cs * e[order]  # q·cs·e: uPnL = (q·cs·mark − cost)·spx
         self.absk = absk[order]
         self.entry = e[order]
+        # ids in sorted order once, so each scenario lists its accounts without a string sort
+        self.by_id = np.array(sorted(range(n), key=self.ids.__getitem__), dtype=np.int64)
         n_i = len(t.instruments)
         self.bounds = np.searchsorted(instr[order], np.arange(n_i + 1))
         self.n = n
@@ -122,22 +125,22 @@ class StressBook:
                 unevaluable[self.owner[a:b]] = True
                 u[a:b] = m[a:b] = 0.0
                 continue
-            absk, q_cs, entry = self.absk[a:b], self.q_cs[a:b], self.entry[a:b]
+            absk = self.absk[a:b]
             mark = float(sym_px[mark_id])
             maxes = np.array([tier[0] for tier in tiers[:-1]])
+            mmrs = np.array([tier[1] for tier in tiers])
+            cums = np.array([tier[3] for tier in tiers])
             if mark == mark:
                 notional = absk * mark  # sorted, as absk is: tiers are runs cut by max_k
                 cuts = np.searchsorted(notional, maxes, side="right")
                 sizes = np.diff(np.concatenate(([0], cuts, [b - a])))
-                tier = np.repeat(np.arange(len(tiers)), sizes)
-                u[a:b] = q_cs * (mark - entry) * spx
+                mmr, cum = np.repeat(mmrs, sizes), np.repeat(cums, sizes)
+                u[a:b] = (self.q_cs[a:b] * mark - self.cost[a:b]) * spx
             else:  # no tick yet: each position is marked at its own entry price
-                notional = absk * entry
-                tier = (notional[:, None] > maxes).sum(1) if len(maxes) else \
-                    np.zeros(b - a, np.int64)
+                notional = absk * self.entry[a:b]
+                tier = (notional[:, None] > maxes).sum(1)
+                mmr, cum = mmrs[tier], cums[tier]
                 u[a:b] = 0.0
-            mmr = np.array([tier_[1] for tier_ in tiers])[tier]
-            cum = np.array([tier_[3] for tier_ in tiers])[tier]
             m[a:b] = (notional * mmr - cum) * spx
         equity = collateral + np.bincount(self.owner, u, n)
         mm = np.bincount(self.owner, m, n)
@@ -201,7 +204,7 @@ def _scenario(book: StressBook, base: Figures, shock: Mapping[str, float],
         shock=dict(shock),
         accounts_by_state={name: int(counts[k]) for k, name in enumerate(STATE_NAMES)},
         unpriced=int((~ok).sum()),
-        newly_liquidating=sorted(ids[r] for r in np.flatnonzero(newly).tolist()),
+        newly_liquidating=[ids[r] for r in book.by_id[newly[book.by_id]].tolist()],
         equity=float(equity.sum()),
         maintenance_margin=float(f.mm[ok].sum()),
         bad_debt=float(np.maximum(0.0, -equity).sum()),
