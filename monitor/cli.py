@@ -404,11 +404,11 @@ def _stress_book(args: argparse.Namespace, config: RiskConfig) -> Any:
         return engine
     from aiokafka.errors import KafkaError
 
-    from monitor.service.changelog import NoCheckpoint, StateCorrupt, read_book
+    from monitor.service.changelog import NoCheckpoint, StateCorrupt, UnknownToConfig, read_book
 
     try:
         return asyncio.run(read_book(args.bootstrap, args.topic_state, config))
-    except (KafkaError, NoCheckpoint, StateCorrupt) as exc:
+    except (KafkaError, NoCheckpoint, StateCorrupt, UnknownToConfig) as exc:
         raise CliError(f"cannot read the book from {args.bootstrap}: {exc}") from exc
 
 

@@ -104,6 +104,19 @@ def test_an_account_in_margin_call_recovers_under_a_rise(risk: RiskConfig) -> No
     assert result.newly_liquidating == []
 
 
+def test_a_liquidating_account_stays_within_the_hysteresis_band(risk: RiskConfig) -> None:
+    # 1,000 USDT, long 1 at 60,000, mark 59,200: equity 200, MM 236.8, ratio 1.18 → LIQ.
+    # +0.075 %: mark 59,244.4, equity 244.4, MM 236.98, ratio 0.970: below 1.0 but not below
+    # 1.0 − 0.05, so it stays LIQUIDATING (from HEALTHY the same ratio is a MARGIN_CALL)
+    engine = build(risk, [tick("BTC-PERP", 60_000.0), deposit("a", 1_000.0),
+                          fill("a", "BTC-PERP", "buy", 1, 60_000.0),
+                          tick("BTC-PERP", 59_200.0, ts=4)])
+    assert engine.accounts["a"].state.name == "LIQUIDATING"
+    [result] = run_scenarios(engine, [{"BTC-PERP": 0.00075}])
+    assert result.accounts_by_state == {"HEALTHY": 0, "MARGIN_CALL": 0, "LIQUIDATING": 1}
+    assert result.newly_liquidating == []
+
+
 def test_a_symbol_without_a_tick_is_not_moved(risk: RiskConfig) -> None:
     # no ETH-PERP tick: the position is marked at its entry, uPnL 0, whatever the shock
     engine = build(risk, [deposit("a", 100.0), fill("a", "ETH-PERP", "buy", 10, 3_000.0)])

@@ -192,6 +192,26 @@ async def test_the_live_book_from_the_changelog_gives_the_replay_report(broker,
     assert orjson.loads(live.stdout)["accounts"] == 2
 
 
+async def test_a_config_without_the_books_instruments_exits_1_naming_them(
+        broker, tmp_path: Path) -> None:
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    ends = await produce(broker.bootstrap, [(getattr(settings.topics, kind), key, value)
+                                            for kind, key, value in routable(BOOK)])
+    async with RunningMonitor(settings, load_config(CONFIG)) as monitor:
+        await wait_processed(monitor, ends)
+    other = tmp_path / "eth-only.toml"  # no BTC-PERP, which both accounts hold
+    other.write_text('[thresholds]\nmargin_call = 0.8\nliquidation = 1.0\nhysteresis = 0.05\n'
+                     '[assets.USDT]\ncollateral_weight = 1.0\nprice = 1.0\n'
+                     '[instruments."ETH-PERP"]\nsettle = "USDT"\ncontract_size = 1.0\n'
+                     'tiers = [{ max_notional = "inf", mmr = 0.01, imr = 0.02 }]\n')
+    result = await asyncio.to_thread(liqmon, "stress", "--bootstrap", broker.bootstrap,
+                                     "--topic-state", settings.topics.state, "--config", other,
+                                     "--shock", "ETH-PERP=-0.1")
+    assert result.returncode == 1
+    assert "holds BTC-PERP, which the risk config does not define" in result.stderr
+
+
 async def test_a_state_topic_without_a_checkpoint_exits_1_naming_it(broker) -> None:
     # a mistyped name: brokers that create topics on first use show it as an empty topic
     result = await asyncio.to_thread(liqmon, "stress", "--bootstrap", broker.bootstrap,

@@ -252,6 +252,10 @@ async def read_book(bootstrap: str, topic: str, config: RiskConfig,
     engine.load_prices(prices)
     for part in restored.values():
         for account_id, (account, _, _) in part.accounts.items():
+            unknown = sorted({*account.balances} - set(config.assets)
+                             | {*account.positions} - set(config.instruments))
+            if unknown:
+                raise UnknownToConfig(topic, account_id, unknown)
             engine.load_account(account_id, account)
     return engine
 
@@ -260,3 +264,11 @@ class NoCheckpoint(RuntimeError):
     def __init__(self, topic: str) -> None:
         super().__init__(f"state topic {topic!r} holds no checkpoint: does it exist, is "
                          "--topic-state right, has the fleet checkpointed yet?")
+
+
+class UnknownToConfig(RuntimeError):
+    """A checkpointed account holds an asset or instrument the given risk config lacks."""
+
+    def __init__(self, topic: str, account_id: str, names: list[str]) -> None:
+        super().__init__(f"account {account_id!r} in {topic!r} holds {', '.join(names)}, which "
+                         "the risk config does not define: give the fleet's config (--config)")
