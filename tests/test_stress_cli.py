@@ -219,3 +219,11 @@ async def test_a_state_topic_without_a_checkpoint_exits_1_naming_it(broker) -> N
                                      "--shock", "BTC-PERP=-0.1")
     assert result.returncode == 1
     assert "no-such-state-topic" in result.stderr
+
+
+def test_an_unreachable_broker_exits_1() -> None:
+    # port 1: nothing listens there, the connection is refused at once
+    result = liqmon("stress", "--bootstrap", "127.0.0.1:1", "--config", CONFIG,
+                    "--shock", "BTC-PERP=-0.1")
+    assert result.returncode == 1
+    assert "cannot read the book from 127.0.0.1:1" in result.stderr
