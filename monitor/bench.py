@@ -10,7 +10,8 @@ Phases: engine only (records/s, and the events of both engines compared on the c
 one tick on BTC-PERP (held by one account in ten), typical and with every holder re-valued;
 resident memory per account (each engine loaded in a subprocess of its own); end to end through
 the embedded broker (the service's `Monitor` in a subprocess: sustained records/s on a backlog,
-then tick-to-event latency at half that rate); restore of every account from `liqmon.state`.
+then tick-to-event latency at half that rate); restore of every account from `liqmon.state`;
+`liqmon stress` over a 61-scenario grid.
 """
 
 from __future__ import annotations
@@ -284,6 +285,53 @@ def tick_phase(plan: Plan, fast: Engine, naive: ReferenceEngine, phases: Phases,
                f"{scale}; safe bands expired first (worst case: a shock that leaves every "
                "band)"),
     ]
+
+
+# -- stress --------------------------------------------------------------------------------------
+
+STRESS_GRID = [round(-0.3 + k * 0.01, 12) for k in range(61)]  # -30 % … +30 % by 1 %
+
+
+def stress_phase(plan: Plan, fast: Engine, phases: Phases) -> list[Figure]:
+    """`liqmon stress --grid=-0.3:0.3:0.01` over the whole book, beside the scalar SPEC §4
+    valuation of each account (timed on a sample within the budget, scaled to the grid)."""
+    from monitor.margin import value_account
+    from monitor.state import next_state
+    from monitor.stress import stress
+
+    step = phases.task(f"stress: {len(STRESS_GRID)}-scenario grid", 2)
+    symbols = sorted(fast.config.price_symbols())
+    shocks = [dict.fromkeys(symbols, f) for f in STRESS_GRID]
+    t0 = time.perf_counter()
+    report = stress(fast, shocks)
+    seconds = time.perf_counter() - t0
+    step(1)
+    config, thresholds = fast.config, fast.config.thresholds
+    shocked = {s: p * (1 + STRESS_GRID[0]) for s, p in fast.prices.items()}
+    deadline = time.perf_counter() + plan.naive_budget / 4
+    valued, elapsed = 0, 0.0
+    for account_id in fast.accounts:
+        account = fast.accounts[account_id]
+        if not account.positions:
+            continue
+        t1 = time.perf_counter()
+        v = value_account(account.balances, account.positions, config, shocked)
+        if v is not None:
+            next_state(account.state, v.ratio, thresholds)
+        elapsed += time.perf_counter() - t1
+        valued += 1
+        if time.perf_counter() > deadline:
+            break
+    step(1)
+    baseline = elapsed / max(valued, 1) * report.accounts * len(STRESS_GRID)
+    worst = report.scenarios[0]
+    at_scale = report.accounts >= 900_000  # the target is for 1M accounts
+    return [Figure("stress_grid_s", f"stress: {len(STRESS_GRID)}-scenario grid", "s", seconds,
+                   baseline, "≤ 10 s (1M accounts)", seconds <= 10 if at_scale else None, False,
+                   f"{report.accounts:,} accounts holding a position, every symbol moved "
+                   f"-30 %…+30 % by 1 %; at -30 %: {len(worst.newly_liquidating):,} newly "
+                   f"liquidating; baseline: margin.value_account per account, timed on "
+                   f"{valued:,} and scaled")]
 
 
 # -- memory --------------------------------------------------------------------------------------
@@ -884,6 +932,7 @@ def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
         engine_figures, fast, naive, stream = engine_phase(plan, pop, phases)
         figures += engine_figures
         figures += tick_phase(plan, fast, naive, phases)
+        figures += stress_phase(plan, fast, phases)
         del fast, naive
         gc.collect()
         figures += memory_phase(plan, phases)

@@ -48,6 +48,7 @@ INPUT_SCHEMAS = {PRICES: "price_tick", FILLS: "fill", LEDGER: "ledger_entry"}
 EVENT_TYPE_SCHEMAS = {event_type: event_type for event_type in EVENT_TYPES}
 ALL_SCHEMAS = (
     *INPUT_SCHEMAS.values(), "event", *EVENT_TYPE_SCHEMAS.values(), "dead_letter",
+    "stress_report",
 )
 
 # Rejections a schema cannot reproduce: they depend on the risk config.

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Account, Engine
@@ -214,3 +215,60 @@ def control_messages(controls: dict[int, Control], topics: Topics) -> list[Outgo
     return [Outgoing(topic=topics.state, key=CONTROL_KEY, value=encode_control(control),
                      headers=[(KIND_HEADER, CONTROL)], partition=partition)
             for partition, control in controls.items()]
+
+
+async def read_book(bootstrap: str, topic: str, config: RiskConfig,
+                    security: KafkaSecurity = PLAINTEXT) -> Engine:
+    """The fleet's book as its checkpoints hold it, for read-only what-ifs (`liqmon stress`):
+    every account of every changelog partition, read without joining a consumer group.
+
+    Prices: per symbol, the newest (by tick ts) entry of any partition's control record. An
+    engine keeps per symbol the tick with the latest ts (older ones are stale), so this is the
+    table an engine that had applied every partition's ticks would hold — the latest known
+    market, which is where a what-if starts. (A restore takes the control furthest *behind*
+    only so that it re-reads the ticks its accounts have not seen; a report re-reads nothing.)
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="liqmon-stress",
+                                **security.client_kwargs())
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = [p["partition"] for t in described if t["topic"] == topic
+                  for p in t["partitions"]]
+    restored = await read_changelog(bootstrap, topic, sorted(partitions),
+                                    client_id="liqmon-stress", security=security)
+    if all(part.control is None for part in restored.values()):
+        raise NoCheckpoint(topic)  # an empty book would read as "no risk": say why instead
+    engine = Engine(config)
+    prices: dict[str, tuple[float, int]] = {}
+    for part in restored.values():
+        if part.control is None:
+            continue
+        for symbol, (price, ts) in part.control.prices.items():
+            if symbol not in prices or ts > prices[symbol][1]:
+                prices[symbol] = (price, ts)
+    engine.load_prices(prices)
+    for part in restored.values():
+        for account_id, (account, _, _) in part.accounts.items():
+            unknown = sorted({*account.balances} - set(config.assets)
+                             | {*account.positions} - set(config.instruments))
+            if unknown:
+                raise UnknownToConfig(topic, account_id, unknown)
+            engine.load_account(account_id, account)
+    return engine
+
+
+class NoCheckpoint(RuntimeError):
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"state topic {topic!r} holds no checkpoint: does it exist, is "
+                         "--topic-state right, has the fleet checkpointed yet?")
+
+
+class UnknownToConfig(RuntimeError):
+    """A checkpointed account holds an asset or instrument the given risk config lacks."""
+
+    def __init__(self, topic: str, account_id: str, names: list[str]) -> None:
+        super().__init__(f"account {account_id!r} in {topic!r} holds {', '.join(names)}, which "
+                         "the risk config does not define: give the fleet's config (--config)")
