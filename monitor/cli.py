@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -406,8 +406,11 @@ def _stress_book(args: argparse.Namespace, config: RiskConfig) -> Any:
 
     from monitor.service.changelog import NoCheckpoint, StateCorrupt, UnknownToConfig, read_book
 
+    security = _kafka_security(args)
+    if security.problems():
+        raise UsageError("; ".join(security.problems()))
     try:
-        return asyncio.run(read_book(args.bootstrap, args.topic_state, config))
+        return asyncio.run(read_book(args.bootstrap, args.topic_state, config, security))
     except (KafkaError, NoCheckpoint, StateCorrupt, UnknownToConfig) as exc:
         raise CliError(f"cannot read the book from {args.bootstrap}: {exc}") from exc
 
@@ -432,16 +435,47 @@ class _RefusedPassword(argparse.Action):
                      "--sasl-password-file")
 
 
-def _add_run_options(run: argparse.ArgumentParser) -> None:
+def _env_option(parser: argparse.ArgumentParser) -> Callable[..., None]:
+    """add_argument for an option that also reads LIQMON_<NAME> from the environment."""
+    def option(name: str, help_text: str, **kwargs: Any) -> None:
+        env = "LIQMON_" + name.upper().replace("-", "_")
+        parser.add_argument(f"--{name}", default=_env(name, kwargs.pop("default", None)),
+                            help=f"{help_text} (env {env})", **kwargs)
+    return option
+
+
+def _add_security_options(parser: argparse.ArgumentParser) -> None:
+    """Kafka TLS and SASL, for every command that reaches a broker a deployment runs."""
     from monitor.service.security import MECHANISMS, PROTOCOLS
+    from monitor.service.settings import ServiceSettings
+
+    defaults = ServiceSettings(config_path=Path("risk.toml"))
+    option = _env_option(parser)
+    option("security-protocol", f"how to reach Kafka: {', '.join(PROTOCOLS)}, default "
+           f"{defaults.security.protocol}", choices=PROTOCOLS, default=defaults.security.protocol)
+    option("ssl-cafile", "CA certificates (PEM) the brokers' certificates must chain to, "
+           "default: the system's", metavar="PATH")
+    option("ssl-certfile", "client certificate (PEM) for mutual TLS, with --ssl-keyfile",
+           metavar="PATH")
+    option("ssl-keyfile", "private key (PEM, unencrypted) of --ssl-certfile", metavar="PATH")
+    parser.add_argument("--ssl-check-hostname", action=argparse.BooleanOptionalAction,
+                     default=_env("ssl-check-hostname", "1").lower() not in ("0", "false", "no"),
+                     help="check that a broker's certificate names the host connected to, "
+                          "default on (env LIQMON_SSL_CHECK_HOSTNAME=0 turns it off)")
+    option("sasl-mechanism", f"SASL mechanism: {', '.join(MECHANISMS)}", choices=MECHANISMS)
+    option("sasl-username", "SASL user name")
+    option("sasl-password-file", "file holding the SASL password (or set env "
+           "LIQMON_SASL_PASSWORD; never a command-line value)", metavar="PATH")
+    parser.add_argument("--sasl-password", nargs="?", action=_RefusedPassword,
+                     help=argparse.SUPPRESS)
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> None:
     from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings, Topics
 
     defaults = ServiceSettings(config_path=Path("risk.toml"))
 
-    def option(name: str, help_text: str, **kwargs: Any) -> None:
-        env = "LIQMON_" + name.upper().replace("-", "_")
-        run.add_argument(f"--{name}", default=_env(name, kwargs.pop("default", None)),
-                         help=f"{help_text} (env {env})", **kwargs)
+    option = _env_option(run)
 
     def switch(name: str, help_text: str) -> None:
         """An on/off flag; its environment variable is on when 1, true or yes."""
@@ -498,23 +532,7 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     switch("accept-config-change", "restore state checkpointed under a different risk config "
            "(a deliberate config roll-out, see README); without it such a restore is refused")
     option("log-level", "debug, info (default), warning or error", default="info")
-    option("security-protocol", f"how to reach Kafka: {', '.join(PROTOCOLS)}, default "
-           f"{defaults.security.protocol}", choices=PROTOCOLS, default=defaults.security.protocol)
-    option("ssl-cafile", "CA certificates (PEM) the brokers' certificates must chain to, "
-           "default: the system's", metavar="PATH")
-    option("ssl-certfile", "client certificate (PEM) for mutual TLS, with --ssl-keyfile",
-           metavar="PATH")
-    option("ssl-keyfile", "private key (PEM, unencrypted) of --ssl-certfile", metavar="PATH")
-    run.add_argument("--ssl-check-hostname", action=argparse.BooleanOptionalAction,
-                     default=_env("ssl-check-hostname", "1").lower() not in ("0", "false", "no"),
-                     help="check that a broker's certificate names the host connected to, "
-                          "default on (env LIQMON_SSL_CHECK_HOSTNAME=0 turns it off)")
-    option("sasl-mechanism", f"SASL mechanism: {', '.join(MECHANISMS)}", choices=MECHANISMS)
-    option("sasl-username", "SASL user name")
-    option("sasl-password-file", "file holding the SASL password (or set env "
-           "LIQMON_SASL_PASSWORD; never a command-line value)", metavar="PATH")
-    run.add_argument("--sasl-password", nargs="?", action=_RefusedPassword,
-                     help=argparse.SUPPRESS)
+    _add_security_options(run)
     topic_defaults = Topics()
     for name in TOPIC_OPTIONS:
         flag = "topic-" + name.replace("_", "-")
@@ -615,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the live book, from the state topic (no consumer group joined)")
     stress.add_argument("--topic-state", default=Topics().state, metavar="NAME",
                         help=f"state topic, default {Topics().state}")
+    _add_security_options(stress)  # --bootstrap reads a production fleet's changelog
     stress.add_argument("--config", required=True, type=Path, help="risk config (TOML)")
     scenarios = stress.add_mutually_exclusive_group(required=True)
     scenarios.add_argument("--shock", action="append", metavar="SYMBOL=FRACTION",

@@ -227,3 +227,13 @@ def test_an_unreachable_broker_exits_1() -> None:
                     "--shock", "BTC-PERP=-0.1")
     assert result.returncode == 1
     assert "cannot read the book from 127.0.0.1:1" in result.stderr
+
+
+def test_the_live_book_takes_the_kafka_security_options_and_checks_them_first() -> None:
+    """SASL_SSL with no mechanism, user or password: a usage error before any connection
+    (the same checks as `liqmon run`), not an unreachable broker."""
+    result = liqmon("stress", "--bootstrap", "127.0.0.1:1", "--config", CONFIG,
+                    "--shock", "BTC-PERP=-0.1", "--security-protocol", "SASL_SSL")
+    assert result.returncode == 2
+    assert "--security-protocol SASL_SSL needs --sasl-mechanism" in result.stderr
+    assert "cannot read the book" not in result.stderr
