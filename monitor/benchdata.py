@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from monitor.account import Account
 from monitor.config import RiskConfig, parse_config
-from monitor.engine import Account
 from monitor.events import Source
 from monitor.margin import Position
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.account import Account
 from monitor.config import RiskConfig
 from monitor.margin import Position, is_dust
 from monitor.state import AccountState
@@ -133,18 +134,6 @@ class Tables:
         if state == 1:
             return self.liq, self.mc_h
         return None, self.liq_h
-
-
-_ACCOUNT: list[Any] = []
-
-
-def _account_type() -> Any:
-    """engine.Account (imported late: the engine imports this module)."""
-    if not _ACCOUNT:
-        from monitor.engine import Account
-
-        _ACCOUNT.append(Account)
-    return _ACCOUNT[0]
 
 
 _STATE_ENUM = tuple(AccountState)
@@ -589,8 +578,8 @@ class Book:
             p = nxt[p]
         return out
 
-    def account(self, row: int) -> Any:
-        """The account as an `engine.Account` (balances, positions in order, state, …)."""
+    def account(self, row: int) -> Account:
+        """The account as an `Account` (balances, positions in order, state, …)."""
         t = self.t
         base = row * t.n_assets
         bal = self.bal_m
@@ -616,9 +605,9 @@ class Book:
             p = nxt[p]
         partition = self.part_m[row]
         symbols = t.symbols
-        return _account_type()(balances, positions, _STATE_ENUM[self.state_m[row]],
-                               self.trans_m[row], None if partition < 0 else partition,
-                               frozenset([symbols[s] for s in watched]))
+        return Account(balances, positions, _STATE_ENUM[self.state_m[row]],
+                       self.trans_m[row], None if partition < 0 else partition,
+                       frozenset([symbols[s] for s in watched]))
 
     def watched_of(self, row: int) -> set[int]:
         """Symbol ids whose ticks can move the account (SPEC §6)."""

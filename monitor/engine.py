@@ -16,33 +16,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from monitor.account import Account
 from monitor.book import Book
 from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event
-from monitor.margin import Position, Valuation, value_account
+from monitor.margin import Valuation, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
 from monitor.state import AccountState, next_state
 
 DEFAULT_DEDUPE_WINDOW = 10_000
-
-
-@dataclass(slots=True)
-class Account:
-    balances: dict[str, float] = field(default_factory=dict)  # non-zero balances only
-    positions: dict[str, Position] = field(default_factory=dict)
-    state: AccountState = AccountState.HEALTHY
-    transitions: int = 0  # events emitted so far; never reset (event ids depend on it)
-    partition: int | None = None  # input partition that owns it (None in replay)
-    watched: frozenset[str] = frozenset()  # price symbols whose ticks can move this account
-
-    def is_blank(self) -> bool:
-        """Nothing to remember: the account may be forgotten (SPEC §5 tombstone rule)."""
-        return not self.balances and not self.positions and self.transitions == 0
 
 
 @dataclass(slots=True)

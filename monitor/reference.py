@@ -10,8 +10,9 @@ API as `monitor.engine.Engine`, so the service can run on either.
 
 from __future__ import annotations
 
+from monitor.account import Account
 from monitor.config import RiskConfig
-from monitor.engine import DEFAULT_DEDUPE_WINDOW, Account, InputLedger
+from monitor.engine import DEFAULT_DEDUPE_WINDOW, InputLedger
 from monitor.events import Event, Source, build_event
 from monitor.margin import apply_fill_to_position, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from monitor.engine import Account
+from monitor.account import Account
 from monitor.margin import Position
 from monitor.state import AccountState
 

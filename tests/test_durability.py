@@ -10,8 +10,9 @@ from dataclasses import replace
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from monitor.account import Account
 from monitor.config import fingerprint, load_config
-from monitor.engine import Account, Engine
+from monitor.engine import Engine
 from monitor.replay import replay
 from monitor.service.changelog import (
     ACCOUNT,

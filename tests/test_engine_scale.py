@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from monitor.account import Account
 from monitor.config import RiskConfig, parse_config
-from monitor.engine import VECTOR_MIN, Account, Engine
+from monitor.engine import VECTOR_MIN, Engine
 from monitor.events import Event, Source
 from monitor.margin import Position, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick

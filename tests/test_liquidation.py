@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from monitor.account import Account
 from monitor.config import RiskConfig, parse_config
-from monitor.engine import Account, Engine
+from monitor.engine import Engine
 from monitor.events import Source
 from monitor.liquidation import LiquidationPlan, liquidation_plan
 from monitor.margin import Position, value_account

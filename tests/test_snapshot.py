@@ -7,7 +7,7 @@ import math
 import orjson
 import pytest
 
-from monitor.engine import Account
+from monitor.account import Account
 from monitor.margin import Position
 from monitor.snapshot import (
     Control,

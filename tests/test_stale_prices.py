@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from monitor.account import Account
 from monitor.config import RiskConfig, parse_config
-from monitor.engine import Account, Engine
+from monitor.engine import Engine
 from monitor.events import Source
 from monitor.margin import Position
 from monitor.records import PriceTick

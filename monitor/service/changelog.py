@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from monitor.account import Account
 from monitor.config import RiskConfig, fingerprint
-from monitor.engine import Account, Engine
+from monitor.engine import Engine
 from monitor.service.outbox import Outgoing
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import Topics
