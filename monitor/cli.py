@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from monitor.config import ConfigError, RiskConfig, load_config
+from monitor.errors import LiqmonError
 
 if TYPE_CHECKING:
     from monitor.service.security import KafkaSecurity
@@ -88,13 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from monitor.service.changelog import ConfigChanged, StateCorrupt
-    from monitor.service.delivery import DeliveryAbandoned, DeliveryFailed
     from monitor.service.logs import configure_logging
     from monitor.service.metrics import HealthServer, Metrics
     from monitor.service.runner import Monitor
     from monitor.service.settings import ServiceSettings, Topics
-    from monitor.service.topics import TopicLayoutError, TopicMissing
 
     if args.config is None:
         raise CliError("--config (or LIQMON_CONFIG) is required")
@@ -158,9 +156,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve())
-    except (TopicLayoutError, TopicMissing, DeliveryAbandoned, DeliveryFailed, StateCorrupt,
-            ConfigChanged) as exc:
-        raise CliError(str(exc)) from exc
     finally:
         if server is not None:
             server.stop()
@@ -217,13 +212,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from monitor.service.broker import BrokerUnavailable, EmbeddedBroker
+    from monitor.service.broker import EmbeddedBroker
 
     broker = EmbeddedBroker(port=args.port)
-    try:
-        broker.start()
-    except BrokerUnavailable as exc:
-        raise CliError(str(exc)) from exc
+    broker.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -247,7 +239,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from monitor.demo import Demo
-    from monitor.service.broker import BrokerUnavailable
     from monitor.service.logs import configure_logging
 
     config = _load(args.config)
@@ -255,10 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = Console()
     demo = Demo(config, Path(args.config), accounts=args.accounts, duration=args.duration,
                 seed=args.seed, port=args.port, console=console)
-    try:
-        view = asyncio.run(demo.run())
-    except BrokerUnavailable as exc:
-        raise CliError(str(exc)) from exc
+    view = asyncio.run(demo.run())
     events = ", ".join(f"{t} {view.events[t]:,}" for t in sorted(view.events)) or "none"
     console.print(f"demo finished: {view.produced:,} input records, events: {events}; "
                   "broker and monitor stopped.")
@@ -277,16 +265,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from monitor.bench import Plan, render, run
-    from monitor.service.broker import BrokerUnavailable
 
     if args.accounts < 100 or args.instruments < 1:
         raise CliError("--accounts must be ≥ 100 and --instruments ≥ 1")
     plan = Plan(accounts=args.accounts, instruments=args.instruments, seed=args.seed,
                 volatility=args.tick_volatility, records=args.records, e2e=not args.skip_e2e)
-    try:
-        report = run(plan, quiet=args.json)
-    except BrokerUnavailable as exc:
-        raise CliError(str(exc)) from exc
+    report = run(plan, quiet=args.json)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -336,7 +320,7 @@ def _grid(text: str) -> list[float]:
 def cmd_stress(args: argparse.Namespace) -> int:
     import json
 
-    from monitor.stress import PlotUnavailable, plot, pyplot, render, stress
+    from monitor.stress import plot, pyplot, render, stress
 
     config = _load(args.config)
     symbols = config.price_symbols()
@@ -365,10 +349,7 @@ def cmd_stress(args: argparse.Namespace) -> int:
     if args.plot is not None:
         if args.grid is None:
             raise UsageError("--plot charts a --grid (one --shock scenario is one point)")
-        try:  # before the book is read: a missing extra should not cost a replay
-            plt = pyplot()
-        except PlotUnavailable as exc:
-            raise CliError(str(exc)) from exc
+        plt = pyplot()  # before the book is read: a missing extra should not cost a replay
     engine = _stress_book(args, config)
     report = stress(engine, shocks)
     if args.json:
@@ -404,14 +385,14 @@ def _stress_book(args: argparse.Namespace, config: RiskConfig) -> Any:
         return engine
     from aiokafka.errors import KafkaError
 
-    from monitor.service.changelog import NoCheckpoint, StateCorrupt, UnknownToConfig, read_book
+    from monitor.service.changelog import read_book
 
     security = _kafka_security(args)
     if security.problems():
         raise UsageError("; ".join(security.problems()))
     try:
         return asyncio.run(read_book(args.bootstrap, args.topic_state, config, security))
-    except (KafkaError, NoCheckpoint, StateCorrupt, UnknownToConfig) as exc:
+    except (KafkaError, LiqmonError) as exc:
         raise CliError(f"cannot read the book from {args.bootstrap}: {exc}") from exc
 
 
@@ -670,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except CliError as exc:
+    except (CliError, LiqmonError) as exc:  # each says what the operator can do about it
         print(f"liqmon: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from monitor.engine import Engine
+from monitor.errors import LiqmonError
 from monitor.state import AccountState
 
 LOSERS = 10  # largest losers reported per scenario
@@ -241,7 +242,7 @@ def render(report: StressReport, console: Any) -> None:
     console.print(table)
 
 
-class PlotUnavailable(RuntimeError):
+class PlotUnavailable(LiqmonError):
     """--plot without the optional plotting library installed."""
 
 

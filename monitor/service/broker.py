@@ -11,8 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from monitor.errors import LiqmonError
 
-class BrokerUnavailable(RuntimeError):
+
+class BrokerUnavailable(LiqmonError):
     """The embedded broker cannot be found or did not come up."""
 
 

@@ -19,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from monitor.account import Account
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
+from monitor.errors import LiqmonError
 from monitor.service.outbox import Outgoing
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import Topics
@@ -38,7 +39,7 @@ ACCOUNT, CONTROL, RESET = b"account", b"control", b"reset"
 RESET_KEY = b"\x00liqmon.reset"
 
 
-class StateCorrupt(RuntimeError):
+class StateCorrupt(LiqmonError):
     """A checkpoint record that cannot be decoded: the start stops rather than forget state."""
 
     def __init__(self, topic: str, partition: int, offset: int, detail: str) -> None:
@@ -50,7 +51,7 @@ class StateCorrupt(RuntimeError):
         self.topic, self.partition, self.offset = topic, partition, offset
 
 
-class ConfigChanged(RuntimeError):
+class ConfigChanged(LiqmonError):
     """A partition's checkpoint was written under another risk config than this instance's."""
 
     def __init__(self, topic: str, partition: int, checkpointed: str, configured: str) -> None:
@@ -261,13 +262,13 @@ async def read_book(bootstrap: str, topic: str, config: RiskConfig,
     return engine
 
 
-class NoCheckpoint(RuntimeError):
+class NoCheckpoint(LiqmonError):
     def __init__(self, topic: str) -> None:
         super().__init__(f"state topic {topic!r} holds no checkpoint: does it exist, is "
                          "--topic-state right, has the fleet checkpointed yet?")
 
 
-class UnknownToConfig(RuntimeError):
+class UnknownToConfig(LiqmonError):
     """A checkpointed account holds an asset or instrument the given risk config lacks."""
 
     def __init__(self, topic: str, account_id: str, names: list[str]) -> None:

@@ -13,18 +13,19 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from structlog.stdlib import BoundLogger
 
+from monitor.errors import LiqmonError
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
 
 MAX_BACKOFF = 5.0
 
 
-class DeliveryAbandoned(RuntimeError):
+class DeliveryAbandoned(LiqmonError):
     """Shutdown could not deliver every pending message in time. Their inputs stay
     uncommitted, so a restart re-processes them: nothing is lost, some may repeat."""
 
 
-class DeliveryFailed(RuntimeError):
+class DeliveryFailed(LiqmonError):
     """The broker refused a message for good (too large, invalid topic, not authorised, …):
     retrying cannot help and skipping it would lose it, so the instance stops. Its input is
     not checkpointed: after the cause is fixed, a restart re-processes it."""

@@ -136,9 +136,10 @@ class Monitor:
             self._stopping.set()
             self._update_ready()
 
-    def _fail(self, exc: BaseException) -> None:
-        """A fatal error inside a callback: stop, and let run() raise it. Nothing is
-        checkpointed from here on: what was processed is re-processed after a restart."""
+    def fail(self, exc: BaseException) -> None:
+        """Stop on a fatal error raised outside the loop (in a callback such as the rebalance
+        listener or the broker probe) and let run() raise it. Nothing is checkpointed from
+        here on: what was processed is re-processed after a restart."""
         if self._fatal is None:
             self._fatal = exc
         if self._pipeline is not None:
@@ -990,7 +991,7 @@ class Monitor:
             # Some brokers acknowledge produce requests to a deleted topic and keep nothing.
             missing = [name for name in outputs if present is not None and name not in present]
             if missing:
-                self._fail(TopicMissing(missing[0]))
+                self.fail(TopicMissing(missing[0]))
                 return
             if reachable and lost_at is not None:
                 self.log.info("kafka reachable again", bootstrap=self.settings.bootstrap,
@@ -1054,10 +1055,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             await self.monitor.on_revoked(set(revoked))
         except Exception as exc:
-            self.monitor._fail(exc)
+            self.monitor.fail(exc)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         try:
             await self.monitor.on_assigned(set(assigned))
         except Exception as exc:
-            self.monitor._fail(exc)
+            self.monitor.fail(exc)

@@ -5,16 +5,17 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from monitor.errors import LiqmonError
 from monitor.service.settings import ServiceSettings
 
 COMPACTED = {"cleanup.policy": "compact"}
 
 
-class TopicLayoutError(RuntimeError):
+class TopicLayoutError(LiqmonError):
     """The topics exist but cannot be used as they are (e.g. fills and ledger differ)."""
 
 
-class TopicMissing(RuntimeError):
+class TopicMissing(LiqmonError):
     """An output topic disappeared while running: what is published to it is lost."""
 
     def __init__(self, topic: str) -> None:
