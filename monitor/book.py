@@ -855,20 +855,8 @@ class Book:
                     term = b * fixed * np.where(b > 0, weight, 1.0)
                     collateral += term
                     scale += np.abs(term)
-            # every position of these accounts, list by list: R[k] owns P[k], in list order
-            cur = self.first[rows]
-            owner = np.flatnonzero(cur >= 0)
-            cur = cur[owner]
-            chunks_p, chunks_r = [], []
-            while len(cur):
-                chunks_p.append(cur)
-                chunks_r.append(owner)
-                cur = self.p_next[cur]
-                more = cur >= 0
-                owner, cur = owner[more], cur[more]
-            if chunks_p:
-                pos = np.concatenate(chunks_p)
-                own = np.concatenate(chunks_r)
+            pos, own = self.positions_of_rows(rows)
+            if len(pos):
                 instr = self.p_instr[pos]
                 q = self.p_qty[pos]
                 e = self.p_entry[pos]
@@ -986,6 +974,24 @@ class Book:
         for s, a, b in zip(syms[starts].tolist(), starts, ends, strict=True):
             # no merge here: a bulk re-filing is folded in by the symbol's next tick
             self.bands[s].push_many(account_rows[a:b], aids[a:b], lo[a:b], hi[a:b])
+
+    def positions_of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every position of these accounts, as (position ids, index into ``rows`` of each
+        one's owner); one account's positions come in list order. The linked lists are walked
+        a step at a time for all accounts at once."""
+        cur = self.first[rows]
+        owner = np.flatnonzero(cur >= 0)
+        cur = cur[owner]
+        chunks_p, chunks_o = [], []
+        while len(cur):
+            chunks_p.append(cur)
+            chunks_o.append(owner)
+            cur = self.p_next[cur]
+            more = cur >= 0
+            owner, cur = owner[more], cur[more]
+        if not chunks_p:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(chunks_p), np.concatenate(chunks_o)
 
     def rows_in_use(self) -> np.ndarray:
         """Every row that holds an account."""

@@ -79,18 +79,7 @@ class StressBook:
         self.wbal = bal * np.where(bal > 0, weight, 1.0)
         self.a_fixed = np.array([math.nan if f is None else f for f in t.a_fixed])
         self.a_sym = np.array(t.a_sym_id, dtype=np.int64)
-        # every position, by walking the linked lists a step at a time for all accounts
-        cur = book.first[rows]
-        owner = np.arange(n)
-        chunks_p, chunks_o = [], []
-        while len(cur):
-            chunks_p.append(cur)
-            chunks_o.append(owner)
-            cur = book.p_next[cur]
-            more = cur >= 0
-            owner, cur = owner[more], cur[more]
-        pos = np.concatenate(chunks_p) if chunks_p else np.empty(0, np.int64)
-        own = np.concatenate(chunks_o) if chunks_o else np.empty(0, np.int64)
+        pos, own = book.positions_of_rows(rows)
         instr = book.p_instr[pos].astype(np.int64)
         q = book.p_qty[pos]
         e = book.p_entry[pos]
