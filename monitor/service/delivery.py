@@ -80,22 +80,32 @@ class Delivery:
             backoff = min(backoff * 2, MAX_BACKOFF)
             pending = failed
 
-    async def _send(self, messages: list[Outgoing]) -> tuple[list[Outgoing], Exception | None]:
-        """One attempt at producing every message; returns those that failed."""
+    async def start_sending(self, messages: Sequence[Outgoing]
+                            ) -> tuple[list[asyncio.Future[Any]], KafkaError | None]:
+        """Hand messages to the producer in order, without waiting for acknowledgements:
+        the futures of those handed over, and the error that stopped the rest (no metadata,
+        buffer full for too long: the broker is away), if one did."""
         futures: list[asyncio.Future[Any]] = []
-        for index, message in enumerate(messages):
+        for message in messages:
             try:
                 futures.append(await self.producer.send(
                     message.topic, message.value, key=message.key, headers=message.headers,
                     partition=message.partition))
-            except KafkaError as exc:  # no metadata, buffer full for too long: broker away
-                _refused(message, exc)
-                results = await asyncio.gather(*futures, return_exceptions=True)
-                failed = self.settle(messages[:index], results)
-                return failed + messages[index:], exc
+            except KafkaError as exc:
+                return futures, exc
+        return futures, None
+
+    async def _send(self, messages: list[Outgoing]) -> tuple[list[Outgoing], Exception | None]:
+        """One attempt at producing every message; returns those that failed."""
+        futures, error = await self.start_sending(messages)
+        sent = len(futures)
+        if error is not None:
+            _refused(messages[sent], error)
         results = await asyncio.gather(*futures, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, Exception)]
-        return self.settle(messages, results), errors[0] if errors else None
+        failed = self.settle(messages[:sent], results) + messages[sent:]
+        if error is None:
+            error = next((r for r in results if isinstance(r, Exception)), None)
+        return failed, error
 
     def settle(self, messages: Sequence[Outgoing], results: Sequence[Any]) -> list[Outgoing]:
         """Count what was delivered; return what was not (to retry), or raise DeliveryFailed
@@ -131,7 +141,9 @@ class Pipeline:
         self.delivery = delivery
         self._on_delivered = on_delivered
         self._max_in_flight = max_in_flight
-        self._queue: deque[tuple[list[Outgoing], list[asyncio.Future[Any]], int, Any]] = deque()
+        # per batch: its messages, the futures of those handed to the producer (the first
+        # ones), and what to report once it is acknowledged
+        self._queue: deque[tuple[list[Outgoing], list[asyncio.Future[Any]], Any]] = deque()
         self._in_flight = 0  # messages handed over and not settled
         self._submitted = 0  # batches handed over, ever
         self._settled = 0  # batches acknowledged, ever (in order)
@@ -151,18 +163,9 @@ class Pipeline:
                 await self._changed.wait_for(
                     lambda: self._in_flight < self._max_in_flight or self._error is not None)
             self._raise_if_failed()
-        futures: list[asyncio.Future[Any]] = []
-        producer = self.delivery.producer
-        sent = len(outgoing)
-        for index, message in enumerate(outgoing):
-            try:
-                futures.append(await producer.send(
-                    message.topic, message.value, key=message.key, headers=message.headers,
-                    partition=message.partition))
-            except KafkaError:  # broker away: the settler delivers the rest with retries
-                sent = index
-                break
-        self._queue.append((outgoing, futures, sent, delivered))
+        # if the broker is away, the settler delivers what was not handed over, with retries
+        futures, _ = await self.delivery.start_sending(outgoing)
+        self._queue.append((outgoing, futures, delivered))
         self._in_flight += len(outgoing)
         self._submitted += 1
         async with self._changed:
@@ -209,7 +212,8 @@ class Pipeline:
             while True:
                 async with self._changed:
                     await self._changed.wait_for(lambda: bool(self._queue))
-                outgoing, futures, sent, delivered = self._queue[0]
+                outgoing, futures, delivered = self._queue[0]
+                sent = len(futures)
                 results = await asyncio.gather(*futures, return_exceptions=True)
                 failed = self.delivery.settle(outgoing[:sent], results) + outgoing[sent:]
                 if failed:
