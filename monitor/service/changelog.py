@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from monitor.account import Account
-from monitor.config import RiskConfig, fingerprint
+from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.service.outbox import Outgoing
@@ -173,17 +173,6 @@ async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
     await asyncio.gather(*futures)
 
 
-_last_fingerprint: tuple[RiskConfig, str] | None = None
-
-
-def _fingerprint(config: RiskConfig) -> str:
-    """fingerprint(), computed once per config rather than on every checkpoint."""
-    global _last_fingerprint
-    if _last_fingerprint is None or _last_fingerprint[0] is not config:
-        _last_fingerprint = (config, fingerprint(config))
-    return _last_fingerprint[1]
-
-
 def snapshot_messages(engine: Engine, dirty: dict[str, int], seq: int,
                       as_of: dict[int, Offsets], topics: Topics) -> list[Outgoing]:
     """Account snapshots (or tombstones of deleted accounts) of ``dirty`` (account →
@@ -199,11 +188,11 @@ def snapshot_messages(engine: Engine, dirty: dict[str, int], seq: int,
 
 
 def controls_now(engine: Engine, seq: int, as_of: dict[int, Offsets], topics: Topics,
-                 written_at_ms: int) -> dict[int, Control]:
+                 written_at_ms: int, config: str) -> dict[int, Control]:
     """The control record of each checkpointed partition — offsets, price table, duplicate
-    windows — as they are now (copies: cheap to take, encoded later)."""
+    windows, and ``config``, the fingerprint of the risk config — as they are now (copies:
+    cheap to take, encoded later)."""
     prices = engine.price_table()
-    config = _fingerprint(engine.config)
     return {partition: Control(
         seq=seq, written_at=written_at_ms, offsets=offsets, prices=prices, config=config,
         dedupe={(topic, partition): engine.dedupe_ids(topic, partition)
@@ -211,12 +200,11 @@ def controls_now(engine: Engine, seq: int, as_of: dict[int, Offsets], topics: To
         for partition, offsets in as_of.items()}
 
 
-def control_messages(controls: dict[int, Control], topics: Topics) -> list[Outgoing]:
-    """Control records to write after the snapshots have been acknowledged: a control
+def control_message(partition: int, control: Control, topics: Topics) -> Outgoing:
+    """A control record, to write after the snapshots have been acknowledged: a control
     record vouches for what precedes it."""
-    return [Outgoing(topic=topics.state, key=CONTROL_KEY, value=encode_control(control),
-                     headers=[(KIND_HEADER, CONTROL)], partition=partition)
-            for partition, control in controls.items()]
+    return Outgoing(topic=topics.state, key=CONTROL_KEY, value=encode_control(control),
+                    headers=[(KIND_HEADER, CONTROL)], partition=partition)
 
 
 async def read_book(bootstrap: str, topic: str, config: RiskConfig,

@@ -38,7 +38,7 @@ from monitor.service.changelog import (
     ConfigChanged,
     RestoredPartition,
     RestoreProgress,
-    control_messages,
+    control_message,
     controls_now,
     read_changelog,
     snapshot_messages,
@@ -448,8 +448,7 @@ class Monitor:
             return  # the first records applied set it
         for tp, end in ends.items():
             if tp in self._processed:
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, end - self._processed[tp]))
+                self._set_lag(tp, end)
 
     def _check_config(self, restored: dict[int, RestoredPartition]) -> None:
         """Refuse state checkpointed under another risk config (another instance of the
@@ -735,16 +734,13 @@ class Monitor:
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume
         them once drained: memory stays bounded however far one input runs ahead."""
-        topics = self.settings.topics
         for tp in list(self._processed):
             buffered = self._merge.buffered(tp)
-            consumer = self._prices if tp.topic == topics.prices else self._accounts
-            assert consumer is not None
             if tp not in self._paused and buffered >= MAX_BUFFERED:
-                consumer.pause(tp)
+                self._consumer_of(tp).pause(tp)
                 self._paused.add(tp)
             elif tp in self._paused and buffered < MAX_BUFFERED // 2:
-                consumer.resume(tp)
+                self._consumer_of(tp).resume(tp)
                 self._paused.discard(tp)
 
     async def _process_ready(self, limit: int) -> int:
@@ -778,17 +774,22 @@ class Monitor:
         """The time-ordered merge's sort key of a record."""
         return (record.timestamp, self._rank(tp.topic), tp.partition, record.offset)
 
+    def _consumer_of(self, tp: TopicPartition) -> AIOKafkaConsumer:
+        consumer = self._prices if tp.topic == self.settings.topics.prices else self._accounts
+        assert consumer is not None
+        return consumer
+
     def _update_lag(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
-            consumer = self._prices if tp.topic == self.settings.topics.prices \
-                else self._accounts
-            assert consumer is not None
             self.metrics.input_offset.labels(tp.topic, str(tp.partition)).set(
                 self._processed[tp])
-            highwater = consumer.highwater(tp)
+            highwater = self._consumer_of(tp).highwater(tp)
             if highwater is not None:
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, highwater - self._processed[tp]))
+                self._set_lag(tp, highwater)
+
+    def _set_lag(self, tp: TopicPartition, end: int) -> None:
+        self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+            max(0, end - self._processed[tp]))
 
     def _log_events(self) -> None:
         """One info line per event (SPEC §8), for the events of the batch just produced."""
@@ -890,7 +891,8 @@ class Monitor:
         self.engine.mark_dirty(others)
         as_of = self._as_of(partitions)
         seq = self._seq + 1
-        controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000))
+        controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000),
+                                self.fingerprint)
         vouched = self._pipeline.mark()
         if partitions >= self._owned:
             self._since_checkpoint = 0
@@ -903,12 +905,12 @@ class Monitor:
                          if mine[a] in self._owned}
                 snapshots = snapshot_messages(self.engine, chunk, seq,
                                               self._as_of(set(chunk.values())), t)
-                await self._pipeline.settled(self._pipeline.mark())
+                await self._pipeline.flush()  # the events of what these snapshots reflect
                 await self._delivery.deliver(snapshots)
             await self._pipeline.settled(vouched)
             messages = []
             for partition, control in controls.items():  # ~20,000 window ids each
-                messages += control_messages({partition: control}, t)
+                messages.append(control_message(partition, control, t))
                 await asyncio.sleep(0)  # the loop goes on between two partitions
             await self._delivery.deliver(messages)
         except BaseException:
