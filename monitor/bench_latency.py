@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from monitor.bench import Figure, percentile, risk_toml
 from monitor.benchdata import (
     MixedStream,
     Population,
@@ -56,12 +57,9 @@ class Arrivals:
     latencies_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | int | None]:
-        values = sorted(self.latencies_ms)
-        if not values:
-            return {"count": 0, "p50": None, "p99": None, "max": None}
-        return {"count": len(values), "p50": values[len(values) // 2],
-                "p99": values[min(len(values) - 1, int(len(values) * 0.99))],
-                "max": values[-1]}
+        values = self.latencies_ms
+        return {"count": len(values), "p50": percentile(values, 0.5),
+                "p99": percentile(values, 0.99), "max": max(values, default=None)}
 
 
 def setup_records(pop: Population) -> list[tuple[str, str, bytes]]:
@@ -297,7 +295,6 @@ def order_check(config: Any, inputs: list[Any], kinds: dict[str, str],
 async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, name: str,
                          bootstrap: str, workdir: Path, say: Callable[[str], None]
                          ) -> dict[str, Any]:
-    from monitor.bench import risk_toml
     from monitor.service.broker import free_port
     from monitor.service.metrics import scrape_input_offsets
     from monitor.service.settings import ServiceSettings, Topics
@@ -420,7 +417,6 @@ if __name__ == "__main__":
 def figures(report: dict[str, Any], rate: float) -> list[Any]:
     """`liqmon bench` figures: the service's p50/p99 beside the relay's, per market, and
     the order check."""
-    from monitor.bench import Figure
 
     out = []
     for market in ("calm", "volatile"):
