@@ -99,9 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     topics = Topics(**{name: getattr(args, f"topic_{name}") for name in TOPIC_OPTIONS})
     if topics.invalid():  # before connecting: the broker would refuse them on every request
         raise CliError("; ".join(topics.invalid()))
-    security = _kafka_security(args)
-    if security.problems():  # before connecting: they would look like a broker that never answers
-        raise UsageError("; ".join(security.problems()))
+    security = _checked_security(args)
     config = _load(args.config)
     try:
         configure_logging(args.log_level)
@@ -186,7 +184,7 @@ def _kafka_security(args: argparse.Namespace) -> KafkaSecurity:
     def optional_path(value: str | None) -> Path | None:
         return Path(value) if value else None
 
-    return KafkaSecurity(
+    security = KafkaSecurity(
         protocol=args.security_protocol,
         ssl_cafile=optional_path(args.ssl_cafile),
         ssl_certfile=optional_path(args.ssl_certfile),
@@ -196,6 +194,16 @@ def _kafka_security(args: argparse.Namespace) -> KafkaSecurity:
         sasl_username=args.sasl_username or None,
         sasl_password=None if password is None else Secret(password),
     )
+    return security
+
+
+def _checked_security(args: argparse.Namespace) -> KafkaSecurity:
+    """The TLS and SASL settings, checked before connecting: a mistake would otherwise look
+    like a broker that never answers."""
+    security = _kafka_security(args)
+    if security.problems():
+        raise UsageError("; ".join(security.problems()))
+    return security
 
 
 async def _mirror_readiness(monitor: Any, server: Any) -> None:
@@ -387,9 +395,7 @@ def _stress_book(args: argparse.Namespace, config: RiskConfig) -> Any:
 
     from monitor.service.changelog import read_book
 
-    security = _kafka_security(args)
-    if security.problems():
-        raise UsageError("; ".join(security.problems()))
+    security = _checked_security(args)
     try:
         return asyncio.run(read_book(args.bootstrap, args.topic_state, config, security))
     except (KafkaError, LiqmonError) as exc:
