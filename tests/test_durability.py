@@ -192,32 +192,28 @@ async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broke
 
 
 
-async def checkpointed_under(settings, config) -> list:
-    """Records of a first run, checkpointed under ``config``."""
+async def checkpointed_then_changed(broker, tmp_path):
+    """(the config, the settings, a changed config file): a first run of 300 records
+    checkpointed under examples/risk.toml, and beside it the same file with BTC-PERP's
+    first-tier mmr (0.004) changed to 0.0045."""
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2)
+    await create_topics(settings)
     records = routable(random_stream(seed=9, length=300))
     ends = await produce_timestamped(settings.bootstrap, settings.topics, records)
     async with RunningMonitor(settings, config) as monitor:
         await wait_processed(monitor, ends)
-    return records
-
-
-def with_first_btc_tier_mmr(tmp_path, mmr: str):
-    """examples/risk.toml with BTC-PERP's first-tier mmr (0.004) changed."""
     text = CONFIG.read_text(encoding="utf-8")
     assert text.count("mmr = 0.004,") == 1
-    path = tmp_path / "risk.toml"
-    path.write_text(text.replace("mmr = 0.004,", f"mmr = {mmr},"), encoding="utf-8")
-    return path
+    changed = tmp_path / "risk.toml"
+    changed.write_text(text.replace("mmr = 0.004,", "mmr = 0.0045,"), encoding="utf-8")
+    return config, settings, changed
 
 
 async def test_restart_under_another_risk_config_is_refused_naming_both_fingerprints(
     broker, tmp_path,
 ):
-    config = load_config(CONFIG)
-    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2)
-    await create_topics(settings)
-    await checkpointed_under(settings, config)
-    changed = with_first_btc_tier_mmr(tmp_path, "0.0045")
+    config, settings, changed = await checkpointed_then_changed(broker, tmp_path)
 
     process = await MonitorProcess(monitor_command(replace(settings, config_path=changed),
                                                    "--log-level", "info")).start()
@@ -235,11 +231,7 @@ async def test_restart_under_another_risk_config_is_refused_naming_both_fingerpr
 async def test_accept_config_change_restores_and_checkpoints_under_the_new_config(
     broker, tmp_path,
 ):
-    config = load_config(CONFIG)
-    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2)
-    await create_topics(settings)
-    await checkpointed_under(settings, config)
-    changed = with_first_btc_tier_mmr(tmp_path, "0.0045")
+    config, settings, changed = await checkpointed_then_changed(broker, tmp_path)
 
     args = monitor_command(replace(settings, config_path=changed), "--log-level", "info")
     process = await MonitorProcess([*args, "--accept-config-change"]).start()
