@@ -1,338 +1,23 @@
-"""The engine's account book: columnar account state and the safe-band index (SPEC §4–§6 at
-exchange scale).
-
-Storage is a struct of arrays. Accounts are rows (state, transition counter, partition, one
-balance per configured asset, the head of a linked list of positions); positions are rows of
-their own (account, instrument, qty, entry price, next). Scalar code reads and writes them
-through memoryviews (~25 ns an access), vector code through the numpy arrays behind them.
-
-**Safe bands.** A tick must re-evaluate every account it can move (SPEC §6), but the result of
-evaluating an account only matters when its state changes. After every exact evaluation the
-book proves how far prices may move before the state *could* change and files the account in a
-per-symbol index under a price band: a later tick re-evaluates an account only when it leaves
-one of its bands. The proof (see `safe_eps`) bounds the change of
-
-    F = U·equity − MM   (> 0 ⟺ the ratio stays below the next threshold up, U)
-    G = MM − D·equity   (≥ 0 ⟺ the ratio stays at or above the threshold down, D)
-
-when every price the account depends on moves by a relative amount of at most ε. Equity is
-linear in each price; MM is piecewise linear in the mark with slope at most the largest mmr
-reachable, and linear in the settle price. So |ΔF| ≤ A·ε + B·ε², and any ε with
-A·ε + B·ε² < F keeps the state. The band uses 90 % of that room after subtracting a
-floating-point margin (1e-11 of the magnitudes involved, far above the rounding of a valuation),
-so the decision an exact evaluation would make anywhere inside the band is the same.
-
-An account whose ratio sits on a boundary gets ε = 0 and is re-evaluated on every tick of any of
-its symbols; so does one that cannot be evaluated yet (a settle asset without a price), and a
-symbol without a price yet gives an empty band (its first tick always re-evaluates). Events are
-always built from a from-scratch valuation (`margin.value_account`), so bands decide only *which*
-accounts are re-valued, never what an event says.
-"""
+"""`Book`: every account's balances, positions, state and transition counter in columns, with
+the valuation and band filing that decide which accounts a tick re-values."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from monitor.account import Account
+from monitor.book.bands import SymbolBands
+from monitor.book.tables import CAP, CAP1, INF, NAN, SAFETY, TOL, Tables, grown
 from monitor.config import RiskConfig
 from monitor.margin import Position, is_dust
 from monitor.state import AccountState
 
-CAP = 0.2  # largest relative move a band may allow (the tier-slope bound is computed for it)
-CAP1 = 1.0 + CAP
-SAFETY = 0.9  # a band allows 90 % of the provable room (TOL covers rounding)
-TOL = 1e-11  # floating-point margin, relative to the magnitudes that make up F and G
-INF = math.inf
-NAN = math.nan
 _AID_MASK = 0xFFFFFFFF
-
-
-class Tables:
-    """The risk config as flat lists indexed by small integers, for the hot paths."""
-
-    def __init__(self, config: RiskConfig) -> None:
-        th = config.thresholds
-        self.mc, self.liq, self.h = th.margin_call, th.liquidation, th.hysteresis
-        self.liq_h = th.liquidation - th.hysteresis  # as next_state computes them
-        self.mc_h = th.margin_call - th.hysteresis
-        self.symbols: list[str] = sorted(config.price_symbols())
-        self.sym_index = {s: n for n, s in enumerate(self.symbols)}
-        self.assets: list[str] = list(config.assets)
-        self.asset_index = {a: n for n, a in enumerate(self.assets)}
-        self.n_assets = len(self.assets)
-        self.a_fixed: list[float | None] = []
-        self.a_symbol: list[str | None] = []
-        self.a_sym_id: list[int] = []
-        self.a_weight: list[float] = []
-        for name in self.assets:
-            asset = config.assets[name]
-            self.a_fixed.append(asset.fixed_price)
-            self.a_symbol.append(asset.price_symbol)
-            self.a_sym_id.append(-1 if asset.price_symbol is None
-                                 else self.sym_index[asset.price_symbol])
-            self.a_weight.append(asset.collateral_weight)
-        self.instruments: list[str] = list(config.instruments)
-        self.instr_index = {i: n for n, i in enumerate(self.instruments)}
-        self.i_cs: list[float] = []
-        self.i_settle: list[int] = []
-        self.i_settle_fixed: list[float | None] = []
-        self.i_settle_symbol: list[str | None] = []
-        self.i_settle_id: list[int] = []
-        self.i_mark: list[str] = []
-        self.i_mark_id: list[int] = []
-        self.i_tiers: list[tuple[tuple[float, float, float, float], ...]] = []
-        for name in self.instruments:
-            instrument = config.instruments[name]
-            settle = self.asset_index[instrument.settle]
-            self.i_cs.append(instrument.contract_size)
-            self.i_settle.append(settle)
-            self.i_settle_fixed.append(self.a_fixed[settle])
-            self.i_settle_symbol.append(self.a_symbol[settle])
-            self.i_settle_id.append(self.a_sym_id[settle])
-            self.i_mark.append(instrument.mark_symbol)
-            self.i_mark_id.append(self.sym_index[instrument.mark_symbol])
-            self.i_tiers.append(tuple((t.max_notional, t.mmr, t.imr, t.maintenance_amount)
-                                      for t in instrument.tiers))
-        # Padded tier tables for vector code: t = #(notional > max) over all but the last tier.
-        n_i = len(self.instruments)
-        width = max((len(t) for t in self.i_tiers), default=1)
-        self.t_max = np.full((n_i, width), INF)
-        self.t_mmr = np.zeros((n_i, width))
-        self.t_cum = np.zeros((n_i, width))
-        for i, tiers in enumerate(self.i_tiers):
-            for k, (max_n, mmr, _, cum) in enumerate(tiers):
-                if k < len(tiers) - 1:
-                    self.t_max[i, k] = max_n
-                self.t_mmr[i, k], self.t_cum[i, k] = mmr, cum
-            self.t_mmr[i, len(tiers):] = tiers[-1][1]
-            self.t_cum[i, len(tiers):] = tiers[-1][3]
-        self.tier_width = width
-        self.asset_rows = [(a, self.a_fixed[a], self.a_weight[a], self.a_sym_id[a],
-                            self.a_symbol[a]) for a in range(self.n_assets)]
-        self.instr_rows = [(self.i_cs[i], self.i_settle_fixed[i], self.i_settle_symbol[i],
-                            self.i_settle_id[i], self.i_mark[i], self.i_mark_id[i],
-                            self.i_tiers[i]) for i in range(n_i)]
-        self.v_settle_fixed = np.array([NAN if f is None else f for f in self.i_settle_fixed])
-        self.v_cs = np.array(self.i_cs, dtype=np.float64)
-        self.v_mark_id = np.array(self.i_mark_id, dtype=np.int64)
-        self.v_settle_id = np.array(self.i_settle_id, dtype=np.int64)
-        self.v_settle_moves = self.v_settle_id >= 0
-
-    def symbol_prices(self, prices: Mapping[str, float]) -> np.ndarray:
-        """Current price per symbol id, NaN where there is none yet."""
-        get = prices.get
-        return np.array([get(s, NAN) for s in self.symbols], dtype=np.float64)
-
-    def thresholds_of(self, state: int) -> tuple[float | None, float | None]:
-        """(up, down) ratio thresholds that bound a stay in this state."""
-        if state == 0:
-            return self.mc, None
-        if state == 1:
-            return self.liq, self.mc_h
-        return None, self.liq_h
-
-
 _STATE_ENUM = tuple(AccountState)
-
-
-def _grown(array: np.ndarray, size: int) -> np.ndarray:
-    bigger = np.zeros(size, dtype=array.dtype)
-    bigger[: len(array)] = array
-    return bigger
-
-
-class SymbolBands:
-    """The bands of every account that watches one price symbol.
-
-    Two sorted runs (by upper bound ascending, by lower bound descending) from which a tick
-    consumes the prefix it crosses, plus an unsorted pending buffer for bands filed since the
-    last merge. Entries carry the account's anchor id at filing time; an entry whose id no
-    longer matches the account's is stale (the account was re-anchored) and is skipped.
-    ``floor``/``ceil`` are the lowest upper and highest lower bound anywhere, so a tick that
-    stays strictly between them costs two comparisons.
-    """
-
-    __slots__ = (
-        "haid",
-        "hi",
-        "hlo",
-        "hrow",
-        "hs",
-        "laid",
-        "limit",
-        "lneg",
-        "lrow",
-        "ls",
-        "maid",
-        "mhi",
-        "mlo",
-        "mrow",
-        "np",
-        "paid",
-        "pcap",
-        "pceil",
-        "pfloor",
-        "phi",
-        "plo",
-        "prow",
-        "sceil",
-        "sfloor",
-        "stale",
-    )
-
-    def __init__(self) -> None:
-        empty_f, empty_i, empty_u = (np.empty(0, np.float64), np.empty(0, np.int32),
-                                     np.empty(0, np.uint32))
-        self.hi, self.hlo, self.hrow, self.haid = empty_f, empty_f, empty_i, empty_u
-        self.lneg, self.lrow, self.laid = empty_f, empty_i, empty_u
-        self.hs = self.ls = 0
-        self.np = 0
-        self.limit = 256
-        self.plo, self.phi = np.zeros(64), np.zeros(64)
-        self.prow, self.paid = np.zeros(64, np.int32), np.zeros(64, np.uint32)
-        self._views()
-        self.pfloor, self.pceil = INF, -INF  # over the pending buffer
-        self.sfloor, self.sceil = INF, -INF  # over the sorted runs
-        self.stale = 0  # bands filed since the runs were last cleared of stale entries
-
-    def _views(self) -> None:
-        self.mlo, self.mhi = memoryview(self.plo), memoryview(self.phi)
-        self.mrow, self.maid = memoryview(self.prow), memoryview(self.paid)
-        self.pcap = len(self.plo)
-
-    def _grow_pending(self, need: int) -> None:
-        size = max(need, 2 * len(self.plo))
-        self.plo, self.phi = _grown(self.plo, size), _grown(self.phi, size)
-        self.prow, self.paid = _grown(self.prow, size), _grown(self.paid, size)
-        self._views()
-
-    def _sorted_edges(self) -> None:
-        self.sfloor = float(self.hi[self.hs]) if self.hs < len(self.hi) else INF
-        self.sceil = -float(self.lneg[self.ls]) if self.ls < len(self.lneg) else -INF
-
-    def push(self, row: int, aid: int, lo: float, hi: float) -> bool:
-        """File one band; True when the pending buffer is due for a merge."""
-        n = self.np
-        if n == self.pcap:
-            self._grow_pending(n + 1)
-        self.mlo[n] = lo
-        self.mhi[n] = hi
-        self.mrow[n] = row
-        self.maid[n] = aid
-        if hi < self.pfloor:
-            self.pfloor = hi
-        if lo > self.pceil:
-            self.pceil = lo
-        self.np = n + 1
-        return n + 1 >= self.limit
-
-    def push_many(self, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
-                  hi: np.ndarray) -> bool:
-        n, k = self.np, len(rows)
-        if n + k > self.pcap:
-            self._grow_pending(n + k)
-        self.plo[n:n + k] = lo
-        self.phi[n:n + k] = hi
-        self.prow[n:n + k] = rows
-        self.paid[n:n + k] = aids
-        self.pfloor = min(self.pfloor, float(hi.min()))
-        self.pceil = max(self.pceil, float(lo.max()))
-        self.np = n + k
-        return n + k >= self.limit
-
-    def take(self, price: float) -> tuple[np.ndarray, np.ndarray] | None:
-        """Remove and return (rows, anchor ids) of every band the price touches or leaves."""
-        if (price < self.sfloor and price < self.pfloor and price > self.sceil
-                and price > self.pceil):
-            return None
-        parts_r, parts_a = [], []
-        if price >= self.sfloor:
-            i = int(self.hi.searchsorted(price, "right"))
-            parts_r.append(self.hrow[self.hs:i])
-            parts_a.append(self.haid[self.hs:i])
-            self.hs = i
-        if price <= self.sceil:
-            j = int(self.lneg.searchsorted(-price, "right"))
-            parts_r.append(self.lrow[self.ls:j])
-            parts_a.append(self.laid[self.ls:j])
-            self.ls = j
-        self._sorted_edges()
-        n = self.np
-        if n and (price >= self.pfloor or price <= self.pceil):
-            plo, phi = self.plo[:n], self.phi[:n]
-            out = (phi <= price) | (plo >= price)
-            parts_r.append(self.prow[:n][out])
-            parts_a.append(self.paid[:n][out])
-            keep = ~out
-            k = int(keep.sum())
-            for column in (self.plo, self.phi, self.prow, self.paid):
-                column[:k] = column[:n][keep]
-            self.np = k
-            if k:
-                self.pfloor = float(self.phi[:k].min())
-                self.pceil = float(self.plo[:k].max())
-            else:
-                self.pfloor, self.pceil = INF, -INF
-        if len(parts_r) == 1:
-            return parts_r[0].copy(), parts_a[0].copy()
-        return np.concatenate(parts_r), np.concatenate(parts_a)
-
-    def merge(self, aid: np.ndarray) -> None:
-        """Fold the pending buffer into the sorted runs (a linear insert). Stale entries are
-        dropped from the pending buffer always, from the runs once they may make up half."""
-        n = self.np
-        prow, paid = self.prow[:n], self.paid[:n]
-        ok = aid[prow] == paid
-        prow, paid = prow[ok], paid[ok]
-        plo, phi = self.plo[:n][ok], self.phi[:n][ok]
-        hs, ls = self.hs, self.ls
-        hi, hlo, hrow, haid = self.hi[hs:], self.hlo[hs:], self.hrow[hs:], self.haid[hs:]
-        lneg, lrow, laid = self.lneg[ls:], self.lrow[ls:], self.laid[ls:]
-        self.stale += len(prow)  # each filed band may have made an older one stale
-        if self.stale * 2 > len(hi):
-            live = aid[hrow] == haid
-            hi, hlo, hrow, haid = hi[live], hlo[live], hrow[live], haid[live]
-            live = aid[lrow] == laid
-            lneg, lrow, laid = lneg[live], lrow[live], laid[live]
-            self.stale = 0
-        order = np.argsort(phi)
-        at = hi.searchsorted(phi[order], "right")
-        self.hi = np.insert(hi, at, phi[order])
-        self.hlo = np.insert(hlo, at, plo[order])
-        self.hrow = np.insert(hrow, at, prow[order])
-        self.haid = np.insert(haid, at, paid[order])
-        pneg = -plo
-        order = np.argsort(pneg)
-        at = lneg.searchsorted(pneg[order], "right")
-        self.lneg = np.insert(lneg, at, pneg[order])
-        self.lrow = np.insert(lrow, at, prow[order])
-        self.laid = np.insert(laid, at, paid[order])
-        self.hs = self.ls = 0
-        self.np = 0
-        self.pfloor, self.pceil = INF, -INF
-        self._sorted_edges()
-        self.limit = int(min(8192, max(256, 16 * math.isqrt(len(self.hi)))))
-        if self.pcap > 4 * self.limit:  # give back a buffer a bulk load blew up
-            self.plo, self.phi = np.zeros(self.limit), np.zeros(self.limit)
-            self.prow = np.zeros(self.limit, np.int32)
-            self.paid = np.zeros(self.limit, np.uint32)
-            self._views()
-
-    def live_rows(self, aid: np.ndarray) -> np.ndarray:
-        """Rows with a current band here (the accounts this symbol can move)."""
-        hrow, haid = self.hrow[self.hs:], self.haid[self.hs:]
-        n = self.np
-        prow, paid = self.prow[:n], self.paid[:n]
-        rows = np.concatenate((hrow[aid[hrow] == haid], prow[aid[prow] == paid]))
-        return np.unique(rows)
-
-    def entries(self) -> int:
-        return len(self.hi) - self.hs + self.np
-
 
 # An assessment (see Book.assess) is a plain tuple, indexed by these names.
 EVALUABLE, RATIO, EQUITY, MM, SCALE, AE, BE, AM, BM, HAS_POS, SYMS = range(11)
@@ -369,16 +54,16 @@ class Book:
             self.aid = np.zeros(size, np.uint32)
             self.bal = np.zeros(size * na, np.float64)
         else:
-            self.state = _grown(self.state, size)
-            self.trans = _grown(self.trans, size)
+            self.state = grown(self.state, size)
+            self.trans = grown(self.trans, size)
             part = np.full(size, -1, np.int32)
             part[:old] = self.part
             self.part = part
             first = np.full(size, -1, np.int32)
             first[:old] = self.first
             self.first = first
-            self.aid = _grown(self.aid, size)
-            self.bal = _grown(self.bal, size * na)
+            self.aid = grown(self.aid, size)
+            self.bal = grown(self.bal, size * na)
         self.cap = size
         self.state_m, self.trans_m = memoryview(self.state), memoryview(self.trans)
         self.part_m, self.first_m = memoryview(self.part), memoryview(self.first)
@@ -392,10 +77,10 @@ class Book:
             self.p_entry = np.zeros(size, np.float64)
             self.p_next = np.full(size, -1, np.int32)
         else:
-            self.p_acct = _grown(self.p_acct, size)
-            self.p_instr = _grown(self.p_instr, size)
-            self.p_qty = _grown(self.p_qty, size)
-            self.p_entry = _grown(self.p_entry, size)
+            self.p_acct = grown(self.p_acct, size)
+            self.p_instr = grown(self.p_instr, size)
+            self.p_qty = grown(self.p_qty, size)
+            self.p_entry = grown(self.p_entry, size)
             nxt = np.full(size, -1, np.int32)
             nxt[:old] = self.p_next
             self.p_next = nxt
@@ -1009,7 +694,3 @@ class Book:
             total += sum(a.nbytes for a in (b.hi, b.hlo, b.hrow, b.haid, b.lneg, b.lrow, b.laid,
                                             b.plo, b.phi, b.prow, b.paid))
         return total
-
-
-def iter_rows(rows: Iterable[int]) -> list[int]:
-    return [int(r) for r in rows]

@@ -1,0 +1,36 @@
+"""The engine's account book: columnar account state and the safe-band index (SPEC §4–§6 at
+exchange scale).
+
+Storage is a struct of arrays. Accounts are rows (state, transition counter, partition, one
+balance per configured asset, the head of a linked list of positions); positions are rows of
+their own (account, instrument, qty, entry price, next). Scalar code reads and writes them
+through memoryviews (~25 ns an access), vector code through the numpy arrays behind them.
+
+**Safe bands.** A tick must re-evaluate every account it can move (SPEC §6), but the result of
+evaluating an account only matters when its state changes. After every exact evaluation the
+book proves how far prices may move before the state *could* change and files the account in a
+per-symbol index under a price band: a later tick re-evaluates an account only when it leaves
+one of its bands. The proof (see `safe_eps`) bounds the change of
+
+    F = U·equity − MM   (> 0 ⟺ the ratio stays below the next threshold up, U)
+    G = MM − D·equity   (≥ 0 ⟺ the ratio stays at or above the threshold down, D)
+
+when every price the account depends on moves by a relative amount of at most ε. Equity is
+linear in each price; MM is piecewise linear in the mark with slope at most the largest mmr
+reachable, and linear in the settle price. So |ΔF| ≤ A·ε + B·ε², and any ε with
+A·ε + B·ε² < F keeps the state. The band uses 90 % of that room after subtracting a
+floating-point margin (1e-11 of the magnitudes involved, far above the rounding of a valuation),
+so the decision an exact evaluation would make anywhere inside the band is the same.
+
+An account whose ratio sits on a boundary gets ε = 0 and is re-evaluated on every tick of any of
+its symbols; so does one that cannot be evaluated yet (a settle asset without a price), and a
+symbol without a price yet gives an empty band (its first tick always re-evaluates). Events are
+always built from a from-scratch valuation (`margin.value_account`), so bands decide only *which*
+accounts are re-valued, never what an event says.
+"""
+
+from monitor.book.bands import SymbolBands
+from monitor.book.store import Book
+from monitor.book.tables import Tables
+
+__all__ = ["Book", "SymbolBands", "Tables"]

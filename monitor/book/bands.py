@@ -1,0 +1,199 @@
+"""The safe-band index: per price symbol, the bands of every account that watches it (see
+`monitor.book` for the proof that decides a band's width)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from monitor.book.tables import INF, grown
+
+
+class SymbolBands:
+    """The bands of every account that watches one price symbol.
+
+    Two sorted runs (by upper bound ascending, by lower bound descending) from which a tick
+    consumes the prefix it crosses, plus an unsorted pending buffer for bands filed since the
+    last merge. Entries carry the account's anchor id at filing time; an entry whose id no
+    longer matches the account's is stale (the account was re-anchored) and is skipped.
+    ``floor``/``ceil`` are the lowest upper and highest lower bound anywhere, so a tick that
+    stays strictly between them costs two comparisons.
+    """
+
+    __slots__ = (
+        "haid",
+        "hi",
+        "hlo",
+        "hrow",
+        "hs",
+        "laid",
+        "limit",
+        "lneg",
+        "lrow",
+        "ls",
+        "maid",
+        "mhi",
+        "mlo",
+        "mrow",
+        "np",
+        "paid",
+        "pcap",
+        "pceil",
+        "pfloor",
+        "phi",
+        "plo",
+        "prow",
+        "sceil",
+        "sfloor",
+        "stale",
+    )
+
+    def __init__(self) -> None:
+        empty_f, empty_i, empty_u = (np.empty(0, np.float64), np.empty(0, np.int32),
+                                     np.empty(0, np.uint32))
+        self.hi, self.hlo, self.hrow, self.haid = empty_f, empty_f, empty_i, empty_u
+        self.lneg, self.lrow, self.laid = empty_f, empty_i, empty_u
+        self.hs = self.ls = 0
+        self.np = 0
+        self.limit = 256
+        self.plo, self.phi = np.zeros(64), np.zeros(64)
+        self.prow, self.paid = np.zeros(64, np.int32), np.zeros(64, np.uint32)
+        self._views()
+        self.pfloor, self.pceil = INF, -INF  # over the pending buffer
+        self.sfloor, self.sceil = INF, -INF  # over the sorted runs
+        self.stale = 0  # bands filed since the runs were last cleared of stale entries
+
+    def _views(self) -> None:
+        self.mlo, self.mhi = memoryview(self.plo), memoryview(self.phi)
+        self.mrow, self.maid = memoryview(self.prow), memoryview(self.paid)
+        self.pcap = len(self.plo)
+
+    def _grow_pending(self, need: int) -> None:
+        size = max(need, 2 * len(self.plo))
+        self.plo, self.phi = grown(self.plo, size), grown(self.phi, size)
+        self.prow, self.paid = grown(self.prow, size), grown(self.paid, size)
+        self._views()
+
+    def _sorted_edges(self) -> None:
+        self.sfloor = float(self.hi[self.hs]) if self.hs < len(self.hi) else INF
+        self.sceil = -float(self.lneg[self.ls]) if self.ls < len(self.lneg) else -INF
+
+    def push(self, row: int, aid: int, lo: float, hi: float) -> bool:
+        """File one band; True when the pending buffer is due for a merge."""
+        n = self.np
+        if n == self.pcap:
+            self._grow_pending(n + 1)
+        self.mlo[n] = lo
+        self.mhi[n] = hi
+        self.mrow[n] = row
+        self.maid[n] = aid
+        if hi < self.pfloor:
+            self.pfloor = hi
+        if lo > self.pceil:
+            self.pceil = lo
+        self.np = n + 1
+        return n + 1 >= self.limit
+
+    def push_many(self, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
+                  hi: np.ndarray) -> bool:
+        n, k = self.np, len(rows)
+        if n + k > self.pcap:
+            self._grow_pending(n + k)
+        self.plo[n:n + k] = lo
+        self.phi[n:n + k] = hi
+        self.prow[n:n + k] = rows
+        self.paid[n:n + k] = aids
+        self.pfloor = min(self.pfloor, float(hi.min()))
+        self.pceil = max(self.pceil, float(lo.max()))
+        self.np = n + k
+        return n + k >= self.limit
+
+    def take(self, price: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Remove and return (rows, anchor ids) of every band the price touches or leaves."""
+        if (price < self.sfloor and price < self.pfloor and price > self.sceil
+                and price > self.pceil):
+            return None
+        parts_r, parts_a = [], []
+        if price >= self.sfloor:
+            i = int(self.hi.searchsorted(price, "right"))
+            parts_r.append(self.hrow[self.hs:i])
+            parts_a.append(self.haid[self.hs:i])
+            self.hs = i
+        if price <= self.sceil:
+            j = int(self.lneg.searchsorted(-price, "right"))
+            parts_r.append(self.lrow[self.ls:j])
+            parts_a.append(self.laid[self.ls:j])
+            self.ls = j
+        self._sorted_edges()
+        n = self.np
+        if n and (price >= self.pfloor or price <= self.pceil):
+            plo, phi = self.plo[:n], self.phi[:n]
+            out = (phi <= price) | (plo >= price)
+            parts_r.append(self.prow[:n][out])
+            parts_a.append(self.paid[:n][out])
+            keep = ~out
+            k = int(keep.sum())
+            for column in (self.plo, self.phi, self.prow, self.paid):
+                column[:k] = column[:n][keep]
+            self.np = k
+            if k:
+                self.pfloor = float(self.phi[:k].min())
+                self.pceil = float(self.plo[:k].max())
+            else:
+                self.pfloor, self.pceil = INF, -INF
+        if len(parts_r) == 1:
+            return parts_r[0].copy(), parts_a[0].copy()
+        return np.concatenate(parts_r), np.concatenate(parts_a)
+
+    def merge(self, aid: np.ndarray) -> None:
+        """Fold the pending buffer into the sorted runs (a linear insert). Stale entries are
+        dropped from the pending buffer always, from the runs once they may make up half."""
+        n = self.np
+        prow, paid = self.prow[:n], self.paid[:n]
+        ok = aid[prow] == paid
+        prow, paid = prow[ok], paid[ok]
+        plo, phi = self.plo[:n][ok], self.phi[:n][ok]
+        hs, ls = self.hs, self.ls
+        hi, hlo, hrow, haid = self.hi[hs:], self.hlo[hs:], self.hrow[hs:], self.haid[hs:]
+        lneg, lrow, laid = self.lneg[ls:], self.lrow[ls:], self.laid[ls:]
+        self.stale += len(prow)  # each filed band may have made an older one stale
+        if self.stale * 2 > len(hi):
+            live = aid[hrow] == haid
+            hi, hlo, hrow, haid = hi[live], hlo[live], hrow[live], haid[live]
+            live = aid[lrow] == laid
+            lneg, lrow, laid = lneg[live], lrow[live], laid[live]
+            self.stale = 0
+        order = np.argsort(phi)
+        at = hi.searchsorted(phi[order], "right")
+        self.hi = np.insert(hi, at, phi[order])
+        self.hlo = np.insert(hlo, at, plo[order])
+        self.hrow = np.insert(hrow, at, prow[order])
+        self.haid = np.insert(haid, at, paid[order])
+        pneg = -plo
+        order = np.argsort(pneg)
+        at = lneg.searchsorted(pneg[order], "right")
+        self.lneg = np.insert(lneg, at, pneg[order])
+        self.lrow = np.insert(lrow, at, prow[order])
+        self.laid = np.insert(laid, at, paid[order])
+        self.hs = self.ls = 0
+        self.np = 0
+        self.pfloor, self.pceil = INF, -INF
+        self._sorted_edges()
+        self.limit = int(min(8192, max(256, 16 * math.isqrt(len(self.hi)))))
+        if self.pcap > 4 * self.limit:  # give back a buffer a bulk load blew up
+            self.plo, self.phi = np.zeros(self.limit), np.zeros(self.limit)
+            self.prow = np.zeros(self.limit, np.int32)
+            self.paid = np.zeros(self.limit, np.uint32)
+            self._views()
+
+    def live_rows(self, aid: np.ndarray) -> np.ndarray:
+        """Rows with a current band here (the accounts this symbol can move)."""
+        hrow, haid = self.hrow[self.hs:], self.haid[self.hs:]
+        n = self.np
+        prow, paid = self.prow[:n], self.paid[:n]
+        rows = np.concatenate((hrow[aid[hrow] == haid], prow[aid[prow] == paid]))
+        return np.unique(rows)
+
+    def entries(self) -> int:
+        return len(self.hi) - self.hs + self.np
