@@ -71,9 +71,9 @@ class DedupeWindow:
         return True
 
 
-# Above this many accounts to re-value, a tick screens them in numpy first and re-values in
-# Python only those that are not provably stable.
-VECTOR_MIN = 48
+# Above this many accounts re-valued by one tick, their bands are laid out by symbol in one
+# compiled pass; below, filing each account's few bands directly is cheaper.
+ANCHOR_ONE_BY_ONE = 24
 INDEX_CHUNK = 262_144  # rows indexed per numpy pass after a restore (bounds peak memory)
 _STATES = tuple(AccountState)
 _HEALTHY = AccountState.HEALTHY
@@ -264,28 +264,30 @@ class Engine(InputLedger):
                     source: Source) -> list[Event]:
         """Re-value the accounts whose band a tick left; events in account-id order."""
         book = self.book
-        if len(rows) >= VECTOR_MIN:
-            v = book.assess_many(rows)
-            eps = book.safe_eps_many(book.state[rows], v)
-            stable = eps > 0
-            if stable.any():
-                keep = np.flatnonzero(stable)
-                remap = np.full(len(rows), -1, np.int64)
-                remap[keep] = np.arange(len(keep))
-                pairs = stable[v["pair_rows"]]
-                book.anchor_many(rows[keep], eps[keep], remap[v["pair_rows"][pairs]],
-                                 v["pair_syms"][pairs])
-                rows = rows[~stable]
+        evaluable, _, new_state, eps = book.evaluate(rows)
+        state = book.state[rows]
+        moved = evaluable & (new_state != state)
+        if self._caught_up_from:  # snapshots newer than this input: leave them as they are
+            ids = book.ids
+            for k in range(len(rows)):
+                if self._already_reflected(ids[rows[k]], source):  # type: ignore[arg-type]
+                    evaluable[k] = True  # not counted as unevaluated: it was skipped
+                    moved[k] = False
+                    eps[k] = 0.0
+        self.stats.unevaluated += len(rows) - int(np.count_nonzero(evaluable))
         events = []
-        guarded = self._caught_up_from
-        ids = book.ids
-        for row in rows.tolist():
-            if guarded and self._already_reflected(ids[row], source):  # type: ignore[arg-type]
-                book.anchor(row, 0.0, list(book.watched_of(row)))
-                continue
-            event = self._evaluate(row, ts, "price", symbol, source)
+        for k in np.flatnonzero(moved).tolist():
+            event, settled = self._transition(int(rows[k]), int(state[k]), ts, "price", symbol,
+                                              source)
+            if settled != new_state[k]:  # pragma: no cover - both valuations sum identically
+                eps[k] = 0.0
             if event is not None:
                 events.append(event)
+        if len(rows) > ANCHOR_ONE_BY_ONE:
+            book.anchor_many(rows, eps)
+        else:
+            for row, width in zip(rows.tolist(), eps.tolist(), strict=True):
+                book.anchor(row, width)
         if len(events) > 1:
             events.sort(key=lambda event: event.account)
         return events
@@ -356,33 +358,18 @@ class Engine(InputLedger):
                   source: Source) -> Event | None:
         """Re-value one account from scratch, move its state, and file its new band."""
         book = self.book
-        a = book.assess(row, self._prices)
-        if not a[0]:  # a settle asset has no price yet
+        evaluable, _, new, eps = book.evaluate_one(row)
+        if not evaluable:  # a settle asset has no price yet
             self.stats.unevaluated += 1
-            book.anchor(row, 0.0, a[10])
+            book.anchor(row, 0.0)
             return None
-        t = self._t
-        state = book.state_m[row]
-        ratio = a[1]
-        if ratio >= t.liq:
-            new = 2
-        elif ratio >= t.mc:
-            new = 1
-        else:
-            new = 0
-        if new <= state:
-            if ratio >= t.liq_h:
-                new = 2
-            elif ratio >= t.mc_h:
-                new = 1
-            else:
-                new = 0
-            if new > state:
-                new = state
         event = None
+        state = book.state_m[row]
         if new != state:
-            event, new = self._transition(row, state, ts, kind, ref, source)
-        book.anchor(row, book.safe_eps(new, a), a[10])
+            event, settled = self._transition(row, state, ts, kind, ref, source)
+            if settled != new:  # pragma: no cover - both valuations sum identically
+                eps = 0.0
+        book.anchor(row, eps)
         return event
 
     def _transition(self, row: int, state: int, ts: int, kind: str, ref: str,
@@ -392,7 +379,7 @@ class Engine(InputLedger):
         balances, positions = book.balances_of(row), book.positions_of(row)
         valuation = value_account(balances, positions, self.config, self._prices)
         previous = _STATES[state]
-        if valuation is None:  # pragma: no cover - assess() said every settle price is there
+        if valuation is None:  # pragma: no cover - the kernel found every settle price
             return None, state
         new_state = next_state(previous, valuation.ratio, self.config.thresholds)
         if new_state == previous:  # pragma: no cover - both valuations sum identically
@@ -437,9 +424,7 @@ class Engine(InputLedger):
         self._reindex_all = False
         for start in range(0, len(rows), INDEX_CHUNK):
             chunk = rows[start:start + INDEX_CHUNK]
-            v = book.assess_many(chunk)
-            eps = book.safe_eps_many(book.state[chunk], v)
-            book.anchor_many(chunk, eps, v["pair_rows"], v["pair_syms"])
+            book.anchor_many(chunk, book.evaluate(chunk, decide=False)[3])
         book.fold()
         return len(rows)
 
@@ -459,8 +444,7 @@ class Engine(InputLedger):
             rows = book.holders(sym).astype(np.int64)
         for start in range(0, len(rows), INDEX_CHUNK):
             chunk = rows[start:start + INDEX_CHUNK]
-            v = book.assess_many(chunk)
-            book.anchor_many(chunk, np.zeros(len(chunk)), v["pair_rows"], v["pair_syms"])
+            book.anchor_many(chunk, np.zeros(len(chunk)))
         book.fold()
         return len(rows)
 

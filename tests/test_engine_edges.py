@@ -1,7 +1,7 @@
 """The engine's own decision path (SPEC §4, §5), held at exactly its edges by hand-worked numbers.
 
-The engine does not decide with `margin.py` and `state.py`: `book.py` repeats the valuation
-and `engine.py` the transition rule, and a tick re-values an account only when it leaves its
+The engine does not decide with `margin.py` and `state.py`: `book/kernels.py` repeats the
+valuation and the transition rule, and a tick re-values an account only when it leaves its
 safe band. Each scenario below puts a ratio exactly on a boundary (both sides, the near side
 within 1e-6) so that an off-by-one comparison, a dropped term or a band drawn too wide changes
 the events. Each docstring names the mutations of the product it was seen to kill.
@@ -9,7 +9,7 @@ the events. Each docstring names the mutations of the product it was seen to kil
 Config (tests/conftest.py): margin_call 0.8, liquidation 1.0, hysteresis 0.05, so the four
 boundaries are 1.0, 0.8, 0.95 and 0.75 (1.0 − 0.05 and 0.8 − 0.05 are exactly 0.95 and 0.75 in
 float64). Every scenario runs on one account, re-valued alone, and on 60 identical accounts,
-which a tick screens in numpy first (`engine.VECTOR_MIN`): two copies of the valuation to hold.
+whose bands a tick files in one pass (`engine.ANCHOR_ONE_BY_ONE`): two filing paths to hold.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from __future__ import annotations
 import pytest
 
 from monitor.config import RiskConfig
-from monitor.engine import VECTOR_MIN, Engine
+from monitor.engine import ANCHOR_ONE_BY_ONE, Engine
 from tests.test_engine import fill, ledger, tick, types
 
 
-@pytest.fixture(params=[1, VECTOR_MIN + 12], ids=["scalar", "vector"])
+@pytest.fixture(params=[1, ANCHOR_ONE_BY_ONE + 12], ids=["one", "many"])
 def accounts(request: pytest.FixtureRequest) -> int:
     return request.param
 
@@ -41,8 +41,8 @@ def test_margin_call_at_exactly_the_margin_call_ratio_not_just_below(
 ) -> None:
     """250 USDT, long 1 BTC-PERP from 50,000 (tier 1): MM = 0.004·p, equity = p − 49,750.
 
-    kills: engine.py `ratio >= t.mc` → `>`; state.py `>= margin_call` → `>`;
-    book.py safe_eps measures a HEALTHY band up to liquidation instead of margin_call."""
+    kills: kernels.py `ratio >= mc` → `>`; state.py `>= margin_call` → `>`;
+    kernels.py _safe_eps measures a HEALTHY band up to liquidation instead of margin_call."""
     engine = Engine(risk)
     tick(engine, "BTC-PERP", 50_100.0)  # 200.4 / 350 = 0.573 at the opening fill
     open_books(engine, accounts, {"USDT": 250.0}, "BTC-PERP", 1.0, 50_000.0)
@@ -59,8 +59,8 @@ def test_liquidation_at_exactly_the_liquidation_ratio_not_just_below(
 ) -> None:
     """200 USDT, long 1 BTC-PERP from 50,000 (tier 1): MM = 0.004·p, equity = p − 49,800.
 
-    kills: engine.py `ratio >= t.liq` → `>`; state.py `>= liquidation` → `>`;
-    book.py safe_eps measures a MARGIN_CALL band up to liquidation + hysteresis."""
+    kills: kernels.py `ratio >= liq` → `>`; state.py `>= liquidation` → `>`;
+    kernels.py _safe_eps measures a MARGIN_CALL band up to liquidation + hysteresis."""
     engine = Engine(risk)
     tick(engine, "BTC-PERP", 50_100.0)  # 200.4 / 300 = 0.668 at the opening fill
     open_books(engine, accounts, {"USDT": 200.0}, "BTC-PERP", 1.0, 50_000.0)
@@ -80,9 +80,9 @@ def test_liquidating_account_stays_at_exactly_liquidation_minus_hysteresis_and_l
     """200 USDT, long 1 BTC-PERP from 47,500 (tier 1): MM = 0.004·p, equity = p − 47,300.
 
     kills: hysteresis ignored when leaving LIQUIDATING, and `>= liq − h` → `>`, each made in
-    both engine.py and state.py (made in one alone, the other's rule still holds the state:
-    a transition needs both); engine.py, state.py or book.py's table holding LIQUIDATING down
-    to liq − 2h; book.py safe_eps (scalar) or safe_eps_many (vector) measuring a LIQUIDATING
+    both kernels.py and state.py (made in one alone, the other's rule still holds the state:
+    a transition needs both); kernels.py or state.py holding LIQUIDATING down
+    to liq − 2h; kernels.py _safe_eps measuring a LIQUIDATING
     band down to liq − 2h."""
     engine = Engine(risk)
     tick(engine, "BTC-PERP", 47_600.0)  # 190.4 / 300 = 0.635 at the opening fill
@@ -102,8 +102,8 @@ def test_margin_call_stays_at_exactly_margin_call_minus_hysteresis_and_recovers_
     """200 USDT, long 1 BTC-PERP from 37,500 (tier 1): MM = 0.004·p, equity = p − 37,300.
 
     kills: hysteresis ignored when leaving MARGIN_CALL, and `>= mc − h` → `>`, each made in
-    both engine.py and state.py; engine.py, state.py or book.py's table holding MARGIN_CALL
-    down to mc − 2h; book.py safe_eps (scalar) or safe_eps_many (vector) measuring a
+    both kernels.py and state.py; kernels.py or state.py holding MARGIN_CALL
+    down to mc − 2h; kernels.py _safe_eps measuring a
     MARGIN_CALL band down to mc − 2h."""
     engine = Engine(risk)
     tick(engine, "BTC-PERP", 37_600.0)  # 150.4 / 300 = 0.501 at the opening fill
@@ -124,7 +124,7 @@ def test_tier_three_account_leaves_liquidation_counting_the_cumulative_maintenan
     equity = 10·p − 506,000. At 51,000.0001 the ratio is just below 0.95: the account steps
     down to MARGIN_CALL. Without cum it would read 5,100 / 4,000 = 1.275 and stay.
 
-    kills: book.py drops cum_t (assess, scalar; assess_many, vector);
+    kills: kernels.py _value drops cum_t;
     margin.py drops the maintenance amount."""
     engine = Engine(risk)
     tick(engine, "BTC-PERP", 51_100.0)  # (5,110 − 1,300) / 5,000 = 0.762 at the opening fill
@@ -148,7 +148,7 @@ def test_fall_of_haircut_collateral_liquidates_at_exactly_the_weighted_value(
     mark held there: MM = 0.004 · 47,500 = 190, uPnL = 0, CV = 0.004 · 0.95 · px(BTC). A BTC
     tick to 50,000 makes CV exactly 190: ratio 1.0. At full weight CV would be 200 (0.95).
 
-    kills: book.py ignores collateral_weight (assess, scalar; assess_many, vector);
+    kills: kernels.py _value ignores collateral_weight;
     margin.py ignores collateral_weight."""
     engine = Engine(risk)
     tick(engine, "BTC-PERP", 50_000.0)
@@ -169,7 +169,7 @@ def test_rise_of_the_settle_asset_price_liquidates_a_position_settled_in_it(
     N = 10 BTC, tier 2 (mmr 0.015, cum 5 · 0.005 = 0.025 BTC), MM = 0.125 BTC · px(BTC) and
     uPnL = 0. A BTC tick to 50,000 makes MM exactly 6,250: ratio 1.0.
 
-    kills: book.py drops the settle price from MM; margin.py drops the settle price from MM."""
+    kills: kernels.py drops the settle price from MM; margin.py drops the settle price from MM."""
     engine = Engine(risk)
     tick(engine, "ETHBTC-PERP", 0.05)
     tick(engine, "BTC", 30_000.0)  # MM 3,750: 0.6 at the opening fill

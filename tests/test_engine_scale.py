@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from monitor.account import Account
 from monitor.config import RiskConfig, parse_config
-from monitor.engine import VECTOR_MIN, Engine
+from monitor.engine import ANCHOR_ONE_BY_ONE, Engine
 from monitor.events import Event, Source
 from monitor.margin import Position, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
@@ -169,7 +169,7 @@ def test_columnar_engine_equals_reference_with_many_accounts_and_shocks(seed: in
             assert_settled(engine)
     assert_same_state(engine, reference)
     assert_settled(engine)
-    assert vector_ticks > 100, "the stream should exercise the vectorized re-valuation"
+    assert vector_ticks > 100, "the stream should exercise the bulk band filing"
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -186,7 +186,7 @@ def test_columnar_engine_equals_the_naive_model_with_many_accounts_and_shocks(se
     for n, (record, source) in enumerate(records):
         if isinstance(record, PriceTick):
             sym = engine.book.t.sym_index.get(record.symbol)
-            if sym is not None and engine.book.bands[sym].entries() >= VECTOR_MIN:
+            if sym is not None and engine.book.bands[sym].entries() > ANCHOR_ONE_BY_ONE:
                 vector_ticks += 1
         mine = engine.apply(record, Source(source.topic, index=n))  # the model's trigger form
         theirs = naive.feed(source.topic, dataclasses.asdict(record), n)
@@ -195,7 +195,7 @@ def test_columnar_engine_equals_the_naive_model_with_many_accounts_and_shocks(se
             close(payload(event), expected, f"record {n}:{event.event_id}")
             types.add(event.type)
     assert types == {"margin_call", "liquidation", "recovered"}
-    assert vector_ticks > 100, "the stream should exercise the vectorized re-valuation"
+    assert vector_ticks > 100, "the stream should exercise the bulk band filing"
     for name, acct in naive.accounts.items():
         if name in engine.accounts:
             mine_account = engine.accounts[name]
@@ -205,10 +205,10 @@ def test_columnar_engine_equals_the_naive_model_with_many_accounts_and_shocks(se
             assert acct["n"] == 0 and not acct["pos"], name
 
 
-def test_long_stream_vector_and_scalar_valuations_equal_from_scratch() -> None:
-    """After 60,000 records every account's valuation from the book — scalar and vectorized —
-    equals `margin.value_account` from scratch within 1e-9 relative (they sum in the same
-    order, so they are in fact identical), and every account is settled."""
+def test_long_stream_compiled_valuations_equal_from_scratch() -> None:
+    """After 60,000 records every account's ratio from the compiled kernels — one row at a time
+    and many at once — is bit-identical to `margin.value_account` from scratch (they sum the
+    same terms in the same order), unvaluable accounts agree, and every account is settled."""
     config = parse_config(RISK)
     engine = Engine(config)
     records = stream(11, 60_000, accounts=400, shock_rate=0.01)
@@ -216,28 +216,17 @@ def test_long_stream_vector_and_scalar_valuations_equal_from_scratch() -> None:
     assert {e.type for e in events} == {"margin_call", "liquidation", "recovered"}
     book = engine.book
     rows = np.array([book.index[name] for name in engine.accounts], dtype=np.int64)
-    many = book.assess_many(rows)
+    evaluable, ratios, _, _ = book.evaluate(rows)
     checked = 0
     for k, name in enumerate(engine.accounts):
         account = engine.accounts[name]
         exact = value_account(account.balances, account.positions, config, engine.prices)
-        evaluable, ratio, equity, mm = book.assess(int(rows[k]), engine.prices)[:4]
+        one_evaluable, one_ratio, _, _ = book.evaluate_one(int(rows[k]))
         if exact is None:
-            assert not evaluable and not many["evaluable"][k]
+            assert not one_evaluable and not evaluable[k]
             continue
         checked += 1
-        want = {"equity": exact.equity, "maintenance": exact.maintenance_margin,
-                "collateral": exact.collateral_value, "upnl": exact.unrealized_pnl}
-        scalar = {"equity": equity, "maintenance": mm}  # assess() has no collateral/upnl
-        vector = {"equity": many["equity"][k], "maintenance": many["mm"][k],
-                  "collateral": many["collateral"][k], "upnl": many["upnl"][k]}
-        for figure, got in scalar.items():
-            assert math.isclose(got, want[figure], rel_tol=1e-9, abs_tol=1e-9), (name, figure)
-        for figure, got in vector.items():
-            assert math.isclose(float(got), want[figure], rel_tol=1e-9, abs_tol=1e-9), (
-                name, figure)
-        assert ratio == exact.ratio and many["ratio"][k] == exact.ratio
-        assert many["equity"][k] == equity and many["mm"][k] == mm  # the very same sums
+        assert one_ratio == exact.ratio and ratios[k] == exact.ratio, name
     assert checked > 300
     assert_settled(engine)
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from monitor.book import kernels
 from monitor.book.tables import INF, grown
 
 
@@ -109,42 +110,18 @@ class SymbolBands:
         self.np = n + k
         return n + k >= self.limit
 
-    def take(self, price: float) -> tuple[np.ndarray, np.ndarray] | None:
-        """Remove and return (rows, anchor ids) of every band the price touches or leaves."""
+    def take(self, price: float, aid: np.ndarray) -> np.ndarray | None:
+        """Remove every band the price touches or leaves; the rows whose band it was (sorted,
+        unique, stale entries skipped), or None."""
         if (price < self.sfloor and price < self.pfloor and price > self.sceil
                 and price > self.pceil):
             return None
-        parts_r, parts_a = [], []
-        if price >= self.sfloor:
-            i = int(self.hi.searchsorted(price, "right"))
-            parts_r.append(self.hrow[self.hs:i])
-            parts_a.append(self.haid[self.hs:i])
-            self.hs = i
-        if price <= self.sceil:
-            j = int(self.lneg.searchsorted(-price, "right"))
-            parts_r.append(self.lrow[self.ls:j])
-            parts_a.append(self.laid[self.ls:j])
-            self.ls = j
+        rows, self.hs, self.ls, self.np, pfloor, pceil = kernels.take_crossed(
+            price, self.hi, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
+            self.ls, self.plo, self.phi, self.prow, self.paid, self.np, aid)
+        self.pfloor, self.pceil = float(pfloor), float(pceil)
         self._sorted_edges()
-        n = self.np
-        if n and (price >= self.pfloor or price <= self.pceil):
-            plo, phi = self.plo[:n], self.phi[:n]
-            out = (phi <= price) | (plo >= price)
-            parts_r.append(self.prow[:n][out])
-            parts_a.append(self.paid[:n][out])
-            keep = ~out
-            k = int(keep.sum())
-            for column in (self.plo, self.phi, self.prow, self.paid):
-                column[:k] = column[:n][keep]
-            self.np = k
-            if k:
-                self.pfloor = float(self.phi[:k].min())
-                self.pceil = float(self.plo[:k].max())
-            else:
-                self.pfloor, self.pceil = INF, -INF
-        if len(parts_r) == 1:
-            return parts_r[0].copy(), parts_a[0].copy()
-        return np.concatenate(parts_r), np.concatenate(parts_a)
+        return rows if len(rows) else None
 
     def merge(self, aid: np.ndarray) -> None:
         """Fold the pending buffer into the sorted runs (a linear insert). Stale entries are

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
 from monitor.account import Account
+from monitor.book import kernels
 from monitor.book.bands import SymbolBands
-from monitor.book.tables import CAP, CAP1, INF, NAN, SAFETY, TOL, Tables, grown
+from monitor.book.tables import INF, NAN, Tables, grown
 from monitor.config import RiskConfig
 from monitor.margin import Position, is_dust
 from monitor.state import AccountState
@@ -19,9 +19,6 @@ from monitor.state import AccountState
 _AID_MASK = 0xFFFFFFFF
 _STATE_ENUM = tuple(AccountState)
 
-# An assessment (see Book.assess) is a plain tuple, indexed by these names.
-EVALUABLE, RATIO, EQUITY, MM, SCALE, AE, BE, AM, BM, HAS_POS, SYMS = range(11)
-Assessment = tuple
 
 
 class Book:
@@ -41,6 +38,7 @@ class Book:
         self.bands = [SymbolBands() for _ in self.t.symbols]
         self.sym_px = np.full(len(self.t.symbols), NAN)  # current price per symbol id
         self.sym_px_m = memoryview(self.sym_px)
+        self._bind_kernels()
 
     # -- storage -------------------------------------------------------------------------------
 
@@ -68,6 +66,7 @@ class Book:
         self.state_m, self.trans_m = memoryview(self.state), memoryview(self.trans)
         self.part_m, self.first_m = memoryview(self.part), memoryview(self.first)
         self.aid_m, self.bal_m = memoryview(self.aid), memoryview(self.bal)
+        self._bind_kernels()
 
     def _alloc_pos(self, old: int, size: int) -> None:
         if old == 0:
@@ -88,6 +87,7 @@ class Book:
         self.acct_m, self.instr_m = memoryview(self.p_acct), memoryview(self.p_instr)
         self.qty_m, self.entry_m = memoryview(self.p_qty), memoryview(self.p_entry)
         self.next_m = memoryview(self.p_next)
+        self._bind_kernels()
 
     def reserve(self, accounts: int, positions: int) -> None:
         """Grow the columns once for a bulk load."""
@@ -269,209 +269,83 @@ class Book:
         base = row * t.n_assets
         bal = self.bal_m
         balances = {}
-        watched = set()
-        for a, _, _, sym, _ in t.asset_rows:
+        for a in range(t.n_assets):
             value = bal[base + a]
             if value != 0.0:
                 balances[t.assets[a]] = value
-                if sym >= 0:
-                    watched.add(sym)
-        names, instr_rows = t.instruments, t.instr_rows
+        names = t.instruments
         positions = {}
         p, nxt, instr_m, qty_m, entry_m = (self.first_m[row], self.next_m, self.instr_m,
                                            self.qty_m, self.entry_m)
         while p >= 0:
-            i = instr_m[p]
-            positions[names[i]] = Position(qty_m[p], entry_m[p])
-            row_i = instr_rows[i]
-            watched.add(row_i[5])
-            if row_i[3] >= 0:
-                watched.add(row_i[3])
+            positions[names[instr_m[p]]] = Position(qty_m[p], entry_m[p])
             p = nxt[p]
         partition = self.part_m[row]
         symbols = t.symbols
         return Account(balances, positions, _STATE_ENUM[self.state_m[row]],
                        self.trans_m[row], None if partition < 0 else partition,
-                       frozenset([symbols[s] for s in watched]))
+                       frozenset([symbols[s] for s in self.watched(row)]))
 
-    def watched_of(self, row: int) -> set[int]:
+    # -- evaluation (compiled: monitor.book.kernels) ---------------------------------------------
+
+    def _bind_kernels(self) -> None:
+        """The argument tuples the kernels take; rebuilt whenever a column is reallocated."""
+        if not hasattr(self, "p_qty") or not hasattr(self, "sym_px"):
+            return  # still building: __init__ binds once every column exists
+        t = self.t
+        self._value_args = (self.bal, t.n_assets, self.first, self.p_next, self.p_instr,
+                            self.p_qty, self.p_entry, t.k_fixed, t.k_weight, t.k_sym, t.v_cs,
+                            t.v_settle_fixed, t.v_settle_id, t.v_mark_id, t.t_max, t.t_mmr,
+                            t.t_cum, t.k_thresholds, self.sym_px)
+        self._watch_args = (self.bal, t.n_assets, self.first, self.p_next, self.p_instr,
+                            t.k_sym, t.v_settle_id, t.v_mark_id)
+
+    def evaluate_one(self, row: int) -> tuple[bool, float, int, float]:
+        """(evaluable, ratio, next state, band eps for that state) of one account, valued
+        from scratch at the current prices (the arithmetic of `margin.value_account`)."""
+        return kernels.evaluate_row(row, self.state, *self._value_args)
+
+    def evaluate(self, rows: np.ndarray, decide: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`evaluate_one` for many rows: (evaluable, ratio, next state, eps) arrays. With
+        ``decide`` off every row keeps its state and eps is sized for the state it is in."""
+        return kernels.evaluate_rows(rows, decide, self.state, *self._value_args)
+
+    def watched(self, row: int) -> list[int]:
         """Symbol ids whose ticks can move the account (SPEC §6)."""
-        t = self.t
-        out: set[int] = set()
-        base = row * t.n_assets
-        bal = self.bal_m
-        for a in range(t.n_assets):
-            if bal[base + a] != 0.0 and t.a_sym_id[a] >= 0:
-                out.add(t.a_sym_id[a])
-        p, nxt = self.first_m[row], self.next_m
-        while p >= 0:
-            i = self.instr_m[p]
-            out.add(t.i_mark_id[i])
-            if t.i_settle_id[i] >= 0:
-                out.add(t.i_settle_id[i])
-            p = nxt[p]
-        return out
+        return kernels.watched_symbols(row, len(self.t.symbols), *self._watch_args).tolist()
 
-    # -- evaluation -----------------------------------------------------------------------------
-
-    def assess(self, row: int, prices: Mapping[str, float]) -> Assessment:
-        """Value the account from scratch — the same arithmetic, in the same order, as
-        `margin.value_account` over `balances_of` and `positions_of` — and gather the
-        sensitivities its band needs. Returns the tuple
-        (evaluable, ratio, equity, mm, scale, ae, be, am, bm, has_pos, syms):
-        ae/be are the first/second-order sensitivities of equity to a relative move ε of every
-        moving price, am/bm those of MM, scale the magnitude of equity's terms, syms the
-        symbols the account watches."""
-        get = prices.get
-        base = row * self.t.n_assets
-        bal = self.bal_m
-        collateral = scale = ae = be = am = bm = 0.0
-        syms: list[int] = []
-        for a, fixed, weight, sym, symbol in self.t.asset_rows:
-            balance = bal[base + a]
-            if balance == 0.0:
-                continue
-            if fixed is None:
-                syms.append(sym)
-                px = get(symbol)
-                if px is None:
-                    continue
-                term = balance * px * (weight if balance > 0 else 1.0)
-                collateral += term
-                term = abs(term)
-                scale += term
-                ae += term
-            else:
-                term = balance * fixed * (weight if balance > 0 else 1.0)
-                collateral += term
-                scale += abs(term)
-        upnl = mm = 0.0
-        evaluable = True
-        p = self.first_m[row]
-        has_pos = p >= 0
-        if has_pos:
-            nxt, instr_m, qty_m, entry_m = self.next_m, self.instr_m, self.qty_m, self.entry_m
-            instr_rows = self.t.instr_rows
-            while p >= 0:
-                cs, spx, settle_symbol, settle_sym, mark_symbol, mark_sym, tiers = \
-                    instr_rows[instr_m[p]]
-                syms.append(mark_sym)
-                if spx is None:
-                    syms.append(settle_sym)
-                    spx = get(settle_symbol)
-                    if spx is None:
-                        evaluable = False
-                        p = nxt[p]
-                        continue
-                    moving = True
-                else:
-                    moving = False
-                q = qty_m[p]
-                e = entry_m[p]
-                mark = get(mark_symbol, e)
-                notional = abs(q) * cs * mark
-                for tier in tiers:
-                    if notional <= tier[0]:
-                        break
-                u = q * cs * (mark - e) * spx
-                m = (notional * tier[1] - tier[3]) * spx
-                upnl += u
-                mm += m
-                grown = notional * CAP1
-                if grown <= tier[0]:
-                    slope = tier[1]
-                else:
-                    for reach in tiers:
-                        if grown <= reach[0]:
-                            break
-                    slope = reach[1]
-                nq = notional * spx
-                slope *= nq
-                u = abs(u)
-                scale += u
-                ae += nq
-                am += slope
-                if moving:
-                    ae += u
-                    be += nq
-                    am += m + slope
-                    bm += slope
-                p = nxt[p]
-        if not evaluable:
-            return (False, NAN, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0, True, syms)
-        equity = collateral + upnl
-        if equity > 0:
-            ratio = mm / equity
-        elif mm == 0:
-            ratio = 0.0
-        else:
-            ratio = INF
-        return (True, ratio, equity, mm, scale, ae, be, am, bm, has_pos, syms)
-
-    def safe_eps(self, state: int, a: Assessment) -> float:
-        """Largest relative move of every watched price (times SAFETY) that provably keeps
-        the state; 0 when the account sits on a boundary or cannot be valued."""
-        evaluable, _, equity, mm, scale, ae, be, am, bm, has_pos, _ = a
-        if not evaluable:
-            return 0.0
-        if not has_pos:  # no requirement: the ratio is 0 at any price
-            return INF if state == 0 else 0.0
-        t = self.t
-        eps = CAP
-        if state < 2:
-            up = t.mc if state == 0 else t.liq
-            room = up * equity - mm - TOL * (up * scale + mm)
-            if not room > 0:
-                return 0.0
-            lin, quad = up * ae + am, up * be + bm
-            if lin > 0 or quad > 0:
-                bound = 2 * room / (lin + math.sqrt(lin * lin + 4 * quad * room))
-                if bound < eps:
-                    eps = bound
-        if state > 0:
-            down = t.mc_h if state == 1 else t.liq_h
-            room = mm - down * equity - TOL * (down * scale + mm)
-            if not room > 0:
-                return 0.0
-            lin, quad = down * ae + am, down * be + bm
-            if lin > 0 or quad > 0:
-                bound = 2 * room / (lin + math.sqrt(lin * lin + 4 * quad * room))
-                if bound < eps:
-                    eps = bound
-        return eps * SAFETY
-
-    def anchor(self, row: int, eps: float, syms: list[int]) -> None:
-        """File the account under a band of ±eps around the current price of every symbol it
+    def anchor(self, row: int, eps: float) -> None:
+        """File one account under a band of ±eps around the current price of every symbol it
         watches (an empty band for a symbol without a price: its first tick re-evaluates)."""
         aid = (self.aid_m[row] + 1) & _AID_MASK
         self.aid_m[row] = aid
+        syms = self.watched(row)
         if not syms:
             return
         sym_px = self.sym_px_m
         bands = self.bands
         down, up = 1.0 - eps, 1.0 + eps
-        for s in (set(syms) if len(syms) > 1 else syms):
+        for s in syms:
             price = sym_px[s]
             if price == price:
                 lo, hi = price * down, price * up
             else:  # NaN: no price yet
                 lo, hi = INF, -INF
-            b = bands[s]
-            n = b.np
-            if n == b.pcap:
-                b._grow_pending(n + 1)
-            b.mlo[n] = lo
-            b.mhi[n] = hi
-            b.mrow[n] = row
-            b.maid[n] = aid
-            if hi < b.pfloor:
-                b.pfloor = hi
-            if lo > b.pceil:
-                b.pceil = lo
-            n += 1
-            b.np = n
-            if n >= b.limit:
-                b.merge(self.aid)
+            if bands[s].push(row, aid, lo, hi):
+                bands[s].merge(self.aid)
+
+    def anchor_many(self, rows: np.ndarray, eps: np.ndarray) -> None:
+        """`anchor` for many accounts: bands laid out by symbol in one compiled pass, then
+        appended to each symbol's pending buffer (folded in by that symbol's next tick)."""
+        starts, band_rows, aids, lo, hi = kernels.bands_by_symbol(
+            rows, eps, self.aid, *self._watch_args, self.sym_px)
+        bounds = starts.tolist()
+        bands = self.bands
+        for s in range(len(bands)):
+            a, b = bounds[s], bounds[s + 1]
+            if b > a:
+                bands[s].push_many(band_rows[a:b], aids[a:b], lo[a:b], hi[a:b])
 
     def set_price(self, sym: int, price: float) -> None:
         self.sym_px_m[sym] = price
@@ -490,175 +364,10 @@ class Book:
         bands = self.bands[sym]
         if bands.np > bands.limit:  # a bulk re-filing is waiting to be folded in
             bands.merge(self.aid)
-        taken = bands.take(price)
-        if taken is None:
-            return None
-        rows, aids = taken
-        rows = rows[self.aid[rows] == aids]
-        if len(rows) == 0:
-            return None
-        if len(rows) > 1:
-            rows = np.unique(rows)
-        return rows
+        return bands.take(price, self.aid)
 
     def holders(self, sym: int) -> np.ndarray:
         return self.bands[sym].live_rows(self.aid)
-
-    # -- vector paths ---------------------------------------------------------------------------
-
-    def assess_many(self, rows: np.ndarray) -> dict[str, Any]:
-        """`assess` for many accounts at once, in numpy. Per-account sums run in the same
-        order as `assess` (np.bincount adds sequentially), so equity and MM are identical."""
-        t = self.t
-        n = len(rows)
-        na = t.n_assets
-        sym_px = self.sym_px
-        zeros = np.zeros
-        collateral, scale, ae = zeros(n), zeros(n), zeros(n)
-        pair_rows: list[np.ndarray] = []
-        pair_syms: list[np.ndarray] = []
-        bal = self.bal.reshape(-1, na)[rows]
-        with np.errstate(invalid="ignore"):
-            for a, fixed, weight, sym, _ in t.asset_rows:
-                b = bal[:, a]
-                nonzero = b != 0.0
-                if not nonzero.any():
-                    continue
-                if fixed is None:
-                    local = np.flatnonzero(nonzero)
-                    pair_rows.append(local)
-                    pair_syms.append(np.full(len(local), sym))
-                    px = sym_px[sym]
-                    if px != px:
-                        continue
-                    term = b * px * np.where(b > 0, weight, 1.0)
-                    collateral += term
-                    term = np.abs(term)
-                    scale += term
-                    ae += term
-                else:
-                    term = b * fixed * np.where(b > 0, weight, 1.0)
-                    collateral += term
-                    scale += np.abs(term)
-            pos, own = self.positions_of_rows(rows)
-            if len(pos):
-                instr = self.p_instr[pos]
-                q = self.p_qty[pos]
-                e = self.p_entry[pos]
-                mark_sym = t.v_mark_id[instr]
-                pair_rows.append(own)
-                pair_syms.append(mark_sym)
-                moving = t.v_settle_moves[instr]
-                any_moving = bool(moving.any())
-                if any_moving:
-                    settle_px = np.where(t.v_settle_moves, sym_px[t.v_settle_id],
-                                         t.v_settle_fixed)
-                    spx = settle_px[instr]
-                    pair_rows.append(own[moving])
-                    pair_syms.append(t.v_settle_id[instr[moving]])
-                else:
-                    spx = t.v_settle_fixed[instr]
-                cs = t.v_cs[instr]
-                mark = sym_px[mark_sym]
-                mark = np.where(mark == mark, mark, e)
-                notional = np.abs(q) * cs * mark
-                tier = self._tiers(instr, notional)
-                reach = self._tiers(instr, notional * CAP1)
-                u = q * cs * (mark - e) * spx
-                m = (notional * t.t_mmr[instr, tier] - t.t_cum[instr, tier]) * spx
-                upnl = np.bincount(own, u, n)
-                mm = np.bincount(own, m, n)
-                nq = notional * spx
-                slope = t.t_mmr[instr, reach] * nq
-                u = np.abs(u)
-                scale += np.bincount(own, u, n)
-                if any_moving:
-                    ae += np.bincount(own, nq + np.where(moving, u, 0.0), n)
-                    be = np.bincount(own, np.where(moving, nq, 0.0), n)
-                    am = np.bincount(own, slope + np.where(moving, m + slope, 0.0), n)
-                    bm = np.bincount(own, np.where(moving, slope, 0.0), n)
-                    evaluable = np.bincount(own, spx != spx, n) == 0
-                else:
-                    ae += np.bincount(own, nq, n)
-                    am = np.bincount(own, slope, n)
-                    be, bm = zeros(n), zeros(n)
-                    evaluable = np.ones(n, bool)
-            else:
-                upnl, mm, am, be, bm = zeros(n), zeros(n), zeros(n), zeros(n), zeros(n)
-                evaluable = np.ones(n, bool)
-        has_pos = self.first[rows] >= 0
-        equity = collateral + upnl
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(equity > 0, mm / equity, np.where(mm == 0, 0.0, INF))
-        return {"evaluable": evaluable, "ratio": ratio, "equity": equity, "mm": mm,
-                "scale": scale, "ae": ae, "be": be, "am": am, "bm": bm, "has_pos": has_pos,
-                "collateral": collateral, "upnl": upnl,
-                "pair_rows": (np.concatenate(pair_rows) if pair_rows
-                              else np.empty(0, np.int64)),
-                "pair_syms": (np.concatenate(pair_syms) if pair_syms
-                              else np.empty(0, np.int64))}
-
-    def _tiers(self, instr: np.ndarray, notional: np.ndarray) -> np.ndarray:
-        """Tier index per position (as Instrument.tier_for), first tier decided cheaply."""
-        t_max = self.t.t_max
-        tier = (notional > t_max[instr, 0]).astype(np.int64)
-        beyond = np.flatnonzero(tier)
-        if len(beyond) and self.t.tier_width > 2:
-            tier[beyond] = (notional[beyond, None] > t_max[instr[beyond], :-1]).sum(1)
-        return tier
-
-    def safe_eps_many(self, states: np.ndarray, v: dict[str, Any]) -> np.ndarray:
-        """`safe_eps` in numpy (0 where an account is not provably stable)."""
-        t = self.t
-        n = len(states)
-        equity, mm, scale = v["equity"], v["mm"], v["scale"]
-        eps = np.full(n, CAP)
-        ok = v["evaluable"].copy()
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            up = np.where(states == 0, t.mc, np.where(states == 1, t.liq, NAN))
-            down = np.where(states == 1, t.mc_h, np.where(states == 2, t.liq_h, NAN))
-            for limit, sign in ((up, 1.0), (down, -1.0)):
-                applies = limit == limit
-                if not applies.any():
-                    continue
-                room = sign * (limit * equity - mm) - TOL * (limit * scale + mm)
-                ok &= ~applies | (room > 0)
-                lin = limit * v["ae"] + v["am"]
-                quad = limit * v["be"] + v["bm"]
-                bound = 2 * room / (lin + np.sqrt(lin * lin + 4 * quad * room))
-                bound = np.where((lin > 0) | (quad > 0), bound, INF)
-                eps = np.where(applies, np.minimum(eps, bound), eps)
-        eps = np.where(ok, eps * SAFETY, 0.0)
-        no_pos = ~v["has_pos"] & v["evaluable"]
-        if no_pos.any():
-            eps[no_pos] = np.where(states[no_pos] == 0, INF, 0.0)
-        return eps
-
-    def anchor_many(self, rows: np.ndarray, eps: np.ndarray, pair_rows: np.ndarray,
-                    pair_syms: np.ndarray) -> None:
-        """`anchor` for many accounts; pair_rows index into rows (duplicates are harmless)."""
-        self.aid[rows] += np.uint32(1)
-        if len(pair_rows) == 0:
-            return
-        price = self.sym_px[pair_syms]
-        e = eps[pair_rows]
-        with np.errstate(invalid="ignore"):
-            lo = price * (1.0 - e)
-            hi = price * (1.0 + e)
-        unpriced = price != price
-        if unpriced.any():
-            lo[unpriced], hi[unpriced] = INF, -INF
-        account_rows = rows[pair_rows].astype(np.int32)
-        aids = self.aid[account_rows]
-        order = np.argsort(pair_syms, kind="stable")
-        syms = pair_syms[order]
-        cuts = np.flatnonzero(syms[1:] != syms[:-1]) + 1
-        starts = [0, *cuts.tolist()]
-        ends = [*cuts.tolist(), len(syms)]
-        account_rows, aids, lo, hi = account_rows[order], aids[order], lo[order], hi[order]
-        for s, a, b in zip(syms[starts].tolist(), starts, ends, strict=True):
-            # no merge here: a bulk re-filing is folded in by the symbol's next tick
-            self.bands[s].push_many(account_rows[a:b], aids[a:b], lo[a:b], hi[a:b])
 
     def positions_of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every position of these accounts, as (position ids, index into ``rows`` of each

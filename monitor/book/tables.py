@@ -19,7 +19,7 @@ NAN = math.nan
 
 
 class Tables:
-    """The risk config as flat lists indexed by small integers, for the hot paths."""
+    """The risk config as flat lists and arrays indexed by small integers, for the hot paths."""
 
     def __init__(self, config: RiskConfig) -> None:
         th = config.thresholds
@@ -32,13 +32,11 @@ class Tables:
         self.asset_index = {a: n for n, a in enumerate(self.assets)}
         self.n_assets = len(self.assets)
         self.a_fixed: list[float | None] = []
-        self.a_symbol: list[str | None] = []
         self.a_sym_id: list[int] = []
         self.a_weight: list[float] = []
         for name in self.assets:
             asset = config.assets[name]
             self.a_fixed.append(asset.fixed_price)
-            self.a_symbol.append(asset.price_symbol)
             self.a_sym_id.append(-1 if asset.price_symbol is None
                                  else self.sym_index[asset.price_symbol])
             self.a_weight.append(asset.collateral_weight)
@@ -47,9 +45,7 @@ class Tables:
         self.i_cs: list[float] = []
         self.i_settle: list[int] = []
         self.i_settle_fixed: list[float | None] = []
-        self.i_settle_symbol: list[str | None] = []
         self.i_settle_id: list[int] = []
-        self.i_mark: list[str] = []
         self.i_mark_id: list[int] = []
         self.i_tiers: list[tuple[tuple[float, float, float, float], ...]] = []
         for name in self.instruments:
@@ -58,13 +54,12 @@ class Tables:
             self.i_cs.append(instrument.contract_size)
             self.i_settle.append(settle)
             self.i_settle_fixed.append(self.a_fixed[settle])
-            self.i_settle_symbol.append(self.a_symbol[settle])
             self.i_settle_id.append(self.a_sym_id[settle])
-            self.i_mark.append(instrument.mark_symbol)
             self.i_mark_id.append(self.sym_index[instrument.mark_symbol])
             self.i_tiers.append(tuple((t.max_notional, t.mmr, t.imr, t.maintenance_amount)
                                       for t in instrument.tiers))
-        # Padded tier tables for vector code: t = #(notional > max) over all but the last tier.
+        # Padded tier tables for compiled code: the last tier's bound is INF, tiers past an
+        # instrument's last repeat it.
         n_i = len(self.instruments)
         width = max((len(t) for t in self.i_tiers), default=1)
         self.t_max = np.full((n_i, width), INF)
@@ -77,30 +72,20 @@ class Tables:
                 self.t_mmr[i, k], self.t_cum[i, k] = mmr, cum
             self.t_mmr[i, len(tiers):] = tiers[-1][1]
             self.t_cum[i, len(tiers):] = tiers[-1][3]
-        self.tier_width = width
-        self.asset_rows = [(a, self.a_fixed[a], self.a_weight[a], self.a_sym_id[a],
-                            self.a_symbol[a]) for a in range(self.n_assets)]
-        self.instr_rows = [(self.i_cs[i], self.i_settle_fixed[i], self.i_settle_symbol[i],
-                            self.i_settle_id[i], self.i_mark[i], self.i_mark_id[i],
-                            self.i_tiers[i]) for i in range(n_i)]
         self.v_settle_fixed = np.array([NAN if f is None else f for f in self.i_settle_fixed])
         self.v_cs = np.array(self.i_cs, dtype=np.float64)
         self.v_mark_id = np.array(self.i_mark_id, dtype=np.int64)
         self.v_settle_id = np.array(self.i_settle_id, dtype=np.int64)
-        self.v_settle_moves = self.v_settle_id >= 0
+        # for the kernels: NaN marks an asset priced by ticks, -1 a fixed one's symbol id
+        self.k_fixed = np.array([NAN if f is None else f for f in self.a_fixed], np.float64)
+        self.k_weight = np.array(self.a_weight, np.float64)
+        self.k_sym = np.array(self.a_sym_id, np.int64)
+        self.k_thresholds = np.array([self.mc, self.liq, self.mc_h, self.liq_h], np.float64)
 
     def symbol_prices(self, prices: Mapping[str, float]) -> np.ndarray:
         """Current price per symbol id, NaN where there is none yet."""
         get = prices.get
         return np.array([get(s, NAN) for s in self.symbols], dtype=np.float64)
-
-    def thresholds_of(self, state: int) -> tuple[float | None, float | None]:
-        """(up, down) ratio thresholds that bound a stay in this state."""
-        if state == 0:
-            return self.mc, None
-        if state == 1:
-            return self.liq, self.mc_h
-        return None, self.liq_h
 
 
 

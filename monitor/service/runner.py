@@ -30,6 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
+from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
 from monitor.events import Event, Source
@@ -162,6 +163,10 @@ class Monitor:
 
     async def _run(self) -> None:
         try:
+            # compiled once per install (seconds), loaded from numba's cache after that; in a
+            # thread so that /healthz answers meanwhile
+            seconds = await asyncio.to_thread(warm_up)
+            self.log.info("kernels ready", seconds=round(seconds, 3))
             await self._connect()
             if not self._stopping.is_set():
                 await self._until_restored()

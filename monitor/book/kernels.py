@@ -1,0 +1,385 @@
+"""Compiled kernels over the book's columns: value accounts, decide their state, size their safe
+bands and file them by symbol (see `monitor.book` for the band proof).
+
+They run as machine code through numba and are compiled once per machine: ``cache=True`` keeps
+the compiled code beside this file (or under ``NUMBA_CACHE_DIR``), so only the first start after
+an install pays for compilation (`warm_up` does it at once, a few seconds).
+
+The valuation does the arithmetic of `margin.value_account`, term for term and in the same
+order (balances in config order, positions in opening order), so the ratio that decides a state
+is bit-identical to the one an event reports. numba keeps IEEE semantics here (no fastmath, no
+fused multiply-add), which is what makes that hold.
+
+Argument tuples (built by `Book`, in this order):
+- columns: bal (flat, ``n_assets`` per row), first, p_next, p_instr, p_qty, p_entry;
+- tables: a_fixed (NaN where a tick prices the asset), a_weight, a_sym (-1 for fixed), i_cs,
+  i_settle_fixed (NaN where the settle asset moves), i_settle_id (-1 fixed), i_mark_id, t_max,
+  t_mmr, t_cum (tiers padded per instrument), thresholds (mc, liq, mc − h, liq − h);
+- sym_px: the current price per symbol id, NaN before the first tick.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from monitor.book.tables import CAP, CAP1, SAFETY, TOL
+
+INF = math.inf
+NAN = math.nan
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+@_jit
+def _value(row, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym,
+           i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px):
+    """(evaluable, ratio, equity, mm, scale, ae, be, am, bm, has_pos) of one row.
+
+    ae/be: first/second-order sensitivity of equity to a relative move ε of every moving
+    price; am/bm the same for MM; scale: the magnitude of equity's terms (for the rounding
+    margin)."""
+    collateral = 0.0
+    scale = 0.0
+    ae = 0.0
+    be = 0.0
+    am = 0.0
+    bm = 0.0
+    base = row * na
+    for a in range(na):
+        balance = bal[base + a]
+        if balance == 0.0:
+            continue
+        weight = a_weight[a] if balance > 0 else 1.0
+        fixed = a_fixed[a]
+        if fixed != fixed:  # priced by ticks
+            px = sym_px[a_sym[a]]
+            if px != px:  # no price yet: contributes 0
+                continue
+            term = balance * px * weight
+            collateral += term
+            term = abs(term)
+            scale += term
+            ae += term
+        else:
+            term = balance * fixed * weight
+            collateral += term
+            scale += abs(term)
+    upnl = 0.0
+    mm = 0.0
+    evaluable = True
+    p = first[row]
+    has_pos = p >= 0
+    width = t_max.shape[1]
+    while p >= 0:
+        i = p_instr[p]
+        spx = i_settle_fixed[i]
+        moving = False
+        if spx != spx:
+            spx = sym_px[i_settle_id[i]]
+            if spx != spx:
+                evaluable = False
+                p = p_next[p]
+                continue
+            moving = True
+        q = p_qty[p]
+        e = p_entry[p]
+        cs = i_cs[i]
+        mark = sym_px[i_mark_id[i]]
+        if mark != mark:
+            mark = e
+        notional = abs(q) * cs * mark
+        tier = 0
+        while tier < width - 1 and notional > t_max[i, tier]:
+            tier += 1
+        u = q * cs * (mark - e) * spx
+        m = (notional * t_mmr[i, tier] - t_cum[i, tier]) * spx
+        upnl += u
+        mm += m
+        grown = notional * CAP1
+        reach = tier
+        while reach < width - 1 and grown > t_max[i, reach]:
+            reach += 1
+        nq = notional * spx
+        slope = t_mmr[i, reach] * nq
+        u = abs(u)
+        scale += u
+        ae += nq
+        am += slope
+        if moving:
+            ae += u
+            be += nq
+            am += m + slope
+            bm += slope
+        p = p_next[p]
+    if not evaluable:
+        return False, NAN, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0, has_pos
+    equity = collateral + upnl
+    if equity > 0:
+        ratio = mm / equity
+    elif mm == 0:
+        ratio = 0.0
+    else:
+        ratio = INF
+    return True, ratio, equity, mm, scale, ae, be, am, bm, has_pos
+
+
+@_jit
+def _next_state(state, ratio, thresholds):
+    """SPEC §5: up-level first; otherwise the down-level, never above the current state."""
+    mc, liq, mc_h, liq_h = thresholds[0], thresholds[1], thresholds[2], thresholds[3]
+    if ratio >= liq:
+        new = 2
+    elif ratio >= mc:
+        new = 1
+    else:
+        new = 0
+    if new <= state:
+        if ratio >= liq_h:
+            new = 2
+        elif ratio >= mc_h:
+            new = 1
+        else:
+            new = 0
+        if new > state:
+            new = state
+    return new
+
+
+@_jit
+def _bound(limit, sign, equity, mm, scale, ae, be, am, bm, eps):
+    """Shrink eps so that the ratio provably stays on its side of ``limit`` (-1: no room)."""
+    room = sign * (limit * equity - mm) - TOL * (limit * scale + mm)
+    if not room > 0:
+        return -1.0
+    lin = limit * ae + am
+    quad = limit * be + bm
+    if lin > 0 or quad > 0:
+        bound = 2 * room / (lin + math.sqrt(lin * lin + 4 * quad * room))
+        if bound < eps:
+            return bound
+    return eps
+
+
+@_jit
+def _safe_eps(state, evaluable, equity, mm, scale, ae, be, am, bm, has_pos, thresholds):
+    """Largest relative move of every watched price (times SAFETY) that provably keeps the
+    state; 0 when the account sits on a boundary or cannot be valued."""
+    if not evaluable:
+        return 0.0
+    if not has_pos:  # no requirement: the ratio is 0 at any price
+        return INF if state == 0 else 0.0
+    eps = CAP
+    if state < 2:
+        up = thresholds[0] if state == 0 else thresholds[1]
+        eps = _bound(up, 1.0, equity, mm, scale, ae, be, am, bm, eps)
+        if eps < 0:
+            return 0.0
+    if state > 0:
+        down = thresholds[2] if state == 1 else thresholds[3]
+        eps = _bound(down, -1.0, equity, mm, scale, ae, be, am, bm, eps)
+        if eps < 0:
+            return 0.0
+    return eps * SAFETY
+
+
+@_jit
+def evaluate_row(row, state, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
+                 a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum,
+                 thresholds, sym_px):
+    """One row: (evaluable, ratio, next state, eps for that state); see `evaluate_rows`."""
+    ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
+        row, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym,
+        i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
+    current = state[row]
+    new = _next_state(current, r, thresholds) if ok else current
+    return ok, r, new, _safe_eps(new, ok, equity, mm, scale, ae, be, am, bm, has_pos,
+                                 thresholds)
+
+
+@_jit
+def evaluate_rows(rows, decide, state, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed,
+                  a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
+                  t_cum, thresholds, sym_px):
+    """Value each row, decide its next state and size its band for that state.
+
+    Returns (evaluable, ratio, new_state, eps) per row; a row that cannot be valued keeps its
+    state and gets eps 0 (re-evaluated on every tick of its symbols). With ``decide`` off
+    every row keeps its state (indexing a restored book moves nothing)."""
+    n = rows.shape[0]
+    evaluable = np.empty(n, np.bool_)
+    ratio = np.empty(n, np.float64)
+    new_state = np.empty(n, np.int8)
+    eps = np.empty(n, np.float64)
+    for k in range(n):
+        row = rows[k]
+        ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
+            row, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym,
+            i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
+        current = state[row]
+        new = _next_state(current, r, thresholds) if ok and decide else current
+        evaluable[k] = ok
+        ratio[k] = r
+        new_state[k] = new
+        eps[k] = _safe_eps(new, ok, equity, mm, scale, ae, be, am, bm, has_pos, thresholds)
+    return evaluable, ratio, new_state, eps
+
+
+@_jit
+def _watched(row, out, bal, na, first, p_next, p_instr, a_sym, i_settle_id, i_mark_id):
+    """Write the distinct symbol ids that can move the row into ``out``; return how many."""
+    n = 0
+    base = row * na
+    for a in range(na):
+        s = a_sym[a]
+        if s >= 0 and bal[base + a] != 0.0:
+            n = _add_once(out, n, s)
+    p = first[row]
+    while p >= 0:
+        i = p_instr[p]
+        n = _add_once(out, n, i_mark_id[i])
+        if i_settle_id[i] >= 0:
+            n = _add_once(out, n, i_settle_id[i])
+        p = p_next[p]
+    return n
+
+
+@_jit
+def _add_once(out, n, s):
+    for k in range(n):
+        if out[k] == s:
+            return n
+    out[n] = s
+    return n + 1
+
+
+@_jit
+def watched_symbols(row, n_symbols, bal, na, first, p_next, p_instr, a_sym, i_settle_id,
+                    i_mark_id):
+    """The symbol ids whose ticks can move one row (SPEC §6)."""
+    out = np.empty(n_symbols, np.int64)
+    n = _watched(row, out, bal, na, first, p_next, p_instr, a_sym, i_settle_id, i_mark_id)
+    return out[:n]
+
+
+@_jit
+def bands_by_symbol(rows, eps, aid, bal, na, first, p_next, p_instr, a_sym, i_settle_id,
+                    i_mark_id, sym_px):
+    """Re-anchor rows: bump each row's anchor id and lay out one band ±eps per (row, watched
+    symbol), grouped by symbol: (starts per symbol id + 1, rows, anchor ids, lo, hi). An
+    unpriced symbol gets the empty band (INF, -INF): its first tick re-evaluates the row."""
+    n_symbols = sym_px.shape[0]
+    n = rows.shape[0]
+    # one walk of the position lists: each row's symbols, end to end, counted per symbol
+    owner = np.empty(4 * n + n_symbols, np.int64)
+    flat = np.empty(4 * n + n_symbols, np.int64)
+    counts = np.zeros(n_symbols + 1, np.int64)
+    syms = np.empty(n_symbols, np.int64)
+    used = 0
+    for k in range(n):
+        m = _watched(rows[k], syms, bal, na, first, p_next, p_instr, a_sym, i_settle_id,
+                     i_mark_id)
+        if used + m > flat.shape[0]:
+            bigger = np.empty(2 * flat.shape[0] + m, np.int64)
+            bigger[:used] = flat[:used]
+            flat = bigger
+            bigger = np.empty(flat.shape[0], np.int64)
+            bigger[:used] = owner[:used]
+            owner = bigger
+        for j in range(m):
+            flat[used] = syms[j]
+            owner[used] = k
+            used += 1
+            counts[syms[j] + 1] += 1
+    starts = np.cumsum(counts)
+    fill = starts[:-1].copy()
+    out_row = np.empty(used, np.int32)
+    out_aid = np.empty(used, np.uint32)
+    lo = np.empty(used, np.float64)
+    hi = np.empty(used, np.float64)
+    new_aid = np.empty(n, np.uint32)
+    for k in range(n):
+        row = rows[k]
+        new_aid[k] = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
+        aid[row] = new_aid[k]
+    for x in range(used):
+        k = owner[x]
+        s = flat[x]
+        at = fill[s]
+        fill[s] = at + 1
+        out_row[at] = rows[k]
+        out_aid[at] = new_aid[k]
+        price = sym_px[s]
+        if price == price:
+            lo[at] = price * (1.0 - eps[k])
+            hi[at] = price * (1.0 + eps[k])
+        else:
+            lo[at] = INF
+            hi[at] = -INF
+    return starts, out_row, out_aid, lo, hi
+
+
+@_jit
+def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, np_,
+                 aid):
+    """Remove every band of one symbol that ``price`` touches or leaves: the prefixes of the
+    two sorted runs it crosses, and the pending entries it reaches (compacted in place).
+
+    Returns (rows, hs, ls, pending kept, pending floor, pending ceil): rows sorted, unique,
+    and only those whose anchor id still matches (a stale entry is a re-anchored row)."""
+    i = hs
+    end = hi.shape[0]
+    while i < end and hi[i] <= price:
+        i += 1
+    j = ls
+    end = lneg.shape[0]
+    neg = -price
+    while j < end and lneg[j] <= neg:
+        j += 1
+    out = np.empty((i - hs) + (j - ls) + np_, np.int64)
+    n = 0
+    for k in range(hs, i):
+        r = hrow[k]
+        if aid[r] == haid[k]:
+            out[n] = r
+            n += 1
+    for k in range(ls, j):
+        r = lrow[k]
+        if aid[r] == laid[k]:
+            out[n] = r
+            n += 1
+    kept = 0
+    floor = INF
+    ceil = -INF
+    for k in range(np_):
+        low = plo[k]
+        high = phi[k]
+        if high <= price or low >= price:
+            r = prow[k]
+            if aid[r] == paid[k]:
+                out[n] = r
+                n += 1
+        else:
+            plo[kept] = low
+            phi[kept] = high
+            prow[kept] = prow[k]
+            paid[kept] = paid[k]
+            kept += 1
+            if high < floor:
+                floor = high
+            if low > ceil:
+                ceil = low
+    return _sorted_unique(out[:n], aid.shape[0]), i, j, kept, floor, ceil
+
+
+@_jit
+def _sorted_unique(rows, n_rows):
+    """Sorted distinct rows: a sort for few, one pass over a bitmap of every row for many."""
+    if rows.shape[0] * 32 < n_rows:
+        return np.unique(rows)
+    seen = np.zeros(n_rows, np.bool_)
+    for r in rows:
+        seen[r] = True
+    return np.flatnonzero(seen)
