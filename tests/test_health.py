@@ -141,6 +141,8 @@ def test_readyz_says_why_it_is_not_ready(server: HealthServer) -> None:
 
 def test_a_restore_under_way_is_reported_with_its_progress(risk) -> None:
     monitor = Monitor(ServiceSettings(config_path=REPO / "risk.toml"), risk, Metrics())
+    assert monitor.not_ready_because().startswith("loading the engine's compiled kernels")
+    monitor._warming_up = False  # what run() sets once they are loaded
     assert monitor.not_ready_because() == "connecting to kafka"
     monitor._restoring = True  # what on_assigned sets while it reads the changelog
     assert monitor.not_ready_because() == "restoring state"

@@ -7,11 +7,15 @@ import io
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.events import Source
-from monitor.records import Reason, Rejected, decode
+from monitor.records import PriceTick, Reason, Rejected, decode, decode_batch
 from monitor.replay import replay
+from tests.conftest import RISK
 
 TICK = {"symbol": "BTC-PERP", "price": 50_000.0, "ts": 10}
 FILL = {"fill_id": "f1", "account": "a", "symbol": "BTC-PERP", "side": "buy", "qty": 1.0,
@@ -189,3 +193,60 @@ def test_malformed_replay_envelopes_are_rejected(risk, line: bytes, reason: str)
     with pytest.raises(Rejected) as excinfo:
         decode_line(line, risk)
     assert excinfo.value.reason == reason
+
+
+def decoded_alike(topic: str, raw: bytes | None, risk, not_after_ms: int | None = None):
+    """What `decode` makes of one value: the record, or the rejection's (reason, detail)."""
+    try:
+        return decode(topic, raw, risk, not_after_ms=not_after_ms)
+    except Rejected as rejection:
+        return (rejection.reason, rejection.detail)
+
+
+def batch_alike(topics: list[str], raws: list[bytes | None], risk,
+                not_after_ms: int | None = None) -> list:
+    return [(r.reason, r.detail) if isinstance(r, Rejected) else r
+            for r in decode_batch(topics, raws, risk, not_after_ms=not_after_ms)]
+
+
+def test_a_batch_decodes_every_bad_value_with_decodes_reason_and_detail(risk) -> None:
+    """The bad values above and the good ones interleaved in one batch: each comes out as
+    `decode` makes it, in order (the batch path only ever accepts values decode accepts)."""
+    topics = [t for t, _, _, _ in BAD] + list(GOOD)
+    raws: list[bytes | None] = [raw for _, raw, _, _ in BAD] + [orjson.dumps(v)
+                                                                for v in GOOD.values()]
+    topics.append("fills")
+    raws.append(None)  # a tombstone
+    assert batch_alike(topics, raws, risk) == [decoded_alike(t, r, risk)
+                                               for t, r in zip(topics, raws, strict=True)]
+
+
+def test_a_batch_applies_the_not_after_bound_as_decode_does(risk) -> None:
+    raws = [changed("prices", ts=100), changed("prices", ts=101), changed("fills", ts=101)]
+    topics = ["prices", "prices", "fills"]
+    got = batch_alike(topics, raws, risk, not_after_ms=100)
+    assert got[0] == PriceTick("BTC-PERP", 50_000.0, 100)
+    assert [g[0] for g in got[1:]] == [Reason.TS_IN_FUTURE, Reason.TS_IN_FUTURE]
+
+
+FIELD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(
+        ["", "a", "x" * 257, "buy", "sell", "BTC-PERP", "DOGE-PERP", "USDT", "DOGE", "deposit",
+         "withdrawal", "funding", "gift"]),
+    st.lists(st.integers(min_value=-9, max_value=9), max_size=2))
+
+
+@given(topic=st.sampled_from(["prices", "fills", "ledger"]),
+       changes=st.dictionaries(st.sampled_from(
+           ["symbol", "price", "ts", "fill_id", "account", "side", "qty", "fee", "entry_id",
+            "asset", "amount", "kind"]), FIELD_VALUES | st.just(...), max_size=4),
+       not_after_ms=st.none() | st.integers(min_value=0, max_value=2**63))
+@settings(max_examples=400, deadline=None)
+def test_a_batch_decodes_any_value_exactly_as_decode(topic: str, changes: dict,
+                                                     not_after_ms: int | None) -> None:
+    """Any mix of missing, ill-typed, out-of-range and good fields (... removes a field)."""
+    risk = parse_config(RISK)
+    raw = orjson.dumps({k: v for k, v in {**GOOD[topic], **changes}.items() if v is not ...})
+    assert batch_alike([topic], [raw], risk, not_after_ms) == [
+        decoded_alike(topic, raw, risk, not_after_ms)]

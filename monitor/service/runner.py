@@ -34,7 +34,7 @@ from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
 from monitor.events import Event, Source
-from monitor.records import InputRecord, PriceTick, Rejected, decode
+from monitor.records import FILLS, LEDGER, PRICES, InputRecord, PriceTick, Rejected, decode_batch
 from monitor.service.changelog import (
     ConfigChanged,
     RestoredPartition,
@@ -92,6 +92,7 @@ class Monitor:
         self.ready = asyncio.Event()  # see _update_ready
         self._consuming = False
         self._restoring = False
+        self._warming_up = True  # loading (first start: compiling) the engine's kernels
         self.restore_status: RestoreProgress | None = None  # of the restore under way
         self._restore_started = 0.0
         self._restore_said = 0.0  # when the last "restoring" line was logged
@@ -166,6 +167,7 @@ class Monitor:
             # compiled once per install (seconds), loaded from numba's cache after that; in a
             # thread so that /healthz answers meanwhile
             seconds = await asyncio.to_thread(warm_up)
+            self._warming_up = False
             self.log.info("kernels ready", seconds=round(seconds, 3))
             await self._connect()
             if not self._stopping.is_set():
@@ -232,6 +234,8 @@ class Monitor:
                 return "restoring state"
             return (f"restoring state: {status.records:,} of at most {status.expected:,} "
                     f"changelog records read, {status.accounts:,} accounts")
+        if self._warming_up:
+            return "loading the engine's compiled kernels (the first start compiles them)"
         if not self._consuming:
             return "connecting to kafka"
         if not self._reachable:
@@ -817,15 +821,14 @@ class Monitor:
         before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
         out: list[Outgoing] = []
         consumed: dict[str, int] = {}
-        decoded: list[InputRecord | Rejected] = []
         not_after_ms = int(time.time() * 1000 + self.settings.max_future * 1000)
-        for tp, message in batch:
+        kind_of = {topics.prices: PRICES, topics.fills: FILLS, topics.ledger: LEDGER}
+        kinds = []
+        for tp, _ in batch:
             consumed[tp.topic] = consumed.get(tp.topic, 0) + 1
-            try:
-                decoded.append(decode(topics.input_kind(tp.topic), message.value, config,
-                                      not_after_ms=not_after_ms))
-            except Rejected as rejection:
-                decoded.append(rejection)
+            kinds.append(kind_of[tp.topic])
+        decoded = decode_batch(kinds, [message.value for _, message in batch], config,
+                               not_after_ms=not_after_ms)
         superseded = _superseded_ticks(decoded) if conflate else set()
         if superseded:
             metrics.conflated_ticks.inc(len(superseded))
