@@ -358,10 +358,10 @@ class Engine(InputLedger):
                   source: Source) -> Event | None:
         """Re-value one account from scratch, move its state, and file its new band."""
         book = self.book
-        evaluable, _, new, eps = book.evaluate_one(row)
+        evaluable, _, new, eps, watched = book.evaluate_one(row)
         if not evaluable:  # a settle asset has no price yet
             self.stats.unevaluated += 1
-            book.anchor(row, 0.0)
+            book.anchor(row, 0.0, watched)
             return None
         event = None
         state = book.state_m[row]
@@ -369,7 +369,7 @@ class Engine(InputLedger):
             event, settled = self._transition(row, state, ts, kind, ref, source)
             if settled != new:  # pragma: no cover - both valuations sum identically
                 eps = 0.0
-        book.anchor(row, eps)
+        book.anchor(row, eps, watched)
         return event
 
     def _transition(self, row: int, state: int, ts: int, kind: str, ref: str,

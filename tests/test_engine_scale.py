@@ -221,7 +221,7 @@ def test_long_stream_compiled_valuations_equal_from_scratch() -> None:
     for k, name in enumerate(engine.accounts):
         account = engine.accounts[name]
         exact = value_account(account.balances, account.positions, config, engine.prices)
-        one_evaluable, one_ratio, _, _ = book.evaluate_one(int(rows[k]))
+        one_evaluable, one_ratio, _, _, _ = book.evaluate_one(int(rows[k]))
         if exact is None:
             assert not one_evaluable and not evaluable[k]
             continue

@@ -80,24 +80,10 @@ class SymbolBands:
         self.sfloor = float(self.hi[self.hs]) if self.hs < len(self.hi) else INF
         self.sceil = -float(self.lneg[self.ls]) if self.ls < len(self.lneg) else -INF
 
-    def push(self, row: int, aid: int, lo: float, hi: float) -> bool:
-        """File one band; True when the pending buffer is due for a merge."""
-        n = self.np
-        if n == self.pcap:
-            self._grow_pending(n + 1)
-        self.mlo[n] = lo
-        self.mhi[n] = hi
-        self.mrow[n] = row
-        self.maid[n] = aid
-        if hi < self.pfloor:
-            self.pfloor = hi
-        if lo > self.pceil:
-            self.pceil = lo
-        self.np = n + 1
-        return n + 1 >= self.limit
-
     def push_many(self, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
                   hi: np.ndarray) -> bool:
+        """File bands in the pending buffer (`Book.anchor` files one band inline); True when
+        the buffer is due for a merge."""
         n, k = self.np, len(rows)
         if n + k > self.pcap:
             self._grow_pending(n + k)

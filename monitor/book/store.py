@@ -300,10 +300,13 @@ class Book:
         self._watch_args = (self.bal, t.n_assets, self.first, self.p_next, self.p_instr,
                             t.k_sym, t.v_settle_id, t.v_mark_id)
 
-    def evaluate_one(self, row: int) -> tuple[bool, float, int, float]:
-        """(evaluable, ratio, next state, band eps for that state) of one account, valued
-        from scratch at the current prices (the arithmetic of `margin.value_account`)."""
-        return kernels.evaluate_row(row, self.state, *self._value_args)
+    def evaluate_one(self, row: int) -> tuple[bool, float, int, float, list[int]]:
+        """(evaluable, ratio, next state, band eps for that state, watched symbol ids) of one
+        account, valued from scratch at the current prices (`margin.value_account`'s
+        arithmetic)."""
+        evaluable, ratio, new, eps, syms = kernels.evaluate_row(row, self.state,
+                                                                *self._value_args)
+        return evaluable, ratio, new, eps, syms.tolist()
 
     def evaluate(self, rows: np.ndarray, decide: bool = True
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -315,12 +318,14 @@ class Book:
         """Symbol ids whose ticks can move the account (SPEC §6)."""
         return kernels.watched_symbols(row, len(self.t.symbols), *self._watch_args).tolist()
 
-    def anchor(self, row: int, eps: float) -> None:
+    def anchor(self, row: int, eps: float, syms: list[int] | None = None) -> None:
         """File one account under a band of ±eps around the current price of every symbol it
-        watches (an empty band for a symbol without a price: its first tick re-evaluates)."""
+        watches (``syms``, when the caller has them already; an empty band for a symbol
+        without a price: its first tick re-evaluates)."""
         aid = (self.aid_m[row] + 1) & _AID_MASK
         self.aid_m[row] = aid
-        syms = self.watched(row)
+        if syms is None:
+            syms = self.watched(row)
         if not syms:
             return
         sym_px = self.sym_px_m
@@ -332,8 +337,22 @@ class Book:
                 lo, hi = price * down, price * up
             else:  # NaN: no price yet
                 lo, hi = INF, -INF
-            if bands[s].push(row, aid, lo, hi):
-                bands[s].merge(self.aid)
+            b = bands[s]  # SymbolBands.push, inlined: this runs for every record
+            n = b.np
+            if n == b.pcap:
+                b._grow_pending(n + 1)
+            b.mlo[n] = lo
+            b.mhi[n] = hi
+            b.mrow[n] = row
+            b.maid[n] = aid
+            if hi < b.pfloor:
+                b.pfloor = hi
+            if lo > b.pceil:
+                b.pceil = lo
+            n += 1
+            b.np = n
+            if n >= b.limit:
+                b.merge(self.aid)
 
     def anchor_many(self, rows: np.ndarray, eps: np.ndarray) -> None:
         """`anchor` for many accounts: bands laid out by symbol in one compiled pass, then
