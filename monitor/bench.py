@@ -174,6 +174,57 @@ class Phases:
 
 # -- engine-only ---------------------------------------------------------------------------------
 
+@dataclass
+class EngineRace:
+    """The columnar engine and the naive one over the same records (the naive on a prefix)."""
+
+    fast_rate: float
+    naive_rate: float
+    records: int
+    events: int
+    naive_records: int
+    agree: bool
+
+    def note(self) -> str:
+        return (f"{self.records:,} records, {self.events:,} events; baseline on the first "
+                f"{self.naive_records:,} records; events "
+                f"{'identical' if self.agree else 'DIFFER'} on that prefix")
+
+
+def race(fast: Engine, naive: ReferenceEngine, records: list[Any], budget: float,
+         phases: Phases, label: str) -> EngineRace:
+    step = phases.task(f"{label}: {len(records):,} records", len(records))
+    fast_ids: list[list[str]] = []
+    gc.collect()
+    elapsed = 0.0
+    apply = fast.apply
+    for start in range(0, len(records), 5_000):
+        chunk = records[start:start + 5_000]
+        t0 = time.perf_counter()
+        for record, source in chunk:
+            fast_ids.append([e.event_id for e in apply(record, source)])
+        elapsed += time.perf_counter() - t0
+        step(len(chunk))
+    step = phases.task(f"{label}, naive baseline ({budget:.0f} s budget)", budget)
+    naive_elapsed, done, agree = 0.0, 0, True
+    last = 0.0
+    for n, (record, source) in enumerate(records):
+        t0 = time.perf_counter()
+        events = naive.apply(record, source)
+        naive_elapsed += time.perf_counter() - t0
+        done = n + 1
+        if [e.event_id for e in events] != fast_ids[n]:
+            agree = False
+        if naive_elapsed - last > 0.25:
+            step(naive_elapsed - last)
+            last = naive_elapsed
+        if naive_elapsed > budget:
+            break
+    phases.done(step, max(0.0, budget - last))
+    return EngineRace(len(records) / elapsed, done / naive_elapsed, len(records),
+                      sum(len(ids) for ids in fast_ids), done, agree)
+
+
 def engine_phase(plan: Plan, pop: Population, phases: Phases) -> tuple[list[Figure], Engine,
                                                                          ReferenceEngine,
                                                                          MixedStream]:
@@ -187,50 +238,38 @@ def engine_phase(plan: Plan, pop: Population, phases: Phases) -> tuple[list[Figu
 
     stream = MixedStream(pop, plan.seed, plan.volatility)
     records = with_sources(stream.records(plan.records))
-    step = phases.task(f"engine only: {len(records):,} records", len(records))
-    fast_ids: list[list[str]] = []
-    gc.collect()
-    elapsed = 0.0
-    apply = fast.apply
-    for start in range(0, len(records), 5_000):
-        chunk = records[start:start + 5_000]
-        t0 = time.perf_counter()
-        for record, source in chunk:
-            fast_ids.append([e.event_id for e in apply(record, source)])
-        elapsed += time.perf_counter() - t0
-        step(len(chunk))
-    fast_rate = len(records) / elapsed
-
-    budget = plan.naive_budget
-    step = phases.task(f"engine only, naive baseline ({budget:.0f} s budget)", budget)
-    naive_elapsed, done, agree, naive_events = 0.0, 0, True, 0
-    last = 0.0
-    for n, (record, source) in enumerate(records):
-        t0 = time.perf_counter()
-        events = naive.apply(record, source)
-        naive_elapsed += time.perf_counter() - t0
-        done = n + 1
-        naive_events += len(events)
-        if [e.event_id for e in events] != fast_ids[n]:
-            agree = False
-        if naive_elapsed - last > 0.25:
-            step(naive_elapsed - last)
-            last = naive_elapsed
-        if naive_elapsed > budget:
-            break
-    phases.done(step, max(0.0, budget - last))
-    naive_rate = done / naive_elapsed
-    events = sum(len(ids) for ids in fast_ids)
+    result = race(fast, naive, records, plan.naive_budget, phases, "engine only")
     figures = [
-        Figure("engine_records_per_s", "engine only: records/s", "records/s", fast_rate,
-               naive_rate, "—", None, True,
-               f"{len(records):,} records, {events:,} events; baseline on the first "
-               f"{done:,} records; events {'identical' if agree else 'DIFFER'} on that prefix"),
+        Figure("engine_records_per_s", "engine only: records/s", "records/s",
+               result.fast_rate, result.naive_rate, "—", None, True, result.note()),
         Figure("load_accounts_s", "install accounts (load_account + index)", "s", fast_load,
                naive_load, "—", None, False, f"{pop.count:,} accounts, {pop.positions:,} "
                                                  "positions"),
     ]
     return figures, fast, naive, stream
+
+
+VOLATILE_ACCOUNTS = 10_000
+VOLATILE_SIGMA = 0.003  # SPEC §9: per-tick σ ≈ 0.3 %
+
+
+def volatile_phase(plan: Plan, phases: Phases) -> list[Figure]:
+    """SPEC §9's volatile replay: 10,000 accounts, per-tick σ 0.3 %, both engines."""
+    config = bench_config(plan.instruments)
+    pop = populate(config, min(plan.accounts, VOLATILE_ACCOUNTS), plan.seed + 11)
+    fast, naive = Engine(config), ReferenceEngine(config)
+    load_population(fast, pop)
+    load_population(naive, pop)
+    fast.index_restored()
+    records = with_sources(MixedStream(pop, plan.seed + 11, VOLATILE_SIGMA).records(30_000))
+    result = race(fast, naive, records, min(plan.naive_budget, 4.0), phases,
+                  f"volatile replay ({pop.count:,} accounts, σ {VOLATILE_SIGMA:g})")
+    ratio = result.fast_rate / result.naive_rate
+    return [Figure("volatile_records_per_s", f"volatile market (σ {VOLATILE_SIGMA:g}, "
+                   f"{pop.count:,} accounts): records/s", "records/s", result.fast_rate,
+                   result.naive_rate, "≥ 300× naive",
+                   ratio >= 300 if pop.count >= VOLATILE_ACCOUNTS else None, True,
+                   result.note())]
 
 
 def tick_phase(plan: Plan, fast: Engine, naive: ReferenceEngine, phases: Phases,
@@ -935,6 +974,7 @@ def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
         engine_figures, fast, naive, stream = engine_phase(plan, pop, phases)
         figures += engine_figures
         figures += tick_phase(plan, fast, naive, phases)
+        figures += volatile_phase(plan, phases)
         figures += stress_phase(plan, fast, phases)
         del fast, naive
         gc.collect()
