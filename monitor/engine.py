@@ -264,7 +264,8 @@ class Engine(InputLedger):
                     source: Source) -> list[Event]:
         """Re-value the accounts whose band a tick left; events in account-id order."""
         book = self.book
-        evaluable, _, new_state, eps = book.evaluate(rows)
+        evaluation = book.evaluate(rows)
+        evaluable, new_state, eps = evaluation.evaluable, evaluation.new_state, evaluation.eps
         state = book.state[rows]
         moved = evaluable & (new_state != state)
         if self._caught_up_from:  # snapshots newer than this input: leave them as they are
@@ -284,10 +285,11 @@ class Engine(InputLedger):
             if event is not None:
                 events.append(event)
         if len(rows) > ANCHOR_ONE_BY_ONE:
-            book.anchor_many(rows, eps)
+            book.anchor_many(rows, eps, evaluation)
         else:
-            for row, width in zip(rows.tolist(), eps.tolist(), strict=True):
-                book.anchor(row, width)
+            for row, width, watched in zip(rows.tolist(), eps.tolist(), evaluation.watched(),
+                                           strict=True):
+                book.anchor(row, width, watched)
         if len(events) > 1:
             events.sort(key=lambda event: event.account)
         return events
@@ -424,7 +426,8 @@ class Engine(InputLedger):
         self._reindex_all = False
         for start in range(0, len(rows), INDEX_CHUNK):
             chunk = rows[start:start + INDEX_CHUNK]
-            book.anchor_many(chunk, book.evaluate(chunk, decide=False)[3])
+            evaluation = book.evaluate(chunk, decide=False)
+            book.anchor_many(chunk, evaluation.eps, evaluation)
         book.fold()
         return len(rows)
 
@@ -444,7 +447,7 @@ class Engine(InputLedger):
             rows = book.holders(sym).astype(np.int64)
         for start in range(0, len(rows), INDEX_CHUNK):
             chunk = rows[start:start + INDEX_CHUNK]
-            book.anchor_many(chunk, np.zeros(len(chunk)))
+            book.anchor_many(chunk, np.zeros(len(chunk)), book.evaluate(chunk, decide=False))
         book.fold()
         return len(rows)
 

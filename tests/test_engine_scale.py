@@ -216,7 +216,8 @@ def test_long_stream_compiled_valuations_equal_from_scratch() -> None:
     assert {e.type for e in events} == {"margin_call", "liquidation", "recovered"}
     book = engine.book
     rows = np.array([book.index[name] for name in engine.accounts], dtype=np.int64)
-    evaluable, ratios, _, _ = book.evaluate(rows)
+    evaluation = book.evaluate(rows)
+    evaluable, ratios = evaluation.evaluable, evaluation.ratio
     checked = 0
     for k, name in enumerate(engine.accounts):
         account = engine.accounts[name]

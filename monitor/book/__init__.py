@@ -53,8 +53,10 @@ def warm_up() -> float:
     book.sym_px[:] = 10.0
     book.evaluate_one(row)
     rows = np.array([row], dtype=np.int64)
-    book.anchor(row, float(book.evaluate(rows)[3][0]))
-    book.anchor_many(rows, book.evaluate(rows, decide=False)[3])
+    evaluation = book.evaluate(rows)
+    book.anchor(row, float(evaluation.eps[0]), evaluation.watched()[0])
+    evaluation = book.evaluate(rows, decide=False)
+    book.anchor_many(rows, evaluation.eps, evaluation)
     book.candidates(0, 20.0)
     return time.perf_counter() - started
 

@@ -208,14 +208,19 @@ def evaluate_rows(rows, decide, state, bal, na, first, p_next, p_instr, p_qty, p
                   t_cum, thresholds, sym_px):
     """Value each row, decide its next state and size its band for that state.
 
-    Returns (evaluable, ratio, new_state, eps) per row; a row that cannot be valued keeps its
-    state and gets eps 0 (re-evaluated on every tick of its symbols). With ``decide`` off
-    every row keeps its state (indexing a restored book moves nothing)."""
+    Returns (evaluable, ratio, new_state, eps) per row and the rows' watched symbol ids,
+    end to end (row k's are ``watch[watch_start[k]:watch_start[k + 1]]``). A row that cannot
+    be valued keeps its state and gets eps 0 (re-evaluated on every tick of its symbols). With
+    ``decide`` off every row keeps its state (indexing a restored book moves nothing)."""
     n = rows.shape[0]
+    n_symbols = sym_px.shape[0]
     evaluable = np.empty(n, np.bool_)
     ratio = np.empty(n, np.float64)
     new_state = np.empty(n, np.int8)
     eps = np.empty(n, np.float64)
+    watch = np.empty(4 * n + n_symbols, np.int64)
+    watch_start = np.empty(n + 1, np.int64)
+    used = 0
     for k in range(n):
         row = rows[k]
         ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
@@ -227,7 +232,15 @@ def evaluate_rows(rows, decide, state, bal, na, first, p_next, p_instr, p_qty, p
         ratio[k] = r
         new_state[k] = new
         eps[k] = _safe_eps(new, ok, equity, mm, scale, ae, be, am, bm, has_pos, thresholds)
-    return evaluable, ratio, new_state, eps
+        if used + n_symbols > watch.shape[0]:  # room for the most a row can watch
+            bigger = np.empty(2 * watch.shape[0], np.int64)
+            bigger[:used] = watch[:used]
+            watch = bigger
+        watch_start[k] = used
+        used += _watched(row, watch[used:], bal, na, first, p_next, p_instr, a_sym,
+                         i_settle_id, i_mark_id)  # its positions are in cache now
+    watch_start[n] = used
+    return evaluable, ratio, new_state, eps, watch[:used], watch_start
 
 
 @_jit
@@ -268,59 +281,42 @@ def watched_symbols(row, n_symbols, bal, na, first, p_next, p_instr, a_sym, i_se
 
 
 @_jit
-def bands_by_symbol(rows, eps, aid, bal, na, first, p_next, p_instr, a_sym, i_settle_id,
-                    i_mark_id, sym_px):
+def bands_by_symbol(rows, eps, watch, watch_start, aid, sym_px):
     """Re-anchor rows: bump each row's anchor id and lay out one band ±eps per (row, watched
-    symbol), grouped by symbol: (starts per symbol id + 1, rows, anchor ids, lo, hi). An
-    unpriced symbol gets the empty band (INF, -INF): its first tick re-evaluates the row."""
+    symbol) — the symbols `evaluate_rows` listed — grouped by symbol: (starts per symbol id
+    + 1, rows, anchor ids, lo, hi). An unpriced symbol gets the empty band (INF, -INF): its
+    first tick re-evaluates the row."""
     n_symbols = sym_px.shape[0]
     n = rows.shape[0]
-    # one walk of the position lists: each row's symbols, end to end, counted per symbol
-    owner = np.empty(4 * n + n_symbols, np.int64)
-    flat = np.empty(4 * n + n_symbols, np.int64)
     counts = np.zeros(n_symbols + 1, np.int64)
-    syms = np.empty(n_symbols, np.int64)
-    used = 0
-    for k in range(n):
-        m = _watched(rows[k], syms, bal, na, first, p_next, p_instr, a_sym, i_settle_id,
-                     i_mark_id)
-        if used + m > flat.shape[0]:
-            bigger = np.empty(2 * flat.shape[0] + m, np.int64)
-            bigger[:used] = flat[:used]
-            flat = bigger
-            bigger = np.empty(flat.shape[0], np.int64)
-            bigger[:used] = owner[:used]
-            owner = bigger
-        for j in range(m):
-            flat[used] = syms[j]
-            owner[used] = k
-            used += 1
-            counts[syms[j] + 1] += 1
+    for x in range(watch.shape[0]):
+        counts[watch[x] + 1] += 1
     starts = np.cumsum(counts)
     fill = starts[:-1].copy()
+    used = watch.shape[0]
     out_row = np.empty(used, np.int32)
     out_aid = np.empty(used, np.uint32)
     lo = np.empty(used, np.float64)
     hi = np.empty(used, np.float64)
-    new_aid = np.empty(n, np.uint32)
     for k in range(n):
         row = rows[k]
-        new_aid[k] = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
-        aid[row] = new_aid[k]
-    for x in range(used):
-        k = owner[x]
-        s = flat[x]
-        at = fill[s]
-        fill[s] = at + 1
-        out_row[at] = rows[k]
-        out_aid[at] = new_aid[k]
-        price = sym_px[s]
-        if price == price:
-            lo[at] = price * (1.0 - eps[k])
-            hi[at] = price * (1.0 + eps[k])
-        else:
-            lo[at] = INF
-            hi[at] = -INF
+        new_aid = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
+        aid[row] = new_aid
+        down = 1.0 - eps[k]
+        up = 1.0 + eps[k]
+        for x in range(watch_start[k], watch_start[k + 1]):
+            s = watch[x]
+            at = fill[s]
+            fill[s] = at + 1
+            out_row[at] = row
+            out_aid[at] = new_aid
+            price = sym_px[s]
+            if price == price:
+                lo[at] = price * down
+                hi[at] = price * up
+            else:
+                lo[at] = INF
+                hi[at] = -INF
     return starts, out_row, out_aid, lo, hi
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,6 +18,24 @@ from monitor.margin import Position, is_dust
 from monitor.state import AccountState
 
 _AID_MASK = 0xFFFFFFFF
+
+
+class Evaluation(NamedTuple):
+    """`Book.evaluate` of some rows: per row whether it could be valued, its ratio, the state
+    it moves to and its band's eps for that state; and the symbols each row watches (row k's
+    are ``watch[watch_start[k]:watch_start[k + 1]]``)."""
+
+    evaluable: np.ndarray
+    ratio: np.ndarray
+    new_state: np.ndarray
+    eps: np.ndarray
+    watch: np.ndarray
+    watch_start: np.ndarray
+
+    def watched(self) -> list[list[int]]:
+        """Each row's watched symbol ids, as lists."""
+        flat, starts = self.watch.tolist(), self.watch_start.tolist()
+        return [flat[starts[k]:starts[k + 1]] for k in range(len(starts) - 1)]
 _STATE_ENUM = tuple(AccountState)
 
 
@@ -308,11 +327,10 @@ class Book:
                                                                 *self._value_args)
         return evaluable, ratio, new, eps, syms.tolist()
 
-    def evaluate(self, rows: np.ndarray, decide: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """`evaluate_one` for many rows: (evaluable, ratio, next state, eps) arrays. With
-        ``decide`` off every row keeps its state and eps is sized for the state it is in."""
-        return kernels.evaluate_rows(rows, decide, self.state, *self._value_args)
+    def evaluate(self, rows: np.ndarray, decide: bool = True) -> Evaluation:
+        """`evaluate_one` for many rows, as arrays. With ``decide`` off every row keeps its
+        state and eps is sized for the state it is in."""
+        return Evaluation(*kernels.evaluate_rows(rows, decide, self.state, *self._value_args))
 
     def watched(self, row: int) -> list[int]:
         """Symbol ids whose ticks can move the account (SPEC §6)."""
@@ -354,11 +372,12 @@ class Book:
             if n >= b.limit:
                 b.merge(self.aid)
 
-    def anchor_many(self, rows: np.ndarray, eps: np.ndarray) -> None:
-        """`anchor` for many accounts: bands laid out by symbol in one compiled pass, then
-        appended to each symbol's pending buffer (folded in by that symbol's next tick)."""
+    def anchor_many(self, rows: np.ndarray, eps: np.ndarray, evaluation: Evaluation) -> None:
+        """`anchor` for many accounts (the symbols each watches as ``evaluation`` of the same
+        rows listed them): bands laid out by symbol in one compiled pass, then appended to
+        each symbol's pending buffer (folded in by that symbol's next tick)."""
         starts, band_rows, aids, lo, hi = kernels.bands_by_symbol(
-            rows, eps, self.aid, *self._watch_args, self.sym_px)
+            rows, eps, evaluation.watch, evaluation.watch_start, self.aid, self.sym_px)
         bounds = starts.tolist()
         bands = self.bands
         for s in range(len(bands)):
