@@ -604,6 +604,10 @@ async def e2e_phase(plan: Plan, pop: Population, stream: MixedStream,
         backlog = stream.records(plan.e2e_records)
         step = phases.task(f"end to end: produce {len(backlog):,} records", len(backlog))
         ends = await produce_backlog(broker.bootstrap, inputs, backlog, step)
+        step = phases.task("end to end: a bare consumer reads the backlog", 1)
+        bare_rate, decoding_rate = await client_ceiling(
+            broker.bootstrap, [inputs.prices, inputs.fills, inputs.ledger], pop.config)
+        step(1)
         for engine in ("fast", "naive"):
             tag = f"bench.{engine}"
             throughput_topics = _topics(tag, inputs="bench.backlog")
@@ -659,6 +663,12 @@ async def e2e_phase(plan: Plan, pop: Population, stream: MixedStream,
                f"{ft['records']:,} backlog records through Monitor in "
                f"{ft['seconds']:.1f} s ({ft['events']:,} events); baseline "
                f"{nt['records']:,} records in {nt['seconds']:.1f} s"),
+        Figure("e2e_client_ceiling_records_per_s", "end to end beside the Kafka client alone "
+               "(baseline: a bare consumer reading the same backlog)", "records/s", ft["rate"],
+               bare_rate, "—", None, True,
+               f"the bare aiokafka consumer reads {bare_rate:,.0f} records/s, "
+               f"{decoding_rate:,.0f}/s when it also decodes each value as the service does: "
+               "the ceiling of this client in Python on this machine"),
         Figure("latency_p50_ms", "tick-to-event latency p50 (half rate)", "ms", fl["p50"],
                nl["p50"], "—", None, False,
                f"{fl['price_events']} price-triggered events at {fl['rate']:,.0f} rec/s; "
@@ -668,6 +678,44 @@ async def e2e_phase(plan: Plan, pop: Population, stream: MixedStream,
                "tick ts (wall clock, ms) → event read back from the broker; in the monitor "
                f"(ts → emitted_at) p99 {_fmt(fl['emit_p99'])} ms"),
     ]
+
+
+async def client_ceiling(bootstrap: str, topics: list[str],
+                         config: Any) -> tuple[float, float]:
+    """Records/s of a bare aiokafka consumer reading the backlog's topics (partition 0) to
+    their ends, and of the same read with every value decoded as the service decodes it:
+    the most the service could do with this client, before any margin work."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from monitor.records import decode_batch
+
+    kinds = {topic: kind for topic, kind in zip(topics, ("prices", "fills", "ledger"),
+                                                strict=True)}
+    rates = []
+    for decoding in (False, True):
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                    enable_auto_commit=False, fetch_max_wait_ms=20,
+                                    max_partition_fetch_bytes=16 * 1024 * 1024)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(topic, 0) for topic in topics]
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            ends = await consumer.end_offsets(parts)
+            total = sum(ends.values())
+            started = time.perf_counter()
+            read = 0
+            while read < total:
+                fetched = await consumer.getmany(*parts, timeout_ms=200, max_records=50_000)
+                for tp, messages in fetched.items():
+                    read += len(messages)
+                    if decoding:
+                        decode_batch([kinds[tp.topic]] * len(messages),
+                                     [m.value for m in messages], config)
+            rates.append(read / (time.perf_counter() - started))
+        finally:
+            await consumer.stop()
+    return rates[0], rates[1]
 
 
 def _fmt(value: float | None) -> str:

@@ -165,29 +165,18 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
     return out
 
 
-# The plain-record checks of decode_batch: True only for a value `decode` accepts as is. Floats
-# and ints within the bounds (NaN and infinities fail every comparison), never bools; ids are
-# non-empty strings of at most MAX_ID_LENGTH characters; an integer ts within [0, latest].
-
-def _plain_id(value: Any) -> bool:
-    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH
-
-
-def _plain_positive(value: Any) -> bool:
-    return (type(value) is float or type(value) is int) and 0 < value <= MAX_MAGNITUDE
-
-
-def _plain_signed(value: Any) -> bool:
-    return (type(value) is float or type(value) is int) and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE
-
-
-def _plain_ts(value: Any, latest: int) -> bool:
-    return type(value) is int and 0 <= value <= latest
+# The plain-record checks of decode_batch accept only values `decode` accepts as they are:
+# numbers are floats or ints (never bools) within the bounds (NaN and infinities fail every
+# comparison), ids non-empty strings of at most MAX_ID_LENGTH characters, ts an int within
+# [0, latest]. Written out inline: a function call per field would cost as much as the check.
+_FLOAT, _INT, _STR = float, int, str
 
 
 def _plain_tick(doc: dict[str, Any], latest: int) -> PriceTick | None:
     symbol, price, ts = doc.get("symbol"), doc.get("price"), doc.get("ts")
-    if _plain_id(symbol) and _plain_positive(price) and _plain_ts(ts, latest):
+    if (type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
+            and (type(price) is _FLOAT or type(price) is _INT) and 0 < price <= MAX_MAGNITUDE
+            and type(ts) is _INT and 0 <= ts <= latest):
         return PriceTick(symbol, float(price), ts)
     return None
 
@@ -196,10 +185,15 @@ def _plain_fill(doc: dict[str, Any], instruments: Mapping[str, Any], latest: int
     get = doc.get
     fill_id, account, symbol, side = get("fill_id"), get("account"), get("symbol"), get("side")
     qty, price, fee, ts = get("qty"), get("price"), get("fee", 0.0), get("ts")
-    if (_plain_id(fill_id) and _plain_id(account) and _plain_id(symbol)
+    if (type(fill_id) is _STR and 0 < len(fill_id) <= MAX_ID_LENGTH
+            and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
+            and type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
             and symbol in instruments and (side == "buy" or side == "sell")
-            and _plain_positive(qty) and _plain_positive(price) and _plain_signed(fee)
-            and _plain_ts(ts, latest)):
+            and (type(qty) is _FLOAT or type(qty) is _INT) and 0 < qty <= MAX_MAGNITUDE
+            and (type(price) is _FLOAT or type(price) is _INT) and 0 < price <= MAX_MAGNITUDE
+            and (type(fee) is _FLOAT or type(fee) is _INT)
+            and -MAX_MAGNITUDE <= fee <= MAX_MAGNITUDE
+            and type(ts) is _INT and 0 <= ts <= latest):
         return Fill(fill_id, account, symbol, side, float(qty), float(price), float(fee), ts)
     return None
 
@@ -209,9 +203,13 @@ def _plain_ledger(doc: dict[str, Any], assets: Mapping[str, Any],
     get = doc.get
     entry_id, account, asset, amount = get("entry_id"), get("account"), get("asset"), get("amount")
     kind, ts = get("kind"), get("ts")
-    if (_plain_id(entry_id) and _plain_id(account) and _plain_id(asset) and asset in assets
-            and type(kind) is str and kind in LEDGER_KINDS and _plain_signed(amount)
-            and _plain_ts(ts, latest)
+    if (type(entry_id) is _STR and 0 < len(entry_id) <= MAX_ID_LENGTH
+            and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
+            and type(asset) is _STR and 0 < len(asset) <= MAX_ID_LENGTH and asset in assets
+            and type(kind) is _STR and kind in LEDGER_KINDS
+            and (type(amount) is _FLOAT or type(amount) is _INT)
+            and -MAX_MAGNITUDE <= amount <= MAX_MAGNITUDE
+            and type(ts) is _INT and 0 <= ts <= latest
             and (kind != "deposit" or amount > 0) and (kind != "withdrawal" or amount < 0)):
         return LedgerEntry(entry_id, account, asset, float(amount), kind, ts)
     return None
