@@ -244,6 +244,7 @@ class NaiveMonitor:
         etype = TYPES[new]
         return {
             "event_id": f"{name}:{acct['n']}:{etype}", "type": etype, "account": name,
+            "margin_mode": "cross",
             "state": STATES[new], "previous_state": STATES[state], "ts": ts,
             "trigger": {"kind": kind, "ref": ref, "topic": topic, "index": index},
             "margin_ratio": None if math.isinf(r) else r, "insolvent": math.isinf(r),

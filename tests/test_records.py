@@ -73,6 +73,17 @@ BAD = [
      "amount: a deposit must be > 0, got -500.0"),
     ("ledger", changed("ledger", kind="deposit", amount=0), Reason.WRONG_SIGN,
      "amount: a deposit must be > 0, got 0.0"),
+    ("fills", changed("fills", margin_mode="portfolio"), Reason.UNKNOWN_MARGIN_MODE,
+     "margin_mode: must be \"cross\" or \"isolated\", got 'portfolio'"),
+    ("fills", changed("fills", margin_mode=None), Reason.WRONG_TYPE,
+     "margin_mode: must be a string, got null"),
+    ("ledger", changed("ledger", kind="isolated_margin"), Reason.MISSING_FIELD,
+     "symbol: required field is missing"),
+    ("ledger", changed("ledger", kind="isolated_margin", symbol="DOGE-PERP"),
+     Reason.UNKNOWN_INSTRUMENT, "symbol: 'DOGE-PERP' is not a configured instrument"),
+    ("ledger", changed("ledger", kind="isolated_margin", symbol="ETHBTC-PERP"),
+     Reason.NOT_SETTLE_ASSET,
+     "asset: an isolated wallet of 'ETHBTC-PERP' holds 'BTC', got 'USDT'"),
 ]
 
 
@@ -97,6 +108,18 @@ def test_bad_input_leaves_state_as_it_was(risk, topic, raw, reason, detail) -> N
     replay([line], engine, io.BytesIO(), lambda index, r: rejected.append(index))
     assert rejected == [0]
     assert (engine.accounts, engine.prices, engine.price_ts, engine.stats) == before
+
+
+def test_margin_mode_defaults_to_cross_and_isolated_margin_carries_its_symbol(risk) -> None:
+    assert decode("fills", orjson.dumps(FILL), risk).margin_mode == "cross"  # type: ignore[union-attr]
+    isolated = decode("fills", changed("fills", margin_mode="isolated"), risk)
+    assert isolated.margin_mode == "isolated"  # type: ignore[union-attr]
+    entry = decode("ledger", changed("ledger", kind="isolated_margin", amount=-20.0,
+                                     symbol="BTC-PERP"), risk)
+    assert (entry.kind, entry.symbol, entry.amount) == (  # type: ignore[union-attr]
+        "isolated_margin", "BTC-PERP", -20.0)
+    # Other kinds ignore a symbol, as they ignore any field they do not use.
+    assert decode("ledger", changed("ledger", symbol=5), risk).symbol is None  # type: ignore[union-attr]
 
 
 def test_identifier_of_256_characters_is_accepted(risk) -> None:
