@@ -825,6 +825,17 @@ class Monitor:
         if superseded:
             metrics.conflated_ticks.inc(len(superseded))
         for index, ((tp, message), record) in enumerate(zip(batch, decoded, strict=True)):
+            if index in superseded:
+                continue
+            if not isinstance(record, Rejected):
+                if not isinstance(record, PriceTick):
+                    self._touched[record.account] = tp.partition
+                applied_ticks = stats.applied_ticks
+                try:
+                    events = engine.apply(record, Source(tp.topic, tp.partition,
+                                                         message.offset))
+                except Rejected as rejection:  # what only state makes bad input
+                    record = rejection
             if isinstance(record, Rejected):
                 out.append(dead_letter_message(record, tp.topic, tp.partition,
                                                message.offset, message.key, message.value,
@@ -834,12 +845,6 @@ class Monitor:
                                  offset=message.offset, reason=record.reason,
                                  detail=record.detail)
                 continue
-            if index in superseded:
-                continue
-            if not isinstance(record, PriceTick):
-                self._touched[record.account] = tp.partition
-            applied_ticks = stats.applied_ticks
-            events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))
             if stats.applied_ticks != applied_ticks:
                 self._last_tick_wall[record.symbol] = time.time()  # type: ignore[union-attr]
             for event in events:
