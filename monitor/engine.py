@@ -285,7 +285,9 @@ class Engine(InputLedger):
         return self._apply_ledger(record, source)
 
     def apply_many(self, records: Iterable[tuple[InputRecord, Source]]) -> list[Event]:
-        """Apply records in order, each exactly as `apply` would; their events, in order."""
+        """Apply records in order, each exactly as `apply` would; their events, in order.
+        A record `apply` rejects (margin_mode_conflict) raises here too: feed records one by
+        one with `apply` where such input may come."""
         events: list[Event] = []
         extend = events.extend
         apply = self.apply

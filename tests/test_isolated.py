@@ -286,3 +286,32 @@ def test_isolated_and_cross_events_validate_against_the_event_schema(engine) -> 
     # An isolated event names its symbol; a cross event does not.
     assert schema_errors("event", {k: v for k, v in unit.items() if k != "symbol"}) != []
     assert schema_errors("event", {**cross, "symbol": "ETH-PERP"}) != []
+
+
+def test_a_tick_revalues_only_the_isolated_positions_whose_band_it_leaves(
+    risk: RiskConfig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Isolated positions are filed in the price-band index like accounts: 20 well-funded ones
+    (0.1 BTC on a 4,000 wallet: ratio 20 / 4,000) and one thin (1 BTC on 300: 200 / 300).
+    A 0.2 % fall to 49,900 cannot move the well-funded ones (their bands are wide) and is
+    re-valued only for the thin one, which it takes to 199.6 / 200 = 0.998: margin call."""
+    engine = Engine(risk)
+    tick(engine, "BTC-PERP", 50_000.0)
+    for n in range(20):
+        deposit(engine, f"d{n}", 4_000.0, account=f"w{n:02d}")
+        fund(engine, f"m{n}", "BTC-PERP", 4_000.0, account=f"w{n:02d}")
+        fill(engine, f"f{n}", "BTC-PERP", 0.1, 50_000.0, mode="isolated", account=f"w{n:02d}")
+    deposit(engine, "d-thin", 300.0, account="thin")
+    fund(engine, "m-thin", "BTC-PERP", 300.0, account="thin")
+    fill(engine, "f-thin", "BTC-PERP", 1.0, 50_000.0, mode="isolated", account="thin")
+    evaluated: list[Any] = []
+    evaluate = engine._evaluate
+
+    def counting(row: int, *args: Any) -> Any:
+        evaluated.append(engine.book.ids[row])
+        return evaluate(row, *args)
+
+    monkeypatch.setattr(engine, "_evaluate", counting)
+    (event,) = tick(engine, "BTC-PERP", 49_900.0)
+    assert event.event_id == "thin/BTC-PERP:1:margin_call"
+    assert evaluated == [UnitKey("thin", "BTC-PERP")]

@@ -30,6 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
+from monitor.account import Account, RiskKey, account_of
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
 from monitor.events import Event, Source
@@ -504,18 +505,17 @@ class Monitor:
         if control is not None:
             for (topic, p), ids in control.dedupe.items():
                 engine.load_dedupe_ids(topic, p, ids)
-        for account_id, (account, _, _) in restored.accounts.items():
-            engine.load_account(account_id, account,
-                                self._marks(restored, account_id, positions) or None)
+        for key, (account, _, _) in restored.accounts.items():
+            engine.load_account(key, account, self._marks(restored, key, positions) or None)
 
-    def _marks(self, restored: RestoredPartition, account_id: str, positions: Offsets
+    def _marks(self, restored: RestoredPartition, key: RiskKey, positions: Offsets
                ) -> Offsets:
         """Inputs a restored snapshot already reflects beyond the given read positions: the
         offsets it was taken at (beyond the control record's after a crash mid-checkpoint),
         and the ticks its partition's control record had seen. Re-read records before them
         skip the account."""
         control = restored.control
-        _, _, as_of = restored.accounts[account_id]
+        _, _, as_of = restored.accounts[key]
         marks: Offsets = dict(as_of)
         if control is not None:
             for key, offset in control.offsets.items():
@@ -615,15 +615,17 @@ class Monitor:
             self._accounts.seek(tp, positions[tp])
             self._set_position(tp, positions[tp])
         main_positions = self._positions()
-        for account_id, account in list(private.accounts.items()):
-            marks = self._marks(restored, account_id, main_positions) \
-                if account_id in restored.accounts else {}
-            self.engine.load_account(account_id, account, marks or None)
+        held: list[tuple[RiskKey, Account]] = [*private.accounts.items(),
+                                               *private.units.items()]
+        for key, account in held:
+            marks = self._marks(restored, key, main_positions) \
+                if key in restored.accounts else {}
+            self.engine.load_account(key, account, marks or None)
         for topic in (t.fills, t.ledger):
             self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
         changed = private.take_dirty()
-        for account_id in changed:
-            self._touched[account_id] = partition
+        for key in changed:
+            self._touched[account_of(key)] = partition
         self.engine.mark_dirty(set(changed))
         return applied
 
@@ -883,16 +885,16 @@ class Monitor:
         assert self._pipeline is not None
         started = time.monotonic()
         t = self.settings.topics
-        mine: dict[str, int] = {}
-        others: set[str] = set()
-        for account_id in self.engine.take_dirty():
-            partition = self.engine.partition_of(account_id)
+        mine: dict[RiskKey, int] = {}
+        others: set[RiskKey] = set()
+        for key in self.engine.take_dirty():
+            partition = self.engine.partition_of(key)
             if partition is None:  # deleted since: its tombstone goes where it lived
-                partition = self._touched.get(account_id)
+                partition = self._touched.get(account_of(key))
             if partition in partitions:
-                mine[account_id] = partition  # type: ignore[assignment]
+                mine[key] = partition  # type: ignore[assignment]
             else:
-                others.add(account_id)
+                others.add(key)
         self.engine.mark_dirty(others)
         as_of = self._as_of(partitions)
         seq = self._seq + 1
@@ -922,8 +924,8 @@ class Monitor:
             self.engine.mark_dirty(set(mine))
             raise
         self._seq = seq
-        for account_id in mine:
-            self._touched.pop(account_id, None)
+        for key in mine:
+            self._touched.pop(account_of(key), None)
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         self.metrics.last_checkpoint.set(time.time())
         await self._commit({TopicPartition(topic, p): offset
@@ -1025,6 +1027,8 @@ class Monitor:
             accounts=len(engine.accounts),
             positions=engine.positions_held,
             by_state={state.name: engine.accounts_in_state[state] for state in AccountState},
+            isolated_by_state={state.name: engine.units_in_state[state]
+                               for state in AccountState},
             last_tick_wall=dict(self._last_tick_wall),
             checkpoint_age=time.monotonic() - self._last_checkpoint if pending else 0.0,
         )
