@@ -256,8 +256,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 seed=args.seed, port=args.port, console=console)
     view = asyncio.run(demo.run())
     events = ", ".join(f"{t} {view.events[t]:,}" for t in sorted(view.events)) or "none"
+    isolated = sum(view.isolated_events.values())
     console.print(f"demo finished: {view.produced:,} input records, events: {events}; "
-                  "broker and monitor stopped.")
+                  f"broker and monitor stopped. Of the events, {isolated:,} were about "
+                  "isolated positions.")
     return 0
 
 

@@ -72,6 +72,7 @@ class DemoView:
     started: float = field(default_factory=time.monotonic)
     produced: int = 0
     events: Counter[str] = field(default_factory=Counter)
+    isolated_events: Counter[str] = field(default_factory=Counter)  # of isolated positions
     liquidations: deque[dict] = field(default_factory=lambda: deque(maxlen=8))
     prices: dict[str, float] = field(default_factory=dict)
     first_prices: dict[str, float] = field(default_factory=dict)
@@ -105,23 +106,31 @@ def _render(view: DemoView, monitor: Monitor) -> Panel:
             cells.append(f"{symbol} {view.prices[symbol]:,.2f} [{colour}]{change:+.1%}[/]")
     prices.add_row(*cells)
 
-    states = Table(title="accounts", expand=True)
+    states = Table(title="risk units by state", expand=True)
+    states.add_column("")
     for state in AccountState:
         states.add_column(state.name, justify="right")
-    states.add_row(*(f"{engine.accounts_in_state[s]:,}" for s in AccountState))
+    states.add_row("accounts (cross)", *(f"{engine.accounts_in_state[s]:,}" for s in AccountState))
+    states.add_row("isolated positions", *(f"{engine.units_in_state[s]:,}" for s in AccountState))
     events = Table(title="events published", expand=True)
+    events.add_column("")
     for event_type in EVENT_TYPES:
         events.add_column(event_type, justify="right")
-    events.add_row(*(f"{view.events[t]:,}" for t in EVENT_TYPES))
+    events.add_row("all", *(f"{view.events[t]:,}" for t in EVENT_TYPES))
+    events.add_row("of isolated positions",
+                   *(f"{view.isolated_events[t]:,}" for t in EVENT_TYPES))
 
     latest = Table(title="latest liquidations", expand=True)
-    for column in ("account", "margin ratio", "equity", "maintenance", "plan", "bad debt"):
-        latest.add_column(column, justify="left" if column in ("account", "plan") else "right")
+    for column in ("account", "margin", "margin ratio", "equity", "maintenance", "plan",
+                   "bad debt"):
+        latest.add_column(column, justify="left" if column in ("account", "margin", "plan")
+                          else "right")
     for event in reversed(view.liquidations):
         ratio = event["margin_ratio"]
         plan = event["liquidation_plan"]
         latest.add_row(
             event["account"],
+            f"isolated {event['symbol']}" if event["margin_mode"] == "isolated" else "cross",
             "insolvent" if ratio is None else f"{ratio:.3f}",
             f"{event['equity']:,.2f}",
             f"{event['maintenance_margin']:,.2f}",
@@ -143,7 +152,7 @@ class Demo:
         self.market = SyntheticMarket(config, accounts=accounts, seed=seed,
                                       bad_record_rate=0.002)
         self.view = DemoView(accounts=accounts, duration=duration, seed=seed)
-        self.to_close: list[str] = []
+        self.to_close: list[tuple[str, str | None]] = []  # (account, isolated symbol)
         self.produced: dict[TopicPartition, int] = {}
 
     async def run(self) -> DemoView:
@@ -211,7 +220,7 @@ class Demo:
             batch = self.market.step(target - level)
             level = target
             while self.to_close:
-                batch.extend(self.market.close_out(self.to_close.pop()))
+                batch.extend(self.market.close_out(*self.to_close.pop()))
             await self._send(producer, names, batch)
             await self._keep_pace(monitor)
         self.view.progress = 1.0
@@ -252,6 +261,8 @@ class Demo:
                 for record in records:
                     event = orjson.loads(record.value)
                     self.view.events[event["type"]] += 1
+                    if event["margin_mode"] == "isolated":
+                        self.view.isolated_events[event["type"]] += 1
                     if event["type"] == "liquidation":
                         self.view.liquidations.append(event)
-                        self.to_close.append(event["account"])
+                        self.to_close.append((event["account"], event.get("symbol")))

@@ -17,16 +17,25 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from monitor.account import Account
+from monitor.account import Account, RiskKey, UnitKey
 from monitor.book import Book
 from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event
 from monitor.margin import Valuation, value_account
-from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
+from monitor.records import (
+    CROSS,
+    ISOLATED_MARGIN,
+    Fill,
+    InputRecord,
+    LedgerEntry,
+    PriceTick,
+    Reason,
+    Rejected,
+)
 from monitor.state import AccountState, next_state
 
 DEFAULT_DEDUPE_WINDOW = 10_000
@@ -56,6 +65,9 @@ class DedupeWindow:
     def __len__(self) -> int:
         return len(self._order)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._seen
+
     def ids(self) -> list[Hashable]:
         """Oldest first, so that reloading them rebuilds the same window."""
         return list(self._order)
@@ -77,45 +89,46 @@ ANCHOR_ONE_BY_ONE = 24
 INDEX_CHUNK = 262_144  # rows indexed per numpy pass after a restore (bounds peak memory)
 _STATES = tuple(AccountState)
 _HEALTHY = AccountState.HEALTHY
+_K = TypeVar("_K", str, UnitKey)
 
 
-class AccountsView(Mapping[str, Account]):
-    """`engine.accounts`: account id → an `Account` built from the book.
+class AccountsView(Mapping[_K], Generic[_K]):
+    """`engine.accounts` (account id → its cross margin) and `engine.units` (`UnitKey` → an
+    isolated position): an `Account` built from the book, over one of its row indexes.
 
     A read view: changing the returned object changes nothing in the engine (install state
     with `Engine.load_account`). Lookups are cached until the engine applies its next record
     (a checkpoint reads each changed account more than once). A deep copy is a plain dict.
     """
 
-    __slots__ = ("_book", "_cache")
+    __slots__ = ("_book", "_cache", "_index")
 
-    def __init__(self, book: Book) -> None:
+    def __init__(self, book: Book, index: dict[_K, int]) -> None:
         self._book = book
-        self._cache: dict[str, Account] = {}
+        self._index = index
+        self._cache: dict[_K, Account] = {}
 
     def changed(self) -> None:
         if self._cache:
             self._cache = {}
 
-    def __getitem__(self, account_id: str) -> Account:
-        account = self._cache.get(account_id)
+    def __getitem__(self, key: _K) -> Account:
+        account = self._cache.get(key)
         if account is None:
-            book = self._book
-            account = self._cache[account_id] = book.account(book.index[account_id])
+            account = self._cache[key] = self._book.account(self._index[key])
         return account
 
-    def __contains__(self, account_id: object) -> bool:
-        return account_id in self._book.index
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._book.index))
+    def __iter__(self) -> Iterator[_K]:
+        return iter(list(self._index))
 
     def __len__(self) -> int:
-        return len(self._book.index)
+        return len(self._index)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Account]:
-        return {account_id: self._book.account(row)
-                for account_id, row in self._book.index.items()}
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[_K, Account]:
+        return {key: self._book.account(row) for key, row in self._index.items()}
 
     def __repr__(self) -> str:
         return f"<{len(self)} accounts>"
@@ -123,8 +136,8 @@ class AccountsView(Mapping[str, Account]):
 
 class InputLedger:
     """What every engine keeps besides its accounts and prices: the per-partition duplicate
-    windows, the last applied tick time per symbol, the input counters, and the set of accounts
-    changed since the last checkpoint (SPEC §2, §6)."""
+    windows, the last applied tick time per symbol, the input counters, and the set of risk
+    units (accounts and isolated positions) changed since the last checkpoint (SPEC §2, §6)."""
 
     def __init__(self, config: RiskConfig, dedupe_window: int) -> None:
         self.stats = EngineStats()
@@ -132,13 +145,13 @@ class InputLedger:
         self._price_symbols = config.price_symbols()
         self._dedupe_window = dedupe_window
         self._dedupe: dict[tuple[str, int | None], DedupeWindow] = {}
-        self._dirty: set[str] = set()  # accounts changed since the last take_dirty()
-        # After a restore, accounts whose snapshot is newer than the inputs being re-read:
-        # account -> {(topic, partition): first offset not yet reflected in the snapshot}.
-        self._caught_up_from: dict[str, dict[tuple[str, int | None], int]] = {}
+        self._dirty: set[RiskKey] = set()  # risk units changed since the last take_dirty()
+        # After a restore, risk units whose snapshot is newer than the inputs being re-read:
+        # key -> {(topic, partition): first offset not yet reflected in the snapshot}.
+        self._caught_up_from: dict[RiskKey, dict[tuple[str, int | None], int]] = {}
 
-    def _already_reflected(self, account_id: str, source: Source) -> bool:
-        marks = self._caught_up_from.get(account_id)
+    def _already_reflected(self, key: RiskKey, source: Source) -> bool:
+        marks = self._caught_up_from.get(key)
         if marks is None:
             return False
         first_new = marks.get((source.topic, source.partition))
@@ -146,9 +159,9 @@ class InputLedger:
 
     def release_caught_up(self, positions: dict[tuple[str, int | None], int]) -> None:
         """Drop marks the inputs have passed (positions: next offset to read)."""
-        for account_id, marks in list(self._caught_up_from.items()):
+        for unit, marks in list(self._caught_up_from.items()):
             if all(positions.get(key, 0) >= offset for key, offset in marks.items()):
-                del self._caught_up_from[account_id]
+                del self._caught_up_from[unit]
 
     def _fresh_tick(self, tick: PriceTick) -> bool:
         """Count and drop ticks for symbols nothing is priced by and stale ticks (an older
@@ -164,21 +177,49 @@ class InputLedger:
         self.stats.applied_ticks += 1
         return True
 
-    def _first_time(self, source: Source, account: str, record_id: str) -> bool:
+    def _window(self, source: Source) -> DedupeWindow:
         key = (source.topic, source.partition)
         window = self._dedupe.get(key)
         if window is None:
             window = self._dedupe[key] = DedupeWindow(self._dedupe_window)
-        return window.add((account, record_id))
+        return window
 
-    def take_dirty(self) -> set[str]:
-        """Accounts changed since the last call (a missing one was forgotten: tombstone it)."""
+    def _first_time(self, source: Source, account: str, record_id: str) -> bool:
+        return self._window(source).add((account, record_id))
+
+    def _duplicate_fill(self, fill: Fill, source: Source) -> bool:
+        """Is the fill's id in the window? Checked apart from recording it: a fill rejected
+        for its margin mode is recognised as a duplicate first, but is not applied, so its
+        id is not recorded (SPEC §4.1)."""
+        if (fill.account, fill.fill_id) in self._window(source):
+            self.stats.duplicates += 1
+            return True
+        return False
+
+    def _record_fill(self, fill: Fill, source: Source) -> None:
+        self._window(source).add((fill.account, fill.fill_id))
+
+    @staticmethod
+    def _fill_key(fill: Fill) -> RiskKey:
+        """The risk unit a fill trades: the account, or its isolated position."""
+        return fill.account if fill.margin_mode == CROSS else UnitKey(fill.account, fill.symbol)
+
+    @staticmethod
+    def _mode_conflict(fill: Fill) -> Rejected:
+        held = "isolated" if fill.margin_mode == CROSS else "cross"
+        return Rejected(Reason.MARGIN_MODE_CONFLICT,
+                        f"margin_mode: account {fill.account!r} holds {fill.symbol} in {held} "
+                        f"margin; a {fill.margin_mode} fill cannot trade it until it is closed")
+
+    def take_dirty(self) -> set[RiskKey]:
+        """Risk units changed since the last call (a missing one was forgotten: tombstone
+        it)."""
         dirty, self._dirty = self._dirty, set()
         return dirty
 
-    def mark_dirty(self, account_ids: set[str]) -> None:
-        """Put back accounts whose checkpoint could not be written."""
-        self._dirty |= account_ids
+    def mark_dirty(self, keys: set[RiskKey]) -> None:
+        """Put back risk units whose checkpoint could not be written."""
+        self._dirty |= keys
 
     def dedupe_ids(self, topic: str, partition: int | None) -> list[Hashable]:
         window = self._dedupe.get((topic, partition))
@@ -197,15 +238,17 @@ class Engine(InputLedger):
         self.book = Book(config)
         self._t = self.book.t
         self._prices: dict[str, float] = {}
-        self.accounts = AccountsView(self.book)
+        self.accounts = AccountsView(self.book, self.book.index)
+        self.units = AccountsView(self.book, self.book.units)  # isolated positions
         self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
+        self.units_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
         self._unindexed: list[int] = []  # rows installed by load_account, not yet banded
         self._reindex_all = False  # prices were replaced under the bands
 
-    def partition_of(self, account_id: str) -> int | None:
-        """The input partition owning an account held here (None: not held, or replay)."""
+    def partition_of(self, key: RiskKey) -> int | None:
+        """The input partition owning a risk unit held here (None: not held, or replay)."""
         book = self.book
-        row = book.index.get(account_id)
+        row = book.row_of(key)
         if row is None:
             return None
         partition = int(book.part_m[row])
@@ -228,10 +271,13 @@ class Engine(InputLedger):
     # -- input -------------------------------------------------------------------------------
 
     def apply(self, record: InputRecord, source: Source) -> list[Event]:
-        """Apply one valid record; events come back in ascending account-id order."""
+        """Apply one valid record; events come back in ascending account-id order, an
+        account's cross event before its isolated positions' (by symbol). Raises `Rejected`
+        (margin_mode_conflict) for a fill that state makes bad input: nothing changed."""
         if self._unindexed or self._reindex_all:
             self.index_restored()
         self.accounts.changed()
+        self.units.changed()
         if isinstance(record, PriceTick):
             return self._apply_tick(record, source)
         if isinstance(record, Fill):
@@ -239,7 +285,9 @@ class Engine(InputLedger):
         return self._apply_ledger(record, source)
 
     def apply_many(self, records: Iterable[tuple[InputRecord, Source]]) -> list[Event]:
-        """Apply records in order, each exactly as `apply` would; their events, in order."""
+        """Apply records in order, each exactly as `apply` would; their events, in order.
+        A record `apply` rejects (margin_mode_conflict) raises here too: feed records one by
+        one with `apply` where such input may come."""
         events: list[Event] = []
         extend = events.extend
         apply = self.apply
@@ -262,7 +310,7 @@ class Engine(InputLedger):
 
     def _reevaluate(self, rows: np.ndarray, ts: int, symbol: str,
                     source: Source) -> list[Event]:
-        """Re-value the accounts whose band a tick left; events in account-id order."""
+        """Re-value the accounts whose band a tick left; events in `Event.order`."""
         book = self.book
         evaluation = book.evaluate(rows)
         evaluable, new_state, eps = evaluation.evaluable, evaluation.new_state, evaluation.eps
@@ -291,45 +339,82 @@ class Engine(InputLedger):
                                            strict=True):
                 book.anchor(row, width, watched)
         if len(events) > 1:
-            events.sort(key=lambda event: event.account)
+            events.sort(key=Event.order)
         return events
 
     def _apply_fill(self, fill: Fill, source: Source) -> list[Event]:
-        if not self._first_time(source, fill.account, fill.fill_id):
-            self.stats.duplicates += 1
+        if self._duplicate_fill(fill, source):
             return []
-        if self._caught_up_from and self._already_reflected(fill.account, source):
+        key = self._fill_key(fill)
+        if self._caught_up_from and self._already_reflected(key, source):
+            self._record_fill(fill, source)
             return []
         book = self.book
-        row = book.index.get(fill.account)
-        if row is None:
-            row = book.new_row(fill.account, source.partition)
-            self.accounts_in_state[_HEALTHY] += 1
+        instr = self._t.instr_index[fill.symbol]
+        # SPEC §4.1: the position is held in one mode until it is closed.
+        if isinstance(key, UnitKey):
+            other = book.index.get(fill.account)
+        else:
+            other = book.units.get(UnitKey(fill.account, fill.symbol)) if book.units else None
+        if other is not None and book.holds(other, instr):
+            raise self._mode_conflict(fill)
+        self._record_fill(fill, source)
+        row = self._row(key, source.partition)
         signed = fill.qty if fill.side == "buy" else -fill.qty
-        book.apply_fill(row, self._t.instr_index[fill.symbol], signed, fill.price, fill.fee)
+        book.apply_fill(row, instr, signed, fill.price, fill.fee)
         self.stats.applied_fills += 1
-        return self._after_account_change(row, fill.account, fill.ts, "fill", fill.fill_id,
-                                          source)
+        return self._after_account_change(row, key, fill.ts, "fill", fill.fill_id, source)
 
     def _apply_ledger(self, entry: LedgerEntry, source: Source) -> list[Event]:
         if not self._first_time(source, entry.account, entry.entry_id):
             self.stats.duplicates += 1
             return []
+        if entry.kind == ISOLATED_MARGIN:
+            return self._move_margin(entry, source)
         if self._caught_up_from and self._already_reflected(entry.account, source):
             return []
-        book = self.book
-        row = book.index.get(entry.account)
-        if row is None:
-            row = book.new_row(entry.account, source.partition)
-            self.accounts_in_state[_HEALTHY] += 1
-        book.add_balance(row, self._t.asset_index[entry.asset], entry.amount)
+        row = self._row(entry.account, source.partition)
+        self.book.add_balance(row, self._t.asset_index[entry.asset], entry.amount)
         self.stats.applied_ledger += 1
         return self._after_account_change(row, entry.account, entry.ts, "ledger",
                                           entry.entry_id, source)
 
-    def accounts_moved_by(self, symbol: str) -> frozenset[str]:
-        """Accounts a tick on this symbol can move (SPEC §6): a position marked by it or
-        settling in an asset priced by it, or a non-zero balance in an asset priced by it."""
+    def _move_margin(self, entry: LedgerEntry, source: Source) -> list[Event]:
+        """SPEC §4.1: move the amount from the cross balance to the isolated wallet; the cross
+        account is evaluated first, then the isolated position. After a restore each side
+        skips the entry on its own if its snapshot already reflects it."""
+        asset = self._t.asset_index[entry.asset]
+        assert entry.symbol is not None  # the decoder requires it of this kind
+        events: list[Event] = []
+        applied = False
+        for key, amount in ((entry.account, -entry.amount),
+                            (UnitKey(entry.account, entry.symbol), entry.amount)):
+            if self._caught_up_from and self._already_reflected(key, source):
+                continue
+            row = self._row(key, source.partition)
+            self.book.add_balance(row, asset, amount)
+            applied = True
+            events += self._after_account_change(row, key, entry.ts, "ledger", entry.entry_id,
+                                                 source)
+        self.stats.applied_ledger += applied
+        return events
+
+    def _row(self, key: RiskKey, partition: int | None) -> int:
+        """The risk unit's row, created (HEALTHY) on its first input."""
+        book = self.book
+        row = book.row_of(key)
+        if row is None:
+            row = book.new_row(key, partition)
+            self._in_state(row)[_HEALTHY] += 1
+        return row
+
+    def _in_state(self, row: int) -> dict[AccountState, int]:
+        """The per-state count the row belongs to: accounts or isolated positions."""
+        return self.units_in_state if self.book.isolated_m[row] else self.accounts_in_state
+
+    def accounts_moved_by(self, symbol: str) -> frozenset[RiskKey]:
+        """Risk units a tick on this symbol can move (SPEC §6, §4.1): a position marked by it
+        or settling in an asset priced by it, or a non-zero balance in an asset priced by it."""
         sym = self._t.sym_index.get(symbol)
         if sym is None:
             return frozenset()
@@ -338,20 +423,22 @@ class Engine(InputLedger):
         ids = self.book.ids
         return frozenset(ids[row] for row in self.book.holders(sym).tolist())  # type: ignore[misc]
 
-    def valuation(self, account_id: str) -> Valuation | None:
-        """The account's figures at the current prices, from scratch (SPEC §4)."""
-        account = self.accounts[account_id]
-        return value_account(account.balances, account.positions, self.config, self._prices)
+    def valuation(self, key: RiskKey) -> Valuation | None:
+        """The risk unit's figures at the current prices, from scratch (SPEC §4, §4.1)."""
+        isolated = isinstance(key, UnitKey)
+        account = self.units[key] if isolated else self.accounts[key]  # type: ignore[index]
+        return value_account(account.balances, account.positions, self.config, self._prices,
+                             isolated=isolated)
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _after_account_change(self, row: int, account_id: str, ts: int, kind: str, ref: str,
+    def _after_account_change(self, row: int, key: RiskKey, ts: int, kind: str, ref: str,
                               source: Source) -> list[Event]:
-        self._dirty.add(account_id)
+        self._dirty.add(key)
         event = self._evaluate(row, ts, kind, ref, source)
-        if self.book.is_blank(row):  # nothing to remember (SPEC §5 tombstone rule)
+        if self.book.is_blank(row):  # nothing to remember (SPEC §5, §4.1 tombstone rule)
+            self._in_state(row)[_HEALTHY] -= 1  # blank implies never left it
             self.book.free_row(row)
-            self.accounts_in_state[_HEALTHY] -= 1  # blank implies never left it
         return [event] if event is not None else []
 
     # -- evaluation --------------------------------------------------------------------------
@@ -379,19 +466,21 @@ class Engine(InputLedger):
         """Build the event from a from-scratch valuation and move the account's state."""
         book = self.book
         balances, positions = book.balances_of(row), book.positions_of(row)
-        valuation = value_account(balances, positions, self.config, self._prices)
+        key: RiskKey = book.ids[row]  # type: ignore[assignment]
+        unit = key if isinstance(key, UnitKey) else None
+        valuation = value_account(balances, positions, self.config, self._prices,
+                                  isolated=unit is not None)
         previous = _STATES[state]
         if valuation is None:  # pragma: no cover - the kernel found every settle price
             return None, state
         new_state = next_state(previous, valuation.ratio, self.config.thresholds)
         if new_state == previous:  # pragma: no cover - both valuations sum identically
             return None, state
-        account_id: str = book.ids[row]  # type: ignore[assignment]
         transitions = book.trans_m[row] + 1
         book.trans_m[row] = transitions
-        self._dirty.add(account_id)
+        self._dirty.add(key)
         event = build_event(
-            account=account_id,
+            account=key if unit is None else unit.account,  # type: ignore[arg-type]
             transition=transitions,
             previous=previous,
             state=new_state,
@@ -405,9 +494,11 @@ class Engine(InputLedger):
             trigger_kind=kind,
             trigger_ref=ref,
             source=source,
+            isolated=None if unit is None else unit.symbol,
         )
-        self.accounts_in_state[previous] -= 1
-        self.accounts_in_state[new_state] += 1
+        in_state = self._in_state(row)
+        in_state[previous] -= 1
+        in_state[new_state] += 1
         book.state_m[row] = int(new_state)
         return event, int(new_state)
 
@@ -463,42 +554,46 @@ class Engine(InputLedger):
         if self.book.index:
             self._reindex_all = True  # every band was drawn around the old prices
 
-    def load_account(self, account_id: str, account: Account,
+    def load_account(self, key: RiskKey, account: Account,
                      caught_up_from: dict[tuple[str, int | None], int] | None = None) -> None:
-        """Install a restored account. ``caught_up_from`` marks a snapshot that already
-        reflects inputs about to be re-read: records before those offsets skip it."""
+        """Install a restored account, or isolated position (``key`` a `UnitKey`).
+        ``caught_up_from`` marks a snapshot that already reflects inputs about to be
+        re-read: records before those offsets skip it."""
         self.accounts.changed()
+        self.units.changed()
         book = self.book
-        previous = book.index.get(account_id)
+        previous = book.row_of(key)
         if previous is not None:
             self._forget(previous)
-        row = book.load(account_id, {a: b for a, b in account.balances.items() if b != 0},
+        row = book.load(key, {a: b for a, b in account.balances.items() if b != 0},
                         account.positions, int(account.state), account.transitions,
                         account.partition)
-        self.accounts_in_state[account.state] += 1
+        self._in_state(row)[account.state] += 1
         self._unindexed.append(row)
         if caught_up_from:
-            self._caught_up_from[account_id] = caught_up_from
+            self._caught_up_from[key] = caught_up_from
         else:
-            self._caught_up_from.pop(account_id, None)
+            self._caught_up_from.pop(key, None)
 
     def drop_partition(self, partition: int | None) -> int:
-        """Forget every account of an input partition (it was handed to another instance)."""
+        """Forget every account and isolated position of an input partition (it was handed
+        to another instance); returns how many risk units that was."""
         self.accounts.changed()
+        self.units.changed()
         book = self.book
         code = -1 if partition is None else partition
         ids = book.ids
         rows = [row for row in np.flatnonzero(book.part[:len(ids)] == code).tolist()
                 if ids[row] is not None]
         for row in rows:
-            account_id = ids[row]
+            key = ids[row]
             self._forget(row)
-            self._dirty.discard(account_id)  # type: ignore[arg-type]
+            self._dirty.discard(key)  # type: ignore[arg-type]
         return len(rows)
 
     def _forget(self, row: int) -> None:
         book = self.book
-        self.accounts_in_state[_STATES[book.state_m[row]]] -= 1
+        self._in_state(row)[_STATES[book.state_m[row]]] -= 1
         self._caught_up_from.pop(book.ids[row], None)  # type: ignore[arg-type]
         book.free_row(row)
 

@@ -19,6 +19,7 @@ from monitor.margin import (
     liquidation_price,
     position_figures,
 )
+from monitor.records import CROSS, ISOLATED
 from monitor.state import EVENT_TYPE, AccountState
 
 
@@ -43,16 +44,24 @@ class Event:
     type: str
     account: str
     payload: dict[str, Any]  # everything but emitted_at, which is stamped at publication
+    symbol: str | None = None  # the instrument of an isolated position's event (SPEC §4.1)
+
+    def order(self) -> tuple[str, bool, str]:
+        """Where the event goes among those of one record: by account, the cross account's
+        first, then its isolated positions' by symbol (SPEC §4.1)."""
+        return self.account, self.symbol is not None, self.symbol or ""
 
     def encode(self, emitted_at_ms: int | None = None) -> bytes:
         stamp = int(time.time() * 1000) if emitted_at_ms is None else emitted_at_ms
         return orjson.dumps({**self.payload, "emitted_at": stamp})
 
 
-def event_id(account: str, transition: int, event_type: str) -> str:
-    """Deterministic: the account's transition counter survives restarts, so a re-emitted
-    event keeps its id; the type in the id keeps distinct events from colliding."""
-    return f"{account}:{transition}:{event_type}"
+def event_id(account: str, transition: int, event_type: str, symbol: str | None = None) -> str:
+    """Deterministic: the risk unit's transition counter survives restarts, so a re-emitted
+    event keeps its id; the type in the id keeps distinct events from colliding. An isolated
+    position's unit is named `account/symbol` (SPEC §4.1)."""
+    unit = account if symbol is None else f"{account}/{symbol}"
+    return f"{unit}:{transition}:{event_type}"
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -75,13 +84,21 @@ def build_event(
     trigger_kind: str,
     trigger_ref: str,
     source: Source,
+    isolated: str | None = None,
 ) -> Event:
+    """The event of a state change. ``isolated``: the instrument, when the risk unit is an
+    isolated position (its balances are its wallet, its positions that one position)."""
     event_type = EVENT_TYPE[state]
-    eid = event_id(account, transition, event_type)
-    payload = {
+    eid = event_id(account, transition, event_type, isolated)
+    payload: dict[str, Any] = {
         "event_id": eid,
         "type": event_type,
         "account": account,
+        "margin_mode": CROSS if isolated is None else ISOLATED,
+    }
+    if isolated is not None:
+        payload["symbol"] = isolated
+    payload.update({
         "state": state.name,
         "previous_state": previous.name,
         "ts": ts,
@@ -96,16 +113,17 @@ def build_event(
         "unrealized_pnl": valuation.unrealized_pnl,
         "balances": {asset: balances[asset] for asset in sorted(balances)},
         "positions": _position_details(positions, valuation, config, prices),
-    }
+    })
     max_age = config.prices.max_age_ms
     if max_age is not None:
         payload["stale_prices"] = stale_prices(balances, positions, config, price_ts,
                                                ts - max_age)
     if state == AccountState.LIQUIDATING:
         # From the account as this builder sees it, so every engine emits the same plan.
-        payload["liquidation_plan"] = liquidation_plan(balances, positions, config,
-                                                       prices).to_json()
-    return Event(event_id=eid, type=event_type, account=account, payload=payload)
+        payload["liquidation_plan"] = liquidation_plan(balances, positions, config, prices,
+                                                       isolated=isolated is not None).to_json()
+    return Event(event_id=eid, type=event_type, account=account, payload=payload,
+                 symbol=isolated)
 
 
 def stale_prices(

@@ -78,6 +78,7 @@ class _Account:
     balances: dict[str, float]
     positions: dict[str, Position]
     valuation: Valuation
+    isolated: bool  # an isolated position's wallet: full weight (SPEC §4.1)
 
 
 def liquidation_plan(
@@ -85,15 +86,19 @@ def liquidation_plan(
     positions: Mapping[str, Position],
     config: RiskConfig,
     prices: Mapping[str, float],
+    *,
+    isolated: bool = False,
 ) -> LiquidationPlan:
     """Plan the least reduction that brings the account's ratio to the liquidation target.
 
     The account must be evaluable (every settle asset priced), as it is whenever it has an event.
     Positions are reduced in order of maintenance margin, largest first (ties: symbol), each
-    by the least quantity that reaches the target, or closed when none does.
+    by the least quantity that reaches the target, or closed when none does. ``isolated``: the
+    account is an isolated position, its balance the wallet, valued without collateral weight
+    (SPEC §4.1).
     """
     target = config.thresholds.liquidation_target
-    valuation = value_account(balances, positions, config, prices)
+    valuation = value_account(balances, positions, config, prices, isolated=isolated)
     if valuation is None:
         raise ValueError("a liquidation plan needs every settle asset priced")
     deposit = max(0.0, valuation.maintenance_margin / target - valuation.equity)
@@ -103,7 +108,7 @@ def liquidation_plan(
         assert figures is not None  # value_account priced every settle asset
         maintenance[symbol] = figures.maintenance_margin
     order = sorted(positions, key=lambda symbol: (-maintenance[symbol], symbol))
-    account = _Account(dict(balances), dict(positions), valuation)
+    account = _Account(dict(balances), dict(positions), valuation, isolated)
     steps: list[PlanStep] = []
     if valuation.ratio > target:
         for symbol in order:
@@ -187,9 +192,9 @@ def _after_step(
         balances.pop(settle, None)
     else:
         balances[settle] = balance
-    valuation = value_account(balances, positions, config, prices)
+    valuation = value_account(balances, positions, config, prices, isolated=account.isolated)
     assert valuation is not None
-    return _Account(balances, positions, valuation)
+    return _Account(balances, positions, valuation, account.isolated)
 
 
 def _step(symbol: str, position: Position, delta: float, size: float, mark: float, cs: float,

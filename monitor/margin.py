@@ -98,9 +98,14 @@ def value_account(
     positions: Mapping[str, Position],
     config: RiskConfig,
     prices: Mapping[str, float],
+    *,
+    isolated: bool = False,
 ) -> Valuation | None:
     """Value an account from scratch, or None when a position's settle asset has no price yet
-    (SPEC §4: such an account is not evaluated until that price arrives)."""
+    (SPEC §4: such an account is not evaluated until that price arrives).
+
+    ``isolated``: the balances are an isolated position's wallet, which counts at full value
+    (SPEC §4.1: equity = ib·spx + uPnL, no collateral weight)."""
     collateral = 0.0
     unpriced = False
     for asset_name, balance in balances.items():
@@ -108,7 +113,8 @@ def value_account(
         if px is None:
             unpriced = unpriced or balance != 0
             continue
-        weight = config.assets[asset_name].collateral_weight if balance > 0 else 1.0
+        weight = (config.assets[asset_name].collateral_weight
+                  if balance > 0 and not isolated else 1.0)
         collateral += balance * px * weight
     upnl = mm = im = 0.0
     for symbol, position in positions.items():
@@ -177,7 +183,9 @@ def liquidation_price(
     holding every other price and this position's tier fixed (SPEC §4).
 
     Solves E0 + q·k·(p − m) = (MMo + |q|·k·mmr·p − cum·spx) / L for p, with k = cs·spx.
-    With one position, stable collateral and L = 1 this is Binance's cross-margin formula.
+    With one position, stable collateral and L = 1 this is Binance's cross-margin formula; for
+    an isolated position (SPEC §4.1: MMo = 0, E0 = wallet + uPnL) it is Binance's isolated one,
+    p = (wallet + cum − q·e) / (|q|·mmr − q) for a stable settle asset.
     """
     q = position.qty
     k = instrument.contract_size * figures.settle_price

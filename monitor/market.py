@@ -1,9 +1,13 @@
 """A synthetic market for demos, examples and tests: deposits, leveraged portfolios, prices on a
 correlated random walk, then a crash and a rebound.
 
+Some positions are opened in isolated margin (SPEC §4.1), each on a wallet funded by an
+`isolated_margin` ledger entry, with leverage of its own.
+
 It also plays the exchange's liquidation engine: `close_out(account)` returns the fills that
-flatten a liquidated account, which is what brings liquidated accounts back to HEALTHY.
-Everything is seeded, so a run can be reproduced exactly.
+flatten a liquidated account's cross positions, `close_out(account, symbol)` those of one
+liquidated isolated position (whose wallet stays, as an exchange's does); that is what brings
+them back to HEALTHY. Everything is seeded, so a run can be reproduced exactly.
 """
 
 from __future__ import annotations
@@ -63,10 +67,13 @@ class SyntheticMarket:
     seed: int = 0
     bad_record_rate: float = 0.0  # share of malformed records mixed into the flow
     fills_per_step: int = 3
+    isolated_share: float = 0.2  # share of opening positions held in isolated margin
     _rng: random.Random = field(init=False)
     _prices: dict[str, float] = field(init=False)
     _betas: dict[str, float] = field(init=False)
     _book: dict[str, dict[str, float]] = field(init=False)  # account -> symbol -> qty
+    _isolated: set[tuple[str, str]] = field(init=False, default_factory=set)  # (account,
+    #                                                  symbol) of positions held isolated
     _ts: int = field(init=False, default=START_TS)
     _ids: int = field(init=False, default=0)
     _plans: list[tuple[list[MarketRecord], Callable[[], list[MarketRecord]]]] = field(
@@ -139,15 +146,22 @@ class SyntheticMarket:
                 "symbol": symbol, "price": _round_price(self._prices[symbol]), "ts": self._ts,
             })
 
-    def close_out(self, account: str) -> list[MarketRecord]:
-        """Fills that flatten every position of the account (the liquidation engine's job)."""
+    def close_out(self, account: str, symbol: str | None = None) -> list[MarketRecord]:
+        """Fills that flatten the account's cross positions, or with ``symbol`` its isolated
+        position in that instrument (the liquidation engine's job; SPEC §4.1 keeps the two
+        apart)."""
         book = self._book.get(account, {})
+        isolated = self._isolated
         records = []
-        for symbol, qty in sorted(book.items()):
-            if qty != 0:
-                records.append(self._fill(account, symbol, -qty, fee_rate=0.0005))
-        # A liquidated account trades no more: no dust positions re-opened on a bankrupt pool.
-        self._book[account] = {}
+        for held, qty in sorted(book.items()):
+            if ((held == symbol) if symbol is not None
+                    else (account, held) not in isolated) and qty != 0:
+                records.append(self._fill(account, held, -qty, fee_rate=0.0005))
+        # What is liquidated trades no more: no dust re-opened on a bankrupt pool or wallet.
+        if symbol is None:
+            self._book[account] = {s: q for s, q in book.items() if (account, s) in isolated}
+        else:
+            book.pop(symbol, None)
         return records
 
     # -- building blocks -------------------------------------------------------------------------
@@ -173,8 +187,20 @@ class SyntheticMarket:
                 direction = -directions[0]  # offsetting legs: cross margin nets them
             directions.append(direction)
 
+        # Some positions isolated: a wallet of their own, funded from the cross balance, at a
+        # leverage of their own (so some are liquidated in the crash while the account is not).
+        isolated = {symbol: math.exp(rng.uniform(math.log(3.0), math.log(25.0)))
+                    for symbol in held if rng.random() < self.isolated_share}
+        notional_quote = equity * leverage / len(held)
+        for symbol, isolated_leverage in isolated.items():
+            settle = self.config.instruments[symbol].settle
+            wallet = round(notional_quote / isolated_leverage / self._settle_price(symbol), 8)
+            if settle != "USDT":  # the account deposited USDT: bring the settle asset too
+                deposits.append(self._ledger(account, settle, wallet, "deposit"))
+            deposits.append(self._ledger(account, settle, wallet, "isolated_margin", symbol))
+            self._isolated.add((account, symbol))
+
         def fills() -> list[MarketRecord]:
-            notional_quote = equity * leverage / len(held)
             return [self._fill(account, symbol, direction * self._qty_for(symbol, notional_quote))
                     for symbol, direction in zip(held, directions, strict=True)]
 
@@ -221,16 +247,23 @@ class SyntheticMarket:
         book = self._book.setdefault(account, {})
         book[symbol] = round(book.get(symbol, 0.0) + (qty if side == "buy" else -qty), 8)
         fee = round(qty * price * self.config.instruments[symbol].contract_size * fee_rate, 8)
-        return MarketRecord(FILLS, account, {
+        value: dict[str, Any] = {
             "fill_id": self._next_id("f"), "account": account, "symbol": symbol, "side": side,
             "qty": qty, "price": price, "fee": fee, "ts": self._ts,
-        })
+        }
+        if (account, symbol) in self._isolated:
+            value["margin_mode"] = "isolated"
+        return MarketRecord(FILLS, account, value)
 
-    def _ledger(self, account: str, asset: str, amount: float, kind: str) -> MarketRecord:
-        return MarketRecord(LEDGER, account, {
+    def _ledger(self, account: str, asset: str, amount: float, kind: str,
+                symbol: str | None = None) -> MarketRecord:
+        value: dict[str, Any] = {
             "entry_id": self._next_id("l"), "account": account, "asset": asset,
             "amount": amount, "kind": kind, "ts": self._ts,
-        })
+        }
+        if symbol is not None:  # isolated_margin: the wallet of (account, symbol)
+            value["symbol"] = symbol
+        return MarketRecord(LEDGER, account, value)
 
     def _upstream_noise(self, records: list[MarketRecord]) -> list[MarketRecord]:
         """What real feeds do: a producer retry re-sends a fill, a late tick arrives stale."""
@@ -280,16 +313,17 @@ def simulate(config: RiskConfig, accounts: int, steps: int, seed: int = 0,
     market = SyntheticMarket(config, accounts=accounts, seed=seed,
                              bad_record_rate=bad_record_rate)
     engine = Engine(config)
-    to_close: list[str] = []
+    to_close: list[tuple[str, str | None]] = []  # (account, isolated symbol or None)
 
     def observe(record: MarketRecord) -> MarketRecord:
         try:
             decoded = decode(record.topic, record.value_bytes(), config)
+            events = engine.apply(decoded, Source(topic=record.topic, index=0))
         except Rejected:
             return record
-        for event in engine.apply(decoded, Source(topic=record.topic, index=0)):
+        for event in events:
             if event.type == "liquidation":
-                to_close.append(event.account)
+                to_close.append((event.account, event.symbol))
         return record
 
     for record in market.opening():
@@ -298,6 +332,6 @@ def simulate(config: RiskConfig, accounts: int, steps: int, seed: int = 0,
         for _ in range(phase.steps):
             batch = market.step(phase.drift)
             while to_close:
-                batch.extend(market.close_out(to_close.pop()))
+                batch.extend(market.close_out(*to_close.pop()))
             for record in batch:
                 yield observe(record)

@@ -25,7 +25,12 @@ LEDGER: Final = "ledger"
 INPUT_KINDS: Final = (PRICES, FILLS, LEDGER)
 
 SIDES: Final = frozenset({"buy", "sell"})
-LEDGER_KINDS: Final = frozenset({"deposit", "withdrawal", "funding", "transfer", "adjustment"})
+LEDGER_KINDS: Final = frozenset({"deposit", "withdrawal", "funding", "transfer", "adjustment",
+                                 "isolated_margin"})
+ISOLATED_MARGIN: Final = "isolated_margin"  # moves collateral to or from an isolated wallet
+CROSS: Final = "cross"
+ISOLATED: Final = "isolated"
+MARGIN_MODES: Final = (CROSS, ISOLATED)
 
 # Kafka timestamps are int64 milliseconds; anything larger cannot be re-encoded.
 MAX_TS: Final = 2**63 - 1
@@ -61,11 +66,18 @@ class Reason:
     WRONG_SIGN: Final = "wrong_sign"  # a deposit not > 0, a withdrawal not < 0
     TOO_LARGE: Final = "too_large"  # finite, but beyond MAX_MAGNITUDE
     TS_IN_FUTURE: Final = "ts_in_future"  # the service only: ts ahead of the wall clock
+    UNKNOWN_MARGIN_MODE: Final = "unknown_margin_mode"  # not "cross" or "isolated"
+    NOT_SETTLE_ASSET: Final = "not_settle_asset"  # isolated_margin in another asset than
+    #                                               the instrument settles in
+    # Raised by the engine, not the decoder: it depends on the position the account holds.
+    MARGIN_MODE_CONFLICT: Final = "margin_mode_conflict"  # a fill in the other mode than
+    #                                                       its open position's
 
     ALL: Final = (
         INVALID_JSON, NOT_OBJECT, MISSING_FIELD, WRONG_TYPE, NON_FINITE, OUT_OF_RANGE,
         UNKNOWN_INSTRUMENT, UNKNOWN_ASSET, UNKNOWN_KIND, UNKNOWN_SIDE, UNKNOWN_TOPIC,
-        BAD_IDENTIFIER, WRONG_SIGN, TOO_LARGE, TS_IN_FUTURE,
+        BAD_IDENTIFIER, WRONG_SIGN, TOO_LARGE, TS_IN_FUTURE, UNKNOWN_MARGIN_MODE,
+        NOT_SETTLE_ASSET, MARGIN_MODE_CONFLICT,
     )
 
 
@@ -95,6 +107,7 @@ class Fill:
     price: float
     fee: float
     ts: int
+    margin_mode: str = CROSS  # SPEC §4.1: the mode of the position the fill trades
 
     @property
     def signed_qty(self) -> float:
@@ -109,6 +122,7 @@ class LedgerEntry:
     amount: float
     kind: str
     ts: int
+    symbol: str | None = None  # the isolated position an isolated_margin entry funds
 
 
 InputRecord = PriceTick | Fill | LedgerEntry
@@ -168,7 +182,9 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
 # The plain-record checks of decode_batch accept only values `decode` accepts as they are:
 # numbers are floats or ints (never bools) within the bounds (NaN and infinities fail every
 # comparison), ids non-empty strings of at most MAX_ID_LENGTH characters, ts an int within
-# [0, latest]. Written out inline: a function call per field would cost as much as the check.
+# [0, latest]; a margin mode cross or isolated. An isolated_margin entry (rare, and checked
+# against its instrument) always takes decode's path. Written out inline: a function call per
+# field would cost as much as the check.
 _FLOAT, _INT, _STR = float, int, str
 
 
@@ -185,6 +201,7 @@ def _plain_fill(doc: dict[str, Any], instruments: Mapping[str, Any], latest: int
     get = doc.get
     fill_id, account, symbol, side = get("fill_id"), get("account"), get("symbol"), get("side")
     qty, price, fee, ts = get("qty"), get("price"), get("fee", 0.0), get("ts")
+    margin_mode = get("margin_mode", CROSS)
     if (type(fill_id) is _STR and 0 < len(fill_id) <= MAX_ID_LENGTH
             and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
             and type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
@@ -193,8 +210,10 @@ def _plain_fill(doc: dict[str, Any], instruments: Mapping[str, Any], latest: int
             and (type(price) is _FLOAT or type(price) is _INT) and 0 < price <= MAX_MAGNITUDE
             and (type(fee) is _FLOAT or type(fee) is _INT)
             and -MAX_MAGNITUDE <= fee <= MAX_MAGNITUDE
-            and type(ts) is _INT and 0 <= ts <= latest):
-        return Fill(fill_id, account, symbol, side, float(qty), float(price), float(fee), ts)
+            and type(ts) is _INT and 0 <= ts <= latest
+            and margin_mode in MARGIN_MODES):
+        return Fill(fill_id, account, symbol, side, float(qty), float(price), float(fee), ts,
+                    margin_mode)
     return None
 
 
@@ -206,7 +225,7 @@ def _plain_ledger(doc: dict[str, Any], assets: Mapping[str, Any],
     if (type(entry_id) is _STR and 0 < len(entry_id) <= MAX_ID_LENGTH
             and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
             and type(asset) is _STR and 0 < len(asset) <= MAX_ID_LENGTH and asset in assets
-            and type(kind) is _STR and kind in LEDGER_KINDS
+            and type(kind) is _STR and kind in LEDGER_KINDS and kind != ISOLATED_MARGIN
             and (type(amount) is _FLOAT or type(amount) is _INT)
             and -MAX_MAGNITUDE <= amount <= MAX_MAGNITUDE
             and type(ts) is _INT and 0 <= ts <= latest
@@ -274,14 +293,18 @@ def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
     price = _positive(doc, "price")
     fee = _bounded(doc, "fee") if "fee" in doc else 0.0
     ts = _ts(doc)
+    margin_mode = _string(doc, "margin_mode") if "margin_mode" in doc else CROSS
     if symbol not in config.instruments:
         raise Rejected(Reason.UNKNOWN_INSTRUMENT, f"symbol: {symbol!r} is not a configured "
                                                   f"instrument")
     if side not in SIDES:
         raise Rejected(Reason.UNKNOWN_SIDE,
                        f"side: must be \"buy\" or \"sell\", got {_shown(side)}")
+    if margin_mode not in MARGIN_MODES:
+        raise Rejected(Reason.UNKNOWN_MARGIN_MODE, f"margin_mode: must be \"cross\" or "
+                                                   f"\"isolated\", got {_shown(margin_mode)}")
     return Fill(fill_id=fill_id, account=account, symbol=symbol, side=side, qty=qty,
-                price=price, fee=fee, ts=ts)
+                price=price, fee=fee, ts=ts, margin_mode=margin_mode)
 
 
 def _ledger(doc: dict[str, Any], config: RiskConfig) -> LedgerEntry:
@@ -301,8 +324,20 @@ def _ledger(doc: dict[str, Any], config: RiskConfig) -> LedgerEntry:
         raise Rejected(Reason.WRONG_SIGN, f"amount: a deposit must be > 0, got {amount!r}")
     if kind == "withdrawal" and not amount < 0:
         raise Rejected(Reason.WRONG_SIGN, f"amount: a withdrawal must be < 0, got {amount!r}")
+    if kind != ISOLATED_MARGIN:
+        return LedgerEntry(entry_id=entry_id, account=account, asset=asset, amount=amount,
+                           kind=kind, ts=ts)
+    # SPEC §4.1: the wallet of (account, symbol) holds the instrument's settle asset only.
+    symbol = _identifier(doc, "symbol")
+    instrument = config.instruments.get(symbol)
+    if instrument is None:
+        raise Rejected(Reason.UNKNOWN_INSTRUMENT, f"symbol: {symbol!r} is not a configured "
+                                                  f"instrument")
+    if asset != instrument.settle:
+        raise Rejected(Reason.NOT_SETTLE_ASSET, f"asset: an isolated wallet of {symbol!r} "
+                                                f"holds {instrument.settle!r}, got {asset!r}")
     return LedgerEntry(entry_id=entry_id, account=account, asset=asset, amount=amount,
-                       kind=kind, ts=ts)
+                       kind=kind, ts=ts, symbol=symbol)
 
 
 def _json_type(value: Any) -> str:

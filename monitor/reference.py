@@ -10,12 +10,12 @@ API as `monitor.engine.Engine`, so the service can run on either.
 
 from __future__ import annotations
 
-from monitor.account import Account
+from monitor.account import Account, RiskKey, UnitKey
 from monitor.config import RiskConfig
 from monitor.engine import DEFAULT_DEDUPE_WINDOW, InputLedger
 from monitor.events import Event, Source, build_event
 from monitor.margin import apply_fill_to_position, value_account
-from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
+from monitor.records import ISOLATED_MARGIN, Fill, InputRecord, LedgerEntry, PriceTick
 from monitor.state import AccountState, next_state
 
 
@@ -25,16 +25,24 @@ class ReferenceEngine(InputLedger):
         self.config = config
         self.prices: dict[str, float] = {}
         self.accounts: dict[str, Account] = {}
+        self.units: dict[UnitKey, Account] = {}  # isolated positions (SPEC §4.1)
         self.positions_held = 0
         self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
-        self._watchers: dict[str, set[str]] = {}  # price symbol -> accounts it can move
+        self.units_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
+        self._watchers: dict[str, set[RiskKey]] = {}  # price symbol -> units it can move
 
     # -- input -------------------------------------------------------------------------------
 
-    def partition_of(self, account_id: str) -> int | None:
-        """The input partition owning an account held here (None: not held, or replay)."""
-        account = self.accounts.get(account_id)
+    def partition_of(self, key: RiskKey) -> int | None:
+        """The input partition owning a risk unit held here (None: not held, or replay)."""
+        account = self._held(key).get(key)  # type: ignore[call-overload]
         return None if account is None else account.partition
+
+    def _held(self, key: RiskKey) -> dict[str, Account] | dict[UnitKey, Account]:
+        return self.units if isinstance(key, UnitKey) else self.accounts
+
+    def _in_state(self, key: RiskKey) -> dict[AccountState, int]:
+        return self.units_in_state if isinstance(key, UnitKey) else self.accounts_in_state
 
     def apply(self, record: InputRecord, source: Source) -> list[Event]:
         """Apply one valid record; events come back in ascending account-id order."""
@@ -51,22 +59,29 @@ class ReferenceEngine(InputLedger):
         self.prices[symbol] = tick.price
         events = []
         guarded = self._caught_up_from
-        for account_id in self.accounts_moved_by(symbol):
-            if guarded and self._already_reflected(account_id, source):
+        for key in self.accounts_moved_by(symbol):
+            if guarded and self._already_reflected(key, source):
                 continue
-            event = self._evaluate(account_id, tick.ts, "price", symbol, source)
+            event = self._evaluate(key, tick.ts, "price", symbol, source)
             if event is not None:
                 events.append(event)
-        events.sort(key=lambda event: event.account)
+        events.sort(key=Event.order)
         return events
 
     def _apply_fill(self, fill: Fill, source: Source) -> list[Event]:
-        if not self._first_time(source, fill.account, fill.fill_id):
-            self.stats.duplicates += 1
+        if self._duplicate_fill(fill, source):
             return []
-        if self._caught_up_from and self._already_reflected(fill.account, source):
+        key = self._fill_key(fill)
+        if self._caught_up_from and self._already_reflected(key, source):
+            self._record_fill(fill, source)
             return []
-        account = self._account(fill.account, source.partition)
+        # SPEC §4.1: the position is held in one mode until it is closed.
+        other = (self.accounts.get(fill.account) if isinstance(key, UnitKey)
+                 else self.units.get(UnitKey(fill.account, fill.symbol)))
+        if other is not None and fill.symbol in other.positions:
+            raise self._mode_conflict(fill)
+        self._record_fill(fill, source)
+        account = self._account(key, source.partition)
         instrument = self.config.instruments[fill.symbol]
         held = account.positions.get(fill.symbol)
         position, realized = apply_fill_to_position(
@@ -84,34 +99,44 @@ class ReferenceEngine(InputLedger):
         balance -= fill.fee
         self._set_balance(account, settle, balance)
         self.stats.applied_fills += 1
-        return self._after_account_change(fill.account, account, fill.ts, "fill", fill.fill_id,
-                                          source)
+        return self._after_account_change(key, account, fill.ts, "fill", fill.fill_id, source)
 
     def _apply_ledger(self, entry: LedgerEntry, source: Source) -> list[Event]:
         if not self._first_time(source, entry.account, entry.entry_id):
             self.stats.duplicates += 1
             return []
-        if self._caught_up_from and self._already_reflected(entry.account, source):
-            return []
-        account = self._account(entry.account, source.partition)
-        self._set_balance(account, entry.asset,
-                          account.balances.get(entry.asset, 0.0) + entry.amount)
-        self.stats.applied_ledger += 1
-        return self._after_account_change(entry.account, account, entry.ts, "ledger",
-                                          entry.entry_id, source)
+        moves: list[tuple[RiskKey, float]] = [(entry.account, entry.amount)]
+        if entry.kind == ISOLATED_MARGIN:  # SPEC §4.1: cross balance → isolated wallet
+            assert entry.symbol is not None
+            moves = [(entry.account, -entry.amount),
+                     (UnitKey(entry.account, entry.symbol), entry.amount)]
+        events: list[Event] = []
+        applied = False
+        for key, amount in moves:
+            if self._caught_up_from and self._already_reflected(key, source):
+                continue
+            account = self._account(key, source.partition)
+            self._set_balance(account, entry.asset,
+                              account.balances.get(entry.asset, 0.0) + amount)
+            applied = True
+            events += self._after_account_change(key, account, entry.ts, "ledger",
+                                                 entry.entry_id, source)
+        self.stats.applied_ledger += applied
+        return events
 
-    def accounts_moved_by(self, symbol: str) -> frozenset[str] | set[str]:
-        """Accounts a tick on this symbol can move (SPEC §6): a position marked by it or
-        settling in an asset priced by it, or a non-zero balance in an asset priced by it."""
+    def accounts_moved_by(self, symbol: str) -> frozenset[RiskKey] | set[RiskKey]:
+        """Risk units a tick on this symbol can move (SPEC §6, §4.1): a position marked by it
+        or settling in an asset priced by it, or a non-zero balance in an asset priced by it."""
         return self._watchers.get(symbol, frozenset())
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _account(self, account_id: str, partition: int | None) -> Account:
-        account = self.accounts.get(account_id)
+    def _account(self, key: RiskKey, partition: int | None) -> Account:
+        held = self._held(key)
+        account = held.get(key)  # type: ignore[call-overload]
         if account is None:
-            account = self.accounts[account_id] = Account(partition=partition)
-            self.accounts_in_state[AccountState.HEALTHY] += 1
+            account = held[key] = Account(partition=partition)  # type: ignore[index]
+            self._in_state(key)[AccountState.HEALTHY] += 1
         return account
 
     @staticmethod
@@ -121,17 +146,17 @@ class ReferenceEngine(InputLedger):
         else:
             account.balances[asset] = balance
 
-    def _after_account_change(self, account_id: str, account: Account, ts: int, kind: str,
+    def _after_account_change(self, key: RiskKey, account: Account, ts: int, kind: str,
                               ref: str, source: Source) -> list[Event]:
-        self._dirty.add(account_id)
-        self._rewatch(account_id, account)
-        event = self._evaluate(account_id, ts, kind, ref, source)
+        self._dirty.add(key)
+        self._rewatch(key, account)
+        event = self._evaluate(key, ts, kind, ref, source)
         if account.is_blank():
-            del self.accounts[account_id]
-            self.accounts_in_state[AccountState.HEALTHY] -= 1  # blank implies never left it
+            del self._held(key)[key]  # type: ignore[arg-type]
+            self._in_state(key)[AccountState.HEALTHY] -= 1  # blank implies never left it
         return [event] if event is not None else []
 
-    def _rewatch(self, account_id: str, account: Account) -> None:
+    def _rewatch(self, account_id: RiskKey, account: Account) -> None:
         """Keep the symbol → accounts index in step with what the account now holds."""
         watched = self._watched_symbols(account)
         if watched == account.watched:
@@ -162,10 +187,12 @@ class ReferenceEngine(InputLedger):
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def _evaluate(self, account_id: str, ts: int, kind: str, ref: str,
+    def _evaluate(self, key: RiskKey, ts: int, kind: str, ref: str,
                   source: Source) -> Event | None:
-        account = self.accounts[account_id]
-        valuation = value_account(account.balances, account.positions, self.config, self.prices)
+        unit = key if isinstance(key, UnitKey) else None
+        account = self.accounts[key] if unit is None else self.units[unit]  # type: ignore[index]
+        valuation = value_account(account.balances, account.positions, self.config, self.prices,
+                                  isolated=unit is not None)
         if valuation is None:
             self.stats.unevaluated += 1
             return None
@@ -173,9 +200,9 @@ class ReferenceEngine(InputLedger):
         if new_state == account.state:
             return None
         account.transitions += 1
-        self._dirty.add(account_id)
+        self._dirty.add(key)
         event = build_event(
-            account=account_id,
+            account=key if unit is None else unit.account,  # type: ignore[arg-type]
             transition=account.transitions,
             previous=account.state,
             state=new_state,
@@ -189,9 +216,11 @@ class ReferenceEngine(InputLedger):
             trigger_kind=kind,
             trigger_ref=ref,
             source=source,
+            isolated=None if unit is None else unit.symbol,
         )
-        self.accounts_in_state[account.state] -= 1
-        self.accounts_in_state[new_state] += 1
+        in_state = self._in_state(key)
+        in_state[account.state] -= 1
+        in_state[new_state] += 1
         account.state = new_state
         return event
 
@@ -204,39 +233,44 @@ class ReferenceEngine(InputLedger):
         self.prices = {symbol: price for symbol, (price, _) in table.items()}
         self.price_ts = {symbol: ts for symbol, (_, ts) in table.items()}
 
-    def load_account(self, account_id: str, account: Account,
+    def load_account(self, key: RiskKey, account: Account,
                      caught_up_from: dict[tuple[str, int | None], int] | None = None) -> None:
-        """Install a restored account. ``caught_up_from`` marks a snapshot that already
-        reflects inputs about to be re-read: records before those offsets skip it."""
-        previous = self.accounts.get(account_id)
+        """Install a restored account, or isolated position (``key`` a `UnitKey`).
+        ``caught_up_from`` marks a snapshot that already reflects inputs about to be
+        re-read: records before those offsets skip it."""
+        held = self._held(key)
+        previous = held.get(key)  # type: ignore[call-overload]
         if previous is not None:
-            self._forget(account_id, previous)
+            self._forget(key, previous)
         account.watched = frozenset()
-        self.accounts[account_id] = account
-        self.accounts_in_state[account.state] += 1
+        held[key] = account  # type: ignore[index]
+        self._in_state(key)[account.state] += 1
         self.positions_held += len(account.positions)
-        self._rewatch(account_id, account)
+        self._rewatch(key, account)
         if caught_up_from:
-            self._caught_up_from[account_id] = caught_up_from
+            self._caught_up_from[key] = caught_up_from
         else:
-            self._caught_up_from.pop(account_id, None)
+            self._caught_up_from.pop(key, None)
 
     def drop_partition(self, partition: int | None) -> int:
-        """Forget every account of an input partition (it was handed to another instance)."""
-        gone = [a for a, account in self.accounts.items() if account.partition == partition]
-        for account_id in gone:
-            self._forget(account_id, self.accounts[account_id])
-            self._dirty.discard(account_id)
+        """Forget every account and isolated position of an input partition (it was handed
+        to another instance); returns how many risk units that was."""
+        gone: list[RiskKey] = [a for a, account in self.accounts.items()
+                               if account.partition == partition]
+        gone += [u for u, account in self.units.items() if account.partition == partition]
+        for key in gone:
+            self._forget(key, self._held(key)[key])  # type: ignore[index]
+            self._dirty.discard(key)
         return len(gone)
 
-    def _forget(self, account_id: str, account: Account) -> None:
+    def _forget(self, key: RiskKey, account: Account) -> None:
         for symbol in account.watched:
             holders = self._watchers[symbol]
-            holders.discard(account_id)
+            holders.discard(key)
             if not holders:
                 del self._watchers[symbol]
-        self.accounts_in_state[account.state] -= 1
+        self._in_state(key)[account.state] -= 1
         self.positions_held -= len(account.positions)
-        self._caught_up_from.pop(account_id, None)
-        del self.accounts[account_id]
+        self._caught_up_from.pop(key, None)
+        del self._held(key)[key]  # type: ignore[arg-type]
 

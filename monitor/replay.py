@@ -42,7 +42,7 @@ class ReplaySummary:
             f"ticks for unused symbols {stats.unused_ticks}",
             f"rejected: {rejected}" + _breakdown(self.rejected),
             f"events: {events}" + _breakdown(self.events),
-            f"accounts: {len(engine.accounts)}",
+            f"accounts: {len(engine.accounts)}, isolated positions: {len(engine.units)}",
         ]
 
 
@@ -92,11 +92,12 @@ def replay(
         line = raw.rstrip(b"\r\n")
         try:
             topic, record = decode_line(line, config)
+            # the engine rejects what only state makes bad input (margin_mode_conflict)
+            events: list[Event] = engine.apply(record, Source(topic=topic, index=index))
         except Rejected as rejection:
             summary.rejected[rejection.reason] += 1
             report_rejection(index, rejection)
             continue
-        events: list[Event] = engine.apply(record, Source(topic=topic, index=index))
         for event in events:
             summary.events[event.type] += 1
             write(event.encode())

@@ -7,6 +7,9 @@ Account snapshot (key: the account id):
     {"v": 1, "seq": 7, "as_of": [[topic, partition, next_offset], ...],
      "balances": {...}, "positions": {"BTC-PERP": [qty, entry_price]}, "state": 1,
      "transitions": 4, "partition": 0}
+Isolated position snapshot (SPEC §4.1; key: ISOLATED_KEY_PREFIX + the JSON array
+[account, symbol], see `state_key`): the same value, its balances the wallet and its positions
+that one position (or none).
 Control record (key: CONTROL_KEY, one per changelog partition):
     {"v": 1, "seq": 7, "written_at": ms, "offsets": [[topic, partition, next_offset], ...],
      "prices": {"BTC": [price, ts]}, "dedupe": [[topic, partition, [[account, id], ...]], ...],
@@ -32,12 +35,13 @@ from typing import Any
 
 import orjson
 
-from monitor.account import Account
+from monitor.account import Account, RiskKey, UnitKey
 from monitor.margin import Position
 from monitor.state import AccountState
 
 FORMAT_VERSION = 1
 CONTROL_KEY = b"\x00liqmon.control"  # no account id starts with NUL in practice
+ISOLATED_KEY_PREFIX = b"\x00liqmon.isolated"  # likewise: apart from every account's key
 KIND_HEADER = "liqmon.kind"
 
 Offsets = dict[tuple[str, int | None], int]
@@ -76,6 +80,30 @@ def _offsets(raw: Any) -> Offsets:
 
 
 _OFFSETS_SEEN: dict[tuple[Any, ...], Offsets] = {}
+
+
+def state_key(key: RiskKey) -> bytes:
+    """The `liqmon.state` record key of an account (its id) or of an isolated position. An
+    account id may contain "/" or anything else, so a position's key is not built by joining
+    strings: a NUL-led prefix and a JSON array, which no account key takes apart."""
+    if isinstance(key, UnitKey):
+        return ISOLATED_KEY_PREFIX + orjson.dumps([key.account, key.symbol])
+    return key.encode()
+
+
+def risk_key(raw: bytes) -> RiskKey:
+    """The account or isolated position a `liqmon.state` record key names (`state_key`).
+    Anything but the prefix and a [str, str] array is an account id, however odd: an input
+    must not be able to make a checkpoint unreadable."""
+    if raw.startswith(ISOLATED_KEY_PREFIX):
+        try:
+            pair = orjson.loads(raw[len(ISOLATED_KEY_PREFIX):])
+        except orjson.JSONDecodeError:
+            pair = None
+        if (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(part, str) for part in pair)):
+            return UnitKey(*pair)
+    return raw.decode()
 
 
 def encode_account(account: Account, seq: int, as_of: Offsets) -> bytes:

@@ -3,7 +3,9 @@
 A scenario moves the last applied price p of some symbols to p·(1 + fraction), all at once; a
 symbol with no price yet is not moved, and a fixed-price asset never moves. Every account
 holding a position is valued under SPEC §4 at the shocked prices and its state moved one step
-under SPEC §5's rule from the state it is in now; nothing in the engine changes.
+under SPEC §5's rule from the state it is in now; nothing in the engine changes. An isolated
+position (SPEC §4.1) is a risk unit of its own, valued on its wallet without collateral weight
+and reported as `account/symbol`.
 
 The book's columns are gathered once into arrays sorted by (instrument, |q|·cs). In one
 scenario an instrument's mark and settle price are scalars, so its positions' notionals are
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.account import RiskKey, UnitKey
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.state import AccountState
@@ -70,13 +73,17 @@ class StressBook:
         rows = book.rows_in_use()
         rows = rows[book.first[rows] >= 0]
         n = len(rows)
-        self.ids = [book.ids[r] for r in rows.tolist()]
+        keys = [book.ids[r] for r in rows.tolist()]
+        self.keys: list[RiskKey] = keys  # type: ignore[assignment]
+        # isolated positions by their event-id name, "account/symbol"
+        self.ids = [key.label() if isinstance(key, UnitKey) else key for key in keys]
         self.state = book.state[rows].astype(np.int64)
         na = t.n_assets
         bal = book.bal.reshape(-1, na)[rows]
         weight = np.array(t.a_weight)
-        # collateral weight applies to positive balances only (SPEC §4 CV)
-        self.wbal = bal * np.where(bal > 0, weight, 1.0)
+        # collateral weight applies to positive cross balances only (SPEC §4 CV, §4.1)
+        weighted = (bal > 0) & (book.isolated[rows] == 0)[:, None]
+        self.wbal = bal * np.where(weighted, weight, 1.0)
         self.a_fixed = np.array([math.nan if f is None else f for f in t.a_fixed])
         self.a_sym = np.array(t.a_sym_id, dtype=np.int64)
         pos, own = book.positions_of_rows(rows)
@@ -90,8 +97,14 @@ class StressBook:
         self.cost = self.q_cs * e[order]  # q·cs·e: uPnL = (q·cs·mark − cost)·spx
         self.absk = absk[order]
         self.entry = e[order]
-        # ids in sorted order once, so each scenario lists its accounts without a string sort
-        self.by_id = np.array(sorted(range(n), key=self.ids.__getitem__), dtype=np.int64)
+        # ids in sorted order once, so each scenario lists its accounts without a string sort:
+        # by account, its cross margin before its isolated positions (as events are ordered)
+        def event_order(k: int) -> tuple[str, bool, str]:
+            key = keys[k]
+            return ((key.account, True, key.symbol) if isinstance(key, UnitKey)
+                    else (key, False, ""))  # type: ignore[return-value]
+
+        self.by_id = np.array(sorted(range(n), key=event_order), dtype=np.int64)
         n_i = len(t.instruments)
         self.bounds = np.searchsorted(instr[order], np.arange(n_i + 1))
         self.n = n

@@ -19,7 +19,12 @@ MAX_ID = 256
 MAX_MAGNITUDE = 1e15
 IDS = {"prices": ["symbol"], "fills": ["fill_id", "account", "symbol"],
        "ledger": ["entry_id", "account", "asset"]}
-LEDGER_KINDS = {"deposit", "withdrawal", "funding", "transfer", "adjustment"}
+LEDGER_KINDS = {"deposit", "withdrawal", "funding", "transfer", "adjustment", "isolated_margin"}
+
+
+class ModeConflict(Exception):
+    """SPEC §4.1: a fill in the other margin mode than its open position's. Bad input: the
+    model changes nothing and does not record the fill's id."""
 
 
 def _number(v: dict[str, Any], name: str) -> float | None:
@@ -65,6 +70,8 @@ def parse_line(line: bytes, risk: dict[str, Any]) -> tuple[str, dict[str, Any]] 
             return None
         if "fee" in v and _number(v, "fee") is None:
             return None
+        if v.get("margin_mode", "cross") not in ("cross", "isolated"):
+            return None
         ok = v["symbol"] in risk["instruments"] and v.get("side") in ("buy", "sell")
         return (topic, v) if ok else None
     amount = _number(v, "amount")
@@ -73,6 +80,12 @@ def parse_line(line: bytes, risk: dict[str, Any]) -> tuple[str, dict[str, Any]] 
         return None
     if (kind == "deposit" and amount <= 0) or (kind == "withdrawal" and amount >= 0):
         return None
+    if kind == "isolated_margin":  # names an instrument whose settle asset is `asset`
+        sym = v.get("symbol")
+        if not isinstance(sym, str) or sym not in risk["instruments"]:
+            return None
+        if risk["instruments"][sym]["settle"] != v["asset"]:
+            return None
     return topic, v
 
 
@@ -87,6 +100,9 @@ class NaiveMonitor:
         self.prices: dict[str, float] = {}
         self.price_ts: dict[str, int] = {}
         self.accounts: dict[str, dict[str, Any]] = {}
+        # SPEC §4.1: isolated positions, (account, symbol) -> a one-position "account" whose
+        # balance is the wallet; "iso" marks that it takes no collateral weight.
+        self.units: dict[tuple[str, str], dict[str, Any]] = {}
         self.window = window
         self.seen: dict[str, deque[tuple[str, str]]] = {}
 
@@ -122,27 +138,57 @@ class NaiveMonitor:
             self.price_ts[v["symbol"]] = int(v["ts"])
             kind, ref = "price", v["symbol"]
         else:
+            name = v["account"]
             rid = v["fill_id"] if topic == "fills" else v["entry_id"]
             seen = self.seen.setdefault(topic, deque(maxlen=self.window))
-            if (v["account"], rid) in seen:
+            if (name, rid) in seen:
                 return []
-            seen.append((v["account"], rid))
-            acct = self.accounts.setdefault(v["account"], {"b": {}, "pos": {}, "state": 0, "n": 0})
             if topic == "fills":
-                self.fill(acct, v)
+                sym = v["symbol"]
+                isolated = v.get("margin_mode", "cross") == "isolated"
+                # the position in sym is held in the mode that opened it, until it closes
+                other = self.accounts.get(name) if isolated else self.units.get((name, sym))
+                if other is not None and sym in other["pos"]:
+                    raise ModeConflict(f"{name} holds {sym} in the other margin mode")
+                seen.append((name, rid))
+                self.fill(self.unit(name, sym) if isolated else self.account(name), v)
                 kind = "fill"
             else:
-                acct["b"][v["asset"]] = acct["b"].get(v["asset"], 0.0) + float(v["amount"])
+                seen.append((name, rid))
+                asset, amount = v["asset"], float(v["amount"])
+                if v["kind"] == "isolated_margin":  # from the cross balance to the wallet
+                    cross, wallet = self.account(name), self.unit(name, v["symbol"])
+                    cross["b"][asset] = cross["b"].get(asset, 0.0) - amount
+                    wallet["b"][asset] = wallet["b"].get(asset, 0.0) + amount
+                else:
+                    acct = self.account(name)
+                    acct["b"][asset] = acct["b"].get(asset, 0.0) + amount
                 kind = "ledger"
             ref = rid
         events = []
-        for name in sorted(self.accounts):
-            event = self.evaluate(name, int(v["ts"]), kind, ref, topic, index)
+        # By account; an account's cross margin first, then its isolated positions by symbol.
+        order = sorted([(name, "") for name in self.accounts] + list(self.units))
+        for name, sym in order:
+            acct = self.units[(name, sym)] if sym else self.accounts[name]
+            event = self.evaluate(name, int(v["ts"]), kind, ref, topic, index, sym or None)
             if event and event["type"] == "liquidation":
-                event["liquidation_plan"] = self.plan(self.accounts[name])
+                event["liquidation_plan"] = self.plan(acct)
             if event:
                 events.append(event)
         return events
+
+    def account(self, name: str) -> dict[str, Any]:
+        return self.accounts.setdefault(name, {"b": {}, "pos": {}, "state": 0, "n": 0})
+
+    def unit(self, name: str, sym: str) -> dict[str, Any]:
+        return self.units.setdefault((name, sym), {"b": {}, "pos": {}, "state": 0, "n": 0,
+                                                   "iso": True})
+
+    def weight(self, acct: dict[str, Any], asset: str, bal: float) -> float:
+        """Collateral weight: positive cross balances only; an isolated wallet counts in full."""
+        if bal > 0 and not acct.get("iso"):
+            return self.assets[asset]["collateral_weight"]
+        return 1.0
 
     def fill(self, acct: dict[str, Any], v: dict[str, Any]) -> None:
         """SPEC §4 Fill. A reducing fill that leaves at most 1e-9 of the larger of |q| and its
@@ -188,15 +234,15 @@ class NaiveMonitor:
                 "upnl": q * cs * (mark - e) * spx}
 
     def evaluate(self, name: str, ts: int, kind: str, ref: str, topic: str,
-                 index: int) -> dict[str, Any] | None:
-        acct = self.accounts[name]
+                 index: int, isolated: str | None = None) -> dict[str, Any] | None:
+        acct = self.accounts[name] if isolated is None else self.units[(name, isolated)]
         cv, unpriced = 0.0, False
         for asset, bal in acct["b"].items():
             p = self.px(asset)
             if p is None:
                 unpriced = unpriced or bal != 0
                 continue
-            cv += bal * p * (self.assets[asset]["collateral_weight"] if bal > 0 else 1.0)
+            cv += bal * p * self.weight(acct, asset, bal)
         figs = {}
         for sym, (q, e) in acct["pos"].items():
             f = self.figures(sym, q, e)
@@ -242,8 +288,11 @@ class NaiveMonitor:
                               "maintenance_margin": f["mm"], "initial_margin": f["im"],
                               "liquidation_price": lp, "bankruptcy_price": bp})
         etype = TYPES[new]
+        unit = name if isolated is None else f"{name}/{isolated}"
+        mode = {"margin_mode": "cross"} if isolated is None else {
+            "margin_mode": "isolated", "symbol": isolated}
         return {
-            "event_id": f"{name}:{acct['n']}:{etype}", "type": etype, "account": name,
+            "event_id": f"{unit}:{acct['n']}:{etype}", "type": etype, "account": name, **mode,
             "state": STATES[new], "previous_state": STATES[state], "ts": ts,
             "trigger": {"kind": kind, "ref": ref, "topic": topic, "index": index},
             "margin_ratio": None if math.isinf(r) else r, "insolvent": math.isinf(r),
@@ -261,7 +310,7 @@ class NaiveMonitor:
         for asset, bal in acct["b"].items():
             p = self.px(asset)
             if p is not None:
-                cv += bal * p * (self.assets[asset]["collateral_weight"] if bal > 0 else 1.0)
+                cv += bal * p * self.weight(acct, asset, bal)
         equity, mm = cv, 0.0
         for sym, (q, e) in acct["pos"].items():
             f = self.figures(sym, q, e)
@@ -276,7 +325,7 @@ class NaiveMonitor:
 
     def closed_by(self, acct: dict[str, Any], sym: str, delta: float) -> dict[str, Any]:
         """A copy of the account after a fill closing delta contracts at the mark, with fee."""
-        after = {"b": dict(acct["b"]), "pos": dict(acct["pos"])}
+        after = {"b": dict(acct["b"]), "pos": dict(acct["pos"]), "iso": acct.get("iso")}
         q, e = acct["pos"][sym]
         inst = self.instruments[sym]
         mark = self.prices.get(inst.get("mark_symbol", sym), e)
@@ -290,7 +339,7 @@ class NaiveMonitor:
         equity, mm = self.value(acct)
         deposit = max(0.0, mm / rt - equity)
         mms = {sym: self.figures(sym, q, e)["mm"] for sym, (q, e) in acct["pos"].items()}
-        cur = {"b": dict(acct["b"]), "pos": dict(acct["pos"])}
+        cur = {"b": dict(acct["b"]), "pos": dict(acct["pos"]), "iso": acct.get("iso")}
         steps = []
         for sym in sorted(mms, key=lambda s: (-mms[s], s)):
             if self.ratio(cur) <= rt:

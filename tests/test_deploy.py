@@ -52,6 +52,7 @@ EXPECTED_METRICS = {
     "liqmon_accounts",
     "liqmon_positions",
     "liqmon_accounts_by_state",
+    "liqmon_isolated_positions_by_state",
     "liqmon_price_age_seconds",
     "liqmon_kafka_reachable",
     "liqmon_input_offset",

@@ -47,10 +47,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def state_of(engine: Engine) -> dict:
+    """Balances, positions, state and counter of every account and isolated position."""
+    held = [*engine.accounts.items(), *engine.units.items()]
     return {
         "accounts": {a: (dict(x.balances), {s: (p.qty, p.entry_price)
                                             for s, p in x.positions.items()},
-                         x.state, x.transitions) for a, x in engine.accounts.items()},
+                         x.state, x.transitions) for a, x in held},
         "prices": engine.price_table(),
     }
 
@@ -67,7 +69,7 @@ def final_engine(records, config) -> Engine:
 
 async def test_graceful_restart_restores_exactly_and_emits_nothing_twice(broker):
     config = load_config(CONFIG)
-    records = routable(random_stream(seed=21, length=3_000))
+    records = routable(random_stream(seed=21, length=3_000, isolated=0.3))
     first, second = records[:1_800], records[1_800:]
     settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
     await create_topics(settings)
@@ -75,6 +77,7 @@ async def test_graceful_restart_restores_exactly_and_emits_nothing_twice(broker)
     async with RunningMonitor(settings, config) as monitor:
         await wait_processed(monitor, ends)
         before = state_of(monitor.engine)
+        assert len(monitor.engine.units) > 10  # isolated positions restored below too
         offsets_before = monitor.processed_offsets()
     emitted = len(await read_events(broker.bootstrap, settings.topics))
 
@@ -105,7 +108,7 @@ async def test_kill_9_at_random_points_loses_nothing_and_repeats_only_identical_
     broker, seed: int,
 ):
     config = load_config(CONFIG)
-    records = routable(random_stream(seed=seed, length=30_000))
+    records = routable(random_stream(seed=seed, length=30_000, isolated=0.3 * (seed == 2)))
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
     ends = await produce_timestamped(broker.bootstrap, settings.topics, records)

@@ -270,3 +270,48 @@ def test_bankruptcy_price_is_none_when_not_positive(risk) -> None:
     bp = _bp(risk, {"USDT": 1_000_000.0}, {"BTC-PERP": Position(0.01, 60_000.0)},
              {"BTC-PERP": 60_000.0}, "BTC-PERP")
     assert bp is None
+
+
+# -- isolated positions (SPEC §4.1) ---------------------------------------------------------------
+
+
+def _isolated_lp(risk, pos: Position, wallet: float, mark: float) -> float | None:
+    """The liquidation price of an isolated BTC-PERP position: the unit holds the wallet and
+    that one position, valued without collateral weight, so MMo = 0."""
+    prices = {"BTC-PERP": mark}
+    val = value_account({"USDT": wallet}, {"BTC-PERP": pos}, risk, prices, isolated=True)
+    fig = position_figures("BTC-PERP", pos, risk, prices)
+    return liquidation_price(pos, risk.instruments["BTC-PERP"], fig, val.equity,
+                             val.maintenance_margin, risk.thresholds.liquidation)
+
+
+def test_binance_isolated_liquidation_price_of_a_long(risk) -> None:
+    # Binance, isolated, one position: LP = (WB + cum − side·|q|·EP) / (|q|·MMR − side·|q|).
+    # 1 BTC long at 50,000 on a 5,000 USDT wallet, tier 1 (mmr 0.004, cum 0):
+    # (5,000 + 0 − 50,000) / (0.004 − 1) = −45,000 / −0.996 = 45,180.7228915…
+    assert _isolated_lp(risk, Position(1.0, 50_000.0), 5_000.0, 48_000.0) == pytest.approx(
+        45_180.722891566265, rel=1e-12)
+    # There equity = 5,000 + (45,180.72 − 50,000) = 180.72 and MM = 0.004 · 45,180.72 = 180.72.
+    val = value_account({"USDT": 5_000.0}, {"BTC-PERP": Position(1.0, 50_000.0)}, risk,
+                        {"BTC-PERP": 45_180.722891566265}, isolated=True)
+    assert val.ratio == pytest.approx(1.0, rel=1e-12)
+
+
+def test_binance_isolated_liquidation_price_of_a_short(risk) -> None:
+    # 1 BTC short at 50,000 on a 5,000 USDT wallet, marked at 49,500 (tier 1, held fixed):
+    # (5,000 + 0 + 50,000) / (0.004 + 1) = 55,000 / 1.004 = 54,780.8764940…
+    assert _isolated_lp(risk, Position(-1.0, 50_000.0), 5_000.0, 49_500.0) == pytest.approx(
+        54_780.87649402390, rel=1e-12)
+
+
+def test_isolated_wallet_counts_without_collateral_weight(risk) -> None:
+    # An ETHBTC-PERP wallet of 0.1 BTC (weight 0.95 in the cross pool) at 50,000: 5,000 in
+    # an isolated unit, 0.1 · 50,000 · 0.95 = 4,750 as cross collateral.
+    prices = {"BTC": 50_000.0, "ETHBTC-PERP": 0.05}
+    positions = {"ETHBTC-PERP": Position(10.0, 0.05)}
+    unit = value_account({"BTC": 0.1}, positions, risk, prices, isolated=True)
+    cross = value_account({"BTC": 0.1}, positions, risk, prices)
+    assert unit.collateral_value == pytest.approx(5_000.0)
+    assert cross.collateral_value == pytest.approx(4_750.0)
+    # MM = 10 · 0.05 · 0.01 · 50,000 = 250 either way; ratio 250 / 5,000 = 0.05.
+    assert unit.ratio == pytest.approx(0.05)

@@ -116,6 +116,9 @@ async def test_metrics_cover_the_spec_and_move_with_the_records(broker):
     assert value(scraped, "liqmon_positions") == 1
     assert value(scraped, "liqmon_accounts_by_state", state="LIQUIDATING") == 1
     assert value(scraped, "liqmon_accounts_by_state", state="HEALTHY") == 0
+    # no isolated position (SPEC §4.1) in this stream: each state counts none
+    assert [value(scraped, "liqmon_isolated_positions_by_state", state=state)
+            for state in ("HEALTHY", "MARGIN_CALL", "LIQUIDATING")] == [0, 0, 0]
     assert 0 <= value(scraped, "liqmon_price_age_seconds", symbol="BTC-PERP") < 60
     assert value(scraped, "liqmon_ready") == 1
 

@@ -118,6 +118,8 @@ def test_demo_runs_a_crash_shows_every_event_type_and_leaves_nothing_running() -
                   re.findall(r"(\w+) ([\d,]+)", summary.group(1)))
     assert counts.keys() == {"margin_call", "liquidation", "recovered"}
     assert all(n > 0 for n in counts.values())
+    isolated = re.search(r"Of the events, ([\d,]+) were about isolated positions", tail)
+    assert isolated and int(isolated.group(1).replace(",", "")) > 0, tail[-2000:]
     assert spawned and not any(alive(pid) for pid in spawned)
 
 

@@ -11,24 +11,35 @@ from typing import Any
 import orjson
 import pytest
 
+from monitor.account import UnitKey
 from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.replay import replay
 from tests.conftest import RISK
-from tests.naive_model import NaiveMonitor, parse_line
+from tests.naive_model import ModeConflict, NaiveMonitor, parse_line
 
 ACCOUNTS = [f"u{i:02d}" for i in range(12)]
 START = {"BTC-PERP": 50_000.0, "ETH-PERP": 2_500.0, "ETHBTC-PERP": 0.05, "BTC": 50_000.0,
          "ETH": 2_500.0}
+SETTLE = {"BTC-PERP": "USDT", "ETH-PERP": "USDT", "ETHBTC-PERP": "BTC"}
+WALLET = {"USDT": 150.0, "BTC": 0.004}  # a typical isolated_margin transfer, per settle asset
 
 
-def random_stream(seed: int, length: int, mean_run: float = 1.0) -> list[bytes]:
+def random_stream(seed: int, length: int, mean_run: float = 1.0,
+                  isolated: float = 0.0) -> list[bytes]:
     """Replay lines: leveraged trading on a jumpy random walk, with exact closes, flips,
     stale ticks, duplicates, unpriced assets, unused symbols and malformed lines mixed in.
 
     With mean_run > 1 the kind of record changes only every mean_run records on average
-    (runs of ticks, of fills, …), which lets a Kafka test feed it topic run by topic run."""
+    (runs of ticks, of fills, …), which lets a Kafka test feed it topic run by topic run.
+
+    With ``isolated`` > 0 (SPEC §4.1) that fraction of the positions opened from flat is
+    isolated, ledger entries move margin into and out of isolated wallets (sometimes before
+    any fill), and one fill in 25 is sent in the other mode than its open position's (a
+    margin_mode_conflict). With 0 the stream is exactly the cross-only one."""
     rng = random.Random(seed)
+    modes = random.Random(seed + 1)  # draws of its own: isolated=0 leaves the stream as it was
+    mode_held: dict[tuple[str, str], str] = {}
     prices = dict(START)
     ts = 1_000
     lines: list[bytes] = []
@@ -68,13 +79,32 @@ def random_stream(seed: int, length: int, mean_run: float = 1.0) -> list[bytes]:
             value = {"fill_id": f"f{n}", "account": account, "symbol": symbol, "side": side,
                      "qty": qty, "price": prices[symbol] * rng.uniform(0.995, 1.005),
                      "fee": rng.choice([0, 0.5, -0.1]), "ts": ts}
+            mode = "cross"
+            if isolated:
+                if not held:
+                    mode_held[(account, symbol)] = (
+                        "isolated" if modes.random() < isolated else "cross")
+                mode = mode_held.get((account, symbol), "cross")
+                conflict = bool(held) and modes.random() < 0.04
+                if conflict:
+                    mode = "isolated" if mode == "cross" else "cross"
+                if mode == "isolated" or modes.random() < 0.3:
+                    value["margin_mode"] = mode  # cross is also the default: spelt out or not
             if sent and rng.random() < 0.05:
                 value = rng.choice(sent)  # an upstream retry: a duplicate
             else:
                 sent.append(value)
-                signed = qty if side == "buy" else -qty
-                qty_held[(account, symbol)] = round(held + signed, 4)
+                if not (isolated and conflict):
+                    signed = qty if side == "buy" else -qty
+                    qty_held[(account, symbol)] = round(held + signed, 4)
             emit("fills", value)
+        elif isolated and roll < 0.93 and modes.random() < 0.3:
+            account, symbol = modes.choice(ACCOUNTS), modes.choice(list(SETTLE))
+            asset = SETTLE[symbol]
+            amount = WALLET[asset] * modes.uniform(-0.7, 2)  # negative: back to cross
+            emit("ledger", {"entry_id": f"i{n}", "account": account, "asset": asset,
+                            "amount": amount, "kind": "isolated_margin", "symbol": symbol,
+                            "ts": ts})
         elif roll < 0.93:
             account = rng.choice(ACCOUNTS)
             asset = rng.choice(["USDT", "USDT", "BTC", "ETH"])
@@ -112,9 +142,11 @@ def close(a: Any, b: Any, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_engine_equals_naive_recomputation_on_long_random_streams(seed: int) -> None:
-    lines = random_stream(seed, 4_000)
+@pytest.mark.parametrize(("seed", "isolated"), [*((s, 0.0) for s in range(6)),
+                                                *((s, 0.3) for s in range(6, 12))])
+def test_engine_equals_naive_recomputation_on_long_random_streams(seed: int,
+                                                                  isolated: float) -> None:
+    lines = random_stream(seed, 4_000, isolated=isolated)
     config = parse_config(RISK)
     engine = Engine(config)
     out = io.BytesIO()
@@ -125,22 +157,32 @@ def test_engine_equals_naive_recomputation_on_long_random_streams(seed: int) -> 
 
     naive = NaiveMonitor(RISK)
     expected = []
-    bad = 0
+    bad = conflicts = 0
     for index, line in enumerate(lines):
         good = parse_line(line, RISK)  # the model's own reading of SPEC §2, not the product's
         if good is None:
             bad += 1
             continue
-        expected.extend(naive.feed(*good, index))
+        try:
+            expected.extend(naive.feed(*good, index))
+        except ModeConflict:
+            conflicts += 1
 
-    assert sum(summary.rejected.values()) == bad > 0
+    assert sum(summary.rejected.values()) == bad + conflicts and bad > 0
+    assert summary.rejected["margin_mode_conflict"] == conflicts
+    assert (conflicts > 0) == (isolated > 0)
     assert len({e["type"] for e in expected}) == 3, "the stream should exercise every event type"
+    if isolated:
+        isolated_types = {e["type"] for e in expected if e["margin_mode"] == "isolated"}
+        assert isolated_types == {"margin_call", "liquidation", "recovered"}
     assert sum(summary.events.values()) == len(expected)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         close(g, e, f"event[{i}]")
 
-    for name, acct in naive.accounts.items():
-        mine = engine.accounts.get(name)
+    held: list[tuple[Any, Any, Any]] = [(name, acct, engine.accounts.get(name))
+                                        for name, acct in naive.accounts.items()]
+    held += [(key, acct, engine.units.get(UnitKey(*key))) for key, acct in naive.units.items()]
+    for name, acct, mine in held:
         if mine is None:  # forgotten as blank: the naive model keeps it with zero balances
             assert acct["n"] == 0 and not acct["pos"]
             assert all(b == 0 for b in acct["b"].values())

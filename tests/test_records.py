@@ -77,6 +77,17 @@ BAD = [
      "amount: a deposit must be > 0, got -500.0"),
     ("ledger", changed("ledger", kind="deposit", amount=0), Reason.WRONG_SIGN,
      "amount: a deposit must be > 0, got 0.0"),
+    ("fills", changed("fills", margin_mode="portfolio"), Reason.UNKNOWN_MARGIN_MODE,
+     "margin_mode: must be \"cross\" or \"isolated\", got 'portfolio'"),
+    ("fills", changed("fills", margin_mode=None), Reason.WRONG_TYPE,
+     "margin_mode: must be a string, got null"),
+    ("ledger", changed("ledger", kind="isolated_margin"), Reason.MISSING_FIELD,
+     "symbol: required field is missing"),
+    ("ledger", changed("ledger", kind="isolated_margin", symbol="DOGE-PERP"),
+     Reason.UNKNOWN_INSTRUMENT, "symbol: 'DOGE-PERP' is not a configured instrument"),
+    ("ledger", changed("ledger", kind="isolated_margin", symbol="ETHBTC-PERP"),
+     Reason.NOT_SETTLE_ASSET,
+     "asset: an isolated wallet of 'ETHBTC-PERP' holds 'BTC', got 'USDT'"),
 ]
 
 
@@ -101,6 +112,18 @@ def test_bad_input_leaves_state_as_it_was(risk, topic, raw, reason, detail) -> N
     replay([line], engine, io.BytesIO(), lambda index, r: rejected.append(index))
     assert rejected == [0]
     assert (engine.accounts, engine.prices, engine.price_ts, engine.stats) == before
+
+
+def test_margin_mode_defaults_to_cross_and_isolated_margin_carries_its_symbol(risk) -> None:
+    assert decode("fills", orjson.dumps(FILL), risk).margin_mode == "cross"  # type: ignore[union-attr]
+    isolated = decode("fills", changed("fills", margin_mode="isolated"), risk)
+    assert isolated.margin_mode == "isolated"  # type: ignore[union-attr]
+    entry = decode("ledger", changed("ledger", kind="isolated_margin", amount=-20.0,
+                                     symbol="BTC-PERP"), risk)
+    assert (entry.kind, entry.symbol, entry.amount) == (  # type: ignore[union-attr]
+        "isolated_margin", "BTC-PERP", -20.0)
+    # Other kinds ignore a symbol, as they ignore any field they do not use.
+    assert decode("ledger", changed("ledger", symbol=5), risk).symbol is None  # type: ignore[union-attr]
 
 
 def test_identifier_of_256_characters_is_accepted(risk) -> None:
@@ -221,6 +244,14 @@ def test_a_batch_decodes_every_bad_value_with_decodes_reason_and_detail(risk) ->
                                                for t, r in zip(topics, raws, strict=True)]
 
 
+def test_a_batch_keeps_the_margin_mode_and_the_isolated_wallet_symbol(risk) -> None:
+    raws = [changed("fills", margin_mode="isolated"), changed("fills", margin_mode="cross"),
+            changed("ledger", kind="isolated_margin", symbol="BTC-PERP")]
+    got = decode_batch(["fills", "fills", "ledger"], raws, risk)
+    assert [got[0].margin_mode, got[1].margin_mode] == ["isolated", "cross"]
+    assert (got[2].kind, got[2].symbol) == ("isolated_margin", "BTC-PERP")
+
+
 def test_a_batch_applies_the_not_after_bound_as_decode_does(risk) -> None:
     raws = [changed("prices", ts=100), changed("prices", ts=101), changed("fills", ts=101)]
     topics = ["prices", "prices", "fills"]
@@ -232,15 +263,17 @@ def test_a_batch_applies_the_not_after_bound_as_decode_does(risk) -> None:
 FIELD_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**64 - 1),
     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(
-        ["", "a", "x" * 257, "buy", "sell", "BTC-PERP", "DOGE-PERP", "USDT", "DOGE", "deposit",
-         "withdrawal", "funding", "gift"]),
+        ["", "a", "x" * 257, "buy", "sell", "BTC-PERP", "DOGE-PERP", "USDT", "DOGE", "BTC",
+         "deposit", "withdrawal", "funding", "gift", "isolated_margin", "cross", "isolated",
+         "Cross"]),
     st.lists(st.integers(min_value=-9, max_value=9), max_size=2))
 
 
 @given(topic=st.sampled_from(["prices", "fills", "ledger"]),
        changes=st.dictionaries(st.sampled_from(
            ["symbol", "price", "ts", "fill_id", "account", "side", "qty", "fee", "entry_id",
-            "asset", "amount", "kind"]), FIELD_VALUES | st.just(...), max_size=4),
+            "asset", "amount", "kind", "margin_mode"]), FIELD_VALUES | st.just(...),
+           max_size=4),
        not_after_ms=st.none() | st.integers(min_value=0, max_value=2**63))
 @settings(max_examples=400, deadline=None)
 def test_a_batch_decodes_any_value_exactly_as_decode(topic: str, changes: dict,

@@ -86,9 +86,11 @@ async def consumed(instances: list[Instance], settings: ServiceSettings,
 class Feed:
     """The stream, fed one same-topic run at a time, each applied before the next."""
 
-    def __init__(self, settings: ServiceSettings, seed: int, length: int) -> None:
+    def __init__(self, settings: ServiceSettings, seed: int, length: int,
+                 isolated: float = 0.3) -> None:
         self.settings = settings
-        self.records = routable(random_stream(seed=seed, length=length, mean_run=40))
+        self.records = routable(random_stream(seed=seed, length=length, mean_run=40,
+                                              isolated=isolated))
         kinds = [kind for kind, _ in groupby(r[0] for r in self.records)]
         self.runs = [list(run) for _, run in groupby(self.records, key=lambda r: r[0])]
         assert len(self.runs) == len(kinds)

@@ -28,6 +28,7 @@ from monitor.records import (
     INPUT_KINDS,
     LEDGER,
     LEDGER_KINDS,
+    MARGIN_MODES,
     MAX_ID_LENGTH,
     MAX_MAGNITUDE,
     MAX_TS,
@@ -52,7 +53,8 @@ ALL_SCHEMAS = (
 )
 
 # Rejections a schema cannot reproduce: they depend on the risk config.
-CONFIG_DEPENDENT_REASONS = frozenset({Reason.UNKNOWN_INSTRUMENT, Reason.UNKNOWN_ASSET})
+CONFIG_DEPENDENT_REASONS = frozenset({Reason.UNKNOWN_INSTRUMENT, Reason.UNKNOWN_ASSET,
+                                      Reason.NOT_SETTLE_ASSET})
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -348,7 +350,10 @@ REQUIRED = {
     FILLS: ("fill_id", "account", "symbol", "side", "qty", "price", "ts"),
     LEDGER: ("entry_id", "account", "asset", "amount", "kind", "ts"),
 }
-OPTIONAL = {PRICES: (), FILLS: ("fee",), LEDGER: ()}
+OPTIONAL = {PRICES: (), FILLS: ("fee", "margin_mode"), LEDGER: ("symbol",)}
+# SPEC §4.1: moves 250 USDT from the cross balance to the wallet of (acct-1, BTC-PERP).
+VALID_ISOLATED_MARGIN: dict[str, Any] = {**VALID_LEDGER, "kind": "isolated_margin",
+                                         "amount": 250.0, "symbol": "BTC-PERP"}
 IDENTIFIERS = [(PRICES, "symbol"), (FILLS, "fill_id"), (FILLS, "account"), (FILLS, "symbol"),
                (LEDGER, "entry_id"), (LEDGER, "account"), (LEDGER, "asset")]
 
@@ -447,6 +452,18 @@ BAD_DOCUMENTS: list[tuple[str, Any, str]] = [
     (FILLS, with_field(FILLS, side="BUY"), Reason.UNKNOWN_SIDE),
     (LEDGER, with_field(LEDGER, kind="gift"), Reason.UNKNOWN_KIND),
     (LEDGER, with_field(LEDGER, kind=""), Reason.UNKNOWN_KIND),
+    # margin modes (SPEC §4.1)
+    (FILLS, with_field(FILLS, margin_mode="ISOLATED"), Reason.UNKNOWN_MARGIN_MODE),
+    (FILLS, with_field(FILLS, margin_mode="portfolio"), Reason.UNKNOWN_MARGIN_MODE),
+    (FILLS, with_field(FILLS, margin_mode=None), Reason.WRONG_TYPE),
+    (FILLS, with_field(FILLS, margin_mode=1), Reason.WRONG_TYPE),
+    # an isolated_margin entry names the position its wallet belongs to
+    (LEDGER, {k: v for k, v in VALID_ISOLATED_MARGIN.items() if k != "symbol"},
+     Reason.MISSING_FIELD),
+    (LEDGER, {**VALID_ISOLATED_MARGIN, "symbol": 7}, Reason.WRONG_TYPE),
+    (LEDGER, {**VALID_ISOLATED_MARGIN, "symbol": ""}, Reason.BAD_IDENTIFIER),
+    (LEDGER, {**VALID_ISOLATED_MARGIN, "symbol": "x" * (MAX_ID_LENGTH + 1)},
+     Reason.BAD_IDENTIFIER),
 ]
 
 
@@ -474,9 +491,15 @@ GOOD_DOCUMENTS: list[tuple[str, dict[str, Any]]] = [
     (FILLS, without(FILLS, "fee")),  # fee defaults to 0
     (FILLS, with_field(FILLS, fee=-0.25, side="sell", ts=1732400000123.0)),  # rebate
     (FILLS, with_field(FILLS, qty=3, price=2, fee=0)),  # integers are numbers
-    *[(LEDGER, with_field(LEDGER, kind=kind)) for kind in sorted(LEDGER_KINDS - {"deposit"})],
-    *[(LEDGER, with_field(LEDGER, kind=kind, amount=250.0))
+    *[(LEDGER, with_field(LEDGER, kind=kind, symbol="BTC-PERP"))
+      for kind in sorted(LEDGER_KINDS - {"deposit"})],
+    *[(LEDGER, with_field(LEDGER, kind=kind, amount=250.0, symbol="BTC-PERP"))
       for kind in sorted(LEDGER_KINDS - {"withdrawal"})],
+    (LEDGER, VALID_ISOLATED_MARGIN),
+    (LEDGER, {**VALID_ISOLATED_MARGIN, "amount": -250.0}),  # back to the cross balance
+    (LEDGER, with_field(LEDGER, symbol=None)),  # other kinds ignore symbol
+    (FILLS, with_field(FILLS, margin_mode="cross")),
+    (FILLS, with_field(FILLS, margin_mode="isolated")),
     (LEDGER, with_field(LEDGER, amount=0, asset="BTC", kind="adjustment")),
     (LEDGER, with_field(LEDGER, kind="deposit", amount=5e-324)),
     (FILLS, with_field(FILLS, account="a", fill_id="1")),  # one character is enough
@@ -495,6 +518,9 @@ def test_good_document_is_accepted_by_decoder_and_schema(
 @pytest.mark.parametrize(("kind", "document", "reason"), [
     (FILLS, with_field(FILLS, symbol="DOGE-PERP"), Reason.UNKNOWN_INSTRUMENT),
     (LEDGER, with_field(LEDGER, asset="DOGE"), Reason.UNKNOWN_ASSET),
+    (LEDGER, {**VALID_ISOLATED_MARGIN, "symbol": "DOGE-PERP"}, Reason.UNKNOWN_INSTRUMENT),
+    # BTC-PERP settles in USDT: its wallet cannot hold BTC
+    (LEDGER, {**VALID_ISOLATED_MARGIN, "asset": "BTC"}, Reason.NOT_SETTLE_ASSET),
 ])
 def test_schema_accepts_names_that_only_the_risk_config_can_reject(
     config: RiskConfig, kind: str, document: dict[str, Any], reason: str
@@ -537,7 +563,7 @@ TIMESTAMPS = st.integers(min_value=0, max_value=MAX_TS) | st.integers(0, 2**53).
 
 def plausible_values(kind: str, name: str, config: RiskConfig) -> st.SearchStrategy[Any]:
     """Values that usually pass the field's rule, so that whole documents are often valid."""
-    if name == "symbol" and kind == FILLS:
+    if name == "symbol" and kind in (FILLS, LEDGER):  # a ledger symbol names an instrument
         return st.sampled_from(sorted(config.instruments))
     if name == "symbol":
         return st.sampled_from(sorted(config.price_symbols())) | st.text(max_size=8)
@@ -545,6 +571,8 @@ def plausible_values(kind: str, name: str, config: RiskConfig) -> st.SearchStrat
         return st.sampled_from(sorted(config.assets))
     if name == "side":
         return st.sampled_from(sorted(SIDES))
+    if name == "margin_mode":
+        return st.sampled_from(MARGIN_MODES)
     if name == "kind":
         return st.sampled_from(sorted(LEDGER_KINDS))
     if name in ("price", "qty"):
@@ -558,7 +586,7 @@ def plausible_values(kind: str, name: str, config: RiskConfig) -> st.SearchStrat
 
 def near_misses(kind: str, name: str) -> st.SearchStrategy[Any]:
     """Values of the right JSON type that break the field's rule, or only just pass it."""
-    if name in ("side", "kind", "asset") or (name == "symbol" and kind == FILLS):
+    if name in ("side", "kind", "asset", "margin_mode") or (name == "symbol" and kind == FILLS):
         return st.text(max_size=8) | st.sampled_from(("BUY", "Sell", "gift", "DOGE-PERP", ""))
     if name in ("fill_id", "entry_id", "account", "symbol"):
         return st.sampled_from(("", "x" * MAX_ID_LENGTH, "x" * (MAX_ID_LENGTH + 1)))

@@ -122,6 +122,12 @@ BAD_INPUTS = [  # (topic kind, value, reason) — one per class of SPEC §2
               b' "qty": 1, "price": 1, "ts": 1}', "bad_identifier"),
     ("ledger", b'{"entry_id": "x", "account": "a", "asset": "USDT", "amount": 100,'
                b' "kind": "withdrawal", "ts": 1}', "wrong_sign"),
+    ("fills", b'{"fill_id": "x", "account": "a", "symbol": "BTC-PERP", "side": "buy",'
+              b' "qty": 1, "price": 1, "ts": 1, "margin_mode": "portfolio"}',
+     "unknown_margin_mode"),
+    ("ledger", b'{"entry_id": "x", "account": "a", "asset": "BTC", "amount": 1,'
+               b' "kind": "isolated_margin", "symbol": "BTC-PERP", "ts": 1}',
+     "not_settle_asset"),
 ]
 
 
@@ -193,9 +199,34 @@ async def feed_run_by_run(bootstrap: str, monitor, topics, records
     return positions
 
 
-async def test_run_emits_exactly_what_replay_emits_for_the_same_records(broker, risk):
+async def test_fill_in_the_other_margin_mode_is_dead_lettered_by_the_service(broker, risk):
+    """SPEC §4.1: BTC-PERP is open in cross margin, so an isolated fill on it is bad input —
+    known only from state, so the engine rejects it and the service dead-letters it."""
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    isolated = (t.fills, b"a", orjson.dumps({
+        "fill_id": "f2", "account": "a", "symbol": "BTC-PERP", "side": "buy", "qty": 0.5,
+        "price": 50_000.0, "ts": 1, "margin_mode": "isolated"}))
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        for phase in ([deposit(t, "a", 1_000.0)], [fill(t, "f1", "a", "BTC-PERP", 0.01, 50_000.0)],
+                      [isolated]):
+            await wait_processed(monitor, await produce(broker.bootstrap, phase))
+        assert monitor.engine.accounts["a"].positions["BTC-PERP"].qty == 0.01
+        assert len(monitor.engine.units) == 0
+    (dead,) = await read_topic(broker.bootstrap, t.dead_letter)
+    body = orjson.loads(dead.value)
+    assert schema_errors("dead_letter", body) == []
+    assert body["error"].startswith("margin_mode_conflict: margin_mode: account 'a' holds "
+                                    "BTC-PERP in cross margin")
+    assert (body["source_topic"], body["source_offset"], body["key"]) == (t.fills, 1, "a")
+    assert dict(dead.headers)["__liqmon.errors.reason"] == b"margin_mode_conflict"
+
+
+@pytest.mark.parametrize("isolated", [0.0, 0.3])
+async def test_run_emits_exactly_what_replay_emits_for_the_same_records(broker, risk,
+                                                                        isolated: float):
     config = parse_config(RISK)
-    records = routable(random_stream(seed=11, length=2_500, mean_run=30))
+    records = routable(random_stream(seed=11, length=2_500, mean_run=30, isolated=isolated))
     settings = fresh_settings(broker.bootstrap)
     async with RunningMonitor(settings, config) as monitor:
         positions = await feed_run_by_run(broker.bootstrap, monitor, settings.topics, records)

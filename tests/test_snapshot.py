@@ -7,7 +7,7 @@ import math
 import orjson
 import pytest
 
-from monitor.account import Account
+from monitor.account import Account, RiskKey, UnitKey
 from monitor.margin import Position
 from monitor.snapshot import (
     Control,
@@ -16,6 +16,8 @@ from monitor.snapshot import (
     decode_control,
     encode_account,
     encode_control,
+    risk_key,
+    state_key,
 )
 from monitor.state import AccountState
 
@@ -105,3 +107,28 @@ def test_control_written_before_fingerprints_decodes_without_one() -> None:
                         "prices": {}, "dedupe": []})
     assert decode_control(old) == Control(seq=3, written_at=1, offsets={("fills", 0): 7},
                                           prices={}, config=None)
+
+
+@pytest.mark.parametrize("key", ["acct-17", "a/BTC-PERP", "\x00liqmon.isolatedx", "é",
+                                 UnitKey("acct-17", "BTC-PERP"), UnitKey("a/b", "BTC-PERP"),
+                                 UnitKey('q"uote', "ETH-PERP")])
+def test_state_keys_of_accounts_and_isolated_positions_round_trip(key: RiskKey) -> None:
+    assert risk_key(state_key(key)) == key
+
+
+def test_an_isolated_position_never_shares_a_key_with_an_account() -> None:
+    # An account may well be called "acct-17/BTC-PERP": its key is that id, while the
+    # isolated BTC-PERP position of "acct-17" has a NUL-led key of its own (compaction keeps
+    # one record per key, so a shared key would lose one of them).
+    unit, account = UnitKey("acct-17", "BTC-PERP"), "acct-17/BTC-PERP"
+    assert state_key(unit) != state_key(account)
+    assert state_key(unit) == b'\x00liqmon.isolated["acct-17","BTC-PERP"]'
+    assert state_key(account) == b"acct-17/BTC-PERP"
+
+
+@pytest.mark.parametrize("raw", [b"\x00liqmon.isolated", b"\x00liqmon.isolated[1, 2]",
+                                 b'\x00liqmon.isolated["a"]', b"\x00liqmon.isolated{"])
+def test_a_key_that_only_starts_like_an_isolated_position_is_an_account(raw: bytes) -> None:
+    # Account ids are whatever producers send: one that merely begins with the prefix must
+    # restore as the account it is, not make the checkpoint unreadable.
+    assert risk_key(raw) == raw.decode()

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from monitor.account import Account, RiskKey, UnitKey
 from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.events import Source
@@ -143,7 +144,8 @@ START = {"BTC": 60_000.0, "ETH": 3_000.0, "BTC-PERP": 60_000.0, "ETH-PERP": 3_00
 
 def random_records(seed: int, accounts: int = 400) -> list[InputRecord]:
     """Leveraged books over three instruments (one settled in BTC), some collateral in BTC
-    and ETH, then a move that leaves accounts in every state."""
+    and ETH, then a move that leaves accounts in every state. A fifth of the positions are
+    isolated (SPEC §4.1), on wallets funded with a tenth of their notional or so."""
     rng = random.Random(seed)
     records: list[InputRecord] = [tick(s, p, ts=1) for s, p in START.items()]
     for n in range(accounts):
@@ -157,8 +159,14 @@ def random_records(seed: int, accounts: int = 400) -> list[InputRecord]:
             price = START[symbol] * rng.uniform(0.97, 1.03)
             notional = rng.uniform(1_000, 400_000) / (60_000 if symbol == "ETHBTC-PERP" else 1)
             qty = notional / price / (0.1 if symbol == "ETH-PERP" else 1.0)
+            mode = "isolated" if rng.random() < 0.2 else "cross"
+            if mode == "isolated":
+                settle = "BTC" if symbol == "ETHBTC-PERP" else "USDT"
+                wallet = notional * rng.uniform(0.01, 0.2)  # notional is in settle units
+                records.append(LedgerEntry(f"m{n}-{k}", a, settle, wallet, "isolated_margin", 2,
+                                           symbol))
             records.append(Fill(f"f{n}-{k}", a, symbol, rng.choice(["buy", "sell"]), qty, price,
-                                0.0, 2))
+                                0.0, 2, mode))
     records += [tick("BTC-PERP", 58_800.0, ts=3), tick("ETH-PERP", 3_090.0, ts=3)]
     return records
 
@@ -182,11 +190,14 @@ def test_every_account_agrees_with_the_scalar_valuation(risk: RiskConfig,
     figures = book.figures(book.shocked_prices(shock))
     states = book.next_states(figures.ratio)
     prices = {s: p * (1 + shock.get(s, 0.0)) for s, p in engine.prices.items()}
-    assert {s.name for s in (engine.accounts[a].state for a in book.ids)} == {
+    assert {s.name for s in (held(engine, key).state for key in book.keys)} == {
         "HEALTHY", "MARGIN_CALL", "LIQUIDATING"}  # the book exercises every transition
-    for row, account_id in enumerate(book.ids):
-        account = engine.accounts[account_id]
-        v = value_account(account.balances, account.positions, risk, prices)
+    assert {held(engine, key).state.name for key in book.keys
+            if isinstance(key, UnitKey)} == {"HEALTHY", "MARGIN_CALL", "LIQUIDATING"}
+    for row, account_id in enumerate(book.keys):
+        account = held(engine, account_id)
+        v = value_account(account.balances, account.positions, risk, prices,
+                          isolated=isinstance(account_id, UnitKey))
         assert v is not None
         scale = abs(v.collateral_value) + abs(v.unrealized_pnl) + v.maintenance_margin
         assert close(figures.equity[row], v.equity, scale), account_id
@@ -206,13 +217,13 @@ def test_every_state_agrees_with_the_tick_applied_to_a_copy_of_the_engine(
     states = book.next_states(figures.ratio)
     copy = build(risk, records)
     copy.apply(tick(symbol, copy.prices[symbol] * (1 + fraction), ts=10), Source("prices"))
-    for row, account_id in enumerate(book.ids):
+    for row, account_id in enumerate(book.keys):
         v = copy.valuation(account_id)
         assert v is not None
         scale = abs(v.collateral_value) + abs(v.unrealized_pnl) + v.maintenance_margin
         assert close(figures.equity[row], v.equity, scale), account_id
         assert close(figures.mm[row], v.maintenance_margin, scale), account_id
-        assert states[row] == copy.accounts[account_id].state, account_id
+        assert states[row] == held(copy, account_id).state, account_id
 
 
 def test_newly_liquidating_lists_exactly_the_accounts_the_ticks_liquidate(
@@ -222,6 +233,13 @@ def test_newly_liquidating_lists_exactly_the_accounts_the_ticks_liquidate(
     [result] = run_scenarios(engine, [{"BTC-PERP": -0.2}])
     copy = build(risk, records)
     events = copy.apply(tick("BTC-PERP", 58_800.0 * 0.8, ts=10), Source("prices"))
-    assert result.newly_liquidating == sorted(e.account for e in events
-                                              if e.type == "liquidation")
+    # events come by account, cross margin first, then isolated positions named account/symbol
+    assert result.newly_liquidating == [e.event_id.rsplit(":", 2)[0] for e in events
+                                        if e.type == "liquidation"]
     assert result.newly_liquidating  # the scenario is not vacuous
+    assert any("/" in name for name in result.newly_liquidating)
+
+
+def held(engine: Engine, key: RiskKey) -> Account:
+    """The account, or isolated position, the key names."""
+    return engine.units[key] if isinstance(key, UnitKey) else engine.accounts[key]

@@ -10,7 +10,7 @@ through memoryviews (~25 ns an access), vector code through the numpy arrays beh
 evaluating an account only matters when its state changes. After every exact evaluation the
 book proves how far prices may move before the state *could* change and files the account in a
 per-symbol index under a price band: a later tick re-evaluates an account only when it leaves
-one of its bands. The proof (see `safe_eps`) bounds the change of
+one of its bands. The proof (see `kernels._safe_eps`) bounds the change of
 
     F = U·equity − MM   (> 0 ⟺ the ratio stays below the next threshold up, U)
     G = MM − D·equity   (≥ 0 ⟺ the ratio stays at or above the threshold down, D)

@@ -11,7 +11,8 @@ is bit-identical to the one an event reports. numba keeps IEEE semantics here (n
 fused multiply-add), which is what makes that hold.
 
 Argument tuples (built by `Book`, in this order):
-- columns: bal (flat, ``n_assets`` per row), first, p_next, p_instr, p_qty, p_entry;
+- columns: bal (flat, ``n_assets`` per row), isolated (1: an isolated position's row, whose
+  wallet counts without collateral weight), first, p_next, p_instr, p_qty, p_entry;
 - tables: a_fixed (NaN where a tick prices the asset), a_weight, a_sym (-1 for fixed), i_cs,
   i_settle_fixed (NaN where the settle asset moves), i_settle_id (-1 fixed), i_mark_id, t_max,
   t_mmr, t_cum (tiers padded per instrument), thresholds (mc, liq, mc − h, liq − h);
@@ -34,8 +35,8 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 @_jit
-def _value(row, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym,
-           i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px):
+def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
+           a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px):
     """(evaluable, ratio, equity, mm, scale, ae, be, am, bm, has_pos) of one row.
 
     ae/be: first/second-order sensitivity of equity to a relative move ε of every moving
@@ -48,11 +49,12 @@ def _value(row, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weig
     am = 0.0
     bm = 0.0
     base = row * na
+    full_weight = isolated[row] != 0  # SPEC §4.1: an isolated wallet counts in full
     for a in range(na):
         balance = bal[base + a]
         if balance == 0.0:
             continue
-        weight = a_weight[a] if balance > 0 else 1.0
+        weight = a_weight[a] if balance > 0 and not full_weight else 1.0
         fixed = a_fixed[a]
         if fixed != fixed:  # priced by ticks
             px = sym_px[a_sym[a]]
@@ -186,14 +188,14 @@ def _safe_eps(state, evaluable, equity, mm, scale, ae, be, am, bm, has_pos, thre
 
 
 @_jit
-def evaluate_row(row, state, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
-                 a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum,
-                 thresholds, sym_px):
+def evaluate_row(row, state, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry,
+                 a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max,
+                 t_mmr, t_cum, thresholds, sym_px):
     """One row: (evaluable, ratio, next state, eps for that state, watched symbol ids); see
     `evaluate_rows` and `watched_symbols`."""
     ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
-        row, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym,
-        i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
+        row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
+        a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
     current = state[row]
     new = _next_state(current, r, thresholds) if ok else current
     syms = np.empty(sym_px.shape[0], np.int64)
@@ -203,9 +205,9 @@ def evaluate_row(row, state, bal, na, first, p_next, p_instr, p_qty, p_entry, a_
 
 
 @_jit
-def evaluate_rows(rows, decide, state, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed,
-                  a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
-                  t_cum, thresholds, sym_px):
+def evaluate_rows(rows, decide, state, bal, isolated, na, first, p_next, p_instr, p_qty,
+                  p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id,
+                  i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px):
     """Value each row, decide its next state and size its band for that state.
 
     Returns (evaluable, ratio, new_state, eps) per row and the rows' watched symbol ids,
@@ -224,8 +226,8 @@ def evaluate_rows(rows, decide, state, bal, na, first, p_next, p_instr, p_qty, p
     for k in range(n):
         row = rows[k]
         ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
-            row, bal, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym,
-            i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
+            row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
+            a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
         current = state[row]
         new = _next_state(current, r, thresholds) if ok and decide else current
         evaluable[k] = ok

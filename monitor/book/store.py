@@ -1,5 +1,11 @@
 """`Book`: every account's balances, positions, state and transition counter in columns, with
-the valuation and band filing that decide which accounts a tick re-values."""
+the valuation and band filing that decide which accounts a tick re-values.
+
+A row is a risk unit: an account's cross margin, or an isolated position (SPEC §4.1), which is
+a row of its own holding one balance (its wallet, in the settle asset) and at most that one
+position, flagged in the `isolated` column and keyed by a `UnitKey` in `units`. Valuation and
+bands then treat both alike; only the collateral weight differs (an isolated wallet counts in
+full)."""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from monitor.account import Account
+from monitor.account import Account, RiskKey, UnitKey
 from monitor.book import kernels
 from monitor.book.bands import SymbolBands
 from monitor.book.tables import INF, NAN, Tables, grown
@@ -46,8 +52,9 @@ class Book:
     def __init__(self, config: RiskConfig) -> None:
         self.config = config
         self.t = Tables(config)
-        self.ids: list[str | None] = []
-        self.index: dict[str, int] = {}
+        self.ids: list[RiskKey | None] = []  # per row; None: a free row
+        self.index: dict[str, int] = {}  # account id -> row of its cross margin
+        self.units: dict[UnitKey, int] = {}  # isolated position -> its row
         self.free_rows: list[int] = []
         self.free_pos: list[int] = []
         self.n_pos = 0  # position rows in use, free ones included
@@ -70,6 +77,7 @@ class Book:
             self.first = np.full(size, -1, np.int32)
             self.aid = np.zeros(size, np.uint32)
             self.bal = np.zeros(size * na, np.float64)
+            self.isolated = np.zeros(size, np.int8)
         else:
             self.state = grown(self.state, size)
             self.trans = grown(self.trans, size)
@@ -81,10 +89,12 @@ class Book:
             self.first = first
             self.aid = grown(self.aid, size)
             self.bal = grown(self.bal, size * na)
+            self.isolated = grown(self.isolated, size)
         self.cap = size
         self.state_m, self.trans_m = memoryview(self.state), memoryview(self.trans)
         self.part_m, self.first_m = memoryview(self.part), memoryview(self.first)
         self.aid_m, self.bal_m = memoryview(self.aid), memoryview(self.bal)
+        self.isolated_m = memoryview(self.isolated)
         self._bind_kernels()
 
     def _alloc_pos(self, old: int, size: int) -> None:
@@ -115,18 +125,26 @@ class Book:
         if positions > self.pcap:
             self._alloc_pos(self.pcap, positions)
 
-    def new_row(self, account_id: str, partition: int | None) -> int:
+    def new_row(self, key: RiskKey, partition: int | None) -> int:
         if self.free_rows:
             row = self.free_rows.pop()
-            self.ids[row] = account_id
+            self.ids[row] = key
         else:
             row = len(self.ids)
             if row == self.cap:
                 self._alloc_rows(self.cap, self.cap + (self.cap >> 1))
-            self.ids.append(account_id)
-        self.index[account_id] = row
+            self.ids.append(key)
+        if isinstance(key, UnitKey):
+            self.units[key] = row
+            self.isolated_m[row] = 1
+        else:
+            self.index[key] = row
         self.part_m[row] = -1 if partition is None else partition
         return row
+
+    def row_of(self, key: RiskKey) -> int | None:
+        """The row of an account's cross margin or of an isolated position, if held."""
+        return self.units.get(key) if isinstance(key, UnitKey) else self.index.get(key)
 
     def free_row(self, row: int) -> None:
         """Forget an account: its bands go stale with its anchor id."""
@@ -144,9 +162,13 @@ class Book:
         self.trans_m[row] = 0
         self.part_m[row] = -1
         self.aid_m[row] = (self.aid_m[row] + 1) & _AID_MASK
-        account_id = self.ids[row]
+        key = self.ids[row]
         self.ids[row] = None
-        del self.index[account_id]  # type: ignore[arg-type]
+        if isinstance(key, UnitKey):
+            del self.units[key]
+            self.isolated_m[row] = 0
+        else:
+            del self.index[key]  # type: ignore[arg-type]
         self.free_rows.append(row)
 
     def _new_pos(self, row: int, instr: int, qty: float, entry: float) -> int:
@@ -192,6 +214,13 @@ class Book:
         na = self.t.n_assets
         bal = self.bal_m
         return all(bal[k] == 0.0 for k in range(row * na, row * na + na))
+
+    def holds(self, row: int, instr: int) -> bool:
+        """Does the row hold an open position in this instrument?"""
+        p, nxt, instr_m = self.first_m[row], self.next_m, self.instr_m
+        while p >= 0 and instr_m[p] != instr:
+            p = nxt[p]
+        return p >= 0
 
     def position_count(self, row: int) -> int:
         n, p, nxt = 0, self.first_m[row], self.next_m
@@ -246,12 +275,12 @@ class Book:
         k = row * self.t.n_assets + asset
         self.bal_m[k] = self.bal_m[k] + amount
 
-    def load(self, account_id: str, balances: Mapping[str, float],
+    def load(self, key: RiskKey, balances: Mapping[str, float],
              positions: Mapping[str, Position], state: int, transitions: int,
              partition: int | None) -> int:
-        """Install an account as given (restore)."""
+        """Install an account or an isolated position as given (restore)."""
         t = self.t
-        row = self.new_row(account_id, partition)
+        row = self.new_row(key, partition)
         base = row * t.n_assets
         bal_m = self.bal_m
         for asset, amount in balances.items():
@@ -312,10 +341,10 @@ class Book:
         if not hasattr(self, "p_qty") or not hasattr(self, "sym_px"):
             return  # still building: __init__ binds once every column exists
         t = self.t
-        self._value_args = (self.bal, t.n_assets, self.first, self.p_next, self.p_instr,
-                            self.p_qty, self.p_entry, t.k_fixed, t.k_weight, t.k_sym, t.v_cs,
-                            t.v_settle_fixed, t.v_settle_id, t.v_mark_id, t.t_max, t.t_mmr,
-                            t.t_cum, t.k_thresholds, self.sym_px)
+        self._value_args = (self.bal, self.isolated, t.n_assets, self.first, self.p_next,
+                            self.p_instr, self.p_qty, self.p_entry, t.k_fixed, t.k_weight,
+                            t.k_sym, t.v_cs, t.v_settle_fixed, t.v_settle_id, t.v_mark_id,
+                            t.t_max, t.t_mmr, t.t_cum, t.k_thresholds, self.sym_px)
         self._watch_args = (self.bal, t.n_assets, self.first, self.p_next, self.p_instr,
                             t.k_sym, t.v_settle_id, t.v_mark_id)
 
@@ -426,7 +455,7 @@ class Book:
         return np.concatenate(chunks_p), np.concatenate(chunks_o)
 
     def rows_in_use(self) -> np.ndarray:
-        """Every row that holds an account."""
+        """Every row that holds an account or an isolated position."""
         used = np.ones(len(self.ids), bool)
         if self.free_rows:
             used[np.array(self.free_rows, dtype=np.int64)] = False
@@ -435,8 +464,8 @@ class Book:
     def memory_bytes(self) -> int:
         """Bytes held by the numpy columns and band index (not the id strings and dict)."""
         total = sum(a.nbytes for a in (self.state, self.trans, self.part, self.first, self.aid,
-                                       self.bal, self.p_acct, self.p_instr, self.p_qty,
-                                       self.p_entry, self.p_next))
+                                       self.bal, self.isolated, self.p_acct, self.p_instr,
+                                       self.p_qty, self.p_entry, self.p_next))
         for b in self.bands:
             total += sum(a.nbytes for a in (b.hi, b.hlo, b.hrow, b.haid, b.lneg, b.lrow, b.laid,
                                             b.plo, b.phi, b.prow, b.paid))

@@ -1,7 +1,8 @@
 """Checkpoints in the compacted `liqmon.state` topic, and restore from it (SPEC §6).
 
-Changelog partition p holds the accounts of input partition p of fills/ledger (keyed by account,
-a tombstone once an account may be forgotten) and, written last in every checkpoint, a control
+Changelog partition p holds the accounts and isolated positions of input partition p of
+fills/ledger (keyed by account, or `snapshot.state_key` of the position; a tombstone once one may
+be forgotten) and, written last in every checkpoint, a control
 record with the input offsets, price table and duplicate windows the accounts correspond to. A
 `reset` marker (written by --reset-state) makes a restore ignore everything before it.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from monitor.account import Account
+from monitor.account import Account, RiskKey, UnitKey
 from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
@@ -33,6 +34,8 @@ from monitor.snapshot import (
     decode_control,
     encode_account,
     encode_control,
+    risk_key,
+    state_key,
 )
 
 ACCOUNT, CONTROL, RESET = b"account", b"control", b"reset"
@@ -68,7 +71,8 @@ class ConfigChanged(LiqmonError):
 class RestoredPartition:
     partition: int
     control: Control | None
-    accounts: dict[str, tuple[Account, int, Offsets]] = field(default_factory=dict)
+    # accounts by id and isolated positions by UnitKey: (state, seq, offsets it reflects)
+    accounts: dict[RiskKey, tuple[Account, int, Offsets]] = field(default_factory=dict)
     records_read: int = 0
 
 
@@ -158,7 +162,7 @@ def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
         if raw is None:
             continue  # tombstone: the account was forgotten
         try:
-            restored.accounts[key.decode()] = decode_account(raw)
+            restored.accounts[risk_key(key)] = decode_account(raw)
         except (SnapshotError, UnicodeDecodeError) as exc:
             raise StateCorrupt(topic, partition, offset, str(exc)) from None
     return restored
@@ -173,16 +177,18 @@ async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
     await asyncio.gather(*futures)
 
 
-def snapshot_messages(engine: Engine, dirty: dict[str, int], seq: int,
+def snapshot_messages(engine: Engine, dirty: dict[RiskKey, int], seq: int,
                       as_of: dict[int, Offsets], topics: Topics) -> list[Outgoing]:
-    """Account snapshots (or tombstones of deleted accounts) of ``dirty`` (account →
-    partition), each stamped with the input offsets ``as_of`` its partition's state reflects."""
+    """Snapshots (or tombstones of deleted ones) of the accounts and isolated positions in
+    ``dirty`` (key → partition), each stamped with the input offsets ``as_of`` its
+    partition's state reflects."""
     header = [(KIND_HEADER, ACCOUNT)]
     snapshots = []
-    for account_id, partition in dirty.items():
-        account = engine.accounts.get(account_id)
+    for key, partition in dirty.items():
+        account = (engine.units.get(key) if isinstance(key, UnitKey)
+                   else engine.accounts.get(key))
         value = None if account is None else encode_account(account, seq, as_of[partition])
-        snapshots.append(Outgoing(topic=topics.state, key=account_id.encode(), value=value,
+        snapshots.append(Outgoing(topic=topics.state, key=state_key(key), value=value,
                                   headers=header, partition=partition))
     return snapshots
 
@@ -241,12 +247,14 @@ async def read_book(bootstrap: str, topic: str, config: RiskConfig,
                 prices[symbol] = (price, ts)
     engine.load_prices(prices)
     for part in restored.values():
-        for account_id, (account, _, _) in part.accounts.items():
+        for key, (account, _, _) in part.accounts.items():
             unknown = sorted({*account.balances} - set(config.assets)
                              | {*account.positions} - set(config.instruments))
+            if isinstance(key, UnitKey) and key.symbol not in config.instruments:
+                unknown.append(key.symbol)
             if unknown:
-                raise UnknownToConfig(topic, account_id, unknown)
-            engine.load_account(account_id, account)
+                raise UnknownToConfig(topic, key, unknown)
+            engine.load_account(key, account)
     return engine
 
 
@@ -259,6 +267,8 @@ class NoCheckpoint(LiqmonError):
 class UnknownToConfig(LiqmonError):
     """A checkpointed account holds an asset or instrument the given risk config lacks."""
 
-    def __init__(self, topic: str, account_id: str, names: list[str]) -> None:
-        super().__init__(f"account {account_id!r} in {topic!r} holds {', '.join(names)}, which "
-                         "the risk config does not define: give the fleet's config (--config)")
+    def __init__(self, topic: str, key: RiskKey, names: list[str]) -> None:
+        held = (f"isolated position {key.label()!r}" if isinstance(key, UnitKey)
+                else f"account {key!r}")
+        super().__init__(f"{held} in {topic!r} holds {', '.join(names)}, which the risk "
+                         "config does not define: give the fleet's config (--config)")

@@ -102,10 +102,12 @@ class LiveFigures:
     """What the monitor reports at scrape time."""
 
     def __init__(self, accounts: int, positions: int, by_state: dict[str, int],
-                 last_tick_wall: dict[str, float], checkpoint_age: float) -> None:
+                 last_tick_wall: dict[str, float], checkpoint_age: float,
+                 isolated_by_state: dict[str, int]) -> None:
         self.accounts = accounts
         self.positions = positions
         self.by_state = by_state
+        self.isolated_by_state = isolated_by_state
         self.last_tick_wall = last_tick_wall
         self.checkpoint_age = checkpoint_age
 
@@ -131,6 +133,12 @@ class _LiveCollector(Collector):
         for state, count in sorted(figures.by_state.items()):
             by_state.add_metric([state], count)
         yield by_state
+        isolated = GaugeMetricFamily("liqmon_isolated_positions_by_state",
+                                     "Isolated positions (risk units of their own, with a "
+                                     "wallet, SPEC §4.1) per state.", labels=["state"])
+        for state, count in sorted(figures.isolated_by_state.items()):
+            isolated.add_metric([state], count)
+        yield isolated
         age = GaugeMetricFamily("liqmon_price_age_seconds",
                                 "Seconds (wall clock) since the last applied tick, per "
                                 "symbol: the age of the price margins are computed from.",

@@ -30,6 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
+from monitor.account import Account, RiskKey, account_of
 from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
@@ -513,18 +514,17 @@ class Monitor:
         if control is not None:
             for (topic, p), ids in control.dedupe.items():
                 engine.load_dedupe_ids(topic, p, ids)
-        for account_id, (account, _, _) in restored.accounts.items():
-            engine.load_account(account_id, account,
-                                self._marks(restored, account_id, positions) or None)
+        for key, (account, _, _) in restored.accounts.items():
+            engine.load_account(key, account, self._marks(restored, key, positions) or None)
 
-    def _marks(self, restored: RestoredPartition, account_id: str, positions: Offsets
+    def _marks(self, restored: RestoredPartition, key: RiskKey, positions: Offsets
                ) -> Offsets:
         """Inputs a restored snapshot already reflects beyond the given read positions: the
         offsets it was taken at (beyond the control record's after a crash mid-checkpoint),
         and the ticks its partition's control record had seen. Re-read records before them
         skip the account."""
         control = restored.control
-        _, _, as_of = restored.accounts[account_id]
+        _, _, as_of = restored.accounts[key]
         marks: Offsets = dict(as_of)
         if control is not None:
             for key, offset in control.offsets.items():
@@ -624,15 +624,17 @@ class Monitor:
             self._accounts.seek(tp, positions[tp])
             self._set_position(tp, positions[tp])
         main_positions = self._positions()
-        for account_id, account in list(private.accounts.items()):
-            marks = self._marks(restored, account_id, main_positions) \
-                if account_id in restored.accounts else {}
-            self.engine.load_account(account_id, account, marks or None)
+        held: list[tuple[RiskKey, Account]] = [*private.accounts.items(),
+                                               *private.units.items()]
+        for key, account in held:
+            marks = self._marks(restored, key, main_positions) \
+                if key in restored.accounts else {}
+            self.engine.load_account(key, account, marks or None)
         for topic in (t.fills, t.ledger):
             self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
         changed = private.take_dirty()
-        for account_id in changed:
-            self._touched[account_id] = partition
+        for key in changed:
+            self._touched[account_of(key)] = partition
         self.engine.mark_dirty(set(changed))
         return applied
 
@@ -833,6 +835,17 @@ class Monitor:
         if superseded:
             metrics.conflated_ticks.inc(len(superseded))
         for index, ((tp, message), record) in enumerate(zip(batch, decoded, strict=True)):
+            if index in superseded:
+                continue
+            if not isinstance(record, Rejected):
+                if not isinstance(record, PriceTick):
+                    self._touched[record.account] = tp.partition
+                applied_ticks = stats.applied_ticks
+                try:
+                    events = engine.apply(record, Source(tp.topic, tp.partition,
+                                                         message.offset))
+                except Rejected as rejection:  # what only state makes bad input
+                    record = rejection
             if isinstance(record, Rejected):
                 out.append(dead_letter_message(record, tp.topic, tp.partition,
                                                message.offset, message.key, message.value,
@@ -842,12 +855,6 @@ class Monitor:
                                  offset=message.offset, reason=record.reason,
                                  detail=record.detail)
                 continue
-            if index in superseded:
-                continue
-            if not isinstance(record, PriceTick):
-                self._touched[record.account] = tp.partition
-            applied_ticks = stats.applied_ticks
-            events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))
             if stats.applied_ticks != applied_ticks:
                 self._last_tick_wall[record.symbol] = time.time()  # type: ignore[union-attr]
             for event in events:
@@ -886,16 +893,16 @@ class Monitor:
         assert self._pipeline is not None
         started = time.monotonic()
         t = self.settings.topics
-        mine: dict[str, int] = {}
-        others: set[str] = set()
-        for account_id in self.engine.take_dirty():
-            partition = self.engine.partition_of(account_id)
+        mine: dict[RiskKey, int] = {}
+        others: set[RiskKey] = set()
+        for key in self.engine.take_dirty():
+            partition = self.engine.partition_of(key)
             if partition is None:  # deleted since: its tombstone goes where it lived
-                partition = self._touched.get(account_id)
+                partition = self._touched.get(account_of(key))
             if partition in partitions:
-                mine[account_id] = partition  # type: ignore[assignment]
+                mine[key] = partition  # type: ignore[assignment]
             else:
-                others.add(account_id)
+                others.add(key)
         self.engine.mark_dirty(others)
         as_of = self._as_of(partitions)
         seq = self._seq + 1
@@ -925,8 +932,8 @@ class Monitor:
             self.engine.mark_dirty(set(mine))
             raise
         self._seq = seq
-        for account_id in mine:
-            self._touched.pop(account_id, None)
+        for key in mine:
+            self._touched.pop(account_of(key), None)
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         self.metrics.last_checkpoint.set(time.time())
         await self._commit({TopicPartition(topic, p): offset
@@ -1028,6 +1035,8 @@ class Monitor:
             accounts=len(engine.accounts),
             positions=engine.positions_held,
             by_state={state.name: engine.accounts_in_state[state] for state in AccountState},
+            isolated_by_state={state.name: engine.units_in_state[state]
+                               for state in AccountState},
             last_tick_wall=dict(self._last_tick_wall),
             checkpoint_age=time.monotonic() - self._last_checkpoint if pending else 0.0,
         )
