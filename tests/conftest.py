@@ -67,7 +67,7 @@ def reap_processes():
 # Fixtures that start the embedded broker: a test using one (directly or through another
 # fixture) is marked `kafka`, so that `pytest -m "not kafka"` runs the pure tests alone. A test
 # that starts a broker in its body carries the marker itself.
-BROKER_FIXTURES = frozenset({"broker", "tls_broker"})
+BROKER_FIXTURES = frozenset({"broker", "own_broker", "tls_broker"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -79,6 +79,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def broker():
     """One embedded Tansu broker for the session; tests isolate themselves by topic names."""
+    from monitor.service.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def own_broker():
+    """A broker of the test's own, which it may pause without stalling the other tests."""
     from monitor.service.broker import EmbeddedBroker
 
     with EmbeddedBroker() as running:
