@@ -44,7 +44,7 @@ class Option:
     # by the variable a secret's value may come from
     help: str
     metavar: str | None = None
-    parse: Callable[[str], Any] | None = None  # argparse's type: the flag's and the variable's text
+    parse: Callable[[str], Any] = str  # argparse's type: for the flag's and the variable's text
     choices: tuple[str, ...] | None = None
     # value: takes a value; switch: on/off, off by default; toggle: --x/--no-x, on by default
     kind: Literal["value", "switch", "toggle"] = "value"

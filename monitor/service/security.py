@@ -120,8 +120,8 @@ class KafkaSecurity:
         # and importing aiokafka costs each of them 65 ms
         from aiokafka.helpers import create_ssl_context
 
-        context = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile,
-                                     keyfile=self.ssl_keyfile)
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile)
         context.check_hostname = self.ssl_check_hostname
         return context
 
