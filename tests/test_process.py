@@ -27,6 +27,8 @@ from tests.kafka_support import (
     started_processes,
 )
 
+pytestmark = pytest.mark.kafka  # every test here runs a broker: the shared one or its own
+
 
 async def committed_offsets(settings) -> dict[str, int]:
     """The group's committed offsets, read without joining the group."""

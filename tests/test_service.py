@@ -237,6 +237,7 @@ async def test_run_emits_exactly_what_replay_emits_for_the_same_records(broker, 
     same_events(run_events, expected, positions)
 
 
+@pytest.mark.kafka  # starts a broker of its own
 async def test_broker_paused_mid_stream_loses_no_event(risk):
     config = parse_config(RISK)
     records = routable(random_stream(seed=5, length=1_500, mean_run=30))

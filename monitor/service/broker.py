@@ -75,7 +75,7 @@ class EmbeddedBroker:
                 env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
             )
         finally:
-            if log is not subprocess.DEVNULL:
+            if not isinstance(log, int):  # a file of ours, not subprocess.DEVNULL
                 log.close()
         deadline = time.monotonic() + timeout
         while not _port_open(self.port):

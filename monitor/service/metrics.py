@@ -194,7 +194,8 @@ class _QuietHandler(WSGIRequestHandler):
     server: _ThreadingServer
 
     def setup(self) -> None:
-        self.timeout = self.server.idle_timeout  # applied to the socket by setup()
+        # per connection, applied to the socket by setup(); typeshed declares it class-wide
+        self.timeout = self.server.idle_timeout  # type: ignore[misc]
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -210,7 +211,7 @@ class HealthServer:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self.ready = False
         self.not_ready_because = ""  # said in the 503 body
-        self._server: _ThreadingServer = make_server(  # type: ignore[assignment]
+        self._server: _ThreadingServer = make_server(
             host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         self._server.idle_timeout = idle_timeout
         self.port = self._server.server_port
@@ -220,7 +221,7 @@ class HealthServer:
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            return self._metrics_app(environ, start_response)
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]

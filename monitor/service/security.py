@@ -4,9 +4,11 @@ and the keyword arguments every aiokafka client the service creates gets from th
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from monitor.service.options import option
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -30,18 +32,43 @@ class Secret:
     __str__ = __repr__
 
 
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
+def _optional_text(text: str) -> str | None:
+    return text or None
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaSecurity:
     """How the service's Kafka clients authenticate and encrypt; PLAINTEXT by default."""
 
-    protocol: str = "PLAINTEXT"
-    ssl_cafile: Path | None = None  # None: the system's trusted CAs
-    ssl_certfile: Path | None = None  # a client certificate, for mutual TLS
-    ssl_keyfile: Path | None = None
-    ssl_check_hostname: bool = True
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: Secret | None = None
+    protocol: str = field(default="PLAINTEXT", metadata=option(
+        "--security-protocol", f"how to reach Kafka: {', '.join(PROTOCOLS)}, default {{default}}",
+        choices=PROTOCOLS))
+    ssl_cafile: Path | None = field(default=None, metadata=option(  # None: the system's CAs
+        "--ssl-cafile", "CA certificates (PEM) the brokers' certificates must chain to, "
+        "default: the system's", metavar="PATH", to_field=_optional_path))
+    ssl_certfile: Path | None = field(default=None, metadata=option(  # for mutual TLS
+        "--ssl-certfile", "client certificate (PEM) for mutual TLS, with --ssl-keyfile",
+        metavar="PATH", to_field=_optional_path))
+    ssl_keyfile: Path | None = field(default=None, metadata=option(
+        "--ssl-keyfile", "private key (PEM, unencrypted) of --ssl-certfile", metavar="PATH",
+        to_field=_optional_path))
+    ssl_check_hostname: bool = field(default=True, metadata=option(
+        "--ssl-check-hostname", "check that a broker's certificate names the host connected "
+        "to, default on", kind="toggle"))
+    sasl_mechanism: str | None = field(default=None, metadata=option(
+        "--sasl-mechanism", f"SASL mechanism: {', '.join(MECHANISMS)}", choices=MECHANISMS,
+        to_field=_optional_text))
+    sasl_username: str | None = field(default=None, metadata=option(
+        "--sasl-username", "SASL user name", to_field=_optional_text))
+    # never a flag of its own: a command line is readable by every user of the machine
+    sasl_password: Secret | None = field(default=None, metadata=option(
+        "--sasl-password-file", "file holding the SASL password (or set env {secret_env}; "
+        "never a command-line value)", metavar="PATH", secret="SASL password",
+        to_field=Secret))
 
     @property
     def tls(self) -> bool:
@@ -93,8 +120,8 @@ class KafkaSecurity:
         # and importing aiokafka costs each of them 65 ms
         from aiokafka.helpers import create_ssl_context
 
-        context = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile,
-                                     keyfile=self.ssl_keyfile)
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile)
         context.check_hostname = self.ssl_check_hostname
         return context
 

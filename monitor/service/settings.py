@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
+from monitor.service.options import from_args, internal, option, option_group, options
 from monitor.service.security import KafkaSecurity
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic): a name breaking it is
@@ -18,17 +20,22 @@ _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 CLOSE_TIMEOUT = 5.0
 
 
+def _topic(flag: str, default: str) -> Any:
+    return field(default=default, metadata=option(flag, "topic name, default {default}",
+                                                  metavar="NAME"))
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Kafka topic names (SPEC §2); every one can be renamed with --topic-<name>."""
 
-    prices: str = "prices"
-    fills: str = "fills"
-    ledger: str = "ledger"
-    margin_calls: str = "margin-calls"
-    liquidations: str = "liquidations"
-    dead_letter: str = "liqmon.dead-letter"
-    state: str = "liqmon.state"
+    prices: str = _topic("--topic-prices", "prices")
+    fills: str = _topic("--topic-fills", "fills")
+    ledger: str = _topic("--topic-ledger", "ledger")
+    margin_calls: str = _topic("--topic-margin-calls", "margin-calls")
+    liquidations: str = _topic("--topic-liquidations", "liquidations")
+    dead_letter: str = _topic("--topic-dead-letter", "liqmon.dead-letter")
+    state: str = _topic("--topic-state", "liqmon.state")
 
     def input_kind(self, topic: str) -> str:
         """prices / fills / ledger for an input topic name."""
@@ -37,43 +44,109 @@ class Topics:
     def invalid(self) -> list[str]:
         """One message per name Kafka would refuse; empty when every name is valid."""
         problems = []
-        for option, name in ((f, getattr(self, f)) for f in Topics.__dataclass_fields__):
+        for topic, spec in options(Topics):
+            name = getattr(self, topic.name)
             if name in (".", "..") or not _TOPIC_NAME.fullmatch(name):
                 problems.append(
-                    f"--topic-{option.replace('_', '-')} {name!r} is not a valid Kafka topic "
+                    f"{spec.flag} {name!r} is not a valid Kafka topic "
                     "name: 1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-', and "
                     "not '.' or '..'")
         return problems
 
 
+StartPosition = Literal["earliest", "latest"]
+Compression = Literal["lz4", "zstd", "gzip", "none"]
+
+
+def _seconds_to_ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _ms_to_seconds(ms: int) -> float:
+    return ms / 1000
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
-    config_path: Path
-    bootstrap: str = "127.0.0.1:9092"
-    group: str = "liqmon"
-    client_id: str = "liqmon"
-    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS and SASL
-    topics: Topics = field(default_factory=Topics)
-    partitions: int = 1  # for topics liqmon creates because they are missing
-    start: Literal["earliest", "latest"] = "earliest"
-    checkpoint_interval: float = 5.0  # seconds
-    checkpoint_records: int = 100_000  # or after this many input records, whichever first
-    reset_state: bool = False  # discard liqmon.state and rebuild from the inputs
-    max_idle: float = 0.5  # seconds the merge may hold everything back for a silent partition
-    max_skew_ms: int = 5  # producers' clock skew (and in-flight time) the merge allows for
-    max_future: float = 300.0  # seconds a record's ts may be ahead of the wall clock
-    conflate_ticks: bool = False  # overload mode: only the latest tick per symbol per batch
-    metrics_port: int = 9464  # 0 disables the HTTP endpoint
-    metrics_host: str = "0.0.0.0"  # bind address of the HTTP endpoint (all interfaces: probes)
+    """Every setting of `liqmon run`, each declared once: its field says its flag, its help
+    and how it is parsed; the flag's environment variable follows from the flag (options.py).
+    The order of the fields is the order of `liqmon run --help`."""
+
+    config_path: Path = field(metadata=option(
+        "--config", "risk config (TOML)", metavar="PATH", to_field=Path))
+    bootstrap: str = field(default="127.0.0.1:9092", metadata=option(
+        "--bootstrap", "Kafka bootstrap servers, default {default}", metavar="HOST:PORT[,…]"))
+    group: str = field(default="liqmon", metadata=option(
+        "--group", "consumer group id, default {default}"))
+    client_id: str = field(default="liqmon", metadata=option(
+        "--client-id", "Kafka client id, default {default}"))
+    metrics_port: int = field(default=9464, metadata=option(
+        "--metrics-port", "port of /metrics, /healthz, /readyz (0 disables), default {default}",
+        parse=int))
+    # all interfaces: probes and scrapers come from outside the container
+    metrics_host: str = field(default="0.0.0.0", metadata=option(
+        "--metrics-host", "address /metrics, /healthz, /readyz listen on, default {default} "
+        "(all interfaces)", metavar="ADDR"))
+    start: StartPosition = field(default="earliest", metadata=option(
+        "--start", "where inputs start on a first start (no checkpoint), default {default}",
+        choices=get_args(StartPosition)))
+    checkpoint_interval: float = field(default=5.0, metadata=option(
+        "--checkpoint-interval", "seconds between checkpoints, default {default}", parse=float,
+        metavar="SECONDS"))
+    # or after this many input records, whichever comes first
+    checkpoint_records: int = field(default=100_000, metadata=option(
+        "--checkpoint-records", "input records between checkpoints, default {default}",
+        parse=int, metavar="N"))
+    reset_state: bool = field(default=False, metadata=option(
+        "--reset-state", "discard the checkpoints in the state topic and rebuild state from "
+        "the input topics", kind="switch"))
+    # seconds the merge may hold everything back for a silent partition
+    max_idle: float = field(default=0.5, metadata=option(
+        "--merge-wait", "longest time, in seconds, that an input partition the broker does "
+        "not answer for may hold the others back; past it records are released out of proven "
+        "order (and counted), default {default}", parse=float, metavar="SECONDS"))
+    max_skew_ms: int = field(default=5, metadata=option(
+        "--max-skew", "clock skew between producers (and their in-flight time) that timestamp "
+        "order allows for, in ms, default {default}", parse=int, metavar="MS"))
+    max_future: float = field(default=300.0, metadata=option(
+        "--max-future", "seconds a record's ts may be ahead of the wall clock; later ones are "
+        "dead-lettered as ts_in_future, default {default:g}", parse=float, metavar="SECONDS"))
+    session_timeout_ms: int = field(default=6_000, metadata=option(
+        "--session-timeout", "seconds without heartbeat before the group reassigns a dead "
+        "instance's partitions, default {default:g}", parse=float, metavar="SECONDS",
+        to_field=_seconds_to_ms, from_field=_ms_to_seconds))
+    conflate_ticks: bool = field(default=False, metadata=option(
+        "--conflate-ticks", "overload mode: within one batch apply only the latest tick per "
+        "symbol (see README)", kind="switch"))
+    # for topics liqmon creates because they are missing
+    partitions: int = field(default=1, metadata=option(
+        "--partitions", "partition count of topics liqmon creates, default {default}",
+        parse=int))
     # lz4: a few µs per batch; aiokafka's gzip runs at level 9 on the loop and cost 14 % of
     # the service's time in the latency bench
-    compression: str = "lz4"
-    max_batch_records: int = 5_000
-    shutdown_timeout: float = 30.0  # seconds to deliver pending events on SIGTERM
-    accept_config_change: bool = False  # restore state checkpointed under another risk config
-    session_timeout_ms: int = 6_000
-    heartbeat_interval_ms: int = 1_000
-    request_timeout_ms: int = 5_000
+    compression: Compression = field(default="lz4", metadata=option(
+        "--compression", "producer compression of events and checkpoints, default {default}",
+        choices=get_args(Compression)))
+    # bounds delivering and checkpointing on SIGTERM; closing the clients comes on top
+    shutdown_timeout: float = field(default=30.0, metadata=option(
+        "--shutdown-timeout", "seconds to deliver pending events and checkpoint on SIGTERM "
+        f"(closing the Kafka clients may take {CLOSE_TIMEOUT:g} more), default {{default}}",
+        parse=float, metavar="SECONDS"))
+    accept_config_change: bool = field(default=False, metadata=option(
+        "--accept-config-change", "restore state checkpointed under a different risk config "
+        "(a deliberate config roll-out, see README); without it such a restore is refused",
+        kind="switch"))
+    log_level: str = field(default="info", metadata=option(
+        "--log-level", "debug, info (default), warning or error"))
+    security: KafkaSecurity = field(default_factory=KafkaSecurity, metadata=option_group())
+    topics: Topics = field(default_factory=Topics, metadata=option_group())
+    max_batch_records: int = field(default=5_000, metadata=internal(
+        "records the loop takes from the merge at a time: a tuning of the code, not of a "
+        "deployment"))
+    heartbeat_interval_ms: int = field(default=1_000, metadata=internal(
+        "follows --session-timeout (heartbeat_for)"))
+    request_timeout_ms: int = field(default=5_000, metadata=internal(
+        "aiokafka's request timeout: tests shorten it"))
 
     @property
     def shutdown_budget(self) -> float:
@@ -84,7 +157,20 @@ class ServiceSettings:
     def run_args(self) -> list[str]:
         """`liqmon run` flags for the config, the brokers and every topic name (tools and
         tests start separate instances with them; the group is theirs to choose)."""
-        args = ["--config", str(self.config_path), "--bootstrap", self.bootstrap]
-        for name in Topics.__dataclass_fields__:
-            args += [f"--topic-{name.replace('_', '-')}", getattr(self.topics, name)]
+        flags = {f.name: spec.flag for f, spec in options(ServiceSettings)}
+        args = [flags["config_path"], str(self.config_path), flags["bootstrap"], self.bootstrap]
+        for topic, spec in options(Topics):
+            args += [spec.flag, getattr(self.topics, topic.name)]
         return args
+
+
+def heartbeat_for(session_timeout_ms: int) -> int:
+    """The group heartbeat interval for a session timeout: a sixth of it, so that a few lost
+    heartbeats do not cost an instance its partitions; never under 100 ms."""
+    return max(100, session_timeout_ms // 6)
+
+
+def run_settings(args: argparse.Namespace, **given: Any) -> ServiceSettings:
+    """The settings `liqmon run` parsed ``args`` into (``given``: fields already built)."""
+    settings: ServiceSettings = from_args(ServiceSettings, args, **given)
+    return replace(settings, heartbeat_interval_ms=heartbeat_for(settings.session_timeout_ms))

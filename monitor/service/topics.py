@@ -40,7 +40,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
     """
     topics = settings.topics
     existing = set(await admin.list_topics())
-    wanted = {
+    wanted: dict[str, dict[str, str]] = {  # name: topic config
         topics.prices: {}, topics.fills: {}, topics.ledger: {}, topics.margin_calls: {},
         topics.liquidations: {}, topics.dead_letter: {},
     }

@@ -1,0 +1,216 @@
+"""Settings declared once: a dataclass field's metadata makes it a `liqmon run` flag and a
+`LIQMON_…` environment variable.
+
+A settings dataclass marks each field with `option(…)` (a flag), `option_group()` (a nested
+settings dataclass whose fields are flags) or `internal(…)` (no flag: tools and tests set it).
+`add_options` generates the argparse flags, each defaulting to its environment variable, and
+`from_args` builds the dataclass back from what argparse parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_PREFIX = "LIQMON_"
+_OPTION, _GROUP, _INTERNAL = "liqmon.option", "liqmon.group", "liqmon.internal"
+
+# How an on/off variable reads: a switch (off by default) is on for these, a toggle (on by
+# default) off for those.
+_ON = ("1", "true", "yes")
+_OFF = ("0", "false", "no")
+
+
+class OptionError(ValueError):
+    """An option's value cannot be used (a secret file that cannot be read, or given twice)."""
+
+
+def env_name(flag: str) -> str:
+    """`--foo-bar` ↔ `LIQMON_FOO_BAR`: the rule deployments rely on."""
+    return ENV_PREFIX + flag.removeprefix("--").upper().replace("-", "_")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """How one settings field is given on the command line and in the environment."""
+
+    flag: str
+    # `{default}` is replaced by the flag's default (`{default:g}` formats it), `{secret_env}`
+    # by the variable a secret's value may come from
+    help: str
+    metavar: str | None = None
+    parse: Callable[[str], Any] = str  # argparse's type: for the flag's and the variable's text
+    choices: tuple[str, ...] | None = None
+    # value: takes a value; switch: on/off, off by default; toggle: --x/--no-x, on by default
+    kind: Literal["value", "switch", "toggle"] = "value"
+    to_field: Callable[[Any], Any] | None = None  # a given value → the field's (s → ms)
+    from_field: Callable[[Any], Any] | None = None  # the field's default → the flag's
+    # Set when the flag names a file holding this secret (e.g. "SASL password"): the secret
+    # may come from the file or from its own variable, never from a command-line value.
+    secret: str | None = None
+
+    @property
+    def env(self) -> str:
+        return env_name(self.flag)
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the flag's value in."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def secret_flag(self) -> str:
+        """The flag a secret would have if it were one (`--sasl-password`): refused."""
+        return self.flag.removesuffix("-file")
+
+    @property
+    def secret_env(self) -> str:
+        """The variable a secret's value may come from instead of the file."""
+        return env_name(self.secret_flag)
+
+    def help_text(self, default: Any) -> str:
+        text = self.help.format(default=default, secret_env=self.secret_env)
+        if self.kind == "switch":
+            return f"{text} (env {self.env}=1)"
+        if self.kind == "toggle":
+            return f"{text} (env {self.env}=0 turns it off)"
+        return f"{text} (env {self.env})"
+
+    def flag_default(self, field_default: Any, environ: Mapping[str, str]) -> Any:
+        """The variable's text when it is set (argparse parses it as it would the flag's,
+        but does not check choices), else the field's default in the flag's terms."""
+        text = environ.get(self.env)
+        if self.kind == "switch":
+            return field_default if text is None else text.lower() in _ON
+        if self.kind == "toggle":
+            return field_default if text is None else text.lower() not in _OFF
+        if text is not None:
+            return text
+        return field_default if self.from_field is None else self.from_field(field_default)
+
+
+def option(flag: str, help: str, **how: Any) -> dict[str, Option]:
+    """Field metadata making the field a flag (see Option for `how`)."""
+    return {_OPTION: Option(flag, help, **how)}
+
+
+def option_group() -> dict[str, bool]:
+    """Field metadata for a nested settings dataclass: its own fields are the flags."""
+    return {_GROUP: True}
+
+
+def internal(why: str) -> dict[str, str]:
+    """Field metadata for a setting with no flag, saying why."""
+    return {_INTERNAL: why}
+
+
+def options(cls: type[Any]) -> Iterator[tuple[dataclasses.Field[Any], Option]]:
+    """Every flag of a settings dataclass, nested groups included, in declaration order."""
+    for field in dataclasses.fields(cls):
+        if _OPTION in field.metadata:
+            yield field, field.metadata[_OPTION]
+        elif (group := option_group_class(field)) is not None:
+            yield from options(group)
+
+
+def option_group_class(field: dataclasses.Field[Any]) -> type[Any] | None:
+    """The settings dataclass of an option group field, None for any other field."""
+    if _GROUP not in field.metadata:
+        return None
+    factory = field.default_factory
+    assert isinstance(factory, type), f"group {field.name} needs its class as default_factory"
+    return factory
+
+
+def is_internal(field: dataclasses.Field[Any]) -> bool:
+    return _INTERNAL in field.metadata
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type[Any],
+                environ: Mapping[str, str] = os.environ) -> None:
+    """One flag per option of ``cls``, each defaulting to its environment variable."""
+    for field, spec in options(cls):
+        built_in = _field_default(field)
+        default = spec.flag_default(built_in, environ)
+        # the help names the built-in default, whatever the environment says
+        help_text = spec.help_text(built_in if spec.from_field is None
+                                   else spec.from_field(built_in))
+        if spec.kind == "switch":
+            parser.add_argument(spec.flag, action="store_true", default=default, help=help_text)
+        elif spec.kind == "toggle":
+            parser.add_argument(spec.flag, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        else:
+            parser.add_argument(spec.flag, default=default, help=help_text, type=spec.parse,
+                                choices=spec.choices, metavar=spec.metavar)
+        if spec.secret is not None:
+            parser.add_argument(spec.secret_flag, nargs="?", action=_Refused,
+                                refusal=f"{spec.secret_flag} is not accepted on the command "
+                                        "line (every user of the machine can read it there): "
+                                        f"set {spec.secret_env} or give {spec.flag}",
+                                help=argparse.SUPPRESS)
+
+
+def from_args(cls: type[Any], args: argparse.Namespace, environ: Mapping[str, str] = os.environ,
+              **given: Any) -> Any:
+    """An instance of ``cls`` from parsed flags; fields in ``given`` are taken as they are.
+    Raises OptionError for a secret that cannot be read."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in given:
+            values[field.name] = given[field.name]
+        elif (group := option_group_class(field)) is not None:
+            values[field.name] = from_args(group, args, environ)
+        elif _OPTION in field.metadata:
+            spec: Option = field.metadata[_OPTION]
+            value = getattr(args, spec.dest)
+            if spec.secret is not None:
+                value = read_secret(spec, value, environ)
+            if value is not None and spec.to_field is not None:
+                value = spec.to_field(value)
+            values[field.name] = value
+    return cls(**values)
+
+
+def read_secret(spec: Option, path_text: str | None, environ: Mapping[str, str]) -> str | None:
+    """A secret from its variable or from the file its flag names, never both."""
+    secret = environ.get(spec.secret_env) or None
+    if not path_text:
+        return secret
+    if secret is not None:
+        raise OptionError(f"the {spec.secret} is given twice: set {spec.secret_env} or "
+                          f"{spec.flag}, not both")
+    path = Path(path_text)
+    try:
+        # the newline that `echo` or an editor leaves is not part of the secret
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise OptionError(f"cannot read {spec.flag} {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:  # its message would quote bytes of the secret
+        raise OptionError(f"{spec.flag} {path} is not UTF-8 text") from None
+    if not secret:
+        raise OptionError(f"{spec.flag} {path} is empty")
+    return secret
+
+
+class _Refused(argparse.Action):
+    """A flag refused without repeating its value: a command line is readable by every user of
+    the machine (ps, /proc) and stays in shell histories."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, refusal: str,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.refusal = refusal
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error(self.refusal)
+
+
+def _field_default(field: dataclasses.Field[Any]) -> Any:
+    return None if field.default is dataclasses.MISSING else field.default
