@@ -10,6 +10,8 @@ API as `monitor.engine.Engine`, so the service can run on either.
 
 from __future__ import annotations
 
+from typing import Any
+
 from monitor.account import Account, RiskKey, UnitKey
 from monitor.config import RiskConfig
 from monitor.engine import DEFAULT_DEDUPE_WINDOW, InputLedger
@@ -35,10 +37,10 @@ class ReferenceEngine(InputLedger):
 
     def partition_of(self, key: RiskKey) -> int | None:
         """The input partition owning a risk unit held here (None: not held, or replay)."""
-        account = self._held(key).get(key)  # type: ignore[call-overload]
+        account = self._held(key).get(key)
         return None if account is None else account.partition
 
-    def _held(self, key: RiskKey) -> dict[str, Account] | dict[UnitKey, Account]:
+    def _held(self, key: RiskKey) -> dict[Any, Account]:  # keyed by str or UnitKey
         return self.units if isinstance(key, UnitKey) else self.accounts
 
     def _in_state(self, key: RiskKey) -> dict[AccountState, int]:
@@ -133,9 +135,9 @@ class ReferenceEngine(InputLedger):
 
     def _account(self, key: RiskKey, partition: int | None) -> Account:
         held = self._held(key)
-        account = held.get(key)  # type: ignore[call-overload]
+        account = held.get(key)
         if account is None:
-            account = held[key] = Account(partition=partition)  # type: ignore[index]
+            account = held[key] = Account(partition=partition)
             self._in_state(key)[AccountState.HEALTHY] += 1
         return account
 
@@ -152,7 +154,7 @@ class ReferenceEngine(InputLedger):
         self._rewatch(key, account)
         event = self._evaluate(key, ts, kind, ref, source)
         if account.is_blank():
-            del self._held(key)[key]  # type: ignore[arg-type]
+            del self._held(key)[key]
             self._in_state(key)[AccountState.HEALTHY] -= 1  # blank implies never left it
         return [event] if event is not None else []
 
@@ -239,11 +241,11 @@ class ReferenceEngine(InputLedger):
         ``caught_up_from`` marks a snapshot that already reflects inputs about to be
         re-read: records before those offsets skip it."""
         held = self._held(key)
-        previous = held.get(key)  # type: ignore[call-overload]
+        previous = held.get(key)
         if previous is not None:
             self._forget(key, previous)
         account.watched = frozenset()
-        held[key] = account  # type: ignore[index]
+        held[key] = account
         self._in_state(key)[account.state] += 1
         self.positions_held += len(account.positions)
         self._rewatch(key, account)
@@ -259,7 +261,7 @@ class ReferenceEngine(InputLedger):
                                if account.partition == partition]
         gone += [u for u, account in self.units.items() if account.partition == partition]
         for key in gone:
-            self._forget(key, self._held(key)[key])  # type: ignore[index]
+            self._forget(key, self._held(key)[key])
             self._dirty.discard(key)
         return len(gone)
 
@@ -272,5 +274,5 @@ class ReferenceEngine(InputLedger):
         self._in_state(key)[account.state] -= 1
         self.positions_held -= len(account.positions)
         self._caught_up_from.pop(key, None)
-        del self._held(key)[key]  # type: ignore[arg-type]
+        del self._held(key)[key]
 

@@ -74,7 +74,7 @@ class StressBook:
         rows = rows[book.first[rows] >= 0]
         n = len(rows)
         keys = [book.ids[r] for r in rows.tolist()]
-        self.keys: list[RiskKey] = keys  # type: ignore[assignment]
+        self.keys: list[RiskKey] = keys
         # isolated positions by their event-id name, "account/symbol"
         self.ids = [key.label() if isinstance(key, UnitKey) else key for key in keys]
         self.state = book.state[rows].astype(np.int64)
@@ -102,7 +102,7 @@ class StressBook:
         def event_order(k: int) -> tuple[str, bool, str]:
             key = keys[k]
             return ((key.account, True, key.symbol) if isinstance(key, UnitKey)
-                    else (key, False, ""))  # type: ignore[return-value]
+                    else (key, False, ""))
 
         self.by_id = np.array(sorted(range(n), key=event_order), dtype=np.int64)
         n_i = len(t.instruments)
