@@ -180,7 +180,7 @@ class SyntheticMarket:
         instruments = sorted(self.config.instruments)
         held = rng.sample(instruments, k=min(len(instruments), rng.choice([1, 2, 3, 3, 4])))
         hedged = rng.random() < 0.15
-        directions = []
+        directions: list[float] = []
         for n in range(len(held)):
             direction = 1.0 if rng.random() < 0.7 else -1.0
             if hedged and n == 1:

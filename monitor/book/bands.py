@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -66,8 +67,12 @@ class SymbolBands:
         self.stale = 0  # bands filed since the runs were last cleared of stale entries
 
     def _views(self) -> None:
-        self.mlo, self.mhi = memoryview(self.plo), memoryview(self.phi)
-        self.mrow, self.maid = memoryview(self.prow), memoryview(self.paid)
+        # memoryviews of the pending columns for scalar writes (`Book.anchor`); typed Any as
+        # typeshed's memoryview holds ints only
+        self.mlo: Any = self.plo.data
+        self.mhi: Any = self.phi.data
+        self.mrow: Any = self.prow.data
+        self.maid: Any = self.paid.data
         self.pcap = len(self.plo)
 
     def _grow_pending(self, need: int) -> None:
