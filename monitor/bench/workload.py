@@ -9,6 +9,7 @@ encoded as Kafka messages (for end-to-end runs).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -338,3 +339,22 @@ def encode(record: StreamRecord) -> bytes:
                              "ts": r.ts})
     return orjson.dumps({"entry_id": r.entry_id, "account": r.account, "asset": r.asset,
                          "amount": r.amount, "kind": r.kind, "ts": r.ts})
+
+
+def risk_toml(risk: dict[str, Any]) -> str:
+    """The bench's risk config as a TOML file, for `liqmon run` processes."""
+    def value(v: Any) -> str:
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = ["[thresholds]", *(f"{k} = {value(v)}" for k, v in risk["thresholds"].items())]
+    for section in ("assets", "instruments"):
+        for name, table in risk[section].items():
+            lines += ["", f"[{section}.{json.dumps(name)}]",
+                      *(f"{k} = {value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"

@@ -26,8 +26,8 @@ from typing import Any
 
 import orjson
 
-from monitor.bench import Figure, percentile, risk_toml
-from monitor.benchdata import (
+from monitor.bench.report import Figure, percentile
+from monitor.bench.workload import (
     MixedStream,
     Population,
     account_id,
@@ -35,6 +35,7 @@ from monitor.benchdata import (
     bench_risk,
     encode,
     populate,
+    risk_toml,
 )
 
 RANK = {"ledger": 0, "fills": 1, "prices": 2}
@@ -323,7 +324,7 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
         "--group", f"lat-{name}", "--metrics-port", str(port), *plan.service_args,
         stdout=log, stderr=log)
     relay_proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "monitor.bench_latency", "--relay", bootstrap,
+        sys.executable, "-m", "monitor.bench.latency", "--relay", bootstrap,
         orjson.dumps(inputs).decode(), relayed, stdout=asyncio.subprocess.PIPE)
     try:
         deadline = time.monotonic() + 600
@@ -390,7 +391,7 @@ async def latency_phase(plan: LatencyPlan, say: Callable[[str], None]) -> dict[s
 def main() -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m monitor.bench_latency")
+    parser = argparse.ArgumentParser(prog="python -m monitor.bench.latency")
     parser.add_argument("--relay", nargs=3, metavar=("BOOTSTRAP", "PARTITIONS", "OUTPUT"))
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=2_000.0)
