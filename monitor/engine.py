@@ -15,7 +15,7 @@ is the straightforward engine this one must agree with, event for event.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event
 from monitor.margin import Valuation, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
+from monitor.snapshot import Offsets, Snapshots
 from monitor.state import AccountState, next_state
 
 DEFAULT_DEDUPE_WINDOW = 10_000
@@ -494,6 +495,31 @@ class Engine(InputLedger):
             self._caught_up_from[account_id] = caught_up_from
         else:
             self._caught_up_from.pop(account_id, None)
+
+    def load_accounts(self, snapshots: Snapshots,
+                      caught_up_from: Mapping[str, Offsets] | None = None) -> None:
+        """Install restored accounts in bulk: `load_account` for a whole changelog partition,
+        column by column. ``caught_up_from``, by account id: the marks of snapshots that
+        already reflect inputs about to be re-read (see `load_account`)."""
+        self.accounts.changed()
+        book = self.book
+        if not book.index.keys().isdisjoint(snapshots.ids):
+            for account_id in snapshots.ids:
+                row = book.index.get(account_id)
+                if row is not None:
+                    self._forget(row)
+        rows = book.install_many(snapshots)
+        counts = np.bincount(snapshots.state, minlength=len(_STATES)).tolist()
+        for state in _STATES:
+            self.accounts_in_state[state] += counts[state]
+        self._unindexed.extend(rows.tolist())
+        if caught_up_from:
+            self._caught_up_from.update(caught_up_from)
+
+    def snapshots(self, account_ids: Sequence[str]) -> Snapshots:
+        """Held accounts as checkpoint columns, read from the book's."""
+        index = self.book.index
+        return self.book.snapshots(np.array([index[a] for a in account_ids], np.int64))
 
     def drop_partition(self, partition: int | None) -> int:
         """Forget every account of an input partition (it was handed to another instance)."""

@@ -10,12 +10,15 @@ API as `monitor.engine.Engine`, so the service can run on either.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from monitor.account import Account
 from monitor.config import RiskConfig
 from monitor.engine import DEFAULT_DEDUPE_WINDOW, InputLedger
 from monitor.events import Event, Source, build_event
 from monitor.margin import apply_fill_to_position, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick
+from monitor.snapshot import Offsets, Snapshots
 from monitor.state import AccountState, next_state
 
 
@@ -220,6 +223,19 @@ class ReferenceEngine(InputLedger):
             self._caught_up_from[account_id] = caught_up_from
         else:
             self._caught_up_from.pop(account_id, None)
+
+    def load_accounts(self, snapshots: Snapshots,
+                      caught_up_from: Mapping[str, Offsets] | None = None) -> None:
+        """`load_account` for each of the snapshots."""
+        marks = caught_up_from or {}
+        for account_id, account, _, _ in snapshots.accounts():
+            self.load_account(account_id, account, marks.get(account_id))
+
+    def snapshots(self, account_ids: Sequence[str]) -> Snapshots:
+        """Held accounts as checkpoint columns."""
+        return Snapshots.from_accounts(
+            [(account_id, self.accounts[account_id], 0, {}) for account_id in account_ids],
+            names=[*self.config.assets, *self.config.instruments])
 
     def drop_partition(self, partition: int | None) -> int:
         """Forget every account of an input partition (it was handed to another instance)."""

@@ -392,7 +392,7 @@ class Monitor:
                     else:
                         await self._install(restored[partition])
                     self._owned.add(partition)
-                    accounts += len(restored[partition].accounts)
+                    accounts += len(restored[partition].snapshots)
             except _StopRequested:
                 self.log.info("restore abandoned: stopping",
                               partitions=sorted(set(gained) - self._owned))
@@ -504,24 +504,8 @@ class Monitor:
         if control is not None:
             for (topic, p), ids in control.dedupe.items():
                 engine.load_dedupe_ids(topic, p, ids)
-        for account_id, (account, _, _) in restored.accounts.items():
-            engine.load_account(account_id, account,
-                                self._marks(restored, account_id, positions) or None)
-
-    def _marks(self, restored: RestoredPartition, account_id: str, positions: Offsets
-               ) -> Offsets:
-        """Inputs a restored snapshot already reflects beyond the given read positions: the
-        offsets it was taken at (beyond the control record's after a crash mid-checkpoint),
-        and the ticks its partition's control record had seen. Re-read records before them
-        skip the account."""
-        control = restored.control
-        _, _, as_of = restored.accounts[account_id]
-        marks: Offsets = dict(as_of)
-        if control is not None:
-            for key, offset in control.offsets.items():
-                if key[0] == self.settings.topics.prices and offset > marks.get(key, 0):
-                    marks[key] = offset
-        return {key: offset for key, offset in marks.items() if offset > positions.get(key, 0)}
+        engine.load_accounts(restored.snapshots,
+                             restored.marks(positions, self.settings.topics.prices))
 
     def _behind_on_prices(self, restored: RestoredPartition) -> bool:
         """Did this partition's last owner checkpoint at an earlier point of the price stream
@@ -614,11 +598,10 @@ class Monitor:
         for tp in own:
             self._accounts.seek(tp, positions[tp])
             self._set_position(tp, positions[tp])
-        main_positions = self._positions()
-        for account_id, account in list(private.accounts.items()):
-            marks = self._marks(restored, account_id, main_positions) \
-                if account_id in restored.accounts else {}
-            self.engine.load_account(account_id, account, marks or None)
+        marks = restored.marks(self._positions(), t.prices)
+        held = private.accounts
+        self.engine.load_accounts(private.snapshots(list(held)),
+                                  {a: m for a, m in marks.items() if a in held})
         for topic in (t.fills, t.ledger):
             self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
         changed = private.take_dirty()
@@ -898,14 +881,17 @@ class Monitor:
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
         ids = list(mine)
+        written: set[tuple[int, int]] = set()  # (partition, layout id) written this time
         try:
             for start in range(0, len(ids), CHECKPOINT_CHUNK):
                 # handed over meanwhile: the checkpoint before the hand-over wrote it
                 chunk = {a: mine[a] for a in ids[start:start + CHECKPOINT_CHUNK]
                          if mine[a] in self._owned}
-                snapshots = snapshot_messages(self.engine, chunk, seq,
-                                              self._as_of(set(chunk.values())), t)
+                layouts, snapshots = snapshot_messages(
+                    self.engine, chunk, seq, self._as_of(set(chunk.values())), t, written)
                 await self._pipeline.flush()  # the events of what these snapshots reflect
+                if layouts:  # acknowledged first: no snapshot is ever without its layout
+                    await self._delivery.deliver(layouts)
                 await self._delivery.deliver(snapshots)
             await self._pipeline.settled(vouched)
             messages = []
