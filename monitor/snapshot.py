@@ -411,14 +411,22 @@ def _decode_binary(blob: np.ndarray, start: np.ndarray, length: np.ndarray, ids:
                                 (_AS_OF, na, "topic")):
         entries = _gather(blob, dtype, _entry_positions(cursor, count, dtype.itemsize))
         cursor = cursor + dtype.itemsize * count
-        owner = np.repeat(np.arange(len(ids)), count)
         name = entries[named].astype(np.int64)
-        fail(np.bincount(owner[name >= size[owner]], minlength=len(ids)) > 0,
-             lambda k: f"names entry beyond its layout of {size[k]} names")
-        name += base[owner]
+        if len(used) == 1:  # one layout: its names are the first, no per-entry lookup
+            beyond = name >= sizes[0]
+        else:
+            owner = np.repeat(np.arange(len(ids)), count)
+            beyond = name >= size[owner]
+            name += base[owner]
+        if beyond.any():
+            first_bad = np.repeat(np.arange(len(ids)), count)[beyond].min()
+            fail(np.arange(len(ids)) == first_bad,
+                 lambda k: f"names entry beyond its layout of {size[k]} names")
         if named == "name":  # one balance per asset, one position per instrument
-            fail(_repeated(owner, name, count),
-                 lambda k: "names an asset or an instrument twice")
+            repeated = _repeated(name, count, len(names))
+            if repeated is not None:
+                fail(np.arange(len(ids)) == repeated,
+                     lambda k: "names an asset or an instrument twice")
         columns.append((entries, name))
     (balances, bal_name), (positions, pos_name), (as_of, as_of_topic) = columns
     return Snapshots(
@@ -430,14 +438,16 @@ def _decode_binary(blob: np.ndarray, start: np.ndarray, length: np.ndarray, ids:
         as_of_partition=as_of["partition"], as_of_offset=as_of["offset"])
 
 
-def _repeated(owner: np.ndarray, name: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Per account: does it name something twice among its entries? Each entry is compared
-    with the ones up to 7 before it in one pass over the whole run of entries per distance
-    (cheap, contiguous), then, for the few accounts with longer runs, with those further
-    back among the entries that deep into their run."""
-    key = owner * (int(name.max(initial=0)) + 1) + name  # equal: same account, same name
+def _repeated(name: np.ndarray, count: np.ndarray, names: int) -> int | None:
+    """The first account that names something twice among its entries (runs of ``count``
+    entries each), if any. Each entry is compared with the ones up to 7 before it in one
+    pass over all entries per distance (cheap, contiguous), then, for the few accounts with
+    longer runs, with those further back among the entries that deep into their run."""
+    if len(name) < 2:
+        return None
+    key = np.repeat(np.arange(len(count)) * names, count) + name  # same account, same name
     same = np.zeros(len(key), bool)
-    longest = int(count.max(initial=0))
+    longest = int(count.max())
     for back in range(1, min(longest, 8)):
         same[back:] |= key[back:] == key[:-back]
     if longest > 8:
@@ -446,7 +456,9 @@ def _repeated(owner: np.ndarray, name: np.ndarray, count: np.ndarray) -> np.ndar
         for back in range(8, longest):
             same[deeper] |= key[deeper] == key[deeper - back]
             deeper = deeper[rank[deeper] > back]
-    return np.bincount(owner[same], minlength=len(count)) > 0
+    if not same.any():
+        return None
+    return int(key[np.argmax(same)] // names)
 
 
 def _gather(buffer: np.ndarray, dtype: np.dtype, positions: np.ndarray) -> np.ndarray:
@@ -479,9 +491,10 @@ def _gather_runs(first: np.ndarray, count: np.ndarray) -> np.ndarray:
 
 
 def _entry_positions(cursor: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
-    """Byte positions of count[k] entries of ``width`` bytes from cursor[k], for every k."""
-    rank = np.arange(int(count.sum())) - np.repeat(_starts(count), count)
-    return np.repeat(cursor, count) + width * rank
+    """Byte positions of count[k] entries of ``width`` bytes from cursor[k], for every k:
+    entry e (of all, in order) of run k is at cursor[k] + width·(e − first entry of k)."""
+    return np.repeat(cursor - width * _starts(count), count) \
+        + width * np.arange(int(count.sum()))
 
 
 # -- format 1 (JSON, read only) and control records ---------------------------------------------

@@ -14,7 +14,7 @@ FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_10
            "latency_p50_ms", "latency_p99_ms", "rss_per_account_bytes", "restore_s",
            "restore_vs_bare_read_s", "scale_out_records_per_s", "live_latency_p50_calm_ms",
            "live_latency_p99_calm_ms", "live_latency_p50_volatile_ms",
-           "live_latency_p99_volatile_ms", "stress_grid_s")
+           "live_latency_p99_volatile_ms", "stress_grid_s", "empty_start_s")
 
 
 def test_bench_at_ten_thousand_accounts_reports_every_figure_beside_its_baseline() -> None:

@@ -7,6 +7,8 @@ itself, against the broker, is in tests/test_durability.py.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from aiokafka.structs import ConsumerRecord
 
@@ -75,3 +77,25 @@ def test_memory_stays_bounded_by_deduplicating_as_it_reads() -> None:
                              for n in range(50_000)])
         assert latest.count <= 500_000
     assert kept(latest) == {f"a{n}".encode(): b"11" for n in range(1_000)}
+
+
+def test_the_garbage_collector_is_paused_while_restores_read_and_back_after_the_last() -> None:
+    collector = changelog._Collector()
+    collector.pause()
+    collector.pause()  # a second restore reading at the same time
+    assert not gc.isenabled()
+    collector.resume()
+    assert not gc.isenabled()
+    collector.resume()
+    assert gc.isenabled()
+
+
+def test_a_collector_paused_by_someone_else_stays_paused() -> None:
+    collector = changelog._Collector()
+    gc.disable()
+    try:
+        collector.pause()
+        collector.resume()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

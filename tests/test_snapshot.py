@@ -190,6 +190,18 @@ def test_undecodable_account_snapshots_raise(raw: bytes, message: str) -> None:
         decode_account(raw, LAYOUT_1)
 
 
+def test_an_instrument_repeated_nine_positions_later_is_caught() -> None:
+    # runs longer than 8 entries are compared entry by entry beyond the 8th
+    layout = {1: Layout(tuple(f"I{k}" for k in range(12)))}
+    positions = [struct.pack("<Hdd", k, 1.0, 2.0) for k in (*range(10), 1)]
+    fine = binary({"positions": 10}, b"".join(positions[:10]))
+    repeated = binary({"positions": 11}, b"".join(positions))
+    assert len(decode_account(fine, layout)[0].positions) == 10
+    with pytest.raises(SnapshotError, match="names an asset or an instrument twice") as excinfo:
+        decode_snapshots([fine, repeated], ["a", "b"], layout)
+    assert excinfo.value.index == 1
+
+
 def test_the_error_names_which_record_of_a_batch_is_bad() -> None:
     good = binary()
     with pytest.raises(SnapshotError) as excinfo:

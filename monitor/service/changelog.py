@@ -10,6 +10,7 @@ with the input offsets, price table and duplicate windows the accounts correspon
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -252,6 +253,31 @@ class RestoreProgress:
     #                   counted as accounts of their own, so at most this many until the end)
 
 
+class _Collector:
+    """Python's cyclic garbage collector, paused while a restore reads. Every record the
+    client builds counts towards a collection, and each full collection walks every object
+    alive: a third of the time a million records take to read. What a restore allocates is
+    freed by reference counting, without it. Pauses nest (partitions restored at once)."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.was_enabled = True
+
+    def pause(self) -> None:
+        if self.pauses == 0:
+            self.was_enabled = gc.isenabled()
+            gc.disable()
+        self.pauses += 1
+
+    def resume(self) -> None:
+        self.pauses -= 1
+        if self.pauses == 0 and self.was_enabled:
+            gc.enable()
+
+
+_collector = _Collector()
+
+
 async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                          client_id: str = "liqmon-restore",
                          request_timeout_ms: int = 30_000,
@@ -273,6 +299,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
     await consumer.start()
     latest = {tp.partition: _Latest() for tp in wanted}
     try:
+        _collector.pause()
         consumer.assign(wanted)
         await consumer.seek_to_beginning(*wanted)
         # Read up to the end as of now (what this instance's predecessors wrote); an empty
@@ -293,6 +320,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                 status.accounts = sum(state.count for state in latest.values())
                 progress(status)
     finally:
+        _collector.resume()
         await consumer.stop()
     for state in latest.values():
         state.deduplicate()

@@ -93,6 +93,7 @@ class Monitor:
         self._restoring = False
         self.restore_status: RestoreProgress | None = None  # of the restore under way
         self._restore_started = 0.0
+        self.restore_seconds: float | None = None  # how long the last restore took
         self._restore_said = 0.0  # when the last "restoring" line was logged
         self._reachable = True  # as the broker watch last found it
         self.partition_counts: dict[str, int] = {}
@@ -401,6 +402,7 @@ class Monitor:
                 self._restoring = False
                 self._update_ready()
             self._restored.set()
+            self.restore_seconds = time.monotonic() - started
             await self._report_lag([tp for tp in self._processed
                                     if tp.partition in gained or tp.topic == t.prices])
             self.log.info("restored", partitions=gained, accounts=accounts,
