@@ -167,8 +167,10 @@ class Snapshots:
                       names: Sequence[str] = ()) -> Snapshots:
         """Columns of (account id, account, seq, as_of) entries (the accounts' own order);
         ``names`` come first in the names, others as met."""
-        numbers = {name: n for n, name in enumerate(names)}
+        numbers: dict[str, int] = {}
         name_id = numbers.setdefault
+        for name in names:
+            name_id(name, len(numbers))
         bal_name: list[int] = []
         bal_amount: list[float] = []
         pos_name: list[int] = []

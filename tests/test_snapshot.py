@@ -219,6 +219,15 @@ def test_a_well_formed_record_of_layout_1_decodes() -> None:
     assert (seq, as_of) == (1, {})
 
 
+def test_names_given_first_keep_their_numbers_even_when_one_repeats() -> None:
+    # the reference engine numbers the config's assets, then its instruments: one name may
+    # be both
+    snapshots = Snapshots.from_accounts([("a", Account(balances={"X": 1.0}), 0, {})],
+                                        names=["X", "Y", "X"])
+    assert snapshots.names == ["X", "Y"]
+    assert next(snapshots.accounts())[1].balances == {"X": 1.0}
+
+
 def test_more_names_than_a_record_can_number_is_refused() -> None:
     many = Snapshots.from_accounts([("a", Account(), 1, {})])
     many.names = [f"n{k}" for k in range(70_000)]
