@@ -15,7 +15,7 @@ is the straightforward engine this one must agree with, event for event.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +36,7 @@ from monitor.records import (
     Reason,
     Rejected,
 )
+from monitor.snapshot import Offsets, Snapshots
 from monitor.state import AccountState, next_state
 
 DEFAULT_DEDUPE_WINDOW = 10_000
@@ -574,6 +575,35 @@ class Engine(InputLedger):
             self._caught_up_from[key] = caught_up_from
         else:
             self._caught_up_from.pop(key, None)
+
+    def load_accounts(self, snapshots: Snapshots,
+                      caught_up_from: Mapping[RiskKey, Offsets] | None = None) -> None:
+        """Install restored accounts and isolated positions in bulk: `load_account` for a
+        whole changelog partition, column by column. ``caught_up_from``, by key: the marks of
+        snapshots that already reflect inputs about to be re-read (see `load_account`)."""
+        self.accounts.changed()
+        self.units.changed()
+        book = self.book
+        for held in (book.index, book.units):  # those held already are replaced
+            if held and not held.keys().isdisjoint(snapshots.ids):
+                for key in snapshots.ids:
+                    row = held.get(key)  # type: ignore[call-overload]
+                    if row is not None:
+                        self._forget(row)
+        rows = book.install_many(snapshots)
+        unit = book.isolated[rows] != 0
+        for in_state, chosen in ((self.accounts_in_state, ~unit), (self.units_in_state, unit)):
+            counts = np.bincount(snapshots.state[chosen], minlength=len(_STATES)).tolist()
+            for state in _STATES:
+                in_state[state] += counts[state]
+        self._unindexed.extend(rows.tolist())
+        if caught_up_from:
+            self._caught_up_from.update(caught_up_from)
+
+    def snapshots(self, keys: Sequence[RiskKey]) -> Snapshots:
+        """Held accounts and isolated positions as checkpoint columns, read from the book's."""
+        row_of = self.book.row_of
+        return self.book.snapshots(np.array([row_of(key) for key in keys], np.int64))
 
     def drop_partition(self, partition: int | None) -> int:
         """Forget every account and isolated position of an input partition (it was handed

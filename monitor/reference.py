@@ -10,6 +10,7 @@ API as `monitor.engine.Engine`, so the service can run on either.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from monitor.account import Account, RiskKey, UnitKey
@@ -18,6 +19,7 @@ from monitor.engine import DEFAULT_DEDUPE_WINDOW, InputLedger
 from monitor.events import Event, Source, build_event
 from monitor.margin import apply_fill_to_position, value_account
 from monitor.records import ISOLATED_MARGIN, Fill, InputRecord, LedgerEntry, PriceTick
+from monitor.snapshot import Offsets, Snapshots
 from monitor.state import AccountState, next_state
 
 
@@ -253,6 +255,19 @@ class ReferenceEngine(InputLedger):
             self._caught_up_from[key] = caught_up_from
         else:
             self._caught_up_from.pop(key, None)
+
+    def load_accounts(self, snapshots: Snapshots,
+                      caught_up_from: Mapping[RiskKey, Offsets] | None = None) -> None:
+        """`load_account` for each of the snapshots."""
+        marks = caught_up_from or {}
+        for key, account, _, _ in snapshots.accounts():
+            self.load_account(key, account, marks.get(key))
+
+    def snapshots(self, keys: Sequence[RiskKey]) -> Snapshots:
+        """Held accounts and isolated positions as checkpoint columns."""
+        return Snapshots.from_accounts(
+            [(key, self._held(key)[key], 0, {}) for key in keys],
+            names=[*self.config.assets, *self.config.instruments])
 
     def drop_partition(self, partition: int | None) -> int:
         """Forget every account and isolated position of an input partition (it was handed

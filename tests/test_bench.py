@@ -16,7 +16,8 @@ FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_10
            "latency_p50_ms", "latency_p99_ms", "rss_per_account_bytes", "restore_s",
            "restore_vs_bare_read_s", "scale_out_records_per_s", "live_latency_p50_calm_ms",
            "live_latency_p99_calm_ms", "live_latency_p50_volatile_ms",
-           "live_latency_p99_volatile_ms", "stress_grid_s", "volatile_records_per_s")
+           "live_latency_p99_volatile_ms", "stress_grid_s", "volatile_records_per_s",
+           "empty_start_s")
 
 
 @pytest.mark.kafka  # starts a broker of its own

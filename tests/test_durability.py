@@ -17,6 +17,7 @@ from monitor.replay import replay
 from monitor.service.changelog import (
     ACCOUNT,
     CONTROL,
+    LAYOUT,
     RestoreProgress,
     StateCorrupt,
     read_changelog,
@@ -41,6 +42,7 @@ from tests.kafka_support import (
     without_wall_clock,
 )
 from tests.test_property import random_stream
+from tests.test_snapshot import json_snapshot
 
 CONFIG = REPO / "examples" / "risk.toml"
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -145,8 +147,7 @@ async def test_kill_9_at_random_points_loses_nothing_and_repeats_only_identical_
 
     restored = await read_changelog(broker.bootstrap, final.state, [0])
     engine = Engine(config)
-    for account_id, (account, _, _) in restored[0].accounts.items():
-        engine.load_account(account_id, account)
+    engine.load_accounts(restored[0].snapshots)
     engine.load_prices(restored[0].control.prices)
     assert state_of(engine) == state_of(final_engine(records, config))
     assert restored[0].control.offsets[(final.fills, 0)] == ends[TopicPartition(final.fills, 0)]
@@ -193,6 +194,83 @@ async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broke
         assert state_of(later.engine) == healthy
 
 
+
+
+async def test_an_upgrade_restores_json_snapshots_of_format_1_beside_binary_ones(broker):
+    """A changelog written partly by a liqmon before format 2: every other account's newest
+    snapshot is JSON. The restart holds exactly what was checkpointed, and the rest of the
+    stream then gives exactly replay's events."""
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=23, length=2_000))
+    first, second = records[:1_200], records[1_200:]
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
+    await create_topics(settings)
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, first)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, ends)
+        before = state_of(monitor.engine)
+    restored = (await read_changelog(broker.bootstrap, settings.topics.state, [0]))[0]
+    older = [(account_id, json_snapshot(account, seq, as_of))
+             for n, (account_id, account, seq, as_of) in enumerate(restored.snapshots.accounts())
+             if n % 2 == 0]
+    assert len(older) >= 5
+    await write_state(broker.bootstrap, settings.topics.state,
+                      [(account_id.encode(), value, ACCOUNT) for account_id, value in older])
+
+    async with RunningMonitor(settings, config) as restarted:
+        assert state_of(restarted.engine) == before
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, second,
+                                     first_timestamp_ms=2_000_000)
+    async with RunningMonitor(settings, config) as again:
+        await wait_processed(again, ends)
+    events = await read_events(broker.bootstrap, settings.topics)
+    assert len({e["event_id"] for e in events}) == len(events)
+    same_events(events, replayed(records, config), positions_of(records, settings.topics))
+
+
+def truncated(raw: bytes) -> bytes:
+    return raw[:-3]
+
+
+def of_a_later_version(raw: bytes) -> bytes:
+    return raw[:2] + b"\x09" + raw[3:]
+
+
+@pytest.mark.parametrize(("spoil", "layout_written", "detail"), [
+    (truncated, True, "truncated or corrupt: 59 bytes where its header makes 62"),
+    (of_a_later_version, True, "unsupported snapshot format version 9"),
+    (lambda raw: raw, False, "which the changelog partition does not hold"),
+])
+async def test_a_binary_snapshot_that_cannot_be_decoded_stops_the_restore_naming_it(
+    broker, spoil, layout_written: bool, detail: str,
+):
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    state = settings.topics.state
+    layout, raw = encode_account(Account(balances={"USDT": 10.0}, partition=0), 1,
+                                 {(settings.topics.fills, 0): 3})
+    records = [(b"acct-1", raw, ACCOUNT), (b"acct-2", spoil(raw), ACCOUNT)]
+    if layout_written:
+        records.insert(0, (layout.key, layout.encoded, LAYOUT))
+    offsets = await write_state(broker.bootstrap, state, records)
+
+    with pytest.raises(StateCorrupt, match=detail) as excinfo:
+        await read_changelog(broker.bootstrap, state, [0])
+    first_bad = offsets[-1] if layout_written else offsets[0]  # without its layout: acct-1
+    assert f"{state}/0@{first_bad} cannot be decoded" in str(excinfo.value)
+
+
+async def write_state(bootstrap: str, topic: str,
+                      records: list[tuple[bytes, bytes, bytes]]) -> list[int]:
+    """(key, value, kind) records into partition 0 of a state topic; their offsets."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        return [(await producer.send_and_wait(topic, value, key=key, partition=0,
+                                              headers=[(KIND_HEADER, kind)])).offset
+                for key, value, kind in records]
+    finally:
+        await producer.stop()
 
 
 async def checkpointed_then_changed(broker, tmp_path):
@@ -250,18 +328,21 @@ async def test_accept_config_change_restores_and_checkpoints_under_the_new_confi
 
 
 async def test_a_restore_reports_records_and_accounts_read_against_the_expected_total(broker):
-    """500 snapshots of 250 accounts (each written twice) and one control record: the
-    restore's last progress report has read all 501 records of 501 expected, 250 accounts."""
+    """500 snapshots of 250 accounts (each written twice), their layout and one control
+    record: the restore's last progress report has read all 502 records of 502 expected,
+    250 accounts."""
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
     state = settings.topics.state
     as_of = {(settings.topics.fills, 0): 0}
-    snapshot = encode_account(Account(balances={"USDT": 10.0}, partition=0), 1, as_of)
+    layout, snapshot = encode_account(Account(balances={"USDT": 10.0}, partition=0), 1, as_of)
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
     await producer.start()
     try:
         # one record per batch: the embedded broker reports a partition's end as its last
         # batch's first offset + 1, so only then is the expected total exact there
+        await (await producer.send(state, layout.encoded, key=layout.key, partition=0,
+                                   headers=[(KIND_HEADER, LAYOUT)]))
         for n in range(500):
             await (await producer.send(state, snapshot, key=f"a{n % 250}".encode(),
                                        partition=0, headers=[(KIND_HEADER, ACCOUNT)]))
@@ -273,7 +354,7 @@ async def test_a_restore_reports_records_and_accounts_read_against_the_expected_
     reports: list[RestoreProgress] = []
     restored = await read_changelog(broker.bootstrap, state, [0],
                                     progress=lambda status: reports.append(replace(status)))
-    assert len(restored[0].accounts) == 250
+    assert len(restored[0].snapshots) == 250
     assert reports, "no progress was reported"
-    assert (reports[-1].records, reports[-1].expected, reports[-1].accounts) == (501, 501, 250)
+    assert (reports[-1].records, reports[-1].expected, reports[-1].accounts) == (502, 502, 250)
     assert [r.records for r in reports] == sorted(r.records for r in reports)

@@ -128,8 +128,7 @@ async def final_state(settings: ServiceSettings, config) -> dict:
                                     range(PARTITIONS))
     engine = Engine(config)
     for part in restored.values():
-        for account_id, (account, _, _) in part.accounts.items():
-            engine.load_account(account_id, account)
+        engine.load_accounts(part.snapshots)
     return state_of(engine)["accounts"]
 
 

@@ -1,5 +1,5 @@
 """`python -m monitor.bench --worker SPEC`: the subprocesses of `liqmon bench` (a memory probe,
-or the service under measurement)."""
+a start-to-ready probe, or the service under measurement)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import sys
 
 from monitor.bench.end_to_end import service_worker
 from monitor.bench.engine import memory_probe
+from monitor.bench.restore import start_probe
 
 
 def main_worker(raw: str) -> int:
     spec = json.loads(raw)
     if spec["mode"] == "memory":
         print(json.dumps(memory_probe(spec)))
+        return 0
+    if spec["mode"] == "start":
+        print(json.dumps(asyncio.run(start_probe(spec))))
         return 0
     asyncio.run(service_worker(spec))
     return 0

@@ -20,7 +20,9 @@ from monitor.book import kernels
 from monitor.book.bands import SymbolBands
 from monitor.book.tables import INF, NAN, Tables, grown
 from monitor.config import RiskConfig
+from monitor.errors import LiqmonError
 from monitor.margin import Position, is_dust
+from monitor.snapshot import Snapshots
 from monitor.state import AccountState
 
 _AID_MASK = 0xFFFFFFFF
@@ -44,6 +46,18 @@ class Evaluation(NamedTuple):
         return [flat[starts[k]:starts[k + 1]] for k in range(len(starts) - 1)]
 _STATE_ENUM = tuple(AccountState)
 
+
+
+class NotInConfig(LiqmonError):
+    """A restored account or isolated position holds an asset or instrument the risk config
+    does not define."""
+
+    def __init__(self, key: RiskKey, names: list[str]) -> None:
+        held = (f"isolated position {key.label()!r}" if isinstance(key, UnitKey)
+                else f"account {key!r}")
+        super().__init__(f"{held} holds {', '.join(names)}, which the risk config does not "
+                         "define: run with the config its state was checkpointed under")
+        self.key, self.names = key, names
 
 
 class Book:
@@ -291,6 +305,101 @@ class Book:
         self.state_m[row] = state
         self.trans_m[row] = transitions
         return row
+
+    def install_many(self, snapshots: Snapshots) -> np.ndarray:
+        """Install accounts and isolated positions (ids that are `UnitKey`s) as their snapshots
+        hold them (restore), all at once: rows and position rows are taken together and every
+        column is filled by one numpy operation. None of them may be held already. Returns
+        their rows."""
+        s = snapshots
+        t = self.t
+        n = len(s)
+        asset_of = np.array([t.asset_index.get(name, -1) for name in s.names], np.int64)
+        instr_of = np.array([t.instr_index.get(name, -1) for name in s.names], np.int64)
+        bal_asset, pos_instr = asset_of[s.bal_name], instr_of[s.pos_name]
+        bal_owner = np.repeat(np.arange(n), s.bal_count)
+        pos_owner = np.repeat(np.arange(n), s.pos_count)
+        if (bal_asset < 0).any() or (pos_instr < 0).any():
+            k = min(bal_owner[bal_asset < 0].min(initial=n),
+                    pos_owner[pos_instr < 0].min(initial=n))
+            unknown = {*s.bal_name[(bal_owner == k) & (bal_asset < 0)].tolist(),
+                       *s.pos_name[(pos_owner == k) & (pos_instr < 0)].tolist()}
+            raise NotInConfig(s.ids[k], sorted(s.names[name] for name in unknown))
+        units = [(k, key) for k, key in enumerate(s.ids) if type(key) is UnitKey]
+        for _, key in units:
+            if key.symbol not in t.instr_index:
+                raise NotInConfig(key, [key.symbol])
+        reused = self.free_rows[len(self.free_rows) - min(n, len(self.free_rows)):]
+        del self.free_rows[len(self.free_rows) - len(reused):]
+        first = len(self.ids)
+        end = first + n - len(reused)
+        if end > self.cap:
+            self._alloc_rows(self.cap, max(end, self.cap + (self.cap >> 1)))
+        rows = np.concatenate([np.array(reused, np.int64), np.arange(first, end)])
+        for row, account_id in zip(reused, s.ids, strict=False):
+            self.ids[row] = account_id
+        self.ids.extend(s.ids[len(reused):])
+        self.isolated[rows] = 0
+        if units:
+            at = [k for k, _ in units]
+            self.isolated[rows[at]] = 1
+            self.units.update((key, int(rows[k])) for k, key in units)
+            self.index.update((key, row) for key, row in zip(s.ids, rows.tolist(), strict=True)
+                              if not isinstance(key, UnitKey))
+        else:
+            self.index.update(zip(s.ids, rows.tolist(), strict=True))  # type: ignore[arg-type]
+        self.state[rows] = s.state
+        self.trans[rows] = s.transitions
+        self.part[rows] = s.partition
+        self.bal[rows[bal_owner] * t.n_assets + bal_asset] = s.bal_amount
+        count = len(pos_instr)
+        reused = self.free_pos[len(self.free_pos) - min(count, len(self.free_pos)):]
+        del self.free_pos[len(self.free_pos) - len(reused):]
+        first = self.n_pos
+        end = first + count - len(reused)
+        if end > self.pcap:
+            self._alloc_pos(self.pcap, max(end, self.pcap + (self.pcap >> 1)))
+        self.n_pos = end
+        pos = np.concatenate([np.array(reused, np.int64), np.arange(first, end)])
+        owner = rows[pos_owner]
+        self.p_acct[pos] = owner
+        self.p_instr[pos] = pos_instr
+        self.p_qty[pos] = s.pos_qty
+        self.p_entry[pos] = s.pos_entry
+        # each account's positions are a run, in opening order: link each to the next
+        nxt = np.full(count, -1, np.int64)
+        same = np.flatnonzero(owner[1:] == owner[:-1])
+        nxt[same] = pos[same + 1]
+        self.p_next[pos] = nxt
+        self.first[rows] = -1
+        holding = s.pos_count > 0
+        starts = np.cumsum(s.pos_count) - s.pos_count
+        self.first[rows[holding]] = pos[starts[holding]]
+        self.positions += count
+        return rows
+
+    def snapshots(self, rows: np.ndarray) -> Snapshots:
+        """The accounts of these rows as snapshot columns (the checkpoint stamps seq and
+        as_of); names: the config's assets, then its instruments."""
+        t = self.t
+        na = t.n_assets
+        n = len(rows)
+        bal = self.bal.reshape(-1, na)[rows]
+        owner, asset = np.nonzero(bal)  # row by row: each account's, in config order
+        pos, own = self.positions_of_rows(rows)
+        order = np.argsort(own, kind="stable")  # walked a step at a time: back to accounts
+        pos = pos[order]
+        none = np.zeros(n, np.int64)
+        return Snapshots(
+            ids=[self.ids[row] for row in rows.tolist()],  # type: ignore[misc]
+            state=self.state[rows], transitions=self.trans[rows], partition=self.part[rows],
+            seq=none, names=[*t.assets, *t.instruments],
+            bal_count=np.bincount(owner, minlength=n), bal_name=asset.astype(np.int64),
+            bal_amount=bal[owner, asset], pos_count=np.bincount(own, minlength=n),
+            pos_name=na + self.p_instr[pos].astype(np.int64), pos_qty=self.p_qty[pos],
+            pos_entry=self.p_entry[pos], as_of_count=none,
+            as_of_topic=np.empty(0, np.int64), as_of_partition=np.empty(0, np.int32),
+            as_of_offset=np.empty(0, np.int64))
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -2,44 +2,58 @@
 
 Changelog partition p holds the accounts and isolated positions of input partition p of
 fills/ledger (keyed by account, or `snapshot.state_key` of the position; a tombstone once one may
-be forgotten) and, written last in every checkpoint, a control
-record with the input offsets, price table and duplicate windows the accounts correspond to. A
+be forgotten), the layouts their snapshots refer to (written before them, see
+`monitor.snapshot`) and, written last in every checkpoint, a control record
+with the input offsets, price table and duplicate windows the accounts correspond to. A
 `reset` marker (written by --reset-state) makes a restore ignore everything before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from monitor.account import Account, RiskKey, UnitKey
+from monitor.account import RiskKey, UnitKey
+from monitor.book.store import NotInConfig
 from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
+from monitor.reference import ReferenceEngine
 from monitor.service.outbox import Outgoing
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import Topics
 from monitor.snapshot import (
     CONTROL_KEY,
+    ISOLATED_KEY_PREFIX,
     KIND_HEADER,
     Control,
+    Layout,
     Offsets,
     SnapshotError,
-    decode_account,
+    Snapshots,
     decode_control,
-    encode_account,
+    decode_layout,
+    decode_snapshots,
     encode_control,
+    encode_snapshots,
     risk_key,
     state_key,
 )
 
-ACCOUNT, CONTROL, RESET = b"account", b"control", b"reset"
+ACCOUNT, CONTROL, LAYOUT, RESET = b"account", b"control", b"layout", b"reset"
 RESET_KEY = b"\x00liqmon.reset"
+_ACCOUNT_HEADERS = ((KIND_HEADER, ACCOUNT),)  # as aiokafka hands a record's headers over
+_HEADERS, _KEY, _VALUE, _OFFSET = (attrgetter(name)
+                                   for name in ("headers", "key", "value", "offset"))
 
 
 class StateCorrupt(LiqmonError):
@@ -71,18 +85,166 @@ class ConfigChanged(LiqmonError):
 class RestoredPartition:
     partition: int
     control: Control | None
-    # accounts by id and isolated positions by UnitKey: (state, seq, offsets it reflects)
-    accounts: dict[RiskKey, tuple[Account, int, Offsets]] = field(default_factory=dict)
+    snapshots: Snapshots  # every account the partition holds, in columns
     records_read: int = 0
+
+    def marks(self, positions: Offsets, prices_topic: str) -> dict[str, Offsets]:
+        """Per account whose snapshot already reflects inputs beyond the read ``positions``:
+        those inputs' offsets — the ones it was taken at (beyond the control record's after a
+        crash mid-checkpoint) and the ticks its partition's control record had seen. Records
+        re-read before them skip the account. Accounts alike share one dict."""
+        s = self.snapshots
+        ticks_seen = {} if self.control is None else {
+            key: offset for key, offset in self.control.offsets.items()
+            if key[0] == prices_topic and offset > positions.get(key, 0)}
+        # where each as_of entry's input is read from, looked up for all entries at once
+        known = {n << 32 | (0 if part is None else part + 1): offset
+                 for n, name in enumerate(s.names)
+                 for (topic, part), offset in positions.items() if topic == name}
+        codes = s.as_of_topic << 32 | (s.as_of_partition.astype(np.int64) + 1)
+        read_from = np.zeros(len(codes), np.int64)
+        if known:
+            table = np.array(sorted(known), np.int64)
+            at = np.minimum(np.searchsorted(table, codes), len(table) - 1)
+            found = table[at] == codes
+            read_from[found] = np.array([known[c] for c in table.tolist()])[at[found]]
+        beyond = np.flatnonzero(s.as_of_offset > read_from)
+        marks = dict.fromkeys(s.ids, ticks_seen) if ticks_seen else {}
+        if len(beyond):
+            owner = np.repeat(np.arange(len(s)), s.as_of_count)[beyond]
+            for k, account in zip(beyond.tolist(), owner.tolist(), strict=True):
+                own = marks.get(s.ids[account])
+                if own is None or own is ticks_seen:
+                    own = marks[s.ids[account]] = dict(ticks_seen)
+                key = (s.names[s.as_of_topic[k]], None if s.as_of_partition[k] < 0
+                       else int(s.as_of_partition[k]))
+                own[key] = max(own.get(key, 0), int(s.as_of_offset[k]))
+        return marks
 
 
 @dataclass
 class _Latest:
-    """What survives of one changelog partition: the newest record per key, undecoded."""
+    """What survives of one changelog partition, undecoded: account snapshots in the order
+    read (older ones of a key dropped now and then, see `deduplicate`), the newest layout
+    record per key and the newest control record.
 
-    values: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
-    control: tuple[int, bytes] | None = None
+    Snapshots are kept in tuples, a batch each: the garbage collector stops tracking a tuple
+    of bytes and ints, where it would walk a list of a million of them at every full
+    collection (a second per million records)."""
+
+    keys: list[tuple[bytes | None, ...]] = field(default_factory=list)
+    values: list[tuple[bytes | None, ...]] = field(default_factory=list)
+    offsets: list[tuple[int, ...]] = field(default_factory=list)
+    count: int = 0  # snapshots held
+    distinct: int = 0  # snapshots left by the last deduplication (each of another key)
+    layouts: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
+    control: tuple[int, bytes | None] | None = None
     read: int = 0
+
+    def add(self, records: list[ConsumerRecord]) -> _Latest:
+        """Take in a fetched batch; returns what survives after it (a new one past a reset).
+        Runs of account snapshots are taken in at C speed, with no dictionary operation per
+        record (at a million keys one costs ~0.3 µs, an eighth of reading the record); the
+        other kinds are few."""
+        state = self
+        headers = list(map(_HEADERS, records))
+        if headers.count(_ACCOUNT_HEADERS) == len(records):
+            state._snapshots(records)
+            return state
+        other = list(map(_ACCOUNT_HEADERS.__ne__, headers))
+        start = 0
+        while (special := _find(other, start)) is not None:
+            state._snapshots(records[start:special])
+            state = state._other(records[special])
+            start = special + 1
+        state._snapshots(records[start:])
+        return state
+
+    def _snapshots(self, records: list[ConsumerRecord]) -> None:
+        if not records:
+            return
+        self.keys.append(tuple(map(_KEY, records)))
+        self.values.append(tuple(map(_VALUE, records)))
+        self.offsets.append(tuple(map(_OFFSET, records)))
+        self.count += len(records)
+        self.read += len(records)
+        if self.count > 2 * max(self.distinct, 250_000):  # memory stays bounded
+            self.deduplicate()
+
+    def _other(self, record: ConsumerRecord) -> _Latest:
+        kind = dict(record.headers).get(KIND_HEADER, ACCOUNT)
+        if kind == RESET:
+            return _Latest(read=self.read + 1)
+        if kind == CONTROL:
+            self.control = (record.offset, record.value)
+        elif kind == LAYOUT:
+            self.layouts[record.key] = (record.offset, record.value)
+        else:
+            self._snapshots([record])
+            return self
+        self.read += 1
+        return self
+
+    def snapshots(self) -> tuple[tuple[bytes | None, ...], tuple[bytes | None, ...],
+                                 tuple[int, ...]]:
+        """(keys, values, offsets) of the snapshots held (after `deduplicate`: the newest of
+        each key)."""
+        if len(self.keys) != 1:
+            self.keys, self.values, self.offsets = (
+                [tuple(chain.from_iterable(column))]
+                for column in (self.keys, self.values, self.offsets))
+        return self.keys[0], self.values[0], self.offsets[0]
+
+    def deduplicate(self) -> None:
+        """Keep the newest snapshot of each key (and none without a key), in read order.
+
+        Keys are grouped by their Python hash in numpy; records that share a hash are then
+        compared, so two keys that merely collide both stay."""
+        if self.count == self.distinct:
+            return
+        keys, values, offsets = self.snapshots()
+        hashes = np.fromiter(map(hash, keys), np.int64, len(keys))
+        ordered = np.sort(hashes)
+        drop = [k for k, key in enumerate(keys) if key is None] if None in keys else []
+        if (ordered[1:] == ordered[:-1]).any():  # a key read twice (or a collision)
+            order = np.argsort(hashes, kind="stable")  # by hash, then as read
+            newest = np.ones(len(keys), bool)
+            newest[:-1] = ordered[1:] != ordered[:-1]
+            older = np.flatnonzero(~newest)
+            ends = np.flatnonzero(newest)
+            superseded = order[older]
+            replacing = order[ends[np.searchsorted(ends, older)]]
+            if any(keys[a] != keys[b] for a, b in
+                   zip(superseded.tolist(), replacing.tolist(), strict=True)):
+                superseded = _superseded_exactly(keys)
+            drop.extend(superseded.tolist())
+        if drop:
+            keep = np.ones(len(keys), bool)
+            keep[drop] = False
+            kept = np.flatnonzero(keep).tolist()
+            self.keys, self.values, self.offsets = (
+                [tuple(column[k] for k in kept)] for column in (keys, values, offsets))
+        self.count = self.distinct = len(self.keys[0])
+
+
+def _superseded_exactly(keys: tuple[bytes | None, ...]) -> np.ndarray:
+    """Indexes of snapshots a later one of the same key replaces (the dictionary way, for
+    the batch in which two keys share a hash)."""
+    newest: dict[bytes | None, int] = {}
+    superseded = []
+    for k, key in enumerate(keys):
+        if key in newest:
+            superseded.append(newest[key])
+        newest[key] = k
+    return np.array(superseded, np.int64)
+
+
+def _find(flags: list[bool], start: int) -> int | None:
+    """The first index from ``start`` whose flag is set."""
+    try:
+        return flags.index(True, start)
+    except ValueError:
+        return None
 
 
 @dataclass(slots=True)
@@ -92,7 +254,33 @@ class RestoreProgress:
     records: int = 0  # changelog records read
     expected: int = 0  # records between the partitions' first and end offsets (compaction
     #                    leaves gaps, so at most this many)
-    accounts: int = 0  # distinct account keys read so far
+    accounts: int = 0  # accounts read so far (snapshots read since the last deduplication
+    #                   counted as accounts of their own, so at most this many until the end)
+
+
+class _Collector:
+    """Python's cyclic garbage collector, paused while a restore reads. Every record the
+    client builds counts towards a collection, and each full collection walks every object
+    alive: a third of the time a million records take to read. What a restore allocates is
+    freed by reference counting, without it. Pauses nest (partitions restored at once)."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.was_enabled = True
+
+    def pause(self) -> None:
+        if self.pauses == 0:
+            self.was_enabled = gc.isenabled()
+            gc.disable()
+        self.pauses += 1
+
+    def resume(self) -> None:
+        self.pauses -= 1
+        if self.pauses == 0 and self.was_enabled:
+            gc.enable()
+
+
+_collector = _Collector()
 
 
 async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
@@ -116,6 +304,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
     await consumer.start()
     latest = {tp.partition: _Latest() for tp in wanted}
     try:
+        _collector.pause()
         consumer.assign(wanted)
         await consumer.seek_to_beginning(*wanted)
         # Read up to the end as of now (what this instance's predecessors wrote); an empty
@@ -127,25 +316,23 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=200, max_records=50_000)
             for tp, records in batch.items():
-                state = latest[tp.partition]
-                for record in records:
-                    state.read += 1
-                    kind = dict(record.headers).get(KIND_HEADER, ACCOUNT)
-                    if kind == RESET:
-                        latest[tp.partition] = state = _Latest(read=state.read)
-                    elif kind == CONTROL:
-                        state.control = (record.offset, record.value)
-                    elif record.key is not None:
-                        state.values[record.key] = (record.offset, record.value)
+                latest[tp.partition] = latest[tp.partition].add(records)
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
             if progress is not None and batch:
                 status.records = sum(state.read for state in latest.values())
-                status.accounts = sum(len(state.values) for state in latest.values())
+                status.accounts = sum(state.count for state in latest.values())
                 progress(status)
     finally:
+        _collector.resume()
         await consumer.stop()
+    for state in latest.values():
+        state.deduplicate()
+    if progress is not None:
+        status.records = sum(state.read for state in latest.values())
+        status.accounts = sum(state.count for state in latest.values())
+        progress(status)
     return {p: _decode(topic, p, state) for p, state in latest.items()}
 
 
@@ -157,15 +344,51 @@ def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
             control = decode_control(raw)
         except SnapshotError as exc:
             raise StateCorrupt(topic, partition, offset, str(exc)) from None
-    restored = RestoredPartition(partition=partition, control=control, records_read=latest.read)
-    for key, (offset, raw) in latest.values.items():
-        if raw is None:
-            continue  # tombstone: the account was forgotten
+    layouts = {}
+    for offset, raw in latest.layouts.values():
         try:
-            restored.accounts[risk_key(key)] = decode_account(raw)
-        except (SnapshotError, UnicodeDecodeError) as exc:
+            layout = decode_layout(raw)
+        except SnapshotError as exc:
             raise StateCorrupt(topic, partition, offset, str(exc)) from None
-    return restored
+        layouts[layout.id] = layout
+    keys, values, offsets = latest.snapshots()
+    if None in values:  # tombstones: forgotten accounts
+        live = [k for k, value in enumerate(values) if value is not None]
+        keys, values, offsets = (tuple(column[k] for k in live)
+                                 for column in (keys, values, offsets))
+    try:
+        ids = _risk_keys(keys)  # type: ignore[arg-type]
+    except UnicodeDecodeError:
+        bad = next(k for k, key in enumerate(keys) if not _is_utf8(key))  # type: ignore[arg-type]
+        raise StateCorrupt(topic, partition, offsets[bad], "the account id is not UTF-8") from None
+    try:
+        snapshots = decode_snapshots(values, ids, layouts)  # type: ignore[arg-type]
+    except SnapshotError as exc:
+        assert exc.index is not None
+        raise StateCorrupt(topic, partition, offsets[exc.index], str(exc)) from None
+    return RestoredPartition(partition=partition, control=control, snapshots=snapshots,
+                             records_read=latest.read)
+
+
+def _risk_keys(keys: list[bytes]) -> list[RiskKey]:
+    """Keys as account ids (one decode of them all joined, unless a key holds the separator)
+    and, where a key is an isolated position's (`state_key`), its UnitKey."""
+    joined = b"\n".join(keys)
+    ids: list[RiskKey] = list(joined.decode().split("\n"))
+    if len(ids) != len(keys):
+        ids = [key.decode() for key in keys]
+    if ISOLATED_KEY_PREFIX in joined:
+        ids = [risk_key(key) if key.startswith(ISOLATED_KEY_PREFIX) else ids[k]
+               for k, key in enumerate(keys)]
+    return ids
+
+
+def _is_utf8(key: bytes) -> bool:
+    try:
+        key.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
@@ -177,20 +400,33 @@ async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
     await asyncio.gather(*futures)
 
 
-def snapshot_messages(engine: Engine, dirty: dict[RiskKey, int], seq: int,
-                      as_of: dict[int, Offsets], topics: Topics) -> list[Outgoing]:
+def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int], seq: int,
+                      as_of: dict[int, Offsets], topics: Topics,
+                      layouts_written: set[tuple[int, int]]) -> tuple[list[Outgoing],
+                                                                     list[Outgoing]]:
     """Snapshots (or tombstones of deleted ones) of the accounts and isolated positions in
     ``dirty`` (key → partition), each stamped with the input offsets ``as_of`` its
-    partition's state reflects."""
+    partition's state reflects, encoded from the book's columns; and before them, to be
+    acknowledged first, the layout record of each partition not yet in ``layouts_written``
+    ((partition, layout id) pairs of this checkpoint, updated)."""
+    held = [key for key in dirty
+            if (key in engine.units if isinstance(key, UnitKey) else key in engine.accounts)]
+    snapshots = engine.snapshots(held).stamped(seq, [as_of[dirty[a]] for a in held])
+    layout, values = encode_snapshots(snapshots)
+    encoded = dict(zip(held, values, strict=True))
+    layouts = [layout_message(partition, layout, topics)
+               for partition in sorted(set(dirty[a] for a in held))
+               if (partition, layout.id) not in layouts_written]
+    layouts_written.update((message.partition, layout.id) for message in layouts)
     header = [(KIND_HEADER, ACCOUNT)]
-    snapshots = []
-    for key, partition in dirty.items():
-        account = (engine.units.get(key) if isinstance(key, UnitKey)
-                   else engine.accounts.get(key))
-        value = None if account is None else encode_account(account, seq, as_of[partition])
-        snapshots.append(Outgoing(topic=topics.state, key=state_key(key), value=value,
-                                  headers=header, partition=partition))
-    return snapshots
+    return layouts, [Outgoing(topic=topics.state, key=state_key(key), value=encoded.get(key),
+                              headers=header, partition=partition)
+                     for key, partition in dirty.items()]
+
+
+def layout_message(partition: int, layout: Layout, topics: Topics) -> Outgoing:
+    return Outgoing(topic=topics.state, key=layout.key, value=layout.encoded,
+                    headers=[(KIND_HEADER, LAYOUT)], partition=partition)
 
 
 def controls_now(engine: Engine, seq: int, as_of: dict[int, Offsets], topics: Topics,
@@ -247,14 +483,10 @@ async def read_book(bootstrap: str, topic: str, config: RiskConfig,
                 prices[symbol] = (price, ts)
     engine.load_prices(prices)
     for part in restored.values():
-        for key, (account, _, _) in part.accounts.items():
-            unknown = sorted({*account.balances} - set(config.assets)
-                             | {*account.positions} - set(config.instruments))
-            if isinstance(key, UnitKey) and key.symbol not in config.instruments:
-                unknown.append(key.symbol)
-            if unknown:
-                raise UnknownToConfig(topic, key, unknown)
-            engine.load_account(key, account)
+        try:
+            engine.load_accounts(part.snapshots)
+        except NotInConfig as exc:
+            raise UnknownToConfig(topic, exc.key, exc.names) from None
     return engine
 
 

@@ -30,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
-from monitor.account import Account, RiskKey, account_of
+from monitor.account import RiskKey, account_of
 from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
@@ -96,6 +96,7 @@ class Monitor:
         self._warming_up = True  # loading (first start: compiling) the engine's kernels
         self.restore_status: RestoreProgress | None = None  # of the restore under way
         self._restore_started = 0.0
+        self.restore_seconds: float | None = None  # how long the last restore took
         self._restore_said = 0.0  # when the last "restoring" line was logged
         self._reachable = True  # as the broker watch last found it
         self.partition_counts: dict[str, int] = {}
@@ -402,7 +403,7 @@ class Monitor:
                     else:
                         await self._install(restored[partition])
                     self._owned.add(partition)
-                    accounts += len(restored[partition].accounts)
+                    accounts += len(restored[partition].snapshots)
             except _StopRequested:
                 self.log.info("restore abandoned: stopping",
                               partitions=sorted(set(gained) - self._owned))
@@ -411,6 +412,7 @@ class Monitor:
                 self._restoring = False
                 self._update_ready()
             self._restored.set()
+            self.restore_seconds = time.monotonic() - started
             await self._report_lag([tp for tp in self._processed
                                     if tp.partition in gained or tp.topic == t.prices])
             self.log.info("restored", partitions=gained, accounts=accounts,
@@ -514,23 +516,8 @@ class Monitor:
         if control is not None:
             for (topic, p), ids in control.dedupe.items():
                 engine.load_dedupe_ids(topic, p, ids)
-        for key, (account, _, _) in restored.accounts.items():
-            engine.load_account(key, account, self._marks(restored, key, positions) or None)
-
-    def _marks(self, restored: RestoredPartition, key: RiskKey, positions: Offsets
-               ) -> Offsets:
-        """Inputs a restored snapshot already reflects beyond the given read positions: the
-        offsets it was taken at (beyond the control record's after a crash mid-checkpoint),
-        and the ticks its partition's control record had seen. Re-read records before them
-        skip the account."""
-        control = restored.control
-        _, _, as_of = restored.accounts[key]
-        marks: Offsets = dict(as_of)
-        if control is not None:
-            for key, offset in control.offsets.items():
-                if key[0] == self.settings.topics.prices and offset > marks.get(key, 0):
-                    marks[key] = offset
-        return {key: offset for key, offset in marks.items() if offset > positions.get(key, 0)}
+        engine.load_accounts(restored.snapshots,
+                             restored.marks(positions, self.settings.topics.prices))
 
     def _behind_on_prices(self, restored: RestoredPartition) -> bool:
         """Did this partition's last owner checkpoint at an earlier point of the price stream
@@ -623,13 +610,11 @@ class Monitor:
         for tp in own:
             self._accounts.seek(tp, positions[tp])
             self._set_position(tp, positions[tp])
-        main_positions = self._positions()
-        held: list[tuple[RiskKey, Account]] = [*private.accounts.items(),
-                                               *private.units.items()]
-        for key, account in held:
-            marks = self._marks(restored, key, main_positions) \
-                if key in restored.accounts else {}
-            self.engine.load_account(key, account, marks or None)
+        marks = restored.marks(self._positions(), t.prices)
+        held: list[RiskKey] = [*private.accounts, *private.units]
+        self.engine.load_accounts(private.snapshots(held),
+                                  {key: m for key, m in marks.items()
+                                   if key in private.accounts or key in private.units})
         for topic in (t.fills, t.ledger):
             self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
         changed = private.take_dirty()
@@ -913,14 +898,17 @@ class Monitor:
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
         ids = list(mine)
+        written: set[tuple[int, int]] = set()  # (partition, layout id) written this time
         try:
             for start in range(0, len(ids), CHECKPOINT_CHUNK):
                 # handed over meanwhile: the checkpoint before the hand-over wrote it
                 chunk = {a: mine[a] for a in ids[start:start + CHECKPOINT_CHUNK]
                          if mine[a] in self._owned}
-                snapshots = snapshot_messages(self.engine, chunk, seq,
-                                              self._as_of(set(chunk.values())), t)
+                layouts, snapshots = snapshot_messages(
+                    self.engine, chunk, seq, self._as_of(set(chunk.values())), t, written)
                 await self._pipeline.flush()  # the events of what these snapshots reflect
+                if layouts:  # acknowledged first: no snapshot is ever without its layout
+                    await self._delivery.deliver(layouts)
                 await self._delivery.deliver(snapshots)
             await self._pipeline.settled(vouched)
             messages = []

@@ -1,0 +1,101 @@
+"""What a restore keeps of the changelog records it reads (SPEC §6): the newest snapshot of
+every account, the newest layout and control record, nothing from before a reset marker.
+
+The records are aiokafka's own `ConsumerRecord`s, as a fetch hands them over; the reading
+itself, against the broker, is in tests/test_durability.py.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from monitor.service import changelog
+from monitor.service.changelog import ACCOUNT, CONTROL, LAYOUT, RESET, _Latest
+from monitor.snapshot import KIND_HEADER
+
+_offsets = iter(range(1_000_000))
+
+
+def record(key: bytes | None, value: bytes | None, kind: bytes | None = ACCOUNT
+           ) -> ConsumerRecord:
+    headers = () if kind is None else ((KIND_HEADER, kind),)
+    return ConsumerRecord("state", 0, next(_offsets), 0, 0, key, value, None,
+                          -1 if key is None else len(key), -1 if value is None else len(value),
+                          headers)
+
+
+def kept(latest: _Latest) -> dict[bytes | None, bytes | None]:
+    latest.deduplicate()
+    keys, values, _ = latest.snapshots()
+    assert len(set(keys)) == len(keys)
+    return dict(zip(keys, values, strict=True))
+
+
+def test_the_newest_snapshot_of_each_account_is_kept_in_the_order_read() -> None:
+    latest = _Latest().add([record(b"a", b"1"), record(b"b", b"1"), record(b"a", b"2")])
+    latest = latest.add([record(b"c", b"1"), record(b"b", None)])  # b forgotten: tombstone
+    assert list(kept(latest).items()) == [(b"a", b"2"), (b"c", b"1"), (b"b", None)]
+    assert latest.read == 5
+
+
+def test_control_and_layout_records_among_snapshots_are_told_apart() -> None:
+    latest = _Latest().add([record(b"a", b"1"), record(b"\x00layout", b"L1", LAYOUT),
+                            record(b"b", b"1"), record(b"\x00control", b"C1", CONTROL),
+                            record(b"\x00control", b"C2", CONTROL), record(b"c", b"1", None)])
+    assert kept(latest) == {b"a": b"1", b"b": b"1", b"c": b"1"}  # no header: a snapshot
+    assert latest.control is not None and latest.control[1] == b"C2"
+    assert [value for _, value in latest.layouts.values()] == [b"L1"]
+    assert latest.read == 6
+
+
+def test_a_reset_marker_forgets_everything_before_it_in_the_same_batch() -> None:
+    latest = _Latest().add([record(b"a", b"1"), record(b"\x00control", b"C1", CONTROL),
+                            record(b"\x00reset", b"now", RESET), record(b"b", b"1")])
+    assert kept(latest) == {b"b": b"1"}
+    assert (latest.control, latest.read) == (None, 4)
+
+
+def test_a_snapshot_without_a_key_is_dropped() -> None:
+    assert kept(_Latest().add([record(None, b"1"), record(b"a", b"1")])) == {b"a": b"1"}
+
+
+def test_keys_that_share_a_hash_are_still_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(changelog, "hash", lambda key: 7, raising=False)  # every key collides
+    latest = _Latest().add([record(b"a", b"1"), record(b"b", b"1"), record(b"a", b"2"),
+                            record(b"c", b"1")])
+    assert list(kept(latest).items()) == [(b"b", b"1"), (b"a", b"2"), (b"c", b"1")]
+
+
+def test_memory_stays_bounded_by_deduplicating_as_it_reads() -> None:
+    # 600,000 snapshots of 1,000 accounts: duplicates are dropped while reading, not at the end
+    latest = _Latest()
+    for batch in range(12):
+        latest = latest.add([record(f"a{n % 1_000}".encode(), b"%d" % batch)
+                             for n in range(50_000)])
+        assert latest.count <= 500_000
+    assert kept(latest) == {f"a{n}".encode(): b"11" for n in range(1_000)}
+
+
+def test_the_garbage_collector_is_paused_while_restores_read_and_back_after_the_last() -> None:
+    collector = changelog._Collector()
+    collector.pause()
+    collector.pause()  # a second restore reading at the same time
+    assert not gc.isenabled()
+    collector.resume()
+    assert not gc.isenabled()
+    collector.resume()
+    assert gc.isenabled()
+
+
+def test_a_collector_paused_by_someone_else_stays_paused() -> None:
+    collector = changelog._Collector()
+    gc.disable()
+    try:
+        collector.pause()
+        collector.resume()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
