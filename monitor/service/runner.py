@@ -404,6 +404,9 @@ class Monitor:
                         await self._install(restored[partition])
                     self._owned.add(partition)
                     accounts += len(restored[partition].snapshots)
+                # File the restored accounts in the band index before saying ready, or the
+                # first record after it would wait for that (~1.7 s per million accounts).
+                self.engine.index_restored()
             except _StopRequested:
                 self.log.info("restore abandoned: stopping",
                               partitions=sorted(set(gained) - self._owned))
