@@ -93,7 +93,7 @@ _HEALTHY = AccountState.HEALTHY
 _K = TypeVar("_K", str, UnitKey)
 
 
-class AccountsView(Mapping[_K], Generic[_K]):
+class AccountsView(Mapping[_K, Account], Generic[_K]):
     """`engine.accounts` (account id → its cross margin) and `engine.units` (`UnitKey` → an
     isolated position): an `Account` built from the book, over one of its row indexes.
 
@@ -106,7 +106,7 @@ class AccountsView(Mapping[_K], Generic[_K]):
 
     def __init__(self, book: Book, index: dict[_K, int]) -> None:
         self._book = book
-        self._index = index
+        self._index: dict[_K, int] = index
         self._cache: dict[_K, Account] = {}
 
     def changed(self) -> None:
@@ -320,7 +320,7 @@ class Engine(InputLedger):
         if self._caught_up_from:  # snapshots newer than this input: leave them as they are
             ids = book.ids
             for k in range(len(rows)):
-                if self._already_reflected(ids[rows[k]], source):  # type: ignore[arg-type]
+                if self._already_reflected(ids[rows[k]], source):
                     evaluable[k] = True  # not counted as unevaluated: it was skipped
                     moved[k] = False
                     eps[k] = 0.0
@@ -422,7 +422,7 @@ class Engine(InputLedger):
         if self._unindexed or self._reindex_all:
             self.index_restored()
         ids = self.book.ids
-        return frozenset(ids[row] for row in self.book.holders(sym).tolist())  # type: ignore[misc]
+        return frozenset(ids[row] for row in self.book.holders(sym).tolist())
 
     def valuation(self, key: RiskKey) -> Valuation | None:
         """The risk unit's figures at the current prices, from scratch (SPEC §4, §4.1)."""
@@ -584,10 +584,11 @@ class Engine(InputLedger):
         self.accounts.changed()
         self.units.changed()
         book = self.book
-        for held in (book.index, book.units):  # those held already are replaced
+        indexes: tuple[dict[Any, int], ...] = (book.index, book.units)
+        for held in indexes:  # those held already are replaced
             if held and not held.keys().isdisjoint(snapshots.ids):
                 for key in snapshots.ids:
-                    row = held.get(key)  # type: ignore[call-overload]
+                    row = held.get(key)
                     if row is not None:
                         self._forget(row)
         rows = book.install_many(snapshots)
@@ -618,7 +619,7 @@ class Engine(InputLedger):
         for row in rows:
             key = ids[row]
             self._forget(row)
-            self._dirty.discard(key)  # type: ignore[arg-type]
+            self._dirty.discard(key)
         return len(rows)
 
     def _forget(self, row: int) -> None:

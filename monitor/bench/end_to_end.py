@@ -347,7 +347,7 @@ async def service_worker(spec: dict[str, Any]) -> None:
 
         import monitor.service.runner as runner
 
-        runner.AIOKafkaConsumer = functools.partial(  # type: ignore[misc]
+        runner.AIOKafkaConsumer = functools.partial(
             runner.AIOKafkaConsumer, **spec["consumer"])
     config = bench_config(spec["instruments"])
     pop = populate(config, spec["accounts"], spec["seed"])

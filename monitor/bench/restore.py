@@ -34,8 +34,10 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
         CONTROL_KEY,
         KIND_HEADER,
         Control,
+        Offsets,
         encode_control,
         encode_snapshots,
+        state_key,
     )
 
     workdir = Path(tempfile.mkdtemp(prefix="liqmon-bench-"))
@@ -48,7 +50,8 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
                                     max_request_size=8 * 1024 * 1024)
         await producer.start()
         try:
-            as_of = {(topics.fills, 0): 0, (topics.ledger, 0): 0, (topics.prices, 0): 0}
+            as_of: Offsets = {(topics.fills, 0): 0, (topics.ledger, 0): 0,
+                              (topics.prices, 0): 0}
             snapshots = pop.snapshots(1, as_of)
             layout, values = encode_snapshots(snapshots)
             futures = []
@@ -57,7 +60,7 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
                          headers=[(KIND_HEADER, b"layout")])
             header = [(KIND_HEADER, b"account")]
             for n, (account_id, value) in enumerate(zip(snapshots.ids, values, strict=True)):
-                key = account_id.encode()
+                key = state_key(account_id)
                 if batch.append(key=key, value=value, timestamp=None, headers=header) is None:
                     futures.append(await producer.send_batch(batch, topics.state, partition=0))
                     batch = producer.create_batch()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,6 +48,12 @@ _STATE_ENUM = tuple(AccountState)
 
 
 
+def _view(column: np.ndarray) -> Any:
+    """A memoryview of a column, for scalar reads and writes (~25 ns, against ~100 for numpy
+    indexing); typed Any, as typeshed's memoryview holds ints only."""
+    return column.data
+
+
 class NotInConfig(LiqmonError):
     """A restored account or isolated position holds an asset or instrument the risk config
     does not define."""
@@ -77,7 +83,7 @@ class Book:
         self._alloc_pos(0, 4096)
         self.bands = [SymbolBands() for _ in self.t.symbols]
         self.sym_px = np.full(len(self.t.symbols), NAN)  # current price per symbol id
-        self.sym_px_m = memoryview(self.sym_px)
+        self.sym_px_m = _view(self.sym_px)
         self._bind_kernels()
 
     # -- storage -------------------------------------------------------------------------------
@@ -105,10 +111,10 @@ class Book:
             self.bal = grown(self.bal, size * na)
             self.isolated = grown(self.isolated, size)
         self.cap = size
-        self.state_m, self.trans_m = memoryview(self.state), memoryview(self.trans)
-        self.part_m, self.first_m = memoryview(self.part), memoryview(self.first)
-        self.aid_m, self.bal_m = memoryview(self.aid), memoryview(self.bal)
-        self.isolated_m = memoryview(self.isolated)
+        self.state_m, self.trans_m = _view(self.state), _view(self.trans)
+        self.part_m, self.first_m = _view(self.part), _view(self.first)
+        self.aid_m, self.bal_m = _view(self.aid), _view(self.bal)
+        self.isolated_m = _view(self.isolated)
         self._bind_kernels()
 
     def _alloc_pos(self, old: int, size: int) -> None:
@@ -127,9 +133,9 @@ class Book:
             nxt[:old] = self.p_next
             self.p_next = nxt
         self.pcap = size
-        self.acct_m, self.instr_m = memoryview(self.p_acct), memoryview(self.p_instr)
-        self.qty_m, self.entry_m = memoryview(self.p_qty), memoryview(self.p_entry)
-        self.next_m = memoryview(self.p_next)
+        self.acct_m, self.instr_m = _view(self.p_acct), _view(self.p_instr)
+        self.qty_m, self.entry_m = _view(self.p_qty), _view(self.p_entry)
+        self.next_m = _view(self.p_next)
         self._bind_kernels()
 
     def reserve(self, accounts: int, positions: int) -> None:
@@ -391,7 +397,7 @@ class Book:
         pos = pos[order]
         none = np.zeros(n, np.int64)
         return Snapshots(
-            ids=[self.ids[row] for row in rows.tolist()],  # type: ignore[misc]
+            ids=[self.ids[row] for row in rows.tolist()],
             state=self.state[rows], transitions=self.trans[rows], partition=self.part[rows],
             seq=none, names=[*t.assets, *t.instruments],
             bal_count=np.bincount(owner, minlength=n), bal_name=asset.astype(np.int64),

@@ -88,7 +88,7 @@ class RestoredPartition:
     snapshots: Snapshots  # every account the partition holds, in columns
     records_read: int = 0
 
-    def marks(self, positions: Offsets, prices_topic: str) -> dict[str, Offsets]:
+    def marks(self, positions: Offsets, prices_topic: str) -> dict[RiskKey, Offsets]:
         """Per account whose snapshot already reflects inputs beyond the read ``positions``:
         those inputs' offsets — the ones it was taken at (beyond the control record's after a
         crash mid-checkpoint) and the ticks its partition's control record had seen. Records
@@ -190,9 +190,9 @@ class _Latest:
         """(keys, values, offsets) of the snapshots held (after `deduplicate`: the newest of
         each key)."""
         if len(self.keys) != 1:
-            self.keys, self.values, self.offsets = (
-                [tuple(chain.from_iterable(column))]
-                for column in (self.keys, self.values, self.offsets))
+            self.keys = [tuple(chain.from_iterable(self.keys))]
+            self.values = [tuple(chain.from_iterable(self.values))]
+            self.offsets = [tuple(chain.from_iterable(self.offsets))]
         return self.keys[0], self.values[0], self.offsets[0]
 
     def deduplicate(self) -> None:
@@ -222,8 +222,9 @@ class _Latest:
             keep = np.ones(len(keys), bool)
             keep[drop] = False
             kept = np.flatnonzero(keep).tolist()
-            self.keys, self.values, self.offsets = (
-                [tuple(column[k] for k in kept)] for column in (keys, values, offsets))
+            self.keys = [tuple(keys[k] for k in kept)]
+            self.values = [tuple(values[k] for k in kept)]
+            self.offsets = [tuple(offsets[k] for k in kept)]
         self.count = self.distinct = len(self.keys[0])
 
 
@@ -354,8 +355,9 @@ def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
     keys, values, offsets = latest.snapshots()
     if None in values:  # tombstones: forgotten accounts
         live = [k for k, value in enumerate(values) if value is not None]
-        keys, values, offsets = (tuple(column[k] for k in live)
-                                 for column in (keys, values, offsets))
+        keys = tuple(keys[k] for k in live)
+        values = tuple(values[k] for k in live)
+        offsets = tuple(offsets[k] for k in live)
     try:
         ids = _risk_keys(keys)  # type: ignore[arg-type]
     except UnicodeDecodeError:
@@ -414,10 +416,10 @@ def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int
     snapshots = engine.snapshots(held).stamped(seq, [as_of[dirty[a]] for a in held])
     layout, values = encode_snapshots(snapshots)
     encoded = dict(zip(held, values, strict=True))
-    layouts = [layout_message(partition, layout, topics)
-               for partition in sorted(set(dirty[a] for a in held))
-               if (partition, layout.id) not in layouts_written]
-    layouts_written.update((message.partition, layout.id) for message in layouts)
+    unwritten = [partition for partition in sorted({dirty[key] for key in held})
+                 if (partition, layout.id) not in layouts_written]
+    layouts = [layout_message(partition, layout, topics) for partition in unwritten]
+    layouts_written.update((partition, layout.id) for partition in unwritten)
     header = [(KIND_HEADER, ACCOUNT)]
     return layouts, [Outgoing(topic=topics.state, key=state_key(key), value=encoded.get(key),
                               headers=header, partition=partition)

@@ -196,7 +196,8 @@ class Monitor:
         request, then cancel it: the grace period of a deployment must not run out first."""
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait([work, stopping], return_when=asyncio.FIRST_COMPLETED)
+            waiters: list[asyncio.Future[Any]] = [work, stopping]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
                 assert self._stop_requested_at is not None
                 left = self._stop_requested_at + self.settings.shutdown_timeout - time.monotonic()
@@ -843,8 +844,8 @@ class Monitor:
                                  offset=message.offset, reason=record.reason,
                                  detail=record.detail)
                 continue
-            if stats.applied_ticks != applied_ticks:
-                self._last_tick_wall[record.symbol] = time.time()  # type: ignore[union-attr]
+            if isinstance(record, PriceTick) and stats.applied_ticks != applied_ticks:
+                self._last_tick_wall[record.symbol] = time.time()
             for event in events:
                 out.append(event_message(event, topics, message.timestamp))
                 self._unlogged.append((event, tp, message.offset))
@@ -888,7 +889,7 @@ class Monitor:
             if partition is None:  # deleted since: its tombstone goes where it lived
                 partition = self._touched.get(account_of(key))
             if partition in partitions:
-                mine[key] = partition  # type: ignore[assignment]
+                mine[key] = partition
             else:
                 others.add(key)
         self.engine.mark_dirty(others)
@@ -1055,7 +1056,7 @@ def _superseded_ticks(records: Sequence[InputRecord | Rejected]) -> set[int]:
             if isinstance(record, PriceTick) and latest[record.symbol] != index}
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     """Called by the group consumer around rebalances; failures stop the monitor loudly."""
 
     def __init__(self, monitor: Monitor) -> None:
