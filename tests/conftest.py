@@ -2,52 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-pytest.register_assert_rewrite("tests.kafka_support")  # before its import below
+pytest.register_assert_rewrite("tests.support")  # before its imports below
 
 from monitor.config import RiskConfig, parse_config  # noqa: E402
-
-# BTC-PERP tiers: maintenance amounts are 0, 50, 1300, 16300 (computed in test_config).
-RISK: dict[str, Any] = {
-    "thresholds": {"margin_call": 0.8, "liquidation": 1.0, "hysteresis": 0.05},
-    "assets": {
-        "USDT": {"collateral_weight": 1.0, "price": 1.0},
-        "BTC": {"collateral_weight": 0.95, "price_symbol": "BTC"},
-        "ETH": {"collateral_weight": 0.9},
-    },
-    "instruments": {
-        "BTC-PERP": {
-            "settle": "USDT",
-            "contract_size": 1.0,
-            "tiers": [
-                {"max_notional": 50_000, "mmr": 0.004, "imr": 0.008},
-                {"max_notional": 250_000, "mmr": 0.005, "imr": 0.01},
-                {"max_notional": 1_000_000, "mmr": 0.01, "imr": 0.02},
-                {"max_notional": "inf", "mmr": 0.025, "imr": 0.05},
-            ],
-        },
-        "ETH-PERP": {
-            "settle": "USDT",
-            "contract_size": 0.1,
-            "tiers": [
-                {"max_notional": 10_000, "mmr": 0.01, "imr": 0.02},
-                {"max_notional": "inf", "mmr": 0.02, "imr": 0.04},
-            ],
-        },
-        "ETHBTC-PERP": {
-            "settle": "BTC",
-            "contract_size": 1.0,
-            "tiers": [
-                {"max_notional": 5, "mmr": 0.01, "imr": 0.02},
-                {"max_notional": 25, "mmr": 0.015, "imr": 0.03},
-                {"max_notional": "inf", "mmr": 0.03, "imr": 0.06},
-            ],
-        },
-    },
-}
+from tests.support.risk import RISK  # noqa: E402
 
 
 @pytest.fixture
@@ -59,7 +19,7 @@ def risk() -> RiskConfig:
 def reap_processes():
     """No monitor a test started outlives it, even when the test fails."""
     yield
-    from tests.kafka_support import reap
+    from tests.support.kafka import reap
 
     reap()
 

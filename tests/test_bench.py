@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from monitor.bench import Figure, Plan
-from tests.kafka_support import REPO
+from tests.support.paths import REPO
 
 FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_100k_cold_ms",
            "latency_p50_ms", "latency_p99_ms", "rss_per_account_bytes", "restore_s",

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from monitor.config import ConfigError, fingerprint, load_config, parse_config
-from tests.conftest import RISK
+from tests.support.risk import RISK
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ from monitor.service.delivery import Delivery, DeliveryAbandoned, DeliveryFailed
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
 from monitor.service.topics import create_topics
-from tests.kafka_support import fresh_settings, read_topic
+from tests.support.kafka import fresh_settings, read_topic
 
 MAX_REQUEST_SIZE = 64 * 1024  # the producer refuses a larger message for good
 TOO_LARGE = b"x" * (MAX_REQUEST_SIZE + 1)

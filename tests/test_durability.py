@@ -13,7 +13,6 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from monitor.account import Account
 from monitor.config import fingerprint, load_config
 from monitor.engine import Engine
-from monitor.replay import replay
 from monitor.service.changelog import (
     ACCOUNT,
     CONTROL,
@@ -25,8 +24,8 @@ from monitor.service.changelog import (
 from monitor.service.runner import Monitor
 from monitor.service.topics import create_topics
 from monitor.snapshot import CONTROL_KEY, KIND_HEADER, Control, encode_account, encode_control
-from tests.kafka_support import (
-    REPO,
+from tests.support.compare import final_engine, state_of
+from tests.support.kafka import (
     MonitorProcess,
     RunningMonitor,
     fresh_settings,
@@ -41,32 +40,12 @@ from tests.kafka_support import (
     wait_processed,
     without_wall_clock,
 )
-from tests.test_property import random_stream
-from tests.test_snapshot import json_snapshot
+from tests.support.paths import REPO
+from tests.support.snapshots import json_snapshot
+from tests.support.streams import random_stream
 
 CONFIG = REPO / "examples" / "risk.toml"
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def state_of(engine: Engine) -> dict:
-    """Balances, positions, state and counter of every account and isolated position."""
-    held = [*engine.accounts.items(), *engine.units.items()]
-    return {
-        "accounts": {a: (dict(x.balances), {s: (p.qty, p.entry_price)
-                                            for s, p in x.positions.items()},
-                         x.state, x.transitions) for a, x in held},
-        "prices": engine.price_table(),
-    }
-
-
-def final_engine(records, config) -> Engine:
-    engine = Engine(config)
-    lines = [b'{"topic": "%s", "value": %s}' % (kind.encode(), value)
-             for kind, _, value in records]
-    import io
-
-    replay(lines, engine, io.BytesIO(), lambda index, rejection: None)
-    return engine
 
 
 async def test_graceful_restart_restores_exactly_and_emits_nothing_twice(broker):

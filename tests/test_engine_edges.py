@@ -18,7 +18,7 @@ import pytest
 
 from monitor.config import RiskConfig
 from monitor.engine import ANCHOR_ONE_BY_ONE, Engine
-from tests.test_engine import fill, ledger, tick, types
+from tests.support.records import fill, ledger, tick, types
 
 
 @pytest.fixture(params=[1, ANCHOR_ONE_BY_ONE + 12], ids=["one", "many"])

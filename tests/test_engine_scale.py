@@ -27,9 +27,9 @@ from monitor.margin import Position, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick, Reason, Rejected
 from monitor.reference import ReferenceEngine
 from monitor.state import AccountState, next_state
-from tests.conftest import RISK
-from tests.naive_model import ModeConflict, NaiveMonitor
-from tests.test_property import close
+from tests.support.compare import close
+from tests.support.naive_model import ModeConflict, NaiveMonitor
+from tests.support.risk import RISK
 
 START = {"BTC-PERP": 50_000.0, "ETH-PERP": 2_500.0, "ETHBTC-PERP": 0.05, "BTC": 50_000.0,
          "ETH": 2_500.0}
@@ -229,7 +229,7 @@ def test_columnar_engine_equals_the_naive_model_with_many_accounts_and_shocks(
     seed: int, isolated: float,
 ) -> None:
     """The reference engine above shares the product's valuation, transition rule and event
-    builder, so it cannot catch a bug in them; tests/naive_model.py shares no code. The
+    builder, so it cannot catch a bug in them; tests/support/naive_model.py shares no code. The
     model recomputes every account after every record, so the stream is shorter; whales
     take positions past tier 1, where the cumulative maintenance amount counts."""
     config = parse_config(RISK)

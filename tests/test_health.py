@@ -18,7 +18,8 @@ from monitor.service.changelog import RestoreProgress
 from monitor.service.metrics import HealthServer, Metrics
 from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings
-from tests.kafka_support import REPO, started_processes
+from tests.support.kafka import started_processes
+from tests.support.paths import REPO
 
 HANG_GUARD = 30.0  # seconds: only ever reached when something hangs
 

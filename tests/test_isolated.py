@@ -1,7 +1,7 @@
 """Isolated margin (SPEC §4.1), worked by hand: each isolated position is a risk unit of its own,
 with a wallet in its settle asset, its own state, counter and events.
 
-Numbers use tests/conftest.py's RISK: BTC-PERP tier 1 (notional ≤ 50,000) has mmr 0.004 and
+Numbers use tests/support/risk.py's RISK: BTC-PERP tier 1 (notional ≤ 50,000) has mmr 0.004 and
 maintenance amount 0; ETH-PERP (contract size 0.1) tier 1 (≤ 10,000) mmr 0.01. Thresholds:
 margin call 0.8, liquidation 1.0, hysteresis 0.05, so the liquidation target is 0.9.
 """
@@ -21,8 +21,8 @@ from monitor.engine import Engine
 from monitor.events import Event, Source
 from monitor.records import Fill, LedgerEntry, PriceTick, Reason, Rejected
 from monitor.replay import replay
-from tests.conftest import RISK
-from tests.test_schemas import schema_errors
+from tests.support.risk import RISK
+from tests.support.schemas import schema_errors
 
 BTC_UNIT = UnitKey("a", "BTC-PERP")
 

@@ -1,7 +1,7 @@
 """The liquidation plan (SPEC §5.1), each example worked by hand, and the property that executing
 a plan's steps as fills leaves LIQUIDATING at exactly the planned ratio, and no less does.
 
-Config: tests/conftest.py's RISK, liquidation_target 0.9 (default 1.0 − 2·0.05). BTC-PERP tiers
+Config: tests/support/risk.py's RISK, liquidation_target 0.9 (default 1.0 − 2·0.05). BTC-PERP tiers
 mmr 0.004 up to 50,000, then 0.005 (cum 50); ETH-PERP (cs 0.1) mmr 0.01 up to 10,000, then 0.02
 (cum 100); ETHBTC-PERP settles in BTC (weight 0.95), mmr 0.01 up to 5 BTC.
 """
@@ -25,7 +25,7 @@ from monitor.margin import Position, value_account
 from monitor.records import Fill, PriceTick
 from monitor.reference import ReferenceEngine
 from monitor.state import AccountState
-from tests.conftest import RISK
+from tests.support.risk import RISK
 
 
 def config_with_fees(**fees: float) -> RiskConfig:

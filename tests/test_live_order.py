@@ -15,8 +15,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import load_config
-from tests.kafka_support import (
-    REPO,
+from tests.support.kafka import (
     RunningMonitor,
     fresh_settings,
     read_events,
@@ -25,7 +24,8 @@ from tests.kafka_support import (
     same_events,
     wait_processed,
 )
-from tests.test_property import random_stream
+from tests.support.paths import REPO
+from tests.support.streams import random_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 RANK = {"ledger": 0, "fills": 1, "prices": 2}

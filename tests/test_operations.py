@@ -16,9 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.metrics import HealthServer
-from tests.conftest import RISK
-from tests.kafka_support import (
-    REPO,
+from tests.support.kafka import (
     RunningMonitor,
     fresh_settings,
     produce,
@@ -26,6 +24,8 @@ from tests.kafka_support import (
     started_processes,
     wait_processed,
 )
+from tests.support.paths import REPO
+from tests.support.risk import RISK
 
 SPEC_METRICS = {  # SPEC §8, by family name as the parser reports it
     "liqmon_records_consumed", "liqmon_records_rejected", "liqmon_stale_ticks",

@@ -23,7 +23,8 @@ from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.settings import Topics
 from monitor.service.topics import create_topics
-from tests.kafka_support import REPO, fresh_settings, read_topic
+from tests.support.kafka import fresh_settings, read_topic
+from tests.support.paths import REPO
 
 REJECTED = Rejected("unknown_kind", "kind: must be one of deposit, …, got 'gift'")
 

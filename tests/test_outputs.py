@@ -18,9 +18,7 @@ from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.changelog import read_changelog
 from monitor.service.settings import Topics
 from monitor.service.topics import create_topics
-from tests.conftest import RISK
-from tests.kafka_support import (
-    REPO,
+from tests.support.kafka import (
     MonitorProcess,
     RunningMonitor,
     fresh_settings,
@@ -31,7 +29,9 @@ from tests.kafka_support import (
     run_args,
     wait_processed,
 )
-from tests.test_property import random_stream
+from tests.support.paths import REPO
+from tests.support.risk import RISK
+from tests.support.streams import random_stream
 
 
 @pytest.mark.parametrize("name", ["liq uidations", "", ".", "..", "x" * 250, "liq/uid", "é"])

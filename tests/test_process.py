@@ -17,8 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from monitor.market import simulate
 from monitor.service.broker import EmbeddedBroker, free_port
-from tests.kafka_support import (
-    REPO,
+from tests.support.kafka import (
     MonitorProcess,
     fresh_settings,
     produce,
@@ -26,6 +25,7 @@ from tests.kafka_support import (
     run_args,
     started_processes,
 )
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.kafka  # every test here runs a broker: the shared one or its own
 

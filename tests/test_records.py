@@ -15,7 +15,7 @@ from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import PriceTick, Reason, Rejected, decode, decode_batch
 from monitor.replay import replay
-from tests.conftest import RISK
+from tests.support.risk import RISK
 
 TICK = {"symbol": "BTC-PERP", "price": 50_000.0, "ts": 10}
 FILL = {"fill_id": "f1", "account": "a", "symbol": "BTC-PERP", "side": "buy", "qty": 1.0,

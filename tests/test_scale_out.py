@@ -18,8 +18,8 @@ from monitor.service.changelog import read_changelog
 from monitor.service.metrics import scrape_input_offsets, scrape_partition_gauge
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
-from tests.kafka_support import (
-    REPO,
+from tests.support.compare import final_engine, state_of
+from tests.support.kafka import (
     MonitorProcess,
     fresh_settings,
     produce_located,
@@ -30,8 +30,8 @@ from tests.kafka_support import (
     same_events,
     without_wall_clock,
 )
-from tests.test_durability import final_engine, state_of
-from tests.test_property import random_stream
+from tests.support.paths import REPO
+from tests.support.streams import random_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 CONFIG = REPO / "examples" / "risk.toml"

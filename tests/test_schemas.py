@@ -17,7 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
 
 from monitor.config import RiskConfig, load_config
 from monitor.engine import Engine
@@ -40,46 +39,21 @@ from monitor.records import (
     from_document,
 )
 from monitor.state import EVENT_TYPES
+from tests.support.schemas import (
+    ALL_SCHEMAS,
+    EVENT_TYPE_SCHEMAS,
+    INPUT_SCHEMAS,
+    SCHEMA_DIR,
+    load_schema,
+    schema_errors,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_DIR = ROOT / "schemas"
 EXAMPLE_CONFIG = ROOT / "examples" / "risk.toml"
-
-INPUT_SCHEMAS = {PRICES: "price_tick", FILLS: "fill", LEDGER: "ledger_entry"}
-EVENT_TYPE_SCHEMAS = {event_type: event_type for event_type in EVENT_TYPES}
-ALL_SCHEMAS = (
-    *INPUT_SCHEMAS.values(), "event", *EVENT_TYPE_SCHEMAS.values(), "dead_letter",
-    "stress_report",
-)
 
 # Rejections a schema cannot reproduce: they depend on the risk config.
 CONFIG_DEPENDENT_REASONS = frozenset({Reason.UNKNOWN_INSTRUMENT, Reason.UNKNOWN_ASSET,
                                       Reason.NOT_SETTLE_ASSET})
-
-
-def load_schema(name: str) -> dict[str, Any]:
-    return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8"))
-
-
-def _registry() -> Registry:
-    schemas = [load_schema(name) for name in ALL_SCHEMAS]
-    return Registry().with_resources(
-        (schema["$id"], Resource.from_contents(schema)) for schema in schemas
-    )
-
-
-REGISTRY = _registry()
-VALIDATORS = {
-    name: Draft202012Validator(load_schema(name), registry=REGISTRY) for name in ALL_SCHEMAS
-}
-
-
-def schema_errors(name: str, instance: Any) -> list[str]:
-    """Every violation of schema `name`, as `json/pointer: message` lines (empty when valid)."""
-    return [
-        f"/{'/'.join(map(str, error.absolute_path))}: {error.message}"
-        for error in VALIDATORS[name].iter_errors(instance)
-    ]
 
 
 def python_json(text: str) -> Any:

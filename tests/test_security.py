@@ -18,8 +18,9 @@ from monitor.service.broker import free_port
 from monitor.service.runner import Monitor
 from monitor.service.security import KafkaSecurity, Secret
 from monitor.service.settings import ServiceSettings
-from tests.kafka_support import REPO, fresh_settings, started_processes
-from tests.test_tls import self_signed
+from tests.support.kafka import fresh_settings, started_processes
+from tests.support.paths import REPO
+from tests.support.tls import self_signed
 
 CONFIG = str(REPO / "examples" / "risk.toml")
 PASSWORD = "pw-7f3a9c-never-shown"

@@ -14,8 +14,7 @@ from aiokafka import TopicPartition
 
 from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker
-from tests.conftest import RISK
-from tests.kafka_support import (
+from tests.support.kafka import (
     RunningMonitor,
     fresh_settings,
     produce,
@@ -27,27 +26,12 @@ from tests.kafka_support import (
     wait_processed,
     without_wall_clock,
 )
-from tests.test_property import random_stream
-from tests.test_schemas import schema_errors
+from tests.support.messages import deposit, fill, tick
+from tests.support.risk import RISK
+from tests.support.schemas import schema_errors
+from tests.support.streams import random_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def tick(topics, symbol: str, price: float, ts: int = 1):
-    return (topics.prices, symbol.encode(),
-            orjson.dumps({"symbol": symbol, "price": price, "ts": ts}))
-
-
-def deposit(topics, account: str, amount: float):
-    return (topics.ledger, account.encode(), orjson.dumps({
-        "entry_id": f"dep-{account}", "account": account, "asset": "USDT", "amount": amount,
-        "kind": "deposit", "ts": 1}))
-
-
-def fill(topics, fill_id: str, account: str, symbol: str, qty: float, price: float):
-    return (topics.fills, account.encode(), orjson.dumps({
-        "fill_id": fill_id, "account": account, "symbol": symbol,
-        "side": "buy" if qty > 0 else "sell", "qty": abs(qty), "price": price, "ts": 1}))
 
 
 async def test_scenario_margin_call_liquidation_recovery_and_a_hedged_account(broker, risk):

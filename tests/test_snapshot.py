@@ -33,6 +33,7 @@ from monitor.snapshot import (
     state_key,
 )
 from monitor.state import AccountState
+from tests.support.snapshots import json_snapshot
 
 AS_OF = {("fills", 3): 120, ("ledger", 3): 40, ("prices", 0): 999}
 SHORT = Account(balances={"USDT": 1234.5678901234567, "BTC": -0.1},
@@ -87,21 +88,6 @@ def test_an_account_without_partition_or_inputs_round_trips() -> None:
     restored, seq, as_of = round_trip(Account(balances={"USDT": 5.0}), 2,
                                       {("prices", None): 8})
     assert (restored.partition, seq, as_of) == (None, 2, {("prices", None): 8})
-
-
-def json_snapshot(account: Account, seq: int, as_of: dict) -> bytes:
-    """An account snapshot as liqmon wrote it before format 2 (JSON, format 1)."""
-    def number(x: float) -> float | str:
-        return x if math.isfinite(x) else repr(x)
-
-    return orjson.dumps({
-        "v": 1, "seq": seq,
-        "as_of": [[topic, partition, offset] for (topic, partition), offset in as_of.items()],
-        "balances": {a: number(b) for a, b in account.balances.items()},
-        "positions": {s: [number(p.qty), number(p.entry_price)]
-                      for s, p in account.positions.items()},
-        "state": int(account.state), "transitions": account.transitions,
-        "partition": account.partition})
 
 
 def test_a_json_snapshot_of_format_1_still_decodes() -> None:

@@ -16,7 +16,7 @@ from monitor.events import Source
 from monitor.margin import Position
 from monitor.records import PriceTick
 from monitor.reference import ReferenceEngine
-from tests.conftest import RISK
+from tests.support.risk import RISK
 
 
 def config(max_age_ms: int | None) -> RiskConfig:

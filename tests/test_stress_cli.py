@@ -14,8 +14,8 @@ import pytest
 
 from monitor.config import load_config
 from monitor.service.topics import create_topics
-from tests.kafka_support import RunningMonitor, fresh_settings, produce, routable, wait_processed
-from tests.test_schemas import schema_errors
+from tests.support.kafka import RunningMonitor, fresh_settings, produce, routable, wait_processed
+from tests.support.schemas import schema_errors
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "risk.toml"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,27 +19,12 @@ from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.runner import Monitor
 from monitor.service.security import KafkaSecurity
 from monitor.service.topics import create_topics
-from tests.conftest import RISK
-from tests.kafka_support import (
-    RunningMonitor,
-    fresh_settings,
-    produce,
-    read_events,
-    wait_processed,
-)
-from tests.test_service import deposit, fill, tick
+from tests.support.kafka import RunningMonitor, fresh_settings, produce, read_events, wait_processed
+from tests.support.messages import deposit, fill, tick
+from tests.support.risk import RISK
+from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def self_signed(directory: Path, name: str, san: str = "IP:127.0.0.1") -> tuple[Path, Path]:
-    """A self-signed certificate (its own CA) and its key, made with the openssl CLI."""
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", f"/CN={name}", "-addext",
-                    f"subjectAltName={san}"], check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,8 +23,8 @@ from monitor.replay import replay
 from monitor.service.runner import Monitor
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import ServiceSettings, Topics
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 _names = itertools.count()
 
 
