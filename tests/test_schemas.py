@@ -608,8 +608,8 @@ def test_schema_and_decoder_agree_on_arbitrary_documents(
 
 
 # -- dead letters ------------------------------------------------------------------------------
-# Hand-built records pin the schema's shape here; tests/test_service.py validates the dead
-# letters the service really produces against the same schema.
+# Hand-built records pin the schema's shape here; tests/service/test_service.py validates the
+# dead letters the service really produces against the same schema.
 
 DEAD_LETTER_SAMPLE: dict[str, Any] = {
     "error": "unknown_side: side: must be \"buy\" or \"sell\", got 'hold'",

@@ -2,7 +2,7 @@
 every account, the newest layout and control record, nothing from before a reset marker.
 
 The records are aiokafka's own `ConsumerRecord`s, as a fetch hands them over; the reading
-itself, against the broker, is in tests/test_durability.py.
+itself, against the broker, is in tests/service/test_durability.py.
 """
 
 from __future__ import annotations
