@@ -237,6 +237,11 @@ class ReferenceEngine(InputLedger):
         self.prices = {symbol: price for symbol, (price, _) in table.items()}
         self.price_ts = {symbol: ts for symbol, (_, ts) in table.items()}
 
+    def index_restored(self) -> int:
+        """`Engine.index_restored`: nothing to file here, as this engine re-values every
+        account a record can move (the service calls it after a restore)."""
+        return 0
+
     def load_account(self, key: RiskKey, account: Account,
                      caught_up_from: dict[tuple[str, int | None], int] | None = None) -> None:
         """Install a restored account, or isolated position (``key`` a `UnitKey`).
