@@ -1,10 +1,11 @@
 """The engine's account book: columnar account state and the safe-band index (SPEC §4–§6 at
 exchange scale).
 
-Storage is a struct of arrays. Accounts are rows (state, transition counter, partition, one
-balance per configured asset, the head of a linked list of positions); positions are rows of
-their own (account, instrument, qty, entry price, next). Scalar code reads and writes them
-through memoryviews (~25 ns an access), vector code through the numpy arrays behind them.
+Storage is a struct of arrays. Accounts (and isolated positions, SPEC §4.1) are rows (state,
+transition counter, partition, one balance per configured asset, the head of a linked list of
+positions); positions are rows of their own (account, instrument, qty, entry price, next).
+Valuation and band filing run as compiled kernels over the arrays (`kernels.py`); the Python
+code that applies inputs reads and writes them through memoryviews (~25 ns an access).
 
 **Safe bands.** A tick must re-evaluate every account it can move (SPEC §6), but the result of
 evaluating an account only matters when its state changes. After every exact evaluation the
