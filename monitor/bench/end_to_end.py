@@ -211,8 +211,7 @@ async def e2e_phase(plan: Plan, pop: Population, stream: MixedStream,
         step = phases.task(f"end to end: produce {len(backlog):,} records", len(backlog))
         ends = await produce_backlog(broker.bootstrap, inputs, backlog, step)
         step = phases.task("end to end: a bare consumer reads the backlog", 1)
-        bare_rate, decoding_rate = await client_ceiling(
-            broker.bootstrap, [inputs.prices, inputs.fills, inputs.ledger], pop.config)
+        bare_rate, decoding_rate = await client_ceiling(broker.bootstrap, inputs, pop.config)
         step(1)
         for engine in ("fast", "naive"):
             tag = f"bench.{engine}"
@@ -286,17 +285,15 @@ async def e2e_phase(plan: Plan, pop: Population, stream: MixedStream,
     ]
 
 
-async def client_ceiling(bootstrap: str, topics: list[str],
-                         config: Any) -> tuple[float, float]:
-    """Records/s of a bare aiokafka consumer reading the backlog's topics (partition 0) to
-    their ends, and of the same read with every value decoded as the service decodes it:
+async def client_ceiling(bootstrap: str, topics: Any, config: Any) -> tuple[float, float]:
+    """Records/s of a bare aiokafka consumer reading the backlog's input topics (partition 0)
+    to their ends, and of the same read with every value decoded as the service decodes it:
     the most the service could do with this client, before any margin work."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from monitor.records import decode_batch
 
-    kinds = {topic: kind for topic, kind in zip(topics, ("prices", "fills", "ledger"),
-                                                strict=True)}
+    kinds = topics.input_kinds()
     rates = []
     for decoding in (False, True):
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
@@ -304,7 +301,7 @@ async def client_ceiling(bootstrap: str, topics: list[str],
                                     max_partition_fetch_bytes=16 * 1024 * 1024)
         await consumer.start()
         try:
-            parts = [TopicPartition(topic, 0) for topic in topics]
+            parts = [TopicPartition(topic, 0) for topic in kinds]
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
             ends = await consumer.end_offsets(parts)

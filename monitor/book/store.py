@@ -480,14 +480,12 @@ class Book:
         """Symbol ids whose ticks can move the account (SPEC §6)."""
         return kernels.watched_symbols(row, len(self.t.symbols), *self._watch_args).tolist()
 
-    def anchor(self, row: int, eps: float, syms: list[int] | None = None) -> None:
+    def anchor(self, row: int, eps: float, syms: list[int]) -> None:
         """File one account under a band of ±eps around the current price of every symbol it
-        watches (``syms``, when the caller has them already; an empty band for a symbol
-        without a price: its first tick re-evaluates)."""
+        watches (``syms``, as its evaluation listed them; an empty band for a symbol without a
+        price: its first tick re-evaluates)."""
         aid = (self.aid_m[row] + 1) & _AID_MASK
         self.aid_m[row] = aid
-        if syms is None:
-            syms = self.watched(row)
         if not syms:
             return
         sym_px = self.sym_px_m

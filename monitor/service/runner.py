@@ -35,7 +35,7 @@ from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
 from monitor.events import Event, Source
-from monitor.records import FILLS, LEDGER, PRICES, InputRecord, PriceTick, Rejected, decode_batch
+from monitor.records import InputRecord, PriceTick, Rejected, decode_batch
 from monitor.service.changelog import (
     ConfigChanged,
     RestoredPartition,
@@ -813,7 +813,7 @@ class Monitor:
         out: list[Outgoing] = []
         consumed: dict[str, int] = {}
         not_after_ms = int(time.time() * 1000 + self.settings.max_future * 1000)
-        kind_of = {topics.prices: PRICES, topics.fills: FILLS, topics.ledger: LEDGER}
+        kind_of = topics.input_kinds()
         kinds = []
         for tp, _ in batch:
             consumed[tp.topic] = consumed.get(tp.topic, 0) + 1

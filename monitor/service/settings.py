@@ -37,9 +37,9 @@ class Topics:
     dead_letter: str = _topic("--topic-dead-letter", "liqmon.dead-letter")
     state: str = _topic("--topic-state", "liqmon.state")
 
-    def input_kind(self, topic: str) -> str:
-        """prices / fills / ledger for an input topic name."""
-        return {self.prices: "prices", self.fills: "fills", self.ledger: "ledger"}[topic]
+    def input_kinds(self) -> dict[str, str]:
+        """Input topic name → prices / fills / ledger."""
+        return {self.prices: "prices", self.fills: "fills", self.ledger: "ledger"}
 
     def invalid(self) -> list[str]:
         """One message per name Kafka would refuse; empty when every name is valid."""
