@@ -243,7 +243,9 @@ class Engine(InputLedger):
         self.units = AccountsView(self.book, self.book.units)  # isolated positions
         self.accounts_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
         self.units_in_state: dict[AccountState, int] = dict.fromkeys(AccountState, 0)
-        self._unindexed: list[int] = []  # rows installed by load_account, not yet banded
+        # rows installed by load_account(s), not yet banded: one at a time, and in bulk
+        self._unindexed: list[int] = []
+        self._unindexed_bulk: list[np.ndarray] = []
         self._reindex_all = False  # prices were replaced under the bands
 
     def partition_of(self, key: RiskKey) -> int | None:
@@ -275,8 +277,7 @@ class Engine(InputLedger):
         """Apply one valid record; events come back in ascending account-id order, an
         account's cross event before its isolated positions' (by symbol). Raises `Rejected`
         (margin_mode_conflict) for a fill that state makes bad input: nothing changed."""
-        if self._unindexed or self._reindex_all:
-            self.index_restored()
+        self._index_due()
         self.accounts.changed()
         self.units.changed()
         if isinstance(record, PriceTick):
@@ -419,8 +420,7 @@ class Engine(InputLedger):
         sym = self._t.sym_index.get(symbol)
         if sym is None:
             return frozenset()
-        if self._unindexed or self._reindex_all:
-            self.index_restored()
+        self._index_due()
         ids = self.book.ids
         return frozenset(ids[row] for row in self.book.holders(sym).tolist())
 
@@ -510,11 +510,15 @@ class Engine(InputLedger):
         book = self.book
         if self._reindex_all:
             rows = book.rows_in_use()
-        else:
-            ids = book.ids
-            rows = np.unique(np.array([r for r in self._unindexed if ids[r] is not None],
-                                      dtype=np.int64))
+        else:  # sorted, once each, and none freed since (a mask: no sort of a million rows)
+            pending = np.zeros(len(book.ids), bool)
+            pending[np.array(self._unindexed, np.int64)] = True
+            for installed in self._unindexed_bulk:
+                pending[installed] = True
+            pending[np.array(book.free_rows, np.int64)] = False
+            rows = np.flatnonzero(pending)
         self._unindexed = []
+        self._unindexed_bulk = []
         self._reindex_all = False
         for start in range(0, len(rows), INDEX_CHUNK):
             chunk = rows[start:start + INDEX_CHUNK]
@@ -523,12 +527,16 @@ class Engine(InputLedger):
         book.fold()
         return len(rows)
 
+    def _index_due(self) -> None:
+        """Band what restores installed or re-priced, before the bands are relied on."""
+        if self._unindexed or self._unindexed_bulk or self._reindex_all:
+            self.index_restored()
+
     def expire_bands(self, symbol: str | None = None) -> int:
         """Forget the safe bands of every account a tick on ``symbol`` can move (or of every
         account), so that the next tick on any of their symbols re-values them all. For
         benchmarks and tests: it changes which accounts are re-valued, never an event."""
-        if self._unindexed or self._reindex_all:
-            self.index_restored()
+        self._index_due()
         book = self.book
         if symbol is None:
             rows = book.rows_in_use()
@@ -597,7 +605,7 @@ class Engine(InputLedger):
             counts = np.bincount(snapshots.state[chosen], minlength=len(_STATES)).tolist()
             for state in _STATES:
                 in_state[state] += counts[state]
-        self._unindexed.extend(rows.tolist())
+        self._unindexed_bulk.append(rows)
         if caught_up_from:
             self._caught_up_from.update(caught_up_from)
 

@@ -335,6 +335,28 @@ def test_bulk_install_reuses_freed_rows_and_replaces_held_accounts(risk) -> None
     assert sum(engine.accounts_in_state.values()) == 3
 
 
+def test_accounts_replaced_before_the_index_is_built_are_banded_once(risk) -> None:
+    source = traded(risk)
+    rows = np.array([source.book.index[a] for a in ("a", "b", "c")])
+    engine = Engine(risk)
+    engine.load_accounts(source.book.snapshots(rows))
+    engine.load_account("a", source.accounts["a"])  # replaced one by one
+    engine.load_accounts(source.book.snapshots(rows[1:2]))  # b replaced in bulk
+    assert engine.index_restored() == 3
+    assert engine.accounts_moved_by("ETH") == {"c"}  # c's ETH balance
+    assert engine.accounts_moved_by("BTC-PERP") == {"a"}  # b's position is closed
+
+
+def test_accounts_dropped_before_the_index_is_built_are_not_banded(risk) -> None:
+    source = traded(risk)
+    rows = np.array([source.book.index[a] for a in ("a", "b", "c")])
+    engine = Engine(risk)
+    engine.load_accounts(source.book.snapshots(rows))
+    engine.drop_partition(0)  # handed over before the first record
+    assert engine.index_restored() == 0
+    assert engine.accounts_moved_by("ETH") == frozenset()
+
+
 def test_bulk_install_refuses_an_instrument_the_config_lacks(risk) -> None:
     snapshots = Snapshots.from_accounts([
         ("a", Account(balances={"USDT": 1.0}), 1, {}),

@@ -133,17 +133,12 @@ class SymbolBands:
             lneg, lrow, laid = lneg[live], lrow[live], laid[live]
             self.stale = 0
         order = np.argsort(phi)
-        at = hi.searchsorted(phi[order], "right")
-        self.hi = np.insert(hi, at, phi[order])
-        self.hlo = np.insert(hlo, at, plo[order])
-        self.hrow = np.insert(hrow, at, prow[order])
-        self.haid = np.insert(haid, at, paid[order])
+        self.hi, self.hlo, self.hrow, self.haid = _inserted(
+            (hi, hlo, hrow, haid), (phi[order], plo[order], prow[order], paid[order]))
         pneg = -plo
         order = np.argsort(pneg)
-        at = lneg.searchsorted(pneg[order], "right")
-        self.lneg = np.insert(lneg, at, pneg[order])
-        self.lrow = np.insert(lrow, at, prow[order])
-        self.laid = np.insert(laid, at, paid[order])
+        self.lneg, self.lrow, self.laid = _inserted(
+            (lneg, lrow, laid), (pneg[order], prow[order], paid[order]))
         self.hs = self.ls = 0
         self.np = 0
         self.pfloor, self.pceil = INF, -INF
@@ -165,3 +160,12 @@ class SymbolBands:
 
     def entries(self) -> int:
         return len(self.hi) - self.hs + self.np
+
+
+def _inserted(run: tuple[np.ndarray, ...], new: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Columns of a run sorted by its first column, with ``new`` columns (sorted the same
+    way) inserted, each after the entries of equal key."""
+    if not len(run[0]):  # a restore's first filing: the new entries are the run (np.insert
+        return new       # takes ~0.4 s a million entries to find that out)
+    at = run[0].searchsorted(new[0], "right")
+    return tuple(np.insert(old, at, column) for old, column in zip(run, new, strict=True))
