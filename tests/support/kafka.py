@@ -249,16 +249,19 @@ class MonitorProcess:
 
 async def produce_located(bootstrap: str, messages: list[tuple[str, bytes | None, bytes]],
                           first_timestamp_ms: int) -> list[tuple[str, int, int]]:
-    """Produce in order with increasing timestamps; (topic, partition, offset) of each."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    """Produce with increasing timestamps, each message acknowledged before the next is
+    sent; (topic, partition, offset) of each. One at a time, because these timestamps are
+    made up: only then does every partition append in timestamp order, which is what live
+    order equal to replay's assumes (README, "Order"). Sent together, one request's batches
+    for several partitions may be appended in any order, and a record seen early may go out
+    before an earlier-stamped one that was not appended yet."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     await producer.start()
     try:
-        futures = [await producer.send(topic, value, key=key,
-                                       timestamp_ms=first_timestamp_ms + i)
-                   for i, (topic, key, value) in enumerate(messages)]
         located = []
-        for future in futures:
-            meta = await future
+        for i, (topic, key, value) in enumerate(messages):
+            meta = await producer.send_and_wait(topic, value, key=key,
+                                                timestamp_ms=first_timestamp_ms + i)
             located.append((meta.topic, meta.partition, meta.offset))
         return located
     finally:
