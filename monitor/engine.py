@@ -135,6 +135,12 @@ class AccountsView(Mapping[_K, Account], Generic[_K]):
         return f"<{len(self)} accounts>"
 
 
+def _by_input(mark: tuple[tuple[str, int | None], int]) -> tuple[str, int]:
+    """Sort key of a mark's entries: by topic, then partition (None, in replay, first)."""
+    (topic, partition), _ = mark
+    return topic, -1 if partition is None else partition
+
+
 class InputLedger:
     """What every engine keeps besides its accounts and prices: the per-partition duplicate
     windows, the last applied tick time per symbol, the input counters, and the set of risk
@@ -149,7 +155,11 @@ class InputLedger:
         self._dirty: set[RiskKey] = set()  # risk units changed since the last take_dirty()
         # After a restore, risk units whose snapshot is newer than the inputs being re-read:
         # key -> {(topic, partition): first offset not yet reflected in the snapshot}.
-        self._caught_up_from: dict[RiskKey, dict[tuple[str, int | None], int]] = {}
+        self._caught_up_from: dict[RiskKey, Offsets] = {}
+        # The same marks by content, with the (key, marks) they were given to: a restore
+        # gives a million accounts a few distinct marks, so releasing checks each once.
+        self._mark_groups: dict[tuple[tuple[tuple[str, int | None], int], ...],
+                                list[tuple[RiskKey, Offsets]]] = {}
 
     def _already_reflected(self, key: RiskKey, source: Source) -> bool:
         marks = self._caught_up_from.get(key)
@@ -158,11 +168,30 @@ class InputLedger:
         first_new = marks.get((source.topic, source.partition))
         return first_new is not None and source.offset is not None and source.offset < first_new
 
-    def release_caught_up(self, positions: dict[tuple[str, int | None], int]) -> None:
-        """Drop marks the inputs have passed (positions: next offset to read)."""
-        for unit, marks in list(self._caught_up_from.items()):
-            if all(positions.get(key, 0) >= offset for key, offset in marks.items()):
-                del self._caught_up_from[unit]
+    def _mark(self, marks_by_key: Mapping[RiskKey, Offsets]) -> None:
+        """Give restored risk units their marks (see `_already_reflected`)."""
+        groups = self._mark_groups
+        members: dict[int, list[tuple[RiskKey, Offsets]]] = {}  # by dict: shared ones once
+        for key, marks in marks_by_key.items():
+            self._caught_up_from[key] = marks
+            group = members.get(id(marks))
+            if group is None:
+                group = members[id(marks)] = groups.setdefault(
+                    tuple(sorted(marks.items(), key=_by_input)), [])
+            group.append((key, marks))
+
+    def release_caught_up(self, positions: Offsets) -> None:
+        """Drop marks the inputs have passed (positions: next offset to read). Runs after
+        every batch: its cost is per distinct marks, not per marked account."""
+        for content, members in list(self._mark_groups.items()):
+            if all(positions.get(key, 0) >= offset for key, offset in content):
+                del self._mark_groups[content]
+                held = self._caught_up_from
+                for key, marks in members:
+                    if held.get(key) is marks:  # not forgotten or marked anew since
+                        del held[key]
+        if not self._caught_up_from:  # marks of forgotten units only: nothing to hold
+            self._mark_groups.clear()
 
     def _fresh_tick(self, tick: PriceTick) -> bool:
         """Count and drop ticks for symbols nothing is priced by and stale ticks (an older
@@ -580,7 +609,7 @@ class Engine(InputLedger):
         self._in_state(row)[account.state] += 1
         self._unindexed.append(row)
         if caught_up_from:
-            self._caught_up_from[key] = caught_up_from
+            self._mark({key: caught_up_from})
         else:
             self._caught_up_from.pop(key, None)
 
@@ -607,7 +636,7 @@ class Engine(InputLedger):
                 in_state[state] += counts[state]
         self._unindexed_bulk.append(rows)
         if caught_up_from:
-            self._caught_up_from.update(caught_up_from)
+            self._mark(caught_up_from)
 
     def snapshots(self, keys: Sequence[RiskKey]) -> Snapshots:
         """Held accounts and isolated positions as checkpoint columns, read from the book's."""

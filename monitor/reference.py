@@ -257,7 +257,7 @@ class ReferenceEngine(InputLedger):
         self.positions_held += len(account.positions)
         self._rewatch(key, account)
         if caught_up_from:
-            self._caught_up_from[key] = caught_up_from
+            self._mark({key: caught_up_from})
         else:
             self._caught_up_from.pop(key, None)
 

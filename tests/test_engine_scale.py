@@ -372,6 +372,49 @@ def test_catch_up_guard_skips_exactly_what_the_reference_skips() -> None:
     assert_same_state(mine, theirs)
 
 
+def marked(engine: Engine) -> set[Any]:
+    """Risk units whose snapshot still skips re-read inputs."""
+    return set(engine._caught_up_from)
+
+
+def restored_with_marks(marks: dict[str, dict[tuple[str, int | None], int]]) -> Engine:
+    engine = Engine(parse_config(RISK))
+    for name in ("a", "b", "c"):
+        engine.load_account(name, Account(balances={"USDT": 100.0}, partition=0),
+                            marks.get(name))
+    return engine
+
+
+def test_marks_shared_by_many_accounts_are_released_together_once_passed() -> None:
+    ticks_seen = {("prices", 0): 10}
+    engine = Engine(parse_config(RISK))
+    engine.load_accounts(
+        restored_with_marks({}).snapshots(["a", "b", "c"]),
+        {"a": ticks_seen, "b": ticks_seen, "c": {("prices", 0): 10, ("fills", 0): 7}})
+    engine.release_caught_up({("prices", 0): 9, ("fills", 0): 9})
+    assert marked(engine) == {"a", "b", "c"}  # the tick at offset 9 is still to be re-read
+    engine.release_caught_up({("prices", 0): 10, ("fills", 0): 6})
+    assert marked(engine) == {"c"}  # its fill at offset 6 is still to be re-read
+    engine.release_caught_up({("prices", 0): 10, ("fills", 0): 7})
+    assert marked(engine) == set()
+
+
+def test_an_account_marked_anew_keeps_its_new_marks_when_the_old_ones_pass() -> None:
+    engine = restored_with_marks({"a": {("prices", 0): 10}, "b": {("prices", 0): 10}})
+    engine.load_account("a", engine.accounts["a"], {("prices", 0): 30})  # restored again
+    engine.release_caught_up({("prices", 0): 15})
+    assert marked(engine) == {"a"}
+    engine.release_caught_up({("prices", 0): 30})
+    assert marked(engine) == set()
+
+
+def test_marks_of_accounts_handed_over_are_not_kept() -> None:
+    engine = restored_with_marks({"a": {("prices", 0): 10}, "c": {("prices", 0): 20}})
+    engine.drop_partition(0)
+    engine.release_caught_up({("prices", 0): 0})
+    assert marked(engine) == set() and engine._mark_groups == {}
+
+
 def test_drop_partition_and_forgotten_accounts_leave_no_band_behind() -> None:
     config = parse_config(RISK)
     engine, reference = Engine(config), ReferenceEngine(config)
