@@ -26,8 +26,6 @@ from aiokafka import (
     ConsumerRecord,
     TopicPartition,
 )
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
 from monitor.account import RiskKey, account_of
@@ -36,6 +34,7 @@ from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
 from monitor.events import Event, Source
 from monitor.records import InputRecord, PriceTick, Rejected, decode_batch
+from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
     ConfigChanged,
     RestoredPartition,
@@ -46,6 +45,7 @@ from monitor.service.changelog import (
     snapshot_messages,
     write_reset_markers,
 )
+from monitor.service.clients import Clients
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
@@ -59,9 +59,6 @@ from monitor.state import EVENT_TYPES, AccountState
 PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
 OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
 TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint timer)
-# Kafka answers a fetch as soon as data arrives, so this only paces idle polling; some brokers
-# (the embedded one) hold a long-poll to its end, and every ms of it is a ms of latency.
-FETCH_MAX_WAIT_MS = 5
 # Records buffered per partition beyond which it is paused until the merge drains it: a backlog
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
@@ -75,11 +72,17 @@ class _StopRequested(Exception):
 
 
 class Monitor:
+    """One instance of the service. ``clients`` makes its Kafka clients (by default from
+    ``settings``); ``engine`` is the engine it runs (by default a new `Engine` of
+    ``config``; the bench gives it one loaded beforehand)."""
+
     def __init__(self, settings: ServiceSettings, config: RiskConfig,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *, clients: Clients | None = None,
+                 engine: Engine | ReferenceEngine | None = None) -> None:
         self.settings = settings
         self.config = config
-        self.engine = Engine(config)
+        self.engine: Engine | ReferenceEngine = Engine(config) if engine is None else engine
+        self.clients = Clients(settings) if clients is None else clients
         self.metrics = metrics or Metrics()
         self.metrics.watch(self._live_figures)
         self.fingerprint = fingerprint(config)
@@ -265,12 +268,10 @@ class Monitor:
     async def _connect(self) -> None:
         """Wait for the broker (with backoff), create missing topics, start the clients."""
         s = self.settings
-        kafka = s.security.client_kwargs()  # TLS and SASL, the same for every client
         backoff = 0.2
         said: tuple[str, float] | None = None  # the refusal last logged, and when
         while not self._stopping.is_set():
-            admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap, client_id=s.client_id,
-                                        request_timeout_ms=s.request_timeout_ms, **kafka)
+            admin = self.clients.admin()
             try:
                 await admin.start()
                 self.partition_counts = await ensure_topics(admin, s)
@@ -293,12 +294,7 @@ class Monitor:
             backoff = min(backoff * 2, MAX_BACKOFF)
         if self._stopping.is_set():
             return
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap, client_id=s.client_id, acks="all",
-            compression_type=None if s.compression == "none" else s.compression,
-            linger_ms=2, max_batch_size=256 * 1024, max_request_size=8 * 1024 * 1024,
-            request_timeout_ms=s.request_timeout_ms, **kafka,
-        )
+        self._producer = self.clients.producer()
         await self._producer.start()
         self._delivery = Delivery(self._producer, self.metrics, self.log, s.shutdown_timeout,
                                   lambda: self._stop_requested_at)
@@ -309,28 +305,11 @@ class Monitor:
             await write_reset_markers(self._producer, s.topics.state, partitions)
             self.log.warning("checkpoints discarded (--reset-state): state is rebuilt from the "
                              "input topics", topic=s.topics.state, start=s.start)
-        common: dict[str, Any] = {
-            "bootstrap_servers": s.bootstrap, "client_id": s.client_id,
-            "enable_auto_commit": False, "auto_offset_reset": s.start,
-            "request_timeout_ms": max(s.request_timeout_ms, s.session_timeout_ms + 1000),
-            "max_partition_fetch_bytes": 4 * 1024 * 1024,
-            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **kafka,
-        }
-        self._prices = AIOKafkaConsumer(group_id=None, **common)
+        self._prices = self.clients.prices_consumer()
         await self._prices.start()
-        # Its own connection: a broker answers one request per connection at a time, so a
-        # probe queued behind a fetch's long-poll would wait for it.
-        self._probe = AIOKafkaConsumer(**{**common, "client_id": f"{s.client_id}-watermarks"},
-                                       group_id=None)
+        self._probe = self.clients.probe_consumer()
         await self._probe.start()
-        self._accounts = AIOKafkaConsumer(
-            group_id=s.group, session_timeout_ms=s.session_timeout_ms,
-            # Range gives fills p and ledger p to the same instance (co-partitioning); the
-            # default round-robin would split an account's fills from its ledger.
-            partition_assignment_strategy=(RangePartitionAssignor,),
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
-            rebalance_timeout_ms=s.session_timeout_ms, **common,
-        )
+        self._accounts = self.clients.group_consumer()
         await self._accounts.start()
         self._accounts.subscribe([s.topics.fills, s.topics.ledger],
                                  listener=_Rebalance(self))
@@ -514,7 +493,7 @@ class Monitor:
     def _positions(self) -> Offsets:
         return {(tp.topic, tp.partition): offset for tp, offset in self._processed.items()}
 
-    def _load_partition(self, engine: Engine, restored: RestoredPartition,
+    def _load_partition(self, engine: Engine | ReferenceEngine, restored: RestoredPartition,
                         positions: Offsets) -> None:
         control = restored.control
         if control is not None:
@@ -549,11 +528,7 @@ class Monitor:
         price_ends = {tp: offset for tp, offset in self._processed.items()
                       if tp.topic == t.prices}
         own = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
-        reader = AIOKafkaConsumer(bootstrap_servers=s.bootstrap, group_id=None,
-                                  client_id=f"{s.client_id}-catch-up", enable_auto_commit=False,
-                                  auto_offset_reset=s.start,
-                                  request_timeout_ms=max(s.request_timeout_ms, 10_000),
-                                  **s.security.client_kwargs())
+        reader = self.clients.catch_up_reader()
         await reader.start()
         private = Engine(self.config)
         # No forced release: every partition still read here holds records up to a known end,
@@ -800,7 +775,8 @@ class Monitor:
         self._unlogged.clear()
 
     def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
-                    engine: Engine, conflate: bool = False) -> list[Outgoing]:
+                    engine: Engine | ReferenceEngine, conflate: bool = False
+                    ) -> list[Outgoing]:
         """Decode and apply records in order; return their events and dead letters.
 
         With ``conflate`` (--conflate-ticks), a tick is skipped when a later tick of the same
