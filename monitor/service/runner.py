@@ -50,6 +50,7 @@ from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, P
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
+from monitor.service.positions import Positions
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.topics import TopicMissing, ensure_topics, output_topics
@@ -103,22 +104,17 @@ class Monitor:
         self._restore_said = 0.0  # when the last "restoring" line was logged
         self._reachable = True  # as the broker watch last found it
         self.partition_counts: dict[str, int] = {}
-        self._rank = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}.__getitem__
-        self._merge = TimestampMerge(rank=self._rank, max_skew_ms=settings.max_skew_ms,
-                                     max_wait=settings.max_idle)
+        self._positions = Positions(topics, settings.max_skew_ms, settings.max_idle,
+                                    self.metrics)
         self._forced_reported = 0
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
         self._checkpointing: asyncio.Task[None] | None = None  # a checkpoint being written
-        self._frontier: tuple[int, int, int, int] | None = None  # merge key last applied
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
         self._fatal: BaseException | None = None
         self._restored = asyncio.Event()  # the first assignment has been restored
         self._closing = False
-        self._owned: set[int] = set()  # account partitions restored and being processed
-        self._processed: dict[TopicPartition, int] = {}  # next offset to apply, per partition
-        self._delivered: dict[TopicPartition, int] = {}  # next offset whose events are acked
         self._paused: set[TopicPartition] = set()
         self._touched: dict[str, int] = {}  # account -> partition, since the last checkpoint
         self._seq = 0
@@ -181,7 +177,7 @@ class Monitor:
                 self._consuming = True
                 self._update_ready()
                 self.log.info("consuming", bootstrap=self.settings.bootstrap,
-                              group=self.settings.group, partitions=sorted(self._owned))
+                              group=self.settings.group, partitions=sorted(self._positions.owned))
                 watchdog = asyncio.create_task(self._watch_broker())
                 try:
                     await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
@@ -215,8 +211,8 @@ class Monitor:
             raise DeliveryAbandoned(
                 f"the stop did not finish within {self.settings.shutdown_timeout}s "
                 f"(--shutdown-timeout): {pending} messages not acknowledged, partitions "
-                f"{sorted(self._owned)} not checkpointed; their inputs are re-processed on "
-                "restart")
+                f"{sorted(self._positions.owned)} not checkpointed; their inputs are "
+                "re-processed on restart")
         work.result()
 
     def _restore_progress(self, status: RestoreProgress) -> None:
@@ -298,7 +294,7 @@ class Monitor:
         await self._producer.start()
         self._delivery = Delivery(self._producer, self.metrics, self.log, s.shutdown_timeout,
                                   lambda: self._stop_requested_at)
-        self._pipeline = Pipeline(self._delivery, self._mark_delivered)
+        self._pipeline = Pipeline(self._delivery, self._positions.mark_delivered)
         self._pipeline.start()
         if s.reset_state:
             partitions = range(self.partition_counts[s.topics.state])
@@ -351,7 +347,7 @@ class Monitor:
                 f"{sorted(ledger)}: every instance of group {self.settings.group!r} must use "
                 "the range assignor so that an account's fills and ledger stay together"
             )
-        gained = sorted(fills - self._owned)
+        gained = sorted(fills - self._positions.owned)
         if not gained and self._restored.is_set():
             return
         async with self._lock:
@@ -382,21 +378,21 @@ class Monitor:
                         replayed += await self._catch_up(restored[partition])
                     else:
                         await self._install(restored[partition])
-                    self._owned.add(partition)
+                    self._positions.owned.add(partition)
                     accounts += len(restored[partition].snapshots)
                 # File the restored accounts in the band index before saying ready, or the
                 # first record after it would wait for that (~1.7 s per million accounts).
                 self.engine.index_restored()
             except _StopRequested:
                 self.log.info("restore abandoned: stopping",
-                              partitions=sorted(set(gained) - self._owned))
+                              partitions=sorted(set(gained) - self._positions.owned))
                 return
             finally:
                 self._restoring = False
                 self._update_ready()
             self._restored.set()
             self.restore_seconds = time.monotonic() - started
-            await self._report_lag([tp for tp in self._processed
+            await self._report_lag([tp for tp in self._positions.processed
                                     if tp.partition in gained or tp.topic == t.prices])
             self.log.info("restored", partitions=gained, accounts=accounts,
                           changelog_records=sum(r.records_read for r in restored.values()),
@@ -404,7 +400,7 @@ class Monitor:
                           seconds=round(time.monotonic() - started, 3))
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        lost = {tp.partition for tp in revoked} & self._owned
+        lost = {tp.partition for tp in revoked} & self._positions.owned
         if not lost or self._closing:
             return
         async with self._lock:
@@ -421,16 +417,14 @@ class Monitor:
             for partition in lost:
                 dropped = self.engine.drop_partition(partition)
                 tps = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
-                self._merge.drop(tps)
+                self._positions.drop(tps)
                 for tp in tps:
-                    self._processed.pop(tp, None)
-                    self._delivered.pop(tp, None)
                     self._paused.discard(tp)
                     for gauge in (self.metrics.input_offset, self.metrics.consumer_lag):
                         with contextlib.suppress(KeyError):
                             gauge.remove(tp.topic, str(tp.partition))
                 self.log.info("partition handed over", partition=partition, accounts=dropped)
-            self._owned -= lost
+            self._positions.owned -= lost
 
     async def _report_lag(self, tps: list[TopicPartition]) -> None:
         """Lag of partitions just (re)positioned. Until records of theirs are applied nothing
@@ -442,7 +436,7 @@ class Monitor:
         except KafkaError:
             return  # the first records applied set it
         for tp, end in ends.items():
-            if tp in self._processed:
+            if tp in self._positions.processed:
                 self._set_lag(tp, end)
 
     def _check_config(self, restored: dict[int, RestoredPartition]) -> None:
@@ -488,10 +482,7 @@ class Monitor:
             tp = TopicPartition(topic, partition)
             offset = None if control is None else control.offsets.get((topic, partition))
             await self._position(self._accounts, tp, offset)
-        self._load_partition(self.engine, restored, self._positions())
-
-    def _positions(self) -> Offsets:
-        return {(tp.topic, tp.partition): offset for tp, offset in self._processed.items()}
+        self._load_partition(self.engine, restored, self._positions.offsets())
 
     def _load_partition(self, engine: Engine | ReferenceEngine, restored: RestoredPartition,
                         positions: Offsets) -> None:
@@ -510,7 +501,7 @@ class Monitor:
             return True
         prices = self.settings.topics.prices
         return any(restored.control.offsets.get((prices, tp.partition), 0) < offset
-                   for tp, offset in self._processed.items() if tp.topic == prices)
+                   for tp, offset in self._positions.processed.items() if tp.topic == prices)
 
     async def _catch_up(self, restored: RestoredPartition) -> int:
         """Bring a gained partition up to where this instance is, in the order a single
@@ -525,7 +516,7 @@ class Monitor:
         assert self._accounts is not None and self._delivery is not None
         s, t = self.settings, self.settings.topics
         partition, control = restored.partition, restored.control
-        price_ends = {tp: offset for tp, offset in self._processed.items()
+        price_ends = {tp: offset for tp, offset in self._positions.processed.items()
                       if tp.topic == t.prices}
         own = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
         reader = self.clients.catch_up_reader()
@@ -534,7 +525,8 @@ class Monitor:
         # No forced release: every partition still read here holds records up to a known end,
         # so waiting for them is always right; releasing early would apply records in another
         # order than the first pass and publish events with its ids but other contents.
-        merge = TimestampMerge(rank=self._rank, max_skew_ms=s.max_skew_ms, max_wait=math.inf)
+        merge = TimestampMerge(rank=self._positions.rank, max_skew_ms=s.max_skew_ms,
+                               max_wait=math.inf)
         positions: dict[TopicPartition, int] = {}
         applied = 0
         try:
@@ -572,8 +564,8 @@ class Monitor:
                 for tp, record in merge.take(s.max_batch_records, active, done_with):
                     if tp in stopped:
                         continue
-                    if tp in own and (self._frontier is None or
-                                      self._key(tp, record) > self._frontier):
+                    if tp in own and (self._positions.frontier is None or
+                                      self._positions.key(tp, record) > self._positions.frontier):
                         stopped.add(tp)  # from here on the main loop takes over
                         positions[tp] = record.offset
                         merge.drop([tp])
@@ -588,8 +580,8 @@ class Monitor:
             await reader.stop()
         for tp in own:
             self._accounts.seek(tp, positions[tp])
-            self._set_position(tp, positions[tp])
-        marks = restored.marks(self._positions(), t.prices)
+            self._positions.seek(tp, positions[tp])
+        marks = restored.marks(self._positions.offsets(), t.prices)
         held: list[RiskKey] = [*private.accounts, *private.units]
         self.engine.load_accounts(private.snapshots(held),
                                   {key: m for key, m in marks.items()
@@ -605,23 +597,13 @@ class Monitor:
     async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
                         offset: int | None) -> None:
         """Seek to a checkpointed offset, or apply --start on a first start."""
-        self._set_position(tp, await _seek(consumer, tp, offset, self.settings.start))
-
-    def _mark_delivered(self, offsets: dict[TopicPartition, int]) -> None:
-        for tp, offset in offsets.items():
-            if tp in self._delivered:  # not handed over meanwhile
-                self._delivered[tp] = offset
-
-    def _set_position(self, tp: TopicPartition, offset: int) -> None:
-        self._processed[tp] = offset
-        self._delivered[tp] = offset
-        self._merge.seek(tp, offset)
-        self.metrics.input_offset.labels(tp.topic, str(tp.partition)).set(offset)
+        self._positions.seek(tp, await _seek(consumer, tp, offset, self.settings.start))
 
     # -- the loop -------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
         assert self._prices is not None and self._accounts is not None
+        positions = self._positions
         limit = self.settings.max_batch_records
         consumers = (self._prices, self._accounts)
         fetches = {c: asyncio.ensure_future(c.getmany(timeout_ms=500, max_records=limit))
@@ -652,8 +634,8 @@ class Monitor:
                         self.log.warning("fetch failed, retrying", error=repr(exc))
                         continue
                     for tp, records in batch.items():
-                        if tp in self._processed:  # still ours (a rebalance may intervene)
-                            self._merge.add(tp, records)
+                        if tp in positions.processed:  # still ours (a rebalance may intervene)
+                            positions.merge.add(tp, records)
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
                 if self._checkpointing is not None and self._checkpointing.done():
@@ -661,9 +643,9 @@ class Monitor:
                     checkpointed.result()  # raise what made it fail
                 if self._checkpointing is None and self._checkpoint_due():
                     self._checkpointing = asyncio.create_task(
-                        self._checkpoint(set(self._owned)))
+                        self._checkpoint(set(self._positions.owned)))
                 self._pace_fetching()
-                if self._merge.to_probe():
+                if self._positions.merge.to_probe():
                     self._probe_wanted.set()
         finally:
             for task in (*fetches.values(), stopping, woken, prober):
@@ -672,10 +654,10 @@ class Monitor:
                                  return_exceptions=True)
         async with self._lock:  # finish: what was applied is delivered; checkpoint it
             await self._finish_checkpoint()
-            await self._checkpoint(self._owned)
+            await self._checkpoint(self._positions.owned)
         self.log.info("stopped", checkpoint=self._seq,
                       offsets={f"{tp.topic}/{tp.partition}": o
-                               for tp, o in sorted(self._processed.items())})
+                               for tp, o in sorted(self._positions.processed.items())})
 
     async def _probe_watermarks(self) -> None:
         """Ask for the end offsets of the partitions that hold the merge back, each time
@@ -683,15 +665,15 @@ class Monitor:
         partition stops holding the others back one round trip later (see merge.py)."""
         assert self._probe is not None
         while True:
-            needs = self._merge.head_needs
-            if needs is None or not self._merge.to_probe():
+            needs = self._positions.merge.head_needs
+            if needs is None or not self._positions.merge.to_probe():
                 await self._probe_wanted.wait()
                 self._probe_wanted.clear()
                 continue
             early = (needs - time.time() * 1000) / 1000
             if early > 0:  # a probe sent sooner proves nothing about this record
                 await asyncio.sleep(min(early, self.settings.max_idle))
-            tps = self._merge.to_probe()
+            tps = self._positions.merge.to_probe()
             if not tps:
                 continue
             sent_at_ms = time.time() * 1000
@@ -701,7 +683,7 @@ class Monitor:
                 self.log.debug("watermark probe failed", error=repr(exc))
                 await asyncio.sleep(PROBE_RETRY)
                 continue
-            self._merge.probed(sent_at_ms, ends)
+            self._positions.merge.probed(sent_at_ms, ends)
             self._wake.set()
             if len(ends) < len(tps):  # the broker left some out: do not hammer it
                 await asyncio.sleep(PROBE_RETRY)
@@ -709,8 +691,8 @@ class Monitor:
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume
         them once drained: memory stays bounded however far one input runs ahead."""
-        for tp in list(self._processed):
-            buffered = self._merge.buffered(tp)
+        for tp in list(self._positions.processed):
+            buffered = self._positions.merge.buffered(tp)
             if tp not in self._paused and buffered >= MAX_BUFFERED:
                 self._consumer_of(tp).pause(tp)
                 self._paused.add(tp)
@@ -722,14 +704,15 @@ class Monitor:
         """Apply what the merge releases and hand its output to the pipeline (which gets
         it acknowledged behind the loop); how many records."""
         assert self._pipeline is not None
-        batch = self._merge.take(limit, list(self._processed))
-        if self._merge.forced > self._forced_reported:
-            self.metrics.merge_forced.inc(self._merge.forced - self._forced_reported)
-            self.log.warning("released records out of proven order", records=self._merge.forced
-                             - self._forced_reported, waited_seconds=self._merge.max_wait,
+        positions, merge = self._positions, self._positions.merge
+        batch = merge.take(limit, list(positions.processed))
+        if merge.forced > self._forced_reported:
+            self.metrics.merge_forced.inc(merge.forced - self._forced_reported)
+            self.log.warning("released records out of proven order", records=merge.forced
+                             - self._forced_reported, waited_seconds=merge.max_wait,
                              blocked_on=[f"{tp.topic}/{tp.partition}"
-                                         for tp in self._merge.blocked_on])
-            self._forced_reported = self._merge.forced
+                                         for tp in merge.blocked_on])
+            self._forced_reported = merge.forced
         if not batch:
             return 0
         outgoing = self.apply_batch(batch, self.engine, self.settings.conflate_ticks)
@@ -738,16 +721,12 @@ class Monitor:
             advanced[tp] = record.offset + 1
         await self._pipeline.submit(outgoing, advanced)
         self._log_events()  # after the produce: a cascade's log lines never delay its events
-        self._frontier = self._key(*batch[-1])
-        self._processed.update(advanced)
+        self._positions.frontier = self._positions.key(*batch[-1])
+        self._positions.processed.update(advanced)
         self._since_checkpoint += len(batch)
         self._update_lag(set(advanced))
-        self.engine.release_caught_up(self._positions())
+        self.engine.release_caught_up(self._positions.offsets())
         return len(batch)
-
-    def _key(self, tp: TopicPartition, record: ConsumerRecord) -> tuple[int, int, int, int]:
-        """The time-ordered merge's sort key of a record."""
-        return (record.timestamp, self._rank(tp.topic), tp.partition, record.offset)
 
     def _consumer_of(self, tp: TopicPartition) -> AIOKafkaConsumer:
         consumer = self._prices if tp.topic == self.settings.topics.prices else self._accounts
@@ -757,14 +736,14 @@ class Monitor:
     def _update_lag(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
             self.metrics.input_offset.labels(tp.topic, str(tp.partition)).set(
-                self._processed[tp])
+                self._positions.processed[tp])
             highwater = self._consumer_of(tp).highwater(tp)
             if highwater is not None:
                 self._set_lag(tp, highwater)
 
     def _set_lag(self, tp: TopicPartition, end: int) -> None:
         self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-            max(0, end - self._processed[tp]))
+            max(0, end - self._positions.processed[tp]))
 
     def _log_events(self) -> None:
         """One info line per event (SPEC §8), for the events of the batch just produced."""
@@ -874,7 +853,7 @@ class Monitor:
         controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000),
                                 self.fingerprint)
         vouched = self._pipeline.mark()
-        if partitions >= self._owned:
+        if partitions >= self._positions.owned:
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
         ids = list(mine)
@@ -883,7 +862,7 @@ class Monitor:
             for start in range(0, len(ids), CHECKPOINT_CHUNK):
                 # handed over meanwhile: the checkpoint before the hand-over wrote it
                 chunk = {a: mine[a] for a in ids[start:start + CHECKPOINT_CHUNK]
-                         if mine[a] in self._owned}
+                         if mine[a] in self._positions.owned}
                 layouts, snapshots = snapshot_messages(
                     self.engine, chunk, seq, self._as_of(set(chunk.values())), t, written)
                 await self._pipeline.flush()  # the events of what these snapshots reflect
@@ -919,15 +898,16 @@ class Monitor:
         """Per account partition: the input offsets its state reflects now (its own fills and
         ledger, and every price partition)."""
         t = self.settings.topics
-        prices = {(tp.topic, tp.partition): offset for tp, offset in self._processed.items()
+        processed = self._positions.processed
+        prices = {(tp.topic, tp.partition): offset for tp, offset in processed.items()
                   if tp.topic == t.prices}
         as_of: dict[int, Offsets] = {}
         for partition in partitions:
             offsets = dict(prices)
             for topic in (t.fills, t.ledger):
                 tp = TopicPartition(topic, partition)
-                if tp in self._processed:
-                    offsets[(topic, partition)] = self._processed[tp]
+                if tp in self._positions.processed:
+                    offsets[(topic, partition)] = self._positions.processed[tp]
             as_of[partition] = offsets
         return as_of
 
@@ -994,7 +974,7 @@ class Monitor:
     def processed_offsets(self) -> dict[TopicPartition, int]:
         """Next offset per input partition whose events are all acknowledged (for tests,
         the demo and bench)."""
-        return dict(self._delivered)
+        return dict(self._positions.delivered)
 
     def _live_figures(self) -> LiveFigures:
         engine = self.engine
