@@ -51,19 +51,17 @@ from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.positions import Positions
+from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
-from monitor.service.topics import TopicMissing, ensure_topics, output_topics
+from monitor.service.topics import ensure_topics
 from monitor.snapshot import Offsets
 from monitor.state import EVENT_TYPES, AccountState
 
-PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
-OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
 TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint timer)
 # Records buffered per partition beyond which it is paused until the merge drains it: a backlog
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
-PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
 CHECKPOINT_CHUNK = 256  # snapshots encoded between two turns of the loop
 
@@ -127,8 +125,7 @@ class Monitor:
         self._prices: AIOKafkaConsumer | None = None
         self._accounts: AIOKafkaConsumer | None = None
         self._probe: AIOKafkaConsumer | None = None  # end offsets for watermarks, own socket
-        self._probe_wanted = asyncio.Event()
-        self._wake = asyncio.Event()  # a probe answered: the merge may release more
+        self._prober: WatermarkProber | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -177,8 +174,12 @@ class Monitor:
                 self._consuming = True
                 self._update_ready()
                 self.log.info("consuming", bootstrap=self.settings.bootstrap,
-                              group=self.settings.group, partitions=sorted(self._positions.owned))
-                watchdog = asyncio.create_task(self._watch_broker())
+                              group=self.settings.group,
+                              partitions=sorted(self._positions.owned))
+                assert self._producer is not None
+                watch = BrokerWatch(self._producer.client, self.settings, self.metrics,
+                                    self.log, self._reachability, self.fail)
+                watchdog = asyncio.create_task(watch.run())
                 try:
                     await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
                 finally:
@@ -254,6 +255,11 @@ class Monitor:
             self.ready.clear()
         self.metrics.ready.set(1 if ready else 0)
 
+    def _reachability(self, reachable: bool) -> None:
+        """What the broker watch found, each time it asked."""
+        self._reachable = reachable
+        self._update_ready()
+
     async def _until_restored(self) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())
         restored = asyncio.ensure_future(self._restored.wait())
@@ -305,6 +311,7 @@ class Monitor:
         await self._prices.start()
         self._probe = self.clients.probe_consumer()
         await self._probe.start()
+        self._prober = WatermarkProber(self._positions.merge, self._probe, s, self.log)
         self._accounts = self.clients.group_consumer()
         await self._accounts.start()
         self._accounts.subscribe([s.topics.fills, s.topics.ledger],
@@ -603,25 +610,26 @@ class Monitor:
 
     async def _consume(self) -> None:
         assert self._prices is not None and self._accounts is not None
-        positions = self._positions
+        assert self._prober is not None
+        prober, positions = self._prober, self._positions
         limit = self.settings.max_batch_records
         consumers = (self._prices, self._accounts)
         fetches = {c: asyncio.ensure_future(c.getmany(timeout_ms=500, max_records=limit))
                    for c in consumers}
         stopping = asyncio.ensure_future(self._stopping.wait())
-        prober = asyncio.create_task(self._probe_watermarks())
-        woken = asyncio.ensure_future(self._wake.wait())
+        probing = asyncio.create_task(prober.run())
+        woken = asyncio.ensure_future(prober.answered.wait())
         backlog = False  # the merge released a full batch: more may be ready without a fetch
         try:
             while not self._stopping.is_set():
-                await asyncio.wait([*fetches.values(), stopping, woken, prober],
+                await asyncio.wait([*fetches.values(), stopping, woken, probing],
                                    timeout=0 if backlog else TICK,
                                    return_when=asyncio.FIRST_COMPLETED)
-                if prober.done():
-                    prober.result()  # the prober never returns: raise what killed it
+                if probing.done():
+                    probing.result()  # the prober never returns: raise what killed it
                 if woken.done():
-                    self._wake.clear()
-                    woken = asyncio.ensure_future(self._wake.wait())
+                    prober.answered.clear()
+                    woken = asyncio.ensure_future(prober.answered.wait())
                 for consumer in consumers:
                     fetch = fetches[consumer]
                     if not fetch.done() or self._stopping.is_set():
@@ -645,12 +653,12 @@ class Monitor:
                     self._checkpointing = asyncio.create_task(
                         self._checkpoint(set(self._positions.owned)))
                 self._pace_fetching()
-                if self._positions.merge.to_probe():
-                    self._probe_wanted.set()
+                if positions.merge.to_probe():
+                    prober.wanted.set()
         finally:
-            for task in (*fetches.values(), stopping, woken, prober):
+            for task in (*fetches.values(), stopping, woken, probing):
                 task.cancel()
-            await asyncio.gather(*fetches.values(), stopping, woken, prober,
+            await asyncio.gather(*fetches.values(), stopping, woken, probing,
                                  return_exceptions=True)
         async with self._lock:  # finish: what was applied is delivered; checkpoint it
             await self._finish_checkpoint()
@@ -658,35 +666,6 @@ class Monitor:
         self.log.info("stopped", checkpoint=self._seq,
                       offsets={f"{tp.topic}/{tp.partition}": o
                                for tp, o in sorted(self._positions.processed.items())})
-
-    async def _probe_watermarks(self) -> None:
-        """Ask for the end offsets of the partitions that hold the merge back, each time
-        after the held record arrived and after its timestamp + max_skew_ms, so that a silent
-        partition stops holding the others back one round trip later (see merge.py)."""
-        assert self._probe is not None
-        while True:
-            needs = self._positions.merge.head_needs
-            if needs is None or not self._positions.merge.to_probe():
-                await self._probe_wanted.wait()
-                self._probe_wanted.clear()
-                continue
-            early = (needs - time.time() * 1000) / 1000
-            if early > 0:  # a probe sent sooner proves nothing about this record
-                await asyncio.sleep(min(early, self.settings.max_idle))
-            tps = self._positions.merge.to_probe()
-            if not tps:
-                continue
-            sent_at_ms = time.time() * 1000
-            try:
-                ends = await self._probe.end_offsets(tps)
-            except KafkaError as exc:
-                self.log.debug("watermark probe failed", error=repr(exc))
-                await asyncio.sleep(PROBE_RETRY)
-                continue
-            self._positions.merge.probed(sent_at_ms, ends)
-            self._wake.set()
-            if len(ends) < len(tps):  # the broker left some out: do not hammer it
-                await asyncio.sleep(PROBE_RETRY)
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume
@@ -924,50 +903,6 @@ class Monitor:
             await self._accounts.commit(offsets)
         except KafkaError as exc:  # broker away or a rebalance under way: the next one retries
             self.log.warning("offset commit failed, will retry", error=repr(exc))
-
-    # -- broker reachability --------------------------------------------------------------------
-
-    async def _watch_broker(self) -> None:
-        """Say plainly when Kafka is out of reach and when it is back (and make /readyz
-        say so too), and stop when an output topic has disappeared.
-
-        The clients retry on their own and an idle consumer looks the same whether the broker
-        is there or not, so a cheap metadata request each second tells the two apart.
-        """
-        assert self._producer is not None
-        client = self._producer.client
-        outputs = output_topics(self.settings)
-        lost_at: float | None = None
-        last_said = 0.0
-        while True:
-            await asyncio.sleep(PROBE_INTERVAL)
-            present: set[str] | None = None
-            try:
-                cluster = await asyncio.wait_for(client.fetch_all_metadata(),
-                                                 timeout=PROBE_INTERVAL * 2)
-                present, error = cluster.topics(), None
-            except (KafkaError, TimeoutError, OSError) as exc:
-                error = exc
-            reachable = present is not None
-            now = time.monotonic()
-            self.metrics.kafka_reachable.set(1 if reachable else 0)
-            self._reachable = reachable
-            self._update_ready()
-            # Some brokers acknowledge produce requests to a deleted topic and keep nothing.
-            missing = [name for name in outputs if present is not None and name not in present]
-            if missing:
-                self.fail(TopicMissing(missing[0]))
-                return
-            if reachable and lost_at is not None:
-                self.log.info("kafka reachable again", bootstrap=self.settings.bootstrap,
-                              outage_seconds=round(now - lost_at, 1))
-                lost_at = None
-            elif not reachable and (lost_at is None or now - last_said >= OUTAGE_REMINDER):
-                lost_at = lost_at or now
-                last_said = now
-                self.log.warning("kafka unreachable, clients keep retrying",
-                                 bootstrap=self.settings.bootstrap, error=repr(error),
-                                 outage_seconds=round(now - lost_at, 1))
 
     # -- observability --------------------------------------------------------------------------
 
