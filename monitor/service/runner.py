@@ -28,7 +28,7 @@ from aiokafka import (
 )
 from aiokafka.errors import KafkaError
 
-from monitor.account import RiskKey, account_of
+from monitor.account import RiskKey
 from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
@@ -39,12 +39,10 @@ from monitor.service.changelog import (
     ConfigChanged,
     RestoredPartition,
     RestoreProgress,
-    control_message,
-    controls_now,
     read_changelog,
-    snapshot_messages,
     write_reset_markers,
 )
+from monitor.service.checkpointer import Checkpointer, KafkaSink
 from monitor.service.clients import Clients
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.merge import TimestampMerge
@@ -63,7 +61,6 @@ TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint t
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
-CHECKPOINT_CHUNK = 256  # snapshots encoded between two turns of the loop
 
 
 class _StopRequested(Exception):
@@ -106,7 +103,6 @@ class Monitor:
                                     self.metrics)
         self._forced_reported = 0
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
-        self._checkpointing: asyncio.Task[None] | None = None  # a checkpoint being written
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
@@ -114,14 +110,13 @@ class Monitor:
         self._restored = asyncio.Event()  # the first assignment has been restored
         self._closing = False
         self._paused: set[TopicPartition] = set()
-        self._touched: dict[str, int] = {}  # account -> partition, since the last checkpoint
-        self._seq = 0
-        self._since_checkpoint = 0  # records applied since the last checkpoint
-        self._last_checkpoint = time.monotonic()
         self._last_tick_wall: dict[str, float] = {}
+        self._checkpointer = Checkpointer(self.engine, self._positions, settings,
+                                          self.metrics, self.fingerprint)
         self._producer: AIOKafkaProducer | None = None
         self._delivery: Delivery | None = None
         self._pipeline: Pipeline | None = None
+        self._sink: KafkaSink | None = None  # where checkpoints go, once connected
         self._prices: AIOKafkaConsumer | None = None
         self._accounts: AIOKafkaConsumer | None = None
         self._probe: AIOKafkaConsumer | None = None  # end offsets for watermarks, own socket
@@ -314,6 +309,7 @@ class Monitor:
         self._prober = WatermarkProber(self._positions.merge, self._probe, s, self.log)
         self._accounts = self.clients.group_consumer()
         await self._accounts.start()
+        self._sink = KafkaSink(self._pipeline, self._accounts, self.log)
         self._accounts.subscribe([s.topics.fills, s.topics.ledger],
                                  listener=_Rebalance(self))
 
@@ -322,9 +318,7 @@ class Monitor:
         unreachable broker a consumer leaving its group or a producer flushing would wait
         for as long as the broker stays away."""
         self._closing = True
-        if self._checkpointing is not None:  # cut short by a failure or the shutdown timeout
-            self._checkpointing.cancel()
-            await asyncio.gather(self._checkpointing, return_exceptions=True)
+        await self._checkpointer.abandon()  # cut short by a failure or the shutdown timeout
         if self._pipeline is not None:
             await self._pipeline.close()
         clients = [c for c in (self._prices, self._accounts, self._probe, self._producer)
@@ -360,7 +354,7 @@ class Monitor:
         async with self._lock:
             if self._stopping.is_set():  # requested while waiting for the lock
                 return
-            await self._finish_checkpoint()
+            await self._checkpointer.finish()
             started = time.monotonic()
             self._restoring = True
             self.restore_status = None
@@ -413,7 +407,7 @@ class Monitor:
         async with self._lock:
             if self._closing:  # the final checkpoint, written meanwhile, covers them
                 return
-            await self._finish_checkpoint()
+            await self._checkpointer.finish()
             try:
                 await self._checkpoint(lost)
             except KafkaError as exc:
@@ -432,6 +426,12 @@ class Monitor:
                             gauge.remove(tp.topic, str(tp.partition))
                 self.log.info("partition handed over", partition=partition, accounts=dropped)
             self._positions.owned -= lost
+
+    async def _checkpoint(self, partitions: set[int]) -> None:
+        """Checkpoint these partitions now (see Checkpointer.checkpoint)."""
+        if self._sink is None:
+            return
+        await self._checkpointer.checkpoint(partitions, self._sink)
 
     async def _report_lag(self, tps: list[TopicPartition]) -> None:
         """Lag of partitions just (re)positioned. Until records of theirs are applied nothing
@@ -473,7 +473,7 @@ class Monitor:
             default=None)
         if oldest is not None:
             self.engine.load_prices(oldest.prices)
-            self._seq = max(c.seq for c in controls)
+            self._checkpointer.resume(max(c.seq for c in controls))
         tps = [TopicPartition(topic, p) for p in range(self.partition_counts[topic])]
         self._prices.assign(tps)
         for tp in tps:
@@ -595,10 +595,7 @@ class Monitor:
                                    if key in private.accounts or key in private.units})
         for topic in (t.fills, t.ledger):
             self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
-        changed = private.take_dirty()
-        for key in changed:
-            self._touched[account_of(key)] = partition
-        self.engine.mark_dirty(set(changed))
+        self._checkpointer.include(private.take_dirty(), partition)
         return applied
 
     async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
@@ -610,7 +607,7 @@ class Monitor:
 
     async def _consume(self) -> None:
         assert self._prices is not None and self._accounts is not None
-        assert self._prober is not None
+        assert self._prober is not None and self._sink is not None
         prober, positions = self._prober, self._positions
         limit = self.settings.max_batch_records
         consumers = (self._prices, self._accounts)
@@ -646,12 +643,7 @@ class Monitor:
                             positions.merge.add(tp, records)
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
-                if self._checkpointing is not None and self._checkpointing.done():
-                    checkpointed, self._checkpointing = self._checkpointing, None
-                    checkpointed.result()  # raise what made it fail
-                if self._checkpointing is None and self._checkpoint_due():
-                    self._checkpointing = asyncio.create_task(
-                        self._checkpoint(set(self._positions.owned)))
+                self._checkpointer.poll(self._sink)
                 self._pace_fetching()
                 if positions.merge.to_probe():
                     prober.wanted.set()
@@ -661,9 +653,9 @@ class Monitor:
             await asyncio.gather(*fetches.values(), stopping, woken, probing,
                                  return_exceptions=True)
         async with self._lock:  # finish: what was applied is delivered; checkpoint it
-            await self._finish_checkpoint()
-            await self._checkpoint(self._positions.owned)
-        self.log.info("stopped", checkpoint=self._seq,
+            await self._checkpointer.finish()
+            await self._checkpoint(positions.owned)
+        self.log.info("stopped", checkpoint=self._checkpointer.seq,
                       offsets={f"{tp.topic}/{tp.partition}": o
                                for tp, o in sorted(self._positions.processed.items())})
 
@@ -702,7 +694,7 @@ class Monitor:
         self._log_events()  # after the produce: a cascade's log lines never delay its events
         self._positions.frontier = self._positions.key(*batch[-1])
         self._positions.processed.update(advanced)
-        self._since_checkpoint += len(batch)
+        self._checkpointer.applied(len(batch))
         self._update_lag(set(advanced))
         self.engine.release_caught_up(self._positions.offsets())
         return len(batch)
@@ -742,6 +734,7 @@ class Monitor:
         place in the batch.
         """
         config, topics, metrics = self.config, self.settings.topics, self.metrics
+        touched = self._checkpointer.touched
         stats = engine.stats
         before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
         out: list[Outgoing] = []
@@ -762,7 +755,7 @@ class Monitor:
                 continue
             if not isinstance(record, Rejected):
                 if not isinstance(record, PriceTick):
-                    self._touched[record.account] = tp.partition
+                    touched[record.account] = tp.partition
                 applied_ticks = stats.applied_ticks
                 try:
                     events = engine.apply(record, Source(tp.topic, tp.partition,
@@ -791,119 +784,6 @@ class Monitor:
         metrics.duplicates.inc(stats.duplicates - duplicates)
         return out
 
-    # -- checkpoints ----------------------------------------------------------------------------
-
-    def _checkpoint_due(self) -> bool:
-        if self._since_checkpoint >= self.settings.checkpoint_records:
-            return True
-        elapsed = time.monotonic() - self._last_checkpoint
-        return self._since_checkpoint > 0 and elapsed >= self.settings.checkpoint_interval
-
-    async def _checkpoint(self, partitions: set[int]) -> None:
-        """Write the changed accounts of these partitions, then their control records.
-
-        What the control records vouch for — offsets, price table, duplicate windows — is
-        captured at once; the snapshots are then encoded and produced a chunk at a time, so
-        that the loop goes on applying records in between (run as a task it never blocks).
-        A chunk is stamped with the offsets its state reflects when it is encoded, and is
-        produced only once the events of those inputs are acknowledged; the control records
-        go last. So nothing in the changelog runs ahead of what was published: at-least-once,
-        never lossy (an account snapshot newer than its control record skips the re-read
-        inputs it already reflects).
-        """
-        if not partitions or self._delivery is None:
-            return
-        assert self._pipeline is not None
-        started = time.monotonic()
-        t = self.settings.topics
-        mine: dict[RiskKey, int] = {}
-        others: set[RiskKey] = set()
-        for key in self.engine.take_dirty():
-            partition = self.engine.partition_of(key)
-            if partition is None:  # deleted since: its tombstone goes where it lived
-                partition = self._touched.get(account_of(key))
-            if partition in partitions:
-                mine[key] = partition
-            else:
-                others.add(key)
-        self.engine.mark_dirty(others)
-        as_of = self._as_of(partitions)
-        seq = self._seq + 1
-        controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000),
-                                self.fingerprint)
-        vouched = self._pipeline.mark()
-        if partitions >= self._positions.owned:
-            self._since_checkpoint = 0
-            self._last_checkpoint = time.monotonic()
-        ids = list(mine)
-        written: set[tuple[int, int]] = set()  # (partition, layout id) written this time
-        try:
-            for start in range(0, len(ids), CHECKPOINT_CHUNK):
-                # handed over meanwhile: the checkpoint before the hand-over wrote it
-                chunk = {a: mine[a] for a in ids[start:start + CHECKPOINT_CHUNK]
-                         if mine[a] in self._positions.owned}
-                layouts, snapshots = snapshot_messages(
-                    self.engine, chunk, seq, self._as_of(set(chunk.values())), t, written)
-                await self._pipeline.flush()  # the events of what these snapshots reflect
-                if layouts:  # acknowledged first: no snapshot is ever without its layout
-                    await self._delivery.deliver(layouts)
-                await self._delivery.deliver(snapshots)
-            await self._pipeline.settled(vouched)
-            messages = []
-            for partition, control in controls.items():  # ~20,000 window ids each
-                messages.append(control_message(partition, control, t))
-                await asyncio.sleep(0)  # the loop goes on between two partitions
-            await self._delivery.deliver(messages)
-        except BaseException:
-            self.engine.mark_dirty(set(mine))
-            raise
-        self._seq = seq
-        for key in mine:
-            self._touched.pop(account_of(key), None)
-        self.metrics.checkpoint_duration.observe(time.monotonic() - started)
-        self.metrics.last_checkpoint.set(time.time())
-        await self._commit({TopicPartition(topic, p): offset
-                            for p, offsets in as_of.items()
-                            for (topic, _), offset in offsets.items() if topic != t.prices})
-
-    async def _finish_checkpoint(self) -> None:
-        """Wait for the checkpoint being written (a rebalance or a stop needs the state
-        it took out of the dirty set written, or back in it)."""
-        if self._checkpointing is not None:
-            checkpointing, self._checkpointing = self._checkpointing, None
-            await checkpointing
-
-    def _as_of(self, partitions: set[int]) -> dict[int, Offsets]:
-        """Per account partition: the input offsets its state reflects now (its own fills and
-        ledger, and every price partition)."""
-        t = self.settings.topics
-        processed = self._positions.processed
-        prices = {(tp.topic, tp.partition): offset for tp, offset in processed.items()
-                  if tp.topic == t.prices}
-        as_of: dict[int, Offsets] = {}
-        for partition in partitions:
-            offsets = dict(prices)
-            for topic in (t.fills, t.ledger):
-                tp = TopicPartition(topic, partition)
-                if tp in self._positions.processed:
-                    offsets[(topic, partition)] = self._positions.processed[tp]
-            as_of[partition] = offsets
-        return as_of
-
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
-        """Mirror checkpointed offsets into the consumer group, for lag tooling. The
-        changelog, not the group, is where a restart resumes from."""
-        if self._accounts is None:
-            return
-        assigned = self._accounts.assignment()
-        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
-        if not offsets:
-            return
-        try:
-            await self._accounts.commit(offsets)
-        except KafkaError as exc:  # broker away or a rebalance under way: the next one retries
-            self.log.warning("offset commit failed, will retry", error=repr(exc))
-
     # -- observability --------------------------------------------------------------------------
 
     def processed_offsets(self) -> dict[TopicPartition, int]:
@@ -913,7 +793,6 @@ class Monitor:
 
     def _live_figures(self) -> LiveFigures:
         engine = self.engine
-        pending = self._since_checkpoint > 0
         return LiveFigures(
             accounts=len(engine.accounts),
             positions=engine.positions_held,
@@ -921,7 +800,7 @@ class Monitor:
             isolated_by_state={state.name: engine.units_in_state[state]
                                for state in AccountState},
             last_tick_wall=dict(self._last_tick_wall),
-            checkpoint_age=time.monotonic() - self._last_checkpoint if pending else 0.0,
+            checkpoint_age=self._checkpointer.age(),
         )
 
 
