@@ -7,13 +7,18 @@ does. A batch's events and dead letters are produced with acks=all; then, every 
 checkpoint of the changed accounts and of the input offsets goes to the compacted changelog.
 On start, and whenever the group hands this instance partitions, their accounts are restored
 from the changelog and their inputs resume right after the checkpointed offsets.
+
+`Monitor` is the lifecycle (connect, restore, consume, stop), the processing loop and the
+rebalance steps, one at a time under its lock. It hands the parts to: `Clients` (clients.py,
+every Kafka client), `Positions` (positions.py, where it stands in its inputs), `Restorer`
+(restorer.py), `Checkpointer` (checkpointer.py), `WatermarkProber` and `BrokerWatch`
+(probe.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,32 +33,24 @@ from aiokafka import (
 )
 from aiokafka.errors import KafkaError
 
-from monitor.account import RiskKey
 from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import Engine
 from monitor.events import Event, Source
 from monitor.records import InputRecord, PriceTick, Rejected, decode_batch
 from monitor.reference import ReferenceEngine
-from monitor.service.changelog import (
-    ConfigChanged,
-    RestoredPartition,
-    RestoreProgress,
-    read_changelog,
-    write_reset_markers,
-)
+from monitor.service.changelog import RestoreProgress, write_reset_markers
 from monitor.service.checkpointer import Checkpointer, KafkaSink
 from monitor.service.clients import Clients
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
-from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.positions import Positions
 from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
+from monitor.service.restorer import Restorer, StopRequested
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.topics import ensure_topics
-from monitor.snapshot import Offsets
 from monitor.state import EVENT_TYPES, AccountState
 
 TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint timer)
@@ -61,10 +58,6 @@ TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint t
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
-
-
-class _StopRequested(Exception):
-    """A stop was requested while partitions were being restored: they are not taken."""
 
 
 class Monitor:
@@ -113,6 +106,9 @@ class Monitor:
         self._last_tick_wall: dict[str, float] = {}
         self._checkpointer = Checkpointer(self.engine, self._positions, settings,
                                           self.metrics, self.fingerprint)
+        self._restorer = Restorer(settings, config, self.engine, self._positions,
+                                  self._checkpointer, self.clients, self.fingerprint, self.log,
+                                  self._stopping, self._replay)
         self._producer: AIOKafkaProducer | None = None
         self._delivery: Delivery | None = None
         self._pipeline: Pipeline | None = None
@@ -339,16 +335,7 @@ class Monitor:
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         if self._stopping.is_set():
             return  # stopping: take nothing new (no restore, no catch-up, no event)
-        t = self.settings.topics
-        fills = {tp.partition for tp in assigned if tp.topic == t.fills}
-        ledger = {tp.partition for tp in assigned if tp.topic == t.ledger}
-        if fills != ledger:
-            raise RuntimeError(
-                f"the group assigned fills partitions {sorted(fills)} but ledger partitions "
-                f"{sorted(ledger)}: every instance of group {self.settings.group!r} must use "
-                "the range assignor so that an account's fills and ledger stay together"
-            )
-        gained = sorted(fills - self._positions.owned)
+        gained = self._restorer.gained(assigned)
         if not gained and self._restored.is_set():
             return
         async with self._lock:
@@ -360,31 +347,14 @@ class Monitor:
             self.restore_status = None
             self._update_ready()
             try:
-                s = self.settings
                 self._restore_started = started
-                restored = await read_changelog(s.bootstrap, s.topics.state, gained,
-                                                client_id=f"{s.client_id}-restore",
-                                                request_timeout_ms=s.request_timeout_ms,
-                                                progress=self._restore_progress,
-                                                security=s.security)
-                self._check_config(restored)
-                first = not self._restored.is_set()
-                if first:
-                    await self._restore_prices(list(restored.values()))
-                accounts = replayed = 0
-                for partition in gained:
-                    if self._stopping.is_set():
-                        raise _StopRequested
-                    if not first and self._behind_on_prices(restored[partition]):
-                        replayed += await self._catch_up(restored[partition])
-                    else:
-                        await self._install(restored[partition])
-                    self._positions.owned.add(partition)
-                    accounts += len(restored[partition].snapshots)
-                # File the restored accounts in the band index before saying ready, or the
-                # first record after it would wait for that (~1.7 s per million accounts).
-                self.engine.index_restored()
-            except _StopRequested:
+                restored = await self._restorer.read(gained, self._restore_progress)
+                assert self._prices is not None and self._accounts is not None
+                accounts, replayed = await self._restorer.restore(
+                    gained, restored, not self._restored.is_set(), prices=self._prices,
+                    accounts=self._accounts,
+                    price_partitions=self.partition_counts[self.settings.topics.prices])
+            except StopRequested:
                 self.log.info("restore abandoned: stopping",
                               partitions=sorted(set(gained) - self._positions.owned))
                 return
@@ -393,8 +363,9 @@ class Monitor:
                 self._update_ready()
             self._restored.set()
             self.restore_seconds = time.monotonic() - started
+            prices = self.settings.topics.prices
             await self._report_lag([tp for tp in self._positions.processed
-                                    if tp.partition in gained or tp.topic == t.prices])
+                                    if tp.partition in gained or tp.topic == prices])
             self.log.info("restored", partitions=gained, accounts=accounts,
                           changelog_records=sum(r.records_read for r in restored.values()),
                           records_replayed=replayed,
@@ -445,163 +416,6 @@ class Monitor:
         for tp, end in ends.items():
             if tp in self._positions.processed:
                 self._set_lag(tp, end)
-
-    def _check_config(self, restored: dict[int, RestoredPartition]) -> None:
-        """Refuse state checkpointed under another risk config (another instance of the
-        fleet runs it, or the config changed), unless the operator said the change is meant:
-        its events would differ from the ones already published for the same records."""
-        for partition, part in sorted(restored.items()):
-            theirs = None if part.control is None else part.control.config
-            if theirs is None or theirs == self.fingerprint:
-                continue  # no checkpoint yet, or one written before fingerprints existed
-            if not self.settings.accept_config_change:
-                raise ConfigChanged(self.settings.topics.state, partition, theirs,
-                                    self.fingerprint)
-            self.log.warning("restoring state checkpointed under another risk config "
-                             "(--accept-config-change)", partition=partition,
-                             checkpointed=theirs, configured=self.fingerprint)
-
-    async def _restore_prices(self, restored: list[RestoredPartition]) -> None:
-        """Price table and price offsets from the control record furthest behind in the
-        price stream, so that every restored partition re-reads the ticks it has not seen
-        (accounts that have seen them skip them)."""
-        assert self._prices is not None
-        topic = self.settings.topics.prices
-        controls = [r.control for r in restored if r.control is not None]
-        oldest = min(controls, key=lambda c: sum(
-            offset for (name, _), offset in c.offsets.items() if name == topic),
-            default=None)
-        if oldest is not None:
-            self.engine.load_prices(oldest.prices)
-            self._checkpointer.resume(max(c.seq for c in controls))
-        tps = [TopicPartition(topic, p) for p in range(self.partition_counts[topic])]
-        self._prices.assign(tps)
-        for tp in tps:
-            offset = None if oldest is None else oldest.offsets.get((topic, tp.partition))
-            await self._position(self._prices, tp, offset)
-
-    async def _install(self, restored: RestoredPartition) -> None:
-        """Load one partition's accounts and duplicate windows; seek its inputs."""
-        assert self._accounts is not None
-        t = self.settings.topics
-        partition, control = restored.partition, restored.control
-        for topic in (t.fills, t.ledger):
-            tp = TopicPartition(topic, partition)
-            offset = None if control is None else control.offsets.get((topic, partition))
-            await self._position(self._accounts, tp, offset)
-        self._load_partition(self.engine, restored, self._positions.offsets())
-
-    def _load_partition(self, engine: Engine | ReferenceEngine, restored: RestoredPartition,
-                        positions: Offsets) -> None:
-        control = restored.control
-        if control is not None:
-            for (topic, p), ids in control.dedupe.items():
-                engine.load_dedupe_ids(topic, p, ids)
-        engine.load_accounts(restored.snapshots,
-                             restored.marks(positions, self.settings.topics.prices))
-
-    def _behind_on_prices(self, restored: RestoredPartition) -> bool:
-        """Did this partition's last owner checkpoint at an earlier point of the price stream
-        than this instance has reached? Then its records must be replayed with the ticks
-        in between, as they were the first time."""
-        if restored.control is None:
-            return True
-        prices = self.settings.topics.prices
-        return any(restored.control.offsets.get((prices, tp.partition), 0) < offset
-                   for tp, offset in self._positions.processed.items() if tp.topic == prices)
-
-    async def _catch_up(self, restored: RestoredPartition) -> int:
-        """Bring a gained partition up to where this instance is, in the order a single
-        instance would have applied its records.
-
-        A private engine holds the partition's accounts and the price table of its last
-        checkpoint; the ticks between that checkpoint and this instance's position are
-        merged by timestamp with the partition's own records, up to the last record this
-        instance applied. Events come out with the ids the first pass gave them. Then the
-        accounts join the main engine and the partition joins the main merge.
-        """
-        assert self._accounts is not None and self._delivery is not None
-        s, t = self.settings, self.settings.topics
-        partition, control = restored.partition, restored.control
-        price_ends = {tp: offset for tp, offset in self._positions.processed.items()
-                      if tp.topic == t.prices}
-        own = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
-        reader = self.clients.catch_up_reader()
-        await reader.start()
-        private = Engine(self.config)
-        # No forced release: every partition still read here holds records up to a known end,
-        # so waiting for them is always right; releasing early would apply records in another
-        # order than the first pass and publish events with its ids but other contents.
-        merge = TimestampMerge(rank=self._positions.rank, max_skew_ms=s.max_skew_ms,
-                               max_wait=math.inf)
-        positions: dict[TopicPartition, int] = {}
-        applied = 0
-        try:
-            reader.assign([*price_ends, *own])
-            for tp in [*price_ends, *own]:
-                offset = None if control is None else control.offsets.get(
-                    (tp.topic, tp.partition))
-                # never checkpointed: every tick since the start of the price stream matters
-                start = "earliest" if tp in price_ends else s.start
-                positions[tp] = await _seek(reader, tp, offset, start)
-                merge.seek(tp, positions[tp])
-            if control is not None:
-                private.load_prices(control.prices)
-            self._load_partition(private, restored,
-                                 {(tp.topic, tp.partition): o for tp, o in positions.items()})
-            stopped: set[TopicPartition] = set()
-
-            def done_with(tp: TopicPartition, next_offset: int) -> bool:
-                if tp in price_ends:
-                    return next_offset >= price_ends[tp]
-                highwater = reader.highwater(tp)
-                return tp in stopped or (highwater is not None and next_offset >= highwater)
-
-            while not all(done_with(tp, positions[tp]) for tp in positions):
-                if self._stopping.is_set():
-                    raise _StopRequested  # nothing of this partition is taken over
-                batch = await reader.getmany(timeout_ms=200, max_records=s.max_batch_records)
-                for tp, records in batch.items():
-                    if tp in price_ends:
-                        merge.add(tp, [r for r in records if r.offset < price_ends[tp]])
-                    elif tp not in stopped:
-                        merge.add(tp, records)
-                active = [tp for tp in positions if not done_with(tp, positions[tp])]
-                ready = []
-                for tp, record in merge.take(s.max_batch_records, active, done_with):
-                    if tp in stopped:
-                        continue
-                    if tp in own and (self._positions.frontier is None or
-                                      self._positions.key(tp, record) > self._positions.frontier):
-                        stopped.add(tp)  # from here on the main loop takes over
-                        positions[tp] = record.offset
-                        merge.drop([tp])
-                        continue
-                    ready.append((tp, record))
-                await self._delivery.deliver(self.apply_batch(ready, private))
-                self._log_events()
-                for tp, record in ready:
-                    positions[tp] = record.offset + 1
-                applied += len(ready)
-        finally:
-            await reader.stop()
-        for tp in own:
-            self._accounts.seek(tp, positions[tp])
-            self._positions.seek(tp, positions[tp])
-        marks = restored.marks(self._positions.offsets(), t.prices)
-        held: list[RiskKey] = [*private.accounts, *private.units]
-        self.engine.load_accounts(private.snapshots(held),
-                                  {key: m for key, m in marks.items()
-                                   if key in private.accounts or key in private.units})
-        for topic in (t.fills, t.ledger):
-            self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
-        self._checkpointer.include(private.take_dirty(), partition)
-        return applied
-
-    async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
-                        offset: int | None) -> None:
-        """Seek to a checkpointed offset, or apply --start on a first start."""
-        self._positions.seek(tp, await _seek(consumer, tp, offset, self.settings.start))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -657,13 +471,14 @@ class Monitor:
             await self._checkpoint(positions.owned)
         self.log.info("stopped", checkpoint=self._checkpointer.seq,
                       offsets={f"{tp.topic}/{tp.partition}": o
-                               for tp, o in sorted(self._positions.processed.items())})
+                               for tp, o in sorted(positions.processed.items())})
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume
         them once drained: memory stays bounded however far one input runs ahead."""
+        merge = self._positions.merge
         for tp in list(self._positions.processed):
-            buffered = self._positions.merge.buffered(tp)
+            buffered = merge.buffered(tp)
             if tp not in self._paused and buffered >= MAX_BUFFERED:
                 self._consumer_of(tp).pause(tp)
                 self._paused.add(tp)
@@ -692,12 +507,20 @@ class Monitor:
             advanced[tp] = record.offset + 1
         await self._pipeline.submit(outgoing, advanced)
         self._log_events()  # after the produce: a cascade's log lines never delay its events
-        self._positions.frontier = self._positions.key(*batch[-1])
-        self._positions.processed.update(advanced)
+        positions.frontier = positions.key(*batch[-1])
+        positions.processed.update(advanced)
         self._checkpointer.applied(len(batch))
         self._update_lag(set(advanced))
-        self.engine.release_caught_up(self._positions.offsets())
+        self.engine.release_caught_up(positions.offsets())
         return len(batch)
+
+    async def _replay(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
+                      engine: Engine) -> None:
+        """A catch-up's batch: applied to its private engine, output delivered before the
+        next one (the restorer's `Replay`)."""
+        assert self._delivery is not None
+        await self._delivery.deliver(self.apply_batch(batch, engine))
+        self._log_events()
 
     def _consumer_of(self, tp: TopicPartition) -> AIOKafkaConsumer:
         consumer = self._prices if tp.topic == self.settings.topics.prices else self._accounts
@@ -802,18 +625,6 @@ class Monitor:
             last_tick_wall=dict(self._last_tick_wall),
             checkpoint_age=self._checkpointer.age(),
         )
-
-
-async def _seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int | None,
-                start: str) -> int:
-    """Position a partition at a checkpointed offset, or where ``start`` says; the position."""
-    if offset is not None:
-        consumer.seek(tp, offset)
-    elif start == "earliest":
-        await consumer.seek_to_beginning(tp)
-    else:
-        await consumer.seek_to_end(tp)
-    return await consumer.position(tp)
 
 
 def _superseded_ticks(records: Sequence[InputRecord | Rejected]) -> set[int]:
