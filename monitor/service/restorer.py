@@ -300,4 +300,5 @@ async def _seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int | No
         await consumer.seek_to_beginning(tp)
     else:
         await consumer.seek_to_end(tp)
-    return await consumer.position(tp)
+    position: int = await consumer.position(tp)
+    return position
