@@ -312,6 +312,8 @@ def encode_snapshots(snapshots: Snapshots) -> tuple[Layout, list[bytes]]:
         raise ValueError(f"snapshots too large for format {SNAPSHOT_VERSION}: more than "
                          f"{_MAX_U16} names or entries of one kind in one account")
     layout = Layout(tuple(s.names))
+    if not n:  # a checkpoint chunk whose accounts were all forgotten: tombstones only
+        return layout, []
     nb, npos, na = s.bal_count, s.pos_count, s.as_of_count
     length = _HEAD.itemsize + _BALANCE.itemsize * nb + _POSITION.itemsize * npos \
         + _AS_OF.itemsize * na

@@ -108,6 +108,11 @@ def test_a_batch_of_json_and_binary_snapshots_decodes_both() -> None:
         "old": (old, 8, {("fills", 0): 5}), "new": (SHORT, 9, AS_OF)}
 
 
+def test_no_snapshots_encode_to_no_records() -> None:
+    # a checkpoint chunk of forgotten accounts only: their tombstones need no record encoded
+    assert encode_snapshots(Snapshots.from_accounts([]))[1] == []
+
+
 def test_snapshots_of_two_layouts_decode_together() -> None:
     # after --accept-config-change: accounts checkpointed under the old and the new config
     first, a = encode_account(Account(balances={"USDT": 1.0}), 1, {})

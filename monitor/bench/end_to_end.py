@@ -330,22 +330,16 @@ async def service_worker(spec: dict[str, Any]) -> None:
     paced latency run until told to stop (one JSON line per step on stdout)."""
     from aiokafka import TopicPartition
 
+    from monitor.service.clients import Clients
     from monitor.service.logs import configure_logging
     from monitor.service.runner import Monitor
-    from monitor.service.settings import Topics
+    from monitor.service.settings import ServiceSettings, Topics
 
     def say(doc: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
 
     configure_logging("info", json=True)
-    if spec.get("consumer"):  # diagnostics only: consumer options the service does not expose
-        import functools
-
-        import monitor.service.runner as runner
-
-        runner.AIOKafkaConsumer = functools.partial(
-            runner.AIOKafkaConsumer, **spec["consumer"])
     config = bench_config(spec["instruments"])
     pop = populate(config, spec["accounts"], spec["seed"])
     engine: Engine | ReferenceEngine = (Engine(config) if spec["engine"] == "fast"
@@ -353,9 +347,16 @@ async def service_worker(spec: dict[str, Any]) -> None:
     load_s = load_population(engine, pop)
     say({"loaded": load_s})
     bootstrap = spec["bootstrap"]
-    monitor = Monitor(bench_settings(bootstrap, Topics(**spec["throughput_topics"]),
-                                f"bench-{spec['engine']}", **spec.get("settings", {})), config)
-    monitor.engine = engine  # type: ignore[assignment]
+
+    def service(topics: dict[str, str], group: str) -> Monitor:
+        """A monitor on the preloaded engine; its consumers take the spec's diagnostic options
+        (consumer options the service does not expose), if any."""
+        settings: ServiceSettings = bench_settings(bootstrap, Topics(**topics), group,
+                                                   **spec.get("settings", {}))
+        clients = Clients(settings, consumer_options=spec.get("consumer"))
+        return Monitor(settings, config, clients=clients, engine=engine)
+
+    monitor = service(spec["throughput_topics"], f"bench-{spec['engine']}")
     task = asyncio.create_task(monitor.run())
     await asyncio.wait_for(monitor.ready.wait(), 120)
     ends = {TopicPartition(topic, 0): end for topic, end in spec["ends"].items()}
@@ -379,10 +380,7 @@ async def service_worker(spec: dict[str, Any]) -> None:
     await task
     say({"records": done, "seconds": seconds, "rate": done / seconds if seconds else 0.0,
          "events": events, "complete": done >= total})
-    latency = Monitor(bench_settings(bootstrap, Topics(**spec["latency_topics"]),
-                                f"bench-{spec['engine']}-latency",
-                                **spec.get("settings", {})), config)
-    latency.engine = engine  # type: ignore[assignment]
+    latency = service(spec["latency_topics"], f"bench-{spec['engine']}-latency")
     task = asyncio.create_task(latency.run())
     await asyncio.wait_for(latency.ready.wait(), 120)
     say({"latency_ready": True})

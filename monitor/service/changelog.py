@@ -431,8 +431,8 @@ def layout_message(partition: int, layout: Layout, topics: Topics) -> Outgoing:
                     headers=[(KIND_HEADER, LAYOUT)], partition=partition)
 
 
-def controls_now(engine: Engine, seq: int, as_of: dict[int, Offsets], topics: Topics,
-                 written_at_ms: int, config: str) -> dict[int, Control]:
+def controls_now(engine: Engine | ReferenceEngine, seq: int, as_of: dict[int, Offsets],
+                 topics: Topics, written_at_ms: int, config: str) -> dict[int, Control]:
     """The control record of each checkpointed partition — offsets, price table, duplicate
     windows, and ``config``, the fingerprint of the risk config — as they are now (copies:
     cheap to take, encoded later)."""

@@ -1,0 +1,247 @@
+"""Checkpoints (SPEC §6): the changed accounts of this instance's partitions and the input
+offsets their state reflects, written to the compacted changelog behind the loop.
+
+`Checkpointer` decides what a checkpoint holds and in which order it is written; it writes
+through a `CheckpointSink` — in the service `KafkaSink`: the pipeline whose events must be
+acknowledged first, the producer, the consumer group's committed offsets — so that the rules
+can be checked against a sink of plain Python objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from structlog.stdlib import BoundLogger
+
+from monitor.account import RiskKey, account_of
+from monitor.engine import Engine
+from monitor.reference import ReferenceEngine
+from monitor.service.changelog import control_message, controls_now, snapshot_messages
+from monitor.service.delivery import Pipeline
+from monitor.service.metrics import Metrics
+from monitor.service.outbox import Outgoing
+from monitor.service.positions import Positions
+from monitor.service.settings import ServiceSettings
+from monitor.snapshot import Offsets
+
+CHECKPOINT_CHUNK = 256  # snapshots encoded between two turns of the loop
+
+
+class CheckpointSink(Protocol):
+    """Where a checkpoint goes, and what it waits for."""
+
+    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+        """Produce changelog records; return once every one is acknowledged."""
+
+    async def flush(self) -> None:
+        """Return once every event batch handed over so far is acknowledged."""
+
+    def mark(self) -> int:
+        """A point in the stream of event batches: everything handed over so far."""
+
+    async def settled(self, mark: int) -> None:
+        """Return once every event batch handed over before ``mark`` is acknowledged."""
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Record checkpointed input offsets where lag tooling looks for them."""
+
+
+class KafkaSink:
+    """The service's `CheckpointSink`: the pipeline of events, the producer behind it (acks=all,
+    retried), and the group consumer's committed offsets."""
+
+    def __init__(self, pipeline: Pipeline, group: AIOKafkaConsumer, log: BoundLogger) -> None:
+        self._pipeline = pipeline
+        self._group = group
+        self.log = log
+
+    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+        await self._pipeline.delivery.deliver(messages)
+
+    async def flush(self) -> None:
+        await self._pipeline.flush()
+
+    def mark(self) -> int:
+        return self._pipeline.mark()
+
+    async def settled(self, mark: int) -> None:
+        await self._pipeline.settled(mark)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Mirror checkpointed offsets into the consumer group, for lag tooling. The
+        changelog, not the group, is where a restart resumes from."""
+        assigned = self._group.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await self._group.commit(offsets)
+        except KafkaError as exc:  # broker away or a rebalance under way: the next one retries
+            self.log.warning("offset commit failed, will retry", error=repr(exc))
+
+
+class Checkpointer:
+    """What goes into a checkpoint, when, and in which order.
+
+    It keeps what a checkpoint needs besides the engine and the input positions: ``touched``
+    (account → partition of every account a record touched since the last checkpoint, so that
+    an account forgotten since is tombstoned where it lived; whoever applies records writes
+    it), ``seq`` (the last checkpoint's sequence number), and how many records were applied
+    since, and when, the last checkpoint covering every owned partition was taken.
+    """
+
+    def __init__(self, engine: Engine | ReferenceEngine, positions: Positions,
+                 settings: ServiceSettings, metrics: Metrics, fingerprint: str) -> None:
+        self.engine = engine
+        self.positions = positions
+        self.settings = settings
+        self.metrics = metrics
+        self.fingerprint = fingerprint
+        self.touched: dict[str, int] = {}  # account -> partition, since the last checkpoint
+        self.seq = 0
+        self.since_checkpoint = 0  # records applied since the last checkpoint
+        self.last_checkpoint = time.monotonic()
+        self._writing: asyncio.Task[None] | None = None  # a checkpoint written behind the loop
+
+    # -- what the loop and a restore tell it ------------------------------------------------------
+
+    def applied(self, records: int) -> None:
+        """The loop applied this many more records."""
+        self.since_checkpoint += records
+
+    def resume(self, seq: int) -> None:
+        """A restore read checkpoints up to ``seq``: the next one follows it."""
+        self.seq = seq
+
+    def include(self, keys: set[RiskKey], partition: int) -> None:
+        """Risk units of ``partition`` changed outside the loop (by a catch-up's private
+        engine): the next checkpoint writes them."""
+        for key in keys:
+            self.touched[account_of(key)] = partition
+        self.engine.mark_dirty(set(keys))
+
+    # -- when -------------------------------------------------------------------------------------
+
+    def due(self) -> bool:
+        if self.since_checkpoint >= self.settings.checkpoint_records:
+            return True
+        elapsed = time.monotonic() - self.last_checkpoint
+        return self.since_checkpoint > 0 and elapsed >= self.settings.checkpoint_interval
+
+    def age(self) -> float:
+        """Seconds since the last checkpoint, if records were applied since (else 0)."""
+        pending = self.since_checkpoint > 0
+        return time.monotonic() - self.last_checkpoint if pending else 0.0
+
+    def poll(self, sink: CheckpointSink) -> None:
+        """Between two batches of the loop: raise what made the checkpoint written behind it
+        fail, if one did; start the next one, as a task, if one is due."""
+        if self._writing is not None and self._writing.done():
+            written, self._writing = self._writing, None
+            written.result()  # raise what made it fail
+        if self._writing is None and self.due():
+            self._writing = asyncio.create_task(self.checkpoint(set(self.positions.owned), sink))
+
+    async def finish(self) -> None:
+        """Wait for the checkpoint being written (a rebalance or a stop needs the state
+        it took out of the dirty set written, or back in it)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            await writing
+
+    async def abandon(self) -> None:
+        """Cancel the checkpoint being written (cut short by a failure or the shutdown
+        timeout)."""
+        if self._writing is not None:
+            self._writing.cancel()
+            await asyncio.gather(self._writing, return_exceptions=True)
+
+    # -- what, in which order ---------------------------------------------------------------------
+
+    async def checkpoint(self, partitions: set[int], sink: CheckpointSink) -> None:
+        """Write the changed accounts of these partitions, then their control records.
+
+        What the control records vouch for — offsets, price table, duplicate windows — is
+        captured at once; the snapshots are then encoded and produced a chunk at a time, so
+        that the loop goes on applying records in between (run as a task it never blocks).
+        A chunk is stamped with the offsets its state reflects when it is encoded, and is
+        produced only once the events of those inputs are acknowledged; the control records
+        go last. So nothing in the changelog runs ahead of what was published: at-least-once,
+        never lossy (an account snapshot newer than its control record skips the re-read
+        inputs it already reflects).
+        """
+        if not partitions:
+            return
+        started = time.monotonic()
+        t = self.settings.topics
+        mine: dict[RiskKey, int] = {}
+        others: set[RiskKey] = set()
+        for key in self.engine.take_dirty():
+            partition = self.engine.partition_of(key)
+            if partition is None:  # deleted since: its tombstone goes where it lived
+                partition = self.touched.get(account_of(key))
+            if partition in partitions:
+                mine[key] = partition
+            else:
+                others.add(key)
+        self.engine.mark_dirty(others)
+        as_of = self.as_of(partitions)
+        seq = self.seq + 1
+        controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000),
+                                self.fingerprint)
+        vouched = sink.mark()
+        if partitions >= self.positions.owned:
+            self.since_checkpoint = 0
+            self.last_checkpoint = time.monotonic()
+        ids = list(mine)
+        written: set[tuple[int, int]] = set()  # (partition, layout id) written this time
+        try:
+            for start in range(0, len(ids), CHECKPOINT_CHUNK):
+                # handed over meanwhile: the checkpoint before the hand-over wrote it
+                chunk = {a: mine[a] for a in ids[start:start + CHECKPOINT_CHUNK]
+                         if mine[a] in self.positions.owned}
+                layouts, snapshots = snapshot_messages(
+                    self.engine, chunk, seq, self.as_of(set(chunk.values())), t, written)
+                await sink.flush()  # the events of what these snapshots reflect
+                if layouts:  # acknowledged first: no snapshot is ever without its layout
+                    await sink.deliver(layouts)
+                await sink.deliver(snapshots)
+            await sink.settled(vouched)
+            messages = []
+            for partition, control in controls.items():  # ~20,000 window ids each
+                messages.append(control_message(partition, control, t))
+                await asyncio.sleep(0)  # the loop goes on between two partitions
+            await sink.deliver(messages)
+        except BaseException:
+            self.engine.mark_dirty(set(mine))
+            raise
+        self.seq = seq
+        for key in mine:
+            self.touched.pop(account_of(key), None)
+        self.metrics.checkpoint_duration.observe(time.monotonic() - started)
+        self.metrics.last_checkpoint.set(time.time())
+        await sink.commit({TopicPartition(topic, p): offset
+                           for p, offsets in as_of.items()
+                           for (topic, _), offset in offsets.items() if topic != t.prices})
+
+    def as_of(self, partitions: set[int]) -> dict[int, Offsets]:
+        """Per account partition: the input offsets its state reflects now (its own fills and
+        ledger, and every price partition)."""
+        t = self.settings.topics
+        processed = self.positions.processed
+        prices = {(tp.topic, tp.partition): offset for tp, offset in processed.items()
+                  if tp.topic == t.prices}
+        as_of: dict[int, Offsets] = {}
+        for partition in partitions:
+            offsets = dict(prices)
+            for topic in (t.fills, t.ledger):
+                tp = TopicPartition(topic, partition)
+                if tp in processed:
+                    offsets[(topic, partition)] = processed[tp]
+            as_of[partition] = offsets
+        return as_of

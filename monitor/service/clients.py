@@ -1,0 +1,99 @@
+"""Every Kafka client `liqmon run` uses, made in one place from its settings.
+
+The monitor is given a `Clients` (its own by default), so that the client options live here
+and nowhere else: TLS and SASL from `settings.security` on every client, the fetch tuning of
+the input consumers. The bench passes one with diagnostic consumer options of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
+from monitor.service.settings import ServiceSettings
+
+# Kafka answers a fetch as soon as data arrives, so this only paces idle polling; some brokers
+# (the embedded one) hold a long-poll to its end, and every ms of it is a ms of latency.
+FETCH_MAX_WAIT_MS = 5
+
+
+class Clients:
+    """Makes (does not start) the clients of one monitor.
+
+    ``consumer_options``: extra keyword arguments for every consumer made here (the input
+    consumers, the watermark probe, the catch-up reader), for diagnosis; options these
+    clients set themselves are not overridden.
+    """
+
+    def __init__(self, settings: ServiceSettings,
+                 consumer_options: Mapping[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.consumer_options = dict(consumer_options or {})
+
+    def admin(self) -> AIOKafkaAdminClient:
+        s = self.settings
+        return AIOKafkaAdminClient(bootstrap_servers=s.bootstrap, client_id=s.client_id,
+                                   request_timeout_ms=s.request_timeout_ms,
+                                   **s.security.client_kwargs())
+
+    def producer(self) -> AIOKafkaProducer:
+        """Events, dead letters and checkpoints, acknowledged by every replica."""
+        s = self.settings
+        return AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap, client_id=s.client_id, acks="all",
+            compression_type=None if s.compression == "none" else s.compression,
+            linger_ms=2, max_batch_size=256 * 1024, max_request_size=8 * 1024 * 1024,
+            request_timeout_ms=s.request_timeout_ms, **s.security.client_kwargs(),
+        )
+
+    def prices_consumer(self) -> AIOKafkaConsumer:
+        """Every partition of prices, outside any group (each instance needs every price)."""
+        return self._consumer(group_id=None, **self._inputs())
+
+    def probe_consumer(self) -> AIOKafkaConsumer:
+        """End offsets for the merge's watermark probes. Its own connection: a broker answers
+        one request per connection at a time, so a probe queued behind a fetch's long-poll
+        would wait for it."""
+        inputs = self._inputs()
+        return self._consumer(**{**inputs, "client_id": f"{self.settings.client_id}-watermarks"},
+                              group_id=None)
+
+    def group_consumer(self) -> AIOKafkaConsumer:
+        """Fills and ledger, in the consumer group that spreads account partitions over the
+        instances (not subscribed yet)."""
+        s = self.settings
+        return self._consumer(
+            group_id=s.group, session_timeout_ms=s.session_timeout_ms,
+            # Range gives fills p and ledger p to the same instance (co-partitioning); the
+            # default round-robin would split an account's fills from its ledger.
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            rebalance_timeout_ms=s.session_timeout_ms, **self._inputs(),
+        )
+
+    def catch_up_reader(self) -> AIOKafkaConsumer:
+        """A gained partition's inputs and the ticks it missed, read once by a catch-up."""
+        s = self.settings
+        return self._consumer(bootstrap_servers=s.bootstrap, group_id=None,
+                              client_id=f"{s.client_id}-catch-up", enable_auto_commit=False,
+                              auto_offset_reset=s.start,
+                              request_timeout_ms=max(s.request_timeout_ms, 10_000),
+                              **s.security.client_kwargs())
+
+    def _inputs(self) -> dict[str, Any]:
+        """What the consumers of the input topics share."""
+        s = self.settings
+        return {
+            "bootstrap_servers": s.bootstrap, "client_id": s.client_id,
+            "enable_auto_commit": False, "auto_offset_reset": s.start,
+            "request_timeout_ms": max(s.request_timeout_ms, s.session_timeout_ms + 1000),
+            "max_partition_fetch_bytes": 4 * 1024 * 1024,
+            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **s.security.client_kwargs(),
+        }
+
+    def _consumer(self, **options: Any) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(**{**self.consumer_options, **options})

@@ -1,0 +1,121 @@
+"""Asking the broker, apart from fetching: end offsets that let the merge release records
+(`WatermarkProber`, see merge.py), and whether the broker answers at all (`BrokerWatch`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+from structlog.stdlib import BoundLogger
+
+from monitor.service.merge import TimestampMerge
+from monitor.service.metrics import Metrics
+from monitor.service.settings import ServiceSettings
+from monitor.service.topics import TopicMissing, output_topics
+
+PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
+OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
+PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
+
+
+class WatermarkProber:
+    """Sends the merge's watermark probes on a consumer connection of their own.
+
+    The loop sets ``wanted`` when the merge has partitions to probe; the prober sets
+    ``answered`` when a probe came back, so that the merge may release more.
+    """
+
+    def __init__(self, merge: TimestampMerge, probe: AIOKafkaConsumer,
+                 settings: ServiceSettings, log: BoundLogger) -> None:
+        self._merge = merge
+        self._probe = probe
+        self.settings = settings
+        self.log = log
+        self.wanted = asyncio.Event()
+        self.answered = asyncio.Event()
+
+    async def run(self) -> None:
+        """Ask for the end offsets of the partitions that hold the merge back, each time
+        after the held record arrived and after its timestamp + max_skew_ms, so that a silent
+        partition stops holding the others back one round trip later (see merge.py)."""
+        while True:
+            needs = self._merge.head_needs
+            if needs is None or not self._merge.to_probe():
+                await self.wanted.wait()
+                self.wanted.clear()
+                continue
+            early = (needs - time.time() * 1000) / 1000
+            if early > 0:  # a probe sent sooner proves nothing about this record
+                await asyncio.sleep(min(early, self.settings.max_idle))
+            tps = self._merge.to_probe()
+            if not tps:
+                continue
+            sent_at_ms = time.time() * 1000
+            try:
+                ends = await self._probe.end_offsets(tps)
+            except KafkaError as exc:
+                self.log.debug("watermark probe failed", error=repr(exc))
+                await asyncio.sleep(PROBE_RETRY)
+                continue
+            self._merge.probed(sent_at_ms, ends)
+            self.answered.set()
+            if len(ends) < len(tps):  # the broker left some out: do not hammer it
+                await asyncio.sleep(PROBE_RETRY)
+
+
+class BrokerWatch:
+    """Says plainly when Kafka is out of reach and when it is back (and tells ``reachable``,
+    so that /readyz says so too), and stops the instance through ``fail`` when an output
+    topic has disappeared.
+
+    The clients retry on their own and an idle consumer looks the same whether the broker
+    is there or not, so a cheap metadata request each second tells the two apart.
+    """
+
+    def __init__(self, client: AIOKafkaClient, settings: ServiceSettings, metrics: Metrics,
+                 log: BoundLogger, reachable: Callable[[bool], None],
+                 fail: Callable[[BaseException], None]) -> None:
+        self._client = client  # the producer's
+        self.settings = settings
+        self.metrics = metrics
+        self.log = log
+        self._found_reachable = reachable
+        self._fail = fail
+
+    async def run(self) -> None:
+        client = self._client
+        outputs = output_topics(self.settings)
+        lost_at: float | None = None
+        last_said = 0.0
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            present: set[str] | None = None
+            try:
+                cluster = await asyncio.wait_for(client.fetch_all_metadata(),
+                                                 timeout=PROBE_INTERVAL * 2)
+                present, error = cluster.topics(), None
+            except (KafkaError, TimeoutError, OSError) as exc:
+                error = exc
+            reachable = present is not None
+            now = time.monotonic()
+            self.metrics.kafka_reachable.set(1 if reachable else 0)
+            self._found_reachable(reachable)
+            # Some brokers acknowledge produce requests to a deleted topic and keep nothing.
+            missing = [name for name in outputs if present is not None and name not in present]
+            if missing:
+                self._fail(TopicMissing(missing[0]))
+                return
+            if reachable and lost_at is not None:
+                self.log.info("kafka reachable again", bootstrap=self.settings.bootstrap,
+                              outage_seconds=round(now - lost_at, 1))
+                lost_at = None
+            elif not reachable and (lost_at is None or now - last_said >= OUTAGE_REMINDER):
+                lost_at = lost_at or now
+                last_said = now
+                self.log.warning("kafka unreachable, clients keep retrying",
+                                 bootstrap=self.settings.bootstrap, error=repr(error),
+                                 outage_seconds=round(now - lost_at, 1))

@@ -1,0 +1,304 @@
+"""Restore (SPEC §6): the account partitions the group hands this instance are read back from
+the changelog, installed, and their inputs resume right after the checkpointed offsets.
+
+On the first assignment the price table and the price offsets come from the restored control
+records. A partition gained later, whose last owner checkpointed at an earlier point of the
+price stream than this instance has reached, is caught up first: its records are replayed
+with the ticks in between, on a private engine, as a single instance would have applied them.
+
+`Restorer` makes these decisions on `RestoredPartition`s (changelog.py) and the shared
+`Positions`; reading the changelog, seeking the consumers and the catch-up's reader are the
+thin parts that need the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from structlog.stdlib import BoundLogger
+
+from monitor.account import RiskKey
+from monitor.config import RiskConfig
+from monitor.engine import Engine
+from monitor.reference import ReferenceEngine
+from monitor.service.changelog import (
+    ConfigChanged,
+    RestoredPartition,
+    RestoreProgress,
+    read_changelog,
+)
+from monitor.service.checkpointer import Checkpointer
+from monitor.service.clients import Clients
+from monitor.service.merge import TimestampMerge
+from monitor.service.positions import Positions
+from monitor.service.settings import ServiceSettings
+from monitor.snapshot import Offsets
+
+# Applies records to an engine and delivers their events and dead letters (acknowledged when
+# it returns): what the loop does to a batch, done by a catch-up to its private engine.
+Replay = Callable[[Sequence[tuple[TopicPartition, ConsumerRecord]], Engine], Awaitable[None]]
+
+
+class StopRequested(Exception):
+    """A stop was requested while partitions were being restored: they are not taken."""
+
+
+class Restorer:
+    """Restores the account partitions the group assigns to this instance.
+
+    ``stopping`` is the instance's stop request: a restore under way gives up the partitions
+    it has not taken yet (StopRequested). ``replay`` is how a catch-up applies and delivers
+    records (see `Replay`). The accounts it restores go into ``engine``; the positions it
+    seeks, and the partitions it takes, into ``positions``; the checkpoint sequence it read,
+    and what a catch-up changed, to ``checkpointer``.
+    """
+
+    def __init__(self, settings: ServiceSettings, config: RiskConfig,
+                 engine: Engine | ReferenceEngine, positions: Positions,
+                 checkpointer: Checkpointer, clients: Clients, fingerprint: str,
+                 log: BoundLogger, stopping: asyncio.Event, replay: Replay) -> None:
+        self.settings = settings
+        self.config = config
+        self.engine = engine
+        self.positions = positions
+        self.checkpointer = checkpointer
+        self.clients = clients
+        self.fingerprint = fingerprint
+        self.log = log
+        self._stopping = stopping
+        self._replay = replay
+
+    def gained(self, assigned: set[TopicPartition]) -> list[int]:
+        """The account partitions of an assignment that are not held yet. The group must
+        assign fills p and ledger p together (the range assignor)."""
+        t = self.settings.topics
+        fills = {tp.partition for tp in assigned if tp.topic == t.fills}
+        ledger = {tp.partition for tp in assigned if tp.topic == t.ledger}
+        if fills != ledger:
+            raise RuntimeError(
+                f"the group assigned fills partitions {sorted(fills)} but ledger partitions "
+                f"{sorted(ledger)}: every instance of group {self.settings.group!r} must use "
+                "the range assignor so that an account's fills and ledger stay together"
+            )
+        return sorted(fills - self.positions.owned)
+
+    async def read(self, partitions: list[int], progress: Callable[[RestoreProgress], None]
+                   ) -> dict[int, RestoredPartition]:
+        """What the changelog holds for these partitions (``progress`` as it reads)."""
+        s = self.settings
+        return await read_changelog(s.bootstrap, s.topics.state, partitions,
+                                    client_id=f"{s.client_id}-restore",
+                                    request_timeout_ms=s.request_timeout_ms,
+                                    progress=progress, security=s.security)
+
+    async def restore(self, gained: list[int], restored: dict[int, RestoredPartition],
+                      first: bool, *, prices: AIOKafkaConsumer, accounts: AIOKafkaConsumer,
+                      price_partitions: int) -> tuple[int, int]:
+        """Take the gained partitions, read from the changelog as ``restored``: the price
+        table and price positions too on the ``first`` assignment. Returns how many
+        accounts were restored and how many records a catch-up replayed."""
+        self.check_config(restored)
+        if first:
+            await self.restore_prices(list(restored.values()), prices, price_partitions)
+        restored_accounts = replayed = 0
+        for partition in gained:
+            if self._stopping.is_set():
+                raise StopRequested
+            if not first and self.behind_on_prices(restored[partition]):
+                replayed += await self.catch_up(restored[partition], accounts)
+            else:
+                await self.install(restored[partition], accounts)
+            self.positions.owned.add(partition)
+            restored_accounts += len(restored[partition].snapshots)
+        # File the restored accounts in the band index before saying ready, or the
+        # first record after it would wait for that (~1.7 s per million accounts).
+        self.engine.index_restored()
+        return restored_accounts, replayed
+
+    def check_config(self, restored: dict[int, RestoredPartition]) -> None:
+        """Refuse state checkpointed under another risk config (another instance of the
+        fleet runs it, or the config changed), unless the operator said the change is meant:
+        its events would differ from the ones already published for the same records."""
+        for partition, part in sorted(restored.items()):
+            theirs = None if part.control is None else part.control.config
+            if theirs is None or theirs == self.fingerprint:
+                continue  # no checkpoint yet, or one written before fingerprints existed
+            if not self.settings.accept_config_change:
+                raise ConfigChanged(self.settings.topics.state, partition, theirs,
+                                    self.fingerprint)
+            self.log.warning("restoring state checkpointed under another risk config "
+                             "(--accept-config-change)", partition=partition,
+                             checkpointed=theirs, configured=self.fingerprint)
+
+    # -- the first assignment: prices ---------------------------------------------------------
+
+    async def restore_prices(self, restored: list[RestoredPartition],
+                             consumer: AIOKafkaConsumer, price_partitions: int) -> None:
+        """Load the price table (`load_prices`) and position every price partition."""
+        targets = self.load_prices(restored, price_partitions)
+        consumer.assign(list(targets))
+        for tp, offset in targets.items():
+            await self._position(consumer, tp, offset)
+
+    def load_prices(self, restored: list[RestoredPartition],
+                    price_partitions: int) -> dict[TopicPartition, int | None]:
+        """Price table and price offsets from the control record furthest behind in the
+        price stream, so that every restored partition re-reads the ticks it has not seen
+        (accounts that have seen them skip them). Loads the table into the engine, continues
+        the checkpoint sequence after the newest read, and returns the offset each price
+        partition resumes at (None: never checkpointed, where --start says)."""
+        topic = self.settings.topics.prices
+        controls = [r.control for r in restored if r.control is not None]
+        oldest = min(controls, key=lambda c: sum(
+            offset for (name, _), offset in c.offsets.items() if name == topic),
+            default=None)
+        if oldest is not None:
+            self.engine.load_prices(oldest.prices)
+            self.checkpointer.resume(max(c.seq for c in controls))
+        return {TopicPartition(topic, p): None if oldest is None
+                else oldest.offsets.get((topic, p)) for p in range(price_partitions)}
+
+    # -- a partition taken as checkpointed ----------------------------------------------------
+
+    async def install(self, restored: RestoredPartition, consumer: AIOKafkaConsumer) -> None:
+        """Load one partition's accounts and duplicate windows; seek its inputs."""
+        for tp, offset in self.resume_at(restored).items():
+            await self._position(consumer, tp, offset)
+        self.load_partition(self.engine, restored, self.positions.offsets())
+
+    def resume_at(self, restored: RestoredPartition) -> dict[TopicPartition, int | None]:
+        """Where a partition's fills and ledger resume: the offsets of its control record
+        (None: never checkpointed, where --start says)."""
+        t = self.settings.topics
+        partition, control = restored.partition, restored.control
+        return {TopicPartition(topic, partition): None if control is None
+                else control.offsets.get((topic, partition)) for topic in (t.fills, t.ledger)}
+
+    def load_partition(self, engine: Engine | ReferenceEngine, restored: RestoredPartition,
+                       positions: Offsets) -> None:
+        """Install a partition's duplicate windows and accounts in ``engine``; accounts whose
+        snapshot reflects inputs beyond ``positions`` skip them when they are re-read."""
+        control = restored.control
+        if control is not None:
+            for (topic, p), ids in control.dedupe.items():
+                engine.load_dedupe_ids(topic, p, ids)
+        engine.load_accounts(restored.snapshots,
+                             restored.marks(positions, self.settings.topics.prices))
+
+    # -- a partition gained behind this instance: catch-up ------------------------------------
+
+    def behind_on_prices(self, restored: RestoredPartition) -> bool:
+        """Did this partition's last owner checkpoint at an earlier point of the price stream
+        than this instance has reached? Then its records must be replayed with the ticks
+        in between, as they were the first time."""
+        if restored.control is None:
+            return True
+        prices = self.settings.topics.prices
+        return any(restored.control.offsets.get((prices, tp.partition), 0) < offset
+                   for tp, offset in self.positions.prices().items())
+
+    async def catch_up(self, restored: RestoredPartition, consumer: AIOKafkaConsumer) -> int:
+        """Bring a gained partition up to where this instance is, in the order a single
+        instance would have applied its records; position its inputs in ``consumer``.
+
+        A private engine holds the partition's accounts and the price table of its last
+        checkpoint; the ticks between that checkpoint and this instance's position are
+        merged by timestamp with the partition's own records, up to the last record this
+        instance applied. Events come out with the ids the first pass gave them. Then the
+        accounts join the main engine and the partition joins the main merge.
+        """
+        s, t = self.settings, self.settings.topics
+        partition, control = restored.partition, restored.control
+        price_ends = self.positions.prices()
+        own = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
+        reader = self.clients.catch_up_reader()
+        await reader.start()
+        private = Engine(self.config)
+        # No forced release: every partition still read here holds records up to a known end,
+        # so waiting for them is always right; releasing early would apply records in another
+        # order than the first pass and publish events with its ids but other contents.
+        merge = TimestampMerge(rank=self.positions.rank, max_skew_ms=s.max_skew_ms,
+                               max_wait=math.inf)
+        reached: dict[TopicPartition, int] = {}  # next offset to apply, per partition read
+        applied = 0
+        try:
+            reader.assign([*price_ends, *own])
+            for tp in [*price_ends, *own]:
+                offset = None if control is None else control.offsets.get(
+                    (tp.topic, tp.partition))
+                # never checkpointed: every tick since the start of the price stream matters
+                start = "earliest" if tp in price_ends else s.start
+                reached[tp] = await _seek(reader, tp, offset, start)
+                merge.seek(tp, reached[tp])
+            if control is not None:
+                private.load_prices(control.prices)
+            self.load_partition(private, restored,
+                                {(tp.topic, tp.partition): o for tp, o in reached.items()})
+            stopped: set[TopicPartition] = set()
+
+            def done_with(tp: TopicPartition, next_offset: int) -> bool:
+                if tp in price_ends:
+                    return next_offset >= price_ends[tp]
+                highwater = reader.highwater(tp)
+                return tp in stopped or (highwater is not None and next_offset >= highwater)
+
+            while not all(done_with(tp, reached[tp]) for tp in reached):
+                if self._stopping.is_set():
+                    raise StopRequested  # nothing of this partition is taken over
+                batch = await reader.getmany(timeout_ms=200, max_records=s.max_batch_records)
+                for tp, records in batch.items():
+                    if tp in price_ends:
+                        merge.add(tp, [r for r in records if r.offset < price_ends[tp]])
+                    elif tp not in stopped:
+                        merge.add(tp, records)
+                active = [tp for tp in reached if not done_with(tp, reached[tp])]
+                ready = []
+                for tp, record in merge.take(s.max_batch_records, active, done_with):
+                    if tp in stopped:
+                        continue
+                    if tp in own and (self.positions.frontier is None or
+                                      self.positions.key(tp, record) > self.positions.frontier):
+                        stopped.add(tp)  # from here on the main loop takes over
+                        reached[tp] = record.offset
+                        merge.drop([tp])
+                        continue
+                    ready.append((tp, record))
+                await self._replay(ready, private)
+                for tp, record in ready:
+                    reached[tp] = record.offset + 1
+                applied += len(ready)
+        finally:
+            await reader.stop()
+        for tp in own:
+            consumer.seek(tp, reached[tp])
+            self.positions.seek(tp, reached[tp])
+        marks = restored.marks(self.positions.offsets(), t.prices)
+        held: list[RiskKey] = [*private.accounts, *private.units]
+        self.engine.load_accounts(private.snapshots(held),
+                                  {key: m for key, m in marks.items()
+                                   if key in private.accounts or key in private.units})
+        for topic in (t.fills, t.ledger):
+            self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
+        self.checkpointer.include(private.take_dirty(), partition)
+        return applied
+
+    async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
+                        offset: int | None) -> None:
+        """Seek to a checkpointed offset, or apply --start on a first start."""
+        self.positions.seek(tp, await _seek(consumer, tp, offset, self.settings.start))
+
+
+async def _seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int | None,
+                start: str) -> int:
+    """Position a partition at a checkpointed offset, or where ``start`` says; the position."""
+    if offset is not None:
+        consumer.seek(tp, offset)
+    elif start == "earliest":
+        await consumer.seek_to_beginning(tp)
+    else:
+        await consumer.seek_to_end(tp)
+    position: int = await consumer.position(tp)
+    return position

@@ -1,0 +1,288 @@
+"""What a checkpoint writes, and in which order (SPEC §6), without a broker: the checkpointer
+writes through a sink of our own that records every call.
+
+Accounts are made by applying ledger entries, so they belong to the partition their entries
+came from: alice and carol to partition 0, bob to partition 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+
+from monitor.config import parse_config
+from monitor.engine import Engine
+from monitor.events import Source
+from monitor.records import LedgerEntry
+from monitor.service.checkpointer import CHECKPOINT_CHUNK, Checkpointer
+from monitor.service.delivery import DeliveryFailed
+from monitor.service.metrics import Metrics
+from monitor.service.outbox import Outgoing
+from monitor.service.positions import Positions
+from monitor.service.settings import ServiceSettings
+from monitor.snapshot import KIND_HEADER, decode_control, decode_layout, decode_snapshots
+from tests.support.risk import RISK
+
+SETTINGS = ServiceSettings(config_path=Path("risk.toml"), checkpoint_records=100,
+                           checkpoint_interval=5.0)
+TOPICS = SETTINGS.topics
+FINGERPRINT = "0123456789abcdef"
+# next offset to apply: two price partitions, and fills and ledger of account partitions 0, 1
+PROCESSED = {("prices", 0): 120, ("prices", 1): 80, ("fills", 0): 7, ("ledger", 0): 3,
+             ("fills", 1): 9, ("ledger", 1): 4}
+
+
+def kind(message: Outgoing) -> str:
+    return dict(message.headers)[KIND_HEADER].decode()
+
+
+class Recorder:
+    """A checkpoint's sink in memory: every call, in order. ``submitted``: event batches
+    handed to the pipeline so far; a deliver of records of kind ``refuse`` raises."""
+
+    def __init__(self, submitted: int = 0, refuse: str | None = None) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.submitted = submitted
+        self.refuse = refuse
+
+    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+        self.calls.append(("deliver", list(messages)))
+        if self.refuse in {kind(m) for m in messages}:
+            raise DeliveryFailed(TOPICS.state, RuntimeError("refused"))
+
+    async def flush(self) -> None:
+        self.calls.append(("flush", None))
+
+    def mark(self) -> int:
+        return self.submitted
+
+    async def settled(self, mark: int) -> None:
+        self.calls.append(("settled", mark))
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.calls.append(("commit", offsets))
+
+    def steps(self) -> list[str]:
+        """The calls in short: "deliver account×2" delivered two account records."""
+        out = []
+        for name, arg in self.calls:
+            if name == "deliver":
+                kinds = sorted({kind(m) for m in arg})
+                out.append(f"deliver {'+'.join(kinds)}×{len(arg)}")
+            elif name == "settled":
+                out.append(f"settled {arg}")
+            else:
+                out.append(name)
+        return out
+
+    def delivered(self, of_kind: str) -> list[Outgoing]:
+        return [m for name, arg in self.calls if name == "deliver" for m in arg
+                if kind(m) == of_kind]
+
+
+class BusyLoop(Recorder):
+    """The loop hands another event batch over while each chunk waits for the events."""
+
+    async def flush(self) -> None:
+        self.submitted += 1
+        await super().flush()
+
+
+def make(owned: Iterable[int] = (0, 1)) -> tuple[Checkpointer, Engine]:
+    engine = Engine(parse_config(RISK))
+    positions = Positions(TOPICS, max_skew_ms=5, max_wait=0.5, metrics=Metrics())
+    for (topic, partition), offset in PROCESSED.items():
+        positions.seek(TopicPartition(topic, partition), offset)
+    positions.owned.update(owned)
+    return Checkpointer(engine, positions, SETTINGS, Metrics(), FINGERPRINT), engine
+
+
+def deposit(engine: Engine, account: str, amount: float, partition: int, offset: int) -> None:
+    """A ledger entry of ``amount`` USDT (a withdrawal when negative) read from ledger
+    ``partition`` at ``offset``."""
+    kind = "deposit" if amount > 0 else "withdrawal"
+    engine.apply(LedgerEntry(f"{account}-{offset}", account, "USDT", amount, kind, 1),
+                 Source(TOPICS.ledger, partition, offset))
+
+
+def snapshots_written(recorder: Recorder) -> dict[str, tuple[int, dict]]:
+    """Account id → (seq, as_of) of every snapshot delivered, decoded with its layout."""
+    layouts = {layout.id: layout for layout in
+               (decode_layout(m.value) for m in recorder.delivered("layout"))}
+    accounts = recorder.delivered("account")
+    decoded = decode_snapshots([m.value for m in accounts], [m.key.decode() for m in accounts],
+                               layouts)
+    return {key: (seq, as_of) for key, _, seq, as_of in decoded.accounts()}
+
+
+async def test_a_chunk_waits_for_the_events_then_writes_its_layout_then_its_snapshots() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.steps()[:3] == ["flush", "deliver layout×1", "deliver account×1"]
+
+
+async def test_control_records_go_last_once_the_events_handed_over_before_are_settled() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = Recorder(submitted=3)  # three event batches in flight when it begins
+    await checkpointer.checkpoint({0, 1}, recorder)
+    assert recorder.steps()[-3:] == ["settled 3", "deliver control×2", "commit"]
+
+
+async def test_event_batches_handed_over_during_the_checkpoint_are_not_waited_for() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = BusyLoop(submitted=3)
+    await checkpointer.checkpoint({0}, recorder)
+    assert (recorder.submitted, recorder.steps()[-3]) == (4, "settled 3")
+
+
+async def test_a_layout_is_written_once_per_partition_however_many_chunks() -> None:
+    checkpointer, engine = make()
+    for n in range(CHECKPOINT_CHUNK + 44):
+        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.steps() == [
+        "flush", "deliver layout×1", "deliver account×256", "flush", "deliver account×44",
+        "settled 0", "deliver control×1", "commit"]
+
+
+async def test_only_the_checkpointed_partitions_accounts_are_written_the_others_stay_dirty(
+        ) -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    deposit(engine, "bob", 50.0, 1, 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    assert [m.key for m in recorder.delivered("account")] == [b"alice"]
+    assert engine.take_dirty() == {"bob"}
+
+
+async def test_accounts_of_a_partition_no_longer_owned_are_not_written() -> None:
+    # partition 1 was handed over: the checkpoint written before the hand-over has bob
+    checkpointer, engine = make(owned={0})
+    deposit(engine, "alice", 100.0, 0, 1)
+    deposit(engine, "bob", 50.0, 1, 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0, 1}, recorder)
+    assert [m.key for m in recorder.delivered("account")] == [b"alice"]
+
+
+async def test_snapshots_and_control_records_carry_the_offsets_the_state_reflects() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    reflected = {("prices", 0): 120, ("prices", 1): 80, ("fills", 0): 7, ("ledger", 0): 3}
+    (control,) = recorder.delivered("control")
+    assert decode_control(control.value).offsets == reflected
+    assert snapshots_written(recorder) == {"alice": (1, reflected)}
+
+
+async def test_the_group_commit_holds_the_checkpointed_fills_and_ledger_offsets_not_prices(
+        ) -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.calls[-1] == ("commit", {TopicPartition("fills", 0): 7,
+                                             TopicPartition("ledger", 0): 3})
+
+
+async def test_a_control_record_holds_the_price_table_windows_and_config_fingerprint() -> None:
+    checkpointer, engine = make()
+    engine.load_prices({"BTC": (61_000.0, 1_700)})
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    control = decode_control(recorder.delivered("control")[0].value)
+    assert (control.prices, control.config) == ({"BTC": (61_000.0, 1_700)}, FINGERPRINT)
+    assert control.dedupe == {("fills", 0): [], ("ledger", 0): [("alice", "alice-1")]}
+
+
+async def test_a_forgotten_account_is_tombstoned_in_the_partition_that_last_touched_it(
+        ) -> None:
+    checkpointer, engine = make()
+    deposit(engine, "carol", 100.0, 0, 1)
+    deposit(engine, "carol", -100.0, 0, 2)  # emptied, no position, no event: forgotten
+    checkpointer.touched["carol"] = 0  # as the loop records it
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    (tombstone,) = recorder.delivered("account")
+    assert (tombstone.key, tombstone.value, tombstone.partition) == (b"carol", None, 0)
+    assert checkpointer.touched == {}
+
+
+async def test_each_checkpoint_takes_the_next_sequence_number() -> None:
+    checkpointer, engine = make()
+    checkpointer.resume(41)  # what a restore read
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    assert decode_control(recorder.delivered("control")[0].value).seq == 42
+    assert checkpointer.seq == 42
+
+
+async def test_accounts_are_put_back_in_the_dirty_set_when_their_snapshots_fail() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    with pytest.raises(DeliveryFailed):
+        await checkpointer.checkpoint({0}, Recorder(refuse="account"))
+    assert engine.take_dirty() == {"alice"}
+
+
+async def test_a_failed_checkpoint_writes_no_control_record_and_commits_nothing() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = Recorder(refuse="account")
+    with pytest.raises(DeliveryFailed):
+        await checkpointer.checkpoint({0}, recorder)
+    assert recorder.steps() == ["flush", "deliver layout×1", "deliver account×1"]
+    assert checkpointer.seq == 0
+
+
+async def test_accounts_are_put_back_when_the_control_records_fail() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    with pytest.raises(DeliveryFailed):
+        await checkpointer.checkpoint({0}, Recorder(refuse="control"))
+    assert engine.take_dirty() == {"alice"}
+
+
+def test_a_checkpoint_is_due_after_checkpoint_records_records() -> None:
+    checkpointer, _ = make()
+    checkpointer.applied(99)
+    assert not checkpointer.due()
+    checkpointer.applied(1)
+    assert checkpointer.due()
+
+
+def test_a_checkpoint_is_due_after_the_interval_only_when_records_are_pending() -> None:
+    checkpointer, _ = make()
+    checkpointer.last_checkpoint = time.monotonic() - 6.0  # the interval is 5 s
+    assert not checkpointer.due()
+    checkpointer.applied(1)
+    assert checkpointer.due()
+
+
+async def test_only_a_checkpoint_of_every_owned_partition_restarts_the_count() -> None:
+    checkpointer, _ = make(owned={0, 1})
+    checkpointer.applied(60)
+    await checkpointer.checkpoint({0}, Recorder())
+    assert checkpointer.since_checkpoint == 60
+    await checkpointer.checkpoint({0, 1}, Recorder())
+    assert checkpointer.since_checkpoint == 0
+
+
+def test_changes_of_a_catch_up_are_written_by_the_next_checkpoint_of_their_partition() -> None:
+    checkpointer, engine = make()
+    checkpointer.include({"dave"}, 1)
+    assert (checkpointer.touched, engine.take_dirty()) == ({"dave": 1}, {"dave"})

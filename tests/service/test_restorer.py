@@ -1,0 +1,225 @@
+"""What a restore decides from the checkpoints it read (SPEC §6), without a broker: the
+restored partitions are `RestoredPartition`s built in memory, as `read_changelog` returns
+them. Two price partitions; account partition 3 is the one gained."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from aiokafka import TopicPartition
+from structlog.testing import capture_logs
+
+from monitor.account import Account
+from monitor.config import fingerprint, parse_config
+from monitor.engine import Engine
+from monitor.events import Source
+from monitor.records import Fill, LedgerEntry
+from monitor.service.changelog import ConfigChanged, RestoredPartition
+from monitor.service.checkpointer import Checkpointer
+from monitor.service.clients import Clients
+from monitor.service.metrics import Metrics
+from monitor.service.positions import Positions
+from monitor.service.restorer import Restorer
+from monitor.service.settings import ServiceSettings
+from monitor.snapshot import Control, Offsets, Snapshots
+from tests.support.risk import RISK
+
+SETTINGS = ServiceSettings(config_path=Path("risk.toml"))
+CONFIG = parse_config(RISK)
+OURS = fingerprint(CONFIG)
+THEIRS = "0123456789abcdef"  # another risk config's fingerprint
+
+
+async def no_catch_up(batch: Sequence[Any], engine: Engine) -> None:
+    raise AssertionError("these tests replay nothing")
+
+
+def make(settings: ServiceSettings = SETTINGS, processed: Offsets | None = None) -> Restorer:
+    """A restorer whose instance has applied inputs up to ``processed``."""
+    metrics = Metrics()
+    engine = Engine(CONFIG)
+    positions = Positions(settings.topics, max_skew_ms=5, max_wait=0.5, metrics=metrics)
+    for (topic, partition), offset in (processed or {}).items():
+        assert partition is not None
+        positions.seek(TopicPartition(topic, partition), offset)
+    checkpointer = Checkpointer(engine, positions, settings, metrics, OURS)
+    return Restorer(settings, CONFIG, engine, positions, checkpointer, Clients(settings), OURS,
+                    structlog.get_logger("liqmon"), asyncio.Event(), no_catch_up)
+
+
+def control(offsets: Offsets, seq: int = 1, prices: dict | None = None,
+            config: str | None = OURS, dedupe: dict | None = None) -> Control:
+    return Control(seq=seq, written_at=0, offsets=offsets, prices=prices or {},
+                   dedupe=dedupe or {}, config=config)
+
+
+def partition(number: int, checkpoint: Control | None,
+              accounts: Sequence[tuple[str, Account, Offsets]] = ()) -> RestoredPartition:
+    snapshots = Snapshots.from_accounts([(key, account, 1, as_of)
+                                         for key, account, as_of in accounts])
+    return RestoredPartition(partition=number, control=checkpoint, snapshots=snapshots)
+
+
+# -- which partitions -------------------------------------------------------------------------
+
+def test_only_account_partitions_not_held_yet_are_gained() -> None:
+    restorer = make()
+    restorer.positions.owned.add(1)
+    assigned = {TopicPartition(topic, p) for topic in ("fills", "ledger") for p in (0, 1, 2)}
+    assert restorer.gained(assigned) == [0, 2]
+
+
+def test_fills_and_ledger_partitions_assigned_apart_are_refused() -> None:
+    with pytest.raises(RuntimeError, match="must use the range assignor"):
+        make().gained({TopicPartition("fills", 0), TopicPartition("ledger", 1)})
+
+
+# -- the risk config --------------------------------------------------------------------------
+
+def test_state_checkpointed_under_this_config_is_restored_without_a_word() -> None:
+    with capture_logs() as logs:
+        make().check_config({3: partition(3, control({}, config=OURS))})
+    assert logs == []
+
+
+def test_state_checkpointed_before_fingerprints_existed_is_restored_without_a_word() -> None:
+    with capture_logs() as logs:
+        make().check_config({3: partition(3, control({}, config=None)), 4: partition(4, None)})
+    assert logs == []
+
+
+def test_state_checkpointed_under_another_config_is_refused_naming_both() -> None:
+    restored = {3: partition(3, control({}, config=THEIRS))}
+    with pytest.raises(ConfigChanged, match=r"liqmon\.state/3") as refused:
+        make().check_config(restored)
+    assert (refused.value.checkpointed, refused.value.configured) == (THEIRS, OURS)
+
+
+def test_accept_config_change_restores_another_configs_state_with_a_warning() -> None:
+    restorer = make(replace(SETTINGS, accept_config_change=True))
+    with capture_logs() as logs:
+        restorer.check_config({3: partition(3, control({}, config=THEIRS))})
+    assert [(log["log_level"], log["partition"], log["checkpointed"], log["configured"])
+            for log in logs] == [("warning", 3, THEIRS, OURS)]
+
+
+# -- the first assignment: prices -------------------------------------------------------------
+
+AHEAD = control({("prices", 0): 500, ("prices", 1): 300, ("fills", 3): 70}, seq=9,
+                prices={"BTC": (61_000.0, 2_000)})  # 800 ticks seen
+BEHIND = control({("prices", 0): 400, ("prices", 1): 350, ("fills", 4): 20}, seq=7,
+                 prices={"BTC": (60_000.0, 1_500)})  # 750 ticks seen
+
+
+def test_the_price_table_and_offsets_come_from_the_control_record_furthest_behind() -> None:
+    restorer = make()
+    resume = restorer.load_prices([partition(3, AHEAD), partition(4, BEHIND)], 2)
+    assert restorer.engine.prices == {"BTC": 60_000.0}
+    assert resume == {TopicPartition("prices", 0): 400, TopicPartition("prices", 1): 350}
+
+
+def test_the_checkpoint_sequence_continues_after_the_newest_restored() -> None:
+    restorer = make()
+    restorer.load_prices([partition(3, AHEAD), partition(4, BEHIND)], 2)
+    assert restorer.checkpointer.seq == 9
+
+
+def test_without_a_checkpoint_every_price_partition_starts_where_start_says() -> None:
+    restorer = make()
+    resume = restorer.load_prices([partition(3, None), partition(4, None)], 2)
+    assert resume == {TopicPartition("prices", 0): None, TopicPartition("prices", 1): None}
+    assert (restorer.engine.prices, restorer.checkpointer.seq) == ({}, 0)
+
+
+def test_a_price_partition_the_checkpoint_never_read_starts_where_start_says() -> None:
+    # prices grew from two partitions to three since the checkpoint
+    resume = make().load_prices([partition(3, AHEAD)], 3)
+    assert resume == {TopicPartition("prices", 0): 500, TopicPartition("prices", 1): 300,
+                      TopicPartition("prices", 2): None}
+
+
+# -- a partition's own inputs -----------------------------------------------------------------
+
+def test_a_partitions_fills_and_ledger_resume_at_its_checkpointed_offsets() -> None:
+    checkpoint = control({("prices", 0): 500, ("fills", 3): 70, ("ledger", 3): 12})
+    assert make().resume_at(partition(3, checkpoint)) == {
+        TopicPartition("fills", 3): 70, TopicPartition("ledger", 3): 12}
+
+
+def test_a_partition_never_checkpointed_resumes_where_start_says() -> None:
+    assert make().resume_at(partition(3, None)) == {
+        TopicPartition("fills", 3): None, TopicPartition("ledger", 3): None}
+
+
+# -- caught up or behind on prices ------------------------------------------------------------
+
+APPLIED = {("prices", 0): 500, ("prices", 1): 300}  # where this instance is in the prices
+
+
+def test_a_partition_never_checkpointed_is_behind_on_prices() -> None:
+    assert make(processed=APPLIED).behind_on_prices(partition(3, None))
+
+
+def test_a_partition_checkpointed_before_a_tick_this_instance_applied_is_behind() -> None:
+    checkpoint = control({("prices", 0): 500, ("prices", 1): 299})
+    assert make(processed=APPLIED).behind_on_prices(partition(3, checkpoint))
+
+
+def test_a_partition_checkpointed_where_this_instance_is_in_the_prices_is_not_behind() -> None:
+    checkpoint = control({("prices", 0): 500, ("prices", 1): 300})
+    assert not make(processed=APPLIED).behind_on_prices(partition(3, checkpoint))
+
+
+def test_a_partition_checkpointed_ahead_of_this_instance_in_the_prices_is_not_behind() -> None:
+    # its last owner had read further; the ticks in between are still to come here
+    checkpoint = control({("prices", 0): 510, ("prices", 1): 300})
+    assert not make(processed=APPLIED).behind_on_prices(partition(3, checkpoint))
+
+
+# -- loading a partition ----------------------------------------------------------------------
+
+AT_CONTROL = {("prices", 0): 500, ("fills", 3): 70, ("ledger", 3): 12}
+
+
+def install(restorer: Restorer, restored: RestoredPartition, positions: Offsets) -> None:
+    """What `Restorer.install` does once the consumers are positioned at ``positions``."""
+    for (topic, number), offset in positions.items():
+        assert number is not None
+        restorer.positions.seek(TopicPartition(topic, number), offset)
+    restorer.load_partition(restorer.engine, restored, restorer.positions.offsets())
+
+
+def test_a_restored_partitions_accounts_are_loaded() -> None:
+    restorer = make()
+    alice = Account(balances={"USDT": 250.0}, partition=3)
+    install(restorer, partition(3, control(AT_CONTROL), [("alice", alice, AT_CONTROL)]),
+            AT_CONTROL)
+    assert restorer.engine.accounts["alice"].balances == {"USDT": 250.0}
+
+
+def test_a_restored_partitions_duplicate_windows_are_loaded() -> None:
+    restorer = make()
+    checkpoint = control(AT_CONTROL, dedupe={("fills", 3): [("alice", "f-1")]})
+    install(restorer, partition(3, checkpoint), AT_CONTROL)
+    fill = Fill("f-1", "alice", "BTC-PERP", "buy", 0.1, 60_000.0, 0.0, 1)
+    restorer.engine.apply(fill, Source("fills", 3, 70))  # sent again after the checkpoint
+    assert (restorer.engine.stats.duplicates, "alice" in restorer.engine.accounts) == (1, False)
+
+
+def test_a_snapshot_newer_than_its_control_record_skips_the_inputs_it_reflects() -> None:
+    # a crash mid-checkpoint: alice's snapshot reflects ledger up to 15, the control record 12
+    restorer = make()
+    alice = Account(balances={"USDT": 250.0}, partition=3)
+    reflected = {**AT_CONTROL, ("ledger", 3): 15}
+    install(restorer, partition(3, control(AT_CONTROL), [("alice", alice, reflected)]),
+            AT_CONTROL)
+    for offset in (12, 13, 14, 15):  # re-read from the control record's offset
+        restorer.engine.apply(LedgerEntry(f"d-{offset}", "alice", "USDT", 1.0, "deposit", 1),
+                              Source("ledger", 3, offset))
+    assert restorer.engine.accounts["alice"].balances == {"USDT": 251.0}  # only 15 applies
