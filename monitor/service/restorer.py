@@ -23,6 +23,7 @@ from structlog.stdlib import BoundLogger
 from monitor.account import RiskKey
 from monitor.config import RiskConfig
 from monitor.engine import Engine
+from monitor.errors import LiqmonError
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
     ConfigChanged,
@@ -40,6 +41,11 @@ from monitor.snapshot import Offsets
 # Applies records to an engine and delivers their events and dead letters (acknowledged when
 # it returns): what the loop does to a batch, done by a catch-up to its private engine.
 Replay = Callable[[Sequence[tuple[TopicPartition, ConsumerRecord]], Engine], Awaitable[None]]
+
+
+class SplitAssignment(LiqmonError):
+    """The group gave this instance an account partition's fills without its ledger (or the
+    reverse): an instance of the group does not use the range assignor."""
 
 
 class StopRequested(Exception):
@@ -78,7 +84,7 @@ class Restorer:
         fills = {tp.partition for tp in assigned if tp.topic == t.fills}
         ledger = {tp.partition for tp in assigned if tp.topic == t.ledger}
         if fills != ledger:
-            raise RuntimeError(
+            raise SplitAssignment(
                 f"the group assigned fills partitions {sorted(fills)} but ledger partitions "
                 f"{sorted(ledger)}: every instance of group {self.settings.group!r} must use "
                 "the range assignor so that an account's fills and ledger stay together"

@@ -25,7 +25,7 @@ from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients
 from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
-from monitor.service.restorer import Restorer
+from monitor.service.restorer import Restorer, SplitAssignment
 from monitor.service.settings import ServiceSettings
 from monitor.snapshot import Control, Offsets, Snapshots
 from tests.support.risk import RISK
@@ -76,7 +76,7 @@ def test_only_account_partitions_not_held_yet_are_gained() -> None:
 
 
 def test_fills_and_ledger_partitions_assigned_apart_are_refused() -> None:
-    with pytest.raises(RuntimeError, match="must use the range assignor"):
+    with pytest.raises(SplitAssignment, match="must use the range assignor"):
         make().gained({TopicPartition("fills", 0), TopicPartition("ledger", 1)})
 
 
