@@ -10,8 +10,9 @@ when every other partition is known to hold nothing that sorts before it:
   that end offset has been buffered, with S after both r's arrival here and r's timestamp plus
   ``max_skew_ms``. Then every record of that partition still unseen was appended after r was
   (so a producer that waited for one record's acknowledgement before sending the next is
-  always seen in order, whatever its timestamps), and after r's timestamp plus the skew (so
-  producers whose clocks and in-flight time are within ``max_skew_ms`` are too).
+  always seen in order, however old its timestamps, as long as they do not go back), and
+  after r's timestamp plus the skew (so producers whose clocks and in-flight time are within
+  ``max_skew_ms`` are too).
 
 A fetch returns whole record batches, so "buffered up to the end offset" holds even where a
 broker reports the end as the last batch's first offset + 1 (the embedded broker does).
