@@ -57,7 +57,7 @@ def test_bench_at_ten_thousand_accounts_reports_every_figure_beside_its_baseline
 
 @pytest.mark.kafka  # starts a broker of its own
 def test_the_checkpoint_phase_times_ticks_while_every_account_is_checkpointed_and_outside() -> None:
-    plan = CheckpointPlan(accounts=5_000, before=2.0, after=2.0)
+    plan = CheckpointPlan(accounts=5_000, before=2.0)
     report = asyncio.run(checkpoint_phase(plan, lambda text: None))
     checkpoint = report["checkpoint"]
     assert checkpoint["accounts"] == 5_000  # every account was dirty when it started

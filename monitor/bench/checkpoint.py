@@ -10,10 +10,12 @@ on arrival: an input's latency is the arrival of its last event − its `ts` (wa
 The checkpoint's window comes from the service's own metrics, read before and after: the
 checkpoint ended at `liqmon_last_checkpoint_timestamp_seconds` and took the growth of
 `liqmon_checkpoint_duration_seconds`' sum. A tick whose time in flight (its `ts` to its last
-event's arrival) overlaps that window counts as during the checkpoint; the ticks before and
-after it, in the same run, are the baseline (both are reported apart too: on the embedded
-broker latency tends to creep up through a run). Every tick's times are left in the work
-directory (`samples.json`) for a closer look.
+event's arrival) overlaps that window counts as during the checkpoint. The baseline is the
+ticks of the same run in two spans as long as the checkpoint, just before and just after it:
+on the embedded broker latency creeps up through any run, checkpoint or not (its CPU grows
+with what its partitions hold), so ticks further away would compare the checkpoint with
+another broker. Every tick's times are left in the work directory (`samples.json`) for a
+closer look.
 """
 
 from __future__ import annotations
@@ -60,8 +62,7 @@ class CheckpointPlan:
     rate: float = 500.0  # input records/s
     shares: tuple[float, float, float] = (0.8, 0.2, 0.0)  # ticks, fills, ledger
     volatility: float = 0.0  # per-tick σ of the log price (0: by scale, below)
-    before: float = 5.0  # seconds of paced input before the checkpoint starts
-    after: float = 5.0  # seconds of paced input after it has ended
+    before: float = 5.0  # seconds of paced input before the checkpoint starts (≥ its length)
     # The embedded broker's cost per request grows with the batches a partition holds: ticks
     # sent one per batch would make latency climb through the run, checkpoint or not.
     linger_ms: int = 5
@@ -140,14 +141,21 @@ async def read_inputs(bootstrap: str, partitions: dict[str, int], inputs: dict[A
 
 def split(inputs: dict[Any, Input], start_ms: float, end_ms: float
           ) -> dict[str, Arrivals]:
-    """Latencies of the price-triggered inputs whose last event arrived before the
-    checkpoint [start, end], of those in flight at some moment of it, and of those sent
-    after it."""
+    """Latencies of the price-triggered inputs in flight at some moment of the checkpoint
+    [start, end], and of those in spans as long just before it (sent then, their last event
+    arrived before it started) and just after it (sent then)."""
+    span = end_ms - start_ms
     groups = {"before": Arrivals(), "during": Arrivals(), "after": Arrivals()}
     for one in inputs.values():
-        if one.kind == "price":
-            group = ("before" if one.arrived < start_ms else "after" if one.ts > end_ms
-                     else "during")
+        if one.kind != "price":
+            continue
+        if one.arrived < start_ms:
+            group = "before" if one.ts >= start_ms - span else None
+        elif one.ts > end_ms:
+            group = "after" if one.ts <= end_ms + span else None
+        else:
+            group = "during"
+        if group is not None:
             groups[group].latencies_ms.append(one.arrived - one.ts)
     return groups
 
@@ -241,17 +249,16 @@ async def measure(plan: CheckpointPlan, pop: Population, bootstrap: str, workdir
         stream = MixedStream(pop, seed=plan.seed, volatility=plan.volatility,
                              shares=plan.shares)
         producing = asyncio.create_task(paced(bootstrap, names, stream, plan.rate,
-                                              plan.before + plan.limit + plan.after,
-                                              until=written,
+                                              plan.before + 2 * plan.limit, until=written,
                                               linger_ms=plan.linger_ms))
-        while not producing.done():  # until the checkpoint has been written, and `after`
+        while not producing.done():  # until the checkpoint is written, and as long again
             await asyncio.sleep(0.5)
             if service.returncode is not None:
                 raise RuntimeError(f"the service stopped; see {log.name}")
             now = await asyncio.to_thread(scrape_checkpoints, port)
             if now is not None and now[0] > 0 and not written.is_set():
                 say("checkpoint written")
-                await asyncio.sleep(plan.after)
+                await asyncio.sleep(max(1.0, now[1]))
                 written.set()
         sent = await producing
         await asyncio.sleep(2.0)  # stragglers
@@ -307,8 +314,8 @@ def figures(report: dict[str, Any], plan: CheckpointPlan) -> list[Figure]:
         f"{name}: {group['count']:,} ticks with events, p50 {_ms(group['p50'])}, p99 "
         f"{_ms(group['p99'])}, max {_ms(group['max'])}"
         for name, group in (("during", during), ("outside", outside),
-                            ("of which before", report["before"]),
-                            ("after", report["after"])))
+                            ("of which just before", report["before"]),
+                            ("just after", report["after"])))
     counts += "; p99 during / outside " + ("n/a" if ratio is None else f"{ratio:.2f}×")
     out = []
     for quantile in ("p50", "p99"):
@@ -321,7 +328,7 @@ def figures(report: dict[str, Any], plan: CheckpointPlan) -> list[Figure]:
             "unchanged (≤ 1.5×)" if quantile == "p99" else "—", met, False,
             counts if quantile == "p99" else
             f"{report['sent']:,} inputs at {plan.rate:,.0f} records/s "
-            f"({plan.shares[0]:.0%} ticks, σ {plan.volatility:g}), events read by a separate "
+            f"({plan.shares[0]:.0%} ticks, σ {plan.volatility:.2g}), events read by a separate "
             "consumer; a tick is during the checkpoint when its ts → last event overlaps it"))
     out.append(Figure(
         "checkpoint_write_s", f"checkpoint of {accounts:,} dirty accounts, written beside "

@@ -110,7 +110,7 @@ def checkpoint_latency_phase(plan: Plan, phases: Phases) -> list[Figure]:
 
     checkpoint = CheckpointPlan(accounts=min(plan.accounts, 100_000),
                                 instruments=plan.instruments, seed=plan.seed,
-                                before=plan.latency_seconds, after=plan.latency_seconds)
+                                before=plan.latency_seconds)
     step = phases.task(f"latency while {checkpoint.accounts:,} accounts are checkpointed", 4)
     report = asyncio.run(checkpoint_phase(checkpoint, lambda text: step(1)))
     return figures(report, checkpoint)
