@@ -3,6 +3,7 @@ baseline. No timing is asserted: the figures are measurements, not tests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import sys
 import pytest
 
 from monitor.bench import Figure, Plan
+from monitor.bench.checkpoint import CheckpointPlan, checkpoint_phase
+from monitor.bench.checkpoint import figures as checkpoint_figures
 from tests.support.paths import REPO
 
 FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_100k_cold_ms",
@@ -17,7 +20,7 @@ FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_10
            "restore_vs_bare_read_s", "scale_out_records_per_s", "live_latency_p50_calm_ms",
            "live_latency_p99_calm_ms", "live_latency_p50_volatile_ms",
            "live_latency_p99_volatile_ms", "stress_grid_s", "volatile_records_per_s",
-           "empty_start_s")
+           "empty_start_s", "checkpoint_latency_p50_ms", "checkpoint_latency_p99_ms")
 
 
 @pytest.mark.kafka  # starts a broker of its own
@@ -50,6 +53,26 @@ def test_bench_at_ten_thousand_accounts_reports_every_figure_beside_its_baseline
     # producer's in-flight time on a loaded machine may exceed --max-skew)
     assert figures["live_order_differences"]["value"] >= 0
     assert "released out of proven order" in figures["live_order_differences"]["note"]
+
+
+@pytest.mark.kafka  # starts a broker of its own
+def test_the_checkpoint_phase_times_ticks_while_every_account_is_checkpointed_and_outside() -> None:
+    plan = CheckpointPlan(accounts=5_000, before=2.0)
+    report = asyncio.run(checkpoint_phase(plan, lambda text: None))
+    checkpoint = report["checkpoint"]
+    assert checkpoint["accounts"] == 5_000  # every account was dirty when it started
+    assert checkpoint["seconds"] > 0 and checkpoint["bytes"] > 0
+    assert checkpoint["started_after"] > 0  # not before the paced input
+    for group in ("before", "during", "after"):
+        assert report[group]["count"] > 0, group
+    assert report["outside"]["count"] == report["before"]["count"] + report["after"]["count"]
+    figures = {f.key: f for f in checkpoint_figures(report, plan)}
+    p99 = figures["checkpoint_latency_p99_ms"]
+    assert p99.value is not None and p99.baseline is not None and p99.ratio is not None
+    assert p99.target == "unchanged (≤ 1.5×)" and p99.met is not None
+    assert "5,000 dirty accounts" in p99.name
+    assert f"during: {report['during']['count']:,} ticks" in p99.note
+    assert figures["checkpoint_write_s"].value == checkpoint["seconds"]
 
 
 def test_figure_ratios_read_as_times_better_than_the_baseline() -> None:

@@ -11,7 +11,8 @@ one tick on BTC-PERP (held by one account in ten), typical and with every holder
 resident memory per account (each engine loaded in a subprocess of its own); end to end through
 the embedded broker (the service's `Monitor` in a subprocess: sustained records/s on a backlog,
 then tick-to-event latency at half that rate); restore of every account from `liqmon.state`;
-`liqmon stress` over a 61-scenario grid.
+`liqmon stress` over a 61-scenario grid; tick-to-event latency while `liqmon run` writes a
+checkpoint of every account (up to 100,000), beside before and after it.
 """
 
 from monitor.bench.report import Figure, Plan, render

@@ -103,19 +103,21 @@ async def produce_all(bootstrap: str, names: dict[str, str],
 
 
 async def paced(bootstrap: str, names: dict[str, str], stream: MixedStream, rate: float,
-                seconds: float) -> int:
-    """Produce at ``rate`` records/s for ``seconds``; each record's ts and Kafka timestamp
-    are the wall clock when it is sent."""
+                seconds: float, until: asyncio.Event | None = None, linger_ms: int = 0) -> int:
+    """Produce at ``rate`` records/s for ``seconds``, or until ``until`` is set if that comes
+    first; each record's ts and Kafka timestamp are the wall clock when it is sent (before
+    the producer's ``linger_ms``). Returns how many were sent."""
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms)
     await producer.start()
-    count = int(rate * seconds)
-    records = stream.records(count)
+    records = stream.records(int(rate * seconds))
     futures = []
     try:
         started = time.monotonic()
         for n, record in enumerate(records):
+            if until is not None and until.is_set():
+                break
             due = started + n / rate
             delay = due - time.monotonic()
             if delay > 0.001:
@@ -127,7 +129,7 @@ async def paced(bootstrap: str, names: dict[str, str], stream: MixedStream, rate
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
-    return count
+    return len(futures)
 
 
 async def read_arrivals(bootstrap: str, partitions: dict[str, int],
@@ -142,7 +144,7 @@ async def read_arrivals(bootstrap: str, partitions: dict[str, int],
                                 enable_auto_commit=False, fetch_max_wait_ms=5)
     await consumer.start()
     try:
-        await _read_from_the_end(consumer, partitions)
+        await read_from_the_end(consumer, partitions)
         positioned.set()
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=20)
@@ -160,7 +162,7 @@ async def read_arrivals(bootstrap: str, partitions: dict[str, int],
         await consumer.stop()
 
 
-async def _read_from_the_end(consumer: Any, partitions: dict[str, int]) -> None:
+async def read_from_the_end(consumer: Any, partitions: dict[str, int]) -> None:
     """Assign every partition of these topics, positioned at their current ends."""
     from aiokafka import TopicPartition
 
@@ -185,7 +187,7 @@ async def relay(bootstrap: str, partitions: dict[str, int], output: str) -> None
     await consumer.start()
     await producer.start()
     try:
-        await _read_from_the_end(consumer, partitions)
+        await read_from_the_end(consumer, partitions)
         print("ready", flush=True)
         while True:
             batch = await consumer.getmany(timeout_ms=500, max_records=5_000)

@@ -47,6 +47,7 @@ def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
             figures += asyncio.run(restore_phase(plan, pop, phases))
             figures += asyncio.run(scale_out_phase(plan, stream, phases))
             figures += live_latency_phase(plan, phases)
+            figures += checkpoint_latency_phase(plan, phases)
         else:
             figures += [Figure(key, name, "", None, None, target, None, False, "skipped")
                         for key, name, target in (
@@ -67,7 +68,15 @@ def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
                             ("live_latency_p99_volatile_ms", "input-to-event latency p99, "
                              "volatile (baseline: bare relay)", "≤ 1.5× relay"),
                             ("live_order_differences", "live events ≠ replay in timestamp "
-                             "order", "0"))]
+                             "order", "0"),
+                            ("checkpoint_latency_p50_ms", "tick-to-event latency p50 while a "
+                             "checkpoint of every account is written (baseline: outside it)",
+                             "—"),
+                            ("checkpoint_latency_p99_ms", "tick-to-event latency p99 while a "
+                             "checkpoint of every account is written (baseline: outside it)",
+                             "unchanged (≤ 1.5×)"),
+                            ("checkpoint_write_s", "checkpoint of every account, written "
+                             "beside the loop", "—"))]
     return {
         "accounts": plan.accounts,
         "positions": pop.positions,
@@ -92,3 +101,16 @@ def live_latency_phase(plan: Plan, phases: Phases) -> list[Figure]:
     step = phases.task("live latency beside a relay, calm and volatile", 6)
     report = asyncio.run(latency_phase(latency, lambda text: step(1)))
     return figures(report, latency.rate)
+
+
+def checkpoint_latency_phase(plan: Plan, phases: Phases) -> list[Figure]:
+    """`liqmon run` writing a checkpoint of every account (at most 100,000) while paced ticks
+    flow: their latency during it beside before and after it."""
+    from monitor.bench.checkpoint import CheckpointPlan, checkpoint_phase, figures
+
+    checkpoint = CheckpointPlan(accounts=min(plan.accounts, 100_000),
+                                instruments=plan.instruments, seed=plan.seed,
+                                before=plan.latency_seconds)
+    step = phases.task(f"latency while {checkpoint.accounts:,} accounts are checkpointed", 4)
+    report = asyncio.run(checkpoint_phase(checkpoint, lambda text: step(1)))
+    return figures(report, checkpoint)

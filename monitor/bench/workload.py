@@ -251,11 +251,16 @@ class StreamRecord:
 
 class MixedStream:
     """20 % ticks (a random walk per symbol), 70 % fills (random accounts trading what they
-    hold: adds, partial and exact closes, flips, new positions), 10 % ledger entries."""
+    hold: adds, partial and exact closes, flips, new positions), 10 % ledger entries; other
+    ``shares`` of (ticks, fills, ledger) when given."""
 
     def __init__(self, population: Population, seed: int = 7, volatility: float = 1e-4,
-                 start_ts: int = START_TS) -> None:
+                 start_ts: int = START_TS,
+                 shares: tuple[float, float, float] = (0.2, 0.7, 0.1)) -> None:
         self.pop = population
+        total = math.fsum(shares)
+        self.ticks_below = shares[0] / total  # a record is a tick below this draw,
+        self.fills_below = 1.0 - shares[2] / total  # a fill below this one
         self.config = population.config
         self.rng = np.random.default_rng(seed + 1)
         self.volatility = volatility
@@ -291,7 +296,7 @@ class MixedStream:
             self.ts += 1
             kind = kinds[n]
             u = uniforms[n]
-            if kind < 0.2:
+            if kind < self.ticks_below:
                 symbol = self.symbols[symbols[n]]
                 price = self.prices[symbol] * math.exp(self.volatility * normals[n])
                 self.prices[symbol] = price
@@ -300,7 +305,7 @@ class MixedStream:
             account = accounts[n]
             name = account_id(account)
             self.ids += 1
-            if kind < 0.9:
+            if kind < self.fills_below:
                 starts = pop.starts
                 owned = pop.instr[starts[account]:starts[account + 1]].tolist()
                 if len(owned) and u[0] < 0.9:
