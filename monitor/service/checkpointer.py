@@ -180,6 +180,10 @@ class Checkpointer:
         started = time.monotonic()
         t = self.settings.topics
         taken = self.engine.take_dirty()
+        # Where the accounts taken were touched; a touch from here on goes to a fresh map and
+        # stays for the next checkpoint, even of an account written by this one (emptied
+        # after its snapshot was written here, its tombstone must still find its partition).
+        captured, self.touched = self.touched, {}
         as_of = self.as_of(partitions)
         seq = self.seq + 1
         controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000),
@@ -198,7 +202,8 @@ class Checkpointer:
             for n, key in enumerate(taken, 1):
                 partition = self.engine.partition_of(key)
                 if partition is None:  # deleted since: its tombstone goes where it lived
-                    partition = self.touched.get(account_of(key))
+                    account = account_of(key)
+                    partition = captured.get(account, self.touched.get(account))
                 if partition in partitions:
                     mine[key] = partition
                 else:
@@ -224,15 +229,22 @@ class Checkpointer:
                 await sink.deliver([control_message(partition, control, t)])
         except BaseException:
             self.engine.mark_dirty(taken)
+            self._keep_touched(captured)
             raise
         self.seq = seq
-        for key in mine:
-            self.touched.pop(account_of(key), None)
+        written_accounts = {account_of(key) for key in mine}
+        self._keep_touched({account: partition for account, partition in captured.items()
+                            if account not in written_accounts})
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         self.metrics.last_checkpoint.set(time.time())
         await sink.commit({TopicPartition(topic, p): offset
                            for p, offsets in as_of.items()
                            for (topic, _), offset in offsets.items() if topic != t.prices})
+
+    def _keep_touched(self, touched: dict[str, int]) -> None:
+        """Touches the next checkpoint still needs (those made since win)."""
+        for account, partition in touched.items():
+            self.touched.setdefault(account, partition)
 
     def as_of(self, partitions: set[int]) -> dict[int, Offsets]:
         """Per account partition: the input offsets its state reflects now (its own fills and

@@ -223,6 +223,45 @@ async def test_a_forgotten_account_is_tombstoned_in_the_partition_that_last_touc
     assert checkpointer.touched == {}
 
 
+class LoopEmptiesCarol(Recorder):
+    """Once carol's snapshot is written, the loop applies a withdrawal that empties her."""
+
+    def __init__(self, engine: Engine, checkpointer: Checkpointer) -> None:
+        super().__init__()
+        self.engine, self.checkpointer = engine, checkpointer
+
+    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+        await super().deliver(messages)
+        if any(m.key == b"carol" for m in messages):
+            deposit(self.engine, "carol", -100.0, 0, 2)  # emptied: forgotten
+            self.checkpointer.touched["carol"] = 0  # as the loop records it
+
+
+async def test_an_account_emptied_while_its_snapshot_is_written_is_tombstoned_next_time(
+        ) -> None:
+    checkpointer, engine = make()
+    deposit(engine, "carol", 100.0, 0, 1)
+    checkpointer.touched["carol"] = 0
+    await checkpointer.checkpoint({0}, LoopEmptiesCarol(engine, checkpointer))
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    (tombstone,) = recorder.delivered("account")
+    assert (tombstone.key, tombstone.value, tombstone.partition) == (b"carol", None, 0)
+
+
+async def test_touches_of_partitions_not_checkpointed_are_kept_for_their_checkpoint() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "bob", 100.0, 1, 1)
+    deposit(engine, "bob", -100.0, 1, 2)  # forgotten, in partition 1
+    checkpointer.touched["bob"] = 1
+    await checkpointer.checkpoint({0}, Recorder())  # partition 0 only (a hand-over)
+    assert checkpointer.touched == {"bob": 1}
+    recorder = Recorder()
+    await checkpointer.checkpoint({1}, recorder)
+    (tombstone,) = recorder.delivered("account")
+    assert (tombstone.key, tombstone.value, tombstone.partition) == (b"bob", None, 1)
+
+
 async def test_each_checkpoint_takes_the_next_sequence_number() -> None:
     checkpointer, engine = make()
     checkpointer.resume(41)  # what a restore read
