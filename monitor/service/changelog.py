@@ -259,11 +259,13 @@ class RestoreProgress:
     #                   counted as accounts of their own, so at most this many until the end)
 
 
-class _Collector:
-    """Python's cyclic garbage collector, paused while a restore reads. Every record the
-    client builds counts towards a collection, and each full collection walks every object
-    alive: a third of the time a million records take to read. What a restore allocates is
-    freed by reference counting, without it. Pauses nest (partitions restored at once)."""
+class Collector:
+    """Python's cyclic garbage collector, paused while a restore reads or a checkpoint is
+    written. Every object they allocate (a record the client builds, a message and its future)
+    counts towards a collection, and each full collection walks every object alive: a third of
+    the time a million records take to read, and full passes of 10-50 ms, collecting nothing,
+    brought into the window of a checkpoint of 100,000 accounts. What they allocate is freed by
+    reference counting, without it. Pauses nest (partitions restored at once)."""
 
     def __init__(self) -> None:
         self.pauses = 0
@@ -281,7 +283,7 @@ class _Collector:
             gc.enable()
 
 
-_collector = _Collector()
+collector = Collector()
 
 
 async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
@@ -305,7 +307,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
     await consumer.start()
     latest = {tp.partition: _Latest() for tp in wanted}
     try:
-        _collector.pause()
+        collector.pause()
         consumer.assign(wanted)
         await consumer.seek_to_beginning(*wanted)
         # Read up to the end as of now (what this instance's predecessors wrote); an empty
@@ -326,7 +328,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                 status.accounts = sum(state.count for state in latest.values())
                 progress(status)
     finally:
-        _collector.resume()
+        collector.resume()
         await consumer.stop()
     for state in latest.values():
         state.deduplicate()

@@ -21,7 +21,12 @@ from structlog.stdlib import BoundLogger
 from monitor.account import RiskKey, account_of
 from monitor.engine import Engine
 from monitor.reference import ReferenceEngine
-from monitor.service.changelog import control_message, controls_now, snapshot_messages
+from monitor.service.changelog import (
+    collector,
+    control_message,
+    controls_now,
+    snapshot_messages,
+)
 from monitor.service.delivery import Pipeline
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
@@ -177,6 +182,13 @@ class Checkpointer:
         """
         if not partitions:
             return
+        collector.pause()  # its ~100,000 messages and futures would bring on full collections
+        try:
+            await self._checkpoint(partitions, sink)
+        finally:
+            collector.resume()
+
+    async def _checkpoint(self, partitions: set[int], sink: CheckpointSink) -> None:
         started = time.monotonic()
         t = self.settings.topics
         taken = self.engine.take_dirty()

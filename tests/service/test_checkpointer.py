@@ -7,6 +7,7 @@ came from: alice and carol to partition 0, bob to partition 1.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -260,6 +261,36 @@ async def test_touches_of_partitions_not_checkpointed_are_kept_for_their_checkpo
     await checkpointer.checkpoint({1}, recorder)
     (tombstone,) = recorder.delivered("account")
     assert (tombstone.key, tombstone.value, tombstone.partition) == (b"bob", None, 1)
+
+
+class CollectorWatch(Recorder):
+    """Notes whether the garbage collector runs while each message is delivered."""
+
+    def __init__(self, refuse: str | None = None) -> None:
+        super().__init__(refuse=refuse)
+        self.collecting: list[bool] = []
+
+    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+        self.collecting.append(gc.isenabled())
+        await super().deliver(messages)
+
+
+async def test_the_garbage_collector_is_paused_while_a_checkpoint_is_written() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    watch = CollectorWatch()
+    assert gc.isenabled()
+    await checkpointer.checkpoint({0}, watch)
+    assert watch.collecting == [False, False, False]  # layout, snapshot, control record
+    assert gc.isenabled()
+
+
+async def test_the_garbage_collector_runs_again_after_a_failed_checkpoint() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    with pytest.raises(DeliveryFailed):
+        await checkpointer.checkpoint({0}, CollectorWatch(refuse="account"))
+    assert gc.isenabled()
 
 
 async def test_each_checkpoint_takes_the_next_sequence_number() -> None:

@@ -80,7 +80,7 @@ def test_memory_stays_bounded_by_deduplicating_as_it_reads() -> None:
 
 
 def test_the_garbage_collector_is_paused_while_restores_read_and_back_after_the_last() -> None:
-    collector = changelog._Collector()
+    collector = changelog.Collector()
     collector.pause()
     collector.pause()  # a second restore reading at the same time
     assert not gc.isenabled()
@@ -91,7 +91,7 @@ def test_the_garbage_collector_is_paused_while_restores_read_and_back_after_the_
 
 
 def test_a_collector_paused_by_someone_else_stays_paused() -> None:
-    collector = changelog._Collector()
+    collector = changelog.Collector()
     gc.disable()
     try:
         collector.pause()
