@@ -37,7 +37,7 @@ from monitor.bench.latency import (
     create_single_partition_topics,
     paced,
     produce_all,
-    read_from_the_end,
+    read_new,
     setup_records,
 )
 from monitor.bench.report import Figure
@@ -111,32 +111,18 @@ async def read_inputs(bootstrap: str, partitions: dict[str, int], inputs: dict[A
                       since_ms: list[float]) -> None:
     """Stamp every new event on arrival, per input that caused it (its trigger's topic,
     partition and offset), for inputs sent from ``since_ms[0]`` on."""
-    from aiokafka import AIOKafkaConsumer
+    def take(_topic: str, event: dict[str, Any], now_ms: float) -> None:
+        if event["ts"] < since_ms[0]:
+            return
+        trigger = event["trigger"]
+        key = (trigger["topic"], trigger["partition"], trigger["offset"])
+        seen = inputs.get(key)
+        if seen is None:
+            inputs[key] = Input(event["ts"], event["emitted_at"], now_ms, trigger["kind"])
+        else:
+            seen.arrived = now_ms
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=5)
-    await consumer.start()
-    try:
-        await read_from_the_end(consumer, partitions)
-        positioned.set()
-        while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=20)
-            now_ms = time.time() * 1000
-            for messages in batch.values():
-                for message in messages:
-                    event = orjson.loads(message.value)
-                    if event["ts"] < since_ms[0]:
-                        continue
-                    trigger = event["trigger"]
-                    key = (trigger["topic"], trigger["partition"], trigger["offset"])
-                    seen = inputs.get(key)
-                    if seen is None:
-                        inputs[key] = Input(event["ts"], event["emitted_at"], now_ms,
-                                            trigger["kind"])
-                    else:
-                        seen.arrived = now_ms
-    finally:
-        await consumer.stop()
+    await read_new(bootstrap, partitions, stop, positioned, take)
 
 
 def split(inputs: dict[Any, Input], start_ms: float, end_ms: float

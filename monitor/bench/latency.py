@@ -138,6 +138,22 @@ async def read_arrivals(bootstrap: str, partitions: dict[str, int],
     """Stamp every new record of these topics on arrival: arrival − the input's `ts` (an
     event's `ts`, a relayed input's own), for inputs sent from ``since_ms[0]`` on (set when
     the paced input starts)."""
+    def take(topic: str, value: dict[str, Any], now_ms: float) -> None:
+        ts = value["ts"]
+        if ts >= since_ms[0]:
+            arrivals[topic].latencies_ms.append(now_ms - ts)
+            if "emitted_at" in value:  # an event: how much was inside liqmon
+                arrivals["emitted"].latencies_ms.append(value["emitted_at"] - ts)
+
+    await read_new(bootstrap, partitions, stop, positioned, take)
+
+
+async def read_new(bootstrap: str, partitions: dict[str, int], stop: asyncio.Event,
+                   positioned: asyncio.Event,
+                   take: Callable[[str, dict[str, Any], float], None]) -> None:
+    """Read these topics from their end (``positioned`` set once there) until ``stop``,
+    handing each record's decoded JSON value to ``take`` with its topic and arrival time
+    (wall-clock ms)."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
@@ -150,14 +166,8 @@ async def read_arrivals(bootstrap: str, partitions: dict[str, int],
             batch = await consumer.getmany(timeout_ms=20)
             now_ms = time.time() * 1000
             for tp, messages in batch.items():
-                sink = arrivals[tp.topic].latencies_ms
                 for message in messages:
-                    value = orjson.loads(message.value)
-                    ts = value["ts"]
-                    if ts >= since_ms[0]:
-                        sink.append(now_ms - ts)
-                        if "emitted_at" in value:  # an event: how much was inside liqmon
-                            arrivals["emitted"].latencies_ms.append(value["emitted_at"] - ts)
+                    take(tp.topic, orjson.loads(message.value), now_ms)
     finally:
         await consumer.stop()
 
