@@ -1,16 +1,20 @@
 """What a restore keeps of the changelog records it reads (SPEC §6): the newest snapshot of
 every account, the newest layout and control record, nothing from before a reset marker.
 
-The records are aiokafka's own `ConsumerRecord`s, as a fetch hands them over; the reading
-itself, against the broker, is in tests/service/test_durability.py.
+The records are the Kafka client's own record objects, parsed from record batches as a fetch
+returns them (monitor.service.log_reader); the reading itself, against the broker, is in
+tests/service/test_durability.py.
 """
 
 from __future__ import annotations
 
 import gc
+import struct
+from typing import Any
 
 import pytest
-from aiokafka.structs import ConsumerRecord
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
 
 from monitor.service import changelog
 from monitor.service.changelog import ACCOUNT, CONTROL, LAYOUT, RESET, _Latest
@@ -19,12 +23,17 @@ from monitor.snapshot import KIND_HEADER
 _offsets = iter(range(1_000_000))
 
 
-def record(key: bytes | None, value: bytes | None, kind: bytes | None = ACCOUNT
-           ) -> ConsumerRecord:
-    headers = () if kind is None else ((KIND_HEADER, kind),)
-    return ConsumerRecord("state", 0, next(_offsets), 0, 0, key, value, None,
-                          -1 if key is None else len(key), -1 if value is None else len(value),
-                          headers)
+def record(key: bytes | None, value: bytes | None, kind: bytes | None = ACCOUNT) -> Any:
+    """A one-record batch at the next offset, parsed as a fetch's bytes are."""
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0,
+                                        producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                                        batch_size=1 << 20)
+    builder.append(0, timestamp=0, key=key, value=value,
+                   headers=[] if kind is None else [(KIND_HEADER, kind)])
+    raw = bytearray(builder.build())
+    struct.pack_into(">q", raw, 0, next(_offsets))  # the base offset, set by the broker
+    (parsed,) = MemoryRecords(bytes(raw)).next_batch()
+    return parsed
 
 
 def kept(latest: _Latest) -> dict[bytes | None, bytes | None]:

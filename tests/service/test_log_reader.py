@@ -1,0 +1,136 @@
+"""Reading partitions to their end for a restore (monitor.service.log_reader), on the embedded
+broker: every record once, in offset order, whatever the fetch and batch boundaries."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+
+from monitor.service import log_reader
+from monitor.service.log_reader import bounds, read_range
+
+
+async def topic_with(bootstrap: str, per_partition: dict[int, list[list[bytes]]]) -> str:
+    """A new topic; each partition's values produced as the given record batches."""
+    name = f"log-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, max(per_partition) + 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    await producer.start()
+    try:
+        for partition, batches in per_partition.items():
+            for values in batches:
+                batch = producer.create_batch()
+                for value in values:
+                    batch.append(key=value, value=value, timestamp=None)
+                await (await producer.send_batch(batch, name, partition=partition))
+    finally:
+        await producer.stop()
+    return name
+
+
+async def read_all(bootstrap: str, tps: list[TopicPartition], start_at: dict | None = None
+                   ) -> dict[TopicPartition, list[tuple[int, bytes]]]:
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    got: dict[TopicPartition, list[tuple[int, bytes]]] = {tp: [] for tp in tps}
+    try:
+        ranges = await bounds(client, tps)
+        for tp, start in (start_at or {}).items():
+            ranges[tp] = (start, ranges[tp][1])
+        await read_range(client, ranges,
+                         lambda tp, records: got[tp].extend((r.offset, r.value) for r in records))
+    finally:
+        await client.close()
+    return got
+
+
+async def test_every_record_of_every_partition_is_read_once_in_offset_order(broker) -> None:
+    values = [[f"{p}-{b}-{i}".encode() for i in range(50)] for p in range(2) for b in range(3)]
+    topic = await topic_with(broker.bootstrap, {0: values[:3], 1: values[3:]})
+    tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+    got = await read_all(broker.bootstrap, tps)
+    for partition, tp in enumerate(tps):
+        expected = [v for batch in values[3 * partition:3 * partition + 3] for v in batch]
+        assert got[tp] == list(enumerate(expected))
+
+
+async def test_fetches_smaller_than_the_partition_still_read_it_all(broker, monkeypatch) -> None:
+    """Many fetches, each asked for 4 KiB: the next one starts after the last whole batch."""
+    monkeypatch.setattr(log_reader, "PARTITION_BYTES", 4096)
+    batches = [[bytes([b]) * 100 for _ in range(20)] for b in range(30)]  # ~2 KiB a batch
+    topic = await topic_with(broker.bootstrap, {0: batches})
+    tp = TopicPartition(topic, 0)
+    got = await read_all(broker.bootstrap, [tp])
+    assert [offset for offset, _ in got[tp]] == list(range(600))
+
+
+async def test_a_range_starting_inside_a_batch_skips_the_records_before_it(broker) -> None:
+    topic = await topic_with(broker.bootstrap, {0: [[b"a", b"b", b"c", b"d"], [b"e"]]})
+    tp = TopicPartition(topic, 0)
+    got = await read_all(broker.bootstrap, [tp], start_at={tp: 2})
+    assert got[tp] == [(2, b"c"), (3, b"d"), (4, b"e")]
+
+
+async def test_an_empty_partition_is_read_without_waiting_for_records(broker) -> None:
+    topic = await topic_with(broker.bootstrap, {0: [], 1: [[b"x"]]})
+    tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+    got = await read_all(broker.bootstrap, tps)
+    assert got == {tps[0]: [], tps[1]: [(0, b"x")]}
+
+
+async def test_a_broker_that_stops_answering_for_a_while_delays_the_read_without_losing_records(
+        own_broker) -> None:
+    batches = [[bytes([b]) * 100 for _ in range(20)] for b in range(30)]
+    topic = await topic_with(own_broker.bootstrap, {0: batches})
+    tp = TopicPartition(topic, 0)
+    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=300)
+    await client.bootstrap()
+    got: list[int] = []
+
+    def take(_: TopicPartition, records: list) -> None:
+        got.extend(r.offset for r in records)
+        if len(got) >= 200 and own_broker.process is not None and not paused:
+            paused.append(True)
+            own_broker.pause()  # answers nothing until resumed, a second later
+            asyncio.get_running_loop().call_later(1.0, own_broker.resume)
+
+    paused: list[bool] = []
+    try:
+        ranges = await bounds(client, [tp])
+        log_reader_bytes = log_reader.PARTITION_BYTES
+        log_reader.PARTITION_BYTES = 4096  # many fetches, so that some fall in the pause
+        try:
+            await read_range(client, ranges, take, timeout=10)
+        finally:
+            log_reader.PARTITION_BYTES = log_reader_bytes
+    finally:
+        await client.close()
+    assert paused and got == list(range(600))
+
+
+async def test_a_broker_gone_for_longer_than_the_timeout_fails_the_read_clearly(
+        own_broker) -> None:
+    topic = await topic_with(own_broker.bootstrap, {0: [[b"a"], [b"b"]]})
+    tp = TopicPartition(topic, 0)
+    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=200)
+    await client.bootstrap()
+    try:
+        ranges = await bounds(client, [tp])
+        own_broker.pause()
+        with pytest.raises(KafkaError, match="failed"):
+            await read_range(client, ranges, lambda tp, records: None, timeout=1)
+    finally:
+        own_broker.resume()
+        await client.close()
+
