@@ -152,6 +152,42 @@ async def test_start_sending_hands_over_messages_up_to_the_first_the_producer_re
     await asyncio.gather(*futures)
 
 
+def placed(topic: str, n: int, value: bytes | None = None) -> Outgoing:
+    """A checkpoint's kind of message: its partition chosen, not left to the partitioner."""
+    return Outgoing(topic=topic, key=f"k{n}".encode(),
+                    value=f"v{n}".encode() if value is None else value, headers=[],
+                    partition=0)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_messages_of_known_partitions_arrive_in_order_across_several_record_batches(
+        broker: EmbeddedBroker, topic: str, producer: AIOKafkaProducer) -> None:
+    values = [bytes([n]) * 1000 for n in range(60)]  # 60 KB: several of the producer's batches
+    await delivery_of(producer).deliver([placed(topic, n, v) for n, v in enumerate(values)])
+    assert await values_of(broker.bootstrap, topic) == values
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_messages_of_known_partitions_are_retried_while_the_broker_is_away(
+        own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str]) -> None:
+    producer, topic = paused
+    with structlog.testing.capture_logs() as logs:
+        delivering = asyncio.create_task(
+            delivery_of(producer).deliver([placed(topic, n) for n in range(3)]))
+        await said(logs, RETRYING, times=2)
+        own_broker.resume()
+        await delivering
+    assert (await values_of(own_broker.bootstrap, topic))[-3:] == [b"v0", b"v1", b"v2"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_message_of_a_known_partition_refused_for_good_stops_delivery(
+        topic: str, producer: AIOKafkaProducer) -> None:
+    with pytest.raises(DeliveryFailed) as failed:
+        await delivery_of(producer).deliver([placed(topic, 0), placed(topic, 1, TOO_LARGE)])
+    assert failed.value.topic == topic
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_settle_returns_the_messages_that_failed_retriably_to_be_sent_again(
         topic: str, producer: AIOKafkaProducer) -> None:

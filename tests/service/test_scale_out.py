@@ -39,12 +39,12 @@ PARTITIONS = 4
 
 
 class Instance(MonitorProcess):
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, checkpoint_interval: float = 0.2) -> None:
         self.port = free_port()
         super().__init__(run_args(
             settings, "--group", settings.group, "--metrics-port", str(self.port),
-            "--session-timeout", "2", "--checkpoint-interval", "0.2", "--merge-wait", "5",
-            "--log-level", "info"))
+            "--session-timeout", "2", "--checkpoint-interval", str(checkpoint_interval),
+            "--merge-wait", "5", "--log-level", "info"))
 
     def positions(self) -> dict[tuple[str, int], int]:
         """liqmon_input_offset of this instance: what it has applied, per partition."""
@@ -132,8 +132,8 @@ async def final_state(settings: ServiceSettings, config) -> dict:
     return state_of(engine)["accounts"]
 
 
-async def start(settings: ServiceSettings) -> Instance:
-    instance = Instance(settings)
+async def start(settings: ServiceSettings, checkpoint_interval: float = 0.2) -> Instance:
+    instance = Instance(settings, checkpoint_interval)
     await instance.start()
     await asyncio.wait_for(instance.consuming.wait(), timeout=60)
     return instance
@@ -177,6 +177,31 @@ async def test_an_instance_killed_mid_stream_is_replaced_without_loss(broker):
         final_engine(feed.records, config))["accounts"]
     restored = [entry for i in survivors for entry in i.logs if entry["event"] == "restored"]
     assert any(entry["records_replayed"] > 0 or entry["accounts"] > 0 for entry in restored)
+
+
+async def test_partitions_never_checkpointed_are_caught_up_from_their_first_record(broker):
+    """The instance that held them is killed before any checkpoint of theirs: the survivor
+    replays their records from the start, merged with every tick in between, and publishes
+    what one instance would have (repeats of the dead one's events are the same events)."""
+    config = load_config(CONFIG)
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    victim = await start(settings, checkpoint_interval=3600)
+    survivor = await start(settings)
+    await settled([victim, survivor], settings)
+    kept = victim.owned(settings)
+    feed = Feed(settings, seed=34, length=2_000)
+    half = len(feed.runs) // 2
+    await feed.run([victim, survivor], slice(0, half))
+    assert await victim.stop(kill=True) == -9
+    await feed.run([survivor], slice(half, None))  # waits out the takeover
+    await finish([survivor], feed, config)
+    assert await final_state(settings, config) == state_of(
+        final_engine(feed.records, config))["accounts"]
+    # the rebalance after the kill hands the survivor every partition, its own included
+    taken_over = [entry for entry in survivor.logs if entry["event"] == "restored"
+                  and kept <= set(entry["partitions"])]
+    assert taken_over and taken_over[-1]["records_replayed"] > 0
 
 
 async def test_an_instance_joining_mid_stream_takes_partitions_without_loss(broker):
