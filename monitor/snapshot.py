@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import cramjam
 import numpy as np
 import orjson
 
@@ -68,6 +69,7 @@ from monitor.state import AccountState
 JSON_VERSION = 1  # control records, layouts' envelope, and account snapshots before format 2
 SNAPSHOT_VERSION = 2
 MAGIC = b"LQ"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # how a zstd frame begins: a control record since zstd
 CONTROL_KEY = b"\x00liqmon.control"  # no account id starts with NUL in practice
 ISOLATED_KEY_PREFIX = b"\x00liqmon.isolated"  # likewise: apart from every account's key
 LAYOUT_PREFIX = b"\x00liqmon.layout."
@@ -590,6 +592,14 @@ def decode_account(raw: bytes, layouts: Mapping[int, Layout] | None = None
 
 
 def encode_control(control: Control) -> bytes:
+    """The control record: JSON in a zstd frame (level 1). Its duplicate windows make it large
+    (~640 KB of JSON for ~20,000 ids a partition), and the producer compresses every batch
+    again on the event loop: lz4 at level 9 took ~13 ms over the JSON, ~2.5 ms over the
+    frame, which zstd makes in ~2 ms and a third smaller."""
+    return bytes(cramjam.zstd.compress(_control_json(control), level=1))
+
+
+def _control_json(control: Control) -> bytes:
     return orjson.dumps({
         "v": JSON_VERSION,
         "seq": control.seq,
@@ -605,6 +615,12 @@ def encode_control(control: Control) -> bytes:
 
 
 def decode_control(raw: bytes | None) -> Control:
+    """A control record of either encoding: plain JSON (before zstd frames) or framed."""
+    if raw is not None and raw[:4] == ZSTD_MAGIC:
+        try:
+            raw = bytes(cramjam.zstd.decompress(raw))
+        except cramjam.DecompressionError as exc:
+            raise SnapshotError(f"control record: a corrupt zstd frame ({exc})") from None
     doc = _load(raw)
     if doc.get("v") != JSON_VERSION:
         raise SnapshotError(f"unsupported control record version {doc.get('v')!r} (this "

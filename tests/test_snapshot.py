@@ -18,6 +18,7 @@ from monitor.margin import Position
 from monitor.records import Fill, LedgerEntry
 from monitor.snapshot import (
     SNAPSHOT_VERSION,
+    ZSTD_MAGIC,
     Control,
     Layout,
     SnapshotError,
@@ -255,6 +256,31 @@ def test_control_written_before_fingerprints_decodes_without_one() -> None:
                         "prices": {}, "dedupe": []})
     assert decode_control(old) == Control(seq=3, written_at=1, offsets={("fills", 0): 7},
                                           prices={}, config=None)
+
+
+def test_a_control_record_is_a_zstd_frame_much_smaller_than_its_json() -> None:
+    window = [(f"acct-{k % 5_000:05d}", f"fill-{k:09d}") for k in range(20_000)]
+    control = Control(seq=5, written_at=1, offsets={("fills", 0): 20_000}, prices={},
+                      dedupe={("fills", 0): window})
+    raw = encode_control(control)
+    assert raw[:4] == ZSTD_MAGIC
+    assert len(raw) * 3 < len(orjson.dumps([list(pair) for pair in window]))
+    assert decode_control(raw) == control
+
+
+def test_a_control_record_of_plain_json_from_before_zstd_is_still_read() -> None:
+    control = Control(seq=6, written_at=1, offsets={("fills", 0): 3}, prices={"BTC": (1.5, 2)},
+                      dedupe={("fills", 0): [("a", "f1")]})
+    plain = orjson.dumps({"v": 1, "seq": 6, "written_at": 1, "offsets": [["fills", 0, 3]],
+                          "prices": {"BTC": [1.5, 2]}, "dedupe": [["fills", 0, [["a", "f1"]]]],
+                          "config": None})
+    assert decode_control(plain) == control
+
+
+def test_a_corrupt_zstd_frame_in_a_control_record_raises_naming_it() -> None:
+    raw = encode_control(Control(seq=1, written_at=1, offsets={}, prices={}))
+    with pytest.raises(SnapshotError, match="control record: a corrupt zstd frame"):
+        decode_control(raw[:4] + b"\xff" * 12)
 
 
 @pytest.mark.parametrize("key", ["acct-17", "a/BTC-PERP", "\x00liqmon.isolatedx", "é",
