@@ -594,8 +594,8 @@ def decode_account(raw: bytes, layouts: Mapping[int, Layout] | None = None
 def encode_control(control: Control) -> bytes:
     """The control record: JSON in a zstd frame (level 1). Its duplicate windows make it large
     (~640 KB of JSON for ~20,000 ids a partition), and the producer compresses every batch
-    again on the event loop: lz4 at level 9 took ~13 ms over the JSON, ~2.5 ms over the
-    frame, which zstd makes in ~2 ms and a third smaller."""
+    again on the event loop: lz4 at level 9 took ~13 ms over the JSON (to 40 % of its size),
+    ~2.5 ms over the frame, which zstd makes in ~2 ms (a quarter of the JSON's size)."""
     return bytes(cramjam.zstd.compress(_control_json(control), level=1))
 
 

@@ -296,7 +296,7 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
                          security: KafkaSecurity = PLAINTEXT,
                          ) -> dict[int, RestoredPartition]:
     """Read changelog partitions to their end and decode what survives of them; call
-    ``progress`` after each fetched batch."""
+    ``progress`` every PROGRESS_EVERY records read and once at the end."""
     wanted = [TopicPartition(topic, p) for p in partitions]
     if not wanted:
         return {}
