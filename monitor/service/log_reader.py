@@ -56,15 +56,25 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
     while positions:
         before = dict(positions)
         retry: _Retry | None = None
-        try:
-            by_leader = _by_leader(client, list(positions))
-            if sum(map(len, by_leader.values())) < len(positions):
-                raise _Retry("a partition's leader is unknown")
-            await asyncio.gather(*(
-                _pipeline(client, node, {tp: positions[tp] for tp in group}, ends, positions,
-                          take) for node, group in by_leader.items()))
-        except _Retry as exc:
-            retry = exc
+        by_leader = _by_leader(client, list(positions))
+        if sum(map(len, by_leader.values())) < len(positions):
+            retry = _Retry("a partition's leader is unknown")
+        else:
+            # One pipeline per leader; when one fails the others are cancelled (at an await,
+            # where `positions` matches what was handed over) before any is started again:
+            # two pipelines reading one partition would hand its records over out of order.
+            try:
+                async with asyncio.TaskGroup() as pipelines:
+                    for node, group in by_leader.items():
+                        pipelines.create_task(_pipeline(
+                            client, node, {tp: positions[tp] for tp in group}, ends,
+                            positions, take))
+            except BaseExceptionGroup as failed:
+                retries = [e for e in failed.exceptions if isinstance(e, _Retry)]
+                if len(retries) < len(failed.exceptions):  # one that no retry can mend
+                    raise next(e for e in failed.exceptions
+                               if not isinstance(e, _Retry)) from None
+                retry = retries[0]
         if positions != before:
             deadline = None
         else:  # nothing came: an error, or an answer without records
