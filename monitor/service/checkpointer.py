@@ -262,7 +262,8 @@ class Checkpointer:
                            for (topic, _), offset in offsets.items() if topic != t.prices})
 
     def _keep_touched(self, touched: dict[str, int]) -> None:
-        """Touches the next checkpoint still needs (those made since win)."""
+        """Put back touches the next checkpoint still needs; a touch made since it was taken
+        out is newer and wins."""
         for account, partition in touched.items():
             self.touched.setdefault(account, partition)
 

@@ -91,12 +91,17 @@ class Delivery:
         futures: list[asyncio.Future[Any]] = []
         for message in messages:
             try:
-                futures.append(await self.producer.send(
-                    message.topic, message.value, key=message.key, headers=message.headers,
-                    partition=message.partition))
+                futures.append(await self._send_one(message))
             except KafkaError as exc:
                 return futures, exc
         return futures, None
+
+    async def _send_one(self, message: Outgoing) -> asyncio.Future[Any]:
+        """Hand one message to the producer (which refuses one over the request size limit)."""
+        future: asyncio.Future[Any] = await self.producer.send(
+            message.topic, message.value, key=message.key, headers=message.headers,
+            partition=message.partition)
+        return future
 
     async def _start_batches(self, messages: Sequence[Outgoing]
                              ) -> tuple[list[asyncio.Future[Any]], KafkaError | None]:
@@ -118,25 +123,25 @@ class Delivery:
                 future = await producer.send_batch(batch, topic, partition=partition)
                 for k in members:
                     futures[k] = future
-                del open_batches[(topic, partition)]
+            open_batches.clear()
+
+        def appended(batch: Any, message: Outgoing) -> bool:
+            return batch.append(key=message.key, value=message.value, timestamp=None,
+                                headers=message.headers) is not None
 
         try:
             for k, message in enumerate(messages):
                 assert message.partition is not None
                 if len(message.value or b"") > SEND_ALONE_BYTES:
                     await hand_over_open()
-                    futures[k] = await producer.send(
-                        message.topic, message.value, key=message.key,
-                        headers=message.headers, partition=message.partition)
+                    futures[k] = await self._send_one(message)
                     continue
                 where = (message.topic, message.partition)
                 batch, members = open_batches.get(where) or (producer.create_batch(), [])
-                if batch.append(key=message.key, value=message.value, timestamp=None,
-                                headers=message.headers) is None:  # full: hand all over
+                if not appended(batch, message):  # full: hand all over, start another
                     await hand_over_open()
                     batch, members = producer.create_batch(), []
-                    batch.append(key=message.key, value=message.value, timestamp=None,
-                                 headers=message.headers)
+                    appended(batch, message)  # an empty batch takes a message of any size
                 members.append(k)
                 open_batches[where] = (batch, members)
             await hand_over_open()
