@@ -61,6 +61,13 @@ class TimestampMerge:
 
     def add(self, tp: TopicPartition, records: Sequence[Record],
             arrived_ms: float | None = None) -> None:
+        """Buffer a partition's fetched records. Those before its position (`fetched_to`)
+        are ignored: a fetch that completed before the partition was sought can still be
+        handed over after it, with records already applied (a restore or catch-up moved the
+        consumer past them); buffering them again would apply them twice, out of order."""
+        position = self.fetched_to.get(tp)
+        if records and position is not None and records[0].offset < position:
+            records = [r for r in records if r.offset >= position]
         if not records:
             return
         arrived = time.time() * 1000 if arrived_ms is None else arrived_ms

@@ -132,3 +132,15 @@ def test_limit_and_seek() -> None:
     m.seek(PRICES, 0)  # re-positioned: what was buffered is stale
     assert m.take(10, [PRICES]) == []
     assert m.fetched_to[PRICES] == 0
+
+
+def test_records_before_the_position_are_ignored() -> None:
+    """A fetch that completed before a seek is handed over after it: what it holds before the
+    new position was applied elsewhere (a catch-up) and must not go out again."""
+    m = merge()
+    m.seek(FILLS, 3)
+    m.add(FILLS, [Rec(1, 1), Rec(2, 2), Rec(3, 3), Rec(4, 4)], NOW)
+    m.add(FILLS, [Rec(3, 3), Rec(4, 4)], NOW)  # the consumer's own fetch from the new position
+    m.probed(NOW + 1, {FILLS: 5, PRICES: 0})
+    assert offsets(m.take(10, [PRICES, FILLS])) == [("fills", 3), ("fills", 4)]
+    assert m.fetched_to[FILLS] == 5
