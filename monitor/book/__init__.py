@@ -58,6 +58,7 @@ def warm_up() -> float:
     book.anchor(row, float(evaluation.eps[0]), evaluation.watched()[0])
     evaluation = book.evaluate(rows, decide=False)
     book.anchor_many(rows, evaluation.eps, evaluation)
+    book.bands[0].merge(book.aid)
     book.candidates(0, 20.0)
     return time.perf_counter() - started
 

@@ -86,9 +86,9 @@ class SymbolBands:
         self.sceil = -float(self.lneg[self.ls]) if self.ls < len(self.lneg) else -INF
 
     def push_many(self, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
-                  hi: np.ndarray) -> bool:
-        """File bands in the pending buffer (`Book.anchor` files one band inline); True when
-        the buffer is due for a merge."""
+                  hi: np.ndarray, lowest_hi: float, highest_lo: float) -> bool:
+        """File bands in the pending buffer (`Book.anchor` files one band inline), ``hi``'s
+        least and ``lo``'s greatest given; True when the buffer is due for a merge."""
         n, k = self.np, len(rows)
         if n + k > self.pcap:
             self._grow_pending(n + k)
@@ -96,8 +96,10 @@ class SymbolBands:
         self.phi[n:n + k] = hi
         self.prow[n:n + k] = rows
         self.paid[n:n + k] = aids
-        self.pfloor = min(self.pfloor, float(hi.min()))
-        self.pceil = max(self.pceil, float(lo.max()))
+        if lowest_hi < self.pfloor:
+            self.pfloor = lowest_hi
+        if highest_lo > self.pceil:
+            self.pceil = highest_lo
         self.np = n + k
         return n + k >= self.limit
 
@@ -115,30 +117,13 @@ class SymbolBands:
         return rows if len(rows) else None
 
     def merge(self, aid: np.ndarray) -> None:
-        """Fold the pending buffer into the sorted runs (a linear insert). Stale entries are
-        dropped from the pending buffer always, from the runs once they may make up half."""
-        n = self.np
-        prow, paid = self.prow[:n], self.paid[:n]
-        ok = aid[prow] == paid
-        prow, paid = prow[ok], paid[ok]
-        plo, phi = self.plo[:n][ok], self.phi[:n][ok]
-        hs, ls = self.hs, self.ls
-        hi, hlo, hrow, haid = self.hi[hs:], self.hlo[hs:], self.hrow[hs:], self.haid[hs:]
-        lneg, lrow, laid = self.lneg[ls:], self.lrow[ls:], self.laid[ls:]
-        self.stale += len(prow)  # each filed band may have made an older one stale
-        if self.stale * 2 > len(hi):
-            live = aid[hrow] == haid
-            hi, hlo, hrow, haid = hi[live], hlo[live], hrow[live], haid[live]
-            live = aid[lrow] == laid
-            lneg, lrow, laid = lneg[live], lrow[live], laid[live]
-            self.stale = 0
-        order = np.argsort(phi)
-        self.hi, self.hlo, self.hrow, self.haid = _inserted(
-            (hi, hlo, hrow, haid), (phi[order], plo[order], prow[order], paid[order]))
-        pneg = -plo
-        order = np.argsort(pneg)
-        self.lneg, self.lrow, self.laid = _inserted(
-            (lneg, lrow, laid), (pneg[order], prow[order], paid[order]))
+        """Fold the pending buffer into the sorted runs (`kernels.merge_bands`, a linear
+        merge). Stale entries are dropped from the pending buffer always, from the runs once
+        they may make up half."""
+        (self.hi, self.hlo, self.hrow, self.haid, self.lneg, self.lrow, self.laid,
+         self.stale) = kernels.merge_bands(
+            self.hi, self.hlo, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
+            self.ls, self.plo, self.phi, self.prow, self.paid, self.np, aid, self.stale)
         self.hs = self.ls = 0
         self.np = 0
         self.pfloor, self.pceil = INF, -INF
@@ -161,11 +146,3 @@ class SymbolBands:
     def entries(self) -> int:
         return len(self.hi) - self.hs + self.np
 
-
-def _inserted(run: tuple[np.ndarray, ...], new: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    """Columns of a run sorted by its first column, with ``new`` columns (sorted the same
-    way) inserted, each after the entries of equal key."""
-    if not len(run[0]):  # a restore's first filing: the new entries are the run (np.insert
-        return new       # takes ~0.4 s a million entries to find that out)
-    at = run[0].searchsorted(new[0], "right")
-    return tuple(np.insert(old, at, column) for old, column in zip(run, new, strict=True))

@@ -286,8 +286,8 @@ def watched_symbols(row, n_symbols, bal, na, first, p_next, p_instr, a_sym, i_se
 def bands_by_symbol(rows, eps, watch, watch_start, aid, sym_px):
     """Re-anchor rows: bump each row's anchor id and lay out one band ±eps per (row, watched
     symbol) — the symbols `evaluate_rows` listed — grouped by symbol: (starts per symbol id
-    + 1, rows, anchor ids, lo, hi). An unpriced symbol gets the empty band (INF, -INF): its
-    first tick re-evaluates the row."""
+    + 1, rows, anchor ids, lo, hi, lowest hi and highest lo per symbol). An unpriced symbol
+    gets the empty band (INF, -INF): its first tick re-evaluates the row."""
     n_symbols = sym_px.shape[0]
     n = rows.shape[0]
     counts = np.zeros(n_symbols + 1, np.int64)
@@ -300,6 +300,8 @@ def bands_by_symbol(rows, eps, watch, watch_start, aid, sym_px):
     out_aid = np.empty(used, np.uint32)
     lo = np.empty(used, np.float64)
     hi = np.empty(used, np.float64)
+    lowest_hi = np.full(n_symbols, INF)
+    highest_lo = np.full(n_symbols, -INF)
     for k in range(n):
         row = rows[k]
         new_aid = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
@@ -314,12 +316,88 @@ def bands_by_symbol(rows, eps, watch, watch_start, aid, sym_px):
             out_aid[at] = new_aid
             price = sym_px[s]
             if price == price:
-                lo[at] = price * down
-                hi[at] = price * up
+                band_lo = price * down
+                band_hi = price * up
             else:
-                lo[at] = INF
-                hi[at] = -INF
-    return starts, out_row, out_aid, lo, hi
+                band_lo = INF
+                band_hi = -INF
+            lo[at] = band_lo
+            hi[at] = band_hi
+            if band_hi < lowest_hi[s]:
+                lowest_hi[s] = band_hi
+            if band_lo > highest_lo[s]:
+                highest_lo[s] = band_lo
+    return starts, out_row, out_aid, lo, hi, lowest_hi, highest_lo
+
+
+@_jit
+def merge_bands(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, np_, aid,
+                stale):
+    """Fold a symbol's pending bands into its two sorted runs in one linear pass each (see
+    `SymbolBands.merge`): pending entries whose anchor id is stale are dropped; the runs'
+    own stale entries too once the bands filed since the last pruning (``stale``) may make
+    up half of them. A new entry goes after the run's entries of equal key.
+
+    Returns (hi, hlo, hrow, haid, lneg, lrow, laid, stale after)."""
+    live = np.empty(np_, np.int64)
+    k = 0
+    for j in range(np_):
+        if aid[prow[j]] == paid[j]:
+            live[k] = j
+            k += 1
+    live = live[:k]
+    stale += k  # each band filed may have made an older one stale
+    prune = stale * 2 > hi.shape[0] - hs
+    if prune:
+        stale = 0
+    by_hi = live[np.argsort(phi[live])]
+    n_old = hi.shape[0] - hs
+    out_hi = np.empty(n_old + k, np.float64)
+    out_hlo = np.empty(n_old + k, np.float64)
+    out_hrow = np.empty(n_old + k, np.int32)
+    out_haid = np.empty(n_old + k, np.uint32)
+    i, j, n = hs, 0, 0
+    while i < hi.shape[0] or j < k:
+        if j == k or (i < hi.shape[0] and hi[i] <= phi[by_hi[j]]):
+            if not prune or aid[hrow[i]] == haid[i]:
+                out_hi[n] = hi[i]
+                out_hlo[n] = hlo[i]
+                out_hrow[n] = hrow[i]
+                out_haid[n] = haid[i]
+                n += 1
+            i += 1
+        else:
+            x = by_hi[j]
+            out_hi[n] = phi[x]
+            out_hlo[n] = plo[x]
+            out_hrow[n] = prow[x]
+            out_haid[n] = paid[x]
+            n += 1
+            j += 1
+    pneg = -plo[live]
+    by_lo = np.argsort(pneg)
+    n_old = lneg.shape[0] - ls
+    out_lneg = np.empty(n_old + k, np.float64)
+    out_lrow = np.empty(n_old + k, np.int32)
+    out_laid = np.empty(n_old + k, np.uint32)
+    i, j, m = ls, 0, 0
+    while i < lneg.shape[0] or j < k:
+        if j == k or (i < lneg.shape[0] and lneg[i] <= pneg[by_lo[j]]):
+            if not prune or aid[lrow[i]] == laid[i]:
+                out_lneg[m] = lneg[i]
+                out_lrow[m] = lrow[i]
+                out_laid[m] = laid[i]
+                m += 1
+            i += 1
+        else:
+            x = live[by_lo[j]]
+            out_lneg[m] = pneg[by_lo[j]]
+            out_lrow[m] = prow[x]
+            out_laid[m] = paid[x]
+            m += 1
+            j += 1
+    return (out_hi[:n], out_hlo[:n], out_hrow[:n], out_haid[:n], out_lneg[:m], out_lrow[:m],
+            out_laid[:m], stale)
 
 
 @_jit

@@ -518,14 +518,14 @@ class Book:
         """`anchor` for many accounts (the symbols each watches as ``evaluation`` of the same
         rows listed them): bands laid out by symbol in one compiled pass, then appended to
         each symbol's pending buffer (folded in by that symbol's next tick)."""
-        starts, band_rows, aids, lo, hi = kernels.bands_by_symbol(
+        starts, band_rows, aids, lo, hi, lowest_hi, highest_lo = kernels.bands_by_symbol(
             rows, eps, evaluation.watch, evaluation.watch_start, self.aid, self.sym_px)
-        bounds = starts.tolist()
+        bounds, floors, ceils = starts.tolist(), lowest_hi.tolist(), highest_lo.tolist()
         bands = self.bands
-        for s in range(len(bands)):
+        for s in np.flatnonzero(starts[1:] > starts[:-1]).tolist():
             a, b = bounds[s], bounds[s + 1]
-            if b > a:
-                bands[s].push_many(band_rows[a:b], aids[a:b], lo[a:b], hi[a:b])
+            bands[s].push_many(band_rows[a:b], aids[a:b], lo[a:b], hi[a:b], floors[s],
+                               ceils[s])
 
     def set_price(self, sym: int, price: float) -> None:
         self.sym_px_m[sym] = price
