@@ -188,20 +188,20 @@ def _safe_eps(state, evaluable, equity, mm, scale, ae, be, am, bm, has_pos, thre
 
 
 @_jit
-def evaluate_row(row, state, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry,
-                 a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max,
-                 t_mmr, t_cum, thresholds, sym_px):
-    """One row: (evaluable, ratio, next state, eps for that state, watched symbol ids); see
-    `evaluate_rows` and `watched_symbols`."""
+def evaluate_row(row, state, watched, bal, isolated, na, first, p_next, p_instr, p_qty,
+                 p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id,
+                 i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px):
+    """One row: (evaluable, ratio, next state, eps for that state, how many watched symbol
+    ids), the ids written to the start of ``watched`` (room for every symbol: returning an
+    array would cost more than the valuation); see `evaluate_rows` and `watched_symbols`."""
     ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
         row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
         a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
     current = state[row]
     new = _next_state(current, r, thresholds) if ok else current
-    syms = np.empty(sym_px.shape[0], np.int64)
-    n = _watched(row, syms, bal, na, first, p_next, p_instr, a_sym, i_settle_id, i_mark_id)
+    n = _watched(row, watched, bal, na, first, p_next, p_instr, a_sym, i_settle_id, i_mark_id)
     return ok, r, new, _safe_eps(new, ok, equity, mm, scale, ae, be, am, bm, has_pos,
-                                 thresholds), syms[:n]
+                                 thresholds), n
 
 
 @_jit

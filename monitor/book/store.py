@@ -84,6 +84,8 @@ class Book:
         self.bands = [SymbolBands() for _ in self.t.symbols]
         self.sym_px = np.full(len(self.t.symbols), NAN)  # current price per symbol id
         self.sym_px_m = _view(self.sym_px)
+        self._watched = np.empty(len(self.t.symbols), np.int64)  # `evaluate_one`'s output
+        self._watched_m = _view(self._watched)
         self._bind_kernels()
 
     # -- storage -------------------------------------------------------------------------------
@@ -467,9 +469,9 @@ class Book:
         """(evaluable, ratio, next state, band eps for that state, watched symbol ids) of one
         account, valued from scratch at the current prices (`margin.value_account`'s
         arithmetic)."""
-        evaluable, ratio, new, eps, syms = kernels.evaluate_row(row, self.state,
-                                                                *self._value_args)
-        return evaluable, ratio, new, eps, syms.tolist()
+        evaluable, ratio, new, eps, n = kernels.evaluate_row(row, self.state, self._watched,
+                                                             *self._value_args)
+        return evaluable, ratio, new, eps, self._watched_m[:n].tolist()
 
     def evaluate(self, rows: np.ndarray, decide: bool = True) -> Evaluation:
         """`evaluate_one` for many rows, as arrays. With ``decide`` off every row keeps its
