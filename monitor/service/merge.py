@@ -62,9 +62,9 @@ class TimestampMerge:
     def add(self, tp: TopicPartition, records: Sequence[Record],
             arrived_ms: float | None = None) -> None:
         """Buffer a partition's fetched records. Those before its position (`fetched_to`)
-        are ignored: a fetch that completed before the partition was sought can still be
-        handed over after it, with records already applied (a restore or catch-up moved the
-        consumer past them); buffering them again would apply them twice, out of order."""
+        are ignored: they are buffered already, or were applied before the partition was
+        sought there. (The loop drops whole fetches taken before a seek, see
+        `Positions.sought_since`; this keeps any other overlap from being applied twice.)"""
         position = self.fetched_to.get(tp)
         if records and position is not None and records[0].offset < position:
             records = [r for r in records if r.offset >= position]

@@ -41,6 +41,8 @@ class Positions:
         self.processed: dict[TopicPartition, int] = {}  # next offset to apply, per partition
         self.delivered: dict[TopicPartition, int] = {}  # next offset whose events are acked
         self.frontier: MergeKey | None = None  # merge key last applied
+        self.seeks = 0  # seeks and hand-overs so far
+        self._sought: dict[TopicPartition, int] = {}  # the count at each one's latest
 
     def key(self, tp: TopicPartition, record: ConsumerRecord) -> MergeKey:
         """The time-ordered merge's sort key of a record."""
@@ -49,6 +51,7 @@ class Positions:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         """The partition's consumer was positioned at ``offset``: nothing before it is
         pending, nothing buffered for it stands."""
+        self._count_seek([tp])
         self.processed[tp] = offset
         self.delivered[tp] = offset
         self.merge.seek(tp, offset)
@@ -64,10 +67,22 @@ class Positions:
     def drop(self, tps: Iterable[TopicPartition]) -> None:
         """Partitions handed over to another instance."""
         tps = list(tps)
+        self._count_seek(tps)
         self.merge.drop(tps)
         for tp in tps:
             self.processed.pop(tp, None)
             self.delivered.pop(tp, None)
+
+    def _count_seek(self, tps: list[TopicPartition]) -> None:
+        self.seeks += 1
+        for tp in tps:
+            self._sought[tp] = self.seeks
+
+    def sought_since(self, tp: TopicPartition, seeks: int) -> bool:
+        """Was the partition sought or handed over after the seek count was ``seeks``? Then
+        records of it fetched at that count come from the old position: a fetch completed
+        before the seek may still be waiting to be handed to the merge."""
+        return self._sought.get(tp, 0) > seeks
 
     def offsets(self) -> Offsets:
         """The next offset to apply per input partition, as checkpoints name partitions."""

@@ -431,8 +431,7 @@ class Monitor:
         prober, positions = self._prober, self._positions
         limit = self.settings.max_batch_records
         consumers = (self._prices, self._accounts)
-        fetches = {c: asyncio.ensure_future(c.getmany(timeout_ms=500, max_records=limit))
-                   for c in consumers}
+        fetches = {c: asyncio.ensure_future(self._fetch(c, limit)) for c in consumers}
         stopping = asyncio.ensure_future(self._stopping.wait())
         probing = asyncio.create_task(prober.run())
         woken = asyncio.ensure_future(prober.answered.wait())
@@ -451,15 +450,16 @@ class Monitor:
                     fetch = fetches[consumer]
                     if not fetch.done() or self._stopping.is_set():
                         continue
-                    fetches[consumer] = asyncio.ensure_future(
-                        consumer.getmany(timeout_ms=500, max_records=limit))
+                    fetches[consumer] = asyncio.ensure_future(self._fetch(consumer, limit))
                     try:
-                        batch = fetch.result()
+                        batch, taken_at = fetch.result()
                     except KafkaError as exc:
                         self.log.warning("fetch failed, retrying", error=repr(exc))
                         continue
                     for tp, records in batch.items():
-                        if tp in positions.processed:  # still ours (a rebalance may intervene)
+                        # still ours, and not sought since (a rebalance may intervene)
+                        if tp in positions.processed and not positions.sought_since(tp,
+                                                                                    taken_at):
                             positions.merge.add(tp, records)
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
@@ -478,6 +478,14 @@ class Monitor:
         self.log.info("stopped", checkpoint=self._checkpointer.seq,
                       offsets={f"{tp.topic}/{tp.partition}": o
                                for tp, o in sorted(positions.processed.items())})
+
+    async def _fetch(self, consumer: AIOKafkaConsumer, limit: int
+                     ) -> tuple[dict[TopicPartition, list[ConsumerRecord]], int]:
+        """A fetch and the seek count it was taken at, read in the same step: a restore that
+        seeks a partition while the fetch waits to be handed to the merge makes that
+        partition's records in it stale (`Positions.sought_since`)."""
+        batch = await consumer.getmany(timeout_ms=500, max_records=limit)
+        return batch, self._positions.seeks
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume

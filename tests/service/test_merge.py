@@ -135,8 +135,8 @@ def test_limit_and_seek() -> None:
 
 
 def test_records_before_the_position_are_ignored() -> None:
-    """A fetch that completed before a seek is handed over after it: what it holds before the
-    new position was applied elsewhere (a catch-up) and must not go out again."""
+    """Records a partition's position has passed (applied by a catch-up, or buffered
+    already) never go out again."""
     m = merge()
     m.seek(FILLS, 3)
     m.add(FILLS, [Rec(1, 1), Rec(2, 2), Rec(3, 3), Rec(4, 4)], NOW)
