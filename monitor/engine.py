@@ -25,7 +25,7 @@ from monitor.account import Account, RiskKey, UnitKey
 from monitor.book import Book
 from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event
-from monitor.margin import Valuation, value_account
+from monitor.margin import PositionFigures, Valuation, value_account
 from monitor.records import (
     CROSS,
     ISOLATED_MARGIN,
@@ -498,8 +498,9 @@ class Engine(InputLedger):
         balances, positions = book.balances_of(row), book.positions_of(row)
         key: RiskKey = book.ids[row]  # type: ignore[assignment]
         unit = key if isinstance(key, UnitKey) else None
+        figures: dict[str, PositionFigures] = {}
         valuation = value_account(balances, positions, self.config, self._prices,
-                                  isolated=unit is not None)
+                                  isolated=unit is not None, figures=figures)
         previous = _STATES[state]
         if valuation is None:  # pragma: no cover - the kernel found every settle price
             return None, state
@@ -525,6 +526,7 @@ class Engine(InputLedger):
             trigger_ref=ref,
             source=source,
             isolated=None if unit is None else unit.symbol,
+            figures=figures,
         )
         in_state = self._in_state(row)
         in_state[previous] -= 1

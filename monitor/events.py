@@ -14,6 +14,7 @@ from monitor.config import RiskConfig
 from monitor.liquidation import liquidation_plan
 from monitor.margin import (
     Position,
+    PositionFigures,
     Valuation,
     bankruptcy_price,
     liquidation_price,
@@ -85,9 +86,12 @@ def build_event(
     trigger_ref: str,
     source: Source,
     isolated: str | None = None,
+    figures: Mapping[str, PositionFigures] | None = None,
 ) -> Event:
     """The event of a state change. ``isolated``: the instrument, when the risk unit is an
-    isolated position (its balances are its wallet, its positions that one position)."""
+    isolated position (its balances are its wallet, its positions that one position).
+    ``figures``: each position's figures, as the valuation computed them (else computed
+    here: the same numbers)."""
     event_type = EVENT_TYPE[state]
     eid = event_id(account, transition, event_type, isolated)
     payload: dict[str, Any] = {
@@ -112,7 +116,7 @@ def build_event(
         "collateral_value": valuation.collateral_value,
         "unrealized_pnl": valuation.unrealized_pnl,
         "balances": {asset: balances[asset] for asset in sorted(balances)},
-        "positions": _position_details(positions, valuation, config, prices),
+        "positions": _position_details(positions, valuation, config, prices, figures),
     })
     max_age = config.prices.max_age_ms
     if max_age is not None:
@@ -120,8 +124,9 @@ def build_event(
                                                ts - max_age)
     if state == AccountState.LIQUIDATING:
         # From the account as this builder sees it, so every engine emits the same plan.
-        payload["liquidation_plan"] = liquidation_plan(balances, positions, config, prices,
-                                                       isolated=isolated is not None).to_json()
+        payload["liquidation_plan"] = liquidation_plan(
+            balances, positions, config, prices, isolated=isolated is not None,
+            valued=None if figures is None else (valuation, figures)).to_json()
     return Event(event_id=eid, type=event_type, account=account, payload=payload,
                  symbol=isolated)
 
@@ -155,11 +160,13 @@ def _position_details(
     valuation: Valuation,
     config: RiskConfig,
     prices: Mapping[str, float],
+    known: Mapping[str, PositionFigures] | None,
 ) -> list[dict[str, Any]]:
     details = []
     for symbol in sorted(positions):
         position = positions[symbol]
-        figures = position_figures(symbol, position, config, prices)
+        figures = (known[symbol] if known is not None
+                   else position_figures(symbol, position, config, prices))
         assert figures is not None, "an evaluated account has every settle asset priced"
         instrument = config.instruments[symbol]
         details.append({

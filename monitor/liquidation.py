@@ -25,6 +25,7 @@ from typing import Any
 from monitor.config import RiskConfig
 from monitor.margin import (
     Position,
+    PositionFigures,
     Valuation,
     apply_fill_to_position,
     position_figures,
@@ -88,6 +89,7 @@ def liquidation_plan(
     prices: Mapping[str, float],
     *,
     isolated: bool = False,
+    valued: tuple[Valuation, Mapping[str, PositionFigures]] | None = None,
 ) -> LiquidationPlan:
     """Plan the least reduction that brings the account's ratio to the liquidation target.
 
@@ -95,18 +97,20 @@ def liquidation_plan(
     Positions are reduced in order of maintenance margin, largest first (ties: symbol), each
     by the least quantity that reaches the target, or closed when none does. ``isolated``: the
     account is an isolated position, its balance the wallet, valued without collateral weight
-    (SPEC §4.1).
+    (SPEC §4.1). ``valued``: the account's valuation and its positions' figures at these
+    prices, when the caller has them (the event being built); else they are computed.
     """
     target = config.thresholds.liquidation_target
-    valuation = value_account(balances, positions, config, prices, isolated=isolated)
-    if valuation is None:
-        raise ValueError("a liquidation plan needs every settle asset priced")
+    if valued is None:
+        figures: dict[str, PositionFigures] = {}
+        valuation = value_account(balances, positions, config, prices, isolated=isolated,
+                                  figures=figures)
+        if valuation is None:
+            raise ValueError("a liquidation plan needs every settle asset priced")
+        valued = valuation, figures
+    valuation, known = valued
     deposit = max(0.0, valuation.maintenance_margin / target - valuation.equity)
-    maintenance = {}
-    for symbol, position in positions.items():
-        figures = position_figures(symbol, position, config, prices)
-        assert figures is not None  # value_account priced every settle asset
-        maintenance[symbol] = figures.maintenance_margin
+    maintenance = {symbol: known[symbol].maintenance_margin for symbol in positions}
     order = sorted(positions, key=lambda symbol: (-maintenance[symbol], symbol))
     account = _Account(dict(balances), dict(positions), valuation, isolated)
     steps: list[PlanStep] = []

@@ -100,12 +100,14 @@ def value_account(
     prices: Mapping[str, float],
     *,
     isolated: bool = False,
+    figures: dict[str, PositionFigures] | None = None,
 ) -> Valuation | None:
     """Value an account from scratch, or None when a position's settle asset has no price yet
     (SPEC §4: such an account is not evaluated until that price arrives).
 
     ``isolated``: the balances are an isolated position's wallet, which counts at full value
-    (SPEC §4.1: equity = ib·spx + uPnL, no collateral weight)."""
+    (SPEC §4.1: equity = ib·spx + uPnL, no collateral weight). ``figures``, if given, receives
+    each position's `position_figures` (an event reports them: no need to compute them twice)."""
     collateral = 0.0
     unpriced = False
     for asset_name, balance in balances.items():
@@ -118,12 +120,14 @@ def value_account(
         collateral += balance * px * weight
     upnl = mm = im = 0.0
     for symbol, position in positions.items():
-        figures = position_figures(symbol, position, config, prices)
-        if figures is None:
+        one = position_figures(symbol, position, config, prices)
+        if one is None:
             return None
-        upnl += figures.unrealized_pnl
-        mm += figures.maintenance_margin
-        im += figures.initial_margin
+        upnl += one.unrealized_pnl
+        mm += one.maintenance_margin
+        im += one.initial_margin
+        if figures is not None:
+            figures[symbol] = one
     equity = collateral + upnl
     return Valuation(
         collateral_value=collateral,
