@@ -457,9 +457,10 @@ class Monitor:
                         self.log.warning("fetch failed, retrying", error=repr(exc))
                         continue
                     for tp, records in batch.items():
-                        # still ours, and not sought since (a rebalance may intervene)
-                        if tp in positions.processed and not positions.sought_since(tp,
-                                                                                    taken_at):
+                        # a rebalance may have handed the partition over, or sought it,
+                        # since these records were fetched
+                        held = tp in positions.processed
+                        if held and not positions.sought_since(tp, taken_at):
                             positions.merge.add(tp, records)
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
