@@ -351,53 +351,48 @@ def merge_bands(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, p
     if prune:
         stale = 0
     by_hi = live[np.argsort(phi[live])]
-    n_old = hi.shape[0] - hs
-    out_hi = np.empty(n_old + k, np.float64)
-    out_hlo = np.empty(n_old + k, np.float64)
-    out_hrow = np.empty(n_old + k, np.int32)
-    out_haid = np.empty(n_old + k, np.uint32)
-    i, j, n = hs, 0, 0
-    while i < hi.shape[0] or j < k:
-        if j == k or (i < hi.shape[0] and hi[i] <= phi[by_hi[j]]):
-            if not prune or aid[hrow[i]] == haid[i]:
-                out_hi[n] = hi[i]
-                out_hlo[n] = hlo[i]
-                out_hrow[n] = hrow[i]
-                out_haid[n] = haid[i]
+    out_hi, out_hrow, out_haid, origin = _merged(hi, hrow, haid, hs, phi[by_hi], prow[by_hi],
+                                                 paid[by_hi], aid, prune)
+    out_hlo = np.empty(origin.shape[0], np.float64)  # the hi run's lower bounds, alongside
+    for t in range(origin.shape[0]):
+        o = origin[t]
+        out_hlo[t] = hlo[o] if o >= 0 else plo[by_hi[-1 - o]]
+    by_lo = live[np.argsort(-plo[live])]
+    out_lneg, out_lrow, out_laid, _ = _merged(lneg, lrow, laid, ls, -plo[by_lo], prow[by_lo],
+                                              paid[by_lo], aid, prune)
+    return out_hi, out_hlo, out_hrow, out_haid, out_lneg, out_lrow, out_laid, stale
+
+
+@_jit
+def _merged(key, row, row_aid, start, new_key, new_row, new_aid, aid, prune):
+    """One sorted run from ``start`` with new entries (sorted by key) merged in, each after
+    the run's entries of equal key; with ``prune``, the run's stale entries (anchor id no
+    longer the row's) dropped. Returns (key, row, anchor id, origin): origin is the entry's
+    index in the run, or -1 - its index among the new ones."""
+    k = new_key.shape[0]
+    size = key.shape[0] - start + k
+    out_key = np.empty(size, np.float64)
+    out_row = np.empty(size, np.int32)
+    out_aid = np.empty(size, np.uint32)
+    origin = np.empty(size, np.int64)
+    i, j, n = start, 0, 0
+    while i < key.shape[0] or j < k:
+        if j == k or (i < key.shape[0] and key[i] <= new_key[j]):
+            if not prune or aid[row[i]] == row_aid[i]:
+                out_key[n] = key[i]
+                out_row[n] = row[i]
+                out_aid[n] = row_aid[i]
+                origin[n] = i
                 n += 1
             i += 1
         else:
-            x = by_hi[j]
-            out_hi[n] = phi[x]
-            out_hlo[n] = plo[x]
-            out_hrow[n] = prow[x]
-            out_haid[n] = paid[x]
+            out_key[n] = new_key[j]
+            out_row[n] = new_row[j]
+            out_aid[n] = new_aid[j]
+            origin[n] = -1 - j
             n += 1
             j += 1
-    pneg = -plo[live]
-    by_lo = np.argsort(pneg)
-    n_old = lneg.shape[0] - ls
-    out_lneg = np.empty(n_old + k, np.float64)
-    out_lrow = np.empty(n_old + k, np.int32)
-    out_laid = np.empty(n_old + k, np.uint32)
-    i, j, m = ls, 0, 0
-    while i < lneg.shape[0] or j < k:
-        if j == k or (i < lneg.shape[0] and lneg[i] <= pneg[by_lo[j]]):
-            if not prune or aid[lrow[i]] == laid[i]:
-                out_lneg[m] = lneg[i]
-                out_lrow[m] = lrow[i]
-                out_laid[m] = laid[i]
-                m += 1
-            i += 1
-        else:
-            x = live[by_lo[j]]
-            out_lneg[m] = pneg[by_lo[j]]
-            out_lrow[m] = prow[x]
-            out_laid[m] = paid[x]
-            m += 1
-            j += 1
-    return (out_hi[:n], out_hlo[:n], out_hrow[:n], out_haid[:n], out_lneg[:m], out_lrow[:m],
-            out_laid[:m], stale)
+    return out_key[:n], out_row[:n], out_aid[:n], origin[:n]
 
 
 @_jit
