@@ -28,7 +28,6 @@ from monitor.margin import (
     PositionFigures,
     Valuation,
     apply_fill_to_position,
-    position_figures,
     value_account,
 )
 
@@ -116,7 +115,8 @@ def liquidation_plan(
     steps: list[PlanStep] = []
     if valuation.ratio > target:
         for symbol in order:
-            step, account, reached = _reduce(symbol, account, config, prices, target)
+            step, account, reached = _reduce(symbol, account, config, prices, target,
+                                             known[symbol])
             steps.append(step)
             if reached:
                 break
@@ -132,14 +132,14 @@ def liquidation_plan(
 
 def _reduce(
     symbol: str, account: _Account, config: RiskConfig, prices: Mapping[str, float],
-    target: float,
+    target: float, figures: PositionFigures,
 ) -> tuple[PlanStep, _Account, bool]:
     """The step on one position: the least Δ reaching the target, else the whole position.
-    Returns the step, the account after it, and whether the target was reached."""
+    Returns the step, the account after it, and whether the target was reached. ``figures``:
+    the position's at these prices (each step reduces another position, so no earlier step
+    has touched this one)."""
     position = account.positions[symbol]
     instrument = config.instruments[symbol]
-    figures = position_figures(symbol, position, config, prices)
-    assert figures is not None
     mark, cs, fee_rate = figures.mark_price, instrument.contract_size, instrument.liquidation_fee
     size = abs(position.qty)
     settle_balance = account.balances.get(instrument.settle, 0.0)
