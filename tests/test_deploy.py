@@ -415,6 +415,13 @@ def test_deployment_has_resources_and_hardening() -> None:
     assert env_of(container)["LIQMON_BOOTSTRAP"]
 
 
+def test_kernel_threads_are_capped_at_the_cpu_limit() -> None:
+    """numba starts one thread per CPU of the node unless told otherwise; more threads than
+    the pod may run would throttle the shock tick they are there to speed up."""
+    container = liqmon_container()
+    assert env_of(container)["NUMBA_NUM_THREADS"] == str(container["resources"]["limits"]["cpu"])
+
+
 def kafka_security_env_is_valid(env: dict[str, Any]) -> None:
     """The security settings of a deployment are ones liqmon accepts (the files aside)."""
     from monitor.service.security import MECHANISMS, PROTOCOLS

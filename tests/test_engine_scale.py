@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monitor.account import Account, UnitKey
+from monitor.book import kernels, store
 from monitor.config import RiskConfig, parse_config
 from monitor.engine import ANCHOR_ONE_BY_ONE, Engine
 from monitor.events import Event, Source
@@ -302,6 +303,87 @@ def test_long_stream_compiled_valuations_equal_from_scratch() -> None:
         assert one_ratio == exact.ratio and ratios[k] == exact.ratio, name
     assert checked > 300 and len(engine.units) > 100
     assert_settled(engine)
+
+
+def test_columnar_engine_on_every_core_equals_reference(monkeypatch: pytest.MonkeyPatch,
+                                                        ) -> None:
+    """Ticks that move many accounts re-value and re-file them with the parallel kernels
+    (`store.PARALLEL_ROWS`, lowered here so that this stream's shocks take that path): the
+    events and the final state are the reference engine's."""
+    monkeypatch.setattr(store, "PARALLEL_ROWS", 8)
+    parallel_calls = 0
+    evaluate_rows_parallel = kernels.evaluate_rows_parallel
+
+    def counted(*args: Any) -> Any:
+        nonlocal parallel_calls
+        parallel_calls += 1
+        return evaluate_rows_parallel(*args)
+
+    monkeypatch.setattr(kernels, "evaluate_rows_parallel", counted)
+    config = parse_config(RISK)
+    engine, reference = Engine(config), ReferenceEngine(config)
+    for n, (record, source) in enumerate(stream(6, 8_000, accounts=250, shock_rate=0.02,
+                                                isolated=0.2)):
+        apply_both(engine, reference, record, source, f"record {n}")
+    assert_same_state(engine, reference)
+    assert_settled(engine)
+    assert parallel_calls > 50
+
+
+def evaluated_book() -> Engine:
+    config = parse_config(RISK)
+    engine = Engine(config)
+    for record, source in stream(12, 15_000, accounts=400, shock_rate=0.01, isolated=0.2):
+        with contextlib.suppress(Rejected):  # margin_mode_conflict: dead-lettered
+            engine.apply(record, source)
+    return engine
+
+
+@pytest.mark.parametrize("spans", [1, 3, 8, 2_000])
+def test_parallel_kernels_compute_exactly_what_the_serial_ones_compute(spans: int) -> None:
+    """Per row the same evaluation, state, band and watched symbols, laid out in the same
+    order, and the same anchor ids bumped — however the rows are cut (more spans than rows
+    leaves some empty)."""
+    book = evaluated_book().book
+    rows = book.rows_in_use().astype(np.int64)
+    serial = kernels.evaluate_rows(rows, True, book.state, *book._value_args)
+    parallel = kernels.evaluate_rows_parallel(spans, rows, True, book.state, *book._value_args)
+    assert len(rows) > 500
+    for mine, theirs in zip(parallel, serial, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    eps, watch, watch_start = serial[3], serial[4], serial[5]
+    aid_serial, aid_parallel = book.aid.copy(), book.aid.copy()
+    filed = kernels.bands_by_symbol(rows, eps, watch, watch_start, aid_serial, book.sym_px)
+    filed_parallel = kernels.bands_by_symbol_parallel(spans, rows, eps, watch, watch_start,
+                                                      aid_parallel, book.sym_px)
+    for mine, theirs in zip(filed_parallel, filed, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(aid_parallel, aid_serial)
+    assert not np.array_equal(aid_serial, book.aid)
+
+
+def test_parallel_evaluation_falls_back_to_serial_when_rows_watch_many_symbols() -> None:
+    """A span reserves room for 8 watched symbols a row; accounts holding 12 instruments
+    overflow it, and the call is answered by the serial kernel: still the same arrays."""
+    flat = [{"max_notional": "inf", "mmr": 0.01, "imr": 0.02}]
+    risk = {**RISK, "instruments": {f"X{n}-PERP": {"settle": "USDT", "contract_size": 1.0,
+                                                   "tiers": flat} for n in range(12)}}
+    engine = Engine(parse_config(risk))
+    for n in range(12):
+        engine.apply(PriceTick(f"X{n}-PERP", 100.0 + n, 1), Source("prices", 0, n))
+    for a in range(40):
+        engine.apply(LedgerEntry(f"d{a}", f"a{a}", "USDT", 10_000.0, "deposit", 2),
+                     Source("ledger", 0, a))
+        for n in range(12):
+            engine.apply(Fill(f"f{a}-{n}", f"a{a}", f"X{n}-PERP", "buy", 1.0, 100.0, 0.0, 3),
+                         Source("fills", 0, 12 * a + n))
+    book = engine.book
+    rows = book.rows_in_use().astype(np.int64)
+    serial = kernels.evaluate_rows(rows, True, book.state, *book._value_args)
+    parallel = kernels.evaluate_rows_parallel(2, rows, True, book.state, *book._value_args)
+    assert len(serial[4]) == 40 * 12 > kernels.WATCH_ROOM * 40 + 2 * 12
+    for mine, theirs in zip(parallel, serial, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def snapshot(engine: Engine) -> tuple[dict[Any, Account], dict[str, tuple[float, int]]]:

@@ -44,6 +44,8 @@ def warm_up() -> float:
 
     import numpy as np
 
+    from monitor.book import kernels
+    from monitor.book.store import Evaluation
     from monitor.config import parse_config
 
     started = time.perf_counter()
@@ -58,6 +60,11 @@ def warm_up() -> float:
     book.anchor(row, float(evaluation.eps[0]), evaluation.watched()[0])
     evaluation = book.evaluate(rows, decide=False)
     book.anchor_many(rows, evaluation.eps, evaluation)
+    # the every-core variants a shock tick takes (store.PARALLEL_ROWS)
+    evaluation = Evaluation(*kernels.evaluate_rows_parallel(2, rows, True, book.state,
+                                                            *book._value_args))
+    kernels.bands_by_symbol_parallel(2, rows, evaluation.eps, evaluation.watch,
+                                     evaluation.watch_start, book.aid, book.sym_px)
     book.bands[0].merge(book.aid)
     book.candidates(0, 20.0)
     return time.perf_counter() - started

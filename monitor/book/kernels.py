@@ -32,6 +32,7 @@ INF = math.inf
 NAN = math.nan
 
 _jit = numba.njit(cache=True, nogil=True)
+_jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
 
 
 @_jit
@@ -205,25 +206,17 @@ def evaluate_row(row, state, watched, bal, isolated, na, first, p_next, p_instr,
 
 
 @_jit
-def evaluate_rows(rows, decide, state, bal, isolated, na, first, p_next, p_instr, p_qty,
-                  p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id,
-                  i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px):
-    """Value each row, decide its next state and size its band for that state.
-
-    Returns (evaluable, ratio, new_state, eps) per row and the rows' watched symbol ids,
-    end to end (row k's are ``watch[watch_start[k]:watch_start[k + 1]]``). A row that cannot
-    be valued keeps its state and gets eps 0 (re-evaluated on every tick of its symbols). With
-    ``decide`` off every row keeps its state (indexing a restored book moves nothing)."""
-    n = rows.shape[0]
+def _evaluate_span(rows, start, stop, decide, state, bal, isolated, na, first, p_next, p_instr,
+                   p_qty, p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed,
+                   i_settle_id, i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px,
+                   evaluable, ratio, new_state, eps, watch_start, watch, at):
+    """Evaluate ``rows[start:stop]`` into the outputs, listing their watched symbol ids in
+    ``watch`` from ``at``. Stops before a row for which ``watch`` may lack room (one slot per
+    symbol); returns (the next row's index, the next free slot)."""
     n_symbols = sym_px.shape[0]
-    evaluable = np.empty(n, np.bool_)
-    ratio = np.empty(n, np.float64)
-    new_state = np.empty(n, np.int8)
-    eps = np.empty(n, np.float64)
-    watch = np.empty(4 * n + n_symbols, np.int64)
-    watch_start = np.empty(n + 1, np.int64)
-    used = 0
-    for k in range(n):
+    for k in range(start, stop):
+        if at + n_symbols > watch.shape[0]:
+            return k, at
         row = rows[k]
         ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
             row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
@@ -234,15 +227,97 @@ def evaluate_rows(rows, decide, state, bal, isolated, na, first, p_next, p_instr
         ratio[k] = r
         new_state[k] = new
         eps[k] = _safe_eps(new, ok, equity, mm, scale, ae, be, am, bm, has_pos, thresholds)
-        if used + n_symbols > watch.shape[0]:  # room for the most a row can watch
-            bigger = np.empty(2 * watch.shape[0], np.int64)
-            bigger[:used] = watch[:used]
-            watch = bigger
-        watch_start[k] = used
-        used += _watched(row, watch[used:], bal, na, first, p_next, p_instr, a_sym,
-                         i_settle_id, i_mark_id)  # its positions are in cache now
+        watch_start[k] = at
+        at += _watched(row, watch[at:], bal, na, first, p_next, p_instr, a_sym, i_settle_id,
+                       i_mark_id)  # its positions are in cache now
+    return stop, at
+
+
+@_jit
+def _outputs(n):
+    return (np.empty(n, np.bool_), np.empty(n, np.float64), np.empty(n, np.int8),
+            np.empty(n, np.float64), np.empty(n + 1, np.int64))
+
+
+@_jit
+def evaluate_rows(rows, decide, state, bal, isolated, na, first, p_next, p_instr, p_qty,
+                  p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id,
+                  i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px):
+    """Value each row, decide its next state and size its band for that state.
+
+    Returns (evaluable, ratio, new_state, eps) per row and the rows' watched symbol ids,
+    end to end (row k's are ``watch[watch_start[k]:watch_start[k + 1]]``). A row that cannot
+    be valued keeps its state and gets eps 0 (re-evaluated on every tick of its symbols). With
+    ``decide`` off every row keeps its state (indexing a restored book moves nothing)."""
+    n = rows.shape[0]
+    evaluable, ratio, new_state, eps, watch_start = _outputs(n)
+    watch = np.empty(4 * n + sym_px.shape[0], np.int64)
+    k, used = 0, 0
+    while True:
+        k, used = _evaluate_span(
+            rows, k, n, decide, state, bal, isolated, na, first, p_next, p_instr, p_qty,
+            p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id,
+            t_max, t_mmr, t_cum, thresholds, sym_px, evaluable, ratio, new_state, eps,
+            watch_start, watch, used)
+        if k == n:
+            break
+        bigger = np.empty(2 * watch.shape[0], np.int64)
+        bigger[:used] = watch[:used]
+        watch = bigger
     watch_start[n] = used
     return evaluable, ratio, new_state, eps, watch[:used], watch_start
+
+
+WATCH_ROOM = 8  # watched-id slots per row a parallel span reserves (rows watch ~4 on average)
+
+
+@_jit_parallel
+def evaluate_rows_parallel(spans, rows, decide, state, bal, isolated, na, first, p_next,
+                           p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym, i_cs,
+                           i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum,
+                           thresholds, sym_px):
+    """`evaluate_rows` on every core, for the ticks that move many accounts at once: the rows
+    are cut into ``spans`` (a few per thread), each listing its watched ids in a region of its
+    own, then packed end to end. Each row is computed exactly as the serial kernel computes
+    it. Should a span run out of room (rows watching twice the usual), the serial kernel does
+    the whole call."""
+    n = rows.shape[0]
+    n_symbols = sym_px.shape[0]
+    per = (n + spans - 1) // spans
+    evaluable, ratio, new_state, eps, watch_start = _outputs(n)
+    watch = np.empty(WATCH_ROOM * n + spans * n_symbols, np.int64)
+    reached = np.empty(spans, np.int64)
+    ends = np.empty(spans, np.int64)
+    for c in numba.prange(spans):
+        start = min(c * per, n)
+        stop = min(start + per, n)
+        region = WATCH_ROOM * start + c * n_symbols
+        room = WATCH_ROOM * stop + (c + 1) * n_symbols
+        reached[c], ends[c] = _evaluate_span(
+            rows, start, stop, decide, state, bal, isolated, na, first, p_next, p_instr,
+            p_qty, p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id,
+            i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px, evaluable, ratio, new_state,
+            eps, watch_start, watch[:room], region)
+    for c in range(spans):
+        if reached[c] < min(min(c * per, n) + per, n):
+            return evaluate_rows(rows, decide, state, bal, isolated, na, first, p_next,
+                                 p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym, i_cs,
+                                 i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum,
+                                 thresholds, sym_px)
+    regions = np.empty(spans, np.int64)
+    for c in range(spans):
+        regions[c] = WATCH_ROOM * min(c * per, n) + c * n_symbols
+    packed = np.empty((ends - regions).sum(), np.int64)
+    used = 0
+    for c in range(spans):  # the regions end to end
+        size = ends[c] - regions[c]
+        packed[used:used + size] = watch[regions[c]:ends[c]]
+        start = min(c * per, n)
+        for k in range(start, min(start + per, n)):
+            watch_start[k] += used - regions[c]
+        used += size
+    watch_start[n] = used
+    return evaluable, ratio, new_state, eps, packed, watch_start
 
 
 @_jit
@@ -289,12 +364,10 @@ def bands_by_symbol(rows, eps, watch, watch_start, aid, sym_px):
     + 1, rows, anchor ids, lo, hi, lowest hi and highest lo per symbol). An unpriced symbol
     gets the empty band (INF, -INF): its first tick re-evaluates the row."""
     n_symbols = sym_px.shape[0]
-    n = rows.shape[0]
     counts = np.zeros(n_symbols + 1, np.int64)
     for x in range(watch.shape[0]):
         counts[watch[x] + 1] += 1
     starts = np.cumsum(counts)
-    fill = starts[:-1].copy()
     used = watch.shape[0]
     out_row = np.empty(used, np.int32)
     out_aid = np.empty(used, np.uint32)
@@ -302,7 +375,56 @@ def bands_by_symbol(rows, eps, watch, watch_start, aid, sym_px):
     hi = np.empty(used, np.float64)
     lowest_hi = np.full(n_symbols, INF)
     highest_lo = np.full(n_symbols, -INF)
-    for k in range(n):
+    _lay_out(rows, 0, rows.shape[0], eps, watch, watch_start, aid, sym_px, starts[:-1].copy(),
+             out_row, out_aid, lo, hi, lowest_hi, highest_lo)
+    return starts, out_row, out_aid, lo, hi, lowest_hi, highest_lo
+
+
+@_jit_parallel
+def bands_by_symbol_parallel(spans, rows, eps, watch, watch_start, aid, sym_px):
+    """`bands_by_symbol` on every core: each of ``spans`` runs of rows counts its bands per
+    symbol, then lays them out where the serial kernel would (a symbol's bands stay in row
+    order, span after span)."""
+    n = rows.shape[0]
+    n_symbols = sym_px.shape[0]
+    per = (n + spans - 1) // spans
+    counts = np.zeros((spans, n_symbols), np.int64)
+    for c in numba.prange(spans):
+        start = min(c * per, n)
+        for x in range(watch_start[start], watch_start[min(start + per, n)]):
+            counts[c, watch[x]] += 1
+    starts = np.zeros(n_symbols + 1, np.int64)
+    fill = np.empty((spans, n_symbols), np.int64)  # where each span's bands of a symbol go
+    at = 0
+    for s in range(n_symbols):
+        for c in range(spans):
+            fill[c, s] = at
+            at += counts[c, s]
+        starts[s + 1] = at
+    out_row = np.empty(at, np.int32)
+    out_aid = np.empty(at, np.uint32)
+    lo = np.empty(at, np.float64)
+    hi = np.empty(at, np.float64)
+    lowest = np.full((spans, n_symbols), INF)
+    highest = np.full((spans, n_symbols), -INF)
+    for c in numba.prange(spans):
+        start = min(c * per, n)
+        _lay_out(rows, start, min(start + per, n), eps, watch, watch_start, aid, sym_px,
+                 fill[c], out_row, out_aid, lo, hi, lowest[c], highest[c])
+    lowest_hi = np.empty(n_symbols, np.float64)
+    highest_lo = np.empty(n_symbols, np.float64)
+    for s in range(n_symbols):
+        lowest_hi[s] = lowest[:, s].min()
+        highest_lo[s] = highest[:, s].max()
+    return starts, out_row, out_aid, lo, hi, lowest_hi, highest_lo
+
+
+@_jit
+def _lay_out(rows, start, stop, eps, watch, watch_start, aid, sym_px, fill, out_row, out_aid,
+             lo, hi, lowest_hi, highest_lo):
+    """Bump the anchor ids of ``rows[start:stop]`` and write their bands where ``fill`` says
+    each symbol's next band goes; keep each symbol's lowest hi and highest lo."""
+    for k in range(start, stop):
         row = rows[k]
         new_aid = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
         aid[row] = new_aid
@@ -327,7 +449,6 @@ def bands_by_symbol(rows, eps, watch, watch_start, aid, sym_px):
                 lowest_hi[s] = band_hi
             if band_lo > highest_lo[s]:
                 highest_lo[s] = band_lo
-    return starts, out_row, out_aid, lo, hi, lowest_hi, highest_lo
 
 
 @_jit

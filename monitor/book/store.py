@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import numba
 import numpy as np
 
 from monitor.account import Account, RiskKey, UnitKey
@@ -46,6 +47,17 @@ class Evaluation(NamedTuple):
         return [flat[starts[k]:starts[k + 1]] for k in range(len(starts) - 1)]
 _STATE_ENUM = tuple(AccountState)
 
+
+
+# Above this many rows a tick's re-valuation and re-filing run on every core (numba threads,
+# NUMBA_NUM_THREADS caps them): a shock that moves every holder of a symbol at once. Below
+# it, starting the threads would cost more than it saves.
+PARALLEL_ROWS = 4096
+
+
+def _spans() -> int:
+    """Runs of rows a parallel kernel cuts its work into: a few per thread, to even out."""
+    return 4 * numba.get_num_threads()
 
 
 def _view(column: np.ndarray) -> Any:
@@ -476,7 +488,11 @@ class Book:
     def evaluate(self, rows: np.ndarray, decide: bool = True) -> Evaluation:
         """`evaluate_one` for many rows, as arrays. With ``decide`` off every row keeps its
         state and eps is sized for the state it is in."""
-        return Evaluation(*kernels.evaluate_rows(rows, decide, self.state, *self._value_args))
+        if len(rows) < PARALLEL_ROWS:
+            return Evaluation(*kernels.evaluate_rows(rows, decide, self.state,
+                                                     *self._value_args))
+        return Evaluation(*kernels.evaluate_rows_parallel(_spans(), rows, decide, self.state,
+                                                          *self._value_args))
 
     def watched(self, row: int) -> list[int]:
         """Symbol ids whose ticks can move the account (SPEC §6)."""
@@ -520,8 +536,10 @@ class Book:
         """`anchor` for many accounts (the symbols each watches as ``evaluation`` of the same
         rows listed them): bands laid out by symbol in one compiled pass, then appended to
         each symbol's pending buffer (folded in by that symbol's next tick)."""
-        starts, band_rows, aids, lo, hi, lowest_hi, highest_lo = kernels.bands_by_symbol(
-            rows, eps, evaluation.watch, evaluation.watch_start, self.aid, self.sym_px)
+        layout = (rows, eps, evaluation.watch, evaluation.watch_start, self.aid, self.sym_px)
+        starts, band_rows, aids, lo, hi, lowest_hi, highest_lo = (
+            kernels.bands_by_symbol(*layout) if len(rows) < PARALLEL_ROWS
+            else kernels.bands_by_symbol_parallel(_spans(), *layout))
         bounds, floors, ceils = starts.tolist(), lowest_hi.tolist(), highest_lo.tolist()
         bands = self.bands
         for s in np.flatnonzero(starts[1:] > starts[:-1]).tolist():
