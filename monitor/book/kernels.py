@@ -10,13 +10,15 @@ order (balances in config order, positions in opening order), so the ratio that 
 is bit-identical to the one an event reports. numba keeps IEEE semantics here (no fastmath, no
 fused multiply-add), which is what makes that hold.
 
-Argument tuples (built by `Book`, in this order):
+Arguments (the order `Book` binds them in):
 - columns: bal (flat, ``n_assets`` per row), isolated (1: an isolated position's row, whose
   wallet counts without collateral weight), first, p_next, p_instr, p_qty, p_entry;
-- tables: a_fixed (NaN where a tick prices the asset), a_weight, a_sym (-1 for fixed), i_cs,
-  i_settle_fixed (NaN where the settle asset moves), i_settle_id (-1 fixed), i_mark_id, t_max,
-  t_mmr, t_cum (tiers padded per instrument), thresholds (mc, liq, mc − h, liq − h);
-- sym_px: the current price per symbol id, NaN before the first tick.
+- sym_px: the current price per symbol id, NaN before the first tick;
+- tables, packed by `Tables` into floats and ints and read back by `_unpack` (a compiled call
+  pays for every array it is passed): a_fixed (NaN where a tick prices the asset), a_weight,
+  a_sym (-1 for fixed), i_cs, i_settle_fixed (NaN where the settle asset moves), i_settle_id
+  (-1 fixed), i_mark_id, t_max, t_mmr, t_cum (tiers padded per instrument), thresholds (mc,
+  liq, mc − h, liq − h).
 """
 
 from __future__ import annotations
@@ -130,6 +132,29 @@ def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fix
 
 
 @_jit
+def _unpack(floats, ints):
+    """(na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max,
+    t_mmr, t_cum, thresholds): views of the packed tables, in `Tables.k_floats` order."""
+    na, ni, width = ints[0], ints[1], ints[2]
+    cells = ni * width
+    a_fixed = floats[0:na]
+    a_weight = floats[na:2 * na]
+    at = 2 * na
+    i_cs = floats[at:at + ni]
+    i_settle_fixed = floats[at + ni:at + 2 * ni]
+    at += 2 * ni
+    t_max = floats[at:at + cells].reshape((ni, width))
+    t_mmr = floats[at + cells:at + 2 * cells].reshape((ni, width))
+    t_cum = floats[at + 2 * cells:at + 3 * cells].reshape((ni, width))
+    thresholds = floats[at + 3 * cells:at + 3 * cells + 4]
+    a_sym = ints[3:3 + na]
+    i_settle_id = ints[3 + na:3 + na + ni]
+    i_mark_id = ints[3 + na + ni:3 + na + 2 * ni]
+    return (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max,
+            t_mmr, t_cum, thresholds)
+
+
+@_jit
 def _next_state(state, ratio, thresholds):
     """SPEC §5: up-level first; otherwise the down-level, never above the current state."""
     mc, liq, mc_h, liq_h = thresholds[0], thresholds[1], thresholds[2], thresholds[3]
@@ -189,12 +214,13 @@ def _safe_eps(state, evaluable, equity, mm, scale, ae, be, am, bm, has_pos, thre
 
 
 @_jit
-def evaluate_row(row, state, watched, bal, isolated, na, first, p_next, p_instr, p_qty,
-                 p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id,
-                 i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px):
+def evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
+                 sym_px, floats, ints):
     """One row: (evaluable, ratio, next state, eps for that state, how many watched symbol
     ids), the ids written to the start of ``watched`` (room for every symbol: returning an
     array would cost more than the valuation); see `evaluate_rows` and `watched_symbols`."""
+    (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
+     t_cum, thresholds) = _unpack(floats, ints)
     ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
         row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
         a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
@@ -240,15 +266,16 @@ def _outputs(n):
 
 
 @_jit
-def evaluate_rows(rows, decide, state, bal, isolated, na, first, p_next, p_instr, p_qty,
-                  p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id,
-                  i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px):
+def evaluate_rows(rows, decide, state, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
+                  sym_px, floats, ints):
     """Value each row, decide its next state and size its band for that state.
 
     Returns (evaluable, ratio, new_state, eps) per row and the rows' watched symbol ids,
     end to end (row k's are ``watch[watch_start[k]:watch_start[k + 1]]``). A row that cannot
     be valued keeps its state and gets eps 0 (re-evaluated on every tick of its symbols). With
     ``decide`` off every row keeps its state (indexing a restored book moves nothing)."""
+    (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
+     t_cum, thresholds) = _unpack(floats, ints)
     n = rows.shape[0]
     evaluable, ratio, new_state, eps, watch_start = _outputs(n)
     watch = np.empty(4 * n + sym_px.shape[0], np.int64)
@@ -272,15 +299,15 @@ WATCH_ROOM = 8  # watched-id slots per row a parallel span reserves (rows watch 
 
 
 @_jit_parallel
-def evaluate_rows_parallel(spans, rows, decide, state, bal, isolated, na, first, p_next,
-                           p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym, i_cs,
-                           i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum,
-                           thresholds, sym_px):
+def evaluate_rows_parallel(spans, rows, decide, state, bal, isolated, first, p_next, p_instr,
+                           p_qty, p_entry, sym_px, floats, ints):
     """`evaluate_rows` on every core, for the ticks that move many accounts at once: the rows
     are cut into ``spans`` (a few per thread), each listing its watched ids in a region of its
     own, then packed end to end. Each row is computed exactly as the serial kernel computes
     it. Should a span run out of room (rows watching twice the usual), the serial kernel does
     the whole call."""
+    (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
+     t_cum, thresholds) = _unpack(floats, ints)
     n = rows.shape[0]
     n_symbols = sym_px.shape[0]
     per = (n + spans - 1) // spans
@@ -300,10 +327,8 @@ def evaluate_rows_parallel(spans, rows, decide, state, bal, isolated, na, first,
             eps, watch_start, watch[:room], region)
     for c in range(spans):
         if reached[c] < min(min(c * per, n) + per, n):
-            return evaluate_rows(rows, decide, state, bal, isolated, na, first, p_next,
-                                 p_instr, p_qty, p_entry, a_fixed, a_weight, a_sym, i_cs,
-                                 i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum,
-                                 thresholds, sym_px)
+            return evaluate_rows(rows, decide, state, bal, isolated, first, p_next, p_instr,
+                                 p_qty, p_entry, sym_px, floats, ints)
     regions = np.empty(spans, np.int64)
     for c in range(spans):
         regions[c] = WATCH_ROOM * min(c * per, n) + c * n_symbols
@@ -349,9 +374,9 @@ def _add_once(out, n, s):
 
 
 @_jit
-def watched_symbols(row, n_symbols, bal, na, first, p_next, p_instr, a_sym, i_settle_id,
-                    i_mark_id):
+def watched_symbols(row, n_symbols, bal, first, p_next, p_instr, floats, ints):
     """The symbol ids whose ticks can move one row (SPEC §6)."""
+    na, _, _, a_sym, _, _, i_settle_id, i_mark_id, _, _, _, _ = _unpack(floats, ints)
     out = np.empty(n_symbols, np.int64)
     n = _watched(row, out, bal, na, first, p_next, p_instr, a_sym, i_settle_id, i_mark_id)
     return out[:n]

@@ -470,12 +470,10 @@ class Book:
         if not hasattr(self, "p_qty") or not hasattr(self, "sym_px"):
             return  # still building: __init__ binds once every column exists
         t = self.t
-        self._value_args = (self.bal, self.isolated, t.n_assets, self.first, self.p_next,
-                            self.p_instr, self.p_qty, self.p_entry, t.k_fixed, t.k_weight,
-                            t.k_sym, t.v_cs, t.v_settle_fixed, t.v_settle_id, t.v_mark_id,
-                            t.t_max, t.t_mmr, t.t_cum, t.k_thresholds, self.sym_px)
-        self._watch_args = (self.bal, t.n_assets, self.first, self.p_next, self.p_instr,
-                            t.k_sym, t.v_settle_id, t.v_mark_id)
+        self._value_args = (self.bal, self.isolated, self.first, self.p_next, self.p_instr,
+                            self.p_qty, self.p_entry, self.sym_px, t.k_floats, t.k_ints)
+        self._watch_args = (self.bal, self.first, self.p_next, self.p_instr, t.k_floats,
+                            t.k_ints)
 
     def evaluate_one(self, row: int) -> tuple[bool, float, int, float, list[int]]:
         """(evaluable, ratio, next state, band eps for that state, watched symbol ids) of one

@@ -81,6 +81,15 @@ class Tables:
         self.k_weight = np.array(self.a_weight, np.float64)
         self.k_sym = np.array(self.a_sym_id, np.int64)
         self.k_thresholds = np.array([self.mc, self.liq, self.mc_h, self.liq_h], np.float64)
+        # The same tables packed into one float and one int array (`kernels._unpack` reads
+        # them back): every array a compiled call takes costs ~65 ns of unboxing, several
+        # times the valuation of a small account.
+        self.k_floats = np.concatenate((self.k_fixed, self.k_weight, self.v_cs,
+                                        self.v_settle_fixed, self.t_max.ravel(),
+                                        self.t_mmr.ravel(), self.t_cum.ravel(),
+                                        self.k_thresholds))
+        self.k_ints = np.concatenate((np.array([self.n_assets, n_i, width], np.int64),
+                                      self.k_sym, self.v_settle_id, self.v_mark_id))
 
     def symbol_prices(self, prices: Mapping[str, float]) -> np.ndarray:
         """Current price per symbol id, NaN where there is none yet."""
