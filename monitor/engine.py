@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from monitor.account import Account, RiskKey, UnitKey
-from monitor.book import Book
+from monitor.book import Book, OneEvaluation
 from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event
 from monitor.margin import PositionFigures, Valuation, value_account
@@ -392,9 +392,10 @@ class Engine(InputLedger):
         self._record_fill(fill, source)
         row = self._row(key, source.partition)
         signed = fill.qty if fill.side == "buy" else -fill.qty
-        book.apply_fill(row, instr, signed, fill.price, fill.fee)
+        evaluation = book.fill_and_evaluate(row, instr, signed, fill.price, fill.fee)
         self.stats.applied_fills += 1
-        return self._after_account_change(row, key, fill.ts, "fill", fill.fill_id, source)
+        return self._after_account_change(row, key, fill.ts, "fill", fill.fill_id, source,
+                                          evaluation)
 
     def _apply_ledger(self, entry: LedgerEntry, source: Source) -> list[Event]:
         if not self._first_time(source, entry.account, entry.entry_id):
@@ -463,9 +464,13 @@ class Engine(InputLedger):
     # -- bookkeeping -------------------------------------------------------------------------
 
     def _after_account_change(self, row: int, key: RiskKey, ts: int, kind: str, ref: str,
-                              source: Source) -> list[Event]:
+                              source: Source, evaluation: OneEvaluation | None = None,
+                              ) -> list[Event]:
+        """``evaluation``: the account's, if the change already made it (a fill)."""
         self._dirty.add(key)
-        event = self._evaluate(row, ts, kind, ref, source)
+        if evaluation is None:
+            evaluation = self.book.evaluate_one(row)
+        event = self._evaluate(row, ts, kind, ref, source, evaluation)
         if self.book.is_blank(row):  # nothing to remember (SPEC §5, §4.1 tombstone rule)
             self._in_state(row)[_HEALTHY] -= 1  # blank implies never left it
             self.book.free_row(row)
@@ -473,11 +478,12 @@ class Engine(InputLedger):
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def _evaluate(self, row: int, ts: int, kind: str, ref: str,
-                  source: Source) -> Event | None:
-        """Re-value one account from scratch, move its state, and file its new band."""
+    def _evaluate(self, row: int, ts: int, kind: str, ref: str, source: Source,
+                  evaluation: OneEvaluation) -> Event | None:
+        """Move one account's state as its from-scratch evaluation says, and file its new
+        band."""
         book = self.book
-        evaluable, _, new, eps, watched = book.evaluate_one(row)
+        evaluable, _, new, eps, watched = evaluation
         if not evaluable:  # a settle asset has no price yet
             self.stats.unevaluated += 1
             book.anchor(row, 0.0, watched)

@@ -4,8 +4,9 @@ exchange scale).
 Storage is a struct of arrays. Accounts (and isolated positions, SPEC §4.1) are rows (state,
 transition counter, partition, one balance per configured asset, the head of a linked list of
 positions); positions are rows of their own (account, instrument, qty, entry price, next).
-Valuation and band filing run as compiled kernels over the arrays (`kernels.py`); the Python
-code that applies inputs reads and writes them through memoryviews (~25 ns an access).
+Fills, valuation and band filing run as compiled kernels over the arrays (`kernels.py`); the
+rest of the Python code that applies inputs reads and writes them through memoryviews (~25 ns
+an access).
 
 **Safe bands.** A tick must re-evaluate every account it can move (SPEC §6), but the result of
 evaluating an account only matters when its state changes. After every exact evaluation the
@@ -31,10 +32,10 @@ accounts are re-valued, never what an event says.
 """
 
 from monitor.book.bands import SymbolBands
-from monitor.book.store import Book
+from monitor.book.store import Book, OneEvaluation
 from monitor.book.tables import Tables
 
-__all__ = ["Book", "SymbolBands", "Tables"]
+__all__ = ["Book", "OneEvaluation", "SymbolBands", "Tables"]
 
 
 def warm_up() -> float:
@@ -52,7 +53,7 @@ def warm_up() -> float:
     book = Book(parse_config(_WARM_UP_RISK))
     row = book.new_row("warm-up", 0)
     book.add_balance(row, 0, 100.0)
-    book.apply_fill(row, 0, 1.0, 10.0, 0.0)
+    book.fill_and_evaluate(row, 0, 1.0, 10.0, 0.0)
     book.sym_px[:] = 10.0
     book.evaluate_one(row)
     rows = np.array([row], dtype=np.int64)

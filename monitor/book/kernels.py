@@ -1,24 +1,27 @@
-"""Compiled kernels over the book's columns: value accounts, decide their state, size their safe
-bands and file them by symbol (see `monitor.book` for the band proof).
+"""Compiled kernels over the book's columns: apply fills, value accounts, decide their state,
+size their safe bands and file them by symbol (see `monitor.book` for the band proof). A tick
+that moves thousands of accounts at once is valued and re-filed on every core.
 
 They run as machine code through numba and are compiled once per machine: ``cache=True`` keeps
 the compiled code beside this file (or under ``NUMBA_CACHE_DIR``), so only the first start after
-an install pays for compilation (`warm_up` does it at once, a few seconds).
+an install pays for compilation (`warm_up` does it at once, about 12 s).
 
-The valuation does the arithmetic of `margin.value_account`, term for term and in the same
-order (balances in config order, positions in opening order), so the ratio that decides a state
-is bit-identical to the one an event reports. numba keeps IEEE semantics here (no fastmath, no
+Fills do the arithmetic of `margin.apply_fill_to_position`. The valuation does the arithmetic
+of `margin.value_account`, term for term and in the same order (balances in config order,
+positions in opening order), so the ratio that decides a state is bit-identical to the one an
+event reports. numba keeps IEEE semantics here (no fastmath, no
 fused multiply-add), which is what makes that hold.
 
 Arguments (the order `Book` binds them in):
 - columns: bal (flat, ``n_assets`` per row), isolated (1: an isolated position's row, whose
-  wallet counts without collateral weight), first, p_next, p_instr, p_qty, p_entry;
+  wallet counts without collateral weight), first, p_next, p_instr, p_qty, p_entry (and
+  p_acct, the owner row, for fills);
 - sym_px: the current price per symbol id, NaN before the first tick;
 - tables, packed by `Tables` into floats and ints and read back by `_unpack` (a compiled call
   pays for every array it is passed): a_fixed (NaN where a tick prices the asset), a_weight,
   a_sym (-1 for fixed), i_cs, i_settle_fixed (NaN where the settle asset moves), i_settle_id
   (-1 fixed), i_mark_id, t_max, t_mmr, t_cum (tiers padded per instrument), thresholds (mc,
-  liq, mc − h, liq − h).
+  liq, mc − h, liq − h); and, for fills, i_settle (each instrument's settle asset).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numba
 import numpy as np
 
 from monitor.book.tables import CAP, CAP1, SAFETY, TOL
+from monitor.margin import DUST
 
 INF = math.inf
 NAN = math.nan
@@ -155,6 +159,68 @@ def _unpack(floats, ints):
 
 
 @_jit
+def _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first, p_next, p_acct,
+                p_instr, p_qty, p_entry, i_cs, i_settle):
+    """SPEC §4 Fill with the arithmetic of `margin.apply_fill_to_position` (a close that
+    leaves only float rounding is flat) and the fee; a new position goes in slot ``spare``,
+    after the row's others. Returns (whether ``spare`` was used, the slot freed or -1)."""
+    p = first[row]
+    while p >= 0 and p_instr[p] != instr:
+        p = p_next[p]
+    realized = 0.0
+    used, freed = False, -1
+    if p < 0:
+        p_acct[spare] = row
+        p_instr[spare] = instr
+        p_qty[spare] = signed_qty
+        p_entry[spare] = price
+        p_next[spare] = -1
+        tail = first[row]
+        if tail < 0:
+            first[row] = spare
+        else:  # positions keep the order in which they were opened
+            while p_next[tail] >= 0:
+                tail = p_next[tail]
+            p_next[tail] = spare
+        used = True
+    else:
+        q = p_qty[p]
+        if q == 0:
+            p_qty[p] = signed_qty
+            p_entry[p] = price
+        else:
+            e = p_entry[p]
+            qty = abs(signed_qty)
+            if (q > 0) == (signed_qty > 0):
+                p_entry[p] = (abs(q) * e + qty * price) / (abs(q) + qty)
+                p_qty[p] = q + signed_qty
+            else:
+                closed = min(abs(q), qty)
+                realized = closed * i_cs[instr] * (price - e) * math.copysign(1.0, q)
+                new_q = q + signed_qty
+                if abs(new_q) <= DUST * max(abs(q), qty):  # margin.is_dust
+                    if first[row] == p:
+                        first[row] = p_next[p]
+                    else:
+                        before = first[row]
+                        while p_next[before] != p:
+                            before = p_next[before]
+                        p_next[before] = p_next[p]
+                    p_next[p] = -1
+                    freed = p
+                else:
+                    if (new_q > 0) != (q > 0):
+                        p_entry[p] = price
+                    p_qty[p] = new_q
+    k = row * na + i_settle[instr]
+    balance = bal[k]
+    balance += realized
+    balance -= fee
+    bal[k] = balance
+    return used, freed
+
+
+@_jit
 def _next_state(state, ratio, thresholds):
     """SPEC §5: up-level first; otherwise the down-level, never above the current state."""
     mc, liq, mc_h, liq_h = thresholds[0], thresholds[1], thresholds[2], thresholds[3]
@@ -229,6 +295,20 @@ def evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr, p_q
     n = _watched(row, watched, bal, na, first, p_next, p_instr, a_sym, i_settle_id, i_mark_id)
     return ok, r, new, _safe_eps(new, ok, equity, mm, scale, ae, be, am, bm, has_pos,
                                  thresholds), n
+
+
+@_jit
+def fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched, bal, isolated,
+                      first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints):
+    """`_apply_fill`, then `evaluate_row` of the row: one compiled call per fill. Returns
+    evaluate_row's five figures, then whether ``spare`` was used and the slot freed or -1."""
+    na, ni = ints[0], ints[1]
+    used, freed = _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first,
+                              p_next, p_acct, p_instr, p_qty, p_entry, floats[2 * na:2 * na + ni],
+                              ints[3 + na + 2 * ni:3 + na + 3 * ni])
+    ok, r, new, eps, n = evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr,
+                                      p_qty, p_entry, sym_px, floats, ints)
+    return ok, r, new, eps, n, used, freed
 
 
 @_jit

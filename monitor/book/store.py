@@ -9,7 +9,6 @@ full)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -22,11 +21,16 @@ from monitor.book.bands import SymbolBands
 from monitor.book.tables import INF, NAN, Tables, grown
 from monitor.config import RiskConfig
 from monitor.errors import LiqmonError
-from monitor.margin import Position, is_dust
+from monitor.margin import Position
 from monitor.snapshot import Snapshots
 from monitor.state import AccountState
 
 _AID_MASK = 0xFFFFFFFF
+
+
+# `Book.evaluate_one` of an account: (evaluable, ratio, next state, band eps for that state,
+# watched symbol ids)
+OneEvaluation = tuple[bool, float, int, float, list[int]]
 
 
 class Evaluation(NamedTuple):
@@ -265,45 +269,30 @@ class Book:
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def apply_fill(self, row: int, instr: int, signed_qty: float, price: float,
-                   fee: float) -> None:
-        """SPEC §4 Fill, with the arithmetic of `margin.apply_fill_to_position` (including
-        its rule that a close leaving only float rounding is flat)."""
-        t = self.t
-        p = self.first_m[row]
-        nxt, instr_m = self.next_m, self.instr_m
-        while p >= 0 and instr_m[p] != instr:
-            p = nxt[p]
-        realized = 0.0
-        if p < 0:
-            self._new_pos(row, instr, signed_qty, price)
+    def fill_and_evaluate(self, row: int, instr: int, signed_qty: float, price: float,
+                          fee: float) -> OneEvaluation:
+        """SPEC §4 Fill (the arithmetic of `margin.apply_fill_to_position`, including its rule
+        that a close leaving only float rounding is flat), then `evaluate_one` of the account:
+        one compiled call."""
+        if self.free_pos:
+            spare = self.free_pos[-1]
         else:
-            qty_m = self.qty_m
-            q = qty_m[p]
-            if q == 0:
-                qty_m[p] = signed_qty
-                self.entry_m[p] = price
+            spare = self.n_pos
+            if spare == self.pcap:
+                self._alloc_pos(self.pcap, self.pcap + (self.pcap >> 1))
+        evaluable, ratio, new, eps, n, used, freed = kernels.fill_and_evaluate(
+            row, instr, signed_qty, price, fee, spare, self.state, self._watched,
+            *self._fill_args)
+        if used:
+            if self.free_pos:
+                self.free_pos.pop()
             else:
-                e = self.entry_m[p]
-                qty = abs(signed_qty)
-                if (q > 0) == (signed_qty > 0):
-                    self.entry_m[p] = (abs(q) * e + qty * price) / (abs(q) + qty)
-                    qty_m[p] = q + signed_qty
-                else:
-                    closed = min(abs(q), qty)
-                    realized = closed * t.i_cs[instr] * (price - e) * math.copysign(1.0, q)
-                    new_q = q + signed_qty
-                    if is_dust(new_q, q, qty):
-                        self._unlink(row, p)
-                    else:
-                        if (new_q > 0) != (q > 0):
-                            self.entry_m[p] = price
-                        qty_m[p] = new_q
-        k = row * t.n_assets + t.i_settle[instr]
-        balance = self.bal_m[k]
-        balance += realized
-        balance -= fee
-        self.bal_m[k] = balance
+                self.n_pos = spare + 1
+            self.positions += 1
+        elif freed >= 0:
+            self.free_pos.append(freed)
+            self.positions -= 1
+        return evaluable, ratio, new, eps, self._watched_m[:n].tolist()
 
     def add_balance(self, row: int, asset: int, amount: float) -> None:
         k = row * self.t.n_assets + asset
@@ -474,8 +463,11 @@ class Book:
                             self.p_qty, self.p_entry, self.sym_px, t.k_floats, t.k_ints)
         self._watch_args = (self.bal, self.first, self.p_next, self.p_instr, t.k_floats,
                             t.k_ints)
+        self._fill_args = (self.bal, self.isolated, self.first, self.p_next, self.p_instr,
+                           self.p_qty, self.p_entry, self.p_acct, self.sym_px, t.k_floats,
+                           t.k_ints)
 
-    def evaluate_one(self, row: int) -> tuple[bool, float, int, float, list[int]]:
+    def evaluate_one(self, row: int) -> OneEvaluation:
         """(evaluable, ratio, next state, band eps for that state, watched symbol ids) of one
         account, valued from scratch at the current prices (`margin.value_account`'s
         arithmetic)."""

@@ -89,7 +89,8 @@ class Tables:
                                         self.t_mmr.ravel(), self.t_cum.ravel(),
                                         self.k_thresholds))
         self.k_ints = np.concatenate((np.array([self.n_assets, n_i, width], np.int64),
-                                      self.k_sym, self.v_settle_id, self.v_mark_id))
+                                      self.k_sym, self.v_settle_id, self.v_mark_id,
+                                      np.array(self.i_settle, np.int64)))
 
     def symbol_prices(self, prices: Mapping[str, float]) -> np.ndarray:
         """Current price per symbol id, NaN where there is none yet."""
