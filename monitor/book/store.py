@@ -49,9 +49,9 @@ class Evaluation(NamedTuple):
         """Each row's watched symbol ids, as lists."""
         flat, starts = self.watch.tolist(), self.watch_start.tolist()
         return [flat[starts[k]:starts[k + 1]] for k in range(len(starts) - 1)]
+
+
 _STATE_ENUM = tuple(AccountState)
-
-
 
 # Above this many rows a tick's re-valuation and re-filing run on every core (numba threads,
 # NUMBA_NUM_THREADS caps them): a shock that moves every holder of a symbol at once. Below
@@ -232,19 +232,6 @@ class Book:
             nxt[tail] = p
         self.positions += 1
         return p
-
-    def _unlink(self, row: int, p: int) -> None:
-        nxt = self.next_m
-        q = self.first_m[row]
-        if q == p:
-            self.first_m[row] = nxt[p]
-        else:
-            while nxt[q] != p:
-                q = nxt[q]
-            nxt[q] = nxt[p]
-        nxt[p] = -1
-        self.free_pos.append(p)
-        self.positions -= 1
 
     def is_blank(self, row: int) -> bool:
         if self.first_m[row] >= 0 or self.trans_m[row]:
