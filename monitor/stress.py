@@ -10,7 +10,8 @@ and reported as `account/symbol`.
 The book's columns are gathered once into arrays sorted by (instrument, |q|·cs). In one
 scenario an instrument's mark and settle price are scalars, so its positions' notionals are
 |q|·cs times one mark and its tier boundaries are cut points in that sorted run (a binary
-search per tier instead of a comparison per position); per-account sums are np.bincount.
+search per tier instead of a comparison per position); per-account sums are one compiled pass
+over the positions in that order, and each account's next state is the engine's compiled rule.
 Summation order differs from `margin.value_account`, so figures agree to rounding (1e-9
 relative), not bit for bit.
 """
@@ -22,9 +23,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 
 from monitor.account import RiskKey, UnitKey
+from monitor.book import kernels
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.state import AccountState
@@ -68,7 +71,6 @@ class StressBook:
         book = engine.book
         t = book.t
         self.t = t
-        self.thresholds = engine.config.thresholds
         self.prices = t.symbol_prices(engine.prices)  # NaN: no tick yet
         rows = book.rows_in_use()
         rows = rows[book.first[rows] >= 0]
@@ -145,21 +147,16 @@ class StressBook:
                 mmr, cum = mmrs[tier], cums[tier]
                 u[a:b] = 0.0
             m[a:b] = (notional * mmr - cum) * spx
-        equity = collateral + np.bincount(self.owner, u, n)
-        mm = np.bincount(self.owner, m, n)
+        upnl, mm = _sums_by_owner(self.owner, u, m, n)
+        equity = collateral + upnl
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(equity > 0, mm / equity, np.where(mm == 0, 0.0, math.inf))
         return Figures(equity=equity, mm=mm, ratio=ratio, evaluable=~unevaluable)
 
     def next_states(self, ratio: np.ndarray) -> np.ndarray:
-        """SPEC §5's rule (monitor.state.next_state) for every account at once."""
-        th = self.thresholds
-        up = np.where(ratio >= th.liquidation, 2, np.where(ratio >= th.margin_call, 1, 0))
-        h = th.hysteresis
-        down = np.where(ratio >= th.liquidation - h, 2,
-                        np.where(ratio >= th.margin_call - h, 1, 0))
-        state = self.state
-        return np.where(up > state, up, np.where(down < state, down, state))
+        """SPEC §5's rule (monitor.state.next_state) for every account at once, by the
+        engine's compiled rule."""
+        return kernels.next_states(self.state, ratio, self.t.k_thresholds)
 
     def shocked_prices(self, shock: Mapping[str, float]) -> np.ndarray:
         px = self.prices.copy()
@@ -167,6 +164,19 @@ class StressBook:
             s = self.t.sym_index[symbol]
             px[s] = px[s] * (1.0 + fraction)  # NaN (no tick yet) stays NaN: not moved
         return px
+
+
+@numba.njit(cache=True, nogil=True)
+def _sums_by_owner(owner: np.ndarray, u: np.ndarray, m: np.ndarray,
+                   n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both of np.bincount(owner, u, n) and np.bincount(owner, m, n), in one pass (the
+    same additions in the same order)."""
+    su = np.zeros(n)
+    sm = np.zeros(n)
+    for k in range(owner.shape[0]):
+        su[owner[k]] += u[k]
+        sm[owner[k]] += m[k]
+    return su, sm
 
 
 @dataclass(slots=True)
@@ -207,7 +217,7 @@ def _scenario(book: StressBook, base: Figures, shock: Mapping[str, float],
         shock=dict(shock),
         accounts_by_state={name: int(counts[k]) for k, name in enumerate(STATE_NAMES)},
         unpriced=int((~ok).sum()),
-        newly_liquidating=[ids[r] for r in book.by_id[newly[book.by_id]].tolist()],
+        newly_liquidating=[ids[r] for r in kernels.flagged_in_order(book.by_id, newly).tolist()],
         equity=float(equity.sum()),
         maintenance_margin=float(f.mm[ok].sum()),
         bad_debt=float(np.maximum(0.0, -equity).sum()),
