@@ -9,8 +9,8 @@ an install pays for compilation (`warm_up` does it at once, about 12 s).
 Fills do the arithmetic of `margin.apply_fill_to_position`. The valuation does the arithmetic
 of `margin.value_account`, term for term and in the same order (balances in config order,
 positions in opening order), so the ratio that decides a state is bit-identical to the one an
-event reports. numba keeps IEEE semantics here (no fastmath, no
-fused multiply-add), which is what makes that hold.
+event reports. numba keeps IEEE semantics here (no fastmath, no fused multiply-add), which is
+what makes that hold.
 
 Arguments (the order `Book` binds them in):
 - columns: bal (flat, ``n_assets`` per row), isolated (1: an isolated position's row, whose
@@ -156,6 +156,14 @@ def _unpack(floats, ints):
     i_mark_id = ints[3 + na + ni:3 + na + 2 * ni]
     return (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max,
             t_mmr, t_cum, thresholds)
+
+
+@_jit
+def _fill_tables(floats, ints):
+    """(na, i_cs, i_settle): what a fill needs of the packed tables (`_unpack`'s layout;
+    i_settle follows i_mark_id)."""
+    na, ni = ints[0], ints[1]
+    return na, floats[2 * na:2 * na + ni], ints[3 + na + 2 * ni:3 + na + 3 * ni]
 
 
 @_jit
@@ -323,10 +331,9 @@ def fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched,
                       first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints):
     """`_apply_fill`, then `evaluate_row` of the row: one compiled call per fill. Returns
     evaluate_row's five figures, then whether ``spare`` was used and the slot freed or -1."""
-    na, ni = ints[0], ints[1]
+    na, i_cs, i_settle = _fill_tables(floats, ints)
     used, freed = _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first,
-                              p_next, p_acct, p_instr, p_qty, p_entry, floats[2 * na:2 * na + ni],
-                              ints[3 + na + 2 * ni:3 + na + 3 * ni])
+                              p_next, p_acct, p_instr, p_qty, p_entry, i_cs, i_settle)
     ok, r, new, eps, n = evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr,
                                       p_qty, p_entry, sym_px, floats, ints)
     return ok, r, new, eps, n, used, freed
@@ -358,6 +365,15 @@ def _evaluate_span(rows, start, stop, decide, state, bal, isolated, na, first, p
         at += _watched(row, watch[at:], bal, na, first, p_next, p_instr, a_sym, i_settle_id,
                        i_mark_id)  # its positions are in cache now
     return stop, at
+
+
+@_jit
+def _spans_of(n, spans):
+    """First and end index of each of ``spans`` runs cutting range(n) (the last ones may be
+    empty)."""
+    per = (n + spans - 1) // spans
+    starts = np.minimum(np.arange(spans) * per, n)
+    return starts, np.minimum(starts + per, n)
 
 
 @_jit
@@ -411,36 +427,28 @@ def evaluate_rows_parallel(spans, rows, decide, state, bal, isolated, first, p_n
      t_cum, thresholds) = _unpack(floats, ints)
     n = rows.shape[0]
     n_symbols = sym_px.shape[0]
-    per = (n + spans - 1) // spans
+    starts, stops = _spans_of(n, spans)
+    regions = WATCH_ROOM * starts + np.arange(spans) * n_symbols  # each span's watch slots
     evaluable, ratio, new_state, eps, watch_start = _outputs(n)
     watch = np.empty(WATCH_ROOM * n + spans * n_symbols, np.int64)
     reached = np.empty(spans, np.int64)
     ends = np.empty(spans, np.int64)
     for c in numba.prange(spans):
-        start = min(c * per, n)
-        stop = min(start + per, n)
-        region = WATCH_ROOM * start + c * n_symbols
-        room = WATCH_ROOM * stop + (c + 1) * n_symbols
         reached[c], ends[c] = _evaluate_span(
-            rows, start, stop, decide, state, bal, isolated, na, first, p_next, p_instr,
+            rows, starts[c], stops[c], decide, state, bal, isolated, na, first, p_next, p_instr,
             p_qty, p_entry, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id,
             i_mark_id, t_max, t_mmr, t_cum, thresholds, sym_px, evaluable, ratio, new_state,
-            eps, watch_start, watch[:room], region)
-    for c in range(spans):
-        if reached[c] < min(min(c * per, n) + per, n):
-            return evaluate_rows(rows, decide, state, bal, isolated, first, p_next, p_instr,
-                                 p_qty, p_entry, sym_px, floats, ints)
-    regions = np.empty(spans, np.int64)
-    for c in range(spans):
-        regions[c] = WATCH_ROOM * min(c * per, n) + c * n_symbols
+            eps, watch_start, watch[:regions[c] + WATCH_ROOM * (stops[c] - starts[c])
+                                    + n_symbols], regions[c])
+    if np.any(reached < stops):
+        return evaluate_rows(rows, decide, state, bal, isolated, first, p_next, p_instr, p_qty,
+                             p_entry, sym_px, floats, ints)
     packed = np.empty((ends - regions).sum(), np.int64)
     used = 0
     for c in range(spans):  # the regions end to end
         size = ends[c] - regions[c]
         packed[used:used + size] = watch[regions[c]:ends[c]]
-        start = min(c * per, n)
-        for k in range(start, min(start + per, n)):
-            watch_start[k] += used - regions[c]
+        watch_start[starts[c]:stops[c]] += used - regions[c]
         used += size
     watch_start[n] = used
     return evaluable, ratio, new_state, eps, packed, watch_start
@@ -511,13 +519,11 @@ def bands_by_symbol_parallel(spans, rows, eps, watch, watch_start, aid, sym_px):
     """`bands_by_symbol` on every core: each of ``spans`` runs of rows counts its bands per
     symbol, then lays them out where the serial kernel would (a symbol's bands stay in row
     order, span after span)."""
-    n = rows.shape[0]
     n_symbols = sym_px.shape[0]
-    per = (n + spans - 1) // spans
+    first_row, end_row = _spans_of(rows.shape[0], spans)
     counts = np.zeros((spans, n_symbols), np.int64)
     for c in numba.prange(spans):
-        start = min(c * per, n)
-        for x in range(watch_start[start], watch_start[min(start + per, n)]):
+        for x in range(watch_start[first_row[c]], watch_start[end_row[c]]):
             counts[c, watch[x]] += 1
     starts = np.zeros(n_symbols + 1, np.int64)
     fill = np.empty((spans, n_symbols), np.int64)  # where each span's bands of a symbol go
@@ -534,9 +540,8 @@ def bands_by_symbol_parallel(spans, rows, eps, watch, watch_start, aid, sym_px):
     lowest = np.full((spans, n_symbols), INF)
     highest = np.full((spans, n_symbols), -INF)
     for c in numba.prange(spans):
-        start = min(c * per, n)
-        _lay_out(rows, start, min(start + per, n), eps, watch, watch_start, aid, sym_px,
-                 fill[c], out_row, out_aid, lo, hi, lowest[c], highest[c])
+        _lay_out(rows, first_row[c], end_row[c], eps, watch, watch_start, aid, sym_px, fill[c],
+                 out_row, out_aid, lo, hi, lowest[c], highest[c])
     lowest_hi = np.empty(n_symbols, np.float64)
     highest_lo = np.empty(n_symbols, np.float64)
     for s in range(n_symbols):
