@@ -15,6 +15,16 @@ def risk() -> RiskConfig:
     return parse_config(RISK)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """Compile (or load from numba's cache) the engine's kernels once, before the first test:
+    on a fresh install that takes ~12 s, which must not count against the readiness timeout
+    of whichever service test happens to run first."""
+    from monitor.book import warm_up
+
+    warm_up()
+
+
 @pytest.fixture(autouse=True)
 def reap_processes():
     """No monitor a test started outlives it, even when the test fails."""
