@@ -179,6 +179,18 @@ def _sums_by_owner(owner: np.ndarray, u: np.ndarray, m: np.ndarray,
     return su, sm
 
 
+@numba.njit(cache=True, nogil=True)
+def _flagged_in_order(order: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """The entries of ``order`` whose flag is set, in that order."""
+    out = np.empty(order.shape[0], np.int64)
+    n = 0
+    for k in range(order.shape[0]):
+        if flags[order[k]]:
+            out[n] = order[k]
+            n += 1
+    return out[:n]
+
+
 @dataclass(slots=True)
 class StressReport:
     accounts: int  # accounts holding a position: the ones every scenario values
@@ -217,7 +229,7 @@ def _scenario(book: StressBook, base: Figures, shock: Mapping[str, float],
         shock=dict(shock),
         accounts_by_state={name: int(counts[k]) for k, name in enumerate(STATE_NAMES)},
         unpriced=int((~ok).sum()),
-        newly_liquidating=[ids[r] for r in kernels.flagged_in_order(book.by_id, newly).tolist()],
+        newly_liquidating=[ids[r] for r in _flagged_in_order(book.by_id, newly).tolist()],
         equity=float(equity.sum()),
         maintenance_margin=float(f.mm[ok].sum()),
         bad_debt=float(np.maximum(0.0, -equity).sum()),

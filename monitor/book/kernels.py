@@ -260,18 +260,6 @@ def next_states(state, ratio, thresholds):
 
 
 @_jit
-def flagged_in_order(order, flags):
-    """The entries of ``order`` whose flag is set, in that order."""
-    out = np.empty(order.shape[0], np.int64)
-    n = 0
-    for k in range(order.shape[0]):
-        if flags[order[k]]:
-            out[n] = order[k]
-            n += 1
-    return out[:n]
-
-
-@_jit
 def _bound(limit, sign, equity, mm, scale, ae, be, am, bm, eps):
     """Shrink eps so that the ratio provably stays on its side of ``limit`` (-1: no room)."""
     room = sign * (limit * equity - mm) - TOL * (limit * scale + mm)
