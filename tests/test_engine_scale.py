@@ -339,16 +339,22 @@ def evaluated_book() -> Engine:
     return engine
 
 
-@pytest.mark.parametrize("spans", [1, 3, 8, 2_000])
-def test_parallel_kernels_compute_exactly_what_the_serial_ones_compute(spans: int) -> None:
+@pytest.mark.parametrize(("spans", "decide"), [(1, True), (3, True), (8, True), (8, False),
+                                               (2_000, True)])
+def test_parallel_kernels_compute_exactly_what_the_serial_ones_compute(spans: int,
+                                                                        decide: bool) -> None:
     """Per row the same evaluation, state, band and watched symbols, laid out in the same
     order, and the same anchor ids bumped — however the rows are cut (more spans than rows
-    leaves some empty)."""
+    leaves some empty), deciding states (a tick) or not (indexing a restore). Every price is
+    7 % lower than the book last saw, so deciding moves accounts."""
     book = evaluated_book().book
+    book.sym_px[:] *= 0.93
     rows = book.rows_in_use().astype(np.int64)
-    serial = kernels.evaluate_rows(rows, True, book.state, *book._value_args)
-    parallel = kernels.evaluate_rows_parallel(spans, rows, True, book.state, *book._value_args)
+    serial = kernels.evaluate_rows(rows, decide, book.state, *book._value_args)
+    parallel = kernels.evaluate_rows_parallel(spans, rows, decide, book.state,
+                                              *book._value_args)
     assert len(rows) > 500
+    assert np.any(serial[2] != book.state[rows]) == decide
     for mine, theirs in zip(parallel, serial, strict=True):
         np.testing.assert_array_equal(mine, theirs)
     eps, watch, watch_start = serial[3], serial[4], serial[5]
