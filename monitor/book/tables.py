@@ -58,39 +58,31 @@ class Tables:
             self.i_mark_id.append(self.sym_index[instrument.mark_symbol])
             self.i_tiers.append(tuple((t.max_notional, t.mmr, t.imr, t.maintenance_amount)
                                       for t in instrument.tiers))
-        # Padded tier tables for compiled code: the last tier's bound is INF, tiers past an
-        # instrument's last repeat it.
+        self.v_cs = np.array(self.i_cs, dtype=np.float64)
+        self.k_thresholds = np.array([self.mc, self.liq, self.mc_h, self.liq_h], np.float64)
+        # The tables compiled code reads, packed into one float and one int array
+        # (`kernels._unpack` reads them back): every array a compiled call takes costs ~65 ns
+        # of unboxing, several times the valuation of a small account. NaN marks an asset (or
+        # settle asset) priced by ticks, -1 a fixed one's symbol id; tier tables are padded:
+        # the last tier's bound is INF, tiers past an instrument's last repeat it.
         n_i = len(self.instruments)
         width = max((len(t) for t in self.i_tiers), default=1)
-        self.t_max = np.full((n_i, width), INF)
-        self.t_mmr = np.zeros((n_i, width))
-        self.t_cum = np.zeros((n_i, width))
+        t_max = np.full((n_i, width), INF)
+        t_mmr = np.zeros((n_i, width))
+        t_cum = np.zeros((n_i, width))
         for i, tiers in enumerate(self.i_tiers):
             for k, (max_n, mmr, _, cum) in enumerate(tiers):
                 if k < len(tiers) - 1:
-                    self.t_max[i, k] = max_n
-                self.t_mmr[i, k], self.t_cum[i, k] = mmr, cum
-            self.t_mmr[i, len(tiers):] = tiers[-1][1]
-            self.t_cum[i, len(tiers):] = tiers[-1][3]
-        self.v_settle_fixed = np.array([NAN if f is None else f for f in self.i_settle_fixed])
-        self.v_cs = np.array(self.i_cs, dtype=np.float64)
-        self.v_mark_id = np.array(self.i_mark_id, dtype=np.int64)
-        self.v_settle_id = np.array(self.i_settle_id, dtype=np.int64)
-        # for the kernels: NaN marks an asset priced by ticks, -1 a fixed one's symbol id
-        self.k_fixed = np.array([NAN if f is None else f for f in self.a_fixed], np.float64)
-        self.k_weight = np.array(self.a_weight, np.float64)
-        self.k_sym = np.array(self.a_sym_id, np.int64)
-        self.k_thresholds = np.array([self.mc, self.liq, self.mc_h, self.liq_h], np.float64)
-        # The same tables packed into one float and one int array (`kernels._unpack` reads
-        # them back): every array a compiled call takes costs ~65 ns of unboxing, several
-        # times the valuation of a small account.
-        self.k_floats = np.concatenate((self.k_fixed, self.k_weight, self.v_cs,
-                                        self.v_settle_fixed, self.t_max.ravel(),
-                                        self.t_mmr.ravel(), self.t_cum.ravel(),
-                                        self.k_thresholds))
-        self.k_ints = np.concatenate((np.array([self.n_assets, n_i, width], np.int64),
-                                      self.k_sym, self.v_settle_id, self.v_mark_id,
-                                      np.array(self.i_settle, np.int64)))
+                    t_max[i, k] = max_n
+                t_mmr[i, k], t_cum[i, k] = mmr, cum
+            t_mmr[i, len(tiers):] = tiers[-1][1]
+            t_cum[i, len(tiers):] = tiers[-1][3]
+        self.k_floats = np.concatenate((
+            [NAN if f is None else f for f in self.a_fixed], self.a_weight, self.v_cs,
+            [NAN if f is None else f for f in self.i_settle_fixed], t_max.ravel(),
+            t_mmr.ravel(), t_cum.ravel(), self.k_thresholds)).astype(np.float64)
+        self.k_ints = np.array([self.n_assets, n_i, width, *self.a_sym_id, *self.i_settle_id,
+                                *self.i_mark_id, *self.i_settle], np.int64)
 
     def symbol_prices(self, prices: Mapping[str, float]) -> np.ndarray:
         """Current price per symbol id, NaN where there is none yet."""
