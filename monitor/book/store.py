@@ -209,14 +209,26 @@ class Book:
             del self.index[key]  # type: ignore[arg-type]
         self.free_rows.append(row)
 
-    def _new_pos(self, row: int, instr: int, qty: float, entry: float) -> int:
+    def _spare_slot(self) -> int:
+        """The position slot a new position takes next (room made for it)."""
         if self.free_pos:
-            p = self.free_pos.pop()
+            return self.free_pos[-1]
+        if self.n_pos == self.pcap:
+            self._alloc_pos(self.pcap, self.pcap + (self.pcap >> 1))
+        return self.n_pos
+
+    def _take_slot(self) -> int:
+        """Take `_spare_slot`'s slot for a new position."""
+        p = self._spare_slot()
+        if self.free_pos:
+            self.free_pos.pop()
         else:
-            p = self.n_pos
-            if p == self.pcap:
-                self._alloc_pos(self.pcap, self.pcap + (self.pcap >> 1))
             self.n_pos = p + 1
+        self.positions += 1
+        return p
+
+    def _new_pos(self, row: int, instr: int, qty: float, entry: float) -> int:
+        p = self._take_slot()
         self.acct_m[p] = row
         self.instr_m[p] = instr
         self.qty_m[p] = qty
@@ -230,7 +242,6 @@ class Book:
             while nxt[tail] >= 0:
                 tail = nxt[tail]
             nxt[tail] = p
-        self.positions += 1
         return p
 
     def is_blank(self, row: int) -> bool:
@@ -261,21 +272,11 @@ class Book:
         """SPEC §4 Fill (the arithmetic of `margin.apply_fill_to_position`, including its rule
         that a close leaving only float rounding is flat), then `evaluate_one` of the account:
         one compiled call."""
-        if self.free_pos:
-            spare = self.free_pos[-1]
-        else:
-            spare = self.n_pos
-            if spare == self.pcap:
-                self._alloc_pos(self.pcap, self.pcap + (self.pcap >> 1))
         evaluable, ratio, new, eps, n, used, freed = kernels.fill_and_evaluate(
-            row, instr, signed_qty, price, fee, spare, self.state, self._watched,
+            row, instr, signed_qty, price, fee, self._spare_slot(), self.state, self._watched,
             *self._fill_args)
         if used:
-            if self.free_pos:
-                self.free_pos.pop()
-            else:
-                self.n_pos = spare + 1
-            self.positions += 1
+            self._take_slot()
         elif freed >= 0:
             self.free_pos.append(freed)
             self.positions -= 1
