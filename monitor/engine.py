@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from monitor.account import Account, RiskKey, UnitKey
-from monitor.book import Book, OneEvaluation
+from monitor.book import Book, Verdict
 from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event
 from monitor.margin import PositionFigures, Valuation, value_account
@@ -84,9 +84,6 @@ class DedupeWindow:
         return True
 
 
-# Above this many accounts re-valued by one tick, their bands are laid out by symbol in one
-# compiled pass; below, filing each account's few bands directly is cheaper.
-ANCHOR_ONE_BY_ONE = 24
 INDEX_CHUNK = 262_144  # rows indexed per numpy pass after a restore (bounds peak memory)
 _STATES = tuple(AccountState)
 _HEALTHY = AccountState.HEALTHY
@@ -363,12 +360,7 @@ class Engine(InputLedger):
                 eps[k] = 0.0
             if event is not None:
                 events.append(event)
-        if len(rows) > ANCHOR_ONE_BY_ONE:
-            book.anchor_many(rows, eps, evaluation)
-        else:
-            for row, width, watched in zip(rows.tolist(), eps.tolist(), evaluation.watched(),
-                                           strict=True):
-                book.anchor(row, width, watched)
+        book.anchor_many(rows, eps, evaluation)
         if len(events) > 1:
             events.sort(key=Event.order)
         return events
@@ -392,10 +384,10 @@ class Engine(InputLedger):
         self._record_fill(fill, source)
         row = self._row(key, source.partition)
         signed = fill.qty if fill.side == "buy" else -fill.qty
-        evaluation = book.fill_and_evaluate(row, instr, signed, fill.price, fill.fee)
+        verdict = book.fill_and_evaluate(row, instr, signed, fill.price, fill.fee)
         self.stats.applied_fills += 1
         return self._after_account_change(row, key, fill.ts, "fill", fill.fill_id, source,
-                                          evaluation)
+                                          verdict)
 
     def _apply_ledger(self, entry: LedgerEntry, source: Source) -> list[Event]:
         if not self._first_time(source, entry.account, entry.entry_id):
@@ -464,13 +456,12 @@ class Engine(InputLedger):
     # -- bookkeeping -------------------------------------------------------------------------
 
     def _after_account_change(self, row: int, key: RiskKey, ts: int, kind: str, ref: str,
-                              source: Source, evaluation: OneEvaluation | None = None,
-                              ) -> list[Event]:
-        """``evaluation``: the account's, if the change already made it (a fill)."""
+                              source: Source, verdict: Verdict | None = None) -> list[Event]:
+        """``verdict``: the account's, if the change already made it (a fill)."""
         self._dirty.add(key)
-        if evaluation is None:
-            evaluation = self.book.evaluate_one(row)
-        event = self._evaluate(row, ts, kind, ref, source, evaluation)
+        if verdict is None:
+            verdict = self.book.evaluate_and_file(row)
+        event = self._evaluate(row, ts, kind, ref, source, verdict)
         if self.book.is_blank(row):  # nothing to remember (SPEC §5, §4.1 tombstone rule)
             self._in_state(row)[_HEALTHY] -= 1  # blank implies never left it
             self.book.free_row(row)
@@ -479,22 +470,19 @@ class Engine(InputLedger):
     # -- evaluation --------------------------------------------------------------------------
 
     def _evaluate(self, row: int, ts: int, kind: str, ref: str, source: Source,
-                  evaluation: OneEvaluation) -> Event | None:
-        """Move one account's state as its from-scratch evaluation says, and file its new
-        band."""
-        book = self.book
-        evaluable, _, new, eps, watched = evaluation
-        if not evaluable:  # a settle asset has no price yet
+                  verdict: Verdict) -> Event | None:
+        """Move one account's state as its from-scratch evaluation says (its new band is
+        filed already)."""
+        evaluable, _, new, _ = verdict
+        if not evaluable:  # a settle asset has no price yet: filed with eps 0
             self.stats.unevaluated += 1
-            book.anchor(row, 0.0, watched)
             return None
-        event = None
-        state = book.state_m[row]
-        if new != state:
-            event, settled = self._transition(row, state, ts, kind, ref, source)
-            if settled != new:  # pragma: no cover - both valuations sum identically
-                eps = 0.0
-        book.anchor(row, eps, watched)
+        state = self.book.state_m[row]
+        if new == state:
+            return None
+        event, settled = self._transition(row, state, ts, kind, ref, source)
+        if settled != new:  # pragma: no cover - both valuations sum identically
+            self.book.anchor(row, 0.0, self.book.watched(row))
         return event
 
     def _transition(self, row: int, state: int, ts: int, kind: str, ref: str,

@@ -1,68 +1,155 @@
-"""The safe-band index of one symbol (`SymbolBands`): a tick at price p takes exactly the
-accounts whose current band p touches or leaves, however bands were filed, re-filed (which
-makes the older band stale) and folded into the sorted runs in between. As the engine does,
-every account a tick takes is re-anchored (its anchor id bumped) before it is filed again."""
+"""The safe-band index (`SymbolBands` over one shared `PendingBands` arena): a tick at price p
+takes exactly the accounts whose current band on that symbol p touches or leaves, however bands
+were filed (one by one, in bulk, by the compiled kernel), re-filed (which makes the older band
+stale) and folded into the sorted runs in between, and however the symbols' pending segments
+moved and the arena was compacted meanwhile. As the engine does, every account a tick takes is
+re-anchored (its anchor id bumped) before it is filed again."""
 
 from __future__ import annotations
+
+from itertools import pairwise
+from unittest import mock
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.book.bands import SymbolBands
+from monitor.book import bands as bands_module
+from monitor.book import kernels
+from monitor.book.bands import PendingBands, SymbolBands
 
 ROWS = 12
+SYMBOLS = 3
 
-# one step: ("file", row, lo, width) | ("merge",) | ("tick", price)
+# one step: ("file", symbol, row, lo, width) | ("bulk", symbol, count, lo, width) |
+# ("kernel", row, lo, width) (every symbol) | ("merge", symbol) | ("tick", symbol, price)
 steps = st.lists(st.one_of(
-    st.tuples(st.just("file"), st.integers(0, ROWS - 1), st.integers(80, 120),
+    st.tuples(st.just("file"), st.integers(0, SYMBOLS - 1), st.integers(0, ROWS - 1),
+              st.integers(80, 120), st.integers(0, 20)),
+    st.tuples(st.just("bulk"), st.integers(0, SYMBOLS - 1), st.integers(1, 40),
+              st.integers(80, 120), st.integers(0, 20)),
+    st.tuples(st.just("kernel"), st.integers(0, ROWS - 1), st.integers(80, 120),
               st.integers(0, 20)),
-    st.tuples(st.just("merge")),
-    st.tuples(st.just("tick"), st.integers(70, 140)),
-), max_size=80)
+    st.tuples(st.just("merge"), st.integers(0, SYMBOLS - 1)),
+    st.tuples(st.just("tick"), st.integers(0, SYMBOLS - 1), st.integers(70, 140)),
+), max_size=120)
+
+
+def index(symbols: int) -> tuple[PendingBands, list[SymbolBands]]:
+    pending = PendingBands(symbols)
+    return pending, [SymbolBands(pending, s) for s in range(symbols)]
+
+
+def assert_segments_tile_the_arena(pending: PendingBands) -> None:
+    """Segments are disjoint, inside the arena and below its free end; they and the space left
+    behind make up everything below it."""
+    spans = sorted(zip(pending.start.tolist(), pending.room.tolist(), strict=True))
+    for (a, room), (b, _) in pairwise(spans):
+        assert a + room <= b
+    assert all(c <= r for c, r in zip(pending.count.tolist(), pending.room.tolist(),
+                                       strict=True))
+    assert spans[-1][0] + spans[-1][1] <= pending.top <= pending.bounds.shape[1]
+    assert sum(room for _, room in spans) + pending.waste == pending.top
 
 
 @settings(max_examples=300, deadline=None)
 @given(steps)
 def test_a_tick_takes_exactly_the_current_bands_it_touches_or_leaves(program) -> None:
-    bands = SymbolBands()
-    aid = np.zeros(ROWS, np.uint32)
-    current: dict[int, tuple[float, float]] = {}  # row -> its live band
-    for step in program:
-        if step[0] == "file":
-            _, row, lo, width = step
-            aid[row] += 1
-            current[row] = (float(lo), float(lo + width))
-            bands.push_many(np.array([row], np.int32), np.array([aid[row]], np.uint32),
-                            np.array([float(lo)]), np.array([float(lo + width)]),
-                            float(lo + width), float(lo))
-        elif step[0] == "merge":
-            bands.merge(aid)
-        else:
-            price = float(step[1])
-            expected = sorted(row for row, (lo, hi) in current.items()
-                              if hi <= price or lo >= price)
-            taken = bands.take(price, aid)
-            assert ([] if taken is None else taken.tolist()) == expected
-            for row in expected:  # the engine re-values each and files it anew (or not)
-                del current[row]
+    # tiny rooms and merge limits, so that segments move, grow, shrink and get compacted
+    with mock.patch.object(bands_module, "ROOM", 2), \
+            mock.patch.object(bands_module, "FIRST_LIMIT", 6):
+        pending, bands = index(SYMBOLS)
+        aid = np.zeros(ROWS, np.uint32)
+        current: dict[int, dict[int, tuple[float, float]]] = {s: {} for s in range(SYMBOLS)}
+        sym_px = np.full(SYMBOLS, 100.0)
+        for step in program:
+            if step[0] == "file":
+                _, s, row, lo, width = step
                 aid[row] += 1
-    assert sorted(bands.live_rows(aid).tolist()) == sorted(current)
+                for held in current.values():  # re-anchoring makes every older band stale
+                    held.pop(row, None)
+                current[s][row] = (float(lo), float(lo + width))
+                if pending.file(s, float(lo), float(lo + width), row, int(aid[row])):
+                    bands[s].merge(aid)
+            elif step[0] == "bulk":
+                _, s, count, lo, width = step
+                rows = np.arange(count) % ROWS
+                for row in sorted(set(rows.tolist())):
+                    aid[row] += 1
+                    for held in current.values():
+                        held.pop(row, None)
+                    current[s][row] = (float(lo), float(lo + width))
+                pending.file_many(s, rows.astype(np.int32), aid[rows], np.full(count, float(lo)),
+                                  np.full(count, float(lo + width)), float(lo + width),
+                                  float(lo))
+            elif step[0] == "kernel":
+                _, row, lo, width = step
+                eps = width / 200
+                syms = np.arange(SYMBOLS)
+                sym_px[:] = float(lo)
+                # a segment full or due files nothing (`Book.anchor` then makes room)
+                if kernels.file_bands(row, eps, syms, aid, sym_px, *pending.args):
+                    for held in current.values():
+                        held[row] = (lo * (1.0 - eps), lo * (1.0 + eps))
+            elif step[0] == "merge":
+                bands[step[1]].merge(aid)
+            else:
+                _, s, price = step
+                expected = sorted(row for row, (lo, hi) in current[s].items()
+                                  if hi <= price or lo >= price)
+                taken = bands[s].take(float(price), aid)
+                assert ([] if taken is None else taken.tolist()) == expected
+                for row in expected:  # the engine re-values each and files it anew (or not)
+                    aid[row] += 1
+                    for held in current.values():
+                        held.pop(row, None)
+            assert_segments_tile_the_arena(pending)
+        for s in range(SYMBOLS):
+            assert sorted(bands[s].live_rows(aid).tolist()) == sorted(current[s])
+
+
+def test_the_kernel_files_nothing_when_a_segment_is_full_or_due() -> None:
+    pending, _ = index(2)
+    aid = np.zeros(4, np.uint32)
+    sym_px = np.array([100.0, 10.0])
+    limit = int(pending.limit[1])
+    pending.count[1] = limit - 1  # one more band on symbol 1 makes its merge due
+    pending.room[1] = limit
+    assert not kernels.file_bands(3, 0.01, np.array([0, 1]), aid, sym_px, *pending.args)
+    assert aid[3] == 0 and pending.count[0] == 0
+    pending.count[1] = 0
+    assert kernels.file_bands(3, 0.01, np.array([0, 1]), aid, sym_px, *pending.args)
+    assert aid[3] == 1
+    assert [list(map(float, column)) for column in pending.segment(1)] == [
+        [10.0 * 0.99], [10.0 * 1.01], [3.0], [1.0]]
+
+
+def test_a_bulk_filing_s_room_is_given_back_after_its_merge() -> None:
+    pending, bands = index(4)
+    aid = np.ones(100_000, np.uint32)
+    rows = np.arange(100_000, dtype=np.int32)
+    pending.file_many(2, rows, aid, np.full(100_000, 90.0), np.full(100_000, 110.0), 110.0,
+                      90.0)
+    assert pending.bounds.shape[1] >= 100_000
+    bands[2].merge(aid)
+    limit = int(pending.limit[2])
+    assert limit == 16 * 316  # 16·√(bands in the runs)
+    room = bands_module.ROOM
+    assert pending.room.tolist() == [room, room, limit, room]
+    assert pending.bounds.shape[1] == 2 * (3 * room + limit)  # compacted to twice the room
+    assert bands[2].take(110.0, aid).tolist() == list(range(100_000))
 
 
 def test_a_fold_keeps_a_new_band_after_older_ones_of_equal_bound_and_drops_stale_ones() -> None:
-    bands = SymbolBands()
+    pending, (bands,) = index(1)
     aid = np.zeros(4, np.uint32)
     for row, (lo, hi) in enumerate([(90.0, 110.0), (95.0, 110.0), (99.0, 101.0)]):
         aid[row] = 1
-        bands.push_many(np.array([row], np.int32), np.array([1], np.uint32),
-                        np.array([lo]), np.array([hi]), hi, lo)
+        pending.file(0, lo, hi, row, 1)
     bands.merge(aid)
     aid[2], aid[3] = 2, 1  # row 2 re-anchored: its band above is stale
-    bands.push_many(np.array([3], np.int32), np.array([1], np.uint32), np.array([80.0]),
-                    np.array([110.0]), 110.0, 80.0)
-    bands.push_many(np.array([2], np.int32), np.array([2], np.uint32), np.array([50.0]),
-                    np.array([150.0]), 150.0, 50.0)
+    pending.file(0, 80.0, 110.0, 3, 1)
+    pending.file(0, 50.0, 150.0, 2, 2)
     bands.merge(aid)
     assert bands.hrow.tolist() == [0, 1, 3, 2]  # by upper bound; equal ones in filing order
     assert bands.hi.tolist() == [110.0, 110.0, 110.0, 150.0]

@@ -9,15 +9,16 @@ the events. Each docstring names the mutations of the product it was seen to kil
 Config (tests/conftest.py): margin_call 0.8, liquidation 1.0, hysteresis 0.05, so the four
 boundaries are 1.0, 0.8, 0.95 and 0.75 (1.0 − 0.05 and 0.8 − 0.05 are exactly 0.95 and 0.75 in
 float64). Every scenario runs on one account, re-valued alone, and on 60 identical accounts,
-whose bands a tick files in one pass (`engine.ANCHOR_ONE_BY_ONE`): two filing paths to hold.
+whose bands a tick files in one pass (`store.ANCHOR_ONE_BY_ONE`): two filing paths to hold.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from monitor.book.store import ANCHOR_ONE_BY_ONE
 from monitor.config import RiskConfig
-from monitor.engine import ANCHOR_ONE_BY_ONE, Engine
+from monitor.engine import Engine
 from tests.support.records import fill, ledger, tick, types
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from monitor.account import Account, UnitKey
 from monitor.book import kernels, store
 from monitor.config import RiskConfig, parse_config
-from monitor.engine import ANCHOR_ONE_BY_ONE, Engine
+from monitor.engine import Engine
 from monitor.events import Event, Source
 from monitor.margin import Position, value_account
 from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick, Reason, Rejected
@@ -200,34 +200,49 @@ def assert_settled(engine: Engine) -> None:
         assert next_state(state, valuation.ratio, thresholds) == state, (name, valuation)
 
 
+class Calls:
+    count = 0
+
+
+@pytest.fixture
+def bulk_filings(monkeypatch: pytest.MonkeyPatch) -> Calls:
+    """Counts ticks whose bands are filed by symbol in one pass (`Book.anchor_many`), with
+    the row count above which they are lowered to 16, so that these streams take both paths."""
+    monkeypatch.setattr(store, "ANCHOR_ONE_BY_ONE", 16)
+    calls = Calls()
+    bands_by_symbol = kernels.bands_by_symbol
+
+    def counted(*args: Any) -> Any:
+        calls.count += 1
+        return bands_by_symbol(*args)
+
+    monkeypatch.setattr(kernels, "bands_by_symbol", counted)
+    return calls
+
+
 @pytest.mark.parametrize(("seed", "isolated"), [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0),
                                                 (4, 0.3), (5, 0.3)])
 def test_columnar_engine_equals_reference_with_many_accounts_and_shocks(
-    seed: int, isolated: float,
+    seed: int, isolated: float, bulk_filings: Calls,
 ) -> None:
     config = parse_config(RISK)
     engine, reference = Engine(config), ReferenceEngine(config)
     records = stream(seed, 12_000, accounts=250, shock_rate=0.02, isolated=isolated)
-    vector_ticks = 0
     unit_events = 0
     for n, (record, source) in enumerate(records):
-        if isinstance(record, PriceTick):
-            sym = engine.book.t.sym_index.get(record.symbol)
-            if sym is not None and engine.book.bands[sym].entries() > ANCHOR_ONE_BY_ONE:
-                vector_ticks += 1
         events = apply_both(engine, reference, record, source, f"record {n}")
         unit_events += sum(event.symbol is not None for event in events)
         if n % 1_500 == 0:
             assert_settled(engine)
     assert_same_state(engine, reference)
     assert_settled(engine)
-    assert vector_ticks > 100, "the stream should exercise the bulk band filing"
+    assert bulk_filings.count > 50, "the stream should exercise the bulk band filing"
     assert (unit_events > 100) == (isolated > 0)
 
 
 @pytest.mark.parametrize(("seed", "isolated"), [(0, 0.0), (1, 0.0), (2, 0.3)])
 def test_columnar_engine_equals_the_naive_model_with_many_accounts_and_shocks(
-    seed: int, isolated: float,
+    seed: int, isolated: float, bulk_filings: Calls,
 ) -> None:
     """The reference engine above shares the product's valuation, transition rule and event
     builder, so it cannot catch a bug in them; tests/support/naive_model.py shares no code. The
@@ -235,15 +250,10 @@ def test_columnar_engine_equals_the_naive_model_with_many_accounts_and_shocks(
     take positions past tier 1, where the cumulative maintenance amount counts."""
     config = parse_config(RISK)
     engine, naive = Engine(config), NaiveMonitor(RISK)
-    vector_ticks = 0
     types = set()
     records = stream(seed, 6_000, accounts=250, shock_rate=0.02, whales=0.1, isolated=isolated)
     conflicts = 0
     for n, (record, source) in enumerate(records):
-        if isinstance(record, PriceTick):
-            sym = engine.book.t.sym_index.get(record.symbol)
-            if sym is not None and engine.book.bands[sym].entries() > ANCHOR_ONE_BY_ONE:
-                vector_ticks += 1
         try:
             theirs = naive.feed(source.topic, dataclasses.asdict(record), n)
         except ModeConflict:
@@ -257,7 +267,7 @@ def test_columnar_engine_equals_the_naive_model_with_many_accounts_and_shocks(
             close(payload(event), expected, f"record {n}:{event.event_id}")
             types.add(event.type)
     assert types == {"margin_call", "liquidation", "recovered"}
-    assert vector_ticks > 100, "the stream should exercise the bulk band filing"
+    assert bulk_filings.count > 50, "the stream should exercise the bulk band filing"
     assert (conflicts > 0) == (isolated > 0)
     held: list[tuple[Any, dict[str, Any], Any]] = list(
         (name, acct, engine.accounts) for name, acct in naive.accounts.items())
@@ -530,7 +540,7 @@ def band_of(engine: Engine, name: str, symbol: str) -> tuple[float, float] | Non
     aid = book.aid[row]
     for los, his, rows, aids, start, stop in (
         (bands.hlo, bands.hi, bands.hrow, bands.haid, bands.hs, len(bands.hi)),
-        (bands.plo, bands.phi, bands.prow, bands.paid, 0, bands.np),
+        (*book.pending.segment(sym), 0, book.pending.count[sym]),
     ):
         for k in range(start, stop):
             if rows[k] == row and aids[k] == aid:

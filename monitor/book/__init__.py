@@ -31,11 +31,11 @@ always built from a from-scratch valuation (`margin.value_account`), so bands de
 accounts are re-valued, never what an event says.
 """
 
-from monitor.book.bands import SymbolBands
-from monitor.book.store import Book, OneEvaluation
+from monitor.book.bands import PendingBands, SymbolBands
+from monitor.book.store import Book, OneEvaluation, Verdict
 from monitor.book.tables import Tables
 
-__all__ = ["Book", "OneEvaluation", "SymbolBands", "Tables"]
+__all__ = ["Book", "OneEvaluation", "PendingBands", "SymbolBands", "Tables", "Verdict"]
 
 
 def warm_up() -> float:
@@ -56,11 +56,14 @@ def warm_up() -> float:
     book.fill_and_evaluate(row, 0, 1.0, 10.0, 0.0)
     book.sym_px[:] = 10.0
     book.evaluate_one(row)
+    book.evaluate_and_file(row)
     rows = np.array([row], dtype=np.int64)
     evaluation = book.evaluate(rows)
-    book.anchor(row, float(evaluation.eps[0]), evaluation.watched()[0])
+    book.anchor(row, float(evaluation.eps[0]), book.watched(row))
+    book.anchor_many(rows, evaluation.eps, evaluation)  # row by row
     evaluation = book.evaluate(rows, decide=False)
-    book.anchor_many(rows, evaluation.eps, evaluation)
+    kernels.bands_by_symbol(rows, evaluation.eps, evaluation.watch, evaluation.watch_start,
+                            book.aid, book.sym_px)
     # the every-core variants a shock tick takes (store.PARALLEL_ROWS)
     evaluation = Evaluation(*kernels.evaluate_rows_parallel(2, rows, True, book.state,
                                                             *book._value_args))

@@ -9,140 +9,241 @@ from typing import Any
 import numpy as np
 
 from monitor.book import kernels
-from monitor.book.tables import INF, grown
+from monitor.book.tables import INF
+
+ROOM = 64  # pending bands a symbol has room for before its segment first grows
+FIRST_LIMIT = 256  # pending bands that make a merge due, until the runs grow (`merge`)
+
+
+def _view(array: np.ndarray) -> Any:
+    """A memoryview for scalar reads and writes; typed Any as typeshed's holds ints only."""
+    return array.data
+
+
+class PendingBands:
+    """The bands filed since each symbol's last merge, every symbol's in one arena, so that a
+    compiled kernel can file an account's bands in the same call that values it.
+
+    Symbol s owns columns ``start[s]`` to ``start[s] + room[s]`` of ``bounds`` (rows: lo, hi)
+    and ``ids`` (rows: account row, anchor id at filing), of which the first ``count[s]`` are
+    filed; ``limit[s]`` is the count at which a merge is due; ``edges`` holds the lowest upper
+    bound (row 0) and the highest lower bound (row 1) among them, INF and -INF when none.
+    A segment that outgrows its room moves to the free end of the arena (or grows in place if
+    it is the last). When the end is reached, or a merge gives back room and the segments
+    hold less than a quarter of the arena, it is compacted into one twice the size of their
+    room: memory follows the bands actually pending.
+    """
+
+    __slots__ = (
+        "aid_m",
+        "args",
+        "bounds",
+        "ceil_m",
+        "count",
+        "count_m",
+        "edges",
+        "floor_m",
+        "hi_m",
+        "ids",
+        "limit",
+        "limit_m",
+        "lo_m",
+        "meta",
+        "room",
+        "room_m",
+        "row_m",
+        "start",
+        "start_m",
+        "top",
+        "waste",
+    )
+
+    def __init__(self, symbols: int) -> None:
+        self.meta = np.zeros((4, symbols), np.int64)
+        self.start, self.room, self.count, self.limit = self.meta
+        self.start[:] = np.arange(symbols) * ROOM
+        self.room[:] = ROOM
+        self.limit[:] = FIRST_LIMIT
+        self.edges = np.empty((2, symbols))
+        self.edges[0], self.edges[1] = INF, -INF
+        self.start_m, self.room_m = _view(self.start), _view(self.room)
+        self.count_m, self.limit_m = _view(self.count), _view(self.limit)
+        self.floor_m, self.ceil_m = _view(self.edges[0]), _view(self.edges[1])
+        self.top = symbols * ROOM  # columns past the last segment are free
+        self.waste = 0  # columns left behind by segments that moved or shrank
+        self._columns(max(2 * self.top, 1))
+
+    def _columns(self, size: int) -> None:
+        self.bounds = np.empty((2, size))
+        self.ids = np.empty((2, size), np.int64)
+        self.lo_m, self.hi_m = _view(self.bounds[0]), _view(self.bounds[1])
+        self.row_m, self.aid_m = _view(self.ids[0]), _view(self.ids[1])
+        self.args = (self.bounds, self.ids, self.meta, self.edges)  # as kernels take them
+
+    def segment(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Views of symbol s's pending bands: (lo, hi, row, anchor id)."""
+        a = self.start_m[s]
+        b = a + self.count_m[s]
+        return self.bounds[0, a:b], self.bounds[1, a:b], self.ids[0, a:b], self.ids[1, a:b]
+
+    def file(self, s: int, lo: float, hi: float, row: int, aid: int) -> bool:
+        """File one band; True when a merge is due."""
+        n = self.count_m[s]
+        if n == self.room_m[s]:
+            self._make_room(s, 2 * n)
+        at = self.start_m[s] + n
+        self.lo_m[at] = lo
+        self.hi_m[at] = hi
+        self.row_m[at] = row
+        self.aid_m[at] = aid
+        if hi < self.floor_m[s]:
+            self.floor_m[s] = hi
+        if lo > self.ceil_m[s]:
+            self.ceil_m[s] = lo
+        self.count_m[s] = n + 1
+        return n + 1 >= self.limit_m[s]
+
+    def file_many(self, s: int, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
+                  hi: np.ndarray, lowest_hi: float, highest_lo: float) -> bool:
+        """File bands, ``hi``'s least and ``lo``'s greatest given; True when a merge is
+        due."""
+        n, k = self.count_m[s], len(rows)
+        if n + k > self.room_m[s]:
+            self._make_room(s, max(n + k, 2 * n))
+        at = self.start_m[s] + n
+        self.bounds[0, at:at + k] = lo
+        self.bounds[1, at:at + k] = hi
+        self.ids[0, at:at + k] = rows
+        self.ids[1, at:at + k] = aids
+        if lowest_hi < self.floor_m[s]:
+            self.floor_m[s] = lowest_hi
+        if highest_lo > self.ceil_m[s]:
+            self.ceil_m[s] = highest_lo
+        self.count_m[s] = n + k
+        return n + k >= self.limit_m[s]
+
+    def merged(self, s: int, limit: int) -> None:
+        """Symbol s's pending bands were merged: empty its segment, set its next merge's
+        ``limit``, and give back room a bulk filing blew up."""
+        self.count_m[s] = 0
+        self.floor_m[s], self.ceil_m[s] = INF, -INF
+        self.limit_m[s] = limit
+        room = self.room_m[s]
+        if room > 4 * limit:
+            end = self.start_m[s] + room
+            if end == self.top:
+                self.top = end - room + limit
+            else:
+                self.waste += room - limit
+            self.room_m[s] = limit
+            if self.bounds.shape[1] > 4 * (self.top - self.waste):  # mostly idle: give it back
+                self._compact()
+
+    def _make_room(self, s: int, room: int) -> None:
+        start, old = self.start_m[s], self.room_m[s]
+        size = self.bounds.shape[1]
+        if start + old == self.top and start + room <= size:  # the last segment: grow in place
+            self.top = start + room
+        elif self.top + room <= size:  # move to the free end
+            n = self.count_m[s]
+            self.bounds[:, self.top:self.top + n] = self.bounds[:, start:start + n]
+            self.ids[:, self.top:self.top + n] = self.ids[:, start:start + n]
+            self.start_m[s] = self.top
+            self.top += room
+            self.waste += old
+        else:
+            self._compact(s, room)
+            return
+        self.room_m[s] = room
+
+    def _compact(self, grow: int = -1, room: int = 0) -> None:
+        """Lay the segments out end to end in fresh columns twice their total room (symbol
+        ``grow``'s room raised to ``room``)."""
+        rooms = self.room.copy()
+        if grow >= 0:
+            rooms[grow] = room
+        starts = np.concatenate(([0], np.cumsum(rooms)[:-1]))
+        self.top = int(rooms.sum())
+        old_bounds, old_ids = self.bounds, self.ids
+        self._columns(max(2 * self.top, 1))
+        for s in np.flatnonzero(self.count).tolist():
+            a, b, n = int(self.start[s]), int(starts[s]), int(self.count[s])
+            self.bounds[:, b:b + n] = old_bounds[:, a:a + n]
+            self.ids[:, b:b + n] = old_ids[:, a:a + n]
+        self.start[:] = starts
+        self.room[:] = rooms
+        self.waste = 0
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.bounds, self.ids, self.meta, self.edges))
 
 
 class SymbolBands:
     """The bands of every account that watches one price symbol.
 
     Two sorted runs (by upper bound ascending, by lower bound descending) from which a tick
-    consumes the prefix it crosses, plus an unsorted pending buffer for bands filed since the
-    last merge. Entries carry the account's anchor id at filing time; an entry whose id no
-    longer matches the account's is stale (the account was re-anchored) and is skipped.
-    ``floor``/``ceil`` are the lowest upper and highest lower bound anywhere, so a tick that
-    stays strictly between them costs two comparisons.
+    consumes the prefix it crosses, plus the symbol's pending bands (`PendingBands`), filed
+    since the last merge. Entries carry the account's anchor id at filing time; an entry whose
+    id no longer matches the account's is stale (the account was re-anchored) and is skipped.
+    ``sfloor``/``sceil`` are the lowest upper and highest lower bound in the runs; with the
+    pending ones', a tick that stays strictly between them costs four comparisons.
     """
 
-    __slots__ = (
-        "haid",
-        "hi",
-        "hlo",
-        "hrow",
-        "hs",
-        "laid",
-        "limit",
-        "lneg",
-        "lrow",
-        "ls",
-        "maid",
-        "mhi",
-        "mlo",
-        "mrow",
-        "np",
-        "paid",
-        "pcap",
-        "pceil",
-        "pfloor",
-        "phi",
-        "plo",
-        "prow",
-        "sceil",
-        "sfloor",
-        "stale",
-    )
+    __slots__ = ("haid", "hi", "hlo", "hrow", "hs", "laid", "lneg", "lrow", "ls", "pending",
+                 "s", "sceil", "sfloor", "stale")
 
-    def __init__(self) -> None:
+    def __init__(self, pending: PendingBands, s: int) -> None:
         empty_f, empty_i, empty_u = (np.empty(0, np.float64), np.empty(0, np.int32),
                                      np.empty(0, np.uint32))
         self.hi, self.hlo, self.hrow, self.haid = empty_f, empty_f, empty_i, empty_u
         self.lneg, self.lrow, self.laid = empty_f, empty_i, empty_u
         self.hs = self.ls = 0
-        self.np = 0
-        self.limit = 256
-        self.plo, self.phi = np.zeros(64), np.zeros(64)
-        self.prow, self.paid = np.zeros(64, np.int32), np.zeros(64, np.uint32)
-        self._views()
-        self.pfloor, self.pceil = INF, -INF  # over the pending buffer
-        self.sfloor, self.sceil = INF, -INF  # over the sorted runs
+        self.pending, self.s = pending, s
+        self.sfloor, self.sceil = INF, -INF
         self.stale = 0  # bands filed since the runs were last cleared of stale entries
-
-    def _views(self) -> None:
-        # memoryviews of the pending columns for scalar writes (`Book.anchor`); typed Any as
-        # typeshed's memoryview holds ints only
-        self.mlo: Any = self.plo.data
-        self.mhi: Any = self.phi.data
-        self.mrow: Any = self.prow.data
-        self.maid: Any = self.paid.data
-        self.pcap = len(self.plo)
-
-    def _grow_pending(self, need: int) -> None:
-        size = max(need, 2 * len(self.plo))
-        self.plo, self.phi = grown(self.plo, size), grown(self.phi, size)
-        self.prow, self.paid = grown(self.prow, size), grown(self.paid, size)
-        self._views()
 
     def _sorted_edges(self) -> None:
         self.sfloor = float(self.hi[self.hs]) if self.hs < len(self.hi) else INF
         self.sceil = -float(self.lneg[self.ls]) if self.ls < len(self.lneg) else -INF
 
-    def push_many(self, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
-                  hi: np.ndarray, lowest_hi: float, highest_lo: float) -> bool:
-        """File bands in the pending buffer (`Book.anchor` files one band inline), ``hi``'s
-        least and ``lo``'s greatest given; True when the buffer is due for a merge."""
-        n, k = self.np, len(rows)
-        if n + k > self.pcap:
-            self._grow_pending(n + k)
-        self.plo[n:n + k] = lo
-        self.phi[n:n + k] = hi
-        self.prow[n:n + k] = rows
-        self.paid[n:n + k] = aids
-        if lowest_hi < self.pfloor:
-            self.pfloor = lowest_hi
-        if highest_lo > self.pceil:
-            self.pceil = highest_lo
-        self.np = n + k
-        return n + k >= self.limit
+    def overdue(self) -> bool:
+        """A bulk filing (`Book.anchor_many`) left more pending than a merge waits for."""
+        return self.pending.count_m[self.s] > self.pending.limit_m[self.s]
 
     def take(self, price: float, aid: np.ndarray) -> np.ndarray | None:
         """Remove every band the price touches or leaves; the rows whose band it was (sorted,
         unique, stale entries skipped), or None."""
-        if (price < self.sfloor and price < self.pfloor and price > self.sceil
-                and price > self.pceil):
+        pending, s = self.pending, self.s
+        if (price < self.sfloor and price < pending.floor_m[s] and price > self.sceil
+                and price > pending.ceil_m[s]):
             return None
-        rows, self.hs, self.ls, self.np, pfloor, pceil = kernels.take_crossed(
+        rows, self.hs, self.ls = kernels.take_crossed(
             price, self.hi, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
-            self.ls, self.plo, self.phi, self.prow, self.paid, self.np, aid)
-        self.pfloor, self.pceil = float(pfloor), float(pceil)
+            self.ls, s, *pending.args, aid)
         self._sorted_edges()
         return rows if len(rows) else None
 
     def merge(self, aid: np.ndarray) -> None:
-        """Fold the pending buffer into the sorted runs (`kernels.merge_bands`, a linear
-        merge). Stale entries are dropped from the pending buffer always, from the runs once
+        """Fold the pending bands into the sorted runs (`kernels.merge_bands`, a linear
+        merge). Stale entries are dropped from the pending bands always, from the runs once
         they may make up half."""
+        pending = self.pending
         (self.hi, self.hlo, self.hrow, self.haid, self.lneg, self.lrow, self.laid,
          self.stale) = kernels.merge_bands(
             self.hi, self.hlo, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
-            self.ls, self.plo, self.phi, self.prow, self.paid, self.np, aid, self.stale)
+            self.ls, self.s, pending.bounds, pending.ids, pending.meta, aid, self.stale)
         self.hs = self.ls = 0
-        self.np = 0
-        self.pfloor, self.pceil = INF, -INF
         self._sorted_edges()
-        self.limit = int(min(8192, max(256, 16 * math.isqrt(len(self.hi)))))
-        if self.pcap > 4 * self.limit:  # give back a buffer a bulk load blew up
-            self.plo, self.phi = np.zeros(self.limit), np.zeros(self.limit)
-            self.prow = np.zeros(self.limit, np.int32)
-            self.paid = np.zeros(self.limit, np.uint32)
-            self._views()
+        pending.merged(self.s, int(min(8192, max(FIRST_LIMIT, 16 * math.isqrt(len(self.hi))))))
 
     def live_rows(self, aid: np.ndarray) -> np.ndarray:
         """Rows with a current band here (the accounts this symbol can move)."""
         hrow, haid = self.hrow[self.hs:], self.haid[self.hs:]
-        n = self.np
-        prow, paid = self.prow[:n], self.paid[:n]
+        _, _, prow, paid = self.pending.segment(self.s)
         rows = np.concatenate((hrow[aid[hrow] == haid], prow[aid[prow] == paid]))
         return np.unique(rows)
 
-    def entries(self) -> int:
-        return len(self.hi) - self.hs + self.np
-
+    def nbytes(self) -> int:
+        """Bytes of the sorted runs (the pending bands are `PendingBands.nbytes`)."""
+        return sum(a.nbytes for a in (self.hi, self.hlo, self.hrow, self.haid, self.lneg,
+                                      self.lrow, self.laid))

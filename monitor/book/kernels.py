@@ -316,15 +316,76 @@ def evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr, p_q
 
 @_jit
 def fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched, bal, isolated,
-                      first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints):
-    """`_apply_fill`, then `evaluate_row` of the row: one compiled call per fill. Returns
-    evaluate_row's five figures, then whether ``spare`` was used and the slot freed or -1."""
+                      first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid,
+                      bounds, ids, meta, edges):
+    """`_apply_fill`, then `evaluate_and_file` of the row: one compiled call per fill.
+    Returns evaluate_and_file's six figures, then whether ``spare`` was used and the slot
+    freed or -1."""
     na, i_cs, i_settle = _fill_tables(floats, ints)
     used, freed = _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first,
                               p_next, p_acct, p_instr, p_qty, p_entry, i_cs, i_settle)
+    ok, r, new, eps, n, filed = evaluate_and_file(
+        row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry, sym_px,
+        floats, ints, aid, bounds, ids, meta, edges)
+    return ok, r, new, eps, n, filed, used, freed
+
+
+@_jit
+def evaluate_and_file(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
+                      p_entry, sym_px, floats, ints, aid, bounds, ids, meta, edges):
+    """`evaluate_row`, then `file_bands` with the eps it found: evaluate_row's five figures
+    and whether the bands were filed."""
     ok, r, new, eps, n = evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr,
                                       p_qty, p_entry, sym_px, floats, ints)
-    return ok, r, new, eps, n, used, freed
+    filed = file_bands(row, eps, watched[:n], aid, sym_px, bounds, ids, meta, edges)
+    return ok, r, new, eps, n, filed
+
+
+@_jit
+def file_bands(row, eps, syms, aid, sym_px, bounds, ids, meta, edges):
+    """Re-anchor one row and file its band of ±eps around the price of every symbol in
+    ``syms`` in the pending bands (`PendingBands`' layout); an unpriced symbol gets the empty
+    band (INF, -INF). Files nothing and returns False when a symbol's segment is full or its
+    merge would be due: `Book.anchor` then makes room, and merges."""
+    for k in range(syms.shape[0]):
+        s = syms[k]
+        if meta[2, s] >= meta[1, s] or meta[2, s] + 1 >= meta[3, s]:
+            return False
+    new_aid = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
+    aid[row] = new_aid
+    down = 1.0 - eps
+    up = 1.0 + eps
+    for k in range(syms.shape[0]):
+        s = syms[k]
+        price = sym_px[s]
+        if price == price:
+            lo = price * down
+            hi = price * up
+        else:
+            lo = INF
+            hi = -INF
+        at = meta[0, s] + meta[2, s]
+        bounds[0, at] = lo
+        bounds[1, at] = hi
+        ids[0, at] = row
+        ids[1, at] = new_aid
+        meta[2, s] += 1
+        if hi < edges[0, s]:
+            edges[0, s] = hi
+        if lo > edges[1, s]:
+            edges[1, s] = lo
+    return True
+
+
+@_jit
+def file_rows(rows, eps, watch, watch_start, aid, sym_px, bounds, ids, meta, edges):
+    """`file_bands` of each row in turn (the symbols `evaluate_rows` listed); returns how many
+    rows were filed before one did not fit (all: ``rows.shape[0]``)."""
+    for k in range(rows.shape[0]):
+        if not file_bands(rows[k], eps[k], watch[watch_start[k]:watch_start[k + 1]], aid,
+                          sym_px, bounds, ids, meta, edges):
+            return k
+    return rows.shape[0]
 
 
 @_jit
@@ -571,14 +632,21 @@ def _lay_out(rows, start, stop, eps, watch, watch_start, aid, sym_px, fill, out_
 
 
 @_jit
-def merge_bands(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, np_, aid,
+def merge_bands(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids, meta, aid,
                 stale):
-    """Fold a symbol's pending bands into its two sorted runs in one linear pass each (see
+    """Fold symbol ``s``'s pending bands into its two sorted runs in one linear pass each (see
     `SymbolBands.merge`): pending entries whose anchor id is stale are dropped; the runs'
     own stale entries too once the bands filed since the last pruning (``stale``) may make
-    up half of them. A new entry goes after the run's entries of equal key.
+    up half of them. A new entry goes after the run's entries of equal key. The pending
+    bands are left for the caller to clear (`PendingBands.merged`).
 
     Returns (hi, hlo, hrow, haid, lneg, lrow, laid, stale after)."""
+    start = meta[0, s]
+    np_ = meta[2, s]
+    plo = bounds[0, start:start + np_]
+    phi = bounds[1, start:start + np_]
+    prow = ids[0, start:start + np_]
+    paid = ids[1, start:start + np_]
     live = np.empty(np_, np.int64)
     k = 0
     for j in range(np_):
@@ -636,13 +704,14 @@ def _merged(key, row, row_aid, start, new_key, new_row, new_aid, aid, prune):
 
 
 @_jit
-def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, np_,
+def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids, meta, edges,
                  aid):
-    """Remove every band of one symbol that ``price`` touches or leaves: the prefixes of the
-    two sorted runs it crosses, and the pending entries it reaches (compacted in place).
+    """Remove every band of symbol ``s`` that ``price`` touches or leaves: the prefixes of the
+    two sorted runs it crosses, and the pending bands it reaches (the rest compacted in place,
+    their count and edges updated).
 
-    Returns (rows, hs, ls, pending kept, pending floor, pending ceil): rows sorted, unique,
-    and only those whose anchor id still matches (a stale entry is a re-anchored row)."""
+    Returns (rows, hs, ls): rows sorted, unique, and only those whose anchor id still matches
+    (a stale entry is a re-anchored row)."""
     i = hs
     end = hi.shape[0]
     while i < end and hi[i] <= price:
@@ -652,6 +721,8 @@ def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow
     neg = -price
     while j < end and lneg[j] <= neg:
         j += 1
+    start = meta[0, s]
+    np_ = meta[2, s]
     out = np.empty((i - hs) + (j - ls) + np_, np.int64)
     n = 0
     for k in range(hs, i):
@@ -664,28 +735,31 @@ def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow
         if aid[r] == laid[k]:
             out[n] = r
             n += 1
-    kept = 0
+    kept = start
     floor = INF
     ceil = -INF
-    for k in range(np_):
-        low = plo[k]
-        high = phi[k]
+    for k in range(start, start + np_):
+        low = bounds[0, k]
+        high = bounds[1, k]
         if high <= price or low >= price:
-            r = prow[k]
-            if aid[r] == paid[k]:
+            r = ids[0, k]
+            if aid[r] == ids[1, k]:
                 out[n] = r
                 n += 1
         else:
-            plo[kept] = low
-            phi[kept] = high
-            prow[kept] = prow[k]
-            paid[kept] = paid[k]
+            bounds[0, kept] = low
+            bounds[1, kept] = high
+            ids[0, kept] = ids[0, k]
+            ids[1, kept] = ids[1, k]
             kept += 1
             if high < floor:
                 floor = high
             if low > ceil:
                 ceil = low
-    return _sorted_unique(out[:n], aid.shape[0]), i, j, kept, floor, ceil
+    meta[2, s] = kept - start
+    edges[0, s] = floor
+    edges[1, s] = ceil
+    return _sorted_unique(out[:n], aid.shape[0]), i, j
 
 
 @_jit

@@ -17,7 +17,7 @@ import numpy as np
 
 from monitor.account import Account, RiskKey, UnitKey
 from monitor.book import kernels
-from monitor.book.bands import SymbolBands
+from monitor.book.bands import PendingBands, SymbolBands
 from monitor.book.tables import INF, NAN, Tables, grown
 from monitor.config import RiskConfig
 from monitor.errors import LiqmonError
@@ -31,6 +31,9 @@ _AID_MASK = 0xFFFFFFFF
 # `Book.evaluate_one` of an account: (evaluable, ratio, next state, band eps for that state,
 # watched symbol ids)
 OneEvaluation = tuple[bool, float, int, float, list[int]]
+# `Book.evaluate_and_file` of an account: (evaluable, ratio, next state, band eps it was filed
+# with)
+Verdict = tuple[bool, float, int, float]
 
 
 class Evaluation(NamedTuple):
@@ -45,11 +48,6 @@ class Evaluation(NamedTuple):
     watch: np.ndarray
     watch_start: np.ndarray
 
-    def watched(self) -> list[list[int]]:
-        """Each row's watched symbol ids, as lists."""
-        flat, starts = self.watch.tolist(), self.watch_start.tolist()
-        return [flat[starts[k]:starts[k + 1]] for k in range(len(starts) - 1)]
-
 
 _STATE_ENUM = tuple(AccountState)
 
@@ -57,6 +55,9 @@ _STATE_ENUM = tuple(AccountState)
 # NUMBA_NUM_THREADS caps them): a shock that moves every holder of a symbol at once. Below
 # it, starting the threads would cost more than it saves.
 PARALLEL_ROWS = 4096
+# Above this many rows, `Book.anchor_many` lays their bands out by symbol in one pass and
+# files each symbol's at once; below, it files row after row into the symbols' segments.
+ANCHOR_ONE_BY_ONE = 128
 
 
 def _spans() -> int:
@@ -97,7 +98,8 @@ class Book:
         self.positions = 0  # open positions
         self._alloc_rows(0, 1024)
         self._alloc_pos(0, 4096)
-        self.bands = [SymbolBands() for _ in self.t.symbols]
+        self.pending = PendingBands(len(self.t.symbols))
+        self.bands = [SymbolBands(self.pending, s) for s in range(len(self.t.symbols))]
         self.sym_px = np.full(len(self.t.symbols), NAN)  # current price per symbol id
         self.sym_px_m = _view(self.sym_px)
         self._watched = np.empty(len(self.t.symbols), np.int64)  # `evaluate_one`'s output
@@ -268,19 +270,21 @@ class Book:
     # -- inputs ---------------------------------------------------------------------------------
 
     def fill_and_evaluate(self, row: int, instr: int, signed_qty: float, price: float,
-                          fee: float) -> OneEvaluation:
+                          fee: float) -> Verdict:
         """SPEC §4 Fill (the arithmetic of `margin.apply_fill_to_position`, including its rule
-        that a close leaving only float rounding is flat), then `evaluate_one` of the account:
-        one compiled call."""
-        evaluable, ratio, new, eps, n, used, freed = kernels.fill_and_evaluate(
+        that a close leaving only float rounding is flat), then `evaluate_and_file` of the
+        account: one compiled call."""
+        evaluable, ratio, new, eps, n, filed, used, freed = kernels.fill_and_evaluate(
             row, instr, signed_qty, price, fee, self._spare_slot(), self.state, self._watched,
-            *self._fill_args)
+            *self._fill_args, self.aid, *self.pending.args)
         if used:
             self._take_slot()
         elif freed >= 0:
             self.free_pos.append(freed)
             self.positions -= 1
-        return evaluable, ratio, new, eps, self._watched_m[:n].tolist()
+        if not filed:
+            self.anchor(row, eps, self._watched_m[:n].tolist())
+        return evaluable, ratio, new, eps
 
     def add_balance(self, row: int, asset: int, amount: float) -> None:
         k = row * self.t.n_assets + asset
@@ -463,6 +467,15 @@ class Book:
                                                              *self._value_args)
         return evaluable, ratio, new, eps, self._watched_m[:n].tolist()
 
+    def evaluate_and_file(self, row: int) -> Verdict:
+        """`evaluate_one` of an account, then its band for the state it moves to filed
+        (`anchor`): one compiled call unless a symbol's pending bands are full or due."""
+        evaluable, ratio, new, eps, n, filed = kernels.evaluate_and_file(
+            row, self.state, self._watched, *self._value_args, self.aid, *self.pending.args)
+        if not filed:
+            self.anchor(row, eps, self._watched_m[:n].tolist())
+        return evaluable, ratio, new, eps
+
     def evaluate(self, rows: np.ndarray, decide: bool = True) -> Evaluation:
         """`evaluate_one` for many rows, as arrays. With ``decide`` off every row keeps its
         state and eps is sized for the state it is in."""
@@ -479,13 +492,11 @@ class Book:
     def anchor(self, row: int, eps: float, syms: list[int]) -> None:
         """File one account under a band of ±eps around the current price of every symbol it
         watches (``syms``, as its evaluation listed them; an empty band for a symbol without a
-        price: its first tick re-evaluates)."""
+        price: its first tick re-evaluates), making room and merging as needed (what
+        `kernels.file_bands` leaves to Python)."""
         aid = (self.aid_m[row] + 1) & _AID_MASK
         self.aid_m[row] = aid
-        if not syms:
-            return
-        sym_px = self.sym_px_m
-        bands = self.bands
+        sym_px, pending = self.sym_px_m, self.pending
         down, up = 1.0 - eps, 1.0 + eps
         for s in syms:
             price = sym_px[s]
@@ -493,37 +504,35 @@ class Book:
                 lo, hi = price * down, price * up
             else:  # NaN: no price yet
                 lo, hi = INF, -INF
-            b = bands[s]  # SymbolBands.push, inlined: this runs for every record
-            n = b.np
-            if n == b.pcap:
-                b._grow_pending(n + 1)
-            b.mlo[n] = lo
-            b.mhi[n] = hi
-            b.mrow[n] = row
-            b.maid[n] = aid
-            if hi < b.pfloor:
-                b.pfloor = hi
-            if lo > b.pceil:
-                b.pceil = lo
-            n += 1
-            b.np = n
-            if n >= b.limit:
-                b.merge(self.aid)
+            if pending.file(s, lo, hi, row, aid):
+                self.bands[s].merge(self.aid)
 
     def anchor_many(self, rows: np.ndarray, eps: np.ndarray, evaluation: Evaluation) -> None:
         """`anchor` for many accounts (the symbols each watches as ``evaluation`` of the same
-        rows listed them): bands laid out by symbol in one compiled pass, then appended to
-        each symbol's pending buffer (folded in by that symbol's next tick)."""
-        layout = (rows, eps, evaluation.watch, evaluation.watch_start, self.aid, self.sym_px)
+        rows listed them). A few are filed row after row by one compiled call; many are laid
+        out by symbol in one compiled pass and appended to each symbol's pending bands (folded
+        in by that symbol's next tick)."""
+        watch, watch_start = evaluation.watch, evaluation.watch_start
+        if len(rows) <= ANCHOR_ONE_BY_ONE:
+            done, n = 0, len(rows)
+            while done < n:
+                done += kernels.file_rows(rows[done:], eps[done:], watch, watch_start[done:],
+                                          self.aid, self.sym_px, *self.pending.args)
+                if done < n:  # a segment is full or due: `anchor` makes room and merges
+                    a, b = watch_start[done], watch_start[done + 1]
+                    self.anchor(int(rows[done]), float(eps[done]), watch[a:b].tolist())
+                    done += 1
+            return
+        layout = (rows, eps, watch, watch_start, self.aid, self.sym_px)
         starts, band_rows, aids, lo, hi, lowest_hi, highest_lo = (
             kernels.bands_by_symbol(*layout) if len(rows) < PARALLEL_ROWS
             else kernels.bands_by_symbol_parallel(_spans(), *layout))
         bounds, floors, ceils = starts.tolist(), lowest_hi.tolist(), highest_lo.tolist()
-        bands = self.bands
+        pending = self.pending
         for s in np.flatnonzero(starts[1:] > starts[:-1]).tolist():
             a, b = bounds[s], bounds[s + 1]
-            bands[s].push_many(band_rows[a:b], aids[a:b], lo[a:b], hi[a:b], floors[s],
-                               ceils[s])
+            pending.file_many(s, band_rows[a:b], aids[a:b], lo[a:b], hi[a:b], floors[s],
+                              ceils[s])
 
     def set_price(self, sym: int, price: float) -> None:
         self.sym_px_m[sym] = price
@@ -534,13 +543,13 @@ class Book:
     def fold(self) -> None:
         """Fold every symbol's waiting bulk re-filing into its sorted runs now."""
         for bands in self.bands:
-            if bands.np > bands.limit:
+            if bands.overdue():
                 bands.merge(self.aid)
 
     def candidates(self, sym: int, price: float) -> np.ndarray | None:
         """Rows whose band for this symbol the price touches or leaves (unique, current)."""
         bands = self.bands[sym]
-        if bands.np > bands.limit:  # a bulk re-filing is waiting to be folded in
+        if bands.overdue():
             bands.merge(self.aid)
         return bands.take(price, self.aid)
 
@@ -577,7 +586,4 @@ class Book:
         total = sum(a.nbytes for a in (self.state, self.trans, self.part, self.first, self.aid,
                                        self.bal, self.isolated, self.p_acct, self.p_instr,
                                        self.p_qty, self.p_entry, self.p_next))
-        for b in self.bands:
-            total += sum(a.nbytes for a in (b.hi, b.hlo, b.hrow, b.haid, b.lneg, b.lrow, b.laid,
-                                            b.plo, b.phi, b.prow, b.paid))
-        return total
+        return total + self.pending.nbytes() + sum(b.nbytes() for b in self.bands)
