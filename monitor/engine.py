@@ -545,11 +545,7 @@ class Engine(InputLedger):
         self._unindexed = []
         self._unindexed_bulk = []
         self._reindex_all = False
-        for start in range(0, len(rows), INDEX_CHUNK):
-            chunk = rows[start:start + INDEX_CHUNK]
-            evaluation = book.evaluate(chunk, decide=False)
-            book.anchor_many(chunk, evaluation.eps, evaluation)
-        book.fold()
+        book.refile_all(rows, INDEX_CHUNK)
         return len(rows)
 
     def _index_due(self) -> None:
@@ -570,10 +566,7 @@ class Engine(InputLedger):
             if sym is None:
                 return 0
             rows = book.holders(sym).astype(np.int64)
-        for start in range(0, len(rows), INDEX_CHUNK):
-            chunk = rows[start:start + INDEX_CHUNK]
-            book.anchor_many(chunk, np.zeros(len(chunk)), book.evaluate(chunk, decide=False))
-        book.fold()
+        book.refile_all(rows, INDEX_CHUNK, width=0.0)
         return len(rows)
 
     # -- durability: what a checkpoint saves and a restore loads --------------------------------

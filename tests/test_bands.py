@@ -155,3 +155,29 @@ def test_a_fold_keeps_a_new_band_after_older_ones_of_equal_bound_and_drops_stale
     assert bands.hi.tolist() == [110.0, 110.0, 110.0, 150.0]
     assert bands.lrow.tolist() == [1, 0, 3, 2]  # by lower bound, highest first
     assert bands.take(110.0, aid).tolist() == [0, 1, 3]
+
+
+def test_bands_laid_out_elsewhere_merge_after_the_pending_ones() -> None:
+    pending, (bands,) = index(1)
+    aid = np.array([1, 1, 1, 2], np.uint32)
+    pending.file(0, 90.0, 110.0, 0, 1)
+    pending.file(0, 95.0, 105.0, 3, 1)  # stale: row 3 is at anchor id 2
+    bands.merge_laid_out(np.array([1, 2], np.int32), np.array([1, 1], np.uint32),
+                         np.array([99.0, 80.0]), np.array([101.0, 120.0]), aid)
+    assert pending.count.tolist() == [0]
+    assert bands.hrow.tolist() == [1, 0, 2]
+    assert bands.take(100.5, aid) is None
+    assert bands.take(85.0, aid).tolist() == [0, 1]
+
+
+def test_room_for_many_symbols_at_once_keeps_what_they_hold() -> None:
+    pending, _ = index(3)
+    for s in range(3):
+        pending.file(s, float(s), float(s) + 1, s, 1)
+    size = pending.bounds.shape[1]
+    pending.reserve(np.array([size, 0, size]))  # more than the arena holds: one compaction
+    assert pending.room.tolist()[0] >= size + 1 and pending.room.tolist()[2] >= size + 1
+    assert_segments_tile_the_arena(pending)
+    for s in range(3):
+        assert [list(map(float, column)) for column in pending.segment(s)] == [
+            [float(s)], [float(s) + 1], [float(s)], [1.0]]

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import monitor.engine as engine_module
 from monitor.account import Account, UnitKey
 from monitor.book import kernels, store
 from monitor.config import RiskConfig, parse_config
@@ -409,10 +410,15 @@ def snapshot(engine: Engine) -> tuple[dict[Any, Account], dict[str, tuple[float,
     return held, engine.price_table()
 
 
-@pytest.mark.parametrize("prices_first", [True, False])
+@pytest.mark.parametrize(("prices_first", "index_chunk"), [(True, None), (False, None),
+                                                           (True, 37)])
 def test_restored_engine_continues_exactly_like_one_that_never_stopped(
-    prices_first: bool,
+    prices_first: bool, index_chunk: int | None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """(index_chunk: the restore's band index valued and laid out a few accounts at a time,
+    every symbol's bands merged once from the pieces.)"""
+    if index_chunk is not None:
+        monkeypatch.setattr(engine_module, "INDEX_CHUNK", index_chunk)
     config = parse_config(RISK)
     records = stream(5, 8_000, accounts=200, shock_rate=0.02, isolated=0.3)
     cut = 4_000

@@ -61,9 +61,7 @@ def warm_up() -> float:
     evaluation = book.evaluate(rows)
     book.anchor(row, float(evaluation.eps[0]), book.watched(row))
     book.anchor_many(rows, evaluation.eps, evaluation)  # row by row
-    evaluation = book.evaluate(rows, decide=False)
-    kernels.bands_by_symbol(rows, evaluation.eps, evaluation.watch, evaluation.watch_start,
-                            book.aid, book.sym_px)
+    book.refile_all(rows, 1)  # laid out by symbol, merged straight into the runs
     # the every-core variants a shock tick takes (store.PARALLEL_ROWS)
     evaluation = Evaluation(*kernels.evaluate_rows_parallel(2, rows, True, book.state,
                                                             *book._value_args))

@@ -122,9 +122,25 @@ class PendingBands:
         self.count_m[s] = n + k
         return n + k >= self.limit_m[s]
 
+    def reserve(self, extra: np.ndarray) -> None:
+        """Room for ``extra[s]`` more bands in every symbol s's segment, the arena compacted
+        at most once (a bulk filing: growing one segment after another could compact it once
+        for each)."""
+        need = self.count + extra
+        short = np.flatnonzero(need > self.room)
+        if not len(short):
+            return
+        rooms = self.room.copy()
+        rooms[short] = np.maximum(need[short], 2 * rooms[short])
+        if self.top + int(rooms[short].sum()) > self.bounds.shape[1]:
+            self._compact(rooms)
+            return
+        for s in short.tolist():
+            self._make_room(s, int(rooms[s]))
+
     def merged(self, s: int, limit: int) -> None:
         """Symbol s's pending bands were merged: empty its segment, set its next merge's
-        ``limit``, and give back room a bulk filing blew up."""
+        ``limit``, and shrink room a bulk filing blew up (given back by `trim`)."""
         self.count_m[s] = 0
         self.floor_m[s], self.ceil_m[s] = INF, -INF
         self.limit_m[s] = limit
@@ -136,8 +152,12 @@ class PendingBands:
             else:
                 self.waste += room - limit
             self.room_m[s] = limit
-            if self.bounds.shape[1] > 4 * (self.top - self.waste):  # mostly idle: give it back
-                self._compact()
+
+    def trim(self) -> None:
+        """Give memory back when the segments hold room for less than a quarter of the
+        arena."""
+        if self.bounds.shape[1] > 4 * max(self.top - self.waste, len(self.count) * ROOM):
+            self._compact()
 
     def _make_room(self, s: int, room: int) -> None:
         start, old = self.start_m[s], self.room_m[s]
@@ -152,16 +172,17 @@ class PendingBands:
             self.top += room
             self.waste += old
         else:
-            self._compact(s, room)
+            rooms = self.room.copy()
+            rooms[s] = room
+            self._compact(rooms)
             return
         self.room_m[s] = room
 
-    def _compact(self, grow: int = -1, room: int = 0) -> None:
-        """Lay the segments out end to end in fresh columns twice their total room (symbol
-        ``grow``'s room raised to ``room``)."""
-        rooms = self.room.copy()
-        if grow >= 0:
-            rooms[grow] = room
+    def _compact(self, rooms: np.ndarray | None = None) -> None:
+        """Lay the segments out end to end in fresh columns twice their total room (each
+        symbol's room raised to ``rooms``, if given)."""
+        if rooms is None:
+            rooms = self.room.copy()
         starts = np.concatenate(([0], np.cumsum(rooms)[:-1]))
         self.top = int(rooms.sum())
         old_bounds, old_ids = self.bounds, self.ids
@@ -223,18 +244,35 @@ class SymbolBands:
         self._sorted_edges()
         return rows if len(rows) else None
 
-    def merge(self, aid: np.ndarray) -> None:
+    def merge(self, aid: np.ndarray, trim: bool = True) -> None:
         """Fold the pending bands into the sorted runs (`kernels.merge_bands`, a linear
         merge). Stale entries are dropped from the pending bands always, from the runs once
-        they may make up half."""
+        they may make up half. ``trim``: give back the arena's idle memory now
+        (`PendingBands.trim`; `Book.fold` does it once after merging every symbol)."""
         pending = self.pending
-        (self.hi, self.hlo, self.hrow, self.haid, self.lneg, self.lrow, self.laid,
-         self.stale) = kernels.merge_bands(
+        self._merged(kernels.merge_bands(
             self.hi, self.hlo, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
-            self.ls, self.s, pending.bounds, pending.ids, pending.meta, aid, self.stale)
+            self.ls, self.s, pending.bounds, pending.ids, pending.meta, aid, self.stale))
+        if trim:
+            pending.trim()
+
+    def merge_laid_out(self, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
+                       hi: np.ndarray, aid: np.ndarray) -> None:
+        """Fold bands laid out outside the pending ones (`Book.refile_all`) into the runs,
+        after the pending ones."""
+        if self.pending.count_m[self.s]:
+            self.merge(aid, trim=False)
+        self._merged(kernels.merge_runs(
+            self.hi, self.hlo, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
+            self.ls, lo, hi, rows, aids, aid, self.stale))
+
+    def _merged(self, runs: tuple[Any, ...]) -> None:
+        (self.hi, self.hlo, self.hrow, self.haid, self.lneg, self.lrow, self.laid,
+         self.stale) = runs
         self.hs = self.ls = 0
         self._sorted_edges()
-        pending.merged(self.s, int(min(8192, max(FIRST_LIMIT, 16 * math.isqrt(len(self.hi))))))
+        self.pending.merged(self.s,
+                            int(min(8192, max(FIRST_LIMIT, 16 * math.isqrt(len(self.hi))))))
 
     def live_rows(self, aid: np.ndarray) -> np.ndarray:
         """Rows with a current band here (the accounts this symbol can move)."""

@@ -4,7 +4,7 @@ that moves thousands of accounts at once is valued and re-filed on every core.
 
 They run as machine code through numba and are compiled once per machine: ``cache=True`` keeps
 the compiled code beside this file (or under ``NUMBA_CACHE_DIR``), so only the first start after
-an install pays for compilation (`warm_up` does it at once, about 12 s).
+an install pays for compilation (`warm_up` does it at once, about 14 s).
 
 Fills do the arithmetic of `margin.apply_fill_to_position`. The valuation does the arithmetic
 of `margin.value_account`, term for term and in the same order (balances in config order,
@@ -634,19 +634,23 @@ def _lay_out(rows, start, stop, eps, watch, watch_start, aid, sym_px, fill, out_
 @_jit
 def merge_bands(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids, meta, aid,
                 stale):
-    """Fold symbol ``s``'s pending bands into its two sorted runs in one linear pass each (see
-    `SymbolBands.merge`): pending entries whose anchor id is stale are dropped; the runs'
-    own stale entries too once the bands filed since the last pruning (``stale``) may make
-    up half of them. A new entry goes after the run's entries of equal key. The pending
-    bands are left for the caller to clear (`PendingBands.merged`).
+    """`merge_runs` of symbol ``s``'s pending bands (left for the caller to clear:
+    `PendingBands.merged`)."""
+    start = meta[0, s]
+    end = start + meta[2, s]
+    return merge_runs(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, bounds[0, start:end],
+                      bounds[1, start:end], ids[0, start:end], ids[1, start:end], aid, stale)
+
+
+@_jit
+def merge_runs(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, aid, stale):
+    """Fold new bands (lo, hi, row, anchor id) into a symbol's two sorted runs in one linear
+    pass each (see `SymbolBands.merge`): new entries whose anchor id is stale are dropped;
+    the runs' own stale entries too once the bands filed since the last pruning (``stale``)
+    may make up half of them. A new entry goes after the run's entries of equal key.
 
     Returns (hi, hlo, hrow, haid, lneg, lrow, laid, stale after)."""
-    start = meta[0, s]
-    np_ = meta[2, s]
-    plo = bounds[0, start:start + np_]
-    phi = bounds[1, start:start + np_]
-    prow = ids[0, start:start + np_]
-    paid = ids[1, start:start + np_]
+    np_ = plo.shape[0]
     live = np.empty(np_, np.int64)
     k = 0
     for j in range(np_):

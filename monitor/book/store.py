@@ -523,28 +523,52 @@ class Book:
                     self.anchor(int(rows[done]), float(eps[done]), watch[a:b].tolist())
                     done += 1
             return
-        layout = (rows, eps, watch, watch_start, self.aid, self.sym_px)
-        starts, band_rows, aids, lo, hi, lowest_hi, highest_lo = (
-            kernels.bands_by_symbol(*layout) if len(rows) < PARALLEL_ROWS
-            else kernels.bands_by_symbol_parallel(_spans(), *layout))
+        starts, band_rows, aids, lo, hi, lowest_hi, highest_lo = self._lay_out(rows, eps,
+                                                                               evaluation)
         bounds, floors, ceils = starts.tolist(), lowest_hi.tolist(), highest_lo.tolist()
         pending = self.pending
+        pending.reserve(np.diff(starts))
         for s in np.flatnonzero(starts[1:] > starts[:-1]).tolist():
             a, b = bounds[s], bounds[s + 1]
             pending.file_many(s, band_rows[a:b], aids[a:b], lo[a:b], hi[a:b], floors[s],
                               ceils[s])
+
+    def _lay_out(self, rows: np.ndarray, eps: np.ndarray, evaluation: Evaluation,
+                 ) -> tuple[np.ndarray, ...]:
+        """Re-anchor rows and lay their bands out by symbol (`kernels.bands_by_symbol`)."""
+        layout = (rows, eps, evaluation.watch, evaluation.watch_start, self.aid, self.sym_px)
+        if len(rows) < PARALLEL_ROWS:
+            return kernels.bands_by_symbol(*layout)
+        return kernels.bands_by_symbol_parallel(_spans(), *layout)
+
+    def refile_all(self, rows: np.ndarray, chunk: int, width: float | None = None) -> None:
+        """Re-anchor many rows (a restore's index, `Engine.expire_bands`), valued without
+        deciding a state, under bands for the state each is in (or of ``width``), a
+        ``chunk`` at a time (bounds the valuation's memory); each symbol's bands are merged
+        into its runs once, at the end, straight from the layouts: staging millions of
+        bands in the pending ones would copy them into fresh memory for nothing."""
+        laid_out: list[list[tuple[np.ndarray, ...]]] = [[] for _ in self.bands]
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            evaluation = self.evaluate(part, decide=False)
+            eps = evaluation.eps if width is None else np.full(len(part), width)
+            starts, band_rows, aids, lo, hi, _, _ = self._lay_out(part, eps, evaluation)
+            bounds = starts.tolist()
+            for s in np.flatnonzero(starts[1:] > starts[:-1]).tolist():
+                a, b = bounds[s], bounds[s + 1]
+                laid_out[s].append((band_rows[a:b], aids[a:b], lo[a:b], hi[a:b]))
+        for s, pieces in enumerate(laid_out):
+            if pieces:
+                rows_s, aids_s, lo_s, hi_s = (np.concatenate(column)
+                                              for column in zip(*pieces, strict=True))
+                self.bands[s].merge_laid_out(rows_s, aids_s, lo_s, hi_s, self.aid)
+        self.pending.trim()
 
     def set_price(self, sym: int, price: float) -> None:
         self.sym_px_m[sym] = price
 
     def load_prices(self, prices: Mapping[str, float]) -> None:
         self.sym_px[:] = self.t.symbol_prices(prices)
-
-    def fold(self) -> None:
-        """Fold every symbol's waiting bulk re-filing into its sorted runs now."""
-        for bands in self.bands:
-            if bands.overdue():
-                bands.merge(self.aid)
 
     def candidates(self, sym: int, price: float) -> np.ndarray | None:
         """Rows whose band for this symbol the price touches or leaves (unique, current)."""
