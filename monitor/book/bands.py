@@ -29,9 +29,9 @@ class PendingBands:
     filed; ``limit[s]`` is the count at which a merge is due; ``edges`` holds the lowest upper
     bound (row 0) and the highest lower bound (row 1) among them, INF and -INF when none.
     A segment that outgrows its room moves to the free end of the arena (or grows in place if
-    it is the last). When the end is reached, or a merge gives back room and the segments
-    hold less than a quarter of the arena, it is compacted into one twice the size of their
-    room: memory follows the bands actually pending.
+    it is the last). When the end is reached, or merges gave back room until the segments
+    hold less than a quarter of the arena (`trim`), it is compacted into one twice the size
+    of their room: memory follows the bands actually pending.
     """
 
     __slots__ = (
@@ -248,7 +248,7 @@ class SymbolBands:
         """Fold the pending bands into the sorted runs (`kernels.merge_bands`, a linear
         merge). Stale entries are dropped from the pending bands always, from the runs once
         they may make up half. ``trim``: give back the arena's idle memory now
-        (`PendingBands.trim`; `Book.fold` does it once after merging every symbol)."""
+        (`PendingBands.trim`; `Book.refile_all` does it once, after merging every symbol)."""
         pending = self.pending
         self._merged(kernels.merge_bands(
             self.hi, self.hlo, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
