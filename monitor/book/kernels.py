@@ -351,19 +351,12 @@ def file_bands(row, eps, syms, aid, sym_px, bounds, ids, meta, edges):
         s = syms[k]
         if meta[2, s] >= meta[1, s] or meta[2, s] + 1 >= meta[3, s]:
             return False
-    new_aid = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
-    aid[row] = new_aid
+    new_aid = _reanchor(aid, row)
     down = 1.0 - eps
     up = 1.0 + eps
     for k in range(syms.shape[0]):
         s = syms[k]
-        price = sym_px[s]
-        if price == price:
-            lo = price * down
-            hi = price * up
-        else:
-            lo = INF
-            hi = -INF
+        lo, hi = _band(sym_px[s], down, up)
         at = meta[0, s] + meta[2, s]
         bounds[0, at] = lo
         bounds[1, at] = hi
@@ -375,6 +368,23 @@ def file_bands(row, eps, syms, aid, sym_px, bounds, ids, meta, edges):
         if lo > edges[1, s]:
             edges[1, s] = lo
     return True
+
+
+@_jit
+def _reanchor(aid, row):
+    """Bump the row's anchor id (wrapping at 2³²), making its filed bands stale; the new id."""
+    new_aid = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
+    aid[row] = new_aid
+    return new_aid
+
+
+@_jit
+def _band(price, down, up):
+    """(lo, hi) of a band ±eps around ``price`` (``down`` = 1 − eps, ``up`` = 1 + eps); the
+    empty band (INF, -INF) for a symbol without a price (NaN): its first tick re-values."""
+    if price == price:
+        return price * down, price * up
+    return INF, -INF
 
 
 @_jit
@@ -606,8 +616,7 @@ def _lay_out(rows, start, stop, eps, watch, watch_start, aid, sym_px, fill, out_
     each symbol's next band goes; keep each symbol's lowest hi and highest lo."""
     for k in range(start, stop):
         row = rows[k]
-        new_aid = (np.int64(aid[row]) + 1) & 0xFFFFFFFF
-        aid[row] = new_aid
+        new_aid = _reanchor(aid, row)
         down = 1.0 - eps[k]
         up = 1.0 + eps[k]
         for x in range(watch_start[k], watch_start[k + 1]):
@@ -616,13 +625,7 @@ def _lay_out(rows, start, stop, eps, watch, watch_start, aid, sym_px, fill, out_
             fill[s] = at + 1
             out_row[at] = row
             out_aid[at] = new_aid
-            price = sym_px[s]
-            if price == price:
-                band_lo = price * down
-                band_hi = price * up
-            else:
-                band_lo = INF
-                band_hi = -INF
+            band_lo, band_hi = _band(sym_px[s], down, up)
             lo[at] = band_lo
             hi[at] = band_hi
             if band_hi < lowest_hi[s]:
