@@ -100,17 +100,22 @@ def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fix
         if mark != mark:
             mark = e
         notional = abs(q) * cs * mark
+        # The tier (first whose bound is ≥ notional) and the one the notional reaches grown by
+        # CAP (for the slope bound), in one pass: bounds ascend, so the walk ends at the
+        # first bound the grown notional does not pass.
+        grown = notional * CAP1
         tier = 0
-        while tier < width - 1 and notional > t_max[i, tier]:
-            tier += 1
+        reach = 0
+        for k in range(width - 1):
+            bound = t_max[i, k]
+            if not grown > bound:
+                break
+            reach += 1
+            tier += notional > bound
         u = q * cs * (mark - e) * spx
         m = (notional * t_mmr[i, tier] - t_cum[i, tier]) * spx
         upnl += u
         mm += m
-        grown = notional * CAP1
-        reach = tier
-        while reach < width - 1 and grown > t_max[i, reach]:
-            reach += 1
         nq = notional * spx
         slope = t_mmr[i, reach] * nq
         u = abs(u)
