@@ -72,16 +72,16 @@ def test_a_tick_takes_exactly_the_current_bands_it_touches_or_leaves(program) ->
                 if pending.file(s, float(lo), float(lo + width), row, int(aid[row])):
                     bands[s].merge(aid)
             elif step[0] == "bulk":
-                _, s, count, lo, width = step
-                rows = np.arange(count) % ROWS
-                for row in sorted(set(rows.tolist())):
-                    aid[row] += 1
+                _, s, count, price, width = step
+                rows = np.unique(np.arange(count) % ROWS)  # re-anchored by the filing
+                eps = width / 200
+                sym_px[s] = float(price)
+                pending.file_by_symbol(rows, np.full(len(rows), eps), np.full(len(rows), s),
+                                       np.arange(len(rows) + 1), aid, sym_px)
+                for row in rows.tolist():
                     for held in current.values():
                         held.pop(row, None)
-                    current[s][row] = (float(lo), float(lo + width))
-                pending.file_many(s, rows.astype(np.int32), aid[rows], np.full(count, float(lo)),
-                                  np.full(count, float(lo + width)), float(lo + width),
-                                  float(lo))
+                    current[s][row] = (price * (1.0 - eps), price * (1.0 + eps))
             elif step[0] == "kernel":
                 _, row, lo, width = step
                 eps = width / 200
@@ -126,10 +126,11 @@ def test_the_kernel_files_nothing_when_a_segment_is_full_or_due() -> None:
 
 def test_a_bulk_filing_s_room_is_given_back_after_its_merge() -> None:
     pending, bands = index(4)
-    aid = np.ones(100_000, np.uint32)
-    rows = np.arange(100_000, dtype=np.int32)
-    pending.file_many(2, rows, aid, np.full(100_000, 90.0), np.full(100_000, 110.0), 110.0,
-                      90.0)
+    aid = np.zeros(100_000, np.uint32)
+    rows = np.arange(100_000)
+    sym_px = np.full(4, 100.0)
+    pending.file_by_symbol(rows, np.full(100_000, 0.1), np.full(100_000, 2),
+                           np.arange(100_001), aid, sym_px)
     assert pending.bounds.shape[1] >= 100_000
     bands[2].merge(aid)
     limit = int(pending.limit[2])
@@ -137,7 +138,7 @@ def test_a_bulk_filing_s_room_is_given_back_after_its_merge() -> None:
     room = bands_module.ROOM
     assert pending.room.tolist() == [room, room, limit, room]
     assert pending.bounds.shape[1] == 2 * (3 * room + limit)  # compacted to twice the room
-    assert bands[2].take(110.0, aid).tolist() == list(range(100_000))
+    assert bands[2].take(111.0, aid).tolist() == list(range(100_000))  # hi = 110 (+ ulp)
 
 
 def test_a_fold_keeps_a_new_band_after_older_ones_of_equal_bound_and_drops_stale_ones() -> None:

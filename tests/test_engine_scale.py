@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import monitor.engine as engine_module
 from monitor.account import Account, UnitKey
 from monitor.book import kernels, store
+from monitor.book.bands import PendingBands
 from monitor.config import RiskConfig, parse_config
 from monitor.engine import Engine
 from monitor.events import Event, Source
@@ -211,13 +212,13 @@ def bulk_filings(monkeypatch: pytest.MonkeyPatch) -> Calls:
     the row count above which they are lowered to 16, so that these streams take both paths."""
     monkeypatch.setattr(store, "ANCHOR_ONE_BY_ONE", 16)
     calls = Calls()
-    bands_by_symbol = kernels.bands_by_symbol
+    file_by_symbol = kernels.file_by_symbol
 
     def counted(*args: Any) -> Any:
         calls.count += 1
-        return bands_by_symbol(*args)
+        return file_by_symbol(*args)
 
-    monkeypatch.setattr(kernels, "bands_by_symbol", counted)
+    monkeypatch.setattr(kernels, "file_by_symbol", counted)
     return calls
 
 
@@ -377,6 +378,20 @@ def test_parallel_kernels_compute_exactly_what_the_serial_ones_compute(spans: in
         np.testing.assert_array_equal(mine, theirs)
     np.testing.assert_array_equal(aid_parallel, aid_serial)
     assert not np.array_equal(aid_serial, book.aid)
+    # filed straight into the pending segments: the same arena, column for column
+    arenas = []
+    for spans_or_serial in (None, spans):
+        pending, aid = PendingBands(len(book.sym_px)), book.aid.copy()
+        pending.file_by_symbol(rows, eps, watch, watch_start, aid, book.sym_px, spans_or_serial)
+        arenas.append((pending, aid))
+    (serial_arena, aid_serial), (parallel_arena, aid_parallel) = arenas
+    np.testing.assert_array_equal(parallel_arena.meta, serial_arena.meta)
+    np.testing.assert_array_equal(parallel_arena.edges, serial_arena.edges)
+    for s in range(len(book.sym_px)):
+        for mine, theirs in zip(parallel_arena.segment(s), serial_arena.segment(s), strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(aid_parallel, aid_serial)
+    assert serial_arena.count.sum() == len(watch)
 
 
 def test_parallel_evaluation_falls_back_to_serial_when_rows_watch_many_symbols() -> None:

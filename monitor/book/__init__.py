@@ -67,6 +67,9 @@ def warm_up() -> float:
                                                             *book._value_args))
     kernels.bands_by_symbol_parallel(2, rows, evaluation.eps, evaluation.watch,
                                      evaluation.watch_start, book.aid, book.sym_px)
+    for spans in (None, 2):  # a tick's bulk filing, serial and on every core
+        book.pending.file_by_symbol(rows, evaluation.eps, evaluation.watch,
+                                    evaluation.watch_start, book.aid, book.sym_px, spans)
     book.bands[0].merge(book.aid)
     book.candidates(0, 20.0)
     return time.perf_counter() - started

@@ -103,24 +103,20 @@ class PendingBands:
         self.count_m[s] = n + 1
         return n + 1 >= self.limit_m[s]
 
-    def file_many(self, s: int, rows: np.ndarray, aids: np.ndarray, lo: np.ndarray,
-                  hi: np.ndarray, lowest_hi: float, highest_lo: float) -> bool:
-        """File bands, ``hi``'s least and ``lo``'s greatest given; True when a merge is
-        due."""
-        n, k = self.count_m[s], len(rows)
-        if n + k > self.room_m[s]:
-            self._make_room(s, max(n + k, 2 * n))
-        at = self.start_m[s] + n
-        self.bounds[0, at:at + k] = lo
-        self.bounds[1, at:at + k] = hi
-        self.ids[0, at:at + k] = rows
-        self.ids[1, at:at + k] = aids
-        if lowest_hi < self.floor_m[s]:
-            self.floor_m[s] = lowest_hi
-        if highest_lo > self.ceil_m[s]:
-            self.ceil_m[s] = highest_lo
-        self.count_m[s] = n + k
-        return n + k >= self.limit_m[s]
+    def file_by_symbol(self, rows: np.ndarray, eps: np.ndarray, watch: np.ndarray,
+                       watch_start: np.ndarray, aid: np.ndarray, sym_px: np.ndarray,
+                       spans: int | None = None) -> None:
+        """Re-anchor many rows and file their bands (±eps around the price of each symbol
+        ``watch`` lists for them, as `kernels.evaluate_rows` does) straight into the symbols'
+        segments, room made for all of them first: a tick that moves many accounts. On
+        ``spans`` runs of rows on every core, if given. A merge that falls due is left to the
+        symbol's next tick (`SymbolBands.overdue`)."""
+        self.reserve(np.bincount(watch, minlength=len(self.count)))
+        if spans is None:
+            kernels.file_by_symbol(rows, eps, watch, watch_start, aid, sym_px, *self.args)
+        else:
+            kernels.file_by_symbol_parallel(spans, rows, eps, watch, watch_start, aid, sym_px,
+                                            *self.args)
 
     def reserve(self, extra: np.ndarray) -> None:
         """Room for ``extra[s]`` more bands in every symbol s's segment, the arena compacted

@@ -578,29 +578,70 @@ def bands_by_symbol(rows, eps, watch, watch_start, aid, sym_px):
     return starts, out_row, out_aid, lo, hi, lowest_hi, highest_lo
 
 
-@_jit_parallel
+@_jit
 def bands_by_symbol_parallel(spans, rows, eps, watch, watch_start, aid, sym_px):
-    """`bands_by_symbol` on every core: each of ``spans`` runs of rows counts its bands per
-    symbol, then lays them out where the serial kernel would (a symbol's bands stay in row
-    order, span after span)."""
+    """`bands_by_symbol` on every core (`_lay_out_parallel`)."""
+    used = watch.shape[0]
+    out_row = np.empty(used, np.int32)
+    out_aid = np.empty(used, np.uint32)
+    lo = np.empty(used, np.float64)
+    hi = np.empty(used, np.float64)
+    ends, lowest_hi, highest_lo = _lay_out_parallel(
+        spans, rows, eps, watch, watch_start, aid, sym_px, np.empty(0, np.int64), out_row,
+        out_aid, lo, hi)
+    starts = np.zeros(sym_px.shape[0] + 1, np.int64)
+    starts[1:] = ends
+    return starts, out_row, out_aid, lo, hi, lowest_hi, highest_lo
+
+
+@_jit
+def file_by_symbol(rows, eps, watch, watch_start, aid, sym_px, bounds, ids, meta, edges):
+    """Re-anchor rows and file their bands (the symbols `evaluate_rows` listed) straight
+    into each symbol's pending segment, after the ones there, in row order; the segments must
+    have room (`PendingBands.reserve`)."""
+    n_symbols = sym_px.shape[0]
+    fill = meta[0] + meta[2]
+    lowest_hi = np.full(n_symbols, INF)
+    highest_lo = np.full(n_symbols, -INF)
+    _lay_out(rows, 0, rows.shape[0], eps, watch, watch_start, aid, sym_px, fill, ids[0],
+             ids[1], bounds[0], bounds[1], lowest_hi, highest_lo)
+    _filed(fill, lowest_hi, highest_lo, meta, edges)
+
+
+@_jit
+def file_by_symbol_parallel(spans, rows, eps, watch, watch_start, aid, sym_px, bounds, ids,
+                            meta, edges):
+    """`file_by_symbol` on every core (`_lay_out_parallel`)."""
+    ends, lowest_hi, highest_lo = _lay_out_parallel(
+        spans, rows, eps, watch, watch_start, aid, sym_px, meta[0] + meta[2], ids[0], ids[1],
+        bounds[0], bounds[1])
+    _filed(ends, lowest_hi, highest_lo, meta, edges)
+
+
+@_jit_parallel
+def _lay_out_parallel(spans, rows, eps, watch, watch_start, aid, sym_px, base, out_row,
+                      out_aid, lo, hi):
+    """`_lay_out` of every row, cut into ``spans`` runs on every core: each run counts its
+    bands per symbol, then writes them where one pass over all rows would (a symbol's bands
+    in row order, span after span), from ``base[s]`` on, or, with ``base`` empty, packed
+    symbol after symbol from 0. Returns where each symbol's bands end and their lowest hi
+    and highest lo."""
     n_symbols = sym_px.shape[0]
     first_row, end_row = _spans_of(rows.shape[0], spans)
     counts = np.zeros((spans, n_symbols), np.int64)
     for c in numba.prange(spans):
         for x in range(watch_start[first_row[c]], watch_start[end_row[c]]):
             counts[c, watch[x]] += 1
-    starts = np.zeros(n_symbols + 1, np.int64)
     fill = np.empty((spans, n_symbols), np.int64)  # where each span's bands of a symbol go
+    ends = np.empty(n_symbols, np.int64)
     at = 0
     for s in range(n_symbols):
+        if base.shape[0]:
+            at = base[s]
         for c in range(spans):
             fill[c, s] = at
             at += counts[c, s]
-        starts[s + 1] = at
-    out_row = np.empty(at, np.int32)
-    out_aid = np.empty(at, np.uint32)
-    lo = np.empty(at, np.float64)
-    hi = np.empty(at, np.float64)
+        ends[s] = at
     lowest = np.full((spans, n_symbols), INF)
     highest = np.full((spans, n_symbols), -INF)
     for c in numba.prange(spans):
@@ -611,7 +652,19 @@ def bands_by_symbol_parallel(spans, rows, eps, watch, watch_start, aid, sym_px):
     for s in range(n_symbols):
         lowest_hi[s] = lowest[:, s].min()
         highest_lo[s] = highest[:, s].max()
-    return starts, out_row, out_aid, lo, hi, lowest_hi, highest_lo
+    return ends, lowest_hi, highest_lo
+
+
+@_jit
+def _filed(end, lowest_hi, highest_lo, meta, edges):
+    """Count what a bulk filing wrote (each segment now ends at ``end``) and widen the
+    segments' edges by its bands' lowest hi and highest lo."""
+    for s in range(meta.shape[1]):
+        meta[2, s] = end[s] - meta[0, s]
+        if lowest_hi[s] < edges[0, s]:
+            edges[0, s] = lowest_hi[s]
+        if highest_lo[s] > edges[1, s]:
+            edges[1, s] = highest_lo[s]
 
 
 @_jit

@@ -509,9 +509,9 @@ class Book:
 
     def anchor_many(self, rows: np.ndarray, eps: np.ndarray, evaluation: Evaluation) -> None:
         """`anchor` for many accounts (the symbols each watches as ``evaluation`` of the same
-        rows listed them). A few are filed row after row by one compiled call; many are laid
-        out by symbol in one compiled pass and appended to each symbol's pending bands (folded
-        in by that symbol's next tick)."""
+        rows listed them). A few are filed row after row by one compiled call; many straight
+        into their symbols' segments, room made for all at once (`PendingBands.file_by_symbol`;
+        merged in by each symbol's next tick)."""
         watch, watch_start = evaluation.watch, evaluation.watch_start
         if len(rows) <= ANCHOR_ONE_BY_ONE:
             done, n = 0, len(rows)
@@ -523,15 +523,8 @@ class Book:
                     self.anchor(int(rows[done]), float(eps[done]), watch[a:b].tolist())
                     done += 1
             return
-        starts, band_rows, aids, lo, hi, lowest_hi, highest_lo = self._lay_out(rows, eps,
-                                                                               evaluation)
-        bounds, floors, ceils = starts.tolist(), lowest_hi.tolist(), highest_lo.tolist()
-        pending = self.pending
-        pending.reserve(np.diff(starts))
-        for s in np.flatnonzero(starts[1:] > starts[:-1]).tolist():
-            a, b = bounds[s], bounds[s + 1]
-            pending.file_many(s, band_rows[a:b], aids[a:b], lo[a:b], hi[a:b], floors[s],
-                              ceils[s])
+        self.pending.file_by_symbol(rows, eps, watch, watch_start, self.aid, self.sym_px,
+                                    None if len(rows) < PARALLEL_ROWS else _spans())
 
     def _lay_out(self, rows: np.ndarray, eps: np.ndarray, evaluation: Evaluation,
                  ) -> tuple[np.ndarray, ...]:
