@@ -24,7 +24,7 @@ from monitor.records import CROSS, ISOLATED
 from monitor.state import EVENT_TYPE, AccountState
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per record applied, at a quarter the cost
 class Source:
     """Where an input record came from: a Kafka partition/offset, or a replay line index."""
 
