@@ -78,6 +78,7 @@ class _Account:
     balances: dict[str, float]
     positions: dict[str, Position]
     valuation: Valuation
+    figures: Mapping[str, PositionFigures]  # each position's, at the plan's prices
     isolated: bool  # an isolated position's wallet: full weight (SPEC §4.1)
 
 
@@ -111,7 +112,7 @@ def liquidation_plan(
     deposit = max(0.0, valuation.maintenance_margin / target - valuation.equity)
     maintenance = {symbol: known[symbol].maintenance_margin for symbol in positions}
     order = sorted(positions, key=lambda symbol: (-maintenance[symbol], symbol))
-    account = _Account(dict(balances), dict(positions), valuation, isolated)
+    account = _Account(dict(balances), dict(positions), valuation, known, isolated)
     steps: list[PlanStep] = []
     if valuation.ratio > target:
         for symbol in order:
@@ -182,7 +183,8 @@ def _after_step(
     account: _Account, symbol: str, position: Position, delta: float, mark: float, cs: float,
     fee_rate: float, settle: str, config: RiskConfig, prices: Mapping[str, float],
 ) -> _Account:
-    """The account after closing Δ contracts at the mark: a §4 fill, valued from scratch."""
+    """The account after closing Δ contracts at the mark: a §4 fill, valued from scratch but
+    for the other positions' figures, which the step does not change."""
     closing = -math.copysign(delta, position.qty)
     remaining, realized = apply_fill_to_position(position, closing, mark, cs)
     positions = dict(account.positions)
@@ -196,9 +198,12 @@ def _after_step(
         balances.pop(settle, None)
     else:
         balances[settle] = balance
-    valuation = value_account(balances, positions, config, prices, isolated=account.isolated)
+    unchanged = {other: figures for other, figures in account.figures.items() if other != symbol}
+    figures: dict[str, PositionFigures] = {}
+    valuation = value_account(balances, positions, config, prices, isolated=account.isolated,
+                              figures=figures, known=unchanged)
     assert valuation is not None
-    return _Account(balances, positions, valuation, account.isolated)
+    return _Account(balances, positions, valuation, figures, account.isolated)
 
 
 def _step(symbol: str, position: Position, delta: float, size: float, mark: float, cs: float,

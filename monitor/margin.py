@@ -101,13 +101,16 @@ def value_account(
     *,
     isolated: bool = False,
     figures: dict[str, PositionFigures] | None = None,
+    known: Mapping[str, PositionFigures] | None = None,
 ) -> Valuation | None:
     """Value an account from scratch, or None when a position's settle asset has no price yet
     (SPEC §4: such an account is not evaluated until that price arrives).
 
     ``isolated``: the balances are an isolated position's wallet, which counts at full value
     (SPEC §4.1: equity = ib·spx + uPnL, no collateral weight). ``figures``, if given, receives
-    each position's `position_figures` (an event reports them: no need to compute them twice)."""
+    each position's `position_figures` (an event reports them: no need to compute them twice).
+    ``known``: the figures of positions that have not changed since they were computed at
+    these prices, taken as they are (summed in the same order, the result is the same)."""
     collateral = 0.0
     unpriced = False
     for asset_name, balance in balances.items():
@@ -120,7 +123,9 @@ def value_account(
         collateral += balance * px * weight
     upnl = mm = im = 0.0
     for symbol, position in positions.items():
-        one = position_figures(symbol, position, config, prices)
+        one = known.get(symbol) if known is not None else None
+        if one is None:
+            one = position_figures(symbol, position, config, prices)
         if one is None:
             return None
         upnl += one.unrealized_pnl

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import math
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from monitor import liquidation as liquidation_module
 from monitor.account import Account
 from monitor.config import RiskConfig, parse_config
 from monitor.engine import Engine
@@ -250,3 +252,22 @@ def test_executing_the_plan_leaves_liquidation_at_the_planned_ratio_and_no_less_
     held = short.accounts["a"]
     assert value_account(held.balances, held.positions, config, prices).ratio > \
         config.thresholds.liquidation_target
+
+
+@settings(max_examples=200, deadline=None)
+@given(liquidating_accounts())
+def test_a_step_revalues_only_the_position_it_reduces_and_plans_what_from_scratch_does(
+    case: tuple[RiskConfig, Account, dict[str, float]],
+) -> None:
+    """Each breakpoint reuses the other positions' figures (`value_account`'s ``known``);
+    valued entirely from scratch, every step and figure of the plan comes out bit for bit
+    the same."""
+    config, account, prices = case
+
+    def from_scratch(*args: Any, known: Any = None, **kwargs: Any) -> Any:
+        return value_account(*args, **kwargs)
+
+    reused = liquidation_plan(account.balances, account.positions, config, prices)
+    with mock.patch.object(liquidation_module, "value_account", from_scratch):
+        scratch = liquidation_plan(account.balances, account.positions, config, prices)
+    assert reused == scratch
