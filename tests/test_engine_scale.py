@@ -307,7 +307,7 @@ def test_long_stream_compiled_valuations_equal_from_scratch() -> None:
         account = engine.units[name] if isolated else engine.accounts[name]
         exact = value_account(account.balances, account.positions, config, engine.prices,
                               isolated=isolated)
-        one_evaluable, one_ratio, _, _, _ = book.evaluate_one(int(rows[k]))
+        one_evaluable, one_ratio, _, _ = book.evaluate_and_file(int(rows[k]))
         if exact is None:
             assert not one_evaluable and not evaluable[k]
             continue

@@ -32,10 +32,10 @@ accounts are re-valued, never what an event says.
 """
 
 from monitor.book.bands import PendingBands, SymbolBands
-from monitor.book.store import Book, OneEvaluation, Verdict
+from monitor.book.store import Book, Verdict
 from monitor.book.tables import Tables
 
-__all__ = ["Book", "OneEvaluation", "PendingBands", "SymbolBands", "Tables", "Verdict"]
+__all__ = ["Book", "PendingBands", "SymbolBands", "Tables", "Verdict"]
 
 
 def warm_up() -> float:
@@ -55,7 +55,6 @@ def warm_up() -> float:
     book.add_balance(row, 0, 100.0)
     book.fill_and_evaluate(row, 0, 1.0, 10.0, 0.0)
     book.sym_px[:] = 10.0
-    book.evaluate_one(row)
     book.evaluate_and_file(row)
     rows = np.array([row], dtype=np.int64)
     evaluation = book.evaluate(rows)

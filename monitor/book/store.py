@@ -28,9 +28,6 @@ from monitor.state import AccountState
 _AID_MASK = 0xFFFFFFFF
 
 
-# `Book.evaluate_one` of an account: (evaluable, ratio, next state, band eps for that state,
-# watched symbol ids)
-OneEvaluation = tuple[bool, float, int, float, list[int]]
 # `Book.evaluate_and_file` of an account: (evaluable, ratio, next state, band eps it was filed
 # with)
 Verdict = tuple[bool, float, int, float]
@@ -102,7 +99,7 @@ class Book:
         self.bands = [SymbolBands(self.pending, s) for s in range(len(self.t.symbols))]
         self.sym_px = np.full(len(self.t.symbols), NAN)  # current price per symbol id
         self.sym_px_m = _view(self.sym_px)
-        self._watched = np.empty(len(self.t.symbols), np.int64)  # `evaluate_one`'s output
+        self._watched = np.empty(len(self.t.symbols), np.int64)  # one row's watched symbols
         self._watched_m = _view(self._watched)
         self._bind_kernels()
 
@@ -459,17 +456,11 @@ class Book:
                            self.p_qty, self.p_entry, self.p_acct, self.sym_px, t.k_floats,
                            t.k_ints)
 
-    def evaluate_one(self, row: int) -> OneEvaluation:
-        """(evaluable, ratio, next state, band eps for that state, watched symbol ids) of one
-        account, valued from scratch at the current prices (`margin.value_account`'s
-        arithmetic)."""
-        evaluable, ratio, new, eps, n = kernels.evaluate_row(row, self.state, self._watched,
-                                                             *self._value_args)
-        return evaluable, ratio, new, eps, self._watched_m[:n].tolist()
-
     def evaluate_and_file(self, row: int) -> Verdict:
-        """`evaluate_one` of an account, then its band for the state it moves to filed
-        (`anchor`): one compiled call unless a symbol's pending bands are full or due."""
+        """(evaluable, ratio, next state, band eps for that state) of one account, valued from
+        scratch at the current prices (`margin.value_account`'s arithmetic), its band for
+        that state filed (`anchor`): one compiled call unless a symbol's pending bands are
+        full or due."""
         evaluable, ratio, new, eps, n, filed = kernels.evaluate_and_file(
             row, self.state, self._watched, *self._value_args, self.aid, *self.pending.args)
         if not filed:
@@ -477,8 +468,8 @@ class Book:
         return evaluable, ratio, new, eps
 
     def evaluate(self, rows: np.ndarray, decide: bool = True) -> Evaluation:
-        """`evaluate_one` for many rows, as arrays. With ``decide`` off every row keeps its
-        state and eps is sized for the state it is in."""
+        """`evaluate_and_file`'s figures for many rows, as arrays (nothing filed). With
+        ``decide`` off every row keeps its state and eps is sized for the state it is in."""
         if len(rows) < PARALLEL_ROWS:
             return Evaluation(*kernels.evaluate_rows(rows, decide, self.state,
                                                      *self._value_args))
