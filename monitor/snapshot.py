@@ -297,7 +297,7 @@ def _as_of_columns(as_of: Sequence[Offsets], name_id: Callable[[str], int]
     edges = np.array(bounds, np.int64)
     chosen = np.array(which, np.int64)
     count = edges[chosen + 1] - edges[chosen]
-    pick = _gather_runs(edges[chosen], count)
+    pick = gather_runs(edges[chosen], count)
     return (count, np.array(topic, np.int64)[pick], np.array(partition, np.int32)[pick],
             np.array(offset, np.int64)[pick])
 
@@ -319,7 +319,7 @@ def encode_snapshots(snapshots: Snapshots) -> tuple[Layout, list[bytes]]:
     nb, npos, na = s.bal_count, s.pos_count, s.as_of_count
     length = _HEAD.itemsize + _BALANCE.itemsize * nb + _POSITION.itemsize * npos \
         + _AS_OF.itemsize * na
-    start = _starts(length)
+    start = run_starts(length)
     out = np.zeros(int(length.sum()), np.uint8)
     head = np.zeros(n, _HEAD)
     head["magic"], head["version"], head["layout"] = MAGIC, SNAPSHOT_VERSION, layout.id
@@ -347,21 +347,35 @@ def decode_snapshots(values: Sequence[bytes], ids: Sequence[RiskKey],
                      layouts: Mapping[int, Layout]) -> Snapshots:
     """Columns of account snapshot records of either format; ``ids``: their account ids,
     ``layouts``: by id, those the format 2 records may refer to."""
-    n = len(values)
+    length = np.fromiter(map(len, values), np.int64, len(values))
+    return decode_packed(b"".join(values), run_starts(length), length, ids, layouts)
+
+
+def decode_packed(buffer: bytes | bytearray, start: np.ndarray, length: np.ndarray,
+                  ids: Sequence[RiskKey], layouts: Mapping[int, Layout]) -> Snapshots:
+    """`decode_snapshots` of records held back to back in one buffer: record k is
+    ``length[k]`` bytes from ``start[k]`` (a restore packs them so as it reads)."""
+    n = len(length)
     if n == 0:
         return Snapshots.from_accounts([])
-    length = np.fromiter(map(len, values), np.int64, n)
-    blob = np.frombuffer(b"".join([*values, bytes(_HEAD.itemsize)]), np.uint8)
-    start = _starts(length)
-    first = blob[start]
-    binary = (length >= 3) & (first == MAGIC[0]) & (blob[start + 1] == MAGIC[1])
+    blob = np.frombuffer(buffer, np.uint8)
+    last = max(len(blob) - 1, 0)
+
+    def byte(at: np.ndarray) -> np.ndarray:  # 0 past the end (an empty or short record)
+        return blob[np.minimum(at, last)] if len(blob) else np.zeros(len(at), np.uint8)
+
+    first = byte(start)
+    binary = (length >= 3) & (first == MAGIC[0]) & (byte(start + 1) == MAGIC[1])
     text = (length > 0) & (first == ord("{"))
     unknown = ~(binary | text)
+
+    def raw(k: int) -> bytes:
+        return bytes(blob[start[k]:start[k] + length[k]])
+
     if unknown.any():
         k = int(np.argmax(unknown))
-        raise SnapshotError(f"neither a JSON nor a binary snapshot (starts {values[k][:8]!r})",
-                            k)
-    version = np.where(binary, blob[start + 2], SNAPSHOT_VERSION)
+        raise SnapshotError(f"neither a JSON nor a binary snapshot (starts {raw(k)[:8]!r})", k)
+    version = np.where(binary, byte(start + 2), SNAPSHOT_VERSION)
     if (version != SNAPSHOT_VERSION).any():
         k = int(np.argmax(version != SNAPSHOT_VERSION))
         raise SnapshotError(f"unsupported snapshot format version {version[k]} (this liqmon "
@@ -376,7 +390,7 @@ def decode_snapshots(values: Sequence[bytes], ids: Sequence[RiskKey],
     entries = []
     for k in np.flatnonzero(text).tolist():
         try:
-            account, seq, as_of = _decode_json_account(values[k])
+            account, seq, as_of = _decode_json_account(raw(k))
         except SnapshotError as exc:
             raise SnapshotError(str(exc), k) from None
         entries.append((ids[k], account, seq, as_of))
@@ -462,7 +476,7 @@ def _repeated(name: np.ndarray, count: np.ndarray, names: int) -> int | None:
     for back in range(1, min(longest, 8)):
         same[back:] |= key[back:] == key[:-back]
     if longest > 8:
-        rank = np.arange(len(key)) - np.repeat(_starts(count), count)
+        rank = np.arange(len(key)) - np.repeat(run_starts(count), count)
         deeper = np.flatnonzero(rank >= 8)
         for back in range(8, longest):
             same[deeper] |= key[deeper] == key[deeper - back]
@@ -488,23 +502,23 @@ def _items(buffer: np.ndarray, width: int) -> np.ndarray:
     return np.ndarray((len(buffer) - width + 1,), f"V{width}", buffer=buffer, strides=(1,))
 
 
-def _starts(count: np.ndarray) -> np.ndarray:
-    """Exclusive running total: where each run begins."""
+def run_starts(count: np.ndarray) -> np.ndarray:
+    """Exclusive running total: where each run begins (runs of ``count[k]`` back to back)."""
     out = np.zeros(len(count), np.int64)
     np.cumsum(count[:-1], out=out[1:])
     return out
 
 
-def _gather_runs(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+def gather_runs(first: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Indexes first[k], first[k] + 1, … (count[k] of them) for every k, concatenated."""
     total = int(count.sum())
-    return np.repeat(first - _starts(count), count) + np.arange(total)
+    return np.repeat(first - run_starts(count), count) + np.arange(total)
 
 
 def _entry_positions(cursor: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
     """Byte positions of count[k] entries of ``width`` bytes from cursor[k], for every k:
     entry e (of all, in order) of run k is at cursor[k] + width·(e − first entry of k)."""
-    return np.repeat(cursor - width * _starts(count), count) \
+    return np.repeat(cursor - width * run_starts(count), count) \
         + width * np.arange(int(count.sum()))
 
 

@@ -16,9 +16,10 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
+from monitor.account import Account, UnitKey
 from monitor.service import changelog
-from monitor.service.changelog import ACCOUNT, CONTROL, LAYOUT, RESET, _Latest
-from monitor.snapshot import KIND_HEADER
+from monitor.service.changelog import ACCOUNT, CONTROL, LAYOUT, RESET, StateCorrupt, _Latest
+from monitor.snapshot import KIND_HEADER, encode_account, state_key
 
 _offsets = iter(range(1_000_000))
 
@@ -37,8 +38,14 @@ def record(key: bytes | None, value: bytes | None, kind: bytes | None = ACCOUNT)
 
 
 def kept(latest: _Latest) -> dict[bytes | None, bytes | None]:
+    """The snapshots held after deduplication, key to value (None: a tombstone), in order."""
     latest.deduplicate()
-    keys, values, _ = latest.snapshots()
+    _, value_len, _, _ = latest.columns()
+    key_start, value_start = latest.key_starts(), latest.value_starts()
+    keys = [latest.key(k, key_start) for k in range(len(value_len))]
+    values = [None if value_len[k] < 0 else
+              bytes(latest.values[value_start[k]:value_start[k] + value_len[k]])
+              for k in range(len(value_len))]
     assert len(set(keys)) == len(keys)
     return dict(zip(keys, values, strict=True))
 
@@ -86,6 +93,38 @@ def test_memory_stays_bounded_by_deduplicating_as_it_reads() -> None:
                              for n in range(50_000)])
         assert latest.count <= 500_000
     assert kept(latest) == {f"a{n}".encode(): b"11" for n in range(1_000)}
+
+
+LAYOUT_RECORD, SNAPSHOT = encode_account(Account(balances={"USDT": 10.0}, partition=0), 1,
+                                         {("fills", 0): 3})
+
+
+def restored_ids(*keys_and_values: tuple[bytes, bytes | None]) -> list[object]:
+    latest = _Latest().add([record(LAYOUT_RECORD.key, LAYOUT_RECORD.encoded, LAYOUT),
+                            *(record(key, value) for key, value in keys_and_values)])
+    latest.deduplicate()
+    return list(changelog._decode("state", 0, latest).snapshots.ids)
+
+
+def test_account_ids_are_read_back_whatever_they_hold() -> None:
+    isolated = state_key(UnitKey("acct-9", "BTC-PERP"))
+    assert restored_ids((b"a\nb", SNAPSHOT), (b"plain", SNAPSHOT), (isolated, SNAPSHOT),
+                        ("caf\u00e9".encode(), SNAPSHOT)) == [
+        "a\nb", "plain", UnitKey("acct-9", "BTC-PERP"), "caf\u00e9"]
+
+
+def test_an_account_id_that_is_not_utf8_stops_the_restore_naming_its_offset() -> None:
+    bad = record(b"\xff\xfe", SNAPSHOT)
+    latest = _Latest().add([record(LAYOUT_RECORD.key, LAYOUT_RECORD.encoded, LAYOUT),
+                            record(b"fine", SNAPSHOT), bad])
+    latest.deduplicate()
+    with pytest.raises(StateCorrupt, match="the account id is not UTF-8") as excinfo:
+        changelog._decode("state", 0, latest)
+    assert f"state/0@{bad.offset}" in str(excinfo.value)
+
+
+def test_a_forgotten_account_whose_id_is_not_utf8_does_not_stop_the_restore() -> None:
+    assert restored_ids((b"\xff", SNAPSHOT), (b"fine", SNAPSHOT), (b"\xff", None)) == ["fine"]
 
 
 def test_the_garbage_collector_is_paused_while_restores_read_and_back_after_the_last() -> None:
