@@ -737,44 +737,25 @@ def _lay_out(rows, start, stop, eps, watch, watch_start, aid, sym_px, fill, out_
 
 
 @_jit
-def merge_bands(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids, meta, aid,
-                stale):
-    """`merge_runs` of symbol ``s``'s pending bands (left for the caller to clear:
-    `PendingBands.merged`)."""
-    start = meta[0, s]
-    end = start + meta[2, s]
-    return merge_runs(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, bounds[0, start:end],
-                      bounds[1, start:end], ids[0, start:end], ids[1, start:end], aid, stale)
-
-
-@_jit
-def merge_runs(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, aid, stale):
+def merge_runs(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, by_hi, by_lo,
+               aid, stale):
     """Fold new bands (lo, hi, row, anchor id) into a symbol's two sorted runs in one linear
-    pass each (see `SymbolBands.merge`): new entries whose anchor id is stale are dropped;
-    the runs' own stale entries too once the bands filed since the last pruning (``stale``)
-    may make up half of them. A new entry goes after the run's entries of equal key.
+    pass each (see `SymbolBands.merge`): ``by_hi`` and ``by_lo`` are the new entries to keep
+    (those whose anchor id is current), by hi ascending and by lo descending; the runs' own
+    stale entries are dropped once the bands filed since the last pruning (``stale``) may
+    make up half of them. A new entry goes after the run's entries of equal key.
 
     Returns (hi, hlo, hrow, haid, lneg, lrow, laid, stale after)."""
-    np_ = plo.shape[0]
-    live = np.empty(np_, np.int64)
-    k = 0
-    for j in range(np_):
-        if aid[prow[j]] == paid[j]:
-            live[k] = j
-            k += 1
-    live = live[:k]
-    stale += k  # each band filed may have made an older one stale
+    stale += by_hi.shape[0]  # each band filed may have made an older one stale
     prune = stale * 2 > hi.shape[0] - hs
     if prune:
         stale = 0
-    by_hi = live[np.argsort(phi[live])]
     out_hi, out_hrow, out_haid, origin = _merged(hi, hrow, haid, hs, phi[by_hi], prow[by_hi],
                                                  paid[by_hi], aid, prune)
     out_hlo = np.empty(origin.shape[0], np.float64)  # the hi run's lower bounds, alongside
     for t in range(origin.shape[0]):
         o = origin[t]
         out_hlo[t] = hlo[o] if o >= 0 else plo[by_hi[-1 - o]]
-    by_lo = live[np.argsort(-plo[live])]
     out_lneg, out_lrow, out_laid, _ = _merged(lneg, lrow, laid, ls, -plo[by_lo], prow[by_lo],
                                               paid[by_lo], aid, prune)
     return out_hi, out_hlo, out_hrow, out_haid, out_lneg, out_lrow, out_laid, stale
