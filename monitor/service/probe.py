@@ -7,12 +7,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 from structlog.stdlib import BoundLogger
 
-from monitor.service.merge import TimestampMerge
+from monitor.service.merge import NEVER, TimestampMerge
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import TopicMissing, output_topics
@@ -20,13 +20,18 @@ from monitor.service.topics import TopicMissing, output_topics
 PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
 OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
 PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
+MAX_PROBES_IN_FLIGHT = 4
 
 
 class WatermarkProber:
     """Sends the merge's watermark probes on a consumer connection of their own.
 
     The loop sets ``wanted`` when the merge has partitions to probe; the prober sets
-    ``answered`` when a probe came back, so that the merge may release more.
+    ``answered`` when a probe came back, so that the merge may release more. A probe does
+    not wait for the one before it to be answered: a record that arrives while a probe is
+    out needs one sent after it, and waiting for the first answer before sending it held
+    such records back for up to two round trips instead of one (up to
+    ``MAX_PROBES_IN_FLIGHT`` at a time, so that a slow broker is not flooded).
     """
 
     def __init__(self, merge: TimestampMerge, probe: AIOKafkaConsumer,
@@ -37,34 +42,68 @@ class WatermarkProber:
         self.log = log
         self.wanted = asyncio.Event()
         self.answered = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._sent: dict[TopicPartition, float] = {}  # newest probe out or answered (ms)
 
     async def run(self) -> None:
         """Ask for the end offsets of the partitions that hold the merge back, each time
         after the held record arrived and after its timestamp + max_skew_ms, so that a silent
         partition stops holding the others back one round trip later (see merge.py)."""
-        while True:
-            needs = self._merge.head_needs
-            if needs is None or not self._merge.to_probe():
-                await self.wanted.wait()
-                self.wanted.clear()
-                continue
-            early = (needs - time.time() * 1000) / 1000
-            if early > 0:  # a probe sent sooner proves nothing about this record
-                await asyncio.sleep(min(early, self.settings.max_idle))
-            tps = self._merge.to_probe()
-            if not tps:
-                continue
-            sent_at_ms = time.time() * 1000
-            try:
-                ends = await self._probe.end_offsets(tps)
-            except KafkaError as exc:
-                self.log.debug("watermark probe failed", error=repr(exc))
-                await asyncio.sleep(PROBE_RETRY)
-                continue
+        try:
+            while True:
+                for task in [t for t in self._in_flight if t.done()]:
+                    self._in_flight.discard(task)
+                    task.result()  # raise what no retry can mend
+                needs = self._merge.head_needs
+                if not self._unasked() or len(self._in_flight) >= MAX_PROBES_IN_FLIGHT:
+                    await self._until_wanted_or_answered()
+                    continue
+                assert needs is not None
+                early = (needs - time.time() * 1000) / 1000
+                if early > 0:  # a probe sent sooner proves nothing about this record
+                    await asyncio.sleep(min(early, self.settings.max_idle))
+                tps = self._unasked()
+                if not tps:
+                    continue
+                sent_at_ms = time.time() * 1000
+                for tp in tps:
+                    self._sent[tp] = sent_at_ms
+                self._in_flight.add(asyncio.create_task(self._ask(sent_at_ms, tps)))
+        finally:
+            for task in self._in_flight:
+                task.cancel()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _unasked(self) -> list[TopicPartition]:
+        """The merge's partitions to probe (`TimestampMerge.to_probe`) but those a probe
+        sent late enough is out for."""
+        needs = self._merge.head_needs
+        if needs is None:
+            return []
+        return [tp for tp in self._merge.to_probe() if self._sent.get(tp, NEVER) < needs]
+
+    async def _until_wanted_or_answered(self) -> None:
+        wanted = asyncio.ensure_future(self.wanted.wait())
+        try:
+            await asyncio.wait([wanted, *self._in_flight], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wanted.cancel()
+        self.wanted.clear()
+
+    async def _ask(self, sent_at_ms: float, tps: list[TopicPartition]) -> None:
+        try:
+            ends = await self._probe.end_offsets(tps)
+        except KafkaError as exc:
+            self.log.debug("watermark probe failed", error=repr(exc))
+            ends = {}
+        else:
             self._merge.probed(sent_at_ms, ends)
             self.answered.set()
-            if len(ends) < len(tps):  # the broker left some out: do not hammer it
-                await asyncio.sleep(PROBE_RETRY)
+        if len(ends) < len(tps):  # failed, or the broker left some out: ask again, later
+            await asyncio.sleep(PROBE_RETRY)
+            for tp in tps:
+                if tp not in ends and self._sent.get(tp) == sent_at_ms:
+                    del self._sent[tp]
 
 
 class BrokerWatch:

@@ -1,0 +1,107 @@
+"""The watermark prober (SPEC §6): the end-offset probes that let the merge release a record
+once a silent partition is known to hold nothing earlier, against the embedded broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+
+from monitor.service.merge import TimestampMerge
+from monitor.service.probe import WatermarkProber
+from monitor.service.topics import create_topics
+from tests.support.kafka import fresh_settings
+
+
+@dataclass
+class Rec:
+    offset: int
+    timestamp: int
+
+
+async def probing(broker):
+    """(settings, merge over fills/0 and fills/1 of fresh topics, a started consumer)."""
+    settings = fresh_settings(broker.bootstrap, partitions=2)
+    await create_topics(settings)
+    merge = TimestampMerge(lambda topic: 0, max_skew_ms=0)
+    first, second = (TopicPartition(settings.topics.fills, p) for p in (0, 1))
+    for tp in (first, second):
+        merge.seek(tp, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None)
+    await consumer.start()
+    return settings, merge, (first, second), consumer
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_probe_goes_out_while_an_earlier_one_is_still_unanswered(broker) -> None:
+    settings, merge, (first, second), consumer = await probing(broker)
+    asked: list[list[TopicPartition]] = []
+    first_answer = asyncio.Event()
+    real = consumer.end_offsets
+
+    async def held_first(tps):
+        asked.append(list(tps))
+        if len(asked) == 1:
+            await first_answer.wait()
+        return await real(tps)
+
+    consumer.end_offsets = held_first
+    prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())
+    task = asyncio.create_task(prober.run())
+    try:
+        now = int(time.time() * 1000)
+        merge.add(first, [Rec(0, now)])
+        assert merge.take(10, [first, second]) == []  # held: the second partition is silent
+        prober.wanted.set()
+        await until(lambda: len(asked) == 1)
+        # a record of the second partition, after the first: the first goes out, and the new
+        # head needs a probe sent after its own arrival, while the first probe is still out
+        await asyncio.sleep(0.002)
+        merge.add(second, [Rec(0, now + 1)])
+        assert [tp for tp, _ in merge.take(10, [first, second])] == [first]
+        prober.wanted.set()
+        await until(lambda: len(asked) == 2)
+        assert not first_answer.is_set()
+        first_answer.set()
+        await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [second])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+
+
+async def test_a_failed_probe_is_sent_again(broker) -> None:
+    settings, merge, (first, second), consumer = await probing(broker)
+    calls = 0
+    real = consumer.end_offsets
+
+    async def failing_once(tps):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KafkaTimeoutError("the broker did not answer in time")
+        return await real(tps)
+
+    consumer.end_offsets = failing_once
+    prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())
+    task = asyncio.create_task(prober.run())
+    try:
+        merge.add(first, [Rec(0, int(time.time() * 1000))])
+        assert merge.take(10, [first, second]) == []
+        prober.wanted.set()
+        await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [first])
+        assert calls == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
