@@ -41,6 +41,7 @@ from monitor.events import Event, Source
 from monitor.records import InputRecord, PriceTick, Rejected, decode_batch
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import RestoreProgress, write_reset_markers
+from monitor.service.changelog import warm_up as warm_up_restore
 from monitor.service.checkpointer import Checkpointer, KafkaSink
 from monitor.service.clients import Clients
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
@@ -156,7 +157,7 @@ class Monitor:
         try:
             # compiled once per install (seconds), loaded from numba's cache after that; in a
             # thread so that /healthz answers meanwhile
-            seconds = await asyncio.to_thread(warm_up)
+            seconds = await asyncio.to_thread(_warm_up)
             self._warming_up = False
             self.log.info("kernels ready", seconds=round(seconds, 3))
             # What exists now (~100,000 objects of numba, aiokafka and the rest, alive for
@@ -650,6 +651,14 @@ def _superseded_ticks(records: Sequence[InputRecord | Rejected]) -> set[int]:
             latest[record.symbol] = index
     return {index for index, record in enumerate(records)
             if isinstance(record, PriceTick) and latest[record.symbol] != index}
+
+
+def _warm_up() -> float:
+    """The engine's kernels and the restore's (`warm_up`s), in the seconds they took."""
+    started = time.perf_counter()
+    warm_up()
+    warm_up_restore()
+    return time.perf_counter() - started
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -13,7 +13,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
 from monitor.service import log_reader
-from monitor.service.log_reader import bounds, read_range
+from monitor.service.log_reader import RecordBatch, bounds, read_range
 
 
 async def topic_with(bootstrap: str, per_partition: dict[int, list[list[bytes]]]) -> str:
@@ -48,8 +48,8 @@ async def read_all(bootstrap: str, tps: list[TopicPartition], start_at: dict | N
         ranges = await bounds(client, tps)
         for tp, start in (start_at or {}).items():
             ranges[tp] = (start, ranges[tp][1])
-        await read_range(client, ranges,
-                         lambda tp, records: got[tp].extend((r.offset, r.value) for r in records))
+        await read_range(client, ranges, lambda tp, batch: got[tp].extend(
+            (r.offset, r.value) for r in batch.records()))
     finally:
         await client.close()
     return got
@@ -100,8 +100,8 @@ async def test_a_broker_that_stops_answering_for_a_while_delays_the_read_without
     got: list[int] = []
     paused: list[bool] = []
 
-    def take(_: TopicPartition, records: list) -> None:
-        got.extend(r.offset for r in records)
+    def take(_: TopicPartition, batch: RecordBatch) -> None:
+        got.extend(r.offset for r in batch.records())
         if len(got) >= 200 and not paused:
             paused.append(True)
             own_broker.pause()  # answers nothing until resumed, a second later
@@ -124,7 +124,7 @@ async def test_a_broker_gone_for_longer_than_the_timeout_fails_the_read_clearly(
         ranges = await bounds(client, [tp])
         own_broker.pause()
         with pytest.raises(KafkaError, match="failed"):
-            await read_range(client, ranges, lambda tp, records: None, timeout=1)
+            await read_range(client, ranges, lambda tp, batch: None, timeout=1)
     finally:
         own_broker.resume()
         await client.close()

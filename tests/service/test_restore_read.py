@@ -12,13 +12,19 @@ import gc
 import struct
 from typing import Any
 
+import numpy as np
 import pytest
+from aiokafka.errors import CorruptRecordException
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.record.util import calc_crc32c
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from monitor.account import Account, UnitKey
 from monitor.service import changelog
 from monitor.service.changelog import ACCOUNT, CONTROL, LAYOUT, RESET, StateCorrupt, _Latest
+from monitor.service.log_reader import RecordBatch, whole_batches
 from monitor.snapshot import KIND_HEADER, encode_account, state_key
 
 _offsets = iter(range(1_000_000))
@@ -79,7 +85,8 @@ def test_a_snapshot_without_a_key_is_dropped() -> None:
 
 
 def test_keys_that_share_a_hash_are_still_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(changelog, "hash", lambda key: 7, raising=False)  # every key collides
+    monkeypatch.setattr(changelog, "_key_hashes",  # every key collides
+                        lambda keys, key_len: np.full(len(key_len), 7, np.int64))
     latest = _Latest().add([record(b"a", b"1"), record(b"b", b"1"), record(b"a", b"2"),
                             record(b"c", b"1")])
     assert list(kept(latest).items()) == [(b"b", b"1"), (b"a", b"2"), (b"c", b"1")]
@@ -125,6 +132,71 @@ def test_an_account_id_that_is_not_utf8_stops_the_restore_naming_its_offset() ->
 
 def test_a_forgotten_account_whose_id_is_not_utf8_does_not_stop_the_restore() -> None:
     assert restored_ids((b"\xff", SNAPSHOT), (b"fine", SNAPSHOT), (b"\xff", None)) == ["fine"]
+
+
+def batch_of(records: list[tuple[bytes | None, bytes | None, list]], base_offset: int,
+             codec: int = 0) -> RecordBatch:
+    """(key, value, headers) records as one batch at ``base_offset``, as a fetch returns it."""
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=codec, is_transactional=0,
+                                        producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                                        batch_size=1 << 24)
+    for delta, (key, value, headers) in enumerate(records):
+        builder.append(delta, timestamp=1_700_000_000_000 + delta, key=key, value=value,
+                       headers=headers)
+    raw = bytearray(builder.build())
+    struct.pack_into(">q", raw, 0, base_offset)
+    (batch,) = whole_batches(bytes(raw))
+    return batch
+
+
+def packed(latest: _Latest) -> tuple:
+    latest.deduplicate()
+    _, _, offsets, _ = latest.columns()
+    return (kept(latest), offsets.tolist(), latest.read, latest.control, latest.layouts)
+
+
+HEADERS = st.sampled_from([
+    [(KIND_HEADER, ACCOUNT)], [], [(KIND_HEADER, LAYOUT)], [(KIND_HEADER, CONTROL)],
+    [(KIND_HEADER, ACCOUNT), ("trace", b"x")], [(KIND_HEADER, None)], [(KIND_HEADER, b"acc")],
+    [("kinds", ACCOUNT)]])
+RECORDS = st.lists(st.tuples(st.none() | st.binary(max_size=12) | st.sampled_from([b"a", b"b\n"]),
+                             st.none() | st.binary(max_size=300), HEADERS), min_size=1,
+                   max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(records=RECORDS, plain=st.booleans(), codec=st.sampled_from([0, 1, 2, 3, 4]),
+       skip=st.integers(0, 50))
+def test_a_batch_parsed_into_columns_keeps_what_the_clients_records_keep(
+        records, plain: bool, codec: int, skip: int) -> None:
+    if plain:  # the usual batch: account snapshots alone, parsed with no object per record
+        records = [(key, value, [(KIND_HEADER, ACCOUNT)]) for key, value, _ in records]
+    start = 1_000 + min(skip, len(records) - 1)  # a read may begin inside a batch
+    batch, same = batch_of(records, 1_000, codec), batch_of(records, 1_000, codec)
+    batch.start = same.start = start
+    assert packed(_Latest().add_batch(batch)) == packed(_Latest().add(same.records()))
+
+
+def test_snapshots_alone_are_read_as_columns_whatever_the_compression() -> None:
+    for codec in (0, 1, 2, 3, 4):
+        batch = batch_of([(b"a", b"1", [(KIND_HEADER, ACCOUNT)]),
+                          (None, None, [(KIND_HEADER, ACCOUNT)])], 7, codec)
+        columns = batch.columns(KIND_HEADER, ACCOUNT)
+        assert columns is not None
+        assert columns.offset.tolist() == [7, 8]
+        assert columns.key_len.tolist() == [1, -1] and columns.value_len.tolist() == [1, -1]
+        assert columns.plain.all()
+
+
+def test_a_batch_the_compiled_parser_cannot_read_goes_to_the_clients_which_says_why() -> None:
+    batch = batch_of([(b"a", b"1", [(KIND_HEADER, ACCOUNT)])], 0)
+    raw = bytearray(batch.raw)
+    raw[61] = 0x7E  # the first record's length: beyond the batch (checksum made good again)
+    struct.pack_into(">I", raw, 17, calc_crc32c(bytes(raw[21:])))
+    (spoilt,) = whole_batches(bytes(raw))
+    assert spoilt.columns(KIND_HEADER, ACCOUNT) is None
+    with pytest.raises(CorruptRecordException):
+        _Latest().add_batch(spoilt)
 
 
 def test_the_garbage_collector_is_paused_while_restores_read_and_back_after_the_last() -> None:
