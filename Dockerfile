@@ -42,10 +42,11 @@ RUN groupadd --system --gid 10001 liqmon \
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     pip install --no-cache-dir /dist/*.whl
 
-# The valuation kernels (numba) compile once, here, into a cache the runtime user reads: a
-# container then starts in a fraction of a second instead of compiling for several seconds.
+# The compiled kernels (numba: valuation, band filing, the restore's batch parsing) compile
+# once, here, into a cache the runtime user reads: a container then starts in a fraction of a
+# second instead of compiling for twenty.
 ENV NUMBA_CACHE_DIR=/var/cache/liqmon-numba
-RUN python -c "from monitor.book import warm_up; print(f'kernels compiled in {warm_up():.1f} s')" \
+RUN python -c "from monitor.service.runner import warm_up_kernels as w; print(f'kernels compiled in {w():.1f} s')" \
  && chmod -R a+rX /var/cache/liqmon-numba
 
 # A default risk config so the image starts as is; deployments mount their own over it

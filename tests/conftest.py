@@ -17,12 +17,12 @@ def risk() -> RiskConfig:
 
 @pytest.fixture(scope="session", autouse=True)
 def compiled_kernels() -> None:
-    """Compile (or load from numba's cache) the engine's kernels once, before the first test:
-    on a fresh install that takes ~14 s, which must not count against the readiness timeout
-    of whichever service test happens to run first."""
-    from monitor.book import warm_up
+    """Compile (or load from numba's cache) every kernel once, before the first test: on a
+    fresh install that takes ~22 s, which must not count against the readiness timeout of
+    whichever service test happens to run first."""
+    from monitor.service.runner import warm_up_kernels
 
-    warm_up()
+    warm_up_kernels()
 
 
 @pytest.fixture(autouse=True)

@@ -269,7 +269,7 @@ class RecordBatch:
 
     def columns(self, header_key: str, header_value: bytes) -> RecordColumns | None:
         """The records from ``start`` on as columns, parsed in one compiled pass with no
-        object per record (~20× cheaper than `records`); None for a batch of an older
+        object per record; None for a batch of an older
         format, or one whose records do not parse (`records` then says why)."""
         if getattr(self.batch, "magic", None) != 2:
             return None

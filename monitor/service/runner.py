@@ -157,7 +157,7 @@ class Monitor:
         try:
             # compiled once per install (seconds), loaded from numba's cache after that; in a
             # thread so that /healthz answers meanwhile
-            seconds = await asyncio.to_thread(_warm_up)
+            seconds = await asyncio.to_thread(warm_up_kernels)
             self._warming_up = False
             self.log.info("kernels ready", seconds=round(seconds, 3))
             # What exists now (~100,000 objects of numba, aiokafka and the rest, alive for
@@ -653,8 +653,9 @@ def _superseded_ticks(records: Sequence[InputRecord | Rejected]) -> set[int]:
             if isinstance(record, PriceTick) and latest[record.symbol] != index}
 
 
-def _warm_up() -> float:
-    """The engine's kernels and the restore's (`warm_up`s), in the seconds they took."""
+def warm_up_kernels() -> float:
+    """Compile (or load from numba's cache) every kernel liqmon run uses: the engine's and
+    the restore's (their `warm_up`s); returns the seconds it took."""
     started = time.perf_counter()
     warm_up()
     warm_up_restore()
