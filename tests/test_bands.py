@@ -53,11 +53,14 @@ def assert_segments_tile_the_arena(pending: PendingBands) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(steps)
-def test_a_tick_takes_exactly_the_current_bands_it_touches_or_leaves(program) -> None:
-    # tiny rooms and merge limits, so that segments move, grow, shrink and get compacted
+@given(steps, st.booleans())
+def test_a_tick_takes_exactly_the_current_bands_it_touches_or_leaves(program,
+                                                                    numpy_sort: bool) -> None:
+    # tiny rooms and merge limits, so that segments move, grow, shrink and get compacted; merges
+    # sorted in the kernel (as small ones are) or by numpy (as large ones are)
     with mock.patch.object(bands_module, "ROOM", 2), \
-            mock.patch.object(bands_module, "FIRST_LIMIT", 6):
+            mock.patch.object(bands_module, "FIRST_LIMIT", 6), \
+            mock.patch.object(bands_module, "NUMPY_SORT_FROM", 0 if numpy_sort else 8192):
         pending, bands = index(SYMBOLS)
         aid = np.zeros(ROWS, np.uint32)
         current: dict[int, dict[int, tuple[float, float]]] = {s: {} for s in range(SYMBOLS)}

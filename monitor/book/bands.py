@@ -12,6 +12,7 @@ from monitor.book import kernels
 from monitor.book.tables import INF
 
 ROOM = 64  # pending bands a symbol has room for before its segment first grows
+NUMPY_SORT_FROM = 8192  # bands in a merge
 FIRST_LIMIT = 256  # pending bands that make a merge due, until the runs grow (`merge`)
 
 
@@ -259,12 +260,16 @@ class SymbolBands:
 
     def merge_in(self, lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, aids: np.ndarray,
                  aid: np.ndarray) -> None:
-        """Fold these bands (those whose anchor id is still the row's) into the runs: sorted
-        here by numpy, whose sort is ~4× numba's on this machine (a restore sorts millions),
-        then merged in one linear pass each (`kernels.merge_runs`)."""
-        live = np.flatnonzero(aid[rows] == aids)
-        by_hi = live[np.argsort(hi[live])]
-        by_lo = live[np.argsort(-lo[live])]
+        """Fold these bands (those whose anchor id is still the row's) into the runs: sorted,
+        then merged in one linear pass each (`kernels.merge_runs`). Many are sorted by numpy,
+        whose sort is ~4× numba's on this machine (a restore sorts millions); a few, as most
+        merges have, in the kernel (numpy's calls cost more than the sort)."""
+        if len(rows) < NUMPY_SORT_FROM:
+            by_hi, by_lo = kernels.current_by_bounds(lo, hi, rows, aids, aid)
+        else:
+            live = np.flatnonzero(aid[rows] == aids)
+            by_hi = live[np.argsort(hi[live])]
+            by_lo = live[np.argsort(-lo[live])]
         self._merged(kernels.merge_runs(
             self.hi, self.hlo, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
             self.ls, lo, hi, rows, aids, by_hi, by_lo, aid, self.stale))

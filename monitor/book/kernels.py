@@ -737,6 +737,20 @@ def _lay_out(rows, start, stop, eps, watch, watch_start, aid, sym_px, fill, out_
 
 
 @_jit
+def current_by_bounds(lo, hi, rows, aids, aid):
+    """The indexes of the bands whose anchor id is still the row's, by hi ascending and by
+    lo descending (`merge_runs`'s ``by_hi`` and ``by_lo``)."""
+    live = np.empty(rows.shape[0], np.int64)
+    k = 0
+    for j in range(rows.shape[0]):
+        if aid[rows[j]] == aids[j]:
+            live[k] = j
+            k += 1
+    live = live[:k]
+    return live[np.argsort(hi[live])], live[np.argsort(-lo[live])]
+
+
+@_jit
 def merge_runs(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, by_hi, by_lo,
                aid, stale):
     """Fold new bands (lo, hi, row, anchor id) into a symbol's two sorted runs in one linear
