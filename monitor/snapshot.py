@@ -297,7 +297,7 @@ def _as_of_columns(as_of: Sequence[Offsets], name_id: Callable[[str], int]
     edges = np.array(bounds, np.int64)
     chosen = np.array(which, np.int64)
     count = edges[chosen + 1] - edges[chosen]
-    pick = gather_runs(edges[chosen], count)
+    pick = _gather_runs(edges[chosen], count)
     return (count, np.array(topic, np.int64)[pick], np.array(partition, np.int32)[pick],
             np.array(offset, np.int64)[pick])
 
@@ -509,7 +509,7 @@ def run_starts(count: np.ndarray) -> np.ndarray:
     return out
 
 
-def gather_runs(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+def _gather_runs(first: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Indexes first[k], first[k] + 1, … (count[k] of them) for every k, concatenated."""
     total = int(count.sum())
     return np.repeat(first - run_starts(count), count) + np.arange(total)
