@@ -269,8 +269,8 @@ class RecordBatch:
 
     def columns(self, header_key: str, header_value: bytes) -> RecordColumns | None:
         """The records from ``start`` on as columns, parsed in one compiled pass with no
-        object per record; None for a batch of an older
-        format, or one whose records do not parse (`records` then says why)."""
+        object per record; None for a batch of an older format, or one whose records do not
+        parse (`records` then says why)."""
         if getattr(self.batch, "magic", None) != 2:
             return None
         head = _BATCH_HEADER.unpack_from(self.raw)
@@ -284,6 +284,8 @@ class RecordBatch:
             payload = np.frombuffer(decompress(bytes(body)), np.uint8)
         else:
             payload = np.frombuffer(body, np.uint8)
+        if not 0 <= count <= len(payload):  # each record takes a byte at least
+            return None
         parsed = _parse_records(payload, count, np.frombuffer(header_key.encode(), np.uint8),
                                 np.frombuffer(header_value, np.uint8))
         if parsed is None:

@@ -188,15 +188,20 @@ def test_snapshots_alone_are_read_as_columns_whatever_the_compression() -> None:
         assert columns.plain.all()
 
 
-def test_a_batch_the_compiled_parser_cannot_read_goes_to_the_clients_which_says_why() -> None:
+@pytest.mark.parametrize(("at", "spoilt"), [
+    (61, b"\x7e"),  # the first record's length: beyond the batch
+    (57, struct.pack(">i", 2**31 - 1)),  # the record count: more than the bytes could hold
+])
+def test_a_batch_the_compiled_parser_cannot_read_goes_to_the_clients_which_says_why(
+        at: int, spoilt: bytes) -> None:
     batch = batch_of([(b"a", b"1", [(KIND_HEADER, ACCOUNT)])], 0)
     raw = bytearray(batch.raw)
-    raw[61] = 0x7E  # the first record's length: beyond the batch (checksum made good again)
-    struct.pack_into(">I", raw, 17, calc_crc32c(bytes(raw[21:])))
-    (spoilt,) = whole_batches(bytes(raw))
-    assert spoilt.columns(KIND_HEADER, ACCOUNT) is None
+    raw[at:at + len(spoilt)] = spoilt
+    struct.pack_into(">I", raw, 17, calc_crc32c(bytes(raw[21:])))  # checksum made good again
+    (bad,) = whole_batches(bytes(raw))
+    assert bad.columns(KIND_HEADER, ACCOUNT) is None
     with pytest.raises(CorruptRecordException):
-        _Latest().add_batch(spoilt)
+        _Latest().add_batch(bad)
 
 
 def test_the_garbage_collector_is_paused_while_restores_read_and_back_after_the_last() -> None:
