@@ -7,11 +7,11 @@ under SPEC §5's rule from the state it is in now; nothing in the engine changes
 position (SPEC §4.1) is a risk unit of its own, valued on its wallet without collateral weight
 and reported as `account/symbol`.
 
-The book's columns are gathered once into arrays sorted by (instrument, |q|·cs). In one
-scenario an instrument's mark and settle price are scalars, so its positions' notionals are
-|q|·cs times one mark and its tier boundaries are cut points in that sorted run (a binary
-search per tier instead of a comparison per position); per-account sums are one compiled pass
-over the positions in that order, and each account's next state is the engine's compiled rule.
+The book's positions are gathered once into arrays grouped by account (each account's in
+instrument order); a scenario is one compiled pass over them that reads each instrument's mark,
+settle price and tier table from small per-instrument arrays and sums straight into the
+account, so the only scattered reads are those tables. Each account's next state is the
+engine's compiled rule.
 Summation order differs from `margin.value_account`, so figures agree to rounding (1e-9
 relative), not bit for bit.
 """
@@ -79,6 +79,7 @@ class StressBook:
         self.keys: list[RiskKey] = keys
         # isolated positions by their event-id name, "account/symbol"
         self.ids = [key.label() if isinstance(key, UnitKey) else key for key in keys]
+        self.id_array = np.array(self.ids, dtype=object)  # lists of ids by one gather
         self.state = book.state[rows].astype(np.int64)
         na = t.n_assets
         bal = book.bal.reshape(-1, na)[rows]
@@ -91,14 +92,26 @@ class StressBook:
         pos, own = book.positions_of_rows(rows)
         instr = book.p_instr[pos].astype(np.int64)
         q = book.p_qty[pos]
-        e = book.p_entry[pos]
-        absk = np.abs(q) * t.v_cs[instr]
-        order = np.lexsort((absk, instr))
+        # by account, then instrument: each account's terms are summed in instrument order
+        order = np.lexsort((instr, own))
         self.owner = own[order]
-        self.q_cs = (q * t.v_cs[instr])[order]
-        self.cost = self.q_cs * e[order]  # q·cs·e: uPnL = (q·cs·mark − cost)·spx
-        self.absk = absk[order]
-        self.entry = e[order]
+        self.instr = instr[order]
+        self.q_cs = q[order] * t.v_cs[self.instr]
+        self.entry = book.p_entry[pos][order]
+        self.cost = self.q_cs * self.entry  # q·cs·e: uPnL = (q·cs·mark − cost)·spx
+        self.absk = np.abs(self.q_cs)
+        self.mark_id = np.array(t.i_mark_id, dtype=np.int64)
+        self.settle_id = np.array(t.i_settle_id, dtype=np.int64)
+        self.settle_fixed = np.array([math.nan if f is None else f for f in t.i_settle_fixed])
+        # tier tables padded to one width: the last tier's bound is +inf and repeats after it
+        width = max(len(tiers) for tiers in t.i_tiers)
+        self.t_max = np.full((len(t.instruments), width), math.inf)
+        self.t_mmr = np.zeros((len(t.instruments), width))
+        self.t_cum = np.zeros((len(t.instruments), width))
+        for i, tiers in enumerate(t.i_tiers):
+            self.t_max[i, :len(tiers) - 1] = [tier[0] for tier in tiers[:-1]]
+            self.t_mmr[i] = [tiers[min(k, len(tiers) - 1)][1] for k in range(width)]
+            self.t_cum[i] = [tiers[min(k, len(tiers) - 1)][3] for k in range(width)]
         # ids in sorted order once, so each scenario lists its accounts without a string sort:
         # by account, its cross margin before its isolated positions (as events are ordered)
         def event_order(k: int) -> tuple[str, bool, str]:
@@ -107,47 +120,18 @@ class StressBook:
                     else (key, False, ""))
 
         self.by_id = np.array(sorted(range(n), key=event_order), dtype=np.int64)
-        n_i = len(t.instruments)
-        self.bounds = np.searchsorted(instr[order], np.arange(n_i + 1))
         self.n = n
 
     def figures(self, sym_px: np.ndarray) -> Figures:
         """SPEC §4 equity, MM and ratio of every account at these symbol prices."""
-        t = self.t
-        n = self.n
         px = np.where(self.a_sym >= 0, sym_px[np.maximum(self.a_sym, 0)], self.a_fixed)
         collateral = self.wbal @ np.nan_to_num(px, nan=0.0)  # an unpriced asset adds 0
-        u = np.empty(len(self.owner))
-        m = np.empty(len(self.owner))
-        unevaluable = np.zeros(n, bool)
-        for i, (cs_fixed, mark_id, settle_id, tiers) in enumerate(zip(
-                t.i_settle_fixed, t.i_mark_id, t.i_settle_id, t.i_tiers, strict=True)):
-            a, b = int(self.bounds[i]), int(self.bounds[i + 1])
-            if a == b:
-                continue
-            spx = cs_fixed if cs_fixed is not None else float(sym_px[settle_id])
-            if spx != spx:  # SPEC §4: not evaluated until the settle price arrives
-                unevaluable[self.owner[a:b]] = True
-                u[a:b] = m[a:b] = 0.0
-                continue
-            absk = self.absk[a:b]
-            mark = float(sym_px[mark_id])
-            maxes = np.array([tier[0] for tier in tiers[:-1]])
-            mmrs = np.array([tier[1] for tier in tiers])
-            cums = np.array([tier[3] for tier in tiers])
-            if mark == mark:
-                notional = absk * mark  # sorted, as absk is: tiers are runs cut by max_k
-                cuts = np.searchsorted(notional, maxes, side="right")
-                sizes = np.diff(np.concatenate(([0], cuts, [b - a])))
-                mmr, cum = np.repeat(mmrs, sizes), np.repeat(cums, sizes)
-                u[a:b] = (self.q_cs[a:b] * mark - self.cost[a:b]) * spx
-            else:  # no tick yet: each position is marked at its own entry price
-                notional = absk * self.entry[a:b]
-                tier = (notional[:, None] > maxes).sum(1)
-                mmr, cum = mmrs[tier], cums[tier]
-                u[a:b] = 0.0
-            m[a:b] = (notional * mmr - cum) * spx
-        upnl, mm = _sums_by_owner(self.owner, u, m, n)
+        mark = sym_px[self.mark_id]  # NaN: no tick yet, positions marked at their entry
+        spx = np.where(self.settle_id >= 0, sym_px[np.maximum(self.settle_id, 0)],
+                       self.settle_fixed)  # NaN: the account cannot be evaluated (SPEC §4)
+        upnl, mm, unevaluable = _sums_by_owner(
+            self.owner, self.instr, self.q_cs, self.cost, self.absk, self.entry, mark, spx,
+            self.t_max, self.t_mmr, self.t_cum, self.n)
         equity = collateral + upnl
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(equity > 0, mm / equity, np.where(mm == 0, 0.0, math.inf))
@@ -167,16 +151,34 @@ class StressBook:
 
 
 @numba.njit(cache=True, nogil=True)
-def _sums_by_owner(owner: np.ndarray, u: np.ndarray, m: np.ndarray,
-                   n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Both of np.bincount(owner, u, n) and np.bincount(owner, m, n), in one pass (the
-    same additions in the same order)."""
+def _sums_by_owner(owner: np.ndarray, instr: np.ndarray, q_cs: np.ndarray, cost: np.ndarray,
+                   absk: np.ndarray, entry: np.ndarray, mark: np.ndarray, spx: np.ndarray,
+                   t_max: np.ndarray, t_mmr: np.ndarray, t_cum: np.ndarray,
+                   n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each account's uPnL and MM (SPEC §4) at instrument marks and settle prices, in one
+    pass over its positions (grouped by account), and which accounts cannot be evaluated."""
     su = np.zeros(n)
     sm = np.zeros(n)
+    unevaluable = np.zeros(n, np.bool_)
+    last_tier = t_max.shape[1] - 1
     for k in range(owner.shape[0]):
-        su[owner[k]] += u[k]
-        sm[owner[k]] += m[k]
-    return su, sm
+        i = instr[k]
+        a = owner[k]
+        settle = spx[i]
+        if settle != settle:
+            unevaluable[a] = True
+            continue
+        price = mark[i]
+        if price == price:
+            notional = absk[k] * price
+            su[a] += (q_cs[k] * price - cost[k]) * settle
+        else:
+            notional = absk[k] * entry[k]
+        tier = 0
+        while tier < last_tier and notional > t_max[i, tier]:
+            tier += 1
+        sm[a] += (notional * t_mmr[i, tier] - t_cum[i, tier]) * settle
+    return su, sm, unevaluable
 
 
 @numba.njit(cache=True, nogil=True)
@@ -229,7 +231,7 @@ def _scenario(book: StressBook, base: Figures, shock: Mapping[str, float],
         shock=dict(shock),
         accounts_by_state={name: int(counts[k]) for k, name in enumerate(STATE_NAMES)},
         unpriced=int((~ok).sum()),
-        newly_liquidating=[ids[r] for r in _flagged_in_order(book.by_id, newly).tolist()],
+        newly_liquidating=book.id_array[_flagged_in_order(book.by_id, newly)].tolist(),
         equity=float(equity.sum()),
         maintenance_margin=float(f.mm[ok].sum()),
         bad_debt=float(np.maximum(0.0, -equity).sum()),
