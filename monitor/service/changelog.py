@@ -269,8 +269,8 @@ class _Latest:
             superseded = order[older]
             replacing = order[ends[np.searchsorted(ends, older)]]
             starts = self.key_starts()
-            if any(self.key(a, starts) != self.key(b, starts) for a, b in
-                   zip(superseded.tolist(), replacing.tolist(), strict=True)):
+            if not _same_keys(np.frombuffer(self.keys, np.uint8), starts, key_len,
+                              superseded, replacing):
                 superseded = _superseded_exactly(
                     [self.key(k, starts) for k in range(len(hashes))])
             drop[superseded] = True
@@ -289,6 +289,22 @@ class _Latest:
         self.keys, self.values = bytearray(keys.data), bytearray(values.data)
         self.key_len, self.value_len = [key_len[kept]], [value_len[kept]]
         self.offsets, self.hashes = [offsets[kept]], [hashes[kept]]
+
+
+@_jit
+def _same_keys(keys, key_start, key_len, a, b):
+    """Whether snapshots a[k] and b[k] hold the same key, byte for byte, for every k (a key
+    length of -1: no key; equal only to none)."""
+    for k in range(a.shape[0]):
+        x, y = a[k], b[k]
+        length = key_len[x]
+        if key_len[y] != length:
+            return False
+        first, second = key_start[x], key_start[y]
+        for j in range(max(length, 0)):
+            if keys[first + j] != keys[second + j]:
+                return False
+    return True
 
 
 @_jit
@@ -335,9 +351,11 @@ def warm_up() -> None:
     builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0,
                                         producer_id=-1, producer_epoch=-1, base_sequence=-1,
                                         batch_size=1 << 16)
-    builder.append(0, timestamp=0, key=b"k", value=b"v", headers=[(KIND_HEADER, ACCOUNT)])
+    for offset in range(2):  # one key twice: deduplication's kernels too
+        builder.append(offset, timestamp=0, key=b"k", value=b"v",
+                       headers=[(KIND_HEADER, ACCOUNT)])
     (batch,) = whole_batches(bytes(builder.build()))
-    _Latest().add_batch(batch)
+    _Latest().add_batch(batch).deduplicate()
 
 
 def _lengths(items: list[bytes | None]) -> np.ndarray:

@@ -92,6 +92,14 @@ def test_keys_that_share_a_hash_are_still_told_apart(monkeypatch: pytest.MonkeyP
     assert list(kept(latest).items()) == [(b"b", b"1"), (b"a", b"2"), (b"c", b"1")]
 
 
+def test_keys_that_share_a_hash_and_a_length_are_compared_to_the_last_byte(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(changelog, "_key_hashes",
+                        lambda keys, key_len: np.full(len(key_len), 7, np.int64))
+    latest = _Latest().add([record(b"acct-1", b"1"), record(b"acct-2", b"1")])
+    assert list(kept(latest).items()) == [(b"acct-1", b"1"), (b"acct-2", b"1")]
+
+
 def test_memory_stays_bounded_by_deduplicating_as_it_reads() -> None:
     # 600,000 snapshots of 1,000 accounts: duplicates are dropped while reading, not at the end
     latest = _Latest()
