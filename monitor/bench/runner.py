@@ -24,6 +24,7 @@ from monitor.bench.workload import (
     bench_config,
     populate,
 )
+from monitor.book import warm_up
 
 
 def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
@@ -31,6 +32,9 @@ def run(plan: Plan, quiet: bool = False) -> dict[str, Any]:
     figures: list[Figure] = []
     started = time.perf_counter()
     with Phases(quiet) as phases:
+        step = phases.task("load the compiled kernels", 1)
+        warm_up()  # as `liqmon run` does before it consumes: no timed phase pays for it
+        step(1)
         step = phases.task(f"generate {plan.accounts:,} accounts", 1)
         pop = populate(config, plan.accounts, plan.seed)
         step(1)
