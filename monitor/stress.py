@@ -103,15 +103,6 @@ class StressBook:
         self.mark_id = np.array(t.i_mark_id, dtype=np.int64)
         self.settle_id = np.array(t.i_settle_id, dtype=np.int64)
         self.settle_fixed = np.array([math.nan if f is None else f for f in t.i_settle_fixed])
-        # tier tables padded to one width: the last tier's bound is +inf and repeats after it
-        width = max(len(tiers) for tiers in t.i_tiers)
-        self.t_max = np.full((len(t.instruments), width), math.inf)
-        self.t_mmr = np.zeros((len(t.instruments), width))
-        self.t_cum = np.zeros((len(t.instruments), width))
-        for i, tiers in enumerate(t.i_tiers):
-            self.t_max[i, :len(tiers) - 1] = [tier[0] for tier in tiers[:-1]]
-            self.t_mmr[i] = [tiers[min(k, len(tiers) - 1)][1] for k in range(width)]
-            self.t_cum[i] = [tiers[min(k, len(tiers) - 1)][3] for k in range(width)]
         # ids in sorted order once, so each scenario lists its accounts without a string sort:
         # by account, its cross margin before its isolated positions (as events are ordered)
         def event_order(k: int) -> tuple[str, bool, str]:
@@ -129,9 +120,9 @@ class StressBook:
         mark = sym_px[self.mark_id]  # NaN: no tick yet, positions marked at their entry
         spx = np.where(self.settle_id >= 0, sym_px[np.maximum(self.settle_id, 0)],
                        self.settle_fixed)  # NaN: the account cannot be evaluated (SPEC §4)
-        upnl, mm, unevaluable = _sums_by_owner(
+        upnl, mm, unevaluable = _account_sums(
             self.owner, self.instr, self.q_cs, self.cost, self.absk, self.entry, mark, spx,
-            self.t_max, self.t_mmr, self.t_cum, self.n)
+            self.t.t_max, self.t.t_mmr, self.t.t_cum, self.n)
         equity = collateral + upnl
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(equity > 0, mm / equity, np.where(mm == 0, 0.0, math.inf))
@@ -151,7 +142,7 @@ class StressBook:
 
 
 @numba.njit(cache=True, nogil=True)
-def _sums_by_owner(owner: np.ndarray, instr: np.ndarray, q_cs: np.ndarray, cost: np.ndarray,
+def _account_sums(owner: np.ndarray, instr: np.ndarray, q_cs: np.ndarray, cost: np.ndarray,
                    absk: np.ndarray, entry: np.ndarray, mark: np.ndarray, spx: np.ndarray,
                    t_max: np.ndarray, t_mmr: np.ndarray, t_cum: np.ndarray,
                    n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -77,6 +77,7 @@ class Tables:
                 t_mmr[i, k], t_cum[i, k] = mmr, cum
             t_mmr[i, len(tiers):] = tiers[-1][1]
             t_cum[i, len(tiers):] = tiers[-1][3]
+        self.t_max, self.t_mmr, self.t_cum = t_max, t_mmr, t_cum  # (instrument, tier)
         self.k_floats = np.concatenate((
             [NAN if f is None else f for f in self.a_fixed], self.a_weight, self.v_cs,
             [NAN if f is None else f for f in self.i_settle_fixed], t_max.ravel(),
