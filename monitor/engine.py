@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 
 from monitor.account import Account, RiskKey, UnitKey
-from monitor.book import Book, Verdict
+from monitor.book import AccountRun, Book, Verdict
+from monitor.book.kernels import BALANCE, FILL
 from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event
 from monitor.margin import PositionFigures, Valuation, value_account
@@ -40,6 +41,8 @@ from monitor.snapshot import Offsets, Snapshots
 from monitor.state import AccountState, next_state
 
 DEFAULT_DEDUPE_WINDOW = 10_000
+AccountRecord = Fill | LedgerEntry  # what changes one account
+Outcome = list[Event] | Rejected  # of one record: its events, or why it was rejected
 
 
 @dataclass(slots=True)
@@ -158,6 +161,50 @@ class InputLedger:
         self._mark_groups: dict[tuple[tuple[tuple[str, int | None], int], ...],
                                 list[tuple[RiskKey, Offsets]]] = {}
 
+    def apply(self, record: InputRecord, source: Source) -> list[Event]:
+        raise NotImplementedError  # each engine's own
+
+    def apply_account_records(self, records: Sequence[AccountRecord], sources: Sequence[Source]
+                              ) -> list[tuple[int, Outcome]]:
+        """`apply` of each fill and ledger entry in turn: the records that had an outcome
+        (their events, or the rejection `apply` raised), by index."""
+        outcomes: list[tuple[int, Outcome]] = []
+        for k, (record, source) in enumerate(zip(records, sources, strict=True)):
+            self._apply_one(k, record, source, outcomes)
+        return outcomes
+
+    def apply_records(self, records: Sequence[InputRecord], sources: Sequence[Source]
+                      ) -> list[Outcome]:
+        """Each record's outcome, in order (no events: an empty list), as the service
+        applies a fetched batch: fills and ledger entries a run at a time
+        (`apply_account_records`), ticks one by one."""
+        outcomes: list[Outcome] = []
+        k, count = 0, len(records)
+        while k < count:
+            record = records[k]
+            if isinstance(record, PriceTick):  # never rejected
+                outcomes.append(self.apply(record, sources[k]))
+                k += 1
+                continue
+            end = k + 1
+            while end < count and not isinstance(records[end], PriceTick):
+                end += 1
+            found = dict(self.apply_account_records(
+                cast(Sequence[AccountRecord], records[k:end]), sources[k:end]))
+            outcomes += [found.get(j, []) for j in range(end - k)]
+            k = end
+        return outcomes
+
+    def _apply_one(self, k: int, record: InputRecord, source: Source,
+                   outcomes: list[tuple[int, Outcome]]) -> None:
+        try:
+            events = self.apply(record, source)
+        except Rejected as rejection:
+            outcomes.append((k, rejection))
+        else:
+            if events:
+                outcomes.append((k, events))
+
     def _already_reflected(self, key: RiskKey, source: Source) -> bool:
         marks = self._caught_up_from.get(key)
         if marks is None:
@@ -273,6 +320,7 @@ class Engine(InputLedger):
         self._unindexed: list[int] = []
         self._unindexed_bulk: list[np.ndarray] = []
         self._reindex_all = False  # prices were replaced under the bands
+        self._run = AccountRun()  # `apply_account_records`' arguments for the kernel
 
     def partition_of(self, key: RiskKey) -> int | None:
         """The input partition owning a risk unit held here (None: not held, or replay)."""
@@ -322,6 +370,105 @@ class Engine(InputLedger):
         for record, source in records:
             extend(apply(record, source))
         return events
+
+    def apply_account_records(self, records: Sequence[AccountRecord], sources: Sequence[Source]
+                              ) -> list[tuple[int, Outcome]]:
+        """`apply` of each fill and ledger entry in turn, with the same outcome: the records
+        that had one (their events, or the rejection `apply` would raise), by index.
+
+        Plain records (a cross-margin fill or a ledger entry other than an isolated-margin
+        transfer, on an account already held that holds the symbol in no isolated position,
+        no restore marks pending) are applied a chunk at a time: `apply`'s Python (the
+        duplicate window, the account's row) is done for the chunk first, in order, then one
+        compiled call (`Book.account_run`) applies them, values each account and files its
+        bands, stopping at a record whose verdict needs more (a state to move, a position
+        slot taken or freed...), which is finished here as `apply` finishes it. The rest go
+        through `apply`."""
+        self._index_due()
+        self.accounts.changed()
+        self.units.changed()
+        outcomes: list[tuple[int, Outcome]] = []
+        run = self._run
+        ops, rows, codes, amounts, prices, fees = (run.ops, run.rows, run.codes, run.amounts,
+                                                   run.prices, run.fees)
+        index, units = self.book.index, self.book.units
+        instr_index, asset_index = self._t.instr_index, self._t.asset_index
+        count = len(records)
+        k = 0
+        while k < count:
+            chunk: list[int] = []  # index of each record in the run
+            plain = True
+            while k < count and len(chunk) < AccountRun.SIZE:
+                record = records[k]
+                row = index.get(record.account)
+                if row is None or self._caught_up_from:
+                    plain = False
+                    break
+                j = len(chunk)
+                if isinstance(record, Fill):
+                    # units hold UnitKeys; a NamedTuple equals (and hashes as) a plain tuple
+                    if record.margin_mode != CROSS or (
+                            units and (record.account, record.symbol) in units):
+                        plain = False
+                        break
+                    seen = (record.account, record.fill_id)
+                    ops[j], codes[j], fees[j] = FILL, instr_index[record.symbol], record.fee
+                    amounts[j] = record.qty if record.side == "buy" else -record.qty
+                    prices[j] = record.price
+                else:
+                    if record.kind == ISOLATED_MARGIN:
+                        plain = False
+                        break
+                    seen = (record.account, record.entry_id)
+                    ops[j], codes[j] = BALANCE, asset_index[record.asset]
+                    amounts[j] = record.amount
+                if self._window(sources[k]).add(seen):
+                    rows[j] = row
+                    chunk.append(k)
+                else:
+                    self.stats.duplicates += 1
+                k += 1
+            if chunk:
+                self._apply_run(records, sources, chunk, outcomes)
+            if not plain:
+                self._apply_one(k, records[k], sources[k], outcomes)
+                k += 1
+        return outcomes
+
+    def _apply_run(self, records: Sequence[AccountRecord], sources: Sequence[Source],
+                   chunk: list[int], outcomes: list[tuple[int, Outcome]]) -> None:
+        """`apply_account_records`' compiled part for one chunk (``chunk``: each record's
+        index; its arguments in ``self._run``), its duplicate windows already updated."""
+        book, run = self.book, self._run
+        size = len(chunk)
+        start = 0
+        while start < size:
+            stop, verdict = book.account_run(run, start, size)
+            for j in range(start, min(stop + 1, size)):
+                if run.ops[j] == FILL:
+                    self.stats.applied_fills += 1
+                else:
+                    self.stats.applied_ledger += 1
+            self._dirty.update([records[chunk[j]].account for j in range(start, stop)])
+            if stop == size:
+                return
+            k = chunk[stop]
+            record, row = records[k], run.rows[stop]
+            if isinstance(record, Fill):
+                kind, ref = "fill", record.fill_id
+            else:
+                kind, ref = "ledger", record.entry_id
+            events = self._after_account_change(row, record.account, record.ts, kind, ref,
+                                                sources[k], verdict)
+            if events:
+                outcomes.append((k, events))
+            if book.row_of(record.account) is None:  # left blank and forgotten: a later
+                for j in range(stop + 1, size):  # record of it starts a new row, as `apply`
+                    if run.rows[j] == row:
+                        later = chunk[j]
+                        run.rows[j] = self._row(records[later].account,
+                                                sources[later].partition)
+            start = stop + 1
 
     def _apply_tick(self, tick: PriceTick, source: Source) -> list[Event]:
         if not self._fresh_tick(tick):

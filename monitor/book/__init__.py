@@ -32,10 +32,10 @@ accounts are re-valued, never what an event says.
 """
 
 from monitor.book.bands import PendingBands, SymbolBands
-from monitor.book.store import Book, Verdict
+from monitor.book.store import AccountRun, Book, Verdict
 from monitor.book.tables import Tables
 
-__all__ = ["Book", "PendingBands", "SymbolBands", "Tables", "Verdict"]
+__all__ = ["AccountRun", "Book", "PendingBands", "SymbolBands", "Tables", "Verdict"]
 
 
 def warm_up() -> float:
@@ -54,6 +54,10 @@ def warm_up() -> float:
     row = book.new_row("warm-up", 0)
     book.add_balance(row, 0, 100.0)
     book.fill_and_evaluate(row, 0, 1.0, 10.0, 0.0)
+    run = AccountRun()
+    run.rows[0], run.amounts[0], run.prices[0] = row, 1.0, 10.0  # a fill (op 0)
+    run.rows[1], run.ops[1], run.amounts[1] = row, kernels.BALANCE, 5.0  # a deposit
+    book.account_run(run, 0, 2)
     book.sym_px[:] = 10.0
     book.evaluate_and_file(row)
     rows = np.array([row], dtype=np.int64)

@@ -366,6 +366,50 @@ def fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched,
     return ok, r, new, eps, n, filed, used, freed
 
 
+FILL, BALANCE = 0, 1  # `account_run` operations
+
+
+@_jit
+def account_run(ops, rows, codes, amounts, prices, fees, start, end, spare, state, watched,
+                bal, isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats,
+                ints, aid, bounds, ids, meta, edges):
+    """Records that change one account each, ``start`` to ``end`` in turn: a FILL
+    (`fill_and_evaluate`: instrument ``codes[k]``, signed quantity ``amounts[k]``, price,
+    fee) or a BALANCE change (``amounts[k]`` added to asset ``codes[k]``, as `Book.add_balance`
+    adds it, then `evaluate_and_file`). Stops after the first whose outcome needs more than
+    this: a state to move (or an account it cannot value), ``spare`` used or a slot freed,
+    bands that did not fit, or an account left with no position and no balance (it may be
+    blank). Returns the index it stopped at (``end`` if none) and that record's eight figures
+    (a balance change uses no slot and frees none)."""
+    na = ints[0]
+    for k in range(start, end):
+        row = rows[k]
+        if ops[k] == FILL:
+            ok, r, new, eps, n, filed, used, freed = fill_and_evaluate(
+                row, codes[k], amounts[k], prices[k], fees[k], spare, state, watched, bal,
+                isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats,
+                ints, aid, bounds, ids, meta, edges)
+        else:
+            at = row * na + codes[k]
+            bal[at] = bal[at] + amounts[k]
+            ok, r, new, eps, n, filed = evaluate_and_file(
+                row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
+                sym_px, floats, ints, aid, bounds, ids, meta, edges)
+            used, freed = False, -1
+        if (used or freed >= 0 or not filed or not ok or new != state[row]
+                or (first[row] < 0 and _no_balance(bal, row, na))):
+            return k, ok, r, new, eps, n, filed, used, freed
+    return end, True, 0.0, 0, 0.0, 0, True, False, -1
+
+
+@_jit
+def _no_balance(bal, row, na):
+    for at in range(row * na, row * na + na):  # noqa: SIM110 - compiled: a loop, not a generator
+        if bal[at] != 0.0:
+            return False
+    return True
+
+
 @_jit
 def evaluate_and_file(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
                       p_entry, sym_px, floats, ints, aid, bounds, ids, meta, edges):

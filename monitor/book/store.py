@@ -33,6 +33,23 @@ _AID_MASK = 0xFFFFFFFF
 Verdict = tuple[bool, float, int, float]
 
 
+class AccountRun:
+    """Reused arrays a chunk of records that change one account each is written into, for
+    `Book.account_run` (`kernels.account_run`'s ops, rows, codes, amounts, prices, fees):
+    fresh arrays per chunk would cost more than its few records. Written through the
+    memoryviews of the same names, up to ``SIZE`` records."""
+
+    SIZE = 256
+    __slots__ = ("amounts", "arrays", "codes", "fees", "ops", "prices", "rows")
+
+    def __init__(self) -> None:
+        size = self.SIZE
+        self.arrays = (np.zeros(size, np.int8), np.zeros(size, np.int64),
+                       np.zeros(size, np.int64), np.zeros(size), np.zeros(size), np.zeros(size))
+        (self.ops, self.rows, self.codes, self.amounts, self.prices,
+         self.fees) = (_view(array) for array in self.arrays)
+
+
 class Evaluation(NamedTuple):
     """`Book.evaluate` of some rows: per row whether it could be valued, its ratio, the state
     it moves to and its band's eps for that state; and the symbols each row watches (row k's
@@ -271,9 +288,27 @@ class Book:
         """SPEC §4 Fill (the arithmetic of `margin.apply_fill_to_position`, including its rule
         that a close leaving only float rounding is flat), then `evaluate_and_file` of the
         account: one compiled call."""
-        evaluable, ratio, new, eps, n, filed, used, freed = kernels.fill_and_evaluate(
+        return self._filled(row, *kernels.fill_and_evaluate(
             row, instr, signed_qty, price, fee, self._spare_slot(), self.state, self._watched,
+            *self._fill_args, self.aid, *self.pending.args))
+
+    def account_run(self, run: AccountRun, start: int, end: int) -> tuple[int, Verdict]:
+        """The records ``start`` to ``end`` of ``run`` (fills and balance changes), in one
+        compiled call (`kernels.account_run`), up to and including the first whose verdict may
+        call for more than filing its bands: (its index, its verdict), or (``end``, a verdict
+        of no change) when none did."""
+        k, evaluable, ratio, new, eps, n, filed, used, freed = kernels.account_run(
+            *run.arrays, start, end, self._spare_slot(), self.state, self._watched,
             *self._fill_args, self.aid, *self.pending.args)
+        if k == end:
+            return k, (evaluable, ratio, new, eps)
+        return k, self._filled(int(run.arrays[1][k]), evaluable, ratio, new, eps, n, filed,
+                               used, freed)
+
+    def _filled(self, row: int, evaluable: bool, ratio: float, new: int, eps: float, n: int,
+                filed: bool, used: bool, freed: int) -> Verdict:
+        """What a fill's kernel leaves to Python: the position slot it took or freed, and
+        the bands it could not file."""
         if used:
             self._take_slot()
         elif freed >= 0:

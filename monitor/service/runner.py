@@ -22,7 +22,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiokafka import (
@@ -36,9 +36,9 @@ from aiokafka.errors import KafkaError
 
 from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
-from monitor.engine import Engine
+from monitor.engine import AccountRecord, Engine
 from monitor.events import Event, Source
-from monitor.records import InputRecord, PriceTick, Rejected, decode_batch
+from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick, Rejected, decode_batch
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import RestoreProgress, write_reset_markers
 from monitor.service.changelog import warm_up as warm_up_restore
@@ -60,6 +60,7 @@ TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint t
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
+ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account_records`)
 
 
 class Monitor:
@@ -589,32 +590,41 @@ class Monitor:
         superseded = _superseded_ticks(decoded) if conflate else set()
         if superseded:
             metrics.conflated_ticks.inc(len(superseded))
-        for index, ((tp, message), record) in enumerate(zip(batch, decoded, strict=True)):
-            if index in superseded:
+        index, size = 0, len(batch)
+        while index < size:
+            tp, message = batch[index]
+            record = decoded[index]
+            if type(record) in ACCOUNT_RECORDS:  # a run of them: `apply_account_records`
+                end = index + 1
+                while end < size and type(decoded[end]) in ACCOUNT_RECORDS:
+                    end += 1
+                records = cast(list[AccountRecord], decoded[index:end])
+                sources = []
+                for (run_tp, run_message), run_record in zip(batch[index:end], records,
+                                                             strict=True):
+                    touched[run_record.account] = run_tp.partition
+                    sources.append(Source(run_tp.topic, run_tp.partition, run_message.offset))
+                for k, outcome in engine.apply_account_records(records, sources):
+                    self._record_outcome(out, *batch[index + k], outcome)
+                index = end
                 continue
-            if not isinstance(record, Rejected):
-                if not isinstance(record, PriceTick):
-                    touched[record.account] = tp.partition
-                applied_ticks = stats.applied_ticks
-                try:
-                    events = engine.apply(record, Source(tp.topic, tp.partition,
-                                                         message.offset))
-                except Rejected as rejection:  # what only state makes bad input
-                    record = rejection
+            index += 1
+            if index - 1 in superseded:
+                continue
             if isinstance(record, Rejected):
-                out.append(dead_letter_message(record, tp.topic, tp.partition,
-                                               message.offset, message.key, message.value,
-                                               topics))
-                metrics.records_rejected.labels(tp.topic, record.reason).inc()
-                self.log.warning("rejected", topic=tp.topic, partition=tp.partition,
-                                 offset=message.offset, reason=record.reason,
-                                 detail=record.detail)
+                self._record_outcome(out, tp, message, record)
+                continue
+            if not isinstance(record, PriceTick):
+                touched[record.account] = tp.partition
+            applied_ticks = stats.applied_ticks
+            try:
+                events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))
+            except Rejected as rejection:  # what only state makes bad input
+                self._record_outcome(out, tp, message, rejection)
                 continue
             if isinstance(record, PriceTick) and stats.applied_ticks != applied_ticks:
                 self._last_tick_wall[record.symbol] = time.time()
-            for event in events:
-                out.append(event_message(event, topics, message.timestamp))
-                self._unlogged.append((event, tp, message.offset))
+            self._record_outcome(out, tp, message, events)
         for topic, count in consumed.items():
             metrics.records_consumed.labels(topic).inc(count)
         stale, unused, duplicates = before
@@ -622,6 +632,22 @@ class Monitor:
         metrics.unused_ticks.inc(stats.unused_ticks - unused)
         metrics.duplicates.inc(stats.duplicates - duplicates)
         return out
+
+    def _record_outcome(self, out: list[Outgoing], tp: TopicPartition, message: ConsumerRecord,
+                        outcome: list[Event] | Rejected) -> None:
+        """A record's events, or its dead letter, onto ``out`` (in record order)."""
+        topics = self.settings.topics
+        if isinstance(outcome, Rejected):
+            out.append(dead_letter_message(outcome, tp.topic, tp.partition, message.offset,
+                                           message.key, message.value, topics))
+            self.metrics.records_rejected.labels(tp.topic, outcome.reason).inc()
+            self.log.warning("rejected", topic=tp.topic, partition=tp.partition,
+                             offset=message.offset, reason=outcome.reason,
+                             detail=outcome.detail)
+            return
+        for event in outcome:
+            out.append(event_message(event, topics, message.timestamp))
+            self._unlogged.append((event, tp, message.offset))
 
     # -- observability --------------------------------------------------------------------------
 
