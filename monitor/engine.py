@@ -197,6 +197,7 @@ class InputLedger:
 
     def _apply_one(self, k: int, record: InputRecord, source: Source,
                    outcomes: list[tuple[int, Outcome]]) -> None:
+        """`apply` of record ``k``, its outcome (if any) onto ``outcomes``."""
         try:
             events = self.apply(record, source)
         except Rejected as rejection:
@@ -453,7 +454,7 @@ class Engine(InputLedger):
             if stop == size:
                 return
             k = chunk[stop]
-            record, row = records[k], run.rows[stop]
+            record, row = records[k], int(run.rows[stop])
             if isinstance(record, Fill):
                 kind, ref = "fill", record.fill_id
             else:

@@ -370,28 +370,30 @@ FILL, BALANCE = 0, 1  # `account_run` operations
 
 
 @_jit
-def account_run(ops, rows, codes, amounts, prices, fees, start, end, spare, state, watched,
-                bal, isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats,
-                ints, aid, bounds, ids, meta, edges):
-    """Records that change one account each, ``start`` to ``end`` in turn: a FILL
-    (`fill_and_evaluate`: instrument ``codes[k]``, signed quantity ``amounts[k]``, price,
-    fee) or a BALANCE change (``amounts[k]`` added to asset ``codes[k]``, as `Book.add_balance`
-    adds it, then `evaluate_and_file`). Stops after the first whose outcome needs more than
+def account_run(table, start, end, spare, state, watched, bal, isolated, first, p_next,
+                p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid, bounds, ids, meta,
+                edges):
+    """Records that change one account each, columns ``start`` to ``end`` of ``table`` (rows:
+    op, account row, code, amount, price, fee; `AccountRun`) in turn: a FILL
+    (`fill_and_evaluate`: instrument ``code``, signed quantity ``amount``, price, fee) or a
+    BALANCE change (``amount`` added to asset ``code``, as `Book.add_balance` adds it, then
+    `evaluate_and_file`). Stops after the first whose outcome needs more than
     this: a state to move (or an account it cannot value), ``spare`` used or a slot freed,
     bands that did not fit, or an account left with no position and no balance (it may be
     blank). Returns the index it stopped at (``end`` if none) and that record's eight figures
     (a balance change uses no slot and frees none)."""
     na = ints[0]
     for k in range(start, end):
-        row = rows[k]
-        if ops[k] == FILL:
+        row = np.int64(table[1, k])
+        code = np.int64(table[2, k])
+        if table[0, k] == FILL:
             ok, r, new, eps, n, filed, used, freed = fill_and_evaluate(
-                row, codes[k], amounts[k], prices[k], fees[k], spare, state, watched, bal,
+                row, code, table[3, k], table[4, k], table[5, k], spare, state, watched, bal,
                 isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats,
                 ints, aid, bounds, ids, meta, edges)
         else:
-            at = row * na + codes[k]
-            bal[at] = bal[at] + amounts[k]
+            at = row * na + code
+            bal[at] = bal[at] + table[3, k]
             ok, r, new, eps, n, filed = evaluate_and_file(
                 row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
                 sym_px, floats, ints, aid, bounds, ids, meta, edges)

@@ -34,20 +34,19 @@ Verdict = tuple[bool, float, int, float]
 
 
 class AccountRun:
-    """Reused arrays a chunk of records that change one account each is written into, for
-    `Book.account_run` (`kernels.account_run`'s ops, rows, codes, amounts, prices, fees):
-    fresh arrays per chunk would cost more than its few records. Written through the
-    memoryviews of the same names, up to ``SIZE`` records."""
+    """A reused table a chunk of records that change one account each is written into, for
+    `Book.account_run`: one row each of ops, rows, codes, amounts, prices and fees (the
+    integers held exactly as floats), written through the memoryviews of those names, up to
+    ``SIZE`` records. One array, reused: each array a compiled call is passed costs ~65 ns,
+    and fresh arrays per chunk would cost more than its few records."""
 
     SIZE = 256
-    __slots__ = ("amounts", "arrays", "codes", "fees", "ops", "prices", "rows")
+    __slots__ = ("amounts", "codes", "fees", "ops", "prices", "rows", "table")
 
     def __init__(self) -> None:
-        size = self.SIZE
-        self.arrays = (np.zeros(size, np.int8), np.zeros(size, np.int64),
-                       np.zeros(size, np.int64), np.zeros(size), np.zeros(size), np.zeros(size))
+        self.table = np.zeros((6, self.SIZE))
         (self.ops, self.rows, self.codes, self.amounts, self.prices,
-         self.fees) = (_view(array) for array in self.arrays)
+         self.fees) = (_view(row) for row in self.table)
 
 
 class Evaluation(NamedTuple):
@@ -298,17 +297,17 @@ class Book:
         call for more than filing its bands: (its index, its verdict), or (``end``, a verdict
         of no change) when none did."""
         k, evaluable, ratio, new, eps, n, filed, used, freed = kernels.account_run(
-            *run.arrays, start, end, self._spare_slot(), self.state, self._watched,
+            run.table, start, end, self._spare_slot(), self.state, self._watched,
             *self._fill_args, self.aid, *self.pending.args)
         if k == end:
             return k, (evaluable, ratio, new, eps)
-        return k, self._filled(int(run.arrays[1][k]), evaluable, ratio, new, eps, n, filed,
-                               used, freed)
+        return k, self._filled(int(run.rows[k]), evaluable, ratio, new, eps, n, filed, used,
+                               freed)
 
     def _filled(self, row: int, evaluable: bool, ratio: float, new: int, eps: float, n: int,
                 filed: bool, used: bool, freed: int) -> Verdict:
-        """What a fill's kernel leaves to Python: the position slot it took or freed, and
-        the bands it could not file."""
+        """What the kernel of a fill or balance change leaves to Python: the position slot
+        it took or freed, and the bands it could not file."""
         if used:
             self._take_slot()
         elif freed >= 0:
