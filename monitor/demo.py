@@ -37,6 +37,7 @@ CALM, CRASH = 0.35, 0.20  # shares of the run
 CRASH_DEPTH = math.log(0.70)
 REBOUND_TO = math.log(0.95)  # the market recovers to 5 % below where it started
 MAX_BACKLOG = 2_000  # records the monitor may be behind before the market waits for it
+READY_TIMEOUT = 300.0  # seconds for the monitor to start consuming (kernels compiled first)
 
 
 def market_level(progress: float) -> float:
@@ -168,7 +169,12 @@ class Demo:
                                    session_timeout_ms=2_000, heartbeat_interval_ms=300)
         monitor = Monitor(settings, self.config)
         monitor_task = asyncio.create_task(monitor.run())
-        await asyncio.wait_for(monitor.ready.wait(), timeout=30)
+        try:
+            await self._until_ready(monitor, monitor_task)
+        except BaseException:
+            monitor.request_stop()
+            await asyncio.gather(monitor_task, return_exceptions=True)
+            raise
         producer = input_producer(self.broker.bootstrap, client_id="liqmon-demo-market")
         await producer.start()
         events = AIOKafkaConsumer(bootstrap_servers=self.broker.bootstrap, group_id=None,
@@ -200,6 +206,23 @@ class Demo:
             await events.stop()
             await producer.stop()
         return self.view
+
+    async def _until_ready(self, monitor: Monitor, monitor_task: asyncio.Task[None]) -> None:
+        """Wait until the monitor consumes. The first start after an install compiles its
+        kernels first (20–40 s, README), so the wait is long; a monitor that stops meanwhile
+        raises what stopped it at once."""
+        ready = asyncio.ensure_future(monitor.ready.wait())
+        with self.console.status("starting liqmon (the first start after an install compiles "
+                                 "its kernels: 20–40 s)"):
+            done, _ = await asyncio.wait([ready, monitor_task], timeout=READY_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if ready in done:
+            return
+        ready.cancel()
+        if monitor_task in done:
+            monitor_task.result()  # raise what stopped it
+            raise RuntimeError("liqmon stopped before it was ready")
+        raise TimeoutError(f"liqmon was not ready within {READY_TIMEOUT:.0f} s")
 
     async def _paint(self, live: Live, monitor: Monitor) -> None:
         while True:

@@ -1,8 +1,17 @@
-"""The demo's live view: how it summarises a liquidation plan (the run itself: test_process)."""
+"""The demo's live view and its start (the run itself: test_process)."""
 
 from __future__ import annotations
 
-from monitor.demo import plan_summary
+import asyncio
+import io
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from monitor import demo
+from monitor.demo import Demo, plan_summary
 
 
 def test_plan_summary_names_closes_and_partial_reductions_in_order() -> None:
@@ -11,3 +20,43 @@ def test_plan_summary_names_closes_and_partial_reductions_in_order() -> None:
         {"symbol": "BTC-PERP", "side": "sell", "qty": 0.0250000001, "close": False},
     ]}
     assert plan_summary(plan) == "close ETH-PERP, sell 0.025 BTC-PERP"
+
+
+def starting() -> Any:
+    """What `Demo._until_ready` reads of a demo and a monitor (no broker: only the waiting)."""
+    return (SimpleNamespace(console=Console(file=io.StringIO())),
+            SimpleNamespace(ready=asyncio.Event()))
+
+
+async def test_the_demo_starts_once_the_monitor_is_ready() -> None:
+    the_demo, monitor = starting()
+    run = asyncio.create_task(asyncio.sleep(3600))  # a monitor that keeps running
+    asyncio.get_running_loop().call_later(0.05, monitor.ready.set)
+    await Demo._until_ready(the_demo, monitor, run)
+    run.cancel()
+
+
+async def test_the_demo_raises_what_stopped_the_monitor_before_it_was_ready() -> None:
+    the_demo, monitor = starting()
+
+    async def broken() -> None:
+        raise OSError("the broker went away")
+
+    with pytest.raises(OSError, match="the broker went away"):
+        await Demo._until_ready(the_demo, monitor, asyncio.create_task(broken()))
+
+
+async def test_the_demo_gives_up_when_the_monitor_is_never_ready(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "READY_TIMEOUT", 0.05)
+    the_demo, monitor = starting()
+    run = asyncio.create_task(asyncio.sleep(3600))
+    with pytest.raises(TimeoutError, match="not ready within"):
+        await Demo._until_ready(the_demo, monitor, run)
+    run.cancel()
+
+
+async def test_the_demo_says_so_when_the_monitor_stops_quietly_before_it_was_ready() -> None:
+    the_demo, monitor = starting()
+    with pytest.raises(RuntimeError, match="stopped before it was ready"):
+        await Demo._until_ready(the_demo, monitor, asyncio.create_task(asyncio.sleep(0)))
