@@ -377,14 +377,16 @@ class Engine(InputLedger):
         """`apply` of each fill and ledger entry in turn, with the same outcome: the records
         that had one (their events, or the rejection `apply` would raise), by index.
 
-        Plain records (a cross-margin fill or a ledger entry other than an isolated-margin
-        transfer, on an account already held that holds the symbol in no isolated position,
-        no restore marks pending) are applied a chunk at a time: `apply`'s Python (the
+        With no restore marks pending, plain records (a cross-margin fill or a ledger entry
+        other than an isolated-margin transfer, on an account already held that holds the
+        symbol in no isolated position) are applied a chunk at a time: `apply`'s Python (the
         duplicate window, the account's row) is done for the chunk first, in order, then one
         compiled call (`Book.account_run`) applies them, values each account and files its
         bands, stopping at a record whose verdict needs more (a state to move, a position
         slot taken or freed...), which is finished here as `apply` finishes it. The rest go
         through `apply`."""
+        if self._caught_up_from:  # after a restore, each record is checked against its marks
+            return super().apply_account_records(records, sources)
         self._index_due()
         self.accounts.changed()
         self.units.changed()
@@ -402,7 +404,7 @@ class Engine(InputLedger):
             while k < count and len(chunk) < AccountRun.SIZE:
                 record = records[k]
                 row = index.get(record.account)
-                if row is None or self._caught_up_from:
+                if row is None:
                     plain = False
                     break
                 j = len(chunk)
