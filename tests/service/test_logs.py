@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 import structlog
@@ -31,6 +33,16 @@ def test_json_lines_carry_the_bound_context_and_library_logs_too(capsys) -> None
     assert (lines[0]["topic"], lines[0]["partition"], lines[0]["offset"]) == ("fills", 2, 41)
     assert "timestamp" in lines[0]
     assert lines[1]["event"] == "Heartbeat failed"
+
+
+def test_json_lines_write_numpy_numbers_as_numbers_and_anything_else_as_text(capsys) -> None:
+    configure_logging("info", json=True)
+    structlog.get_logger("liqmon").info("event", margin_ratio=np.float64(1.0625),
+                                        offsets={3: 17}, path=Path("/var/lib/liqmon"))
+    line = orjson.loads(capsys.readouterr().err)
+    assert line["margin_ratio"] == 1.0625
+    assert line["offsets"] == {"3": 17}
+    assert "/var/lib/liqmon" in line["path"]
 
 
 def test_level_filters_and_console_mode_is_not_json(capsys) -> None:
