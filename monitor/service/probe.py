@@ -26,8 +26,9 @@ MAX_PROBES_IN_FLIGHT = 4
 class WatermarkProber:
     """Sends the merge's watermark probes on a consumer connection of their own.
 
-    The loop sets ``wanted`` when the merge has partitions to probe; the prober sets
-    ``answered`` when a probe came back, so that the merge may release more. A probe does
+    The loop sends a probe as soon as the merge says it waits (`poke`), or sets ``wanted``
+    when it has partitions to probe; the prober sets ``answered`` when a probe came back, so
+    that the merge may release more. A probe does
     not wait for the one before it to be answered: a record that arrives while a probe is
     out needs one sent after it, and waiting for the first answer before sending it held
     such records back for up to two round trips instead of one (up to
@@ -44,35 +45,65 @@ class WatermarkProber:
         self.answered = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._sent: dict[TopicPartition, float] = {}  # newest probe out or answered (ms)
+        self._failure: BaseException | None = None  # raised by a probe task
 
     async def run(self) -> None:
         """Ask for the end offsets of the partitions that hold the merge back, each time
         after the held record arrived and after its timestamp + max_skew_ms, so that a silent
-        partition stops holding the others back one round trip later (see merge.py)."""
+        partition stops holding the others back one round trip later (see merge.py). The
+        loop sends most probes itself (`poke`); this task sends those that must wait (for
+        the record's timestamp + skew, or for a probe in flight to come back) and retries."""
         try:
             while True:
-                for task in [t for t in self._in_flight if t.done()]:
-                    self._in_flight.discard(task)
-                    task.result()  # raise what no retry can mend
+                if self._failure is not None:
+                    raise self._failure  # what no retry can mend
                 needs = self._merge.head_needs
                 if not self._unasked() or len(self._in_flight) >= MAX_PROBES_IN_FLIGHT:
-                    await self._until_wanted_or_answered()
+                    await self.wanted.wait()
+                    self.wanted.clear()
                     continue
                 assert needs is not None
                 early = (needs - time.time() * 1000) / 1000
                 if early > 0:  # a probe sent sooner proves nothing about this record
                     await asyncio.sleep(min(early, self.settings.max_idle))
-                tps = self._unasked()
-                if not tps:
-                    continue
-                sent_at_ms = time.time() * 1000
-                for tp in tps:
-                    self._sent[tp] = sent_at_ms
-                self._in_flight.add(asyncio.create_task(self._ask(sent_at_ms, tps)))
+                self._send()
         finally:
-            for task in self._in_flight:
+            for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def poke(self) -> bool:
+        """Send the probe the merge needs, if it may go out now, from the caller's step (the
+        loop's, right after `TimestampMerge.take` said what it waits for): left to this
+        task, it went out only once the loop had applied and handed over the batch it
+        released, ~5 ms later. Whether a probe went out (the caller then yields once, so
+        that it is written before the batch is worked on)."""
+        needs = self._merge.head_needs
+        if needs is None or len(self._in_flight) >= MAX_PROBES_IN_FLIGHT:
+            return False
+        if needs > time.time() * 1000:
+            self.wanted.set()  # too soon: this task sends it when it may go
+            return False
+        return self._send()
+
+    def _send(self) -> bool:
+        """A probe of the unasked partitions, as a task; whether there were any."""
+        tps = self._unasked()
+        if not tps:
+            return False
+        sent_at_ms = time.time() * 1000
+        for tp in tps:
+            self._sent[tp] = sent_at_ms
+        task = asyncio.create_task(self._ask(sent_at_ms, tps))
+        self._in_flight.add(task)
+        task.add_done_callback(self._finished)
+        return True
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._failure = task.exception()
+        self.wanted.set()  # room for another probe, or a failure to raise
 
     def _unasked(self) -> list[TopicPartition]:
         """The merge's partitions to probe (`TimestampMerge.to_probe`) but those a probe
@@ -81,14 +112,6 @@ class WatermarkProber:
         if needs is None:
             return []
         return [tp for tp in self._merge.to_probe() if self._sent.get(tp, NEVER) < needs]
-
-    async def _until_wanted_or_answered(self) -> None:
-        wanted = asyncio.ensure_future(self.wanted.wait())
-        try:
-            await asyncio.wait([wanted, *self._in_flight], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            wanted.cancel()
-        self.wanted.clear()
 
     async def _ask(self, sent_at_ms: float, tps: list[TopicPartition]) -> None:
         try:

@@ -509,6 +509,9 @@ class Monitor:
         assert self._pipeline is not None
         positions, merge = self._positions, self._positions.merge
         batch = merge.take(limit, list(positions.processed))
+        assert self._prober is not None
+        if self._prober.poke():
+            await asyncio.sleep(0)  # the probe is written out before this batch is worked on
         if merge.forced > self._forced_reported:
             self.metrics.merge_forced.inc(merge.forced - self._forced_reported)
             self.log.warning("released records out of proven order", records=merge.forced

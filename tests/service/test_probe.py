@@ -105,3 +105,75 @@ async def test_a_failed_probe_is_sent_again(broker) -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await consumer.stop()
+
+
+async def test_poke_sends_the_probe_from_the_callers_step(broker) -> None:
+    settings, merge, (first, second), consumer = await probing(broker)
+    asked: list[list[TopicPartition]] = []
+    real = consumer.end_offsets
+
+    async def recorded(tps):
+        asked.append(list(tps))
+        return await real(tps)
+
+    consumer.end_offsets = recorded
+    prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())  # not run
+    try:
+        merge.add(first, [Rec(0, int(time.time() * 1000))])
+        assert merge.take(10, [first, second]) == []
+        assert prober.poke()
+        await asyncio.sleep(0)  # one step of the loop, as the service yields after a poke
+        assert len(asked) == 1 and second in asked[0]  # the silent one, and the others
+        assert not prober.poke()  # they are asked for already
+        await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [first])
+    finally:
+        await consumer.stop()
+
+
+async def test_poke_leaves_a_probe_due_later_to_the_prober_task(broker) -> None:
+    settings, merge, (first, second), consumer = await probing(broker)
+    asked_at: list[float] = []
+    real = consumer.end_offsets
+
+    async def recorded(tps):
+        asked_at.append(time.time() * 1000)
+        return await real(tps)
+
+    consumer.end_offsets = recorded
+    prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())
+    task = asyncio.create_task(prober.run())
+    try:
+        # a timestamp 300 ms ahead (max_skew_ms 0): only a probe sent after it proves order
+        stamped = int(time.time() * 1000) + 300
+        merge.add(first, [Rec(0, stamped)])
+        assert merge.take(10, [first, second]) == []
+        assert not prober.poke()
+        assert asked_at == []
+        await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [first])
+        assert asked_at[0] >= stamped
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+
+
+async def test_a_probe_that_fails_unexpectedly_stops_the_prober(broker) -> None:
+    settings, merge, (first, second), consumer = await probing(broker)
+
+    async def broken(tps):
+        raise RuntimeError("not a Kafka error: a bug, never retried")
+
+    consumer.end_offsets = broken
+    prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())
+    task = asyncio.create_task(prober.run())
+    try:
+        merge.add(first, [Rec(0, int(time.time() * 1000))])
+        assert merge.take(10, [first, second]) == []
+        assert prober.poke()
+        done, _ = await asyncio.wait([task], timeout=10)
+        assert task in done
+        assert isinstance(task.exception(), RuntimeError)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
