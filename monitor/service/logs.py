@@ -37,12 +37,15 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if json:
-        own: list[structlog.types.Processor] = [
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=orjson.dumps, option=_ORJSON_OPTIONS)]
-        factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
         foreign: structlog.types.Processor = structlog.processors.JSONRenderer(
             serializer=_json_text, option=_ORJSON_OPTIONS)
+        binary = getattr(sys.stderr, "buffer", None)  # absent where stderr was replaced
+        factory: Any = (structlog.PrintLoggerFactory(sys.stderr) if binary is None
+                        else structlog.BytesLoggerFactory(binary))
+        own: list[structlog.types.Processor] = [
+            structlog.processors.format_exc_info,
+            foreign if binary is None else structlog.processors.JSONRenderer(
+                serializer=orjson.dumps, option=_ORJSON_OPTIONS)]
     else:
         own = [structlog.dev.set_exc_info, structlog.dev.ConsoleRenderer()]
         factory = structlog.PrintLoggerFactory(sys.stderr)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,14 @@ def test_json_lines_write_numpy_numbers_as_numbers_and_anything_else_as_text(cap
     assert line["margin_ratio"] == 1.0625
     assert line["offsets"] == {"3": 17}
     assert "/var/lib/liqmon" in line["path"]
+
+
+def test_json_lines_go_to_a_stderr_without_a_byte_buffer_too(monkeypatch) -> None:
+    text = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", text)
+    configure_logging("info", json=True)
+    structlog.get_logger("liqmon").info("event", event_id="a:1:margin_call")
+    assert orjson.loads(text.getvalue())["event_id"] == "a:1:margin_call"
 
 
 def test_level_filters_and_console_mode_is_not_json(capsys) -> None:
