@@ -28,11 +28,11 @@ class WatermarkProber:
 
     The loop sends a probe as soon as the merge says it waits (`poke`), or sets ``wanted``
     when it has partitions to probe; the prober sets ``answered`` when a probe came back, so
-    that the merge may release more. A probe does
-    not wait for the one before it to be answered: a record that arrives while a probe is
-    out needs one sent after it, and waiting for the first answer before sending it held
-    such records back for up to two round trips instead of one (up to
-    ``MAX_PROBES_IN_FLIGHT`` at a time, so that a slow broker is not flooded).
+    that the merge may release more. A probe does not wait for the one before it to be
+    answered: a record that arrives while a probe is out needs one sent after it, and
+    waiting for the first answer before sending it held such records back for up to two
+    round trips instead of one (up to ``MAX_PROBES_IN_FLIGHT`` at a time, so that a slow
+    broker is not flooded).
     """
 
     def __init__(self, merge: TimestampMerge, probe: AIOKafkaConsumer,
