@@ -12,7 +12,7 @@ import orjson
 import pytest
 import structlog
 
-from monitor.service.logs import configure_logging
+from monitor.service.logs import RepeatFilter, configure_logging
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +68,38 @@ def test_level_filters_and_console_mode_is_not_json(capsys) -> None:
 def test_unknown_level_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown log level 'loud'"):
         configure_logging("loud")
+
+
+def test_a_library_line_repeated_in_an_outage_is_written_once(capsys) -> None:
+    configure_logging("info", json=True)
+    client = logging.getLogger("aiokafka.client")
+    for attempt in range(200):
+        client.error("Unable connect to node with id %s: %s", 1, f"refused ({attempt})")
+    client.error("Unable to update metadata from %s", [1])
+    lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["event"] for line in lines] == [
+        "Unable connect to node with id 1: refused (0)", "Unable to update metadata from [1]"]
+
+
+def test_a_held_back_line_is_counted_in_the_next_one_let_through() -> None:
+    now = [100.0]
+    repeats = RepeatFilter(window=30.0, clock=lambda: now[0])
+
+    def line(attempt: int) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka.client", logging.ERROR, __file__, 1,
+                                 "Unable connect to node with id %s: %s",
+                                 (1, f"refused ({attempt})"), None)
+
+    assert repeats.filter(line(0))
+    now[0] = 110.0
+    assert not repeats.filter(line(1))
+    assert not repeats.filter(line(2))
+    now[0] = 131.0
+    later = line(3)
+    assert repeats.filter(later)
+    assert later.getMessage() == ("Unable connect to node with id 1: refused (3) "
+                                  "(2 more like it in the last 31 s)")
+    now[0] = 200.0
+    quiet = line(4)
+    assert repeats.filter(quiet)  # nothing held back since: said as it is
+    assert quiet.getMessage() == "Unable connect to node with id 1: refused (4)"
