@@ -55,6 +55,9 @@ class TimestampMerge:
         self._probed: dict[TopicPartition, list[tuple[int, float]]] = {}
         self._blocked_since: float | None = None
         self.forced = 0  # records released by max_wait, not by proof of order
+        # the partitions such records were released without a proof from (until the caller
+        # reports and clears it): after the forced take nothing may be blocked any more
+        self.forced_on: set[TopicPartition] = set()
         self.blocked_on: list[TopicPartition] = []  # after take(): who held the head back
         self.head_needs: float | None = None  # after take(): probe time the head waits for
         self._active: list[TopicPartition] = []  # after take(): the partitions it was given
@@ -149,10 +152,13 @@ class TimestampMerge:
         while heap and len(out) < limit:
             timestamp, *_, tp = heap[0]
             buffer = self._buffers[tp]
-            if max(buffer[0][1], timestamp + skew) > floor:
+            needs = max(buffer[0][1], timestamp + skew)
+            if needs > floor:
                 if not self._waited_enough():
                     break
                 self.forced += 1
+                self.forced_on.update(other for other in silent
+                                      if proven.get(other, NEVER) < needs)
             heapq.heappop(heap)
             out.append((tp, buffer.popleft()[0]))
             if buffer:

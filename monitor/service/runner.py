@@ -516,8 +516,9 @@ class Monitor:
             self.metrics.merge_forced.inc(merge.forced - self._forced_reported)
             self.log.warning("released records out of proven order", records=merge.forced
                              - self._forced_reported, waited_seconds=merge.max_wait,
-                             blocked_on=[f"{tp.topic}/{tp.partition}"
-                                         for tp in merge.blocked_on])
+                             blocked_on=sorted(f"{tp.topic}/{tp.partition}"
+                                               for tp in merge.forced_on))
+            merge.forced_on.clear()
             self._forced_reported = merge.forced
         if not batch:
             return 0

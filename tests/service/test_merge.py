@@ -125,6 +125,15 @@ def test_holding_back_is_bounded_by_max_wait_and_counted() -> None:
     assert m.forced == 2
 
 
+def test_a_forced_release_names_the_partition_it_did_not_wait_for_any_longer() -> None:
+    m = merge(max_wait=0)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {PRICES: 1})  # prices is proven; fills never answered
+    assert [r.offset for _, r in m.take(100, [PRICES, FILLS])] == [0]
+    assert m.forced_on == {FILLS}
+    assert m.blocked_on == []  # nothing buffered is left to hold back
+
+
 def test_limit_and_seek() -> None:
     m = merge()
     m.add(PRICES, [Rec(0, 1), Rec(1, 2), Rec(2, 3)], NOW)
