@@ -58,6 +58,7 @@ EXPECTED_METRICS = {
     "liqmon_input_offset",
     "liqmon_conflated_ticks_total",
     "liqmon_config_info",
+    "liqmon_merge_forced_releases_total",
 }
 
 REQUIRED_ALERTS = {
@@ -69,6 +70,7 @@ REQUIRED_ALERTS = {
     "LiqmonDeadLetters",
     "LiqmonCheckpointStale",
     "LiqmonDeliveryRetries",
+    "LiqmonOutOfOrder",
 }
 
 DEFAULT_TOPICS = ("prices", "fills", "ledger", "margin-calls", "liquidations",
