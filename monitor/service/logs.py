@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 # numpy scalars (a margin ratio) as numbers, not strings; anything else orjson cannot encode
-# as its str()
+# goes out as its repr() (structlog's fallback)
 _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
