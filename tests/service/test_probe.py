@@ -4,7 +4,9 @@ once a silent partition is known to hold nothing earlier, against the embedded b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
@@ -36,6 +38,19 @@ async def probing(broker):
     return settings, merge, (first, second), consumer
 
 
+@contextlib.asynccontextmanager
+async def running(prober: WatermarkProber, consumer: AIOKafkaConsumer
+                  ) -> AsyncIterator[asyncio.Task[None]]:
+    """The prober's task for the duration of the block; then it and the consumer stop."""
+    task = asyncio.create_task(prober.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+
+
 async def until(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -57,8 +72,7 @@ async def test_a_probe_goes_out_while_an_earlier_one_is_still_unanswered(broker)
 
     consumer.end_offsets = held_first
     prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())
-    task = asyncio.create_task(prober.run())
-    try:
+    async with running(prober, consumer):
         now = int(time.time() * 1000)
         merge.add(first, [Rec(0, now)])
         assert merge.take(10, [first, second]) == []  # held: the second partition is silent
@@ -74,10 +88,6 @@ async def test_a_probe_goes_out_while_an_earlier_one_is_still_unanswered(broker)
         assert not first_answer.is_set()
         first_answer.set()
         await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [second])
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
 
 
 async def test_a_failed_probe_is_sent_again(broker) -> None:
@@ -94,17 +104,12 @@ async def test_a_failed_probe_is_sent_again(broker) -> None:
 
     consumer.end_offsets = failing_once
     prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())
-    task = asyncio.create_task(prober.run())
-    try:
+    async with running(prober, consumer):
         merge.add(first, [Rec(0, int(time.time() * 1000))])
         assert merge.take(10, [first, second]) == []
         prober.wanted.set()
         await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [first])
         assert calls == 2
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
 
 
 async def test_poke_sends_the_probe_from_the_callers_step(broker) -> None:
@@ -141,8 +146,7 @@ async def test_poke_leaves_a_probe_due_later_to_the_prober_task(broker) -> None:
 
     consumer.end_offsets = recorded
     prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())
-    task = asyncio.create_task(prober.run())
-    try:
+    async with running(prober, consumer):
         # a timestamp 300 ms ahead (max_skew_ms 0): only a probe sent after it proves order
         stamped = int(time.time() * 1000) + 300
         merge.add(first, [Rec(0, stamped)])
@@ -151,10 +155,6 @@ async def test_poke_leaves_a_probe_due_later_to_the_prober_task(broker) -> None:
         assert asked_at == []
         await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [first])
         assert asked_at[0] >= stamped
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
 
 
 async def test_a_probe_that_fails_unexpectedly_stops_the_prober(broker) -> None:
@@ -165,15 +165,10 @@ async def test_a_probe_that_fails_unexpectedly_stops_the_prober(broker) -> None:
 
     consumer.end_offsets = broken
     prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())
-    task = asyncio.create_task(prober.run())
-    try:
+    async with running(prober, consumer) as task:
         merge.add(first, [Rec(0, int(time.time() * 1000))])
         assert merge.take(10, [first, second]) == []
         assert prober.poke()
         done, _ = await asyncio.wait([task], timeout=10)
         assert task in done
         assert isinstance(task.exception(), RuntimeError)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
