@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
@@ -101,3 +101,18 @@ class Clients:
 
     def _consumer(self, **options: Any) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(**{**self.consumer_options, **options})
+
+
+def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position in an assigned partition — the offset after everything it has
+    handed over or skipped (transaction markers, aborted records) — or None while it has
+    none (an offset reset pending). Unlike ``await consumer.position(tp)``, never waits, so
+    it can be read in the same step as the fetch it follows. Reads aiokafka 0.14's
+    subscription state (the version pyproject.toml pins)."""
+    subscription = consumer._subscription.subscription
+    assignment = None if subscription is None else subscription.assignment
+    state = None if assignment is None else assignment.state_value(tp)
+    if state is None or not state.has_valid_position:
+        return None
+    position: int = state.position
+    return position

@@ -23,7 +23,14 @@ nothing about what was appended since; that is why a probe must be sent after th
 
 ``max_wait`` bounds how long the merge holds everything back for a partition that cannot be
 probed (a broker that does not answer): past it, records are released in the best order known
-and counted as forced.
+and counted as forced. A partition whose probe found records not yet read is waited for as long
+as reading them takes, as Kafka Streams does (it enforces processing only once a partition's
+lag is known to be zero): those records exist and may sort first, and the consumer brings them.
+On a backlog, a consumer can hand over other partitions' records for well over ``max_wait``
+before it reaches them.
+
+"Read" counts what the consumer skips as well as what it hands over (`read_to`): transaction
+markers, aborted and compacted-away records take offsets no record is ever delivered at.
 """
 
 from __future__ import annotations
@@ -85,6 +92,13 @@ class TimestampMerge:
                 self._probed.setdefault(tp, []).append((end, sent_at_ms))
                 self._settle_probe(tp)
 
+    def read_to(self, tp: TopicPartition, position: int) -> None:
+        """The partition's consumer has handed over everything before ``position`` (its
+        position right after a fetch), records and what it skips alike."""
+        if tp in self.fetched_to and position > self.fetched_to[tp]:
+            self.fetched_to[tp] = position
+            self._settle_probe(tp)
+
     def _settle_probe(self, tp: TopicPartition) -> None:
         probes = self._probed.get(tp)
         if not probes:
@@ -92,8 +106,16 @@ class TimestampMerge:
         fetched_to = self.fetched_to.get(tp, 0)
         proved = [sent for end, sent in probes if fetched_to >= end]
         if proved:
-            self.proven[tp] = max(self.proven.get(tp, NEVER), *proved)
-            self._probed[tp] = [(end, sent) for end, sent in probes if fetched_to < end]
+            newest = max(proved)
+            self.proven[tp] = max(self.proven.get(tp, NEVER), newest)
+            # an older answer with a greater end than a newer one's is of a log since cut
+            # back (an unclean leader election): it will never be read up to
+            self._probed[tp] = [(end, sent) for end, sent in probes
+                                if fetched_to < end and sent > newest]
+
+    def _unread(self, tp: TopicPartition) -> bool:
+        """Did a probe find records of the partition that are not read yet?"""
+        return bool(self._probed.get(tp))
 
     def to_probe(self) -> list[TopicPartition]:
         """Partitions not yet proven up to ``head_needs`` by a probe, answered or pending: a
@@ -154,11 +176,14 @@ class TimestampMerge:
             buffer = self._buffers[tp]
             needs = max(buffer[0][1], timestamp + skew)
             if needs > floor:
+                holding = [other for other in silent if proven.get(other, NEVER) < needs]
+                if any(self._unread(other) for other in holding):
+                    self._blocked_since = None  # waiting for the consumer, not the broker
+                    break
                 if not self._waited_enough():
                     break
                 self.forced += 1
-                self.forced_on.update(other for other in silent
-                                      if proven.get(other, NEVER) < needs)
+                self.forced_on.update(holding)
             heapq.heappop(heap)
             out.append((tp, buffer.popleft()[0]))
             if buffer:

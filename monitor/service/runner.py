@@ -43,7 +43,7 @@ from monitor.reference import ReferenceEngine
 from monitor.service.changelog import RestoreProgress, write_reset_markers
 from monitor.service.changelog import warm_up as warm_up_restore
 from monitor.service.checkpointer import Checkpointer, KafkaSink
-from monitor.service.clients import Clients
+from monitor.service.clients import Clients, position_now
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
@@ -454,16 +454,17 @@ class Monitor:
                         continue
                     fetches[consumer] = asyncio.ensure_future(self._fetch(consumer, limit))
                     try:
-                        batch, taken_at = fetch.result()
+                        batch, read_to, taken_at = fetch.result()
                     except KafkaError as exc:
                         self.log.warning("fetch failed, retrying", error=repr(exc))
                         continue
-                    for tp, records in batch.items():
+                    for tp, position in read_to.items():
                         # a rebalance may have handed the partition over, or sought it,
                         # since these records were fetched
                         held = tp in positions.processed
                         if held and not positions.sought_since(tp, taken_at):
-                            positions.merge.add(tp, records)
+                            positions.merge.add(tp, batch.get(tp, ()))
+                            positions.merge.read_to(tp, position)
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
                 self._checkpointer.poll(self._sink)
@@ -483,12 +484,16 @@ class Monitor:
                                for tp, o in sorted(positions.processed.items())})
 
     async def _fetch(self, consumer: AIOKafkaConsumer, limit: int
-                     ) -> tuple[dict[TopicPartition, list[ConsumerRecord]], int]:
-        """A fetch and the seek count it was taken at, read in the same step: a restore that
-        seeks a partition while the fetch waits to be handed to the merge makes that
-        partition's records in it stale (`Positions.sought_since`)."""
+                     ) -> tuple[dict[TopicPartition, list[ConsumerRecord]],
+                                dict[TopicPartition, int], int]:
+        """A fetch, the consumer's position in each partition after it (past what it skips,
+        such as transaction markers) and the seek count it was taken at, all read in the
+        same step: a restore that seeks a partition while the fetch waits to be handed to the
+        merge makes that partition's records in it stale (`Positions.sought_since`)."""
         batch = await consumer.getmany(timeout_ms=500, max_records=limit)
-        return batch, self._positions.seeks
+        read_to = {tp: position for tp in consumer.assignment()
+                   if (position := position_now(consumer, tp)) is not None}
+        return batch, read_to, self._positions.seeks
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume

@@ -134,6 +134,43 @@ def test_a_forced_release_names_the_partition_it_did_not_wait_for_any_longer() -
     assert m.blocked_on == []  # nothing buffered is left to hold back
 
 
+def test_a_partition_known_to_hold_unread_records_is_waited_for_past_max_wait() -> None:
+    """A backlog: the consumer hands over other partitions first. The broker answered, so
+    this is no outage; the records it named may sort first and are on their way."""
+    m = merge(max_wait=0)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {PRICES: 1, FILLS: 2})  # fills holds two records not read yet
+    assert m.take(100, [PRICES, FILLS]) == []
+    assert (m.forced, m.blocked_on) == (0, [FILLS])
+    m.add(FILLS, [Rec(0, 4), Rec(1, 5)], NOW + 900)
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("fills", 1), ("prices", 0)]
+    assert m.forced == 0
+
+
+def test_a_transaction_marker_the_consumer_skipped_counts_as_read() -> None:
+    """Offsets 0 and 1 are records, 2 a commit marker: the end is 3, and no record at 2
+    is ever handed over; the consumer's position says it was passed."""
+    m = merge(max_wait=0)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.add(FILLS, [Rec(0, 1), Rec(1, 2)], NOW)
+    m.probed(NOW + 1, {PRICES: 1, FILLS: 3})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("fills", 1)]
+    m.read_to(FILLS, 3)
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    assert m.forced == 0
+
+
+def test_an_answer_from_a_log_since_cut_back_stops_counting_as_unread() -> None:
+    """Fills answered an end of 2, then, after an unclean leader election, an end of 0:
+    the first answer will never be read up to, and must not hold the merge for ever."""
+    m = merge(max_wait=0)
+    m.probed(NOW - 2, {FILLS: 2})
+    m.probed(NOW - 1, {FILLS: 0})
+    m.add(PRICES, [Rec(0, 5)], NOW)  # needs a proof from after NOW; none comes
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    assert m.forced_on == {FILLS}
+
+
 def test_limit_and_seek() -> None:
     m = merge()
     m.add(PRICES, [Rec(0, 1), Rec(1, 2), Rec(2, 3)], NOW)
