@@ -32,7 +32,7 @@ from monitor.service.changelog import (
     read_changelog,
 )
 from monitor.service.checkpointer import Checkpointer
-from monitor.service.clients import Clients
+from monitor.service.clients import Clients, position_now
 from monitor.service.merge import TimestampMerge
 from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
@@ -251,7 +251,13 @@ class Restorer:
                 highwater = reader.highwater(tp)
                 return tp in stopped or (highwater is not None and next_offset >= highwater)
 
-            while not all(done_with(tp, reached[tp]) for tp in reached):
+            def finished(tp: TopicPartition) -> bool:
+                """Read to its end (what the reader skips counts: a partition may end in
+                a transaction marker, which no record is handed over at), all applied."""
+                read = merge.fetched_to.get(tp, reached[tp])
+                return done_with(tp, read) and not merge.buffered(tp)
+
+            while not all(finished(tp) for tp in reached):
                 if self._stopping.is_set():
                     raise StopRequested  # nothing of this partition is taken over
                 batch = await reader.getmany(timeout_ms=200, max_records=s.max_batch_records)
@@ -260,6 +266,9 @@ class Restorer:
                         merge.add(tp, [r for r in records if r.offset < price_ends[tp]])
                     elif tp not in stopped:
                         merge.add(tp, records)
+                for tp in reached:
+                    if (position := position_now(reader, tp)) is not None:
+                        merge.read_to(tp, position)
                 active = [tp for tp in reached if not done_with(tp, reached[tp])]
                 ready = []
                 for tp, record in merge.take(s.max_batch_records, active, done_with):
