@@ -458,13 +458,14 @@ class Monitor:
                     except KafkaError as exc:
                         self.log.warning("fetch failed, retrying", error=repr(exc))
                         continue
-                    for tp, position in read_to.items():
+                    for tp in batch.keys() | read_to.keys():
                         # a rebalance may have handed the partition over, or sought it,
                         # since these records were fetched
                         held = tp in positions.processed
                         if held and not positions.sought_since(tp, taken_at):
                             positions.merge.add(tp, batch.get(tp, ()))
-                            positions.merge.read_to(tp, position)
+                            if tp in read_to:
+                                positions.merge.read_to(tp, read_to[tp])
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
                 self._checkpointer.poll(self._sink)
