@@ -157,7 +157,7 @@ class Delivery:
         sent = len(futures)
         if error is not None:
             _refused(messages[sent], error)
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await outcomes(futures)
         failed = self.settle(messages[:sent], results) + messages[sent:]
         if error is None:
             error = next((r for r in results if isinstance(r, Exception)), None)
@@ -270,7 +270,7 @@ class Pipeline:
                     await self._changed.wait_for(lambda: bool(self._queue))
                 outgoing, futures, delivered = self._queue[0]
                 sent = len(futures)
-                results = await asyncio.gather(*futures, return_exceptions=True)
+                results = await outcomes(futures)
                 failed = self.delivery.settle(outgoing[:sent], results) + outgoing[sent:]
                 if failed:
                     await self.delivery.deliver(failed)
@@ -286,3 +286,12 @@ class Pipeline:
             self._error = exc
             async with self._changed:
                 self._changed.notify_all()
+
+
+async def outcomes(futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
+    """Each send's result or error, in order. A caller cancelled (a shutdown abandoned)
+    leaves the sends to finish, their errors read: cancelled, a batch's future would orphan
+    the producer's own future behind it, whose error asyncio then logs as "Future exception
+    was never retrieved" after "shutdown abandoned" has said what became of them."""
+    results: list[Any] = await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+    return results
