@@ -23,6 +23,7 @@ from tests.support.kafka import (
     routable,
     same_events,
     wait_processed,
+    write_commit_marker,
 )
 from tests.support.paths import REPO
 from tests.support.streams import random_stream
@@ -134,6 +135,31 @@ async def test_several_partitions_at_a_steady_rate_give_replays_events(broker):
 
     events = await run_and_compare(settings, config, feed)
     assert len(events) > 50
+
+
+async def test_partitions_ending_in_a_transaction_marker_hold_nothing_back(broker):
+    """A transactional producer's commit markers take offsets that no record is handed over
+    at. Fills and ledger get one half-way and one as their last offset, then a last tick
+    comes: it needs both to be read to their ends, which they are, markers included — so it
+    goes out in proven order (none forced), with replay's events, instead of waiting for ever
+    for what will never be read."""
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap)
+    await create_inputs(settings, prices=1, accounts=1)
+    records = routable(random_stream(seed=9, length=300))
+    last_tick = max(n for n, (kind, _, _) in enumerate(records) if kind == "prices")
+    tick = records.pop(last_tick)
+    markers = [TopicPartition(settings.topics.fills, 0), TopicPartition(settings.topics.ledger, 0)]
+
+    async def feed(located: Located) -> None:
+        for part in (records[:150], records[150:]):
+            await produce(located, part, sequential=True)
+            for tp in markers:
+                await write_commit_marker(settings.bootstrap, tp)
+        await produce(located, [tick], sequential=True)
+
+    events = await run_and_compare(settings, config, feed)
+    assert events  # the stream moves accounts through their states
 
 
 async def test_a_backlog_of_deposits_then_fills_applies_every_deposit_first(broker):

@@ -10,6 +10,7 @@ from dataclasses import replace
 from itertools import groupby
 
 import pytest
+from aiokafka import TopicPartition
 
 from monitor.config import load_config
 from monitor.engine import Engine
@@ -29,6 +30,7 @@ from tests.support.kafka import (
     run_args,
     same_events,
     without_wall_clock,
+    write_commit_marker,
 )
 from tests.support.paths import REPO
 from tests.support.streams import random_stream
@@ -202,6 +204,29 @@ async def test_partitions_never_checkpointed_are_caught_up_from_their_first_reco
     taken_over = [entry for entry in survivor.logs if entry["event"] == "restored"
                   and kept <= set(entry["partitions"])]
     assert taken_over and taken_over[-1]["records_replayed"] > 0
+
+
+async def test_a_catch_up_reads_partitions_ending_in_a_transaction_marker_to_their_end(broker):
+    """As above, with a commit marker as the last offset of every fills and ledger partition
+    when the survivor catches up the dead one's: no record is ever handed over at it, yet
+    the catch-up finishes (it would otherwise read for ever) and nothing is lost."""
+    config = load_config(CONFIG)
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    victim = await start(settings, checkpoint_interval=3600)
+    survivor = await start(settings)
+    await settled([victim, survivor], settings)
+    feed = Feed(settings, seed=35, length=1_000)
+    half = len(feed.runs) // 2
+    await feed.run([victim, survivor], slice(0, half))
+    for topic in (settings.topics.fills, settings.topics.ledger):
+        for partition in range(PARTITIONS):
+            await write_commit_marker(settings.bootstrap, TopicPartition(topic, partition))
+    assert await victim.stop(kill=True) == -9
+    await feed.run([survivor], slice(half, None))  # waits out the takeover
+    await finish([survivor], feed, config)
+    assert await final_state(settings, config) == state_of(
+        final_engine(feed.records, config))["accounts"]
 
 
 async def test_an_instance_joining_mid_stream_takes_partitions_without_loss(broker):

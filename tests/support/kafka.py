@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import itertools
+import struct
 import subprocess
 import sys
 import time
@@ -16,6 +17,9 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.util import calc_crc32c
 
 from monitor.config import RiskConfig
 from monitor.engine import Engine
@@ -272,3 +276,31 @@ def run_args(settings: ServiceSettings, *extra: str) -> list[str]:
     """`liqmon run` as a separate process with these settings' config, broker and topic
     names (the group is left to the caller: a flag or the environment, as each test needs)."""
     return [sys.executable, "-m", "monitor.cli", "run", *settings.run_args(), *extra]
+
+
+async def write_commit_marker(bootstrap: str, tp: TopicPartition) -> None:
+    """Append a transaction commit marker to a partition, as a transactional producer's
+    coordinator does: an offset that consumers skip and never hand over. The embedded broker
+    refuses transactional producers, but takes the marker's control batch written directly."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2, compression_type=0, is_transactional=1, producer_id=1_000, producer_epoch=0,
+        base_sequence=-1, batch_size=1 << 16)
+    # a control record: key (version 0, type 1 = commit), value (version 0, coordinator epoch)
+    builder.append(0, timestamp=None, key=struct.pack(">hh", 0, 1),
+                   value=struct.pack(">hi", 0, 0), headers=[])
+    batch = bytearray(builder.build())
+    attributes_at, crc_at = struct.calcsize(">qiibI"), struct.calcsize(">qiib")
+    attributes = struct.unpack_from(">h", batch, attributes_at)[0] | 0x20  # control batch
+    struct.pack_into(">h", batch, attributes_at, attributes)
+    struct.pack_into(">I", batch, crc_at, calc_crc32c(bytes(batch[attributes_at:])))
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.client.force_metadata_update()
+        leader = producer.client.cluster.leader_for_partition(tp)
+        response = await producer.client.send(
+            leader, ProduceRequest(None, -1, 10_000, [(tp.topic, [(tp.partition, bytes(batch))])]))
+        ((_, ((_, error, *_),)),) = response.topics
+        assert error == 0, f"marker refused: error {error}"
+    finally:
+        await producer.stop()
