@@ -105,7 +105,7 @@ class Clients:
 
 def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
     """The consumer's position in an assigned partition — the offset after everything it has
-    handed over or skipped (transaction markers, aborted records) — or None while it has
+    handed over or skipped (transaction markers) — or None while it has
     none (an offset reset pending). Unlike ``await consumer.position(tp)``, never waits, so
     it can be read in the same step as the fetch it follows. Reads aiokafka 0.14's
     subscription state (the version pyproject.toml pins)."""

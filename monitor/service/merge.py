@@ -30,7 +30,7 @@ On a backlog, a consumer can hand over other partitions' records for well over `
 before it reaches them.
 
 "Read" counts what the consumer skips as well as what it hands over (`read_to`): transaction
-markers, aborted and compacted-away records take offsets no record is ever delivered at.
+markers, and batches a compaction emptied, take offsets no record is ever delivered at.
 """
 
 from __future__ import annotations
