@@ -105,10 +105,10 @@ class Clients:
 
 def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
     """The consumer's position in an assigned partition — the offset after everything it has
-    handed over or skipped (transaction markers) — or None while it has
-    none (an offset reset pending). Unlike ``await consumer.position(tp)``, never waits, so
-    it can be read in the same step as the fetch it follows. Reads aiokafka 0.14's
-    subscription state (the version pyproject.toml pins)."""
+    handed over or skipped (transaction markers) — or None while it has none (an offset
+    reset pending). Unlike ``await consumer.position(tp)``, never waits, so it can be read
+    in the same step as the fetch it follows. Reads aiokafka 0.14's subscription state (the
+    version pyproject.toml pins)."""
     subscription = consumer._subscription.subscription
     assignment = None if subscription is None else subscription.assignment
     state = None if assignment is None else assignment.state_value(tp)
