@@ -181,25 +181,36 @@ async def test_an_instance_killed_mid_stream_is_replaced_without_loss(broker):
     assert any(entry["records_replayed"] > 0 or entry["accounts"] > 0 for entry in restored)
 
 
-async def test_partitions_never_checkpointed_are_caught_up_from_their_first_record(broker):
-    """The instance that held them is killed before any checkpoint of theirs: the survivor
-    replays their records from the start, merged with every tick in between, and publishes
-    what one instance would have (repeats of the dead one's events are the same events)."""
-    config = load_config(CONFIG)
-    settings = multi_partition(broker)
+async def kill_one_before_it_checkpoints(settings: ServiceSettings, feed: Feed, config,
+                                         before_the_kill=None) -> tuple[set[int], Instance]:
+    """Two instances share the partitions, the victim never checkpointing; half the feed, then
+    (after ``before_the_kill``, if given) the victim is killed and the survivor takes the rest.
+    It must publish what one instance would have and end in its state. The victim's
+    partitions, and the survivor."""
     await create_topics(settings)
     victim = await start(settings, checkpoint_interval=3600)
     survivor = await start(settings)
     await settled([victim, survivor], settings)
     kept = victim.owned(settings)
-    feed = Feed(settings, seed=34, length=2_000)
     half = len(feed.runs) // 2
     await feed.run([victim, survivor], slice(0, half))
+    if before_the_kill is not None:
+        await before_the_kill()
     assert await victim.stop(kill=True) == -9
     await feed.run([survivor], slice(half, None))  # waits out the takeover
     await finish([survivor], feed, config)
     assert await final_state(settings, config) == state_of(
         final_engine(feed.records, config))["accounts"]
+    return kept, survivor
+
+
+async def test_partitions_never_checkpointed_are_caught_up_from_their_first_record(broker):
+    """The instance that held them is killed before any checkpoint of theirs: the survivor
+    replays their records from the start, merged with every tick in between, and publishes
+    what one instance would have (repeats of the dead one's events are the same events)."""
+    settings = multi_partition(broker)
+    kept, survivor = await kill_one_before_it_checkpoints(
+        settings, Feed(settings, seed=34, length=2_000), load_config(CONFIG))
     # the rebalance after the kill hands the survivor every partition, its own included
     taken_over = [entry for entry in survivor.logs if entry["event"] == "restored"
                   and kept <= set(entry["partitions"])]
@@ -210,23 +221,16 @@ async def test_a_catch_up_reads_partitions_ending_in_a_transaction_marker_to_the
     """As above, with a commit marker as the last offset of every fills and ledger partition
     when the survivor catches up the dead one's: no record is ever handed over at it, yet
     the catch-up finishes (it would otherwise read for ever) and nothing is lost."""
-    config = load_config(CONFIG)
     settings = multi_partition(broker)
-    await create_topics(settings)
-    victim = await start(settings, checkpoint_interval=3600)
-    survivor = await start(settings)
-    await settled([victim, survivor], settings)
-    feed = Feed(settings, seed=35, length=1_000)
-    half = len(feed.runs) // 2
-    await feed.run([victim, survivor], slice(0, half))
-    for topic in (settings.topics.fills, settings.topics.ledger):
-        for partition in range(PARTITIONS):
-            await write_commit_marker(settings.bootstrap, TopicPartition(topic, partition))
-    assert await victim.stop(kill=True) == -9
-    await feed.run([survivor], slice(half, None))  # waits out the takeover
-    await finish([survivor], feed, config)
-    assert await final_state(settings, config) == state_of(
-        final_engine(feed.records, config))["accounts"]
+
+    async def end_every_account_partition_in_a_marker() -> None:
+        for topic in (settings.topics.fills, settings.topics.ledger):
+            for partition in range(PARTITIONS):
+                await write_commit_marker(settings.bootstrap, TopicPartition(topic, partition))
+
+    await kill_one_before_it_checkpoints(settings, Feed(settings, seed=35, length=1_000),
+                                         load_config(CONFIG),
+                                         end_every_account_partition_in_a_marker)
 
 
 async def test_an_instance_joining_mid_stream_takes_partitions_without_loss(broker):
