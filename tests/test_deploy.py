@@ -59,6 +59,7 @@ EXPECTED_METRICS = {
     "liqmon_conflated_ticks_total",
     "liqmon_config_info",
     "liqmon_merge_forced_releases_total",
+    "liqmon_input_stalled",
 }
 
 REQUIRED_ALERTS = {
@@ -71,6 +72,7 @@ REQUIRED_ALERTS = {
     "LiqmonCheckpointStale",
     "LiqmonDeliveryRetries",
     "LiqmonOutOfOrder",
+    "LiqmonInputStalled",
 }
 
 DEFAULT_TOPICS = ("prices", "fills", "ledger", "margin-calls", "liquidations",

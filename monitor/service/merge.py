@@ -27,7 +27,12 @@ and counted as forced. A partition whose probe found records not yet read is wai
 as reading them takes, as Kafka Streams does (it enforces processing only once a partition's
 lag is known to be zero): those records exist and may sort first, and the consumer brings them.
 On a backlog, a consumer can hand over other partitions' records for well over ``max_wait``
-before it reaches them.
+before it reaches them. That wait has a bound too, ``max_stall``, counted from the partition's
+last progress (or from the answer that found the records, if later): a partition whose
+records the broker reports but no fetch returns (a broker fault; the embedded broker does it
+after many small batches) is declared *stalled* and holds nobody back until it delivers
+again. What goes out meanwhile is counted as forced, as it may not be in replay's order. A
+stalled partition is not probed: it would only answer what is known already.
 
 "Read" counts what the consumer skips as well as what it hands over (`read_to`): transaction
 markers, and batches a compaction emptied, take offsets no record is ever delivered at.
@@ -49,10 +54,13 @@ NEVER = float("-inf")
 
 class TimestampMerge:
     def __init__(self, rank: Callable[[str], int], max_skew_ms: int = 5,
-                 max_wait: float = 0.5) -> None:
+                 max_wait: float = 0.5, max_stall: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._rank = rank  # tie-break between topics at equal timestamps
         self.max_skew_ms = max_skew_ms
         self.max_wait = max_wait
+        self.max_stall = max_stall
+        self._clock = clock  # seconds, for the two bounds
         # per partition: (record, wall-clock ms at which it reached the merge)
         self._buffers: dict[TopicPartition, deque[tuple[Record, float]]] = {}
         self.fetched_to: dict[TopicPartition, int] = {}  # next offset not yet buffered
@@ -61,7 +69,15 @@ class TimestampMerge:
         # probes answered: (end offset, send time it proves once buffered up to that end)
         self._probed: dict[TopicPartition, list[tuple[int, float]]] = {}
         self._blocked_since: float | None = None
+        # clock time a partition's read position last moved, and since when a probe has
+        # found records of it not read yet: the later of the two starts its stall clock
+        self._progress: dict[TopicPartition, float] = {}
+        self._unread_since: dict[TopicPartition, float] = {}
+        # stalled partitions (see the module's doc): (read up to, end the broker reported,
+        # seconds without progress when declared)
+        self.stalled: dict[TopicPartition, tuple[int, int, float]] = {}
         self.forced = 0  # records released by max_wait, not by proof of order
+        self.forced_past_stalled = 0  # records released while a stalled partition held them
         # the partitions such records were released without a proof from (until the caller
         # reports and clears it): after the forced take nothing may be blocked any more
         self.forced_on: set[TopicPartition] = set()
@@ -83,13 +99,17 @@ class TimestampMerge:
         arrived = time.time() * 1000 if arrived_ms is None else arrived_ms
         self._buffers.setdefault(tp, deque()).extend((r, arrived) for r in records)
         self.fetched_to[tp] = records[-1].offset + 1
+        self._progressed(tp)
         self._settle_probe(tp)
 
     def probed(self, sent_at_ms: float, ends: dict[TopicPartition, int]) -> None:
         """End offsets asked for at wall-clock ``sent_at_ms`` (taken before the request)."""
         for tp, end in ends.items():
-            if tp in self.fetched_to:  # not dropped meanwhile
-                self._probed.setdefault(tp, []).append((end, sent_at_ms))
+            if tp in self.fetched_to and tp not in self.stalled:  # not dropped meanwhile
+                answers = self._probed.setdefault(tp, [])
+                if not answers:
+                    self._unread_since[tp] = self._clock()
+                answers.append((end, sent_at_ms))
                 self._settle_probe(tp)
 
     def read_to(self, tp: TopicPartition, position: int) -> None:
@@ -97,7 +117,12 @@ class TimestampMerge:
         position right after a fetch), records and what it skips alike."""
         if tp in self.fetched_to and position > self.fetched_to[tp]:
             self.fetched_to[tp] = position
+            self._progressed(tp)
             self._settle_probe(tp)
+
+    def _progressed(self, tp: TopicPartition) -> None:
+        self._progress[tp] = self._clock()
+        self.stalled.pop(tp, None)  # it delivers again: it holds records back as before
 
     def _settle_probe(self, tp: TopicPartition) -> None:
         probes = self._probed.get(tp)
@@ -125,6 +150,7 @@ class TimestampMerge:
         if needs is None:
             return []
         return [tp for tp in self._active if self.proven.get(tp, NEVER) < needs
+                and tp not in self.stalled
                 and not any(sent >= needs for _, sent in self._probed.get(tp, ()))]
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
@@ -133,6 +159,7 @@ class TimestampMerge:
         self._probed.pop(tp, None)
         self.proven.pop(tp, None)
         self.fetched_to[tp] = offset
+        self._progressed(tp)
 
     def drop(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
@@ -140,6 +167,9 @@ class TimestampMerge:
             self._probed.pop(tp, None)
             self.proven.pop(tp, None)
             self.fetched_to.pop(tp, None)
+            self._progress.pop(tp, None)
+            self._unread_since.pop(tp, None)
+            self.stalled.pop(tp, None)
 
     def buffered(self, tp: TopicPartition | None = None) -> int:
         if tp is not None:
@@ -159,7 +189,7 @@ class TimestampMerge:
         """
         skew = self.max_skew_ms
         partitions = self._active = list(partitions)
-        silent = [tp for tp in partitions if not self._buffers.get(tp)
+        silent = [tp for tp in partitions if not self._buffers.get(tp) and tp not in self.stalled
                   and not (exhausted and exhausted(tp, self.fetched_to.get(tp, 0)))]
         heap = []
         for tp, buffer in self._buffers.items():
@@ -170,6 +200,9 @@ class TimestampMerge:
         proven = self.proven
         # the least proof among partitions with nothing buffered bounds what may go out
         floor = min((proven.get(tp, NEVER) for tp in silent), default=float("inf"))
+        # what a stalled partition was proven to, were it not skipped: releases past it count
+        stalled_floor = min((proven.get(tp, NEVER) for tp in self.stalled
+                             if tp in partitions), default=float("inf"))
         out: list[tuple[TopicPartition, Record]] = []
         while heap and len(out) < limit:
             timestamp, *_, tp = heap[0]
@@ -177,13 +210,23 @@ class TimestampMerge:
             needs = max(buffer[0][1], timestamp + skew)
             if needs > floor:
                 holding = [other for other in silent if proven.get(other, NEVER) < needs]
-                if any(self._unread(other) for other in holding):
-                    self._blocked_since = None  # waiting for the consumer, not the broker
-                    break
+                unread = [other for other in holding if self._unread(other)]
+                if unread:
+                    if not self._stall(unread):
+                        self._blocked_since = None  # waiting for the consumer, not the broker
+                        break
+                    silent = [other for other in silent if other not in self.stalled]
+                    floor = min((proven.get(other, NEVER) for other in silent),
+                                default=float("inf"))
+                    stalled_floor = min(stalled_floor, *(proven.get(other, NEVER)
+                                                         for other in unread))
+                    continue  # the head again, without the stalled partitions
                 if not self._waited_enough():
                     break
                 self.forced += 1
                 self.forced_on.update(holding)
+            elif needs > stalled_floor:
+                self.forced_past_stalled += 1
             heapq.heappop(heap)
             out.append((tp, buffer.popleft()[0]))
             if buffer:
@@ -205,8 +248,19 @@ class TimestampMerge:
             self._blocked_since = None
         return out
 
+    def _stall(self, unread: list[TopicPartition]) -> bool:
+        """Declare stalled those of ``unread`` (partitions holding the head back with records a
+        probe found) that have not moved for ``max_stall``; whether all of them are now."""
+        now = self._clock()
+        for tp in unread:
+            since = max(self._progress.get(tp, NEVER), self._unread_since.get(tp, NEVER))
+            if now - since >= self.max_stall:
+                end = max(end for end, _ in self._probed.pop(tp))
+                self.stalled[tp] = (self.fetched_to.get(tp, 0), end, now - since)
+        return all(tp in self.stalled for tp in unread)
+
     def _waited_enough(self) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         if self._blocked_since is None:
             self._blocked_since = now
             return self.max_wait <= 0

@@ -75,7 +75,12 @@ class Metrics:
             registry=r)
         self.merge_forced = Counter(
             "liqmon_merge_forced_releases", "Input records applied before every other "
-            "partition was known to hold nothing earlier (--merge-wait ran out).", registry=r)
+            "partition was known to hold nothing earlier (--merge-wait ran out, or a partition "
+            "stalled).", registry=r)
+        self.input_stalled = Gauge(
+            "liqmon_input_stalled", "1 while an input partition is stalled: the broker reports "
+            "records in it that no fetch has returned for --stall-timeout; the others go on "
+            "without it.", ["topic", "partition"], registry=r)
         self.checkpoint_duration = Histogram(
             "liqmon_checkpoint_duration_seconds", "Time to write one checkpoint.",
             buckets=CHECKPOINT_BUCKETS, registry=r)

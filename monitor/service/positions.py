@@ -30,13 +30,14 @@ class Positions:
     reads them.
     """
 
-    def __init__(self, topics: Topics, max_skew_ms: int, max_wait: float,
+    def __init__(self, topics: Topics, max_skew_ms: int, max_wait: float, max_stall: float,
                  metrics: Metrics) -> None:
         self.topics = topics
         self.metrics = metrics
         ranks = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}
         self.rank: Callable[[str], int] = ranks.__getitem__
-        self.merge = TimestampMerge(rank=self.rank, max_skew_ms=max_skew_ms, max_wait=max_wait)
+        self.merge = TimestampMerge(rank=self.rank, max_skew_ms=max_skew_ms, max_wait=max_wait,
+                                    max_stall=max_stall)
         self.owned: set[int] = set()  # account partitions restored and being processed
         self.processed: dict[TopicPartition, int] = {}  # next offset to apply, per partition
         self.delivered: dict[TopicPartition, int] = {}  # next offset whose events are acked

@@ -227,7 +227,7 @@ class Restorer:
         # so waiting for them is always right; releasing early would apply records in another
         # order than the first pass and publish events with its ids but other contents.
         merge = TimestampMerge(rank=self.positions.rank, max_skew_ms=s.max_skew_ms,
-                               max_wait=math.inf)
+                               max_wait=math.inf, max_stall=math.inf)
         reached: dict[TopicPartition, int] = {}  # next offset to apply, per partition read
         applied = 0
         try:

@@ -45,6 +45,7 @@ from monitor.service.changelog import warm_up as warm_up_restore
 from monitor.service.checkpointer import Checkpointer, KafkaSink
 from monitor.service.clients import Clients, position_now
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
+from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.positions import Positions
@@ -96,8 +97,10 @@ class Monitor:
         self._reachable = True  # as the broker watch last found it
         self.partition_counts: dict[str, int] = {}
         self._positions = Positions(topics, settings.max_skew_ms, settings.max_idle,
-                                    self.metrics)
-        self._forced_reported = 0
+                                    settings.max_stall, self.metrics)
+        self._forced_reported = 0  # merge.forced, counted and logged so far
+        self._past_stalled_reported = 0  # merge.forced_past_stalled, counted so far
+        self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
@@ -466,6 +469,7 @@ class Monitor:
                             positions.merge.add(tp, batch.get(tp, ()))
                             if tp in read_to:
                                 positions.merge.read_to(tp, read_to[tp])
+                    self._refresh_lag(consumer)
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
                 self._checkpointer.poll(self._sink)
@@ -518,14 +522,7 @@ class Monitor:
         assert self._prober is not None
         if self._prober.poke():
             await asyncio.sleep(0)  # the probe is written out before this batch is worked on
-        if merge.forced > self._forced_reported:
-            self.metrics.merge_forced.inc(merge.forced - self._forced_reported)
-            self.log.warning("released records out of proven order", records=merge.forced
-                             - self._forced_reported, waited_seconds=merge.max_wait,
-                             blocked_on=sorted(f"{tp.topic}/{tp.partition}"
-                                               for tp in merge.forced_on))
-            merge.forced_on.clear()
-            self._forced_reported = merge.forced
+        self._report_merge(merge)
         if not batch:
             return 0
         outgoing = self.apply_batch(batch, self.engine, self.settings.conflate_ticks)
@@ -540,6 +537,37 @@ class Monitor:
         self._update_lag(set(advanced))
         self.engine.release_caught_up(positions.offsets())
         return len(batch)
+
+    def _report_merge(self, merge: TimestampMerge) -> None:
+        """Count and log what the merge released without proof of order, and the partitions
+        it declared stalled or that deliver again."""
+        if merge.forced > self._forced_reported:
+            self.metrics.merge_forced.inc(merge.forced - self._forced_reported)
+            self.log.warning("released records out of proven order", records=merge.forced
+                             - self._forced_reported, waited_seconds=merge.max_wait,
+                             blocked_on=sorted(f"{tp.topic}/{tp.partition}"
+                                               for tp in merge.forced_on))
+            merge.forced_on.clear()
+            self._forced_reported = merge.forced
+        if merge.forced_past_stalled > self._past_stalled_reported:  # logged when it stalled
+            self.metrics.merge_forced.inc(merge.forced_past_stalled
+                                          - self._past_stalled_reported)
+            self._past_stalled_reported = merge.forced_past_stalled
+        for tp in merge.stalled.keys() - self._stalled:
+            read_to, end, seconds = merge.stalled[tp]
+            self.log.error("input partition stalled: the broker reports records no fetch "
+                           "returns; the other inputs go on without proof of order",
+                           topic=tp.topic, partition=tp.partition, read_to=read_to,
+                           broker_end=end, seconds_without_progress=round(seconds, 1))
+            self.metrics.input_stalled.labels(tp.topic, str(tp.partition)).set(1)
+            self._set_lag(tp, end)
+        for tp in self._stalled - merge.stalled.keys():
+            if tp in self._positions.processed:  # not handed over meanwhile
+                self.log.info("input partition delivers again", topic=tp.topic,
+                              partition=tp.partition, read_to=merge.fetched_to.get(tp))
+            with contextlib.suppress(KeyError):
+                self.metrics.input_stalled.remove(tp.topic, str(tp.partition))
+        self._stalled = set(merge.stalled)
 
     async def _replay(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
                       engine: Engine) -> None:
@@ -559,6 +587,20 @@ class Monitor:
             self.metrics.input_offset.labels(tp.topic, str(tp.partition)).set(
                 self._positions.processed[tp])
             highwater = self._consumer_of(tp).highwater(tp)
+            if highwater is not None:
+                self._set_lag(tp, highwater)
+
+    def _refresh_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Lag from each fetch's high watermarks, whether records were applied or not: a
+        partition that holds the others back, or one that stalled, shows its lag growing
+        (a stalled one at least up to the end its probe found)."""
+        stalled = self._positions.merge.stalled
+        for tp in consumer.assignment():
+            if tp not in self._positions.processed:
+                continue
+            highwater = consumer.highwater(tp)
+            if tp in stalled:
+                highwater = max(highwater or 0, stalled[tp][1])
             if highwater is not None:
                 self._set_lag(tp, highwater)
 

@@ -105,6 +105,13 @@ class ServiceSettings:
         "--merge-wait", "longest time, in seconds, that an input partition the broker does "
         "not answer for may hold the others back; past it records are released out of proven "
         "order (and counted), default {default}", parse=float, metavar="SECONDS"))
+    # seconds a partition with records the broker reports but no fetch returns may hold
+    # everything back
+    max_stall: float = field(default=10.0, metadata=option(
+        "--stall-timeout", "longest time, in seconds, that an input partition whose records the "
+        "broker reports but no fetch returns may hold the others back; past it the partition "
+        "is reported stalled and the others go on out of proven order (counted), default "
+        "{default:g}", parse=float, metavar="SECONDS"))
     max_skew_ms: int = field(default=5, metadata=option(
         "--max-skew", "clock skew between producers (and their in-flight time) that timestamp "
         "order allows for, in ms, default {default}", parse=int, metavar="MS"))

@@ -96,7 +96,7 @@ class BusyLoop(Recorder):
 
 def make(owned: Iterable[int] = (0, 1)) -> tuple[Checkpointer, Engine]:
     engine = Engine(parse_config(RISK))
-    positions = Positions(TOPICS, max_skew_ms=5, max_wait=0.5, metrics=Metrics())
+    positions = Positions(TOPICS, max_skew_ms=5, max_wait=0.5, max_stall=10.0, metrics=Metrics())
     for (topic, partition), offset in PROCESSED.items():
         positions.seek(TopicPartition(topic, partition), offset)
     positions.owned.update(owned)

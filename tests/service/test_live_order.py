@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import orjson
 import pytest
+import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -193,3 +194,43 @@ async def test_a_backlog_of_deposits_then_fills_applies_every_deposit_first(brok
     assert events == []
     records, _ = located.in_timestamp_order()
     assert replayed(records, config) == []
+
+
+async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(broker):
+    """A broker may report records in a partition that no fetch returns (the embedded broker
+    does, after many small batches). Waiting for them would stop every account's monitoring,
+    silently. Past --stall-timeout the partition is reported stalled — an error line,
+    `liqmon_input_stalled` 1, its lag shown — and the other inputs are applied, each counted
+    as forced; once it delivers again it holds the others back as before. Here the service's
+    consumer has the fills partition paused: the probe sees the fill, no fetch brings it."""
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, max_stall=1.0)
+    await create_inputs(settings, prices=1, accounts=1)
+    t = settings.topics
+    fills, prices, ledger = (TopicPartition(topic, 0) for topic in (t.fills, t.prices, t.ledger))
+    fill = ("fills", b"a", orjson.dumps({"fill_id": "f1", "account": "a", "symbol": "BTC-PERP",
+                                         "side": "buy", "qty": 0.01, "price": 50_000.0}))
+    tick = ("prices", b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0}))
+    deposit = ("ledger", b"a", orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT",
+                                             "amount": 1_000.0, "kind": "deposit"}))
+    sample = None
+    with structlog.testing.capture_logs() as logs:
+        async with RunningMonitor(settings, config) as monitor:
+            sample = monitor.metrics.registry.get_sample_value
+            stalled = {"topic": t.fills, "partition": "0"}
+            monitor._accounts.pause(fills)
+            located = Located(settings)
+            await produce(located, [fill, tick, deposit], sequential=True)
+            await wait_processed(monitor, {prices: 1, ledger: 1}, timeout=60)
+            assert monitor.processed_offsets()[fills] == 0
+            assert sample("liqmon_input_stalled", stalled) == 1
+            assert sample("liqmon_merge_forced_releases_total") == 2
+            assert sample("liqmon_consumer_lag_records", stalled) == 1
+            monitor._accounts.resume(fills)
+            await wait_processed(monitor, {fills: 1}, timeout=60)
+            assert sample("liqmon_input_stalled", stalled) is None
+    errors = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [(e["event"].split(":")[0], e["topic"], e["read_to"], e["broker_end"])
+            for e in errors] == [("input partition stalled", t.fills, 0, 1)]
+    assert errors[0]["seconds_without_progress"] >= 1.0
+    assert any(entry["event"] == "input partition delivers again" for entry in logs)

@@ -20,8 +20,20 @@ class Rec:
     timestamp: int
 
 
-def merge(max_wait: float = 10, skew: int = 5) -> TimestampMerge:
-    m = TimestampMerge(RANK, max_skew_ms=skew, max_wait=max_wait)
+class Clock:
+    """The merge's clock (seconds) for its two bounds, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def merge(max_wait: float = 10, skew: int = 5, max_stall: float = 10,
+          clock: Clock | None = None) -> TimestampMerge:
+    m = TimestampMerge(RANK, max_skew_ms=skew, max_wait=max_wait, max_stall=max_stall,
+                       clock=clock or Clock())
     for tp in (PRICES, FILLS):
         m.seek(tp, 0)  # the service positions every partition before it reads
     return m
@@ -145,6 +157,79 @@ def test_a_partition_known_to_hold_unread_records_is_waited_for_past_max_wait() 
     m.add(FILLS, [Rec(0, 4), Rec(1, 5)], NOW + 900)
     assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("fills", 1), ("prices", 0)]
     assert m.forced == 0
+
+
+def test_records_the_broker_reports_but_never_delivers_stall_the_partition_after_max_stall(
+        ) -> None:
+    """Fills answered an end of 2 and, ten seconds on, still no fetch brought its records
+    (a broker fault): it is declared stalled and prices go on without it, counted."""
+    clock = Clock()
+    m = merge(max_wait=0, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {PRICES: 1, FILLS: 2})
+    clock.now = 9.9
+    assert m.take(100, [PRICES, FILLS]) == []
+    clock.now = 10.0
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    assert m.stalled == {FILLS: (0, 2, 10.0)}
+    assert (m.forced, m.forced_past_stalled) == (0, 1)
+
+
+def test_a_stalled_partition_holds_nothing_back_and_is_not_probed() -> None:
+    clock = Clock()
+    m = merge(max_stall=0, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {PRICES: 1, FILLS: 2})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    m.add(PRICES, [Rec(1, 6), Rec(2, 7)], NOW + 50)
+    m.probed(NOW + 51, {PRICES: 3})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 1), ("prices", 2)]
+    assert m.to_probe() == []
+    assert m.forced_past_stalled == 3
+
+
+def test_the_stall_clock_restarts_whenever_the_partition_is_read_further() -> None:
+    clock = Clock()
+    m = merge(clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {PRICES: 1, FILLS: 3})  # three fills, none read yet
+    clock.now = 8.0
+    m.add(FILLS, [Rec(0, 1)], NOW + 2)  # the consumer is getting there
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0)]
+    clock.now = 17.9
+    assert m.take(100, [PRICES, FILLS]) == []
+    assert m.stalled == {}
+    clock.now = 18.0
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    assert m.stalled == {FILLS: (1, 3, 10.0)}
+
+
+def test_the_stall_clock_of_a_long_idle_partition_starts_when_records_are_found() -> None:
+    """Fills was last read at 0 s; at 100 s a probe finds a record of it: the consumer gets
+    the full ten seconds to bring it."""
+    clock = Clock()
+    m = merge(clock=clock)
+    clock.now = 100.0
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {PRICES: 1, FILLS: 1})
+    clock.now = 109.9
+    assert m.take(100, [PRICES, FILLS]) == []
+    clock.now = 110.0
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+
+
+def test_a_stalled_partition_that_delivers_again_holds_records_back_again() -> None:
+    clock = Clock()
+    m = merge(max_stall=0, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {PRICES: 1, FILLS: 2})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    m.add(FILLS, [Rec(0, 3), Rec(1, 4)], NOW + 60)  # late, and out of replay's order
+    assert m.stalled == {}
+    m.add(PRICES, [Rec(1, 8)], NOW + 61)
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("fills", 1)]
+    assert m.take(100, [PRICES, FILLS]) == []  # prices@8 waits for a probe of fills again
+    assert m.blocked_on == [FILLS]
 
 
 def test_a_transaction_marker_the_consumer_skipped_counts_as_read() -> None:

@@ -14,7 +14,7 @@ FILLS_0, FILLS_1 = TopicPartition("fills", 0), TopicPartition("fills", 1)
 
 
 def positions() -> Positions:
-    return Positions(Topics(), max_skew_ms=5, max_wait=0.5, metrics=Metrics())
+    return Positions(Topics(), max_skew_ms=5, max_wait=0.5, max_stall=10.0, metrics=Metrics())
 
 
 def test_a_fetch_taken_before_a_seek_of_its_partition_is_stale() -> None:

@@ -44,7 +44,8 @@ def make(settings: ServiceSettings = SETTINGS, processed: Offsets | None = None)
     """A restorer whose instance has applied inputs up to ``processed``."""
     metrics = Metrics()
     engine = Engine(CONFIG)
-    positions = Positions(settings.topics, max_skew_ms=5, max_wait=0.5, metrics=metrics)
+    positions = Positions(settings.topics, max_skew_ms=5, max_wait=0.5, max_stall=10.0,
+                          metrics=metrics)
     for (topic, partition), offset in (processed or {}).items():
         assert partition is not None
         positions.seek(TopicPartition(topic, partition), offset)
