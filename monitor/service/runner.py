@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import structlog
@@ -469,7 +469,7 @@ class Monitor:
                             positions.merge.add(tp, batch.get(tp, ()))
                             if tp in read_to:
                                 positions.merge.read_to(tp, read_to[tp])
-                    self._refresh_lag(consumer)
+                    self._refresh_lag(consumer.assignment())
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
                 self._checkpointer.poll(self._sink)
@@ -586,19 +586,18 @@ class Monitor:
         for tp in tps:
             self.metrics.input_offset.labels(tp.topic, str(tp.partition)).set(
                 self._positions.processed[tp])
-            highwater = self._consumer_of(tp).highwater(tp)
-            if highwater is not None:
-                self._set_lag(tp, highwater)
+        self._refresh_lag(tps)
 
-    def _refresh_lag(self, consumer: AIOKafkaConsumer) -> None:
-        """Lag from each fetch's high watermarks, whether records were applied or not: a
-        partition that holds the others back, or one that stalled, shows its lag growing
-        (a stalled one at least up to the end its probe found)."""
+    def _refresh_lag(self, tps: Iterable[TopicPartition]) -> None:
+        """Lag from the consumers' latest high watermarks. The loop calls it after every
+        fetch, records applied or not, so that a partition that holds the others back, or
+        one that stalled, shows its lag growing (a stalled one at least up to the end its
+        probe found)."""
         stalled = self._positions.merge.stalled
-        for tp in consumer.assignment():
+        for tp in tps:
             if tp not in self._positions.processed:
                 continue
-            highwater = consumer.highwater(tp)
+            highwater = self._consumer_of(tp).highwater(tp)
             if tp in stalled:
                 highwater = max(highwater or 0, stalled[tp][1])
             if highwater is not None:
