@@ -213,7 +213,6 @@ async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(
     tick = ("prices", b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0}))
     deposit = ("ledger", b"a", orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT",
                                              "amount": 1_000.0, "kind": "deposit"}))
-    sample = None
     with structlog.testing.capture_logs() as logs:
         async with RunningMonitor(settings, config) as monitor:
             sample = monitor.metrics.registry.get_sample_value
