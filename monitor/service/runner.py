@@ -560,7 +560,7 @@ class Monitor:
                            topic=tp.topic, partition=tp.partition, read_to=read_to,
                            broker_end=end, seconds_without_progress=round(seconds, 1))
             self.metrics.input_stalled.labels(tp.topic, str(tp.partition)).set(1)
-            self._set_lag(tp, end)
+            self._refresh_lag([tp])
         for tp in self._stalled - merge.stalled.keys():
             if tp in self._positions.processed:  # not handed over meanwhile
                 self.log.info("input partition delivers again", topic=tp.topic,
