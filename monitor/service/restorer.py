@@ -14,8 +14,10 @@ thin parts that need the broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from structlog.stdlib import BoundLogger
@@ -34,6 +36,7 @@ from monitor.service.changelog import (
 from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients, position_now
 from monitor.service.merge import TimestampMerge
+from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
 from monitor.snapshot import Offsets
@@ -52,6 +55,77 @@ class StopRequested(Exception):
     """A stop was requested while partitions were being restored: they are not taken."""
 
 
+class CatchUpWatch:
+    """Says when a catch-up stops making progress, and what it waits for.
+
+    A catch-up reads every partition it needs to its end however long that takes: releasing
+    records early would apply them in another order than the first pass and publish events
+    with its ids but other contents. It also holds the loop (one batch or rebalance step at a
+    time), so a partition the broker stops serving stops every account's monitoring. That must
+    not be silent: after ``max_stall`` seconds without a record read or applied, the partitions
+    not read to their end are reported stalled — an error line, `liqmon_input_stalled` 1 for
+    each, and /readyz's reason — and reported again when the catch-up moves on.
+    """
+
+    def __init__(self, partition: int, max_stall: float, log: BoundLogger, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.partition = partition  # the account partition being caught up
+        self.max_stall = max_stall
+        self.applied = 0  # records replayed so far
+        # partitions reported stalled: (read up to, the end the catch-up reads to)
+        self.stalled: dict[TopicPartition, tuple[int, int | None]] = {}
+        self._log = log
+        self._metrics = metrics
+        self._clock = clock
+        self._read: dict[TopicPartition, int] = {}
+        self._since = clock()  # when the catch-up last read or applied anything
+        self._quiet_for = 0.0
+
+    def observe(self, read: Mapping[TopicPartition, int], applied: int,
+                unread: Mapping[TopicPartition, tuple[int, int | None]]) -> None:
+        """After each step: how far each partition is read, the records applied so far, and
+        the partitions not read to their end yet as (read up to, end; None: not known)."""
+        now = self._clock()
+        self._quiet_for = now - self._since
+        if read != self._read or applied != self.applied:
+            if self.stalled:
+                self._log.info("catch-up delivers again", partition=self.partition,
+                               stalled_seconds=round(self._quiet_for, 1))
+                self.clear()
+            self._read, self.applied, self._since, self._quiet_for = dict(read), applied, now, 0
+            return
+        if not self.stalled and unread and self._quiet_for >= self.max_stall:
+            self.stalled = dict(unread)
+            self._log.error(
+                "catch-up stalled: the partitions it must read to their end deliver nothing; "
+                "the catch-up, and the loop behind it, wait for them",
+                partition=self.partition, records_replayed=applied,
+                seconds_without_progress=round(self._quiet_for, 1),
+                waiting_on=[{"topic": tp.topic, "partition": tp.partition, "read_to": read_to,
+                             "end": end} for tp, (read_to, end) in sorted(unread.items())])
+            for tp in self.stalled:
+                self._metrics.input_stalled.labels(tp.topic, str(tp.partition)).set(1)
+
+    def clear(self, keep: Collection[TopicPartition] = ()) -> None:
+        """Remove the stalled gauges this watch set, but those of ``keep`` (partitions the
+        loop's merge holds stalled: their gauge is the loop's)."""
+        for tp in self.stalled.keys() - set(keep):
+            with contextlib.suppress(KeyError):
+                self._metrics.input_stalled.remove(tp.topic, str(tp.partition))
+        self.stalled = {}
+
+    def describe(self) -> str:
+        """What the catch-up is doing, for /readyz."""
+        said = f"catching up account partition {self.partition}: {self.applied:,} records replayed"
+        if not self.stalled:
+            return said
+        waiting = ", ".join(f"{tp.topic}/{tp.partition} (read to {read_to}, end "
+                            f"{'unknown' if end is None else end})"
+                            for tp, (read_to, end) in sorted(self.stalled.items()))
+        return (f"{said}; stalled for {self._quiet_for:.0f} s waiting for {waiting}, which the "
+                "broker does not deliver")
+
+
 class Restorer:
     """Restores the account partitions the group assigns to this instance.
 
@@ -59,23 +133,27 @@ class Restorer:
     it has not taken yet (StopRequested). ``replay`` is how a catch-up applies and delivers
     records (see `Replay`). The accounts it restores go into ``engine``; the positions it
     seeks, and the partitions it takes, into ``positions``; the checkpoint sequence it read,
-    and what a catch-up changed, to ``checkpointer``.
+    and what a catch-up changed, to ``checkpointer``. ``catching_up`` watches the catch-up
+    under way, if any (`CatchUpWatch`).
     """
 
     def __init__(self, settings: ServiceSettings, config: RiskConfig,
                  engine: Engine | ReferenceEngine, positions: Positions,
-                 checkpointer: Checkpointer, clients: Clients, fingerprint: str,
-                 log: BoundLogger, stopping: asyncio.Event, replay: Replay) -> None:
+                 checkpointer: Checkpointer, clients: Clients, metrics: Metrics,
+                 fingerprint: str, log: BoundLogger, stopping: asyncio.Event,
+                 replay: Replay) -> None:
         self.settings = settings
         self.config = config
         self.engine = engine
         self.positions = positions
         self.checkpointer = checkpointer
         self.clients = clients
+        self.metrics = metrics
         self.fingerprint = fingerprint
         self.log = log
         self._stopping = stopping
         self._replay = replay
+        self.catching_up: CatchUpWatch | None = None
 
     def gained(self, assigned: set[TopicPartition]) -> list[int]:
         """The account partitions of an assignment that are not held yet. The group must
@@ -230,6 +308,7 @@ class Restorer:
                                max_wait=math.inf, max_stall=math.inf)
         reached: dict[TopicPartition, int] = {}  # next offset to apply, per partition read
         applied = 0
+        watch = self.catching_up = CatchUpWatch(partition, s.max_stall, self.log, self.metrics)
         try:
             reader.assign([*price_ends, *own])
             for tp in [*price_ends, *own]:
@@ -251,11 +330,13 @@ class Restorer:
                 highwater = reader.highwater(tp)
                 return tp in stopped or (highwater is not None and next_offset >= highwater)
 
+            def read_up_to(tp: TopicPartition) -> int:
+                return merge.fetched_to.get(tp, reached[tp])
+
             def finished(tp: TopicPartition) -> bool:
                 """Read to its end (what the reader skips counts: a partition may end in
                 a transaction marker, which no record is handed over at), all applied."""
-                read = merge.fetched_to.get(tp, reached[tp])
-                return done_with(tp, read) and not merge.buffered(tp)
+                return done_with(tp, read_up_to(tp)) and not merge.buffered(tp)
 
             while not all(finished(tp) for tp in reached):
                 if self._stopping.is_set():
@@ -285,7 +366,13 @@ class Restorer:
                 for tp, record in ready:
                     reached[tp] = record.offset + 1
                 applied += len(ready)
+                watch.observe(
+                    {tp: read_up_to(tp) for tp in reached}, applied,
+                    {tp: (read_up_to(tp), price_ends.get(tp, reader.highwater(tp)))
+                     for tp in reached if not done_with(tp, read_up_to(tp))})
         finally:
+            watch.clear(keep=self.positions.merge.stalled)
+            self.catching_up = None
             await reader.stop()
         for tp in own:
             consumer.seek(tp, reached[tp])

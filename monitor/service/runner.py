@@ -113,8 +113,8 @@ class Monitor:
         self._checkpointer = Checkpointer(self.engine, self._positions, settings,
                                           self.metrics, self.fingerprint)
         self._restorer = Restorer(settings, config, self.engine, self._positions,
-                                  self._checkpointer, self.clients, self.fingerprint, self.log,
-                                  self._stopping, self._replay)
+                                  self._checkpointer, self.clients, self.metrics,
+                                  self.fingerprint, self.log, self._stopping, self._replay)
         self._producer: AIOKafkaProducer | None = None
         self._delivery: Delivery | None = None
         self._pipeline: Pipeline | None = None
@@ -234,6 +234,8 @@ class Monitor:
         if self._stopping.is_set():
             return "stopping"
         if self._restoring:
+            if self._restorer.catching_up is not None:
+                return self._restorer.catching_up.describe()
             status = self.restore_status
             if status is None:
                 return "restoring state"

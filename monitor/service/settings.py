@@ -110,8 +110,8 @@ class ServiceSettings:
     max_stall: float = field(default=10.0, metadata=option(
         "--stall-timeout", "longest time, in seconds, that an input partition whose records the "
         "broker reports but no fetch returns may hold the others back; past it the partition "
-        "is reported stalled and the others go on out of proven order (counted), default "
-        "{default:g}", parse=float, metavar="SECONDS"))
+        "is reported stalled and the others go on out of proven order (counted); a catch-up "
+        "reports it and keeps waiting, default {default:g}", parse=float, metavar="SECONDS"))
     max_skew_ms: int = field(default=5, metadata=option(
         "--max-skew", "clock skew between producers (and their in-flight time) that timestamp "
         "order allows for, in ms, default {default}", parse=int, metavar="MS"))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from aiokafka import TopicPartition
 
 from monitor.service.merge import TimestampMerge
+from tests.support.clock import Clock
 
 PRICES, FILLS = TopicPartition("prices", 0), TopicPartition("fills", 0)
 RANK = {"prices": 1, "fills": 0}.__getitem__
@@ -18,16 +19,6 @@ NOW = 1_700_000_000_000.0  # wall clock (ms) at which the test's records reach t
 class Rec:
     offset: int
     timestamp: int
-
-
-class Clock:
-    """The merge's clock (seconds) for its two bounds, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def merge(max_wait: float = 10, skew: int = 5, max_stall: float = 10,

@@ -25,9 +25,10 @@ from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients
 from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
-from monitor.service.restorer import Restorer, SplitAssignment
+from monitor.service.restorer import CatchUpWatch, Restorer, SplitAssignment
 from monitor.service.settings import ServiceSettings
 from monitor.snapshot import Control, Offsets, Snapshots
+from tests.support.clock import Clock
 from tests.support.risk import RISK
 
 SETTINGS = ServiceSettings(config_path=Path("risk.toml"))
@@ -50,8 +51,8 @@ def make(settings: ServiceSettings = SETTINGS, processed: Offsets | None = None)
         assert partition is not None
         positions.seek(TopicPartition(topic, partition), offset)
     checkpointer = Checkpointer(engine, positions, settings, metrics, OURS)
-    return Restorer(settings, CONFIG, engine, positions, checkpointer, Clients(settings), OURS,
-                    structlog.get_logger("liqmon"), asyncio.Event(), no_catch_up)
+    return Restorer(settings, CONFIG, engine, positions, checkpointer, Clients(settings),
+                    metrics, OURS, structlog.get_logger("liqmon"), asyncio.Event(), no_catch_up)
 
 
 def control(offsets: Offsets, seq: int = 1, prices: dict | None = None,
@@ -224,3 +225,75 @@ def test_a_snapshot_newer_than_its_control_record_skips_the_inputs_it_reflects()
         restorer.engine.apply(LedgerEntry(f"d-{offset}", "alice", "USDT", 1.0, "deposit", 1),
                               Source("ledger", 3, offset))
     assert restorer.engine.accounts["alice"].balances == {"USDT": 251.0}  # only 15 applies
+
+
+# -- a catch-up that stops making progress ----------------------------------------------------
+
+FILLS_3, PRICES_0 = TopicPartition("fills", 3), TopicPartition("prices", 0)
+
+
+def watch(max_stall: float = 10.0) -> tuple[CatchUpWatch, Metrics, Clock]:
+    clock, metrics = Clock(), Metrics()
+    return (CatchUpWatch(3, max_stall, structlog.get_logger("liqmon"), metrics, clock),
+            metrics, clock)
+
+
+def stalled_gauge(metrics: Metrics, tp: TopicPartition) -> float | None:
+    return metrics.registry.get_sample_value(
+        "liqmon_input_stalled", {"topic": tp.topic, "partition": str(tp.partition)})
+
+
+def test_a_catch_up_without_progress_for_the_stall_timeout_names_what_it_waits_for() -> None:
+    catching_up, metrics, clock = watch(max_stall=10.0)
+    read = {FILLS_3: 40, PRICES_0: 500}
+    with capture_logs() as logs:
+        catching_up.observe(read, 25, {FILLS_3: (40, 90)})
+        clock.now = 9.9
+        catching_up.observe(read, 25, {FILLS_3: (40, 90)})
+        assert logs == [] and stalled_gauge(metrics, FILLS_3) is None
+        clock.now = 10.0
+        catching_up.observe(read, 25, {FILLS_3: (40, 90)})
+    assert [(log["log_level"], log["partition"], log["records_replayed"], log["waiting_on"])
+            for log in logs] == [("error", 3, 25, [{"topic": "fills", "partition": 3,
+                                                     "read_to": 40, "end": 90}])]
+    assert stalled_gauge(metrics, FILLS_3) == 1
+    assert catching_up.describe() == (
+        "catching up account partition 3: 25 records replayed; stalled for 10 s waiting for "
+        "fills/3 (read to 40, end 90), which the broker does not deliver")
+
+
+def test_a_catch_up_that_reads_or_applies_anything_starts_its_stall_clock_again() -> None:
+    catching_up, metrics, clock = watch(max_stall=10.0)
+    catching_up.observe({FILLS_3: 40}, 25, {FILLS_3: (40, 90)})
+    clock.now = 8.0
+    catching_up.observe({FILLS_3: 41}, 25, {FILLS_3: (41, 90)})  # a record read
+    clock.now = 16.0
+    catching_up.observe({FILLS_3: 41}, 26, {FILLS_3: (41, 90)})  # a record applied
+    clock.now = 25.9
+    catching_up.observe({FILLS_3: 41}, 26, {FILLS_3: (41, 90)})
+    assert catching_up.stalled == {} and stalled_gauge(metrics, FILLS_3) is None
+
+
+def test_a_stalled_catch_up_that_moves_on_says_so_and_clears_its_gauges() -> None:
+    catching_up, metrics, clock = watch(max_stall=10.0)
+    catching_up.observe({FILLS_3: 40}, 25, {FILLS_3: (40, None)})
+    clock.now = 12.0
+    catching_up.observe({FILLS_3: 40}, 25, {FILLS_3: (40, None)})
+    assert "fills/3 (read to 40, end unknown)" in catching_up.describe()
+    clock.now = 30.0
+    with capture_logs() as logs:
+        catching_up.observe({FILLS_3: 41}, 25, {FILLS_3: (41, None)})
+    assert [(log["event"], log["stalled_seconds"]) for log in logs] == [
+        ("catch-up delivers again", 30.0)]
+    assert stalled_gauge(metrics, FILLS_3) is None
+    assert catching_up.describe() == "catching up account partition 3: 25 records replayed"
+
+
+def test_a_catch_ups_end_leaves_the_gauge_of_a_partition_the_loop_holds_stalled() -> None:
+    catching_up, metrics, clock = watch(max_stall=10.0)
+    waiting = {FILLS_3: (40, 90), PRICES_0: (500, 700)}
+    catching_up.observe({FILLS_3: 40, PRICES_0: 500}, 25, waiting)
+    clock.now = 10.0
+    catching_up.observe({FILLS_3: 40, PRICES_0: 500}, 25, waiting)
+    catching_up.clear(keep={PRICES_0})  # stopped while the loop also has prices/0 stalled
+    assert (stalled_gauge(metrics, FILLS_3), stalled_gauge(metrics, PRICES_0)) == (None, 1)

@@ -1,0 +1,114 @@
+"""A catch-up (SPEC §6) on the embedded broker, driven through the `Restorer` directly: a
+gained partition's records replayed with the ticks in between, up to where this instance is."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from monitor.config import fingerprint, load_config
+from monitor.engine import Engine
+from monitor.service.changelog import RestoredPartition
+from monitor.service.checkpointer import Checkpointer
+from monitor.service.clients import Clients
+from monitor.service.metrics import Metrics
+from monitor.service.positions import Positions
+from monitor.service.restorer import Restorer
+from monitor.service.topics import create_topics
+from monitor.snapshot import Snapshots
+from tests.support.kafka import fresh_settings, produce
+from tests.support.paths import REPO
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+CONFIG = load_config(REPO / "examples" / "risk.toml")
+FIRST_TS = 1_700_000_000_000
+
+
+class FillsWithheld(Clients):
+    """The catch-up reader gets the gained partition's fills paused: the broker holds a record
+    there (its end says so) that no fetch brings, as a broker that stopped serving it would."""
+
+    reader: AIOKafkaConsumer
+
+    def __init__(self, settings, fills: TopicPartition) -> None:
+        super().__init__(settings)
+        self.fills = fills
+
+    def catch_up_reader(self) -> AIOKafkaConsumer:
+        reader = self.reader = super().catch_up_reader()
+        assign = reader.assign
+
+        def assign_with_fills_paused(partitions: list[TopicPartition]) -> None:
+            assign(partitions)
+            reader.pause(self.fills)
+
+        reader.assign = assign_with_fills_paused  # type: ignore[method-assign]
+        return reader
+
+
+async def test_a_catch_up_whose_partition_delivers_nothing_reports_it_and_finishes_later(broker):
+    """A catch-up must read the gained partition to its end before its records join the loop
+    (releasing them early would change the first pass's events), and it holds the loop
+    meanwhile. So a partition that delivers nothing is named after --stall-timeout — an error
+    line, `liqmon_input_stalled`, /readyz's reason — and once it delivers, the catch-up
+    finishes with every record, in timestamp order."""
+    settings = fresh_settings(broker.bootstrap, max_stall=1.0)
+    await create_topics(settings)
+    t = settings.topics
+    prices, fills, ledger = (TopicPartition(topic, 0) for topic in (t.prices, t.fills, t.ledger))
+    await produce(settings.bootstrap, [
+        (t.ledger, b"a", orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT",
+                                       "amount": 1_000.0, "kind": "deposit"})),
+        (t.fills, b"a", orjson.dumps({"fill_id": "f1", "account": "a", "symbol": "BTC-PERP",
+                                      "side": "buy", "qty": 0.01, "price": 50_000.0})),
+        (t.prices, b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0}))],
+        first_timestamp_ms=FIRST_TS)
+
+    metrics, engine = Metrics(), Engine(CONFIG)
+    positions = Positions(t, max_skew_ms=5, max_wait=0.5, max_stall=1.0, metrics=metrics)
+    positions.seek(prices, 1)  # this instance applied the tick: the gained partition is behind
+    positions.frontier = (FIRST_TS + 2, 2, 0, 0)
+    clients = FillsWithheld(settings, fills)
+    replayed: list[tuple[str, int]] = []
+
+    async def replay(batch: list[tuple[TopicPartition, ConsumerRecord]], _: Engine) -> None:
+        replayed.extend((tp.topic, record.offset) for tp, record in batch)
+
+    restorer = Restorer(settings, CONFIG, engine, positions,
+                        Checkpointer(engine, positions, settings, metrics, fingerprint(CONFIG)),
+                        clients, metrics, fingerprint(CONFIG), structlog.get_logger("liqmon"),
+                        asyncio.Event(), replay)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
+    await consumer.start()
+    consumer.assign([fills, ledger])
+    gauge = {"topic": t.fills, "partition": "0"}
+    try:
+        with structlog.testing.capture_logs() as logs:
+            catch_up = asyncio.create_task(restorer.catch_up(
+                RestoredPartition(partition=0, control=None, snapshots=Snapshots.from_accounts([])),
+                consumer))
+            deadline = time.monotonic() + 30
+            while metrics.registry.get_sample_value("liqmon_input_stalled", gauge) is None:
+                assert time.monotonic() < deadline and not catch_up.done()
+                await asyncio.sleep(0.05)
+            assert restorer.catching_up is not None
+            assert restorer.catching_up.describe().endswith(
+                f"waiting for {t.fills}/0 (read to 0, end unknown), which the broker does not "
+                "deliver")
+            assert replayed == []  # the deposit and the tick wait for the fill
+            clients.reader.resume(fills)
+            assert await asyncio.wait_for(catch_up, timeout=30) == 3
+    finally:
+        await consumer.stop()
+    assert replayed == [(t.ledger, 0), (t.fills, 0), (t.prices, 0)]
+    assert metrics.registry.get_sample_value("liqmon_input_stalled", gauge) is None
+    assert restorer.catching_up is None
+    said = [(entry["event"].split(":")[0], entry["log_level"]) for entry in logs]
+    assert said == [("catch-up stalled", "error"), ("catch-up delivers again", "info")]
+    assert logs[0]["waiting_on"] == [{"topic": t.fills, "partition": 0, "read_to": 0,
+                                      "end": None}]
