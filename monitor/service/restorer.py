@@ -13,7 +13,6 @@ thin parts that need the broker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
@@ -51,8 +50,9 @@ class SplitAssignment(LiqmonError):
     reverse): an instance of the group does not use the range assignor."""
 
 
-class StopRequested(Exception):
-    """A stop was requested while partitions were being restored: they are not taken."""
+class RestoreAbandoned(Exception):
+    """A restore under way gave up the partitions it had not taken yet: the instance is
+    stopping, or the group began another rebalance (the message says which)."""
 
 
 class CatchUpWatch:
@@ -129,8 +129,9 @@ class CatchUpWatch:
 class Restorer:
     """Restores the account partitions the group assigns to this instance.
 
-    ``stopping`` is the instance's stop request: a restore under way gives up the partitions
-    it has not taken yet (StopRequested). ``replay`` is how a catch-up applies and delivers
+    ``abandon`` says why a restore under way should give up the partitions it has not taken
+    yet (`RestoreAbandoned`), or None: it is asked between partitions, as the changelog is
+    read and as a catch-up replays. ``replay`` is how a catch-up applies and delivers
     records (see `Replay`). The accounts it restores go into ``engine``; the positions it
     seeks, and the partitions it takes, into ``positions``; the checkpoint sequence it read,
     and what a catch-up changed, to ``checkpointer``. ``catching_up`` watches the catch-up
@@ -140,7 +141,7 @@ class Restorer:
     def __init__(self, settings: ServiceSettings, config: RiskConfig,
                  engine: Engine | ReferenceEngine, positions: Positions,
                  checkpointer: Checkpointer, clients: Clients, metrics: Metrics,
-                 fingerprint: str, log: BoundLogger, stopping: asyncio.Event,
+                 fingerprint: str, log: BoundLogger, abandon: Callable[[], str | None],
                  replay: Replay) -> None:
         self.settings = settings
         self.config = config
@@ -151,7 +152,7 @@ class Restorer:
         self.metrics = metrics
         self.fingerprint = fingerprint
         self.log = log
-        self._stopping = stopping
+        self._abandon = abandon
         self._replay = replay
         self.catching_up: CatchUpWatch | None = None
 
@@ -173,10 +174,20 @@ class Restorer:
                    ) -> dict[int, RestoredPartition]:
         """What the changelog holds for these partitions (``progress`` as it reads)."""
         s = self.settings
+
+        def reading(status: RestoreProgress) -> None:
+            self._give_up_if_asked()
+            progress(status)
+
         return await read_changelog(s.bootstrap, s.topics.state, partitions,
                                     client_id=f"{s.client_id}-restore",
                                     request_timeout_ms=s.request_timeout_ms,
-                                    progress=progress, security=s.security)
+                                    progress=reading, security=s.security)
+
+    def _give_up_if_asked(self) -> None:
+        reason = self._abandon()
+        if reason is not None:
+            raise RestoreAbandoned(reason)
 
     async def restore(self, gained: list[int], restored: dict[int, RestoredPartition],
                       first: bool, *, prices: AIOKafkaConsumer, accounts: AIOKafkaConsumer,
@@ -189,8 +200,7 @@ class Restorer:
             await self.restore_prices(list(restored.values()), prices, price_partitions)
         restored_accounts = replayed = 0
         for partition in gained:
-            if self._stopping.is_set():
-                raise StopRequested
+            self._give_up_if_asked()
             if not first and self.behind_on_prices(restored[partition]):
                 replayed += await self.catch_up(restored[partition], accounts)
             else:
@@ -339,8 +349,7 @@ class Restorer:
                 return done_with(tp, read_up_to(tp)) and not merge.buffered(tp)
 
             while not all(finished(tp) for tp in reached):
-                if self._stopping.is_set():
-                    raise StopRequested  # nothing of this partition is taken over
+                self._give_up_if_asked()  # nothing of this partition is taken over
                 batch = await reader.getmany(timeout_ms=200, max_records=s.max_batch_records)
                 for tp, records in batch.items():
                     if tp in price_ends:

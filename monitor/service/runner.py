@@ -50,7 +50,7 @@ from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.positions import Positions
 from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
-from monitor.service.restorer import Restorer, StopRequested
+from monitor.service.restorer import RestoreAbandoned, Restorer
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.topics import ensure_topics
@@ -112,9 +112,15 @@ class Monitor:
         self._last_tick_wall: dict[str, float] = {}
         self._checkpointer = Checkpointer(self.engine, self._positions, settings,
                                           self.metrics, self.fingerprint)
+        # The group's latest assignment, restored by a task of its own (`assignment_changed`);
+        # set when a rebalance begins, so that a restore under way gives up at once.
+        self._assignment: set[TopicPartition] = set()
+        self._assignment_changed = asyncio.Event()
+        self._rebalancing = False
+        self._restoring_task: asyncio.Task[None] | None = None
         self._restorer = Restorer(settings, config, self.engine, self._positions,
                                   self._checkpointer, self.clients, self.metrics,
-                                  self.fingerprint, self.log, self._stopping, self._replay)
+                                  self.fingerprint, self.log, self._why_abandon, self._replay)
         self._producer: AIOKafkaProducer | None = None
         self._delivery: Delivery | None = None
         self._pipeline: Pipeline | None = None
@@ -319,6 +325,7 @@ class Monitor:
         self._accounts = self.clients.group_consumer()
         await self._accounts.start()
         self._sink = KafkaSink(self._pipeline, self._accounts, self.log)
+        self._restoring_task = asyncio.create_task(self._restore_assignments())
         self._accounts.subscribe([s.topics.fills, s.topics.ledger],
                                  listener=_Rebalance(self))
 
@@ -327,6 +334,9 @@ class Monitor:
         unreachable broker a consumer leaving its group or a producer flushing would wait
         for as long as the broker stays away."""
         self._closing = True
+        if self._restoring_task is not None:
+            self._restoring_task.cancel()
+            await asyncio.gather(self._restoring_task, return_exceptions=True)
         await self._checkpointer.abandon()  # cut short by a failure or the shutdown timeout
         if self._pipeline is not None:
             await self._pipeline.close()
@@ -345,6 +355,36 @@ class Monitor:
 
     # -- rebalance: restore what is gained, checkpoint what is lost ------------------------------
 
+    def assignment_changed(self, assigned: set[TopicPartition]) -> None:
+        """The group's new assignment (its callback, which returns at once). aiokafka sends no
+        heartbeat while the callback runs: a restore done there that outlasted the session
+        timeout got this instance expelled, the group rebalanced, and the restore began again,
+        for ever. So the partitions gained are restored by `_restore_assignments`, a task
+        beside the heartbeats."""
+        self._assignment = assigned
+        self._rebalancing = False
+        self._assignment_changed.set()
+
+    async def _restore_assignments(self) -> None:
+        """Restore each assignment the group hands out (the latest, if several came while a
+        restore was under way); a failure stops the monitor."""
+        while True:
+            await self._assignment_changed.wait()
+            self._assignment_changed.clear()
+            try:
+                await self.on_assigned(self._assignment)
+            except Exception as exc:
+                self.fail(exc)
+                return
+
+    def _why_abandon(self) -> str | None:
+        """Why a restore under way should give up (the restorer asks), or None."""
+        if self._stopping.is_set():
+            return "stopping"
+        if self._rebalancing:
+            return "the group is rebalancing again"
+        return None
+
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         if self._stopping.is_set():
             return  # stopping: take nothing new (no restore, no catch-up, no event)
@@ -352,7 +392,7 @@ class Monitor:
         if not gained and self._restored.is_set():
             return
         async with self._lock:
-            if self._stopping.is_set():  # requested while waiting for the lock
+            if self._why_abandon() is not None:  # while waiting for the lock
                 return
             await self._checkpointer.finish()
             started = time.monotonic()
@@ -367,8 +407,8 @@ class Monitor:
                     gained, restored, not self._restored.is_set(), prices=self._prices,
                     accounts=self._accounts,
                     price_partitions=self.partition_counts[self.settings.topics.prices])
-            except StopRequested:
-                self.log.info("restore abandoned: stopping",
+            except RestoreAbandoned as abandoned:
+                self.log.info(f"restore abandoned: {abandoned}",
                               partitions=sorted(set(gained) - self._positions.owned))
                 return
             finally:
@@ -385,11 +425,13 @@ class Monitor:
                           seconds=round(time.monotonic() - started, 3))
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        lost = {tp.partition for tp in revoked} & self._positions.owned
-        if not lost or self._closing:
+        self._rebalancing = True  # a restore under way gives up what it has not taken yet
+        if self._closing:
             return
         async with self._lock:
-            if self._closing:  # the final checkpoint, written meanwhile, covers them
+            # owned as of now: a restore that held the lock may have taken some meanwhile
+            lost = {tp.partition for tp in revoked} & self._positions.owned
+            if not lost or self._closing:  # closing: the final checkpoint covers them
                 return
             await self._checkpointer.finish()
             try:
@@ -754,7 +796,4 @@ class _Rebalance(ConsumerRebalanceListener):
             self.monitor.fail(exc)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        try:
-            await self.monitor.on_assigned(set(assigned))
-        except Exception as exc:
-            self.monitor.fail(exc)
+        self.monitor.assignment_changed(set(assigned))  # restored beside the heartbeats

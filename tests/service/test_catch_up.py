@@ -82,7 +82,7 @@ async def test_a_catch_up_whose_partition_delivers_nothing_reports_it_and_finish
     restorer = Restorer(settings, CONFIG, engine, positions,
                         Checkpointer(engine, positions, settings, metrics, fingerprint(CONFIG)),
                         clients, metrics, fingerprint(CONFIG), structlog.get_logger("liqmon"),
-                        asyncio.Event(), replay)
+                        lambda: None, replay)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
     await consumer.start()
     consumer.assign([fills, ledger])

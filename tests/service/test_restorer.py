@@ -4,7 +4,6 @@ them. Two price partitions; account partition 3 is the one gained."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -52,7 +51,7 @@ def make(settings: ServiceSettings = SETTINGS, processed: Offsets | None = None)
         positions.seek(TopicPartition(topic, partition), offset)
     checkpointer = Checkpointer(engine, positions, settings, metrics, OURS)
     return Restorer(settings, CONFIG, engine, positions, checkpointer, Clients(settings),
-                    metrics, OURS, structlog.get_logger("liqmon"), asyncio.Event(), no_catch_up)
+                    metrics, OURS, structlog.get_logger("liqmon"), lambda: None, no_catch_up)
 
 
 def control(offsets: Offsets, seq: int = 1, prices: dict | None = None,

@@ -1,0 +1,116 @@
+"""Rebalances on the embedded broker, monitors in the test's process (SPEC §6)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+import structlog
+
+import monitor.service.restorer
+from monitor.config import load_config
+from monitor.service.changelog import RestoreProgress, read_changelog
+from monitor.service.runner import Monitor
+from monitor.service.settings import ServiceSettings
+from monitor.service.topics import create_topics
+from tests.support.kafka import fresh_settings
+from tests.support.paths import REPO
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+CONFIG = load_config(REPO / "examples" / "risk.toml")
+SLOW = "slow-instance"  # client id of the instance whose changelog reads are slow
+
+
+@pytest.fixture
+def slow_reads(monkeypatch) -> list[float]:
+    """Changelog reads by the instance whose client id is SLOW take 5 s longer, reporting
+    progress as a long read does, without holding the event loop (a large state topic, a
+    slow broker). Returns the times they began."""
+    began: list[float] = []
+
+    async def read(bootstrap, topic, partitions, client_id="", progress=None, **options):
+        if client_id.startswith(SLOW):
+            began.append(time.monotonic())
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if progress is not None:
+                    progress(RestoreProgress())
+        return await read_changelog(bootstrap, topic, partitions, client_id=client_id,
+                                    progress=progress, **options)
+
+    monkeypatch.setattr(monitor.service.restorer, "read_changelog", read)
+    return began
+
+
+async def run_all(instances: list[Monitor], settle: float) -> None:
+    """Start each instance once the one before is ready; all ready, then ``settle`` s."""
+    tasks = []
+    try:
+        for instance in instances:
+            tasks.append(asyncio.create_task(instance.run()))
+            await asyncio.wait_for(instance.ready.wait(), timeout=60)
+        await asyncio.sleep(settle)
+        deadline = time.monotonic() + 30
+        while not all(instance.ready.is_set() for instance in instances):
+            assert time.monotonic() < deadline, "not every instance is ready again"
+            await asyncio.sleep(0.05)
+    finally:
+        for instance in instances:
+            instance.request_stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+
+
+def owned_once_each(instances: list[Monitor], partitions: int) -> bool:
+    owned = [instance._positions.owned for instance in instances]
+    return sorted(p for parts in owned for p in parts) == list(range(partitions))
+
+
+def slow(settings: ServiceSettings) -> ServiceSettings:
+    return replace(settings, client_id=SLOW)
+
+
+async def test_a_restore_longer_than_the_session_timeout_happens_once(broker, slow_reads):
+    """aiokafka sends no heartbeat while its assignment callback runs. A restore done there
+    that outlasts --session-timeout gets the instance expelled: the group rebalances, the
+    instance restores again, is expelled again, for ever — while the other instance hands its
+    partitions back and forth. Restored beside the heartbeats, it happens once."""
+    settings = fresh_settings(broker.bootstrap, partitions=4)  # session timeout 2 s
+    await create_topics(settings)
+    first, second = Monitor(settings, CONFIG), Monitor(slow(settings), CONFIG)
+    await run_all([first, second], settle=4 * settings.session_timeout_ms / 1000)
+    assert len(slow_reads) == 1
+    assert first._positions.owned and second._positions.owned
+    assert owned_once_each([first, second], 4)
+
+
+async def test_a_restore_under_way_gives_up_when_the_group_rebalances_again(broker,
+                                                                            slow_reads):
+    """A third instance joins while the second is still reading the changelog: the second
+    gives its restore up at once (its partitions are being revoked) rather than hold the
+    rebalance up, then restores what the new assignment gives it. No partition ends up owned
+    twice or by nobody."""
+    settings = fresh_settings(broker.bootstrap, partitions=4)
+    await create_topics(settings)
+    first, second, third = (Monitor(settings, CONFIG), Monitor(slow(settings), CONFIG),
+                            Monitor(settings, CONFIG))
+    tasks = [asyncio.create_task(first.run())]
+    with structlog.testing.capture_logs() as logs:
+        try:
+            await asyncio.wait_for(first.ready.wait(), timeout=30)
+            tasks.append(asyncio.create_task(second.run()))
+            while not slow_reads:
+                await asyncio.sleep(0.05)
+            tasks.append(asyncio.create_task(third.run()))
+            await asyncio.wait_for(
+                asyncio.gather(second.ready.wait(), third.ready.wait()), timeout=60)
+            await asyncio.sleep(2 * settings.session_timeout_ms / 1000)
+            assert owned_once_each([first, second, third], 4)
+        finally:
+            for instance in (first, second, third):
+                instance.request_stop()
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    assert "restore abandoned: the group is rebalancing again" in [
+        entry["event"] for entry in logs]
+    assert len(slow_reads) == 2  # the one given up, and the new assignment's
