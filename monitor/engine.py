@@ -789,13 +789,20 @@ class Engine(InputLedger):
         self.units.changed()
         book = self.book
         code = -1 if partition is None else partition
-        ids = book.ids
-        rows = [row for row in np.flatnonzero(book.part[:len(ids)] == code).tolist()
-                if ids[row] is not None]
-        for row in rows:
-            key = ids[row]
-            self._forget(row)
-            self._dirty.discard(key)
+        rows = np.flatnonzero(book.part[:len(book.ids)] == code)  # free rows have part -1
+        if partition is None:
+            rows = rows[[book.ids[row] is not None for row in rows.tolist()]]
+        isolated = book.isolated[rows] != 0
+        for counts, mine in ((self.accounts_in_state, ~isolated),
+                             (self.units_in_state, isolated)):
+            in_state = np.bincount(book.state[rows[mine]], minlength=len(_STATES))
+            for state, count in zip(_STATES, in_state.tolist(), strict=True):
+                counts[state] -= count
+        keys = book.free_many(rows)
+        if self._caught_up_from:
+            for key in keys:
+                self._caught_up_from.pop(key, None)
+        self._dirty.difference_update(keys)
         return len(rows)
 
     def _forget(self, row: int) -> None:

@@ -224,6 +224,33 @@ class Book:
             del self.index[key]  # type: ignore[arg-type]
         self.free_rows.append(row)
 
+    def free_many(self, rows: np.ndarray) -> list[RiskKey]:
+        """`free_row` for many accounts at once (a partition handed over: a row at a time,
+        a million took seconds of a rebalance); returns their keys, in ``rows``' order."""
+        positions, _ = self.positions_of_rows(rows)
+        self.free_pos.extend(positions.tolist())
+        self.p_next[positions] = -1
+        self.positions -= len(positions)
+        self.first[rows] = -1
+        self.bal.reshape(-1, self.t.n_assets)[rows] = 0.0
+        self.state[rows] = 0
+        self.trans[rows] = 0
+        self.part[rows] = -1
+        self.aid[rows] = (self.aid[rows] + 1) & _AID_MASK
+        self.isolated[rows] = 0
+        ids, index, units = self.ids, self.index, self.units
+        keys: list[RiskKey] = []
+        for row in rows.tolist():
+            key = ids[row]
+            ids[row] = None
+            if isinstance(key, UnitKey):
+                del units[key]
+            else:
+                del index[key]
+            keys.append(key)
+        self.free_rows.extend(rows.tolist())
+        return keys
+
     def _spare_slot(self) -> int:
         """The position slot a new position takes next (room made for it)."""
         if self.free_pos:
