@@ -116,3 +116,11 @@ def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
         return None
     position: int = state.position
     return position
+
+
+def group_generation(consumer: AIOKafkaConsumer) -> int:
+    """The generation of the consumer group this consumer last joined: -1 before it joined and
+    once the group no longer knows it. Reads aiokafka 0.14's coordinator (the version
+    pyproject.toml pins)."""
+    coordinator = consumer._coordinator
+    return -1 if coordinator is None else int(coordinator.generation)

@@ -55,6 +55,19 @@ class RestoreAbandoned(Exception):
     stopping, or the group began another rebalance (the message says which)."""
 
 
+def staying(kept: Collection[int], revoked_in: int, assigned_in: int,
+            assigned: Collection[int]) -> list[int]:
+    """Which account partitions kept in memory through a rebalance (revoked in group
+    generation ``revoked_in``, checkpointed) go on where they were under the assignment of
+    generation ``assigned_in``: those it gives back, if it is the very next generation. Any
+    generation between the two may have given them to another instance, whose work the
+    memory here lacks. A generation of -1 is aiokafka's "none" (the group expelled this
+    instance)."""
+    if revoked_in < 0 or assigned_in != revoked_in + 1:
+        return []
+    return sorted(set(kept) & set(assigned))
+
+
 class CatchUpWatch:
     """Says when a catch-up stops making progress, and what it waits for.
 

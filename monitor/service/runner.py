@@ -43,14 +43,14 @@ from monitor.reference import ReferenceEngine
 from monitor.service.changelog import RestoreProgress, write_reset_markers
 from monitor.service.changelog import warm_up as warm_up_restore
 from monitor.service.checkpointer import Checkpointer, KafkaSink
-from monitor.service.clients import Clients, position_now
+from monitor.service.clients import Clients, group_generation, position_now
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.positions import Positions
 from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
-from monitor.service.restorer import RestoreAbandoned, Restorer
+from monitor.service.restorer import RestoreAbandoned, Restorer, staying
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.topics import ensure_topics
@@ -116,7 +116,14 @@ class Monitor:
         # set when a rebalance begins, so that a restore under way gives up at once.
         self._assignment: set[TopicPartition] = set()
         self._assignment_changed = asyncio.Event()
+        self._assigned_generation = -1  # the group generation of that assignment
         self._rebalancing = False
+        # Partitions revoked by the group's last rebalance, checkpointed and still in memory
+        # (the next offset of their fills and ledger): if the next generation gives them back
+        # they go on from there instead of being restored. Nothing is applied meanwhile.
+        self._kept: dict[int, dict[TopicPartition, int]] = {}
+        self._kept_generation = -1
+        self._held = False
         self._restoring_task: asyncio.Task[None] | None = None
         self._restorer = Restorer(settings, config, self.engine, self._positions,
                                   self._checkpointer, self.clients, self.metrics,
@@ -362,6 +369,8 @@ class Monitor:
         for ever. So the partitions gained are restored by `_restore_assignments`, a task
         beside the heartbeats."""
         self._assignment = assigned
+        assert self._accounts is not None
+        self._assigned_generation = group_generation(self._accounts)
         self._rebalancing = False
         self._assignment_changed.set()
 
@@ -388,6 +397,8 @@ class Monitor:
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         if self._stopping.is_set():
             return  # stopping: take nothing new (no restore, no catch-up, no event)
+        async with self._lock:
+            await self._settle_kept(assigned)
         gained = self._restorer.gained(assigned)
         if not gained and self._restored.is_set():
             return
@@ -425,6 +436,10 @@ class Monitor:
                           seconds=round(time.monotonic() - started, 3))
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """The group takes partitions back (with aiokafka: every partition, at every
+        rebalance). They are checkpointed for their next owner and kept in memory, the loop
+        holding still, until the next assignment says which of them stay here
+        (`_settle_kept`): a rebalance costs a restore only for partitions that move."""
         self._rebalancing = True  # a restore under way gives up what it has not taken yet
         if self._closing:
             return
@@ -440,18 +455,65 @@ class Monitor:
                 # The new owner restores the previous checkpoint and re-reads from there.
                 self.log.error("checkpoint before handing partitions over failed",
                                partitions=sorted(lost), error=repr(exc))
+                for partition in sorted(lost):
+                    self._hand_over(partition)
+                return
             t = self.settings.topics
-            for partition in lost:
-                dropped = self.engine.drop_partition(partition)
+            for partition in sorted(lost):
                 tps = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
-                self._positions.drop(tps)
-                for tp in tps:
-                    self._paused.discard(tp)
-                    for gauge in (self.metrics.input_offset, self.metrics.consumer_lag):
-                        with contextlib.suppress(KeyError):
-                            gauge.remove(tp.topic, str(tp.partition))
-                self.log.info("partition handed over", partition=partition, accounts=dropped)
+                self._kept[partition] = {tp: self._positions.processed[tp] for tp in tps}
+                self._release(tps)
             self._positions.owned -= lost
+            assert self._accounts is not None
+            self._kept_generation = group_generation(self._accounts)
+            self._held = True
+
+    async def _settle_kept(self, assigned: set[TopicPartition]) -> None:
+        """Partitions kept through the rebalance go on where they were if the generation right
+        after the one they were revoked in gives them back (no other instance can have had
+        them then); any other is handed over: its accounts are dropped. Then the loop goes
+        on."""
+        kept, self._kept = self._kept, {}
+        self._held = False
+        if not kept:
+            return
+        assert self._accounts is not None
+        fills = {tp.partition for tp in assigned if tp.topic == self.settings.topics.fills}
+        stayed = staying(kept, self._kept_generation, self._assigned_generation, fills)
+        if fills & kept.keys() and not stayed:
+            self.log.info("partitions kept through the rebalance are restored afresh: the "
+                          "group may have given them to another instance meanwhile",
+                          partitions=sorted(fills & kept.keys()),
+                          revoked_in_generation=self._kept_generation,
+                          assigned_in_generation=self._assigned_generation)
+        for partition, offsets in sorted(kept.items()):
+            if partition not in stayed:
+                self._hand_over(partition)
+                continue
+            for tp, offset in offsets.items():
+                self._accounts.seek(tp, offset)
+                self._positions.seek(tp, offset)
+            self._positions.owned.add(partition)
+        if stayed:
+            self.log.info("partitions kept through the rebalance", partitions=stayed)
+            await self._report_lag([tp for partition in stayed for tp in kept[partition]])
+
+    def _hand_over(self, partition: int) -> None:
+        """Forget an account partition another instance takes."""
+        t = self.settings.topics
+        dropped = self.engine.drop_partition(partition)
+        self._release([TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)])
+        self._positions.owned.discard(partition)
+        self.log.info("partition handed over", partition=partition, accounts=dropped)
+
+    def _release(self, tps: list[TopicPartition]) -> None:
+        """Stop processing these input partitions: out of the merge, no gauges left."""
+        self._positions.drop(tps)
+        for tp in tps:
+            self._paused.discard(tp)
+            for gauge in (self.metrics.input_offset, self.metrics.consumer_lag):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(tp.topic, str(tp.partition))
 
     async def _checkpoint(self, partitions: set[int]) -> None:
         """Checkpoint these partitions now (see Checkpointer.checkpoint)."""
@@ -561,6 +623,8 @@ class Monitor:
         """Apply what the merge releases and hand its output to the pipeline (which gets
         it acknowledged behind the loop); how many records."""
         assert self._pipeline is not None
+        if self._held:  # a rebalance: kept partitions wait for the new assignment
+            return 0
         positions, merge = self._positions, self._positions.merge
         batch = merge.take(limit, list(positions.processed))
         assert self._prober is not None

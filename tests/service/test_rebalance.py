@@ -24,6 +24,20 @@ SLOW = "slow-instance"  # client id of the instance whose changelog reads are sl
 
 
 @pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """The client id of every changelog read, in order."""
+    clients: list[str] = []
+
+    async def read(bootstrap, topic, partitions, client_id="", **options):
+        clients.append(client_id)
+        return await read_changelog(bootstrap, topic, partitions, client_id=client_id,
+                                    **options)
+
+    monkeypatch.setattr(monitor.service.restorer, "read_changelog", read)
+    return clients
+
+
+@pytest.fixture
 def slow_reads(monkeypatch) -> list[float]:
     """Changelog reads by the instance whose client id is SLOW take 5 s longer, reporting
     progress as a long read does, without holding the event loop (a large state topic, a
@@ -114,3 +128,21 @@ async def test_a_restore_under_way_gives_up_when_the_group_rebalances_again(brok
     assert "restore abandoned: the group is rebalancing again" in [
         entry["event"] for entry in logs]
     assert len(slow_reads) == 2  # the one given up, and the new assignment's
+
+
+async def test_partitions_an_instance_keeps_through_a_rebalance_are_not_restored_again(
+        broker, reads):
+    """With aiokafka every rebalance revokes every partition. Those the next generation gives
+    back stay in memory, checkpointed for whoever might have taken them, and go on where they
+    were: only the partitions that move are restored."""
+    settings = fresh_settings(broker.bootstrap, partitions=4)
+    await create_topics(settings)
+    first, second = Monitor(replace(settings, client_id="first"), CONFIG), \
+        Monitor(replace(settings, client_id="second"), CONFIG)
+    with structlog.testing.capture_logs() as logs:
+        await run_all([first, second], settle=2 * settings.session_timeout_ms / 1000)
+    assert reads == ["first-restore", "second-restore"]  # first restored once, at its start
+    assert owned_once_each([first, second], 4) and first._positions.owned
+    kept = [entry["partitions"] for entry in logs
+            if entry["event"] == "partitions kept through the rebalance"]
+    assert kept == [sorted(first._positions.owned)]

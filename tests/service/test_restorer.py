@@ -24,7 +24,7 @@ from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients
 from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
-from monitor.service.restorer import CatchUpWatch, Restorer, SplitAssignment
+from monitor.service.restorer import CatchUpWatch, Restorer, SplitAssignment, staying
 from monitor.service.settings import ServiceSettings
 from monitor.snapshot import Control, Offsets, Snapshots
 from tests.support.clock import Clock
@@ -296,3 +296,22 @@ def test_a_catch_ups_end_leaves_the_gauge_of_a_partition_the_loop_holds_stalled(
     catching_up.observe({FILLS_3: 40, PRICES_0: 500}, 25, waiting)
     catching_up.clear(keep={PRICES_0})  # stopped while the loop also has prices/0 stalled
     assert (stalled_gauge(metrics, FILLS_3), stalled_gauge(metrics, PRICES_0)) == (None, 1)
+
+
+# -- partitions kept in memory through a rebalance --------------------------------------------
+
+def test_partitions_the_next_generation_gives_back_stay_where_they_were() -> None:
+    assert staying({0, 1, 2}, revoked_in=7, assigned_in=8, assigned={0, 2, 3}) == [0, 2]
+
+
+def test_kept_partitions_are_restored_afresh_after_a_generation_without_this_instance() -> None:
+    # generation 8 went by without it: another instance may have processed them then
+    assert staying({0, 1, 2}, revoked_in=7, assigned_in=9, assigned={0, 1, 2}) == []
+
+
+def test_kept_partitions_are_restored_afresh_once_the_group_expelled_this_instance() -> None:
+    assert staying({0, 1}, revoked_in=-1, assigned_in=0, assigned={0, 1}) == []
+
+
+def test_the_embedded_brokers_first_generation_zero_counts_as_a_generation() -> None:
+    assert staying({0, 1}, revoked_in=0, assigned_in=1, assigned={0}) == [0]
