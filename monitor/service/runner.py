@@ -375,13 +375,13 @@ class Monitor:
         self._assignment_changed.set()
 
     async def _restore_assignments(self) -> None:
-        """Restore each assignment the group hands out (the latest, if several came while a
+        """Take each assignment the group hands out (the latest, if several came while a
         restore was under way); a failure stops the monitor."""
         while True:
             await self._assignment_changed.wait()
             self._assignment_changed.clear()
             try:
-                await self.on_assigned(self._assignment)
+                await self._take_assignment()
             except Exception as exc:
                 self.fail(exc)
                 return
@@ -394,16 +394,17 @@ class Monitor:
             return "the group is rebalancing again"
         return None
 
-    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        if self._stopping.is_set():
-            return  # stopping: take nothing new (no restore, no catch-up, no event)
+    async def _take_assignment(self) -> None:
+        """Settle the partitions kept through the rebalance, then restore those the group's
+        latest assignment gains, all under the loop's lock: no revocation can come between
+        (it needs the lock), so the assignment read here is the one in force."""
         async with self._lock:
+            if self._why_abandon() is not None:  # stopping, or another rebalance began
+                return  # take nothing new (no restore, no catch-up, no event)
+            assigned = self._assignment
             await self._settle_kept(assigned)
-        gained = self._restorer.gained(assigned)
-        if not gained and self._restored.is_set():
-            return
-        async with self._lock:
-            if self._why_abandon() is not None:  # while waiting for the lock
+            gained = self._restorer.gained(assigned)
+            if not gained and self._restored.is_set():
                 return
             await self._checkpointer.finish()
             started = time.monotonic()

@@ -145,7 +145,7 @@ def test_a_restore_under_way_is_reported_with_its_progress(risk) -> None:
     assert monitor.not_ready_because().startswith("loading the engine's compiled kernels")
     monitor._warming_up = False  # what run() sets once they are loaded
     assert monitor.not_ready_because() == "connecting to kafka"
-    monitor._restoring = True  # what on_assigned sets while it reads the changelog
+    monitor._restoring = True  # what _take_assignment sets while it reads the changelog
     assert monitor.not_ready_because() == "restoring state"
     monitor._restore_progress(RestoreProgress(records=412_000, expected=1_000_000,
                                               accounts=380_112))
