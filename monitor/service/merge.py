@@ -160,6 +160,12 @@ class TimestampMerge:
         self.proven.pop(tp, None)
         self.fetched_to[tp] = offset
         self._progressed(tp)
+        self._blocked_since = None  # a partition positioned anew gets the whole max_wait
+
+    def restart_wait(self) -> None:
+        """The caller took nothing for a while (the loop held still through a rebalance), so
+        no probe was asked for: ``max_wait`` counts again from now."""
+        self._blocked_since = None
 
     def drop(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:

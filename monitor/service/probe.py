@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
@@ -44,7 +44,7 @@ class WatermarkProber:
         self.wanted = asyncio.Event()
         self.answered = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._sent: dict[TopicPartition, float] = {}  # newest probe out or answered (ms)
+        self._sent: dict[TopicPartition, float] = {}  # newest probe still out (ms)
         self._failure: BaseException | None = None  # raised by a probe task
 
     async def run(self) -> None:
@@ -122,11 +122,16 @@ class WatermarkProber:
         else:
             self._merge.probed(sent_at_ms, ends)
             self.answered.set()
+            # answered: what it proves is the merge's to keep (a seek makes it forget)
+            self._forget_sent(ends, sent_at_ms)
         if len(ends) < len(tps):  # failed, or the broker left some out: ask again, later
             await asyncio.sleep(PROBE_RETRY)
-            for tp in tps:
-                if tp not in ends and self._sent.get(tp) == sent_at_ms:
-                    del self._sent[tp]
+            self._forget_sent([tp for tp in tps if tp not in ends], sent_at_ms)
+
+    def _forget_sent(self, tps: Iterable[TopicPartition], sent_at_ms: float) -> None:
+        for tp in tps:
+            if self._sent.get(tp) == sent_at_ms:
+                del self._sent[tp]
 
 
 class BrokerWatch:

@@ -475,7 +475,9 @@ class Monitor:
         them then); any other is handed over: its accounts are dropped. Then the loop goes
         on."""
         kept, self._kept = self._kept, {}
-        self._held = False
+        if self._held:
+            self._held = False
+            self._positions.merge.restart_wait()
         if not kept:
             return
         assert self._accounts is not None

@@ -128,6 +128,32 @@ def test_holding_back_is_bounded_by_max_wait_and_counted() -> None:
     assert m.forced == 2
 
 
+def test_a_partition_sought_anew_gets_the_whole_max_wait_before_records_pass_it() -> None:
+    """The loop may stand still for a while with the head held back (a restore, a rebalance);
+    a partition positioned meanwhile has not been probed yet and must get its chance."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS]) == []  # held back for fills from clock 0
+    clock.now = 3.0  # the loop stood still; fills is positioned again (kept, resumed)
+    m.seek(FILLS, 40)
+    assert m.take(100, [PRICES, FILLS]) == [] and m.forced == 0
+    clock.now = 3.5
+    assert [r.offset for _, r in m.take(100, [PRICES, FILLS])] == [0] and m.forced == 1
+
+
+def test_the_wait_restarts_when_the_loop_has_held_still() -> None:
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS]) == []
+    clock.now = 3.0  # a rebalance: the loop took nothing, so no probe was asked for
+    m.restart_wait()
+    assert m.take(100, [PRICES, FILLS]) == [] and m.forced == 0
+    clock.now = 3.5
+    assert [r.offset for _, r in m.take(100, [PRICES, FILLS])] == [0] and m.forced == 1
+
+
 def test_a_forced_release_names_the_partition_it_did_not_wait_for_any_longer() -> None:
     m = merge(max_wait=0)
     m.add(PRICES, [Rec(0, 5)], NOW)

@@ -135,6 +135,27 @@ async def test_poke_sends_the_probe_from_the_callers_step(broker) -> None:
         await consumer.stop()
 
 
+async def test_a_partition_sought_after_its_probe_was_answered_is_probed_again(broker) -> None:
+    """A seek (a partition restored or kept through a rebalance) makes the merge forget what
+    a probe proved of it; the prober must not count that answer still, or the record held
+    back waits for --merge-wait and goes out unproven."""
+    settings, merge, (first, second), consumer = await probing(broker)
+    merge.max_wait = 60.0
+    prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())  # not run
+    try:
+        merge.add(first, [Rec(0, int(time.time() * 1000))])
+        assert merge.take(10, [first, second]) == []
+        assert prober.poke()
+        await until(lambda: not prober._in_flight)  # answered: the second holds nothing
+        merge.seek(second, 0)  # e.g. kept through a rebalance and resumed
+        assert merge.take(10, [first, second]) == []
+        assert prober.poke()  # asked again
+        await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [first])
+        assert merge.forced == 0
+    finally:
+        await consumer.stop()
+
+
 async def test_poke_leaves_a_probe_due_later_to_the_prober_task(broker) -> None:
     settings, merge, (first, second), consumer = await probing(broker)
     asked_at: list[float] = []
