@@ -112,12 +112,11 @@ class Monitor:
         self._last_tick_wall: dict[str, float] = {}
         self._checkpointer = Checkpointer(self.engine, self._positions, settings,
                                           self.metrics, self.fingerprint)
-        # The group's latest assignment, restored by a task of its own (`assignment_changed`);
-        # set when a rebalance begins, so that a restore under way gives up at once.
+        # The group's latest assignment, taken by a task of its own (`assignment_changed`).
         self._assignment: set[TopicPartition] = set()
         self._assignment_changed = asyncio.Event()
         self._assigned_generation = -1  # the group generation of that assignment
-        self._rebalancing = False
+        self._rebalancing = False  # from a revocation to the next assignment: restores give up
         # Partitions revoked by the group's last rebalance, checkpointed and still in memory
         # (the next offset of their fills and ledger): if the next generation gives them back
         # they go on from there instead of being restored. Nothing is applied meanwhile.
