@@ -48,6 +48,8 @@ EXPECTED_METRICS = {
     "liqmon_checkpoint_duration_seconds",
     "liqmon_last_checkpoint_timestamp_seconds",
     "liqmon_checkpoint_age_seconds",
+    "liqmon_restore_duration_seconds",
+    "liqmon_rebalance_partitions_total",
     "liqmon_ready",
     "liqmon_accounts",
     "liqmon_positions",

@@ -33,6 +33,7 @@ disable_created_metrics()
 # Milliseconds matter: the SPEC's target is p99 ≤ 10 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 CHECKPOINT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RESTORE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # ~4 s a million
 
 
 class Metrics:
@@ -81,6 +82,16 @@ class Metrics:
             "liqmon_input_stalled", "1 while an input partition is stalled: the broker reports "
             "records in it that no fetch has returned for --stall-timeout; the others go on "
             "without it.", ["topic", "partition"], registry=r)
+        self.rebalance_partitions = Counter(
+            "liqmon_rebalance_partitions", "Account partitions at rebalances, by outcome: "
+            "restored from the changelog, kept in memory (given back by the next generation), "
+            "handed over to another instance.", ["outcome"], registry=r)
+        for outcome in ("restored", "kept", "handed_over"):
+            self.rebalance_partitions.labels(outcome)
+        self.restore_duration = Histogram(
+            "liqmon_restore_duration_seconds", "Time to restore the partitions an assignment "
+            "gains (changelog read, install, catch-up), during which /readyz is 503.",
+            buckets=RESTORE_BUCKETS, registry=r)
         self.checkpoint_duration = Histogram(
             "liqmon_checkpoint_duration_seconds", "Time to write one checkpoint.",
             buckets=CHECKPOINT_BUCKETS, registry=r)

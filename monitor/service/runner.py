@@ -427,6 +427,8 @@ class Monitor:
                 self._update_ready()
             self._restored.set()
             self.restore_seconds = time.monotonic() - started
+            self.metrics.restore_duration.observe(self.restore_seconds)
+            self.metrics.rebalance_partitions.labels("restored").inc(len(gained))
             prices = self.settings.topics.prices
             await self._report_lag([tp for tp in self._positions.processed
                                     if tp.partition in gained or tp.topic == prices])
@@ -497,6 +499,7 @@ class Monitor:
                 self._positions.seek(tp, offset)
             self._positions.owned.add(partition)
         if stayed:
+            self.metrics.rebalance_partitions.labels("kept").inc(len(stayed))
             self.log.info("partitions kept through the rebalance", partitions=stayed)
             await self._report_lag([tp for partition in stayed for tp in kept[partition]])
 
@@ -506,6 +509,7 @@ class Monitor:
         dropped = self.engine.drop_partition(partition)
         self._release([TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)])
         self._positions.owned.discard(partition)
+        self.metrics.rebalance_partitions.labels("handed_over").inc()
         self.log.info("partition handed over", partition=partition, accounts=dropped)
 
     def _release(self, tps: list[TopicPartition]) -> None:

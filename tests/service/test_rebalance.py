@@ -146,3 +146,13 @@ async def test_partitions_an_instance_keeps_through_a_rebalance_are_not_restored
     kept = [entry["partitions"] for entry in logs
             if entry["event"] == "partitions kept through the rebalance"]
     assert kept == [sorted(first._positions.owned)]
+    kept_here = len(first._positions.owned)
+    assert outcomes(first) == {"restored": 4, "kept": kept_here, "handed_over": 4 - kept_here}
+    assert outcomes(second) == {"restored": 4 - kept_here, "kept": 0, "handed_over": 0}
+
+
+def outcomes(instance: Monitor) -> dict[str, float | None]:
+    """liqmon_rebalance_partitions_total of an instance, by outcome."""
+    return {outcome: instance.metrics.registry.get_sample_value(
+        "liqmon_rebalance_partitions_total", {"outcome": outcome})
+        for outcome in ("restored", "kept", "handed_over")}
