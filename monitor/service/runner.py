@@ -821,6 +821,11 @@ class Monitor:
         the demo and bench)."""
         return dict(self._positions.delivered)
 
+    def applied_offsets(self) -> dict[TopicPartition, int]:
+        """Next offset per input partition to apply: ahead of `processed_offsets` by what
+        awaits acknowledgement (for the bench)."""
+        return dict(self._positions.processed)
+
     def _live_figures(self) -> LiveFigures:
         engine = self.engine
         return LiveFigures(
