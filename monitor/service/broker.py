@@ -31,6 +31,10 @@ def broker_binary() -> str:
         raise BrokerUnavailable(str(exc)) from exc
 
 
+PORT_ATTEMPTS = 5
+TCP_LISTEN = "0A"  # the socket state /proc/net/tcp writes for a listening socket
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -43,16 +47,34 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on 127.0.0.1:``port``. Where /proc
+    cannot tell (not Linux), whether anything listens there."""
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return _port_open(port)
+    held = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed since listed
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    listening = f"0100007F:{port:04X}"  # 127.0.0.1, little-endian hex as /proc writes it
+    return any(f"socket:[{fields[9]}]" in held for fields in map(str.split, table)
+               if fields[1] == listening and fields[3] == TCP_LISTEN)
+
+
 class EmbeddedBroker:
     """Start/stop a Tansu broker on 127.0.0.1:port. Use as a context manager."""
 
     def __init__(self, port: int | None = None, log_path: Path | None = None,
                  advertised_port: int | None = None) -> None:
+        self._port_ours = port is None
         self.port = port or free_port()
         self.log_path = log_path
         # Where metadata sends clients: another port when a proxy (TLS, in tests) stands in
         # front of the broker, which clients must then reach only through it.
-        self.advertised_port = advertised_port or self.port
+        self.advertised_port = advertised_port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,10 +82,22 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        # A port we picked ourselves may be taken before the broker binds it (another broker
+        # started meanwhile, by a parallel test run say): then pick another. A port given to us
+        # is the caller's to fix.
+        for _ in range(PORT_ATTEMPTS if self._port_ours else 1):
+            if self._launch(timeout):
+                return self
+            if self._port_ours:
+                self.port = free_port()
+        raise BrokerUnavailable(f"port {self.port} is already in use")
+
+    def _launch(self, timeout: float) -> bool:
+        """Start the broker; False when another process holds the port."""
         if _port_open(self.port):
-            raise BrokerUnavailable(f"port {self.port} is already in use")
+            return False
         url = f"tcp://127.0.0.1:{self.port}"
-        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port or self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
@@ -78,8 +112,12 @@ class EmbeddedBroker:
             if not isinstance(log, int):  # a file of ours, not subprocess.DEVNULL
                 log.close()
         deadline = time.monotonic() + timeout
-        while not _port_open(self.port):
+        # Listening on the port is not enough: another process may have bound it first, and
+        # the broker then exits (status 0) while the port answers for someone else.
+        while not _listens(self.process.pid, self.port):
             if self.process.poll() is not None:
+                if _port_open(self.port):
+                    return False
                 raise BrokerUnavailable(
                     f"the embedded broker exited with status {self.process.returncode}"
                 )
@@ -87,7 +125,7 @@ class EmbeddedBroker:
                 self.stop()
                 raise BrokerUnavailable(f"the embedded broker did not listen within {timeout}s")
             time.sleep(0.02)
-        return self
+        return True
 
     def pause(self) -> None:
         """SIGSTOP: the broker holds its connections but answers nothing (tests of broker loss)."""
