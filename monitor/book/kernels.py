@@ -334,12 +334,15 @@ def _safe_eps(state, evaluable, equity, mm, scale, ae, be, am, bm, has_pos, thre
 
 @_jit
 def evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
-                 sym_px, floats, ints):
+                 sym_px, tables):
     """One row: (evaluable, ratio, next state, eps for that state, how many watched symbol
     ids), the ids written to the start of ``watched`` (room for every symbol: returning an
-    array would cost more than the valuation); see `evaluate_rows` and `watched_symbols`."""
+    array would cost more than the valuation); see `evaluate_rows` and `watched_symbols`.
+    ``tables``: `_unpack`'s views, made once per compiled call (each view costs a reference
+    count taken and given back, ~15 ns: unpacked per record, they cost more than the
+    valuation)."""
     (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
-     t_cum, thresholds) = _unpack(floats, ints)
+     t_cum, thresholds) = tables
     ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
         row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
         a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
@@ -357,12 +360,22 @@ def fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched,
     """`_apply_fill`, then `evaluate_and_file` of the row: one compiled call per fill.
     Returns evaluate_and_file's six figures, then whether ``spare`` was used and the slot
     freed or -1."""
-    na, i_cs, i_settle = _fill_tables(floats, ints)
+    return _fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched, bal,
+                              isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px,
+                              _unpack(floats, ints), _fill_tables(floats, ints), aid, bounds,
+                              ids, meta, edges)
+
+
+@_jit
+def _fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched, bal,
+                       isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, tables,
+                       fill_tables, aid, bounds, ids, meta, edges):
+    na, i_cs, i_settle = fill_tables
     used, freed = _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first,
                               p_next, p_acct, p_instr, p_qty, p_entry, i_cs, i_settle)
-    ok, r, new, eps, n, filed = evaluate_and_file(
+    ok, r, new, eps, n, filed = _evaluate_and_file(
         row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry, sym_px,
-        floats, ints, aid, bounds, ids, meta, edges)
+        tables, aid, bounds, ids, meta, edges)
     return ok, r, new, eps, n, filed, used, freed
 
 
@@ -383,20 +396,21 @@ def account_run(table, start, end, spare, state, watched, bal, isolated, first, 
     blank). Returns the index it stopped at (``end`` if none) and that record's eight figures
     (a balance change uses no slot and frees none)."""
     na = ints[0]
+    tables, fill_tables = _unpack(floats, ints), _fill_tables(floats, ints)
     for k in range(start, end):
         row = np.int64(table[1, k])
         code = np.int64(table[2, k])
         if table[0, k] == FILL:
-            ok, r, new, eps, n, filed, used, freed = fill_and_evaluate(
+            ok, r, new, eps, n, filed, used, freed = _fill_and_evaluate(
                 row, code, table[3, k], table[4, k], table[5, k], spare, state, watched, bal,
-                isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats,
-                ints, aid, bounds, ids, meta, edges)
+                isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, tables,
+                fill_tables, aid, bounds, ids, meta, edges)
         else:
             at = row * na + code
             bal[at] = bal[at] + table[3, k]
-            ok, r, new, eps, n, filed = evaluate_and_file(
+            ok, r, new, eps, n, filed = _evaluate_and_file(
                 row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
-                sym_px, floats, ints, aid, bounds, ids, meta, edges)
+                sym_px, tables, aid, bounds, ids, meta, edges)
             used, freed = False, -1
         if (used or freed >= 0 or not filed or not ok or new != state[row]
                 or (first[row] < 0 and _no_balance(bal, row, na))):
@@ -417,8 +431,16 @@ def evaluate_and_file(row, state, watched, bal, isolated, first, p_next, p_instr
                       p_entry, sym_px, floats, ints, aid, bounds, ids, meta, edges):
     """`evaluate_row`, then `file_bands` with the eps it found: evaluate_row's five figures
     and whether the bands were filed."""
+    return _evaluate_and_file(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
+                              p_entry, sym_px, _unpack(floats, ints), aid, bounds, ids, meta,
+                              edges)
+
+
+@_jit
+def _evaluate_and_file(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
+                       p_entry, sym_px, tables, aid, bounds, ids, meta, edges):
     ok, r, new, eps, n = evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr,
-                                      p_qty, p_entry, sym_px, floats, ints)
+                                      p_qty, p_entry, sym_px, tables)
     filed = file_bands(row, eps, watched[:n], aid, sym_px, bounds, ids, meta, edges)
     return ok, r, new, eps, n, filed
 
