@@ -111,6 +111,21 @@ def test_a_tick_takes_exactly_the_current_bands_it_touches_or_leaves(program,
             assert sorted(bands[s].live_rows(aid).tolist()) == sorted(current[s])
 
 
+@given(st.lists(st.integers(0, 4_999), max_size=400), st.sampled_from([5_000, 100_000]))
+@settings(max_examples=60, deadline=None)
+def test_the_rows_a_tick_takes_come_sorted_and_once_each(rows: list[int], n_rows: int) -> None:
+    # a book of 5,000 rows reads nearly every draw back from a bitset; of 100,000, the
+    # shorter draws (under ~100 rows) are sorted instead
+    taken = kernels._sorted_unique(np.array(rows, np.int64), n_rows)
+    assert taken.tolist() == sorted(set(rows))
+
+
+def test_a_bitset_of_rows_reads_back_across_its_word_boundaries() -> None:
+    rows = np.array([4_999, 0, 63, 64, 127, 128, 63, 0, 4_096, 4_095], np.int64)
+    assert kernels._sorted_unique(rows, 5_000).tolist() == [
+        0, 63, 64, 127, 128, 4_095, 4_096, 4_999]
+
+
 def test_the_kernel_files_nothing_when_a_segment_is_full_or_due() -> None:
     pending, _ = index(2)
     aid = np.zeros(4, np.uint32)

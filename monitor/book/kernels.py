@@ -33,6 +33,7 @@ import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import intrinsic
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from monitor.book.tables import CAP, CAP1, SAFETY, TOL
 from monitor.margin import DUST
@@ -936,10 +937,19 @@ def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids
 
 @_jit
 def _sorted_unique(rows, n_rows):
-    """Sorted distinct rows: a sort for few, one pass over a bitmap of every row for many."""
-    if rows.shape[0] * 32 < n_rows:
+    """Sorted distinct rows: a sort for few; for many, one bit per row of the book set, then
+    read back a word at a time (64 rows per step, and only the set bits of a word visited)."""
+    if rows.shape[0] * 1024 < n_rows:  # measured: the sort wins below ~800 of 1,000,000 rows
         return np.unique(rows)
-    seen = np.zeros(n_rows, np.bool_)
+    words = np.zeros((n_rows + 63) >> 6, np.uint64)
     for r in rows:
-        seen[r] = True
-    return np.flatnonzero(seen)
+        words[r >> 6] |= np.uint64(1) << np.uint64(r & 63)
+    out = np.empty(rows.shape[0], np.int64)
+    n = 0
+    for w in range(words.shape[0]):
+        word = words[w]
+        while word:
+            out[n] = (w << 6) + trailing_zeros(word)
+            n += 1
+            word &= word - np.uint64(1)  # clear the lowest set bit
+    return out[:n]
