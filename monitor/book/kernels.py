@@ -549,6 +549,12 @@ def _evaluate_span(rows, start, stop, decide, state, bal, isolated, na, first, p
     ``watch`` from ``at``. Stops before a row for which ``watch`` may lack room (one slot per
     symbol); returns (the next row's index, the next free slot)."""
     n_symbols = sym_px.shape[0]
+    # The rows the loop below reaches before its own prefetches do (all of them, for the few
+    # accounts a typical tick re-values): asked for at once.
+    for k in range(start, min(stop, start + PREFETCH_ROWS)):
+        _prefetch_account(rows[k], first, bal, na, state, isolated)
+    for k in range(start, min(stop, start + PREFETCH_ROWS // 2)):
+        _prefetch_positions(first[rows[k]], p_instr, p_qty, p_entry, p_next)
     for k in range(start, stop):
         if at + n_symbols > watch.shape[0]:
             return k, at
