@@ -55,13 +55,16 @@ def _listens(pid: int, port: int) -> bool:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return _port_open(port)
+    with contextlib.suppress(OSError):  # a dual-stack socket is listed here, as ::ffff:127.0.0.1
+        table += Path("/proc/net/tcp6").read_text().splitlines()[1:]
     held = set()
     for fd in fds:
         with contextlib.suppress(OSError):  # closed since listed
             held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-    listening = f"0100007F:{port:04X}"  # 127.0.0.1, little-endian hex as /proc writes it
+    # 127.0.0.1 in the little-endian hex /proc writes, plain and IPv4-mapped
+    listening = {f"0100007F:{port:04X}", f"0000000000000000FFFF00000100007F:{port:04X}"}
     return any(f"socket:[{fields[9]}]" in held for fields in map(str.split, table)
-               if fields[1] == listening and fields[3] == TCP_LISTEN)
+               if fields[1] in listening and fields[3] == TCP_LISTEN)
 
 
 class EmbeddedBroker:

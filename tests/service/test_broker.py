@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 
@@ -48,3 +49,16 @@ def test_another_process_listening_is_not_taken_for_the_broker(taken_port) -> No
     with EmbeddedBroker() as running:
         assert running.process is not None
         assert not embedded._listens(running.process.pid, taken_port)
+
+
+def test_a_broker_listening_on_a_dual_stack_socket_is_recognised() -> None:
+    # a Tansu that bound ::ffff:127.0.0.1 would be listed in /proc/net/tcp6, not tcp
+    try:
+        listener = socket.socket(socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    with listener:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(("::ffff:127.0.0.1", 0))
+        listener.listen()
+        assert embedded._listens(os.getpid(), listener.getsockname()[1])
