@@ -370,15 +370,17 @@ async def service_worker(spec: dict[str, Any]) -> None:
     # acknowledged behind the loop, seconds behind for an engine this slow), over the time
     # until then.
     applied_in_budget: int | None = None
+
+    def backlog_reached(offsets: dict[TopicPartition, int]) -> int:
+        return sum(min(offsets.get(tp, 0), end) for tp, end in ends.items())
+
     while True:
-        offsets = monitor.processed_offsets()
-        done = sum(min(offsets.get(tp, 0), end) for tp, end in ends.items())
+        done = backlog_reached(monitor.processed_offsets())
         now = time.perf_counter()
         if done >= total or (applied_in_budget is not None and done >= applied_in_budget):
             break
         if budget and applied_in_budget is None and now - started > budget:
-            applied = monitor.applied_offsets()
-            applied_in_budget = sum(min(applied.get(tp, 0), end) for tp, end in ends.items())
+            applied_in_budget = backlog_reached(monitor.applied_offsets())
         if budget and now - started > 4 * budget:
             break  # delivery stuck: report what was delivered
         if task.done():
