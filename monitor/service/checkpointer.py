@@ -60,10 +60,12 @@ class KafkaSink:
     """The service's `CheckpointSink`: the pipeline of events, the producer behind it (acks=all,
     retried), and the group consumer's committed offsets."""
 
-    def __init__(self, pipeline: Pipeline, group: AIOKafkaConsumer, log: BoundLogger) -> None:
+    def __init__(self, pipeline: Pipeline, group: AIOKafkaConsumer, log: BoundLogger,
+                 commit_timeout: float) -> None:
         self._pipeline = pipeline
         self._group = group
         self.log = log
+        self._commit_timeout = commit_timeout
 
     async def deliver(self, messages: Sequence[Outgoing]) -> None:
         await self._pipeline.delivery.deliver(messages)
@@ -84,9 +86,12 @@ class KafkaSink:
         offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
         if not offsets:
             return
+        # aiokafka retries a retriable error (a request timed out, the coordinator moved)
+        # without end, and every checkpoint, the final one included, commits under the loop's
+        # lock: a commit the broker does not answer must not hold the loop, or a stop, there.
         try:
-            await self._group.commit(offsets)
-        except KafkaError as exc:  # broker away or a rebalance under way: the next one retries
+            await asyncio.wait_for(self._group.commit(offsets), self._commit_timeout)
+        except (KafkaError, TimeoutError) as exc:  # the next checkpoint commits again
             self.log.warning("offset commit failed, will retry", error=repr(exc))
 
 

@@ -330,7 +330,8 @@ class Monitor:
         self._prober = WatermarkProber(self._positions.merge, self._probe, s, self.log)
         self._accounts = self.clients.group_consumer()
         await self._accounts.start()
-        self._sink = KafkaSink(self._pipeline, self._accounts, self.log)
+        self._sink = KafkaSink(self._pipeline, self._accounts, self.log,
+                               commit_timeout=s.request_timeout_ms / 1000)
         self._restoring_task = asyncio.create_task(self._restore_assignments())
         self._accounts.subscribe([s.topics.fills, s.topics.ledger],
                                  listener=_Rebalance(self))

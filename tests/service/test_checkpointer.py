@@ -7,26 +7,29 @@ came from: alice and carol to partition 0, bob to partition 1.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from aiokafka import TopicPartition
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import LedgerEntry
-from monitor.service.checkpointer import CHECKPOINT_CHUNK, Checkpointer
-from monitor.service.delivery import DeliveryFailed
+from monitor.service.checkpointer import CHECKPOINT_CHUNK, Checkpointer, KafkaSink
+from monitor.service.delivery import DeliveryFailed, Pipeline
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
 from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
 from monitor.snapshot import KIND_HEADER, decode_control, decode_layout, decode_snapshots
+from tests.service.test_log_reader import topic_with
 from tests.support.risk import RISK
 
 SETTINGS = ServiceSettings(config_path=Path("risk.toml"), checkpoint_records=100,
@@ -358,3 +361,26 @@ def test_changes_of_a_catch_up_are_written_by_the_next_checkpoint_of_their_parti
     checkpointer, engine = make()
     checkpointer.include({"dave"}, 1)
     assert (checkpointer.touched, engine.take_dirty()) == ({"dave": 1}, {"dave"})
+
+
+async def test_an_offset_commit_the_broker_does_not_answer_is_given_up_with_a_warning(
+        own_broker) -> None:
+    # aiokafka would retry it without end, holding the checkpoint (and a stop) behind it
+    topic = await topic_with(own_broker.bootstrap, {0: [[b"a"], [b"b"]]})
+    tp = TopicPartition(topic, 0)
+    group = AIOKafkaConsumer(bootstrap_servers=own_broker.bootstrap, group_id="commits",
+                             enable_auto_commit=False, request_timeout_ms=200,
+                             retry_backoff_ms=50)
+    await group.start()
+    group.assign([tp])
+    no_pipeline = cast(Pipeline, None)  # a commit does not deliver
+    sink = KafkaSink(no_pipeline, group, structlog.get_logger(), commit_timeout=1.0)
+    try:
+        await sink.commit({tp: 1})  # answered
+        own_broker.pause()
+        with structlog.testing.capture_logs() as logs:
+            await asyncio.wait_for(sink.commit({tp: 2}), timeout=10)
+    finally:
+        own_broker.resume()
+        await group.stop()
+    assert [entry["event"] for entry in logs] == ["offset commit failed, will retry"]
