@@ -32,6 +32,7 @@ from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
 from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
+from monitor.service.tasks import cancel_and_wait
 from monitor.snapshot import Offsets
 
 CHECKPOINT_CHUNK = 256  # snapshots encoded between two turns of the loop
@@ -168,8 +169,7 @@ class Checkpointer:
         """Cancel the checkpoint being written (cut short by a failure or the shutdown
         timeout)."""
         if self._writing is not None:
-            self._writing.cancel()
-            await asyncio.gather(self._writing, return_exceptions=True)
+            await cancel_and_wait(self._writing)
 
     # -- what, in which order ---------------------------------------------------------------------
 

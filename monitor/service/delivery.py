@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from structlog.stdlib import BoundLogger
 from monitor.errors import LiqmonError
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
+from monitor.service.tasks import cancel_and_wait
 
 MAX_BACKOFF = 5.0
 SEND_ALONE_BYTES = 64 * 1024  # a checkpoint message larger than this is not batched
@@ -255,9 +255,7 @@ class Pipeline:
 
     async def close(self) -> None:
         if self._settler is not None:
-            self._settler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._settler
+            await cancel_and_wait(self._settler)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -15,6 +15,7 @@ from structlog.stdlib import BoundLogger
 from monitor.service.merge import NEVER, TimestampMerge
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
+from monitor.service.tasks import cancel_and_wait
 from monitor.service.topics import TopicMissing, output_topics
 
 PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
@@ -68,9 +69,7 @@ class WatermarkProber:
                     await asyncio.sleep(min(early, self.settings.max_idle))
                 self._send()
         finally:
-            for task in list(self._in_flight):
-                task.cancel()
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            await cancel_and_wait(*self._in_flight)
 
     def poke(self) -> bool:
         """Send the probe the merge needs, if it may go out now, from the caller's step (the

@@ -53,6 +53,7 @@ from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
 from monitor.service.restorer import RestoreAbandoned, Restorer, staying
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
+from monitor.service.tasks import cancel_and_wait
 from monitor.service.topics import ensure_topics
 from monitor.state import EVENT_TYPES, AccountState
 
@@ -198,8 +199,9 @@ class Monitor:
                     await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
                 finally:
                     self._closing = True  # the final checkpoint is written (or abandoned)
-                    watchdog.cancel()
-                    await asyncio.gather(watchdog, return_exceptions=True)
+                    if await cancel_and_wait(watchdog, within=CLOSE_TIMEOUT):
+                        self.log.warning("broker watch abandoned: not ended in time",
+                                         seconds=CLOSE_TIMEOUT)
         finally:
             self._consuming = False
             self._update_ready()
@@ -219,9 +221,8 @@ class Monitor:
         finally:
             stopping.cancel()
             if not work.done():  # out of time (or this task itself was cancelled)
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-        if work.cancelled():
+                await cancel_and_wait(work, within=CLOSE_TIMEOUT)
+        if not work.done() or work.cancelled():
             pending = 0 if self._pipeline is None else self._pipeline.in_flight
             raise DeliveryAbandoned(
                 f"the stop did not finish within {self.settings.shutdown_timeout}s "
@@ -341,9 +342,9 @@ class Monitor:
         unreachable broker a consumer leaving its group or a producer flushing would wait
         for as long as the broker stays away."""
         self._closing = True
-        if self._restoring_task is not None:
-            self._restoring_task.cancel()
-            await asyncio.gather(self._restoring_task, return_exceptions=True)
+        if self._restoring_task is not None and await cancel_and_wait(
+                self._restoring_task, within=CLOSE_TIMEOUT):
+            self.log.warning("restore abandoned: not ended in time", seconds=CLOSE_TIMEOUT)
         await self._checkpointer.abandon()  # cut short by a failure or the shutdown timeout
         if self._pipeline is not None:
             await self._pipeline.close()
@@ -590,10 +591,7 @@ class Monitor:
                 if positions.merge.to_probe():
                     prober.wanted.set()
         finally:
-            for task in (*fetches.values(), stopping, woken, probing):
-                task.cancel()
-            await asyncio.gather(*fetches.values(), stopping, woken, probing,
-                                 return_exceptions=True)
+            await cancel_and_wait(*fetches.values(), stopping, woken, probing)
         async with self._lock:  # finish: what was applied is delivered; checkpoint it
             await self._checkpointer.finish()
             await self._checkpoint(positions.owned)

@@ -1,0 +1,39 @@
+"""Ending the service's own background tasks, for sure.
+
+A cancellation can be lost on Python 3.11: `asyncio.wait_for` returns the awaited result,
+instead of raising, when that result arrives in the same step as the cancellation of the
+task awaiting it. A task that loops around such a call (the broker watch, the watermark
+prober, aiokafka's own requests) then goes on for ever, and whoever awaited it after
+cancelling it waits for ever too: a stop that never finished. So a cancellation is asked
+again, a moment later, for as long as the task runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+RECANCEL_AFTER = 0.5  # seconds a cancelled task has to end before it is cancelled again
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any], within: float | None = None
+                          ) -> set[asyncio.Future[Any]]:
+    """Cancel the tasks and wait for them to end, cancelling those still running again every
+    RECANCEL_AFTER seconds; give up after ``within`` seconds (None: never). Returns the tasks
+    still running then. What an ended task raised is read (and dropped), so that asyncio
+    does not log it as never retrieved."""
+    loop = asyncio.get_running_loop()
+    deadline = None if within is None else loop.time() + within
+    running = {task for task in tasks if not task.done()}
+    while running:
+        for task in running:
+            task.cancel()
+        wait = RECANCEL_AFTER if deadline is None else min(RECANCEL_AFTER,
+                                                           deadline - loop.time())
+        if wait <= 0:
+            break
+        _, running = await asyncio.wait(running, timeout=wait)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()
+    return running

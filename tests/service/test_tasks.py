@@ -1,0 +1,76 @@
+"""Ending background tasks for sure (monitor/service/tasks.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+from monitor.service.tasks import cancel_and_wait
+
+
+async def test_a_task_whose_wait_for_lost_the_cancellation_still_ends() -> None:
+    """The broker watch's shape: a loop around `asyncio.wait_for`. Cancelled in the step in
+    which the awaited future completes, Python 3.11's wait_for returns its result instead of
+    raising, and the loop goes on to its next lap: one cancel() left such a task running and
+    a stop waiting on it for ever. Asked again, it ends."""
+    answer = asyncio.get_running_loop().create_future()
+    laps = 0
+
+    async def watch() -> None:
+        nonlocal laps
+        while True:
+            await asyncio.wait_for(answer, timeout=5)
+            laps += 1
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(watch())
+    await asyncio.sleep(0)  # the task waits on the answer
+    answer.set_result(None)  # the answer arrives in the same step as the cancellation
+    assert await cancel_and_wait(task, within=10) == set()
+    assert task.cancelled()
+
+
+async def test_a_task_that_refuses_every_cancellation_is_given_up_after_the_bound() -> None:
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    assert await cancel_and_wait(task, within=1.2) == {task}
+    assert not task.done()
+    release.set()
+    await task
+
+
+async def test_what_an_ended_task_raised_is_read_not_logged_as_never_retrieved() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        async def fails() -> None:
+            raise ValueError("bad")
+
+        task: asyncio.Task[None] | None = asyncio.create_task(fails())
+        await asyncio.sleep(0)
+        assert task is not None and task.done()
+        assert await cancel_and_wait(task) == set()
+        task = None
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert reported == []
+
+
+async def test_tasks_already_ended_and_none_at_all_need_no_wait() -> None:
+    done = asyncio.create_task(asyncio.sleep(0))
+    await done
+    assert await cancel_and_wait(done) == set()
+    assert await cancel_and_wait() == set()
