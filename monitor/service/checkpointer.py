@@ -91,7 +91,8 @@ class KafkaSink:
         # without end, and every checkpoint, the final one included, commits under the loop's
         # lock: a commit the broker does not answer must not hold the loop, or a stop, there.
         try:
-            await asyncio.wait_for(self._group.commit(offsets), self._commit_timeout)
+            async with asyncio.timeout(self._commit_timeout):
+                await self._group.commit(offsets)
         except (KafkaError, TimeoutError) as exc:  # the next checkpoint commits again
             self.log.warning("offset commit failed, will retry", error=repr(exc))
 

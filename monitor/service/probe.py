@@ -161,8 +161,9 @@ class BrokerWatch:
             await asyncio.sleep(PROBE_INTERVAL)
             present: set[str] | None = None
             try:
-                cluster = await asyncio.wait_for(client.fetch_all_metadata(),
-                                                 timeout=PROBE_INTERVAL * 2)
+                # asyncio.timeout, not wait_for: see monitor/service/tasks.py
+                async with asyncio.timeout(PROBE_INTERVAL * 2):
+                    cluster = await client.fetch_all_metadata()
                 present, error = cluster.topics(), None
             except (KafkaError, TimeoutError, OSError) as exc:
                 error = exc

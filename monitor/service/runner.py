@@ -352,14 +352,16 @@ class Monitor:
                    if c is not None]
         closing = asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
         try:
-            await asyncio.wait_for(closing, timeout=CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await closing
         except TimeoutError:
             self.log.warning("kafka clients abandoned: not closed in time",
                              seconds=CLOSE_TIMEOUT)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
 
     # -- rebalance: restore what is gained, checkpoint what is lost ------------------------------
 

@@ -2,10 +2,11 @@
 
 A cancellation can be lost on Python 3.11: `asyncio.wait_for` returns the awaited result,
 instead of raising, when that result arrives in the same step as the cancellation of the
-task awaiting it. A task that loops around such a call (the broker watch, the watermark
-prober, aiokafka's own requests) then goes on for ever, and whoever awaited it after
-cancelling it waits for ever too: a stop that never finished. So a cancellation is asked
-again, a moment later, for as long as the task runs.
+task awaiting it. A task that loops around such a call then goes on for ever, and whoever
+awaited it after cancelling it waits for ever too: the broker watch did, and a stop never
+finished. The service's own code bounds its waits with `asyncio.timeout`, which keeps the
+cancellation; and, for any await it does not control, a cancellation is asked again, a
+moment later, for as long as the task runs.
 """
 
 from __future__ import annotations
