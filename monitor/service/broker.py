@@ -67,6 +67,17 @@ def _listens(pid: int, port: int) -> bool:
                if fields[1] in listening and fields[3] == TCP_LISTEN)
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every thread of the process is stopped by a signal (state T in /proc)."""
+    threads = Path(f"/proc/{pid}/task")
+    states = []
+    for thread in threads.iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            # the state follows the command name, which is in parentheses and may hold spaces
+            states.append((thread / "stat").read_text().rpartition(")")[2].split()[0])
+    return bool(states) and all(state == "T" for state in states)
+
+
 class EmbeddedBroker:
     """Start/stop a Tansu broker on 127.0.0.1:port. Use as a context manager."""
 
@@ -130,10 +141,17 @@ class EmbeddedBroker:
             time.sleep(0.02)
         return True
 
-    def pause(self) -> None:
-        """SIGSTOP: the broker holds its connections but answers nothing (tests of broker loss)."""
+    def pause(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: the broker holds its connections but answers nothing (tests of broker loss).
+        Returns once every thread of it has stopped: a thread busy on another core when the
+        signal came could otherwise still answer a request sent right after this call."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not _stopped(self.process.pid):
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"the embedded broker did not stop within {timeout}s")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         assert self.process is not None
