@@ -166,11 +166,11 @@ class Checkpointer:
             writing, self._writing = self._writing, None
             await writing
 
-    async def abandon(self) -> None:
+    async def abandon(self, within: float | None = None) -> None:
         """Cancel the checkpoint being written (cut short by a failure or the shutdown
-        timeout)."""
+        timeout); wait at most ``within`` seconds for it to end."""
         if self._writing is not None:
-            await cancel_and_wait(self._writing)
+            await cancel_and_wait(self._writing, within=within)
 
     # -- what, in which order ---------------------------------------------------------------------
 

@@ -253,9 +253,10 @@ class Pipeline:
         if self._error is None:
             self._error = exc
 
-    async def close(self) -> None:
+    async def close(self, within: float | None = None) -> None:
+        """Stop settling; wait at most ``within`` seconds for the settler to end."""
         if self._settler is not None:
-            await cancel_and_wait(self._settler)
+            await cancel_and_wait(self._settler, within=within)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

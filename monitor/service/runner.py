@@ -106,6 +106,7 @@ class Monitor:
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
+        self._close_deadline: float | None = None  # see _close_left
         self._fatal: BaseException | None = None
         self._restored = asyncio.Event()  # the first assignment has been restored
         self._closing = False
@@ -199,7 +200,7 @@ class Monitor:
                     await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
                 finally:
                     self._closing = True  # the final checkpoint is written (or abandoned)
-                    if await cancel_and_wait(watchdog, within=CLOSE_TIMEOUT):
+                    if await cancel_and_wait(watchdog, within=self._close_left()):
                         self.log.warning("broker watch abandoned: not ended in time",
                                          seconds=CLOSE_TIMEOUT)
         finally:
@@ -221,7 +222,7 @@ class Monitor:
         finally:
             stopping.cancel()
             if not work.done():  # out of time (or this task itself was cancelled)
-                await cancel_and_wait(work, within=CLOSE_TIMEOUT)
+                await cancel_and_wait(work, within=self._close_left())
         if not work.done() or work.cancelled():
             pending = 0 if self._pipeline is None else self._pipeline.in_flight
             raise DeliveryAbandoned(
@@ -338,25 +339,35 @@ class Monitor:
                                  listener=_Rebalance(self))
 
     async def _close(self) -> None:
-        """Close every client, together, for at most CLOSE_TIMEOUT seconds: against an
-        unreachable broker a consumer leaving its group or a producer flushing would wait
-        for as long as the broker stays away."""
+        """End the background tasks, then close every client, together, within what is left
+        of CLOSE_TIMEOUT (`_close_left`): against an unreachable broker a consumer leaving
+        its group or a producer flushing would wait for as long as the broker stays away."""
         self._closing = True
         if self._restoring_task is not None and await cancel_and_wait(
-                self._restoring_task, within=CLOSE_TIMEOUT):
+                self._restoring_task, within=self._close_left()):
             self.log.warning("restore abandoned: not ended in time", seconds=CLOSE_TIMEOUT)
-        await self._checkpointer.abandon()  # cut short by a failure or the shutdown timeout
+        # cut short by a failure or the shutdown timeout
+        await self._checkpointer.abandon(within=self._close_left())
         if self._pipeline is not None:
-            await self._pipeline.close()
+            await self._pipeline.close(within=self._close_left())
         clients = [c for c in (self._prices, self._accounts, self._probe, self._producer)
                    if c is not None]
         closing = asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
+            async with asyncio.timeout(self._close_left()):
                 await closing
         except TimeoutError:
             self.log.warning("kafka clients abandoned: not closed in time",
                              seconds=CLOSE_TIMEOUT)
+
+    def _close_left(self) -> float:
+        """Seconds left for closing: CLOSE_TIMEOUT in all, from its first step (ending the
+        loop cut short by --shutdown-timeout, the background tasks, then the clients), so that
+        a stop stays within ServiceSettings.shutdown_budget whichever step is slow."""
+        now = time.monotonic()
+        if self._close_deadline is None:
+            self._close_deadline = now + CLOSE_TIMEOUT
+        return max(0.0, self._close_deadline - now)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

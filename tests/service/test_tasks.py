@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from typing import Any
 
@@ -74,3 +75,40 @@ async def test_tasks_already_ended_and_none_at_all_need_no_wait() -> None:
     await done
     assert await cancel_and_wait(done) == set()
     assert await cancel_and_wait() == set()
+
+
+async def test_closing_steps_share_one_close_timeout(monkeypatch) -> None:
+    """A restore that will not end (it refuses cancellation) is given up with a warning once
+    CLOSE_TIMEOUT has run out, and leaves nothing of it to the steps after it: the stop stays
+    within --shutdown-timeout + CLOSE_TIMEOUT whichever step is slow."""
+    import structlog
+
+    import monitor.service.runner as runner
+    from monitor.config import load_config
+    from monitor.service.runner import Monitor
+    from tests.support.kafka import fresh_settings
+    from tests.support.paths import REPO
+
+    monkeypatch.setattr(runner, "CLOSE_TIMEOUT", 1.0)
+    release = asyncio.Event()
+
+    async def stubborn_restore() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                continue
+
+    with structlog.testing.capture_logs() as logs:  # the monitor binds its logger at once
+        instance = Monitor(fresh_settings("127.0.0.1:9"),
+                           load_config(REPO / "examples" / "risk.toml"))
+        restoring = instance._restoring_task = asyncio.create_task(stubborn_restore())
+        await asyncio.sleep(0)  # under way
+        try:
+            await instance._close()
+        finally:
+            release.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await restoring
+    assert [e["event"] for e in logs] == ["restore abandoned: not ended in time"]
+    assert instance._close_left() == 0.0
