@@ -606,6 +606,9 @@ class Monitor:
         finally:
             await cancel_and_wait(*fetches.values(), stopping, woken, probing)
         async with self._lock:  # finish: what was applied is delivered; checkpoint it
+            # A revocation waiting for the lock meanwhile finds its partitions covered by
+            # this checkpoint: it must not write one of its own while the clients close.
+            self._closing = True
             await self._checkpointer.finish()
             await self._checkpoint(positions.owned)
         self.log.info("stopped", checkpoint=self._checkpointer.seq,

@@ -156,3 +156,39 @@ def outcomes(instance: Monitor) -> dict[str, float | None]:
     return {outcome: instance.metrics.registry.get_sample_value(
         "liqmon_rebalance_partitions_total", {"outcome": outcome})
         for outcome in ("restored", "kept", "handed_over")}
+
+
+
+async def test_a_revocation_during_the_final_checkpoint_writes_nothing_after_it(broker) -> None:
+    """SIGTERM while the group rebalances (another instance just left): the revocation comes
+    while the final checkpoint holds the loop's lock, and waits for it. It then finds its
+    partitions covered by that checkpoint: before, it wrote one of its own while the clients
+    closed, and the instance could exit 1 on `ProducerClosed` after a clean stop."""
+    from aiokafka import TopicPartition
+
+    settings = fresh_settings(broker.bootstrap, partitions=2)
+    await create_topics(settings)
+    instance = Monitor(settings, CONFIG)
+    revoked = {TopicPartition(settings.topics.fills, p) for p in range(2)}
+    revoking: list[asyncio.Task[None]] = []
+    final_seq: list[int] = []
+    checkpoint = instance._checkpoint
+
+    async def final_checkpoint_meets_a_revocation(partitions: set[int]) -> None:
+        if instance._stopping.is_set() and not revoking:
+            revoking.append(asyncio.create_task(instance.on_revoked(revoked)))
+            await asyncio.sleep(0.1)  # the revocation is under way: it waits for the lock
+            final_seq.append(instance._checkpointer.seq + 1)
+        await checkpoint(partitions)
+
+    instance._checkpoint = final_checkpoint_meets_a_revocation  # type: ignore[method-assign]
+    task = asyncio.create_task(instance.run())
+    try:
+        await asyncio.wait_for(instance.ready.wait(), timeout=30)
+        instance.request_stop()
+        await asyncio.wait_for(task, timeout=30)  # a clean stop: run() raises nothing
+        await asyncio.gather(*revoking)
+        assert revoking and instance._checkpointer.seq == final_seq[0]  # no checkpoint after it
+    finally:
+        instance.request_stop()
+        await asyncio.gather(task, *revoking, return_exceptions=True)
