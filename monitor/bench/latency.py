@@ -189,7 +189,7 @@ async def relay(bootstrap: str, partitions: dict[str, int], output: str) -> None
     fetch settings the service uses. Prints "ready" once positioned at the inputs' ends."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from monitor.service.clients import FETCH_MAX_WAIT_MS
+    from monitor.service.settings import FETCH_MAX_WAIT_MS
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                 enable_auto_commit=False, fetch_max_wait_ms=FETCH_MAX_WAIT_MS)

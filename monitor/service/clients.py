@@ -7,7 +7,8 @@ the input consumers. The bench passes one with diagnostic consumer options of it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -16,11 +17,8 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from monitor.service.settings import ServiceSettings
 
-# Kafka answers a fetch as soon as data arrives, so this only paces idle polling. The embedded
-# broker holds a long-poll up to its end, which adds to latency, but polled more often it falls
-# behind: at 2,000 records/s, a bare consumer's p99 lag on two connections was 37-44 ms with 5,
-# 20 ms with 10, 22 ms with 20 (and 1.5 s with 1).
-FETCH_MAX_WAIT_MS = 10
+FETCH_MAX_WAIT_CAP_MS = 500  # Kafka's default: the widest `FetchWait` makes it
+STARVED_AFTER = 0.5  # seconds a partition may stay behind its broker's end with nothing fetched
 
 
 class Clients:
@@ -96,11 +94,55 @@ class Clients:
             "enable_auto_commit": False, "auto_offset_reset": s.start,
             "request_timeout_ms": max(s.request_timeout_ms, s.session_timeout_ms + 1000),
             "max_partition_fetch_bytes": 4 * 1024 * 1024,
-            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **s.security.client_kwargs(),
+            "fetch_max_wait_ms": s.fetch_max_wait_ms, **s.security.client_kwargs(),
         }
 
     def _consumer(self, **options: Any) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(**{**self.consumer_options, **options})
+
+
+class FetchWait:
+    """One input consumer's fetch wait, doubled (up to ``FETCH_MAX_WAIT_CAP_MS``, never narrowed
+    again) when the broker keeps answering a partition with nothing although it reports
+    records past the consumer's position.
+
+    Apache Kafka answers a fetch as soon as it holds data, so there the wait only paces idle
+    polling and a wider one costs nothing; this never fires there. The embedded broker takes
+    longer to answer a fetch the more batches the partition holds, and answers empty once
+    that takes longer than the wait: at 10 ms, some 17,000 single-record batches into a
+    partition, whose consumer then reads nothing more (seen as "input partition stalled").
+    A wider wait gives the broker the time it needs.
+    """
+
+    def __init__(self, start_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ms = start_ms
+        self._clock = clock
+        self._since: dict[TopicPartition, tuple[int, float]] = {}  # position, unmoved since
+
+    def starved(self, fetched: Mapping[TopicPartition, tuple[int, int | None]]
+                ) -> tuple[TopicPartition, float] | None:
+        """Observe a fetch that left nothing buffered in the consumer: ``fetched`` gives each
+        partition it fetches (position after it, the end the broker reported). If one has
+        stayed behind that end without moving for ``STARVED_AFTER`` seconds, the wait is
+        doubled (``ms``): that partition and how long it waited."""
+        now = self._clock()
+        for tp, (position, end) in fetched.items():
+            since = self._since.get(tp)
+            if since is None or since[0] != position or end is None or end <= position:
+                self._since[tp] = (position, now)
+            elif now - since[1] >= STARVED_AFTER and self.ms < FETCH_MAX_WAIT_CAP_MS:
+                self.ms = min(2 * self.ms, FETCH_MAX_WAIT_CAP_MS)
+                # the next widening waits as long again, from now
+                self._since = {other: (at, now) for other, (at, _) in fetched.items()}
+                return tp, now - since[1]
+        return None
+
+
+def set_fetch_wait(consumer: AIOKafkaConsumer, wait_ms: int) -> None:
+    """Give the consumer's next fetches this wait. Sets aiokafka 0.14's fetcher attribute
+    (the version pyproject.toml pins): the client reads it for every fetch request it
+    builds, and offers no other way to change it after start."""
+    consumer._fetcher._fetch_max_wait_ms = wait_ms
 
 
 def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:

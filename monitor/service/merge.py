@@ -29,9 +29,10 @@ lag is known to be zero): those records exist and may sort first, and the consum
 On a backlog, a consumer can hand over other partitions' records for well over ``max_wait``
 before it reaches them. That wait has a bound too, ``max_stall``, counted from the partition's
 last progress (or from the answer that found the records, if later): a partition whose
-records the broker reports but no fetch returns (a broker fault; the embedded broker does it
-after many small batches) is declared *stalled* and holds nobody back until it delivers
-again. What goes out meanwhile is counted as forced, as it may not be in replay's order. A
+records the broker reports but no fetch returns (a broker fault; the embedded broker's answers
+come back empty once a partition holds many small batches, which the loop mends by widening
+its fetch wait, `clients.FetchWait`) is declared *stalled* and holds nobody back until it
+delivers again. What goes out meanwhile is counted as forced, as it may not be in replay's order. A
 stalled partition is not probed: it would only answer what is known already.
 
 "Read" counts what the consumer skips as well as what it hands over (`read_to`): transaction

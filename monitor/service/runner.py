@@ -43,7 +43,13 @@ from monitor.reference import ReferenceEngine
 from monitor.service.changelog import RestoreProgress, write_reset_markers
 from monitor.service.changelog import warm_up as warm_up_restore
 from monitor.service.checkpointer import Checkpointer, KafkaSink
-from monitor.service.clients import Clients, group_generation, position_now
+from monitor.service.clients import (
+    Clients,
+    FetchWait,
+    group_generation,
+    position_now,
+    set_fetch_wait,
+)
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
@@ -564,6 +570,7 @@ class Monitor:
         limit = self.settings.max_batch_records
         consumers = (self._prices, self._accounts)
         fetches = {c: asyncio.ensure_future(self._fetch(c, limit)) for c in consumers}
+        waits = {c: FetchWait(self.settings.fetch_max_wait_ms) for c in consumers}
         stopping = asyncio.ensure_future(self._stopping.wait())
         probing = asyncio.create_task(prober.run())
         woken = asyncio.ensure_future(prober.answered.wait())
@@ -597,6 +604,8 @@ class Monitor:
                             if tp in read_to:
                                 positions.merge.read_to(tp, read_to[tp])
                     self._refresh_lag(consumer.assignment())
+                    if sum(map(len, batch.values())) < limit:  # it handed over all it had
+                        self._widen_if_starved(consumer, waits[consumer], read_to)
                 async with self._lock:
                     backlog = await self._process_ready(limit) >= limit
                 self._checkpointer.poll(self._sink)
@@ -626,6 +635,22 @@ class Monitor:
         read_to = {tp: position for tp in consumer.assignment()
                    if (position := position_now(consumer, tp)) is not None}
         return batch, read_to, self._positions.seeks
+
+    def _widen_if_starved(self, consumer: AIOKafkaConsumer, wait: FetchWait,
+                          read_to: dict[TopicPartition, int]) -> None:
+        """Widen the consumer's fetch wait if the broker keeps answering a partition with
+        nothing although it reports records past the position (`FetchWait`)."""
+        fetched = {tp: (position, consumer.highwater(tp)) for tp, position in read_to.items()
+                   if tp in self._positions.processed and tp not in self._paused}
+        starved = wait.starved(fetched)
+        if starved is None:
+            return
+        tp, seconds = starved
+        set_fetch_wait(consumer, wait.ms)
+        self.log.warning("the broker answers fetches without the records it reports; fetch "
+                         "wait widened", topic=tp.topic, partition=tp.partition,
+                         position=fetched[tp][0], broker_end=fetched[tp][1],
+                         seconds=round(seconds, 1), fetch_wait_ms=wait.ms)
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume

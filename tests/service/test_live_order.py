@@ -197,12 +197,12 @@ async def test_a_backlog_of_deposits_then_fills_applies_every_deposit_first(brok
 
 
 async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(broker):
-    """A broker may report records in a partition that no fetch returns (the embedded broker
-    does, after many small batches). Waiting for them would stop every account's monitoring,
-    silently. Past --stall-timeout the partition is reported stalled — an error line,
-    `liqmon_input_stalled` 1, its lag shown — and the other inputs are applied, each counted
-    as forced; once it delivers again it holds the others back as before. Here the service's
-    consumer has the fills partition paused: the probe sees the fill, no fetch brings it."""
+    """A broker may report records in a partition that no fetch returns (a broker fault).
+    Waiting for them would stop every account's monitoring, silently. Past --stall-timeout
+    the partition is reported stalled — an error line, `liqmon_input_stalled` 1, its lag
+    shown — and the other inputs are applied, each counted as forced; once it delivers again
+    it holds the others back as before. Here the service's consumer has the fills partition
+    paused: the probe sees the fill, no fetch brings it."""
     config = load_config(CONFIG)
     settings = fresh_settings(broker.bootstrap, max_stall=1.0)
     await create_inputs(settings, prices=1, accounts=1)
@@ -233,3 +233,27 @@ async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(
             for e in errors] == [("input partition stalled", t.fills, 0, 1)]
     assert errors[0]["seconds_without_progress"] >= 1.0
     assert any(entry["event"] == "input partition delivers again" for entry in logs)
+
+
+async def test_a_broker_slow_to_answer_a_long_partition_gets_a_wider_fetch_wait(broker):
+    """The embedded broker takes longer to answer a fetch the more batches a partition holds,
+    and past the fetch wait answers with nothing although it reports the records: at the
+    default 10 ms, some 17,000 single-record batches in, a service would read nothing more.
+    Started with 1 ms (reached after ~3,000 batches), the service widens its wait and reads
+    every tick, none of them out of order."""
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, fetch_max_wait_ms=1)
+    await create_inputs(settings, prices=1, accounts=1)
+    ticks = [("prices", b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0 + n}))
+             for n in range(8_000)]
+    with structlog.testing.capture_logs() as logs:
+        async with RunningMonitor(settings, config) as monitor:
+            located = Located(settings)
+            await produce(located, ticks, sequential=True)  # a batch each
+            await wait_processed(monitor, located.ends, timeout=60)
+            assert monitor.metrics.merge_forced._value.get() == 0
+    widened = [entry for entry in logs if entry["event"].startswith("the broker answers")]
+    assert widened[0]["fetch_wait_ms"] == 2
+    assert widened[0]["topic"] == settings.topics.prices
+    assert widened[0]["broker_end"] > widened[0]["position"]
+    assert not [entry for entry in logs if "stalled" in entry["event"]]
