@@ -18,7 +18,10 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from monitor.service.settings import ServiceSettings
 
 FETCH_MAX_WAIT_CAP_MS = 500  # Kafka's default: the widest `FetchWait` makes it
-STARVED_AFTER = 0.5  # seconds a partition may stay behind its broker's end with nothing fetched
+# a partition may stay behind its broker's end, with nothing fetched, this long and over this
+# many fetches before the fetch wait is widened
+STARVED_AFTER = 0.5  # seconds
+STARVED_FETCHES = 3
 
 
 class Clients:
@@ -117,24 +120,32 @@ class FetchWait:
     def __init__(self, start_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.ms = start_ms
         self._clock = clock
-        self._since: dict[TopicPartition, tuple[int, float]] = {}  # position, unmoved since
+        # per partition: position, since when it has not moved, fetches seen since
+        self._since: dict[TopicPartition, tuple[int, float, int]] = {}
 
     def starved(self, fetched: Mapping[TopicPartition, tuple[int, int | None]]
                 ) -> tuple[TopicPartition, float] | None:
         """Observe a fetch that left nothing buffered in the consumer: ``fetched`` gives each
         partition it fetches (position after it, the end the broker reported). If one has
-        stayed behind that end without moving for ``STARVED_AFTER`` seconds, the wait is
-        doubled (``ms``): that partition and how long it waited."""
+        stayed behind that end without moving for ``STARVED_AFTER`` seconds and
+        ``STARVED_FETCHES`` such fetches (a rebalance, which stops fetching for a while, is
+        one gap, not a starvation), the wait is doubled (``ms``): that partition and how long
+        it waited."""
         now = self._clock()
         for tp, (position, end) in fetched.items():
             since = self._since.get(tp)
             if since is None or since[0] != position or end is None or end <= position:
-                self._since[tp] = (position, now)
-            elif now - since[1] >= STARVED_AFTER and self.ms < FETCH_MAX_WAIT_CAP_MS:
+                self._since[tp] = (position, now, 0)
+                continue
+            _, unmoved_since, fetches = since
+            fetches += 1
+            self._since[tp] = (position, unmoved_since, fetches)
+            if (now - unmoved_since >= STARVED_AFTER and fetches >= STARVED_FETCHES
+                    and self.ms < FETCH_MAX_WAIT_CAP_MS):
                 self.ms = min(2 * self.ms, FETCH_MAX_WAIT_CAP_MS)
                 # the next widening waits as long again, from now
-                self._since = {other: (at, now) for other, (at, _) in fetched.items()}
-                return tp, now - since[1]
+                self._since = {other: (at, now, 0) for other, (at, _) in fetched.items()}
+                return tp, now - unmoved_since
         return None
 
 

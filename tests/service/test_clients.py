@@ -31,47 +31,60 @@ async def test_the_position_after_a_fetch_is_the_offset_after_what_it_handed_ove
         await consumer.stop()
 
 
-def test_a_partition_left_behind_its_end_for_half_a_second_doubles_the_fetch_wait():
+def observe(wait: FetchWait, clock: Clock, at: float, fetched) -> tuple | None:
+    clock.now = at
+    return wait.starved(fetched)
+
+
+def test_a_partition_left_behind_its_end_for_half_a_second_and_three_fetches_doubles_the_wait():
     clock = Clock()
     wait = FetchWait(10, clock)
-    assert wait.starved({P0: (100, 150), P1: (7, 7)}) is None
-    clock.now = 0.4
-    assert wait.starved({P0: (100, 150), P1: (7, 9)}) is None
-    clock.now = 0.5
-    assert wait.starved({P0: (100, 160), P1: (7, 9)}) == (P0, 0.5)
+    assert observe(wait, clock, 0.0, {P0: (100, 150), P1: (7, 7)}) is None
+    assert observe(wait, clock, 0.2, {P0: (100, 150), P1: (7, 9)}) is None
+    assert observe(wait, clock, 0.4, {P0: (100, 160), P1: (7, 9)}) is None  # 0.4 s
+    assert observe(wait, clock, 0.5, {P0: (100, 160), P1: (7, 9)}) == (P0, 0.5)
     assert wait.ms == 20
+
+
+def test_one_fetch_after_a_long_gap_is_no_starvation():
+    """A rebalance stops fetching for seconds: the fetch after it may still find the
+    partition where it was, behind the end the last answer reported."""
+    clock = Clock()
+    wait = FetchWait(10, clock)
+    observe(wait, clock, 0.0, {P0: (100, 101)})
+    assert observe(wait, clock, 3.0, {P0: (100, 101)}) is None
+    assert observe(wait, clock, 3.01, {P0: (101, 101)}) is None
+    assert wait.ms == 10
 
 
 def test_a_partition_that_moves_or_is_at_its_end_never_widens_the_wait():
     clock = Clock()
     wait = FetchWait(10, clock)
     for step in range(20):
-        clock.now = step * 0.1
         # P0 advances each fetch, however far behind; P1 has read all there is
-        assert wait.starved({P0: (100 + step, 10_000), P1: (7, 7)}) is None
+        assert observe(wait, clock, step * 0.1, {P0: (100 + step, 10_000), P1: (7, 7)}) is None
     assert wait.ms == 10
 
 
 def test_after_a_widening_the_next_one_takes_another_half_second():
     clock = Clock()
     wait = FetchWait(10, clock)
-    wait.starved({P0: (100, 150)})
-    clock.now = 0.5
-    assert wait.starved({P0: (100, 150)}) == (P0, 0.5)
-    clock.now = 0.9
-    assert wait.starved({P0: (100, 150)}) is None
-    clock.now = 1.0
-    assert wait.starved({P0: (100, 150)}) == (P0, 0.5)
+    for at in (0.0, 0.2, 0.4):
+        observe(wait, clock, at, {P0: (100, 150)})
+    assert observe(wait, clock, 0.5, {P0: (100, 150)}) == (P0, 0.5)
+    for at in (0.6, 0.7, 0.9):
+        assert observe(wait, clock, at, {P0: (100, 150)}) is None
+    assert observe(wait, clock, 1.0, {P0: (100, 150)}) == (P0, 0.5)
     assert wait.ms == 40
 
 
 def test_the_fetch_wait_stops_at_kafkas_default():
     clock = Clock()
     wait = FetchWait(300, clock)
-    wait.starved({P0: (100, 150)})
-    clock.now = 0.5
-    assert wait.starved({P0: (100, 150)}) == (P0, 0.5)
+    for at in (0.0, 0.2, 0.4):
+        observe(wait, clock, at, {P0: (100, 150)})
+    assert observe(wait, clock, 0.5, {P0: (100, 150)}) == (P0, 0.5)
     assert wait.ms == FETCH_MAX_WAIT_CAP_MS == 500
-    clock.now = 5.0
-    assert wait.starved({P0: (100, 150)}) is None
+    for at in (1.0, 2.0, 5.0):
+        assert observe(wait, clock, at, {P0: (100, 150)}) is None
     assert wait.ms == 500
