@@ -37,6 +37,10 @@ Record = Any  # the client's record: .offset, .key, .value, .headers (a list of 
 READ_UNCOMMITTED = 0
 EARLIEST, LATEST = -2, -1  # ListOffsets timestamps
 FETCH_WAIT_MS = 20  # only a partition already read to its end can make a fetch wait
+# The embedded broker takes longer to answer a fetch the more batches a partition holds, and
+# past the fetch's wait answers with nothing: a read that gets nothing short of its ends
+# doubles its wait, up to this (Kafka's default).
+MAX_FETCH_WAIT_MS = 500
 PARTITION_BYTES = 16 * 1024 * 1024
 RETRY_BACKOFF = 0.1  # seconds, after a leader moved or metadata was stale
 _BATCH_HEADER = struct.Struct(">qiibIhiqqqhii")  # a record batch of format 2, 61 bytes
@@ -56,11 +60,12 @@ async def bounds(client: AIOKafkaClient, tps: list[TopicPartition], timeout: flo
 
 async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[int, int]],
                      take: Callable[[TopicPartition, RecordBatch], None],
-                     timeout: float = 30.0) -> None:
+                     timeout: float = 30.0, wait_ms: int = FETCH_WAIT_MS) -> None:
     """Hand every record of these partitions between their offsets (`bounds`) to ``take``,
     in offset order per partition, a batch at a time (control batches left out). Errors the
     broker may recover from (a leader moved, the broker unreachable for a while) are retried
-    until no record has come for ``timeout`` seconds."""
+    until no record has come for ``timeout`` seconds. A broker that answers with nothing
+    short of the ends gets twice the fetch wait (from ``wait_ms``) on each try."""
     ends = {tp: end for tp, (_, end) in ranges.items()}
     positions = {tp: start for tp, (start, end) in ranges.items() if start < end}
     deadline: float | None = None
@@ -79,7 +84,7 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
                     for node, group in by_leader.items():
                         pipelines.create_task(_pipeline(
                             client, node, {tp: positions[tp] for tp in group}, ends,
-                            positions, take))
+                            positions, take, wait_ms))
             except BaseExceptionGroup as failed:
                 retries = [e for e in failed.exceptions if isinstance(e, _Retry)]
                 if len(retries) < len(failed.exceptions):  # one that no retry can mend
@@ -89,6 +94,8 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
         if positions != before:
             deadline = None
         else:  # nothing came: an error, or an answer without records
+            if retry is None:
+                wait_ms = min(2 * wait_ms, MAX_FETCH_WAIT_MS)
             deadline = deadline or time.monotonic() + timeout
             if time.monotonic() > deadline:
                 raise KafkaError(f"reading {sorted(positions)} failed: "
@@ -153,12 +160,12 @@ def _by_leader(client: AIOKafkaClient, tps: list[TopicPartition]
     return by_leader
 
 
-def _fetch(client: AIOKafkaClient, node: int, positions: dict[TopicPartition, int]
-           ) -> asyncio.Future[Any]:
+def _fetch(client: AIOKafkaClient, node: int, positions: dict[TopicPartition, int],
+           wait_ms: int) -> asyncio.Future[Any]:
     by_topic: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for tp, offset in positions.items():
         by_topic[tp.topic].append((tp.partition, offset, PARTITION_BYTES))
-    request = FetchRequest(FETCH_WAIT_MS, 1, PARTITION_BYTES, READ_UNCOMMITTED,
+    request = FetchRequest(wait_ms, 1, PARTITION_BYTES, READ_UNCOMMITTED,
                            list(by_topic.items()))
     sent: Awaitable[Any] = client.send(node, request)
     return asyncio.ensure_future(sent)
@@ -166,10 +173,11 @@ def _fetch(client: AIOKafkaClient, node: int, positions: dict[TopicPartition, in
 
 async def _pipeline(client: AIOKafkaClient, node: int, asked: dict[TopicPartition, int],
                     ends: dict[TopicPartition, int], positions: dict[TopicPartition, int],
-                    take: Callable[[TopicPartition, RecordBatch], None]) -> None:
+                    take: Callable[[TopicPartition, RecordBatch], None], wait_ms: int
+                    ) -> None:
     """Read the partitions one leader holds, one fetch always in flight ahead of the
     parsing; ``positions`` follows what was handed to ``take``."""
-    pending: asyncio.Future[Any] | None = _fetch(client, node, asked)
+    pending: asyncio.Future[Any] | None = _fetch(client, node, asked, wait_ms)
     try:
         while pending is not None:
             try:
@@ -200,7 +208,7 @@ async def _pipeline(client: AIOKafkaClient, node: int, asked: dict[TopicPartitio
             if any(batches.values()):
                 asked = {tp: offset for tp, offset in after.items() if offset < ends[tp]}
                 if asked:
-                    pending = _fetch(client, node, asked)  # in flight while these are parsed
+                    pending = _fetch(client, node, asked, wait_ms)  # in flight while parsing
             for tp, found in batches.items():
                 start = positions[tp]
                 for batch in found:

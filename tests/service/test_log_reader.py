@@ -39,7 +39,8 @@ async def topic_with(bootstrap: str, per_partition: dict[int, list[list[bytes]]]
     return name
 
 
-async def read_all(bootstrap: str, tps: list[TopicPartition], start_at: dict | None = None
+async def read_all(bootstrap: str, tps: list[TopicPartition], start_at: dict | None = None,
+                   wait_ms: int = log_reader.FETCH_WAIT_MS
                    ) -> dict[TopicPartition, list[tuple[int, bytes]]]:
     client = AIOKafkaClient(bootstrap_servers=bootstrap)
     await client.bootstrap()
@@ -49,7 +50,7 @@ async def read_all(bootstrap: str, tps: list[TopicPartition], start_at: dict | N
         for tp, start in (start_at or {}).items():
             ranges[tp] = (start, ranges[tp][1])
         await read_range(client, ranges, lambda tp, batch: got[tp].extend(
-            (r.offset, r.value) for r in batch.records()))
+            (r.offset, r.value) for r in batch.records()), wait_ms=wait_ms)
     finally:
         await client.close()
     return got
@@ -73,6 +74,18 @@ async def test_fetches_smaller_than_the_partition_still_read_it_all(broker, monk
     tp = TopicPartition(topic, 0)
     got = await read_all(broker.bootstrap, [tp])
     assert [offset for offset, _ in got[tp]] == list(range(600))
+
+
+async def test_a_broker_that_answers_empty_within_the_wait_gets_a_longer_one(broker) -> None:
+    """The embedded broker takes longer to answer a fetch the more batches a partition holds
+    and, past the fetch's wait, answers with nothing. At 1 ms it does so a few thousand
+    single-record batches in (at the reader's 20 ms, some 35,000): the read doubles its wait
+    until the answers come, and reads every record."""
+    batches = [[b"%d" % n] for n in range(6_000)]
+    topic = await topic_with(broker.bootstrap, {0: batches})
+    tp = TopicPartition(topic, 0)
+    got = await read_all(broker.bootstrap, [tp], wait_ms=1)
+    assert [offset for offset, _ in got[tp]] == list(range(6_000))
 
 
 async def test_a_range_starting_inside_a_batch_skips_the_records_before_it(broker) -> None:
