@@ -110,7 +110,7 @@ class FetchWait:
     records past the consumer's position.
 
     Apache Kafka answers a fetch as soon as it holds data, so there the wait only paces idle
-    polling and a wider one costs nothing; this never fires there. The embedded broker takes
+    polling and a wider one costs nothing; there this should not fire. The embedded broker takes
     longer to answer a fetch the more batches the partition holds, and answers empty once
     that takes longer than the wait: at 10 ms, some 17,000 single-record batches into a
     partition, whose consumer then reads nothing more (seen as "input partition stalled").
@@ -130,17 +130,17 @@ class FetchWait:
         stayed behind that end without moving for ``STARVED_AFTER`` seconds and
         ``STARVED_FETCHES`` such fetches (a rebalance, which stops fetching for a while, is
         one gap, not a starvation), the wait is doubled (``ms``): that partition and how long
-        it waited."""
+        it waited. A partition left out (paused, handed over) starts afresh when it is back."""
         now = self._clock()
+        before, self._since = self._since, {}
         for tp, (position, end) in fetched.items():
-            since = self._since.get(tp)
+            since = before.get(tp)
             if since is None or since[0] != position or end is None or end <= position:
                 self._since[tp] = (position, now, 0)
                 continue
             _, unmoved_since, fetches = since
-            fetches += 1
-            self._since[tp] = (position, unmoved_since, fetches)
-            if (now - unmoved_since >= STARVED_AFTER and fetches >= STARVED_FETCHES
+            self._since[tp] = (position, unmoved_since, fetches + 1)
+            if (now - unmoved_since >= STARVED_AFTER and fetches + 1 >= STARVED_FETCHES
                     and self.ms < FETCH_MAX_WAIT_CAP_MS):
                 self.ms = min(2 * self.ms, FETCH_MAX_WAIT_CAP_MS)
                 # the next widening waits as long again, from now

@@ -32,8 +32,8 @@ last progress (or from the answer that found the records, if later): a partition
 records the broker reports but no fetch returns (a broker fault; the embedded broker's answers
 come back empty once a partition holds many small batches, which the loop mends by widening
 its fetch wait, `clients.FetchWait`) is declared *stalled* and holds nobody back until it
-delivers again. What goes out meanwhile is counted as forced, as it may not be in replay's order. A
-stalled partition is not probed: it would only answer what is known already.
+delivers again. What goes out meanwhile is counted as forced, as it may not be in replay's
+order. A stalled partition is not probed: it would only answer what is known already.
 
 "Read" counts what the consumer skips as well as what it hands over (`read_to`): transaction
 markers, and batches a compaction emptied, take offsets no record is ever delivered at.

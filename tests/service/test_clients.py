@@ -57,6 +57,17 @@ def test_one_fetch_after_a_long_gap_is_no_starvation():
     assert wait.ms == 10
 
 
+def test_a_partition_left_out_of_fetches_starts_afresh_when_it_is_back():
+    """Paused, it is not fetched and does not move: that is no starvation."""
+    clock = Clock()
+    wait = FetchWait(10, clock)
+    for at in (0.0, 0.1, 0.2):
+        observe(wait, clock, at, {P0: (100, 150), P1: (7, 7)})
+    observe(wait, clock, 0.3, {P1: (7, 7)})  # P0 paused
+    assert observe(wait, clock, 2.0, {P0: (100, 150), P1: (7, 7)}) is None
+    assert wait.ms == 10
+
+
 def test_a_partition_that_moves_or_is_at_its_end_never_widens_the_wait():
     clock = Clock()
     wait = FetchWait(10, clock)
