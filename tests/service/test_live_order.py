@@ -239,7 +239,7 @@ async def test_a_broker_slow_to_answer_a_long_partition_gets_a_wider_fetch_wait(
     """The embedded broker takes longer to answer a fetch the more batches a partition holds,
     and past the fetch wait answers with nothing although it reports the records: at the
     default 10 ms, some 17,000 single-record batches in, a service would read nothing more.
-    Started with 1 ms (reached after ~3,000 batches), the service widens its wait and reads
+    Started with 1 ms (outgrown after 2,000-4,000 batches), the service widens its wait and reads
     every tick, none of them out of order."""
     config = load_config(CONFIG)
     settings = fresh_settings(broker.bootstrap, fetch_max_wait_ms=1)
