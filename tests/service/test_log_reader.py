@@ -76,11 +76,11 @@ async def test_fetches_smaller_than_the_partition_still_read_it_all(broker, monk
     assert [offset for offset, _ in got[tp]] == list(range(600))
 
 
-async def test_a_broker_that_answers_empty_within_the_wait_gets_a_longer_one(broker) -> None:
+async def test_a_broker_too_slow_for_the_fetch_wait_gets_a_longer_one(broker) -> None:
     """The embedded broker takes longer to answer a fetch the more batches a partition holds
     and, past the fetch's wait, answers with nothing. At 1 ms it does so a few thousand
-    single-record batches in (at the reader's 20 ms, some 35,000): the read doubles its wait
-    until the answers come, and reads every record."""
+    single-record batches in (at the reader's 20 ms, by extrapolation, some 35,000): the read
+    doubles its wait until the answers come, and reads every record."""
     batches = [[b"%d" % n] for n in range(6_000)]
     topic = await topic_with(broker.bootstrap, {0: batches})
     tp = TopicPartition(topic, 0)
