@@ -10,6 +10,15 @@ from typing import Any
 from monitor.service.tasks import cancel_and_wait
 
 
+async def refuse_cancellation_until(release: asyncio.Event) -> None:
+    """A task that swallows every cancellation until ``release`` is set."""
+    while not release.is_set():
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            continue
+
+
 async def test_a_task_whose_wait_for_lost_the_cancellation_still_ends() -> None:
     """The broker watch's shape: a loop around `asyncio.wait_for`. Cancelled in the step in
     which the awaited future completes, Python 3.11's wait_for returns its result instead of
@@ -34,15 +43,7 @@ async def test_a_task_whose_wait_for_lost_the_cancellation_still_ends() -> None:
 
 async def test_a_task_that_refuses_every_cancellation_is_given_up_after_the_bound() -> None:
     release = asyncio.Event()
-
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                continue
-
-    task = asyncio.create_task(stubborn())
+    task = asyncio.create_task(refuse_cancellation_until(release))
     await asyncio.sleep(0)
     assert await cancel_and_wait(task, within=1.2) == {task}
     assert not task.done()
@@ -91,18 +92,11 @@ async def test_closing_steps_share_one_close_timeout(monkeypatch) -> None:
 
     monkeypatch.setattr(runner, "CLOSE_TIMEOUT", 1.0)
     release = asyncio.Event()
-
-    async def stubborn_restore() -> None:
-        while not release.is_set():
-            try:
-                await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                continue
-
     with structlog.testing.capture_logs() as logs:  # the monitor binds its logger at once
         instance = Monitor(fresh_settings("127.0.0.1:9"),
                            load_config(REPO / "examples" / "risk.toml"))
-        restoring = instance._restoring_task = asyncio.create_task(stubborn_restore())
+        restoring = instance._restoring_task = asyncio.create_task(
+            refuse_cancellation_until(release))
         await asyncio.sleep(0)  # under way
         try:
             await instance._close()
