@@ -15,9 +15,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from monitor.service.settings import ServiceSettings
+from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS, ServiceSettings
 
-FETCH_MAX_WAIT_CAP_MS = 500  # Kafka's default: the widest `FetchWait` makes it
 # a partition may stay behind its broker's end, with nothing fetched, this long and over this
 # many fetches before the fetch wait is widened
 STARVED_AFTER = 0.5  # seconds

@@ -33,14 +33,15 @@ from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.offset import OffsetRequest
 from aiokafka.record.memory_records import MemoryRecords
 
+from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS
+
 Record = Any  # the client's record: .offset, .key, .value, .headers (a list of pairs)
 READ_UNCOMMITTED = 0
 EARLIEST, LATEST = -2, -1  # ListOffsets timestamps
 FETCH_WAIT_MS = 20  # only a partition already read to its end can make a fetch wait
 # The embedded broker takes longer to answer a fetch the more batches a partition holds, and
 # past the fetch's wait answers with nothing: a read that gets nothing short of its ends
-# doubles its wait, up to this (Kafka's default).
-MAX_FETCH_WAIT_MS = 500
+# doubles its wait, up to FETCH_MAX_WAIT_CAP_MS.
 PARTITION_BYTES = 16 * 1024 * 1024
 RETRY_BACKOFF = 0.1  # seconds, after a leader moved or metadata was stale
 _BATCH_HEADER = struct.Struct(">qiibIhiqqqhii")  # a record batch of format 2, 61 bytes
@@ -95,7 +96,7 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
             deadline = None
         else:  # nothing came: an error, or an answer without records
             if retry is None:
-                wait_ms = min(2 * wait_ms, MAX_FETCH_WAIT_MS)
+                wait_ms = min(2 * wait_ms, FETCH_MAX_WAIT_CAP_MS)
             deadline = deadline or time.monotonic() + timeout
             if time.monotonic() > deadline:
                 raise KafkaError(f"reading {sorted(positions)} failed: "

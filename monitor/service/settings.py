@@ -25,6 +25,7 @@ CLOSE_TIMEOUT = 5.0
 # 2,000 records/s, a bare consumer's p99 lag on two connections was 37-44 ms with 5, 20 ms with
 # 10, 22 ms with 20 (and 1.5 s with 1).
 FETCH_MAX_WAIT_MS = 10
+FETCH_MAX_WAIT_CAP_MS = 500  # Kafka's default: the widest any of liqmon's fetch waits grows to
 
 
 def _topic(flag: str, default: str) -> Any:
