@@ -320,7 +320,7 @@ def figures(report: dict[str, Any], plan: CheckpointPlan) -> list[Figure]:
         "checkpoint_write_s", f"checkpoint of {accounts:,} dirty accounts, written beside "
         "the loop", "s", checkpoint["seconds"], None, "—", None, False,
         f"{accounts:,} account snapshots, {checkpoint['bytes'] / 1e6:,.1f} MB encoded (keys "
-        f"and values, before lz4), {checkpoint['records']:,} changelog records in all; "
+        f"and values, before compression), {checkpoint['records']:,} changelog records in all; "
         f"started {checkpoint['started_after']:.1f} s into the paced input"))
     return out
 

@@ -11,9 +11,11 @@ import orjson
 import pytest
 import structlog
 from aiokafka import TopicPartition
+from aiokafka.client import AIOKafkaClient
 
 from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker
+from monitor.service.log_reader import bounds, read_range
 from tests.support.kafka import (
     RunningMonitor,
     fresh_settings,
@@ -32,6 +34,8 @@ from tests.support.schemas import schema_errors
 from tests.support.streams import random_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ZSTD = 4  # the codec bits of a record batch's attributes
 
 
 async def test_scenario_margin_call_liquidation_recovery_and_a_hedged_account(broker, risk):
@@ -254,6 +258,29 @@ async def test_broker_paused_mid_stream_loses_no_event(risk):
     same_events(list(unique.values()), expected, positions)
     for event in run_events:  # a repeat, if any, is the same event
         assert without_wall_clock(event) == without_wall_clock(unique[event["event_id"]])
+
+
+async def test_events_and_checkpoints_are_zstd_compressed_unless_told_otherwise(broker, risk):
+    """Consumers of liqmon's topics must read zstd (README, --compression): every batch it
+    writes, events and changelog alike, says so in its attributes (codec 4)."""
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        for phase in ([tick(t, "BTC-PERP", 50_000.0)], [deposit(t, "a", 300.0)],
+                      [fill(t, "f1", "a", "BTC-PERP", 1.0, 50_000.0)],
+                      [tick(t, "BTC-PERP", 49_940.0)]):  # a: 199.76 / 240 → margin call
+            await wait_processed(monitor, await produce(broker.bootstrap, phase))
+    # stopped: its final checkpoint is written
+    codecs: dict[str, set[int]] = {t.margin_calls: set(), t.state: set()}
+    client = AIOKafkaClient(bootstrap_servers=broker.bootstrap)
+    await client.bootstrap()
+    try:
+        tps = [TopicPartition(topic, 0) for topic in codecs]
+        await read_range(client, await bounds(client, tps), lambda tp, batch: codecs[
+            tp.topic].add(batch.batch.compression_type))
+    finally:
+        await client.close()
+    assert codecs == {t.margin_calls: {ZSTD}, t.state: {ZSTD}}
 
 
 async def test_partition_lag_is_zero_after_catching_up(broker, risk):
