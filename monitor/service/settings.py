@@ -137,7 +137,7 @@ class ServiceSettings:
     partitions: int = field(default=1, metadata=option(
         "--partitions", "partition count of topics liqmon creates, default {default}",
         parse=int))
-    # The producer compresses on the event loop. zstd: ~1 GB/s over event JSON, to 8 % of its
+    # The producer compresses on the event loop. zstd: ~900 MB/s over event JSON, to 8 % of its
     # size. aiokafka's lz4 runs at level 9 (LZ4-HC): 5.5x slower, to 15 %; its gzip at level 9
     # cost 14 % of the service's time in the latency bench.
     compression: Compression = field(default="zstd", metadata=option(

@@ -260,7 +260,7 @@ async def test_broker_paused_mid_stream_loses_no_event(risk):
         assert without_wall_clock(event) == without_wall_clock(unique[event["event_id"]])
 
 
-async def test_events_and_checkpoints_are_zstd_compressed_unless_told_otherwise(broker, risk):
+async def test_events_and_checkpoints_are_zstd_compressed_by_default(broker, risk):
     """Consumers of liqmon's topics must read zstd (README, --compression): every batch it
     writes, events and changelog alike, says so in its attributes (codec 4)."""
     settings = fresh_settings(broker.bootstrap)
