@@ -26,8 +26,11 @@ from monitor.service.topics import create_topics
 from monitor.snapshot import CONTROL_KEY, KIND_HEADER, Control, encode_account, encode_control
 from tests.support.compare import final_engine, state_of
 from tests.support.kafka import (
+    LZ4,
+    ZSTD,
     MonitorProcess,
     RunningMonitor,
+    batch_codecs,
     fresh_settings,
     positions_of,
     produce_timestamped,
@@ -77,6 +80,29 @@ async def test_graceful_restart_restores_exactly_and_emits_nothing_twice(broker)
     events = await read_events(broker.bootstrap, settings.topics)
     assert len({e["event_id"] for e in events}) == len(events)  # nothing twice
     same_events(events, replayed(records, config), positions_of(records, settings.topics))
+
+
+async def test_an_upgrade_to_zstd_restores_checkpoints_written_under_lz4(broker):
+    """The default went from lz4 to zstd: an instance upgraded in place restores the lz4
+    changelog, and its own checkpoints are zstd beside them."""
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=22, length=600))
+    first, second = records[:400], records[400:]
+    upgraded = fresh_settings(broker.bootstrap, checkpoint_interval=0.2)
+    await create_topics(upgraded)
+    ends = await produce_timestamped(broker.bootstrap, upgraded.topics, first)
+    async with RunningMonitor(replace(upgraded, compression="lz4"), config) as old:
+        await wait_processed(old, ends)
+        before = state_of(old.engine)
+
+    async with RunningMonitor(upgraded, config) as new:
+        assert state_of(new.engine) == before
+        ends = await produce_timestamped(broker.bootstrap, upgraded.topics, second,
+                                         first_timestamp_ms=2_000_000)
+        await wait_processed(new, ends)
+    assert await batch_codecs(broker.bootstrap, upgraded.topics.state) == {LZ4, ZSTD}
+    events = await read_events(broker.bootstrap, upgraded.topics)
+    same_events(events, replayed(records, config), positions_of(records, upgraded.topics))
 
 
 def monitor_command(settings, *extra: str) -> list[str]:

@@ -11,13 +11,13 @@ import orjson
 import pytest
 import structlog
 from aiokafka import TopicPartition
-from aiokafka.client import AIOKafkaClient
 
 from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker
-from monitor.service.log_reader import bounds, read_range
 from tests.support.kafka import (
+    ZSTD,
     RunningMonitor,
+    batch_codecs,
     fresh_settings,
     produce,
     read_events,
@@ -34,8 +34,6 @@ from tests.support.schemas import schema_errors
 from tests.support.streams import random_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-ZSTD = 4  # the codec bits of a record batch's attributes
 
 
 async def test_scenario_margin_call_liquidation_recovery_and_a_hedged_account(broker, risk):
@@ -271,16 +269,8 @@ async def test_events_and_checkpoints_are_zstd_compressed_by_default(broker, ris
                       [tick(t, "BTC-PERP", 49_940.0)]):  # a: 199.76 / 240 → margin call
             await wait_processed(monitor, await produce(broker.bootstrap, phase))
     # stopped: its final checkpoint is written
-    codecs: dict[str, set[int]] = {t.margin_calls: set(), t.state: set()}
-    client = AIOKafkaClient(bootstrap_servers=broker.bootstrap)
-    await client.bootstrap()
-    try:
-        tps = [TopicPartition(topic, 0) for topic in codecs]
-        await read_range(client, await bounds(client, tps), lambda tp, batch: codecs[
-            tp.topic].add(batch.batch.compression_type))
-    finally:
-        await client.close()
-    assert codecs == {t.margin_calls: {ZSTD}, t.state: {ZSTD}}
+    assert await batch_codecs(broker.bootstrap, t.margin_calls) == {ZSTD}
+    assert await batch_codecs(broker.bootstrap, t.state) == {ZSTD}
 
 
 async def test_partition_lag_is_zero_after_catching_up(broker, risk):

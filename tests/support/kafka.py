@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.util import calc_crc32c
@@ -24,6 +25,7 @@ from aiokafka.record.util import calc_crc32c
 from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.replay import replay
+from monitor.service.log_reader import bounds, read_range
 from monitor.service.runner import Monitor
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import ServiceSettings, Topics
@@ -124,6 +126,23 @@ async def read_topic(bootstrap: str, topic: str, idle: float = 0.5,
     finally:
         await consumer.stop()
     return records
+
+
+LZ4, ZSTD = 3, 4  # the codec bits of a record batch's attributes
+
+
+async def batch_codecs(bootstrap: str, topic: str) -> set[int]:
+    """The codecs of the record batches of a topic's partition 0, as written."""
+    codecs: set[int] = set()
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        tp = TopicPartition(topic, 0)
+        await read_range(client, await bounds(client, [tp]),
+                         lambda _, batch: codecs.add(batch.batch.compression_type))
+    finally:
+        await client.close()
+    return codecs
 
 
 async def read_events(bootstrap: str, topics: Topics, idle: float = 0.5,
