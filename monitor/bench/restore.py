@@ -30,6 +30,7 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
     from monitor.service.broker import EmbeddedBroker
     from monitor.service.changelog import read_changelog
     from monitor.service.changelog import warm_up as warm_up_restore
+    from monitor.service.settings import DEFAULT_COMPRESSION, compression_type
     from monitor.service.topics import create_topics
     from monitor.snapshot import (
         CONTROL_KEY,
@@ -46,9 +47,11 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
         topics = bench_topics("bench.restore")
         await create_topics(bench_settings(broker.bootstrap, topics, "bench-admin"))
         step = phases.task(f"restore: write {pop.count:,} snapshots", pop.count)
+        # compressed as the service writes its checkpoints: a restore decompresses them
         producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=20,
                                     max_batch_size=1024 * 1024,
-                                    max_request_size=8 * 1024 * 1024)
+                                    max_request_size=8 * 1024 * 1024,
+                                    compression_type=compression_type(DEFAULT_COMPRESSION))
         await producer.start()
         try:
             as_of: Offsets = {(topics.fills, 0): 0, (topics.ledger, 0): 0,

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS, ServiceSettings
+from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS, ServiceSettings, compression_type
 
 # a partition may stay behind its broker's end, with nothing fetched, this long and over this
 # many fetches before the fetch wait is widened
@@ -47,7 +47,7 @@ class Clients:
         s = self.settings
         return AIOKafkaProducer(
             bootstrap_servers=s.bootstrap, client_id=s.client_id, acks="all",
-            compression_type=None if s.compression == "none" else s.compression,
+            compression_type=compression_type(s.compression),
             # no linger: a batch's events are handed over together anyway, and the client
             # gathers whatever is produced while a request is in flight
             linger_ms=0, max_batch_size=256 * 1024, max_request_size=8 * 1024 * 1024,

@@ -64,6 +64,15 @@ class Topics:
 
 StartPosition = Literal["earliest", "latest"]
 Compression = Literal["lz4", "zstd", "gzip", "none"]
+# The producer compresses on the event loop. zstd: ~900 MB/s over event JSON, to 8 % of its
+# size. aiokafka's lz4 runs at level 9 (LZ4-HC): 5.5x slower, to 15 %; its gzip at level 9
+# cost 14 % of the service's time in the latency bench.
+DEFAULT_COMPRESSION: Compression = "zstd"
+
+
+def compression_type(compression: Compression) -> str | None:
+    """The producer's ``compression_type`` for a --compression choice."""
+    return None if compression == "none" else compression
 
 
 def _seconds_to_ms(seconds: float) -> int:
@@ -137,10 +146,7 @@ class ServiceSettings:
     partitions: int = field(default=1, metadata=option(
         "--partitions", "partition count of topics liqmon creates, default {default}",
         parse=int))
-    # The producer compresses on the event loop. zstd: ~900 MB/s over event JSON, to 8 % of its
-    # size. aiokafka's lz4 runs at level 9 (LZ4-HC): 5.5x slower, to 15 %; its gzip at level 9
-    # cost 14 % of the service's time in the latency bench.
-    compression: Compression = field(default="zstd", metadata=option(
+    compression: Compression = field(default=DEFAULT_COMPRESSION, metadata=option(
         "--compression", "producer compression of events and checkpoints, default {default}",
         choices=get_args(Compression)))
     # bounds delivering and checkpointing on SIGTERM; closing the clients comes on top
