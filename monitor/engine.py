@@ -286,6 +286,15 @@ class InputLedger:
                         f"margin_mode: account {fill.account!r} holds {fill.symbol} in {held} "
                         f"margin; a {fill.margin_mode} fill cannot trade it until it is closed")
 
+    @property
+    def upkeep_due(self) -> bool:
+        """Whether `merge_overdue_bands` has work to do."""
+        return False
+
+    def merge_overdue_bands(self) -> bool:
+        """Upkeep to do while idle, a step at a time; True while more remains (none here)."""
+        return False
+
     def take_dirty(self) -> set[RiskKey]:
         """Risk units changed since the last call (a missing one was forgotten: tombstone
         it)."""
@@ -702,6 +711,17 @@ class Engine(InputLedger):
         """Band what restores installed or re-priced, before the bands are relied on."""
         if self._unindexed or self._unindexed_bulk or self._reindex_all:
             self.index_restored()
+
+    def merge_overdue_bands(self) -> bool:
+        """Tidy the band index after a tick that moved many accounts: one symbol's overdue
+        merge (`Book.merge_overdue_bands`); True while more remain. For the service to call
+        when it has nothing ready, so that the next ticks do not pay for it. Changes which
+        structure holds a band, never which accounts a tick re-values."""
+        return self.book.merge_overdue_bands()
+
+    @property
+    def upkeep_due(self) -> bool:
+        return self.book.bulk_filed
 
     def expire_bands(self, symbol: str | None = None) -> int:
         """Forget the safe bands of every account a tick on ``symbol`` can move (or of every

@@ -14,6 +14,7 @@ from monitor.book.tables import INF
 ROOM = 64  # pending bands a symbol has room for before its segment first grows
 NUMPY_SORT_FROM = 8192  # bands in a merge
 FIRST_LIMIT = 256  # pending bands that make a merge due, until the runs grow (`merge`)
+PER_SQRT_BAND = 16  # then a merge is due after this many pending bands per √(bands in the runs)
 
 
 def _view(array: np.ndarray) -> Any:
@@ -280,7 +281,8 @@ class SymbolBands:
         self.hs = self.ls = 0
         self._sorted_edges()
         self.pending.merged(self.s,
-                            int(min(8192, max(FIRST_LIMIT, 16 * math.isqrt(len(self.hi))))))
+                            int(min(8192, max(FIRST_LIMIT,
+                                            PER_SQRT_BAND * math.isqrt(len(self.hi))))))
 
     def live_rows(self, aid: np.ndarray) -> np.ndarray:
         """Rows with a current band here (the accounts this symbol can move)."""

@@ -575,10 +575,11 @@ class Monitor:
         probing = asyncio.create_task(prober.run())
         woken = asyncio.ensure_future(prober.answered.wait())
         backlog = False  # the merge released a full batch: more may be ready without a fetch
+        upkeep = False  # the engine has idle-time work left (`Engine.merge_overdue_bands`)
         try:
             while not self._stopping.is_set():
                 await asyncio.wait([*fetches.values(), stopping, woken, probing],
-                                   timeout=0 if backlog else TICK,
+                                   timeout=0 if backlog or upkeep else TICK,
                                    return_when=asyncio.FIRST_COMPLETED)
                 if probing.done():
                     probing.result()  # the prober never returns: raise what killed it
@@ -607,7 +608,13 @@ class Monitor:
                     if sum(map(len, batch.values())) < limit:  # it handed over all it had
                         self._widen_if_starved(consumer, waits[consumer], read_to)
                 async with self._lock:
-                    backlog = await self._process_ready(limit) >= limit
+                    applied = await self._process_ready(limit)
+                    backlog = applied >= limit
+                    # Tidy what a shock left in the band index while nothing is ready, a
+                    # step per turn, once its events are out (the next turn when this one
+                    # applied some), rather than in the ticks that come next.
+                    upkeep = not backlog and (self.engine.upkeep_due if applied
+                                              else self.engine.merge_overdue_bands())
                 self._checkpointer.poll(self._sink)
                 self._pace_fetching()
                 if positions.merge.to_probe():

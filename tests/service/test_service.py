@@ -308,3 +308,29 @@ async def test_conflate_ticks_applies_only_the_latest_tick_per_symbol_in_a_batch
         results[conflate] = ([e["type"] for e in events], conflated)
     assert results[False] == (["liquidation", "recovered"], 0)  # a:1:…, a:2:…
     assert results[True] == ([], 1)
+
+
+async def test_an_idle_service_merges_the_bands_a_shock_left_overdue(broker, risk):
+    """400 accounts, each 5,000 USDT long 0.1 BTC-PERP from 50,000. A tick at 35,000 (−30 %)
+    leaves every account's band (a band allows at most 18 %): all 400 are re-valued and their
+    bands filed in bulk, more than the 256 a merge waits for. With nothing else to read, the
+    service merges them then, rather than the next BTC-PERP tick doing it first."""
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    accounts = [f"u{n}" for n in range(400)]
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        for phase in ([tick(t, "BTC-PERP", 50_000.0)],
+                      [deposit(t, name, 5_000.0) for name in accounts],
+                      [fill(t, f"f-{name}", name, "BTC-PERP", 0.1, 50_000.0)
+                       for name in accounts],
+                      [tick(t, "BTC-PERP", 35_000.0, ts=2)]):
+            await wait_processed(monitor, await produce(broker.bootstrap, phase))
+        engine = monitor.engine
+        assert engine.stats.applied_ticks == 2
+        deadline = time.monotonic() + 10
+        while engine.upkeep_due and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        pending = engine.book.pending
+        assert not engine.upkeep_due
+        assert not (pending.count > pending.limit).any()
+        assert len(engine.accounts_moved_by("BTC-PERP")) == 400
