@@ -243,7 +243,6 @@ def test_columnar_engine_equals_reference_with_many_accounts_and_shocks(
     assert (unit_events > 100) == (isolated > 0)
 
 
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_merging_overdue_bands_while_idle_changes_no_event(
     seed: int, bulk_filings: Calls, monkeypatch: pytest.MonkeyPatch,
