@@ -258,9 +258,11 @@ async def read_all(bootstrap: str, partitions: dict[str, int]) -> list[Any]:
     return records
 
 
-def scrape_forced(port: int) -> float | None:
-    """liqmon_merge_forced_releases_total of the service: records applied out of proven
-    order because --merge-wait ran out (None if it does not answer)."""
+def scrape_order_counters(port: int) -> dict[str, float | None]:
+    """The service's order counters (None if it does not answer): ``forced``, records applied
+    out of proven order because --merge-wait ran out (liqmon_merge_forced_releases_total), and
+    ``late``, records applied after one that sorts after them (liqmon_records_late_total, every
+    topic)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -269,10 +271,12 @@ def scrape_forced(port: int) -> float | None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
             text = answer.read().decode()
     except OSError:
-        return None
-    return next((sample.value for family in text_string_to_metric_families(text)
-                 for sample in family.samples
-                 if sample.name == "liqmon_merge_forced_releases_total"), None)
+        return {"forced": None, "late": None}
+    samples = [sample for family in text_string_to_metric_families(text)
+               for sample in family.samples]
+    return {"forced": sum(s.value for s in samples
+                          if s.name == "liqmon_merge_forced_releases_total"),
+            "late": sum(s.value for s in samples if s.name == "liqmon_records_late_total")}
 
 
 def order_check(config: Any, inputs: list[Any], kinds: dict[str, str],
@@ -366,7 +370,7 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
         await asyncio.sleep(2.0)  # stragglers
         stop.set()
         await reader
-        forced = await asyncio.to_thread(scrape_forced, port)
+        counters = await asyncio.to_thread(scrape_order_counters, port)
     finally:
         relay_proc.kill()
         await relay_proc.wait()
@@ -384,7 +388,8 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
     return {"sent": sent, "service": events_arrived.summary(),
             "relay": arrivals[relayed].summary(), "order": order,
             "service_emitted": arrivals["emitted"].summary(),
-            "forced_releases": forced, "exit_code": service.returncode}
+            "forced_releases": counters["forced"], "late_records": counters["late"],
+            "exit_code": service.returncode}
 
 
 async def latency_phase(plan: LatencyPlan, say: Callable[[str], None]) -> dict[str, Any]:
@@ -453,7 +458,8 @@ def figures(report: dict[str, Any], rate: float) -> list[Any]:
         "live_order_differences", "live events ≠ replay in timestamp order", "events",
         float(total), None, "0", total == 0, False,
         "; ".join(f"{market}: {report[market]['order']}, released out of proven order "
-                  f"(--merge-wait ran out) {report[market]['forced_releases']}"
+                  f"(--merge-wait ran out) {report[market]['forced_releases']}, applied late "
+                  f"{report[market]['late_records']}"
                   for market in differences)
         + "; the paced producer does not wait for acknowledgements, so the guarantee holds "
           "while its in-flight time stays within --max-skew (README, Order)"))

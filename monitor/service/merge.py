@@ -37,6 +37,13 @@ order. A stalled partition is not probed: it would only answer what is known alr
 
 "Read" counts what the consumer skips as well as what it hands over (`read_to`): transaction
 markers, and batches a compaction emptied, take offsets no record is ever delivered at.
+
+What the proof cannot cover is counted: a record released after one that sorts after it is
+*late* (`late`). It reached the merge after that one had gone out, because it spent longer than
+``max_skew_ms`` between its timestamp and its append (a producer that batches or lingers, a
+clock behind the others), because it is stamped earlier than its own partition's predecessor,
+or because it waited behind a forced release. Replay of the same records sorted applies it
+earlier; live results may differ from replay's.
 """
 
 from __future__ import annotations
@@ -82,6 +89,11 @@ class TimestampMerge:
         # the partitions such records were released without a proof from (until the caller
         # reports and clears it): after the forced take nothing may be blocked any more
         self.forced_on: set[TopicPartition] = set()
+        # records released after one that sorts after them (see the module's doc), per topic,
+        # and the most any was behind (ms of timestamp) since the caller last cleared it
+        self.late: dict[str, int] = {}
+        self.late_by_ms = 0
+        self._last_out: tuple[int, int, int, int] | None = None  # sort key last released
         self.blocked_on: list[TopicPartition] = []  # after take(): who held the head back
         self.head_needs: float | None = None  # after take(): probe time the head waits for
         self._active: list[TopicPartition] = []  # after take(): the partitions it was given
@@ -234,7 +246,11 @@ class TimestampMerge:
                 self.forced_on.update(holding)
             elif needs > stalled_floor:
                 self.forced_past_stalled += 1
-            heapq.heappop(heap)
+            key = heapq.heappop(heap)[:4]
+            if self._last_out is not None and key < self._last_out:
+                self._count_late(tp.topic, self._last_out[0] - key[0])
+            else:
+                self._last_out = key
             out.append((tp, buffer.popleft()[0]))
             if buffer:
                 head = buffer[0][0]
@@ -254,6 +270,10 @@ class TimestampMerge:
         if out or not heap:
             self._blocked_since = None
         return out
+
+    def _count_late(self, topic: str, behind_ms: int) -> None:
+        self.late[topic] = self.late.get(topic, 0) + 1
+        self.late_by_ms = max(self.late_by_ms, behind_ms)
 
     def _stall(self, unread: list[TopicPartition]) -> bool:
         """Declare stalled those of ``unread`` (partitions holding the head back with records a

@@ -78,6 +78,12 @@ class Metrics:
             "liqmon_merge_forced_releases", "Input records applied before every other "
             "partition was known to hold nothing earlier (--merge-wait ran out, or a partition "
             "stalled).", registry=r)
+        self.records_late = Counter(
+            "liqmon_records_late", "Input records applied after one that sorts after them "
+            "(timestamp, topic rank, partition, offset), by topic: replay of the same records "
+            "applies them earlier. They spent longer than --max-skew between their timestamp "
+            "and their append, are stamped earlier than their partition's previous record, or "
+            "waited behind a forced release.", ["topic"], registry=r)
         self.input_stalled = Gauge(
             "liqmon_input_stalled", "1 while an input partition is stalled: the broker reports "
             "records in it that no fetch has returned for --stall-timeout; the others go on "

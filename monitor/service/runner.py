@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -68,6 +69,7 @@ TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint t
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
+LATE_LOG_INTERVAL = 30.0  # seconds between "applied records later than replay" log lines
 ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account_records`)
 
 
@@ -107,6 +109,9 @@ class Monitor:
                                     settings.max_stall, self.metrics)
         self._forced_reported = 0  # merge.forced, counted and logged so far
         self._past_stalled_reported = 0  # merge.forced_past_stalled, counted so far
+        self._late_counted: dict[str, int] = {}  # merge.late, counted so far
+        self._late_logged = 0  # of merge.late's records, those the log has told of
+        self._late_logged_at = -math.inf  # monotonic time of the last such line
         self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
@@ -714,6 +719,7 @@ class Monitor:
             self.metrics.merge_forced.inc(merge.forced_past_stalled
                                           - self._past_stalled_reported)
             self._past_stalled_reported = merge.forced_past_stalled
+        self._report_late(merge)
         for tp in merge.stalled.keys() - self._stalled:
             read_to, end, seconds = merge.stalled[tp]
             self.log.error("input partition stalled: the broker reports records no fetch "
@@ -729,6 +735,26 @@ class Monitor:
             with contextlib.suppress(KeyError):
                 self.metrics.input_stalled.remove(tp.topic, str(tp.partition))
         self._stalled = set(merge.stalled)
+
+    def _report_late(self, merge: TimestampMerge) -> None:
+        """Count the records the merge released late, and say so in the log: at once the first
+        time, then at most once every `LATE_LOG_INTERVAL` seconds (a producer that batches
+        beyond --max-skew makes some late every second)."""
+        for topic, count in merge.late.items():
+            counted = self._late_counted.get(topic, 0)
+            if count > counted:
+                self.metrics.records_late.labels(topic).inc(count - counted)
+                self._late_counted[topic] = count
+        late = sum(merge.late.values())
+        now = time.monotonic()
+        if late > self._late_logged and now - self._late_logged_at >= LATE_LOG_INTERVAL:
+            self.log.warning("applied records later than replay would apply them: they "
+                             "arrived after records that sort after them",
+                             records=late - self._late_logged, by_topic=dict(merge.late),
+                             most_behind_ms=merge.late_by_ms,
+                             max_skew_ms=merge.max_skew_ms)
+            self._late_logged, self._late_logged_at = late, now
+            merge.late_by_ms = 0
 
     async def _replay(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
                       engine: Engine) -> None:

@@ -46,6 +46,49 @@ def test_records_come_out_in_timestamp_order_across_partitions() -> None:
         ("fills", 2), ("prices", 2)]  # equal timestamps: fills ranks first
 
 
+def test_records_released_in_order_are_not_late() -> None:
+    m = merge()
+    m.add(PRICES, [Rec(0, 1), Rec(1, 6)], NOW)
+    m.add(FILLS, [Rec(0, 6)], NOW)
+    m.probed(NOW + 1, {PRICES: 2, FILLS: 1})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0), ("fills", 0), ("prices", 1)]
+    assert (m.late, m.late_by_ms) == ({}, 0)
+
+
+def test_a_record_reaching_the_merge_after_a_later_one_went_out_is_counted_late() -> None:
+    """A producer that batched it past the skew: the probe proved fills empty, the tick went
+    out, then a fill stamped 3 ms before the tick arrives. Replay applies it first."""
+    m = merge()
+    m.add(PRICES, [Rec(0, 10)], NOW)
+    m.take(100, [PRICES, FILLS])
+    m.probed(NOW + 16, {FILLS: 0})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    m.add(FILLS, [Rec(0, 7)], NOW + 30)
+    m.probed(NOW + 31, {PRICES: 1})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0)]
+    assert (m.late, m.late_by_ms) == ({"fills": 1}, 3)
+
+
+def test_a_record_tied_with_one_already_out_but_of_a_lower_rank_is_late_by_0_ms() -> None:
+    m = merge()
+    m.add(PRICES, [Rec(0, 10)], NOW)
+    m.probed(NOW + 16, {FILLS: 0})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    m.add(FILLS, [Rec(0, 10)], NOW + 30)  # equal timestamps: fills ranks first in replay
+    m.probed(NOW + 31, {PRICES: 1})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0)]
+    assert (m.late, m.late_by_ms) == ({"fills": 1}, 0)
+
+
+def test_a_record_stamped_earlier_than_its_partitions_previous_one_is_late() -> None:
+    """Offsets go out in order within a partition; replay, sorting by timestamp, would not."""
+    m = merge()
+    m.add(PRICES, [Rec(0, 10), Rec(1, 4), Rec(2, 12)], NOW)
+    m.probed(NOW + 13, {FILLS: 0})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0), ("prices", 1), ("prices", 2)]
+    assert (m.late, m.late_by_ms) == ({"prices": 1}, 6)
+
+
 def test_a_silent_partition_never_probed_holds_the_others_back() -> None:
     m = merge()
     m.add(PRICES, [Rec(0, 5)], NOW)
