@@ -61,6 +61,7 @@ EXPECTED_METRICS = {
     "liqmon_conflated_ticks_total",
     "liqmon_config_info",
     "liqmon_merge_forced_releases_total",
+    "liqmon_records_late_total",
     "liqmon_input_stalled",
 }
 
@@ -74,6 +75,7 @@ REQUIRED_ALERTS = {
     "LiqmonCheckpointStale",
     "LiqmonDeliveryRetries",
     "LiqmonOutOfOrder",
+    "LiqmonLateInputs",
     "LiqmonInputStalled",
 }
 
