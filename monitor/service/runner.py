@@ -91,7 +91,8 @@ class Monitor:
         self.metrics.config_info.labels(self.fingerprint).set(1)
         topics = settings.topics
         for topic in (topics.prices, topics.fills, topics.ledger):  # export zeros from the start
-            self.metrics.records_consumed.labels(topic)
+            self.metrics.records_consumed.labels(topic)  # (so increase() sees the first ones)
+            self.metrics.records_late.labels(topic)
         for event_type in EVENT_TYPES:
             self.metrics.events_emitted.labels(event_type)
         self.log = structlog.get_logger("liqmon")
