@@ -89,10 +89,14 @@ class TimestampMerge:
         # the partitions such records were released without a proof from (until the caller
         # reports and clears it): after the forced take nothing may be blocked any more
         self.forced_on: set[TopicPartition] = set()
-        # records released after one that sorts after them (see the module's doc), per topic,
-        # and the most any was behind (ms of timestamp) since the caller last cleared it
+        # records released after one that sorts after them (see the module's doc), per topic;
+        # since the caller last cleared them, the most any was behind (ms of timestamp) and
+        # the longest from its timestamp to its arrival here (a --max-skew that long would
+        # have held the records it followed until it came: the fetch included, so an upper
+        # bound on what is needed)
         self.late: dict[str, int] = {}
         self.late_by_ms = 0
+        self.late_arrival_ms = 0.0
         self._last_out: tuple[int, int, int, int] | None = None  # sort key last released
         self.blocked_on: list[TopicPartition] = []  # after take(): who held the head back
         self.head_needs: float | None = None  # after take(): probe time the head waits for
@@ -247,11 +251,12 @@ class TimestampMerge:
             elif needs > stalled_floor:
                 self.forced_past_stalled += 1
             key = heapq.heappop(heap)[:4]
+            record, arrived = buffer.popleft()
             if self._last_out is not None and key < self._last_out:
-                self._count_late(tp.topic, self._last_out[0] - key[0])
+                self._count_late(tp.topic, self._last_out[0] - key[0], arrived - key[0])
             else:
                 self._last_out = key
-            out.append((tp, buffer.popleft()[0]))
+            out.append((tp, record))
             if buffer:
                 head = buffer[0][0]
                 heapq.heappush(heap, (head.timestamp, self._rank(tp.topic), tp.partition,
@@ -271,9 +276,10 @@ class TimestampMerge:
             self._blocked_since = None
         return out
 
-    def _count_late(self, topic: str, behind_ms: int) -> None:
+    def _count_late(self, topic: str, behind_ms: int, arrival_ms: float) -> None:
         self.late[topic] = self.late.get(topic, 0) + 1
         self.late_by_ms = max(self.late_by_ms, behind_ms)
+        self.late_arrival_ms = max(self.late_arrival_ms, arrival_ms)
 
     def _stall(self, unread: list[TopicPartition]) -> bool:
         """Declare stalled those of ``unread`` (partitions holding the head back with records a

@@ -753,9 +753,10 @@ class Monitor:
                              "arrived after records that sort after them",
                              records=late - self._late_logged, by_topic=dict(merge.late),
                              most_behind_ms=merge.late_by_ms,
+                             arrived_after_timestamp_ms=round(merge.late_arrival_ms),
                              max_skew_ms=merge.max_skew_ms)
             self._late_logged, self._late_logged_at = late, now
-            merge.late_by_ms = 0
+            merge.late_by_ms, merge.late_arrival_ms = 0, 0.0
 
     async def _replay(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
                       engine: Engine) -> None:

@@ -240,6 +240,7 @@ async def test_a_record_stamped_before_one_already_applied_is_counted_late_and_l
     late = [entry for entry in logs if entry["event"].startswith("applied records later")]
     assert [(e["log_level"], e["records"], e["by_topic"], e["most_behind_ms"], e["max_skew_ms"])
             for e in late] == [("warning", 1, {t.fills: 1}, 1_000, settings.max_skew_ms)]
+    assert late[0]["arrived_after_timestamp_ms"] >= 1_000  # the clock's second, and the fetch
 
 
 async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(broker):

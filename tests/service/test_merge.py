@@ -59,14 +59,15 @@ def test_a_record_reaching_the_merge_after_a_later_one_went_out_is_counted_late(
     """A producer that batched it past the skew: the probe proved fills empty, the tick went
     out, then a fill stamped 3 ms before the tick arrives. Replay applies it first."""
     m = merge()
-    m.add(PRICES, [Rec(0, 10)], NOW)
+    m.add(PRICES, [Rec(0, int(NOW) + 10)], NOW)
     m.take(100, [PRICES, FILLS])
     m.probed(NOW + 16, {FILLS: 0})
     assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
-    m.add(FILLS, [Rec(0, 7)], NOW + 30)
+    m.add(FILLS, [Rec(0, int(NOW) + 7)], NOW + 30)
     m.probed(NOW + 31, {PRICES: 1})
     assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0)]
     assert (m.late, m.late_by_ms) == ({"fills": 1}, 3)
+    assert m.late_arrival_ms == 23  # a --max-skew of 23 ms would have held the tick for it
 
 
 def test_a_record_tied_with_one_already_out_but_of_a_lower_rank_is_late_by_0_ms() -> None:
