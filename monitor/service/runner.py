@@ -111,7 +111,7 @@ class Monitor:
         self._forced_reported = 0  # merge.forced, counted and logged so far
         self._past_stalled_reported = 0  # merge.forced_past_stalled, counted so far
         self._late_counted: dict[str, int] = {}  # merge.late, counted so far
-        self._late_logged = 0  # of merge.late's records, those the log has told of
+        self._late_logged: dict[str, int] = {}  # of merge.late, what the log has told of
         self._late_logged_at = -math.inf  # monotonic time of the last such line
         self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
@@ -746,16 +746,18 @@ class Monitor:
             if count > counted:
                 self.metrics.records_late.labels(topic).inc(count - counted)
                 self._late_counted[topic] = count
-        late = sum(merge.late.values())
+        unlogged = {topic: count - self._late_logged.get(topic, 0)
+                    for topic, count in merge.late.items()
+                    if count > self._late_logged.get(topic, 0)}
         now = time.monotonic()
-        if late > self._late_logged and now - self._late_logged_at >= LATE_LOG_INTERVAL:
+        if unlogged and now - self._late_logged_at >= LATE_LOG_INTERVAL:
             self.log.warning("applied records later than replay would apply them: they "
                              "arrived after records that sort after them",
-                             records=late - self._late_logged, by_topic=dict(merge.late),
+                             records=sum(unlogged.values()), by_topic=unlogged,
                              most_behind_ms=merge.late_by_ms,
                              arrived_after_timestamp_ms=round(merge.late_arrival_ms),
                              max_skew_ms=merge.max_skew_ms)
-            self._late_logged, self._late_logged_at = late, now
+            self._late_logged, self._late_logged_at = dict(merge.late), now
             merge.late_by_ms, merge.late_arrival_ms = 0, 0.0
 
     async def _replay(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],

@@ -16,6 +16,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import load_config
+from monitor.service import runner
+from monitor.service.runner import Monitor
 from tests.support.kafka import (
     RunningMonitor,
     fresh_settings,
@@ -241,6 +243,30 @@ async def test_a_record_stamped_before_one_already_applied_is_counted_late_and_l
     assert [(e["log_level"], e["records"], e["by_topic"], e["most_behind_ms"], e["max_skew_ms"])
             for e in late] == [("warning", 1, {t.fills: 1}, 1_000, settings.max_skew_ms)]
     assert late[0]["arrived_after_timestamp_ms"] >= 1_000  # the clock's second, and the fetch
+
+
+async def test_late_lines_come_at_most_every_30_s_and_tell_what_the_last_one_did_not(
+        monkeypatch: pytest.MonkeyPatch):
+    """Every late record is counted at once; the log line waits out the interval, then gives
+    the records, by topic, that no line has told of yet."""
+    settings = fresh_settings("127.0.0.1:9")  # never connected
+    t = settings.topics
+    monitor = Monitor(settings, load_config(CONFIG))
+    merge = monitor._positions.merge
+    sample = monitor.metrics.registry.get_sample_value
+    with structlog.testing.capture_logs() as logs:
+        merge.late = {t.fills: 2}
+        monitor._report_late(merge)
+        merge.late = {t.fills: 3, t.ledger: 1}
+        monitor._report_late(merge)  # within 30 s of the first line: counted, not logged
+        assert sample("liqmon_records_late_total", {"topic": t.fills}) == 3
+        assert sample("liqmon_records_late_total", {"topic": t.ledger}) == 1
+        monkeypatch.setattr(runner, "LATE_LOG_INTERVAL", 0.0)
+        monitor._report_late(merge)
+        monitor._report_late(merge)  # nothing new: no line
+    late = [entry for entry in logs if entry["event"].startswith("applied records later")]
+    assert [(e["records"], e["by_topic"]) for e in late] == [
+        (2, {t.fills: 2}), (2, {t.fills: 1, t.ledger: 1})]
 
 
 async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(broker):
