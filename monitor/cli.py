@@ -233,7 +233,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.accounts < 100 or args.instruments < 1:
         raise CliError("--accounts must be ≥ 100 and --instruments ≥ 1")
     plan = Plan(accounts=args.accounts, instruments=args.instruments, seed=args.seed,
-                volatility=args.tick_volatility, records=args.records, e2e=not args.skip_e2e)
+                volatility=args.tick_volatility, records=args.records, e2e=not args.skip_e2e,
+                keep_logs=args.keep_logs)
     report = run(plan, quiet=args.json)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the phases that need the broker (end to end, restore)")
     bench.add_argument("--json", action="store_true",
                        help="print the figures as JSON (progress goes nowhere)")
+    bench.add_argument("--keep-logs", type=Path, metavar="DIR",
+                       help="keep the brokers' and processes' logs of every phase under DIR "
+                            "(default: only a failed phase's, in the temporary directory)")
     bench.set_defaults(handler=cmd_bench)
 
     replay = commands.add_parser(
@@ -501,9 +505,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except (CliError, LiqmonError) as exc:  # each says what the operator can do about it
         print(f"liqmon: error: {exc}", file=sys.stderr)
+        _print_notes(exc)
         return 2 if isinstance(exc, UsageError) else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        _print_notes(exc)  # e.g. where an interrupted benchmark phase left its logs
         return 130
+
+
+def _print_notes(exc: BaseException) -> None:
+    for note in getattr(exc, "__notes__", ()):
+        print(f"liqmon: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

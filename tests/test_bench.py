@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from monitor.bench import Figure, Plan
 from monitor.bench.checkpoint import CheckpointPlan, checkpoint_phase
 from monitor.bench.checkpoint import figures as checkpoint_figures
+from monitor.bench.workdirs import phase_dir
+from monitor.cli import main
 from tests.support.paths import REPO
 
 FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_100k_cold_ms",
@@ -24,11 +28,14 @@ FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_10
 
 
 @pytest.mark.kafka  # starts a broker of its own
-def test_bench_at_ten_thousand_accounts_reports_every_figure_beside_its_baseline() -> None:
+def test_bench_at_ten_thousand_accounts_reports_every_figure_beside_its_baseline(
+        tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "monitor.cli", "bench", "--accounts", "10000", "--json"],
-        cwd=REPO, capture_output=True, timeout=300, check=False)
+        cwd=REPO, capture_output=True, timeout=300, check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert not list(tmp_path.glob("liqmon-*"))  # every phase ended well: no logs left behind
     report = json.loads(done.stdout)
     assert report["accounts"] == 10_000 and report["instruments"] == 50
     assert 2.5 < report["positions"] / report["accounts"] < 3.5  # ~3 positions per account
@@ -59,6 +66,7 @@ def test_bench_at_ten_thousand_accounts_reports_every_figure_beside_its_baseline
 def test_the_checkpoint_phase_times_ticks_while_every_account_is_checkpointed_and_outside() -> None:
     plan = CheckpointPlan(accounts=5_000, before=2.0)
     report = asyncio.run(checkpoint_phase(plan, lambda text: None))
+    assert "workdir" not in report  # removed: nothing failed and no --keep-logs
     checkpoint = report["checkpoint"]
     assert checkpoint["accounts"] == 5_000  # every account was dirty when it started
     assert checkpoint["seconds"] > 0 and checkpoint["bytes"] > 0
@@ -94,3 +102,39 @@ def test_the_table_is_printed_full_width_when_output_is_not_a_terminal() -> None
     from monitor.cli import report_console
 
     assert report_console().width == 160
+
+
+def test_a_phase_that_ends_well_removes_its_log_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with phase_dir("liqmon-test-") as workdir:
+        (workdir / "broker.log").write_text("started")
+    assert not workdir.exists()
+
+
+def test_a_failed_phase_keeps_its_logs_and_its_error_says_where(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with pytest.raises(RuntimeError) as failed, phase_dir("liqmon-test-") as workdir:
+        (workdir / "worker.log").write_text("why it failed")
+        raise RuntimeError("bench worker exited with status 1")
+    assert (workdir / "worker.log").read_text() == "why it failed"
+    assert failed.value.__notes__ == [f"the phase's logs are kept in {workdir}"]
+
+
+def test_keep_logs_keeps_every_phase_directory_under_the_one_given(tmp_path: Path) -> None:
+    kept = tmp_path / "bench-logs"  # made if missing
+    with phase_dir("liqmon-test-", kept) as first, phase_dir("liqmon-test-", kept) as second:
+        (first / "broker.log").write_text("one")
+    assert first.parent == second.parent == kept
+    assert (first / "broker.log").read_text() == "one" and second.is_dir()
+
+
+def test_an_interrupted_bench_says_where_the_phase_left_its_logs(monkeypatch, capsys) -> None:
+    def interrupted(plan: Plan, quiet: bool = False) -> None:
+        exc = KeyboardInterrupt()
+        exc.add_note("the phase's logs are kept in /tmp/liqmon-latency-x")
+        raise exc
+
+    monkeypatch.setattr("monitor.bench.run", interrupted)
+    assert main(["bench", "--accounts", "100", "--skip-e2e"]) == 130
+    assert capsys.readouterr().err == "liqmon: the phase's logs are kept in /tmp/liqmon-latency-x\n"

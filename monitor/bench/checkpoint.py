@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from monitor.bench.latency import (
     setup_records,
 )
 from monitor.bench.report import Figure
+from monitor.bench.workdirs import phase_dir
 from monitor.bench.workload import (
     MixedStream,
     Population,
@@ -69,6 +69,7 @@ class CheckpointPlan:
     seed: int = 7
     partitions: int = 4  # of fills, ledger and the changelog (prices: 1)
     limit: float = 120.0  # seconds the checkpoint may take before the run gives up
+    keep_logs: Path | None = None  # where the logs are kept (None: only if it fails)
 
     def __post_init__(self) -> None:
         # About 40 % of ticks produce an event whatever the scale: the more accounts, the
@@ -283,10 +284,13 @@ async def checkpoint_phase(plan: CheckpointPlan, say: Callable[[str], None]
                            ) -> dict[str, Any]:
     from monitor.service.broker import EmbeddedBroker
 
-    workdir = Path(tempfile.mkdtemp(prefix="liqmon-checkpoint-"))
     pop = populate(bench_config(plan.instruments), plan.accounts, plan.seed)
-    with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        return await measure(plan, pop, broker.bootstrap, workdir, say)
+    with (phase_dir("liqmon-checkpoint-", plan.keep_logs) as workdir,
+          EmbeddedBroker(log_path=workdir / "broker.log") as broker):
+        report = await measure(plan, pop, broker.bootstrap, workdir, say)
+    if not plan.keep_logs:
+        del report["workdir"]
+    return report
 
 
 def figures(report: dict[str, Any], plan: CheckpointPlan) -> list[Figure]:
@@ -331,13 +335,17 @@ def _ms(value: float | None) -> str:
 
 def main() -> int:
     import argparse
+    import tempfile
 
     parser = argparse.ArgumentParser(prog="python -m monitor.bench.checkpoint")
     parser.add_argument("--accounts", type=int, default=CheckpointPlan.accounts)
     parser.add_argument("--rate", type=float, default=CheckpointPlan.rate)
     parser.add_argument("--volatility", type=float, default=0.0, help="default: by scale")
+    parser.add_argument("--keep-logs", type=Path, default=Path(tempfile.gettempdir()),
+                        metavar="DIR", help="where the run's logs are kept (default: %(default)s)")
     args = parser.parse_args()
-    plan = CheckpointPlan(accounts=args.accounts, rate=args.rate, volatility=args.volatility)
+    plan = CheckpointPlan(accounts=args.accounts, rate=args.rate, volatility=args.volatility,
+                          keep_logs=args.keep_logs)
     report = asyncio.run(checkpoint_phase(plan, lambda text: print(text, file=sys.stderr)))
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0

@@ -8,7 +8,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -18,6 +17,7 @@ from typing import Any
 import orjson
 
 from monitor.bench.report import Figure, Phases, Plan, load_population, percentile
+from monitor.bench.workdirs import phase_dir
 from monitor.bench.workload import (
     MixedStream,
     Population,
@@ -202,9 +202,9 @@ async def e2e_phase(plan: Plan, pop: Population, stream: MixedStream,
     from monitor.service.broker import EmbeddedBroker
     from monitor.service.topics import create_topics
 
-    workdir = Path(tempfile.mkdtemp(prefix="liqmon-bench-"))
     results: dict[str, dict[str, Any]] = {}
-    with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+    with (phase_dir("liqmon-bench-e2e-", plan.keep_logs) as workdir,
+          EmbeddedBroker(log_path=workdir / "broker.log") as broker):
         inputs = bench_topics("bench.backlog")
         await create_topics(bench_settings(broker.bootstrap, inputs, "bench-admin"))
         backlog = stream.records(plan.e2e_records)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import orjson
 
 from monitor.bench.report import Figure, percentile
+from monitor.bench.workdirs import phase_dir
 from monitor.bench.workload import (
     MixedStream,
     Population,
@@ -51,6 +51,7 @@ class LatencyPlan:
     seed: int = 7
     partitions: int = 4  # of fills and ledger (prices: 1)
     service_args: list[str] = field(default_factory=list)  # extra `liqmon run` flags
+    keep_logs: Path | None = None  # where the logs are kept (None: only if it fails)
 
 
 @dataclass
@@ -395,18 +396,19 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
 async def latency_phase(plan: LatencyPlan, say: Callable[[str], None]) -> dict[str, Any]:
     from monitor.service.broker import EmbeddedBroker
 
-    workdir = Path(tempfile.mkdtemp(prefix="liqmon-latency-"))
     pop = populate(bench_config(plan.instruments), plan.accounts, plan.seed)
-    results = {}
-    with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+    results: dict[str, Any] = {}
+    with (phase_dir("liqmon-latency-", plan.keep_logs) as workdir,
+          EmbeddedBroker(log_path=workdir / "broker.log") as broker):
         for name, volatility in (("calm", CALM), ("volatile", VOLATILE)):
             results[name] = await measure_market(plan, pop, volatility, name, broker.bootstrap,
                                                  workdir, say)
-    return {"workdir": str(workdir), **results}
+    return {**({"workdir": str(workdir)} if plan.keep_logs else {}), **results}
 
 
 def main() -> int:
     import argparse
+    import tempfile
 
     parser = argparse.ArgumentParser(prog="python -m monitor.bench.latency")
     parser.add_argument("--relay", nargs=3, metavar=("BOOTSTRAP", "PARTITIONS", "OUTPUT"))
@@ -415,6 +417,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--service-arg", action="append", default=[],
                         help="an extra `liqmon run` flag (repeat), for diagnosis")
+    parser.add_argument("--keep-logs", type=Path, default=Path(tempfile.gettempdir()),
+                        metavar="DIR", help="where the run's logs are kept (default: %(default)s)")
     args = parser.parse_args()
     if args.relay:
         bootstrap, partitions, output = args.relay
@@ -422,7 +426,7 @@ def main() -> int:
             asyncio.run(relay(bootstrap, orjson.loads(partitions), output))
         return 0
     plan = LatencyPlan(accounts=args.accounts, rate=args.rate, seconds=args.seconds,
-                       service_args=args.service_arg)
+                       service_args=args.service_arg, keep_logs=args.keep_logs)
     report = asyncio.run(latency_phase(plan, lambda text: print(text, file=sys.stderr)))
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0

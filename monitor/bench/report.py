@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ class Plan:
     volatility: float = DEFAULT_VOLATILITY
     records: int = 0  # engine-only stream length (0: by scale)
     e2e: bool = True
+    keep_logs: Path | None = None  # where phases' logs are kept (None: only a failed one's)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -9,7 +9,6 @@ import gc
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -19,6 +18,7 @@ import orjson
 
 from monitor.bench.end_to_end import bench_settings, bench_topics
 from monitor.bench.report import Figure, Phases, Plan
+from monitor.bench.workdirs import phase_dir
 from monitor.bench.workload import Population, bench_config
 from monitor.engine import Engine
 from monitor.reference import ReferenceEngine
@@ -42,8 +42,8 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
         state_key,
     )
 
-    workdir = Path(tempfile.mkdtemp(prefix="liqmon-bench-"))
-    with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+    with (phase_dir("liqmon-bench-restore-", plan.keep_logs) as workdir,
+          EmbeddedBroker(log_path=workdir / "broker.log") as broker):
         topics = bench_topics("bench.restore")
         await create_topics(bench_settings(broker.bootstrap, topics, "bench-admin"))
         step = phases.task(f"restore: write {pop.count:,} snapshots", pop.count)

@@ -101,7 +101,8 @@ def live_latency_phase(plan: Plan, phases: Phases) -> list[Figure]:
     from monitor.bench.latency import LatencyPlan, figures, latency_phase
 
     latency = LatencyPlan(accounts=min(plan.accounts, 10_000), instruments=plan.instruments,
-                          seconds=max(3.0, plan.latency_seconds * 2), seed=plan.seed)
+                          seconds=max(3.0, plan.latency_seconds * 2), seed=plan.seed,
+                          keep_logs=plan.keep_logs)
     step = phases.task("live latency beside a relay, calm and volatile", 6)
     report = asyncio.run(latency_phase(latency, lambda text: step(1)))
     return figures(report, latency.rate)
@@ -114,7 +115,7 @@ def checkpoint_latency_phase(plan: Plan, phases: Phases) -> list[Figure]:
 
     checkpoint = CheckpointPlan(accounts=min(plan.accounts, 100_000),
                                 instruments=plan.instruments, seed=plan.seed,
-                                before=plan.latency_seconds)
+                                before=plan.latency_seconds, keep_logs=plan.keep_logs)
     step = phases.task(f"latency while {checkpoint.accounts:,} accounts are checkpointed", 4)
     report = asyncio.run(checkpoint_phase(checkpoint, lambda text: step(1)))
     return figures(report, checkpoint)

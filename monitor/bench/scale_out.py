@@ -6,13 +6,13 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from monitor.bench.end_to_end import bench_settings, bench_topics, topic_of
 from monitor.bench.report import Figure, Phases, Plan
+from monitor.bench.workdirs import phase_dir
 from monitor.bench.workload import (
     MixedStream,
     bench_risk,
@@ -33,35 +33,35 @@ async def scale_out_phase(plan: Plan, stream: MixedStream, phases: Phases) -> li
     from monitor.service.broker import EmbeddedBroker
     from monitor.service.topics import create_topics
 
-    workdir = Path(tempfile.mkdtemp(prefix="liqmon-bench-scale-"))
-    config_path = workdir / "risk.toml"
-    config_path.write_text(risk_toml(bench_risk(plan.instruments)))
     backlog = stream.records(min(plan.e2e_records, 120_000))
     rates: dict[int, float] = {}
-    with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        for count in (1, 2):
-            topics = bench_topics(f"bench.scale{count}")
-            settings = bench_settings(broker.bootstrap, topics, f"bench-scale{count}",
-                                 partitions=SCALE_PARTITIONS, config_path=config_path)
-            await create_topics(settings)
-            step = phases.task(f"scale-out: {count} instance(s), produce and drain "
-                               f"{len(backlog):,} records", 2)
-            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks=1,
-                                        linger_ms=20, max_batch_size=1024 * 1024)
-            await producer.start()
-            try:
-                futures = [await producer.send(topic_of(topics, r.topic), encode(r),
-                                               key=r.key.encode(), timestamp_ms=r.record.ts)
-                           for r in backlog]
-                ends: dict[tuple[str, int], int] = {}
-                for meta in await asyncio.gather(*futures):
-                    key = (meta.topic, meta.partition)
-                    ends[key] = max(ends.get(key, 0), meta.offset + 1)
-            finally:
-                await producer.stop()
-            step(1)
-            rates[count] = await _drain_with(count, settings, ends, workdir)
-            step(1)
+    with phase_dir("liqmon-bench-scale-", plan.keep_logs) as workdir:
+        config_path = workdir / "risk.toml"
+        config_path.write_text(risk_toml(bench_risk(plan.instruments)))
+        with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+            for count in (1, 2):
+                topics = bench_topics(f"bench.scale{count}")
+                settings = bench_settings(broker.bootstrap, topics, f"bench-scale{count}",
+                                          partitions=SCALE_PARTITIONS, config_path=config_path)
+                await create_topics(settings)
+                step = phases.task(f"scale-out: {count} instance(s), produce and drain "
+                                   f"{len(backlog):,} records", 2)
+                producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks=1,
+                                            linger_ms=20, max_batch_size=1024 * 1024)
+                await producer.start()
+                try:
+                    futures = [await producer.send(topic_of(topics, r.topic), encode(r),
+                                                   key=r.key.encode(), timestamp_ms=r.record.ts)
+                               for r in backlog]
+                    ends: dict[tuple[str, int], int] = {}
+                    for meta in await asyncio.gather(*futures):
+                        key = (meta.topic, meta.partition)
+                        ends[key] = max(ends.get(key, 0), meta.offset + 1)
+                finally:
+                    await producer.stop()
+                step(1)
+                rates[count] = await _drain_with(count, settings, ends, workdir)
+                step(1)
     one, two = rates[1], rates[2]
     return [Figure("scale_out_records_per_s", "end to end, 2 instances (baseline: 1)",
                    "records/s", two, one, "—", None, True,
