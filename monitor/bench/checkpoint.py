@@ -270,7 +270,7 @@ async def measure(plan: CheckpointPlan, pop: Population, bootstrap: str, workdir
         "paced_from_ms": since_ms[0], "checkpoint_ms": [start_ms, end_ms],
         "inputs": [{"trigger": list(key), **vars(one)} for key, one in arrivals.items()]}))
     accounts = [m for m in changelog if dict(m.headers).get(KIND_HEADER) == ACCOUNT]
-    return {"workdir": str(workdir), "sent": sent, "setup_records": setup,
+    return {"sent": sent, "setup_records": setup,
             "checkpoint": {"seconds": seconds, "started_after": (start_ms - since_ms[0]) / 1000,
                            "accounts": len(accounts),
                            "bytes": sum(len(m.key) + len(m.value or b"") for m in accounts),
@@ -288,9 +288,7 @@ async def checkpoint_phase(plan: CheckpointPlan, say: Callable[[str], None]
     with (phase_dir("liqmon-checkpoint-", plan.keep_logs) as workdir,
           EmbeddedBroker(log_path=workdir / "broker.log") as broker):
         report = await measure(plan, pop, broker.bootstrap, workdir, say)
-    if not plan.keep_logs:
-        del report["workdir"]
-    return report
+    return {**({"workdir": str(workdir)} if plan.keep_logs else {}), **report}
 
 
 def figures(report: dict[str, Any], plan: CheckpointPlan) -> list[Figure]:
