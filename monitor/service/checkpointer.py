@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError
 from structlog.stdlib import BoundLogger
 
 from monitor.account import RiskKey, account_of
@@ -36,6 +36,7 @@ from monitor.service.tasks import cancel_and_wait
 from monitor.snapshot import Offsets
 
 CHECKPOINT_CHUNK = 256  # snapshots encoded between two turns of the loop
+NEVER = float("-inf")
 
 
 class CheckpointSink(Protocol):
@@ -55,6 +56,15 @@ class CheckpointSink(Protocol):
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Record checkpointed input offsets where lag tooling looks for them."""
+
+    async def fence(self, offsets: dict[TopicPartition, int]) -> bool:
+        """Whether the group still counts this instance as the owner of its partitions, asked
+        now (``offsets``: what the checkpoint vouches for, a commit being the question)."""
+
+
+class NotOwner(Exception):
+    """The group no longer vouches for this instance: what the checkpoint has not written yet
+    must not be written (see `Checkpointer.checkpoint`)."""
 
 
 class KafkaSink:
@@ -96,6 +106,31 @@ class KafkaSink:
         except (KafkaError, TimeoutError) as exc:  # the next checkpoint commits again
             self.log.warning("offset commit failed, will retry", error=repr(exc))
 
+    async def fence(self, offsets: dict[TopicPartition, int]) -> bool:
+        """A commit of ``offsets`` as the question: the group coordinator accepts one only
+        from a member of its current generation, so it refuses an instance it has replaced
+        (one frozen or cut off past its session timeout), whatever that instance believes
+        it owns. No answer in time proves nothing either."""
+        assigned = self._group.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            self.log.warning("checkpoint not written: none of its partitions is assigned here")
+            return False
+        try:
+            async with asyncio.timeout(self._commit_timeout):
+                await self._group.commit(offsets)
+        except CommitFailedError as exc:
+            self.log.warning("checkpoint not written: the group has replaced this instance "
+                             "(frozen or cut off past its session timeout); the rebalance "
+                             "says which partitions it keeps", error=repr(exc))
+            return False
+        except (KafkaError, TimeoutError) as exc:
+            self.log.warning("checkpoint not written: the group did not confirm that this "
+                             "instance still owns its partitions, will retry",
+                             error=repr(exc))
+            return False
+        return True
+
 
 class Checkpointer:
     """What goes into a checkpoint, when, and in which order.
@@ -119,6 +154,10 @@ class Checkpointer:
         self.since_checkpoint = 0  # records applied since the last checkpoint
         self.last_checkpoint = time.monotonic()
         self._writing: asyncio.Task[None] | None = None  # a checkpoint written behind the loop
+        # how long a yes from `CheckpointSink.fence` stands: well inside the session timeout,
+        # before which the group cannot give the partitions to another instance
+        self._fence_lasts = settings.session_timeout_ms / 2000
+        self._fenced_at = NEVER  # monotonic time the standing yes was asked
 
     # -- what the loop and a restore tell it ------------------------------------------------------
 
@@ -185,14 +224,37 @@ class Checkpointer:
         go last. So nothing in the changelog runs ahead of what was published: at-least-once,
         never lossy (an account snapshot newer than its control record skips the re-read
         inputs it already reflects).
+
+        Nothing is written without the group's word that this instance still owns its
+        partitions (`CheckpointSink.fence`), asked first and again whenever the last yes is
+        older than half the session timeout. An instance frozen past its session (a long
+        pause, a throttled container, a stopped VM) wakes with a checkpoint due and accounts
+        that are stale: the group gave its partitions to another instance, which restored them
+        and moved on. Its snapshots, written now, would be the newest of those accounts, and
+        the next restore of them would start from a state older than its offsets say. Without
+        the word, the checkpoint stops where it is and its accounts stay dirty: the rebalance
+        that follows says which partitions stay, and those handed over are dropped.
         """
         if not partitions:
             return
         collector.pause()  # its ~100,000 messages and futures would bring on full collections
+        self._fenced_at = NEVER
         try:
             await self._checkpoint(partitions, sink)
+        except NotOwner:
+            pass  # the sink said why; what was written before was still true
         finally:
             collector.resume()
+
+    async def _owner(self, sink: CheckpointSink, offsets: dict[TopicPartition, int]) -> None:
+        """Raise NotOwner unless the group's last yes (`fence`) still stands or it says yes
+        again now."""
+        if time.monotonic() - self._fenced_at < self._fence_lasts:
+            return
+        asked = time.monotonic()
+        if not await sink.fence(offsets):
+            raise NotOwner
+        self._fenced_at = asked
 
     async def _checkpoint(self, partitions: set[int], sink: CheckpointSink) -> None:
         started = time.monotonic()
@@ -215,6 +277,7 @@ class Checkpointer:
         # touches of the accounts written, dropped a chunk at a time (put back on failure):
         # all at once, 100,000 held the loop ~25 ms as the checkpoint ended
         written_touches: dict[str, int] = {}
+        vouched_offsets = self._input_offsets(as_of)
         try:
             # Which of them this checkpoint writes, found a chunk at a time too: all at once,
             # 100,000 held the loop ~0.1 s. (A hand-over waits for this checkpoint, so no
@@ -240,6 +303,7 @@ class Checkpointer:
                 layouts, snapshots = snapshot_messages(
                     self.engine, chunk, seq, self.as_of(set(chunk.values())), t, written)
                 await sink.flush()  # the events of what these snapshots reflect
+                await self._owner(sink, vouched_offsets)
                 if layouts:  # acknowledged first: no snapshot is ever without its layout
                     await sink.deliver(layouts)
                 await sink.deliver(snapshots)
@@ -253,6 +317,7 @@ class Checkpointer:
                 # window ids, one took ~15 ms to compress on the loop (JSON, lz4 at level 9,
                 # before control records were zstd frames); back to back, the ticks arriving
                 # meanwhile waited for all of them.
+                await self._owner(sink, vouched_offsets)
                 sent = time.monotonic()
                 await sink.deliver([control_message(partition, control, t)])
                 await asyncio.sleep(time.monotonic() - sent)
@@ -264,9 +329,13 @@ class Checkpointer:
         self._keep_touched(captured)  # the accounts not written: still needed
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         self.metrics.last_checkpoint.set(time.time())
-        await sink.commit({TopicPartition(topic, p): offset
-                           for p, offsets in as_of.items()
-                           for (topic, _), offset in offsets.items() if topic != t.prices})
+        await sink.commit(vouched_offsets)
+
+    def _input_offsets(self, as_of: dict[int, Offsets]) -> dict[TopicPartition, int]:
+        """The fills and ledger offsets a checkpoint vouches for: what it commits."""
+        prices = self.settings.topics.prices
+        return {TopicPartition(topic, p): offset for p, offsets in as_of.items()
+                for (topic, _), offset in offsets.items() if topic != prices}
 
     def _keep_touched(self, touched: dict[str, int]) -> None:
         """Put back touches the next checkpoint still needs; a touch made since it was taken

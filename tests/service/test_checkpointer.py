@@ -11,6 +11,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,12 +48,15 @@ def kind(message: Outgoing) -> str:
 
 class Recorder:
     """A checkpoint's sink in memory: every call, in order. ``submitted``: event batches
-    handed to the pipeline so far; a deliver of records of kind ``refuse`` raises."""
+    handed to the pipeline so far; a deliver of records of kind ``refuse`` raises; ``owner``:
+    the group's answers to `fence`, in turn (the last one repeated)."""
 
-    def __init__(self, submitted: int = 0, refuse: str | None = None) -> None:
+    def __init__(self, submitted: int = 0, refuse: str | None = None,
+                 owner: Sequence[bool] = (True,)) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.submitted = submitted
         self.refuse = refuse
+        self.owner = list(owner)
 
     async def deliver(self, messages: Sequence[Outgoing]) -> None:
         self.calls.append(("deliver", list(messages)))
@@ -70,6 +74,10 @@ class Recorder:
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.calls.append(("commit", offsets))
+
+    async def fence(self, offsets: dict[TopicPartition, int]) -> bool:
+        self.calls.append(("fence", offsets))
+        return self.owner.pop(0) if len(self.owner) > 1 else self.owner[0]
 
     def steps(self) -> list[str]:
         """The calls in short: "deliver account×2" delivered two account records."""
@@ -97,13 +105,31 @@ class BusyLoop(Recorder):
         await super().flush()
 
 
-def make(owned: Iterable[int] = (0, 1)) -> tuple[Checkpointer, Engine]:
+class SlowEvents(Recorder):
+    """Each chunk, and the control records, wait ``seconds`` for the events they reflect."""
+
+    def __init__(self, seconds: float, owner: Sequence[bool] = (True,)) -> None:
+        super().__init__(owner=owner)
+        self.seconds = seconds
+
+    async def flush(self) -> None:
+        await asyncio.sleep(self.seconds)
+        await super().flush()
+
+    async def settled(self, mark: int) -> None:
+        await asyncio.sleep(self.seconds)
+        await super().settled(mark)
+
+
+def make(owned: Iterable[int] = (0, 1), session_timeout_ms: int = SETTINGS.session_timeout_ms
+         ) -> tuple[Checkpointer, Engine]:
     engine = Engine(parse_config(RISK))
     positions = Positions(TOPICS, max_skew_ms=5, max_wait=0.5, max_stall=10.0, metrics=Metrics())
     for (topic, partition), offset in PROCESSED.items():
         positions.seek(TopicPartition(topic, partition), offset)
     positions.owned.update(owned)
-    return Checkpointer(engine, positions, SETTINGS, Metrics(), FINGERPRINT), engine
+    settings = replace(SETTINGS, session_timeout_ms=session_timeout_ms)
+    return Checkpointer(engine, positions, settings, Metrics(), FINGERPRINT), engine
 
 
 def deposit(engine: Engine, account: str, amount: float, partition: int, offset: int) -> None:
@@ -129,7 +155,7 @@ async def test_a_chunk_waits_for_the_events_then_writes_its_layout_then_its_snap
     deposit(engine, "alice", 100.0, 0, 1)
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
-    assert recorder.steps()[:3] == ["flush", "deliver layout×1", "deliver account×1"]
+    assert recorder.steps()[:4] == ["flush", "fence", "deliver layout×1", "deliver account×1"]
 
 
 async def test_control_records_go_last_once_the_events_handed_over_before_are_settled() -> None:
@@ -157,8 +183,8 @@ async def test_a_layout_is_written_once_per_partition_however_many_chunks() -> N
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
     assert recorder.steps() == [
-        "flush", "deliver layout×1", "deliver account×256", "flush", "deliver account×44",
-        "settled 0", "deliver control×1", "commit"]
+        "flush", "fence", "deliver layout×1", "deliver account×256", "flush",
+        "deliver account×44", "settled 0", "deliver control×1", "commit"]
 
 
 async def test_only_the_checkpointed_partitions_accounts_are_written_the_others_stay_dirty(
@@ -320,7 +346,7 @@ async def test_a_failed_checkpoint_writes_no_control_record_and_commits_nothing(
     recorder = Recorder(refuse="account")
     with pytest.raises(DeliveryFailed):
         await checkpointer.checkpoint({0}, recorder)
-    assert recorder.steps() == ["flush", "deliver layout×1", "deliver account×1"]
+    assert recorder.steps() == ["flush", "fence", "deliver layout×1", "deliver account×1"]
     assert checkpointer.seq == 0
 
 
@@ -384,3 +410,71 @@ async def test_an_offset_commit_the_broker_does_not_answer_is_given_up_with_a_wa
         own_broker.resume()
         await group.stop()
     assert [entry["event"] for entry in logs] == ["offset commit failed, will retry"]
+
+
+async def test_a_checkpoint_the_group_does_not_vouch_for_writes_nothing_and_keeps_its_accounts(
+        ) -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    checkpointer.touched["alice"] = 0  # as the loop notes it
+    recorder = Recorder(owner=[False])
+    await checkpointer.checkpoint({0}, recorder)  # no error: the rebalance sorts it out
+    assert recorder.steps() == ["flush", "fence"]
+    assert recorder.calls[1] == ("fence", {TopicPartition("fills", 0): 7,
+                                           TopicPartition("ledger", 0): 3})
+    assert (checkpointer.seq, checkpointer.touched) == (0, {"alice": 0})
+    assert engine.take_dirty() == {"alice"}
+
+
+async def test_the_group_is_asked_again_once_its_word_is_older_than_half_the_session() -> None:
+    checkpointer, engine = make(session_timeout_ms=100)  # a yes stands 50 ms
+    for n in range(CHECKPOINT_CHUNK + 44):
+        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    recorder = SlowEvents(seconds=0.06)
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.steps() == [
+        "flush", "fence", "deliver layout×1", "deliver account×256", "flush", "fence",
+        "deliver account×44", "settled 0", "fence", "deliver control×1", "commit"]
+
+
+async def test_when_the_group_stops_vouching_mid_checkpoint_the_rest_is_not_written() -> None:
+    checkpointer, engine = make(session_timeout_ms=100)
+    for n in range(CHECKPOINT_CHUNK + 44):
+        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    recorder = SlowEvents(seconds=0.06, owner=[True, False])
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.steps() == [
+        "flush", "fence", "deliver layout×1", "deliver account×256", "flush", "fence"]
+    assert checkpointer.seq == 0  # no control record vouches for the chunk written
+    assert len(engine.take_dirty()) == CHECKPOINT_CHUNK + 44  # all written again next time
+
+
+async def test_the_groups_word_is_not_taken_for_partitions_not_assigned_here() -> None:
+    group = AIOKafkaConsumer(group_id="never-started")  # assigned nothing
+    sink = KafkaSink(cast(Pipeline, None), group, structlog.get_logger(), commit_timeout=1.0)
+    with structlog.testing.capture_logs() as logs:
+        assert await sink.fence({TopicPartition("fills", 0): 7}) is False
+    assert [entry["event"] for entry in logs] == [
+        "checkpoint not written: none of its partitions is assigned here"]
+
+
+async def test_a_group_that_does_not_answer_does_not_vouch(own_broker) -> None:
+    topic = await topic_with(own_broker.bootstrap, {0: [[b"a"]]})
+    tp = TopicPartition(topic, 0)
+    group = AIOKafkaConsumer(bootstrap_servers=own_broker.bootstrap, group_id="fence",
+                             enable_auto_commit=False, request_timeout_ms=200,
+                             retry_backoff_ms=50)
+    await group.start()
+    group.assign([tp])
+    sink = KafkaSink(cast(Pipeline, None), group, structlog.get_logger(), commit_timeout=1.0)
+    try:
+        assert await sink.fence({tp: 1}) is True
+        own_broker.pause()
+        with structlog.testing.capture_logs() as logs:
+            assert await asyncio.wait_for(sink.fence({tp: 1}), timeout=10) is False
+    finally:
+        own_broker.resume()
+        await group.stop()
+    assert [entry["event"] for entry in logs] == [
+        "checkpoint not written: the group did not confirm that this instance still owns its "
+        "partitions, will retry"]

@@ -5,6 +5,7 @@ events `liqmon replay` reproduces, see test_service)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from dataclasses import replace
 from itertools import groupby
@@ -15,16 +16,18 @@ from aiokafka import TopicPartition
 from monitor.config import load_config
 from monitor.engine import Engine
 from monitor.service.broker import free_port
-from monitor.service.changelog import read_changelog
+from monitor.service.changelog import ACCOUNT, KIND_HEADER, LAYOUT, read_changelog
 from monitor.service.metrics import scrape_input_offsets, scrape_partition_gauge
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
+from monitor.snapshot import Layout, decode_account, decode_layout
 from tests.support.compare import final_engine, state_of
 from tests.support.kafka import (
     MonitorProcess,
     fresh_settings,
     produce_located,
     read_events,
+    read_topic,
     replayed,
     routable,
     run_args,
@@ -306,3 +309,60 @@ async def test_partitions_handed_over_leave_no_lag_or_offset_series_behind(broke
         assert accounts == {(topic, p) for topic in (t.fills, t.ledger) for p in kept}
     for instance in (a, b):
         assert await instance.stop() == 0
+
+
+async def test_an_instance_frozen_past_its_session_writes_no_checkpoint_over_its_successor(
+        broker):
+    """A long GC pause, a throttled container or a stopped VM: the group gives a frozen
+    instance's partitions to another, which restores them and moves on. When the frozen one
+    wakes, a checkpoint is overdue and its accounts are dirty, but they are stale now: were
+    they written, they would be the changelog's newest snapshots of those accounts, and the
+    next restore of them would start from a state older than its offsets say. Nothing it
+    writes may land after its successor's."""
+    config = load_config(CONFIG)
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    frozen = await start(settings, checkpoint_interval=3600)
+    survivor = await start(settings)
+    await settled([frozen, survivor], settings)
+    feed = Feed(settings, seed=36, length=3_000)
+    third = len(feed.runs) // 3
+    await feed.run([frozen, survivor], slice(0, third))
+    frozen.proc.send_signal(signal.SIGSTOP)  # its last records not checkpointed yet
+    try:
+        await settled([survivor], settings)  # the session timed out: the survivor has all
+        await feed.run([survivor], slice(third, 2 * third))
+        await asyncio.sleep(1)  # the survivor checkpoints what it changed
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)  # a checkpoint is due at once
+    await settled([frozen, survivor], settings)  # back in the group: partitions split again
+    await feed.run([frozen, survivor], slice(2 * third, None))
+    await finish([frozen, survivor], feed, config)
+    assert await final_state(settings, config) == state_of(
+        final_engine(feed.records, config))["accounts"]
+    assert await snapshots_going_back(settings) == []
+
+
+async def snapshots_going_back(settings: ServiceSettings) -> list[tuple[int, int, str]]:
+    """(partition, offset, account) of every changelog snapshot that reflects fewer of its
+    partition's inputs than an earlier snapshot of the same account: written by an instance
+    that no longer owned the partition."""
+    t = settings.topics
+    newest: dict[tuple[int, str], int] = {}
+    going_back = []
+    layouts: dict[int, Layout] = {}
+    for record in sorted(await read_topic(settings.bootstrap, t.state),
+                         key=lambda r: (r.partition, r.offset)):
+        kind = dict(record.headers).get(KIND_HEADER, ACCOUNT)
+        if kind == LAYOUT:
+            layout = decode_layout(record.value)
+            layouts[layout.id] = layout
+        if kind != ACCOUNT or record.value is None:
+            continue
+        _, _, as_of = decode_account(record.value, layouts)
+        inputs = sum(offset for (topic, _), offset in as_of.items() if topic != t.prices)
+        key = (record.partition, record.key.decode())
+        if inputs < newest.get(key, 0):
+            going_back.append((record.partition, record.offset, key[1]))
+        newest[key] = max(newest.get(key, 0), inputs)
+    return going_back
