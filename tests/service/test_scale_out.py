@@ -315,10 +315,11 @@ async def test_an_instance_frozen_past_its_session_writes_no_checkpoint_over_its
         broker):
     """A long GC pause, a throttled container or a stopped VM: the group gives a frozen
     instance's partitions to another, which restores them and moves on. When the frozen one
-    wakes, a checkpoint is overdue and its accounts are dirty, but they are stale now: were
-    they written, they would be the changelog's newest snapshots of those accounts, and the
-    next restore of them would start from a state older than its offsets say. Nothing it
-    writes may land after its successor's."""
+    wakes it still holds its accounts, dirty, and checkpoints them as the rebalance takes its
+    partitions back (or as its interval runs out), but they are stale now: written, they would
+    be the changelog's newest snapshots of those accounts, and the next restore of them would
+    start from a state older than its offsets say. Nothing it writes may land after its
+    successor's."""
     config = load_config(CONFIG)
     settings = multi_partition(broker)
     await create_topics(settings)
@@ -328,13 +329,13 @@ async def test_an_instance_frozen_past_its_session_writes_no_checkpoint_over_its
     feed = Feed(settings, seed=36, length=3_000)
     third = len(feed.runs) // 3
     await feed.run([frozen, survivor], slice(0, third))
-    frozen.proc.send_signal(signal.SIGSTOP)  # its last records not checkpointed yet
+    frozen.proc.send_signal(signal.SIGSTOP)  # having checkpointed none of its accounts
     try:
         await settled([survivor], settings)  # the session timed out: the survivor has all
         await feed.run([survivor], slice(third, 2 * third))
         await asyncio.sleep(1)  # the survivor checkpoints what it changed
     finally:
-        frozen.proc.send_signal(signal.SIGCONT)  # a checkpoint is due at once
+        frozen.proc.send_signal(signal.SIGCONT)
     await settled([frozen, survivor], settings)  # back in the group: partitions split again
     await feed.run([frozen, survivor], slice(2 * third, None))
     await finish([frozen, survivor], feed, config)
