@@ -3,8 +3,8 @@
 A run of `liqmon bench` starts five embedded brokers and a dozen processes, each logging to a
 file. Kept after every run, they piled up in the temporary directory (66 directories on the
 development machine after one day); deleted even when a phase fails, they would take the
-reason with them. So a phase's directory goes when the phase ends well, stays when it fails (the error
-says where), and always stays under a directory the user names (`--keep-logs DIR`).
+reason with them. So a phase's directory goes when the phase ends well, stays when it fails
+(the error says where), and always stays under a directory the user names (`--keep-logs DIR`).
 """
 
 from __future__ import annotations
