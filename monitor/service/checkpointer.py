@@ -93,16 +93,11 @@ class KafkaSink:
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Mirror checkpointed offsets into the consumer group, for lag tooling. The
         changelog, not the group, is where a restart resumes from."""
-        assigned = self._group.assignment()
-        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        offsets = self._assigned(offsets)
         if not offsets:
             return
-        # aiokafka retries a retriable error (a request timed out, the coordinator moved)
-        # without end, and every checkpoint, the final one included, commits under the loop's
-        # lock: a commit the broker does not answer must not hold the loop, or a stop, there.
         try:
-            async with asyncio.timeout(self._commit_timeout):
-                await self._group.commit(offsets)
+            await self._commit_in_time(offsets)
         except (KafkaError, TimeoutError) as exc:  # the next checkpoint commits again
             self.log.warning("offset commit failed, will retry", error=repr(exc))
 
@@ -111,14 +106,12 @@ class KafkaSink:
         from a member of its current generation, so it refuses an instance it has replaced
         (one frozen or cut off past its session timeout), whatever that instance believes
         it owns. No answer in time proves nothing either."""
-        assigned = self._group.assignment()
-        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        offsets = self._assigned(offsets)
         if not offsets:
             self.log.warning("checkpoint not written: none of its partitions is assigned here")
             return False
         try:
-            async with asyncio.timeout(self._commit_timeout):
-                await self._group.commit(offsets)
+            await self._commit_in_time(offsets)
         except CommitFailedError as exc:
             self.log.warning("checkpoint not written: the group has replaced this instance "
                              "(frozen or cut off past its session timeout); the rebalance "
@@ -130,6 +123,18 @@ class KafkaSink:
                              error=repr(exc))
             return False
         return True
+
+    def _assigned(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        assigned = self._group.assignment()
+        return {tp: o for tp, o in offsets.items() if tp in assigned}
+
+    async def _commit_in_time(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit, or raise TimeoutError after the commit timeout. aiokafka retries a
+        retriable error (a request timed out, the coordinator moved) without end, and every
+        checkpoint, the final one included, commits under the loop's lock: a commit the broker
+        does not answer must not hold the loop, or a stop, there."""
+        async with asyncio.timeout(self._commit_timeout):
+            await self._group.commit(offsets)
 
 
 class Checkpointer:

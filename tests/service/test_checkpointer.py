@@ -389,18 +389,25 @@ def test_changes_of_a_catch_up_are_written_by_the_next_checkpoint_of_their_parti
     assert (checkpointer.touched, engine.take_dirty()) == ({"dave": 1}, {"dave"})
 
 
-async def test_an_offset_commit_the_broker_does_not_answer_is_given_up_with_a_warning(
-        own_broker) -> None:
-    # aiokafka would retry it without end, holding the checkpoint (and a stop) behind it
-    topic = await topic_with(own_broker.bootstrap, {0: [[b"a"], [b"b"]]})
+async def sink_of_a_group(bootstrap: str, group_id: str
+                          ) -> tuple[KafkaSink, AIOKafkaConsumer, TopicPartition]:
+    """A `KafkaSink` whose group consumer is started and assigned a partition of a topic of
+    two records, with short timeouts; no pipeline (a commit delivers nothing)."""
+    topic = await topic_with(bootstrap, {0: [[b"a"], [b"b"]]})
     tp = TopicPartition(topic, 0)
-    group = AIOKafkaConsumer(bootstrap_servers=own_broker.bootstrap, group_id="commits",
+    group = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
                              enable_auto_commit=False, request_timeout_ms=200,
                              retry_backoff_ms=50)
     await group.start()
     group.assign([tp])
-    no_pipeline = cast(Pipeline, None)  # a commit does not deliver
-    sink = KafkaSink(no_pipeline, group, structlog.get_logger(), commit_timeout=1.0)
+    sink = KafkaSink(cast(Pipeline, None), group, structlog.get_logger(), commit_timeout=1.0)
+    return sink, group, tp
+
+
+async def test_an_offset_commit_the_broker_does_not_answer_is_given_up_with_a_warning(
+        own_broker) -> None:
+    # aiokafka would retry it without end, holding the checkpoint (and a stop) behind it
+    sink, group, tp = await sink_of_a_group(own_broker.bootstrap, "commits")
     try:
         await sink.commit({tp: 1})  # answered
         own_broker.pause()
@@ -459,14 +466,7 @@ async def test_the_groups_word_is_not_taken_for_partitions_not_assigned_here() -
 
 
 async def test_a_group_that_does_not_answer_does_not_vouch(own_broker) -> None:
-    topic = await topic_with(own_broker.bootstrap, {0: [[b"a"]]})
-    tp = TopicPartition(topic, 0)
-    group = AIOKafkaConsumer(bootstrap_servers=own_broker.bootstrap, group_id="fence",
-                             enable_auto_commit=False, request_timeout_ms=200,
-                             retry_backoff_ms=50)
-    await group.start()
-    group.assign([tp])
-    sink = KafkaSink(cast(Pipeline, None), group, structlog.get_logger(), commit_timeout=1.0)
+    sink, group, tp = await sink_of_a_group(own_broker.bootstrap, "fence")
     try:
         assert await sink.fence({tp: 1}) is True
         own_broker.pause()
