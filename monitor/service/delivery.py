@@ -59,13 +59,15 @@ class Delivery:
         transition counter inside the id orders one account's events. An error no retry can
         fix raises DeliveryFailed.
         """
-        pending, backoff, failures = list(outgoing), 0.1, 0
-        while pending:
-            failed, error = await self._send(pending)
-            if not failed:
-                if failures:
-                    self.log.info("kafka reachable again, delivery resumed", retries=failures)
-                return
+        failed, error = await self._send(list(outgoing))
+        if failed:
+            await self.redeliver(failed, error)
+
+    async def redeliver(self, failed: list[Outgoing], error: BaseException | None) -> None:
+        """Retry messages whose first attempt failed with ``error`` (counted as retries),
+        with backoff, until every one is acknowledged; as `deliver`."""
+        backoff, failures = 0.1, 0
+        while failed:
             failures += 1
             self.metrics.delivery_retries.inc(len(failed))
             stop_at = self._stop_requested_at()
@@ -79,7 +81,8 @@ class Delivery:
                              error=repr(error), retry_in=round(backoff, 2))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
-            pending = failed
+            failed, error = await self._send(failed)
+        self.log.info("kafka reachable again, delivery resumed", retries=failures)
 
     async def start_sending(self, messages: Sequence[Outgoing]
                             ) -> tuple[list[asyncio.Future[Any]], KafkaError | None]:
@@ -198,8 +201,10 @@ class Pipeline:
         self._on_delivered = on_delivered
         self._max_in_flight = max_in_flight
         # per batch: its messages, the futures of those handed to the producer (the first
-        # ones), and what to report once it is acknowledged
-        self._queue: deque[tuple[list[Outgoing], list[asyncio.Future[Any]], Any]] = deque()
+        # ones), the error that stopped the hand-over of the rest, and what to report once
+        # it is acknowledged
+        self._queue: deque[tuple[list[Outgoing], list[asyncio.Future[Any]], KafkaError | None,
+                                 Any]] = deque()
         self._in_flight = 0  # messages handed over and not settled
         self._submitted = 0  # batches handed over, ever
         self._settled = 0  # batches acknowledged, ever (in order)
@@ -220,8 +225,8 @@ class Pipeline:
                     lambda: self._in_flight < self._max_in_flight or self._error is not None)
             self._raise_if_failed()
         # if the broker is away, the settler delivers what was not handed over, with retries
-        futures, _ = await self.delivery.start_sending(outgoing)
-        self._queue.append((outgoing, futures, delivered))
+        futures, hand_over_error = await self.delivery.start_sending(outgoing)
+        self._queue.append((outgoing, futures, hand_over_error, delivered))
         self._in_flight += len(outgoing)
         self._submitted += 1
         async with self._changed:
@@ -267,12 +272,13 @@ class Pipeline:
             while True:
                 async with self._changed:
                     await self._changed.wait_for(lambda: bool(self._queue))
-                outgoing, futures, delivered = self._queue[0]
+                outgoing, futures, hand_over_error, delivered = self._queue[0]
                 sent = len(futures)
                 results = await outcomes(futures)
                 failed = self.delivery.settle(outgoing[:sent], results) + outgoing[sent:]
                 if failed:
-                    await self.delivery.deliver(failed)
+                    error = next((r for r in results if isinstance(r, BaseException)), None)
+                    await self.delivery.redeliver(failed, error or hand_over_error)
                 self._queue.popleft()
                 self._in_flight -= len(outgoing)
                 self._settled += 1

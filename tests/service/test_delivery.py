@@ -260,8 +260,9 @@ async def running() -> AsyncIterator[list[Pipeline]]:
 
 
 def started_pipeline(producer: AIOKafkaProducer, delivered: list[Any],
-                     running: list[Pipeline], max_in_flight: int = 100_000) -> Pipeline:
-    pipeline = Pipeline(delivery_of(producer), delivered.append, max_in_flight)
+                     running: list[Pipeline], max_in_flight: int = 100_000,
+                     metrics: Metrics | None = None) -> Pipeline:
+    pipeline = Pipeline(delivery_of(producer, metrics), delivered.append, max_in_flight)
     pipeline.start()
     running.append(pipeline)
     return pipeline
@@ -332,13 +333,16 @@ async def test_the_pipeline_delivers_a_batch_again_when_the_broker_is_back(
         running: list[Pipeline]) -> None:
     producer, topic = paused
     delivered: list[Any] = []
-    pipeline = started_pipeline(producer, delivered, running)
+    metrics = Metrics()
+    pipeline = started_pipeline(producer, delivered, running, metrics=metrics)
     with structlog.testing.capture_logs() as logs:
         await pipeline.submit([message(topic, n) for n in range(3)], "batch")
-        await said(logs, RETRYING, times=1)
+        await said(logs, RETRYING, times=1)  # the first attempt failed
         own_broker.resume()
         await pipeline.flush()
     assert delivered == ["batch"]
+    # the failed first attempt counts: an outage whose first retry succeeds still shows
+    assert metrics.registry.get_sample_value("liqmon_delivery_retries_total") >= 3
     assert (await values_of(own_broker.bootstrap, topic))[-3:] == [b"v0", b"v1", b"v2"]
 
 
