@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import pytest
@@ -16,6 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.changelog import read_changelog
+from monitor.service.delivery import Delivery
+from monitor.service.outbox import Outgoing
 from monitor.service.settings import Topics
 from monitor.service.topics import create_topics
 from tests.support.kafka import (
@@ -127,27 +131,48 @@ async def test_an_output_topic_deleted_while_running_stops_the_instance(broker):
 
 @pytest.mark.kafka  # starts a broker of its own
 @pytest.mark.asyncio(loop_scope="session")
-async def test_events_are_counted_once_when_acknowledged_not_when_a_produce_fails():
+async def test_events_are_counted_once_when_acknowledged_not_when_a_produce_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     records = routable(random_stream(seed=6, length=20_000))
+    before, during = records[:10_000], records[10_000:]
     with EmbeddedBroker() as own_broker:  # paused: it must not stall the other tests
         settings = fresh_settings(own_broker.bootstrap)
-        ends = await produce_timestamped(own_broker.bootstrap, settings.topics, records)
-        async with RunningMonitor(settings, parse_config(RISK)) as monitor:
-            sample = monitor.metrics.registry.get_sample_value
-            while not sample("liqmon_delivery_retries_total"):  # until a produce has failed
-                delivered = monitor.processed_offsets()
-                assert delivered != ends, "no outage while producing"
-                # Events on their way again first: an outage that only ever meets the group
-                # rejoining (its session ran out in the last one) holds the loop still, and
-                # then no produce is in flight to fail.
-                async with asyncio.timeout(60):
-                    while monitor.processed_offsets() == delivered:
-                        await asyncio.sleep(0.001)
-                own_broker.pause()  # with the backlog's events in flight
-                await asyncio.sleep(5.0)  # longer than the request timeout
-                own_broker.resume()
-            await wait_processed(monitor, ends, timeout=120)
-            counted = sum(sample("liqmon_events_emitted_total", {"type": kind})
-                          for kind in ("margin_call", "liquidation", "recovered"))
+        # The outage starts the moment the first events of the second half are handed to
+        # the producer, before it can send them: their request meets a broker that answers
+        # nothing and times out. The first half has the producer connected by then (a
+        # connection that fails is retried inside the client, not counted). Pausing from
+        # the test's side instead raced the loop: at that instant it could as well be
+        # fetching or rejoining the group, with no produce in flight to fail.
+        outage: list[asyncio.TimerHandle] = []
+        start_sending = Delivery.start_sending
+
+        async def start_sending_into_an_outage(self: Delivery, messages: Sequence[Outgoing],
+                                               ) -> tuple[list[asyncio.Future[Any]], Any]:
+            handed = await start_sending(self, messages)
+            if armed and not outage and any(m.event_type is not None for m in messages):
+                own_broker.pause()
+                outage.append(asyncio.get_running_loop().call_later(
+                    5.0, own_broker.resume))  # longer than the request timeout
+            return handed
+
+        armed = False
+        monkeypatch.setattr(Delivery, "start_sending", start_sending_into_an_outage)
+        try:
+            async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+                ends = await produce_timestamped(own_broker.bootstrap, settings.topics, before)
+                await wait_processed(monitor, ends, timeout=60)
+                armed = True
+                ends |= await produce_timestamped(own_broker.bootstrap, settings.topics, during,
+                                                  first_timestamp_ms=1_000_000 + len(before))
+                await wait_processed(monitor, ends, timeout=120)
+                sample = monitor.metrics.registry.get_sample_value
+                assert outage, "no events after the first half"
+                assert sample("liqmon_delivery_retries_total") > 0, "no produce failed"
+                counted = sum(sample("liqmon_events_emitted_total", {"type": kind})
+                              for kind in ("margin_call", "liquidation", "recovered"))
+        finally:
+            for handle in outage:
+                handle.cancel()
+            own_broker.resume()
         events = await read_events(own_broker.bootstrap, settings.topics)
     assert counted == len({e["event_id"] for e in events})
