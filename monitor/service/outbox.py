@@ -36,6 +36,14 @@ def event_message(event: Event, topics: Topics, trigger_timestamp_ms: int | None
     )
 
 
+# A dead letter copies at most this many characters of the input's value and of its key.
+# JSON spells a control character in 6 bytes, so a large junk input would make a dead letter
+# several times its size, over the broker's message size limit (1 MB by default); a dead
+# letter the broker refuses for good stops the instance, and again after every restart. Cut
+# there, both copies stay under 1 MB; the whole input stays in its topic at the offset named.
+DEAD_LETTER_TEXT_LIMIT = 65_536
+
+
 def _text(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", errors="replace")
 
@@ -43,23 +51,36 @@ def _text(raw: bytes | None) -> str | None:
 def dead_letter_message(rejection: Rejected, topic: str, partition: int, offset: int,
                         key: bytes | None, value: bytes | None, topics: Topics) -> Outgoing:
     """The rejected input, its reason and where it came from, with Connect-style headers
-    (`__liqmon.errors.*`) so generic DLQ tooling can route and re-drive it."""
+    (`__liqmon.errors.*`) so generic DLQ tooling can route and re-drive it. A key or value
+    longer than `DEAD_LETTER_TEXT_LIMIT` characters is cut there; the error says so and the
+    header `__liqmon.errors.value.bytes` gives the input value's size."""
+    error = str(rejection)
+    key_text, value_text = _text(key), _text(value) or ""
+    cut = [f"{name} ({len(text):,} characters)" for name, text in
+           (("key", key_text or ""), ("value", value_text)) if len(text) > DEAD_LETTER_TEXT_LIMIT]
+    headers = [
+        ("__liqmon.errors.reason", rejection.reason.encode()),
+        ("__liqmon.errors.topic", topic.encode()),
+        ("__liqmon.errors.partition", str(partition).encode()),
+        ("__liqmon.errors.offset", str(offset).encode()),
+    ]
+    if cut:
+        error += (f"; this dead letter holds the first {DEAD_LETTER_TEXT_LIMIT:,} characters of "
+                  f"the input's {' and '.join(cut)}")
+        key_text = None if key_text is None else key_text[:DEAD_LETTER_TEXT_LIMIT]
+        value_text = value_text[:DEAD_LETTER_TEXT_LIMIT]
+        headers.append(("__liqmon.errors.value.bytes", str(len(value or b"")).encode()))
     record = {
-        "error": str(rejection),
+        "error": error,
         "source_topic": topic,
         "source_partition": partition,
         "source_offset": offset,
-        "key": _text(key),
-        "value": _text(value) or "",
+        "key": key_text,
+        "value": value_text,
     }
     return Outgoing(
         topic=topics.dead_letter,
         key=key,
         value=orjson.dumps(record),
-        headers=[
-            ("__liqmon.errors.reason", rejection.reason.encode()),
-            ("__liqmon.errors.topic", topic.encode()),
-            ("__liqmon.errors.partition", str(partition).encode()),
-            ("__liqmon.errors.offset", str(offset).encode()),
-        ],
+        headers=headers,
     )

@@ -20,7 +20,12 @@ from monitor.records import Rejected
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.delivery import Delivery
 from monitor.service.metrics import Metrics
-from monitor.service.outbox import Outgoing, dead_letter_message, event_message
+from monitor.service.outbox import (
+    DEAD_LETTER_TEXT_LIMIT,
+    Outgoing,
+    dead_letter_message,
+    event_message,
+)
 from monitor.service.settings import Topics
 from monitor.service.topics import create_topics
 from tests.support.kafka import fresh_settings, read_topic
@@ -160,3 +165,37 @@ def test_a_dead_letter_of_a_tombstone_without_a_key_has_an_empty_value_and_a_nul
 def test_a_dead_letter_goes_to_the_dead_letter_topic_and_counts_as_no_event() -> None:
     message = dead_letter(topics=Topics(dead_letter="dlq"))
     assert (message.topic, message.event_type) == ("dlq", None)
+
+
+def test_a_dead_letter_holds_a_value_of_the_limit_whole() -> None:
+    value = b"x" * DEAD_LETTER_TEXT_LIMIT
+    message = dead_letter(value=value)
+    letter = orjson.loads(message.value or b"")
+    assert (letter["value"], letter["error"]) == (value.decode(), str(REJECTED))
+    assert "__liqmon.errors.value.bytes" not in dict(message.headers)
+
+
+def test_a_dead_letter_cuts_a_longer_value_and_says_so() -> None:
+    message = dead_letter(value=b"x" * 100_000)
+    letter = orjson.loads(message.value or b"")
+    assert letter["value"] == "x" * 65_536
+    assert letter["error"] == (f"{REJECTED}; this dead letter holds the first 65,536 "
+                               "characters of the input's value (100,000 characters)")
+    assert dict(message.headers)["__liqmon.errors.value.bytes"] == b"100000"
+
+
+def test_a_dead_letter_cuts_a_longer_key_in_its_value_but_keeps_it_as_its_kafka_key() -> None:
+    key = b"k" * 70_000
+    message = dead_letter(key=key)
+    letter = orjson.loads(message.value or b"")
+    assert (message.key, letter["key"]) == (key, "k" * 65_536)
+    assert letter["error"].endswith("of the input's key (70,000 characters)")
+    assert dict(message.headers)["__liqmon.errors.value.bytes"] == b"16"  # '{"kind": "gift"}'
+
+
+def test_a_cut_dead_letter_stays_under_a_megabyte_and_follows_its_schema() -> None:
+    # a control character is six bytes in JSON ("\u0001"): the worst case for the copies
+    message = dead_letter(key=b"\x01" * 2_000_000, value=b"\x01" * 2_000_000)
+    assert len(message.value or b"") < 1_000_000
+    schema = json.loads((REPO / "schemas" / "dead_letter.schema.json").read_text())
+    Draft202012Validator(schema).validate(orjson.loads(message.value or b""))

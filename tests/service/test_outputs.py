@@ -19,8 +19,8 @@ from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.changelog import read_changelog
 from monitor.service.delivery import Delivery
-from monitor.service.outbox import Outgoing
-from monitor.service.settings import Topics
+from monitor.service.outbox import DEAD_LETTER_TEXT_LIMIT, Outgoing
+from monitor.service.settings import ServiceSettings, Topics
 from monitor.service.topics import create_topics
 from tests.support.kafka import (
     MonitorProcess,
@@ -29,6 +29,7 @@ from tests.support.kafka import (
     produce,
     produce_timestamped,
     read_events,
+    read_topic,
     routable,
     run_args,
     wait_processed,
@@ -73,31 +74,63 @@ async def exit_of(process: MonitorProcess) -> int:
     return code
 
 
+async def produce_large(bootstrap: str, topic: str, key: bytes, value: bytes) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=32 * 1024 * 1024)
+    await producer.start()
+    try:
+        return (await producer.send_and_wait(topic, value, key=key)).offset
+    finally:
+        await producer.stop()
+
+
+async def deposit_checkpointed(settings: ServiceSettings) -> MonitorProcess:
+    """A running instance that has checkpointed one deposit (ledger partition 0, offset 0)."""
+    t = settings.topics
+    deposit = orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT", "amount": 300,
+                            "kind": "deposit", "ts": 1})
+    await produce(settings.bootstrap, [(t.ledger, b"a", deposit)])
+    process = await MonitorProcess(monitor_args(settings)).start()
+    await asyncio.wait_for(process.consuming.wait(), timeout=60)
+    while (await read_changelog(settings.bootstrap, t.state, [0]))[0].control is None:
+        await asyncio.sleep(0.1)
+    return process
+
+
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_message_too_large_for_the_broker_stops_the_instance_before_its_checkpoint(
+async def test_a_large_bad_input_is_dead_lettered_cut_and_the_instance_goes_on(broker):
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    t = settings.topics
+    process = await deposit_checkpointed(settings)
+    # 2 MB of \x01 is not JSON; a whole copy in a dead letter would spell each byte "\u0001":
+    # 12 MB, more than any broker takes by default.
+    assert await produce_large(broker.bootstrap, t.ledger, b"a", b"\x01" * 2_000_000) == 1
+
+    (record,) = await read_topic(broker.bootstrap, t.dead_letter)
+    letter = orjson.loads(record.value)
+    assert (letter["source_offset"], letter["value"]) == (1, "\x01" * DEAD_LETTER_TEXT_LIMIT)
+    assert "first 65,536 characters of the input's value (2,000,000 characters)" in \
+        letter["error"]
+    assert dict(record.headers)["__liqmon.errors.value.bytes"] == b"2000000"
+    while (await read_changelog(broker.bootstrap, t.state, [0]))[0].control.offsets[
+            (t.ledger, 0)] < 2:
+        await asyncio.sleep(0.1)  # the next checkpoint goes past it
+    assert process.proc.returncode is None
+    process.proc.terminate()
+    assert await exit_of(process) == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_message_too_large_for_the_producer_stops_the_instance_before_its_checkpoint(
     broker,
 ):
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
     t = settings.topics
-    deposit = orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT", "amount": 300,
-                            "kind": "deposit", "ts": 1})
-    await produce(broker.bootstrap, [(t.ledger, b"a", deposit)])
-    process = await MonitorProcess(monitor_args(settings)).start()
-    await asyncio.wait_for(process.consuming.wait(), timeout=60)
-    while (await read_changelog(broker.bootstrap, t.state, [0]))[0].control is None:
-        await asyncio.sleep(0.1)  # the deposit (ledger offset 0) is checkpointed
-
-    # 2 MB of \x01 is not JSON; its dead letter spells each byte "\u0001": 12 MB, more
-    # than the producer's 8 MB max_request_size.
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap,
-                                max_request_size=4 * 1024 * 1024)
-    await producer.start()
-    try:
-        meta = await producer.send_and_wait(t.ledger, b"\x01" * 2_000_000, key=b"a")
-    finally:
-        await producer.stop()
-    assert meta.offset == 1
+    process = await deposit_checkpointed(settings)
+    # A dead letter carries the input's key as its own: a key of 9 MB passes the producer's
+    # 8 MB max_request_size however its copy in the value is cut.
+    assert await produce_large(broker.bootstrap, t.ledger, b"k" * 9_000_000, b"not json") == 1
 
     assert await exit_of(process) == 1
     (error,) = [e for e in process.logs if e["level"] == "error"
