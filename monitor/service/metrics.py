@@ -84,6 +84,11 @@ class Metrics:
             "applies them earlier. They spent longer than --max-skew between their timestamp "
             "and their append, are stamped earlier than their partition's previous record, or "
             "waited behind a forced release.", ["topic"], registry=r)
+        self.input_logs_replaced = Counter(
+            "liqmon_input_logs_replaced", "Input partitions read again from their beginning "
+            "because their log came to end before what this instance had applied: the topic "
+            "was deleted and re-created, or the log truncated.", ["topic", "partition"],
+            registry=r)
         self.input_stalled = Gauge(
             "liqmon_input_stalled", "1 while an input partition is stalled: the broker reports "
             "records in it that no fetch has returned for --stall-timeout; the others go on "

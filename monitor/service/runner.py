@@ -611,6 +611,7 @@ class Monitor:
                             if tp in read_to:
                                 positions.merge.read_to(tp, read_to[tp])
                     self._refresh_lag(consumer.assignment())
+                    await self._read_replaced_logs_again(consumer)
                     if sum(map(len, batch.values())) < limit:  # it handed over all it had
                         self._widen_if_starved(consumer, waits[consumer], read_to)
                 async with self._lock:
@@ -664,6 +665,43 @@ class Monitor:
                          "wait widened", topic=tp.topic, partition=tp.partition,
                          position=fetched[tp][0], broker_end=fetched[tp][1],
                          seconds=round(seconds, 1), fetch_wait_ms=wait.ms)
+
+    async def _read_replaced_logs_again(self, consumer: AIOKafkaConsumer) -> None:
+        """Read again, from its beginning, a partition whose log now ends before what this
+        instance has applied of it: the topic was deleted and re-created (or its log
+        truncated, by an unclean leader election). Its records are new ones, and a consumer
+        left at the old position skips them without a word: a re-created ledger's deposits,
+        say, and then false liquidations. The consumer's high watermark only raises the
+        suspicion (one read before a restore's seek can be older than the position); the
+        broker's end offset, asked now, decides."""
+        positions = self._positions
+        suspects = [tp for tp in consumer.assignment() if tp in positions.processed
+                    and (end := consumer.highwater(tp)) is not None
+                    and 0 <= end < positions.processed[tp]]
+        if not suspects:
+            return
+        assert self._probe is not None and self._pipeline is not None
+        async with self._lock:
+            try:
+                ends = await self._probe.end_offsets(suspects)
+                starts = await self._probe.beginning_offsets(suspects)
+            except KafkaError as exc:  # asked again after the next fetch
+                self.log.debug("input log check failed", error=repr(exc))
+                return
+            replaced = [tp for tp in suspects if tp in positions.processed
+                        and ends[tp] < positions.processed[tp]]
+            if replaced:
+                await self._pipeline.flush()  # the old log's events out before its offsets go
+            for tp in replaced:
+                self.log.error(
+                    "input partition's log ends before the records applied from it: the topic "
+                    "was deleted and re-created, or its log truncated; reading it again from "
+                    "its beginning", topic=tp.topic, partition=tp.partition,
+                    applied_to=positions.processed[tp], log_end=ends[tp],
+                    reading_from=starts[tp])
+                self.metrics.input_logs_replaced.labels(tp.topic, str(tp.partition)).inc()
+                consumer.seek(tp, starts[tp])
+                positions.seek(tp, starts[tp])
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume
