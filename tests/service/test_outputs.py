@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from monitor.config import parse_config
@@ -34,6 +34,7 @@ from tests.support.kafka import (
     run_args,
     wait_processed,
 )
+from tests.support.messages import deposit
 from tests.support.paths import REPO
 from tests.support.risk import RISK
 from tests.support.streams import random_stream
@@ -74,21 +75,13 @@ async def exit_of(process: MonitorProcess) -> int:
     return code
 
 
-async def produce_large(bootstrap: str, topic: str, key: bytes, value: bytes) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=32 * 1024 * 1024)
-    await producer.start()
-    try:
-        return (await producer.send_and_wait(topic, value, key=key)).offset
-    finally:
-        await producer.stop()
+LARGE_REQUESTS = 32 * 1024 * 1024  # room for the large inputs below
 
 
 async def deposit_checkpointed(settings: ServiceSettings) -> MonitorProcess:
     """A running instance that has checkpointed one deposit (ledger partition 0, offset 0)."""
     t = settings.topics
-    deposit = orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT", "amount": 300,
-                            "kind": "deposit", "ts": 1})
-    await produce(settings.bootstrap, [(t.ledger, b"a", deposit)])
+    await produce(settings.bootstrap, [deposit(t, "a", 300)])
     process = await MonitorProcess(monitor_args(settings)).start()
     await asyncio.wait_for(process.consuming.wait(), timeout=60)
     while (await read_changelog(settings.bootstrap, t.state, [0]))[0].control is None:
@@ -104,7 +97,9 @@ async def test_a_large_bad_input_is_dead_lettered_cut_and_the_instance_goes_on(b
     process = await deposit_checkpointed(settings)
     # 2 MB of \x01 is not JSON; a whole copy in a dead letter would spell each byte "\u0001":
     # 12 MB, more than any broker takes by default.
-    assert await produce_large(broker.bootstrap, t.ledger, b"a", b"\x01" * 2_000_000) == 1
+    ends = await produce(broker.bootstrap, [(t.ledger, b"a", b"\x01" * 2_000_000)],
+                         max_request_size=LARGE_REQUESTS)
+    assert ends[TopicPartition(t.ledger, 0)] == 2  # at offset 1
 
     (record,) = await read_topic(broker.bootstrap, t.dead_letter)
     letter = orjson.loads(record.value)
@@ -130,7 +125,9 @@ async def test_a_message_too_large_for_the_producer_stops_the_instance_before_it
     process = await deposit_checkpointed(settings)
     # A dead letter carries the input's key as its own: a key of 9 MB passes the producer's
     # 8 MB max_request_size however its copy in the value is cut.
-    assert await produce_large(broker.bootstrap, t.ledger, b"k" * 9_000_000, b"not json") == 1
+    ends = await produce(broker.bootstrap, [(t.ledger, b"k" * 9_000_000, b"not json")],
+                         max_request_size=LARGE_REQUESTS)
+    assert ends[TopicPartition(t.ledger, 0)] == 2  # at offset 1
 
     assert await exit_of(process) == 1
     (error,) = [e for e in process.logs if e["level"] == "error"

@@ -66,12 +66,14 @@ class RunningMonitor:
 
 async def produce(bootstrap: str, messages: Iterable[tuple[str, bytes | None, bytes | None]],
                   first_timestamp_ms: int | None = None,
-                  security: KafkaSecurity = PLAINTEXT) -> dict[TopicPartition, int]:
+                  security: KafkaSecurity = PLAINTEXT,
+                  max_request_size: int = 1024 * 1024) -> dict[TopicPartition, int]:
     """Produce (topic, key, value) in order; returns the end offset per partition.
 
     With first_timestamp_ms, message i carries Kafka timestamp first_timestamp_ms + i, which
     fixes the order in which the monitor's time-ordered merge applies them."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2,
+                                max_request_size=max_request_size,
                                 **security.client_kwargs())
     await producer.start()
     ends: dict[TopicPartition, int] = {}
