@@ -40,7 +40,7 @@ from monitor.bench.latency import (
     setup_records,
 )
 from monitor.bench.report import Figure
-from monitor.bench.workdirs import phase_dir
+from monitor.bench.workdirs import add_keep_logs_option, phase_dir
 from monitor.bench.workload import (
     MixedStream,
     Population,
@@ -333,14 +333,12 @@ def _ms(value: float | None) -> str:
 
 def main() -> int:
     import argparse
-    import tempfile
 
     parser = argparse.ArgumentParser(prog="python -m monitor.bench.checkpoint")
     parser.add_argument("--accounts", type=int, default=CheckpointPlan.accounts)
     parser.add_argument("--rate", type=float, default=CheckpointPlan.rate)
     parser.add_argument("--volatility", type=float, default=0.0, help="default: by scale")
-    parser.add_argument("--keep-logs", type=Path, default=Path(tempfile.gettempdir()),
-                        metavar="DIR", help="where the run's logs are kept (default: %(default)s)")
+    add_keep_logs_option(parser)
     args = parser.parse_args()
     plan = CheckpointPlan(accounts=args.accounts, rate=args.rate, volatility=args.volatility,
                           keep_logs=args.keep_logs)

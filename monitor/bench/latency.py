@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from monitor.bench.report import Figure, percentile
-from monitor.bench.workdirs import phase_dir
+from monitor.bench.workdirs import add_keep_logs_option, phase_dir
 from monitor.bench.workload import (
     MixedStream,
     Population,
@@ -408,7 +408,6 @@ async def latency_phase(plan: LatencyPlan, say: Callable[[str], None]) -> dict[s
 
 def main() -> int:
     import argparse
-    import tempfile
 
     parser = argparse.ArgumentParser(prog="python -m monitor.bench.latency")
     parser.add_argument("--relay", nargs=3, metavar=("BOOTSTRAP", "PARTITIONS", "OUTPUT"))
@@ -417,8 +416,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--service-arg", action="append", default=[],
                         help="an extra `liqmon run` flag (repeat), for diagnosis")
-    parser.add_argument("--keep-logs", type=Path, default=Path(tempfile.gettempdir()),
-                        metavar="DIR", help="where the run's logs are kept (default: %(default)s)")
+    add_keep_logs_option(parser)
     args = parser.parse_args()
     if args.relay:
         bootstrap, partitions, output = args.relay

@@ -9,6 +9,7 @@ reason with them. So a phase's directory goes when the phase ends well, stays wh
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,3 +32,10 @@ def phase_dir(prefix: str, keep_in: Path | None = None) -> Iterator[Path]:
         raise
     if keep_in is None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def add_keep_logs_option(parser: argparse.ArgumentParser) -> None:
+    """`--keep-logs DIR` of a standalone diagnostic (`python -m monitor.bench.latency`,
+    `.checkpoint`): its logs are what it is run for, so they are kept by default."""
+    parser.add_argument("--keep-logs", type=Path, default=Path(tempfile.gettempdir()),
+                        metavar="DIR", help="where the run's logs are kept (default: %(default)s)")
