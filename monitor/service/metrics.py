@@ -84,6 +84,11 @@ class Metrics:
             "applies them earlier. They spent longer than --max-skew between their timestamp "
             "and their append, are stamped earlier than their partition's previous record, or "
             "waited behind a forced release.", ["topic"], registry=r)
+        self.records_miskeyed = Counter(
+            "liqmon_records_miskeyed", "Fills and ledger entries whose Kafka key is not their "
+            "account (SPEC §2), by topic. They are applied; with more than one instance, an "
+            "account whose records land on partitions different instances own is split "
+            "between them.", ["topic"], registry=r)
         self.input_logs_replaced = Counter(
             "liqmon_input_logs_replaced", "Input partitions read again from their beginning "
             "because their log came to end before what this instance had applied: the topic "

@@ -52,6 +52,7 @@ from monitor.service.clients import (
     set_fetch_wait,
 )
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
+from monitor.service.keying import MiskeyedInputs
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
@@ -93,9 +94,12 @@ class Monitor:
         for topic in (topics.prices, topics.fills, topics.ledger):  # export zeros from the start
             self.metrics.records_consumed.labels(topic)  # (so increase() sees the first ones)
             self.metrics.records_late.labels(topic)
+        for topic in (topics.fills, topics.ledger):
+            self.metrics.records_miskeyed.labels(topic)
         for event_type in EVENT_TYPES:
             self.metrics.events_emitted.labels(event_type)
         self.log = structlog.get_logger("liqmon")
+        self._miskeyed = MiskeyedInputs(self.metrics.records_miskeyed, self.log)
         self.ready = asyncio.Event()  # see _update_ready
         self._consuming = False
         self._restoring = False
@@ -855,6 +859,7 @@ class Monitor:
         """
         config, topics, metrics = self.config, self.settings.topics, self.metrics
         touched = self._checkpointer.touched
+        check_key = self._miskeyed.check
         stats = engine.stats
         before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
         out: list[Outgoing] = []
@@ -883,6 +888,7 @@ class Monitor:
                 for (run_tp, run_message), run_record in zip(batch[index:end], records,
                                                              strict=True):
                     touched[run_record.account] = run_tp.partition
+                    check_key(run_tp, run_message, run_record.account)
                     sources.append(Source(run_tp.topic, run_tp.partition, run_message.offset))
                 for k, outcome in engine.apply_account_records(records, sources):
                     self._record_outcome(out, *batch[index + k], outcome)
@@ -907,6 +913,7 @@ class Monitor:
             self._record_outcome(out, tp, message, events)
         for topic, count in consumed.items():
             metrics.records_consumed.labels(topic).inc(count)
+        self._miskeyed.report()
         stale, unused, duplicates = before
         metrics.stale_ticks.inc(stats.stale_ticks - stale)
         metrics.unused_ticks.inc(stats.unused_ticks - unused)
