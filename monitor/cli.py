@@ -368,9 +368,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from monitor.version import liqmon_version
+
     parser = argparse.ArgumentParser(
         prog="liqmon", description="Streaming cross-margin liquidation monitor."
     )
+    parser.add_argument("--version", action="version", version=f"liqmon {liqmon_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,15 @@ from monitor.service import logs
 from monitor.service.broker import BrokerUnavailable
 from monitor.service.changelog import ConfigChanged, NoCheckpoint, StateCorrupt, UnknownToConfig
 from monitor.service.delivery import DeliveryAbandoned, DeliveryFailed
-from monitor.service.options import Option, is_internal, option_group_class, options
+from monitor.service.options import (
+    Option,
+    is_internal,
+    option_group_class,
+    option_values,
+    options,
+)
 from monitor.service.runner import Monitor
-from monitor.service.settings import ServiceSettings
+from monitor.service.settings import ServiceSettings, run_settings
 from monitor.service.topics import TopicLayoutError, TopicMissing
 from monitor.stress import PlotUnavailable
 
@@ -41,6 +48,25 @@ STOPPING_ERRORS = [
     PlotUnavailable("--plot needs matplotlib"),
     BrokerUnavailable("port 9092 is already in use"),
 ]
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"liqmon {version('liqmon')}\n"
+
+
+def test_option_values_name_every_flag_with_its_value_in_the_flags_units() -> None:
+    settings = run_settings(build_parser().parse_args(
+        ["run", "--config", CONFIG, "--session-timeout", "2.5", "--max-skew", "40"]))
+    values = option_values(settings)
+    assert set(values) == {(spec.flag if spec.secret is None else spec.secret_flag)[2:]
+                           for spec in OPTIONS}
+    assert {name: values[name] for name in ("config", "session-timeout", "max-skew",
+                                            "topic-fills", "sasl-password")} == {
+        "config": CONFIG, "session-timeout": 2.5, "max-skew": 40, "topic-fills": "fills",
+        "sasl-password": None}
 
 
 def test_max_future_defaults_to_five_minutes() -> None:

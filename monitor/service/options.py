@@ -177,6 +177,27 @@ def from_args(cls: type[Any], args: argparse.Namespace, environ: Mapping[str, st
     return cls(**values)
 
 
+def option_values(settings: Any) -> dict[str, Any]:
+    """Every option of a settings instance as it is in effect, by flag without its dashes,
+    nested groups included (a log line's). A secret shows only that it is set."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if option_group_class(field) is not None:
+            values.update(option_values(value))
+        elif _OPTION in field.metadata:
+            spec: Option = field.metadata[_OPTION]
+            if spec.secret is not None:  # by the secret's name, not its file's flag
+                values[spec.secret_flag.removeprefix("--")] = None if value is None else "(set)"
+                continue
+            if value is not None and spec.from_field is not None:
+                value = spec.from_field(value)  # in the flag's units
+            if isinstance(value, Path):
+                value = str(value)
+            values[spec.flag.removeprefix("--")] = value
+    return values
+
+
 def read_secret(spec: Option, path_text: str | None, environ: Mapping[str, str]) -> str | None:
     """A secret from its variable or from the file its flag names, never both."""
     secret = environ.get(spec.secret_env) or None

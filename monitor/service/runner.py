@@ -55,6 +55,7 @@ from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, P
 from monitor.service.keying import MiskeyedInputs
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
+from monitor.service.options import option_values
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.positions import Positions
 from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
@@ -64,6 +65,7 @@ from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.tasks import cancel_and_wait
 from monitor.service.topics import ensure_topics
 from monitor.state import EVENT_TYPES, AccountState
+from monitor.version import liqmon_version
 
 TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint timer)
 # Records buffered per partition beyond which it is paused until the merge drains it: a backlog
@@ -188,6 +190,10 @@ class Monitor:
             raise self._fatal
 
     async def _run(self) -> None:
+        config = self.config
+        self.log.info("starting", version=liqmon_version(), config=self.fingerprint,
+                      instruments=len(config.instruments), assets=len(config.assets),
+                      options=option_values(self.settings))
         try:
             # compiled once per install (seconds), loaded from numba's cache after that; in a
             # thread so that /healthz answers meanwhile

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import orjson
 import pytest
 import structlog
 
@@ -153,6 +154,10 @@ async def test_password_is_not_in_logs_or_metrics_of_a_running_service() -> None
     rest, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert b"liqmon_ready 0.0" in metrics
     assert PASSWORD.encode() not in logged + (rest or b"") + metrics
+    (starting,) = [entry for entry in map(orjson.loads, logged.splitlines())
+                   if entry["event"] == "starting"]  # says that a password is set, not which
+    assert (starting["options"]["sasl-username"], starting["options"]["sasl-password"]) == (
+        "liqmon", "(set)")
 
 
 # -- refused at run time ---------------------------------------------------------------------------
