@@ -37,20 +37,19 @@ class MiskeyedInputs:
         self._example: dict[str, object] | None = None
         self._logged_at = -math.inf
 
-    def check(self, tp: TopicPartition, message: ConsumerRecord, account: str) -> None:
-        """Note the record if its key is not ``account`` in UTF-8 (or it has no key)."""
-        if message.key != account.encode():
-            self._uncounted[tp.topic] = self._uncounted.get(tp.topic, 0) + 1
-            if self._example is None:
-                key = message.key
-                self._example = {
-                    "topic": tp.topic, "partition": tp.partition, "offset": message.offset,
-                    "key": None if key is None
-                    else key[:SHOWN_KEY_CHARS].decode("utf-8", "replace"),
-                    "account": account}
+    def saw(self, tp: TopicPartition, message: ConsumerRecord, account: str) -> None:
+        """Note a record whose key is not ``account`` in UTF-8, or that has no key (the
+        caller compares: inline, that costs a third of a call)."""
+        self._uncounted[tp.topic] = self._uncounted.get(tp.topic, 0) + 1
+        if self._example is None:
+            key = message.key
+            self._example = {
+                "topic": tp.topic, "partition": tp.partition, "offset": message.offset,
+                "key": None if key is None else key[:SHOWN_KEY_CHARS].decode("utf-8", "replace"),
+                "account": account}
 
     def report(self) -> None:
-        """Count what `check` noted since the last report (once per batch: a counter's
+        """Count what `saw` noted since the last report (once per batch: a counter's
         increment costs more than the check) and log it when the last line is old enough."""
         if not self._uncounted:
             return

@@ -865,7 +865,7 @@ class Monitor:
         """
         config, topics, metrics = self.config, self.settings.topics, self.metrics
         touched = self._checkpointer.touched
-        check_key = self._miskeyed.check
+        miskeyed = self._miskeyed.saw
         stats = engine.stats
         before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
         out: list[Outgoing] = []
@@ -893,8 +893,10 @@ class Monitor:
                 sources = []
                 for (run_tp, run_message), run_record in zip(batch[index:end], records,
                                                              strict=True):
-                    touched[run_record.account] = run_tp.partition
-                    check_key(run_tp, run_message, run_record.account)
+                    account = run_record.account
+                    touched[account] = run_tp.partition
+                    if run_message.key != account.encode():  # SPEC §2: keyed by account
+                        miskeyed(run_tp, run_message, account)
                     sources.append(Source(run_tp.topic, run_tp.partition, run_message.offset))
                 for k, outcome in engine.apply_account_records(records, sources):
                     self._record_outcome(out, *batch[index + k], outcome)
