@@ -252,6 +252,20 @@ class InputLedger:
         self.stats.applied_ticks += 1
         return True
 
+    def reflects(self, record: InputRecord, source: Source) -> bool | None:
+        """Whether ``record`` was taken into account already: a fill or ledger entry whose id
+        is in its partition's duplicate window, a tick no newer than the last applied tick of
+        its symbol. None for a tick that says nothing (of a symbol nothing is priced by).
+        Past the window (10,000 ids a partition) an applied fill or entry reads as new."""
+        if isinstance(record, PriceTick):
+            if record.symbol not in self._price_symbols:
+                return None
+            last_ts = self.price_ts.get(record.symbol)
+            return last_ts is not None and record.ts <= last_ts
+        window = self._dedupe.get((source.topic, source.partition))
+        record_id = record.fill_id if isinstance(record, Fill) else record.entry_id
+        return window is not None and (record.account, record_id) in window
+
     def _window(self, source: Source) -> DedupeWindow:
         key = (source.topic, source.partition)
         window = self._dedupe.get(key)

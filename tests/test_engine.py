@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 
 from monitor.engine import Engine
+from monitor.events import Source
+from monitor.records import Fill, LedgerEntry, PriceTick
 from tests.support.records import fill, ledger, tick, types
 
 
@@ -195,6 +197,34 @@ def test_dedupe_window_is_bounded(risk) -> None:
     for entry_id in ("d1", "d2", "d3", "d1"):  # d1 left the window when d3 arrived
         ledger(engine, "a", "USDT", 1.0, entry_id=entry_id)
     assert engine.accounts["a"].balances["USDT"] == 4.0
+
+
+# -- reflects: was a record taken into account already (an input log that ends early) ------
+
+
+def test_a_fill_or_entry_reflects_when_its_id_is_in_its_partitions_window(risk) -> None:
+    engine = Engine(risk, dedupe_window=2)
+    ledgers, fills = Source("ledger", index=5), Source("fills", index=3)  # tests.support.records
+    for entry_id in ("d1", "d2", "d3"):  # d1 leaves the window when d3 comes
+        ledger(engine, "a", "USDT", 1.0, entry_id=entry_id)
+    fill(engine, "a", "BTC-PERP", 0.001, 50_000.0, fill_id="f1")
+    assert engine.reflects(LedgerEntry("d3", "a", "USDT", 1.0, "deposit", 1), ledgers)
+    assert not engine.reflects(LedgerEntry("d4", "a", "USDT", 1.0, "deposit", 1), ledgers)
+    assert not engine.reflects(LedgerEntry("d3", "b", "USDT", 1.0, "deposit", 1), ledgers)
+    assert not engine.reflects(LedgerEntry("d1", "a", "USDT", 1.0, "deposit", 1), ledgers)
+    assert engine.reflects(Fill("f1", "a", "BTC-PERP", "buy", 0.001, 50_000.0, 0.0, 1), fills)
+    assert not engine.reflects(Fill("f1", "a", "BTC-PERP", "buy", 0.001, 50_000.0, 0.0, 1),
+                               Source("fills", partition=2, offset=0))  # another window
+
+
+def test_a_tick_reflects_up_to_its_symbols_last_applied_time(engine) -> None:
+    prices = Source("prices", index=7)
+    tick(engine, "BTC-PERP", 50_000.0, ts=10)
+    assert engine.reflects(PriceTick("BTC-PERP", 49_000.0, 9), prices)
+    assert engine.reflects(PriceTick("BTC-PERP", 50_000.0, 10), prices)
+    assert not engine.reflects(PriceTick("BTC-PERP", 50_000.0, 11), prices)
+    assert not engine.reflects(PriceTick("ETH-PERP", 3_000.0, 1), prices)  # none applied yet
+    assert engine.reflects(PriceTick("DOGE", 0.1, 1), prices) is None  # nothing priced by it
 
 
 def test_blank_account_is_forgotten_but_one_with_history_is_kept(engine) -> None:

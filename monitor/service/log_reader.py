@@ -33,6 +33,7 @@ from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.offset import OffsetRequest
 from aiokafka.record.memory_records import MemoryRecords
 
+from monitor.service.security import KafkaSecurity
 from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS
 
 Record = Any  # the client's record: .offset, .key, .value, .headers (a list of pairs)
@@ -111,6 +112,30 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
                         positions[tp] = max(positions[tp], offset)
         for tp in [tp for tp, position in positions.items() if position >= ends[tp]]:
             del positions[tp]
+
+
+async def last_records(bootstrap: str, ranges: dict[TopicPartition, tuple[int, int]],
+                       count: int, *, client_id: str, request_timeout_ms: int,
+                       security: KafkaSecurity) -> dict[TopicPartition, list[Record]]:
+    """The records at the last ``count`` offsets of each partition before its end (``ranges``:
+    first and end offset, as `bounds` gives them), oldest first: fewer where the partition
+    holds fewer, or control records. On a client of its own, for the rare question."""
+    found: dict[TopicPartition, list[Record]] = defaultdict(list)
+
+    def take(tp: TopicPartition, batch: RecordBatch) -> None:
+        found[tp] += batch.records()
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, client_id=client_id,
+                            request_timeout_ms=request_timeout_ms, **security.client_kwargs())
+    try:
+        await client.bootstrap()
+        await client.set_topics(sorted({tp.topic for tp in ranges}))
+        await read_range(client, {tp: (max(start, end - count), end)
+                                  for tp, (start, end) in ranges.items()},
+                         take, request_timeout_ms / 1000)
+    finally:
+        await client.close()
+    return dict(found)
 
 
 async def list_offsets(client: AIOKafkaClient, tps: list[TopicPartition], when: int,

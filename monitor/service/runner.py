@@ -39,7 +39,15 @@ from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import AccountRecord, Engine
 from monitor.events import Event, Source
-from monitor.records import Fill, InputRecord, LedgerEntry, PriceTick, Rejected, decode_batch
+from monitor.records import (
+    Fill,
+    InputRecord,
+    LedgerEntry,
+    PriceTick,
+    Rejected,
+    decode,
+    decode_batch,
+)
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import RestoreProgress, write_reset_markers
 from monitor.service.changelog import warm_up as warm_up_restore
@@ -53,6 +61,7 @@ from monitor.service.clients import (
 )
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.keying import MiskeyedInputs
+from monitor.service.log_reader import last_records
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.options import option_values
@@ -72,6 +81,7 @@ TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint t
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
+LOG_TAIL_RECORDS = 64  # of an input log that ends early, read to tell why (`Engine.reflects`)
 LATE_LOG_INTERVAL = 30.0  # seconds between "applied records later than replay" log lines
 ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account_records`)
 
@@ -677,13 +687,18 @@ class Monitor:
                          seconds=round(seconds, 1), fetch_wait_ms=wait.ms)
 
     async def _read_replaced_logs_again(self, consumer: AIOKafkaConsumer) -> None:
-        """Read again, from its beginning, a partition whose log now ends before what this
-        instance has applied of it: the topic was deleted and re-created (or its log
-        truncated, by an unclean leader election). Its records are new ones, and a consumer
-        left at the old position skips them without a word: a re-created ledger's deposits,
-        say, and then false liquidations. The consumer's high watermark only raises the
+        """Go on reading a partition whose log now ends before what this instance has applied
+        of it, from where its records are new. The consumer's high watermark only raises the
         suspicion (one read before a restore's seek can be older than the position); the
-        broker's end offset, asked now, decides."""
+        broker's end offset, asked now, decides. Then the log's last records say why:
+
+        - applied already (`Engine.reflects`): the log was truncated (an unclean leader
+          election) and holds the records applied from it up to its end: read on from there.
+          Read from its beginning, every record still in it would be applied twice;
+        - new, or none: the topic was deleted and re-created, its offsets start again, and a
+          consumer left at the old position would skip its records without a word (a
+          re-created ledger's deposits, say, and then false liquidations): read it from its
+          beginning."""
         positions = self._positions
         suspects = [tp for tp in consumer.assignment() if tp in positions.processed
                     and (end := consumer.highwater(tp)) is not None
@@ -691,27 +706,57 @@ class Monitor:
         if not suspects:
             return
         assert self._probe is not None and self._pipeline is not None
+        settings = self.settings
         async with self._lock:
             try:
                 ends = await self._probe.end_offsets(suspects)
                 starts = await self._probe.beginning_offsets(suspects)
+                replaced = [tp for tp in suspects if tp in positions.processed
+                            and ends[tp] < positions.processed[tp]]
+                if not replaced:
+                    return
+                tails = await last_records(
+                    settings.bootstrap, {tp: (starts[tp], ends[tp]) for tp in replaced},
+                    LOG_TAIL_RECORDS, client_id=f"{settings.client_id}-input-check",
+                    request_timeout_ms=settings.request_timeout_ms, security=settings.security)
             except KafkaError as exc:  # asked again after the next fetch
                 self.log.debug("input log check failed", error=repr(exc))
                 return
-            replaced = [tp for tp in suspects if tp in positions.processed
-                        and ends[tp] < positions.processed[tp]]
-            if replaced:
-                await self._pipeline.flush()  # the old log's events out before its offsets go
+            await self._pipeline.flush()  # the old log's events out before its offsets go
             for tp in replaced:
-                self.log.error(
-                    "input partition's log ends before the records applied from it: the topic "
-                    "was deleted and re-created, or its log truncated; reading it again from "
-                    "its beginning", topic=tp.topic, partition=tp.partition,
-                    applied_to=positions.processed[tp], log_end=ends[tp],
-                    reading_from=starts[tp])
+                tail = tails.get(tp, [])
+                truncated, cause = self._why_log_ends_early(tp, tail)
+                # past the last record read: the embedded broker answers the end offset of a
+                # log whose last batch holds several records as that batch's first offset + 1
+                resume = max(ends[tp], tail[-1].offset + 1) if truncated else starts[tp]
+                self.log.error("input partition's log ends before the records applied from it",
+                               topic=tp.topic, partition=tp.partition, cause=cause,
+                               applied_to=positions.processed[tp], log_end=ends[tp],
+                               reading_from=resume)
                 self.metrics.input_logs_replaced.labels(tp.topic, str(tp.partition)).inc()
-                consumer.seek(tp, starts[tp])
-                positions.seek(tp, starts[tp])
+                consumer.seek(tp, resume)
+                positions.seek(tp, resume)
+
+    def _why_log_ends_early(self, tp: TopicPartition, tail: Sequence[Any]) -> tuple[bool, str]:
+        """(truncated, why) of an input log that ends before the records applied from it,
+        from its last records (``tail``, oldest first): the newest that tells whether it was
+        applied already decides."""
+        if not tail:
+            return False, "it holds no record: the topic was re-created, or emptied"
+        kind = self.settings.topics.input_kinds()[tp.topic]
+        for message in reversed(tail):
+            try:
+                record = decode(kind, message.value, self.config)
+            except Rejected:
+                continue
+            applied = self.engine.reflects(record, Source(tp.topic, tp.partition, message.offset))
+            if applied:
+                return True, ("its last records were applied already: the log was truncated "
+                              "(an unclean leader election)")
+            if applied is not None:
+                return False, "its last records are new: the topic was deleted and re-created"
+        return False, (f"none of its last {len(tail)} records tells whether it was applied: "
+                       "taken for a re-created topic")
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume

@@ -1,5 +1,7 @@
-"""An input topic deleted and re-created while liqmon runs: its new records are applied, not
-skipped because their offsets start again below the position the old log had reached."""
+"""An input log that ends before the records liqmon applied from it. A topic deleted and
+re-created: its new records are applied, not skipped because their offsets start again below
+the position the old log had reached. A log truncated: what it still holds was applied
+already, and is not applied twice."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import parse_config
+from monitor.engine import Engine
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
@@ -18,8 +21,7 @@ from tests.support.kafka import RunningMonitor, fresh_settings, produce, read_ev
 from tests.support.messages import deposit, fill, tick
 from tests.support.risk import RISK
 
-REPLACED = ("input partition's log ends before the records applied from it: the topic was "
-            "deleted and re-created, or its log truncated; reading it again from its beginning")
+ENDS_EARLY = "input partition's log ends before the records applied from it"
 
 
 async def recreate(settings: ServiceSettings, topic: str) -> None:
@@ -46,7 +48,7 @@ async def test_a_re_created_ledgers_deposits_are_applied_from_its_first_offset(
             await wait_processed(monitor, old)
             await recreate(settings, t.ledger)
             async with asyncio.timeout(30):  # the next fetch finds the log ending at 0
-                while not any(entry["event"] == REPLACED for entry in logs):
+                while not any(entry["event"] == ENDS_EARLY for entry in logs):
                     await asyncio.sleep(0.05)
             # b deposits 1,000,000 USDT on the new ledger, at offset 0 (the old one had
             # reached 50), then buys 10 BTC-PERP at 60,000: a 600,000 notional, whose
@@ -61,8 +63,44 @@ async def test_a_re_created_ledgers_deposits_are_applied_from_its_first_offset(
                 "liqmon_input_logs_replaced_total", {"topic": t.ledger, "partition": "0"})
         events = await read_events(broker.bootstrap, t)
     assert [e for e in events if e["account"] == "b"] == []
-    (said,) = [entry for entry in logs if entry["event"] == REPLACED]
+    (said,) = [entry for entry in logs if entry["event"] == ENDS_EARLY]
     assert (said["topic"], said["partition"], said["applied_to"], said["log_end"],
             said["reading_from"]) == (t.ledger, 0, 50, 0, 0)
+    assert said["cause"] == "it holds no record: the topic was re-created, or emptied"
     assert said["log_level"] == "error"
     assert replaced == 1
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_truncated_ledger_is_read_on_from_its_end_not_applied_twice(
+        broker: EmbeddedBroker) -> None:
+    """An unclean leader election cuts a log below what was applied. Here: a ledger of 20
+    deposits of 100 to a, all applied and checkpointed; the ledger made again of the first 18
+    of them, the same records at the same offsets (what a truncation leaves); a restart. Read
+    again from its beginning, d0…d14, which have left a duplicate window of 5 ids, would be
+    applied a second time: a's 2,000 USDT would become 3,500."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    t, config = settings.topics, parse_config(RISK)
+    deposits = [deposit(t, "a", 100, f"d{n}") for n in range(20)]
+    async with RunningMonitor(settings, config, Engine(config, dedupe_window=5)) as monitor:
+        await wait_processed(monitor, await produce(broker.bootstrap, deposits))
+    await recreate(settings, t.ledger)
+    await produce(broker.bootstrap, deposits[:18])
+    with structlog.testing.capture_logs() as logs:
+        async with RunningMonitor(settings, config, Engine(config, dedupe_window=5)) as monitor:
+            async with asyncio.timeout(30):
+                while not any(entry["event"] == ENDS_EARLY for entry in logs):
+                    await asyncio.sleep(0.05)
+            # then a new deposit, at offset 18: applied
+            await wait_processed(monitor, await produce(
+                broker.bootstrap, [deposit(t, "a", 1_000, "d20")]))
+            balance = monitor.engine.accounts["a"].balances["USDT"]
+    (said,) = [entry for entry in logs if entry["event"] == ENDS_EARLY]
+    # The embedded broker answers the end offset of a log whose last batch holds several
+    # records (the 18 went in one) as that batch's first offset + 1; the records say 18.
+    assert (said["applied_to"], said["reading_from"]) == (20, 18)
+    assert said["log_end"] <= 18
+    assert said["cause"] == ("its last records were applied already: the log was truncated "
+                             "(an unclean leader election)")
+    assert balance == 3_000

@@ -49,8 +49,9 @@ def fresh_settings(bootstrap: str, **overrides: Any) -> ServiceSettings:
 class RunningMonitor:
     """A Monitor running as a task in the test's event loop."""
 
-    def __init__(self, settings: ServiceSettings, config: RiskConfig) -> None:
-        self.monitor = Monitor(settings, config)
+    def __init__(self, settings: ServiceSettings, config: RiskConfig,
+                 engine: Engine | None = None) -> None:
+        self.monitor = Monitor(settings, config, engine=engine)
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Monitor:

@@ -11,10 +11,10 @@ def tick(topics, symbol: str, price: float, ts: int = 1):
             orjson.dumps({"symbol": symbol, "price": price, "ts": ts}))
 
 
-def deposit(topics, account: str, amount: float):
+def deposit(topics, account: str, amount: float, entry_id: str | None = None):
     return (topics.ledger, account.encode(), orjson.dumps({
-        "entry_id": f"dep-{account}", "account": account, "asset": "USDT", "amount": amount,
-        "kind": "deposit", "ts": 1}))
+        "entry_id": entry_id or f"dep-{account}", "account": account, "asset": "USDT",
+        "amount": amount, "kind": "deposit", "ts": 1}))
 
 
 def fill(topics, fill_id: str, account: str, symbol: str, qty: float, price: float):
