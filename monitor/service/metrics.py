@@ -90,9 +90,9 @@ class Metrics:
             "account whose records land on partitions different instances own is split "
             "between them.", ["topic"], registry=r)
         self.input_logs_replaced = Counter(
-            "liqmon_input_logs_replaced", "Input partitions read again from their beginning "
-            "because their log came to end before what this instance had applied: the topic "
-            "was deleted and re-created, or the log truncated.", ["topic", "partition"],
+            "liqmon_input_logs_replaced", "Input partitions whose log came to end before what "
+            "this instance had applied: read again from their beginning (the topic was deleted "
+            "and re-created) or on from their end (the log was truncated).", ["topic", "partition"],
             registry=r)
         self.input_stalled = Gauge(
             "liqmon_input_stalled", "1 while an input partition is stalled: the broker reports "
