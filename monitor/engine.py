@@ -153,6 +153,11 @@ class InputLedger:
         self._dedupe_window = dedupe_window
         self._dedupe: dict[tuple[str, int | None], DedupeWindow] = {}
         self._dirty: set[RiskKey] = set()  # risk units changed since the last take_dirty()
+        # Risk units forgotten blank, by the input partition they lived in: their tombstones
+        # go there, whichever partition the record that emptied them came from (a record
+        # keyed by something else than its account can come from another).
+        self._blank_in: dict[RiskKey, int] = {}  # since the last take_dirty()
+        self._tombstone_in: dict[RiskKey, int] = {}  # of the risk units it handed out
         # After a restore, risk units whose snapshot is newer than the inputs being re-read:
         # key -> {(topic, partition): first offset not yet reflected in the snapshot}.
         self._caught_up_from: dict[RiskKey, Offsets] = {}
@@ -311,9 +316,23 @@ class InputLedger:
 
     def take_dirty(self) -> set[RiskKey]:
         """Risk units changed since the last call (a missing one was forgotten: tombstone
-        it)."""
+        it, in `forgotten_in` its partition)."""
         dirty, self._dirty = self._dirty, set()
+        # the partitions of those handed out before and put back (`mark_dirty`), then newer
+        forgotten = self._tombstone_in | self._blank_in
+        self._tombstone_in = {key: forgotten[key] for key in forgotten.keys() & dirty}
+        self._blank_in = {}
         return dirty
+
+    def _forgot(self, key: RiskKey, partition: int | None) -> None:
+        """A risk unit left blank is forgotten (SPEC §5): note where its tombstone goes."""
+        if partition is not None and partition >= 0:
+            self._blank_in[key] = partition
+
+    def forgotten_in(self, key: RiskKey) -> int | None:
+        """The input partition a risk unit that `take_dirty` handed out lived in when it was
+        forgotten blank (None: not forgotten so, or in replay)."""
+        return self._tombstone_in.get(key)
 
     def mark_dirty(self, keys: set[RiskKey]) -> None:
         """Put back risk units whose checkpoint could not be written."""
@@ -637,6 +656,7 @@ class Engine(InputLedger):
         event = self._evaluate(row, ts, kind, ref, source, verdict)
         if self.book.is_blank(row):  # nothing to remember (SPEC §5, §4.1 tombstone rule)
             self._in_state(row)[_HEALTHY] -= 1  # blank implies never left it
+            self._forgot(key, int(self.book.part_m[row]))
             self.book.free_row(row)
         return [event] if event is not None else []
 

@@ -156,6 +156,7 @@ class ReferenceEngine(InputLedger):
         self._rewatch(key, account)
         event = self._evaluate(key, ts, kind, ref, source)
         if account.is_blank():
+            self._forgot(key, account.partition)
             del self._held(key)[key]
             self._in_state(key)[AccountState.HEALTHY] -= 1  # blank implies never left it
         return [event] if event is not None else []

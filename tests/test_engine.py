@@ -227,6 +227,26 @@ def test_a_tick_reflects_up_to_its_symbols_last_applied_time(engine) -> None:
     assert engine.reflects(PriceTick("DOGE", 0.1, 1), prices) is None  # nothing priced by it
 
 
+def test_an_account_forgotten_blank_keeps_the_partition_it_lived_in_for_its_tombstone(
+        risk) -> None:
+    """Its tombstone must go where its snapshot is, not where the record that emptied it came
+    from: one keyed by something else than the account comes from another partition."""
+    engine = Engine(risk)
+    engine.apply(LedgerEntry("d1", "b", "USDT", 100.0, "deposit", 1),
+                 Source("ledger", partition=0, offset=0))
+    engine.apply(LedgerEntry("w1", "b", "USDT", -100.0, "withdrawal", 2),
+                 Source("ledger", partition=1, offset=0))
+    assert "b" not in engine.accounts
+    assert engine.forgotten_in("b") is None  # until take_dirty hands "b" out
+    assert engine.take_dirty() == {"b"}
+    assert (engine.partition_of("b"), engine.forgotten_in("b")) == (None, 0)
+    engine.mark_dirty({"b"})  # a checkpoint that failed puts it back: still known
+    assert engine.take_dirty() == {"b"}
+    assert engine.forgotten_in("b") == 0
+    assert engine.take_dirty() == set()
+    assert engine.forgotten_in("b") is None
+
+
 def test_blank_account_is_forgotten_but_one_with_history_is_kept(engine) -> None:
     ledger(engine, "x", "USDT", 10.0)
     ledger(engine, "x", "USDT", -10.0, entry_id="out")

@@ -291,6 +291,8 @@ class Checkpointer:
             for n, key in enumerate(taken, 1):
                 partition = self.engine.partition_of(key)
                 if partition is None:  # deleted since: its tombstone goes where it lived
+                    partition = self.engine.forgotten_in(key)
+                if partition is None:  # forgotten after take_dirty: where it was touched
                     account = account_of(key)
                     partition = captured.get(account, self.touched.get(account))
                 if partition in partitions:

@@ -3,6 +3,9 @@ topic, and said in the log with an example, at most every 30 seconds."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import orjson
 import pytest
 import structlog
 from aiokafka import ConsumerRecord, TopicPartition
@@ -111,3 +114,23 @@ async def test_miskeyed_fills_and_deposits_are_applied_and_counted(
     first = next(entry for entry in logs if entry["event"] == MISKEYED)
     assert first["example"] == {"topic": t.ledger, "partition": 0, "offset": 1, "key": None,
                                 "account": "b"}
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_account_emptied_by_a_miskeyed_record_stays_forgotten_after_a_restart(
+        broker: EmbeddedBroker) -> None:
+    """b deposits 100 USDT on ledger partition 0 (checkpointed there), then withdraws it all
+    with a record that lands on partition 1: b is blank and forgotten. Its tombstone went to
+    partition 1, and a restart found b's snapshot on 0, with 100 USDT: b came back."""
+    settings = replace(fresh_settings(broker.bootstrap), partitions=2)
+    await create_topics(settings)
+    t, config = settings.topics, parse_config(RISK)
+    _, _, deposited = deposit(t, "b", 100, "d1")
+    withdrawn = orjson.dumps({"entry_id": "w1", "account": "b", "asset": "USDT",
+                              "amount": -100.0, "kind": "withdrawal", "ts": 2})
+    for on_partition in ((t.ledger, b"b", deposited, 0), (t.ledger, b"b", withdrawn, 1)):
+        async with RunningMonitor(settings, config) as monitor:  # each stop checkpoints
+            await wait_processed(monitor, await produce(broker.bootstrap, [on_partition]))
+    assert "b" not in monitor.engine.accounts
+    async with RunningMonitor(settings, config) as monitor:
+        assert "b" not in monitor.engine.accounts

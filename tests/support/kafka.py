@@ -65,11 +65,14 @@ class RunningMonitor:
         await asyncio.wait_for(self.task, timeout=30)
 
 
-async def produce(bootstrap: str, messages: Iterable[tuple[str, bytes | None, bytes | None]],
+async def produce(bootstrap: str,
+                  messages: Iterable[tuple[str, bytes | None, bytes | None]
+                                     | tuple[str, bytes | None, bytes | None, int]],
                   first_timestamp_ms: int | None = None,
                   security: KafkaSecurity = PLAINTEXT,
                   max_request_size: int = 1024 * 1024) -> dict[TopicPartition, int]:
-    """Produce (topic, key, value) in order; returns the end offset per partition.
+    """Produce (topic, key, value) in order, each to the partition its key picks or, given
+    a fourth member, to that partition; returns the end offset per partition.
 
     With first_timestamp_ms, message i carries Kafka timestamp first_timestamp_ms + i, which
     fixes the order in which the monitor's time-ordered merge applies them."""
@@ -79,9 +82,10 @@ async def produce(bootstrap: str, messages: Iterable[tuple[str, bytes | None, by
     await producer.start()
     ends: dict[TopicPartition, int] = {}
     try:
-        futures = [await producer.send(topic, value, key=key, timestamp_ms=None
+        futures = [await producer.send(topic, value, key=key, partition=where[0] if where
+                                       else None, timestamp_ms=None
                                        if first_timestamp_ms is None else first_timestamp_ms + i)
-                   for i, (topic, key, value) in enumerate(messages)]
+                   for i, (topic, key, value, *where) in enumerate(messages)]
         for future in futures:
             meta = await future
             tp = TopicPartition(meta.topic, meta.partition)
