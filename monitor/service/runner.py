@@ -722,12 +722,18 @@ class Monitor:
             except KafkaError as exc:  # asked again after the next fetch
                 self.log.debug("input log check failed", error=repr(exc))
                 return
+            # records at or past what was applied: the end offset was wrong, nothing replaced
+            # (the embedded broker answers the end of a log whose last batch holds several
+            # records as that batch's first offset + 1)
+            replaced = [tp for tp in replaced if not (
+                tails.get(tp) and tails[tp][-1].offset + 1 >= positions.processed[tp])]
+            if not replaced:
+                return
             await self._pipeline.flush()  # the old log's events out before its offsets go
             for tp in replaced:
                 tail = tails.get(tp, [])
                 truncated, cause = self._why_log_ends_early(tp, tail)
-                # past the last record read: the embedded broker answers the end offset of a
-                # log whose last batch holds several records as that batch's first offset + 1
+                # past the last record read, whatever the end offset said (as above)
                 resume = max(ends[tp], tail[-1].offset + 1) if truncated else starts[tp]
                 self.log.error("input partition's log ends before the records applied from it",
                                topic=tp.topic, partition=tp.partition, cause=cause,

@@ -6,14 +6,17 @@ already, and is not applied twice."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import structlog
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import parse_config
 from monitor.engine import Engine
+from monitor.service import log_reader
+from monitor.service import runner as service_runner
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
@@ -103,4 +106,43 @@ async def test_a_truncated_ledger_is_read_on_from_its_end_not_applied_twice(
     assert said["log_end"] <= 18
     assert said["cause"] == ("its last records were applied already: the log was truncated "
                              "(an unclean leader election)")
+    assert balance == 3_000
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_short_end_offset_with_the_records_still_there_replaces_nothing(
+        broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A high watermark read before a seek, and an end offset short of the records (the
+    embedded broker answers a log whose last batch holds several records with that batch's
+    first offset + 1): the log's last records reach what was applied, so nothing was
+    replaced and nothing is said."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    t = settings.topics
+    ledger = TopicPartition(t.ledger, 0)
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        await wait_processed(monitor, await produce(
+            broker.bootstrap, [deposit(t, "a", 100, f"d{n}") for n in range(20)]))
+        highwater, end_offsets = AIOKafkaConsumer.highwater, AIOKafkaConsumer.end_offsets
+        tails_read = asyncio.Event()
+
+        async def read_tails(*args: Any, **kwargs: Any) -> Any:
+            tails = await log_reader.last_records(*args, **kwargs)
+            tails_read.set()
+            return tails
+
+        async def short_end(self: AIOKafkaConsumer, tps: list[TopicPartition]) -> Any:
+            return {tp: 1 if tp == ledger else end
+                    for tp, end in (await end_offsets(self, tps)).items()}
+
+        with structlog.testing.capture_logs() as logs:
+            monkeypatch.setattr(service_runner, "last_records", read_tails)
+            monkeypatch.setattr(AIOKafkaConsumer, "end_offsets", short_end)
+            monkeypatch.setattr(AIOKafkaConsumer, "highwater", lambda self, tp: 0
+                                if tp == ledger else highwater(self, tp))
+            await asyncio.wait_for(tails_read.wait(), 30)
+            await wait_processed(monitor, await produce(
+                broker.bootstrap, [deposit(t, "a", 1_000, "d20")]))
+        balance = monitor.engine.accounts["a"].balances["USDT"]
+    assert [entry for entry in logs if entry["event"] == ENDS_EARLY] == []
     assert balance == 3_000
