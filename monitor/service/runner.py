@@ -734,10 +734,11 @@ class Monitor:
                 tail = tails.get(tp, [])
                 truncated, cause = self._why_log_ends_early(tp, tail)
                 # past the last record read, whatever the end offset said (as above)
-                resume = max(ends[tp], tail[-1].offset + 1) if truncated else starts[tp]
+                log_end = max(ends[tp], tail[-1].offset + 1) if tail else ends[tp]
+                resume = log_end if truncated else starts[tp]
                 self.log.error("input partition's log ends before the records applied from it",
                                topic=tp.topic, partition=tp.partition, cause=cause,
-                               applied_to=positions.processed[tp], log_end=ends[tp],
+                               applied_to=positions.processed[tp], log_end=log_end,
                                reading_from=resume)
                 self.metrics.input_logs_replaced.labels(tp.topic, str(tp.partition)).inc()
                 consumer.seek(tp, resume)
