@@ -82,6 +82,9 @@ TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint t
 MAX_BUFFERED = 20_000
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
 LOG_TAIL_RECORDS = 64  # of an input log that ends early, read to tell why (`Engine.reflects`)
+# Seconds before a partition whose high watermark stays below what was applied, but whose log
+# was found whole, is checked again: not at every fetch.
+LOG_RECHECK_INTERVAL = 5.0
 LATE_LOG_INTERVAL = 30.0  # seconds between "applied records later than replay" log lines
 ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account_records`)
 
@@ -130,6 +133,8 @@ class Monitor:
         self._late_logged: dict[str, int] = {}  # of merge.late, what the log has told of
         self._late_logged_at = -math.inf  # monotonic time of the last such line
         self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
+        self._log_checked: dict[TopicPartition, float] = {}  # input logs checked for an end
+        #                                                      before what was applied: when
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
@@ -700,11 +705,14 @@ class Monitor:
           re-created ledger's deposits, say, and then false liquidations): read it from its
           beginning."""
         positions = self._positions
+        now = time.monotonic()
         suspects = [tp for tp in consumer.assignment() if tp in positions.processed
                     and (end := consumer.highwater(tp)) is not None
-                    and 0 <= end < positions.processed[tp]]
+                    and 0 <= end < positions.processed[tp]
+                    and now - self._log_checked.get(tp, -math.inf) >= LOG_RECHECK_INTERVAL]
         if not suspects:
             return
+        self._log_checked.update(dict.fromkeys(suspects, now))
         assert self._probe is not None and self._pipeline is not None
         settings = self.settings
         async with self._lock:
@@ -719,7 +727,7 @@ class Monitor:
                     settings.bootstrap, {tp: (starts[tp], ends[tp]) for tp in replaced},
                     LOG_TAIL_RECORDS, client_id=f"{settings.client_id}-input-check",
                     request_timeout_ms=settings.request_timeout_ms, security=settings.security)
-            except KafkaError as exc:  # asked again after the next fetch
+            except KafkaError as exc:  # asked again after LOG_RECHECK_INTERVAL
                 self.log.debug("input log check failed", error=repr(exc))
                 return
             # records at or past what was applied: the end offset was wrong, nothing replaced
