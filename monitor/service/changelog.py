@@ -22,7 +22,6 @@ import numba
 import numpy as np
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.client import AIOKafkaClient
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from monitor.account import RiskKey, UnitKey
@@ -31,7 +30,14 @@ from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.reference import ReferenceEngine
-from monitor.service.log_reader import Record, RecordBatch, bounds, read_range, whole_batches
+from monitor.service.log_reader import (
+    Record,
+    RecordBatch,
+    bounds,
+    read_range,
+    reading_client,
+    whole_batches,
+)
 from monitor.service.outbox import Outgoing
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import Topics
@@ -434,8 +440,6 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
     wanted = [TopicPartition(topic, p) for p in partitions]
     if not wanted:
         return {}
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, client_id=client_id,
-                            request_timeout_ms=request_timeout_ms, **security.client_kwargs())
     latest = {tp.partition: _Latest() for tp in wanted}
     status = RestoreProgress()
     reported = 0
@@ -450,16 +454,15 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
             status.accounts = sum(state.count for state in latest.values())
             progress(status)
 
-    try:
-        await client.bootstrap()
+    async with reading_client(bootstrap, client_id, request_timeout_ms, security) as client:
         collector.pause()
-        # Read up to the end as of now (what this instance's predecessors wrote)
-        ranges = await bounds(client, wanted, request_timeout_ms / 1000)
-        status.expected = sum(end - start for start, end in ranges.values())
-        await read_range(client, ranges, take, request_timeout_ms / 1000)
-    finally:
-        collector.resume()
-        await client.close()
+        try:
+            # Read up to the end as of now (what this instance's predecessors wrote)
+            ranges = await bounds(client, wanted, request_timeout_ms / 1000)
+            status.expected = sum(end - start for start, end in ranges.values())
+            await read_range(client, ranges, take, request_timeout_ms / 1000)
+        finally:
+            collector.resume()
     for state in latest.values():
         state.deduplicate()
     if progress is not None:

@@ -18,7 +18,7 @@ import contextlib
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,19 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
             del positions[tp]
 
 
+@contextlib.asynccontextmanager
+async def reading_client(bootstrap: str, client_id: str, request_timeout_ms: int,
+                         security: KafkaSecurity) -> AsyncIterator[AIOKafkaClient]:
+    """A bare client of its own for `bounds` and `read_range`, connected, closed after."""
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, client_id=client_id,
+                            request_timeout_ms=request_timeout_ms, **security.client_kwargs())
+    try:
+        await client.bootstrap()
+        yield client
+    finally:
+        await client.close()
+
+
 async def last_records(bootstrap: str, ranges: dict[TopicPartition, tuple[int, int]],
                        count: int, *, client_id: str, request_timeout_ms: int,
                        security: KafkaSecurity) -> dict[TopicPartition, list[Record]]:
@@ -125,16 +138,11 @@ async def last_records(bootstrap: str, ranges: dict[TopicPartition, tuple[int, i
     def take(tp: TopicPartition, batch: RecordBatch) -> None:
         found[tp] += batch.records()
 
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, client_id=client_id,
-                            request_timeout_ms=request_timeout_ms, **security.client_kwargs())
-    try:
-        await client.bootstrap()
+    async with reading_client(bootstrap, client_id, request_timeout_ms, security) as client:
         await client.set_topics(sorted({tp.topic for tp in ranges}))
         await read_range(client, {tp: (max(start, end - count), end)
                                   for tp, (start, end) in ranges.items()},
                          take, request_timeout_ms / 1000)
-    finally:
-        await client.close()
     return dict(found)
 
 
