@@ -60,6 +60,7 @@ from monitor.service.clients import (
     set_fetch_wait,
 )
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
+from monitor.service.group_wait import AssignmentWait
 from monitor.service.keying import MiskeyedInputs
 from monitor.service.log_reader import last_records
 from monitor.service.merge import TimestampMerge
@@ -115,6 +116,8 @@ class Monitor:
             self.metrics.events_emitted.labels(event_type)
         self.log = structlog.get_logger("liqmon")
         self._miskeyed = MiskeyedInputs(self.metrics.records_miskeyed, self.log)
+        self._group_wait = AssignmentWait(settings.group, self.log)
+        self._group_watch: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()  # see _update_ready
         self._consuming = False
         self._restoring = False
@@ -294,16 +297,19 @@ class Monitor:
                     f"changelog records read, {status.accounts:,} accounts")
         if self._warming_up:
             return "loading the engine's compiled kernels (the first start compiles them)"
+        if self._consuming and not self._reachable:
+            return "kafka does not answer"
+        if self._group_wait.since is not None:
+            return self._group_wait.describe()
         if not self._consuming:
             return "connecting to kafka"
-        if not self._reachable:
-            return "kafka does not answer"
         return ""
 
     def _update_ready(self) -> None:
-        """/readyz: restored, consuming, and the broker answers (SPEC §8); not once stopping."""
+        """/readyz: restored, consuming, and the broker answers (SPEC §8); not while the group
+        rebalances (nothing is applied), nor once stopping."""
         ready = (self._consuming and self._reachable and not self._restoring
-                 and not self._stopping.is_set())
+                 and self._group_wait.since is None and not self._stopping.is_set())
         if ready:
             self.ready.set()
         else:
@@ -372,14 +378,24 @@ class Monitor:
         self._sink = KafkaSink(self._pipeline, self._accounts, self.log,
                                commit_timeout=s.request_timeout_ms / 1000)
         self._restoring_task = asyncio.create_task(self._restore_assignments())
+        self._group_wait.began()
+        self._group_watch = asyncio.create_task(self._watch_group())
         self._accounts.subscribe([s.topics.fills, s.topics.ledger],
                                  listener=_Rebalance(self))
+
+    async def _watch_group(self) -> None:
+        """Say so when the group keeps this instance waiting for partitions."""
+        while True:
+            await asyncio.sleep(1.0)
+            self._group_wait.check()
 
     async def _close(self) -> None:
         """End the background tasks, then close every client, together, within what is left
         of CLOSE_TIMEOUT (`_close_left`): against an unreachable broker a consumer leaving
         its group or a producer flushing would wait for as long as the broker stays away."""
         self._closing = True
+        if self._group_watch is not None:
+            await cancel_and_wait(self._group_watch, within=self._close_left())
         if self._restoring_task is not None and await cancel_and_wait(
                 self._restoring_task, within=self._close_left()):
             self.log.warning("restore abandoned: not ended in time", seconds=CLOSE_TIMEOUT)
@@ -452,10 +468,12 @@ class Monitor:
         async with self._lock:
             if self._why_abandon() is not None:  # stopping, or another rebalance began
                 return  # take nothing new (no restore, no catch-up, no event)
+            self._group_wait.ended()
             assigned = self._assignment
             await self._settle_kept(assigned)
             gained = self._restorer.gained(assigned)
             if not gained and self._restored.is_set():
+                self._update_ready()
                 return
             await self._checkpointer.finish()
             started = time.monotonic()
@@ -495,6 +513,8 @@ class Monitor:
         holding still, until the next assignment says which of them stay here
         (`_settle_kept`): a rebalance costs a restore only for partitions that move."""
         self._rebalancing = True  # a restore under way gives up what it has not taken yet
+        self._group_wait.began()
+        self._update_ready()
         if self._closing:
             return
         async with self._lock:

@@ -140,6 +140,23 @@ def test_readyz_says_why_it_is_not_ready(server: HealthServer) -> None:
         503, b"not ready: restoring state: 40,000 of at most 100,000 changelog records\n")
 
 
+def test_an_instance_waiting_for_its_group_to_assign_partitions_is_not_ready(risk) -> None:
+    """From joining the group, or a rebalance taking its partitions back, until the group's
+    next assignment, nothing is applied: /readyz says so, and how long it has lasted."""
+    monitor = Monitor(ServiceSettings(config_path=REPO / "risk.toml", group="risk-g"), risk,
+                      Metrics())
+    monitor._warming_up = False
+    monitor._group_wait.began()  # what subscribing to the group (or a revocation) does
+    assert monitor.not_ready_because() == (
+        "waiting for consumer group risk-g to assign partitions (0 s)")
+    monitor._consuming = True  # consuming before the rebalance: still not ready during it
+    monitor._update_ready()
+    assert not monitor.ready.is_set()
+    monitor._group_wait.ended()  # what taking the assignment does
+    monitor._update_ready()
+    assert monitor.ready.is_set() and monitor.not_ready_because() == ""
+
+
 def test_a_restore_under_way_is_reported_with_its_progress(risk) -> None:
     monitor = Monitor(ServiceSettings(config_path=REPO / "risk.toml"), risk, Metrics())
     assert monitor.not_ready_because().startswith("loading the engine's compiled kernels")

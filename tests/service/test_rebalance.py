@@ -151,6 +151,27 @@ async def test_partitions_an_instance_keeps_through_a_rebalance_are_not_restored
     assert outcomes(second) == {"restored": 4 - kept_here, "kept": 0, "handed_over": 0}
 
 
+async def test_an_instance_is_not_ready_while_its_group_rebalances(broker) -> None:
+    """A second instance joins: the first's partitions are revoked and nothing is applied
+    until the group's next assignment. /readyz says so meanwhile, then is 200 again."""
+    settings = fresh_settings(broker.bootstrap, partitions=4)
+    await create_topics(settings)
+    first, second = Monitor(settings, CONFIG), Monitor(settings, CONFIG)
+    reasons: list[str] = []
+    clear = first.ready.clear
+
+    def not_ready() -> None:
+        if first.ready.is_set():
+            reasons.append(first.not_ready_because())
+        clear()
+
+    first.ready.clear = not_ready  # type: ignore[method-assign]
+    await run_all([first, second], settle=0)
+    assert reasons[0] == f"waiting for consumer group {settings.group} to assign partitions (0 s)"
+    assert reasons[-1] == "stopping"
+    assert owned_once_each([first, second], 4)
+
+
 def outcomes(instance: Monitor) -> dict[str, float | None]:
     """liqmon_rebalance_partitions_total of an instance, by outcome."""
     return {outcome: instance.metrics.registry.get_sample_value(
