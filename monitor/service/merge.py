@@ -38,8 +38,13 @@ order. A stalled partition is not probed: it would only answer what is known alr
 "Read" counts what the consumer skips as well as what it hands over (`read_to`): transaction
 markers, and batches a compaction emptied, take offsets no record is ever delivered at.
 
-What the proof cannot cover is counted: a record released after one that sorts after it is
-*late* (`late`). It reached the merge after that one had gone out, because it spent longer than
+What the proof cannot cover is counted: a record released after one that sorts after it and
+bears on it is *late* (`late`). Records of the topics named ``co_partitioned`` (fills and
+ledger, keyed by account) bear only on records of the same partition number and on those of
+the other topics (prices), which bear on every record: the order between two account
+partitions changes nothing replay computes, and a partition gained in a rebalance, whose
+backlog sorts before what the instance applied of its other partitions, is not late for that.
+A late record reached the merge after that one had gone out, because it spent longer than
 ``max_skew_ms`` between its timestamp and its append (a producer that batches or lingers, a
 clock behind the others), because it is stamped earlier than its own partition's predecessor,
 or because it waited behind a forced release. Replay of the same records sorted applies it
@@ -51,20 +56,23 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
 
 Record = Any  # aiokafka ConsumerRecord: .timestamp, .offset, .key, .value
 NEVER = float("-inf")
+FIRST = (-(1 << 63), 0, 0, 0)  # sorts before every record's key
 
 
 class TimestampMerge:
     def __init__(self, rank: Callable[[str], int], max_skew_ms: int = 5,
                  max_wait: float = 0.5, max_stall: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 co_partitioned: Collection[str] = ()) -> None:
         self._rank = rank  # tie-break between topics at equal timestamps
+        self._co_partitioned = frozenset(co_partitioned)
         self.max_skew_ms = max_skew_ms
         self.max_wait = max_wait
         self.max_stall = max_stall
@@ -97,7 +105,11 @@ class TimestampMerge:
         self.late: dict[str, int] = {}
         self.late_by_ms = 0
         self.late_arrival_ms = 0.0
-        self._last_out: tuple[int, int, int, int] | None = None  # sort key last released
+        # the greatest sort key released: of all records, of those of the other topics, and
+        # of the co-partitioned topics' records by partition number
+        self._last_out = FIRST
+        self._last_shared_out = FIRST
+        self._last_out_of: dict[int, tuple[int, int, int, int]] = {}
         self.blocked_on: list[TopicPartition] = []  # after take(): who held the head back
         self.head_needs: float | None = None  # after take(): probe time the head waits for
         self._active: list[TopicPartition] = []  # after take(): the partitions it was given
@@ -185,7 +197,11 @@ class TimestampMerge:
         self._blocked_since = None
 
     def drop(self, tps: Iterable[TopicPartition]) -> None:
+        """Forget partitions handed over: if one comes back, its records are late only
+        against what is applied from then on."""
         for tp in tps:
+            if tp.topic in self._co_partitioned:
+                self._last_out_of.pop(tp.partition, None)
             self._buffers.pop(tp, None)
             self._probed.pop(tp, None)
             self.proven.pop(tp, None)
@@ -227,6 +243,7 @@ class TimestampMerge:
         stalled_floor = min((proven.get(tp, NEVER) for tp in self.stalled
                              if tp in partitions), default=float("inf"))
         out: list[tuple[TopicPartition, Record]] = []
+        co_partitioned, last_out_of = self._co_partitioned, self._last_out_of
         while heap and len(out) < limit:
             timestamp, *_, tp = heap[0]
             buffer = self._buffers[tp]
@@ -252,9 +269,18 @@ class TimestampMerge:
                 self.forced_past_stalled += 1
             key = heapq.heappop(heap)[:4]
             record, arrived = buffer.popleft()
-            if self._last_out is not None and key < self._last_out:
-                self._count_late(tp.topic, self._last_out[0] - key[0], arrived - key[0])
+            if tp.topic in co_partitioned:
+                own = last_out_of.get(tp.partition, FIRST)
+                bound = own if own > self._last_shared_out else self._last_shared_out
+                if key > own:
+                    last_out_of[tp.partition] = key
             else:
+                bound = self._last_out
+                if key > self._last_shared_out:
+                    self._last_shared_out = key
+            if key < bound:
+                self._count_late(tp.topic, bound[0] - key[0], arrived - key[0])
+            if key > self._last_out:
                 self._last_out = key
             out.append((tp, record))
             if buffer:

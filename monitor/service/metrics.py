@@ -80,8 +80,10 @@ class Metrics:
             "stalled).", registry=r)
         self.records_late = Counter(
             "liqmon_records_late", "Input records applied after one that sorts after them "
-            "(timestamp, topic rank, partition, offset), by topic: replay of the same records "
-            "applies them earlier. They spent longer than --max-skew between their timestamp "
+            "(timestamp, topic rank, partition, offset) and bears on them (a tick bears on "
+            "every record, a fill or ledger entry on its own account partition's), by topic: "
+            "replay of the same records applies them earlier. They spent longer than "
+            "--max-skew between their timestamp "
             "and their append, are stamped earlier than their partition's previous record, or "
             "waited behind a forced release.", ["topic"], registry=r)
         self.records_miskeyed = Counter(

@@ -37,7 +37,8 @@ class Positions:
         ranks = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}
         self.rank: Callable[[str], int] = ranks.__getitem__
         self.merge = TimestampMerge(rank=self.rank, max_skew_ms=max_skew_ms, max_wait=max_wait,
-                                    max_stall=max_stall)
+                                    max_stall=max_stall,
+                                    co_partitioned=(topics.fills, topics.ledger))
         self.owned: set[int] = set()  # account partitions restored and being processed
         self.processed: dict[TopicPartition, int] = {}  # next offset to apply, per partition
         self.delivered: dict[TopicPartition, int] = {}  # next offset whose events are acked

@@ -90,6 +90,63 @@ def test_a_record_stamped_earlier_than_its_partitions_previous_one_is_late() -> 
     assert (m.late, m.late_by_ms) == ({"prices": 1}, 6)
 
 
+FILLS_1, LEDGER = TopicPartition("fills", 1), TopicPartition("ledger", 0)
+ACCOUNTS = ("fills", "ledger")  # co-partitioned by account, as the service merges them
+
+
+def released_then_arriving(first: TopicPartition, first_ts: int, then: TopicPartition,
+                           then_ts: int) -> TimestampMerge:
+    """``first``'s record goes out, proven by a probe finding ``then`` empty; then a record of
+    ``then`` stamped ``then_ts`` arrives 30 ms late and goes out after it."""
+    tps = [first, then]
+    m = TimestampMerge({"prices": 2, "fills": 1, "ledger": 0}.__getitem__, max_skew_ms=5,
+                       clock=Clock(), co_partitioned=ACCOUNTS)
+    for tp in tps:
+        m.seek(tp, 0)
+    m.add(first, [Rec(0, first_ts)], NOW)
+    m.take(100, tps)
+    m.probed(NOW + 16, {then: 0})
+    assert offsets(m.take(100, tps)) == [(first.topic, 0)]
+    m.add(then, [Rec(0, then_ts)], NOW + 30)
+    m.probed(NOW + 31, {first: 1})
+    assert offsets(m.take(100, tps)) == [(then.topic, 0)]
+    return m
+
+
+def test_a_fill_after_a_later_fill_of_another_account_partition_is_not_late() -> None:
+    """Their accounts never meet: replay's order between them changes nothing it computes."""
+    m = released_then_arriving(FILLS_1, int(NOW) + 10, FILLS, int(NOW) + 7)
+    assert m.late == {}
+
+
+def test_a_fill_after_a_later_ledger_entry_of_its_own_account_partition_is_late() -> None:
+    m = released_then_arriving(LEDGER, int(NOW) + 10, FILLS, int(NOW) + 7)
+    assert (m.late, m.late_by_ms) == ({"fills": 1}, 3)
+
+
+def test_a_tick_after_a_later_fill_of_any_account_partition_is_late() -> None:
+    """A tick bears on every account: the fill was valued at the price before it."""
+    m = released_then_arriving(FILLS_1, int(NOW) + 10, PRICES, int(NOW) + 7)
+    assert (m.late, m.late_by_ms) == ({"prices": 1}, 3)
+
+
+def test_a_fill_after_a_later_tick_is_late_in_a_co_partitioned_merge_too() -> None:
+    m = released_then_arriving(PRICES, int(NOW) + 10, FILLS_1, int(NOW) + 7)
+    assert (m.late, m.late_by_ms) == ({"fills": 1}, 3)
+
+
+def test_a_partition_handed_over_and_gained_again_is_late_only_against_what_follows() -> None:
+    """Gained back, its records are read again from the new owner's checkpoint: earlier than
+    what this instance applied of it before, but not after anything applied since."""
+    m = released_then_arriving(FILLS_1, int(NOW) + 10, FILLS, int(NOW) + 7)
+    m.drop([FILLS_1])
+    m.seek(FILLS_1, 0)
+    m.add(FILLS_1, [Rec(0, int(NOW) + 8)], NOW + 40)
+    m.probed(NOW + 41, {FILLS: 1})
+    assert offsets(m.take(100, [FILLS, FILLS_1])) == [("fills", 0)]
+    assert m.late == {}
+
+
 def test_a_silent_partition_never_probed_holds_the_others_back() -> None:
     m = merge()
     m.add(PRICES, [Rec(0, 5)], NOW)
