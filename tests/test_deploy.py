@@ -62,6 +62,7 @@ EXPECTED_METRICS = {
     "liqmon_config_info",
     "liqmon_merge_forced_releases_total",
     "liqmon_records_late_total",
+    "liqmon_records_stamped_ahead_total",
     "liqmon_records_miskeyed_total",
     "liqmon_input_stalled",
     "liqmon_input_logs_replaced_total",
@@ -78,6 +79,7 @@ REQUIRED_ALERTS = {
     "LiqmonDeliveryRetries",
     "LiqmonOutOfOrder",
     "LiqmonLateInputs",
+    "LiqmonInputsStampedAhead",
     "LiqmonInputStalled",
 }
 

@@ -44,6 +44,14 @@ ledger, keyed by account) bear only on records of the same partition number and 
 the other topics (prices), which bear on every record: the order between two account
 partitions changes nothing replay computes, and a partition gained in a rebalance, whose
 backlog sorts before what the instance applied of its other partitions, is not late for that.
+A record stamped ahead of its arrival here can be proven in order only once the wall clock
+reaches its timestamp, and holds every later record of its partition back until then. For a
+few ms (clocks a little apart) that is right; for a producer whose clock runs minutes ahead it
+would freeze the partition for minutes. So a record stamped further ahead of its arrival than
+``max_wait`` is placed at its arrival + ``max_wait`` instead, which bounds what it holds back
+as ``max_wait`` bounds a silent partition, and counted (`ahead`): replay, sorting by
+timestamp, applies it later.
+
 A late record reached the merge after that one had gone out, because it spent longer than
 ``max_skew_ms`` between its timestamp and its append (a producer that batches or lingers, a
 clock behind the others), because it is stamped earlier than its own partition's predecessor,
@@ -105,6 +113,10 @@ class TimestampMerge:
         self.late: dict[str, int] = {}
         self.late_by_ms = 0
         self.late_arrival_ms = 0.0
+        # records placed at their arrival (see the module's doc), per topic; since the caller
+        # last cleared it, the furthest ahead of its arrival any was stamped (ms)
+        self.ahead: dict[str, int] = {}
+        self.ahead_by_ms = 0
         # the greatest sort key released: of all records, of those of the other topics, and
         # of the co-partitioned topics' records by partition number
         self._last_out = FIRST
@@ -227,14 +239,17 @@ class TimestampMerge:
         time after which a probe of them must be sent.
         """
         skew = self.max_skew_ms
+        ahead_limit = self.max_wait * 1000  # ms a record may be stamped ahead of its arrival
         partitions = self._active = list(partitions)
         silent = [tp for tp in partitions if not self._buffers.get(tp) and tp not in self.stalled
                   and not (exhausted and exhausted(tp, self.fetched_to.get(tp, 0)))]
         heap = []
         for tp, buffer in self._buffers.items():
             if buffer:
-                head = buffer[0][0]
-                heap.append((head.timestamp, self._rank(tp.topic), tp.partition, head.offset, tp))
+                head, arrived = buffer[0]
+                placed = (head.timestamp if head.timestamp <= arrived + ahead_limit
+                          else int(arrived + ahead_limit))
+                heap.append((placed, self._rank(tp.topic), tp.partition, head.offset, tp))
         heapq.heapify(heap)
         proven = self.proven
         # the least proof among partitions with nothing buffered bounds what may go out
@@ -269,6 +284,9 @@ class TimestampMerge:
                 self.forced_past_stalled += 1
             key = heapq.heappop(heap)[:4]
             record, arrived = buffer.popleft()
+            if key[0] != record.timestamp:  # stamped ahead: placed at its arrival
+                self.ahead[tp.topic] = self.ahead.get(tp.topic, 0) + 1
+                self.ahead_by_ms = max(self.ahead_by_ms, round(record.timestamp - arrived))
             if tp.topic in co_partitioned:
                 own = last_out_of.get(tp.partition, FIRST)
                 bound = own if own > self._last_shared_out else self._last_shared_out
@@ -284,9 +302,11 @@ class TimestampMerge:
                 self._last_out = key
             out.append((tp, record))
             if buffer:
-                head = buffer[0][0]
-                heapq.heappush(heap, (head.timestamp, self._rank(tp.topic), tp.partition,
-                                      head.offset, tp))
+                head, arrived = buffer[0]
+                placed = (head.timestamp if head.timestamp <= arrived + ahead_limit
+                          else int(arrived + ahead_limit))
+                heapq.heappush(heap, (placed, self._rank(tp.topic), tp.partition, head.offset,
+                                      tp))
             elif not (exhausted and exhausted(tp, self.fetched_to[tp])):
                 silent.append(tp)  # it may hold records earlier than the other heads
                 floor = min(floor, proven.get(tp, NEVER))

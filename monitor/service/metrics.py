@@ -78,6 +78,11 @@ class Metrics:
             "liqmon_merge_forced_releases", "Input records applied before every other "
             "partition was known to hold nothing earlier (--merge-wait ran out, or a partition "
             "stalled).", registry=r)
+        self.records_stamped_ahead = Counter(
+            "liqmon_records_stamped_ahead", "Input records whose Kafka timestamp was further "
+            "ahead of their arrival than --merge-wait (a producer clock ahead), by topic: "
+            "applied in the order they arrived rather than held until the clock reached their "
+            "timestamp; replay of the same records applies them later.", ["topic"], registry=r)
         self.records_late = Counter(
             "liqmon_records_late", "Input records applied after one that sorts after them "
             "(timestamp, topic rank, partition, offset) and bears on them (a tick bears on "

@@ -66,6 +66,7 @@ from monitor.service.log_reader import last_records
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.options import option_values
+from monitor.service.order_reports import CountedWarning
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.positions import Positions
 from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
@@ -86,7 +87,6 @@ LOG_TAIL_RECORDS = 64  # of an input log that ends early, read to tell why (`Eng
 # Seconds before a partition whose high watermark stays below what was applied, but whose log
 # was found whole, is checked again: not at every fetch.
 LOG_RECHECK_INTERVAL = 5.0
-LATE_LOG_INTERVAL = 30.0  # seconds between "applied records later than replay" log lines
 ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account_records`)
 
 
@@ -110,6 +110,7 @@ class Monitor:
         for topic in (topics.prices, topics.fills, topics.ledger):  # export zeros from the start
             self.metrics.records_consumed.labels(topic)  # (so increase() sees the first ones)
             self.metrics.records_late.labels(topic)
+            self.metrics.records_stamped_ahead.labels(topic)
         for topic in (topics.fills, topics.ledger):
             self.metrics.records_miskeyed.labels(topic)
         for event_type in EVENT_TYPES:
@@ -132,9 +133,13 @@ class Monitor:
                                     settings.max_stall, self.metrics)
         self._forced_reported = 0  # merge.forced, counted and logged so far
         self._past_stalled_reported = 0  # merge.forced_past_stalled, counted so far
-        self._late_counted: dict[str, int] = {}  # merge.late, counted so far
-        self._late_logged: dict[str, int] = {}  # of merge.late, what the log has told of
-        self._late_logged_at = -math.inf  # monotonic time of the last such line
+        self._late = CountedWarning(
+            self.metrics.records_late, self.log, "applied records later than replay would "
+            "apply them: they arrived after records that sort after them")
+        self._ahead = CountedWarning(
+            self.metrics.records_stamped_ahead, self.log, "applied records stamped further "
+            "ahead of their arrival than --merge-wait in the order they arrived: replay, "
+            "sorting by timestamp, applies them later (a producer clock ahead)")
         self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
         self._log_checked: dict[TopicPartition, float] = {}  # input logs checked for an end
         #                                                      before what was applied: when
@@ -848,7 +853,7 @@ class Monitor:
             self.metrics.merge_forced.inc(merge.forced_past_stalled
                                           - self._past_stalled_reported)
             self._past_stalled_reported = merge.forced_past_stalled
-        self._report_late(merge)
+        self._report_order(merge)
         for tp in merge.stalled.keys() - self._stalled:
             read_to, end, seconds = merge.stalled[tp]
             self.log.error("input partition stalled: the broker reports records no fetch "
@@ -865,28 +870,17 @@ class Monitor:
                 self.metrics.input_stalled.remove(tp.topic, str(tp.partition))
         self._stalled = set(merge.stalled)
 
-    def _report_late(self, merge: TimestampMerge) -> None:
-        """Count the records the merge released late, and say so in the log: at once the first
-        time, then at most once every `LATE_LOG_INTERVAL` seconds (a producer that batches
-        beyond --max-skew makes some late every second)."""
-        for topic, count in merge.late.items():
-            counted = self._late_counted.get(topic, 0)
-            if count > counted:
-                self.metrics.records_late.labels(topic).inc(count - counted)
-                self._late_counted[topic] = count
-        unlogged = {topic: count - self._late_logged.get(topic, 0)
-                    for topic, count in merge.late.items()
-                    if count > self._late_logged.get(topic, 0)}
-        now = time.monotonic()
-        if unlogged and now - self._late_logged_at >= LATE_LOG_INTERVAL:
-            self.log.warning("applied records later than replay would apply them: they "
-                             "arrived after records that sort after them",
-                             records=sum(unlogged.values()), by_topic=unlogged,
-                             most_behind_ms=merge.late_by_ms,
-                             arrived_after_timestamp_ms=round(merge.late_arrival_ms),
-                             max_skew_ms=merge.max_skew_ms)
-            self._late_logged, self._late_logged_at = dict(merge.late), now
+    def _report_order(self, merge: TimestampMerge) -> None:
+        """Count and say the records the merge released out of replay's order: late ones,
+        and those stamped too far ahead of their arrival to wait for."""
+        if self._late.report(merge.late, lambda: {
+                "most_behind_ms": merge.late_by_ms,
+                "arrived_after_timestamp_ms": round(merge.late_arrival_ms),
+                "max_skew_ms": merge.max_skew_ms}):
             merge.late_by_ms, merge.late_arrival_ms = 0, 0.0
+        if self._ahead.report(merge.ahead, lambda: {
+                "most_ahead_ms": merge.ahead_by_ms, "merge_wait_seconds": merge.max_wait}):
+            merge.ahead_by_ms = 0
 
     async def _replay(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
                       engine: Engine) -> None:

@@ -16,7 +16,6 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import load_config
-from monitor.service import runner
 from monitor.service.runner import Monitor
 from tests.support.kafka import (
     RunningMonitor,
@@ -245,28 +244,67 @@ async def test_a_record_stamped_before_one_already_applied_is_counted_late_and_l
     assert late[0]["arrived_after_timestamp_ms"] >= 1_000  # the clock's second, and the fetch
 
 
-async def test_late_lines_come_at_most_every_30_s_and_tell_what_the_last_one_did_not(
-        monkeypatch: pytest.MonkeyPatch):
-    """Every late record is counted at once; the log line waits out the interval, then gives
-    the records, by topic, that no line has told of yet."""
+async def test_late_and_stamped_ahead_records_are_counted_and_said_apart():
+    """The merge's two kinds of record out of replay's order, each with its counter and its
+    own line (how far behind, or how far ahead)."""
     settings = fresh_settings("127.0.0.1:9")  # never connected
     t = settings.topics
     monitor = Monitor(settings, load_config(CONFIG))
     merge = monitor._positions.merge
     sample = monitor.metrics.registry.get_sample_value
     with structlog.testing.capture_logs() as logs:
-        merge.late = {t.fills: 2}
-        monitor._report_late(merge)
-        merge.late = {t.fills: 3, t.ledger: 1}
-        monitor._report_late(merge)  # within 30 s of the first line: counted, not logged
-        assert sample("liqmon_records_late_total", {"topic": t.fills}) == 3
-        assert sample("liqmon_records_late_total", {"topic": t.ledger}) == 1
-        monkeypatch.setattr(runner, "LATE_LOG_INTERVAL", 0.0)
-        monitor._report_late(merge)
-        monitor._report_late(merge)  # nothing new: no line
-    late = [entry for entry in logs if entry["event"].startswith("applied records later")]
-    assert [(e["records"], e["by_topic"]) for e in late] == [
-        (2, {t.fills: 2}), (2, {t.fills: 1, t.ledger: 1})]
+        merge.late, merge.late_by_ms = {t.fills: 2}, 40
+        merge.ahead, merge.ahead_by_ms = {t.prices: 1}, 600_000
+        monitor._report_order(merge)
+    assert sample("liqmon_records_late_total", {"topic": t.fills}) == 2
+    assert sample("liqmon_records_stamped_ahead_total", {"topic": t.prices}) == 1
+    assert sample("liqmon_records_stamped_ahead_total", {"topic": t.fills}) == 0
+    assert [(e["event"].split(":")[0], e["by_topic"], e.get("most_behind_ms"),
+             e.get("most_ahead_ms")) for e in logs] == [
+        ("applied records later than replay would apply them", {t.fills: 2}, 40, None),
+        ("applied records stamped further ahead of their arrival than --merge-wait in the "
+         "order they arrived", {t.prices: 1}, None, 600_000)]
+    assert (merge.late_by_ms, merge.ahead_by_ms) == (0, 0)  # said: the next line's own
+
+
+async def test_a_record_stamped_ten_minutes_ahead_holds_its_partition_back_no_longer_than_the_merge_wait(  # noqa: E501
+        broker):
+    """A producer host whose clock runs 10 minutes ahead stamps a deposit: proving it in
+    order would take until the wall clock got there, and while ticks keep coming (each sorts
+    first) every later record of its partition would wait with it. It is applied in the order
+    it arrived, as is the deposit after it, counted in `liqmon_records_stamped_ahead_total`
+    and said in a warning."""
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap)
+    await create_inputs(settings, prices=1, accounts=1)
+    t = settings.topics
+    ledger = TopicPartition(t.ledger, 0)
+    now = int(time.time() * 1000)
+    with structlog.testing.capture_logs() as logs:
+        async with RunningMonitor(settings, config) as monitor:
+            producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+            await producer.start()
+            try:
+                for n, stamped in enumerate((now + 600_000, int(time.time() * 1000))):
+                    entry = orjson.dumps({"entry_id": f"d{n}", "account": "a", "asset": "USDT",
+                                          "amount": 100.0, "kind": "deposit", "ts": now})
+                    await producer.send_and_wait(t.ledger, entry, key=b"a", timestamp_ms=stamped)
+                deadline = time.monotonic() + 60
+                while monitor.processed_offsets().get(ledger, 0) < 2:
+                    assert time.monotonic() < deadline, "the deposits are held back"
+                    tick = orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0,
+                                         "ts": int(time.time() * 1000)})
+                    await producer.send_and_wait(t.prices, tick, key=b"BTC-PERP")
+                    await asyncio.sleep(0.01)
+            finally:
+                await producer.stop()
+            assert monitor.engine.accounts["a"].balances["USDT"] == 200.0
+            sample = monitor.metrics.registry.get_sample_value
+            assert sample("liqmon_records_stamped_ahead_total", {"topic": t.ledger}) == 1
+    ahead = [e for e in logs if e["event"].startswith("applied records stamped further ahead")]
+    assert [(e["log_level"], e["records"], e["by_topic"]) for e in ahead] == [
+        ("warning", 1, {t.ledger: 1})]
+    assert 590_000 < ahead[0]["most_ahead_ms"] <= 600_000  # less the time to arrive
 
 
 async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(broker):

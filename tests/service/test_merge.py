@@ -147,6 +147,43 @@ def test_a_partition_handed_over_and_gained_again_is_late_only_against_what_foll
     assert m.late == {}
 
 
+def test_a_record_stamped_minutes_ahead_of_its_arrival_goes_out_as_if_stamped_on_arrival(
+        ) -> None:
+    """A producer whose clock runs 10 minutes ahead: proving its records in order would take
+    until the wall clock got there, holding the rest of their partition back meanwhile. They
+    are placed at their arrival + --merge-wait (0.5 s) and counted."""
+    m = merge(max_wait=0.5)
+    ahead = int(NOW) + 600_000
+    m.add(FILLS, [Rec(0, ahead), Rec(1, ahead + 1)], NOW)
+    m.probed(NOW + 506, {PRICES: 0})  # proves prices empty past arrival + 0.5 s + the skew
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("fills", 1)]
+    assert (m.ahead, m.ahead_by_ms) == ({"fills": 2}, 600_001)
+
+
+def test_a_tick_stamped_after_the_arrival_of_one_stamped_ahead_goes_out_after_it() -> None:
+    """Live order is arrival order for such a record; replay, sorting by timestamp, applies
+    the tick first."""
+    m = merge(max_wait=0.5)
+    m.add(FILLS, [Rec(0, int(NOW) + 600_000)], NOW)
+    m.add(PRICES, [Rec(0, int(NOW) + 600)], NOW + 600)
+    m.probed(NOW + 610, {PRICES: 1, FILLS: 1})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("prices", 0)]
+
+
+def test_a_record_stamped_ahead_by_less_than_the_merge_wait_keeps_its_timestamp() -> None:
+    """Clocks a little apart: it waits for a proof at its timestamp + the skew, as replay's
+    order needs."""
+    m = merge(max_wait=0.5)
+    m.add(FILLS, [Rec(0, int(NOW) + 400)], NOW)
+    m.add(PRICES, [Rec(0, int(NOW) + 300)], NOW + 300)
+    m.probed(NOW + 301, {FILLS: 1})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    assert m.take(100, [PRICES, FILLS]) == [] and m.head_needs == NOW + 405
+    m.probed(NOW + 405, {PRICES: 1})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0)]
+    assert m.ahead == {}
+
+
 def test_a_silent_partition_never_probed_holds_the_others_back() -> None:
     m = merge()
     m.add(PRICES, [Rec(0, 5)], NOW)
