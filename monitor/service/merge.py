@@ -44,6 +44,7 @@ ledger, keyed by account) bear only on records of the same partition number and 
 the other topics (prices), which bear on every record: the order between two account
 partitions changes nothing replay computes, and a partition gained in a rebalance, whose
 backlog sorts before what the instance applied of its other partitions, is not late for that.
+
 A record stamped ahead of its arrival here can be proven in order only once the wall clock
 reaches its timestamp, and holds every later record of its partition back until then. For a
 few ms (clocks a little apart) that is right; for a producer whose clock runs minutes ahead it
