@@ -59,6 +59,7 @@ from monitor.service.clients import (
     position_now,
     set_fetch_wait,
 )
+from monitor.service.counted_warning import CountedWarning
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.group_wait import AssignmentWait
 from monitor.service.keying import MiskeyedInputs
@@ -66,7 +67,6 @@ from monitor.service.log_reader import last_records
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.options import option_values
-from monitor.service.order_reports import CountedWarning
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.positions import Positions
 from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber

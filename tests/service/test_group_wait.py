@@ -16,6 +16,13 @@ def waiting(clock: Clock) -> AssignmentWait:
     return AssignmentWait("risk-g", structlog.get_logger("liqmon"), clock)
 
 
+def said_after_30_s(wait: AssignmentWait, clock: Clock) -> None:
+    """A wait begun now, reported once it has lasted the interval."""
+    wait.began()
+    clock.now += WAIT_REPORT_INTERVAL
+    wait.check()
+
+
 def said(logs: list[dict]) -> list[tuple[str, str, float]]:
     return [(entry["event"], entry["log_level"], entry["waited_seconds"]) for entry in logs]
 
@@ -47,9 +54,7 @@ def test_the_end_of_a_wait_that_was_said_is_said_with_its_length() -> None:
     clock = Clock()
     wait = waiting(clock)
     with structlog.testing.capture_logs() as logs:
-        wait.began()
-        clock.now = 30.0
-        wait.check()
+        said_after_30_s(wait, clock)
         clock.now = 42.5
         wait.ended()
     assert said(logs)[1:] == [("partitions assigned by the consumer group", "info", 42.5)]
@@ -70,15 +75,13 @@ def test_a_new_wait_starts_its_own_count() -> None:
     clock = Clock()
     wait = waiting(clock)
     with structlog.testing.capture_logs() as logs:
-        wait.began()
-        clock.now = 30.0
-        wait.check()
+        said_after_30_s(wait, clock)
         wait.ended()
-        clock.now = 100.0
+        clock.now = 99.0
         wait.began()
+        clock.now = 128.0
+        wait.check()  # 29 s into the new wait: not yet
         clock.now = 129.0
-        wait.check()
-        clock.now = 130.0
         wait.check()
     assert said(logs) == [(STILL_REBALANCING, "warning", 30.0),
                           ("partitions assigned by the consumer group", "info", 30.0),

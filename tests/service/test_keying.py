@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter
 
 from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker
-from monitor.service.keying import LOG_INTERVAL, MiskeyedInputs
+from monitor.service.counted_warning import LOG_INTERVAL
+from monitor.service.keying import MiskeyedInputs
 from monitor.service.topics import create_topics
 from tests.support.clock import Clock
 from tests.support.kafka import RunningMonitor, fresh_settings, produce, wait_processed

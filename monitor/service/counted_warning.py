@@ -1,4 +1,4 @@
-"""Records the merge could not release in replay's order, counted and said in the log."""
+"""Input records of a kind worth a warning, counted by topic and said at most every 30 s."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ LOG_INTERVAL = 30.0  # seconds between two lines of one kind
 
 
 class CountedWarning:
-    """Per-topic totals the merge keeps (they only grow), turned into a counter's increments
-    and a warning that says how many came since the last one: at once the first time, then at
-    most once every `LOG_INTERVAL` seconds (a producer at fault is at fault for every record)."""
+    """Per-topic totals that only grow (the merge's late and stamped-ahead records, the
+    miskeyed inputs), turned into a counter's increments and a warning that says how many came
+    since the last one: at once the first time, then at most once every `LOG_INTERVAL` seconds
+    (a producer at fault is at fault for every record)."""
 
     def __init__(self, counter: Counter, log: BoundLogger, message: str,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -1,11 +1,11 @@
-"""Records out of replay's order, counted at once and said at most every 30 s."""
+"""Records of a kind worth a warning, counted at once and said at most every 30 s."""
 
 from __future__ import annotations
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from monitor.service.order_reports import LOG_INTERVAL, CountedWarning
+from monitor.service.counted_warning import LOG_INTERVAL, CountedWarning
 from tests.support.clock import Clock
 
 
