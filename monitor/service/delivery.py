@@ -215,20 +215,39 @@ class Pipeline:
     def start(self) -> None:
         self._settler = asyncio.create_task(self._settle_in_order())
 
-    async def submit(self, outgoing: list[Outgoing], delivered: Any) -> None:
-        """Produce a batch without waiting for its acknowledgement; ``delivered`` is passed
-        to ``on_delivered`` once every message of it is acknowledged."""
+    async def room(self) -> None:
+        """Return once fewer than the most messages allowed are in flight (back-pressure: the
+        broker is behind). The loop waits here before it applies a batch, never between
+        applying one and submitting it."""
         self._raise_if_failed()
-        if self._in_flight >= self._max_in_flight:  # back-pressure: the broker is behind
+        if self._in_flight >= self._max_in_flight:
             async with self._changed:
                 await self._changed.wait_for(
                     lambda: self._in_flight < self._max_in_flight or self._error is not None)
             self._raise_if_failed()
-        # if the broker is away, the settler delivers what was not handed over, with retries
-        futures, hand_over_error = await self.delivery.start_sending(outgoing)
-        self._queue.append((outgoing, futures, hand_over_error, delivered))
-        self._in_flight += len(outgoing)
+
+    async def submit(self, outgoing: list[Outgoing], delivered: Any) -> None:
+        """Produce a batch without waiting for its acknowledgement; ``delivered`` is passed
+        to ``on_delivered`` once every message of it is acknowledged.
+
+        The batch counts as submitted (`mark`, what `flush` waits for) from the call on,
+        before the producer takes its messages, which may wait: a checkpoint written
+        meanwhile reflects the batch, so it must wait for the batch's events too."""
+        self._raise_if_failed()
         self._submitted += 1
+        self._in_flight += len(outgoing)
+        try:
+            # if the broker is away, the settler delivers what was not handed over, retrying
+            futures, hand_over_error = await self.delivery.start_sending(outgoing)
+        except BaseException:
+            # counted, never queued: no flush may return as if its events were out
+            self.abort(DeliveryAbandoned(
+                f"the hand-over of a batch of {len(outgoing)} messages to the producer was "
+                "cut short; its inputs stay uncommitted and are processed again on restart"))
+            async with self._changed:
+                self._changed.notify_all()
+            raise
+        self._queue.append((outgoing, futures, hand_over_error, delivered))
         async with self._changed:
             self._changed.notify_all()
 

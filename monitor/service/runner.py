@@ -818,6 +818,7 @@ class Monitor:
         if self._held:  # a rebalance: kept partitions wait for the new assignment
             return 0
         positions, merge = self._positions, self._positions.merge
+        await self._pipeline.room()
         batch = merge.take(limit, list(positions.processed))
         assert self._prober is not None
         if self._prober.poke():
@@ -829,13 +830,17 @@ class Monitor:
         advanced: dict[TopicPartition, int] = {}
         for tp, record in batch:
             advanced[tp] = record.offset + 1
-        await self._pipeline.submit(outgoing, advanced)
-        self._log_events()  # after the produce: a cascade's log lines never delay its events
+        # Recorded before the loop yields: a checkpoint is written by a task of its own, and
+        # a snapshot it takes while the producer takes this batch's events must say that it
+        # reflects the batch (a restore would apply it to the account again) and wait for
+        # those events (submit counts them at once).
         positions.frontier = positions.key(*batch[-1])
         positions.processed.update(advanced)
         self._checkpointer.applied(len(batch))
-        self._update_lag(set(advanced))
         self.engine.release_caught_up(positions.offsets())
+        await self._pipeline.submit(outgoing, advanced)
+        self._log_events()  # after the produce: a cascade's log lines never delay its events
+        self._update_lag(set(advanced))
         return len(batch)
 
     def _report_merge(self, merge: TimestampMerge) -> None:

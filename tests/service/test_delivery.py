@@ -23,7 +23,7 @@ from monitor.service.delivery import Delivery, DeliveryAbandoned, DeliveryFailed
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
 from monitor.service.topics import create_topics
-from tests.support.kafka import fresh_settings, read_topic
+from tests.support.kafka import fresh_settings, hand_over_held_back, read_topic
 
 MAX_REQUEST_SIZE = 64 * 1024  # the producer refuses a larger message for good
 TOO_LARGE = b"x" * (MAX_REQUEST_SIZE + 1)
@@ -347,7 +347,7 @@ async def test_the_pipeline_delivers_a_batch_again_when_the_broker_is_back(
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_submit_waits_while_the_most_messages_in_flight_are_unacknowledged(
+async def test_room_waits_while_the_most_messages_in_flight_are_unacknowledged(
         own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str],
         running: list[Pipeline]) -> None:
     producer, topic = paused
@@ -355,11 +355,45 @@ async def test_submit_waits_while_the_most_messages_in_flight_are_unacknowledged
     pipeline = started_pipeline(producer, delivered, running, max_in_flight=2)
     with structlog.testing.capture_logs() as logs:
         await pipeline.submit([message(topic, 0), message(topic, 1)], "first")
-        second = asyncio.create_task(pipeline.submit([message(topic, 2)], "second"))
+        room = asyncio.create_task(pipeline.room())
         await said(logs, RETRYING, times=1)  # the first batch failed once: still in flight
-        assert not second.done()
+        assert not room.done()
         assert pipeline.in_flight == 2
         own_broker.resume()
-        await second
+        await room
+        await pipeline.submit([message(topic, 2)], "second")
         await pipeline.flush()
     assert delivered == ["first", "second"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_flush_waits_for_a_batch_the_producer_is_still_taking(
+        topic: str, producer: AIOKafkaProducer, running: list[Pipeline],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    delivered: list[Any] = []
+    pipeline = started_pipeline(producer, delivered, running)
+    taking, go_on = hand_over_held_back(pipeline, monkeypatch)
+    submitting = asyncio.create_task(pipeline.submit([message(topic, 0)], "held back"))
+    await taking.wait()
+    flushing = asyncio.create_task(pipeline.flush())
+    await asyncio.sleep(0.2)
+    assert not flushing.done()  # a checkpoint flushing now reflects the batch: it waits
+    go_on.set()
+    await submitting
+    await flushing
+    assert delivered == ["held back"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_hand_over_cut_short_makes_flush_raise_rather_than_wait_for_ever(
+        topic: str, producer: AIOKafkaProducer, running: list[Pipeline],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = started_pipeline(producer, [], running)
+    taking, _ = hand_over_held_back(pipeline, monkeypatch)
+    submitting = asyncio.create_task(pipeline.submit([message(topic, 0)], "cut short"))
+    await taking.wait()
+    flushing = asyncio.create_task(pipeline.flush())
+    await asyncio.sleep(0.05)
+    submitting.cancel()
+    with pytest.raises(DeliveryAbandoned, match="cut short"):
+        await asyncio.wait_for(flushing, timeout=5)

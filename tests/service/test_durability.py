@@ -32,7 +32,9 @@ from tests.support.kafka import (
     RunningMonitor,
     batch_codecs,
     fresh_settings,
+    hand_over_held_back,
     positions_of,
+    produce,
     produce_timestamped,
     read_events,
     replayed,
@@ -43,6 +45,7 @@ from tests.support.kafka import (
     wait_processed,
     without_wall_clock,
 )
+from tests.support.messages import deposit
 from tests.support.paths import REPO
 from tests.support.snapshots import json_snapshot
 from tests.support.streams import random_stream
@@ -80,6 +83,31 @@ async def test_graceful_restart_restores_exactly_and_emits_nothing_twice(broker)
     events = await read_events(broker.bootstrap, settings.topics)
     assert len({e["event_id"] for e in events}) == len(events)  # nothing twice
     same_events(events, replayed(records, config), positions_of(records, settings.topics))
+
+
+async def test_a_checkpoint_taken_while_the_producer_takes_a_batch_says_it_reflects_the_batch(
+        broker, monkeypatch):
+    """A checkpoint is written by a task of its own while the loop goes on. A snapshot it
+    takes once the loop has applied a batch, while the producer is still taking that batch's
+    output, holds the batch: stamped with the offsets before it, a restore would apply the
+    batch to the account a second time."""
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=3600.0)
+    t = settings.topics
+    await create_topics(settings)
+    async with RunningMonitor(settings, load_config(CONFIG)) as monitor:
+        await wait_processed(monitor, await produce(broker.bootstrap,
+                                                    [deposit(t, "alice", 100.0, "d1")]))
+        taking, go_on = hand_over_held_back(monitor._pipeline, monkeypatch)
+        await produce(broker.bootstrap, [deposit(t, "alice", 50.0, "d2")])
+        await asyncio.wait_for(taking.wait(), timeout=30)  # the loop applied it and waits
+        checkpoint = asyncio.create_task(monitor._checkpointer.checkpoint({0}, monitor._sink))
+        await asyncio.sleep(0.2)
+        go_on.set()
+        await checkpoint
+    (restored,) = (await read_changelog(broker.bootstrap, t.state, [0])).values()
+    ((_, alice, _, as_of),) = restored.snapshots.accounts()
+    assert alice.balances == {"USDT": 150.0}
+    assert as_of[(t.ledger, 0)] == 2  # both deposits, offsets 0 and 1
 
 
 async def test_an_upgrade_to_zstd_restores_checkpoints_written_under_lz4(broker):

@@ -10,11 +10,12 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
@@ -25,7 +26,9 @@ from aiokafka.record.util import calc_crc32c
 from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.replay import replay
+from monitor.service.delivery import Pipeline
 from monitor.service.log_reader import bounds, read_range
+from monitor.service.outbox import Outgoing
 from monitor.service.runner import Monitor
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import ServiceSettings, Topics
@@ -330,3 +333,19 @@ async def write_commit_marker(bootstrap: str, tp: TopicPartition) -> None:
         assert error == 0, f"marker refused: error {error}"
     finally:
         await producer.stop()
+
+
+def hand_over_held_back(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+                        ) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the producer's taking of a batch wait: (taking, go_on) — set once it has
+    started, and what lets it go on."""
+    taking, go_on = asyncio.Event(), asyncio.Event()
+    start_sending = pipeline.delivery.start_sending
+
+    async def held_back(outgoing: Sequence[Outgoing]) -> Any:
+        taking.set()
+        await go_on.wait()
+        return await start_sending(outgoing)
+
+    monkeypatch.setattr(pipeline.delivery, "start_sending", held_back)
+    return taking, go_on
