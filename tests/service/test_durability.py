@@ -24,6 +24,7 @@ from monitor.service.changelog import (
 from monitor.service.runner import Monitor
 from monitor.service.topics import create_topics
 from monitor.snapshot import CONTROL_KEY, KIND_HEADER, Control, encode_account, encode_control
+from tests.support.changelog import snapshot_history, snapshots_unlike_replay
 from tests.support.compare import final_engine, state_of
 from tests.support.kafka import (
     LZ4,
@@ -184,6 +185,11 @@ async def test_kill_9_at_random_points_loses_nothing_and_repeats_only_identical_
     engine.load_prices(restored[0].control.prices)
     assert state_of(engine) == state_of(final_engine(records, config))
     assert restored[0].control.offsets[(final.fills, 0)] == ends[TopicPartition(final.fills, 0)]
+    # not only the newest: every snapshot ever written is replay's state at the offsets it
+    # names, or a restore from it would apply some inputs twice or never
+    history = await snapshot_history(broker.bootstrap, final.state)
+    assert len(history) > len(restored[0].snapshots)  # older ones too
+    assert snapshots_unlike_replay(history, records, positions_of(records, final), config) == []
 
 
 async def corrupt_checkpoint(bootstrap: str, topic: str) -> int:

@@ -13,21 +13,21 @@ from itertools import groupby
 import pytest
 from aiokafka import TopicPartition
 
+from monitor.account import RiskKey
 from monitor.config import load_config
 from monitor.engine import Engine
 from monitor.service.broker import free_port
-from monitor.service.changelog import ACCOUNT, KIND_HEADER, LAYOUT, read_changelog
+from monitor.service.changelog import read_changelog
 from monitor.service.metrics import scrape_input_offsets, scrape_partition_gauge
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
-from monitor.snapshot import Layout, decode_account, decode_layout
+from tests.support.changelog import snapshot_history
 from tests.support.compare import final_engine, state_of
 from tests.support.kafka import (
     MonitorProcess,
     fresh_settings,
     produce_located,
     read_events,
-    read_topic,
     replayed,
     routable,
     run_args,
@@ -344,26 +344,16 @@ async def test_an_instance_frozen_past_its_session_writes_no_checkpoint_over_its
     assert await snapshots_going_back(settings) == []
 
 
-async def snapshots_going_back(settings: ServiceSettings) -> list[tuple[int, int, str]]:
-    """(partition, offset, account) of every changelog snapshot that reflects fewer of its
+async def snapshots_going_back(settings: ServiceSettings) -> list[tuple[int, int, RiskKey]]:
+    """(partition, offset, key) of every changelog snapshot that reflects fewer of its
     partition's inputs than an earlier snapshot of the same account: written by an instance
     that no longer owned the partition."""
     t = settings.topics
-    newest: dict[tuple[int, str], int] = {}
+    newest: dict[tuple[int, RiskKey], int] = {}
     going_back = []
-    layouts: dict[int, Layout] = {}
-    for record in sorted(await read_topic(settings.bootstrap, t.state),
-                         key=lambda r: (r.partition, r.offset)):
-        kind = dict(record.headers).get(KIND_HEADER, ACCOUNT)
-        if kind == LAYOUT:
-            layout = decode_layout(record.value)
-            layouts[layout.id] = layout
-        if kind != ACCOUNT or record.value is None:
-            continue
-        _, _, as_of = decode_account(record.value, layouts)
+    for partition, offset, key, _, as_of in await snapshot_history(settings.bootstrap, t.state):
         inputs = sum(offset for (topic, _), offset in as_of.items() if topic != t.prices)
-        key = (record.partition, record.key.decode())
-        if inputs < newest.get(key, 0):
-            going_back.append((record.partition, record.offset, key[1]))
-        newest[key] = max(newest.get(key, 0), inputs)
+        if inputs < newest.get((partition, key), 0):
+            going_back.append((partition, offset, key))
+        newest[(partition, key)] = max(newest.get((partition, key), 0), inputs)
     return going_back
