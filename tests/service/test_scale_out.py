@@ -351,9 +351,9 @@ async def snapshots_going_back(settings: ServiceSettings) -> list[tuple[int, int
     t = settings.topics
     newest: dict[tuple[int, RiskKey], int] = {}
     going_back = []
-    for partition, offset, key, _, as_of in await snapshot_history(settings.bootstrap, t.state):
+    for partition, at, key, _, as_of in await snapshot_history(settings.bootstrap, t.state):
         inputs = sum(offset for (topic, _), offset in as_of.items() if topic != t.prices)
         if inputs < newest.get((partition, key), 0):
-            going_back.append((partition, offset, key))
+            going_back.append((partition, at, key))
         newest[(partition, key)] = max(newest.get((partition, key), 0), inputs)
     return going_back

@@ -67,9 +67,9 @@ def snapshots_unlike_replay(history: list[Snapshot], records, positions: list[tu
         last_in, first_out = -1, math.inf
         for (topic, partition), next_offset in snapshot[4].items():
             if next_offset > 0:
-                last_in = max(last_in, index[(topic, partition or 0, next_offset - 1)])
-            if next_offset < ends.get((topic, partition or 0), 0):
-                first_out = min(first_out, index[(topic, partition or 0, next_offset)])
+                last_in = max(last_in, index[(topic, partition, next_offset - 1)])
+            if next_offset < ends.get((topic, partition), 0):
+                first_out = min(first_out, index[(topic, partition, next_offset)])
         if first_out < last_in:
             unlike.append((snapshot, None))
         else:
