@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 
 from monitor.account import Account, RiskKey
 from monitor.config import RiskConfig
@@ -15,6 +16,7 @@ from monitor.records import Rejected
 from monitor.replay import decode_line
 from monitor.service.changelog import ACCOUNT, LAYOUT
 from monitor.snapshot import KIND_HEADER, Layout, Offsets, decode_account, decode_layout, risk_key
+from tests.support.compare import account_state
 from tests.support.kafka import read_topic
 
 Snapshot = tuple[int, int, RiskKey, Account, Offsets]  # partition, offset, key, account, as_of
@@ -39,16 +41,15 @@ async def snapshot_history(bootstrap: str, topic: str) -> list[Snapshot]:
 
 
 def _held(engine: Engine, key: RiskKey) -> tuple:
-    """An account's (or isolated position's) balances, positions, state and event counter
-    (those of a blank one when the engine does not hold it)."""
+    """`_content` of what the engine holds for ``key`` (a blank account when nothing)."""
     account = (engine.accounts if isinstance(key, str) else engine.units).get(key)
     return _content(Account() if account is None else account)
 
 
 def _content(account: Account) -> tuple:
-    return ({asset: amount for asset, amount in account.balances.items() if amount != 0},
-            {symbol: (p.qty, p.entry_price) for symbol, p in account.positions.items()},
-            account.state, account.transitions)
+    """`account_state`, zero balances left out (a snapshot may carry them, the engine not)."""
+    return account_state(replace(account, balances={
+        asset: amount for asset, amount in account.balances.items() if amount != 0}))
 
 
 def snapshots_unlike_replay(history: list[Snapshot], records, positions: list[tuple[str, int, int]],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from monitor.account import Account
 from monitor.engine import Engine
 from monitor.replay import replay
 
@@ -26,13 +27,18 @@ def close(a: Any, b: Any, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+def account_state(account: Account) -> tuple:
+    """An account's (or isolated position's) balances, positions, state and event counter."""
+    return (dict(account.balances),
+            {symbol: (p.qty, p.entry_price) for symbol, p in account.positions.items()},
+            account.state, account.transitions)
+
+
 def state_of(engine: Engine) -> dict:
-    """Balances, positions, state and counter of every account and isolated position."""
+    """`account_state` of every account and isolated position, and the price table."""
     held = [*engine.accounts.items(), *engine.units.items()]
     return {
-        "accounts": {a: (dict(x.balances), {s: (p.qty, p.entry_price)
-                                            for s, p in x.positions.items()},
-                         x.state, x.transitions) for a, x in held},
+        "accounts": {a: account_state(x) for a, x in held},
         "prices": engine.price_table(),
     }
 
