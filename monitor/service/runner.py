@@ -143,7 +143,8 @@ class Monitor:
         self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
         self._log_checked: dict[TopicPartition, float] = {}  # input logs checked for an end
         #                                                      before what was applied: when
-        self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
+        # the batch's events and rejected inputs, to log once its messages are handed over
+        self._unlogged: list[tuple[Event | Rejected, TopicPartition, int]] = []
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
@@ -839,7 +840,7 @@ class Monitor:
         self._checkpointer.applied(len(batch))
         self.engine.release_caught_up(positions.offsets())
         await self._pipeline.submit(outgoing, advanced)
-        self._log_events()  # after the produce: a cascade's log lines never delay its events
+        self._log_outcomes()  # after the produce: log lines never delay the batch's events
         self._update_lag(set(advanced))
         return len(batch)
 
@@ -893,7 +894,7 @@ class Monitor:
         next one (the restorer's `Replay`)."""
         assert self._delivery is not None
         await self._delivery.deliver(self.apply_batch(batch, engine))
-        self._log_events()
+        self._log_outcomes()
 
     def _consumer_of(self, tp: TopicPartition) -> AIOKafkaConsumer:
         consumer = self._prices if tp.topic == self.settings.topics.prices else self._accounts
@@ -925,12 +926,17 @@ class Monitor:
         self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
             max(0, end - self._positions.processed[tp]))
 
-    def _log_events(self) -> None:
-        """One info line per event (SPEC §8), for the events of the batch just produced."""
-        for event, tp, offset in self._unlogged:
-            self.log.info("event", event_id=event.event_id, type=event.type,
-                          account=event.account, topic=tp.topic, partition=tp.partition,
-                          offset=offset, margin_ratio=event.payload["margin_ratio"])
+    def _log_outcomes(self) -> None:
+        """One info line per event and one warning per rejected input (SPEC §8), in record
+        order, for the batch just handed to the producer."""
+        for outcome, tp, offset in self._unlogged:
+            if isinstance(outcome, Rejected):
+                self.log.warning("rejected", topic=tp.topic, partition=tp.partition,
+                                 offset=offset, reason=outcome.reason, detail=outcome.detail)
+            else:
+                self.log.info("event", event_id=outcome.event_id, type=outcome.type,
+                              account=outcome.account, topic=tp.topic, partition=tp.partition,
+                              offset=offset, margin_ratio=outcome.payload["margin_ratio"])
         self._unlogged.clear()
 
     def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
@@ -1015,9 +1021,7 @@ class Monitor:
             out.append(dead_letter_message(outcome, tp.topic, tp.partition, message.offset,
                                            message.key, message.value, topics))
             self.metrics.records_rejected.labels(tp.topic, outcome.reason).inc()
-            self.log.warning("rejected", topic=tp.topic, partition=tp.partition,
-                             offset=message.offset, reason=outcome.reason,
-                             detail=outcome.detail)
+            self._unlogged.append((outcome, tp, message.offset))
             return
         for event in outcome:
             out.append(event_message(event, topics, message.timestamp))
