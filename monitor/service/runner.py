@@ -143,7 +143,7 @@ class Monitor:
         self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
         self._log_checked: dict[TopicPartition, float] = {}  # input logs checked for an end
         #                                                      before what was applied: when
-        # the batch's events and rejected inputs, to log once its messages are handed over
+        # the batch's events and rejected inputs, to report once its messages are handed over
         self._unlogged: list[tuple[Event | Rejected, TopicPartition, int]] = []
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
@@ -840,7 +840,7 @@ class Monitor:
         self._checkpointer.applied(len(batch))
         self.engine.release_caught_up(positions.offsets())
         await self._pipeline.submit(outgoing, advanced)
-        self._log_outcomes()  # after the produce: log lines never delay the batch's events
+        self._report_outcomes()  # after the produce: log lines never delay its events
         self._update_lag(set(advanced))
         return len(batch)
 
@@ -894,7 +894,7 @@ class Monitor:
         next one (the restorer's `Replay`)."""
         assert self._delivery is not None
         await self._delivery.deliver(self.apply_batch(batch, engine))
-        self._log_outcomes()
+        self._report_outcomes()
 
     def _consumer_of(self, tp: TopicPartition) -> AIOKafkaConsumer:
         consumer = self._prices if tp.topic == self.settings.topics.prices else self._accounts
@@ -926,11 +926,15 @@ class Monitor:
         self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
             max(0, end - self._positions.processed[tp]))
 
-    def _log_outcomes(self) -> None:
+    def _report_outcomes(self) -> None:
         """One info line per event and one warning per rejected input (SPEC §8), in record
-        order, for the batch just handed to the producer."""
+        order, and the rejected inputs counted, for the batch just handed to the producer
+        (counted a batch at a time: a labelled counter costs ~1.5 µs a call)."""
+        rejected: dict[tuple[str, str], int] = {}
         for outcome, tp, offset in self._unlogged:
             if isinstance(outcome, Rejected):
+                counted = (tp.topic, outcome.reason)
+                rejected[counted] = rejected.get(counted, 0) + 1
                 self.log.warning("rejected", topic=tp.topic, partition=tp.partition,
                                  offset=offset, reason=outcome.reason, detail=outcome.detail)
             else:
@@ -938,6 +942,8 @@ class Monitor:
                               account=outcome.account, topic=tp.topic, partition=tp.partition,
                               offset=offset, margin_ratio=outcome.payload["margin_ratio"])
         self._unlogged.clear()
+        for (topic, reason), count in rejected.items():
+            self.metrics.records_rejected.labels(topic, reason).inc(count)
 
     def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
                     engine: Engine | ReferenceEngine, conflate: bool = False
@@ -1020,7 +1026,6 @@ class Monitor:
         if isinstance(outcome, Rejected):
             out.append(dead_letter_message(outcome, tp.topic, tp.partition, message.offset,
                                            message.key, message.value, topics))
-            self.metrics.records_rejected.labels(tp.topic, outcome.reason).inc()
             self._unlogged.append((outcome, tp, message.offset))
             return
         for event in outcome:

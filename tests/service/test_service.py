@@ -154,9 +154,9 @@ async def test_every_class_of_bad_input_is_dead_lettered_and_processing_continue
 
 async def test_a_rejected_input_is_logged_once_its_batch_is_handed_to_the_producer(
         broker, risk, monkeypatch):
-    """SPEC §8: one warning per rejected input. It is written once the producer has taken
-    the batch's messages, as event lines are: the lines of a burst of bad records never hold
-    back the good records' events beside them."""
+    """SPEC §8: one warning per rejected input, and the count by reason. The line is written
+    once the producer has taken the batch's messages, as event lines are: the lines of a
+    burst of bad records never hold back the good records' events beside them."""
     settings = fresh_settings(broker.bootstrap)
     t = settings.topics
     with structlog.testing.capture_logs() as logs:
@@ -167,6 +167,8 @@ async def test_a_rejected_input_is_logged_once_its_batch_is_handed_to_the_produc
             assert not [entry for entry in logs if entry["event"] == "rejected"]
             go_on.set()
             await wait_processed(monitor, {TopicPartition(t.fills, 0): 1})
+            counted = monitor.metrics.records_rejected.labels(t.fills, "invalid_json")
+            assert counted._value.get() == 1
     (line,) = [entry for entry in logs if entry["event"] == "rejected"]
     assert line["log_level"] == "warning"
     assert (line["topic"], line["partition"], line["offset"]) == (t.fills, 0, 0)
