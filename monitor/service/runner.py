@@ -144,7 +144,7 @@ class Monitor:
         self._log_checked: dict[TopicPartition, float] = {}  # input logs checked for an end
         #                                                      before what was applied: when
         # the batch's events and rejected inputs, to report once its messages are handed over
-        self._unlogged: list[tuple[Event | Rejected, TopicPartition, int]] = []
+        self._unreported: list[tuple[Event | Rejected, TopicPartition, int]] = []
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
@@ -931,7 +931,7 @@ class Monitor:
         order, and the rejected inputs counted, for the batch just handed to the producer
         (counted a batch at a time: a labelled counter costs ~1.5 µs a call)."""
         rejected: dict[tuple[str, str], int] = {}
-        for outcome, tp, offset in self._unlogged:
+        for outcome, tp, offset in self._unreported:
             if isinstance(outcome, Rejected):
                 counted = (tp.topic, outcome.reason)
                 rejected[counted] = rejected.get(counted, 0) + 1
@@ -941,7 +941,7 @@ class Monitor:
                 self.log.info("event", event_id=outcome.event_id, type=outcome.type,
                               account=outcome.account, topic=tp.topic, partition=tp.partition,
                               offset=offset, margin_ratio=outcome.payload["margin_ratio"])
-        self._unlogged.clear()
+        self._unreported.clear()
         for (topic, reason), count in rejected.items():
             self.metrics.records_rejected.labels(topic, reason).inc(count)
 
@@ -1026,11 +1026,11 @@ class Monitor:
         if isinstance(outcome, Rejected):
             out.append(dead_letter_message(outcome, tp.topic, tp.partition, message.offset,
                                            message.key, message.value, topics))
-            self._unlogged.append((outcome, tp, message.offset))
+            self._unreported.append((outcome, tp, message.offset))
             return
         for event in outcome:
             out.append(event_message(event, topics, message.timestamp))
-            self._unlogged.append((event, tp, message.offset))
+            self._unreported.append((event, tp, message.offset))
 
     # -- observability --------------------------------------------------------------------------
 
