@@ -126,6 +126,9 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
     fast, naive_timing = timings["fast"], timings["naive"]
     total, read_s, installed_s, accounts = fast
     per_million = total * 1_000_000 / max(1, accounts)
+    # judged only at the target's scale: a smaller restore is mostly fixed costs, and scaled
+    # up linearly it overstates the time (10,000 accounts: ~10 s per million; 1M: ~3 s)
+    at_scale = accounts >= 900_000
     overhead = restart["restore"]  # from the assignment to restored, ready right after
     index_s = total - installed_s
     return [
@@ -138,10 +141,10 @@ async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Fig
                f"bare aiokafka consumer reads the changelog in {bare_s:.2f} s (records only). "
                f"Ready includes the band index ({index_s:.2f} s in the bench process)"),
         Figure("restore_s", "restore from liqmon.state", "s", total, naive_timing[0],
-               "≤ 10 s (1M accounts)", per_million <= 10.0, False,
+               "≤ 10 s (1M accounts)", per_million <= 10.0 if at_scale else None, False,
                f"{accounts:,} accounts: read and decode {read_s:.2f} s, install "
                f"{installed_s - read_s:.2f} s, band index {index_s:.2f} s; "
-               f"{per_million:.1f} s per million accounts"),
+               f"{per_million:.1f} s per million accounts if it grew linearly"),
         Figure("empty_start_s", "empty start to ready (baseline: a bare group consumer "
                "joining)", "s", empty["service"], group["group"], "≤ 2 s",
                empty["service"] <= 2.0, False,
