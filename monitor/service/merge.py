@@ -260,14 +260,10 @@ class TimestampMerge:
                              if tp in partitions), default=float("inf"))
         out: list[tuple[TopicPartition, Record]] = []
         co_partitioned, last_out_of = self._co_partitioned, self._last_out_of
-        buffers, heapreplace = self._buffers, heapq.heapreplace
         while heap and len(out) < limit:
-            placed, rank, partition, offset, tp = heap[0]
-            buffer = buffers[tp]
-            record, arrived = buffer[0]
-            needs = placed + skew
-            if arrived > needs:
-                needs = arrived
+            timestamp, *_, tp = heap[0]
+            buffer = self._buffers[tp]
+            needs = max(buffer[0][1], timestamp + skew)
             if needs > floor:
                 holding = [other for other in silent if proven.get(other, NEVER) < needs]
                 unread = [other for other in holding if self._unread(other)]
@@ -287,16 +283,16 @@ class TimestampMerge:
                 self.forced_on.update(holding)
             elif needs > stalled_floor:
                 self.forced_past_stalled += 1
-            buffer.popleft()
-            key = (placed, rank, partition, offset)
-            if placed != record.timestamp:  # stamped ahead: placed at its arrival
+            key = heapq.heappop(heap)[:4]
+            record, arrived = buffer.popleft()
+            if key[0] != record.timestamp:  # stamped ahead: placed at its arrival
                 self.ahead[tp.topic] = self.ahead.get(tp.topic, 0) + 1
                 self.ahead_by_ms = max(self.ahead_by_ms, round(record.timestamp - arrived))
             if tp.topic in co_partitioned:
-                own = last_out_of.get(partition, FIRST)
+                own = last_out_of.get(tp.partition, FIRST)
                 bound = own if own > self._last_shared_out else self._last_shared_out
                 if key > own:
-                    last_out_of[partition] = key
+                    last_out_of[tp.partition] = key
             else:
                 bound = self._last_out
                 if key > self._last_shared_out:
@@ -308,12 +304,11 @@ class TimestampMerge:
             out.append((tp, record))
             if buffer:
                 head, arrived = buffer[0]
-                heapreplace(heap, (head.timestamp if head.timestamp <= arrived + ahead_limit
-                                   else int(arrived + ahead_limit), rank, partition,
-                                   head.offset, tp))
-                continue
-            heapq.heappop(heap)
-            if not (exhausted and exhausted(tp, self.fetched_to[tp])):
+                placed = (head.timestamp if head.timestamp <= arrived + ahead_limit
+                          else int(arrived + ahead_limit))
+                heapq.heappush(heap, (placed, self._rank(tp.topic), tp.partition, head.offset,
+                                      tp))
+            elif not (exhausted and exhausted(tp, self.fetched_to[tp])):
                 silent.append(tp)  # it may hold records earlier than the other heads
                 floor = min(floor, proven.get(tp, NEVER))
         if heap:

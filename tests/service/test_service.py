@@ -19,7 +19,6 @@ from tests.support.kafka import (
     RunningMonitor,
     batch_codecs,
     fresh_settings,
-    hand_over_held_back,
     produce,
     read_events,
     read_topic,
@@ -150,29 +149,6 @@ async def test_every_class_of_bad_input_is_dead_lettered_and_processing_continue
         assert headers["__liqmon.errors.topic"] == names[kind].encode()
         assert headers["__liqmon.errors.partition"] == b"0"
         assert headers["__liqmon.errors.offset"] == str(expected_offset).encode()
-
-
-async def test_a_rejected_input_is_logged_once_its_batch_is_handed_to_the_producer(
-        broker, risk, monkeypatch):
-    """SPEC §8: one warning per rejected input, and the count by reason. The line is written
-    once the producer has taken the batch's messages, as event lines are: the lines of a
-    burst of bad records never hold back the good records' events beside them."""
-    settings = fresh_settings(broker.bootstrap)
-    t = settings.topics
-    with structlog.testing.capture_logs() as logs:
-        async with RunningMonitor(settings, parse_config(RISK)) as monitor:
-            taking, go_on = hand_over_held_back(monitor._pipeline, monkeypatch)
-            await produce(broker.bootstrap, [(t.fills, b"alice", b"not json")])
-            await asyncio.wait_for(taking.wait(), timeout=30)  # applied, being taken
-            assert not [entry for entry in logs if entry["event"] == "rejected"]
-            go_on.set()
-            await wait_processed(monitor, {TopicPartition(t.fills, 0): 1})
-            counted = monitor.metrics.records_rejected.labels(t.fills, "invalid_json")
-            assert counted._value.get() == 1
-    (line,) = [entry for entry in logs if entry["event"] == "rejected"]
-    assert line["log_level"] == "warning"
-    assert (line["topic"], line["partition"], line["offset"]) == (t.fills, 0, 0)
-    assert line["reason"] == "invalid_json"
 
 
 async def test_tick_from_2100_is_dead_lettered_and_later_ticks_still_move_the_price(broker,
