@@ -59,6 +59,7 @@ from functools import cached_property
 from typing import Any
 
 import cramjam
+import numba
 import numpy as np
 import orjson
 
@@ -76,6 +77,10 @@ LAYOUT_PREFIX = b"\x00liqmon.layout."
 KIND_HEADER = "liqmon.kind"
 
 Offsets = dict[tuple[str, int | None], int]
+# `as_of_total` of a record that does not say (a tombstone or a format 1 snapshot written
+# before totals were compared): it replaces, and is replaced by, the records around it in
+# log order, as every record did before
+UNRANKED = -1
 
 _HEAD = np.dtype([("magic", "S2"), ("version", "u1"), ("state", "u1"), ("partition", "<i4"),
                   ("transitions", "<i8"), ("seq", "<i8"), ("layout", "<u8"),
@@ -83,6 +88,9 @@ _HEAD = np.dtype([("magic", "S2"), ("version", "u1"), ("state", "u1"), ("partiti
 _BALANCE = np.dtype([("name", "<u2"), ("amount", "<f8")])
 _POSITION = np.dtype([("name", "<u2"), ("qty", "<f8"), ("entry", "<f8")])
 _AS_OF = np.dtype([("topic", "<u2"), ("partition", "<i4"), ("offset", "<i8")])
+_COUNTS_AT = _HEAD.itemsize - 6  # the header ends with the three counts, u16 each
+_OFFSET_AT = _AS_OF.itemsize - 8  # an as_of entry ends with the offset, i64
+_MAGIC_FIRST, _MAGIC_SECOND = MAGIC  # as numbers, for compiled code
 _MAX_U16 = 0xFFFF
 _STATES = tuple(AccountState)
 
@@ -461,6 +469,51 @@ def _decode_binary(blob: np.ndarray, start: np.ndarray, length: np.ndarray, ids:
         pos_count=npos, pos_name=pos_name, pos_qty=positions["qty"],
         pos_entry=positions["entry"], as_of_count=na, as_of_topic=as_of_topic,
         as_of_partition=as_of["partition"], as_of_offset=as_of["offset"])
+
+
+def as_of_total(as_of: Offsets) -> int:
+    """How far a state has read its inputs, as one number: the sum of the next offsets its
+    ``as_of`` names. Every input applied raises it, so of two states of one account the
+    newer has the larger (or the same) total, whichever instance wrote it; only a replaced
+    input log (truncated or re-created) makes offsets go back."""
+    return sum(as_of.values())
+
+
+def as_of_totals(buffer: bytes | bytearray | np.ndarray, start: np.ndarray,
+                 length: np.ndarray) -> np.ndarray:
+    """`as_of_total` of each format 2 snapshot held back to back in ``buffer`` (record k:
+    ``length[k]`` bytes from ``start[k]``), read from the bytes with no layout: the offsets
+    alone are summed. UNRANKED for a tombstone (length -1), a record of format 1, and one
+    whose header does not match its length (its decode says why)."""
+    blob = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, np.uint8)
+    return _as_of_totals(blob, start, length, _COUNTS_AT, _HEAD.itemsize, _BALANCE.itemsize,
+                         _POSITION.itemsize, _AS_OF.itemsize, _OFFSET_AT)
+
+
+@numba.njit(cache=True, nogil=True)
+def _as_of_totals(blob, start, length, counts_at, head, balance, position, as_of, offset_at):
+    """`as_of_totals` in one compiled pass (numpy's took ~0.09 s a million snapshots, a
+    third of reading them)."""
+    out = np.full(length.shape[0], UNRANKED, np.int64)
+    for k in range(length.shape[0]):
+        at, size = start[k], length[k]
+        if size < head or blob[at] != _MAGIC_FIRST or blob[at + 1] != _MAGIC_SECOND \
+                or blob[at + 2] != SNAPSHOT_VERSION:
+            continue
+        counts = at + counts_at
+        balances = np.int64(blob[counts]) | np.int64(blob[counts + 1]) << 8
+        positions = np.int64(blob[counts + 2]) | np.int64(blob[counts + 3]) << 8
+        entries = np.int64(blob[counts + 4]) | np.int64(blob[counts + 5]) << 8
+        if head + balance * balances + position * positions + as_of * entries != size:
+            continue
+        total = np.int64(0)
+        for entry in range(at + size - as_of * entries, at + size, as_of):
+            value = np.uint64(0)
+            for j in range(8):
+                value |= np.uint64(blob[entry + offset_at + j]) << np.uint64(8 * j)
+            total += np.int64(value)
+        out[k] = total
+    return out
 
 
 def _repeated(name: np.ndarray, count: np.ndarray, names: int) -> int | None:

@@ -6,6 +6,16 @@ be forgotten), the layouts their snapshots refer to (written before them, see
 `monitor.snapshot`) and, written last in every checkpoint, a control record
 with the input offsets, price table and duplicate windows the accounts correspond to. A
 `reset` marker (written by --reset-state) makes a restore ignore everything before it.
+
+Of the snapshots of one key, a restore keeps the newest *state*, which is not always the last
+record: an instance frozen past its session timeout may have handed a chunk of snapshots to its
+Kafka client before it froze, which the client sends when it wakes, after the snapshots of the
+instance that took its partitions over. Every snapshot says how far its state has read (the
+sum of the next offsets its ``as_of`` names, `as_of_total`; a tombstone carries it in a header),
+and a later record of a key replaces the one kept only if it has read no less. Input offsets
+go back only when an input log is replaced (truncated or re-created); the instance that reads
+it from its new start first writes an `epoch` marker to the changelog partitions concerned,
+after which every record ranks above all before it.
 """
 
 from __future__ import annotations
@@ -13,13 +23,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import cast
 
 import numba
 import numpy as np
+import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -45,11 +57,14 @@ from monitor.snapshot import (
     CONTROL_KEY,
     ISOLATED_KEY_PREFIX,
     KIND_HEADER,
+    UNRANKED,
     Control,
     Layout,
     Offsets,
     SnapshotError,
     Snapshots,
+    as_of_total,
+    as_of_totals,
     decode_control,
     decode_layout,
     decode_packed,
@@ -60,8 +75,12 @@ from monitor.snapshot import (
     state_key,
 )
 
-ACCOUNT, CONTROL, LAYOUT, RESET = b"account", b"control", b"layout", b"reset"
+ACCOUNT, CONTROL, LAYOUT, RESET, EPOCH = (b"account", b"control", b"layout", b"reset",
+                                          b"epoch")
 RESET_KEY = b"\x00liqmon.reset"
+EPOCH_PREFIX = b"\x00liqmon.epoch."  # + a unique id: compaction keeps every epoch marker
+AS_OF_TOTAL_HEADER = "liqmon.as_of_total"  # a tombstone's `as_of_total`, in decimal
+EARLIER_EPOCH = -2  # the total of a record read before an epoch marker: any later one wins
 _ACCOUNT_HEADERS = [(KIND_HEADER, ACCOUNT)]  # as the client's records hold their headers
 PROGRESS_EVERY = 50_000  # records between two progress reports of a restore
 _HEADERS, _KEY, _VALUE, _OFFSET = (attrgetter(name)
@@ -138,8 +157,8 @@ class RestoredPartition:
 @dataclass
 class _Latest:
     """What survives of one changelog partition, undecoded: account snapshots in the order
-    read (older ones of a key dropped now and then, see `deduplicate`), the newest layout
-    record per key and the newest control record.
+    read (those another of the same key replaces dropped now and then, see `deduplicate`),
+    the newest layout record per key and the newest control record.
 
     Snapshots are packed as they are read: keys (each followed by a newline) and values
     appended to two byte buffers, their lengths, offsets and key hashes to arrays (nothing
@@ -153,11 +172,13 @@ class _Latest:
     keys: bytearray = field(default_factory=bytearray)
     values: bytearray = field(default_factory=bytearray)
     # per snapshot, in read order (a batch's array each until `columns` joins them): key and
-    # value lengths (-1: none, a value's being a tombstone), offset, hash of the key
+    # value lengths (-1: none, a value's being a tombstone), offset, hash of the key, and
+    # `as_of_total` (or UNRANKED, EARLIER_EPOCH)
     key_len: list[np.ndarray] = field(default_factory=list)
     value_len: list[np.ndarray] = field(default_factory=list)
     offsets: list[np.ndarray] = field(default_factory=list)
     hashes: list[np.ndarray] = field(default_factory=list)
+    totals: list[np.ndarray] = field(default_factory=list)
     count: int = 0  # snapshots held
     distinct: int = 0  # snapshots left by the last deduplication (each of another key)
     layouts: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
@@ -195,7 +216,8 @@ class _Latest:
             self._append(_slices(payload, columns.key_start, columns.key_len, True).data,
                          columns.key_len,
                          _slices(payload, columns.value_start, columns.value_len, False).data,
-                         columns.value_len, columns.offset)
+                         columns.value_len, columns.offset,
+                         as_of_totals(payload, columns.value_start, columns.value_len))
         return self
 
     def _snapshots(self, records: list[Record]) -> None:
@@ -203,12 +225,19 @@ class _Latest:
             return
         keys, values = list(map(_KEY, records)), list(map(_VALUE, records))
         key_bytes = b"\n".join(keys if None not in keys else [k or b"" for k in keys])
-        self._append(key_bytes + b"\n", _lengths(keys),
-                     b"".join(values if None not in values else [v or b"" for v in values]),
-                     _lengths(values), np.fromiter(map(_OFFSET, records), np.int64, len(records)))
+        value_bytes = b"".join(values if None not in values else [v or b"" for v in values])
+        value_len = _lengths(values)
+        totals = as_of_totals(value_bytes, run_starts(np.maximum(value_len, 0)), value_len)
+        if None in values:  # tombstones say theirs in a header
+            for k, record in enumerate(records):
+                if record.value is None:
+                    totals[k] = _header_total(record.headers)
+        self._append(key_bytes + b"\n", _lengths(keys), value_bytes, value_len,
+                     np.fromiter(map(_OFFSET, records), np.int64, len(records)), totals)
 
     def _append(self, keys: bytes | memoryview, key_len: np.ndarray,
-                values: bytes | memoryview, value_len: np.ndarray, offsets: np.ndarray) -> None:
+                values: bytes | memoryview, value_len: np.ndarray, offsets: np.ndarray,
+                totals: np.ndarray) -> None:
         """Take in snapshots: ``keys`` each followed by a newline, ``values`` end to end."""
         self.hashes.append(_key_hashes(np.frombuffer(keys, np.uint8), key_len))
         self.keys += keys
@@ -216,6 +245,7 @@ class _Latest:
         self.key_len.append(key_len)
         self.value_len.append(value_len)
         self.offsets.append(offsets)
+        self.totals.append(totals)
         self.count += len(offsets)
         self.read += len(offsets)
         if self.count > 2 * max(self.distinct, 250_000):  # memory stays bounded
@@ -225,7 +255,10 @@ class _Latest:
         kind = dict(record.headers).get(KIND_HEADER, ACCOUNT)
         if kind == RESET:
             return _Latest(read=self.read + 1)
-        if kind == CONTROL:
+        if kind == EPOCH:  # an input log was replaced: offsets from here on start again
+            self.deduplicate()
+            self.totals = [np.full(self.count, EARLIER_EPOCH, np.int64)]
+        elif kind == CONTROL:
             self.control = (record.offset, record.value)
         elif kind == LAYOUT:
             self.layouts[record.key] = (record.offset, record.value)
@@ -236,9 +269,10 @@ class _Latest:
         return self
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(key lengths, value lengths, offsets, key hashes) of the snapshots held."""
+        """(key lengths, value lengths, offsets, key hashes) of the snapshots held (their
+        totals then in ``totals[0]``)."""
         if len(self.key_len) != 1:
-            for name in ("key_len", "value_len", "offsets", "hashes"):
+            for name in ("key_len", "value_len", "offsets", "hashes", "totals"):
                 parts = getattr(self, name)
                 setattr(self, name, [np.concatenate(parts) if parts else np.empty(0, np.int64)])
         return self.key_len[0], self.value_len[0], self.offsets[0], self.hashes[0]
@@ -257,28 +291,27 @@ class _Latest:
         return run_starts(np.maximum(self.columns()[1], 0))
 
     def deduplicate(self) -> None:
-        """Keep the newest snapshot of each key (and none without a key), in read order.
+        """Keep one snapshot of each key (and none without a key), in read order: the newest
+        state (`_replaces`), which is the last read unless a later one has read less.
 
         Keys are grouped by their hash (`_key_hashes`) in numpy; records that share a hash
         are then compared, so two keys that merely collide both stay."""
         if self.count == self.distinct:
             return
         key_len, _, _, hashes = self.columns()
+        totals = self.totals[0]
         ordered = np.sort(hashes)
         drop = key_len < 0
         if (ordered[1:] == ordered[:-1]).any():  # a key read twice (or a collision)
             order = np.argsort(hashes, kind="stable")  # by hash, then as read
-            newest = np.ones(len(hashes), bool)
-            newest[:-1] = ordered[1:] != ordered[:-1]
-            older = np.flatnonzero(~newest)
-            ends = np.flatnonzero(newest)
-            superseded = order[older]
-            replacing = order[ends[np.searchsorted(ends, older)]]
+            group_ends = np.flatnonzero(np.append(ordered[1:] != ordered[:-1], True)) + 1
+            kept = _kept_of_groups(order, group_ends, totals)
+            superseded = np.flatnonzero(kept != np.arange(len(kept)))
             starts = self.key_starts()
             if not _same_keys(np.frombuffer(self.keys, np.uint8), starts, key_len,
-                              superseded, replacing):
+                              superseded, kept[superseded]):
                 superseded = _superseded_exactly(
-                    [self.key(k, starts) for k in range(len(hashes))])
+                    [self.key(k, starts) for k in range(len(hashes))], totals.tolist())
             drop[superseded] = True
         if drop.any():
             self._keep(np.flatnonzero(~drop))
@@ -288,6 +321,7 @@ class _Latest:
         """Hold only these snapshots (indexes, ascending), their bytes copied run by run (an
         index per byte would take eight times the buffers' memory)."""
         key_len, value_len, offsets, hashes = self.columns()
+        totals = self.totals[0]
         keys = _slices(np.frombuffer(self.keys, np.uint8), self.key_starts()[kept],
                        key_len[kept], True)
         values = _slices(np.frombuffer(self.values, np.uint8), self.value_starts()[kept],
@@ -295,6 +329,33 @@ class _Latest:
         self.keys, self.values = bytearray(keys.data), bytearray(values.data)
         self.key_len, self.value_len = [key_len[kept]], [value_len[kept]]
         self.offsets, self.hashes = [offsets[kept]], [hashes[kept]]
+        self.totals = [totals[kept]]
+
+
+@_jit
+def _replaces(total, kept_total):
+    """Whether a snapshot (or tombstone) read after the one kept of its key replaces it: unless
+    both say how far their state has read (`as_of_total`) and the later one has read less.
+    That one is stale: written by an instance frozen past its session timeout, whose Kafka
+    client sent it on waking, after the snapshots of the instance that took over."""
+    return total < 0 or kept_total < 0 or total >= kept_total
+
+
+@_jit
+def _kept_of_groups(order, group_ends, totals):
+    """Per snapshot, the one its group keeps (by `_replaces`, in read order): ``order`` lists
+    the snapshots group by group, each in read order, group g ending before group_ends[g]."""
+    kept = np.empty(order.shape[0], np.int64)
+    start = 0
+    for end in group_ends:
+        winner = order[start]
+        for j in range(start + 1, end):
+            if _replaces(totals[order[j]], totals[winner]):
+                winner = order[j]
+        for j in range(start, end):
+            kept[order[j]] = winner
+        start = end
+    return kept
 
 
 @_jit
@@ -371,16 +432,31 @@ def _lengths(items: list[bytes | None]) -> np.ndarray:
     return np.array([-1 if item is None else len(item) for item in items], np.int64)
 
 
-def _superseded_exactly(keys: list[bytes | None]) -> np.ndarray:
-    """Indexes of snapshots a later one of the same key replaces (the dictionary way, for
-    the batch in which two keys share a hash)."""
-    newest: dict[bytes | None, int] = {}
+def _superseded_exactly(keys: list[bytes | None], totals: list[int]) -> np.ndarray:
+    """Indexes of the snapshots not kept of their key (the dictionary way, for the batch in
+    which two keys share a hash)."""
+    kept: dict[bytes | None, int] = {}
     superseded = []
     for k, key in enumerate(keys):
-        if key in newest:
-            superseded.append(newest[key])
-        newest[key] = k
+        if key not in kept:
+            kept[key] = k
+        elif _replaces(totals[k], totals[kept[key]]):
+            superseded.append(kept[key])
+            kept[key] = k
+        else:
+            superseded.append(k)
     return np.array(superseded, np.int64)
+
+
+def _header_total(headers: Sequence[tuple[str, bytes]]) -> int:
+    """The `as_of_total` a tombstone's headers carry, or UNRANKED (written before they did)."""
+    for name, value in headers:
+        if name == AS_OF_TOTAL_HEADER:
+            try:
+                return int(value)
+            except ValueError:
+                return UNRANKED
+    return UNRANKED
 
 
 def _find(flags: list[bool], start: int) -> int | None:
@@ -534,6 +610,15 @@ def _is_utf8(key: bytes | None) -> bool:
     return True
 
 
+def epoch_message(partition: int, topics: Topics, why: dict[str, object]) -> Outgoing:
+    """The marker written before the first snapshot stamped with an input's new offsets, once
+    its log was replaced: a restore then ranks everything after it above everything before
+    it (``why``: what was replaced, for whoever reads the changelog)."""
+    return Outgoing(topic=topics.state, key=EPOCH_PREFIX + uuid.uuid4().hex.encode(),
+                    value=orjson.dumps(why), headers=[(KIND_HEADER, EPOCH)],
+                    partition=partition)
+
+
 async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
                               partitions: Iterable[int]) -> None:
     """Make every later restore ignore what the partitions hold so far (--reset-state)."""
@@ -547,9 +632,10 @@ def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int
                       as_of: dict[int, Offsets], topics: Topics,
                       layouts_written: set[tuple[int, int]]) -> tuple[list[Outgoing],
                                                                      list[Outgoing]]:
-    """Snapshots (or tombstones of deleted ones) of the accounts and isolated positions in
-    ``dirty`` (key → partition), each stamped with the input offsets ``as_of`` its
-    partition's state reflects, encoded from the book's columns; and before them, to be
+    """Snapshots (or tombstones of deleted ones, their `as_of_total` in a header) of the
+    accounts and isolated positions in ``dirty`` (key → partition), each stamped with the
+    input offsets ``as_of`` its partition's state reflects, encoded from the book's
+    columns; and before them, to be
     acknowledged first, the layout record of each partition not yet in ``layouts_written``
     ((partition, layout id) pairs of this checkpoint, updated)."""
     held = [key for key in dirty
@@ -562,9 +648,14 @@ def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int
     layouts = [layout_message(partition, layout, topics) for partition in unwritten]
     layouts_written.update((partition, layout.id) for partition in unwritten)
     header = [(KIND_HEADER, ACCOUNT)]
-    return layouts, [Outgoing(topic=topics.state, key=state_key(key), value=encoded.get(key),
-                              headers=header, partition=partition)
-                     for key, partition in dirty.items()]
+    messages = []
+    for key, partition in dirty.items():
+        value = encoded.get(key)
+        headers = header if value is not None else [
+            *header, (AS_OF_TOTAL_HEADER, str(as_of_total(as_of[partition])).encode())]
+        messages.append(Outgoing(topic=topics.state, key=state_key(key), value=value,
+                                 headers=headers, partition=partition))
+    return layouts, messages
 
 
 def layout_message(partition: int, layout: Layout, topics: Topics) -> Outgoing:

@@ -49,7 +49,7 @@ from monitor.records import (
     decode_batch,
 )
 from monitor.reference import ReferenceEngine
-from monitor.service.changelog import RestoreProgress, write_reset_markers
+from monitor.service.changelog import RestoreProgress, epoch_message, write_reset_markers
 from monitor.service.changelog import warm_up as warm_up_restore
 from monitor.service.checkpointer import Checkpointer, KafkaSink
 from monitor.service.clients import (
@@ -728,7 +728,13 @@ class Monitor:
         - new, or none: the topic was deleted and re-created, its offsets start again, and a
           consumer left at the old position would skip its records without a word (a
           re-created ledger's deposits, say, and then false liquidations): read it from its
-          beginning."""
+          beginning.
+
+        Either way the partition's offsets go back, and the snapshots stamped with them will
+        have read less, by their as_of totals, than those written before: first an epoch
+        marker goes to each changelog partition whose accounts read the input (`epoch_message`:
+        a restore then ranks what follows above what precedes it), once the checkpoint being
+        written, stamped with the old offsets, is out."""
         positions = self._positions
         now = time.monotonic()
         suspects = [tp for tp in consumer.assignment() if tp in positions.processed
@@ -763,6 +769,16 @@ class Monitor:
             if not replaced:
                 return
             await self._pipeline.flush()  # the old log's events out before its offsets go
+            await self._checkpointer.finish()
+            topics = settings.topics
+            markers = [epoch_message(partition, topics, {
+                "topic": tp.topic, "partition": tp.partition,
+                "applied_to": positions.processed[tp], "written_at": int(time.time() * 1000)})
+                for tp in replaced for partition in sorted(
+                    positions.owned if tp.topic == topics.prices
+                    else positions.owned & {tp.partition})]
+            if markers:
+                await self._pipeline.delivery.deliver(markers)
             for tp in replaced:
                 tail = tails.get(tp, [])
                 truncated, cause = self._why_log_ends_early(tp, tail)

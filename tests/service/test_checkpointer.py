@@ -23,6 +23,7 @@ from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import LedgerEntry
+from monitor.service.changelog import AS_OF_TOTAL_HEADER
 from monitor.service.checkpointer import CHECKPOINT_CHUNK, Checkpointer, KafkaSink
 from monitor.service.delivery import DeliveryFailed, Pipeline
 from monitor.service.metrics import Metrics
@@ -251,6 +252,8 @@ async def test_a_forgotten_account_is_tombstoned_in_the_partition_that_last_touc
     (tombstone,) = recorder.delivered("account")
     assert (tombstone.key, tombstone.value, tombstone.partition) == (b"carol", None, 0)
     assert checkpointer.touched == {}
+    # how far partition 0's state has read: prices 120 + 80, fills/0 7, ledger/0 3
+    assert dict(tombstone.headers)[AS_OF_TOTAL_HEADER] == b"210"
 
 
 class LoopEmptiesCarol(Recorder):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -18,9 +19,18 @@ from monitor.engine import Engine
 from monitor.service import log_reader
 from monitor.service import runner as service_runner
 from monitor.service.broker import EmbeddedBroker
+from monitor.service.changelog import EPOCH
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
-from tests.support.kafka import RunningMonitor, fresh_settings, produce, read_events, wait_processed
+from monitor.snapshot import KIND_HEADER
+from tests.support.kafka import (
+    RunningMonitor,
+    fresh_settings,
+    produce,
+    read_events,
+    read_topic,
+    wait_processed,
+)
 from tests.support.messages import deposit, fill, tick
 from tests.support.risk import RISK
 
@@ -72,6 +82,39 @@ async def test_a_re_created_ledgers_deposits_are_applied_from_its_first_offset(
     assert said["cause"] == "it holds no record: the topic was re-created, or emptied"
     assert said["log_level"] == "error"
     assert replaced == 1
+
+
+async def epoch_markers(settings: ServiceSettings) -> list[Any]:
+    return [r for r in await read_topic(settings.bootstrap, settings.topics.state)
+            if dict(r.headers).get(KIND_HEADER) == EPOCH]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_state_checkpointed_from_a_re_created_ledger_is_restored_over_the_old_logs(
+        broker: EmbeddedBroker) -> None:
+    """Offsets start again on a re-created ledger, so a's next snapshot says it has read less
+    (ledger offset 1) than the one before it (30): without the epoch marker written before
+    it, a restart would keep the older one, 3,000 USDT, and lose the new deposit of 5."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    t, config = settings.topics, parse_config(RISK)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, await produce(
+            broker.bootstrap, [deposit(t, "a", 100, f"d{n}") for n in range(30)]))
+    await recreate(settings, t.ledger)
+    with structlog.testing.capture_logs() as logs:
+        async with RunningMonitor(settings, config) as monitor:
+            async with asyncio.timeout(30):
+                while not any(entry["event"] == ENDS_EARLY for entry in logs):
+                    await asyncio.sleep(0.05)
+            await wait_processed(monitor, await produce(
+                broker.bootstrap, [deposit(t, "a", 5, "n0")]))
+    async with RunningMonitor(settings, config) as restarted:
+        assert restarted.engine.accounts["a"].balances["USDT"] == 3_005
+    (marker,) = await epoch_markers(settings)
+    assert marker.partition == 0
+    assert orjson.loads(marker.value) | {"written_at": 0} == {
+        "topic": t.ledger, "partition": 0, "applied_to": 30, "written_at": 0}
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -150,3 +193,4 @@ async def test_a_short_end_offset_with_the_records_still_there_replaces_nothing(
     assert [entry for entry in logs if entry["event"] == ENDS_EARLY] == []
     assert balance == 3_000
     assert reads == 1
+    assert await epoch_markers(settings) == []

@@ -1,5 +1,6 @@
 """What a restore keeps of the changelog records it reads (SPEC §6): the newest snapshot of
-every account, the newest layout and control record, nothing from before a reset marker.
+every account (the last read, unless it has read less of the inputs than one read before
+it), the newest layout and control record, nothing from before a reset marker.
 
 The records are the Kafka client's own record objects, parsed from record batches as a fetch
 returns them (monitor.service.log_reader); the reading itself, against the broker, is in
@@ -23,20 +24,30 @@ from hypothesis import strategies as st
 
 from monitor.account import Account, UnitKey
 from monitor.service import changelog
-from monitor.service.changelog import ACCOUNT, CONTROL, LAYOUT, RESET, StateCorrupt, _Latest
+from monitor.service.changelog import (
+    ACCOUNT,
+    AS_OF_TOTAL_HEADER,
+    CONTROL,
+    EPOCH,
+    LAYOUT,
+    RESET,
+    StateCorrupt,
+    _Latest,
+)
 from monitor.service.log_reader import RecordBatch, whole_batches
 from monitor.snapshot import KIND_HEADER, encode_account, state_key
 
 _offsets = iter(range(1_000_000))
 
 
-def record(key: bytes | None, value: bytes | None, kind: bytes | None = ACCOUNT) -> Any:
+def record(key: bytes | None, value: bytes | None, kind: bytes | None = ACCOUNT,
+           extra: tuple[tuple[str, bytes], ...] = ()) -> Any:
     """A one-record batch at the next offset, parsed as a fetch's bytes are."""
     builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0,
                                         producer_id=-1, producer_epoch=-1, base_sequence=-1,
                                         batch_size=1 << 20)
     builder.append(0, timestamp=0, key=key, value=value,
-                   headers=[] if kind is None else [(KIND_HEADER, kind)])
+                   headers=([] if kind is None else [(KIND_HEADER, kind)]) + list(extra))
     raw = bytearray(builder.build())
     struct.pack_into(">q", raw, 0, next(_offsets))  # the base offset, set by the broker
     (parsed,) = MemoryRecords(bytes(raw)).next_batch()
@@ -114,6 +125,86 @@ LAYOUT_RECORD, SNAPSHOT = encode_account(Account(balances={"USDT": 10.0}, partit
                                          {("fills", 0): 3})
 
 
+def stamped(usdt: float, fills: int, ledger: int, prices: int) -> bytes:
+    """A snapshot holding ``usdt`` whose state has read fills/0, ledger/0 and prices up to
+    these (next) offsets: its as_of total is their sum."""
+    return encode_account(Account(balances={"USDT": usdt}, partition=0), 1,
+                          {("fills", 0): fills, ("ledger", 0): ledger, ("prices", None): prices}
+                          )[1]
+
+
+def tombstone(key: bytes, total: int) -> Any:
+    return record(key, None, ACCOUNT, [(AS_OF_TOTAL_HEADER, str(total).encode())])
+
+
+def test_a_snapshot_that_has_read_less_than_the_one_kept_is_stale_and_not_kept() -> None:
+    # A frozen instance's chunk, sent when it woke: read after the newer state its successor
+    # wrote, but reflecting 40 + 12 + 900 = 952 inputs where the one kept reflects 1,000.
+    newer, stale = stamped(250.0, 60, 20, 920), stamped(100.0, 40, 12, 900)
+    latest = _Latest().add([record(b"a", newer), record(b"b", SNAPSHOT), record(b"a", stale)])
+    assert kept(latest) == {b"a": newer, b"b": SNAPSHOT}
+
+
+def test_a_later_snapshot_that_has_read_as_much_or_more_replaces_the_one_kept() -> None:
+    first, same, further = stamped(1.0, 5, 5, 5), stamped(2.0, 5, 5, 5), stamped(3.0, 4, 5, 7)
+    assert kept(_Latest().add([record(b"a", first), record(b"a", same)])) == {b"a": same}
+    # 16 > 15 in total, though fills went back from 5 to 4 (another order of the same inputs)
+    assert kept(_Latest().add([record(b"a", first), record(b"a", further)])) == {b"a": further}
+
+
+def test_a_stale_snapshot_read_after_a_tombstone_does_not_bring_the_account_back() -> None:
+    latest = _Latest().add([record(b"a", stamped(9.0, 10, 10, 10)), tombstone(b"a", 40),
+                            record(b"a", stamped(9.0, 12, 10, 10))])
+    assert kept(latest) == {b"a": None}
+
+
+def test_an_account_opened_again_after_its_tombstone_is_kept() -> None:
+    reopened = stamped(7.0, 20, 15, 10)
+    latest = _Latest().add([tombstone(b"a", 40), record(b"a", reopened)])
+    assert kept(latest) == {b"a": reopened}
+
+
+def test_after_an_epoch_marker_the_next_snapshot_replaces_one_read_before_it() -> None:
+    # the fills log was re-created: its offsets start again from 0
+    before, after = stamped(5.0, 5_000, 10, 10), stamped(6.0, 3, 10, 10)
+    latest = _Latest().add([record(b"a", before), record(b"a", stamped(1.0, 1, 1, 1)),
+                            record(b"\x00liqmon.epoch.1", b"{}", EPOCH),
+                            record(b"a", after), record(b"a", stamped(2.0, 1, 10, 10))])
+    assert kept(latest) == {b"a": after}
+    assert latest.read == 5
+
+
+def test_records_that_do_not_say_how_far_they_read_replace_and_are_replaced_in_log_order(
+        ) -> None:
+    old_json = b'{"v": 1, "seq": 1, "as_of": [], "balances": {}, "positions": {}}'
+    ranked = stamped(1.0, 50, 50, 50)
+    assert kept(_Latest().add([record(b"a", ranked), record(b"a", old_json)])) == {
+        b"a": old_json}
+    assert kept(_Latest().add([record(b"a", old_json), record(b"a", stamped(2.0, 1, 1, 1))]
+                              )) == {b"a": stamped(2.0, 1, 1, 1)}
+    # a tombstone written before tombstones carried their total
+    assert kept(_Latest().add([record(b"a", ranked), record(b"a", None)])) == {b"a": None}
+    assert kept(_Latest().add([record(b"a", None), record(b"a", ranked)])) == {b"a": ranked}
+
+
+def test_a_stale_snapshot_is_not_kept_across_deduplications_while_reading() -> None:
+    newer = stamped(3.0, 100, 100, 100)
+    latest = _Latest().add([record(b"a", newer)])
+    latest.deduplicate()
+    latest = latest.add([record(b"a", stamped(1.0, 1, 1, 1)), record(b"b", SNAPSHOT)])
+    assert kept(latest) == {b"a": newer, b"b": SNAPSHOT}
+
+
+def test_keys_that_share_a_hash_keep_the_newest_state_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(changelog, "_key_hashes",
+                        lambda keys, key_len: np.full(len(key_len), 7, np.int64))
+    newer = stamped(3.0, 100, 100, 100)
+    latest = _Latest().add([record(b"a", newer), record(b"b", SNAPSHOT),
+                            record(b"a", stamped(1.0, 1, 1, 1)), record(b"b", None)])
+    assert list(kept(latest).items()) == [(b"a", newer), (b"b", None)]
+
+
 def restored_ids(*keys_and_values: tuple[bytes, bytes | None]) -> list[object]:
     latest = _Latest().add([record(LAYOUT_RECORD.key, LAYOUT_RECORD.encoded, LAYOUT),
                             *(record(key, value) for key, value in keys_and_values)])
@@ -160,16 +251,19 @@ def batch_of(records: list[tuple[bytes | None, bytes | None, list]], base_offset
 def packed(latest: _Latest) -> tuple:
     latest.deduplicate()
     _, _, offsets, _ = latest.columns()
-    return (kept(latest), offsets.tolist(), latest.read, latest.control, latest.layouts)
+    return (kept(latest), offsets.tolist(), latest.totals[0].tolist(), latest.read,
+            latest.control, latest.layouts)
 
 
 HEADERS = st.sampled_from([
     [(KIND_HEADER, ACCOUNT)], [], [(KIND_HEADER, LAYOUT)], [(KIND_HEADER, CONTROL)],
     [(KIND_HEADER, ACCOUNT), ("trace", b"x")], [(KIND_HEADER, None)], [(KIND_HEADER, b"acc")],
     [("kinds", ACCOUNT)]])
+STAMPED = st.sampled_from([stamped(1.0, 5, 5, 5), stamped(2.0, 1, 1, 1),
+                           stamped(3.0, 9, 9, 9)])
 RECORDS = st.lists(st.tuples(st.none() | st.binary(max_size=12) | st.sampled_from([b"a", b"b\n"]),
-                             st.none() | st.binary(max_size=300), HEADERS), min_size=1,
-                   max_size=40)
+                             st.none() | st.binary(max_size=300) | STAMPED, HEADERS),
+                   min_size=1, max_size=40)
 
 
 @settings(max_examples=150, deadline=None)
