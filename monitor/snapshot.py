@@ -34,6 +34,11 @@ it in format 2):
      "transitions": 4, "partition": 0}
 with the numbers that are not finite as the strings "inf", "-inf" and "nan".
 
+**Tombstone** (a null value; key: as its snapshots'): an account or position forgotten. It
+carries its partition's `as_of_total` in the header `liqmon.as_of_total` (decimal), as a
+snapshot carries it in its ``as_of``: a restore keeps, of each key, the record whose state has
+read the most (see `monitor.service.changelog`).
+
 **Isolated position snapshot** (SPEC §4.1; key: ISOLATED_KEY_PREFIX + the JSON array
 [account, symbol], see `state_key`): an account snapshot of either format, its balances the
 wallet and its positions that one position (or none).
