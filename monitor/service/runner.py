@@ -142,6 +142,9 @@ class Monitor:
             "sorting by timestamp, applies them later (a producer clock ahead)")
         self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
         self._log_checked: dict[TopicPartition, float] = {}  # input logs checked for an end
+        # a prices partition replaced, as `_read_replaced_logs_again` found it: the partitions
+        # gained from then on may hold snapshots stamped with the old log's offsets
+        self._prices_replaced: dict[str, object] | None = None
         #                                                      before what was applied: when
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
@@ -500,6 +503,13 @@ class Monitor:
             finally:
                 self._restoring = False
                 self._update_ready()
+            if self._prices_replaced is not None:
+                # Their snapshots may have been written by an instance that never read the
+                # new prices log: what this one writes reads less of prices than those did.
+                assert self._pipeline is not None
+                await self._pipeline.delivery.deliver([epoch_message(
+                    partition, self.settings.topics, self._prices_replaced)
+                    for partition in sorted(gained)])
             self._restored.set()
             self.restore_seconds = time.monotonic() - started
             self.metrics.restore_duration.observe(self.restore_seconds)
@@ -734,7 +744,9 @@ class Monitor:
         have read less, by their as_of totals, than those written before: first an epoch
         marker goes to each changelog partition whose accounts read the input (`epoch_message`:
         a restore then ranks what follows above what precedes it), once the checkpoint being
-        written, stamped with the old offsets, is out."""
+        written, stamped with the old offsets, is out. Every instance reads all of prices, so
+        after a prices log is replaced, each partition this instance gains later gets a
+        marker too (`_take_assignment`): its last owner may never have read the new log."""
         positions = self._positions
         now = time.monotonic()
         suspects = [tp for tp in consumer.assignment() if tp in positions.processed
@@ -771,10 +783,14 @@ class Monitor:
             await self._pipeline.flush()  # the old log's events out before its offsets go
             await self._checkpointer.finish()
             topics = settings.topics
-            markers = [epoch_message(partition, topics, {
-                "topic": tp.topic, "partition": tp.partition,
-                "applied_to": positions.processed[tp], "written_at": int(time.time() * 1000)})
-                for tp in replaced for partition in sorted(
+            markers = []
+            for tp in replaced:
+                why = {"topic": tp.topic, "partition": tp.partition,
+                       "applied_to": positions.processed[tp],
+                       "written_at": int(time.time() * 1000)}
+                if tp.topic == topics.prices:
+                    self._prices_replaced = why
+                markers += [epoch_message(partition, topics, why) for partition in sorted(
                     positions.owned if tp.topic == topics.prices
                     else positions.owned & {tp.partition})]
             if markers:

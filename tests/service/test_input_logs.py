@@ -6,6 +6,7 @@ already, and is not applied twice."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -19,7 +20,8 @@ from monitor.engine import Engine
 from monitor.service import log_reader
 from monitor.service import runner as service_runner
 from monitor.service.broker import EmbeddedBroker
-from monitor.service.changelog import EPOCH
+from monitor.service.changelog import EPOCH, read_changelog
+from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
 from monitor.snapshot import KIND_HEADER
@@ -115,6 +117,58 @@ async def test_state_checkpointed_from_a_re_created_ledger_is_restored_over_the_
     assert marker.partition == 0
     assert orjson.loads(marker.value) | {"written_at": 0} == {
         "topic": t.ledger, "partition": 0, "applied_to": 30, "written_at": 0}
+
+
+async def owning(monitors: list[Monitor], partitions: int) -> None:
+    """Until each monitor owns some of the partitions and together all of them."""
+    async with asyncio.timeout(30):
+        while not (all(m._positions.owned for m in monitors) and sorted(
+                p for m in monitors for p in m._positions.owned) == list(range(partitions))):
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_partition_gained_after_prices_were_re_created_is_restored_over_the_old_log(
+        broker: EmbeddedBroker) -> None:
+    """Every instance reads all of prices: one that found the prices log re-created marks the
+    partitions it gains later, whose last owner may never have read the new log. Here the
+    other instance is one that does not look (an older liqmon, say): its snapshots say they
+    read 30 ticks, those written after it from the new log 1. Without the marker a restart
+    would keep its 100 USDT per account and lose the deposits of 5 made since."""
+    settings = replace(fresh_settings(broker.bootstrap, checkpoint_interval=0.2), partitions=2)
+    await create_topics(settings)
+    t, config = settings.topics, parse_config(RISK)
+    accounts = [f"a{n}" for n in range(10)]
+    with structlog.testing.capture_logs() as logs:
+        async with RunningMonitor(settings, config) as finder:
+            blind = RunningMonitor(settings, config)
+            blind.monitor._read_replaced_logs_again = lambda consumer: asyncio.sleep(0)
+            async with blind as other:
+                await owning([finder, other], 2)
+                ends = await produce(broker.bootstrap, [
+                    *(tick(t, "BTC-PERP", 60_000 + n, n) for n in range(30)),
+                    *(deposit(t, account, 100) for account in accounts)])
+                for monitor in (finder, other):
+                    await wait_processed(monitor, {tp: end for tp, end in ends.items()
+                                                   if tp.topic == t.prices or tp.partition
+                                                   in monitor._positions.owned})
+                await recreate(settings, t.prices)
+                await produce(broker.bootstrap, [tick(t, "BTC-PERP", 61_000, 100)])
+                async with asyncio.timeout(30):
+                    while not any(entry["event"] == ENDS_EARLY for entry in logs):
+                        await asyncio.sleep(0.05)
+            gained = set(range(2)) - finder._positions.owned
+            await owning([finder], 2)
+            await wait_processed(finder, await produce(
+                broker.bootstrap, [deposit(t, account, 5, f"more-{account}")
+                                   for account in accounts]))
+    restored = await read_changelog(broker.bootstrap, t.state, range(2))
+    engine = Engine(config)
+    for part in restored.values():
+        engine.load_accounts(part.snapshots)
+    assert {a: engine.accounts[a].balances["USDT"] for a in accounts} == dict.fromkeys(
+        accounts, 105)
+    assert gained <= {marker.partition for marker in await epoch_markers(settings)}
 
 
 @pytest.mark.asyncio(loop_scope="session")
