@@ -634,10 +634,9 @@ def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int
                                                                      list[Outgoing]]:
     """Snapshots (or tombstones of deleted ones, their `as_of_total` in a header) of the
     accounts and isolated positions in ``dirty`` (key → partition), each stamped with the
-    input offsets ``as_of`` its partition's state reflects, encoded from the book's
-    columns; and before them, to be
-    acknowledged first, the layout record of each partition not yet in ``layouts_written``
-    ((partition, layout id) pairs of this checkpoint, updated)."""
+    input offsets ``as_of`` its partition's state reflects, encoded from the book's columns;
+    and before them, to be acknowledged first, the layout record of each partition not yet
+    in ``layouts_written`` ((partition, layout id) pairs of this checkpoint, updated)."""
     held = [key for key in dirty
             if (key in engine.units if isinstance(key, UnitKey) else key in engine.accounts)]
     snapshots = engine.snapshots(held).stamped(seq, [as_of[dirty[a]] for a in held])

@@ -142,10 +142,10 @@ class Monitor:
             "sorting by timestamp, applies them later (a producer clock ahead)")
         self._stalled: set[TopicPartition] = set()  # stalled partitions, as last reported
         self._log_checked: dict[TopicPartition, float] = {}  # input logs checked for an end
+        #                                                      before what was applied: when
         # a prices partition replaced, as `_read_replaced_logs_again` found it: the partitions
         # gained from then on may hold snapshots stamped with the old log's offsets
         self._prices_replaced: dict[str, object] | None = None
-        #                                                      before what was applied: when
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
