@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from structlog.stdlib import BoundLogger
 
 from monitor.errors import LiqmonError
@@ -38,8 +38,12 @@ class DeliveryFailed(LiqmonError):
 
 
 def _refused(message: Outgoing, error: BaseException) -> None:
-    """Raise DeliveryFailed when ``error`` is one a retry cannot fix."""
-    if isinstance(error, KafkaError) and not error.retriable:
+    """Raise DeliveryFailed when ``error`` is one a retry cannot fix. aiokafka marks its
+    KafkaTimeoutError not retriable, but raises it when a record could not be handed over in
+    time because the batch before it was not sent (the broker slow or away): waiting fixes
+    that, as it fixes a request that timed out."""
+    if isinstance(error, KafkaError) and not error.retriable \
+            and not isinstance(error, KafkaTimeoutError):
         raise DeliveryFailed(message.topic, error)
 
 

@@ -223,6 +223,28 @@ async def test_delivery_retries_while_the_broker_is_away_and_resumes_when_it_is_
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_records_not_handed_over_in_time_while_the_broker_is_away_are_retried(
+        own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str]) -> None:
+    """Forty 4 KB messages to one partition: the producer's first batch is sent and waits for
+    the paused broker, the next fills up behind it, and the producer gives up on the rest
+    after its request timeout with a KafkaTimeoutError, which aiokafka marks not retriable.
+    The broker is away, not refusing: delivery retries, and stops for nothing."""
+    producer, topic = paused
+    values = [b"%02d" % n + b"x" * 4_000 for n in range(40)]
+    with structlog.testing.capture_logs() as logs:
+        delivering = asyncio.create_task(delivery_of(producer).deliver(
+            [message(topic, n, value) for n, value in enumerate(values)]))
+        retrying = asyncio.create_task(said(logs, RETRYING, times=2))
+        await asyncio.wait([delivering, retrying], return_when=asyncio.FIRST_COMPLETED)
+        assert not delivering.done(), delivering.exception()  # it gave up: DeliveryFailed
+        own_broker.resume()
+        await delivering
+    assert any("KafkaTimeoutError" in entry["error"] for entry in logs
+               if entry["event"] == RETRYING)
+    assert (await values_of(own_broker.bootstrap, topic))[-40:] == values
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_retries_back_off_doubling_up_to_the_longest_wait(
         own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str],
         monkeypatch: pytest.MonkeyPatch) -> None:
