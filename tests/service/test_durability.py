@@ -236,6 +236,20 @@ async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broke
 
 
 
+async def restart_then_the_rest(settings, config, before: dict, records, second) -> None:
+    """A restart holds exactly ``before``; then ``second``, the rest of ``records``, is
+    produced and applied, and the events of all of them are replay's, none twice."""
+    async with RunningMonitor(settings, config) as restarted:
+        assert state_of(restarted.engine) == before
+    ends = await produce_timestamped(settings.bootstrap, settings.topics, second,
+                                     first_timestamp_ms=2_000_000)
+    async with RunningMonitor(settings, config) as again:
+        await wait_processed(again, ends)
+    events = await read_events(settings.bootstrap, settings.topics)
+    assert len({e["event_id"] for e in events}) == len(events)
+    same_events(events, replayed(records, config), positions_of(records, settings.topics))
+
+
 async def test_an_upgrade_restores_json_snapshots_of_format_1_beside_binary_ones(broker):
     """A changelog written partly by a liqmon before format 2: every other account's newest
     snapshot is JSON. The restart holds exactly what was checkpointed, and the rest of the
@@ -257,15 +271,7 @@ async def test_an_upgrade_restores_json_snapshots_of_format_1_beside_binary_ones
     await write_state(broker.bootstrap, settings.topics.state,
                       [(account_id.encode(), value, ACCOUNT) for account_id, value in older])
 
-    async with RunningMonitor(settings, config) as restarted:
-        assert state_of(restarted.engine) == before
-    ends = await produce_timestamped(broker.bootstrap, settings.topics, second,
-                                     first_timestamp_ms=2_000_000)
-    async with RunningMonitor(settings, config) as again:
-        await wait_processed(again, ends)
-    events = await read_events(broker.bootstrap, settings.topics)
-    assert len({e["event_id"] for e in events}) == len(events)
-    same_events(events, replayed(records, config), positions_of(records, settings.topics))
+    await restart_then_the_rest(settings, config, before, records, second)
 
 
 async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker):
@@ -297,15 +303,7 @@ async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker
     assert len(stale) >= 5
     await write_state(broker.bootstrap, settings.topics.state, stale)
 
-    async with RunningMonitor(settings, config) as restarted:
-        assert state_of(restarted.engine) == before
-    ends = await produce_timestamped(broker.bootstrap, settings.topics, second,
-                                     first_timestamp_ms=2_000_000)
-    async with RunningMonitor(settings, config) as again:
-        await wait_processed(again, ends)
-    events = await read_events(broker.bootstrap, settings.topics)
-    assert len({e["event_id"] for e in events}) == len(events)
-    same_events(events, replayed(records, config), positions_of(records, settings.topics))
+    await restart_then_the_rest(settings, config, before, records, second)
 
 
 def truncated(raw: bytes) -> bytes:
