@@ -20,7 +20,9 @@ Then the live instances read every input to its end and stop, and the run is jud
 An instance that stops by an error fails the run, with the error. A run whose instances stop
 consuming otherwise is reported as a wedged consumer group (the embedded broker's coordinator
 can hold a group; README, *Scaling out*) and is not judged. The exit status is 1 if a run
-failed or differs from replay.
+failed or differs from replay. With --keep-logs DIR, each run leaves DIR/seed-N/: every
+instance's log lines (instance-K.jsonl), what was done to whom and when (actions.jsonl), and,
+if it differs from replay, the fleet's events, replay's and where each record landed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
 
 import orjson
 
@@ -108,6 +113,8 @@ class Verdict:
     accounts_unlike_replay: int = 0
     snapshots_going_back: int = 0
     errors: list[str] = field(default_factory=list)  # of instances stopped by an error
+    timeline: list[dict] = field(default_factory=list)  # what was done to whom, and when
+    evidence: dict[str, list] = field(default_factory=dict)  # kept when unlike replay
 
     @property
     def unlike_replay(self) -> bool:
@@ -149,7 +156,23 @@ async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verd
             verdict.errors = [f"{entry.get('kind')}: {entry.get('error')}"
                               for instance in everyone for entry in instance.logs
                               if entry["event"] == "stopped by an error"]
+            if args.keep_logs:
+                keep(args.keep_logs / f"seed-{seed}", everyone, verdict)
     return verdict
+
+
+def keep(directory: Path, everyone: list[Instance], verdict: Verdict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {f"instance-{n}.jsonl": instance.logs for n, instance in enumerate(everyone)}
+    files |= {"actions.jsonl": verdict.timeline}
+    files |= {f"{name}.jsonl": rows for name, rows in verdict.evidence.items()}
+    for name, rows in files.items():
+        (directory / name).write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+
+
+def mark(verdict: Verdict, everyone: list[Instance], action: str, instance: Instance) -> None:
+    verdict.timeline.append({"at": time.time(), "action": action,
+                             "instance": everyone.index(instance), "pid": instance.proc.pid})
 
 
 async def act(rng: random.Random, args: argparse.Namespace, settings: ServiceSettings,
@@ -171,11 +194,14 @@ async def act(rng: random.Random, args: argparse.Namespace, settings: ServiceSet
             await instance.start()
             live.append(instance)
             everyone.append(instance)
+            mark(verdict, everyone, action, instance)
             continue
         victim = rng.choice(live)
+        mark(verdict, everyone, action, victim)
         if action == "freeze":
             victim.proc.send_signal(signal.SIGSTOP)
-            wakes.append(asyncio.create_task(wake(victim, rng.uniform(2.5, 7.0))))
+            wakes.append(asyncio.create_task(wake(
+                victim, rng.uniform(2.5, 7.0), partial(mark, verdict, everyone, "wake", victim))))
             continue
         live.remove(victim)
         if victim.proc.returncode is None:
@@ -203,21 +229,29 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
     first = {e["event_id"]: e for e in reversed(events)}
     verdict.differing_repeats = sum(
         without_wall_clock(e) != without_wall_clock(first[e["event_id"]]) for e in events)
+    replay = replayed(records, config)
     try:
-        same_events(list(first.values()), replayed(records, config), located)
+        same_events(list(first.values()), replay, located)
     except AssertionError:
         verdict.events_equal = False
     restored = await final_state(settings, config)
     expected = state_of(final_engine(records, config))["accounts"]
-    verdict.accounts_unlike_replay = sum(
-        restored.get(key) != expected.get(key) for key in restored.keys() | expected.keys())
+    unlike = sorted((key for key in restored.keys() | expected.keys()
+                     if restored.get(key) != expected.get(key)), key=str)
+    verdict.accounts_unlike_replay = len(unlike)
+    if verdict.unlike_replay:
+        verdict.evidence = {
+            "events": events, "replay": replay, "located": located,
+            "accounts-unlike": [{"account": key, "restored": restored.get(key),
+                                 "replay": expected.get(key)} for key in unlike]}
     verdict.snapshots_going_back = len(await snapshots_going_back(settings))
 
 
-async def wake(instance: Instance, after: float) -> None:
+async def wake(instance: Instance, after: float, woken: Callable[[], None]) -> None:
     await asyncio.sleep(after)
     if instance.proc.returncode is None:  # not killed meanwhile
         instance.proc.send_signal(signal.SIGCONT)
+        woken()
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -241,6 +275,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint-interval", type=float, default=1.0)
     parser.add_argument("--no-pauses", dest="pauses", action="store_false",
                         help="no SIGSTOP freezes, only kills, stops and new instances")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR",
+                        help="keep each run's instance logs and actions (and, if it differs "
+                             "from replay, the evidence) under DIR/seed-N/")
     return parser.parse_args(argv)
 
 

@@ -271,10 +271,11 @@ class MonitorProcess:
                     self.consuming.set()
 
     async def stop(self, kill: bool = False) -> int:
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
+        with contextlib.suppress(ProcessLookupError):  # it may have stopped on its own
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
         code = await asyncio.wait_for(self.proc.wait(), timeout=30)
         await self.reader
         return code
