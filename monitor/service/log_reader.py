@@ -148,10 +148,15 @@ async def last_records(bootstrap: str, ranges: dict[TopicPartition, tuple[int, i
 
 async def list_offsets(client: AIOKafkaClient, tps: list[TopicPartition], when: int,
                        timeout: float = 30.0) -> dict[TopicPartition, int]:
-    """The first (EARLIEST) or the end (LATEST) offset of each partition."""
+    """The first (EARLIEST) or the end (LATEST) offset of each partition. Errors the broker
+    may recover from are retried until a try asked after ``timeout`` seconds fails too: a
+    process frozen past the deadline (SIGSTOP, a throttled container) finds, when it wakes,
+    the request it sent before timed out, while the broker may have been well all along."""
     found: dict[TopicPartition, int] = {}
     deadline = time.monotonic() + timeout
-    while len(found) < len(tps):
+    while True:
+        asked_at = time.monotonic()
+        error: KafkaError | None = None
         missing = [tp for tp in tps if tp not in found]
         for node, group in _by_leader(client, missing).items():
             by_topic: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -161,8 +166,9 @@ async def list_offsets(client: AIOKafkaClient, tps: list[TopicPartition], when: 
                 response = await client.send(
                     node, OffsetRequest(-1, READ_UNCOMMITTED, list(by_topic.items())))
             except KafkaError as exc:
-                if not exc.retriable or time.monotonic() > deadline:
+                if not exc.retriable:
                     raise
+                error = exc
                 continue
             for topic, partitions in response.topics:
                 for partition, error_code, *answer in partitions:
@@ -170,12 +176,12 @@ async def list_offsets(client: AIOKafkaClient, tps: list[TopicPartition], when: 
                         found[TopicPartition(topic, partition)] = answer[-1]
                     elif not Errors.for_code(error_code).retriable:
                         raise Errors.for_code(error_code)(f"{topic}/{partition}")
-        if len(found) < len(tps):
-            if time.monotonic() > deadline:
-                raise KafkaError(f"no offsets for {[tp for tp in tps if tp not in found]}")
-            await client.force_metadata_update()
-            await asyncio.sleep(RETRY_BACKOFF)
-    return found
+        if len(found) == len(tps):
+            return found
+        if asked_at > deadline:
+            raise error or KafkaError(f"no offsets for {[tp for tp in tps if tp not in found]}")
+        await client.force_metadata_update()
+        await asyncio.sleep(RETRY_BACKOFF)
 
 
 class _Retry(Exception):

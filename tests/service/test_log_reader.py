@@ -4,6 +4,7 @@ broker: every record once, in offset order, whatever the fetch and batch boundar
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -13,7 +14,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
 from monitor.service import log_reader
-from monitor.service.log_reader import RecordBatch, bounds, read_range
+from monitor.service.log_reader import LATEST, RecordBatch, bounds, list_offsets, read_range
 
 
 async def topic_with(bootstrap: str, per_partition: dict[int, list[list[bytes]]]) -> str:
@@ -142,3 +143,39 @@ async def test_a_broker_gone_for_longer_than_the_timeout_fails_the_read_clearly(
         own_broker.resume()
         await client.close()
 
+
+async def test_offsets_asked_before_this_process_froze_past_the_deadline_are_asked_again(
+        own_broker) -> None:
+    topic = await topic_with(own_broker.bootstrap, {0: [[b"a"], [b"b"], [b"c"]]})
+    tp = TopicPartition(topic, 0)
+    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=500)
+    await client.bootstrap()
+    try:
+        await client.set_topics([topic])
+        own_broker.pause()
+        asking = asyncio.create_task(list_offsets(client, [tp], LATEST, timeout=0.2))
+        await asyncio.sleep(0.05)  # the request is out
+        # This process stops for 0.8 s (SIGSTOP, a throttled container): past the deadline
+        # and the request's timeout. The broker is back 50 ms after it wakes, when it has
+        # found the request timed out, as a frozen process does.
+        time.sleep(0.8)
+        asyncio.get_running_loop().call_later(0.05, own_broker.resume)
+        assert await asking == {tp: 3}
+    finally:
+        own_broker.resume()
+        await client.close()
+
+
+async def test_offsets_of_a_broker_gone_past_the_deadline_fail_clearly(own_broker) -> None:
+    topic = await topic_with(own_broker.bootstrap, {0: [[b"a"]]})
+    tp = TopicPartition(topic, 0)
+    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=200)
+    await client.bootstrap()
+    try:
+        await client.set_topics([topic])
+        own_broker.pause()
+        with pytest.raises(KafkaError):
+            await list_offsets(client, [tp], LATEST, timeout=0.5)
+    finally:
+        own_broker.resume()
+        await client.close()
