@@ -38,6 +38,7 @@ from aiokafka.errors import KafkaError
 from monitor.book import warm_up
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import AccountRecord, Engine
+from monitor.errors import LiqmonError
 from monitor.events import Event, Source
 from monitor.records import (
     Fill,
@@ -211,8 +212,11 @@ class Monitor:
                 self._fatal = exc
         if self._fatal is not None:
             abandoned = isinstance(self._fatal, DeliveryAbandoned)
+            # where it came from, unless it is one of liqmon's own, whose message says all
+            where = None if isinstance(self._fatal, LiqmonError) else self._fatal
             self.log.error("shutdown abandoned" if abandoned else "stopped by an error",
-                           error=str(self._fatal), kind=type(self._fatal).__name__)
+                           error=str(self._fatal), kind=type(self._fatal).__name__,
+                           exc_info=where)
             raise self._fatal
 
     async def _run(self) -> None:

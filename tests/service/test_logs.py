@@ -11,8 +11,14 @@ import numpy as np
 import orjson
 import pytest
 import structlog
+from aiokafka.errors import RequestTimedOutError
 
+from monitor.config import load_config
 from monitor.service.logs import RepeatFilter, configure_logging
+from monitor.service.runner import Monitor
+from monitor.service.topics import TopicMissing
+from tests.support.kafka import fresh_settings
+from tests.support.paths import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +109,31 @@ def test_a_held_back_line_is_counted_in_the_next_one_let_through() -> None:
     quiet = line(4)
     assert repeats.filter(quiet)  # nothing held back since: said as it is
     assert quiet.getMessage() == "Unable connect to node with id 1: refused (4)"
+
+
+async def stop_by(error: Exception, monkeypatch, capsys) -> dict:
+    """The line a Monitor logs when ``error`` stops it."""
+    configure_logging("info", json=True)
+    monitor = Monitor(fresh_settings("127.0.0.1:1"), load_config(REPO / "examples" / "risk.toml"))
+
+    async def consuming() -> None:
+        raise error
+
+    monkeypatch.setattr(monitor, "_run", consuming)
+    with pytest.raises(type(error)):
+        await monitor.run()
+    return orjson.loads(capsys.readouterr().err.splitlines()[-1])
+
+
+async def test_an_unforeseen_error_that_stops_the_instance_is_logged_with_where_it_came_from(
+        monkeypatch, capsys) -> None:
+    line = await stop_by(RequestTimedOutError(), monkeypatch, capsys)
+    assert (line["event"], line["kind"]) == ("stopped by an error", "RequestTimedOutError")
+    assert "in consuming" in line["exception"]  # the traceback, to the function that raised
+
+
+async def test_liqmons_own_errors_stop_the_instance_with_their_message_alone(
+        monkeypatch, capsys) -> None:
+    line = await stop_by(TopicMissing("t.liquidations"), monkeypatch, capsys)
+    assert (line["event"], line["kind"]) == ("stopped by an error", "TopicMissing")
+    assert "exception" not in line
