@@ -66,13 +66,15 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
     """Hand every record of these partitions between their offsets (`bounds`) to ``take``,
     in offset order per partition, a batch at a time (control batches left out). Errors the
     broker may recover from (a leader moved, the broker unreachable for a while) are retried
-    until no record has come for ``timeout`` seconds. A broker that answers with nothing
-    short of the ends gets twice the fetch wait (from ``wait_ms``) on each try."""
+    until no record has come for ``timeout`` seconds and a try asked after that has failed
+    too (see `list_offsets`). A broker that answers with nothing short of the ends gets twice
+    the fetch wait (from ``wait_ms``) on each try."""
     ends = {tp: end for tp, (_, end) in ranges.items()}
     positions = {tp: start for tp, (start, end) in ranges.items() if start < end}
     deadline: float | None = None
     while positions:
         before = dict(positions)
+        asked_at = time.monotonic()
         retry: _Retry | None = None
         by_leader = _by_leader(client, list(positions))
         if sum(map(len, by_leader.values())) < len(positions):
@@ -99,7 +101,7 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
             if retry is None:
                 wait_ms = min(2 * wait_ms, FETCH_MAX_WAIT_CAP_MS)
             deadline = deadline or time.monotonic() + timeout
-            if time.monotonic() > deadline:
+            if asked_at > deadline:
                 raise KafkaError(f"reading {sorted(positions)} failed: "
                                  f"{retry or 'no records returned'}")
             await asyncio.sleep(RETRY_BACKOFF)

@@ -179,3 +179,40 @@ async def test_offsets_of_a_broker_gone_past_the_deadline_fail_clearly(own_broke
     finally:
         own_broker.resume()
         await client.close()
+
+
+async def test_a_read_that_failed_then_froze_past_its_deadline_asks_again(
+        own_broker, monkeypatch) -> None:
+    monkeypatch.setattr(log_reader, "PARTITION_BYTES", 4096)
+    batches = [[bytes([b]) * 100 for _ in range(20)] for b in range(30)]
+    topic = await topic_with(own_broker.bootstrap, {0: batches})
+    tp = TopicPartition(topic, 0)
+    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=200)
+    await client.bootstrap()
+    fetch, fetches, retried = log_reader._fetch, [], asyncio.Event()
+
+    def counted(*args):
+        fetches.append(fetch(*args))
+        if len(fetches) == 2:
+            retried.set()
+        return fetches[-1]
+
+    monkeypatch.setattr(log_reader, "_fetch", counted)
+    got: list[int] = []
+    try:
+        ranges = await bounds(client, [tp])
+        own_broker.pause()
+        reading = asyncio.create_task(read_range(client, ranges, lambda _, batch: got.extend(
+            r.offset for r in batch.records()), timeout=1.0))
+        # The first fetch timed out: 1 s without a record from then fails the read. The
+        # second is out (a turn of the loop to send it) when this process stops for 1.3 s;
+        # the broker is back 50 ms after it wakes and finds that fetch timed out.
+        await retried.wait()
+        await asyncio.sleep(0.01)
+        time.sleep(1.3)
+        asyncio.get_running_loop().call_later(0.05, own_broker.resume)
+        await reading
+    finally:
+        own_broker.resume()
+        await client.close()
+    assert got == list(range(600))
