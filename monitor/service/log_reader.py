@@ -102,7 +102,7 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
                 wait_ms = min(2 * wait_ms, FETCH_MAX_WAIT_CAP_MS)
             deadline = deadline or time.monotonic() + timeout
             if asked_at > deadline:
-                raise KafkaError(f"reading {sorted(positions)} failed: "
+                raise ReadTimedOut(f"reading {sorted(positions)} failed: "
                                  f"{retry or 'no records returned'}")
             await asyncio.sleep(RETRY_BACKOFF)
         if retry is not None:
@@ -181,9 +181,16 @@ async def list_offsets(client: AIOKafkaClient, tps: list[TopicPartition], when: 
         if len(found) == len(tps):
             return found
         if asked_at > deadline:
-            raise error or KafkaError(f"no offsets for {[tp for tp in tps if tp not in found]}")
+            raise error or ReadTimedOut(
+                f"no offsets for {[tp for tp in tps if tp not in found]}")
         await client.force_metadata_update()
         await asyncio.sleep(RETRY_BACKOFF)
+
+
+class ReadTimedOut(KafkaError):  # type: ignore[misc]  # aiokafka is untyped
+    """The broker gave nothing for the whole timeout: out of reach, or too slow for now. A
+    caller that can wait may ask again."""
+    retriable = True
 
 
 class _Retry(Exception):

@@ -13,12 +13,14 @@ thin parts that need the broker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from structlog.stdlib import BoundLogger
 
 from monitor.account import RiskKey
@@ -40,6 +42,7 @@ from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
 from monitor.snapshot import Offsets
 
+READ_RETRY_INTERVAL = 1.0  # seconds between reads of the changelog while the broker is away
 # Applies records to an engine and delivers their events and dead letters (acknowledged when
 # it returns): what the loop does to a batch, done by a catch-up to its private engine.
 Replay = Callable[[Sequence[tuple[TopicPartition, ConsumerRecord]], Engine], Awaitable[None]]
@@ -185,17 +188,29 @@ class Restorer:
 
     async def read(self, partitions: list[int], progress: Callable[[RestoreProgress], None]
                    ) -> dict[int, RestoredPartition]:
-        """What the changelog holds for these partitions (``progress`` as it reads)."""
+        """What the changelog holds for these partitions (``progress`` as it reads). A broker
+        out of reach is waited for, the read starting again each `READ_RETRY_INTERVAL`,
+        until it answers or the restore is abandoned: nothing is taken before the whole read,
+        and the instance lives on through the outage as it does when consuming."""
         s = self.settings
 
         def reading(status: RestoreProgress) -> None:
             self._give_up_if_asked()
             progress(status)
 
-        return await read_changelog(s.bootstrap, s.topics.state, partitions,
-                                    client_id=f"{s.client_id}-restore",
-                                    request_timeout_ms=s.request_timeout_ms,
-                                    progress=reading, security=s.security)
+        while True:
+            try:
+                return await read_changelog(s.bootstrap, s.topics.state, partitions,
+                                            client_id=f"{s.client_id}-restore",
+                                            request_timeout_ms=s.request_timeout_ms,
+                                            progress=reading, security=s.security)
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+                self.log.warning("restore could not read the changelog, retrying",
+                                 partitions=partitions, error=repr(exc))
+            await asyncio.sleep(READ_RETRY_INTERVAL)
+            self._give_up_if_asked()
 
     def _give_up_if_asked(self) -> None:
         reason = self._abandon()
