@@ -84,6 +84,7 @@ TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint t
 # on one partition waiting for another's records must not grow without bound.
 MAX_BUFFERED = 20_000
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
+RESTORE_RETRY_INTERVAL = 1.0  # seconds before a restore the broker failed is taken again
 LOG_TAIL_RECORDS = 64  # of an input log that ends early, read to tell why (`Engine.reflects`)
 # Seconds before a partition whose high watermark stays below what was applied, but whose log
 # was found whole, is checked again: not at every fetch.
@@ -455,12 +456,22 @@ class Monitor:
 
     async def _restore_assignments(self) -> None:
         """Take each assignment the group hands out (the latest, if several came while a
-        restore was under way); a failure stops the monitor."""
+        restore was under way). A restore the broker failed in a way it may recover from (a
+        request timed out, the broker out of reach) is taken again after a pause; any other
+        failure stops the monitor."""
         while True:
             await self._assignment_changed.wait()
             self._assignment_changed.clear()
             try:
                 await self._take_assignment()
+            except KafkaError as exc:
+                if not exc.retriable:
+                    self.fail(exc)
+                    return
+                self.log.warning("restore failed, taking the assignment again",
+                                 error=repr(exc), retry_in=RESTORE_RETRY_INTERVAL)
+                await asyncio.sleep(RESTORE_RETRY_INTERVAL)
+                self._assignment_changed.set()  # unless a newer one came meanwhile: the same
             except Exception as exc:
                 self.fail(exc)
                 return
@@ -504,6 +515,14 @@ class Monitor:
                 self.log.info(f"restore abandoned: {abandoned}",
                               partitions=sorted(set(gained) - self._positions.owned))
                 return
+            except KafkaError:
+                # A partition taken halfway (its fills positioned, not its ledger) must not
+                # be consumed meanwhile: none of its accounts is loaded.
+                t = self.settings.topics
+                self._release([TopicPartition(topic, partition)
+                               for partition in set(gained) - self._positions.owned
+                               for topic in (t.fills, t.ledger)])
+                raise
             finally:
                 self._restoring = False
                 self._update_ready()

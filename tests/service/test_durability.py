@@ -9,10 +9,12 @@ from dataclasses import replace
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import RequestTimedOutError
 
 from monitor.account import Account
 from monitor.config import fingerprint, load_config
 from monitor.engine import Engine
+from monitor.service import restorer, runner
 from monitor.service.changelog import (
     ACCOUNT,
     CONTROL,
@@ -271,6 +273,45 @@ async def test_an_upgrade_restores_json_snapshots_of_format_1_beside_binary_ones
     await write_state(broker.bootstrap, settings.topics.state,
                       [(account_id.encode(), value, ACCOUNT) for account_id, value in older])
 
+    await restart_then_the_rest(settings, config, before, records, second)
+
+
+async def test_a_restore_the_broker_fails_halfway_through_a_partition_is_taken_again(
+        broker, monkeypatch):
+    """The restart's restore has positioned partition 0's fills when the broker times out
+    positioning its ledger. The instance does not stop: it lets the half-taken partition go
+    and takes the assignment again, whole. It holds exactly what was checkpointed, and the
+    rest of the stream gives exactly replay's events."""
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=25, length=1_500))
+    first, second = records[:900], records[900:]
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
+    await create_topics(settings)
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, first)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, ends)
+        before = state_of(monitor.engine)
+    seek, failed = restorer._seek, []
+
+    async def ledger_timing_out_once(consumer, tp, offset, start):
+        if tp.topic == settings.topics.ledger and not failed:
+            failed.append(tp)
+            raise RequestTimedOutError()
+        return await seek(consumer, tp, offset, start)
+
+    monkeypatch.setattr(restorer, "_seek", ledger_timing_out_once)
+    monkeypatch.setattr(runner, "RESTORE_RETRY_INTERVAL", 0.5)
+    restarted = Monitor(settings, config)
+    running = asyncio.create_task(restarted.run())
+    while not failed:
+        await asyncio.sleep(0.01)
+    assert failed == [TopicPartition(settings.topics.ledger, 0)]
+    # until it is taken again, nothing of the half-taken partition is consumed
+    assert TopicPartition(settings.topics.fills, 0) not in restarted.applied_offsets()
+    await asyncio.wait_for(restarted.ready.wait(), timeout=30)
+    assert state_of(restarted.engine) == before
+    restarted.request_stop()
+    await asyncio.wait_for(running, timeout=30)
     await restart_then_the_rest(settings, config, before, records, second)
 
 
