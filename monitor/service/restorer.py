@@ -43,6 +43,7 @@ from monitor.service.settings import ServiceSettings
 from monitor.snapshot import Offsets
 
 READ_RETRY_INTERVAL = 1.0  # seconds between reads of the changelog while the broker is away
+
 # Applies records to an engine and delivers their events and dead letters (acknowledged when
 # it returns): what the loop does to a batch, done by a catch-up to its private engine.
 Replay = Callable[[Sequence[tuple[TopicPartition, ConsumerRecord]], Engine], Awaitable[None]]
