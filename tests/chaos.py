@@ -7,7 +7,8 @@ Each run starts an embedded broker and two instances in one consumer group (4 pa
 session timeout 2 s). One producer sends a stream, each record acknowledged before the next:
 a deposit for every account, then ticks (a random walk, σ 0.3 % a tick), fills and ledger
 entries. Every 1-3 s one of: freeze an instance past its session timeout (SIGSTOP for
-2.5-7 s; leave out with --no-pauses), kill one (-9), stop one (SIGTERM), start another.
+2.5-7 s; leave out with --no-pauses), kill one (-9), stop one (SIGTERM), start another, and
+with --outages, freeze the broker (SIGSTOP for 2-6 s: every client's requests time out).
 Then the live instances read every input to its end and stop, and the run is judged:
 
 - events: exactly the ids replay of the same records emits, with the same contents; a repeat
@@ -148,9 +149,9 @@ async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verd
         everyone = list(live)
         producing = asyncio.create_task(produce_located(
             broker.bootstrap, [(kinds[k], key, value) for k, key, value in records], 1_000_000))
-        verdict = Verdict(seed, dict.fromkeys(["freeze", "kill", "term", "new"], 0))
+        verdict = Verdict(seed, dict.fromkeys(["freeze", "kill", "term", "new", "outage"], 0))
         try:
-            await act(rng, args, settings, live, everyone, verdict, producing)
+            await act(rng, args, broker, settings, live, everyone, verdict, producing)
             await judge(broker, settings, config, records, live, verdict, await producing)
         finally:
             verdict.errors = [f"{entry.get('kind')}: {entry.get('error')}"
@@ -175,20 +176,30 @@ def mark(verdict: Verdict, everyone: list[Instance], action: str, instance: Inst
                              "instance": everyone.index(instance), "pid": instance.proc.pid})
 
 
-async def act(rng: random.Random, args: argparse.Namespace, settings: ServiceSettings,
-              live: list[Instance], everyone: list[Instance], verdict: Verdict,
-              producing: asyncio.Task[Located]) -> None:
-    """Freeze, kill, stop and start instances until the producer is done."""
+async def act(rng: random.Random, args: argparse.Namespace, broker: EmbeddedBroker,
+              settings: ServiceSettings, live: list[Instance], everyone: list[Instance],
+              verdict: Verdict, producing: asyncio.Task[Located]) -> None:
+    """Freeze, kill, stop and start instances (and freeze the broker) until the producer is
+    done."""
     wakes: list[asyncio.Task[None]] = []
+    actions = ["freeze", "freeze", "kill", "term", "new"] if args.pauses \
+        else ["kill", "term", "new"]
+    actions += ["outage"] if args.outages else []
     while not producing.done():
         await asyncio.sleep(rng.uniform(1.0, 3.0))
         if producing.done():
             break
-        action = rng.choice(["freeze", "freeze", "kill", "term", "new"] if args.pauses
-                            else ["kill", "term", "new"])
-        if action != "new" and len(live) < 2:
+        action = rng.choice(actions)
+        if action not in ("new", "outage") and len(live) < 2:
             action = "new"
         verdict.actions[action] += 1
+        if action == "outage":
+            verdict.timeline.append({"at": time.time(), "action": action})
+            broker.pause()
+            await asyncio.sleep(rng.uniform(2.0, 6.0))
+            broker.resume()
+            verdict.timeline.append({"at": time.time(), "action": "outage ends"})
+            continue
         if action == "new":
             instance = Instance(settings, args.checkpoint_interval)
             await instance.start()
@@ -275,6 +286,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint-interval", type=float, default=1.0)
     parser.add_argument("--no-pauses", dest="pauses", action="store_false",
                         help="no SIGSTOP freezes, only kills, stops and new instances")
+    parser.add_argument("--outages", action="store_true",
+                        help="freeze the broker now and then too")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
                         help="keep each run's instance logs and actions (and, if it differs "
                              "from replay, the evidence) under DIR/seed-N/")
