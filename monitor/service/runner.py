@@ -351,8 +351,10 @@ class Monitor:
             try:
                 await admin.start()
                 self.partition_counts = await ensure_topics(admin, s)
+                await self._start_clients()
                 break
             except KafkaError as exc:
+                await self._stop_clients()  # the broker went away meanwhile: all again
                 # A refusal (TLS, SASL) is said once, then as often as an outage is, not on
                 # every retry; still retried: the broker's certificate or user may get fixed.
                 cause = await refusal(s.bootstrap, s.security, s.request_timeout_ms)
@@ -370,8 +372,8 @@ class Monitor:
             backoff = min(backoff * 2, MAX_BACKOFF)
         if self._stopping.is_set():
             return
-        self._producer = self.clients.producer()
-        await self._producer.start()
+        assert self._producer is not None and self._probe is not None
+        assert self._accounts is not None
         self._delivery = Delivery(self._producer, self.metrics, self.log, s.shutdown_timeout,
                                   lambda: self._stop_requested_at)
         self._pipeline = Pipeline(self._delivery, self._positions.mark_delivered)
@@ -381,13 +383,7 @@ class Monitor:
             await write_reset_markers(self._producer, s.topics.state, partitions)
             self.log.warning("checkpoints discarded (--reset-state): state is rebuilt from the "
                              "input topics", topic=s.topics.state, start=s.start)
-        self._prices = self.clients.prices_consumer()
-        await self._prices.start()
-        self._probe = self.clients.probe_consumer()
-        await self._probe.start()
         self._prober = WatermarkProber(self._positions.merge, self._probe, s, self.log)
-        self._accounts = self.clients.group_consumer()
-        await self._accounts.start()
         self._sink = KafkaSink(self._pipeline, self._accounts, self.log,
                                commit_timeout=s.request_timeout_ms / 1000)
         self._restoring_task = asyncio.create_task(self._restore_assignments())
@@ -395,6 +391,26 @@ class Monitor:
         self._group_watch = asyncio.create_task(self._watch_group())
         self._accounts.subscribe([s.topics.fills, s.topics.ledger],
                                  listener=_Rebalance(self))
+
+    async def _start_clients(self) -> None:
+        """The producer and the three consumers, connected (the group one not subscribed)."""
+        self._producer = self.clients.producer()
+        await self._producer.start()
+        self._prices = self.clients.prices_consumer()
+        await self._prices.start()
+        self._probe = self.clients.probe_consumer()
+        await self._probe.start()
+        self._accounts = self.clients.group_consumer()
+        await self._accounts.start()
+
+    async def _stop_clients(self) -> None:
+        """Close what `_start_clients` started before it failed."""
+        for client in (self._producer, self._prices, self._probe, self._accounts):
+            if client is not None:
+                with contextlib.suppress(Exception):  # TimeoutError too: given up
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await client.stop()
+        self._producer = self._prices = self._probe = self._accounts = None
 
     async def _watch_group(self) -> None:
         """Say so when the group keeps this instance waiting for partitions."""

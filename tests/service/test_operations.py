@@ -12,8 +12,10 @@ import urllib.request
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from monitor.config import parse_config
+from monitor.service import runner
 from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.metrics import HealthServer
 from tests.support.kafka import (
@@ -184,3 +186,26 @@ def test_readyz_is_503_while_kafka_does_not_answer_and_200_once_it_does_again() 
         wait_for_status(http_port, "/readyz", 200)
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_broker_lost_between_creating_topics_and_starting_the_clients_is_waited_for(
+        own_broker, monkeypatch) -> None:
+    settings = fresh_settings(own_broker.bootstrap, request_timeout_ms=1_000)
+    ensure = runner.ensure_topics
+
+    async def then_the_broker_goes_away(admin, settings):
+        counts = await ensure(admin, settings)
+        if not paused:
+            paused.append(True)
+            own_broker.pause()
+            asyncio.get_running_loop().call_later(3.0, own_broker.resume)
+        return counts
+
+    paused: list[bool] = []
+    monkeypatch.setattr(runner, "ensure_topics", then_the_broker_goes_away)
+    with capture_logs() as logs:
+        async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+            assert monitor.ready.is_set()
+    assert paused
+    assert "kafka unreachable, retrying" in [e["event"] for e in logs]
