@@ -23,7 +23,13 @@ nothing about what was appended since; that is why a probe must be sent after th
 
 ``max_wait`` bounds how long the merge holds everything back for a partition that cannot be
 probed (a broker that does not answer): past it, records are released in the best order known
-and counted as forced. A partition whose probe found records not yet read is waited for as long
+and counted as forced. Both bounds count the time the loop was turning, not the time the
+process was held still: a gap between two takes counts at most ``most_per_turn`` (a healthy
+loop takes every 0.2 s at least). A process frozen for seconds (SIGSTOP, a throttled
+container) would otherwise wake to find every wait over, and release what it holds before the
+probes it asks for then could answer: records out of order, with the broker well all along. A
+loop whose every turn is slower than ``most_per_turn`` still forces, after proportionally
+longer. A partition whose probe found records not yet read is waited for as long
 as reading them takes, as Kafka Streams does (it enforces processing only once a partition's
 lag is known to be zero): those records exist and may sort first, and the consumer brings them.
 On a backlog, a consumer can hand over other partitions' records for well over ``max_wait``
@@ -73,19 +79,24 @@ from aiokafka import TopicPartition
 Record = Any  # aiokafka ConsumerRecord: .timestamp, .offset, .key, .value
 NEVER = float("-inf")
 FIRST = (-(1 << 63), 0, 0, 0)  # sorts before every record's key
+MOST_PER_TURN = 0.25  # seconds a gap between two takes counts, at most, towards the bounds
 
 
 class TimestampMerge:
     def __init__(self, rank: Callable[[str], int], max_skew_ms: int = 5,
                  max_wait: float = 0.5, max_stall: float = 10.0,
                  clock: Callable[[], float] = time.monotonic,
-                 co_partitioned: Collection[str] = ()) -> None:
+                 co_partitioned: Collection[str] = (),
+                 most_per_turn: float = MOST_PER_TURN) -> None:
         self._rank = rank  # tie-break between topics at equal timestamps
         self._co_partitioned = frozenset(co_partitioned)
         self.max_skew_ms = max_skew_ms
         self.max_wait = max_wait
         self.max_stall = max_stall
         self._clock = clock  # seconds, for the two bounds
+        self.most_per_turn = most_per_turn
+        self._last_take: float | None = None  # clock time of the last take
+        self._held_still = 0.0  # seconds of gaps between takes beyond most_per_turn, in all
         # per partition: (record, wall-clock ms at which it reached the merge)
         self._buffers: dict[TopicPartition, deque[tuple[Record, float]]] = {}
         self.fetched_to: dict[TopicPartition, int] = {}  # next offset not yet buffered
@@ -150,7 +161,7 @@ class TimestampMerge:
             if tp in self.fetched_to and tp not in self.stalled:  # not dropped meanwhile
                 answers = self._probed.setdefault(tp, [])
                 if not answers:
-                    self._unread_since[tp] = self._clock()
+                    self._unread_since[tp] = self._turning()
                 answers.append((end, sent_at_ms))
                 self._settle_probe(tp)
 
@@ -163,7 +174,7 @@ class TimestampMerge:
             self._settle_probe(tp)
 
     def _progressed(self, tp: TopicPartition) -> None:
-        self._progress[tp] = self._clock()
+        self._progress[tp] = self._turning()
         self.stalled.pop(tp, None)  # it delivers again: it holds records back as before
 
     def _settle_probe(self, tp: TopicPartition) -> None:
@@ -239,6 +250,10 @@ class TimestampMerge:
         without buffered records that hold the head back, and ``head_needs`` the wall-clock
         time after which a probe of them must be sent.
         """
+        now = self._clock()
+        if self._last_take is not None:
+            self._held_still += max(0.0, now - self._last_take - self.most_per_turn)
+        self._last_take = now
         skew = self.max_skew_ms
         ahead_limit = self.max_wait * 1000  # ms a record may be stamped ahead of its arrival
         partitions = self._active = list(partitions)
@@ -331,7 +346,7 @@ class TimestampMerge:
     def _stall(self, unread: list[TopicPartition]) -> bool:
         """Declare stalled those of ``unread`` (partitions holding the head back with records a
         probe found) that have not moved for ``max_stall``; whether all of them are now."""
-        now = self._clock()
+        now = self._turning()
         for tp in unread:
             since = max(self._progress.get(tp, NEVER), self._unread_since.get(tp, NEVER))
             if now - since >= self.max_stall:
@@ -339,8 +354,12 @@ class TimestampMerge:
                 self.stalled[tp] = (self.fetched_to.get(tp, 0), end, now - since)
         return all(tp in self.stalled for tp in unread)
 
+    def _turning(self) -> float:
+        """Clock time less the time the loop was held still: what the bounds count."""
+        return self._clock() - self._held_still
+
     def _waited_enough(self) -> bool:
-        now = self._clock()
+        now = self._turning()
         if self._blocked_since is None:
             self._blocked_since = now
             return self.max_wait <= 0

@@ -3,6 +3,7 @@ other partition is known to hold nothing earlier."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from aiokafka import TopicPartition
@@ -22,9 +23,11 @@ class Rec:
 
 
 def merge(max_wait: float = 10, skew: int = 5, max_stall: float = 10,
-          clock: Clock | None = None) -> TimestampMerge:
+          clock: Clock | None = None, most_per_turn: float = math.inf) -> TimestampMerge:
+    """Every gap between takes counts in full towards the bounds unless ``most_per_turn`` says
+    otherwise (the tests of a process held still say so)."""
     m = TimestampMerge(RANK, max_skew_ms=skew, max_wait=max_wait, max_stall=max_stall,
-                       clock=clock or Clock())
+                       clock=clock or Clock(), most_per_turn=most_per_turn)
     for tp in (PRICES, FILLS):
         m.seek(tp, 0)  # the service positions every partition before it reads
     return m
@@ -430,3 +433,43 @@ def test_records_before_the_position_are_ignored() -> None:
     m.probed(NOW + 1, {FILLS: 5, PRICES: 0})
     assert offsets(m.take(10, [PRICES, FILLS])) == [("fills", 3), ("fills", 4)]
     assert m.fetched_to[FILLS] == 5
+
+
+def test_a_process_held_still_past_max_wait_does_not_force_on_waking() -> None:
+    """Frozen 7 s (SIGSTOP) with the head held back for fills: the gap counts 0.25 s, not 7,
+    so the probe asked for on waking gets its chance. The wait goes on in turns of the loop."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock, most_per_turn=0.25)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS]) == []  # held back for fills from clock 0
+    clock.now = 7.0  # woken
+    assert m.take(100, [PRICES, FILLS]) == [] and m.forced == 0  # 0.25 s counted
+    clock.now = 7.2
+    assert m.take(100, [PRICES, FILLS]) == [] and m.forced == 0  # 0.45 s
+    m.probed(NOW + 7_100, {FILLS: 0})  # the probe asked on waking: fills holds nothing
+    assert [r.offset for _, r in m.take(100, [PRICES, FILLS])] == [0] and m.forced == 0
+
+
+def test_a_loop_slower_than_a_turn_still_forces_past_a_silent_partition() -> None:
+    """Every turn takes 2 s: each counts 0.25 s, so a silent fills is forced past after two
+    turns (0.5 s counted, 4 s of clock)."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock, most_per_turn=0.25)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS]) == []
+    clock.now = 2.0
+    assert m.take(100, [PRICES, FILLS]) == []
+    clock.now = 4.0
+    assert [r.offset for _, r in m.take(100, [PRICES, FILLS])] == [0] and m.forced == 1
+
+
+def test_a_process_held_still_past_the_stall_timeout_does_not_stall_a_partition() -> None:
+    """A probe found fills records not read yet; then the process is frozen 12 s. On waking,
+    fills has not been without progress for max_stall (10 s) of the loop's turning."""
+    clock = Clock()
+    m = merge(max_wait=0, max_stall=10, clock=clock, most_per_turn=0.25)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {FILLS: 3})  # fills holds records this instance has not read
+    assert m.take(100, [PRICES, FILLS]) == []
+    clock.now = 12.0
+    assert m.take(100, [PRICES, FILLS]) == [] and not m.stalled
