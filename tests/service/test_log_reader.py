@@ -4,8 +4,10 @@ broker: every record once, in offset order, whatever the fetch and batch boundar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -38,6 +40,28 @@ async def topic_with(bootstrap: str, per_partition: dict[int, list[list[bytes]]]
     finally:
         await producer.stop()
     return name
+
+
+@contextlib.asynccontextmanager
+async def client_of(broker, request_timeout_ms: int) -> AsyncIterator[AIOKafkaClient]:
+    """A bootstrapped client of ``broker``; after it, the broker runs again (the test may have
+    paused it) and the client is closed."""
+    client = AIOKafkaClient(bootstrap_servers=broker.bootstrap,
+                            request_timeout_ms=request_timeout_ms)
+    await client.bootstrap()
+    try:
+        yield client
+    finally:
+        broker.resume()
+        await client.close()
+
+
+def freeze_this_process(broker, seconds: float) -> None:
+    """This process stops for ``seconds`` (SIGSTOP, a throttled container) while a request
+    waits on the paused ``broker``, which is back 50 ms after the process wakes: the process
+    first finds the request timed out, as a frozen process does."""
+    time.sleep(seconds)
+    asyncio.get_running_loop().call_later(0.05, broker.resume)
 
 
 async def read_all(bootstrap: str, tps: list[TopicPartition], start_at: dict | None = None,
@@ -109,8 +133,6 @@ async def test_a_broker_that_stops_answering_for_a_while_delays_the_read_without
     batches = [[bytes([b]) * 100 for _ in range(20)] for b in range(30)]
     topic = await topic_with(own_broker.bootstrap, {0: batches})
     tp = TopicPartition(topic, 0)
-    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=300)
-    await client.bootstrap()
     got: list[int] = []
     paused: list[bool] = []
 
@@ -121,10 +143,8 @@ async def test_a_broker_that_stops_answering_for_a_while_delays_the_read_without
             own_broker.pause()  # answers nothing until resumed, a second later
             asyncio.get_running_loop().call_later(1.0, own_broker.resume)
 
-    try:
+    async with client_of(own_broker, 300) as client:
         await read_range(client, await bounds(client, [tp]), take, timeout=10)
-    finally:
-        await client.close()
     assert paused and got == list(range(600))
 
 
@@ -132,53 +152,34 @@ async def test_a_broker_gone_for_longer_than_the_timeout_fails_the_read_clearly(
         own_broker) -> None:
     topic = await topic_with(own_broker.bootstrap, {0: [[b"a"], [b"b"]]})
     tp = TopicPartition(topic, 0)
-    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=200)
-    await client.bootstrap()
-    try:
+    async with client_of(own_broker, 200) as client:
         ranges = await bounds(client, [tp])
         own_broker.pause()
         with pytest.raises(KafkaError, match="failed"):
             await read_range(client, ranges, lambda tp, batch: None, timeout=1)
-    finally:
-        own_broker.resume()
-        await client.close()
 
 
 async def test_offsets_asked_before_this_process_froze_past_the_deadline_are_asked_again(
         own_broker) -> None:
     topic = await topic_with(own_broker.bootstrap, {0: [[b"a"], [b"b"], [b"c"]]})
     tp = TopicPartition(topic, 0)
-    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=500)
-    await client.bootstrap()
-    try:
+    async with client_of(own_broker, 500) as client:
         await client.set_topics([topic])
         own_broker.pause()
         asking = asyncio.create_task(list_offsets(client, [tp], LATEST, timeout=0.2))
         await asyncio.sleep(0.05)  # the request is out
-        # This process stops for 0.8 s (SIGSTOP, a throttled container): past the deadline
-        # and the request's timeout. The broker is back 50 ms after it wakes, when it has
-        # found the request timed out, as a frozen process does.
-        time.sleep(0.8)
-        asyncio.get_running_loop().call_later(0.05, own_broker.resume)
+        freeze_this_process(own_broker, 0.8)  # past the deadline and the request's timeout
         assert await asking == {tp: 3}
-    finally:
-        own_broker.resume()
-        await client.close()
 
 
 async def test_offsets_of_a_broker_gone_past_the_deadline_fail_clearly(own_broker) -> None:
     topic = await topic_with(own_broker.bootstrap, {0: [[b"a"]]})
     tp = TopicPartition(topic, 0)
-    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=200)
-    await client.bootstrap()
-    try:
+    async with client_of(own_broker, 200) as client:
         await client.set_topics([topic])
         own_broker.pause()
         with pytest.raises(KafkaError):
             await list_offsets(client, [tp], LATEST, timeout=0.5)
-    finally:
-        own_broker.resume()
-        await client.close()
 
 
 async def test_a_read_that_failed_then_froze_past_its_deadline_asks_again(
@@ -187,8 +188,6 @@ async def test_a_read_that_failed_then_froze_past_its_deadline_asks_again(
     batches = [[bytes([b]) * 100 for _ in range(20)] for b in range(30)]
     topic = await topic_with(own_broker.bootstrap, {0: batches})
     tp = TopicPartition(topic, 0)
-    client = AIOKafkaClient(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=200)
-    await client.bootstrap()
     fetch, fetches, retried = log_reader._fetch, [], asyncio.Event()
 
     def counted(*args):
@@ -199,20 +198,15 @@ async def test_a_read_that_failed_then_froze_past_its_deadline_asks_again(
 
     monkeypatch.setattr(log_reader, "_fetch", counted)
     got: list[int] = []
-    try:
+    async with client_of(own_broker, 200) as client:
         ranges = await bounds(client, [tp])
         own_broker.pause()
         reading = asyncio.create_task(read_range(client, ranges, lambda _, batch: got.extend(
             r.offset for r in batch.records()), timeout=1.0))
         # The first fetch timed out: 1 s without a record from then fails the read. The
-        # second is out (a turn of the loop to send it) when this process stops for 1.3 s;
-        # the broker is back 50 ms after it wakes and finds that fetch timed out.
+        # second is out (a turn of the loop to send it) when this process stops for 1.3 s.
         await retried.wait()
         await asyncio.sleep(0.01)
-        time.sleep(1.3)
-        asyncio.get_running_loop().call_later(0.05, own_broker.resume)
+        freeze_this_process(own_broker, 1.3)
         await reading
-    finally:
-        own_broker.resume()
-        await client.close()
     assert got == list(range(600))
