@@ -238,6 +238,20 @@ async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broke
 
 
 
+async def checkpointed(broker, seed: int, length: int, applied: int):
+    """A random stream of ``length`` records, its first ``applied`` applied and checkpointed
+    by a monitor now stopped: (config, settings, records, the rest, the state it held)."""
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=seed, length=length))
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
+    await create_topics(settings)
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, records[:applied])
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, ends)
+        before = state_of(monitor.engine)
+    return config, settings, records, records[applied:], before
+
+
 async def restart_then_the_rest(settings, config, before: dict, records, second) -> None:
     """A restart holds exactly ``before``; then ``second``, the rest of ``records``, is
     produced and applied, and the events of all of them are replay's, none twice."""
@@ -256,15 +270,7 @@ async def test_an_upgrade_restores_json_snapshots_of_format_1_beside_binary_ones
     """A changelog written partly by a liqmon before format 2: every other account's newest
     snapshot is JSON. The restart holds exactly what was checkpointed, and the rest of the
     stream then gives exactly replay's events."""
-    config = load_config(CONFIG)
-    records = routable(random_stream(seed=23, length=2_000))
-    first, second = records[:1_200], records[1_200:]
-    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
-    await create_topics(settings)
-    ends = await produce_timestamped(broker.bootstrap, settings.topics, first)
-    async with RunningMonitor(settings, config) as monitor:
-        await wait_processed(monitor, ends)
-        before = state_of(monitor.engine)
+    config, settings, records, second, before = await checkpointed(broker, 23, 2_000, 1_200)
     restored = (await read_changelog(broker.bootstrap, settings.topics.state, [0]))[0]
     older = [(account_id, json_snapshot(account, seq, as_of))
              for n, (account_id, account, seq, as_of) in enumerate(restored.snapshots.accounts())
@@ -282,15 +288,7 @@ async def test_a_restore_the_broker_fails_halfway_through_a_partition_is_taken_a
     positioning its ledger. The instance does not stop: it lets the half-taken partition go
     and takes the assignment again, whole. It holds exactly what was checkpointed, and the
     rest of the stream gives exactly replay's events."""
-    config = load_config(CONFIG)
-    records = routable(random_stream(seed=25, length=1_500))
-    first, second = records[:900], records[900:]
-    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
-    await create_topics(settings)
-    ends = await produce_timestamped(broker.bootstrap, settings.topics, first)
-    async with RunningMonitor(settings, config) as monitor:
-        await wait_processed(monitor, ends)
-        before = state_of(monitor.engine)
+    config, settings, records, second, before = await checkpointed(broker, 25, 1_500, 900)
     seek, failed = restorer._seek, []
 
     async def ledger_timing_out_once(consumer, tp, offset, start):
