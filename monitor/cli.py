@@ -94,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitor.service.options import from_args
     from monitor.service.runner import Monitor
     from monitor.service.settings import Topics, run_settings
+    from monitor.service.tasks import log_task_stacks
 
     if args.config is None:
         raise CliError("--config (or LIQMON_CONFIG) is required")
@@ -122,6 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, monitor.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, log_task_stacks, monitor.log)
         if server is not None:
             ready_watch = asyncio.ensure_future(_mirror_readiness(monitor, server))
         try:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from structlog.stdlib import BoundLogger
+
 RECANCEL_AFTER = 0.5  # seconds a cancelled task has to end before it is cancelled again
 
 
@@ -38,3 +40,26 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any], within: float | None = No
         if task.done() and not task.cancelled():
             task.exception()
     return running
+
+
+def await_chain(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task is, from its coroutine down the chain of awaits to the innermost one,
+    as "file:line in function". `Task.get_stack` stops at the outermost frame of a
+    suspended coroutine, which says only which task it is, not what it waits for."""
+    chain: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:  # a future's own iterator: the chain ends in it
+            break
+        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return chain
+
+
+def log_task_stacks(log: BoundLogger) -> None:
+    """One line per asyncio task of the process with the await it is in (`liqmon run` does
+    it on SIGUSR1): for an instance gone quiet, where it hangs, without stopping it."""
+    tasks = sorted(asyncio.all_tasks(), key=lambda task: task.get_name())
+    for task in tasks:
+        log.warning("task stack (SIGUSR1)", task=task.get_name(), awaiting=await_chain(task))

@@ -87,6 +87,26 @@ async def test_sigterm_mid_stream_exits_0_with_offsets_committed(broker, example
     assert len(await read_events(broker.bootstrap, settings.topics)) == len(events)
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_sigusr1_logs_where_every_task_waits_and_the_service_goes_on(broker):
+    """For an instance gone quiet: what each task awaits, down to the innermost call."""
+    settings = fresh_settings(broker.bootstrap)
+    monitor = await MonitorProcess(run_args(settings, "--group", settings.group,
+                                            "--metrics-port", "0")).start()
+    await asyncio.wait_for(monitor.consuming.wait(), timeout=60)
+    monitor.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while not (dump := [e for e in monitor.logs if e["event"] == "task stack (SIGUSR1)"]):
+        assert time.monotonic() < deadline, "no task stack logged"
+        await asyncio.sleep(0.1)
+    chains = [entry["awaiting"] for entry in dump]
+    (main,) = [chain for chain in chains if chain and chain[0].endswith(" in serve")]
+    assert any(frame.endswith(" in run") and "runner.py" in frame for frame in main[1:])
+    (loop,) = [chain for chain in chains if chain and chain[0].endswith(" in _consume")]
+    assert len(loop) > 1  # down into what the loop waits on
+    assert await monitor.stop() == 0  # SIGUSR1 did not end it
+
+
 def children(pid: int) -> set[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, check=False)
     return {int(child) for child in found.stdout.split()}
