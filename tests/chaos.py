@@ -189,6 +189,8 @@ async def act(rng: random.Random, args: argparse.Namespace, broker: EmbeddedBrok
         await asyncio.sleep(rng.uniform(1.0, 3.0))
         if producing.done():
             break
+        for gone in [instance for instance in live if instance.proc.returncode is not None]:
+            live.remove(gone)  # stopped on its own: its log says why (verdict.errors)
         action = rng.choice(actions)
         if action not in ("new", "outage") and len(live) < 2:
             action = "new"

@@ -7,6 +7,7 @@ the input consumers. The bench passes one with diagnostic consumer options of it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -176,3 +177,36 @@ def group_generation(consumer: AIOKafkaConsumer) -> int:
     pyproject.toml pins)."""
     coordinator = consumer._coordinator
     return -1 if coordinator is None else int(coordinator.generation)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, without the cancellation aiokafka 0.14 can raise in its caller.
+
+    Its fetcher's close cancels the fetch tasks in flight and awaits each: one that failed
+    (the broker out of reach) and sleeps its retry backoff ends cancelled, and awaiting it
+    raises CancelledError in whoever called ``stop()``, though nobody cancelled that task,
+    and leaves the rest of the close undone. Raised in the task that restores partitions,
+    it ended that task without a word, and the instance never took another assignment.
+    So: a cancellation of the caller itself goes on up; that one is absorbed, and the close
+    finished (the fetch tasks left, then the connections). Reads the fetcher's tasks and the
+    client of aiokafka 0.14 (the version pyproject.toml pins)."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the caller was cancelled: that is not ours to absorb
+        pending = [task for task in consumer._fetcher._pending_tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        await consumer._client.close()
+
+
+async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop a consumer (as `stop_consumer` does) or a producer."""
+    if isinstance(client, AIOKafkaConsumer):
+        await stop_consumer(client)
+    else:
+        await client.stop()

@@ -35,7 +35,7 @@ from monitor.service.changelog import (
     read_changelog,
 )
 from monitor.service.checkpointer import Checkpointer
-from monitor.service.clients import Clients, position_now
+from monitor.service.clients import Clients, position_now, stop_consumer
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
@@ -411,7 +411,7 @@ class Restorer:
         finally:
             watch.clear(keep=self.positions.merge.stalled)
             self.catching_up = None
-            await reader.stop()
+            await stop_consumer(reader)
         for tp in own:
             consumer.seek(tp, reached[tp])
             self.positions.seek(tp, reached[tp])

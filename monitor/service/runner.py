@@ -59,6 +59,7 @@ from monitor.service.clients import (
     group_generation,
     position_now,
     set_fetch_wait,
+    stop_client,
 )
 from monitor.service.counted_warning import CountedWarning
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
@@ -409,7 +410,7 @@ class Monitor:
             if client is not None:
                 with contextlib.suppress(Exception):  # TimeoutError too: given up
                     async with asyncio.timeout(CLOSE_TIMEOUT):
-                        await client.stop()
+                        await stop_client(client)
         self._producer = self._prices = self._probe = self._accounts = None
 
     async def _watch_group(self) -> None:
@@ -434,7 +435,7 @@ class Monitor:
             await self._pipeline.close(within=self._close_left())
         clients = [c for c in (self._prices, self._accounts, self._probe, self._producer)
                    if c is not None]
-        closing = asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        closing = asyncio.gather(*(stop_client(c) for c in clients), return_exceptions=True)
         try:
             async with asyncio.timeout(self._close_left()):
                 await closing
@@ -488,6 +489,18 @@ class Monitor:
                                  error=repr(exc), retry_in=RESTORE_RETRY_INTERVAL)
                 await asyncio.sleep(RESTORE_RETRY_INTERVAL)
                 self._assignment_changed.set()  # unless a newer one came meanwhile: the same
+            except asyncio.CancelledError as cancelled:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the monitor is closing
+                # Raised by a library call, nobody having cancelled this task: ending quietly
+                # here would leave the instance in the group, heartbeating, taking no
+                # assignment ever again. Stopping says so, and a restart recovers.
+                stray = RuntimeError("the restore was cancelled from inside a Kafka client "
+                                     "call, not by liqmon")
+                stray.__cause__ = cancelled
+                self.fail(stray)
+                return
             except Exception as exc:
                 self.fail(exc)
                 return

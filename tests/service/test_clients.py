@@ -1,11 +1,20 @@
 """Reading a consumer's position without waiting, as the loop does after each fetch; widening
-an input consumer's fetch wait when the broker answers fetches without the records it reports."""
+an input consumer's fetch wait when the broker answers fetches without the records it reports;
+stopping a consumer whose fetch failed while the broker was away."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from monitor.service.clients import FETCH_MAX_WAIT_CAP_MS, FetchWait, position_now
+from monitor.service.broker import EmbeddedBroker
+from monitor.service.clients import FETCH_MAX_WAIT_CAP_MS, FetchWait, position_now, stop_consumer
 from tests.support.clock import Clock
 from tests.support.kafka import fresh_settings, produce
 
@@ -99,3 +108,45 @@ def test_the_fetch_wait_stops_at_kafkas_default():
     for at in (1.0, 2.0, 5.0):
         assert observe(wait, clock, at, {P0: (100, 150)}) is None
     assert wait.ms == 500
+
+
+@asynccontextmanager
+async def fetch_failed_in_an_outage() -> AsyncIterator[AIOKafkaConsumer]:
+    """A started consumer whose fetch timed out while its broker was frozen, and which now
+    sleeps its 5 s retry backoff; the broker answers again."""
+    with EmbeddedBroker() as kafka:
+        topic = fresh_settings(kafka.bootstrap).topics.fills
+        await produce(kafka.bootstrap, [(topic, b"k", b"v")])
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, request_timeout_ms=1_000,
+                                    retry_backoff_ms=5_000, fetch_max_wait_ms=100,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        consumer.assign([TopicPartition(topic, 0)])
+        await consumer.getmany(timeout_ms=5_000)
+        fetching = asyncio.ensure_future(consumer.getmany(timeout_ms=20_000))
+        os.kill(kafka.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.0)  # the fetch in flight times out after 1 s
+        finally:
+            os.kill(kafka.process.pid, signal.SIGCONT)
+        try:
+            yield consumer
+        finally:
+            fetching.cancel()
+
+
+@pytest.mark.kafka
+async def test_aiokafka_0_14_consumer_stop_cancels_its_caller_after_a_failed_fetch():
+    """Why `stop_consumer` exists; if this fails after an aiokafka upgrade, it can go."""
+    async with fetch_failed_in_an_outage() as consumer:
+        with pytest.raises(asyncio.CancelledError):
+            await consumer.stop()
+        assert asyncio.current_task().cancelling() == 0  # nobody cancelled this task
+
+
+@pytest.mark.kafka
+async def test_stopping_a_consumer_whose_fetch_failed_in_an_outage_returns_with_it_closed():
+    async with fetch_failed_in_an_outage() as consumer:
+        await stop_consumer(consumer)
+        # closed all the same: no connection left open
+        assert not any(conn.connected() for conn in consumer._client._conns.values())

@@ -313,6 +313,22 @@ async def test_a_restore_the_broker_fails_halfway_through_a_partition_is_taken_a
     await restart_then_the_rest(settings, config, before, records, second)
 
 
+async def test_a_restore_cancelled_inside_a_client_call_stops_the_instance_with_an_error(
+        broker, monkeypatch):
+    """A Kafka client call in the restore raises CancelledError, nobody having cancelled the
+    restore (aiokafka's consumer.stop() can). The instance stops with an error that a restart
+    mends, rather than stay in its group, heartbeating, never taking an assignment again."""
+
+    async def cancelled_from_inside(consumer, tp, offset, start):
+        raise asyncio.CancelledError()
+
+    monkeypatch.setattr(restorer, "_seek", cancelled_from_inside)
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    with pytest.raises(RuntimeError, match="cancelled from inside a Kafka client call"):
+        await asyncio.wait_for(Monitor(settings, load_config(CONFIG)).run(), timeout=60)
+
+
 async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker):
     """An instance frozen past its session timeout wakes, and its Kafka client sends the chunk
     of snapshots it was handed before the freeze: older states of accounts, written after the
