@@ -1,4 +1,4 @@
-"""Ending the service's own background tasks, for sure.
+"""The service's asyncio tasks: ending them for sure, and saying where each one waits.
 
 A cancellation can be lost on Python 3.11: `asyncio.wait_for` returns the awaited result,
 instead of raising, when that result arrives in the same step as the cancellation of the
@@ -7,6 +7,8 @@ awaited it after cancelling it waits for ever too: the broker watch did, and a s
 finished. The service's own code bounds its waits with `asyncio.timeout`, which keeps the
 cancellation; and, for any await it does not control, a cancellation is asked again, a
 moment later, for as long as the task runs.
+
+A task that hangs says nothing; `log_task_stacks` (SIGUSR1) logs the await each one is in.
 """
 
 from __future__ import annotations
