@@ -372,6 +372,17 @@ class Restorer:
             def read_up_to(tp: TopicPartition) -> int:
                 return merge.fetched_to.get(tp, reached[tp])
 
+            def ticks_pending() -> bool:
+                """Does the merge hold, or still await, ticks this instance applied? A
+                gained partition's record the merge hands over before them sorts before
+                them, so it is applied here: the main loop, which has applied them, would
+                apply it after them. The frontier alone does not say so: it is the key of
+                the last record the loop applied, which can sort before ticks it applied
+                (that record came late), and is unset until the loop applies one (the price
+                positions came from a restore)."""
+                return any(merge.buffered(tp) or not done_with(tp, read_up_to(tp))
+                           for tp in price_ends)
+
             def finished(tp: TopicPartition) -> bool:
                 """Read to its end (what the reader skips counts: a partition may end in
                 a transaction marker, which no record is handed over at), all applied."""
@@ -390,11 +401,18 @@ class Restorer:
                         merge.read_to(tp, position)
                 active = [tp for tp in reached if not done_with(tp, reached[tp])]
                 ready = []
-                for tp, record in merge.take(s.max_batch_records, active, done_with):
+                taken = merge.take(s.max_batch_records, active, done_with)
+                # ticks this instance applied are still to come after the record at n if one
+                # follows in this batch or the merge holds or awaits one
+                ticks_after = max((n for n, (tp, _) in enumerate(taken) if tp in price_ends),
+                                  default=-1)
+                ticks_later = ticks_pending()
+                for n, (tp, record) in enumerate(taken):
                     if tp in stopped:
                         continue
-                    if tp in own and (self.positions.frontier is None or
-                                      self.positions.key(tp, record) > self.positions.frontier):
+                    if tp in own and n > ticks_after and not ticks_later and (
+                            self.positions.frontier is None
+                            or self.positions.key(tp, record) > self.positions.frontier):
                         stopped.add(tp)  # from here on the main loop takes over
                         reached[tp] = record.offset
                         merge.drop([tp])
