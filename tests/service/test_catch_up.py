@@ -19,6 +19,7 @@ from monitor.service.clients import Clients
 from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
 from monitor.service.restorer import Restorer
+from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
 from monitor.snapshot import Snapshots
 from tests.support.kafka import fresh_settings, produce
@@ -27,6 +28,39 @@ from tests.support.paths import REPO
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 CONFIG = load_config(REPO / "examples" / "risk.toml")
 FIRST_TS = 1_700_000_000_000
+
+
+async def deposit_fill_tick(settings: ServiceSettings) -> None:
+    """Partition 0's deposit, then its fill, then a tick, 1 ms apart from FIRST_TS."""
+    t = settings.topics
+    await produce(settings.bootstrap, [
+        (t.ledger, b"a", orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT",
+                                       "amount": 1_000.0, "kind": "deposit"})),
+        (t.fills, b"a", orjson.dumps({"fill_id": "f1", "account": "a", "symbol": "BTC-PERP",
+                                      "side": "buy", "qty": 0.01, "price": 50_000.0})),
+        (t.prices, b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0}))],
+        first_timestamp_ms=FIRST_TS)
+
+
+def recording_restorer(settings: ServiceSettings, engine: Engine, positions: Positions,
+                       metrics: Metrics, clients: Clients
+                       ) -> tuple[Restorer, list[tuple[str, int]]]:
+    """A restorer whose catch-ups record what they replay, as (topic, offset), and apply
+    nothing."""
+    replayed: list[tuple[str, int]] = []
+
+    async def replay(batch: list[tuple[TopicPartition, ConsumerRecord]], _: Engine) -> None:
+        replayed.extend((tp.topic, record.offset) for tp, record in batch)
+
+    restorer = Restorer(settings, CONFIG, engine, positions,
+                        Checkpointer(engine, positions, settings, metrics, fingerprint(CONFIG)),
+                        clients, metrics, fingerprint(CONFIG), structlog.get_logger("liqmon"),
+                        lambda: None, replay)
+    return restorer, replayed
+
+
+def never_checkpointed() -> RestoredPartition:
+    return RestoredPartition(partition=0, control=None, snapshots=Snapshots.from_accounts([]))
 
 
 class FillsWithheld(Clients):
@@ -61,37 +95,21 @@ async def test_a_catch_up_whose_partition_delivers_nothing_reports_it_and_finish
     await create_topics(settings)
     t = settings.topics
     prices, fills, ledger = (TopicPartition(topic, 0) for topic in (t.prices, t.fills, t.ledger))
-    await produce(settings.bootstrap, [
-        (t.ledger, b"a", orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT",
-                                       "amount": 1_000.0, "kind": "deposit"})),
-        (t.fills, b"a", orjson.dumps({"fill_id": "f1", "account": "a", "symbol": "BTC-PERP",
-                                      "side": "buy", "qty": 0.01, "price": 50_000.0})),
-        (t.prices, b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0}))],
-        first_timestamp_ms=FIRST_TS)
+    await deposit_fill_tick(settings)
 
     metrics, engine = Metrics(), Engine(CONFIG)
     positions = Positions(t, max_skew_ms=5, max_wait=0.5, max_stall=1.0, metrics=metrics)
     positions.seek(prices, 1)  # this instance applied the tick: the gained partition is behind
     positions.frontier = (FIRST_TS + 2, 2, 0, 0)
     clients = FillsWithheld(settings, fills)
-    replayed: list[tuple[str, int]] = []
-
-    async def replay(batch: list[tuple[TopicPartition, ConsumerRecord]], _: Engine) -> None:
-        replayed.extend((tp.topic, record.offset) for tp, record in batch)
-
-    restorer = Restorer(settings, CONFIG, engine, positions,
-                        Checkpointer(engine, positions, settings, metrics, fingerprint(CONFIG)),
-                        clients, metrics, fingerprint(CONFIG), structlog.get_logger("liqmon"),
-                        lambda: None, replay)
+    restorer, replayed = recording_restorer(settings, engine, positions, metrics, clients)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
     await consumer.start()
     consumer.assign([fills, ledger])
     gauge = {"topic": t.fills, "partition": "0"}
     try:
         with structlog.testing.capture_logs() as logs:
-            catch_up = asyncio.create_task(restorer.catch_up(
-                RestoredPartition(partition=0, control=None, snapshots=Snapshots.from_accounts([])),
-                consumer))
+            catch_up = asyncio.create_task(restorer.catch_up(never_checkpointed(), consumer))
             deadline = time.monotonic() + 30
             while metrics.registry.get_sample_value("liqmon_input_stalled", gauge) is None:
                 assert time.monotonic() < deadline and not catch_up.done()
@@ -126,33 +144,18 @@ async def test_a_gained_partitions_records_before_ticks_the_instance_applied_are
     await create_topics(settings)
     t = settings.topics
     prices, fills, ledger = (TopicPartition(topic, 0) for topic in (t.prices, t.fills, t.ledger))
-    await produce(settings.bootstrap, [
-        (t.ledger, b"a", orjson.dumps({"entry_id": "d1", "account": "a", "asset": "USDT",
-                                       "amount": 1_000.0, "kind": "deposit"})),
-        (t.fills, b"a", orjson.dumps({"fill_id": "f1", "account": "a", "symbol": "BTC-PERP",
-                                      "side": "buy", "qty": 0.01, "price": 50_000.0})),
-        (t.prices, b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0}))],
-        first_timestamp_ms=FIRST_TS)
+    await deposit_fill_tick(settings)
     metrics, engine = Metrics(), Engine(CONFIG)
     positions = Positions(t, max_skew_ms=5, max_wait=0.5, max_stall=1.0, metrics=metrics)
     positions.seek(prices, 1)  # the tick is applied here
     positions.frontier = frontier
-    replayed: list[tuple[str, int]] = []
-
-    async def replay(batch: list[tuple[TopicPartition, ConsumerRecord]], _: Engine) -> None:
-        replayed.extend((tp.topic, record.offset) for tp, record in batch)
-
-    restorer = Restorer(settings, CONFIG, engine, positions,
-                        Checkpointer(engine, positions, settings, metrics, fingerprint(CONFIG)),
-                        Clients(settings), metrics, fingerprint(CONFIG),
-                        structlog.get_logger("liqmon"), lambda: None, replay)
+    restorer, replayed = recording_restorer(settings, engine, positions, metrics,
+                                            Clients(settings))
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
     await consumer.start()
     consumer.assign([fills, ledger])
     try:
-        await asyncio.wait_for(restorer.catch_up(
-            RestoredPartition(partition=0, control=None, snapshots=Snapshots.from_accounts([])),
-            consumer), timeout=30)
+        await asyncio.wait_for(restorer.catch_up(never_checkpointed(), consumer), timeout=30)
     finally:
         await consumer.stop()
     assert replayed == [(t.ledger, 0), (t.fills, 0), (t.prices, 0)]
