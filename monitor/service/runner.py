@@ -404,13 +404,17 @@ class Monitor:
         self._accounts = self.clients.group_consumer()
         await self._accounts.start()
 
+    def _started_clients(self) -> list[AIOKafkaConsumer | AIOKafkaProducer]:
+        """The clients `_start_clients` has made so far."""
+        return [client for client in (self._producer, self._prices, self._probe, self._accounts)
+                if client is not None]
+
     async def _stop_clients(self) -> None:
         """Close what `_start_clients` started before it failed."""
-        for client in (self._producer, self._prices, self._probe, self._accounts):
-            if client is not None:
-                with contextlib.suppress(Exception):  # TimeoutError too: given up
-                    async with asyncio.timeout(CLOSE_TIMEOUT):
-                        await stop_client(client)
+        for client in self._started_clients():
+            with contextlib.suppress(Exception):  # TimeoutError too: given up
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await stop_client(client)
         self._producer = self._prices = self._probe = self._accounts = None
 
     async def _watch_group(self) -> None:
@@ -433,9 +437,8 @@ class Monitor:
         await self._checkpointer.abandon(within=self._close_left())
         if self._pipeline is not None:
             await self._pipeline.close(within=self._close_left())
-        clients = [c for c in (self._prices, self._accounts, self._probe, self._producer)
-                   if c is not None]
-        closing = asyncio.gather(*(stop_client(c) for c in clients), return_exceptions=True)
+        closing = asyncio.gather(*(stop_client(c) for c in self._started_clients()),
+                                 return_exceptions=True)
         try:
             async with asyncio.timeout(self._close_left()):
                 await closing
