@@ -85,7 +85,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hold_task_dumps_until_started() -> None:
+    """SIGUSR1's default action ends the process. Until the loop installs the task-stack
+    handler, a dump asked for too early is answered with one line instead of a dead service."""
+    import signal
+
+    def too_early(signum: int, frame: object) -> None:
+        print("liqmon: SIGUSR1 while starting; task stacks are logged once the service runs",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGUSR1, too_early)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _hold_task_dumps_until_started()
     import asyncio
     import signal
 

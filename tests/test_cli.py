@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+import signal
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError
 
-from monitor.cli import build_parser, main
+from monitor.cli import _hold_task_dumps_until_started, build_parser, main
 from monitor.errors import LiqmonError
 from monitor.service import logs
 from monitor.service.broker import BrokerUnavailable
@@ -108,6 +110,19 @@ def test_run_reports_a_liqmon_error_in_one_line_with_exit_status_1(
     monkeypatch.setattr(logs, "configure_logging", lambda level: None)
     assert main(["run", "--config", CONFIG, "--metrics-port", "0"]) == 1
     assert capsys.readouterr().err == f"liqmon: error: {error}\n"
+
+
+def test_sigusr1_while_run_starts_is_answered_not_fatal(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Before the loop's task-stack handler exists, SIGUSR1's default action would end it."""
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        _hold_task_dumps_until_started()
+        os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert capsys.readouterr().err == (
+        "liqmon: SIGUSR1 while starting; task stacks are logged once the service runs\n")
 
 
 # -- each setting declared once ------------------------------------------------------------------
