@@ -6,13 +6,17 @@ against replay. Not part of the test suite (a run takes minutes):
 Each run starts an embedded broker and two instances in one consumer group (4 partitions,
 session timeout 2 s). One producer sends a stream, each record acknowledged before the next:
 a deposit for every account, then ticks (a random walk, σ 0.3 % a tick), fills and ledger
-entries. Every 1-3 s one of: freeze an instance past its session timeout (SIGSTOP for
-2.5-7 s; leave out with --no-pauses), kill one (-9), stop one (SIGTERM), start another, and
-with --outages, freeze the broker (SIGSTOP for 2-6 s: every client's requests time out).
+entries, and among them what producers also send (leave it out with --clean-input): about one
+record in a hundred bad input, two in a hundred re-sent (a retry of a recent fill or ledger
+entry, the same bytes). Every 1-3 s one of: freeze an instance past its session timeout
+(SIGSTOP for 2.5-7 s; leave out with --no-pauses), kill one (-9), stop one (SIGTERM), start
+another, and with --outages, freeze the broker (SIGSTOP for 2-6 s: every client's requests
+time out).
 Then the live instances read every input to its end and stop, and the run is judged:
 
 - events: exactly the ids replay of the same records emits, with the same contents; a repeat
   (at-least-once) is identical to the first;
+- dead letters: exactly the inputs replay rejects, each for replay's reason (repeats allowed);
 - the changelog: what a restore of it holds is replay's final state;
 - snapshots going back (written, after a newer one of the same account, by an instance that
   had lost the partition: a frozen one's in-flight chunk) are counted, not judged: a restore
@@ -40,6 +44,7 @@ from functools import partial
 from pathlib import Path
 
 import orjson
+from aiokafka.structs import ConsumerRecord
 
 from monitor.config import RiskConfig, load_config
 from monitor.service.broker import EmbeddedBroker
@@ -58,6 +63,7 @@ from tests.support.kafka import (
     fresh_settings,
     produce_located,
     read_events,
+    read_topic,
     replayed,
     same_events,
     without_wall_clock,
@@ -69,10 +75,26 @@ Record = tuple[str, bytes, bytes]  # topic kind, key, value
 Located = list[tuple[str, int, int]]  # topic, partition, offset of each record produced
 
 
-def stream(rng: random.Random, accounts: int, length: int) -> list[Record]:
+# Bad input as producers send it, one of each reason family: (topic kind, value)
+BAD_INPUT: list[tuple[str, bytes]] = [
+    ("fills", b'{"fill_id": "x", "account": '),  # cut short: not JSON
+    ("fills", b'["not", "an", "object"]'),
+    ("fills", b'{"fill_id": "x", "account": "a0", "symbol": "DOGE-PERP", "side": "buy", '
+              b'"qty": 1, "price": 1, "ts": 1}'),  # an instrument not configured
+    ("fills", b'{"fill_id": "x", "account": "a0", "symbol": "BTC-PERP", "side": "buy", '
+              b'"qty": -1, "price": 60000, "ts": 1}'),
+    ("ledger", b'{"entry_id": "x", "account": "a0", "asset": "USDT", "amount": -5, '
+               b'"kind": "deposit", "ts": 1}'),  # a deposit must be positive
+    ("prices", b'{"symbol": "BTC-PERP", "price": "60000", "ts": 1}'),  # a string price
+]
+RECENT = 200  # a re-sent record is a fill or ledger entry among the last this many records
+
+
+def stream(rng: random.Random, accounts: int, length: int, untidy: bool = True
+           ) -> list[Record]:
     """A deposit for every account, then 20 % ticks, 70 % fills (notional 500-4,000 USDT,
     so that accounts of 500 USDT go under), 10 % ledger entries (a third of them
-    withdrawals)."""
+    withdrawals). ``untidy``: with bad input (1 %) and re-sent records (2 %) among them."""
     prices = dict(SYMBOLS)
     out: list[Record] = [("prices", s.encode(), orjson.dumps({"symbol": s, "price": p, "ts": 1}))
                          for s, p in prices.items()]
@@ -83,6 +105,17 @@ def stream(rng: random.Random, accounts: int, length: int) -> list[Record]:
     n = 0
     while len(out) < length:
         n += 1
+        if untidy:
+            roll = rng.random()
+            if roll < 0.01:
+                kind, value = rng.choice(BAD_INPUT)
+                key = "BTC-PERP" if kind == "prices" else f"a{rng.randrange(accounts)}"
+                out.append((kind, key.encode(), value))
+                continue
+            resendable = [record for record in out[-RECENT:] if record[0] != "prices"]
+            if roll < 0.03 and resendable:
+                out.append(rng.choice(resendable))
+                continue
         roll, symbol = rng.random(), rng.choice(list(SYMBOLS))
         account = f"a{rng.randrange(accounts)}"
         if roll < 0.2:
@@ -111,6 +144,9 @@ class Verdict:
     wedged: bool = False
     events_equal: bool = True
     differing_repeats: int = 0
+    dead_letters: int = 0  # inputs replay rejects
+    dead_letters_unlike: int = 0  # inputs dead-lettered but not rejected by replay, or not
+    # dead-lettered but rejected, or dead-lettered for another reason
     accounts_unlike_replay: int = 0
     snapshots_going_back: int = 0
     errors: list[str] = field(default_factory=list)  # of instances stopped by an error
@@ -120,7 +156,7 @@ class Verdict:
     @property
     def unlike_replay(self) -> bool:
         return not self.events_equal or self.differing_repeats > 0 \
-            or self.accounts_unlike_replay > 0
+            or self.dead_letters_unlike > 0 or self.accounts_unlike_replay > 0
 
     @property
     def failed(self) -> bool:
@@ -132,14 +168,16 @@ class Verdict:
         if self.wedged:
             return f"seed {self.seed}: consumer group wedged, not judged ({self.actions})"
         return (f"seed {self.seed}: events {'equal' if self.events_equal else 'UNLIKE'} "
-                f"replay's, {self.differing_repeats} repeats unlike the first, restored state "
+                f"replay's, {self.differing_repeats} repeats unlike the first, "
+                f"{self.dead_letters_unlike} of {self.dead_letters} dead letters unlike "
+                f"replay's, restored state "
                 f"{self.accounts_unlike_replay} accounts unlike replay's, "
                 f"{self.snapshots_going_back} snapshots going back ({self.actions})")
 
 
 async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verdict:
     rng = random.Random(seed)
-    records = stream(rng, args.accounts, args.records)
+    records = stream(rng, args.accounts, args.records, args.untidy)
     with EmbeddedBroker() as broker:
         settings = replace(fresh_settings(broker.bootstrap), partitions=PARTITIONS)
         await create_topics(settings)
@@ -242,11 +280,16 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
     first = {e["event_id"]: e for e in reversed(events)}
     verdict.differing_repeats = sum(
         without_wall_clock(e) != without_wall_clock(first[e["event_id"]]) for e in events)
-    replay = replayed(records, config)
+    rejections: list[tuple[int, str]] = []
+    replay = replayed(records, config, rejections)
     try:
         same_events(list(first.values()), replay, located)
     except AssertionError:
         verdict.events_equal = False
+    letters = await read_topic(broker.bootstrap, settings.topics.dead_letter, idle=1.0)
+    dead = {dead_letter_of(letter) for letter in letters}
+    rejected = {(*located[index], reason) for index, reason in rejections}
+    verdict.dead_letters, verdict.dead_letters_unlike = len(rejected), len(dead ^ rejected)
     restored = await final_state(settings, config)
     expected = state_of(final_engine(records, config))["accounts"]
     unlike = sorted((key for key in restored.keys() | expected.keys()
@@ -255,9 +298,18 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
     if verdict.unlike_replay:
         verdict.evidence = {
             "events": events, "replay": replay, "located": located,
+            "dead-letters-unlike": [{"at": list(at), "in": "fleet" if at in dead else "replay"}
+                                    for at in sorted(dead ^ rejected)],
             "accounts-unlike": [{"account": key, "restored": restored.get(key),
                                  "replay": expected.get(key)} for key in unlike]}
     verdict.snapshots_going_back = len(await snapshots_going_back(settings))
+
+
+def dead_letter_of(letter: ConsumerRecord) -> tuple[str, int, int, str]:
+    """Where a dead letter's input is (topic, partition, offset), and its reason."""
+    value, headers = orjson.loads(letter.value), dict(letter.headers)
+    return (value["source_topic"], value["source_partition"], value["source_offset"],
+            headers["__liqmon.errors.reason"].decode())
 
 
 async def wake(instance: Instance, after: float, woken: Callable[[], None]) -> None:
@@ -288,6 +340,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint-interval", type=float, default=1.0)
     parser.add_argument("--no-pauses", dest="pauses", action="store_false",
                         help="no SIGSTOP freezes, only kills, stops and new instances")
+    parser.add_argument("--clean-input", dest="untidy", action="store_false",
+                        help="no bad input and no re-sent records")
     parser.add_argument("--outages", action="store_true",
                         help="freeze the broker now and then too")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",

@@ -184,11 +184,14 @@ def routable(lines: list[bytes]) -> list[tuple[str, bytes, bytes]]:
     return out
 
 
-def replayed(records, config) -> list[dict]:
+def replayed(records, config, rejections: list[tuple[int, str]] | None = None) -> list[dict]:
+    """Replay's events for (topic kind, key, value) records; each record it rejects, as
+    (index, reason), onto ``rejections`` if given."""
     lines = [b'{"topic": "%s", "value": %s}' % (kind.encode(), value)
              for kind, _, value in records]
     out = io.BytesIO()
-    replay(lines, Engine(config), out, lambda index, rejection: None)
+    replay(lines, Engine(config), out, lambda index, rejection: None if rejections is None
+           else rejections.append((index, rejection.reason)))
     return [orjson.loads(line) for line in out.getvalue().splitlines()]
 
 
