@@ -91,8 +91,10 @@ def _hold_task_dumps_until_started() -> None:
     import signal
 
     def too_early(signum: int, frame: object) -> None:
-        print("liqmon: SIGUSR1 while starting; task stacks are logged once the service runs",
-              file=sys.stderr, flush=True)
+        # os.write, not print: a handler writing to sys.stderr while the interrupted code
+        # writes to it would raise "reentrant call" there
+        os.write(2, b"liqmon: SIGUSR1 while starting; task stacks are logged once the "
+                    b"service runs\n")
 
     signal.signal(signal.SIGUSR1, too_early)
 

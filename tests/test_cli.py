@@ -113,7 +113,7 @@ def test_run_reports_a_liqmon_error_in_one_line_with_exit_status_1(
 
 
 def test_sigusr1_while_run_starts_is_answered_not_fatal(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capfd: pytest.CaptureFixture[str]) -> None:
     """Before the loop's task-stack handler exists, SIGUSR1's default action would end it."""
     before = signal.getsignal(signal.SIGUSR1)
     try:
@@ -121,7 +121,7 @@ def test_sigusr1_while_run_starts_is_answered_not_fatal(
         os.kill(os.getpid(), signal.SIGUSR1)
     finally:
         signal.signal(signal.SIGUSR1, before)
-    assert capsys.readouterr().err == (
+    assert capfd.readouterr().err == (
         "liqmon: SIGUSR1 while starting; task stacks are logged once the service runs\n")
 
 
