@@ -6,12 +6,13 @@ against replay. Not part of the test suite (a run takes minutes):
 Each run starts an embedded broker and two instances in one consumer group (4 partitions,
 session timeout 2 s). One producer sends a stream, each record acknowledged before the next:
 a deposit for every account, then ticks (a random walk, σ 0.3 % a tick), fills and ledger
-entries, and among them what producers also send (leave it out with --clean-input): about one
-record in a hundred bad input, two in a hundred re-sent (a retry of a recent fill or ledger
-entry, the same bytes). Every 1-3 s one of: freeze an instance past its session timeout
-(SIGSTOP for 2.5-7 s; leave out with --no-pauses), kill one (-9), stop one (SIGTERM), start
-another, and with --outages, freeze the broker (SIGSTOP for 2-6 s: every client's requests
-time out).
+entries. Unless --plain-stream, one account in twenty trades isolated margin (its fills
+isolated, one in ten cross, which conflicts with an open isolated position; transfers to and
+from its isolated wallets), and among the rest is what producers also send: about one record
+in a hundred bad input, two in a hundred re-sent (a retry of a recent fill or ledger entry,
+the same bytes). Every 1-3 s one of: freeze an instance past its session timeout (SIGSTOP
+for 2.5-7 s; leave out with --no-pauses), kill one (-9), stop one (SIGTERM), start another,
+and with --outages, freeze the broker (SIGSTOP for 2-6 s: every client's requests time out).
 Then the live instances read every input to its end and stop, and the run is judged:
 
 - events: exactly the ids replay of the same records emits, with the same contents; a repeat
@@ -90,11 +91,12 @@ BAD_INPUT: list[tuple[str, bytes]] = [
 RECENT = 200  # a re-sent record is a fill or ledger entry among the last this many records
 
 
-def stream(rng: random.Random, accounts: int, length: int, untidy: bool = True
+def stream(rng: random.Random, accounts: int, length: int, varied: bool = True
            ) -> list[Record]:
     """A deposit for every account, then 20 % ticks, 70 % fills (notional 500-4,000 USDT,
     so that accounts of 500 USDT go under), 10 % ledger entries (a third of them
-    withdrawals). ``untidy``: with bad input (1 %) and re-sent records (2 %) among them."""
+    withdrawals). ``varied``: with isolated margin (every twentieth account), bad input (1 %)
+    and re-sent records (2 %) among them."""
     prices = dict(SYMBOLS)
     out: list[Record] = [("prices", s.encode(), orjson.dumps({"symbol": s, "price": p, "ts": 1}))
                          for s, p in prices.items()]
@@ -105,7 +107,7 @@ def stream(rng: random.Random, accounts: int, length: int, untidy: bool = True
     n = 0
     while len(out) < length:
         n += 1
-        if untidy:
+        if varied:
             roll = rng.random()
             if roll < 0.01:
                 kind, value = rng.choice(BAD_INPUT)
@@ -117,7 +119,14 @@ def stream(rng: random.Random, accounts: int, length: int, untidy: bool = True
                 out.append(rng.choice(resendable))
                 continue
         roll, symbol = rng.random(), rng.choice(list(SYMBOLS))
-        account = f"a{rng.randrange(accounts)}"
+        number = rng.randrange(accounts)
+        account = f"a{number}"
+        isolated = varied and number % 20 == 0
+        if isolated and roll >= 0.9:  # its ledger entries move money to and from a wallet
+            out.append(("ledger", account.encode(), orjson.dumps({
+                "entry_id": f"l{n}", "account": account, "asset": "USDT", "symbol": symbol,
+                "amount": rng.choice([-50, 500, 1_000]), "kind": "isolated_margin", "ts": n})))
+            continue
         if roll < 0.2:
             prices[symbol] *= 1 + rng.gauss(0, 0.003)
             out.append(("prices", symbol.encode(), orjson.dumps(
@@ -127,7 +136,9 @@ def stream(rng: random.Random, accounts: int, length: int, untidy: bool = True
                 "fill_id": f"f{n}", "account": account, "symbol": symbol,
                 "side": rng.choice(["buy", "sell"]),
                 "qty": round(rng.uniform(0.5, 4) * 1_000 / prices[symbol], 6),
-                "price": round(prices[symbol], 4), "ts": n})))
+                "price": round(prices[symbol], 4), "ts": n,
+                **({"margin_mode": "isolated" if rng.random() < 0.9 else "cross"}
+                   if isolated else {})})))
         else:
             withdrawal = rng.random() < 0.3
             out.append(("ledger", account.encode(), orjson.dumps({
@@ -177,7 +188,7 @@ class Verdict:
 
 async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verdict:
     rng = random.Random(seed)
-    records = stream(rng, args.accounts, args.records, args.untidy)
+    records = stream(rng, args.accounts, args.records, args.varied)
     with EmbeddedBroker() as broker:
         settings = replace(fresh_settings(broker.bootstrap), partitions=PARTITIONS)
         await create_topics(settings)
@@ -340,8 +351,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint-interval", type=float, default=1.0)
     parser.add_argument("--no-pauses", dest="pauses", action="store_false",
                         help="no SIGSTOP freezes, only kills, stops and new instances")
-    parser.add_argument("--clean-input", dest="untidy", action="store_false",
-                        help="no bad input and no re-sent records")
+    parser.add_argument("--plain-stream", dest="varied", action="store_false",
+                        help="cross margin only, no bad input, no re-sent records (the "
+                             "stream of the drill before 2026-12-05)")
     parser.add_argument("--outages", action="store_true",
                         help="freeze the broker now and then too")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
