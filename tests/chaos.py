@@ -25,10 +25,11 @@ Then the live instances read every input to its end and stop, and the run is jud
 
 An instance that stops by an error fails the run, with the error. A run whose instances stop
 consuming otherwise is reported as a wedged consumer group (the embedded broker's coordinator
-can hold a group; README, *Scaling out*) and is not judged. The exit status is 1 if a run
-failed or differs from replay. With --keep-logs DIR, each run leaves DIR/seed-N/: every
-instance's log lines (instance-K.jsonl), what was done to whom and when (actions.jsonl), and,
-if it differs from replay, the fleet's events, replay's and where each record landed.
+can hold a group; README, *Scaling out*) and is not judged; its instances log where each of
+their tasks waits (SIGUSR1) before they are killed. The exit status is 1 if a run failed or
+differs from replay. With --keep-logs DIR, each run leaves DIR/seed-N/: every instance's log
+lines (instance-K.jsonl), what was done to whom and when (actions.jsonl), and, if it differs
+from replay, the fleet's events, replay's and where each record landed.
 """
 
 from __future__ import annotations
@@ -282,6 +283,10 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
         await consumed(live, settings, ends, timeout=240)
     except AssertionError:
         verdict.wedged = True
+        for instance in live:  # where each of its tasks waits, into its log (--keep-logs)
+            if instance.proc.returncode is None:
+                instance.proc.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(1.0)
     for instance in live:
         if instance.proc.returncode is None:
             await instance.stop(kill=verdict.wedged)
