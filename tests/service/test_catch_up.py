@@ -4,7 +4,9 @@ gained partition's records replayed with the ticks in between, up to where this 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -17,7 +19,7 @@ from monitor.service.changelog import RestoredPartition
 from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients
 from monitor.service.metrics import Metrics
-from monitor.service.positions import Positions
+from monitor.service.positions import MergeKey, Positions
 from monitor.service.restorer import Restorer
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
@@ -63,6 +65,28 @@ def never_checkpointed() -> RestoredPartition:
     return RestoredPartition(partition=0, control=None, snapshots=Snapshots.from_accounts([]))
 
 
+@contextlib.asynccontextmanager
+async def gained_behind_the_tick(settings: ServiceSettings, frontier: MergeKey | None
+                                 ) -> AsyncIterator[tuple[Positions, Metrics, AIOKafkaConsumer]]:
+    """Partition 0's deposit, fill and tick in Kafka; the positions of an instance that applied
+    the tick (its loop's frontier as given) and gained partition 0's fills and ledger; a
+    consumer assigned those two, stopped on leaving."""
+    await create_topics(settings)
+    t = settings.topics
+    await deposit_fill_tick(settings)
+    metrics = Metrics()
+    positions = Positions(t, max_skew_ms=5, max_wait=0.5, max_stall=1.0, metrics=metrics)
+    positions.seek(TopicPartition(t.prices, 0), 1)  # the tick is applied here
+    positions.frontier = frontier
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
+    await consumer.start()
+    consumer.assign([TopicPartition(t.fills, 0), TopicPartition(t.ledger, 0)])
+    try:
+        yield positions, metrics, consumer
+    finally:
+        await consumer.stop()
+
+
 class FillsWithheld(Clients):
     """The catch-up reader gets the gained partition's fills paused: the broker holds a record
     there (its end says so) that no fetch brings, as a broker that stopped serving it would."""
@@ -92,22 +116,14 @@ async def test_a_catch_up_whose_partition_delivers_nothing_reports_it_and_finish
     line, `liqmon_input_stalled`, /readyz's reason — and once it delivers, the catch-up
     finishes with every record, in timestamp order."""
     settings = fresh_settings(broker.bootstrap, max_stall=1.0)
-    await create_topics(settings)
     t = settings.topics
-    prices, fills, ledger = (TopicPartition(topic, 0) for topic in (t.prices, t.fills, t.ledger))
-    await deposit_fill_tick(settings)
-
-    metrics, engine = Metrics(), Engine(CONFIG)
-    positions = Positions(t, max_skew_ms=5, max_wait=0.5, max_stall=1.0, metrics=metrics)
-    positions.seek(prices, 1)  # this instance applied the tick: the gained partition is behind
-    positions.frontier = (FIRST_TS + 2, 2, 0, 0)
-    clients = FillsWithheld(settings, fills)
-    restorer, replayed = recording_restorer(settings, engine, positions, metrics, clients)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
-    await consumer.start()
-    consumer.assign([fills, ledger])
-    gauge = {"topic": t.fills, "partition": "0"}
-    try:
+    fills, gauge = TopicPartition(t.fills, 0), {"topic": t.fills, "partition": "0"}
+    # this instance applied the tick: the gained partition is behind
+    async with gained_behind_the_tick(settings, (FIRST_TS + 2, 2, 0, 0)) as (
+            positions, metrics, consumer):
+        clients = FillsWithheld(settings, fills)
+        restorer, replayed = recording_restorer(settings, Engine(CONFIG), positions, metrics,
+                                                clients)
         with structlog.testing.capture_logs() as logs:
             catch_up = asyncio.create_task(restorer.catch_up(never_checkpointed(), consumer))
             deadline = time.monotonic() + 30
@@ -121,8 +137,6 @@ async def test_a_catch_up_whose_partition_delivers_nothing_reports_it_and_finish
             assert replayed == []  # the deposit and the tick wait for the fill
             clients.reader.resume(fills)
             assert await asyncio.wait_for(catch_up, timeout=30) == 3
-    finally:
-        await consumer.stop()
     assert replayed == [(t.ledger, 0), (t.fills, 0), (t.prices, 0)]
     assert metrics.registry.get_sample_value("liqmon_input_stalled", gauge) is None
     assert restorer.catching_up is None
@@ -141,21 +155,9 @@ async def test_a_gained_partitions_records_before_ticks_the_instance_applied_are
     first pass did. Left to the loop, the fill would come after the tick: seen in a chaos
     drill, as events of an account valued without a position it held."""
     settings = fresh_settings(broker.bootstrap)
-    await create_topics(settings)
     t = settings.topics
-    prices, fills, ledger = (TopicPartition(topic, 0) for topic in (t.prices, t.fills, t.ledger))
-    await deposit_fill_tick(settings)
-    metrics, engine = Metrics(), Engine(CONFIG)
-    positions = Positions(t, max_skew_ms=5, max_wait=0.5, max_stall=1.0, metrics=metrics)
-    positions.seek(prices, 1)  # the tick is applied here
-    positions.frontier = frontier
-    restorer, replayed = recording_restorer(settings, engine, positions, metrics,
-                                            Clients(settings))
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
-    await consumer.start()
-    consumer.assign([fills, ledger])
-    try:
+    async with gained_behind_the_tick(settings, frontier) as (positions, metrics, consumer):
+        restorer, replayed = recording_restorer(settings, Engine(CONFIG), positions, metrics,
+                                                Clients(settings))
         await asyncio.wait_for(restorer.catch_up(never_checkpointed(), consumer), timeout=30)
-    finally:
-        await consumer.stop()
     assert replayed == [(t.ledger, 0), (t.fills, 0), (t.prices, 0)]
