@@ -29,17 +29,21 @@ loop takes every 0.2 s at least). A process frozen for seconds (SIGSTOP, a throt
 container) would otherwise wake to find every wait over, and release what it holds before the
 probes it asks for then could answer: records out of order, with the broker well all along. A
 loop whose every turn is slower than ``most_per_turn`` still forces, after proportionally
-longer. A partition whose probe found records not yet read is waited for as long
-as reading them takes, as Kafka Streams does (it enforces processing only once a partition's
-lag is known to be zero): those records exist and may sort first, and the consumer brings them.
-On a backlog, a consumer can hand over other partitions' records for well over ``max_wait``
-before it reaches them. That wait has a bound too, ``max_stall``, counted from the partition's
-last progress (or from the answer that found the records, if later): a partition whose
-records the broker reports but no fetch returns (a broker fault; the embedded broker's answers
-come back empty once a partition holds many small batches, which the loop mends by widening
-its fetch wait, `clients.FetchWait`) is declared *stalled* and holds nobody back until it
-delivers again. What goes out meanwhile is counted as forced, as it may not be in replay's
-order. A stalled partition is not probed: it would only answer what is known already.
+longer. Nor do the bounds count while the caller says no broker answers at all (``take``'s
+``counting``): records released then could not be published until a broker is back, and by
+then a probe can prove their order; releasing them would only apply them in a worse one.
+
+A partition whose probe found records not yet read is waited for as long as reading them takes,
+as Kafka Streams does (it enforces processing only once a partition's lag is known to be zero):
+those records exist and may sort first, and the consumer brings them. On a backlog, a consumer
+can hand over other partitions' records for well over ``max_wait`` before it reaches them. That
+wait has a bound too, ``max_stall``, counted from the partition's last progress (or from the
+answer that found the records, if later): a partition whose records the broker reports but no
+fetch returns (a broker fault; the embedded broker's answers come back empty once a partition
+holds many small batches, which the loop mends by widening its fetch wait, `clients.FetchWait`)
+is declared *stalled* and holds nobody back until it delivers again. What goes out meanwhile is
+counted as forced, as it may not be in replay's order. A stalled partition is not probed: it
+would only answer what is known already.
 
 "Read" counts what the consumer skips as well as what it hands over (`read_to`): transaction
 markers, and batches a compaction emptied, take offsets no record is ever delivered at.
@@ -96,7 +100,7 @@ class TimestampMerge:
         self._clock = clock  # seconds, for the two bounds
         self.most_per_turn = most_per_turn
         self._last_take: float | None = None  # clock time of the last take
-        self._held_still = 0.0  # seconds of gaps between takes beyond most_per_turn, in all
+        self._uncounted = 0.0  # seconds the bounds do not count (see ``take``), in all
         # per partition: (record, wall-clock ms at which it reached the merge)
         self._buffers: dict[TopicPartition, deque[tuple[Record, float]]] = {}
         self.fetched_to: dict[TopicPartition, int] = {}  # next offset not yet buffered
@@ -241,7 +245,7 @@ class TimestampMerge:
 
     def take(self, limit: int, partitions: Iterable[TopicPartition],
              exhausted: Callable[[TopicPartition, int], bool] | None = None,
-             ) -> list[tuple[TopicPartition, Record]]:
+             counting: bool = True) -> list[tuple[TopicPartition, Record]]:
         """Up to ``limit`` records in (timestamp, topic rank, partition, offset) order.
 
         ``partitions`` are those that may deliver records. ``exhausted(tp, next_offset)``, if
@@ -249,10 +253,14 @@ class TimestampMerge:
         end): it never holds anyone back. After the call, ``blocked_on`` lists the partitions
         without buffered records that hold the head back, and ``head_needs`` the wall-clock
         time after which a probe of them must be sent.
+
+        Towards ``max_wait`` and ``max_stall`` the time since the last take counts at most
+        ``most_per_turn``, and not at all if ``counting`` is false (no broker answers).
         """
         now = self._clock()
         if self._last_take is not None:
-            self._held_still += max(0.0, now - self._last_take - self.most_per_turn)
+            gap = now - self._last_take
+            self._uncounted += max(0.0, gap - self.most_per_turn) if counting else gap
         self._last_take = now
         skew = self.max_skew_ms
         ahead_limit = self.max_wait * 1000  # ms a record may be stamped ahead of its arrival
@@ -355,8 +363,8 @@ class TimestampMerge:
         return all(tp in self.stalled for tp in unread)
 
     def _turning(self) -> float:
-        """Clock time less the time the loop was held still: what the bounds count."""
-        return self._clock() - self._held_still
+        """Clock time less the time the bounds do not count (``take``)."""
+        return self._clock() - self._uncounted
 
     def _waited_enough(self) -> bool:
         now = self._turning()

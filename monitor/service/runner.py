@@ -906,7 +906,9 @@ class Monitor:
             return 0
         positions, merge = self._positions, self._positions.merge
         await self._pipeline.room()
-        batch = merge.take(limit, list(positions.processed))
+        # --merge-wait counts only while a broker answers (the broker watch): what it would
+        # release during a whole outage could not be published before a probe proves its order
+        batch = merge.take(limit, list(positions.processed), counting=self._reachable)
         assert self._prober is not None
         if self._prober.poke():
             await asyncio.sleep(0)  # the probe is written out before this batch is worked on
@@ -1119,7 +1121,7 @@ class Monitor:
 
     def applied_offsets(self) -> dict[TopicPartition, int]:
         """Next offset per input partition to apply: ahead of `processed_offsets` by what
-        awaits acknowledgement (for the bench)."""
+        awaits acknowledgement (for the bench and tests)."""
         return dict(self._positions.processed)
 
     def _live_figures(self) -> LiveFigures:

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import load_config
+from monitor.service.broker import EmbeddedBroker
 from monitor.service.runner import Monitor
 from tests.support.kafka import (
     RunningMonitor,
@@ -305,6 +306,40 @@ async def test_a_record_stamped_ten_minutes_ahead_holds_its_partition_back_no_lo
     assert [(e["log_level"], e["records"], e["by_topic"]) for e in ahead] == [
         ("warning", 1, {t.ledger: 1})]
     assert 590_000 < ahead[0]["most_ahead_ms"] <= 600_000  # less the time to arrive
+
+
+@pytest.mark.kafka  # starts a broker of its own
+async def test_no_record_is_released_without_proof_of_order_while_no_broker_answers() -> None:
+    """A tick is held for a proof (--max-skew 2 s) when the only broker stops answering, for
+    longer than --merge-wait (6 s). Released then, its events could not be published before
+    the broker is back, and by then a probe proves its order: so the wait does not count
+    while the broker watch finds Kafka unreachable, and the tick goes out proven."""
+    config = load_config(CONFIG)
+    with EmbeddedBroker() as own_broker:  # paused: it must not stall the other tests
+        settings = fresh_settings(own_broker.bootstrap, max_idle=6.0, max_skew_ms=2_000)
+        await create_inputs(settings, prices=1, accounts=1)
+        prices = TopicPartition(settings.topics.prices, 0)
+        with structlog.testing.capture_logs() as logs:
+            async with RunningMonitor(settings, config) as monitor:
+                located = Located(settings)
+                tick = ("prices", b"BTC-PERP",
+                        orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0}))
+                await produce(located, [tick], sequential=True)
+                merge = monitor._positions.merge
+                deadline = time.monotonic() + 30
+                while merge.buffered(prices) == 0:
+                    assert time.monotonic() < deadline, "the tick was not fetched"
+                    await asyncio.sleep(0.01)
+                held_from = time.monotonic()
+                own_broker.pause()
+                await asyncio.sleep(held_from + 8.0 - time.monotonic())  # past the merge wait
+                assert monitor.applied_offsets()[prices] == 0  # still held, not forced
+                own_broker.resume()
+                await wait_processed(monitor, located.ends, timeout=60)
+                assert monitor.metrics.merge_forced._value.get() == 0
+    said = [entry["event"] for entry in logs]
+    assert "kafka unreachable, clients keep retrying" in said
+    assert "released records out of proven order" not in said
 
 
 async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(broker):

@@ -473,3 +473,37 @@ def test_a_process_held_still_past_the_stall_timeout_does_not_stall_a_partition(
     assert m.take(100, [PRICES, FILLS]) == []
     clock.now = 12.0
     assert m.take(100, [PRICES, FILLS]) == [] and not m.stalled
+
+
+def test_the_wait_does_not_count_while_no_broker_answers() -> None:
+    """Held back for fills from clock 0 with --merge-wait 0.5; at 0.2 s the broker watch finds
+    no broker answering, for 6 s. Nothing is forced meanwhile (its events could not be
+    published anyway); once a broker answers again the wait goes on from 0.2 s counted."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock, most_per_turn=0.25)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS]) == []
+    clock.now = 0.2
+    assert m.take(100, [PRICES, FILLS]) == []
+    for turn in range(1, 31):
+        clock.now = 0.2 + turn * 0.2
+        assert m.take(100, [PRICES, FILLS], counting=False) == []
+    assert m.forced == 0
+    clock.now = 6.4  # a broker answers: 0.4 s counted
+    assert m.take(100, [PRICES, FILLS]) == [] and m.forced == 0
+    clock.now = 6.5  # 0.5 s counted
+    assert [r.offset for _, r in m.take(100, [PRICES, FILLS])] == [0] and m.forced == 1
+
+
+def test_a_partition_does_not_stall_while_no_broker_answers() -> None:
+    """A probe found fills records not read yet; then no broker answers for 12 s, so the
+    consumer cannot read them: fills is not declared stalled (10 s) for that."""
+    clock = Clock()
+    m = merge(max_wait=0, max_stall=10, clock=clock, most_per_turn=0.25)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.probed(NOW + 1, {FILLS: 3})  # fills holds records this instance has not read
+    assert m.take(100, [PRICES, FILLS]) == []
+    for turn in range(1, 61):
+        clock.now = turn * 0.2
+        assert m.take(100, [PRICES, FILLS], counting=False) == []
+    assert not m.stalled and m.forced_past_stalled == 0
