@@ -23,6 +23,11 @@ Then the live instances read every input to its end and stop, and the run is jud
   had lost the partition: a frozen one's in-flight chunk) are counted, not judged: a restore
   must not take them, which the state check covers.
 
+The run line also gives what the instances logged applying out of replay's order, by design
+(README, *Order*): records released without proof of order past --merge-wait (5 s here),
+partitions declared stalled, records applied late. A run unlike replay with none of those
+is a bug; one with some may be explained by them (its --keep-logs say which accounts).
+
 An instance that stops by an error fails the run, with the error. A run whose instances stop
 consuming otherwise is reported as a wedged consumer group (the embedded broker's coordinator
 can hold a group; README, *Scaling out*) and is not judged; its instances log where each of
@@ -161,6 +166,11 @@ class Verdict:
     # dead-lettered but rejected, or dead-lettered for another reason
     accounts_unlike_replay: int = 0
     snapshots_going_back: int = 0
+    # what the instances' logs say they applied out of replay's order, by design and counted:
+    # released past --merge-wait or a stalled partition, applied after a later record
+    released_unproven: int = 0
+    partitions_stalled: int = 0
+    applied_late: int = 0
     errors: list[str] = field(default_factory=list)  # of instances stopped by an error
     timeline: list[dict] = field(default_factory=list)  # what was done to whom, and when
     evidence: dict[str, list] = field(default_factory=dict)  # kept when unlike replay
@@ -184,7 +194,10 @@ class Verdict:
                 f"{self.dead_letters_unlike} of {self.dead_letters} dead letters unlike "
                 f"replay's, restored state "
                 f"{self.accounts_unlike_replay} accounts unlike replay's, "
-                f"{self.snapshots_going_back} snapshots going back ({self.actions})")
+                f"{self.snapshots_going_back} snapshots going back; logged: "
+                f"{self.released_unproven} records released out of proven order, "
+                f"{self.partitions_stalled} partitions stalled, {self.applied_late} records "
+                f"applied late ({self.actions})")
 
 
 async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verdict:
@@ -207,9 +220,25 @@ async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verd
             verdict.errors = [f"{entry.get('kind')}: {entry.get('error')}"
                               for instance in everyone for entry in instance.logs
                               if entry["event"] == "stopped by an error"]
+            count_out_of_order(verdict, [entry for instance in everyone
+                                         for entry in instance.logs])
             if args.keep_logs:
                 keep(args.keep_logs / f"seed-{seed}", everyone, verdict)
     return verdict
+
+
+def count_out_of_order(verdict: Verdict, logs: list[dict]) -> None:
+    """What the fleet said it applied out of replay's order. A late line sums what came since
+    the one before (at most one every 30 s): an instance killed meanwhile takes the rest
+    with it, so the late count is at least this; none logged means none applied."""
+    for entry in logs:
+        event = entry["event"]
+        if event == "released records out of proven order":
+            verdict.released_unproven += entry["records"]
+        elif event.startswith("input partition stalled"):
+            verdict.partitions_stalled += 1
+        elif event.startswith("applied records later than replay would apply them"):
+            verdict.applied_late += entry["records"]
 
 
 def keep(directory: Path, everyone: list[Instance], verdict: Verdict) -> None:
