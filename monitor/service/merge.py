@@ -22,16 +22,20 @@ to be zero) with Flink's bounded out-of-orderness. A high watermark from the las
 nothing about what was appended since; that is why a probe must be sent after the fact.
 
 ``max_wait`` bounds how long the merge holds everything back for a partition that cannot be
-probed (a broker that does not answer): past it, records are released in the best order known
-and counted as forced. Both bounds count the time the loop was turning, not the time the
-process was held still: a gap between two takes counts at most ``most_per_turn`` (a healthy
-loop takes every 0.2 s at least). A process frozen for seconds (SIGSTOP, a throttled
-container) would otherwise wake to find every wait over, and release what it holds before the
-probes it asks for then could answer: records out of order, with the broker well all along. A
-loop whose every turn is slower than ``most_per_turn`` still forces, after proportionally
-longer. Nor do the bounds count while the caller says no broker answers at all (``take``'s
-``counting``): records released then could not be published until a broker is back, and by
-then a probe can prove their order; releasing them would only apply them in a worse one.
+probed (a broker that does not answer for it while others do): past it, records are released in
+the best order known and counted as forced. When *no* broker answers, such a release buys
+nothing: its events cannot be published until a broker is back, and by then a probe can prove
+the order; it would only apply records in a worse one. So a forced release also needs Kafka to
+have answered a request sent after ``max_wait`` ran out (the caller's broker watch, asked at
+once: ``awaiting_kafka``), and, since the watch notices an outage only after its request times
+out, the wait starts over when it finds Kafka back (``restart_wait``). Both bounds count the
+time the loop was turning, not the time the process was held still: a gap between two takes
+counts at most ``most_per_turn`` (a healthy loop takes every 0.2 s at least). A process frozen
+for seconds (SIGSTOP, a throttled container) would otherwise wake to find every wait over, and
+release what it holds before the probes it asks for then could answer: records out of order,
+with the broker well all along. A loop whose every turn is slower than ``most_per_turn`` still
+forces, after proportionally longer. Nor do the bounds count while the caller's watch finds no
+broker answering (``take``'s ``counting``).
 
 A partition whose probe found records not yet read is waited for as long as reading them takes,
 as Kafka Streams does (it enforces processing only once a partition's lag is known to be zero):
@@ -73,6 +77,7 @@ earlier; live results may differ from replay's.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -109,6 +114,8 @@ class TimestampMerge:
         # probes answered: (end offset, send time it proves once buffered up to that end)
         self._probed: dict[TopicPartition, list[tuple[int, float]]] = {}
         self._blocked_since: float | None = None
+        # clock time max_wait ran out, while waiting for Kafka to answer a request sent since
+        self._wait_over_at: float | None = None
         # clock time a partition's read position last moved, and since when a probe has
         # found records of it not read yet: the later of the two starts its stall clock
         self._progress: dict[TopicPartition, float] = {}
@@ -217,12 +224,12 @@ class TimestampMerge:
         self.proven.pop(tp, None)
         self.fetched_to[tp] = offset
         self._progressed(tp)
-        self._blocked_since = None  # a partition positioned anew gets the whole max_wait
+        self._unblock()  # a partition positioned anew gets the whole max_wait
 
     def restart_wait(self) -> None:
         """The caller took nothing for a while (the loop held still through a rebalance), so
         no probe was asked for: ``max_wait`` counts again from now."""
-        self._blocked_since = None
+        self._unblock()
 
     def drop(self, tps: Iterable[TopicPartition]) -> None:
         """Forget partitions handed over: if one comes back, its records are late only
@@ -245,7 +252,8 @@ class TimestampMerge:
 
     def take(self, limit: int, partitions: Iterable[TopicPartition],
              exhausted: Callable[[TopicPartition, int], bool] | None = None,
-             counting: bool = True) -> list[tuple[TopicPartition, Record]]:
+             counting: bool = True, kafka_answered: float = math.inf,
+             ) -> list[tuple[TopicPartition, Record]]:
         """Up to ``limit`` records in (timestamp, topic rank, partition, offset) order.
 
         ``partitions`` are those that may deliver records. ``exhausted(tp, next_offset)``, if
@@ -256,6 +264,9 @@ class TimestampMerge:
 
         Towards ``max_wait`` and ``max_stall`` the time since the last take counts at most
         ``most_per_turn``, and not at all if ``counting`` is false (no broker answers).
+        ``kafka_answered`` is the clock time the newest request Kafka answered was sent: once
+        ``max_wait`` runs out, records go out without proof only after one sent since
+        (``awaiting_kafka`` says the merge waits for that).
         """
         now = self._clock()
         if self._last_take is not None:
@@ -292,7 +303,7 @@ class TimestampMerge:
                 unread = [other for other in holding if self._unread(other)]
                 if unread:
                     if not self._stall(unread):
-                        self._blocked_since = None  # waiting for the consumer, not the broker
+                        self._unblock()  # waiting for the consumer, not the broker
                         break
                     silent = [other for other in silent if other not in self.stalled]
                     floor = min((proven.get(other, NEVER) for other in silent),
@@ -300,7 +311,7 @@ class TimestampMerge:
                     stalled_floor = min(stalled_floor, *(proven.get(other, NEVER)
                                                          for other in unread))
                     continue  # the head again, without the stalled partitions
-                if not self._waited_enough():
+                if not self._waited_enough(kafka_answered):
                     break
                 self.forced += 1
                 self.forced_on.update(holding)
@@ -343,7 +354,7 @@ class TimestampMerge:
             self.head_needs = None
             self.blocked_on = []
         if out or not heap:
-            self._blocked_since = None
+            self._unblock()
         return out
 
     def _count_late(self, topic: str, behind_ms: int, arrival_ms: float) -> None:
@@ -366,9 +377,27 @@ class TimestampMerge:
         """Clock time less the time the bounds do not count (``take``)."""
         return self._clock() - self._uncounted
 
-    def _waited_enough(self) -> bool:
+    def _unblock(self) -> None:
+        self._blocked_since = None
+        self._wait_over_at = None
+
+    def _waited_enough(self, kafka_answered: float) -> bool:
+        """``max_wait`` ran out, and Kafka answered a request sent since (unless max_wait is
+        0: no wait at all). While no broker answers, records released without proof could
+        not be published before a probe proves their order; it would only apply them in a
+        worse one."""
         now = self._turning()
         if self._blocked_since is None:
             self._blocked_since = now
             return self.max_wait <= 0
-        return now - self._blocked_since >= self.max_wait
+        if now - self._blocked_since < self.max_wait:
+            return False
+        if self._wait_over_at is None:
+            self._wait_over_at = self._clock()
+        return kafka_answered >= self._wait_over_at
+
+    @property
+    def awaiting_kafka(self) -> bool:
+        """``max_wait`` ran out and a release without proof waits for Kafka to answer a request
+        sent since (the caller's broker watch, told to ask at once)."""
+        return self._wait_over_at is not None

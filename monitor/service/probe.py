@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 
@@ -19,6 +20,8 @@ from monitor.service.tasks import cancel_and_wait
 from monitor.service.topics import TopicMissing, output_topics
 
 PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
+ASKED_SPACING = 0.1  # seconds at least between two, when asked for sooner (`BrokerWatch.ask`)
+PROMPT_ANSWER = 0.5  # seconds within which an answer shows that Kafka answers now
 OUTAGE_REMINDER = 30.0  # seconds between "still unreachable" log lines
 PROBE_RETRY = 0.05  # seconds before a failed watermark probe is tried again
 MAX_PROBES_IN_FLIGHT = 4
@@ -139,32 +142,53 @@ class BrokerWatch:
     topic has disappeared.
 
     The clients retry on their own and an idle consumer looks the same whether the broker
-    is there or not, so a cheap metadata request each second tells the two apart.
+    is there or not, so a cheap metadata request each second tells the two apart. ``ask``
+    sends one at once (the merge asks before it releases records without proof of order);
+    ``answered_sent_at`` is when the newest one answered within ``PROMPT_ANSWER`` was sent
+    (monotonic clock). One answered later was held up by an outage and says only that it
+    ended: the merge's probes, held up with it, are answered as late.
     """
 
     def __init__(self, client: AIOKafkaClient, settings: ServiceSettings, metrics: Metrics,
                  log: BoundLogger, reachable: Callable[[bool], None],
-                 fail: Callable[[BaseException], None]) -> None:
+                 fail: Callable[[BaseException], None],
+                 interval: float = PROBE_INTERVAL) -> None:
         self._client = client  # the producer's
         self.settings = settings
         self.metrics = metrics
         self.log = log
         self._found_reachable = reachable
         self._fail = fail
+        self._interval = interval
+        self._asked = asyncio.Event()
+        self.answered_sent_at = NEVER
+
+    def ask(self) -> None:
+        """Send a request now rather than at the next interval (once the one out is back)."""
+        self._asked.set()
 
     async def run(self) -> None:
         client = self._client
         outputs = output_topics(self.settings)
         lost_at: float | None = None
         last_said = 0.0
+        sent_at = NEVER
         while True:
-            await asyncio.sleep(PROBE_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._asked.wait()
+            self._asked.clear()
+            # a broker refusing connections fails each request at once
+            await asyncio.sleep(max(0.0, sent_at + ASKED_SPACING - time.monotonic()))
             present: set[str] | None = None
+            sent_at = time.monotonic()
             try:
                 # asyncio.timeout, not wait_for: see monitor/service/tasks.py
                 async with asyncio.timeout(PROBE_INTERVAL * 2):
                     cluster = await client.fetch_all_metadata()
                 present, error = cluster.topics(), None
+                if time.monotonic() - sent_at <= PROMPT_ANSWER:
+                    self.answered_sent_at = sent_at
             except (KafkaError, TimeoutError, OSError) as exc:
                 error = exc
             reachable = present is not None

@@ -131,6 +131,7 @@ class Monitor:
         self.restore_seconds: float | None = None  # how long the last restore took
         self._restore_said = 0.0  # when the last "restoring" line was logged
         self._reachable = True  # as the broker watch last found it
+        self._watch: BrokerWatch | None = None  # while consuming
         self.partition_counts: dict[str, int] = {}
         self._positions = Positions(topics, settings.max_skew_ms, settings.max_idle,
                                     settings.max_stall, self.metrics)
@@ -247,9 +248,9 @@ class Monitor:
                               group=self.settings.group,
                               partitions=sorted(self._positions.owned))
                 assert self._producer is not None
-                watch = BrokerWatch(self._producer.client, self.settings, self.metrics,
-                                    self.log, self._reachability, self.fail)
-                watchdog = asyncio.create_task(watch.run())
+                self._watch = BrokerWatch(self._producer.client, self.settings, self.metrics,
+                                          self.log, self._reachability, self.fail)
+                watchdog = asyncio.create_task(self._watch.run())
                 try:
                     await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
                 finally:
@@ -332,6 +333,9 @@ class Monitor:
 
     def _reachability(self, reachable: bool) -> None:
         """What the broker watch found, each time it asked."""
+        if reachable and not self._reachable:
+            # what the merge waited for through the outage may be proven one probe from now
+            self._positions.merge.restart_wait()
         self._reachable = reachable
         self._update_ready()
 
@@ -906,9 +910,12 @@ class Monitor:
             return 0
         positions, merge = self._positions, self._positions.merge
         await self._pipeline.room()
-        # --merge-wait counts only while a broker answers (the broker watch): what it would
-        # release during a whole outage could not be published before a probe proves its order
-        batch = merge.take(limit, list(positions.processed), counting=self._reachable)
+        # No release without proof while no broker answers (merge.py): the broker watch says
+        assert self._watch is not None
+        batch = merge.take(limit, list(positions.processed), counting=self._reachable,
+                           kafka_answered=self._watch.answered_sent_at)
+        if merge.awaiting_kafka:
+            self._watch.ask()
         assert self._prober is not None
         if self._prober.poke():
             await asyncio.sleep(0)  # the probe is written out before this batch is worked on

@@ -120,7 +120,7 @@ class ServiceSettings:
     # seconds the merge may hold everything back for a silent partition
     max_idle: float = field(default=0.5, metadata=option(
         "--merge-wait", "longest time, in seconds, that an input partition the broker does "
-        "not answer for may hold the others back, counted while some broker answers; past it "
+        "not answer for may hold the others back while other brokers answer; past it "
         "records are released out of proven order (and counted), default {default}",
         parse=float, metavar="SECONDS"))
     # seconds a partition with records the broker reports but no fetch returns may hold

@@ -507,3 +507,45 @@ def test_a_partition_does_not_stall_while_no_broker_answers() -> None:
         clock.now = turn * 0.2
         assert m.take(100, [PRICES, FILLS], counting=False) == []
     assert not m.stalled and m.forced_past_stalled == 0
+
+
+def test_a_forced_release_waits_for_kafka_to_answer_a_request_sent_after_the_wait() -> None:
+    """--merge-wait 0.5 runs out at 0.5 s; the broker watch's newest answer is to a request
+    sent at 0.1 s, before: no broker may answer now, and a release could not be published.
+    The merge says it waits for Kafka; a request sent at 0.6 s comes back and it forces."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.1) == []
+    clock.now = 0.5
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.1) == [] and m.awaiting_kafka
+    clock.now = 3.0
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.1) == [] and m.forced == 0
+    clock.now = 3.1
+    out = m.take(100, [PRICES, FILLS], kafka_answered=0.6)
+    assert [r.offset for _, r in out] == [0] and m.forced == 1 and not m.awaiting_kafka
+
+
+def test_kafka_found_back_restarts_the_wait() -> None:
+    """The watch found Kafka back at 4 s, after an outage the wait ran out in: the probes
+    asked for since get a whole --merge-wait to prove the order first."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
+    clock.now = 4.0
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == [] and m.awaiting_kafka
+    m.restart_wait()
+    assert not m.awaiting_kafka
+    assert m.take(100, [PRICES, FILLS], kafka_answered=4.0) == []
+    clock.now = 4.1
+    m.probed(NOW + 4_100, {FILLS: 0})
+    assert [r.offset for _, r in m.take(100, [PRICES, FILLS], kafka_answered=4.0)] == [0]
+    assert m.forced == 0
+
+
+def test_a_merge_wait_of_zero_forces_at_once_without_asking_kafka() -> None:
+    m = merge(max_wait=0)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    out = m.take(100, [PRICES, FILLS], kafka_answered=-math.inf)
+    assert [r.offset for _, r in out] == [0] and m.forced == 1

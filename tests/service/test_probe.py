@@ -1,5 +1,6 @@
 """The watermark prober (SPEC §6): the end-offset probes that let the merge release a record
-once a silent partition is known to hold nothing earlier, against the embedded broker."""
+once a silent partition is known to hold nothing earlier; and the broker watch, which says
+whether Kafka answers at all. Against the embedded broker."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import pytest
 import structlog
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
+from monitor.service.broker import EmbeddedBroker
 from monitor.service.merge import TimestampMerge
-from monitor.service.probe import WatermarkProber
+from monitor.service.metrics import Metrics
+from monitor.service.probe import BrokerWatch, WatermarkProber
 from monitor.service.topics import create_topics
 from tests.support.kafka import fresh_settings
 
@@ -193,3 +197,53 @@ async def test_a_probe_that_fails_unexpectedly_stops_the_prober(broker) -> None:
         done, _ = await asyncio.wait([task], timeout=10)
         assert task in done
         assert isinstance(task.exception(), RuntimeError)
+
+
+@contextlib.asynccontextmanager
+async def watching(bootstrap: str) -> AsyncIterator[tuple[BrokerWatch, list[bool]]]:
+    """A broker watch that asks only when told (an interval of an hour), and what it found
+    each time."""
+    settings = fresh_settings(bootstrap)
+    await create_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    found: list[bool] = []
+    watch = BrokerWatch(producer.client, settings, Metrics(), structlog.get_logger(),
+                        found.append, lambda exc: None, interval=3600)
+    task = asyncio.create_task(watch.run())
+    try:
+        yield watch, found
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await producer.stop()
+
+
+async def test_the_broker_watch_asked_sends_a_request_at_once(broker) -> None:
+    async with watching(broker.bootstrap) as (watch, found):
+        asked_at = time.monotonic()
+        watch.ask()
+        await until(lambda: found == [True])
+        assert watch.answered_sent_at >= asked_at
+
+
+@pytest.mark.kafka  # starts a broker of its own
+async def test_an_answer_held_up_by_an_outage_does_not_show_that_kafka_answers_now() -> None:
+    """Asked while the broker is frozen, the request is answered once it thaws, a second
+    later: that says the outage ended, not that a request sent then is answered. Asked again
+    right after, the answer is prompt."""
+    with EmbeddedBroker() as own_broker:
+        async with watching(own_broker.bootstrap) as (watch, found):
+            watch.ask()
+            await until(lambda: found == [True])
+            before = watch.answered_sent_at
+            own_broker.pause()
+            watch.ask()
+            await asyncio.sleep(1.0)
+            own_broker.resume()
+            await until(lambda: len(found) == 2)
+            assert found == [True, True] and watch.answered_sent_at == before
+            asked_at = time.monotonic()
+            watch.ask()
+            await until(lambda: len(found) == 3)
+            assert watch.answered_sent_at >= asked_at
