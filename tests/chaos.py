@@ -24,9 +24,10 @@ Then the live instances read every input to its end and stop, and the run is jud
   must not take them, which the state check covers.
 
 The run line also gives what the instances logged applying out of replay's order, by design
-(README, *Order*): records released without proof of order past --merge-wait (5 s here),
-partitions declared stalled, records applied late. A run unlike replay with none of those
-is a bug; one with some may be explained by them (its --keep-logs say which accounts).
+(README, *Order*): records released without proof of order past --merge-wait (5 s unless
+--merge-wait says otherwise), partitions declared stalled, records applied late. A run
+unlike replay with none of those is a bug; one with some may be explained by them (the
+evidence --keep-logs keeps says which accounts differ).
 
 An instance that stops by an error fails the run, with the error. A run whose instances stop
 consuming otherwise is reported as a wedged consumer group (the embedded broker's coordinator
@@ -208,7 +209,8 @@ async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verd
         await create_topics(settings)
         kinds = {"prices": settings.topics.prices, "fills": settings.topics.fills,
                  "ledger": settings.topics.ledger}
-        live = [await start(settings, args.checkpoint_interval) for _ in range(2)]
+        live = [await start(settings, args.checkpoint_interval, args.merge_wait)
+                for _ in range(2)]
         everyone = list(live)
         producing = asyncio.create_task(produce_located(
             broker.bootstrap, [(kinds[k], key, value) for k, key, value in records], 1_000_000))
@@ -282,7 +284,7 @@ async def act(rng: random.Random, args: argparse.Namespace, broker: EmbeddedBrok
             verdict.timeline.append({"at": time.time(), "action": "outage ends"})
             continue
         if action == "new":
-            instance = Instance(settings, args.checkpoint_interval)
+            instance = Instance(settings, args.checkpoint_interval, args.merge_wait)
             await instance.start()
             live.append(instance)
             everyone.append(instance)
@@ -383,6 +385,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--accounts", type=int, default=20_000)
     parser.add_argument("--records", type=int, default=60_000)
     parser.add_argument("--checkpoint-interval", type=float, default=1.0)
+    parser.add_argument("--merge-wait", type=float, default=5.0,
+                        help="the fleet's --merge-wait (default %(default)s s: instances "
+                             "starved of CPU here answer slowly; production's default is 0.5)")
     parser.add_argument("--no-pauses", dest="pauses", action="store_false",
                         help="no SIGSTOP freezes, only kills, stops and new instances")
     parser.add_argument("--plain-stream", dest="varied", action="store_false",

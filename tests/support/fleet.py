@@ -21,12 +21,13 @@ PARTITIONS = 4
 
 
 class Instance(MonitorProcess):
-    def __init__(self, settings: ServiceSettings, checkpoint_interval: float = 0.2) -> None:
+    def __init__(self, settings: ServiceSettings, checkpoint_interval: float = 0.2,
+                 merge_wait: float = 5.0) -> None:
         self.port = free_port()
         super().__init__(run_args(
             settings, "--group", settings.group, "--metrics-port", str(self.port),
             "--session-timeout", "2", "--checkpoint-interval", str(checkpoint_interval),
-            "--merge-wait", "5", "--log-level", "info"))
+            "--merge-wait", str(merge_wait), "--log-level", "info"))
 
     def positions(self) -> dict[tuple[str, int], int]:
         """liqmon_input_offset of this instance: what it has applied, per partition."""
@@ -74,8 +75,9 @@ async def final_state(settings: ServiceSettings, config) -> dict:
     return state_of(engine)["accounts"]
 
 
-async def start(settings: ServiceSettings, checkpoint_interval: float = 0.2) -> Instance:
-    instance = Instance(settings, checkpoint_interval)
+async def start(settings: ServiceSettings, checkpoint_interval: float = 0.2,
+                merge_wait: float = 5.0) -> Instance:
+    instance = Instance(settings, checkpoint_interval, merge_wait)
     await instance.start()
     await asyncio.wait_for(instance.consuming.wait(), timeout=60)
     return instance
