@@ -247,3 +247,20 @@ async def test_an_answer_held_up_by_an_outage_does_not_show_that_kafka_answers_n
             watch.ask()
             await until(lambda: len(found) == 3)
             assert watch.answered_sent_at >= asked_at
+
+
+@pytest.mark.kafka  # starts a broker of its own
+async def test_a_watch_asked_without_pause_against_a_stopped_broker_asks_ten_times_a_second_at_most(
+        ) -> None:
+    """A broker that is gone refuses connections, and each request fails at once: asked on
+    every turn of the loop, the watch still sends one request per 0.1 s at most."""
+    with EmbeddedBroker() as own_broker:
+        async with watching(own_broker.bootstrap) as (watch, found):
+            assert own_broker.process is not None
+            own_broker.process.kill()  # gone at once: it would linger on SIGTERM
+            own_broker.process.wait()
+            started = time.monotonic()
+            while time.monotonic() - started < 1.0:
+                watch.ask()
+                await asyncio.sleep(0.001)
+            assert 1 <= found.count(False) <= 11
