@@ -121,10 +121,11 @@ def stream(rng: random.Random, accounts: int, length: int, varied: bool = True
                 key = "BTC-PERP" if kind == "prices" else f"a{rng.randrange(accounts)}"
                 out.append((kind, key.encode(), value))
                 continue
-            resendable = [record for record in out[-RECENT:] if record[0] != "prices"]
-            if roll < 0.03 and resendable:
-                out.append(rng.choice(resendable))
-                continue
+            if roll < 0.03:
+                resendable = [record for record in out[-RECENT:] if record[0] != "prices"]
+                if resendable:
+                    out.append(rng.choice(resendable))
+                    continue
         roll, symbol = rng.random(), rng.choice(list(SYMBOLS))
         number = rng.randrange(accounts)
         account = f"a{number}"
