@@ -251,6 +251,7 @@ class Monitor:
                 self._watch = BrokerWatch(self._producer.client, self.settings, self.metrics,
                                           self.log, self._reachability, self.fail)
                 watchdog = asyncio.create_task(self._watch.run())
+                watchdog.add_done_callback(self._watch_ended)
                 try:
                     await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
                 finally:
@@ -330,6 +331,13 @@ class Monitor:
         else:
             self.ready.clear()
         self.metrics.ready.set(1 if ready else 0)
+
+    def _watch_ended(self, watchdog: asyncio.Task[None]) -> None:
+        """The broker watch runs until the service stops: what ends it sooner stops the
+        instance (without the watch, /readyz and the merge's release rule would go stale)."""
+        error = None if watchdog.cancelled() else watchdog.exception()
+        if error is not None:
+            self.fail(error)
 
     def _reachability(self, reachable: bool) -> None:
         """What the broker watch found, each time it asked."""

@@ -258,6 +258,23 @@ async def test_broker_paused_mid_stream_loses_no_event(risk):
         assert without_wall_clock(event) == without_wall_clock(unique[event["event_id"]])
 
 
+async def test_a_broker_watch_ended_by_a_bug_stops_the_instance(broker, risk):
+    """Without its watch an instance would report Kafka reachable for ever and never release a
+    record without proof of order: an error that ends the watch stops it, loudly."""
+    settings = fresh_settings(broker.bootstrap)
+
+    async def broken() -> None:
+        raise RuntimeError("not a Kafka error: a bug")
+
+    with structlog.testing.capture_logs() as logs, pytest.raises(RuntimeError, match="a bug"):
+        async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+            assert monitor._producer is not None
+            monitor._producer.client.fetch_all_metadata = broken
+            await asyncio.wait_for(monitor._stopping.wait(), timeout=30)
+    (line,) = [entry for entry in logs if entry["event"] == "stopped by an error"]
+    assert line["kind"] == "RuntimeError"
+
+
 async def test_events_and_checkpoints_are_zstd_compressed_by_default(broker, risk):
     """Consumers of liqmon's topics must read zstd (README, --compression): every batch it
     writes, events and changelog alike, says so in its attributes (codec 4)."""
