@@ -918,7 +918,8 @@ class Monitor:
             return 0
         positions, merge = self._positions, self._positions.merge
         await self._pipeline.room()
-        # No release without proof while no broker answers (merge.py): the broker watch says
+        # whether Kafka answers, as the broker watch found: while it does not, nothing goes
+        # out without proof of order (merge.py)
         assert self._watch is not None
         batch = merge.take(limit, list(positions.processed), counting=self._reachable,
                            kafka_answered=self._watch.answered_sent_at)

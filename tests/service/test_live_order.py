@@ -342,7 +342,7 @@ async def test_no_record_is_released_without_proof_of_order_while_no_broker_answ
     assert "released records out of proven order" not in said
 
 
-async def test_a_partition_that_cannot_be_probed_while_kafka_answers_is_waited_for_no_longer_than_the_merge_wait(  # noqa: E501
+async def test_a_partition_that_cannot_be_probed_while_kafka_answers_is_released_past_the_merge_wait(  # noqa: E501
         broker):
     """The brokers answer, but not for the partitions a tick waits on (their leader is gone,
     say): past --merge-wait the tick is applied in the best order known, once a metadata
