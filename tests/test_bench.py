@@ -4,6 +4,7 @@ baseline. No timing is asserted: the figures are measurements, not tests."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from monitor.bench import Figure, Plan
 from monitor.bench.checkpoint import CheckpointPlan, checkpoint_phase
 from monitor.bench.checkpoint import figures as checkpoint_figures
+from monitor.bench.report import stamping_window
 from monitor.bench.workdirs import phase_dir
 from monitor.cli import main
 from tests.support.paths import REPO
@@ -88,6 +90,19 @@ def test_figure_ratios_read_as_times_better_than_the_baseline() -> None:
     smaller = Figure("y", "y", "ms", 2.0, 50.0)
     assert (faster.ratio, smaller.ratio) == (4.0, 25.0)
     assert Figure("z", "z", "ms", None, 3.0).ratio is None
+
+
+def test_no_garbage_collection_pauses_the_reader_while_it_stamps_arrivals() -> None:
+    assert gc.isenabled()
+    with stamping_window():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_the_collector_is_back_on_after_a_stamping_window_that_failed() -> None:
+    with pytest.raises(RuntimeError), stamping_window():
+        raise RuntimeError("the service stopped")
+    assert gc.isenabled()
 
 
 def test_plan_scales_the_workload_down_for_quick_runs() -> None:

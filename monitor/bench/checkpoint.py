@@ -39,7 +39,7 @@ from monitor.bench.latency import (
     read_new,
     setup_records,
 )
-from monitor.bench.report import Figure
+from monitor.bench.report import Figure, stamping_window
 from monitor.bench.workdirs import add_keep_logs_option, phase_dir
 from monitor.bench.workload import (
     MixedStream,
@@ -225,32 +225,33 @@ async def measure(plan: CheckpointPlan, pop: Population, bootstrap: str, workdir
         arrivals: dict[Any, Input] = {}
         stop, positioned, written = asyncio.Event(), asyncio.Event(), asyncio.Event()
         since_ms = [float("inf")]
-        reader = asyncio.create_task(read_inputs(
-            bootstrap, {topics.margin_calls: plan.partitions,
-                        topics.liquidations: plan.partitions},
-            arrivals, stop, positioned, since_ms))
-        await positioned.wait()
-        since_ms[0] = time.time() * 1000
-        say(f"{plan.rate:,.0f} records/s; the checkpoint of every account starts after "
-            f"{plan.before:g} s")
-        stream = MixedStream(pop, seed=plan.seed, volatility=plan.volatility,
-                             shares=plan.shares)
-        producing = asyncio.create_task(paced(bootstrap, names, stream, plan.rate,
-                                              plan.before + 2 * plan.limit, until=written,
-                                              linger_ms=plan.linger_ms))
-        while not producing.done():  # until the checkpoint is written, and as long again
-            await asyncio.sleep(0.5)
-            if service.returncode is not None:
-                raise RuntimeError(f"the service stopped; see {log.name}")
-            now = await asyncio.to_thread(scrape_checkpoints, port)
-            if now is not None and now[0] > 0 and not written.is_set():
-                say("checkpoint written")
-                await asyncio.sleep(max(1.0, now[1]))
-                written.set()
-        sent = await producing
-        await asyncio.sleep(2.0)  # stragglers
-        stop.set()
-        await reader
+        with stamping_window():
+            reader = asyncio.create_task(read_inputs(
+                bootstrap, {topics.margin_calls: plan.partitions,
+                            topics.liquidations: plan.partitions},
+                arrivals, stop, positioned, since_ms))
+            await positioned.wait()
+            since_ms[0] = time.time() * 1000
+            say(f"{plan.rate:,.0f} records/s; the checkpoint of every account starts after "
+                f"{plan.before:g} s")
+            stream = MixedStream(pop, seed=plan.seed, volatility=plan.volatility,
+                                 shares=plan.shares)
+            producing = asyncio.create_task(paced(bootstrap, names, stream, plan.rate,
+                                                  plan.before + 2 * plan.limit, until=written,
+                                                  linger_ms=plan.linger_ms))
+            while not producing.done():  # until the checkpoint is written, and as long again
+                await asyncio.sleep(0.5)
+                if service.returncode is not None:
+                    raise RuntimeError(f"the service stopped; see {log.name}")
+                now = await asyncio.to_thread(scrape_checkpoints, port)
+                if now is not None and now[0] > 0 and not written.is_set():
+                    say("checkpoint written")
+                    await asyncio.sleep(max(1.0, now[1]))
+                    written.set()
+            sent = await producing
+            await asyncio.sleep(2.0)  # stragglers
+            stop.set()
+            await reader
         final = await asyncio.to_thread(scrape_checkpoints, port)
         if final is None or final[0] != 1:
             raise RuntimeError(f"expected one checkpoint during the paced input: {final}")

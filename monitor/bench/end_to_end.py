@@ -16,7 +16,14 @@ from typing import Any
 
 import orjson
 
-from monitor.bench.report import Figure, Phases, Plan, load_population, percentile
+from monitor.bench.report import (
+    Figure,
+    Phases,
+    Plan,
+    load_population,
+    percentile,
+    stamping_window,
+)
 from monitor.bench.workdirs import phase_dir
 from monitor.bench.workload import (
     MixedStream,
@@ -252,8 +259,9 @@ async def e2e_phase(plan: Plan, pop: Population, stream: MixedStream,
                     last[0] = now
 
                 started = last[0]
-                latency = await paced_latency(broker.bootstrap, latency_topics, stream, rate,
-                                              seconds, tick)
+                with stamping_window():
+                    latency = await paced_latency(broker.bootstrap, latency_topics, stream,
+                                                  rate, seconds, tick)
                 # the pacer's last tick comes before its end: the bar stayed at 99 %
                 phases.done(step, max(0.0, seconds - (last[0] - started)))
                 await worker.say("stop")

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from monitor.bench.report import Figure, percentile
+from monitor.bench.report import Figure, percentile, stamping_window
 from monitor.bench.workdirs import add_keep_logs_option, phase_dir
 from monitor.bench.workload import (
     MixedStream,
@@ -359,18 +359,19 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
         stop, positioned = asyncio.Event(), asyncio.Event()
         since_ms = [float("inf")]
 
-        reader = asyncio.create_task(read_arrivals(
-            bootstrap, {topics.margin_calls: plan.partitions,
-                        topics.liquidations: plan.partitions, relayed: 1},
-            arrivals, stop, positioned, since_ms))
-        await positioned.wait()
-        since_ms[0] = time.time() * 1000
-        say(f"{name}: {plan.rate:,.0f} records/s for {plan.seconds:g} s")
-        stream = MixedStream(pop, seed=plan.seed, volatility=volatility)
-        sent = await paced(bootstrap, names, stream, plan.rate, plan.seconds)
-        await asyncio.sleep(2.0)  # stragglers
-        stop.set()
-        await reader
+        with stamping_window():
+            reader = asyncio.create_task(read_arrivals(
+                bootstrap, {topics.margin_calls: plan.partitions,
+                            topics.liquidations: plan.partitions, relayed: 1},
+                arrivals, stop, positioned, since_ms))
+            await positioned.wait()
+            since_ms[0] = time.time() * 1000
+            say(f"{name}: {plan.rate:,.0f} records/s for {plan.seconds:g} s")
+            stream = MixedStream(pop, seed=plan.seed, volatility=volatility)
+            sent = await paced(bootstrap, names, stream, plan.rate, plan.seconds)
+            await asyncio.sleep(2.0)  # stragglers
+            stop.set()
+            await reader
         counters = await asyncio.to_thread(scrape_order_counters, port)
     finally:
         relay_proc.kill()
