@@ -4,6 +4,7 @@ and broker loss."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from itertools import groupby
 
@@ -300,6 +301,17 @@ async def test_partition_lag_is_zero_after_catching_up(broker, risk):
             "liqmon_consumer_lag_records", {"topic": settings.topics.ledger, "partition": "0"})
         assert lag == 0
         assert monitor.processed_offsets()[TopicPartition(settings.topics.ledger, 0)] == 50
+
+
+async def test_a_running_service_collects_young_garbage_only_every_50000_allocations(broker,
+                                                                                    risk):
+    """Not Python's 700: buffered records would reach the oldest generation and bring full
+    passes that find nothing (runner.YOUNG_COLLECTION_AFTER)."""
+    settings = fresh_settings(broker.bootstrap)
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        ends = await produce(broker.bootstrap, [deposit(settings.topics, "u1", 10.0)])
+        await wait_processed(monitor, ends)
+        assert gc.get_threshold()[0] == 50_000
 
 
 async def test_conflate_ticks_applies_only_the_latest_tick_per_symbol_in_a_batch(broker, risk):
