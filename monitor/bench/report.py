@@ -106,12 +106,14 @@ def stamping_window() -> Iterator[None]:
     every object the bench holds (0.2–0.3 s with a 100,000-account workload), and a reader paused
     by it stamps whatever arrives meanwhile that much late, the service's events and the relay's
     copies alike. The windows are seconds long and make little cyclic garbage."""
+    from monitor.service.changelog import collector
+
     gc.collect()
-    gc.disable()
+    collector.pause()
     try:
         yield
     finally:
-        gc.enable()
+        collector.resume()
 
 
 def percentile(values: list[float], q: float) -> float | None:
