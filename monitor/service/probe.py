@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, LeaderNotAvailableError, NoError
+from aiokafka.protocol.metadata import MetadataRequest
 from structlog.stdlib import BoundLogger
 
 from monitor.service.merge import NEVER, TimestampMerge
@@ -136,13 +138,37 @@ class WatermarkProber:
                 del self._sent[tp]
 
 
+# Topic errors in a metadata answer that still mean the topic exists (a leader being elected).
+_EXISTS = (NoError.errno, LeaderNotAvailableError.errno)
+
+
+async def topics_present(client: AIOKafkaClient, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` exist, from a metadata request for them alone (never creating
+    one), to the first broker that answers. The whole cluster's metadata, on a cluster of
+    2,000 topics, took ~60 ms of the event loop to decode; these few, ~0.2 ms."""
+    request = MetadataRequest(list(names), allow_auto_topic_creation=False)
+    nodes = [broker.nodeId for broker in client.cluster.brokers()]
+    random.shuffle(nodes)  # as aiokafka's own metadata requests spread over the brokers
+    failure: Exception = KafkaError("no broker known yet")
+    for node in nodes:
+        try:
+            answer = await client.send(node, request)
+        except KafkaError as exc:  # that broker is not reachable: the next one may be
+            failure = exc
+            continue
+        # (error_code, topic, ...) whatever the version
+        return {topic[1] for topic in answer.topics if topic[0] in _EXISTS}
+    raise failure
+
+
 class BrokerWatch:
     """Says plainly when Kafka is out of reach and when it is back (and tells ``reachable``,
     so that /readyz says so too), and stops the instance through ``fail`` when an output
     topic has disappeared.
 
     The clients retry on their own and an idle consumer looks the same whether the broker
-    is there or not, so a cheap metadata request each second tells the two apart. ``ask``
+    is there or not, so a cheap metadata request each second tells the two apart: for the
+    output topics alone (`topics_present`). ``ask``
     sends one at once (the merge asks before it releases records without proof of order);
     ``answered_sent_at`` is when the newest one answered within ``PROMPT_ANSWER`` was sent
     (monotonic clock). One answered later was held up by an outage and says only that it
@@ -185,8 +211,7 @@ class BrokerWatch:
             try:
                 # asyncio.timeout, not wait_for: see monitor/service/tasks.py
                 async with asyncio.timeout(PROBE_INTERVAL * 2):
-                    cluster = await client.fetch_all_metadata()
-                present, error = cluster.topics(), None
+                    present, error = await topics_present(client, outputs), None
                 if time.monotonic() - sent_at <= PROMPT_ANSWER:
                     self.answered_sent_at = sent_at
             except (KafkaError, TimeoutError, OSError) as exc:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import pytest
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import Metrics
-from monitor.service.probe import BrokerWatch, WatermarkProber
-from monitor.service.topics import create_topics
+from monitor.service.probe import BrokerWatch, WatermarkProber, topics_present
+from monitor.service.topics import create_topics, output_topics
 from tests.support.kafka import fresh_settings
 
 
@@ -197,6 +197,43 @@ async def test_a_probe_that_fails_unexpectedly_stops_the_prober(broker) -> None:
         done, _ = await asyncio.wait([task], timeout=10)
         assert task in done
         assert isinstance(task.exception(), RuntimeError)
+
+
+@contextlib.asynccontextmanager
+async def producer_client(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+async def test_topics_present_names_the_asked_topics_that_exist_and_creates_none(broker) -> None:
+    """The watch asks for liqmon's output topics alone, not the whole cluster's metadata: of
+    the four output topics and one never created, four are present, and asking did not create
+    the fifth (a broker that auto-creates topics on metadata requests is told not to)."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    outputs = output_topics(settings)
+    never_created = f"{settings.topics.margin_calls}.never"
+    async with producer_client(broker.bootstrap) as producer:
+        assert await topics_present(producer.client, [*outputs, never_created]) == set(outputs)
+        cluster = await producer.client.fetch_all_metadata()
+    assert never_created not in cluster.topics()
+
+
+@pytest.mark.kafka  # starts a broker of its own
+async def test_topics_present_raises_a_kafka_error_when_no_broker_answers() -> None:
+    """The watch reads a Kafka error as "unreachable" (and an unexpected one as a bug that
+    stops the instance), so a broker that is gone must surface as a Kafka error."""
+    with EmbeddedBroker() as own_broker:
+        async with producer_client(own_broker.bootstrap) as producer:
+            assert own_broker.process is not None
+            own_broker.process.kill()
+            own_broker.process.wait()
+            with pytest.raises(KafkaError):
+                await asyncio.wait_for(topics_present(producer.client, ["any"]), timeout=30)
 
 
 @contextlib.asynccontextmanager

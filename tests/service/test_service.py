@@ -14,6 +14,7 @@ import structlog
 from aiokafka import TopicPartition
 
 from monitor.config import parse_config
+from monitor.service import probe
 from monitor.service.broker import EmbeddedBroker
 from tests.support.kafka import (
     ZSTD,
@@ -259,18 +260,17 @@ async def test_broker_paused_mid_stream_loses_no_event(risk):
         assert without_wall_clock(event) == without_wall_clock(unique[event["event_id"]])
 
 
-async def test_a_broker_watch_ended_by_a_bug_stops_the_instance(broker, risk):
+async def test_a_broker_watch_ended_by_a_bug_stops_the_instance(broker, risk, monkeypatch):
     """Without its watch an instance would report Kafka reachable for ever and never release a
     record without proof of order: an error that ends the watch stops it, loudly."""
     settings = fresh_settings(broker.bootstrap)
 
-    async def broken() -> None:
+    async def broken(*_: object) -> set[str]:
         raise RuntimeError("not a Kafka error: a bug")
 
     with structlog.testing.capture_logs() as logs, pytest.raises(RuntimeError, match="a bug"):
         async with RunningMonitor(settings, parse_config(RISK)) as monitor:
-            assert monitor._producer is not None
-            monitor._producer.client.fetch_all_metadata = broken
+            monkeypatch.setattr(probe, "topics_present", broken)
             await asyncio.wait_for(monitor._stopping.wait(), timeout=30)
     (line,) = [entry for entry in logs if entry["event"] == "stopped by an error"]
     assert line["kind"] == "RuntimeError"
