@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -202,6 +202,19 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
         if pending:
             await asyncio.wait(pending)
         await consumer._client.close()
+
+
+def track_topics(client: AIOKafkaConsumer | AIOKafkaProducer, topics: Iterable[str]) -> None:
+    """Have a started client keep the metadata of these topics alone.
+
+    A client that tracks no topic asks for the whole cluster's metadata, every
+    `metadata_max_age_ms` (5 minutes) and after each broken connection (a broker restart),
+    and aiokafka decodes the answer on the event loop: ~60 ms at 2,000 topics of 4
+    partitions. The producer tracks none until it first sends; the watermark probe, which only
+    asks for end offsets, never would."""
+    # aiokafka's consumer keeps its client private; the producer shows it
+    own = client.client if isinstance(client, AIOKafkaProducer) else client._client
+    own.set_topics(list(topics))
 
 
 async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:

@@ -60,6 +60,7 @@ from monitor.service.clients import (
     position_now,
     set_fetch_wait,
     stop_client,
+    track_topics,
 )
 from monitor.service.counted_warning import CountedWarning
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
@@ -76,7 +77,7 @@ from monitor.service.restorer import RestoreAbandoned, Restorer, staying
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.tasks import cancel_and_wait
-from monitor.service.topics import ensure_topics
+from monitor.service.topics import ensure_topics, output_topics
 from monitor.state import EVENT_TYPES, AccountState
 from monitor.version import liqmon_version
 
@@ -414,12 +415,15 @@ class Monitor:
 
     async def _start_clients(self) -> None:
         """The producer and the three consumers, connected (the group one not subscribed)."""
+        t = self.settings.topics
         self._producer = self.clients.producer()
         await self._producer.start()
+        track_topics(self._producer, output_topics(self.settings))
         self._prices = self.clients.prices_consumer()
         await self._prices.start()
         self._probe = self.clients.probe_consumer()
         await self._probe.start()
+        track_topics(self._probe, [t.prices, t.fills, t.ledger])
         self._accounts = self.clients.group_consumer()
         await self._accounts.start()
 
