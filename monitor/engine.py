@@ -165,6 +165,9 @@ class InputLedger:
         # gives a million accounts a few distinct marks, so releasing checks each once.
         self._mark_groups: dict[tuple[tuple[tuple[str, int | None], int], ...],
                                 list[tuple[RiskKey, Offsets]]] = {}
+        # Of those, the risk units restored as tombstones, by input partition: no row says
+        # which partition they belong to when it is handed over.
+        self._marked_forgotten: dict[int, set[RiskKey]] = {}
 
     def apply(self, record: InputRecord, source: Source) -> list[Event]:
         raise NotImplementedError  # each engine's own
@@ -230,6 +233,18 @@ class InputLedger:
                     tuple(sorted(marks.items(), key=_by_input)), [])
             group.append((key, marks))
 
+    def mark_forgotten(self, partition: int, marks_by_key: Mapping[RiskKey, Offsets]) -> None:
+        """After a restore, risk units of an input partition that its changelog holds as
+        tombstones reflecting inputs about to be re-read (a crash mid-checkpoint after they
+        were emptied): records before those offsets skip them, as a snapshot's marks do."""
+        self._mark(marks_by_key)
+        self._marked_forgotten.setdefault(partition, set()).update(marks_by_key)
+
+    def _unmark_forgotten(self, partition: int | None) -> None:
+        """The partition was handed over: its forgotten units' marks would never be passed."""
+        for key in self._marked_forgotten.pop(-1 if partition is None else partition, ()):
+            self._caught_up_from.pop(key, None)
+
     def release_caught_up(self, positions: Offsets) -> None:
         """Drop marks the inputs have passed (positions: next offset to read). Runs after
         every batch: its cost is per distinct marks, not per marked account."""
@@ -242,6 +257,7 @@ class InputLedger:
                         del held[key]
         if not self._caught_up_from:  # marks of forgotten units only: nothing to hold
             self._mark_groups.clear()
+            self._marked_forgotten.clear()
 
     def _fresh_tick(self, tick: PriceTick) -> bool:
         """Count and drop ticks for symbols nothing is priced by and stale ticks (an older
@@ -856,6 +872,7 @@ class Engine(InputLedger):
         if self._caught_up_from:
             for key in keys:
                 self._caught_up_from.pop(key, None)
+        self._unmark_forgotten(partition)
         self._dirty.difference_update(keys)
         return len(rows)
 

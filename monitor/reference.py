@@ -284,6 +284,7 @@ class ReferenceEngine(InputLedger):
         for key in gone:
             self._forget(key, self._held(key)[key])
             self._dirty.discard(key)
+        self._unmark_forgotten(partition)
         return len(gone)
 
     def _forget(self, key: RiskKey, account: Account) -> None:

@@ -37,7 +37,9 @@ with the numbers that are not finite as the strings "inf", "-inf" and "nan".
 **Tombstone** (a null value; key: as its snapshots'): an account or position forgotten. It
 carries its partition's `as_of_total` in the header `liqmon.as_of_total` (decimal), as a
 snapshot carries it in its ``as_of``: a restore keeps, of each key, the record whose state has
-read the most (see `monitor.service.changelog`).
+read the most (see `monitor.service.changelog`). And its ``as_of`` itself in the header
+`liqmon.as_of` (`encode_as_of`: JSON, as a control record's offsets), so that a restore
+re-reading inputs from an older control record skips those the tombstone reflects.
 
 **Isolated position snapshot** (SPEC §4.1; key: ISOLATED_KEY_PREFIX + the JSON array
 [account, symbol], see `state_key`): an account snapshot of either format, its balances the
@@ -482,6 +484,20 @@ def as_of_total(as_of: Offsets) -> int:
     newer has the larger (or the same) total, whichever instance wrote it; only a replaced
     input log (truncated or re-created) makes offsets go back."""
     return sum(as_of.values())
+
+
+def encode_as_of(as_of: Offsets) -> bytes:
+    """A tombstone's ``as_of``, for a header (it has no value to carry it): JSON
+    [[topic, partition, next_offset], ...], as a control record's offsets."""
+    return orjson.dumps(_pairs(as_of))
+
+
+def decode_as_of(raw: bytes) -> Offsets:
+    """The offsets `encode_as_of` wrote; SnapshotError if they are not that."""
+    try:
+        return dict(_offsets(orjson.loads(raw)))
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise SnapshotError(f"a tombstone's as_of header is malformed: {exc!r}") from None
 
 
 def as_of_totals(buffer: bytes | bytearray | np.ndarray, start: np.ndarray,

@@ -11,8 +11,10 @@ Of the snapshots of one key, a restore keeps the newest *state*, which is not al
 record: an instance frozen past its session timeout may have handed a chunk of snapshots to its
 Kafka client before it froze, which the client sends when it wakes, after the snapshots of the
 instance that took its partitions over. Every snapshot says how far its state has read (the
-sum of the next offsets its ``as_of`` names, `as_of_total`; a tombstone carries it in a header),
-and a later record of a key replaces the one kept only if it has read no less. Input offsets
+sum of the next offsets its ``as_of`` names, `as_of_total`; a tombstone carries both in headers),
+and a later record of a key replaces the one kept only if it has read no less. A restore that
+re-reads inputs from an older control record (a crash mid-checkpoint) skips, for each account,
+those its snapshot or tombstone already reflects. Input offsets
 go back only when an input log is replaced (truncated or re-created); the instance that reads
 it from its new start first writes an `epoch` marker to the changelog partitions concerned,
 after which every record ranks above all before it.
@@ -65,9 +67,11 @@ from monitor.snapshot import (
     Snapshots,
     as_of_total,
     as_of_totals,
+    decode_as_of,
     decode_control,
     decode_layout,
     decode_packed,
+    encode_as_of,
     encode_control,
     encode_snapshots,
     risk_key,
@@ -80,6 +84,7 @@ ACCOUNT, CONTROL, LAYOUT, RESET, EPOCH = (b"account", b"control", b"layout", b"r
 RESET_KEY = b"\x00liqmon.reset"
 EPOCH_PREFIX = b"\x00liqmon.epoch."  # + a unique id: compaction keeps every epoch marker
 AS_OF_TOTAL_HEADER = "liqmon.as_of_total"  # a tombstone's `as_of_total`, in decimal
+AS_OF_HEADER = "liqmon.as_of"  # a tombstone's `as_of` (`encode_as_of`)
 EARLIER_EPOCH = -2  # the total of a record read before an epoch marker: any later one wins
 _ACCOUNT_HEADERS = [(KIND_HEADER, ACCOUNT)]  # as the client's records hold their headers
 PROGRESS_EVERY = 50_000  # records between two progress reports of a restore
@@ -119,6 +124,8 @@ class RestoredPartition:
     control: Control | None
     snapshots: Snapshots  # every account the partition holds, in columns
     records_read: int = 0
+    # accounts the partition holds as tombstones, with the inputs each reflects (`as_of`)
+    forgotten: dict[RiskKey, Offsets] = field(default_factory=dict)
 
     def marks(self, positions: Offsets, prices_topic: str) -> dict[RiskKey, Offsets]:
         """Per account whose snapshot already reflects inputs beyond the read ``positions``:
@@ -153,6 +160,19 @@ class RestoredPartition:
                 own[key] = max(own.get(key, 0), int(s.as_of_offset[k]))
         return marks
 
+    def forgotten_marks(self, positions: Offsets) -> dict[RiskKey, Offsets]:
+        """Per forgotten account whose tombstone reflects inputs beyond the read
+        ``positions``: those inputs' offsets. Re-read, they would be applied to an account
+        that no longer exists, and open it again with only part of its history (a
+        withdrawal re-applied to nothing leaves it owing the amount)."""
+        marks = {}
+        for key, as_of in self.forgotten.items():
+            beyond = {at: offset for at, offset in as_of.items()
+                      if offset > positions.get(at, 0)}
+            if beyond:
+                marks[key] = beyond
+        return marks
+
 
 @dataclass
 class _Latest:
@@ -184,6 +204,9 @@ class _Latest:
     layouts: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
     control: tuple[int, bytes | None] | None = None
     read: int = 0
+    # per key, the newest tombstone (by `_replaces`) that says its `as_of`: its total, its
+    # offset and the header, decoded only if that tombstone is the record kept
+    tombstones: dict[bytes, tuple[int, int, bytes]] = field(default_factory=dict)
 
     def add(self, records: list[Record]) -> _Latest:
         """Take in a fetched batch; returns what survives after it (a new one past a reset).
@@ -232,8 +255,17 @@ class _Latest:
             for k, record in enumerate(records):
                 if record.value is None:
                     totals[k] = _header_total(record.headers)
+                    self._tombstone(record, int(totals[k]))
         self._append(key_bytes + b"\n", _lengths(keys), value_bytes, value_len,
                      np.fromiter(map(_OFFSET, records), np.int64, len(records)), totals)
+
+    def _tombstone(self, record: Record, total: int) -> None:
+        as_of = dict(record.headers).get(AS_OF_HEADER)
+        if record.key is None or as_of is None:  # written before tombstones said it
+            return
+        held = self.tombstones.get(record.key)
+        if held is None or _replaces(total, held[0]):
+            self.tombstones[record.key] = (total, record.offset, as_of)
 
     def _append(self, keys: bytes | memoryview, key_len: np.ndarray,
                 values: bytes | memoryview, value_len: np.ndarray, offsets: np.ndarray,
@@ -258,6 +290,7 @@ class _Latest:
         if kind == EPOCH:  # an input log was replaced: offsets from here on start again
             self.deduplicate()
             self.totals = [np.full(self.count, EARLIER_EPOCH, np.int64)]
+            self.tombstones.clear()  # their offsets are of the log replaced
         elif kind == CONTROL:
             self.control = (record.offset, record.value)
         elif kind == LAYOUT:
@@ -579,7 +612,28 @@ def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
         assert exc.index is not None
         raise StateCorrupt(topic, partition, int(offsets[live[exc.index]]), str(exc)) from None
     return RestoredPartition(partition=partition, control=control, snapshots=snapshots,
-                             records_read=latest.read)
+                             records_read=latest.read,
+                             forgotten=_forgotten(topic, partition, latest, key_start))
+
+
+def _forgotten(topic: str, partition: int, latest: _Latest, key_start: np.ndarray
+               ) -> dict[RiskKey, Offsets]:
+    """The kept tombstones' `as_of`, by account (those written before tombstones said it:
+    none)."""
+    _, value_len, offsets, _ = latest.columns()
+    forgotten = {}
+    for k in np.flatnonzero(value_len < 0).tolist():
+        key = latest.key(k, key_start)
+        if key is None:
+            continue
+        said = latest.tombstones.get(key)
+        if said is None or said[1] != int(offsets[k]):
+            continue
+        try:
+            forgotten[risk_key(key)] = decode_as_of(said[2])
+        except SnapshotError as exc:
+            raise StateCorrupt(topic, partition, said[1], str(exc)) from None
+    return forgotten
 
 
 def _risk_keys(latest: _Latest, live: np.ndarray, key_start: np.ndarray) -> list[RiskKey]:
@@ -651,7 +705,8 @@ def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int
     for key, partition in dirty.items():
         value = encoded.get(key)
         headers = header if value is not None else [
-            *header, (AS_OF_TOTAL_HEADER, str(as_of_total(as_of[partition])).encode())]
+            *header, (AS_OF_TOTAL_HEADER, str(as_of_total(as_of[partition])).encode()),
+            (AS_OF_HEADER, encode_as_of(as_of[partition]))]
         messages.append(Outgoing(topic=topics.state, key=state_key(key), value=value,
                                  headers=headers, partition=partition))
     return layouts, messages

@@ -303,13 +303,14 @@ class Restorer:
     def load_partition(self, engine: Engine | ReferenceEngine, restored: RestoredPartition,
                        positions: Offsets) -> None:
         """Install a partition's duplicate windows and accounts in ``engine``; accounts whose
-        snapshot reflects inputs beyond ``positions`` skip them when they are re-read."""
+        snapshot or tombstone reflects inputs beyond ``positions`` skip them when re-read."""
         control = restored.control
         if control is not None:
             for (topic, p), ids in control.dedupe.items():
                 engine.load_dedupe_ids(topic, p, ids)
         engine.load_accounts(restored.snapshots,
                              restored.marks(positions, self.settings.topics.prices))
+        engine.mark_forgotten(restored.partition, restored.forgotten_marks(positions))
 
     # -- a partition gained behind this instance: catch-up ------------------------------------
 
@@ -438,6 +439,9 @@ class Restorer:
         self.engine.load_accounts(private.snapshots(held),
                                   {key: m for key, m in marks.items()
                                    if key in private.accounts or key in private.units})
+        # whatever the catch-up made of them since, their tombstones reflect these inputs
+        self.engine.mark_forgotten(partition,
+                                   restored.forgotten_marks(self.positions.offsets()))
         for topic in (t.fills, t.ledger):
             self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
         self.checkpointer.include(private.take_dirty(), partition)

@@ -23,14 +23,20 @@ from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import LedgerEntry
-from monitor.service.changelog import AS_OF_TOTAL_HEADER
+from monitor.service.changelog import AS_OF_HEADER, AS_OF_TOTAL_HEADER
 from monitor.service.checkpointer import CHECKPOINT_CHUNK, Checkpointer, KafkaSink
 from monitor.service.delivery import DeliveryFailed, Pipeline
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
 from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
-from monitor.snapshot import KIND_HEADER, decode_control, decode_layout, decode_snapshots
+from monitor.snapshot import (
+    KIND_HEADER,
+    decode_as_of,
+    decode_control,
+    decode_layout,
+    decode_snapshots,
+)
 from tests.service.test_log_reader import topic_with
 from tests.support.risk import RISK
 
@@ -253,7 +259,10 @@ async def test_a_forgotten_account_is_tombstoned_in_the_partition_that_last_touc
     assert (tombstone.key, tombstone.value, tombstone.partition) == (b"carol", None, 0)
     assert checkpointer.touched == {}
     # how far partition 0's state has read: prices 120 + 80, fills/0 7, ledger/0 3
-    assert dict(tombstone.headers)[AS_OF_TOTAL_HEADER] == b"210"
+    headers = dict(tombstone.headers)
+    assert headers[AS_OF_TOTAL_HEADER] == b"210"
+    assert decode_as_of(headers[AS_OF_HEADER]) == {
+        ("prices", 0): 120, ("prices", 1): 80, ("fills", 0): 7, ("ledger", 0): 3}
 
 
 class LoopEmptiesCarol(Recorder):

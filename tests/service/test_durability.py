@@ -14,6 +14,8 @@ from aiokafka.errors import RequestTimedOutError
 from monitor.account import Account
 from monitor.config import fingerprint, load_config
 from monitor.engine import Engine
+from monitor.events import Source
+from monitor.records import LedgerEntry
 from monitor.service import restorer, runner
 from monitor.service.changelog import (
     ACCOUNT,
@@ -22,6 +24,7 @@ from monitor.service.changelog import (
     RestoreProgress,
     StateCorrupt,
     read_changelog,
+    snapshot_messages,
 )
 from monitor.service.runner import Monitor
 from monitor.service.topics import create_topics
@@ -49,7 +52,7 @@ from tests.support.kafka import (
     wait_processed,
     without_wall_clock,
 )
-from tests.support.messages import deposit
+from tests.support.messages import deposit, withdrawal
 from tests.support.paths import REPO
 from tests.support.snapshots import json_snapshot
 from tests.support.streams import random_stream
@@ -359,6 +362,43 @@ async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker
     await write_state(broker.bootstrap, settings.topics.state, stale)
 
     await restart_then_the_rest(settings, config, before, records, second)
+
+
+async def test_an_account_emptied_after_the_last_control_record_is_not_emptied_twice(broker):
+    """A crash mid-checkpoint: alice had withdrawn everything, her tombstone was written and
+    the control record after it was not. The restart re-reads her withdrawal from the older
+    control record; her tombstone says it reflects it, so her next deposit leaves her holding
+    100, not owing 400."""
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, max_idle=5.0)
+    await create_topics(settings)
+    t = settings.topics
+    async with RunningMonitor(settings, config) as monitor:  # stopped: checkpointed
+        await wait_processed(monitor, await produce(broker.bootstrap,
+                                                    [deposit(t, "alice", 500.0, "d-1")]))
+    ends = await produce(broker.bootstrap, [withdrawal(t, "alice", -500.0, "w-2"),
+                                            deposit(t, "alice", 100.0, "d-3")])
+    (ledger,) = ends  # alice's ledger partition: d-1 at offset 0, w-2 at 1, d-3 at 2
+    p = ledger.partition
+    # What the instance that crashed wrote: it had applied w-2, which emptied alice.
+    crashed = Engine(config)
+    crashed.apply(LedgerEntry("d-1", "alice", "USDT", 500.0, "deposit", 1), Source(t.ledger, p, 0))
+    crashed.apply(LedgerEntry("w-2", "alice", "USDT", -500.0, "withdrawal", 1),
+                  Source(t.ledger, p, 1))
+    as_of = {(t.ledger, p): 2, (t.fills, p): 0, (t.prices, 0): 0}
+    _, (tombstone,) = snapshot_messages(crashed, {"alice": p}, 2, {p: as_of}, t, set())
+    assert tombstone.value is None
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(t.state, None, key=tombstone.key, partition=p,
+                                     headers=tombstone.headers)
+    finally:
+        await producer.stop()
+
+    async with RunningMonitor(settings, config) as restarted:
+        await wait_processed(restarted, ends)
+        assert restarted.engine.accounts["alice"].balances == {"USDT": 100.0}
 
 
 def truncated(raw: bytes) -> bytes:

@@ -26,6 +26,7 @@ from monitor.account import Account, UnitKey
 from monitor.service import changelog
 from monitor.service.changelog import (
     ACCOUNT,
+    AS_OF_HEADER,
     AS_OF_TOTAL_HEADER,
     CONTROL,
     EPOCH,
@@ -35,7 +36,7 @@ from monitor.service.changelog import (
     _Latest,
 )
 from monitor.service.log_reader import RecordBatch, whole_batches
-from monitor.snapshot import KIND_HEADER, encode_account, state_key
+from monitor.snapshot import KIND_HEADER, encode_account, encode_as_of, state_key
 
 _offsets = iter(range(1_000_000))
 
@@ -133,8 +134,50 @@ def stamped(usdt: float, fills: int, ledger: int, prices: int) -> bytes:
                           )[1]
 
 
-def tombstone(key: bytes, total: int) -> Any:
-    return record(key, None, ACCOUNT, [(AS_OF_TOTAL_HEADER, str(total).encode())])
+def tombstone(key: bytes, total: int, as_of: bytes | None = None) -> Any:
+    """A tombstone saying how far its state had read (and, given ``as_of``, exactly what)."""
+    said = [] if as_of is None else [(AS_OF_HEADER, as_of)]
+    return record(key, None, ACCOUNT, [(AS_OF_TOTAL_HEADER, str(total).encode()), *said])
+
+
+FORGOTTEN_AT = {("fills", 0): 20, ("ledger", 0): 15, ("prices", None): 10}
+
+
+def forgotten(latest: _Latest) -> dict:
+    """What the restore of ``latest`` holds as forgotten: account → the inputs reflected."""
+    latest.deduplicate()
+    return changelog._forgotten("liqmon.state", 0, latest, latest.key_starts())
+
+
+def test_the_tombstone_kept_says_which_inputs_its_forgotten_account_reflects() -> None:
+    latest = _Latest().add([record(b"a", stamped(9.0, 10, 10, 10)),
+                            tombstone(b"a", 45, encode_as_of(FORGOTTEN_AT))])
+    assert forgotten(latest) == {"a": FORGOTTEN_AT}
+
+
+def test_a_forgotten_isolated_position_is_named_by_its_unit() -> None:
+    key = state_key(UnitKey("a", "BTC-PERP"))
+    latest = _Latest().add([tombstone(key, 45, encode_as_of(FORGOTTEN_AT))])
+    assert forgotten(latest) == {UnitKey("a", "BTC-PERP"): FORGOTTEN_AT}
+
+
+def test_an_account_opened_again_after_its_tombstone_is_not_forgotten() -> None:
+    latest = _Latest().add([tombstone(b"a", 45, encode_as_of(FORGOTTEN_AT)),
+                            record(b"a", stamped(7.0, 30, 15, 10))])
+    assert forgotten(latest) == {}
+
+
+def test_a_tombstone_that_does_not_say_its_inputs_marks_nothing() -> None:
+    # written before tombstones said it: kept, as before, with nothing to skip
+    latest = _Latest().add([tombstone(b"a", 45, encode_as_of(FORGOTTEN_AT)), tombstone(b"a", 50)])
+    assert kept(latest) == {b"a": None}
+    assert forgotten(latest) == {}
+
+
+def test_a_tombstone_with_a_malformed_as_of_stops_the_restore_naming_it() -> None:
+    bad = tombstone(b"a", 45, b"[[1]]")
+    with pytest.raises(StateCorrupt, match=rf"liqmon.state/0@{bad.offset} .*as_of header"):
+        forgotten(_Latest().add([bad]))
 
 
 def test_a_snapshot_that_has_read_less_than_the_one_kept_is_stale_and_not_kept() -> None:

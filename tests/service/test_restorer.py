@@ -226,6 +226,36 @@ def test_a_snapshot_newer_than_its_control_record_skips_the_inputs_it_reflects()
     assert restorer.engine.accounts["alice"].balances == {"USDT": 251.0}  # only 15 applies
 
 
+def forgotten_after_the_control_record() -> Restorer:
+    """A crash mid-checkpoint: alice, emptied by a withdrawal at ledger/3@12, was tombstoned
+    reflecting ledger up to 13, and the control record (ledger 12) was never written after it.
+    Restored and positioned at the control record."""
+    restorer = make()
+    restored = replace(partition(3, control(AT_CONTROL)),
+                       forgotten={"alice": {**AT_CONTROL, ("ledger", 3): 13}})
+    install(restorer, restored, AT_CONTROL)
+    return restorer
+
+
+def test_an_account_forgotten_after_its_control_record_skips_the_inputs_its_tombstone_reflects(
+        ) -> None:
+    restorer = forgotten_after_the_control_record()
+    engine = restorer.engine
+    # re-read: the withdrawal her tombstone reflects, then a deposit after it
+    engine.apply(LedgerEntry("w-12", "alice", "USDT", -250.0, "deposit", 1),
+                 Source("ledger", 3, 12))
+    assert "alice" not in engine.accounts  # not opened again owing 250
+    engine.apply(LedgerEntry("d-13", "alice", "USDT", 40.0, "deposit", 1), Source("ledger", 3, 13))
+    assert engine.accounts["alice"].balances == {"USDT": 40.0}
+
+
+def test_a_forgotten_accounts_marks_go_with_its_partition_when_it_is_handed_over() -> None:
+    restorer = forgotten_after_the_control_record()
+    restorer.engine.drop_partition(3)
+    # nothing left to wait for: fills and ledger take the fast path again
+    assert restorer.engine._caught_up_from == {}
+
+
 # -- a catch-up that stops making progress ----------------------------------------------------
 
 FILLS_3, PRICES_0 = TopicPartition("fills", 3), TopicPartition("prices", 0)

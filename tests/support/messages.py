@@ -17,6 +17,13 @@ def deposit(topics, account: str, amount: float, entry_id: str | None = None):
         "amount": amount, "kind": "deposit", "ts": 1}))
 
 
+def withdrawal(topics, account: str, amount: float, entry_id: str):
+    """``amount`` < 0, as SPEC §2 has it."""
+    return (topics.ledger, account.encode(), orjson.dumps({
+        "entry_id": entry_id, "account": account, "asset": "USDT", "amount": amount,
+        "kind": "withdrawal", "ts": 1}))
+
+
 def fill(topics, fill_id: str, account: str, symbol: str, qty: float, price: float):
     return (topics.fills, account.encode(), orjson.dumps({
         "fill_id": fill_id, "account": account, "symbol": symbol,
