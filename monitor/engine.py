@@ -165,8 +165,9 @@ class InputLedger:
         # gives a million accounts a few distinct marks, so releasing checks each once.
         self._mark_groups: dict[tuple[tuple[tuple[str, int | None], int], ...],
                                 list[tuple[RiskKey, Offsets]]] = {}
-        # Of those, the risk units restored as tombstones, by input partition: no row says
-        # which partition they belong to when it is handed over.
+        # Of those, the risk units without a row (restored as tombstones, or forgotten since),
+        # by input partition: no row says which partition they belong to when it is handed
+        # over.
         self._marked_forgotten: dict[int, set[RiskKey]] = {}
 
     def apply(self, record: InputRecord, source: Source) -> list[Event]:
@@ -344,6 +345,8 @@ class InputLedger:
         """A risk unit left blank is forgotten (SPEC §5): note where its tombstone goes."""
         if partition is not None and partition >= 0:
             self._blank_in[key] = partition
+            if key in self._caught_up_from:  # its marks outlive its row
+                self._marked_forgotten.setdefault(partition, set()).add(key)
 
     def forgotten_in(self, key: RiskKey) -> int | None:
         """The input partition a risk unit that `take_dirty` handed out lived in when it was

@@ -256,6 +256,19 @@ def test_a_forgotten_accounts_marks_go_with_its_partition_when_it_is_handed_over
     assert restorer.engine._caught_up_from == {}
 
 
+def test_marks_of_an_account_emptied_after_its_restore_go_with_its_partition() -> None:
+    restorer = make()
+    alice = Account(balances={"USDT": 250.0}, partition=3)
+    reflected = {**AT_CONTROL, ("ledger", 3): 15}
+    install(restorer, partition(3, control(AT_CONTROL), [("alice", alice, reflected)]),
+            AT_CONTROL)
+    restorer.engine.apply(LedgerEntry("w-15", "alice", "USDT", -250.0, "withdrawal", 1),
+                          Source("ledger", 3, 15))  # past her snapshot: emptied, forgotten
+    assert "alice" not in restorer.engine.accounts
+    restorer.engine.drop_partition(3)
+    assert restorer.engine._caught_up_from == {}
+
+
 # -- a catch-up that stops making progress ----------------------------------------------------
 
 FILLS_3, PRICES_0 = TopicPartition("fills", 3), TopicPartition("prices", 0)
