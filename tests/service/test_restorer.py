@@ -213,13 +213,19 @@ def test_a_restored_partitions_duplicate_windows_are_loaded() -> None:
     assert (restorer.engine.stats.duplicates, "alice" in restorer.engine.accounts) == (1, False)
 
 
-def test_a_snapshot_newer_than_its_control_record_skips_the_inputs_it_reflects() -> None:
-    # a crash mid-checkpoint: alice's snapshot reflects ledger up to 15, the control record 12
+def snapshot_after_the_control_record() -> Restorer:
+    """A crash mid-checkpoint: alice's snapshot (250 USDT) reflects ledger up to 15, the
+    control record 12. Restored and positioned at the control record."""
     restorer = make()
     alice = Account(balances={"USDT": 250.0}, partition=3)
     reflected = {**AT_CONTROL, ("ledger", 3): 15}
     install(restorer, partition(3, control(AT_CONTROL), [("alice", alice, reflected)]),
             AT_CONTROL)
+    return restorer
+
+
+def test_a_snapshot_newer_than_its_control_record_skips_the_inputs_it_reflects() -> None:
+    restorer = snapshot_after_the_control_record()
     for offset in (12, 13, 14, 15):  # re-read from the control record's offset
         restorer.engine.apply(LedgerEntry(f"d-{offset}", "alice", "USDT", 1.0, "deposit", 1),
                               Source("ledger", 3, offset))
@@ -242,7 +248,7 @@ def test_an_account_forgotten_after_its_control_record_skips_the_inputs_its_tomb
     restorer = forgotten_after_the_control_record()
     engine = restorer.engine
     # re-read: the withdrawal her tombstone reflects, then a deposit after it
-    engine.apply(LedgerEntry("w-12", "alice", "USDT", -250.0, "deposit", 1),
+    engine.apply(LedgerEntry("w-12", "alice", "USDT", -250.0, "withdrawal", 1),
                  Source("ledger", 3, 12))
     assert "alice" not in engine.accounts  # not opened again owing 250
     engine.apply(LedgerEntry("d-13", "alice", "USDT", 40.0, "deposit", 1), Source("ledger", 3, 13))
@@ -257,11 +263,7 @@ def test_a_forgotten_accounts_marks_go_with_its_partition_when_it_is_handed_over
 
 
 def test_marks_of_an_account_emptied_after_its_restore_go_with_its_partition() -> None:
-    restorer = make()
-    alice = Account(balances={"USDT": 250.0}, partition=3)
-    reflected = {**AT_CONTROL, ("ledger", 3): 15}
-    install(restorer, partition(3, control(AT_CONTROL), [("alice", alice, reflected)]),
-            AT_CONTROL)
+    restorer = snapshot_after_the_control_record()
     restorer.engine.apply(LedgerEntry("w-15", "alice", "USDT", -250.0, "withdrawal", 1),
                           Source("ledger", 3, 15))  # past her snapshot: emptied, forgotten
     assert "alice" not in restorer.engine.accounts
