@@ -54,9 +54,22 @@ def _open_output(name: str | None, stack: ExitStack) -> BinaryIO:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.engine import Engine
+
+    if (args.input is None) == (args.bootstrap is None):
+        raise UsageError("give either INPUT.jsonl or --bootstrap (the input topics themselves)")
+    engine = Engine(_load(args.config))
+    if args.bootstrap is not None:
+        summary = _replay_topics(args, engine)
+    else:
+        summary = _replay_file(args, engine)
+    for line in summary.lines(engine):
+        print(f"replay: {line}", file=sys.stderr)
+    return 0
+
+
+def _replay_file(args: argparse.Namespace, engine: Any) -> Any:
     from monitor.replay import replay
 
-    engine = Engine(_load(args.config))
     name = args.input
 
     def report(index: int, rejection: Exception) -> None:
@@ -67,9 +80,39 @@ def cmd_replay(args: argparse.Namespace) -> int:
         out = _open_output(args.output, stack)
         summary = replay(source, engine, out, report)
         out.flush()
-    for line in summary.lines(engine):
-        print(f"replay: {line}", file=sys.stderr)
-    return 0
+    return summary
+
+
+def _replay_topics(args: argparse.Namespace, engine: Any) -> Any:
+    """`liqmon replay --bootstrap`: every record of the input topics, in the service's order."""
+    import asyncio
+
+    from aiokafka.errors import KafkaError
+
+    from monitor.events import Source
+    from monitor.replay import replay_inputs
+    from monitor.service.input_history import read_input_history
+    from monitor.service.settings import Topics
+
+    security = _checked_security(args)
+    topics = Topics(prices=args.topic_prices, fills=args.topic_fills, ledger=args.topic_ledger)
+    if topics.invalid():
+        raise UsageError("; ".join(topics.invalid()))
+    try:
+        history = asyncio.run(read_input_history(args.bootstrap, topics, security))
+    except (KafkaError, LiqmonError) as exc:
+        raise CliError(f"cannot read the input topics from {args.bootstrap}: {exc}") from exc
+    print(f"replay: {history.summary()}", file=sys.stderr)
+
+    def report(source: Source, rejection: Exception) -> None:
+        print(f"{source.topic}/{source.partition}@{source.offset}: rejected: {rejection}",
+              file=sys.stderr)
+
+    with ExitStack() as stack:
+        out = _open_output(args.output, stack)
+        summary = replay_inputs(history.inputs(), engine, out, report)
+        out.flush()
+    return summary
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -454,20 +497,35 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: only a failed phase's, in the temporary directory)")
     bench.set_defaults(handler=cmd_bench)
 
+    from monitor.service.options import add_options
+    from monitor.service.security import KafkaSecurity
+    from monitor.service.settings import Topics
+
     replay = commands.add_parser(
         "replay", help="deterministic offline run over a JSON-lines file of input records",
         description="Process every line of INPUT in order and write the events as JSON lines. "
-                    "Bad lines are reported on stderr and skipped; the exit status stays 0.",
+                    "Bad lines are reported on stderr and skipped; the exit status stays 0. "
+                    "With --bootstrap instead of INPUT, the records of the input topics "
+                    "themselves, from their first offsets to their ends at the start, in the "
+                    "order the service applies them (Kafka timestamp, topic rank, partition, "
+                    "offset): the events the fleet should have published, byte for byte but "
+                    "emitted_at. Holds every record in memory.",
     )
-    replay.add_argument("input", metavar="INPUT.jsonl", help='input lines, "-" for stdin')
+    replay.add_argument("input", metavar="INPUT.jsonl", nargs="?",
+                        help='input lines, "-" for stdin')
+    replay.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="replay the input topics of this Kafka cluster instead of a file "
+                             "(read-only: no consumer group joined, nothing written)")
+    defaults = Topics()
+    for name in ("prices", "fills", "ledger"):
+        replay.add_argument(f"--topic-{name}", default=getattr(defaults, name), metavar="NAME",
+                            help=f"with --bootstrap, the {name} topic, default "
+                                 f"{getattr(defaults, name)}")
+    add_options(replay, KafkaSecurity)
     replay.add_argument("--config", required=True, type=Path, help="risk config (TOML)")
     replay.add_argument("-o", "--output", metavar="EVENTS.jsonl",
                         help="where to write events (default: stdout)")
     replay.set_defaults(handler=cmd_replay)
-
-    from monitor.service.options import add_options
-    from monitor.service.security import KafkaSecurity
-    from monitor.service.settings import Topics
 
     stress = commands.add_parser(
         "stress", help="what-if price shocks over the whole book (read-only)",

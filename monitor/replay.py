@@ -19,6 +19,7 @@ from monitor.records import (
     InputRecord,
     Reason,
     Rejected,
+    decode,
     decode_json,
     from_document,
 )
@@ -86,20 +87,56 @@ def replay(
     """
     summary = ReplaySummary()
     config = engine.config
-    write = out.write
     for index, raw in enumerate(lines):
-        summary.records += 1
         line = raw.rstrip(b"\r\n")
-        try:
+
+        def decoded(line: bytes = line, index: int = index) -> tuple[InputRecord, Source]:
             topic, record = decode_line(line, config)
-            # the engine rejects what only state makes bad input (margin_mode_conflict)
-            events: list[Event] = engine.apply(record, Source(topic=topic, index=index))
-        except Rejected as rejection:
-            summary.rejected[rejection.reason] += 1
+            return record, Source(topic=topic, index=index)
+
+        rejection = _apply(engine, decoded, summary, out)
+        if rejection is not None:
             report_rejection(index, rejection)
-            continue
-        for event in events:
-            summary.events[event.type] += 1
-            write(event.encode())
-            write(b"\n")
     return summary
+
+
+def replay_inputs(
+    messages: Iterable[tuple[Source, str, bytes | None]],
+    engine: Engine,
+    out: IO[bytes],
+    report_rejection: Callable[[Source, Rejected], None],
+) -> ReplaySummary:
+    """`replay` of input topics' messages, already in the order to apply them: each its
+    source (topic, partition, offset), its topic's kind (prices / fills / ledger) and its
+    value, decoded as the service decodes it. Events name their triggers' partitions and
+    offsets as the service's do."""
+    summary = ReplaySummary()
+    config = engine.config
+    for source, kind, value in messages:
+
+        def decoded(source: Source = source, kind: str = kind,
+                    value: bytes | None = value) -> tuple[InputRecord, Source]:
+            return decode(kind, value, config), source
+
+        rejection = _apply(engine, decoded, summary, out)
+        if rejection is not None:
+            report_rejection(source, rejection)
+    return summary
+
+
+def _apply(engine: Engine, decoded: Callable[[], tuple[InputRecord, Source]],
+           summary: ReplaySummary, out: IO[bytes]) -> Rejected | None:
+    """Decode one input and apply it, writing its events; its rejection, if any."""
+    summary.records += 1
+    try:
+        record, source = decoded()
+        # the engine rejects what only state makes bad input (margin_mode_conflict)
+        events: list[Event] = engine.apply(record, source)
+    except Rejected as rejection:
+        summary.rejected[rejection.reason] += 1
+        return rejection
+    for event in events:
+        summary.events[event.type] += 1
+        out.write(event.encode())
+        out.write(b"\n")
+    return None

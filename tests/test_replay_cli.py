@@ -80,3 +80,15 @@ def test_missing_input_file_exits_non_zero(tmp_path: Path) -> None:
 
 def test_usage_error_exits_2() -> None:
     assert liqmon("replay").returncode == 2
+
+
+def test_neither_a_file_nor_bootstrap_is_a_usage_error() -> None:
+    result = liqmon("replay", "--config", CONFIG)
+    assert result.returncode == 2
+    assert b"give either INPUT.jsonl or --bootstrap" in result.stderr
+
+
+def test_a_file_and_bootstrap_together_is_a_usage_error() -> None:
+    result = liqmon("replay", EXAMPLE, "--bootstrap", "127.0.0.1:1", "--config", CONFIG)
+    assert result.returncode == 2
+    assert b"give either INPUT.jsonl or --bootstrap" in result.stderr

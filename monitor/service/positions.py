@@ -34,8 +34,7 @@ class Positions:
                  metrics: Metrics) -> None:
         self.topics = topics
         self.metrics = metrics
-        ranks = {topics.ledger: 0, topics.fills: 1, topics.prices: 2}
-        self.rank: Callable[[str], int] = ranks.__getitem__
+        self.rank: Callable[[str], int] = topics.input_ranks().__getitem__
         self.merge = TimestampMerge(rank=self.rank, max_skew_ms=max_skew_ms, max_wait=max_wait,
                                     max_stall=max_stall,
                                     co_partitioned=(topics.fills, topics.ledger))

@@ -49,6 +49,11 @@ class Topics:
         """Input topic name → prices / fills / ledger."""
         return {self.prices: "prices", self.fills: "fills", self.ledger: "ledger"}
 
+    def input_ranks(self) -> dict[str, int]:
+        """Input topic name → its rank in the order records are applied (SPEC §6): at one
+        timestamp, ledger entries first, then fills, then ticks."""
+        return {self.ledger: 0, self.fills: 1, self.prices: 2}
+
     def invalid(self) -> list[str]:
         """One message per name Kafka would refuse; empty when every name is valid."""
         problems = []

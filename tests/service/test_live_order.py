@@ -6,6 +6,7 @@ partitions and whenever they are fetched."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from dataclasses import replace
 
@@ -16,7 +17,10 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import load_config
+from monitor.engine import Engine
+from monitor.replay import replay_inputs
 from monitor.service.broker import EmbeddedBroker
+from monitor.service.input_history import read_input_history
 from monitor.service.runner import Monitor
 from tests.support.kafka import (
     RunningMonitor,
@@ -26,6 +30,7 @@ from tests.support.kafka import (
     routable,
     same_events,
     wait_processed,
+    without_wall_clock,
     write_commit_marker,
 )
 from tests.support.paths import REPO
@@ -146,6 +151,33 @@ async def test_several_partitions_at_a_steady_rate_give_replays_events(broker):
 
     events = await run_and_compare(settings, config, feed)
     assert len(events) > 50
+
+
+async def test_the_services_events_are_the_replay_of_its_input_topics_but_emitted_at(broker):
+    """`liqmon replay --bootstrap` reads the topics back and applies them in the service's
+    order: its events are the service's, trigger partitions and offsets included."""
+    config = load_config(CONFIG)
+    settings = replace(fresh_settings(broker.bootstrap), max_skew_ms=1_000, max_idle=60.0)
+    await create_inputs(settings, prices=1, accounts=4)
+    records = routable(random_stream(seed=43, length=1_200))
+    located = Located(settings)
+    async with RunningMonitor(settings, config) as monitor:
+        await produce(located, records, sequential=False, rate=800)
+        await wait_processed(monitor, located.ends, timeout=120)
+        assert monitor.metrics.merge_forced._value.get() == 0
+        assert late_records(monitor) == 0
+    live = await read_events(settings.bootstrap, settings.topics)
+    history = await read_input_history(settings.bootstrap, settings.topics)
+    out = io.BytesIO()
+    replay_inputs(history.inputs(), Engine(config), out, lambda source, rejection: None)
+    replayed = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert len(history.messages) == len(records)
+    assert len(replayed) > 30  # the stream moves accounts through their states
+
+    def by_id(events: list[dict]) -> list[dict]:
+        return sorted(map(without_wall_clock, events), key=lambda e: e["event_id"])
+
+    assert by_id(live) == by_id(replayed)
 
 
 async def test_partitions_ending_in_a_transaction_marker_hold_nothing_back(broker):

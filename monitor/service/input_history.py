@@ -1,0 +1,109 @@
+"""Every record the input topics hold, in the order the service applies them, for `liqmon
+replay --bootstrap`: an audit of what the fleet computed, from the records themselves.
+
+The order is SPEC §6's: (Kafka timestamp, topic rank ledger < fills < prices, partition,
+offset) over every partition of the three topics, each read from its first offset to its end
+as of the start (records appended later are not read, so a replay is one fixed set of
+records). Read without joining a consumer group, and without creating a missing topic: some
+brokers (the embedded one among them) create a topic a metadata request names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from aiokafka import TopicPartition
+
+from monitor.errors import LiqmonError
+from monitor.events import Source
+from monitor.service.log_reader import RecordBatch, bounds, read_range, reading_client
+from monitor.service.probe import topics_present
+from monitor.service.security import PLAINTEXT, KafkaSecurity
+from monitor.service.settings import Topics
+
+
+@dataclass(frozen=True, slots=True)
+class InputMessage:
+    """One input record as read: its merge key's parts, the topic's kind and its value."""
+
+    timestamp: int
+    rank: int
+    partition: int
+    offset: int
+    topic: str
+    kind: str  # prices / fills / ledger
+    value: bytes | None
+
+
+@dataclass
+class InputHistory:
+    """The records of every input partition, in the order the service applies them, and the
+    offsets each partition was read between (first, end)."""
+
+    messages: list[InputMessage]
+    ranges: dict[TopicPartition, tuple[int, int]]
+
+    def inputs(self) -> Iterator[tuple[Source, str, bytes | None]]:
+        """What `replay.replay_inputs` takes: each record's source, its topic's kind, its
+        value."""
+        for m in self.messages:
+            yield Source(m.topic, m.partition, m.offset), m.kind, m.value
+
+    def summary(self) -> str:
+        """One line: what was read, and which partitions no longer start at offset 0 (their
+        earliest records are gone: deleted by retention, or the topic re-created), which the
+        fleet may have applied and this read cannot."""
+        per_topic: dict[str, int] = {}
+        for tp in self.ranges:
+            per_topic[tp.topic] = per_topic.get(tp.topic, 0) + 1
+        parts = ", ".join(f"{topic} ({count} partition{'s' if count > 1 else ''})"
+                          for topic, count in per_topic.items())
+        line = f"read {len(self.messages):,} records of {parts} up to their ends at the start"
+        later = sorted((tp.topic, tp.partition, start) for tp, (start, _) in self.ranges.items()
+                       if start > 0)
+        if later:
+            line += ("; the earliest records of " + ", ".join(
+                f"{topic}/{partition} (before offset {start:,})"
+                for topic, partition, start in later)
+                + " are gone from Kafka: what they did is missing from this replay")
+        return line
+
+
+class InputTopicMissing(LiqmonError):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"input topic{'s' if len(names) > 1 else ''} "
+                         f"{', '.join(map(repr, names))} not found: is --bootstrap right, and "
+                         "are the topics renamed (--topic-prices, --topic-fills, --topic-ledger)?")
+
+
+async def read_input_history(bootstrap: str, topics: Topics,
+                             security: KafkaSecurity = PLAINTEXT,
+                             request_timeout_ms: int = 30_000) -> InputHistory:
+    """Read every input partition from its first offset to its end as of now, and order the
+    records as the service's merge does. Holds every record's value in memory."""
+    kinds = topics.input_kinds()
+    ranks = topics.input_ranks()
+    messages: list[InputMessage] = []
+
+    def take(tp: TopicPartition, batch: RecordBatch) -> None:
+        topic, partition = tp.topic, tp.partition
+        kind, rank = kinds[topic], ranks[topic]
+        messages.extend(InputMessage(record.timestamp, rank, partition, record.offset, topic,
+                                     kind, record.value)
+                        for record in batch.records())
+
+    async with reading_client(bootstrap, "liqmon-replay", request_timeout_ms,
+                              security) as client:
+        names = list(kinds)
+        present = await topics_present(client, names)
+        missing = [name for name in names if name not in present]
+        if missing:
+            raise InputTopicMissing(missing)
+        await client.set_topics(names)
+        wanted = [TopicPartition(name, partition) for name in names
+                  for partition in sorted(client.cluster.partitions_for_topic(name) or ())]
+        ranges = await bounds(client, wanted, request_timeout_ms / 1000)
+        await read_range(client, ranges, take, request_timeout_ms / 1000)
+    messages.sort(key=lambda m: (m.timestamp, m.rank, m.partition, m.offset))
+    return InputHistory(messages, ranges)

@@ -1,0 +1,114 @@
+"""`liqmon replay --bootstrap`: the input topics themselves replayed in the order the service
+applies them (SPEC §6), as an operator audits what the fleet published."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from monitor.service.input_history import InputHistory
+from monitor.service.topics import create_topics
+from tests.support.kafka import fresh_settings
+from tests.support.paths import REPO
+
+CONFIG = REPO / "examples" / "risk.toml"
+
+
+def liqmon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "monitor.cli", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+async def produce_stamped(bootstrap: str, messages: list[tuple[str, bytes, bytes, int]]) -> None:
+    """(topic, key, value, Kafka timestamp), each acknowledged before the next is sent."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for topic, key, value, timestamp in messages:
+            await producer.send_and_wait(topic, value, key=key, timestamp_ms=timestamp)
+    finally:
+        await producer.stop()
+
+
+async def test_records_are_applied_by_kafka_timestamp_not_in_the_order_produced(broker):
+    """alice deposits 1,000 USDT, then buys 1 BTC-PERP at 50,000 stamped at 3 s; a tick at
+    40,000 stamped at 2 s is produced after the fill. In timestamp order the tick comes first,
+    and the fill liquidates her at once (equity 1,000 − 10,000): the event names the fill, at
+    its partition and offset. (In the order produced, or by topic rank alone, the fill would
+    be valued at its own price, healthy, and the tick would liquidate her.) A value that is
+    not JSON is reported by where it is, and the run goes on."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    t = settings.topics
+    deposit = orjson.dumps({"entry_id": "d1", "account": "alice", "asset": "USDT",
+                            "amount": 1_000.0, "kind": "deposit", "ts": 1_000})
+    fill = orjson.dumps({"fill_id": "f1", "account": "alice", "symbol": "BTC-PERP",
+                         "side": "buy", "qty": 1.0, "price": 50_000.0, "ts": 3_000})
+    tick = orjson.dumps({"symbol": "BTC-PERP", "price": 40_000.0, "ts": 2_000})
+    await produce_stamped(broker.bootstrap, [
+        (t.ledger, b"alice", deposit, 1_000),
+        (t.prices, b"BTC-PERP", b"not json", 500),
+        (t.fills, b"alice", fill, 3_000),
+        (t.prices, b"BTC-PERP", tick, 2_000),
+    ])
+    result = await asyncio.to_thread(
+        liqmon, "replay", "--bootstrap", broker.bootstrap, "--config", str(CONFIG),
+        "--topic-prices", t.prices, "--topic-fills", t.fills, "--topic-ledger", t.ledger)
+    assert result.returncode == 0, result.stderr
+    events = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["type"], e["account"], e["trigger"]) for e in events] == [
+        ("liquidation", "alice",
+         {"kind": "fill", "ref": "f1", "topic": t.fills, "partition": 0, "offset": 0})]
+    assert events[0]["equity"] == pytest.approx(-9_000.0)
+    assert f"{t.prices}/0@0: rejected: invalid_json" in result.stderr
+    assert "replay: read 4 records of " in result.stderr
+    assert "replay: events: 1 (liquidation 1)" in result.stderr
+
+
+async def test_a_missing_input_topic_exits_1_naming_it_and_is_not_created(broker):
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    result = await asyncio.to_thread(
+        liqmon, "replay", "--bootstrap", broker.bootstrap, "--config", str(CONFIG),
+        "--topic-prices", t.prices, "--topic-fills", t.fills, "--topic-ledger", t.ledger)
+    assert result.returncode == 1
+    assert (f"input topics {t.prices!r}, {t.fills!r}, {t.ledger!r} not found"
+            in result.stderr)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        assert not {t.prices, t.fills, t.ledger} & set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+def test_an_unreachable_broker_exits_1() -> None:
+    # port 1: nothing listens there, the connection is refused at once
+    result = liqmon("replay", "--bootstrap", "127.0.0.1:1", "--config", str(CONFIG))
+    assert result.returncode == 1
+    assert "cannot read the input topics from 127.0.0.1:1" in result.stderr
+
+
+def test_an_invalid_topic_name_is_a_usage_error() -> None:
+    result = liqmon("replay", "--bootstrap", "127.0.0.1:1", "--config", str(CONFIG),
+                    "--topic-fills", "fills?")
+    assert result.returncode == 2
+    assert "--topic-fills 'fills?' is not a valid Kafka topic name" in result.stderr
+
+
+def test_the_summary_says_which_partitions_lost_their_earliest_records() -> None:
+    history = InputHistory(messages=[], ranges={
+        TopicPartition("prices", 0): (0, 10),
+        TopicPartition("fills", 0): (0, 0),
+        TopicPartition("fills", 1): (1_200, 3_000),
+    })
+    assert history.summary() == (
+        "read 0 records of prices (1 partition), fills (2 partitions) up to their ends at the "
+        "start; the earliest records of fills/1 (before offset 1,200) are gone from Kafka: "
+        "what they did is missing from this replay")
