@@ -8,8 +8,8 @@ input's `ts` (wall clock at send). Both see the same broker, rate and CPU conten
 ratio is what the service costs on top of the broker's own floor.
 
 Then the order check: every input record read back from Kafka, sorted by (timestamp, topic
-rank, partition, offset) and replayed; the service's events must equal replay's, id for id
-and value for value.
+rank, partition, offset) and replayed as `liqmon replay --bootstrap` replays them; the
+service's events must equal replay's, id for id and field for field but emitted_at.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from monitor.bench.workload import (
     risk_toml,
 )
 
-RANK = {"ledger": 0, "fills": 1, "prices": 2}
 CALM, VOLATILE = 1e-5, 2e-3  # per-tick σ of the log price
 
 
@@ -280,26 +279,20 @@ def scrape_order_counters(port: int) -> dict[str, float | None]:
             "late": sum(s.value for s in samples if s.name == "liqmon_records_late_total")}
 
 
-def order_check(config: Any, inputs: list[Any], kinds: dict[str, str],
-                events: list[dict[str, Any]]) -> dict[str, int]:
-    """The service's events against replay of the inputs in (timestamp, rank, partition,
-    offset) order: how many are equal, missing, extra, different."""
+def order_check(config: Any, history: Any, events: list[dict[str, Any]]) -> dict[str, int]:
+    """The service's events against replay of its input topics in the service's order
+    (`liqmon replay --bootstrap`; `history`: its `InputHistory`): how many are equal,
+    missing, extra, different (every field but emitted_at, the triggers' offsets included)."""
     import io
 
     from monitor.engine import Engine
-    from monitor.replay import replay
+    from monitor.replay import replay_inputs
 
-    ordered = sorted(inputs, key=lambda r: (r[1].timestamp, RANK[kinds[r[0].topic]],
-                                            r[0].partition, r[1].offset))
-    lines = [b'{"topic":"%s","value":%s}' % (kinds[tp.topic].encode(), m.value)
-             for tp, m in ordered]
     out = io.BytesIO()
-    replay(lines, Engine(config), out, lambda index, rejection: None)
+    replay_inputs(history.inputs(), Engine(config), out, lambda source, rejection: None)
 
     def comparable(event: dict[str, Any]) -> dict[str, Any]:
-        trigger = {k: v for k, v in event["trigger"].items()
-                   if k not in ("topic", "partition", "offset", "index")}
-        return {**{k: v for k, v in event.items() if k != "emitted_at"}, "trigger": trigger}
+        return {k: v for k, v in event.items() if k != "emitted_at"}
 
     expected = {e["event_id"]: comparable(e)
                 for e in map(orjson.loads, out.getvalue().splitlines())}
@@ -314,6 +307,7 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
                          bootstrap: str, workdir: Path, say: Callable[[str], None]
                          ) -> dict[str, Any]:
     from monitor.service.broker import free_port
+    from monitor.service.input_history import read_input_history
     from monitor.service.metrics import scrape_input_offsets
     from monitor.service.settings import ServiceSettings, Topics
     from monitor.service.topics import create_topics
@@ -324,7 +318,6 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
     base = Topics()
     topics = Topics(**{f: f"lat.{name}.{getattr(base, f)}" for f in base.__dataclass_fields__})
     names = {"prices": topics.prices, "fills": topics.fills, "ledger": topics.ledger}
-    kinds = {topic: kind for kind, topic in names.items()}
     relayed = f"lat.{name}.relay"
     settings = ServiceSettings(config_path=toml, bootstrap=bootstrap, topics=topics,
                                partitions=plan.partitions)
@@ -382,11 +375,10 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
     events_arrived = Arrivals([*arrivals[topics.margin_calls].latencies_ms,
                                *arrivals[topics.liquidations].latencies_ms])
     say(f"{name}: order check")
-    all_inputs = await read_all(bootstrap, inputs)
+    history = await read_input_history(bootstrap, topics)
     outputs = await read_all(bootstrap, {topics.margin_calls: plan.partitions,
                                          topics.liquidations: plan.partitions})
-    order = order_check(config, all_inputs, kinds,
-                        [orjson.loads(m.value) for _, m in outputs])
+    order = order_check(config, history, [orjson.loads(m.value) for _, m in outputs])
     return {"sent": sent, "service": events_arrived.summary(),
             "relay": arrivals[relayed].summary(), "order": order,
             "service_emitted": arrivals["emitted"].summary(),
