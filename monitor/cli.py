@@ -57,14 +57,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if (args.input is None) == (args.bootstrap is None):
         raise UsageError("give either INPUT.jsonl or --bootstrap (the input topics themselves)")
+    if args.check and args.bootstrap is None:
+        raise UsageError("--check compares with the event topics: it needs --bootstrap")
     engine = Engine(_load(args.config))
-    if args.bootstrap is not None:
-        summary = _replay_topics(args, engine)
-    else:
+    if args.bootstrap is None:
         summary = _replay_file(args, engine)
-    for line in summary.lines(engine):
-        print(f"replay: {line}", file=sys.stderr)
-    return 0
+        for line in summary.lines(engine):
+            print(f"replay: {line}", file=sys.stderr)
+        return 0
+    return _replay_topics(args, engine)
 
 
 def _replay_file(args: argparse.Namespace, engine: Any) -> Any:
@@ -83,19 +84,22 @@ def _replay_file(args: argparse.Namespace, engine: Any) -> Any:
     return summary
 
 
-def _replay_topics(args: argparse.Namespace, engine: Any) -> Any:
-    """`liqmon replay --bootstrap`: every record of the input topics, in the service's order."""
+def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
+    """`liqmon replay --bootstrap`: every record of the input topics, in the service's order;
+    with --check, its events compared with those published (exit 3 when they differ)."""
     import asyncio
+    import io
 
     from aiokafka.errors import KafkaError
 
     from monitor.events import Source
-    from monitor.replay import replay_inputs
-    from monitor.service.input_history import read_input_history
+    from monitor.replay import check_events, replay_inputs
+    from monitor.service.input_history import read_input_history, read_published_events
     from monitor.service.settings import Topics
 
     security = _checked_security(args)
-    topics = Topics(prices=args.topic_prices, fills=args.topic_fills, ledger=args.topic_ledger)
+    topics = Topics(prices=args.topic_prices, fills=args.topic_fills, ledger=args.topic_ledger,
+                    margin_calls=args.topic_margin_calls, liquidations=args.topic_liquidations)
     if topics.invalid():
         raise UsageError("; ".join(topics.invalid()))
     try:
@@ -108,11 +112,24 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> Any:
         print(f"{source.topic}/{source.partition}@{source.offset}: rejected: {rejection}",
               file=sys.stderr)
 
+    replayed = io.BytesIO()
     with ExitStack() as stack:
         out = _open_output(args.output, stack)
-        summary = replay_inputs(history.inputs(), engine, out, report)
+        summary = replay_inputs(history.inputs(), engine, replayed, report)
+        out.write(replayed.getvalue())
         out.flush()
-    return summary
+    for line in summary.lines(engine):
+        print(f"replay: {line}", file=sys.stderr)
+    if not args.check:
+        return 0
+    try:
+        published = asyncio.run(read_published_events(args.bootstrap, topics, security))
+    except (KafkaError, LiqmonError) as exc:
+        raise CliError(f"cannot read the event topics from {args.bootstrap}: {exc}") from exc
+    check = check_events(replayed.getvalue().splitlines(), published)
+    for line in check.lines():
+        print(f"check: {line}", file=sys.stderr)
+    return 0 if check.agrees() else 3
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -516,10 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--bootstrap", metavar="HOST:PORT",
                         help="replay the input topics of this Kafka cluster instead of a file "
                              "(read-only: no consumer group joined, nothing written)")
+    replay.add_argument("--check", action="store_true",
+                        help="with --bootstrap, compare the events with those the fleet "
+                             "published (the margin-call and liquidation topics), by "
+                             "event_id, every field but emitted_at; exit 3 if they differ")
     defaults = Topics()
-    for name in ("prices", "fills", "ledger"):
-        replay.add_argument(f"--topic-{name}", default=getattr(defaults, name), metavar="NAME",
-                            help=f"with --bootstrap, the {name} topic, default "
+    for name in ("prices", "fills", "ledger", "margin_calls", "liquidations"):
+        flag = name.replace("_", "-")
+        replay.add_argument(f"--topic-{flag}", default=getattr(defaults, name), metavar="NAME",
+                            help=f"with --bootstrap, the {flag} topic, default "
                                  f"{getattr(defaults, name)}")
     add_options(replay, KafkaSecurity)
     replay.add_argument("--config", required=True, type=Path, help="risk config (TOML)")

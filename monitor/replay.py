@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import orjson
+
 from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.events import Event, Source
@@ -140,3 +142,85 @@ def _apply(engine: Engine, decoded: Callable[[], tuple[InputRecord, Source]],
         out.write(event.encode())
         out.write(b"\n")
     return None
+
+
+@dataclass
+class EventCheck:
+    """Published events against replay's, by `event_id`, every field but `emitted_at`
+    compared. A repeat (at-least-once delivery) must equal the first copy."""
+
+    replayed: int = 0
+    published: int = 0  # distinct ids
+    repeats: int = 0
+    unreadable: int = 0  # published values that are not a JSON event
+    missing: list[str] = field(default_factory=list)  # replayed, never published
+    extra: list[str] = field(default_factory=list)  # published, not replayed
+    different: list[tuple[str, list[str]]] = field(default_factory=list)  # id, fields
+    repeats_unlike: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def agrees(self) -> bool:
+        return not (self.missing or self.extra or self.different or self.repeats_unlike
+                    or self.unreadable)
+
+    def lines(self, examples: int = 10) -> list[str]:
+        """The verdict in one line, then up to ``examples`` ids of each kind of difference."""
+        verdict = "agree" if self.agrees() else "DIFFER"
+        out = [f"{self.replayed:,} event{'' if self.replayed == 1 else 's'} replayed, "
+               f"{self.published:,} published "
+               f"({self.repeats:,} repeats): {verdict}; {len(self.missing):,} missing, "
+               f"{len(self.extra):,} extra, {len(self.different):,} different, "
+               f"{len(self.repeats_unlike):,} repeats unlike the first, "
+               f"{self.unreadable:,} unreadable"]
+        out += [f"missing {event_id}" for event_id in self.missing[:examples]]
+        out += [f"extra {event_id}" for event_id in self.extra[:examples]]
+        out += [f"different {event_id}: {', '.join(fields)}"
+                for event_id, fields in self.different[:examples]]
+        out += [f"repeat unlike the first {event_id}: {', '.join(fields)}"
+                for event_id, fields in self.repeats_unlike[:examples]]
+        return out
+
+
+def check_events(replayed: Iterable[bytes], published: Iterable[bytes | None]) -> EventCheck:
+    """Compare the events a replay wrote (JSON, one each) with those read from the event
+    topics. Ids are listed sorted."""
+    check = EventCheck()
+    expected: dict[str, dict[str, Any]] = {}
+    for line in replayed:
+        event = _comparable(orjson.loads(line))
+        expected[event["event_id"]] = event
+    check.replayed = len(expected)
+    seen: dict[str, dict[str, Any]] = {}
+    for value in published:
+        try:
+            event = _comparable(orjson.loads(value or b""))
+            event_id = event.get("event_id")
+            if not isinstance(event_id, str):
+                raise TypeError("no event_id")
+        except (orjson.JSONDecodeError, TypeError):
+            check.unreadable += 1
+            continue
+        first = seen.get(event_id)
+        if first is None:
+            seen[event_id] = event
+        else:
+            check.repeats += 1
+            if event != first:
+                check.repeats_unlike.append((event_id, _fields_unlike(first, event)))
+    check.published = len(seen)
+    check.missing = sorted(expected.keys() - seen.keys())
+    check.extra = sorted(seen.keys() - expected.keys())
+    check.different = [(event_id, _fields_unlike(expected[event_id], seen[event_id]))
+                       for event_id in sorted(expected.keys() & seen.keys())
+                       if expected[event_id] != seen[event_id]]
+    check.repeats_unlike.sort()
+    return check
+
+
+def _comparable(event: Any) -> dict[str, Any]:
+    if not isinstance(event, dict):
+        raise TypeError("not an event")
+    return {key: value for key, value in event.items() if key != "emitted_at"}
+
+
+def _fields_unlike(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))

@@ -92,3 +92,9 @@ def test_a_file_and_bootstrap_together_is_a_usage_error() -> None:
     result = liqmon("replay", EXAMPLE, "--bootstrap", "127.0.0.1:1", "--config", CONFIG)
     assert result.returncode == 2
     assert b"give either INPUT.jsonl or --bootstrap" in result.stderr
+
+
+def test_check_without_bootstrap_is_a_usage_error() -> None:
+    result = liqmon("replay", EXAMPLE, "--check", "--config", CONFIG)
+    assert result.returncode == 2
+    assert b"--check compares with the event topics: it needs --bootstrap" in result.stderr

@@ -233,31 +233,6 @@ async def end_offsets(bootstrap: str, partitions: dict[str, int]) -> dict[tuple[
     return {(tp.topic, tp.partition): end for tp, end in ends.items()}
 
 
-async def read_all(bootstrap: str, partitions: dict[str, int]) -> list[Any]:
-    """Every record of these topics, from the beginning to their current end."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    ends = await end_offsets(bootstrap, partitions)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        tps = [TopicPartition(t, p) for (t, p), end in ends.items() if end > 0]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        left = {tp: ends[(tp.topic, tp.partition)] for tp in tps}
-        while left:
-            batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
-            for tp, messages in batch.items():
-                records.extend((tp, m) for m in messages)
-                if messages and messages[-1].offset + 1 >= left.get(tp, 0):
-                    left.pop(tp, None)
-    finally:
-        await consumer.stop()
-    return records
-
-
 def scrape_order_counters(port: int) -> dict[str, float | None]:
     """The service's order counters (None if it does not answer): ``forced``, records applied
     out of proven order because --merge-wait ran out (liqmon_merge_forced_releases_total), and
@@ -279,35 +254,28 @@ def scrape_order_counters(port: int) -> dict[str, float | None]:
             "late": sum(s.value for s in samples if s.name == "liqmon_records_late_total")}
 
 
-def order_check(config: Any, history: Any, events: list[dict[str, Any]]) -> dict[str, int]:
-    """The service's events against replay of its input topics in the service's order
-    (`liqmon replay --bootstrap`; `history`: its `InputHistory`): how many are equal,
-    missing, extra, different (every field but emitted_at, the triggers' offsets included)."""
+def order_check(config: Any, history: Any, published: list[bytes | None]) -> dict[str, int]:
+    """The service's events against replay of its input topics in the service's order, as
+    `liqmon replay --bootstrap --check` compares them (`history`: the `InputHistory`;
+    `published`: the event topics' values): how many are equal, missing, extra, different."""
     import io
 
     from monitor.engine import Engine
-    from monitor.replay import replay_inputs
+    from monitor.replay import check_events, replay_inputs
 
     out = io.BytesIO()
     replay_inputs(history.inputs(), Engine(config), out, lambda source, rejection: None)
-
-    def comparable(event: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in event.items() if k != "emitted_at"}
-
-    expected = {e["event_id"]: comparable(e)
-                for e in map(orjson.loads, out.getvalue().splitlines())}
-    got = {e["event_id"]: comparable(e) for e in events}
-    return {"expected": len(expected), "got": len(got),
-            "missing": len(expected.keys() - got.keys()),
-            "extra": len(got.keys() - expected.keys()),
-            "different": sum(1 for k in expected.keys() & got.keys() if expected[k] != got[k])}
+    check = check_events(out.getvalue().splitlines(), published)
+    return {"expected": check.replayed, "got": check.published,
+            "missing": len(check.missing), "extra": len(check.extra),
+            "different": len(check.different) + len(check.repeats_unlike) + check.unreadable}
 
 
 async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, name: str,
                          bootstrap: str, workdir: Path, say: Callable[[str], None]
                          ) -> dict[str, Any]:
     from monitor.service.broker import free_port
-    from monitor.service.input_history import read_input_history
+    from monitor.service.input_history import read_input_history, read_published_events
     from monitor.service.metrics import scrape_input_offsets
     from monitor.service.settings import ServiceSettings, Topics
     from monitor.service.topics import create_topics
@@ -376,9 +344,7 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
                                *arrivals[topics.liquidations].latencies_ms])
     say(f"{name}: order check")
     history = await read_input_history(bootstrap, topics)
-    outputs = await read_all(bootstrap, {topics.margin_calls: plan.partitions,
-                                         topics.liquidations: plan.partitions})
-    order = order_check(config, history, [orjson.loads(m.value) for _, m in outputs])
+    order = order_check(config, history, await read_published_events(bootstrap, topics))
     return {"sent": sent, "service": events_arrived.summary(),
             "relay": arrivals[relayed].summary(), "order": order,
             "service_emitted": arrivals["emitted"].summary(),

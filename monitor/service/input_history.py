@@ -10,7 +10,7 @@ brokers (the embedded one among them) create a topic a metadata request names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from aiokafka import TopicPartition
@@ -70,11 +70,11 @@ class InputHistory:
         return line
 
 
-class InputTopicMissing(LiqmonError):
-    def __init__(self, names: list[str]) -> None:
-        super().__init__(f"input topic{'s' if len(names) > 1 else ''} "
+class TopicsNotFound(LiqmonError):
+    def __init__(self, names: list[str], flags: str) -> None:
+        super().__init__(f"topic{'s' if len(names) > 1 else ''} "
                          f"{', '.join(map(repr, names))} not found: is --bootstrap right, and "
-                         "are the topics renamed (--topic-prices, --topic-fills, --topic-ledger)?")
+                         f"are the topics renamed ({flags})?")
 
 
 async def read_input_history(bootstrap: str, topics: Topics,
@@ -93,17 +93,43 @@ async def read_input_history(bootstrap: str, topics: Topics,
                                      kind, record.value)
                         for record in batch.records())
 
+    ranges = await _read_whole(bootstrap, list(kinds), take, security, request_timeout_ms,
+                               "--topic-prices, --topic-fills, --topic-ledger")
+    messages.sort(key=lambda m: (m.timestamp, m.rank, m.partition, m.offset))
+    return InputHistory(messages, ranges)
+
+
+async def read_published_events(bootstrap: str, topics: Topics,
+                                security: KafkaSecurity = PLAINTEXT,
+                                request_timeout_ms: int = 30_000) -> list[bytes | None]:
+    """The value of every record of the event topics (margin calls, liquidations), up to
+    their ends as of now: what the fleet has published, repeats included."""
+    values: list[bytes | None] = []
+
+    def take(tp: TopicPartition, batch: RecordBatch) -> None:
+        values.extend(record.value for record in batch.records())
+
+    await _read_whole(bootstrap, [topics.margin_calls, topics.liquidations], take, security,
+                      request_timeout_ms, "--topic-margin-calls, --topic-liquidations")
+    return values
+
+
+async def _read_whole(bootstrap: str, names: list[str],
+                      take: Callable[[TopicPartition, RecordBatch], None],
+                      security: KafkaSecurity, request_timeout_ms: int,
+                      flags: str) -> dict[TopicPartition, tuple[int, int]]:
+    """Hand every record of these topics' partitions, from the first offset to the end as of
+    now, to ``take``; the offsets each was read between. A missing topic is an error, and is
+    not created by asking for it."""
     async with reading_client(bootstrap, "liqmon-replay", request_timeout_ms,
                               security) as client:
-        names = list(kinds)
         present = await topics_present(client, names)
         missing = [name for name in names if name not in present]
         if missing:
-            raise InputTopicMissing(missing)
+            raise TopicsNotFound(missing, flags)
         await client.set_topics(names)
         wanted = [TopicPartition(name, partition) for name in names
                   for partition in sorted(client.cluster.partitions_for_topic(name) or ())]
         ranges = await bounds(client, wanted, request_timeout_ms / 1000)
         await read_range(client, ranges, take, request_timeout_ms / 1000)
-    messages.sort(key=lambda m: (m.timestamp, m.rank, m.partition, m.offset))
-    return InputHistory(messages, ranges)
+    return ranges

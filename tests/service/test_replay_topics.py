@@ -12,9 +12,10 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from monitor.config import load_config
 from monitor.service.input_history import InputHistory
 from monitor.service.topics import create_topics
-from tests.support.kafka import fresh_settings
+from tests.support.kafka import RunningMonitor, fresh_settings, wait_processed
 from tests.support.paths import REPO
 
 CONFIG = REPO / "examples" / "risk.toml"
@@ -71,6 +72,60 @@ async def test_records_are_applied_by_kafka_timestamp_not_in_the_order_produced(
     assert "replay: events: 1 (liquidation 1)" in result.stderr
 
 
+def topic_args(settings) -> list[str]:
+    t = settings.topics
+    return ["--topic-prices", t.prices, "--topic-fills", t.fills, "--topic-ledger", t.ledger,
+            "--topic-margin-calls", t.margin_calls, "--topic-liquidations", t.liquidations]
+
+
+async def serve_alice(settings, tick_timestamp: int) -> None:
+    """The service runs while alice deposits 1,000 USDT (at 1 s) and buys 1 BTC-PERP at
+    50,000 (at 3 s); once it has applied them, a tick at 40,000 stamped ``tick_timestamp``
+    comes, and liquidates her."""
+    t = settings.topics
+    deposit = orjson.dumps({"entry_id": "d1", "account": "alice", "asset": "USDT",
+                            "amount": 1_000.0, "kind": "deposit", "ts": 1_000})
+    fill = orjson.dumps({"fill_id": "f1", "account": "alice", "symbol": "BTC-PERP",
+                         "side": "buy", "qty": 1.0, "price": 50_000.0, "ts": 3_000})
+    tick = orjson.dumps({"symbol": "BTC-PERP", "price": 40_000.0, "ts": tick_timestamp})
+    async with RunningMonitor(settings, load_config(CONFIG)) as monitor:
+        await produce_stamped(settings.bootstrap, [(t.ledger, b"alice", deposit, 1_000),
+                                                   (t.fills, b"alice", fill, 3_000)])
+        await wait_processed(monitor, {TopicPartition(t.ledger, 0): 1,
+                                       TopicPartition(t.fills, 0): 1})
+        await produce_stamped(settings.bootstrap,
+                              [(t.prices, b"BTC-PERP", tick, tick_timestamp)])
+        await wait_processed(monitor, {TopicPartition(t.prices, 0): 1})
+
+
+async def test_check_agrees_with_what_the_service_published(broker):
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    await serve_alice(settings, tick_timestamp=4_000)
+    result = await asyncio.to_thread(
+        liqmon, "replay", "--bootstrap", broker.bootstrap, "--config", str(CONFIG), "--check",
+        *topic_args(settings))
+    assert result.returncode == 0, result.stderr
+    assert ("check: 1 event replayed, 1 published (0 repeats): agree; 0 missing, 0 extra, "
+            "0 different, 0 repeats unlike the first, 0 unreadable") in result.stderr
+
+
+async def test_check_shows_what_a_record_sent_after_one_that_sorts_after_it_changed(broker):
+    """The tick is stamped 2 s, before the fill, but sent after the service applied the fill
+    (counted late, liqmon_records_late_total): live, the tick liquidated alice; in timestamp
+    order the fill does. The check exits 3 and names the event and the fields that differ."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    await serve_alice(settings, tick_timestamp=2_000)
+    result = await asyncio.to_thread(
+        liqmon, "replay", "--bootstrap", broker.bootstrap, "--config", str(CONFIG), "--check",
+        *topic_args(settings))
+    assert result.returncode == 3, result.stderr
+    assert ("check: 1 event replayed, 1 published (0 repeats): DIFFER; 0 missing, 0 extra, "
+            "1 different, 0 repeats unlike the first, 0 unreadable") in result.stderr
+    assert "check: different alice:1:liquidation: trigger, ts\n" in result.stderr
+
+
 async def test_a_missing_input_topic_exits_1_naming_it_and_is_not_created(broker):
     settings = fresh_settings(broker.bootstrap)
     t = settings.topics
@@ -78,7 +133,7 @@ async def test_a_missing_input_topic_exits_1_naming_it_and_is_not_created(broker
         liqmon, "replay", "--bootstrap", broker.bootstrap, "--config", str(CONFIG),
         "--topic-prices", t.prices, "--topic-fills", t.fills, "--topic-ledger", t.ledger)
     assert result.returncode == 1
-    assert (f"input topics {t.prices!r}, {t.fills!r}, {t.ledger!r} not found"
+    assert (f"topics {t.prices!r}, {t.fills!r}, {t.ledger!r} not found"
             in result.stderr)
     admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
     await admin.start()
