@@ -15,8 +15,9 @@ for 2.5-7 s; leave out with --no-pauses), kill one (-9), stop one (SIGTERM), sta
 and with --outages, freeze the broker (SIGSTOP for 2-6 s: every client's requests time out).
 Then the live instances read every input to its end and stop, and the run is judged:
 
-- events: exactly the ids replay of the same records emits, with the same contents; a repeat
-  (at-least-once) is identical to the first;
+- events: exactly the ids replay of the input topics emits (`liqmon replay --bootstrap
+  --check`'s replay and comparison), with the same contents; a repeat (at-least-once) is
+  identical to the first;
 - dead letters: exactly the inputs replay rejects, each for replay's reason (repeats allowed);
 - the changelog: what a restore of it holds is replay's final state;
 - snapshots going back (written, after a newer one of the same account, by an instance that
@@ -35,13 +36,15 @@ can hold a group; README, *Scaling out*) and is not judged; its instances log wh
 their tasks waits (SIGUSR1) before they are killed. The exit status is 1 if a run failed or
 differs from replay. With --keep-logs DIR, each run leaves DIR/seed-N/: every instance's log
 lines (instance-K.jsonl), what was done to whom and when (actions.jsonl), and, if it differs
-from replay, the fleet's events, replay's and where each record landed.
+from replay, the check's lines (check.jsonl), the fleet's events (published.jsonl), replay's
+(replay.jsonl), and the dead letters and restored accounts unlike replay's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import random
 import signal
 import sys
@@ -55,10 +58,13 @@ import orjson
 from aiokafka.structs import ConsumerRecord
 
 from monitor.config import RiskConfig, load_config
+from monitor.engine import Engine
+from monitor.replay import check_events, replay_inputs
 from monitor.service.broker import EmbeddedBroker
+from monitor.service.input_history import read_input_history, read_published_events
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
-from tests.support.compare import final_engine, state_of
+from tests.support.compare import state_of
 from tests.support.fleet import (
     PARTITIONS,
     Instance,
@@ -70,11 +76,7 @@ from tests.support.fleet import (
 from tests.support.kafka import (
     fresh_settings,
     produce_located,
-    read_events,
     read_topic,
-    replayed,
-    same_events,
-    without_wall_clock,
 )
 from tests.support.paths import REPO
 
@@ -218,7 +220,7 @@ async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verd
         verdict = Verdict(seed, dict.fromkeys(["freeze", "kill", "term", "new", "outage"], 0))
         try:
             await act(rng, args, broker, settings, live, everyone, verdict, producing)
-            await judge(broker, settings, config, records, live, verdict, await producing)
+            await judge(broker, settings, config, live, verdict, await producing)
         finally:
             verdict.errors = [f"{entry.get('kind')}: {entry.get('error')}"
                               for instance in everyone for entry in instance.logs
@@ -306,10 +308,10 @@ async def act(rng: random.Random, args: argparse.Namespace, broker: EmbeddedBrok
 
 
 async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskConfig,
-                records: list[Record], live: list[Instance], verdict: Verdict,
+                live: list[Instance], verdict: Verdict,
                 located: Located) -> None:
     """Let the live instances read every input to its end, stop them, and compare what the
-    fleet published and checkpointed with replay of the same records."""
+    fleet published and checkpointed with replay of the records the input topics hold."""
     ends = {(topic, partition): offset + 1 for topic, partition, offset in located}
     try:
         await consumed(live, settings, ends, timeout=240)
@@ -324,28 +326,31 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
             await instance.stop(kill=verdict.wedged)
     if verdict.wedged:
         return
-    events = await read_events(broker.bootstrap, settings.topics, idle=1.0)
-    first = {e["event_id"]: e for e in reversed(events)}
-    verdict.differing_repeats = sum(
-        without_wall_clock(e) != without_wall_clock(first[e["event_id"]]) for e in events)
-    rejections: list[tuple[int, str]] = []
-    replay = replayed(records, config, rejections)
-    try:
-        same_events(list(first.values()), replay, located)
-    except AssertionError:
-        verdict.events_equal = False
+    # replay of the input topics as `liqmon replay --bootstrap --check` does it
+    history = await read_input_history(broker.bootstrap, settings.topics)
+    engine = Engine(config)
+    out = io.BytesIO()
+    rejected: set[tuple[str, int | None, int | None, str]] = set()
+    replay_inputs(history.inputs(), engine, out, lambda source, rejection: rejected.add(
+        (source.topic, source.partition, source.offset, rejection.reason)))
+    published = await read_published_events(broker.bootstrap, settings.topics)
+    check = check_events(out.getvalue().splitlines(), published)
+    verdict.events_equal = not (check.missing or check.extra or check.different
+                                or check.unreadable)
+    verdict.differing_repeats = len(check.repeats_unlike)
     letters = await read_topic(broker.bootstrap, settings.topics.dead_letter, idle=1.0)
     dead = {dead_letter_of(letter) for letter in letters}
-    rejected = {(*located[index], reason) for index, reason in rejections}
     verdict.dead_letters, verdict.dead_letters_unlike = len(rejected), len(dead ^ rejected)
     restored = await final_state(settings, config)
-    expected = state_of(final_engine(records, config))["accounts"]
+    expected = state_of(engine)["accounts"]
     unlike = sorted((key for key in restored.keys() | expected.keys()
                      if restored.get(key) != expected.get(key)), key=str)
     verdict.accounts_unlike_replay = len(unlike)
     if verdict.unlike_replay:
         verdict.evidence = {
-            "events": events, "replay": replay, "located": located,
+            "check": [{"line": line} for line in check.lines(examples=1_000)],
+            "published": [orjson.loads(value) for value in published if value],
+            "replay": [orjson.loads(line) for line in out.getvalue().splitlines()],
             "dead-letters-unlike": [{"at": list(at), "in": "fleet" if at in dead else "replay"}
                                     for at in sorted(dead ^ rejected)],
             "accounts-unlike": [{"account": key, "restored": restored.get(key),
