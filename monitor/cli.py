@@ -291,6 +291,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"demo finished: {view.produced:,} input records, events: {events}; "
                   f"broker and monitor stopped. Of the events, {isolated:,} were about "
                   "isolated positions.")
+    if view.check is not None:
+        console.print("check (liqmon replay --bootstrap --check): "
+                      + "\n  ".join(view.check.lines(examples=5)), highlight=False)
     return 0
 
 

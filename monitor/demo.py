@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import math
 import time
 from collections import Counter, deque
@@ -25,10 +26,13 @@ from rich.panel import Panel
 from rich.table import Table
 
 from monitor.config import RiskConfig
+from monitor.engine import Engine
 from monitor.market import SyntheticMarket
 from monitor.records import FILLS, LEDGER, PRICES
+from monitor.replay import EventCheck, check_events, replay_inputs
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.feed import input_producer
+from monitor.service.input_history import read_input_history, read_published_events
 from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings
 from monitor.state import EVENT_TYPES, AccountState
@@ -79,6 +83,7 @@ class DemoView:
     first_prices: dict[str, float] = field(default_factory=dict)
     progress: float = 0.0
     rate_samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=20))
+    check: EventCheck | None = None  # the published events against replay of the topics
 
     def input_rate(self, consumed: int) -> float:
         now = time.monotonic()
@@ -205,7 +210,19 @@ class Demo:
                 await reader
             await events.stop()
             await producer.stop()
+        self.view.check = await self._check(settings)
         return self.view
+
+    async def _check(self, settings: ServiceSettings) -> EventCheck:
+        """What `liqmon replay --bootstrap --check` says of the run: the input topics replayed
+        in the service's order against the events published."""
+        bootstrap, topics = self.broker.bootstrap, settings.topics
+        history = await read_input_history(bootstrap, topics)
+        replayed = io.BytesIO()
+        replay_inputs(history.inputs(), Engine(self.config), replayed,
+                      lambda source, rejection: None)
+        published = await read_published_events(bootstrap, topics)
+        return check_events(replayed.getvalue().splitlines(), published)
 
     async def _until_ready(self, monitor: Monitor, monitor_task: asyncio.Task[None]) -> None:
         """Wait until the monitor consumes. The first start after an install compiles its

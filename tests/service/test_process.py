@@ -142,6 +142,12 @@ def test_demo_runs_a_crash_shows_every_event_type_and_leaves_nothing_running() -
     assert all(n > 0 for n in counts.values())
     isolated = re.search(r"Of the events, ([\d,]+) were about isolated positions", tail)
     assert isolated and int(isolated.group(1).replace(",", "")) > 0, tail[-2000:]
+    # replay of the topics it wrote gives exactly the events it published
+    check = re.search(r"check \(liqmon replay --bootstrap --check\): ([\d,]+) events replayed, "
+                      r"([\d,]+) published \(0 repeats\): agree", tail)
+    assert check, tail[-2000:]
+    assert int(check.group(1).replace(",", "")) == int(check.group(2).replace(",", "")) \
+        == sum(counts.values())
     assert spawned and not any(alive(pid) for pid in spawned)
 
 
