@@ -57,6 +57,7 @@ from pathlib import Path
 import orjson
 from aiokafka.structs import ConsumerRecord
 
+from monitor.account import UnitKey
 from monitor.config import RiskConfig, load_config
 from monitor.engine import Engine
 from monitor.replay import check_events, replay_inputs
@@ -353,7 +354,8 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
             "replay": [orjson.loads(line) for line in out.getvalue().splitlines()],
             "dead-letters-unlike": [{"at": list(at), "in": "fleet" if at in dead else "replay"}
                                     for at in sorted(dead ^ rejected)],
-            "accounts-unlike": [{"account": key, "restored": restored.get(key),
+            "accounts-unlike": [{"account": key.label() if isinstance(key, UnitKey) else key,
+                                 "restored": restored.get(key),
                                  "replay": expected.get(key)} for key in unlike]}
     verdict.snapshots_going_back = len(await snapshots_going_back(settings))
 

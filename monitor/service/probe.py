@@ -162,9 +162,9 @@ async def topics_present(client: AIOKafkaClient, names: Sequence[str]) -> set[st
 
 
 class BrokerWatch:
-    """Says plainly when Kafka is out of reach and when it is back (and tells ``reachable``,
-    so that /readyz says so too), and stops the instance through ``fail`` when an output
-    topic has disappeared.
+    """Says plainly when Kafka is out of reach and when it is back (and tells ``reachable``
+    each time it asked — whether Kafka answered, and whether promptly — so that /readyz says
+    so too), and stops the instance through ``fail`` when an output topic has disappeared.
 
     The clients retry on their own and an idle consumer looks the same whether the broker
     is there or not, so a cheap metadata request each second tells the two apart: for the
@@ -172,11 +172,13 @@ class BrokerWatch:
     sends one at once (the merge asks before it releases records without proof of order);
     ``answered_sent_at`` is when the newest one answered within ``PROMPT_ANSWER`` was sent
     (monotonic clock). One answered later was held up by an outage and says only that it
-    ended: the merge's probes, held up with it, are answered as late.
+    ended: the merge's probes, held up with it, are answered as late. That may be the only
+    sign of an outage the watch has: an instance frozen (SIGSTOP, a throttled container)
+    through its start wakes with a request out that is answered when it ends.
     """
 
     def __init__(self, client: AIOKafkaClient, settings: ServiceSettings, metrics: Metrics,
-                 log: BoundLogger, reachable: Callable[[bool], None],
+                 log: BoundLogger, reachable: Callable[[bool, bool], None],
                  fail: Callable[[BaseException], None],
                  interval: float = PROBE_INTERVAL) -> None:
         self._client = client  # the producer's
@@ -207,19 +209,21 @@ class BrokerWatch:
             # a broker refusing connections fails each request at once
             await asyncio.sleep(max(0.0, sent_at + ASKED_SPACING - time.monotonic()))
             present: set[str] | None = None
+            prompt = False
             sent_at = time.monotonic()
             try:
                 # asyncio.timeout, not wait_for: see monitor/service/tasks.py
                 async with asyncio.timeout(PROBE_INTERVAL * 2):
                     present, error = await topics_present(client, outputs), None
-                if time.monotonic() - sent_at <= PROMPT_ANSWER:
+                prompt = time.monotonic() - sent_at <= PROMPT_ANSWER
+                if prompt:
                     self.answered_sent_at = sent_at
             except (KafkaError, TimeoutError, OSError) as exc:
                 error = exc
             reachable = present is not None
             now = time.monotonic()
             self.metrics.kafka_reachable.set(1 if reachable else 0)
-            self._found_reachable(reachable)
+            self._found_reachable(reachable, prompt)
             # Some brokers acknowledge produce requests to a deleted topic and keep nothing.
             missing = [name for name in outputs if present is not None and name not in present]
             if missing:

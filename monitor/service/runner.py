@@ -347,10 +347,13 @@ class Monitor:
         if error is not None:
             self.fail(error)
 
-    def _reachability(self, reachable: bool) -> None:
-        """What the broker watch found, each time it asked."""
-        if reachable and not self._reachable:
-            # what the merge waited for through the outage may be proven one probe from now
+    def _reachability(self, reachable: bool, prompt: bool) -> None:
+        """What the broker watch found, each time it asked: whether Kafka answered, and
+        whether within PROMPT_ANSWER."""
+        if reachable and (not self._reachable or not prompt):
+            # Kafka back after an outage, or an answer an outage held up (the watch may never
+            # have seen the outage: this instance frozen through its start): what the merge
+            # waited for through it may be proven one probe from now
             self._positions.merge.restart_wait()
         self._reachable = reachable
         self._update_ready()

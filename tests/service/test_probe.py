@@ -237,16 +237,17 @@ async def test_topics_present_raises_a_kafka_error_when_no_broker_answers() -> N
 
 
 @contextlib.asynccontextmanager
-async def watching(bootstrap: str) -> AsyncIterator[tuple[BrokerWatch, list[bool]]]:
+async def watching(bootstrap: str
+                   ) -> AsyncIterator[tuple[BrokerWatch, list[tuple[bool, bool]]]]:
     """A broker watch that asks only when told (an interval of an hour), and what it found
-    each time."""
+    each time: (Kafka answered, within PROMPT_ANSWER)."""
     settings = fresh_settings(bootstrap)
     await create_topics(settings)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
-    found: list[bool] = []
+    found: list[tuple[bool, bool]] = []
     watch = BrokerWatch(producer.client, settings, Metrics(), structlog.get_logger(),
-                        found.append, lambda exc: None, interval=3600)
+                        lambda *seen: found.append(seen), lambda exc: None, interval=3600)
     task = asyncio.create_task(watch.run())
     try:
         yield watch, found
@@ -260,30 +261,31 @@ async def test_the_broker_watch_asked_sends_a_request_at_once(broker) -> None:
     async with watching(broker.bootstrap) as (watch, found):
         asked_at = time.monotonic()
         watch.ask()
-        await until(lambda: found == [True])
+        await until(lambda: found == [(True, True)])
         assert watch.answered_sent_at >= asked_at
 
 
 @pytest.mark.kafka  # starts a broker of its own
 async def test_an_answer_held_up_by_an_outage_does_not_show_that_kafka_answers_now() -> None:
     """Asked while the broker is frozen, the request is answered once it thaws, a second
-    later: that says the outage ended, not that a request sent then is answered. Asked again
-    right after, the answer is prompt."""
+    later: that says the outage ended (and is reported as not prompt), not that a request
+    sent then is answered. Asked again right after, the answer is prompt."""
     with EmbeddedBroker() as own_broker:
         async with watching(own_broker.bootstrap) as (watch, found):
             watch.ask()
-            await until(lambda: found == [True])
+            await until(lambda: found == [(True, True)])
             before = watch.answered_sent_at
             own_broker.pause()
             watch.ask()
             await asyncio.sleep(1.0)
             own_broker.resume()
             await until(lambda: len(found) == 2)
-            assert found == [True, True] and watch.answered_sent_at == before
+            assert found == [(True, True), (True, False)]
+            assert watch.answered_sent_at == before
             asked_at = time.monotonic()
             watch.ask()
             await until(lambda: len(found) == 3)
-            assert watch.answered_sent_at >= asked_at
+            assert watch.answered_sent_at >= asked_at and found[2] == (True, True)
 
 
 @pytest.mark.kafka  # starts a broker of its own
@@ -300,4 +302,4 @@ async def test_a_watch_asked_without_pause_against_a_stopped_broker_asks_ten_tim
             while time.monotonic() - started < 1.0:
                 watch.ask()
                 await asyncio.sleep(0.001)
-            assert 1 <= found.count(False) <= 11
+            assert 1 <= found.count((False, False)) <= 11
