@@ -93,8 +93,7 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
     from aiokafka.errors import KafkaError
 
     from monitor.events import Source
-    from monitor.replay import check_events, replay_inputs
-    from monitor.service.input_history import read_input_history, read_published_events
+    from monitor.service.input_history import check_published, replay_topics
     from monitor.service.settings import Topics
 
     security = _checked_security(args)
@@ -102,11 +101,6 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
                     margin_calls=args.topic_margin_calls, liquidations=args.topic_liquidations)
     if topics.invalid():
         raise UsageError("; ".join(topics.invalid()))
-    try:
-        history = asyncio.run(read_input_history(args.bootstrap, topics, security))
-    except (KafkaError, LiqmonError) as exc:
-        raise CliError(f"cannot read the input topics from {args.bootstrap}: {exc}") from exc
-    print(f"replay: {history.summary()}", file=sys.stderr)
 
     def report(source: Source, rejection: Exception) -> None:
         print(f"{source.topic}/{source.partition}@{source.offset}: rejected: {rejection}",
@@ -114,19 +108,24 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
 
     replayed = io.BytesIO()
     with ExitStack() as stack:
-        out = _open_output(args.output, stack)
-        summary = replay_inputs(history.inputs(), engine, replayed, report)
+        out = _open_output(args.output, stack)  # before reading: a bad path fails at once
+        try:
+            history, summary = asyncio.run(replay_topics(args.bootstrap, topics, engine,
+                                                         replayed, report, security))
+        except (KafkaError, LiqmonError) as exc:
+            raise CliError(f"cannot read the input topics from {args.bootstrap}: {exc}"
+                           ) from exc
         out.write(replayed.getvalue())
         out.flush()
-    for line in summary.lines(engine):
+    for line in [history.summary(), *summary.lines(engine)]:
         print(f"replay: {line}", file=sys.stderr)
     if not args.check:
         return 0
     try:
-        published = asyncio.run(read_published_events(args.bootstrap, topics, security))
+        check = asyncio.run(check_published(args.bootstrap, topics, replayed.getvalue(),
+                                            security))
     except (KafkaError, LiqmonError) as exc:
         raise CliError(f"cannot read the event topics from {args.bootstrap}: {exc}") from exc
-    check = check_events(replayed.getvalue().splitlines(), published)
     for line in check.lines():
         print(f"check: {line}", file=sys.stderr)
     return 0 if check.agrees() else 3

@@ -29,10 +29,10 @@ from monitor.config import RiskConfig
 from monitor.engine import Engine
 from monitor.market import SyntheticMarket
 from monitor.records import FILLS, LEDGER, PRICES
-from monitor.replay import EventCheck, check_events, replay_inputs
+from monitor.replay import EventCheck
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.feed import input_producer
-from monitor.service.input_history import read_input_history, read_published_events
+from monitor.service.input_history import check_published, replay_topics
 from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings
 from monitor.state import EVENT_TYPES, AccountState
@@ -217,12 +217,10 @@ class Demo:
         """What `liqmon replay --bootstrap --check` says of the run: the input topics replayed
         in the service's order against the events published."""
         bootstrap, topics = self.broker.bootstrap, settings.topics
-        history = await read_input_history(bootstrap, topics)
         replayed = io.BytesIO()
-        replay_inputs(history.inputs(), Engine(self.config), replayed,
-                      lambda source, rejection: None)
-        published = await read_published_events(bootstrap, topics)
-        return check_events(replayed.getvalue().splitlines(), published)
+        await replay_topics(bootstrap, topics, Engine(self.config), replayed,
+                            lambda source, rejection: None)
+        return await check_published(bootstrap, topics, replayed.getvalue())
 
     async def _until_ready(self, monitor: Monitor, monitor_task: asyncio.Task[None]) -> None:
         """Wait until the monitor consumes. The first start after an install compiles its

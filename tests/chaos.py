@@ -60,9 +60,12 @@ from aiokafka.structs import ConsumerRecord
 from monitor.account import UnitKey
 from monitor.config import RiskConfig, load_config
 from monitor.engine import Engine
-from monitor.replay import check_events, replay_inputs
 from monitor.service.broker import EmbeddedBroker
-from monitor.service.input_history import read_input_history, read_published_events
+from monitor.service.input_history import (
+    check_published,
+    read_published_events,
+    replay_topics,
+)
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
 from tests.support.compare import state_of
@@ -328,14 +331,13 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
     if verdict.wedged:
         return
     # replay of the input topics as `liqmon replay --bootstrap --check` does it
-    history = await read_input_history(broker.bootstrap, settings.topics)
     engine = Engine(config)
     out = io.BytesIO()
     rejected: set[tuple[str, int | None, int | None, str]] = set()
-    replay_inputs(history.inputs(), engine, out, lambda source, rejection: rejected.add(
-        (source.topic, source.partition, source.offset, rejection.reason)))
-    published = await read_published_events(broker.bootstrap, settings.topics)
-    check = check_events(out.getvalue().splitlines(), published)
+    await replay_topics(broker.bootstrap, settings.topics, engine, out,
+                        lambda source, rejection: rejected.add(
+                            (source.topic, source.partition, source.offset, rejection.reason)))
+    check = await check_published(broker.bootstrap, settings.topics, out.getvalue())
     verdict.events_equal = not (check.missing or check.extra or check.different
                                 or check.unreadable)
     verdict.differing_repeats = len(check.repeats_unlike)
@@ -350,7 +352,8 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
     if verdict.unlike_replay:
         verdict.evidence = {
             "check": [{"line": line} for line in check.lines(examples=1_000)],
-            "published": [orjson.loads(value) for value in published if value],
+            "published": [orjson.loads(value) for value in await read_published_events(
+                broker.bootstrap, settings.topics) if value],
             "replay": [orjson.loads(line) for line in out.getvalue().splitlines()],
             "dead-letters-unlike": [{"at": list(at), "in": "fleet" if at in dead else "replay"}
                                     for at in sorted(dead ^ rejected)],

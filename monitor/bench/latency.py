@@ -254,18 +254,18 @@ def scrape_order_counters(port: int) -> dict[str, float | None]:
             "late": sum(s.value for s in samples if s.name == "liqmon_records_late_total")}
 
 
-def order_check(config: Any, history: Any, published: list[bytes | None]) -> dict[str, int]:
+async def order_check(config: Any, bootstrap: str, topics: Any) -> dict[str, int]:
     """The service's events against replay of its input topics in the service's order, as
-    `liqmon replay --bootstrap --check` compares them (`history`: the `InputHistory`;
-    `published`: the event topics' values): how many are equal, missing, extra, different."""
+    `liqmon replay --bootstrap --check` compares them: how many are equal, missing, extra,
+    different."""
     import io
 
     from monitor.engine import Engine
-    from monitor.replay import check_events, replay_inputs
+    from monitor.service.input_history import check_published, replay_topics
 
     out = io.BytesIO()
-    replay_inputs(history.inputs(), Engine(config), out, lambda source, rejection: None)
-    check = check_events(out.getvalue().splitlines(), published)
+    await replay_topics(bootstrap, topics, Engine(config), out, lambda source, rejection: None)
+    check = await check_published(bootstrap, topics, out.getvalue())
     return {"expected": check.replayed, "got": check.published,
             "missing": len(check.missing), "extra": len(check.extra),
             "different": len(check.different) + len(check.repeats_unlike) + check.unreadable}
@@ -275,7 +275,6 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
                          bootstrap: str, workdir: Path, say: Callable[[str], None]
                          ) -> dict[str, Any]:
     from monitor.service.broker import free_port
-    from monitor.service.input_history import read_input_history, read_published_events
     from monitor.service.metrics import scrape_input_offsets
     from monitor.service.settings import ServiceSettings, Topics
     from monitor.service.topics import create_topics
@@ -343,8 +342,7 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
     events_arrived = Arrivals([*arrivals[topics.margin_calls].latencies_ms,
                                *arrivals[topics.liquidations].latencies_ms])
     say(f"{name}: order check")
-    history = await read_input_history(bootstrap, topics)
-    order = order_check(config, history, await read_published_events(bootstrap, topics))
+    order = await order_check(config, bootstrap, topics)
     return {"sent": sent, "service": events_arrived.summary(),
             "relay": arrivals[relayed].summary(), "order": order,
             "service_emitted": arrivals["emitted"].summary(),

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO
 
 from aiokafka import TopicPartition
 
+from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.events import Source
+from monitor.records import Rejected
+from monitor.replay import EventCheck, ReplaySummary, check_events, replay_inputs
 from monitor.service.log_reader import RecordBatch, bounds, read_range, reading_client
 from monitor.service.probe import topics_present
 from monitor.service.security import PLAINTEXT, KafkaSecurity
@@ -133,3 +137,21 @@ async def _read_whole(bootstrap: str, names: list[str],
         ranges = await bounds(client, wanted, request_timeout_ms / 1000)
         await read_range(client, ranges, take, request_timeout_ms / 1000)
     return ranges
+
+
+async def replay_topics(bootstrap: str, topics: Topics, engine: Engine, out: IO[bytes],
+                        report_rejection: Callable[[Source, Rejected], None],
+                        security: KafkaSecurity = PLAINTEXT
+                        ) -> tuple[InputHistory, ReplaySummary]:
+    """`liqmon replay --bootstrap`: read the input topics (`read_input_history`) and replay
+    them into ``engine``, its events onto ``out``."""
+    history = await read_input_history(bootstrap, topics, security)
+    return history, replay_inputs(history.inputs(), engine, out, report_rejection)
+
+
+async def check_published(bootstrap: str, topics: Topics, replayed: bytes,
+                          security: KafkaSecurity = PLAINTEXT) -> EventCheck:
+    """`liqmon replay --bootstrap --check`: the events published against those a replay of
+    the topics wrote (``replayed``, JSON lines)."""
+    published = await read_published_events(bootstrap, topics, security)
+    return check_events(replayed.splitlines(), published)

@@ -28,8 +28,8 @@ nothing: its events cannot be published until a broker is back, and by then a pr
 the order; it would only apply records in a worse one. So a forced release also needs Kafka to
 have answered a request sent after ``max_wait`` ran out (the caller's broker watch, asked at
 once: ``awaiting_kafka``), and, since the watch notices an outage only after its request times
-out (or, in a process frozen through its start, only by an answer it held up), the wait
-starts over when it finds Kafka back or an answer came late (``restart_wait``). Both bounds count the
+out (or, in a process frozen through its start, only by an answer it held up), the wait starts
+over when it finds Kafka back or an answer came late (``restart_wait``). Both bounds count the
 time the loop was turning, not the time the process was held still: a gap between two takes
 counts at most ``most_per_turn`` (a healthy loop takes every 0.2 s at least). A process frozen
 for seconds (SIGSTOP, a throttled container) would otherwise wake to find every wait over, and
