@@ -98,13 +98,21 @@ async def serve_alice(settings, tick_timestamp: int) -> None:
         await wait_processed(monitor, {TopicPartition(t.prices, 0): 1})
 
 
-async def test_check_agrees_with_what_the_service_published(broker):
+async def check_after_serving_alice(broker, tick_timestamp: int
+                                    ) -> subprocess.CompletedProcess[str]:
+    """`liqmon replay --bootstrap --check` of topics of their own, after `serve_alice`."""
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
-    await serve_alice(settings, tick_timestamp=4_000)
-    result = await asyncio.to_thread(
+    await serve_alice(settings, tick_timestamp)
+    return await asyncio.to_thread(
         liqmon, "replay", "--bootstrap", broker.bootstrap, "--config", str(CONFIG), "--check",
         *topic_args(settings))
+
+
+async def test_check_agrees_with_what_the_service_published(broker):
+    """The tick is stamped after the fill and sent after it: live and replay apply the same
+    order, and the one liquidation published is replay's."""
+    result = await check_after_serving_alice(broker, tick_timestamp=4_000)
     assert result.returncode == 0, result.stderr
     assert ("check: 1 event replayed, 1 published (0 repeats): agree; 0 missing, 0 extra, "
             "0 different, 0 repeats unlike the first, 0 unreadable") in result.stderr
@@ -114,12 +122,7 @@ async def test_check_shows_what_a_record_sent_after_one_that_sorts_after_it_chan
     """The tick is stamped 2 s, before the fill, but sent after the service applied the fill
     (counted late, liqmon_records_late_total): live, the tick liquidated alice; in timestamp
     order the fill does. The check exits 3 and names the event and the fields that differ."""
-    settings = fresh_settings(broker.bootstrap)
-    await create_topics(settings)
-    await serve_alice(settings, tick_timestamp=2_000)
-    result = await asyncio.to_thread(
-        liqmon, "replay", "--bootstrap", broker.bootstrap, "--config", str(CONFIG), "--check",
-        *topic_args(settings))
+    result = await check_after_serving_alice(broker, tick_timestamp=2_000)
     assert result.returncode == 3, result.stderr
     assert ("check: 1 event replayed, 1 published (0 repeats): DIFFER; 0 missing, 0 extra, "
             "1 different, 0 repeats unlike the first, 0 unreadable") in result.stderr
