@@ -6,6 +6,9 @@ offset) over every partition of the three topics, each read from its first offse
 as of the start (records appended later are not read, so a replay is one fixed set of
 records). Read without joining a consumer group, and without creating a missing topic: some
 brokers (the embedded one among them) create a topic a metadata request names.
+
+For `--check`, the event topics are read the same way, and what the fleet published is
+compared with the replay's events (`replay.check_events`).
 """
 
 from __future__ import annotations
