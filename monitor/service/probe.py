@@ -162,9 +162,10 @@ async def topics_present(client: AIOKafkaClient, names: Sequence[str]) -> set[st
 
 
 class BrokerWatch:
-    """Says plainly when Kafka is out of reach and when it is back (and tells ``reachable``
-    each time it asked — whether Kafka answered, and whether promptly — so that /readyz says
-    so too), and stops the instance through ``fail`` when an output topic has disappeared.
+    """Says plainly when Kafka is out of reach and when it is back, and stops the instance
+    through ``fail`` when an output topic has disappeared. Each time it asks it tells
+    ``reachable`` whether Kafka answered (so that /readyz says so too) and whether within
+    ``PROMPT_ANSWER`` (a late answer restarts the merge's wait: see below).
 
     The clients retry on their own and an idle consumer looks the same whether the broker
     is there or not, so a cheap metadata request each second tells the two apart: for the
