@@ -18,9 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import load_config
 from monitor.engine import Engine
-from monitor.replay import replay_inputs
 from monitor.service.broker import EmbeddedBroker
-from monitor.service.input_history import read_input_history
+from monitor.service.input_history import replay_topics
 from monitor.service.runner import Monitor
 from tests.support.kafka import (
     RunningMonitor,
@@ -167,9 +166,9 @@ async def test_the_services_events_are_the_replay_of_its_input_topics_but_emitte
         assert monitor.metrics.merge_forced._value.get() == 0
         assert late_records(monitor) == 0
     live = await read_events(settings.bootstrap, settings.topics)
-    history = await read_input_history(settings.bootstrap, settings.topics)
     out = io.BytesIO()
-    replay_inputs(history.inputs(), Engine(config), out, lambda source, rejection: None)
+    history, _ = await replay_topics(settings.bootstrap, settings.topics, Engine(config), out,
+                                     lambda source, rejection: None)
     replayed = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert len(history.messages) == len(records)
     assert len(replayed) > 30  # the stream moves accounts through their states
