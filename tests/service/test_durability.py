@@ -133,7 +133,7 @@ async def test_an_upgrade_to_zstd_restores_checkpoints_written_under_lz4(broker)
     async with RunningMonitor(upgraded, config) as new:
         assert state_of(new.engine) == before
         ends = await produce_timestamped(broker.bootstrap, upgraded.topics, second,
-                                         first_timestamp_ms=2_000_000)
+                                         first_timestamp_ms=2_000_000, live=True)
         await wait_processed(new, ends)
     assert await batch_codecs(broker.bootstrap, upgraded.topics.state) == {LZ4, ZSTD}
     events = await read_events(broker.bootstrap, upgraded.topics)
@@ -345,7 +345,7 @@ async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker
     async with RunningMonitor(settings, config) as monitor:
         for half, start_ms in ((first[:450], 1_000_000), (first[450:], 1_500_000)):
             ends = await produce_timestamped(broker.bootstrap, settings.topics, half,
-                                             first_timestamp_ms=start_ms)
+                                             first_timestamp_ms=start_ms, live=True)
             await wait_processed(monitor, ends)
             await asyncio.sleep(0.5)  # checkpointed: every account touched so far
         before = state_of(monitor.engine)

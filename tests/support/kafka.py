@@ -73,22 +73,29 @@ async def produce(bootstrap: str,
                                      | tuple[str, bytes | None, bytes | None, int]],
                   first_timestamp_ms: int | None = None,
                   security: KafkaSecurity = PLAINTEXT,
-                  max_request_size: int = 1024 * 1024) -> dict[TopicPartition, int]:
+                  max_request_size: int = 1024 * 1024,
+                  one_at_a_time: bool = False) -> dict[TopicPartition, int]:
     """Produce (topic, key, value) in order, each to the partition its key picks or, given
     a fourth member, to that partition; returns the end offset per partition.
 
     With first_timestamp_ms, message i carries Kafka timestamp first_timestamp_ms + i, which
-    fixes the order in which the monitor's time-ordered merge applies them."""
+    fixes the order in which the monitor's time-ordered merge applies them: at once if the
+    monitor starts after, and, while it runs, only if sent ``one_at_a_time`` (each acknowledged
+    before the next; see `produce_located` for why)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2,
                                 max_request_size=max_request_size,
                                 **security.client_kwargs())
     await producer.start()
     ends: dict[TopicPartition, int] = {}
     try:
-        futures = [await producer.send(topic, value, key=key, partition=where[0] if where
-                                       else None, timestamp_ms=None
-                                       if first_timestamp_ms is None else first_timestamp_ms + i)
-                   for i, (topic, key, value, *where) in enumerate(messages)]
+        futures = []
+        for i, (topic, key, value, *where) in enumerate(messages):
+            future = await producer.send(
+                topic, value, key=key, partition=where[0] if where else None,
+                timestamp_ms=None if first_timestamp_ms is None else first_timestamp_ms + i)
+            if one_at_a_time:
+                await future
+            futures.append(future)
         for future in futures:
             meta = await future
             tp = TopicPartition(meta.topic, meta.partition)
@@ -225,13 +232,14 @@ def positions_of(records, topics: Topics) -> list[tuple[str, int, int]]:
 
 
 async def produce_timestamped(bootstrap: str, topics: Topics, records,
-                              first_timestamp_ms: int = 1_000_000
+                              first_timestamp_ms: int = 1_000_000, *, live: bool = False
                               ) -> dict[TopicPartition, int]:
     """Produce (kind, key, value) records with increasing Kafka timestamps: the monitor's
-    time-ordered merge then applies them in this order however it happens to fetch them."""
+    time-ordered merge then applies them in this order however it happens to fetch them.
+    ``live``: a monitor is running, so each is acknowledged before the next is sent."""
     names = {"prices": topics.prices, "fills": topics.fills, "ledger": topics.ledger}
     return await produce(bootstrap, [(names[kind], key, value) for kind, key, value in records],
-                         first_timestamp_ms=first_timestamp_ms)
+                         first_timestamp_ms=first_timestamp_ms, one_at_a_time=live)
 
 
 
