@@ -29,7 +29,11 @@ the order; it would only apply records in a worse one. So a forced release also 
 have answered a request sent after ``max_wait`` ran out (the caller's broker watch, asked at
 once: ``awaiting_kafka``), and, since the watch notices an outage only after its request times
 out (or, in a process frozen through its start, only by an answer it held up), the wait starts
-over when it finds Kafka back or an answer came late (``restart_wait``). Both bounds count the
+over when it finds Kafka back or an answer came late (``restart_wait``). An answer that comes
+promptly can still be the first sign that an outage ended: the probes it held up come back
+with it, a few ms apart. So a probe of a partition holding the head back that was out when the
+answer was seen holds the release for up to ``HELD_UP_PROBES`` more; by then it has come back,
+or it is of a partition the broker does not answer for. Both bounds count the
 time the loop was turning, not the time the process was held still: a gap between two takes
 counts at most ``most_per_turn`` (a healthy loop takes every 0.2 s at least). A process frozen
 for seconds (SIGSTOP, a throttled container) would otherwise wake to find every wait over, and
@@ -90,6 +94,7 @@ Record = Any  # aiokafka ConsumerRecord: .timestamp, .offset, .key, .value
 NEVER = float("-inf")
 FIRST = (-(1 << 63), 0, 0, 0)  # sorts before every record's key
 MOST_PER_TURN = 0.25  # seconds a gap between two takes counts, at most, towards the bounds
+HELD_UP_PROBES = 0.5  # seconds a forced release waits for probes out when Kafka was seen to answer
 
 
 class TimestampMerge:
@@ -117,6 +122,12 @@ class TimestampMerge:
         self._blocked_since: float | None = None
         # clock time max_wait ran out, while waiting for Kafka to answer a request sent since
         self._wait_over_at: float | None = None
+        # probes out, per partition: their send times (wall-clock ms), until answered or failed
+        self._out: dict[TopicPartition, set[float]] = {}
+        # once Kafka answered a request sent after max_wait ran out: the clock time that was
+        # seen, and the probes out then (held up by an outage that answer may be the end of)
+        self._answer_seen_at: float | None = None
+        self._out_when_answered: dict[TopicPartition, set[float]] = {}
         # clock time a partition's read position last moved, and since when a probe has
         # found records of it not read yet: the later of the two starts its stall clock
         self._progress: dict[TopicPartition, float] = {}
@@ -167,9 +178,28 @@ class TimestampMerge:
         self._progressed(tp)
         self._settle_probe(tp)
 
+    def asked(self, sent_at_ms: float, tps: Iterable[TopicPartition]) -> None:
+        """A probe of ``tps`` went out at wall-clock ``sent_at_ms``: out until `probed` or
+        `unanswered` says it came back."""
+        for tp in tps:
+            self._out.setdefault(tp, set()).add(sent_at_ms)
+
+    def unanswered(self, sent_at_ms: float, tps: Iterable[TopicPartition]) -> None:
+        """The probe sent at ``sent_at_ms`` failed, or its answer left ``tps`` out."""
+        for tp in tps:
+            self._back(tp, sent_at_ms)
+
+    def _back(self, tp: TopicPartition, sent_at_ms: float) -> None:
+        out = self._out.get(tp)
+        if out is not None:
+            out.discard(sent_at_ms)
+            if not out:
+                del self._out[tp]
+
     def probed(self, sent_at_ms: float, ends: dict[TopicPartition, int]) -> None:
         """End offsets asked for at wall-clock ``sent_at_ms`` (taken before the request)."""
         for tp, end in ends.items():
+            self._back(tp, sent_at_ms)
             if tp in self.fetched_to and tp not in self.stalled:  # not dropped meanwhile
                 answers = self._probed.setdefault(tp, [])
                 if not answers:
@@ -312,7 +342,7 @@ class TimestampMerge:
                     stalled_floor = min(stalled_floor, *(proven.get(other, NEVER)
                                                          for other in unread))
                     continue  # the head again, without the stalled partitions
-                if not self._waited_enough(kafka_answered):
+                if not self._waited_enough(kafka_answered, holding):
                     break
                 self.forced += 1
                 self.forced_on.update(holding)
@@ -381,12 +411,17 @@ class TimestampMerge:
     def _unblock(self) -> None:
         self._blocked_since = None
         self._wait_over_at = None
+        self._answer_seen_at = None
+        self._out_when_answered = {}
 
-    def _waited_enough(self, kafka_answered: float) -> bool:
-        """``max_wait`` ran out, and Kafka answered a request sent since (unless max_wait is
-        0: no wait at all). While no broker answers, records released without proof could
-        not be published before a probe proves their order; it would only apply them in a
-        worse one."""
+    def _waited_enough(self, kafka_answered: float, holding: list[TopicPartition]) -> bool:
+        """``max_wait`` ran out, Kafka answered a request sent since (unless max_wait is 0: no
+        wait at all), and no probe of the ``holding`` partitions that was out when that answer
+        was seen is still out, unless it has been for ``HELD_UP_PROBES`` since. While no
+        broker answers, records released without proof could not be published before a probe
+        proves their order; it would only apply them in a worse one. And an answer may be
+        the end of an outage the watch never saw, whose held-up probes are answered with it:
+        a release then would go out a few ms before the proof."""
         now = self._turning()
         if self._blocked_since is None:
             self._blocked_since = now
@@ -395,7 +430,15 @@ class TimestampMerge:
             return False
         if self._wait_over_at is None:
             self._wait_over_at = self._clock()
-        return kafka_answered >= self._wait_over_at
+        if kafka_answered < self._wait_over_at:
+            return False
+        if self._answer_seen_at is None:
+            self._answer_seen_at = self._clock()
+            self._out_when_answered = {tp: set(sent) for tp, sent in self._out.items()}
+        if self._clock() - self._answer_seen_at >= HELD_UP_PROBES:
+            return True
+        return not any(self._out_when_answered.get(tp, set()) & self._out.get(tp, set())
+                       for tp in holding)
 
     @property
     def awaiting_kafka(self) -> bool:

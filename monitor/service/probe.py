@@ -98,6 +98,7 @@ class WatermarkProber:
         sent_at_ms = time.time() * 1000
         for tp in tps:
             self._sent[tp] = sent_at_ms
+        self._merge.asked(sent_at_ms, tps)
         task = asyncio.create_task(self._ask(sent_at_ms, tps))
         self._in_flight.add(task)
         task.add_done_callback(self._finished)
@@ -118,16 +119,18 @@ class WatermarkProber:
         return [tp for tp in self._merge.to_probe() if self._sent.get(tp, NEVER) < needs]
 
     async def _ask(self, sent_at_ms: float, tps: list[TopicPartition]) -> None:
+        ends: dict[TopicPartition, int] = {}
         try:
             ends = await self._probe.end_offsets(tps)
         except KafkaError as exc:
             self.log.debug("watermark probe failed", error=repr(exc))
-            ends = {}
         else:
             self._merge.probed(sent_at_ms, ends)
             self.answered.set()
             # answered: what it proves is the merge's to keep (a seek makes it forget)
             self._forget_sent(ends, sent_at_ms)
+        finally:  # the merge no longer waits for what this probe did not answer
+            self._merge.unanswered(sent_at_ms, [tp for tp in tps if tp not in ends])
         if len(ends) < len(tps):  # failed, or the broker left some out: ask again, later
             await asyncio.sleep(PROBE_RETRY)
             self._forget_sent([tp for tp in tps if tp not in ends], sent_at_ms)

@@ -544,6 +544,70 @@ def test_kafka_found_back_restarts_the_wait() -> None:
     assert m.forced == 0
 
 
+def test_a_probe_out_when_kafka_is_seen_to_answer_holds_a_forced_release_until_it_is_back(
+        ) -> None:
+    """An outage the broker watch never saw ends at 0.9 s: the watch's request, sent at 0.6 s
+    after --merge-wait ran out, is answered promptly, and the probe of fills sent at 0.1 s and
+    held up since comes back a few ms later. It finds fills holding a record not read yet,
+    stamped before the tick: nothing was forced, and the fill goes out first."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
+    clock.now = 0.1
+    m.asked(NOW + 100, [FILLS])
+    clock.now = 0.5
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == [] and m.awaiting_kafka
+    clock.now = 0.9
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.6) == []
+    m.probed(NOW + 100, {FILLS: 1})
+    clock.now = 0.91
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.6) == []  # fills/0 exists: read it
+    m.add(FILLS, [Rec(0, 3)], NOW + 910)
+    assert offsets(m.take(100, [PRICES, FILLS], kafka_answered=0.6)) == [
+        ("fills", 0), ("prices", 0)]
+    assert m.forced == 0
+
+
+def test_a_probe_still_out_half_a_second_after_kafka_answered_no_longer_holds_a_release(
+        ) -> None:
+    """A broker that answers the watch but never the probe of fills (its leader is down):
+    the forced release waits 0.5 s (HELD_UP_PROBES) after the answer was seen, no longer."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.asked(NOW, [FILLS])
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
+    clock.now = 0.5
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
+    clock.now = 0.6
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.5) == []
+    clock.now = 1.09
+    assert m.take(100, [PRICES, FILLS], kafka_answered=1.0) == []
+    clock.now = 1.1
+    assert offsets(m.take(100, [PRICES, FILLS], kafka_answered=1.0)) == [("prices", 0)]
+    assert m.forced == 1
+
+
+def test_a_probe_sent_after_kafka_was_seen_to_answer_does_not_hold_a_forced_release() -> None:
+    """The held-up probe failed; the one sent in its place went out after Kafka's answer was
+    seen, to a broker known to answer: the release is forced at once."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.asked(NOW, [FILLS])
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
+    clock.now = 0.5
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
+    clock.now = 0.6
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.5) == []
+    m.unanswered(NOW, [FILLS])
+    m.asked(NOW + 610, [FILLS])
+    clock.now = 0.62
+    assert offsets(m.take(100, [PRICES, FILLS], kafka_answered=0.5)) == [("prices", 0)]
+    assert m.forced == 1
+
+
 def test_a_merge_wait_of_zero_forces_at_once_without_asking_kafka() -> None:
     m = merge(max_wait=0)
     m.add(PRICES, [Rec(0, 5)], NOW)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import Metrics
 from monitor.service.probe import BrokerWatch, WatermarkProber, topics_present
 from monitor.service.topics import create_topics, output_topics
+from tests.support.clock import Clock
 from tests.support.kafka import fresh_settings
 
 
@@ -197,6 +199,38 @@ async def test_a_probe_that_fails_unexpectedly_stops_the_prober(broker) -> None:
         done, _ = await asyncio.wait([task], timeout=10)
         assert task in done
         assert isinstance(task.exception(), RuntimeError)
+
+
+@pytest.mark.kafka  # starts a broker of its own
+async def test_a_probe_an_outage_holds_up_holds_a_forced_release_until_it_is_answered() -> None:
+    """The second partition's probe goes out as the broker freezes. --merge-wait runs out and
+    Kafka is seen to answer a request sent since, as when the outage ends: the probe, still
+    out, holds the release back. Answered once the broker thaws, it proves the order."""
+    with EmbeddedBroker() as own_broker:
+        settings, _, (first, second), consumer = await probing(own_broker)
+        clock = Clock()
+        merge = TimestampMerge(lambda topic: 0, max_skew_ms=0, max_wait=0.5, clock=clock,
+                               most_per_turn=math.inf)
+        for tp in (first, second):
+            merge.seek(tp, 0)
+        prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())  # not run
+        try:
+            merge.add(first, [Rec(0, int(time.time() * 1000))])
+            assert merge.take(10, [first, second], kafka_answered=0.0) == []
+            own_broker.pause()
+            assert prober.poke()
+            await asyncio.sleep(0.2)  # sent, and held
+            clock.now = 0.5
+            assert merge.take(10, [first, second], kafka_answered=0.0) == []
+            clock.now = 0.6
+            assert merge.take(10, [first, second], kafka_answered=0.6) == []
+            own_broker.resume()
+            await until(lambda: not prober._in_flight)
+            assert [tp for tp, _ in merge.take(10, [first, second], kafka_answered=0.6)] == [first]
+            assert merge.forced == 0
+        finally:
+            own_broker.resume()
+            await consumer.stop()
 
 
 @contextlib.asynccontextmanager
