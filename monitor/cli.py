@@ -106,12 +106,13 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
         print(f"{source.topic}/{source.partition}@{source.offset}: rejected: {rejection}",
               file=sys.stderr)
 
-    replayed = io.BytesIO()
+    replayed = io.BytesIO()  # what --check compares; without it, events go out as they come
     with ExitStack() as stack:
         out = _open_output(args.output, stack)  # before reading: a bad path fails at once
         try:
-            history, summary = asyncio.run(replay_topics(args.bootstrap, topics, engine,
-                                                         replayed, report, security))
+            history, summary = asyncio.run(replay_topics(
+                args.bootstrap, topics, engine, replayed if args.check else out, report,
+                security))
         except (KafkaError, LiqmonError) as exc:
             raise CliError(f"cannot read the input topics from {args.bootstrap}: {exc}"
                            ) from exc

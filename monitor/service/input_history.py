@@ -7,14 +7,21 @@ as of the start (records appended later are not read, so a replay is one fixed s
 records). Read without joining a consumer group, and without creating a missing topic: some
 brokers (the embedded one among them) create a topic a metadata request names.
 
+Memory stays bounded however long the topics are: records are sorted in memory
+``SORTED_IN_MEMORY`` at a time, each such run written to an unnamed temporary file, and the
+runs merged as they are read back (`SortedRecords`, an external merge sort).
+
 For `--check`, the event topics are read the same way, and what the fleet published is
 compared with the replay's events (`replay.check_events`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import heapq
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import IO
 
 from aiokafka import TopicPartition
@@ -43,19 +50,90 @@ class InputMessage:
     value: bytes | None
 
 
+def _order(m: InputMessage) -> tuple[int, int, int, int]:
+    return m.timestamp, m.rank, m.partition, m.offset
+
+
+SORTED_IN_MEMORY = 500_000  # records held at most before a sorted run goes to disk
+_RUN_BUFFER = 1 << 16  # bytes read ahead from each run while merging
+# a record in a run: timestamp, rank, partition, offset, value length (-1: none), the value
+_HEAD = struct.Struct("<qBiqi")
+
+
+@dataclass
+class SortedRecords:
+    """Records taken in any order, given back in the order the service applies them, with
+    at most ``in_memory`` of them held: each time that many are held, they are sorted and
+    written to an unnamed temporary file (in $TMPDIR, gone when closed or when the process
+    ends), ~30 bytes a record beyond its value; `sorted` merges those runs as it reads them
+    back. ``names`` is each rank's (topic, kind), which a run does not store."""
+
+    names: dict[int, tuple[str, str]]
+    in_memory: int = SORTED_IN_MEMORY
+    count: int = 0
+    held: list[InputMessage] = field(default_factory=list)
+    runs: list[IO[bytes]] = field(default_factory=list)
+
+    def extend(self, messages: Iterable[InputMessage]) -> None:
+        before = len(self.held)
+        self.held.extend(messages)
+        self.count += len(self.held) - before
+        if len(self.held) >= self.in_memory:
+            self._spill()
+
+    def _spill(self) -> None:
+        self.held.sort(key=_order)
+        run = tempfile.TemporaryFile(buffering=_RUN_BUFFER)  # noqa: SIM115 (see close)
+        self.runs.append(run)
+        pack, write = _HEAD.pack, run.write
+        for m in self.held:
+            value = m.value
+            write(pack(m.timestamp, m.rank, m.partition, m.offset,
+                       -1 if value is None else len(value)))
+            if value:
+                write(value)
+        self.held = []
+
+    def sorted(self) -> Iterator[InputMessage]:
+        """Every record, in order: read once (the runs are read from their starts)."""
+        self.held.sort(key=_order)
+        if not self.runs:
+            yield from self.held
+            return
+        for run in self.runs:
+            run.seek(0)
+        yield from heapq.merge(*map(self._read, self.runs), self.held, key=_order)
+
+    def _read(self, run: IO[bytes]) -> Iterator[InputMessage]:
+        size, unpack, names = _HEAD.size, _HEAD.unpack, self.names
+        while head := run.read(size):
+            timestamp, rank, partition, offset, length = unpack(head)
+            topic, kind = names[rank]
+            yield InputMessage(timestamp, rank, partition, offset, topic, kind,
+                               None if length < 0 else run.read(length))
+
+    def close(self) -> None:
+        for run in self.runs:
+            run.close()
+        self.runs, self.held = [], []
+
+
 @dataclass
 class InputHistory:
     """The records of every input partition, in the order the service applies them, and the
-    offsets each partition was read between (first, end)."""
+    offsets each partition was read between (first, end). Closed once replayed."""
 
-    messages: list[InputMessage]
+    records: SortedRecords
     ranges: dict[TopicPartition, tuple[int, int]]
 
     def inputs(self) -> Iterator[tuple[Source, str, bytes | None]]:
         """What `replay.replay_inputs` takes: each record's source, its topic's kind, its
         value."""
-        for m in self.messages:
+        for m in self.records.sorted():
             yield Source(m.topic, m.partition, m.offset), m.kind, m.value
+
+    def close(self) -> None:
+        self.records.close()
 
     def summary(self) -> str:
         """One line: what was read, and which partitions no longer start at offset 0 (their
@@ -66,7 +144,8 @@ class InputHistory:
             per_topic[tp.topic] = per_topic.get(tp.topic, 0) + 1
         parts = ", ".join(f"{topic} ({count} partition{'s' if count > 1 else ''})"
                           for topic, count in per_topic.items())
-        line = f"read {len(self.messages):,} records of {parts} up to their ends at the start"
+        line = (f"read {self.records.count:,} records of {parts} up to their ends at the "
+                "start")
         later = sorted((tp.topic, tp.partition, start) for tp, (start, _) in self.ranges.items()
                        if start > 0)
         if later:
@@ -86,24 +165,30 @@ class TopicsNotFound(LiqmonError):
 
 async def read_input_history(bootstrap: str, topics: Topics,
                              security: KafkaSecurity = PLAINTEXT,
-                             request_timeout_ms: int = 30_000) -> InputHistory:
+                             request_timeout_ms: int = 30_000,
+                             in_memory: int = SORTED_IN_MEMORY) -> InputHistory:
     """Read every input partition from its first offset to its end as of now, and order the
-    records as the service's merge does. Holds every record's value in memory."""
+    records as the service's merge does (holding at most ``in_memory`` of them at a time:
+    `SortedRecords`). The caller closes the history."""
     kinds = topics.input_kinds()
     ranks = topics.input_ranks()
-    messages: list[InputMessage] = []
+    records = SortedRecords({ranks[topic]: (topic, kind) for topic, kind in kinds.items()},
+                            in_memory)
 
     def take(tp: TopicPartition, batch: RecordBatch) -> None:
         topic, partition = tp.topic, tp.partition
         kind, rank = kinds[topic], ranks[topic]
-        messages.extend(InputMessage(record.timestamp, rank, partition, record.offset, topic,
-                                     kind, record.value)
-                        for record in batch.records())
+        records.extend(InputMessage(record.timestamp, rank, partition, record.offset, topic,
+                                    kind, record.value)
+                       for record in batch.records())
 
-    ranges = await _read_whole(bootstrap, list(kinds), take, security, request_timeout_ms,
-                               "--topic-prices, --topic-fills, --topic-ledger")
-    messages.sort(key=lambda m: (m.timestamp, m.rank, m.partition, m.offset))
-    return InputHistory(messages, ranges)
+    try:
+        ranges = await _read_whole(bootstrap, list(kinds), take, security, request_timeout_ms,
+                                   "--topic-prices, --topic-fills, --topic-ledger")
+    except BaseException:
+        records.close()
+        raise
+    return InputHistory(records, ranges)
 
 
 async def read_published_events(bootstrap: str, topics: Topics,
@@ -149,7 +234,10 @@ async def replay_topics(bootstrap: str, topics: Topics, engine: Engine, out: IO[
     """`liqmon replay --bootstrap`: read the input topics (`read_input_history`) and replay
     them into ``engine``, its events onto ``out``."""
     history = await read_input_history(bootstrap, topics, security)
-    return history, replay_inputs(history.inputs(), engine, out, report_rejection)
+    try:
+        return history, replay_inputs(history.inputs(), engine, out, report_rejection)
+    finally:
+        history.close()
 
 
 async def check_published(bootstrap: str, topics: Topics, replayed: bytes,

@@ -4,6 +4,7 @@ applies them (SPEC §6), as an operator audits what the fleet published."""
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 
@@ -13,7 +14,12 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from monitor.config import load_config
-from monitor.service.input_history import InputHistory
+from monitor.service.input_history import (
+    InputHistory,
+    InputMessage,
+    SortedRecords,
+    read_input_history,
+)
 from monitor.service.topics import create_topics
 from tests.support.kafka import RunningMonitor, fresh_settings, wait_processed
 from tests.support.paths import REPO
@@ -161,7 +167,7 @@ def test_an_invalid_topic_name_is_a_usage_error() -> None:
 
 
 def test_the_summary_says_which_partitions_lost_their_earliest_records() -> None:
-    history = InputHistory(messages=[], ranges={
+    history = InputHistory(SortedRecords(names={}), ranges={
         TopicPartition("prices", 0): (0, 10),
         TopicPartition("fills", 0): (0, 0),
         TopicPartition("fills", 1): (1_200, 3_000),
@@ -170,3 +176,57 @@ def test_the_summary_says_which_partitions_lost_their_earliest_records() -> None
         "read 0 records of prices (1 partition), fills (2 partitions) up to their ends at the "
         "start; the earliest records of fills/1 (before offset 1,200) are gone from Kafka: "
         "what they did is missing from this replay")
+
+
+NAMES = {0: ("ledger", "ledger"), 1: ("fills", "fills"), 2: ("prices", "prices")}
+
+
+def order(m: InputMessage) -> tuple[int, int, int, int]:
+    return m.timestamp, m.rank, m.partition, m.offset
+
+
+def test_records_beyond_what_is_held_in_memory_come_back_in_order_from_sorted_runs() -> None:
+    """100 records, fetched 9 at a time, at most 16 held in memory: five sorted runs of 18 go
+    to disk and ten records stay; merged, they come back in (timestamp, rank, partition,
+    offset) order, timestamp ties, tombstones and empty values included."""
+    rng = random.Random(7)
+    messages = []
+    for offset in range(100):
+        rank = rng.randrange(3)
+        topic, kind = NAMES[rank]
+        value = rng.choice([None, b"", b'{"n": %d}' % offset])
+        messages.append(InputMessage(rng.randrange(20), rank, rng.randrange(2), offset, topic,
+                                     kind, value))
+    records = SortedRecords(NAMES, in_memory=16)
+    for start in range(0, 100, 9):
+        records.extend(messages[start:start + 9])
+    assert (records.count, len(records.runs), len(records.held)) == (100, 5, 10)
+    assert list(records.sorted()) == sorted(messages, key=order)
+    runs = records.runs
+    records.close()
+    assert all(run.closed for run in runs)
+
+
+async def test_the_topics_read_through_sorted_runs_come_back_as_read_in_memory(broker):
+    """The same topics read twice, holding all their records at once and 5 at a time: the
+    same records, in the same order."""
+    settings = fresh_settings(broker.bootstrap, partitions=2)
+    await create_topics(settings)
+    t = settings.topics
+    rng = random.Random(3)
+    await produce_stamped(broker.bootstrap, [
+        (rng.choice([t.prices, t.fills, t.ledger]), b"k%d" % rng.randrange(5), b"%d" % n,
+         1_000 + rng.randrange(30)) for n in range(40)])
+
+    async def read(in_memory: int) -> tuple[int, list[tuple]]:
+        """(sorted runs written to disk, the records in order)"""
+        history = await read_input_history(broker.bootstrap, t, in_memory=in_memory)
+        try:
+            assert history.records.count == 40
+            return len(history.records.runs), list(history.inputs())
+        finally:
+            history.close()
+
+    (spilled, in_runs), (none, in_memory) = await read(5), await read(1_000)
+    assert spilled > 0 and none == 0
+    assert in_runs == in_memory
