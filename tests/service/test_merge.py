@@ -569,11 +569,9 @@ def test_a_probe_out_when_kafka_is_seen_to_answer_holds_a_forced_release_until_i
     assert m.forced == 0
 
 
-def test_a_probe_still_out_half_a_second_after_kafka_answered_no_longer_holds_a_release(
-        ) -> None:
-    """A broker that answers the watch but never the probe of fills (its leader is down):
-    the forced release waits 0.5 s (HELD_UP_PROBES) after the answer was seen, no longer."""
-    clock = Clock()
+def held_by_a_probe_out_when_kafka_answered(clock: Clock) -> TimestampMerge:
+    """A tick waits on fills, whose probe (sent at NOW) is out; --merge-wait 0.5 runs out,
+    and at 0.6 s Kafka is seen to answer a request sent at 0.5 s: the tick is held still."""
     m = merge(max_wait=0.5, clock=clock)
     m.add(PRICES, [Rec(0, 5)], NOW)
     m.asked(NOW, [FILLS])
@@ -582,6 +580,15 @@ def test_a_probe_still_out_half_a_second_after_kafka_answered_no_longer_holds_a_
     assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
     clock.now = 0.6
     assert m.take(100, [PRICES, FILLS], kafka_answered=0.5) == []
+    return m
+
+
+def test_a_probe_still_out_half_a_second_after_kafka_answered_no_longer_holds_a_release(
+        ) -> None:
+    """A broker that answers the watch but never the probe of fills (its leader is down):
+    the forced release waits 0.5 s (HELD_UP_PROBES) after the answer was seen, no longer."""
+    clock = Clock()
+    m = held_by_a_probe_out_when_kafka_answered(clock)
     clock.now = 1.09
     assert m.take(100, [PRICES, FILLS], kafka_answered=1.0) == []
     clock.now = 1.1
@@ -593,14 +600,7 @@ def test_a_probe_sent_after_kafka_was_seen_to_answer_does_not_hold_a_forced_rele
     """The held-up probe failed; the one sent in its place went out after Kafka's answer was
     seen, to a broker known to answer: the release is forced at once."""
     clock = Clock()
-    m = merge(max_wait=0.5, clock=clock)
-    m.add(PRICES, [Rec(0, 5)], NOW)
-    m.asked(NOW, [FILLS])
-    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
-    clock.now = 0.5
-    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []
-    clock.now = 0.6
-    assert m.take(100, [PRICES, FILLS], kafka_answered=0.5) == []
+    m = held_by_a_probe_out_when_kafka_answered(clock)
     m.unanswered(NOW, [FILLS])
     m.asked(NOW + 610, [FILLS])
     clock.now = 0.62
