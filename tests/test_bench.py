@@ -18,6 +18,7 @@ from monitor.bench.checkpoint import CheckpointPlan, checkpoint_phase
 from monitor.bench.checkpoint import figures as checkpoint_figures
 from monitor.bench.report import stamping_window
 from monitor.bench.workdirs import phase_dir
+from monitor.bench.workload import bench_config, populate
 from monitor.cli import main
 from tests.support.paths import REPO
 
@@ -83,6 +84,21 @@ def test_the_checkpoint_phase_times_ticks_while_every_account_is_checkpointed_an
     assert "5,000 dirty accounts" in p99.name
     assert f"during: {report['during']['count']:,} ticks" in p99.note
     assert figures["checkpoint_write_s"].value == checkpoint["seconds"]
+
+
+@pytest.mark.parametrize("instruments", [1, 2, 5])
+def test_the_workload_gives_every_account_distinct_instruments_however_few_are_configured(
+        instruments: int) -> None:
+    """`liqmon bench --instruments 5` (or fewer) failed drawing each account's five
+    candidates: 1,000 accounts each hold 1 to min(5, n) configured instruments, none twice;
+    with BTC-PERP alone, everyone holds it."""
+    population = populate(bench_config(instruments), 1_000, seed=1)
+    held = [population.instr[population.starts[a]:population.starts[a + 1]].tolist()
+            for a in range(1_000)]
+    assert all(1 <= len(h) <= min(5, instruments) and len(set(h)) == len(h) for h in held)
+    assert all(0 <= i < instruments for h in held for i in h)
+    if instruments == 1:
+        assert held == [[0]] * 1_000
 
 
 def test_figure_ratios_read_as_times_better_than_the_baseline() -> None:

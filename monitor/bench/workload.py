@@ -170,17 +170,22 @@ def populate(config: RiskConfig, count: int, seed: int = 7) -> Population:
     n_instr = len(names)
     prices = start_prices(config, seed)
     k = rng.choice(np.arange(1, 6), size=count, p=[0.15, 0.2, 0.3, 0.2, 0.15])
-    k = np.minimum(k, n_instr)
     has_btc = rng.random(count) < 0.1 if "BTC-PERP" in names else np.zeros(count, bool)
     btc = names.index("BTC-PERP") if "BTC-PERP" in names else -1
-    others = np.array([i for i in range(n_instr) if i != btc])
+    others = np.array([i for i in range(n_instr) if i != btc], np.int64)
+    width = min(5, len(others))  # other instruments an account may hold
+    if width == 0:  # BTC-PERP alone is configured: everyone holds it
+        has_btc[:] = True
+    k = np.minimum(k, np.where(has_btc, 1 + width, width))
     weights = 1.0 / (np.arange(len(others)) + 3.0) ** 0.8
     log_w = np.log(weights / weights.sum())
     chunks: list[np.ndarray] = []
     for start in range(0, count, 100_000):
         stop = min(count, start + 100_000)
         keys = log_w - np.log(-np.log(rng.random((stop - start, len(others)))))
-        picks = others[np.argsort(-keys, axis=1)[:, :5]]
+        # five columns, those beyond ``width`` never picked (k stays within them)
+        picks = np.full((stop - start, 5), -1, np.int64)
+        picks[:, :width] = others[np.argsort(-keys, axis=1)[:, :width]]
         lead = np.where(has_btc[start:stop], btc, picks[:, 0])
         rest = np.where(has_btc[start:stop, None], picks[:, :4], picks[:, 1:5])
         table = np.column_stack((lead, rest))  # BTC-PERP first when held
