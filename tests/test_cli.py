@@ -211,3 +211,27 @@ def test_deploy_readme_documents_every_environment_variable() -> None:
 
 def test_deploy_readme_documents_no_environment_variable_liqmon_does_not_read() -> None:
     assert documented_variables() - read_variables() == set()
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["synth", "--config", CONFIG, "--accounts", "0"], "argument --accounts: must be ≥ 1, got 0"),
+    (["synth", "--config", CONFIG, "--steps", "-1"], "argument --steps: must be ≥ 0, got -1"),
+    (["synth", "--config", CONFIG, "--bad-rate", "2"],
+     "argument --bad-rate: must be from 0 to 1, got 2"),
+    (["synth", "--config", CONFIG, "--accounts", "x"],
+     "argument --accounts: not a whole number: 'x'"),
+    (["demo", "--accounts", "0"], "argument --accounts: must be ≥ 1, got 0"),
+    (["demo", "--duration", "0"], "argument --duration: must be a number of seconds > 0, got 0"),
+    (["demo", "--duration", "-5"],
+     "argument --duration: must be a number of seconds > 0, got -5"),
+    (["bench", "--accounts", "50"], "argument --accounts: must be ≥ 100, got 50"),
+    (["bench", "--instruments", "0"], "argument --instruments: must be ≥ 1, got 0"),
+])
+def test_a_count_or_duration_out_of_range_is_a_usage_error_naming_it(
+        args: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """They ended in a traceback (synth and demo --accounts 0, demo --duration 0), ran for
+    ever (demo --duration -5) or wrote a file of bad records only (synth --bad-rate 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
