@@ -6,13 +6,14 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from monitor.config import ConfigError, RiskConfig, load_config
 from monitor.errors import LiqmonError
+from monitor.service.options import at_least, seconds, share
 
 if TYPE_CHECKING:
     from monitor.service.security import KafkaSecurity
@@ -25,40 +26,6 @@ class CliError(Exception):
 class UsageError(CliError):
     """Options that contradict each other or name missing files: exit status 2, as argparse
     gives for its own usage errors."""
-
-
-def _number(text: str, kind: Callable[[str], Any]) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: "
-                                         f"{text!r}") from None
-
-
-def _at_least(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number ≥ ``least`` (a usage error otherwise, exit 2)."""
-    def whole_number(text: str) -> int:
-        value: int = _number(text, int)
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be ≥ {least:,}, got {value:,}")
-        return value
-    return whole_number
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0."""
-    value: float = _number(text, float)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return value
-
-
-def _share(text: str) -> float:
-    """An argparse type: a share from 0 to 1."""
-    value: float = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
 
 
 def _load(path: str) -> RiskConfig:
@@ -514,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--config", default="examples/risk.toml", type=Path,
                       help="risk config, default examples/risk.toml")
-    demo.add_argument("--duration", type=_seconds, default=60.0, help="seconds, default 60")
-    demo.add_argument("--accounts", type=_at_least(1), default=3_000, help="default 3000")
+    demo.add_argument("--duration", type=seconds, default=60.0, help="seconds, default 60")
+    demo.add_argument("--accounts", type=at_least(1), default=3_000, help="default 3000")
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--port", type=int, default=None,
                       help="broker port on 127.0.0.1 (default: a free one)")
@@ -533,13 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "calm and volatile, and the live order check. Starts its own embedded "
                     "broker.",
     )
-    bench.add_argument("--accounts", type=_at_least(100), default=1_000_000,
+    bench.add_argument("--accounts", type=at_least(100), default=1_000_000,
                        help="default 1,000,000")
-    bench.add_argument("--instruments", type=_at_least(1), default=50, help="default 50")
+    bench.add_argument("--instruments", type=at_least(1), default=50, help="default 50")
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--tick-volatility", type=float, default=1e-5, metavar="SIGMA",
                        help="log-return standard deviation of one tick, default 1e-5")
-    bench.add_argument("--records", type=_at_least(0), default=0,
+    bench.add_argument("--records", type=at_least(0), default=0,
                        help="engine-only stream length (default: by scale)")
     bench.add_argument("--skip-e2e", action="store_true",
                        help="skip the phases that need the broker (end to end, restore)")
@@ -624,10 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "portfolios, a crash and a rebound, with liquidated accounts closed out.",
     )
     synth.add_argument("--config", required=True, type=Path, help="risk config (TOML)")
-    synth.add_argument("--accounts", type=_at_least(1), default=200)
-    synth.add_argument("--steps", type=_at_least(0), default=400, help="market time steps")
+    synth.add_argument("--accounts", type=at_least(1), default=200)
+    synth.add_argument("--steps", type=at_least(0), default=400, help="market time steps")
     synth.add_argument("--seed", type=int, default=7)
-    synth.add_argument("--bad-rate", type=_share, default=0.0,
+    synth.add_argument("--bad-rate", type=share, default=0.0,
                        help="share of deliberately malformed records (default 0)")
     synth.add_argument("-o", "--output", metavar="INPUT.jsonl", help="default: stdout")
     synth.set_defaults(handler=cmd_synth)

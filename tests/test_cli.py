@@ -4,6 +4,7 @@ and how the command line reports what stops liqmon."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -169,7 +170,11 @@ def example_text(spec: Option) -> str:
     """A value the option accepts, as a flag or an environment variable would carry it."""
     if spec.choices:
         return spec.choices[-1]
-    return {int: "7", float: "2.5"}.get(spec.parse, "x")
+    for text in ("2.5", "7", "x"):  # the first the option's parse takes
+        with contextlib.suppress(ValueError, argparse.ArgumentTypeError):
+            spec.parse(text)
+            return text
+    raise AssertionError(f"{spec.flag} takes none of the examples")
 
 
 @pytest.mark.parametrize("spec", [s for s in OPTIONS if s.kind == "value" and s.secret is None],
@@ -226,12 +231,40 @@ def test_deploy_readme_documents_no_environment_variable_liqmon_does_not_read() 
      "argument --duration: must be a number of seconds > 0, got -5"),
     (["bench", "--accounts", "50"], "argument --accounts: must be ≥ 100, got 50"),
     (["bench", "--instruments", "0"], "argument --instruments: must be ≥ 1, got 0"),
+    (["run", "--config", CONFIG, "--merge-wait", "-1"],
+     "argument --merge-wait: must be a number of seconds ≥ 0, got -1"),
+    (["run", "--config", CONFIG, "--max-skew", "-5"], "argument --max-skew: must be ≥ 0, got -5"),
+    (["run", "--config", CONFIG, "--checkpoint-interval", "0"],
+     "argument --checkpoint-interval: must be a number of seconds > 0, got 0"),
+    (["run", "--config", CONFIG, "--checkpoint-records", "0"],
+     "argument --checkpoint-records: must be ≥ 1, got 0"),
+    (["run", "--config", CONFIG, "--stall-timeout", "inf"],
+     "argument --stall-timeout: must be a number of seconds > 0, got inf"),
+    (["run", "--config", CONFIG, "--session-timeout", "0"],
+     "argument --session-timeout: must be a number of seconds > 0, got 0"),
+    (["run", "--config", CONFIG, "--partitions", "0"], "argument --partitions: must be ≥ 1, got 0"),
+    (["run", "--config", CONFIG, "--metrics-port", "70000"],
+     "argument --metrics-port: must be a port from 0 to 65535, got 70000"),
+    (["run", "--config", CONFIG, "--shutdown-timeout", "-1"],
+     "argument --shutdown-timeout: must be a number of seconds ≥ 0, got -1"),
 ])
 def test_a_count_or_duration_out_of_range_is_a_usage_error_naming_it(
         args: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """They ended in a traceback (synth and demo --accounts 0, demo --duration 0), ran for
-    ever (demo --duration -5) or wrote a file of bad records only (synth --bad-rate 2)."""
+    """They ended in a traceback (synth and demo --accounts 0, demo --duration 0, run
+    --metrics-port 70000), ran for ever (demo --duration -5), wrote a file of bad records only
+    (synth --bad-rate 2), or ran a service that forced every release (--merge-wait -1) or
+    weakened every proof of order (--max-skew -5)."""
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_a_variable_out_of_range_is_refused_as_its_flag_would_be(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LIQMON_MERGE_WAIT", "-3")
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--config", CONFIG])
+    assert exit_.value.code == 2
+    said = capsys.readouterr().err
+    assert "argument --merge-wait: must be a number of seconds ≥ 0, got -3" in said

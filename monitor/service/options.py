@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,59 @@ _OFF = ("0", "false", "no")
 
 class OptionError(ValueError):
     """An option's value cannot be used (a secret file that cannot be read, or given twice)."""
+
+
+def _number(text: str, kind: Callable[[str], Any]) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: "
+                                         f"{text!r}") from None
+
+
+# argparse types (the flag's `parse`): a value out of range is a usage error naming the flag,
+# for the flag's text and its variable's alike
+
+def at_least(least: int) -> Callable[[str], int]:
+    """A whole number ≥ ``least``."""
+    def whole_number(text: str) -> int:
+        value: int = _number(text, int)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be ≥ {least:,}, got {value:,}")
+        return value
+    return whole_number
+
+
+def seconds(text: str) -> float:
+    """A finite number of seconds > 0."""
+    value: float = _number(text, float)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def seconds_or_none(text: str) -> float:
+    """A finite number of seconds ≥ 0 (0: no time at all)."""
+    value: float = _number(text, float)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds ≥ 0, got {text}")
+    return value
+
+
+def share(text: str) -> float:
+    """A share from 0 to 1."""
+    value: float = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 to 65535."""
+    value: int = _number(text, int)
+    if not 0 <= value <= 65_535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
+    return value
 
 
 def env_name(flag: str) -> str:

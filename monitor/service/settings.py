@@ -8,7 +8,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from monitor.service.options import from_args, internal, option, option_group, options
+from monitor.service.options import (
+    at_least,
+    from_args,
+    internal,
+    option,
+    option_group,
+    options,
+    port,
+    seconds,
+    seconds_or_none,
+)
 from monitor.service.security import KafkaSecurity
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic): a name breaking it is
@@ -104,7 +114,7 @@ class ServiceSettings:
         "--client-id", "Kafka client id, default {default}"))
     metrics_port: int = field(default=9464, metadata=option(
         "--metrics-port", "port of /metrics, /healthz, /readyz (0 disables), default {default}",
-        parse=int))
+        parse=port))
     # all interfaces: probes and scrapers come from outside the container
     metrics_host: str = field(default="0.0.0.0", metadata=option(
         "--metrics-host", "address /metrics, /healthz, /readyz listen on, default {default} "
@@ -113,12 +123,12 @@ class ServiceSettings:
         "--start", "where inputs start on a first start (no checkpoint), default {default}",
         choices=get_args(StartPosition)))
     checkpoint_interval: float = field(default=5.0, metadata=option(
-        "--checkpoint-interval", "seconds between checkpoints, default {default}", parse=float,
+        "--checkpoint-interval", "seconds between checkpoints, default {default}", parse=seconds,
         metavar="SECONDS"))
     # or after this many input records, whichever comes first
     checkpoint_records: int = field(default=100_000, metadata=option(
         "--checkpoint-records", "input records between checkpoints, default {default}",
-        parse=int, metavar="N"))
+        parse=at_least(1), metavar="N"))
     reset_state: bool = field(default=False, metadata=option(
         "--reset-state", "discard the checkpoints in the state topic and rebuild state from "
         "the input topics", kind="switch"))
@@ -127,23 +137,23 @@ class ServiceSettings:
         "--merge-wait", "longest time, in seconds, that an input partition the broker does "
         "not answer for may hold the others back while other brokers answer; past it "
         "records are released out of proven order (and counted), default {default}",
-        parse=float, metavar="SECONDS"))
+        parse=seconds_or_none, metavar="SECONDS"))
     # seconds a partition with records the broker reports but no fetch returns may hold
     # everything back
     max_stall: float = field(default=10.0, metadata=option(
         "--stall-timeout", "longest time, in seconds, that an input partition whose records the "
         "broker reports but no fetch returns may hold the others back; past it the partition "
         "is reported stalled and the others go on out of proven order (counted); a catch-up "
-        "reports it and keeps waiting, default {default:g}", parse=float, metavar="SECONDS"))
+        "reports it and keeps waiting, default {default:g}", parse=seconds, metavar="SECONDS"))
     max_skew_ms: int = field(default=5, metadata=option(
         "--max-skew", "clock skew between producers (and their in-flight time) that timestamp "
-        "order allows for, in ms, default {default}", parse=int, metavar="MS"))
+        "order allows for, in ms, default {default}", parse=at_least(0), metavar="MS"))
     max_future: float = field(default=300.0, metadata=option(
         "--max-future", "seconds a record's ts may be ahead of the wall clock; later ones are "
-        "dead-lettered as ts_in_future, default {default:g}", parse=float, metavar="SECONDS"))
+        "dead-lettered as ts_in_future, default {default:g}", parse=seconds, metavar="SECONDS"))
     session_timeout_ms: int = field(default=6_000, metadata=option(
         "--session-timeout", "seconds without heartbeat before the group reassigns a dead "
-        "instance's partitions, default {default:g}", parse=float, metavar="SECONDS",
+        "instance's partitions, default {default:g}", parse=seconds, metavar="SECONDS",
         to_field=_seconds_to_ms, from_field=_ms_to_seconds))
     conflate_ticks: bool = field(default=False, metadata=option(
         "--conflate-ticks", "overload mode: within one batch apply only the latest tick per "
@@ -151,7 +161,7 @@ class ServiceSettings:
     # for topics liqmon creates because they are missing
     partitions: int = field(default=1, metadata=option(
         "--partitions", "partition count of topics liqmon creates, default {default}",
-        parse=int))
+        parse=at_least(1)))
     compression: Compression = field(default=DEFAULT_COMPRESSION, metadata=option(
         "--compression", "producer compression of events and checkpoints, default {default}",
         choices=get_args(Compression)))
@@ -159,7 +169,7 @@ class ServiceSettings:
     shutdown_timeout: float = field(default=30.0, metadata=option(
         "--shutdown-timeout", "seconds to deliver pending events and checkpoint on SIGTERM "
         f"(closing the Kafka clients may take {CLOSE_TIMEOUT:g} more), default {{default}}",
-        parse=float, metavar="SECONDS"))
+        parse=seconds_or_none, metavar="SECONDS"))
     accept_config_change: bool = field(default=False, metadata=option(
         "--accept-config-change", "restore state checkpointed under a different risk config "
         "(a deliberate config roll-out, see README); without it such a restore is refused",
