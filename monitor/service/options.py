@@ -60,7 +60,7 @@ def seconds(text: str) -> float:
     return value
 
 
-def seconds_or_none(text: str) -> float:
+def seconds_or_zero(text: str) -> float:
     """A finite number of seconds ≥ 0 (0: no time at all)."""
     value: float = _number(text, float)
     if not math.isfinite(value) or value < 0:

@@ -17,7 +17,7 @@ from monitor.service.options import (
     options,
     port,
     seconds,
-    seconds_or_none,
+    seconds_or_zero,
 )
 from monitor.service.security import KafkaSecurity
 
@@ -137,7 +137,7 @@ class ServiceSettings:
         "--merge-wait", "longest time, in seconds, that an input partition the broker does "
         "not answer for may hold the others back while other brokers answer; past it "
         "records are released out of proven order (and counted), default {default}",
-        parse=seconds_or_none, metavar="SECONDS"))
+        parse=seconds_or_zero, metavar="SECONDS"))
     # seconds a partition with records the broker reports but no fetch returns may hold
     # everything back
     max_stall: float = field(default=10.0, metadata=option(
@@ -169,7 +169,7 @@ class ServiceSettings:
     shutdown_timeout: float = field(default=30.0, metadata=option(
         "--shutdown-timeout", "seconds to deliver pending events and checkpoint on SIGTERM "
         f"(closing the Kafka clients may take {CLOSE_TIMEOUT:g} more), default {{default}}",
-        parse=seconds_or_none, metavar="SECONDS"))
+        parse=seconds_or_zero, metavar="SECONDS"))
     accept_config_change: bool = field(default=False, metadata=option(
         "--accept-config-change", "restore state checkpointed under a different risk config "
         "(a deliberate config roll-out, see README); without it such a restore is refused",
