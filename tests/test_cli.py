@@ -262,14 +262,29 @@ def test_a_count_or_duration_out_of_range_is_a_usage_error_naming_it(
     assert said in capsys.readouterr().err
 
 
-def test_a_variable_out_of_range_is_refused_as_its_flag_would_be(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("LIQMON_MERGE_WAIT", "-3")
+@pytest.mark.parametrize(("variable", "text", "said"), [
+    ("LIQMON_MERGE_WAIT", "-3", "argument --merge-wait: must be a number of seconds ≥ 0, got -3 "
+                                "(from LIQMON_MERGE_WAIT)"),
+    ("LIQMON_MAX_SKEW", "abc", "argument --max-skew: not a whole number: 'abc' "
+                               "(from LIQMON_MAX_SKEW)"),
+    ("LIQMON_START", "earlist", "argument --start: invalid choice: 'earlist' (choose from "
+                                "earliest, latest) (from LIQMON_START)"),
+    ("LIQMON_SECURITY_PROTOCOL", "SASL_SSl", "argument --security-protocol: invalid choice: "
+                                             "'SASL_SSl' (choose from PLAINTEXT, SSL, "
+                                             "SASL_PLAINTEXT, SASL_SSL) "
+                                             "(from LIQMON_SECURITY_PROTOCOL)"),
+])
+def test_a_variable_that_cannot_be_used_is_refused_naming_it(
+        variable: str, text: str, said: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A deployment sets variables, not flags. A choice was not checked at all when it came
+    from one: LIQMON_START=earlist started with aiokafka's "Unrecognized auto_offset_reset
+    config, using NONE" warning."""
+    monkeypatch.setenv(variable, text)
     with pytest.raises(SystemExit) as exit_:
         main(["run", "--config", CONFIG])
     assert exit_.value.code == 2
-    said = capsys.readouterr().err
-    assert "argument --merge-wait: must be a number of seconds ≥ 0, got -3" in said
+    assert said in capsys.readouterr().err
 
 
 def test_a_broker_port_variable_that_is_not_a_number_is_a_usage_error(

@@ -142,8 +142,8 @@ class Option:
         return f"{text} (env {self.env})"
 
     def flag_default(self, field_default: Any, environ: Mapping[str, str]) -> Any:
-        """The variable's text when it is set (argparse parses it as it would the flag's,
-        but does not check choices), else the field's default in the flag's terms."""
+        """The variable's text when it is set (argparse parses it as it would the flag's:
+        see `type_of`), else the field's default in the flag's terms."""
         text = environ.get(self.env)
         if self.kind == "switch":
             return field_default if text is None else text.lower() in _ON
@@ -152,6 +152,30 @@ class Option:
         if text is not None:
             return text
         return field_default if self.from_field is None else self.from_field(field_default)
+
+
+def type_of(spec: Option, environ: Mapping[str, str]) -> Callable[[str], Any]:
+    """The flag's argparse type: ``spec.parse``, checking ``choices`` too (argparse checks a
+    flag's text against them, not a default's, and a variable's text is the default), and
+    naming the variable when its text is what cannot be used."""
+    from_variable = environ.get(spec.env)
+
+    def parse(text: str) -> Any:
+        try:
+            value = spec.parse(text)
+            if spec.choices is not None and value not in spec.choices:
+                raise argparse.ArgumentTypeError(
+                    f"invalid choice: {text!r} (choose from {', '.join(spec.choices)})")
+            return value
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            if text != from_variable:
+                raise
+            reason = (str(exc) if isinstance(exc, argparse.ArgumentTypeError)
+                      else f"invalid value: {text!r}")
+            raise argparse.ArgumentTypeError(f"{reason} (from {spec.env})") from None
+
+    parse.__name__ = getattr(spec.parse, "__name__", "value")  # argparse's "invalid … value"
+    return parse
 
 
 def option(flag: str, help: str, **how: Any) -> dict[str, Option]:
@@ -206,8 +230,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any],
             parser.add_argument(spec.flag, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
         else:
-            parser.add_argument(spec.flag, default=default, help=help_text, type=spec.parse,
-                                choices=spec.choices, metavar=spec.metavar)
+            parser.add_argument(spec.flag, default=default, help=help_text,
+                                type=type_of(spec, environ), choices=spec.choices,
+                                metavar=spec.metavar)
         if spec.secret is not None:
             parser.add_argument(spec.secret_flag, nargs="?", action=_Refused,
                                 refusal=f"{spec.secret_flag} is not accepted on the command "
