@@ -89,7 +89,8 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
     """`liqmon replay --bootstrap`: every record of the input topics, in the service's order;
     with --check, its events compared with those published (exit 3 when they differ)."""
     import asyncio
-    import io
+    import shutil
+    import tempfile
 
     from aiokafka.errors import KafkaError
 
@@ -107,27 +108,32 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
         print(f"{source.topic}/{source.partition}@{source.offset}: rejected: {rejection}",
               file=sys.stderr)
 
-    replayed = io.BytesIO()  # what --check compares; without it, events go out as they come
     with ExitStack() as stack:
         out = _open_output(args.output, stack)  # before reading: a bad path fails at once
+        # with --check the events are kept, on disk, to compare; without, they go out as
+        # they come
+        replayed = stack.enter_context(tempfile.TemporaryFile()) if args.check else None
         try:
             history, summary = asyncio.run(replay_topics(
-                args.bootstrap, topics, engine, replayed if args.check else out, report,
+                args.bootstrap, topics, engine, out if replayed is None else replayed, report,
                 security))
         except (KafkaError, LiqmonError) as exc:
             raise CliError(f"cannot read the input topics from {args.bootstrap}: {exc}"
                            ) from exc
-        out.write(replayed.getvalue())
+        if replayed is not None:
+            replayed.seek(0)
+            shutil.copyfileobj(replayed, out)
         out.flush()
-    for line in [history.summary(), *summary.lines(engine)]:
-        print(f"replay: {line}", file=sys.stderr)
-    if not args.check:
-        return 0
-    try:
-        check = asyncio.run(check_published(args.bootstrap, topics, replayed.getvalue(),
-                                            security))
-    except (KafkaError, LiqmonError) as exc:
-        raise CliError(f"cannot read the event topics from {args.bootstrap}: {exc}") from exc
+        for line in [history.summary(), *summary.lines(engine)]:
+            print(f"replay: {line}", file=sys.stderr)
+        if replayed is None:
+            return 0
+        replayed.seek(0)
+        try:
+            check = asyncio.run(check_published(args.bootstrap, topics, replayed, security))
+        except (KafkaError, LiqmonError) as exc:
+            raise CliError(f"cannot read the event topics from {args.bootstrap}: {exc}"
+                           ) from exc
     for line in check.lines():
         print(f"check: {line}", file=sys.stderr)
     return 0 if check.agrees() else 3

@@ -220,7 +220,7 @@ class Demo:
         replayed = io.BytesIO()
         await replay_topics(bootstrap, topics, Engine(self.config), replayed,
                             lambda source, rejection: None)
-        return await check_published(bootstrap, topics, replayed.getvalue())
+        return await check_published(bootstrap, topics, replayed.getvalue().splitlines())
 
     async def _until_ready(self, monitor: Monitor, monitor_task: asyncio.Task[None]) -> None:
         """Wait until the monitor consumes. The first start after an install compiles its

@@ -6,6 +6,7 @@ errors: they are reported with their line number and counted, and the run goes o
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -180,40 +181,117 @@ class EventCheck:
         return out
 
 
+_CANONICAL = orjson.OPT_SORT_KEYS
+_BATCH = 10_000  # rows inserted at a time
+
+
+class EventComparison:
+    """`check_events`, fed a side at a time, with memory bounded however many events there
+    are: both sides go to an SQLite database in a temporary file (gone when closed), each
+    event as canonical JSON (keys sorted, `emitted_at` left out), and the comparison is a
+    join by `event_id`. Only the differences come back into memory."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("")  # "": a private database in a temporary file
+        self._db.executescript("""
+            CREATE TABLE replayed (id TEXT PRIMARY KEY, body BLOB) WITHOUT ROWID;
+            CREATE TABLE published (seq INTEGER PRIMARY KEY, id TEXT, body BLOB);
+        """)
+        self._seq = 0
+        self.unreadable = 0
+
+    def add_replayed(self, lines: Iterable[bytes]) -> None:
+        """The replay's events, JSON lines (a later line of an id replaces an earlier one)."""
+        for rows in _batches(_canonical_row(orjson.loads(line)) for line in lines):
+            self._db.executemany("INSERT OR REPLACE INTO replayed VALUES (?, ?)", rows)
+
+    def add_published(self, values: Iterable[bytes | None]) -> None:
+        """Values read from the event topics, in the order read (the first copy of an id is
+        the one its repeats must equal)."""
+        for rows in _batches(self._published_rows(values)):
+            self._db.executemany("INSERT INTO published VALUES (?, ?, ?)", rows)
+
+    def _published_rows(self, values: Iterable[bytes | None]
+                        ) -> Iterable[tuple[int, str, bytes]]:
+        for value in values:
+            try:
+                event_id, body = _canonical_row(orjson.loads(value or b""))
+            except (orjson.JSONDecodeError, TypeError):
+                self.unreadable += 1
+                continue
+            self._seq += 1
+            yield self._seq, event_id, body
+
+    def result(self) -> EventCheck:
+        db = self._db
+        db.executescript("""
+            CREATE INDEX published_by_id ON published (id, seq);
+            CREATE TABLE first AS SELECT id, MIN(seq) AS seq FROM published GROUP BY id;
+            CREATE UNIQUE INDEX first_by_id ON first (id);
+        """)
+        check = EventCheck(unreadable=self.unreadable)
+        check.replayed = db.execute("SELECT COUNT(*) FROM replayed").fetchone()[0]
+        check.published = db.execute("SELECT COUNT(*) FROM first").fetchone()[0]
+        check.repeats = db.execute("SELECT COUNT(*) FROM published").fetchone()[0] \
+            - check.published
+        check.missing = [row[0] for row in db.execute(
+            "SELECT id FROM replayed WHERE id NOT IN (SELECT id FROM first) ORDER BY id")]
+        check.extra = [row[0] for row in db.execute(
+            "SELECT id FROM first WHERE id NOT IN (SELECT id FROM replayed) ORDER BY id")]
+        check.different = _unlike(db.execute(
+            "SELECT r.id, r.body, p.body FROM replayed r JOIN first f ON f.id = r.id "
+            "JOIN published p ON p.seq = f.seq WHERE r.body != p.body ORDER BY r.id"))
+        check.repeats_unlike = sorted(_unlike(db.execute(
+            "SELECT p.id, o.body, p.body FROM published p JOIN first f ON f.id = p.id "
+            "JOIN published o ON o.seq = f.seq WHERE p.seq != f.seq AND p.body != o.body "
+            "ORDER BY p.seq")))
+        return check
+
+    def close(self) -> None:
+        self._db.close()
+
+
 def check_events(replayed: Iterable[bytes], published: Iterable[bytes | None]) -> EventCheck:
     """Compare the events a replay wrote (JSON, one each) with those read from the event
     topics. Ids are listed sorted."""
-    check = EventCheck()
-    expected: dict[str, dict[str, Any]] = {}
-    for line in replayed:
-        event = _comparable(orjson.loads(line))
-        expected[event["event_id"]] = event
-    check.replayed = len(expected)
-    seen: dict[str, dict[str, Any]] = {}
-    for value in published:
-        try:
-            event = _comparable(orjson.loads(value or b""))
-            event_id = event.get("event_id")
-            if not isinstance(event_id, str):
-                raise TypeError("no event_id")
-        except (orjson.JSONDecodeError, TypeError):
-            check.unreadable += 1
-            continue
-        first = seen.get(event_id)
-        if first is None:
-            seen[event_id] = event
-        else:
-            check.repeats += 1
-            if event != first:
-                check.repeats_unlike.append((event_id, _fields_unlike(first, event)))
-    check.published = len(seen)
-    check.missing = sorted(expected.keys() - seen.keys())
-    check.extra = sorted(seen.keys() - expected.keys())
-    check.different = [(event_id, _fields_unlike(expected[event_id], seen[event_id]))
-                       for event_id in sorted(expected.keys() & seen.keys())
-                       if expected[event_id] != seen[event_id]]
-    check.repeats_unlike.sort()
-    return check
+    comparison = EventComparison()
+    try:
+        comparison.add_replayed(replayed)
+        comparison.add_published(published)
+        return comparison.result()
+    finally:
+        comparison.close()
+
+
+def _canonical_row(event: Any) -> tuple[str, bytes]:
+    """(event_id, the event as canonical JSON); TypeError if it is not an event."""
+    comparable = _comparable(event)
+    event_id = comparable.get("event_id")
+    if not isinstance(event_id, str):
+        raise TypeError("no event_id")
+    return event_id, orjson.dumps(comparable, option=_CANONICAL)
+
+
+def _unlike(rows: Iterable[tuple[str, bytes, bytes]]) -> list[tuple[str, list[str]]]:
+    """(id, the fields that differ) of each pair of canonical events that differ as events
+    (not only as bytes: 1 and 1.0 are equal, as they were compared before)."""
+    out = []
+    for event_id, a, b in rows:
+        fields = _fields_unlike(orjson.loads(a), orjson.loads(b))
+        if fields:
+            out.append((event_id, fields))
+    return out
+
+
+def _batches(rows: Iterable[Any]) -> Iterable[list[Any]]:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == _BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _comparable(event: Any) -> dict[str, Any]:

@@ -337,7 +337,8 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
     await replay_topics(broker.bootstrap, settings.topics, engine, out,
                         lambda source, rejection: rejected.add(
                             (source.topic, source.partition, source.offset, rejection.reason)))
-    check = await check_published(broker.bootstrap, settings.topics, out.getvalue())
+    check = await check_published(broker.bootstrap, settings.topics,
+                                  out.getvalue().splitlines())
     verdict.events_equal = not (check.missing or check.extra or check.different
                                 or check.unreadable)
     verdict.differing_repeats = len(check.repeats_unlike)

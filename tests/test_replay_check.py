@@ -55,3 +55,25 @@ def test_values_that_are_not_events_are_counted_unreadable() -> None:
     check = check_events([], [b"not json", None, b"[1, 2]", b'{"event_id": 3}'])
     assert check.unreadable == 4
     assert not check.agrees()
+
+
+def test_a_value_written_as_1_or_as_1_0_is_the_same_value() -> None:
+    """Events are compared as values, not as text: the canonical JSON the comparison keeps
+    differs, the events do not."""
+    check = check_events([event("a:1:liquidation", equity=1.0, positions=[{"qty": 2.0}])],
+                         [event("a:1:liquidation", equity=1, positions=[{"qty": 2}])])
+    assert check.agrees()
+
+
+def test_more_events_than_one_batch_of_the_database_are_all_compared() -> None:
+    """25,000 events a side (10,000 are written at a time): one of them differs in its equity,
+    one is missing and one extra, found as with a handful."""
+    ids = [f"acct-{n:05d}:1:liquidation" for n in range(25_000)]
+    replayed = [event(event_id) for event_id in ids]
+    published = [event(event_id, 5) for event_id in ids[1:]] + [event("other:1:liquidation")]
+    published[12_000] = event(ids[12_001], 5, equity=-1.0)
+    check = check_events(replayed, published)
+    assert (check.replayed, check.published, check.repeats) == (25_000, 25_000, 0)
+    assert check.missing == [ids[0]]
+    assert check.extra == ["other:1:liquidation"]
+    assert check.different == [(ids[12_001], ["equity"])]

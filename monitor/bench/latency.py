@@ -265,7 +265,7 @@ async def order_check(config: Any, bootstrap: str, topics: Any) -> dict[str, int
 
     out = io.BytesIO()
     await replay_topics(bootstrap, topics, Engine(config), out, lambda source, rejection: None)
-    check = await check_published(bootstrap, topics, out.getvalue())
+    check = await check_published(bootstrap, topics, out.getvalue().splitlines())
     return {"expected": check.replayed, "got": check.published,
             "missing": len(check.missing), "extra": len(check.extra),
             "different": len(check.different) + len(check.repeats_unlike) + check.unreadable}

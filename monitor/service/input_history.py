@@ -12,7 +12,7 @@ Memory stays bounded however long the topics are: records are sorted in memory
 runs merged as they are read back (`SortedRecords`, an external merge sort).
 
 For `--check`, the event topics are read the same way, and what the fleet published is
-compared with the replay's events (`replay.check_events`).
+compared with the replay's events as it is read (`replay.EventComparison`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.events import Source
 from monitor.records import Rejected
-from monitor.replay import EventCheck, ReplaySummary, check_events, replay_inputs
+from monitor.replay import EventCheck, EventComparison, ReplaySummary, replay_inputs
 from monitor.service.log_reader import RecordBatch, bounds, read_range, reading_client
 from monitor.service.probe import topics_present
 from monitor.service.security import PLAINTEXT, KafkaSecurity
@@ -240,9 +240,21 @@ async def replay_topics(bootstrap: str, topics: Topics, engine: Engine, out: IO[
         history.close()
 
 
-async def check_published(bootstrap: str, topics: Topics, replayed: bytes,
-                          security: KafkaSecurity = PLAINTEXT) -> EventCheck:
+async def check_published(bootstrap: str, topics: Topics, replayed: Iterable[bytes],
+                          security: KafkaSecurity = PLAINTEXT,
+                          request_timeout_ms: int = 30_000) -> EventCheck:
     """`liqmon replay --bootstrap --check`: the events published against those a replay of
-    the topics wrote (``replayed``, JSON lines)."""
-    published = await read_published_events(bootstrap, topics, security)
-    return check_events(replayed.splitlines(), published)
+    the topics wrote (``replayed``, JSON lines), compared as they are read
+    (`replay.EventComparison`: memory bounded)."""
+    comparison = EventComparison()
+    try:
+        comparison.add_replayed(replayed)
+
+        def take(tp: TopicPartition, batch: RecordBatch) -> None:
+            comparison.add_published(record.value for record in batch.records())
+
+        await _read_whole(bootstrap, [topics.margin_calls, topics.liquidations], take, security,
+                          request_timeout_ms, "--topic-margin-calls, --topic-liquidations")
+        return comparison.result()
+    finally:
+        comparison.close()
