@@ -47,7 +47,8 @@ as Kafka Streams does (it enforces processing only once a partition's lag is kno
 those records exist and may sort first, and the consumer brings them. On a backlog, a consumer
 can hand over other partitions' records for well over ``max_wait`` before it reaches them. That
 wait has a bound too, ``max_stall``, counted from the partition's last progress (or from the
-answer that found the records, if later): a partition whose records the broker reports but no
+answer that found the records, or from the caller resuming a partition it paused, if later): a
+partition whose records the broker reports but no
 fetch returns (a broker fault; the embedded broker's answers come back empty once a partition
 holds many small batches, which the loop mends by widening its fetch wait, `clients.FetchWait`)
 is declared *stalled* and holds nobody back until it delivers again. What goes out meanwhile is
@@ -214,6 +215,14 @@ class TimestampMerge:
             self.fetched_to[tp] = position
             self._progressed(tp)
             self._settle_probe(tp)
+
+    def resumed(self, tp: TopicPartition) -> None:
+        """The caller had paused the partition's fetching (its buffer was full) and resumes
+        it: its stall clock starts now. Paused, it could not progress, and a stall counted
+        from before would be declared the moment its buffer drains, before its consumer
+        could fetch once."""
+        if tp in self.fetched_to:
+            self._progressed(tp)
 
     def _progressed(self, tp: TopicPartition) -> None:
         self._progress[tp] = self._turning()

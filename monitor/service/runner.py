@@ -923,6 +923,7 @@ class Monitor:
             elif tp in self._paused and buffered < MAX_BUFFERED // 2:
                 self._consumer_of(tp).resume(tp)
                 self._paused.discard(tp)
+                merge.resumed(tp)  # paused, it could not progress: no stall counted so far
 
     async def _process_ready(self, limit: int) -> int:
         """Apply what the merge releases and hand its output to the pipeline (which gets

@@ -333,6 +333,25 @@ def test_records_the_broker_reports_but_never_delivers_stall_the_partition_after
     assert (m.forced, m.forced_past_stalled) == (0, 1)
 
 
+def test_a_partition_its_caller_paused_gets_the_whole_stall_timeout_once_resumed() -> None:
+    """Prices' buffer was full, so the loop paused its fetching for 60 s while fills caught
+    up (a backlog); a probe had found prices records past those buffered. Resumed at 60 s,
+    its buffer drains and fills' next record waits for prices' consumer, which delivers half a
+    second later: nothing is declared stalled, nothing forced, replay's order."""
+    clock = Clock()
+    m = merge(clock=clock)
+    m.add(PRICES, [Rec(0, 1), Rec(1, 2)], NOW)
+    m.add(FILLS, [Rec(0, 10)], NOW)
+    m.probed(NOW + 1, {PRICES: 4, FILLS: 1})
+    clock.now = 60.0
+    m.resumed(PRICES)
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0), ("prices", 1)]
+    clock.now = 60.5
+    m.add(PRICES, [Rec(2, 8), Rec(3, 12)], NOW + 60_500)
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 2), ("fills", 0)]
+    assert not m.stalled and (m.forced, m.forced_past_stalled) == (0, 0)
+
+
 def test_a_stalled_partition_holds_nothing_back_and_is_not_probed() -> None:
     clock = Clock()
     m = merge(max_stall=0, clock=clock)
