@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "themselves, from their first offsets to their ends at the start, in the "
                     "order the service applies them (Kafka timestamp, topic rank, partition, "
                     "offset): the events the fleet should have published, byte for byte but "
-                    "emitted_at. Holds every record in memory.",
+                    "emitted_at. Memory stays bounded: records are sorted on disk past "
+                    "500,000.",
     )
     replay.add_argument("input", metavar="INPUT.jsonl", nargs="?",
                         help='input lines, "-" for stdin')

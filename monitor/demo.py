@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import math
 import time
 from collections import Counter, deque
@@ -32,7 +31,7 @@ from monitor.records import FILLS, LEDGER, PRICES
 from monitor.replay import EventCheck
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.feed import input_producer
-from monitor.service.input_history import check_published, replay_topics
+from monitor.service.input_history import check_topics
 from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings
 from monitor.state import EVENT_TYPES, AccountState
@@ -216,11 +215,7 @@ class Demo:
     async def _check(self, settings: ServiceSettings) -> EventCheck:
         """What `liqmon replay --bootstrap --check` says of the run: the input topics replayed
         in the service's order against the events published."""
-        bootstrap, topics = self.broker.bootstrap, settings.topics
-        replayed = io.BytesIO()
-        await replay_topics(bootstrap, topics, Engine(self.config), replayed,
-                            lambda source, rejection: None)
-        return await check_published(bootstrap, topics, replayed.getvalue().splitlines())
+        return await check_topics(self.broker.bootstrap, settings.topics, Engine(self.config))
 
     async def _until_ready(self, monitor: Monitor, monitor_task: asyncio.Task[None]) -> None:
         """Wait until the monitor consumes. The first start after an install compiles its

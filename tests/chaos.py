@@ -62,9 +62,8 @@ from monitor.config import RiskConfig, load_config
 from monitor.engine import Engine
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.input_history import (
-    check_published,
+    check_topics,
     read_published_events,
-    replay_topics,
 )
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
@@ -334,11 +333,10 @@ async def judge(broker: EmbeddedBroker, settings: ServiceSettings, config: RiskC
     engine = Engine(config)
     out = io.BytesIO()
     rejected: set[tuple[str, int | None, int | None, str]] = set()
-    await replay_topics(broker.bootstrap, settings.topics, engine, out,
-                        lambda source, rejection: rejected.add(
-                            (source.topic, source.partition, source.offset, rejection.reason)))
-    check = await check_published(broker.bootstrap, settings.topics,
-                                  out.getvalue().splitlines())
+    check = await check_topics(broker.bootstrap, settings.topics, engine,
+                               lambda source, rejection: rejected.add(
+                                   (source.topic, source.partition, source.offset,
+                                    rejection.reason)), out)
     verdict.events_equal = not (check.missing or check.extra or check.different
                                 or check.unreadable)
     verdict.differing_repeats = len(check.repeats_unlike)

@@ -21,6 +21,7 @@ import heapq
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -197,13 +198,20 @@ async def read_published_events(bootstrap: str, topics: Topics,
     """The value of every record of the event topics (margin calls, liquidations), up to
     their ends as of now: what the fleet has published, repeats included."""
     values: list[bytes | None] = []
+    await _read_published(bootstrap, topics, values.extend, security, request_timeout_ms)
+    return values
+
+
+async def _read_published(bootstrap: str, topics: Topics,
+                          add: Callable[[Iterable[bytes | None]], None],
+                          security: KafkaSecurity, request_timeout_ms: int) -> None:
+    """Hand the values of every record of the event topics to ``add``, a batch at a time."""
 
     def take(tp: TopicPartition, batch: RecordBatch) -> None:
-        values.extend(record.value for record in batch.records())
+        add(record.value for record in batch.records())
 
     await _read_whole(bootstrap, [topics.margin_calls, topics.liquidations], take, security,
                       request_timeout_ms, "--topic-margin-calls, --topic-liquidations")
-    return values
 
 
 async def _read_whole(bootstrap: str, names: list[str],
@@ -249,12 +257,22 @@ async def check_published(bootstrap: str, topics: Topics, replayed: Iterable[byt
     comparison = EventComparison()
     try:
         comparison.add_replayed(replayed)
-
-        def take(tp: TopicPartition, batch: RecordBatch) -> None:
-            comparison.add_published(record.value for record in batch.records())
-
-        await _read_whole(bootstrap, [topics.margin_calls, topics.liquidations], take, security,
-                          request_timeout_ms, "--topic-margin-calls, --topic-liquidations")
+        await _read_published(bootstrap, topics, comparison.add_published, security,
+                              request_timeout_ms)
         return comparison.result()
     finally:
         comparison.close()
+
+
+async def check_topics(bootstrap: str, topics: Topics, engine: Engine,
+                       report_rejection: Callable[[Source, Rejected], None] = lambda s, r: None,
+                       events: IO[bytes] | None = None) -> EventCheck:
+    """What `liqmon replay --bootstrap --check` says of the topics: the input topics replayed
+    into ``engine`` (`replay_topics`), its events written to ``events`` (a temporary file if
+    none is given) and compared with those published (`check_published`)."""
+    with ExitStack() as stack:
+        if events is None:
+            events = stack.enter_context(tempfile.TemporaryFile())
+        await replay_topics(bootstrap, topics, engine, events, report_rejection)
+        events.seek(0)
+        return await check_published(bootstrap, topics, events)
