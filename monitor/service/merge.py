@@ -14,8 +14,11 @@ when every other partition is known to hold nothing that sorts before it:
   after r's timestamp plus the skew (so producers whose clocks and in-flight time are within
   ``max_skew_ms`` are too).
 
-A fetch returns whole record batches, so "buffered up to the end offset" holds even where a
-broker reports the end as the last batch's first offset + 1 (the embedded broker does).
+A broker may report the end as the last batch's first offset + 1 (the embedded broker does).
+A fetch returns whole record batches, but the consumer hands a batch over in parts when it
+reaches its records limit, so its position alone can stop inside the last batch, past such an
+end. So a probe proves nothing either while the consumer has not handed over everything up to
+the high watermark its last fetch reported (`read_to`).
 
 This is Kafka Streams' `max.task.idle.ms` rule (KIP-695: wait until the partition's lag is known
 to be zero) with Flink's bounded out-of-orderness. A high watermark from the last fetch says
@@ -133,6 +136,8 @@ class TimestampMerge:
         # found records of it not read yet: the later of the two starts its stall clock
         self._progress: dict[TopicPartition, float] = {}
         self._unread_since: dict[TopicPartition, float] = {}
+        # the high watermark each partition's consumer last fetched (`read_to`)
+        self._fetched_end: dict[TopicPartition, int] = {}
         # stalled partitions (see the module's doc): (read up to, end the broker reported,
         # seconds without progress when declared)
         self.stalled: dict[TopicPartition, tuple[int, int, float]] = {}
@@ -208,10 +213,18 @@ class TimestampMerge:
                 answers.append((end, sent_at_ms))
                 self._settle_probe(tp)
 
-    def read_to(self, tp: TopicPartition, position: int) -> None:
+    def read_to(self, tp: TopicPartition, position: int,
+                fetched_end: int | None = None) -> None:
         """The partition's consumer has handed over everything before ``position`` (its
-        position right after a fetch), records and what it skips alike."""
-        if tp in self.fetched_to and position > self.fetched_to[tp]:
+        position right after a fetch), records and what it skips alike; ``fetched_end`` is
+        the high watermark its last fetch of the partition reported, if known. Until it has
+        handed over everything before that, it holds records no probe's answer may be
+        trusted to count."""
+        if tp not in self.fetched_to:
+            return
+        if fetched_end is not None:
+            self._fetched_end[tp] = fetched_end
+        if position > self.fetched_to[tp]:
             self.fetched_to[tp] = position
             self._progressed(tp)
             self._settle_probe(tp)
@@ -233,6 +246,8 @@ class TimestampMerge:
         if not probes:
             return
         fetched_to = self.fetched_to.get(tp, 0)
+        if fetched_to < self._fetched_end.get(tp, 0):
+            return  # the consumer holds records of it not handed over yet (the module's doc)
         proved = [sent for end, sent in probes if fetched_to >= end]
         if proved:
             newest = max(proved)
@@ -283,6 +298,7 @@ class TimestampMerge:
             self.fetched_to.pop(tp, None)
             self._progress.pop(tp, None)
             self._unread_since.pop(tp, None)
+            self._fetched_end.pop(tp, None)
             self.stalled.pop(tp, None)
 
     def buffered(self, tp: TopicPartition | None = None) -> int:

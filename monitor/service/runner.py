@@ -750,7 +750,7 @@ class Monitor:
                         if held and not positions.sought_since(tp, taken_at):
                             positions.merge.add(tp, batch.get(tp, ()))
                             if tp in read_to:
-                                positions.merge.read_to(tp, read_to[tp])
+                                positions.merge.read_to(tp, *read_to[tp])
                     self._refresh_lag(consumer.assignment())
                     await self._read_replaced_logs_again(consumer)
                     if sum(map(len, batch.values())) < limit:  # it handed over all it had
@@ -781,21 +781,22 @@ class Monitor:
 
     async def _fetch(self, consumer: AIOKafkaConsumer, limit: int
                      ) -> tuple[dict[TopicPartition, list[ConsumerRecord]],
-                                dict[TopicPartition, int], int]:
+                                dict[TopicPartition, tuple[int, int | None]], int]:
         """A fetch, the consumer's position in each partition after it (past what it skips,
-        such as transaction markers) and the seek count it was taken at, all read in the
-        same step: a restore that seeks a partition while the fetch waits to be handed to the
-        merge makes that partition's records in it stale (`Positions.sought_since`)."""
+        such as transaction markers) with the high watermark its last fetch of the partition
+        reported, and the seek count it was taken at, all read in the same step: a restore
+        that seeks a partition while the fetch waits to be handed to the merge makes that
+        partition's records in it stale (`Positions.sought_since`)."""
         batch = await consumer.getmany(timeout_ms=500, max_records=limit)
-        read_to = {tp: position for tp in consumer.assignment()
+        read_to = {tp: (position, consumer.highwater(tp)) for tp in consumer.assignment()
                    if (position := position_now(consumer, tp)) is not None}
         return batch, read_to, self._positions.seeks
 
     def _widen_if_starved(self, consumer: AIOKafkaConsumer, wait: FetchWait,
-                          read_to: dict[TopicPartition, int]) -> None:
+                          read_to: dict[TopicPartition, tuple[int, int | None]]) -> None:
         """Widen the consumer's fetch wait if the broker keeps answering a partition with
         nothing although it reports records past the position (`FetchWait`)."""
-        fetched = {tp: (position, consumer.highwater(tp)) for tp, position in read_to.items()
+        fetched = {tp: ends for tp, ends in read_to.items()
                    if tp in self._positions.processed and tp not in self._paused}
         starved = wait.starved(fetched)
         if starved is None:

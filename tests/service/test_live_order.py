@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import load_config
 from monitor.engine import Engine
+from monitor.service import runner
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.input_history import replay_topics
 from monitor.service.runner import Monitor
@@ -460,3 +461,29 @@ async def test_a_broker_slow_to_answer_a_long_partition_gets_a_wider_fetch_wait(
     assert widened[0]["topic"] == settings.topics.prices
     assert widened[0]["broker_end"] > widened[0]["position"]
     assert not [entry for entry in logs if "stalled" in entry["event"]]
+
+
+async def test_records_the_consumer_holds_back_of_a_partitions_last_batch_are_waited_for(
+        broker, monkeypatch):
+    """4,000 deposits produced in bulk (batches of a hundred and more), then ticks. The
+    embedded broker reports a partition's end as its last batch's first offset + 1. The
+    consumer hands over 100 records at a time and the loop pauses a partition once it buffers
+    2, so a ledger partition's position stops inside its last batch, past that end, while the
+    rest of the batch waits in the consumer: it still sorts before the ticks, and is waited
+    for. No record is applied after one that sorts after it."""
+    monkeypatch.setattr(runner, "MAX_BUFFERED", 2)
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, max_batch_records=100)
+    await create_inputs(settings, prices=1, accounts=4)
+    deposits = [("ledger", f"acct-{n % 1_000}".encode(), orjson.dumps({
+        "entry_id": f"dep-{n}", "account": f"acct-{n % 1_000}", "asset": "USDT",
+        "amount": 100.0, "kind": "deposit", "ts": 1})) for n in range(4_000)]
+    ticks = [("prices", b"BTC-PERP", orjson.dumps({
+        "symbol": "BTC-PERP", "price": 50_000.0 + n, "ts": 1})) for n in range(10)]
+    located = Located(settings)
+    for batch in (deposits, ticks):
+        await produce(located, batch, sequential=False)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, located.ends, timeout=300)
+        assert late_records(monitor) == 0
+        assert monitor.metrics.merge_forced._value.get() == 0

@@ -317,6 +317,24 @@ def test_a_partition_known_to_hold_unread_records_is_waited_for_past_max_wait() 
     assert m.forced == 0
 
 
+def test_a_probe_proves_nothing_while_the_consumer_holds_records_it_fetched() -> None:
+    """Fills' last batch holds offsets 0-3, and the broker reports its end as the batch's
+    first offset + 1 (the embedded broker does). The consumer handed over offsets 0 and 1
+    only (its records limit), and its fetch reported a high watermark of 4: offsets 2 and 3,
+    stamped before the price, wait in it. Prices goes out only once they are handed over."""
+    m = merge()
+    m.add(PRICES, [Rec(0, 9)], NOW)
+    m.add(FILLS, [Rec(0, 1), Rec(1, 2)], NOW)
+    m.read_to(FILLS, 2, fetched_end=4)
+    m.probed(NOW + 10, {PRICES: 1, FILLS: 1})
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("fills", 1)]
+    assert m.blocked_on == [FILLS]
+    m.add(FILLS, [Rec(2, 3), Rec(3, 4)], NOW + 20)
+    m.read_to(FILLS, 4, fetched_end=4)
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 2), ("fills", 3), ("prices", 0)]
+    assert (m.forced, m.late) == (0, {})
+
+
 def test_records_the_broker_reports_but_never_delivers_stall_the_partition_after_max_stall(
         ) -> None:
     """Fills answered an end of 2 and, ten seconds on, still no fetch brought its records
