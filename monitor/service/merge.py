@@ -50,7 +50,8 @@ as Kafka Streams does (it enforces processing only once a partition's lag is kno
 those records exist and may sort first, and the consumer brings them. On a backlog, a consumer
 can hand over other partitions' records for well over ``max_wait`` before it reaches them. That
 wait has a bound too, ``max_stall``, counted from the partition's last progress (or from the
-answer that found the records, or from the caller resuming a partition it paused, if later): a
+answer that found the records, or from the caller resuming a partition it paused, if later;
+a partition the caller has paused cannot stall, `paused`): a
 partition whose records the broker reports but no
 fetch returns (a broker fault; the embedded broker's answers come back empty once a partition
 holds many small batches, which the loop mends by widening its fetch wait, `clients.FetchWait`)
@@ -138,6 +139,7 @@ class TimestampMerge:
         self._unread_since: dict[TopicPartition, float] = {}
         # the high watermark each partition's consumer last fetched (`read_to`)
         self._fetched_end: dict[TopicPartition, int] = {}
+        self._paused: set[TopicPartition] = set()  # fetching paused by the caller (`paused`)
         # stalled partitions (see the module's doc): (read up to, end the broker reported,
         # seconds without progress when declared)
         self.stalled: dict[TopicPartition, tuple[int, int, float]] = {}
@@ -229,11 +231,18 @@ class TimestampMerge:
             self._progressed(tp)
             self._settle_probe(tp)
 
+    def paused(self, tp: TopicPartition) -> None:
+        """The caller paused the partition's fetching (its buffer is full) until `resumed`.
+        Meanwhile it cannot progress, so it is never declared stalled: its buffer may drain
+        in one take before the caller sees that it may resume it, and its next record then
+        holds the others back until its consumer fetches again."""
+        self._paused.add(tp)
+
     def resumed(self, tp: TopicPartition) -> None:
-        """The caller had paused the partition's fetching (its buffer was full) and resumes
-        it: its stall clock starts now. Paused, it could not progress, and a stall counted
-        from before would be declared the moment its buffer drains, before its consumer
-        could fetch once."""
+        """The caller resumes the partition's fetching: its stall clock starts now, or a stall
+        counted from before the pause would be declared the moment its buffer drains,
+        before its consumer could fetch once."""
+        self._paused.discard(tp)
         if tp in self.fetched_to:
             self._progressed(tp)
 
@@ -299,6 +308,7 @@ class TimestampMerge:
             self._progress.pop(tp, None)
             self._unread_since.pop(tp, None)
             self._fetched_end.pop(tp, None)
+            self._paused.discard(tp)
             self.stalled.pop(tp, None)
 
     def buffered(self, tp: TopicPartition | None = None) -> int:
@@ -423,6 +433,8 @@ class TimestampMerge:
         probe found) that have not moved for ``max_stall``; whether all of them are now."""
         now = self._turning()
         for tp in unread:
+            if tp in self._paused:
+                continue
             since = max(self._progress.get(tp, NEVER), self._unread_since.get(tp, NEVER))
             if now - since >= self.max_stall:
                 end = max(end for end, _ in self._probed.pop(tp))

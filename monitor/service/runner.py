@@ -921,10 +921,11 @@ class Monitor:
             if tp not in self._paused and buffered >= MAX_BUFFERED:
                 self._consumer_of(tp).pause(tp)
                 self._paused.add(tp)
+                merge.paused(tp)
             elif tp in self._paused and buffered < MAX_BUFFERED // 2:
                 self._consumer_of(tp).resume(tp)
                 self._paused.discard(tp)
-                merge.resumed(tp)  # paused, it could not progress: no stall counted so far
+                merge.resumed(tp)
 
     async def _process_ready(self, limit: int) -> int:
         """Apply what the merge releases and hand its output to the pipeline (which gets

@@ -463,6 +463,41 @@ async def test_a_broker_slow_to_answer_a_long_partition_gets_a_wider_fetch_wait(
     assert not [entry for entry in logs if "stalled" in entry["event"]]
 
 
+async def test_a_partition_paused_behind_a_long_backlog_is_not_declared_stalled(
+        broker, monkeypatch):
+    """60,000 deposits, then 2,000 ticks, then 4,000 fills, all produced before the service
+    starts. The loop pauses a partition's fetching once it buffers 2 records and resumes it
+    once it buffers none; it takes 100 records at a time. So the price partition is paused
+    while the deposits drain, for longer than the 1 s stall timeout, and its buffered ticks
+    go out while it is still paused: the fills next need it read on. A partition the loop
+    paused cannot have stalled: nothing is forced, and the events are replay's."""
+    monkeypatch.setattr(runner, "MAX_BUFFERED", 2)
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, max_stall=1.0, max_batch_records=100)
+    await create_inputs(settings, prices=1, accounts=4)
+    accounts = [f"acct-{n}" for n in range(2_000)]
+    deposits = [("ledger", a.encode(), orjson.dumps({
+        "entry_id": f"dep-{n}-{a}", "account": a, "asset": "USDT", "amount": 100.0,
+        "kind": "deposit", "ts": 1})) for n in range(30) for a in accounts]
+    ticks = [("prices", b"BTC-PERP", orjson.dumps({
+        "symbol": "BTC-PERP", "price": 50_000.0 + n % 100, "ts": 1})) for n in range(2_000)]
+    fills = [("fills", a.encode(), orjson.dumps({
+        "fill_id": f"f{n}-{a}", "account": a, "symbol": "BTC-PERP", "side": "buy",
+        "qty": 0.01, "price": 50_000.0, "ts": 1})) for n in range(2) for a in accounts]
+    located = Located(settings)
+    for batch in (deposits, ticks, fills):
+        await produce(located, batch, sequential=False)
+    with structlog.testing.capture_logs() as logs:
+        async with RunningMonitor(settings, config) as monitor:
+            await wait_processed(monitor, located.ends, timeout=300)
+            assert monitor.metrics.merge_forced._value.get() == 0
+            assert late_records(monitor) == 0
+    assert not [e for e in logs if e["event"].startswith("input partition stalled")]
+    events = await read_events(settings.bootstrap, settings.topics)
+    records, locations = located.in_timestamp_order()
+    same_events(events, replayed(records, config), locations)
+
+
 async def test_records_the_consumer_holds_back_of_a_partitions_last_batch_are_waited_for(
         broker, monkeypatch):
     """4,000 deposits produced in bulk (batches of a hundred and more), then ticks. The

@@ -370,6 +370,28 @@ def test_a_partition_its_caller_paused_gets_the_whole_stall_timeout_once_resumed
     assert not m.stalled and (m.forced, m.forced_past_stalled) == (0, 0)
 
 
+def test_a_partition_its_caller_paused_is_not_declared_stalled_however_long() -> None:
+    """Prices was paused with two records buffered and more found by a probe; 60 s on, its
+    buffer drains in one take before the caller resumes it. Fills' record waits for prices'
+    consumer (nothing stalled, nothing forced) until the caller resumes it, and only a whole
+    stall timeout after that is prices declared stalled."""
+    clock = Clock()
+    m = merge(clock=clock)
+    m.add(PRICES, [Rec(0, 1), Rec(1, 2)], NOW)
+    m.add(FILLS, [Rec(0, 10)], NOW)
+    m.probed(NOW + 1, {PRICES: 4, FILLS: 1})
+    m.paused(PRICES)
+    clock.now = 60.0
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0), ("prices", 1)]
+    assert not m.stalled and m.forced_past_stalled == 0
+    m.resumed(PRICES)
+    clock.now = 69.9
+    assert m.take(100, [PRICES, FILLS]) == []
+    clock.now = 70.0
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0)]
+    assert PRICES in m.stalled and m.forced_past_stalled == 1
+
+
 def test_a_stalled_partition_holds_nothing_back_and_is_not_probed() -> None:
     clock = Clock()
     m = merge(max_stall=0, clock=clock)
