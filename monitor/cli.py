@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default 1,000,000")
     bench.add_argument("--instruments", type=at_least(1), default=50, help="default 50")
     bench.add_argument("--seed", type=int, default=7)
-    bench.add_argument("--tick-volatility", type=float, default=1e-5, metavar="SIGMA",
+    bench.add_argument("--tick-volatility", type=share, default=1e-5, metavar="SIGMA",
                        help="log-return standard deviation of one tick, default 1e-5")
     bench.add_argument("--records", type=at_least(0), default=0,
                        help="engine-only stream length (default: by scale)")

@@ -231,6 +231,8 @@ def test_deploy_readme_documents_no_environment_variable_liqmon_does_not_read() 
      "argument --duration: must be a number of seconds > 0, got -5"),
     (["bench", "--accounts", "50"], "argument --accounts: must be ≥ 100, got 50"),
     (["bench", "--instruments", "0"], "argument --instruments: must be ≥ 1, got 0"),
+    (["bench", "--tick-volatility", "nan"], "argument --tick-volatility: must be from 0 to 1, "
+     "got nan"),
     (["run", "--config", CONFIG, "--merge-wait", "-1"],
      "argument --merge-wait: must be a number of seconds ≥ 0, got -1"),
     (["run", "--config", CONFIG, "--max-skew", "-5"], "argument --max-skew: must be ≥ 0, got -5"),
@@ -255,7 +257,7 @@ def test_a_count_or_duration_out_of_range_is_a_usage_error_naming_it(
     """They ended in a traceback (synth and demo --accounts 0, demo --duration 0, run
     --metrics-port 70000), ran for ever (demo --duration -5), wrote a file of bad records only
     (synth --bad-rate 2), or ran a service that forced every release (--merge-wait -1) or
-    weakened every proof of order (--max-skew -5)."""
+    weakened every proof of order (--max-skew -5), or took a tick volatility of NaN."""
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2
