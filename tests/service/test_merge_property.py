@@ -1,0 +1,213 @@
+"""The merge's guarantee, against a model of a broker and two consumers (SPEC §6): records of one
+sequential producer, appended in batches to six partitions, come out in (timestamp, topic
+rank, partition, offset) order and none late, however the consumers fetch them, hand them over
+in parts, pause partitions, and whenever probes are sent and answered — with exact end offsets,
+or with the embedded broker's (a last batch's first offset + 1)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiokafka import TopicPartition
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from monitor.service.merge import TimestampMerge
+from tests.support.clock import Clock
+
+RANKS = {"ledger": 0, "fills": 1, "prices": 2}
+CONSUMERS = {
+    "prices": [TopicPartition("prices", 0), TopicPartition("prices", 1)],
+    "accounts": [TopicPartition(topic, p) for topic in ("fills", "ledger") for p in (0, 1)],
+}
+PARTITIONS = [tp for tps in CONSUMERS.values() for tp in tps]
+SKEW = 5  # ms
+START = 1_700_000_000_000
+
+
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+    timestamp: int
+
+
+@dataclass
+class Log:
+    batches: list[list[Rec]] = field(default_factory=list)
+    end: int = 0
+
+    def end_as_reported(self, embedded: bool) -> int:
+        """The end a probe is answered: exact, or the embedded broker's last batch's first
+        offset + 1."""
+        if embedded and self.batches:
+            return self.batches[-1][0].offset + 1
+        return self.end
+
+
+@dataclass
+class Consumer:
+    """A fetch brings whole batches into the consumer; `getmany` hands over at most a limit."""
+
+    tps: list[TopicPartition]
+    fetched: dict[TopicPartition, deque[Rec]] = field(default_factory=dict)
+    fetch_from: dict[TopicPartition, int] = field(default_factory=dict)
+    position: dict[TopicPartition, int] = field(default_factory=dict)
+    highwater: dict[TopicPartition, int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for tp in self.tps:
+            self.fetched[tp] = deque()
+            self.fetch_from[tp] = self.position[tp] = 0
+            self.highwater[tp] = None
+
+
+class World:
+    def __init__(self, embedded: bool) -> None:
+        self.embedded = embedded
+        self.now = START  # wall clock, ms
+        self.last_timestamp = START
+        self.logs = {tp: Log() for tp in PARTITIONS}
+        self.consumers = {name: Consumer(tps) for name, tps in CONSUMERS.items()}
+        self.paused: set[TopicPartition] = set()
+        self.probes_out: list[tuple[int, dict[TopicPartition, int]]] = []
+        self.merge = TimestampMerge(RANKS.__getitem__, max_skew_ms=SKEW, max_wait=math.inf,
+                                    max_stall=math.inf, clock=Clock(),
+                                    co_partitioned=("fills", "ledger"))
+        for tp in PARTITIONS:
+            self.merge.seek(tp, 0)
+        self.released: list[tuple[int, int, int, int]] = []
+
+    def append(self, tp: TopicPartition, count: int, stamped_before: int) -> None:
+        """One produce request: ``count`` records, stamped ``stamped_before`` ms before they
+        are appended (less than the skew), never before the producer's previous record."""
+        timestamp = max(self.last_timestamp, self.now - stamped_before)
+        self.last_timestamp = timestamp
+        log = self.logs[tp]
+        log.batches.append([Rec(log.end + n, timestamp) for n in range(count)])
+        log.end += count
+
+    def fetch(self, name: str) -> None:
+        consumer = self.consumers[name]
+        for tp in consumer.tps:
+            if tp in self.paused:
+                continue
+            log = self.logs[tp]
+            for batch in log.batches:
+                if batch[0].offset >= consumer.fetch_from[tp]:
+                    consumer.fetched[tp].extend(batch)
+            consumer.fetch_from[tp] = log.end
+            consumer.highwater[tp] = log.end
+
+    def getmany(self, name: str, limit: int, first: int) -> None:
+        consumer = self.consumers[name]
+        tps = consumer.tps[first:] + consumer.tps[:first]
+        for tp in tps:
+            records = []
+            while limit and consumer.fetched[tp] and tp not in self.paused:
+                records.append(consumer.fetched[tp].popleft())
+                limit -= 1
+            if records:
+                self.merge.add(tp, records, self.now)
+                consumer.position[tp] = records[-1].offset + 1
+        for tp in consumer.tps:
+            self.merge.read_to(tp, consumer.position[tp], consumer.highwater[tp])
+
+    def probe(self, tps: list[TopicPartition]) -> None:
+        self.merge.asked(self.now, tps)
+        self.probes_out.append((self.now, {tp: self.logs[tp].end_as_reported(self.embedded)
+                                           for tp in tps}))
+
+    def answer(self, which: int) -> None:
+        sent_at, ends = self.probes_out.pop(which % len(self.probes_out))
+        self.merge.probed(sent_at, ends)
+
+    def take(self, limit: int) -> None:
+        for tp, record in self.merge.take(limit, PARTITIONS):
+            self.released.append((record.timestamp, RANKS[tp.topic], tp.partition,
+                                  record.offset))
+
+    def pause(self, tp: TopicPartition) -> None:
+        self.paused.add(tp)
+        self.merge.paused(tp)
+
+    def resume(self, tp: TopicPartition) -> None:
+        if tp in self.paused:
+            self.paused.discard(tp)
+            self.merge.resumed(tp)
+
+    def drain(self) -> None:
+        """Resume everything; fetch, hand over, probe and take until all is out."""
+        for tp in list(self.paused):
+            self.resume(tp)
+        while self.probes_out:
+            self.answer(0)
+        total = sum(log.end for log in self.logs.values())
+        for _ in range(100):
+            if len(self.released) == total:
+                return
+            self.now += 1
+            for name in self.consumers:
+                self.fetch(name)
+                self.getmany(name, 1_000, 0)
+            self.now += SKEW + 1
+            self.probe(PARTITIONS)
+            self.answer(0)
+            self.take(1_000)
+        raise AssertionError(f"stuck: {len(self.released)} of {total} records out")
+
+    @property
+    def expected(self) -> list[tuple[int, int, int, int]]:
+        return sorted((record.timestamp, RANKS[tp.topic], tp.partition, record.offset)
+                      for tp, log in self.logs.items() for batch in log.batches
+                      for record in batch)
+
+
+partitions = st.sampled_from(PARTITIONS)
+# One turn of the world, in the service loop's order: the producer appends, the consumers
+# fetch and hand records over, probes go out and some come back, the merge takes, partitions
+# are paused or resumed.
+turns = st.fixed_dictionaries({
+    "appends": st.lists(st.tuples(partitions, st.integers(1, 6), st.integers(0, SKEW - 1)),
+                        max_size=3),
+    "fetch": st.lists(st.sampled_from(sorted(CONSUMERS)), max_size=2, unique=True),
+    "getmany": st.lists(st.tuples(st.sampled_from(sorted(CONSUMERS)), st.integers(1, 8),
+                                  st.integers(0, 3)), max_size=2),
+    "probe": st.sampled_from([None, PARTITIONS])
+             | st.lists(partitions, min_size=1, max_size=5, unique=True),
+    "wait": st.sampled_from([0, 1, 3, SKEW + 1, 12]),
+    "answers": st.lists(st.integers(0, 5), max_size=2),
+    "take": st.integers(0, 10),
+    "pause": st.none() | partitions,
+    "resume": st.none() | partitions,
+})
+
+
+@settings(max_examples=1_000, deadline=None)
+@given(embedded=st.booleans(), script=st.lists(turns, max_size=12))
+def test_one_sequential_producers_records_come_out_in_replays_order_and_none_late(
+        embedded: bool, script: list[dict]) -> None:
+    world = World(embedded)
+    for turn in script:
+        for tp, count, stamped_before in turn["appends"]:
+            world.append(tp, count, stamped_before)
+        for name in turn["fetch"]:
+            world.fetch(name)
+        for name, limit, first in turn["getmany"]:
+            world.getmany(name, limit, first)
+        if turn["probe"] is not None:
+            world.probe(turn["probe"])
+        world.now += turn["wait"]
+        for which in turn["answers"]:
+            if world.probes_out:
+                world.answer(which)
+        if turn["take"]:
+            world.take(turn["take"])
+        if turn["pause"] is not None:
+            world.pause(turn["pause"])
+        if turn["resume"] is not None:
+            world.resume(turn["resume"])
+    world.drain()
+    assert world.released == world.expected
+    assert world.merge.late == {} and world.merge.forced == 0
