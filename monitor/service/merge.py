@@ -18,7 +18,7 @@ A broker may report the end as the last batch's first offset + 1 (the embedded b
 A fetch returns whole record batches, but the consumer hands a batch over in parts when it
 reaches its records limit, so its position alone can stop inside the last batch, past such an
 end. So a probe proves nothing either while the consumer has not handed over everything up to
-the high watermark its last fetch reported (`read_to`).
+the high watermark its last fetch reported (`fetched`).
 
 This is Kafka Streams' `max.task.idle.ms` rule (KIP-695: wait until the partition's lag is known
 to be zero) with Flink's bounded out-of-orderness. A high watermark from the last fetch says
@@ -137,7 +137,7 @@ class TimestampMerge:
         # found records of it not read yet: the later of the two starts its stall clock
         self._progress: dict[TopicPartition, float] = {}
         self._unread_since: dict[TopicPartition, float] = {}
-        # the high watermark each partition's consumer last fetched (`read_to`)
+        # the high watermark each partition's consumer last fetched (`fetched`)
         self._fetched_end: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()  # fetching paused by the caller (`paused`)
         # stalled partitions (see the module's doc): (read up to, end the broker reported,
@@ -186,6 +186,19 @@ class TimestampMerge:
         self._progressed(tp)
         self._settle_probe(tp)
 
+    def fetched(self, tp: TopicPartition, records: Sequence[Record], position: int | None,
+                fetched_end: int | None, arrived_ms: float | None = None) -> None:
+        """What one fetch of the partition's consumer handed over: its records (`add`), its
+        position after them (`read_to`), and the high watermark the fetch reported, if
+        known. Until the consumer has handed over everything before that, it holds records
+        no probe's answer may be trusted to count. That end is taken first: the records
+        alone may reach an end a probe reported inside a batch they are part of."""
+        if tp in self.fetched_to and fetched_end is not None:
+            self._fetched_end[tp] = fetched_end
+        self.add(tp, records, arrived_ms)
+        if position is not None:
+            self.read_to(tp, position)
+
     def asked(self, sent_at_ms: float, tps: Iterable[TopicPartition]) -> None:
         """A probe of ``tps`` went out at wall-clock ``sent_at_ms``: out until `probed` or
         `unanswered` says it came back."""
@@ -215,18 +228,10 @@ class TimestampMerge:
                 answers.append((end, sent_at_ms))
                 self._settle_probe(tp)
 
-    def read_to(self, tp: TopicPartition, position: int,
-                fetched_end: int | None = None) -> None:
+    def read_to(self, tp: TopicPartition, position: int) -> None:
         """The partition's consumer has handed over everything before ``position`` (its
-        position right after a fetch), records and what it skips alike; ``fetched_end`` is
-        the high watermark its last fetch of the partition reported, if known. Until it has
-        handed over everything before that, it holds records no probe's answer may be
-        trusted to count."""
-        if tp not in self.fetched_to:
-            return
-        if fetched_end is not None:
-            self._fetched_end[tp] = fetched_end
-        if position > self.fetched_to[tp]:
+        position right after a fetch), records and what it skips alike."""
+        if tp in self.fetched_to and position > self.fetched_to[tp]:
             self.fetched_to[tp] = position
             self._progressed(tp)
             self._settle_probe(tp)

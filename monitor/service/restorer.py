@@ -399,7 +399,7 @@ class Restorer:
                         merge.add(tp, records)
                 for tp in reached:
                     if (position := position_now(reader, tp)) is not None:
-                        merge.read_to(tp, position, reader.highwater(tp))
+                        merge.read_to(tp, position)
                 active = [tp for tp in reached if not done_with(tp, reached[tp])]
                 ready = []
                 taken = merge.take(s.max_batch_records, active, done_with)

@@ -748,9 +748,8 @@ class Monitor:
                         # since these records were fetched
                         held = tp in positions.processed
                         if held and not positions.sought_since(tp, taken_at):
-                            positions.merge.add(tp, batch.get(tp, ()))
-                            if tp in read_to:
-                                positions.merge.read_to(tp, *read_to[tp])
+                            positions.merge.fetched(tp, batch.get(tp, ()),
+                                                   *read_to.get(tp, (None, None)))
                     self._refresh_lag(consumer.assignment())
                     await self._read_replaced_logs_again(consumer)
                     if sum(map(len, batch.values())) < limit:  # it handed over all it had

@@ -324,13 +324,11 @@ def test_a_probe_proves_nothing_while_the_consumer_holds_records_it_fetched() ->
     stamped before the price, wait in it. Prices goes out only once they are handed over."""
     m = merge()
     m.add(PRICES, [Rec(0, 9)], NOW)
-    m.add(FILLS, [Rec(0, 1), Rec(1, 2)], NOW)
-    m.read_to(FILLS, 2, fetched_end=4)
     m.probed(NOW + 10, {PRICES: 1, FILLS: 1})
+    m.fetched(FILLS, [Rec(0, 1), Rec(1, 2)], 2, fetched_end=4)
     assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("fills", 1)]
     assert m.blocked_on == [FILLS]
-    m.add(FILLS, [Rec(2, 3), Rec(3, 4)], NOW + 20)
-    m.read_to(FILLS, 4, fetched_end=4)
+    m.fetched(FILLS, [Rec(2, 3), Rec(3, 4)], 4, fetched_end=4)
     assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 2), ("fills", 3), ("prices", 0)]
     assert (m.forced, m.late) == (0, {})
 

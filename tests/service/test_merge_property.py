@@ -103,16 +103,16 @@ class World:
     def getmany(self, name: str, limit: int, first: int) -> None:
         consumer = self.consumers[name]
         tps = consumer.tps[first:] + consumer.tps[:first]
+        handed: dict[TopicPartition, list[Rec]] = {tp: [] for tp in tps}
         for tp in tps:
-            records = []
             while limit and consumer.fetched[tp] and tp not in self.paused:
-                records.append(consumer.fetched[tp].popleft())
+                handed[tp].append(consumer.fetched[tp].popleft())
                 limit -= 1
-            if records:
-                self.merge.add(tp, records, self.now)
-                consumer.position[tp] = records[-1].offset + 1
+            if handed[tp]:
+                consumer.position[tp] = handed[tp][-1].offset + 1
         for tp in consumer.tps:
-            self.merge.read_to(tp, consumer.position[tp], consumer.highwater[tp])
+            self.merge.fetched(tp, handed[tp], consumer.position[tp], consumer.highwater[tp],
+                               self.now)
 
     def probe(self, tps: list[TopicPartition]) -> None:
         self.merge.asked(self.now, tps)
