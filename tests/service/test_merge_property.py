@@ -1,8 +1,9 @@
 """The merge's guarantee, against a model of a broker and two consumers (SPEC §6): records of one
-sequential producer, appended in batches to six partitions, come out in (timestamp, topic
-rank, partition, offset) order and none late, however the consumers fetch them, hand them over
-in parts, pause partitions, and whenever probes are sent and answered — with exact end offsets,
-or with the embedded broker's (a last batch's first offset + 1)."""
+sequential producer, appended in batches to six partitions between transaction markers, come
+out in (timestamp, topic rank, partition, offset) order and none late, however the consumers
+fetch them, hand them over in parts, pause partitions, and whenever probes are sent and
+answered — with exact end offsets, or with the embedded broker's (the first offset of the last
+batch, plus one)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ START = 1_700_000_000_000
 class Rec:
     offset: int
     timestamp: int
+    marker: bool = False  # a transaction marker: takes an offset, never handed over
 
 
 @dataclass
@@ -88,6 +90,12 @@ class World:
         log.batches.append([Rec(log.end + n, timestamp) for n in range(count)])
         log.end += count
 
+    def mark(self, tp: TopicPartition) -> None:
+        """A transaction's commit marker, a batch of its own."""
+        log = self.logs[tp]
+        log.batches.append([Rec(log.end, self.last_timestamp, marker=True)])
+        log.end += 1
+
     def fetch(self, name: str) -> None:
         consumer = self.consumers[name]
         for tp in consumer.tps:
@@ -106,10 +114,11 @@ class World:
         handed: dict[TopicPartition, list[Rec]] = {tp: [] for tp in tps}
         for tp in tps:
             while limit and consumer.fetched[tp] and tp not in self.paused:
-                handed[tp].append(consumer.fetched[tp].popleft())
-                limit -= 1
-            if handed[tp]:
-                consumer.position[tp] = handed[tp][-1].offset + 1
+                record = consumer.fetched[tp].popleft()
+                consumer.position[tp] = record.offset + 1  # past a marker too
+                if not record.marker:
+                    handed[tp].append(record)
+                    limit -= 1
         for tp in consumer.tps:
             self.merge.fetched(tp, handed[tp], consumer.position[tp], consumer.highwater[tp],
                                self.now)
@@ -143,7 +152,7 @@ class World:
             self.resume(tp)
         while self.probes_out:
             self.answer(0)
-        total = sum(log.end for log in self.logs.values())
+        total = len(self.expected)
         for _ in range(100):
             if len(self.released) == total:
                 return
@@ -161,7 +170,7 @@ class World:
     def expected(self) -> list[tuple[int, int, int, int]]:
         return sorted((record.timestamp, RANKS[tp.topic], tp.partition, record.offset)
                       for tp, log in self.logs.items() for batch in log.batches
-                      for record in batch)
+                      for record in batch if not record.marker)
 
 
 partitions = st.sampled_from(PARTITIONS)
@@ -179,6 +188,7 @@ turns = st.fixed_dictionaries({
     "wait": st.sampled_from([0, 1, 3, SKEW + 1, 12]),
     "answers": st.lists(st.integers(0, 5), max_size=2),
     "take": st.integers(0, 10),
+    "mark": st.none() | partitions,
     "pause": st.none() | partitions,
     "resume": st.none() | partitions,
 })
@@ -192,6 +202,8 @@ def test_one_sequential_producers_records_come_out_in_replays_order_and_none_lat
     for turn in script:
         for tp, count, stamped_before in turn["appends"]:
             world.append(tp, count, stamped_before)
+        if turn["mark"] is not None:
+            world.mark(turn["mark"])
         for name in turn["fetch"]:
             world.fetch(name)
         for name, limit, first in turn["getmany"]:
