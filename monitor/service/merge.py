@@ -388,7 +388,7 @@ class TimestampMerge:
                 self.forced_on.update(holding)
             elif needs > stalled_floor:
                 self.forced_past_stalled += 1
-            key = heapq.heappop(heap)[:4]
+            key = heap[0][:4]
             record, arrived = buffer.popleft()
             if key[0] != record.timestamp:  # stamped ahead: placed at its arrival
                 self.ahead[tp.topic] = self.ahead.get(tp.topic, 0) + 1
@@ -411,9 +411,11 @@ class TimestampMerge:
                 head, arrived = buffer[0]
                 placed = (head.timestamp if head.timestamp <= arrived + ahead_limit
                           else int(arrived + ahead_limit))
-                heapq.heappush(heap, (placed, self._rank(tp.topic), tp.partition, head.offset,
-                                      tp))
-            elif not (exhausted and exhausted(tp, self.fetched_to[tp])):
+                # one sift: the partition's next record takes its last one's place
+                heapq.heapreplace(heap, (placed, key[1], tp.partition, head.offset, tp))
+                continue
+            heapq.heappop(heap)
+            if not (exhausted and exhausted(tp, self.fetched_to[tp])):
                 silent.append(tp)  # it may hold records earlier than the other heads
                 floor = min(floor, proven.get(tp, NEVER))
         if heap:
