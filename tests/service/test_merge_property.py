@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monitor.service.merge import TimestampMerge
-from tests.support.clock import Clock
 
 RANKS = {"ledger": 0, "fills": 1, "prices": 2}
 CONSUMERS = {
@@ -66,7 +65,7 @@ class Consumer:
 
 
 class World:
-    def __init__(self, embedded: bool) -> None:
+    def __init__(self, embedded: bool, max_stall: float = math.inf) -> None:
         self.embedded = embedded
         self.now = START  # wall clock, ms
         self.last_timestamp = START
@@ -75,7 +74,7 @@ class World:
         self.paused: set[TopicPartition] = set()
         self.probes_out: list[tuple[int, dict[TopicPartition, int]]] = []
         self.merge = TimestampMerge(RANKS.__getitem__, max_skew_ms=SKEW, max_wait=math.inf,
-                                    max_stall=math.inf, clock=Clock(),
+                                    max_stall=max_stall, clock=lambda: self.now / 1000,
                                     co_partitioned=("fills", "ledger"))
         for tp in PARTITIONS:
             self.merge.seek(tp, 0)
@@ -223,3 +222,48 @@ def test_one_sequential_producers_records_come_out_in_replays_order_and_none_lat
     world.drain()
     assert world.released == world.expected
     assert world.merge.late == {} and world.merge.forced == 0
+
+
+# The service loop's turns: the producer appends, each consumer fetches and hands over at most
+# a few records (starting from a partition that rotates, as a fair consumer does), every
+# partition is probed and answered, the merge takes, and the loop paces fetching as
+# `Monitor._pace_fetching` does: a partition is paused once it buffers PAUSE_AT records and
+# resumed once it buffers fewer than half as many.
+PAUSE_AT = 3
+STALL_TIMEOUT_MS = 100
+loop_turns = st.lists(st.fixed_dictionaries({
+    "appends": st.lists(st.tuples(partitions, st.integers(1, 12), st.integers(0, SKEW - 1)),
+                        max_size=3),
+    "handed": st.integers(len(CONSUMERS["accounts"]), 8),
+    "take": st.integers(1, 10),
+    "wait": st.integers(0, 20),
+}), max_size=40)
+
+
+@settings(max_examples=600, deadline=None)
+@given(embedded=st.booleans(), script=loop_turns)
+def test_a_partition_read_on_every_turn_never_stalls_however_long_it_is_paused(
+        embedded: bool, script: list[dict]) -> None:
+    """Whatever a backlog holds back, a partition whose consumer hands it records at least
+    every four turns (each under the stall timeout apart) is never declared stalled, paused or
+    not: nothing goes out past one, and everything comes out in replay's order."""
+    world = World(embedded, max_stall=STALL_TIMEOUT_MS / 1000)
+    for n, turn in enumerate(script):
+        for tp, count, stamped_before in turn["appends"]:
+            world.append(tp, count, stamped_before)
+        for name in world.consumers:
+            world.fetch(name)
+            world.getmany(name, turn["handed"], n % len(CONSUMERS[name]))
+        world.probe(PARTITIONS)
+        world.answer(0)
+        world.take(turn["take"])
+        for tp in PARTITIONS:
+            buffered = world.merge.buffered(tp)
+            if tp not in world.paused and buffered >= PAUSE_AT:
+                world.pause(tp)
+            elif tp in world.paused and buffered < PAUSE_AT // 2:
+                world.resume(tp)
+        assert not world.merge.stalled and world.merge.forced_past_stalled == 0
+        world.now += turn["wait"]
+    world.drain()
+    assert world.released == world.expected
