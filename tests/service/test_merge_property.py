@@ -65,7 +65,8 @@ class Consumer:
 
 
 class World:
-    def __init__(self, embedded: bool, max_stall: float = math.inf) -> None:
+    def __init__(self, embedded: bool, max_stall: float = math.inf,
+                 max_wait: float = math.inf) -> None:
         self.embedded = embedded
         self.now = START  # wall clock, ms
         self.last_timestamp = START
@@ -73,7 +74,7 @@ class World:
         self.consumers = {name: Consumer(tps) for name, tps in CONSUMERS.items()}
         self.paused: set[TopicPartition] = set()
         self.probes_out: list[tuple[int, dict[TopicPartition, int]]] = []
-        self.merge = TimestampMerge(RANKS.__getitem__, max_skew_ms=SKEW, max_wait=math.inf,
+        self.merge = TimestampMerge(RANKS.__getitem__, max_skew_ms=SKEW, max_wait=max_wait,
                                     max_stall=max_stall, clock=lambda: self.now / 1000,
                                     co_partitioned=("fills", "ledger"))
         for tp in PARTITIONS:
@@ -231,6 +232,7 @@ def test_one_sequential_producers_records_come_out_in_replays_order_and_none_lat
 # resumed once it buffers fewer than half as many.
 PAUSE_AT = 3
 STALL_TIMEOUT_MS = 100
+MERGE_WAIT_MS = 50
 loop_turns = st.lists(st.fixed_dictionaries({
     "appends": st.lists(st.tuples(partitions, st.integers(1, 12), st.integers(0, SKEW - 1)),
                         max_size=3),
@@ -246,8 +248,9 @@ def test_a_partition_read_on_every_turn_never_stalls_however_long_it_is_paused(
         embedded: bool, script: list[dict]) -> None:
     """Whatever a backlog holds back, a partition whose consumer hands it records at least
     every four turns (each under the stall timeout apart) is never declared stalled, paused or
-    not: nothing goes out past one, and everything comes out in replay's order."""
-    world = World(embedded, max_stall=STALL_TIMEOUT_MS / 1000)
+    not, and with every probe answered within a turn nothing is released by the merge wait:
+    everything comes out in replay's order."""
+    world = World(embedded, max_stall=STALL_TIMEOUT_MS / 1000, max_wait=MERGE_WAIT_MS / 1000)
     for n, turn in enumerate(script):
         for tp, count, stamped_before in turn["appends"]:
             world.append(tp, count, stamped_before)
@@ -264,6 +267,7 @@ def test_a_partition_read_on_every_turn_never_stalls_however_long_it_is_paused(
             elif tp in world.paused and buffered < PAUSE_AT // 2:
                 world.resume(tp)
         assert not world.merge.stalled and world.merge.forced_past_stalled == 0
+        assert world.merge.forced == 0
         world.now += turn["wait"]
     world.drain()
     assert world.released == world.expected
