@@ -243,6 +243,10 @@ class TimestampMerge:
         holds the others back until its consumer fetches again."""
         self._paused.add(tp)
 
+    def is_paused(self, tp: TopicPartition) -> bool:
+        """Between `paused` and `resumed` (or `drop`)."""
+        return tp in self._paused
+
     def resumed(self, tp: TopicPartition) -> None:
         """The caller resumes the partition's fetching: its stall clock starts now, or a stall
         counted from before the pause would be declared the moment its buffer drains,

@@ -165,7 +165,6 @@ class Monitor:
         self._fatal: BaseException | None = None
         self._restored = asyncio.Event()  # the first assignment has been restored
         self._closing = False
-        self._paused: set[TopicPartition] = set()
         self._last_tick_wall: dict[str, float] = {}
         self._checkpointer = Checkpointer(self.engine, self._positions, settings,
                                           self.metrics, self.fingerprint)
@@ -684,7 +683,6 @@ class Monitor:
         """Stop processing these input partitions: out of the merge, no gauges left."""
         self._positions.drop(tps)
         for tp in tps:
-            self._paused.discard(tp)
             for gauge in (self.metrics.input_offset, self.metrics.consumer_lag):
                 with contextlib.suppress(KeyError):
                     gauge.remove(tp.topic, str(tp.partition))
@@ -796,7 +794,8 @@ class Monitor:
         """Widen the consumer's fetch wait if the broker keeps answering a partition with
         nothing although it reports records past the position (`FetchWait`)."""
         fetched = {tp: ends for tp, ends in read_to.items()
-                   if tp in self._positions.processed and tp not in self._paused}
+                   if tp in self._positions.processed
+                   and not self._positions.merge.is_paused(tp)}
         starved = wait.starved(fetched)
         if starved is None:
             return
@@ -913,17 +912,16 @@ class Monitor:
 
     def _pace_fetching(self) -> None:
         """Pause partitions whose buffer is full (the merge waits on another one), resume
-        them once drained: memory stays bounded however far one input runs ahead."""
+        them once drained: memory stays bounded however far one input runs ahead. The merge
+        keeps which are paused (it must know: a paused partition cannot stall)."""
         merge = self._positions.merge
         for tp in list(self._positions.processed):
             buffered = merge.buffered(tp)
-            if tp not in self._paused and buffered >= MAX_BUFFERED:
+            if not merge.is_paused(tp) and buffered >= MAX_BUFFERED:
                 self._consumer_of(tp).pause(tp)
-                self._paused.add(tp)
                 merge.paused(tp)
-            elif tp in self._paused and buffered < MAX_BUFFERED // 2:
+            elif merge.is_paused(tp) and buffered < MAX_BUFFERED // 2:
                 self._consumer_of(tp).resume(tp)
-                self._paused.discard(tp)
                 merge.resumed(tp)
 
     async def _process_ready(self, limit: int) -> int:
