@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -254,13 +255,10 @@ class EventComparison:
 def check_events(replayed: Iterable[bytes], published: Iterable[bytes | None]) -> EventCheck:
     """Compare the events a replay wrote (JSON, one each) with those read from the event
     topics. Ids are listed sorted."""
-    comparison = EventComparison()
-    try:
+    with closing(EventComparison()) as comparison:
         comparison.add_replayed(replayed)
         comparison.add_published(published)
         return comparison.result()
-    finally:
-        comparison.close()
 
 
 def _canonical_row(event: Any) -> tuple[str, bytes]:

@@ -21,7 +21,7 @@ import heapq
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -254,14 +254,11 @@ async def check_published(bootstrap: str, topics: Topics, replayed: Iterable[byt
     """`liqmon replay --bootstrap --check`: the events published against those a replay of
     the topics wrote (``replayed``, JSON lines), compared as they are read
     (`replay.EventComparison`: memory bounded)."""
-    comparison = EventComparison()
-    try:
+    with closing(EventComparison()) as comparison:
         comparison.add_replayed(replayed)
         await _read_published(bootstrap, topics, comparison.add_published, security,
                               request_timeout_ms)
         return comparison.result()
-    finally:
-        comparison.close()
 
 
 async def check_topics(bootstrap: str, topics: Topics, engine: Engine,
