@@ -18,7 +18,10 @@ A broker may report the end as the last batch's first offset + 1 (the embedded b
 A fetch returns whole record batches, but the consumer hands a batch over in parts when it
 reaches its records limit, so its position alone can stop inside the last batch, past such an
 end. So a probe proves nothing either while the consumer has not handed over everything up to
-the high watermark its last fetch reported (`fetched`).
+the high watermark its last fetch reported (`fetched`). A partition just positioned (`seek`:
+a start, a rebalance, a replaced log) may be positioned inside a batch, and the consumer's high
+watermark may be of a fetch from before, or missing: until a fetch answered after the seek
+reports one, no probe proves it.
 
 This is Kafka Streams' `max.task.idle.ms` rule (KIP-695: wait until the partition's lag is known
 to be zero) with Flink's bounded out-of-orderness. A high watermark from the last fetch says
@@ -137,8 +140,11 @@ class TimestampMerge:
         # found records of it not read yet: the later of the two starts its stall clock
         self._progress: dict[TopicPartition, float] = {}
         self._unread_since: dict[TopicPartition, float] = {}
-        # the high watermark each partition's consumer last fetched (`fetched`)
-        self._fetched_end: dict[TopicPartition, int] = {}
+        # the high watermark each partition's consumer last fetched (`fetched`); infinite
+        # until a fetch answered after the partition was positioned reports one, and the
+        # wall-clock ms it was positioned at (`seek`)
+        self._fetched_end: dict[TopicPartition, float] = {}
+        self._positioned_at: dict[TopicPartition, float] = {}
         self._paused: set[TopicPartition] = set()  # fetching paused by the caller (`paused`)
         # stalled partitions (see the module's doc): (read up to, end the broker reported,
         # seconds without progress when declared)
@@ -187,17 +193,22 @@ class TimestampMerge:
         self._settle_probe(tp)
 
     def fetched(self, tp: TopicPartition, records: Sequence[Record], position: int | None,
-                fetched_end: int | None, arrived_ms: float | None = None) -> None:
+                fetched_end: int | None, fetched_end_at_ms: float | None,
+                arrived_ms: float | None = None) -> None:
         """What one fetch of the partition's consumer handed over: its records (`add`), its
-        position after them (`read_to`), and the high watermark the fetch reported, if
-        known. Until the consumer has handed over everything before that, it holds records
-        no probe's answer may be trusted to count. That end is taken first: the records
-        alone may reach an end a probe reported inside a batch they are part of."""
-        if tp in self.fetched_to and fetched_end is not None:
+        position after them (`read_to`), and the high watermark its consumer last fetched
+        with the wall-clock ms that fetch was answered at, if known. Until the consumer has
+        handed over everything before that end, it holds records no probe's answer may be
+        trusted to count. That end is taken first: the records alone may reach an end a
+        probe reported inside a batch they are part of. An end answered before the partition
+        was last positioned is of another position (or log), and is not taken."""
+        if (tp in self.fetched_to and fetched_end is not None and fetched_end_at_ms is not None
+                and fetched_end_at_ms > self._positioned_at.get(tp, NEVER)):
             self._fetched_end[tp] = fetched_end
         self.add(tp, records, arrived_ms)
         if position is not None:
             self.read_to(tp, position)
+        self._settle_probe(tp)  # the end alone may be what an answer waited for
 
     def asked(self, sent_at_ms: float, tps: Iterable[TopicPartition]) -> None:
         """A probe of ``tps`` went out at wall-clock ``sent_at_ms``: out until `probed` or
@@ -290,12 +301,16 @@ class TimestampMerge:
                 and tp not in self.stalled
                 and not any(sent >= needs for _, sent in self._probed.get(tp, ()))]
 
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        """The consumer was moved: forget what was buffered or proved for this partition."""
+    def seek(self, tp: TopicPartition, offset: int, at_ms: float | None = None) -> None:
+        """The consumer was moved, at wall-clock ``at_ms`` (now if not given): forget what was
+        buffered or proved for this partition. ``offset`` may be inside a batch, so until a
+        fetch answered after this reports its high watermark, no probe proves it."""
         self._buffers.pop(tp, None)
         self._probed.pop(tp, None)
         self.proven.pop(tp, None)
         self.fetched_to[tp] = offset
+        self._fetched_end[tp] = math.inf
+        self._positioned_at[tp] = time.time() * 1000 if at_ms is None else at_ms
         self._progressed(tp)
         self._unblock()  # a partition positioned anew gets the whole max_wait
 
@@ -317,6 +332,7 @@ class TimestampMerge:
             self._progress.pop(tp, None)
             self._unread_since.pop(tp, None)
             self._fetched_end.pop(tp, None)
+            self._positioned_at.pop(tp, None)
             self._paused.discard(tp)
             self.stalled.pop(tp, None)
 

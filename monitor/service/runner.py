@@ -98,6 +98,9 @@ ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account
 # The loop makes almost no cyclic garbage (~2,000 objects in a 37 s run, start-up included), so
 # waiting longer finds the same and walks far less.
 YOUNG_COLLECTION_AFTER = 50_000
+# After a fetch, per partition: the consumer's position, the high watermark its last fetch of
+# the partition reported, and the wall-clock ms that fetch was answered at (`merge.fetched`)
+ReadTo = tuple[int, int | None, int | None]
 
 
 class Monitor:
@@ -747,7 +750,7 @@ class Monitor:
                         held = tp in positions.processed
                         if held and not positions.sought_since(tp, taken_at):
                             positions.merge.fetched(tp, batch.get(tp, ()),
-                                                   *read_to.get(tp, (None, None)))
+                                                   *read_to.get(tp, (None, None, None)))
                     self._refresh_lag(consumer.assignment())
                     await self._read_replaced_logs_again(consumer)
                     if sum(map(len, batch.values())) < limit:  # it handed over all it had
@@ -778,22 +781,23 @@ class Monitor:
 
     async def _fetch(self, consumer: AIOKafkaConsumer, limit: int
                      ) -> tuple[dict[TopicPartition, list[ConsumerRecord]],
-                                dict[TopicPartition, tuple[int, int | None]], int]:
+                                dict[TopicPartition, ReadTo], int]:
         """A fetch, the consumer's position in each partition after it (past what it skips,
         such as transaction markers) with the high watermark its last fetch of the partition
-        reported, and the seek count it was taken at, all read in the same step: a restore
-        that seeks a partition while the fetch waits to be handed to the merge makes that
-        partition's records in it stale (`Positions.sought_since`)."""
+        reported and when that was answered, and the seek count it was taken at, all read in
+        the same step: a restore that seeks a partition while the fetch waits to be handed to
+        the merge makes that partition's records in it stale (`Positions.sought_since`)."""
         batch = await consumer.getmany(timeout_ms=500, max_records=limit)
-        read_to = {tp: (position, consumer.highwater(tp)) for tp in consumer.assignment()
+        read_to = {tp: (position, consumer.highwater(tp), consumer.last_poll_timestamp(tp))
+                   for tp in consumer.assignment()
                    if (position := position_now(consumer, tp)) is not None}
         return batch, read_to, self._positions.seeks
 
     def _widen_if_starved(self, consumer: AIOKafkaConsumer, wait: FetchWait,
-                          read_to: dict[TopicPartition, tuple[int, int | None]]) -> None:
+                          read_to: dict[TopicPartition, ReadTo]) -> None:
         """Widen the consumer's fetch wait if the broker keeps answering a partition with
         nothing although it reports records past the position (`FetchWait`)."""
-        fetched = {tp: ends for tp, ends in read_to.items()
+        fetched = {tp: (position, end) for tp, (position, end, _) in read_to.items()
                    if tp in self._positions.processed
                    and not self._positions.merge.is_paused(tp)}
         starved = wait.starved(fetched)

@@ -77,10 +77,12 @@ class Located:
         return [self.records[i] for i in order], [self.locations[i] for i in order]
 
 
-async def produce(located: Located, records, *, sequential: bool, rate: float = 0) -> None:
+async def produce(located: Located, records, *, sequential: bool, rate: float = 0,
+                  **batching: int) -> None:
     """Each record stamped with the wall clock when sent. Sequential: each acknowledged before
-    the next is sent. Otherwise paced at ``rate`` records/s, acknowledgements not awaited."""
-    producer = AIOKafkaProducer(bootstrap_servers=located.bootstrap, acks="all")
+    the next is sent. Otherwise paced at ``rate`` records/s, acknowledgements not awaited.
+    ``batching``: the producer's max_batch_size and linger_ms, if not its defaults."""
+    producer = AIOKafkaProducer(bootstrap_servers=located.bootstrap, acks="all", **batching)
     await producer.start()
     try:
         pending = []
@@ -519,6 +521,50 @@ async def test_records_the_consumer_holds_back_of_a_partitions_last_batch_are_wa
     for batch in (deposits, ticks):
         await produce(located, batch, sequential=False)
     async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, located.ends, timeout=300)
+        assert late_records(monitor) == 0
+        assert monitor.metrics.merge_forced._value.get() == 0
+
+
+async def test_a_restart_inside_a_partitions_last_batch_waits_for_the_rest_of_it(
+        broker, monkeypatch):
+    """4,000 deposits, each ledger partition's in one batch, then ticks. The service stops
+    part-way through the deposits, so its checkpoint resumes a ledger partition inside its
+    last batch. Restarted, its account consumer's first hand-over comes 0.3 s late (a long
+    poll on other partitions, a slow broker), and meanwhile the embedded broker reports that
+    partition's end as the batch's first offset + 1, behind the position: the rest of the
+    batch still sorts before the ticks, and is waited for. No record is applied after one
+    that sorts after it."""
+    monkeypatch.setattr(runner, "MAX_BUFFERED", 2)
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, max_batch_records=100)
+    await create_inputs(settings, prices=1, accounts=4)
+    deposits = [("ledger", f"acct-{n % 1_000}".encode(), orjson.dumps({
+        "entry_id": f"dep-{n}", "account": f"acct-{n % 1_000}", "asset": "USDT",
+        "amount": 100.0, "kind": "deposit", "ts": 1})) for n in range(4_000)]
+    ticks = [("prices", b"BTC-PERP", orjson.dumps({
+        "symbol": "BTC-PERP", "price": 50_000.0 + n, "ts": 1})) for n in range(10)]
+    located = Located(settings)
+    await produce(located, deposits, sequential=False, max_batch_size=1 << 20, linger_ms=1_000)
+    await produce(located, ticks, sequential=False)
+    ledger = [tp for tp in located.ends if tp.topic == settings.topics.ledger]
+    async with RunningMonitor(settings, config) as monitor:
+        while not any(monitor.processed_offsets().get(tp, 0) > 0 for tp in ledger):
+            await asyncio.sleep(0.001)
+    real_fetch = Monitor._fetch
+    delayed: set[int] = set()
+
+    async def first_account_fetch_late(self, consumer, limit):
+        if id(consumer) not in delayed and any(
+                tp.topic == settings.topics.ledger for tp in consumer.assignment()):
+            delayed.add(id(consumer))
+            await asyncio.sleep(0.3)
+        return await real_fetch(self, consumer, limit)
+
+    monkeypatch.setattr(Monitor, "_fetch", first_account_fetch_late)
+    async with RunningMonitor(settings, config) as monitor:
+        resumed = monitor.processed_offsets()
+        assert any(0 < resumed[tp] < located.ends[tp] for tp in ledger), resumed
         await wait_processed(monitor, located.ends, timeout=300)
         assert late_records(monitor) == 0
         assert monitor.metrics.merge_forced._value.get() == 0

@@ -10,6 +10,7 @@ from aiokafka import TopicPartition
 
 from monitor.service.merge import TimestampMerge
 from tests.support.clock import Clock
+from tests.support.merge import positioned
 
 PRICES, FILLS = TopicPartition("prices", 0), TopicPartition("fills", 0)
 RANK = {"prices": 1, "fills": 0}.__getitem__
@@ -29,7 +30,7 @@ def merge(max_wait: float = 10, skew: int = 5, max_stall: float = 10,
     m = TimestampMerge(RANK, max_skew_ms=skew, max_wait=max_wait, max_stall=max_stall,
                        clock=clock or Clock(), most_per_turn=most_per_turn)
     for tp in (PRICES, FILLS):
-        m.seek(tp, 0)  # the service positions every partition before it reads
+        positioned(m, tp, 0, at_ms=NOW - 2)  # the service positions every partition first
     return m
 
 
@@ -105,7 +106,7 @@ def released_then_arriving(first: TopicPartition, first_ts: int, then: TopicPart
     m = TimestampMerge({"prices": 2, "fills": 1, "ledger": 0}.__getitem__, max_skew_ms=5,
                        clock=Clock(), co_partitioned=ACCOUNTS)
     for tp in tps:
-        m.seek(tp, 0)
+        positioned(m, tp, 0, at_ms=NOW - 2)
     m.add(first, [Rec(0, first_ts)], NOW)
     m.take(100, tps)
     m.probed(NOW + 16, {then: 0})
@@ -143,7 +144,7 @@ def test_a_partition_handed_over_and_gained_again_is_late_only_against_what_foll
     what this instance applied of it before, but not after anything applied since."""
     m = released_then_arriving(FILLS_1, int(NOW) + 10, FILLS, int(NOW) + 7)
     m.drop([FILLS_1])
-    m.seek(FILLS_1, 0)
+    positioned(m, FILLS_1, 0, at_ms=NOW - 2)
     m.add(FILLS_1, [Rec(0, int(NOW) + 8)], NOW + 40)
     m.probed(NOW + 41, {FILLS: 1})
     assert offsets(m.take(100, [FILLS, FILLS_1])) == [("fills", 0)]
@@ -325,11 +326,59 @@ def test_a_probe_proves_nothing_while_the_consumer_holds_records_it_fetched() ->
     m = merge()
     m.add(PRICES, [Rec(0, 9)], NOW)
     m.probed(NOW + 10, {PRICES: 1, FILLS: 1})
-    m.fetched(FILLS, [Rec(0, 1), Rec(1, 2)], 2, fetched_end=4)
+    m.fetched(FILLS, [Rec(0, 1), Rec(1, 2)], 2, fetched_end=4, fetched_end_at_ms=NOW)
     assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 0), ("fills", 1)]
     assert m.blocked_on == [FILLS]
-    m.fetched(FILLS, [Rec(2, 3), Rec(3, 4)], 4, fetched_end=4)
+    m.fetched(FILLS, [Rec(2, 3), Rec(3, 4)], 4, fetched_end=4, fetched_end_at_ms=NOW)
     assert offsets(m.take(100, [PRICES, FILLS])) == [("fills", 2), ("fills", 3), ("prices", 0)]
+    assert (m.forced, m.late) == (0, {})
+
+
+def test_a_partition_positioned_inside_its_last_batch_is_proven_only_by_a_fetch_since() -> None:
+    """A restart: fills' last batch holds offsets 0-9, and the checkpoint resumes it at 6. The
+    embedded broker reports its end as 1, behind the position, before the consumer fetched
+    anything: offsets 6-9, stamped before the price, are still to come. Prices goes out only
+    after them, once the first fetch since has reported a high watermark of 10."""
+    m = merge()
+    m.seek(FILLS, 6, at_ms=NOW)
+    m.add(PRICES, [Rec(0, 9)], NOW)
+    m.probed(NOW + 10, {PRICES: 1, FILLS: 1})
+    assert m.take(100, [PRICES, FILLS]) == []
+    assert m.blocked_on == [FILLS]
+    m.fetched(FILLS, [Rec(6, 1), Rec(7, 2), Rec(8, 3), Rec(9, 4)], 10, fetched_end=10,
+              fetched_end_at_ms=NOW + 12)
+    assert offsets(m.take(100, [PRICES, FILLS])) == [
+        ("fills", 6), ("fills", 7), ("fills", 8), ("fills", 9), ("prices", 0)]
+    assert (m.forced, m.late) == (0, {})
+
+
+def test_an_answer_that_waited_for_a_fetch_since_positioning_proves_an_idle_partition() -> None:
+    """Fills, positioned at 0 on an empty log, is probed before its consumer's first fetch:
+    the answer waits. That fetch brings no record and moves no position, but reports the
+    end, 0: the answer now proves fills, and the price goes out without waiting for more."""
+    m = merge(max_wait=60)
+    m.seek(FILLS, 0, at_ms=NOW)
+    m.add(PRICES, [Rec(0, 9)], NOW)
+    m.probed(NOW + 10, {PRICES: 1, FILLS: 0})
+    assert m.take(100, [PRICES, FILLS]) == []
+    m.fetched(FILLS, [], 0, fetched_end=0, fetched_end_at_ms=NOW + 12)
+    assert offsets(m.take(100, [PRICES, FILLS])) == [("prices", 0)]
+    assert m.forced == 0
+
+
+def test_a_high_watermark_fetched_before_the_partition_was_positioned_is_not_taken() -> None:
+    """Fills was read up to 4 before a replaced log moved it to 6 (inside its last batch,
+    0-9): the consumer still reports that old fetch's high watermark, which proves nothing
+    of the new position. Prices goes out after offsets 6-9, once a fetch since brings them."""
+    m = merge()
+    m.seek(FILLS, 6, at_ms=NOW)
+    m.add(PRICES, [Rec(0, 9)], NOW)
+    m.fetched(FILLS, [], 6, fetched_end=4, fetched_end_at_ms=NOW - 5)
+    m.probed(NOW + 10, {PRICES: 1, FILLS: 1})
+    assert m.take(100, [PRICES, FILLS]) == []
+    m.fetched(FILLS, [Rec(6, 1), Rec(7, 2), Rec(8, 3), Rec(9, 4)], 10, fetched_end=10,
+              fetched_end_at_ms=NOW + 12)
+    assert offsets(m.take(100, [PRICES, FILLS]))[-1] == ("prices", 0)
     assert (m.forced, m.late) == (0, {})
 
 
@@ -484,7 +533,7 @@ def test_records_before_the_position_are_ignored() -> None:
     """Records a partition's position has passed (applied by a catch-up, or buffered
     already) never go out again."""
     m = merge()
-    m.seek(FILLS, 3)
+    positioned(m, FILLS, 3, at_ms=NOW - 2)
     m.add(FILLS, [Rec(1, 1), Rec(2, 2), Rec(3, 3), Rec(4, 4)], NOW)
     m.add(FILLS, [Rec(3, 3), Rec(4, 4)], NOW)  # the consumer's own fetch from the new position
     m.probed(NOW + 1, {FILLS: 5, PRICES: 0})

@@ -23,6 +23,7 @@ from monitor.service.probe import BrokerWatch, WatermarkProber, topics_present
 from monitor.service.topics import create_topics, output_topics
 from tests.support.clock import Clock
 from tests.support.kafka import fresh_settings
+from tests.support.merge import positioned
 
 
 @dataclass
@@ -38,7 +39,7 @@ async def probing(broker):
     merge = TimestampMerge(lambda topic: 0, max_skew_ms=0)
     first, second = (TopicPartition(settings.topics.fills, p) for p in (0, 1))
     for tp in (first, second):
-        merge.seek(tp, 0)
+        positioned(merge, tp, 0)
     consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None)
     await consumer.start()
     return settings, merge, (first, second), consumer
@@ -153,7 +154,7 @@ async def test_a_partition_sought_after_its_probe_was_answered_is_probed_again(b
         assert merge.take(10, [first, second]) == []
         assert prober.poke()
         await until(lambda: not prober._in_flight)  # answered: the second holds nothing
-        merge.seek(second, 0)  # e.g. kept through a rebalance and resumed
+        positioned(merge, second, 0)  # e.g. kept through a rebalance and resumed
         assert merge.take(10, [first, second]) == []
         assert prober.poke()  # asked again
         await until(lambda: [tp for tp, _ in merge.take(10, [first, second])] == [first])
@@ -212,7 +213,7 @@ async def test_a_probe_an_outage_holds_up_holds_a_forced_release_until_it_is_ans
         merge = TimestampMerge(lambda topic: 0, max_skew_ms=0, max_wait=0.5, clock=clock,
                                most_per_turn=math.inf)
         for tp in (first, second):
-            merge.seek(tp, 0)
+            positioned(merge, tp, 0)
         prober = WatermarkProber(merge, consumer, settings, structlog.get_logger())  # not run
         try:
             merge.add(first, [Rec(0, int(time.time() * 1000))])
