@@ -406,8 +406,13 @@ class TimestampMerge:
                     break
                 self.forced += 1
                 self.forced_on.update(holding)
-            elif needs > stalled_floor:
-                self.forced_past_stalled += 1
+            else:
+                if self._blocked_since is not None:
+                    # proven: the next head that must wait waits the whole max_wait, not
+                    # what is left of this one's (out of an outage, at once)
+                    self._unblock()
+                if needs > stalled_floor:
+                    self.forced_past_stalled += 1
             key = heap[0][:4]
             record, arrived = buffer.popleft()
             if key[0] != record.timestamp:  # stamped ahead: placed at its arrival

@@ -541,6 +541,30 @@ def test_records_before_the_position_are_ignored() -> None:
     assert m.fetched_to[FILLS] == 5
 
 
+def test_a_record_behind_one_proven_past_max_wait_gets_the_whole_wait_again() -> None:
+    """Out of an outage: the price at 5 ms waited 0.6 s for fills, longer than the merge wait,
+    with Kafka answering nothing sent since. Then fills answers a probe sent at 10 ms: the
+    first price goes out, proven. The second, which arrived at 20 ms, needs a probe sent
+    since; it waits the whole merge wait for one, not the nothing left of the first's."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5)], NOW)
+    m.add(PRICES, [Rec(1, 6)], NOW + 20)
+    no_answer = -math.inf
+    assert m.take(100, [PRICES, FILLS], kafka_answered=no_answer) == []
+    clock.now = 0.6
+    assert m.take(100, [PRICES, FILLS], kafka_answered=no_answer) == []
+    m.probed(NOW + 10, {FILLS: 0})
+    assert offsets(m.take(100, [PRICES, FILLS], kafka_answered=0.6)) == [("prices", 0)]
+    clock.now = 0.7  # the second's wait starts
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.7) == []
+    clock.now = 1.1
+    assert m.take(100, [PRICES, FILLS], kafka_answered=1.1) == [] and m.forced == 0
+    clock.now = 1.2  # no probe proved it: the merge wait is over
+    assert offsets(m.take(100, [PRICES, FILLS], kafka_answered=1.2)) == [("prices", 1)]
+    assert m.forced == 1
+
+
 def test_a_process_held_still_past_max_wait_does_not_force_on_waking() -> None:
     """Frozen 7 s (SIGSTOP) with the head held back for fills: the gap counts 0.25 s, not 7,
     so the probe asked for on waking gets its chance. The wait goes on in turns of the loop."""

@@ -157,12 +157,20 @@ class World:
         self.probes_out.append((self.now, {tp: self.logs[tp].end_as_reported(self.embedded)
                                            for tp in tps}))
 
+    def fail_probes(self) -> None:
+        """Every probe out fails (its request timed out): none proves anything."""
+        for sent_at, ends in self.probes_out:
+            self.merge.unanswered(sent_at, ends)
+        self.probes_out.clear()
+
     def answer(self, which: int) -> None:
         sent_at, ends = self.probes_out.pop(which % len(self.probes_out))
         self.merge.probed(sent_at, ends)
 
-    def take(self, limit: int) -> None:
-        for tp, record in self.merge.take(limit, PARTITIONS):
+    def take(self, limit: int, counting: bool = True, kafka_answered: float = math.inf
+             ) -> None:
+        for tp, record in self.merge.take(limit, PARTITIONS, counting=counting,
+                                          kafka_answered=kafka_answered):
             self.released.append((record.timestamp, RANKS[tp.topic], tp.partition,
                                   record.offset))
 
@@ -297,13 +305,14 @@ def play(world: World, script: list[dict]) -> None:
 PAUSE_AT = 3
 STALL_TIMEOUT_MS = 100
 MERGE_WAIT_MS = 50
-loop_turns = st.lists(st.fixed_dictionaries({
+loop_turn = st.fixed_dictionaries({
     "appends": st.lists(st.tuples(partitions, st.integers(1, 12), st.integers(0, SKEW - 1)),
                         max_size=3),
     "handed": st.integers(len(CONSUMERS["accounts"]), 8),
     "take": st.integers(1, 10),
     "wait": st.integers(0, 20),
-}), max_size=40)
+})
+loop_turns = st.lists(loop_turn, max_size=40)
 
 
 @settings(max_examples=600, deadline=None)
@@ -332,6 +341,51 @@ def test_a_partition_read_on_every_turn_never_stalls_however_long_it_is_paused(
                 world.resume(tp)
         assert not world.merge.stalled and world.merge.forced_past_stalled == 0
         assert world.merge.forced == 0
+        world.now += turn["wait"]
+    world.drain()
+    assert world.released == world.expected
+
+
+OUTAGE_MERGE_WAIT_MS = 10  # short, so that it runs out before the watch sees the outage
+
+
+@settings(max_examples=600, deadline=None)
+@given(embedded=st.booleans(), script=st.lists(loop_turn, min_size=16, max_size=40),
+       outage=st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(0, 4)),
+       held_up_first=st.booleans())
+def test_nothing_goes_out_without_proof_through_a_broker_outage(
+        embedded: bool, script: list[dict], outage: tuple[int, int, int],
+        held_up_first: bool) -> None:
+    """For some turns the broker answers nothing: the producer waits, fetches bring nothing,
+    probes stay out. A few turns in, the loop's broker watch says so (the bounds stop
+    counting) and the probes out time out; the merge wait may run out before. Then the broker
+    answers what was held up: the watch's request first, the probes in the same turn or the
+    next. Nothing goes out without proof, and everything comes out in replay's order."""
+    world = World(embedded, max_stall=STALL_TIMEOUT_MS / 1000, max_wait=OUTAGE_MERGE_WAIT_MS / 1000)
+    first, length, noticed_after = outage
+    answered = world.now / 1000  # clock time the newest request Kafka answered was sent
+    for n, turn in enumerate(script):
+        down = first <= n < first + length
+        appends = [] if down else turn["appends"]
+        for tp, count, stamped_before in appends[::2]:
+            world.append(tp, count, stamped_before)
+        for name in world.consumers:
+            if not down:
+                world.fetch(name)
+            world.getmany(name, turn["handed"], n % len(CONSUMERS[name]))
+        for tp, count, stamped_before in appends[1::2]:  # appended after the fetch
+            world.append(tp, count, stamped_before)
+        noticed = down and n >= first + noticed_after
+        if noticed:  # the watch's request timed out, and so did the probes sent before it
+            world.fail_probes()
+        world.probe(PARTITIONS)
+        if not down:
+            answered = world.now / 1000
+            if held_up_first or n != first + length:
+                while world.probes_out:
+                    world.answer(0)
+        world.take(turn["take"], counting=not noticed, kafka_answered=answered)
+        assert world.merge.forced == 0 and world.merge.forced_past_stalled == 0
         world.now += turn["wait"]
     world.drain()
     assert world.released == world.expected
