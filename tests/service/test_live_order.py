@@ -22,6 +22,7 @@ from monitor.service import runner
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.input_history import replay_topics
 from monitor.service.runner import Monitor
+from monitor.service.settings import ServiceSettings
 from tests.support.kafka import (
     RunningMonitor,
     fresh_settings,
@@ -500,6 +501,22 @@ async def test_a_partition_paused_behind_a_long_backlog_is_not_declared_stalled(
     same_events(events, replayed(records, config), locations)
 
 
+async def small_takes_over_deposits_and_ticks(broker, monkeypatch
+                                             ) -> tuple[ServiceSettings, list, list]:
+    """Settings of a service that takes 100 records at a time and pauses a partition once it
+    buffers 2, its inputs created (4 account partitions); 4,000 deposits to 1,000 accounts,
+    and 10 ticks, to produce."""
+    monkeypatch.setattr(runner, "MAX_BUFFERED", 2)
+    settings = fresh_settings(broker.bootstrap, max_batch_records=100)
+    await create_inputs(settings, prices=1, accounts=4)
+    deposits = [("ledger", f"acct-{n % 1_000}".encode(), orjson.dumps({
+        "entry_id": f"dep-{n}", "account": f"acct-{n % 1_000}", "asset": "USDT",
+        "amount": 100.0, "kind": "deposit", "ts": 1})) for n in range(4_000)]
+    ticks = [("prices", b"BTC-PERP", orjson.dumps({
+        "symbol": "BTC-PERP", "price": 50_000.0 + n, "ts": 1})) for n in range(10)]
+    return settings, deposits, ticks
+
+
 async def test_records_the_consumer_holds_back_of_a_partitions_last_batch_are_waited_for(
         broker, monkeypatch):
     """4,000 deposits produced in bulk (batches of a hundred and more), then ticks. The
@@ -508,15 +525,8 @@ async def test_records_the_consumer_holds_back_of_a_partitions_last_batch_are_wa
     2, so a ledger partition's position stops inside its last batch, past that end, while the
     rest of the batch waits in the consumer: it still sorts before the ticks, and is waited
     for. No record is applied after one that sorts after it."""
-    monkeypatch.setattr(runner, "MAX_BUFFERED", 2)
     config = load_config(CONFIG)
-    settings = fresh_settings(broker.bootstrap, max_batch_records=100)
-    await create_inputs(settings, prices=1, accounts=4)
-    deposits = [("ledger", f"acct-{n % 1_000}".encode(), orjson.dumps({
-        "entry_id": f"dep-{n}", "account": f"acct-{n % 1_000}", "asset": "USDT",
-        "amount": 100.0, "kind": "deposit", "ts": 1})) for n in range(4_000)]
-    ticks = [("prices", b"BTC-PERP", orjson.dumps({
-        "symbol": "BTC-PERP", "price": 50_000.0 + n, "ts": 1})) for n in range(10)]
+    settings, deposits, ticks = await small_takes_over_deposits_and_ticks(broker, monkeypatch)
     located = Located(settings)
     for batch in (deposits, ticks):
         await produce(located, batch, sequential=False)
@@ -535,15 +545,8 @@ async def test_a_restart_inside_a_partitions_last_batch_waits_for_the_rest_of_it
     partition's end as the batch's first offset + 1, behind the position: the rest of the
     batch still sorts before the ticks, and is waited for. No record is applied after one
     that sorts after it."""
-    monkeypatch.setattr(runner, "MAX_BUFFERED", 2)
     config = load_config(CONFIG)
-    settings = fresh_settings(broker.bootstrap, max_batch_records=100)
-    await create_inputs(settings, prices=1, accounts=4)
-    deposits = [("ledger", f"acct-{n % 1_000}".encode(), orjson.dumps({
-        "entry_id": f"dep-{n}", "account": f"acct-{n % 1_000}", "asset": "USDT",
-        "amount": 100.0, "kind": "deposit", "ts": 1})) for n in range(4_000)]
-    ticks = [("prices", b"BTC-PERP", orjson.dumps({
-        "symbol": "BTC-PERP", "price": 50_000.0 + n, "ts": 1})) for n in range(10)]
+    settings, deposits, ticks = await small_takes_over_deposits_and_ticks(broker, monkeypatch)
     located = Located(settings)
     await produce(located, deposits, sequential=False, max_batch_size=1 << 20, linger_ms=1_000)
     await produce(located, ticks, sequential=False)
