@@ -171,6 +171,15 @@ def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
     return position
 
 
+def fetched_from(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The broker the consumer fetches the partition from: its leader (liqmon sets no
+    ``client_rack``, so no follower is read), None while unknown. The consumer's fetches from
+    one broker are answered one after another (`TimestampMerge.fetched` relies on it). Reads
+    aiokafka 0.14's client (the version pyproject.toml pins)."""
+    leader: int | None = consumer._client.cluster.leader_for_partition(tp)
+    return None if leader is None or leader < 0 else leader
+
+
 def group_generation(consumer: AIOKafkaConsumer) -> int:
     """The generation of the consumer group this consumer last joined: -1 before it joined and
     once the group no longer knows it. Reads aiokafka 0.14's coordinator (the version

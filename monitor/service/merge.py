@@ -6,13 +6,25 @@ records in (Kafka timestamp, topic rank, partition, offset) order, and releases 
 when every other partition is known to hold nothing that sorts before it:
 
 - it has a buffered record that sorts after r, or
-- it answered a *probe* — its end offset, asked for at wall-clock time S — and everything before
+- it answered a request sent at wall-clock time S with its end offset, and everything before
   that end offset has been buffered, with S after both r's arrival here and r's timestamp plus
   ``max_skew_ms``. Then every record of that partition still unseen was appended after r was
   (so a producer that waited for one record's acknowledgement before sending the next is
-  always seen in order, however old its timestamps, as long as they do not go back), and
+  always seen in order, however old its timestamps, as long as they go forward), and
   after r's timestamp plus the skew (so producers whose clocks and in-flight time are within
   ``max_skew_ms`` are too).
+
+Such a request is a *probe* (`probed`), or a fetch of the partition's consumer (`fetched`): a
+consumer has one fetch of a partition out at a time, sent once the answer before was handled,
+so the answer after one stamped T was asked for after T, and its high watermark is an end.
+Answers are stamped in whole ms (rounded down), so a record arrives at its answer's stamp + 1.
+A consumer's fetches from one broker are answered one after another, too: on r's own
+*connection* (consumer and broker), an answer stamped in a later ms than r's was asked for
+after r's was handled, so after r arrived. It proves the partition for r (with a request sent
+after r's timestamp plus the skew) however close the two stamps: a fill held back by silent
+ledger partitions goes out with their next answer, not a probe's round trip after it. When a
+partition's leader moves, its consumer may have fetches out to both brokers for a moment, so
+the first answer from the new one proves nothing.
 
 A broker may report the end as the last batch's first offset + 1 (the embedded broker does).
 A fetch returns whole record batches, but the consumer hands a batch over in parts when it
@@ -93,7 +105,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -103,6 +115,7 @@ NEVER = float("-inf")
 FIRST = (-(1 << 63), 0, 0, 0)  # sorts before every record's key
 MOST_PER_TURN = 0.25  # seconds a gap between two takes counts, at most, towards the bounds
 HELD_UP_PROBES = 0.5  # seconds a forced release waits for probes out when Kafka was seen to answer
+MAX_ANSWERS = 16  # answers kept per partition while it is read up to none of them (see `_answer`)
 
 
 class TimestampMerge:
@@ -125,8 +138,15 @@ class TimestampMerge:
         self.fetched_to: dict[TopicPartition, int] = {}  # next offset not yet buffered
         # a partition holds no unseen record appended before proven[tp] (wall-clock ms)
         self.proven: dict[TopicPartition, float] = {}
-        # probes answered: (end offset, send time it proves once buffered up to that end)
-        self._probed: dict[TopicPartition, list[tuple[int, float]]] = {}
+        # ... nor one appended before any record its connection received before the fetch
+        # answer stamped received[tp] (wall-clock ms, see `fetched`)
+        self.received: dict[TopicPartition, float] = {}
+        # the connection each partition is fetched on, and its last fetch answer's stamp
+        self._connection: dict[TopicPartition, Hashable] = {}
+        self._answered_at: dict[TopicPartition, float] = {}
+        # answers, of probes and fetches: (end offset, the send time it proves, the fetch
+        # stamp it proves on its connection) once buffered up to that end
+        self._probed: dict[TopicPartition, list[tuple[int, float, float]]] = {}
         self._blocked_since: float | None = None
         # clock time max_wait ran out, while waiting for Kafka to answer a request sent since
         self._wait_over_at: float | None = None
@@ -173,6 +193,8 @@ class TimestampMerge:
         self._last_out_of: dict[int, tuple[int, int, int, int]] = {}
         self.blocked_on: list[TopicPartition] = []  # after take(): who held the head back
         self.head_needs: float | None = None  # after take(): probe time the head waits for
+        # after take(): the held head's arrival, timestamp + skew and connection
+        self._head: tuple[float, float, Hashable] | None = None
         self._active: list[TopicPartition] = []  # after take(): the partitions it was given
 
     def add(self, tp: TopicPartition, records: Sequence[Record],
@@ -193,18 +215,33 @@ class TimestampMerge:
         self._settle_probe(tp)
 
     def fetched(self, tp: TopicPartition, records: Sequence[Record], position: int | None,
-                fetched_end: int | None, fetched_end_at_ms: float | None,
-                arrived_ms: float | None = None) -> None:
+                fetched_end: int | None, fetched_end_at_ms: int | None,
+                arrived_ms: float | None = None, connection: Hashable = None) -> None:
         """What one fetch of the partition's consumer handed over: its records (`add`), its
         position after them (`read_to`), and the high watermark its consumer last fetched
-        with the wall-clock ms that fetch was answered at, if known. Until the consumer has
-        handed over everything before that end, it holds records no probe's answer may be
-        trusted to count. That end is taken first: the records alone may reach an end a
-        probe reported inside a batch they are part of. An end answered before the partition
-        was last positioned is of another position (or log), and is not taken."""
+        with the wall-clock ms that fetch was answered at (whole ms, rounded down), if known.
+        Until the consumer has handed over everything before that end, it holds records no
+        probe's answer may be trusted to count. That end is taken first: the records alone
+        may reach an end a probe reported inside a batch they are part of. An end answered
+        before the partition was last positioned is of another position (or log), and is not
+        taken.
+
+        The answer is a probe's too (the module's doc): ``connection`` names the consumer
+        and broker the partition is fetched from (None: unknown). The records arrived when
+        it was answered, unless ``arrived_ms`` says otherwise."""
         if (tp in self.fetched_to and fetched_end is not None and fetched_end_at_ms is not None
                 and fetched_end_at_ms > self._positioned_at.get(tp, NEVER)):
             self._fetched_end[tp] = fetched_end
+            before = self._answered_at.get(tp)
+            if before is None or fetched_end_at_ms > before:
+                self._answered_at[tp] = fetched_end_at_ms
+                same_route = self._connection.get(tp, connection) == connection
+                self._connection[tp] = connection
+                if before is not None and same_route:
+                    self._answer(tp, fetched_end, before,
+                                 fetched_end_at_ms if connection is not None else NEVER)
+            if arrived_ms is None:
+                arrived_ms = fetched_end_at_ms + 1  # after it was answered, whatever the ms
         self.add(tp, records, arrived_ms)
         if position is not None:
             self.read_to(tp, position)
@@ -232,12 +269,27 @@ class TimestampMerge:
         """End offsets asked for at wall-clock ``sent_at_ms`` (taken before the request)."""
         for tp, end in ends.items():
             self._back(tp, sent_at_ms)
-            if tp in self.fetched_to and tp not in self.stalled:  # not dropped meanwhile
-                answers = self._probed.setdefault(tp, [])
-                if not answers:
-                    self._unread_since[tp] = self._turning()
-                answers.append((end, sent_at_ms))
-                self._settle_probe(tp)
+            self._answer(tp, end, sent_at_ms, NEVER)
+
+    def _answer(self, tp: TopicPartition, end: int, sent_at_ms: float,
+                received_ms: float) -> None:
+        """The partition ended at ``end`` when a request sent at or after ``sent_at_ms`` was
+        answered, a fetch answered at ``received_ms`` on its connection (NEVER: a probe's
+        answer, or a connection not known). Kept until the partition is read up to it.
+        Through a long catch-up (a fetch's answer on every turn, the end moving on as
+        producers append) the answers not read up to would pile up: past ``MAX_ANSWERS`` the
+        newest replaces the last kept, which only proves some of them later."""
+        if tp not in self.fetched_to or tp in self.stalled:  # dropped meanwhile, or stalled
+            return
+        answers = self._probed.setdefault(tp, [])
+        if not answers:
+            self._unread_since[tp] = self._turning()
+        answer = (end, sent_at_ms, received_ms)
+        if len(answers) < MAX_ANSWERS:
+            answers.append(answer)
+        else:
+            answers[-1] = answer
+        self._settle_probe(tp)
 
     def read_to(self, tp: TopicPartition, position: int) -> None:
         """The partition's consumer has handed over everything before ``position`` (its
@@ -277,29 +329,47 @@ class TimestampMerge:
         fetched_to = self.fetched_to.get(tp, 0)
         if fetched_to < self._fetched_end.get(tp, 0):
             return  # the consumer holds records of it not handed over yet (the module's doc)
-        proved = [sent for end, sent in probes if fetched_to >= end]
+        proved = [(sent, received) for end, sent, received in probes if fetched_to >= end]
         if proved:
-            newest = max(proved)
+            newest = max(sent for sent, _ in proved)
+            latest = max(received for _, received in proved)
             self.proven[tp] = max(self.proven.get(tp, NEVER), newest)
+            if latest > NEVER:
+                self.received[tp] = max(self.received.get(tp, NEVER), latest)
             # an older answer with a greater end than a newer one's is of a log since cut
             # back (an unclean leader election): it will never be read up to
-            self._probed[tp] = [(end, sent) for end, sent in probes
-                                if fetched_to < end and sent > newest]
+            self._probed[tp] = [(end, sent, received) for end, sent, received in probes
+                                if fetched_to < end and (sent > newest or received > latest)]
 
     def _unread(self, tp: TopicPartition) -> bool:
         """Did a probe find records of the partition that are not read yet?"""
         return bool(self._probed.get(tp))
 
     def to_probe(self) -> list[TopicPartition]:
-        """Partitions not yet proven up to ``head_needs`` by a probe, answered or pending: a
-        new probe (sent at or after ``head_needs``) is needed. Those with records buffered
-        are included, so that once their records go out they need not be probed again."""
-        needs = self.head_needs
-        if needs is None:
+        """Partitions that do not prove the held head, nor will once read up to an answer
+        they have: a new probe (sent at or after ``head_needs``) is needed. Those with
+        records buffered are included, so that once their records go out they need not be
+        probed again."""
+        needs, head = self.head_needs, self._head
+        if needs is None or head is None:
             return []
-        return [tp for tp in self._active if self.proven.get(tp, NEVER) < needs
+        return [tp for tp in self._active if not self._proves(tp, *head)
                 and tp not in self.stalled
-                and not any(sent >= needs for _, sent in self._probed.get(tp, ()))]
+                and not any(sent >= needs for _, sent, _ in self._probed.get(tp, ()))]
+
+    def _proves(self, tp: TopicPartition, arrived: float, after_skew: float,
+                connection: Hashable) -> bool:
+        """Does the partition hold nothing unseen that sorts before a record that arrived at
+        ``arrived`` (wall-clock ms) on ``connection``, stamped ``after_skew`` − max_skew_ms?
+        A probe or fetch sent after both proves it; on the record's own connection, a fetch
+        answered after it does, with one sent after ``after_skew`` (the module's doc)."""
+        proven = self.proven.get(tp, NEVER)
+        if proven < after_skew:
+            return False
+        if proven >= arrived:
+            return True
+        return (connection is not None and self._connection.get(tp) == connection
+                and self.received.get(tp, NEVER) >= arrived)
 
     def seek(self, tp: TopicPartition, offset: int, at_ms: float | None = None) -> None:
         """The consumer was moved, at wall-clock ``at_ms`` (now if not given): forget what was
@@ -308,6 +378,8 @@ class TimestampMerge:
         self._buffers.pop(tp, None)
         self._probed.pop(tp, None)
         self.proven.pop(tp, None)
+        self.received.pop(tp, None)
+        self._answered_at.pop(tp, None)
         self.fetched_to[tp] = offset
         self._fetched_end[tp] = math.inf
         self._positioned_at[tp] = time.time() * 1000 if at_ms is None else at_ms
@@ -328,6 +400,9 @@ class TimestampMerge:
             self._buffers.pop(tp, None)
             self._probed.pop(tp, None)
             self.proven.pop(tp, None)
+            self.received.pop(tp, None)
+            self._answered_at.pop(tp, None)
+            self._connection.pop(tp, None)
             self.fetched_to.pop(tp, None)
             self._progress.pop(tp, None)
             self._unread_since.pop(tp, None)
@@ -377,30 +452,32 @@ class TimestampMerge:
                           else int(arrived + ahead_limit))
                 heap.append((placed, self._rank(tp.topic), tp.partition, head.offset, tp))
         heapq.heapify(heap)
-        proven = self.proven
-        # the least proof among partitions with nothing buffered bounds what may go out
-        floor = min((proven.get(tp, NEVER) for tp in silent), default=float("inf"))
-        # what a stalled partition was proven to, were it not skipped: releases past it count
-        stalled_floor = min((proven.get(tp, NEVER) for tp in self.stalled
-                             if tp in partitions), default=float("inf"))
+        connections = self._connection
+        # the least proofs among partitions with nothing buffered bound what may go out
+        least = self._least(silent)
+        # what a stalled partition proves, were it not skipped: releases past it count
+        stalled_least = self._least(tp for tp in self.stalled if tp in partitions)
         out: list[tuple[TopicPartition, Record]] = []
         co_partitioned, last_out_of = self._co_partitioned, self._last_out_of
         while heap and len(out) < limit:
             timestamp, *_, tp = heap[0]
             buffer = self._buffers[tp]
-            needs = max(buffer[0][1], timestamp + skew)
-            if needs > floor:
-                holding = [other for other in silent if proven.get(other, NEVER) < needs]
+            arrived, after_skew = buffer[0][1], timestamp + skew
+            least_proven = least.proven  # sent after both, for every partition: the usual case
+            if ((least_proven < arrived or least_proven < after_skew)
+                    and not least.prove(arrived, after_skew, connections.get(tp))):
+                connection = connections.get(tp)
+                holding = [other for other in silent
+                           if not self._proves(other, arrived, after_skew, connection)]
                 unread = [other for other in holding if self._unread(other)]
                 if unread:
                     if not self._stall(unread):
                         self._unblock()  # waiting for the consumer, not the broker
                         break
                     silent = [other for other in silent if other not in self.stalled]
-                    floor = min((proven.get(other, NEVER) for other in silent),
-                                default=float("inf"))
-                    stalled_floor = min(stalled_floor, *(proven.get(other, NEVER)
-                                                         for other in unread))
+                    least = self._least(silent)
+                    for other in unread:
+                        self._add_to(stalled_least, other)
                     continue  # the head again, without the stalled partitions
                 if not self._waited_enough(kafka_answered, holding):
                     break
@@ -411,7 +488,8 @@ class TimestampMerge:
                     # proven: the next head that must wait waits the whole max_wait, not
                     # what is left of this one's (out of an outage, at once)
                     self._unblock()
-                if needs > stalled_floor:
+                if self.stalled and not stalled_least.prove(arrived, after_skew,
+                                                            connections.get(tp)):
                     self.forced_past_stalled += 1
             key = heap[0][:4]
             record, arrived = buffer.popleft()
@@ -442,18 +520,30 @@ class TimestampMerge:
             heapq.heappop(heap)
             if not (exhausted and exhausted(tp, self.fetched_to[tp])):
                 silent.append(tp)  # it may hold records earlier than the other heads
-                floor = min(floor, proven.get(tp, NEVER))
+                self._add_to(least, tp)
         if heap:
             timestamp, *_, tp = heap[0]
-            needs = max(self._buffers[tp][0][1], timestamp + skew)
-            self.head_needs = needs
-            self.blocked_on = [tp for tp in silent if proven.get(tp, NEVER) < needs]
+            head = self._head = (self._buffers[tp][0][1], timestamp + skew, connections.get(tp))
+            self.head_needs = max(head[0], head[1])
+            self.blocked_on = [tp for tp in silent if not self._proves(tp, *head)]
         else:
-            self.head_needs = None
+            self.head_needs = self._head = None
             self.blocked_on = []
         if out or not heap:
             self._unblock()
         return out
+
+    def _least(self, tps: Iterable[TopicPartition]) -> _Least:
+        least = _Least()
+        for tp in tps:
+            self._add_to(least, tp)
+        return least
+
+    def _add_to(self, least: _Least, tp: TopicPartition) -> None:
+        proven = self.proven.get(tp, NEVER)
+        connection = self._connection.get(tp)
+        own = proven if connection is None else max(proven, self.received.get(tp, NEVER))
+        least.add(proven, own, connection)
 
     def _count_late(self, topic: str, behind_ms: int, arrival_ms: float) -> None:
         self.late[topic] = self.late.get(topic, 0) + 1
@@ -469,7 +559,7 @@ class TimestampMerge:
                 continue
             since = max(self._progress.get(tp, NEVER), self._unread_since.get(tp, NEVER))
             if now - since >= self.max_stall:
-                end = max(end for end, _ in self._probed.pop(tp))
+                end = max(end for end, _, _ in self._probed.pop(tp))
                 self.stalled[tp] = (self.fetched_to.get(tp, 0), end, now - since)
         return all(tp in self.stalled for tp in unread)
 
@@ -514,3 +604,33 @@ class TimestampMerge:
         """``max_wait`` ran out and a release without proof waits for Kafka to answer a request
         sent since (the caller's broker watch, told to ask at once)."""
         return self._wait_over_at is not None
+
+
+class _Least:
+    """The least proofs among some partitions: whether every one of them proves a record
+    (`TimestampMerge._proves`) in a few comparisons, per connection rather than per partition."""
+
+    __slots__ = ("_by_connection", "proven")
+
+    def __init__(self) -> None:
+        self.proven = math.inf  # the least send time proven, over all
+        # per connection: [the least send time proven, the least of what proves records
+        # received on it]
+        self._by_connection: dict[Hashable, list[float]] = {}
+
+    def add(self, proven: float, own: float, connection: Hashable) -> None:
+        self.proven = min(self.proven, proven)
+        least = self._by_connection.get(connection)
+        if least is None:
+            self._by_connection[connection] = [proven, own]
+        else:
+            least[0] = min(least[0], proven)
+            least[1] = min(least[1], own)
+
+    def prove(self, arrived: float, after_skew: float, connection: Hashable) -> bool:
+        if self.proven >= arrived and self.proven >= after_skew:
+            return True
+        if self.proven < after_skew:
+            return False
+        return all((own if key == connection and key is not None else proven) >= arrived
+                   for key, (proven, own) in self._by_connection.items())

@@ -56,6 +56,7 @@ from monitor.service.checkpointer import Checkpointer, KafkaSink
 from monitor.service.clients import (
     Clients,
     FetchWait,
+    fetched_from,
     group_generation,
     position_now,
     set_fetch_wait,
@@ -99,8 +100,9 @@ ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account
 # waiting longer finds the same and walks far less.
 YOUNG_COLLECTION_AFTER = 50_000
 # After a fetch, per partition: the consumer's position, the high watermark its last fetch of
-# the partition reported, and the wall-clock ms that fetch was answered at (`merge.fetched`)
-ReadTo = tuple[int, int | None, int | None]
+# the partition reported, the wall-clock ms that fetch was answered at, and the connection it
+# came on (`merge.fetched`)
+ReadTo = tuple[int, int | None, int | None, tuple[int, int | None]]
 
 
 class Monitor:
@@ -749,8 +751,10 @@ class Monitor:
                         # since these records were fetched
                         held = tp in positions.processed
                         if held and not positions.sought_since(tp, taken_at):
-                            positions.merge.fetched(tp, batch.get(tp, ()),
-                                                   *read_to.get(tp, (None, None, None)))
+                            position, end, answered_at, connection = read_to.get(
+                                tp, (None, None, None, None))
+                            positions.merge.fetched(tp, batch.get(tp, ()), position, end,
+                                                   answered_at, connection=connection)
                     self._refresh_lag(consumer.assignment())
                     await self._read_replaced_logs_again(consumer)
                     if sum(map(len, batch.values())) < limit:  # it handed over all it had
@@ -784,11 +788,13 @@ class Monitor:
                                 dict[TopicPartition, ReadTo], int]:
         """A fetch, the consumer's position in each partition after it (past what it skips,
         such as transaction markers) with the high watermark its last fetch of the partition
-        reported and when that was answered, and the seek count it was taken at, all read in
+        reported, when that was answered and on which connection (this consumer, the broker
+        it fetches the partition from), and the seek count it was taken at, all read in
         the same step: a restore that seeks a partition while the fetch waits to be handed to
         the merge makes that partition's records in it stale (`Positions.sought_since`)."""
         batch = await consumer.getmany(timeout_ms=500, max_records=limit)
-        read_to = {tp: (position, consumer.highwater(tp), consumer.last_poll_timestamp(tp))
+        read_to = {tp: (position, consumer.highwater(tp), consumer.last_poll_timestamp(tp),
+                        (id(consumer), fetched_from(consumer, tp)))
                    for tp in consumer.assignment()
                    if (position := position_now(consumer, tp)) is not None}
         return batch, read_to, self._positions.seeks
@@ -797,7 +803,7 @@ class Monitor:
                           read_to: dict[TopicPartition, ReadTo]) -> None:
         """Widen the consumer's fetch wait if the broker keeps answering a partition with
         nothing although it reports records past the position (`FetchWait`)."""
-        fetched = {tp: (position, end) for tp, (position, end, _) in read_to.items()
+        fetched = {tp: (position, end) for tp, (position, end, _, _) in read_to.items()
                    if tp in self._positions.processed
                    and not self._positions.merge.is_paused(tp)}
         starved = wait.starved(fetched)

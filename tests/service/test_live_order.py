@@ -378,10 +378,11 @@ async def test_no_record_is_released_without_proof_of_order_while_no_broker_answ
 
 
 async def test_a_partition_that_cannot_be_probed_while_kafka_answers_is_released_past_the_merge_wait(  # noqa: E501
-        broker):
+        broker, monkeypatch):
     """The brokers answer, but not for the partitions a tick waits on (their leader is gone,
-    say): past --merge-wait the tick is applied in the best order known, once a metadata
-    request sent since shows that Kafka answers; counted and logged, with what it waited on."""
+    say): neither probes nor fetches of them are answered. Past --merge-wait the tick is
+    applied in the best order known, once a metadata request sent since shows that Kafka
+    answers; counted and logged, with what it waited on."""
     config = load_config(CONFIG)
     settings = fresh_settings(broker.bootstrap)
     await create_inputs(settings, prices=1, accounts=1)
@@ -390,6 +391,15 @@ async def test_a_partition_that_cannot_be_probed_while_kafka_answers_is_released
     async def unanswered(tps):
         await asyncio.Event().wait()
 
+    real_fetch = Monitor._fetch
+
+    async def account_fetches_unanswered(self, consumer, limit):
+        batch, read_to, taken_at = await real_fetch(self, consumer, limit)
+        if any(tp.topic == t.ledger for tp in consumer.assignment()):
+            return {}, {}, taken_at
+        return batch, read_to, taken_at
+
+    monkeypatch.setattr(Monitor, "_fetch", account_fetches_unanswered)
     with structlog.testing.capture_logs() as logs:
         async with RunningMonitor(settings, config) as monitor:
             monitor._probe.end_offsets = unanswered

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
-from monitor.service.merge import TimestampMerge
+from monitor.service.merge import MAX_ANSWERS, TimestampMerge
 from tests.support.clock import Clock
 from tests.support.merge import positioned
 
@@ -743,3 +743,115 @@ def test_a_merge_wait_of_zero_forces_at_once_without_asking_kafka() -> None:
     m.add(PRICES, [Rec(0, 5)], NOW)
     out = m.take(100, [PRICES, FILLS], kafka_answered=-math.inf)
     assert [r.offset for _, r in out] == [0] and m.forced == 1
+
+
+# A fetch's answer is a probe's too: the account partitions (fills 0 and 1) are fetched on one
+# connection, prices on another; each was answered at NOW - 10 before the test's fetches.
+ACCOUNTS_LINK, PRICES_LINK = ("accounts", 1), ("prices", 1)  # (consumer, broker)
+
+
+def linked_merge(fills_1_link: object = ACCOUNTS_LINK) -> TimestampMerge:
+    m = TimestampMerge(RANK, max_skew_ms=5, max_wait=10, clock=Clock())
+    for tp, link in ((PRICES, PRICES_LINK), (FILLS, ACCOUNTS_LINK), (FILLS_1, fills_1_link)):
+        m.seek(tp, 0, at_ms=NOW - 20)
+        m.fetched(tp, [], 0, fetched_end=0, fetched_end_at_ms=int(NOW) - 10, connection=link)
+    return m
+
+
+def answered(m: TimestampMerge, tp: TopicPartition, at_ms: float, link: object,
+             records: list[Rec] | None = None) -> None:
+    """The partition's consumer answered a fetch at ``at_ms``: its records, and nothing more."""
+    records = records or []
+    end = records[-1].offset + 1 if records else m.fetched_to[tp]
+    m.fetched(tp, records, end, fetched_end=end, fetched_end_at_ms=int(at_ms), connection=link)
+
+
+def test_records_arrive_just_after_the_fetch_answer_that_brought_them() -> None:
+    """A fill in a fetch answered at NOW (whole ms) arrived by NOW + 1: a probe sent at NOW + 1
+    proves the other partitions for it, one sent at NOW + 0.5 may have left before it came."""
+    m = linked_merge()
+    answered(m, FILLS, NOW, ACCOUNTS_LINK, [Rec(0, int(NOW) - 20)])
+    assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.head_needs == NOW + 1
+    m.probed(NOW + 0.5, {PRICES: 0, FILLS_1: 0})
+    assert m.take(10, [PRICES, FILLS, FILLS_1]) == []
+    m.probed(NOW + 1, {PRICES: 0, FILLS_1: 0})
+    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [("fills", 0)]
+
+
+def test_a_fetch_answered_after_a_record_on_its_connection_proves_its_partition() -> None:
+    """Fills 1 shares the fill's connection: the broker answered its fetches one after the
+    other, so one answered in a later ms than the fill's (NOW + 8) was asked for after the
+    fill arrived, and proves fills 1 for it. Prices, on another connection, answered at NOW + 8
+    a fetch asked for after its answer of NOW - 10 only: it still holds the fill back."""
+    m = linked_merge()
+    answered(m, FILLS, NOW, ACCOUNTS_LINK, [Rec(0, int(NOW) - 20)])
+    answered(m, FILLS_1, NOW, ACCOUNTS_LINK)  # in the same answer as the fill: proves nothing
+    answered(m, PRICES, NOW + 8, PRICES_LINK)
+    assert m.take(10, [PRICES, FILLS, FILLS_1]) == []
+    assert m.blocked_on == [PRICES, FILLS_1]
+    answered(m, FILLS_1, NOW + 8, ACCOUNTS_LINK)
+    assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.blocked_on == [PRICES]
+    answered(m, PRICES, NOW + 16, PRICES_LINK)  # asked for after its answer at NOW + 8
+    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [("fills", 0)]
+    assert (m.forced, m.late) == (0, {})
+
+
+def test_a_fetch_on_the_records_connection_proves_it_only_if_asked_for_after_ts_plus_skew(
+        ) -> None:
+    """A fill stamped NOW + 10 (a producer's clock a little ahead) needs proofs asked for at
+    NOW + 15 or later: fills 1's answers at NOW + 8 and NOW + 16 were asked for at NOW and
+    NOW + 8 (right after the answer before), the one at NOW + 24 at NOW + 16."""
+    m = linked_merge()
+    answered(m, FILLS, NOW, ACCOUNTS_LINK, [Rec(0, int(NOW) + 10)])
+    answered(m, PRICES, NOW + 30, PRICES_LINK)
+    answered(m, PRICES, NOW + 40, PRICES_LINK)
+    for at in (NOW + 8, NOW + 16):
+        answered(m, FILLS_1, at, ACCOUNTS_LINK)
+        assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.blocked_on == [FILLS_1]
+    answered(m, FILLS_1, NOW + 24, ACCOUNTS_LINK)
+    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [("fills", 0)]
+
+
+def test_a_fetch_answered_on_another_broker_than_the_last_proves_nothing() -> None:
+    """Fills 1's leader moved to broker 2: its consumer may have had fetches out to both, so
+    the first answer from broker 2 (NOW + 12) is not known to be asked for after the one from
+    broker 1 (NOW + 4), nor after the price that arrived by NOW + 1. The next one, at NOW + 20,
+    was asked for after NOW + 12."""
+    m = linked_merge()
+    moved = ("accounts", 2)
+    answered(m, PRICES, NOW, PRICES_LINK, [Rec(0, int(NOW) - 20)])
+    answered(m, FILLS, NOW + 4, ACCOUNTS_LINK)
+    answered(m, FILLS, NOW + 12, ACCOUNTS_LINK)
+    answered(m, FILLS_1, NOW + 4, ACCOUNTS_LINK)
+    answered(m, FILLS_1, NOW + 12, moved)
+    assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.blocked_on == [FILLS_1]
+    answered(m, FILLS_1, NOW + 20, moved)
+    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [("prices", 0)]
+
+
+def test_a_fetch_on_an_unknown_connection_proves_only_as_a_probe_would() -> None:
+    """Fills 1's connection is not known: its answer at NOW + 8 proves what a probe sent at
+    NOW - 10 would, nothing about a fill that arrived by NOW + 1. The one at NOW + 16 was asked
+    for at NOW + 8."""
+    m = linked_merge(fills_1_link=None)
+    answered(m, FILLS, NOW, ACCOUNTS_LINK, [Rec(0, int(NOW) - 20)])
+    answered(m, PRICES, NOW + 8, PRICES_LINK)
+    answered(m, PRICES, NOW + 16, PRICES_LINK)
+    answered(m, FILLS_1, NOW + 8, None)
+    assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.blocked_on == [FILLS_1]
+    answered(m, FILLS_1, NOW + 16, None)
+    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [("fills", 0)]
+
+
+def test_a_partition_read_up_to_none_of_its_answers_keeps_a_bounded_few() -> None:
+    """A catch-up: forty fetches of fills 1 report an end that moves on (producers append as
+    it is read), and the consumer hands over none of it yet. The merge keeps MAX_ANSWERS of
+    them, the newest among them, which proves fills 1 once it is read up to it."""
+    m = linked_merge()
+    m.add(PRICES, [Rec(0, int(NOW) + 100)], NOW)
+    for n in range(1, 41):
+        m.fetched(FILLS_1, [], 0, fetched_end=n, fetched_end_at_ms=int(NOW) + n,
+                  connection=ACCOUNTS_LINK)
+    assert len(m._probed[FILLS_1]) == MAX_ANSWERS
+    m.read_to(FILLS_1, 40)
+    assert m.proven[FILLS_1] == NOW + 39  # asked for right after the answer at NOW + 39
