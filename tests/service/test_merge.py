@@ -766,6 +766,15 @@ def answered(m: TimestampMerge, tp: TopicPartition, at_ms: float, link: object,
     m.fetched(tp, records, end, fetched_end=end, fetched_end_at_ms=int(at_ms), connection=link)
 
 
+def held_until_fills_1_answers(m: TimestampMerge, at_ms: float, link: object,
+                               released: tuple[str, int]) -> None:
+    """Nothing goes out while fills 1 proves nothing; its answer at ``at_ms`` releases
+    ``released``."""
+    assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.blocked_on == [FILLS_1]
+    answered(m, FILLS_1, at_ms, link)
+    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [released]
+
+
 def test_records_arrive_just_after_the_fetch_answer_that_brought_them() -> None:
     """A fill in a fetch answered at NOW (whole ms) arrived by NOW + 1: a probe sent at NOW + 1
     proves the other partitions for it, one sent at NOW + 0.5 may have left before it came."""
@@ -805,11 +814,9 @@ def test_a_fetch_on_the_records_connection_proves_it_only_if_asked_for_after_ts_
     answered(m, FILLS, NOW, ACCOUNTS_LINK, [Rec(0, int(NOW) + 10)])
     answered(m, PRICES, NOW + 30, PRICES_LINK)
     answered(m, PRICES, NOW + 40, PRICES_LINK)
-    for at in (NOW + 8, NOW + 16):
-        answered(m, FILLS_1, at, ACCOUNTS_LINK)
-        assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.blocked_on == [FILLS_1]
-    answered(m, FILLS_1, NOW + 24, ACCOUNTS_LINK)
-    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [("fills", 0)]
+    answered(m, FILLS_1, NOW + 8, ACCOUNTS_LINK)
+    answered(m, FILLS_1, NOW + 16, ACCOUNTS_LINK)
+    held_until_fills_1_answers(m, NOW + 24, ACCOUNTS_LINK, ("fills", 0))
 
 
 def test_a_fetch_answered_on_another_broker_than_the_last_proves_nothing() -> None:
@@ -824,9 +831,7 @@ def test_a_fetch_answered_on_another_broker_than_the_last_proves_nothing() -> No
     answered(m, FILLS, NOW + 12, ACCOUNTS_LINK)
     answered(m, FILLS_1, NOW + 4, ACCOUNTS_LINK)
     answered(m, FILLS_1, NOW + 12, moved)
-    assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.blocked_on == [FILLS_1]
-    answered(m, FILLS_1, NOW + 20, moved)
-    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [("prices", 0)]
+    held_until_fills_1_answers(m, NOW + 20, moved, ("prices", 0))
 
 
 def test_a_fetch_on_an_unknown_connection_proves_only_as_a_probe_would() -> None:
@@ -838,9 +843,7 @@ def test_a_fetch_on_an_unknown_connection_proves_only_as_a_probe_would() -> None
     answered(m, PRICES, NOW + 8, PRICES_LINK)
     answered(m, PRICES, NOW + 16, PRICES_LINK)
     answered(m, FILLS_1, NOW + 8, None)
-    assert m.take(10, [PRICES, FILLS, FILLS_1]) == [] and m.blocked_on == [FILLS_1]
-    answered(m, FILLS_1, NOW + 16, None)
-    assert offsets(m.take(10, [PRICES, FILLS, FILLS_1])) == [("fills", 0)]
+    held_until_fills_1_answers(m, NOW + 16, None, ("fills", 0))
 
 
 def test_a_partition_read_up_to_none_of_its_answers_keeps_a_bounded_few() -> None:
