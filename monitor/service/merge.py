@@ -23,8 +23,9 @@ A consumer's fetches from one broker are answered one after another, too: on r's
 after r's was handled, so after r arrived. It proves the partition for r (with a request sent
 after r's timestamp plus the skew) however close the two stamps: a fill held back by silent
 ledger partitions goes out with their next answer, not a probe's round trip after it. When a
-partition's leader moves, its consumer may have fetches out to both brokers for a moment, so
-the first answer from the new one proves nothing.
+partition's leader moves, its consumer may have fetches out to both brokers for a moment, and
+the leader the caller names may already be the new one for an answer from the old: so an
+answer proves something only as the third in a row on one connection.
 
 A broker may report the end as the last batch's first offset + 1 (the embedded broker does).
 A fetch returns whole record batches, but the consumer hands a batch over in parts when it
@@ -141,9 +142,11 @@ class TimestampMerge:
         # ... nor one appended before any record its connection received before the fetch
         # answer stamped received[tp] (wall-clock ms, see `fetched`)
         self.received: dict[TopicPartition, float] = {}
-        # the connection each partition is fetched on, and its last fetch answer's stamp
+        # the connection each partition is fetched on, its last fetch answer's stamp, and how
+        # many answers in a row came on that connection
         self._connection: dict[TopicPartition, Hashable] = {}
         self._answered_at: dict[TopicPartition, float] = {}
+        self._in_a_row: dict[TopicPartition, int] = {}
         # answers, of probes and fetches: (end offset, the send time it proves, the fetch
         # stamp it proves on its connection) once buffered up to that end
         self._probed: dict[TopicPartition, list[tuple[int, float, float]]] = {}
@@ -235,9 +238,11 @@ class TimestampMerge:
             before = self._answered_at.get(tp)
             if before is None or fetched_end_at_ms > before:
                 self._answered_at[tp] = fetched_end_at_ms
-                same_route = self._connection.get(tp, connection) == connection
+                in_a_row = (self._in_a_row.get(tp, 0) + 1
+                            if self._connection.get(tp, connection) == connection else 1)
+                self._in_a_row[tp] = in_a_row
                 self._connection[tp] = connection
-                if before is not None and same_route:
+                if before is not None and in_a_row >= 3:
                     self._answer(tp, fetched_end, before,
                                  fetched_end_at_ms if connection is not None else NEVER)
             if arrived_ms is None:
@@ -380,6 +385,7 @@ class TimestampMerge:
         self.proven.pop(tp, None)
         self.received.pop(tp, None)
         self._answered_at.pop(tp, None)
+        self._in_a_row.pop(tp, None)
         self.fetched_to[tp] = offset
         self._fetched_end[tp] = math.inf
         self._positioned_at[tp] = time.time() * 1000 if at_ms is None else at_ms
@@ -402,6 +408,7 @@ class TimestampMerge:
             self.proven.pop(tp, None)
             self.received.pop(tp, None)
             self._answered_at.pop(tp, None)
+            self._in_a_row.pop(tp, None)
             self._connection.pop(tp, None)
             self.fetched_to.pop(tp, None)
             self._progress.pop(tp, None)

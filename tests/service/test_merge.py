@@ -746,15 +746,17 @@ def test_a_merge_wait_of_zero_forces_at_once_without_asking_kafka() -> None:
 
 
 # A fetch's answer is a probe's too: the account partitions (fills 0 and 1) are fetched on one
-# connection, prices on another; each was answered at NOW - 10 before the test's fetches.
+# connection, prices on another; each was answered at NOW - 20 and NOW - 10 before the test's
+# fetches, so that each answer in a test is at least the third in a row on its connection.
 ACCOUNTS_LINK, PRICES_LINK = ("accounts", 1), ("prices", 1)  # (consumer, broker)
 
 
 def linked_merge(fills_1_link: object = ACCOUNTS_LINK) -> TimestampMerge:
     m = TimestampMerge(RANK, max_skew_ms=5, max_wait=10, clock=Clock())
     for tp, link in ((PRICES, PRICES_LINK), (FILLS, ACCOUNTS_LINK), (FILLS_1, fills_1_link)):
-        m.seek(tp, 0, at_ms=NOW - 20)
-        m.fetched(tp, [], 0, fetched_end=0, fetched_end_at_ms=int(NOW) - 10, connection=link)
+        m.seek(tp, 0, at_ms=NOW - 30)
+        for at in (NOW - 20, NOW - 10):
+            m.fetched(tp, [], 0, fetched_end=0, fetched_end_at_ms=int(at), connection=link)
     return m
 
 
@@ -822,8 +824,9 @@ def test_a_fetch_on_the_records_connection_proves_it_only_if_asked_for_after_ts_
 def test_a_fetch_answered_on_another_broker_than_the_last_proves_nothing() -> None:
     """Fills 1's leader moved to broker 2: its consumer may have had fetches out to both, so
     the first answer from broker 2 (NOW + 12) is not known to be asked for after the one from
-    broker 1 (NOW + 4), nor after the price that arrived by NOW + 1. The next one, at NOW + 20,
-    was asked for after NOW + 12."""
+    broker 1 (NOW + 4), nor after the price that arrived by NOW + 1; and the leader read after
+    an answer may be the new one for an answer from the old, so nor is the second (NOW + 20).
+    The third, at NOW + 28, was asked for after NOW + 20."""
     m = linked_merge()
     moved = ("accounts", 2)
     answered(m, PRICES, NOW, PRICES_LINK, [Rec(0, int(NOW) - 20)])
@@ -831,7 +834,8 @@ def test_a_fetch_answered_on_another_broker_than_the_last_proves_nothing() -> No
     answered(m, FILLS, NOW + 12, ACCOUNTS_LINK)
     answered(m, FILLS_1, NOW + 4, ACCOUNTS_LINK)
     answered(m, FILLS_1, NOW + 12, moved)
-    held_until_fills_1_answers(m, NOW + 20, moved, ("prices", 0))
+    answered(m, FILLS_1, NOW + 20, moved)
+    held_until_fills_1_answers(m, NOW + 28, moved, ("prices", 0))
 
 
 def test_a_fetch_on_an_unknown_connection_proves_only_as_a_probe_would() -> None:
