@@ -265,7 +265,9 @@ def turn(**given: object) -> dict:
 # than the price's, brings the log as it was before the fill: it proves nothing of the price.
 @example(embedded=False, script=[
     turn(fetch=["accounts", "prices"], getmany=[("accounts", 8, 0), ("prices", 8, 0)],
-         wait=100),
+         wait=1),
+    turn(fetch=["accounts", "prices"], getmany=[("accounts", 8, 0), ("prices", 8, 0)],
+         wait=99),
     turn(fetch=["accounts"], getmany=[("accounts", 8, 0)], wait=1),
     turn(appends=[(CONSUMERS["accounts"][0], 1, 10 * SKEW), (PARTITIONS[0], 1, 10 * SKEW)],
          fetch=["prices"], getmany=[("prices", 8, 0)], wait=1),
