@@ -365,16 +365,16 @@ class TimestampMerge:
     def _proves(self, tp: TopicPartition, arrived: float, after_skew: float,
                 connection: Hashable) -> bool:
         """Does the partition hold nothing unseen that sorts before a record that arrived at
-        ``arrived`` (wall-clock ms) on ``connection``, stamped ``after_skew`` − max_skew_ms?
-        A probe or fetch sent after both proves it; on the record's own connection, a fetch
-        answered after it does, with one sent after ``after_skew`` (the module's doc)."""
+        ``arrived`` (wall-clock ms) on ``connection``, stamped ``after_skew`` − max_skew_ms?"""
+        return _proof(*self._proofs_of(tp), arrived, after_skew, connection)
+
+    def _proofs_of(self, tp: TopicPartition) -> tuple[float, float, Hashable]:
+        """The send time the partition is proven to, what proves it for records received on
+        its connection (that, or its fetch answers' stamp), and that connection."""
         proven = self.proven.get(tp, NEVER)
-        if proven < after_skew:
-            return False
-        if proven >= arrived:
-            return True
-        return (connection is not None and self._connection.get(tp) == connection
-                and self.received.get(tp, NEVER) >= arrived)
+        connection = self._connection.get(tp)
+        own = proven if connection is None else max(proven, self.received.get(tp, NEVER))
+        return proven, own, connection
 
     def seek(self, tp: TopicPartition, offset: int, at_ms: float | None = None) -> None:
         """The consumer was moved, at wall-clock ``at_ms`` (now if not given): forget what was
@@ -471,9 +471,8 @@ class TimestampMerge:
             buffer = self._buffers[tp]
             arrived, after_skew = buffer[0][1], timestamp + skew
             least_proven = least.proven  # sent after both, for every partition: the usual case
-            if ((least_proven < arrived or least_proven < after_skew)
-                    and not least.prove(arrived, after_skew, connections.get(tp))):
-                connection = connections.get(tp)
+            if ((least_proven < arrived or least_proven < after_skew) and not least.prove(
+                    arrived, after_skew, connection := connections.get(tp))):
                 holding = [other for other in silent
                            if not self._proves(other, arrived, after_skew, connection)]
                 unread = [other for other in holding if self._unread(other)]
@@ -547,10 +546,7 @@ class TimestampMerge:
         return least
 
     def _add_to(self, least: _Least, tp: TopicPartition) -> None:
-        proven = self.proven.get(tp, NEVER)
-        connection = self._connection.get(tp)
-        own = proven if connection is None else max(proven, self.received.get(tp, NEVER))
-        least.add(proven, own, connection)
+        least.add(*self._proofs_of(tp))
 
     def _count_late(self, topic: str, behind_ms: int, arrival_ms: float) -> None:
         self.late[topic] = self.late.get(topic, 0) + 1
@@ -613,6 +609,16 @@ class TimestampMerge:
         return self._wait_over_at is not None
 
 
+def _proof(proven: float, own: float, at: Hashable, arrived: float, after_skew: float,
+           connection: Hashable) -> bool:
+    """Do proofs (`TimestampMerge._proofs_of`) of a partition fetched on ``at`` cover a record
+    that arrived at ``arrived`` on ``connection``, stamped ``after_skew`` − max_skew_ms? A probe
+    or fetch sent after both does; on the record's own connection, a fetch answered after it
+    does, with one sent after ``after_skew`` (the module's doc)."""
+    return proven >= after_skew and (
+        own if at == connection and at is not None else proven) >= arrived
+
+
 class _Least:
     """The least proofs among some partitions: whether every one of them proves a record
     (`TimestampMerge._proves`) in a few comparisons, per connection rather than per partition."""
@@ -637,7 +643,5 @@ class _Least:
     def prove(self, arrived: float, after_skew: float, connection: Hashable) -> bool:
         if self.proven >= arrived and self.proven >= after_skew:
             return True
-        if self.proven < after_skew:
-            return False
-        return all((own if key == connection and key is not None else proven) >= arrived
+        return all(_proof(proven, own, key, arrived, after_skew, connection)
                    for key, (proven, own) in self._by_connection.items())
