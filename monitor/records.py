@@ -11,8 +11,9 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
+import msgspec
 import orjson
 
 from monitor.config import RiskConfig
@@ -146,29 +147,27 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
                  *, not_after_ms: int | None = None) -> list[InputRecord | Rejected]:
     """`decode` over a fetched batch: one decoded record or rejection per value, in order.
 
-    Each value is parsed once and its fields checked in one expression per kind, without the
-    field-by-field helpers; a value that does not pass that check as a whole goes through
-    `decode`, which finds the exact reason. So rejections, reasons and details are `decode`'s,
-    and an accepted record is the one `decode` would build."""
+    A value is decoded by the first of three checks that accepts it: msgspec decodes and
+    checks a value holding its kind's fields and no other in one pass of compiled code
+    (`_shaped_fill`); orjson and one expression per kind take the values with other fields
+    too (`_plain_fill`); `decode` finds the exact reason for the rest. The first two accept
+    only values `decode` accepts, and build the record it builds, so rejections, reasons and
+    details are `decode`'s."""
     instruments, assets = config.instruments, config.assets
     latest = MAX_TS if not_after_ms is None else min(not_after_ms, MAX_TS)
-    loads, rejected_json = orjson.loads, orjson.JSONDecodeError
     out: list[InputRecord | Rejected] = []
     append = out.append
     for kind, raw in zip(kinds, raws, strict=True):
         record: InputRecord | None = None
         if raw is not None:
-            try:
-                doc = loads(raw)
-            except rejected_json:
-                doc = None
-            if type(doc) is dict:
-                if kind == FILLS:
-                    record = _plain_fill(doc, instruments, latest)
-                elif kind == PRICES:
-                    record = _plain_tick(doc, latest)
-                elif kind == LEDGER:
-                    record = _plain_ledger(doc, assets, latest)
+            if kind == FILLS:
+                record = _shaped_fill(raw, instruments, latest)
+            elif kind == PRICES:
+                record = _shaped_tick(raw, latest)
+            elif kind == LEDGER:
+                record = _shaped_ledger(raw, assets, latest)
+            if record is None:
+                record = _plain(kind, raw, instruments, assets, latest)
         if record is None:
             try:
                 record = decode(kind, raw, config, not_after_ms=not_after_ms)
@@ -179,12 +178,108 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
     return out
 
 
-# The plain-record checks of decode_batch accept only values `decode` accepts as they are:
+# The shapes of the plain records, as msgspec checks them: the bounds `decode` applies, and
+# no field beyond them. A value with other fields goes on to orjson's check: msgspec skips
+# an unknown field's value more leniently than orjson parses it (a number beyond a double,
+# invalid UTF-8 are accepted there), and `decode` has the last word on every value. What
+# depends on the config or the clock (a configured symbol or asset, ts ≤ latest, a deposit's
+# sign) is checked in Python after. An isolated_margin entry (rare, and checked against its
+# instrument) is not a plain ledger shape.
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+_Positive = Annotated[float, msgspec.Meta(gt=0, le=MAX_MAGNITUDE)]
+_Signed = Annotated[float, msgspec.Meta(ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE)]
+_Ts = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _TickShape(msgspec.Struct, forbid_unknown_fields=True):
+    symbol: _Id
+    price: _Positive
+    ts: _Ts
+
+
+class _FillShape(msgspec.Struct, forbid_unknown_fields=True):
+    fill_id: _Id
+    account: _Id
+    symbol: _Id
+    side: Literal["buy", "sell"]
+    qty: _Positive
+    price: _Positive
+    ts: _Ts
+    fee: _Signed = 0.0
+    margin_mode: Literal["cross", "isolated"] = "cross"
+
+
+class _LedgerShape(msgspec.Struct, forbid_unknown_fields=True):
+    entry_id: _Id
+    account: _Id
+    asset: _Id
+    amount: _Signed
+    kind: Literal["deposit", "withdrawal", "funding", "transfer", "adjustment"]
+    ts: _Ts
+
+
+_decode_tick = msgspec.json.Decoder(_TickShape).decode
+_decode_fill = msgspec.json.Decoder(_FillShape).decode
+_decode_ledger = msgspec.json.Decoder(_LedgerShape).decode
+_NOT_SHAPED = (msgspec.DecodeError,)  # msgspec.ValidationError is a DecodeError
+
+
+def _shaped_tick(raw: bytes | str, latest: int) -> PriceTick | None:
+    try:
+        v = _decode_tick(raw)
+    except _NOT_SHAPED:
+        return None
+    return PriceTick(v.symbol, v.price, v.ts) if v.ts <= latest else None
+
+
+def _shaped_fill(raw: bytes | str, instruments: Mapping[str, Any], latest: int) -> Fill | None:
+    try:
+        v = _decode_fill(raw)
+    except _NOT_SHAPED:
+        return None
+    if v.symbol in instruments and v.ts <= latest:
+        return Fill(v.fill_id, v.account, v.symbol, v.side, v.qty, v.price, v.fee, v.ts,
+                    v.margin_mode)
+    return None
+
+
+def _shaped_ledger(raw: bytes | str, assets: Mapping[str, Any],
+                   latest: int) -> LedgerEntry | None:
+    try:
+        v = _decode_ledger(raw)
+    except _NOT_SHAPED:
+        return None
+    kind, amount = v.kind, v.amount
+    if (v.asset in assets and v.ts <= latest
+            and (kind != "deposit" or amount > 0) and (kind != "withdrawal" or amount < 0)):
+        return LedgerEntry(v.entry_id, v.account, v.asset, amount, kind, v.ts)
+    return None
+
+
+def _plain(kind: str, raw: bytes | str, instruments: Mapping[str, Any],
+           assets: Mapping[str, Any], latest: int) -> InputRecord | None:
+    """orjson's parse, then the kind's plain-record check; None when either fails."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict:
+        return None
+    if kind == FILLS:
+        return _plain_fill(doc, instruments, latest)
+    if kind == PRICES:
+        return _plain_tick(doc, latest)
+    if kind == LEDGER:
+        return _plain_ledger(doc, assets, latest)
+    return None
+
+
+# The plain-record checks accept only values `decode` accepts as they are:
 # numbers are floats or ints (never bools) within the bounds (NaN and infinities fail every
 # comparison), ids non-empty strings of at most MAX_ID_LENGTH characters, ts an int within
-# [0, latest]; a margin mode cross or isolated. An isolated_margin entry (rare, and checked
-# against its instrument) always takes decode's path. Written out inline: a function call per
-# field would cost as much as the check.
+# [0, latest]; a margin mode cross or isolated. An isolated_margin entry always takes
+# decode's path. Written out inline: a function call per field would cost as much as the
+# check.
 _FLOAT, _INT, _STR = float, int, str
 
 

@@ -283,3 +283,81 @@ def test_a_batch_decodes_any_value_exactly_as_decode(topic: str, changes: dict,
     raw = orjson.dumps({k: v for k, v in {**GOOD[topic], **changes}.items() if v is not ...})
     assert batch_alike([topic], [raw], risk, not_after_ms) == [
         decoded_alike(topic, raw, risk, not_after_ms)]
+
+
+# Raw JSON text, not orjson's: what a producer in another language may send. Each field's
+# value is one of these snippets (as bytes), so the text can hold what orjson.dumps never
+# writes — numbers beyond a double, escapes, invalid UTF-8, duplicate keys.
+VALUE_TEXTS = st.sampled_from([
+    b"1", b"-0", b"0.0", b"-0.0", b"2.5", b"1E2", b"1e-400", b"1e400", b"-1e999",
+    b"1000000000000000", b"1000000000000001", b"123.0", b"9223372036854775807",
+    b"18446744073709551616", b"99999999999999999999999999999999999999", b"true", b"null",
+    b'""', b'"BTC-PERP"', b'"BTC-\\u0050ERP"', b'"USDT"', b'"buy"', b'"b\\u0075y"',
+    b'"sell"', b'"deposit"', b'"withdrawal"', b'"isolated_margin"', b'"isolated"',
+    b'"cross"', b'"a"', b'"\xc3\xa9"', b'"\xff"', b'"\\ud800"', b'"\\ud83d\\ude00"',
+    b'"\\u0000"', b'"' + b"\xc3\xa9" * 256 + b'"', b'"' + b"\xc3\xa9" * 257 + b'"',
+    b"[1, {\"a\": 2}]", b"{}", b"NaN", b"01", b"1.",
+])
+KEYS = st.sampled_from([
+    b"symbol", b"price", b"ts", b"fill_id", b"account", b"side", b"qty", b"fee", b"entry_id",
+    b"asset", b"amount", b"kind", b"margin_mode", b"venue", b"sym\\u0062ol", b"",
+])
+
+
+@st.composite
+def raw_values(draw: st.DrawFn, topic: str) -> bytes:
+    """A good value of the topic as text, then fields added or written again (a later key
+    wins in orjson), some with a value no encoder of ours would write."""
+    fields = [(k.encode(), orjson.dumps(v)) for k, v in GOOD[topic].items()]
+    for _ in range(draw(st.integers(min_value=0, max_value=3))):
+        fields.insert(draw(st.integers(min_value=0, max_value=len(fields))),
+                      (draw(KEYS), draw(VALUE_TEXTS)))
+    space = draw(st.sampled_from([b"", b" ", b"\n\t"]))
+    body = (b"," + space).join(b'"' + k + b'":' + space + v for k, v in fields)
+    return b"{" + space + body + space + b"}"
+
+
+@given(data=st.data(), topic=st.sampled_from(["prices", "fills", "ledger"]))
+@settings(max_examples=600, deadline=None)
+def test_a_batch_decodes_any_raw_text_exactly_as_decode(data: st.DataObject, topic: str) -> None:
+    risk = parse_config(RISK)
+    raw = data.draw(raw_values(topic))
+    assert batch_alike([topic], [raw], risk) == [decoded_alike(topic, raw, risk)]
+
+
+@pytest.mark.parametrize("extra", [b'"venue": 1e999', b'"venue": "\xff"'])
+def test_a_field_beyond_the_records_with_a_value_orjson_refuses_is_invalid_json(
+        risk, extra: bytes) -> None:
+    """msgspec would skip such a value; the batch's first check must not accept it."""
+    raw = b'{"symbol": "BTC-PERP", "price": 5.0, "ts": 1, ' + extra + b"}"
+    assert batch_alike(["prices"], [raw], risk) == [decoded_alike("prices", raw, risk)]
+    assert decoded_alike("prices", raw, risk)[0] == Reason.INVALID_JSON
+
+
+def test_a_field_beyond_the_records_is_ignored_by_the_batch_as_by_decode(risk) -> None:
+    raws = [changed("fills", venue="spot"), changed("prices", venue="spot"),
+            changed("ledger", symbol="BTC-PERP")]
+    topics = ["fills", "prices", "ledger"]
+    got = batch_alike(topics, raws, risk)
+    assert got == [decoded_alike(t, r, risk) for t, r in zip(topics, raws, strict=True)]
+    assert got[2].symbol is None  # only an isolated_margin entry funds a position
+
+
+def test_the_batch_shapes_take_the_sides_kinds_and_modes_decode_takes() -> None:
+    import typing
+
+    from monitor.records import (
+        ISOLATED_MARGIN,
+        LEDGER_KINDS,
+        MARGIN_MODES,
+        SIDES,
+        _FillShape,
+        _LedgerShape,
+    )
+
+    def choices(shape: type, field: str) -> set[str]:
+        return set(typing.get_args(typing.get_type_hints(shape)[field]))
+
+    assert choices(_FillShape, "side") == SIDES
+    assert choices(_FillShape, "margin_mode") == set(MARGIN_MODES)
+    assert choices(_LedgerShape, "kind") == LEDGER_KINDS - {ISOLATED_MARGIN}
