@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -171,13 +172,38 @@ def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
     return position
 
 
-def fetched_from(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
-    """The broker the consumer fetches the partition from: its leader (liqmon sets no
-    ``client_rack``, so no follower is read), None while unknown. The consumer's fetches from
-    one broker are answered one after another (`TimestampMerge.fetched` relies on it). Reads
-    aiokafka 0.14's client (the version pyproject.toml pins)."""
-    leader: int | None = consumer._client.cluster.leader_for_partition(tp)
-    return None if leader is None or leader < 0 else leader
+def fetched_from(consumer: AIOKafkaConsumer, tp: TopicPartition) -> Hashable | None:
+    """The broker the consumer fetches the partition from, as a label that changes with every
+    metadata update the consumer has taken since: (its leader, the updates counted); None
+    while the leader is unknown. liqmon sets no ``client_rack``, so no follower is read.
+
+    The consumer's fetches from one broker are answered one after another, and
+    `TimestampMerge.fetched` relies on it for answers in a row under one label. The leader is
+    read after an answer: one that moved to another broker and back between two reads would
+    leave the label as it was, though an answer came from the other broker in between; the
+    consumer can only fetch from a broker its metadata named, so counting the updates closes
+    that gap. Reads aiokafka 0.14's client (the version pyproject.toml pins); its cluster
+    metadata calls a listener on every update."""
+    cluster = consumer._client.cluster
+    updates = _metadata_updates.get(cluster)
+    if updates is None:
+        updates = _metadata_updates[cluster] = _Updates()
+        cluster.add_listener(updates)
+    leader: int | None = cluster.leader_for_partition(tp)
+    return None if leader is None or leader < 0 else (leader, updates.count)
+
+
+class _Updates:
+    """A cluster metadata listener: how many updates it has seen."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, cluster: object) -> None:
+        self.count += 1
+
+
+_metadata_updates: weakref.WeakKeyDictionary[Any, _Updates] = weakref.WeakKeyDictionary()
 
 
 def group_generation(consumer: AIOKafkaConsumer) -> int:

@@ -25,7 +25,9 @@ after r's timestamp plus the skew) however close the two stamps: a fill held bac
 ledger partitions goes out with their next answer, not a probe's round trip after it. When a
 partition's leader moves, its consumer may have fetches out to both brokers for a moment, and
 the leader the caller names may already be the new one for an answer from the old: so an
-answer proves something only as the third in a row on one connection.
+answer proves something only as the third in a row on one connection (the caller's label of
+a connection changes with every metadata update of the consumer, so a leader that moved away
+and back in between starts the row again: `clients.fetched_from`).
 
 A broker may report the end as the last batch's first offset + 1 (the embedded broker does).
 A fetch returns whole record batches, but the consumer hands a batch over in parts when it

@@ -22,7 +22,7 @@ import contextlib
 import gc
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, cast
 
 import structlog
@@ -101,8 +101,8 @@ ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account
 YOUNG_COLLECTION_AFTER = 50_000
 # After a fetch, per partition: the consumer's position, the high watermark its last fetch of
 # the partition reported, the wall-clock ms that fetch was answered at, and the connection it
-# came on (`merge.fetched`)
-ReadTo = tuple[int, int | None, int | None, tuple[int, int | None]]
+# came on (`merge.fetched`: the consumer, and `clients.fetched_from`'s label of the broker)
+ReadTo = tuple[int, int | None, int | None, tuple[int, Hashable | None]]
 
 
 class Monitor:

@@ -1,6 +1,7 @@
 """Reading a consumer's position without waiting, as the loop does after each fetch; widening
 an input consumer's fetch wait when the broker answers fetches without the records it reports;
-stopping a consumer whose fetch failed while the broker was away."""
+stopping a consumer whose fetch failed while the broker was away; naming the connection a
+partition is fetched on."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from monitor.service.broker import EmbeddedBroker
-from monitor.service.clients import FETCH_MAX_WAIT_CAP_MS, FetchWait, position_now, stop_consumer
+from monitor.service.clients import (
+    FETCH_MAX_WAIT_CAP_MS,
+    FetchWait,
+    fetched_from,
+    position_now,
+    stop_consumer,
+)
 from tests.support.clock import Clock
 from tests.support.kafka import fresh_settings, produce
 
@@ -36,6 +43,31 @@ async def test_the_position_after_a_fetch_is_the_offset_after_what_it_handed_ove
             handed += [record.offset for record in batch.get(tp, [])]
         assert position_now(consumer, tp) == 2  # one record is fetched but not handed over
         assert position_now(consumer, TopicPartition(topic, 1)) is None  # not assigned
+    finally:
+        await consumer.stop()
+
+
+async def test_the_connection_label_changes_with_every_metadata_update_not_only_the_leader(
+        broker):
+    """A leader that moves to another broker and back between two looks leaves the leader as
+    it was; the consumer's metadata updates in between change the label (so the merge's
+    answers in a row on one connection start again)."""
+    topic = fresh_settings(broker.bootstrap).topics.fills
+    await produce(broker.bootstrap, [(topic, b"k", b"v")])
+    tp = TopicPartition(topic, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        while not (await consumer.getmany(tp, timeout_ms=1_000)).get(tp):
+            pass
+        before = fetched_from(consumer, tp)
+        assert before is not None and fetched_from(consumer, tp) == before
+        assert await consumer._client.force_metadata_update()
+        after = fetched_from(consumer, tp)
+        assert after is not None and after[0] == before[0] and after != before
+        assert fetched_from(consumer, TopicPartition(topic, 99)) is None  # no such partition
     finally:
         await consumer.stop()
 
