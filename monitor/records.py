@@ -221,7 +221,9 @@ class _LedgerShape(msgspec.Struct, forbid_unknown_fields=True):
 _decode_tick = msgspec.json.Decoder(_TickShape).decode
 _decode_fill = msgspec.json.Decoder(_FillShape).decode
 _decode_ledger = msgspec.json.Decoder(_LedgerShape).decode
-_NOT_SHAPED = (msgspec.DecodeError,)  # msgspec.ValidationError is a DecodeError
+# msgspec.ValidationError is a DecodeError; a str value with a lone surrogate fails to
+# encode as UTF-8 before msgspec sees it (orjson calls that invalid JSON)
+_NOT_SHAPED = (msgspec.DecodeError, UnicodeEncodeError)
 
 
 def _shaped_tick(raw: bytes | str, latest: int) -> PriceTick | None:

@@ -334,6 +334,12 @@ def test_a_field_beyond_the_records_with_a_value_orjson_refuses_is_invalid_json(
     assert decoded_alike("prices", raw, risk)[0] == Reason.INVALID_JSON
 
 
+def test_a_str_value_with_a_lone_surrogate_is_invalid_json_in_a_batch_too(risk) -> None:
+    raw = '{"symbol": "\ud800", "price": 5.0, "ts": 1}'  # a str, not bytes: not UTF-8
+    assert batch_alike(["prices"], [raw], risk) == [decoded_alike("prices", raw, risk)]
+    assert decoded_alike("prices", raw, risk)[0] == Reason.INVALID_JSON
+
+
 def test_a_field_beyond_the_records_is_ignored_by_the_batch_as_by_decode(risk) -> None:
     raws = [changed("fills", venue="spot"), changed("prices", venue="spot"),
             changed("ledger", symbol="BTC-PERP")]
