@@ -28,23 +28,31 @@ from tests.support.kafka import fresh_settings, produce
 P0, P1 = TopicPartition("prices", 0), TopicPartition("prices", 1)
 
 
-async def test_the_position_after_a_fetch_is_the_offset_after_what_it_handed_over(broker):
-    topic = fresh_settings(broker.bootstrap).topics.fills
-    await produce(broker.bootstrap, [(topic, b"k", b"v")] * 3)
+@asynccontextmanager
+async def assigned(bootstrap: str, records: int) -> AsyncIterator[tuple[AIOKafkaConsumer,
+                                                                          TopicPartition]]:
+    """A started consumer assigned partition 0 of a fresh fills topic holding ``records``."""
+    topic = fresh_settings(bootstrap).topics.fills
+    await produce(bootstrap, [(topic, b"k", b"v")] * records)
     tp = TopicPartition(topic, 0)
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
         consumer.assign([tp])
+        yield consumer, tp
+    finally:
+        await consumer.stop()
+
+
+async def test_the_position_after_a_fetch_is_the_offset_after_what_it_handed_over(broker):
+    async with assigned(broker.bootstrap, 3) as (consumer, tp):
         handed: list[int] = []
         while len(handed) < 2:
             batch = await consumer.getmany(tp, timeout_ms=1_000, max_records=2 - len(handed))
             handed += [record.offset for record in batch.get(tp, [])]
         assert position_now(consumer, tp) == 2  # one record is fetched but not handed over
-        assert position_now(consumer, TopicPartition(topic, 1)) is None  # not assigned
-    finally:
-        await consumer.stop()
+        assert position_now(consumer, TopicPartition(tp.topic, 1)) is None  # not assigned
 
 
 async def test_the_connection_label_changes_with_every_metadata_update_not_only_the_leader(
@@ -52,14 +60,7 @@ async def test_the_connection_label_changes_with_every_metadata_update_not_only_
     """A leader that moves to another broker and back between two looks leaves the leader as
     it was; the consumer's metadata updates in between change the label (so the merge's
     answers in a row on one connection start again)."""
-    topic = fresh_settings(broker.bootstrap).topics.fills
-    await produce(broker.bootstrap, [(topic, b"k", b"v")])
-    tp = TopicPartition(topic, 0)
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        consumer.assign([tp])
+    async with assigned(broker.bootstrap, 1) as (consumer, tp):
         while not (await consumer.getmany(tp, timeout_ms=1_000)).get(tp):
             pass
         before = fetched_from(consumer, tp)
@@ -67,9 +68,7 @@ async def test_the_connection_label_changes_with_every_metadata_update_not_only_
         assert await consumer._client.force_metadata_update()
         after = fetched_from(consumer, tp)
         assert after is not None and after[0] == before[0] and after != before
-        assert fetched_from(consumer, TopicPartition(topic, 99)) is None  # no such partition
-    finally:
-        await consumer.stop()
+        assert fetched_from(consumer, TopicPartition(tp.topic, 99)) is None  # no partition
 
 
 def observe(wait: FetchWait, clock: Clock, at: float, fetched) -> tuple | None:
