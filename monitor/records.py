@@ -153,7 +153,6 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
     fields too (`_plain_fill`); `decode` finds the exact reason for the rest. The first two
     accept only values `decode` accepts, and build the record it builds, so rejections,
     reasons and details are `decode`'s."""
-    instruments, assets = config.instruments, config.assets
     latest = MAX_TS if not_after_ms is None else min(not_after_ms, MAX_TS)
     loads, rejected_json = orjson.loads, orjson.JSONDecodeError
     out: list[InputRecord | Rejected] = []
@@ -164,29 +163,17 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
     beyond: set[str] = set()
     for kind, raw in zip(kinds, raws, strict=True):
         record: InputRecord | None = None
-        if raw is not None:
-            if kind in beyond:
-                pass
-            elif kind == FILLS:
-                record = _shaped_fill(raw, instruments, latest)
-            elif kind == PRICES:
-                record = _shaped_tick(raw, latest)
-            elif kind == LEDGER:
-                record = _shaped_ledger(raw, assets, latest)
+        if raw is not None and (checks := _CHECKS.get(kind)) is not None:
+            shaped, plain = checks
+            if kind not in beyond:
+                record = shaped(raw, config, latest)
             if record is None:
                 try:
                     doc = loads(raw)
                 except rejected_json:
                     doc = None
-                if type(doc) is dict:
-                    if kind == FILLS:
-                        record = _plain_fill(doc, instruments, latest)
-                    elif kind == PRICES:
-                        record = _plain_tick(doc, latest)
-                    elif kind == LEDGER:
-                        record = _plain_ledger(doc, assets, latest)
-                    if record is not None:
-                        beyond.add(kind)
+                if type(doc) is dict and (record := plain(doc, config, latest)) is not None:
+                    beyond.add(kind)
         if record is None:
             try:
                 record = decode(kind, raw, config, not_after_ms=not_after_ms)
@@ -245,7 +232,7 @@ _decode_ledger = msgspec.json.Decoder(_LedgerShape).decode
 _NOT_SHAPED = (msgspec.DecodeError, UnicodeEncodeError)
 
 
-def _shaped_tick(raw: bytes | str, latest: int) -> PriceTick | None:
+def _shaped_tick(raw: bytes | str, config: RiskConfig, latest: int) -> PriceTick | None:
     try:
         v = _decode_tick(raw)
     except _NOT_SHAPED:
@@ -253,25 +240,24 @@ def _shaped_tick(raw: bytes | str, latest: int) -> PriceTick | None:
     return PriceTick(v.symbol, v.price, v.ts) if v.ts <= latest else None
 
 
-def _shaped_fill(raw: bytes | str, instruments: Mapping[str, Any], latest: int) -> Fill | None:
+def _shaped_fill(raw: bytes | str, config: RiskConfig, latest: int) -> Fill | None:
     try:
         v = _decode_fill(raw)
     except _NOT_SHAPED:
         return None
-    if v.symbol in instruments and v.ts <= latest:
+    if v.symbol in config.instruments and v.ts <= latest:
         return Fill(v.fill_id, v.account, v.symbol, v.side, v.qty, v.price, v.fee, v.ts,
                     v.margin_mode)
     return None
 
 
-def _shaped_ledger(raw: bytes | str, assets: Mapping[str, Any],
-                   latest: int) -> LedgerEntry | None:
+def _shaped_ledger(raw: bytes | str, config: RiskConfig, latest: int) -> LedgerEntry | None:
     try:
         v = _decode_ledger(raw)
     except _NOT_SHAPED:
         return None
     kind, amount = v.kind, v.amount
-    if (v.asset in assets and v.ts <= latest
+    if (v.asset in config.assets and v.ts <= latest
             and (kind != "deposit" or amount > 0) and (kind != "withdrawal" or amount < 0)):
         return LedgerEntry(v.entry_id, v.account, v.asset, amount, kind, v.ts)
     return None
@@ -286,7 +272,7 @@ def _shaped_ledger(raw: bytes | str, assets: Mapping[str, Any],
 _FLOAT, _INT, _STR = float, int, str
 
 
-def _plain_tick(doc: dict[str, Any], latest: int) -> PriceTick | None:
+def _plain_tick(doc: dict[str, Any], config: RiskConfig, latest: int) -> PriceTick | None:
     symbol, price, ts = doc.get("symbol"), doc.get("price"), doc.get("ts")
     if (type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
             and (type(price) is _FLOAT or type(price) is _INT) and 0 < price <= MAX_MAGNITUDE
@@ -295,7 +281,7 @@ def _plain_tick(doc: dict[str, Any], latest: int) -> PriceTick | None:
     return None
 
 
-def _plain_fill(doc: dict[str, Any], instruments: Mapping[str, Any], latest: int) -> Fill | None:
+def _plain_fill(doc: dict[str, Any], config: RiskConfig, latest: int) -> Fill | None:
     get = doc.get
     fill_id, account, symbol, side = get("fill_id"), get("account"), get("symbol"), get("side")
     qty, price, fee, ts = get("qty"), get("price"), get("fee", 0.0), get("ts")
@@ -303,7 +289,7 @@ def _plain_fill(doc: dict[str, Any], instruments: Mapping[str, Any], latest: int
     if (type(fill_id) is _STR and 0 < len(fill_id) <= MAX_ID_LENGTH
             and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
             and type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
-            and symbol in instruments and (side == "buy" or side == "sell")
+            and symbol in config.instruments and (side == "buy" or side == "sell")
             and (type(qty) is _FLOAT or type(qty) is _INT) and 0 < qty <= MAX_MAGNITUDE
             and (type(price) is _FLOAT or type(price) is _INT) and 0 < price <= MAX_MAGNITUDE
             and (type(fee) is _FLOAT or type(fee) is _INT)
@@ -315,14 +301,14 @@ def _plain_fill(doc: dict[str, Any], instruments: Mapping[str, Any], latest: int
     return None
 
 
-def _plain_ledger(doc: dict[str, Any], assets: Mapping[str, Any],
-                  latest: int) -> LedgerEntry | None:
+def _plain_ledger(doc: dict[str, Any], config: RiskConfig, latest: int) -> LedgerEntry | None:
     get = doc.get
     entry_id, account, asset, amount = get("entry_id"), get("account"), get("asset"), get("amount")
     kind, ts = get("kind"), get("ts")
     if (type(entry_id) is _STR and 0 < len(entry_id) <= MAX_ID_LENGTH
             and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
-            and type(asset) is _STR and 0 < len(asset) <= MAX_ID_LENGTH and asset in assets
+            and type(asset) is _STR and 0 < len(asset) <= MAX_ID_LENGTH
+            and asset in config.assets
             and type(kind) is _STR and kind in LEDGER_KINDS and kind != ISOLATED_MARGIN
             and (type(amount) is _FLOAT or type(amount) is _INT)
             and -MAX_MAGNITUDE <= amount <= MAX_MAGNITUDE
@@ -330,6 +316,16 @@ def _plain_ledger(doc: dict[str, Any], assets: Mapping[str, Any],
             and (kind != "deposit" or amount > 0) and (kind != "withdrawal" or amount < 0)):
         return LedgerEntry(entry_id, account, asset, float(amount), kind, ts)
     return None
+
+
+# Each kind's two checks: msgspec's shape (the value's bytes), then orjson's document.
+_CHECKS: Final[Mapping[str, tuple[Callable[[bytes | str, RiskConfig, int], InputRecord | None],
+                                  Callable[[dict[str, Any], RiskConfig, int],
+                                           InputRecord | None]]]] = {
+    PRICES: (_shaped_tick, _plain_tick),
+    FILLS: (_shaped_fill, _plain_fill),
+    LEDGER: (_shaped_ledger, _plain_ledger),
+}
 
 
 def decode_json(raw: bytes | str, interpret: Callable[[Any], T]) -> T:
