@@ -393,6 +393,20 @@ class Engine(InputLedger):
         partition = int(book.part_m[row])
         return None if partition < 0 else partition
 
+    def partitions_of(self, keys: Sequence[RiskKey]) -> list[int | None]:
+        """`partition_of` of each key (a checkpoint asks for ~100,000 at a time)."""
+        part = self.book.part_m
+        return [None if row is None or part[row] < 0 else part[row] for row in self._rows(keys)]
+
+    def _rows(self, keys: Sequence[RiskKey]) -> list[int | None]:
+        """`Book.row_of` of each key, one dictionary lookup each."""
+        book = self.book
+        if book.units:
+            row_of = book.row_of
+            return [row_of(key) for key in keys]
+        get = book.index.get  # no isolated position held: a UnitKey finds no row here either
+        return [get(key) for key in keys]  # type: ignore[arg-type]
+
     @property
     def prices(self) -> dict[str, float]:
         return self._prices
@@ -851,9 +865,12 @@ class Engine(InputLedger):
             self._mark(caught_up_from)
 
     def snapshots(self, keys: Sequence[RiskKey]) -> Snapshots:
-        """Held accounts and isolated positions as checkpoint columns, read from the book's."""
-        row_of = self.book.row_of
-        return self.book.snapshots(np.array([row_of(key) for key in keys], np.int64))
+        """Those of these accounts and isolated positions held here, in the keys' order, as
+        checkpoint columns read from the book's."""
+        rows = self._rows(keys)
+        held = [key for key, row in zip(keys, rows, strict=True) if row is not None]
+        return self.book.snapshots(np.array([row for row in rows if row is not None], np.int64),
+                                   held)
 
     def drop_partition(self, partition: int | None) -> int:
         """Forget every account and isolated position of an input partition (it was handed

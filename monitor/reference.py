@@ -42,6 +42,10 @@ class ReferenceEngine(InputLedger):
         account = self._held(key).get(key)
         return None if account is None else account.partition
 
+    def partitions_of(self, keys: Sequence[RiskKey]) -> list[int | None]:
+        """`partition_of` of each key."""
+        return [self.partition_of(key) for key in keys]
+
     def _held(self, key: RiskKey) -> dict[Any, Account]:  # keyed by str or UnitKey
         return self.units if isinstance(key, UnitKey) else self.accounts
 
@@ -270,9 +274,10 @@ class ReferenceEngine(InputLedger):
             self.load_account(key, account, marks.get(key))
 
     def snapshots(self, keys: Sequence[RiskKey]) -> Snapshots:
-        """Held accounts and isolated positions as checkpoint columns."""
+        """Those of these accounts and isolated positions held here, in the keys' order, as
+        checkpoint columns."""
         return Snapshots.from_accounts(
-            [(key, self._held(key)[key], 0, {}) for key in keys],
+            [(key, self._held(key)[key], 0, {}) for key in keys if key in self._held(key)],
             names=[*self.config.assets, *self.config.instruments])
 
     def drop_partition(self, partition: int | None) -> int:

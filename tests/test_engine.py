@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 
+from monitor.account import RiskKey, UnitKey
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import Fill, LedgerEntry, PriceTick
+from monitor.reference import ReferenceEngine
 from tests.support.records import fill, ledger, tick, types
 
 
@@ -255,3 +257,31 @@ def test_blank_account_is_forgotten_but_one_with_history_is_kept(engine) -> None
     fill(engine, "a", "BTC-PERP", -1.0, 49_890.0)
     ledger(engine, "a", "USDT", -190.0, entry_id="withdraw-all")
     assert engine.accounts["a"].transitions == 2
+
+
+@pytest.mark.parametrize("make", [Engine, ReferenceEngine])
+def test_partitions_of_many_keys_is_partition_of_each(risk, make) -> None:
+    """A checkpoint asks for ~100,000 at a time: not held, in replay (no partition), an
+    isolated position, held with or without an isolated position in the book."""
+    engine = make(risk)
+    engine.apply(LedgerEntry("d1", "a", "USDT", 100.0, "deposit", 1),
+                 Source("ledger", partition=3, offset=0))
+    engine.apply(LedgerEntry("d2", "r", "USDT", 100.0, "deposit", 1), Source("ledger", index=0))
+    keys: list[RiskKey] = ["a", "r", "nobody", UnitKey("a", "BTC-PERP")]
+    assert engine.partitions_of(keys) == [3, None, None, None]
+    engine.apply(Fill("f1", "a", "BTC-PERP", "buy", 0.001, 50_000.0, 0.0, 2, "isolated"),
+                 Source("fills", partition=3, offset=0))
+    assert engine.partitions_of(keys) == [engine.partition_of(key) for key in keys]
+    assert engine.partitions_of(keys) == [3, None, None, 3]
+
+
+@pytest.mark.parametrize("make", [Engine, ReferenceEngine])
+def test_snapshots_are_those_of_the_keys_held_in_the_keys_order(risk, make) -> None:
+    """Those forgotten since a checkpoint took them get tombstones instead."""
+    engine = make(risk)
+    for n, account in enumerate(("b", "a", "c")):
+        engine.apply(LedgerEntry(f"d{n}", account, "USDT", 10.0 + n, "deposit", 1),
+                     Source("ledger", partition=0, offset=n))
+    snapshots = engine.snapshots(["c", "gone", "a", UnitKey("a", "BTC-PERP")])
+    assert snapshots.ids == ["c", "a"]
+    assert snapshots.bal_amount.tolist() == [12.0, 11.0]

@@ -438,9 +438,10 @@ class Book:
         self.positions += count
         return rows
 
-    def snapshots(self, rows: np.ndarray) -> Snapshots:
+    def snapshots(self, rows: np.ndarray, ids: list[RiskKey] | None = None) -> Snapshots:
         """The accounts of these rows as snapshot columns (the checkpoint stamps seq and
-        as_of); names: the config's assets, then its instruments."""
+        as_of); names: the config's assets, then its instruments. ``ids``: the rows' keys,
+        when the caller has them at hand."""
         t = self.t
         na = t.n_assets
         n = len(rows)
@@ -451,7 +452,7 @@ class Book:
         pos = pos[order]
         none = np.zeros(n, np.int64)
         return Snapshots(
-            ids=[self.ids[row] for row in rows.tolist()],
+            ids=[self.ids[row] for row in rows.tolist()] if ids is None else ids,
             state=self.state[rows], transitions=self.trans[rows], partition=self.part[rows],
             seq=none, names=[*t.assets, *t.instruments],
             bal_count=np.bincount(owner, minlength=n), bal_name=asset.astype(np.int64),

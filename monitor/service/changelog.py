@@ -691,9 +691,9 @@ def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int
     input offsets ``as_of`` its partition's state reflects, encoded from the book's columns;
     and before them, to be acknowledged first, the layout record of each partition not yet
     in ``layouts_written`` ((partition, layout id) pairs of this checkpoint, updated)."""
-    held = [key for key in dirty
-            if (key in engine.units if isinstance(key, UnitKey) else key in engine.accounts)]
-    snapshots = engine.snapshots(held).stamped(seq, [as_of[dirty[a]] for a in held])
+    snapshots = engine.snapshots(list(dirty))  # those still held; the rest get tombstones
+    held = snapshots.ids
+    snapshots = snapshots.stamped(seq, [as_of[dirty[a]] for a in held])
     layout, values = encode_snapshots(snapshots)
     encoded = dict(zip(held, values, strict=True))
     unwritten = [partition for partition in sorted({dirty[key] for key in held})
@@ -702,13 +702,15 @@ def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int
     layouts_written.update((partition, layout.id) for partition in unwritten)
     header = [(KIND_HEADER, ACCOUNT)]
     messages = []
+    state = topics.state
     for key, partition in dirty.items():
         value = encoded.get(key)
         headers = header if value is not None else [
             *header, (AS_OF_TOTAL_HEADER, str(as_of_total(as_of[partition])).encode()),
             (AS_OF_HEADER, encode_as_of(as_of[partition]))]
-        messages.append(Outgoing(topic=topics.state, key=state_key(key), value=value,
-                                 headers=headers, partition=partition))
+        # positional, and an account id encoded here: half the cost, ~100,000 per checkpoint
+        messages.append(Outgoing(state, key.encode() if type(key) is str else state_key(key),
+                                 value, headers, partition=partition))
     return layouts, messages
 
 

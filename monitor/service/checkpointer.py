@@ -288,19 +288,20 @@ class Checkpointer:
             # 100,000 held the loop ~0.1 s. (A hand-over waits for this checkpoint, so no
             # partition changes owner meanwhile.)
             others: set[RiskKey] = set()
-            for n, key in enumerate(taken, 1):
-                partition = self.engine.partition_of(key)
-                if partition is None:  # deleted since: its tombstone goes where it lived
-                    partition = self.engine.forgotten_in(key)
-                if partition is None:  # forgotten after take_dirty: where it was touched
-                    account = account_of(key)
-                    partition = captured.get(account, self.touched.get(account))
-                if partition in partitions:
-                    mine[key] = partition
-                else:
-                    others.add(key)
-                if n % CHECKPOINT_CHUNK == 0:
-                    await asyncio.sleep(0)
+            keys = list(taken)
+            for start in range(0, len(keys), CHECKPOINT_CHUNK):
+                some = keys[start:start + CHECKPOINT_CHUNK]
+                for key, partition in zip(some, self.engine.partitions_of(some), strict=True):
+                    if partition is None:  # deleted since: its tombstone goes where it lived
+                        partition = self.engine.forgotten_in(key)
+                    if partition is None:  # forgotten after take_dirty: where it was touched
+                        account = account_of(key)
+                        partition = captured.get(account, self.touched.get(account))
+                    if partition in partitions:
+                        mine[key] = partition
+                    else:
+                        others.add(key)
+                await asyncio.sleep(0)
             self.engine.mark_dirty(others)
             ids = list(mine)
             for start in range(0, len(ids), CHECKPOINT_CHUNK):

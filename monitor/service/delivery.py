@@ -132,25 +132,23 @@ class Delivery:
                     futures[k] = future
             open_batches.clear()
 
-        def appended(batch: Any, message: Outgoing) -> bool:
-            return batch.append(key=message.key, value=message.value, timestamp=None,
-                                headers=message.headers) is not None
-
         try:
             for k, message in enumerate(messages):
                 assert message.partition is not None
-                if len(message.value or b"") > SEND_ALONE_BYTES:
+                key, value, headers = message.key, message.value, message.headers
+                if value is not None and len(value) > SEND_ALONE_BYTES:
                     await hand_over_open()
                     futures[k] = await self._send_one(message)
                     continue
                 where = (message.topic, message.partition)
-                batch, members = open_batches.get(where) or (producer.create_batch(), [])
-                if not appended(batch, message):  # full: hand all over, start another
-                    await hand_over_open()
-                    batch, members = producer.create_batch(), []
-                    appended(batch, message)  # an empty batch takes a message of any size
+                batch, members = open_batches.get(where) or open_batches.setdefault(
+                    where, (producer.create_batch(), []))
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    await hand_over_open()  # full: hand all over, start another
+                    batch, members = open_batches[where] = (producer.create_batch(), [])
+                    # an empty batch takes a message of any size
+                    batch.append(key=key, value=value, timestamp=None, headers=headers)
                 members.append(k)
-                open_batches[where] = (batch, members)
             await hand_over_open()
         except KafkaError as exc:
             handed = next((k for k, future in enumerate(futures) if future is None),
