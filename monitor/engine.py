@@ -457,9 +457,9 @@ class Engine(InputLedger):
         symbol in no isolated position) are applied a chunk at a time: `apply`'s Python (the
         duplicate window, the account's row) is done for the chunk first, in order, then one
         compiled call (`Book.account_run`) applies them, values each account and files its
-        bands, stopping at a record whose verdict needs more (a state to move, a position
-        slot taken or freed...), which is finished here as `apply` finishes it. The rest go
-        through `apply`."""
+        bands (taking and freeing position slots itself), stopping at a record whose verdict
+        needs more (a state to move, bands that do not fit, an account that may be blank...),
+        which is finished here as `apply` finishes it. The rest go through `apply`."""
         if self._caught_up_from:  # after a restore, each record is checked against its marks
             return super().apply_account_records(records, sources)
         self._index_due()

@@ -203,18 +203,31 @@ def _fill_tables(floats, ints):
     return na, floats[2 * na:2 * na + ni], ints[3 + na + 2 * ni:3 + na + 3 * ni]
 
 
+# `Book.slots`: how many freed slots are stacked in `Book.free_slots`, how many slots are in
+# use (freed ones included: the next fresh slot), how many positions are open
+SLOTS_FREE, SLOTS_USED, SLOTS_OPEN = 0, 1, 2
+
+
 @_jit
-def _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first, p_next, p_acct,
-                p_instr, p_qty, p_entry, i_cs, i_settle):
+def _apply_fill(row, instr, signed_qty, price, fee, slots, free_slots, bal, na, first, p_next,
+                p_acct, p_instr, p_qty, p_entry, i_cs, i_settle):
     """SPEC §4 Fill with the arithmetic of `margin.apply_fill_to_position` (a close that
-    leaves only float rounding is flat) and the fee; a new position goes in slot ``spare``,
-    after the row's others. Returns (whether ``spare`` was used, the slot freed or -1)."""
+    leaves only float rounding is flat) and the fee. A new position takes a slot as
+    `Book.take_slot` does (the caller made room for it), after the row's others; a closed
+    one's slot goes on the free stack (``slots``, ``free_slots``: see `Book`)."""
     p = first[row]
     while p >= 0 and p_instr[p] != instr:
         p = p_next[p]
     realized = 0.0
-    used, freed = False, -1
     if p < 0:
+        free = slots[SLOTS_FREE]
+        if free > 0:  # the slot freed last
+            spare = np.int64(free_slots[free - 1])
+            slots[SLOTS_FREE] = free - 1
+        else:
+            spare = slots[SLOTS_USED]
+            slots[SLOTS_USED] = spare + 1
+        slots[SLOTS_OPEN] += 1
         p_acct[spare] = row
         p_instr[spare] = instr
         p_qty[spare] = signed_qty
@@ -227,7 +240,6 @@ def _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first, p_nex
             while p_next[tail] >= 0:
                 tail = p_next[tail]
             p_next[tail] = spare
-        used = True
     else:
         q = p_qty[p]
         if q == 0:
@@ -252,7 +264,9 @@ def _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first, p_nex
                             before = p_next[before]
                         p_next[before] = p_next[p]
                     p_next[p] = -1
-                    freed = p
+                    free_slots[slots[SLOTS_FREE]] = p
+                    slots[SLOTS_FREE] += 1
+                    slots[SLOTS_OPEN] -= 1
                 else:
                     if (new_q > 0) != (q > 0):
                         p_entry[p] = price
@@ -262,7 +276,6 @@ def _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first, p_nex
     balance += realized
     balance -= fee
     bal[k] = balance
-    return used, freed
 
 
 @_jit
@@ -355,29 +368,26 @@ def evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr, p_q
 
 
 @_jit
-def fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched, bal, isolated,
-                      first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid,
-                      bounds, ids, meta, edges):
+def fill_and_evaluate(row, instr, signed_qty, price, fee, slots, free_slots, state, watched,
+                      bal, isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px,
+                      floats, ints, aid, bounds, ids, meta, edges):
     """`_apply_fill`, then `evaluate_and_file` of the row: one compiled call per fill.
-    Returns evaluate_and_file's six figures, then whether ``spare`` was used and the slot
-    freed or -1."""
-    return _fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched, bal,
-                              isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px,
-                              _unpack(floats, ints), _fill_tables(floats, ints), aid, bounds,
-                              ids, meta, edges)
+    Returns evaluate_and_file's six figures."""
+    return _fill_and_evaluate(row, instr, signed_qty, price, fee, slots, free_slots, state,
+                              watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
+                              p_acct, sym_px, _unpack(floats, ints), _fill_tables(floats, ints),
+                              aid, bounds, ids, meta, edges)
 
 
 @_jit
-def _fill_and_evaluate(row, instr, signed_qty, price, fee, spare, state, watched, bal,
-                       isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, tables,
-                       fill_tables, aid, bounds, ids, meta, edges):
+def _fill_and_evaluate(row, instr, signed_qty, price, fee, slots, free_slots, state, watched,
+                       bal, isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px,
+                       tables, fill_tables, aid, bounds, ids, meta, edges):
     na, i_cs, i_settle = fill_tables
-    used, freed = _apply_fill(row, instr, signed_qty, price, fee, spare, bal, na, first,
-                              p_next, p_acct, p_instr, p_qty, p_entry, i_cs, i_settle)
-    ok, r, new, eps, n, filed = _evaluate_and_file(
-        row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry, sym_px,
-        tables, aid, bounds, ids, meta, edges)
-    return ok, r, new, eps, n, filed, used, freed
+    _apply_fill(row, instr, signed_qty, price, fee, slots, free_slots, bal, na, first, p_next,
+                p_acct, p_instr, p_qty, p_entry, i_cs, i_settle)
+    return _evaluate_and_file(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
+                              p_entry, sym_px, tables, aid, bounds, ids, meta, edges)
 
 
 FILL, BALANCE = 0, 1  # `account_run` operations
@@ -385,18 +395,18 @@ RUN_PREFETCH = 16  # records of a run whose accounts `account_run` asks the memo
 
 
 @_jit
-def account_run(table, start, end, spare, state, watched, bal, isolated, first, p_next,
-                p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid, bounds, ids, meta,
-                edges):
+def account_run(table, start, end, slots, free_slots, state, watched, bal, isolated, first,
+                p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid, bounds, ids,
+                meta, edges):
     """Records that change one account each, columns ``start`` to ``end`` of ``table`` (rows:
     op, account row, code, amount, price, fee; `AccountRun`) in turn: a FILL
     (`fill_and_evaluate`: instrument ``code``, signed quantity ``amount``, price, fee) or a
     BALANCE change (``amount`` added to asset ``code``, as `Book.add_balance` adds it, then
-    `evaluate_and_file`). Stops after the first whose outcome needs more than
-    this: a state to move (or an account it cannot value), ``spare`` used or a slot freed,
-    bands that did not fit, or an account left with no position and no balance (it may be
-    blank). Returns the index it stopped at (``end`` if none) and that record's eight figures
-    (a balance change uses no slot and frees none)."""
+    `evaluate_and_file`); position slots are taken and freed as `_apply_fill` does (the
+    caller made room for a new position per record). Stops after the first whose outcome
+    needs more than this: a state to move (or an account it cannot value), bands that did not
+    fit, or an account left with no position and no balance (it may be blank). Returns the
+    index it stopped at (``end`` if none) and that record's six figures."""
     na = ints[0]
     tables, fill_tables = _unpack(floats, ints), _fill_tables(floats, ints)
     # The records' accounts are scattered over the book: ask the memory for all of their
@@ -416,21 +426,20 @@ def account_run(table, start, end, spare, state, watched, bal, isolated, first, 
         row = np.int64(table[1, k])
         code = np.int64(table[2, k])
         if table[0, k] == FILL:
-            ok, r, new, eps, n, filed, used, freed = _fill_and_evaluate(
-                row, code, table[3, k], table[4, k], table[5, k], spare, state, watched, bal,
-                isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, tables,
-                fill_tables, aid, bounds, ids, meta, edges)
+            ok, r, new, eps, n, filed = _fill_and_evaluate(
+                row, code, table[3, k], table[4, k], table[5, k], slots, free_slots, state,
+                watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px,
+                tables, fill_tables, aid, bounds, ids, meta, edges)
         else:
             at = row * na + code
             bal[at] = bal[at] + table[3, k]
             ok, r, new, eps, n, filed = _evaluate_and_file(
                 row, state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
                 sym_px, tables, aid, bounds, ids, meta, edges)
-            used, freed = False, -1
-        if (used or freed >= 0 or not filed or not ok or new != state[row]
+        if (not filed or not ok or new != state[row]
                 or (first[row] < 0 and _no_balance(bal, row, na))):
-            return k, ok, r, new, eps, n, filed, used, freed
-    return end, True, 0.0, 0, 0.0, 0, True, False, -1
+            return k, ok, r, new, eps, n, filed
+    return end, True, 0.0, 0, 0.0, 0, True
 
 
 @_jit

@@ -106,9 +106,11 @@ class Book:
         self.index: dict[str, int] = {}  # account id -> row of its cross margin
         self.units: dict[UnitKey, int] = {}  # isolated position -> its row
         self.free_rows: list[int] = []
-        self.free_pos: list[int] = []
-        self.n_pos = 0  # position rows in use, free ones included
-        self.positions = 0  # open positions
+        # Position slots: [freed slots stacked in `free_slots` (the last freed on top, taken
+        # first), slots in use (freed ones included), open positions] (kernels.SLOTS_*).
+        # Arrays, not Python numbers, so that the kernels take and free slots themselves.
+        self.slots = np.zeros(3, np.int64)
+        self.slots_m = _view(self.slots)
         self._alloc_rows(0, 1024)
         self._alloc_pos(0, 4096)
         self.pending = PendingBands(len(self.t.symbols))
@@ -153,12 +155,14 @@ class Book:
 
     def _alloc_pos(self, old: int, size: int) -> None:
         if old == 0:
+            self.free_slots = np.zeros(size, np.int32)  # never more freed than in use
             self.p_acct = np.zeros(size, np.int32)
             self.p_instr = np.zeros(size, np.int32)
             self.p_qty = np.zeros(size, np.float64)
             self.p_entry = np.zeros(size, np.float64)
             self.p_next = np.full(size, -1, np.int32)
         else:
+            self.free_slots = grown(self.free_slots, size)
             self.p_acct = grown(self.p_acct, size)
             self.p_instr = grown(self.p_instr, size)
             self.p_qty = grown(self.p_qty, size)
@@ -170,7 +174,20 @@ class Book:
         self.acct_m, self.instr_m = _view(self.p_acct), _view(self.p_instr)
         self.qty_m, self.entry_m = _view(self.p_qty), _view(self.p_entry)
         self.next_m = _view(self.p_next)
+        self.free_slots_m = _view(self.free_slots)
         self._bind_kernels()
+
+    @property
+    def positions(self) -> int:
+        """Open positions."""
+        return int(self.slots_m[kernels.SLOTS_OPEN])
+
+    def room_for_positions(self, count: int) -> None:
+        """Grow the position columns, if need be, so that ``count`` more can open without
+        reusing a freed slot (what a kernel that takes slots itself is handed)."""
+        end = self.slots_m[kernels.SLOTS_USED] + count
+        if end > self.pcap:
+            self._alloc_pos(self.pcap, max(end, self.pcap + (self.pcap >> 1)))
 
     def reserve(self, accounts: int, positions: int) -> None:
         """Grow the columns once for a bulk load."""
@@ -205,9 +222,8 @@ class Book:
         p = self.first_m[row]
         while p >= 0:
             nxt = self.next_m[p]
-            self.free_pos.append(p)
+            self._free_slot(p)
             self.next_m[p] = -1
-            self.positions -= 1
             p = nxt
         self.first_m[row] = -1
         na = self.t.n_assets
@@ -229,9 +245,11 @@ class Book:
         """`free_row` for many accounts at once (a partition handed over: a row at a time,
         a million took seconds of a rebalance); returns their keys, in ``rows``' order."""
         positions, _ = self.positions_of_rows(rows)
-        self.free_pos.extend(positions.tolist())
+        stacked = self.slots[kernels.SLOTS_FREE]
+        self.free_slots[stacked:stacked + len(positions)] = positions
+        self.slots[kernels.SLOTS_FREE] += len(positions)
+        self.slots[kernels.SLOTS_OPEN] -= len(positions)
         self.p_next[positions] = -1
-        self.positions -= len(positions)
         self.first[rows] = -1
         self.bal.reshape(-1, self.t.n_assets)[rows] = 0.0
         self.state[rows] = 0
@@ -252,23 +270,28 @@ class Book:
         self.free_rows.extend(rows.tolist())
         return keys
 
-    def _spare_slot(self) -> int:
-        """The position slot a new position takes next (room made for it)."""
-        if self.free_pos:
-            return self.free_pos[-1]
-        if self.n_pos == self.pcap:
-            self._alloc_pos(self.pcap, self.pcap + (self.pcap >> 1))
-        return self.n_pos
-
     def _take_slot(self) -> int:
-        """Take `_spare_slot`'s slot for a new position."""
-        p = self._spare_slot()
-        if self.free_pos:
-            self.free_pos.pop()
+        """A slot for a new position: the one freed last, else a fresh one (as the kernels
+        take them: `kernels._apply_fill`)."""
+        slots = self.slots_m
+        free = slots[kernels.SLOTS_FREE]
+        if free:
+            p = self.free_slots_m[free - 1]
+            slots[kernels.SLOTS_FREE] = free - 1
         else:
-            self.n_pos = p + 1
-        self.positions += 1
-        return p
+            self.room_for_positions(1)
+            p = slots[kernels.SLOTS_USED]
+            slots[kernels.SLOTS_USED] = p + 1
+        slots[kernels.SLOTS_OPEN] += 1
+        return int(p)
+
+    def _free_slot(self, p: int) -> None:
+        """A closed position's slot, on top of the free stack."""
+        slots = self.slots_m
+        free = slots[kernels.SLOTS_FREE]
+        self.free_slots_m[free] = p
+        slots[kernels.SLOTS_FREE] = free + 1
+        slots[kernels.SLOTS_OPEN] -= 1
 
     def _new_pos(self, row: int, instr: int, qty: float, entry: float) -> int:
         p = self._take_slot()
@@ -315,32 +338,28 @@ class Book:
         """SPEC §4 Fill (the arithmetic of `margin.apply_fill_to_position`, including its rule
         that a close leaving only float rounding is flat), then `evaluate_and_file` of the
         account: one compiled call."""
+        self.room_for_positions(1)
         return self._filled(row, *kernels.fill_and_evaluate(
-            row, instr, signed_qty, price, fee, self._spare_slot(), self.state, self._watched,
-            *self._fill_args, self.aid, *self.pending.args))
+            row, instr, signed_qty, price, fee, self.slots, self.free_slots, self.state,
+            self._watched, *self._fill_args, self.aid, *self.pending.args))
 
     def account_run(self, run: AccountRun, start: int, end: int) -> tuple[int, Verdict]:
         """The records ``start`` to ``end`` of ``run`` (fills and balance changes), in one
         compiled call (`kernels.account_run`), up to and including the first whose verdict may
         call for more than filing its bands: (its index, its verdict), or (``end``, a verdict
         of no change) when none did."""
-        k, evaluable, ratio, new, eps, n, filed, used, freed = kernels.account_run(
-            run.table, start, end, self._spare_slot(), self.state, self._watched,
+        self.room_for_positions(end - start)
+        k, evaluable, ratio, new, eps, n, filed = kernels.account_run(
+            run.table, start, end, self.slots, self.free_slots, self.state, self._watched,
             *self._fill_args, self.aid, *self.pending.args)
         if k == end:
             return k, (evaluable, ratio, new, eps)
-        return k, self._filled(int(run.rows[k]), evaluable, ratio, new, eps, n, filed, used,
-                               freed)
+        return k, self._filled(int(run.rows[k]), evaluable, ratio, new, eps, n, filed)
 
     def _filled(self, row: int, evaluable: bool, ratio: float, new: int, eps: float, n: int,
-                filed: bool, used: bool, freed: int) -> Verdict:
-        """What the kernel of a fill or balance change leaves to Python: the position slot
-        it took or freed, and the bands it could not file."""
-        if used:
-            self._take_slot()
-        elif freed >= 0:
-            self.free_pos.append(freed)
-            self.positions -= 1
+                filed: bool) -> Verdict:
+        """What the kernel of a fill or balance change leaves to Python: the bands it could
+        not file."""
         if not filed:
             self.anchor(row, eps, self._watched_m[:n].tolist())
         return evaluable, ratio, new, eps
@@ -413,14 +432,15 @@ class Book:
         self.part[rows] = s.partition
         self.bal[rows[bal_owner] * t.n_assets + bal_asset] = s.bal_amount
         count = len(pos_instr)
-        reused = self.free_pos[len(self.free_pos) - min(count, len(self.free_pos)):]
-        del self.free_pos[len(self.free_pos) - len(reused):]
-        first = self.n_pos
-        end = first + count - len(reused)
-        if end > self.pcap:
-            self._alloc_pos(self.pcap, max(end, self.pcap + (self.pcap >> 1)))
-        self.n_pos = end
-        pos = np.concatenate([np.array(reused, np.int64), np.arange(first, end)])
+        stacked = int(self.slots[kernels.SLOTS_FREE])
+        taken = min(count, stacked)  # the freed slots on top of the stack, bottom first
+        freed = self.free_slots[stacked - taken:stacked].astype(np.int64)
+        self.slots[kernels.SLOTS_FREE] = stacked - taken
+        self.room_for_positions(count - taken)
+        first = int(self.slots[kernels.SLOTS_USED])
+        end = first + count - taken
+        self.slots[kernels.SLOTS_USED] = end
+        pos = np.concatenate([freed, np.arange(first, end)])
         owner = rows[pos_owner]
         self.p_acct[pos] = owner
         self.p_instr[pos] = pos_instr
@@ -435,7 +455,7 @@ class Book:
         holding = s.pos_count > 0
         starts = np.cumsum(s.pos_count) - s.pos_count
         self.first[rows[holding]] = pos[starts[holding]]
-        self.positions += count
+        self.slots[kernels.SLOTS_OPEN] += count
         return rows
 
     def snapshots(self, rows: np.ndarray, ids: list[RiskKey] | None = None) -> Snapshots:
@@ -672,5 +692,5 @@ class Book:
         """Bytes held by the numpy columns and band index (not the id strings and dict)."""
         total = sum(a.nbytes for a in (self.state, self.trans, self.part, self.first, self.aid,
                                        self.bal, self.isolated, self.p_acct, self.p_instr,
-                                       self.p_qty, self.p_entry, self.p_next))
+                                       self.p_qty, self.p_entry, self.p_next, self.free_slots))
         return total + self.pending.nbytes() + sum(b.nbytes() for b in self.bands)
