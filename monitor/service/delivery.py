@@ -295,7 +295,12 @@ class Pipeline:
                     await self._changed.wait_for(lambda: bool(self._queue))
                 outgoing, futures, hand_over_error, delivered = self._queue[0]
                 sent = len(futures)
-                results = await outcomes(futures)
+                # Settled at once when acknowledged already: awaited, each batch would take a
+                # turn of the loop, and while it drains a backlog (a batch of thousands of
+                # records a turn) a flush would wait a turn for every batch queued before it.
+                results = done_outcomes(futures)
+                if results is None:
+                    results = await outcomes(futures)
                 failed = self.delivery.settle(outgoing[:sent], results) + outgoing[sent:]
                 if failed:
                     error = next((r for r in results if isinstance(r, BaseException)), None)
@@ -312,6 +317,14 @@ class Pipeline:
             self._error = exc
             async with self._changed:
                 self._changed.notify_all()
+
+
+def done_outcomes(futures: Sequence[asyncio.Future[Any]]) -> list[Any] | None:
+    """`outcomes` of futures that are all done, read without waiting (None if one is not)."""
+    if not all(future.done() for future in futures):
+        return None
+    return [asyncio.CancelledError() if future.cancelled()
+            else future.exception() or future.result() for future in futures]
 
 
 async def outcomes(futures: Sequence[asyncio.Future[Any]]) -> list[Any]:

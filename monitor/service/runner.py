@@ -955,7 +955,9 @@ class Monitor:
         self._report_merge(merge)
         if not batch:
             return 0
+        applying = time.perf_counter()
         outgoing = self.apply_batch(batch, self.engine, self.settings.conflate_ticks)
+        took = time.perf_counter() - applying
         advanced: dict[TopicPartition, int] = {}
         for tp, record in batch:
             advanced[tp] = record.offset + 1
@@ -965,7 +967,7 @@ class Monitor:
         # those events (submit counts them at once).
         positions.frontier = positions.key(*batch[-1])
         positions.processed.update(advanced)
-        self._checkpointer.applied(len(batch))
+        self._checkpointer.applied(len(batch), took)
         self.engine.release_caught_up(positions.offsets())
         await self._pipeline.submit(outgoing, advanced)
         self._log_events()  # after the produce: a cascade's log lines never delay its events

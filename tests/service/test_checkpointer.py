@@ -70,9 +70,6 @@ class Recorder:
         if self.refuse in {kind(m) for m in messages}:
             raise DeliveryFailed(TOPICS.state, RuntimeError("refused"))
 
-    async def flush(self) -> None:
-        self.calls.append(("flush", None))
-
     def mark(self) -> int:
         return self.submitted
 
@@ -104,24 +101,21 @@ class Recorder:
                 if kind(m) == of_kind]
 
 
-class BusyLoop(Recorder):
-    """The loop hands another event batch over while each chunk waits for the events."""
+class Turns(Recorder):
+    """The loop hands another event batch over between any two looks at the pipeline."""
 
-    async def flush(self) -> None:
+    def mark(self) -> int:
         self.submitted += 1
-        await super().flush()
+        return self.submitted
 
 
 class SlowEvents(Recorder):
-    """Each chunk, and the control records, wait ``seconds`` for the events they reflect."""
+    """Each lot of snapshots, and the control records, wait ``seconds`` for the events they
+    reflect."""
 
     def __init__(self, seconds: float, owner: Sequence[bool] = (True,)) -> None:
         super().__init__(owner=owner)
         self.seconds = seconds
-
-    async def flush(self) -> None:
-        await asyncio.sleep(self.seconds)
-        await super().flush()
 
     async def settled(self, mark: int) -> None:
         await asyncio.sleep(self.seconds)
@@ -157,12 +151,27 @@ def snapshots_written(recorder: Recorder) -> dict[str, tuple[int, dict]]:
     return {key: (seq, as_of) for key, _, seq, as_of in decoded.accounts()}
 
 
-async def test_a_chunk_waits_for_the_events_then_writes_its_layout_then_its_snapshots() -> None:
+async def test_a_lot_waits_for_the_events_then_writes_its_layout_then_its_snapshots() -> None:
     checkpointer, engine = make()
     deposit(engine, "alice", 100.0, 0, 1)
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
-    assert recorder.steps()[:4] == ["flush", "fence", "deliver layout×1", "deliver account×1"]
+    assert recorder.steps()[:4] == ["settled 0", "fence", "deliver layout×1",
+                                    "deliver account×1"]
+
+
+async def test_each_lot_waits_for_the_events_handed_over_before_it_was_encoded() -> None:
+    """Control records vouch for what was handed over when the checkpoint began (mark 1),
+    and do not wait for batches handed over since; each lot's snapshots reflect what was
+    applied when it was encoded (marks 2 and 3)."""
+    checkpointer, engine = make()
+    for n in range(CHECKPOINT_CHUNK + 44):
+        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    recorder = Turns()
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.steps() == [
+        "settled 2", "fence", "deliver layout×1", "deliver account×256", "settled 3",
+        "deliver account×44", "settled 1", "deliver control×1", "commit"]
 
 
 async def test_control_records_go_last_once_the_events_handed_over_before_are_settled() -> None:
@@ -175,14 +184,6 @@ async def test_control_records_go_last_once_the_events_handed_over_before_are_se
                                      "commit"]
 
 
-async def test_event_batches_handed_over_during_the_checkpoint_are_not_waited_for() -> None:
-    checkpointer, engine = make()
-    deposit(engine, "alice", 100.0, 0, 1)
-    recorder = BusyLoop(submitted=3)
-    await checkpointer.checkpoint({0}, recorder)
-    assert (recorder.submitted, recorder.steps()[-3]) == (4, "settled 3")
-
-
 async def test_a_layout_is_written_once_per_partition_however_many_chunks() -> None:
     checkpointer, engine = make()
     for n in range(CHECKPOINT_CHUNK + 44):
@@ -190,8 +191,50 @@ async def test_a_layout_is_written_once_per_partition_however_many_chunks() -> N
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
     assert recorder.steps() == [
-        "flush", "fence", "deliver layout×1", "deliver account×256", "flush",
+        "settled 0", "fence", "deliver layout×1", "deliver account×256", "settled 0",
         "deliver account×44", "settled 0", "deliver control×1", "commit"]
+
+
+async def test_a_lot_holds_as_many_chunks_as_half_the_loops_last_batch_took_to_apply(
+        ) -> None:
+    """Draining a backlog, a batch takes tens of milliseconds: a lot of one chunk a turn fell
+    behind the accounts the loop changed meanwhile."""
+    checkpointer, engine = make()
+    for n in range(CHECKPOINT_CHUNK + 44):
+        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    checkpointer.applied(500, seconds=10.0)  # a budget of 5 s a turn
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.steps() == [
+        "settled 0", "fence", "deliver layout×1", "deliver account×300", "settled 0",
+        "deliver control×1", "commit"]
+
+
+async def test_a_lot_refused_fails_the_checkpoint_with_the_next_lot_encoded_and_unwritten(
+        ) -> None:
+    checkpointer, engine = make()
+    for n in range(CHECKPOINT_CHUNK + 44):
+        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    recorder = Recorder(refuse="account")
+    with pytest.raises(DeliveryFailed):
+        await checkpointer.checkpoint({0}, recorder)
+    assert recorder.steps() == ["settled 0", "fence", "deliver layout×1", "deliver account×256"]
+    assert len(engine.take_dirty()) == CHECKPOINT_CHUNK + 44  # all written again next time
+
+
+async def test_a_checkpoint_cancelled_while_a_lot_is_produced_leaves_no_task_behind() -> None:
+    checkpointer, engine = make()
+    for n in range(CHECKPOINT_CHUNK + 44):
+        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    recorder = SlowEvents(seconds=0.2)
+    writing = asyncio.create_task(checkpointer.checkpoint({0}, recorder))
+    await asyncio.sleep(0.05)  # the first lot waits for its events, the second is encoded
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert recorder.steps() == []
+    assert len(engine.take_dirty()) == CHECKPOINT_CHUNK + 44
 
 
 async def test_only_the_checkpointed_partitions_accounts_are_written_the_others_stay_dirty(
@@ -358,7 +401,7 @@ async def test_a_failed_checkpoint_writes_no_control_record_and_commits_nothing(
     recorder = Recorder(refuse="account")
     with pytest.raises(DeliveryFailed):
         await checkpointer.checkpoint({0}, recorder)
-    assert recorder.steps() == ["flush", "fence", "deliver layout×1", "deliver account×1"]
+    assert recorder.steps() == ["settled 0", "fence", "deliver layout×1", "deliver account×1"]
     assert checkpointer.seq == 0
 
 
@@ -438,7 +481,7 @@ async def test_a_checkpoint_the_group_does_not_vouch_for_writes_nothing_and_keep
     checkpointer.touched["alice"] = 0  # as the loop notes it
     recorder = Recorder(owner=[False])
     await checkpointer.checkpoint({0}, recorder)  # no error: the rebalance sorts it out
-    assert recorder.steps() == ["flush", "fence"]
+    assert recorder.steps() == ["settled 0", "fence"]
     assert recorder.calls[1] == ("fence", {TopicPartition("fills", 0): 7,
                                            TopicPartition("ledger", 0): 3})
     assert (checkpointer.seq, checkpointer.touched) == (0, {"alice": 0})
@@ -452,7 +495,7 @@ async def test_the_group_is_asked_again_once_its_word_is_older_than_half_the_ses
     recorder = SlowEvents(seconds=0.06)
     await checkpointer.checkpoint({0}, recorder)
     assert recorder.steps() == [
-        "flush", "fence", "deliver layout×1", "deliver account×256", "flush", "fence",
+        "settled 0", "fence", "deliver layout×1", "deliver account×256", "settled 0", "fence",
         "deliver account×44", "settled 0", "fence", "deliver control×1", "commit"]
 
 
@@ -463,7 +506,7 @@ async def test_when_the_group_stops_vouching_mid_checkpoint_the_rest_is_not_writ
     recorder = SlowEvents(seconds=0.06, owner=[True, False])
     await checkpointer.checkpoint({0}, recorder)
     assert recorder.steps() == [
-        "flush", "fence", "deliver layout×1", "deliver account×256", "flush", "fence"]
+        "settled 0", "fence", "deliver layout×1", "deliver account×256", "settled 0", "fence"]
     assert checkpointer.seq == 0  # no control record vouches for the chunk written
     assert len(engine.take_dirty()) == CHECKPOINT_CHUNK + 44  # all written again next time
 

@@ -419,3 +419,20 @@ async def test_a_hand_over_cut_short_makes_flush_raise_rather_than_wait_for_ever
     submitting.cancel()
     with pytest.raises(DeliveryAbandoned, match="cut short"):
         await asyncio.wait_for(flushing, timeout=5)
+
+
+async def test_acknowledgements_already_in_are_read_without_waiting() -> None:
+    """The settler takes every batch acknowledged meanwhile at once, rather than a turn of
+    the loop each (a turn that applies thousands of records while a backlog drains)."""
+    loop = asyncio.get_running_loop()
+    acked, refused, cancelled, pending = (loop.create_future() for _ in range(4))
+    acked.set_result("metadata")
+    refused.set_exception(RequestTimedOutError())
+    cancelled.cancel()
+    outcomes = delivery_module.done_outcomes([acked, refused, cancelled])
+    assert outcomes is not None
+    assert outcomes[0] == "metadata"
+    assert isinstance(outcomes[1], RequestTimedOutError)
+    assert isinstance(outcomes[2], asyncio.CancelledError)
+    assert delivery_module.done_outcomes([acked, pending]) is None
+    pending.cancel()
