@@ -141,6 +141,12 @@ def deposit(engine: Engine, account: str, amount: float, partition: int, offset:
                  Source(TOPICS.ledger, partition, offset))
 
 
+def more_than_a_chunk(engine: Engine) -> None:
+    """``CHECKPOINT_CHUNK`` + 44 accounts of partition 0, a deposit each."""
+    for n in range(CHECKPOINT_CHUNK + 44):
+        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+
+
 def snapshots_written(recorder: Recorder) -> dict[str, tuple[int, dict]]:
     """Account id → (seq, as_of) of every snapshot delivered, decoded with its layout."""
     layouts = {layout.id: layout for layout in
@@ -165,8 +171,7 @@ async def test_each_lot_waits_for_the_events_handed_over_before_it_was_encoded()
     and do not wait for batches handed over since; each lot's snapshots reflect what was
     applied when it was encoded (marks 2 and 3)."""
     checkpointer, engine = make()
-    for n in range(CHECKPOINT_CHUNK + 44):
-        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    more_than_a_chunk(engine)
     recorder = Turns()
     await checkpointer.checkpoint({0}, recorder)
     assert recorder.steps() == [
@@ -186,8 +191,7 @@ async def test_control_records_go_last_once_the_events_handed_over_before_are_se
 
 async def test_a_layout_is_written_once_per_partition_however_many_chunks() -> None:
     checkpointer, engine = make()
-    for n in range(CHECKPOINT_CHUNK + 44):
-        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    more_than_a_chunk(engine)
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
     assert recorder.steps() == [
@@ -200,8 +204,7 @@ async def test_a_lot_holds_as_many_chunks_as_half_the_loops_last_batch_took_to_a
     """Draining a backlog, a batch takes tens of milliseconds: a lot of one chunk a turn fell
     behind the accounts the loop changed meanwhile."""
     checkpointer, engine = make()
-    for n in range(CHECKPOINT_CHUNK + 44):
-        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    more_than_a_chunk(engine)
     checkpointer.applied(500, seconds=10.0)  # a budget of 5 s a turn
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
@@ -213,8 +216,7 @@ async def test_a_lot_holds_as_many_chunks_as_half_the_loops_last_batch_took_to_a
 async def test_a_lot_refused_fails_the_checkpoint_with_the_next_lot_encoded_and_unwritten(
         ) -> None:
     checkpointer, engine = make()
-    for n in range(CHECKPOINT_CHUNK + 44):
-        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    more_than_a_chunk(engine)
     recorder = Recorder(refuse="account")
     with pytest.raises(DeliveryFailed):
         await checkpointer.checkpoint({0}, recorder)
@@ -224,8 +226,7 @@ async def test_a_lot_refused_fails_the_checkpoint_with_the_next_lot_encoded_and_
 
 async def test_a_checkpoint_cancelled_while_a_lot_is_produced_leaves_no_task_behind() -> None:
     checkpointer, engine = make()
-    for n in range(CHECKPOINT_CHUNK + 44):
-        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    more_than_a_chunk(engine)
     recorder = SlowEvents(seconds=0.2)
     writing = asyncio.create_task(checkpointer.checkpoint({0}, recorder))
     await asyncio.sleep(0.05)  # the first lot waits for its events, the second is encoded
@@ -490,8 +491,7 @@ async def test_a_checkpoint_the_group_does_not_vouch_for_writes_nothing_and_keep
 
 async def test_the_group_is_asked_again_once_its_word_is_older_than_half_the_session() -> None:
     checkpointer, engine = make(session_timeout_ms=100)  # a yes stands 50 ms
-    for n in range(CHECKPOINT_CHUNK + 44):
-        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    more_than_a_chunk(engine)
     recorder = SlowEvents(seconds=0.06)
     await checkpointer.checkpoint({0}, recorder)
     assert recorder.steps() == [
@@ -501,8 +501,7 @@ async def test_the_group_is_asked_again_once_its_word_is_older_than_half_the_ses
 
 async def test_when_the_group_stops_vouching_mid_checkpoint_the_rest_is_not_written() -> None:
     checkpointer, engine = make(session_timeout_ms=100)
-    for n in range(CHECKPOINT_CHUNK + 44):
-        deposit(engine, f"acct-{n:03}", 10.0, 0, n)
+    more_than_a_chunk(engine)
     recorder = SlowEvents(seconds=0.06, owner=[True, False])
     await checkpointer.checkpoint({0}, recorder)
     assert recorder.steps() == [
