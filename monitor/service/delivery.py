@@ -193,8 +193,9 @@ class Pipeline:
     The processing loop hands each batch over and goes on to the next; a settler awaits the
     acknowledgements in batch order, re-delivers what failed (with `Delivery`'s backoff), and
     only then reports the batch's input offsets as delivered. `flush()` waits for everything
-    handed over so far, which a checkpoint does before it records offsets: an event is
-    acknowledged before the offsets of its input are checkpointed (SPEC §6).
+    handed over so far, `settled(mark)` for everything handed over before a `mark()`: a
+    checkpoint waits so before it writes the state and offsets of what it captured, so that
+    an event is acknowledged before the offsets of its input are checkpointed (SPEC §6).
     """
 
     def __init__(self, delivery: Delivery, on_delivered: Callable[[Any], None],
