@@ -213,7 +213,7 @@ def _apply_fill(row, instr, signed_qty, price, fee, slots, free_slots, bal, na, 
                 p_acct, p_instr, p_qty, p_entry, i_cs, i_settle):
     """SPEC §4 Fill with the arithmetic of `margin.apply_fill_to_position` (a close that
     leaves only float rounding is flat) and the fee. A new position takes a slot as
-    `Book.take_slot` does (the caller made room for it), after the row's others; a closed
+    `Book._take_slot` does (the caller made room for it), after the row's others; a closed
     one's slot goes on the free stack (``slots``, ``free_slots``: see `Book`)."""
     p = first[row]
     while p >= 0 and p_instr[p] != instr:
