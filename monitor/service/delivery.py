@@ -141,8 +141,9 @@ class Delivery:
                     futures[k] = await self._send_one(message)
                     continue
                 where = (message.topic, message.partition)
-                batch, members = open_batches.get(where) or open_batches.setdefault(
-                    where, (producer.create_batch(), []))
+                if where not in open_batches:
+                    open_batches[where] = producer.create_batch(), []
+                batch, members = open_batches[where]
                 if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                     await hand_over_open()  # full: hand all over, start another
                     batch, members = open_batches[where] = (producer.create_batch(), [])
