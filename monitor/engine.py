@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
@@ -25,8 +26,8 @@ from monitor.account import Account, RiskKey, UnitKey
 from monitor.book import AccountRun, Book, Verdict
 from monitor.book.kernels import BALANCE, FILL
 from monitor.config import RiskConfig
-from monitor.events import Event, Source, build_event
-from monitor.margin import PositionFigures, Valuation, value_account
+from monitor.events import Event, Source, build_event, position_detail
+from monitor.margin import Position, PositionFigures, Valuation, value_account
 from monitor.records import (
     CROSS,
     ISOLATED_MARGIN,
@@ -90,6 +91,7 @@ class DedupeWindow:
 INDEX_CHUNK = 262_144  # rows indexed per numpy pass after a restore (bounds peak memory)
 _STATES = tuple(AccountState)
 _HEALTHY = AccountState.HEALTHY
+_by_symbol = itemgetter("symbol")  # an event lists its positions by symbol
 _K = TypeVar("_K", str, UnitKey)
 
 
@@ -715,28 +717,31 @@ class Engine(InputLedger):
                     source: Source) -> tuple[Event | None, int]:
         """Build the event from a from-scratch valuation and move the account's state."""
         book = self.book
-        balances, positions = book.balances_of(row), book.positions_of(row)
-        key: RiskKey = book.ids[row]  # type: ignore[assignment]
-        unit = key if isinstance(key, UnitKey) else None
-        figures: dict[str, PositionFigures] = {}
-        valuation = value_account(balances, positions, self.config, self._prices,
-                                  isolated=unit is not None, figures=figures)
-        previous = _STATES[state]
-        if valuation is None:  # pragma: no cover - the kernel found every settle price
+        count = book.event_figures(row)
+        if count < 0:  # pragma: no cover - the kernel found every settle price
             return None, state
-        new_state = next_state(previous, valuation.ratio, self.config.thresholds)
+        (collateral, upnl, equity, maintenance, initial, ratio,
+         unpriced) = book.account_figures.tolist()
+        previous = _STATES[state]
+        new_state = next_state(previous, ratio, self.config.thresholds)
         if new_state == previous:  # pragma: no cover - both valuations sum identically
             return None, state
         transitions = book.trans_m[row] + 1
         book.trans_m[row] = transitions
+        key: RiskKey = book.ids[row]  # type: ignore[assignment]
+        unit = key if isinstance(key, UnitKey) else None
         self._dirty.add(key)
+        valuation = Valuation(collateral, upnl, equity, maintenance, initial, ratio,
+                              bool(unpriced))
+        positions, details, figures = self._reported_positions(
+            count, new_state == AccountState.LIQUIDATING)
         event = build_event(
             account=key if unit is None else unit.account,  # type: ignore[arg-type]
             transition=transitions,
             previous=previous,
             state=new_state,
             valuation=valuation,
-            balances=balances,
+            balances=book.balances_of(row),
             positions=positions,
             config=self.config,
             prices=self._prices,
@@ -747,12 +752,38 @@ class Engine(InputLedger):
             source=source,
             isolated=None if unit is None else unit.symbol,
             figures=figures,
+            details=details,
         )
         in_state = self._in_state(row)
         in_state[previous] -= 1
         in_state[new_state] += 1
         book.state_m[row] = int(new_state)
         return event, int(new_state)
+
+    def _reported_positions(self, count: int, with_figures: bool
+                            ) -> tuple[dict[str, Position], list[dict[str, Any]],
+                                       dict[str, PositionFigures] | None]:
+        """The positions `Book.event_figures` found (in opening order), the event's details
+        of them (by symbol) and, ``with_figures`` (a liquidation plan needs them), each one's
+        `PositionFigures`."""
+        names, instruments = self._t.instruments, self.config.instruments
+        positions: dict[str, Position] = {}
+        details = []
+        figures: dict[str, PositionFigures] | None = {} if with_figures else None
+        for (instr, qty, entry, mark, settle, notional, upnl, maintenance, initial, tier,
+             liquidation, bankruptcy) in self.book.position_figures[:count].tolist():
+            symbol = names[int(instr)]
+            positions[symbol] = Position(qty, entry)
+            details.append(position_detail(
+                symbol, qty, entry, mark, notional, upnl, maintenance, initial,
+                None if liquidation != liquidation else liquidation,  # NaN: none
+                None if bankruptcy != bankruptcy else bankruptcy))
+            if figures is not None:
+                figures[symbol] = PositionFigures(mark, settle,
+                                                  instruments[symbol].tiers[int(tier)],
+                                                  notional, upnl, maintenance, initial)
+        details.sort(key=_by_symbol)
+        return positions, details, figures
 
     def index_restored(self) -> int:
         """File accounts installed by `load_account` (or all, after `load_prices`) in the

@@ -87,11 +87,13 @@ def build_event(
     source: Source,
     isolated: str | None = None,
     figures: Mapping[str, PositionFigures] | None = None,
+    details: list[dict[str, Any]] | None = None,
 ) -> Event:
     """The event of a state change. ``isolated``: the instrument, when the risk unit is an
     isolated position (its balances are its wallet, its positions that one position).
     ``figures``: each position's figures, as the valuation computed them (else computed
-    here: the same numbers)."""
+    here: the same numbers). ``details``: the event's positions (`position_detail` of each,
+    by symbol), when the caller computed them (else computed here: the same numbers)."""
     event_type = EVENT_TYPE[state]
     eid = event_id(account, transition, event_type, isolated)
     payload: dict[str, Any] = {
@@ -116,7 +118,8 @@ def build_event(
         "collateral_value": valuation.collateral_value,
         "unrealized_pnl": valuation.unrealized_pnl,
         "balances": {asset: balances[asset] for asset in sorted(balances)},
-        "positions": _position_details(positions, valuation, config, prices, figures),
+        "positions": (details if details is not None
+                      else _position_details(positions, valuation, config, prices, figures)),
     })
     max_age = config.prices.max_age_ms
     if max_age is not None:
@@ -169,24 +172,29 @@ def _position_details(
                    else position_figures(symbol, position, config, prices))
         assert figures is not None, "an evaluated account has every settle asset priced"
         instrument = config.instruments[symbol]
-        details.append({
-            "symbol": symbol,
-            "qty": position.qty,
-            "entry_price": position.entry_price,
-            "mark_price": figures.mark_price,
-            "notional": figures.notional,
-            "unrealized_pnl": figures.unrealized_pnl,
-            "maintenance_margin": figures.maintenance_margin,
-            "initial_margin": figures.initial_margin,
-            "liquidation_price": liquidation_price(
-                position,
-                instrument,
-                figures,
-                valuation.equity,
-                valuation.maintenance_margin,
-                config.thresholds.liquidation,
-            ),
-            "bankruptcy_price": bankruptcy_price(position, instrument, figures,
-                                                 valuation.equity),
-        })
+        details.append(position_detail(
+            symbol, position.qty, position.entry_price, figures.mark_price, figures.notional,
+            figures.unrealized_pnl, figures.maintenance_margin, figures.initial_margin,
+            liquidation_price(position, instrument, figures, valuation.equity,
+                              valuation.maintenance_margin, config.thresholds.liquidation),
+            bankruptcy_price(position, instrument, figures, valuation.equity)))
     return details
+
+
+def position_detail(symbol: str, qty: float, entry_price: float, mark_price: float,
+                    notional: float, unrealized_pnl: float, maintenance_margin: float,
+                    initial_margin: float, liquidation: float | None,
+                    bankruptcy: float | None) -> dict[str, Any]:
+    """One position as an event reports it (SPEC §5)."""
+    return {
+        "symbol": symbol,
+        "qty": qty,
+        "entry_price": entry_price,
+        "mark_price": mark_price,
+        "notional": notional,
+        "unrealized_pnl": unrealized_pnl,
+        "maintenance_margin": maintenance_margin,
+        "initial_margin": initial_margin,
+        "liquidation_price": liquidation,
+        "bankruptcy_price": bankruptcy,
+    }

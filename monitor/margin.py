@@ -1,7 +1,11 @@
 """Cross-margin mathematics (SPEC §4). Pure functions over plain values: no I/O, no Kafka.
 
 All amounts are float64 in the quote currency unless named "settle units". The formulas are
-written in the same order as the SPEC so that a reader can check them line by line.
+written in the same order as the SPEC so that a reader can check them line by line. The
+engine computes the same numbers in compiled code over its columns (`monitor.book.kernels` for
+the valuation, `monitor.book.figures` for what an event reports), term for term in the same
+order, so they are bit-identical to these; the reference engine and the liquidation plan use
+these.
 """
 
 from __future__ import annotations

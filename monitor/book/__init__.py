@@ -4,9 +4,9 @@ exchange scale).
 Storage is a struct of arrays. Accounts (and isolated positions, SPEC §4.1) are rows (state,
 transition counter, partition, one balance per configured asset, the head of a linked list of
 positions); positions are rows of their own (account, instrument, qty, entry price, next).
-Fills, valuation and band filing run as compiled kernels over the arrays (`kernels.py`); the
-rest of the Python code that applies inputs reads and writes them through memoryviews (~25 ns
-an access).
+Fills, valuation and band filing run as compiled kernels over the arrays (`kernels.py`), and
+so do the figures an event reports (`figures.py`); the rest of the Python code that applies
+inputs reads and writes them through memoryviews (~25 ns an access).
 
 **Safe bands.** A tick must re-evaluate every account it can move (SPEC §6), but the result of
 evaluating an account only matters when its state changes. After every exact evaluation the
@@ -27,8 +27,8 @@ so the decision an exact evaluation would make anywhere inside the band is the s
 An account whose ratio sits on a boundary gets ε = 0 and is re-evaluated on every tick of any of
 its symbols; so does one that cannot be evaluated yet (a settle asset without a price), and a
 symbol without a price yet gives an empty band (its first tick always re-evaluates). Events are
-always built from a from-scratch valuation (`margin.value_account`), so bands decide only *which*
-accounts are re-valued, never what an event says.
+always built from a from-scratch valuation (`margin.value_account`'s arithmetic, compiled), so
+bands decide only *which* accounts are re-valued, never what an event says.
 """
 
 from monitor.book.bands import PendingBands, SymbolBands
@@ -60,6 +60,7 @@ def warm_up() -> float:
     book.account_run(run, 0, 2)
     book.sym_px[:] = 10.0
     book.evaluate_and_file(row)
+    book.event_figures(row)
     rows = np.array([row], dtype=np.int64)
     evaluation = book.evaluate(rows)
     book.anchor(row, float(evaluation.eps[0]), book.watched(row))

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from monitor.account import Account, RiskKey, UnitKey
-from monitor.book import kernels
+from monitor.book import figures, kernels
 from monitor.book.bands import PendingBands, SymbolBands
 from monitor.book.tables import INF, NAN, Tables, grown
 from monitor.config import RiskConfig
@@ -119,6 +119,11 @@ class Book:
         self.sym_px_m = _view(self.sym_px)
         self._watched = np.empty(len(self.t.symbols), np.int64)  # one row's watched symbols
         self._watched_m = _view(self._watched)
+        # `event_figures`' outputs: an account's, and a row per position (at most one per
+        # instrument)
+        self.account_figures = np.empty(figures.ACCOUNT_FIGURES, np.float64)
+        self.position_figures = np.empty((len(self.t.instruments), figures.POSITION_FIGURES),
+                                         np.float64)
         self.bulk_filed = False  # `anchor_many` may have left symbols' merges overdue
         self._bind_kernels()
 
@@ -558,6 +563,14 @@ class Book:
                                                      *self._value_args))
         return Evaluation(*kernels.evaluate_rows_parallel(_spans(), rows, decide, self.state,
                                                           *self._value_args))
+
+    def event_figures(self, row: int) -> int:
+        """What an event reports of the row, from scratch at the current prices (the
+        arithmetic of `margin.value_account` and the figures beside it, one compiled call),
+        into `account_figures` and the first rows of `position_figures` (`book.figures` names
+        the columns): how many positions, -1 when a settle asset has no price."""
+        return figures.event_figures(row, self.account_figures, self.position_figures,
+                                     *self._value_args, self.t.t_imr)
 
     def watched(self, row: int) -> list[int]:
         """Symbol ids whose ticks can move the account (SPEC §6)."""

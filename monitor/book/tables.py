@@ -70,14 +70,17 @@ class Tables:
         t_max = np.full((n_i, width), INF)
         t_mmr = np.zeros((n_i, width))
         t_cum = np.zeros((n_i, width))
+        t_imr = np.zeros((n_i, width))
         for i, tiers in enumerate(self.i_tiers):
-            for k, (max_n, mmr, _, cum) in enumerate(tiers):
+            for k, (max_n, mmr, imr, cum) in enumerate(tiers):
                 if k < len(tiers) - 1:
                     t_max[i, k] = max_n
-                t_mmr[i, k], t_cum[i, k] = mmr, cum
+                t_mmr[i, k], t_imr[i, k], t_cum[i, k] = mmr, imr, cum
             t_mmr[i, len(tiers):] = tiers[-1][1]
+            t_imr[i, len(tiers):] = tiers[-1][2]
             t_cum[i, len(tiers):] = tiers[-1][3]
         self.t_max, self.t_mmr, self.t_cum = t_max, t_mmr, t_cum  # (instrument, tier)
+        self.t_imr = t_imr  # only events report initial margin (`monitor.book.figures`)
         self.k_floats = np.concatenate((
             [NAN if f is None else f for f in self.a_fixed], self.a_weight, self.v_cs,
             [NAN if f is None else f for f in self.i_settle_fixed], t_max.ravel(),

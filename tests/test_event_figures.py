@@ -1,0 +1,75 @@
+"""What an event reports, computed from the book's columns (`Book.event_figures`), with worked
+numbers from tests.support.risk: BTC-PERP's first tier ends at a notional of 50,000 (MMR 0.4 %,
+IMR 0.8 %), the second at 250,000 (0.5 %, 1 %, maintenance amount 50). Bit-identity with
+margin.py on long streams is tested in test_engine_scale."""
+
+from __future__ import annotations
+
+import pytest
+
+from monitor.book import figures
+from monitor.engine import Engine
+from tests.support.records import fill, ledger, tick
+
+
+def reported(engine: Engine, account: str) -> tuple[int, list[float], list[list[float]]]:
+    book = engine.book
+    count = book.event_figures(book.row_of(account))
+    return count, book.account_figures.tolist(), book.position_figures[:count].tolist()
+
+
+@pytest.fixture
+def engine(risk) -> Engine:
+    engine = Engine(risk)
+    tick(engine, "BTC-PERP", 50_000.0)
+    return engine
+
+
+def test_a_notional_exactly_at_a_tier_bound_is_in_that_tier(engine) -> None:
+    ledger(engine, "a", "USDT", 10_000.0)
+    fill(engine, "a", "BTC-PERP", 1.0, 50_000.0)  # notional 50,000: the first tier's bound
+    count, account, (position,) = reported(engine, "a")
+    assert count == 1 and position[figures.P_TIER] == 0
+    assert (position[figures.P_MM], position[figures.P_IM]) == (200.0, 400.0)
+    assert (account[figures.MM], account[figures.IM], account[figures.EQUITY]) == (
+        200.0, 400.0, 10_000.0)
+    assert account[figures.RATIO] == 0.02
+
+
+def test_a_notional_past_a_tier_bound_is_in_the_next_tier(engine) -> None:
+    ledger(engine, "a", "USDT", 10_000.0)
+    fill(engine, "a", "BTC-PERP", 2.0, 50_000.0)  # 100,000: second tier, 0.5 % − 50
+    _, _, (position,) = reported(engine, "a")
+    assert position[figures.P_TIER] == 1
+    assert (position[figures.P_MM], position[figures.P_IM]) == (450.0, 1_000.0)
+
+
+def test_liquidation_and_bankruptcy_prices_of_a_single_long(engine) -> None:
+    ledger(engine, "a", "USDT", 10_000.0)
+    fill(engine, "a", "BTC-PERP", 1.0, 50_000.0)
+    _, _, (position,) = reported(engine, "a")
+    # equity 10,000 + (p − 50,000) = MM 0.004·p at p = 40,000 / 0.996
+    assert position[figures.P_LIQUIDATION] == pytest.approx(40_160.642570281, rel=1e-12)
+    assert position[figures.P_BANKRUPTCY] == 40_000.0  # equity 0
+
+
+def test_a_price_python_reports_as_none_is_nan(engine) -> None:
+    ledger(engine, "a", "USDT", 100_000.0)
+    fill(engine, "a", "BTC-PERP", 1.0, 50_000.0)  # equity covers the notional twice
+    _, _, (position,) = reported(engine, "a")
+    assert position[figures.P_LIQUIDATION] != position[figures.P_LIQUIDATION]
+    assert position[figures.P_BANKRUPTCY] != position[figures.P_BANKRUPTCY]
+
+
+def test_a_balance_without_a_price_counts_nothing_and_is_reported_unpriced(engine) -> None:
+    ledger(engine, "a", "USDT", 1_000.0)
+    ledger(engine, "a", "BTC", 1.0)  # no BTC tick yet
+    count, account, _ = reported(engine, "a")
+    assert count == 0
+    assert (account[figures.COLLATERAL], account[figures.UNPRICED]) == (1_000.0, 1.0)
+
+
+def test_a_position_whose_settle_asset_has_no_price_cannot_be_valued(engine) -> None:
+    ledger(engine, "a", "USDT", 1_000.0)
+    fill(engine, "a", "ETHBTC-PERP", 1.0, 0.05)  # settles in BTC, never ticked
+    assert reported(engine, "a")[0] == -1
