@@ -27,7 +27,7 @@ from monitor.book import AccountRun, Book, Verdict
 from monitor.book.kernels import BALANCE, FILL
 from monitor.config import RiskConfig
 from monitor.events import Event, Source, build_event, position_detail
-from monitor.margin import Position, PositionFigures, Valuation, value_account
+from monitor.margin import Position, Valuation, value_account
 from monitor.records import (
     CROSS,
     ISOLATED_MARGIN,
@@ -733,8 +733,9 @@ class Engine(InputLedger):
         self._dirty.add(key)
         valuation = Valuation(collateral, upnl, equity, maintenance, initial, ratio,
                               bool(unpriced))
-        positions, details, figures = self._reported_positions(
-            count, new_state == AccountState.LIQUIDATING)
+        positions, details = self._reported_positions(count)
+        plan = (book.liquidation_plan(row, count) if new_state == AccountState.LIQUIDATING
+                else None)
         event = build_event(
             account=key if unit is None else unit.account,  # type: ignore[arg-type]
             transition=transitions,
@@ -751,8 +752,8 @@ class Engine(InputLedger):
             trigger_ref=ref,
             source=source,
             isolated=None if unit is None else unit.symbol,
-            figures=figures,
             details=details,
+            plan=plan,
         )
         in_state = self._in_state(row)
         in_state[previous] -= 1
@@ -760,30 +761,23 @@ class Engine(InputLedger):
         book.state_m[row] = int(new_state)
         return event, int(new_state)
 
-    def _reported_positions(self, count: int, with_figures: bool
-                            ) -> tuple[dict[str, Position], list[dict[str, Any]],
-                                       dict[str, PositionFigures] | None]:
-        """The positions `Book.event_figures` found (in opening order), the event's details
-        of them (by symbol) and, ``with_figures`` (a liquidation plan needs them), each one's
-        `PositionFigures`."""
-        names, instruments = self._t.instruments, self.config.instruments
+    def _reported_positions(self, count: int) -> tuple[dict[str, Position],
+                                                       list[dict[str, Any]]]:
+        """The positions `Book.event_figures` found (in opening order) and the event's details
+        of them (by symbol)."""
+        names = self._t.instruments
         positions: dict[str, Position] = {}
         details = []
-        figures: dict[str, PositionFigures] | None = {} if with_figures else None
-        for (instr, qty, entry, mark, settle, notional, upnl, maintenance, initial, tier,
-             liquidation, bankruptcy) in self.book.position_figures[:count].tolist():
+        for (instr, qty, entry, mark, _, notional, upnl, maintenance, initial, _, liquidation,
+             bankruptcy) in self.book.position_figures[:count].tolist():
             symbol = names[int(instr)]
             positions[symbol] = Position(qty, entry)
             details.append(position_detail(
                 symbol, qty, entry, mark, notional, upnl, maintenance, initial,
                 None if liquidation != liquidation else liquidation,  # NaN: none
                 None if bankruptcy != bankruptcy else bankruptcy))
-            if figures is not None:
-                figures[symbol] = PositionFigures(mark, settle,
-                                                  instruments[symbol].tiers[int(tier)],
-                                                  notional, upnl, maintenance, initial)
         details.sort(key=_by_symbol)
-        return positions, details, figures
+        return positions, details
 
     def index_restored(self) -> int:
         """File accounts installed by `load_account` (or all, after `load_prices`) in the

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from monitor.config import RiskConfig
-from monitor.liquidation import liquidation_plan
+from monitor.liquidation import LiquidationPlan, liquidation_plan
 from monitor.margin import (
     Position,
     PositionFigures,
@@ -88,12 +88,14 @@ def build_event(
     isolated: str | None = None,
     figures: Mapping[str, PositionFigures] | None = None,
     details: list[dict[str, Any]] | None = None,
+    plan: LiquidationPlan | None = None,
 ) -> Event:
     """The event of a state change. ``isolated``: the instrument, when the risk unit is an
     isolated position (its balances are its wallet, its positions that one position).
     ``figures``: each position's figures, as the valuation computed them (else computed
     here: the same numbers). ``details``: the event's positions (`position_detail` of each,
-    by symbol), when the caller computed them (else computed here: the same numbers)."""
+    by symbol), when the caller computed them (else computed here: the same numbers). ``plan``:
+    a liquidating account's `liquidation_plan`, likewise."""
     event_type = EVENT_TYPE[state]
     eid = event_id(account, transition, event_type, isolated)
     payload: dict[str, Any] = {
@@ -127,9 +129,11 @@ def build_event(
                                                ts - max_age)
     if state == AccountState.LIQUIDATING:
         # From the account as this builder sees it, so every engine emits the same plan.
-        payload["liquidation_plan"] = liquidation_plan(
-            balances, positions, config, prices, isolated=isolated is not None,
-            valued=None if figures is None else (valuation, figures)).to_json()
+        if plan is None:
+            plan = liquidation_plan(balances, positions, config, prices,
+                                    isolated=isolated is not None,
+                                    valued=None if figures is None else (valuation, figures))
+        payload["liquidation_plan"] = plan.to_json()
     return Event(event_id=eid, type=event_type, account=account, payload=payload,
                  symbol=isolated)
 

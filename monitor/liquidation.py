@@ -1,6 +1,7 @@
 """The liquidation plan of SPEC §5.1: what a liquidation engine would do to bring an account
 back to `liquidation_target`, with the least reduction. A pure function of the account and the
-prices, built on `monitor.margin`, so every engine that builds events gets the same plan.
+prices, built on `monitor.margin`, so every engine that builds events gets the same plan (the
+columnar engine runs it compiled, term for term: `monitor.book.figures.liquidation_plan`).
 
 A step closes Δ contracts of one position at its mark, with the instrument's liquidation fee,
 exactly as a §4 fill would (`margin.apply_fill_to_position`, realized PnL and fee into the settle

@@ -347,13 +347,19 @@ def test_long_stream_compiled_valuations_equal_from_scratch() -> None:
     assert_settled(engine)
 
 
-def test_events_report_exactly_what_margin_py_computes_from_scratch() -> None:
-    """Each event the engine builds from its compiled figures (`Book.event_figures`) equals,
-    bit for bit, the event `build_event` makes from `margin.value_account` and the other
-    margin.py formulas for the same account at the same prices: valuation, every position's
-    figures with its liquidation and bankruptcy prices, and the liquidation plan. Accounts in
-    tiers 2 and 3, isolated positions, a settle asset priced late."""
-    config = parse_config(RISK)
+@pytest.mark.parametrize("fees", [{}, {"BTC-PERP": 0.001, "ETH-PERP": 0.03,
+                                        "ETHBTC-PERP": 0.005}])
+def test_events_report_exactly_what_margin_py_computes_from_scratch(fees) -> None:
+    """Each event the engine builds from its compiled figures (`Book.event_figures`,
+    `Book.liquidation_plan`) equals, bit for bit, the event `build_event` makes from
+    `margin.value_account`, the other margin.py formulas and `liquidation.liquidation_plan`
+    for the same account at the same prices. Accounts in tiers 2 and 3, isolated positions, a
+    settle asset priced late; without liquidation fees and with fees that leave a settle
+    balance negative and exceed a maintenance rate."""
+    risk = {**RISK, "instruments": {name: {**spec, **({"liquidation_fee": fees[name]}
+                                                      if name in fees else {})}
+                                    for name, spec in RISK["instruments"].items()}}
+    config = parse_config(risk)
     engine = Engine(config)
     compared = {"cross": 0, "isolated": 0, "liquidation": 0}
     for record, source in stream(13, 20_000, accounts=300, whales=0.1, isolated=0.2):

@@ -1,14 +1,17 @@
 """What an event reports, computed from the book's columns (`Book.event_figures`), with worked
 numbers from tests.support.risk: BTC-PERP's first tier ends at a notional of 50,000 (MMR 0.4 %,
 IMR 0.8 %), the second at 250,000 (0.5 %, 1 %, maintenance amount 50). Bit-identity with
-margin.py on long streams is tested in test_engine_scale."""
+margin.py and the liquidation plan on long streams is tested in test_engine_scale; here, what
+those streams seldom reach."""
 
 from __future__ import annotations
 
 import pytest
 
 from monitor.book import figures
+from monitor.config import parse_config
 from monitor.engine import Engine
+from monitor.liquidation import liquidation_plan
 from tests.support.records import fill, ledger, tick
 
 
@@ -73,3 +76,45 @@ def test_a_position_whose_settle_asset_has_no_price_cannot_be_valued(engine) -> 
     ledger(engine, "a", "USDT", 1_000.0)
     fill(engine, "a", "ETHBTC-PERP", 1.0, 0.05)  # settles in BTC, never ticked
     assert reported(engine, "a")[0] == -1
+
+
+# -- the liquidation plan (`Book.liquidation_plan`) ------------------------------------------------
+
+def plan_of_event(engine: Engine, events: list) -> dict:
+    """The one event's plan, checked against `liquidation.liquidation_plan` from scratch."""
+    (event,) = events
+    account = engine.accounts[event.account]
+    assert event.payload["liquidation_plan"] == liquidation_plan(
+        account.balances, account.positions, engine.config, engine.prices).to_json()
+    return event.payload["liquidation_plan"]
+
+
+def test_positions_with_equal_maintenance_are_reduced_in_symbol_order() -> None:
+    # Two instruments alike but for their names, B-PERP first in the config: long 1 of each
+    # at 100 on 3.5 USDT. B-PERP marked 99: 1.99 / 2.5, healthy; then A-PERP: MM 0.99 each,
+    # equity 1.5, ratio 1.32. Selling Δ of A-PERP, the first by symbol, keeps equity at 1.5
+    # (the loss moves from PnL to balance) and leaves MM 0.99·(2 − Δ): 0.9 at Δ = 1 − 0.36/0.99.
+    tiers = [{"max_notional": "inf", "mmr": 0.01, "imr": 0.02}]
+    engine = Engine(parse_config({
+        "thresholds": {"margin_call": 0.8, "liquidation": 1.0, "hysteresis": 0.05},
+        "assets": {"USDT": {"collateral_weight": 1.0, "price": 1.0}},
+        "instruments": {name: {"settle": "USDT", "contract_size": 1.0, "tiers": tiers}
+                        for name in ("B-PERP", "A-PERP")}}))
+    ledger(engine, "a", "USDT", 3.5)
+    for symbol in ("B-PERP", "A-PERP"):
+        tick(engine, symbol, 100.0)
+        fill(engine, "a", symbol, 1.0, 100.0)
+    tick(engine, "B-PERP", 99.0)
+    (step,) = plan_of_event(engine, tick(engine, "A-PERP", 99.0))["steps"]
+    assert (step["symbol"], step["side"], step["close"]) == ("A-PERP", "sell", False)
+    assert step["qty"] == pytest.approx(1 - 0.36 / 0.99, rel=1e-9)
+
+
+def test_a_reduction_leaving_only_float_rounding_closes_the_whole_position(engine) -> None:
+    # Long 1 BTC-PERP from 50,000 on 1,000.0000001 USDT, marked 49,000: MM 196, equity 1e-7.
+    # Closing it all leaves 1e-7: f = −0.9e-7 at Δ = 1, so the root is 1 − 4.6e-10, whose
+    # remainder is within DUST of the position: a fill would close it, so the step does.
+    ledger(engine, "a", "USDT", 1_000.0000001)
+    fill(engine, "a", "BTC-PERP", 1.0, 50_000.0)
+    (step,) = plan_of_event(engine, tick(engine, "BTC-PERP", 49_000.0))["steps"]
+    assert (step["qty"], step["close"], step["margin_ratio_after"]) == (1.0, True, 0.0)

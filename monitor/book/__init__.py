@@ -60,7 +60,7 @@ def warm_up() -> float:
     book.account_run(run, 0, 2)
     book.sym_px[:] = 10.0
     book.evaluate_and_file(row)
-    book.event_figures(row)
+    book.liquidation_plan(row, book.event_figures(row))
     rows = np.array([row], dtype=np.int64)
     evaluation = book.evaluate(rows)
     book.anchor(row, float(evaluation.eps[0]), book.watched(row))

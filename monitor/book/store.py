@@ -21,6 +21,7 @@ from monitor.book.bands import PendingBands, SymbolBands
 from monitor.book.tables import INF, NAN, Tables, grown
 from monitor.config import RiskConfig
 from monitor.errors import LiqmonError
+from monitor.liquidation import LiquidationPlan, PlanStep
 from monitor.margin import Position
 from monitor.snapshot import Snapshots
 from monitor.state import AccountState
@@ -124,6 +125,8 @@ class Book:
         self.account_figures = np.empty(figures.ACCOUNT_FIGURES, np.float64)
         self.position_figures = np.empty((len(self.t.instruments), figures.POSITION_FIGURES),
                                          np.float64)
+        self._plan = np.empty(figures.PLAN_FIGURES, np.float64)  # `liquidation_plan`'s
+        self._plan_steps = np.empty((len(self.t.instruments), figures.STEP_FIGURES), np.float64)
         self.bulk_filed = False  # `anchor_many` may have left symbols' merges overdue
         self._bind_kernels()
 
@@ -571,6 +574,27 @@ class Book:
         the columns): how many positions, -1 when a settle asset has no price."""
         return figures.event_figures(row, self.account_figures, self.position_figures,
                                      *self._value_args, self.t.t_imr)
+
+    def liquidation_plan(self, row: int, count: int) -> LiquidationPlan:
+        """`liquidation.liquidation_plan` of the row, in one compiled call; ``count``: what
+        `event_figures` of the row returned just before (its figures are the plan's start)."""
+        t = self.t
+        steps = figures.liquidation_plan(
+            row, count, self.account_figures, self.position_figures, self._plan,
+            self._plan_steps, self.bal, self.isolated, self.sym_px, t.k_floats, t.k_ints,
+            t.i_fee, t.i_rank, t.liquidation_target)
+        _, deposit, ratio_after, bad_debt = self._plan.tolist()
+        names = t.instruments
+        return LiquidationPlan(
+            target_ratio=t.liquidation_target,
+            deposit_to_target=deposit,
+            steps=tuple(PlanStep(names[int(instr)], "sell" if sell else "buy", qty, price, fee,
+                                 bool(close), ratio)
+                        for instr, sell, qty, price, fee, close, ratio
+                        in self._plan_steps[:steps].tolist()),
+            margin_ratio_after=ratio_after,
+            bad_debt=bad_debt,
+        )
 
     def watched(self, row: int) -> list[int]:
         """Symbol ids whose ticks can move the account (SPEC §6)."""

@@ -59,6 +59,14 @@ class Tables:
             self.i_tiers.append(tuple((t.max_notional, t.mmr, t.imr, t.maintenance_amount)
                                       for t in instrument.tiers))
         self.v_cs = np.array(self.i_cs, dtype=np.float64)
+        # what a liquidation plan needs besides (`monitor.book.figures`): each instrument's
+        # liquidation fee, its place among the instruments by name (ties go by symbol)
+        self.liquidation_target = th.liquidation_target
+        self.i_fee = np.array([config.instruments[name].liquidation_fee
+                               for name in self.instruments], np.float64)
+        by_name = sorted(range(len(self.instruments)), key=self.instruments.__getitem__)
+        self.i_rank = np.empty(len(self.instruments), np.int64)
+        self.i_rank[by_name] = np.arange(len(self.instruments))
         self.k_thresholds = np.array([self.mc, self.liq, self.mc_h, self.liq_h], np.float64)
         # The tables compiled code reads, packed into one float and one int array
         # (`kernels._unpack` reads them back): every array a compiled call takes costs ~65 ns
