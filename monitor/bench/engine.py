@@ -20,6 +20,7 @@ from monitor.bench.report import (
     Figure,
     Phases,
     Plan,
+    collected_as_in_service,
     load_population,
     percentile,
     rss_bytes,
@@ -58,37 +59,37 @@ class EngineRace:
 
 def race(fast: Engine, naive: ReferenceEngine, records: list[Any], budget: float,
          phases: Phases, label: str) -> EngineRace:
-    step = phases.task(f"{label}: {len(records):,} records", len(records))
-    fast_ids: list[list[str]] = []
-    gc.collect()
-    elapsed = 0.0
-    for start in range(0, len(records), 5_000):
-        chunk = records[start:start + 5_000]
-        inputs, sources = [r for r, _ in chunk], [s for _, s in chunk]
-        t0 = time.perf_counter()
-        outcomes = fast.apply_records(inputs, sources)  # as the service applies a batch
-        elapsed += time.perf_counter() - t0
-        fast_ids += [[] if isinstance(o, Rejected) else [e.event_id for e in o]
-                     for o in outcomes]
-        step(len(chunk))
-    step = phases.task(f"{label}, naive baseline ({budget:.0f} s budget)", budget)
-    naive_elapsed, done, agree = 0.0, 0, True
-    last = 0.0
-    for n, (record, source) in enumerate(records):
-        t0 = time.perf_counter()
-        events = naive.apply(record, source)
-        naive_elapsed += time.perf_counter() - t0
-        done = n + 1
-        if [e.event_id for e in events] != fast_ids[n]:
-            agree = False
-        if naive_elapsed - last > 0.25:
-            step(naive_elapsed - last)
-            last = naive_elapsed
-        if naive_elapsed > budget:
-            break
-    phases.done(step, max(0.0, budget - last))
-    return EngineRace(len(records) / elapsed, done / naive_elapsed, len(records),
-                      sum(len(ids) for ids in fast_ids), done, agree)
+    with collected_as_in_service():  # both engines, as `liqmon run` runs
+        step = phases.task(f"{label}: {len(records):,} records", len(records))
+        fast_ids: list[list[str]] = []
+        elapsed = 0.0
+        for start in range(0, len(records), 5_000):
+            chunk = records[start:start + 5_000]
+            inputs, sources = [r for r, _ in chunk], [s for _, s in chunk]
+            t0 = time.perf_counter()
+            outcomes = fast.apply_records(inputs, sources)  # as the service applies a batch
+            elapsed += time.perf_counter() - t0
+            fast_ids += [[] if isinstance(o, Rejected) else [e.event_id for e in o]
+                         for o in outcomes]
+            step(len(chunk))
+        step = phases.task(f"{label}, naive baseline ({budget:.0f} s budget)", budget)
+        naive_elapsed, done, agree = 0.0, 0, True
+        last = 0.0
+        for n, (record, source) in enumerate(records):
+            t0 = time.perf_counter()
+            events = naive.apply(record, source)
+            naive_elapsed += time.perf_counter() - t0
+            done = n + 1
+            if [e.event_id for e in events] != fast_ids[n]:
+                agree = False
+            if naive_elapsed - last > 0.25:
+                step(naive_elapsed - last)
+                last = naive_elapsed
+            if naive_elapsed > budget:
+                break
+        phases.done(step, max(0.0, budget - last))
+        return EngineRace(len(records) / elapsed, done / naive_elapsed, len(records),
+                          sum(len(ids) for ids in fast_ids), done, agree)
 
 
 def engine_phase(plan: Plan, pop: Population, phases: Phases) -> tuple[list[Figure], Engine,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import math
 import time
 from collections.abc import Hashable, Iterable, Sequence
@@ -50,7 +49,12 @@ from monitor.records import (
     decode_batch,
 )
 from monitor.reference import ReferenceEngine
-from monitor.service.changelog import RestoreProgress, epoch_message, write_reset_markers
+from monitor.service.changelog import (
+    RestoreProgress,
+    collector,
+    epoch_message,
+    write_reset_markers,
+)
 from monitor.service.changelog import warm_up as warm_up_restore
 from monitor.service.checkpointer import Checkpointer, KafkaSink
 from monitor.service.clients import (
@@ -93,12 +97,6 @@ LOG_TAIL_RECORDS = 64  # of an input log that ends early, read to tell why (`Eng
 # was found whole, is checked again: not at every fetch.
 LOG_RECHECK_INTERVAL = 5.0
 ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account_records`)
-# Net container allocations between young garbage collections (Python's default: 700). At 700
-# the records a fetch buffers outlive a hundred young collections, reach the oldest generation
-# and, while a backlog drains, bring a full pass (20-40 ms, nothing found) every half second.
-# The loop makes almost no cyclic garbage (~2,000 objects in a 37 s run, start-up included), so
-# waiting longer finds the same and walks far less.
-YOUNG_COLLECTION_AFTER = 50_000
 # After a fetch, per partition: the consumer's position, the high watermark its last fetch of
 # the partition reported, the wall-clock ms that fetch was answered at, and the connection it
 # came on (`merge.fetched`: the consumer, and `clients.fetched_from`'s label of the broker)
@@ -244,12 +242,7 @@ class Monitor:
             seconds = await asyncio.to_thread(warm_up_kernels)
             self._warming_up = False
             self.log.info("kernels ready", seconds=round(seconds, 3))
-            # What exists now (~100,000 objects of numba, aiokafka and the rest, alive for
-            # good) is left out of every later full garbage collection: each would otherwise
-            # walk it all, a ~20 ms pause of the loop, and the records waiting on it.
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(YOUNG_COLLECTION_AFTER)
+            collector.settle()
             await self._connect()
             if not self._stopping.is_set():
                 await self._until_restored()

@@ -352,7 +352,7 @@ async def test_partition_lag_is_zero_after_catching_up(broker, risk):
 async def test_a_running_service_collects_young_garbage_only_every_50000_allocations(broker,
                                                                                     risk):
     """Not Python's 700: buffered records would reach the oldest generation and bring full
-    passes that find nothing (runner.YOUNG_COLLECTION_AFTER)."""
+    passes that find nothing (changelog.YOUNG_COLLECTION_AFTER)."""
     settings = fresh_settings(broker.bootstrap)
     async with RunningMonitor(settings, parse_config(RISK)) as monitor:
         ends = await produce(broker.bootstrap, [deposit(settings.topics, "u1", 10.0)])
