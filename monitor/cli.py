@@ -301,6 +301,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if view.check is not None:
         console.print("check (liqmon replay --bootstrap --check): "
                       + "\n  ".join(view.check.lines(examples=5)), highlight=False)
+    if view.check_error is not None:
+        raise CliError(view.check_error)
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -83,6 +84,7 @@ class DemoView:
     progress: float = 0.0
     rate_samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=20))
     check: EventCheck | None = None  # the published events against replay of the topics
+    check_error: str | None = None  # why that check could not be made
 
     def input_rate(self, consumed: int) -> float:
         now = time.monotonic()
@@ -209,13 +211,20 @@ class Demo:
                 await reader
             await events.stop()
             await producer.stop()
-        self.view.check = await self._check(settings)
+        await self._check(settings)
         return self.view
 
-    async def _check(self, settings: ServiceSettings) -> EventCheck:
+    async def _check(self, settings: ServiceSettings) -> None:
         """What `liqmon replay --bootstrap --check` says of the run: the input topics replayed
-        in the service's order against the events published."""
-        return await check_topics(self.broker.bootstrap, settings.topics, Engine(self.config))
+        in the service's order against the events published. The run is over by then: if Kafka
+        cannot answer the check, the view says why rather than the demo ending in a
+        traceback."""
+        try:
+            self.view.check = await check_topics(self.broker.bootstrap, settings.topics,
+                                                 Engine(self.config))
+        except KafkaError as exc:
+            self.view.check_error = (f"the check could not read the topics from "
+                                     f"{self.broker.bootstrap}: {exc or type(exc).__name__}")
 
     async def _until_ready(self, monitor: Monitor, monitor_task: asyncio.Task[None]) -> None:
         """Wait until the monitor consumes. The first start after an install compiles its

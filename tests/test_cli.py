@@ -297,3 +297,19 @@ def test_a_broker_port_variable_that_is_not_a_number_is_a_usage_error(
         main(["broker"])
     assert exit_.value.code == 2
     assert "argument --port: not a whole number: 'abc'" in capsys.readouterr().err
+
+
+def test_a_demo_whose_check_could_not_be_made_says_why_and_exits_1(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from monitor import demo
+
+    class CheckLost(demo.Demo):
+        async def run(self) -> demo.DemoView:
+            return demo.DemoView(accounts=1, duration=1.0, seed=7,
+                                 check_error="the check could not read the topics from x:1")
+
+    monkeypatch.setattr(demo, "Demo", CheckLost)
+    risk = Path(__file__).parents[1] / "examples" / "risk.toml"
+    assert main(["demo", "--config", str(risk), "--duration", "1"]) == 1
+    assert ("liqmon: error: the check could not read the topics from x:1"
+            in capsys.readouterr().err)

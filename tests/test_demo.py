@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,7 +13,8 @@ import pytest
 from rich.console import Console
 
 from monitor import demo
-from monitor.demo import Demo, plan_summary
+from monitor.demo import Demo, DemoView, plan_summary
+from monitor.service.settings import ServiceSettings
 
 
 def test_plan_summary_names_closes_and_partial_reductions_in_order() -> None:
@@ -60,3 +63,19 @@ async def test_the_demo_says_so_when_the_monitor_stops_quietly_before_it_was_rea
     the_demo, monitor = starting()
     with pytest.raises(RuntimeError, match="stopped before it was ready"):
         await Demo._until_ready(the_demo, monitor, asyncio.create_task(asyncio.sleep(0)))
+
+
+async def test_a_check_kafka_cannot_answer_is_reported_not_raised(risk) -> None:
+    """The run is over when the demo checks its events against replay: a broker gone by then
+    is said in one line (`liqmon demo` exits 1 with it), not a traceback."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    view = DemoView(accounts=1, duration=1.0, seed=7)
+    the_demo = SimpleNamespace(broker=SimpleNamespace(bootstrap=f"127.0.0.1:{port}"),
+                               config=risk, view=view)
+    await Demo._check(the_demo, ServiceSettings(config_path=Path("risk.toml")))
+    assert view.check is None
+    assert view.check_error is not None
+    assert view.check_error.startswith(
+        f"the check could not read the topics from 127.0.0.1:{port}")
