@@ -14,7 +14,6 @@ from monitor.config import RiskConfig
 from monitor.liquidation import LiquidationPlan, liquidation_plan
 from monitor.margin import (
     Position,
-    PositionFigures,
     Valuation,
     bankruptcy_price,
     liquidation_price,
@@ -86,16 +85,14 @@ def build_event(
     trigger_ref: str,
     source: Source,
     isolated: str | None = None,
-    figures: Mapping[str, PositionFigures] | None = None,
     details: list[dict[str, Any]] | None = None,
     plan: LiquidationPlan | None = None,
 ) -> Event:
     """The event of a state change. ``isolated``: the instrument, when the risk unit is an
     isolated position (its balances are its wallet, its positions that one position).
-    ``figures``: each position's figures, as the valuation computed them (else computed
-    here: the same numbers). ``details``: the event's positions (`position_detail` of each,
-    by symbol), when the caller computed them (else computed here: the same numbers). ``plan``:
-    a liquidating account's `liquidation_plan`, likewise."""
+    ``details``: the event's positions (`position_detail` of each, by symbol), when the caller
+    computed them (else computed here from margin.py: the same numbers); ``plan``: a
+    liquidating account's `liquidation_plan`, likewise."""
     event_type = EVENT_TYPE[state]
     eid = event_id(account, transition, event_type, isolated)
     payload: dict[str, Any] = {
@@ -121,7 +118,7 @@ def build_event(
         "unrealized_pnl": valuation.unrealized_pnl,
         "balances": {asset: balances[asset] for asset in sorted(balances)},
         "positions": (details if details is not None
-                      else _position_details(positions, valuation, config, prices, figures)),
+                      else _position_details(positions, valuation, config, prices)),
     })
     max_age = config.prices.max_age_ms
     if max_age is not None:
@@ -131,8 +128,7 @@ def build_event(
         # From the account as this builder sees it, so every engine emits the same plan.
         if plan is None:
             plan = liquidation_plan(balances, positions, config, prices,
-                                    isolated=isolated is not None,
-                                    valued=None if figures is None else (valuation, figures))
+                                    isolated=isolated is not None)
         payload["liquidation_plan"] = plan.to_json()
     return Event(event_id=eid, type=event_type, account=account, payload=payload,
                  symbol=isolated)
@@ -167,13 +163,11 @@ def _position_details(
     valuation: Valuation,
     config: RiskConfig,
     prices: Mapping[str, float],
-    known: Mapping[str, PositionFigures] | None,
 ) -> list[dict[str, Any]]:
     details = []
     for symbol in sorted(positions):
         position = positions[symbol]
-        figures = (known[symbol] if known is not None
-                   else position_figures(symbol, position, config, prices))
+        figures = position_figures(symbol, position, config, prices)
         assert figures is not None, "an evaluated account has every settle asset priced"
         instrument = config.instruments[symbol]
         details.append(position_detail(

@@ -90,7 +90,6 @@ def liquidation_plan(
     prices: Mapping[str, float],
     *,
     isolated: bool = False,
-    valued: tuple[Valuation, Mapping[str, PositionFigures]] | None = None,
 ) -> LiquidationPlan:
     """Plan the least reduction that brings the account's ratio to the liquidation target.
 
@@ -98,18 +97,14 @@ def liquidation_plan(
     Positions are reduced in order of maintenance margin, largest first (ties: symbol), each
     by the least quantity that reaches the target, or closed when none does. ``isolated``: the
     account is an isolated position, its balance the wallet, valued without collateral weight
-    (SPEC §4.1). ``valued``: the account's valuation and its positions' figures at these
-    prices, when the caller has them (the event being built); else they are computed.
+    (SPEC §4.1).
     """
     target = config.thresholds.liquidation_target
-    if valued is None:
-        figures: dict[str, PositionFigures] = {}
-        valuation = value_account(balances, positions, config, prices, isolated=isolated,
-                                  figures=figures)
-        if valuation is None:
-            raise ValueError("a liquidation plan needs every settle asset priced")
-        valued = valuation, figures
-    valuation, known = valued
+    known: dict[str, PositionFigures] = {}
+    valuation = value_account(balances, positions, config, prices, isolated=isolated,
+                              figures=known)
+    if valuation is None:
+        raise ValueError("a liquidation plan needs every settle asset priced")
     deposit = max(0.0, valuation.maintenance_margin / target - valuation.equity)
     maintenance = {symbol: known[symbol].maintenance_margin for symbol in positions}
     order = sorted(positions, key=lambda symbol: (-maintenance[symbol], symbol))
