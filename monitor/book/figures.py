@@ -60,7 +60,6 @@ def event_figures(row, out_account, out_positions, bal, isolated, first, p_next,
     mm = 0.0
     im = 0.0
     n = 0
-    width = t_max.shape[1]
     p = first[row]
     while p >= 0:
         i = p_instr[p]
@@ -76,9 +75,7 @@ def event_figures(row, out_account, out_positions, bal, isolated, first, p_next,
         if mark != mark:  # no tick yet: marked at its entry
             mark = e
         notional = abs(q) * cs * mark
-        tier = 0  # `Instrument.tier_for`: the first whose bound is ≥ notional, else the last
-        while tier < width - 1 and not notional <= t_max[i, tier]:
-            tier += 1
+        tier = _tier(t_max, i, notional)
         u = q * cs * (mark - e) * spx
         m = (notional * t_mmr[i, tier] - t_cum[i, tier]) * spx
         initial = notional * t_imr[i, tier] * spx
@@ -99,12 +96,7 @@ def event_figures(row, out_account, out_positions, bal, isolated, first, p_next,
         n += 1
         p = p_next[p]
     equity = collateral + upnl
-    if equity > 0:
-        ratio = mm / equity
-    elif mm == 0:
-        ratio = 0.0
-    else:
-        ratio = np.inf
+    ratio = _margin_ratio(mm, equity)
     out_account[COLLATERAL] = collateral
     out_account[UPNL] = upnl
     out_account[EQUITY] = equity
@@ -130,6 +122,26 @@ def event_figures(row, out_account, out_positions, bal, isolated, first, p_next,
         out[P_LIQUIDATION] = _positive_finite(price)
         out[P_BANKRUPTCY] = _positive_finite(mark - equity / (q * i_cs[i] * spx))
     return n
+
+
+@_jit
+def _tier(t_max, i, notional):
+    """`Instrument.tier_for`: the first tier whose bound is ≥ notional, else the last (the
+    tables pad an instrument's tiers with its last, bound INF)."""
+    tier = 0
+    while tier < t_max.shape[1] - 1 and not notional <= t_max[i, tier]:
+        tier += 1
+    return tier
+
+
+@_jit
+def _margin_ratio(mm, equity):
+    """`margin.margin_ratio`."""
+    if equity > 0:
+        return mm / equity
+    if mm == 0:
+        return 0.0
+    return np.inf
 
 
 @_jit
@@ -358,19 +370,11 @@ def _after_step(j, delta, fee_rate, count, positions, present, assets, amounts, 
         if position_mark != position_mark:
             position_mark = e
         notional = abs(q) * cs * position_mark
-        tier = 0
-        while tier < t_max.shape[1] - 1 and not notional <= t_max[i, tier]:
-            tier += 1
+        tier = _tier(t_max, i, notional)
         upnl += q * cs * (position_mark - e) * spx
         mm += (notional * t_mmr[i, tier] - t_cum[i, tier]) * spx
     equity = collateral + upnl
-    if equity > 0:
-        ratio = mm / equity
-    elif mm == 0:
-        ratio = 0.0
-    else:
-        ratio = np.inf
-    return trial_held, ratio, equity, mm, remains
+    return trial_held, _margin_ratio(mm, equity), equity, mm, remains
 
 
 @_jit
