@@ -19,7 +19,7 @@ import math
 import numba
 import numpy as np
 
-from monitor.book.kernels import _unpack
+from monitor.book.kernels import _fill_tables, _unpack
 from monitor.margin import DUST
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -152,7 +152,6 @@ def _positive_finite(price):
     return np.nan
 
 
-
 # A liquidation plan's figures (`out_plan`) and each step's (a row of `out_steps`).
 PLAN_STEPS, PLAN_DEPOSIT, PLAN_RATIO_AFTER, PLAN_BAD_DEBT = range(4)
 PLAN_FIGURES = 4
@@ -168,8 +167,7 @@ def liquidation_plan(row, count, account, positions, out_plan, out_steps, bal, i
     rows of ``out_steps`` (side 1: a sell, closing a long); returns the number of steps."""
     (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
      t_cum, _) = _unpack(floats, ints)
-    ni = i_cs.shape[0]
-    i_settle = ints[3 + na + 2 * ni:3 + na + 3 * ni]
+    i_settle = _fill_tables(floats, ints)[2]
     tables = (a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max,
               t_mmr, t_cum, i_settle, sym_px, isolated[row] != 0)
     equity = account[EQUITY]
