@@ -4,7 +4,7 @@ that moves thousands of accounts at once is valued and re-filed on every core.
 
 They run as machine code through numba and are compiled once per machine: ``cache=True`` keeps
 the compiled code beside this file (or under ``NUMBA_CACHE_DIR``), so only the first start after
-an install pays for compilation (`warm_up` does it at once, about 20 s).
+an install pays for compilation (`warm_up` does it at once, about 30 s with `figures.py`'s).
 
 Fills do the arithmetic of `margin.apply_fill_to_position`. The valuation does the arithmetic
 of `margin.value_account`, term for term and in the same order (balances in config order,
