@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from monitor.account import Account, RiskKey, UnitKey
 from monitor.config import RiskConfig
 from monitor.engine import DEFAULT_DEDUPE_WINDOW, InputLedger
@@ -41,10 +43,6 @@ class ReferenceEngine(InputLedger):
         """The input partition owning a risk unit held here (None: not held, or replay)."""
         account = self._held(key).get(key)
         return None if account is None else account.partition
-
-    def partitions_of(self, keys: Sequence[RiskKey]) -> list[int | None]:
-        """`partition_of` of each key."""
-        return [self.partition_of(key) for key in keys]
 
     def _held(self, key: RiskKey) -> dict[Any, Account]:  # keyed by str or UnitKey
         return self.units if isinstance(key, UnitKey) else self.accounts
@@ -273,9 +271,9 @@ class ReferenceEngine(InputLedger):
         for key, account, _, _ in snapshots.accounts():
             self.load_account(key, account, marks.get(key))
 
-    def snapshots(self, keys: Sequence[RiskKey]) -> Snapshots:
+    def snapshots(self, keys: Sequence[RiskKey], rows: np.ndarray | None = None) -> Snapshots:
         """Those of these accounts and isolated positions held here, in the keys' order, as
-        checkpoint columns."""
+        checkpoint columns (no rows here: ``rows`` is `Engine.snapshots`' hint)."""
         return Snapshots.from_accounts(
             [(key, self._held(key)[key], 0, {}) for key in keys if key in self._held(key)],
             names=[*self.config.assets, *self.config.instruments])

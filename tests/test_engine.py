@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.account import RiskKey, UnitKey
+from monitor.account import UnitKey
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import Fill, LedgerEntry, PriceTick
@@ -238,15 +238,13 @@ def test_an_account_forgotten_blank_keeps_the_partition_it_lived_in_for_its_tomb
                  Source("ledger", partition=0, offset=0))
     engine.apply(LedgerEntry("w1", "b", "USDT", -100.0, "withdrawal", 2),
                  Source("ledger", partition=1, offset=0))
-    assert "b" not in engine.accounts
-    assert engine.forgotten_in("b") is None  # until take_dirty hands "b" out
-    assert engine.take_dirty() == {"b"}
-    assert (engine.partition_of("b"), engine.forgotten_in("b")) == (None, 0)
-    engine.mark_dirty({"b"})  # a checkpoint that failed puts it back: still known
-    assert engine.take_dirty() == {"b"}
-    assert engine.forgotten_in("b") == 0
-    assert engine.take_dirty() == set()
-    assert engine.forgotten_in("b") is None
+    assert ("b" not in engine.accounts, engine.partition_of("b")) == (True, None)
+    taken = engine.take_dirty()
+    assert (taken.keys, taken.partitions.tolist()) == (["b"], [0])
+    engine.mark_dirty(["b"])  # a checkpoint that failed puts it back: still known
+    taken = engine.take_dirty()
+    assert (taken.keys, taken.partitions.tolist()) == (["b"], [0])
+    assert engine.take_dirty().keys == []
 
 
 def test_blank_account_is_forgotten_but_one_with_history_is_kept(engine) -> None:
@@ -260,19 +258,66 @@ def test_blank_account_is_forgotten_but_one_with_history_is_kept(engine) -> None
 
 
 @pytest.mark.parametrize("make", [Engine, ReferenceEngine])
-def test_partitions_of_many_keys_is_partition_of_each(risk, make) -> None:
-    """A checkpoint asks for ~100,000 at a time: not held, in replay (no partition), an
-    isolated position, held with or without an isolated position in the book."""
+def test_changed_units_are_handed_out_with_the_partition_each_lives_in(risk, make) -> None:
+    """Held in partition 3, held in replay (no partition: -1), an isolated position (its
+    account's partition), each handed out once."""
     engine = make(risk)
     engine.apply(LedgerEntry("d1", "a", "USDT", 100.0, "deposit", 1),
                  Source("ledger", partition=3, offset=0))
     engine.apply(LedgerEntry("d2", "r", "USDT", 100.0, "deposit", 1), Source("ledger", index=0))
-    keys: list[RiskKey] = ["a", "r", "nobody", UnitKey("a", "BTC-PERP")]
-    assert engine.partitions_of(keys) == [3, None, None, None]
     engine.apply(Fill("f1", "a", "BTC-PERP", "buy", 0.001, 50_000.0, 0.0, 2, "isolated"),
                  Source("fills", partition=3, offset=0))
-    assert engine.partitions_of(keys) == [engine.partition_of(key) for key in keys]
-    assert engine.partitions_of(keys) == [3, None, None, 3]
+    taken = engine.take_dirty()
+    assert dict(zip(taken.keys, taken.partitions.tolist(), strict=True)) == {
+        "a": 3, "r": -1, UnitKey("a", "BTC-PERP"): 3}
+    assert engine.take_dirty().keys == []
+
+
+def test_a_unit_put_back_by_its_row_is_handed_out_again(risk) -> None:
+    engine = Engine(risk)
+    for n, account in enumerate(("a", "b")):
+        engine.apply(LedgerEntry(f"d{n}", account, "USDT", 100.0, "deposit", 1),
+                     Source("ledger", partition=n, offset=0))
+    taken = engine.take_dirty()
+    engine.mark_dirty(taken.keys, taken.rows)
+    again = engine.take_dirty()
+    assert (again.keys, again.rows.tolist(), again.partitions.tolist()) == (
+        taken.keys, taken.rows.tolist(), [0, 1])
+
+
+def test_a_row_handed_out_then_given_to_another_account_is_not_its_snapshot(risk) -> None:
+    """"a" is emptied (forgotten) after a checkpoint took it, and "c" gets its row: the
+    snapshot of "a" is none (a tombstone); its put-back goes by key, not by that row."""
+    engine = Engine(risk)
+    engine.apply(LedgerEntry("d1", "a", "USDT", 100.0, "deposit", 1),
+                 Source("ledger", partition=0, offset=0))
+    taken = engine.take_dirty()
+    engine.apply(LedgerEntry("w1", "a", "USDT", -100.0, "withdrawal", 2),
+                 Source("ledger", partition=0, offset=1))
+    engine.apply(LedgerEntry("d2", "c", "USDT", 7.0, "deposit", 3),
+                 Source("ledger", partition=0, offset=2))
+    assert engine.take_dirty().rows.tolist() == taken.rows.tolist()  # "c" holds that row
+    assert engine.snapshots(taken.keys, taken.rows).ids == []
+    engine.mark_dirty(taken.keys, taken.rows)
+    again = engine.take_dirty()
+    assert (again.keys, again.rows.tolist(), again.partitions.tolist()) == (["a"], [], [0])
+
+
+def test_a_unit_emptied_and_funded_again_is_snapshotted_from_its_new_row(risk) -> None:
+    engine = Engine(risk)
+    engine.apply(LedgerEntry("d1", "a", "USDT", 100.0, "deposit", 1),
+                 Source("ledger", partition=0, offset=0))
+    engine.apply(LedgerEntry("d2", "b", "USDT", 50.0, "deposit", 1),
+                 Source("ledger", partition=0, offset=1))
+    taken = engine.take_dirty()
+    engine.apply(LedgerEntry("w1", "a", "USDT", -100.0, "withdrawal", 2),
+                 Source("ledger", partition=0, offset=2))
+    engine.apply(LedgerEntry("d3", "c", "USDT", 7.0, "deposit", 3),  # takes the row of "a"
+                 Source("ledger", partition=0, offset=3))
+    engine.apply(LedgerEntry("d4", "a", "USDT", 30.0, "deposit", 4),
+                 Source("ledger", partition=0, offset=4))
+    snapshots = engine.snapshots(taken.keys, taken.rows)
+    assert (snapshots.ids, snapshots.bal_amount.tolist()) == (["a", "b"], [30.0, 50.0])
 
 
 @pytest.mark.parametrize("make", [Engine, ReferenceEngine])

@@ -188,6 +188,22 @@ def assert_same_state(engine: Engine, reference: ReferenceEngine) -> None:
         assert engine.accounts_moved_by(symbol) == reference.accounts_moved_by(symbol), symbol
 
 
+def assert_same_dirty_units(engine: Engine, reference: ReferenceEngine, put_back: bool
+                            ) -> None:
+    """Both hand a checkpoint the same risk units changed, each with the same partition (the
+    columnar engine reads them from its rows); with ``put_back``, every other one goes back
+    as a failed checkpoint puts them back, and is handed out again next time."""
+    mine, theirs = engine.take_dirty(), reference.take_dirty()
+    assert dict(zip(mine.keys, mine.partitions.tolist(), strict=True)) == dict(
+        zip(theirs.keys, theirs.partitions.tolist(), strict=True))
+    if put_back:
+        again = sorted(theirs.keys, key=str)[::2]
+        chosen = np.array(sorted(mine.keys.index(key) for key in again), np.int64)
+        back = mine.subset(chosen)
+        engine.mark_dirty(back.keys, back.rows)
+        reference.mark_dirty(again)
+
+
 def assert_settled(engine: Engine) -> None:
     """No account sits in a state that its from-scratch ratio at the current prices would
     move it out of: every transition a record could cause was made by that record."""
@@ -237,8 +253,10 @@ def test_columnar_engine_equals_reference_with_many_accounts_and_shocks(
         unit_events += sum(event.symbol is not None for event in events)
         if n % 1_500 == 0:
             assert_settled(engine)
+            assert_same_dirty_units(engine, reference, put_back=n % 3_000 == 0)
     assert_same_state(engine, reference)
     assert_settled(engine)
+    assert_same_dirty_units(engine, reference, put_back=False)
     assert bulk_filings.count > 50, "the stream should exercise the bulk band filing"
     assert (unit_events > 100) == (isolated > 0)
 
@@ -762,7 +780,9 @@ def assert_identical_engines(runs: Engine, single: Engine) -> None:
     assert runs.accounts_in_state == single.accounts_in_state
     assert runs.units_in_state == single.units_in_state
     assert runs.positions_held == single.positions_held
-    assert runs.take_dirty() == single.take_dirty()
+    in_runs, one_by_one = (set(zip(t.keys, t.partitions.tolist(), strict=True))
+                           for t in (runs.take_dirty(), single.take_dirty()))
+    assert in_runs == one_by_one
     for topic in ("fills", "ledger"):
         assert runs.dedupe_ids(topic, 0) == single.dedupe_ids(topic, 0)
     for symbol in runs.config.price_symbols():

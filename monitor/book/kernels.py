@@ -395,15 +395,16 @@ RUN_PREFETCH = 16  # records of a run whose accounts `account_run` asks the memo
 
 
 @_jit
-def account_run(table, start, end, slots, free_slots, state, watched, bal, isolated, first,
-                p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid, bounds, ids,
-                meta, edges):
+def account_run(table, start, end, dirty, slots, free_slots, state, watched, bal, isolated,
+                first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid,
+                bounds, ids, meta, edges):
     """Records that change one account each, columns ``start`` to ``end`` of ``table`` (rows:
     op, account row, code, amount, price, fee; `AccountRun`) in turn: a FILL
     (`fill_and_evaluate`: instrument ``code``, signed quantity ``amount``, price, fee) or a
     BALANCE change (``amount`` added to asset ``code``, as `Book.add_balance` adds it, then
     `evaluate_and_file`); position slots are taken and freed as `_apply_fill` does (the
-    caller made room for a new position per record). Stops after the first whose outcome
+    caller made room for a new position per record), each record's account marked in
+    ``dirty`` (`Book.dirty`). Stops after the first whose outcome
     needs more than this: a state to move (or an account it cannot value), bands that did not
     fit, or an account left with no position and no balance (it may be blank). Returns the
     index it stopped at (``end`` if none) and that record's six figures."""
@@ -425,6 +426,7 @@ def account_run(table, start, end, slots, free_slots, state, watched, bal, isola
                                 p_qty, p_entry, p_next)
         row = np.int64(table[1, k])
         code = np.int64(table[2, k])
+        dirty[row] = True
         if table[0, k] == FILL:
             ok, r, new, eps, n, filed = _fill_and_evaluate(
                 row, code, table[3, k], table[4, k], table[5, k], slots, free_slots, state,

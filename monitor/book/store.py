@@ -142,6 +142,8 @@ class Book:
             self.aid = np.zeros(size, np.uint32)
             self.bal = np.zeros(size * na, np.float64)
             self.isolated = np.zeros(size, np.int8)
+            # changed since the engine last handed its changes to a checkpoint (`take_dirty`)
+            self.dirty = np.zeros(size, np.bool_)
         else:
             self.state = grown(self.state, size)
             self.trans = grown(self.trans, size)
@@ -154,11 +156,12 @@ class Book:
             self.aid = grown(self.aid, size)
             self.bal = grown(self.bal, size * na)
             self.isolated = grown(self.isolated, size)
+            self.dirty = grown(self.dirty, size)
         self.cap = size
         self.state_m, self.trans_m = _view(self.state), _view(self.trans)
         self.part_m, self.first_m = _view(self.part), _view(self.first)
         self.aid_m, self.bal_m = _view(self.aid), _view(self.bal)
-        self.isolated_m = _view(self.isolated)
+        self.isolated_m, self.dirty_m = _view(self.isolated), _view(self.dirty)
         self._bind_kernels()
 
     def _alloc_pos(self, old: int, size: int) -> None:
@@ -240,6 +243,7 @@ class Book:
         self.trans_m[row] = 0
         self.part_m[row] = -1
         self.aid_m[row] = (self.aid_m[row] + 1) & _AID_MASK
+        self.dirty_m[row] = False
         key = self.ids[row]
         self.ids[row] = None
         if isinstance(key, UnitKey):
@@ -265,6 +269,7 @@ class Book:
         self.part[rows] = -1
         self.aid[rows] = (self.aid[rows] + 1) & _AID_MASK
         self.isolated[rows] = 0
+        self.dirty[rows] = False
         ids, index, units = self.ids, self.index, self.units
         keys: list[RiskKey] = []
         for row in rows.tolist():
@@ -355,11 +360,11 @@ class Book:
         """The records ``start`` to ``end`` of ``run`` (fills and balance changes), in one
         compiled call (`kernels.account_run`), up to and including the first whose verdict may
         call for more than filing its bands: (its index, its verdict), or (``end``, a verdict
-        of no change) when none did."""
+        of no change) when none did. Each account it changes is marked `dirty`."""
         self.room_for_positions(end - start)
         k, evaluable, ratio, new, eps, n, filed = kernels.account_run(
-            run.table, start, end, self.slots, self.free_slots, self.state, self._watched,
-            *self._fill_args, self.aid, *self.pending.args)
+            run.table, start, end, self.dirty, self.slots, self.free_slots, self.state,
+            self._watched, *self._fill_args, self.aid, *self.pending.args)
         if k == end:
             return k, (evaluable, ratio, new, eps)
         return k, self._filled(int(run.rows[k]), evaluable, ratio, new, eps, n, filed)

@@ -41,7 +41,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from monitor.account import RiskKey, UnitKey
 from monitor.book.store import NotInConfig
 from monitor.config import RiskConfig
-from monitor.engine import Engine
+from monitor.engine import DirtyUnits, Engine
 from monitor.errors import LiqmonError
 from monitor.reference import ReferenceEngine
 from monitor.service.log_reader import (
@@ -701,29 +701,35 @@ async def write_reset_markers(producer: AIOKafkaProducer, topic: str,
     await asyncio.gather(*futures)
 
 
-def snapshot_messages(engine: Engine | ReferenceEngine, dirty: dict[RiskKey, int], seq: int,
+def snapshot_messages(engine: Engine | ReferenceEngine, dirty: DirtyUnits, seq: int,
                       as_of: dict[int, Offsets], topics: Topics,
                       layouts_written: set[tuple[int, int]]) -> tuple[list[Outgoing],
                                                                      list[Outgoing]]:
     """Snapshots (or tombstones of deleted ones, their `as_of_total` in a header) of the
-    accounts and isolated positions in ``dirty`` (key → partition), each stamped with the
+    accounts and isolated positions in ``dirty``, each to its partition, stamped with the
     input offsets ``as_of`` its partition's state reflects, encoded from the book's columns;
     and before them, to be acknowledged first, the layout record of each partition not yet
     in ``layouts_written`` ((partition, layout id) pairs of this checkpoint, updated)."""
-    snapshots = engine.snapshots(list(dirty))  # those still held; the rest get tombstones
-    held = snapshots.ids
-    snapshots = snapshots.stamped(seq, [as_of[dirty[a]] for a in held])
+    keys, partitions = dirty.keys, dirty.partitions.tolist()
+    snapshots = engine.snapshots(keys, dirty.rows)  # those still held, in the keys' order
+    held = snapshots.ids  # the rest get tombstones
+    values_of: list[bytes | None] = [None] * len(keys)
+    at: list[int] = []  # where each held one is in keys
+    for k, key in enumerate(keys):
+        if len(at) < len(held) and held[len(at)] == key:
+            at.append(k)
+    snapshots = snapshots.stamped(seq, [as_of[partitions[k]] for k in at])
     layout, values = encode_snapshots(snapshots)
-    encoded = dict(zip(held, values, strict=True))
-    unwritten = [partition for partition in sorted({dirty[key] for key in held})
+    for k, encoded in zip(at, values, strict=True):
+        values_of[k] = encoded
+    unwritten = [partition for partition in sorted({partitions[k] for k in at})
                  if (partition, layout.id) not in layouts_written]
     layouts = [layout_message(partition, layout, topics) for partition in unwritten]
     layouts_written.update((partition, layout.id) for partition in unwritten)
     header = [(KIND_HEADER, ACCOUNT)]
     messages = []
     state = topics.state
-    for key, partition in dirty.items():
-        value = encoded.get(key)
+    for key, partition, value in zip(keys, partitions, values_of, strict=True):
         headers = header if value is not None else [
             *header, (AS_OF_TOTAL_HEADER, str(as_of_total(as_of[partition])).encode()),
             (AS_OF_HEADER, encode_as_of(as_of[partition]))]

@@ -14,12 +14,13 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from structlog.stdlib import BoundLogger
 
 from monitor.account import RiskKey, account_of
-from monitor.engine import Engine
+from monitor.engine import DirtyUnits, Engine
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
     collector,
@@ -179,12 +180,12 @@ class Checkpointer:
         """A restore read checkpoints up to ``seq``: the next one follows it."""
         self.seq = seq
 
-    def include(self, keys: set[RiskKey], partition: int) -> None:
+    def include(self, keys: Sequence[RiskKey], partition: int) -> None:
         """Risk units of ``partition`` changed outside the loop (by a catch-up's private
         engine): the next checkpoint writes them."""
         for key in keys:
             self.touched[account_of(key)] = partition
-        self.engine.mark_dirty(set(keys))
+        self.engine.mark_dirty(keys)
 
     # -- when -------------------------------------------------------------------------------------
 
@@ -282,34 +283,19 @@ class Checkpointer:
         if partitions >= self.positions.owned:
             self.since_checkpoint = 0
             self.last_checkpoint = time.monotonic()
-        mine: dict[RiskKey, int] = {}
         # touches of the accounts written, dropped a chunk at a time (put back on failure):
         # all at once, 100,000 held the loop ~25 ms as the checkpoint ended
         written_touches: dict[str, int] = {}
         vouched_offsets = self._input_offsets(as_of)
         try:
-            # Which of them this checkpoint writes, found a turn's work at a time too: all at
-            # once, 100,000 held the loop ~0.1 s. (A hand-over waits for this checkpoint, so
-            # no partition changes owner meanwhile.)
-            others: set[RiskKey] = set()
-            keys = list(taken)
-            began = time.perf_counter()
-            for start in range(0, len(keys), CHECKPOINT_CHUNK):
-                some = keys[start:start + CHECKPOINT_CHUNK]
-                for key, partition in zip(some, self.engine.partitions_of(some), strict=True):
-                    if partition is None:  # deleted since: its tombstone goes where it lived
-                        partition = self.engine.forgotten_in(key)
-                    if partition is None:  # forgotten after take_dirty: where it was touched
-                        account = account_of(key)
-                        partition = captured.get(account, self.touched.get(account))
-                    if partition in partitions:
-                        mine[key] = partition
-                    else:
-                        others.add(key)
-                if time.perf_counter() - began >= self._turn_budget():
-                    await asyncio.sleep(0)
-                    began = time.perf_counter()
-            self.engine.mark_dirty(others)
+            # Which of them this checkpoint writes (a hand-over waits for this checkpoint, so
+            # no partition changes owner meanwhile); the others stay dirty.
+            taken = self._where_touched(taken, captured)
+            ours = np.isin(taken.partitions, sorted(partitions))
+            mine = taken if ours.all() else taken.subset(np.flatnonzero(ours))
+            if mine is not taken:
+                others = taken.subset(np.flatnonzero(~ours))
+                self.engine.mark_dirty(others.keys, others.rows)
             await self._write_snapshots(sink, mine, seq, vouched_offsets, captured,
                                         written_touches)
             await sink.settled(vouched)
@@ -323,7 +309,7 @@ class Checkpointer:
                 await sink.deliver([control_message(partition, control, t)])
                 await asyncio.sleep(time.monotonic() - sent)
         except BaseException:
-            self.engine.mark_dirty(taken)
+            self.engine.mark_dirty(taken.keys, taken.rows)
             self._keep_touched({**captured, **written_touches})
             raise
         self.seq = seq
@@ -332,19 +318,33 @@ class Checkpointer:
         self.metrics.last_checkpoint.set(time.time())
         await sink.commit(vouched_offsets)
 
-    async def _write_snapshots(self, sink: CheckpointSink, mine: dict[RiskKey, int], seq: int,
+    def _where_touched(self, taken: DirtyUnits, captured: dict[str, int]) -> DirtyUnits:
+        """``taken``, with the partition of those the engine knows none for (forgotten in a
+        catch-up's private engine, say) where a record touched them."""
+        unknown = np.flatnonzero(taken.partitions < 0).tolist()
+        if not unknown:
+            return taken
+        partitions = taken.partitions.copy()
+        for k in unknown:
+            account = account_of(taken.keys[k])
+            partition = captured.get(account, self.touched.get(account))
+            if partition is not None:
+                partitions[k] = partition
+        return DirtyUnits(taken.keys, taken.rows, partitions)
+
+    async def _write_snapshots(self, sink: CheckpointSink, mine: DirtyUnits, seq: int,
                                vouched_offsets: dict[TopicPartition, int],
                                captured: dict[str, int], written_touches: dict[str, int]
                                ) -> None:
-        """Snapshots of ``mine`` (key → partition), a turn's work at a time (`_encode`: a
-        chunk live, more while the loop drains a backlog), each lot produced once the events
-        of what it reflects are acknowledged, the next lot encoded meanwhile. One lot is in
+        """Snapshots of ``mine``, a turn's work at a time (`_encode`: a chunk live, more
+        while the loop drains a backlog), each lot produced once the events of what it
+        reflects are acknowledged, the next lot encoded meanwhile. One lot is in
         flight at a time, so a layout is acknowledged before any snapshot after it. Waiting
         for each chunk before encoding the next (two round trips, each several turns of a
         loop draining a backlog), a checkpoint begun during a backlog made next to no
         progress until it was drained. As each lot is acknowledged, the touches of its
         accounts move from ``captured`` to ``written_touches``."""
-        ids = list(mine)
+        ids = mine.keys
         written: set[tuple[int, int]] = set()  # (partition, layout id) written this time
         encoded = 0  # ids[:encoded] are encoded
         layouts: list[Outgoing] = []  # the next lot, gathered while one is produced
@@ -358,8 +358,8 @@ class Checkpointer:
                 # producer also carries the events); draining a backlog, a turn's budget
                 gathering = encoded < len(ids) and (producing is None or encoded == in_flight[1])
                 if gathering:
-                    more_layouts, more_snapshots, encoded = self._encode(mine, ids, encoded,
-                                                                         seq, written)
+                    more_layouts, more_snapshots, encoded = self._encode(mine, encoded, seq,
+                                                                         written)
                     layouts += more_layouts
                     snapshots += more_snapshots
                     mark = sink.mark()
@@ -379,24 +379,27 @@ class Checkpointer:
             if producing is not None:
                 await cancel_and_wait(producing)
 
-    def _encode(self, mine: dict[RiskKey, int], ids: list[RiskKey], start: int, seq: int,
-                written: set[tuple[int, int]]) -> tuple[list[Outgoing], list[Outgoing], int]:
-        """The snapshots of ``ids`` from ``start`` on that one turn's budget encodes (a chunk
+    def _encode(self, mine: DirtyUnits, start: int, seq: int, written: set[tuple[int, int]]
+                ) -> tuple[list[Outgoing], list[Outgoing], int]:
+        """The snapshots of ``mine`` from ``start`` on that one turn's budget encodes (a chunk
         at least), and the layouts they need not yet in ``written``; where they end."""
         t = self.settings.topics
         layouts: list[Outgoing] = []
         snapshots: list[Outgoing] = []
         began, budget, end = time.perf_counter(), self._turn_budget(), start
-        while end < len(ids) and (end == start or time.perf_counter() - began < budget):
-            # handed over meanwhile: the checkpoint before the hand-over wrote it
-            chunk = {a: mine[a] for a in ids[end:end + CHECKPOINT_CHUNK]
-                     if mine[a] in self.positions.owned}
+        while end < len(mine) and (end == start or time.perf_counter() - began < budget):
+            chunk = mine.slice(end, end + CHECKPOINT_CHUNK)
+            # those handed over meanwhile: the checkpoint before the hand-over wrote them
+            owned = np.isin(chunk.partitions, sorted(self.positions.owned))
+            if not owned.all():
+                chunk = chunk.subset(np.flatnonzero(owned))
             chunk_layouts, chunk_snapshots = snapshot_messages(
-                self.engine, chunk, seq, self.as_of(set(chunk.values())), t, written)
+                self.engine, chunk, seq, self.as_of(set(chunk.partitions.tolist())), t,
+                written)
             layouts += chunk_layouts
             snapshots += chunk_snapshots
             end += CHECKPOINT_CHUNK
-        return layouts, snapshots, min(end, len(ids))
+        return layouts, snapshots, min(end, len(mine))
 
     async def _produce(self, sink: CheckpointSink, layouts: list[Outgoing],
                        snapshots: list[Outgoing], mark: int,

@@ -246,7 +246,7 @@ async def test_only_the_checkpointed_partitions_accounts_are_written_the_others_
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
     assert [m.key for m in recorder.delivered("account")] == [b"alice"]
-    assert engine.take_dirty() == {"bob"}
+    assert engine.take_dirty().keys == ["bob"]
 
 
 async def test_accounts_of_a_partition_no_longer_owned_are_not_written() -> None:
@@ -393,7 +393,7 @@ async def test_accounts_are_put_back_in_the_dirty_set_when_their_snapshots_fail(
     deposit(engine, "alice", 100.0, 0, 1)
     with pytest.raises(DeliveryFailed):
         await checkpointer.checkpoint({0}, Recorder(refuse="account"))
-    assert engine.take_dirty() == {"alice"}
+    assert engine.take_dirty().keys == ["alice"]
 
 
 async def test_a_failed_checkpoint_writes_no_control_record_and_commits_nothing() -> None:
@@ -411,7 +411,7 @@ async def test_accounts_are_put_back_when_the_control_records_fail() -> None:
     deposit(engine, "alice", 100.0, 0, 1)
     with pytest.raises(DeliveryFailed):
         await checkpointer.checkpoint({0}, Recorder(refuse="control"))
-    assert engine.take_dirty() == {"alice"}
+    assert engine.take_dirty().keys == ["alice"]
 
 
 def test_a_checkpoint_is_due_after_checkpoint_records_records() -> None:
@@ -442,7 +442,7 @@ async def test_only_a_checkpoint_of_every_owned_partition_restarts_the_count() -
 def test_changes_of_a_catch_up_are_written_by_the_next_checkpoint_of_their_partition() -> None:
     checkpointer, engine = make()
     checkpointer.include({"dave"}, 1)
-    assert (checkpointer.touched, engine.take_dirty()) == ({"dave": 1}, {"dave"})
+    assert (checkpointer.touched, engine.take_dirty().keys) == ({"dave": 1}, ["dave"])
 
 
 async def sink_of_a_group(bootstrap: str, group_id: str
@@ -486,7 +486,7 @@ async def test_a_checkpoint_the_group_does_not_vouch_for_writes_nothing_and_keep
     assert recorder.calls[1] == ("fence", {TopicPartition("fills", 0): 7,
                                            TopicPartition("ledger", 0): 3})
     assert (checkpointer.seq, checkpointer.touched) == (0, {"alice": 0})
-    assert engine.take_dirty() == {"alice"}
+    assert engine.take_dirty().keys == ["alice"]
 
 
 async def test_the_group_is_asked_again_once_its_word_is_older_than_half_the_session() -> None:

@@ -386,7 +386,7 @@ async def test_an_account_emptied_after_the_last_control_record_is_not_emptied_t
     crashed.apply(LedgerEntry("w-2", "alice", "USDT", -500.0, "withdrawal", 1),
                   Source(t.ledger, p, 1))
     as_of = {(t.ledger, p): 2, (t.fills, p): 0, (t.prices, 0): 0}
-    _, (tombstone,) = snapshot_messages(crashed, {"alice": p}, 2, {p: as_of}, t, set())
+    _, (tombstone,) = snapshot_messages(crashed, crashed.take_dirty(), 2, {p: as_of}, t, set())
     assert tombstone.value is None
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
     await producer.start()
