@@ -19,7 +19,7 @@ import math
 import numba
 import numpy as np
 
-from monitor.book.kernels import _fill_tables, _unpack
+from monitor.book.kernels import _fill_tables, _margin_ratio, _unpack
 from monitor.margin import DUST
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -132,16 +132,6 @@ def _tier(t_max, i, notional):
     while tier < t_max.shape[1] - 1 and not notional <= t_max[i, tier]:
         tier += 1
     return tier
-
-
-@_jit
-def _margin_ratio(mm, equity):
-    """`margin.margin_ratio`."""
-    if equity > 0:
-        return mm / equity
-    if mm == 0:
-        return 0.0
-    return np.inf
 
 
 @_jit

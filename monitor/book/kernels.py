@@ -74,6 +74,16 @@ def _prefetch(typingctx, array, index):
 
 
 @_jit
+def _margin_ratio(mm, equity):
+    """`margin.margin_ratio`."""
+    if equity > 0:
+        return mm / equity
+    if mm == 0:
+        return 0.0
+    return INF
+
+
+@_jit
 def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
            a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px):
     """(evaluable, ratio, equity, mm, scale, ae, be, am, bm, has_pos) of one row.
@@ -163,13 +173,7 @@ def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fix
     if not evaluable:
         return False, NAN, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0, has_pos
     equity = collateral + upnl
-    if equity > 0:
-        ratio = mm / equity
-    elif mm == 0:
-        ratio = 0.0
-    else:
-        ratio = INF
-    return True, ratio, equity, mm, scale, ae, be, am, bm, has_pos
+    return True, _margin_ratio(mm, equity), equity, mm, scale, ae, be, am, bm, has_pos
 
 
 @_jit
