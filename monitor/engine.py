@@ -391,10 +391,21 @@ class InputLedger:
             if key in self._caught_up_from:  # its marks outlive its row
                 self._marked_forgotten.setdefault(partition, set()).add(key)
 
-    def mark_dirty(self, keys: Sequence[RiskKey], rows: np.ndarray | None = None) -> None:
+    def mark_dirty(self, keys: Sequence[RiskKey], rows: np.ndarray | None = None,
+                   partition: int | None = None) -> None:
         """Put back risk units whose checkpoint could not be written (``rows``: as
-        `take_dirty` handed them out)."""
+        `take_dirty` handed them out), or add units changed elsewhere (by a catch-up's private
+        engine; ``partition``: theirs, where a checkpoint tombstones those not held here)."""
         self._dirty.update(keys)
+        if partition is not None:
+            for key in keys:
+                if self.partition_of(key) is None:
+                    self._forgotten_elsewhere(key, partition)
+
+    def _forgotten_elsewhere(self, key: RiskKey, partition: int) -> None:
+        """A dirty unit not held here lives in ``partition``, unless this engine knows."""
+        if key not in self._tombstone_in:
+            self._blank_in.setdefault(key, partition)
 
     def dedupe_ids(self, topic: str, partition: int | None) -> list[Hashable]:
         window = self._dedupe.get((topic, partition))
@@ -456,7 +467,8 @@ class Engine(InputLedger):
         return DirtyUnits(keys + rowless, rows,
                           np.concatenate([book.part[rows].astype(np.int64), forgotten]))
 
-    def mark_dirty(self, keys: Sequence[RiskKey], rows: np.ndarray | None = None) -> None:
+    def mark_dirty(self, keys: Sequence[RiskKey], rows: np.ndarray | None = None,
+                   partition: int | None = None) -> None:
         """`InputLedger.mark_dirty`: by row where the key still holds the one it was handed
         out with, else looked up."""
         book = self.book
@@ -468,6 +480,8 @@ class Engine(InputLedger):
                 row = book.row_of(key)
             if row is None:
                 self._dirty.add(key)
+                if partition is not None:
+                    self._forgotten_elsewhere(key, partition)
             else:
                 dirty[row] = True
 

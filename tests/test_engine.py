@@ -273,6 +273,29 @@ def test_changed_units_are_handed_out_with_the_partition_each_lives_in(risk, mak
     assert engine.take_dirty().keys == []
 
 
+@pytest.mark.parametrize("make", [Engine, ReferenceEngine])
+def test_units_changed_elsewhere_are_handed_out_in_their_partition_unless_known_here(
+        risk, make) -> None:
+    """A catch-up's private engine changed "a" (held here, in partition 3), "gone" (forgotten
+    there: held nowhere) and "b" (forgotten here, in partition 1): each in the partition
+    this engine knows for it, else the one given."""
+    engine = make(risk)
+    engine.apply(LedgerEntry("d1", "a", "USDT", 100.0, "deposit", 1),
+                 Source("ledger", partition=3, offset=0))
+    engine.apply(LedgerEntry("d2", "b", "USDT", 100.0, "deposit", 1),
+                 Source("ledger", partition=1, offset=0))
+    engine.apply(LedgerEntry("w2", "b", "USDT", -100.0, "withdrawal", 2),
+                 Source("ledger", partition=1, offset=1))
+    engine.mark_dirty(["a", "gone", "b"], partition=2)
+    taken = engine.take_dirty()
+    assert dict(zip(taken.keys, taken.partitions.tolist(), strict=True)) == {
+        "a": 3, "gone": 2, "b": 1}
+    engine.mark_dirty(taken.keys)  # a checkpoint that failed: the same partitions again
+    again = engine.take_dirty()
+    assert dict(zip(again.keys, again.partitions.tolist(), strict=True)) == {
+        "a": 3, "gone": 2, "b": 1}
+
+
 def test_a_unit_put_back_by_its_row_is_handed_out_again(risk) -> None:
     engine = Engine(risk)
     for n, account in enumerate(("a", "b")):

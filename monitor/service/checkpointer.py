@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from structlog.stdlib import BoundLogger
 
-from monitor.account import RiskKey, account_of
+from monitor.account import RiskKey
 from monitor.engine import DirtyUnits, Engine
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
@@ -144,11 +144,10 @@ class KafkaSink:
 class Checkpointer:
     """What goes into a checkpoint, when, and in which order.
 
-    It keeps what a checkpoint needs besides the engine and the input positions: ``touched``
-    (account → partition of every account a record touched since the last checkpoint, so that
-    an account forgotten since is tombstoned where it lived; whoever applies records writes
-    it), ``seq`` (the last checkpoint's sequence number), and how many records were applied
-    since, and when, the last checkpoint covering every owned partition was taken.
+    It keeps what a checkpoint needs besides the engine (which knows what changed, and where
+    each changed unit lives) and the input positions: ``seq`` (the last checkpoint's sequence
+    number), and how many records were applied since, and when, the last checkpoint covering
+    every owned partition was taken.
     """
 
     def __init__(self, engine: Engine | ReferenceEngine, positions: Positions,
@@ -158,7 +157,6 @@ class Checkpointer:
         self.settings = settings
         self.metrics = metrics
         self.fingerprint = fingerprint
-        self.touched: dict[str, int] = {}  # account -> partition, since the last checkpoint
         self.seq = 0
         self.since_checkpoint = 0  # records applied since the last checkpoint
         self.last_checkpoint = time.monotonic()
@@ -182,10 +180,9 @@ class Checkpointer:
 
     def include(self, keys: Sequence[RiskKey], partition: int) -> None:
         """Risk units of ``partition`` changed outside the loop (by a catch-up's private
-        engine): the next checkpoint writes them."""
-        for key in keys:
-            self.touched[account_of(key)] = partition
-        self.engine.mark_dirty(keys)
+        engine): the next checkpoint writes them, those forgotten as tombstones in
+        ``partition``."""
+        self.engine.mark_dirty(keys, partition=partition)
 
     # -- when -------------------------------------------------------------------------------------
 
@@ -271,10 +268,6 @@ class Checkpointer:
         started = time.monotonic()
         t = self.settings.topics
         taken = self.engine.take_dirty()
-        # Where the accounts taken were touched; a touch from here on goes to a fresh map and
-        # stays for the next checkpoint, even of an account written by this one (emptied
-        # after its snapshot was written here, its tombstone must still find its partition).
-        captured, self.touched = self.touched, {}
         as_of = self.as_of(partitions)
         seq = self.seq + 1
         controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000),
@@ -283,21 +276,16 @@ class Checkpointer:
         if partitions >= self.positions.owned:
             self.since_checkpoint = 0
             self.last_checkpoint = time.monotonic()
-        # touches of the accounts written, dropped a chunk at a time (put back on failure):
-        # all at once, 100,000 held the loop ~25 ms as the checkpoint ended
-        written_touches: dict[str, int] = {}
         vouched_offsets = self._input_offsets(as_of)
         try:
             # Which of them this checkpoint writes (a hand-over waits for this checkpoint, so
             # no partition changes owner meanwhile); the others stay dirty.
-            taken = self._where_touched(taken, captured)
             ours = np.isin(taken.partitions, sorted(partitions))
             mine = taken if ours.all() else taken.subset(np.flatnonzero(ours))
             if mine is not taken:
                 others = taken.subset(np.flatnonzero(~ours))
                 self.engine.mark_dirty(others.keys, others.rows)
-            await self._write_snapshots(sink, mine, seq, vouched_offsets, captured,
-                                        written_touches)
+            await self._write_snapshots(sink, mine, seq, vouched_offsets)
             await sink.settled(vouched)
             for partition, control in controls.items():
                 # One at a time, each followed by a pause as long as it took: with ~20,000
@@ -310,40 +298,21 @@ class Checkpointer:
                 await asyncio.sleep(time.monotonic() - sent)
         except BaseException:
             self.engine.mark_dirty(taken.keys, taken.rows)
-            self._keep_touched({**captured, **written_touches})
             raise
         self.seq = seq
-        self._keep_touched(captured)  # the accounts not written: still needed
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         self.metrics.last_checkpoint.set(time.time())
         await sink.commit(vouched_offsets)
 
-    def _where_touched(self, taken: DirtyUnits, captured: dict[str, int]) -> DirtyUnits:
-        """``taken``, with the partition of those the engine knows none for (forgotten in a
-        catch-up's private engine, say) where a record touched them."""
-        unknown = np.flatnonzero(taken.partitions < 0).tolist()
-        if not unknown:
-            return taken
-        partitions = taken.partitions.copy()
-        for k in unknown:
-            account = account_of(taken.keys[k])
-            partition = captured.get(account, self.touched.get(account))
-            if partition is not None:
-                partitions[k] = partition
-        return DirtyUnits(taken.keys, taken.rows, partitions)
-
     async def _write_snapshots(self, sink: CheckpointSink, mine: DirtyUnits, seq: int,
-                               vouched_offsets: dict[TopicPartition, int],
-                               captured: dict[str, int], written_touches: dict[str, int]
-                               ) -> None:
+                               vouched_offsets: dict[TopicPartition, int]) -> None:
         """Snapshots of ``mine``, a turn's work at a time (`_encode`: a chunk live, more
         while the loop drains a backlog), each lot produced once the events of what it
         reflects are acknowledged, the next lot encoded meanwhile. One lot is in
         flight at a time, so a layout is acknowledged before any snapshot after it. Waiting
         for each chunk before encoding the next (two round trips, each several turns of a
         loop draining a backlog), a checkpoint begun during a backlog made next to no
-        progress until it was drained. As each lot is acknowledged, the touches of its
-        accounts move from ``captured`` to ``written_touches``."""
+        progress until it was drained."""
         ids = mine.keys
         written: set[tuple[int, int]] = set()  # (partition, layout id) written this time
         encoded = 0  # ids[:encoded] are encoded
@@ -366,7 +335,6 @@ class Checkpointer:
                 if producing is not None and producing.done():
                     producing.result()  # raise what made it fail
                     producing = None
-                    self._drop_touches(ids[slice(*in_flight)], captured, written_touches)
                 if producing is None and encoded > in_flight[1]:
                     producing = asyncio.create_task(
                         self._produce(sink, layouts, snapshots, mark, vouched_offsets))
@@ -411,14 +379,6 @@ class Checkpointer:
             await sink.deliver(layouts)
         await sink.deliver(snapshots)
 
-    @staticmethod
-    def _drop_touches(keys: list[RiskKey], captured: dict[str, int],
-                      written_touches: dict[str, int]) -> None:
-        for key in keys:
-            account = account_of(key)
-            if account in captured:
-                written_touches[account] = captured.pop(account)
-
     def _turn_budget(self) -> float:
         """Seconds of checkpoint work one turn of the loop may take (`CHECKPOINT_SHARE`)."""
         return CHECKPOINT_SHARE * self.last_batch_seconds
@@ -428,12 +388,6 @@ class Checkpointer:
         prices = self.settings.topics.prices
         return {TopicPartition(topic, p): offset for p, offsets in as_of.items()
                 for (topic, _), offset in offsets.items() if topic != prices}
-
-    def _keep_touched(self, touched: dict[str, int]) -> None:
-        """Put back touches the next checkpoint still needs; a touch made since it was taken
-        out is newer and wins."""
-        for account, partition in touched.items():
-            self.touched.setdefault(account, partition)
 
     def as_of(self, partitions: set[int]) -> dict[int, Offsets]:
         """Per account partition: the input offsets its state reflects now (its own fills and

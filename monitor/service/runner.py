@@ -1067,7 +1067,6 @@ class Monitor:
         place in the batch.
         """
         config, topics, metrics = self.config, self.settings.topics, self.metrics
-        touched = self._checkpointer.touched
         miskeyed = self._miskeyed.saw
         stats = engine.stats
         before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
@@ -1097,7 +1096,6 @@ class Monitor:
                 for (run_tp, run_message), run_record in zip(batch[index:end], records,
                                                              strict=True):
                     account = run_record.account
-                    touched[account] = run_tp.partition
                     if run_message.key != account.encode():  # SPEC §2: keyed by account
                         miskeyed(run_tp, run_message, account)
                     sources.append(Source(run_tp.topic, run_tp.partition, run_message.offset))
@@ -1111,8 +1109,6 @@ class Monitor:
             if isinstance(record, Rejected):
                 self._record_outcome(out, tp, message, record)
                 continue
-            if not isinstance(record, PriceTick):
-                touched[record.account] = tp.partition
             applied_ticks = stats.applied_ticks
             try:
                 events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))

@@ -291,17 +291,15 @@ async def test_a_control_record_holds_the_price_table_windows_and_config_fingerp
     assert control.dedupe == {("fills", 0): [], ("ledger", 0): [("alice", "alice-1")]}
 
 
-async def test_a_forgotten_account_is_tombstoned_in_the_partition_that_last_touched_it(
-        ) -> None:
+async def test_a_forgotten_account_is_tombstoned_in_the_partition_it_lived_in() -> None:
     checkpointer, engine = make()
     deposit(engine, "carol", 100.0, 0, 1)
     deposit(engine, "carol", -100.0, 0, 2)  # emptied, no position, no event: forgotten
-    checkpointer.touched["carol"] = 0  # as the loop records it
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
     (tombstone,) = recorder.delivered("account")
     assert (tombstone.key, tombstone.value, tombstone.partition) == (b"carol", None, 0)
-    assert checkpointer.touched == {}
+    assert engine.take_dirty().keys == []
     # how far partition 0's state has read: prices 120 + 80, fills/0 7, ledger/0 3
     headers = dict(tombstone.headers)
     assert headers[AS_OF_TOTAL_HEADER] == b"210"
@@ -320,14 +318,12 @@ class LoopEmptiesCarol(Recorder):
         await super().deliver(messages)
         if any(m.key == b"carol" for m in messages):
             deposit(self.engine, "carol", -100.0, 0, 2)  # emptied: forgotten
-            self.checkpointer.touched["carol"] = 0  # as the loop records it
 
 
 async def test_an_account_emptied_while_its_snapshot_is_written_is_tombstoned_next_time(
         ) -> None:
     checkpointer, engine = make()
     deposit(engine, "carol", 100.0, 0, 1)
-    checkpointer.touched["carol"] = 0
     await checkpointer.checkpoint({0}, LoopEmptiesCarol(engine, checkpointer))
     recorder = Recorder()
     await checkpointer.checkpoint({0}, recorder)
@@ -335,13 +331,14 @@ async def test_an_account_emptied_while_its_snapshot_is_written_is_tombstoned_ne
     assert (tombstone.key, tombstone.value, tombstone.partition) == (b"carol", None, 0)
 
 
-async def test_touches_of_partitions_not_checkpointed_are_kept_for_their_checkpoint() -> None:
+async def test_a_forgotten_account_of_a_partition_not_checkpointed_waits_for_its_checkpoint(
+        ) -> None:
     checkpointer, engine = make()
     deposit(engine, "bob", 100.0, 1, 1)
     deposit(engine, "bob", -100.0, 1, 2)  # forgotten, in partition 1
-    checkpointer.touched["bob"] = 1
-    await checkpointer.checkpoint({0}, Recorder())  # partition 0 only (a hand-over)
-    assert checkpointer.touched == {"bob": 1}
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)  # partition 0 only (a hand-over)
+    assert recorder.delivered("account") == []
     recorder = Recorder()
     await checkpointer.checkpoint({1}, recorder)
     (tombstone,) = recorder.delivered("account")
@@ -439,10 +436,17 @@ async def test_only_a_checkpoint_of_every_owned_partition_restarts_the_count() -
     assert checkpointer.since_checkpoint == 0
 
 
-def test_changes_of_a_catch_up_are_written_by_the_next_checkpoint_of_their_partition() -> None:
+async def test_changes_of_a_catch_up_are_written_by_the_next_checkpoint_of_their_partition(
+        ) -> None:
     checkpointer, engine = make()
-    checkpointer.include({"dave"}, 1)
-    assert (checkpointer.touched, engine.take_dirty().keys) == ({"dave": 1}, ["dave"])
+    deposit(engine, "erin", 100.0, 1, 1)  # held here; dave was forgotten in the catch-up
+    engine.take_dirty()
+    checkpointer.include(["dave", "erin"], 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({1}, recorder)
+    assert sorted((m.key, m.value is None, m.partition)
+                  for m in recorder.delivered("account")) == [(b"dave", True, 1),
+                                                              (b"erin", False, 1)]
 
 
 async def sink_of_a_group(bootstrap: str, group_id: str
@@ -479,13 +483,12 @@ async def test_a_checkpoint_the_group_does_not_vouch_for_writes_nothing_and_keep
         ) -> None:
     checkpointer, engine = make()
     deposit(engine, "alice", 100.0, 0, 1)
-    checkpointer.touched["alice"] = 0  # as the loop notes it
     recorder = Recorder(owner=[False])
     await checkpointer.checkpoint({0}, recorder)  # no error: the rebalance sorts it out
     assert recorder.steps() == ["settled 0", "fence"]
     assert recorder.calls[1] == ("fence", {TopicPartition("fills", 0): 7,
                                            TopicPartition("ledger", 0): 3})
-    assert (checkpointer.seq, checkpointer.touched) == (0, {"alice": 0})
+    assert checkpointer.seq == 0
     assert engine.take_dirty().keys == ["alice"]
 
 
