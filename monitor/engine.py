@@ -26,8 +26,8 @@ from monitor.account import Account, RiskKey, UnitKey
 from monitor.book import AccountRun, Book, Verdict
 from monitor.book.kernels import BALANCE, FILL
 from monitor.config import RiskConfig
-from monitor.events import Event, Source, build_event, position_detail
-from monitor.margin import Position, Valuation, value_account
+from monitor.events import Event, Source, assemble_event, position_detail
+from monitor.margin import Valuation, value_account
 from monitor.records import (
     CROSS,
     ISOLATED_MARGIN,
@@ -818,27 +818,24 @@ class Engine(InputLedger):
         book.dirty_m[row] = True
         valuation = Valuation(collateral, upnl, equity, maintenance, initial, ratio,
                               bool(unpriced))
-        positions, details = self._reported_positions(count)
         plan = (book.liquidation_plan(row, count) if new_state == AccountState.LIQUIDATING
                 else None)
-        event = build_event(
+        event = assemble_event(
             account=key if unit is None else unit.account,  # type: ignore[arg-type]
             transition=transitions,
             previous=previous,
             state=new_state,
             valuation=valuation,
             balances=book.balances_of(row),
-            positions=positions,
+            details=self._position_details(count),
+            plan=plan,
             config=self.config,
-            prices=self._prices,
             price_ts=self.price_ts,
             ts=ts,
             trigger_kind=kind,
             trigger_ref=ref,
             source=source,
             isolated=None if unit is None else unit.symbol,
-            details=details,
-            plan=plan,
         )
         in_state = self._in_state(row)
         in_state[previous] -= 1
@@ -846,23 +843,18 @@ class Engine(InputLedger):
         book.state_m[row] = int(new_state)
         return event, int(new_state)
 
-    def _reported_positions(self, count: int) -> tuple[dict[str, Position],
-                                                       list[dict[str, Any]]]:
-        """The positions `Book.event_figures` found (in opening order) and the event's details
-        of them (by symbol)."""
+    def _position_details(self, count: int) -> list[dict[str, Any]]:
+        """The event's positions (`position_detail` of each, by symbol) from what
+        `Book.event_figures` found."""
         names = self._t.instruments
-        positions: dict[str, Position] = {}
-        details = []
-        for (instr, qty, entry, mark, _, notional, upnl, maintenance, initial, _, liquidation,
-             bankruptcy) in self.book.position_figures[:count].tolist():
-            symbol = names[int(instr)]
-            positions[symbol] = Position(qty, entry)
-            details.append(position_detail(
-                symbol, qty, entry, mark, notional, upnl, maintenance, initial,
-                None if liquidation != liquidation else liquidation,  # NaN: none
-                None if bankruptcy != bankruptcy else bankruptcy))
+        details = [position_detail(
+            names[int(instr)], qty, entry, mark, notional, upnl, maintenance, initial,
+            None if liquidation != liquidation else liquidation,  # NaN: none
+            None if bankruptcy != bankruptcy else bankruptcy)
+            for (instr, qty, entry, mark, _, notional, upnl, maintenance, initial, _,
+                 liquidation, bankruptcy) in self.book.position_figures[:count].tolist()]
         details.sort(key=_by_symbol)
-        return positions, details
+        return details
 
     def index_restored(self) -> int:
         """File accounts installed by `load_account` (or all, after `load_prices`) in the

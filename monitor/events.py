@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from monitor.config import RiskConfig
-from monitor.liquidation import LiquidationPlan, liquidation_plan
+from monitor.liquidation import finite_or_none, liquidation_plan
 from monitor.margin import (
     Position,
     Valuation,
@@ -64,10 +63,6 @@ def event_id(account: str, transition: int, event_type: str, symbol: str | None 
     return f"{unit}:{transition}:{event_type}"
 
 
-def _finite_or_none(value: float) -> float | None:
-    return None if math.isinf(value) else value
-
-
 def build_event(
     *,
     account: str,
@@ -85,14 +80,45 @@ def build_event(
     trigger_ref: str,
     source: Source,
     isolated: str | None = None,
-    details: list[dict[str, Any]] | None = None,
-    plan: LiquidationPlan | None = None,
 ) -> Event:
-    """The event of a state change. ``isolated``: the instrument, when the risk unit is an
-    isolated position (its balances are its wallet, its positions that one position).
-    ``details``: the event's positions (`position_detail` of each, by symbol), when the caller
-    computed them (else computed here from margin.py: the same numbers); ``plan``: a
-    liquidating account's `liquidation_plan`, likewise."""
+    """The event of a state change, its positions' figures and liquidation plan computed
+    here from margin.py and liquidation.py. ``isolated``: the instrument, when the risk unit
+    is an isolated position (its balances are its wallet, its positions that one position)."""
+    plan = None
+    if state == AccountState.LIQUIDATING:
+        # From the account as this builder sees it, so every engine emits the same plan.
+        plan = liquidation_plan(balances, positions, config, prices,
+                                isolated=isolated is not None).to_json()
+    return assemble_event(
+        account=account, transition=transition, previous=previous, state=state,
+        valuation=valuation, balances=balances,
+        details=_position_details(positions, valuation, config, prices), plan=plan,
+        config=config, price_ts=price_ts, ts=ts, trigger_kind=trigger_kind,
+        trigger_ref=trigger_ref, source=source, isolated=isolated)
+
+
+def assemble_event(
+    *,
+    account: str,
+    transition: int,
+    previous: AccountState,
+    state: AccountState,
+    valuation: Valuation,
+    balances: Mapping[str, float],
+    details: list[dict[str, Any]],
+    plan: dict[str, Any] | None,
+    config: RiskConfig,
+    price_ts: Mapping[str, int],
+    ts: int,
+    trigger_kind: str,
+    trigger_ref: str,
+    source: Source,
+    isolated: str | None = None,
+) -> Event:
+    """The event of a state change from its figures: ``details``, its positions
+    (`position_detail` of each, by symbol); ``plan``, a liquidating unit's `liquidation_plan`
+    as JSON (`liquidation.plan_json`), else None. `build_event` computes them from
+    margin.py; the columnar engine, compiled, term for term."""
     event_type = EVENT_TYPE[state]
     eid = event_id(account, transition, event_type, isolated)
     payload: dict[str, Any] = {
@@ -108,7 +134,7 @@ def build_event(
         "previous_state": previous.name,
         "ts": ts,
         "trigger": {"kind": trigger_kind, "ref": trigger_ref, **source.location()},
-        "margin_ratio": _finite_or_none(valuation.ratio),
+        "margin_ratio": finite_or_none(valuation.ratio),
         "insolvent": valuation.insolvent,
         "unpriced": valuation.unpriced,
         "equity": valuation.equity,
@@ -117,36 +143,33 @@ def build_event(
         "collateral_value": valuation.collateral_value,
         "unrealized_pnl": valuation.unrealized_pnl,
         "balances": {asset: balances[asset] for asset in sorted(balances)},
-        "positions": (details if details is not None
-                      else _position_details(positions, valuation, config, prices)),
+        "positions": details,
     })
     max_age = config.prices.max_age_ms
     if max_age is not None:
-        payload["stale_prices"] = stale_prices(balances, positions, config, price_ts,
-                                               ts - max_age)
-    if state == AccountState.LIQUIDATING:
-        # From the account as this builder sees it, so every engine emits the same plan.
-        if plan is None:
-            plan = liquidation_plan(balances, positions, config, prices,
-                                    isolated=isolated is not None)
-        payload["liquidation_plan"] = plan.to_json()
+        payload["stale_prices"] = stale_prices(
+            balances, [detail["symbol"] for detail in details], config, price_ts, ts - max_age)
+    if plan is not None:
+        payload["liquidation_plan"] = plan
     return Event(event_id=eid, type=event_type, account=account, payload=payload,
                  symbol=isolated)
 
 
 def stale_prices(
     balances: Mapping[str, float],
-    positions: Mapping[str, Position],
+    positions: Iterable[str],
     config: RiskConfig,
     price_ts: Mapping[str, int],
     oldest_fresh_ts: int,
 ) -> list[str]:
     """The sorted price symbols the account depends on whose last applied tick is older than
     oldest_fresh_ts (event time, so replay and the service agree) or that never ticked
-    (SPEC §5.2): marks of its positions, their settle assets and assets it holds, unless fixed."""
+    (SPEC §5.2): marks of its positions (``positions``: their instruments), their settle
+    assets and assets it holds, unless fixed."""
     assets, instruments = config.assets, config.instruments
-    candidates: list[str | None] = [instruments[symbol].mark_symbol for symbol in positions]
-    candidates += [assets[instruments[symbol].settle].price_symbol for symbol in positions]
+    held = list(positions)
+    candidates: list[str | None] = [instruments[symbol].mark_symbol for symbol in held]
+    candidates += [assets[instruments[symbol].settle].price_symbol for symbol in held]
     candidates += [assets[asset].price_symbol for asset, amount in balances.items() if amount]
     stale = set()
     for symbol in candidates:

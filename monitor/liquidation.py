@@ -19,7 +19,7 @@ first piece on which the target is reached in closed form.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,22 +53,36 @@ class LiquidationPlan:
     bad_debt: float
 
     def to_json(self) -> dict[str, Any]:
-        """The event's `liquidation_plan` (SPEC §5.1): an infinite ratio is null."""
-        return {
-            "target_ratio": self.target_ratio,
-            "deposit_to_target": self.deposit_to_target,
-            "steps": [
-                {"symbol": step.symbol, "side": step.side, "qty": step.qty, "price": step.price,
-                 "fee": step.fee, "close": step.close,
-                 "margin_ratio_after": _finite_or_none(step.margin_ratio_after)}
-                for step in self.steps
-            ],
-            "margin_ratio_after": _finite_or_none(self.margin_ratio_after),
-            "bad_debt": self.bad_debt,
-        }
+        """The event's `liquidation_plan` (SPEC §5.1)."""
+        return plan_json(self.target_ratio, self.deposit_to_target,
+                         ((step.symbol, step.side, step.qty, step.price, step.fee, step.close,
+                           step.margin_ratio_after) for step in self.steps),
+                         self.margin_ratio_after, self.bad_debt)
 
 
-def _finite_or_none(value: float) -> float | None:
+PlanStepFigures = tuple[str, str, float, float, float, bool, float]
+"""A step's symbol, side, qty, price, fee, close and margin_ratio_after, as `PlanStep`."""
+
+
+def plan_json(target_ratio: float, deposit_to_target: float, steps: Iterable[PlanStepFigures],
+              margin_ratio_after: float, bad_debt: float) -> dict[str, Any]:
+    """An event's `liquidation_plan` (SPEC §5.1) of a plan's figures: an infinite ratio is
+    null. One shape for both engines (the columnar one has no `LiquidationPlan` object)."""
+    return {
+        "target_ratio": target_ratio,
+        "deposit_to_target": deposit_to_target,
+        "steps": [
+            {"symbol": symbol, "side": side, "qty": qty, "price": price, "fee": fee,
+             "close": close, "margin_ratio_after": finite_or_none(ratio)}
+            for symbol, side, qty, price, fee, close, ratio in steps
+        ],
+        "margin_ratio_after": finite_or_none(margin_ratio_after),
+        "bad_debt": bad_debt,
+    }
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no infinity: an infinite ratio (an insolvent account's) is null."""
     return None if math.isinf(value) else value
 
 

@@ -21,7 +21,7 @@ from monitor.book.bands import PendingBands, SymbolBands
 from monitor.book.tables import INF, NAN, Tables, grown
 from monitor.config import RiskConfig
 from monitor.errors import LiqmonError
-from monitor.liquidation import LiquidationPlan, PlanStep
+from monitor.liquidation import plan_json
 from monitor.margin import Position
 from monitor.snapshot import Snapshots
 from monitor.state import AccountState
@@ -580,9 +580,10 @@ class Book:
         return figures.event_figures(row, self.account_figures, self.position_figures,
                                      *self._value_args, self.t.t_imr)
 
-    def liquidation_plan(self, row: int, count: int) -> LiquidationPlan:
-        """`liquidation.liquidation_plan` of the row, in one compiled call; ``count``: what
-        `event_figures` of the row returned just before (its figures are the plan's start)."""
+    def liquidation_plan(self, row: int, count: int) -> dict[str, Any]:
+        """The event's `liquidation_plan` (`liquidation.liquidation_plan` of the row, as
+        JSON), in one compiled call; ``count``: what `event_figures` of the row returned just
+        before (its figures are the plan's start)."""
         t = self.t
         steps = figures.liquidation_plan(
             row, count, self.account_figures, self.position_figures, self._plan,
@@ -590,16 +591,12 @@ class Book:
             t.i_fee, t.i_rank, t.liquidation_target)
         _, deposit, ratio_after, bad_debt = self._plan.tolist()
         names = t.instruments
-        return LiquidationPlan(
-            target_ratio=t.liquidation_target,
-            deposit_to_target=deposit,
-            steps=tuple(PlanStep(names[int(instr)], "sell" if sell else "buy", qty, price, fee,
-                                 bool(close), ratio)
-                        for instr, sell, qty, price, fee, close, ratio
-                        in self._plan_steps[:steps].tolist()),
-            margin_ratio_after=ratio_after,
-            bad_debt=bad_debt,
-        )
+        return plan_json(t.liquidation_target, deposit,
+                         ((names[int(instr)], "sell" if sell else "buy", qty, price, fee,
+                           bool(close), ratio)
+                          for instr, sell, qty, price, fee, close, ratio
+                          in self._plan_steps[:steps].tolist()),
+                         ratio_after, bad_debt)
 
     def watched(self, row: int) -> list[int]:
         """Symbol ids whose ticks can move the account (SPEC §6)."""
