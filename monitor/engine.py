@@ -26,7 +26,7 @@ from monitor.account import Account, RiskKey, UnitKey
 from monitor.book import AccountRun, Book, Verdict
 from monitor.book.kernels import BALANCE, FILL
 from monitor.config import RiskConfig
-from monitor.events import Event, Source, assemble_event, position_detail
+from monitor.events import Event, Source, build_event, position_detail
 from monitor.margin import Valuation, value_account
 from monitor.records import (
     CROSS,
@@ -820,7 +820,7 @@ class Engine(InputLedger):
                               bool(unpriced))
         plan = (book.liquidation_plan(row, count) if new_state == AccountState.LIQUIDATING
                 else None)
-        event = assemble_event(
+        event = build_event(
             account=key if unit is None else unit.account,  # type: ignore[arg-type]
             transition=transitions,
             previous=previous,

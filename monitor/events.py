@@ -71,42 +71,6 @@ def build_event(
     state: AccountState,
     valuation: Valuation,
     balances: Mapping[str, float],
-    positions: Mapping[str, Position],
-    config: RiskConfig,
-    prices: Mapping[str, float],
-    price_ts: Mapping[str, int],
-    ts: int,
-    trigger_kind: str,
-    trigger_ref: str,
-    source: Source,
-    isolated: str | None = None,
-) -> Event:
-    """The event of a state change, its positions' figures and liquidation plan computed
-    here from margin.py and liquidation.py. ``isolated``: the instrument, when the risk unit
-    is an isolated position (its balances are its wallet, its positions that one position)."""
-    plan = None
-    if state == AccountState.LIQUIDATING:
-        # From the account as this builder sees it, so every engine emits the same plan.
-        plan = liquidation_plan(balances, positions, config, prices,
-                                isolated=isolated is not None).to_json()
-    return assemble_event(
-        account=account, transition=transition, previous=previous, state=state,
-        valuation=valuation, balances=balances,
-        details=_position_details(positions, valuation, config, prices), plan=plan,
-        config=config, price_ts=price_ts, ts=ts, trigger_kind=trigger_kind,
-        trigger_ref=trigger_ref, source=source, isolated=isolated)
-
-
-def assemble_event(
-    *,
-    account: str,
-    transition: int,
-    previous: AccountState,
-    state: AccountState,
-    valuation: Valuation,
-    balances: Mapping[str, float],
-    details: list[dict[str, Any]],
-    plan: dict[str, Any] | None,
     config: RiskConfig,
     price_ts: Mapping[str, int],
     ts: int,
@@ -114,11 +78,30 @@ def assemble_event(
     trigger_ref: str,
     source: Source,
     isolated: str | None = None,
+    positions: Mapping[str, Position] | None = None,
+    prices: Mapping[str, float] | None = None,
+    details: list[dict[str, Any]] | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> Event:
-    """The event of a state change from its figures: ``details``, its positions
-    (`position_detail` of each, by symbol); ``plan``, a liquidating unit's `liquidation_plan`
-    as JSON (`liquidation.plan_json`), else None. `build_event` computes them from
-    margin.py; the columnar engine, compiled, term for term."""
+    """The event of a state change. ``isolated``: the instrument, when the risk unit is an
+    isolated position (its balances are its wallet, its positions that one position).
+
+    ``details`` (its positions, `position_detail` of each, by symbol) and, for a liquidating
+    unit, ``plan`` (its `liquidation_plan` as JSON, `liquidation.plan_json`) are the caller's
+    when it has them (the columnar engine computes them compiled, term for term); whichever is
+    not given is computed here from ``positions`` and ``prices`` with margin.py and
+    liquidation.py."""
+    liquidating = state == AccountState.LIQUIDATING
+    if details is None or (liquidating and plan is None):
+        if positions is None or prices is None:
+            raise TypeError("build_event: positions and prices are needed for the position "
+                            "details or plan not given")
+        if details is None:
+            details = _position_details(positions, valuation, config, prices)
+        if liquidating and plan is None:
+            # From the account as this builder sees it, so every engine emits the same plan.
+            plan = liquidation_plan(balances, positions, config, prices,
+                                    isolated=isolated is not None).to_json()
     event_type = EVENT_TYPE[state]
     eid = event_id(account, transition, event_type, isolated)
     payload: dict[str, Any] = {
@@ -149,7 +132,7 @@ def assemble_event(
     if max_age is not None:
         payload["stale_prices"] = stale_prices(
             balances, [detail["symbol"] for detail in details], config, price_ts, ts - max_age)
-    if plan is not None:
+    if liquidating:
         payload["liquidation_plan"] = plan
     return Event(event_id=eid, type=event_type, account=account, payload=payload,
                  symbol=isolated)

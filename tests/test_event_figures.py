@@ -6,12 +6,17 @@ those streams seldom reach."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from monitor.book import figures
 from monitor.config import parse_config
 from monitor.engine import Engine
+from monitor.events import Event, Source, build_event
 from monitor.liquidation import liquidation_plan
+from monitor.margin import Position, Valuation
+from monitor.state import AccountState
 from tests.support.records import fill, ledger, tick
 
 
@@ -118,3 +123,36 @@ def test_a_reduction_leaving_only_float_rounding_closes_the_whole_position(engin
     fill(engine, "a", "BTC-PERP", 1.0, 50_000.0)
     (step,) = plan_of_event(engine, tick(engine, "BTC-PERP", 49_000.0))["steps"]
     assert (step["qty"], step["close"], step["margin_ratio_after"]) == (1.0, True, 0.0)
+
+
+# -- build_event: what it computes, and what it cannot ------------------------------------------
+
+def event_of(risk, state: AccountState, **figures_given: Any) -> Event:
+    """The event of an account holding 1 BTC-PERP long at 50,000 on 10,000 USDT, moving to
+    ``state``: MM 200, equity 10,000."""
+    valuation = Valuation(10_000.0, 0.0, 10_000.0, 200.0, 400.0, 0.02, False)
+    return build_event(account="a", transition=1, previous=AccountState.HEALTHY, state=state,
+                       valuation=valuation, balances={"USDT": 10_000.0}, config=risk,
+                       price_ts={}, ts=1, trigger_kind="tick", trigger_ref="BTC-PERP",
+                       source=Source("prices", 0, 0), **figures_given)
+
+
+def test_an_event_computes_its_positions_from_the_positions_given(risk) -> None:
+    event = event_of(risk, AccountState.MARGIN_CALL,
+                     positions={"BTC-PERP": Position(1.0, 50_000.0)},
+                     prices={"BTC-PERP": 50_000.0, "USDT": 1.0})
+    (position,) = event.payload["positions"]
+    assert (position["symbol"], position["notional"], position["maintenance_margin"]) == (
+        "BTC-PERP", 50_000.0, 200.0)
+
+
+def test_an_event_given_its_figures_needs_no_positions(risk) -> None:
+    details = [{"symbol": "BTC-PERP"}]  # what the caller computed: taken as it is
+    plan = {"steps": []}
+    event = event_of(risk, AccountState.LIQUIDATING, details=details, plan=plan)
+    assert (event.payload["positions"], event.payload["liquidation_plan"]) == (details, plan)
+
+
+def test_a_liquidation_without_its_plan_or_positions_is_refused(risk) -> None:
+    with pytest.raises(TypeError, match="positions and prices are needed"):
+        event_of(risk, AccountState.LIQUIDATING, details=[])
