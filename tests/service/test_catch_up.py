@@ -15,6 +15,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from monitor.config import fingerprint, load_config
 from monitor.engine import Engine
+from monitor.events import Source
+from monitor.records import decode
 from monitor.service.changelog import RestoredPartition
 from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients
@@ -161,3 +163,52 @@ async def test_a_gained_partitions_records_before_ticks_the_instance_applied_are
                                                 Clients(settings))
         await asyncio.wait_for(restorer.catch_up(never_checkpointed(), consumer), timeout=30)
     assert replayed == [(t.ledger, 0), (t.fills, 0), (t.prices, 0)]
+
+
+async def test_an_account_a_catch_up_empties_is_tombstoned_in_the_gained_partition(broker):
+    """"b" deposits and withdraws it all in the gained partition: blank, the catch-up's
+    private engine forgets it, and the main engine never held it. The main engine must still
+    hand it to the next checkpoint, with that partition for its tombstone; "a", held now,
+    with it."""
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    await create_topics(settings)
+
+    def entry(n: int, account: str, amount: float) -> tuple[str, bytes, bytes, int]:
+        kind = "deposit" if amount > 0 else "withdrawal"
+        return (t.ledger, account.encode(), orjson.dumps(
+            {"entry_id": f"e{n}", "account": account, "asset": "USDT", "amount": amount,
+             "kind": kind, "ts": FIRST_TS + n}), 0)
+
+    tick = (t.prices, b"BTC-PERP", orjson.dumps(
+        {"symbol": "BTC-PERP", "price": 50_000.0, "ts": FIRST_TS + 3}), 0)
+    await produce(settings.bootstrap, [entry(0, "b", 100.0), entry(1, "b", -100.0),
+                                       entry(2, "a", 1_000.0), tick],
+                  first_timestamp_ms=FIRST_TS)
+    metrics = Metrics()
+    positions = Positions(t, max_skew_ms=5, max_wait=0.5, max_stall=1.0, metrics=metrics)
+    positions.seek(TopicPartition(t.prices, 0), 1)  # this instance applied the tick
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
+    await consumer.start()
+    consumer.assign([TopicPartition(t.fills, 0), TopicPartition(t.ledger, 0)])
+    engine = Engine(CONFIG)
+
+    async def replay(batch: list[tuple[TopicPartition, ConsumerRecord]], private: Engine
+                     ) -> None:
+        for tp, record in batch:
+            kind = "prices" if tp.topic == t.prices else "ledger"
+            private.apply(decode(kind, record.value, CONFIG),
+                          Source(tp.topic, tp.partition, record.offset))
+
+    restorer = Restorer(settings, CONFIG, engine, positions,
+                        Checkpointer(engine, positions, settings, metrics, fingerprint(CONFIG)),
+                        Clients(settings), metrics, fingerprint(CONFIG),
+                        structlog.get_logger("liqmon"), lambda: None, replay)
+    try:
+        assert await asyncio.wait_for(restorer.catch_up(never_checkpointed(), consumer),
+                                      timeout=30) == 4
+    finally:
+        await consumer.stop()
+    assert "b" not in engine.accounts
+    taken = engine.take_dirty()
+    assert dict(zip(taken.keys, taken.partitions.tolist(), strict=True)) == {"a": 0, "b": 0}
