@@ -382,17 +382,22 @@ class TimestampMerge:
         """The consumer was moved, at wall-clock ``at_ms`` (now if not given): forget what was
         buffered or proved for this partition. ``offset`` may be inside a batch, so until a
         fetch answered after this reports its high watermark, no probe proves it."""
+        self._forget_read(tp)
+        self.fetched_to[tp] = offset
+        self._fetched_end[tp] = math.inf
+        self._positioned_at[tp] = time.time() * 1000 if at_ms is None else at_ms
+        self._progressed(tp)
+        self._unblock()  # a partition positioned anew gets the whole max_wait
+
+    def _forget_read(self, tp: TopicPartition) -> None:
+        """What was buffered, proved or answered for the partition: true of where its
+        consumer stood, not of where it stands next."""
         self._buffers.pop(tp, None)
         self._probed.pop(tp, None)
         self.proven.pop(tp, None)
         self.received.pop(tp, None)
         self._answered_at.pop(tp, None)
         self._in_a_row.pop(tp, None)
-        self.fetched_to[tp] = offset
-        self._fetched_end[tp] = math.inf
-        self._positioned_at[tp] = time.time() * 1000 if at_ms is None else at_ms
-        self._progressed(tp)
-        self._unblock()  # a partition positioned anew gets the whole max_wait
 
     def restart_wait(self) -> None:
         """The caller took nothing for a while (the loop held still through a rebalance), so
@@ -405,12 +410,7 @@ class TimestampMerge:
         for tp in tps:
             if tp.topic in self._co_partitioned:
                 self._last_out_of.pop(tp.partition, None)
-            self._buffers.pop(tp, None)
-            self._probed.pop(tp, None)
-            self.proven.pop(tp, None)
-            self.received.pop(tp, None)
-            self._answered_at.pop(tp, None)
-            self._in_a_row.pop(tp, None)
+            self._forget_read(tp)
             self._connection.pop(tp, None)
             self.fetched_to.pop(tp, None)
             self._progress.pop(tp, None)
