@@ -471,19 +471,25 @@ class Engine(InputLedger):
                    partition: int | None = None) -> None:
         """`InputLedger.mark_dirty`: by row where the key still holds the one it was handed
         out with, else looked up."""
-        book = self.book
-        ids, dirty = book.ids, book.dirty_m
-        handed: list[int] = [] if rows is None else rows.tolist()
-        for k, key in enumerate(keys):
-            row: int | None = handed[k] if k < len(handed) else None
-            if row is None or ids[row] is not key:
-                row = book.row_of(key)
+        dirty = self.book.dirty_m
+        for key, row in zip(keys, self._rows_now(keys, rows), strict=True):
             if row is None:
                 self._dirty.add(key)
                 if partition is not None:
                     self._forgotten_elsewhere(key, partition)
             else:
                 dirty[row] = True
+
+    def _rows_now(self, keys: Sequence[RiskKey], rows: np.ndarray | None
+                  ) -> list[int | None]:
+        """The row each key holds now: the one `take_dirty` handed out with it (``rows``, of
+        the first ``len(rows)`` keys) while it still holds that key object, else looked up
+        (a row freed and given to another unit meanwhile)."""
+        ids, row_of = self.book.ids, self.book.row_of
+        handed: list[int] = [] if rows is None else rows.tolist()
+        found = [row if ids[row] is key else row_of(key)
+                 for key, row in zip(keys[:len(handed)], handed, strict=True)]
+        return found + self._rows(keys[len(handed):])
 
     def _rows(self, keys: Sequence[RiskKey]) -> list[int | None]:
         """`Book.row_of` of each key, one dictionary lookup each."""
@@ -970,11 +976,7 @@ class Engine(InputLedger):
         """Those of these accounts and isolated positions held here, in the keys' order, as
         checkpoint columns read from the book's (``rows``: as `take_dirty` handed them out,
         each checked to hold its key still, else looked up)."""
-        ids, row_of = self.book.ids, self.book.row_of
-        handed: list[int] = [] if rows is None else rows.tolist()
-        found = [row if ids[row] is key else row_of(key)
-                 for key, row in zip(keys[:len(handed)], handed, strict=True)]
-        found += self._rows(keys[len(handed):])
+        found = self._rows_now(keys, rows)
         held = [key for key, row in zip(keys, found, strict=True) if row is not None]
         return self.book.snapshots(np.array([row for row in found if row is not None], np.int64),
                                    held)
