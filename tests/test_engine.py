@@ -214,8 +214,10 @@ def test_a_fill_or_entry_reflects_when_its_id_is_in_its_partitions_window(risk) 
     assert not engine.reflects(LedgerEntry("d4", "a", "USDT", 1.0, "deposit", 1), ledgers)
     assert not engine.reflects(LedgerEntry("d3", "b", "USDT", 1.0, "deposit", 1), ledgers)
     assert not engine.reflects(LedgerEntry("d1", "a", "USDT", 1.0, "deposit", 1), ledgers)
-    assert engine.reflects(Fill("f1", "a", "BTC-PERP", "buy", 0.001, 50_000.0, 0.0, 1), fills)
-    assert not engine.reflects(Fill("f1", "a", "BTC-PERP", "buy", 0.001, 50_000.0, 0.0, 1),
+    assert engine.reflects(Fill(fill_id="f1", account="a", symbol="BTC-PERP", side="buy", qty=0.001,
+                                price=50_000.0, fee=0.0, ts=1), fills)
+    assert not engine.reflects(Fill(fill_id="f1", account="a", symbol="BTC-PERP", side="buy",
+                                    qty=0.001, price=50_000.0, fee=0.0, ts=1),
                                Source("fills", partition=2, offset=0))  # another window
 
 
@@ -265,7 +267,8 @@ def test_changed_units_are_handed_out_with_the_partition_each_lives_in(risk, mak
     engine.apply(LedgerEntry("d1", "a", "USDT", 100.0, "deposit", 1),
                  Source("ledger", partition=3, offset=0))
     engine.apply(LedgerEntry("d2", "r", "USDT", 100.0, "deposit", 1), Source("ledger", index=0))
-    engine.apply(Fill("f1", "a", "BTC-PERP", "buy", 0.001, 50_000.0, 0.0, 2, "isolated"),
+    engine.apply(Fill(fill_id="f1", account="a", symbol="BTC-PERP", side="buy", qty=0.001,
+                      price=50_000.0, fee=0.0, ts=2, margin_mode="isolated"),
                  Source("fills", partition=3, offset=0))
     taken = engine.take_dirty()
     assert dict(zip(taken.keys, taken.partitions.tolist(), strict=True)) == {

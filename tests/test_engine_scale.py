@@ -9,11 +9,11 @@ None of these tests is timed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -120,9 +120,10 @@ def stream(seed: int, length: int, accounts: int, shock_rate: float = 0.01,
                     held[(name, symbol)] = have + (qty if side == "buy" else -qty)
             else:
                 held[(name, symbol)] = have + (qty if side == "buy" else -qty)
-            record = (Fill(f"f{n}", name, symbol, side, qty,
-                           prices[symbol] * rng.uniform(0.995, 1.005),
-                           rng.choice([0.0, 0.3, -0.05]), ts, mode), source("fills"))
+            record = (Fill(fill_id=f"f{n}", account=name, symbol=symbol, side=side, qty=qty,
+                           price=prices[symbol] * rng.uniform(0.995, 1.005),
+                           fee=rng.choice([0.0, 0.3, -0.05]), ts=ts, margin_mode=mode),
+                      source("fills"))
             sent.append(record)
             out.append(record)
         elif isolated and modes.random() < 0.35:
@@ -305,7 +306,7 @@ def test_columnar_engine_equals_the_naive_model_with_many_accounts_and_shocks(
     conflicts = 0
     for n, (record, source) in enumerate(records):
         try:
-            theirs = naive.feed(source.topic, dataclasses.asdict(record), n)
+            theirs = naive.feed(source.topic, msgspec.structs.asdict(record), n)
         except ModeConflict:
             with pytest.raises(Rejected, match="margin_mode_conflict"):
                 engine.apply(record, Source(source.topic, index=n))
@@ -498,7 +499,8 @@ def test_parallel_evaluation_falls_back_to_serial_when_rows_watch_many_symbols()
         engine.apply(LedgerEntry(f"d{a}", f"a{a}", "USDT", 10_000.0, "deposit", 2),
                      Source("ledger", 0, a))
         for n in range(12):
-            engine.apply(Fill(f"f{a}-{n}", f"a{a}", f"X{n}-PERP", "buy", 1.0, 100.0, 0.0, 3),
+            engine.apply(Fill(fill_id=f"f{a}-{n}", account=f"a{a}", symbol=f"X{n}-PERP",
+                              side="buy", qty=1.0, price=100.0, fee=0.0, ts=3),
                          Source("fills", 0, 12 * a + n))
     book = engine.book
     rows = book.rows_in_use().astype(np.int64)
@@ -733,9 +735,11 @@ def test_accounts_view_reads_like_the_old_dicts(risk) -> None:
     engine.apply(PriceTick("BTC", 50_000.0, 1), Source("prices", index=0))
     engine.apply(LedgerEntry("d", "a", "USDT", 1000.0, "deposit", 1), Source("ledger", 0, 5))
     engine.apply(LedgerEntry("e", "a", "BTC", 0.1, "deposit", 1), Source("ledger", 0, 6))
-    engine.apply(Fill("f", "a", "ETH-PERP", "sell", 10.0, 2_500.0, 1.0, 1),
+    engine.apply(Fill(fill_id="f", account="a", symbol="ETH-PERP", side="sell", qty=10.0,
+                      price=2_500.0, fee=1.0, ts=1),
                  Source("fills", 0, 7))
-    engine.apply(Fill("g", "a", "BTC-PERP", "buy", 0.01, 50_000.0, 0.0, 1),
+    engine.apply(Fill(fill_id="g", account="a", symbol="BTC-PERP", side="buy", qty=0.01,
+                      price=50_000.0, fee=0.0, ts=1),
                  Source("fills", 0, 8))
     account = engine.accounts["a"]
     assert account.balances == {"USDT": 999.0, "BTC": 0.1}

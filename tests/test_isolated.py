@@ -34,7 +34,8 @@ def tick(engine: Engine, symbol: str, price: float) -> list[Event]:
 def fill(engine: Engine, fill_id: str, symbol: str, qty: float, price: float, *,
          mode: str = "cross", fee: float = 0.0, account: str = "a") -> list[Event]:
     side = "buy" if qty > 0 else "sell"
-    return engine.apply(Fill(fill_id, account, symbol, side, abs(qty), price, fee, 1, mode),
+    return engine.apply(Fill(fill_id=fill_id, account=account, symbol=symbol, side=side,
+                             qty=abs(qty), price=price, fee=fee, ts=1, margin_mode=mode),
                         Source("fills", index=2))
 
 

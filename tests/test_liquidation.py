@@ -220,7 +220,8 @@ def execute(config: RiskConfig, account: Account, prices: dict[str, float],
     engine.load_prices({symbol: (price, 0) for symbol, price in prices.items()})
     engine.load_account("a", copy.deepcopy(account))
     for n, (symbol, side, qty, price, fee) in enumerate(fills):
-        engine.apply(Fill(f"liq-{n}", "a", symbol, side, qty, price, fee, 1),
+        engine.apply(Fill(fill_id=f"liq-{n}", account="a", symbol=symbol, side=side, qty=qty,
+                          price=price, fee=fee, ts=1),
                      Source(topic="fills", index=n))
     return engine
 

@@ -114,8 +114,10 @@ def test_fees_and_realized_pnl_settle_into_the_balance(risk) -> None:
 
     engine = Engine(risk)
     src = Source("fills", index=0)
-    engine.apply(Fill("f1", "a", "BTC-PERP", "buy", 1.0, 60_000.0, 24.0, 1), src)
-    engine.apply(Fill("f2", "a", "BTC-PERP", "sell", 1.0, 61_000.0, 24.4, 2), src)
+    engine.apply(Fill(fill_id="f1", account="a", symbol="BTC-PERP", side="buy", qty=1.0,
+                      price=60_000.0, fee=24.0, ts=1), src)
+    engine.apply(Fill(fill_id="f2", account="a", symbol="BTC-PERP", side="sell", qty=1.0,
+                      price=61_000.0, fee=24.4, ts=2), src)
     # −24 fee, +1000 realized, −24.4 fee; a rebate (negative fee) would add.
     assert engine.accounts["a"].balances == {"USDT": pytest.approx(-24.0 + 1000.0 - 24.4)}
     assert engine.accounts["a"].positions == {}

@@ -317,11 +317,15 @@ def traded(risk) -> Engine:
     records = [
         LedgerEntry("e1", "a", "USDT", 10_000.0, "deposit", 1),
         LedgerEntry("e2", "a", "BTC", 0.5, "deposit", 2),
-        Fill("f1", "a", "ETH-PERP", "buy", 10.0, 3_000.0, 1.5, 3),
-        Fill("f2", "a", "BTC-PERP", "sell", 0.1, 60_000.0, 0.0, 4),
+        Fill(fill_id="f1", account="a", symbol="ETH-PERP", side="buy", qty=10.0, price=3_000.0,
+             fee=1.5, ts=3),
+        Fill(fill_id="f2", account="a", symbol="BTC-PERP", side="sell", qty=0.1, price=60_000.0,
+             fee=0.0, ts=4),
         LedgerEntry("e3", "b", "USDT", 500.0, "deposit", 5),
-        Fill("f3", "b", "BTC-PERP", "buy", 0.01, 60_000.0, 0.0, 6),
-        Fill("f4", "b", "BTC-PERP", "sell", 0.01, 61_000.0, 0.0, 7),
+        Fill(fill_id="f3", account="b", symbol="BTC-PERP", side="buy", qty=0.01, price=60_000.0,
+             fee=0.0, ts=6),
+        Fill(fill_id="f4", account="b", symbol="BTC-PERP", side="sell", qty=0.01, price=61_000.0,
+             fee=0.0, ts=7),
         LedgerEntry("e4", "c", "ETH", 2.0, "deposit", 8),
     ]
     for n, record in enumerate(records):

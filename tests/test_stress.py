@@ -31,7 +31,8 @@ def deposit(account: str, amount: float, asset: str = "USDT") -> LedgerEntry:
 
 
 def fill(account: str, symbol: str, side: str, qty: float, price: float) -> Fill:
-    return Fill(f"f-{account}-{symbol}", account, symbol, side, qty, price, 0.0, 2)
+    return Fill(fill_id=f"f-{account}-{symbol}", account=account, symbol=symbol, side=side,
+                qty=qty, price=price, fee=0.0, ts=2)
 
 
 def tick(symbol: str, price: float, ts: int = 3) -> PriceTick:
@@ -165,8 +166,9 @@ def random_records(seed: int, accounts: int = 400) -> list[InputRecord]:
                 wallet = notional * rng.uniform(0.01, 0.2)  # notional is in settle units
                 records.append(LedgerEntry(f"m{n}-{k}", a, settle, wallet, "isolated_margin", 2,
                                            symbol))
-            records.append(Fill(f"f{n}-{k}", a, symbol, rng.choice(["buy", "sell"]), qty, price,
-                                0.0, 2, mode))
+            records.append(Fill(fill_id=f"f{n}-{k}", account=a, symbol=symbol,
+                                side=rng.choice(["buy", "sell"]), qty=qty, price=price, fee=0.0,
+                                ts=2, margin_mode=mode))
     records += [tick("BTC-PERP", 58_800.0, ts=3), tick("ETH-PERP", 3_090.0, ts=3)]
     return records
 

@@ -333,8 +333,9 @@ class MixedStream:
                 self.held[(account, instr)] = held + signed
                 fee = round(qty * price * 0.0004, 8)
                 out.append(StreamRecord("fills", name, Fill(
-                    f"f{self.ids}", name, instruments[instr], "buy" if signed > 0 else "sell",
-                    qty, price, fee, self.ts)))
+                    fill_id=f"f{self.ids}", account=name, symbol=instruments[instr],
+                    side="buy" if signed > 0 else "sell", qty=qty, price=price, fee=fee,
+                    ts=self.ts)))
             else:
                 amount = round((u[1] - 0.45) * 200.0, 2) or 1.0
                 kind_name = "funding" if u[2] < 0.7 else "deposit" if amount > 0 else "withdrawal"

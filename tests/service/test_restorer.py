@@ -208,7 +208,8 @@ def test_a_restored_partitions_duplicate_windows_are_loaded() -> None:
     restorer = make()
     checkpoint = control(AT_CONTROL, dedupe={("fills", 3): [("alice", "f-1")]})
     install(restorer, partition(3, checkpoint), AT_CONTROL)
-    fill = Fill("f-1", "alice", "BTC-PERP", "buy", 0.1, 60_000.0, 0.0, 1)
+    fill = Fill(fill_id="f-1", account="alice", symbol="BTC-PERP", side="buy", qty=0.1,
+                price=60_000.0, fee=0.0, ts=1)
     restorer.engine.apply(fill, Source("fills", 3, 70))  # sent again after the checkpoint
     assert (restorer.engine.stats.duplicates, "alice" in restorer.engine.accounts) == (1, False)
 

@@ -16,7 +16,8 @@ def fill(engine: Engine, account: str, symbol: str, qty: float, price: float,
          fill_id: str = "", fee: float = 0.0):
     side = "buy" if qty > 0 else "sell"
     fid = fill_id or f"{account}/{symbol}/{qty}@{price}"
-    return engine.apply(Fill(fid, account, symbol, side, abs(qty), price, fee, 1),
+    return engine.apply(Fill(fill_id=fid, account=account, symbol=symbol, side=side, qty=abs(qty),
+                             price=price, fee=fee, ts=1),
                         Source("fills", index=3))
 
 
