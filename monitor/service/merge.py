@@ -453,13 +453,15 @@ class TimestampMerge:
         partitions = self._active = list(partitions)
         silent = [tp for tp in partitions if not self._buffers.get(tp) and tp not in self.stalled
                   and not (exhausted and exhausted(tp, self.fetched_to.get(tp, 0)))]
-        heap = []
+        # (sort key: placed timestamp, rank, partition, offset; the partition; its buffer)
+        heap: list[tuple[int, int, int, int, TopicPartition, deque[tuple[Record, float]]]] = []
         for tp, buffer in self._buffers.items():
             if buffer:
                 head, arrived = buffer[0]
                 placed = (head.timestamp if head.timestamp <= arrived + ahead_limit
                           else int(arrived + ahead_limit))
-                heap.append((placed, self._rank(tp.topic), tp.partition, head.offset, tp))
+                heap.append((placed, self._rank(tp.topic), tp.partition, head.offset, tp,
+                             buffer))
         heapq.heapify(heap)
         connections = self._connection
         # the least proofs among partitions with nothing buffered bound what may go out
@@ -469,8 +471,8 @@ class TimestampMerge:
         out: list[tuple[TopicPartition, Record]] = []
         co_partitioned, last_out_of = self._co_partitioned, self._last_out_of
         while heap and len(out) < limit:
-            timestamp, *_, tp = heap[0]
-            buffer = self._buffers[tp]
+            entry = heap[0]
+            timestamp, tp, buffer = entry[0], entry[4], entry[5]
             arrived, after_skew = buffer[0][1], timestamp + skew
             least_proven = least.proven  # sent after both, for every partition: the usual case
             if ((least_proven < arrived or least_proven < after_skew) and not least.prove(
@@ -499,7 +501,7 @@ class TimestampMerge:
                 if self.stalled and not stalled_least.prove(arrived, after_skew,
                                                             connections.get(tp)):
                     self.forced_past_stalled += 1
-            key = heap[0][:4]
+            key = entry[:4]
             record, arrived = buffer.popleft()
             if key[0] != record.timestamp:  # stamped ahead: placed at its arrival
                 self.ahead[tp.topic] = self.ahead.get(tp.topic, 0) + 1
@@ -523,15 +525,15 @@ class TimestampMerge:
                 placed = (head.timestamp if head.timestamp <= arrived + ahead_limit
                           else int(arrived + ahead_limit))
                 # one sift: the partition's next record takes its last one's place
-                heapq.heapreplace(heap, (placed, key[1], tp.partition, head.offset, tp))
+                heapq.heapreplace(heap, (placed, key[1], key[2], head.offset, tp, buffer))
                 continue
             heapq.heappop(heap)
             if not (exhausted and exhausted(tp, self.fetched_to[tp])):
                 silent.append(tp)  # it may hold records earlier than the other heads
                 self._add_to(least, tp)
         if heap:
-            timestamp, *_, tp = heap[0]
-            head = self._head = (self._buffers[tp][0][1], timestamp + skew, connections.get(tp))
+            timestamp, tp, buffer = heap[0][0], heap[0][4], heap[0][5]
+            head = self._head = (buffer[0][1], timestamp + skew, connections.get(tp))
             self.head_needs = max(head[0], head[1])
             self.blocked_on = [tp for tp in silent if not self._proves(tp, *head)]
         else:
