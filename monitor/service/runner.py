@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, cast
 
@@ -1071,14 +1072,11 @@ class Monitor:
         stats = engine.stats
         before = (stats.stale_ticks, stats.unused_ticks, stats.duplicates)
         out: list[Outgoing] = []
-        consumed: dict[str, int] = {}
         not_after_ms = int(time.time() * 1000 + self.settings.max_future * 1000)
         kind_of = topics.input_kinds()
-        kinds = []
-        for tp, _ in batch:
-            consumed[tp.topic] = consumed.get(tp.topic, 0) + 1
-            kinds.append(kind_of[tp.topic])
-        decoded = decode_batch(kinds, [message.value for _, message in batch], config,
+        batch_topics = [tp.topic for tp, _ in batch]
+        decoded = decode_batch([kind_of[topic] for topic in batch_topics],
+                               [message.value for _, message in batch], config,
                                not_after_ms=not_after_ms)
         superseded = _superseded_ticks(decoded) if conflate else set()
         if superseded:
@@ -1118,7 +1116,7 @@ class Monitor:
             if isinstance(record, PriceTick) and stats.applied_ticks != applied_ticks:
                 self._last_tick_wall[record.symbol] = time.time()
             self._record_outcome(out, tp, message, events)
-        for topic, count in consumed.items():
+        for topic, count in Counter(batch_topics).items():
             metrics.records_consumed.labels(topic).inc(count)
         self._miskeyed.report()
         stale, unused, duplicates = before
