@@ -615,11 +615,10 @@ class Engine(InputLedger):
         start = 0
         while start < size:
             stop, verdict = book.account_run(run, start, size)
-            for j in range(start, min(stop + 1, size)):
-                if run.ops[j] == FILL:
-                    self.stats.applied_fills += 1
-                else:
-                    self.stats.applied_ledger += 1
+            applied = min(stop + 1, size)
+            fills = run.fills(start, applied)
+            self.stats.applied_fills += fills
+            self.stats.applied_ledger += applied - start - fills
             if stop == size:
                 return
             k = chunk[stop]
