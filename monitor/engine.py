@@ -615,10 +615,11 @@ class Engine(InputLedger):
         start = 0
         while start < size:
             stop, verdict = book.account_run(run, start, size)
-            applied = min(stop + 1, size)
-            fills = run.fills(start, applied)
-            self.stats.applied_fills += fills
-            self.stats.applied_ledger += applied - start - fills
+            for j in range(start, min(stop + 1, size)):
+                if run.ops[j] == FILL:
+                    self.stats.applied_fills += 1
+                else:
+                    self.stats.applied_ledger += 1
             if stop == size:
                 return
             k = chunk[stop]

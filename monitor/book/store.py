@@ -49,10 +49,6 @@ class AccountRun:
         (self.ops, self.rows, self.codes, self.amounts, self.prices,
          self.fees) = (_view(row) for row in self.table)
 
-    def fills(self, start: int, end: int) -> int:
-        """How many of the records ``start`` to ``end`` (exclusive) are fills."""
-        return int(np.count_nonzero(self.table[0, start:end] == kernels.FILL))
-
 
 class Evaluation(NamedTuple):
     """`Book.evaluate` of some rows: per row whether it could be valued, its ratio, the state
