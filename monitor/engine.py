@@ -648,6 +648,12 @@ class Engine(InputLedger):
         sym = self._t.sym_index[symbol]
         book = self.book
         book.sym_px_m[sym] = tick.price
+        if not self._caught_up_from:  # (else `_reevaluate` skips accounts snapshots reflect)
+            few = book.reevaluate_few(sym, tick.price)
+            if few is not None:
+                moved, new_states, unevaluated = few
+                self.stats.unevaluated += unevaluated
+                return self._price_moves(moved, new_states, tick.ts, symbol, source)
         rows = book.candidates(sym, tick.price)
         if rows is None:
             return []
@@ -659,8 +665,7 @@ class Engine(InputLedger):
         book = self.book
         evaluation = book.evaluate(rows)
         evaluable, new_state, eps = evaluation.evaluable, evaluation.new_state, evaluation.eps
-        state = book.state[rows]
-        moved = evaluable & (new_state != state)
+        moved = evaluable & (new_state != book.state[rows])
         if self._caught_up_from:  # snapshots newer than this input: leave them as they are
             ids = book.ids
             for k in range(len(rows)):
@@ -669,15 +674,23 @@ class Engine(InputLedger):
                     moved[k] = False
                     eps[k] = 0.0
         self.stats.unevaluated += len(rows) - int(np.count_nonzero(evaluable))
+        book.anchor_many(rows, eps, evaluation)
+        at = np.flatnonzero(moved)
+        return self._price_moves(rows[at].tolist(), new_state[at].tolist(), ts, symbol, source)
+
+    def _price_moves(self, rows: list[int], new_states: list[int], ts: int, symbol: str,
+                     source: Source) -> list[Event]:
+        """Move the accounts a tick moved (their bands filed for their new states already);
+        their events in `Event.order`."""
+        book = self.book
         events = []
-        for k in np.flatnonzero(moved).tolist():
-            event, settled = self._transition(int(rows[k]), int(state[k]), ts, "price", symbol,
+        for row, new in zip(rows, new_states, strict=True):
+            event, settled = self._transition(row, book.state_m[row], ts, "price", symbol,
                                               source)
-            if settled != new_state[k]:  # pragma: no cover - both valuations sum identically
-                eps[k] = 0.0
+            if settled != new:  # pragma: no cover - both valuations sum identically
+                book.anchor(row, 0.0, book.watched(row))
             if event is not None:
                 events.append(event)
-        book.anchor_many(rows, eps, evaluation)
         if len(events) > 1:
             events.sort(key=Event.order)
         return events

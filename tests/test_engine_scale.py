@@ -412,9 +412,11 @@ def test_events_report_exactly_what_margin_py_computes_from_scratch(fees) -> Non
 def test_columnar_engine_on_every_core_equals_reference(monkeypatch: pytest.MonkeyPatch,
                                                         ) -> None:
     """Ticks that move many accounts re-value and re-file them with the parallel kernels
-    (`store.PARALLEL_ROWS`, lowered here so that this stream's shocks take that path): the
-    events and the final state are the reference engine's."""
+    (`store.PARALLEL_ROWS`, and `store.ANCHOR_ONE_BY_ONE` below which a tick is done in one
+    serial call, both lowered here so that this stream's shocks take that path): the events
+    and the final state are the reference engine's."""
     monkeypatch.setattr(store, "PARALLEL_ROWS", 8)
+    monkeypatch.setattr(store, "ANCHOR_ONE_BY_ONE", 8)
     parallel_calls = 0
     evaluate_rows_parallel = kernels.evaluate_rows_parallel
 

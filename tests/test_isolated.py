@@ -12,6 +12,7 @@ import copy
 import io
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -290,7 +291,7 @@ def test_isolated_and_cross_events_validate_against_the_event_schema(engine) -> 
 
 
 def test_a_tick_revalues_only_the_isolated_positions_whose_band_it_leaves(
-    risk: RiskConfig, monkeypatch: pytest.MonkeyPatch,
+    risk: RiskConfig,
 ) -> None:
     """Isolated positions are filed in the price-band index like accounts: 20 well-funded ones
     (0.1 BTC on a 4,000 wallet: ratio 20 / 4,000) and one thin (1 BTC on 300: 200 / 300).
@@ -305,14 +306,8 @@ def test_a_tick_revalues_only_the_isolated_positions_whose_band_it_leaves(
     deposit(engine, "d-thin", 300.0, account="thin")
     fund(engine, "m-thin", "BTC-PERP", 300.0, account="thin")
     fill(engine, "f-thin", "BTC-PERP", 1.0, 50_000.0, mode="isolated", account="thin")
-    evaluated: list[Any] = []
-    evaluate = engine.book.evaluate
-
-    def counting(rows: Any, *args: Any) -> Any:
-        evaluated.extend(engine.book.ids[row] for row in rows.tolist())
-        return evaluate(rows, *args)
-
-    monkeypatch.setattr(engine.book, "evaluate", counting)
+    anchors = engine.book.aid.copy()  # a row re-valued is re-filed under a new anchor id
     (event,) = tick(engine, "BTC-PERP", 49_900.0)
     assert event.event_id == "thin/BTC-PERP:1:margin_call"
-    assert evaluated == [UnitKey("thin", "BTC-PERP")]
+    refiled = np.flatnonzero(engine.book.aid != anchors).tolist()
+    assert [engine.book.ids[row] for row in refiled] == [UnitKey("thin", "BTC-PERP")]

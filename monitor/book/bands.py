@@ -17,6 +17,10 @@ FIRST_LIMIT = 256  # pending bands that make a merge due, until the runs grow (`
 PER_SQRT_BAND = 16  # then a merge is due after this many pending bands per √(bands in the runs)
 
 
+# (hi, hrow, haid, hs, lneg, lrow, laid, ls): `SymbolBands.runs`
+Runs = tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, int]
+
+
 def _view(array: np.ndarray) -> Any:
     """A memoryview for scalar reads and writes; typed Any as typeshed's holds ints only."""
     return array.data
@@ -229,18 +233,29 @@ class SymbolBands:
         """A bulk filing (`Book.anchor_many`) left more pending than a merge waits for."""
         return self.pending.count_m[self.s] > self.pending.limit_m[self.s]
 
+    def touched(self, price: float) -> bool:
+        """Whether the price touches or leaves any band here (some may be stale)."""
+        pending, s = self.pending, self.s
+        return not (price < self.sfloor and price < pending.floor_m[s] and price > self.sceil
+                    and price > pending.ceil_m[s])
+
     def take(self, price: float, aid: np.ndarray) -> np.ndarray | None:
         """Remove every band the price touches or leaves; the rows whose band it was (sorted,
         unique, stale entries skipped), or None."""
-        pending, s = self.pending, self.s
-        if (price < self.sfloor and price < pending.floor_m[s] and price > self.sceil
-                and price > pending.ceil_m[s]):
+        if not self.touched(price):
             return None
-        rows, self.hs, self.ls = kernels.take_crossed(
-            price, self.hi, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
-            self.ls, s, *pending.args, aid)
-        self._sorted_edges()
+        rows, hs, ls = kernels.take_crossed(price, *self.runs(), self.s, *self.pending.args, aid)
+        self.taken(hs, ls)
         return rows if len(rows) else None
+
+    def runs(self) -> Runs:
+        """The sorted runs as `kernels.take_crossed` takes them."""
+        return (self.hi, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid, self.ls)
+
+    def taken(self, hs: int, ls: int) -> None:
+        """A kernel took the runs' bands up to ``hs`` and ``ls``."""
+        self.hs, self.ls = hs, ls
+        self._sorted_edges()
 
     def merge(self, aid: np.ndarray, trim: bool = True) -> None:
         """Fold the pending bands into the sorted runs (`merge_in`). Stale entries are dropped

@@ -944,6 +944,15 @@ def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids
 
     Returns (rows, hs, ls): rows sorted, unique, and only those whose anchor id still matches
     (a stale entry is a re-anchored row)."""
+    i, j = _crossed_runs(price, hi, hs, lneg, ls)
+    out = np.empty((i - hs) + (j - ls) + meta[2, s], np.int64)
+    n = _take(out, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta, edges, aid)
+    return _sorted_unique(out[:n], aid.shape[0]), i, j
+
+
+@_jit
+def _crossed_runs(price, hi, hs, lneg, ls):
+    """Where the prefixes of the two sorted runs that ``price`` touches or leaves end."""
     i = hs
     end = hi.shape[0]
     while i < end and hi[i] <= price:
@@ -953,9 +962,24 @@ def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids
     neg = -price
     while j < end and lneg[j] <= neg:
         j += 1
+    return i, j
+
+
+@_jit
+def _pending_crossed(price, s, bounds, meta):
+    """How many of symbol ``s``'s pending bands ``price`` touches or leaves."""
+    n = 0
     start = meta[0, s]
-    np_ = meta[2, s]
-    out = np.empty((i - hs) + (j - ls) + np_, np.int64)
+    for k in range(start, start + meta[2, s]):
+        if bounds[1, k] <= price or bounds[0, k] >= price:
+            n += 1
+    return n
+
+
+@_jit
+def _take(out, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta, edges, aid):
+    """`take_crossed`'s removal, the rows (current entries only, in run order, not yet unique)
+    written to ``out``: how many."""
     n = 0
     for k in range(hs, i):
         r = hrow[k]
@@ -967,10 +991,11 @@ def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids
         if aid[r] == laid[k]:
             out[n] = r
             n += 1
+    start = meta[0, s]
     kept = start
     floor = INF
     ceil = -INF
-    for k in range(start, start + np_):
+    for k in range(start, start + meta[2, s]):
         low = bounds[0, k]
         high = bounds[1, k]
         if high <= price or low >= price:
@@ -991,7 +1016,70 @@ def take_crossed(price, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, bounds, ids
     meta[2, s] = kept - start
     edges[0, s] = floor
     edges[1, s] = ceil
-    return _sorted_unique(out[:n], aid.shape[0]), i, j
+    return n
+
+
+@_jit
+def reevaluate_few(price, limit, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, rows, moved,
+                   state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry, sym_px,
+                   floats, ints, aid, bounds, ids, meta, edges):
+    """A tick that crosses at most ``limit`` bands of symbol ``s`` (no more than ``rows``
+    holds), in one call: `take_crossed`, then `evaluate_and_file_rows` of the rows taken,
+    written to ``rows``. Entering a compiled call costs ~70 ns an array argument, returning
+    an array more: for the dozen accounts a tick in a volatile market re-values, the three
+    calls and the numpy between them cost more than valuing and filing them.
+
+    Returns (rows taken, hs, ls) and `evaluate_and_file_rows`' five figures; (-1, hs, ls, ...)
+    with nothing taken or changed when more bands are crossed."""
+    i, j = _crossed_runs(price, hi, hs, lneg, ls)
+    crossed = (i - hs) + (j - ls) + _pending_crossed(price, s, bounds, meta)
+    if crossed > limit or crossed > rows.shape[0]:
+        return -1, hs, ls, 0, 0.0, 0, 0, 0
+    n = _take(rows, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta, edges, aid)
+    taken = _sorted_unique(rows[:n], aid.shape[0])
+    n = taken.shape[0]
+    rows[:n] = taken
+    stop, eps, watching, n_moved, unevaluated = _evaluate_and_file_rows(
+        rows, 0, n, moved, 0, 0, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
+        p_entry, sym_px, _unpack(floats, ints), aid, bounds, ids, meta, edges)
+    return n, i, j, stop, eps, watching, n_moved, unevaluated
+
+
+@_jit
+def evaluate_and_file_rows(rows, start, end, moved, n_moved, unevaluated, state, watched, bal,
+                           isolated, first, p_next, p_instr, p_qty, p_entry, sym_px, floats,
+                           ints, aid, bounds, ids, meta, edges):
+    """`evaluate_and_file` of ``rows[start:end]`` in turn, each row's bands filed for the
+    state it moves to (before the move: its event is the caller's). A row that moves is
+    written to column ``n_moved`` of ``moved`` (rows: the account row, its new state), and
+    counted; one that cannot be valued counted in ``unevaluated``. Stops at a row whose bands
+    did not fit (`Book.anchor` then files them, from the symbols left in ``watched``).
+
+    Returns (where it stopped, ``end`` if it did not; that row's eps; how many symbols it
+    watches; n_moved; unevaluated)."""
+    return _evaluate_and_file_rows(rows, start, end, moved, n_moved, unevaluated, state,
+                                   watched, bal, isolated, first, p_next, p_instr, p_qty,
+                                   p_entry, sym_px, _unpack(floats, ints), aid, bounds, ids,
+                                   meta, edges)
+
+
+@_jit
+def _evaluate_and_file_rows(rows, start, end, moved, n_moved, unevaluated, state, watched, bal,
+                            isolated, first, p_next, p_instr, p_qty, p_entry, sym_px, tables,
+                            aid, bounds, ids, meta, edges):
+    for k in range(start, end):
+        row = rows[k]
+        ok, _, new, eps, n = evaluate_row(row, state, watched, bal, isolated, first, p_next,
+                                          p_instr, p_qty, p_entry, sym_px, tables)
+        if not ok:
+            unevaluated += 1
+        elif new != state[row]:
+            moved[0, n_moved] = row
+            moved[1, n_moved] = new
+            n_moved += 1
+        if not file_bands(row, eps, watched[:n], aid, sym_px, bounds, ids, meta, edges):
+            return k, eps, n, n_moved, unevaluated
+    return end, 0.0, 0, n_moved, unevaluated
 
 
 @_jit

@@ -128,6 +128,9 @@ class Book:
         self._plan = np.empty(figures.PLAN_FIGURES, np.float64)  # `liquidation_plan`'s
         self._plan_steps = np.empty((len(self.t.instruments), figures.STEP_FIGURES), np.float64)
         self.bulk_filed = False  # `anchor_many` may have left symbols' merges overdue
+        # `reevaluate_few`'s: the rows a tick takes, and (account row, new state) of each moving
+        self._few_rows = np.empty(ANCHOR_ONE_BY_ONE, np.int64)
+        self._few_moved = np.empty((2, ANCHOR_ONE_BY_ONE), np.int64)
         self._bind_kernels()
 
     # -- storage -------------------------------------------------------------------------------
@@ -683,6 +686,35 @@ class Book:
         if bands.overdue():
             bands.merge(self.aid)
         return bands.take(price, self.aid)
+
+    def reevaluate_few(self, sym: int, price: float) -> tuple[list[int], list[int], int] | None:
+        """A tick (the symbol's price set already) that crosses few bands
+        (`ANCHOR_ONE_BY_ONE`): the rows it crosses taken (`candidates`), valued, and their
+        new bands filed for the state each moves to (`evaluate`, `anchor_many`), in one
+        compiled call. Returns the rows whose state moves, their new states (the moves, and
+        their events, are the caller's) and how many rows could not be valued; None, with
+        nothing done, when more bands are crossed."""
+        bands = self.bands[sym]
+        if bands.overdue():
+            bands.merge(self.aid)
+        if not bands.touched(price):
+            return [], [], 0
+        rows, moved, watched = self._few_rows, self._few_moved, self._watched
+        taken, hs, ls, stop, eps, watching, n_moved, unevaluated = kernels.reevaluate_few(
+            price, ANCHOR_ONE_BY_ONE, *bands.runs(), sym, rows, moved, self.state, watched,
+            *self._value_args, self.aid, *self.pending.args)
+        if taken < 0:
+            return None
+        bands.taken(hs, ls)
+        while stop < taken:  # a segment is full or due: `anchor` makes room and merges
+            self.anchor(int(rows[stop]), eps, self._watched_m[:watching].tolist())
+            stop, eps, watching, n_moved, unevaluated = kernels.evaluate_and_file_rows(
+                rows, stop + 1, taken, moved, n_moved, unevaluated, self.state, watched,
+                *self._value_args, self.aid, *self.pending.args)
+        if not n_moved:
+            return [], [], unevaluated
+        moved_rows, new_states = moved[:, :n_moved].tolist()
+        return moved_rows, new_states, unevaluated
 
     def merge_overdue_bands(self) -> bool:
         """Merge the pending bands of one symbol that a bulk filing left overdue (the symbol
