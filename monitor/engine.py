@@ -648,16 +648,17 @@ class Engine(InputLedger):
         sym = self._t.sym_index[symbol]
         book = self.book
         book.sym_px_m[sym] = tick.price
-        if not self._caught_up_from:  # (else `_reevaluate` skips accounts snapshots reflect)
-            few = book.reevaluate_few(sym, tick.price)
-            if few is not None:
-                moved, new_states, unevaluated = few
-                self.stats.unevaluated += unevaluated
-                return self._price_moves(moved, new_states, tick.ts, symbol, source)
-        rows = book.candidates(sym, tick.price)
-        if rows is None:
+        if self._caught_up_from:  # `_reevaluate` skips the accounts snapshots reflect
+            rows = book.candidates(sym, tick.price)
+            return [] if rows is None else self._reevaluate(rows, tick.ts, symbol, source)
+        crossed = book.reevaluate_crossed(sym, tick.price)
+        if crossed is None:
             return []
-        return self._reevaluate(rows, tick.ts, symbol, source)
+        if isinstance(crossed, np.ndarray):  # many: valued, then filed by symbol in bulk
+            return self._reevaluate(crossed, tick.ts, symbol, source)
+        moved, new_states, unevaluated = crossed
+        self.stats.unevaluated += unevaluated
+        return self._price_moves(moved, new_states, tick.ts, symbol, source)
 
     def _reevaluate(self, rows: np.ndarray, ts: int, symbol: str,
                     source: Source) -> list[Event]:

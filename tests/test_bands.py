@@ -120,6 +120,16 @@ def test_the_rows_a_tick_takes_come_sorted_and_once_each(rows: list[int], n_rows
     assert taken.tolist() == sorted(set(rows))
 
 
+@given(st.lists(st.integers(0, 4_999), max_size=80))
+@settings(max_examples=100, deadline=None)
+def test_the_rows_a_tick_takes_in_place_come_sorted_and_once_each(rows: list[int]) -> None:
+    # up to 32 sorted by insertion where they lie, more as `_sorted_unique` sorts them; what
+    # lies past the count is scratch
+    buffer = np.array([*rows, -1, -1], np.int64)
+    kept = kernels._sort_unique_in_place(buffer, len(rows), 5_000)
+    assert buffer[:kept].tolist() == sorted(set(rows))
+
+
 def test_a_bitset_of_rows_reads_back_across_its_word_boundaries() -> None:
     rows = np.array([4_999, 0, 63, 64, 127, 128, 63, 0, 4_096, 4_095], np.int64)
     assert kernels._sorted_unique(rows, 5_000).tolist() == [

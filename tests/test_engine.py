@@ -356,3 +356,23 @@ def test_snapshots_are_those_of_the_keys_held_in_the_keys_order(risk, make) -> N
     snapshots = engine.snapshots(["c", "gone", "a", UnitKey("a", "BTC-PERP")])
     assert snapshots.ids == ["c", "a"]
     assert snapshots.bal_amount.tolist() == [12.0, 11.0]
+
+
+@pytest.mark.parametrize("make", [Engine, ReferenceEngine])
+def test_a_price_s_first_tick_values_each_account_waiting_for_it_once(risk, make) -> None:
+    """1,000 accounts hold 150 USDT and 0.01 BTC and go long 1 BTC-PERP from 50,000 before BTC
+    has a price: equity 150 against MM 200 (BTC counts nothing yet), so each is liquidated at
+    its fill. Each waits for BTC under an empty band, which any price leaves from both
+    sides: most of those bands sit in both of the symbol's sorted runs, so the first tick
+    finds ~1,900 entries in a book of 1,024 rows. BTC at 50,000 adds 0.01 · 50,000 · 0.95 =
+    475: equity 625, ratio 0.32, and each account recovers exactly once."""
+    engine = make(risk)
+    tick(engine, "BTC-PERP", 50_000.0)
+    accounts = [f"a{n:04d}" for n in range(1_000)]
+    for account in accounts:
+        ledger(engine, account, "USDT", 150.0)
+        ledger(engine, account, "BTC", 0.01)
+        assert types(fill(engine, account, "BTC-PERP", 1.0, 50_000.0)) == ["liquidation"]
+    events = tick(engine, "BTC", 50_000.0)
+    assert [(e.account, e.type) for e in events] == [(a, "recovered") for a in accounts]
+    assert {e.payload["margin_ratio"] for e in events} == {200 / 625}

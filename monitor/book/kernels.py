@@ -966,17 +966,6 @@ def _crossed_runs(price, hi, hs, lneg, ls):
 
 
 @_jit
-def _pending_crossed(price, s, bounds, meta):
-    """How many of symbol ``s``'s pending bands ``price`` touches or leaves."""
-    n = 0
-    start = meta[0, s]
-    for k in range(start, start + meta[2, s]):
-        if bounds[1, k] <= price or bounds[0, k] >= price:
-            n += 1
-    return n
-
-
-@_jit
 def _take(out, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta, edges, aid):
     """`take_crossed`'s removal, the rows (current entries only, in run order, not yet unique)
     written to ``out``: how many."""
@@ -1004,10 +993,11 @@ def _take(out, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta
                 out[n] = r
                 n += 1
         else:
-            bounds[0, kept] = low
-            bounds[1, kept] = high
-            ids[0, kept] = ids[0, k]
-            ids[1, kept] = ids[1, k]
+            if kept != k:  # (nothing moves before the first band taken)
+                bounds[0, kept] = low
+                bounds[1, kept] = high
+                ids[0, kept] = ids[0, k]
+                ids[1, kept] = ids[1, k]
             kept += 1
             if high < floor:
                 floor = high
@@ -1020,29 +1010,51 @@ def _take(out, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta
 
 
 @_jit
-def reevaluate_few(price, limit, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, rows, moved,
-                   state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry, sym_px,
-                   floats, ints, aid, bounds, ids, meta, edges):
-    """A tick that crosses at most ``limit`` bands of symbol ``s`` (no more than ``rows``
-    holds), in one call: `take_crossed`, then `evaluate_and_file_rows` of the rows taken,
-    written to ``rows``. Entering a compiled call costs ~70 ns an array argument, returning
-    an array more: for the dozen accounts a tick in a volatile market re-values, the three
-    calls and the numpy between them cost more than valuing and filing them.
+def take_and_reevaluate(price, limit, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, taken, moved,
+                        state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
+                        sym_px, floats, ints, aid, bounds, ids, meta, edges):
+    """`take_crossed` into ``taken`` (room for every row of the book twice: a row has one
+    current band a symbol, found in both sorted runs when it is empty), then, if it took at
+    most ``limit`` rows, `evaluate_and_file_rows` of them in the same call. Entering a
+    compiled call costs ~70 ns an array argument, returning an array more: for the dozen
+    accounts a tick in a volatile market re-values, three calls (take, value, file) and the
+    numpy between them cost more than the work.
 
-    Returns (rows taken, hs, ls) and `evaluate_and_file_rows`' five figures; (-1, hs, ls, ...)
-    with nothing taken or changed when more bands are crossed."""
+    Returns (rows taken, hs, ls) and `evaluate_and_file_rows`' five figures (where it stopped
+    -1 when more than ``limit`` rows were taken: valuing and filing them is the caller's)."""
     i, j = _crossed_runs(price, hi, hs, lneg, ls)
-    crossed = (i - hs) + (j - ls) + _pending_crossed(price, s, bounds, meta)
-    if crossed > limit or crossed > rows.shape[0]:
-        return -1, hs, ls, 0, 0.0, 0, 0, 0
-    n = _take(rows, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta, edges, aid)
-    taken = _sorted_unique(rows[:n], aid.shape[0])
-    n = taken.shape[0]
-    rows[:n] = taken
+    n = _take(taken, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta, edges,
+              aid)
+    n = _sort_unique_in_place(taken, n, aid.shape[0])
+    if n > limit or n > moved.shape[1]:
+        return n, i, j, -1, 0.0, 0, 0, 0
     stop, eps, watching, n_moved, unevaluated = _evaluate_and_file_rows(
-        rows, 0, n, moved, 0, 0, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
+        taken, 0, n, moved, 0, 0, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
         p_entry, sym_px, _unpack(floats, ints), aid, bounds, ids, meta, edges)
     return n, i, j, stop, eps, watching, n_moved, unevaluated
+
+
+@_jit
+def _sort_unique_in_place(rows, n, n_rows):
+    """Sort ``rows[:n]`` and drop repeats (an empty band, lo = hi, is taken from both runs);
+    how many remain. Few by insertion, without allocating; many as `_sorted_unique`."""
+    if n > 32:
+        unique = _sorted_unique(rows[:n], n_rows)
+        rows[:unique.shape[0]] = unique
+        return unique.shape[0]
+    for k in range(1, n):
+        r = rows[k]
+        at = k - 1
+        while at >= 0 and rows[at] > r:
+            rows[at + 1] = rows[at]
+            at -= 1
+        rows[at + 1] = r
+    kept = 0
+    for k in range(n):
+        if kept == 0 or rows[kept - 1] != rows[k]:
+            rows[kept] = rows[k]
+            kept += 1
+    return kept
 
 
 @_jit

@@ -128,9 +128,8 @@ class Book:
         self._plan = np.empty(figures.PLAN_FIGURES, np.float64)  # `liquidation_plan`'s
         self._plan_steps = np.empty((len(self.t.instruments), figures.STEP_FIGURES), np.float64)
         self.bulk_filed = False  # `anchor_many` may have left symbols' merges overdue
-        # `reevaluate_few`'s: the rows a tick takes, and (account row, new state) of each moving
-        self._few_rows = np.empty(ANCHOR_ONE_BY_ONE, np.int64)
-        self._few_moved = np.empty((2, ANCHOR_ONE_BY_ONE), np.int64)
+        # `reevaluate_crossed`'s (account row, new state) of each row a tick moves
+        self._moved = np.empty((2, ANCHOR_ONE_BY_ONE), np.int64)
         self._bind_kernels()
 
     # -- storage -------------------------------------------------------------------------------
@@ -147,6 +146,9 @@ class Book:
             self.isolated = np.zeros(size, np.int8)
             # changed since the engine last handed its changes to a checkpoint (`take_dirty`)
             self.dirty = np.zeros(size, np.bool_)
+            # the rows a tick takes (scratch): twice the rows, as an empty band (an unpriced
+            # symbol's, or eps 0 at the price) is taken from both sorted runs
+            self._taken = np.empty(2 * size, np.int64)
         else:
             self.state = grown(self.state, size)
             self.trans = grown(self.trans, size)
@@ -160,6 +162,7 @@ class Book:
             self.bal = grown(self.bal, size * na)
             self.isolated = grown(self.isolated, size)
             self.dirty = grown(self.dirty, size)
+            self._taken = np.empty(2 * size, np.int64)
         self.cap = size
         self.state_m, self.trans_m = _view(self.state), _view(self.trans)
         self.part_m, self.first_m = _view(self.part), _view(self.first)
@@ -687,32 +690,33 @@ class Book:
             bands.merge(self.aid)
         return bands.take(price, self.aid)
 
-    def reevaluate_few(self, sym: int, price: float) -> tuple[list[int], list[int], int] | None:
-        """A tick (the symbol's price set already) that crosses few bands
-        (`ANCHOR_ONE_BY_ONE`): the rows it crosses taken (`candidates`), valued, and their
-        new bands filed for the state each moves to (`evaluate`, `anchor_many`), in one
-        compiled call. Returns the rows whose state moves, their new states (the moves, and
-        their events, are the caller's) and how many rows could not be valued; None, with
-        nothing done, when more bands are crossed."""
+    def reevaluate_crossed(self, sym: int, price: float,
+                           ) -> tuple[list[int], list[int], int] | np.ndarray | None:
+        """A tick (the symbol's price set already): the rows whose band for the symbol it
+        touches or leaves taken (`candidates`) and, when there are few (`ANCHOR_ONE_BY_ONE`),
+        valued and re-filed for the state each moves to (`evaluate`, `anchor_many`), all in
+        one compiled call: the rows whose state moves, their new states (the moves and their
+        events are the caller's) and how many rows could not be valued. More rows come back
+        taken, sorted, for the caller to value and file; None when the tick takes none."""
         bands = self.bands[sym]
         if bands.overdue():
             bands.merge(self.aid)
         if not bands.touched(price):
-            return [], [], 0
-        rows, moved, watched = self._few_rows, self._few_moved, self._watched
-        taken, hs, ls, stop, eps, watching, n_moved, unevaluated = kernels.reevaluate_few(
+            return None
+        rows, moved, watched = self._taken, self._moved, self._watched
+        taken, hs, ls, stop, eps, watching, n_moved, unevaluated = kernels.take_and_reevaluate(
             price, ANCHOR_ONE_BY_ONE, *bands.runs(), sym, rows, moved, self.state, watched,
             *self._value_args, self.aid, *self.pending.args)
-        if taken < 0:
-            return None
         bands.taken(hs, ls)
+        if stop < 0:
+            return rows[:taken].copy()
         while stop < taken:  # a segment is full or due: `anchor` makes room and merges
             self.anchor(int(rows[stop]), eps, self._watched_m[:watching].tolist())
             stop, eps, watching, n_moved, unevaluated = kernels.evaluate_and_file_rows(
                 rows, stop + 1, taken, moved, n_moved, unevaluated, self.state, watched,
                 *self._value_args, self.aid, *self.pending.args)
         if not n_moved:
-            return [], [], unevaluated
+            return None if not unevaluated else ([], [], unevaluated)
         moved_rows, new_states = moved[:, :n_moved].tolist()
         return moved_rows, new_states, unevaluated
 
@@ -762,6 +766,7 @@ class Book:
     def memory_bytes(self) -> int:
         """Bytes held by the numpy columns and band index (not the id strings and dict)."""
         total = sum(a.nbytes for a in (self.state, self.trans, self.part, self.first, self.aid,
-                                       self.bal, self.isolated, self.p_acct, self.p_instr,
-                                       self.p_qty, self.p_entry, self.p_next, self.free_slots))
+                                       self.bal, self.isolated, self.dirty, self._taken,
+                                       self.p_acct, self.p_instr, self.p_qty, self.p_entry,
+                                       self.p_next, self.free_slots))
         return total + self.pending.nbytes() + sum(b.nbytes() for b in self.bands)
