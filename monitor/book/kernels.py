@@ -85,12 +85,16 @@ def _margin_ratio(mm, equity):
 
 @_jit
 def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
-           a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px):
-    """(evaluable, ratio, equity, mm, scale, ae, be, am, bm, has_pos) of one row.
+           a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px,
+           watch):
+    """(evaluable, ratio, equity, mm, scale, ae, be, am, bm, has_pos, watching) of one row,
+    the symbol ids it watches (`_watched`, in its order) written to ``watch``: listed in the
+    same walk over the row, not a second one (a fifth of a valuation's time).
 
     ae/be: first/second-order sensitivity of equity to a relative move ε of every moving
     price; am/bm the same for MM; scale: the magnitude of equity's terms (for the rounding
     margin)."""
+    watching = 0
     collateral = 0.0
     scale = 0.0
     ae = 0.0
@@ -106,6 +110,7 @@ def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fix
         weight = a_weight[a] if balance > 0 and not full_weight else 1.0
         fixed = a_fixed[a]
         if fixed != fixed:  # priced by ticks
+            watching = _add_once(watch, watching, a_sym[a])
             px = sym_px[a_sym[a]]
             if px != px:  # no price yet: contributes 0
                 continue
@@ -126,6 +131,9 @@ def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fix
     width = t_max.shape[1]
     while p >= 0:
         i = p_instr[p]
+        watching = _add_once(watch, watching, i_mark_id[i])
+        if i_settle_id[i] >= 0:
+            watching = _add_once(watch, watching, i_settle_id[i])
         spx = i_settle_fixed[i]
         moving = False
         if spx != spx:
@@ -171,9 +179,10 @@ def _value(row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fix
             bm += slope
         p = p_next[p]
     if not evaluable:
-        return False, NAN, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0, has_pos
+        return False, NAN, NAN, NAN, 0.0, 0.0, 0.0, 0.0, 0.0, has_pos, watching
     equity = collateral + upnl
-    return True, _margin_ratio(mm, equity), equity, mm, scale, ae, be, am, bm, has_pos
+    return (True, _margin_ratio(mm, equity), equity, mm, scale, ae, be, am, bm, has_pos,
+            watching)
 
 
 @_jit
@@ -361,12 +370,12 @@ def evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr, p_q
     valuation)."""
     (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
      t_cum, thresholds) = tables
-    ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
+    ok, r, equity, mm, scale, ae, be, am, bm, has_pos, n = _value(
         row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
-        a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
+        a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px,
+        watched)
     current = state[row]
     new = _next_state(current, r, thresholds) if ok else current
-    n = _watched(row, watched, bal, na, first, p_next, p_instr, a_sym, i_settle_id, i_mark_id)
     return ok, r, new, _safe_eps(new, ok, equity, mm, scale, ae, be, am, bm, has_pos,
                                  thresholds), n
 
@@ -588,9 +597,10 @@ def _evaluate_span(rows, start, stop, decide, state, bal, isolated, na, first, p
                 _prefetch(p_entry, p)
                 _prefetch(p_next, p)
         row = rows[k]
-        ok, r, equity, mm, scale, ae, be, am, bm, has_pos = _value(
+        ok, r, equity, mm, scale, ae, be, am, bm, has_pos, watching = _value(
             row, bal, isolated, na, first, p_next, p_instr, p_qty, p_entry, a_fixed, a_weight,
-            a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px)
+            a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr, t_cum, sym_px,
+            watch[at:])
         current = state[row]
         new = _next_state(current, r, thresholds) if ok and decide else current
         evaluable[k] = ok
@@ -598,8 +608,7 @@ def _evaluate_span(rows, start, stop, decide, state, bal, isolated, na, first, p
         new_state[k] = new
         eps[k] = _safe_eps(new, ok, equity, mm, scale, ae, be, am, bm, has_pos, thresholds)
         watch_start[k] = at
-        at += _watched(row, watch[at:], bal, na, first, p_next, p_instr, a_sym, i_settle_id,
-                       i_mark_id)  # its positions are in cache now
+        at += watching
     return stop, at
 
 
