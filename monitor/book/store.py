@@ -377,8 +377,8 @@ class Book:
 
     def _filled(self, row: int, evaluable: bool, ratio: float, new: int, eps: float, n: int,
                 filed: bool) -> Verdict:
-        """What the kernel of a fill or balance change leaves to Python: the bands it could
-        not file."""
+        """What a kernel that values a row and files its bands leaves to Python: the bands it
+        could not file."""
         if not filed:
             self.anchor(row, eps, self._watched_m[:n].tolist())
         return evaluable, ratio, new, eps
@@ -563,11 +563,8 @@ class Book:
         scratch at the current prices (`margin.value_account`'s arithmetic), its band for
         that state filed (`anchor`): one compiled call unless a symbol's pending bands are
         full or due."""
-        evaluable, ratio, new, eps, n, filed = kernels.evaluate_and_file(
-            row, self.state, self._watched, *self._value_args, self.aid, *self.pending.args)
-        if not filed:
-            self.anchor(row, eps, self._watched_m[:n].tolist())
-        return evaluable, ratio, new, eps
+        return self._filled(row, *kernels.evaluate_and_file(
+            row, self.state, self._watched, *self._value_args, self.aid, *self.pending.args))
 
     def evaluate(self, rows: np.ndarray, decide: bool = True) -> Evaluation:
         """`evaluate_and_file`'s figures for many rows, as arrays (nothing filed). With
