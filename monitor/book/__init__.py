@@ -76,9 +76,7 @@ def warm_up() -> float:
                                     evaluation.watch_start, book.aid, book.sym_px, spans)
     book.bands[0].merge(book.aid)
     book.reevaluate_crossed(0, 15.0)  # a typical tick: taken, valued and filed in one call
-    kernels.evaluate_and_file_rows(book._taken, 0, 0, book._moved, 0, 0, book.state,
-                                   book._watched, *book._value_args, book.aid,
-                                   *book.pending.args)  # ...resumed after a full segment
+    kernels.evaluate_and_file_rows(book._cols, 0, 0, 0, 0)  # ...resumed after a full segment
     book.candidates(0, 20.0)
     return time.perf_counter() - started
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ class PendingBands:
         "limit_m",
         "lo_m",
         "meta",
+        "moved",
         "room",
         "room_m",
         "row_m",
@@ -64,7 +66,10 @@ class PendingBands:
         "waste",
     )
 
-    def __init__(self, symbols: int) -> None:
+    def __init__(self, symbols: int, moved: Callable[[], None] | None = None) -> None:
+        """``moved``: called whenever the arena is reallocated (its owner's tables of where
+        the columns are, `columns.Columns`, must follow)."""
+        self.moved = moved
         self.meta = np.zeros((4, symbols), np.int64)
         self.start, self.room, self.count, self.limit = self.meta
         self.start[:] = np.arange(symbols) * ROOM
@@ -85,6 +90,8 @@ class PendingBands:
         self.lo_m, self.hi_m = _view(self.bounds[0]), _view(self.bounds[1])
         self.row_m, self.aid_m = _view(self.ids[0]), _view(self.ids[1])
         self.args = (self.bounds, self.ids, self.meta, self.edges)  # as kernels take them
+        if self.moved is not None:
+            self.moved()
 
     def segment(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Views of symbol s's pending bands: (lo, hi, row, anchor id)."""

@@ -22,6 +22,10 @@ Arguments (the order `Book` binds them in):
   a_sym (-1 for fixed), i_cs, i_settle_fixed (NaN where the settle asset moves), i_settle_id
   (-1 fixed), i_mark_id, t_max, t_mmr, t_cum (tiers padded per instrument), thresholds (mc,
   liq, mc − h, liq − h); and, for fills, i_settle (each instrument's settle asset).
+
+The calls made for every record, tick or event (`account_run`, `fill_and_evaluate`,
+`evaluate_and_file`, `take_and_reevaluate`, `evaluate_and_file_rows`) take all of these as one
+argument, the book's `columns.Columns` table, and hand them on as arrays.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from monitor.book.columns import unpack
 from monitor.book.tables import CAP, CAP1, SAFETY, TOL
 from monitor.margin import DUST
 
@@ -381,15 +386,15 @@ def evaluate_row(row, state, watched, bal, isolated, first, p_next, p_instr, p_q
 
 
 @_jit
-def fill_and_evaluate(row, instr, signed_qty, price, fee, slots, free_slots, state, watched,
-                      bal, isolated, first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px,
-                      floats, ints, aid, bounds, ids, meta, edges):
+def fill_and_evaluate(cols, row, instr, signed_qty, price, fee):
     """`_apply_fill`, then `evaluate_and_file` of the row: one compiled call per fill.
-    Returns evaluate_and_file's six figures."""
-    return _fill_and_evaluate(row, instr, signed_qty, price, fee, slots, free_slots, state,
-                              watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
-                              p_acct, sym_px, _unpack(floats, ints), _fill_tables(floats, ints),
-                              aid, bounds, ids, meta, edges)
+    Returns evaluate_and_file's six figures. (``cols``: the book's `Columns` table.)"""
+    c = unpack(cols)
+    return _fill_and_evaluate(row, instr, signed_qty, price, fee, c.slots, c.free_slots,
+                              c.state, c.watched, c.bal, c.isolated, c.first, c.p_next,
+                              c.p_instr, c.p_qty, c.p_entry, c.p_acct, c.sym_px,
+                              _unpack(c.floats, c.ints), _fill_tables(c.floats, c.ints), c.aid,
+                              c.bounds, c.ids, c.meta, c.edges)
 
 
 @_jit
@@ -408,9 +413,7 @@ RUN_PREFETCH = 16  # records of a run whose accounts `account_run` asks the memo
 
 
 @_jit
-def account_run(table, start, end, dirty, slots, free_slots, state, watched, bal, isolated,
-                first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid,
-                bounds, ids, meta, edges):
+def account_run(cols, table, start, end):
     """Records that change one account each, columns ``start`` to ``end`` of ``table`` (rows:
     op, account row, code, amount, price, fee; `AccountRun`) in turn: a FILL
     (`fill_and_evaluate`: instrument ``code``, signed quantity ``amount``, price, fee) or a
@@ -420,7 +423,19 @@ def account_run(table, start, end, dirty, slots, free_slots, state, watched, bal
     ``dirty`` (`Book.dirty`). Stops after the first whose outcome
     needs more than this: a state to move (or an account it cannot value), bands that did not
     fit, or an account left with no position and no balance (it may be blank). Returns the
-    index it stopped at (``end`` if none) and that record's six figures."""
+    index it stopped at (``end`` if none) and that record's six figures. (``cols``: the
+    book's `Columns` table.)"""
+    c = unpack(cols)
+    return _account_run(table, start, end, c.dirty, c.slots, c.free_slots, c.state, c.watched,
+                        c.bal, c.isolated, c.first, c.p_next, c.p_instr, c.p_qty, c.p_entry,
+                        c.p_acct, c.sym_px, c.floats, c.ints, c.aid, c.bounds, c.ids, c.meta,
+                        c.edges)
+
+
+@_jit
+def _account_run(table, start, end, dirty, slots, free_slots, state, watched, bal, isolated,
+                 first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid,
+                 bounds, ids, meta, edges):
     na = ints[0]
     tables, fill_tables = _unpack(floats, ints), _fill_tables(floats, ints)
     # The records' accounts are scattered over the book: ask the memory for all of their
@@ -489,13 +504,13 @@ def _no_balance(bal, row, na):
 
 
 @_jit
-def evaluate_and_file(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
-                      p_entry, sym_px, floats, ints, aid, bounds, ids, meta, edges):
+def evaluate_and_file(cols, row):
     """`evaluate_row`, then `file_bands` with the eps it found: evaluate_row's five figures
-    and whether the bands were filed."""
-    return _evaluate_and_file(row, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
-                              p_entry, sym_px, _unpack(floats, ints), aid, bounds, ids, meta,
-                              edges)
+    and whether the bands were filed. (``cols``: the book's `Columns` table.)"""
+    c = unpack(cols)
+    return _evaluate_and_file(row, c.state, c.watched, c.bal, c.isolated, c.first, c.p_next,
+                              c.p_instr, c.p_qty, c.p_entry, c.sym_px, _unpack(c.floats, c.ints),
+                              c.aid, c.bounds, c.ids, c.meta, c.edges)
 
 
 @_jit
@@ -1019,9 +1034,7 @@ def _take(out, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta
 
 
 @_jit
-def take_and_reevaluate(price, limit, hi, hrow, haid, hs, lneg, lrow, laid, ls, s, taken, moved,
-                        state, watched, bal, isolated, first, p_next, p_instr, p_qty, p_entry,
-                        sym_px, floats, ints, aid, bounds, ids, meta, edges):
+def take_and_reevaluate(cols, price, limit, hi, hrow, haid, hs, lneg, lrow, laid, ls, s):
     """`take_crossed` into ``taken`` (room for every row of the book twice: a row has one
     current band a symbol, found in both sorted runs when it is empty), then, if it took at
     most ``limit`` rows, `evaluate_and_file_rows` of them in the same call. Entering a
@@ -1030,7 +1043,11 @@ def take_and_reevaluate(price, limit, hi, hrow, haid, hs, lneg, lrow, laid, ls, 
     numpy between them cost more than the work.
 
     Returns (rows taken, hs, ls) and `evaluate_and_file_rows`' five figures (where it stopped
-    -1 when more than ``limit`` rows were taken: valuing and filing them is the caller's)."""
+    -1 when more than ``limit`` rows were taken: valuing and filing them is the caller's).
+    (``cols``: the book's `Columns` table; ``taken`` and ``moved`` are its.)"""
+    c = unpack(cols)
+    taken, moved, aid, bounds, ids, meta, edges = (c.taken, c.moved, c.aid, c.bounds, c.ids,
+                                                   c.meta, c.edges)
     i, j = _crossed_runs(price, hi, hs, lneg, ls)
     n = _take(taken, price, hrow, haid, hs, i, lrow, laid, ls, j, s, bounds, ids, meta, edges,
               aid)
@@ -1038,8 +1055,9 @@ def take_and_reevaluate(price, limit, hi, hrow, haid, hs, lneg, lrow, laid, ls, 
     if n > limit or n > moved.shape[1]:
         return n, i, j, -1, 0.0, 0, 0, 0
     stop, eps, watching, n_moved, unevaluated = _evaluate_and_file_rows(
-        taken, 0, n, moved, 0, 0, state, watched, bal, isolated, first, p_next, p_instr, p_qty,
-        p_entry, sym_px, _unpack(floats, ints), aid, bounds, ids, meta, edges)
+        taken, 0, n, moved, 0, 0, c.state, c.watched, c.bal, c.isolated, c.first, c.p_next,
+        c.p_instr, c.p_qty, c.p_entry, c.sym_px, _unpack(c.floats, c.ints), aid, bounds, ids,
+        meta, edges)
     return n, i, j, stop, eps, watching, n_moved, unevaluated
 
 
@@ -1067,10 +1085,9 @@ def _sort_unique_in_place(rows, n, n_rows):
 
 
 @_jit
-def evaluate_and_file_rows(rows, start, end, moved, n_moved, unevaluated, state, watched, bal,
-                           isolated, first, p_next, p_instr, p_qty, p_entry, sym_px, floats,
-                           ints, aid, bounds, ids, meta, edges):
-    """`evaluate_and_file` of ``rows[start:end]`` in turn, each row's bands filed for the
+def evaluate_and_file_rows(cols, start, end, n_moved, unevaluated):
+    """`evaluate_and_file` of ``taken[start:end]`` (the book's `Columns` table ``cols`` names
+    ``taken`` and ``moved``) in turn, each row's bands filed for the
     state it moves to (before the move: its event is the caller's). A row that moves is
     written to column ``n_moved`` of ``moved`` (rows: the account row, its new state), and
     counted; one that cannot be valued counted in ``unevaluated``. Stops at a row whose bands
@@ -1078,10 +1095,11 @@ def evaluate_and_file_rows(rows, start, end, moved, n_moved, unevaluated, state,
 
     Returns (where it stopped, ``end`` if it did not; that row's eps; how many symbols it
     watches; n_moved; unevaluated)."""
-    return _evaluate_and_file_rows(rows, start, end, moved, n_moved, unevaluated, state,
-                                   watched, bal, isolated, first, p_next, p_instr, p_qty,
-                                   p_entry, sym_px, _unpack(floats, ints), aid, bounds, ids,
-                                   meta, edges)
+    c = unpack(cols)
+    return _evaluate_and_file_rows(c.taken, start, end, c.moved, n_moved, unevaluated, c.state,
+                                   c.watched, c.bal, c.isolated, c.first, c.p_next, c.p_instr,
+                                   c.p_qty, c.p_entry, c.sym_px, _unpack(c.floats, c.ints), c.aid,
+                                   c.bounds, c.ids, c.meta, c.edges)
 
 
 @_jit

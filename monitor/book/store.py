@@ -18,6 +18,7 @@ import numpy as np
 from monitor.account import Account, RiskKey, UnitKey
 from monitor.book import figures, kernels
 from monitor.book.bands import PendingBands, SymbolBands
+from monitor.book.columns import BookColumns, Columns
 from monitor.book.tables import INF, NAN, Tables, grown
 from monitor.config import RiskConfig
 from monitor.errors import LiqmonError
@@ -114,7 +115,7 @@ class Book:
         self.slots_m = _view(self.slots)
         self._alloc_rows(0, 1024)
         self._alloc_pos(0, 4096)
-        self.pending = PendingBands(len(self.t.symbols))
+        self.pending = PendingBands(len(self.t.symbols), moved=self._bind_kernels)
         self.bands = [SymbolBands(self.pending, s) for s in range(len(self.t.symbols))]
         self.sym_px = np.full(len(self.t.symbols), NAN)  # current price per symbol id
         self.sym_px_m = _view(self.sym_px)
@@ -358,9 +359,8 @@ class Book:
         that a close leaving only float rounding is flat), then `evaluate_and_file` of the
         account: one compiled call."""
         self.room_for_positions(1)
-        return self._filled(row, *kernels.fill_and_evaluate(
-            row, instr, signed_qty, price, fee, self.slots, self.free_slots, self.state,
-            self._watched, *self._fill_args, self.aid, *self.pending.args))
+        return self._filled(row, *kernels.fill_and_evaluate(self._cols, row, instr, signed_qty,
+                                                            price, fee))
 
     def account_run(self, run: AccountRun, start: int, end: int) -> tuple[int, Verdict]:
         """The records ``start`` to ``end`` of ``run`` (fills and balance changes), in one
@@ -368,9 +368,8 @@ class Book:
         call for more than filing its bands: (its index, its verdict), or (``end``, a verdict
         of no change) when none did. Each account it changes is marked `dirty`."""
         self.room_for_positions(end - start)
-        k, evaluable, ratio, new, eps, n, filed = kernels.account_run(
-            run.table, start, end, self.dirty, self.slots, self.free_slots, self.state,
-            self._watched, *self._fill_args, self.aid, *self.pending.args)
+        k, evaluable, ratio, new, eps, n, filed = kernels.account_run(self._cols, run.table,
+                                                                      start, end)
         if k == end:
             return k, (evaluable, ratio, new, eps)
         return k, self._filled(int(run.rows[k]), evaluable, ratio, new, eps, n, filed)
@@ -546,25 +545,33 @@ class Book:
     # -- evaluation (compiled: monitor.book.kernels) ---------------------------------------------
 
     def _bind_kernels(self) -> None:
-        """The argument tuples the kernels take; rebuilt whenever a column is reallocated."""
-        if not hasattr(self, "p_qty") or not hasattr(self, "sym_px"):
+        """The argument tuples and the `Columns` table the kernels take; rebuilt whenever a
+        column is reallocated (the pending bands' included: `PendingBands.moved`)."""
+        if not hasattr(self, "_moved"):
             return  # still building: __init__ binds once every column exists
         t = self.t
+        self._columns = Columns(self._column_arrays())
+        self._cols = self._columns.table  # what the kernels that take `Columns` are passed
         self._value_args = (self.bal, self.isolated, self.first, self.p_next, self.p_instr,
                             self.p_qty, self.p_entry, self.sym_px, t.k_floats, t.k_ints)
         self._watch_args = (self.bal, self.first, self.p_next, self.p_instr, t.k_floats,
                             t.k_ints)
-        self._fill_args = (self.bal, self.isolated, self.first, self.p_next, self.p_instr,
-                           self.p_qty, self.p_entry, self.p_acct, self.sym_px, t.k_floats,
-                           t.k_ints)
+
+    def _column_arrays(self) -> BookColumns:
+        t = self.t
+        return BookColumns(
+            self.state, self.dirty, self.aid, self.bal, self.isolated, self.first, self.p_next,
+            self.p_instr, self.p_qty, self.p_entry, self.p_acct, self.slots, self.free_slots,
+            self.sym_px, t.k_floats, t.k_ints, self._watched, self._taken, self._moved,
+            *self.pending.args, self.account_figures, self.position_figures, self._plan,
+            self._plan_steps, t.t_imr, t.i_fee, t.i_rank)
 
     def evaluate_and_file(self, row: int) -> Verdict:
         """(evaluable, ratio, next state, band eps for that state) of one account, valued from
         scratch at the current prices (`margin.value_account`'s arithmetic), its band for
         that state filed (`anchor`): one compiled call unless a symbol's pending bands are
         full or due."""
-        return self._filled(row, *kernels.evaluate_and_file(
-            row, self.state, self._watched, *self._value_args, self.aid, *self.pending.args))
+        return self._filled(row, *kernels.evaluate_and_file(self._cols, row))
 
     def evaluate(self, rows: np.ndarray, decide: bool = True) -> Evaluation:
         """`evaluate_and_file`'s figures for many rows, as arrays (nothing filed). With
@@ -580,18 +587,14 @@ class Book:
         arithmetic of `margin.value_account` and the figures beside it, one compiled call),
         into `account_figures` and the first rows of `position_figures` (`book.figures` names
         the columns): how many positions, -1 when a settle asset has no price."""
-        return figures.event_figures(row, self.account_figures, self.position_figures,
-                                     *self._value_args, self.t.t_imr)
+        return figures.event_figures(self._cols, row)
 
     def liquidation_plan(self, row: int, count: int) -> dict[str, Any]:
         """The event's `liquidation_plan` (`liquidation.liquidation_plan` of the row, as
         JSON), in one compiled call; ``count``: what `event_figures` of the row returned just
         before (its figures are the plan's start)."""
         t = self.t
-        steps = figures.liquidation_plan(
-            row, count, self.account_figures, self.position_figures, self._plan,
-            self._plan_steps, self.bal, self.isolated, self.sym_px, t.k_floats, t.k_ints,
-            t.i_fee, t.i_rank, t.liquidation_target)
+        steps = figures.liquidation_plan(self._cols, row, count, t.liquidation_target)
         _, deposit, ratio_after, bad_debt = self._plan.tolist()
         names = t.instruments
         return plan_json(t.liquidation_target, deposit,
@@ -700,18 +703,16 @@ class Book:
             bands.merge(self.aid)
         if not bands.touched(price):
             return None
-        rows, moved, watched = self._taken, self._moved, self._watched
+        rows, moved = self._taken, self._moved
         taken, hs, ls, stop, eps, watching, n_moved, unevaluated = kernels.take_and_reevaluate(
-            price, ANCHOR_ONE_BY_ONE, *bands.runs(), sym, rows, moved, self.state, watched,
-            *self._value_args, self.aid, *self.pending.args)
+            self._cols, price, ANCHOR_ONE_BY_ONE, *bands.runs(), sym)
         bands.taken(hs, ls)
         if stop < 0:
             return rows[:taken].copy()
         while stop < taken:  # a segment is full or due: `anchor` makes room and merges
             self.anchor(int(rows[stop]), eps, self._watched_m[:watching].tolist())
             stop, eps, watching, n_moved, unevaluated = kernels.evaluate_and_file_rows(
-                rows, stop + 1, taken, moved, n_moved, unevaluated, self.state, watched,
-                *self._value_args, self.aid, *self.pending.args)
+                self._cols, stop + 1, taken, n_moved, unevaluated)
         if not n_moved:
             return None if not unevaluated else ([], [], unevaluated)
         moved_rows, new_states = moved[:, :n_moved].tolist()
