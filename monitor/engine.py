@@ -872,8 +872,9 @@ class Engine(InputLedger):
             None if liquidation != liquidation else liquidation,  # NaN: none
             None if bankruptcy != bankruptcy else bankruptcy)
             for (instr, qty, entry, mark, _, notional, upnl, maintenance, initial, _,
-                 liquidation, bankruptcy) in self.book.position_figures[:count].tolist()]
-        details.sort(key=_by_symbol)
+                 liquidation, bankruptcy) in self.book.position_figures_m[:count].tolist()]
+        if count > 1:
+            details.sort(key=_by_symbol)
         return details
 
     def index_restored(self) -> int:

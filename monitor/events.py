@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -33,14 +32,16 @@ class Source(msgspec.Struct, gc=False):
     offset: int | None = None
     index: int | None = None
 
-    def location(self) -> dict[str, Any]:
+    def trigger(self, kind: str, ref: str) -> dict[str, Any]:
+        """An event's ``trigger`` (SPEC §5): the record's kind and id, and where it came from."""
         if self.index is not None:
-            return {"topic": self.topic, "index": self.index}
-        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+            return {"kind": kind, "ref": ref, "topic": self.topic, "index": self.index}
+        return {"kind": kind, "ref": ref, "topic": self.topic, "partition": self.partition,
+                "offset": self.offset}
 
 
-@dataclass(slots=True)
-class Event:
+# One is built per state change: as a Struct it builds in C (~60 against ~300 ns).
+class Event(msgspec.Struct):
     event_id: str
     type: str
     account: str
@@ -55,6 +56,9 @@ class Event:
     def encode(self, emitted_at_ms: int | None = None) -> bytes:
         stamp = int(time.time() * 1000) if emitted_at_ms is None else emitted_at_ms
         return orjson.dumps({**self.payload, "emitted_at": stamp})
+
+
+_STATE_NAMES = tuple(state.name for state in AccountState)  # by value: `.name` is a property
 
 
 def event_id(account: str, transition: int, event_type: str, symbol: str | None = None) -> str:
@@ -106,19 +110,16 @@ def build_event(
                                     isolated=isolated is not None).to_json()
     event_type = EVENT_TYPE[state]
     eid = event_id(account, transition, event_type, isolated)
-    payload: dict[str, Any] = {
+    payload: dict[str, Any] = {  # one display, rather than a dict and an update
         "event_id": eid,
         "type": event_type,
         "account": account,
         "margin_mode": CROSS if isolated is None else ISOLATED,
-    }
-    if isolated is not None:
-        payload["symbol"] = isolated
-    payload.update({
-        "state": state.name,
-        "previous_state": previous.name,
+        **({} if isolated is None else {"symbol": isolated}),
+        "state": _STATE_NAMES[state],
+        "previous_state": _STATE_NAMES[previous],
         "ts": ts,
-        "trigger": {"kind": trigger_kind, "ref": trigger_ref, **source.location()},
+        "trigger": source.trigger(trigger_kind, trigger_ref),
         "margin_ratio": finite_or_none(valuation.ratio),
         "insolvent": valuation.insolvent,
         "unpriced": valuation.unpriced,
@@ -129,7 +130,7 @@ def build_event(
         "unrealized_pnl": valuation.unrealized_pnl,
         "balances": {asset: balances[asset] for asset in sorted(balances)},
         "positions": details,
-    })
+    }
     max_age = config.prices.max_age_ms
     if max_age is not None:
         payload["stale_prices"] = stale_prices(

@@ -126,6 +126,7 @@ class Book:
         self.account_figures = np.empty(figures.ACCOUNT_FIGURES, np.float64)
         self.position_figures = np.empty((len(self.t.instruments), figures.POSITION_FIGURES),
                                          np.float64)
+        self.position_figures_m = _view(self.position_figures)
         self._plan = np.empty(figures.PLAN_FIGURES, np.float64)  # `liquidation_plan`'s
         self._plan_steps = np.empty((len(self.t.instruments), figures.STEP_FIGURES), np.float64)
         self.bulk_filed = False  # `anchor_many` may have left symbols' merges overdue
