@@ -564,10 +564,12 @@ class Engine(InputLedger):
                                                    run.prices, run.fees)
         index, units = self.book.index, self.book.units
         instr_index, asset_index = self._t.instr_index, self._t.asset_index
+        dedupe = self._dedupe
         count = len(records)
         k = 0
         while k < count:
             chunk: list[int] = []  # index of each record in the run
+            fills = 0  # of them
             plain = True
             while k < count and len(chunk) < AccountRun.SIZE:
                 record = records[k]
@@ -582,7 +584,7 @@ class Engine(InputLedger):
                             units and (record.account, record.symbol) in units):
                         plain = False
                         break
-                    seen = (record.account, record.fill_id)
+                    seen, fill = (record.account, record.fill_id), 1
                     ops[j], codes[j], fees[j] = FILL, instr_index[record.symbol], record.fee
                     amounts[j] = record.qty if record.side == "buy" else -record.qty
                     prices[j] = record.price
@@ -590,36 +592,39 @@ class Engine(InputLedger):
                     if record.kind == ISOLATED_MARGIN:
                         plain = False
                         break
-                    seen = (record.account, record.entry_id)
+                    seen, fill = (record.account, record.entry_id), 0
                     ops[j], codes[j] = BALANCE, asset_index[record.asset]
                     amounts[j] = record.amount
-                if self._window(sources[k]).add(seen):
+                source = sources[k]
+                window = dedupe.get((source.topic, source.partition))
+                if window is None:
+                    window = self._window(source)
+                if window.add(seen):
                     rows[j] = row
                     chunk.append(k)
+                    fills += fill
                 else:
                     self.stats.duplicates += 1
                 k += 1
             if chunk:
-                self._apply_run(records, sources, chunk, outcomes)
+                self._apply_run(records, sources, chunk, fills, outcomes)
             if not plain:
                 self._apply_one(k, records[k], sources[k], outcomes)
                 k += 1
         return outcomes
 
     def _apply_run(self, records: Sequence[AccountRecord], sources: Sequence[Source],
-                   chunk: list[int], outcomes: list[tuple[int, Outcome]]) -> None:
+                   chunk: list[int], fills: int, outcomes: list[tuple[int, Outcome]]) -> None:
         """`apply_account_records`' compiled part for one chunk (``chunk``: each record's
-        index; its arguments in ``self._run``), its duplicate windows already updated."""
+        index, ``fills`` of them fills; its arguments in ``self._run``), its duplicate windows
+        already updated. Every record of the chunk is applied."""
         book, run = self.book, self._run
         size = len(chunk)
+        self.stats.applied_fills += fills
+        self.stats.applied_ledger += size - fills
         start = 0
         while start < size:
             stop, verdict = book.account_run(run, start, size)
-            for j in range(start, min(stop + 1, size)):
-                if run.ops[j] == FILL:
-                    self.stats.applied_fills += 1
-                else:
-                    self.stats.applied_ledger += 1
             if stop == size:
                 return
             k = chunk[stop]
