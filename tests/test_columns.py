@@ -4,6 +4,9 @@ every reallocation, and refuse a column it would misread."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numba
 import numpy as np
 import pytest
@@ -55,3 +58,10 @@ def test_a_strided_column_is_refused(risk) -> None:
     columns = Book(risk)._column_arrays()
     with pytest.raises(TypeError, match=r"column p_qty: float64\[1d\] strided"):
         Columns(columns._replace(p_qty=columns.p_qty[::2]))
+
+
+def test_a_table_cannot_be_copied_with_the_addresses_of_another_s_columns(risk) -> None:
+    columns = Columns(Book(risk)._column_arrays())
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied"):
+            duplicate(columns)

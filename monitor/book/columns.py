@@ -92,6 +92,10 @@ class Columns:
             rows, width = (array.shape[0], 1) if ndim == 1 else array.shape
             self.table[_ENTRY * k:_ENTRY * (k + 1)] = array.ctypes.data, rows, width
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # a copy's table would still name the original's memory: build one for the copy
+        raise TypeError("a Columns table names memory by address and cannot be copied")
+
 
 @intrinsic
 def _pointer(typingctx, address):
