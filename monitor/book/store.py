@@ -559,6 +559,7 @@ class Book:
                             t.k_ints)
 
     def _column_arrays(self) -> BookColumns:
+        """The columns the kernels' `Columns` table names, as they are now."""
         t = self.t
         return BookColumns(
             self.state, self.dirty, self.aid, self.bal, self.isolated, self.first, self.p_next,
