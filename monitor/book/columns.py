@@ -4,7 +4,8 @@ Entering a compiled call costs ~50–100 ns for each array it is passed (numba c
 one's type and unpacks its buffer), and the calls a record, a tick or an event makes take two
 dozen columns: an account run of no records cost 2.4 µs, more than the few records it
 usually applies. A `Columns` is one int64 array holding each column's address and shape, from
-which the compiled side rebuilds the arrays (`unpack`) at no cost: one argument, ~0.2 µs.
+which the compiled side rebuilds the arrays (`unpack`, inlined into each call: ~0.4 s more to
+compile each) at no cost: one argument, ~0.2 µs.
 
 The table holds addresses, so it must not outlive the arrays it names: a `Columns` keeps the
 arrays it was built from alive, and `Book` builds a new one whenever it reallocates a column
@@ -108,32 +109,39 @@ def _pointer(typingctx, address):
 
 
 @_jit_inline
-def _column(table, k, dtype):
-    e = _ENTRY * k
-    return numba.carray(_pointer(table[e]), table[e + 1], dtype)
-
-
-@_jit_inline
-def _column2(table, k, dtype):
-    e = _ENTRY * k
-    return numba.carray(_pointer(table[e]), (table[e + 1], table[e + 2]), dtype)
-
-
-@_jit_inline
-def unpack(table):
-    """The `BookColumns` a `Columns.table` names, as arrays over the same memory."""
+def unpack(t):
+    """The `BookColumns` a `Columns.table` ``t`` names, as arrays over the same memory (entry
+    k at ``t[3k:3k + 3]``; written out, as a call per column costs to compile and to run)."""
+    carray = numba.carray
     return BookColumns(
-        _column(table, 0, np.int8), _column(table, 1, np.bool_), _column(table, 2, np.uint32),
-        _column(table, 3, np.float64), _column(table, 4, np.int8), _column(table, 5, np.int32),
-        _column(table, 6, np.int32), _column(table, 7, np.int32),
-        _column(table, 8, np.float64), _column(table, 9, np.float64),
-        _column(table, 10, np.int32), _column(table, 11, np.int64),
-        _column(table, 12, np.int32), _column(table, 13, np.float64),
-        _column(table, 14, np.float64), _column(table, 15, np.int64),
-        _column(table, 16, np.int64), _column(table, 17, np.int64),
-        _column2(table, 18, np.int64), _column2(table, 19, np.float64),
-        _column2(table, 20, np.int64), _column2(table, 21, np.int64),
-        _column2(table, 22, np.float64), _column(table, 23, np.float64),
-        _column2(table, 24, np.float64), _column(table, 25, np.float64),
-        _column2(table, 26, np.float64), _column2(table, 27, np.float64),
-        _column(table, 28, np.float64), _column(table, 29, np.int64))
+        carray(_pointer(t[0]), t[1], np.int8),  # state
+        carray(_pointer(t[3]), t[4], np.bool_),  # dirty
+        carray(_pointer(t[6]), t[7], np.uint32),  # aid
+        carray(_pointer(t[9]), t[10], np.float64),  # bal
+        carray(_pointer(t[12]), t[13], np.int8),  # isolated
+        carray(_pointer(t[15]), t[16], np.int32),  # first
+        carray(_pointer(t[18]), t[19], np.int32),  # p_next
+        carray(_pointer(t[21]), t[22], np.int32),  # p_instr
+        carray(_pointer(t[24]), t[25], np.float64),  # p_qty
+        carray(_pointer(t[27]), t[28], np.float64),  # p_entry
+        carray(_pointer(t[30]), t[31], np.int32),  # p_acct
+        carray(_pointer(t[33]), t[34], np.int64),  # slots
+        carray(_pointer(t[36]), t[37], np.int32),  # free_slots
+        carray(_pointer(t[39]), t[40], np.float64),  # sym_px
+        carray(_pointer(t[42]), t[43], np.float64),  # floats
+        carray(_pointer(t[45]), t[46], np.int64),  # ints
+        carray(_pointer(t[48]), t[49], np.int64),  # watched
+        carray(_pointer(t[51]), t[52], np.int64),  # taken
+        carray(_pointer(t[54]), (t[55], t[56]), np.int64),  # moved
+        carray(_pointer(t[57]), (t[58], t[59]), np.float64),  # bounds
+        carray(_pointer(t[60]), (t[61], t[62]), np.int64),  # ids
+        carray(_pointer(t[63]), (t[64], t[65]), np.int64),  # meta
+        carray(_pointer(t[66]), (t[67], t[68]), np.float64),  # edges
+        carray(_pointer(t[69]), t[70], np.float64),  # account_figures
+        carray(_pointer(t[72]), (t[73], t[74]), np.float64),  # position_figures
+        carray(_pointer(t[75]), t[76], np.float64),  # plan
+        carray(_pointer(t[78]), (t[79], t[80]), np.float64),  # plan_steps
+        carray(_pointer(t[81]), (t[82], t[83]), np.float64),  # t_imr
+        carray(_pointer(t[84]), t[85], np.float64),  # i_fee
+        carray(_pointer(t[87]), t[88], np.int64),  # i_rank
+    )

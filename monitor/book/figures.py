@@ -40,14 +40,10 @@ def event_figures(cols, row):
     return how many positions, or -1 when a settle asset has no price (the account cannot be
     valued). (``cols``: the book's `Columns` table.)"""
     c = unpack(cols)
-    return _event_figures(row, c.account_figures, c.position_figures, c.bal, c.isolated,
-                          c.first, c.p_next, c.p_instr, c.p_qty, c.p_entry, c.sym_px, c.floats,
-                          c.ints, c.t_imr)
-
-
-@_jit
-def _event_figures(row, out_account, out_positions, bal, isolated, first, p_next, p_instr,
-                   p_qty, p_entry, sym_px, floats, ints, t_imr):
+    out_account, out_positions, bal, isolated, first, p_next, p_instr, p_qty, p_entry = (
+        c.account_figures, c.position_figures, c.bal, c.isolated, c.first, c.p_next,
+        c.p_instr, c.p_qty, c.p_entry)
+    sym_px, floats, ints, t_imr = c.sym_px, c.floats, c.ints, c.t_imr
     (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
      t_cum, thresholds) = _unpack(floats, ints)
     collateral = 0.0
@@ -166,14 +162,10 @@ def liquidation_plan(cols, row, count, target):
     the book's ``plan`` and the first rows of its ``plan_steps`` (side 1: a sell, closing a
     long); returns the number of steps. (``cols``: the book's `Columns` table.)"""
     c = unpack(cols)
-    return _liquidation_plan(row, count, c.account_figures, c.position_figures, c.plan,
-                             c.plan_steps, c.bal, c.isolated, c.sym_px, c.floats, c.ints,
-                             c.i_fee, c.i_rank, target)
-
-
-@_jit
-def _liquidation_plan(row, count, account, positions, out_plan, out_steps, bal, isolated,
-                      sym_px, floats, ints, i_fee, i_rank, target):
+    account, positions, out_plan, out_steps, bal, isolated, sym_px = (
+        c.account_figures, c.position_figures, c.plan, c.plan_steps, c.bal, c.isolated,
+        c.sym_px)
+    floats, ints, i_fee, i_rank = c.floats, c.ints, c.i_fee, c.i_rank
     (na, a_fixed, a_weight, a_sym, i_cs, i_settle_fixed, i_settle_id, i_mark_id, t_max, t_mmr,
      t_cum, _) = _unpack(floats, ints)
     i_settle = _fill_tables(floats, ints)[2]

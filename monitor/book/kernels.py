@@ -4,7 +4,8 @@ that moves thousands of accounts at once is valued and re-filed on every core.
 
 They run as machine code through numba and are compiled once per machine: ``cache=True`` keeps
 the compiled code beside this file (or under ``NUMBA_CACHE_DIR``), so only the first start after
-an install pays for compilation (`warm_up` does it at once, about 30 s with `figures.py`'s).
+an install pays for compilation (`warm_up` does it at once, 30–60 s with `figures.py`'s, by the
+machine's load).
 
 Fills do the arithmetic of `margin.apply_fill_to_position`. The valuation does the arithmetic
 of `margin.value_account`, term for term and in the same order (balances in config order,
@@ -426,16 +427,11 @@ def account_run(cols, table, start, end):
     index it stopped at (``end`` if none) and that record's six figures. (``cols``: the
     book's `Columns` table.)"""
     c = unpack(cols)
-    return _account_run(table, start, end, c.dirty, c.slots, c.free_slots, c.state, c.watched,
-                        c.bal, c.isolated, c.first, c.p_next, c.p_instr, c.p_qty, c.p_entry,
-                        c.p_acct, c.sym_px, c.floats, c.ints, c.aid, c.bounds, c.ids, c.meta,
-                        c.edges)
-
-
-@_jit
-def _account_run(table, start, end, dirty, slots, free_slots, state, watched, bal, isolated,
-                 first, p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints, aid,
-                 bounds, ids, meta, edges):
+    dirty, slots, free_slots, state, watched, bal, isolated, first = (
+        c.dirty, c.slots, c.free_slots, c.state, c.watched, c.bal, c.isolated, c.first)
+    p_next, p_instr, p_qty, p_entry, p_acct, sym_px, floats, ints = (
+        c.p_next, c.p_instr, c.p_qty, c.p_entry, c.p_acct, c.sym_px, c.floats, c.ints)
+    aid, bounds, ids, meta, edges = c.aid, c.bounds, c.ids, c.meta, c.edges
     na = ints[0]
     tables, fill_tables = _unpack(floats, ints), _fill_tables(floats, ints)
     # The records' accounts are scattered over the book: ask the memory for all of their
