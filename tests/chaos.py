@@ -65,6 +65,7 @@ from monitor.service.input_history import (
     check_topics,
     read_published_events,
 )
+from monitor.service.runner import warm_up_kernels
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
 from tests.support.compare import state_of
@@ -378,6 +379,9 @@ async def wake(instance: Instance, after: float, woken: Callable[[], None]) -> N
 
 async def main(args: argparse.Namespace) -> int:
     config = load_config(REPO / "examples" / "risk.toml")
+    # As the suite's conftest does: on a cold cache the kernels compile for about a minute,
+    # which must not count against the first instances' readiness timeout.
+    warm_up_kernels()
     unlike = 0
     for seed in range(args.seed, args.seed + args.runs):
         started = time.monotonic()

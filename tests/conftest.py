@@ -18,7 +18,7 @@ def risk() -> RiskConfig:
 @pytest.fixture(scope="session", autouse=True)
 def compiled_kernels() -> None:
     """Compile (or load from numba's cache) every kernel once, before the first test: on a
-    fresh install that takes ~22 s, which must not count against the readiness timeout of
+    fresh install that takes ~30–60 s, which must not count against the readiness timeout of
     whichever service test happens to run first."""
     from monitor.service.runner import warm_up_kernels
 
