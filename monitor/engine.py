@@ -564,7 +564,6 @@ class Engine(InputLedger):
                                                    run.prices, run.fees)
         index, units = self.book.index, self.book.units
         instr_index, asset_index = self._t.instr_index, self._t.asset_index
-        dedupe = self._dedupe
         count = len(records)
         k = 0
         while k < count:
@@ -595,11 +594,7 @@ class Engine(InputLedger):
                     seen, fill = (record.account, record.entry_id), 0
                     ops[j], codes[j] = BALANCE, asset_index[record.asset]
                     amounts[j] = record.amount
-                source = sources[k]
-                window = dedupe.get((source.topic, source.partition))
-                if window is None:
-                    window = self._window(source)
-                if window.add(seen):
+                if self._window(sources[k]).add(seen):
                     rows[j] = row
                     chunk.append(k)
                     fills += fill

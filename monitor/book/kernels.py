@@ -1038,7 +1038,7 @@ def take_and_reevaluate(cols, price, limit, hi, hrow, haid, hs, lneg, lrow, laid
     accounts a tick in a volatile market re-values, three calls (take, value, file) and the
     numpy between them cost more than the work.
 
-    Returns (rows taken, hs, ls) and `evaluate_and_file_rows`' five figures (where it stopped
+    Returns (rows taken, hs, ls) and `evaluate_and_file_rows`' five figures (where it stopped:
     -1 when more than ``limit`` rows were taken: valuing and filing them is the caller's).
     (``cols``: the book's `Columns` table; ``taken`` and ``moved`` are its.)"""
     c = unpack(cols)
