@@ -43,8 +43,12 @@ RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     pip install --no-cache-dir /dist/*.whl
 
 # The compiled kernels (numba: valuation, band filing, the restore's batch parsing) compile
-# once, here, into a cache the runtime user reads: a container then starts in a fraction of a
-# second instead of compiling for twenty.
+# once, here, into a cache the runtime user can only read: a container then loads them in under
+# a second instead of compiling them for about a minute. numba caches only where it can write,
+# so at start liqmon copies this cache into its temporary directory (~7 MB in /tmp, a writable
+# emptyDir under Kubernetes) and loads from the copy (monitor/compiled.py). numba keys the code
+# by CPU model: on nodes whose CPU differs from the build machine's, the kernels compile at
+# start, into that copy.
 ENV NUMBA_CACHE_DIR=/var/cache/liqmon-numba
 RUN python -c "from monitor.service.runner import warm_up_kernels as w; print(f'kernels compiled in {w():.1f} s')" \
  && chmod -R a+rX /var/cache/liqmon-numba

@@ -23,11 +23,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numba
 import numpy as np
 
 from monitor.account import RiskKey, UnitKey
 from monitor.book import kernels
+from monitor.compiled import jit
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.state import AccountState
@@ -141,7 +141,7 @@ class StressBook:
         return px
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _account_sums(owner: np.ndarray, instr: np.ndarray, q_cs: np.ndarray, cost: np.ndarray,
                    absk: np.ndarray, entry: np.ndarray, mark: np.ndarray, spx: np.ndarray,
                    t_max: np.ndarray, t_mmr: np.ndarray, t_cum: np.ndarray,
@@ -172,7 +172,7 @@ def _account_sums(owner: np.ndarray, instr: np.ndarray, q_cs: np.ndarray, cost: 
     return su, sm, unevaluable
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _flagged_in_order(order: np.ndarray, flags: np.ndarray) -> np.ndarray:
     """The entries of ``order`` whose flag is set, in that order."""
     out = np.empty(order.shape[0], np.int64)

@@ -31,16 +31,21 @@ always built from a from-scratch valuation (`margin.value_account`'s arithmetic,
 bands decide only *which* accounts are re-valued, never what an event says.
 """
 
+from collections.abc import Callable
+
 from monitor.book.bands import PendingBands, SymbolBands
 from monitor.book.store import AccountRun, Book, Verdict
 from monitor.book.tables import Tables
+from monitor.compiled import compiling
 
 __all__ = ["AccountRun", "Book", "PendingBands", "SymbolBands", "Tables", "Verdict"]
 
 
-def warm_up() -> float:
+def warm_up(on_wait: Callable[[str], None] | None = None) -> float:
     """Compile (or load from numba's cache) every kernel the engine uses, by running each once
-    over a one-account book; returns the seconds it took. Without it the first records pay."""
+    over a one-account book; returns the seconds it took. Without it the first records pay.
+    Holds the compile lock (`monitor.compiled.compiling`, which calls ``on_wait`` if another
+    process holds it)."""
     import time
 
     import numpy as np
@@ -50,34 +55,35 @@ def warm_up() -> float:
     from monitor.config import parse_config
 
     started = time.perf_counter()
-    book = Book(parse_config(_WARM_UP_RISK))
-    row = book.new_row("warm-up", 0)
-    book.add_balance(row, 0, 100.0)
-    book.fill_and_evaluate(row, 0, 1.0, 10.0, 0.0)
-    run = AccountRun()
-    run.rows[0], run.amounts[0], run.prices[0] = row, 1.0, 10.0  # a fill (op 0)
-    run.rows[1], run.ops[1], run.amounts[1] = row, kernels.BALANCE, 5.0  # a deposit
-    book.account_run(run, 0, 2)
-    book.sym_px[:] = 10.0
-    book.evaluate_and_file(row)
-    book.liquidation_plan(row, book.event_figures(row))
-    rows = np.array([row], dtype=np.int64)
-    evaluation = book.evaluate(rows)
-    book.anchor(row, float(evaluation.eps[0]), book.watched(row))
-    book.anchor_many(rows, evaluation.eps, evaluation)  # row by row
-    book.refile_all(rows, 1)  # laid out by symbol, merged straight into the runs
-    # the every-core variants a shock tick takes (store.PARALLEL_ROWS)
-    evaluation = Evaluation(*kernels.evaluate_rows_parallel(2, rows, True, book.state,
-                                                            *book._value_args))
-    kernels.bands_by_symbol_parallel(2, rows, evaluation.eps, evaluation.watch,
-                                     evaluation.watch_start, book.aid, book.sym_px)
-    for spans in (None, 2):  # a tick's bulk filing, serial and on every core
-        book.pending.file_by_symbol(rows, evaluation.eps, evaluation.watch,
-                                    evaluation.watch_start, book.aid, book.sym_px, spans)
-    book.bands[0].merge(book.aid)
-    book.reevaluate_crossed(0, 15.0)  # a typical tick: taken, valued and filed in one call
-    kernels.evaluate_and_file_rows(book._cols, 0, 0, 0, 0)  # ...resumed after a full segment
-    book.candidates(0, 20.0)
+    with compiling(on_wait):
+        book = Book(parse_config(_WARM_UP_RISK))
+        row = book.new_row("warm-up", 0)
+        book.add_balance(row, 0, 100.0)
+        book.fill_and_evaluate(row, 0, 1.0, 10.0, 0.0)
+        run = AccountRun()
+        run.rows[0], run.amounts[0], run.prices[0] = row, 1.0, 10.0  # a fill (op 0)
+        run.rows[1], run.ops[1], run.amounts[1] = row, kernels.BALANCE, 5.0  # a deposit
+        book.account_run(run, 0, 2)
+        book.sym_px[:] = 10.0
+        book.evaluate_and_file(row)
+        book.liquidation_plan(row, book.event_figures(row))
+        rows = np.array([row], dtype=np.int64)
+        evaluation = book.evaluate(rows)
+        book.anchor(row, float(evaluation.eps[0]), book.watched(row))
+        book.anchor_many(rows, evaluation.eps, evaluation)  # row by row
+        book.refile_all(rows, 1)  # laid out by symbol, merged straight into the runs
+        # the every-core variants a shock tick takes (store.PARALLEL_ROWS)
+        evaluation = Evaluation(*kernels.evaluate_rows_parallel(2, rows, True, book.state,
+                                                                *book._value_args))
+        kernels.bands_by_symbol_parallel(2, rows, evaluation.eps, evaluation.watch,
+                                         evaluation.watch_start, book.aid, book.sym_px)
+        for spans in (None, 2):  # a tick's bulk filing, serial and on every core
+            book.pending.file_by_symbol(rows, evaluation.eps, evaluation.watch,
+                                        evaluation.watch_start, book.aid, book.sym_px, spans)
+        book.bands[0].merge(book.aid)
+        book.reevaluate_crossed(0, 15.0)  # a typical tick: taken, valued and filed in one call
+        kernels.evaluate_and_file_rows(book._cols, 0, 0, 0, 0)  # ...resumed after a full segment
+        book.candidates(0, 20.0)
     return time.perf_counter() - started
 
 

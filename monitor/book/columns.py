@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.core.extending import intrinsic
 
-_jit_inline = numba.njit(cache=True, nogil=True, inline="always")
+from monitor.compiled import jit_inline as _jit_inline
 
 
 class BookColumns(NamedTuple):

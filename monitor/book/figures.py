@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from monitor.book.columns import unpack
 from monitor.book.kernels import _fill_tables, _margin_ratio, _unpack
+from monitor.compiled import jit as _jit
 from monitor.margin import DUST
-
-_jit = numba.njit(cache=True, nogil=True)
 
 # The account's figures (`out_account`) and each position's (a row of `out_positions`).
 COLLATERAL, UPNL, EQUITY, MM, IM, RATIO, UNPRICED = range(7)

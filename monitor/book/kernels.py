@@ -42,13 +42,12 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 
 from monitor.book.columns import unpack
 from monitor.book.tables import CAP, CAP1, SAFETY, TOL
+from monitor.compiled import jit as _jit
+from monitor.compiled import jit_parallel as _jit_parallel
 from monitor.margin import DUST
 
 INF = math.inf
 NAN = math.nan
-
-_jit = numba.njit(cache=True, nogil=True)
-_jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
 
 # Rows ahead whose columns a many-row valuation asks the memory for, and (half as far, once
 # their first position's index is in cache) whose positions: the rows a tick re-values are

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import cast
 
-import numba
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -40,6 +39,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from monitor.account import RiskKey, UnitKey
 from monitor.book.store import NotInConfig
+from monitor.compiled import compiling
+from monitor.compiled import jit as _jit
 from monitor.config import RiskConfig
 from monitor.engine import DirtyUnits, Engine
 from monitor.errors import LiqmonError
@@ -90,7 +91,6 @@ _ACCOUNT_HEADERS = [(KIND_HEADER, ACCOUNT)]  # as the client's records hold thei
 PROGRESS_EVERY = 50_000  # records between two progress reports of a restore
 _HEADERS, _KEY, _VALUE, _OFFSET = (attrgetter(name)
                                    for name in ("headers", "key", "value", "offset"))
-_jit = numba.njit(cache=True, nogil=True)
 
 
 class StateCorrupt(LiqmonError):
@@ -445,17 +445,18 @@ def _key_hashes(keys, key_len):
     return out
 
 
-def warm_up() -> None:
+def warm_up(on_wait: Callable[[str], None] | None = None) -> None:
     """Compile (or load from numba's cache) the restore's kernels, so that the first restore
-    does not pay for it."""
+    does not pay for it; under the compile lock, as `monitor.book.warm_up`."""
     builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0,
                                         producer_id=-1, producer_epoch=-1, base_sequence=-1,
                                         batch_size=1 << 16)
     for offset in range(2):  # one key twice: deduplication's kernels too
         builder.append(offset, timestamp=0, key=b"k", value=b"v",
                        headers=[(KIND_HEADER, ACCOUNT)])
-    (batch,) = whole_batches(bytes(builder.build()))
-    _Latest().add_batch(batch).deduplicate()
+    with compiling(on_wait):
+        (batch,) = whole_batches(bytes(builder.build()))
+        _Latest().add_batch(batch).deduplicate()
 
 
 def _lengths(items: list[bytes | None]) -> np.ndarray:

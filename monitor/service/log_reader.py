@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numba
 import numpy as np
 from aiokafka import TopicPartition
 from aiokafka import errors as Errors
@@ -33,6 +32,7 @@ from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.offset import OffsetRequest
 from aiokafka.record.memory_records import MemoryRecords
 
+from monitor.compiled import jit as _jit
 from monitor.service.security import KafkaSecurity
 from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS
 
@@ -48,7 +48,6 @@ RETRY_BACKOFF = 0.1  # seconds, after a leader moved or metadata was stale
 _BATCH_HEADER = struct.Struct(">qiibIhiqqqhii")  # a record batch of format 2, 61 bytes
 _DECOMPRESS: dict[int, Callable[[bytes], bytes]] = {
     1: gzip_decode, 2: snappy_decode, 3: lz4_decode, 4: zstd_decode}
-_jit = numba.njit(cache=True, nogil=True)
 
 
 async def bounds(client: AIOKafkaClient, tps: list[TopicPartition], timeout: float = 30.0

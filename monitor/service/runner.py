@@ -22,7 +22,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, cast
 
 import structlog
@@ -36,6 +36,7 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 
 from monitor.book import warm_up
+from monitor.compiled import CACHE_MOVED, compiling
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import AccountRecord, Engine
 from monitor.errors import LiqmonError
@@ -240,7 +241,10 @@ class Monitor:
         try:
             # compiled once per install (seconds), loaded from numba's cache after that; in a
             # thread so that /healthz answers meanwhile
-            seconds = await asyncio.to_thread(warm_up_kernels)
+            if CACHE_MOVED is not None:
+                self.log.info("the kernels' cache directory is read-only here: using a copy",
+                              configured=CACHE_MOVED[0], copy=CACHE_MOVED[1])
+            seconds = await asyncio.to_thread(warm_up_kernels, self._compiler_busy)
             self._warming_up = False
             self.log.info("kernels ready", seconds=round(seconds, 3))
             collector.settle()
@@ -293,6 +297,11 @@ class Monitor:
                 f"{sorted(self._positions.owned)} not checkpointed; their inputs are "
                 "re-processed on restart")
         work.result()
+
+    def _compiler_busy(self, lock: str) -> None:
+        """Called from the warm-up's thread when another process is compiling the kernels."""
+        self.log.info("another process is compiling the kernels: waiting for it, then loading "
+                      "what it compiled", lock=lock)
 
     def _restore_progress(self, status: RestoreProgress) -> None:
         """A large restore says how far it has got: in /readyz, and a log line every few
@@ -1176,12 +1185,15 @@ def _superseded_ticks(records: Sequence[InputRecord | Rejected]) -> set[int]:
             if isinstance(record, PriceTick) and latest[record.symbol] != index}
 
 
-def warm_up_kernels() -> float:
+def warm_up_kernels(on_wait: Callable[[str], None] | None = None) -> float:
     """Compile (or load from numba's cache) every kernel liqmon run uses: the engine's and
-    the restore's (their `warm_up`s); returns the seconds it took."""
+    the restore's (their `warm_up`s), under one hold of the compile lock
+    (`monitor.compiled.compiling`: ``on_wait`` is called if another process holds it);
+    returns the seconds it took."""
     started = time.perf_counter()
-    warm_up()
-    warm_up_restore()
+    with compiling(on_wait):
+        warm_up()
+        warm_up_restore()
     return time.perf_counter() - started
 
 

@@ -1,0 +1,176 @@
+"""How liqmon's kernels are compiled (numba), where their machine code is cached, and one
+compiler at a time per cache.
+
+Every module with kernels decorates them with `jit` (or a variant) from here, so this module
+runs before any kernel is declared: numba picks a kernel's cache directory when the kernel is
+declared, and refuses to import a module whose kernels it has nowhere to cache.
+
+**A read-only cache.** numba caches only in a directory it can write: it checks by writing a
+file there. The container image ships the kernels compiled into ``NUMBA_CACHE_DIR``, which its
+runtime user can only read, on a root filesystem Kubernetes mounts read-only (`deploy/`); numba
+would find no usable directory, and liqmon would stop on import. When ``NUMBA_CACHE_DIR``
+cannot be written, `use_writable_cache` syncs its contents into a private directory under the
+temporary directory (``liqmon-numba-<uid>``; reused, so restarts leave one copy, not one
+each) and points numba there: the kernels load from the copy, and any kernel the copy lacks
+(a CPU unlike the build machine's, a command whose kernels were not pre-built) compiles into
+it instead of failing.
+
+**One compiler at a time.** numba writes each kernel's cache index by reading it, adding an
+entry and writing it back. Two processes compiling different versions of one kernel at once
+can each pick the same data file for theirs, so that an index entry names the other's machine
+code (numba issue 10128 reports the segmentation faults that follow). `compiling` holds an
+exclusive lock on a file in the cache directory while a process compiles, so that a second
+process (the tests' workers, two instances started together on a fresh machine) waits, then
+loads what the first compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+
+import numba
+from numba.core import config as numba_config
+
+LOCK_NAME = "liqmon-compile.lock"
+
+
+def _writable(directory: str) -> bool:
+    """numba's own test of a cache directory (a file written there), on the directory and on
+    every directory below it (a kernel's cache is a subdirectory)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for root, _, _ in os.walk(directory):
+            tempfile.TemporaryFile(dir=root).close()
+    except OSError:
+        return False
+    return True
+
+
+def _private_directory() -> str | None:
+    """``liqmon-numba-<uid>`` in the temporary directory, made if missing; None unless it is
+    this user's own and closed to others (another user could have planted code there)."""
+    path = os.path.join(tempfile.gettempdir(), f"liqmon-numba-{os.getuid()}")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        status = os.lstat(path)
+    except OSError:
+        return None
+    if (not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid()
+            or status.st_mode & 0o077):
+        return None
+    return path
+
+
+def _sync(source: str, target: str) -> None:
+    """Copy what ``source`` holds into ``target``, skipping files already copied (same size
+    and modification time). Each file is written under a temporary name and renamed into
+    place, so that a process loading from ``target`` meanwhile never reads half a file. A file
+    that cannot be read is left out: its kernel compiles."""
+    for root, _, files in os.walk(source):
+        into = os.path.join(target, os.path.relpath(root, source))
+        os.makedirs(into, exist_ok=True)
+        for name in files:
+            origin, copy = os.path.join(root, name), os.path.join(into, name)
+            with contextlib.suppress(OSError):
+                want = os.stat(origin)
+                with contextlib.suppress(FileNotFoundError):
+                    have = os.stat(copy)
+                    if (have.st_size, have.st_mtime_ns) == (want.st_size, want.st_mtime_ns):
+                        continue
+                staged = f"{copy}.{os.getpid()}.part"
+                shutil.copyfile(origin, staged)
+                os.utime(staged, ns=(want.st_atime_ns, want.st_mtime_ns))
+                os.replace(staged, copy)
+
+
+def use_writable_cache(writable: Callable[[str], bool] = _writable) -> tuple[str, str] | None:
+    """If ``NUMBA_CACHE_DIR`` names a directory this process cannot write, cache in a private
+    copy of it instead (see the module's docstring): (the configured directory, the copy), or
+    None when nothing changed. Child processes inherit the copy through the environment."""
+    configured = os.environ.get("NUMBA_CACHE_DIR")
+    if not configured or writable(configured):
+        return None
+    private = _private_directory()
+    if private is None or not writable(private):
+        private = tempfile.mkdtemp(prefix="liqmon-numba-")
+    if os.path.isdir(configured):
+        _sync(configured, private)
+    os.environ["NUMBA_CACHE_DIR"] = private
+    numba_config.CACHE_DIR = private  # type: ignore[attr-defined]  # set from the env
+    return configured, private
+
+
+# Before any kernel is declared (numba places its cache then); the service says so at start.
+CACHE_MOVED = use_writable_cache()
+
+jit = numba.njit(cache=True, nogil=True)
+jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
+jit_inline = numba.njit(cache=True, nogil=True, inline="always")  # inlined where it is called
+
+
+def lock_paths() -> list[str]:
+    """Where the compile lock may be, in order: in ``NUMBA_CACHE_DIR`` when set, else beside
+    the kernels' own cache (``__pycache__`` in the package, where numba caches them when it
+    can write there); failing those, this user's one in the temporary directory."""
+    configured: str = numba_config.CACHE_DIR  # type: ignore[attr-defined]  # from the env
+    directory = configured or os.path.join(os.path.dirname(__file__), "__pycache__")
+    return [os.path.join(directory, LOCK_NAME),
+            os.path.join(tempfile.gettempdir(), f"liqmon-compile-{os.getuid()}.lock")]
+
+
+def _open_lock() -> tuple[int, str] | None:
+    """The first lock file of `lock_paths` that can be opened (made if missing), opened."""
+    for path in lock_paths():
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path
+        except OSError:
+            continue
+    return None
+
+
+_held = threading.local()  # `compiling` is re-entrant within a thread
+
+
+@contextlib.contextmanager
+def compiling(on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the compile lock (see the module's docstring) for the block: compile, or load
+    from the cache, inside it. ``on_wait(lock path)`` is called if another process holds it,
+    before this one waits. Where no lock file can be opened at all, the block runs unlocked,
+    as numba alone would."""
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    try:
+        import fcntl  # POSIX, where liqmon runs; elsewhere the block runs unlocked
+    except ImportError:
+        lock = None
+    else:
+        lock = _open_lock()
+    try:
+        if lock is not None:
+            descriptor, path = lock
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait(path)
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
+    finally:
+        if lock is not None:
+            os.close(lock[0])  # releases the lock

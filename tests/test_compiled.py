@@ -1,0 +1,204 @@
+"""Where the kernels' machine code is cached, and one compiler at a time (monitor/compiled.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+from numba.core import config as numba_config
+
+from monitor import compiled
+from monitor.compiled import compiling, use_writable_cache
+from monitor.service.runner import warm_up_kernels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def temporary_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tempfile's directory (where the private copy goes) moved into the test's own."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return temp
+
+
+@pytest.fixture
+def numba_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `use_writable_cache` changes, put back after the test."""
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(numba_config, "CACHE_DIR", numba_config.CACHE_DIR)
+
+
+def a_built_cache(root: Path) -> Path:
+    """A cache directory as the image ships it: a kernel module's index and code."""
+    cache = root / "image-cache"
+    (cache / "book_0123").mkdir(parents=True)
+    (cache / "book_0123" / "kernels.account_run-416.py311.nbi").write_bytes(b"index")
+    (cache / "book_0123" / "kernels.account_run-416.py311.1.nbc").write_bytes(b"code" * 100)
+    return cache
+
+
+def test_a_cache_directory_liqmon_cannot_write_is_copied_and_numba_pointed_at_the_copy(
+        tmp_path: Path, temporary_directory: Path, numba_settings: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    image = a_built_cache(tmp_path)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))
+
+    moved = use_writable_cache(writable=lambda directory: directory != str(image))
+
+    private = temporary_directory / f"liqmon-numba-{os.getuid()}"
+    assert moved == (str(image), str(private))
+    assert os.environ["NUMBA_CACHE_DIR"] == str(private)
+    assert str(private) == numba_config.CACHE_DIR
+    copied = private / "book_0123"
+    assert (copied / "kernels.account_run-416.py311.nbi").read_bytes() == b"index"
+    assert (copied / "kernels.account_run-416.py311.1.nbc").read_bytes() == b"code" * 100
+    assert private.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_restart_reuses_its_copy_and_brings_back_what_differs_from_the_image(
+        tmp_path: Path, temporary_directory: Path, numba_settings: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    image = a_built_cache(tmp_path)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))
+    first = use_writable_cache(writable=lambda directory: directory != str(image))
+    assert first is not None
+    private = first[1]
+    index = Path(private) / "book_0123" / "kernels.account_run-416.py311.nbi"
+    index.write_bytes(b"an index numba rewrote after compiling a kernel the image lacked")
+    (Path(private) / "book_0123" / "kernels.other-12.py311.nbi").write_bytes(b"compiled here")
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))  # the next start, same environment
+    moved = use_writable_cache(writable=lambda directory: directory != str(image))
+
+    assert moved == (str(image), private)
+    assert index.read_bytes() == b"index"
+    assert (Path(private) / "book_0123" / "kernels.other-12.py311.nbi").exists()
+    assert not list(Path(private).rglob("*.part"))
+
+
+def test_a_private_directory_others_could_write_to_is_not_used(
+        tmp_path: Path, temporary_directory: Path, numba_settings: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    planted = temporary_directory / f"liqmon-numba-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    image = a_built_cache(tmp_path)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))
+
+    moved = use_writable_cache(writable=lambda directory: directory != str(image))
+
+    assert moved is not None
+    assert moved[1] != str(planted)
+    assert Path(moved[1]).parent == temporary_directory
+    assert not list(planted.iterdir())
+
+
+def test_a_writable_cache_directory_is_left_as_configured(
+        tmp_path: Path, numba_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+
+    assert use_writable_cache() is None
+    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path)
+
+
+def test_without_a_configured_directory_numba_chooses_its_own(numba_settings: None) -> None:
+    assert use_writable_cache(writable=lambda directory: False) is None
+    assert "NUMBA_CACHE_DIR" not in os.environ
+
+
+def test_kernels_compile_into_the_copy_when_the_configured_directory_cannot_be_made(
+        tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    module = tmp_path / "one_kernel.py"
+    module.write_text(textwrap.dedent("""
+        import os
+        from monitor.compiled import CACHE_MOVED, jit
+
+        @jit
+        def double(x):
+            return 2 * x
+
+        assert double(21) == 42
+        print(CACHE_MOVED[1], os.environ["NUMBA_CACHE_DIR"])
+    """))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(not_a_directory / "cache"),
+           "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+
+    run = subprocess.run([sys.executable, str(module)], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+
+    assert run.returncode == 0, run.stderr
+    copy, environment = run.stdout.split()
+    assert copy == environment == str(tmp_path / f"liqmon-numba-{os.getuid()}")
+    assert list(Path(copy).rglob("one_kernel.double-*.nbi"))
+
+
+def holding_the_lock(cache: Path) -> subprocess.Popen[str]:
+    """Another process holding the compile lock of ``cache`` until its stdin closes."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys
+            from monitor.compiled import compiling
+            with compiling():
+                print("held", flush=True)
+                sys.stdin.read()
+        """)], env={**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_process_waits_for_the_compile_lock_then_compiles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numba_config, "CACHE_DIR", str(tmp_path))
+    with compiling():
+        waiter = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent("""
+                from monitor.compiled import compiling
+                with compiling(lambda path: print("waiting on", path, flush=True)):
+                    print("compiling", flush=True)
+            """)], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path),
+                        "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE, text=True)
+        assert waiter.stdout is not None
+        assert waiter.stdout.readline() == f"waiting on {tmp_path / compiled.LOCK_NAME}\n"
+    assert waiter.stdout.readline() == "compiling\n"
+    assert waiter.wait(timeout=60) == 0
+
+
+def test_warm_up_waits_while_another_process_compiles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numba_config, "CACHE_DIR", str(tmp_path))
+    holder = holding_the_lock(tmp_path)
+    waiting = threading.Event()
+    warmed: list[float] = []
+    warm = threading.Thread(target=lambda: warmed.append(
+        warm_up_kernels(on_wait=lambda path: waiting.set())))
+    warm.start()
+    try:
+        assert waiting.wait(timeout=60)
+        assert not warmed  # still waiting for the lock
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    warm.join(timeout=120)
+    assert warmed
+
+
+def test_the_lock_is_taken_again_within_a_process_without_waiting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numba_config, "CACHE_DIR", str(tmp_path))
+    waits: list[str] = []
+    with compiling(waits.append), compiling(waits.append):
+        pass
+    assert waits == []
