@@ -209,6 +209,27 @@ def test_dockerfile_runs_as_non_root() -> None:
     assert str(pod_security["runAsUser"]) == user
 
 
+def test_dockerfile_compiles_the_kernels_for_any_cpu_before_the_runtime_user_takes_over(
+        ) -> None:
+    """Compiled for the generic CPU, the image's kernels are loaded on every node rather than
+    compiled again at each start (numba keys its cache by CPU), from the cache set here."""
+    instructions = dockerfile_instructions()
+    env: dict[str, str] = {}
+    for keyword, args in instructions:
+        if keyword == "ENV":
+            env.update(pair.split("=", 1) for pair in args.split())
+        if keyword == "RUN" and "warm_up_kernels" in args:
+            break
+    else:
+        pytest.fail("the Dockerfile does not compile the kernels")
+    assert env.get("NUMBA_CPU_NAME") == "generic"
+    assert env.get("NUMBA_CACHE_DIR")
+    keywords = [keyword for keyword, _ in instructions]
+    warm_up = next(n for n, (keyword, args) in enumerate(instructions)
+                   if keyword == "RUN" and "warm_up_kernels" in args)
+    assert warm_up < keywords.index("USER")
+
+
 def test_dockerfile_healthcheck_gets_healthz() -> None:
     checks = [args for keyword, args in dockerfile_instructions() if keyword == "HEALTHCHECK"]
     assert len(checks) == 1
