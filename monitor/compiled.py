@@ -13,15 +13,18 @@ cannot be written, `use_writable_cache` syncs its contents into a private direct
 temporary directory (``liqmon-numba-<uid>``; reused, so restarts leave one copy, not one
 each) and points numba there: the kernels load from the copy, and any kernel the copy lacks
 (a CPU unlike the build machine's, a command whose kernels were not pre-built) compiles into
-it instead of failing.
+it instead of failing. Where ``NUMBA_CACHE_DIR`` is not set and numba finds no directory of
+its own (a package installed by another user, a service user without a writable home), the
+kernels are cached in that private directory too.
 
 **One compiler at a time.** numba writes each kernel's cache index by reading it, adding an
 entry and writing it back. Two processes compiling different versions of one kernel at once
 can each pick the same data file for theirs, so that an index entry names the other's machine
 code (numba issue 10128 reports the segmentation faults that follow). `compiling` holds an
-exclusive lock on a file in the cache directory while a process compiles, so that a second
-process (the tests' workers, two instances started together on a fresh machine) waits, then
-loads what the first compiled.
+exclusive lock on a file in the cache directory while a process warms its kernels up (the
+warm-ups of `monitor.book` and of the restore: `liqmon run`, the tests, the bench), so that a
+second process (the tests' workers, two instances started together on a fresh machine) waits,
+then loads what the first compiled. (`liqmon stress` compiles its two kernels unlocked.)
 """
 
 from __future__ import annotations
@@ -89,17 +92,37 @@ def _sync(source: str, target: str) -> None:
                 os.replace(staged, copy)
 
 
-def use_writable_cache(writable: Callable[[str], bool] = _writable) -> tuple[str, str] | None:
+def _numba_has_a_place() -> bool:
+    """Whether numba, left to itself, finds a directory it can cache this package's kernels
+    in (beside the package, or the user's cache directory), asked as numba asks at a kernel's
+    declaration. True if numba's way of asking has changed: numba then answers for itself."""
+    from numba.core import caching
+
+    implementation = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    locators = getattr(implementation, "_locator_classes", None)
+    if locators is None or os.environ.get("NUMBA_CACHE_LOCATOR_CLASSES"):
+        return True
+    return any(locator.from_function(_numba_has_a_place, __file__) is not None
+               for locator in locators)
+
+
+def use_writable_cache(writable: Callable[[str], bool] = _writable,
+                       numba_has_a_place: Callable[[], bool] = _numba_has_a_place,
+                       ) -> tuple[str | None, str] | None:
     """If ``NUMBA_CACHE_DIR`` names a directory this process cannot write, cache in a private
-    copy of it instead (see the module's docstring): (the configured directory, the copy), or
-    None when nothing changed. Child processes inherit the copy through the environment."""
+    copy of it instead (see the module's docstring); if it is not set and numba has nowhere
+    to cache (a package installed by another user, no writable home directory), in a private
+    directory: (the configured directory or None, the directory used), or None when nothing
+    changed. Child processes inherit the choice through the environment."""
     configured = os.environ.get("NUMBA_CACHE_DIR")
-    if not configured or writable(configured):
+    if configured and writable(configured):
+        return None
+    if not configured and numba_has_a_place():
         return None
     private = _private_directory()
     if private is None or not writable(private):
         private = tempfile.mkdtemp(prefix="liqmon-numba-")
-    if os.path.isdir(configured):
+    if configured and os.path.isdir(configured):
         _sync(configured, private)
     os.environ["NUMBA_CACHE_DIR"] = private
     numba_config.CACHE_DIR = private  # type: ignore[attr-defined]  # set from the env

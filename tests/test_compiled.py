@@ -110,8 +110,30 @@ def test_a_writable_cache_directory_is_left_as_configured(
 
 
 def test_without_a_configured_directory_numba_chooses_its_own(numba_settings: None) -> None:
-    assert use_writable_cache(writable=lambda directory: False) is None
+    assert use_writable_cache(numba_has_a_place=lambda: True) is None
     assert "NUMBA_CACHE_DIR" not in os.environ
+
+
+def test_where_numba_has_nowhere_to_cache_liqmon_gives_it_a_private_directory(
+        temporary_directory: Path, numba_settings: None) -> None:
+    moved = use_writable_cache(numba_has_a_place=lambda: False)
+
+    private = str(temporary_directory / f"liqmon-numba-{os.getuid()}")
+    assert moved == (None, private)
+    assert os.environ["NUMBA_CACHE_DIR"] == private
+
+
+def test_numba_is_asked_where_it_would_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from numba.core import caching
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    assert compiled._numba_has_a_place()  # the tests' checkout: numba caches in __pycache__
+
+    def unwritable(self: object) -> None:
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(caching._CacheLocator, "ensure_cache_path", unwritable)
+    assert not compiled._numba_has_a_place()
 
 
 def test_kernels_compile_into_the_copy_when_the_configured_directory_cannot_be_made(

@@ -241,9 +241,12 @@ class Monitor:
         try:
             # compiled once per install (seconds), loaded from numba's cache after that; in a
             # thread so that /healthz answers meanwhile
-            if CACHE_MOVED is not None:
+            if CACHE_MOVED is not None and CACHE_MOVED[0] is not None:
                 self.log.info("the kernels' cache directory is read-only here: using a copy",
                               configured=CACHE_MOVED[0], copy=CACHE_MOVED[1])
+            elif CACHE_MOVED is not None:
+                self.log.info("numba has nowhere to cache the kernels here: caching them in a "
+                              "directory of liqmon's", directory=CACHE_MOVED[1])
             seconds = await asyncio.to_thread(warm_up_kernels, self._compiler_busy)
             self._warming_up = False
             self.log.info("kernels ready", seconds=round(seconds, 3))
