@@ -36,22 +36,29 @@ def numba_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(numba_config, "CACHE_DIR", numba_config.CACHE_DIR)
 
 
-def a_built_cache(root: Path) -> Path:
-    """A cache directory as the image ships it: a kernel module's index and code."""
-    cache = root / "image-cache"
+@pytest.fixture
+def read_only_image(tmp_path: Path, numba_settings: None, monkeypatch: pytest.MonkeyPatch
+                    ) -> Path:
+    """``NUMBA_CACHE_DIR`` set to a cache as the image ships it (a kernel module's index and
+    code), which `cache_from` treats as one liqmon cannot write."""
+    cache = tmp_path / "image-cache"
     (cache / "book_0123").mkdir(parents=True)
     (cache / "book_0123" / "kernels.account_run-416.py311.nbi").write_bytes(b"index")
     (cache / "book_0123" / "kernels.account_run-416.py311.1.nbc").write_bytes(b"code" * 100)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(cache))
     return cache
 
 
-def test_a_cache_directory_liqmon_cannot_write_is_copied_and_numba_pointed_at_the_copy(
-        tmp_path: Path, temporary_directory: Path, numba_settings: None,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    image = a_built_cache(tmp_path)
-    monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))
+def cache_from(image: Path) -> tuple[str | None, str] | None:
+    """`use_writable_cache` where only ``image`` cannot be written."""
+    return use_writable_cache(writable=lambda directory: directory != str(image))
 
-    moved = use_writable_cache(writable=lambda directory: directory != str(image))
+
+def test_a_cache_directory_liqmon_cannot_write_is_copied_and_numba_pointed_at_the_copy(
+        temporary_directory: Path, read_only_image: Path) -> None:
+    image = read_only_image
+
+    moved = cache_from(image)
 
     private = temporary_directory / f"liqmon-numba-{os.getuid()}"
     assert moved == (str(image), str(private))
@@ -64,11 +71,10 @@ def test_a_cache_directory_liqmon_cannot_write_is_copied_and_numba_pointed_at_th
 
 
 def test_a_restart_reuses_its_copy_and_brings_back_what_differs_from_the_image(
-        tmp_path: Path, temporary_directory: Path, numba_settings: None,
+        temporary_directory: Path, read_only_image: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    image = a_built_cache(tmp_path)
-    monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))
-    first = use_writable_cache(writable=lambda directory: directory != str(image))
+    image = read_only_image
+    first = cache_from(image)
     assert first is not None
     private = first[1]
     index = Path(private) / "book_0123" / "kernels.account_run-416.py311.nbi"
@@ -76,7 +82,7 @@ def test_a_restart_reuses_its_copy_and_brings_back_what_differs_from_the_image(
     (Path(private) / "book_0123" / "kernels.other-12.py311.nbi").write_bytes(b"compiled here")
 
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))  # the next start, same environment
-    moved = use_writable_cache(writable=lambda directory: directory != str(image))
+    moved = cache_from(image)
 
     assert moved == (str(image), private)
     assert index.read_bytes() == b"index"
@@ -85,15 +91,12 @@ def test_a_restart_reuses_its_copy_and_brings_back_what_differs_from_the_image(
 
 
 def test_a_private_directory_others_could_write_to_is_not_used(
-        tmp_path: Path, temporary_directory: Path, numba_settings: None,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        temporary_directory: Path, read_only_image: Path) -> None:
     planted = temporary_directory / f"liqmon-numba-{os.getuid()}"
     planted.mkdir()
     planted.chmod(0o777)
-    image = a_built_cache(tmp_path)
-    monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))
 
-    moved = use_writable_cache(writable=lambda directory: directory != str(image))
+    moved = cache_from(read_only_image)
 
     assert moved is not None
     assert moved[1] != str(planted)
