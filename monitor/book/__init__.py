@@ -31,8 +31,6 @@ always built from a from-scratch valuation (`margin.value_account`'s arithmetic,
 bands decide only *which* accounts are re-valued, never what an event says.
 """
 
-from collections.abc import Callable
-
 from monitor.book.bands import PendingBands, SymbolBands
 from monitor.book.store import AccountRun, Book, Verdict
 from monitor.book.tables import Tables
@@ -41,11 +39,10 @@ from monitor.compiled import compiling
 __all__ = ["AccountRun", "Book", "PendingBands", "SymbolBands", "Tables", "Verdict"]
 
 
-def warm_up(on_wait: Callable[[str], None] | None = None) -> float:
+def warm_up() -> float:
     """Compile (or load from numba's cache) every kernel the engine uses, by running each once
-    over a one-account book; returns the seconds it took. Without it the first records pay.
-    Holds the compile lock (`monitor.compiled.compiling`, which calls ``on_wait`` if another
-    process holds it)."""
+    over a one-account book, holding the compile lock (`monitor.compiled.compiling`); returns
+    the seconds it took. Without it the first records pay."""
     import time
 
     import numpy as np
@@ -55,7 +52,7 @@ def warm_up(on_wait: Callable[[str], None] | None = None) -> float:
     from monitor.config import parse_config
 
     started = time.perf_counter()
-    with compiling(on_wait):
+    with compiling():
         book = Book(parse_config(_WARM_UP_RISK))
         row = book.new_row("warm-up", 0)
         book.add_balance(row, 0, 100.0)

@@ -445,7 +445,7 @@ def _key_hashes(keys, key_len):
     return out
 
 
-def warm_up(on_wait: Callable[[str], None] | None = None) -> None:
+def warm_up() -> None:
     """Compile (or load from numba's cache) the restore's kernels, so that the first restore
     does not pay for it; under the compile lock, as `monitor.book.warm_up`."""
     builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0,
@@ -454,7 +454,7 @@ def warm_up(on_wait: Callable[[str], None] | None = None) -> None:
     for offset in range(2):  # one key twice: deduplication's kernels too
         builder.append(offset, timestamp=0, key=b"k", value=b"v",
                        headers=[(KIND_HEADER, ACCOUNT)])
-    with compiling(on_wait):
+    with compiling():
         (batch,) = whole_batches(bytes(builder.build()))
         _Latest().add_batch(batch).deduplicate()
 
