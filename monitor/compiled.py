@@ -80,16 +80,19 @@ def _sync(source: str, target: str) -> None:
         os.makedirs(into, exist_ok=True)
         for name in files:
             origin, copy = os.path.join(root, name), os.path.join(into, name)
-            with contextlib.suppress(OSError):
+            staged = f"{copy}.{os.getpid()}.part"
+            try:
                 want = os.stat(origin)
                 with contextlib.suppress(FileNotFoundError):
                     have = os.stat(copy)
                     if (have.st_size, have.st_mtime_ns) == (want.st_size, want.st_mtime_ns):
                         continue
-                staged = f"{copy}.{os.getpid()}.part"
                 shutil.copyfile(origin, staged)
                 os.utime(staged, ns=(want.st_atime_ns, want.st_mtime_ns))
                 os.replace(staged, copy)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(staged)
 
 
 def _numba_has_a_place() -> bool:

@@ -90,6 +90,19 @@ def test_a_restart_reuses_its_copy_and_brings_back_what_differs_from_the_image(
     assert not list(Path(private).rglob("*.part"))
 
 
+def test_a_file_that_cannot_be_copied_is_left_out_and_leaves_nothing_half_written(
+        temporary_directory: Path, read_only_image: Path) -> None:
+    private = temporary_directory / f"liqmon-numba-{os.getuid()}"
+    private.mkdir(mode=0o700)  # from an earlier start, where a directory took the index's name
+    (private / "book_0123" / "kernels.account_run-416.py311.nbi").mkdir(parents=True)
+
+    moved = cache_from(read_only_image)
+
+    assert moved == (str(read_only_image), str(private))
+    assert (private / "book_0123" / "kernels.account_run-416.py311.1.nbc").exists()
+    assert not list(private.rglob("*.part"))
+
+
 def test_a_private_directory_others_could_write_to_is_not_used(
         temporary_directory: Path, read_only_image: Path) -> None:
     planted = temporary_directory / f"liqmon-numba-{os.getuid()}"
