@@ -15,7 +15,9 @@ each) and points numba there: the kernels load from the copy, and any kernel the
 (a CPU unlike the build machine's, a command whose kernels were not pre-built) compiles into
 it instead of failing. Where ``NUMBA_CACHE_DIR`` is not set and numba finds no directory of
 its own (a package installed by another user, a service user without a writable home), the
-kernels are cached in that private directory too.
+kernels are cached in that private directory too; and where not even that can be made (no
+writable temporary directory), they are declared uncached and compile at every start (about a
+minute) rather than stop liqmon. `liqmon run` logs which of these it found (`CachePlace`).
 
 **One compiler at a time.** numba writes each kernel's cache index by reading it, adding an
 entry and writing it back. Two processes compiling different versions of one kernel at once
@@ -36,6 +38,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numba
 from numba.core import config as numba_config
@@ -109,35 +112,58 @@ def _numba_has_a_place() -> bool:
                for locator in locators)
 
 
+@dataclass(frozen=True)
+class CachePlace:
+    """Where liqmon had numba cache the kernels, when it had to choose (`use_writable_cache`)."""
+
+    configured: str | None  # NUMBA_CACHE_DIR as it was set, if it was
+    used: str | None  # the directory numba now caches in; None: nowhere (compiled every start)
+
+    def describe(self) -> str:
+        """What an operator is told at start."""
+        if self.used is None:
+            return ("numba can cache the compiled kernels nowhere here (no writable temporary "
+                    "directory): they compile at every start")
+        if self.configured is not None:
+            return "the kernels' cache directory is read-only here: using a copy"
+        return ("numba has nowhere to cache the kernels here: caching them in a directory of "
+                "liqmon's")
+
+
 def use_writable_cache(writable: Callable[[str], bool] = _writable,
                        numba_has_a_place: Callable[[], bool] = _numba_has_a_place,
-                       ) -> tuple[str | None, str] | None:
+                       ) -> CachePlace | None:
     """If ``NUMBA_CACHE_DIR`` names a directory this process cannot write, cache in a private
     copy of it instead (see the module's docstring); if it is not set and numba has nowhere
     to cache (a package installed by another user, no writable home directory), in a private
-    directory: (the configured directory or None, the directory used), or None when nothing
-    changed. Child processes inherit the choice through the environment."""
+    directory; if no private directory can be made either, nowhere: the kernels are then
+    declared uncached, and compile at every start rather than stop liqmon. None when numba's
+    own choice stands. Child processes inherit the choice through the environment."""
     configured = os.environ.get("NUMBA_CACHE_DIR")
     if configured and writable(configured):
         return None
     if not configured and numba_has_a_place():
         return None
-    private = _private_directory()
-    if private is None or not writable(private):
-        private = tempfile.mkdtemp(prefix="liqmon-numba-")
+    try:
+        private = _private_directory()
+        if private is None or not writable(private):
+            private = tempfile.mkdtemp(prefix="liqmon-numba-")
+    except OSError:  # no usable temporary directory at all
+        return CachePlace(configured, None)
     if configured and os.path.isdir(configured):
         _sync(configured, private)
     os.environ["NUMBA_CACHE_DIR"] = private
     numba_config.CACHE_DIR = private  # type: ignore[attr-defined]  # set from the env
-    return configured, private
+    return CachePlace(configured, private)
 
 
 # Before any kernel is declared (numba places its cache then); the service says so at start.
-CACHE_MOVED = use_writable_cache()
+CACHE_PLACE = use_writable_cache()
+_CACHED = CACHE_PLACE is None or CACHE_PLACE.used is not None
 
-jit = numba.njit(cache=True, nogil=True)
-jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
-jit_inline = numba.njit(cache=True, nogil=True, inline="always")  # inlined where it is called
+jit = numba.njit(cache=_CACHED, nogil=True)
+jit_parallel = numba.njit(cache=_CACHED, nogil=True, parallel=True)
+jit_inline = numba.njit(cache=_CACHED, nogil=True, inline="always")  # inlined where called
 
 
 def lock_paths() -> list[str]:

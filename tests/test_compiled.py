@@ -14,7 +14,7 @@ import pytest
 from numba.core import config as numba_config
 
 from monitor import compiled
-from monitor.compiled import compiling, use_writable_cache
+from monitor.compiled import CachePlace, compiling, use_writable_cache
 from monitor.service.runner import warm_up_kernels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def read_only_image(tmp_path: Path, numba_settings: None, monkeypatch: pytest.Mo
     return cache
 
 
-def cache_from(image: Path) -> tuple[str | None, str] | None:
+def cache_from(image: Path) -> CachePlace | None:
     """`use_writable_cache` where only ``image`` cannot be written."""
     return use_writable_cache(writable=lambda directory: directory != str(image))
 
@@ -61,7 +61,7 @@ def test_a_cache_directory_liqmon_cannot_write_is_copied_and_numba_pointed_at_th
     moved = cache_from(image)
 
     private = temporary_directory / f"liqmon-numba-{os.getuid()}"
-    assert moved == (str(image), str(private))
+    assert moved == CachePlace(str(image), str(private))
     assert os.environ["NUMBA_CACHE_DIR"] == str(private)
     assert str(private) == numba_config.CACHE_DIR
     copied = private / "book_0123"
@@ -75,8 +75,8 @@ def test_a_restart_reuses_its_copy_and_brings_back_what_differs_from_the_image(
         monkeypatch: pytest.MonkeyPatch) -> None:
     image = read_only_image
     first = cache_from(image)
-    assert first is not None
-    private = first[1]
+    assert first is not None and first.used is not None
+    private = first.used
     index = Path(private) / "book_0123" / "kernels.account_run-416.py311.nbi"
     index.write_bytes(b"an index numba rewrote after compiling a kernel the image lacked")
     (Path(private) / "book_0123" / "kernels.other-12.py311.nbi").write_bytes(b"compiled here")
@@ -84,7 +84,7 @@ def test_a_restart_reuses_its_copy_and_brings_back_what_differs_from_the_image(
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(image))  # the next start, same environment
     moved = cache_from(image)
 
-    assert moved == (str(image), private)
+    assert moved == CachePlace(str(image), private)
     assert index.read_bytes() == b"index"
     assert (Path(private) / "book_0123" / "kernels.other-12.py311.nbi").exists()
     assert not list(Path(private).rglob("*.part"))
@@ -98,7 +98,7 @@ def test_a_file_that_cannot_be_copied_is_left_out_and_leaves_nothing_half_writte
 
     moved = cache_from(read_only_image)
 
-    assert moved == (str(read_only_image), str(private))
+    assert moved == CachePlace(str(read_only_image), str(private))
     assert (private / "book_0123" / "kernels.account_run-416.py311.1.nbc").exists()
     assert not list(private.rglob("*.part"))
 
@@ -111,9 +111,9 @@ def test_a_private_directory_others_could_write_to_is_not_used(
 
     moved = cache_from(read_only_image)
 
-    assert moved is not None
-    assert moved[1] != str(planted)
-    assert Path(moved[1]).parent == temporary_directory
+    assert moved is not None and moved.used is not None
+    assert moved.used != str(planted)
+    assert Path(moved.used).parent == temporary_directory
     assert not list(planted.iterdir())
 
 
@@ -135,7 +135,7 @@ def test_where_numba_has_nowhere_to_cache_liqmon_gives_it_a_private_directory(
     moved = use_writable_cache(numba_has_a_place=lambda: False)
 
     private = str(temporary_directory / f"liqmon-numba-{os.getuid()}")
-    assert moved == (None, private)
+    assert moved == CachePlace(None, private)
     assert os.environ["NUMBA_CACHE_DIR"] == private
 
 
@@ -159,14 +159,14 @@ def test_kernels_compile_into_the_copy_when_the_configured_directory_cannot_be_m
     module = tmp_path / "one_kernel.py"
     module.write_text(textwrap.dedent("""
         import os
-        from monitor.compiled import CACHE_MOVED, jit
+        from monitor.compiled import CACHE_PLACE, jit
 
         @jit
         def double(x):
             return 2 * x
 
         assert double(21) == 42
-        print(CACHE_MOVED[1], os.environ["NUMBA_CACHE_DIR"])
+        print(CACHE_PLACE.used, os.environ["NUMBA_CACHE_DIR"])
     """))
     env = {**os.environ, "NUMBA_CACHE_DIR": str(not_a_directory / "cache"),
            "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
@@ -178,6 +178,34 @@ def test_kernels_compile_into_the_copy_when_the_configured_directory_cannot_be_m
     copy, environment = run.stdout.split()
     assert copy == environment == str(tmp_path / f"liqmon-numba-{os.getuid()}")
     assert list(Path(copy).rglob("one_kernel.double-*.nbi"))
+
+
+def test_with_no_temporary_directory_either_the_kernels_compile_uncached(
+        tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    module = tmp_path / "one_kernel.py"
+    module.write_text(textwrap.dedent(f"""
+        import tempfile
+        tempfile.tempdir = {str(a_file / "tmp")!r}  # as if none were writable
+
+        from monitor.compiled import CACHE_PLACE, jit
+
+        @jit
+        def double(x):
+            return 2 * x
+
+        assert double(21) == 42
+        print(CACHE_PLACE.used, CACHE_PLACE.describe())
+    """))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(a_file / "cache"), "PYTHONPATH": str(REPO)}
+
+    run = subprocess.run([sys.executable, str(module)], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("None numba can cache the compiled kernels nowhere here")
+    assert not list(tmp_path.rglob("*.nbi"))
 
 
 def holding_the_lock(cache: Path) -> subprocess.Popen[str]:

@@ -36,7 +36,7 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 
 from monitor.book import warm_up
-from monitor.compiled import CACHE_MOVED, compiling
+from monitor.compiled import CACHE_PLACE, compiling
 from monitor.config import RiskConfig, fingerprint
 from monitor.engine import AccountRecord, Engine
 from monitor.errors import LiqmonError
@@ -241,12 +241,10 @@ class Monitor:
         try:
             # compiled once per install (seconds), loaded from numba's cache after that; in a
             # thread so that /healthz answers meanwhile
-            if CACHE_MOVED is not None and CACHE_MOVED[0] is not None:
-                self.log.info("the kernels' cache directory is read-only here: using a copy",
-                              configured=CACHE_MOVED[0], copy=CACHE_MOVED[1])
-            elif CACHE_MOVED is not None:
-                self.log.info("numba has nowhere to cache the kernels here: caching them in a "
-                              "directory of liqmon's", directory=CACHE_MOVED[1])
+            if CACHE_PLACE is not None:
+                say = self.log.info if CACHE_PLACE.used is not None else self.log.warning
+                say(CACHE_PLACE.describe(), configured=CACHE_PLACE.configured,
+                    used=CACHE_PLACE.used)
             seconds = await asyncio.to_thread(warm_up_kernels, self._compiler_busy)
             self._warming_up = False
             self.log.info("kernels ready", seconds=round(seconds, 3))
