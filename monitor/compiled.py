@@ -125,7 +125,7 @@ class CachePlace:
             return ("numba can cache the compiled kernels nowhere here (no writable temporary "
                     "directory): they compile at every start")
         if self.configured is not None:
-            return "the kernels' cache directory is read-only here: using a copy"
+            return "the kernels' cache directory cannot be written here: using a copy"
         return ("numba has nowhere to cache the kernels here: caching them in a directory of "
                 "liqmon's")
 

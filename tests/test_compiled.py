@@ -152,43 +152,12 @@ def test_numba_is_asked_where_it_would_cache(monkeypatch: pytest.MonkeyPatch) ->
     assert not compiled._numba_has_a_place()
 
 
-def test_kernels_compile_into_the_copy_when_the_configured_directory_cannot_be_made(
-        tmp_path: Path) -> None:
-    not_a_directory = tmp_path / "a-file"
-    not_a_directory.write_text("")
-    module = tmp_path / "one_kernel.py"
-    module.write_text(textwrap.dedent("""
-        import os
-        from monitor.compiled import CACHE_PLACE, jit
-
-        @jit
-        def double(x):
-            return 2 * x
-
-        assert double(21) == 42
-        print(CACHE_PLACE.used, os.environ["NUMBA_CACHE_DIR"])
-    """))
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(not_a_directory / "cache"),
-           "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
-
-    run = subprocess.run([sys.executable, str(module)], env=env, capture_output=True,
-                         text=True, timeout=120, check=False)
-
-    assert run.returncode == 0, run.stderr
-    copy, environment = run.stdout.split()
-    assert copy == environment == str(tmp_path / f"liqmon-numba-{os.getuid()}")
-    assert list(Path(copy).rglob("one_kernel.double-*.nbi"))
-
-
-def test_with_no_temporary_directory_either_the_kernels_compile_uncached(
-        tmp_path: Path) -> None:
-    a_file = tmp_path / "a-file"
-    a_file.write_text("")
-    module = tmp_path / "one_kernel.py"
-    module.write_text(textwrap.dedent(f"""
-        import tempfile
-        tempfile.tempdir = {str(a_file / "tmp")!r}  # as if none were writable
-
+def run_a_kernel(directory: Path, cache: Path, first_lines: str = "",
+                 env: dict[str, str] | None = None) -> str:
+    """What a process prints (CACHE_PLACE, described) that declares a kernel of its own in
+    ``directory``, with ``NUMBA_CACHE_DIR`` at ``cache``, and runs it."""
+    module = directory / "one_kernel.py"
+    module.write_text(first_lines + textwrap.dedent("""
         from monitor.compiled import CACHE_PLACE, jit
 
         @jit
@@ -198,13 +167,35 @@ def test_with_no_temporary_directory_either_the_kernels_compile_uncached(
         assert double(21) == 42
         print(CACHE_PLACE.used, CACHE_PLACE.describe())
     """))
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(a_file / "cache"), "PYTHONPATH": str(REPO)}
-
-    run = subprocess.run([sys.executable, str(module)], env=env, capture_output=True,
-                         text=True, timeout=120, check=False)
-
+    run = subprocess.run([sys.executable, str(module)], capture_output=True, text=True,
+                         timeout=120, check=False,
+                         env={**os.environ, **(env or {}), "NUMBA_CACHE_DIR": str(cache),
+                              "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("None numba can cache the compiled kernels nowhere here")
+    return run.stdout
+
+
+def test_kernels_compile_into_the_copy_when_the_configured_directory_cannot_be_made(
+        tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+
+    said = run_a_kernel(tmp_path, a_file / "cache", env={"TMPDIR": str(tmp_path)})
+
+    private = tmp_path / f"liqmon-numba-{os.getuid()}"
+    assert said == f"{private} the kernels' cache directory cannot be written here: using a copy\n"
+    assert list(private.rglob("one_kernel.double-*.nbi"))
+
+
+def test_with_no_temporary_directory_either_the_kernels_compile_uncached(
+        tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+
+    said = run_a_kernel(tmp_path, a_file / "cache",
+                        first_lines=f"import tempfile\ntempfile.tempdir = {str(a_file)!r}\n")
+
+    assert said.startswith("None numba can cache the compiled kernels nowhere here")
     assert not list(tmp_path.rglob("*.nbi"))
 
 
