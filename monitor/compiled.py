@@ -23,10 +23,10 @@ minute) rather than stop liqmon. `liqmon run` logs which of these it found (`Cac
 entry and writing it back. Two processes compiling different versions of one kernel at once
 can each pick the same data file for theirs, so that an index entry names the other's machine
 code (numba issue 10128 reports the segmentation faults that follow). `compiling` holds an
-exclusive lock on a file in the cache directory while a process warms its kernels up (the
-warm-ups of `monitor.book` and of the restore: `liqmon run`, the tests, the bench), so that a
-second process (the tests' workers, two instances started together on a fresh machine) waits,
-then loads what the first compiled. (`liqmon stress` compiles its two kernels unlocked.)
+exclusive lock on a file in the cache directory while a process compiles or loads its kernels
+(the warm-ups of `monitor.book` and of the restore, for `liqmon run`, the tests and the bench;
+`liqmon stress`'s first scenario), so that a second process (the tests' workers, two
+instances started together on a fresh machine) waits, then loads what the first compiled.
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+from collections.abc import Iterator
 
 import pytest
 
+import monitor.stress
 from monitor.account import Account, RiskKey, UnitKey
 from monitor.config import RiskConfig
 from monitor.engine import Engine
@@ -245,3 +248,27 @@ def test_newly_liquidating_lists_exactly_the_accounts_the_ticks_liquidate(
 def held(engine: Engine, key: RiskKey) -> Account:
     """The account, or isolated position, the key names."""
     return engine.units[key] if isinstance(key, UnitKey) else engine.accounts[key]
+
+
+def test_the_first_scenario_is_valued_under_the_compile_lock(
+        risk: RiskConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its kernels compile then, so two `liqmon stress` on a fresh install take turns
+    (`monitor.compiled.compiling`); the scenarios after it run without the lock."""
+    held, valued_while = [False], []
+
+    @contextlib.contextmanager
+    def lock() -> Iterator[None]:
+        held[0] = True
+        try:
+            yield
+        finally:
+            held[0] = False
+
+    figures = StressBook.figures
+    monkeypatch.setattr(monitor.stress, "compiling", lock)
+    monkeypatch.setattr(StressBook, "figures",
+                        lambda book, px: valued_while.append(held[0]) or figures(book, px))
+
+    run_scenarios(long_and_short(risk), [{"BTC-PERP": -0.17}, {"BTC-PERP": 0.17}])
+
+    assert valued_while == [True, True, False]  # the unshocked book, then each scenario
