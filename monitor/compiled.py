@@ -169,11 +169,13 @@ jit_inline = numba.njit(cache=_CACHED, nogil=True, inline="always")  # inlined w
 def lock_paths() -> list[str]:
     """Where the compile lock may be, in order: in ``NUMBA_CACHE_DIR`` when set, else beside
     the kernels' own cache (``__pycache__`` in the package, where numba caches them when it
-    can write there); failing those, this user's one in the temporary directory."""
+    can write there); failing those, this user's one in the temporary directory, if any."""
     configured: str = numba_config.CACHE_DIR  # type: ignore[attr-defined]  # from the env
     directory = configured or os.path.join(os.path.dirname(__file__), "__pycache__")
-    return [os.path.join(directory, LOCK_NAME),
-            os.path.join(tempfile.gettempdir(), f"liqmon-compile-{os.getuid()}.lock")]
+    paths = [os.path.join(directory, LOCK_NAME)]
+    with contextlib.suppress(OSError):  # no usable temporary directory
+        paths.append(os.path.join(tempfile.gettempdir(), f"liqmon-compile-{os.getuid()}.lock"))
+    return paths
 
 
 def _open_lock() -> tuple[int, str] | None:

@@ -259,3 +259,19 @@ def test_the_lock_is_taken_again_within_a_process_without_waiting(
     with compiling(waits.append), compiling(waits.append):
         pass
     assert waits == []
+
+
+def test_with_no_lock_file_anywhere_the_block_runs_unlocked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    monkeypatch.setattr(numba_config, "CACHE_DIR", str(a_file / "cache"))
+
+    def no_temporary_directory() -> str:
+        raise FileNotFoundError("No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_temporary_directory)
+    ran = []
+    with compiling():
+        ran.append(True)
+    assert ran == [True]
