@@ -178,18 +178,35 @@ def lock_paths() -> list[str]:
     return paths
 
 
-def _open_lock() -> tuple[int, str] | None:
-    """The first lock file of `lock_paths` that can be opened (made if missing), opened."""
+def _acquire(on_wait: Callable[[str], None] | None) -> int | None:
+    """The first lock file of `lock_paths` that can be opened (made if missing), opened and
+    locked: its descriptor (closing it releases the lock), or None if none can be opened or
+    the platform has no ``flock``."""
+    try:
+        import fcntl  # POSIX, where liqmon runs; elsewhere the block runs unlocked
+    except ImportError:
+        return None
     for path in lock_paths():
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
             continue
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait(path)
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        return descriptor
     return None
 
 
-_held = threading.local()  # `compiling` is re-entrant within a thread
+_held = threading.local()  # `compiling` is re-entrant within a thread: how deep it is
 
 
 @contextlib.contextmanager
@@ -198,33 +215,12 @@ def compiling(on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
     from the cache, inside it. ``on_wait(lock path)`` is called if another process holds it,
     before this one waits. Where no lock file can be opened at all, the block runs unlocked,
     as numba alone would."""
-    if getattr(_held, "depth", 0):
-        _held.depth += 1
-        try:
-            yield
-        finally:
-            _held.depth -= 1
-        return
+    depth = getattr(_held, "depth", 0)
+    descriptor = None if depth else _acquire(on_wait)
+    _held.depth = depth + 1
     try:
-        import fcntl  # POSIX, where liqmon runs; elsewhere the block runs unlocked
-    except ImportError:
-        lock = None
-    else:
-        lock = _open_lock()
-    try:
-        if lock is not None:
-            descriptor, path = lock
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None:
-                    on_wait(path)
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
-        _held.depth = 1
-        try:
-            yield
-        finally:
-            _held.depth = 0
+        yield
     finally:
-        if lock is not None:
-            os.close(lock[0])  # releases the lock
+        _held.depth = depth
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock

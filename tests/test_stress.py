@@ -254,20 +254,20 @@ def test_the_first_scenario_is_valued_under_the_compile_lock(
         risk: RiskConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its kernels compile then, so two `liqmon stress` on a fresh install take turns
     (`monitor.compiled.compiling`); the scenarios after it run without the lock."""
-    held, valued_while = [False], []
+    locked, valued_while = [False], []
 
     @contextlib.contextmanager
     def lock() -> Iterator[None]:
-        held[0] = True
+        locked[0] = True
         try:
             yield
         finally:
-            held[0] = False
+            locked[0] = False
 
     figures = StressBook.figures
     monkeypatch.setattr(monitor.stress, "compiling", lock)
     monkeypatch.setattr(StressBook, "figures",
-                        lambda book, px: valued_while.append(held[0]) or figures(book, px))
+                        lambda book, px: valued_while.append(locked[0]) or figures(book, px))
 
     run_scenarios(long_and_short(risk), [{"BTC-PERP": -0.17}, {"BTC-PERP": 0.17}])
 
