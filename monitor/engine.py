@@ -89,6 +89,9 @@ class DedupeWindow:
 
 
 INDEX_CHUNK = 262_144  # rows indexed per numpy pass after a restore (bounds peak memory)
+# Fills after which a position compaction may begin (`Engine.upkeep`), however few positions
+# are open: on a small book a pass costs little, and scattered positions cost little too.
+COMPACT_AFTER_FILLS = 65_536
 _STATES = tuple(AccountState)
 _HEALTHY = AccountState.HEALTHY
 _by_symbol = itemgetter("symbol")  # an event lists its positions by symbol
@@ -355,11 +358,15 @@ class InputLedger:
 
     @property
     def upkeep_due(self) -> bool:
-        """Whether `merge_overdue_bands` has work to do."""
+        """Whether `upkeep` has work to do."""
+        return False
+
+    def upkeep(self) -> bool:
+        """Upkeep to do while idle, a step at a time; True while more remains (none here)."""
         return False
 
     def merge_overdue_bands(self) -> bool:
-        """Upkeep to do while idle, a step at a time; True while more remains (none here)."""
+        """The band index's part of `upkeep` (none here)."""
         return False
 
     def take_dirty(self) -> DirtyUnits:
@@ -433,6 +440,7 @@ class Engine(InputLedger):
         self._unindexed_bulk: list[np.ndarray] = []
         self._reindex_all = False  # prices were replaced under the bands
         self._run = AccountRun()  # `apply_account_records`' arguments for the kernel
+        self._fills_at_compaction = 0  # `stats.applied_fills` when the last one began
 
     def partition_of(self, key: RiskKey) -> int | None:
         """The input partition owning a risk unit held here (None: not held, or replay)."""
@@ -909,9 +917,31 @@ class Engine(InputLedger):
         structure holds a band, never which accounts a tick re-values."""
         return self.book.merge_overdue_bands()
 
+    def upkeep(self) -> bool:
+        """A step of what the service does while it has nothing ready, so that records do not
+        pay for it: an overdue band merge (`merge_overdue_bands`) while any is left, else a
+        step of a pass that moves each account's positions side by side
+        (`Book.compact_positions`), begun once fills applied since the last one began
+        number half the open positions (`COMPACT_AFTER_FILLS` at least). True while more
+        remains. Neither changes an event or what an account holds."""
+        book = self.book
+        if book.bulk_filed:
+            self.merge_overdue_bands()
+            return self.upkeep_due
+        if not book.compacting and self._compaction_due():
+            self._fills_at_compaction = self.stats.applied_fills
+            book.start_compaction()
+        book.compact_positions()
+        return self.upkeep_due
+
+    def _compaction_due(self) -> bool:
+        fills = self.stats.applied_fills - self._fills_at_compaction
+        return fills >= max(COMPACT_AFTER_FILLS, self.book.positions // 2)
+
     @property
     def upkeep_due(self) -> bool:
-        return self.book.bulk_filed
+        book = self.book
+        return book.bulk_filed or book.compacting or self._compaction_due()
 
     def expire_bands(self, symbol: str | None = None) -> int:
         """Forget the safe bands of every account a tick on ``symbol`` can move (or of every

@@ -263,32 +263,39 @@ def test_columnar_engine_equals_reference_with_many_accounts_and_shocks(
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_merging_overdue_bands_while_idle_changes_no_event(
+def test_idle_upkeep_changes_no_event(
     seed: int, bulk_filings: Calls, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The service merges, when it has nothing ready, what a tick that moved many accounts
-    left overdue in the band index (`Engine.merge_overdue_bands`). An engine that does it
-    after every record emits and holds exactly what one that never does (merging inline,
-    in the next tick that needs it) and the reference emit and hold. Merges are due after 8
-    pending bands here, so that bulk filings of a few dozen rows leave them overdue."""
+    """The service tidies the book when it has nothing ready (`Engine.upkeep`): it merges
+    what a tick that moved many accounts left overdue in the band index, and compacts the
+    positions trading has scattered. An engine that does it after every record emits and
+    holds exactly what one that never does (merging inline, in the next tick that needs it)
+    and the reference emit and hold. Merges are due after 8 pending bands here, so that bulk
+    filings of a few dozen rows leave them overdue, and a compaction after 64 fills, in steps
+    of 20 rows."""
     monkeypatch.setattr(bands_module, "FIRST_LIMIT", 8)
     monkeypatch.setattr(bands_module, "PER_SQRT_BAND", 1)
+    monkeypatch.setattr(engine_module, "COMPACT_AFTER_FILLS", 64)
+    monkeypatch.setattr(store, "COMPACT_ROWS", 20)
     config = parse_config(RISK)
     tidied, untidied, reference = Engine(config), Engine(config), ReferenceEngine(config)
-    steps = 0
+    merges = compaction_steps = 0
     for n, (record, source) in enumerate(stream(seed, 8_000, accounts=250, shock_rate=0.02)):
         events = apply_both(tidied, reference, record, source, f"record {n}")
         assert_same_events(untidied.apply(record, source), events, f"record {n}, untidied")
         while tidied.upkeep_due:
-            more = tidied.merge_overdue_bands()
-            steps += 1
+            merging = tidied.book.bulk_filed
+            more = tidied.upkeep()
+            merges += merging
+            compaction_steps += not merging
             if not more:
                 break
         pending = tidied.book.pending
         assert not (pending.count > pending.limit).any(), f"record {n}: left overdue"
     assert_same_state(tidied, reference)
     assert_same_state(untidied, reference)
-    assert steps > 50, "the stream should leave merges overdue"
+    assert merges > 50, "the stream should leave merges overdue"
+    assert compaction_steps > 50, "the stream should call for compactions"
 
 
 @pytest.mark.parametrize(("seed", "isolated"), [(0, 0.0), (1, 0.0), (2, 0.3)])

@@ -81,6 +81,8 @@ def warm_up() -> float:
         book.reevaluate_crossed(0, 15.0)  # a typical tick: taken, valued and filed in one call
         kernels.evaluate_and_file_rows(book._cols, 0, 0, 0, 0)  # ...resumed after a full segment
         book.candidates(0, 20.0)
+        book.start_compaction()
+        book.compact_positions()
     return time.perf_counter() - started
 
 

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from monitor.account import Account, RiskKey, UnitKey
-from monitor.book import figures, kernels
+from monitor.book import compaction, figures, kernels
 from monitor.book.bands import PendingBands, SymbolBands
 from monitor.book.columns import BookColumns, Columns
 from monitor.book.tables import INF, NAN, Tables, grown
@@ -73,6 +73,10 @@ PARALLEL_ROWS = 4096
 # Above this many rows, `Book.anchor_many` lays their bands out by symbol in one pass and
 # files each symbol's at once; below, it files row after row into the symbols' segments.
 ANCHOR_ONE_BY_ONE = 128
+# Rows a step of the position compaction walks (`Book.compact_positions`): at 1,000,000
+# accounts up to ~6 ms where every position moves (and 900,000 slots are free), ~0.1 ms
+# where none does.
+COMPACT_ROWS = 2048
 
 
 def _spans() -> int:
@@ -130,6 +134,7 @@ class Book:
         self._plan = np.empty(figures.PLAN_FIGURES, np.float64)  # `liquidation_plan`'s
         self._plan_steps = np.empty((len(self.t.instruments), figures.STEP_FIGURES), np.float64)
         self.bulk_filed = False  # `anchor_many` may have left symbols' merges overdue
+        self._compaction: tuple[int, int] | None = None  # a pass's next row and slot
         # `reevaluate_crossed`'s (account row, new state) of each row a tick moves
         self._moved = np.empty((2, ANCHOR_ONE_BY_ONE), np.int64)
         self._bind_kernels()
@@ -734,6 +739,34 @@ class Book:
             self.bands[int(overdue[np.argmax(pending.count[overdue])])].merge(self.aid)
         self.bulk_filed = len(overdue) > 1
         return self.bulk_filed
+
+    def start_compaction(self) -> None:
+        """Begin a pass that moves every account's positions side by side, row after row
+        (`monitor.book.compaction`), unless one is under way; `compact_positions` runs it."""
+        if self._compaction is None:
+            self._compaction = (0, 0)
+
+    @property
+    def compacting(self) -> bool:
+        return self._compaction is not None
+
+    def compact_positions(self, rows: int | None = None) -> bool:
+        """A step of the compaction pass under way, over ``rows`` rows (`COMPACT_ROWS`); True
+        while the pass goes on. Changes which slot holds a position, never what an account
+        holds."""
+        if self._compaction is None:
+            return False
+        row, slot = self._compaction
+        n_rows = len(self.ids)
+        end = min(n_rows, row + (COMPACT_ROWS if rows is None else rows))
+        row, slot = compaction.compact_step(self._cols, row, end, slot)
+        if row == compaction.INCONSISTENT:
+            self._compaction = None
+            raise RuntimeError(f"position slot {slot} is in use but in no account's list: the "
+                               "book's columns are corrupt")
+        going_on = row < n_rows and slot < self.slots_m[kernels.SLOTS_USED]
+        self._compaction = (row, slot) if going_on else None
+        return going_on
 
     def holders(self, sym: int) -> np.ndarray:
         return self.bands[sym].live_rows(self.aid)

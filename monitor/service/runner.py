@@ -729,7 +729,7 @@ class Monitor:
         probing = asyncio.create_task(prober.run())
         woken = asyncio.ensure_future(prober.answered.wait())
         backlog = False  # the merge released a full batch: more may be ready without a fetch
-        upkeep = False  # the engine has idle-time work left (`Engine.merge_overdue_bands`)
+        upkeep = False  # the engine has idle-time work left (`Engine.upkeep`)
         try:
             while not self._stopping.is_set():
                 await asyncio.wait([*fetches.values(), stopping, woken, probing],
@@ -766,11 +766,12 @@ class Monitor:
                 async with self._lock:
                     applied = await self._process_ready(limit)
                     backlog = applied >= limit
-                    # Tidy what a shock left in the band index while nothing is ready, a
-                    # step per turn, once its events are out (the next turn when this one
-                    # applied some), rather than in the ticks that come next.
+                    # Tidy the book while nothing is ready (what a shock left in the band
+                    # index, positions trading has scattered), a step per turn, once the
+                    # events are out (the next turn when this one applied some), rather than
+                    # in the records that come next.
                     upkeep = not backlog and (self.engine.upkeep_due if applied
-                                              else self.engine.merge_overdue_bands())
+                                              else self.engine.upkeep())
                 self._checkpointer.poll(self._sink)
                 self._pace_fetching()
                 if positions.merge.to_probe():

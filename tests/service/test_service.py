@@ -15,6 +15,7 @@ import pytest
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+import monitor.engine as engine_module
 from monitor.config import parse_config
 from monitor.service import probe
 from monitor.service.broker import EmbeddedBroker
@@ -383,6 +384,37 @@ async def test_conflate_ticks_applies_only_the_latest_tick_per_symbol_in_a_batch
         results[conflate] = ([e["type"] for e in events], conflated)
     assert results[False] == (["liquidation", "recovered"], 0)  # a:1:…, a:2:…
     assert results[True] == ([], 1)
+
+
+async def test_an_idle_service_lays_each_account_s_positions_side_by_side(
+        broker, monkeypatch):
+    """Ten accounts open BTC-PERP one after another, then ETH-PERP: each account's two
+    positions are ten slots apart. With a compaction due after 20 fills (half the open
+    positions), the idle service moves them side by side, account after account, and what
+    each holds is what it held."""
+    monkeypatch.setattr(engine_module, "COMPACT_AFTER_FILLS", 1)
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    accounts = [f"u{n}" for n in range(10)]
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        for phase in ([deposit(t, name, 50_000.0) for name in accounts],
+                      [fill(t, f"b-{name}", name, "BTC-PERP", 0.1, 50_000.0)
+                       for name in accounts],
+                      [fill(t, f"e-{name}", name, "ETH-PERP", 1.0, 2_500.0)
+                       for name in accounts]):
+            await wait_processed(monitor, await produce(broker.bootstrap, phase))
+        engine = monitor.engine
+        deadline = time.monotonic() + 10
+        while engine.upkeep_due and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not engine.upkeep_due
+        book = engine.book
+        rows = sorted(book.index[name] for name in accounts)
+        slots = [[book.first[row], book.p_next[book.first[row]]] for row in rows]
+        assert slots == [[2 * k, 2 * k + 1] for k in range(10)]
+        for name in accounts:
+            positions = engine.accounts[name].positions
+            assert (positions["BTC-PERP"].qty, positions["ETH-PERP"].qty) == (0.1, 1.0)
 
 
 async def test_an_idle_service_merges_the_bands_a_shock_left_overdue(broker, risk):
