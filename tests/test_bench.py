@@ -11,15 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from monitor.bench import Figure, Plan
 from monitor.bench.checkpoint import CheckpointPlan, checkpoint_phase
 from monitor.bench.checkpoint import figures as checkpoint_figures
-from monitor.bench.report import stamping_window
+from monitor.bench.engine import compact_positions, scatter_positions
+from monitor.bench.report import load_population, stamping_window
 from monitor.bench.workdirs import phase_dir
 from monitor.bench.workload import bench_config, populate
+from monitor.book import kernels
 from monitor.cli import main
+from monitor.engine import Engine
 from tests.support.paths import REPO
 
 FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_100k_cold_ms",
@@ -27,7 +31,8 @@ FIGURES = ("engine_records_per_s", "e2e_records_per_s", "tick_100k_ms", "tick_10
            "restore_vs_bare_read_s", "scale_out_records_per_s", "live_latency_p50_calm_ms",
            "live_latency_p99_calm_ms", "live_latency_p50_volatile_ms",
            "live_latency_p99_volatile_ms", "stress_grid_s", "volatile_records_per_s",
-           "empty_start_s", "checkpoint_latency_p50_ms", "checkpoint_latency_p99_ms")
+           "empty_start_s", "checkpoint_latency_p50_ms", "checkpoint_latency_p99_ms",
+           "tick_100k_aged_ms")
 
 
 @pytest.mark.kafka  # starts a broker of its own
@@ -99,6 +104,31 @@ def test_the_workload_gives_every_account_distinct_instruments_however_few_are_c
     assert all(0 <= i < instruments for h in held for i in h)
     if instruments == 1:
         assert held == [[0]] * 1_000
+
+
+def test_scattering_the_positions_moves_slots_and_keeps_every_account_s_holdings() -> None:
+    """The aged-book tick's set-up: 2,000 accounts loaded, a tenth removed (their slots
+    freed), the rest's slots put in random order. Each account holds what it held, in order;
+    the free stack names the same number of slots, none in use; a compaction pass lays them
+    out again."""
+    engine = Engine(bench_config(5))
+    load_population(engine, populate(engine.config, 2_000, seed=3))
+    book = engine.book
+    book.free_many(np.arange(0, 2_000, 10, dtype=np.int64))
+    rows = book.rows_in_use()
+    before = [book.account(row).positions for row in rows.tolist()]
+    slots_before = book.positions_of_rows(rows)[0]
+    freed = int(book.slots[kernels.SLOTS_FREE])
+    assert freed > 500  # the removed accounts' positions
+    scatter_positions(book, np.random.default_rng(1))
+    assert [book.account(row).positions for row in rows.tolist()] == before
+    slots_after = book.positions_of_rows(rows)[0]
+    assert (slots_after != slots_before).mean() > 0.9
+    free = book.free_slots[:book.slots[kernels.SLOTS_FREE]]
+    assert len(free) == freed and not set(free.tolist()) & set(slots_after.tolist())
+    compact_positions(book)
+    slots, owner = book.positions_of_rows(rows)  # walked a link at a time: back to accounts
+    assert slots[np.argsort(owner, kind="stable")].tolist() == list(range(book.positions))
 
 
 def test_figure_ratios_read_as_times_better_than_the_baseline() -> None:
