@@ -389,9 +389,9 @@ async def test_conflate_ticks_applies_only_the_latest_tick_per_symbol_in_a_batch
 async def test_an_idle_service_lays_each_account_s_positions_side_by_side(
         broker, monkeypatch):
     """Ten accounts open BTC-PERP one after another, then ETH-PERP: each account's two
-    positions are ten slots apart. With a compaction due after 20 fills (half the open
-    positions), the idle service moves them side by side, account after account, and what
-    each holds is what it held."""
+    positions are ten slots apart. A compaction is due once the fills number half the open
+    positions (10 of 20 here, the minimum lowered to 1): the idle service moves them side by
+    side, account after account, and what each holds is what it held."""
     monkeypatch.setattr(engine_module, "COMPACT_AFTER_FILLS", 1)
     settings = fresh_settings(broker.bootstrap)
     t = settings.topics
