@@ -52,6 +52,14 @@ def assert_segments_tile_the_arena(pending: PendingBands) -> None:
     assert sum(room for _, room in spans) + pending.waste == pending.top
 
 
+def assert_runs_sorted(bands: list[SymbolBands]) -> None:
+    """What a tick has not consumed of each run is sorted: by upper bound ascending, by lower
+    bound descending."""
+    for symbol in bands:
+        assert (np.diff(symbol.hi[symbol.hs:]) >= 0).all()
+        assert (np.diff(symbol.lneg[symbol.ls:]) >= 0).all()
+
+
 @settings(max_examples=300, deadline=None)
 @given(steps, st.booleans())
 def test_a_tick_takes_exactly_the_current_bands_it_touches_or_leaves(program,
@@ -107,6 +115,7 @@ def test_a_tick_takes_exactly_the_current_bands_it_touches_or_leaves(program,
                     for held in current.values():
                         held.pop(row, None)
             assert_segments_tile_the_arena(pending)
+            assert_runs_sorted(bands)
         for s in range(SYMBOLS):
             assert sorted(bands[s].live_rows(aid).tolist()) == sorted(current[s])
 
@@ -184,6 +193,45 @@ def test_a_fold_keeps_a_new_band_after_older_ones_of_equal_bound_and_drops_stale
     assert bands.hi.tolist() == [110.0, 110.0, 110.0, 150.0]
     assert bands.lrow.tolist() == [1, 0, 3, 2]  # by lower bound, highest first
     assert bands.take(110.0, aid).tolist() == [0, 1, 3]
+
+
+def test_a_merge_fills_the_room_after_a_run_and_moves_the_run_to_the_front_when_full() -> None:
+    pending, (bands,) = index(1)
+    aid = np.ones(8, np.uint32)
+    for row, hi in enumerate([101.0, 102.0, 103.0, 104.0]):
+        pending.file(0, 90.0, hi, row, 1)
+    bands.merge(aid)
+    columns = bands._high[0]
+    assert len(columns) == 5  # four bands, and a quarter more
+    assert bands.take(101.5, aid).tolist() == [0]  # consumes the run's first entry
+    aid[0] = 2
+    pending.file(0, 95.0, 102.5, 4, 1)
+    bands.merge(aid)  # fits after the run (4 + 1 of 5): it stays where it is
+    assert bands._high[0] is columns and bands.hs == 1
+    assert bands.hi[bands.hs:].tolist() == [102.0, 102.5, 103.0, 104.0]
+    pending.file(0, 95.0, 100.5, 5, 1)
+    bands.merge(aid)  # 5 + 1 > 5: the run moves to the front first, in the same columns
+    assert bands._high[0] is columns and bands.hs == 0
+    assert bands.hi.tolist() == [100.5, 102.0, 102.5, 103.0, 104.0]
+    assert bands.hrow.tolist() == [5, 1, 4, 2, 3]
+    assert bands.take(95.0, aid).tolist() == [4, 5]  # those with a lower bound of 95
+
+
+def test_a_run_s_columns_shrink_once_they_hold_four_times_what_is_left() -> None:
+    pending, (bands,) = index(1)
+    aid = np.ones(2_000, np.uint32)
+    sym_px = np.array([100.0])
+    pending.file_by_symbol(np.arange(2_000), np.full(2_000, 0.01), np.zeros(2_000, np.int64),
+                           np.arange(2_001), aid, sym_px)
+    bands.merge(aid)
+    assert bands.nbytes() == 2 * 2_500 * (8 + 4 + 4)  # two runs: key, row, anchor id
+    assert aid[0] == 2  # the filing re-anchored every row
+    assert len(bands.take(102.0, aid)) == 2_000  # every band, from the run by upper bound
+    aid[:] = 3  # each re-valued: its bands in the run by lower bound are stale
+    pending.file(0, 99.0, 101.0, 7, 3)
+    bands.merge(aid)
+    assert bands.nbytes() == 2 * 1 * (8 + 4 + 4)  # the other run's stale entries pruned
+    assert bands.take(102.0, aid).tolist() == [7]
 
 
 def test_bands_laid_out_elsewhere_merge_after_the_pending_ones() -> None:

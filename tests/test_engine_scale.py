@@ -661,14 +661,16 @@ def band_of(engine: Engine, name: str, symbol: str) -> tuple[float, float] | Non
     row, sym = book.index[name], book.t.sym_index[symbol]
     bands = book.bands[sym]
     aid = book.aid[row]
-    for los, his, rows, aids, start, stop in (
-        (bands.hlo, bands.hi, bands.hrow, bands.haid, bands.hs, len(bands.hi)),
-        (*book.pending.segment(sym), 0, book.pending.count[sym]),
-    ):
-        for k in range(start, stop):
-            if rows[k] == row and aids[k] == aid:
-                return float(los[k]), float(his[k])
-    return None
+    los, his, rows, aids = book.pending.segment(sym)
+    for k in range(len(rows)):
+        if rows[k] == row and aids[k] == aid:
+            return float(los[k]), float(his[k])
+    # in the runs: its upper bound in the one by upper bound, its lower in the other's twin
+    high = [float(bands.hi[k]) for k in range(bands.hs, len(bands.hi))
+            if bands.hrow[k] == row and bands.haid[k] == aid]
+    low = [-float(bands.lneg[k]) for k in range(bands.ls, len(bands.lneg))
+           if bands.lrow[k] == row and bands.laid[k] == aid]
+    return (low[0], high[0]) if high and low else None
 
 
 def risk_config() -> RiskConfig:

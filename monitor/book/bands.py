@@ -13,13 +13,14 @@ from monitor.book import kernels
 from monitor.book.tables import INF
 
 ROOM = 64  # pending bands a symbol has room for before its segment first grows
-NUMPY_SORT_FROM = 8192  # bands in a merge
+NUMPY_SORT_FROM = 512  # bands in a merge (`SymbolBands.merge_in`)
 FIRST_LIMIT = 256  # pending bands that make a merge due, until the runs grow (`merge`)
 PER_SQRT_BAND = 16  # then a merge is due after this many pending bands per √(bands in the runs)
 
 
 # (hi, hrow, haid, hs, lneg, lrow, laid, ls): `SymbolBands.runs`
 Runs = tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, int]
+RunColumns = tuple[np.ndarray, np.ndarray, np.ndarray]  # a sorted run's: key, row, anchor id
 
 
 def _view(array: np.ndarray) -> Any:
@@ -219,18 +220,22 @@ class SymbolBands:
     pending ones', a tick that stays strictly between them costs four comparisons.
     """
 
-    __slots__ = ("haid", "hi", "hlo", "hrow", "hs", "laid", "lneg", "lrow", "ls", "pending",
-                 "s", "sceil", "sfloor", "stale")
+    __slots__ = ("_high", "_low", "haid", "hi", "hrow", "hs", "laid", "lneg", "lrow", "ls",
+                 "pending", "s", "sceil", "sfloor", "stale")
 
     def __init__(self, pending: PendingBands, s: int) -> None:
-        empty_f, empty_i, empty_u = (np.empty(0, np.float64), np.empty(0, np.int32),
-                                     np.empty(0, np.uint32))
-        self.hi, self.hlo, self.hrow, self.haid = empty_f, empty_f, empty_i, empty_u
-        self.lneg, self.lrow, self.laid = empty_f, empty_i, empty_u
+        self._high, self._low = _run_columns(0), _run_columns(0)  # key, row, anchor id each
         self.hs = self.ls = 0
+        self._set_ends(0, 0)
         self.pending, self.s = pending, s
         self.sfloor, self.sceil = INF, -INF
         self.stale = 0  # bands filed since the runs were last cleared of stale entries
+
+    def _set_ends(self, hn: int, ln: int) -> None:
+        """The runs as kernels take them: their columns up to where each ends (a tick has
+        consumed ``hs``/``ls`` of them; the rest of the columns is room for merges)."""
+        self.hi, self.hrow, self.haid = (column[:hn] for column in self._high)
+        self.lneg, self.lrow, self.laid = (column[:ln] for column in self._low)
 
     def _sorted_edges(self) -> None:
         self.sfloor = float(self.hi[self.hs]) if self.hs < len(self.hi) else INF
@@ -284,27 +289,28 @@ class SymbolBands:
     def merge_in(self, lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, aids: np.ndarray,
                  aid: np.ndarray) -> None:
         """Fold these bands (those whose anchor id is still the row's) into the runs: sorted,
-        then merged in one linear pass each (`kernels.merge_runs`). Many are sorted by numpy,
-        whose sort is ~4× numba's on this machine (a restore sorts millions); a few, as most
-        merges have, in the kernel (numpy's calls cost more than the sort)."""
+        then merged in one linear pass each (`kernels.merge_runs`). From a few hundred they
+        are sorted by numpy, whose argsort beats numba's by more the more there are (2× at
+        1,000 on this machine, 6× at 4,000: a widely held symbol's merge); fewer in the
+        kernel, where numpy's calls would cost more than the sort."""
         if len(rows) < NUMPY_SORT_FROM:
             by_hi, by_lo = kernels.current_by_bounds(lo, hi, rows, aids, aid)
         else:
             live = np.flatnonzero(aid[rows] == aids)
             by_hi = live[np.argsort(hi[live])]
             by_lo = live[np.argsort(-lo[live])]
-        self._merged(kernels.merge_runs(
-            self.hi, self.hlo, self.hrow, self.haid, self.hs, self.lneg, self.lrow, self.laid,
-            self.ls, lo, hi, rows, aids, by_hi, by_lo, aid, self.stale))
-
-    def _merged(self, runs: tuple[Any, ...]) -> None:
-        (self.hi, self.hlo, self.hrow, self.haid, self.lneg, self.lrow, self.laid,
-         self.stale) = runs
-        self.hs = self.ls = 0
+        self._high, self.hs, hn = _with_room(self._high, self.hs, len(self.hi), len(by_hi))
+        self._low, self.ls, ln = _with_room(self._low, self.ls, len(self.lneg), len(by_lo))
+        self.hs, hn, self.ls, ln, self.stale = kernels.merge_runs(
+            *self._high, self.hs, hn, *self._low, self.ls, ln, lo, hi, rows, aids, by_hi, by_lo,
+            aid, self.stale)
+        self._high, self.hs, hn = _fitted(self._high, self.hs, hn)
+        self._low, self.ls, ln = _fitted(self._low, self.ls, ln)
+        self._set_ends(hn, ln)
         self._sorted_edges()
         self.pending.merged(self.s,
                             int(min(8192, max(FIRST_LIMIT,
-                                            PER_SQRT_BAND * math.isqrt(len(self.hi))))))
+                                            PER_SQRT_BAND * math.isqrt(hn - self.hs)))))
 
     def live_rows(self, aid: np.ndarray) -> np.ndarray:
         """Rows with a current band here (the accounts this symbol can move)."""
@@ -314,6 +320,39 @@ class SymbolBands:
         return np.unique(rows)
 
     def nbytes(self) -> int:
-        """Bytes of the sorted runs (the pending bands are `PendingBands.nbytes`)."""
-        return sum(a.nbytes for a in (self.hi, self.hlo, self.hrow, self.haid, self.lneg,
-                                      self.lrow, self.laid))
+        """Bytes of the sorted runs' columns (the pending bands are `PendingBands.nbytes`)."""
+        return sum(column.nbytes for column in (*self._high, *self._low))
+
+
+def _run_columns(size: int) -> RunColumns:
+    """Columns for a sorted run: key, account row, anchor id."""
+    return np.empty(size, np.float64), np.empty(size, np.int32), np.empty(size, np.uint32)
+
+
+def _with_room(columns: RunColumns, start: int, end: int, new: int,
+               ) -> tuple[RunColumns, int, int]:
+    """Columns that hold the run ``[start, end)`` and ``new`` entries more (`merge_runs`
+    moves the run to their front if they do not fit after it), with the run's start and end
+    in them: these if large enough, else fresh ones a quarter larger than that (a merge is a
+    pass over the run anyway: growing costs about what one merge does)."""
+    need = end - start + new
+    if need <= len(columns[0]):
+        return columns, start, end
+    return _moved(columns, start, end, need + need // 4)
+
+
+def _fitted(columns: RunColumns, start: int, end: int) -> tuple[RunColumns, int, int]:
+    """After a merge: the run in columns no more than four times its size (a tick took most
+    of it, or stale entries were pruned), so that memory follows the bands."""
+    live = end - start
+    if len(columns[0]) <= 4 * live + ROOM:
+        return columns, start, end
+    return _moved(columns, start, end, live + live // 4)
+
+
+def _moved(columns: RunColumns, start: int, end: int, size: int) -> tuple[RunColumns, int, int]:
+    """The run copied to the front of fresh columns of this size."""
+    fresh = _run_columns(size)
+    for old, column in zip(columns, fresh, strict=True):
+        column[:end - start] = old[start:end]
+    return fresh, 0, end - start

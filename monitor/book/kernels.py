@@ -912,60 +912,61 @@ def current_by_bounds(lo, hi, rows, aids, aid):
 
 
 @_jit
-def merge_runs(hi, hlo, hrow, haid, hs, lneg, lrow, laid, ls, plo, phi, prow, paid, by_hi, by_lo,
-               aid, stale):
-    """Fold new bands (lo, hi, row, anchor id) into a symbol's two sorted runs in one linear
-    pass each (see `SymbolBands.merge`): ``by_hi`` and ``by_lo`` are the new entries to keep
-    (those whose anchor id is current), by hi ascending and by lo descending; the runs' own
-    stale entries are dropped once the bands filed since the last pruning (``stale``) may
-    make up half of them. A new entry goes after the run's entries of equal key.
+def merge_runs(hi, hrow, haid, hs, hn, lneg, lrow, laid, ls, ln, plo, phi, prow, paid, by_hi,
+               by_lo, aid, stale):
+    """Fold new bands (lo, hi, row, anchor id) into a symbol's two sorted runs, in place, in
+    one pass each (see `SymbolBands.merge`): each run is ``[start, end)`` of its columns
+    (``hs``/``hn``, ``ls``/``ln``), which hold room for the new entries after it (the
+    caller's to make). ``by_hi`` and ``by_lo`` are the new entries to keep (those whose anchor
+    id is current), by hi ascending and by lo descending; the runs' own stale entries are
+    dropped once the bands filed since the last pruning (``stale``) may make up half of them.
+    A new entry goes after the run's entries of equal key.
 
-    Returns (hi, hlo, hrow, haid, lneg, lrow, laid, stale after)."""
+    Returns (hs, hn, ls, ln, stale after)."""
     stale += by_hi.shape[0]  # each band filed may have made an older one stale
-    prune = stale * 2 > hi.shape[0] - hs
+    prune = stale * 2 > hn - hs
     if prune:
         stale = 0
-    out_hi, out_hrow, out_haid, origin = _merged(hi, hrow, haid, hs, phi[by_hi], prow[by_hi],
-                                                 paid[by_hi], aid, prune)
-    out_hlo = np.empty(origin.shape[0], np.float64)  # the hi run's lower bounds, alongside
-    for t in range(origin.shape[0]):
-        o = origin[t]
-        out_hlo[t] = hlo[o] if o >= 0 else plo[by_hi[-1 - o]]
-    out_lneg, out_lrow, out_laid, _ = _merged(lneg, lrow, laid, ls, -plo[by_lo], prow[by_lo],
-                                              paid[by_lo], aid, prune)
-    return out_hi, out_hlo, out_hrow, out_haid, out_lneg, out_lrow, out_laid, stale
+    hs, hn = _merge_in_place(hi, hrow, haid, hs, hn, phi[by_hi], prow[by_hi], paid[by_hi], aid,
+                             prune)
+    ls, ln = _merge_in_place(lneg, lrow, laid, ls, ln, -plo[by_lo], prow[by_lo], paid[by_lo],
+                             aid, prune)
+    return hs, hn, ls, ln, stale
 
 
 @_jit
-def _merged(key, row, row_aid, start, new_key, new_row, new_aid, aid, prune):
-    """One sorted run from ``start`` with new entries (sorted by key) merged in, each after
-    the run's entries of equal key; with ``prune``, the run's stale entries (anchor id no
-    longer the row's) dropped. Returns (key, row, anchor id, origin): origin is the entry's
-    index in the run, or -1 - its index among the new ones."""
+def _merge_in_place(key, row, row_aid, start, end, new_key, new_row, new_aid, aid, prune):
+    """Merge new entries (sorted by key) into the sorted run ``[start, end)`` of these columns,
+    each after the run's entries of equal key, from the back: an entry moves at most once and
+    nothing is allocated (a fresh run of a widely held symbol's size cost more in page faults
+    than the merge). The run first moves to the front of its columns when the new entries do
+    not fit after it, or with ``prune``, which drops its stale entries (anchor id no longer
+    the row's) on the way. Returns the merged run's (start, end)."""
     k = new_key.shape[0]
-    size = key.shape[0] - start + k
-    out_key = np.empty(size, np.float64)
-    out_row = np.empty(size, np.int32)
-    out_aid = np.empty(size, np.uint32)
-    origin = np.empty(size, np.int64)
-    i, j, n = start, 0, 0
-    while i < key.shape[0] or j < k:
-        if j == k or (i < key.shape[0] and key[i] <= new_key[j]):
+    if prune or end + k > key.shape[0]:
+        n = 0
+        for i in range(start, end):
             if not prune or aid[row[i]] == row_aid[i]:
-                out_key[n] = key[i]
-                out_row[n] = row[i]
-                out_aid[n] = row_aid[i]
-                origin[n] = i
+                key[n] = key[i]
+                row[n] = row[i]
+                row_aid[n] = row_aid[i]
                 n += 1
-            i += 1
+        start, end = 0, n
+    i = end - 1
+    j = k - 1
+    while j >= 0:  # once the new entries are placed, the run's first ones are where they were
+        at = i + j + 1
+        if i >= start and key[i] > new_key[j]:
+            key[at] = key[i]
+            row[at] = row[i]
+            row_aid[at] = row_aid[i]
+            i -= 1
         else:
-            out_key[n] = new_key[j]
-            out_row[n] = new_row[j]
-            out_aid[n] = new_aid[j]
-            origin[n] = -1 - j
-            n += 1
-            j += 1
-    return out_key[:n], out_row[:n], out_aid[:n], origin[:n]
+            key[at] = new_key[j]
+            row[at] = new_row[j]
+            row_aid[at] = new_aid[j]
+            j -= 1
+    return start, end + k
 
 
 @_jit
