@@ -1116,7 +1116,17 @@ def evaluate_and_file_rows(cols, start, end, n_moved, unevaluated):
 def _evaluate_and_file_rows(rows, start, end, moved, n_moved, unevaluated, state, watched, bal,
                             isolated, first, p_next, p_instr, p_qty, p_entry, sym_px, tables,
                             aid, bounds, ids, meta, edges):
+    na = tables[0]
+    for k in range(start, min(end, start + RUN_PREFETCH)):  # as `account_run` does
+        _prefetch_account(rows[k], first, bal, na, state, isolated, aid)
+    for k in range(start, min(end, start + RUN_PREFETCH // 2)):
+        _prefetch_positions(first[rows[k]], p_instr, p_qty, p_entry, p_next)
     for k in range(start, end):
+        if k + RUN_PREFETCH < end:
+            _prefetch_account(rows[k + RUN_PREFETCH], first, bal, na, state, isolated, aid)
+        if k + RUN_PREFETCH // 2 < end:
+            _prefetch_positions(first[rows[k + RUN_PREFETCH // 2]], p_instr, p_qty, p_entry,
+                                p_next)
         row = rows[k]
         ok, _, new, eps, n = evaluate_row(row, state, watched, bal, isolated, first, p_next,
                                           p_instr, p_qty, p_entry, sym_px, tables)
