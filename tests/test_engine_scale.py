@@ -665,7 +665,7 @@ def band_of(engine: Engine, name: str, symbol: str) -> tuple[float, float] | Non
     for k in range(len(rows)):
         if rows[k] == row and aids[k] == aid:
             return float(los[k]), float(his[k])
-    # in the runs: its upper bound in the one by upper bound, its lower in the other's twin
+    # in the runs: its upper bound from the run by upper bound, its lower from the other
     high = [float(bands.hi[k]) for k in range(bands.hs, len(bands.hi))
             if bands.hrow[k] == row and bands.haid[k] == aid]
     low = [-float(bands.lneg[k]) for k in range(bands.ls, len(bands.lneg))

@@ -937,8 +937,8 @@ def merge_runs(hi, hrow, haid, hs, hn, lneg, lrow, laid, ls, ln, plo, phi, prow,
 @_jit
 def _merge_in_place(key, row, row_aid, start, end, new_key, new_row, new_aid, aid, prune):
     """Merge new entries (sorted by key) into the sorted run ``[start, end)`` of these columns,
-    each after the run's entries of equal key, from the back: an entry moves at most once and
-    nothing is allocated (a fresh run of a widely held symbol's size cost more in page faults
+    each after the run's entries of equal key, from the back: the merge moves an entry at most
+    once and allocates nothing (a fresh run of a widely held symbol's size cost more in page faults
     than the merge). The run first moves to the front of its columns when the new entries do
     not fit after it, or with ``prune``, which drops its stale entries (anchor id no longer
     the row's) on the way. Returns the merged run's (start, end)."""
