@@ -435,20 +435,12 @@ def account_run(cols, table, start, end):
     aid, bounds, ids, meta, edges = c.aid, c.bounds, c.ids, c.meta, c.edges
     na = ints[0]
     tables, fill_tables = _unpack(floats, ints), _fill_tables(floats, ints)
-    # The records' accounts are scattered over the book: ask the memory for all of their
-    # columns first, then for their positions, so that the misses overlap instead of each
-    # record waiting for its own (a hint; it changes no result).
-    for k in range(start, min(end, start + RUN_PREFETCH)):
-        _prefetch_account(np.int64(table[1, k]), first, bal, na, state, isolated, aid)
-    for k in range(start, min(end, start + RUN_PREFETCH // 2)):
-        _prefetch_positions(first[np.int64(table[1, k])], p_instr, p_qty, p_entry, p_next)
+    rows = table[1]
+    _prefetch_run(rows, start, end, first, bal, na, state, isolated, aid, p_instr, p_qty,
+                  p_entry, p_next)
     for k in range(start, end):
-        if k + RUN_PREFETCH < end:  # a long run: keep asking that far ahead
-            _prefetch_account(np.int64(table[1, k + RUN_PREFETCH]), first, bal, na, state,
-                              isolated, aid)
-        if k + RUN_PREFETCH // 2 < end:
-            _prefetch_positions(first[np.int64(table[1, k + RUN_PREFETCH // 2])], p_instr,
-                                p_qty, p_entry, p_next)
+        _prefetch_run_ahead(rows, k, end, first, bal, na, state, isolated, aid, p_instr, p_qty,
+                            p_entry, p_next)
         row = np.int64(table[1, k])
         code = np.int64(table[2, k])
         dirty[row] = True
@@ -469,7 +461,33 @@ def account_run(cols, table, start, end):
     return end, True, 0.0, 0, 0.0, 0, True
 
 
-@_jit
+@_jit_inline
+def _prefetch_run(rows, start, end, first, bal, na, state, isolated, aid, p_instr, p_qty,
+                  p_entry, p_next):
+    """Before accounts ``rows[start:end]`` are valued in turn (account rows as numbers of any
+    type): ask the memory for the columns of the first `RUN_PREFETCH` and the first positions
+    of half as many. They are scattered over the book, and this way their misses overlap
+    instead of each account waiting for its own (a hint; it changes no result)."""
+    for k in range(start, min(end, start + RUN_PREFETCH)):
+        _prefetch_account(np.int64(rows[k]), first, bal, na, state, isolated, aid)
+    for k in range(start, min(end, start + RUN_PREFETCH // 2)):
+        _prefetch_positions(first[np.int64(rows[k])], p_instr, p_qty, p_entry, p_next)
+
+
+@_jit_inline
+def _prefetch_run_ahead(rows, k, end, first, bal, na, state, isolated, aid, p_instr, p_qty,
+                        p_entry, p_next):
+    """`_prefetch_run` kept ahead while account ``rows[k]`` is valued: the columns of the one
+    `RUN_PREFETCH` further, the first position of the one half as far."""
+    if k + RUN_PREFETCH < end:
+        _prefetch_account(np.int64(rows[k + RUN_PREFETCH]), first, bal, na, state, isolated,
+                          aid)
+    if k + RUN_PREFETCH // 2 < end:
+        _prefetch_positions(first[np.int64(rows[k + RUN_PREFETCH // 2])], p_instr, p_qty,
+                            p_entry, p_next)
+
+
+@_jit_inline
 def _prefetch_account(row, first, bal, na, state, isolated, aid=None):
     """Ask for the columns of one account that valuing it reads first (and its anchor id,
     given ``aid``, for filing its bands)."""
@@ -605,13 +623,8 @@ def _evaluate_span(rows, start, stop, decide, state, bal, isolated, na, first, p
     for k in range(start, stop):
         if at + n_symbols > watch.shape[0]:
             return k, at
-        # written out rather than through `_prefetch_account`: the calls cost this loop ~10 %
         if k + PREFETCH_ROWS < stop:
-            ahead = rows[k + PREFETCH_ROWS]
-            _prefetch(first, ahead)
-            _prefetch(bal, ahead * na)
-            _prefetch(state, ahead)
-            _prefetch(isolated, ahead)
+            _prefetch_account(rows[k + PREFETCH_ROWS], first, bal, na, state, isolated)
         # An account's positions, one link further at each nearer row (its first position at
         # 3/4 of the way, the next at 1/2, the third at 1/4): each link is read from a line
         # asked for a few rows before. After a while of trading an account's positions sit
@@ -1117,16 +1130,11 @@ def _evaluate_and_file_rows(rows, start, end, moved, n_moved, unevaluated, state
                             isolated, first, p_next, p_instr, p_qty, p_entry, sym_px, tables,
                             aid, bounds, ids, meta, edges):
     na = tables[0]
-    for k in range(start, min(end, start + RUN_PREFETCH)):  # as `account_run` does
-        _prefetch_account(rows[k], first, bal, na, state, isolated, aid)
-    for k in range(start, min(end, start + RUN_PREFETCH // 2)):
-        _prefetch_positions(first[rows[k]], p_instr, p_qty, p_entry, p_next)
+    _prefetch_run(rows, start, end, first, bal, na, state, isolated, aid, p_instr, p_qty,
+                  p_entry, p_next)
     for k in range(start, end):
-        if k + RUN_PREFETCH < end:
-            _prefetch_account(rows[k + RUN_PREFETCH], first, bal, na, state, isolated, aid)
-        if k + RUN_PREFETCH // 2 < end:
-            _prefetch_positions(first[rows[k + RUN_PREFETCH // 2]], p_instr, p_qty, p_entry,
-                                p_next)
+        _prefetch_run_ahead(rows, k, end, first, bal, na, state, isolated, aid, p_instr, p_qty,
+                            p_entry, p_next)
         row = rows[k]
         ok, _, new, eps, n = evaluate_row(row, state, watched, bal, isolated, first, p_next,
                                           p_instr, p_qty, p_entry, sym_px, tables)
