@@ -365,10 +365,6 @@ class InputLedger:
         """Upkeep to do while idle, a step at a time; True while more remains (none here)."""
         return False
 
-    def merge_overdue_bands(self) -> bool:
-        """The band index's part of `upkeep` (none here)."""
-        return False
-
     def take_dirty(self) -> DirtyUnits:
         """Risk units changed since the last call, with the input partition each lives in (a
         missing one was forgotten: its tombstone goes to the partition it lived in)."""
@@ -912,9 +908,9 @@ class Engine(InputLedger):
 
     def merge_overdue_bands(self) -> bool:
         """Tidy the band index after a tick that moved many accounts: one symbol's overdue
-        merge (`Book.merge_overdue_bands`); True while more remain. For the service to call
-        when it has nothing ready, so that the next ticks do not pay for it. Changes which
-        structure holds a band, never which accounts a tick re-values."""
+        merge (`Book.merge_overdue_bands`); True while more remain. The first part of
+        `upkeep`, so that the next ticks do not pay for it. Changes which structure holds a
+        band, never which accounts a tick re-values."""
         return self.book.merge_overdue_bands()
 
     def upkeep(self) -> bool:
