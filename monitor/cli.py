@@ -6,8 +6,8 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -44,13 +44,96 @@ def _open_input(name: str, stack: ExitStack) -> BinaryIO:
         raise CliError(f"cannot read {name}: {exc.strerror}") from exc
 
 
-def _open_output(name: str | None, stack: ExitStack) -> BinaryIO:
-    if name in (None, "-"):
-        return sys.stdout.buffer
+class _Output:
+    """Where a command writes: the file ``name``, or stdout for None or "-".
+
+    It never destroys its own input: a path that is one of ``inputs`` (the risk config, the
+    file read) is refused before anything is opened. A write it cannot make (a full disk, a
+    file system gone) stops the command with one line naming where, rather than a traceback;
+    a reader that went away (`| head`) raises `BrokenPipeError`, which `main` ends quietly."""
+
+    def __init__(self, name: str | None, stack: ExitStack,
+                 inputs: Mapping[str, str | Path | None]) -> None:
+        self._failed = False
+        if name in (None, "-"):
+            self.label = "stdout"
+            self._file: BinaryIO = sys.stdout.buffer
+            return
+        assert name is not None
+        self.label = name
+        _refuse_overwriting("-o", name, inputs)
+        try:
+            self._file = open(name, "wb")  # noqa: SIM115 - closed by ``stack``
+        except OSError as exc:
+            raise CliError(f"cannot write {name}: {exc.strerror}") from exc
+        stack.callback(self._close)
+
+    def write(self, data: bytes) -> None:
+        with self._checked():
+            self._file.write(data)
+
+    def flush(self) -> None:
+        with self._checked():
+            self._file.flush()
+
+    @contextmanager
+    def _checked(self) -> Iterator[None]:
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self._failed = True
+            if self.label == "stdout":
+                _drop_stdout()  # or the interpreter says it again on its way out
+            raise CliError(f"cannot write {self.label}: {exc.strerror}") from None
+
+    def _close(self) -> None:
+        if self._failed:  # what could not be written stays unwritten: said once already
+            with suppress(OSError):
+                self._file.close()
+            return
+        with self._checked():
+            self._file.close()
+
+
+def _refuse_overwriting(option: str, name: str, inputs: Mapping[str, str | Path | None]
+                       ) -> None:
+    """A UsageError if output ``name`` is one of the command's ``inputs`` (what each is →
+    its path; "-" and None are none)."""
+    for what, given in inputs.items():
+        if given is not None and given != "-" and _same_file(name, given):
+            raise UsageError(f"{option} {name} is {what} ({given}): writing there would "
+                             "destroy it")
+
+
+def _same_file(one: str | Path, other: str | Path) -> bool:
     try:
-        return stack.enter_context(open(name, "wb"))
+        return os.path.samefile(one, other)
+    except OSError:  # either missing: a file about to be made is no input
+        return False
+
+
+@contextmanager
+def _stdout_writes() -> Iterator[None]:
+    """Prints to stdout in the block, flushed at its end: a write that cannot be made (a full
+    disk) stops the command with one line, as `_Output`'s do."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
     except OSError as exc:
-        raise CliError(f"cannot write {name}: {exc.strerror}") from exc
+        _drop_stdout()
+        raise CliError(f"cannot write stdout: {exc.strerror}") from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: once its reader has gone or its disk is full, what is still
+    buffered for it would fail again at exit, with a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -79,7 +162,8 @@ def _replay_file(args: argparse.Namespace, engine: Any) -> Any:
 
     with ExitStack() as stack:
         source = _open_input(name, stack)
-        out = _open_output(args.output, stack)
+        out = _Output(args.output, stack,
+                      inputs={"the input": name, "the risk config": args.config})
         summary = replay(source, engine, out, report)
         out.flush()
     return summary
@@ -109,7 +193,8 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
               file=sys.stderr)
 
     with ExitStack() as stack:
-        out = _open_output(args.output, stack)  # before reading: a bad path fails at once
+        # before reading: a bad path fails at once
+        out = _Output(args.output, stack, inputs={"the risk config": args.config})
         # with --check the events are kept, on disk, to compare; without, they go out as
         # they come
         replayed = stack.enter_context(tempfile.TemporaryFile()) if args.check else None
@@ -144,7 +229,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     with ExitStack() as stack:
-        out = _open_output(args.output, stack)
+        out = _Output(args.output, stack, inputs={"the risk config": args.config})
         for record in simulate(config, args.accounts, args.steps, args.seed, args.bad_rate):
             out.write(record.replay_line())
             out.write(b"\n")
@@ -323,10 +408,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 volatility=args.tick_volatility, records=args.records, e2e=not args.skip_e2e,
                 keep_logs=args.keep_logs)
     report = run(plan, quiet=args.json)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        render(report, report_console())
+    with _stdout_writes():
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            render(report, report_console())
     return 0
 
 
@@ -401,13 +487,16 @@ def cmd_stress(args: argparse.Namespace) -> int:
     if args.plot is not None:
         if args.grid is None:
             raise UsageError("--plot charts a --grid (one --shock scenario is one point)")
+        _refuse_overwriting("--plot", args.plot, {"the risk config": args.config,
+                                                  "the input": args.replay})
         plt = pyplot()  # before the book is read: a missing extra should not cost a replay
     engine = _stress_book(args, config)
     report = stress(engine, shocks)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        render(report, report_console())
+    with _stdout_writes():
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            render(report, report_console())
     if plt is not None:
         try:
             plot(plt, report, fractions, args.plot)
@@ -615,7 +704,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        status = int(args.handler(args))
+        with _stdout_writes():  # what it printed, written now: a full disk said in one line
+            pass
+        return status
+    except BrokenPipeError:  # the reader went away (`| head`): stop there, as a filter does
+        _drop_stdout()
+        return 1
     except (CliError, LiqmonError) as exc:  # each says what the operator can do about it
         print(f"liqmon: error: {exc}", file=sys.stderr)
         _print_notes(exc)

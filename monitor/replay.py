@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -27,6 +27,12 @@ from monitor.records import (
     decode_json,
     from_document,
 )
+
+
+class EventSink(Protocol):
+    """Where events are written, one JSON line each: a file, or a command's checked output."""
+
+    def write(self, data: bytes, /) -> object: ...
 
 
 @dataclass
@@ -82,7 +88,7 @@ def _from_envelope(document: Any, config: RiskConfig) -> tuple[str, InputRecord]
 def replay(
     lines: Iterable[bytes],
     engine: Engine,
-    out: IO[bytes],
+    out: EventSink,
     report_rejection: Callable[[int, Rejected], None],
 ) -> ReplaySummary:
     """Feed every line to the engine in order, writing events to ``out`` as JSON lines.
@@ -107,7 +113,7 @@ def replay(
 def replay_inputs(
     messages: Iterable[tuple[Source, str, bytes | None]],
     engine: Engine,
-    out: IO[bytes],
+    out: EventSink,
     report_rejection: Callable[[Source, Rejected], None],
 ) -> ReplaySummary:
     """`replay` of input topics' messages, already in the order to apply them: each its
@@ -129,7 +135,7 @@ def replay_inputs(
 
 
 def _apply(engine: Engine, decoded: Callable[[], tuple[InputRecord, Source]],
-           summary: ReplaySummary, out: IO[bytes]) -> Rejected | None:
+           summary: ReplaySummary, out: EventSink) -> Rejected | None:
     """Decode one input and apply it, writing its events; its rejection, if any."""
     summary.records += 1
     try:

@@ -31,7 +31,7 @@ from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.events import Source
 from monitor.records import Rejected
-from monitor.replay import EventCheck, EventComparison, ReplaySummary, replay_inputs
+from monitor.replay import EventCheck, EventComparison, EventSink, ReplaySummary, replay_inputs
 from monitor.service.log_reader import RecordBatch, bounds, read_range, reading_client
 from monitor.service.probe import topics_present
 from monitor.service.security import PLAINTEXT, KafkaSecurity
@@ -235,7 +235,7 @@ async def _read_whole(bootstrap: str, names: list[str],
     return ranges
 
 
-async def replay_topics(bootstrap: str, topics: Topics, engine: Engine, out: IO[bytes],
+async def replay_topics(bootstrap: str, topics: Topics, engine: Engine, out: EventSink,
                         report_rejection: Callable[[Source, Rejected], None],
                         security: KafkaSecurity = PLAINTEXT
                         ) -> tuple[InputHistory, ReplaySummary]:
