@@ -138,6 +138,9 @@ def load_config(path: str | Path) -> RiskConfig:
         raise ConfigError(f"cannot read risk config {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"risk config {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 text
+        raise ConfigError(f"risk config {path} is not valid TOML: not UTF-8 text (byte "
+                          f"{exc.object[exc.start]:#04x} at offset {exc.start})") from exc
     return parse_config(raw)
 
 
@@ -257,8 +260,10 @@ def _instrument(name: str, raw: dict[str, Any], assets: Mapping[str, Asset]) -> 
     _no_unknown_keys(raw, {"settle", "contract_size", "mark_symbol", "tiers", "liquidation_fee"},
                      where)
     settle = raw.get("settle")
-    if not isinstance(settle, str):
+    if settle is None:
         raise ConfigError(f"{where}.settle: missing (the asset in which PnL and fees settle)")
+    if not isinstance(settle, str):
+        raise ConfigError(f"{where}.settle: must be the name of an asset, got {settle!r}")
     if settle not in assets:
         raise ConfigError(f"{where}.settle: asset {settle!r} is not configured under [assets]")
     contract_size = _number(raw, "contract_size", f"{where}.contract_size", default=1.0)
