@@ -416,6 +416,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_GRID_SCENARIOS = 1_000  # a chart of more says no more; each costs a pass over the book
+GRID_DIGITS = 12  # decimal places of a grid's fractions
+
+
 def _shock(text: str, symbols: frozenset[str]) -> tuple[str, float]:
     symbol, sep, value = text.rpartition("=")
     if not sep or not symbol:
@@ -450,9 +454,16 @@ def _grid(text: str) -> list[float]:
         raise UsageError(f"--grid {text!r}: the step must be > 0")
     if stop < start:
         raise UsageError(f"--grid {text!r}: FROM must not exceed TO")
-    count = math.floor((stop - start) / step + 1e-9) + 1  # TO itself despite float rounding
+    steps = (stop - start) / step + 1e-9  # TO itself despite float rounding
+    if not steps < MAX_GRID_SCENARIOS:  # each scenario values the whole book
+        raise UsageError(f"--grid {text!r}: more than {MAX_GRID_SCENARIOS:,} scenarios; "
+                         "take a larger step")
     # rounded so that -0.3 + 3·0.1 reads 0.0, not 5.55e-17
-    return [round(start + k * step, 12) for k in range(count)]
+    grid = [round(start + k * step, GRID_DIGITS) for k in range(math.floor(steps) + 1)]
+    if grid[0] <= -1:
+        raise UsageError(f"--grid {text!r}: FROM is -1 to the grid's {GRID_DIGITS} decimal "
+                         "places (a price stays positive)")
+    return grid
 
 
 def cmd_stress(args: argparse.Namespace) -> int:
@@ -675,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="one scenario moving every given symbol at once "
                                 "(repeatable), e.g. --shock BTC-PERP=-0.2 --shock BTC=-0.2")
     scenarios.add_argument("--grid", metavar="FROM:TO:STEP",
-                           help="one scenario per step, every price symbol (or --symbols) "
+                           help="one scenario per step (at most "
+                                f"{MAX_GRID_SCENARIOS:,}), every price symbol (or --symbols) "
                                 "moved alike; write negative bounds as --grid=-0.3:0.3:0.01")
     stress.add_argument("--symbols", metavar="A,B", help="the symbols a --grid moves")
     stress.add_argument("--json", action="store_true", help="print the report as JSON")

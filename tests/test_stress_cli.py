@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from monitor.cli import MAX_GRID_SCENARIOS, _grid
 from monitor.config import load_config
 from monitor.service.topics import create_topics
 from tests.support.kafka import RunningMonitor, fresh_settings, produce, routable, wait_processed
@@ -83,6 +84,12 @@ def test_a_grid_runs_one_scenario_per_step_including_both_bounds(book: Path) -> 
     assert scenarios[0]["bad_debt"] == scenarios[4]["bad_debt"] == pytest.approx(2_000.0)
 
 
+def test_a_grid_of_exactly_the_most_scenarios_is_allowed() -> None:
+    grid = _grid("0:0.999:0.001")
+    assert len(grid) == MAX_GRID_SCENARIOS == 1_000
+    assert (grid[0], grid[1], grid[-1]) == (0.0, 0.001, 0.999)
+
+
 def test_symbols_restrict_the_grid(book: Path) -> None:
     result = liqmon("stress", "--replay", book, "--config", CONFIG, "--grid=0:0.1:0.1",
                     "--symbols", "BTC-PERP,ETH", "--json")
@@ -109,6 +116,9 @@ def test_repeated_shocks_make_one_scenario(book: Path) -> None:
     (["--grid=-0.3:0.3:-0.1"], "the step must be > 0"),
     (["--grid=-0.3:0.3"], "expected FROM:TO:STEP"),
     (["--grid=0.3:-0.3:0.1"], "FROM must not exceed TO"),
+    (["--grid=0:1:0.0009"], "more than 1,000 scenarios; take a larger step"),  # 1,112
+    (["--grid=0:1e308:1e-300"], "more than 1,000 scenarios"),  # a count beyond any float
+    (["--grid=-0.9999999999999:0:1"], "FROM is -1 to the grid's 12 decimal places"),
     (["--grid=-0.3:0.3:0.1", "--symbols", "BTC-PERP,DOGE"], "DOGE"),
     (["--shock", "BTC-PERP=-0.1", "--symbols", "BTC"], "--symbols applies to --grid only"),
     (["--shock", "BTC-PERP=-0.1", "--plot", "x.png"], "--plot charts a --grid"),
