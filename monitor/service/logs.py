@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 import structlog
 
+from monitor.service.settings import LOG_LEVELS
+
 # numpy scalars (a margin ratio) as numbers, not strings; anything else orjson cannot encode
 # goes out as its repr() (structlog's fallback)
 _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
@@ -67,7 +69,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         json = not sys.stderr.isatty()
     numeric = logging.getLevelNamesMapping().get(level.upper())
     if numeric is None:
-        raise ValueError(f"unknown log level {level!r} (debug, info, warning, error)")
+        raise ValueError(f"unknown log level {level!r} ({', '.join(LOG_LEVELS)})")
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -143,39 +143,82 @@ class Option:
 
     def flag_default(self, field_default: Any, environ: Mapping[str, str]) -> Any:
         """The variable's text when it is set (argparse parses it as it would the flag's:
-        see `type_of`), else the field's default in the flag's terms."""
+        see `type_of`), else the field's default in the flag's terms. An on/off variable
+        set to neither is kept as `Unreadable`, which `from_args` refuses; set empty, it is
+        not set (a deployment template that leaves it blank)."""
         text = environ.get(self.env)
-        if self.kind == "switch":
-            return field_default if text is None else text.lower() in _ON
-        if self.kind == "toggle":
-            return field_default if text is None else text.lower() not in _OFF
+        if self.kind in ("switch", "toggle"):
+            word = None if text is None else text.strip().lower()
+            if not word:
+                return field_default
+            if word in _ON or word in _OFF:
+                return word in _ON
+            return Unreadable(self.env, text or "")
         if text is not None:
             return text
         return field_default if self.from_field is None else self.from_field(field_default)
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """An on/off variable's text that is neither on nor off (`Option.flag_default`): refused
+    by `from_args` rather than read as the default, so that LIQMON_RESET_STATE=on is not
+    quietly off."""
+
+    env: str
+    text: str
+
+    def problem(self) -> str:
+        return (f"{self.env}={self.text!r} is neither on ({', '.join(_ON)}) nor off "
+                f"({', '.join(_OFF)})")
 
 
 def type_of(spec: Option, environ: Mapping[str, str]) -> Callable[[str], Any]:
     """The flag's argparse type: ``spec.parse``, checking ``choices`` too (argparse checks a
     flag's text against them, not a default's, and a variable's text is the default), and
     naming the variable when its text is what cannot be used."""
-    from_variable = environ.get(spec.env)
 
     def parse(text: str) -> Any:
+        value = spec.parse(text)
+        if spec.choices is not None and value not in spec.choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {text!r} (choose from {', '.join(spec.choices)})")
+        return value
+
+    parse.__name__ = getattr(spec.parse, "__name__", "value")  # argparse's "invalid … value"
+    return naming_variable(parse, spec.env, environ)
+
+
+def naming_variable(parse: Callable[[str], Any], env: str,
+                    environ: Mapping[str, str] = os.environ) -> Callable[[str], Any]:
+    """An argparse type: ``parse``, saying "(from ``env``)" when the text it cannot use is
+    that variable's (a flag's default read from it)."""
+    from_variable = environ.get(env)
+
+    def parse_text(text: str) -> Any:
         try:
-            value = spec.parse(text)
-            if spec.choices is not None and value not in spec.choices:
-                raise argparse.ArgumentTypeError(
-                    f"invalid choice: {text!r} (choose from {', '.join(spec.choices)})")
-            return value
+            return parse(text)
         except (argparse.ArgumentTypeError, ValueError) as exc:
             if text != from_variable:
                 raise
             reason = (str(exc) if isinstance(exc, argparse.ArgumentTypeError)
                       else f"invalid value: {text!r}")
-            raise argparse.ArgumentTypeError(f"{reason} (from {spec.env})") from None
+            raise argparse.ArgumentTypeError(f"{reason} (from {env})") from None
 
-    parse.__name__ = getattr(spec.parse, "__name__", "value")  # argparse's "invalid … value"
-    return parse
+    parse_text.__name__ = getattr(parse, "__name__", "value")
+    return parse_text
+
+
+def servers(text: str) -> str:
+    """Kafka bootstrap servers, HOST:PORT[,…]: at least one, none empty, each port a port."""
+    for server in text.split(","):
+        host, colon, port_text = server.strip().rpartition(":")
+        if not server.strip() or (colon and not host):
+            raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT…], got {text!r}")
+        if colon and not (port_text.isdigit() and 0 < int(port_text) <= 65_535):
+            raise argparse.ArgumentTypeError(f"{server.strip()!r}: the port must be a number "
+                                             "from 1 to 65535")
+    return text
 
 
 def option(flag: str, help: str, **how: Any) -> dict[str, Option]:
@@ -244,7 +287,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any],
 def from_args(cls: type[Any], args: argparse.Namespace, environ: Mapping[str, str] = os.environ,
               **given: Any) -> Any:
     """An instance of ``cls`` from parsed flags; fields in ``given`` are taken as they are.
-    Raises OptionError for a secret that cannot be read."""
+    Raises OptionError for a secret that cannot be read, or an on/off variable that is
+    neither."""
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name in given:
@@ -254,6 +298,8 @@ def from_args(cls: type[Any], args: argparse.Namespace, environ: Mapping[str, st
         elif _OPTION in field.metadata:
             spec: Option = field.metadata[_OPTION]
             value = getattr(args, spec.dest)
+            if isinstance(value, Unreadable):
+                raise OptionError(value.problem())
             if spec.secret is not None:
                 value = read_secret(spec, value, environ)
             if value is not None and spec.to_field is not None:

@@ -18,8 +18,11 @@ from monitor.service.options import (
     port,
     seconds,
     seconds_or_zero,
+    servers,
 )
 from monitor.service.security import KafkaSecurity
+
+LOG_LEVELS = ("debug", "info", "warning", "error")  # `--log-level`
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic): a name breaking it is
 # refused by the broker on every request, which a running monitor only notices on its outputs.
@@ -107,7 +110,8 @@ class ServiceSettings:
     config_path: Path = field(metadata=option(
         "--config", "risk config (TOML)", metavar="PATH", to_field=Path))
     bootstrap: str = field(default="127.0.0.1:9092", metadata=option(
-        "--bootstrap", "Kafka bootstrap servers, default {default}", metavar="HOST:PORT[,…]"))
+        "--bootstrap", "Kafka bootstrap servers, default {default}", metavar="HOST:PORT[,…]",
+        parse=servers))
     group: str = field(default="liqmon", metadata=option(
         "--group", "consumer group id, default {default}"))
     client_id: str = field(default="liqmon", metadata=option(
@@ -175,7 +179,8 @@ class ServiceSettings:
         "(a deliberate config roll-out, see README); without it such a restore is refused",
         kind="switch"))
     log_level: str = field(default="info", metadata=option(
-        "--log-level", "debug, info (default), warning or error"))
+        "--log-level", "debug, info (default), warning or error", parse=str.lower,
+        choices=LOG_LEVELS))
     security: KafkaSecurity = field(default_factory=KafkaSecurity, metadata=option_group())
     topics: Topics = field(default_factory=Topics, metadata=option_group())
     max_batch_records: int = field(default=5_000, metadata=internal(
