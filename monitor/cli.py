@@ -592,7 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="risk config, default examples/risk.toml")
     demo.add_argument("--duration", type=seconds, default=60.0, help="seconds, default 60")
     demo.add_argument("--accounts", type=at_least(1), default=3_000, help="default 3000")
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--seed", type=int, default=7,
+                      help="the synthetic market's random seed (same seed, same market), "
+                           "default 7")
     demo.add_argument("--port", type=ports(1), default=None,
                       help="broker port on 127.0.0.1 (default: a free one)")
     demo.set_defaults(handler=cmd_demo)
@@ -612,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--accounts", type=at_least(100), default=1_000_000,
                        help="default 1,000,000")
     bench.add_argument("--instruments", type=at_least(1), default=50, help="default 50")
-    bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--seed", type=int, default=7,
+                       help="random seed of the generated book and records, default 7")
     bench.add_argument("--tick-volatility", type=share, default=1e-5, metavar="SIGMA",
                        help="log-return standard deviation of one tick, default 1e-5")
     bench.add_argument("--records", type=at_least(0), default=0,
@@ -702,11 +705,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "portfolios, a crash and a rebound, with liquidated accounts closed out.",
     )
     synth.add_argument("--config", required=True, type=Path, help="risk config (TOML)")
-    synth.add_argument("--accounts", type=at_least(1), default=200)
-    synth.add_argument("--steps", type=at_least(0), default=400, help="market time steps")
-    synth.add_argument("--seed", type=int, default=7)
+    synth.add_argument("--accounts", type=at_least(1), default=200, help="default 200")
+    synth.add_argument("--steps", type=at_least(0), default=400,
+                       help="market time steps of 100 ms after the opening (35 %% random walk, "
+                            "20 %% crash, the rest rebound), default 400")
+    synth.add_argument("--seed", type=int, default=7,
+                       help="random seed (same seed, same file), default 7")
     synth.add_argument("--bad-rate", type=share, default=0.0,
-                       help="share of deliberately malformed records (default 0)")
+                       help="deliberately malformed records per market record, on average "
+                            "(each step with one also re-sends a fill and a stale tick), "
+                            "default 0")
     synth.add_argument("-o", "--output", metavar="INPUT.jsonl", help="default: stdout")
     synth.set_defaults(handler=cmd_synth)
     return parser

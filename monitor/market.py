@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 
 from monitor.config import RiskConfig
+from monitor.errors import LiqmonError
 from monitor.records import FILLS, LEDGER, PRICES
 
 # Start price and market beta per symbol; symbols not listed start at 100 with beta 1.
@@ -36,6 +38,10 @@ _SYMBOL_DEFAULTS: dict[str, tuple[float, float]] = {
 }
 START_TS = 1_764_000_000_000
 STEP_MS = 100
+
+
+class MarketError(LiqmonError):
+    """A risk config no synthetic market can be made for."""
 
 
 @dataclass(slots=True)
@@ -65,7 +71,7 @@ class SyntheticMarket:
     config: RiskConfig
     accounts: int = 1_000
     seed: int = 0
-    bad_record_rate: float = 0.0  # share of malformed records mixed into the flow
+    bad_record_rate: float = 0.0  # malformed records mixed into the flow, per record
     fills_per_step: int = 3
     isolated_share: float = 0.2  # share of opening positions held in isolated margin
     _rng: random.Random = field(init=False)
@@ -80,11 +86,21 @@ class SyntheticMarket:
         init=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        config = self.config
+        if not config.instruments:
+            raise MarketError("the risk config has no instruments: a synthetic market needs "
+                              "at least one to trade")
         self._rng = random.Random(self.seed)
-        symbols = sorted(self.config.price_symbols())
+        symbols = sorted(config.price_symbols())
         self._prices = {s: _SYMBOL_DEFAULTS.get(s, (100.0, 1.0))[0] for s in symbols}
         self._betas = {s: _SYMBOL_DEFAULTS.get(s, (100.0, 1.0))[1] for s in symbols}
         self._book = {}
+        # Accounts deposit the asset most instruments settle in (USDT in the example), and
+        # some also the first other asset with a moving price (BTC there) as collateral.
+        settles = Counter(instrument.settle for instrument in config.instruments.values())
+        self._cash = min(settles, key=lambda asset: (-settles[asset], asset))
+        self._collateral = next((name for name, asset in sorted(config.assets.items())
+                                 if name != self._cash and asset.price_symbol is not None), None)
 
     # -- scenario ------------------------------------------------------------------------------
 
@@ -126,11 +142,16 @@ class SyntheticMarket:
         for _ in range(self.fills_per_step):
             records.extend(self._random_trade())
         if self._rng.random() < 0.2:
-            records.append(self._ledger(self._random_account(), "USDT",
+            records.append(self._ledger(self._random_account(), self._cash,
                                         round(self._rng.uniform(-5, 5), 2), "funding"))
-        if self.bad_record_rate and self._rng.random() < self.bad_record_rate * len(records):
-            records.append(self._malformed())
-            records.extend(self._upstream_noise(records))
+        if self.bad_record_rate:
+            # bad_record_rate malformed records per record on average: the whole part always,
+            # the fraction by chance
+            whole, part = divmod(self.bad_record_rate * len(records), 1.0)
+            bad = int(whole) + (self._rng.random() < part)
+            if bad:
+                records.extend(self._malformed() for _ in range(bad))
+                records.extend(self._upstream_noise(records))
         return records
 
     def ticks(self, drift: float, noise: bool = True) -> Iterator[MarketRecord]:
@@ -171,11 +192,12 @@ class SyntheticMarket:
         """An account's deposits now, and a way to make its opening fills later."""
         rng = self._rng
         equity = rng.choice([1_000.0, 5_000.0, 20_000.0, 100_000.0]) * rng.uniform(0.5, 1.5)
-        deposits = [self._ledger(account, "USDT", round(equity, 2), "deposit")]
-        if "BTC" in self.config.assets and rng.random() < 0.3:
-            deposits.append(self._ledger(account, "BTC",
-                                         round(equity * 0.2 / self._prices["BTC"], 6),
-                                         "deposit"))
+        deposits = [self._ledger(account, self._cash,
+                                 round(equity / self._asset_price(self._cash), 2), "deposit")]
+        if self._collateral is not None and rng.random() < 0.3:
+            deposits.append(self._ledger(
+                account, self._collateral,
+                round(equity * 0.2 / self._asset_price(self._collateral), 6), "deposit"))
         leverage = math.exp(rng.uniform(math.log(1.5), math.log(18.0)))
         instruments = sorted(self.config.instruments)
         held = rng.sample(instruments, k=min(len(instruments), rng.choice([1, 2, 3, 3, 4])))
@@ -195,7 +217,7 @@ class SyntheticMarket:
         for symbol, isolated_leverage in isolated.items():
             settle = self.config.instruments[symbol].settle
             wallet = round(notional_quote / isolated_leverage / self._settle_price(symbol), 8)
-            if settle != "USDT":  # the account deposited USDT: bring the settle asset too
+            if settle != self._cash:  # the account deposited cash: bring the settle asset
                 deposits.append(self._ledger(account, settle, wallet, "deposit"))
             deposits.append(self._ledger(account, settle, wallet, "isolated_margin", symbol))
             self._isolated.add((account, symbol))
@@ -229,7 +251,10 @@ class SyntheticMarket:
                    0.0001)
 
     def _settle_price(self, symbol: str) -> float:
-        asset = self.config.assets[self.config.instruments[symbol].settle]
+        return self._asset_price(self.config.instruments[symbol].settle)
+
+    def _asset_price(self, name: str) -> float:
+        asset = self.config.assets[name]
         if asset.fixed_price is not None:
             return asset.fixed_price
         return self._prices[asset.price_symbol]  # type: ignore[index]
@@ -287,9 +312,10 @@ class SyntheticMarket:
                 "side": "buy", "qty": 1, "price": 0.1, "ts": self._ts,
             })
         if choice == 2:
-            return MarketRecord(PRICES, "BTC", {"symbol": "BTC", "price": -1, "ts": self._ts})
+            symbol = next(iter(self._prices))
+            return MarketRecord(PRICES, symbol, {"symbol": symbol, "price": -1, "ts": self._ts})
         return MarketRecord(LEDGER, account, {
-            "entry_id": self._next_id("bad"), "account": account, "asset": "USDT",
+            "entry_id": self._next_id("bad"), "account": account, "asset": self._cash,
             "amount": 10, "kind": "gift", "ts": self._ts,
         })
 
