@@ -28,6 +28,8 @@ from monitor.records import (
     from_document,
 )
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 class EventSink(Protocol):
     """Where events are written, one JSON line each: a file, or a command's checked output."""
@@ -40,6 +42,17 @@ class ReplaySummary:
     records: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     events: Counter[str] = field(default_factory=Counter)
+    # A file is applied in its own order: records stamped (ts) before one above them are
+    # counted, since the service would have applied them first (SPEC §6)
+    out_of_order: int = 0
+    latest_ts: int | None = None
+
+    def saw(self, ts: int) -> None:
+        """Note a record's ts, in the order the records are applied."""
+        if self.latest_ts is not None and ts < self.latest_ts:
+            self.out_of_order += 1
+        else:
+            self.latest_ts = ts
 
     def lines(self, engine: Engine) -> list[str]:
         stats = engine.stats
@@ -54,7 +67,9 @@ class ReplaySummary:
             f"rejected: {rejected}" + _breakdown(self.rejected),
             f"events: {events}" + _breakdown(self.events),
             f"accounts: {len(engine.accounts)}, isolated positions: {len(engine.units)}",
-        ]
+        ] + ([f"out of order: {self.out_of_order} records stamped before a record above "
+              "them, applied where they are (the service applies records in ts order)"]
+             if self.out_of_order else [])
 
 
 def _breakdown(counts: Counter[str]) -> str:
@@ -99,9 +114,12 @@ def replay(
     config = engine.config
     for index, raw in enumerate(lines):
         line = raw.rstrip(b"\r\n")
+        if index == 0:  # a file saved by an editor that marks UTF-8
+            line = line.removeprefix(UTF8_BOM)
 
         def decoded(line: bytes = line, index: int = index) -> tuple[InputRecord, Source]:
             topic, record = decode_line(line, config)
+            summary.saw(record.ts)
             return record, Source(topic=topic, index=index)
 
         rejection = _apply(engine, decoded, summary, out)

@@ -98,3 +98,33 @@ def test_check_without_bootstrap_is_a_usage_error() -> None:
     result = liqmon("replay", EXAMPLE, "--check", "--config", CONFIG)
     assert result.returncode == 2
     assert b"--check compares with the event topics: it needs --bootstrap" in result.stderr
+
+
+DEPOSIT = (b'{"topic": "ledger", "value": {"entry_id": "%s", "account": "a", "asset": "USDT", '
+           b'"amount": 100, "kind": "deposit", "ts": %d}}')
+
+
+def test_records_stamped_before_one_above_them_are_counted_and_applied_where_they_are(
+        tmp_path: Path) -> None:
+    """The service applies records in ts order; a file is applied as it is, so its summary
+    says how many records the two orders disagree on."""
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join([DEPOSIT % (b"e1", 2000), DEPOSIT % (b"e2", 1000),
+                                   DEPOSIT % (b"e3", 1500), DEPOSIT % (b"e4", 2000)]))
+    stderr = liqmon("replay", source, "--config", CONFIG).stderr.decode()
+    assert "replay: applied: prices 0, fills 0, ledger 4" in stderr
+    assert "replay: out of order: 2 records stamped before a record above them" in stderr
+
+
+def test_a_file_in_ts_order_says_nothing_of_order(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(DEPOSIT % (b"e1", 1000) + b"\n" + DEPOSIT % (b"e2", 1000))
+    assert "out of order" not in liqmon("replay", source, "--config", CONFIG).stderr.decode()
+
+
+def test_a_byte_order_mark_before_the_first_line_is_skipped(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + DEPOSIT % (b"e1", 1000))
+    stderr = liqmon("replay", source, "--config", CONFIG).stderr.decode()
+    assert "replay: applied: prices 0, fills 0, ledger 1" in stderr
+    assert "replay: rejected: 0" in stderr
