@@ -15,6 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# Bound on |price|, |qty|, |fee| and |amount| of input records, and on a fixed price and a
+# contract size here. The largest product the margin mathematics forms is
+# qty·contract_size·price·settle_price (≤ 1e60), and balances are long sums of such terms, so
+# state and events stay hundreds of orders of magnitude below float64's overflow (1.8e308)
+# however long the stream: two deposits of 1e308 no longer make a balance infinite. 1e15 is
+# above any real figure: a billion contracts at a million each.
+MAX_MAGNITUDE = 1e15
+
 
 class ConfigError(ValueError):
     """The risk configuration is unreadable or breaks a rule of SPEC §3."""
@@ -246,8 +254,8 @@ def _asset(name: str, raw: dict[str, Any]) -> Asset:
                 f"{where}.price_symbol: give either a fixed price or a price_symbol, not both"
             )
         price = _number(raw, "price", f"{where}.price")
-        if price <= 0:
-            raise ConfigError(f"{where}.price: must be > 0, got {price}")
+        if not 0 < price <= MAX_MAGNITUDE:  # a figure beyond would overflow the margins
+            raise ConfigError(f"{where}.price: must be > 0 and ≤ {MAX_MAGNITUDE:g}, got {price}")
         return Asset(name=name, collateral_weight=weight, fixed_price=price, price_symbol=None)
     symbol = raw.get("price_symbol", name)
     if not isinstance(symbol, str) or not symbol:
@@ -267,8 +275,9 @@ def _instrument(name: str, raw: dict[str, Any], assets: Mapping[str, Asset]) -> 
     if settle not in assets:
         raise ConfigError(f"{where}.settle: asset {settle!r} is not configured under [assets]")
     contract_size = _number(raw, "contract_size", f"{where}.contract_size", default=1.0)
-    if contract_size <= 0:
-        raise ConfigError(f"{where}.contract_size: must be > 0, got {contract_size}")
+    if not 0 < contract_size <= MAX_MAGNITUDE:
+        raise ConfigError(f"{where}.contract_size: must be > 0 and ≤ {MAX_MAGNITUDE:g}, got "
+                          f"{contract_size}")
     mark_symbol = raw.get("mark_symbol", name)
     if not isinstance(mark_symbol, str) or not mark_symbol:
         raise ConfigError(f"{where}.mark_symbol: must be a non-empty string, got {mark_symbol!r}")

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Final, TypeVar
 import msgspec
 import orjson
 
-from monitor.config import RiskConfig
+from monitor.config import MAX_MAGNITUDE, RiskConfig
 
 T = TypeVar("T")
 
@@ -40,12 +40,6 @@ MAX_TS: Final = 2**63 - 1
 # 10,000-character one 20 KB log lines. 256 characters is far above any real id (a UUID has 36).
 MAX_ID_LENGTH: Final = 256
 
-# Bound on |price|, |qty|, |fee| and |amount|. The largest product the margin mathematics forms
-# is qty·contract_size·price·settle_price (≤ 1e45·contract_size), and balances are long sums of
-# such terms, so state and events stay hundreds of orders of magnitude below float64's overflow
-# (1.8e308) however long the stream: two deposits of 1e308 no longer make a balance infinite.
-# 1e15 is above any real figure: a billion contracts at a million each.
-MAX_MAGNITUDE: Final = 1e15
 
 
 class Reason:
