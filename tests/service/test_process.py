@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -44,6 +45,27 @@ async def committed_offsets(settings) -> dict[str, int]:
         return found
     finally:
         await consumer.stop()
+
+
+async def test_sigterm_again_and_again_while_stopping_still_exits_0(broker) -> None:
+    """The loop's signal handlers went when it closed, and the HTTP server takes up to half a
+    second to close after that: a second SIGTERM then ended a clean stop with status 143."""
+    settings = fresh_settings(broker.bootstrap)
+    env = {**os.environ, "LIQMON_GROUP": settings.group, "LIQMON_LOG_LEVEL": "info"}
+    proc = await asyncio.create_subprocess_exec(
+        *run_args(settings, "--metrics-port", str(free_port())), env=env,
+        stderr=subprocess.PIPE)
+    started_processes.append(proc)
+    assert proc.stderr is not None
+    while b'"event":"consuming"' not in await asyncio.wait_for(proc.stderr.readline(), 120):
+        pass
+    stderr = asyncio.ensure_future(proc.stderr.read())
+    while proc.returncode is None:  # until it has exited, whenever that is
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), timeout=0.05)
+    assert proc.returncode == 0, (await stderr).decode()[-2000:]
+    assert b'"event":"stopped"' in await stderr
 
 
 @pytest.mark.asyncio(loop_scope="session")
