@@ -39,6 +39,9 @@ MAX_TS: Final = 2**63 - 1
 # checkpoint keys and log fields: an empty account makes the event id ":1:liquidation", a
 # 10,000-character one 20 KB log lines. 256 characters is far above any real id (a UUID has 36).
 MAX_ID_LENGTH: Final = 256
+# liqmon's own keys in its state topic (an isolated position's, the control records') begin
+# with NUL, so that no account id can name one: an account id may not contain it.
+NUL: Final = "\x00"
 
 
 
@@ -56,7 +59,8 @@ class Reason:
     UNKNOWN_KIND: Final = "unknown_kind"
     UNKNOWN_SIDE: Final = "unknown_side"
     UNKNOWN_TOPIC: Final = "unknown_topic"  # replay envelopes only
-    BAD_IDENTIFIER: Final = "bad_identifier"  # empty, or longer than MAX_ID_LENGTH
+    BAD_IDENTIFIER: Final = "bad_identifier"  # empty, longer than MAX_ID_LENGTH, or an
+    #                                            account holding NUL
     WRONG_SIGN: Final = "wrong_sign"  # a deposit not > 0, a withdrawal not < 0
     TOO_LARGE: Final = "too_large"  # finite, but beyond MAX_MAGNITUDE
     TS_IN_FUTURE: Final = "ts_in_future"  # the service only: ts ahead of the wall clock
@@ -219,7 +223,7 @@ def _shaped_fill(raw: bytes | str, config: RiskConfig, latest: int) -> Fill | No
     except _NOT_SHAPED:
         return None
     if (fill.symbol in config.instruments and fill.ts <= latest and fill.side in SIDES
-            and fill.margin_mode in MARGIN_MODES):
+            and fill.margin_mode in MARGIN_MODES and NUL not in fill.account):
         return fill
     return None
 
@@ -231,7 +235,7 @@ def _shaped_ledger(raw: bytes | str, config: RiskConfig, latest: int) -> LedgerE
         return None
     kind, amount = entry.kind, entry.amount
     if (entry.symbol is None and kind in _PLAIN_LEDGER_KINDS and entry.asset in config.assets
-            and entry.ts <= latest
+            and entry.ts <= latest and NUL not in entry.account
             and (kind != "deposit" or amount > 0) and (kind != "withdrawal" or amount < 0)):
         return entry
     return None
@@ -239,10 +243,10 @@ def _shaped_ledger(raw: bytes | str, config: RiskConfig, latest: int) -> LedgerE
 
 # The plain-record checks accept only values `decode` accepts as they are:
 # numbers are floats or ints (never bools) within the bounds (NaN and infinities fail every
-# comparison), ids non-empty strings of at most MAX_ID_LENGTH characters, ts an int within
-# [0, latest]; a margin mode cross or isolated. An isolated_margin entry always takes
-# decode's path. Written out inline: a function call per field would cost as much as the
-# check.
+# comparison), ids non-empty strings of at most MAX_ID_LENGTH characters (an account without
+# NUL), ts an int within [0, latest]; a margin mode cross or isolated. An isolated_margin
+# entry always takes decode's path. Written out inline: a function call per field would cost
+# as much as the check.
 _FLOAT, _INT, _STR = float, int, str
 
 
@@ -262,6 +266,7 @@ def _plain_fill(doc: dict[str, Any], config: RiskConfig, latest: int) -> Fill | 
     margin_mode = get("margin_mode", CROSS)
     if (type(fill_id) is _STR and 0 < len(fill_id) <= MAX_ID_LENGTH
             and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
+            and NUL not in account
             and type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
             and symbol in config.instruments and (side == "buy" or side == "sell")
             and (type(qty) is _FLOAT or type(qty) is _INT) and 0 < qty <= MAX_MAGNITUDE
@@ -281,6 +286,7 @@ def _plain_ledger(doc: dict[str, Any], config: RiskConfig, latest: int) -> Ledge
     kind, ts = get("kind"), get("ts")
     if (type(entry_id) is _STR and 0 < len(entry_id) <= MAX_ID_LENGTH
             and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
+            and NUL not in account
             and type(asset) is _STR and 0 < len(asset) <= MAX_ID_LENGTH
             and asset in config.assets
             and type(kind) is _STR and kind in LEDGER_KINDS and kind != ISOLATED_MARGIN
@@ -354,7 +360,7 @@ def _tick(doc: dict[str, Any], config: RiskConfig) -> PriceTick:
 
 def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
     fill_id = _identifier(doc, "fill_id")
-    account = _identifier(doc, "account")
+    account = _account(doc)
     symbol = _identifier(doc, "symbol")
     side = _string(doc, "side")
     qty = _positive(doc, "qty")
@@ -377,7 +383,7 @@ def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
 
 def _ledger(doc: dict[str, Any], config: RiskConfig) -> LedgerEntry:
     entry_id = _identifier(doc, "entry_id")
-    account = _identifier(doc, "account")
+    account = _account(doc)
     asset = _identifier(doc, "asset")
     amount = _bounded(doc, "amount")
     kind = _string(doc, "kind")
@@ -444,6 +450,14 @@ def _identifier(doc: dict[str, Any], name: str) -> str:
         raise Rejected(Reason.BAD_IDENTIFIER, f"{name}: must be at most {MAX_ID_LENGTH} "
                                               f"characters, got {len(value)}")
     return value
+
+
+def _account(doc: dict[str, Any]) -> str:
+    account = _identifier(doc, "account")
+    if NUL in account:
+        raise Rejected(Reason.BAD_IDENTIFIER, "account: must not contain NUL (U+0000), which "
+                                              "begins liqmon's own keys in its state topic")
+    return account
 
 
 def _shown(value: str) -> str:

@@ -68,6 +68,12 @@ BAD = [
     ("fills", changed("fills", account=""), Reason.BAD_IDENTIFIER, "account: must not be empty"),
     ("ledger", changed("ledger", entry_id=""), Reason.BAD_IDENTIFIER, "entry_id: must not be"),
     ("prices", changed("prices", symbol=""), Reason.BAD_IDENTIFIER, "symbol: must not be empty"),
+    # NUL begins liqmon's own state keys: this account's snapshot would be restored as the
+    # isolated SOL-PERP position of account "victim"
+    ("fills", changed("fills", account='\x00liqmon.isolated["victim","SOL-PERP"]'),
+     Reason.BAD_IDENTIFIER, "account: must not contain NUL (U+0000)"),
+    ("ledger", changed("ledger", account="a\x00b"), Reason.BAD_IDENTIFIER,
+     "account: must not contain NUL (U+0000)"),
     ("fills", changed("fills", fill_id="f" * 10_000), Reason.BAD_IDENTIFIER,
      "fill_id: must be at most 256 characters, got 10000"),
     ("ledger", changed("ledger", asset="A" * 257), Reason.BAD_IDENTIFIER,
