@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
@@ -141,9 +142,10 @@ def decode(topic_kind: str, raw: bytes | str | None, config: RiskConfig, *,
            not_after_ms: int | None = None) -> InputRecord:
     """Decode one message value of input topic kind ``prices``/``fills``/``ledger``.
 
-    With ``not_after_ms`` (the service: wall clock plus --max-future), a record whose ``ts`` is
-    later is rejected: one tick from the future would make every later tick of its symbol
-    stale. None checks nothing (replay takes its clock from the records).
+    With ``not_after_ms`` (the service: the record's Kafka timestamp, or the wall clock if
+    that is earlier, plus --max-future), a record whose ``ts`` is later is rejected: one tick
+    from the future would make every later tick of its symbol stale. None checks nothing
+    (replay takes its clock from the records).
     """
     if raw is None:
         raise Rejected(Reason.INVALID_JSON, "the message has no value (a null/tombstone record)")
@@ -152,8 +154,10 @@ def decode(topic_kind: str, raw: bytes | str | None, config: RiskConfig, *,
 
 
 def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], config: RiskConfig,
-                 *, not_after_ms: int | None = None) -> list[InputRecord | Rejected]:
-    """`decode` over a fetched batch: one decoded record or rejection per value, in order.
+                 *, not_after_ms: int | Sequence[int] | None = None
+                 ) -> list[InputRecord | Rejected]:
+    """`decode` over a fetched batch: one decoded record or rejection per value, in order;
+    ``not_after_ms`` is `decode`'s, for every value or one per value.
 
     A value is decoded by the first of three checks that accepts it: msgspec decodes and
     checks a value holding its kind's fields and no other in one pass of compiled code
@@ -161,7 +165,9 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
     fields too (`_plain_fill`); `decode` finds the exact reason for the rest. The first two
     accept only values `decode` accepts, and build the record it builds, so rejections,
     reasons and details are `decode`'s."""
-    latest = MAX_TS if not_after_ms is None else min(not_after_ms, MAX_TS)
+    bounds: Iterable[int | None] = (
+        repeat(not_after_ms, len(raws)) if not_after_ms is None or isinstance(not_after_ms, int)
+        else not_after_ms)
     loads, rejected_json = orjson.loads, orjson.JSONDecodeError
     out: list[InputRecord | Rejected] = []
     append = out.append
@@ -169,9 +175,10 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
     # adds its own): the rest of the batch skips the first check, which would fail on each
     # (~1 µs a value for nothing).
     beyond: set[str] = set()
-    for kind, raw in zip(kinds, raws, strict=True):
+    for kind, raw, not_after in zip(kinds, raws, bounds, strict=True):
         record: InputRecord | None = None
         if raw is not None and (checks := _CHECKS.get(kind)) is not None:
+            latest = MAX_TS if not_after is None else min(not_after, MAX_TS)
             shaped, plain = checks
             if kind not in beyond:
                 record = shaped(raw, config, latest)
@@ -184,7 +191,7 @@ def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], confi
                     beyond.add(kind)
         if record is None:
             try:
-                record = decode(kind, raw, config, not_after_ms=not_after_ms)
+                record = decode(kind, raw, config, not_after_ms=not_after)
             except Rejected as rejection:
                 append(rejection)
                 continue
@@ -345,8 +352,9 @@ def from_document(topic_kind: str, document: Any, config: RiskConfig, *,
         raise Rejected(Reason.UNKNOWN_TOPIC,
                        f"topic must be one of {', '.join(INPUT_KINDS)}, got {topic_kind!r}")
     if not_after_ms is not None and record.ts > not_after_ms:
-        raise Rejected(Reason.TS_IN_FUTURE, f"ts: {record.ts} is further ahead of the wall "
-                                            f"clock than allowed (latest accepted {not_after_ms})")
+        raise Rejected(Reason.TS_IN_FUTURE, f"ts: {record.ts} is further ahead than "
+                                            f"--max-future allows (latest accepted "
+                                            f"{not_after_ms})")
     return record
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.events import Source
-from monitor.records import PriceTick, Reason, Rejected, decode, decode_batch
+from monitor.records import Fill, PriceTick, Reason, Rejected, decode, decode_batch
 from monitor.replay import replay
 from tests.support.risk import RISK
 
@@ -170,7 +170,7 @@ def test_ts_later_than_not_after_is_rejected_as_ts_in_future(risk, topic: str) -
     with pytest.raises(Rejected) as excinfo:
         decode(topic, changed(topic, ts=1_001), risk, not_after_ms=1_000)
     assert excinfo.value.reason == Reason.TS_IN_FUTURE
-    assert excinfo.value.detail == ("ts: 1001 is further ahead of the wall clock than allowed "
+    assert excinfo.value.detail == ("ts: 1001 is further ahead than --max-future allows "
                                     "(latest accepted 1000)")
 
 
@@ -265,6 +265,13 @@ def test_a_batch_applies_the_not_after_bound_as_decode_does(risk) -> None:
     got = batch_alike(topics, raws, risk, not_after_ms=100)
     assert got[0] == PriceTick("BTC-PERP", 50_000.0, 100)
     assert [g[0] for g in got[1:]] == [Reason.TS_IN_FUTURE, Reason.TS_IN_FUTURE]
+
+
+def test_a_batch_takes_a_bound_for_each_value(risk) -> None:
+    raws = [changed("prices", ts=100), changed("prices", ts=101), changed("fills", ts=101)]
+    got = batch_alike(["prices", "prices", "fills"], raws, risk, not_after_ms=[100, 100, 101])
+    assert [type(g) for g in got] == [PriceTick, tuple, Fill]
+    assert got[1][0] == Reason.TS_IN_FUTURE
 
 
 FIELD_VALUES = st.one_of(

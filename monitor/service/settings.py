@@ -153,8 +153,9 @@ class ServiceSettings:
         "--max-skew", "clock skew between producers (and their in-flight time) that timestamp "
         "order allows for, in ms, default {default}", parse=at_least(0), metavar="MS"))
     max_future: float = field(default=300.0, metadata=option(
-        "--max-future", "seconds a record's ts may be ahead of the wall clock; later ones are "
-        "dead-lettered as ts_in_future, default {default:g}", parse=seconds, metavar="SECONDS"))
+        "--max-future", "seconds a record's ts may be ahead of its Kafka timestamp, or of the "
+        "wall clock if earlier; later ones are dead-lettered as ts_in_future, default "
+        "{default:g}", parse=seconds, metavar="SECONDS"))
     session_timeout_ms: int = field(default=6_000, metadata=option(
         "--session-timeout", "seconds without heartbeat before the group reassigns a dead "
         "instance's partitions, default {default:g}", parse=seconds, metavar="SECONDS",

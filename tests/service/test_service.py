@@ -7,6 +7,7 @@ import asyncio
 import gc
 import math
 import time
+from dataclasses import replace
 from itertools import groupby
 from types import SimpleNamespace
 
@@ -174,6 +175,25 @@ async def test_tick_from_2100_is_dead_lettered_and_later_ticks_still_move_the_pr
     assert schema_errors("dead_letter", orjson.loads(dead.value)) == []
     assert dict(dead.headers)["__liqmon.errors.reason"] == b"ts_in_future"
     assert dict(dead.headers)["__liqmon.errors.offset"] == b"1"
+
+
+async def test_a_tick_stamped_ahead_of_its_kafka_timestamp_is_dead_lettered_even_read_later(
+        broker, risk):
+    """Its ts was judged against the wall clock when read: a tick 3 s ahead was dead-lettered,
+    and the same tick re-read after a crash, the clock having caught up, was applied, so the
+    second pass published other events than the first. Its own Kafka timestamp does not move."""
+    settings = replace(fresh_settings(broker.bootstrap), max_future=1.0)
+    t = settings.topics
+    produced_ms = int(time.time() * 1000)
+    ends = await produce(broker.bootstrap,
+                         [tick(t, "BTC-PERP", 50_000.0, ts=produced_ms + 3_000)])
+    while time.time() * 1000 < produced_ms + 2_500:  # now within --max-future of its ts
+        await asyncio.sleep(0.1)
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        await wait_processed(monitor, ends)
+        assert "BTC-PERP" not in monitor.engine.prices
+    (dead,) = await read_topic(broker.bootstrap, t.dead_letter)
+    assert dict(dead.headers)["__liqmon.errors.reason"] == b"ts_in_future"
 
 
 async def feed_run_by_run(bootstrap: str, monitor, topics, records
