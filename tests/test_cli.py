@@ -236,6 +236,12 @@ def test_deploy_readme_documents_no_environment_variable_liqmon_does_not_read() 
     (["run", "--config", CONFIG, "--merge-wait", "-1"],
      "argument --merge-wait: must be a number of seconds ≥ 0, got -1"),
     (["run", "--config", CONFIG, "--max-skew", "-5"], "argument --max-skew: must be ≥ 0, got -5"),
+    (["run", "--config", CONFIG, "--max-skew", "3600001"],
+     "argument --max-skew: must be ≤ 3,600,000, got 3,600,001"),
+    # past 2^63 it stopped the start with a TypeError from the log line listing the options
+    (["run", "--config", CONFIG, "--checkpoint-records", str(2**64)],
+     "argument --checkpoint-records: must be ≤ 9,007,199,254,740,992, got 18,446,744,073,709,"
+     "551,616"),
     (["run", "--config", CONFIG, "--checkpoint-interval", "0"],
      "argument --checkpoint-interval: must be a number of seconds > 0, got 0"),
     (["run", "--config", CONFIG, "--checkpoint-records", "0"],

@@ -42,12 +42,19 @@ def _number(text: str, kind: Callable[[str], Any]) -> Any:
 # argparse types (the flag's `parse`): a value out of range is a usage error naming the flag,
 # for the flag's text and its variable's alike
 
-def at_least(least: int) -> Callable[[str], int]:
-    """A whole number ≥ ``least``."""
+# Above this a count or a duration means nothing, and a whole number past 2^63 cannot even
+# be logged (the start's log line lists every option).
+MOST_WHOLE = 2**53
+
+
+def at_least(least: int, most: int = MOST_WHOLE) -> Callable[[str], int]:
+    """A whole number from ``least`` to ``most``."""
     def whole_number(text: str) -> int:
         value: int = _number(text, int)
         if value < least:
             raise argparse.ArgumentTypeError(f"must be ≥ {least:,}, got {value:,}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be ≤ {most:,}, got {value:,}")
         return value
     return whole_number
 

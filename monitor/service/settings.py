@@ -151,7 +151,8 @@ class ServiceSettings:
         "reports it and keeps waiting, default {default:g}", parse=seconds, metavar="SECONDS"))
     max_skew_ms: int = field(default=5, metadata=option(
         "--max-skew", "clock skew between producers (and their in-flight time) that timestamp "
-        "order allows for, in ms, default {default}", parse=at_least(0), metavar="MS"))
+        "order allows for, in ms (at most an hour), default {default}",
+        parse=at_least(0, most=3_600_000), metavar="MS"))
     max_future: float = field(default=300.0, metadata=option(
         "--max-future", "seconds a record's ts may be ahead of its Kafka timestamp, or of the "
         "wall clock if earlier; later ones are dead-lettered as ts_in_future, default "
