@@ -22,6 +22,11 @@ from typing import Any
 # however long the stream: two deposits of 1e308 no longer make a balance infinite. 1e15 is
 # above any real figure: a billion contracts at a million each.
 MAX_MAGNITUDE = 1e15
+# Identifiers (account, fill_id, entry_id, symbol, asset) become event ids, Kafka keys,
+# checkpoint keys and log fields: an empty account makes the event id ":1:liquidation", a
+# 10,000-character one 20 KB log lines. 256 characters is far above any real id (a UUID has
+# 36). A name here longer than that could never be named by a record.
+MAX_ID_LENGTH = 256
 
 
 class ConfigError(ValueError):
@@ -177,6 +182,13 @@ def _q(name: str) -> str:
     return name if bare else f'"{name}"'
 
 
+def _nameable(name: str, where: str) -> None:
+    """A name input records give (an asset, an instrument, a price symbol): one they can."""
+    if len(name) > MAX_ID_LENGTH:
+        raise ConfigError(f"{where}: a name records can give is at most {MAX_ID_LENGTH} "
+                          f"characters, got {len(name)}")
+
+
 def _table(raw: Mapping[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:
     if key not in raw:
         if required:
@@ -244,6 +256,7 @@ def _thresholds(raw: dict[str, Any]) -> Thresholds:
 
 def _asset(name: str, raw: dict[str, Any]) -> Asset:
     where = f"assets.{_q(name)}"
+    _nameable(name, where)
     _no_unknown_keys(raw, {"collateral_weight", "price", "price_symbol"}, where)
     weight = _number(raw, "collateral_weight", f"{where}.collateral_weight")
     if not 0.0 <= weight <= 1.0:
@@ -260,11 +273,13 @@ def _asset(name: str, raw: dict[str, Any]) -> Asset:
     symbol = raw.get("price_symbol", name)
     if not isinstance(symbol, str) or not symbol:
         raise ConfigError(f"{where}.price_symbol: must be a non-empty string, got {symbol!r}")
+    _nameable(symbol, f"{where}.price_symbol")
     return Asset(name=name, collateral_weight=weight, fixed_price=None, price_symbol=symbol)
 
 
 def _instrument(name: str, raw: dict[str, Any], assets: Mapping[str, Asset]) -> Instrument:
     where = f"instruments.{_q(name)}"
+    _nameable(name, where)
     _no_unknown_keys(raw, {"settle", "contract_size", "mark_symbol", "tiers", "liquidation_fee"},
                      where)
     settle = raw.get("settle")
@@ -281,6 +296,7 @@ def _instrument(name: str, raw: dict[str, Any], assets: Mapping[str, Asset]) -> 
     mark_symbol = raw.get("mark_symbol", name)
     if not isinstance(mark_symbol, str) or not mark_symbol:
         raise ConfigError(f"{where}.mark_symbol: must be a non-empty string, got {mark_symbol!r}")
+    _nameable(mark_symbol, f"{where}.mark_symbol")
     fee = _number(raw, "liquidation_fee", f"{where}.liquidation_fee", default=0.0)
     if not 0 <= fee < 1:
         raise ConfigError(f"{where}.liquidation_fee: must be in [0, 1), got {fee}")

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Final, TypeVar
 import msgspec
 import orjson
 
-from monitor.config import MAX_MAGNITUDE, RiskConfig
+from monitor.config import MAX_ID_LENGTH, MAX_MAGNITUDE, RiskConfig
 
 T = TypeVar("T")
 
@@ -36,10 +36,6 @@ MARGIN_MODES: Final = (CROSS, ISOLATED)
 # Kafka timestamps are int64 milliseconds; anything larger cannot be re-encoded.
 MAX_TS: Final = 2**63 - 1
 
-# Identifiers (account, fill_id, entry_id, symbol, asset) become event ids, Kafka keys,
-# checkpoint keys and log fields: an empty account makes the event id ":1:liquidation", a
-# 10,000-character one 20 KB log lines. 256 characters is far above any real id (a UUID has 36).
-MAX_ID_LENGTH: Final = 256
 # liqmon's own keys in its state topic (an isolated position's, the control records') begin
 # with NUL, so that no account id can name one: an account id may not contain it.
 NUL: Final = "\x00"

@@ -305,6 +305,8 @@ def test_a_variable_that_cannot_be_used_is_refused_naming_it(
     (["--bootstrap", "kafka:9092,"], "expected HOST:PORT[,HOST:PORT…], got 'kafka:9092,'"),
     (["--bootstrap", "kafka:90x2"], "'kafka:90x2': the port must be a number from 1 to 65535"),
     (["--topic-prices", "a/b"], "--topic-prices 'a/b' is not a valid Kafka topic name"),
+    (["--group", ""], "argument --group: must not be empty, got ''"),
+    (["--client-id", " "], "argument --client-id: must not be empty, got ' '"),
 ])
 def test_a_run_flag_that_cannot_be_used_is_a_usage_error_naming_it(
         args: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:

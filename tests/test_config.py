@@ -69,6 +69,10 @@ def test_defaults_price_symbol_to_asset_name_and_mark_symbol_to_instrument(risk)
         ("assets/USDT/haircut", 0.1, "assets.USDT.haircut: unknown key"),
         ("instruments/BTC-PERP/settle", "EUR", 'instruments.BTC-PERP.settle: asset \'EUR\''),
         ("instruments/BTC-PERP/settle", ..., "instruments.BTC-PERP.settle: missing"),
+        ("assets/BTC/price_symbol", "B" * 257,
+         "assets.BTC.price_symbol: a name records can give is at most 256 characters, got 257"),
+        ("instruments/BTC-PERP/mark_symbol", "M" * 300,
+         "instruments.BTC-PERP.mark_symbol: a name records can give is at most 256 characters"),
         ("instruments/BTC-PERP/settle", 5,
          "instruments.BTC-PERP.settle: must be the name of an asset, got 5"),
         ("instruments/BTC-PERP/contract_size", 0,
@@ -106,6 +110,17 @@ def test_each_broken_rule_is_reported_with_its_key(path: str, value: Any, messag
     with pytest.raises(ConfigError) as excinfo:
         parse_config(broken(path, value))
     assert str(excinfo.value).startswith(message), str(excinfo.value)
+
+
+@pytest.mark.parametrize("table", ["assets", "instruments"])
+def test_a_name_no_record_can_give_is_refused(table: str) -> None:
+    """Every fill of a 257-character instrument would be a bad_identifier."""
+    raw = copy.deepcopy(RISK)
+    first = next(iter(raw[table]))
+    raw[table]["X" * 257] = raw[table][first]
+    with pytest.raises(ConfigError, match=rf"^{table}\.X{{257}}: a name records can give is at "
+                                          r"most 256 characters, got 257$"):
+        parse_config(raw)
 
 
 def test_fixed_price_and_price_symbol_together_are_refused() -> None:

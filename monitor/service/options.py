@@ -216,6 +216,13 @@ def naming_variable(parse: Callable[[str], Any], env: str,
     return parse_text
 
 
+def non_empty(text: str) -> str:
+    """Some text, not blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
+
+
 def servers(text: str) -> str:
     """Kafka bootstrap servers, HOST:PORT[,…]: at least one, none empty, each port a port."""
     for server in text.split(","):

@@ -12,6 +12,7 @@ from monitor.service.options import (
     at_least,
     from_args,
     internal,
+    non_empty,
     option,
     option_group,
     options,
@@ -113,9 +114,9 @@ class ServiceSettings:
         "--bootstrap", "Kafka bootstrap servers, default {default}", metavar="HOST:PORT[,…]",
         parse=servers))
     group: str = field(default="liqmon", metadata=option(
-        "--group", "consumer group id, default {default}"))
+        "--group", "consumer group id, default {default}", parse=non_empty))
     client_id: str = field(default="liqmon", metadata=option(
-        "--client-id", "Kafka client id, default {default}"))
+        "--client-id", "Kafka client id, default {default}", parse=non_empty))
     metrics_port: int = field(default=9464, metadata=option(
         "--metrics-port", "port of /metrics, /healthz, /readyz (0 disables), default {default}",
         parse=port))
