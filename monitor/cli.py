@@ -261,7 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitor.service.options import OptionError, from_args
     from monitor.service.runner import Monitor
     from monitor.service.settings import Topics, run_settings
-    from monitor.service.tasks import log_task_stacks
+    from monitor.service.tasks import abandoned_kafka_failures, log_task_stacks
 
     if args.config is None:
         raise CliError("--config (or LIQMON_CONFIG) is required")
@@ -291,6 +291,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, monitor.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, log_task_stacks, monitor.log)
+        loop.set_exception_handler(abandoned_kafka_failures(monitor.log))
         if server is not None:
             ready_watch = asyncio.ensure_future(_mirror_readiness(monitor, server))
         try:

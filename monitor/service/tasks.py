@@ -9,13 +9,17 @@ cancellation; and, for any await it does not control, a cancellation is asked ag
 moment later, for as long as the task runs.
 
 A task that hangs says nothing; `log_task_stacks` (SIGUSR1) logs the await each one is in.
+A Kafka request the service stopped waiting for, failing later, says one line
+(`abandoned_kafka_failures`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from structlog.stdlib import BoundLogger
 
 RECANCEL_AFTER = 0.5  # seconds a cancelled task has to end before it is cancelled again
@@ -65,3 +69,24 @@ def log_task_stacks(log: BoundLogger) -> None:
     tasks = sorted(asyncio.all_tasks(), key=lambda task: task.get_name())
     for task in tasks:
         log.warning("task stack (SIGUSR1)", task=task.get_name(), awaiting=await_chain(task))
+
+
+def abandoned_kafka_failures(log: BoundLogger
+                             ) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The loop's exception handler. aiokafka shields some requests (a group commit) from the
+    cancellation of whoever awaits them: when the service gives up on one at its timeout (a
+    broker that does not answer), the request goes on, and if it fails later nobody reads
+    its error, which asyncio then logged as an error with aiokafka's traceback, to an operator
+    watching an outage. Such a failure is one warning line; anything else goes to asyncio's
+    own handler."""
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if (context.get("message") == "Task exception was never retrieved"
+                and isinstance(error, KafkaError)):
+            future = context.get("future")
+            log.warning("a kafka request given up on earlier failed", error=repr(error),
+                        request=getattr(getattr(future, "get_coro", lambda: None)(),
+                                        "__qualname__", None))
+            return
+        loop.default_exception_handler(context)
+    return handle

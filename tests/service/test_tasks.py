@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import unittest.mock
 from typing import Any
 
-from monitor.service.tasks import cancel_and_wait
+import structlog
+from aiokafka.errors import KafkaConnectionError
+
+from monitor.service.tasks import abandoned_kafka_failures, cancel_and_wait
 
 
 async def refuse_cancellation_until(release: asyncio.Event) -> None:
@@ -106,3 +110,34 @@ async def test_closing_steps_share_one_close_timeout(monkeypatch) -> None:
                 await restoring
     assert [e["event"] for e in logs] == ["restore abandoned: not ended in time"]
     assert instance._close_left() == 0.0
+
+
+async def test_a_kafka_request_given_up_on_that_fails_later_is_one_warning_line() -> None:
+    """aiokafka shields a commit from the cancellation of the service's timeout: its failure
+    during an outage was logged by asyncio as an error with aiokafka's traceback."""
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    loop.set_exception_handler(abandoned_kafka_failures(structlog.get_logger()))
+    unexpected: list[dict[str, Any]] = []
+    try:
+        async def commit() -> None:
+            raise KafkaConnectionError("Connection at 127.0.0.1:9092 closed")
+
+        async def bug() -> None:
+            raise ValueError("a bug of ours")
+
+        with structlog.testing.capture_logs() as logs, \
+                unittest.mock.patch.object(loop, "default_exception_handler",
+                                           unexpected.append):
+            for work in (commit, bug):
+                task = loop.create_task(work())
+                await asyncio.wait([task])
+                del task  # never retrieved: asyncio reports it when the task goes
+                gc.collect()
+    finally:
+        loop.set_exception_handler(before)
+    assert logs == [{"event": "a kafka request given up on earlier failed", "log_level": "warning",
+                     "error": "KafkaConnectionError('Connection at 127.0.0.1:9092 closed')",
+                     "request": "test_a_kafka_request_given_up_on_that_fails_later_is_one_"
+                                "warning_line.<locals>.commit"}]
+    assert [type(context["exception"]) for context in unexpected] == [ValueError]
