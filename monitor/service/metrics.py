@@ -6,6 +6,8 @@ never accounts.
 
 from __future__ import annotations
 
+import io
+import socket
 import sys
 import threading
 import time
@@ -211,9 +213,13 @@ def scrape_input_offsets(port: int, host: str = "127.0.0.1") -> dict[tuple[str, 
     return scrape_partition_gauge(port, "liqmon_input_offset", host)
 
 
-# Seconds a client may take to send its request or read the response. Probes and scrapers
-# send at once; a port scan or a stuck scraper holding a connection open is dropped.
+# Seconds a client may stay silent while it sends its request or reads the response. Probes
+# and scrapers send at once; a port scan or a stuck scraper holding a connection open is
+# dropped.
 IDLE_TIMEOUT = 5.0
+# Seconds a client may take to send its whole request: one that sends a byte now and then is
+# never idle for long, and would otherwise hold its thread for ever.
+REQUEST_TIMEOUT = 10.0
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -222,6 +228,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
     idle_timeout = IDLE_TIMEOUT
+    request_timeout = REQUEST_TIMEOUT
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went quiet or away is not news; anything else is."""
@@ -236,9 +243,35 @@ class _QuietHandler(WSGIRequestHandler):
         # per connection, applied to the socket by setup(); typeshed declares it class-wide
         self.timeout = self.server.idle_timeout  # type: ignore[misc]
         super().setup()
+        self.rfile = io.BufferedReader(_RequestBefore(
+            self.connection, time.monotonic() + self.server.request_timeout,
+            self.server.idle_timeout))
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds are not news."""
+
+
+class _RequestBefore(io.RawIOBase):
+    """A connection's reads, each bounded by what is left until the request's deadline as
+    well as by the idle timeout (an expired deadline is a TimeoutError, an OSError: the
+    connection is dropped quietly)."""
+
+    def __init__(self, connection: socket.socket, deadline: float, idle_timeout: float) -> None:
+        self._connection, self._deadline, self._idle_timeout = (connection, deadline,
+                                                                idle_timeout)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took longer than its deadline to arrive")
+        self._connection.settimeout(min(left, self._idle_timeout))
+        try:
+            return self._connection.recv_into(buffer)
+        finally:  # the response is written under the idle timeout alone
+            self._connection.settimeout(self._idle_timeout)
 
 
 class HealthServer:
@@ -246,13 +279,15 @@ class HealthServer:
     never makes Prometheus or the kubelet think the process is dead. Any other path is 404."""
 
     def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0",
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self.ready = False
         self.not_ready_because = ""  # said in the 503 body
         self._server: _ThreadingServer = make_server(
             host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         self._server.idle_timeout = idle_timeout
+        self._server.request_timeout = request_timeout
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="liqmon-http",
                                         daemon=True)

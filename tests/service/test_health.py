@@ -62,6 +62,32 @@ def test_a_connection_that_sends_nothing_is_closed_by_the_server() -> None:
         server.stop()
 
 
+def test_a_connection_that_trickles_its_request_is_closed_at_the_request_deadline() -> None:
+    """A byte every 0.1 s is never idle for 0.5 s: only the request's deadline (1 s) ends it,
+    and /healthz answers meanwhile."""
+    server = HealthServer(Metrics(), port=0, host="127.0.0.1", idle_timeout=0.5,
+                          request_timeout=1.0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HANG_GUARD) as slow:
+            slow.settimeout(0.1)
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"y" * 1_000
+            closed = False
+            for byte in request:  # far more bytes than the deadline lets through
+                try:
+                    slow.sendall(bytes([byte]))
+                    closed = slow.recv(1) == b""  # nothing comes but the end of stream
+                except TimeoutError:
+                    continue
+                except OSError:  # reset: the server closed it while bytes were in flight
+                    closed = True
+                if closed:
+                    break
+                assert get(server.port, "/healthz") == (200, b"ok\n")
+            assert closed
+    finally:
+        server.stop()
+
+
 def test_dropping_an_idle_connection_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     server = HealthServer(Metrics(), port=0, host="127.0.0.1", idle_timeout=0.2).start()
     try:
