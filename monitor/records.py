@@ -41,7 +41,6 @@ MAX_TS: Final = 2**63 - 1
 NUL: Final = "\x00"
 
 
-
 class Reason:
     """Stable rejection codes. They are metric label values and dead-letter headers."""
 
@@ -60,7 +59,7 @@ class Reason:
     #                                            account holding NUL
     WRONG_SIGN: Final = "wrong_sign"  # a deposit not > 0, a withdrawal not < 0
     TOO_LARGE: Final = "too_large"  # finite, but beyond MAX_MAGNITUDE
-    TS_IN_FUTURE: Final = "ts_in_future"  # the service only: ts ahead of the wall clock
+    TS_IN_FUTURE: Final = "ts_in_future"  # the service only: ts beyond --max-future
     UNKNOWN_MARGIN_MODE: Final = "unknown_margin_mode"  # not "cross" or "isolated"
     NOT_SETTLE_ASSET: Final = "not_settle_asset"  # isolated_margin in another asset than
     #                                               the instrument settles in
