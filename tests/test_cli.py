@@ -33,6 +33,7 @@ from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings, run_settings
 from monitor.service.topics import TopicLayoutError, TopicMissing
 from monitor.stress import PlotUnavailable
+from tests.support.cli import run_usage_error
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "examples" / "risk.toml")
@@ -296,8 +297,7 @@ def test_a_variable_that_cannot_be_used_is_refused_naming_it(
     from one: LIQMON_START=earlist started with aiokafka's "Unrecognized auto_offset_reset
     config, using NONE" warning."""
     monkeypatch.setenv(variable, text)
-    assert exit_status(["run", "--config", CONFIG]) == 2
-    assert said in capsys.readouterr().err
+    assert said in run_usage_error([], capsys)
 
 
 @pytest.mark.parametrize(("args", "said"), [
@@ -312,16 +312,7 @@ def test_a_run_flag_that_cannot_be_used_is_a_usage_error_naming_it(
         args: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
     """--log-level chatty and a bad topic name exited 1, --bootstrap "" retried ":9092" for
     ever."""
-    assert exit_status(["run", "--config", CONFIG, *args]) == 2
-    assert said in capsys.readouterr().err
-
-
-def exit_status(argv: list[str]) -> int:
-    """`main`'s exit status, argparse's usage errors (SystemExit) included."""
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    assert said in run_usage_error(args, capsys)
 
 
 @pytest.mark.parametrize("text", ["1", "TRUE", " yes "])

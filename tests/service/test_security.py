@@ -19,6 +19,7 @@ from monitor.service.broker import free_port
 from monitor.service.runner import Monitor
 from monitor.service.security import KafkaSecurity, Secret
 from monitor.service.settings import ServiceSettings
+from tests.support.cli import run_usage_error
 from tests.support.kafka import fresh_settings, started_processes
 from tests.support.paths import REPO
 from tests.support.tls import self_signed
@@ -42,17 +43,6 @@ def sasl(**overrides: object) -> KafkaSecurity:
 def security_of(argv: list[str]) -> KafkaSecurity:
     """The security settings `liqmon run ARGV` would use (read from the environment too)."""
     return cli._kafka_security(cli.build_parser().parse_args(["run", *argv]))
-
-
-def run_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """stderr of `liqmon run --config … ARGV`, which must stop with a usage error (exit 2:
-    argparse's, which exits, or liqmon's, which main returns)."""
-    try:
-        code = cli.main(["run", "--config", CONFIG, *argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    assert code == 2
-    return capsys.readouterr().err
 
 
 # -- what the clients get ----------------------------------------------------------------------
