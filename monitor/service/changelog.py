@@ -5,7 +5,10 @@ fills/ledger (keyed by account, or `snapshot.state_key` of the position; a tombs
 be forgotten), the layouts their snapshots refer to (written before them, see
 `monitor.snapshot`) and, written last in every checkpoint, a control record
 with the input offsets, price table and duplicate windows the accounts correspond to. A
-`reset` marker (written by --reset-state) makes a restore ignore everything before it.
+`reset` marker (written by --reset-state) makes a restore ignore everything before it, and
+every control record after it that was not written on a restore which read it: an instance
+that was running when another reset the changelog goes on checkpointing only the accounts it
+changed, and its control records cannot vouch for the others (`RESET_AT_HEADER`).
 
 Of the snapshots of one key, a restore keeps the newest *state*, which is not always the last
 record: an instance frozen past its session timeout may have handed a chunk of snapshots to its
@@ -27,7 +30,7 @@ import gc
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import cast
 
@@ -86,6 +89,11 @@ RESET_KEY = b"\x00liqmon.reset"
 EPOCH_PREFIX = b"\x00liqmon.epoch."  # + a unique id: compaction keeps every epoch marker
 AS_OF_TOTAL_HEADER = "liqmon.as_of_total"  # a tombstone's `as_of_total`, in decimal
 AS_OF_HEADER = "liqmon.as_of"  # a tombstone's `as_of` (`encode_as_of`)
+# A control record's: the offset of the reset marker its writer's state of the partition was
+# restored after (decimal; NO_RESET: none). A restore takes a control record only if this is
+# the newest marker it read (or if the header is missing: written before it existed).
+RESET_AT_HEADER = "liqmon.reset_at"
+NO_RESET = -1
 EARLIER_EPOCH = -2  # the total of a record read before an epoch marker: any later one wins
 _ACCOUNT_HEADERS = [(KIND_HEADER, ACCOUNT)]  # as the client's records hold their headers
 PROGRESS_EVERY = 50_000  # records between two progress reports of a restore
@@ -126,6 +134,23 @@ class RestoredPartition:
     records_read: int = 0
     # accounts the partition holds as tombstones, with the inputs each reflects (`as_of`)
     forgotten: dict[RiskKey, Offsets] = field(default_factory=dict)
+    reset_at: int = NO_RESET  # offset of the newest reset marker read (`RESET_AT_HEADER`)
+    # control records after it that do not vouch for it: (how many, offset of the last)
+    unvouched: tuple[int, int] | None = None
+
+    def vouched(self) -> RestoredPartition:
+        """What a restore takes of it: everything, if a control record vouches for it; else
+        no snapshot or tombstone, and the partition is rebuilt from its inputs' start.
+
+        Snapshots no control record vouches for (written before an instance's first
+        checkpoint of the partition ended, or after a reset by an instance that had not
+        restored after it) are true as of their own inputs, but a rebuild re-applies every
+        record from the start, and a record re-applied to a unit rebuilt beside a restored one
+        would see that one as it is later: an isolated fill checks the cross account for a
+        position in the same symbol."""
+        if self.control is not None or not (len(self.snapshots) or self.forgotten):
+            return self
+        return replace(self, snapshots=Snapshots.from_accounts([]), forgotten={})
 
     def marks(self, positions: Offsets, prices_topic: str) -> dict[RiskKey, Offsets]:
         """Per account whose snapshot already reflects inputs beyond the read ``positions``:
@@ -204,6 +229,8 @@ class _Latest:
     layouts: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
     control: tuple[int, bytes | None] | None = None
     read: int = 0
+    reset_at: int = NO_RESET  # offset of the reset marker read last
+    unvouched: tuple[int, int] | None = None  # control records not taken: count, last offset
     # per key, the newest tombstone (by `_replaces`) that says its `as_of`: its total, its
     # offset and the header, decoded only if that tombstone is the record kept
     tombstones: dict[bytes, tuple[int, int, bytes]] = field(default_factory=dict)
@@ -286,13 +313,17 @@ class _Latest:
     def _other(self, record: Record) -> _Latest:
         kind = dict(record.headers).get(KIND_HEADER, ACCOUNT)
         if kind == RESET:
-            return _Latest(read=self.read + 1)
+            return _Latest(read=self.read + 1, reset_at=record.offset)
         if kind == EPOCH:  # an input log was replaced: offsets from here on start again
             self.deduplicate()
             self.totals = [np.full(self.count, EARLIER_EPOCH, np.int64)]
             self.tombstones.clear()  # their offsets are of the log replaced
         elif kind == CONTROL:
-            self.control = (record.offset, record.value)
+            if _vouches_after(record.headers, self.reset_at):
+                self.control = (record.offset, record.value)
+            else:
+                count = 0 if self.unvouched is None else self.unvouched[0]
+                self.unvouched = (count + 1, record.offset)
         elif kind == LAYOUT:
             self.layouts[record.key] = (record.offset, record.value)
         else:
@@ -493,6 +524,19 @@ def _header_total(headers: Sequence[tuple[str, bytes]]) -> int:
     return UNRANKED
 
 
+def _vouches_after(headers: Sequence[tuple[str, bytes]], reset_at: int) -> bool:
+    """Whether a control record vouches for the partition as restored after the reset marker
+    at ``reset_at``: its writer restored the partition after that marker (or, header missing,
+    it was written before control records said so)."""
+    for name, value in headers:
+        if name == RESET_AT_HEADER:
+            try:
+                return int(value) == reset_at
+            except ValueError:
+                return False
+    return True
+
+
 def _find(flags: list[bool], start: int) -> int | None:
     """The first index from ``start`` whose flag is set."""
     try:
@@ -633,7 +677,8 @@ def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
         raise StateCorrupt(topic, partition, int(offsets[live[exc.index]]), str(exc)) from None
     return RestoredPartition(partition=partition, control=control, snapshots=snapshots,
                              records_read=latest.read,
-                             forgotten=_forgotten(topic, partition, latest, key_start))
+                             forgotten=_forgotten(topic, partition, latest, key_start),
+                             reset_at=latest.reset_at, unvouched=latest.unvouched)
 
 
 def _forgotten(topic: str, partition: int, latest: _Latest, key_start: np.ndarray
@@ -758,11 +803,14 @@ def controls_now(engine: Engine | ReferenceEngine, seq: int, as_of: dict[int, Of
         for partition, offsets in as_of.items()}
 
 
-def control_message(partition: int, control: Control, topics: Topics) -> Outgoing:
+def control_message(partition: int, control: Control, topics: Topics, reset_at: int
+                    ) -> Outgoing:
     """A control record, to write after the snapshots have been acknowledged: a control
-    record vouches for what precedes it."""
+    record vouches for what precedes it, back to the reset marker at ``reset_at`` (the one
+    the partition was restored after; NO_RESET: none)."""
     return Outgoing(topic=topics.state, key=CONTROL_KEY, value=encode_control(control),
-                    headers=[(KIND_HEADER, CONTROL)], partition=partition)
+                    headers=[(KIND_HEADER, CONTROL), (RESET_AT_HEADER, str(reset_at).encode())],
+                    partition=partition)
 
 
 async def read_book(bootstrap: str, topic: str, config: RiskConfig,

@@ -23,6 +23,7 @@ from monitor.account import RiskKey
 from monitor.engine import DirtyUnits, Engine
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
+    NO_RESET,
     collector,
     control_message,
     controls_now,
@@ -158,6 +159,8 @@ class Checkpointer:
         self.metrics = metrics
         self.fingerprint = fingerprint
         self.seq = 0
+        # per account partition, the reset marker its restore read last (`restored_after`)
+        self.reset_at: dict[int, int] = {}
         self.since_checkpoint = 0  # records applied since the last checkpoint
         self.last_checkpoint = time.monotonic()
         self.last_batch_seconds = 0.0  # how long the loop took to apply its last batch
@@ -177,6 +180,11 @@ class Checkpointer:
     def resume(self, seq: int) -> None:
         """A restore read checkpoints up to ``seq``: the next one follows it."""
         self.seq = seq
+
+    def restored_after(self, partition: int, reset_at: int) -> None:
+        """A partition was restored after the reset marker at ``reset_at`` (NO_RESET: none):
+        its control records vouch for what follows that marker, and only that."""
+        self.reset_at[partition] = reset_at
 
     def include(self, keys: Sequence[RiskKey], partition: int) -> None:
         """Risk units of ``partition`` changed outside the loop (by a catch-up's private
@@ -294,7 +302,8 @@ class Checkpointer:
                 # meanwhile waited for all of them.
                 await self._owner(sink, vouched_offsets)
                 sent = time.monotonic()
-                await sink.deliver([control_message(partition, control, t)])
+                await sink.deliver([control_message(
+                    partition, control, t, self.reset_at.get(partition, NO_RESET))])
                 await asyncio.sleep(time.monotonic() - sent)
         except BaseException:
             self.engine.mark_dirty(taken.keys, taken.rows)

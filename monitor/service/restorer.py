@@ -225,15 +225,19 @@ class Restorer:
         table and price positions too on the ``first`` assignment. Returns how many
         accounts were restored and how many records a catch-up replayed."""
         self.check_config(restored)
+        self.say_unvouched(restored)
+        restored = {partition: part.vouched() for partition, part in restored.items()}
         if first:
             await self.restore_prices(list(restored.values()), prices, price_partitions)
+        behind = self.to_catch_up(gained, restored, first)
         restored_accounts = replayed = 0
         for partition in gained:
             self._give_up_if_asked()
-            if not first and self.behind_on_prices(restored[partition]):
+            if partition in behind:
                 replayed += await self.catch_up(restored[partition], accounts)
             else:
                 await self.install(restored[partition], accounts)
+            self.checkpointer.restored_after(partition, restored[partition].reset_at)
             self.positions.owned.add(partition)
             restored_accounts += len(restored[partition].snapshots)
         # File the restored accounts in the band index before saying ready, or the
@@ -255,6 +259,23 @@ class Restorer:
             self.log.warning("restoring state checkpointed under another risk config "
                              "(--accept-config-change)", partition=partition,
                              checkpointed=theirs, configured=self.fingerprint)
+
+    def say_unvouched(self, restored: dict[int, RestoredPartition]) -> None:
+        """Warn of control records a restore does not take: written after a reset marker by
+        an instance whose state of the partition predates it (its checkpoints since hold only
+        the accounts it changed). The partition is restored from the newest control record
+        that vouches for the marker instead, if any, else rebuilt from its inputs' start."""
+        for partition, part in sorted(restored.items()):
+            if part.unvouched is None:
+                continue
+            count, last = part.unvouched
+            self.log.warning(
+                "checkpoints written after a reset by an instance that had not restored after "
+                "it are ignored (was --reset-state given while other instances ran?); the "
+                "partition is restored without them", topic=self.settings.topics.state,
+                partition=partition, reset_at=part.reset_at, ignored_control_records=count,
+                last_ignored_at=last, restored_from="its inputs' start" if part.control is None
+                else "the last control record after the reset")
 
     # -- the first assignment: prices ---------------------------------------------------------
 
@@ -313,6 +334,17 @@ class Restorer:
         engine.mark_forgotten(restored.partition, restored.forgotten_marks(positions))
 
     # -- a partition gained behind this instance: catch-up ------------------------------------
+
+    def to_catch_up(self, gained: list[int], restored: dict[int, RestoredPartition],
+                    first: bool) -> set[int]:
+        """The gained partitions to catch up rather than install as checkpointed: those
+        `behind_on_prices`. On a first assignment (asked once its price positions are set)
+        the price positions are those of the checkpoint furthest behind, so only a partition
+        without a checkpoint can be behind them, and if none has one, the prices start where
+        --start says, as the partitions do: nothing to catch up."""
+        if first and all(part.control is None for part in restored.values()):
+            return set()
+        return {partition for partition in gained if self.behind_on_prices(restored[partition])}
 
     def behind_on_prices(self, restored: RestoredPartition) -> bool:
         """Did this partition's last owner checkpoint at an earlier point of the price stream

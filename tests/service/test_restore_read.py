@@ -31,7 +31,9 @@ from monitor.service.changelog import (
     CONTROL,
     EPOCH,
     LAYOUT,
+    NO_RESET,
     RESET,
+    RESET_AT_HEADER,
     StateCorrupt,
     _Latest,
 )
@@ -90,6 +92,58 @@ def test_a_reset_marker_forgets_everything_before_it_in_the_same_batch() -> None
                             record(b"\x00reset", b"now", RESET), record(b"b", b"1")])
     assert kept(latest) == {b"b": b"1"}
     assert (latest.control, latest.read) == (None, 4)
+
+
+def control(value: bytes, reset_at: int | None) -> Any:
+    """A control record naming the reset marker its writer restored after (None: one
+    written before control records named it)."""
+    said = () if reset_at is None else ((RESET_AT_HEADER, str(reset_at).encode()),)
+    return record(b"\x00control", value, CONTROL, said)
+
+
+def test_a_control_record_naming_the_reset_marker_read_last_is_taken() -> None:
+    marker = record(b"\x00reset", b"now", RESET)
+    latest = _Latest().add([record(b"a", b"1"), marker, record(b"b", b"1"),
+                            control(b"C1", marker.offset)])
+    assert latest.control is not None and latest.control[1] == b"C1"
+    assert (latest.reset_at, latest.unvouched) == (marker.offset, None)
+
+
+def test_a_control_record_of_a_writer_restored_before_the_last_reset_vouches_for_nothing(
+) -> None:
+    """Instance A restored after its own reset marker; B's reset came later. A's checkpoints
+    since hold only the accounts it changed: its control record is not taken."""
+    first = record(b"\x00reset", b"A", RESET)
+    latest = _Latest().add([first, record(b"a", b"1"), control(b"C1", first.offset)])
+    second = record(b"\x00reset", b"B", RESET)
+    stale = control(b"C2", first.offset)
+    latest = latest.add([second, record(b"b", b"2"), stale])
+    assert latest.control is None
+    assert latest.unvouched == (1, stale.offset)
+    assert kept(latest) == {b"b": b"2"}  # its snapshots are still true, as of their inputs
+
+
+def test_a_control_record_vouching_for_the_reset_stays_taken_after_one_that_does_not(
+) -> None:
+    marker = record(b"\x00reset", b"B", RESET)
+    vouching = control(b"C1", marker.offset)
+    latest = _Latest().add([marker, record(b"a", b"1"), vouching, control(b"C2", NO_RESET),
+                            control(b"C3", marker.offset - 1)])
+    assert latest.control == (vouching.offset, b"C1")
+    assert latest.unvouched is not None and latest.unvouched[0] == 2
+
+
+def test_with_no_reset_marker_read_only_a_control_record_naming_none_is_taken(
+) -> None:
+    latest = _Latest().add([record(b"a", b"1"), control(b"C1", NO_RESET)])
+    assert latest.control is not None and latest.control[1] == b"C1"
+    assert _Latest().add([record(b"a", b"1"), control(b"C2", 7)]).control is None
+
+
+def test_a_control_record_written_before_they_named_their_reset_marker_is_taken() -> None:
+    latest = _Latest().add([record(b"\x00reset", b"now", RESET), record(b"a", b"1"),
+                            control(b"C1", None)])
+    assert latest.control is not None and latest.control[1] == b"C1"
 
 
 def test_a_snapshot_without_a_key_is_dropped() -> None:

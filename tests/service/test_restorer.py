@@ -158,6 +158,23 @@ def test_a_partition_never_checkpointed_resumes_where_start_says() -> None:
         TopicPartition("fills", 3): None, TopicPartition("ledger", 3): None}
 
 
+def test_snapshots_no_control_record_vouches_for_are_not_taken() -> None:
+    """Written after a reset by an instance that had not restored after it (or before a
+    first checkpoint ended): the partition is rebuilt from its inputs' start instead, each
+    unit seeing the others as they were at each record."""
+    alice = Account(balances={"USDT": 250.0}, partition=3)
+    unvouched = replace(partition(3, None, [("alice", alice, {("fills", 3): 9})]),
+                        forgotten={"bob": {("fills", 3): 4}})
+    taken = unvouched.vouched()
+    assert (len(taken.snapshots), taken.forgotten) == (0, {})
+
+
+def test_snapshots_a_control_record_vouches_for_are_taken() -> None:
+    alice = Account(balances={"USDT": 250.0}, partition=3)
+    vouched = partition(3, control({("fills", 3): 7}), [("alice", alice, {("fills", 3): 9})])
+    assert vouched.vouched() is vouched
+
+
 # -- caught up or behind on prices ------------------------------------------------------------
 
 APPLIED = {("prices", 0): 500, ("prices", 1): 300}  # where this instance is in the prices
@@ -181,6 +198,38 @@ def test_a_partition_checkpointed_ahead_of_this_instance_in_the_prices_is_not_be
     # its last owner had read further; the ticks in between are still to come here
     checkpoint = control({("prices", 0): 510, ("prices", 1): 300})
     assert not make(processed=APPLIED).behind_on_prices(partition(3, checkpoint))
+
+
+def test_on_a_first_assignment_a_partition_without_a_checkpoint_beside_one_with_is_caught_up(
+) -> None:
+    """Partition 4 was checkpointed at 750 ticks, 3 never (or only by an instance that had not
+    restored after the last reset): the prices resume at 4's offsets, which 3 is behind."""
+    restorer = make(processed={("prices", 0): 400, ("prices", 1): 350})  # BEHIND's, loaded
+    restored = {3: partition(3, None), 4: partition(4, BEHIND)}
+    assert restorer.to_catch_up([3, 4], restored, first=True) == {3}
+
+
+def test_on_a_first_assignment_without_any_checkpoint_nothing_is_caught_up() -> None:
+    """The prices start where --start says, as every partition does."""
+    restorer = make(processed={("prices", 0): 0, ("prices", 1): 0})
+    restored = {3: partition(3, None), 4: partition(4, None)}
+    assert restorer.to_catch_up([3, 4], restored, first=True) == set()
+
+
+def test_a_later_assignment_catches_up_the_partitions_behind_on_prices() -> None:
+    restorer = make(processed=APPLIED)
+    ahead = control({("prices", 0): 510, ("prices", 1): 300})
+    restored = {3: partition(3, None), 4: partition(4, ahead)}
+    assert restorer.to_catch_up([3, 4], restored, first=False) == {3}
+
+
+def test_control_records_a_restore_did_not_take_are_named_in_a_warning() -> None:
+    restored = {3: replace(partition(3, None), reset_at=40, unvouched=(2, 95)),
+                4: partition(4, BEHIND)}
+    with capture_logs() as logs:
+        make().say_unvouched(restored)
+    assert [(log["log_level"], log["partition"], log["reset_at"], log["ignored_control_records"],
+             log["last_ignored_at"]) for log in logs] == [("warning", 3, 40, 2, 95)]
 
 
 # -- loading a partition ----------------------------------------------------------------------

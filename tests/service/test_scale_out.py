@@ -28,11 +28,13 @@ from tests.support.fleet import (
     start,
 )
 from tests.support.kafka import (
+    RunningMonitor,
     produce_located,
     read_events,
     replayed,
     routable,
     same_events,
+    wait_processed,
     without_wall_clock,
     write_commit_marker,
 )
@@ -75,6 +77,12 @@ class Feed:
 async def finish(instances: list[Instance], feed: Feed, config) -> list[dict]:
     for instance in instances:
         assert await instance.stop() == 0
+    return await published_as_replay(feed, config)
+
+
+async def published_as_replay(feed: Feed, config) -> list[dict]:
+    """The events published so far, once each: replay's of the feed (a repeat is the same
+    event)."""
     events = await read_events(feed.settings.bootstrap, feed.settings.topics, idle=0.5)
     unique = {e["event_id"]: e for e in events}
     for event in events:  # a repeat is the same event
@@ -187,6 +195,34 @@ async def test_an_instance_joining_mid_stream_takes_partitions_without_loss(brok
     await finish([a, b], feed, config)
     assert await final_state(settings, config) == state_of(
         final_engine(feed.records, config))["accounts"]
+
+
+async def test_a_reset_while_another_instance_runs_loses_no_account(broker):
+    """--reset-state left set on a fleet: b starts with it after a has rebuilt and
+    checkpointed, and resets the changelog under a. a's checkpoints since hold only the
+    accounts it changed, and do not vouch for the rest: b rebuilds the partitions it gains
+    from their inputs, and a restart of the fleet catches up a's from theirs. Every event is
+    replay's, and the restart holds replay's state."""
+    config = load_config(CONFIG)
+    settings = multi_partition(broker)
+    await create_topics(settings)
+    a = await start(settings, extra=["--reset-state"])
+    await settled([a], settings)
+    feed = Feed(settings, seed=36, length=2_000)
+    half = len(feed.runs) // 2
+    await feed.run([a], slice(0, half))
+    await asyncio.sleep(1.0)  # a checkpoints everything it rebuilt (every 0.2 s)
+    b = await start(settings, extra=["--reset-state"])
+    await settled([a, b], settings)
+    await feed.run([a, b], slice(half, None))
+    await finish([a, b], feed, config)
+
+    async with RunningMonitor(settings, config) as restarted:
+        await wait_processed(restarted, {TopicPartition(*key): end
+                                         for key, end in feed.ends.items()})
+        assert state_of(restarted.engine)["accounts"] == state_of(
+            final_engine(feed.records, config))["accounts"]
+    await published_as_replay(feed, config)
 
 
 async def logged(instance: Instance, event: str, timeout: float = 60) -> dict:

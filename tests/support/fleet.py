@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 from monitor.account import RiskKey
@@ -22,12 +23,12 @@ PARTITIONS = 4
 
 class Instance(MonitorProcess):
     def __init__(self, settings: ServiceSettings, checkpoint_interval: float = 0.2,
-                 merge_wait: float = 5.0) -> None:
+                 merge_wait: float = 5.0, extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         super().__init__(run_args(
             settings, "--group", settings.group, "--metrics-port", str(self.port),
             "--session-timeout", "2", "--checkpoint-interval", str(checkpoint_interval),
-            "--merge-wait", str(merge_wait), "--log-level", "info"))
+            "--merge-wait", str(merge_wait), "--log-level", "info", *extra))
 
     def positions(self) -> dict[tuple[str, int], int]:
         """liqmon_input_offset of this instance: what it has applied, per partition."""
@@ -76,8 +77,9 @@ async def final_state(settings: ServiceSettings, config) -> dict:
 
 
 async def start(settings: ServiceSettings, checkpoint_interval: float = 0.2,
-                merge_wait: float = 5.0) -> Instance:
-    instance = Instance(settings, checkpoint_interval, merge_wait)
+                merge_wait: float = 5.0, extra: Sequence[str] = ()) -> Instance:
+    """A `liqmon run` process of the fleet, once it consumes (``extra``: more options)."""
+    instance = Instance(settings, checkpoint_interval, merge_wait, extra)
     await instance.start()
     await asyncio.wait_for(instance.consuming.wait(), timeout=60)
     return instance
