@@ -1022,6 +1022,14 @@ class Engine(InputLedger):
         return self.book.snapshots(np.array([row for row in found if row is not None], np.int64),
                                    held)
 
+    def mark_partition_dirty(self, partition: int) -> int:
+        """Have the next checkpoint write every risk unit of an input partition held here;
+        returns how many that is."""
+        book = self.book
+        rows = np.flatnonzero(book.part[:len(book.ids)] == partition)
+        book.dirty[rows] = True
+        return len(rows)
+
     def drop_partition(self, partition: int | None) -> int:
         """Forget every account and isolated position of an input partition (it was handed
         to another instance); returns how many risk units that was."""

@@ -278,12 +278,21 @@ class ReferenceEngine(InputLedger):
             [(key, self._held(key)[key], 0, {}) for key in keys if key in self._held(key)],
             names=[*self.config.assets, *self.config.instruments])
 
+    def _of_partition(self, partition: int | None) -> list[RiskKey]:
+        held: list[RiskKey] = [a for a, account in self.accounts.items()
+                               if account.partition == partition]
+        return held + [u for u, account in self.units.items() if account.partition == partition]
+
+    def mark_partition_dirty(self, partition: int) -> int:
+        """`Engine.mark_partition_dirty`."""
+        held = self._of_partition(partition)
+        self._dirty.update(held)
+        return len(held)
+
     def drop_partition(self, partition: int | None) -> int:
         """Forget every account and isolated position of an input partition (it was handed
         to another instance); returns how many risk units that was."""
-        gone: list[RiskKey] = [a for a, account in self.accounts.items()
-                               if account.partition == partition]
-        gone += [u for u, account in self.units.items() if account.partition == partition]
+        gone = self._of_partition(partition)
         for key in gone:
             self._forget(key, self._held(key)[key])
             self._dirty.discard(key)

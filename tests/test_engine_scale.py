@@ -655,6 +655,20 @@ def test_drop_partition_and_forgotten_accounts_leave_no_band_behind() -> None:
     assert_same_state(engine, reference)
 
 
+def test_marking_a_partition_dirty_hands_out_every_unit_it_holds_in_both_engines() -> None:
+    config = parse_config(RISK)
+    engine, reference = Engine(config), ReferenceEngine(config)
+    for record, source in stream(4, 1_000, accounts=60, isolated=0.3):
+        partition = 1 if getattr(record, "account", "a0")[-1] in "13579" else 0
+        apply_both(engine, reference, record, Source(source.topic, partition, source.offset),
+                   "")
+    engine.take_dirty()
+    reference.take_dirty()
+    held = {key for key in [*engine.accounts, *engine.units] if engine.partition_of(key) == 1}
+    assert engine.mark_partition_dirty(1) == reference.mark_partition_dirty(1) == len(held) > 0
+    assert set(engine.take_dirty().keys) == set(reference.take_dirty().keys) == held
+
+
 def band_of(engine: Engine, name: str, symbol: str) -> tuple[float, float] | None:
     """The account's current band on a symbol (lo, hi), read from the index."""
     book = engine.book

@@ -137,6 +137,7 @@ class RestoredPartition:
     reset_at: int = NO_RESET  # offset of the newest reset marker read (`RESET_AT_HEADER`)
     # control records after it that do not vouch for it: (how many, offset of the last)
     unvouched: tuple[int, int] | None = None
+    read_to: int = 0  # the partition's end offset when it was read
 
     def vouched(self) -> RestoredPartition:
         """What a restore takes of it: everything, if a control record vouches for it; else
@@ -642,7 +643,29 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
         status.records = sum(state.read for state in latest.values())
         status.accounts = sum(state.count for state in latest.values())
         progress(status)
-    return {p: _decode(topic, p, state) for p, state in latest.items()}
+    return {p: replace(_decode(topic, p, state), read_to=ranges[TopicPartition(topic, p)][1])
+            for p, state in latest.items()}
+
+
+async def last_reset_markers(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
+                             *, client_id: str, request_timeout_ms: int,
+                             security: KafkaSecurity) -> dict[int, int]:
+    """Of each changelog partition's offset range [start, end): the offset of the last reset
+    marker in it, for the partitions whose range holds one. On a client of its own: asked
+    only when records another instance wrote may be among them (`Checkpointer`)."""
+    found: dict[int, int] = {}
+
+    def take(tp: TopicPartition, batch: RecordBatch) -> None:
+        for record in batch.records():
+            if (KIND_HEADER, RESET) in record.headers:
+                found[tp.partition] = record.offset
+
+    async with reading_client(bootstrap, client_id, request_timeout_ms, security) as client:
+        await client.set_topics([topic])
+        await read_range(client, {TopicPartition(topic, p): bounds_of
+                                  for p, bounds_of in ranges.items()},
+                         take, request_timeout_ms / 1000)
+    return found
 
 
 def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:

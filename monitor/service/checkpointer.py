@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from monitor.service.changelog import (
     collector,
     control_message,
     controls_now,
+    last_reset_markers,
     snapshot_messages,
 )
 from monitor.service.delivery import Pipeline
@@ -48,6 +50,9 @@ CHECKPOINT_CHUNK = 256  # snapshots encoded at a time
 # 2.5x slower and the ticks' p99 no better (bench, half the sustained rate).
 CHECKPOINT_SHARE = 0.5
 NEVER = float("-inf")
+# How long a checkpoint waits for the changelog's end offsets (`_follow_resets`) before it
+# goes on without looking: the next one looks again, and a stop in an outage is not held up.
+ENDS_TIMEOUT = 1.0
 
 
 class CheckpointSink(Protocol):
@@ -69,6 +74,13 @@ class CheckpointSink(Protocol):
         """Whether the group still counts this instance as the owner of its partitions, asked
         now (``offsets``: what the checkpoint vouches for, a commit being the question)."""
 
+    async def changelog_ends(self, partitions: Sequence[int]) -> dict[int, int] | None:
+        """The end offsets of these changelog partitions now (None: not known now)."""
+
+    async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
+        """Of each changelog partition's offset range [start, end): the offset of the last
+        reset marker in it, for the partitions whose range holds one (None: not read now)."""
+
 
 class NotOwner(Exception):
     """The group no longer vouches for this instance: what the checkpoint has not written yet
@@ -80,11 +92,14 @@ class KafkaSink:
     retried), and the group consumer's committed offsets."""
 
     def __init__(self, pipeline: Pipeline, group: AIOKafkaConsumer, log: BoundLogger,
-                 commit_timeout: float) -> None:
+                 commit_timeout: float, probe: AIOKafkaConsumer | None = None,
+                 settings: ServiceSettings | None = None) -> None:
         self._pipeline = pipeline
         self._group = group
         self.log = log
         self._commit_timeout = commit_timeout
+        self._probe = probe  # asks the changelog's end offsets (`changelog_ends`)
+        self._settings = settings  # where `last_resets` reads the changelog
 
     async def deliver(self, messages: Sequence[Outgoing]) -> None:
         await self._pipeline.delivery.deliver(messages)
@@ -129,6 +144,36 @@ class KafkaSink:
             return False
         return True
 
+    async def changelog_ends(self, partitions: Sequence[int]) -> dict[int, int] | None:
+        if self._probe is None or self._settings is None:
+            return None
+        tps = [TopicPartition(self._settings.topics.state, p) for p in partitions]
+        try:
+            async with asyncio.timeout(min(ENDS_TIMEOUT, self._commit_timeout)):
+                ends = await self._probe.end_offsets(tps)
+        except (KafkaError, TimeoutError):  # asked again at the next checkpoint
+            return None
+        return {tp.partition: end for tp, end in ends.items()}
+
+    async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
+        s = self._settings
+        if s is None:
+            return None
+        try:
+            found = await last_reset_markers(
+                s.bootstrap, s.topics.state, ranges, client_id=f"{s.client_id}-reset-check",
+                request_timeout_ms=s.request_timeout_ms, security=s.security)
+        except KafkaError as exc:  # read again at the next checkpoint
+            self.log.warning("could not read what another instance wrote to the changelog, "
+                             "will retry", partitions=sorted(ranges), error=repr(exc))
+            return None
+        for partition, offset in sorted(found.items()):
+            self.log.warning(
+                "the changelog was reset (--reset-state) by another instance while this one "
+                "ran: every account of the partition is checkpointed again after the reset",
+                topic=s.topics.state, partition=partition, reset_at=offset)
+        return found
+
     def _assigned(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         assigned = self._group.assignment()
         return {tp: o for tp, o in offsets.items() if tp in assigned}
@@ -159,8 +204,13 @@ class Checkpointer:
         self.metrics = metrics
         self.fingerprint = fingerprint
         self.seq = 0
-        # per account partition, the reset marker its restore read last (`restored_after`)
+        # per account partition, the reset marker its state follows (`restored_after`)
         self.reset_at: dict[int, int] = {}
+        # Per account partition: the changelog offset before which every record is known to
+        # be this instance's own or has been looked through for reset markers, and how many
+        # records it has written there since (`_follow_resets`).
+        self._verified_to: dict[int, int] = {}
+        self._written: Counter[int] = Counter()
         self.since_checkpoint = 0  # records applied since the last checkpoint
         self.last_checkpoint = time.monotonic()
         self.last_batch_seconds = 0.0  # how long the loop took to apply its last batch
@@ -181,10 +231,13 @@ class Checkpointer:
         """A restore read checkpoints up to ``seq``: the next one follows it."""
         self.seq = seq
 
-    def restored_after(self, partition: int, reset_at: int) -> None:
-        """A partition was restored after the reset marker at ``reset_at`` (NO_RESET: none):
-        its control records vouch for what follows that marker, and only that."""
+    def restored_after(self, partition: int, reset_at: int, read_to: int) -> None:
+        """A partition was restored from its changelog partition read up to ``read_to``, after
+        the reset marker at ``reset_at`` (NO_RESET: none): its control records vouch for what
+        follows that marker, and only that."""
         self.reset_at[partition] = reset_at
+        self._verified_to[partition] = read_to
+        self._written[partition] = 0
 
     def include(self, keys: Sequence[RiskKey], partition: int) -> None:
         """Risk units of ``partition`` changed outside the loop (by a catch-up's private
@@ -272,9 +325,41 @@ class Checkpointer:
             raise NotOwner
         self._fenced_at = asked
 
+    async def _follow_resets(self, sink: CheckpointSink, partitions: set[int]) -> None:
+        """Take in a reset another instance wrote to these partitions' changelog since this
+        one restored them (--reset-state left set on a fleet): every account of such a
+        partition goes into the checkpoint about to be taken, whose control record then names
+        that reset. Otherwise its checkpoints would hold only the accounts it changes, and a
+        restore, finding none that vouches for the reset, would rebuild the partition from
+        its inputs' start.
+
+        Only this instance writes to the changelog partitions it owns, so a partition whose
+        end is where this instance's own records since the last look put it holds nothing
+        else; one that has more (a reset, a frozen predecessor's late snapshots, a marker of
+        the loop's, a record written twice by a retry) is read over that stretch."""
+        watched = sorted(p for p in partitions if p in self._verified_to)
+        if not watched:
+            return
+        ends = await sink.changelog_ends(watched)
+        if ends is None:
+            return  # looked at again next time, over a longer stretch
+        unexplained = {p: (self._verified_to[p], end) for p, end in ends.items()
+                       if end != self._verified_to[p] + self._written[p]}
+        resets = await sink.last_resets(unexplained) if unexplained else {}
+        if resets is None:
+            ends = {p: end for p, end in ends.items() if p not in unexplained}
+            resets = {}
+        for p, end in ends.items():
+            self._verified_to[p], self._written[p] = end, 0
+        for p, offset in resets.items():
+            if offset > self.reset_at.get(p, NO_RESET):
+                self.reset_at[p] = offset
+                self.engine.mark_partition_dirty(p)
+
     async def _checkpoint(self, partitions: set[int], sink: CheckpointSink) -> None:
         started = time.monotonic()
         t = self.settings.topics
+        await self._follow_resets(sink, partitions)
         taken = self.engine.take_dirty()
         as_of = self.as_of(partitions)
         seq = self.seq + 1
@@ -304,6 +389,7 @@ class Checkpointer:
                 sent = time.monotonic()
                 await sink.deliver([control_message(
                     partition, control, t, self.reset_at.get(partition, NO_RESET))])
+                self._written[partition] += 1
                 await asyncio.sleep(time.monotonic() - sent)
         except BaseException:
             self.engine.mark_dirty(taken.keys, taken.rows)
@@ -386,7 +472,14 @@ class Checkpointer:
         await self._owner(sink, vouched_offsets)
         if layouts:  # acknowledged first: no snapshot is ever without its layout
             await sink.deliver(layouts)
+            self._count_written(layouts)
         await sink.deliver(snapshots)
+        self._count_written(snapshots)
+
+    def _count_written(self, messages: list[Outgoing]) -> None:
+        """Changelog records of this instance acknowledged (`_follow_resets`)."""
+        self._written.update(message.partition for message in messages
+                             if message.partition is not None)
 
     def _turn_budget(self) -> float:
         """Seconds of checkpoint work one turn of the loop may take (`CHECKPOINT_SHARE`)."""

@@ -237,7 +237,8 @@ class Restorer:
                 replayed += await self.catch_up(restored[partition], accounts)
             else:
                 await self.install(restored[partition], accounts)
-            self.checkpointer.restored_after(partition, restored[partition].reset_at)
+            self.checkpointer.restored_after(partition, restored[partition].reset_at,
+                                             restored[partition].read_to)
             self.positions.owned.add(partition)
             restored_accounts += len(restored[partition].snapshots)
         # File the restored accounts in the band index before saying ready, or the

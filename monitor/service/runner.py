@@ -417,7 +417,8 @@ class Monitor:
                              "input topics", topic=s.topics.state, start=s.start)
         self._prober = WatermarkProber(self._positions.merge, self._probe, s, self.log)
         self._sink = KafkaSink(self._pipeline, self._accounts, self.log,
-                               commit_timeout=s.request_timeout_ms / 1000)
+                               commit_timeout=s.request_timeout_ms / 1000, probe=self._probe,
+                               settings=s)
         self._restoring_task = asyncio.create_task(self._restore_assignments())
         self._group_wait.began()
         self._group_watch = asyncio.create_task(self._watch_group())
@@ -434,7 +435,7 @@ class Monitor:
         await self._prices.start()
         self._probe = self.clients.probe_consumer()
         await self._probe.start()
-        track_topics(self._probe, [t.prices, t.fills, t.ledger])
+        track_topics(self._probe, [t.prices, t.fills, t.ledger, t.state])
         self._accounts = self.clients.group_consumer()
         await self._accounts.start()
 

@@ -23,7 +23,12 @@ from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import LedgerEntry
-from monitor.service.changelog import AS_OF_HEADER, AS_OF_TOTAL_HEADER
+from monitor.service.changelog import (
+    AS_OF_HEADER,
+    AS_OF_TOTAL_HEADER,
+    NO_RESET,
+    RESET_AT_HEADER,
+)
 from monitor.service.checkpointer import CHECKPOINT_CHUNK, Checkpointer, KafkaSink
 from monitor.service.delivery import DeliveryFailed, Pipeline
 from monitor.service.metrics import Metrics
@@ -83,6 +88,12 @@ class Recorder:
         self.calls.append(("fence", offsets))
         return self.owner.pop(0) if len(self.owner) > 1 else self.owner[0]
 
+    async def changelog_ends(self, partitions: Sequence[int]) -> dict[int, int] | None:
+        return None  # a changelog it does not model (`Changelog` does)
+
+    async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
+        raise AssertionError("asked without changelog ends")
+
     def steps(self) -> list[str]:
         """The calls in short: "deliver account×2" delivered two account records."""
         out = []
@@ -122,6 +133,45 @@ class SlowEvents(Recorder):
         await super().settled(mark)
 
 
+class Changelog(Recorder):
+    """A sink over a changelog whose partitions each end at offset 10 when restored: what is
+    delivered goes at their ends, as do the records another instance writes (`foreign`: a
+    reset marker, or another record). ``readable``: whether `last_resets` can read now."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends = {0: 10, 1: 10}
+        self.resets: dict[int, list[int]] = {0: [], 1: []}
+        self.readable = True
+        self.read: list[dict[int, tuple[int, int]]] = []  # what `last_resets` was asked
+
+    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+        await super().deliver(messages)
+        for message in messages:
+            assert message.partition is not None
+            self.ends[message.partition] += 1
+
+    def foreign(self, partition: int, reset: bool) -> int:
+        """Another instance writes a record; its offset."""
+        at = self.ends[partition]
+        self.ends[partition] += 1
+        if reset:
+            self.resets[partition].append(at)
+        return at
+
+    async def changelog_ends(self, partitions: Sequence[int]) -> dict[int, int] | None:
+        return {p: self.ends[p] for p in partitions}
+
+    async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
+        self.read.append(ranges)
+        if not self.readable:
+            return None
+        found = {p: max(at for at in self.resets[p] if start <= at < end)
+                 for p, (start, end) in ranges.items()
+                 if any(start <= at < end for at in self.resets[p])}
+        return found
+
+
 def make(owned: Iterable[int] = (0, 1), session_timeout_ms: int = SETTINGS.session_timeout_ms
          ) -> tuple[Checkpointer, Engine]:
     engine = Engine(parse_config(RISK))
@@ -155,6 +205,86 @@ def snapshots_written(recorder: Recorder) -> dict[str, tuple[int, dict]]:
     decoded = decode_snapshots([m.value for m in accounts], [m.key.decode() for m in accounts],
                                layouts)
     return {key: (seq, as_of) for key, _, seq, as_of in decoded.accounts()}
+
+
+def restored_at_ten(checkpointer: Checkpointer) -> None:
+    """Partitions 0 and 1 restored with no reset marker, their changelog read up to 10."""
+    for partition in (0, 1):
+        checkpointer.restored_after(partition, NO_RESET, read_to=10)
+
+
+def reset_named(changelog: Changelog, partition: int) -> int:
+    """The reset marker the partition's last control record names."""
+    (control,) = [m for m in changelog.delivered("control") if m.partition == partition][-1:]
+    return int(dict(control.headers)[RESET_AT_HEADER])
+
+
+async def test_a_reset_another_instance_wrote_has_every_account_of_the_partition_written_again(
+        ) -> None:
+    """alice and carol live in partition 0, bob in 1; only alice changed. Another instance
+    reset the changelog at 0@10 and 1@10 since this one restored them."""
+    checkpointer, engine = make()
+    for account, partition in (("alice", 0), ("carol", 0), ("bob", 1)):
+        deposit(engine, account, 100.0, partition, 1)
+    restored_at_ten(checkpointer)
+    engine.take_dirty()  # checkpointed before the reset
+    deposit(engine, "alice", 5.0, 0, 2)
+    changelog = Changelog()
+    assert (changelog.foreign(0, reset=True), changelog.foreign(1, reset=True)) == (10, 10)
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert sorted(snapshots_written(changelog)) == ["alice", "bob", "carol"]
+    assert (reset_named(changelog, 0), reset_named(changelog, 1)) == (10, 10)
+    assert changelog.read == [{0: (10, 11), 1: (10, 11)}]
+
+
+async def test_a_changelog_holding_only_its_own_records_is_not_read() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    restored_at_ten(checkpointer)
+    changelog = Changelog()
+    await checkpointer.checkpoint({0, 1}, changelog)
+    deposit(engine, "alice", 5.0, 0, 2)
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert changelog.read == []
+    assert list(snapshots_written(changelog)) == ["alice"]
+    assert reset_named(changelog, 0) == NO_RESET
+
+
+async def test_another_instances_records_without_a_reset_change_nothing() -> None:
+    """A frozen predecessor's late snapshot, say: read over, then the checkpoint goes on."""
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    deposit(engine, "carol", 100.0, 0, 1)
+    restored_at_ten(checkpointer)
+    engine.take_dirty()
+    deposit(engine, "alice", 5.0, 0, 2)
+    changelog = Changelog()
+    changelog.foreign(0, reset=False)
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert changelog.read == [{0: (10, 11)}]
+    assert list(snapshots_written(changelog)) == ["alice"]
+    assert reset_named(changelog, 0) == NO_RESET
+
+
+async def test_a_stretch_that_could_not_be_read_is_read_at_the_next_checkpoint() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    deposit(engine, "carol", 100.0, 0, 1)
+    restored_at_ten(checkpointer)
+    engine.take_dirty()
+    changelog = Changelog()
+    changelog.foreign(0, reset=True)
+    changelog.readable = False
+    deposit(engine, "alice", 5.0, 0, 2)
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert reset_named(changelog, 0) == NO_RESET  # not known yet
+    changelog.readable = True
+    deposit(engine, "alice", 5.0, 0, 3)
+    await checkpointer.checkpoint({0, 1}, changelog)
+    # from where it was last sure, over the first checkpoint's own records too
+    assert changelog.read[-1] == {0: (10, 14)}
+    assert reset_named(changelog, 0) == 10
+    assert sorted(snapshots_written(changelog)) == ["alice", "carol"]
 
 
 async def test_a_lot_waits_for_the_events_then_writes_its_layout_then_its_snapshots() -> None:

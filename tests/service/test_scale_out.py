@@ -13,6 +13,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from monitor.config import load_config
+from monitor.service.changelog import read_changelog
 from monitor.service.metrics import scrape_partition_gauge
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
@@ -199,10 +200,11 @@ async def test_an_instance_joining_mid_stream_takes_partitions_without_loss(brok
 
 async def test_a_reset_while_another_instance_runs_loses_no_account(broker):
     """--reset-state left set on a fleet: b starts with it after a has rebuilt and
-    checkpointed, and resets the changelog under a. a's checkpoints since hold only the
-    accounts it changed, and do not vouch for the rest: b rebuilds the partitions it gains
-    from their inputs, and a restart of the fleet catches up a's from theirs. Every event is
-    replay's, and the restart holds replay's state."""
+    checkpointed, and resets the changelog under a. a's checkpoint on the rebalance holds only
+    the accounts it changed and does not vouch for the rest: b rebuilds the partitions it
+    gains from their inputs. a finds the reset at its next checkpoint and writes every account
+    of the partitions it kept again. Every event is replay's, every partition ends with a
+    control record that vouches for the reset, and a restart holds replay's state."""
     config = load_config(CONFIG)
     settings = multi_partition(broker)
     await create_topics(settings)
@@ -216,6 +218,10 @@ async def test_a_reset_while_another_instance_runs_loses_no_account(broker):
     await settled([a, b], settings)
     await feed.run([a, b], slice(half, None))
     await finish([a, b], feed, config)
+    assert any(entry["event"].startswith("the changelog was reset") for entry in a.logs)
+    restored = await read_changelog(settings.bootstrap, settings.topics.state,
+                                    range(PARTITIONS))
+    assert all(part.control is not None for part in restored.values())
 
     async with RunningMonitor(settings, config) as restarted:
         await wait_processed(restarted, {TopicPartition(*key): end

@@ -330,8 +330,8 @@ async def test_an_answer_an_outage_held_up_restarts_the_merges_wait(risk) -> Non
 async def test_every_client_of_a_running_instance_tracks_its_own_topics_only(broker, risk):
     """A client that tracks no topic refreshes the metadata of every topic in the cluster
     (every 5 minutes, and after each broken connection), decoded on the event loop: ~60 ms at
-    2,000 topics. The producer tracks the output topics from the start, the watermark probe
-    the inputs it asks end offsets of."""
+    2,000 topics. The producer tracks the output topics from the start, the probe the inputs
+    and the changelog it asks end offsets of."""
     settings = fresh_settings(broker.bootstrap)
     t = settings.topics
     async with RunningMonitor(settings, parse_config(RISK)) as monitor:
@@ -339,7 +339,7 @@ async def test_every_client_of_a_running_instance_tracks_its_own_topics_only(bro
                     else client._client)._topics for client in monitor._started_clients()]
     assert tracked == [set(output_topics(settings)),  # producer
                        {t.prices},  # prices consumer
-                       {t.prices, t.fills, t.ledger},  # watermark probe
+                       {t.prices, t.fills, t.ledger, t.state},  # probe
                        {t.fills, t.ledger}]  # group consumer
 
 
