@@ -213,6 +213,18 @@ def restored_at_ten(checkpointer: Checkpointer) -> None:
         checkpointer.restored_after(partition, NO_RESET, read_to=10)
 
 
+def alice_changed_since_the_restore(*also: tuple[str, int]) -> tuple[Checkpointer, Engine]:
+    """alice and carol (partition 0), and ``also`` (account, partition), restored as
+    `restored_at_ten` says; then alice alone changes."""
+    checkpointer, engine = make()
+    for account, partition in (("alice", 0), ("carol", 0), *also):
+        deposit(engine, account, 100.0, partition, 1)
+    restored_at_ten(checkpointer)
+    engine.take_dirty()  # checkpointed before the restore
+    deposit(engine, "alice", 5.0, 0, 2)
+    return checkpointer, engine
+
+
 def reset_named(changelog: Changelog, partition: int) -> int:
     """The reset marker the partition's last control record names."""
     (control,) = [m for m in changelog.delivered("control") if m.partition == partition][-1:]
@@ -223,12 +235,7 @@ async def test_a_reset_another_instance_wrote_has_every_account_of_the_partition
         ) -> None:
     """alice and carol live in partition 0, bob in 1; only alice changed. Another instance
     reset the changelog at 0@10 and 1@10 since this one restored them."""
-    checkpointer, engine = make()
-    for account, partition in (("alice", 0), ("carol", 0), ("bob", 1)):
-        deposit(engine, account, 100.0, partition, 1)
-    restored_at_ten(checkpointer)
-    engine.take_dirty()  # checkpointed before the reset
-    deposit(engine, "alice", 5.0, 0, 2)
+    checkpointer, _ = alice_changed_since_the_restore(("bob", 1))
     changelog = Changelog()
     assert (changelog.foreign(0, reset=True), changelog.foreign(1, reset=True)) == (10, 10)
     await checkpointer.checkpoint({0, 1}, changelog)
@@ -252,12 +259,7 @@ async def test_a_changelog_holding_only_its_own_records_is_not_read() -> None:
 
 async def test_another_instances_records_without_a_reset_change_nothing() -> None:
     """A frozen predecessor's late snapshot, say: read over, then the checkpoint goes on."""
-    checkpointer, engine = make()
-    deposit(engine, "alice", 100.0, 0, 1)
-    deposit(engine, "carol", 100.0, 0, 1)
-    restored_at_ten(checkpointer)
-    engine.take_dirty()
-    deposit(engine, "alice", 5.0, 0, 2)
+    checkpointer, _ = alice_changed_since_the_restore()
     changelog = Changelog()
     changelog.foreign(0, reset=False)
     await checkpointer.checkpoint({0, 1}, changelog)
@@ -267,15 +269,10 @@ async def test_another_instances_records_without_a_reset_change_nothing() -> Non
 
 
 async def test_a_stretch_that_could_not_be_read_is_read_at_the_next_checkpoint() -> None:
-    checkpointer, engine = make()
-    deposit(engine, "alice", 100.0, 0, 1)
-    deposit(engine, "carol", 100.0, 0, 1)
-    restored_at_ten(checkpointer)
-    engine.take_dirty()
+    checkpointer, engine = alice_changed_since_the_restore()
     changelog = Changelog()
     changelog.foreign(0, reset=True)
     changelog.readable = False
-    deposit(engine, "alice", 5.0, 0, 2)
     await checkpointer.checkpoint({0, 1}, changelog)
     assert reset_named(changelog, 0) == NO_RESET  # not known yet
     changelog.readable = True
