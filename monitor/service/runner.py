@@ -168,6 +168,7 @@ class Monitor:
         self._stop_requested_at: float | None = None
         self._close_deadline: float | None = None  # see _close_left
         self._fatal: BaseException | None = None
+        self._said_stopped = False  # the "stopped" line is logged
         self._restored = asyncio.Event()  # the first assignment has been restored
         self._closing = False
         self._last_tick_wall: dict[str, float] = {}
@@ -274,6 +275,14 @@ class Monitor:
             self._consuming = False
             self._update_ready()
             await self._close()
+        if not self._said_stopped:  # asked to stop before it consumed (waiting for the group)
+            self._say_stopped()
+
+    def _say_stopped(self) -> None:
+        self._said_stopped = True
+        self.log.info("stopped", checkpoint=self._checkpointer.seq,
+                      offsets={f"{tp.topic}/{tp.partition}": o
+                               for tp, o in sorted(self._positions.processed.items())})
 
     async def _within_shutdown_timeout(self, work: asyncio.Future[None]) -> None:
         """Await ``work``; once a stop is requested, give it --shutdown-timeout from the
@@ -785,9 +794,7 @@ class Monitor:
             self._closing = True
             await self._checkpointer.finish()
             await self._checkpoint(positions.owned)
-        self.log.info("stopped", checkpoint=self._checkpointer.seq,
-                      offsets={f"{tp.topic}/{tp.partition}": o
-                               for tp, o in sorted(positions.processed.items())})
+        self._say_stopped()
 
     async def _fetch(self, consumer: AIOKafkaConsumer, limit: int
                      ) -> tuple[dict[TopicPartition, list[ConsumerRecord]],

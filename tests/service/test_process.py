@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import orjson
 import pytest
@@ -18,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from monitor.market import simulate
 from monitor.service.broker import EmbeddedBroker, free_port
+from tests.support.fleet import Instance, start
 from tests.support.kafka import (
     MonitorProcess,
     fresh_settings,
@@ -66,6 +69,32 @@ async def test_sigterm_again_and_again_while_stopping_still_exits_0(broker) -> N
             await asyncio.wait_for(proc.wait(), timeout=0.05)
     assert proc.returncode == 0, (await stderr).decode()[-2000:]
     assert b'"event":"stopped"' in await stderr
+
+
+def readyz(port: int) -> str:
+    """/readyz's body (its reason while not ready)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return str(answer.read().decode())
+    except urllib.error.HTTPError as refused:
+        return str(refused.read().decode())
+    except OSError:
+        return ""  # not listening yet
+
+
+async def test_sigterm_while_waiting_for_the_group_exits_0_and_says_stopped(broker) -> None:
+    """The group holds a new member's join while a member killed with -9 is still counted in
+    it. Stopped then, the instance logged "stopping" and never "stopped"."""
+    settings = fresh_settings(broker.bootstrap)
+    killed = await start(settings)
+    assert await killed.stop(kill=True) == -9
+    waiting = await Instance(settings).start()
+    deadline = time.monotonic() + 60
+    while "waiting for consumer group" not in await asyncio.to_thread(readyz, waiting.port):
+        assert time.monotonic() < deadline, "never waited for the group"
+        await asyncio.sleep(0.1)
+    assert await waiting.stop() == 0
+    assert [entry["event"] for entry in waiting.logs][-1] == "stopped"
 
 
 @pytest.mark.asyncio(loop_scope="session")
