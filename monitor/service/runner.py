@@ -275,7 +275,8 @@ class Monitor:
             self._consuming = False
             self._update_ready()
             await self._close()
-        if not self._said_stopped:  # asked to stop before it consumed (waiting for the group)
+        # asked to stop before it consumed (waiting for the group, restoring)
+        if not self._said_stopped and self._fatal is None:
             self._say_stopped()
 
     def _say_stopped(self) -> None:
