@@ -12,7 +12,10 @@ from its isolated wallets), and among the rest is what producers also send: abou
 in a hundred bad input, two in a hundred re-sent (a retry of a recent fill or ledger entry,
 the same bytes). Every 1-3 s one of: freeze an instance past its session timeout (SIGSTOP
 for 2.5-7 s; leave out with --no-pauses), kill one (-9), stop one (SIGTERM), start another,
-and with --outages, freeze the broker (SIGSTOP for 2-6 s: every client's requests time out).
+and with --outages, freeze the broker (SIGSTOP for 2-6 s: every client's requests time out),
+and with --resets, start another with --reset-state (as LIQMON_RESET_STATE=1 left set on a
+fleet does: it rebuilds the partitions it takes from the inputs' start, and every instance
+running checkpoints its own whole again).
 Then the live instances read every input to its end and stop, and the run is judged:
 
 - events: exactly the ids replay of the input topics emits (`liqmon replay --bootstrap
@@ -221,7 +224,8 @@ async def drill(seed: int, config: RiskConfig, args: argparse.Namespace) -> Verd
         everyone = list(live)
         producing = asyncio.create_task(produce_located(
             broker.bootstrap, [(kinds[k], key, value) for k, key, value in records], 1_000_000))
-        verdict = Verdict(seed, dict.fromkeys(["freeze", "kill", "term", "new", "outage"], 0))
+        verdict = Verdict(seed, dict.fromkeys(
+            ["freeze", "kill", "term", "new", "outage", "reset"], 0))
         try:
             await act(rng, args, broker, settings, live, everyone, verdict, producing)
             await judge(broker, settings, config, live, verdict, await producing)
@@ -273,6 +277,7 @@ async def act(rng: random.Random, args: argparse.Namespace, broker: EmbeddedBrok
     actions = ["freeze", "freeze", "kill", "term", "new"] if args.pauses \
         else ["kill", "term", "new"]
     actions += ["outage"] if args.outages else []
+    actions += ["reset"] if args.resets else []
     while not producing.done():
         await asyncio.sleep(rng.uniform(1.0, 3.0))
         if producing.done():
@@ -280,7 +285,7 @@ async def act(rng: random.Random, args: argparse.Namespace, broker: EmbeddedBrok
         for gone in [instance for instance in live if instance.proc.returncode is not None]:
             live.remove(gone)  # stopped on its own: its log says why (verdict.errors)
         action = rng.choice(actions)
-        if action not in ("new", "outage") and len(live) < 2:
+        if action not in ("new", "outage", "reset") and len(live) < 2:
             action = "new"
         verdict.actions[action] += 1
         if action == "outage":
@@ -290,8 +295,9 @@ async def act(rng: random.Random, args: argparse.Namespace, broker: EmbeddedBrok
             broker.resume()
             verdict.timeline.append({"at": time.time(), "action": "outage ends"})
             continue
-        if action == "new":
-            instance = Instance(settings, args.checkpoint_interval, args.merge_wait)
+        if action in ("new", "reset"):
+            instance = Instance(settings, args.checkpoint_interval, args.merge_wait,
+                                ["--reset-state"] if action == "reset" else [])
             await instance.start()
             live.append(instance)
             everyone.append(instance)
@@ -409,6 +415,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                              "stream of the drill before 2026-12-05)")
     parser.add_argument("--outages", action="store_true",
                         help="freeze the broker now and then too")
+    parser.add_argument("--resets", action="store_true",
+                        help="start instances with --reset-state now and then too")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
                         help="keep each run's instance logs and actions (and, if it differs "
                              "from replay, the evidence) under DIR/seed-N/")

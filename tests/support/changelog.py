@@ -14,7 +14,7 @@ from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import Rejected
 from monitor.replay import decode_line
-from monitor.service.changelog import ACCOUNT, LAYOUT
+from monitor.service.changelog import ACCOUNT, LAYOUT, RESET
 from monitor.snapshot import KIND_HEADER, Layout, Offsets, decode_account, decode_layout, risk_key
 from tests.support.compare import account_state
 from tests.support.kafka import read_topic
@@ -22,9 +22,11 @@ from tests.support.kafka import read_topic
 Snapshot = tuple[int, int, RiskKey, Account, Offsets]  # partition, offset, key, account, as_of
 
 
-async def snapshot_history(bootstrap: str, topic: str) -> list[Snapshot]:
+async def snapshot_history(bootstrap: str, topic: str, since_reset: bool = False
+                           ) -> list[Snapshot]:
     """Every account snapshot of the changelog, partition by partition in the order written
-    (tombstones left out)."""
+    (tombstones left out); with ``since_reset``, only those after each partition's last reset
+    marker (what a restore reads)."""
     layouts: dict[int, Layout] = {}
     history = []
     for record in sorted(await read_topic(bootstrap, topic),
@@ -33,6 +35,8 @@ async def snapshot_history(bootstrap: str, topic: str) -> list[Snapshot]:
         if kind == LAYOUT:
             layout = decode_layout(record.value)
             layouts[layout.id] = layout
+        if kind == RESET and since_reset:
+            history = [snapshot for snapshot in history if snapshot[0] != record.partition]
         if kind != ACCOUNT or record.value is None:
             continue
         account, _, as_of = decode_account(record.value, layouts)

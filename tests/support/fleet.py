@@ -90,13 +90,15 @@ def multi_partition(broker) -> ServiceSettings:
 
 
 async def snapshots_going_back(settings: ServiceSettings) -> list[tuple[int, int, RiskKey]]:
-    """(partition, offset, key) of every changelog snapshot that reflects fewer of its
-    partition's inputs than an earlier snapshot of the same account: written by an instance
-    that no longer owned the partition."""
+    """(partition, offset, key) of every changelog snapshot after its partition's last reset
+    marker that reflects fewer of its partition's inputs than an earlier one of the same
+    account: written by an instance that no longer owned the partition. (Before a reset, a
+    rebuild's snapshots reflect fewer inputs than those of the state it replaces.)"""
     t = settings.topics
     newest: dict[tuple[int, RiskKey], int] = {}
     going_back = []
-    for partition, at, key, _, as_of in await snapshot_history(settings.bootstrap, t.state):
+    for partition, at, key, _, as_of in await snapshot_history(settings.bootstrap, t.state,
+                                                               since_reset=True):
         inputs = sum(offset for (topic, _), offset in as_of.items() if topic != t.prices)
         if inputs < newest.get((partition, key), 0):
             going_back.append((partition, at, key))
