@@ -200,11 +200,12 @@ async def test_an_instance_joining_mid_stream_takes_partitions_without_loss(brok
 
 async def test_a_reset_while_another_instance_runs_loses_no_account(broker):
     """--reset-state left set on a fleet: b starts with it after a has rebuilt and
-    checkpointed, and resets the changelog under a. a's checkpoint on the rebalance holds only
-    the accounts it changed and does not vouch for the rest: b rebuilds the partitions it
-    gains from their inputs. a finds the reset at its next checkpoint and writes every account
-    of the partitions it kept again. Every event is replay's, every partition ends with a
-    control record that vouches for the reset, and a restart holds replay's state."""
+    checkpointed, and resets the changelog under a, whose checkpoints would from then on hold
+    only the accounts it changed. a finds the reset at its next checkpoint (the one on the
+    rebalance b's join starts, unless it could not look then) and writes every account of its
+    partitions again, naming the reset; b restores what it gains from that, or rebuilds it
+    from the inputs. Every event is replay's, every partition ends with a control record that
+    vouches for the reset, and a restart holds replay's state."""
     config = load_config(CONFIG)
     settings = multi_partition(broker)
     await create_topics(settings)
