@@ -68,11 +68,14 @@ async def consumed(instances: list[Instance], settings: ServiceSettings,
 
 
 async def final_state(settings: ServiceSettings, config) -> dict:
+    """The accounts a restore of the whole changelog takes as checkpointed: those of the
+    partitions a control record vouches for (`RestoredPartition.vouched`); a partition
+    without one would be rebuilt from its inputs, and shows here as holding nothing."""
     restored = await read_changelog(settings.bootstrap, settings.topics.state,
                                     range(PARTITIONS))
     engine = Engine(config)
     for part in restored.values():
-        engine.load_accounts(part.snapshots)
+        engine.load_accounts(part.vouched().snapshots)
     return state_of(engine)["accounts"]
 
 
