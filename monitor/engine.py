@@ -1022,12 +1022,20 @@ class Engine(InputLedger):
         return self.book.snapshots(np.array([row for row in found if row is not None], np.int64),
                                    held)
 
+    def _rows_of_partition(self, partition: int | None) -> np.ndarray:
+        """The rows of the risk units held for an input partition (None: replay's)."""
+        book = self.book
+        code = -1 if partition is None else partition
+        rows = np.flatnonzero(book.part[:len(book.ids)] == code)  # free rows have part -1
+        if partition is None:
+            rows = rows[[book.ids[row] is not None for row in rows.tolist()]]
+        return rows
+
     def mark_partition_dirty(self, partition: int) -> int:
         """Have the next checkpoint write every risk unit of an input partition held here;
         returns how many that is."""
-        book = self.book
-        rows = np.flatnonzero(book.part[:len(book.ids)] == partition)
-        book.dirty[rows] = True
+        rows = self._rows_of_partition(partition)
+        self.book.dirty[rows] = True
         return len(rows)
 
     def drop_partition(self, partition: int | None) -> int:
@@ -1036,10 +1044,7 @@ class Engine(InputLedger):
         self.accounts.changed()
         self.units.changed()
         book = self.book
-        code = -1 if partition is None else partition
-        rows = np.flatnonzero(book.part[:len(book.ids)] == code)  # free rows have part -1
-        if partition is None:
-            rows = rows[[book.ids[row] is not None for row in rows.tolist()]]
+        rows = self._rows_of_partition(partition)
         isolated = book.isolated[rows] != 0
         for counts, mine in ((self.accounts_in_state, ~isolated),
                              (self.units_in_state, isolated)):

@@ -54,6 +54,7 @@ from monitor.service.log_reader import (
     bounds,
     read_range,
     reading_client,
+    records_between,
     whole_batches,
 )
 from monitor.service.outbox import Outgoing
@@ -653,19 +654,11 @@ async def last_reset_markers(bootstrap: str, topic: str, ranges: dict[int, tuple
     """Of each changelog partition's offset range [start, end): the offset of the last reset
     marker in it, for the partitions whose range holds one. On a client of its own: asked
     only when records another instance wrote may be among them (`Checkpointer`)."""
-    found: dict[int, int] = {}
-
-    def take(tp: TopicPartition, batch: RecordBatch) -> None:
-        for record in batch.records():
-            if (KIND_HEADER, RESET) in record.headers:
-                found[tp.partition] = record.offset
-
-    async with reading_client(bootstrap, client_id, request_timeout_ms, security) as client:
-        await client.set_topics([topic])
-        await read_range(client, {TopicPartition(topic, p): bounds_of
-                                  for p, bounds_of in ranges.items()},
-                         take, request_timeout_ms / 1000)
-    return found
+    read = await records_between(
+        bootstrap, {TopicPartition(topic, p): bounds_of for p, bounds_of in ranges.items()},
+        client_id=client_id, request_timeout_ms=request_timeout_ms, security=security)
+    return {tp.partition: resets[-1] for tp, records in read.items()
+            if (resets := [r.offset for r in records if (KIND_HEADER, RESET) in r.headers])}
 
 
 def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:

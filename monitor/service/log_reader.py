@@ -134,6 +134,16 @@ async def last_records(bootstrap: str, ranges: dict[TopicPartition, tuple[int, i
     """The records at the last ``count`` offsets of each partition before its end (``ranges``:
     first and end offset, as `bounds` gives them), oldest first: fewer where the partition
     holds fewer, or control records. On a client of its own, for the rare question."""
+    return await records_between(
+        bootstrap, {tp: (max(start, end - count), end) for tp, (start, end) in ranges.items()},
+        client_id=client_id, request_timeout_ms=request_timeout_ms, security=security)
+
+
+async def records_between(bootstrap: str, ranges: dict[TopicPartition, tuple[int, int]], *,
+                          client_id: str, request_timeout_ms: int, security: KafkaSecurity
+                          ) -> dict[TopicPartition, list[Record]]:
+    """The records of each partition between its offsets [start, end), oldest first (control
+    records left out), on a client of its own, for the rare question."""
     found: dict[TopicPartition, list[Record]] = defaultdict(list)
 
     def take(tp: TopicPartition, batch: RecordBatch) -> None:
@@ -141,9 +151,7 @@ async def last_records(bootstrap: str, ranges: dict[TopicPartition, tuple[int, i
 
     async with reading_client(bootstrap, client_id, request_timeout_ms, security) as client:
         await client.set_topics(sorted({tp.topic for tp in ranges}))
-        await read_range(client, {tp: (max(start, end - count), end)
-                                  for tp, (start, end) in ranges.items()},
-                         take, request_timeout_ms / 1000)
+        await read_range(client, ranges, take, request_timeout_ms / 1000)
     return dict(found)
 
 
