@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -171,9 +171,33 @@ def parse_config(raw: Mapping[str, Any]) -> RiskConfig:
         name: _instrument(name, _table(instruments_raw, name, f"instruments.{_q(name)}"), assets)
         for name in instruments_raw
     }
+    for name in instruments:
+        other = instrument_after_slash(name, instruments, first=0)
+        if other is not None:
+            raise ConfigError(
+                f"instruments.{_q(name)}: must not end in '/' and the name of instrument "
+                f"{other!r}: the event ids of an account's isolated {name} position "
+                f"(account/symbol:counter:type, SPEC §4.1) could then be another account's "
+                f"isolated {other} position's")
     prices = _price_rules(_table(raw, "prices", "prices", required=False))
     return RiskConfig(thresholds=thresholds, assets=assets, instruments=instruments,
                       prices=prices)
+
+
+def instrument_after_slash(name: str, instruments: Container[str], first: int = 1
+                           ) -> str | None:
+    """The instrument named after a '/' in ``name`` (at index ``first`` or later) that ends
+    it, if any. An isolated position's event ids are `account/symbol:counter:type` (SPEC
+    §4.1), so an account id ending in '/' and an instrument (``first`` 1: a '/' at 0 has no
+    account before it) would have the ids of another account's isolated position, and so
+    would an instrument ending in '/' and another instrument (``first`` 0). Both are refused;
+    then an id tells its risk unit apart from every other."""
+    slash = name.find("/", first)
+    while slash >= 0:
+        if name[slash + 1:] in instruments:
+            return name[slash + 1:]
+        slash = name.find("/", slash + 1)
+    return None
 
 
 def _q(name: str) -> str:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Final, TypeVar
 import msgspec
 import orjson
 
-from monitor.config import MAX_ID_LENGTH, MAX_MAGNITUDE, RiskConfig
+from monitor.config import MAX_ID_LENGTH, MAX_MAGNITUDE, RiskConfig, instrument_after_slash
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ class Reason:
     UNKNOWN_SIDE: Final = "unknown_side"
     UNKNOWN_TOPIC: Final = "unknown_topic"  # replay envelopes only
     BAD_IDENTIFIER: Final = "bad_identifier"  # empty, longer than MAX_ID_LENGTH, or an
-    #                                            account holding NUL
+    #                    account holding NUL or ending in '/' and an instrument (SPEC §4.1 ids)
     WRONG_SIGN: Final = "wrong_sign"  # a deposit not > 0, a withdrawal not < 0
     TOO_LARGE: Final = "too_large"  # finite, but beyond MAX_MAGNITUDE
     TS_IN_FUTURE: Final = "ts_in_future"  # the service only: ts beyond --max-future
@@ -225,7 +225,8 @@ def _shaped_fill(raw: bytes | str, config: RiskConfig, latest: int) -> Fill | No
     except _NOT_SHAPED:
         return None
     if (fill.symbol in config.instruments and fill.ts <= latest and fill.side in SIDES
-            and fill.margin_mode in MARGIN_MODES and NUL not in fill.account):
+            and fill.margin_mode in MARGIN_MODES and NUL not in fill.account
+            and "/" not in fill.account):
         return fill
     return None
 
@@ -238,6 +239,7 @@ def _shaped_ledger(raw: bytes | str, config: RiskConfig, latest: int) -> LedgerE
     kind, amount = entry.kind, entry.amount
     if (entry.symbol is None and kind in _PLAIN_LEDGER_KINDS and entry.asset in config.assets
             and entry.ts <= latest and NUL not in entry.account
+            and "/" not in entry.account
             and (kind != "deposit" or amount > 0) and (kind != "withdrawal" or amount < 0)):
         return entry
     return None
@@ -246,9 +248,10 @@ def _shaped_ledger(raw: bytes | str, config: RiskConfig, latest: int) -> LedgerE
 # The plain-record checks accept only values `decode` accepts as they are:
 # numbers are floats or ints (never bools) within the bounds (NaN and infinities fail every
 # comparison), ids non-empty strings of at most MAX_ID_LENGTH characters (an account without
-# NUL), ts an int within [0, latest]; a margin mode cross or isolated. An isolated_margin
-# entry always takes decode's path. Written out inline: a function call per field would cost
-# as much as the check.
+# NUL or '/': one with '/' takes decode's path, which checks what follows it), ts an int
+# within [0, latest]; a margin mode cross or isolated. An isolated_margin entry always takes
+# decode's path. Written out inline: a function call per field would cost as much as the
+# check.
 _FLOAT, _INT, _STR = float, int, str
 
 
@@ -268,7 +271,7 @@ def _plain_fill(doc: dict[str, Any], config: RiskConfig, latest: int) -> Fill | 
     margin_mode = get("margin_mode", CROSS)
     if (type(fill_id) is _STR and 0 < len(fill_id) <= MAX_ID_LENGTH
             and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
-            and NUL not in account
+            and NUL not in account and "/" not in account
             and type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
             and symbol in config.instruments and (side == "buy" or side == "sell")
             and (type(qty) is _FLOAT or type(qty) is _INT) and 0 < qty <= MAX_MAGNITUDE
@@ -288,7 +291,7 @@ def _plain_ledger(doc: dict[str, Any], config: RiskConfig, latest: int) -> Ledge
     kind, ts = get("kind"), get("ts")
     if (type(entry_id) is _STR and 0 < len(entry_id) <= MAX_ID_LENGTH
             and type(account) is _STR and 0 < len(account) <= MAX_ID_LENGTH
-            and NUL not in account
+            and NUL not in account and "/" not in account
             and type(asset) is _STR and 0 < len(asset) <= MAX_ID_LENGTH
             and asset in config.assets
             and type(kind) is _STR and kind in LEDGER_KINDS and kind != ISOLATED_MARGIN
@@ -363,7 +366,7 @@ def _tick(doc: dict[str, Any], config: RiskConfig) -> PriceTick:
 
 def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
     fill_id = _identifier(doc, "fill_id")
-    account = _account(doc)
+    account = _account(doc, config)
     symbol = _identifier(doc, "symbol")
     side = _string(doc, "side")
     qty = _positive(doc, "qty")
@@ -386,7 +389,7 @@ def _fill(doc: dict[str, Any], config: RiskConfig) -> Fill:
 
 def _ledger(doc: dict[str, Any], config: RiskConfig) -> LedgerEntry:
     entry_id = _identifier(doc, "entry_id")
-    account = _account(doc)
+    account = _account(doc, config)
     asset = _identifier(doc, "asset")
     amount = _bounded(doc, "amount")
     kind = _string(doc, "kind")
@@ -455,11 +458,18 @@ def _identifier(doc: dict[str, Any], name: str) -> str:
     return value
 
 
-def _account(doc: dict[str, Any]) -> str:
+def _account(doc: dict[str, Any], config: RiskConfig) -> str:
     account = _identifier(doc, "account")
     if NUL in account:
         raise Rejected(Reason.BAD_IDENTIFIER, "account: must not contain NUL (U+0000), which "
                                               "begins liqmon's own keys in its state topic")
+    symbol = instrument_after_slash(account, config.instruments)
+    if symbol is not None:
+        owner = account[:len(account) - len(symbol) - 1]
+        raise Rejected(Reason.BAD_IDENTIFIER,
+                       f"account: must not end in '/' and an instrument ({symbol!r}): its "
+                       f"event ids would be those of the isolated {symbol} position of "
+                       f"account {_shown(owner)} (account/symbol:counter:type, SPEC §4.1)")
     return account
 
 

@@ -123,6 +123,22 @@ def test_a_name_no_record_can_give_is_refused(table: str) -> None:
         parse_config(raw)
 
 
+def test_an_instrument_ending_in_a_slash_and_another_instrument_is_refused() -> None:
+    """Account "a"'s isolated "X/BTC-PERP" and account "a/X"'s isolated "BTC-PERP" would
+    both have event ids "a/X/BTC-PERP:1:…" (SPEC §4.1)."""
+    raw = copy.deepcopy(RISK)
+    raw["instruments"]["X/BTC-PERP"] = raw["instruments"]["BTC-PERP"]
+    with pytest.raises(ConfigError, match=r"^instruments\.\"X/BTC-PERP\": must not end in "
+                                          r"'/' and the name of instrument 'BTC-PERP'"):
+        parse_config(raw)
+
+
+def test_an_instrument_with_a_slash_before_no_instrument_is_accepted() -> None:
+    raw = copy.deepcopy(RISK)
+    raw["instruments"]["BTC/USDT"] = raw["instruments"]["BTC-PERP"]
+    assert "BTC/USDT" in parse_config(raw).instruments
+
+
 def test_fixed_price_and_price_symbol_together_are_refused() -> None:
     raw = broken("assets/USDT/price_symbol", "USDT")
     with pytest.raises(ConfigError, match=r"assets\.USDT\.price_symbol: give either"):

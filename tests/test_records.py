@@ -74,6 +74,13 @@ BAD = [
      Reason.BAD_IDENTIFIER, "account: must not contain NUL (U+0000)"),
     ("ledger", changed("ledger", account="a\x00b"), Reason.BAD_IDENTIFIER,
      "account: must not contain NUL (U+0000)"),
+    # An isolated position's event ids are account/symbol:counter:type (SPEC §4.1): these
+    # accounts' ids would be those of account "sub"'s and "desk/alice"'s isolated positions
+    ("fills", changed("fills", account="sub/BTC-PERP"), Reason.BAD_IDENTIFIER,
+     "account: must not end in '/' and an instrument ('BTC-PERP'): its event ids would be "
+     "those of the isolated BTC-PERP position of account 'sub'"),
+    ("ledger", changed("ledger", account="desk/alice/ETH-PERP"), Reason.BAD_IDENTIFIER,
+     "the isolated ETH-PERP position of account 'desk/alice'"),
     ("fills", changed("fills", fill_id="f" * 10_000), Reason.BAD_IDENTIFIER,
      "fill_id: must be at most 256 characters, got 10000"),
     ("ledger", changed("ledger", asset="A" * 257), Reason.BAD_IDENTIFIER,
@@ -119,6 +126,17 @@ def test_bad_input_leaves_state_as_it_was(risk, topic, raw, reason, detail) -> N
     replay([line], engine, io.BytesIO(), lambda index, r: rejected.append(index))
     assert rejected == [0]
     assert (engine.accounts, engine.prices, engine.price_ts, engine.stats) == before
+
+
+@pytest.mark.parametrize("account", ["master/sub", "sub/BTC", "sub/BTC-PERP/x",
+                                     "/BTC-PERP", "sub/"])
+def test_an_account_with_a_slash_not_followed_by_an_instrument_is_accepted(risk,
+                                                                          account) -> None:
+    """Only a '/' and an instrument at the end can repeat an isolated position's event ids
+    ("/BTC-PERP" would be the empty account's, and no account is empty)."""
+    raws = [changed("fills", account=account), changed("ledger", account=account)]
+    decoded = decode_batch(["fills", "ledger"], raws, risk)
+    assert [record.account for record in decoded] == [account, account]  # type: ignore[union-attr]
 
 
 def test_margin_mode_defaults_to_cross_and_isolated_margin_carries_its_symbol(risk) -> None:
