@@ -34,6 +34,26 @@ def reap_processes():
     reap()
 
 
+@pytest.fixture(autouse=True)
+def logging_as_it_was():
+    """A test that runs a command in-process (`cli.main`) configures logging for the whole
+    process: put it back after, or a later test in the same worker captures no log line
+    (`liqmon demo` configures the level "error", which drops the rest before any processor
+    sees them) and the stdlib's handler writes to a captured stream pytest has closed."""
+    import logging
+
+    import structlog
+
+    config = structlog.get_config()
+    root, client = logging.getLogger(), logging.getLogger("aiokafka")
+    handlers, level, client_level = root.handlers[:], root.level, client.level
+    yield
+    structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    client.setLevel(client_level)
+
+
 # Fixtures that start the embedded broker: a test using one (directly or through another
 # fixture) is marked `kafka`, so that `pytest -m "not kafka"` runs the pure tests alone. A test
 # that starts a broker in its body carries the marker itself.
