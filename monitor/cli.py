@@ -143,6 +143,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise UsageError("give either INPUT.jsonl or --bootstrap (the input topics themselves)")
     if args.check and args.bootstrap is None:
         raise UsageError("--check compares with the event topics: it needs --bootstrap")
+    if args.max_future is not None and args.bootstrap is None:
+        raise UsageError("--max-future judges a ts against its Kafka timestamp: it needs "
+                         "--bootstrap (a file replay takes its clock from the records)")
     engine = Engine(_load(args.config))
     if args.bootstrap is None:
         summary = _replay_file(args, engine)
@@ -180,7 +183,7 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
 
     from monitor.events import Source
     from monitor.service.input_history import check_published, replay_topics
-    from monitor.service.settings import Topics
+    from monitor.service.settings import DEFAULT_MAX_FUTURE, Topics
 
     security = _checked_security(args)
     topics = Topics(prices=args.topic_prices, fills=args.topic_fills, ledger=args.topic_ledger,
@@ -201,7 +204,7 @@ def _replay_topics(args: argparse.Namespace, engine: Any) -> int:
         try:
             history, summary = asyncio.run(replay_topics(
                 args.bootstrap, topics, engine, out if replayed is None else replayed, report,
-                security))
+                security, DEFAULT_MAX_FUTURE if args.max_future is None else args.max_future))
         except (KafkaError, LiqmonError) as exc:
             raise CliError(f"cannot read the input topics from {args.bootstrap}: {exc}"
                            ) from exc
@@ -636,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from monitor.service.options import add_options
     from monitor.service.security import KafkaSecurity
-    from monitor.service.settings import Topics
+    from monitor.service.settings import DEFAULT_MAX_FUTURE, Topics
 
     replay = commands.add_parser(
         "replay", help="deterministic offline run over a JSON-lines file of input records",
@@ -658,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --bootstrap, compare the events with those the fleet "
                              "published (the margin-call and liquidation topics), by "
                              "event_id, every field but emitted_at; exit 3 if they differ")
+    replay.add_argument("--max-future", type=seconds, metavar="SECONDS",
+                        help="with --bootstrap, refuse a record (ts_in_future) whose ts is more "
+                             "than this ahead of its Kafka timestamp, or of the clock if that "
+                             "is earlier, as the service does: give the fleet's --max-future, "
+                             f"default {DEFAULT_MAX_FUTURE:g}")
     defaults = Topics()
     for name in ("prices", "fills", "ledger", "margin_calls", "liquidations"):
         flag = name.replace("_", "-")

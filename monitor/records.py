@@ -148,6 +148,16 @@ def decode(topic_kind: str, raw: bytes | str | None, config: RiskConfig, *,
                                                             not_after_ms=not_after_ms))
 
 
+def ts_bounds(kafka_timestamps: Iterable[int], now_ms: int, max_future_ms: int) -> list[int]:
+    """The latest ``ts`` each record may carry in the service (`decode`'s ``not_after_ms``):
+    ``max_future_ms`` past its Kafka timestamp, or past the clock if that is earlier (or
+    absent, -1). The Kafka timestamp does not move: read again after a restart, when the
+    clock has moved on, or by `liqmon replay --bootstrap`, a record is judged as it was the
+    first time (unless it was stamped ahead of the clock)."""
+    return [(stamp if 0 <= stamp < now_ms else now_ms) + max_future_ms
+            for stamp in kafka_timestamps]
+
+
 def decode_batch(kinds: Sequence[str], raws: Sequence[bytes | str | None], config: RiskConfig,
                  *, not_after_ms: int | Sequence[int] | None = None
                  ) -> list[InputRecord | Rejected]:
@@ -350,9 +360,10 @@ def from_document(topic_kind: str, document: Any, config: RiskConfig, *,
         raise Rejected(Reason.UNKNOWN_TOPIC,
                        f"topic must be one of {', '.join(INPUT_KINDS)}, got {topic_kind!r}")
     if not_after_ms is not None and record.ts > not_after_ms:
-        raise Rejected(Reason.TS_IN_FUTURE, f"ts: {record.ts} is further ahead than "
-                                            f"--max-future allows (latest accepted "
-                                            f"{not_after_ms})")
+        raise Rejected(Reason.TS_IN_FUTURE, f"ts: {record.ts} is more than --max-future "
+                                            f"ahead of the record's Kafka timestamp (or of "
+                                            f"the clock, if that is earlier): latest "
+                                            f"accepted {not_after_ms}")
     return record
 
 

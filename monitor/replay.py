@@ -7,6 +7,7 @@ errors: they are reported with their line number and counted, and the run goes o
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import closing
@@ -26,6 +27,7 @@ from monitor.records import (
     decode,
     decode_json,
     from_document,
+    ts_bounds,
 )
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -129,22 +131,28 @@ def replay(
 
 
 def replay_inputs(
-    messages: Iterable[tuple[Source, str, bytes | None]],
+    messages: Iterable[tuple[Source, str, bytes | None, int]],
     engine: Engine,
     out: EventSink,
     report_rejection: Callable[[Source, Rejected], None],
+    max_future_ms: int | None = None,
 ) -> ReplaySummary:
     """`replay` of input topics' messages, already in the order to apply them: each its
-    source (topic, partition, offset), its topic's kind (prices / fills / ledger) and its
-    value, decoded as the service decodes it. Events name their triggers' partitions and
-    offsets as the service's do."""
+    source (topic, partition, offset), its topic's kind (prices / fills / ledger), its
+    value and its Kafka timestamp, decoded as the service decodes it: with
+    ``max_future_ms``, a ts that far ahead of the Kafka timestamp (or of the clock now, if
+    earlier) is refused as the service refuses it (`records.ts_bounds`). Events name their
+    triggers' partitions and offsets as the service's do."""
     summary = ReplaySummary()
     config = engine.config
-    for source, kind, value in messages:
+    now_ms = int(time.time() * 1000)
+    for source, kind, value, timestamp in messages:
+        not_after = (None if max_future_ms is None
+                     else ts_bounds((timestamp,), now_ms, max_future_ms)[0])
 
-        def decoded(source: Source = source, kind: str = kind,
-                    value: bytes | None = value) -> tuple[InputRecord, Source]:
-            return decode(kind, value, config), source
+        def decoded(source: Source = source, kind: str = kind, value: bytes | None = value,
+                    not_after: int | None = not_after) -> tuple[InputRecord, Source]:
+            return decode(kind, value, config, not_after_ms=not_after), source
 
         rejection = _apply(engine, decoded, summary, out)
         if rejection is not None:

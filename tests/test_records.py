@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.events import Source
-from monitor.records import Fill, PriceTick, Reason, Rejected, decode, decode_batch
+from monitor.records import (
+    Fill,
+    PriceTick,
+    Reason,
+    Rejected,
+    decode,
+    decode_batch,
+    ts_bounds,
+)
 from monitor.replay import replay
 from tests.support.risk import RISK
 
@@ -188,8 +196,16 @@ def test_ts_later_than_not_after_is_rejected_as_ts_in_future(risk, topic: str) -
     with pytest.raises(Rejected) as excinfo:
         decode(topic, changed(topic, ts=1_001), risk, not_after_ms=1_000)
     assert excinfo.value.reason == Reason.TS_IN_FUTURE
-    assert excinfo.value.detail == ("ts: 1001 is further ahead than --max-future allows "
-                                    "(latest accepted 1000)")
+    assert excinfo.value.detail == ("ts: 1001 is more than --max-future ahead of the "
+                                    "record's Kafka timestamp (or of the clock, if that is "
+                                    "earlier): latest accepted 1000")
+
+
+def test_the_ts_bound_is_max_future_past_the_kafka_timestamp_or_the_clock_if_earlier() -> None:
+    # now 10,000 ms, --max-future 300 ms: a record stamped 4,000 may carry ts up to 4,300;
+    # one stamped ahead of the clock (12,000), or with no timestamp (-1), up to 10,300
+    assert ts_bounds([4_000, 12_000, -1], now_ms=10_000, max_future_ms=300) == [
+        4_300, 10_300, 10_300]
 
 
 def test_ts_equal_to_not_after_is_accepted(risk) -> None:

@@ -100,6 +100,14 @@ def test_check_without_bootstrap_is_a_usage_error() -> None:
     assert b"--check compares with the event topics: it needs --bootstrap" in result.stderr
 
 
+def test_max_future_without_bootstrap_is_a_usage_error() -> None:
+    """A file has no Kafka timestamps to judge a ts against."""
+    result = liqmon("replay", EXAMPLE, "--max-future", "60", "--config", CONFIG)
+    assert result.returncode == 2
+    assert b"--max-future judges a ts against its Kafka timestamp: it needs --bootstrap" in (
+        result.stderr)
+
+
 DEPOSIT = (b'{"topic": "ledger", "value": {"entry_id": "%s", "account": "a", "asset": "USDT", '
            b'"amount": 100, "kind": "deposit", "ts": %d}}')
 

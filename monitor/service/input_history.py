@@ -35,7 +35,7 @@ from monitor.replay import EventCheck, EventComparison, EventSink, ReplaySummary
 from monitor.service.log_reader import RecordBatch, bounds, read_range, reading_client
 from monitor.service.probe import topics_present
 from monitor.service.security import PLAINTEXT, KafkaSecurity
-from monitor.service.settings import Topics
+from monitor.service.settings import DEFAULT_MAX_FUTURE, Topics
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +127,11 @@ class InputHistory:
     records: SortedRecords
     ranges: dict[TopicPartition, tuple[int, int]]
 
-    def inputs(self) -> Iterator[tuple[Source, str, bytes | None]]:
+    def inputs(self) -> Iterator[tuple[Source, str, bytes | None, int]]:
         """What `replay.replay_inputs` takes: each record's source, its topic's kind, its
-        value."""
+        value, its Kafka timestamp."""
         for m in self.records.sorted():
-            yield Source(m.topic, m.partition, m.offset), m.kind, m.value
+            yield Source(m.topic, m.partition, m.offset), m.kind, m.value, m.timestamp
 
     def close(self) -> None:
         self.records.close()
@@ -237,13 +237,16 @@ async def _read_whole(bootstrap: str, names: list[str],
 
 async def replay_topics(bootstrap: str, topics: Topics, engine: Engine, out: EventSink,
                         report_rejection: Callable[[Source, Rejected], None],
-                        security: KafkaSecurity = PLAINTEXT
+                        security: KafkaSecurity = PLAINTEXT,
+                        max_future: float = DEFAULT_MAX_FUTURE
                         ) -> tuple[InputHistory, ReplaySummary]:
     """`liqmon replay --bootstrap`: read the input topics (`read_input_history`) and replay
-    them into ``engine``, its events onto ``out``."""
+    them into ``engine``, its events onto ``out``, refusing what the service refuses with
+    `--max-future` ``max_future`` (seconds)."""
     history = await read_input_history(bootstrap, topics, security)
     try:
-        return history, replay_inputs(history.inputs(), engine, out, report_rejection)
+        return history, replay_inputs(history.inputs(), engine, out, report_rejection,
+                                      int(max_future * 1000))
     finally:
         history.close()
 

@@ -49,6 +49,7 @@ from monitor.records import (
     Rejected,
     decode,
     decode_batch,
+    ts_bounds,
 )
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
@@ -1095,11 +1096,8 @@ class Monitor:
         now_ms, future_ms = int(time.time() * 1000), int(self.settings.max_future * 1000)
         kind_of = topics.input_kinds()
         batch_topics = [tp.topic for tp, _ in batch]
-        # A ts may be --max-future ahead of the record's Kafka timestamp, or of the clock if
-        # that is earlier: read again after a restart, when the clock has moved on, a record
-        # is judged as it was the first time (unless it was stamped ahead of the clock).
-        not_after_ms = [(stamp if 0 <= stamp < now_ms else now_ms) + future_ms
-                        for stamp in [message.timestamp for _, message in batch]]
+        not_after_ms = ts_bounds([message.timestamp for _, message in batch], now_ms,
+                                 future_ms)
         decoded = decode_batch([kind_of[topic] for topic in batch_topics],
                                [message.value for _, message in batch], config,
                                not_after_ms=not_after_ms)

@@ -33,6 +33,10 @@ _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 # bounds delivering and checkpointing): a client talking to an unreachable broker is abandoned.
 CLOSE_TIMEOUT = 5.0
 
+# `--max-future`: how far a record's ts may be ahead of its Kafka timestamp (`ts_bounds`), in
+# `liqmon run` and in `liqmon replay --bootstrap`, which refuses what the service refuses.
+DEFAULT_MAX_FUTURE = 300.0
+
 # The input consumers' fetch wait at start (`clients.FetchWait` widens it). Kafka answers a
 # fetch as soon as data arrives, so this only paces idle polling. The embedded broker holds a
 # long-poll up to its end, which adds to latency, but polled more often it falls behind: at
@@ -154,7 +158,7 @@ class ServiceSettings:
         "--max-skew", "clock skew between producers (and their in-flight time) that timestamp "
         "order allows for, in ms (at most an hour), default {default}",
         parse=at_least(0, most=3_600_000), metavar="MS"))
-    max_future: float = field(default=300.0, metadata=option(
+    max_future: float = field(default=DEFAULT_MAX_FUTURE, metadata=option(
         "--max-future", "seconds a record's ts may be ahead of its Kafka timestamp, or of the "
         "wall clock if earlier; later ones are dead-lettered as ts_in_future, default "
         "{default:g}", parse=seconds, metavar="SECONDS"))

@@ -84,41 +84,42 @@ def topic_args(settings) -> list[str]:
             "--topic-margin-calls", t.margin_calls, "--topic-liquidations", t.liquidations]
 
 
-async def serve_alice(settings, tick_timestamp: int) -> None:
+async def serve_alice(settings, ticks: list[tuple[float, int, int]]) -> None:
     """The service runs while alice deposits 1,000 USDT (at 1 s) and buys 1 BTC-PERP at
-    50,000 (at 3 s); once it has applied them, a tick at 40,000 stamped ``tick_timestamp``
-    comes, and liquidates her."""
+    50,000 (at 3 s); once it has applied them, ``ticks`` of BTC-PERP come: (price, ts, Kafka
+    timestamp) each."""
     t = settings.topics
     deposit = orjson.dumps({"entry_id": "d1", "account": "alice", "asset": "USDT",
                             "amount": 1_000.0, "kind": "deposit", "ts": 1_000})
     fill = orjson.dumps({"fill_id": "f1", "account": "alice", "symbol": "BTC-PERP",
                          "side": "buy", "qty": 1.0, "price": 50_000.0, "ts": 3_000})
-    tick = orjson.dumps({"symbol": "BTC-PERP", "price": 40_000.0, "ts": tick_timestamp})
     async with RunningMonitor(settings, load_config(CONFIG)) as monitor:
         await produce_stamped(settings.bootstrap, [(t.ledger, b"alice", deposit, 1_000),
                                                    (t.fills, b"alice", fill, 3_000)])
         await wait_processed(monitor, {TopicPartition(t.ledger, 0): 1,
                                        TopicPartition(t.fills, 0): 1})
-        await produce_stamped(settings.bootstrap,
-                              [(t.prices, b"BTC-PERP", tick, tick_timestamp)])
-        await wait_processed(monitor, {TopicPartition(t.prices, 0): 1})
+        await produce_stamped(settings.bootstrap, [
+            (t.prices, b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": price,
+                                                  "ts": ts}), timestamp)
+            for price, ts, timestamp in ticks])
+        await wait_processed(monitor, {TopicPartition(t.prices, 0): len(ticks)})
 
 
-async def check_after_serving_alice(broker, tick_timestamp: int
-                                    ) -> subprocess.CompletedProcess[str]:
+async def check_after_serving_alice(broker, ticks: list[tuple[float, int, int]],
+                                    *flags: str) -> subprocess.CompletedProcess[str]:
     """`liqmon replay --bootstrap --check` of topics of their own, after `serve_alice`."""
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
-    await serve_alice(settings, tick_timestamp)
+    await serve_alice(settings, ticks)
     return await asyncio.to_thread(
         liqmon, "replay", "--bootstrap", broker.bootstrap, "--config", str(CONFIG), "--check",
-        *topic_args(settings))
+        *topic_args(settings), *flags)
 
 
 async def test_check_agrees_with_what_the_service_published(broker):
     """The tick is stamped after the fill and sent after it: live and replay apply the same
     order, and the one liquidation published is replay's."""
-    result = await check_after_serving_alice(broker, tick_timestamp=4_000)
+    result = await check_after_serving_alice(broker, [(40_000.0, 4_000, 4_000)])
     assert result.returncode == 0, result.stderr
     assert ("check: 1 event replayed, 1 published (0 repeats): agree; 0 missing, 0 extra, "
             "0 different, 0 repeats unlike the first, 0 unreadable") in result.stderr
@@ -128,11 +129,32 @@ async def test_check_shows_what_a_record_sent_after_one_that_sorts_after_it_chan
     """The tick is stamped 2 s, before the fill, but sent after the service applied the fill
     (counted late, liqmon_records_late_total): live, the tick liquidated alice; in timestamp
     order the fill does. The check exits 3 and names the event and the fields that differ."""
-    result = await check_after_serving_alice(broker, tick_timestamp=2_000)
+    result = await check_after_serving_alice(broker, [(40_000.0, 2_000, 2_000)])
     assert result.returncode == 3, result.stderr
     assert ("check: 1 event replayed, 1 published (0 repeats): DIFFER; 0 missing, 0 extra, "
             "1 different, 0 repeats unlike the first, 0 unreadable") in result.stderr
     assert "check: different alice:1:liquidation: trigger, ts\n" in result.stderr
+
+
+FAR_AHEAD = [(1.0, 4_000 + 600_000, 4_000),  # ts 10 minutes past its Kafka timestamp
+             (40_000.0, 5_000, 5_000)]
+
+
+async def test_check_refuses_a_tick_stamped_in_the_future_as_the_service_did(broker):
+    """A tick at 1.0 whose ts is 10 minutes past its Kafka timestamp: the service refuses it
+    (ts_in_future, --max-future 300 s), and the tick at 40,000 after it liquidates alice.
+    Replay of the topics refuses it too, by the same rule: had it applied it, that tick
+    would have liquidated her, and made the next one stale."""
+    result = await check_after_serving_alice(broker, FAR_AHEAD)
+    assert result.returncode == 0, result.stderr
+    assert "rejected: ts_in_future: ts: 604000 is more than --max-future ahead" in result.stderr
+    assert "check: 1 event replayed, 1 published (0 repeats): agree" in result.stderr
+
+
+async def test_check_with_a_longer_max_future_than_the_fleets_differs(broker):
+    result = await check_after_serving_alice(broker, FAR_AHEAD, "--max-future", "900")
+    assert result.returncode == 3, result.stderr
+    assert "check: different alice:1:liquidation: " in result.stderr
 
 
 async def test_a_missing_input_topic_exits_1_naming_it_and_is_not_created(broker):
