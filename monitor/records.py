@@ -334,6 +334,12 @@ def decode_json(raw: bytes | str, interpret: Callable[[Any], T]) -> T:
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if isinstance(raw, bytes):  # orjson calls bytes that are not UTF-8 "surrogates"
+            try:
+                raw.decode()
+            except UnicodeDecodeError as bad:
+                raise Rejected(Reason.INVALID_JSON, f"not UTF-8: byte 0x{raw[bad.start]:02x} "
+                                                    f"at offset {bad.start}") from None
         try:
             lenient = json.loads(raw)
         except (ValueError, RecursionError):

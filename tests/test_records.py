@@ -42,6 +42,8 @@ def changed(topic: str, **fields) -> bytes:
 BAD = [
     ("fills", b"{not json", Reason.INVALID_JSON, "invalid_json"),
     ("fills", b"", Reason.INVALID_JSON, ""),
+    ("prices", b'{"symbol": "BTC\xff", "price": 5.0, "ts": 1}', Reason.INVALID_JSON,
+     "not UTF-8: byte 0xff at offset 15"),
     ("fills", b'["a", "list"]', Reason.NOT_OBJECT, "must be a JSON object, got array"),
     ("prices", b"42", Reason.NOT_OBJECT, "got number"),
     ("fills", changed("fills", qty=...), Reason.MISSING_FIELD, "qty: required field"),

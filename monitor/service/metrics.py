@@ -48,7 +48,8 @@ class Metrics:
             "liqmon_records_rejected", "Input records dead-lettered, by topic and reason.",
             ["topic", "reason"], registry=r)
         self.stale_ticks = Counter(
-            "liqmon_stale_ticks", "Price ticks ignored because an equal-or-newer ts was applied.",
+            "liqmon_stale_ticks", "Price ticks ignored because a tick of the same symbol with a "
+            "later ts was applied (an equal ts is applied).",
             registry=r)
         self.unused_ticks = Counter(
             "liqmon_unused_ticks", "Price ticks for symbols no asset or instrument is priced by.",
