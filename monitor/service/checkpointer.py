@@ -81,6 +81,10 @@ class CheckpointSink(Protocol):
         """Of each changelog partition's offset range [start, end): the offset of the last
         reset marker in it, for the partitions whose range holds one (None: not read now)."""
 
+    def lost_records(self, partition: int, end: int, written_to: int) -> None:
+        """Say that a changelog partition ends at ``end``, before ``written_to``, the end of
+        the records this instance saw acknowledged there."""
+
 
 class NotOwner(Exception):
     """The group no longer vouches for this instance: what the checkpoint has not written yet
@@ -173,6 +177,13 @@ class KafkaSink:
                 "ran: every account of the partition is checkpointed again after the reset",
                 topic=s.topics.state, partition=partition, reset_at=offset)
         return found
+
+    def lost_records(self, partition: int, end: int, written_to: int) -> None:
+        self.log.warning(
+            "the changelog lost records this instance wrote (its topic was deleted and "
+            "re-created, or truncated): every account of the partition is checkpointed again",
+            topic=None if self._settings is None else self._settings.topics.state,
+            partition=partition, end=end, written_to=written_to)
 
     def _assigned(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         assigned = self._group.assignment()
@@ -336,13 +347,27 @@ class Checkpointer:
         Only this instance writes to the changelog partitions it owns, so a partition whose
         end is where this instance's own records since the last look put it holds nothing
         else; one that has more (a reset, a frozen predecessor's late snapshots, a marker of
-        the loop's, a record written twice by a retry) is read over that stretch."""
+        the loop's, a record written twice by a retry) is read over that stretch.
+
+        One that has less lost records every replica had acknowledged: the topic was deleted
+        and re-created while this instance ran (or a leader without them was elected). It
+        holds only what was written since, so every account of the partition goes into this
+        checkpoint too, and the new log is read from its start for reset markers. Otherwise a
+        restart would restore only the accounts changed since, and vouched for by a control
+        record."""
         watched = sorted(p for p in partitions if p in self._verified_to)
         if not watched:
             return
         ends = await sink.changelog_ends(watched)
         if ends is None:
             return  # looked at again next time, over a longer stretch
+        for p, end in ends.items():
+            written_to = self._verified_to[p] + self._written[p]
+            if end < written_to:
+                sink.lost_records(p, end, written_to)
+                self.engine.mark_partition_dirty(p)
+                self.reset_at[p] = NO_RESET
+                self._verified_to[p], self._written[p] = 0, 0
         unexplained = {p: (self._verified_to[p], end) for p, end in ends.items()
                        if end != self._verified_to[p] + self._written[p]}
         resets = await sink.last_resets(unexplained) if unexplained else {}

@@ -94,6 +94,9 @@ class Recorder:
     async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
         raise AssertionError("asked without changelog ends")
 
+    def lost_records(self, partition: int, end: int, written_to: int) -> None:
+        self.calls.append(("lost_records", (partition, end, written_to)))
+
     def steps(self) -> list[str]:
         """The calls in short: "deliver account×2" delivered two account records."""
         out = []
@@ -150,6 +153,11 @@ class Changelog(Recorder):
         for message in messages:
             assert message.partition is not None
             self.ends[message.partition] += 1
+
+    def recreate(self, partition: int) -> None:
+        """The topic is deleted and created again: the partition's log starts over, empty."""
+        self.ends[partition] = 0
+        self.resets[partition] = []
 
     def foreign(self, partition: int, reset: bool) -> int:
         """Another instance writes a record; its offset."""
@@ -282,6 +290,46 @@ async def test_a_stretch_that_could_not_be_read_is_read_at_the_next_checkpoint()
     assert changelog.read[-1] == {0: (10, 14)}
     assert reset_named(changelog, 0) == 10
     assert sorted(snapshots_written(changelog)) == ["alice", "carol"]
+
+
+async def test_a_changelog_re_created_while_running_has_every_account_written_again() -> None:
+    """alice and carol live in partition 0; only alice changed since the restore, when the
+    changelog ended at 10. The topic is re-created: its partition 0 now ends at 0, before
+    the records this instance wrote. carol goes into the checkpoint too, and the partition's
+    control record names no reset."""
+    checkpointer, _ = alice_changed_since_the_restore()
+    changelog = Changelog()
+    changelog.recreate(0)
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert sorted(snapshots_written(changelog)) == ["alice", "carol"]
+    assert ("lost_records", (0, 0, 10)) in changelog.calls
+    assert reset_named(changelog, 0) == NO_RESET
+
+
+async def test_records_lost_after_a_checkpoint_of_its_own_are_found_by_the_next() -> None:
+    """The re-created log already holds 3 of the 5 records the last checkpoint wrote (the
+    topic went in the middle of it): it ends at 3, before 15."""
+    checkpointer, engine = alice_changed_since_the_restore()
+    changelog = Changelog()
+    await checkpointer.checkpoint({0, 1}, changelog)
+    written = changelog.ends[0]
+    changelog.recreate(0)
+    changelog.ends[0] = 3
+    deposit(engine, "alice", 5.0, 0, 3)
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert ("lost_records", (0, 3, written)) in changelog.calls
+    assert sorted(snapshots_written(changelog)) == ["alice", "carol"]
+
+
+async def test_a_reset_marker_in_the_re_created_changelog_is_named() -> None:
+    """Another instance reset the new log (its first record): read from the log's start."""
+    checkpointer, _ = alice_changed_since_the_restore()
+    changelog = Changelog()
+    changelog.recreate(0)
+    assert changelog.foreign(0, reset=True) == 0
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert changelog.read == [{0: (0, 1)}]
+    assert reset_named(changelog, 0) == 0
 
 
 async def test_a_lot_waits_for_the_events_then_writes_its_layout_then_its_snapshots() -> None:
