@@ -114,6 +114,21 @@ class StateCorrupt(LiqmonError):
         self.topic, self.partition, self.offset = topic, partition, offset
 
 
+class StateLost(LiqmonError):
+    """A changelog partition holds no checkpoint although one was written to it: the start
+    stops rather than take it as a first start, dropping every account of the partition."""
+
+    def __init__(self, topic: str, partition: int, evidence: str) -> None:
+        super().__init__(
+            f"{topic}/{partition} holds no checkpoint, but {evidence}: its records are gone "
+            "(the topic was deleted or re-created, or the cluster rebuilt). Taking it as a "
+            "first start would drop every account of the partition and publish wrong events. "
+            "To rebuild the state from the input topics (if they still hold their whole "
+            "history), start once with --reset-state; otherwise restore the topic first."
+        )
+        self.topic, self.partition = topic, partition
+
+
 class ConfigChanged(LiqmonError):
     """A partition's checkpoint was written under another risk config than this instance's."""
 

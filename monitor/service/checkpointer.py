@@ -217,6 +217,9 @@ class Checkpointer:
         self.seq = 0
         # per account partition, the reset marker its state follows (`restored_after`)
         self.reset_at: dict[int, int] = {}
+        # account partitions this process has read or written a control record of: their
+        # changelog cannot be empty unless its records were lost (`Restorer.refuse_lost_state`)
+        self.checkpointed: set[int] = set()
         # Per account partition: the changelog offset before which every record is known to
         # be this instance's own or has been looked through for reset markers, and how many
         # records it has written there since (`_follow_resets`).
@@ -242,10 +245,13 @@ class Checkpointer:
         """A restore read checkpoints up to ``seq``: the next one follows it."""
         self.seq = seq
 
-    def restored_after(self, partition: int, reset_at: int, read_to: int) -> None:
+    def restored_after(self, partition: int, reset_at: int, read_to: int, *,
+                       checkpointed: bool = False) -> None:
         """A partition was restored from its changelog partition read up to ``read_to``, after
         the reset marker at ``reset_at`` (NO_RESET: none): its control records vouch for what
-        follows that marker, and only that."""
+        follows that marker, and only that. ``checkpointed``: from a control record."""
+        if checkpointed:
+            self.checkpointed.add(partition)
         self.reset_at[partition] = reset_at
         self._verified_to[partition] = read_to
         self._written[partition] = 0
@@ -415,6 +421,7 @@ class Checkpointer:
                 await sink.deliver([control_message(
                     partition, control, t, self.reset_at.get(partition, NO_RESET))])
                 self._written[partition] += 1
+                self.checkpointed.add(partition)
                 await asyncio.sleep(time.monotonic() - sent)
         except BaseException:
             self.engine.mark_dirty(taken.keys, taken.rows)

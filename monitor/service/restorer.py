@@ -29,9 +29,11 @@ from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
+    NO_RESET,
     ConfigChanged,
     RestoredPartition,
     RestoreProgress,
+    StateLost,
     read_changelog,
 )
 from monitor.service.checkpointer import Checkpointer
@@ -225,6 +227,7 @@ class Restorer:
         table and price positions too on the ``first`` assignment. Returns how many
         accounts were restored and how many records a catch-up replayed."""
         self.check_config(restored)
+        await self.refuse_lost_state(gained, restored, accounts.committed)
         self.say_unvouched(restored)
         restored = {partition: part.vouched() for partition, part in restored.items()}
         if first:
@@ -238,7 +241,8 @@ class Restorer:
             else:
                 await self.install(restored[partition], accounts)
             self.checkpointer.restored_after(partition, restored[partition].reset_at,
-                                             restored[partition].read_to)
+                                             restored[partition].read_to,
+                                             checkpointed=restored[partition].control is not None)
             self.positions.owned.add(partition)
             restored_accounts += len(restored[partition].snapshots)
         # File the restored accounts in the band index before saying ready, or the
@@ -260,6 +264,35 @@ class Restorer:
             self.log.warning("restoring state checkpointed under another risk config "
                              "(--accept-config-change)", partition=partition,
                              checkpointed=theirs, configured=self.fingerprint)
+
+    async def refuse_lost_state(self, gained: list[int], restored: dict[int, RestoredPartition],
+                                committed: Callable[[TopicPartition], Awaitable[int | None]]
+                                ) -> None:
+        """Stop (`StateLost`) rather than take a gained partition whose changelog holds no
+        control record and no reset marker as a first start, when a checkpoint of it was
+        written: this process read or wrote one, or the group has committed offsets for its
+        inputs (``committed``: the group's offset of an input partition, None if none), which
+        only a checkpoint commits. Its records were lost, and the first start it would look
+        like drops every account of the partition (and, with --start latest, the inputs
+        between). --reset-state writes a marker, which a rebuild from the inputs then
+        follows."""
+        t = self.settings.topics
+        for partition in gained:
+            part = restored[partition]
+            if part.control is not None or part.reset_at != NO_RESET:
+                continue
+            if partition in self.checkpointer.checkpointed:
+                raise StateLost(t.state, partition, "this instance read or wrote a checkpoint "
+                                                    "of it since it started")
+            found = [(tp, offset) for tp in (TopicPartition(t.fills, partition),
+                                             TopicPartition(t.ledger, partition))
+                     if (offset := await committed(tp)) is not None]
+            if found:
+                offsets = " and ".join(f"{tp.topic}/{tp.partition} ({offset:,})"
+                                       for tp, offset in found)
+                raise StateLost(t.state, partition, f"group {self.settings.group!r} has "
+                                f"committed offsets for {offsets}, which only a checkpoint "
+                                "commits")
 
     def say_unvouched(self, restored: dict[int, RestoredPartition]) -> None:
         """Warn of control records a restore does not take: written after a reset marker by

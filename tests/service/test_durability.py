@@ -23,6 +23,7 @@ from monitor.service.changelog import (
     LAYOUT,
     RestoreProgress,
     StateCorrupt,
+    StateLost,
     read_changelog,
     snapshot_messages,
 )
@@ -44,6 +45,7 @@ from tests.support.kafka import (
     produce_timestamped,
     read_events,
     read_topic,
+    recreate,
     replayed,
     routable,
     run_args,
@@ -239,6 +241,31 @@ async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broke
         assert state_of(later.engine) == healthy
 
 
+
+
+async def test_a_changelog_deleted_while_stopped_stops_the_start_and_reset_state_rebuilds(
+        broker):
+    """The state topic is deleted while the instance is stopped (liqmon creates it again,
+    empty); the group still holds the offsets its checkpoints committed. A start that took
+    this for a first one would go on from those offsets with no account at all."""
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=10, length=400))
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
+    await create_topics(settings)
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, records)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, ends)
+        healthy = state_of(monitor.engine)
+    await recreate(settings, settings.topics.state, create=False)
+
+    with pytest.raises(StateLost, match=rf"^{settings.topics.state}/0 holds no checkpoint, "
+                                        rf"but group '{settings.group}' has committed "
+                                        "offsets for "):
+        await asyncio.wait_for(Monitor(settings, config).run(), timeout=60)
+
+    async with RunningMonitor(replace(settings, reset_state=True), config) as rebuilt:
+        await wait_processed(rebuilt, ends)  # state rebuilt from the inputs
+        assert state_of(rebuilt.engine) == healthy
 
 
 async def checkpointed(broker, seed: int, length: int, applied: int):

@@ -13,7 +13,6 @@ import orjson
 import pytest
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import parse_config
 from monitor.engine import Engine
@@ -31,23 +30,13 @@ from tests.support.kafka import (
     produce,
     read_events,
     read_topic,
+    recreate,
     wait_processed,
 )
 from tests.support.messages import deposit, fill, tick
 from tests.support.risk import RISK
 
 ENDS_EARLY = "input partition's log ends before the records applied from it"
-
-
-async def recreate(settings: ServiceSettings, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([topic])
-        await asyncio.sleep(0.5)  # the broker forgets it before it is made again
-        await admin.create_topics([NewTopic(topic, settings.partitions, 1)])
-    finally:
-        await admin.close()
 
 
 @pytest.mark.asyncio(loop_scope="session")

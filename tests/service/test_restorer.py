@@ -19,7 +19,7 @@ from monitor.config import fingerprint, parse_config
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import Fill, LedgerEntry
-from monitor.service.changelog import ConfigChanged, RestoredPartition
+from monitor.service.changelog import NO_RESET, ConfigChanged, RestoredPartition, StateLost
 from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients
 from monitor.service.metrics import Metrics
@@ -230,6 +230,50 @@ def test_control_records_a_restore_did_not_take_are_named_in_a_warning() -> None
         make().say_unvouched(restored)
     assert [(log["log_level"], log["partition"], log["reset_at"], log["ignored_control_records"],
              log["last_ignored_at"]) for log in logs] == [("warning", 3, 40, 2, 95)]
+
+
+# -- a changelog that lost its records ------------------------------------------------------
+
+def committed_offsets(offsets: dict[tuple[str, int], int]):
+    """The group's committed offset of an input partition, as `AIOKafkaConsumer.committed`
+    answers (None: none committed)."""
+    async def committed(tp: TopicPartition) -> int | None:
+        return offsets.get((tp.topic, tp.partition))
+    return committed
+
+
+async def test_no_checkpoint_where_the_group_committed_offsets_stops_the_start() -> None:
+    """Only a checkpoint commits: the changelog lost partition 3's records."""
+    committed = committed_offsets({("fills", 3): 733, ("ledger", 3): 120})
+    with pytest.raises(StateLost, match=r"^liqmon.state/3 holds no checkpoint, but group "
+                                        r"'liqmon' has committed offsets for fills/3 \(733\) "
+                                        r"and ledger/3 \(120\), which only a checkpoint "
+                                        r"commits: .* start once with --reset-state"):
+        await make().refuse_lost_state([3], {3: partition(3, None)}, committed)
+
+
+async def test_no_checkpoint_of_a_partition_this_instance_checkpointed_stops_it() -> None:
+    """A cluster rebuilt under a running instance: the group has no offsets any more."""
+    restorer = make()
+    restorer.checkpointer.restored_after(3, NO_RESET, read_to=80, checkpointed=True)
+    with pytest.raises(StateLost, match="this instance read or wrote a checkpoint of it"):
+        await restorer.refuse_lost_state([3], {3: partition(3, None)}, committed_offsets({}))
+
+
+async def test_no_checkpoint_and_no_committed_offsets_is_a_first_start() -> None:
+    await make().refuse_lost_state([3], {3: partition(3, None)}, committed_offsets({}))
+
+
+async def test_a_reset_marker_without_a_checkpoint_is_a_rebuild_not_a_loss() -> None:
+    """--reset-state wrote the marker: the partition is rebuilt from its inputs' start."""
+    committed = committed_offsets({("fills", 3): 733})
+    await make().refuse_lost_state([3], {3: replace(partition(3, None), reset_at=40)},
+                                   committed)
+
+
+async def test_a_checkpointed_partition_is_restored_whatever_the_group_committed() -> None:
+    committed = committed_offsets({("fills", 3): 733})
+    await make().refuse_lost_state([3], {3: partition(3, BEHIND)}, committed)
 
 
 # -- loading a partition ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -160,6 +160,19 @@ async def batch_codecs(bootstrap: str, topic: str) -> set[int]:
     finally:
         await client.close()
     return codecs
+
+
+async def recreate(settings: ServiceSettings, topic: str, *, create: bool = True) -> None:
+    """Delete a topic (its records gone) and, with ``create``, make it again, empty."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        await asyncio.sleep(0.5)  # the broker forgets it before it is made again
+        if create:
+            await admin.create_topics([NewTopic(topic, settings.partitions, 1)])
+    finally:
+        await admin.close()
 
 
 async def read_events(bootstrap: str, topics: Topics, idle: float = 0.5,
