@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
@@ -19,7 +19,7 @@ from monitor.service.merge import NEVER, TimestampMerge
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
 from monitor.service.tasks import cancel_and_wait
-from monitor.service.topics import TopicMissing, output_topics
+from monitor.service.topics import PartitionsChanged, TopicMissing, output_topics
 
 PROBE_INTERVAL = 1.0  # seconds between broker reachability probes
 ASKED_SPACING = 0.1  # seconds at least between two, when asked for sooner (`BrokerWatch.ask`)
@@ -146,9 +146,15 @@ _EXISTS = (NoError.errno, LeaderNotAvailableError.errno)
 
 
 async def topics_present(client: AIOKafkaClient, names: Sequence[str]) -> set[str]:
-    """Which of ``names`` exist, from a metadata request for them alone (never creating
-    one), to the first broker that answers. The whole cluster's metadata, on a cluster of
-    2,000 topics, took ~60 ms of the event loop to decode; these few, ~0.2 ms."""
+    """Which of ``names`` exist (`topic_partitions`)."""
+    return set(await topic_partitions(client, names))
+
+
+async def topic_partitions(client: AIOKafkaClient, names: Sequence[str]) -> dict[str, int]:
+    """The partition count of each of ``names`` that exists, from a metadata request for them
+    alone (never creating one), to the first broker that answers. The whole cluster's
+    metadata, on a cluster of 2,000 topics, took ~60 ms of the event loop to decode; these
+    few, ~0.2 ms."""
     request = MetadataRequest(list(names), allow_auto_topic_creation=False)
     nodes = [broker.nodeId for broker in client.cluster.brokers()]
     random.shuffle(nodes)  # as aiokafka's own metadata requests spread over the brokers
@@ -159,20 +165,23 @@ async def topics_present(client: AIOKafkaClient, names: Sequence[str]) -> set[st
         except KafkaError as exc:  # that broker is not reachable: the next one may be
             failure = exc
             continue
-        # (error_code, topic, ...) whatever the version
-        return {topic[1] for topic in answer.topics if topic[0] in _EXISTS}
+        # (error_code, topic, [is_internal since v1,] partitions, ...)
+        at = 2 if answer.API_VERSION == 0 else 3
+        return {topic[1]: len(topic[at]) for topic in answer.topics if topic[0] in _EXISTS}
     raise failure
 
 
 class BrokerWatch:
     """Says plainly when Kafka is out of reach and when it is back, and stops the instance
-    through ``fail`` when an output topic has disappeared. Each time it asks it tells
+    through ``fail`` when an output topic has disappeared or a topic's partition count is
+    no longer ``partition_counts``' (what the instance found at start, and reads). Each time
+    it asks it tells
     ``reachable`` whether Kafka answered (so that /readyz says so too) and whether within
     ``PROMPT_ANSWER`` (a late answer restarts the merge's wait: see below).
 
     The clients retry on their own and an idle consumer looks the same whether the broker
-    is there or not, so a cheap metadata request each second tells the two apart: for the
-    output topics alone (`topics_present`). ``ask``
+    is there or not, so a cheap metadata request each second tells the two apart: for
+    liqmon's topics alone (`topic_partitions`). ``ask``
     sends one at once (the merge asks before it releases records without proof of order);
     ``answered_sent_at`` is when the newest one answered within ``PROMPT_ANSWER`` was sent
     (monotonic clock). One answered later was held up by an outage and says only that it
@@ -184,8 +193,9 @@ class BrokerWatch:
     def __init__(self, client: AIOKafkaClient, settings: ServiceSettings, metrics: Metrics,
                  log: BoundLogger, reachable: Callable[[bool, bool], None],
                  fail: Callable[[BaseException], None],
-                 interval: float = PROBE_INTERVAL) -> None:
+                 partition_counts: Mapping[str, int], interval: float = PROBE_INTERVAL) -> None:
         self._client = client  # the producer's
+        self._counts = dict(partition_counts)
         self.settings = settings
         self.metrics = metrics
         self.log = log
@@ -202,6 +212,7 @@ class BrokerWatch:
     async def run(self) -> None:
         client = self._client
         outputs = output_topics(self.settings)
+        watched = sorted({*outputs, *self._counts})
         lost_at: float | None = None
         last_said = 0.0
         sent_at = NEVER
@@ -212,13 +223,13 @@ class BrokerWatch:
             self._asked.clear()
             # a broker refusing connections fails each request at once
             await asyncio.sleep(max(0.0, sent_at + ASKED_SPACING - time.monotonic()))
-            present: set[str] | None = None
+            present: dict[str, int] | None = None
             prompt = False
             sent_at = time.monotonic()
             try:
                 # asyncio.timeout, not wait_for: see monitor/service/tasks.py
                 async with asyncio.timeout(PROBE_INTERVAL * 2):
-                    present, error = await topics_present(client, outputs), None
+                    present, error = await topic_partitions(client, watched), None
                 prompt = time.monotonic() - sent_at <= PROMPT_ANSWER
                 if prompt:
                     self.answered_sent_at = sent_at
@@ -232,6 +243,11 @@ class BrokerWatch:
             missing = [name for name in outputs if present is not None and name not in present]
             if missing:
                 self._fail(TopicMissing(missing[0]))
+                return
+            changed = [(name, count, present[name]) for name, count in self._counts.items()
+                       if present is not None and present.get(name, count) != count]
+            if changed:
+                self._fail(PartitionsChanged(*changed[0]))
                 return
             if reachable and lost_at is not None:
                 self.log.info("kafka reachable again", bootstrap=self.settings.bootstrap,

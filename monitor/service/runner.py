@@ -85,7 +85,7 @@ from monitor.service.restorer import RestoreAbandoned, Restorer, staying
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
 from monitor.service.tasks import cancel_and_wait
-from monitor.service.topics import ensure_topics, output_topics
+from monitor.service.topics import changelog_kept, ensure_topics, output_topics
 from monitor.state import EVENT_TYPES, AccountState
 from monitor.version import liqmon_version
 
@@ -262,7 +262,8 @@ class Monitor:
                               partitions=sorted(self._positions.owned))
                 assert self._producer is not None
                 self._watch = BrokerWatch(self._producer.client, self.settings, self.metrics,
-                                          self.log, self._reachability, self.fail)
+                                          self.log, self._reachability, self.fail,
+                                          self.partition_counts)
                 watchdog = asyncio.create_task(self._watch.run())
                 watchdog.add_done_callback(self._watch_ended)
                 try:
@@ -394,6 +395,11 @@ class Monitor:
             try:
                 await admin.start()
                 self.partition_counts = await ensure_topics(admin, s)
+                doubt = await changelog_kept(admin, s.topics.state)
+                if doubt is not None:
+                    self.log.warning("cannot check that the changelog is compacted only (a "
+                                     "topic that deletes by age loses unchanged accounts)",
+                                     topic=s.topics.state, reason=doubt)
                 await self._start_clients()
                 break
             except KafkaError as exc:

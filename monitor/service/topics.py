@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from monitor.errors import LiqmonError
 from monitor.service.settings import ServiceSettings
@@ -23,6 +24,20 @@ class TopicMissing(LiqmonError):
                          "stopping without checkpointing, so that nothing published since "
                          "is lost; recreate it and restart")
         self.topic = topic
+
+
+class PartitionsChanged(LiqmonError):
+    """A topic's partition count changed while running: an instance reads the partitions it
+    found at start, and its accounts are spread over them."""
+
+    def __init__(self, topic: str, was: int, now: int) -> None:
+        super().__init__(
+            f"topic {topic!r} has {now} partitions, {was} when this instance started (deleted "
+            "and re-created, perhaps by a client's metadata request on a broker that creates "
+            "topics on demand, or partitions added): stopping rather than leave partitions "
+            "unread. A start reads the partitions there are; fills and ledger must have equal "
+            "counts, and the changelog as many, or it refuses (README, Running against Kafka)")
+        self.topic, self.was, self.now = topic, was, now
 
 
 def output_topics(settings: ServiceSettings) -> list[str]:
@@ -67,6 +82,43 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
             f"{counts[topics.fills]}: the changelog must have one partition per account partition"
         )
     return counts
+
+
+async def changelog_kept(admin: AIOKafkaAdminClient, topic: str) -> str | None:
+    """Refuse (`TopicLayoutError`) a changelog whose broker would delete records by age
+    (cleanup.policy delete, or compact,delete with a finite retention.ms): a snapshot of an
+    account that does not change would go, and the account with it at the next restore.
+    Returns why it could not tell (a broker that does not answer, or does not report the
+    policy), for a warning, or None when the topic is compacted only."""
+    try:
+        # every config: the embedded broker drops the connection when asked for a few
+        answers = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    except KafkaError as exc:
+        return f"the broker did not describe its configs ({exc!r})"
+    # (error_code, error_message, resource_type, resource_name, config_entries), each entry
+    # (name, value, ...), whatever the version
+    resources = [resource for answer in answers for resource in answer.resources]
+    if not resources or resources[0][0]:
+        return f"the broker did not describe its configs ({resources[0][:2] if resources else ''})"
+    configs = {entry[0]: entry[1] for entry in resources[0][4]}
+    policy = configs.get("cleanup.policy")
+    if policy is None:
+        return "the broker does not report its cleanup.policy"
+    kinds = {kind.strip() for kind in policy.split(",")}
+    retention = configs.get("retention.ms")
+    fix = ("Make it compacted only: kafka-configs.sh --alter --entity-type topics "
+           f"--entity-name {topic} --add-config cleanup.policy=compact")
+    if "delete" in kinds and retention != "-1":
+        raise TopicLayoutError(
+            f"'{topic}' has cleanup.policy={policy}"
+            + (f" and retention.ms={retention}" if retention else "")
+            + ": the snapshot of an account that does not change would be deleted by age, "
+            f"and the account lost at the next restart. {fix}")
+    if "compact" not in kinds:
+        raise TopicLayoutError(
+            f"'{topic}' has cleanup.policy={policy}: it is not compacted, so every restore "
+            f"reads every snapshot ever written. {fix}")
+    return None
 
 
 async def create_topics(settings: ServiceSettings) -> dict[str, int]:

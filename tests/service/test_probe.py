@@ -9,7 +9,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import structlog
@@ -19,10 +19,11 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import Metrics
-from monitor.service.probe import BrokerWatch, WatermarkProber, topics_present
-from monitor.service.topics import create_topics, output_topics
+from monitor.service.probe import BrokerWatch, WatermarkProber, topic_partitions, topics_present
+from monitor.service.settings import ServiceSettings
+from monitor.service.topics import PartitionsChanged, create_topics, output_topics
 from tests.support.clock import Clock
-from tests.support.kafka import fresh_settings
+from tests.support.kafka import fresh_settings, recreate
 from tests.support.merge import positioned
 
 
@@ -276,20 +277,52 @@ async def watching(bootstrap: str
                    ) -> AsyncIterator[tuple[BrokerWatch, list[tuple[bool, bool]]]]:
     """A broker watch that asks only when told (an interval of an hour), and what it found
     each time: (Kafka answered, within PROMPT_ANSWER)."""
-    settings = fresh_settings(bootstrap)
-    await create_topics(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    async with watching_topics(fresh_settings(bootstrap)) as (watch, found, _):
+        yield watch, found
+
+
+@contextlib.asynccontextmanager
+async def watching_topics(settings: ServiceSettings) -> AsyncIterator[
+        tuple[BrokerWatch, list[tuple[bool, bool]], list[BaseException]]]:
+    """`watching` of these settings' topics, and what the watch stopped the instance for."""
+    counts = await create_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
     await producer.start()
     found: list[tuple[bool, bool]] = []
+    failures: list[BaseException] = []
     watch = BrokerWatch(producer.client, settings, Metrics(), structlog.get_logger(),
-                        lambda *seen: found.append(seen), lambda exc: None, interval=3600)
+                        lambda *seen: found.append(seen), failures.append, counts,
+                        interval=3600)
     task = asyncio.create_task(watch.run())
     try:
-        yield watch, found
+        yield watch, found, failures
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await producer.stop()
+
+
+async def test_a_topic_re_created_with_other_partitions_stops_the_instance(broker) -> None:
+    """fills deleted and made again with 3 partitions, where the instance found 1 and reads
+    that one: the watch stops it rather than leave two partitions unread."""
+    settings = fresh_settings(broker.bootstrap)
+    async with watching_topics(settings) as (watch, _, failures):
+        await recreate(settings, settings.topics.fills, partitions=3)
+        watch.ask()
+        await until(lambda: failures != [])
+    (failure,) = failures
+    assert isinstance(failure, PartitionsChanged)
+    assert (failure.topic, failure.was, failure.now) == (settings.topics.fills, 1, 3)
+    assert str(failure).startswith(f"topic '{settings.topics.fills}' has 3 partitions, 1 when "
+                                   "this instance started")
+
+
+async def test_topic_partitions_counts_each_asked_topic_that_exists(broker) -> None:
+    settings = replace(fresh_settings(broker.bootstrap), partitions=2)
+    await create_topics(settings)
+    async with producer_client(broker.bootstrap) as producer:
+        counts = await topic_partitions(producer.client, [settings.topics.fills, "never.made"])
+    assert counts == {settings.topics.fills: 2}
 
 
 async def test_the_broker_watch_asked_sends_a_request_at_once(broker) -> None:

@@ -290,12 +290,12 @@ async def test_a_broker_watch_ended_by_a_bug_stops_the_instance(broker, risk, mo
     record without proof of order: an error that ends the watch stops it, loudly."""
     settings = fresh_settings(broker.bootstrap)
 
-    async def broken(*_: object) -> set[str]:
+    async def broken(*_: object) -> dict[str, int]:
         raise RuntimeError("not a Kafka error: a bug")
 
     with structlog.testing.capture_logs() as logs, pytest.raises(RuntimeError, match="a bug"):
         async with RunningMonitor(settings, parse_config(RISK)) as monitor:
-            monkeypatch.setattr(probe, "topics_present", broken)
+            monkeypatch.setattr(probe, "topic_partitions", broken)
             await asyncio.wait_for(monitor._stopping.wait(), timeout=30)
     (line,) = [entry for entry in logs if entry["event"] == "stopped by an error"]
     assert line["kind"] == "RuntimeError"

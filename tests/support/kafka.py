@@ -162,15 +162,17 @@ async def batch_codecs(bootstrap: str, topic: str) -> set[int]:
     return codecs
 
 
-async def recreate(settings: ServiceSettings, topic: str, *, create: bool = True) -> None:
-    """Delete a topic (its records gone) and, with ``create``, make it again, empty."""
+async def recreate(settings: ServiceSettings, topic: str, *, create: bool = True,
+                   partitions: int | None = None) -> None:
+    """Delete a topic (its records gone) and, with ``create``, make it again, empty (with
+    ``partitions``, else as many as liqmon makes)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()
     try:
         await admin.delete_topics([topic])
         await asyncio.sleep(0.5)  # the broker forgets it before it is made again
         if create:
-            await admin.create_topics([NewTopic(topic, settings.partitions, 1)])
+            await admin.create_topics([NewTopic(topic, partitions or settings.partitions, 1)])
     finally:
         await admin.close()
 

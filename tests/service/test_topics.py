@@ -1,0 +1,54 @@
+"""The topics liqmon checks before it starts: a changelog must keep what does not change."""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from monitor.service.topics import TopicLayoutError, changelog_kept, create_topics
+from tests.support.kafka import fresh_settings
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def kept(bootstrap: str, topic: str, configs: dict[str, str] | None) -> str | None:
+    """`changelog_kept` of a topic made with these configs (None: liqmon makes it)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        if configs is not None:
+            await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])
+        return await changelog_kept(admin, topic)
+    finally:
+        await admin.close()
+
+
+async def test_the_changelog_liqmon_makes_is_kept(broker) -> None:
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    assert await kept(broker.bootstrap, settings.topics.state, None) is None
+
+
+@pytest.mark.parametrize("configs", [
+    {"cleanup.policy": "delete"},
+    {"cleanup.policy": "compact,delete", "retention.ms": "604800000"},
+])
+async def test_a_changelog_that_deletes_by_age_is_refused(broker, configs) -> None:
+    topic = f"{fresh_settings(broker.bootstrap).topics.state}.deleting"
+    with pytest.raises(TopicLayoutError, match=rf"^'{topic}' has cleanup.policy="
+                       rf"{configs['cleanup.policy']}.*the snapshot of an account that does "
+                       "not change would be deleted by age"):
+        await kept(broker.bootstrap, topic, configs)
+
+
+async def test_compact_and_delete_with_no_time_limit_is_kept(broker) -> None:
+    topic = f"{fresh_settings(broker.bootstrap).topics.state}.forever"
+    configs = {"cleanup.policy": "compact,delete", "retention.ms": "-1"}
+    assert await kept(broker.bootstrap, topic, configs) is None
+
+
+async def test_a_policy_the_broker_does_not_report_is_a_doubt_not_a_refusal(broker) -> None:
+    """The embedded broker reports no cleanup.policy for a topic made without one."""
+    topic = f"{fresh_settings(broker.bootstrap).topics.state}.unset"
+    assert await kept(broker.bootstrap, topic, {}) == (
+        "the broker does not report its cleanup.policy")
