@@ -656,12 +656,24 @@ def _decode_json_account(raw: bytes) -> tuple[Account, int, Offsets]:
             balances=balances,
             positions={symbol: Position(q, e) for symbol, (q, e) in pairs.items()},
             state=_STATE_OF[doc["state"]],
-            transitions=int(doc["transitions"]),
-            partition=None if doc["partition"] is None else int(doc["partition"]),
+            transitions=_whole(doc["transitions"], 64),
+            partition=None if doc["partition"] is None else _whole(doc["partition"], 32),
         )
-        return account, int(doc["seq"]), _offsets(doc["as_of"])
+        as_of = _offsets(doc["as_of"])
+        for offset in as_of.values():
+            _whole(offset, 64)
+        return account, _whole(doc["seq"], 64), as_of
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SnapshotError(f"account snapshot is malformed: {exc!r}") from None
+
+
+def _whole(value: Any, bits: int) -> int:
+    """A whole number that fits the signed ``bits``-bit column a restore puts it in (the
+    numpy conversion raises OverflowError, far from the record, otherwise)."""
+    number = int(value)
+    if not -(1 << (bits - 1)) <= number < 1 << (bits - 1):
+        raise ValueError(f"{number} does not fit {bits} bits")
+    return number
 
 
 def encode_account(account: Account, seq: int, as_of: Offsets,

@@ -177,6 +177,16 @@ LAYOUT_1 = {1: Layout(("USDT", "BTC-PERP"))}
         (orjson.dumps({"v": 1, "seq": 1, "as_of": [], "balances": {"USDT": True},
                        "positions": {}, "state": 0, "transitions": 0, "partition": 0}),
          "account snapshot is malformed"),
+        # numbers past the columns a restore puts them in (2^64 - 1, 2^31)
+        (b'{"v": 1, "seq": 1, "as_of": [], "balances": {}, "positions": {}, "state": 0, '
+         b'"transitions": 18446744073709551615, "partition": 0}',
+         "18446744073709551615 does not fit 64 bits"),
+        (b'{"v": 1, "seq": 1, "as_of": [["fills", 0, 18446744073709551615]], "balances": {}, '
+         b'"positions": {}, "state": 0, "transitions": 0, "partition": 0}',
+         "18446744073709551615 does not fit 64 bits"),
+        (orjson.dumps({"v": 1, "seq": 1, "as_of": [], "balances": {}, "positions": {},
+                       "state": 0, "transitions": 0, "partition": 2**31}),
+         "2147483648 does not fit 32 bits"),
     ],
 )
 def test_undecodable_account_snapshots_raise(raw: bytes, message: str) -> None:
