@@ -706,6 +706,15 @@ def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
     except SnapshotError as exc:
         assert exc.index is not None
         raise StateCorrupt(topic, partition, int(offsets[live[exc.index]]), str(exc)) from None
+    # Only this partition's checkpoints write here: a snapshot of another account partition
+    # (a foreign writer, a copy) would replace the account its owner restores.
+    elsewhere = np.flatnonzero((snapshots.partition >= 0) & (snapshots.partition != partition))
+    if len(elsewhere):
+        k = int(elsewhere[0])
+        key = snapshots.ids[k]
+        raise StateCorrupt(topic, partition, int(offsets[live[ids.index(key)]]),
+                           f"the snapshot of {key!r} is of account partition "
+                           f"{int(snapshots.partition[k])}, which checkpoints elsewhere")
     return RestoredPartition(partition=partition, control=control, snapshots=snapshots,
                              records_read=latest.read,
                              forgotten=_forgotten(topic, partition, latest, key_start),

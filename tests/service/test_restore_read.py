@@ -326,6 +326,28 @@ def test_an_account_id_that_is_not_utf8_stops_the_restore_naming_its_offset() ->
     assert f"state/0@{bad.offset}" in str(excinfo.value)
 
 
+def test_a_snapshot_of_another_account_partition_stops_the_restore_naming_it() -> None:
+    """Partition 0's changelog holds a snapshot of an account of partition 1 (a copy, or a
+    foreign writer): restored, it would replace the account partition 0 holds."""
+    _, elsewhere = encode_account(Account(balances={"USDT": 10.0}, partition=1), 1,
+                                  {("fills", 1): 3})
+    bad = record(b"acct-1", elsewhere)
+    latest = _Latest().add([record(LAYOUT_RECORD.key, LAYOUT_RECORD.encoded, LAYOUT),
+                            record(b"fine", SNAPSHOT), bad])
+    latest.deduplicate()
+    with pytest.raises(StateCorrupt, match=rf"^checkpoint record state/0@{bad.offset} cannot be "
+                       r"decoded \(the snapshot of 'acct-1' is of account partition 1, which "
+                       r"checkpoints elsewhere\)"):
+        changelog._decode("state", 0, latest)
+
+
+def test_a_snapshot_that_names_no_partition_is_restored_where_it_is() -> None:
+    """JSON snapshots of early versions may name none."""
+    _, nowhere = encode_account(Account(balances={"USDT": 10.0}, partition=None), 1,
+                                {("fills", 0): 3})
+    assert restored_ids((b"old", nowhere)) == ["old"]
+
+
 def test_a_forgotten_account_whose_id_is_not_utf8_does_not_stop_the_restore() -> None:
     assert restored_ids((b"\xff", SNAPSHOT), (b"fine", SNAPSHOT), (b"\xff", None)) == ["fine"]
 
