@@ -164,15 +164,24 @@ async def batch_codecs(bootstrap: str, topic: str) -> set[int]:
 
 async def recreate(settings: ServiceSettings, topic: str, *, create: bool = True,
                    partitions: int | None = None) -> None:
-    """Delete a topic (its records gone) and, with ``create``, make it again, empty (with
-    ``partitions``, else as many as liqmon makes)."""
+    """Delete a topic (its records gone) and, with ``create``, make it again at once, empty
+    (with ``partitions``, else as many as liqmon makes). The embedded broker creates a topic
+    a client asks metadata of, with 4 partitions: a running instance's consumer that asks
+    between the two would make it so (and stop the instance, which finds the count changed).
+    So the two go back to back, and again should the topic come back with other partitions."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()
+    wanted = partitions or settings.partitions
     try:
-        await admin.delete_topics([topic])
-        await asyncio.sleep(0.5)  # the broker forgets it before it is made again
-        if create:
-            await admin.create_topics([NewTopic(topic, partitions or settings.partitions, 1)])
+        for _ in range(10):
+            await admin.delete_topics([topic])
+            if not create:
+                return
+            await admin.create_topics([NewTopic(topic, wanted, 1)])
+            (described,) = await admin.describe_topics([topic])
+            if len(described["partitions"]) == wanted:
+                return
+        raise AssertionError(f"{topic!r} keeps coming back with other partitions than {wanted}")
     finally:
         await admin.close()
 
