@@ -46,6 +46,7 @@ from monitor.records import (
     InputRecord,
     LedgerEntry,
     PriceTick,
+    Reason,
     Rejected,
     decode,
     decode_batch,
@@ -129,6 +130,10 @@ class Monitor:
             self.metrics.records_stamped_ahead.labels(topic)
         for topic in (topics.fills, topics.ledger):
             self.metrics.records_miskeyed.labels(topic)
+        for topic in (topics.prices, topics.fills, topics.ledger):
+            for reason in Reason.ALL:
+                if reason != Reason.UNKNOWN_TOPIC:  # replay's envelopes only
+                    self.metrics.records_rejected.labels(topic, reason)
         for event_type in EVENT_TYPES:
             self.metrics.events_emitted.labels(event_type)
         self.log = structlog.get_logger("liqmon")
@@ -591,10 +596,12 @@ class Monitor:
                 self._restore_started = started
                 restored = await self._restorer.read(gained, self._restore_progress)
                 assert self._prices is not None and self._accounts is not None
+                first = not self._restored.is_set()
                 accounts, replayed = await self._restorer.restore(
-                    gained, restored, not self._restored.is_set(), prices=self._prices,
-                    accounts=self._accounts,
+                    gained, restored, first, prices=self._prices, accounts=self._accounts,
                     price_partitions=self.partition_counts[self.settings.topics.prices])
+                if first:
+                    self._restored_price_ages()
             except RestoreAbandoned as abandoned:
                 self.log.info(f"restore abandoned: {abandoned}",
                               partitions=sorted(set(gained) - self._positions.owned))
@@ -696,6 +703,14 @@ class Monitor:
             self.metrics.rebalance_partitions.labels("kept").inc(len(stayed))
             self.log.info("partitions kept through the rebalance", partitions=stayed)
             await self._report_lag([tp for partition in stayed for tp in kept[partition]])
+
+    def _restored_price_ages(self) -> None:
+        """Each restored price counts as applied when it was stamped (or now, if stamped
+        ahead) in `liqmon_price_age_seconds`: with none, a restart while the feed is silent
+        would export no age at all, and clear LiqmonNoTicks."""
+        now = time.time()
+        for symbol, ts in self.engine.price_ts.items():
+            self._last_tick_wall.setdefault(symbol, min(ts / 1000, now))
 
     def _hand_over(self, partition: int) -> None:
         """Forget an account partition another instance takes."""

@@ -11,10 +11,12 @@ import urllib.request
 
 import orjson
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from monitor.config import parse_config
+from monitor.records import Reason
 from monitor.service import runner
 from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.metrics import HealthServer
@@ -123,6 +125,35 @@ async def test_metrics_cover_the_spec_and_move_with_the_records(broker):
             for state in ("HEALTHY", "MARGIN_CALL", "LIQUIDATING")] == [0, 0, 0]
     assert 0 <= value(scraped, "liqmon_price_age_seconds", symbol="BTC-PERP") < 60
     assert value(scraped, "liqmon_ready") == 1
+
+
+def test_every_rejection_reason_of_every_input_is_exported_at_zero_from_the_start() -> None:
+    """Else a series appears at 1 with the first rejection, and increase() over a window
+    that begins before it says 0: the dead-letter panel showed nothing for one bad record."""
+    settings = fresh_settings("127.0.0.1:1")
+    monitor = runner.Monitor(settings, parse_config(RISK))
+    scraped = samples(generate_latest(monitor.metrics.registry).decode())
+    t = settings.topics
+    for topic in (t.prices, t.fills, t.ledger):
+        for reason in (Reason.NOT_OBJECT, Reason.INVALID_JSON, Reason.TS_IN_FUTURE):
+            assert value(scraped, "liqmon_records_rejected_total", topic=topic,
+                         reason=reason) == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_restart_exports_the_age_of_every_restored_price(broker):
+    """The feed falls silent, then the instance restarts: the price it restored is as old as
+    its tick, not absent (LiqmonNoTicks would clear, and the panel go empty)."""
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.1)
+    t = settings.topics
+    stamped = int(time.time() * 1000) - 90_000  # the last tick, a minute and a half ago
+    tick = (t.prices, b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000,
+                                                  "ts": stamped}))
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        await wait_processed(monitor, await produce(broker.bootstrap, [tick]))
+    async with RunningMonitor(settings, parse_config(RISK)) as restarted:
+        scraped = samples(generate_latest(restarted.metrics.registry).decode())
+    assert value(scraped, "liqmon_price_age_seconds", symbol="BTC-PERP") >= 90
 
 
 @pytest.mark.kafka  # starts a broker of its own
