@@ -322,6 +322,9 @@ class Checkpointer:
         that follows says which partitions stay, and those handed over are dropped.
         """
         if not partitions:
+            if not self.positions.owned:  # a standby: ticks applied, nothing to save
+                self.since_checkpoint = 0
+                self.last_checkpoint = time.monotonic()
             return
         collector.pause()  # its ~100,000 messages and futures would bring on full collections
         self._fenced_at = NEVER

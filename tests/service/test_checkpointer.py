@@ -586,6 +586,25 @@ async def test_accounts_are_put_back_when_the_control_records_fail() -> None:
     assert engine.take_dirty().keys == ["alice"]
 
 
+async def test_a_standby_has_nothing_to_save_and_no_checkpoint_age() -> None:
+    """An instance the group gave no partition applies ticks all the same: nothing of them
+    awaits a checkpoint (LiqmonCheckpointStale fired on every standby)."""
+    checkpointer, _ = make(owned=())
+    checkpointer.applied(10)
+    checkpointer.last_checkpoint -= 120
+    assert checkpointer.due()
+    await checkpointer.checkpoint(set(), Recorder())
+    assert (checkpointer.age(), checkpointer.due()) == (0.0, False)
+
+
+async def test_checkpointing_no_partition_of_an_owner_leaves_its_age() -> None:
+    checkpointer, _ = make(owned=(0,))
+    checkpointer.applied(10)
+    checkpointer.last_checkpoint -= 120
+    await checkpointer.checkpoint(set(), Recorder())
+    assert checkpointer.age() >= 120
+
+
 def test_a_checkpoint_is_due_after_checkpoint_records_records() -> None:
     checkpointer, _ = make()
     checkpointer.applied(99)
