@@ -1059,7 +1059,7 @@ class Monitor:
         """A catch-up's batch: applied to its private engine, output delivered before the
         next one (the restorer's `Replay`)."""
         assert self._delivery is not None
-        await self._delivery.deliver(self.apply_batch(batch, engine))
+        await self._delivery.deliver(self.apply_batch(batch, engine, ticks_again=True))
         self._log_events()
 
     def _consumer_of(self, tp: TopicPartition) -> AIOKafkaConsumer:
@@ -1101,13 +1101,19 @@ class Monitor:
         self._unlogged.clear()
 
     def apply_batch(self, batch: Sequence[tuple[TopicPartition, ConsumerRecord]],
-                    engine: Engine | ReferenceEngine, conflate: bool = False
-                    ) -> list[Outgoing]:
+                    engine: Engine | ReferenceEngine, conflate: bool = False, *,
+                    ticks_again: bool = False) -> list[Outgoing]:
         """Decode and apply records in order; return their events and dead letters.
 
         With ``conflate`` (--conflate-ticks), a tick is skipped when a later tick of the same
         symbol is in the same batch: only the latest price per symbol is applied, at its own
         place in the batch.
+
+        With ``ticks_again`` (a catch-up: this instance applied its ticks already, and
+        replays them for a gained partition's accounts), the ticks' events go out, but they
+        are not counted again (consumed, stale, unused, price age) nor dead-lettered again:
+        a failover counted each once more per partition taken over, and wrote each bad tick's
+        dead letter as many times.
         """
         config, topics, metrics = self.config, self.settings.topics, self.metrics
         miskeyed = self._miskeyed.saw
@@ -1148,24 +1154,30 @@ class Monitor:
             index += 1
             if index - 1 in superseded:
                 continue
+            again = ticks_again and tp.topic == topics.prices
             if isinstance(record, Rejected):
-                self._record_outcome(out, tp, message, record)
+                if not again:
+                    self._record_outcome(out, tp, message, record)
                 continue
             applied_ticks = stats.applied_ticks
             try:
                 events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))
             except Rejected as rejection:  # what only state makes bad input
-                self._record_outcome(out, tp, message, rejection)
+                if not again:
+                    self._record_outcome(out, tp, message, rejection)
                 continue
-            if isinstance(record, PriceTick) and stats.applied_ticks != applied_ticks:
+            if (isinstance(record, PriceTick) and stats.applied_ticks != applied_ticks
+                    and not again):
                 self._last_tick_wall[record.symbol] = time.time()
             self._record_outcome(out, tp, message, events)
         for topic, count in Counter(batch_topics).items():
-            metrics.records_consumed.labels(topic).inc(count)
+            if not (ticks_again and topic == topics.prices):
+                metrics.records_consumed.labels(topic).inc(count)
         self._miskeyed.report()
         stale, unused, duplicates = before
-        metrics.stale_ticks.inc(stats.stale_ticks - stale)
-        metrics.unused_ticks.inc(stats.unused_ticks - unused)
+        if not ticks_again:
+            metrics.stale_ticks.inc(stats.stale_ticks - stale)
+            metrics.unused_ticks.inc(stats.unused_ticks - unused)
         metrics.duplicates.inc(stats.duplicates - duplicates)
         return out
 

@@ -212,3 +212,42 @@ async def test_an_account_a_catch_up_empties_is_tombstoned_in_the_gained_partiti
     assert "b" not in engine.accounts
     taken = engine.take_dirty()
     assert dict(zip(taken.keys, taken.partitions.tolist(), strict=True)) == {"a": 0, "b": 0}
+
+
+def replayed_batch(ticks_again: bool) -> tuple[ServiceSettings, list[str], Metrics]:
+    """A deposit, a bad tick and a tick that liquidates nobody, applied by a monitor as a
+    catch-up applies them (``ticks_again``) or as its loop does: its settings, the topics of
+    what goes out, and its metrics."""
+    from monitor.service.runner import Monitor
+    from tests.support.messages import deposit, tick
+
+    settings = fresh_settings("127.0.0.1:1")
+    t = settings.topics
+    monitor = Monitor(settings, load_config(REPO / "examples" / "risk.toml"))
+    messages = [deposit(t, "alice", 100.0), (t.prices, b"BTC", b"not json"),
+                tick(t, "BTC", 60_000.0)]
+    batch = [(TopicPartition(topic, 0), ConsumerRecord(topic, 0, offset, 1, 0, key, value,
+                                                       None, len(key), len(value), ()))
+             for offset, (topic, key, value) in enumerate(messages)]
+    out = monitor.apply_batch(batch, Engine(monitor.config), ticks_again=ticks_again)
+    return settings, [message.topic for message in out], monitor.metrics
+
+
+def consumed(metrics: Metrics, topic: str) -> float | None:
+    return metrics.registry.get_sample_value("liqmon_records_consumed_total", {"topic": topic})
+
+
+async def test_a_catch_up_neither_counts_nor_dead_letters_the_ticks_this_instance_applied(
+        ) -> None:
+    """They were counted, and the bad one dead-lettered, when the loop applied them."""
+    settings, sent, metrics = replayed_batch(ticks_again=True)
+    t = settings.topics
+    assert t.dead_letter not in sent
+    assert (consumed(metrics, t.prices), consumed(metrics, t.ledger)) == (0, 1)
+
+
+async def test_the_loop_counts_and_dead_letters_every_tick() -> None:
+    settings, sent, metrics = replayed_batch(ticks_again=False)
+    t = settings.topics
+    assert sent.count(t.dead_letter) == 1
+    assert (consumed(metrics, t.prices), consumed(metrics, t.ledger)) == (2, 1)
