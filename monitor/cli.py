@@ -342,8 +342,8 @@ async def _mirror_readiness(monitor: Any, server: Any) -> None:
     import asyncio
 
     while True:
-        server.ready = monitor.ready.is_set()
-        server.not_ready_because = "" if server.ready else monitor.not_ready_because()
+        ready = monitor.ready.is_set()
+        server.tell(ready, "" if ready else monitor.not_ready_because())
         await asyncio.sleep(0.1)
 
 

@@ -221,6 +221,9 @@ IDLE_TIMEOUT = 5.0
 # Seconds a client may take to send its whole request: one that sends a byte now and then is
 # never idle for long, and would otherwise hold its thread for ever.
 REQUEST_TIMEOUT = 10.0
+# Seconds /readyz trusts the readiness the event loop last told it (it tells it every 0.1 s):
+# past them the loop is blocked, and the instance is not doing its job, whatever it said.
+READINESS_TRUSTED = 2.0
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -285,6 +288,7 @@ class HealthServer:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self.ready = False
         self.not_ready_because = ""  # said in the 503 body
+        self.told_at = time.monotonic()  # when the event loop last set the two (`tell`)
         self._server: _ThreadingServer = make_server(
             host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         self._server.idle_timeout = idle_timeout
@@ -301,14 +305,21 @@ class HealthServer:
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
         if path == "/readyz":
-            if self.ready:
+            silent = time.monotonic() - self.told_at
+            if self.ready and silent <= READINESS_TRUSTED:
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"ready\n"]
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-            reason = self.not_ready_because
+            reason = (f"the event loop has not answered for {silent:.0f} s" if self.ready
+                      else self.not_ready_because)
             return [f"not ready: {reason}\n".encode() if reason else b"not ready\n"]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: this port serves /metrics, /healthz and /readyz\n"]
+
+    def tell(self, ready: bool, not_ready_because: str = "") -> None:
+        """What /readyz says, from the event loop (at least every `READINESS_TRUSTED`)."""
+        self.ready, self.not_ready_because = ready, not_ready_because
+        self.told_at = time.monotonic()
 
     def start(self) -> HealthServer:
         self._thread.start()

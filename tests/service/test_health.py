@@ -112,8 +112,17 @@ def test_metrics_are_served_on_metrics(server: HealthServer) -> None:
 
 def test_readyz_follows_the_ready_flag(server: HealthServer) -> None:
     assert get(server.port, "/readyz") == (503, b"not ready\n")
-    server.ready = True
+    server.tell(True)
     assert get(server.port, "/readyz") == (200, b"ready\n")
+
+
+def test_readyz_is_503_once_the_event_loop_has_not_told_it_for_two_seconds(
+        server: HealthServer) -> None:
+    """The loop tells it every 0.1 s; one blocked for good would leave it saying ready."""
+    server.tell(True)
+    server.told_at -= 5
+    assert get(server.port, "/readyz") == (
+        503, b"not ready: the event loop has not answered for 5 s\n")
 
 
 def test_server_listens_only_on_the_address_it_is_given() -> None:
@@ -161,7 +170,7 @@ def test_metrics_label_the_risk_config_fingerprint(risk) -> None:
 
 
 def test_readyz_says_why_it_is_not_ready(server: HealthServer) -> None:
-    server.not_ready_because = "restoring state: 40,000 of at most 100,000 changelog records"
+    server.tell(False, "restoring state: 40,000 of at most 100,000 changelog records")
     assert get(server.port, "/readyz") == (
         503, b"not ready: restoring state: 40,000 of at most 100,000 changelog records\n")
 
