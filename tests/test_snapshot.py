@@ -410,6 +410,9 @@ def test_bulk_install_refuses_an_instrument_the_config_lacks(risk) -> None:
     with pytest.raises(NotInConfig) as excinfo:
         Engine(risk).load_accounts(snapshots)
     assert (excinfo.value.key, excinfo.value.names) == ("b", ["DOGE-PERP", "PEPE"])
+    # the config it was checkpointed under, or, when that is this one, a record not liqmon's
+    assert str(excinfo.value).endswith("start once with --reset-state to rebuild the state "
+                                       "from the input topics")
 
 
 def test_bulk_install_keeps_an_isolated_position_apart_from_its_account(risk) -> None:

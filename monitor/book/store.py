@@ -98,7 +98,9 @@ class NotInConfig(LiqmonError):
         held = (f"isolated position {key.label()!r}" if isinstance(key, UnitKey)
                 else f"account {key!r}")
         super().__init__(f"{held} holds {', '.join(names)}, which the risk config does not "
-                         "define: run with the config its state was checkpointed under")
+                         "define: run with the config its state was checkpointed under, or, if "
+                         "that is this one, the record is not liqmon's: start once with "
+                         "--reset-state to rebuild the state from the input topics")
         self.key, self.names = key, names
 
 
