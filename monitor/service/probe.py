@@ -173,11 +173,11 @@ async def topic_partitions(client: AIOKafkaClient, names: Sequence[str]) -> dict
 
 class BrokerWatch:
     """Says plainly when Kafka is out of reach and when it is back, and stops the instance
-    through ``fail`` when an output topic has disappeared or a topic's partition count is
-    no longer ``partition_counts``' (what the instance found at start, and reads). Each time
-    it asks it tells
-    ``reachable`` whether Kafka answered (so that /readyz says so too) and whether within
-    ``PROMPT_ANSWER`` (a late answer restarts the merge's wait: see below).
+    through ``fail`` when an output topic has disappeared, or when a topic's partition count
+    differs from ``partition_counts`` (what the instance found at start, and reads). Each
+    time it asks it tells ``reachable`` whether Kafka answered (so that /readyz says so too)
+    and whether within ``PROMPT_ANSWER`` (a late answer restarts the merge's wait: see
+    below).
 
     The clients retry on their own and an idle consumer looks the same whether the broker
     is there or not, so a cheap metadata request each second tells the two apart: for
