@@ -50,6 +50,9 @@ CHECKPOINT_CHUNK = 256  # snapshots encoded at a time
 # 2.5x slower and the ticks' p99 no better (bench, half the sustained rate).
 CHECKPOINT_SHARE = 0.5
 NEVER = float("-inf")
+# What a fence commits for an input partition whose changelog partition has no control record
+# yet: what the group reads back as no committed offset at all (Kafka stores any number).
+NO_OFFSET = -1
 # How long a checkpoint waits for the changelog's end offsets (`_follow_resets`) before it
 # goes on without looking: the next one looks again, and a stop in an outage is not held up.
 ENDS_TIMEOUT = 1.0
@@ -337,11 +340,15 @@ class Checkpointer:
 
     async def _owner(self, sink: CheckpointSink, offsets: dict[TopicPartition, int]) -> None:
         """Raise NotOwner unless the group's last yes (`fence`) still stands or it says yes
-        again now."""
+        again now. The question commits the checkpoint's offsets, but NO_OFFSET for those of
+        a partition that has no control record yet: committed offsets must mean that one was
+        written (`Restorer.refuse_lost_state`), and a crash before it is not a lost
+        changelog."""
         if time.monotonic() - self._fenced_at < self._fence_lasts:
             return
         asked = time.monotonic()
-        if not await sink.fence(offsets):
+        if not await sink.fence({tp: offset if tp.partition in self.checkpointed else NO_OFFSET
+                                 for tp, offset in offsets.items()}):
             raise NotOwner
         self._fenced_at = asked
 

@@ -29,7 +29,7 @@ from monitor.service.changelog import (
     NO_RESET,
     RESET_AT_HEADER,
 )
-from monitor.service.checkpointer import CHECKPOINT_CHUNK, Checkpointer, KafkaSink
+from monitor.service.checkpointer import CHECKPOINT_CHUNK, NO_OFFSET, Checkpointer, KafkaSink
 from monitor.service.delivery import DeliveryFailed, Pipeline
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
@@ -658,6 +658,19 @@ async def sink_of_a_group(bootstrap: str, group_id: str
     return sink, group, tp
 
 
+async def test_no_offset_in_a_fence_reads_back_as_no_committed_offset(broker) -> None:
+    """What a restore asks the group (`Restorer.refuse_lost_state`) after a crash between a
+    first checkpoint's fence and its control record: nothing committed."""
+    sink, group, tp = await sink_of_a_group(broker.bootstrap, "first-fence")
+    try:
+        assert await sink.fence({tp: NO_OFFSET})
+        assert await group.committed(tp) is None
+        await sink.commit({tp: 1})
+        assert await group.committed(tp) == 1
+    finally:
+        await group.stop()
+
+
 async def test_an_offset_commit_the_broker_does_not_answer_is_given_up_with_a_warning(
         own_broker) -> None:
     # aiokafka would retry it without end, holding the checkpoint (and a stop) behind it
@@ -680,10 +693,29 @@ async def test_a_checkpoint_the_group_does_not_vouch_for_writes_nothing_and_keep
     recorder = Recorder(owner=[False])
     await checkpointer.checkpoint({0}, recorder)  # no error: the rebalance sorts it out
     assert recorder.steps() == ["settled 0", "fence"]
-    assert recorder.calls[1] == ("fence", {TopicPartition("fills", 0): 7,
-                                           TopicPartition("ledger", 0): 3})
     assert checkpointer.seq == 0
     assert engine.take_dirty().keys == ["alice"]
+
+
+async def test_the_question_commits_no_offset_for_a_partition_never_checkpointed() -> None:
+    """A crash after it, before the first control record, must not leave the group holding
+    offsets only a checkpoint commits (a restart would take the changelog for lost)."""
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    recorder = Recorder(owner=[False])
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.calls[1] == ("fence", {TopicPartition("fills", 0): NO_OFFSET,
+                                           TopicPartition("ledger", 0): NO_OFFSET})
+
+
+async def test_the_question_commits_the_checkpoint_offsets_once_one_was_written() -> None:
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    checkpointer.restored_after(0, NO_RESET, read_to=10, checkpointed=True)
+    recorder = Recorder(owner=[False])
+    await checkpointer.checkpoint({0}, recorder)
+    assert recorder.calls[1] == ("fence", {TopicPartition("fills", 0): 7,
+                                           TopicPartition("ledger", 0): 3})
 
 
 async def test_the_group_is_asked_again_once_its_word_is_older_than_half_the_session() -> None:
