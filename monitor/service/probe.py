@@ -8,6 +8,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
@@ -150,11 +151,13 @@ async def topics_present(client: AIOKafkaClient, names: Sequence[str]) -> set[st
     return set(await topic_partitions(client, names))
 
 
-async def topic_partitions(client: AIOKafkaClient, names: Sequence[str]) -> dict[str, int]:
-    """The partition count of each of ``names`` that exists, from a metadata request for them
-    alone (never creating one), to the first broker that answers. The whole cluster's
-    metadata, on a cluster of 2,000 topics, took ~60 ms of the event loop to decode; these
-    few, ~0.2 ms."""
+async def topic_partitions(client: AIOKafkaClient, names: Sequence[str]
+                           ) -> dict[str, int | None]:
+    """The partition count of each of ``names`` that exists (None while its leader is being
+    elected: Kafka may list no partition then), from a metadata request for them alone
+    (never creating one), to the first broker that answers. The whole cluster's metadata,
+    on a cluster of 2,000 topics, took ~60 ms of the event loop to decode; these few,
+    ~0.2 ms."""
     request = MetadataRequest(list(names), allow_auto_topic_creation=False)
     nodes = [broker.nodeId for broker in client.cluster.brokers()]
     random.shuffle(nodes)  # as aiokafka's own metadata requests spread over the brokers
@@ -165,10 +168,16 @@ async def topic_partitions(client: AIOKafkaClient, names: Sequence[str]) -> dict
         except KafkaError as exc:  # that broker is not reachable: the next one may be
             failure = exc
             continue
-        # (error_code, topic, [is_internal since v1,] partitions, ...)
-        at = 2 if answer.API_VERSION == 0 else 3
-        return {topic[1]: len(topic[at]) for topic in answer.topics if topic[0] in _EXISTS}
+        return partition_counts_of(answer)
     raise failure
+
+
+def partition_counts_of(answer: Any) -> dict[str, int | None]:
+    """`topic_partitions` of a metadata answer."""
+    # (error_code, topic, [is_internal since v1,] partitions, ...)
+    at = 2 if answer.API_VERSION == 0 else 3
+    return {topic[1]: len(topic[at]) if topic[0] == NoError.errno else None
+            for topic in answer.topics if topic[0] in _EXISTS}
 
 
 class BrokerWatch:
@@ -223,7 +232,7 @@ class BrokerWatch:
             self._asked.clear()
             # a broker refusing connections fails each request at once
             await asyncio.sleep(max(0.0, sent_at + ASKED_SPACING - time.monotonic()))
-            present: dict[str, int] | None = None
+            present: dict[str, int | None] | None = None
             prompt = False
             sent_at = time.monotonic()
             try:
@@ -244,8 +253,9 @@ class BrokerWatch:
             if missing:
                 self._fail(TopicMissing(missing[0]))
                 return
-            changed = [(name, count, present[name]) for name, count in self._counts.items()
-                       if present is not None and present.get(name, count) != count]
+            changed = [(name, count, found) for name, count in self._counts.items()
+                       if present is not None and (found := present.get(name)) is not None
+                       and found != count]
             if changed:
                 self._fail(PartitionsChanged(*changed[0]))
                 return

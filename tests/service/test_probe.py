@@ -14,12 +14,24 @@ from dataclasses import dataclass, replace
 import pytest
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    LeaderNotAvailableError,
+    UnknownTopicOrPartitionError,
+)
+from aiokafka.protocol.metadata import MetadataResponse_v5
 
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import Metrics
-from monitor.service.probe import BrokerWatch, WatermarkProber, topic_partitions, topics_present
+from monitor.service.probe import (
+    BrokerWatch,
+    WatermarkProber,
+    partition_counts_of,
+    topic_partitions,
+    topics_present,
+)
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import PartitionsChanged, create_topics, output_topics
 from tests.support.clock import Clock
@@ -323,6 +335,18 @@ async def test_topic_partitions_counts_each_asked_topic_that_exists(broker) -> N
     async with producer_client(broker.bootstrap) as producer:
         counts = await topic_partitions(producer.client, [settings.topics.fills, "never.made"])
     assert counts == {settings.topics.fills: 2}
+
+
+def test_a_topic_whose_leader_is_being_elected_exists_with_no_count_yet() -> None:
+    """Apache Kafka may answer LEADER_NOT_AVAILABLE with no partition listed (the embedded
+    broker never does): counted as 0, the watch would stop the instance for nothing."""
+    partition = (0, 0, 1, [1], [1], [])  # error, index, leader, replicas, isr, offline
+    sent = MetadataResponse_v5(0, [(1, "127.0.0.1", 9092, None)], "cluster", 1, [
+        (0, "fills", False, [partition, (0, 1, 1, [1], [1], [])]),
+        (LeaderNotAvailableError.errno, "ledger", False, []),
+        (UnknownTopicOrPartitionError.errno, "gone", False, [])])
+    answer = MetadataResponse_v5.decode(sent.encode())  # as the client reads it
+    assert partition_counts_of(answer) == {"fills": 2, "ledger": None}
 
 
 async def test_the_broker_watch_asked_sends_a_request_at_once(broker) -> None:
