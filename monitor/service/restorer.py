@@ -24,7 +24,7 @@ from aiokafka.errors import KafkaError
 from structlog.stdlib import BoundLogger
 
 from monitor.account import RiskKey
-from monitor.config import RiskConfig
+from monitor.config import RiskConfig, instrument_after_slash
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
 from monitor.reference import ReferenceEngine
@@ -230,6 +230,7 @@ class Restorer:
         await self.refuse_lost_state(gained, restored, accounts.committed)
         self.say_unvouched(restored)
         restored = {partition: part.vouched() for partition, part in restored.items()}
+        self.say_refused_ids(restored)
         if first:
             await self.restore_prices(list(restored.values()), prices, price_partitions)
         behind = self.to_catch_up(gained, restored, first)
@@ -293,6 +294,21 @@ class Restorer:
                 raise StateLost(t.state, partition, f"group {self.settings.group!r} has "
                                 f"committed offsets for {offsets}, which only a checkpoint "
                                 "commits")
+
+    def say_refused_ids(self, restored: dict[int, RestoredPartition]) -> None:
+        """Warn of restored accounts whose id inputs may no longer carry (one ending in '/'
+        and an instrument, checkpointed by a version before that was refused: records.py):
+        every record of theirs is dead-lettered from now on, and they hold what they hold."""
+        instruments = self.config.instruments
+        refused = [key for part in restored.values() for key in part.snapshots.ids
+                   if isinstance(key, str) and "/" in key
+                   and instrument_after_slash(key, instruments) is not None]
+        if refused:
+            self.log.warning(
+                "restored accounts whose id ends in '/' and an instrument: their records are "
+                "dead-lettered (bad_identifier) from now on, as their event ids would be "
+                "another account's isolated position's; move them to another id upstream",
+                accounts=len(refused), examples=sorted(refused)[:5])
 
     def say_unvouched(self, restored: dict[int, RestoredPartition]) -> None:
         """Warn of control records a restore does not take: written after a reset marker by

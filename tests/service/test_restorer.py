@@ -232,6 +232,16 @@ def test_control_records_a_restore_did_not_take_are_named_in_a_warning() -> None
              log["last_ignored_at"]) for log in logs] == [("warning", 3, 40, 2, 95)]
 
 
+def test_restored_accounts_whose_ids_inputs_can_no_longer_carry_are_named() -> None:
+    """Checkpointed before such ids were refused: their records are dead-lettered now."""
+    accounts = [(name, Account(balances={"USDT": 1.0}, partition=3), {})
+                for name in ("master/sub", "sub/BTC-PERP", "alice")]
+    with capture_logs() as logs:
+        make().say_refused_ids({3: partition(3, BEHIND, accounts)})
+    assert [(log["log_level"], log["accounts"], log["examples"]) for log in logs] == [
+        ("warning", 1, ["sub/BTC-PERP"])]
+
+
 # -- a changelog that lost its records ------------------------------------------------------
 
 def committed_offsets(offsets: dict[tuple[str, int], int]):
