@@ -6,6 +6,7 @@ import asyncio
 import random
 import subprocess
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -211,15 +212,30 @@ async def corrupt_checkpoint(bootstrap: str, topic: str) -> int:
     return meta.offset
 
 
-async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broker, tmp_path):
+async def served(broker, records) -> tuple[Any, Any, dict[TopicPartition, int], dict]:
+    """``records`` applied and checkpointed by a monitor now stopped: (config, settings,
+    the inputs' ends, the state it held)."""
     config = load_config(CONFIG)
-    records = routable(random_stream(seed=8, length=600))
     settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
     await create_topics(settings)
     ends = await produce_timestamped(broker.bootstrap, settings.topics, records)
     async with RunningMonitor(settings, config) as monitor:
         await wait_processed(monitor, ends)
-        healthy = state_of(monitor.engine)
+        held = state_of(monitor.engine)
+    return config, settings, ends, held
+
+
+async def rebuilt_by_reset_state(settings, config, ends: dict[TopicPartition, int],
+                                 healthy: dict) -> None:
+    """A start with --reset-state rebuilds ``healthy`` from the inputs."""
+    async with RunningMonitor(replace(settings, reset_state=True), config) as rebuilt:
+        await wait_processed(rebuilt, ends)
+        assert state_of(rebuilt.engine) == healthy
+
+
+async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broker, tmp_path):
+    config, settings, ends, healthy = await served(broker,
+                                                   routable(random_stream(seed=8, length=600)))
     offset = await corrupt_checkpoint(broker.bootstrap, settings.topics.state)
 
     with pytest.raises(StateCorrupt) as excinfo:
@@ -234,12 +250,9 @@ async def test_corrupt_checkpoint_stops_the_start_and_reset_state_recovers(broke
     assert result.returncode == 1
     assert f"{settings.topics.state}/0@{offset} cannot be decoded".encode() in stderr
 
-    async with RunningMonitor(replace(settings, reset_state=True), config) as rebuilt:
-        await wait_processed(rebuilt, ends)  # state rebuilt from the inputs
-        assert state_of(rebuilt.engine) == healthy
+    await rebuilt_by_reset_state(settings, config, ends, healthy)
     async with RunningMonitor(settings, config) as later:  # the reset outlives the restart
         assert state_of(later.engine) == healthy
-
 
 
 
@@ -248,37 +261,22 @@ async def test_a_changelog_deleted_while_stopped_stops_the_start_and_reset_state
     """The state topic is deleted while the instance is stopped (liqmon creates it again,
     empty); the group still holds the offsets its checkpoints committed. A start that took
     this for a first one would go on from those offsets with no account at all."""
-    config = load_config(CONFIG)
-    records = routable(random_stream(seed=10, length=400))
-    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
-    await create_topics(settings)
-    ends = await produce_timestamped(broker.bootstrap, settings.topics, records)
-    async with RunningMonitor(settings, config) as monitor:
-        await wait_processed(monitor, ends)
-        healthy = state_of(monitor.engine)
+    config, settings, ends, healthy = await served(broker,
+                                                   routable(random_stream(seed=10, length=400)))
     await recreate(settings, settings.topics.state, create=False)
 
     with pytest.raises(StateLost, match=rf"^{settings.topics.state}/0 holds no checkpoint, "
                                         rf"but group '{settings.group}' has committed "
                                         "offsets for "):
         await asyncio.wait_for(Monitor(settings, config).run(), timeout=60)
-
-    async with RunningMonitor(replace(settings, reset_state=True), config) as rebuilt:
-        await wait_processed(rebuilt, ends)  # state rebuilt from the inputs
-        assert state_of(rebuilt.engine) == healthy
+    await rebuilt_by_reset_state(settings, config, ends, healthy)
 
 
 async def checkpointed(broker, seed: int, length: int, applied: int):
     """A random stream of ``length`` records, its first ``applied`` applied and checkpointed
     by a monitor now stopped: (config, settings, records, the rest, the state it held)."""
-    config = load_config(CONFIG)
     records = routable(random_stream(seed=seed, length=length))
-    settings = fresh_settings(broker.bootstrap, checkpoint_interval=0.2, max_idle=5.0)
-    await create_topics(settings)
-    ends = await produce_timestamped(broker.bootstrap, settings.topics, records[:applied])
-    async with RunningMonitor(settings, config) as monitor:
-        await wait_processed(monitor, ends)
-        before = state_of(monitor.engine)
+    config, settings, _, before = await served(broker, records[:applied])
     return config, settings, records, records[applied:], before
 
 
