@@ -365,12 +365,15 @@ class Checkpointer:
         else; one that has more (a reset, a frozen predecessor's late snapshots, a marker of
         the loop's, a record written twice by a retry) is read over that stretch.
 
-        One that has less lost records every replica had acknowledged: the topic was deleted
-        and re-created while this instance ran (or a leader without them was elected). It
-        holds only what was written since, so every account of the partition goes into this
-        checkpoint too, and the new log is read from its start for reset markers. Otherwise a
-        restart would restore only the accounts changed since, and vouched for by a control
-        record."""
+        One that ends before the end seen at the last look has lost records every replica had
+        acknowledged: the topic was deleted and re-created while this instance ran (or a
+        leader without them was elected). It holds only what was written since, so every
+        account of the partition goes into this checkpoint too, and the new log is read from
+        its start for reset markers. Otherwise a restart would restore only the accounts
+        changed since, and vouched for by a control record. The end seen last, not that plus
+        what was written since: the embedded broker reports a log's end as its last batch's
+        first offset + 1, short of a batch of snapshots a checkpoint stopped after (its
+        control record, a batch of one, otherwise comes last)."""
         watched = sorted(p for p in partitions if p in self._verified_to)
         if not watched:
             return
@@ -378,9 +381,8 @@ class Checkpointer:
         if ends is None:
             return  # looked at again next time, over a longer stretch
         for p, end in ends.items():
-            written_to = self._verified_to[p] + self._written[p]
-            if end < written_to:
-                sink.lost_records(p, end, written_to)
+            if end < self._verified_to[p]:
+                sink.lost_records(p, end, self._verified_to[p] + self._written[p])
                 self.engine.mark_partition_dirty(p)
                 self.reset_at[p] = NO_RESET
                 self._verified_to[p], self._written[p] = 0, 0
