@@ -5,10 +5,12 @@ fills/ledger (keyed by account, or `snapshot.state_key` of the position; a tombs
 be forgotten), the layouts their snapshots refer to (written before them, see
 `monitor.snapshot`) and, written last in every checkpoint, a control record
 with the input offsets, price table and duplicate windows the accounts correspond to. A
-`reset` marker (written by --reset-state) makes a restore ignore everything before it, and
-every control record after it that was not written on a restore which read it: an instance
-that was running when another reset the changelog goes on checkpointing only the accounts it
-changed, and its control records cannot vouch for the others (`RESET_AT_HEADER`).
+`reset` marker (written by --reset-state) makes a restore ignore everything before it but the
+layouts, and every control record after it that was not written on a restore which read it:
+an instance that was running when another reset the changelog goes on checkpointing only the
+accounts it changed, and its control records cannot vouch for the others (`RESET_AT_HEADER`).
+Its snapshots may name a layout it wrote before the marker, in the same checkpoint: a layout is
+only the names a snapshot's numbers stand for, the same whoever wrote it, so it stays.
 
 Of the snapshots of one key, a restore keeps the newest *state*, which is not always the last
 record: an instance frozen past its session timeout may have handed a chunk of snapshots to its
@@ -329,8 +331,8 @@ class _Latest:
 
     def _other(self, record: Record) -> _Latest:
         kind = dict(record.headers).get(KIND_HEADER, ACCOUNT)
-        if kind == RESET:
-            return _Latest(read=self.read + 1, reset_at=record.offset)
+        if kind == RESET:  # layouts stay: they only name, by their digest (see the docstring)
+            return _Latest(read=self.read + 1, reset_at=record.offset, layouts=self.layouts)
         if kind == EPOCH:  # an input log was replaced: offsets from here on start again
             self.deduplicate()
             self.totals = [np.full(self.count, EARLIER_EPOCH, np.int64)]

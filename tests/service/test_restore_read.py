@@ -94,6 +94,16 @@ def test_a_reset_marker_forgets_everything_before_it_in_the_same_batch() -> None
     assert (latest.control, latest.read) == (None, 4)
 
 
+def test_a_snapshot_after_a_reset_reads_with_a_layout_written_before_it() -> None:
+    """An instance checkpointing while another starts with --reset-state: its layout goes
+    before the marker, the rest of its snapshots after it (a chaos drill's restart stopped
+    on one, 'refers to layout …, which the changelog partition does not hold')."""
+    latest = _Latest().add([record(LAYOUT_RECORD.key, LAYOUT_RECORD.encoded, LAYOUT),
+                            record(b"\x00reset", b"now", RESET), record(b"late", SNAPSHOT)])
+    latest.deduplicate()
+    assert list(changelog._decode("state", 0, latest).snapshots.ids) == ["late"]
+
+
 def control(value: bytes, reset_at: int | None) -> Any:
     """A control record naming the reset marker its writer restored after (None: one
     written before control records named it)."""
