@@ -183,7 +183,9 @@ class _LiveCollector(Collector):
         yield isolated
         age = GaugeMetricFamily("liqmon_price_age_seconds",
                                 "Seconds (wall clock) since the last applied tick, per "
-                                "symbol: the age of the price margins are computed from.",
+                                "symbol: the age of the price margins are computed from (a "
+                                "configured symbol never ticked: since this instance began "
+                                "applying ticks).",
                                 labels=["symbol"])
         for symbol, wall in sorted(figures.last_tick_wall.items()):
             age.add_metric([symbol], max(0.0, now - wall))

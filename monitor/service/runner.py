@@ -707,10 +707,14 @@ class Monitor:
     def _restored_price_ages(self) -> None:
         """Each restored price counts as applied when it was stamped (or now, if stamped
         ahead) in `liqmon_price_age_seconds`: with none, a restart while the feed is silent
-        would export no age at all, and clear LiqmonNoTicks."""
+        would export no age at all, and clear LiqmonNoTicks. A configured symbol with no price
+        yet ages from now, when ticks begin to be applied: else a fleet whose feed never
+        started would raise no alert at all."""
         now = time.time()
         for symbol, ts in self.engine.price_ts.items():
             self._last_tick_wall.setdefault(symbol, min(ts / 1000, now))
+        for symbol in self.engine.config.price_symbols():
+            self._last_tick_wall.setdefault(symbol, now)
 
     def _hand_over(self, partition: int) -> None:
         """Forget an account partition another instance takes."""

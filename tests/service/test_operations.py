@@ -156,6 +156,23 @@ async def test_a_restart_exports_the_age_of_every_restored_price(broker):
     assert value(scraped, "liqmon_price_age_seconds", symbol="BTC-PERP") >= 90
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_configured_price_never_ticked_ages_from_the_start(broker):
+    """A fleet whose feed never started: every symbol the config prices from ticks (BTC,
+    ETH and the three marks; USDT's price is fixed) exports an age that grows, so
+    LiqmonNoTicks fires instead of seeing no series at all."""
+    settings = fresh_settings(broker.bootstrap)
+    async with RunningMonitor(settings, parse_config(RISK)) as monitor:
+        first = samples(generate_latest(monitor.metrics.registry).decode())
+        await asyncio.sleep(1.1)
+        later = samples(generate_latest(monitor.metrics.registry).decode())
+    symbols = {"BTC", "ETH", "BTC-PERP", "ETH-PERP", "ETHBTC-PERP"}
+    assert symbols == parse_config(RISK).price_symbols()
+    for symbol in symbols:
+        assert value(later, "liqmon_price_age_seconds", symbol=symbol) >= (
+            value(first, "liqmon_price_age_seconds", symbol=symbol) + 1)
+
+
 @pytest.mark.kafka  # starts a broker of its own
 def test_health_before_and_after_kafka_is_reachable() -> None:
     kafka_port, http_port = free_port(), free_port()
