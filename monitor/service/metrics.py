@@ -111,7 +111,8 @@ class Metrics:
         self.rebalance_partitions = Counter(
             "liqmon_rebalance_partitions", "Account partitions at rebalances, by outcome: "
             "restored from the changelog, kept in memory (given back by the next generation), "
-            "handed over to another instance.", ["outcome"], registry=r)
+            "handed over (dropped from memory: taken by another instance, or by this one again "
+            "in a later generation, and then restored afresh).", ["outcome"], registry=r)
         for outcome in ("restored", "kept", "handed_over"):
             self.rebalance_partitions.labels(outcome)
         self.restore_duration = Histogram(
