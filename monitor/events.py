@@ -69,6 +69,12 @@ def event_id(account: str, transition: int, event_type: str, symbol: str | None 
     return f"{unit}:{transition}:{event_type}"
 
 
+def _wallet(balances: Mapping[str, float], settle: str) -> dict[str, float]:
+    """An isolated unit's `balances` (SPEC §4.1: `{settle: ib}`): its wallet, 0 included,
+    where a cross account lists its non-zero balances only."""
+    return {settle: balances.get(settle, 0.0)}
+
+
 def build_event(
     *,
     account: str,
@@ -128,7 +134,9 @@ def build_event(
         "initial_margin": valuation.initial_margin,
         "collateral_value": valuation.collateral_value,
         "unrealized_pnl": valuation.unrealized_pnl,
-        "balances": {asset: balances[asset] for asset in sorted(balances)},
+        "balances": (
+            {asset: balances[asset] for asset in sorted(balances)} if isolated is None
+            else _wallet(balances, config.instruments[isolated].settle)),
         "positions": details,
     }
     max_age = config.prices.max_age_ms

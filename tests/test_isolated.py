@@ -21,6 +21,7 @@ from monitor.config import RiskConfig, parse_config
 from monitor.engine import Engine
 from monitor.events import Event, Source
 from monitor.records import Fill, LedgerEntry, PriceTick, Reason, Rejected
+from monitor.reference import ReferenceEngine
 from monitor.replay import replay
 from tests.support.risk import RISK
 from tests.support.schemas import schema_errors
@@ -276,6 +277,22 @@ def test_events_of_one_tick_by_account_cross_first_then_units_by_symbol() -> Non
     assert [e.event_id for e in events] == [
         "a:1:liquidation", "a/BTC-PERP:1:liquidation", "a-b/BTC-PERP:1:liquidation",
         "a-b/BTC-Q:1:liquidation"]
+
+
+@pytest.mark.parametrize("engine_class", [Engine, ReferenceEngine])
+def test_an_unfunded_unit_lists_its_empty_wallet_in_its_events(risk, engine_class) -> None:
+    """SPEC §4.1: an isolated event's `balances` is `{settle: ib}`, a wallet at 0 too; a
+    consumer reading `balances["USDT"]` must find it."""
+    engine = engine_class(risk)
+    tick(engine, "BTC-PERP", 50_000.0)
+    deposit(engine, "d1", 1_000.0)
+    # 1 BTC-PERP short from 50,000, no wallet: equity 0, MM 0.004 · 50,000 = 200, insolvent.
+    (event,) = fill(engine, "f1", "BTC-PERP", -1.0, 50_000.0, mode="isolated")
+    p = event.payload
+    assert (event.event_id, p["insolvent"], p["equity"]) == (
+        "a/BTC-PERP:1:liquidation", True, 0.0)
+    assert p["balances"] == {"USDT": 0.0}
+    assert schema_errors("event", orjson.loads(event.encode())) == []
 
 
 def test_isolated_and_cross_events_validate_against_the_event_schema(engine) -> None:

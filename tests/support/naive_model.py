@@ -291,6 +291,7 @@ class NaiveMonitor:
         unit = name if isolated is None else f"{name}/{isolated}"
         mode = {"margin_mode": "cross"} if isolated is None else {
             "margin_mode": "isolated", "symbol": isolated}
+        settle = None if isolated is None else self.instruments[isolated]["settle"]
         return {
             "event_id": f"{unit}:{acct['n']}:{etype}", "type": etype, "account": name, **mode,
             "state": STATES[new], "previous_state": STATES[state], "ts": ts,
@@ -298,7 +299,9 @@ class NaiveMonitor:
             "margin_ratio": None if math.isinf(r) else r, "insolvent": math.isinf(r),
             "unpriced": unpriced, "equity": equity, "maintenance_margin": mm,
             "initial_margin": im, "collateral_value": cv, "unrealized_pnl": upnl,
-            "balances": {a: b for a, b in sorted(acct["b"].items()) if b != 0},
+            # SPEC §4.1: a unit's `balances` = {settle: ib}, 0 included
+            "balances": ({a: b for a, b in sorted(acct["b"].items()) if b != 0}
+                         if isolated is None else {settle: acct["b"].get(settle, 0.0)}),
             "positions": positions,
         }
 
