@@ -511,6 +511,9 @@ def cmd_stress(args: argparse.Namespace) -> int:
         plt = pyplot()  # before the book is read: a missing extra should not cost a replay
     engine = _stress_book(args, config)
     report = stress(engine, shocks)
+    if report.not_moved:  # else "0 newly liquidating" reads as a result, not a no-op
+        print(f"stress: no tick yet, so no shock moves: {', '.join(report.not_moved)}",
+              file=sys.stderr)
     with _stdout_writes():
         if args.json:
             print(json.dumps(report.to_json(), indent=2))

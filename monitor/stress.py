@@ -133,6 +133,10 @@ class StressBook:
         engine's compiled rule."""
         return kernels.next_states(self.state, ratio, self.t.k_thresholds)
 
+    def unpriced(self, symbol: str) -> bool:
+        """No tick yet: a shock leaves it where it is (not priced)."""
+        return bool(np.isnan(self.prices[self.t.sym_index[symbol]]))
+
     def shocked_prices(self, shock: Mapping[str, float]) -> np.ndarray:
         px = self.prices.copy()
         for symbol, fraction in shock.items():
@@ -188,9 +192,11 @@ def _flagged_in_order(order: np.ndarray, flags: np.ndarray) -> np.ndarray:
 class StressReport:
     accounts: int  # accounts holding a position: the ones every scenario values
     scenarios: list[ScenarioResult]
+    # shocked symbols with no tick yet, which no scenario moves (SPEC §7), sorted
+    not_moved: list[str]
 
     def to_json(self) -> dict[str, Any]:
-        return {"accounts": self.accounts,
+        return {"accounts": self.accounts, "not_moved": self.not_moved,
                 "scenarios": [scenario.to_json() for scenario in self.scenarios]}
 
 
@@ -202,7 +208,9 @@ def stress(engine: Engine, shocks: Sequence[Mapping[str, float]],
         base = book.figures(book.prices)
         scenarios = [_scenario(book, base, shock, losers) for shock in shocks[:1]]
     scenarios += [_scenario(book, base, shock, losers) for shock in shocks[1:]]
-    return StressReport(accounts=book.n, scenarios=scenarios)
+    shocked = {symbol for shock in shocks for symbol in shock}
+    return StressReport(accounts=book.n, scenarios=scenarios,
+                        not_moved=sorted(s for s in shocked if book.unpriced(s)))
 
 
 
@@ -245,7 +253,11 @@ def render(report: StressReport, console: Any) -> None:
     """The report as a rich table, one row per scenario."""
     from rich.table import Table
 
-    table = Table(title=f"liqmon stress: {report.accounts:,} accounts holding a position")
+    caption = None
+    if report.not_moved:
+        caption = (f"not moved by any shock, no tick yet: {', '.join(report.not_moved)}")
+    table = Table(title=f"liqmon stress: {report.accounts:,} accounts holding a position",
+                  caption=caption)
     for name in ("shock", "healthy", "margin call", "liquidating", "newly liquidating",
                  "unpriced", "equity", "maint. margin", "bad debt", "largest loser"):
         table.add_column(name, justify="left" if name in ("shock", "largest loser")

@@ -129,6 +129,15 @@ def test_a_symbol_without_a_tick_is_not_moved(risk: RiskConfig) -> None:
     assert result.equity == pytest.approx(100.0)
 
 
+def test_the_report_names_the_shocked_symbols_no_scenario_moved(risk: RiskConfig) -> None:
+    # BTC-PERP ticked, ETH-PERP and BTC never: two scenarios, the symbols listed once, sorted
+    engine = build(risk, [tick("BTC-PERP", 60_000.0), deposit("a", 100.0),
+                          fill("a", "ETH-PERP", "buy", 10, 3_000.0)])
+    report = stress(engine, [{"ETH-PERP": -0.5, "BTC-PERP": -0.5}, {"BTC": 0.1}])
+    assert report.not_moved == ["BTC", "ETH-PERP"]
+    assert stress(engine, [{"BTC-PERP": -0.5}]).not_moved == []
+
+
 def test_an_account_whose_settle_asset_has_no_price_is_counted_apart(risk: RiskConfig) -> None:
     # ETHBTC-PERP settles in BTC, which has no tick: SPEC §4 does not evaluate the account
     engine = build(risk, [tick("ETHBTC-PERP", 0.05), deposit("a", 100.0),

@@ -63,12 +63,21 @@ def test_the_table_names_the_newly_liquidating_count_and_the_largest_loser(book:
     assert "stress: replayed 5 records (0 rejected)" in result.stderr
 
 
+def test_a_shock_of_a_symbol_without_a_tick_says_it_moved_nothing(book: Path) -> None:
+    # the book ticks BTC-PERP only: a BTC shock leaves every figure as it was
+    result = liqmon("stress", "--replay", book, "--config", CONFIG, "--shock", "BTC=-0.5")
+    assert result.returncode == 0, result.stderr
+    assert "stress: no tick yet, so no shock moves: BTC" in result.stderr
+    assert "not moved by any shock, no tick yet: BTC" in result.stdout
+
+
 def test_json_report_validates_against_its_schema(book: Path) -> None:
     result = liqmon("stress", "--replay", book, "--config", CONFIG, "--grid=-0.2:0.2:0.1",
                     "--json")
     assert result.returncode == 0, result.stderr
     report = orjson.loads(result.stdout)
     assert schema_errors("stress_report", report) == []
+    assert "BTC-PERP" not in report["not_moved"] and "BTC" in report["not_moved"]
 
 
 def test_a_grid_runs_one_scenario_per_step_including_both_bounds(book: Path) -> None:
