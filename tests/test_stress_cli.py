@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from monitor.cli import MAX_GRID_SCENARIOS, _grid
 from monitor.config import load_config
@@ -231,13 +232,33 @@ async def test_a_config_without_the_books_instruments_exits_1_naming_them(
     assert "holds BTC-PERP, which the risk config does not define" in result.stderr
 
 
-async def test_a_state_topic_without_a_checkpoint_exits_1_naming_it(broker) -> None:
-    # a mistyped name: brokers that create topics on first use show it as an empty topic
+async def test_a_missing_state_topic_exits_1_naming_it_and_is_not_created(broker) -> None:
+    """A mistyped name, or a fleet not started yet. Asking a broker that creates topics on
+    first use would have created it, with the broker's layout, which the fleet then refuses
+    to start on (partition count, cleanup policy): a read-only command must not."""
+    missing = fresh_settings(broker.bootstrap).topics.state
     result = await asyncio.to_thread(liqmon, "stress", "--bootstrap", broker.bootstrap,
-                                     "--topic-state", "no-such-state-topic", "--config", CONFIG,
+                                     "--topic-state", missing, "--config", CONFIG,
                                      "--shock", "BTC-PERP=-0.1")
     assert result.returncode == 1
-    assert "no-such-state-topic" in result.stderr
+    assert f"topic {missing!r} not found" in result.stderr
+    assert "--topic-state" in result.stderr
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        assert missing not in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def test_a_state_topic_without_a_checkpoint_exits_1_naming_it(broker) -> None:
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    result = await asyncio.to_thread(liqmon, "stress", "--bootstrap", broker.bootstrap,
+                                     "--topic-state", settings.topics.state, "--config", CONFIG,
+                                     "--shock", "BTC-PERP=-0.1")
+    assert result.returncode == 1
+    assert f"state topic {settings.topics.state!r} holds no checkpoint" in result.stderr
 
 
 def test_an_unreachable_broker_exits_1() -> None:

@@ -39,7 +39,6 @@ from typing import cast
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from monitor.account import RiskKey, UnitKey
@@ -53,6 +52,7 @@ from monitor.reference import ReferenceEngine
 from monitor.service.log_reader import (
     Record,
     RecordBatch,
+    TopicsNotFound,
     bounds,
     read_range,
     reading_client,
@@ -60,6 +60,7 @@ from monitor.service.log_reader import (
     whole_batches,
 )
 from monitor.service.outbox import Outgoing
+from monitor.service.probe import topic_partitions
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import Topics
 from monitor.snapshot import (
@@ -866,16 +867,16 @@ async def read_book(bootstrap: str, topic: str, config: RiskConfig,
     market, which is where a what-if starts. (A restore takes the control furthest *behind*
     only so that it re-reads the ticks its accounts have not seen; a report re-reads nothing.)
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="liqmon-stress",
-                                **security.client_kwargs())
-    await admin.start()
-    try:
-        described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    partitions = [p["partition"] for t in described if t["topic"] == topic
-                  for p in t["partitions"]]
-    restored = await read_changelog(bootstrap, topic, sorted(partitions),
+    # A metadata request that cannot create it: a broker that auto-creates topics would
+    # give a missing one its own layout, which the fleet then refuses to start on.
+    async with reading_client(bootstrap, "liqmon-stress", 30_000, security) as client:
+        counts = await topic_partitions(client, [topic])
+    if topic not in counts:
+        raise TopicsNotFound([topic], "--topic-state")
+    count = counts[topic]
+    if count is None:
+        raise StateTopicUnavailable(topic)
+    restored = await read_changelog(bootstrap, topic, list(range(count)),
                                     client_id="liqmon-stress", security=security)
     if all(part.control is None for part in restored.values()):
         raise NoCheckpoint(topic)  # an empty book would read as "no risk": say why instead
@@ -896,10 +897,16 @@ async def read_book(bootstrap: str, topic: str, config: RiskConfig,
     return engine
 
 
+class StateTopicUnavailable(LiqmonError):
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"state topic {topic!r} lists no partitions (a leader being "
+                         "elected?): try again")
+
+
 class NoCheckpoint(LiqmonError):
     def __init__(self, topic: str) -> None:
-        super().__init__(f"state topic {topic!r} holds no checkpoint: does it exist, is "
-                         "--topic-state right, has the fleet checkpointed yet?")
+        super().__init__(f"state topic {topic!r} holds no checkpoint: is --topic-state "
+                         "right, has the fleet checkpointed yet?")
 
 
 class UnknownToConfig(LiqmonError):

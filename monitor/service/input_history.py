@@ -28,11 +28,16 @@ from typing import IO
 from aiokafka import TopicPartition
 
 from monitor.engine import Engine
-from monitor.errors import LiqmonError
 from monitor.events import Source
 from monitor.records import Rejected
 from monitor.replay import EventCheck, EventComparison, EventSink, ReplaySummary, replay_inputs
-from monitor.service.log_reader import RecordBatch, bounds, read_range, reading_client
+from monitor.service.log_reader import (
+    RecordBatch,
+    TopicsNotFound,
+    bounds,
+    read_range,
+    reading_client,
+)
 from monitor.service.probe import topics_present
 from monitor.service.security import PLAINTEXT, KafkaSecurity
 from monitor.service.settings import DEFAULT_MAX_FUTURE, Topics
@@ -155,13 +160,6 @@ class InputHistory:
                 for topic, partition, start in later)
                 + " are gone from Kafka: what they did is missing from this replay")
         return line
-
-
-class TopicsNotFound(LiqmonError):
-    def __init__(self, names: list[str], flags: str) -> None:
-        super().__init__(f"topic{'s' if len(names) > 1 else ''} "
-                         f"{', '.join(map(repr, names))} not found: is --bootstrap right, and "
-                         f"are the topics renamed ({flags})?")
 
 
 async def read_input_history(bootstrap: str, topics: Topics,

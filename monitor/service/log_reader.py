@@ -33,6 +33,7 @@ from aiokafka.protocol.offset import OffsetRequest
 from aiokafka.record.memory_records import MemoryRecords
 
 from monitor.compiled import jit as _jit
+from monitor.errors import LiqmonError
 from monitor.service.security import KafkaSecurity
 from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS
 
@@ -113,6 +114,13 @@ async def read_range(client: AIOKafkaClient, ranges: dict[TopicPartition, tuple[
                         positions[tp] = max(positions[tp], offset)
         for tp in [tp for tp, position in positions.items() if position >= ends[tp]]:
             del positions[tp]
+
+
+class TopicsNotFound(LiqmonError):
+    def __init__(self, names: list[str], flags: str) -> None:
+        super().__init__(f"topic{'s' if len(names) > 1 else ''} "
+                         f"{', '.join(map(repr, names))} not found: is --bootstrap right, and "
+                         f"are the topics renamed ({flags})?")
 
 
 @contextlib.asynccontextmanager
