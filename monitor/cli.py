@@ -56,6 +56,7 @@ class _Output:
                  inputs: Mapping[str, str | Path | None]) -> None:
         self._failed = False
         if name in (None, "-"):
+            _refuse_overwriting("stdout", "stdout", inputs)
             self.label = "stdout"
             self._file: BinaryIO = sys.stdout.buffer
             return
@@ -99,19 +100,23 @@ class _Output:
 
 def _refuse_overwriting(option: str, name: str, inputs: Mapping[str, str | Path | None]
                        ) -> None:
-    """A UsageError if output ``name`` is one of the command's ``inputs`` (what each is →
-    its path; "-" and None are none)."""
+    """A UsageError if output ``name`` ("stdout": where stdout goes) is one of the command's
+    ``inputs`` (what each is → its path; "-" and None are none)."""
     for what, given in inputs.items():
         if given is not None and given != "-" and _same_file(name, given):
-            raise UsageError(f"{option} {name} is {what} ({given}): writing there would "
-                             "destroy it")
+            where = "stdout goes to" if name == "stdout" else f"{option} {name} is"
+            raise UsageError(f"{where} {what} ({given}): writing there would destroy it")
 
 
 def _same_file(one: str | Path, other: str | Path) -> bool:
+    """Whether two paths name one file; "stdout" as ``one``: whatever stdout is redirected
+    to (`>> input.jsonl`), if a file."""
     try:
+        if one == "stdout":
+            return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(other))
         return os.path.samefile(one, other)
-    except OSError:  # either missing: a file about to be made is no input
-        return False
+    except (OSError, ValueError):  # either missing (a file about to be made is no input), or
+        return False  # stdout closed or replaced by something without a descriptor
 
 
 @contextmanager
@@ -509,6 +514,8 @@ def cmd_stress(args: argparse.Namespace) -> int:
         _refuse_overwriting("--plot", args.plot, {"the risk config": args.config,
                                                   "the input": args.replay})
         plt = pyplot()  # before the book is read: a missing extra should not cost a replay
+    _refuse_overwriting("stdout", "stdout", {"the risk config": args.config,
+                                             "the input": args.replay})
     engine = _stress_book(args, config)
     report = stress(engine, shocks)
     if report.not_moved:  # else "0 newly liquidating" reads as a result, not a no-op

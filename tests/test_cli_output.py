@@ -58,6 +58,33 @@ def test_stress_refuses_a_plot_over_its_input(tmp_path: Path) -> None:
     assert source.read_bytes() == EXAMPLE.read_bytes()
 
 
+@pytest.mark.parametrize("command", [
+    ["replay", "{input}", "--config", str(CONFIG)],
+    ["stress", "--replay", "{input}", "--config", str(CONFIG), "--shock", "BTC-PERP=-0.1"],
+], ids=["replay", "stress"])
+def test_stdout_appended_to_the_input_is_refused_and_leaves_it_whole(
+        tmp_path: Path, command: list[str]) -> None:
+    source = tmp_path / "in.jsonl"
+    shutil.copy(EXAMPLE, source)
+    with source.open("ab") as appended:  # `>> in.jsonl`
+        result = liqmon(*[part.format(input=source) for part in command],
+                        stdout=appended.fileno())
+    assert result.returncode == 2
+    assert f"stdout goes to the input ({source}): writing there would destroy it" \
+        in result.stderr
+    assert source.read_bytes() == EXAMPLE.read_bytes()
+
+
+def test_stdout_appended_to_the_risk_config_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "risk.toml"
+    shutil.copy(CONFIG, config)
+    with config.open("ab") as appended:
+        result = liqmon("synth", "--config", config, "--steps", "1", stdout=appended.fileno())
+    assert result.returncode == 2
+    assert f"stdout goes to the risk config ({config})" in result.stderr
+    assert config.read_bytes() == CONFIG.read_bytes()
+
+
 @needs_dev_full
 def test_a_full_disk_under_the_output_file_is_one_line_and_exit_1() -> None:
     result = liqmon("replay", EXAMPLE, "--config", CONFIG, "-o", FULL_DISK)
