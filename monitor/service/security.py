@@ -88,6 +88,8 @@ class KafkaSecurity:
         files = {"--ssl-cafile": self.ssl_cafile, "--ssl-certfile": self.ssl_certfile,
                  "--ssl-keyfile": self.ssl_keyfile}
         given = [option for option, path in files.items() if path is not None]
+        if not self.ssl_check_hostname:
+            given.append("--no-ssl-check-hostname")
         if given and not self.tls:
             problems.append(f"{', '.join(given)} given but --security-protocol is "
                             f"{self.protocol}: TLS options need SSL or SASL_SSL")
@@ -112,7 +114,8 @@ class KafkaSecurity:
             try:
                 self.ssl_context()
             except (ssl.SSLError, OSError) as exc:  # not PEM, or a key that is not the cert's
-                problems.append(f"cannot load the TLS files: {exc}")
+                named = [f"{option} {path}" for option, path in files.items() if path]
+                problems.append(f"cannot load the TLS files ({', '.join(named)}): {exc}")
         return problems
 
     def ssl_context(self) -> ssl.SSLContext:

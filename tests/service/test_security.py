@@ -220,7 +220,13 @@ def test_a_tls_file_that_is_not_pem_is_a_usage_error(capsys: pytest.CaptureFixtu
     ca = tmp_path / "ca.pem"
     ca.write_text("not a certificate\n")
     err = run_usage_error(["--security-protocol", "SSL", "--ssl-cafile", str(ca)], capsys)
-    assert "cannot load the TLS files" in err
+    assert f"cannot load the TLS files (--ssl-cafile {ca})" in err
+
+
+def test_no_ssl_check_hostname_without_a_tls_protocol_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_usage_error(["--no-ssl-check-hostname"], capsys)
+    assert "--no-ssl-check-hostname given but --security-protocol is PLAINTEXT" in err
 
 
 def test_an_unknown_protocol_from_the_environment_is_a_usage_error(
