@@ -271,8 +271,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitor.service.settings import Topics, run_settings
     from monitor.service.tasks import abandoned_kafka_failures, log_task_stacks
 
-    if args.config is None:
-        raise CliError("--config (or LIQMON_CONFIG) is required")
+    if not args.config:  # None, or LIQMON_CONFIG set empty
+        raise UsageError("--config (or LIQMON_CONFIG) is required")
     topics: Topics = from_args(Topics, args)
     if topics.invalid():  # before connecting: the broker would refuse them on every request
         raise UsageError("; ".join(topics.invalid()))

@@ -322,6 +322,19 @@ def test_an_on_off_variable_reads_on_whatever_its_case_and_spaces(
     assert build_parser().parse_args(["run"]).reset_state is True
 
 
+@pytest.mark.parametrize("environ", [{}, {"LIQMON_CONFIG": ""}], ids=["unset", "empty"])
+def test_run_without_a_config_is_a_usage_error(environ: dict[str, str],
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 as replay's and synth's, naming both ways to give it (not "cannot read risk
+    config : No such file" for a template that leaves the variable blank)."""
+    monkeypatch.delenv("LIQMON_CONFIG", raising=False)
+    for variable, text in environ.items():
+        monkeypatch.setenv(variable, text)
+    assert main(["run"]) == 2
+    assert "--config (or LIQMON_CONFIG) is required" in capsys.readouterr().err
+
+
 def test_an_on_off_variable_set_empty_is_as_if_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """A deployment template that leaves it blank."""
     monkeypatch.setenv("LIQMON_RESET_STATE", "")
