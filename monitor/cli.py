@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from monitor.service.security import KafkaSecurity
 
 
+# The demo's config: the checkout's example (the README installs liqmon editable from it).
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "risk.toml"
+
+
 class CliError(Exception):
     """A usage, configuration or I/O problem: reported in one line, exit status 1."""
 
@@ -606,8 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "walk, a crash, a rebound) and show what the monitor sees. Everything "
                     "stops when it ends.",
     )
-    demo.add_argument("--config", default="examples/risk.toml", type=Path,
-                      help="risk config, default examples/risk.toml")
+    demo.add_argument("--config", default=EXAMPLE_CONFIG, type=Path,
+                      help="risk config, default the repository's examples/risk.toml "
+                           "(wherever the command is run from)")
     demo.add_argument("--duration", type=seconds, default=60.0, help="seconds, default 60")
     demo.add_argument("--accounts", type=at_least(1), default=3_000, help="default 3000")
     demo.add_argument("--seed", type=int, default=7,

@@ -322,6 +322,14 @@ def test_an_on_off_variable_reads_on_whatever_its_case_and_spaces(
     assert build_parser().parse_args(["run"]).reset_state is True
 
 
+def test_the_demo_finds_its_example_config_wherever_it_is_run_from(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # not the repository: "examples/risk.toml" is not here
+    config = build_parser().parse_args(["demo"]).config
+    assert config.is_absolute() and config.is_file()
+    assert config.samefile(REPO / "examples" / "risk.toml")
+
+
 @pytest.mark.parametrize("environ", [{}, {"LIQMON_CONFIG": ""}], ids=["unset", "empty"])
 def test_run_without_a_config_is_a_usage_error(environ: dict[str, str],
                                                monkeypatch: pytest.MonkeyPatch,
