@@ -155,6 +155,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.max_future is not None and args.bootstrap is None:
         raise UsageError("--max-future judges a ts against its Kafka timestamp: it needs "
                          "--bootstrap (a file replay takes its clock from the records)")
+    if args.bootstrap is None:
+        _refuse_topics_without_bootstrap(args, REPLAYED_TOPICS)
     engine = Engine(_load(args.config))
     if args.bootstrap is None:
         summary = _replay_file(args, engine)
@@ -162,6 +164,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"replay: {line}", file=sys.stderr)
         return 0
     return _replay_topics(args, engine)
+
+
+REPLAYED_TOPICS = ("prices", "fills", "ledger", "margin_calls", "liquidations")
+
+
+def _refuse_topics_without_bootstrap(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """A topic renamed for a command reading a file: it reads no topic, so the flag is a
+    mistake (the operator meant --bootstrap, or another command)."""
+    from monitor.service.settings import Topics
+
+    defaults = Topics()
+    renamed = [f"--topic-{name.replace('_', '-')}" for name in names
+               if getattr(args, f"topic_{name}") != getattr(defaults, name)]
+    if renamed:
+        what = "names a topic" if len(renamed) == 1 else "name topics"
+        raise UsageError(f"{', '.join(renamed)} {what} of --bootstrap: a file replay reads none")
 
 
 def _replay_file(args: argparse.Namespace, engine: Any) -> Any:
@@ -520,6 +538,8 @@ def cmd_stress(args: argparse.Namespace) -> int:
         plt = pyplot()  # before the book is read: a missing extra should not cost a replay
     _refuse_overwriting("stdout", "stdout", {"the risk config": args.config,
                                              "the input": args.replay})
+    if args.replay is not None:
+        _refuse_topics_without_bootstrap(args, ("state",))
     engine = _stress_book(args, config)
     report = stress(engine, shocks)
     if report.not_moved:  # else "0 newly liquidating" reads as a result, not a no-op

@@ -100,6 +100,15 @@ def test_check_without_bootstrap_is_a_usage_error() -> None:
     assert b"--check compares with the event topics: it needs --bootstrap" in result.stderr
 
 
+def test_a_topic_renamed_for_a_file_replay_is_a_usage_error() -> None:
+    """It reads no topic: the flag is a slip (--bootstrap was meant), not a no-op."""
+    result = liqmon("replay", EXAMPLE, "--topic-prices", "px", "--topic-margin-calls", "mc",
+                    "--config", CONFIG)
+    assert result.returncode == 2
+    assert (b"--topic-prices, --topic-margin-calls name topics of --bootstrap: a file replay "
+            b"reads none") in result.stderr
+
+
 def test_max_future_without_bootstrap_is_a_usage_error() -> None:
     """A file has no Kafka timestamps to judge a ts against."""
     result = liqmon("replay", EXAMPLE, "--max-future", "60", "--config", CONFIG)

@@ -132,6 +132,8 @@ def test_repeated_shocks_make_one_scenario(book: Path) -> None:
     (["--grid=-0.3:0.3:0.1", "--symbols", "BTC-PERP,DOGE"], "DOGE"),
     (["--shock", "BTC-PERP=-0.1", "--symbols", "BTC"], "--symbols applies to --grid only"),
     (["--shock", "BTC-PERP=-0.1", "--plot", "x.png"], "--plot charts a --grid"),
+    (["--shock", "BTC-PERP=-0.1", "--topic-state", "st"], "--topic-state names a topic of "
+                                                          "--bootstrap"),
     (["--shock", "BTC-PERP=-0.1", "--grid=0:0.1:0.1"], "not allowed with argument"),
     ([], "one of the arguments --shock --grid is required"),
 ], ids=lambda v: v if isinstance(v, str) else None)
