@@ -22,6 +22,12 @@ from typing import Any
 # however long the stream: two deposits of 1e308 no longer make a balance infinite. 1e15 is
 # above any real figure: a billion contracts at a million each.
 MAX_MAGNITUDE = 1e15
+# The floor of a price, quantity or contract size, for the other end of float64: the
+# margins multiply four of them (q·cs·mark·spx) and divide by such products, and figures of
+# 1e-300 made them 0 (a division by zero that stopped the instance on a valid tick, again
+# at every restart). Four factors of 1e-15 are 1e-60, far above float64's smallest normal
+# (2.2e-308). 1e-15 is below any real figure: a satoshi is 1e-8, the cheapest tokens 1e-10.
+MIN_MAGNITUDE = 1e-15
 # Identifiers (account, fill_id, entry_id, symbol, asset) become event ids, Kafka keys,
 # checkpoint keys and log fields: an empty account makes the event id ":1:liquidation", a
 # 10,000-character one 20 KB log lines. 256 characters is far above any real id (a UUID has
@@ -291,8 +297,9 @@ def _asset(name: str, raw: dict[str, Any]) -> Asset:
                 f"{where}.price_symbol: give either a fixed price or a price_symbol, not both"
             )
         price = _number(raw, "price", f"{where}.price")
-        if not 0 < price <= MAX_MAGNITUDE:  # a figure beyond would overflow the margins
-            raise ConfigError(f"{where}.price: must be > 0 and ≤ {MAX_MAGNITUDE:g}, got {price}")
+        if not MIN_MAGNITUDE <= price <= MAX_MAGNITUDE:  # else the margins over/underflow
+            raise ConfigError(f"{where}.price: must be ≥ {MIN_MAGNITUDE:g} and ≤ "
+                              f"{MAX_MAGNITUDE:g}, got {price}")
         return Asset(name=name, collateral_weight=weight, fixed_price=price, price_symbol=None)
     symbol = raw.get("price_symbol", name)
     if not isinstance(symbol, str) or not symbol:
@@ -314,9 +321,9 @@ def _instrument(name: str, raw: dict[str, Any], assets: Mapping[str, Asset]) -> 
     if settle not in assets:
         raise ConfigError(f"{where}.settle: asset {settle!r} is not configured under [assets]")
     contract_size = _number(raw, "contract_size", f"{where}.contract_size", default=1.0)
-    if not 0 < contract_size <= MAX_MAGNITUDE:
-        raise ConfigError(f"{where}.contract_size: must be > 0 and ≤ {MAX_MAGNITUDE:g}, got "
-                          f"{contract_size}")
+    if not MIN_MAGNITUDE <= contract_size <= MAX_MAGNITUDE:
+        raise ConfigError(f"{where}.contract_size: must be ≥ {MIN_MAGNITUDE:g} and ≤ "
+                          f"{MAX_MAGNITUDE:g}, got {contract_size}")
     mark_symbol = raw.get("mark_symbol", name)
     if not isinstance(mark_symbol, str) or not mark_symbol:
         raise ConfigError(f"{where}.mark_symbol: must be a non-empty string, got {mark_symbol!r}")

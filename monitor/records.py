@@ -16,7 +16,13 @@ from typing import Annotated, Any, Final, TypeVar
 import msgspec
 import orjson
 
-from monitor.config import MAX_ID_LENGTH, MAX_MAGNITUDE, RiskConfig, instrument_after_slash
+from monitor.config import (
+    MAX_ID_LENGTH,
+    MAX_MAGNITUDE,
+    MIN_MAGNITUDE,
+    RiskConfig,
+    instrument_after_slash,
+)
 
 T = TypeVar("T")
 
@@ -88,7 +94,7 @@ class Rejected(Exception):
 # value straight into a record (`decode_batch`'s first check). Building a record by hand
 # checks nothing: the decoders below do.
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
-_Positive = Annotated[float, msgspec.Meta(gt=0, le=MAX_MAGNITUDE)]
+_Positive = Annotated[float, msgspec.Meta(ge=MIN_MAGNITUDE, le=MAX_MAGNITUDE)]
 _Signed = Annotated[float, msgspec.Meta(ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE)]
 _Ts = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -268,7 +274,8 @@ _FLOAT, _INT, _STR = float, int, str
 def _plain_tick(doc: dict[str, Any], config: RiskConfig, latest: int) -> PriceTick | None:
     symbol, price, ts = doc.get("symbol"), doc.get("price"), doc.get("ts")
     if (type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
-            and (type(price) is _FLOAT or type(price) is _INT) and 0 < price <= MAX_MAGNITUDE
+            and (type(price) is _FLOAT or type(price) is _INT)
+            and MIN_MAGNITUDE <= price <= MAX_MAGNITUDE
             and type(ts) is _INT and 0 <= ts <= latest):
         return PriceTick(symbol, float(price), ts)
     return None
@@ -284,8 +291,10 @@ def _plain_fill(doc: dict[str, Any], config: RiskConfig, latest: int) -> Fill | 
             and NUL not in account and "/" not in account
             and type(symbol) is _STR and 0 < len(symbol) <= MAX_ID_LENGTH
             and symbol in config.instruments and (side == "buy" or side == "sell")
-            and (type(qty) is _FLOAT or type(qty) is _INT) and 0 < qty <= MAX_MAGNITUDE
-            and (type(price) is _FLOAT or type(price) is _INT) and 0 < price <= MAX_MAGNITUDE
+            and (type(qty) is _FLOAT or type(qty) is _INT)
+            and MIN_MAGNITUDE <= qty <= MAX_MAGNITUDE
+            and (type(price) is _FLOAT or type(price) is _INT)
+            and MIN_MAGNITUDE <= price <= MAX_MAGNITUDE
             and (type(fee) is _FLOAT or type(fee) is _INT)
             and -MAX_MAGNITUDE <= fee <= MAX_MAGNITUDE
             and type(ts) is _INT and 0 <= ts <= latest
@@ -525,6 +534,10 @@ def _positive(doc: dict[str, Any], name: str) -> float:
     number = _finite(doc, name)
     if number <= 0:
         raise Rejected(Reason.OUT_OF_RANGE, f"{name}: must be > 0, got {number!r}")
+    if number < MIN_MAGNITUDE:
+        raise Rejected(Reason.OUT_OF_RANGE, f"{name}: must be at least {MIN_MAGNITUDE:g} "
+                                            f"(smaller figures underflow the margins), got "
+                                            f"{number!r}")
     if number > MAX_MAGNITUDE:
         raise Rejected(Reason.TOO_LARGE, f"{name}: must be at most {MAX_MAGNITUDE:g}, "
                                          f"got {number!r}")

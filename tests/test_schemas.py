@@ -31,6 +31,7 @@ from monitor.records import (
     MAX_ID_LENGTH,
     MAX_MAGNITUDE,
     MAX_TS,
+    MIN_MAGNITUDE,
     PRICES,
     SIDES,
     Reason,
@@ -389,6 +390,11 @@ BAD_DOCUMENTS: list[tuple[str, Any, str]] = [
     (FILLS, with_field(FILLS, qty=-0.5), Reason.OUT_OF_RANGE),
     (FILLS, with_field(FILLS, price=-1), Reason.OUT_OF_RANGE),
     (FILLS, with_field(FILLS, price=-0.0), Reason.OUT_OF_RANGE),
+    # ... and ≥ 1e-15: four such factors multiplied underflowed to 0, then divided by
+    (PRICES, with_field(PRICES, price=5e-324), Reason.OUT_OF_RANGE),
+    (PRICES, with_field(PRICES, price=9.99e-16), Reason.OUT_OF_RANGE),
+    (FILLS, with_field(FILLS, qty=1e-300), Reason.OUT_OF_RANGE),
+    (FILLS, with_field(FILLS, price=1e-16), Reason.OUT_OF_RANGE),
     # huge numbers, which Python's json module parses to infinity
     (PRICES, python_json('{"symbol": "BTC", "price": 1e400, "ts": 1}'), Reason.NON_FINITE),
     (PRICES, python_json('{"symbol": "BTC", "price": 1, "ts": 1e400}'), Reason.NON_FINITE),
@@ -456,7 +462,8 @@ GOOD_DOCUMENTS: list[tuple[str, dict[str, Any]]] = [
     (PRICES, with_field(PRICES, ts=123.0)),  # an integral float counts as an integer
     (PRICES, with_field(PRICES, ts=0)),
     (PRICES, with_field(PRICES, ts=MAX_TS)),
-    (PRICES, with_field(PRICES, price=5e-324, symbol="NOT-CONFIGURED")),  # ticks: any symbol
+    (PRICES, with_field(PRICES, price=MIN_MAGNITUDE, symbol="NOT-CONFIGURED")),  # any symbol
+    (FILLS, with_field(FILLS, qty=MIN_MAGNITUDE, price=MIN_MAGNITUDE)),
     (PRICES, with_field(PRICES, price=MAX_MAGNITUDE)),
     (PRICES, with_field(PRICES, price=10**15)),  # the bound, as an integer
     (FILLS, with_field(FILLS, qty=MAX_MAGNITUDE, price=MAX_MAGNITUDE, fee=-MAX_MAGNITUDE)),
@@ -519,7 +526,7 @@ def test_integer_literal_too_large_for_a_double_is_dead_lettered_as_non_finite(
 
 EDGE_INTS = (0, 1, -1, MAX_TS, MAX_TS + 1, -(2**63), 2**64, 10**400, -(10**400))
 EDGE_FLOATS = (0.0, -0.0, 1.5, 123.0, 5e-324, 1.7976931348623157e308, 9.223372036854776e18,
-               MAX_MAGNITUDE, -MAX_MAGNITUDE, 1.0000000000000002e15)
+               MAX_MAGNITUDE, -MAX_MAGNITUDE, 1.0000000000000002e15, MIN_MAGNITUDE, 9.99e-16)
 # Arbitrary integers stay well inside a double's range; 10**400 checks the integers beyond it.
 # Integers up to 2**53 are exact doubles, so at the ±1e15 bound the decoder's float() and the
 # schema's exact comparison agree.

@@ -14,9 +14,10 @@ from typing import Any
 STATES = ["HEALTHY", "MARGIN_CALL", "LIQUIDATING"]
 TYPES = ["recovered", "margin_call", "liquidation"]
 # Input limits the SPEC leaves to the product and the README states: identifiers of at most
-# 256 characters, price/qty/fee/amount within ±1e15.
+# 256 characters, price/qty/fee/amount within ±1e15, prices and quantities at least 1e-15.
 MAX_ID = 256
 MAX_MAGNITUDE = 1e15
+MIN_MAGNITUDE = 1e-15  # prices and quantities: their products must not underflow to 0
 IDS = {"prices": ["symbol"], "fills": ["fill_id", "account", "symbol"],
        "ledger": ["entry_id", "account", "asset"]}
 LEDGER_KINDS = {"deposit", "withdrawal", "funding", "transfer", "adjustment", "isolated_margin"}
@@ -63,10 +64,10 @@ def parse_line(line: bytes, risk: dict[str, Any]) -> tuple[str, dict[str, Any]] 
         return None
     if topic == "prices":
         price = _number(v, "price")
-        return (topic, v) if price is not None and price > 0 else None
+        return (topic, v) if price is not None and price >= MIN_MAGNITUDE else None
     if topic == "fills":
         qty, price = _number(v, "qty"), _number(v, "price")
-        if qty is None or price is None or qty <= 0 or price <= 0:
+        if qty is None or price is None or qty < MIN_MAGNITUDE or price < MIN_MAGNITUDE:
             return None
         if "fee" in v and _number(v, "fee") is None:
             return None
