@@ -40,6 +40,7 @@ from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients, position_now, stop_consumer
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import Metrics
+from monitor.service.pacing import TurnPacer
 from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
 from monitor.snapshot import Offsets
@@ -161,7 +162,7 @@ class Restorer:
                  engine: Engine | ReferenceEngine, positions: Positions,
                  checkpointer: Checkpointer, clients: Clients, metrics: Metrics,
                  fingerprint: str, log: BoundLogger, abandon: Callable[[], str | None],
-                 replay: Replay) -> None:
+                 replay: Replay, pacer: TurnPacer | None = None) -> None:
         self.settings = settings
         self.config = config
         self.engine = engine
@@ -173,6 +174,8 @@ class Restorer:
         self.log = log
         self._abandon = abandon
         self._replay = replay
+        # how many records a catch-up applies at a time (``replay`` tells it what they cost)
+        self._pacer = pacer or TurnPacer(settings.max_batch_records)
         self.catching_up: CatchUpWatch | None = None
 
     def gained(self, assigned: set[TopicPartition]) -> list[int]:
@@ -473,7 +476,8 @@ class Restorer:
 
             while not all(finished(tp) for tp in reached):
                 self._give_up_if_asked()  # nothing of this partition is taken over
-                batch = await reader.getmany(timeout_ms=200, max_records=s.max_batch_records)
+                # no more than a turn takes: what is read waits in the merge meanwhile
+                batch = await reader.getmany(timeout_ms=200, max_records=self._pacer.limit)
                 for tp, records in batch.items():
                     if tp in price_ends:
                         merge.add(tp, [r for r in records if r.offset < price_ends[tp]])
@@ -484,7 +488,7 @@ class Restorer:
                         merge.read_to(tp, position)
                 active = [tp for tp in reached if not done_with(tp, reached[tp])]
                 ready = []
-                taken = merge.take(s.max_batch_records, active, done_with)
+                taken = merge.take(self._pacer.limit, active, done_with)
                 # ticks this instance applied are still to come after the record at n if one
                 # follows in this batch or the merge holds or awaits one
                 ticks_after = max((n for n, (tp, _) in enumerate(taken) if tp in price_ends),

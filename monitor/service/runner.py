@@ -80,6 +80,7 @@ from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.options import option_values
 from monitor.service.outbox import Outgoing, dead_letter_message, event_message
+from monitor.service.pacing import TurnPacer
 from monitor.service.positions import Positions
 from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
 from monitor.service.restorer import RestoreAbandoned, Restorer, staying
@@ -192,9 +193,12 @@ class Monitor:
         self._kept_generation = -1
         self._held = False
         self._restoring_task: asyncio.Task[None] | None = None
+        # the records a turn of the loop (or of a catch-up) applies: see pacing.py
+        self._pacer = TurnPacer(settings.max_batch_records)
         self._restorer = Restorer(settings, config, self.engine, self._positions,
                                   self._checkpointer, self.clients, self.metrics,
-                                  self.fingerprint, self.log, self._why_abandon, self._replay)
+                                  self.fingerprint, self.log, self._why_abandon, self._replay,
+                                  pacer=self._pacer)
         self._producer: AIOKafkaProducer | None = None
         self._delivery: Delivery | None = None
         self._pipeline: Pipeline | None = None
@@ -801,8 +805,9 @@ class Monitor:
                     if sum(map(len, batch.values())) < limit:  # it handed over all it had
                         self._widen_if_starved(consumer, waits[consumer], read_to)
                 async with self._lock:
-                    applied = await self._process_ready(limit)
-                    backlog = applied >= limit
+                    taking = self._pacer.limit
+                    applied = await self._process_ready(taking)
+                    backlog = applied >= taking
                     # Tidy the book while nothing is ready (what a shock left in the band
                     # index, positions trading has scattered), a step per turn, once the
                     # events are out (the next turn when this one applied some), rather than
@@ -1008,6 +1013,7 @@ class Monitor:
         positions.frontier = positions.key(*batch[-1])
         positions.processed.update(advanced)
         self._checkpointer.applied(len(batch), took)
+        self._pacer.took(len(batch), took)
         self.engine.release_caught_up(positions.offsets())
         await self._pipeline.submit(outgoing, advanced)
         self._log_events()  # after the produce: a cascade's log lines never delay its events
@@ -1063,7 +1069,10 @@ class Monitor:
         """A catch-up's batch: applied to its private engine, output delivered before the
         next one (the restorer's `Replay`)."""
         assert self._delivery is not None
-        await self._delivery.deliver(self.apply_batch(batch, engine, ticks_again=True))
+        applying = time.perf_counter()
+        outgoing = self.apply_batch(batch, engine, ticks_again=True)
+        self._pacer.took(len(batch), time.perf_counter() - applying)
+        await self._delivery.deliver(outgoing)
         self._log_events()
 
     def _consumer_of(self, tp: TopicPartition) -> AIOKafkaConsumer:
