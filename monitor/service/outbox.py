@@ -41,6 +41,8 @@ def event_message(event: Event, topics: Topics, trigger_timestamp_ms: int | None
 # several times its size, over the broker's message size limit (1 MB by default); a dead
 # letter the broker refuses for good stops the instance, and again after every restart. Cut
 # there, both copies stay under 1 MB; the whole input stays in its topic at the offset named.
+# The dead letter's Kafka key (the input's, SPEC §2) is cut at as many bytes: an input whose
+# key alone is near 1 MB made a dead letter over it.
 DEAD_LETTER_TEXT_LIMIT = 65_536
 
 
@@ -53,7 +55,9 @@ def dead_letter_message(rejection: Rejected, topic: str, partition: int, offset:
     """The rejected input, its reason and where it came from, with Connect-style headers
     (`__liqmon.errors.*`) so generic DLQ tooling can route and re-drive it. A key or value
     longer than `DEAD_LETTER_TEXT_LIMIT` characters is cut there; the error says so and the
-    header `__liqmon.errors.value.bytes` gives the input value's size."""
+    header `__liqmon.errors.value.bytes` gives the input value's size. The Kafka key is the
+    input's, its first `DEAD_LETTER_TEXT_LIMIT` bytes if longer (then the header
+    `__liqmon.errors.key.bytes` gives its size)."""
     error = str(rejection)
     key_text, value_text = _text(key), _text(value) or ""
     cut = [f"{name} ({len(text):,} characters)" for name, text in
@@ -70,6 +74,9 @@ def dead_letter_message(rejection: Rejected, topic: str, partition: int, offset:
         key_text = None if key_text is None else key_text[:DEAD_LETTER_TEXT_LIMIT]
         value_text = value_text[:DEAD_LETTER_TEXT_LIMIT]
         headers.append(("__liqmon.errors.value.bytes", str(len(value or b"")).encode()))
+    if key is not None and len(key) > DEAD_LETTER_TEXT_LIMIT:
+        headers.append(("__liqmon.errors.key.bytes", str(len(key)).encode()))
+        key = key[:DEAD_LETTER_TEXT_LIMIT]
     record = {
         "error": error,
         "source_topic": topic,

@@ -184,18 +184,29 @@ def test_a_dead_letter_cuts_a_longer_value_and_says_so() -> None:
     assert dict(message.headers)["__liqmon.errors.value.bytes"] == b"100000"
 
 
-def test_a_dead_letter_cuts_a_longer_key_in_its_value_but_keeps_it_as_its_kafka_key() -> None:
+def test_a_dead_letter_cuts_a_longer_key_in_its_value_and_as_its_kafka_key() -> None:
     key = b"k" * 70_000
     message = dead_letter(key=key)
     letter = orjson.loads(message.value or b"")
-    assert (message.key, letter["key"]) == (key, "k" * 65_536)
+    assert (message.key, letter["key"]) == (b"k" * 65_536, "k" * 65_536)
     assert letter["error"].endswith("of the input's key (70,000 characters)")
-    assert dict(message.headers)["__liqmon.errors.value.bytes"] == b"16"  # '{"kind": "gift"}'
+    headers = dict(message.headers)
+    assert headers["__liqmon.errors.value.bytes"] == b"16"  # '{"kind": "gift"}'
+    assert headers["__liqmon.errors.key.bytes"] == b"70000"
+
+
+def test_a_dead_letter_keeps_a_key_of_the_limit_whole() -> None:
+    key = b"k" * DEAD_LETTER_TEXT_LIMIT
+    message = dead_letter(key=key)
+    assert message.key == key
+    assert "__liqmon.errors.key.bytes" not in dict(message.headers)
 
 
 def test_a_cut_dead_letter_stays_under_a_megabyte_and_follows_its_schema() -> None:
     # a control character is six bytes in JSON ("\u0001"): the worst case for the copies
+    # key and value together, as the broker counts a record against its 1 MB limit
     message = dead_letter(key=b"\x01" * 2_000_000, value=b"\x01" * 2_000_000)
-    assert len(message.value or b"") < 1_000_000
+    headers = sum(len(name) + len(value) for name, value in message.headers)
+    assert len(message.key or b"") + len(message.value or b"") + headers < 1_000_000
     schema = json.loads((REPO / "schemas" / "dead_letter.schema.json").read_text())
     Draft202012Validator(schema).validate(orjson.loads(message.value or b""))
