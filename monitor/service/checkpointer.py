@@ -141,8 +141,9 @@ class KafkaSink:
             await self._commit_in_time(offsets)
         except CommitFailedError as exc:
             self.log.warning("checkpoint not written: the group has replaced this instance "
-                             "(frozen or cut off past its session timeout); the rebalance "
-                             "says which partitions it keeps", error=repr(exc))
+                             "(no heartbeat within its session timeout: the process frozen or "
+                             "throttled, the network cut, or the event loop held up); the "
+                             "rebalance says which partitions it keeps", error=repr(exc))
             return False
         except (KafkaError, TimeoutError) as exc:
             self.log.warning("checkpoint not written: the group did not confirm that this "
