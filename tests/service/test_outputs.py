@@ -89,6 +89,18 @@ async def deposit_checkpointed(settings: ServiceSettings) -> MonitorProcess:
     return process
 
 
+async def goes_on_past_it(settings: ServiceSettings, process: MonitorProcess) -> None:
+    """The instance checkpoints past the bad input at ledger 0 offset 1, runs on, and stops
+    cleanly."""
+    t = settings.topics
+    while (await read_changelog(settings.bootstrap, t.state, [0]))[0].control.offsets[
+            (t.ledger, 0)] < 2:
+        await asyncio.sleep(0.1)
+    assert process.proc.returncode is None
+    process.proc.terminate()
+    assert await exit_of(process) == 0
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_large_bad_input_is_dead_lettered_cut_and_the_instance_goes_on(broker):
     settings = fresh_settings(broker.bootstrap)
@@ -107,12 +119,7 @@ async def test_a_large_bad_input_is_dead_lettered_cut_and_the_instance_goes_on(b
     assert "first 65,536 characters of the input's value (2,000,000 characters)" in \
         letter["error"]
     assert dict(record.headers)["__liqmon.errors.value.bytes"] == b"2000000"
-    while (await read_changelog(broker.bootstrap, t.state, [0]))[0].control.offsets[
-            (t.ledger, 0)] < 2:
-        await asyncio.sleep(0.1)  # the next checkpoint goes past it
-    assert process.proc.returncode is None
-    process.proc.terminate()
-    assert await exit_of(process) == 0
+    await goes_on_past_it(settings, process)
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -132,12 +139,7 @@ async def test_a_bad_input_with_a_huge_key_is_dead_lettered_with_the_key_cut(bro
     assert record.key == b"k" * DEAD_LETTER_TEXT_LIMIT
     assert dict(record.headers)["__liqmon.errors.key.bytes"] == b"9000000"
     assert orjson.loads(record.value)["source_offset"] == 1
-    while (await read_changelog(broker.bootstrap, t.state, [0]))[0].control.offsets[
-            (t.ledger, 0)] < 2:
-        await asyncio.sleep(0.1)  # the next checkpoint goes past it
-    assert process.proc.returncode is None
-    process.proc.terminate()
-    assert await exit_of(process) == 0
+    await goes_on_past_it(settings, process)
 
 
 @pytest.mark.asyncio(loop_scope="session")
