@@ -593,6 +593,7 @@ class Monitor:
                 return
             await self._checkpointer.finish()
             started = time.monotonic()
+            self._pacer.careful()  # the catch-up's ticks re-value every restored holder
             self._restoring = True
             self.restore_status = None
             self._update_ready()
@@ -629,6 +630,7 @@ class Monitor:
                     partition, self.settings.topics, self._prices_replaced)
                     for partition in sorted(gained)])
             self._restored.set()
+            self._pacer.careful()  # so do the loop's, until the inputs pass the snapshots
             self.restore_seconds = time.monotonic() - started
             self.metrics.restore_duration.observe(self.restore_seconds)
             self.metrics.rebalance_partitions.labels("restored").inc(len(gained))

@@ -12,7 +12,7 @@ import pytest
 
 from monitor.config import parse_config
 from monitor.service import runner
-from monitor.service.pacing import TurnPacer
+from monitor.service.pacing import CAREFUL_LIMIT, TurnPacer
 from tests.support.kafka import RunningMonitor, fresh_settings, produce, wait_processed
 from tests.support.risk import RISK
 
@@ -51,6 +51,19 @@ def test_a_partial_batch_within_the_budget_leaves_the_limit_as_it_is() -> None:
     assert pacer.limit == 1_000
 
 
+def test_a_restore_starts_again_from_a_few_records_and_doubles_back() -> None:
+    # The first turn after a restore would take 5,000 ticks that each re-value every holder
+    # (3-8 s at 100,000 accounts) before any batch showed the cost: it takes 64.
+    pacer = TurnPacer(5_000, budget=0.2)
+    pacer.careful()
+    assert pacer.limit == CAREFUL_LIMIT == 64
+    pacer.took(64, 0.001)
+    assert pacer.limit == 128
+    pacer.took(10, 1.0)  # already cut further: careful does not raise it
+    pacer.careful()
+    assert pacer.limit == 2
+
+
 def test_one_record_slower_than_the_budget_still_takes_one() -> None:
     pacer = TurnPacer(5_000, budget=0.2)
     pacer.took(1, 0.5)
@@ -85,3 +98,10 @@ async def test_the_loop_takes_fewer_records_after_a_batch_that_held_it_too_long(
                   if earlier > 200]
     assert after_long, f"no turn held the loop past its budget: {sizes}"
     assert max(after_long) <= 200, sizes
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_loop_starts_carefully_after_a_restore(broker) -> None:
+    """Nothing to apply yet: the limit the restore set is the one the first records meet."""
+    async with RunningMonitor(fresh_settings(broker.bootstrap), parse_config(RISK)) as monitor:
+        assert monitor._pacer.limit == CAREFUL_LIMIT
