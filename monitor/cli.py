@@ -60,7 +60,7 @@ class _Output:
                  inputs: Mapping[str, str | Path | None]) -> None:
         self._failed = False
         if name in (None, "-"):
-            _refuse_overwriting("stdout", "stdout", inputs)
+            _refuse_overwriting("stdout", None, inputs)
             self.label = "stdout"
             self._file: BinaryIO = sys.stdout.buffer
             return
@@ -102,21 +102,21 @@ class _Output:
             self._file.close()
 
 
-def _refuse_overwriting(option: str, name: str, inputs: Mapping[str, str | Path | None]
-                       ) -> None:
-    """A UsageError if output ``name`` ("stdout": where stdout goes) is one of the command's
+def _refuse_overwriting(option: str, name: str | None,
+                        inputs: Mapping[str, str | Path | None]) -> None:
+    """A UsageError if output ``name`` (None: wherever stdout goes) is one of the command's
     ``inputs`` (what each is → its path; "-" and None are none)."""
     for what, given in inputs.items():
         if given is not None and given != "-" and _same_file(name, given):
-            where = "stdout goes to" if name == "stdout" else f"{option} {name} is"
+            where = "stdout goes to" if name is None else f"{option} {name} is"
             raise UsageError(f"{where} {what} ({given}): writing there would destroy it")
 
 
-def _same_file(one: str | Path, other: str | Path) -> bool:
-    """Whether two paths name one file; "stdout" as ``one``: whatever stdout is redirected
-    to (`>> input.jsonl`), if a file."""
+def _same_file(one: str | Path | None, other: str | Path) -> bool:
+    """Whether two paths name one file; None as ``one``: whatever stdout is redirected to
+    (`>> input.jsonl`), if a file (a file named "stdout" is a file like any other)."""
     try:
-        if one == "stdout":
+        if one is None:
             return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(other))
         return os.path.samefile(one, other)
     except (OSError, ValueError):  # either missing (a file about to be made is no input), or
@@ -536,8 +536,8 @@ def cmd_stress(args: argparse.Namespace) -> int:
         _refuse_overwriting("--plot", args.plot, {"the risk config": args.config,
                                                   "the input": args.replay})
         plt = pyplot()  # before the book is read: a missing extra should not cost a replay
-    _refuse_overwriting("stdout", "stdout", {"the risk config": args.config,
-                                             "the input": args.replay})
+    _refuse_overwriting("stdout", None, {"the risk config": args.config,
+                                         "the input": args.replay})
     if args.replay is not None:
         _refuse_topics_without_bootstrap(args, ("state",))
     engine = _stress_book(args, config)

@@ -75,6 +75,18 @@ def test_stdout_appended_to_the_input_is_refused_and_leaves_it_whole(
     assert source.read_bytes() == EXAMPLE.read_bytes()
 
 
+def test_an_output_file_named_stdout_is_a_file_like_any_other(tmp_path: Path) -> None:
+    """Not where stdout goes: `-o stdout` over an input of that name is refused too."""
+    source = tmp_path / "stdout"
+    shutil.copy(EXAMPLE, source)
+    result = subprocess.run([sys.executable, "-m", "monitor.cli", "replay", "stdout",
+                             "--config", str(CONFIG), "-o", "stdout"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "-o stdout is the input (stdout): writing there would destroy it" in result.stderr
+    assert source.read_bytes() == EXAMPLE.read_bytes()
+
+
 def test_stdout_appended_to_the_risk_config_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "risk.toml"
     shutil.copy(CONFIG, config)
