@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -47,7 +49,35 @@ def _refused(message: Outgoing, error: BaseException) -> None:
         raise DeliveryFailed(message.topic, error)
 
 
+def keep_batches_in_order(producer: AIOKafkaProducer, retried: Callable[[int], None]) -> None:
+    """Have the producer retry a batch until the broker takes it or refuses it for good, and
+    report each retry's records to ``retried``.
+
+    aiokafka gives up on a batch older than its request timeout (a KafkaTimeoutError) and goes
+    on with the partition's next batch: after a broker stall longer than that, the next batch
+    was written first and the retry of the expired one after it (a liquidation behind the
+    recovery that followed it). A batch that never expires is retried by the client itself,
+    in order, one request in flight per partition, for as long as the error is retriable; a
+    stop bounds the wait (--shutdown-timeout). aiokafka 0.14 keeps that age limit in its
+    accumulator, as its idempotent producer (the embedded broker refuses one) never expires
+    batches. Done once per producer."""
+    accumulator = producer._message_accumulator
+    if accumulator._batch_ttl == math.inf:
+        return
+    accumulator._batch_ttl = math.inf
+    reenqueue = accumulator.reenqueue
+
+    def counted(batch: Any) -> None:
+        retried(batch.record_count)
+        reenqueue(batch)
+
+    accumulator.reenqueue = counted
+
+
 class Delivery:
+    """Produces to the producer given, which from then on keeps its batches in order
+    (`keep_batches_in_order`)."""
+
     def __init__(self, producer: AIOKafkaProducer, metrics: Metrics, log: BoundLogger,
                  shutdown_timeout: float, stop_requested_at: Callable[[], float | None]) -> None:
         self.producer = producer
@@ -55,13 +85,15 @@ class Delivery:
         self.log = log
         self.shutdown_timeout = shutdown_timeout
         self._stop_requested_at = stop_requested_at
+        keep_batches_in_order(producer, metrics.delivery_retries.inc)
 
     async def deliver(self, outgoing: Sequence[Outgoing]) -> None:
         """Produce everything; return once every message is acknowledged by all replicas.
 
-        A retry re-sends only what failed. A repeat carries the same event_id, and the
-        transition counter inside the id orders one account's events. An error no retry can
-        fix raises DeliveryFailed.
+        Messages reach the producer in order: while it cannot take one (the broker away
+        longer than the request timeout), the rest wait for it. A retry re-sends only what
+        failed. A repeat carries the same event_id, and the transition counter inside the id
+        orders one account's events. An error no retry can fix raises DeliveryFailed.
         """
         failed, error = await self._send(list(outgoing))
         if failed:
@@ -70,23 +102,11 @@ class Delivery:
     async def redeliver(self, failed: list[Outgoing], error: BaseException | None) -> None:
         """Retry messages whose first attempt failed with ``error`` (counted as retries),
         with backoff, until every one is acknowledged; as `deliver`."""
-        backoff, failures = 0.1, 0
+        retry = Retry(self)
         while failed:
-            failures += 1
-            self.metrics.delivery_retries.inc(len(failed))
-            stop_at = self._stop_requested_at()
-            if stop_at is not None and time.monotonic() - stop_at > self.shutdown_timeout:
-                raise DeliveryAbandoned(
-                    f"{len(failed)} messages could not be delivered within "
-                    f"{self.shutdown_timeout}s of the stop request ({error!r}); their inputs "
-                    "are not checkpointed and will be re-processed on restart"
-                )
-            self.log.warning("kafka unreachable, retrying delivery", pending=len(failed),
-                             error=repr(error), retry_in=round(backoff, 2))
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            await retry.pause(len(failed), error)
             failed, error = await self._send(failed)
-        self.log.info("kafka reachable again, delivery resumed", retries=failures)
+        retry.resumed()
 
     async def start_sending(self, messages: Sequence[Outgoing]
                             ) -> tuple[list[asyncio.Future[Any]], KafkaError | None]:
@@ -157,17 +177,30 @@ class Delivery:
             return [f for f in futures[:handed] if f is not None], exc
         return [f for f in futures if f is not None], None
 
+    async def hand_over_rest(self, messages: Sequence[Outgoing],
+                             futures: list[asyncio.Future[Any]], error: KafkaError | None,
+                             retry: Retry) -> None:
+        """Hand the messages after the first ``len(futures)`` (handed over already; ``error``
+        stopped the rest) to the producer, in order, adding their futures to ``futures``;
+        pause with ``retry`` while it cannot take them. One it refuses for good raises
+        DeliveryFailed."""
+        while len(futures) < len(messages):
+            if error is not None:
+                _refused(messages[len(futures)], error)
+                await retry.pause(len(messages) - len(futures), error)
+            handed, error = await self.start_sending(messages[len(futures):])
+            futures += handed
+
     async def _send(self, messages: list[Outgoing]) -> tuple[list[Outgoing], Exception | None]:
-        """One attempt at producing every message; returns those that failed."""
+        """One attempt at producing every message (its hand-over retried until the producer
+        takes all); returns those that failed, and the first error."""
         futures, error = await self.start_sending(messages)
-        sent = len(futures)
-        if error is not None:
-            _refused(messages[sent], error)
+        retry = Retry(self)
+        await self.hand_over_rest(messages, futures, error, retry)
+        retry.resumed()
         results = await outcomes(futures)
-        failed = self.settle(messages[:sent], results) + messages[sent:]
-        if error is None:
-            error = next((r for r in results if isinstance(r, Exception)), None)
-        return failed, error
+        failed = self.settle(messages, results)
+        return failed, next((r for r in results if isinstance(r, Exception)), None)
 
     def settle(self, messages: Sequence[Outgoing], results: Sequence[Any]) -> list[Outgoing]:
         """Count what was delivered; return what was not (to retry), or raise DeliveryFailed
@@ -188,6 +221,54 @@ class Delivery:
         return failed
 
 
+class Retry:
+    """The wait before another attempt at messages the broker did not take: counted as
+    retries, logged, doubled each time up to MAX_BACKOFF, and given up (DeliveryAbandoned)
+    once a stop has waited --shutdown-timeout."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self._delivery = delivery
+        self._backoff = 0.1
+        self.failures = 0
+
+    async def pause(self, pending: int, error: BaseException | None) -> None:
+        delivery = self._delivery
+        self.failures += 1
+        delivery.metrics.delivery_retries.inc(pending)
+        stop_at = delivery._stop_requested_at()
+        if stop_at is not None and time.monotonic() - stop_at > delivery.shutdown_timeout:
+            raise DeliveryAbandoned(
+                f"{pending} messages could not be delivered within "
+                f"{delivery.shutdown_timeout}s of the stop request ({error!r}); their inputs "
+                "are not checkpointed and will be re-processed on restart"
+            )
+        delivery.log.warning("kafka unreachable, retrying delivery", pending=pending,
+                             error=repr(error), retry_in=round(self._backoff, 2))
+        await asyncio.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def resumed(self) -> None:
+        if self.failures:
+            self._delivery.log.info("kafka reachable again, delivery resumed",
+                                    retries=self.failures)
+
+
+@dataclass(slots=True)
+class _Submitted:
+    """A batch in the pipeline: its messages, the futures of those handed to the producer
+    (the first ones), the error that stopped the hand-over of the rest, if one did, and what
+    to report once every message is acknowledged."""
+
+    outgoing: list[Outgoing]
+    delivered: Any
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    error: KafkaError | None = None
+
+    @property
+    def handed_over(self) -> bool:
+        return len(self.futures) == len(self.outgoing)
+
+
 class Pipeline:
     """Batches in flight: produced as soon as the engine made them, acknowledged behind it.
 
@@ -197,6 +278,11 @@ class Pipeline:
     handed over so far, `settled(mark)` for everything handed over before a `mark()`: a
     checkpoint waits so before it writes the state and offsets of what it captured, so that
     an event is acknowledged before the offsets of its input are checkpointed (SPEC §6).
+
+    Messages reach the producer in the order submitted, so that each output partition holds
+    a unit's events in the order they were made: when the producer could not take all of a
+    batch (the broker away for longer than the request timeout), the batches submitted after
+    it wait, whole, until the settler has handed its rest over.
     """
 
     def __init__(self, delivery: Delivery, on_delivered: Callable[[Any], None],
@@ -204,11 +290,10 @@ class Pipeline:
         self.delivery = delivery
         self._on_delivered = on_delivered
         self._max_in_flight = max_in_flight
-        # per batch: its messages, the futures of those handed to the producer (the first
-        # ones), the error that stopped the hand-over of the rest, and what to report once
-        # it is acknowledged
-        self._queue: deque[tuple[list[Outgoing], list[asyncio.Future[Any]], KafkaError | None,
-                                 Any]] = deque()
+        self._queue: deque[_Submitted] = deque()
+        # a queued batch is not all handed over: `submit` queues batches without handing
+        # them over until the settler has handed that one and every one behind it over
+        self._held_back = False
         self._in_flight = 0  # messages handed over and not settled
         self._submitted = 0  # batches handed over, ever
         self._settled = 0  # batches acknowledged, ever (in order)
@@ -240,9 +325,12 @@ class Pipeline:
         self._raise_if_failed()
         self._submitted += 1
         self._in_flight += len(outgoing)
+        batch = _Submitted(outgoing, delivered)
         try:
-            # if the broker is away, the settler delivers what was not handed over, retrying
-            futures, hand_over_error = await self.delivery.start_sending(outgoing)
+            if not self._held_back:
+                # if the broker is away, the settler hands over the rest, retrying
+                batch.futures, batch.error = await self.delivery.start_sending(outgoing)
+                self._held_back = not batch.handed_over
         except BaseException:
             # counted, never queued: no flush may return as if its events were out
             self.abort(DeliveryAbandoned(
@@ -251,7 +339,7 @@ class Pipeline:
             async with self._changed:
                 self._changed.notify_all()
             raise
-        self._queue.append((outgoing, futures, hand_over_error, delivered))
+        self._queue.append(batch)
         async with self._changed:
             self._changed.notify_all()
 
@@ -295,22 +383,25 @@ class Pipeline:
             while True:
                 async with self._changed:
                     await self._changed.wait_for(lambda: bool(self._queue))
-                outgoing, futures, hand_over_error, delivered = self._queue[0]
-                sent = len(futures)
+                batch = self._queue[0]
+                if not batch.handed_over:
+                    await self._hand_over_held_back()
                 # Settled at once when acknowledged already: awaited, each batch would take a
                 # turn of the loop, and while it drains a backlog (a batch of thousands of
                 # records a turn) a flush would wait a turn for every batch queued before it.
-                results = done_outcomes(futures)
+                results = done_outcomes(batch.futures)
                 if results is None:
-                    results = await outcomes(futures)
-                failed = self.delivery.settle(outgoing[:sent], results) + outgoing[sent:]
+                    results = await outcomes(batch.futures)
+                # what the producer gave up on (it keeps batches in order while the error is
+                # retriable: a producer that does not would have sent later ones meanwhile)
+                failed = self.delivery.settle(batch.outgoing, results)
                 if failed:
                     error = next((r for r in results if isinstance(r, BaseException)), None)
-                    await self.delivery.redeliver(failed, error or hand_over_error)
+                    await self.delivery.redeliver(failed, error)
                 self._queue.popleft()
-                self._in_flight -= len(outgoing)
+                self._in_flight -= len(batch.outgoing)
                 self._settled += 1
-                self._on_delivered(delivered)
+                self._on_delivered(batch.delivered)
                 async with self._changed:
                     self._changed.notify_all()
         except asyncio.CancelledError:
@@ -319,6 +410,23 @@ class Pipeline:
             self._error = exc
             async with self._changed:
                 self._changed.notify_all()
+
+
+    async def _hand_over_held_back(self) -> None:
+        """Hand over, in order, the rest of the first queued batch and every batch queued
+        behind it, retrying while the producer cannot take them (`Retry`); then `submit`
+        hands over again itself. A message the broker refuses for good raises
+        DeliveryFailed."""
+        retry = Retry(self.delivery)
+        k = 0
+        while k < len(self._queue):  # batches submitted meanwhile are queued, held back
+            batch = self._queue[k]
+            await self.delivery.hand_over_rest(batch.outgoing, batch.futures, batch.error,
+                                               retry)
+            batch.error = None
+            k += 1
+        self._held_back = False
+        retry.resumed()
 
 
 def done_outcomes(futures: Sequence[asyncio.Future[Any]]) -> list[Any] | None:

@@ -75,7 +75,8 @@ class Metrics:
             "reads (what it has applied, unlike the group's committed offsets).",
             ["topic", "partition"], registry=r)
         self.delivery_retries = Counter(
-            "liqmon_delivery_retries", "Produce attempts that failed and were retried.",
+            "liqmon_delivery_retries", "Messages sent again after a produce attempt failed "
+            "(by liqmon, or by the Kafka client for a write the broker did not acknowledge).",
             registry=r)
         self.merge_forced = Counter(
             "liqmon_merge_forced_releases", "Input records applied before every other "

@@ -61,7 +61,7 @@ async def producer(broker: EmbeddedBroker) -> AsyncIterator[AIOKafkaProducer]:
 @pytest.fixture
 async def paused(own_broker: EmbeddedBroker) -> AsyncIterator[tuple[AIOKafkaProducer, str]]:
     """A producer and a topic on a broker of the test's own, paused once the producer knows
-    the topic: every produce fails (retriably) until the test resumes it."""
+    the topic: every produce request times out (retriably) until the test resumes it."""
     settings = fresh_settings(own_broker.bootstrap)
     await create_topics(settings)
     topic = settings.topics.margin_calls
@@ -69,6 +69,21 @@ async def paused(own_broker: EmbeddedBroker) -> AsyncIterator[tuple[AIOKafkaProd
     await producer.send_and_wait(topic, b"known", key=b"k")  # metadata before the outage
     own_broker.pause()
     yield producer, topic
+    own_broker.resume()
+    await producer.stop()
+
+
+@pytest.fixture
+async def unreachable(own_broker: EmbeddedBroker
+                      ) -> AsyncIterator[tuple[AIOKafkaProducer, str]]:
+    """A producer and a topic it has not learned yet, on a broker of the test's own, paused:
+    the producer cannot take a message for the topic (no metadata within its request
+    timeout) until the test resumes the broker."""
+    producer = await started_producer(own_broker.bootstrap)
+    settings = fresh_settings(own_broker.bootstrap)
+    await create_topics(settings)  # after the producer's first look at the cluster
+    own_broker.pause()
+    yield producer, settings.topics.margin_calls
     own_broker.resume()
     await producer.stop()
 
@@ -88,6 +103,17 @@ async def said(logs: list[dict[str, Any]], event: str, times: int) -> None:
     """Until ``event`` has been logged ``times`` times."""
     while sum(entry["event"] == event for entry in logs) < times:
         await asyncio.sleep(0.05)
+
+
+def retries(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("liqmon_delivery_retries_total") or 0.0
+
+
+async def retried(metrics: Metrics, messages: int) -> None:
+    """Until ``messages`` messages have been retried in all (a failure after 30 s)."""
+    async with asyncio.timeout(30):
+        while retries(metrics) < messages:
+            await asyncio.sleep(0.05)
 
 
 # -- Delivery --------------------------------------------------------------------------------------
@@ -171,12 +197,12 @@ async def test_messages_of_known_partitions_arrive_in_order_across_several_recor
 async def test_messages_of_known_partitions_are_retried_while_the_broker_is_away(
         own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str]) -> None:
     producer, topic = paused
-    with structlog.testing.capture_logs() as logs:
-        delivering = asyncio.create_task(
-            delivery_of(producer).deliver([placed(topic, n) for n in range(3)]))
-        await said(logs, RETRYING, times=2)
-        own_broker.resume()
-        await delivering
+    metrics = Metrics()
+    delivering = asyncio.create_task(
+        delivery_of(producer, metrics).deliver([placed(topic, n) for n in range(3)]))
+    await retried(metrics, 2 * 3)
+    own_broker.resume()
+    await delivering
     assert (await values_of(own_broker.bootstrap, topic))[-3:] == [b"v0", b"v1", b"v2"]
 
 
@@ -206,9 +232,27 @@ async def test_settle_raises_for_a_result_the_broker_refused_for_good(
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_delivery_retries_while_the_broker_is_away_and_resumes_when_it_is_back(
+async def test_the_producer_retries_a_batch_past_its_request_timeout_until_the_broker_is_back(
         own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str]) -> None:
+    """aiokafka would fail a batch older than its request timeout (1 s here) and go on with
+    the partition's next one; kept, the batch is retried by the producer itself, counted."""
     producer, topic = paused
+    metrics = Metrics()
+    futures, error = await delivery_of(producer, metrics).start_sending(
+        [message(topic, n) for n in range(3)])
+    assert error is None
+    await retried(metrics, 2 * 3)  # two requests timed out, each retried
+    done, _ = await asyncio.wait(futures, timeout=1.0)
+    assert not done
+    own_broker.resume()
+    await asyncio.gather(*futures)
+    assert (await values_of(own_broker.bootstrap, topic))[-3:] == [b"v0", b"v1", b"v2"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_delivery_retries_while_the_producer_cannot_take_messages_and_resumes_after(
+        own_broker: EmbeddedBroker, unreachable: tuple[AIOKafkaProducer, str]) -> None:
+    producer, topic = unreachable
     metrics = Metrics()
     with structlog.testing.capture_logs() as logs:
         delivering = asyncio.create_task(
@@ -246,10 +290,10 @@ async def test_records_not_handed_over_in_time_while_the_broker_is_away_are_retr
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_retries_back_off_doubling_up_to_the_longest_wait(
-        own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str],
+        own_broker: EmbeddedBroker, unreachable: tuple[AIOKafkaProducer, str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(delivery_module, "MAX_BACKOFF", 0.4)  # reached in three retries
-    producer, topic = paused
+    producer, topic = unreachable
     with structlog.testing.capture_logs() as logs:
         delivering = asyncio.create_task(delivery_of(producer).deliver([message(topic, 0)]))
         await said(logs, RETRYING, times=4)
@@ -261,8 +305,8 @@ async def test_retries_back_off_doubling_up_to_the_longest_wait(
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_delivery_is_abandoned_once_a_stop_request_is_older_than_the_shutdown_timeout(
-        paused: tuple[AIOKafkaProducer, str]) -> None:
-    producer, topic = paused
+        unreachable: tuple[AIOKafkaProducer, str]) -> None:
+    producer, topic = unreachable
     delivery = delivery_of(producer, shutdown_timeout=0.5,
                            stop_requested_at=time.monotonic() - 1.0)
     with pytest.raises(DeliveryAbandoned, match="1 messages could not be delivered"):
@@ -357,11 +401,10 @@ async def test_the_pipeline_delivers_a_batch_again_when_the_broker_is_back(
     delivered: list[Any] = []
     metrics = Metrics()
     pipeline = started_pipeline(producer, delivered, running, metrics=metrics)
-    with structlog.testing.capture_logs() as logs:
-        await pipeline.submit([message(topic, n) for n in range(3)], "batch")
-        await said(logs, RETRYING, times=1)  # the first attempt failed
-        own_broker.resume()
-        await pipeline.flush()
+    await pipeline.submit([message(topic, n) for n in range(3)], "batch")
+    await retried(metrics, 3)  # the first attempt failed
+    own_broker.resume()
+    await pipeline.flush()
     assert delivered == ["batch"]
     # the failed first attempt counts: an outage whose first retry succeeds still shows
     assert metrics.registry.get_sample_value("liqmon_delivery_retries_total") >= 3
@@ -374,18 +417,57 @@ async def test_room_waits_while_the_most_messages_in_flight_are_unacknowledged(
         running: list[Pipeline]) -> None:
     producer, topic = paused
     delivered: list[Any] = []
-    pipeline = started_pipeline(producer, delivered, running, max_in_flight=2)
-    with structlog.testing.capture_logs() as logs:
-        await pipeline.submit([message(topic, 0), message(topic, 1)], "first")
-        room = asyncio.create_task(pipeline.room())
-        await said(logs, RETRYING, times=1)  # the first batch failed once: still in flight
-        assert not room.done()
-        assert pipeline.in_flight == 2
-        own_broker.resume()
-        await room
-        await pipeline.submit([message(topic, 2)], "second")
-        await pipeline.flush()
+    metrics = Metrics()
+    pipeline = started_pipeline(producer, delivered, running, max_in_flight=2,
+                                metrics=metrics)
+    await pipeline.submit([message(topic, 0), message(topic, 1)], "first")
+    room = asyncio.create_task(pipeline.room())
+    await retried(metrics, 2)  # the first batch failed once: still in flight
+    assert not room.done()
+    assert pipeline.in_flight == 2
+    own_broker.resume()
+    await room
+    await pipeline.submit([message(topic, 2)], "second")
+    await pipeline.flush()
     assert delivered == ["first", "second"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_batch_submitted_while_an_earlier_one_is_retried_is_written_after_it(
+        own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str],
+        running: list[Pipeline]) -> None:
+    """The first batch's request timed out; had the producer given up on it, the second
+    would go out while the first waited for its retry (a recovery before its liquidation)."""
+    producer, topic = paused
+    metrics = Metrics()
+    pipeline = started_pipeline(producer, [], running, metrics=metrics)
+    await pipeline.submit([message(topic, 0)], "first")
+    await retried(metrics, 1)
+    await pipeline.submit([message(topic, 1)], "second")
+    own_broker.resume()
+    await pipeline.flush()
+    assert (await values_of(own_broker.bootstrap, topic))[-2:] == [b"v0", b"v1"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_batches_submitted_after_one_not_all_handed_over_are_written_after_its_rest(
+        own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str],
+        running: list[Pipeline]) -> None:
+    """Forty 4 KB messages to one partition: the producer takes a batch's worth, then gives
+    up on the rest after its request timeout (as in the test of Delivery above). The broker
+    is back; a batch submitted while the settler waits to hand the rest over (its backoff)
+    is held back until it has."""
+    producer, topic = paused
+    first = [b"%02d" % n + b"x" * 4_000 for n in range(40)]
+    pipeline = started_pipeline(producer, [], running)
+    with structlog.testing.capture_logs() as logs:
+        await pipeline.submit([message(topic, n, value) for n, value in enumerate(first)],
+                              "first")
+        own_broker.resume()
+        await said(logs, RETRYING, times=1)
+        await pipeline.submit([message(topic, 40, b"second")], "second")
+        await pipeline.flush()
+    assert (await values_of(own_broker.bootstrap, topic))[-41:] == [*first, b"second"]
 
 
 @pytest.mark.asyncio(loop_scope="session")
