@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
+from monitor.service.assignor import StickyAccountPartitions
 from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS, ServiceSettings, compression_type
 
 # a partition may stay behind its broker's end, with nothing fetched, this long and over this
@@ -74,9 +75,12 @@ class Clients:
         s = self.settings
         return self._consumer(
             group_id=s.group, session_timeout_ms=s.session_timeout_ms,
-            # Range gives fills p and ledger p to the same instance (co-partitioning); the
-            # default round-robin would split an account's fills from its ledger.
-            partition_assignment_strategy=(RangePartitionAssignor,),
+            # fills p and ledger p to the same instance (co-partitioning; the default
+            # round-robin would split an account's fills from its ledger), left where they
+            # are held. Range, which co-partitions too, is all that earlier liqmon builds
+            # offered: a group in a rolling upgrade agrees on it until every member offers
+            # both.
+            partition_assignment_strategy=(StickyAccountPartitions(), RangePartitionAssignor),
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             rebalance_timeout_ms=s.session_timeout_ms, **self._inputs(),
         )

@@ -54,7 +54,8 @@ Replay = Callable[[Sequence[tuple[TopicPartition, ConsumerRecord]], Engine], Awa
 
 class SplitAssignment(LiqmonError):
     """The group gave this instance an account partition's fills without its ledger (or the
-    reverse): an instance of the group does not use the range assignor."""
+    reverse): an instance of the group uses an assignor that does not keep them together
+    (liqmon's and the range assignor do)."""
 
 
 class RestoreAbandoned(Exception):
@@ -180,15 +181,15 @@ class Restorer:
 
     def gained(self, assigned: set[TopicPartition]) -> list[int]:
         """The account partitions of an assignment that are not held yet. The group must
-        assign fills p and ledger p together (the range assignor)."""
+        assign fills p and ledger p together (`monitor.service.assignor`)."""
         t = self.settings.topics
         fills = {tp.partition for tp in assigned if tp.topic == t.fills}
         ledger = {tp.partition for tp in assigned if tp.topic == t.ledger}
         if fills != ledger:
             raise SplitAssignment(
                 f"the group assigned fills partitions {sorted(fills)} but ledger partitions "
-                f"{sorted(ledger)}: every instance of group {self.settings.group!r} must use "
-                "the range assignor so that an account's fills and ledger stay together"
+                f"{sorted(ledger)}: every member of group {self.settings.group!r} must be a "
+                "liqmon instance (whose assignors keep an account's fills and ledger together)"
             )
         return sorted(fills - self.positions.owned)
 

@@ -77,7 +77,7 @@ def test_only_account_partitions_not_held_yet_are_gained() -> None:
 
 
 def test_fills_and_ledger_partitions_assigned_apart_are_refused() -> None:
-    with pytest.raises(SplitAssignment, match="must use the range assignor"):
+    with pytest.raises(SplitAssignment, match="must be a liqmon instance"):
         make().gained({TopicPartition("fills", 0), TopicPartition("ledger", 1)})
 
 
