@@ -107,6 +107,8 @@ class KafkaSink:
         self._commit_timeout = commit_timeout
         self._probe = probe  # asks the changelog's end offsets (`changelog_ends`)
         self._settings = settings  # where `last_resets` reads the changelog
+        # the last `fence` got no answer (the broker away), rather than a no
+        self.unanswered = False
 
     async def deliver(self, messages: Sequence[Outgoing]) -> None:
         await self._pipeline.delivery.deliver(messages)
@@ -133,6 +135,7 @@ class KafkaSink:
         from a member of its current generation, so it refuses an instance it has replaced
         (one frozen or cut off past its session timeout), whatever that instance believes
         it owns. No answer in time proves nothing either."""
+        self.unanswered = False
         offsets = self._assigned(offsets)
         if not offsets:
             self.log.warning("checkpoint not written: none of its partitions is assigned here")
@@ -149,6 +152,7 @@ class KafkaSink:
             self.log.warning("checkpoint not written: the group did not confirm that this "
                              "instance still owns its partitions, will retry",
                              error=repr(exc))
+            self.unanswered = True
             return False
         return True
 
@@ -232,7 +236,7 @@ class Checkpointer:
         self.since_checkpoint = 0  # records applied since the last checkpoint
         self.last_checkpoint = time.monotonic()
         self.last_batch_seconds = 0.0  # how long the loop took to apply its last batch
-        self._writing: asyncio.Task[None] | None = None  # a checkpoint written behind the loop
+        self._writing: asyncio.Task[bool] | None = None  # a checkpoint written behind the loop
         # how long a yes from `CheckpointSink.fence` stands: well inside the session timeout,
         # before which the group cannot give the partitions to another instance
         self._fence_lasts = settings.session_timeout_ms / 2000
@@ -303,8 +307,9 @@ class Checkpointer:
 
     # -- what, in which order ---------------------------------------------------------------------
 
-    async def checkpoint(self, partitions: set[int], sink: CheckpointSink) -> None:
-        """Write the changed accounts of these partitions, then their control records.
+    async def checkpoint(self, partitions: set[int], sink: CheckpointSink) -> bool:
+        """Write the changed accounts of these partitions, then their control records; False
+        if the group did not vouch for this instance (below), and nothing more was written.
 
         What the control records vouch for — offsets, price table, duplicate windows — is
         captured at once; the snapshots are then encoded and produced a chunk at a time, so
@@ -329,15 +334,16 @@ class Checkpointer:
             if not self.positions.owned:  # a standby: ticks applied, nothing to save
                 self.since_checkpoint = 0
                 self.last_checkpoint = time.monotonic()
-            return
+            return True
         collector.pause()  # its ~100,000 messages and futures would bring on full collections
         self._fenced_at = NEVER
         try:
             await self._checkpoint(partitions, sink)
         except NotOwner:
-            pass  # the sink said why; what was written before was still true
+            return False  # the sink said why; what was written before was still true
         finally:
             collector.resume()
+        return True
 
     async def _owner(self, sink: CheckpointSink, offsets: dict[TopicPartition, int]) -> None:
         """Raise NotOwner unless the group's last yes (`fence`) still stands or it says yes

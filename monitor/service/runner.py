@@ -97,6 +97,7 @@ TICK = 0.2  # the loop wakes at least this often (merge wait limit, checkpoint t
 MAX_BUFFERED = 20_000
 RESTORE_REPORT_INTERVAL = 5.0  # seconds between "restoring" log lines
 RESTORE_RETRY_INTERVAL = 1.0  # seconds before a restore the broker failed is taken again
+FENCE_RETRY = 0.5  # seconds before the stop's checkpoint asks a group that gave no answer again
 LOG_TAIL_RECORDS = 64  # of an input log that ends early, read to tell why (`Engine.reflects`)
 # Seconds before a partition whose high watermark stays below what was applied, but whose log
 # was found whole, is checked again: not at every fetch.
@@ -290,11 +291,18 @@ class Monitor:
         if not self._said_stopped and self._fatal is None:
             self._say_stopped()
 
-    def _say_stopped(self) -> None:
+    def _say_stopped(self, checkpointed: bool = True) -> None:
         self._said_stopped = True
-        self.log.info("stopped", checkpoint=self._checkpointer.seq,
-                      offsets={f"{tp.topic}/{tp.partition}": o
-                               for tp, o in sorted(self._positions.processed.items())})
+        offsets = {f"{tp.topic}/{tp.partition}": o
+                   for tp, o in sorted(self._positions.processed.items())}
+        if checkpointed:
+            self.log.info("stopped", checkpoint=self._checkpointer.seq, offsets=offsets)
+            return
+        self.log.warning("stopped without its final checkpoint (the group no longer counts "
+                         "this instance as the owner of its partitions): whoever restores "
+                         "them re-processes the inputs since the last checkpoint, and "
+                         "publishes their events again", checkpoint=self._checkpointer.seq,
+                         offsets=offsets)
 
     async def _within_shutdown_timeout(self, work: asyncio.Future[None]) -> None:
         """Await ``work``; once a stop is requested, give it --shutdown-timeout from the
@@ -739,11 +747,12 @@ class Monitor:
                 with contextlib.suppress(KeyError):
                     gauge.remove(tp.topic, str(tp.partition))
 
-    async def _checkpoint(self, partitions: set[int]) -> None:
-        """Checkpoint these partitions now (see Checkpointer.checkpoint)."""
+    async def _checkpoint(self, partitions: set[int]) -> bool:
+        """Checkpoint these partitions now (see Checkpointer.checkpoint): False if the group
+        did not vouch for this instance."""
         if self._sink is None:
-            return
-        await self._checkpointer.checkpoint(partitions, self._sink)
+            return True
+        return await self._checkpointer.checkpoint(partitions, self._sink)
 
     async def _report_lag(self, tps: list[TopicPartition]) -> None:
         """Lag of partitions just (re)positioned. Until records of theirs are applied nothing
@@ -827,8 +836,18 @@ class Monitor:
             # this checkpoint: it must not write one of its own while the clients close.
             self._closing = True
             await self._checkpointer.finish()
-            await self._checkpoint(positions.owned)
-        self._say_stopped()
+            checkpointed = await self._final_checkpoint(positions.owned)
+        self._say_stopped(checkpointed)
+
+    async def _final_checkpoint(self, partitions: set[int]) -> bool:
+        """The stop's checkpoint, asked again while the group gives no answer on whether this
+        instance still owns its partitions (the broker away), until --shutdown-timeout cuts
+        it short; False if the group said no (it has replaced this instance)."""
+        while not await self._checkpoint(partitions):
+            if self._sink is None or not self._sink.unanswered:
+                return False
+            await asyncio.sleep(FENCE_RETRY)
+        return True
 
     async def _fetch(self, consumer: AIOKafkaConsumer, limit: int
                      ) -> tuple[dict[TopicPartition, list[ConsumerRecord]],

@@ -705,7 +705,8 @@ async def test_a_checkpoint_the_group_does_not_vouch_for_writes_nothing_and_keep
     checkpointer, engine = make()
     deposit(engine, "alice", 100.0, 0, 1)
     recorder = Recorder(owner=[False])
-    await checkpointer.checkpoint({0}, recorder)  # no error: the rebalance sorts it out
+    # no error: the rebalance sorts it out
+    assert await checkpointer.checkpoint({0}, recorder) is False
     assert recorder.steps() == ["settled 0", "fence"]
     assert checkpointer.seq == 0
     assert engine.take_dirty().keys == ["alice"]

@@ -19,6 +19,7 @@ from monitor.config import parse_config
 from monitor.records import Reason
 from monitor.service import runner
 from monitor.service.broker import EmbeddedBroker, free_port
+from monitor.service.checkpointer import KafkaSink
 from monitor.service.metrics import HealthServer
 from tests.support.kafka import (
     RunningMonitor,
@@ -28,6 +29,7 @@ from tests.support.kafka import (
     started_processes,
     wait_processed,
 )
+from tests.support.messages import deposit
 from tests.support.paths import REPO
 from tests.support.risk import RISK
 
@@ -257,3 +259,57 @@ async def test_a_broker_lost_between_creating_topics_and_starting_the_clients_is
             assert monitor.ready.is_set()
     assert paused
     assert "kafka unreachable, retrying" in [e["event"] for e in logs]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stop_while_the_group_gives_no_answer_checkpoints_once_it_answers(
+        own_broker) -> None:
+    """SIGTERM while the broker stalls: the final checkpoint's question to the group times
+    out (1 s) and is asked again until the broker is back (3.5 s, within the session and
+    shutdown timeouts), rather than the instance stopping as if it had checkpointed."""
+    settings = fresh_settings(own_broker.bootstrap, request_timeout_ms=1_000,
+                              session_timeout_ms=20_000, checkpoint_interval=3_600.0)
+    monitor = runner.Monitor(settings, parse_config(RISK))
+    task = asyncio.create_task(monitor.run())
+    await asyncio.wait_for(monitor.ready.wait(), timeout=30)
+    ends = await produce(own_broker.bootstrap, [deposit(settings.topics, "alice", 100.0)])
+    await wait_processed(monitor, ends)
+    before = monitor._checkpointer.seq
+    with capture_logs() as logs:
+        own_broker.pause()
+        asyncio.get_running_loop().call_later(3.5, own_broker.resume)
+        monitor.request_stop()
+        await asyncio.wait_for(task, timeout=40)
+    said = [entry["event"] for entry in logs]
+    assert any(event.startswith("checkpoint not written: the group did not confirm")
+               for event in said)
+    assert monitor._checkpointer.seq == before + 1
+    assert said[-1] == "stopped"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stop_the_group_does_not_vouch_for_says_it_stopped_without_its_checkpoint(
+        broker, monkeypatch) -> None:
+    """The group said no (it replaced this instance): asking again cannot help, and the stop
+    must not read like one that checkpointed."""
+    settings = fresh_settings(broker.bootstrap, checkpoint_interval=3_600.0)
+    monitor = runner.Monitor(settings, parse_config(RISK))
+    task = asyncio.create_task(monitor.run())
+    await asyncio.wait_for(monitor.ready.wait(), timeout=30)
+    ends = await produce(broker.bootstrap, [deposit(settings.topics, "alice", 100.0)])
+    await wait_processed(monitor, ends)
+    asked: list[bool] = []
+
+    async def replaced(self: KafkaSink, offsets: object) -> bool:
+        asked.append(True)
+        return False
+
+    monkeypatch.setattr(KafkaSink, "fence", replaced)
+    with capture_logs() as logs:
+        monitor.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+    assert asked == [True]  # asked once
+    assert monitor._checkpointer.seq == 0
+    (last,) = logs[-1:]
+    assert last["log_level"] == "warning"
+    assert last["event"].startswith("stopped without its final checkpoint")

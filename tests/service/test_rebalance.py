@@ -195,12 +195,12 @@ async def test_a_revocation_during_the_final_checkpoint_writes_nothing_after_it(
     final_seq: list[int] = []
     checkpoint = instance._checkpoint
 
-    async def final_checkpoint_meets_a_revocation(partitions: set[int]) -> None:
+    async def final_checkpoint_meets_a_revocation(partitions: set[int]) -> bool:
         if instance._stopping.is_set() and not revoking:
             revoking.append(asyncio.create_task(instance.on_revoked(revoked)))
             await asyncio.sleep(0.1)  # the revocation is under way: it waits for the lock
             final_seq.append(instance._checkpointer.seq + 1)
-        await checkpoint(partitions)
+        return await checkpoint(partitions)
 
     instance._checkpoint = final_checkpoint_meets_a_revocation  # type: ignore[method-assign]
     task = asyncio.create_task(instance.run())
