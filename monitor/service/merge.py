@@ -153,6 +153,11 @@ class TimestampMerge:
         # stamp it proves on its connection) once buffered up to that end
         self._probed: dict[TopicPartition, list[tuple[int, float, float]]] = {}
         self._blocked_since: float | None = None
+        # the record held (its sort key) and the clock time it was first held: a record that
+        # arrives sorting before the one held goes out without proof only once Kafka has
+        # answered a request sent after it was held (`_waited_enough`)
+        self._held_head: tuple[int, int, int, int] | None = None
+        self._held_head_since = NEVER
         # clock time max_wait ran out, while waiting for Kafka to answer a request sent since
         self._wait_over_at: float | None = None
         # probes out, per partition: their send times (wall-clock ms), until answered or failed
@@ -489,6 +494,10 @@ class TimestampMerge:
                     for other in unread:
                         self._add_to(stalled_least, other)
                     continue  # the head again, without the stalled partitions
+                # a record sorting before the one held (not one after it, as the records
+                # behind a head released without proof are): held since now
+                if self._held_head is None or entry[:4] < self._held_head:
+                    self._held_head, self._held_head_since = entry[:4], self._clock()
                 if not self._waited_enough(kafka_answered, holding):
                     break
                 self.forced += 1
@@ -576,18 +585,22 @@ class TimestampMerge:
 
     def _unblock(self) -> None:
         self._blocked_since = None
+        self._held_head = None
         self._wait_over_at = None
         self._answer_seen_at = None
         self._out_when_answered = {}
 
     def _waited_enough(self, kafka_answered: float, holding: list[TopicPartition]) -> bool:
-        """``max_wait`` ran out, Kafka answered a request sent since (unless max_wait is 0: no
-        wait at all), and no probe of the ``holding`` partitions that was out when that answer
-        was seen is still out, unless it has been for ``HELD_UP_PROBES`` since. While no
-        broker answers, records released without proof could not be published before a probe
-        proves their order; it would only apply them in a worse one. And an answer may be
-        the end of an outage the watch never saw, whose held-up probes are answered with it:
-        a release then would go out a few ms before the proof."""
+        """``max_wait`` ran out, Kafka answered a request sent since and since the head was
+        first held (unless max_wait is 0: no wait at all), and no probe of the ``holding``
+        partitions that was out when that answer was seen is still out, unless it has been
+        for ``HELD_UP_PROBES`` since. While no broker answers, records released without
+        proof could not be published before a probe proves their order; it would only apply
+        them in a worse one. An answer may be the end of an outage the watch never saw,
+        whose held-up probes are answered with it: a release then would go out a few ms
+        before the proof. And a head that arrived after the requests answered so far were
+        sent (the max_wait running since an older head was first held) is not proven by
+        their answers: the next answer may prove it."""
         now = self._turning()
         if self._blocked_since is None:
             self._blocked_since = now
@@ -596,7 +609,7 @@ class TimestampMerge:
             return False
         if self._wait_over_at is None:
             self._wait_over_at = self._clock()
-        if kafka_answered < self._wait_over_at:
+        if kafka_answered < self._wait_over_at or kafka_answered <= self._held_head_since:
             return False
         if self._answer_seen_at is None:
             self._answer_seen_at = self._clock()

@@ -862,3 +862,39 @@ def test_a_partition_read_up_to_none_of_its_answers_keeps_a_bounded_few() -> Non
     assert len(m._probed[FILLS_1]) == MAX_ANSWERS
     m.read_to(FILLS_1, 40)
     assert m.proven[FILLS_1] == NOW + 39  # asked for right after the answer at NOW + 39
+
+
+def test_records_behind_one_released_without_proof_go_out_in_the_same_take() -> None:
+    """While a partition stays silent past max_wait (its broker down, the others answering),
+    a take releases every record it is given, not one per answer from Kafka."""
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    m.add(PRICES, [Rec(0, 5), Rec(1, 6), Rec(2, 7)], NOW)
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.0) == []  # held from clock 0
+    clock.now = 0.6
+    assert m.take(100, [PRICES, FILLS], kafka_answered=0.55) == []  # no answer since: waits
+    clock.now = 0.7
+    out = m.take(100, [PRICES, FILLS], kafka_answered=0.65)
+    assert [r.offset for _, r in out] == [0, 1, 2] and m.forced == 3
+
+
+def test_a_record_sorting_before_the_one_held_waits_for_an_answer_sent_after_it_came() -> None:
+    """Max_wait has run out for the price held since clock 0 (fills silent), and Kafka
+    answered a request sent at 0.65; a second price partition then hands over a record
+    stamped before it, at 0.7. That answer cannot prove the new head: it waits for the next
+    (found by the property test of a broker outage)."""
+    other = TopicPartition("prices", 1)
+    clock = Clock()
+    m = merge(max_wait=0.5, clock=clock)
+    positioned(m, other, 0, at_ms=NOW - 2)
+    m.add(PRICES, [Rec(0, 9)], NOW)
+    partitions = [PRICES, other, FILLS]
+    assert m.take(100, partitions, kafka_answered=0.0) == []
+    clock.now = 0.6
+    assert m.take(100, partitions, kafka_answered=0.55) == []
+    clock.now = 0.7
+    m.add(other, [Rec(0, 5)], NOW + 700)
+    assert m.take(100, partitions, kafka_answered=0.65) == [] and m.forced == 0
+    clock.now = 0.8
+    out = m.take(100, partitions, kafka_answered=0.75)
+    assert [(tp.partition, r.offset) for tp, r in out] == [(1, 0), (0, 0)] and m.forced == 2

@@ -398,7 +398,22 @@ def test_a_partition_read_on_every_turn_never_stalls_however_long_it_is_paused(
 OUTAGE_MERGE_WAIT_MS = 10  # short, so that it runs out before the watch sees the outage
 
 
+def quiet_turn(wait: int = 0, appends: list | None = None) -> dict:
+    """A turn of the outage test: hand over up to 4 records a consumer, take 1."""
+    return {"appends": appends or [], "handed": 4, "take": 1, "wait": wait}
+
+
 @settings(max_examples=600, deadline=None)
+# A fill stamped with a price is fetched in the turn after the outage, when the probes held up
+# by it are answered, all sent before the fill arrived; the merge wait, running since the
+# price was first held, has run out. The fill sorts before the price: it went out without
+# proof although every partition answers (found by hypothesis). It waits now for an answer
+# to a request sent after it was first held.
+@example(embedded=False, outage=(2, 3, 0), held_up_first=False, script=[
+    quiet_turn(), quiet_turn(wait=1, appends=[(TopicPartition("prices", 0), 1, 0),
+                                              (TopicPartition("fills", 0), 1, 0)]),
+    quiet_turn(), quiet_turn(), quiet_turn(), quiet_turn(wait=11),
+    *[quiet_turn() for _ in range(10)]])
 @given(embedded=st.booleans(), script=st.lists(loop_turn, min_size=16, max_size=40),
        outage=st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(0, 4)),
        held_up_first=st.booleans())
