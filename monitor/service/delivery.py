@@ -411,7 +411,6 @@ class Pipeline:
             async with self._changed:
                 self._changed.notify_all()
 
-
     async def _hand_over_held_back(self) -> None:
         """Hand over, in order, the rest of the first queued batch and every batch queued
         behind it, retrying while the producer cannot take them (`Retry`); then `submit`
