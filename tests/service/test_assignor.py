@@ -109,12 +109,13 @@ def test_a_member_says_which_partitions_it_was_last_assigned_oldest_first() -> N
 @pytest.mark.parametrize("user_data", [b"", b"not json", b"[1, 2]", b'{"held": 3}',
                                        b'{"held": ["1", true]}'])
 def test_a_member_whose_claim_cannot_be_read_holds_nothing(user_data: bytes) -> None:
-    # "b" reads as holding 0; "a" as holding nothing, so it is given 1
+    # "b" holds 1; "a" reads as holding nothing (read as claiming 1 twice or more, it would
+    # go first and keep 1), so it is given 0
     plan = StickyAccountPartitions().assign(_Cluster({"fills": 2, "ledger": 2}), {
         "a": ConsumerProtocolMemberMetadata(0, ["fills", "ledger"], user_data),
-        "b": ConsumerProtocolMemberMetadata(0, ["fills", "ledger"], b'{"held": [0]}')})
-    assert plan["a"].assignment == [("fills", [1]), ("ledger", [1])]
-    assert plan["b"].assignment == [("fills", [0]), ("ledger", [0])]
+        "b": ConsumerProtocolMemberMetadata(0, ["fills", "ledger"], b'{"held": [1]}')})
+    assert plan["a"].assignment == [("fills", [0]), ("ledger", [0])]
+    assert plan["b"].assignment == [("fills", [1]), ("ledger", [1])]
 
 
 class _Cluster:
