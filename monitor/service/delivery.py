@@ -95,17 +95,19 @@ class Delivery:
         failed. A repeat carries the same event_id, and the transition counter inside the id
         orders one account's events. An error no retry can fix raises DeliveryFailed.
         """
-        failed, error = await self._send(list(outgoing))
-        if failed:
-            await self.redeliver(failed, error)
-
-    async def redeliver(self, failed: list[Outgoing], error: BaseException | None) -> None:
-        """Retry messages whose first attempt failed with ``error`` (counted as retries),
-        with backoff, until every one is acknowledged; as `deliver`."""
         retry = Retry(self)
+        failed, error = await self._send(list(outgoing), retry)
+        await self.redeliver(failed, error, retry)
+
+    async def redeliver(self, failed: list[Outgoing], error: BaseException | None,
+                        retry: Retry | None = None) -> None:
+        """Retry messages whose first attempt failed with ``error`` (counted as retries),
+        with backoff (``retry``'s, if the first attempt's hand-over waited already), until
+        every one is acknowledged; as `deliver`."""
+        retry = retry or Retry(self)
         while failed:
             await retry.pause(len(failed), error)
-            failed, error = await self._send(failed)
+            failed, error = await self._send(failed, retry)
         retry.resumed()
 
     async def start_sending(self, messages: Sequence[Outgoing]
@@ -191,13 +193,12 @@ class Delivery:
             handed, error = await self.start_sending(messages[len(futures):])
             futures += handed
 
-    async def _send(self, messages: list[Outgoing]) -> tuple[list[Outgoing], Exception | None]:
-        """One attempt at producing every message (its hand-over retried until the producer
-        takes all); returns those that failed, and the first error."""
+    async def _send(self, messages: list[Outgoing], retry: Retry
+                    ) -> tuple[list[Outgoing], Exception | None]:
+        """One attempt at producing every message (its hand-over retried with ``retry`` until
+        the producer takes all); returns those that failed, and the first error."""
         futures, error = await self.start_sending(messages)
-        retry = Retry(self)
         await self.hand_over_rest(messages, futures, error, retry)
-        retry.resumed()
         results = await outcomes(futures)
         failed = self.settle(messages, results)
         return failed, next((r for r in results if isinstance(r, Exception)), None)
