@@ -136,13 +136,16 @@ async def topics(broker: EmbeddedBroker) -> AsyncIterator[tuple[str, str]]:
     yield settings.topics.fills, settings.topics.ledger
 
 
-async def joined(bootstrap: str, group: str, topics: tuple[str, str]) -> AIOKafkaConsumer:
-    """A consumer offering both assignors, as liqmon's does (its own is `.sticky`)."""
+async def joined(bootstrap: str, group: str, topics: tuple[str, str],
+                 offers_sticky: bool = True) -> AIOKafkaConsumer:
+    """A consumer offering both assignors, as liqmon's does (its own is `.sticky`), or range
+    alone, as earlier builds did."""
     sticky = StickyAccountPartitions()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=group, session_timeout_ms=2_000,
         heartbeat_interval_ms=300, rebalance_timeout_ms=2_000,
-        partition_assignment_strategy=(sticky, RangePartitionAssignor))
+        partition_assignment_strategy=(sticky, RangePartitionAssignor) if offers_sticky
+        else (RangePartitionAssignor,))
     consumer.sticky = sticky
     await consumer.start()
     consumer.subscribe(list(topics))
@@ -192,12 +195,7 @@ async def test_a_group_with_a_member_offering_only_range_agrees_on_range(
     """A rolling update from a build that offered range alone: both members co-partitioned,
     by range, until every member offers liqmon's assignor."""
     group = f"mixed-{topics[0]}"
-    older = AIOKafkaConsumer(
-        bootstrap_servers=broker.bootstrap, group_id=group, session_timeout_ms=2_000,
-        heartbeat_interval_ms=300, rebalance_timeout_ms=2_000,
-        partition_assignment_strategy=(RangePartitionAssignor,))
-    await older.start()
-    older.subscribe(list(topics))
+    older = await joined(broker.bootstrap, group, topics, offers_sticky=False)
     newer = await joined(broker.bootstrap, group, topics)
     try:
         owned = await asyncio.wait_for(settled([older, newer], 4), timeout=60)
