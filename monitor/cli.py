@@ -303,6 +303,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = run_settings(args, topics=topics, security=security)
     except OptionError as exc:  # an on/off variable that is neither
         raise UsageError(str(exc)) from exc
+    if 0 < settings.max_idle * 1000 <= settings.max_skew_ms:
+        # The skew delays a record's proof past --merge-wait, which then releases it unproven:
+        # every record a quiet partition holds back would go out of proven order.
+        raise UsageError(
+            f"--max-skew ({settings.max_skew_ms} ms) must be below --merge-wait "
+            f"({settings.max_idle:g} s): a record waits for proof of its order until its "
+            "timestamp + the skew, and --merge-wait releases it unproven before that; lower "
+            "--max-skew or raise --merge-wait (LIQMON_MAX_SKEW, LIQMON_MERGE_WAIT)")
     config = _load(args.config)
     configure_logging(settings.log_level)  # one of LOG_LEVELS: argparse checked it
     metrics = Metrics()
