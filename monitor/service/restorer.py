@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from structlog.stdlib import BoundLogger
 
-from monitor.account import RiskKey
+from monitor.account import RiskKey, UnitKey
 from monitor.config import RiskConfig, instrument_after_slash
 from monitor.engine import Engine
 from monitor.errors import LiqmonError
@@ -226,10 +226,12 @@ class Restorer:
 
     async def restore(self, gained: list[int], restored: dict[int, RestoredPartition],
                       first: bool, *, prices: AIOKafkaConsumer, accounts: AIOKafkaConsumer,
-                      price_partitions: int) -> tuple[int, int]:
+                      price_partitions: int) -> tuple[int, int, int]:
         """Take the gained partitions, read from the changelog as ``restored``: the price
-        table and price positions too on the ``first`` assignment. Returns how many
-        accounts were restored and how many records a catch-up replayed."""
+        table and price positions too on the ``first`` assignment. Returns how many cross
+        accounts and isolated positions were restored (as `liqmon_accounts` and
+        `liqmon_isolated_positions_by_state` count them) and how many records a catch-up
+        replayed."""
         self.check_config(restored)
         await self.refuse_lost_state(gained, restored, accounts.committed)
         self.say_unvouched(restored)
@@ -238,7 +240,7 @@ class Restorer:
         if first:
             await self.restore_prices(list(restored.values()), prices, price_partitions)
         behind = self.to_catch_up(gained, restored, first)
-        restored_accounts = replayed = 0
+        restored_units = isolated = replayed = 0
         for partition in gained:
             self._give_up_if_asked()
             if partition in behind:
@@ -249,11 +251,13 @@ class Restorer:
                                              restored[partition].read_to,
                                              checkpointed=restored[partition].control is not None)
             self.positions.owned.add(partition)
-            restored_accounts += len(restored[partition].snapshots)
+            keys = restored[partition].snapshots.ids
+            restored_units += len(keys)
+            isolated += sum(isinstance(key, UnitKey) for key in keys)
         # File the restored accounts in the band index before saying ready, or the
         # first record after it would wait for that (~1.7 s per million accounts).
         self.engine.index_restored()
-        return restored_accounts, replayed
+        return restored_units - isolated, isolated, replayed
 
     def check_config(self, restored: dict[int, RestoredPartition]) -> None:
         """Refuse state checkpointed under another risk config (another instance of the

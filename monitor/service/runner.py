@@ -610,7 +610,7 @@ class Monitor:
                 restored = await self._restorer.read(gained, self._restore_progress)
                 assert self._prices is not None and self._accounts is not None
                 first = not self._restored.is_set()
-                accounts, replayed = await self._restorer.restore(
+                accounts, isolated, replayed = await self._restorer.restore(
                     gained, restored, first, prices=self._prices, accounts=self._accounts,
                     price_partitions=self.partition_counts[self.settings.topics.prices])
                 if first:
@@ -646,6 +646,7 @@ class Monitor:
             await self._report_lag([tp for tp in self._positions.processed
                                     if tp.partition in gained or tp.topic == prices])
             self.log.info("restored", partitions=gained, accounts=accounts,
+                          isolated_positions=isolated,
                           changelog_records=sum(r.records_read for r in restored.values()),
                           records_replayed=replayed,
                           seconds=round(time.monotonic() - started, 3))

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import RequestTimedOutError
 
@@ -75,14 +76,19 @@ async def test_graceful_restart_restores_exactly_and_emits_nothing_twice(broker)
         await wait_processed(monitor, ends)
         before = state_of(monitor.engine)
         assert len(monitor.engine.units) > 10  # isolated positions restored below too
+        held = len(monitor.engine.accounts), len(monitor.engine.units)
         offsets_before = monitor.processed_offsets()
     emitted = len(await read_events(broker.bootstrap, settings.topics))
 
-    async with RunningMonitor(settings, config) as restarted:
-        assert state_of(restarted.engine) == before  # balances, positions, states, counters
-        assert restarted.processed_offsets() == offsets_before
-        await asyncio.sleep(1.0)
+    with structlog.testing.capture_logs() as logs:
+        async with RunningMonitor(settings, config) as restarted:
+            assert state_of(restarted.engine) == before  # balances, positions, states, counters
+            assert restarted.processed_offsets() == offsets_before
+            await asyncio.sleep(1.0)
     assert len(await read_events(broker.bootstrap, settings.topics)) == emitted
+    # the log counts them as liqmon_accounts and the isolated-position gauges do
+    (said,) = [entry for entry in logs if entry["event"] == "restored"]
+    assert (said["accounts"], said["isolated_positions"]) == held
 
     # The rest arrives while no monitor runs: a backlog, applied in timestamp order.
     ends = await produce_timestamped(broker.bootstrap, settings.topics, second,
