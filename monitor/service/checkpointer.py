@@ -233,8 +233,13 @@ class Checkpointer:
         # records it has written there since (`_follow_resets`).
         self._verified_to: dict[int, int] = {}
         self._written: Counter[int] = Counter()
-        self.since_checkpoint = 0  # records applied since the last checkpoint
-        self.last_checkpoint = time.monotonic()
+        self.since_checkpoint = 0  # records applied since the last checkpoint began
+        self.last_checkpoint = time.monotonic()  # when it began (the next is due from then)
+        # When the state of the newest checkpoint that was written whole was captured, and
+        # the records applied before that a checkpoint being written holds: what a crash now
+        # would re-process dates from there (`age`), not from a checkpoint that may fail.
+        self.saved_as_of = self.last_checkpoint
+        self._being_saved = 0
         self.last_batch_seconds = 0.0  # how long the loop took to apply its last batch
         self._writing: asyncio.Task[bool] | None = None  # a checkpoint written behind the loop
         # how long a yes from `CheckpointSink.fence` stands: well inside the session timeout,
@@ -279,9 +284,11 @@ class Checkpointer:
         return self.since_checkpoint > 0 and elapsed >= self.settings.checkpoint_interval
 
     def age(self) -> float:
-        """Seconds since the last checkpoint, if records were applied since (else 0)."""
-        pending = self.since_checkpoint > 0
-        return time.monotonic() - self.last_checkpoint if pending else 0.0
+        """Seconds since the state of the last checkpoint written whole was captured, if
+        records were applied since (else 0): a checkpoint being written, or one that failed,
+        saved nothing yet."""
+        pending = self.since_checkpoint > 0 or self._being_saved > 0
+        return time.monotonic() - self.saved_as_of if pending else 0.0
 
     def poll(self, sink: CheckpointSink) -> None:
         """Between two batches of the loop: raise what made the checkpoint written behind it
@@ -333,7 +340,7 @@ class Checkpointer:
         if not partitions:
             if not self.positions.owned:  # a standby: ticks applied, nothing to save
                 self.since_checkpoint = 0
-                self.last_checkpoint = time.monotonic()
+                self.last_checkpoint = self.saved_as_of = time.monotonic()
             return True
         collector.pause()  # its ~100,000 messages and futures would bring on full collections
         self._fenced_at = NEVER
@@ -416,9 +423,11 @@ class Checkpointer:
         controls = controls_now(self.engine, seq, as_of, t, int(time.time() * 1000),
                                 self.fingerprint)
         vouched = sink.mark()
-        if partitions >= self.positions.owned:
-            self.since_checkpoint = 0
-            self.last_checkpoint = time.monotonic()
+        whole = partitions >= self.positions.owned
+        if whole:
+            captured_at = time.monotonic()
+            self._being_saved, self.since_checkpoint = self.since_checkpoint, 0
+            self.last_checkpoint = captured_at
         vouched_offsets = self._input_offsets(as_of)
         try:
             # Which of them this checkpoint writes (a hand-over waits for this checkpoint, so
@@ -444,7 +453,12 @@ class Checkpointer:
                 await asyncio.sleep(time.monotonic() - sent)
         except BaseException:
             self.engine.mark_dirty(taken.keys, taken.rows)
+            if whole:  # still to save: due again an interval after this attempt began
+                self.since_checkpoint += self._being_saved
+                self._being_saved = 0
             raise
+        if whole:
+            self.saved_as_of, self._being_saved = captured_at, 0
         self.seq = seq
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         self.metrics.last_checkpoint.set(time.time())

@@ -613,10 +613,55 @@ async def test_a_standby_has_nothing_to_save_and_no_checkpoint_age() -> None:
 
 async def test_checkpointing_no_partition_of_an_owner_leaves_its_age() -> None:
     checkpointer, _ = make(owned=(0,))
-    checkpointer.applied(10)
-    checkpointer.last_checkpoint -= 120
+    two_minutes_unsaved(checkpointer)
     await checkpointer.checkpoint(set(), Recorder())
     assert checkpointer.age() >= 120
+
+
+def two_minutes_unsaved(checkpointer: Checkpointer) -> None:
+    """Ten records applied since a checkpoint written whole two minutes ago."""
+    checkpointer.applied(10)
+    checkpointer.last_checkpoint -= 120
+    checkpointer.saved_as_of -= 120
+
+
+async def test_a_checkpoint_the_group_did_not_vouch_for_leaves_its_records_due_and_aged(
+        ) -> None:
+    """Refused with the broker away, it zeroed the count and the age: the age read 0 with
+    nothing saved (LiqmonCheckpointStale could not fire), and no checkpoint came until the
+    next input, so a crash re-published what followed the last one (a helper: 76 events)."""
+    checkpointer, engine = make(owned=(0,))
+    deposit(engine, "alice", 100.0, 0, 1)
+    two_minutes_unsaved(checkpointer)
+    assert await checkpointer.checkpoint({0}, Recorder(owner=[False])) is False
+    assert checkpointer.since_checkpoint == 10
+    assert checkpointer.age() >= 120
+    assert not checkpointer.due()  # tried again an interval (5 s) after this attempt
+    checkpointer.last_checkpoint -= 5
+    assert checkpointer.due()
+
+
+async def test_a_failed_checkpoint_leaves_its_records_to_the_next() -> None:
+    checkpointer, engine = make(owned=(0,))
+    deposit(engine, "alice", 100.0, 0, 1)
+    two_minutes_unsaved(checkpointer)
+    with pytest.raises(DeliveryFailed):
+        await checkpointer.checkpoint({0}, Recorder(refuse="account"))
+    assert (checkpointer.since_checkpoint, checkpointer.age() >= 120) == (10, True)
+
+
+async def test_the_age_runs_on_while_a_checkpoint_is_written_and_restarts_once_it_is() -> None:
+    checkpointer, engine = make(owned=(0,))
+    deposit(engine, "alice", 100.0, 0, 1)
+    two_minutes_unsaved(checkpointer)
+    writing = asyncio.create_task(checkpointer.checkpoint({0}, SlowEvents(0.2)))
+    await asyncio.sleep(0.05)
+    assert not writing.done()
+    assert checkpointer.age() >= 120  # nothing is saved until it is written
+    assert await writing
+    assert checkpointer.age() == 0.0
+    checkpointer.applied(1)
+    assert 0.0 < checkpointer.age() < 5  # since the state it wrote was captured
 
 
 def test_a_checkpoint_is_due_after_checkpoint_records_records() -> None:
