@@ -331,7 +331,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGUSR1, log_task_stacks, monitor.log)
         loop.set_exception_handler(abandoned_kafka_failures(monitor.log))
         if server is not None:
-            ready_watch = asyncio.ensure_future(_mirror_readiness(monitor, server))
+            ready_watch = asyncio.ensure_future(
+                server.follow(monitor.ready.is_set, monitor.not_ready_because))
         try:
             await monitor.run()
         finally:
@@ -370,16 +371,6 @@ def _checked_security(args: argparse.Namespace) -> KafkaSecurity:
     if security.problems():
         raise UsageError("; ".join(security.problems()))
     return security
-
-
-async def _mirror_readiness(monitor: Any, server: Any) -> None:
-    """Keep /readyz in step with the monitor (the HTTP server lives in another thread)."""
-    import asyncio
-
-    while True:
-        ready = monitor.ready.is_set()
-        server.tell(ready, "" if ready else monitor.not_ready_because())
-        await asyncio.sleep(0.1)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

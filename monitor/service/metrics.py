@@ -6,6 +6,7 @@ never accounts.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import sys
@@ -126,7 +127,9 @@ class Metrics:
         self.last_checkpoint = Gauge(
             "liqmon_last_checkpoint_timestamp_seconds",
             "Unix time of the last completed checkpoint (0 before the first).", registry=r)
-        self.ready = Gauge("liqmon_ready", "1 when restored and consuming.", registry=r)
+        # set by `HealthServer` from what /readyz answers; without one, nobody scrapes
+        self.ready = Gauge("liqmon_ready", "1 while /readyz answers 200: restored, consuming, "
+                           "Kafka answering and the event loop turning.", registry=r)
         self.kafka_reachable = Gauge(
             "liqmon_kafka_reachable", "1 while the brokers answer metadata requests.",
             registry=r)
@@ -228,6 +231,7 @@ REQUEST_TIMEOUT = 10.0
 # Seconds /readyz trusts the readiness the event loop last told it (it tells it every 0.1 s):
 # past them the loop is blocked, and the instance is not doing its job, whatever it said.
 READINESS_TRUSTED = 2.0
+TELL_EVERY = 0.1  # seconds between the event loop's word to /readyz (`HealthServer.follow`)
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -293,6 +297,9 @@ class HealthServer:
         self.ready = False
         self.not_ready_because = ""  # said in the 503 body
         self.told_at = time.monotonic()  # when the event loop last set the two (`tell`)
+        # liqmon_ready says what /readyz says, read at scrape time: a loop that stopped
+        # turning would leave a value it set saying ready (LiqmonNotReady would never fire)
+        metrics.ready.set_function(lambda: 1.0 if self.answers_ready() else 0.0)
         self._server: _ThreadingServer = make_server(
             host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         self._server.idle_timeout = idle_timeout
@@ -309,21 +316,35 @@ class HealthServer:
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
         if path == "/readyz":
-            silent = time.monotonic() - self.told_at
-            if self.ready and silent <= READINESS_TRUSTED:
+            if self.answers_ready():
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"ready\n"]
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            silent = time.monotonic() - self.told_at
             reason = (f"the event loop has not answered for {silent:.0f} s" if self.ready
                       else self.not_ready_because)
             return [f"not ready: {reason}\n".encode() if reason else b"not ready\n"]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: this port serves /metrics, /healthz and /readyz\n"]
 
+    def answers_ready(self) -> bool:
+        """What /readyz answers (and liqmon_ready reads): ready, as the event loop told it
+        within `READINESS_TRUSTED`."""
+        return self.ready and time.monotonic() - self.told_at <= READINESS_TRUSTED
+
     def tell(self, ready: bool, not_ready_because: str = "") -> None:
         """What /readyz says, from the event loop (at least every `READINESS_TRUSTED`)."""
         self.ready, self.not_ready_because = ready, not_ready_because
         self.told_at = time.monotonic()
+
+    async def follow(self, ready: Callable[[], bool], not_ready_because: Callable[[], str]
+                     ) -> None:
+        """Tell it, from the event loop, whether the instance is ready and if not why, every
+        `TELL_EVERY` seconds until cancelled."""
+        while True:
+            now_ready = ready()
+            self.tell(now_ready, "" if now_ready else not_ready_because())
+            await asyncio.sleep(TELL_EVERY)
 
     def start(self) -> HealthServer:
         self._thread.start()

@@ -375,7 +375,6 @@ class Monitor:
             self.ready.set()
         else:
             self.ready.clear()
-        self.metrics.ready.set(1 if ready else 0)
 
     def _watch_ended(self, watchdog: asyncio.Task[None]) -> None:
         """The broker watch runs until the service stops: what ends it sooner stops the

@@ -3,6 +3,7 @@ clients dropped, on the address it is told. No broker needed: the server is the 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from monitor.config import fingerprint
 from monitor.service.broker import free_port
 from monitor.service.changelog import RestoreProgress
-from monitor.service.metrics import HealthServer, Metrics
+from monitor.service.metrics import TELL_EVERY, HealthServer, Metrics
 from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings
 from tests.support.kafka import started_processes
@@ -123,6 +124,37 @@ def test_readyz_is_503_once_the_event_loop_has_not_told_it_for_two_seconds(
     server.told_at -= 5
     assert get(server.port, "/readyz") == (
         503, b"not ready: the event loop has not answered for 5 s\n")
+
+
+def test_liqmon_ready_reads_what_readyz_answers(server: HealthServer) -> None:
+    assert b"liqmon_ready 0.0" in get(server.port, "/metrics")[1]
+    server.tell(True)
+    assert b"liqmon_ready 1.0" in get(server.port, "/metrics")[1]
+
+
+def test_liqmon_ready_reads_0_once_the_event_loop_has_not_told_it_for_two_seconds(
+        server: HealthServer) -> None:
+    """The gauge was set on the event loop: a loop wedged for good left it at 1 while
+    /readyz said 503, and LiqmonNotReady (liqmon_ready == 0) never fired (a helper)."""
+    server.tell(True)
+    server.told_at -= 5
+    assert b"liqmon_ready 0.0" in get(server.port, "/metrics")[1]
+
+
+async def test_following_an_instance_tells_readyz_whether_it_is_ready_and_why_not(
+        server: HealthServer) -> None:
+    ready = False
+    following = asyncio.ensure_future(
+        server.follow(lambda: ready, lambda: "restoring state: 10 changelog records read"))
+    try:
+        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(get, server.port, "/readyz") == (
+            503, b"not ready: restoring state: 10 changelog records read\n")
+        ready = True
+        await asyncio.sleep(2 * TELL_EVERY)
+        assert await asyncio.to_thread(get, server.port, "/readyz") == (200, b"ready\n")
+    finally:
+        following.cancel()
 
 
 def test_server_listens_only_on_the_address_it_is_given() -> None:
