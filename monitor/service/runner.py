@@ -102,6 +102,9 @@ LOG_TAIL_RECORDS = 64  # of an input log that ends early, read to tell why (`Eng
 # Seconds before a partition whose high watermark stays below what was applied, but whose log
 # was found whole, is checked again: not at every fetch.
 LOG_RECHECK_INTERVAL = 5.0
+# Seconds between asking the broker where the logs of paused partitions end: not fetched,
+# their consumer's high watermark stays where the pause found it (`_ask_paused_ends`).
+PAUSED_ENDS_INTERVAL = 1.0
 ACCOUNT_RECORDS = (Fill, LedgerEntry)  # applied a run at a time (`apply_account_records`)
 # After a fetch, per partition: the consumer's position, the high watermark its last fetch of
 # the partition reported, the wall-clock ms that fetch was answered at, and the connection it
@@ -171,6 +174,10 @@ class Monitor:
         # gained from then on may hold snapshots stamped with the old log's offsets
         self._prices_replaced: dict[str, object] | None = None
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
+        # where the broker said the logs of partitions paused since end (`_ask_paused_ends`)
+        self._paused_ends: dict[TopicPartition, int] = {}
+        self._asking_paused_ends: asyncio.Task[None] | None = None
+        self._paused_ends_asked_at = -math.inf
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
@@ -827,10 +834,12 @@ class Monitor:
                                               else self.engine.upkeep())
                 self._checkpointer.poll(self._sink)
                 self._pace_fetching()
+                self._ask_paused_ends()
                 if positions.merge.to_probe():
                     prober.wanted.set()
         finally:
-            await cancel_and_wait(*fetches.values(), stopping, woken, probing)
+            asking = [self._asking_paused_ends] if self._asking_paused_ends else []
+            await cancel_and_wait(*fetches.values(), stopping, woken, probing, *asking)
         async with self._lock:  # finish: what was applied is delivered; checkpoint it
             # A revocation waiting for the lock meanwhile finds its partitions covered by
             # this checkpoint: it must not write one of its own while the clients close.
@@ -1000,6 +1009,37 @@ class Monitor:
                 self._consumer_of(tp).resume(tp)
                 merge.resumed(tp)
 
+    def _ask_paused_ends(self) -> None:
+        """Ask, once a `PAUSED_ENDS_INTERVAL`, where the logs of the paused partitions end
+        (behind the loop), for their lag: their consumer's high watermark is that of their
+        last fetch, before the pause, and a backlog that keeps growing behind a pause showed
+        a lag far below the real one (`LiqmonConsumerLagGrowing` fired late or not at all)."""
+        merge, processed = self._positions.merge, self._positions.processed
+        for tp in [tp for tp in self._paused_ends if tp not in processed
+                   or not merge.is_paused(tp)]:  # handed over, sought or resumed meanwhile
+            del self._paused_ends[tp]
+        if self._asking_paused_ends is not None and not self._asking_paused_ends.done():
+            return
+        if time.monotonic() - self._paused_ends_asked_at < PAUSED_ENDS_INTERVAL:
+            return
+        paused = [tp for tp in processed if merge.is_paused(tp)]
+        if not paused:
+            return
+        self._paused_ends_asked_at = time.monotonic()
+        self._asking_paused_ends = asyncio.create_task(self._paused_lag(paused))
+
+    async def _paused_lag(self, tps: list[TopicPartition]) -> None:
+        assert self._probe is not None
+        try:
+            ends = await self._probe.end_offsets(tps)
+        except KafkaError:
+            return  # asked again a `PAUSED_ENDS_INTERVAL` on
+        merge = self._positions.merge
+        for tp, end in ends.items():
+            if tp in self._positions.processed and merge.is_paused(tp):
+                self._paused_ends[tp] = end
+        self._refresh_lag(ends)
+
     async def _process_ready(self, limit: int) -> int:
         """Apply what the merge releases and hand its output to the pipeline (which gets
         it acknowledged behind the loop); how many records."""
@@ -1119,6 +1159,8 @@ class Monitor:
             highwater = self._consumer_of(tp).highwater(tp)
             if tp in stalled:
                 highwater = max(highwater or 0, stalled[tp][1])
+            if tp in self._paused_ends:  # not fetched: the broker was asked instead
+                highwater = max(highwater or 0, self._paused_ends[tp])
             if highwater is not None:
                 self._set_lag(tp, highwater)
 

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 import monitor.engine as engine_module
 from monitor.config import parse_config
-from monitor.service import probe
+from monitor.service import probe, runner
 from monitor.service.broker import EmbeddedBroker
 from monitor.service.runner import Monitor
 from monitor.service.topics import output_topics
@@ -368,6 +368,40 @@ async def test_partition_lag_is_zero_after_catching_up(broker, risk):
             "liqmon_consumer_lag_records", {"topic": settings.topics.ledger, "partition": "0"})
         assert lag == 0
         assert monitor.processed_offsets()[TopicPartition(settings.topics.ledger, 0)] == 50
+
+
+async def test_the_lag_of_a_paused_partition_counts_what_was_appended_after_the_pause(
+        broker, risk, monkeypatch):
+    """Deposits stamped 30 s ahead are held until the clock reaches them, and the loop
+    pauses their partition once it buffers 2. Not fetched, its high watermark stayed where
+    the pause found it: the lag read 10 with 60 records behind (a helper's backlog: 4,500
+    reported, 13,004 behind)."""
+    monkeypatch.setattr(runner, "MAX_BUFFERED", 2)
+    settings = fresh_settings(broker.bootstrap, max_idle=60.0)  # a record ahead is waited for
+    t = settings.topics
+    ledger = TopicPartition(t.ledger, 0)
+    ahead = int(time.time() * 1000) + 30_000
+    deadline = time.monotonic() + 15  # well before the clock reaches them
+
+    def lag() -> float | None:
+        return monitor.metrics.registry.get_sample_value(
+            "liqmon_consumer_lag_records", {"topic": t.ledger, "partition": "0"})
+
+    async with RunningMonitor(settings, risk) as monitor:
+        # one batch each: the embedded broker reports a log's end as its last batch's
+        # first offset + 1
+        await produce(broker.bootstrap, [deposit(t, f"u{i}", 10.0) for i in range(10)],
+                      first_timestamp_ms=ahead, one_at_a_time=True)
+        while not monitor._positions.merge.is_paused(ledger):
+            assert time.monotonic() < deadline, "the partition was not paused"
+            await asyncio.sleep(0.01)
+        ends = await produce(broker.bootstrap, [deposit(t, f"v{i}", 10.0) for i in range(50)],
+                             first_timestamp_ms=ahead + 10, one_at_a_time=True)
+        assert ends[ledger] == 60
+        while lag() != 60:
+            assert time.monotonic() < deadline, f"lag {lag()} of 60 records"
+            await asyncio.sleep(0.05)
+        assert monitor.applied_offsets()[ledger] == 0  # all of them still held
 
 
 async def test_a_running_service_collects_young_garbage_only_every_50000_allocations(broker,
