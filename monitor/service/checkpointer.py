@@ -269,11 +269,12 @@ class Checkpointer:
         self._verified_to[partition] = read_to
         self._written[partition] = 0
 
-    def include(self, keys: Sequence[RiskKey], partition: int) -> None:
+    def include(self, keys: Sequence[RiskKey], partition: int, records: int) -> None:
         """Risk units of ``partition`` changed outside the loop (by a catch-up's private
-        engine): the next checkpoint writes them, those forgotten as tombstones in
-        ``partition``."""
+        engine, applying ``records``): the next checkpoint writes them, those forgotten as
+        tombstones in ``partition``, and is due as if the loop had applied the records."""
         self.engine.mark_dirty(keys, partition=partition)
+        self.since_checkpoint += records
 
     # -- when -------------------------------------------------------------------------------------
 

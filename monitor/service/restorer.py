@@ -535,7 +535,7 @@ class Restorer:
                                    restored.forgotten_marks(self.positions.offsets()))
         for topic in (t.fills, t.ledger):
             self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
-        self.checkpointer.include(private.take_dirty().keys, partition)
+        self.checkpointer.include(private.take_dirty().keys, partition, applied)
         return applied
 
     async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,

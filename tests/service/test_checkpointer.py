@@ -689,12 +689,24 @@ async def test_only_a_checkpoint_of_every_owned_partition_restarts_the_count() -
     assert checkpointer.since_checkpoint == 0
 
 
+def test_a_catch_up_makes_a_checkpoint_due_as_the_records_it_applied_would() -> None:
+    """After a failover's catch-up the new owner wrote nothing until the next input came
+    (a helper: over 30 s with none, and liqmon_checkpoint_age_seconds 0): the changelog's
+    control record and the group's offsets stayed the dead owner's."""
+    checkpointer, _ = make()
+    checkpointer.last_checkpoint -= 6.0  # the interval is 5 s
+    assert not checkpointer.due()
+    checkpointer.include(["dave"], 1, 66_684)
+    assert checkpointer.due()
+    assert checkpointer.age() > 0
+
+
 async def test_changes_of_a_catch_up_are_written_by_the_next_checkpoint_of_their_partition(
         ) -> None:
     checkpointer, engine = make()
     deposit(engine, "erin", 100.0, 1, 1)  # held here; dave was forgotten in the catch-up
     engine.take_dirty()
-    checkpointer.include(["dave", "erin"], 1)
+    checkpointer.include(["dave", "erin"], 1, 2)
     recorder = Recorder()
     await checkpointer.checkpoint({1}, recorder)
     assert sorted((m.key, m.value is None, m.partition)
