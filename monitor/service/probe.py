@@ -225,6 +225,7 @@ class BrokerWatch:
         lost_at: float | None = None
         last_said = 0.0
         sent_at = NEVER
+        self._asked.set()  # the first request at once, not an interval on
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):

@@ -22,7 +22,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Sequence
 from typing import Any, cast
 
 import structlog
@@ -270,26 +270,7 @@ class Monitor:
             collector.settle()
             await self._connect()
             if not self._stopping.is_set():
-                await self._until_restored()
-            if not self._stopping.is_set():
-                self._consuming = True
-                self._update_ready()
-                self.log.info("consuming", bootstrap=self.settings.bootstrap,
-                              group=self.settings.group,
-                              partitions=sorted(self._positions.owned))
-                assert self._producer is not None
-                self._watch = BrokerWatch(self._producer.client, self.settings, self.metrics,
-                                          self.log, self._reachability, self.fail,
-                                          self.partition_counts)
-                watchdog = asyncio.create_task(self._watch.run())
-                watchdog.add_done_callback(self._watch_ended)
-                try:
-                    await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
-                finally:
-                    self._closing = True  # the final checkpoint is written (or abandoned)
-                    if await cancel_and_wait(watchdog, within=self._close_left()):
-                        self.log.warning("broker watch abandoned: not ended in time",
-                                         seconds=CLOSE_TIMEOUT)
+                await self._watched(self._restore_and_consume())
         finally:
             self._consuming = False
             self._update_ready()
@@ -297,6 +278,37 @@ class Monitor:
         # asked to stop before it consumed (waiting for the group, restoring)
         if not self._said_stopped and self._fatal is None:
             self._say_stopped()
+
+    async def _watched(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` with the broker watch beside it, from the connection on: whether
+        Kafka answers (`liqmon_kafka_reachable`, /readyz), and whether a topic vanished or
+        changed its partition count, while the group assigns and restores too."""
+        assert self._producer is not None
+        self.metrics.kafka_reachable.set(1)  # it just answered the connection's requests
+        self._watch = BrokerWatch(self._producer.client, self.settings, self.metrics,
+                                  self.log, self._reachability, self.fail,
+                                  self.partition_counts)
+        watchdog = asyncio.create_task(self._watch.run())
+        watchdog.add_done_callback(self._watch_ended)
+        try:
+            await work
+        finally:
+            if await cancel_and_wait(watchdog, within=self._close_left()):
+                self.log.warning("broker watch abandoned: not ended in time",
+                                 seconds=CLOSE_TIMEOUT)
+
+    async def _restore_and_consume(self) -> None:
+        await self._until_restored()
+        if self._stopping.is_set():
+            return
+        self._consuming = True
+        self._update_ready()
+        self.log.info("consuming", bootstrap=self.settings.bootstrap,
+                      group=self.settings.group, partitions=sorted(self._positions.owned))
+        try:
+            await self._within_shutdown_timeout(asyncio.ensure_future(self._consume()))
+        finally:
+            self._closing = True  # the final checkpoint is written (or abandoned)
 
     def _say_stopped(self, checkpointed: bool = True) -> None:
         self._said_stopped = True

@@ -370,6 +370,15 @@ async def test_partition_lag_is_zero_after_catching_up(broker, risk):
         assert monitor.processed_offsets()[TopicPartition(settings.topics.ledger, 0)] == 50
 
 
+async def test_kafka_reachable_reads_1_from_the_connection_on(broker, risk):
+    """Only the broker watch set it, started once the instance consumed and asking first an
+    interval later: it read 0 through the group's assignment and the restore, and still for a
+    moment once /readyz said ready (a helper's scrapes)."""
+    async with RunningMonitor(fresh_settings(broker.bootstrap), risk) as monitor:
+        assert monitor.ready.is_set()
+        assert monitor.metrics.registry.get_sample_value("liqmon_kafka_reachable") == 1
+
+
 async def test_the_lag_of_a_paused_partition_counts_what_was_appended_after_the_pause(
         broker, risk, monkeypatch):
     """Deposits stamped 30 s ahead are held until the clock reaches them, and the loop
