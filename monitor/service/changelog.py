@@ -572,8 +572,8 @@ class RestoreProgress:
     records: int = 0  # changelog records read
     expected: int = 0  # records between the partitions' first and end offsets (compaction
     #                    leaves gaps, so at most this many)
-    accounts: int = 0  # accounts read so far (snapshots read since the last deduplication
-    #                   counted as accounts of their own, so at most this many until the end)
+    accounts: int = 0  # accounts and isolated positions read so far (snapshots read since the
+    #                   last deduplication counted as units of their own: at most this many)
 
 
 # Net container allocations between young garbage collections (Python's default: 700). At 700

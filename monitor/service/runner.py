@@ -360,7 +360,7 @@ class Monitor:
         if now - self._restore_said >= RESTORE_REPORT_INTERVAL:
             self._restore_said = now
             self.log.info("restoring", records=status.records, expected_records=status.expected,
-                          accounts=status.accounts,
+                          units_at_most=status.accounts,
                           seconds=round(now - self._restore_started, 1))
 
     def not_ready_because(self) -> str:
@@ -374,7 +374,8 @@ class Monitor:
             if status is None:
                 return "restoring state"
             return (f"restoring state: {status.records:,} of at most {status.expected:,} "
-                    f"changelog records read, {status.accounts:,} accounts")
+                    f"changelog records read, up to {status.accounts:,} accounts and "
+                    "isolated positions")
         if self._warming_up:
             return "loading the engine's compiled kernels (the first start compiles them)"
         if self._consuming and not self._reachable:

@@ -235,4 +235,4 @@ def test_a_restore_under_way_is_reported_with_its_progress(risk) -> None:
                                               accounts=380_112))
     assert monitor.not_ready_because() == (
         "restoring state: 412,000 of at most 1,000,000 changelog records read, "
-        "380,112 accounts")
+        "up to 380,112 accounts and isolated positions")
