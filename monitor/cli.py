@@ -332,7 +332,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop.set_exception_handler(abandoned_kafka_failures(monitor.log))
         if server is not None:
             ready_watch = asyncio.ensure_future(
-                server.follow(monitor.ready.is_set, monitor.not_ready_because))
+                server.follow(monitor.not_ready_because))
         try:
             await monitor.run()
         finally:

@@ -337,13 +337,13 @@ class HealthServer:
         self.ready, self.not_ready_because = ready, not_ready_because
         self.told_at = time.monotonic()
 
-    async def follow(self, ready: Callable[[], bool], not_ready_because: Callable[[], str]
-                     ) -> None:
-        """Tell it, from the event loop, whether the instance is ready and if not why, every
-        `TELL_EVERY` seconds until cancelled."""
+    async def follow(self, not_ready_because: Callable[[], str]) -> None:
+        """Tell it, from the event loop, why the instance is not ready (ready when nothing
+        says so: one answer, so that a 503 always says why), every `TELL_EVERY` seconds until
+        cancelled."""
         while True:
-            now_ready = ready()
-            self.tell(now_ready, "" if now_ready else not_ready_because())
+            reason = not_ready_because()
+            self.tell(not reason, reason)
             await asyncio.sleep(TELL_EVERY)
 
     def start(self) -> HealthServer:

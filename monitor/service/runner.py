@@ -611,14 +611,17 @@ class Monitor:
         async with self._lock:
             if self._why_abandon() is not None:  # stopping, or another rebalance began
                 return  # take nothing new (no restore, no catch-up, no event)
-            self._group_wait.ended()
             assigned = self._assignment
             await self._settle_kept(assigned)
             gained = self._restorer.gained(assigned)
             if not gained and self._restored.is_set():
+                self._group_wait.ended()
                 self._update_ready()
                 return
             await self._checkpointer.finish()
+            # Ended once the checkpoint being written is: until then /readyz says it waits for
+            # the group (with nothing to say, its 503 had no reason).
+            self._group_wait.ended()
             started = time.monotonic()
             self._pacer.careful()  # the catch-up's ticks re-value every restored holder
             self._restoring = True

@@ -84,7 +84,7 @@ async def test_metrics_cover_the_spec_and_move_with_the_records(broker):
     async with RunningMonitor(settings, parse_config(RISK)) as monitor:
         server = HealthServer(monitor.metrics, port=0, host="127.0.0.1").start()
         following = asyncio.ensure_future(  # as `liqmon run` keeps /readyz told
-            server.follow(monitor.ready.is_set, monitor.not_ready_because))
+            server.follow(monitor.not_ready_because))
         try:
             for phase in (messages, [(t.fills, b"a", orjson.dumps(fill))], [crash]):
                 await wait_processed(monitor, await produce(broker.bootstrap, phase))
