@@ -125,31 +125,38 @@ class FetchWait:
     def __init__(self, start_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.ms = start_ms
         self._clock = clock
-        # per partition: position, since when it has not moved, fetches seen since
-        self._since: dict[TopicPartition, tuple[int, float, int]] = {}
+        # per partition: position, since when it has not moved, fetches answered since, and
+        # when the last of them was answered
+        self._since: dict[TopicPartition, tuple[int, float, int, int | None]] = {}
 
-    def starved(self, fetched: Mapping[TopicPartition, tuple[int, int | None]]
+    def starved(self, fetched: Mapping[TopicPartition, tuple[int, int | None, int | None]]
                 ) -> tuple[TopicPartition, float] | None:
         """Observe a fetch that left nothing buffered in the consumer: ``fetched`` gives each
-        partition it fetches (position after it, the end the broker reported). If one has
-        stayed behind that end without moving for ``STARVED_AFTER`` seconds and
-        ``STARVED_FETCHES`` such fetches (a rebalance, which stops fetching for a while, is
-        one gap, not a starvation), the wait is doubled (``ms``): that partition and how long
-        it waited. A partition left out (paused, handed over) starts afresh when it is back."""
+        partition it fetches (position after it, the end the broker reported, when the broker
+        last answered a fetch of it). If one has stayed behind that end without moving for
+        ``STARVED_AFTER`` seconds and ``STARVED_FETCHES`` answered fetches (a rebalance, which
+        stops fetching for a while, is one gap, not a starvation; a broker away answers
+        nothing, and says nothing of how it answers), the wait is doubled (``ms``): that
+        partition and how long it waited. A partition left out (paused, handed over) starts
+        afresh when it is back."""
         now = self._clock()
         before, self._since = self._since, {}
-        for tp, (position, end) in fetched.items():
+        for tp, (position, end, answered) in fetched.items():
             since = before.get(tp)
-            if since is None or since[0] != position or end is None or end <= position:
-                self._since[tp] = (position, now, 0)
+            if since is not None and since[0] == position and since[3] == answered:
+                self._since[tp] = since  # no answer since the last look
                 continue
-            _, unmoved_since, fetches = since
-            self._since[tp] = (position, unmoved_since, fetches + 1)
+            if since is None or since[0] != position or end is None or end <= position:
+                self._since[tp] = (position, now, 0, answered)
+                continue
+            _, unmoved_since, fetches, _ = since
+            self._since[tp] = (position, unmoved_since, fetches + 1, answered)
             if (now - unmoved_since >= STARVED_AFTER and fetches + 1 >= STARVED_FETCHES
                     and self.ms < FETCH_MAX_WAIT_CAP_MS):
                 self.ms = min(2 * self.ms, FETCH_MAX_WAIT_CAP_MS)
                 # the next widening waits as long again, from now
-                self._since = {other: (at, now, 0) for other, (at, _) in fetched.items()}
+                self._since = {other: (at, now, 0, answered_at)
+                               for other, (at, _, answered_at) in fetched.items()}
                 return tp, now - unmoved_since
         return None
 

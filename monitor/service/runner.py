@@ -894,7 +894,8 @@ class Monitor:
                           read_to: dict[TopicPartition, ReadTo]) -> None:
         """Widen the consumer's fetch wait if the broker keeps answering a partition with
         nothing although it reports records past the position (`FetchWait`)."""
-        fetched = {tp: (position, end) for tp, (position, end, _, _) in read_to.items()
+        fetched = {tp: (position, end, answered_at)
+                   for tp, (position, end, answered_at, _) in read_to.items()
                    if tp in self._positions.processed
                    and not self._positions.merge.is_paused(tp)}
         starved = wait.starved(fetched)

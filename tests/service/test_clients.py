@@ -71,9 +71,19 @@ async def test_the_connection_label_changes_with_every_metadata_update_not_only_
         assert fetched_from(consumer, TopicPartition(tp.topic, 99)) is None  # no partition
 
 
-def observe(wait: FetchWait, clock: Clock, at: float, fetched) -> tuple | None:
+def observe(wait: FetchWait, clock: Clock, at: float, fetched, answered: bool = True
+            ) -> tuple | None:
+    """``fetched``: (position, end) per partition, as the broker answered it at ``at``; or,
+    not ``answered``, as it answered last (the fetch got no answer)."""
     clock.now = at
-    return wait.starved(fetched)
+    answered_at = int(at * 1000) if answered else int(ANSWERED[id(wait)] * 1000)
+    if answered:
+        ANSWERED[id(wait)] = at
+    return wait.starved({tp: (position, end, answered_at)
+                         for tp, (position, end) in fetched.items()})
+
+
+ANSWERED: dict[int, float] = {}  # per FetchWait observed: when its broker last answered
 
 
 def test_a_partition_left_behind_its_end_for_half_a_second_and_three_fetches_doubles_the_wait():
@@ -84,6 +94,18 @@ def test_a_partition_left_behind_its_end_for_half_a_second_and_three_fetches_dou
     assert observe(wait, clock, 0.4, {P0: (100, 160), P1: (7, 9)}) is None  # 0.4 s
     assert observe(wait, clock, 0.5, {P0: (100, 160), P1: (7, 9)}) == (P0, 0.5)
     assert wait.ms == 20
+
+
+def test_fetches_the_broker_does_not_answer_are_no_starvation():
+    """A broker frozen for 10 s answers nothing: each empty poll looked like an empty answer,
+    and a helper saw the prices fetch wait widened to 500 ms for good, during an outage."""
+    clock = Clock()
+    wait = FetchWait(10, clock)
+    observe(wait, clock, 0.0, {P0: (100, 150)})
+    for at in (0.5, 1.0, 1.5, 2.0, 2.5):
+        assert observe(wait, clock, at, {P0: (100, 150)}, answered=False) is None
+    assert observe(wait, clock, 3.0, {P0: (150, 150)}) is None  # back: it reads on
+    assert wait.ms == 10
 
 
 def test_one_fetch_after_a_long_gap_is_no_starvation():
