@@ -235,10 +235,11 @@ class Checkpointer:
         self._written: Counter[int] = Counter()
         self.since_checkpoint = 0  # records applied since the last checkpoint began
         self.last_checkpoint = time.monotonic()  # when it began (the next is due from then)
-        # When the state of the newest checkpoint that was written whole was captured, and
-        # the records applied before that a checkpoint being written holds: what a crash now
-        # would re-process dates from there (`age`), not from a checkpoint that may fail.
-        self.saved_as_of = self.last_checkpoint
+        # When the oldest applied record no checkpoint holds was applied (None: none), and
+        # the same of those the checkpoint being written holds, and how many it holds: what a
+        # crash now would re-process (`age`), until a checkpoint holding them is written.
+        self.unsaved_since: float | None = None
+        self._saving_since: float | None = None
         self._being_saved = 0
         self.last_batch_seconds = 0.0  # how long the loop took to apply its last batch
         self._writing: asyncio.Task[bool] | None = None  # a checkpoint written behind the loop
@@ -251,8 +252,13 @@ class Checkpointer:
 
     def applied(self, records: int, seconds: float = 0.0) -> None:
         """The loop applied this many more records, in ``seconds``."""
-        self.since_checkpoint += records
+        self._unsaved(records)
         self.last_batch_seconds = seconds
+
+    def _unsaved(self, records: int) -> None:
+        self.since_checkpoint += records
+        if records and self.unsaved_since is None:
+            self.unsaved_since = time.monotonic()
 
     def resume(self, seq: int) -> None:
         """A restore read checkpoints up to ``seq``: the next one follows it."""
@@ -274,7 +280,7 @@ class Checkpointer:
         engine, applying ``records``): the next checkpoint writes them, those forgotten as
         tombstones in ``partition``, and is due as if the loop had applied the records."""
         self.engine.mark_dirty(keys, partition=partition)
-        self.since_checkpoint += records
+        self._unsaved(records)
 
     # -- when -------------------------------------------------------------------------------------
 
@@ -285,11 +291,11 @@ class Checkpointer:
         return self.since_checkpoint > 0 and elapsed >= self.settings.checkpoint_interval
 
     def age(self) -> float:
-        """Seconds since the state of the last checkpoint written whole was captured, if
-        records were applied since (else 0): a checkpoint being written, or one that failed,
-        saved nothing yet."""
-        pending = self.since_checkpoint > 0 or self._being_saved > 0
-        return time.monotonic() - self.saved_as_of if pending else 0.0
+        """Seconds since the oldest applied record that no checkpoint written holds was
+        applied (0: none): a checkpoint being written, or one that failed, saved nothing yet,
+        and time with nothing applied (a rebalance, an idle input) is no record's age."""
+        pending = [t for t in (self.unsaved_since, self._saving_since) if t is not None]
+        return time.monotonic() - min(pending) if pending else 0.0
 
     def poll(self, sink: CheckpointSink) -> None:
         """Between two batches of the loop: raise what made the checkpoint written behind it
@@ -339,9 +345,14 @@ class Checkpointer:
         that follows says which partitions stay, and those handed over are dropped.
         """
         if not partitions:
-            if not self.positions.owned:  # a standby: ticks applied, nothing to save
-                self.since_checkpoint = 0
-                self.last_checkpoint = self.saved_as_of = time.monotonic()
+            if not self.positions.owned:  # nothing to write: due again an interval on
+                self.last_checkpoint = time.monotonic()
+                if not (len(self.engine.accounts) or self.engine.units):
+                    # a standby: ticks applied, nothing to save (partitions kept through a
+                    # rebalance are not owned while the group decides, but their accounts
+                    # are here, unsaved)
+                    self.since_checkpoint = 0
+                    self.unsaved_since = None
             return True
         collector.pause()  # its ~100,000 messages and futures would bring on full collections
         self._fenced_at = NEVER
@@ -426,9 +437,9 @@ class Checkpointer:
         vouched = sink.mark()
         whole = partitions >= self.positions.owned
         if whole:
-            captured_at = time.monotonic()
             self._being_saved, self.since_checkpoint = self.since_checkpoint, 0
-            self.last_checkpoint = captured_at
+            self._saving_since, self.unsaved_since = self.unsaved_since, None
+            self.last_checkpoint = time.monotonic()
         vouched_offsets = self._input_offsets(as_of)
         try:
             # Which of them this checkpoint writes (a hand-over waits for this checkpoint, so
@@ -456,10 +467,13 @@ class Checkpointer:
             self.engine.mark_dirty(taken.keys, taken.rows)
             if whole:  # still to save: due again an interval after this attempt began
                 self.since_checkpoint += self._being_saved
-                self._being_saved = 0
+                if self._saving_since is not None:
+                    self.unsaved_since = min(self._saving_since,
+                                             self.unsaved_since or self._saving_since)
+                self._being_saved, self._saving_since = 0, None
             raise
         if whole:
-            self.saved_as_of, self._being_saved = captured_at, 0
+            self._being_saved, self._saving_since = 0, None
         self.seq = seq
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         self.metrics.last_checkpoint.set(time.time())

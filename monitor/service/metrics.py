@@ -197,8 +197,8 @@ class _LiveCollector(Collector):
         yield age
         yield GaugeMetricFamily(
             "liqmon_checkpoint_age_seconds",
-            "Seconds since the last checkpoint while applied records await one (0 when all "
-            "state is saved): what a crash now would have to re-process.",
+            "Seconds since the oldest applied record that no checkpoint written holds was "
+            "applied (0 when all state is saved): what a crash now would have to re-process.",
             value=figures.checkpoint_age)
 
 

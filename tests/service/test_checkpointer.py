@@ -619,10 +619,38 @@ async def test_checkpointing_no_partition_of_an_owner_leaves_its_age() -> None:
 
 
 def two_minutes_unsaved(checkpointer: Checkpointer) -> None:
-    """Ten records applied since a checkpoint written whole two minutes ago."""
+    """Ten records applied, the first two minutes ago, after the last checkpoint began."""
     checkpointer.applied(10)
     checkpointer.last_checkpoint -= 120
-    checkpointer.saved_as_of -= 120
+    assert checkpointer.unsaved_since is not None
+    checkpointer.unsaved_since -= 120
+
+
+async def test_accounts_kept_through_a_rebalance_keep_their_checkpoint_age() -> None:
+    """While the group decides, a kept partition is not owned but its accounts are here:
+    taken for a standby, the age read 0 all through a group wait (a helper's fleet, 29 s of
+    unsaved records after a broker freeze)."""
+    checkpointer, engine = make(owned=())
+    deposit(engine, "alice", 100.0, 0, 1)
+    two_minutes_unsaved(checkpointer)
+    assert await checkpointer.checkpoint(set(), Recorder())
+    assert checkpointer.age() >= 120
+    assert not checkpointer.due()  # nothing to write until an interval on
+
+
+async def test_the_age_is_the_oldest_unsaved_records_not_the_time_since_the_checkpoint(
+        ) -> None:
+    """A record applied after an idle spell (a rebalance, a quiet input) is not that old:
+    the age jumped to the spell's length (a rebalance of over a minute would fire
+    LiqmonCheckpointStale by itself). Here a second of nothing after a checkpoint."""
+    checkpointer, engine = make(owned=(0,))
+    deposit(engine, "alice", 100.0, 0, 1)
+    checkpointer.applied(1)
+    assert await checkpointer.checkpoint({0}, Recorder())
+    await asyncio.sleep(1.0)
+    assert checkpointer.age() == 0.0
+    checkpointer.applied(1)
+    assert 0.0 < checkpointer.age() < 0.5  # the record's age, not the second before it
 
 
 async def test_a_checkpoint_the_group_did_not_vouch_for_leaves_its_records_due_and_aged(
