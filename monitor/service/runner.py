@@ -154,7 +154,7 @@ class Monitor:
         self.restore_seconds: float | None = None  # how long the last restore took
         self._restore_said = 0.0  # when the last "restoring" line was logged
         self._reachable = True  # as the broker watch last found it
-        self._watch: BrokerWatch | None = None  # while consuming
+        self._watch: BrokerWatch | None = None  # from the connection on
         self.partition_counts: dict[str, int] = {}
         self._positions = Positions(topics, settings.max_skew_ms, settings.max_idle,
                                     settings.max_stall, self.metrics)
@@ -174,6 +174,7 @@ class Monitor:
         # gained from then on may hold snapshots stamped with the old log's offsets
         self._prices_replaced: dict[str, object] | None = None
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
+        self._restore_failed: str | None = None  # the error, while a restore is to be retaken
         # where the broker said the logs of partitions paused since end (`_ask_paused_ends`)
         self._paused_ends: dict[TopicPartition, int] = {}
         self._asking_paused_ends: asyncio.Task[None] | None = None
@@ -367,6 +368,8 @@ class Monitor:
         """Why /readyz says 503, in words an operator can act on."""
         if self._stopping.is_set():
             return "stopping"
+        if not self._reachable:  # the broker watch's finding, from the connection on
+            return "kafka does not answer"
         if self._restoring:
             if self._restorer.catching_up is not None:
                 return self._restorer.catching_up.describe()
@@ -376,21 +379,23 @@ class Monitor:
             return (f"restoring state: {status.records:,} of at most {status.expected:,} "
                     f"changelog records read, up to {status.accounts:,} accounts and "
                     "isolated positions")
+        if self._restore_failed is not None:
+            return (f"restoring state: the last attempt failed ({self._restore_failed}), "
+                    "taking the assignment again")
         if self._warming_up:
             return "loading the engine's compiled kernels (the first start compiles them)"
-        if self._consuming and not self._reachable:
-            return "kafka does not answer"
         if self._group_wait.since is not None:
             return self._group_wait.describe()
         if not self._consuming:
-            return "connecting to kafka"
+            return "connecting to kafka" if self._watch is None else "starting to consume"
         return ""
 
     def _update_ready(self) -> None:
         """/readyz: restored, consuming, and the broker answers (SPEC §8); not while the group
         rebalances (nothing is applied), nor once stopping."""
         ready = (self._consuming and self._reachable and not self._restoring
-                 and self._group_wait.since is None and not self._stopping.is_set())
+                 and self._restore_failed is None and self._group_wait.since is None
+                 and not self._stopping.is_set())
         if ready:
             self.ready.set()
         else:
@@ -572,12 +577,18 @@ class Monitor:
             self._assignment_changed.clear()
             try:
                 await self._take_assignment()
+                if self._restore_failed is not None:
+                    self._restore_failed = None  # taken whole at last
+                    self._update_ready()
             except KafkaError as exc:
                 if not exc.retriable:
                     self.fail(exc)
                     return
                 self.log.warning("restore failed, taking the assignment again",
                                  error=repr(exc), retry_in=RESTORE_RETRY_INTERVAL)
+                # not ready meanwhile: the partitions it gains are not restored, nor read
+                self._restore_failed = repr(exc)
+                self._update_ready()
                 await asyncio.sleep(RESTORE_RETRY_INTERVAL)
                 self._assignment_changed.set()  # unless a newer one came meanwhile: the same
             except asyncio.CancelledError as cancelled:

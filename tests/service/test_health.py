@@ -225,6 +225,16 @@ def test_an_instance_waiting_for_its_group_to_assign_partitions_is_not_ready(ris
     assert monitor.ready.is_set() and monitor.not_ready_because() == ""
 
 
+def test_kafka_not_answering_is_the_reason_before_the_group_assigns_too(risk) -> None:
+    """The broker watch runs from the connection on; a broker frozen during the first group
+    wait was reported as the group's wait, not Kafka's silence (a helper)."""
+    monitor = Monitor(ServiceSettings(config_path=REPO / "risk.toml"), risk, Metrics())
+    monitor._warming_up = False
+    monitor._group_wait.began()
+    monitor._reachability(False, False)  # what the watch found
+    assert monitor.not_ready_because() == "kafka does not answer"
+
+
 def test_a_restore_under_way_is_reported_with_its_progress(risk) -> None:
     monitor = Monitor(ServiceSettings(config_path=REPO / "risk.toml"), risk, Metrics())
     assert monitor.not_ready_because().startswith("loading the engine's compiled kernels")
