@@ -313,6 +313,13 @@ class Checkpointer:
             writing, self._writing = self._writing, None
             await writing
 
+    async def give_up(self) -> None:
+        """Cancel the checkpoint being written and forget it, its accounts left dirty: the
+        group has replaced this instance, and the word a checkpoint needs will not come."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            await cancel_and_wait(writing)
+
     async def abandon(self, within: float | None = None) -> None:
         """Cancel the checkpoint being written (cut short by a failure or the shutdown
         timeout); wait at most ``within`` seconds for it to end."""

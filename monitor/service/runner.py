@@ -699,9 +699,18 @@ class Monitor:
             lost = {tp.partition for tp in revoked} & self._positions.owned
             if not lost or self._closing:  # closing: the final checkpoint covers them
                 return
-            await self._checkpointer.finish()
+            assert self._accounts is not None
+            replaced = group_generation(self._accounts) < 0
             try:
-                await self._checkpoint(lost)
+                if replaced:
+                    # The group no longer knows this instance (no heartbeat within its
+                    # session): a checkpoint's question would only be refused, after up to a
+                    # request timeout each, and this callback holds up the rejoin meanwhile
+                    # (a helper's fleet: 9 s, and the group formed without it).
+                    await self._checkpointer.give_up()
+                else:
+                    await self._checkpointer.finish()
+                    await self._checkpoint(lost)
             except KafkaError as exc:
                 # The new owner restores the previous checkpoint and re-reads from there.
                 self.log.error("checkpoint before handing partitions over failed",
@@ -715,7 +724,6 @@ class Monitor:
                 self._kept[partition] = {tp: self._positions.processed[tp] for tp in tps}
                 self._release(tps)
             self._positions.owned -= lost
-            assert self._accounts is not None
             self._kept_generation = group_generation(self._accounts)
             self._held = True
 

@@ -692,6 +692,21 @@ async def test_the_age_runs_on_while_a_checkpoint_is_written_and_restarts_once_i
     assert 0.0 < checkpointer.age() < 5  # since the state it wrote was captured
 
 
+async def test_giving_up_a_checkpoint_being_written_leaves_its_accounts_dirty_and_due(
+        ) -> None:
+    """What a revocation does once the group has replaced the instance: the checkpoint
+    being written waits for a word that will not come, and the rejoin with it."""
+    checkpointer, engine = make(owned=(0,))
+    deposit(engine, "alice", 100.0, 0, 1)
+    two_minutes_unsaved(checkpointer)
+    checkpointer.poll(SlowEvents(60.0))  # due: written behind the loop, held up
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(checkpointer.give_up(), timeout=5)
+    checkpointer.poll(Recorder())  # nothing left to raise; not due before an interval
+    assert engine.take_dirty().keys == ["alice"]
+    assert (checkpointer.since_checkpoint, checkpointer.age() >= 120) == (10, True)
+
+
 def test_a_checkpoint_is_due_after_checkpoint_records_records() -> None:
     checkpointer, _ = make()
     checkpointer.applied(99)
