@@ -255,10 +255,13 @@ class Checkpointer:
         self._unsaved(records)
         self.last_batch_seconds = seconds
 
-    def _unsaved(self, records: int) -> None:
+    def _unsaved(self, records: int, since: float | None = None) -> None:
+        """``records`` more applied, the first of them at ``since`` (now if not given)."""
         self.since_checkpoint += records
-        if records and self.unsaved_since is None:
-            self.unsaved_since = time.monotonic()
+        if records:
+            since = time.monotonic() if since is None else since
+            if self.unsaved_since is None or since < self.unsaved_since:
+                self.unsaved_since = since
 
     def resume(self, seq: int) -> None:
         """A restore read checkpoints up to ``seq``: the next one follows it."""
@@ -275,12 +278,14 @@ class Checkpointer:
         self._verified_to[partition] = read_to
         self._written[partition] = 0
 
-    def include(self, keys: Sequence[RiskKey], partition: int, records: int) -> None:
+    def include(self, keys: Sequence[RiskKey], partition: int, records: int,
+                since: float) -> None:
         """Risk units of ``partition`` changed outside the loop (by a catch-up's private
-        engine, applying ``records``): the next checkpoint writes them, those forgotten as
-        tombstones in ``partition``, and is due as if the loop had applied the records."""
+        engine, applying ``records`` from ``since`` on): the next checkpoint writes them,
+        those forgotten as tombstones in ``partition``, and is due as if the loop had applied
+        the records."""
         self.engine.mark_dirty(keys, partition=partition)
-        self._unsaved(records)
+        self._unsaved(records, since)
 
     # -- when -------------------------------------------------------------------------------------
 

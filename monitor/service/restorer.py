@@ -425,6 +425,7 @@ class Restorer:
         accounts join the main engine and the partition joins the main merge.
         """
         s, t = self.settings, self.settings.topics
+        began = time.monotonic()  # what it applies is unsaved from here on
         partition, control = restored.partition, restored.control
         price_ends = self.positions.prices()
         own = [TopicPartition(t.fills, partition), TopicPartition(t.ledger, partition)]
@@ -535,7 +536,7 @@ class Restorer:
                                    restored.forgotten_marks(self.positions.offsets()))
         for topic in (t.fills, t.ledger):
             self.engine.load_dedupe_ids(topic, partition, private.dedupe_ids(topic, partition))
-        self.checkpointer.include(private.take_dirty().keys, partition, applied)
+        self.checkpointer.include(private.take_dirty().keys, partition, applied, began)
         return applied
 
     async def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
