@@ -178,6 +178,7 @@ class Restorer:
         # how many records a catch-up applies at a time (``replay`` tells it what they cost)
         self._pacer = pacer or TurnPacer(settings.max_batch_records)
         self.catching_up: CatchUpWatch | None = None
+        self.prices_positioned = False  # by `restore_prices`, once per process
 
     def gained(self, assigned: set[TopicPartition]) -> list[int]:
         """The account partitions of an assignment that are not held yet. The group must
@@ -228,10 +229,12 @@ class Restorer:
                       first: bool, *, prices: AIOKafkaConsumer, accounts: AIOKafkaConsumer,
                       price_partitions: int) -> tuple[int, int, int]:
         """Take the gained partitions, read from the changelog as ``restored``: the price
-        table and price positions too on the ``first`` assignment. Returns how many cross
+        table and price positions too on the ``first`` assignment (unless an earlier attempt
+        at it, abandoned, set them: the partitions it took go on from there). Returns how many cross
         accounts and isolated positions were restored (as `liqmon_accounts` and
         `liqmon_isolated_positions_by_state` count them) and how many records a catch-up
         replayed."""
+        first = first and not self.prices_positioned
         self.check_config(restored)
         await self.refuse_lost_state(gained, restored, accounts.committed)
         self.say_unvouched(restored)
@@ -344,6 +347,12 @@ class Restorer:
         consumer.assign(list(targets))
         for tp, offset in targets.items():
             await self._position(consumer, tp, offset)
+        # Once: a first restore abandoned after this (a rebalance began) may have taken some
+        # partitions, whose accounts have seen the ticks from here. Positioned again for the
+        # next attempt's partitions alone (or, with none, where --start says), the prices
+        # went back, the ticks read again were stale to the engine, and the partitions gained
+        # next, no longer behind, were installed and applied against newer prices (a drill).
+        self.prices_positioned = True
 
     def load_prices(self, restored: list[RestoredPartition],
                     price_partitions: int) -> dict[TopicPartition, int | None]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import structlog
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from structlog.testing import capture_logs
 
 from monitor.account import Account
@@ -21,13 +21,15 @@ from monitor.events import Source
 from monitor.records import Fill, LedgerEntry
 from monitor.service.changelog import NO_RESET, ConfigChanged, RestoredPartition, StateLost
 from monitor.service.checkpointer import Checkpointer
-from monitor.service.clients import Clients
+from monitor.service.clients import Clients, stop_consumer
 from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
 from monitor.service.restorer import CatchUpWatch, Restorer, SplitAssignment, staying
 from monitor.service.settings import ServiceSettings
+from monitor.service.topics import create_topics
 from monitor.snapshot import Control, Offsets, Snapshots
 from tests.support.clock import Clock
+from tests.support.kafka import fresh_settings
 from tests.support.risk import RISK
 
 SETTINGS = ServiceSettings(config_path=Path("risk.toml"))
@@ -250,6 +252,32 @@ def committed_offsets(offsets: dict[tuple[str, int], int]):
     async def committed(tp: TopicPartition) -> int | None:
         return offsets.get((tp.topic, tp.partition))
     return committed
+
+
+@pytest.mark.kafka
+async def test_the_prices_are_positioned_once_though_the_first_restore_was_abandoned(
+        broker) -> None:
+    """A first restore positioned the prices at its oldest checkpoint (400), took some
+    partitions and was abandoned for a rebalance; the next assignment gained none. Taken as
+    a first restore again, it put the prices where --start says, behind what the kept
+    accounts had seen: the ticks read again were stale to the engine, and partitions gained
+    later, no longer behind on prices, were installed and applied against newer prices (a
+    chaos drill: 184 accounts unlike replay's)."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    prices = settings.topics.prices
+    restorer = make(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap)
+    await consumer.start()
+    try:
+        checkpointed = control({(prices, 0): 400})
+        await restorer.restore_prices([partition(4, checkpointed)], consumer, 1)
+        assert restorer.positions.prices() == {TopicPartition(prices, 0): 400}
+        await restorer.restore([], {}, True, prices=consumer, accounts=consumer,
+                               price_partitions=1)
+        assert restorer.positions.prices() == {TopicPartition(prices, 0): 400}
+    finally:
+        await stop_consumer(consumer)
 
 
 async def test_no_checkpoint_where_the_group_committed_offsets_stops_the_start() -> None:
