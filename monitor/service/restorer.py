@@ -225,16 +225,16 @@ class Restorer:
         if reason is not None:
             raise RestoreAbandoned(reason)
 
-    async def restore(self, gained: list[int], restored: dict[int, RestoredPartition],
-                      first: bool, *, prices: AIOKafkaConsumer, accounts: AIOKafkaConsumer,
+    async def restore(self, gained: list[int], restored: dict[int, RestoredPartition], *,
+                      prices: AIOKafkaConsumer, accounts: AIOKafkaConsumer,
                       price_partitions: int) -> tuple[int, int, int]:
         """Take the gained partitions, read from the changelog as ``restored``: the price
-        table and price positions too on the ``first`` assignment (unless an earlier attempt
-        at it, abandoned, set them: the partitions it took go on from there). Returns how many cross
+        table and price positions too, the first time (an attempt abandoned after that, for a
+        rebalance, may have taken partitions that go on from there). Returns how many cross
         accounts and isolated positions were restored (as `liqmon_accounts` and
         `liqmon_isolated_positions_by_state` count them) and how many records a catch-up
         replayed."""
-        first = first and not self.prices_positioned
+        first = not self.prices_positioned
         self.check_config(restored)
         await self.refuse_lost_state(gained, restored, accounts.committed)
         self.say_unvouched(restored)

@@ -644,7 +644,7 @@ class Monitor:
                 assert self._prices is not None and self._accounts is not None
                 first = not self._restored.is_set()
                 accounts, isolated, replayed = await self._restorer.restore(
-                    gained, restored, first, prices=self._prices, accounts=self._accounts,
+                    gained, restored, prices=self._prices, accounts=self._accounts,
                     price_partitions=self.partition_counts[self.settings.topics.prices])
                 if first:
                     self._restored_price_ages()
@@ -796,18 +796,21 @@ class Monitor:
             return True
         return await self._checkpointer.checkpoint(partitions, self._sink)
 
-    async def _report_lag(self, tps: list[TopicPartition]) -> None:
-        """Lag of partitions just (re)positioned. Until records of theirs are applied nothing
-        else sets it, and a rebalance removes the series of every partition it revokes, even
-        of those it gives straight back."""
+    async def _report_lag(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Lag of partitions just (re)positioned, or paused, asked of the broker: until
+        records of theirs are applied (fetched, if paused) nothing else sets it, and a
+        rebalance removes the series of every partition it revokes, even of those it gives
+        straight back. The ends the broker gave (none if it did not answer: the first records
+        applied set it)."""
         assert self._probe is not None
         try:
-            ends = await self._probe.end_offsets(tps)
+            ends: dict[TopicPartition, int] = await self._probe.end_offsets(tps)
         except KafkaError:
-            return  # the first records applied set it
+            return {}
         for tp, end in ends.items():
             if tp in self._positions.processed:
                 self._set_lag(tp, end)
+        return ends
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -1065,11 +1068,7 @@ class Monitor:
         self._asking_paused_ends = asyncio.create_task(self._paused_lag(paused))
 
     async def _paused_lag(self, tps: list[TopicPartition]) -> None:
-        assert self._probe is not None
-        try:
-            ends = await self._probe.end_offsets(tps)
-        except KafkaError:
-            return  # asked again a `PAUSED_ENDS_INTERVAL` on
+        ends = await self._report_lag(tps)  # none: asked again a `PAUSED_ENDS_INTERVAL` on
         merge = self._positions.merge
         for tp, end in ends.items():
             if tp in self._positions.processed and merge.is_paused(tp):

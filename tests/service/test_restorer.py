@@ -273,7 +273,7 @@ async def test_the_prices_are_positioned_once_though_the_first_restore_was_aband
         checkpointed = control({(prices, 0): 400})
         await restorer.restore_prices([partition(4, checkpointed)], consumer, 1)
         assert restorer.positions.prices() == {TopicPartition(prices, 0): 400}
-        await restorer.restore([], {}, True, prices=consumer, accounts=consumer,
+        await restorer.restore([], {}, prices=consumer, accounts=consumer,
                                price_partitions=1)
         assert restorer.positions.prices() == {TopicPartition(prices, 0): 400}
     finally:
