@@ -49,6 +49,7 @@ from monitor.bench.workload import (
     populate,
     risk_toml,
 )
+from monitor.service.lifeline import tied_to_us
 
 CHECKPOINTS = ("liqmon_checkpoint_duration_seconds_count",
                "liqmon_checkpoint_duration_seconds_sum",
@@ -205,10 +206,10 @@ async def measure(plan: CheckpointPlan, pop: Population, bootstrap: str, workdir
     port = free_port()
     log = open(workdir / "service.log", "wb")  # noqa: SIM115
     service = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "monitor.cli", "run", *settings.run_args(),
-        "--group", "ckpt", "--metrics-port", str(port),
-        "--checkpoint-interval", str(10 * plan.limit),
-        "--checkpoint-records", str(setup + int(plan.rate * plan.before)),
+        *tied_to_us([sys.executable, "-m", "monitor.cli", "run", *settings.run_args(),
+                     "--group", "ckpt", "--metrics-port", str(port),
+                     "--checkpoint-interval", str(10 * plan.limit),
+                     "--checkpoint-records", str(setup + int(plan.rate * plan.before))]),
         stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 600

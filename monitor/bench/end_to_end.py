@@ -35,6 +35,7 @@ from monitor.bench.workload import (
 )
 from monitor.engine import Engine
 from monitor.reference import ReferenceEngine
+from monitor.service.lifeline import tied_to_us
 
 # -- end to end ---------------------------------------------------------------------------------
 
@@ -109,7 +110,8 @@ class Worker:
     async def start(self) -> Worker:
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "monitor.bench", "--worker", json.dumps(self.spec),
+            *tied_to_us([sys.executable, "-m", "monitor.bench", "--worker",
+                         json.dumps(self.spec)]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
             limit=16 * 1024 * 1024)
         return self

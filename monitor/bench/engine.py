@@ -38,6 +38,7 @@ from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import PriceTick, Rejected
 from monitor.reference import ReferenceEngine
+from monitor.service.lifeline import tied_to_us
 
 # -- engine-only ---------------------------------------------------------------------------------
 
@@ -302,7 +303,7 @@ def memory_phase(plan: Plan, phases: Phases) -> list[Figure]:
         spec = {"mode": "memory", "engine": engine, "accounts": plan.accounts,
                 "instruments": plan.instruments, "seed": plan.seed}
         procs[engine] = subprocess.Popen(
-            [sys.executable, "-m", "monitor.bench", "--worker", json.dumps(spec)],
+            tied_to_us([sys.executable, "-m", "monitor.bench", "--worker", json.dumps(spec)]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = {}
     for engine, proc in procs.items():

@@ -37,6 +37,7 @@ from monitor.bench.workload import (
     populate,
     risk_toml,
 )
+from monitor.service.lifeline import tied_to_us
 
 CALM, VOLATILE = 1e-5, 2e-3  # per-tick σ of the log price
 
@@ -293,12 +294,14 @@ async def measure_market(plan: LatencyPlan, pop: Population, volatility: float, 
     port = free_port()
     log = open(workdir / f"service-{name}.log", "wb")  # noqa: SIM115
     service = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "monitor.cli", "run", *settings.run_args(),
-        "--group", f"lat-{name}", "--metrics-port", str(port), *plan.service_args,
+        *tied_to_us([sys.executable, "-m", "monitor.cli", "run", *settings.run_args(),
+                     "--group", f"lat-{name}", "--metrics-port", str(port),
+                     *plan.service_args]),
         stdout=log, stderr=log)
     relay_proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "monitor.bench.latency", "--relay", bootstrap,
-        orjson.dumps(inputs).decode(), relayed, stdout=asyncio.subprocess.PIPE)
+        *tied_to_us([sys.executable, "-m", "monitor.bench.latency", "--relay", bootstrap,
+                     orjson.dumps(inputs).decode(), relayed]),
+        stdout=asyncio.subprocess.PIPE)
     try:
         deadline = time.monotonic() + 600
         while True:

@@ -22,6 +22,7 @@ from monitor.bench.workdirs import phase_dir
 from monitor.bench.workload import Population, bench_config
 from monitor.engine import Engine
 from monitor.reference import ReferenceEngine
+from monitor.service.lifeline import tied_to_us
 
 
 async def restore_phase(plan: Plan, pop: Population, phases: Phases) -> list[Figure]:
@@ -204,7 +205,7 @@ async def _probe_start(what: str, bootstrap: str, topics: Any, group: str, plan:
     log = workdir / f"start-{group}.log"
     with open(log, "wb") as err:
         done = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "monitor.bench", "--worker", json.dumps(spec),
+            *tied_to_us([sys.executable, "-m", "monitor.bench", "--worker", json.dumps(spec)]),
             stdout=subprocess.PIPE, stderr=err)
         out, _ = await done.communicate()
     if done.returncode != 0:

@@ -19,6 +19,7 @@ from monitor.bench.workload import (
     encode,
     risk_toml,
 )
+from monitor.service.lifeline import tied_to_us
 
 # -- scale-out -----------------------------------------------------------------------------------
 
@@ -84,7 +85,7 @@ async def _drain_with(count: int, settings: Any, ends: dict[tuple[str, int], int
                 "--group", settings.group, "--metrics-port", str(port),
                 "--session-timeout", "2", "--log-level", "warning"]
         log = open(workdir / f"{settings.group}-{n}.log", "wb")  # noqa: SIM115
-        procs.append((subprocess.Popen(args, stdout=log, stderr=log), log))
+        procs.append((subprocess.Popen(tied_to_us(args), stdout=log, stderr=log), log))
 
     total = sum(ends.values())
     started = None

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from monitor.errors import LiqmonError
+from monitor.service.lifeline import tied_to_us
 
 
 class BrokerUnavailable(LiqmonError):
@@ -115,9 +116,9 @@ class EmbeddedBroker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                [broker_binary(), "broker", "--listener-url", url,
-                 "--advertised-listener-url", advertised, "--storage-engine",
-                 "memory://tansu/"],
+                tied_to_us([broker_binary(), "broker", "--listener-url", url,
+                            "--advertised-listener-url", advertised, "--storage-engine",
+                            "memory://tansu/"]),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it ourselves
                 env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
