@@ -20,6 +20,7 @@ from monitor.service.outbox import Outgoing
 from monitor.service.tasks import cancel_and_wait
 
 MAX_BACKOFF = 5.0
+RESENT_LOG_INTERVAL = 30.0  # seconds between two lines about the producer's own re-sends
 SEND_ALONE_BYTES = 64 * 1024  # a checkpoint message larger than this is not batched
 
 
@@ -49,9 +50,10 @@ def _refused(message: Outgoing, error: BaseException) -> None:
         raise DeliveryFailed(message.topic, error)
 
 
-def keep_batches_in_order(producer: AIOKafkaProducer, retried: Callable[[int], None]) -> None:
+def keep_batches_in_order(producer: AIOKafkaProducer,
+                          retried: Callable[[str, int], None]) -> None:
     """Have the producer retry a batch until the broker takes it or refuses it for good, and
-    report each retry's records to ``retried``.
+    report each retry's topic and records to ``retried``.
 
     aiokafka gives up on a batch older than its request timeout (a KafkaTimeoutError) and goes
     on with the partition's next batch: after a broker stall longer than that, the next batch
@@ -68,7 +70,7 @@ def keep_batches_in_order(producer: AIOKafkaProducer, retried: Callable[[int], N
     reenqueue = accumulator.reenqueue
 
     def counted(batch: Any) -> None:
-        retried(batch.record_count)
+        retried(batch.tp.topic, batch.record_count)
         reenqueue(batch)
 
     accumulator.reenqueue = counted
@@ -85,7 +87,22 @@ class Delivery:
         self.log = log
         self.shutdown_timeout = shutdown_timeout
         self._stop_requested_at = stop_requested_at
-        keep_batches_in_order(producer, metrics.delivery_retries.inc)
+        # the producer's own re-sends since the last line saying so, by topic
+        self._resent: dict[str, int] = {}
+        self._resent_said_at = -math.inf
+        keep_batches_in_order(producer, self._producer_resent)
+
+    def _producer_resent(self, topic: str, records: int) -> None:
+        """A batch the broker did not acknowledge (a request timed out, a leader moved), sent
+        again by the producer: counted as retries, and said at once, then at most once every
+        `RESENT_LOG_INTERVAL` (an outage re-sends every batch in flight, again and again)."""
+        self.metrics.delivery_retries.inc(records)
+        self._resent[topic] = self._resent.get(topic, 0) + records
+        now = time.monotonic()
+        if now - self._resent_said_at >= RESENT_LOG_INTERVAL:
+            self.log.warning("events not acknowledged in time, the producer sends them again",
+                             records=sum(self._resent.values()), by_topic=self._resent)
+            self._resent, self._resent_said_at = {}, now
 
     async def deliver(self, outgoing: Sequence[Outgoing]) -> None:
         """Produce everything; return once every message is acknowledged by all replicas.

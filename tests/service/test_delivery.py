@@ -28,6 +28,7 @@ from tests.support.kafka import fresh_settings, hand_over_held_back, read_topic
 MAX_REQUEST_SIZE = 64 * 1024  # the producer refuses a larger message for good
 TOO_LARGE = b"x" * (MAX_REQUEST_SIZE + 1)
 RETRYING = "kafka unreachable, retrying delivery"
+RESENT = "events not acknowledged in time, the producer sends them again"
 
 
 def message(topic: str, n: int, value: bytes | None = None, **event: Any) -> Outgoing:
@@ -247,6 +248,25 @@ async def test_the_producer_retries_a_batch_past_its_request_timeout_until_the_b
     own_broker.resume()
     await asyncio.gather(*futures)
     assert (await values_of(own_broker.bootstrap, topic))[-3:] == [b"v0", b"v1", b"v2"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_producer_s_re_sends_are_said_at_once_then_at_most_every_30_s(
+        own_broker: EmbeddedBroker, paused: tuple[AIOKafkaProducer, str]) -> None:
+    """The runbook sends the operator to the logs when retries are counted: the producer's
+    own re-sends (no hand-over failed, so `Retry` says nothing) must show there too, without
+    a line per re-sent batch through a long outage."""
+    producer, topic = paused
+    metrics = Metrics()
+    with structlog.testing.capture_logs() as logs:
+        futures, _ = await delivery_of(producer, metrics).start_sending(
+            [message(topic, n) for n in range(3)])
+        await retried(metrics, 2 * 3)  # the batch re-sent twice
+        own_broker.resume()
+        await asyncio.gather(*futures)
+    (line,) = [entry for entry in logs if entry["event"] == RESENT]
+    assert line["log_level"] == "warning"
+    assert line == {**line, "records": 3, "by_topic": {topic: 3}}  # the first re-send
 
 
 @pytest.mark.asyncio(loop_scope="session")
