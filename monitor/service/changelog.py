@@ -846,14 +846,38 @@ def controls_now(engine: Engine | ReferenceEngine, seq: int, as_of: dict[int, Of
         for partition, offsets in as_of.items()}
 
 
-def control_message(partition: int, control: Control, topics: Topics, reset_at: int
-                    ) -> Outgoing:
+# Bytes a control record's value may take: under Apache Kafka's default max.message.bytes
+# (1,048,588) with room for the record batch around it. A record over the topic's limit is
+# refused for good, and the instance would stop at every checkpoint.
+CONTROL_RECORD_LIMIT = 900_000
+
+
+def control_message(partition: int, control: Control, topics: Topics, reset_at: int,
+                    limit: int = CONTROL_RECORD_LIMIT) -> tuple[Outgoing, int]:
     """A control record, to write after the snapshots have been acknowledged: a control
     record vouches for what precedes it, back to the reset marker at ``reset_at`` (the one
-    the partition was restored after; NO_RESET: none)."""
-    return Outgoing(topic=topics.state, key=CONTROL_KEY, value=encode_control(control),
+    the partition was restored after; NO_RESET: none). With how many duplicate-window ids it
+    left out to stay within ``limit`` bytes (`encoded_within`)."""
+    value, dropped = encoded_within(control, limit)
+    return Outgoing(topic=topics.state, key=CONTROL_KEY, value=value,
                     headers=[(KIND_HEADER, CONTROL), (RESET_AT_HEADER, str(reset_at).encode())],
-                    partition=partition)
+                    partition=partition), dropped
+
+
+def encoded_within(control: Control, limit: int) -> tuple[bytes, int]:
+    """The control record encoded in at most ``limit`` bytes, and how many ids of its
+    duplicate windows it left out for that: the oldest of each window, in the same share.
+    The windows hold 10,000 ids each and ids may be 256 characters long, so a partition's two
+    windows can encode to several MB (~0.2 MB with short ids). Only a restart from the record
+    has the shorter windows; the running instance keeps its own."""
+    value = encode_control(control)
+    kept = {key: len(ids) for key, ids in control.dedupe.items()}
+    while len(value) > limit and any(kept.values()):
+        share = 0.9 * limit / len(value)  # encoded size is close to proportional to the ids
+        kept = {key: int(count * share) for key, count in kept.items()}
+        value = encode_control(replace(control, dedupe={
+            key: ids[len(ids) - kept[key]:] for key, ids in control.dedupe.items()}))
+    return value, sum(len(ids) for ids in control.dedupe.values()) - sum(kept.values())
 
 
 async def read_book(bootstrap: str, topic: str, config: RiskConfig,

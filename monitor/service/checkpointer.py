@@ -24,6 +24,7 @@ from monitor.account import RiskKey
 from monitor.engine import DirtyUnits, Engine
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
+    CONTROL_RECORD_LIMIT,
     NO_RESET,
     collector,
     control_message,
@@ -56,6 +57,9 @@ NO_OFFSET = -1
 # How long a checkpoint waits for the changelog's end offsets (`_follow_resets`) before it
 # goes on without looking: the next one looks again, and a stop in an outage is not held up.
 ENDS_TIMEOUT = 1.0
+# Seconds between two warnings that control records' duplicate windows were cut (said once a
+# checkpoint: every checkpoint cuts them while the ids stay long).
+WINDOWS_CUT_LOG_INTERVAL = 600.0
 
 
 class CheckpointSink(Protocol):
@@ -88,6 +92,10 @@ class CheckpointSink(Protocol):
         """Say that a changelog partition ends at ``end``, before ``written_to``, the end of
         the records this instance saw acknowledged there."""
 
+    def windows_cut(self, partition: int, dropped: int, kept: int) -> None:
+        """Say that a control record of ``partition`` left out the ``dropped`` oldest ids of
+        its duplicate windows, keeping ``kept``, to fit the changelog's record size."""
+
 
 class NotOwner(Exception):
     """The group no longer vouches for this instance: what the checkpoint has not written yet
@@ -109,6 +117,7 @@ class KafkaSink:
         self._settings = settings  # where `last_resets` reads the changelog
         # the last `fence` got no answer (the broker away), rather than a no
         self.unanswered = False
+        self._cut_said_at = NEVER  # when `windows_cut` last said so
 
     async def deliver(self, messages: Sequence[Outgoing]) -> None:
         await self._pipeline.delivery.deliver(messages)
@@ -192,6 +201,16 @@ class KafkaSink:
             "re-created, or truncated): every account of the partition is checkpointed again",
             topic=None if self._settings is None else self._settings.topics.state,
             partition=partition, end=end, written_to=written_to)
+
+    def windows_cut(self, partition: int, dropped: int, kept: int) -> None:
+        now = time.monotonic()
+        if now - self._cut_said_at < WINDOWS_CUT_LOG_INTERVAL:
+            return
+        self._cut_said_at = now
+        self.log.warning(
+            "duplicate windows cut to fit a control record: a restart from it recognises "
+            "only the newest ids as duplicates (long fill or entry ids)", partition=partition,
+            ids_kept=kept, ids_left_out=dropped, limit_bytes=CONTROL_RECORD_LIMIT)
 
     def _assigned(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         assigned = self._group.assignment()
@@ -470,8 +489,12 @@ class Checkpointer:
                 # meanwhile waited for all of them.
                 await self._owner(sink, vouched_offsets)
                 sent = time.monotonic()
-                await sink.deliver([control_message(
-                    partition, control, t, self.reset_at.get(partition, NO_RESET))])
+                message, dropped = control_message(partition, control, t,
+                                                   self.reset_at.get(partition, NO_RESET))
+                if dropped:
+                    sink.windows_cut(partition, dropped, sum(map(len, control.dedupe.values()))
+                                     - dropped)
+                await sink.deliver([message])
                 self._written[partition] += 1
                 self.checkpointed.add(partition)
                 await asyncio.sleep(time.monotonic() - sent)

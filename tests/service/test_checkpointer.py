@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -26,8 +27,10 @@ from monitor.records import LedgerEntry
 from monitor.service.changelog import (
     AS_OF_HEADER,
     AS_OF_TOTAL_HEADER,
+    CONTROL_RECORD_LIMIT,
     NO_RESET,
     RESET_AT_HEADER,
+    encoded_within,
 )
 from monitor.service.checkpointer import CHECKPOINT_CHUNK, NO_OFFSET, Checkpointer, KafkaSink
 from monitor.service.delivery import DeliveryFailed, Pipeline
@@ -37,6 +40,7 @@ from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
 from monitor.snapshot import (
     KIND_HEADER,
+    Control,
     decode_as_of,
     decode_control,
     decode_layout,
@@ -96,6 +100,9 @@ class Recorder:
 
     def lost_records(self, partition: int, end: int, written_to: int) -> None:
         self.calls.append(("lost_records", (partition, end, written_to)))
+
+    def windows_cut(self, partition: int, dropped: int, kept: int) -> None:
+        self.calls.append(("windows_cut", (partition, dropped, kept)))
 
     def steps(self) -> list[str]:
         """The calls in short: "deliver account×2" delivered two account records."""
@@ -876,3 +883,68 @@ async def test_a_group_that_does_not_answer_does_not_vouch(own_broker) -> None:
     assert [entry["event"] for entry in logs] == [
         "checkpoint not written: the group did not confirm that this instance still owns its "
         "partitions, will retry"]
+
+
+# -- the control record's size ---------------------------------------------------------------------
+
+
+def long_ids(count: int, seed: int, length: int = 64) -> list[tuple[str, str]]:
+    """(account, entry id) pairs of ``length`` random hex characters each (zstd gets them to
+    about half)."""
+    rng = random.Random(seed)
+    return [(rng.randbytes(length // 2).hex(), rng.randbytes(length // 2).hex())
+            for _ in range(count)]
+
+
+def test_a_control_record_within_the_limit_is_written_whole() -> None:
+    control = Control(seq=1, written_at=0, offsets={}, prices={},
+                      dedupe={("ledger", 0): long_ids(100, 1)})
+    value, dropped = encoded_within(control, CONTROL_RECORD_LIMIT)
+    assert dropped == 0
+    assert decode_control(value).dedupe == control.dedupe
+
+
+def test_a_control_record_over_the_limit_keeps_the_newest_ids_of_each_window_alike() -> None:
+    """Two full windows of 64-character ids: ~2.8 MB of JSON, ~1.5 MB framed. The record
+    keeps the same share of each window, the newest ids, within 900,000 bytes."""
+    fills, ledger = long_ids(10_000, 1), long_ids(10_000, 2)
+    control = Control(seq=1, written_at=0, offsets={}, prices={},
+                      dedupe={("fills", 0): fills, ("ledger", 0): ledger})
+    value, dropped = encoded_within(control, CONTROL_RECORD_LIMIT)
+    kept = decode_control(value).dedupe
+    assert len(value) <= CONTROL_RECORD_LIMIT
+    assert 0 < len(kept["fills", 0]) == len(kept["ledger", 0]) < 10_000
+    assert kept["fills", 0] == fills[-len(kept["fills", 0]):]
+    assert kept["ledger", 0] == ledger[-len(kept["ledger", 0]):]
+    assert dropped == 20_000 - 2 * len(kept["fills", 0])
+    assert len(value) > 0.8 * CONTROL_RECORD_LIMIT  # not cut far below what fits
+
+
+async def test_a_checkpoint_with_long_ids_cuts_the_record_s_windows_not_the_engine_s() -> None:
+    """A Kafka broker refuses a record over the topic's max.message.bytes (1 MB by default)
+    for good, and the instance would stop at every checkpoint. One full window of 128-character
+    ids, ~2.6 MB of JSON: the control record holds fewer ids instead, and the sink is told how
+    many it left out."""
+    checkpointer, engine = make(owned=(0,))
+    for n, (account, entry_id) in enumerate(long_ids(10_000, 3, length=128)):
+        engine.apply(LedgerEntry(entry_id, account, "USDT", 1.0, "deposit", 1),
+                     Source(TOPICS.ledger, 0, n))
+    recorder = Recorder()
+    await checkpointer.checkpoint({0}, recorder)
+    (control,) = recorder.delivered("control")
+    kept = decode_control(control.value).dedupe["ledger", 0]
+    assert len(control.value) <= CONTROL_RECORD_LIMIT
+    assert ("windows_cut", (0, 10_000 - len(kept), len(kept))) in recorder.calls
+    assert kept == engine.dedupe_ids(TOPICS.ledger, 0)[-len(kept):]
+    assert len(engine.dedupe_ids(TOPICS.ledger, 0)) == 10_000  # the running window stays whole
+
+
+def test_windows_cut_is_said_once_in_ten_minutes() -> None:
+    sink = KafkaSink(cast(Pipeline, None), cast(AIOKafkaConsumer, None), structlog.get_logger(),
+                     commit_timeout=1.0)
+    with structlog.testing.capture_logs() as logs:
+        sink.windows_cut(0, 6_000, 4_000)
+        sink.windows_cut(1, 6_100, 3_900)
+    (line,) = logs
+    assert line["log_level"] == "warning"
+    assert line == {**line, "partition": 0, "ids_left_out": 6_000, "ids_kept": 4_000}
