@@ -9,7 +9,12 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from monitor.errors import LiqmonError
 from monitor.service.settings import ServiceSettings
 
-COMPACTED = {"cleanup.policy": "compact"}
+# The changelog, when liqmon creates it. Compaction never touches a partition's active segment,
+# which Kafka rolls after 7 days or 1 GiB by default: every checkpoint writes a control record
+# per partition (~0.1-0.9 MB), and a restore would read them all back, hundreds of MB an hour
+# at a steady rate. Segments rolled hourly, or at 100 MiB, keep what a restore reads short.
+CHANGELOG_CONFIG = {"cleanup.policy": "compact", "segment.ms": str(3_600_000),
+                    "segment.bytes": str(100 * 1024 * 1024)}
 
 
 class TopicLayoutError(LiqmonError):
@@ -74,7 +79,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
         # The changelog mirrors the account partitioning: partition p holds the accounts of
         # fills/ledger partition p.
         await _create(admin, [NewTopic(topics.state, counts[topics.fills], 1,
-                                       topic_configs=COMPACTED)])
+                                       topic_configs=CHANGELOG_CONFIG)])
     counts.update(await partition_counts(admin, [topics.state]))
     if counts[topics.state] != counts[topics.fills]:
         raise TopicLayoutError(

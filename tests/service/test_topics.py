@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from monitor.service.topics import TopicLayoutError, changelog_kept, create_topics
 from tests.support.kafka import fresh_settings
@@ -27,6 +28,23 @@ async def test_the_changelog_liqmon_makes_is_kept(broker) -> None:
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
     assert await kept(broker.bootstrap, settings.topics.state, None) is None
+
+
+async def test_the_changelog_liqmon_makes_rolls_its_segments_hourly_or_at_100_mib(broker) -> None:
+    """Compaction skips the active segment: with Kafka's default roll (7 days, 1 GiB) a restore
+    would read every control record written for days."""
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        (answer,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, settings.topics.state)])
+    finally:
+        await admin.close()
+    configs = {name: value for name, value, *_ in answer.resources[0][4]}
+    assert configs == {**configs, "cleanup.policy": "compact", "segment.ms": "3600000",
+                       "segment.bytes": "104857600"}
 
 
 @pytest.mark.parametrize("configs", [
