@@ -846,19 +846,14 @@ def controls_now(engine: Engine | ReferenceEngine, seq: int, as_of: dict[int, Of
         for partition, offsets in as_of.items()}
 
 
-# Bytes a control record's value may take: under Apache Kafka's default max.message.bytes
-# (1,048,588) with room for the record batch around it. A record over the topic's limit is
-# refused for good, and the instance would stop at every checkpoint.
-CONTROL_RECORD_LIMIT = 900_000
-
-
-def control_message(partition: int, control: Control, topics: Topics, reset_at: int
-                    ) -> tuple[Outgoing, int]:
+def control_message(partition: int, control: Control, topics: Topics, reset_at: int,
+                    limit: int) -> tuple[Outgoing, int]:
     """A control record, to write after the snapshots have been acknowledged: a control
     record vouches for what precedes it, back to the reset marker at ``reset_at`` (the one
     the partition was restored after; NO_RESET: none). With how many duplicate-window ids it
-    left out to stay within `CONTROL_RECORD_LIMIT` bytes (`encoded_within`)."""
-    value, dropped = encoded_within(control, CONTROL_RECORD_LIMIT)
+    left out to stay within ``limit`` bytes (`encoded_within`; `topics.control_record_limit`
+    says how many the changelog takes)."""
+    value, dropped = encoded_within(control, limit)
     return Outgoing(topic=topics.state, key=CONTROL_KEY, value=value,
                     headers=[(KIND_HEADER, CONTROL), (RESET_AT_HEADER, str(reset_at).encode())],
                     partition=partition), dropped

@@ -24,7 +24,6 @@ from monitor.account import RiskKey
 from monitor.engine import DirtyUnits, Engine
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
-    CONTROL_RECORD_LIMIT,
     NO_RESET,
     collector,
     control_message,
@@ -38,6 +37,7 @@ from monitor.service.outbox import Outgoing
 from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
 from monitor.service.tasks import cancel_and_wait
+from monitor.service.topics import control_record_limit
 from monitor.snapshot import Offsets
 
 CHECKPOINT_CHUNK = 256  # snapshots encoded at a time
@@ -92,9 +92,10 @@ class CheckpointSink(Protocol):
         """Say that a changelog partition ends at ``end``, before ``written_to``, the end of
         the records this instance saw acknowledged there."""
 
-    def windows_cut(self, partition: int, dropped: int, kept: int) -> None:
+    def windows_cut(self, partition: int, dropped: int, kept: int, limit: int) -> None:
         """Say that a control record of ``partition`` left out the ``dropped`` oldest ids of
-        its duplicate windows, keeping ``kept``, to fit the changelog's record size."""
+        its duplicate windows, keeping ``kept``, to fit the changelog's record size
+        (``limit`` bytes)."""
 
 
 class NotOwner(Exception):
@@ -202,7 +203,7 @@ class KafkaSink:
             topic=None if self._settings is None else self._settings.topics.state,
             partition=partition, end=end, written_to=written_to)
 
-    def windows_cut(self, partition: int, dropped: int, kept: int) -> None:
+    def windows_cut(self, partition: int, dropped: int, kept: int, limit: int) -> None:
         now = time.monotonic()
         if now - self._cut_said_at < WINDOWS_CUT_LOG_INTERVAL:
             return
@@ -210,7 +211,7 @@ class KafkaSink:
         self.log.warning(
             "duplicate windows cut to fit a control record: a restart from it recognises "
             "only the newest ids as duplicates (long fill or entry ids)", partition=partition,
-            ids_kept=kept, ids_left_out=dropped, limit_bytes=CONTROL_RECORD_LIMIT)
+            ids_kept=kept, ids_left_out=dropped, limit_bytes=limit)
 
     def _assigned(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         assigned = self._group.assignment()
@@ -266,6 +267,9 @@ class Checkpointer:
         # before which the group cannot give the partitions to another instance
         self._fence_lasts = settings.session_timeout_ms / 2000
         self._fenced_at = NEVER  # monotonic time the standing yes was asked
+        # bytes a control record's value may take on the changelog (`ChangelogCheck`), set
+        # once the start has asked the broker
+        self.control_record_limit = control_record_limit(None)
 
     # -- what the loop and a restore tell it ------------------------------------------------------
 
@@ -490,10 +494,11 @@ class Checkpointer:
                 await self._owner(sink, vouched_offsets)
                 sent = time.monotonic()
                 message, dropped = control_message(partition, control, t,
-                                                   self.reset_at.get(partition, NO_RESET))
+                                                   self.reset_at.get(partition, NO_RESET),
+                                                   self.control_record_limit)
                 if dropped:
                     sink.windows_cut(partition, dropped, sum(map(len, control.dedupe.values()))
-                                     - dropped)
+                                     - dropped, self.control_record_limit)
                 await sink.deliver([message])
                 self._written[partition] += 1
                 self.checkpointed.add(partition)

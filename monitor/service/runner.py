@@ -436,11 +436,12 @@ class Monitor:
             try:
                 await admin.start()
                 self.partition_counts = await ensure_topics(admin, s)
-                doubt = await changelog_kept(admin, s.topics.state)
-                if doubt is not None:
+                check = await changelog_kept(admin, s.topics.state)
+                if check.doubt is not None:
                     self.log.warning("cannot check that the changelog is compacted only (a "
                                      "topic that deletes by age loses unchanged accounts)",
-                                     topic=s.topics.state, reason=doubt)
+                                     topic=s.topics.state, reason=check.doubt)
+                self._checkpointer.control_record_limit = check.record_limit
                 await self._start_clients()
                 break
             except KafkaError as exc:

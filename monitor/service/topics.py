@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
@@ -89,26 +91,58 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
     return counts
 
 
-async def changelog_kept(admin: AIOKafkaAdminClient, topic: str) -> str | None:
+# Kafka's max.message.bytes by default (1 MiB + 12 B), assumed when the broker does not say.
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+# What a record batch holds beside one record's value (batch and record headers, key,
+# liqmon's headers), generously: a control record's value may take the rest.
+BATCH_ROOM = 16 * 1024
+MAX_REQUEST_BYTES = 8 * 1024 * 1024  # the producer's max_request_size (clients.py)
+
+
+@dataclass(frozen=True)
+class ChangelogCheck:
+    """What `changelog_kept` found: why it could not tell the changelog's policy (for a
+    warning; None when the topic is compacted only), and how many bytes a control record's
+    value may take there (`control_record_limit`)."""
+
+    doubt: str | None
+    record_limit: int
+
+
+def control_record_limit(max_message_bytes: str | None) -> int:
+    """Bytes a control record's value may take on a changelog whose max.message.bytes is
+    this (None: not reported, Kafka's default assumed): a record over it is refused for
+    good, and the instance would stop at every checkpoint."""
+    limit = DEFAULT_MAX_MESSAGE_BYTES
+    if max_message_bytes is not None and max_message_bytes.isdigit():
+        limit = int(max_message_bytes)
+    return max(min(limit, MAX_REQUEST_BYTES) - BATCH_ROOM, BATCH_ROOM)
+
+
+async def changelog_kept(admin: AIOKafkaAdminClient, topic: str) -> ChangelogCheck:
     """Refuse (`TopicLayoutError`) a changelog whose broker would delete records by age
     (cleanup.policy delete, or compact,delete with a finite retention.ms): a snapshot of an
     account that does not change would go, and the account with it at the next restore.
-    Returns why it could not tell (a broker that does not answer, or does not report the
-    policy), for a warning, or None when the topic is compacted only."""
+    Says why it could not tell (a broker that does not answer, or does not report the
+    policy), for a warning, and the size its control records must keep within."""
     try:
         # every config: the embedded broker drops the connection when asked for a few
         answers = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
     except KafkaError as exc:
-        return f"the broker did not describe its configs ({exc!r})"
+        return ChangelogCheck(f"the broker did not describe its configs ({exc!r})",
+                              control_record_limit(None))
     # (error_code, error_message, resource_type, resource_name, config_entries), each entry
     # (name, value, ...), whatever the version
     resources = [resource for answer in answers for resource in answer.resources]
     if not resources or resources[0][0]:
-        return f"the broker did not describe its configs ({resources[0][:2] if resources else ''})"
+        return ChangelogCheck("the broker did not describe its configs "
+                              f"({resources[0][:2] if resources else ''})",
+                              control_record_limit(None))
     configs = {entry[0]: entry[1] for entry in resources[0][4]}
+    limit = control_record_limit(configs.get("max.message.bytes"))
     policy = configs.get("cleanup.policy")
     if policy is None:
-        return "the broker does not report its cleanup.policy"
+        return ChangelogCheck("the broker does not report its cleanup.policy", limit)
     kinds = {kind.strip() for kind in policy.split(",")}
     retention = configs.get("retention.ms")
     fix = ("Make it compacted only: kafka-configs.sh --alter --entity-type topics "
@@ -123,7 +157,7 @@ async def changelog_kept(admin: AIOKafkaAdminClient, topic: str) -> str | None:
         raise TopicLayoutError(
             f"'{topic}' has cleanup.policy={policy}: it is not compacted, so every restore "
             f"reads every snapshot ever written. {fix}")
-    return None
+    return ChangelogCheck(None, limit)
 
 
 async def create_topics(settings: ServiceSettings) -> dict[str, int]:

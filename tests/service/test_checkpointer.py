@@ -27,7 +27,6 @@ from monitor.records import LedgerEntry
 from monitor.service.changelog import (
     AS_OF_HEADER,
     AS_OF_TOTAL_HEADER,
-    CONTROL_RECORD_LIMIT,
     NO_RESET,
     RESET_AT_HEADER,
     encoded_within,
@@ -38,6 +37,7 @@ from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
 from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
+from monitor.service.topics import control_record_limit
 from monitor.snapshot import (
     KIND_HEADER,
     Control,
@@ -101,8 +101,8 @@ class Recorder:
     def lost_records(self, partition: int, end: int, written_to: int) -> None:
         self.calls.append(("lost_records", (partition, end, written_to)))
 
-    def windows_cut(self, partition: int, dropped: int, kept: int) -> None:
-        self.calls.append(("windows_cut", (partition, dropped, kept)))
+    def windows_cut(self, partition: int, dropped: int, kept: int, limit: int) -> None:
+        self.calls.append(("windows_cut", (partition, dropped, kept, limit)))
 
     def steps(self) -> list[str]:
         """The calls in short: "deliver account×2" delivered two account records."""
@@ -887,6 +887,8 @@ async def test_a_group_that_does_not_answer_does_not_vouch(own_broker) -> None:
 
 # -- the control record's size ---------------------------------------------------------------------
 
+LIMIT = control_record_limit(None)  # 1,032,204 bytes: Kafka's default max.message.bytes, less room
+
 
 def long_ids(count: int, seed: int, length: int = 64) -> list[tuple[str, str]]:
     """(account, entry id) pairs of ``length`` random hex characters each (zstd gets them to
@@ -899,25 +901,25 @@ def long_ids(count: int, seed: int, length: int = 64) -> list[tuple[str, str]]:
 def test_a_control_record_within_the_limit_is_written_whole() -> None:
     control = Control(seq=1, written_at=0, offsets={}, prices={},
                       dedupe={("ledger", 0): long_ids(100, 1)})
-    value, dropped = encoded_within(control, CONTROL_RECORD_LIMIT)
+    value, dropped = encoded_within(control, LIMIT)
     assert dropped == 0
     assert decode_control(value).dedupe == control.dedupe
 
 
 def test_a_control_record_over_the_limit_keeps_the_newest_ids_of_each_window_alike() -> None:
     """Two full windows of 64-character ids: ~2.8 MB of JSON, ~1.5 MB framed. The record
-    keeps the same share of each window, the newest ids, within 900,000 bytes."""
+    keeps the same share of each window, the newest ids, within the limit."""
     fills, ledger = long_ids(10_000, 1), long_ids(10_000, 2)
     control = Control(seq=1, written_at=0, offsets={}, prices={},
                       dedupe={("fills", 0): fills, ("ledger", 0): ledger})
-    value, dropped = encoded_within(control, CONTROL_RECORD_LIMIT)
+    value, dropped = encoded_within(control, LIMIT)
     kept = decode_control(value).dedupe
-    assert len(value) <= CONTROL_RECORD_LIMIT
+    assert len(value) <= LIMIT
     assert 0 < len(kept["fills", 0]) == len(kept["ledger", 0]) < 10_000
     assert kept["fills", 0] == fills[-len(kept["fills", 0]):]
     assert kept["ledger", 0] == ledger[-len(kept["ledger", 0]):]
     assert dropped == 20_000 - 2 * len(kept["fills", 0])
-    assert len(value) > 0.8 * CONTROL_RECORD_LIMIT  # not cut far below what fits
+    assert len(value) > 0.8 * LIMIT  # not cut far below what fits
 
 
 async def test_a_checkpoint_with_long_ids_cuts_the_record_s_windows_not_the_engine_s() -> None:
@@ -933,8 +935,8 @@ async def test_a_checkpoint_with_long_ids_cuts_the_record_s_windows_not_the_engi
     await checkpointer.checkpoint({0}, recorder)
     (control,) = recorder.delivered("control")
     kept = decode_control(control.value).dedupe["ledger", 0]
-    assert len(control.value) <= CONTROL_RECORD_LIMIT
-    assert ("windows_cut", (0, 10_000 - len(kept), len(kept))) in recorder.calls
+    assert len(control.value) <= LIMIT
+    assert ("windows_cut", (0, 10_000 - len(kept), len(kept), LIMIT)) in recorder.calls
     assert kept == engine.dedupe_ids(TOPICS.ledger, 0)[-len(kept):]
     assert len(engine.dedupe_ids(TOPICS.ledger, 0)) == 10_000  # the running window stays whole
 
@@ -943,8 +945,9 @@ def test_windows_cut_is_said_once_in_ten_minutes() -> None:
     sink = KafkaSink(cast(Pipeline, None), cast(AIOKafkaConsumer, None), structlog.get_logger(),
                      commit_timeout=1.0)
     with structlog.testing.capture_logs() as logs:
-        sink.windows_cut(0, 6_000, 4_000)
-        sink.windows_cut(1, 6_100, 3_900)
+        sink.windows_cut(0, 6_000, 4_000, LIMIT)
+        sink.windows_cut(1, 6_100, 3_900, LIMIT)
     (line,) = logs
     assert line["log_level"] == "warning"
-    assert line == {**line, "partition": 0, "ids_left_out": 6_000, "ids_kept": 4_000}
+    assert line == {**line, "partition": 0, "ids_left_out": 6_000, "ids_kept": 4_000,
+                    "limit_bytes": LIMIT}

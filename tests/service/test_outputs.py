@@ -5,6 +5,7 @@ counts as delivered."""
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker, free_port
@@ -22,6 +23,7 @@ from monitor.service.delivery import Delivery
 from monitor.service.outbox import DEAD_LETTER_TEXT_LIMIT, Outgoing
 from monitor.service.settings import ServiceSettings, Topics
 from monitor.service.topics import create_topics
+from monitor.snapshot import CONTROL_KEY, decode_control
 from tests.support.kafka import (
     MonitorProcess,
     RunningMonitor,
@@ -209,3 +211,42 @@ async def test_events_are_counted_once_when_acknowledged_not_when_a_produce_fail
             own_broker.resume()
         events = await read_events(own_broker.bootstrap, settings.topics)
     assert counted == len({e["event_id"] for e in events})
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_control_records_keep_within_the_changelog_s_max_message_bytes(broker):
+    """A Kafka broker refuses a record over the topic's max.message.bytes for good, and the
+    instance would stop at every checkpoint; the embedded broker takes anything, so liqmon
+    keeps to the limit the topic reports. This changelog takes 300,000 bytes; 6,000
+    deposits with ids of 64 random hex characters (account and entry id) fill a window of
+    ~0.8 MB of JSON, ~0.42 MB framed."""
+    settings = fresh_settings(broker.bootstrap)
+    t = settings.topics
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t.state, 1, 1, topic_configs={
+            "cleanup.policy": "compact", "max.message.bytes": "300000"})])
+    finally:
+        await admin.close()
+    await create_topics(settings)
+    rng = random.Random(5)
+    ids = [(rng.randbytes(32).hex(), rng.randbytes(32).hex()) for _ in range(6_000)]
+    await produce(broker.bootstrap, [deposit(t, account, 1.0, entry_id)
+                                     for account, entry_id in ids])
+    process = await MonitorProcess(monitor_args(settings)).start()
+    async with asyncio.timeout(120):  # a hang guard only
+        while (control := (await read_changelog(settings.bootstrap, t.state, [0]))[0].control
+               ) is None or control.offsets[t.ledger, 0] < len(ids):
+            await asyncio.sleep(0.2)
+    assert await process.stop() == 0
+
+    controls = [record.value for record in await read_topic(broker.bootstrap, t.state)
+                if record.key == CONTROL_KEY]
+    assert max(len(value) for value in controls) <= 300_000 - 16_384
+    kept = decode_control(controls[-1]).dedupe[t.ledger, 0]
+    assert 0 < len(kept) < len(ids)
+    assert kept == ids[-len(kept):]  # the newest
+    (cut,) = [entry for entry in process.logs
+              if entry["event"].startswith("duplicate windows cut to fit a control record")]
+    assert cut == {**cut, "level": "warning", "limit_bytes": 300_000 - 16_384}

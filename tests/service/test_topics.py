@@ -6,13 +6,19 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from monitor.service.topics import TopicLayoutError, changelog_kept, create_topics
+from monitor.service.topics import (
+    ChangelogCheck,
+    TopicLayoutError,
+    changelog_kept,
+    control_record_limit,
+    create_topics,
+)
 from tests.support.kafka import fresh_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def kept(bootstrap: str, topic: str, configs: dict[str, str] | None) -> str | None:
+async def kept(bootstrap: str, topic: str, configs: dict[str, str] | None) -> ChangelogCheck:
     """`changelog_kept` of a topic made with these configs (None: liqmon makes it)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -27,7 +33,7 @@ async def kept(bootstrap: str, topic: str, configs: dict[str, str] | None) -> st
 async def test_the_changelog_liqmon_makes_is_kept(broker) -> None:
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
-    assert await kept(broker.bootstrap, settings.topics.state, None) is None
+    assert (await kept(broker.bootstrap, settings.topics.state, None)).doubt is None
 
 
 async def test_the_changelog_liqmon_makes_rolls_its_segments_hourly_or_at_100_mib(broker) -> None:
@@ -62,11 +68,34 @@ async def test_a_changelog_that_deletes_by_age_is_refused(broker, configs) -> No
 async def test_compact_and_delete_with_no_time_limit_is_kept(broker) -> None:
     topic = f"{fresh_settings(broker.bootstrap).topics.state}.forever"
     configs = {"cleanup.policy": "compact,delete", "retention.ms": "-1"}
-    assert await kept(broker.bootstrap, topic, configs) is None
+    assert (await kept(broker.bootstrap, topic, configs)).doubt is None
 
 
 async def test_a_policy_the_broker_does_not_report_is_a_doubt_not_a_refusal(broker) -> None:
     """The embedded broker reports no cleanup.policy for a topic made without one."""
     topic = f"{fresh_settings(broker.bootstrap).topics.state}.unset"
-    assert await kept(broker.bootstrap, topic, {}) == (
+    assert (await kept(broker.bootstrap, topic, {})).doubt == (
         "the broker does not report its cleanup.policy")
+
+
+async def test_a_changelog_s_max_message_bytes_bounds_its_control_records(broker) -> None:
+    topic = f"{fresh_settings(broker.bootstrap).topics.state}.roomy"
+    configs = {"cleanup.policy": "compact", "max.message.bytes": "4000000"}
+    assert (await kept(broker.bootstrap, topic, configs)).record_limit == 4_000_000 - 16_384
+
+
+async def test_a_changelog_that_does_not_report_its_size_limit_gets_kafka_s_default(broker) -> None:
+    # the embedded broker reports only the configs a topic was made with
+    topic = f"{fresh_settings(broker.bootstrap).topics.state}.plain"
+    assert (await kept(broker.bootstrap, topic, {"cleanup.policy": "compact"})).record_limit == (
+        1_048_588 - 16_384)
+
+
+@pytest.mark.parametrize(("max_message_bytes", "limit"), [
+    ("2000000", 2_000_000 - 16_384),
+    ("100000000", 8 * 1024 * 1024 - 16_384),  # no more than the producer sends in a request
+    ("1000", 16_384),  # smaller than any checkpoint: nothing is cut for it beyond this
+    ("not a number", 1_048_588 - 16_384),
+])
+async def test_control_record_limit(max_message_bytes: str, limit: int) -> None:
+    assert control_record_limit(max_message_bytes) == limit
