@@ -18,8 +18,10 @@ every Kafka client), `Positions` (positions.py, where it stands in its inputs), 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Sequence
@@ -259,17 +261,16 @@ class Monitor:
                       instruments=len(config.instruments), assets=len(config.assets),
                       options=option_values(self.settings))
         try:
-            # compiled once per install (seconds), loaded from numba's cache after that; in a
-            # thread so that /healthz answers meanwhile
             if CACHE_PLACE is not None:
                 say = self.log.info if CACHE_PLACE.used is not None else self.log.warning
                 say(CACHE_PLACE.describe(), configured=CACHE_PLACE.configured,
                     used=CACHE_PLACE.used)
-            seconds = await asyncio.to_thread(warm_up_kernels, self._compiler_busy)
-            self._warming_up = False
-            self.log.info("kernels ready", seconds=round(seconds, 3))
-            collector.settle()
-            await self._connect()
+            seconds = await self._warm_up()
+            if seconds is not None:
+                self._warming_up = False
+                self.log.info("kernels ready", seconds=round(seconds, 3))
+                collector.settle()
+                await self._connect()
             if not self._stopping.is_set():
                 await self._watched(self._restore_and_consume())
         finally:
@@ -279,6 +280,30 @@ class Monitor:
         # asked to stop before it consumed (waiting for the group, restoring)
         if not self._said_stopped and self._fatal is None:
             self._say_stopped()
+
+    async def _warm_up(self) -> float | None:
+        """Load the engine's kernels (`warm_up_kernels`; compiled once per install, which
+        takes a minute or more, or waits for another process compiling them): the seconds it
+        took, or None when a stop came first. In a daemon thread of its own, so that /healthz
+        answers meanwhile, and a stop is not held for the compile (the stop has nothing to
+        save yet, and the thread ends with the process; numba writes its cache files whole)."""
+        done: concurrent.futures.Future[float] = concurrent.futures.Future()
+
+        def warm() -> None:
+            done.set_running_or_notify_cancel()
+            try:
+                done.set_result(warm_up_kernels(self._compiler_busy))
+            except BaseException as exc:  # raised on the loop, by `result()`
+                done.set_exception(exc)
+
+        threading.Thread(target=warm, name="liqmon-kernels", daemon=True).start()
+        warmed: asyncio.Future[Any] = asyncio.wrap_future(done)
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([warmed, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        return warmed.result() if warmed.done() else None
 
     async def _watched(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` with the broker watch beside it, from the connection on: whether

@@ -30,6 +30,7 @@ from tests.support.kafka import (
     started_processes,
 )
 from tests.support.paths import REPO
+from tests.test_compiled import holding_the_lock
 
 pytestmark = pytest.mark.kafka  # every test here runs a broker: the shared one or its own
 
@@ -240,3 +241,37 @@ async def test_sigterm_while_kafka_is_down_gives_up_at_the_shutdown_timeout_and_
     assert "re-processed on restart" in abandoned["error"]
     # the sends given up on are accounted for by that line, not reported again by asyncio
     assert not [e for e in monitor.logs if "never retrieved" in e["event"]]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_sigterm_while_another_process_compiles_the_kernels_stops_without_waiting(
+        broker, tmp_path) -> None:
+    """A start waiting for the kernels (another process compiling them, a minute or more, or
+    for ever if that process hangs) stopped only once they were ready: past a rolling
+    update's grace period, killed, and seen as a crash. Nothing is applied yet, so nothing
+    is saved: it stops at once, exit 0."""
+    holder = holding_the_lock(tmp_path)
+    try:
+        settings = fresh_settings(broker.bootstrap)
+        proc = await asyncio.create_subprocess_exec(
+            *run_args(settings, "--group", settings.group, "--metrics-port", "0"),
+            env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "LIQMON_LOG_LEVEL": "info"},
+            stderr=subprocess.PIPE)
+        started_processes.append(proc)
+        assert proc.stderr is not None
+        async with asyncio.timeout(60):  # a hang guard only
+            while b"another process is compiling the kernels" not in await proc.stderr.readline():
+                pass
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):  # a hang guard: the lock stays held all along
+            rest = await proc.stderr.read()
+            assert await proc.wait() == 0
+        assert holder.poll() is None  # still compiling, as far as liqmon knows
+        events = [orjson.loads(line)["event"] for line in rest.splitlines()
+                  if line.startswith(b"{")]
+        assert events[-1] == "stopped"
+        assert "kernels ready" not in events
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
