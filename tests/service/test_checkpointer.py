@@ -24,6 +24,7 @@ from monitor.config import parse_config
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import LedgerEntry
+from monitor.service import checkpointer as checkpointer_module
 from monitor.service.changelog import (
     AS_OF_HEADER,
     AS_OF_TOTAL_HEADER,
@@ -380,9 +381,20 @@ async def test_control_records_go_last_once_the_events_handed_over_before_are_se
     deposit(engine, "alice", 100.0, 0, 1)
     recorder = Recorder(submitted=3)  # three event batches in flight when it begins
     await checkpointer.checkpoint({0, 1}, recorder)
-    # one partition's control record at a time (each ~20,000 window ids)
-    assert recorder.steps()[-4:] == ["settled 3", "deliver control×1", "deliver control×1",
-                                     "commit"]
+    # both partitions' control records in one delivery: one acknowledgement to wait for
+    assert recorder.steps()[-3:] == ["settled 3", "deliver control×2", "commit"]
+
+
+async def test_control_records_go_in_lots_of_at_most_8_mib(monkeypatch) -> None:
+    """Each is encoded alone (~2 ms on the loop with full windows) and held until its lot
+    goes: a lot bounds that memory. Here a lot holds one record, the second waits."""
+    checkpointer, engine = make()
+    deposit(engine, "alice", 100.0, 0, 1)
+    monkeypatch.setattr(checkpointer_module, "CONTROLS_AT_ONCE", 1)
+    recorder = Recorder()
+    await checkpointer.checkpoint({0, 1}, recorder)
+    assert recorder.steps()[-3:] == ["deliver control×1", "deliver control×1", "commit"]
+    assert [m.partition for m in recorder.delivered("control")] == [0, 1]
 
 
 async def test_a_layout_is_written_once_per_partition_however_many_chunks() -> None:
