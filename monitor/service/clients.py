@@ -19,6 +19,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from monitor.service.assignor import StickyAccountPartitions
 from monitor.service.settings import FETCH_MAX_WAIT_CAP_MS, ServiceSettings, compression_type
+from monitor.service.topics import MAX_REQUEST_BYTES
 
 # a partition may stay behind its broker's end, with nothing fetched, this long and over this
 # many fetches before the fetch wait is widened
@@ -53,7 +54,7 @@ class Clients:
             compression_type=compression_type(s.compression),
             # no linger: a batch's events are handed over together anyway, and the client
             # gathers whatever is produced while a request is in flight
-            linger_ms=0, max_batch_size=256 * 1024, max_request_size=8 * 1024 * 1024,
+            linger_ms=0, max_batch_size=256 * 1024, max_request_size=MAX_REQUEST_BYTES,
             request_timeout_ms=s.request_timeout_ms, **s.security.client_kwargs(),
         )
 

@@ -96,7 +96,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 # What a record batch holds beside one record's value (batch and record headers, key,
 # liqmon's headers), generously: a control record's value may take the rest.
 BATCH_ROOM = 16 * 1024
-MAX_REQUEST_BYTES = 8 * 1024 * 1024  # the producer's max_request_size (clients.py)
+# The most the producer sends in one request (its max_request_size, clients.py), and so the
+# largest record liqmon writes, whatever a topic would take.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
