@@ -1,4 +1,4 @@
-"""Input records of a kind worth a warning, counted by topic and said at most every 30 s."""
+"""Records of a kind worth a warning, counted by topic and said at most every 30 s."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ LOG_INTERVAL = 30.0  # seconds between two lines of one kind
 
 class CountedWarning:
     """Per-topic totals that only grow (the merge's late and stamped-ahead records, the
-    miskeyed inputs), turned into a counter's increments and a warning that says how many came
-    since the last one: at once the first time, then at most once every `LOG_INTERVAL` seconds
-    (a producer at fault is at fault for every record)."""
+    miskeyed inputs, the events the producer sends again), turned into a counter's increments
+    (``counter`` labelled by topic; None: the caller counts them its own way) and a warning
+    that says how many came since the last one: at once the first time, then at most once
+    every `LOG_INTERVAL` seconds (a producer at fault is at fault for every record)."""
 
-    def __init__(self, counter: Counter, log: BoundLogger, message: str,
+    def __init__(self, counter: Counter | None, log: BoundLogger, message: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._counter = counter
         self._log = log
@@ -35,7 +36,8 @@ class CountedWarning:
         for topic, count in totals.items():
             counted = self._counted.get(topic, 0)
             if count > counted:
-                self._counter.labels(topic).inc(count - counted)
+                if self._counter is not None:
+                    self._counter.labels(topic).inc(count - counted)
                 self._counted[topic] = count
         unlogged = {topic: count - self._logged.get(topic, 0) for topic, count in totals.items()
                     if count > self._logged.get(topic, 0)}

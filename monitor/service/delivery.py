@@ -15,12 +15,12 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from structlog.stdlib import BoundLogger
 
 from monitor.errors import LiqmonError
+from monitor.service.counted_warning import CountedWarning
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
 from monitor.service.tasks import cancel_and_wait
 
 MAX_BACKOFF = 5.0
-RESENT_LOG_INTERVAL = 30.0  # seconds between two lines about the producer's own re-sends
 SEND_ALONE_BYTES = 64 * 1024  # a checkpoint message larger than this is not batched
 
 
@@ -87,22 +87,19 @@ class Delivery:
         self.log = log
         self.shutdown_timeout = shutdown_timeout
         self._stop_requested_at = stop_requested_at
-        # the producer's own re-sends since the last line saying so, by topic
-        self._resent: dict[str, int] = {}
-        self._resent_said_at = -math.inf
+        # the producer's own re-sends, by topic, said by `_resent` (an outage re-sends every
+        # batch in flight, again and again)
+        self._resent_totals: dict[str, int] = {}
+        self._resent = CountedWarning(
+            None, log, "events not acknowledged in time, the producer sends them again")
         keep_batches_in_order(producer, self._producer_resent)
 
     def _producer_resent(self, topic: str, records: int) -> None:
         """A batch the broker did not acknowledge (a request timed out, a leader moved), sent
-        again by the producer: counted as retries, and said at once, then at most once every
-        `RESENT_LOG_INTERVAL` (an outage re-sends every batch in flight, again and again)."""
+        again by the producer: counted as retries (unlabelled), and said (`CountedWarning`)."""
         self.metrics.delivery_retries.inc(records)
-        self._resent[topic] = self._resent.get(topic, 0) + records
-        now = time.monotonic()
-        if now - self._resent_said_at >= RESENT_LOG_INTERVAL:
-            self.log.warning("events not acknowledged in time, the producer sends them again",
-                             records=sum(self._resent.values()), by_topic=self._resent)
-            self._resent, self._resent_said_at = {}, now
+        self._resent_totals[topic] = self._resent_totals.get(topic, 0) + records
+        self._resent.report(self._resent_totals, dict)
 
     async def deliver(self, outgoing: Sequence[Outgoing]) -> None:
         """Produce everything; return once every message is acknowledged by all replicas.
