@@ -57,7 +57,7 @@ from tests.support.kafka import (
     wait_processed,
     without_wall_clock,
 )
-from tests.support.messages import deposit, withdrawal
+from tests.support.messages import deposit, fill, tick, withdrawal
 from tests.support.paths import REPO
 from tests.support.snapshots import json_snapshot
 from tests.support.streams import random_stream
@@ -317,41 +317,67 @@ async def test_an_upgrade_restores_json_snapshots_of_format_1_beside_binary_ones
     await restart_then_the_rest(settings, config, before, records, second)
 
 
-async def test_a_restore_the_broker_fails_halfway_through_a_partition_is_taken_again(
+async def test_a_restore_the_broker_fails_is_taken_again_and_nothing_is_consumed_meanwhile(
         broker, monkeypatch):
-    """The restart's restore has positioned partition 0's fills when the broker times out
-    positioning its ledger. The instance does not stop: it lets the half-taken partition go
-    and takes the assignment again, whole. It holds exactly what was checkpointed, and the
-    rest of the stream gives exactly replay's events."""
-    config, settings, records, second, before = await checkpointed(broker, 25, 1_500, 900)
-    seek, failed = restorer._seek, []
+    """A first start: the broker times out when asked where the inputs begin. The instance
+    does not stop: it takes the assignment again, consuming nothing meanwhile and saying why
+    on /readyz, then applies the whole stream, with exactly replay's events."""
+    config = load_config(CONFIG)
+    records = routable(random_stream(seed=25, length=1_500))
+    settings = fresh_settings(broker.bootstrap)
+    await create_topics(settings)
+    ends = await produce_timestamped(broker.bootstrap, settings.topics, records)
+    starting_at, failed = restorer._starting_at, []
 
-    async def ledger_timing_out_once(consumer, tp, offset, start):
-        if tp.topic == settings.topics.ledger and not failed:
-            failed.append(tp)
+    async def timing_out_once(consumer, checkpointed, start):
+        if None in checkpointed.values() and not failed:  # the broker is asked
+            failed.append(sorted(checkpointed))
             raise RequestTimedOutError()
-        return await seek(consumer, tp, offset, start)
+        return await starting_at(consumer, checkpointed, start)
 
-    monkeypatch.setattr(restorer, "_seek", ledger_timing_out_once)
+    monkeypatch.setattr(restorer, "_starting_at", timing_out_once)
     monkeypatch.setattr(runner, "RESTORE_RETRY_INTERVAL", 0.5)
-    restarted = Monitor(settings, config)
-    running = asyncio.create_task(restarted.run())
-    while not failed:
-        await asyncio.sleep(0.01)
-    assert failed == [TopicPartition(settings.topics.ledger, 0)]
-    # until it is taken again, nothing of the half-taken partition is consumed
-    assert TopicPartition(settings.topics.fills, 0) not in restarted.applied_offsets()
-    # and /readyz says why (it had no reason of its own, and after a later rebalance's
-    # failed restore said ready, the gained partitions not taken)
+    started = Monitor(settings, config)
+    running = asyncio.create_task(started.run())
     deadline = time.monotonic() + 30
-    while "the last attempt failed (RequestTimedOutError" not in restarted.not_ready_because():
-        assert time.monotonic() < deadline, restarted.not_ready_because()
+    # /readyz says why (it had no reason of its own, and after a later rebalance's failed
+    # restore said ready, the gained partitions not taken)
+    while "the last attempt failed (RequestTimedOutError" not in started.not_ready_because():
+        assert time.monotonic() < deadline, started.not_ready_because()
         await asyncio.sleep(0.01)
-    await asyncio.wait_for(restarted.ready.wait(), timeout=30)
-    assert state_of(restarted.engine) == before
-    restarted.request_stop()
+    assert failed == [[TopicPartition(settings.topics.prices, 0)]]
+    assert started.applied_offsets() == {}  # until it is taken again, nothing is consumed
+    await asyncio.wait_for(started.ready.wait(), timeout=30)
+    await wait_processed(started, ends)
+    started.request_stop()
     await asyncio.wait_for(running, timeout=30)
-    await restart_then_the_rest(settings, config, before, records, second)
+    same_events(await read_events(broker.bootstrap, settings.topics),
+                replayed(records, config), positions_of(records, settings.topics))
+
+
+async def test_a_first_start_from_latest_applies_only_the_records_after_it(broker):
+    """--start latest: a first start skips what every input partition held, the price feed's
+    included, and applies what comes after it. Worked numbers (examples/risk.toml, BTC-PERP
+    mmr 0.004 up to 50,000 notional): 1 BTC bought at 50,000 on a deposit of 300, marked at
+    its entry price while BTC-PERP has no tick: ratio 200 / 300 = 0.67, healthy; then a tick
+    to 49,890: equity 300 − 110 = 190, maintenance margin 0.004 · 49,890 = 199.56, ratio
+    1.05: liquidated by the tick. Had the earlier tick at 49,890 been applied, the fill
+    would have liquidated it; "before", which bought the same before the start, is not held."""
+    config = load_config(CONFIG)
+    settings = fresh_settings(broker.bootstrap, start="latest", partitions=4)
+    t = settings.topics
+    await create_topics(settings)
+    await produce(broker.bootstrap, [
+        tick(t, "BTC-PERP", 49_890.0), deposit(t, "before", 300.0, "d0"),
+        fill(t, "f0", "before", "BTC-PERP", 1.0, 50_000.0)], one_at_a_time=True)
+    async with RunningMonitor(settings, config) as monitor:
+        await wait_processed(monitor, await produce(broker.bootstrap, [
+            deposit(t, "after", 300.0, "d1"), fill(t, "f1", "after", "BTC-PERP", 1.0, 50_000.0),
+            tick(t, "BTC-PERP", 49_890.0)], one_at_a_time=True))
+        assert list(monitor.engine.accounts) == ["after"]
+    (event,) = await read_events(broker.bootstrap, t)
+    assert (event["event_id"], event["trigger"]["kind"], event["margin_ratio"]) == (
+        "after:1:liquidation", "price", pytest.approx(199.56 / 190))
 
 
 async def test_a_restore_cancelled_inside_a_client_call_stops_the_instance_with_an_error(
@@ -360,10 +386,10 @@ async def test_a_restore_cancelled_inside_a_client_call_stops_the_instance_with_
     restore (aiokafka's consumer.stop() can). The instance stops with an error that a restart
     mends, rather than stay in its group, heartbeating, never taking an assignment again."""
 
-    async def cancelled_from_inside(consumer, tp, offset, start):
+    async def cancelled_from_inside(consumer, checkpointed, start):
         raise asyncio.CancelledError()
 
-    monkeypatch.setattr(restorer, "_seek", cancelled_from_inside)
+    monkeypatch.setattr(restorer, "_starting_at", cancelled_from_inside)
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
     with pytest.raises(RuntimeError, match="cancelled from inside a Kafka client call"):

@@ -7,13 +7,15 @@ import asyncio
 
 import pytest
 import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from structlog.testing import capture_logs
 
 from monitor.config import fingerprint, load_config
 from monitor.engine import Engine
 from monitor.service import restorer as restorer_module
 from monitor.service.checkpointer import Checkpointer
-from monitor.service.clients import Clients
+from monitor.service.clients import Clients, stop_consumer
 from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
 from monitor.service.restorer import RestoreAbandoned, Restorer
@@ -68,3 +70,23 @@ async def test_a_restore_waiting_for_the_broker_gives_up_when_it_is_abandoned(
             await reading
     finally:
         own_broker.resume()
+
+
+async def test_a_broker_away_when_asked_where_partitions_start_fails_the_restore_retriably(
+        own_broker) -> None:
+    """A first start asks where its never-checkpointed partitions begin: a broker that does
+    not answer fails that restore with an error the instance takes the assignment again
+    after (`Monitor._restore_assignments`), not one that stops it."""
+    settings = fresh_settings(own_broker.bootstrap, request_timeout_ms=300)
+    await create_topics(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=own_broker.bootstrap, request_timeout_ms=300)
+    await consumer.start()
+    own_broker.pause()
+    try:
+        with pytest.raises(KafkaError, match="did not say where 1 partitions start") as raised:
+            await restorer_module._starting_at(
+                consumer, {TopicPartition(settings.topics.prices, 0): None}, "earliest")
+        assert raised.value.retriable
+    finally:
+        own_broker.resume()
+        await stop_consumer(consumer)
