@@ -396,6 +396,15 @@ class InputLedger:
     def partition_of(self, key: RiskKey) -> int | None:
         raise NotImplementedError  # each engine's own
 
+    def transitions_of(self, key: RiskKey) -> int | None:
+        """A risk unit's transition counter (None: not held)."""
+        raise NotImplementedError  # each engine's own
+
+    def renumber(self, key: RiskKey, transitions: int) -> None:
+        """Set a held risk unit's transition counter, its next event's id following it
+        (`service.published`); a checkpoint writes it."""
+        raise NotImplementedError  # each engine's own
+
     def _hand_out(self) -> list[RiskKey]:
         """Empty the set of changed risk units, and keep the partitions of those forgotten
         blank among them (in ``_tombstone_in``, until a checkpoint has written them)."""
@@ -465,6 +474,17 @@ class Engine(InputLedger):
             return None
         partition = int(book.part_m[row])
         return None if partition < 0 else partition
+
+    def transitions_of(self, key: RiskKey) -> int | None:
+        row = self.book.row_of(key)
+        return None if row is None else int(self.book.trans_m[row])
+
+    def renumber(self, key: RiskKey, transitions: int) -> None:
+        book = self.book
+        row = book.row_of(key)
+        if row is not None:
+            book.trans_m[row] = transitions
+            book.dirty_m[row] = True
 
     def take_dirty(self) -> DirtyUnits:
         """`InputLedger.take_dirty`. Here a change marks its unit's row (`Book.dirty`); only

@@ -44,6 +44,16 @@ class ReferenceEngine(InputLedger):
         account = self._held(key).get(key)
         return None if account is None else account.partition
 
+    def transitions_of(self, key: RiskKey) -> int | None:
+        account = self._held(key).get(key)
+        return None if account is None else account.transitions
+
+    def renumber(self, key: RiskKey, transitions: int) -> None:
+        account = self._held(key).get(key)
+        if account is not None:
+            account.transitions = transitions
+            self._dirty.add(key)
+
     def _held(self, key: RiskKey) -> dict[Any, Account]:  # keyed by str or UnitKey
         return self.units if isinstance(key, UnitKey) else self.accounts
 

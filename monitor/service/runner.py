@@ -56,6 +56,7 @@ from monitor.records import (
 )
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
+    RestoredPartition,
     RestoreProgress,
     collector,
     epoch_message,
@@ -85,6 +86,7 @@ from monitor.service.outbox import Outgoing, dead_letter_message, event_message
 from monitor.service.pacing import TurnPacer
 from monitor.service.positions import Positions
 from monitor.service.probe import OUTAGE_REMINDER, BrokerWatch, WatermarkProber
+from monitor.service.published import READ_BEFORE_MS, PublishedEvents, read_published
 from monitor.service.restorer import RestoreAbandoned, Restorer, staying
 from monitor.service.security import refusal
 from monitor.service.settings import CLOSE_TIMEOUT, ServiceSettings
@@ -180,6 +182,9 @@ class Monitor:
         # where the broker said the logs of partitions paused since end (`_ask_paused_ends`)
         self._paused_ends: dict[TopicPartition, int] = {}
         self._asking_paused_ends: asyncio.Task[None] | None = None
+        # events published beyond the restored counters (`monitor.service.published`)
+        self._published = PublishedEvents()
+        self._renumbered_said = (0, 0)  # (renumbered, advanced) when last said
         self._paused_ends_asked_at = -math.inf
         self._lock = asyncio.Lock()  # one batch, checkpoint or rebalance step at a time
         self._stopping = asyncio.Event()
@@ -536,6 +541,43 @@ class Monitor:
                     await stop_client(client)
         self._producer = self._prices = self._probe = self._accounts = None
 
+    async def _read_published(self, gained: list[int],
+                              restored: dict[int, RestoredPartition]) -> int:
+        """The events the output topics received since the oldest control record of the
+        gained partitions was written, beyond each unit's restored counter: what this restore
+        may build again, whose ids must not go out with other contents
+        (`monitor.service.published`). Nothing for partitions never checkpointed. How many
+        records were read."""
+        taken = [part.vouched() for part in restored.values()]
+        written = [part.control.written_at for part in taken if part.control is not None]
+        if not written:
+            return 0
+        counters = {key: int(count) for part in taken
+                    for key, count in zip(part.snapshots.ids, part.snapshots.transitions,
+                                          strict=True)}
+        t = self.settings.topics
+        inputs = [TopicPartition(topic, partition) for partition in gained
+                  for topic in (t.fills, t.ledger)]
+        inputs += [TopicPartition(t.prices, partition)
+                   for partition in range(self.partition_counts[t.prices])]
+        return await read_published(self.settings, self.partition_counts, inputs,
+                                    min(written) - READ_BEFORE_MS, self._published,
+                                    lambda key: counters.get(key, 0))
+
+    def _say_renumbered(self) -> None:
+        """Warn of what `PublishedEvents` changed since the last warning: events given a new
+        id, and units whose counter went past ids published before a crash."""
+        published = self._published
+        events = published.renumbered - self._renumbered_said[0]
+        units = published.advanced - self._renumbered_said[1]
+        if events or units:
+            self._renumbered_said = (published.renumbered, published.advanced)
+            self.log.warning(
+                "inputs applied again after a crash gave other events than were published "
+                "(records were applied late the first time: see liqmon_records_late_total); "
+                "no event id goes out again with other contents", events_given_new_ids=events,
+                counters_moved_past_published_ids=units)
+
     async def _watch_group(self) -> None:
         """Say so when the group keeps this instance waiting for partitions."""
         while True:
@@ -667,6 +709,7 @@ class Monitor:
             try:
                 self._restore_started = started
                 restored = await self._restorer.read(gained, self._restore_progress)
+                published_read = await self._read_published(gained, restored)
                 assert self._prices is not None and self._accounts is not None
                 first = not self._restored.is_set()
                 accounts, isolated, replayed = await self._restorer.restore(
@@ -707,8 +750,9 @@ class Monitor:
             self.log.info("restored", partitions=gained, accounts=accounts,
                           isolated_positions=isolated,
                           changelog_records=sum(r.records_read for r in restored.values()),
-                          records_replayed=replayed,
+                          records_replayed=replayed, events_read=published_read,
                           seconds=round(time.monotonic() - started, 3))
+            self._say_renumbered()
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """The group takes partitions back (with aiokafka: every partition, at every
@@ -1138,6 +1182,9 @@ class Monitor:
         self._pacer.took(len(batch), took)
         self.engine.release_caught_up(positions.offsets())
         await self._pipeline.submit(outgoing, advanced)
+        if self._published and self._published.caught_up(
+                positions.processed, self.engine.transitions_of, self.engine.renumber):
+            self._say_renumbered()
         self._log_events()  # after the produce: a cascade's log lines never delay its events
         self._update_lag(set(advanced))
         return len(batch)
@@ -1285,7 +1332,7 @@ class Monitor:
                         miskeyed(run_tp, run_message, account)
                     sources.append(Source(run_tp.topic, run_tp.partition, run_message.offset))
                 for k, outcome in engine.apply_account_records(records, sources):
-                    self._record_outcome(out, *batch[index + k], outcome)
+                    self._record_outcome(out, *batch[index + k], outcome, engine)
                 index = end
                 continue
             index += 1
@@ -1294,19 +1341,19 @@ class Monitor:
             again = ticks_again and tp.topic == topics.prices
             if isinstance(record, Rejected):
                 if not again:
-                    self._record_outcome(out, tp, message, record)
+                    self._record_outcome(out, tp, message, record, engine)
                 continue
             applied_ticks = stats.applied_ticks
             try:
                 events = engine.apply(record, Source(tp.topic, tp.partition, message.offset))
             except Rejected as rejection:  # what only state makes bad input
                 if not again:
-                    self._record_outcome(out, tp, message, rejection)
+                    self._record_outcome(out, tp, message, rejection, engine)
                 continue
             if (isinstance(record, PriceTick) and stats.applied_ticks != applied_ticks
                     and not again):
                 self._last_tick_wall[record.symbol] = time.time()
-            self._record_outcome(out, tp, message, events)
+            self._record_outcome(out, tp, message, events, engine)
         for topic, count in Counter(batch_topics).items():
             if not (ticks_again and topic == topics.prices):
                 metrics.records_consumed.labels(topic).inc(count)
@@ -1319,8 +1366,10 @@ class Monitor:
         return out
 
     def _record_outcome(self, out: list[Outgoing], tp: TopicPartition, message: ConsumerRecord,
-                        outcome: list[Event] | Rejected) -> None:
-        """A record's events, or its dead letter, onto ``out`` (in record order)."""
+                        outcome: list[Event] | Rejected,
+                        engine: Engine | ReferenceEngine) -> None:
+        """A record's events (from ``engine``), or its dead letter, onto ``out`` (in record
+        order)."""
         topics = self.settings.topics
         if isinstance(outcome, Rejected):
             out.append(dead_letter_message(outcome, tp.topic, tp.partition, message.offset,
@@ -1330,7 +1379,10 @@ class Monitor:
                              offset=message.offset, reason=outcome.reason,
                              detail=outcome.detail)
             return
+        published = self._published
         for event in outcome:
+            if published:  # after a restore: no id goes out again with other contents
+                event = published.checked(event, engine.renumber)
             out.append(event_message(event, topics, message.timestamp))
             self._unlogged.append((event, tp, message.offset))
 
