@@ -63,8 +63,9 @@ def recording_restorer(settings: ServiceSettings, engine: Engine, positions: Pos
     return restorer, replayed
 
 
-def never_checkpointed() -> RestoredPartition:
-    return RestoredPartition(partition=0, control=None, snapshots=Snapshots.from_accounts([]))
+def never_checkpointed(partition: int = 0) -> RestoredPartition:
+    return RestoredPartition(partition=partition, control=None,
+                             snapshots=Snapshots.from_accounts([]))
 
 
 @contextlib.asynccontextmanager
@@ -127,7 +128,7 @@ async def test_a_catch_up_whose_partition_delivers_nothing_reports_it_and_finish
         restorer, replayed = recording_restorer(settings, Engine(CONFIG), positions, metrics,
                                                 clients)
         with structlog.testing.capture_logs() as logs:
-            catch_up = asyncio.create_task(restorer.catch_up(never_checkpointed(), consumer))
+            catch_up = asyncio.create_task(restorer.catch_up([never_checkpointed()], consumer))
             deadline = time.monotonic() + 30
             while metrics.registry.get_sample_value("liqmon_input_stalled", gauge) is None:
                 assert time.monotonic() < deadline and not catch_up.done()
@@ -161,8 +162,46 @@ async def test_a_gained_partitions_records_before_ticks_the_instance_applied_are
     async with gained_behind_the_tick(settings, frontier) as (positions, metrics, consumer):
         restorer, replayed = recording_restorer(settings, Engine(CONFIG), positions, metrics,
                                                 Clients(settings))
-        await asyncio.wait_for(restorer.catch_up(never_checkpointed(), consumer), timeout=30)
+        await asyncio.wait_for(restorer.catch_up([never_checkpointed()], consumer), timeout=30)
     assert replayed == [(t.ledger, 0), (t.fills, 0), (t.prices, 0)]
+
+
+async def test_partitions_gained_together_are_caught_up_in_one_pass_reading_each_tick_once(
+        broker):
+    """Partitions 0 and 1, never checkpointed, each with a deposit before a tick this instance
+    applied: one catch-up replays both deposits and the tick once (one per partition applied
+    the tick twice, and read the price stream twice), then both join the loop's merge."""
+    settings = fresh_settings(broker.bootstrap, partitions=2)
+    t = settings.topics
+    await create_topics(settings)
+
+    def deposit(account: str) -> bytes:
+        return orjson.dumps({"entry_id": f"d-{account}", "account": account, "asset": "USDT",
+                             "amount": 1_000.0, "kind": "deposit"})
+
+    await produce(settings.bootstrap, [
+        (t.ledger, b"a", deposit("a"), 0), (t.ledger, b"b", deposit("b"), 1),
+        (t.prices, b"BTC-PERP", orjson.dumps({"symbol": "BTC-PERP", "price": 50_000.0}), 0)],
+        first_timestamp_ms=FIRST_TS)
+    metrics = Metrics()
+    positions = Positions(t, max_skew_ms=5, max_wait=0.5, max_stall=1.0, metrics=metrics)
+    positions.seek(TopicPartition(t.prices, 0), 1)  # the tick is applied here
+    gained = [TopicPartition(topic, p) for p in (0, 1) for topic in (t.fills, t.ledger)]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
+    await consumer.start()
+    consumer.assign(gained)
+    try:
+        restorer, replayed = recording_restorer(settings, Engine(CONFIG), positions, metrics,
+                                                Clients(settings))
+        await asyncio.wait_for(
+            restorer.catch_up([never_checkpointed(0), never_checkpointed(1)], consumer),
+            timeout=30)
+    finally:
+        await consumer.stop()
+    assert replayed == [(t.ledger, 0), (t.ledger, 0), (t.prices, 0)]
+    assert {tp: positions.processed[tp] for tp in gained} == {
+        TopicPartition(t.fills, 0): 0, TopicPartition(t.ledger, 0): 1,
+        TopicPartition(t.fills, 1): 0, TopicPartition(t.ledger, 1): 1}
 
 
 async def test_an_account_a_catch_up_empties_is_tombstoned_in_the_gained_partition(broker):
@@ -205,7 +244,7 @@ async def test_an_account_a_catch_up_empties_is_tombstoned_in_the_gained_partiti
                         Clients(settings), metrics, fingerprint(CONFIG),
                         structlog.get_logger("liqmon"), lambda: None, replay)
     try:
-        assert await asyncio.wait_for(restorer.catch_up(never_checkpointed(), consumer),
+        assert await asyncio.wait_for(restorer.catch_up([never_checkpointed()], consumer),
                                       timeout=30) == 4
     finally:
         await consumer.stop()

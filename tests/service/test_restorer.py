@@ -24,7 +24,13 @@ from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients, stop_consumer
 from monitor.service.metrics import Metrics
 from monitor.service.positions import Positions
-from monitor.service.restorer import CatchUpWatch, Restorer, SplitAssignment, staying
+from monitor.service.restorer import (
+    CatchUpWatch,
+    Restorer,
+    SplitAssignment,
+    caught_up_together,
+    staying,
+)
 from monitor.service.settings import ServiceSettings
 from monitor.service.topics import create_topics
 from monitor.snapshot import Control, Offsets, Snapshots
@@ -403,6 +409,27 @@ def test_marks_of_an_account_emptied_after_its_restore_go_with_its_partition() -
     assert restorer.engine._caught_up_from == {}
 
 
+def test_partitions_checkpointed_at_one_price_point_are_caught_up_together() -> None:
+    """After a crash, the dead instance's partitions were all checkpointed together: their
+    ticks are applied again once. A partition checkpointed at another point of the price
+    stream, or with another price table, goes on its own; those never checkpointed go
+    together."""
+    at_400 = control({("prices", 0): 400, ("fills", 3): 7, ("ledger", 3): 2})
+    also_400 = control({("prices", 0): 400, ("fills", 5): 70, ("ledger", 5): 9})
+    at_410 = control({("prices", 0): 410, ("fills", 6): 1, ("ledger", 6): 1})
+    other_table = control({("prices", 0): 400}, prices={"BTC-PERP": (1.0, 1)})
+    parts = [partition(3, at_400), partition(4, None), partition(5, also_400),
+             partition(6, at_410), partition(7, None), partition(8, other_table)]
+    assert caught_up_together(parts, "prices") == {
+        3: [3, 5], 5: [3, 5], 4: [4, 7], 7: [4, 7], 6: [6], 8: [8]}
+
+
+def test_a_catch_up_of_several_partitions_is_described_naming_them() -> None:
+    catching_up = CatchUpWatch([3, 5], 10.0, structlog.get_logger("liqmon"), Metrics())
+    assert catching_up.describe() == ("catching up account partitions 3, 5: 0 records "
+                                      "replayed")
+
+
 # -- a catch-up that stops making progress ----------------------------------------------------
 
 FILLS_3, PRICES_0 = TopicPartition("fills", 3), TopicPartition("prices", 0)
@@ -410,7 +437,7 @@ FILLS_3, PRICES_0 = TopicPartition("fills", 3), TopicPartition("prices", 0)
 
 def watch(max_stall: float = 10.0) -> tuple[CatchUpWatch, Metrics, Clock]:
     clock, metrics = Clock(), Metrics()
-    return (CatchUpWatch(3, max_stall, structlog.get_logger("liqmon"), metrics, clock),
+    return (CatchUpWatch([3], max_stall, structlog.get_logger("liqmon"), metrics, clock),
             metrics, clock)
 
 
@@ -429,8 +456,8 @@ def test_a_catch_up_without_progress_for_the_stall_timeout_names_what_it_waits_f
         assert logs == [] and stalled_gauge(metrics, FILLS_3) is None
         clock.now = 10.0
         catching_up.observe(read, 25, {FILLS_3: (40, 90)})
-    assert [(log["log_level"], log["partition"], log["records_replayed"], log["waiting_on"])
-            for log in logs] == [("error", 3, 25, [{"topic": "fills", "partition": 3,
+    assert [(log["log_level"], log["partitions"], log["records_replayed"], log["waiting_on"])
+            for log in logs] == [("error", [3], 25, [{"topic": "fills", "partition": 3,
                                                      "read_to": 40, "end": 90}])]
     assert stalled_gauge(metrics, FILLS_3) == 1
     assert catching_up.describe() == (
