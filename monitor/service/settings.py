@@ -73,15 +73,24 @@ class Topics:
         return {self.ledger: 0, self.fills: 1, self.prices: 2}
 
     def invalid(self) -> list[str]:
-        """One message per name Kafka would refuse; empty when every name is valid."""
+        """One message per name Kafka would refuse, and per name given to more than one
+        topic; empty when every name is valid and its own."""
         problems = []
+        flags_of: dict[str, list[str]] = {}
         for topic, spec in options(Topics):
             name = getattr(self, topic.name)
+            flags_of.setdefault(name, []).append(spec.flag)
             if name in (".", "..") or not _TOPIC_NAME.fullmatch(name):
                 problems.append(
                     f"{spec.flag} {name!r} is not a valid Kafka topic "
                     "name: 1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-', and "
                     "not '.' or '..'")
+        for name, flags in flags_of.items():
+            if len(flags) > 1:  # dead letters read back as ticks, dead-lettered again: a loop
+                problems.append(
+                    f"{' and '.join(flags)} are {'both' if len(flags) == 2 else 'all'} "
+                    f"{name!r}: every topic needs a name of its own (what liqmon writes to one "
+                    "would be read back as another's records)")
         return problems
 
 

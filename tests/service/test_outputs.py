@@ -48,9 +48,23 @@ def test_names_kafka_refuses_are_reported(name: str) -> None:
     assert problem.startswith(f"--topic-liquidations {name!r} is not a valid Kafka topic name")
 
 
-@pytest.mark.parametrize("name", ["liquidations", "liqmon.dead-letter", "a_b-c.9", "x" * 249])
+@pytest.mark.parametrize("name", ["liquidations", "liqmon.liquidations", "a_b-c.9", "x" * 249])
 def test_names_kafka_accepts_pass(name: str) -> None:
     assert Topics(liquidations=name).invalid() == []
+
+
+def test_one_name_given_to_two_topics_is_refused() -> None:
+    """Dead letters written to the price topic were read back as ticks and dead-lettered
+    again, for ever (an operator's drill: 873 records from one in 8 s)."""
+    (problem,) = Topics(prices="k.prices", dead_letter="k.prices").invalid()
+    assert problem.startswith("--topic-prices and --topic-dead-letter are both 'k.prices': "
+                              "every topic needs a name of its own")
+
+
+def test_one_name_given_to_three_topics_is_one_problem() -> None:
+    (problem,) = Topics(fills="x", margin_calls="x", state="x").invalid()
+    assert problem.startswith("--topic-fills and --topic-margin-calls and --topic-state are "
+                              "all 'x'")
 
 
 def test_run_with_an_invalid_topic_name_fails_before_connecting() -> None:
