@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from monitor.config import ConfigError, RiskConfig, load_config
 from monitor.errors import LiqmonError
@@ -595,10 +596,42 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     add_options(run, ServiceSettings)
 
 
+# A flag whose name says `pass`, and the value given with it
+_PASSWORD_FLAG = re.compile(r"--[\w-]*pass[\w-]*", re.IGNORECASE)
+_PASSWORD_VALUE = re.compile(rf"({_PASSWORD_FLAG.pattern})=\S+", re.IGNORECASE)
+_UNRECOGNIZED = "unrecognized arguments: "
+
+
+def _without_passwords(message: str) -> str:
+    """An argparse error without the value given with (`--x-pass=V`) or after (`--x-pass
+    V`, unrecognized) a flag whose name says `pass`."""
+    message = _PASSWORD_VALUE.sub(r"\1=(not repeated)", message)
+    if not message.startswith(_UNRECOGNIZED):
+        return message
+    words = message.removeprefix(_UNRECOGNIZED).split(" ")
+    for n in range(1, len(words)):
+        if _PASSWORD_FLAG.fullmatch(words[n - 1]) and not words[n].startswith("-"):
+            words[n] = "(not repeated)"
+    return _UNRECOGNIZED + " ".join(words)
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: argparse would take `--sasl-pass=VALUE` for a prefix of two flags
+    and say so with VALUE in its error (a password, in a shell history and on the terminal).
+    Its errors repeat no value given after a flag whose name says `pass`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_without_passwords(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from monitor.version import liqmon_version
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="liqmon", description="Streaming cross-margin liquidation monitor."
     )
     parser.add_argument("--version", action="version", version=f"liqmon {liqmon_version()}")

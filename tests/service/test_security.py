@@ -123,6 +123,22 @@ def test_password_on_the_command_line_is_refused_without_echoing_it(
     assert PASSWORD not in err
 
 
+@pytest.mark.parametrize("given", [
+    ["--sasl-pass=" + PASSWORD],  # a prefix of two flags, which argparse would have named
+    ["--sasl-passw=" + PASSWORD],
+    ["--sasl-passwd=" + PASSWORD],  # a misspelling
+    ["--sasl-passwd", PASSWORD],
+])
+def test_a_password_given_to_a_flag_liqmon_does_not_have_is_not_echoed(
+        given: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--config", CONFIG, *given])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert given[0].partition("=")[0] in err and "(not repeated)" in err
+    assert PASSWORD not in err
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_password_is_not_in_logs_or_metrics_of_a_running_service() -> None:
     """The process, at debug level, retrying a broker that is not there, and its /metrics."""
