@@ -74,7 +74,7 @@ from monitor.service.clients import (
     stop_client,
     track_topics,
 )
-from monitor.service.counted_warning import CountedWarning
+from monitor.service.counted_warning import LOG_INTERVAL, CountedWarning
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.group_wait import AssignmentWait
 from monitor.service.keying import MiskeyedInputs
@@ -162,7 +162,10 @@ class Monitor:
         self.partition_counts: dict[str, int] = {}
         self._positions = Positions(topics, settings.max_skew_ms, settings.max_idle,
                                     settings.max_stall, self.metrics)
-        self._forced_reported = 0  # merge.forced, counted and logged so far
+        self._forced_reported = 0  # merge.forced, counted so far
+        # merge.forced logged so far, and when: at once, then at most every LOG_INTERVAL
+        # (with --merge-wait 0 nearly every turn releases some)
+        self._forced_logged, self._forced_logged_at = 0, -math.inf
         self._past_stalled_reported = 0  # merge.forced_past_stalled, counted so far
         self._late = CountedWarning(
             self.metrics.records_late, self.log, "applied records later than replay would "
@@ -1194,12 +1197,15 @@ class Monitor:
         it declared stalled or that deliver again."""
         if merge.forced > self._forced_reported:
             self.metrics.merge_forced.inc(merge.forced - self._forced_reported)
+            self._forced_reported = merge.forced
+        now = time.monotonic()
+        if merge.forced > self._forced_logged and now - self._forced_logged_at >= LOG_INTERVAL:
             self.log.warning("released records out of proven order", records=merge.forced
-                             - self._forced_reported, waited_seconds=merge.max_wait,
+                             - self._forced_logged, waited_seconds=merge.max_wait,
                              blocked_on=sorted(f"{tp.topic}/{tp.partition}"
                                                for tp in merge.forced_on))
             merge.forced_on.clear()
-            self._forced_reported = merge.forced
+            self._forced_logged, self._forced_logged_at = merge.forced, now
         if merge.forced_past_stalled > self._past_stalled_reported:  # logged when it stalled
             self.metrics.merge_forced.inc(merge.forced_past_stalled
                                           - self._past_stalled_reported)

@@ -413,6 +413,24 @@ async def test_a_partition_that_cannot_be_probed_while_kafka_answers_is_released
     assert sorted(forced["blocked_on"]) == [f"{t.fills}/0", f"{t.ledger}/0"]
 
 
+async def test_records_released_out_of_proven_order_are_said_at_most_every_30_seconds():
+    """With --merge-wait 0 nearly every turn of the loop releases records without proof: each
+    is counted, and the warning sums them, at once the first time, then at most every 30 s
+    (SPEC §8: never one line per input record)."""
+    monitor = Monitor(fresh_settings("127.0.0.1:9"), load_config(REPO / "examples" / "risk.toml"))
+    merge = monitor._positions.merge
+    with structlog.testing.capture_logs() as logs:
+        for forced in (1, 3, 7):  # three turns, the last two within 30 s of the first
+            merge.forced = forced
+            monitor._report_merge(merge)
+        monitor._forced_logged_at -= runner.LOG_INTERVAL  # 30 s later
+        merge.forced = 9
+        monitor._report_merge(merge)
+    said = [e["records"] for e in logs if e["event"] == "released records out of proven order"]
+    assert said == [1, 8]
+    assert monitor.metrics.merge_forced._value.get() == 9
+
+
 async def test_a_partition_whose_records_never_come_stalls_and_the_others_go_on(broker):
     """A broker may report records in a partition that no fetch returns (a broker fault).
     Waiting for them would stop every account's monitoring, silently. Past --stall-timeout
