@@ -231,7 +231,11 @@ class Monitor:
 
     def request_stop(self) -> None:
         if not self._stopping.is_set():
-            self.log.info("stopping")
+            if self._fatal is None:
+                self.log.info("stopping")
+            else:  # said when it happens, not only once the clients are closed (seconds on)
+                self.log.error("stopping on an error", error=str(self._fatal),
+                               kind=type(self._fatal).__name__)
             self._stop_requested_at = time.monotonic()
             self._stopping.set()
             self._update_ready()
@@ -400,7 +404,7 @@ class Monitor:
     def not_ready_because(self) -> str:
         """Why /readyz says 503, in words an operator can act on."""
         if self._stopping.is_set():
-            return "stopping"
+            return "stopping" if self._fatal is None else f"stopping on an error: {self._fatal}"
         if not self._reachable:  # the broker watch's finding, from the connection on
             return "kafka does not answer"
         if self._restoring:
@@ -957,7 +961,8 @@ class Monitor:
             self._closing = True
             await self._checkpointer.finish()
             checkpointed = await self._final_checkpoint(positions.owned)
-        self._say_stopped(checkpointed)
+        if self._fatal is None:  # else `run` says it stopped, and why
+            self._say_stopped(checkpointed)
 
     async def _final_checkpoint(self, partitions: set[int]) -> bool:
         """The stop's checkpoint, asked again while the group gives no answer on whether this

@@ -21,8 +21,9 @@ from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.changelog import read_changelog
 from monitor.service.delivery import Delivery
 from monitor.service.outbox import DEAD_LETTER_TEXT_LIMIT, Outgoing
+from monitor.service.runner import Monitor
 from monitor.service.settings import ServiceSettings, Topics
-from monitor.service.topics import create_topics
+from monitor.service.topics import TopicMissing, create_topics
 from monitor.snapshot import CONTROL_KEY, decode_control
 from tests.support.kafka import (
     MonitorProcess,
@@ -176,6 +177,19 @@ async def test_an_output_topic_deleted_while_running_stops_the_instance(broker):
                 and e["event"] == "stopped by an error"]
     assert error["kind"] == "TopicMissing"
     assert repr(settings.topics.liquidations) in error["error"]
+    # said when it happens, first (closing the clients may take seconds), and never as the
+    # "stopped" of a clean stop
+    said = [e["event"] for e in process.logs]
+    first = next(e for e in process.logs if e["level"] == "error")
+    assert (first["event"], first["kind"]) == ("stopping on an error", "TopicMissing")
+    assert "stopped" not in said and "stopping" not in said
+
+
+def test_readyz_says_which_error_stops_the_instance() -> None:
+    monitor = Monitor(fresh_settings("127.0.0.1:9"), parse_config(RISK))
+    monitor.fail(TopicMissing("t.liquidations"))
+    assert monitor.not_ready_because().startswith("stopping on an error: output topic "
+                                                  "'t.liquidations'")
 
 
 @pytest.mark.kafka  # starts a broker of its own
