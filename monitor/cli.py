@@ -597,21 +597,21 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
 
 
 # A flag whose name says `pass`, and the value given with it
-_PASSWORD_FLAG = re.compile(r"--[\w-]*pass[\w-]*", re.IGNORECASE)
-_PASSWORD_VALUE = re.compile(rf"({_PASSWORD_FLAG.pattern})=\S+", re.IGNORECASE)
+_PASSWORD_VALUE = re.compile(r"(--[\w-]*pass[\w-]*)=\S+", re.IGNORECASE)
 _UNRECOGNIZED = "unrecognized arguments: "
 
 
 def _without_passwords(message: str) -> str:
-    """An argparse error without the value given with (`--x-pass=V`) or after (`--x-pass
-    V`, unrecognized) a flag whose name says `pass`."""
-    message = _PASSWORD_VALUE.sub(r"\1=(not repeated)", message)
+    """An argparse error without the value given with a flag whose name says `pass`
+    (`--x-pass=V`), nor any value among unrecognized arguments: a misspelt password flag
+    (`--sasl-pw V`, `--sasl-p=V`) is not known to be one, and its value may be the password."""
     if not message.startswith(_UNRECOGNIZED):
-        return message
-    words = message.removeprefix(_UNRECOGNIZED).split(" ")
-    for n in range(1, len(words)):
-        if _PASSWORD_FLAG.fullmatch(words[n - 1]) and not words[n].startswith("-"):
-            words[n] = "(not repeated)"
+        return _PASSWORD_VALUE.sub(r"\1=(not repeated)", message)
+    words = []
+    for word in message.removeprefix(_UNRECOGNIZED).split(" "):
+        flag, equals, _ = word.partition("=")
+        words.append(flag + ("=(not repeated)" if equals else "") if word.startswith("-")
+                     else "(not repeated)")
     return _UNRECOGNIZED + " ".join(words)
 
 

@@ -128,6 +128,8 @@ def test_password_on_the_command_line_is_refused_without_echoing_it(
     ["--sasl-passw=" + PASSWORD],
     ["--sasl-passwd=" + PASSWORD],  # a misspelling
     ["--sasl-passwd", PASSWORD],
+    ["--sasl-pw=" + PASSWORD],  # a misspelling that does not say `pass`
+    ["--sasl-p", PASSWORD],
 ])
 def test_a_password_given_to_a_flag_liqmon_does_not_have_is_not_echoed(
         given: list[str], capsys: pytest.CaptureFixture[str]) -> None:
