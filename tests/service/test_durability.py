@@ -538,7 +538,10 @@ async def test_restart_under_another_risk_config_is_refused_naming_both_fingerpr
     code = await asyncio.wait_for(process.proc.wait(), timeout=60)
     await process.reader
     assert code == 1
-    (error,) = [e for e in process.logs if e["level"] == "error"]
+    # said when the restore refuses, and again as the process ends
+    assert [e["event"] for e in process.logs if e["level"] == "error"] == [
+        "stopping on an error", "stopped by an error"]
+    (error,) = [e for e in process.logs if e["event"] == "stopped by an error"]
     assert error["kind"] == "ConfigChanged"
     assert fingerprint(config) in error["error"]
     assert fingerprint(load_config(changed)) in error["error"]
