@@ -66,7 +66,13 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
         topics.prices: {}, topics.fills: {}, topics.ledger: {}, topics.margin_calls: {},
         topics.liquidations: {}, topics.dead_letter: {},
     }
-    missing = [NewTopic(name, settings.partitions, 1, topic_configs=config)
+    partitions = dict.fromkeys(wanted, settings.partitions)
+    pair = [name for name in (topics.fills, topics.ledger) if name in existing]
+    if len(pair) == 1:
+        # co-partitioned: the one created beside the other takes its count, not --partitions
+        count = (await partition_counts(admin, pair))[pair[0]]
+        partitions[topics.fills] = partitions[topics.ledger] = count
+    missing = [NewTopic(name, partitions[name], 1, topic_configs=config)
                for name, config in wanted.items() if name not in existing]
     if missing:
         await _create(admin, missing)

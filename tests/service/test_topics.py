@@ -99,3 +99,19 @@ async def test_a_changelog_that_does_not_report_its_size_limit_gets_kafka_s_defa
 ])
 async def test_control_record_limit(max_message_bytes: str, limit: int) -> None:
     assert control_record_limit(max_message_bytes) == limit
+
+
+async def test_a_missing_ledger_is_created_with_as_many_partitions_as_the_existing_fills(
+        broker) -> None:
+    """It was created with --partitions (1), and the start then refused the pair as not
+    co-partitioned, leaving the operator a topic to delete."""
+    settings = fresh_settings(broker.bootstrap, partitions=1)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(settings.topics.fills, 3, 1)])
+    finally:
+        await admin.close()
+    counts = await create_topics(settings)
+    assert (counts[settings.topics.fills], counts[settings.topics.ledger],
+            counts[settings.topics.state], counts[settings.topics.prices]) == (3, 3, 3, 1)
