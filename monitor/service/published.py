@@ -12,7 +12,8 @@ README tells it to, would drop it, a liquidation included.
 
 So a restore reads what the output topics received since the oldest control record it takes was
 written (its `written_at`, less `READ_BEFORE_MS`: events of later inputs were produced after
-it, by the same clock), keeps the events of counters beyond each unit's checkpointed one (a
+it, by the same clock), or from their start for a partition never checkpointed (and not reset),
+keeps the events of counters beyond each unit's checkpointed one (a
 digest of each, without `emitted_at`), and every event applied after that is checked
 (`PublishedEvents.checked`): one whose id went out with other contents, or whose counter is at
 or below the last published for its unit but was not read, takes the counter after the last
@@ -137,8 +138,8 @@ class PublishedEvents:
 async def read_published(settings: ServiceSettings, partition_counts: Mapping[str, int],
                          inputs: list[TopicPartition], since_ms: int, into: PublishedEvents,
                          restored_counter: Callable[[RiskKey], int]) -> int:
-    """Add to ``into`` the events the output topics received from ``since_ms`` on, up to
-    their ends now, and keep them until ``inputs`` are applied up to their ends now; how many
+    """Add to ``into`` the events the output topics received from ``since_ms`` on (or from
+    their start: `EARLIEST`), up to their ends now, and keep them until ``inputs`` are applied up to their ends now; how many
     records were read. A broker out of reach raises `ReadTimedOut` (retriable)."""
     t = settings.topics
     outputs = [TopicPartition(topic, p) for topic in (t.margin_calls, t.liquidations)

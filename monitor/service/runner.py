@@ -56,6 +56,7 @@ from monitor.records import (
 )
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
+    NO_RESET,
     RestoredPartition,
     RestoreProgress,
     collector,
@@ -78,7 +79,7 @@ from monitor.service.counted_warning import LOG_INTERVAL, CountedWarning
 from monitor.service.delivery import MAX_BACKOFF, Delivery, DeliveryAbandoned, Pipeline
 from monitor.service.group_wait import AssignmentWait
 from monitor.service.keying import MiskeyedInputs
-from monitor.service.log_reader import last_records
+from monitor.service.log_reader import EARLIEST, last_records
 from monitor.service.merge import TimestampMerge
 from monitor.service.metrics import LiveFigures, Metrics
 from monitor.service.options import option_values
@@ -553,11 +554,15 @@ class Monitor:
         """The events the output topics received since the oldest control record of the
         gained partitions was written, beyond each unit's restored counter: what this restore
         may build again, whose ids must not go out with other contents
-        (`monitor.service.published`). Nothing for partitions never checkpointed. How many
-        records were read."""
+        (`monitor.service.published`). A partition never checkpointed reads them from their
+        start (an instance that crashed within its first checkpoint interval published them:
+        on a first start the topics are empty), unless it was reset (`--reset-state`: a
+        rebuild from the inputs, on topics that may hold a long history). How many records
+        were read."""
         taken = [part.vouched() for part in restored.values()]
-        written = [part.control.written_at for part in taken if part.control is not None]
-        if not written:
+        since = [EARLIEST if part.control is None else part.control.written_at - READ_BEFORE_MS
+                 for part in taken if part.control is not None or part.reset_at == NO_RESET]
+        if not since:
             return 0
         counters = {key: int(count) for part in taken
                     for key, count in zip(part.snapshots.ids, part.snapshots.transitions,
@@ -567,9 +572,8 @@ class Monitor:
                   for topic in (t.fills, t.ledger)]
         inputs += [TopicPartition(t.prices, partition)
                    for partition in range(self.partition_counts[t.prices])]
-        return await read_published(self.settings, self.partition_counts, inputs,
-                                    min(written) - READ_BEFORE_MS, self._published,
-                                    lambda key: counters.get(key, 0))
+        return await read_published(self.settings, self.partition_counts, inputs, min(since),
+                                    self._published, lambda key: counters.get(key, 0))
 
     def _say_renumbered(self) -> None:
         """Warn of what `PublishedEvents` changed since the last warning: events given a new

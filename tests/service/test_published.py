@@ -149,8 +149,11 @@ async def wait_for_event(bootstrap: str, topics, wanted) -> list[dict]:
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("checkpointed", [True, False],
+                         ids=["after-a-checkpoint", "before-the-first-checkpoint"])
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_liquidation_after_a_crash_that_reordered_a_late_deposit_takes_a_new_id(broker):
+async def test_a_liquidation_after_a_crash_that_reordered_a_late_deposit_takes_a_new_id(
+        broker, checkpointed: bool):
     """examples/risk.toml; A and B: 1,000 USDT and long 1 BTC-PERP at 50,000, checkpointed.
     A tick to 49,190 (equity 190, maintenance margin 196.76: liquidation of both), then a
     deposit of 500 to A stamped 150 ms before the tick by a clock behind, applied after it
@@ -158,24 +161,28 @@ async def test_a_liquidation_after_a_crash_that_reordered_a_late_deposit_takes_a
     the deposit first, as replay does: A has no transition, its counter stays 0. The tick to
     48,600 then liquidates A (equity 100, maintenance margin 194.4): built as A:1:liquidation,
     an id already out for the first liquidation, which a consumer de-duplicating by
-    `event_id` would drop. It goes out as A:3:liquidation."""
+    `event_id` would drop. It goes out as A:3:liquidation. The same when the crash comes
+    before the partition's first checkpoint: the restart rebuilds it from its inputs."""
     settings = fresh_settings(broker.bootstrap)
     t = settings.topics
     await create_topics(settings)
     args = run_args(settings, "--group", settings.group, "--metrics-port", "0",
                     "--session-timeout", "2", "--checkpoint-interval", "3600",
                     "--log-level", "info")
-    first = await MonitorProcess(args).start()
-    await asyncio.wait_for(first.consuming.wait(), timeout=60)
-    await produce(broker.bootstrap, [
-        deposit(t, "A", 1_000.0, "a-d"), fill(t, "a-f", "A", "BTC-PERP", 1.0, 50_000.0),
-        deposit(t, "B", 1_000.0, "b-d"), fill(t, "b-f", "B", "BTC-PERP", 1.0, 50_000.0),
-        tick(t, "BTC-PERP", 50_000.0)], one_at_a_time=True)
-    await asyncio.sleep(1.0)
-    assert await first.stop() == 0  # the final checkpoint holds the four records
+    setup = [deposit(t, "A", 1_000.0, "a-d"), fill(t, "a-f", "A", "BTC-PERP", 1.0, 50_000.0),
+             deposit(t, "B", 1_000.0, "b-d"), fill(t, "b-f", "B", "BTC-PERP", 1.0, 50_000.0),
+             tick(t, "BTC-PERP", 50_000.0)]
+    if checkpointed:
+        first = await MonitorProcess(args).start()
+        await asyncio.wait_for(first.consuming.wait(), timeout=60)
+        await produce(broker.bootstrap, setup, one_at_a_time=True)
+        await asyncio.sleep(1.0)
+        assert await first.stop() == 0  # the final checkpoint holds the five records
 
     crashed = await MonitorProcess(args).start()
     await asyncio.wait_for(crashed.consuming.wait(), timeout=60)
+    if not checkpointed:
+        await produce(broker.bootstrap, setup, one_at_a_time=True)
     now = int(time.time() * 1000)
     await produce(broker.bootstrap, [tick(t, "BTC-PERP", 49_190.0)], first_timestamp_ms=now)
     await wait_for_event(broker.bootstrap, t, lambda events: "A:1:liquidation" in {
