@@ -139,8 +139,9 @@ async def read_published(settings: ServiceSettings, partition_counts: Mapping[st
                          inputs: list[TopicPartition], since_ms: int, into: PublishedEvents,
                          restored_counter: Callable[[RiskKey], int]) -> int:
     """Add to ``into`` the events the output topics received from ``since_ms`` on (or from
-    their start: `EARLIEST`), up to their ends now, and keep them until ``inputs`` are applied up to their ends now; how many
-    records were read. A broker out of reach raises `ReadTimedOut` (retriable)."""
+    their start: `EARLIEST`), up to their ends now, and keep them until ``inputs`` are
+    applied up to their ends now; how many records were read. A broker out of reach raises
+    `ReadTimedOut` (retriable)."""
     t = settings.topics
     outputs = [TopicPartition(topic, p) for topic in (t.margin_calls, t.liquidations)
                for p in range(partition_counts[topic])]
