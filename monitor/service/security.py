@@ -3,6 +3,7 @@ and the keyword arguments every aiokafka client the service creates gets from th
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,8 +183,27 @@ async def refusal(bootstrap: str, security: KafkaSecurity, request_timeout_ms: i
                 "it offers no SASL mechanism on this listener"
             return (f"SASL: {host}:{port} does not accept {security.sasl_mechanism}: "
                     f"{offered}")
-        except (OSError, KafkaError, TimeoutError):
+        except TimeoutError:
+            if "SSL" in security.protocol and await _accepts(host, port, request_timeout_ms):
+                # the embedded broker's plaintext listener waits for a Kafka request: to a
+                # TLS hello it says nothing, which would otherwise read as a network fault
+                return (f"TLS handshake with {host}:{port} got no answer within "
+                        f"{request_timeout_ms} ms, though it accepts connections: is it a "
+                        "TLS listener? (a plaintext one never answers a TLS hello)")
+            continue
+        except (OSError, KafkaError):
             continue  # this one does not answer: unreachable, not refusing
         conn.close()
         return None
     return None
+
+
+async def _accepts(host: str, port: int, timeout_ms: int) -> bool:
+    """Does ``host:port`` accept a TCP connection within ``timeout_ms``?"""
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True

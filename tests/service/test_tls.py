@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaConnectionError
 from monitor.config import parse_config
 from monitor.service.broker import EmbeddedBroker, free_port
 from monitor.service.runner import Monitor
-from monitor.service.security import KafkaSecurity
+from monitor.service.security import KafkaSecurity, refusal
 from monitor.service.topics import create_topics
 from tests.support.kafka import RunningMonitor, fresh_settings, produce, read_events, wait_processed
 from tests.support.messages import deposit, fill, tick
@@ -190,3 +190,20 @@ async def test_a_plaintext_client_is_not_let_through_the_tls_listener(tls_broker
     async with TlsProxy(port, broker.port, cert, key):
         with pytest.raises(KafkaConnectionError):
             await asyncio.wait_for(create_topics(settings), timeout=60)
+
+
+async def test_tls_to_a_plaintext_listener_is_named_as_such_not_as_a_network_fault(
+        broker, certs) -> None:
+    """The embedded broker's plaintext listener waits for a Kafka request and says nothing to a
+    TLS hello: each attempt timed out and was logged as `kafka unreachable`, the one thing it
+    is not."""
+    security = KafkaSecurity("SSL", ssl_cafile=certs["broker"][0])
+    cause = await refusal(broker.bootstrap, security, request_timeout_ms=500)
+    assert cause is not None and cause.startswith(
+        f"TLS handshake with 127.0.0.1:{broker.port} got no answer within 500 ms, though it "
+        "accepts connections: is it a TLS listener?")
+
+
+async def test_a_tls_broker_that_does_not_listen_is_unreachable_not_refusing(certs) -> None:
+    security = KafkaSecurity("SSL", ssl_cafile=certs["broker"][0])
+    assert await refusal(f"127.0.0.1:{free_port()}", security, request_timeout_ms=500) is None
