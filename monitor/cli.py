@@ -618,7 +618,7 @@ def _without_passwords(message: str) -> str:
 class _Parser(argparse.ArgumentParser):
     """No abbreviated flags: argparse would take `--sasl-pass=VALUE` for a prefix of two flags
     and say so with VALUE in its error (a password, in a shell history and on the terminal).
-    Its errors repeat no value given after a flag whose name says `pass`."""
+    Its errors go through `_without_passwords`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)

@@ -183,6 +183,7 @@ class Monitor:
         self._prices_replaced: dict[str, object] | None = None
         self._unlogged: list[tuple[Event, TopicPartition, int]] = []  # events to log
         self._restore_failed: str | None = None  # the error, while a restore is to be retaken
+        self._connect_failed: str | None = None  # why the last attempt to connect failed
         # where the broker said the logs of partitions paused since end (`_ask_paused_ends`)
         self._paused_ends: dict[TopicPartition, int] = {}
         self._asking_paused_ends: asyncio.Task[None] | None = None
@@ -425,7 +426,11 @@ class Monitor:
         if self._group_wait.since is not None:
             return self._group_wait.describe()
         if not self._consuming:
-            return "connecting to kafka" if self._watch is None else "starting to consume"
+            if self._watch is not None:
+                return "starting to consume"
+            if self._connect_failed is None:
+                return "connecting to kafka"
+            return f"connecting to kafka: the last attempt failed ({self._connect_failed})"
         return ""
 
     def _update_ready(self) -> None:
@@ -487,6 +492,7 @@ class Monitor:
                 # A refusal (TLS, SASL) is said once, then as often as an outage is, not on
                 # every retry; still retried: the broker's certificate or user may get fixed.
                 cause = await refusal(s.bootstrap, s.security, s.request_timeout_ms)
+                self._connect_failed = repr(exc) if cause is None else cause
                 if cause is None:
                     self.log.warning("kafka unreachable, retrying", bootstrap=s.bootstrap,
                                      error=repr(exc), retry_in=round(backoff, 2))

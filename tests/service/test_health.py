@@ -240,6 +240,9 @@ def test_a_restore_under_way_is_reported_with_its_progress(risk) -> None:
     assert monitor.not_ready_because().startswith("loading the engine's compiled kernels")
     monitor._warming_up = False  # what run() sets once they are loaded
     assert monitor.not_ready_because() == "connecting to kafka"
+    monitor._connect_failed = "KafkaConnectionError('Unable to bootstrap')"  # `_connect`'s
+    assert monitor.not_ready_because() == ("connecting to kafka: the last attempt failed "
+                                           "(KafkaConnectionError('Unable to bootstrap'))")
     monitor._restoring = True  # what _take_assignment sets while it reads the changelog
     assert monitor.not_ready_because() == "restoring state"
     monitor._restore_progress(RestoreProgress(records=412_000, expected=1_000_000,
