@@ -11,10 +11,9 @@ an id already published for another one: a consumer that de-duplicates by `event
 README tells it to, would drop it, a liquidation included.
 
 So a restore reads what the output topics received since the oldest control record it takes was
-written (its `written_at`, less `READ_BEFORE_MS`: events of later inputs were produced after
-it, by the same clock), or from their start for a partition never checkpointed (and not reset),
-keeps the events of counters beyond each unit's checkpointed one (a
-digest of each, without `emitted_at`), and every event applied after that is checked
+written (its `written_at`, less `READ_BEFORE_MS`), or from their start for a partition never
+checkpointed (and not reset), keeps the events of counters beyond each unit's checkpointed one
+(a digest of each, without `emitted_at`), and every event applied after that is checked
 (`PublishedEvents.checked`): one whose id went out with other contents, or whose counter is at
 or below the last published for its unit but was not read, takes the counter after the last
 published instead (the engine's counter with it). Once the instance has applied its inputs up
@@ -42,9 +41,11 @@ from monitor.service.log_reader import (
 )
 from monitor.service.settings import ServiceSettings
 
-# How long before a control record's `written_at` its partition's later events may have been
-# produced: none can be (the snapshot is taken at `written_at`, by the clock that stamps the
-# events), so this only covers a topic stamped by the broker's clock (LogAppendTime).
+# How long before a control record's `written_at` its partition's later events may seem to
+# have been produced. By the instance that wrote it, none: its snapshots were taken then, by
+# the clock that stamps its events. The margin covers another instance's clock (one that took
+# the partition over, then crashed before checkpointing it) and a topic stamped by the
+# broker's (LogAppendTime).
 READ_BEFORE_MS = 30_000
 
 
