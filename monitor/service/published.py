@@ -14,11 +14,10 @@ So a restore reads what the output topics received since the oldest control reco
 written (its `written_at`, less `READ_BEFORE_MS`), or from their start for a partition never
 checkpointed (and not reset), keeps the events of counters beyond each unit's checkpointed one
 (a digest of each, without `emitted_at`), and every event applied after that is checked
-(`PublishedEvents.checked`): one whose id went out with other contents, or whose counter is at
-or below the last published for its unit but was not read, takes the counter after the last
-published instead (the engine's counter with it). Once the instance has applied its inputs up
-to their ends as of the restore, every unit still behind its last published counter is brought
-to it, and the events are forgotten.
+(`PublishedEvents.checked`): one whose id went out with other contents takes the counter after
+the last published for its unit instead (the engine's counter with it). Once the instance has
+applied its inputs up to their ends as of the restore, every unit still behind its last
+published counter is brought to it, and the events are forgotten.
 """
 
 from __future__ import annotations
@@ -98,9 +97,11 @@ class PublishedEvents:
             self._until[tp] = max(self._until.get(tp, 0), end)
 
     def checked(self, event: Event, renumber: Callable[[RiskKey, int], None]) -> Event:
-        """``event``, or, if its id went out with other contents (or may have: its counter
-        is not beyond its unit's last published one, and not read), the same event under
-        the counter after the last published, the unit's counter set to it (``renumber``)."""
+        """``event``, or, if its id went out with other contents, the same event under the
+        counter after its unit's last published one, the unit's counter set to it
+        (``renumber``). An id not read goes out as built: every event beyond a restored
+        counter is read, so it is one of a unit rebuilt from its inputs' start (a reset
+        partition), published before what was read, and rebuilt alike."""
         key = _key_of(event)
         published = self._by_unit.get(key)
         if published is None:
@@ -110,8 +111,9 @@ class PublishedEvents:
         if transition > last:
             del self._by_unit[key]  # beyond everything published: nothing left to collide
             return event
-        if published.get(transition) == _digest(orjson.dumps(event.payload)):
-            return event  # the same event again, as SPEC §6 has it
+        digest = published.get(transition)
+        if digest is None or digest == _digest(orjson.dumps(event.payload)):
+            return event  # the same event again, as SPEC §6 has it, or one not read
         renumber(key, last + 1)
         del self._by_unit[key]
         self.renumbered += 1

@@ -83,12 +83,17 @@ def test_an_isolated_positions_event_is_renumbered_under_its_own_unit():
     assert counters == {UnitKey("A", "BTC-PERP"): 2}
 
 
-def test_a_counter_within_the_published_ones_that_was_not_read_takes_a_new_one_too():
-    """Only A:2 was read (A:1 was published before the window): A:1 cannot be vouched for."""
-    found = published(event("A", 2, "recovered", 690.0))
+def test_an_id_published_before_what_was_read_goes_out_as_built():
+    """Every event beyond a restored counter is read: one that was not is a unit's rebuilt
+    from its inputs' start (a partition reset), published long before, and rebuilt alike. A
+    chaos drill: A:4, published before the read, rebuilt the same, went out as A:42 (the
+    counter after the last one read), and every later event of A under another id than
+    replay's."""
+    found = published(event("A", 2, "recovered", 690.0), event("A", 41, "recovered", 700.0))
     counters = Counters()
-    assert found.checked(event("A", 1, "margin_call", 300.0),
-                         counters.renumber).event_id == "A:3:margin_call"
+    rebuilt = event("A", 4, "liquidation", 300.0)
+    assert found.checked(rebuilt, counters.renumber) is rebuilt
+    assert counters == {} and len(found) == 2
 
 
 def test_an_event_beyond_the_last_published_goes_out_as_built():
