@@ -97,7 +97,7 @@ class KafkaSecurity:
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             problems.append("--ssl-certfile and --ssl-keyfile go together (mutual TLS needs "
                             "the client certificate and its key)")
-        problems += [f"{option} {path}: no such file" for option, path in files.items()
+        problems += [_not_a_file(option, path) for option, path in files.items()
                      if path is not None and not path.is_file()]
         sasl = {"--sasl-mechanism": self.sasl_mechanism, "--sasl-username": self.sasl_username,
                 "the SASL password (LIQMON_SASL_PASSWORD or --sasl-password-file)":
@@ -207,3 +207,11 @@ async def _accepts(host: str, port: int, timeout_ms: int) -> bool:
         return False
     writer.close()
     return True
+
+
+def _not_a_file(option: str, path: Path) -> str:
+    """Why a TLS file's path cannot be read as one (a mounted secret's directory is the usual
+    mistake: the PEM file is inside it)."""
+    if path.is_dir():
+        return f"{option} {path}: a directory, not a file (give the PEM file inside it)"
+    return f"{option} {path}: no such file"

@@ -233,6 +233,12 @@ def test_a_missing_tls_file_is_a_usage_error(capsys: pytest.CaptureFixture[str],
     assert f"--ssl-cafile {tmp_path / 'ca.pem'}: no such file" in err
 
 
+def test_a_tls_file_given_as_its_directory_is_a_usage_error_naming_the_directory(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = run_usage_error(["--security-protocol", "SSL", "--ssl-cafile", str(tmp_path)], capsys)
+    assert f"--ssl-cafile {tmp_path}: a directory, not a file" in err
+
+
 def test_a_tls_file_that_is_not_pem_is_a_usage_error(capsys: pytest.CaptureFixture[str],
                                                      tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
