@@ -157,6 +157,9 @@ class RestoredPartition:
     # control records after it that do not vouch for it: (how many, offset of the last)
     unvouched: tuple[int, int] | None = None
     read_to: int = 0  # the partition's end offset when it was read
+    # units whose newest state is not their last record: a stale one was read after it. Kafka's
+    # compaction keeps a key's last record, so the restore has them written again (`stale`).
+    rewrite: list[RiskKey] = field(default_factory=list)
 
     def vouched(self) -> RestoredPartition:
         """What a restore takes of it: everything, if a control record vouches for it; else
@@ -254,6 +257,8 @@ class _Latest:
     # per key, the newest tombstone (by `_replaces`) that says its `as_of`: its total, its
     # offset and the header, decoded only if that tombstone is the record kept
     tombstones: dict[bytes, tuple[int, int, bytes]] = field(default_factory=dict)
+    # keys of which a record was read after the one kept, and had read less (`_replaces`)
+    stale: set[bytes] = field(default_factory=set)
 
     def add(self, records: list[Record]) -> _Latest:
         """Take in a fetched batch; returns what survives after it (a new one past a reset).
@@ -376,7 +381,8 @@ class _Latest:
 
     def deduplicate(self) -> None:
         """Keep one snapshot of each key (and none without a key), in read order: the newest
-        state (`_replaces`), which is the last read unless a later one has read less.
+        state (`_replaces`), which is the last read unless a later one has read less (its key
+        then noted in ``stale``).
 
         Keys are grouped by their hash (`_key_hashes`) in numpy; records that share a hash
         are then compared, so two keys that merely collide both stay."""
@@ -392,11 +398,15 @@ class _Latest:
             kept = _kept_of_groups(order, group_ends, totals)
             superseded = np.flatnonzero(kept != np.arange(len(kept)))
             starts = self.key_starts()
-            if not _same_keys(np.frombuffer(self.keys, np.uint8), starts, key_len,
-                              superseded, kept[superseded]):
-                superseded = _superseded_exactly(
+            if _same_keys(np.frombuffer(self.keys, np.uint8), starts, key_len,
+                          superseded, kept[superseded]):
+                last = order[group_ends - 1]
+                stale = kept[last[kept[last] != last]].tolist()  # a group's last not kept
+            else:
+                superseded, stale = _superseded_exactly(
                     [self.key(k, starts) for k in range(len(hashes))], totals.tolist())
             drop[superseded] = True
+            self.stale.update(key for k in stale if (key := self.key(k, starts)) is not None)
         if drop.any():
             self._keep(np.flatnonzero(~drop))
         self.count = self.distinct = len(self.key_len[0])
@@ -517,20 +527,24 @@ def _lengths(items: list[bytes | None]) -> np.ndarray:
     return np.array([-1 if item is None else len(item) for item in items], np.int64)
 
 
-def _superseded_exactly(keys: list[bytes | None], totals: list[int]) -> np.ndarray:
-    """Indexes of the snapshots not kept of their key (the dictionary way, for the batch in
-    which two keys share a hash)."""
+def _superseded_exactly(keys: list[bytes | None], totals: list[int]
+                        ) -> tuple[np.ndarray, list[int]]:
+    """Indexes of the snapshots not kept of their key, and of those kept though a later one
+    was read (the dictionary way, for the batch in which two keys share a hash)."""
     kept: dict[bytes | None, int] = {}
     superseded = []
+    stale = set()
     for k, key in enumerate(keys):
         if key not in kept:
             kept[key] = k
         elif _replaces(totals[k], totals[kept[key]]):
             superseded.append(kept[key])
+            stale.discard(kept[key])
             kept[key] = k
         else:
             superseded.append(k)
-    return np.array(superseded, np.int64)
+            stale.add(kept[key])
+    return np.array(superseded, np.int64), sorted(stale)
 
 
 def _header_total(headers: Sequence[tuple[str, bytes]]) -> int:
@@ -666,17 +680,35 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
             for p, state in latest.items()}
 
 
-async def last_reset_markers(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
-                             *, client_id: str, request_timeout_ms: int,
-                             security: KafkaSecurity) -> dict[int, int]:
-    """Of each changelog partition's offset range [start, end): the offset of the last reset
-    marker in it, for the partitions whose range holds one. On a client of its own: asked
-    only when records another instance wrote may be among them (`Checkpointer`)."""
+@dataclass(frozen=True, slots=True)
+class Stretch:
+    """What a running owner must know of records others wrote to its changelog partition:
+    the offset of the last reset marker among them (NO_RESET: none), and the keys of the
+    account and isolated-position records after it."""
+
+    reset_at: int
+    units: list[bytes]
+
+
+async def read_stretches(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
+                         *, client_id: str, request_timeout_ms: int,
+                         security: KafkaSecurity) -> dict[int, Stretch]:
+    """Each changelog partition's offset range [start, end), read as a `Stretch`. On a client
+    of its own: asked only when records another instance wrote may be among them
+    (`Checkpointer`)."""
     read = await records_between(
         bootstrap, {TopicPartition(topic, p): bounds_of for p, bounds_of in ranges.items()},
         client_id=client_id, request_timeout_ms=request_timeout_ms, security=security)
-    return {tp.partition: resets[-1] for tp, records in read.items()
-            if (resets := [r.offset for r in records if (KIND_HEADER, RESET) in r.headers])}
+    found = {}
+    for tp, records in read.items():
+        kinds = [dict(record.headers).get(KIND_HEADER, ACCOUNT) for record in records]
+        resets = [k for k, kind in enumerate(kinds) if kind == RESET]
+        after = resets[-1] + 1 if resets else 0
+        found[tp.partition] = Stretch(
+            records[resets[-1]].offset if resets else NO_RESET,
+            [record.key for record, kind in zip(records[after:], kinds[after:], strict=True)
+             if kind == ACCOUNT and record.key is not None])
+    return found
 
 
 def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
@@ -721,7 +753,8 @@ def _decode(topic: str, partition: int, latest: _Latest) -> RestoredPartition:
     return RestoredPartition(partition=partition, control=control, snapshots=snapshots,
                              records_read=latest.read,
                              forgotten=_forgotten(topic, partition, latest, key_start),
-                             reset_at=latest.reset_at, unvouched=latest.unvouched)
+                             reset_at=latest.reset_at, unvouched=latest.unvouched,
+                             rewrite=[risk_key(key) for key in sorted(latest.stale)])
 
 
 def _forgotten(topic: str, partition: int, latest: _Latest, key_start: np.ndarray

@@ -25,10 +25,11 @@ from monitor.engine import DirtyUnits, Engine
 from monitor.reference import ReferenceEngine
 from monitor.service.changelog import (
     NO_RESET,
+    Stretch,
     collector,
     control_message,
     controls_now,
-    last_reset_markers,
+    read_stretches,
     snapshot_messages,
 )
 from monitor.service.delivery import Pipeline
@@ -38,7 +39,7 @@ from monitor.service.positions import Positions
 from monitor.service.settings import ServiceSettings
 from monitor.service.tasks import cancel_and_wait
 from monitor.service.topics import control_record_limit
-from monitor.snapshot import Control, Offsets
+from monitor.snapshot import Control, Offsets, risk_key
 
 CHECKPOINT_CHUNK = 256  # snapshots encoded at a time
 # A checkpoint's turn (between two batches of the loop) may work for up to this share of the
@@ -87,9 +88,10 @@ class CheckpointSink(Protocol):
     async def changelog_ends(self, partitions: Sequence[int]) -> dict[int, int] | None:
         """The end offsets of these changelog partitions now (None: not known now)."""
 
-    async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
-        """Of each changelog partition's offset range [start, end): the offset of the last
-        reset marker in it, for the partitions whose range holds one (None: not read now)."""
+    async def read_stretches(self, ranges: dict[int, tuple[int, int]]
+                             ) -> dict[int, Stretch] | None:
+        """Each changelog partition's offset range [start, end), read as a `Stretch`
+        (None: not read now)."""
 
     def lost_records(self, partition: int, end: int, written_to: int) -> None:
         """Say that a changelog partition ends at ``end``, before ``written_to``, the end of
@@ -118,7 +120,7 @@ class KafkaSink:
         self.log = log
         self._commit_timeout = commit_timeout
         self._probe = probe  # asks the changelog's end offsets (`changelog_ends`)
-        self._settings = settings  # where `last_resets` reads the changelog
+        self._settings = settings  # where `read_stretches` reads the changelog
         # the last `fence` got no answer (the broker away), rather than a no
         self.unanswered = False
         self._cut_said_at = NEVER  # when `windows_cut` last said so
@@ -180,23 +182,33 @@ class KafkaSink:
             return None
         return {tp.partition: end for tp, end in ends.items()}
 
-    async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
+    async def read_stretches(self, ranges: dict[int, tuple[int, int]]
+                             ) -> dict[int, Stretch] | None:
         s = self._settings
         if s is None:
             return None
         try:
-            found = await last_reset_markers(
+            found = await read_stretches(
                 s.bootstrap, s.topics.state, ranges, client_id=f"{s.client_id}-reset-check",
                 request_timeout_ms=s.request_timeout_ms, security=s.security)
         except KafkaError as exc:  # read again at the next checkpoint
             self.log.warning("could not read what another instance wrote to the changelog, "
                              "will retry", partitions=sorted(ranges), error=repr(exc))
             return None
-        for partition, offset in sorted(found.items()):
-            self.log.warning(
-                "the changelog was reset (--reset-state) by another instance while this one "
-                "ran: every account of the partition is checkpointed again after the reset",
-                topic=s.topics.state, partition=partition, reset_at=offset)
+        for partition, stretch in sorted(found.items()):
+            if stretch.reset_at != NO_RESET:
+                self.log.warning(
+                    "the changelog was reset (--reset-state) by another instance while this "
+                    "one ran: every account of the partition is checkpointed again after the "
+                    "reset", topic=s.topics.state, partition=partition,
+                    reset_at=stretch.reset_at)
+            elif stretch.units:
+                self.log.warning(
+                    "the changelog holds records this instance did not write since its last "
+                    "look (a frozen instance's late snapshots, or a write retried): the units "
+                    "they name are written again, so that compaction keeps this instance's "
+                    "states", topic=s.topics.state, partition=partition,
+                    units=len(stretch.units))
         return found
 
     def lost_records(self, partition: int, end: int, written_to: int) -> None:
@@ -422,7 +434,10 @@ class Checkpointer:
         partition goes into the checkpoint about to be taken, whose control record then names
         that reset. Otherwise its checkpoints would hold only the accounts it changes, and a
         restore, finding none that vouches for the reset, would rebuild the partition from
-        its inputs' start.
+        its inputs' start. And the units named by records written there since (a frozen
+        predecessor's late snapshots, older than the states held here) go into it too:
+        Kafka's compaction keeps a key's last record, and a restore after it would start
+        from the older state.
 
         Only this instance writes to the changelog partitions it owns, so a partition whose
         end is where this instance's own records since the last look put it holds nothing
@@ -452,16 +467,19 @@ class Checkpointer:
                 self._verified_to[p], self._written[p] = 0, 0
         unexplained = {p: (self._verified_to[p], end) for p, end in ends.items()
                        if end != self._verified_to[p] + self._written[p]}
-        resets = await sink.last_resets(unexplained) if unexplained else {}
-        if resets is None:
+        stretches = await sink.read_stretches(unexplained) if unexplained else {}
+        if stretches is None:
             ends = {p: end for p, end in ends.items() if p not in unexplained}
-            resets = {}
+            stretches = {}
         for p, end in ends.items():
             self._verified_to[p], self._written[p] = end, 0
-        for p, offset in resets.items():
-            if offset > self.reset_at.get(p, NO_RESET):
-                self.reset_at[p] = offset
+        for p, stretch in stretches.items():
+            if stretch.reset_at > self.reset_at.get(p, NO_RESET):
+                self.reset_at[p] = stretch.reset_at
                 self.engine.mark_partition_dirty(p)
+            # Compaction keeps a key's last record: it must be this owner's state, not what
+            # another instance wrote late (held units get a snapshot, others a tombstone).
+            self.engine.mark_dirty([risk_key(key) for key in stretch.units], partition=p)
 
     async def _checkpoint(self, partitions: set[int], sink: CheckpointSink) -> None:
         started = time.monotonic()

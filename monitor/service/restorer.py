@@ -267,6 +267,7 @@ class Restorer:
             for p in taken:
                 self.checkpointer.restored_after(p, restored[p].reset_at, restored[p].read_to,
                                                  checkpointed=restored[p].control is not None)
+                self.write_again(restored[p])
                 self.positions.owned.add(p)
                 keys = restored[p].snapshots.ids
                 restored_units += len(keys)
@@ -275,6 +276,21 @@ class Restorer:
         # first record after it would wait for that (~1.7 s per million accounts).
         self.engine.index_restored()
         return restored_units - isolated, isolated, replayed
+
+    def write_again(self, restored: RestoredPartition) -> None:
+        """Have the next checkpoint write the units whose newest state the changelog holds
+        before an older one (a frozen instance's late snapshots, `RestoredPartition.rewrite`):
+        Kafka's compaction keeps a key's last record, and would leave the older state for
+        the restore after it."""
+        if not restored.rewrite:
+            return
+        self.log.warning("the changelog holds older states of some units after their newest "
+                         "(another instance's late snapshots): they are written again at the "
+                         "next checkpoint, so that compaction keeps the newest",
+                         topic=self.settings.topics.state, partition=restored.partition,
+                         units=len(restored.rewrite))
+        self.checkpointer.include(restored.rewrite, restored.partition, len(restored.rewrite),
+                                  time.monotonic())
 
     def check_config(self, restored: dict[int, RestoredPartition]) -> None:
         """Refuse state checkpointed under another risk config (another instance of the

@@ -30,6 +30,7 @@ from monitor.service.changelog import (
     AS_OF_TOTAL_HEADER,
     NO_RESET,
     RESET_AT_HEADER,
+    Stretch,
     encoded_within,
 )
 from monitor.service.checkpointer import CHECKPOINT_CHUNK, NO_OFFSET, Checkpointer, KafkaSink
@@ -96,7 +97,8 @@ class Recorder:
     async def changelog_ends(self, partitions: Sequence[int]) -> dict[int, int] | None:
         return None  # a changelog it does not model (`Changelog` does)
 
-    async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
+    async def read_stretches(self, ranges: dict[int, tuple[int, int]]
+                             ) -> dict[int, Stretch] | None:
         raise AssertionError("asked without changelog ends")
 
     def lost_records(self, partition: int, end: int, written_to: int) -> None:
@@ -147,14 +149,15 @@ class SlowEvents(Recorder):
 class Changelog(Recorder):
     """A sink over a changelog whose partitions each end at offset 10 when restored: what is
     delivered goes at their ends, as do the records another instance writes (`foreign`: a
-    reset marker, or another record). ``readable``: whether `last_resets` can read now."""
+    reset marker, or a unit's record). ``readable``: whether `read_stretches` can read now."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ends = {0: 10, 1: 10}
         self.resets: dict[int, list[int]] = {0: [], 1: []}
+        self.units: dict[int, list[tuple[int, bytes]]] = {0: [], 1: []}  # others' records
         self.readable = True
-        self.read: list[dict[int, tuple[int, int]]] = []  # what `last_resets` was asked
+        self.read: list[dict[int, tuple[int, int]]] = []  # what `read_stretches` was asked
 
     async def deliver(self, messages: Sequence[Outgoing]) -> None:
         await super().deliver(messages)
@@ -166,25 +169,32 @@ class Changelog(Recorder):
         """The topic is deleted and created again: the partition's log starts over, empty."""
         self.ends[partition] = 0
         self.resets[partition] = []
+        self.units[partition] = []
 
-    def foreign(self, partition: int, reset: bool) -> int:
-        """Another instance writes a record; its offset."""
+    def foreign(self, partition: int, reset: bool = False, unit: str | None = None) -> int:
+        """Another instance writes a record (a reset marker, or ``unit``'s snapshot); its
+        offset."""
         at = self.ends[partition]
         self.ends[partition] += 1
         if reset:
             self.resets[partition].append(at)
+        if unit is not None:
+            self.units[partition].append((at, unit.encode()))
         return at
 
     async def changelog_ends(self, partitions: Sequence[int]) -> dict[int, int] | None:
         return {p: self.ends[p] for p in partitions}
 
-    async def last_resets(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int] | None:
+    async def read_stretches(self, ranges: dict[int, tuple[int, int]]
+                             ) -> dict[int, Stretch] | None:
         self.read.append(ranges)
         if not self.readable:
             return None
-        found = {p: max(at for at in self.resets[p] if start <= at < end)
-                 for p, (start, end) in ranges.items()
-                 if any(start <= at < end for at in self.resets[p])}
+        found = {}
+        for p, (start, end) in ranges.items():
+            reset_at = max((at for at in self.resets[p] if start <= at < end), default=NO_RESET)
+            found[p] = Stretch(reset_at, [key for at, key in self.units[p]
+                                          if max(start, reset_at) <= at < end])
         return found
 
 
@@ -273,15 +283,36 @@ async def test_a_changelog_holding_only_its_own_records_is_not_read() -> None:
     assert reset_named(changelog, 0) == NO_RESET
 
 
-async def test_another_instances_records_without_a_reset_change_nothing() -> None:
-    """A frozen predecessor's late snapshot, say: read over, then the checkpoint goes on."""
+async def test_another_instances_records_without_a_reset_names_no_reset() -> None:
     checkpointer, _ = alice_changed_since_the_restore()
     changelog = Changelog()
-    changelog.foreign(0, reset=False)
+    changelog.foreign(0)
     await checkpointer.checkpoint({0, 1}, changelog)
     assert changelog.read == [{0: (10, 11)}]
     assert list(snapshots_written(changelog)) == ["alice"]
     assert reset_named(changelog, 0) == NO_RESET
+
+
+async def test_a_late_snapshot_another_instance_wrote_has_its_unit_written_again() -> None:
+    """A frozen predecessor's client sends carol's snapshot, of a state older than the one
+    held here, after this instance restored her; compaction would keep it, her last record.
+    The next checkpoint writes carol again, after it, with alice who changed."""
+    checkpointer, _ = alice_changed_since_the_restore()
+    changelog = Changelog()
+    changelog.foreign(0, unit="carol")
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert sorted(snapshots_written(changelog)) == ["alice", "carol"]
+
+
+async def test_a_late_snapshot_of_a_unit_not_held_here_is_followed_by_its_tombstone() -> None:
+    """dave was forgotten here (or never held): the predecessor's late snapshot of him
+    would bring him back after compaction. The next checkpoint writes his tombstone."""
+    checkpointer, _ = alice_changed_since_the_restore()
+    changelog = Changelog()
+    changelog.foreign(0, unit="dave")
+    await checkpointer.checkpoint({0, 1}, changelog)
+    (tombstone,) = [m for m in changelog.delivered("account") if m.value is None]
+    assert (tombstone.key, tombstone.partition) == (b"dave", 0)
 
 
 async def test_a_stretch_that_could_not_be_read_is_read_at_the_next_checkpoint() -> None:

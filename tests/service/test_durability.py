@@ -396,11 +396,10 @@ async def test_a_restore_cancelled_inside_a_client_call_stops_the_instance_with_
         await asyncio.wait_for(Monitor(settings, load_config(CONFIG)).run(), timeout=60)
 
 
-async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker):
-    """An instance frozen past its session timeout wakes, and its Kafka client sends the chunk
-    of snapshots it was handed before the freeze: older states of accounts, written after the
-    newer ones of the instance that took over. A restart restores the newer states, and the
-    rest of the stream gives exactly replay's events."""
+async def first_half_checkpointed_twice(broker):
+    """(config, settings, records, the rest, the state held): 900 records of a stream of
+    1,500 applied in two halves, each checkpointed (every account touched so far), by a
+    monitor now stopped."""
     config = load_config(CONFIG)
     records = routable(random_stream(seed=24, length=1_500))
     first, second = records[:900], records[900:]
@@ -413,8 +412,14 @@ async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker
             await wait_processed(monitor, ends)
             await asyncio.sleep(0.5)  # checkpointed: every account touched so far
         before = state_of(monitor.engine)
-    written = sorted(await read_topic(broker.bootstrap, settings.topics.state),
-                     key=lambda r: r.offset)
+    return config, settings, records, second, before
+
+
+async def older_snapshots(bootstrap: str, topic: str) -> list[tuple[bytes, bytes, bytes]]:
+    """What an instance frozen past its session timeout has its Kafka client send when it
+    wakes: the first snapshot written of each account whose newest is another, as
+    `write_state` takes them (at least 5)."""
+    written = sorted(await read_topic(bootstrap, topic), key=lambda r: r.offset)
     snapshots = [r for r in written if dict(r.headers).get(KIND_HEADER) == ACCOUNT
                  and r.value is not None]
     newest = {r.key: r.value for r in snapshots}
@@ -423,9 +428,67 @@ async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker
         first_of.setdefault(r.key, r.value)
     stale = [(key, value, ACCOUNT) for key, value in first_of.items() if value != newest[key]]
     assert len(stale) >= 5
+    return stale
+
+
+async def compacted(settings):
+    """``settings`` naming a copy of their state topic as Kafka's log cleaner leaves it (the
+    embedded broker never compacts): of each key, only the last record of its partition,
+    tombstones included, in their order."""
+    records = sorted(await read_topic(settings.bootstrap, settings.topics.state),
+                     key=lambda r: (r.partition, r.offset))
+    last = {(r.partition, r.key): r.offset for r in records}
+    copy = replace(settings, topics=replace(settings.topics,
+                                            state=f"{settings.topics.state}.compacted"))
+    await create_topics(copy)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for r in records:
+            if last[(r.partition, r.key)] == r.offset:
+                await producer.send_and_wait(copy.topics.state, r.value, key=r.key,
+                                             partition=r.partition, headers=list(r.headers))
+    finally:
+        await producer.stop()
+    assert len(records) > len(last)  # something was compacted away
+    return copy
+
+
+async def test_a_stale_snapshot_written_after_a_newer_one_is_not_restored(broker):
+    """An instance frozen past its session timeout wakes, and its Kafka client sends the chunk
+    of snapshots it was handed before the freeze: older states of accounts, written after the
+    newer ones of the instance that took over. A restart restores the newer states, and the
+    rest of the stream gives exactly replay's events."""
+    config, settings, records, second, before = await first_half_checkpointed_twice(broker)
+    stale = await older_snapshots(broker.bootstrap, settings.topics.state)
     await write_state(broker.bootstrap, settings.topics.state, stale)
 
     await restart_then_the_rest(settings, config, before, records, second)
+
+
+async def test_a_restore_that_reads_a_stale_snapshot_last_writes_the_newer_state_again(broker):
+    """Kafka's compaction keeps a key's last record: the stale one, which would then be all a
+    restore finds. The restore that read both writes the newer state again, so that a
+    restore from the changelog compacted after it still holds the newer states."""
+    config, settings, records, second, before = await first_half_checkpointed_twice(broker)
+    stale = await older_snapshots(broker.bootstrap, settings.topics.state)
+    await write_state(broker.bootstrap, settings.topics.state, stale)
+    async with RunningMonitor(settings, config) as restarted:  # stopped: checkpointed
+        assert state_of(restarted.engine) == before
+
+    await restart_then_the_rest(await compacted(settings), config, before, records, second)
+
+
+async def test_a_stale_snapshot_written_while_the_owner_runs_is_followed_by_its_state(broker):
+    """The frozen instance's client sends the chunk after the instance that took over has
+    restored: that one's next checkpoint writes those accounts again, after the stale
+    records, so that the changelog compacted after it holds its states."""
+    config, settings, records, second, before = await first_half_checkpointed_twice(broker)
+    stale = await older_snapshots(broker.bootstrap, settings.topics.state)
+    async with RunningMonitor(settings, config):  # stopped: checkpointed
+        await write_state(broker.bootstrap, settings.topics.state, stale)
+
+    await restart_then_the_rest(await compacted(settings), config, before, records, second)
 
 
 async def test_an_account_emptied_after_the_last_control_record_is_not_emptied_twice(broker):

@@ -250,11 +250,14 @@ def test_a_snapshot_that_has_read_less_than_the_one_kept_is_stale_and_not_kept()
     newer, stale = stamped(250.0, 60, 20, 920), stamped(100.0, 40, 12, 900)
     latest = _Latest().add([record(b"a", newer), record(b"b", SNAPSHOT), record(b"a", stale)])
     assert kept(latest) == {b"a": newer, b"b": SNAPSHOT}
+    # compaction would keep a's last record, the stale one: a is to be written again
+    assert latest.stale == {b"a"}
 
 
 def test_a_later_snapshot_that_has_read_as_much_or_more_replaces_the_one_kept() -> None:
     first, same, further = stamped(1.0, 5, 5, 5), stamped(2.0, 5, 5, 5), stamped(3.0, 4, 5, 7)
-    assert kept(_Latest().add([record(b"a", first), record(b"a", same)])) == {b"a": same}
+    latest = _Latest().add([record(b"a", first), record(b"a", same)])
+    assert (kept(latest), latest.stale) == ({b"a": same}, set())
     # 16 > 15 in total, though fills went back from 5 to 4 (another order of the same inputs)
     assert kept(_Latest().add([record(b"a", first), record(b"a", further)])) == {b"a": further}
 
@@ -262,7 +265,7 @@ def test_a_later_snapshot_that_has_read_as_much_or_more_replaces_the_one_kept() 
 def test_a_stale_snapshot_read_after_a_tombstone_does_not_bring_the_account_back() -> None:
     latest = _Latest().add([record(b"a", stamped(9.0, 10, 10, 10)), tombstone(b"a", 40),
                             record(b"a", stamped(9.0, 12, 10, 10))])
-    assert kept(latest) == {b"a": None}
+    assert (kept(latest), latest.stale) == ({b"a": None}, {b"a"})
 
 
 def test_an_account_opened_again_after_its_tombstone_is_kept() -> None:
@@ -299,7 +302,7 @@ def test_a_stale_snapshot_is_not_kept_across_deduplications_while_reading() -> N
     latest = _Latest().add([record(b"a", newer)])
     latest.deduplicate()
     latest = latest.add([record(b"a", stamped(1.0, 1, 1, 1)), record(b"b", SNAPSHOT)])
-    assert kept(latest) == {b"a": newer, b"b": SNAPSHOT}
+    assert (kept(latest), latest.stale) == ({b"a": newer, b"b": SNAPSHOT}, {b"a"})
 
 
 def test_keys_that_share_a_hash_keep_the_newest_state_each(
@@ -310,6 +313,7 @@ def test_keys_that_share_a_hash_keep_the_newest_state_each(
     latest = _Latest().add([record(b"a", newer), record(b"b", SNAPSHOT),
                             record(b"a", stamped(1.0, 1, 1, 1)), record(b"b", None)])
     assert list(kept(latest).items()) == [(b"a", newer), (b"b", None)]
+    assert latest.stale == {b"a"}
 
 
 def restored_ids(*keys_and_values: tuple[bytes, bytes | None]) -> list[object]:
@@ -324,6 +328,19 @@ def test_account_ids_are_read_back_whatever_they_hold() -> None:
     assert restored_ids((b"a\nb", SNAPSHOT), (b"plain", SNAPSHOT), (isolated, SNAPSHOT),
                         ("caf\u00e9".encode(), SNAPSHOT)) == [
         "a\nb", "plain", UnitKey("acct-9", "BTC-PERP"), "caf\u00e9"]
+
+
+def test_the_restored_partition_names_the_units_to_write_again() -> None:
+    isolated = state_key(UnitKey("acct-9", "BTC-PERP"))
+    newer, stale = stamped(250.0, 60, 20, 920), stamped(100.0, 40, 12, 900)
+    layout, _ = encode_account(Account(balances={"USDT": 1.0}, partition=0), 1,
+                               {("fills", 0): 1, ("ledger", 0): 1, ("prices", None): 1})
+    latest = _Latest().add([record(layout.key, layout.encoded, LAYOUT),
+                            record(b"a", newer), record(isolated, newer), record(b"b", newer),
+                            record(b"a", stale), record(isolated, stale)])
+    latest.deduplicate()
+    assert sorted(map(str, changelog._decode("state", 0, latest).rewrite)) == sorted(
+        map(str, ["a", UnitKey("acct-9", "BTC-PERP")]))
 
 
 def test_an_account_id_that_is_not_utf8_stops_the_restore_naming_its_offset() -> None:
