@@ -6,6 +6,7 @@ Every rule violation raises :class:`ConfigError` with one message that names the
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -152,7 +153,9 @@ def load_config(path: str | Path) -> RiskConfig:
     """Read and validate a risk config file."""
     try:
         with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+            # an editor on Windows may begin the file with a byte-order mark, which TOML
+            # does not allow; it says nothing of the contents, as in the input files
+            raw = tomllib.loads(fh.read().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read risk config {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -214,6 +217,8 @@ def _q(name: str) -> str:
 
 def _nameable(name: str, where: str) -> None:
     """A name input records give (an asset, an instrument, a price symbol): one they can."""
+    if not name:
+        raise ConfigError(f"{where}: the name is empty (no record can give it)")
     if len(name) > MAX_ID_LENGTH:
         raise ConfigError(f"{where}: a name records can give is at most {MAX_ID_LENGTH} "
                           f"characters, got {len(name)}")

@@ -6,6 +6,7 @@ errors: they are reported with their line number and counted, and the run goes o
 
 from __future__ import annotations
 
+import codecs
 import sqlite3
 import time
 from collections import Counter
@@ -29,8 +30,6 @@ from monitor.records import (
     from_document,
     ts_bounds,
 )
-
-UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class EventSink(Protocol):
@@ -117,7 +116,7 @@ def replay(
     for index, raw in enumerate(lines):
         line = raw.rstrip(b"\r\n")
         if index == 0:  # a file saved by an editor that marks UTF-8
-            line = line.removeprefix(UTF8_BOM)
+            line = line.removeprefix(codecs.BOM_UTF8)
 
         def decoded(line: bytes = line, index: int = index) -> tuple[InputRecord, Source]:
             topic, record = decode_line(line, config)

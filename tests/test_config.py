@@ -148,6 +148,14 @@ def test_fixed_price_and_price_symbol_together_are_refused() -> None:
         parse_config(raw)
 
 
+@pytest.mark.parametrize("table", ["assets", "instruments"])
+def test_an_empty_name_is_refused_as_such(table: str) -> None:
+    raw = copy.deepcopy(RISK)
+    raw[table][""] = next(iter(raw[table].values()))
+    with pytest.raises(ConfigError, match=f'^{table}."": the name is empty'):
+        parse_config(raw)
+
+
 def test_unreadable_and_malformed_files_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read risk config"):
         load_config(tmp_path / "missing.toml")
@@ -155,6 +163,14 @@ def test_unreadable_and_malformed_files_fail_clearly(tmp_path: Path) -> None:
     bad.write_text("[thresholds\n")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         load_config(bad)
+
+
+def test_a_config_saved_with_a_byte_order_mark_and_crlf_reads_as_without(tmp_path: Path
+                                                                         ) -> None:
+    example = REPO / "examples" / "risk.toml"
+    marked = tmp_path / "windows.toml"
+    marked.write_bytes(b"\xef\xbb\xbf" + example.read_bytes().replace(b"\n", b"\r\n"))
+    assert fingerprint(load_config(marked)) == fingerprint(load_config(example))
 
 
 def test_fingerprint_ignores_how_the_toml_is_written() -> None:
