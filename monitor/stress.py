@@ -194,6 +194,17 @@ class StressReport:
     scenarios: list[ScenarioResult]
     # shocked symbols with no tick yet, which no scenario moves (SPEC §7), sorted
     not_moved: list[str]
+    isolated: int = 0  # of the accounts, isolated positions (SPEC §4.1)
+
+    def title(self) -> str:
+        """What the table and the plot are of: risk units, told apart when some are isolated
+        positions (an analyst reading "12 accounts" of 4 accounts would overstate exposure)."""
+        if not self.isolated:
+            return f"liqmon stress: {self.accounts:,} accounts holding a position"
+        cross = self.accounts - self.isolated
+        return (f"liqmon stress: {self.accounts:,} risk units holding a position "
+                f"({cross:,} account{'s' * (cross != 1)}, {self.isolated:,} isolated "
+                f"position{'s' * (self.isolated != 1)})")
 
     def to_json(self) -> dict[str, Any]:
         return {"accounts": self.accounts, "not_moved": self.not_moved,
@@ -210,7 +221,8 @@ def stress(engine: Engine, shocks: Sequence[Mapping[str, float]],
     scenarios += [_scenario(book, base, shock, losers) for shock in shocks[1:]]
     shocked = {symbol for shock in shocks for symbol in shock}
     return StressReport(accounts=book.n, scenarios=scenarios,
-                        not_moved=sorted(s for s in shocked if book.unpriced(s)))
+                        not_moved=sorted(s for s in shocked if book.unpriced(s)),
+                        isolated=sum(isinstance(key, UnitKey) for key in book.keys))
 
 
 
@@ -256,8 +268,7 @@ def render(report: StressReport, console: Any) -> None:
     caption = None
     if report.not_moved:
         caption = (f"not moved by any shock, no tick yet: {', '.join(report.not_moved)}")
-    table = Table(title=f"liqmon stress: {report.accounts:,} accounts holding a position",
-                  caption=caption)
+    table = Table(title=report.title(), caption=caption)
     for name in ("shock", "healthy", "margin call", "liquidating", "newly liquidating",
                  "unpriced", "equity", "maint. margin", "bad debt", "largest loser"):
         table.add_column(name, justify="left" if name in ("shock", "largest loser")
@@ -302,7 +313,7 @@ def plot(plt: Any, report: StressReport, fractions: Sequence[float], path: str) 
         right = left.twinx()
         right.plot(x, [s.bad_debt for s in report.scenarios], "s--", color="tab:blue")
         right.set_ylabel("bad debt (quote currency)", color="tab:blue")
-        left.set_title(f"liqmon stress: {report.accounts:,} accounts holding a position")
+        left.set_title(report.title())
         left.grid(alpha=0.3)
         figure.tight_layout()
         figure.savefig(path, format="png")

@@ -64,6 +64,22 @@ def test_the_table_names_the_newly_liquidating_count_and_the_largest_loser(book:
     assert "stress: replayed 5 records (0 rejected)" in result.stderr
 
 
+def test_the_title_tells_isolated_positions_from_accounts(book: Path, tmp_path: Path) -> None:
+    isolated = [
+        line("ledger", entry_id="e3", account="iso", asset="USDT", amount=5_000,
+             kind="deposit", ts=1),
+        line("ledger", entry_id="e4", account="iso", asset="USDT", amount=-1_000,
+             kind="isolated_margin", symbol="BTC-PERP", ts=2),
+        line("fills", fill_id="f3", account="iso", symbol="BTC-PERP", side="buy", qty=0.1,
+             price=60_000, fee=0, ts=3, margin_mode="isolated")]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(book.read_bytes() + b"\n".join(isolated) + b"\n")
+    result = liqmon("stress", "--replay", mixed, "--config", CONFIG, "--shock", "BTC-PERP=-0.1")
+    assert result.returncode == 0, result.stderr
+    assert "(0 rejected)" in result.stderr
+    assert "3 risk units holding a position (2 accounts, 1 isolated position)" in result.stdout
+
+
 def test_a_shock_of_a_symbol_without_a_tick_says_it_moved_nothing(book: Path) -> None:
     # the book ticks BTC-PERP only: a BTC shock leaves every figure as it was
     result = liqmon("stress", "--replay", book, "--config", CONFIG, "--shock", "BTC=-0.5")
@@ -132,6 +148,8 @@ def test_repeated_shocks_make_one_scenario(book: Path) -> None:
     (["--grid=-0.3:0.3:0.1", "--symbols", "BTC-PERP,DOGE"], "DOGE"),
     (["--shock", "BTC-PERP=-0.1", "--symbols", "BTC"], "--symbols applies to --grid only"),
     (["--shock", "BTC-PERP=-0.1", "--plot", "x.png"], "--plot charts a --grid"),
+    (["--grid=0:0.1:0.1", "--plot", "x.pdf"], "--plot writes a PNG image: give a file name "
+                                              "ending in .png, got x.pdf"),
     (["--shock", "BTC-PERP=-0.1", "--topic-state", "st"], "--topic-state names a topic of "
                                                           "--bootstrap"),
     (["--shock", "BTC-PERP=-0.1", "--grid=0:0.1:0.1"], "not allowed with argument"),
