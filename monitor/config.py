@@ -266,6 +266,9 @@ def _thresholds(raw: dict[str, Any]) -> Thresholds:
     h = _number(raw, "hysteresis", "thresholds.hysteresis", default=0.0)
     if h < 0:
         raise ConfigError(f"thresholds.hysteresis: must be ≥ 0, got {h}")
+    if not mc > 0:  # else the next check would blame a hysteresis nobody wrote
+        raise ConfigError(f"thresholds.margin_call: must be > 0 (SPEC §3: 0 ≤ hysteresis < "
+                          f"margin_call), got {mc}")
     if not h < mc:
         raise ConfigError(f"thresholds.hysteresis: must be < margin_call ({mc}), got {h}")
     if not mc < liq:

@@ -59,6 +59,7 @@ def test_defaults_price_symbol_to_asset_name_and_mark_symbol_to_instrument(risk)
     [
         ("thresholds/hysteresis", -0.1, "thresholds.hysteresis: must be ≥ 0"),
         ("thresholds/hysteresis", 0.8, "thresholds.hysteresis: must be < margin_call"),
+        ("thresholds/margin_call", 0.0, "thresholds.margin_call: must be > 0"),
         ("thresholds/liquidation", 0.8, "thresholds.liquidation: must be > margin_call"),
         ("thresholds/margin_call", ..., "thresholds.margin_call: missing"),
         ("thresholds/margin_call", "high", "thresholds.margin_call: must be a number"),
