@@ -66,6 +66,7 @@ EXPECTED_METRICS = {
     "liqmon_records_miskeyed_total",
     "liqmon_input_stalled",
     "liqmon_input_logs_replaced_total",
+    "liqmon_input_records_lost_total",
 }
 
 REQUIRED_ALERTS = {
@@ -81,6 +82,8 @@ REQUIRED_ALERTS = {
     "LiqmonLateInputs",
     "LiqmonInputsStampedAhead",
     "LiqmonInputStalled",
+    "LiqmonInputLogReplaced",
+    "LiqmonInputRecordsLost",
 }
 
 DEFAULT_TOPICS = ("prices", "fills", "ledger", "margin-calls", "liquidations",

@@ -106,6 +106,12 @@ class Metrics:
             "this instance had applied: read again from their beginning (the topic was deleted "
             "and re-created) or on from their end (the log was truncated).", ["topic", "partition"],
             registry=r)
+        self.input_records_lost = Counter(
+            "liqmon_input_records_lost", "Offsets of input records the broker deleted before "
+            "liqmon applied them (the topic's retention ran out while they waited: liqmon "
+            "away or behind for longer): found when a partition is positioned at a checkpoint "
+            "its log now starts after. Its state misses them.", ["topic", "partition"],
+            registry=r)
         self.input_stalled = Gauge(
             "liqmon_input_stalled", "1 while an input partition is stalled: the broker reports "
             "records in it that no fetch has returned for --stall-timeout; the others go on "

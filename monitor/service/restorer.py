@@ -247,7 +247,7 @@ class Restorer:
         behind = self.to_catch_up(gained, restored, first)
         # where the partitions installed as checkpointed resume, asked of the broker at once
         # for those never checkpointed: one by one, 128 partitions took 3.6 s
-        resume = await _starting_at(accounts, {
+        resume = await self.starting_at(accounts, {
             tp: offset for partition in gained if partition not in behind
             for tp, offset in self.resume_at(restored[partition]).items()},
             self.settings.start)
@@ -375,7 +375,7 @@ class Restorer:
         """Load the price table (`load_prices`) and position every price partition."""
         targets = self.load_prices(restored, price_partitions)
         consumer.assign(list(targets))
-        for tp, offset in (await _starting_at(consumer, targets, self.settings.start)).items():
+        for tp, offset in (await self.starting_at(consumer, targets, self.settings.start)).items():
             self._position(consumer, tp, offset)
         # Once: a first restore abandoned after this (a rebalance began) may have taken some
         # partitions, whose accounts have seen the ticks from here. Positioned again for the
@@ -407,7 +407,7 @@ class Restorer:
     def install(self, restored: RestoredPartition, consumer: AIOKafkaConsumer,
                 resume: dict[TopicPartition, int]) -> None:
         """Load one partition's accounts and duplicate windows; seek its inputs where
-        ``resume`` says (`_starting_at`)."""
+        ``resume`` says (`starting_at`)."""
         for tp in self.resume_at(restored):
             self._position(consumer, tp, resume[tp])
         self.load_partition(self.engine, restored, self.positions.offsets())
@@ -490,10 +490,10 @@ class Restorer:
         try:
             reader.assign([*price_ends, *own])
             # never checkpointed: every tick since the start of the price stream matters
-            reached.update(await _starting_at(reader, {
+            reached.update(await self.starting_at(reader, {
                 tp: None if control is None else control.offsets.get((tp.topic, tp.partition))
                 for tp in price_ends}, "earliest"))
-            reached.update(await _starting_at(reader, {
+            reached.update(await self.starting_at(reader, {
                 tp: None if part.control is None
                 else part.control.offsets.get((tp.topic, tp.partition))
                 for tp, part in own_part.items()}, s.start))
@@ -598,6 +598,28 @@ class Restorer:
             counted = 0
         return applied
 
+    async def starting_at(self, consumer: AIOKafkaConsumer,
+                          checkpointed: dict[TopicPartition, int | None], start: str
+                          ) -> dict[TopicPartition, int]:
+        """Where each partition resumes: at its checkpointed offset, or, never checkpointed
+        (None), where ``start`` says; the broker asked where they all start (and, for
+        `latest`, end) in one request each: one by one, 128 partitions took 3.6 s.
+
+        A checkpointed offset the log now starts after: the topic's retention deleted records
+        before this instance applied them (the fleet away, or behind, for longer than it).
+        Nothing can bring them back; the consumer would jump to the log's start without a
+        word, so it is said, counted, and reading goes on from there."""
+        resume, lost = resume_offsets(checkpointed, *await _log_bounds(consumer, checkpointed,
+                                                                       start), start)
+        for tp, applied_to in sorted(lost.items()):
+            self.log.error("input records deleted before they were applied (the topic's "
+                           "retention ran out while they waited): the state misses them",
+                           topic=tp.topic, partition=tp.partition, applied_to=applied_to,
+                           log_start=resume[tp], records_at_most=resume[tp] - applied_to)
+            self.metrics.input_records_lost.labels(tp.topic, str(tp.partition)).inc(
+                resume[tp] - applied_to)
+        return resume
+
     def _position(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         """Seek the consumer and the merge to ``offset``, together: records the consumer
         fetched before are stale to the merge from here on (`Positions.seek`)."""
@@ -635,20 +657,35 @@ def _by_partition(dirty: DirtyUnits, parts: list[RestoredPartition]) -> dict[int
     return found
 
 
-async def _starting_at(consumer: AIOKafkaConsumer, checkpointed: dict[TopicPartition, int | None],
-                       start: str) -> dict[TopicPartition, int]:
-    """Where each partition resumes: at its checkpointed offset, or, never checkpointed
-    (None), where ``start`` says, the broker asked for all of those in one request. A
-    broker that does not answer in time raises `RequestTimedOutError`: retriable, so the
-    restore is taken again (aiokafka's own `KafkaTimeoutError` says it is not, and the
-    instance would stop)."""
+async def _log_bounds(consumer: AIOKafkaConsumer, checkpointed: dict[TopicPartition, int | None],
+                      start: str) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Where these partitions' logs start, and, under --start latest, where those never
+    checkpointed end. A broker that does not answer in time raises `RequestTimedOutError`:
+    retriable, so the restore is taken again (aiokafka's own `KafkaTimeoutError` says it is
+    not, and the instance would stop)."""
     unknown = [tp for tp, offset in checkpointed.items() if offset is None]
-    found: dict[TopicPartition, int] = {}
-    if unknown:
-        ask = consumer.beginning_offsets if start == "earliest" else consumer.end_offsets
-        try:
-            found = await ask(unknown)
-        except KafkaTimeoutError as exc:
-            raise RequestTimedOutError(f"the broker did not say where {len(unknown)} "
-                                       "partitions start in time") from exc
-    return {tp: found[tp] if offset is None else offset for tp, offset in checkpointed.items()}
+    try:
+        starts = await consumer.beginning_offsets(list(checkpointed)) if checkpointed else {}
+        ends = await consumer.end_offsets(unknown) if unknown and start != "earliest" else {}
+    except KafkaTimeoutError as exc:
+        raise RequestTimedOutError(f"the broker did not say where {len(checkpointed)} "
+                                   "partitions start in time") from exc
+    return starts, ends
+
+
+def resume_offsets(checkpointed: dict[TopicPartition, int | None],
+                   starts: dict[TopicPartition, int], ends: dict[TopicPartition, int],
+                   start: str) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Where each partition resumes (`Restorer.starting_at`), and the checkpointed offsets
+    that the log now ``starts`` after, by partition: records deleted before they were
+    applied, skipped."""
+    resume: dict[TopicPartition, int] = {}
+    lost: dict[TopicPartition, int] = {}
+    for tp, offset in checkpointed.items():
+        if offset is None:
+            resume[tp] = starts[tp] if start == "earliest" else ends[tp]
+        elif offset < starts[tp]:
+            resume[tp], lost[tp] = starts[tp], offset
+        else:
+            resume[tp] = offset
+    return resume, lost

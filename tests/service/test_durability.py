@@ -327,7 +327,7 @@ async def test_a_restore_the_broker_fails_is_taken_again_and_nothing_is_consumed
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
     ends = await produce_timestamped(broker.bootstrap, settings.topics, records)
-    starting_at, failed = restorer._starting_at, []
+    starting_at, failed = restorer._log_bounds, []
 
     async def timing_out_once(consumer, checkpointed, start):
         if None in checkpointed.values() and not failed:  # the broker is asked
@@ -335,7 +335,7 @@ async def test_a_restore_the_broker_fails_is_taken_again_and_nothing_is_consumed
             raise RequestTimedOutError()
         return await starting_at(consumer, checkpointed, start)
 
-    monkeypatch.setattr(restorer, "_starting_at", timing_out_once)
+    monkeypatch.setattr(restorer, "_log_bounds", timing_out_once)
     monkeypatch.setattr(runner, "RESTORE_RETRY_INTERVAL", 0.5)
     started = Monitor(settings, config)
     running = asyncio.create_task(started.run())
@@ -389,7 +389,7 @@ async def test_a_restore_cancelled_inside_a_client_call_stops_the_instance_with_
     async def cancelled_from_inside(consumer, checkpointed, start):
         raise asyncio.CancelledError()
 
-    monkeypatch.setattr(restorer, "_starting_at", cancelled_from_inside)
+    monkeypatch.setattr(restorer, "_log_bounds", cancelled_from_inside)
     settings = fresh_settings(broker.bootstrap)
     await create_topics(settings)
     with pytest.raises(RuntimeError, match="cancelled from inside a Kafka client call"):

@@ -84,7 +84,7 @@ async def test_a_broker_away_when_asked_where_partitions_start_fails_the_restore
     own_broker.pause()
     try:
         with pytest.raises(KafkaError, match="did not say where 1 partitions start") as raised:
-            await restorer_module._starting_at(
+            await restorer_module._log_bounds(
                 consumer, {TopicPartition(settings.topics.prices, 0): None}, "earliest")
         assert raised.value.retriable
     finally:

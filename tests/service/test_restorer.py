@@ -19,6 +19,7 @@ from monitor.config import fingerprint, parse_config
 from monitor.engine import Engine
 from monitor.events import Source
 from monitor.records import Fill, LedgerEntry
+from monitor.service import restorer as restorer_module
 from monitor.service.changelog import NO_RESET, ConfigChanged, RestoredPartition, StateLost
 from monitor.service.checkpointer import Checkpointer
 from monitor.service.clients import Clients, stop_consumer
@@ -29,6 +30,7 @@ from monitor.service.restorer import (
     Restorer,
     SplitAssignment,
     caught_up_together,
+    resume_offsets,
     staying,
 )
 from monitor.service.settings import ServiceSettings
@@ -251,6 +253,48 @@ def test_restored_accounts_whose_ids_inputs_can_no_longer_carry_are_named() -> N
 
 
 # -- a changelog that lost its records ------------------------------------------------------
+
+# -- where partitions resume ---------------------------------------------------------------------
+
+FILLS, LEDGER, PRICES = (TopicPartition(topic, 0) for topic in ("fills", "ledger", "prices"))
+
+
+def test_a_partition_resumes_at_its_checkpoint_or_where_start_says() -> None:
+    starts, ends = {FILLS: 0, LEDGER: 0, PRICES: 10}, {PRICES: 900}
+    checkpointed = {FILLS: 120, LEDGER: 0, PRICES: None}
+    assert resume_offsets(checkpointed, starts, ends, "earliest") == (
+        {FILLS: 120, LEDGER: 0, PRICES: 10}, {})
+    assert resume_offsets(checkpointed, starts, ends, "latest") == (
+        {FILLS: 120, LEDGER: 0, PRICES: 900}, {})
+
+
+def test_a_checkpoint_the_log_now_starts_after_resumes_at_the_start_and_says_what_was_lost(
+        ) -> None:
+    # retention deleted ledger/0 up to 95; the checkpoint had applied it up to 40
+    resume, lost = resume_offsets({FILLS: 120, LEDGER: 40}, {FILLS: 0, LEDGER: 95}, {},
+                                  "earliest")
+    assert (resume, lost) == ({FILLS: 120, LEDGER: 95}, {LEDGER: 40})
+
+
+async def test_input_records_deleted_before_they_were_applied_are_logged_and_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded broker deletes no records (no retention, no DeleteRecords): the log
+    bounds it would answer after retention deleted ledger/0 up to 95 stand in for it."""
+    async def after_retention(consumer: Any, checkpointed: Any, start: str) -> tuple[dict, dict]:
+        return {FILLS: 0, LEDGER: 95}, {}
+
+    monkeypatch.setattr(restorer_module, "_log_bounds", after_retention)
+    restorer = make()
+    with capture_logs() as logs:
+        resume = await restorer.starting_at(None, {FILLS: 120, LEDGER: 40}, "earliest")
+    assert resume == {FILLS: 120, LEDGER: 95}
+    (said,) = [log for log in logs if log["log_level"] == "error"]
+    assert said["event"].startswith("input records deleted before they were applied")
+    assert (said["topic"], said["partition"], said["applied_to"], said["log_start"],
+            said["records_at_most"]) == ("ledger", 0, 40, 95, 55)
+    assert restorer.metrics.registry.get_sample_value(
+        "liqmon_input_records_lost_total", {"topic": "ledger", "partition": "0"}) == 55
+
 
 def committed_offsets(offsets: dict[tuple[str, int], int]):
     """The group's committed offset of an input partition, as `AIOKafkaConsumer.committed`
