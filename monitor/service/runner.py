@@ -478,7 +478,7 @@ class Monitor:
             admin = self.clients.admin()
             try:
                 await admin.start()
-                self.partition_counts = await ensure_topics(admin, s)
+                self.partition_counts = await ensure_topics(admin, s, self.log)
                 check = await changelog_kept(admin, s.topics.state)
                 if check.doubt is not None:
                     self.log.warning("cannot check that the changelog is compacted only (a "

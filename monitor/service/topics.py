@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -53,8 +54,47 @@ def output_topics(settings: ServiceSettings) -> list[str]:
     return [t.margin_calls, t.liquidations, t.dead_letter, t.state]
 
 
-async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -> dict[str, int]:
-    """Create missing topics and return every topic's partition count.
+@dataclass(frozen=True)
+class Replication:
+    """The replication factor liqmon creates topics with: the cluster's
+    `default.replication.factor` (what a topic created without one gets), or, where the
+    brokers do not report it, as many replicas as there are brokers, up to 3."""
+
+    factor: int
+    brokers: int
+    reported: bool  # the brokers said their default
+
+
+async def replication(admin: AIOKafkaAdminClient) -> Replication:
+    """A literal factor of 1, as liqmon gave every topic it created, overrides the cluster's
+    default: on Apache Kafka one broker's loss then loses events and checkpoints, and a
+    cluster with min.insync.replicas=2 refuses every acks=all write to them, retriably, so
+    nothing is ever published. aiokafka's CreateTopics (v3) cannot ask for the broker's default
+    (-1 needs v4), so it is read from the brokers' configs."""
+    cluster = await admin.describe_cluster()
+    brokers = [broker["node_id"] for broker in cluster["brokers"]]
+    try:
+        answers = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.BROKER, str(brokers[0]))])
+        entries = {entry[0]: entry[1] for answer in answers for resource in answer.resources
+                   if not resource[0] for entry in resource[4]}
+    except KafkaError:
+        entries = {}
+    return replication_for(len(brokers), entries)
+
+
+def replication_for(brokers: int, configs: dict[str, str]) -> Replication:
+    """`Replication` on ``brokers`` brokers, from a broker's ``configs`` as described."""
+    default = configs.get("default.replication.factor")
+    if default is not None and default.isdigit() and int(default) > 0:
+        return Replication(int(default), brokers, reported=True)
+    return Replication(min(3, brokers), brokers, reported=False)
+
+
+async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings,
+                        log: Any = None) -> dict[str, int]:
+    """Create missing topics (with the cluster's replication, `replication`; said in
+    ``log``) and return every topic's partition count.
 
     Topics are created before any client asks for their metadata: some brokers (Tansu among
     them) auto-create a topic on a metadata request, with their own partition count and no
@@ -72,8 +112,10 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
         # co-partitioned: the one created beside the other takes its count, not --partitions
         count = (await partition_counts(admin, pair))[pair[0]]
         partitions[topics.fills] = partitions[topics.ledger] = count
-    missing = [NewTopic(name, partitions[name], 1, topic_configs=config)
-               for name, config in wanted.items() if name not in existing]
+    to_create = [name for name in [*wanted, topics.state] if name not in existing]
+    copies = await replication(admin) if to_create else None
+    missing = [NewTopic(name, partitions[name], copies.factor, topic_configs=config)
+               for name, config in wanted.items() if name not in existing and copies]
     if missing:
         await _create(admin, missing)
     counts = await partition_counts(admin, list(wanted))
@@ -86,7 +128,8 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
     if topics.state not in existing:
         # The changelog mirrors the account partitioning: partition p holds the accounts of
         # fills/ledger partition p.
-        await _create(admin, [NewTopic(topics.state, counts[topics.fills], 1,
+        assert copies is not None
+        await _create(admin, [NewTopic(topics.state, counts[topics.fills], copies.factor,
                                        topic_configs=CHANGELOG_CONFIG)])
     counts.update(await partition_counts(admin, [topics.state]))
     if counts[topics.state] != counts[topics.fills]:
@@ -94,7 +137,19 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: ServiceSettings) -
             f"'{topics.state}' has {counts[topics.state]} partitions but '{topics.fills}' has "
             f"{counts[topics.fills]}: the changelog must have one partition per account partition"
         )
+    if copies is not None and log is not None:
+        _say_created(log, to_create, copies)
     return counts
+
+
+def _say_created(log: Any, names: list[str], copies: Replication) -> None:
+    log.info("topics created", topics=names, replication_factor=copies.factor,
+             brokers=copies.brokers, cluster_default=copies.reported)
+    if copies.factor == 1 and copies.brokers > 1:
+        log.warning("topics created with one replica (the cluster's default.replication.factor"
+                    "): one broker's loss loses their records, the changelog's state with "
+                    "them; create liqmon's topics beforehand with the cluster's usual "
+                    "replication (deploy/README.md)", topics=names, brokers=copies.brokers)
 
 
 # Kafka's max.message.bytes by default (1 MiB + 12 B), assumed when the broker does not say.

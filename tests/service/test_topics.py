@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import pytest
+import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from structlog.testing import capture_logs
 
 from monitor.service.topics import (
     ChangelogCheck,
+    Replication,
     TopicLayoutError,
+    _say_created,
     changelog_kept,
     control_record_limit,
     create_topics,
+    ensure_topics,
+    replication_for,
 )
 from tests.support.kafka import fresh_settings
 
@@ -115,3 +121,43 @@ async def test_a_missing_ledger_is_created_with_as_many_partitions_as_the_existi
     counts = await create_topics(settings)
     assert (counts[settings.topics.fills], counts[settings.topics.ledger],
             counts[settings.topics.state], counts[settings.topics.prices]) == (3, 3, 3, 1)
+
+
+# -- replication of the topics liqmon creates -------------------------------------------------
+
+@pytest.mark.parametrize(("brokers", "configs", "factor", "reported"), [
+    (5, {"default.replication.factor": "3"}, 3, True),  # what a topic created bare gets
+    (3, {"default.replication.factor": "1"}, 1, True),  # the platform's word, said (below)
+    (5, {}, 3, False),  # a broker that does not report it: as many as brokers, up to 3
+    (1, {}, 1, False),
+    (2, {"default.replication.factor": "garbage"}, 2, False),
+])
+async def test_topics_are_created_with_the_cluster_s_default_replication(
+        brokers: int, configs: dict[str, str], factor: int, reported: bool) -> None:
+    assert replication_for(brokers, configs) == Replication(factor, brokers, reported)
+
+
+async def test_the_topics_liqmon_creates_are_said_with_their_replication(broker) -> None:
+    """The embedded broker is one broker that reports no default: one replica, no warning."""
+    settings = fresh_settings(broker.bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        with capture_logs() as logs:
+            await ensure_topics(admin, settings, structlog.get_logger("liqmon"))
+    finally:
+        await admin.close()
+    (said,) = logs
+    t = settings.topics
+    assert said["event"] == "topics created"
+    assert set(said["topics"]) == {t.prices, t.fills, t.ledger, t.margin_calls, t.liquidations,
+                                   t.dead_letter, t.state}
+    assert (said["replication_factor"], said["brokers"], said["cluster_default"]) == (1, 1, False)
+
+
+async def test_one_replica_on_a_cluster_of_several_brokers_is_a_warning() -> None:
+    with capture_logs() as logs:
+        _say_created(structlog.get_logger("liqmon"), ["liquidations"], Replication(1, 3, True))
+    assert [log["log_level"] for log in logs] == ["info", "warning"]
+    assert logs[1]["event"].startswith("topics created with one replica")
+    assert (logs[1]["topics"], logs[1]["brokers"]) == (["liquidations"], 3)
