@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from structlog.stdlib import BoundLogger
 
 from monitor.errors import LiqmonError
@@ -32,11 +32,22 @@ class DeliveryAbandoned(LiqmonError):
 class DeliveryFailed(LiqmonError):
     """The broker refused a message for good (too large, invalid topic, not authorised, …):
     retrying cannot help and skipping it would lose it, so the instance stops. Its input is
-    not checkpointed: after the cause is fixed, a restart re-processes it."""
+    not checkpointed: after the cause is fixed, a restart re-processes it. Names the event
+    (or the record's size), and for one too large, the setting to raise."""
 
-    def __init__(self, topic: str, error: BaseException) -> None:
-        super().__init__(f"cannot publish to topic {topic!r}: {error!r} is not retriable; "
-                         "stopping without checkpointing its input")
+    def __init__(self, topic: str, error: BaseException,
+                 message: Outgoing | None = None) -> None:
+        what = remedy = ""
+        if message is not None:
+            size = len(message.value or b"")
+            event_id = dict(message.headers).get("event_id")
+            what = (f" a record of {size:,} bytes" if event_id is None
+                    else f" event {event_id.decode(errors='replace')} ({size:,} bytes)")
+            if isinstance(error, MessageSizeTooLargeError):
+                remedy = (f"; raise the max.message.bytes of {topic!r} (Kafka's default, "
+                          "1 MiB, bounds a compressed batch) and restart: README, Event size")
+        super().__init__(f"cannot publish{what} to topic {topic!r}: {error!r} is not "
+                         f"retriable; stopping without checkpointing its input{remedy}")
         self.topic, self.error = topic, error
 
 
@@ -47,7 +58,7 @@ def _refused(message: Outgoing, error: BaseException) -> None:
     that, as it fixes a request that timed out."""
     if isinstance(error, KafkaError) and not error.retriable \
             and not isinstance(error, KafkaTimeoutError):
-        raise DeliveryFailed(message.topic, error)
+        raise DeliveryFailed(message.topic, error, message)
 
 
 def keep_batches_in_order(producer: AIOKafkaProducer,

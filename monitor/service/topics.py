@@ -157,9 +157,12 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 # What a record batch holds beside one record's value (batch and record headers, key,
 # liqmon's headers), generously: a control record's value may take the rest.
 BATCH_ROOM = 16 * 1024
-# The most the producer sends in one request (its max_request_size, clients.py), and so the
-# largest record liqmon writes, whatever a topic would take.
-MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# The largest record the producer hands over (its max_request_size, clients.py: aiokafka
+# checks a record's uncompressed size against it, and nothing else). Above what Kafka's topics
+# take (max.message.bytes, of a compressed batch), so that the topic's limit is the one that
+# decides, and raising it is the remedy (README, Event size); below the broker's
+# socket.request.max.bytes (100 MiB).
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)

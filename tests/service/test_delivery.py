@@ -161,11 +161,20 @@ async def test_latency_is_observed_for_an_event_whose_trigger_has_a_timestamp(
 async def test_a_message_the_producer_refuses_for_good_stops_delivery_naming_its_topic(
         topic: str, producer: AIOKafkaProducer) -> None:
     metrics = Metrics()
+    whale = Outgoing(topic=topic, key=b"whale", value=TOO_LARGE,
+                     headers=[("event_type", b"liquidation"),
+                              ("event_id", b"whale:1:liquidation")], event_type="liquidation")
     with pytest.raises(DeliveryFailed) as failed:
-        await delivery_of(producer, metrics).deliver([message(topic, 0, TOO_LARGE)])
+        await delivery_of(producer, metrics).deliver([whale])
     assert failed.value.topic == topic
     assert isinstance(failed.value.error, MessageSizeTooLargeError)
-    assert repr(topic) in str(failed.value)
+    # an operator learns which event, how large, and what to raise
+    assert str(failed.value).startswith(
+        f"cannot publish event whale:1:liquidation (65,537 bytes) to topic {topic!r}: "
+        "MessageSizeTooLargeError")
+    assert str(failed.value).endswith(f"raise the max.message.bytes of {topic!r} (Kafka's "
+                                      "default, 1 MiB, bounds a compressed batch) and restart: "
+                                      "README, Event size")
     assert metrics.registry.get_sample_value("liqmon_delivery_retries_total") == 0
 
 

@@ -99,7 +99,7 @@ async def test_a_changelog_that_does_not_report_its_size_limit_gets_kafka_s_defa
 
 @pytest.mark.parametrize(("max_message_bytes", "limit"), [
     ("2000000", 2_000_000 - 16_384),
-    ("100000000", 8 * 1024 * 1024 - 16_384),  # no more than the producer sends in a request
+    ("100000000", 64 * 1024 * 1024 - 16_384),  # no more than the producer hands over
     ("1000", 16_384),  # smaller than any checkpoint: nothing is cut for it beyond this
     ("not a number", 1_048_588 - 16_384),
 ])
