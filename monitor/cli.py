@@ -533,11 +533,11 @@ def cmd_stress(args: argparse.Namespace) -> int:
     if args.plot is not None:
         if args.grid is None:
             raise UsageError("--plot charts a --grid (one --shock scenario is one point)")
+        _refuse_overwriting("--plot", args.plot, {"the risk config": args.config,
+                                                  "the input": args.replay})
         if Path(args.plot).suffix.lower() != ".png":
             raise UsageError(f"--plot writes a PNG image: give a file name ending in .png, "
                              f"got {args.plot}")
-        _refuse_overwriting("--plot", args.plot, {"the risk config": args.config,
-                                                  "the input": args.replay})
         plt = pyplot()  # before the book is read: a missing extra should not cost a replay
     _refuse_overwriting("stdout", None, {"the risk config": args.config,
                                          "the input": args.replay})

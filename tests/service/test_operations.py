@@ -250,8 +250,8 @@ async def test_a_broker_lost_between_creating_topics_and_starting_the_clients_is
     settings = fresh_settings(own_broker.bootstrap, request_timeout_ms=1_000)
     ensure = runner.ensure_topics
 
-    async def then_the_broker_goes_away(admin, settings):
-        counts = await ensure(admin, settings)
+    async def then_the_broker_goes_away(admin, settings, log):
+        counts = await ensure(admin, settings, log)
         if not paused:
             paused.append(True)
             own_broker.pause()
