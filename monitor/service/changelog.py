@@ -400,12 +400,16 @@ class _Latest:
             starts = self.key_starts()
             if _same_keys(np.frombuffer(self.keys, np.uint8), starts, key_len,
                           superseded, kept[superseded]):
-                last = order[group_ends - 1]
+                last = order[group_ends - 1]  # each group's last record read
+                read_twice = np.diff(group_ends, prepend=0) > 1
                 stale = kept[last[kept[last] != last]].tolist()  # a group's last not kept
+                renewed = last[(kept[last] == last) & read_twice].tolist()
             else:
-                superseded, stale = _superseded_exactly(
+                superseded, stale, renewed = _superseded_exactly(
                     [self.key(k, starts) for k in range(len(hashes))], totals.tolist())
             drop[superseded] = True
+            if self.stale:  # a key noted before whose newest state is now its last record
+                self.stale.difference_update(self.key(k, starts) for k in renewed)
             self.stale.update(key for k in stale if (key := self.key(k, starts)) is not None)
         if drop.any():
             self._keep(np.flatnonzero(~drop))
@@ -528,23 +532,26 @@ def _lengths(items: list[bytes | None]) -> np.ndarray:
 
 
 def _superseded_exactly(keys: list[bytes | None], totals: list[int]
-                        ) -> tuple[np.ndarray, list[int]]:
-    """Indexes of the snapshots not kept of their key, and of those kept though a later one
-    was read (the dictionary way, for the batch in which two keys share a hash)."""
+                        ) -> tuple[np.ndarray, list[int], list[int]]:
+    """Indexes of the snapshots not kept of their key; of those kept though a later one was
+    read; and of those kept, read last of a key read more than once (the dictionary way, for
+    the batch in which two keys share a hash)."""
     kept: dict[bytes | None, int] = {}
+    first: dict[bytes | None, int] = {}
+    last: dict[bytes | None, int] = {}
     superseded = []
-    stale = set()
     for k, key in enumerate(keys):
         if key not in kept:
-            kept[key] = k
+            kept[key] = first[key] = k
         elif _replaces(totals[k], totals[kept[key]]):
             superseded.append(kept[key])
-            stale.discard(kept[key])
             kept[key] = k
         else:
             superseded.append(k)
-            stale.add(kept[key])
-    return np.array(superseded, np.int64), sorted(stale)
+        last[key] = k
+    stale = sorted(k for key, k in kept.items() if last[key] != k)
+    renewed = sorted(k for key, k in kept.items() if last[key] == k and first[key] != k)
+    return np.array(superseded, np.int64), stale, renewed
 
 
 def _header_total(headers: Sequence[tuple[str, bytes]]) -> int:
@@ -682,12 +689,12 @@ async def read_changelog(bootstrap: str, topic: str, partitions: Iterable[int],
 
 @dataclass(frozen=True, slots=True)
 class Stretch:
-    """What a running owner must know of records others wrote to its changelog partition:
-    the offset of the last reset marker among them (NO_RESET: none), and the keys of the
-    account and isolated-position records after it."""
+    """What a running owner must know of a stretch of its changelog partition: the offset of
+    the last reset marker in it (NO_RESET: none), and the (offset, key) of the account and
+    isolated-position records after it."""
 
     reset_at: int
-    units: list[bytes]
+    units: list[tuple[int, bytes]]
 
 
 async def read_stretches(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
@@ -706,7 +713,8 @@ async def read_stretches(bootstrap: str, topic: str, ranges: dict[int, tuple[int
         after = resets[-1] + 1 if resets else 0
         found[tp.partition] = Stretch(
             records[resets[-1]].offset if resets else NO_RESET,
-            [record.key for record, kind in zip(records[after:], kinds[after:], strict=True)
+            [(record.offset, record.key)
+             for record, kind in zip(records[after:], kinds[after:], strict=True)
              if kind == ACCOUNT and record.key is not None])
     return found
 

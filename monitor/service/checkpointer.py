@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -69,8 +69,9 @@ WINDOWS_CUT_LOG_INTERVAL = 600.0
 class CheckpointSink(Protocol):
     """Where a checkpoint goes, and what it waits for."""
 
-    async def deliver(self, messages: Sequence[Outgoing]) -> None:
-        """Produce changelog records; return once every one is acknowledged."""
+    async def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[int, int]]:
+        """Produce changelog records; return once every one is acknowledged, with the
+        (partition, offset) each was written at."""
 
     def mark(self) -> int:
         """A point in the stream of event batches: everything handed over so far."""
@@ -96,6 +97,10 @@ class CheckpointSink(Protocol):
     def lost_records(self, partition: int, end: int, written_to: int) -> None:
         """Say that a changelog partition ends at ``end``, before ``written_to``, the end of
         the records this instance saw acknowledged there."""
+
+    def written_by_others(self, partition: int, units: int) -> None:
+        """Say that records another instance wrote to a changelog partition this one owns
+        name ``units`` units, written again in the checkpoint under way."""
 
     def windows_cut(self, partition: int, dropped: int, kept: int, limit: int) -> None:
         """Say that a control record of ``partition`` left out the ``dropped`` oldest ids of
@@ -125,8 +130,8 @@ class KafkaSink:
         self.unanswered = False
         self._cut_said_at = NEVER  # when `windows_cut` last said so
 
-    async def deliver(self, messages: Sequence[Outgoing]) -> None:
-        await self._pipeline.delivery.deliver(messages)
+    async def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[int, int]]:
+        return await self._pipeline.delivery.deliver(messages)
 
     def mark(self) -> int:
         return self._pipeline.mark()
@@ -202,13 +207,6 @@ class KafkaSink:
                     "one ran: every account of the partition is checkpointed again after the "
                     "reset", topic=s.topics.state, partition=partition,
                     reset_at=stretch.reset_at)
-            elif stretch.units:
-                self.log.warning(
-                    "the changelog holds records this instance did not write since its last "
-                    "look (a frozen instance's late snapshots, or a write retried): the units "
-                    "they name are written again, so that compaction keeps this instance's "
-                    "states", topic=s.topics.state, partition=partition,
-                    units=len(stretch.units))
         return found
 
     def lost_records(self, partition: int, end: int, written_to: int) -> None:
@@ -217,6 +215,15 @@ class KafkaSink:
             "re-created, or truncated): every account of the partition is checkpointed again",
             topic=None if self._settings is None else self._settings.topics.state,
             partition=partition, end=end, written_to=written_to)
+
+    def written_by_others(self, partition: int, units: int) -> None:
+        self.log.warning(
+            "the changelog holds records this instance did not see acknowledged since it last "
+            "looked (a frozen instance's late snapshots, or a write of its own retried): the "
+            "units they name are written again, so that compaction keeps this instance's "
+            "states",
+            topic=None if self._settings is None else self._settings.topics.state,
+            partition=partition, units=units)
 
     def windows_cut(self, partition: int, dropped: int, kept: int, limit: int) -> None:
         now = time.monotonic()
@@ -268,6 +275,8 @@ class Checkpointer:
         # records it has written there since (`_follow_resets`).
         self._verified_to: dict[int, int] = {}
         self._written: Counter[int] = Counter()
+        # offsets of this instance's records since its last look at each changelog partition
+        self._own: dict[int, set[int]] = {}
         self.since_checkpoint = 0  # records applied since the last checkpoint began
         self.last_checkpoint = time.monotonic()  # when it began (the next is due from then)
         # When the oldest applied record no checkpoint holds was applied (None: none), and
@@ -315,6 +324,7 @@ class Checkpointer:
         self.reset_at[partition] = reset_at
         self._verified_to[partition] = read_to
         self._written[partition] = 0
+        self._own.pop(partition, None)
 
     def include(self, keys: Sequence[RiskKey], partition: int, records: int,
                 since: float) -> None:
@@ -465,21 +475,28 @@ class Checkpointer:
                 self.engine.mark_partition_dirty(p)
                 self.reset_at[p] = NO_RESET
                 self._verified_to[p], self._written[p] = 0, 0
+                self._own.pop(p, None)
         unexplained = {p: (self._verified_to[p], end) for p, end in ends.items()
                        if end != self._verified_to[p] + self._written[p]}
         stretches = await sink.read_stretches(unexplained) if unexplained else {}
         if stretches is None:
             ends = {p: end for p, end in ends.items() if p not in unexplained}
             stretches = {}
-        for p, end in ends.items():
-            self._verified_to[p], self._written[p] = end, 0
         for p, stretch in stretches.items():
             if stretch.reset_at > self.reset_at.get(p, NO_RESET):
                 self.reset_at[p] = stretch.reset_at
                 self.engine.mark_partition_dirty(p)
             # Compaction keeps a key's last record: it must be this owner's state, not what
             # another instance wrote late (held units get a snapshot, others a tombstone).
-            self.engine.mark_dirty([risk_key(key) for key in stretch.units], partition=p)
+            own = self._own.get(p, set())
+            theirs = _unit_keys(key for offset, key in stretch.units if offset not in own)
+            if theirs:
+                sink.written_by_others(p, len(theirs))
+                self.engine.mark_dirty(theirs, partition=p)
+        for p, end in ends.items():
+            self._verified_to[p], self._written[p] = end, 0
+            # the embedded broker may answer an end inside this instance's last batch
+            self._own[p] = {offset for offset in self._own.get(p, ()) if offset >= end}
 
     async def _checkpoint(self, partitions: set[int], sink: CheckpointSink) -> None:
         started = time.monotonic()
@@ -556,10 +573,8 @@ class Checkpointer:
     async def _deliver_controls(self, sink: CheckpointSink, lot: list[tuple[int, Outgoing]],
                                 vouched_offsets: dict[TopicPartition, int]) -> None:
         await self._owner(sink, vouched_offsets)
-        await sink.deliver([message for _, message in lot])
-        for partition, _ in lot:
-            self._written[partition] += 1
-            self.checkpointed.add(partition)
+        self._count_written(await sink.deliver([message for _, message in lot]))
+        self.checkpointed.update(partition for partition, _ in lot)
 
     async def _write_snapshots(self, sink: CheckpointSink, mine: DirtyUnits, seq: int,
                                vouched_offsets: dict[TopicPartition, int]) -> None:
@@ -633,15 +648,15 @@ class Checkpointer:
         await sink.settled(mark)
         await self._owner(sink, vouched_offsets)
         if layouts:  # acknowledged first: no snapshot is ever without its layout
-            await sink.deliver(layouts)
-            self._count_written(layouts)
-        await sink.deliver(snapshots)
-        self._count_written(snapshots)
+            self._count_written(await sink.deliver(layouts))
+        self._count_written(await sink.deliver(snapshots))
 
-    def _count_written(self, messages: list[Outgoing]) -> None:
-        """Changelog records of this instance acknowledged (`_follow_resets`)."""
-        self._written.update(message.partition for message in messages
-                             if message.partition is not None)
+    def _count_written(self, written: list[tuple[int, int]]) -> None:
+        """Changelog records of this instance acknowledged at (partition, offset): how many
+        per partition, and where (`_follow_resets` tells its own records from others')."""
+        for partition, offset in written:
+            self._written[partition] += 1
+            self._own.setdefault(partition, set()).add(offset)
 
     def _turn_budget(self) -> float:
         """Seconds of checkpoint work one turn of the loop may take (`CHECKPOINT_SHARE`)."""
@@ -669,3 +684,15 @@ class Checkpointer:
                     offsets[(topic, partition)] = processed[tp]
             as_of[partition] = offsets
         return as_of
+
+
+def _unit_keys(keys: Iterable[bytes]) -> list[RiskKey]:
+    """The units changelog record keys name, each once; a key that is not UTF-8 is none of
+    liqmon's (a stray producer's) and names none."""
+    units: dict[RiskKey, None] = {}
+    for key in keys:
+        try:
+            units[risk_key(key)] = None
+        except UnicodeDecodeError:
+            continue
+    return list(units)

@@ -112,8 +112,9 @@ class Delivery:
         self._resent_totals[topic] = self._resent_totals.get(topic, 0) + records
         self._resent.report(self._resent_totals, dict)
 
-    async def deliver(self, outgoing: Sequence[Outgoing]) -> None:
-        """Produce everything; return once every message is acknowledged by all replicas.
+    async def deliver(self, outgoing: Sequence[Outgoing]) -> list[tuple[int, int]]:
+        """Produce everything; return once every message is acknowledged by all replicas,
+        with the (partition, offset) each was written at, in the order acknowledged.
 
         Messages reach the producer in order: while it cannot take one (the broker away
         longer than the request timeout), the rest wait for it. A retry re-sends only what
@@ -121,18 +122,21 @@ class Delivery:
         orders one account's events. An error no retry can fix raises DeliveryFailed.
         """
         retry = Retry(self)
-        failed, error = await self._send(list(outgoing), retry)
-        await self.redeliver(failed, error, retry)
+        written: list[tuple[int, int]] = []
+        failed, error = await self._send(list(outgoing), retry, written)
+        await self.redeliver(failed, error, retry, written)
+        return written
 
     async def redeliver(self, failed: list[Outgoing], error: BaseException | None,
-                        retry: Retry | None = None) -> None:
+                        retry: Retry | None = None,
+                        written: list[tuple[int, int]] | None = None) -> None:
         """Retry messages whose first attempt failed with ``error`` (counted as retries),
         with backoff (``retry``'s, if the first attempt's hand-over waited already), until
         every one is acknowledged; as `deliver`."""
         retry = retry or Retry(self)
         while failed:
             await retry.pause(len(failed), error)
-            failed, error = await self._send(failed, retry)
+            failed, error = await self._send(failed, retry, written)
         retry.resumed()
 
     async def start_sending(self, messages: Sequence[Outgoing]
@@ -218,14 +222,19 @@ class Delivery:
             handed, error = await self.start_sending(messages[len(futures):])
             futures += handed
 
-    async def _send(self, messages: list[Outgoing], retry: Retry
+    async def _send(self, messages: list[Outgoing], retry: Retry,
+                    written: list[tuple[int, int]] | None = None
                     ) -> tuple[list[Outgoing], Exception | None]:
         """One attempt at producing every message (its hand-over retried with ``retry`` until
-        the producer takes all); returns those that failed, and the first error."""
+        the producer takes all); returns those that failed, and the first error. Where the
+        others were written goes to ``written``."""
         futures, error = await self.start_sending(messages)
         await self.hand_over_rest(messages, futures, error, retry)
         results = await outcomes(futures)
         failed = self.settle(messages, results)
+        if written is not None:
+            written += [(result.partition, result.offset) for result in results
+                        if not isinstance(result, BaseException)]
         return failed, next((r for r in results if isinstance(r, Exception)), None)
 
     def settle(self, messages: Sequence[Outgoing], results: Sequence[Any]) -> list[Outgoing]:

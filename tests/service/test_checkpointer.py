@@ -76,10 +76,11 @@ class Recorder:
         self.refuse = refuse
         self.owner = list(owner)
 
-    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+    async def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[int, int]]:
         self.calls.append(("deliver", list(messages)))
         if self.refuse in {kind(m) for m in messages}:
             raise DeliveryFailed(TOPICS.state, RuntimeError("refused"))
+        return [(cast(int, m.partition), -1) for m in messages]  # offsets it does not model
 
     def mark(self) -> int:
         return self.submitted
@@ -103,6 +104,9 @@ class Recorder:
 
     def lost_records(self, partition: int, end: int, written_to: int) -> None:
         self.calls.append(("lost_records", (partition, end, written_to)))
+
+    def written_by_others(self, partition: int, units: int) -> None:
+        self.calls.append(("written_by_others", (partition, units)))
 
     def windows_cut(self, partition: int, dropped: int, kept: int, limit: int) -> None:
         self.calls.append(("windows_cut", (partition, dropped, kept, limit)))
@@ -159,11 +163,16 @@ class Changelog(Recorder):
         self.readable = True
         self.read: list[dict[int, tuple[int, int]]] = []  # what `read_stretches` was asked
 
-    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+    async def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[int, int]]:
         await super().deliver(messages)
+        written = []
         for message in messages:
             assert message.partition is not None
+            written.append((message.partition, self.ends[message.partition]))
             self.ends[message.partition] += 1
+            if kind(message) == "account":  # read back by `read_stretches` as any unit's
+                self.units[message.partition].append((written[-1][1], message.key))
+        return written
 
     def recreate(self, partition: int) -> None:
         """The topic is deleted and created again: the partition's log starts over, empty."""
@@ -171,7 +180,8 @@ class Changelog(Recorder):
         self.resets[partition] = []
         self.units[partition] = []
 
-    def foreign(self, partition: int, reset: bool = False, unit: str | None = None) -> int:
+    def foreign(self, partition: int, reset: bool = False, unit: str | bytes | None = None
+                ) -> int:
         """Another instance writes a record (a reset marker, or ``unit``'s snapshot); its
         offset."""
         at = self.ends[partition]
@@ -179,7 +189,8 @@ class Changelog(Recorder):
         if reset:
             self.resets[partition].append(at)
         if unit is not None:
-            self.units[partition].append((at, unit.encode()))
+            self.units[partition].append((at, unit if isinstance(unit, bytes)
+                                          else unit.encode()))
         return at
 
     async def changelog_ends(self, partitions: Sequence[int]) -> dict[int, int] | None:
@@ -193,7 +204,7 @@ class Changelog(Recorder):
         found = {}
         for p, (start, end) in ranges.items():
             reset_at = max((at for at in self.resets[p] if start <= at < end), default=NO_RESET)
-            found[p] = Stretch(reset_at, [key for at, key in self.units[p]
+            found[p] = Stretch(reset_at, [(at, key) for at, key in self.units[p]
                                           if max(start, reset_at) <= at < end])
         return found
 
@@ -302,6 +313,32 @@ async def test_a_late_snapshot_another_instance_wrote_has_its_unit_written_again
     changelog.foreign(0, unit="carol")
     await checkpointer.checkpoint({0, 1}, changelog)
     assert sorted(snapshots_written(changelog)) == ["alice", "carol"]
+    assert ("written_by_others", (0, 1)) in changelog.calls
+
+
+async def test_its_own_records_in_a_stretch_another_record_made_it_read_are_not_written_again(
+        ) -> None:
+    """The first checkpoint writes alice; then a record that names no unit lands (another
+    instance's epoch marker, say), so the next look reads the stretch, alice's own snapshot
+    in it. Nothing changed since: nothing is written again, and no warning."""
+    checkpointer, _ = alice_changed_since_the_restore()
+    changelog = Changelog()
+    await checkpointer.checkpoint({0, 1}, changelog)
+    changelog.foreign(0)
+    before = len(changelog.delivered("account"))
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert changelog.read == [{0: (10, 14)}]  # alice's layout and snapshot, its control, the marker
+    assert len(changelog.delivered("account")) == before
+    assert "written_by_others" not in changelog.steps()
+
+
+async def test_a_late_record_whose_key_is_not_utf8_names_no_unit() -> None:
+    """A stray producer's record in the changelog: not liqmon's, and no reason to stop."""
+    checkpointer, _ = alice_changed_since_the_restore()
+    changelog = Changelog()
+    changelog.foreign(0, unit=b"\xff\xfe")
+    await checkpointer.checkpoint({0, 1}, changelog)
+    assert list(snapshots_written(changelog)) == ["alice"]
 
 
 async def test_a_late_snapshot_of_a_unit_not_held_here_is_followed_by_its_tombstone() -> None:
@@ -553,10 +590,11 @@ class LoopEmptiesCarol(Recorder):
         super().__init__()
         self.engine, self.checkpointer = engine, checkpointer
 
-    async def deliver(self, messages: Sequence[Outgoing]) -> None:
-        await super().deliver(messages)
+    async def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[int, int]]:
+        written = await super().deliver(messages)
         if any(m.key == b"carol" for m in messages):
             deposit(self.engine, "carol", -100.0, 0, 2)  # emptied: forgotten
+        return written
 
 
 async def test_an_account_emptied_while_its_snapshot_is_written_is_tombstoned_next_time(
@@ -591,9 +629,9 @@ class CollectorWatch(Recorder):
         super().__init__(refuse=refuse)
         self.collecting: list[bool] = []
 
-    async def deliver(self, messages: Sequence[Outgoing]) -> None:
+    async def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[int, int]]:
         self.collecting.append(gc.isenabled())
-        await super().deliver(messages)
+        return await super().deliver(messages)
 
 
 async def test_the_garbage_collector_is_paused_while_a_checkpoint_is_written() -> None:

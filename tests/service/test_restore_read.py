@@ -305,6 +305,27 @@ def test_a_stale_snapshot_is_not_kept_across_deduplications_while_reading() -> N
     assert (kept(latest), latest.stale) == ({b"a": newer, b"b": SNAPSHOT}, {b"a"})
 
 
+def test_a_key_noted_stale_is_cleared_once_a_newer_state_is_read_last() -> None:
+    # a(920) then a stale a(900): noted; then a(990), the newest and last: nothing to rewrite
+    latest = _Latest().add([record(b"a", stamped(1.0, 0, 0, 920)),
+                            record(b"a", stamped(2.0, 0, 0, 900))])
+    latest.deduplicate()
+    assert latest.stale == {b"a"}
+    latest = latest.add([record(b"b", SNAPSHOT), record(b"a", stamped(3.0, 0, 0, 990))])
+    assert (kept(latest)[b"a"], latest.stale) == (stamped(3.0, 0, 0, 990), set())
+
+
+def test_keys_that_share_a_hash_are_cleared_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(changelog, "_key_hashes",
+                        lambda keys, key_len: np.full(len(key_len), 7, np.int64))
+    latest = _Latest().add([record(b"a", stamped(1.0, 0, 0, 920)),
+                            record(b"a", stamped(2.0, 0, 0, 900)), record(b"b", SNAPSHOT)])
+    latest.deduplicate()
+    assert latest.stale == {b"a"}
+    latest = latest.add([record(b"a", stamped(3.0, 0, 0, 990))])
+    assert (kept(latest)[b"a"], latest.stale) == (stamped(3.0, 0, 0, 990), set())
+
+
 def test_keys_that_share_a_hash_keep_the_newest_state_each(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(changelog, "_key_hashes",
