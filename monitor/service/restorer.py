@@ -173,6 +173,8 @@ class Restorer:
         self.checkpointer = checkpointer
         self.clients = clients
         self.metrics = metrics
+        # input partitions and the checkpointed offsets found deleted, said (`starting_at`)
+        self._lost_said: set[tuple[TopicPartition, int]] = set()
         self.fingerprint = fingerprint
         self.log = log
         self._abandon = abandon
@@ -492,7 +494,7 @@ class Restorer:
             # never checkpointed: every tick since the start of the price stream matters
             reached.update(await self.starting_at(reader, {
                 tp: None if control is None else control.offsets.get((tp.topic, tp.partition))
-                for tp in price_ends}, "earliest"))
+                for tp in price_ends}, "earliest", say_lost=False))
             reached.update(await self.starting_at(reader, {
                 tp: None if part.control is None
                 else part.control.offsets.get((tp.topic, tp.partition))
@@ -599,8 +601,8 @@ class Restorer:
         return applied
 
     async def starting_at(self, consumer: AIOKafkaConsumer,
-                          checkpointed: dict[TopicPartition, int | None], start: str
-                          ) -> dict[TopicPartition, int]:
+                          checkpointed: dict[TopicPartition, int | None], start: str,
+                          say_lost: bool = True) -> dict[TopicPartition, int]:
         """Where each partition resumes: at its checkpointed offset, or, never checkpointed
         (None), where ``start`` says; the broker asked where they all start (and, for
         `latest`, end) in one request each: one by one, 128 partitions took 3.6 s.
@@ -608,14 +610,27 @@ class Restorer:
         A checkpointed offset the log now starts after: the topic's retention deleted records
         before this instance applied them (the fleet away, or behind, for longer than it).
         Nothing can bring them back; the consumer would jump to the log's start without a
-        word, so it is said, counted, and reading goes on from there."""
+        word, so it is said (once per partition and offset: a restore may be taken again),
+        and reading goes on from there. Fills and ledger entries lost leave balances and
+        positions wrong: an error, counted. Ticks lost only skip prices (and the events they
+        would have caused): a warning. ``say_lost`` False: a catch-up's reader, positioned at
+        a point of the price stream this instance has applied beyond."""
         resume, lost = resume_offsets(checkpointed, *await _log_bounds(consumer, checkpointed,
                                                                        start), start)
         for tp, applied_to in sorted(lost.items()):
+            if not say_lost or (tp, applied_to) in self._lost_said:
+                continue
+            self._lost_said.add((tp, applied_to))
+            where = {"topic": tp.topic, "partition": tp.partition, "applied_to": applied_to,
+                     "log_start": resume[tp], "records_at_most": resume[tp] - applied_to}
+            if tp.topic == self.settings.topics.prices:
+                self.log.warning("ticks deleted before they were applied (the topic's retention "
+                                 "ran out while they waited): prices go on from the log's "
+                                 "start", **where)
+                continue
             self.log.error("input records deleted before they were applied (the topic's "
                            "retention ran out while they waited): the state misses them",
-                           topic=tp.topic, partition=tp.partition, applied_to=applied_to,
-                           log_start=resume[tp], records_at_most=resume[tp] - applied_to)
+                           **where)
             self.metrics.input_records_lost.labels(tp.topic, str(tp.partition)).inc(
                 resume[tp] - applied_to)
         return resume

@@ -294,6 +294,28 @@ async def test_input_records_deleted_before_they_were_applied_are_logged_and_cou
             said["records_at_most"]) == ("ledger", 0, 40, 95, 55)
     assert restorer.metrics.registry.get_sample_value(
         "liqmon_input_records_lost_total", {"topic": "ledger", "partition": "0"}) == 55
+    with capture_logs() as again:  # the restore taken again (a rebalance): said once
+        await restorer.starting_at(None, {FILLS: 120, LEDGER: 40}, "earliest")
+    assert again == []
+    assert restorer.metrics.registry.get_sample_value(
+        "liqmon_input_records_lost_total", {"topic": "ledger", "partition": "0"}) == 55
+
+
+async def test_ticks_deleted_before_they_were_applied_are_a_warning_not_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost tick only skips a price: no reconciliation to ask for."""
+    async def after_retention(consumer: Any, checkpointed: Any, start: str) -> tuple[dict, dict]:
+        return {PRICES: 5_000}, {}
+
+    monkeypatch.setattr(restorer_module, "_log_bounds", after_retention)
+    restorer = make()
+    with capture_logs() as logs:
+        assert await restorer.starting_at(None, {PRICES: 4_000}, "earliest") == {PRICES: 5_000}
+        await restorer.starting_at(None, {PRICES: 3_000}, "earliest", say_lost=False)
+    assert [(log["log_level"], log["records_at_most"]) for log in logs] == [("warning", 1_000)]
+    assert logs[0]["event"].startswith("ticks deleted before they were applied")
+    assert restorer.metrics.registry.get_sample_value(
+        "liqmon_input_records_lost_total", {"topic": "prices", "partition": "0"}) is None
 
 
 def committed_offsets(offsets: dict[tuple[str, int], int]):
