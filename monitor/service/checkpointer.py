@@ -275,8 +275,8 @@ class Checkpointer:
         # records it has written there since (`_follow_resets`).
         self._verified_to: dict[int, int] = {}
         self._written: Counter[int] = Counter()
-        # offsets of this instance's records since its last look at each changelog partition
-        self._own: dict[int, set[int]] = {}
+        # where this instance's records went since its last look at each changelog partition
+        self._own: dict[int, OffsetRuns] = {}
         self.since_checkpoint = 0  # records applied since the last checkpoint began
         self.last_checkpoint = time.monotonic()  # when it began (the next is due from then)
         # When the oldest applied record no checkpoint holds was applied (None: none), and
@@ -488,7 +488,7 @@ class Checkpointer:
                 self.engine.mark_partition_dirty(p)
             # Compaction keeps a key's last record: it must be this owner's state, not what
             # another instance wrote late (held units get a snapshot, others a tombstone).
-            own = self._own.get(p, set())
+            own = self._own.get(p, OffsetRuns())
             theirs = _unit_keys(key for offset, key in stretch.units if offset not in own)
             if theirs:
                 sink.written_by_others(p, len(theirs))
@@ -496,7 +496,7 @@ class Checkpointer:
         for p, end in ends.items():
             self._verified_to[p], self._written[p] = end, 0
             # the embedded broker may answer an end inside this instance's last batch
-            self._own[p] = {offset for offset in self._own.get(p, ()) if offset >= end}
+            self._own.setdefault(p, OffsetRuns()).drop_below(end)
 
     async def _checkpoint(self, partitions: set[int], sink: CheckpointSink) -> None:
         started = time.monotonic()
@@ -656,7 +656,8 @@ class Checkpointer:
         per partition, and where (`_follow_resets` tells its own records from others')."""
         for partition, offset in written:
             self._written[partition] += 1
-            self._own.setdefault(partition, set()).add(offset)
+            if partition in self._verified_to:  # looked at: kept until the next look
+                self._own.setdefault(partition, OffsetRuns()).add(offset)
 
     def _turn_budget(self) -> float:
         """Seconds of checkpoint work one turn of the loop may take (`CHECKPOINT_SHARE`)."""
@@ -696,3 +697,29 @@ def _unit_keys(keys: Iterable[bytes]) -> list[RiskKey]:
         except UnicodeDecodeError:
             continue
     return list(units)
+
+
+class OffsetRuns:
+    """Offsets of one partition as runs [start, end): a checkpoint's records are written
+    batch after batch, so a million offsets take a few runs, not a set of a million ints."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, offset: int) -> None:
+        if self._ends and self._ends[-1] == offset:
+            self._ends[-1] = offset + 1
+        else:  # acknowledged in order but for retries: a run of its own
+            self._starts.append(offset)
+            self._ends.append(offset + 1)
+
+    def __contains__(self, offset: int) -> bool:
+        return any(start <= offset < end
+                   for start, end in zip(self._starts, self._ends, strict=True))
+
+    def drop_below(self, offset: int) -> None:
+        kept = [(max(start, offset), end) for start, end in zip(self._starts, self._ends,
+                                                                strict=True) if end > offset]
+        self._starts = [start for start, _ in kept]
+        self._ends = [end for _, end in kept]

@@ -33,7 +33,13 @@ from monitor.service.changelog import (
     Stretch,
     encoded_within,
 )
-from monitor.service.checkpointer import CHECKPOINT_CHUNK, NO_OFFSET, Checkpointer, KafkaSink
+from monitor.service.checkpointer import (
+    CHECKPOINT_CHUNK,
+    NO_OFFSET,
+    Checkpointer,
+    KafkaSink,
+    OffsetRuns,
+)
 from monitor.service.delivery import DeliveryFailed, Pipeline
 from monitor.service.metrics import Metrics
 from monitor.service.outbox import Outgoing
@@ -330,6 +336,15 @@ async def test_its_own_records_in_a_stretch_another_record_made_it_read_are_not_
     assert changelog.read == [{0: (10, 14)}]  # alice's layout and snapshot, its control, the marker
     assert len(changelog.delivered("account")) == before
     assert "written_by_others" not in changelog.steps()
+
+
+def test_own_offsets_are_kept_as_runs_and_dropped_below_a_look() -> None:
+    runs = OffsetRuns()
+    for offset in (10, 11, 12, 20):
+        runs.add(offset)
+    assert [o for o in range(9, 22) if o in runs] == [10, 11, 12, 20]
+    runs.drop_below(12)
+    assert [o for o in range(9, 22) if o in runs] == [12, 20]
 
 
 async def test_a_late_record_whose_key_is_not_utf8_names_no_unit() -> None:
