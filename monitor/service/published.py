@@ -52,6 +52,11 @@ def _digest(content: bytes) -> bytes:
     return hashlib.blake2b(content, digest_size=16).digest()
 
 
+def _transition(event_id: str) -> int:
+    """The transition counter an event id names (`monitor.events.event_id`)."""
+    return int(event_id.rsplit(":", 2)[1])
+
+
 def _key_of(event: Event) -> RiskKey:
     return event.account if event.symbol is None else UnitKey(event.account, event.symbol)
 
@@ -78,7 +83,7 @@ class PublishedEvents:
         counter (0 for a unit no snapshot was restored of)."""
         try:
             event = orjson.loads(value or b"")
-            transition = int(event["event_id"].rsplit(":", 2)[1])
+            transition = _transition(event["event_id"])
             symbol = event.get("symbol")
             key: RiskKey = event["account"] if symbol is None else UnitKey(event["account"],
                                                                            symbol)
@@ -106,8 +111,7 @@ class PublishedEvents:
         published = self._by_unit.get(key)
         if published is None:
             return event
-        _, counter, kind = event.event_id.rsplit(":", 2)
-        transition, last = int(counter), max(published)
+        transition, last = _transition(event.event_id), max(published)
         if transition > last:
             del self._by_unit[key]  # beyond everything published: nothing left to collide
             return event
@@ -117,7 +121,7 @@ class PublishedEvents:
         renumber(key, last + 1)
         del self._by_unit[key]
         self.renumbered += 1
-        new_id = event_id(event.account, last + 1, kind, event.symbol)
+        new_id = event_id(event.account, last + 1, event.type, event.symbol)
         return msgspec.structs.replace(event, event_id=new_id,
                                        payload={**event.payload, "event_id": new_id})
 
